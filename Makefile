@@ -1,0 +1,34 @@
+# edgekd: `make demo` (venv + install + end-to-end demo on the built-in data) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# A matched torch/torchvision pair (a mismatched pair fails at `import torchvision`).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+DEMO   ?= runs/demo
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e ".[train,dev]"
+	$(BIN)/python -c "import timm, torchvision.ops, onnxruntime, openvino, nncf; print('install ok')"
+	touch $@
+
+demo: install
+	$(BIN)/edgekd train recipes/demo/teacher.yaml --out $(DEMO)/teacher
+	$(BIN)/edgekd train recipes/demo/baseline.yaml --out $(DEMO)/baseline
+	$(BIN)/edgekd eval $(DEMO)/teacher/best.pt --split val,test
+	@echo "demo done: see $(DEMO)/ (checkpoints, metrics.json, curves.png, confusion_test.png, roc_test.png)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

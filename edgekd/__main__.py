@@ -1,0 +1,5 @@
+"""`python -m edgekd ...` (also what `torchrun -m edgekd train ...` runs)."""
+
+from edgekd.cli import run
+
+run()

@@ -1,0 +1,158 @@
+"""The `edgekd` command line (typer + rich): a thin layer over the pipeline stages.
+
+Stage modules are imported inside each command so `edgekd predict` runs on a box without PyTorch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from edgekd import __version__
+from edgekd.errors import EdgeKDError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distill medical-imaging classifiers into small, verified models for CPU edge devices.")
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Tables are the output: keep them readable when piped to a file or a CI log (no 80-column squeeze).
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+STATE = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edgekd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    STATE["debug"] = debug
+
+
+def progress_bar():
+    """A rich progress bar on stderr; silent when stderr is not a terminal (CI logs stay readable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
+
+
+def metrics_table(title: str, rows: list[dict], keys=("acc", "balanced_acc", "auc", "f1", "sensitivity",
+                                                    "specificity", "pr_auc", "pauc")) -> RichTable:
+    table = RichTable(title=title)
+    table.add_column("model")
+    table.add_column("split")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for r in rows:
+        table.add_row(r["model"], r["split"], *[_fmt(r.get(k)) for k in keys])
+    return table
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.4f}"
+    return str(v)
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set train.epochs=3 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="k-fold cross-validation: train once per fold."),
+) -> None:
+    """Train a teacher, baseline or student from a recipe; writes best.pt, last.pt, metrics.json and plots."""
+    from edgekd.recipe import load_recipe
+
+    rec = load_recipe(recipe, set_)
+    out = out or Path("runs") / rec.name
+    with progress_bar() as progress:
+        log = progress.console.print if progress.console.is_terminal else console.print
+        if folds:
+            from edgekd.pipeline import run_folds
+            summary = run_folds(rec, out, folds, log=log, progress=progress)
+            out_console.print(summary["table_markdown"])
+            return
+        from edgekd.pipeline import run_recipe
+        result = run_recipe(rec, out, resume=resume, log=log, progress=progress)
+    rows = [{"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.val},
+            {"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.test}]
+    out_console.print(metrics_table(f"{rec.name}: best checkpoint", rows))
+    console.print(f"wrote {result.best_path} and reports in {out}")
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
+    split: str = typer.Option("test", "--split", help="Comma-separated splits: train,val,test."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: next to the checkpoint)."),
+) -> None:
+    """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots."""
+    from edgekd.recipe import load_recipe, recipe_from_dict
+    from edgekd.train.checkpoint import load_checkpoint
+    from edgekd.train.run import evaluate_checkpoint
+
+    splits = tuple(s.strip() for s in split.split(",") if s.strip())
+    bad = [s for s in splits if s not in ("train", "val", "test")]
+    if bad:
+        raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
+    if data is not None:
+        data_recipe = load_recipe(data, set_)
+    elif set_:
+        from edgekd.recipe import apply_overrides
+        data_recipe = recipe_from_dict(apply_overrides(load_checkpoint(checkpoint)["recipe"], set_), str(checkpoint))
+    else:
+        data_recipe = None
+    out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
+    result = evaluate_checkpoint(checkpoint, out, data_recipe, splits)
+    rows = [{"model": result["model"], **result[s]} for s in splits]
+    out_console.print(metrics_table(f"{checkpoint}", rows))
+    console.print(f"wrote {out / 'metrics.json'}")
+
+
+def run() -> None:
+    """Entry point: EdgeKDError -> one line on stderr and exit 2 (traceback only with --debug)."""
+    try:
+        app(standalone_mode=False)
+    except EdgeKDError as err:
+        if STATE["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except (typer.Abort,):
+        sys.exit(1)
+    except Exception as err:  # click usage errors and anything unforeseen
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if STATE["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                      "(run with --debug for the traceback)", soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

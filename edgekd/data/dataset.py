@@ -1,0 +1,160 @@
+"""Torch datasets and loaders over source tables: bad-image policy, class weights, balanced sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from edgekd.data.sources import Table, load_source
+from edgekd.data.splits import make_splits
+from edgekd.data.transforms import build_transforms, preprocess_spec
+from edgekd.errors import EdgeKDError
+from edgekd.imageio import read_image
+
+
+class ImageDataset(Dataset):
+    """Yields (image tensor, label) from in-memory arrays or decoded files (validated up front by build_data)."""
+
+    def __init__(self, table: Table, transform):
+        self.table, self.transform = table, transform
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def raw(self, i: int) -> np.ndarray:
+        if self.table.images is not None:
+            return self.table.images[i]
+        return read_image(self.table.paths[i])
+
+    def __getitem__(self, i: int):
+        arr = self.raw(i)
+        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        return self.transform(img), int(self.table.labels[i])
+
+
+def validate_images(table: Table, on_bad_image: str) -> tuple[Table, list[str]]:
+    """Decode every path-backed image once up front so a corrupt file fails (or is dropped) before training."""
+    if table.paths is None:
+        return table, []
+    good, bad = [], []
+    for i, p in enumerate(table.paths):
+        try:
+            read_image(p)
+            good.append(i)
+        except EdgeKDError:
+            if on_bad_image == "error":
+                raise
+            bad.append(p)
+    return table.subset(np.asarray(good, dtype=np.int64)), bad
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """'Balanced' weights n / (k * count_c), as scikit-learn's compute_class_weight; absent classes get 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def balanced_sampler(labels: np.ndarray, seed: int) -> WeightedRandomSampler:
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    gen = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(labels),
+                                 replacement=True, generator=gen)
+
+
+@dataclass
+class DataModule:
+    """Everything training needs from the data section of a recipe."""
+
+    tables: dict[str, Table]
+    class_names: list[str]
+    source_name: str
+    cfg: object
+    augment: list
+    seed: int
+    bad_files: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def preprocess(self) -> dict:
+        return preprocess_spec(self.cfg)
+
+    def dataset(self, split: str, train: bool | None = None) -> ImageDataset:
+        if split not in self.tables:
+            raise EdgeKDError(f"data: no '{split}' split")
+        train = split == "train" if train is None else train
+        return ImageDataset(self.tables[split], build_transforms(self.cfg, self.augment, train))
+
+    def loader(self, split: str, train: bool | None = None, epoch: int = 0, distributed: bool = False) -> DataLoader:
+        train = split == "train" if train is None else train
+        ds = self.dataset(split, train)
+        sampler, shuffle = None, train
+        if distributed:
+            sampler = torch.utils.data.DistributedSampler(ds, shuffle=train, seed=self.seed)
+            sampler.set_epoch(epoch)
+            shuffle = False
+        elif train and self.cfg.balanced_sampler:
+            sampler, shuffle = balanced_sampler(ds.table.labels, self.seed * 1000 + epoch), False
+        gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=shuffle, sampler=sampler, generator=gen,
+                          num_workers=self.cfg.num_workers, drop_last=False,
+                          persistent_workers=False)
+
+    def class_weights(self) -> torch.Tensor:
+        return class_weights(self.tables["train"].labels, self.num_classes)
+
+    def counts(self) -> dict[str, list[int]]:
+        return {s: np.bincount(t.labels, minlength=self.num_classes).tolist() for s, t in self.tables.items()}
+
+
+def _select_classes(tables: dict[str, Table], classes: list[int], names: list[str]) -> tuple[dict[str, Table], list[str]]:
+    remap = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for split, t in tables.items():
+        keep = np.flatnonzero(np.isin(t.labels, classes))
+        sub = t.subset(keep)
+        sub.labels = np.asarray([remap[int(c)] for c in sub.labels], dtype=np.int64)
+        out[split] = sub
+    return out, [names[c] if c < len(names) else f"class_{c}" for c in classes]
+
+
+def _limit(table: Table, n: int, seed: int) -> Table:
+    if len(table) <= n:
+        return table
+    from edgekd.data.splits import stratified_split
+    _, held = stratified_split(table.labels, n / len(table), seed)
+    return table.subset(held)
+
+
+def build_data(recipe) -> DataModule:
+    """Recipe data section -> loaders-ready DataModule (source, class filter, splits, limit, bad images)."""
+    cfg = recipe.data
+    source = load_source(cfg.source, cfg.path)
+    tables, names = source.tables, source.class_names
+    if cfg.classes:
+        tables, names = _select_classes(tables, cfg.classes, names)
+    if cfg.class_names:
+        if len(cfg.class_names) != len(names):
+            raise EdgeKDError(f"data.class_names has {len(cfg.class_names)} names, the data has {len(names)} classes")
+        names = list(cfg.class_names)
+    source.tables = tables
+    tables = make_splits(source, cfg.split, cfg.val_fraction, cfg.test_fraction, recipe.seed, cfg.folds, cfg.fold)
+    bad: list[str] = []
+    for split in list(tables):
+        if cfg.limit:
+            tables[split] = _limit(tables[split], cfg.limit, recipe.seed)
+        tables[split], dropped = validate_images(tables[split], cfg.on_bad_image)
+        bad += dropped
+        if len(tables[split]) == 0:
+            raise EdgeKDError(f"data: the {split} split is empty")
+    if tables["train"].labels.max() >= len(names):
+        raise EdgeKDError(f"data: label {tables['train'].labels.max()} exceeds the {len(names)} class names")
+    return DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
+                      augment=recipe.augment, seed=recipe.seed, bad_files=bad)

@@ -1,0 +1,246 @@
+"""Image sources: MedMNIST .npz, ImageFolder, CSV manifest, idx (Fashion-MNIST) and the built-in dataset."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError
+from edgekd.imageio import IMAGE_SUFFIXES
+
+SPLITS = ("train", "val", "test")
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_FILE = BUILTIN_DIR / "pneumoniamnist_mini.npz"
+
+# Label names of the MedMNIST v2 2D sets (medmnist INFO); other files fall back to class_<i>.
+MEDMNIST_CLASSES = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "pneumoniamnist_mini": ["normal", "pneumonia"],
+    "octmnist": ["choroidal_neovascularization", "diabetic_macular_edema", "drusen", "normal"],
+    "dermamnist": ["actinic_keratoses", "basal_cell_carcinoma", "benign_keratosis", "dermatofibroma",
+                   "melanoma", "melanocytic_nevi", "vascular_lesions"],
+    "breastmnist": ["malignant", "normal_or_benign"],
+    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature_granulocytes", "lymphocyte",
+                   "monocyte", "neutrophil", "platelet"],
+    "retinamnist": ["0", "1", "2", "3", "4"],
+}
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+
+
+@dataclass
+class Table:
+    """A set of labelled images: in-memory uint8 arrays (N,H,W,C) or file paths, plus optional groups."""
+
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    paths: list[str] | None = None
+    groups: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> "Table":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Table(
+            labels=self.labels[idx],
+            images=None if self.images is None else self.images[idx],
+            paths=None if self.paths is None else [self.paths[i] for i in idx],
+            groups=None if self.groups is None else self.groups[idx],
+        )
+
+    @staticmethod
+    def concat(tables: list["Table"]) -> "Table":
+        first = tables[0]
+        return Table(
+            labels=np.concatenate([t.labels for t in tables]),
+            images=None if first.images is None else np.concatenate([t.images for t in tables]),
+            paths=None if first.paths is None else sum((t.paths for t in tables), []),
+            groups=None if first.groups is None else np.concatenate([t.groups for t in tables]),
+        )
+
+
+@dataclass
+class Source:
+    """What a source yields: the tables it splits itself (keys of SPLITS) or one table under 'all'."""
+
+    name: str
+    tables: dict[str, Table]
+    class_names: list[str]
+    info: dict = field(default_factory=dict)
+
+
+def load_source(kind: str, path: str | None) -> Source:
+    if kind == "builtin":
+        return load_medmnist(path or BUILTIN_FILE)
+    if path is None:
+        raise EdgeKDError(f"data.path is required for data.source={kind}")
+    loaders = {"medmnist": load_medmnist, "imagefolder": load_imagefolder, "csv": load_csv,
+               "fashion_mnist": load_idx_dir}
+    return loaders[kind](path)
+
+
+def load_medmnist(path: str | Path) -> Source:
+    """A MedMNIST v2 .npz (keys train_images, train_labels, val_*, test_*), grayscale or RGB, any size."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeKDError(f"{path}: MedMNIST .npz not found")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        keys = set(npz.files)
+    except Exception as err:
+        raise EdgeKDError(f"{path}: not a readable .npz ({type(err).__name__})") from None
+    tables = {}
+    for split in SPLITS:
+        if f"{split}_images" not in keys:
+            continue
+        if f"{split}_labels" not in keys:
+            raise EdgeKDError(f"{path}: has {split}_images but no {split}_labels")
+        images = npz[f"{split}_images"]
+        labels = npz[f"{split}_labels"]
+        tables[split] = Table(labels=_check_labels(labels, path, split), images=_check_images(images, path, split))
+        if len(tables[split].images) != len(tables[split].labels):
+            raise EdgeKDError(f"{path}: {split}_images and {split}_labels differ in length")
+    if "train" not in tables:
+        raise EdgeKDError(f"{path}: no train_images key (expected MedMNIST keys train_images, train_labels, ...)")
+    n_classes = int(max(t.labels.max() for t in tables.values())) + 1
+    names = MEDMNIST_CLASSES.get(path.stem.lower())
+    if names is None or len(names) < n_classes:
+        names = [f"class_{i}" for i in range(n_classes)]
+    return Source(name=path.stem, tables=tables, class_names=names)
+
+
+def _check_images(images: np.ndarray, path: Path, split: str) -> np.ndarray:
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise EdgeKDError(f"{path}: {split}_images has shape {images.shape}, expected (N,H,W) or (N,H,W,3)")
+    if images.dtype != np.uint8:
+        if not np.all(np.isfinite(images)):
+            raise EdgeKDError(f"{path}: {split}_images holds NaN or Inf values")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 255:
+            raise EdgeKDError(f"{path}: {split}_images values outside 0..255 ({lo}..{hi})")
+        images = (images * 255.0 if hi <= 1.0 else images).round().astype(np.uint8)
+    return images
+
+
+def _check_labels(labels: np.ndarray, path: Path, split: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] != 1:
+        raise EdgeKDError(f"{path}: {split}_labels is multi-label {labels.shape}; edgekd trains single-label classifiers")
+    labels = labels.reshape(-1)
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
+        raise EdgeKDError(f"{path}: {split}_labels holds NaN or Inf values")
+    if labels.size and (labels.min() < 0 or np.any(labels != np.round(labels))):
+        raise EdgeKDError(f"{path}: {split}_labels must be non-negative integers")
+    return labels.astype(np.int64)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_imagefolder(path: str | Path) -> Source:
+    """root/<class>/*.png, or root/{train,val,test}/<class>/*.png for given splits."""
+    root = Path(path)
+    if not root.is_dir():
+        raise EdgeKDError(f"{root}: image folder not found")
+    split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
+    if split_dirs and (root / "train").is_dir():
+        class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+        parts = {d.name: d for d in split_dirs}
+    else:
+        class_names = sorted(d.name for d in root.iterdir() if d.is_dir())
+        parts = {"all": root}
+    if not class_names:
+        raise EdgeKDError(f"{root}: no class folders (expected root/<class>/<image>)")
+    tables = {}
+    for split, folder in parts.items():
+        paths, labels = [], []
+        for i, name in enumerate(class_names):
+            files = _list_images(folder / name) if (folder / name).is_dir() else []
+            if not files and split in ("train", "all"):
+                raise EdgeKDError(f"{folder / name}: empty class folder (no images)")
+            paths += [str(f) for f in files]
+            labels += [i] * len(files)
+        tables[split] = Table(labels=np.asarray(labels, dtype=np.int64), paths=paths)
+    return Source(name=root.name, tables=tables, class_names=class_names)
+
+
+def load_csv(path: str | Path) -> Source:
+    """A manifest with columns path,label[,patient_id][,split]; paths relative to the CSV's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeKDError(f"{path}: CSV manifest not found")
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise EdgeKDError(f"{path}: CSV manifest is empty")
+    missing = {"path", "label"} - set(rows[0])
+    if missing:
+        raise EdgeKDError(f"{path}: CSV manifest lacks column(s) {', '.join(sorted(missing))}")
+    label_values = [r["label"].strip() for r in rows]
+    if all(v.lstrip("-").isdigit() for v in label_values):
+        ids = sorted({int(v) for v in label_values})
+        if ids[0] < 0:
+            raise EdgeKDError(f"{path}: negative label {ids[0]}")
+        class_names = [f"class_{i}" for i in range(ids[-1] + 1)]
+        to_id = {str(i): i for i in range(ids[-1] + 1)}
+    else:
+        class_names = sorted(set(label_values))
+        to_id = {n: i for i, n in enumerate(class_names)}
+    has_groups = "patient_id" in rows[0]
+    has_split = "split" in rows[0]
+    buckets: dict[str, dict[str, list]] = {}
+    for lineno, (row, label) in enumerate(zip(rows, label_values), start=2):
+        if not row["path"]:
+            raise EdgeKDError(f"{path}:{lineno}: empty path")
+        if label not in to_id:
+            raise EdgeKDError(f"{path}:{lineno}: unknown label {label!r}")
+        file = (path.parent / row["path"]).resolve()
+        if not file.is_file():
+            raise EdgeKDError(f"{path}:{lineno}: image {row['path']} not found")
+        split = (row.get("split") or "").strip() if has_split else "all"
+        if has_split and split not in SPLITS:
+            raise EdgeKDError(f"{path}:{lineno}: split {split!r} is not one of train/val/test")
+        b = buckets.setdefault(split, {"paths": [], "labels": [], "groups": []})
+        b["paths"].append(str(file))
+        b["labels"].append(to_id[label])
+        b["groups"].append(row.get("patient_id") or f"row{lineno}")
+    tables = {
+        split: Table(labels=np.asarray(b["labels"], dtype=np.int64), paths=b["paths"],
+                     groups=np.asarray(b["groups"]) if has_groups else None)
+        for split, b in buckets.items()
+    }
+    return Source(name=path.stem, tables=tables, class_names=class_names)
+
+
+def _read_idx(file: Path) -> np.ndarray:
+    opener = gzip.open if file.suffix == ".gz" else open
+    with opener(file, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise EdgeKDError(f"{file}: not an idx ubyte file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise EdgeKDError(f"{file}: truncated idx file")
+    return arr.reshape(dims)
+
+
+def load_idx_dir(path: str | Path) -> Source:
+    """A folder of MNIST-style idx files (train-images-idx3-ubyte.gz, t10k-..., as Fashion-MNIST ships)."""
+    root = Path(path)
+    tables = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        img = next(iter(sorted(root.glob(f"{prefix}-images-idx3-ubyte*"))), None)
+        lab = next(iter(sorted(root.glob(f"{prefix}-labels-idx1-ubyte*"))), None)
+        if img is None or lab is None:
+            raise EdgeKDError(f"{root}: missing {prefix}-images/labels idx files")
+        tables[split] = Table(labels=_read_idx(lab).astype(np.int64), images=_read_idx(img)[..., None])
+    return Source(name=root.name, tables=tables, class_names=list(FASHION_CLASSES))

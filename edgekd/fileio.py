@@ -1,0 +1,53 @@
+"""Atomic file writes (temp file + os.replace) and JSON output shared by every stage (no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from edgekd.errors import EdgeKDError
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object], min_free_bytes: int = 0) -> Path:
+    """Call write(tmp_path), then os.replace it to `path`: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if min_free_bytes and shutil.disk_usage(path.parent).free < min_free_bytes:
+        raise EdgeKDError(f"{path.parent}: less than {min_free_bytes // 2**20} MiB free disk space")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def to_jsonable(obj: Any) -> Any:
+    """NaN -> None, numpy scalars/arrays -> Python, so files stay standard JSON."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    text = json.dumps(to_jsonable(data), indent=2) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,84 @@
+"""Clinical classification metrics from labels and probabilities, all computed by scikit-learn."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def partial_auc_above_tpr(y_true: np.ndarray, score: np.ndarray, min_tpr: float = 0.8) -> float:
+    """Partial AUC over the region TPR >= min_tpr, in [0, 1 - min_tpr] (the ISIC 2024 challenge metric).
+
+    As in the challenge's scorer: flip labels and scores so the TPR band becomes an FPR band, take
+    scikit-learn's McClish-standardized partial AUC up to max_fpr = 1 - min_tpr, and undo the standardization.
+    """
+    y_true = np.asarray(y_true)
+    if len(np.unique(y_true)) < 2:
+        return float("nan")
+    max_fpr = 1.0 - min_tpr
+    v_gt = np.abs(y_true - 1)
+    v_pred = -np.asarray(score, dtype=np.float64)
+    scaled = skm.roc_auc_score(v_gt, v_pred, max_fpr=max_fpr)
+    return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / (1.0 - 0.5) * (scaled - 0.5))
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int = 1) -> dict[str, float]:
+    """acc, balanced acc, macro F1/precision/recall, sensitivity/specificity, AUC, PR-AUC, pAUC(TPR>=0.8).
+
+    Binary: sensitivity/specificity/AUC/PR-AUC/pAUC for class `positive`. Multi-class: macro one-vs-rest AUC,
+    macro sensitivity (= recall) and macro specificity.
+    """
+    y_true = np.asarray(y_true).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = probs.shape[1]
+    y_pred = probs.argmax(1)
+    labels = list(range(k))
+    out: dict[str, float] = {
+        "acc": skm.accuracy_score(y_true, y_pred),
+        "balanced_acc": _quiet(skm.balanced_accuracy_score, y_true, y_pred),
+        "f1": skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+        "precision": skm.precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+        "recall": skm.recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+    }
+    cm = skm.confusion_matrix(y_true, y_pred, labels=labels)
+    present = np.unique(y_true)
+    if k == 2:
+        tn, fp, fn, tp = cm.ravel()
+        out["sensitivity"] = tp / (tp + fn) if tp + fn else float("nan")
+        out["specificity"] = tn / (tn + fp) if tn + fp else float("nan")
+        score = probs[:, positive]
+        pos = (y_true == positive).astype(int)
+        both = len(present) == 2
+        out["auc"] = skm.roc_auc_score(pos, score) if both else float("nan")
+        out["pr_auc"] = skm.average_precision_score(pos, score) if both else float("nan")
+        out["pauc"] = partial_auc_above_tpr(pos, score) if both else float("nan")
+    else:
+        fn = cm.sum(1) - np.diag(cm)
+        fp = cm.sum(0) - np.diag(cm)
+        tn = cm.sum() - cm.sum(1) - fp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            spec = tn / (tn + fp)
+            sens = np.diag(cm) / (np.diag(cm) + fn)
+        out["sensitivity"] = float(np.nanmean(sens[present]))
+        out["specificity"] = float(np.nanmean(spec[present]))
+        if len(present) == k:
+            out["auc"] = skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels)
+            onehot = np.eye(k)[y_true]
+            out["pr_auc"] = skm.average_precision_score(onehot, probs, average="macro")
+        else:
+            out["auc"] = out["pr_auc"] = float("nan")
+        out["pauc"] = float("nan")
+    return {key: float(v) for key, v in out.items()}
+
+
+def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    k = np.asarray(probs).shape[1]
+    return skm.confusion_matrix(np.asarray(y_true).astype(int), np.asarray(probs).argmax(1), labels=list(range(k)))
+
+
+def _quiet(fn, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args)

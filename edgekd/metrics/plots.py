@@ -1,0 +1,59 @@
+"""PNG plots: confusion matrix, ROC curves, training curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(class_names), 1.0 + 0.8 * len(class_names)))
+    ConfusionMatrixDisplay(cm, display_labels=class_names).plot(ax=ax, colorbar=False, cmap="Blues",
+                                                               xticks_rotation=45 if len(class_names) > 3 else 0)
+    ax.set_title(title or "Confusion matrix")
+    return _save(fig, path)
+
+
+def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    y_true = np.asarray(y_true).astype(int)
+    classes = [1] if len(class_names) == 2 else range(len(class_names))
+    for c in classes:
+        if 0 < (y_true == c).sum() < len(y_true):
+            RocCurveDisplay.from_predictions(y_true == c, probs[:, c], name=class_names[c], ax=ax)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_title(title or "ROC")
+    return _save(fig, path)
+
+
+def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Loss (train/val) and the val metrics per epoch, from the trainer's history rows."""
+    epochs = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "val_loss"):
+        if any(key in h for h in history):
+            a1.plot(epochs, [h.get(key, np.nan) for h in history], label=key, marker=".")
+    a1.set_xlabel("epoch"), a1.set_title("loss"), a1.legend()
+    for key in ("val_acc", "val_auc", "val_f1", "val_pauc"):
+        if any(key in h for h in history):
+            a2.plot(epochs, [h.get(key, np.nan) for h in history], label=key, marker=".")
+    a2.set_xlabel("epoch"), a2.set_title("validation"), a2.legend()
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,38 @@
+"""Evaluation reports on disk: metrics.json, confusion matrix and ROC PNGs, a CSV training log."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.fileio import atomic_write, write_json  # noqa: F401  (re-exported for callers)
+from edgekd.metrics.classification import classification_metrics, confusion
+
+
+def write_csv_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
+def evaluation_report(y: np.ndarray, probs: np.ndarray, class_names: list[str], out: str | Path,
+                      split: str, title: str = "", plots: bool = True) -> dict[str, Any]:
+    """Metrics plus confusion matrix for one split; PNGs `confusion_<split>.png` and `roc_<split>.png`."""
+    from edgekd.metrics.plots import plot_confusion, plot_roc
+
+    out = Path(out)
+    m = classification_metrics(y, probs)
+    cm = confusion(y, probs)
+    if plots:
+        plot_confusion(cm, class_names, out / f"confusion_{split}.png", f"{title} {split}".strip())
+        plot_roc(y, probs, class_names, out / f"roc_{split}.png", f"{title} {split}".strip())
+    return {"split": split, "n": int(len(y)), **m, "confusion_matrix": cm.tolist(), "class_names": list(class_names)}

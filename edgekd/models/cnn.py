@@ -1,0 +1,76 @@
+"""A small custom CNN baseline, registered with timm so `create_model('edgekd_cnn')` works like any timm model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from timm.models import register_model
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU blocks that halve the resolution, global average pooling, dropout, linear head.
+
+    Exposes the timm interface edgekd relies on: forward_features, forward_head, get_classifier,
+    reset_classifier, feature_info and group_matcher.
+    """
+
+    def __init__(self, num_classes: int = 2, in_chans: int = 3, widths: tuple[int, ...] = (32, 64, 128),
+                 drop_rate: float = 0.2, **_: object):
+        super().__init__()
+        self.num_classes, self.drop_rate = num_classes, drop_rate
+        chans = [in_chans, *widths]
+        self.stages = nn.Sequential(*[_block(chans[i], chans[i + 1]) for i in range(len(widths))])
+        self.num_features = widths[-1]
+        self.feature_info = [dict(num_chs=w, reduction=2 ** (i + 1), module=f"stages.{i}") for i, w in enumerate(widths)]
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.pretrained_cfg = {"classifier": "fc"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^stages\.0", "blocks": r"^stages\.(\d+)"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(self.pool(x).flatten(1))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create(pretrained: bool, widths: tuple[int, ...], **kwargs) -> SmallCNN:
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "drop_path_rate"):
+        kwargs.pop(key, None)
+    if pretrained:
+        raise ValueError("edgekd_cnn has no pretrained weights")
+    return SmallCNN(widths=widths, **kwargs)
+
+
+@register_model
+def edgekd_cnn(pretrained: bool = False, **kwargs) -> SmallCNN:
+    """The baseline: 3 double-conv blocks, 32/64/128 channels (~0.29M parameters)."""
+    return _create(pretrained, (32, 64, 128), **kwargs)
+
+
+@register_model
+def edgekd_cnn_tiny(pretrained: bool = False, **kwargs) -> SmallCNN:
+    """A very small variant for tests: 8/16 channels."""
+    return _create(pretrained, (8, 16), **kwargs)

@@ -1,0 +1,129 @@
+"""One model factory over timm: create by name, local or hub weights, custom head, stage freezing, size."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import timm
+import torch
+from timm.models import group_modules
+from torch import nn
+
+import edgekd.models.cnn  # noqa: F401  (registers edgekd_cnn with timm)
+from edgekd.errors import EdgeKDError
+
+
+def model_spec(model_cfg, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """Everything needed to rebuild the architecture (no weights): stored in every checkpoint."""
+    return {
+        "name": model_cfg.name, "num_classes": num_classes, "in_chans": in_chans,
+        "drop_rate": model_cfg.drop_rate, "drop_path_rate": model_cfg.drop_path_rate,
+        "head": model_cfg.head, "head_dropout": model_cfg.head_dropout, "head_hidden": model_cfg.head_hidden,
+        "kwargs": dict(model_cfg.kwargs),
+    }
+
+
+def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | None = None) -> nn.Module:
+    """Build a timm model from a spec; pretrained from the hub or from a local weights file; replace the head."""
+    name = spec["name"]
+    if name not in timm.list_models() and not timm.is_model(name):
+        raise EdgeKDError(f"model.name: unknown timm model '{name}'")
+    kwargs = dict(spec.get("kwargs") or {})
+    if spec.get("drop_path_rate") is not None:
+        kwargs["drop_path_rate"] = spec["drop_path_rate"]
+    if weights:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        pretrained = True
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=spec["num_classes"],
+                                  in_chans=spec["in_chans"], drop_rate=spec.get("drop_rate", 0.0), **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if pretrained:
+            where = f"local file {weights}" if weights else "the model hub (is there network?)"
+            raise EdgeKDError(f"model '{name}': could not load pretrained weights from {where}: "
+                              f"{str(err).splitlines()[0][:120]}") from None
+        raise EdgeKDError(f"model '{name}': {str(err).splitlines()[0][:160]}") from None
+    except TypeError as err:
+        raise EdgeKDError(f"model '{name}': bad model.kwargs ({err})") from None
+    replace_head(model, spec.get("head", "linear"), spec.get("head_dropout", 0.0), spec.get("head_hidden", 256))
+    return model
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Attribute path of the final classifier ('fc', 'head.fc', 'classifier', ...), from timm's config."""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    if not name:
+        raise EdgeKDError(f"{type(model).__name__}: cannot find the classifier layer")
+    return name
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise EdgeKDError(f"{type(model).__name__} has no module '{path}'") from None
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def replace_head(model: nn.Module, kind: str, dropout: float, hidden: int) -> None:
+    """linear: timm's own; dropout_linear: Dropout + Linear; mlp: Linear-ReLU-Dropout-Linear."""
+    if kind == "linear":
+        return
+    path = classifier_name(model)
+    old = get_submodule(model, path)
+    if not isinstance(old, nn.Linear):
+        raise EdgeKDError(f"model.head={kind} needs a Linear classifier, found {type(old).__name__} at '{path}'")
+    cin, cout = old.in_features, old.out_features
+    if kind == "dropout_linear":
+        new = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, cout))
+    else:
+        new = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, cout))
+    set_submodule(model, path, new)
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(get_submodule(model, classifier_name(model)).parameters())
+
+
+def freeze(model: nn.Module, stages: int = 0, patterns: list[str] | None = None) -> int:
+    """Freeze the first `stages` parameter groups (timm's coarse group_matcher: stem, stage 1, ...) and every
+    parameter whose name matches a regex in `patterns`. Returns the number of frozen parameters."""
+    frozen_prefixes: list[str] = []
+    if stages:
+        if not hasattr(model, "group_matcher"):
+            raise EdgeKDError(f"{type(model).__name__}: no group_matcher, freeze by model.freeze_patterns instead")
+        groups = list(group_modules(model, model.group_matcher(coarse=True)).values())
+        for names in groups[:stages]:
+            frozen_prefixes += names
+    regexes = [re.compile(p) for p in patterns or []]
+    count = 0
+    for name, p in model.named_parameters():
+        hit = any(name == q or name.startswith(q + ".") for q in frozen_prefixes) or any(r.search(name) for r in regexes)
+        if hit:
+            p.requires_grad_(False)
+            count += p.numel()
+    return count
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (torch.utils.flop_counter FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, *input_size, device=next(model.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops() // 2)

@@ -1,0 +1,28 @@
+"""Recipe dispatch on top of the stages: supervised training, distillation or continual learning; k-fold runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from edgekd.errors import EdgeKDError
+
+
+def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print, progress=None):
+    """Run one recipe to a checkpoint: the recipe's sections say which stage trains it."""
+    if recipe.continual:
+        from edgekd.continual.run import run_continual
+        return run_continual(recipe, out, resume=resume, log=log, progress=progress)
+    if recipe.distill:
+        from edgekd.distill.run import distill_recipe
+        return distill_recipe(recipe, out, resume=resume, log=log, progress=progress)
+    from edgekd.train.run import train_recipe
+    return train_recipe(recipe, out, resume=resume, log=log, progress=progress)
+
+
+def run_folds(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None) -> dict:
+    """k-fold cross-validation (KD-OCT protocol); implemented by the distillation stage's fold driver."""
+    if folds < 2:
+        raise EdgeKDError("--folds must be at least 2")
+    from edgekd.distill.folds import run_kfold
+    return run_kfold(recipe, out, folds, log=log, progress=progress)

@@ -1,0 +1,225 @@
+"""Recipes: the YAML that says what trains. One loader, validated on load, overridable with `--set key=value`."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgekd.errors import EdgeKDError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    source: Literal["builtin", "medmnist", "imagefolder", "csv", "fashion_mnist"] = "builtin"
+    path: str | None = None
+    """File or folder for the source; relative paths resolve against the working directory."""
+    split: Literal["given", "stratified", "patient"] = "given"
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    fold: int | None = None
+    """With `folds`, which fold of a stratified (group) k-fold is the validation split."""
+    folds: int | None = Field(None, ge=2)
+    class_names: list[str] | None = None
+    classes: list[int] | None = None
+    """Keep only these label ids (remapped to 0..k-1 in the given order)."""
+    limit: int | None = Field(None, ge=1)
+    """Use at most this many images per split (a quick-look or test subset)."""
+    image_size: int = Field(28, ge=8)
+    """The model's input size (square); also the eval resize/crop size."""
+    resize: int | None = None
+    """Eval resize before the center crop (defaults to image_size)."""
+    channels: Literal[1, 3] = 3
+    mean: list[float] = [0.5, 0.5, 0.5]
+    std: list[float] = [0.5, 0.5, 0.5]
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    balanced_sampler: bool = False
+    on_bad_image: Literal["error", "skip"] = "error"
+    hair_removal: bool = False
+
+
+class ModelConfig(Section):
+    name: str = "resnet18"
+    pretrained: bool = False
+    weights: str | None = None
+    """A local weights file (.pth/.safetensors) loaded into the backbone before the head is replaced."""
+    drop_rate: float = 0.0
+    drop_path_rate: float | None = None
+    head: Literal["linear", "dropout_linear", "mlp"] = "linear"
+    head_dropout: float = 0.0
+    head_hidden: int = 256
+    freeze_stages: int = 0
+    freeze_patterns: list[str] = []
+    kwargs: dict[str, Any] = {}
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    head_lr: float | None = None
+    """Differential LR: the classifier head's LR (backbone uses `lr`)."""
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+
+class SchedulerConfig(Section):
+    name: Literal["none", "cosine", "plateau"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    min_lr: float = 1e-6
+    monitor: str = "val_loss"
+    factor: float = 0.5
+    patience: int = 2
+
+
+class LossConfig(Section):
+    name: Literal["ce", "focal"] = "ce"
+    gamma: float = 2.0
+    alpha: list[float] | float | None = None
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: bool = False
+
+
+class EarlyStopConfig(Section):
+    patience: int | None = None
+    min_delta: float = 0.0
+
+
+class SWAConfig(Section):
+    enabled: bool = False
+    start_epoch: int = 0
+    """0-based epoch from which weights are averaged (default: the last quarter)."""
+    lr: float | None = None
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    loss: LossConfig = LossConfig()
+    monitor: str = "val_auc"
+    """The metric that picks the best checkpoint and drives early stopping."""
+    monitor_mode: Literal["max", "min"] = "max"
+    early_stop: EarlyStopConfig = EarlyStopConfig()
+    amp: bool = True
+    """Mixed precision; used only on CUDA."""
+    grad_accum: int = Field(1, ge=1)
+    clip_grad: float | None = None
+    swa: SWAConfig = SWAConfig()
+    device: str = "auto"
+    deterministic: bool = True
+    nonfinite: Literal["error", "skip"] = "error"
+
+
+class Recipe(Section):
+    name: str = "run"
+    role: Literal["teacher", "student", "student_scratch", "baseline"] = "teacher"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    augment: list[dict[str, Any]] = []
+    """torchvision.transforms.v2 ops by class name, e.g. `- RandomRotation: {degrees: 15}`."""
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    distill: dict[str, Any] | None = None
+    continual: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A short sha256 of the resolved recipe: same digest, same training setup."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown key '{key}'"
+    return f"{where}: {key}: {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise EdgeKDError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise EdgeKDError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise EdgeKDError(f"--set {text!r}: '{k}' is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise EdgeKDError(f"{where}: a recipe must be a YAML mapping")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise EdgeKDError(_format_validation_error(err, where)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (with optional `base:` inheritance), apply overrides, validate."""
+    raw = _read_yaml_with_base(Path(path), seen=set())
+    raw = apply_overrides(raw, overrides or [])
+    return recipe_from_dict(raw, where=str(path))
+
+
+def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
+    if not path.is_file():
+        raise EdgeKDError(f"{path}: recipe file not found")
+    if path.resolve() in seen:
+        raise EdgeKDError(f"{path}: circular 'base:'")
+    seen.add(path.resolve())
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise EdgeKDError(f"{path}:{line} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise EdgeKDError(f"{path}: a recipe must be a YAML mapping")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    parent = _read_yaml_with_base((path.parent / base), seen)
+    return deep_merge(parent, raw)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out

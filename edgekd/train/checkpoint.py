@@ -1,0 +1,64 @@
+"""The one checkpoint format: plain data + tensors, written atomically, read with weights_only=True."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import atomic_write
+from edgekd.models import create_model
+
+FORMAT = "edgekd-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    payload = {"format": FORMAT, **payload}
+    size = sum(t.numel() * t.element_size() for t in payload.get("state_dict", {}).values())
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), min_free_bytes=2 * size + 16 * 2**20)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read an edgekd checkpoint safely (no pickle code execution) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeKDError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/zipfile errors
+        raise EdgeKDError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:100] if str(err) else 'truncated or corrupt'})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise EdgeKDError(f"{path}: not an edgekd checkpoint (missing format '{FORMAT}')")
+    for key in ("arch", "state_dict", "class_names", "preprocess"):
+        if key not in ckpt:
+            raise EdgeKDError(f"{path}: checkpoint lacks '{key}'")
+    return ckpt
+
+
+def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict with a one-line error for another architecture or class count."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        raise EdgeKDError(f"{where}: weights do not fit {type(model).__name__} "
+                          f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
+                          f"{(missing or unexpected)[0]!r})")
+    for k, v in state_dict.items():
+        if own[k].shape != v.shape:
+            raise EdgeKDError(f"{where}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
+                              "(another architecture or class count?)")
+    model.load_state_dict(state_dict)
+
+
+def model_from_checkpoint(path_or_ckpt: str | Path | dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes, load its weights, return (model in eval mode, checkpoint)."""
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    where = str(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else "checkpoint"
+    model = create_model(ckpt["arch"], pretrained=False)
+    load_state(model, ckpt["state_dict"], where)
+    return model.eval(), ckpt

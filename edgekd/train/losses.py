@@ -1,0 +1,45 @@
+"""Supervised losses: cross-entropy (class weights, label smoothing) and focal loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): mean over the batch of -alpha_y (1 - p_y)^gamma log p_y.
+
+    alpha: None, a scalar (weight of class 1 in binary tasks, 1 - alpha for class 0) or one weight per class.
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: float | list[float] | torch.Tensor | None = None,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.gamma, self.label_smoothing = gamma, label_smoothing
+        if alpha is not None and not torch.is_tensor(alpha):
+            alpha = torch.tensor([1.0 - alpha, alpha] if isinstance(alpha, (int, float)) else alpha, dtype=torch.float32)
+        self.register_buffer("alpha", alpha if alpha is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=1)
+        logp_t = logp.gather(1, target[:, None]).squeeze(1)
+        p_t = logp_t.exp()
+        if self.label_smoothing:
+            k = logits.shape[1]
+            nll = -(1 - self.label_smoothing) * logp_t - self.label_smoothing / k * logp.sum(1)
+        else:
+            nll = -logp_t
+        loss = (1 - p_t) ** self.gamma * nll
+        if self.alpha is not None:
+            loss = loss * self.alpha.to(loss.device)[target]
+        return loss.mean()
+
+
+def build_loss(loss_cfg, class_weights: torch.Tensor | None = None) -> nn.Module:
+    """The recipe's train.loss -> a module taking (logits, targets)."""
+    weight = class_weights if loss_cfg.class_weights else None
+    if loss_cfg.name == "focal":
+        alpha = loss_cfg.alpha if loss_cfg.alpha is not None else weight
+        return FocalLoss(loss_cfg.gamma, alpha, loss_cfg.label_smoothing)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=loss_cfg.label_smoothing)

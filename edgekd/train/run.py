@@ -1,0 +1,131 @@
+"""Recipe -> trained checkpoint + evaluation reports. The supervised path; distill/continual reuse its parts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+
+from edgekd import __version__
+from edgekd.data import DataModule, build_data
+from edgekd.errors import EdgeKDError
+from edgekd.metrics.report import evaluation_report, write_csv_log, write_json
+from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
+from edgekd.fileio import write_text
+from edgekd.train.checkpoint import model_from_checkpoint
+from edgekd.train.losses import build_loss
+from edgekd.train.trainer import (FitResult, Objective, Plugin, SupervisedObjective, Trainer, predict_logits,
+                                  resolve_device, seed_everything, softmax)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    best_path: Path
+    test: dict[str, Any]
+    val: dict[str, Any]
+    params: int
+    macs: int
+    fit: FitResult
+
+
+def build_student_model(recipe, data: DataModule) -> tuple[nn.Module, dict[str, Any]]:
+    """The recipe's model for this data: spec (for checkpoints), pretrained/local weights, freezing."""
+    spec = model_spec(recipe.model, data.num_classes, recipe.data.channels)
+    model = create_model(spec, pretrained=recipe.model.pretrained, weights=recipe.model.weights)
+    freeze(model, recipe.model.freeze_stages, recipe.model.freeze_patterns)
+    return model, spec
+
+
+def checkpoint_meta(recipe, data: DataModule, spec: dict[str, Any]) -> dict[str, Any]:
+    """What every checkpoint carries besides weights: enough to rebuild, preprocess and describe the model."""
+    return {
+        "arch": spec, "class_names": data.class_names, "preprocess": data.preprocess,
+        "recipe": recipe.to_dict(), "role": recipe.role, "dataset": data.source_name,
+        "edgekd_version": __version__,
+    }
+
+
+def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
+                objective: Objective | None = None, plugins: list[Plugin] | None = None,
+                resume: bool = False, log: Callable[[str], None] = print, progress=None,
+                extra_meta: dict[str, Any] | None = None) -> RunResult:
+    """Fit with the one Trainer, then evaluate best.pt on val and test and write the run's reports."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    criterion = build_loss(recipe.train.loss, data.class_weights())
+    objective = objective or SupervisedObjective(criterion)
+    meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
+    trainer = Trainer(recipe, model, data, objective, out, plugins=plugins, log=log,
+                      checkpoint_extra=lambda: meta)
+    if resume:
+        trainer.resume(out / "last.pt")
+    t0 = time.perf_counter()
+    fit = trainer.fit(progress=progress)
+    train_seconds = time.perf_counter() - t0
+    if trainer.is_main:
+        write_csv_log(out / "log.csv", fit.history)
+        if fit.history:
+            from edgekd.metrics.plots import plot_curves
+            plot_curves(fit.history, out / "curves.png", recipe.name)
+    best, _ = model_from_checkpoint(fit.best_path)
+    device = trainer.device
+    best.to(device)
+    reports = {}
+    for split in ("val", "test"):
+        y, logits = predict_logits(best, data.loader(split, train=False), device)
+        reports[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, recipe.name,
+                                           plots=trainer.is_main)
+    params = count_parameters(best)
+    macs = count_macs(best.cpu(), tuple(data.preprocess["input_size"]))
+    summary = {
+        "name": recipe.name, "role": recipe.role, "dataset": data.source_name, "model": spec["name"],
+        "params": params, "macs": macs, "best_epoch": fit.best_epoch, "monitor": recipe.train.monitor,
+        "best_value": fit.best_value, "epochs_run": len(fit.history), "stopped_early": fit.stopped_early,
+        "nonfinite_batches": fit.nonfinite_batches, "train_seconds": train_seconds,
+        "seconds_per_epoch": (sum(h["epoch_seconds"] for h in fit.history) / len(fit.history)) if fit.history else None,
+        "seed": recipe.seed, "counts": data.counts(), "bad_files": data.bad_files, **fit.extra,
+        "val": reports["val"], "test": reports["test"],
+    }
+    if trainer.is_main:
+        write_json(out / "metrics.json", summary)
+    return RunResult(out, fit.best_path, reports["test"], reports["val"], params, macs, fit)
+
+
+def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+                 progress=None) -> RunResult:
+    """The supervised path: teacher, baseline, or a student trained from scratch."""
+    if recipe.distill or recipe.continual:
+        raise EdgeKDError("this recipe has a distill/continual section: run it with `edgekd train`")
+    seed_everything(recipe.seed, recipe.train.deterministic)
+    data = build_data(recipe)
+    model, spec = build_student_model(recipe, data)
+    return train_model(recipe, out, data, model, spec, resume=resume, log=log, progress=progress)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=None, splits: tuple[str, ...] = ("test",),
+                        device: str = "auto") -> dict[str, Any]:
+    """Evaluate a checkpoint on its own recipe's data (or `data_recipe`'s), write metrics.json and plots."""
+    model, ckpt = model_from_checkpoint(checkpoint)
+    from edgekd.recipe import recipe_from_dict
+
+    recipe = data_recipe or recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
+    data = build_data(recipe)
+    if data.num_classes != ckpt["arch"]["num_classes"]:
+        raise EdgeKDError(f"{checkpoint}: model has {ckpt['arch']['num_classes']} classes, the data has {data.num_classes}")
+    dev = resolve_device(device)
+    model.to(dev)
+    out = Path(out)
+    result = {"checkpoint": str(checkpoint), "model": ckpt["arch"]["name"], "role": ckpt.get("role"),
+              "dataset": data.source_name, "params": count_parameters(model)}
+    for split in splits:
+        y, logits = predict_logits(model, data.loader(split, train=False), dev)
+        result[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, ckpt["arch"]["name"])
+    write_json(out / "metrics.json", result)
+    return result

@@ -1,0 +1,322 @@
+"""The one trainer: epochs, AMP, accumulation, clipping, schedules, SWA, early stopping, checkpoints, resume.
+
+What is optimized is an *objective* (supervised, distillation, ...) and what else happens around the loop are
+*plugins* (continual-learning penalties, BN freezing, ...), so every recipe runs through this loop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekd.errors import EdgeKDError
+from edgekd.metrics import classification_metrics
+from edgekd.train.checkpoint import load_checkpoint, load_state, save_checkpoint
+from edgekd.train.optim import build_optimizer, build_scheduler
+
+
+class Objective(Protocol):
+    """Computes the training loss of a batch; returns (loss, student logits)."""
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class SupervisedObjective:
+    def __init__(self, criterion: nn.Module):
+        self.criterion = criterion
+
+    def __call__(self, model, images, targets):
+        logits = model(images)
+        return self.criterion(logits, targets), logits
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.criterion.parameters())
+
+
+class Plugin:
+    """Hooks around the training loop (Avalanche-style). Override what you need."""
+
+    def before_fit(self, trainer: "Trainer") -> None: ...
+    def before_epoch(self, trainer: "Trainer", epoch: int) -> None: ...
+    def penalty(self, trainer: "Trainer", images: torch.Tensor, targets: torch.Tensor,
+                logits: torch.Tensor) -> torch.Tensor | None: ...
+    def after_step(self, trainer: "Trainer") -> None: ...
+    def after_fit(self, trainer: "Trainer") -> None: ...
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgeKDError(f"train.device={name} but CUDA is not available")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, logits) over a loader with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    ys, outs = [], []
+    for images, targets in loader:
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            logits = model(images.to(device, non_blocking=True))
+        ys.append(targets.numpy())
+        outs.append(logits.float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(ys), np.concatenate(outs)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module | None = None) -> dict[str, float]:
+    y, logits = predict_logits(model, loader, device)
+    out = classification_metrics(y, softmax(logits))
+    if criterion is not None:
+        with torch.no_grad():
+            out["loss"] = float(criterion(torch.from_numpy(logits), torch.from_numpy(y).long()))
+    return out
+
+
+@dataclass
+class FitResult:
+    best_path: Path
+    last_path: Path
+    history: list[dict[str, Any]]
+    best_value: float
+    best_epoch: int
+    stopped_early: bool = False
+    nonfinite_batches: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs `recipe.train` on a model and a DataModule; writes best.pt / last.pt into `out`."""
+
+    def __init__(self, recipe, model: nn.Module, data, objective: Objective, out: str | Path,
+                 plugins: list[Plugin] | None = None, eval_criterion: nn.Module | None = None,
+                 checkpoint_extra: Callable[[], dict[str, Any]] | None = None, log: Callable[[str], None] = print):
+        self.recipe, self.cfg = recipe, recipe.train
+        self.data, self.objective = data, objective
+        self.out = Path(out)
+        self.plugins = plugins or []
+        self.log = log
+        self.device = resolve_device(self.cfg.device)
+        self.model = model.to(self.device)
+        self.eval_criterion = eval_criterion or nn.CrossEntropyLoss()
+        self.checkpoint_extra = checkpoint_extra or (lambda: {})
+        extra_params = list(getattr(objective, "parameters", lambda: [])())
+        self.optimizer = build_optimizer(self.model, self.cfg.optimizer, extra_params)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, self.cfg.epochs, self.cfg.monitor_mode)
+        self.use_amp = self.cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.swa_model = None
+        if self.cfg.swa.enabled:
+            self.swa_model = torch.optim.swa_utils.AveragedModel(self.model)
+            self.swa_start = self.cfg.swa.start_epoch or max(int(self.cfg.epochs * 0.75), 0)
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0
+        self.best_value = -math.inf if self.cfg.monitor_mode == "max" else math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.nonfinite = 0
+        self.is_main = True
+        self.distributed = False
+
+    # ----------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "history": self.history, "best_value": self.best_value,
+            "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "nonfinite": self.nonfinite,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "swa": self.swa_model.state_dict() if self.swa_model else None,
+        }
+
+    def checkpoint_payload(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, float],
+                           with_state: bool) -> dict[str, Any]:
+        payload = {
+            "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+            "metrics": metrics,
+            "recipe_digest": self.recipe.digest(),
+            **self.checkpoint_extra(),
+        }
+        if with_state:
+            payload["trainer"] = self.state()
+        return payload
+
+    def resume(self, path: str | Path) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt.get("recipe_digest") != self.recipe.digest():
+            raise EdgeKDError(f"{path}: was trained with another recipe; resume with the same recipe and --set values")
+        if "trainer" not in ckpt:
+            raise EdgeKDError(f"{path}: holds no trainer state to resume from")
+        load_state(self.model, ckpt["state_dict"], str(path))
+        st = ckpt["trainer"]
+        self.optimizer.load_state_dict(st["optimizer"])
+        if self.scheduler and st["scheduler"]:
+            self.scheduler.load_state_dict(st["scheduler"])
+        self.scaler.load_state_dict(st["scaler"])
+        if self.swa_model and st["swa"]:
+            self.swa_model.load_state_dict(st["swa"])
+        self.epoch, self.history = st["epoch"], st["history"]
+        self.best_value, self.best_epoch = st["best_value"], st["best_epoch"]
+        self.bad_epochs, self.nonfinite = st["bad_epochs"], st["nonfinite"]
+        self.log(f"resumed from {path} at epoch {self.epoch}")
+
+    # ----------------------------------------------------------------- loop
+    def _improved(self, value: float) -> bool:
+        delta = self.cfg.early_stop.min_delta
+        if math.isnan(value):
+            return False
+        if self.cfg.monitor_mode == "max":
+            return value > self.best_value + delta
+        return value < self.best_value - delta
+
+    def train_epoch(self, epoch: int, progress=None) -> dict[str, float]:
+        self.model.train()
+        for p in self.plugins:
+            p.before_epoch(self, epoch)
+        loader = self.data.loader("train", epoch=epoch, distributed=self.distributed)
+        accum = self.cfg.grad_accum
+        total, count, n_batches = 0.0, 0, len(loader)
+        task = progress.add_task(f"epoch {epoch + 1}/{self.cfg.epochs}", total=n_batches) if progress else None
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, (images, targets) in enumerate(loader):
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                loss, logits = self.objective(self.model, images, targets)
+                for p in self.plugins:
+                    extra = p.penalty(self, images, targets, logits)
+                    if extra is not None:
+                        loss = loss + extra
+            if not torch.isfinite(loss):
+                if self.cfg.nonfinite == "error":
+                    raise EdgeKDError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {step + 1}; "
+                                      "lower the learning rate, or set train.nonfinite=skip")
+                self.nonfinite += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
+            self.scaler.scale(loss / accum).backward()
+            if (step + 1) % accum == 0 or step + 1 == n_batches:
+                if self.cfg.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                             self.cfg.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                for p in self.plugins:
+                    p.after_step(self)
+            total += loss.item() * len(targets)
+            count += len(targets)
+            if progress:
+                progress.update(task, advance=1, description=f"epoch {epoch + 1}/{self.cfg.epochs} loss {total / max(count, 1):.4f}")
+        if progress:
+            progress.remove_task(task)
+        return {"train_loss": total / max(count, 1)}
+
+    def fit(self, progress=None) -> FitResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        best_path, last_path = self.out / "best.pt", self.out / "last.pt"
+        for p in self.plugins:
+            p.before_fit(self)
+        stopped_early = False
+        val_loader = self.data.loader("val", train=False)
+        while self.epoch < self.cfg.epochs:
+            epoch = self.epoch
+            # Re-seeding per epoch makes a resumed run replay the same random stream as an uninterrupted one.
+            seed_everything(self.recipe.seed * 1000 + epoch, self.cfg.deterministic)
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, progress)}
+            row["lr"] = self.optimizer.param_groups[-1]["lr"]
+            if self.swa_model is not None and epoch >= self.swa_start:
+                self.swa_model.update_parameters(self.model)
+            val = evaluate(self.model, val_loader, self.device, self.eval_criterion)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            row["epoch_seconds"] = time.perf_counter() - t0
+            monitor = row.get(self.cfg.monitor)
+            if monitor is None:
+                raise EdgeKDError(f"train.monitor: '{self.cfg.monitor}' is not a logged metric "
+                                  f"(choose from {', '.join(k for k in row if k.startswith('val_'))})")
+            if self.scheduler is not None:
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.scheduler.step(monitor)
+                else:
+                    self.scheduler.step()
+            improved = self._improved(monitor)
+            if improved:
+                self.best_value, self.best_epoch, self.bad_epochs = monitor, epoch + 1, 0
+            else:
+                self.bad_epochs += 1
+            self.history.append(row)
+            self.epoch = epoch + 1
+            if self.is_main:
+                metrics = {k: v for k, v in row.items() if k.startswith("val_")}
+                if improved:
+                    save_checkpoint(best_path, self.checkpoint_payload(self.model.state_dict(), metrics, False))
+                save_checkpoint(last_path, self.checkpoint_payload(self.model.state_dict(), metrics, True))
+            self.log(self._summary(row, improved))
+            patience = self.cfg.early_stop.patience
+            if patience is not None and self.bad_epochs >= patience:
+                stopped_early = True
+                self.log(f"early stop: {self.cfg.monitor} did not improve for {patience} epochs")
+                break
+        extra = {}
+        if self.swa_model is not None and self.epoch > self.swa_start:
+            extra["swa"] = self._finish_swa(best_path)
+        for p in self.plugins:
+            p.after_fit(self)
+        if self.cfg.epochs == 0 and self.is_main:
+            save_checkpoint(best_path, self.checkpoint_payload(self.model.state_dict(), {}, False))
+            save_checkpoint(last_path, self.checkpoint_payload(self.model.state_dict(), {}, True))
+        return FitResult(best_path, last_path, self.history, self.best_value, self.best_epoch, stopped_early,
+                         self.nonfinite, extra)
+
+    def _finish_swa(self, best_path: Path) -> dict[str, float]:
+        """Recompute BN statistics for the averaged weights; keep them as best.pt if they beat the best epoch."""
+        torch.optim.swa_utils.update_bn(
+            ((x.to(self.device), ) for x, _ in self.data.loader("train", train=False)), self.swa_model, self.device)
+        swa_net = self.swa_model.module
+        val = evaluate(swa_net, self.data.loader("val", train=False), self.device, self.eval_criterion)
+        value = val.get(self.cfg.monitor.removeprefix("val_"), float("nan"))
+        metrics = {f"val_{k}": v for k, v in val.items()}
+        if self.is_main:
+            save_checkpoint(self.out / "swa.pt", self.checkpoint_payload(swa_net.state_dict(), metrics, False))
+        used = self._improved(value)
+        if used:
+            self.best_value, self.best_epoch = value, self.epoch
+            self.model.load_state_dict(swa_net.state_dict())
+            if self.is_main:
+                save_checkpoint(best_path, self.checkpoint_payload(swa_net.state_dict(), metrics, False))
+        self.log(f"SWA over epochs {self.swa_start + 1}..{self.epoch}: {self.cfg.monitor}={value:.4f}"
+                 f" ({'kept as best' if used else 'best epoch kept'})")
+        return {"value": value, "used": used}
+
+    def _summary(self, row: dict[str, Any], improved: bool) -> str:
+        keys = [k for k in ("train_loss", "val_loss", "val_acc", "val_auc", "val_f1") if k in row]
+        parts = " ".join(f"{k}={row[k]:.4f}" for k in keys)
+        return f"epoch {row['epoch']}/{self.cfg.epochs} {parts} ({row['epoch_seconds']:.1f}s){' *' if improved else ''}"
