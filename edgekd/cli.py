@@ -125,6 +125,60 @@ def eval_(
     console.print(f"wrote {out / 'metrics.json'}")
 
 
+@app.command()
+def predict(
+    bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
+    views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
+    backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (must be in the bundle)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
+) -> None:
+    """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end)."""
+    from edgekd.runtime import Failure, Runner
+    from edgekd.runtime.inputs import collect_inputs
+    from edgekd.runtime.output import check_output_path, write_predictions
+
+    if out is not None:
+        check_output_path(out)
+    tta_option = [v.strip() for v in views.split(",") if v.strip()] if views else tta
+    runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option)
+    paths, problems = collect_inputs(inputs)
+    for _, message in problems:
+        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    results = []
+    with progress_bar() as progress:
+        task = progress.add_task("predict", total=len(paths))
+        for result in runner.predict_many(paths, batch=batch):
+            if isinstance(result, Failure):
+                progress.console.print(f"[bold red]error:[/] {result.error}", soft_wrap=True)
+            results.append(result)
+            progress.advance(task)
+    results += [Failure(source, message) for source, message in problems]
+    names = runner.class_names
+    table = RichTable(title=f"{bundle.name}: {runner.info['format']} {precision}"
+                            + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else ""))
+    for col in ("file", "label", "prob", *names):
+        table.add_column(col, justify="left" if col in ("file", "label") else "right")
+    for r in results:
+        if isinstance(r, Failure):
+            table.add_row(r.source, "[red]error[/]", "-", *["-"] * len(names))
+        else:
+            table.add_row(r.source, r.label, f"{r.prob:.4f}", *[f"{p:.4f}" for p in r.probs])
+    out_console.print(table)
+    failed = sum(isinstance(r, Failure) for r in results)
+    if out is not None:
+        write_predictions(out, results, names, {"bundle": str(bundle), **runner.info,
+                                                "tta_views": runner.tta_views.names if tta_option else None})
+        console.print(f"wrote {out}")
+    if failed:
+        console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
+        raise typer.Exit(1)
+
+
 def run() -> None:
     """Entry point: EdgeKDError -> one line on stderr and exit 2 (traceback only with --debug)."""
     try:

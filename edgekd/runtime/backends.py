@@ -1,0 +1,110 @@
+"""Inference backends for the runner: OpenVINO (default) and ONNX Runtime, compiled once and reused per call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError
+
+BACKENDS = ("openvino", "onnx")
+
+
+class Backend(Protocol):
+    """A compiled model: `infer(float32 NCHW batch) -> float32 (N, num_classes) logits`."""
+
+    name: str
+    model_path: Path
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class OpenVINOBackend:
+    """OpenVINO CPU plugin. FP32 math is pinned (INFERENCE_PRECISION_HINT=f32) so results match the export's parity
+    check; the CPU plugin may otherwise pick bf16/fp16 on capable CPUs. Reads OpenVINO IR (.xml) or ONNX."""
+
+    name = "openvino"
+
+    def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None,
+                 inference_precision: str = "f32"):
+        import openvino as ov
+
+        self.model_path = Path(model_path)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(self.model_path))
+        except Exception as err:  # OpenVINO raises RuntimeError subclasses with long messages
+            raise EdgeKDError(f"{self.model_path}: OpenVINO cannot read the model ({str(err).splitlines()[0][:120]})") from None
+        input_port = _find_port(model.inputs, input_name, self.model_path, "input")
+        _find_port(model.outputs, output_name, self.model_path, "output")
+        shape = input_port.get_partial_shape()
+        if shape.rank.is_static and shape.rank.get_length() == 4 and not shape[0].is_dynamic:
+            # A static batch axis would force one request per image: make it dynamic once, at load.
+            model.reshape({input_port.get_any_name(): ov.PartialShape([-1, *[d for d in shape][1:]])})
+        config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.input = self.compiled.input(input_name)
+        self.output = self.compiled.output(output_name)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        # share_inputs avoids a copy of the batch; the output is copied because the request reuses its buffer.
+        result = self.request.infer({self.input: batch}, share_inputs=True, share_outputs=False)
+        return np.asarray(result[self.output])
+
+
+class ONNXRuntimeBackend:
+    """ONNX Runtime CPU execution provider with full graph optimizations and a fixed intra-op thread count."""
+
+    name = "onnx"
+
+    def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise EdgeKDError(f"{self.model_path}: ONNX Runtime cannot load the model ({str(err).splitlines()[0][:120]})") from None
+        _find_port(self.session.get_inputs(), input_name, self.model_path, "input")
+        _find_port(self.session.get_outputs(), output_name, self.model_path, "output")
+        self.input_name, self.output_name = input_name, output_name
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+
+def _port_names(port) -> set[str]:
+    if hasattr(port, "get_names"):
+        return set(port.get_names())
+    return {port.name}
+
+
+def _find_port(ports, name: str, path: Path, kind: str):
+    for port in ports:
+        if name in _port_names(port):
+            return port
+    have = sorted(n for p in ports for n in _port_names(p))
+    raise EdgeKDError(f"{path}: the model has no {kind} named '{name}' (it has: {', '.join(have) or 'none'})")
+
+
+def create_backend(name: str, model_path: str | Path, input_name: str, output_name: str,
+                   threads: int | None = None) -> Backend:
+    if name == "openvino":
+        return OpenVINOBackend(model_path, input_name, output_name, threads)
+    if name == "onnx":
+        return ONNXRuntimeBackend(model_path, input_name, output_name, threads)
+    raise EdgeKDError(f"unknown backend '{name}' (use {', '.join(BACKENDS)})")

@@ -1,0 +1,134 @@
+"""The training side's eval preprocessing re-done in numpy + Pillow, driven by a bundle's `preprocess` spec.
+
+Mirrors `edgekd.data.transforms.build_transforms(train=False)` (torchvision v2): channels -> resize shorter side
+(bilinear, antialias) -> center crop (zero padding if too small) -> float32 * scale -> (x - mean) / std -> NCHW.
+The float steps use the same float32 operations in the same order, so without a resize the result is bit-exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+from edgekd.errors import EdgeKDError
+from edgekd.imageio import pil_to_array, read_image
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+# ITU-R 601 luma weights as torchvision's rgb_to_grayscale uses them (float32, truncated back to uint8).
+LUMA = (np.float32(0.2989), np.float32(0.587), np.float32(0.114))
+
+
+def as_image_array(image: ImageInput) -> np.ndarray:
+    """A path, PIL image or uint8 array -> uint8 (H, W, C) with C 1 or 3; anything else is a one-line error."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return pil_to_array(image)
+    if not isinstance(image, np.ndarray):
+        raise EdgeKDError(f"expected an image path, PIL image or numpy array, got {type(image).__name__}")
+    if image.ndim == 2:
+        image = image[..., None]
+    elif image.ndim != 3:
+        hint = " (one image per call: use predict_batch for several)" if image.ndim == 4 else ""
+        raise EdgeKDError(f"expected an image array of shape (H, W) or (H, W, C), got shape {image.shape}{hint}")
+    if image.shape[-1] not in (1, 3, 4):
+        raise EdgeKDError(f"expected 1, 3 or 4 channels in the last axis (H, W, C), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise EdgeKDError(f"expected a uint8 image array (0..255), got dtype {image.dtype}; "
+                          "read files with edgekd.imageio.read_image")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise EdgeKDError(f"empty image array of shape {image.shape}")
+    return image[..., :3] if image.shape[-1] == 4 else image
+
+
+def to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """gray -> RGB by repetition, RGB -> gray by luminance (as torchvision: float32 weights, truncated)."""
+    c = arr.shape[-1]
+    if c == channels:
+        return arr
+    if c == 1 and channels == 3:
+        return np.repeat(arr, 3, axis=-1)
+    if c == 3 and channels == 1:
+        rgb = arr.astype(np.float32)
+        luma = rgb[..., 0] * LUMA[0] + rgb[..., 1] * LUMA[1] + rgb[..., 2] * LUMA[2]
+        return luma.astype(np.uint8)[..., None]
+    raise EdgeKDError(f"cannot convert a {c}-channel image to {channels} channels")
+
+
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision's rule for an int size: the shorter side becomes `size`, the longer keeps the aspect (floor)."""
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size:
+        return height, width
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def resize_bilinear(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize uint8 (H, W, C) with Pillow's antialiased bilinear filter (what torchvision's uint8 path matches)."""
+    if arr.shape[:2] == (height, width):
+        return arr
+    if arr.shape[-1] == 1:
+        img = Image.fromarray(np.ascontiguousarray(arr[..., 0]), mode="L")
+        return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))[..., None]
+    if arr.shape[-1] == 3:
+        img = Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+        return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
+    raise EdgeKDError(f"cannot resize an image with {arr.shape[-1]} channels")
+
+
+def center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Central crop with torchvision's anchor (round half to even) and zero padding when the image is smaller."""
+    h, w = arr.shape[:2]
+    if height > h or width > w:
+        pad_top = (height - h) // 2 if height > h else 0
+        pad_bottom = (height - h + 1) // 2 if height > h else 0
+        pad_left = (width - w) // 2 if width > w else 0
+        pad_right = (width - w + 1) // 2 if width > w else 0
+        arr = np.pad(arr, ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
+        h, w = arr.shape[:2]
+    top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+    return arr[top:top + height, left:left + width]
+
+
+class Preprocessor:
+    """Turns images into the model's float32 NCHW input, exactly as the training side's eval pipeline."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.channels = int(spec["channels"])
+        self.resize = int(spec["resize"])
+        self.crop = int(spec["center_crop"])
+        self.bgr = spec.get("channel_order") == "BGR"
+        self.scale = np.float32(spec["scale"])
+        self.mean = np.asarray(spec["mean"], dtype=np.float32)
+        self.std = np.asarray(spec["std"], dtype=np.float32)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.channels, self.crop, self.crop
+
+    def to_model_size(self, image: ImageInput) -> np.ndarray:
+        """Decode + channels + resize + center crop: the uint8 (H, W, C) image TTA views are built from."""
+        arr = to_channels(as_image_array(image), self.channels)
+        arr = resize_bilinear(arr, *resized_size(arr.shape[0], arr.shape[1], self.resize))
+        arr = center_crop(arr, self.crop, self.crop)
+        if self.bgr:
+            arr = arr[..., ::-1]
+        return arr
+
+    def normalize(self, batch_hwc: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) -> float32 (N, C, H, W): x * scale, then (x - mean) / std, in float32 like torch."""
+        x = batch_hwc.astype(np.float32)
+        x *= self.scale
+        x -= self.mean
+        x /= self.std
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def __call__(self, image: ImageInput) -> np.ndarray:
+        """One image -> float32 (C, H, W)."""
+        return self.normalize(self.to_model_size(image)[None])[0]

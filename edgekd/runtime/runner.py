@@ -1,0 +1,218 @@
+"""The edge runner: bundle -> preprocessing -> (batched TTA views) -> backend -> softmax -> predictions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence, Union
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError
+from edgekd.runtime.backends import BACKENDS, Backend, create_backend
+from edgekd.runtime.bundle import PRECISIONS, Bundle, open_bundle
+from edgekd.runtime.preprocess import ImageInput, Preprocessor
+from edgekd.runtime.tta import TTAViews
+
+TTAOption = Union[bool, Sequence[str], None]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable: the row max is subtracted first)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass
+class Prediction:
+    """One image's result: top class, class probabilities and (with TTA) each view's probabilities."""
+
+    source: str
+    index: int
+    label: str
+    probs: np.ndarray
+    class_names: list[str]
+    view_probs: dict[str, np.ndarray] | None = None
+
+    @property
+    def prob(self) -> float:
+        return float(self.probs[self.index])
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"file": self.source, "label": self.label, "index": self.index, "prob": self.prob,
+                               "probs": {c: float(p) for c, p in zip(self.class_names, self.probs)}}
+        if self.view_probs is not None:
+            out["views"] = {v: {c: float(p) for c, p in zip(self.class_names, ps)} for v, ps in self.view_probs.items()}
+        return out
+
+
+@dataclass
+class Failure:
+    """An input that could not be predicted (unreadable file, bad array), with the one-line reason."""
+
+    source: str
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.source, "error": self.error}
+
+
+@dataclass
+class Runner:
+    """A compiled bundle model ready to predict; reuse one Runner for many calls (the model is compiled once)."""
+
+    bundle: Bundle
+    backend: Backend
+    precision: str
+    preprocessor: Preprocessor
+    tta_views: TTAViews
+    tta: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, path: str | Path | Bundle, backend: str = "openvino", precision: str = "fp32",
+                    threads: int | None = None, tta: TTAOption = False, warmup: int = 1,
+                    verify: bool = True) -> "Runner":
+        """Open (and verify) a bundle and compile its `precision` model on `backend` ("openvino" or "onnx").
+
+        `tta`: False (one view), True (the bundle's views) or a list of view names. `warmup` inference rounds run
+        at load, for batch 1 and for the TTA batch, so the first real call is not the slow one.
+        """
+        if backend not in BACKENDS:
+            raise EdgeKDError(f"unknown backend '{backend}' (use {', '.join(BACKENDS)})")
+        if precision not in PRECISIONS:
+            raise EdgeKDError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
+        if threads is not None and threads < 1:
+            raise EdgeKDError(f"threads must be >= 1, got {threads}")
+        bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
+        artifact = _pick_artifact(bundle, backend, precision)
+        engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads)
+        tta_cfg = bundle.tta
+        frac = float(tta_cfg.get("center_crop_fraction", 0.875))
+        names = list(tta) if isinstance(tta, (list, tuple)) else list(tta_cfg.get("views") or ["original"])
+        runner = cls(bundle=bundle, backend=engine, precision=precision, preprocessor=Preprocessor(bundle.preprocess),
+                     tta_views=TTAViews(names, frac), tta=bool(tta),
+                     info={"backend": backend, "format": artifact.format, "precision": precision,
+                           "artifact": artifact.path.relative_to(bundle.root).as_posix(), "threads": threads})
+        runner.warmup(warmup)
+        return runner
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.bundle.class_names
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.preprocessor.input_shape
+
+    def warmup(self, rounds: int = 1) -> None:
+        batch_sizes = {1, len(self.tta_views)} if self.tta else {1}
+        for _ in range(max(0, rounds)):
+            for n in sorted(batch_sizes):
+                self.infer(np.zeros((n, *self.input_shape), dtype=np.float32))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """The bare backend call: float32 (N, C, H, W) model input -> (N, num_classes) logits."""
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            raise EdgeKDError(f"model input must have shape (N, {', '.join(map(str, self.input_shape))}), "
+                              f"got {tuple(batch.shape)}")
+        logits = self.backend.infer(batch)
+        if logits.ndim != 2 or logits.shape != (batch.shape[0], len(self.class_names)):
+            raise EdgeKDError(f"{self.backend.model_path}: output shape {logits.shape} does not match "
+                              f"({batch.shape[0]}, {len(self.class_names)} classes)")
+        return logits
+
+    def _views(self, tta: TTAOption) -> TTAViews | None:
+        if tta is None:
+            return self.tta_views if self.tta else None
+        if tta is False:
+            return None
+        if tta is True:
+            return self.tta_views
+        return TTAViews(list(tta), self.tta_views_fraction)
+
+    @property
+    def tta_views_fraction(self) -> float:
+        return float(self.bundle.tta.get("center_crop_fraction", 0.875))
+
+    def predict(self, image: ImageInput, tta: TTAOption = None) -> Prediction:
+        """One image (path, PIL image or uint8 (H, W[, C]) array) -> Prediction. `tta` overrides the default."""
+        return self.predict_batch([image], tta=tta)[0]
+
+    def predict_batch(self, images: Sequence[ImageInput], tta: TTAOption = None,
+                      sources: Sequence[str] | None = None) -> list[Prediction]:
+        """Several images in ONE inference call (N images x V views rows); errors raise EdgeKDError."""
+        sized = [self.preprocessor.to_model_size(img) for img in images]
+        sources = list(sources) if sources is not None else [_describe(img) for img in images]
+        return self._predict_sized(sized, sources, tta)
+
+    def _predict_sized(self, sized: list[np.ndarray], sources: list[str], tta: TTAOption) -> list[Prediction]:
+        """uint8 model-size images -> views -> one inference call -> per-image mean-softmax predictions."""
+        views = self._views(tta)
+        if not sized:
+            return []
+        stack = np.stack(sized) if views is None else np.concatenate([views(a) for a in sized])
+        probs = softmax(self.infer(self.preprocessor.normalize(stack)))
+        results = []
+        n_views = 1 if views is None else len(views)
+        for i, src in enumerate(sources):
+            per_view = probs[i * n_views:(i + 1) * n_views]
+            mean = per_view.mean(axis=0)  # mean softmax ensemble (a single view: that view's softmax)
+            index = int(np.argmax(mean))
+            view_probs = None if views is None else dict(zip(views.names, per_view))
+            results.append(Prediction(source=src, index=index, label=self.class_names[index], probs=mean,
+                                      class_names=self.class_names, view_probs=view_probs))
+        return results
+
+    def predict_many(self, inputs: Iterable[ImageInput], batch: int = 16,
+                     tta: TTAOption = None) -> Iterator[Prediction | Failure]:
+        """Stream predictions in input order, `batch` images per inference call (memory stays bounded).
+
+        An input that cannot be read or is invalid yields a Failure naming it; the rest go on.
+        """
+        if batch < 1:
+            raise EdgeKDError(f"batch must be >= 1, got {batch}")
+        chunk: list[tuple[str, np.ndarray]] = []
+        pending: list[Prediction | Failure | None] = []  # keeps order: None marks a slot filled by the chunk
+        for item in inputs:
+            src = _describe(item)
+            try:
+                chunk.append((src, self.preprocessor.to_model_size(item)))
+                pending.append(None)
+            except EdgeKDError as err:
+                pending.append(Failure(src, str(err)))
+            if len(chunk) >= batch:
+                yield from self._flush(chunk, pending, tta)
+                chunk, pending = [], []
+        yield from self._flush(chunk, pending, tta)
+
+    def _flush(self, chunk, pending, tta) -> Iterator[Prediction | Failure]:
+        preds = iter(self._predict_sized([a for _, a in chunk], [s for s, _ in chunk], tta))
+        for slot in pending:
+            yield next(preds) if slot is None else slot
+
+    def close(self) -> None:
+        """Drop the compiled model (and a zip bundle's extracted files once nothing else holds the bundle)."""
+        self.backend = None  # type: ignore[assignment]
+
+
+def _describe(image: Any) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    if isinstance(image, np.ndarray):
+        return f"<array {'x'.join(map(str, image.shape))}>"
+    return f"<{type(image).__name__}>"
+
+
+def _pick_artifact(bundle: Bundle, backend: str, precision: str):
+    """OpenVINO runs its own IR, else the ONNX file of that precision; ONNX Runtime runs only ONNX."""
+    if backend == "openvino":
+        for fmt in ("openvino", "onnx"):
+            for art in bundle.artifacts:
+                if art.format == fmt and art.precision == precision:
+                    return art
+        return bundle.artifact("openvino", precision)  # raises with the list of what exists
+    return bundle.artifact("onnx", precision)

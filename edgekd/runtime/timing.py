@@ -1,0 +1,54 @@
+"""Latency timing shared by the runtime benchmark and `edgekd bench`: warm-up, timed runs, percentiles, peak RSS."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+
+def latency_stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
+    """p50/p90/p99/mean/min of latency samples in milliseconds (numpy's linear-interpolation percentiles)."""
+    arr = np.asarray(samples_ms, dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("no latency samples")
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(arr.mean()),
+            "min_ms": float(arr.min()), "runs": int(arr.size)}
+
+
+def time_call(fn: Callable[[], object], warmup: int = 10, min_runs: int = 50, max_runs: int = 2000,
+              min_seconds: float = 1.0) -> dict[str, float]:
+    """Call `fn` `warmup` times untimed, then time it until both `min_runs` and `min_seconds` are reached."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return latency_stats(samples)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 10, rounds: int = 200) -> dict[str, dict]:
+    """Time several callables round-robin so a load spike from other processes hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: latency_stats(s) for name, s in samples.items()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024

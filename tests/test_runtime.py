@@ -1,0 +1,498 @@
+"""The torch-free runtime: bundle checks, preprocessing/TTA parity with torchvision, backends, `edgekd predict`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgekd.errors import EdgeKDError
+from edgekd.runtime import Failure, Preprocessor, Runner, open_bundle, softmax
+from edgekd.runtime.bundle import validate_metadata
+from edgekd.runtime.tta import TTAViews
+
+REPO = Path(__file__).resolve().parents[1]
+CLASS_NAMES = ["normal", "pneumonia", "other"]
+SIZE = 16
+
+
+def _data_cfg(image_size=SIZE, resize=None, channels=3, mean=(0.5, 0.4, 0.3), std=(0.25, 0.3, 0.2)):
+    from edgekd.recipe import DataConfig
+
+    return DataConfig(image_size=image_size, resize=resize, channels=channels,
+                      mean=list(mean[:channels]), std=list(std[:channels]))
+
+
+def write_test_bundle(out: Path, model, data_cfg, class_names, zip_too: bool = False) -> Path:
+    """A bundle per notes/bundle.md, written the plain way (ONNX via torch.onnx, IR via openvino) for tests."""
+    import openvino as ov
+    import torch
+
+    from edgekd.data import preprocess_spec
+
+    out.mkdir(parents=True)
+    (out / "onnx").mkdir()
+    (out / "openvino").mkdir()
+    c, s = data_cfg.channels, data_cfg.image_size
+    example = torch.randn(2, c, s, s)
+    onnx_path = out / "onnx" / "model_fp32.onnx"
+    torch.onnx.export(model, (example,), str(onnx_path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False)
+    ov_model = ov.convert_model(str(onnx_path))
+    ov.save_model(ov_model, str(out / "openvino" / "model_fp32.xml"), compress_to_fp16=False)
+    ov.save_model(ov_model, str(out / "openvino" / "model_fp16.xml"), compress_to_fp16=True)
+    meta = {
+        "schema": "edgekd-bundle/1", "edgekd_version": "0.1.0", "created": "2025-01-01T00:00:00Z",
+        "model": {"name": "edgekd_cnn_tiny", "role": "student", "params": 1, "dataset": "synthetic"},
+        "class_names": class_names, "preprocess": preprocess_spec(data_cfg),
+        "tta": {"views": ["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"],
+                "center_crop_fraction": 0.875, "ensemble": "mean_softmax"},
+        "io": {"input": "input", "output": "logits", "dynamic_batch": True},
+        "artifacts": [{"format": "onnx", "precision": "fp32", "path": "onnx/model_fp32.onnx"},
+                      {"format": "openvino", "precision": "fp32", "path": "openvino/model_fp32.xml"},
+                      {"format": "openvino", "precision": "fp16", "path": "openvino/model_fp16.xml"}],
+        "metrics": {}, "parity": "parity.json",
+    }
+    (out / "edgekd.json").write_text(json.dumps(meta, indent=2))
+    (out / "parity.json").write_text("{}")
+    (out / "card.md").write_text("# test bundle\n")
+    write_manifest(out)
+    return out
+
+
+def write_manifest(root: Path) -> None:
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(root).as_posix()}"
+             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.sha256"]
+    (root / "manifest.sha256").write_text("\n".join(lines) + "\n")
+
+
+def _tiny_model(channels=3, classes=3, seed=0):
+    import torch
+
+    from edgekd.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model({"name": "edgekd_cnn_tiny", "num_classes": classes, "in_chans": channels}).eval()
+    # Non-trivial BN statistics so the logits depend strongly on the input (a fresh BN is nearly the identity).
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bundle_and_model(tmp_path_factory):
+    model = _tiny_model()
+    cfg = _data_cfg()
+    root = write_test_bundle(tmp_path_factory.mktemp("bundle") / "b", model, cfg, CLASS_NAMES)
+    return root, model, cfg
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_and_model) -> Path:
+    return bundle_and_model[0]
+
+
+def _rand_image(h, w, c, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, c), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- torch-free
+
+def test_runtime_and_predict_cli_never_import_torch(bundle, tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(_rand_image(20, 24, 3)).save(img)
+    code = f"""
+import sys
+import numpy as np
+import edgekd.runtime
+r = edgekd.runtime.Runner.from_bundle({str(bundle)!r}, tta=True)
+r.predict(np.zeros((20, 20), np.uint8))
+edgekd.runtime.Runner.from_bundle({str(bundle)!r}, backend="onnx").predict({str(img)!r})
+assert 'torch' not in sys.modules, 'runtime imported torch'
+from edgekd import cli
+sys.argv = ['edgekd', 'predict', {str(bundle)!r}, {str(img)!r}, '--tta', '--out', {str(tmp_path / 'p.json')!r}]
+try:
+    cli.run()
+except SystemExit as e:
+    assert not e.code, e.code
+assert 'torch' not in sys.modules, 'edgekd predict imported torch'
+print('NO_TORCH_OK')
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "NO_TORCH_OK" in proc.stdout
+    assert json.loads((tmp_path / "p.json").read_text())["predictions"][0]["file"] == str(img)
+
+
+# ---------------------------------------------------------------- preprocessing vs torchvision
+
+@pytest.mark.parametrize("channels,resize", [(3, None), (1, None), (3, 20), (1, 12)])
+@pytest.mark.parametrize("shape", [(16, 16, 1), (16, 16, 3), (16, 23, 3), (30, 16, 1), (21, 37, 3), (9, 13, 1),
+                                   (64, 48, 3)])
+def test_preprocess_matches_torchvision(channels, resize, shape):
+    import torch
+
+    from edgekd.data import build_transforms, preprocess_spec
+
+    cfg = _data_cfg(resize=resize, channels=channels)
+    arr = _rand_image(*shape, seed=sum(shape) + channels)
+    ref = build_transforms(cfg, [], train=False)(torch.from_numpy(arr).permute(2, 0, 1)).numpy()
+    ours = Preprocessor(preprocess_spec(cfg))(arr)
+    assert ours.shape == ref.shape == (channels, SIZE, SIZE) and ours.dtype == np.float32
+    one_level = (1 / 255) / min(cfg.std)
+    needs_resize = min(shape[:2]) != (resize or SIZE)
+    rgb_to_gray = shape[2] == 3 and channels == 1
+    if not needs_resize and not rgb_to_gray:
+        np.testing.assert_array_equal(ours, ref)  # same float32 ops in the same order: bit-exact
+    else:
+        diff = np.abs(ours - ref)
+        assert diff.max() <= one_level * 1.001, diff.max() / one_level  # at most one uint8 level, after rounding
+        assert diff.mean() <= one_level * 0.25
+
+
+def test_preprocess_pads_small_image_like_torchvision():
+    import torch
+
+    from edgekd.data import build_transforms, preprocess_spec
+
+    cfg = _data_cfg(image_size=20, resize=12)  # resize smaller than the crop: torchvision pads with zeros
+    arr = _rand_image(12, 12, 3, seed=3)
+    ref = build_transforms(cfg, [], train=False)(torch.from_numpy(arr).permute(2, 0, 1)).numpy()
+    np.testing.assert_array_equal(Preprocessor(preprocess_spec(cfg))(arr), ref)
+
+
+def test_wrong_input_rank_or_dtype_is_a_clear_error(bundle):
+    runner = Runner.from_bundle(bundle, warmup=0)
+    with pytest.raises(EdgeKDError, match=r"shape \(2, 16, 16, 3\).*predict_batch"):
+        runner.predict(np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(EdgeKDError, match=r"shape \(16,\)"):
+        runner.predict(np.zeros(16, np.uint8))
+    with pytest.raises(EdgeKDError, match="uint8"):
+        runner.predict(np.zeros((16, 16), np.float32))
+    with pytest.raises(EdgeKDError, match=r"model input must have shape \(N, 3, 16, 16\)"):
+        runner.infer(np.zeros((3, 16, 16), np.float32))
+
+
+# ---------------------------------------------------------------- TTA views vs torchvision v2
+
+def test_tta_views_match_torchvision():
+    import torch
+    from torchvision.transforms import v2
+
+    F = v2.functional
+    for channels in (1, 3):
+        # A smooth image: interpolation differences stay small where there are no sharp edges.
+        yy, xx = np.mgrid[0:SIZE * 2, 0:SIZE * 2]
+        base = (127 + 100 * np.sin(xx / 4.0) * np.cos(yy / 5.0)).astype(np.uint8)
+        arr = np.stack([base, base[::-1], base.T][:channels], axis=-1)
+        t = torch.from_numpy(arr).permute(2, 0, 1)
+        views = TTAViews(["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"], 0.875)
+        ours = torch.from_numpy(views(arr)).permute(0, 3, 1, 2).int()
+        h = w = arr.shape[0]
+        ch, cw = round(0.875 * h), round(0.875 * w)
+        ref = {
+            "original": t, "hflip": F.horizontal_flip(t), "vflip": F.vertical_flip(t),
+            "center_crop": F.resize(F.center_crop(t, [ch, cw]), [h, w], antialias=True),
+            "rot+15": F.rotate(t, 15.0, interpolation=v2.InterpolationMode.BILINEAR, fill=0),
+            "rot-15": F.rotate(t, -15.0, interpolation=v2.InterpolationMode.BILINEAR, fill=0),
+        }
+        for i, name in enumerate(views.names):
+            diff = (ours[i] - ref[name].int()).abs()
+            if name in ("original", "hflip", "vflip"):
+                assert diff.max() == 0, name
+            elif name == "center_crop":
+                assert diff.max() <= 2 and diff.float().mean() <= 0.5, (name, diff.max(), diff.float().mean())
+            else:
+                # Rotations: same geometry. Inside the rotated frame PIL and torch differ by rounding only; on the
+                # one-pixel rim against the fill they blend differently (torch multiplies by a bilinear mask).
+                inside = _eroded(F.rotate(torch.ones(1, h, w), float(name[3:]), fill=0)[0].numpy() > 0)
+                assert diff[:, inside].max() <= 1, name
+                assert diff[:, inside].float().mean() <= 0.6, name
+                assert diff.float().mean() <= 3.0, name
+        # The rotation direction is right: +15 differs from torchvision's -15 much more than from its +15.
+        wrong = (ours[4] - ref["rot-15"].int()).abs().float().mean()
+        assert wrong > 4 * (ours[4] - ref["rot+15"].int()).abs().float().mean()
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """3x3 binary erosion (pixels whose whole neighbourhood is inside the mask)."""
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.all([padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+
+
+def test_unknown_tta_view_is_an_error():
+    with pytest.raises(EdgeKDError, match="unknown TTA view 'rot90'"):
+        TTAViews(["original", "rot90"])
+
+
+# ---------------------------------------------------------------- runner vs bare backend
+
+def _bare_onnx(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
+
+
+def _bare_openvino(path, x):
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled({"input": x})[compiled.output("logits")]
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_runner_equals_bare_backend_and_pytorch(bundle_and_model, backend):
+    import torch
+
+    root, model, cfg = bundle_and_model
+    runner = Runner.from_bundle(root, backend=backend, threads=1)
+    images = [_rand_image(SIZE, SIZE, 3, seed=s) for s in range(4)] + [_rand_image(19, 27, 1, seed=9)]
+    x = np.stack([runner.preprocessor(a) for a in images])
+    bare = _bare_openvino(root / "openvino/model_fp32.xml", x) if backend == "openvino" else \
+        _bare_onnx(root / "onnx/model_fp32.onnx", x)
+    preds = runner.predict_batch(images)
+    ours = np.stack([p.probs for p in preds])
+    assert np.abs(ours - softmax(bare)).max() <= 1e-5
+    assert np.abs(runner.infer(x) - bare).max() <= 1e-5
+    single = runner.predict(images[4])
+    assert np.abs(single.probs - ours[4]).max() <= 1e-5
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(x)).numpy()
+    assert np.abs(bare - torch_logits).max() <= 1e-4  # the export's FP32 parity tolerance
+    assert [p.label for p in preds] == [CLASS_NAMES[int(i)] for i in torch_logits.argmax(1)]
+    assert len({p.index for p in preds}) > 1 or np.ptp(ours[:, 0]) > 1e-3  # the fixture model is not constant
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_batched_tta_equals_per_view_runs(bundle, backend):
+    runner = Runner.from_bundle(bundle, backend=backend, tta=True)
+    arr = _rand_image(24, 20, 3, seed=5)
+    pred = runner.predict(arr)
+    assert list(pred.view_probs) == ["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"]
+    for name, probs in pred.view_probs.items():
+        alone = runner.predict(arr, tta=[name])
+        assert np.abs(alone.view_probs[name] - probs).max() <= 1e-5, name
+    np.testing.assert_allclose(pred.probs, np.mean(list(pred.view_probs.values()), axis=0), atol=1e-12)
+    assert pred.index == int(np.argmax(pred.probs))
+    # Views really differ, and TTA off gives the original view alone.
+    assert max(np.abs(p - pred.view_probs["original"]).max() for p in pred.view_probs.values()) > 1e-4
+    plain = runner.predict(arr, tta=False)
+    assert plain.view_probs is None
+    assert np.abs(plain.probs - pred.view_probs["original"]).max() <= 1e-5
+
+
+def test_tta_batch_of_images_is_one_inference_call(bundle):
+    runner = Runner.from_bundle(bundle, tta=["original", "hflip", "rot+15"], warmup=0)
+    calls = []
+    infer = runner.backend.infer
+    runner.backend.infer = lambda b: calls.append(b.shape) or infer(b)
+    preds = runner.predict_batch([_rand_image(SIZE, SIZE, 3, seed=s) for s in range(4)])
+    assert calls == [(12, 3, SIZE, SIZE)] and len(preds) == 4
+
+
+def test_fp16_artifact_runs_close_to_fp32(bundle):
+    arr = _rand_image(SIZE, SIZE, 3, seed=11)
+    p32 = Runner.from_bundle(bundle, precision="fp32").predict(arr)
+    p16 = Runner.from_bundle(bundle, precision="fp16").predict(arr)
+    assert np.abs(p32.probs - p16.probs).max() <= 1e-2
+    with pytest.raises(EdgeKDError, match="no onnx int8 model in the bundle .*onnx/fp32"):
+        Runner.from_bundle(bundle, backend="onnx", precision="int8")
+
+
+def test_predict_many_keeps_order_and_reports_bad_inputs(bundle, tmp_path):
+    runner = Runner.from_bundle(bundle, warmup=0)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = [_rand_image(SIZE, SIZE, 3, seed=s) for s in range(5)]
+    items = [good[0], good[1], bad, good[2], np.zeros((2, 2, 2, 2), np.uint8), good[3], good[4]]
+    results = list(runner.predict_many(items, batch=2))
+    assert [type(r).__name__ for r in results] == ["Prediction", "Prediction", "Failure", "Prediction", "Failure",
+                                                   "Prediction", "Prediction"]
+    assert "bad.png" in results[2].error
+    expected = runner.predict_batch(good)
+    for r, e in zip([r for r in results if not isinstance(r, Failure)], expected):
+        assert np.abs(r.probs - e.probs).max() <= 1e-5
+
+
+# ---------------------------------------------------------------- bundle integrity
+
+def test_tampered_file_fails_manifest_check(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    open_bundle(copy)  # intact copy opens
+    model = copy / "onnx" / "model_fp32.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(EdgeKDError, match=r"onnx/model_fp32\.onnx does not match its sha256") as err:
+        Runner.from_bundle(copy)
+    assert "\n" not in str(err.value)
+    shutil.copy(bundle / "onnx" / "model_fp32.onnx", model)
+    (copy / "extra.txt").write_text("smuggled")
+    with pytest.raises(EdgeKDError, match="extra.txt is not listed"):
+        open_bundle(copy)
+    (copy / "extra.txt").unlink()
+    (copy / "card.md").unlink()
+    with pytest.raises(EdgeKDError, match="card.md is listed .* but missing"):
+        open_bundle(copy)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda m: m.update(schema="edgekd-bundle/2"), "schema must be 'edgekd-bundle/1'"),
+    (lambda m: m["preprocess"].update(mean=[0.5]), r"preprocess.mean must be a list of 3 numbers"),
+    (lambda m: m["preprocess"].update(input_size=[3, 16]), r"preprocess.input_size"),
+    (lambda m: m.update(class_names=[]), "class_names"),
+    (lambda m: m["artifacts"][0].update(path="../../etc/passwd.onnx"), r"artifacts\[0\].path"),
+    (lambda m: m["artifacts"][0].update(format="tflite"), r"artifacts\[0\].format"),
+    (lambda m: m["tta"].update(views=["original", "rot90"]), "tta.views"),
+    (lambda m: m.pop("io"), "io must name"),
+])
+def test_metadata_schema_errors(bundle, mutate, message):
+    meta = json.loads((bundle / "edgekd.json").read_text())
+    validate_metadata(meta)
+    mutate(meta)
+    with pytest.raises(EdgeKDError, match=message):
+        validate_metadata(meta)
+
+
+def test_zip_bundle_loads_and_predicts_like_the_folder(bundle, tmp_path):
+    archive = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(bundle.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"b/{p.relative_to(bundle).as_posix()}")  # zipped with its top folder
+    arr = _rand_image(SIZE, SIZE, 3, seed=2)
+    from_zip = Runner.from_bundle(archive).predict(arr)
+    from_dir = Runner.from_bundle(bundle).predict(arr)
+    np.testing.assert_array_equal(from_zip.probs, from_dir.probs)
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "/abs/evil.txt", "ok/../../evil.txt", "C:/evil.txt"])
+def test_zip_path_traversal_is_rejected(bundle, tmp_path, member):
+    archive = tmp_path / "zips" / "bundle.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(bundle.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(bundle).as_posix())
+        zf.writestr(member, "pwned")
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(EdgeKDError, match="refusing zip member"):
+        open_bundle(archive)
+    assert set(tmp_path.rglob("*")) == before
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_not_a_bundle_is_an_error(tmp_path):
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(EdgeKDError, match="not a bundle"):
+        open_bundle(tmp_path / "x.txt")
+    with pytest.raises(EdgeKDError, match="manifest.sha256 is missing"):
+        open_bundle(tmp_path)
+
+
+# ---------------------------------------------------------------- edgekd predict
+
+def _write_mixed_folder(folder: Path) -> None:
+    folder.mkdir()
+    Image.fromarray(_rand_image(16, 16, 3, seed=1)).save(folder / "rgb.png")
+    Image.fromarray(_rand_image(20, 17, 1, seed=2)[..., 0]).save(folder / "gray.jpg")
+    Image.fromarray(_rand_image(18, 18, 3, seed=3)).save(folder / "scan.tif")
+    Image.fromarray(_rand_image(16, 16, 3, seed=4)).save(folder / "img.bmp")
+    wide = (np.random.default_rng(5).integers(0, 65535, size=(16, 24))).astype(np.uint16)
+    Image.fromarray(wide).save(folder / "deep16.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (folder / "notes.txt").write_text("not an image: ignored in folders")
+
+
+def test_predict_cli_folder_with_a_corrupt_file(bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    folder = tmp_path / "imgs"
+    _write_mixed_folder(folder)
+    cli = CliRunner()
+    res = cli.invoke(app, ["predict", str(bundle), str(folder), "--tta", "--batch", "2",
+                           "--out", str(tmp_path / "preds.csv")])
+    assert res.exit_code == 1, res.output
+    assert "broken.png" in res.output
+    rows = (tmp_path / "preds.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:4] == ["file", "label", "index", "prob"] and "hflip:p_normal" in header
+    by_file = {Path(r.split(",")[0]).name: r.split(",") for r in rows[1:]}
+    assert set(by_file) == {"rgb.png", "gray.jpg", "scan.tif", "img.bmp", "deep16.png", "broken.png"}
+    assert by_file["broken.png"][1] == "" and "broken.png" in by_file["broken.png"][-1]
+    assert by_file["rgb.png"][1] in CLASS_NAMES and by_file["rgb.png"][-1] == ""
+
+    res = cli.invoke(app, ["predict", str(bundle), str(folder / "*.png"), str(tmp_path / "missing.png"),
+                           "--backend", "onnx", "--out", str(tmp_path / "preds.json")])
+    assert res.exit_code == 1
+    preds = json.loads((tmp_path / "preds.json").read_text())
+    ok = {Path(p["file"]).name: p for p in preds["predictions"] if "error" not in p}
+    bad = {Path(p["file"]).name for p in preds["predictions"] if "error" in p}
+    assert set(ok) == {"rgb.png", "deep16.png"} and bad == {"broken.png", "missing.png"}
+    assert preds["format"] == "onnx" and abs(sum(ok["rgb.png"]["probs"].values()) - 1) < 1e-6
+    # Same image, same prediction whether it came through the CLI or the API.
+    api = Runner.from_bundle(bundle, backend="onnx").predict(folder / "rgb.png")
+    assert abs(ok["rgb.png"]["prob"] - api.prob) < 1e-6 and ok["rgb.png"]["label"] == api.label
+
+
+def test_predict_cli_all_good_exits_zero_and_bad_out_suffix_is_refused(bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    img = tmp_path / "a.png"
+    Image.fromarray(_rand_image(16, 16, 3)).save(img)
+    res = CliRunner().invoke(app, ["predict", str(bundle), str(img)])
+    assert res.exit_code == 0, res.output
+    assert "a.png" in res.output
+    res = CliRunner().invoke(app, ["predict", str(bundle), str(img), "--out", str(tmp_path / "p.xlsx")])
+    assert res.exit_code != 0 and not (tmp_path / "p.xlsx").exists()
+
+
+def test_dicom_input_is_read_with_windowing(bundle, tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    pixels = np.linspace(0, 4000, 20 * 24).reshape(20, 24).astype(np.uint16)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 1000, 1000
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
+
+    from edgekd.imageio import read_image
+
+    arr = read_image(tmp_path / "x.dcm")
+    assert arr.shape == (20, 24, 1) and arr.min() == 0 and arr.max() == 255
+    assert (arr == 255).mean() > 0.5  # values above the window (>1500) saturate
+    pred = Runner.from_bundle(bundle, warmup=0).predict(tmp_path / "x.dcm")
+    assert pred.source.endswith("x.dcm") and pred.label in CLASS_NAMES
+
+
+def test_runner_rejects_unknown_backend_and_precision(bundle):
+    with pytest.raises(EdgeKDError, match="unknown backend 'tensorrt'"):
+        Runner.from_bundle(bundle, backend="tensorrt")
+    with pytest.raises(EdgeKDError, match="unknown precision 'int4'"):
+        Runner.from_bundle(bundle, precision="int4")
