@@ -1,0 +1,141 @@
+"""Writing an edge bundle: edgekd.json, sha256 manifest, parity report, deployment card; published atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import atomic_write, write_json, write_text
+
+SCHEMA = "edgekd-bundle/1"
+METADATA_FILE, MANIFEST_FILE, PARITY_FILE, CARD_FILE = "edgekd.json", "manifest.sha256", "parity.json", "card.md"
+
+
+def staging_dir(out: Path) -> Path:
+    """A private directory next to `out` (same filesystem, so publishing is a rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(root: Path) -> Path:
+    """`<sha256>  <relative/posix/path>` for every file except the manifest itself, sorted by path."""
+    lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}" for p in sorted(root.rglob("*"))
+             if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_FILE]
+    return write_text(root / MANIFEST_FILE, "\n".join(lines) + "\n")
+
+
+def check_target(out: Path) -> None:
+    """Refuse to replace anything but an earlier bundle or an empty directory."""
+    if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):
+        raise EdgeKDError(f"--out {out}: exists and is not an edgekd bundle; choose another directory")
+
+
+def publish(stage: Path, out: Path) -> Path:
+    """Move a finished staging directory to `out`; an earlier bundle there is replaced, never merged."""
+    check_target(out)
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(stage, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def write_zip(root: Path, archive: Path) -> Path:
+    """Zip the bundle's files at the archive root (the layout edgekd.runtime opens), written atomically."""
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(root.rglob("*")):
+                if p.is_file():
+                    zf.write(p, p.relative_to(root).as_posix())
+    return atomic_write(archive, write)
+
+
+def write_bundle_files(stage: Path, metadata: dict[str, Any], parity: dict[str, Any]) -> None:
+    write_json(stage / PARITY_FILE, parity)
+    write_text(stage / CARD_FILE, deployment_card(metadata, parity))
+    write_json(stage / METADATA_FILE, metadata)
+    write_manifest(stage)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.2f}%"
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+    return "-" if v is None or v != v else format(v, fmt)
+
+
+def deployment_card(metadata: dict[str, Any], parity: dict[str, Any]) -> str:
+    """The markdown card shipped with a bundle: what the model is, how well each artifact does, how to run it."""
+    model, pre, tta = metadata["model"], metadata["preprocess"], metadata["tta"]
+    ref = parity["reference"]["metrics"]
+    splits = list(ref)
+    lines = [
+        f"# {model['name']} ({model.get('role') or 'model'}) — edge deployment card", "",
+        f"- Dataset: {model.get('dataset')}; classes: {', '.join(metadata['class_names'])}",
+        f"- Parameters: {model['params']:,}; recipe digest `{model.get('recipe_digest')}`; "
+        f"edgekd {metadata['edgekd_version']}; created {metadata['created']}",
+        f"- Input: {pre['input_size']} {pre['layout']} float32 named `{metadata['io']['input']}`, output "
+        f"`{metadata['io']['output']}` (N, {len(metadata['class_names'])}), dynamic batch",
+        f"- Preprocessing: {pre['channel_order']}, resize shorter side to {pre['resize']} ({pre['interpolation']}), "
+        f"center crop {pre['center_crop']}, x*{pre['scale']:.6g}, mean {pre['mean']}, std {pre['std']}",
+        f"- TTA views: {', '.join(tta['views'])} (mean of softmax)",
+        "", "## Clinical metrics per format", "",
+        "PyTorch is the checkpoint the artifacts were exported from; every row is measured on the same images "
+        "(original view).", "",
+    ]
+    header = "| format | precision | size (MB) | " + " | ".join(
+        f"{s} {k}" for s in splits for k in ("acc", "auc", "sens", "spec")) + " |"
+    lines += [header, "|" + "---|" * (3 + 4 * len(splits))]
+
+    def row(name: str, prec: str, size: Any, metrics: dict[str, dict[str, float]]) -> str:
+        cells = [_num(metrics.get(s, {}).get(k)) for s in splits for k in ("acc", "auc", "sensitivity", "specificity")]
+        return f"| {name} | {prec} | {size} | " + " | ".join(cells) + " |"
+
+    lines.append(row("pytorch", "fp32", "-", ref))
+    sizes = {(a["format"], a["precision"]): a["size_mb"] for a in metadata["artifacts"]}
+    for rec in parity["artifacts"]:
+        lines.append(row(rec["format"], rec["precision"], _num(sizes.get((rec["format"], rec["precision"])), ".3f"),
+                         rec.get("metrics", {})))
+    counts = ", ".join(f"{s}: {n} images" for s, n in parity["reference"]["split_images"].items())
+    lines += ["", f"({counts}.)", "", "## Parity with PyTorch", "",
+              f"{parity['images']} validation images x {len(tta['views'])} TTA views = {parity['inputs']} inputs, "
+              f"run at batch 1 and batch {parity['batch_size']}; the gated metric split is `{parity['metric_split']}`.", "",
+              "| format | precision | max abs diff | mean abs diff | top-1 agreement | ACC drop | AUC drop | tolerance | result |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for rec in parity["artifacts"]:
+        drop = rec.get("metric_drop", {}).get(parity["metric_split"], {})
+        tol = ", ".join(f"{k} {v:g}" for k, v in rec["tolerance"].items() if v is not None) or "-"
+        lines.append(f"| {rec['format']} | {rec['precision']} | {_num(rec.get('max_abs_diff'), '.2e')} | "
+                     f"{_num(rec.get('mean_abs_diff'), '.2e')} | {_pct(rec.get('top1_agreement'))} | "
+                     f"{_num(drop.get('acc'))} | {_num(drop.get('auc'))} | {tol} | "
+                     f"{'pass' if rec['passed'] else 'FAIL'} |")
+    first = metadata["artifacts"][0]
+    lines += ["", "## Run", "", "```", f"edgekd predict <this bundle> IMAGE... --backend {first['format']} "
+              f"--precision {first['precision']} [--tta]", "```", "",
+              "Every file is listed with its sha256 in `manifest.sha256`; `edgekd.json` holds the metadata and "
+              "`parity.json` the full parity report.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""The parity gate: the PyTorch model vs an exported artifact on the same real images and TTA views.
+
+Checks, in order: io names, dynamic batch axis, static shapes, a batch-1 run, a run at another batch size than
+the export's, then values (max/mean abs logit difference, top-1 agreement) and the ACC/AUC change. Every
+failure is collected; the caller fails the export if any artifact has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from edgekd.export.artifact import EXPORT_BATCH, INPUT_NAME, OUTPUT_NAME, ArtifactSession
+from edgekd.export.profile import Tolerance
+from edgekd.metrics import classification_metrics
+from edgekd.train.trainer import softmax
+
+REPORTED_METRICS = ("acc", "auc", "balanced_acc", "sensitivity", "specificity", "f1")
+
+
+def tta_view(images: torch.Tensor, view: str, center_crop_fraction: float = 0.875) -> torch.Tensor:
+    """One TTA view of uint8 (N, C, H, W) images at model input size, as the bundle contract defines it."""
+    h, w = images.shape[-2:]
+    if view == "original":
+        return images
+    if view == "hflip":
+        return F.horizontal_flip(images)
+    if view == "vflip":
+        return F.vertical_flip(images)
+    if view == "center_crop":
+        crop = F.center_crop(images, [round(center_crop_fraction * h), round(center_crop_fraction * w)])
+        return F.resize(crop, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    if view in ("rot+15", "rot-15"):
+        angle = 15.0 if view == "rot+15" else -15.0
+        return F.rotate(images, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
+    raise ValueError(f"unknown TTA view '{view}'")
+
+
+@dataclass
+class ParitySet:
+    """Normalized model inputs: every parity image in every view, plus the metric splits (original view)."""
+
+    inputs: np.ndarray
+    views: list[str]
+    """The view of each row of `inputs`."""
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    """split -> (inputs, labels) for the ACC/AUC comparison."""
+
+
+def parity_inputs(images: torch.Tensor, views: list[str], center_crop_fraction: float, normalize) -> tuple[np.ndarray, list[str]]:
+    """uint8 (N, C, H, W) images -> normalized float32 (V*N, C, H, W) for all views, view-major."""
+    rows, labels = [], []
+    for view in views:
+        rows.append(normalize(tta_view(images, view, center_crop_fraction)))
+        labels += [view] * len(images)
+    return torch.cat(rows).numpy().astype(np.float32), labels
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(torch.from_numpy(x[i:i + batch_size])).float().numpy()
+                           for i in range(0, len(x), batch_size)])
+
+
+def run_batched(session: ArtifactSession, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([session.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def split_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    metrics = classification_metrics(labels, softmax(logits.astype(np.float64)))
+    return {k: metrics[k] for k in REPORTED_METRICS if k in metrics}
+
+
+def reference_report(model: nn.Module, data: ParitySet) -> dict[str, Any]:
+    """The PyTorch model's logits on the parity inputs and its metrics on the metric splits."""
+    ref = {"logits": torch_logits(model, data.inputs), "splits": {}}
+    for split, (x, y) in data.splits.items():
+        logits = torch_logits(model, x)
+        ref["splits"][split] = {"logits": logits, "metrics": split_metrics(y, logits)}
+    return ref
+
+
+def check_signature(session: ArtifactSession, input_shape: tuple[int, ...], num_classes: int) -> list[str]:
+    problems = []
+    if session.input_names != [INPUT_NAME]:
+        problems.append(f"inputs are {session.input_names}, expected ['{INPUT_NAME}']")
+    if session.output_names != [OUTPUT_NAME]:
+        problems.append(f"outputs are {session.output_names}, expected ['{OUTPUT_NAME}']")
+    shape = session.input_shape
+    if not shape or shape[0] is not None:
+        problems.append(f"input batch axis is not dynamic (input shape {shape})")
+    if list(shape[1:]) != list(input_shape):
+        problems.append(f"input shape {shape} does not match [batch, {', '.join(map(str, input_shape))}]")
+    if len(session.output_shape) != 2 or session.output_shape[-1] not in (None, num_classes):
+        problems.append(f"output shape {session.output_shape} is not [batch, {num_classes}]")
+    return problems
+
+
+def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[str, Any], tolerance: Tolerance,
+                   input_shape: tuple[int, ...], num_classes: int, batch_size: int, metric_split: str) -> tuple[dict[str, Any], list[str]]:
+    """Compare one artifact with the PyTorch reference: (report record, list of failure messages)."""
+    failures = check_signature(session, input_shape, num_classes)
+    record: dict[str, Any] = {"images": len(data.inputs), "batch_sizes": [1, batch_size]}
+    if batch_size == EXPORT_BATCH:
+        failures.append(f"parity batch size {batch_size} equals the export batch size; use another")
+    try:
+        one = session.run(data.inputs[:1])
+        if one.shape != (1, num_classes):
+            failures.append(f"batch 1 gives logits of shape {tuple(one.shape)}, expected (1, {num_classes})")
+        logits = run_batched(session, data.inputs, batch_size)
+    except Exception as err:  # a runtime that cannot run the graph at all
+        failures.append(f"inference failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
+        return record, failures
+    ref = reference["logits"]
+    if logits.shape != ref.shape:
+        failures.append(f"logits of shape {tuple(logits.shape)} at batch {batch_size}, expected {tuple(ref.shape)}")
+        return record, failures
+    if not np.isfinite(logits).all():
+        failures.append("non-finite logits")
+        return record, failures
+    diff = np.abs(logits.astype(np.float64) - ref.astype(np.float64))
+    agree = logits.argmax(1) == ref.argmax(1)
+    views = np.asarray(data.views)
+    record.update({
+        "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "top1_agreement": float(agree.mean()),
+        "per_view": {v: {"max_abs_diff": float(diff[views == v].max()), "top1_agreement": float(agree[views == v].mean())}
+                     for v in dict.fromkeys(data.views)},
+        "metrics": {}, "metric_drop": {},
+    })
+    for split, (x, y) in data.splits.items():
+        art_logits = run_batched(session, x, batch_size)
+        metrics = split_metrics(y, art_logits)
+        ref_metrics = reference["splits"][split]["metrics"]
+        record["metrics"][split] = metrics
+        record["metric_drop"][split] = {k: _drop(ref_metrics.get(k), metrics.get(k)) for k in ("acc", "auc")}
+        record.setdefault("split_images", {})[split] = len(y)
+    if tolerance.max_abs is not None and record["max_abs_diff"] > tolerance.max_abs:
+        failures.append(f"max abs logit diff {record['max_abs_diff']:.3g} > {tolerance.max_abs:g}")
+    if tolerance.top1_agreement is not None and record["top1_agreement"] < tolerance.top1_agreement:
+        failures.append(f"top-1 agreement {record['top1_agreement']:.2%} < {tolerance.top1_agreement:.2%} "
+                        f"({int((~agree).sum())} of {len(agree)} differ)")
+    drops = record["metric_drop"].get(metric_split, {})
+    for key, limit in (("acc", tolerance.acc_drop), ("auc", tolerance.auc_drop)):
+        value = drops.get(key)
+        if limit is not None and value is not None and value > limit:
+            failures.append(f"{metric_split} {key.upper()} drops by {value:.4f} > {limit:g}")
+    return record, failures
+
+
+def _drop(ref: float | None, new: float | None) -> float | None:
+    if ref is None or new is None or ref != ref or new != new:
+        return None
+    return float(ref - new)

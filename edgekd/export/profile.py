@@ -1,0 +1,130 @@
+"""Export profiles: the YAML in `export/` naming a deployment target (formats, precisions, tolerances), validated on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgekd.errors import EdgeKDError
+from edgekd.recipe import deep_merge
+
+Precision = Literal["fp32", "fp16", "int8"]
+TTA_VIEWS = ("original", "hflip", "vflip", "center_crop", "rot+15", "rot-15")
+TTAView = Literal["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Tolerance(Section):
+    """A limit left as null is not checked (e.g. no max-abs bound for INT8, whose logits move by design)."""
+
+    max_abs: float | None = Field(None, ge=0)
+    top1_agreement: float | None = Field(None, ge=0, le=1)
+    acc_drop: float | None = Field(None, ge=0, le=1)
+    """Allowed drop of accuracy (a fraction: 0.01 = 1 point) on the metric split."""
+    auc_drop: float | None = Field(None, ge=0, le=1)
+
+
+class Tolerances(Section):
+    fp32: Tolerance
+    fp16: Tolerance
+    int8: Tolerance
+
+
+class ParityConfig(Section):
+    images: int = Field(64, ge=1)
+    """Validation images run through the PyTorch model and every artifact (each in every TTA view)."""
+    batch_size: int = Field(7, ge=1)
+    """Artifacts are validated at this batch size (and at 1), never at the export's batch size of 2."""
+    metric_split: Literal["val", "test"] = "val"
+    """The split whose ACC/AUC drop is gated; the other split's metrics are reported too."""
+    metric_images: int | None = Field(2000, ge=1)
+    """At most this many images per split for the ACC/AUC comparison (null: the whole split)."""
+    tolerances: Tolerances
+
+
+class QuantizationConfig(Section):
+    calib_images: int = Field(300, ge=1)
+    """Training-split images (eval preprocessing) used to calibrate INT8 activations."""
+    accuracy_control: bool = False
+    """OpenVINO INT8 via nncf.quantize_with_accuracy_control: layers go back to FP32 until the drop <= max_drop."""
+    max_drop: float = Field(0.01, ge=0, le=1)
+    """Accuracy-control budget: absolute accuracy drop on the validation split."""
+    model_type: Literal["auto", "cnn", "transformer"] = "auto"
+    """NNCF's transformer scheme for attention models; auto looks for attention layers."""
+
+
+class OnnxConfig(Section):
+    opset: int = Field(18, ge=13)
+    simplify: bool = True
+    """Simplify the graph with onnxslim (kept unsimplified if onnxslim fails)."""
+    dynamo: bool = False
+    """torch.onnx's dynamo exporter (needs onnxscript). Off by default: the TorchScript exporter gives the same
+    graphs for timm CNNs, the custom CNN and timm ViTs here and is 3-6x faster."""
+
+
+class TTAConfig(Section):
+    views: list[TTAView] = list(TTA_VIEWS)
+    center_crop_fraction: float = Field(0.875, gt=0, le=1)
+
+
+class ExportProfile(Section):
+    name: str = "default"
+    description: str = ""
+    formats: list[Literal["onnx", "openvino"]] = ["onnx", "openvino"]
+    precisions: list[Precision] = ["fp32"]
+    input_size: int | None = Field(None, ge=8)
+    """Export at this (square) input size instead of the checkpoint's; the eval resize scales with it."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for parity runs and the runtime hint written to edgekd.json (null: the library default)."""
+    tta: TTAConfig = TTAConfig()
+    parity: ParityConfig
+    quantization: QuantizationConfig = QuantizationConfig()
+    onnx: OnnxConfig = OnnxConfig()
+
+
+DEFAULTS: dict[str, Any] = {
+    "parity": {"tolerances": {
+        "fp32": {"max_abs": 1e-4, "top1_agreement": 1.0},
+        "fp16": {"max_abs": 1e-2, "top1_agreement": 0.995},
+        "int8": {"top1_agreement": 0.98, "acc_drop": 0.01, "auc_drop": 0.01},
+    }},
+}
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown key '{key}'"
+    return f"{where}: {key}: {first['msg']} (got {first.get('input')!r})"
+
+
+def profile_from_dict(raw: dict[str, Any] | None, where: str = "export profile") -> ExportProfile:
+    """Validate a profile mapping over the defaults (a partial `tolerances.fp16` keeps the other fp16 limits)."""
+    if raw is not None and not isinstance(raw, dict):
+        raise EdgeKDError(f"{where}: an export profile must be a YAML mapping")
+    try:
+        return ExportProfile.model_validate(deep_merge(DEFAULTS, raw or {}))
+    except ValidationError as err:
+        raise EdgeKDError(_format_error(err, where)) from None
+
+
+def load_profile(path: str | Path | None) -> ExportProfile:
+    """An export profile YAML (e.g. export/cpu-openvino-int8.yaml); None gives the defaults."""
+    if path is None:
+        return profile_from_dict({}, "defaults")
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeKDError(f"{path}: export profile not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise EdgeKDError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+    return profile_from_dict(raw, str(path))

@@ -1,0 +1,91 @@
+"""INT8 post-training quantization: NNCF on the OpenVINO model, ONNX Runtime static QDQ on the ONNX graph."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from edgekd.errors import EdgeKDError
+from edgekd.export.artifact import INPUT_NAME, ExportContext
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """Attention layers (timm's Attention, nn.MultiheadAttention) call for NNCF's transformer scheme."""
+    from timm.layers import Attention
+
+    return any(isinstance(m, (Attention, nn.MultiheadAttention)) for m in model.modules())
+
+
+def quantize_openvino(model, ctx: ExportContext) -> tuple[Any, dict[str, Any]]:
+    """NNCF PTQ of an FP32 ov.Model on the calibration images; optionally accuracy-controlled on the val split."""
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    cfg = ctx.profile.quantization
+    calib = ctx.calibration()
+    transformer = cfg.model_type == "transformer" or (cfg.model_type == "auto" and is_transformer(ctx.model))
+    kwargs: dict[str, Any] = {"subset_size": len(calib)}
+    if transformer:
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
+    info: dict[str, Any] = {"quantization": f"nncf {nncf.__version__} PTQ on {len(calib)} training images"
+                                            + (" (transformer scheme)" if transformer else "")}
+    try:
+        if not cfg.accuracy_control:
+            return nncf.quantize(model, dataset, **kwargs), info
+        x_val, y_val = ctx.validation()
+        batches = [(x_val[i:i + 32], y_val[i:i + 32]) for i in range(0, len(x_val), 32)]
+
+        def accuracy(compiled, items) -> float:
+            output = compiled.outputs[0]
+            hits = total = 0
+            for x, y in items:
+                pred = np.asarray(compiled(x)[output]).argmax(1)
+                hits += int((pred == y).sum())
+                total += len(y)
+            return hits / max(total, 1)
+
+        quantized = nncf.quantize_with_accuracy_control(
+            model, calibration_dataset=dataset, validation_dataset=nncf.Dataset(batches, lambda item: item[0]),
+            validation_fn=accuracy, max_drop=cfg.max_drop, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+        info["quantization"] += f", accuracy-controlled (max val accuracy drop {cfg.max_drop})"
+        return quantized, info
+    except EdgeKDError:
+        raise
+    except Exception as err:
+        raise EdgeKDError(f"openvino int8: NNCF quantization failed: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None
+
+
+def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scratch: Path) -> None:
+    """ONNX Runtime static quantization in QDQ format (int8 per-channel weights, int8 activations, MinMax)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class ImageReader(CalibrationDataReader):
+        def __init__(self, images: np.ndarray):
+            self.items = iter(images[i:i + 1] for i in range(len(images)))
+
+        def get_next(self):
+            x = next(self.items, None)
+            return None if x is None else {INPUT_NAME: x}
+
+    prepared = scratch / "onnx_int8_prepared.onnx"
+    try:
+        # Shape inference + graph cleanup as ORT recommends before quantizing (skipped if it cannot run).
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+    except Exception:
+        prepared = fp32_path
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        quantize_static(str(prepared), str(out_path), ImageReader(calib), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    except Exception as err:
+        raise EdgeKDError(f"onnx int8: ONNX Runtime quantization failed: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None

@@ -1,0 +1,194 @@
+"""`edgekd export`: checkpoint -> artifacts (format x precision) -> parity gate -> bundle, or nothing at all."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from edgekd import __version__
+from edgekd.data import build_data, build_transforms
+from edgekd.errors import EdgeKDError
+from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
+from edgekd.export.bundle import (METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish, staging_dir,
+                                  write_bundle_files, write_zip)
+from edgekd.export.formats import export_plan
+from edgekd.export.parity import ParitySet, check_artifact, parity_inputs, reference_report
+from edgekd.export.profile import ExportProfile, load_profile
+from edgekd.models import count_parameters
+from edgekd.recipe import apply_overrides, recipe_from_dict
+from edgekd.train.checkpoint import model_from_checkpoint
+
+SELECTION_SEED = 0
+"""Which images are used for parity/calibration/metrics is fixed, so two exports of one checkpoint compare."""
+
+
+class ParityGateError(EdgeKDError):
+    """The export produced artifacts that do not match the PyTorch model; nothing was published."""
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    zip_path: Path | None
+    metadata: dict[str, Any]
+    parity: dict[str, Any]
+
+
+def with_overrides(profile: ExportProfile, parity_images: int | None = None, calib_images: int | None = None,
+                   threads: int | None = None, accuracy_control: bool | None = None) -> ExportProfile:
+    """The profile with the command-line options that were given (None keeps the profile's value)."""
+    parity = profile.parity.model_copy(update={k: v for k, v in {"images": parity_images}.items() if v is not None})
+    quant = profile.quantization.model_copy(update={k: v for k, v in {
+        "calib_images": calib_images, "accuracy_control": accuracy_control}.items() if v is not None})
+    if (parity_images is not None and parity_images < 1) or (calib_images is not None and calib_images < 1):
+        raise EdgeKDError("--parity-images/--calib-images must be at least 1")
+    update: dict[str, Any] = {"parity": parity, "quantization": quant}
+    if threads is not None:
+        update["threads"] = threads
+    return profile.model_copy(update=update)
+
+
+def _sample(n_total: int, n: int | None, salt: int) -> np.ndarray:
+    """A fixed random subset of indices (sorted), or all of them."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(SELECTION_SEED + salt).choice(n_total, size=n, replace=False))
+
+
+def _stack(dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed (eval pipeline) images and labels of a dataset subset."""
+    xs, ys = zip(*(dataset[int(i)] for i in indices))
+    return torch.stack(xs).numpy().astype(np.float32), np.asarray(ys, dtype=np.int64)
+
+
+def _export_recipe(ckpt: dict[str, Any], checkpoint: Path, overrides: list[str], input_size: int | None):
+    raw = apply_overrides(ckpt["recipe"], overrides)
+    if input_size is not None:
+        data = raw.setdefault("data", {})
+        size = data.get("image_size", 28)
+        # Keep the resize/crop ratio of training (e.g. 256/224) at the new size.
+        data["resize"] = round(input_size * (data.get("resize") or size) / size)
+        data["image_size"] = input_size
+    return recipe_from_dict(raw, where=f"{checkpoint} (embedded recipe)")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
+                      precisions: list[str] | None = None, profile: ExportProfile | None = None,
+                      zip_bundle: bool = False, data_overrides: list[str] | None = None,
+                      log: Callable[[str], None] = print) -> ExportResult:
+    """Export a checkpoint to every (format, precision), gate each artifact on parity with PyTorch, and publish
+    a bundle at `out` only if all pass (else raise ParityGateError listing every failure; `out` is untouched)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    profile = profile or load_profile(None)
+    plan = export_plan(formats or profile.formats, precisions or profile.precisions)
+    check_target(out)
+    model, ckpt = model_from_checkpoint(checkpoint)
+    if ckpt.get("recipe") is None:
+        raise EdgeKDError(f"{checkpoint}: checkpoint has no embedded recipe (needed for its data)")
+    recipe = _export_recipe(ckpt, checkpoint, data_overrides or [], profile.input_size)
+    data = build_data(recipe)
+    num_classes = ckpt["arch"]["num_classes"]
+    if data.num_classes != num_classes:
+        raise EdgeKDError(f"{checkpoint}: model has {num_classes} classes, its data has {data.num_classes}")
+    preprocess = data.preprocess
+    input_shape = tuple(preprocess["input_size"])
+
+    # The eval pipeline split at normalization: TTA views act on the uint8 image at model input size.
+    pipeline = build_transforms(data.cfg, [], train=False)
+    if not isinstance(pipeline.transforms[-1], v2.Normalize):
+        raise EdgeKDError("export: the eval pipeline must end with Normalize")
+    geometry, normalize = v2.Compose(pipeline.transforms[:-2]), v2.Compose(pipeline.transforms[-2:])
+    val = data.dataset("val", train=False)
+    picked = _sample(len(val), profile.parity.images, salt=1)
+    raw = torch.stack([geometry(torch.from_numpy(np.ascontiguousarray(val.raw(int(i)))).permute(2, 0, 1))
+                       for i in picked])
+    inputs, views = parity_inputs(raw, list(profile.tta.views), profile.tta.center_crop_fraction, normalize)
+    splits = {s: _stack(data.dataset(s, train=False), _sample(len(data.tables[s]), profile.parity.metric_images, salt=2))
+              for s in ("val", "test")}
+    parity_set = ParitySet(inputs, views, splits)
+    log(f"parity set: {len(picked)} val images x {len(profile.tta.views)} views; metrics on "
+        + ", ".join(f"{s} ({len(y)})" for s, (_, y) in splits.items()))
+    reference = reference_report(model, parity_set)
+
+    metadata: dict[str, Any] = {
+        "schema": SCHEMA, "edgekd_version": __version__,
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "model": {"name": ckpt["arch"]["name"], "role": ckpt.get("role"), "params": count_parameters(model),
+                  "dataset": ckpt.get("dataset"), "recipe_digest": ckpt.get("recipe_digest"),
+                  "checkpoint": checkpoint.name},
+        "class_names": list(ckpt["class_names"]),
+        "preprocess": preprocess,
+        "tta": {"views": list(profile.tta.views), "center_crop_fraction": profile.tta.center_crop_fraction,
+                "ensemble": "mean_softmax"},
+        "io": {"input": INPUT_NAME, "output": OUTPUT_NAME, "dynamic_batch": True},
+        "metrics": {"test": reference["splits"]["test"]["metrics"], "val": reference["splits"]["val"]["metrics"],
+                    "training": ckpt.get("metrics") or {}},
+        "runtime": {"threads": profile.threads},
+        "export_profile": profile.name,
+    }
+
+    def calibration() -> np.ndarray:
+        if "calibration" not in ctx.cache:
+            train = data.dataset("train", train=False)
+            ctx.cache["calibration"] = _stack(train, _sample(len(train), profile.quantization.calib_images, salt=3))[0]
+        return ctx.cache["calibration"]
+
+    stage = staging_dir(out)
+    scratch = Path(tempfile.mkdtemp(prefix="edgekd-export-"))
+    ctx = ExportContext(model=model, input_shape=input_shape, metadata=metadata, profile=profile, scratch=scratch,
+                        calibration=calibration, validation=lambda: splits["val"], log=log)
+    artifacts, records, failures = [], [], []
+    try:
+        for fmt, precision in plan:
+            label = f"{fmt.name}/{precision}"
+            rel = fmt.relpath(precision)
+            path = stage / rel
+            log(f"{label}: exporting {rel}")
+            try:
+                info = fmt.export(ctx, precision, path)
+                session = fmt.open(path, precision, profile.threads)
+            except EdgeKDError as err:
+                failures.append(f"{label}: {err}")
+                continue
+            tolerance = getattr(profile.parity.tolerances, precision)
+            record, problems = check_artifact(session, parity_set, reference, tolerance, input_shape, num_classes,
+                                              profile.parity.batch_size, profile.parity.metric_split)
+            size_mb = sum(p.stat().st_size for p in fmt.files(path)) / 2**20
+            record = {"format": fmt.name, "precision": precision, "path": rel, **record,
+                      "tolerance": tolerance.model_dump(), "passed": not problems, "failures": problems}
+            records.append(record)
+            failures += [f"{label}: {p}" for p in problems]
+            artifacts.append({"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4),
+                              **info})
+            log(f"{label}: max abs diff {record.get('max_abs_diff', float('nan')):.3g}, top-1 agreement "
+                f"{record.get('top1_agreement', float('nan')):.2%}{'' if not problems else ' -> FAIL'}")
+        parity = {
+            "checkpoint": str(checkpoint), "images": len(picked), "views": list(profile.tta.views),
+            "inputs": len(inputs), "batch_size": profile.parity.batch_size, "metric_split": profile.parity.metric_split,
+            "reference": {"framework": f"torch {torch.__version__}",
+                          "metrics": {s: r["metrics"] for s, r in reference["splits"].items()},
+                          "split_images": {s: len(y) for s, (_, y) in splits.items()}},
+            "artifacts": records, "passed": not failures, "failures": failures,
+        }
+        if failures:
+            raise ParityGateError(f"export of {checkpoint} failed ({len(failures)} problem"
+                                  f"{'s' if len(failures) > 1 else ''}); nothing was written to {out}:\n  "
+                                  + "\n  ".join(failures))
+        metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE}
+        write_bundle_files(stage, metadata, parity)
+        publish(stage, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else None
+    log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
+    return ExportResult(out, zip_path, metadata, parity)
