@@ -125,6 +125,48 @@ def eval_(
     console.print(f"wrote {out / 'metrics.json'}")
 
 
+def _split_list(text: Optional[str]) -> Optional[list[str]]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    format_: Optional[str] = typer.Option(None, "--format", "-f", help="Comma-separated: onnx,openvino (default: the profile's)."),
+    precision: Optional[str] = typer.Option(None, "--precision", "-p", help="Comma-separated: fp32,fp16,int8 (default: the profile's)."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile YAML, e.g. export/cpu-openvino-int8.yaml."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory (default: <checkpoint dir>/bundle)."),
+    zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip."),
+    parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Validation images in the parity gate (default 64)."),
+    calib_images: Optional[int] = typer.Option(None, "--calib-images", help="Training images for INT8 calibration (default 300)."),
+    accuracy_control: Optional[bool] = typer.Option(None, "--accuracy-control/--no-accuracy-control",
+                                                    help="OpenVINO INT8 with NNCF accuracy control (max drop from the profile)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for parity runs and the bundle's runtime hint."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the checkpoint's recipe (e.g. data.path=...)."),
+) -> None:
+    """Export to ONNX/OpenVINO (FP32/FP16/INT8), gate every artifact on parity with PyTorch, write a bundle."""
+    from edgekd.export import export_checkpoint, load_profile, with_overrides
+
+    profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control)
+    out = out or checkpoint.parent / "bundle"
+    result = export_checkpoint(checkpoint, out, _split_list(format_), _split_list(precision), profile, zip_, set_,
+                               log=console.print)
+    split = result.parity["metric_split"]
+    table = RichTable(title=f"{checkpoint}: parity with PyTorch ({result.parity['inputs']} inputs)")
+    for col in ("format", "precision", "size MB", "max abs diff", "mean abs diff", "top-1 agree",
+                f"{split} acc", "test acc", "test auc", "result"):
+        table.add_column(col, justify="left" if col in ("format", "precision", "result") else "right")
+    sizes = {a["path"]: a["size_mb"] for a in result.metadata["artifacts"]}
+    ref = result.parity["reference"]["metrics"]
+    table.add_row("pytorch", "fp32", "-", "-", "-", "-", _fmt(ref[split].get("acc")), _fmt(ref["test"].get("acc")),
+                  _fmt(ref["test"].get("auc")), "reference")
+    for r in result.parity["artifacts"]:
+        table.add_row(r["format"], r["precision"], f"{sizes[r['path']]:.3f}", f"{r['max_abs_diff']:.2e}",
+                      f"{r['mean_abs_diff']:.2e}", f"{r['top1_agreement']:.2%}", _fmt(r["metrics"][split].get("acc")),
+                      _fmt(r["metrics"]["test"].get("acc")), _fmt(r["metrics"]["test"].get("auc")), "pass")
+    out_console.print(table)
+
+
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
