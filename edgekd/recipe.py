@@ -6,10 +6,10 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgekd.errors import EdgeKDError
 
@@ -119,6 +119,131 @@ class TrainConfig(Section):
     nonfinite: Literal["error", "skip"] = "error"
 
 
+class KLTerm(Section):
+    """Response KD: KL(softmax(teacher/T) || softmax(student/T)) * T^2 (Hinton et al. 2015)."""
+    kind: Literal["kl"]
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+
+
+class CETerm(Section):
+    """Cross-entropy on the labels; `class_weights` uses the train split's balanced weights."""
+    kind: Literal["ce"]
+    weight: float = Field(1.0, ge=0)
+    class_weights: bool = False
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class FocalTerm(Section):
+    kind: Literal["focal"]
+    weight: float = Field(1.0, ge=0)
+    gamma: float = Field(2.0, ge=0)
+    alpha: list[float] | float | None = None
+    class_weights: bool = False
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class FeatureTerm(Section):
+    """Feature KD (FitNets-style): MSE between adapter(student layer) and the teacher layer, both by module path."""
+    kind: Literal["feature_mse"]
+    weight: float = Field(1.0, ge=0)
+    student: str
+    teacher: str
+    spatial: Literal["pool", "interpolate"] = "pool"
+    """pool: average-pool the larger map to the smaller size; interpolate: resize the student map to the teacher's."""
+    student_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
+    teacher_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
+
+
+DistillTerm = Annotated[Union[KLTerm, CETerm, FocalTerm, FeatureTerm], Field(discriminator="kind")]
+
+
+class DistillConfig(Section):
+    """The loss is sum(weight * term): KD-OCT is [kl 0.7 T=4, ce 0.3]; ISIC is [ce 0.6 weighted, kl 0.4 T=4]."""
+    teacher: str | None = None
+    """The teacher checkpoint (best.pt of `edgekd train`)."""
+    teacher_recipe: str | None = None
+    """For `--folds`: the recipe that trains the teacher on each fold before the student distills from it."""
+    teacher_image_size: int | None = Field(None, ge=8)
+    """Teacher input size (default: the teacher checkpoint's); the student batch is resized for the teacher."""
+    cache_teacher_logits: bool = False
+    """Reuse teacher logits per distinct input image (needs a deterministic train transform: empty augment)."""
+    terms: list[DistillTerm] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _has_teacher_term(self) -> "DistillConfig":
+        if not any(t.kind in ("kl", "feature_mse") for t in self.terms):
+            raise ValueError("no 'kl' or 'feature_mse' term: nothing is distilled from the teacher")
+        if self.teacher is None and self.teacher_recipe is None:
+            raise ValueError("set 'teacher' (a checkpoint) or 'teacher_recipe' (for --folds)")
+        return self
+
+
+class ContinualTask(Section):
+    """One task of a continual sequence: the recipe's data section with these overrides, these label ids."""
+    name: str
+    data: dict[str, Any] = {}
+    """Keys of the data section that differ for this task (source, path, limit, ...)."""
+    classes: list[int] | None = None
+    """This task's label ids in its dataset (default: all); they get new output ids after the earlier tasks'."""
+
+
+class EWCConfig(Section):
+    """Elastic weight consolidation: (weight / 2) * sum F (theta - theta*)^2 with the diagonal Fisher of each task."""
+    weight: float = Field(1000.0, ge=0)
+    """lambda."""
+    online: bool = False
+    """Online EWC (Schwarz et al. 2018): one running Fisher gamma * F_old + F_new anchored at the latest weights."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    fisher_samples: int = Field(1000, ge=1)
+    """Training images of the finished task used to estimate the Fisher."""
+
+
+class LwFConfig(Section):
+    """Learning without forgetting: + alpha * T^2 * KL(previous model || current) on the old tasks' outputs."""
+    alpha: float = Field(1.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+
+
+class ReplayConfig(Section):
+    """Rehearsal: a class-balanced buffer of earlier tasks' images, mixed into every training batch."""
+    size: int = Field(200, ge=1)
+    selection: Literal["reservoir", "herding"] = "reservoir"
+    batch_size: int | None = Field(None, ge=1)
+    """Buffer images added to each batch (default: data.batch_size)."""
+
+
+class ContinualConfig(Section):
+    """A sequence of tasks learned one after the other by one model, with combinable anti-forgetting plug-ins."""
+    scenario: Literal["cross_domain", "class_incremental"] = "cross_domain"
+    head: Literal["multi", "single"] | None = None
+    """multi: a head per task, task id given at test (cross_domain default); single: one expanding head, no task id."""
+    checkpoint: str | None = None
+    """Starting student (best.pt). Default: recipe.model from scratch."""
+    checkpoint_task: bool = True
+    """The checkpoint already solves the first task (it is evaluated, not retrained); false: reuse only its backbone."""
+    tasks: list[ContinualTask] = Field(min_length=2)
+    joint: bool = False
+    """Upper bound: at each step train on the union of all tasks so far."""
+    ewc: EWCConfig | None = None
+    lwf: LwFConfig | None = None
+    replay: ReplayConfig | None = None
+    bn_freeze: bool = False
+    """BatchNorm layers in eval mode with frozen affine parameters while learning the tasks after the first."""
+    eval_split: Literal["val", "test"] = "test"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ContinualConfig":
+        if self.head is None:
+            self.head = "single" if self.scenario == "class_incremental" else "multi"
+        if self.scenario == "class_incremental" and self.head == "multi":
+            raise ValueError("class_incremental has no task id at test: use head 'single'")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        return self
+
+
 class Recipe(Section):
     name: str = "run"
     role: Literal["teacher", "student", "student_scratch", "baseline"] = "teacher"
@@ -128,8 +253,8 @@ class Recipe(Section):
     """torchvision.transforms.v2 ops by class name, e.g. `- RandomRotation: {degrees: 15}`."""
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    distill: dict[str, Any] | None = None
-    continual: dict[str, Any] | None = None
+    distill: DistillConfig | None = None
+    continual: ContinualConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,0 +1,131 @@
+"""Feature taps for feature KD: forward hooks by module path, token/NHWC -> NCHW maps, adapters, spatial alignment."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekd.errors import EdgeKDError
+from edgekd.models import get_submodule
+
+
+@contextmanager
+def capture_features(model: nn.Module, paths: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of the modules at `paths` during the forward passes inside the block.
+
+    Forward hooks work on any timm model (CNN stages, ViT blocks, Swin layers) without model-specific code;
+    they are removed on exit so the student carries no hooks into evaluation or export.
+    """
+    found: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(path: str):
+        def hook(_module, _inputs, output):
+            found[path] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    try:
+        for path in paths:
+            handles.append(get_submodule(model, path).register_forward_hook(hook_for(path)))
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def resolve_layout(model: nn.Module, feature: torch.Tensor, layout: str) -> str:
+    """'auto': 2-D -> vector, 3-D -> tokens, 4-D -> the model's timm `output_fmt` (NHWC for Swin, else NCHW)."""
+    if layout != "auto":
+        want = {"tokens": 3, "nchw": 4, "nhwc": 4}[layout]
+        if feature.dim() != want:
+            raise EdgeKDError(f"feature layout '{layout}' needs a {want}-D output, got shape {tuple(feature.shape)}")
+        return layout
+    if feature.dim() == 2:
+        return "vector"
+    if feature.dim() == 3:
+        return "tokens"
+    if feature.dim() == 4:
+        return "nhwc" if str(getattr(model, "output_fmt", "NCHW")).upper() == "NHWC" else "nchw"
+    raise EdgeKDError(f"cannot use a {feature.dim()}-D layer output (shape {tuple(feature.shape)}) for feature KD")
+
+
+def channels_of(feature: torch.Tensor, layout: str) -> int:
+    return feature.shape[1] if layout in ("nchw", "vector") else feature.shape[-1]
+
+
+def tokens_to_map(tokens: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    """(B, prefix + h*w, C) -> (B, C, h, w): drop class/register tokens, lay patch tokens on their square grid."""
+    patches = tokens[:, prefix_tokens:]
+    n = patches.shape[1]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise EdgeKDError(f"{n} patch tokens (after {prefix_tokens} prefix tokens) do not form a square grid")
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+def to_map(feature: torch.Tensor, layout: str, prefix_tokens: int = 0) -> torch.Tensor:
+    """Any tapped output -> an NCHW map."""
+    if layout == "nchw":
+        return feature
+    if layout == "nhwc":
+        return feature.permute(0, 3, 1, 2)
+    if layout == "tokens":
+        return tokens_to_map(feature, prefix_tokens)
+    if layout == "vector":
+        return feature[:, :, None, None]
+    raise ValueError(layout)
+
+
+def align_spatial(student: torch.Tensor, teacher: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make two NCHW maps the same HxW. pool: average-pool the larger down to the smaller grid (per axis);
+    interpolate: resize the student map to the teacher's grid (bilinear)."""
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student, teacher
+    if mode == "interpolate":
+        return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False), teacher
+    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
+    return F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size)
+
+
+class FeatureAdapter(nn.Module):
+    """Maps a student layer's output onto the teacher layer's channels: a 1x1 conv on maps, a linear layer on
+    ViT tokens (the same map applied per position). Trained with the student, never saved in its weights."""
+
+    def __init__(self, student_layout: str, student_channels: int, teacher_layout: str, teacher_channels: int,
+                 student_prefix_tokens: int = 0, teacher_prefix_tokens: int = 0):
+        super().__init__()
+        self.student_layout, self.teacher_layout = student_layout, teacher_layout
+        self.student_prefix, self.teacher_prefix = student_prefix_tokens, teacher_prefix_tokens
+        if student_layout == "tokens":
+            self.proj = nn.Linear(student_channels, teacher_channels)
+        else:
+            self.proj = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        if self.student_layout == "tokens":
+            return tokens_to_map(self.proj(feature), self.student_prefix)
+        return self.proj(to_map(feature, self.student_layout))
+
+    def teacher_map(self, feature: torch.Tensor) -> torch.Tensor:
+        return to_map(feature, self.teacher_layout, self.teacher_prefix)
+
+
+def build_adapter(student: nn.Module, student_feature: torch.Tensor, student_layout: str,
+                  teacher: nn.Module, teacher_feature: torch.Tensor, teacher_layout: str) -> FeatureAdapter:
+    """An adapter sized from probe outputs of the two tapped layers."""
+    s_layout = resolve_layout(student, student_feature, student_layout)
+    t_layout = resolve_layout(teacher, teacher_feature, teacher_layout)
+    s_prefix = int(getattr(student, "num_prefix_tokens", 0)) if s_layout == "tokens" else 0
+    t_prefix = int(getattr(teacher, "num_prefix_tokens", 0)) if t_layout == "tokens" else 0
+    adapter = FeatureAdapter(s_layout, channels_of(student_feature, s_layout), t_layout,
+                             channels_of(teacher_feature, t_layout), s_prefix, t_prefix)
+    # Check the token grids now so a bad layer choice fails before training starts.
+    with torch.no_grad():
+        adapter(student_feature)
+        adapter.teacher_map(teacher_feature)
+    return adapter

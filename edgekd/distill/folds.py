@@ -1,0 +1,112 @@
+"""k-fold driver (KD-OCT protocol): per fold train the teacher, distill the student, report mean ± std."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgekd.data import load_source
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import write_json, write_text
+from edgekd.recipe import load_recipe, recipe_from_dict
+
+SUMMARY_METRICS = ("acc", "balanced_acc", "auc", "f1", "sensitivity", "specificity", "pauc")
+
+
+def fold_recipe(recipe, folds: int, fold: int, split: str, **distill_over):
+    raw = recipe.to_dict()
+    raw["data"].update(folds=folds, fold=fold, split=split)
+    if distill_over and raw.get("distill"):
+        raw["distill"].update(distill_over)
+    return recipe_from_dict(raw, where=f"{recipe.name} fold {fold}")
+
+
+def split_mode(recipe, log: Callable[[str], None]) -> str:
+    """Patient-level folds whenever the source has patient ids, so no patient is in two folds."""
+    if recipe.data.split == "patient":
+        return "patient"
+    source = load_source(recipe.data.source, recipe.data.path)
+    if source.tables and all(t.groups is not None for t in source.tables.values()):
+        log("k-fold: the data has patient ids: folds are patient-level (data.split=patient)")
+        return "patient"
+    return recipe.data.split
+
+
+def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+    """Train `folds` times, fold i held out as validation; with a distill section, each fold first trains
+    `distill.teacher_recipe` on the same fold and distills from that teacher (no held-out image is ever seen
+    by the teacher). Writes fold<i>/<role>/ runs, kfold.json and kfold.md; returns the summary."""
+    from edgekd.distill.run import distill_recipe
+    from edgekd.train.run import train_recipe
+
+    out = Path(out)
+    teacher_base = None
+    if recipe.distill:
+        if not recipe.distill.teacher_recipe:
+            raise EdgeKDError("--folds with a distill recipe needs distill.teacher_recipe (the teacher is "
+                              "retrained on each fold so it never sees that fold's validation images)")
+        teacher_base = load_recipe(recipe.distill.teacher_recipe)
+        same = ("source", "path", "classes", "limit")
+        if any(getattr(teacher_base.data, k) != getattr(recipe.data, k) for k in same):
+            raise EdgeKDError(f"distill.teacher_recipe {recipe.distill.teacher_recipe}: its data ({', '.join(same)}) "
+                              "must match the student's so both see the same folds")
+    split = split_mode(recipe, log)
+    rows: list[dict[str, Any]] = []
+    for fold in range(folds):
+        fold_dir = out / f"fold{fold}"
+        log(f"k-fold: fold {fold + 1}/{folds}")
+        if teacher_base is not None:
+            t_rec = fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, fold, split)
+            t_res = train_recipe(t_rec, fold_dir / "teacher", log=log, progress=progress)
+            rows.append(_row(fold, "teacher", t_rec, t_res))
+            s_rec = fold_recipe(recipe, folds, fold, split, teacher=str(t_res.best_path))
+            s_res = distill_recipe(s_rec, fold_dir / s_rec.role, log=log, progress=progress)
+            rows.append(_row(fold, s_rec.role, s_rec, s_res))
+        else:
+            rec = fold_recipe(recipe, folds, fold, split)
+            res = train_recipe(rec, fold_dir / rec.role, log=log, progress=progress)
+            rows.append(_row(fold, rec.role, rec, res))
+    summary = summarize_folds(rows)
+    table = folds_markdown(summary, recipe.name, folds)
+    result = {"name": recipe.name, "folds": folds, "split": split, "runs": rows, "summary": summary,
+              "table_markdown": table}
+    write_json(out / "kfold.json", result)
+    write_text(out / "kfold.md", table + "\n")
+    return result
+
+
+def _row(fold: int, role: str, recipe, res) -> dict[str, Any]:
+    return {"fold": fold, "role": role, "name": recipe.name, "model": recipe.model.name, "params": res.params,
+            "macs": res.macs, "out": str(res.out),
+            "val": {k: res.val.get(k) for k in SUMMARY_METRICS}, "test": {k: res.test.get(k) for k in SUMMARY_METRICS},
+            "confusion_val": res.val["confusion_matrix"], "confusion_test": res.test["confusion_matrix"],
+            "class_names": res.val["class_names"]}
+
+
+def summarize_folds(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """{role: {split: {metric: {mean, std, n}}}} over folds; std is the sample std (ddof=1), NaNs skipped."""
+    out: dict[str, Any] = {}
+    for role in dict.fromkeys(r["role"] for r in rows):
+        out[role] = {}
+        for split in ("val", "test"):
+            stats = {}
+            for k in SUMMARY_METRICS:
+                vals = np.array([r[split][k] for r in rows if r["role"] == role and r[split][k] is not None], float)
+                vals = vals[~np.isnan(vals)]
+                stats[k] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
+                            "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, "n": int(len(vals))}
+            out[role][split] = stats
+    return out
+
+
+def folds_markdown(summary: dict[str, Any], name: str, folds: int) -> str:
+    lines = [f"### {name}: {folds}-fold cross-validation (mean ± std over folds; val = the held-out fold)", "",
+             "| role | split | " + " | ".join(SUMMARY_METRICS) + " |",
+             "|---|---|" + "---:|" * len(SUMMARY_METRICS)]
+    for role, splits in summary.items():
+        for split, stats in splits.items():
+            cells = [f"{stats[k]['mean']:.4f} ± {stats[k]['std']:.4f}" for k in SUMMARY_METRICS]
+            lines.append(f"| {role} | {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

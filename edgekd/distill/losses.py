@@ -1,0 +1,168 @@
+"""KD loss terms as small registered modules, combined by the recipe's `distill.terms` into one weighted sum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekd.distill.features import FeatureAdapter, align_spatial
+from edgekd.errors import EdgeKDError
+from edgekd.train.losses import FocalLoss
+
+LOSS_TERMS: dict[str, Callable[..., "LossTerm"]] = {}
+
+
+def register_term(kind: str):
+    def deco(builder):
+        LOSS_TERMS[kind] = builder
+        return builder
+    return deco
+
+
+@dataclass
+class KDBatch:
+    """What a term may look at: student outputs, labels, and (when a term needs them) the teacher's."""
+
+    student_logits: torch.Tensor
+    targets: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    student_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class LossTerm(nn.Module):
+    """One term of the KD loss. `needs_teacher_logits` / `student_layer` / `teacher_layer` tell the objective
+    what to compute before calling it."""
+
+    needs_teacher_logits = False
+    student_layer: str | None = None
+    teacher_layer: str | None = None
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(p_teacher^T || p_student^T) * T^2, averaged over the batch (Hinton et al. 2015; torchdistill's KDLoss).
+
+    The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones when T changes.
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
+
+
+class KLDivergence(LossTerm):
+    needs_teacher_logits = True
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        return kl_divergence(batch.student_logits, batch.teacher_logits, self.temperature)
+
+
+class LabelLoss(LossTerm):
+    """A supervised criterion (CE or focal) on the hard labels."""
+
+    def __init__(self, criterion: nn.Module):
+        super().__init__()
+        self.criterion = criterion
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        return self.criterion(batch.student_logits.float(), batch.targets)
+
+
+class FeatureMSE(LossTerm):
+    """MSE between adapter(student feature map) and the teacher's, after spatial alignment.
+
+    The teacher map is a fixed target (no_grad); gradients flow into the student and the adapter.
+    """
+
+    def __init__(self, student_layer: str, teacher_layer: str, adapter: FeatureAdapter, spatial: str):
+        super().__init__()
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.adapter, self.spatial = adapter, spatial
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        student = self.adapter(batch.student_features[self.student_layer])
+        teacher = self.adapter.teacher_map(batch.teacher_features[self.teacher_layer])
+        student, teacher = align_spatial(student, teacher, self.spatial)
+        return F.mse_loss(student.float(), teacher.float())
+
+
+@register_term("kl")
+def _build_kl(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter | None = None) -> LossTerm:
+    return KLDivergence(cfg.temperature)
+
+
+@register_term("ce")
+def _build_ce(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter | None = None) -> LossTerm:
+    weight = class_weights if cfg.class_weights else None
+    return LabelLoss(nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing))
+
+
+@register_term("focal")
+def _build_focal(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter | None = None) -> LossTerm:
+    alpha = cfg.alpha if cfg.alpha is not None else (class_weights if cfg.class_weights else None)
+    return LabelLoss(FocalLoss(cfg.gamma, alpha, cfg.label_smoothing))
+
+
+@register_term("feature_mse")
+def _build_feature(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter | None = None) -> LossTerm:
+    if adapter is None:
+        raise EdgeKDError(f"distill.terms: feature_mse {cfg.student} -> {cfg.teacher} needs an adapter")
+    return FeatureMSE(cfg.student, cfg.teacher, adapter, cfg.spatial)
+
+
+class DistillLoss(nn.Module):
+    """sum_i weight_i * term_i(batch); also returns each term's value (detached) for logging."""
+
+    def __init__(self, terms: list[LossTerm], weights: list[float], names: list[str]):
+        super().__init__()
+        if not (len(terms) == len(weights) == len(names)):
+            raise ValueError("terms, weights and names must have the same length")
+        self.terms = nn.ModuleList(terms)
+        self.weights, self.names = list(weights), list(names)
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return any(t.needs_teacher_logits for t in self.terms)
+
+    @property
+    def student_layers(self) -> list[str]:
+        return sorted({t.student_layer for t in self.terms if t.student_layer})
+
+    @property
+    def teacher_layers(self) -> list[str]:
+        return sorted({t.teacher_layer for t in self.terms if t.teacher_layer})
+
+    def forward(self, batch: KDBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        total = batch.student_logits.new_zeros((), dtype=torch.float32)
+        parts: dict[str, float] = {}
+        for name, weight, term in zip(self.names, self.weights, self.terms):
+            value = term(batch)
+            parts[name] = float(value.detach())
+            total = total + weight * value
+        return total, parts
+
+
+def build_distill_loss(terms_cfg: list, class_weights: torch.Tensor | None,
+                       adapters: dict[int, FeatureAdapter] | None = None) -> DistillLoss:
+    """The recipe's distill.terms -> DistillLoss. `adapters[i]` is the adapter of feature term i."""
+    adapters = adapters or {}
+    terms, weights, names = [], [], []
+    for i, cfg in enumerate(terms_cfg):
+        builder = LOSS_TERMS.get(cfg.kind)
+        if builder is None:
+            raise EdgeKDError(f"distill.terms.{i}: unknown kind '{cfg.kind}' (known: {', '.join(sorted(LOSS_TERMS))})")
+        terms.append(builder(cfg, class_weights, adapters.get(i)))
+        weights.append(cfg.weight)
+        names.append(f"{i}_{cfg.kind}")
+    return DistillLoss(terms, weights, names)

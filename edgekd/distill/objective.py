@@ -1,0 +1,192 @@
+"""The teacher-student step: a frozen teacher, its input adapter and logit cache, and the DistillObjective."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekd.distill.features import FeatureAdapter, build_adapter, capture_features
+from edgekd.distill.losses import DistillLoss, KDBatch, build_distill_loss
+from edgekd.errors import EdgeKDError
+from edgekd.train.checkpoint import model_from_checkpoint
+
+
+def load_teacher(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher from an edgekd checkpoint: frozen (no grad) and in eval mode for good."""
+    if not Path(path).is_file():
+        raise EdgeKDError(f"distill.teacher: checkpoint {path} not found (train the teacher recipe first)")
+    teacher, ckpt = model_from_checkpoint(path)
+    freeze_teacher(teacher)
+    return teacher, ckpt
+
+
+def freeze_teacher(teacher: nn.Module) -> nn.Module:
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+class TeacherInput(nn.Module):
+    """Turns the student's normalized batch into the teacher's input: undo the student normalization, match
+    channels, resize to the teacher's size, apply the teacher's normalization. Identity when they agree."""
+
+    def __init__(self, student_pre: dict[str, Any], teacher_pre: dict[str, Any], teacher_size: int | None = None):
+        super().__init__()
+        self.size = int(teacher_size or teacher_pre["input_size"][-1])
+        self.student_size = int(student_pre["input_size"][-1])
+        self.s_channels, self.t_channels = int(student_pre["channels"]), int(teacher_pre["channels"])
+        self.register_buffer("s_mean", torch.tensor(student_pre["mean"]).view(1, -1, 1, 1))
+        self.register_buffer("s_std", torch.tensor(student_pre["std"]).view(1, -1, 1, 1))
+        self.register_buffer("t_mean", torch.tensor(teacher_pre["mean"]).view(1, -1, 1, 1))
+        self.register_buffer("t_std", torch.tensor(teacher_pre["std"]).view(1, -1, 1, 1))
+        self.same_norm = (self.s_channels == self.t_channels and student_pre["mean"] == teacher_pre["mean"]
+                          and student_pre["std"] == teacher_pre["std"])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images
+        if not self.same_norm:
+            x = x * self.s_std + self.s_mean
+            if self.s_channels == 1 and self.t_channels == 3:
+                x = x.expand(-1, 3, -1, -1)
+            elif self.s_channels == 3 and self.t_channels == 1:
+                x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        if not self.same_norm:
+            x = (x - self.t_mean) / self.t_std
+        return x
+
+
+class TeacherLogitCache:
+    """Teacher logits keyed by the bytes of each input image.
+
+    With a deterministic train transform an image is the same tensor every epoch, so its teacher logits are
+    computed once; keying by content (not by dataset index) is right under any sampler or shuffling.
+    """
+
+    def __init__(self):
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(image: torch.Tensor) -> bytes:
+        return hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+    def logits(self, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        keys = [self.key(img) for img in images]
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        if missing:
+            fresh = compute(images[missing]).float().cpu()
+            for i, row in zip(missing, fresh):
+                self.store[keys[i]] = row
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        return torch.stack([self.store[k] for k in keys]).to(images.device)
+
+
+class DistillObjective:
+    """Trainer objective: student forward (+ feature taps), teacher forward under no_grad, weighted KD loss.
+
+    `.parameters()` are the feature adapters: the trainer optimizes them with the student's head group, and
+    they live here, not in the student, so best.pt's state_dict and every export hold the student alone.
+    """
+
+    def __init__(self, teacher: nn.Module, loss: DistillLoss, teacher_input: TeacherInput,
+                 cache: TeacherLogitCache | None = None):
+        self.teacher, self.loss, self.teacher_input, self.cache = teacher, loss, teacher_input, cache
+        self.last_parts: dict[str, float] = {}
+
+    def to(self, device: torch.device) -> "DistillObjective":
+        self.teacher.to(device)
+        self.loss.to(device)
+        self.teacher_input.to(device)
+        return self
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.loss.parameters())
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return self.loss.state_dict()
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.loss.load_state_dict(state)
+
+    @torch.no_grad()
+    def teacher_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        layers = self.loss.teacher_layers
+        if self.teacher.training:  # whoever flipped it, BatchNorm statistics and dropout must stay frozen
+            self.teacher.eval()
+        if self.cache is not None and not layers:
+            return self.cache.logits(images, lambda x: self.teacher(self.teacher_input(x))), {}
+        with capture_features(self.teacher, layers) as feats:
+            logits = self.teacher(self.teacher_input(images))
+        return logits, {k: v.detach() for k, v in feats.items()}
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+        with capture_features(model, self.loss.student_layers) as student_feats:
+            logits = model(images)
+        teacher_logits, teacher_feats = None, {}
+        if self.loss.needs_teacher_logits or self.loss.teacher_layers:
+            teacher_logits, teacher_feats = self.teacher_outputs(images)
+        batch = KDBatch(logits, targets, teacher_logits, dict(student_feats), teacher_feats)
+        total, self.last_parts = self.loss(batch)
+        return total, logits
+
+
+def probe_features(student: nn.Module, teacher: nn.Module, teacher_input: TeacherInput, input_size: list[int],
+                   student_layers: list[str], teacher_layers: list[str]) -> tuple[dict, dict]:
+    """One forward of each model on a zero batch (eval mode) to learn the tapped layers' shapes."""
+    x = torch.zeros(2, *input_size)
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad(), capture_features(student, student_layers) as s_feats:
+            student(x)
+        with torch.no_grad(), capture_features(teacher, teacher_layers) as t_feats:
+            teacher(teacher_input(x))
+    finally:
+        student.train(was_training)
+    return dict(s_feats), dict(t_feats)
+
+
+def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher_ckpt: dict[str, Any],
+                    student_pre: dict[str, Any], class_weights: torch.Tensor | None,
+                    augment: list | None = None, num_classes: int | None = None,
+                    log: Callable[[str], None] = print) -> DistillObjective:
+    """The recipe's distill section + models -> a DistillObjective (adapters sized by a probe forward)."""
+    if num_classes is not None and any(t.kind == "kl" for t in distill_cfg.terms):
+        t_classes = teacher_ckpt["arch"]["num_classes"]
+        if t_classes != num_classes:
+            raise EdgeKDError(f"distill: a kl term needs the teacher's classes; the teacher has {t_classes}, "
+                              f"the data has {num_classes} (use feature_mse terms only for cross-task KD)")
+    freeze_teacher(teacher)
+    teacher_input = TeacherInput(student_pre, teacher_ckpt["preprocess"], distill_cfg.teacher_image_size)
+    feature_terms = {i: t for i, t in enumerate(distill_cfg.terms) if t.kind == "feature_mse"}
+    adapters: dict[int, FeatureAdapter] = {}
+    if feature_terms:
+        s_feats, t_feats = probe_features(student, teacher, teacher_input, student_pre["input_size"],
+                                          sorted({t.student for t in feature_terms.values()}),
+                                          sorted({t.teacher for t in feature_terms.values()}))
+        for i, t in feature_terms.items():
+            adapters[i] = build_adapter(student, s_feats[t.student], t.student_layout,
+                                        teacher, t_feats[t.teacher], t.teacher_layout)
+    loss = build_distill_loss(distill_cfg.terms, class_weights, adapters)
+    cache = None
+    if distill_cfg.cache_teacher_logits:
+        if augment:
+            raise EdgeKDError("distill.cache_teacher_logits needs a deterministic train transform, "
+                              "but the recipe has augment ops (remove them or turn the cache off)")
+        if feature_terms:
+            raise EdgeKDError("distill.cache_teacher_logits caches logits only: feature_mse terms need the "
+                              "teacher's forward every step (turn the cache off)")
+        cache = TeacherLogitCache()
+    log(f"distill: teacher {teacher_ckpt['arch']['name']} at {teacher_input.size}px, student at "
+        f"{teacher_input.student_size}px; terms " + ", ".join(f"{t.weight:g}*{t.kind}" for t in distill_cfg.terms)
+        + (" (teacher logits cached)" if cache else ""))
+    return DistillObjective(teacher, loss, teacher_input, cache)

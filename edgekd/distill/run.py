@@ -1,0 +1,52 @@
+"""Distillation recipe -> student checkpoint: the one trainer with a DistillObjective around a frozen teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from edgekd.data import build_data
+from edgekd.distill.objective import build_objective, load_teacher
+from edgekd.errors import EdgeKDError
+from edgekd.train.checkpoint import load_checkpoint
+from edgekd.train.run import RunResult, build_student_model, train_model
+from edgekd.train.trainer import resolve_device, seed_everything
+
+ADAPTER_KEY = "kd_adapters"
+"""Checkpoint key of the feature-KD adapters: beside, never inside, the student's state_dict (export ignores it)."""
+
+
+def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+                   progress=None) -> RunResult:
+    """Train the recipe's student against `distill.teacher`; writes the same files as a supervised run."""
+    cfg = recipe.distill
+    if cfg is None:
+        raise EdgeKDError("this recipe has no distill section: train it with `edgekd train` as a supervised run")
+    if not cfg.teacher:
+        raise EdgeKDError("distill.teacher: no teacher checkpoint set (distill.teacher_recipe is used by --folds "
+                          "only; train the teacher first and --set distill.teacher=<best.pt>)")
+    seed_everything(recipe.seed, recipe.train.deterministic)
+    data = build_data(recipe)
+    teacher, teacher_ckpt = load_teacher(cfg.teacher)
+    if teacher_ckpt.get("class_names") != data.class_names and any(t.kind == "kl" for t in cfg.terms):
+        log(f"distill: teacher classes {teacher_ckpt.get('class_names')} differ in name from the data's "
+            f"{data.class_names}; matched by index")
+    model, spec = build_student_model(recipe, data)
+    objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, data.class_weights(),
+                                recipe.augment, data.num_classes, log=log)
+    objective.to(resolve_device(recipe.train.device))
+    out = Path(out)
+    if resume and (out / "last.pt").is_file():
+        saved = load_checkpoint(out / "last.pt").get(ADAPTER_KEY)
+        if saved:
+            objective.load_adapter_state(saved)
+    teacher_metrics = teacher_ckpt.get("metrics") or {}
+    extra_meta = {
+        "distill": {"teacher": str(cfg.teacher), "teacher_model": teacher_ckpt["arch"]["name"],
+                    "teacher_val": teacher_metrics, "terms": [t.model_dump() for t in cfg.terms]},
+        # The adapters' state_dict tensors share storage with their parameters, which the optimizer updates
+        # in place: every checkpoint written during training holds the current adapter weights (for --resume).
+        ADAPTER_KEY: objective.adapter_state(),
+    }
+    return train_model(recipe, out, data, model, spec, objective=objective, resume=resume, log=log,
+                       progress=progress, extra_meta=extra_meta)

@@ -1,0 +1,364 @@
+"""Knowledge distillation: loss arithmetic, feature taps/adapters, teacher handling, logit cache, k-fold driver."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from edgekd.distill.features import FeatureAdapter, align_spatial, build_adapter, capture_features, tokens_to_map
+from edgekd.distill.losses import KDBatch, build_distill_loss, kl_divergence
+from edgekd.distill.objective import DistillObjective, TeacherInput, build_objective, freeze_teacher
+from edgekd.errors import EdgeKDError
+from edgekd.models import create_model
+from edgekd.recipe import DistillConfig, load_recipe, recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def softmax(xs):
+    e = [math.exp(x) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def hand_kl(student, teacher, t):
+    """sum_c p_t log(p_t / p_s) per row at temperature t, averaged over rows, times t^2."""
+    total = 0.0
+    for s_row, t_row in zip(student, teacher):
+        ps, pt = softmax([v / t for v in s_row]), softmax([v / t for v in t_row])
+        total += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    return total / len(student) * t * t
+
+
+def hand_ce(student, targets, weights=None):
+    """PyTorch's weighted CE: sum_i w_{y_i} * -log p_{y_i} / sum_i w_{y_i}."""
+    num = den = 0.0
+    for row, y in zip(student, targets):
+        w = 1.0 if weights is None else weights[y]
+        num += -w * math.log(softmax(row)[y])
+        den += w
+    return num / den
+
+
+S = [[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]]
+T = [[1.0, 1.5, 0.0], [-2.0, 0.5, 2.0]]
+Y = [0, 2]
+
+
+def distill_cfg(terms, **kw) -> DistillConfig:
+    return DistillConfig.model_validate({"teacher": "t.pt", "terms": terms, **kw})
+
+
+def batch() -> KDBatch:
+    return KDBatch(torch.tensor(S), torch.tensor(Y), torch.tensor(T))
+
+
+# ---------------------------------------------------------------- loss arithmetic
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 4.0])
+def test_kl_matches_hand_computed_with_t_squared_scaling(t):
+    got = float(kl_divergence(torch.tensor(S), torch.tensor(T), t))
+    assert got == pytest.approx(hand_kl(S, T, t), rel=1e-5)
+    assert float(kl_divergence(torch.tensor(S), torch.tensor(S), t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_oct_form_alpha_kl_plus_beta_ce():
+    loss = build_distill_loss(distill_cfg([{"kind": "kl", "weight": 0.7, "temperature": 4},
+                                           {"kind": "ce", "weight": 0.3}]).terms, None)
+    total, parts = loss(batch())
+    want = 0.7 * hand_kl(S, T, 4.0) + 0.3 * hand_ce(S, Y)
+    assert float(total) == pytest.approx(want, rel=1e-5)
+    assert parts["0_kl"] == pytest.approx(hand_kl(S, T, 4.0), rel=1e-5)
+    assert parts["1_ce"] == pytest.approx(hand_ce(S, Y), rel=1e-5)
+
+
+def test_isic_form_weighted_ce_plus_one_minus_alpha_kl():
+    weights = [0.5, 1.0, 3.0]
+    cfg = distill_cfg([{"kind": "ce", "weight": 0.6, "class_weights": True},
+                       {"kind": "kl", "weight": 0.4, "temperature": 4}])
+    total, _ = build_distill_loss(cfg.terms, torch.tensor(weights))(batch())
+    want = 0.6 * hand_ce(S, Y, weights) + 0.4 * hand_kl(S, T, 4.0)
+    assert float(total) == pytest.approx(want, rel=1e-5)
+    # class_weights: false ignores the weights it is given
+    plain = build_distill_loss(distill_cfg([{"kind": "ce", "weight": 1.0}, {"kind": "kl", "weight": 0.0}]).terms,
+                               torch.tensor(weights))(batch())[0]
+    assert float(plain) == pytest.approx(hand_ce(S, Y), rel=1e-5)
+
+
+def test_focal_and_label_smoothing_terms():
+    cfg = distill_cfg([{"kind": "focal", "weight": 1.0, "gamma": 2.0}, {"kind": "kl", "weight": 0.0}])
+    total, _ = build_distill_loss(cfg.terms, None)(batch())
+    want = sum(-(1 - softmax(r)[y]) ** 2 * math.log(softmax(r)[y]) for r, y in zip(S, Y)) / 2
+    assert float(total) == pytest.approx(want, rel=1e-5)
+    cfg = distill_cfg([{"kind": "ce", "weight": 1.0, "label_smoothing": 0.1}, {"kind": "kl", "weight": 0.0}])
+    total, _ = build_distill_loss(cfg.terms, None)(batch())
+    want = sum(-(0.9 * math.log(softmax(r)[y]) + 0.1 / 3 * sum(math.log(p) for p in softmax(r)))
+               for r, y in zip(S, Y)) / 2
+    assert float(total) == pytest.approx(want, rel=1e-5)
+
+
+def test_feature_mse_with_adapter_and_pooling_matches_hand_computed():
+    adapter = FeatureAdapter("nchw", 1, "nchw", 2)
+    with torch.no_grad():
+        adapter.proj.weight.copy_(torch.tensor([2.0, -1.0]).view(2, 1, 1, 1))
+        adapter.proj.bias.zero_()
+    student = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])          # 1x1x2x2
+    teacher = torch.tensor([[[[4.0]], [[-1.0]]]])                   # 1x2x1x1
+    cfg = distill_cfg([{"kind": "feature_mse", "weight": 0.5, "student": "s", "teacher": "t"}])
+    loss = build_distill_loss(cfg.terms, None, {0: adapter})
+    b = KDBatch(torch.zeros(1, 2), torch.tensor([0]), None, {"s": student}, {"t": teacher})
+    total, _ = loss(b)
+    total = total.detach()
+    # adapter -> channels (2x, -x); pooled to 1x1 -> (5, -2.5); MSE vs (4, -1) = ((1)^2 + (1.5)^2) / 2
+    assert float(total) == pytest.approx(0.5 * (1.0 + 2.25) / 2, rel=1e-6)
+
+
+def test_align_spatial_modes():
+    s, t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    a, b = align_spatial(s, t, "pool")
+    assert a.shape == b.shape == (2, 3, 4, 4)
+    assert torch.allclose(a[0, 0, 0, 0], s[0, 0, :2, :2].mean())
+    a, b = align_spatial(t, s, "interpolate")
+    assert a.shape == b.shape == (2, 3, 8, 8)
+
+
+def test_tokens_to_map_puts_each_patch_token_on_its_grid_cell():
+    b, prefix, side, c = 2, 1, 3, 4
+    tokens = torch.randn(b, prefix + side * side, c)
+    m = tokens_to_map(tokens, prefix)
+    assert m.shape == (b, c, side, side)
+    for i in range(side):
+        for j in range(side):
+            assert torch.equal(m[:, :, i, j], tokens[:, prefix + i * side + j, :])
+    with pytest.raises(EdgeKDError, match="square"):
+        tokens_to_map(torch.randn(1, 1 + 6, 4), 1)
+
+
+# ---------------------------------------------------------------- models, hooks, adapters
+
+def tiny(name: str, **kw) -> nn.Module:
+    spec = {"name": name, "num_classes": 2, "in_chans": 3, "kwargs": kw}
+    return create_model(spec)
+
+
+def pre(size: int = 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> dict:
+    return {"input_size": [3, size, size], "channels": 3, "mean": list(mean), "std": list(std)}
+
+
+def teacher_ckpt(model_name: str, size: int = 16, **kw) -> dict:
+    return {"arch": {"name": model_name, "num_classes": 2, "kwargs": kw}, "preprocess": pre(size)}
+
+
+def test_capture_features_removes_its_hooks():
+    model = tiny("edgekd_cnn_tiny")
+    with capture_features(model, ["stages.1"]) as feats:
+        model(torch.randn(2, 3, 16, 16))
+    assert feats["stages.1"].shape == (2, 16, 4, 4)
+    assert not model.stages[1]._forward_hooks
+    with pytest.raises(EdgeKDError, match="no module 'nope'"):
+        with capture_features(model, ["nope"]):
+            pass
+
+
+def test_feature_kd_on_timm_cnn_reaches_adapter_and_student():
+    student, teacher = tiny("edgekd_cnn_tiny"), freeze_teacher(tiny("test_resnet"))
+    cfg = distill_cfg([{"kind": "ce", "weight": 0.5},
+                       {"kind": "feature_mse", "weight": 0.5, "student": "stages.1", "teacher": "layer2"},
+                       {"kind": "kl", "weight": 0.3}])
+    obj = build_objective(cfg, student, teacher, teacher_ckpt("test_resnet", 32), pre(16), None, log=lambda m: None)
+    adapter = obj.loss.terms[1].adapter
+    assert isinstance(adapter.proj, nn.Conv2d) and adapter.proj.out_channels == teacher.layer2[-1].conv2.out_channels
+    loss, logits = obj(student, torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]))
+    assert logits.shape == (4, 2) and torch.isfinite(loss)
+    loss.backward()
+    assert adapter.proj.weight.grad is not None and adapter.proj.weight.grad.abs().sum() > 0
+    assert student.stages[0][0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert {id(p) for p in obj.parameters()} == {id(p) for p in adapter.parameters()}
+    assert not any(k.startswith("proj") or "adapter" in k for k in student.state_dict())
+
+
+def test_feature_kd_vit_tokens_reshaped_and_linear_adapter():
+    student = tiny("test_vit", img_size=16, patch_size=4)            # 1 class token + 4x4 patch tokens
+    teacher = freeze_teacher(tiny("edgekd_cnn_tiny"))
+    cfg = distill_cfg([{"kind": "feature_mse", "weight": 1.0, "student": "blocks.0", "teacher": "stages.0"}])
+    obj = build_objective(cfg, student, teacher, teacher_ckpt("edgekd_cnn_tiny", 16), pre(16), None,
+                          log=lambda m: None)
+    adapter = obj.loss.terms[0].adapter
+    assert adapter.student_layout == "tokens" and adapter.student_prefix == 1
+    assert isinstance(adapter.proj, nn.Linear) and adapter.proj.out_features == 8
+    with capture_features(student, ["blocks.0"]) as feats:
+        student(torch.randn(2, 3, 16, 16))
+    assert adapter(feats["blocks.0"]).shape == (2, 8, 4, 4)
+    loss, _ = obj(student, torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    loss.backward()
+    assert adapter.proj.weight.grad.abs().sum() > 0
+
+
+def test_teacher_input_renormalizes_and_resizes():
+    ti = TeacherInput(pre(16), pre(32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    x = torch.full((1, 3, 16, 16), 0.2)                            # student-normalized: raw = 0.2 * .5 + .5 = .6
+    out = ti(x)
+    assert out.shape == (1, 3, 32, 32)
+    assert torch.allclose(out[0, :, 5, 5], (torch.tensor(0.6) - torch.tensor([0.485, 0.456, 0.406]))
+                          / torch.tensor([0.229, 0.224, 0.225]), atol=1e-5)
+    same = TeacherInput(pre(16), pre(16))
+    assert same(x) is x
+
+
+def test_teacher_logit_cache_equals_live_teacher_under_any_order():
+    student, teacher = tiny("edgekd_cnn_tiny"), freeze_teacher(tiny("test_resnet"))
+    terms = [{"kind": "kl", "weight": 0.7}, {"kind": "ce", "weight": 0.3}]
+    live = build_objective(distill_cfg(terms), student, teacher, teacher_ckpt("test_resnet", 24), pre(16), None,
+                           log=lambda m: None)
+    cached = build_objective(distill_cfg(terms, cache_teacher_logits=True), student, teacher,
+                             teacher_ckpt("test_resnet", 24), pre(16), None, log=lambda m: None)
+    images = torch.randn(6, 3, 16, 16)
+    first, _ = cached.teacher_outputs(images)
+    perm = torch.tensor([5, 3, 0, 1, 4, 2])
+    second, _ = cached.teacher_outputs(images[perm])
+    reference, _ = live.teacher_outputs(images)
+    assert torch.allclose(first, reference, atol=1e-6)
+    assert torch.allclose(second, reference[perm], atol=1e-6)
+    assert (cached.cache.misses, cached.cache.hits) == (6, 6)
+    with pytest.raises(EdgeKDError, match="deterministic"):
+        build_objective(distill_cfg(terms, cache_teacher_logits=True), student, teacher,
+                        teacher_ckpt("test_resnet"), pre(16), None, augment=[{"RandomHorizontalFlip": {}}],
+                        log=lambda m: None)
+
+
+def test_kl_term_needs_matching_class_counts():
+    student, teacher = tiny("edgekd_cnn_tiny"), freeze_teacher(tiny("test_resnet"))
+    with pytest.raises(EdgeKDError, match="teacher has 2"):
+        build_objective(distill_cfg([{"kind": "kl"}]), student, teacher, teacher_ckpt("test_resnet"), pre(16),
+                        None, num_classes=3, log=lambda m: None)
+
+
+# ---------------------------------------------------------------- recipes
+
+def test_distill_section_is_validated():
+    with pytest.raises(EdgeKDError, match="nothing is distilled"):
+        recipe_from_dict({"distill": {"teacher": "t.pt", "terms": [{"kind": "ce"}]}})
+    with pytest.raises(EdgeKDError, match="unknown key"):
+        recipe_from_dict({"distill": {"teacher": "t.pt", "terms": [{"kind": "kl", "alpha": 0.3}]}})
+    with pytest.raises(EdgeKDError, match="teacher"):
+        recipe_from_dict({"distill": {"terms": [{"kind": "kl"}]}})
+    with pytest.raises(EdgeKDError, match="kind"):
+        recipe_from_dict({"distill": {"teacher": "t.pt", "terms": [{"kind": "cosine"}]}})
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml")))
+def test_every_recipe_validates(path):
+    recipe = load_recipe(REPO / path)
+    if recipe.distill and recipe.distill.teacher_recipe:
+        teacher = load_recipe(REPO / recipe.distill.teacher_recipe)
+        assert teacher.data.source == recipe.data.source and teacher.data.path == recipe.data.path
+
+
+# ---------------------------------------------------------------- training with the one trainer
+
+def tiny_recipe(tmp_path: Path, **over) -> dict:
+    raw = {"name": "tiny", "seed": 0,
+           "data": {"source": "builtin", "image_size": 16, "batch_size": 16, "limit": 48},
+           "model": {"name": "edgekd_cnn_tiny"},
+           "train": {"epochs": 1, "optimizer": {"lr": 0.01}, "scheduler": {"name": "none"}}}
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return raw
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> Path:
+    from edgekd.train.run import train_recipe
+    out = tmp_path_factory.mktemp("teacher")
+    raw = tiny_recipe(out, model={"name": "test_resnet"}, data={"image_size": 24})
+    return train_recipe(recipe_from_dict(raw), out, log=lambda m: None).best_path
+
+
+def test_training_steps_leave_teacher_unchanged_and_adapters_out_of_the_checkpoint(tmp_path, tiny_teacher):
+    from edgekd.data import build_data
+    from edgekd.distill.objective import load_teacher
+    from edgekd.train.checkpoint import load_checkpoint
+    from edgekd.train.run import build_student_model, train_model
+
+    raw = tiny_recipe(tmp_path, role="student", distill={
+        "teacher": str(tiny_teacher),
+        "terms": [{"kind": "kl", "weight": 0.5}, {"kind": "ce", "weight": 0.5},
+                  {"kind": "feature_mse", "weight": 1.0, "student": "stages.1", "teacher": "layer1"}]})
+    recipe = recipe_from_dict(raw)
+    data = build_data(recipe)
+    teacher, ckpt = load_teacher(tiny_teacher)
+    teacher.train()  # even if someone flips it, the objective runs it in eval mode (BN stats frozen)
+    before = copy.deepcopy(teacher.state_dict())
+    model, spec = build_student_model(recipe, data)
+    student_before = copy.deepcopy(model.state_dict())
+    obj = build_objective(recipe.distill, model, teacher, ckpt, data.preprocess, data.class_weights(),
+                          log=lambda m: None)
+    adapter_before = copy.deepcopy(obj.adapter_state())
+    res = train_model(recipe, tmp_path, data, model, spec, objective=obj, log=lambda m: None,
+                      extra_meta={"kd_adapters": obj.adapter_state()})
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not teacher.training
+    assert any(not torch.equal(student_before[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(adapter_before[k], v) for k, v in obj.adapter_state().items())
+    best = load_checkpoint(res.best_path)
+    assert set(best["state_dict"]) == set(student_before)
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert all(torch.equal(last["kd_adapters"][k], v) for k, v in obj.adapter_state().items())
+
+
+def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch):
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    raw = tiny_recipe(tmp_path, name="tiny-student", role="student",
+                      distill={"teacher": str(tiny_teacher), "cache_teacher_logits": True,
+                               "terms": [{"kind": "kl", "weight": 0.7, "temperature": 4},
+                                         {"kind": "ce", "weight": 0.3}]})
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "student.yaml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["role"] == "student" and "auc" in metrics["test"]
+    from edgekd.train.checkpoint import load_checkpoint
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["distill"]["teacher"] == str(tiny_teacher)
+
+
+def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
+    from edgekd.distill.folds import run_kfold
+
+    teacher_raw = tiny_recipe(tmp_path, name="fold-teacher")
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher_raw))
+    raw = tiny_recipe(tmp_path, name="fold-student", role="student",
+                      distill={"teacher_recipe": str(tmp_path / "teacher.yaml"),
+                               "terms": [{"kind": "kl", "weight": 0.7}, {"kind": "ce", "weight": 0.3}]})
+    result = run_kfold(recipe_from_dict(raw), tmp_path / "kfold", 2, log=lambda m: None)
+    for fold in (0, 1):
+        for role in ("teacher", "student"):
+            run = tmp_path / "kfold" / f"fold{fold}" / role
+            assert (run / "confusion_val.png").is_file() and (run / "best.pt").is_file()
+    saved = json.loads((tmp_path / "kfold" / "kfold.json").read_text())
+    assert [(r["fold"], r["role"]) for r in saved["runs"]] == [(0, "teacher"), (0, "student"),
+                                                              (1, "teacher"), (1, "student")]
+    for r in saved["runs"]:
+        assert sum(map(sum, r["confusion_val"])) > 0
+    accs = [r["val"]["acc"] for r in saved["runs"] if r["role"] == "student"]
+    stats = saved["summary"]["student"]["val"]["acc"]
+    assert stats["mean"] == pytest.approx(sum(accs) / 2) and stats["n"] == 2
+    assert "±" in result["table_markdown"] and (tmp_path / "kfold" / "kfold.md").is_file()
+
+
+def test_kfold_distill_needs_teacher_recipe(tmp_path):
+    from edgekd.distill.folds import run_kfold
+
+    raw = tiny_recipe(tmp_path, distill={"teacher": "t.pt", "terms": [{"kind": "kl"}]})
+    with pytest.raises(EdgeKDError, match="teacher_recipe"):
+        run_kfold(recipe_from_dict(raw), tmp_path / "k", 2, log=lambda m: None)
