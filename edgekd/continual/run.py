@@ -1,0 +1,228 @@
+"""Run a continual recipe: learn its tasks one after the other from a (distilled) student with the recipe's
+plug-ins, evaluate every learned task after each step, write the accuracy matrix, CL metrics, plots, checkpoint."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from sklearn import metrics as skm
+from torch import nn
+
+from edgekd import __version__
+from edgekd.continual.base import ContinualPlugin, TaskStep
+from edgekd.continual.bn_freeze import BNFreezePlugin
+from edgekd.continual.ewc import EWCPlugin
+from edgekd.continual.heads import num_outputs, resize_classifier
+from edgekd.continual.lwf import LwFPlugin
+from edgekd.continual.metrics import average_accuracy, backward_transfer, forgetting, forgetting_per_task, retention
+from edgekd.continual.replay import ReplayPlugin
+from edgekd.continual.scenarios import ContinualObjective, Task, build_tasks, output_range, union_data
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import write_json, write_text
+from edgekd.metrics.report import write_csv_log
+from edgekd.models import count_parameters, create_model, freeze, model_spec
+from edgekd.train.checkpoint import load_checkpoint, load_state, model_from_checkpoint, save_checkpoint
+from edgekd.train.losses import build_loss
+from edgekd.train.trainer import Trainer, predict_logits, resolve_device, seed_everything
+
+
+@dataclass
+class ContinualResult:
+    """What a continual run returns (and the CLI prints): the accuracy matrix and its CL metrics."""
+
+    out: Path
+    best_path: Path
+    params: int
+    task_names: list[str]
+    acc_matrix: list[list[float]]
+    summary: dict[str, Any]
+    val: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=dict)
+
+
+def method_name(cfg) -> str:
+    """A short label of the strategy combination, e.g. 'ewc', 'replay+lwf', 'finetune', 'joint'."""
+    if cfg.joint:
+        return "joint"
+    parts = [name for name, on in (("replay", cfg.replay), ("online_ewc" if cfg.ewc and cfg.ewc.online else "ewc",
+                                                                cfg.ewc), ("lwf", cfg.lwf)) if on]
+    return "+".join(parts) or "finetune"
+
+
+def build_plugins(cfg, seed: int) -> list[ContinualPlugin]:
+    plugins: list[ContinualPlugin] = []
+    if cfg.bn_freeze:
+        plugins.append(BNFreezePlugin())
+    if cfg.ewc:
+        plugins.append(EWCPlugin(cfg.ewc.weight, cfg.ewc.online, cfg.ewc.gamma, cfg.ewc.fisher_samples, seed))
+    if cfg.lwf:
+        plugins.append(LwFPlugin(cfg.lwf.alpha, cfg.lwf.temperature))
+    if cfg.replay:
+        plugins.append(ReplayPlugin(cfg.replay.size, cfg.replay.selection, cfg.replay.batch_size, seed))
+    return plugins
+
+
+def starting_model(recipe, tasks: list[Task]) -> tuple[nn.Module, dict[str, Any], bool]:
+    """(model with a head for the first task, its spec, whether the first task is already learned)."""
+    cfg = recipe.continual
+    first = tasks[0]
+    if cfg.checkpoint is None:
+        spec = model_spec(recipe.model, first.num_classes, recipe.data.channels)
+        model = create_model(spec, pretrained=recipe.model.pretrained, weights=recipe.model.weights)
+        freeze(model, recipe.model.freeze_stages, recipe.model.freeze_patterns)
+        return model, spec, False
+    model, ckpt = model_from_checkpoint(cfg.checkpoint)
+    spec = dict(ckpt["arch"])
+    theirs, ours = ckpt["preprocess"], first.data.preprocess
+    for key in ("input_size", "channels", "mean", "std"):
+        if theirs.get(key) != ours[key]:
+            raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: preprocess {key}={theirs.get(key)} but the "
+                              f"recipe's data gives {ours[key]}; set the data section to match the student")
+    if cfg.checkpoint_task:
+        if num_outputs(model) != first.num_classes:
+            raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: {num_outputs(model)} outputs, but the first task "
+                              f"'{first.name}' has {first.num_classes} classes (checkpoint_task: false to retrain it)")
+        return model, spec, True
+    resize_classifier(model, first.num_classes, keep=0)
+    return model, spec, False
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "task"
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, tasks: list[Task], head: str, task: int, step: int, split: str,
+                  device: torch.device) -> dict[str, Any]:
+    """Accuracy, macro F1 over the task's classes and the confusion matrix (rows: the task's classes; columns:
+    the classes that compete under the head layout) of task `task` after learning task `step`."""
+    t = tasks[task]
+    y, logits = predict_logits(model, t.data.loader(split, train=False), device)
+    lo, hi = output_range(tasks, head, task, step)
+    pred = logits[:, lo:hi].argmax(1) + lo
+    own = list(range(t.lo, t.hi))
+    cm = skm.confusion_matrix(y, pred, labels=list(range(lo, hi)))[t.lo - lo: t.hi - lo]
+    return {"task": t.name, "n": int(len(y)), "acc": float(np.mean(pred == y)),
+            "f1": float(skm.f1_score(y, pred, labels=own, average="macro", zero_division=0)),
+            "confusion_matrix": cm.tolist(), "rows": t.class_names,
+            "columns": tasks[step].data.class_names[lo:hi]}
+
+
+def plot_task_accuracy(acc: np.ndarray, names: list[str], path: Path, title: str) -> Path:
+    """Accuracy of each task (one line from the step it is learned) over the task sequence, and the average."""
+    from edgekd.metrics.plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 4))
+    steps = np.arange(len(names))
+    for j, name in enumerate(names):
+        ax.plot(steps[j:], acc[j:, j], marker="o", label=name)
+    ax.plot(steps, [average_accuracy(acc, i) for i in steps], "k--", marker=".", label="average")
+    ax.set_xticks(steps, [f"after {n}" for n in names], rotation=20)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _meta(recipe, tasks: list[Task], step: int, spec: dict[str, Any], head: str) -> dict[str, Any]:
+    seen = tasks[: step + 1]
+    return {
+        "arch": {**spec, "num_classes": seen[-1].hi}, "class_names": seen[-1].data.class_names,
+        "preprocess": tasks[0].data.preprocess, "recipe": recipe.to_dict(), "role": recipe.role,
+        "dataset": "+".join(t.data.source_name for t in seen), "edgekd_version": __version__,
+        "continual": {"scenario": recipe.continual.scenario, "head": head, "step": step,
+                      "tasks": [{"name": t.name, "outputs": [t.lo, t.hi], "class_names": t.class_names} for t in seen]},
+    }
+
+
+def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+                  progress=None) -> ContinualResult:
+    """Learn recipe.continual.tasks in order; after each, evaluate all learned tasks (accuracy matrix)."""
+    cfg = recipe.continual
+    if recipe.train.loss.class_weights or isinstance(recipe.train.loss.alpha, list):
+        raise EdgeKDError("train.loss: per-class weights are not supported in continual runs (classes change per task)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    seed_everything(recipe.seed, recipe.train.deterministic)
+    tasks = build_tasks(recipe)
+    model, spec, first_learned = starting_model(recipe, tasks)
+    device = resolve_device(recipe.train.device)
+    model.to(device)
+    head = cfg.head
+    plugins = build_plugins(cfg, recipe.seed)
+    criterion = build_loss(recipe.train.loss)
+    n = len(tasks)
+    acc, f1 = np.full((n, n), np.nan), np.full((n, n), np.nan)
+    steps: list[dict[str, Any]] = []
+    for i, task in enumerate(tasks):
+        task_dir = out / f"task{i + 1}_{_slug(task.name)}"
+        if num_outputs(model) != task.hi:
+            resize_classifier(model, task.hi)
+        step = TaskStep(model, tasks, i, head, device)
+        for p in plugins:
+            p.before_task(step)
+        meta = _meta(recipe, tasks, i, spec, head)
+        record: dict[str, Any] = {"step": i + 1, "task": task.name}
+        if i == 0 and first_learned:
+            log(f"task 1/{n} '{task.name}': learned by {cfg.checkpoint}")
+        elif resume and (task_dir / "task.pt").is_file():
+            load_state(model, load_checkpoint(task_dir / "task.pt")["state_dict"], str(task_dir / "task.pt"))
+            log(f"task {i + 1}/{n} '{task.name}': done before, loaded {task_dir / 'task.pt'}")
+        else:
+            data = union_data(tasks[: i + 1]) if cfg.joint else task.data
+            for p in plugins:
+                data = p.train_data(data, step)
+            log(f"task {i + 1}/{n} '{task.name}': {len(task.data.tables['train'])} train images"
+                + (f" (joint: {len(data.tables['train'])})" if cfg.joint else "")
+                + (f", {method_name(cfg)}" + (" + BN freeze" if cfg.bn_freeze else "")))
+            trainer = Trainer(recipe, model, data, ContinualObjective(criterion, tasks, i, head), task_dir,
+                              plugins=list(plugins), log=log, checkpoint_extra=lambda meta=meta: meta)
+            if resume and (task_dir / "last.pt").is_file():
+                trainer.resume(task_dir / "last.pt")
+            fit = trainer.fit(progress=progress)
+            write_csv_log(task_dir / "log.csv", fit.history)
+            record["epochs"] = len(fit.history)
+            record["seconds"] = float(sum(h["epoch_seconds"] for h in fit.history))
+            # The sequence goes on from the last epoch's weights: old-task data is not there to pick a "best".
+            save_checkpoint(task_dir / "task.pt", {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                                  "metrics": {}, "recipe_digest": recipe.digest(), **meta})
+        for p in plugins:
+            p.after_task(step)
+        record["eval"] = [evaluate_task(model, tasks, head, j, i, cfg.eval_split, device) for j in range(i + 1)]
+        for j, r in enumerate(record["eval"]):
+            acc[i, j], f1[i, j] = r["acc"], r["f1"]
+        log(f"after task {i + 1} '{task.name}': " + ", ".join(f"{r['task']} acc={r['acc']:.4f}" for r in record["eval"]))
+        steps.append(record)
+    best_path = save_checkpoint(out / "model.pt", {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metrics": {"acc_matrix": acc.tolist()}, "recipe_digest": recipe.digest(), **_meta(recipe, tasks, n - 1, spec, head)})
+    names = [t.name for t in tasks]
+    summary = {
+        "name": recipe.name, "scenario": cfg.scenario, "head": head, "method": method_name(cfg),
+        "bn_freeze": cfg.bn_freeze, "checkpoint": cfg.checkpoint, "eval_split": cfg.eval_split, "tasks": names,
+        "task_classes": [t.class_names for t in tasks], "model": spec["name"], "params": count_parameters(model),
+        "acc_matrix": acc, "f1_matrix": f1, "avg_acc": average_accuracy(acc), "forgetting": forgetting(acc),
+        "forgetting_per_task": forgetting_per_task(acc), "bwt": backward_transfer(acc),
+        "retention_first_task": retention(acc, 0), "final": steps[-1]["eval"], "steps": steps,
+        "seed": recipe.seed,
+    }
+    write_json(out / "continual.json", summary)
+    plot_task_accuracy(acc, names, out / "task_accuracy.png", f"{recipe.name} ({method_name(cfg)}, {head} head)")
+    from edgekd.metrics.plots import plot_confusion
+    for j, r in enumerate(steps[-1]["eval"]):
+        if head == "multi":
+            plot_confusion(np.asarray(r["confusion_matrix"]), r["rows"], out / f"confusion_task{j + 1}.png",
+                           f"{names[j]} after {names[-1]}")
+    if head == "single":
+        cm = np.concatenate([np.asarray(r["confusion_matrix"]) for r in steps[-1]["eval"]])
+        plot_confusion(cm, steps[-1]["eval"][-1]["columns"], out / "confusion_all_tasks.png", f"all classes after {names[-1]}")
+    return ContinualResult(out, best_path, summary["params"], names, acc.tolist(), summary)

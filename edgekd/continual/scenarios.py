@@ -1,0 +1,123 @@
+"""Task sequences: each recipe task becomes a DataModule whose labels are global output ids (earlier tasks'
+classes first), and the loss/prediction rule of the head layout (multi-head with task id, or one expanding head)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from edgekd.data import DataModule, Table, build_data
+from edgekd.errors import EdgeKDError
+from edgekd.recipe import DataConfig, deep_merge
+
+# Preprocessing keys every task must share: one model, one input pipeline.
+SHARED_PREPROCESS = ("input_size", "resize", "channels", "mean", "std")
+
+
+@dataclass
+class Task:
+    """One task of the sequence: its data (global labels) and its rows [lo, hi) of the output layer."""
+
+    index: int
+    name: str
+    class_names: list[str]
+    lo: int
+    hi: int
+    data: DataModule
+
+    @property
+    def num_classes(self) -> int:
+        return self.hi - self.lo
+
+
+def _offset_tables(tables: dict[str, Table], offset: int) -> dict[str, Table]:
+    return {split: replace(t, labels=t.labels + offset) for split, t in tables.items()}
+
+
+def build_tasks(recipe) -> list[Task]:
+    """The recipe's `continual.tasks` as Task objects: data section + task overrides, class selection, and
+    label ids shifted after the earlier tasks' classes."""
+    tasks: list[Task] = []
+    global_names: list[str] = []
+    for i, tcfg in enumerate(recipe.continual.tasks):
+        raw = deep_merge(recipe.data.model_dump(), tcfg.data)
+        if tcfg.classes is not None:
+            raw["classes"] = tcfg.classes
+        try:
+            data_cfg = DataConfig.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            raise EdgeKDError(f"continual.tasks[{i}] ({tcfg.name}): data.{key}: {first['msg']}") from None
+        dm = build_data(recipe.model_copy(update={"data": data_cfg, "continual": None}))
+        lo = len(global_names)
+        global_names += [f"{tcfg.name}:{n}" for n in dm.class_names]
+        task_data = DataModule(tables=_offset_tables(dm.tables, lo), class_names=list(global_names),
+                               source_name=dm.source_name, cfg=data_cfg, augment=dm.augment, seed=dm.seed,
+                               bad_files=dm.bad_files)
+        if tasks:
+            first_pp, pp = tasks[0].data.preprocess, task_data.preprocess
+            for key in SHARED_PREPROCESS:
+                if first_pp[key] != pp[key]:
+                    raise EdgeKDError(f"continual.tasks[{i}] ({tcfg.name}): data.{key} differs from the first task's "
+                                      f"({pp[key]} vs {first_pp[key]}); one model needs one input pipeline")
+        tasks.append(Task(i, tcfg.name, list(dm.class_names), lo, lo + len(dm.class_names), task_data))
+    return tasks
+
+
+def union_data(tasks: list[Task]) -> DataModule:
+    """All tasks' tables concatenated (joint training), under the last task's data settings."""
+    last = tasks[-1].data
+    tables = {}
+    for split in ("train", "val", "test"):
+        parts = [t.data.tables[split] for t in tasks]
+        if any((p.images is None) != (parts[0].images is None) for p in parts):
+            raise EdgeKDError("continual.joint: cannot mix in-memory and file-backed datasets")
+        if parts[0].images is not None and len({p.images.shape[1:] for p in parts}) > 1:
+            raise EdgeKDError("continual.joint: the tasks' images differ in size; joint training needs one size")
+        tables[split] = Table.concat(parts)
+    return replace(last, tables=tables)
+
+
+def output_range(tasks: list[Task], head: str, task: int, step: int) -> tuple[int, int]:
+    """The output rows that compete when predicting task `task` after learning task `step`: its own head with a
+    task id (multi), every class seen so far without one (single)."""
+    if head == "multi":
+        return tasks[task].lo, tasks[task].hi
+    return 0, tasks[step].hi
+
+
+class ContinualObjective:
+    """Supervised loss of a (possibly mixed-task) batch under the head layout.
+
+    multi: each sample's loss is over its own task's rows only (a per-task softmax, so heads do not compete);
+    single: one softmax over every class seen so far.
+    """
+
+    def __init__(self, criterion: nn.Module, tasks: list[Task], step: int, head: str):
+        self.criterion, self.head, self.step = criterion, head, step
+        self.seen = tasks[step].hi
+        self.bounds = torch.tensor([[t.lo, t.hi] for t in tasks[: step + 1]])
+        self.task_of_class = torch.tensor(np.concatenate([[t.index] * t.num_classes for t in tasks[: step + 1]]))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.head == "single":
+            return self.criterion(logits[:, : self.seen], targets)
+        task_ids = self.task_of_class.to(targets.device)[targets]
+        total = logits.new_zeros(())
+        for t in torch.unique(task_ids).tolist():
+            rows = task_ids == t
+            lo, hi = self.bounds[t].tolist()
+            total = total + self.criterion(logits[rows, lo:hi], targets[rows] - lo) * rows.sum()
+        return total / len(targets)
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+        logits = model(images)
+        return self.loss(logits, targets), logits
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.criterion.parameters())

@@ -1,0 +1,334 @@
+"""Continual learning: CL metrics, EWC, LwF, rehearsal buffer, BN freeze, head expansion, end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgekd.continual import average_accuracy, backward_transfer, forgetting, forgetting_per_task, retention
+from edgekd.continual.base import TaskStep
+from edgekd.continual.bn_freeze import BNFreezePlugin, batchnorm_layers
+from edgekd.continual.ewc import diagonal_fisher, ewc_penalty
+from edgekd.continual.heads import resize_classifier
+from edgekd.continual.lwf import kd_kl
+from edgekd.continual.replay import ClassBalancedBuffer, herding_order
+from edgekd.continual.scenarios import ContinualObjective, build_tasks
+from edgekd.data import Table, build_data
+from edgekd.errors import EdgeKDError
+from edgekd.models import create_model, model_spec
+from edgekd.recipe import ModelConfig, recipe_from_dict
+from edgekd.train.checkpoint import model_from_checkpoint
+from edgekd.train.trainer import SupervisedObjective, Trainer
+
+NAN = float("nan")
+
+
+def tiny_model(num_classes=2, head="linear"):
+    spec = model_spec(ModelConfig(name="edgekd_cnn_tiny", head=head), num_classes, 3)
+    return create_model(spec)
+
+
+def quadrant_npz(path: Path, classes: int, n=(128, 32, 32), size=16, seed=0) -> Path:
+    """Learnable images: class c lights quadrant c % 4 (brighter for c >= 4), plus noise."""
+    arrays = {}
+    for k, (split, count) in enumerate(zip(("train", "val", "test"), n)):
+        rng = np.random.default_rng(seed + k)
+        labels = rng.permutation(np.arange(count) % classes)
+        imgs = rng.integers(0, 50, size=(count, size, size), dtype=np.uint8)
+        q = size // 2
+        for i, c in enumerate(labels):
+            r, col = divmod(int(c) % 4, 2)
+            imgs[i, r * q:(r + 1) * q, col * q:(col + 1) * q] += 100 + 100 * (int(c) >= 4)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = imgs, labels[:, None].astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def base_recipe(npz: Path, **continual) -> dict:
+    return {
+        "name": "cl-tiny", "seed": 0, "role": "student",
+        "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 8},
+        "model": {"name": "edgekd_cnn_tiny"},
+        "train": {"epochs": 3, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
+                  "monitor": "val_acc"},
+        "continual": continual,
+    }
+
+
+# ------------------------------------------------------------------ metrics (hand-written matrices)
+R3 = [[0.9, NAN, NAN],
+      [0.7, 0.8, NAN],
+      [0.6, 0.5, 0.95]]
+
+
+def test_average_accuracy_uses_learned_tasks_only():
+    assert average_accuracy(R3) == pytest.approx((0.6 + 0.5 + 0.95) / 3)
+    assert average_accuracy(R3, step=1) == pytest.approx(0.75)
+    assert average_accuracy(R3, step=0) == pytest.approx(0.9)
+
+
+def test_forgetting_is_best_earlier_minus_final():
+    per_task = forgetting_per_task(R3)
+    assert per_task[:2] == pytest.approx([0.9 - 0.6, 0.8 - 0.5])
+    assert math.isnan(per_task[2])
+    assert forgetting(R3) == pytest.approx(0.3)
+    # The best earlier accuracy counts, not the one right after learning the task.
+    improving = [[0.5, NAN, NAN], [0.8, 0.9, NAN], [0.6, 0.9, 0.9]]
+    assert forgetting_per_task(improving)[0] == pytest.approx(0.2)
+    assert backward_transfer(improving) == pytest.approx(((0.6 - 0.5) + (0.9 - 0.9)) / 2)
+
+
+def test_backward_transfer_and_retention():
+    assert backward_transfer(R3) == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)
+    assert retention(R3) == pytest.approx(0.6 / 0.9)
+    assert retention(R3, task=1) == pytest.approx(0.5 / 0.8)
+    no_forgetting = [[0.9, NAN], [0.9, 0.7]]
+    assert forgetting(no_forgetting) == 0.0 and backward_transfer(no_forgetting) == 0.0
+    assert retention(no_forgetting) == 1.0
+    with pytest.raises(ValueError):
+        average_accuracy([[0.5, 0.5]])
+
+
+# ------------------------------------------------------------------ EWC
+def test_ewc_penalty_zero_at_anchor_and_grows_with_distance():
+    torch.manual_seed(0)
+    model = tiny_model()
+    anchor = {k: p.detach().clone() for k, p in model.named_parameters()}
+    fisher = {k: torch.rand_like(p) for k, p in model.named_parameters()}
+    assert ewc_penalty(model, [(fisher, anchor)]).item() == 0.0
+    direction = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    values = []
+    for scale in (0.01, 0.1, 1.0):
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(anchor[k] + scale * direction[k])
+        values.append(ewc_penalty(model, [(fisher, anchor)]).item())
+    assert 0 < values[0] < values[1] < values[2]
+    # Quadratic: 10x the distance gives 100x the penalty.
+    assert values[2] / values[1] == pytest.approx(100.0, rel=1e-3)
+
+
+def test_ewc_penalty_ignores_rows_a_grown_head_adds():
+    model = tiny_model(2)
+    anchor = {k: p.detach().clone() for k, p in model.named_parameters()}
+    fisher = {k: torch.ones_like(p) for k, p in model.named_parameters()}
+    fc = resize_classifier(model, 5)
+    with torch.no_grad():
+        fc.weight[2:] += 3.0
+    assert ewc_penalty(model, [(fisher, anchor)]).item() == 0.0
+    with torch.no_grad():
+        fc.weight[0, 0] += 2.0
+    assert ewc_penalty(model, [(fisher, anchor)]).item() == pytest.approx(4.0)
+
+
+def test_diagonal_fisher_matches_per_sample_autograd():
+    torch.manual_seed(0)
+    model = tiny_model(3).eval()
+    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 2, 1, 1, 0])
+    loader = [(x[:3], y[:3]), (x[3:], y[3:])]
+    fisher = diagonal_fisher(model, loader, lambda logits, t: F.cross_entropy(logits, t), torch.device("cpu"))
+    expected = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(5):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for k, p in model.named_parameters():
+            expected[k] += p.grad ** 2 / 5
+    for k in expected:
+        torch.testing.assert_close(fisher[k], expected[k], rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------ LwF / objective
+def test_kd_kl_matches_hand_computation():
+    s, t = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    temp = 2.0
+    ps, pt = F.softmax(s / temp, 1), F.softmax(t / temp, 1)
+    hand = (pt * (pt.log() - ps.log())).sum() * temp ** 2
+    assert kd_kl(s, t, temp).item() == pytest.approx(hand.item(), rel=1e-5)
+    assert kd_kl(t, t, temp).item() == pytest.approx(0.0, abs=1e-7)
+
+
+class _T:
+    def __init__(self, index, lo, hi):
+        self.index, self.lo, self.hi = index, lo, hi
+
+    @property
+    def num_classes(self):
+        return self.hi - self.lo
+
+
+def test_multi_head_loss_is_per_task_softmax():
+    tasks = [_T(0, 0, 2), _T(1, 2, 5)]
+    logits = torch.randn(4, 5)
+    targets = torch.tensor([1, 3, 0, 4])
+    ce = torch.nn.CrossEntropyLoss()
+    multi = ContinualObjective(ce, tasks, 1, "multi").loss(logits, targets)
+    hand = (F.cross_entropy(logits[[0, 2], 0:2], torch.tensor([1, 0]), reduction="sum")
+            + F.cross_entropy(logits[[1, 3], 2:5], torch.tensor([1, 2]), reduction="sum")) / 4
+    assert multi.item() == pytest.approx(hand.item(), rel=1e-6)
+    single = ContinualObjective(ce, tasks, 1, "single").loss(logits, targets)
+    assert single.item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ rehearsal buffer
+def _table(labels, seed=0):
+    labels = np.asarray(labels, dtype=np.int64)
+    images = np.random.default_rng(seed).integers(0, 255, size=(len(labels), 4, 4, 1), dtype=np.uint8)
+    return Table(labels=labels, images=images)
+
+
+@pytest.mark.parametrize("selection", ["reservoir", "herding"])
+def test_buffer_stays_class_balanced_and_within_size(selection):
+    buf = ClassBalancedBuffer(size=20, selection=selection, seed=0)
+    feats = lambda t: t.images.reshape(len(t), -1).astype(np.float64)  # noqa: E731
+    buf.update(_table([0] * 50 + [1] * 7, seed=1), feats)
+    assert buf.class_counts() == {0: 10, 1: 7}  # a class with fewer samples than its share keeps them all
+    buf.update(_table([2] * 30 + [3] * 30 + [4] * 30, seed=2), feats)
+    counts = buf.class_counts()
+    assert len(buf) <= 20 and set(counts) == {0, 1, 2, 3, 4}
+    assert counts == {0: 4, 1: 4, 2: 4, 3: 4, 4: 4}
+    buf.update(_table([5] * 9 + [6] * 9, seed=3), feats)
+    counts = buf.class_counts()
+    assert len(buf) <= 20 and max(counts.values()) - min(counts.values()) <= 1 and sum(counts.values()) == 20
+    table = buf.table()
+    assert np.bincount(table.labels).tolist() == [counts[c] for c in range(7)]
+
+
+def test_reservoir_shrinks_to_a_subset_of_what_it_kept():
+    buf = ClassBalancedBuffer(size=12, selection="reservoir", seed=0)
+    first = _table([0] * 40 + [1] * 40, seed=1)
+    buf.update(first)
+    kept = {arr.tobytes() for arr in buf.table().images[buf.table().labels == 0]}
+    buf.update(_table([2] * 40, seed=2))
+    after = {arr.tobytes() for arr in buf.table().images[buf.table().labels == 0]}
+    assert len(after) == 4 and after <= kept
+
+
+def test_herding_picks_the_sample_nearest_the_mean_first():
+    feats = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [1.0, 0.1]])
+    order = herding_order(feats, 3)
+    assert order[0] == 2 and len(set(order.tolist())) == 3
+
+
+# ------------------------------------------------------------------ BN freeze, head expansion
+def test_bn_freeze_keeps_running_stats_and_affine_through_training(tmp_path):
+    npz = quadrant_npz(tmp_path / "q.npz", classes=2)
+    recipe = recipe_from_dict({k: v for k, v in base_recipe(npz).items() if k != "continual"})
+    data = build_data(recipe)
+    torch.manual_seed(0)
+    model = tiny_model(2)
+    bns = batchnorm_layers(model)
+    # Non-trivial statistics (as after task A), so "unchanged" cannot hold by accident.
+    for m in bns:
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plugin = BNFreezePlugin()
+    plugin.before_task(TaskStep(model, [], 1, "multi", torch.device("cpu")))
+    trainer = Trainer(recipe, model, data, SupervisedObjective(torch.nn.CrossEntropyLoss()), tmp_path / "run",
+                      plugins=[plugin], log=lambda s: None)
+    trainer.fit()
+    after = model.state_dict()
+    bn_names = [n for n, m in model.named_modules() if m in bns]
+    bn_keys = [k for k in after if k.rpartition(".")[0] in bn_names]
+    assert bn_keys and all(torch.equal(before[k], after[k]) for k in bn_keys)
+    conv = "stages.0.0.weight"
+    assert not torch.equal(before[conv], after[conv])
+    assert all(p.requires_grad for m in bns for p in m.parameters())  # restored after the fit
+
+
+@pytest.mark.parametrize("head", ["linear", "dropout_linear", "mlp"])
+def test_head_expansion_keeps_old_class_logits(head):
+    torch.manual_seed(0)
+    model = tiny_model(3, head).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        old = model(x)
+        resize_classifier(model, 7)
+        new = model(x)
+    assert new.shape == (4, 7)
+    torch.testing.assert_close(new[:, :3], old)
+
+
+def test_head_reset_and_bad_keep():
+    model = tiny_model(3)
+    resize_classifier(model, 2, keep=0)
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 2)
+    with pytest.raises(EdgeKDError):
+        resize_classifier(model, 4, keep=3)
+
+
+# ------------------------------------------------------------------ recipe + scenarios
+def test_recipe_section_is_typed(tmp_path):
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4)
+    two = [{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}]
+    rec = recipe_from_dict(base_recipe(npz, scenario="class_incremental", tasks=two, replay={"size": 8}))
+    assert rec.continual.head == "single" and rec.continual.replay.selection == "reservoir"
+    assert recipe_from_dict(base_recipe(npz, tasks=two)).continual.head == "multi"
+    with pytest.raises(EdgeKDError, match="unknown key 'continual.ewc.lam'"):
+        recipe_from_dict(base_recipe(npz, tasks=two, ewc={"lam": 1}))
+    with pytest.raises(EdgeKDError, match="head 'single'"):
+        recipe_from_dict(base_recipe(npz, scenario="class_incremental", head="multi", tasks=two))
+    tasks = build_tasks(rec)
+    assert [(t.lo, t.hi) for t in tasks] == [(0, 2), (2, 4)]
+    assert set(tasks[1].data.tables["train"].labels.tolist()) == {2, 3}
+    assert tasks[1].data.class_names[2:] == ["b:class_2", "b:class_3"]
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_class_incremental_two_tasks_end_to_end(tmp_path):
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4)
+    raw = base_recipe(npz, scenario="class_incremental",
+                      tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}],
+                      replay={"size": 8, "selection": "herding", "batch_size": 8},
+                      lwf={"alpha": 0.5, "temperature": 2.0}, bn_freeze=True)
+    from edgekd.pipeline import run_recipe
+
+    result = run_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda s: None)
+    acc = np.asarray(result.acc_matrix, dtype=float)
+    assert acc.shape == (2, 2) and math.isnan(acc[0, 1]) and np.all(np.isfinite(acc[np.tril_indices(2)]))
+    summary = json.loads((tmp_path / "run" / "continual.json").read_text())
+    assert summary["method"] == "replay+lwf" and summary["head"] == "single"
+    assert summary["avg_acc"] == pytest.approx(acc[1].mean())
+    assert summary["forgetting"] == pytest.approx(acc[0, 0] - acc[1, 0])
+    assert len(summary["final"]) == 2 and len(summary["final"][0]["confusion_matrix"]) == 2
+    assert (tmp_path / "run" / "task_accuracy.png").is_file()
+    model, ckpt = model_from_checkpoint(result.best_path)
+    assert ckpt["arch"]["num_classes"] == 4 and len(ckpt["class_names"]) == 4
+    assert [t["outputs"] for t in ckpt["continual"]["tasks"]] == [[0, 2], [2, 4]]
+    # The tiny task is learnable: the last task is learned, and the first is still above chance.
+    assert acc[1, 1] > 0.7
+
+
+@pytest.mark.slow
+def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
+    from edgekd.pipeline import run_recipe
+
+    npz_a = quadrant_npz(tmp_path / "a.npz", classes=2, seed=0)
+    npz_b = quadrant_npz(tmp_path / "b.npz", classes=3, seed=5)
+    sup = {k: v for k, v in base_recipe(npz_a).items() if k != "continual"}
+    first = run_recipe(recipe_from_dict(sup), tmp_path / "a", log=lambda s: None)
+    student, _ = model_from_checkpoint(first.best_path)
+    raw = base_recipe(npz_a, checkpoint=str(first.best_path), tasks=[
+        {"name": "A"}, {"name": "B", "data": {"path": str(npz_b)}}], ewc={"weight": 10.0, "fisher_samples": 16})
+    raw["train"]["optimizer"]["weight_decay"] = 0.0
+    result = run_recipe(recipe_from_dict(raw), tmp_path / "cl", log=lambda s: None)
+    summary = result.summary
+    assert summary["method"] == "ewc" and summary["tasks"] == ["A", "B"]
+    # Task 1 is the checkpoint's: evaluated as is, not retrained.
+    assert first.test["acc"] == pytest.approx(summary["acc_matrix"][0][0])
+    final, ckpt = model_from_checkpoint(result.best_path)
+    assert ckpt["arch"]["num_classes"] == 5
+    # Multi-head: task B's loss never reaches task A's rows of the output layer.
+    torch.testing.assert_close(final.fc.weight[:2], student.fc.weight)
+    assert not torch.equal(final.stages[0][0].weight, student.stages[0][0].weight)
+    assert (tmp_path / "cl" / "confusion_task2.png").is_file()
+    with pytest.raises(EdgeKDError, match="outputs, but the first task"):
+        bad = base_recipe(npz_b, checkpoint=str(first.best_path), tasks=[{"name": "B"}, {"name": "A2"}])
+        run_recipe(recipe_from_dict(bad), tmp_path / "bad", log=lambda s: None)
