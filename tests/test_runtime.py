@@ -496,3 +496,48 @@ def test_runner_rejects_unknown_backend_and_precision(bundle):
         Runner.from_bundle(bundle, backend="tensorrt")
     with pytest.raises(EdgeKDError, match="unknown precision 'int4'"):
         Runner.from_bundle(bundle, precision="int4")
+
+
+# ---------------------------------------------------------------- end to end with `edgekd export`
+
+@pytest.mark.slow
+def test_exported_bundle_predicts_like_pytorch(tmp_path, tiny_recipe_dict):
+    """train (tiny) -> `edgekd export` (dir + zip) -> Runner and `edgekd predict --tta` agree with PyTorch."""
+    import torch
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.data import build_data, build_transforms
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import model_from_checkpoint
+    from edgekd.train.run import train_recipe
+
+    recipe = recipe_from_dict(tiny_recipe_dict)
+    ckpt = train_recipe(recipe, tmp_path / "run", log=lambda *_: None).best_path
+    bundle = tmp_path / "bundle"
+    res = CliRunner().invoke(app, ["export", str(ckpt), "--format", "onnx,openvino", "--precision", "fp32",
+                                   "--out", str(bundle), "--zip", "--parity-images", "16"])
+    assert res.exit_code == 0, res.output
+    archive = next(tmp_path.glob("bundle*.zip"))
+
+    data = build_data(recipe)
+    images = data.tables["test"].images[:6]
+    model, _ = model_from_checkpoint(ckpt)
+    transform = build_transforms(recipe.data, [], train=False)
+    with torch.no_grad():
+        x = torch.stack([transform(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)) for a in images])
+        torch_probs = torch.softmax(model(x), dim=1).numpy()
+    for source, backend in ((bundle, "openvino"), (archive, "onnx")):
+        runner = Runner.from_bundle(source, backend=backend)
+        probs = np.stack([p.probs for p in runner.predict_batch(list(images))])
+        assert np.abs(probs - torch_probs).max() <= 1e-4, backend  # the export's FP32 parity tolerance
+        assert runner.class_names == data.class_names
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(images):
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / f"img{i}.png")
+    res = CliRunner().invoke(app, ["predict", str(archive), str(folder), "--tta", "--out", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    preds = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert len(preds) == 6 and all(len(p["views"]) == 6 for p in preds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
@@ -10,6 +11,7 @@ import numpy as np
 from edgekd.errors import EdgeKDError
 
 BACKENDS = ("openvino", "onnx")
+MAX_CACHED_REQUESTS = 4
 
 
 class Backend(Protocol):
@@ -47,14 +49,23 @@ class OpenVINOBackend:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)
-        self.request = self.compiled.create_infer_request()
         self.input = self.compiled.input(input_name)
         self.output = self.compiled.output(output_name)
+        # One infer request per batch size: a request re-allocates its buffers whenever the input shape changes,
+        # and the runner alternates between shapes (1 image, N images x V TTA views, the last partial chunk).
+        self.requests: OrderedDict[int, object] = OrderedDict()
+
+    def _request(self, batch_size: int):
+        request = self.requests.pop(batch_size, None) or self.compiled.create_infer_request()
+        self.requests[batch_size] = request
+        while len(self.requests) > MAX_CACHED_REQUESTS:
+            self.requests.popitem(last=False)
+        return request
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         # share_inputs avoids a copy of the batch; the output is copied because the request reuses its buffer.
-        result = self.request.infer({self.input: batch}, share_inputs=True, share_outputs=False)
+        result = self._request(batch.shape[0]).infer({self.input: batch}, share_inputs=True, share_outputs=False)
         return np.asarray(result[self.output])
 
 

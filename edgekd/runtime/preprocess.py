@@ -104,9 +104,13 @@ class Preprocessor:
         self.resize = int(spec["resize"])
         self.crop = int(spec["center_crop"])
         self.bgr = spec.get("channel_order") == "BGR"
-        self.scale = np.float32(spec["scale"])
-        self.mean = np.asarray(spec["mean"], dtype=np.float32)
-        self.std = np.asarray(spec["std"], dtype=np.float32)
+        scale = np.float32(spec["scale"])
+        mean = np.asarray(spec["mean"], dtype=np.float32)[:, None]
+        std = np.asarray(spec["std"], dtype=np.float32)[:, None]
+        # uint8 input has 256 values per channel: tabulate (v * scale - mean) / std once, with torch's float32
+        # operations in torch's order (so results stay bit-exact), and normalize by table lookup.
+        levels = np.arange(256, dtype=np.float32)[None, :]
+        self.table = ((levels * scale) - mean) / std  # (C, 256) float32
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -122,12 +126,12 @@ class Preprocessor:
         return arr
 
     def normalize(self, batch_hwc: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, C) -> float32 (N, C, H, W): x * scale, then (x - mean) / std, in float32 like torch."""
-        x = batch_hwc.astype(np.float32)
-        x *= self.scale
-        x -= self.mean
-        x /= self.std
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        """uint8 (N, H, W, C) -> float32 (N, C, H, W): (x * scale - mean) / std per channel, as torch computes it."""
+        n, h, w, c = batch_hwc.shape
+        out = np.empty((n, c, h, w), dtype=np.float32)
+        for ch in range(c):
+            np.take(self.table[ch], batch_hwc[..., ch], out=out[:, ch])
+        return out
 
     def __call__(self, image: ImageInput) -> np.ndarray:
         """One image -> float32 (C, H, W)."""

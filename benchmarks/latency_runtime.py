@@ -1,0 +1,253 @@
+"""Acceptance benchmark of the edge runner: latency vs PyTorch eager and the bare backend, TTA cost, cold start, RSS.
+
+    .venv/bin/python benchmarks/latency_runtime.py BUNDLE --checkpoint CKPT [--threads 2]
+
+BUNDLE is an `edgekd export` bundle of the student and CKPT the checkpoint it was exported from (for the PyTorch
+eager baseline). Everything is measured in this one run on this machine; runner, bare backend and TTA timings are
+interleaved round-robin so load from other processes hits them alike. Cold start and peak RSS are measured in fresh
+subprocesses that never import torch. Records merge into benchmarks/results/latency.json (other benches' records kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edgekd.fileio import write_json  # noqa: E402
+from edgekd.runtime import Runner, TTAViews, open_bundle  # noqa: E402
+from edgekd.runtime.timing import time_call, time_interleaved  # noqa: E402
+
+FIVE_VIEWS = ["original", "hflip", "vflip", "center_crop", "rot+15"]
+GOALS = {"speedup_vs_torch_eager": (">=", 5.0), "runner_overhead_vs_bare": ("<=", 1.15),
+         "tta5_vs_one_view": ("<=", 2.5), "cold_start_s": ("<=", 0.5), "peak_rss_mb": ("<=", 250.0)}
+
+COLD_START_CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+import edgekd.runtime
+t1 = time.perf_counter()
+bundle, image, threads, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+runner = edgekd.runtime.Runner.from_bundle(bundle, threads=threads)
+first = runner.predict(image)
+t2 = time.perf_counter()
+# Then a steady workload for peak RSS: n images, 5-view TTA, 16 images per call.
+done = sum(1 for _ in runner.predict_many([image] * n, batch=16, tta=%r))
+print(json.dumps({"import_s": t1 - t0, "load_first_s": t2 - t1, "label": first.label, "done": done,
+                  "torch_loaded": "torch" in sys.modules,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""" % (FIVE_VIEWS,)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "load_avg_at_start": [round(v, 2) for v in load] if load else None}
+
+
+def load_image(npz: Path) -> np.ndarray:
+    with np.load(npz) as data:
+        img = data["test_images"][0]
+    return img[..., None] if img.ndim == 2 else img
+
+
+def bare_openvino(path: Path, threads: int, x: np.ndarray):
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda: request.infer({0: x}, share_inputs=True)
+
+
+def bare_onnx(path: Path, threads: int, x: np.ndarray):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda: session.run(None, {name: x})
+
+
+def torch_eager(checkpoint: Path, threads: int, image: np.ndarray, rounds: int):
+    """PyTorch eager: the training side's eval transform + forward + softmax, and the forward alone."""
+    import torch
+
+    from edgekd.data import build_transforms
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import model_from_checkpoint
+
+    torch.set_num_threads(threads)
+    model, ckpt = model_from_checkpoint(checkpoint)
+    transform = build_transforms(recipe_from_dict(ckpt["recipe"], str(checkpoint)).data, [], train=False)
+    x = transform(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))[None]
+
+    def pipeline():
+        with torch.inference_mode():
+            t = transform(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))[None]
+            return torch.softmax(model(t), dim=1)
+
+    def forward():
+        with torch.inference_mode():
+            return model(x)
+
+    stats = time_interleaved({"pipeline": pipeline, "forward": forward}, warmup=20, rounds=rounds)
+    return stats, pipeline().numpy()[0].astype(np.float64)
+
+
+def cold_start(bundle: Path, image_path: Path, threads: int, repeats: int, n_images: int) -> dict:
+    runs = []
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, "-c", COLD_START_CHILD, str(bundle), str(image_path), str(threads),
+                               str(n_images)], capture_output=True, text=True, cwd=REPO, timeout=600)
+        if proc.returncode != 0:
+            raise SystemExit(f"cold-start child failed:\n{proc.stderr[-2000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {"load_first_s": statistics.median(r["load_first_s"] for r in runs),
+            "import_s": statistics.median(r["import_s"] for r in runs),
+            "load_first_s_all": [round(r["load_first_s"], 4) for r in runs],
+            "import_s_all": [round(r["import_s"], 4) for r in runs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "torch_loaded": any(r["torch_loaded"] for r in runs),
+            "images_in_rss_run": n_images}
+
+
+def record(meta: dict, what: str, fmt: str, batch: int, views: int, stats: dict, threads: int, precision="fp32"):
+    return {"bench": "runtime", "model": meta.get("name"), "role": meta.get("role"), "format": fmt,
+            "precision": precision, "batch": batch, "tta": views > 1, "views": views, "what": what,
+            "threads": threads, **{k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()},
+            "throughput": round(1000.0 * batch / stats["p50_ms"], 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--checkpoint", type=Path, help="the checkpoint the bundle was exported from (PyTorch baseline)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=400, help="timed calls per measurement (interleaved)")
+    ap.add_argument("--images", type=Path, default=REPO / "edgekd/data/builtin/pneumoniamnist_mini.npz",
+                    help="an .npz with test_images; the first one is the benchmark input")
+    ap.add_argument("--cold-repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/latency.json")
+    args = ap.parse_args()
+
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    host = machine()
+    bundle = open_bundle(args.bundle)
+    meta = bundle.model
+    image = load_image(args.images)
+    T = args.threads
+    records, results = [], {}
+
+    # OpenVINO FP32: runner vs bare call, one view vs 5-view (and the bundle's) TTA, all interleaved.
+    ov_runner = Runner.from_bundle(bundle, backend="openvino", threads=T)
+    x1 = ov_runner.preprocessor(image)[None]
+    bundle_views = list(bundle.tta.get("views") or FIVE_VIEWS)
+    x5 = ov_runner.preprocessor.normalize(TTAViews(FIVE_VIEWS)(ov_runner.preprocessor.to_model_size(image)))
+    ov_path = ov_runner.bundle.root / ov_runner.info["artifact"]
+    fns = {"runner": lambda: ov_runner.predict(image), "bare": bare_openvino(ov_path, T, x1),
+           "runner_tta5": lambda: ov_runner.predict(image, tta=FIVE_VIEWS), "bare_b5": bare_openvino(ov_path, T, x5)}
+    if bundle_views != FIVE_VIEWS:
+        fns["runner_tta_bundle"] = lambda: ov_runner.predict(image, tta=bundle_views)
+    ov = time_interleaved(fns, warmup=30, rounds=args.rounds)
+    fmt = ov_runner.info["format"]
+    records += [record(meta, "runner", fmt, 1, 1, ov["runner"], T), record(meta, "bare", fmt, 1, 1, ov["bare"], T),
+                record(meta, "runner", fmt, 1, 5, ov["runner_tta5"], T), record(meta, "bare", fmt, 5, 1, ov["bare_b5"], T)]
+    if "runner_tta_bundle" in ov:
+        records.append(record(meta, "runner", fmt, 1, len(bundle_views), ov["runner_tta_bundle"], T))
+    runner_probs = ov_runner.predict(image).probs
+
+    # ONNX Runtime FP32, the same comparison.
+    try:
+        ort_runner = Runner.from_bundle(bundle, backend="onnx", threads=T)
+        ort_path = ort_runner.bundle.root / ort_runner.info["artifact"]
+        ort = time_interleaved({"runner": lambda: ort_runner.predict(image), "bare": bare_onnx(ort_path, T, x1),
+                                "runner_tta5": lambda: ort_runner.predict(image, tta=FIVE_VIEWS)},
+                               warmup=30, rounds=args.rounds)
+        records += [record(meta, "runner", "onnx", 1, 1, ort["runner"], T),
+                    record(meta, "bare", "onnx", 1, 1, ort["bare"], T),
+                    record(meta, "runner", "onnx", 1, 5, ort["runner_tta5"], T)]
+        results["onnx_runner_overhead_vs_bare"] = ort["runner"]["p50_ms"] / ort["bare"]["p50_ms"]
+        del ort_runner
+    except Exception as err:  # a bundle without ONNX FP32 still gets the OpenVINO figures
+        results["onnx_skipped"] = str(err)
+
+    # PyTorch eager baseline (same image, same thread count), after the runtimes so its threads do not spin over them.
+    if args.checkpoint:
+        torch_stats, torch_probs = torch_eager(args.checkpoint, T, image, args.rounds)
+        records += [record(meta, "torch_eager_pipeline", "torch", 1, 1, torch_stats["pipeline"], T),
+                    record(meta, "torch_eager_forward", "torch", 1, 1, torch_stats["forward"], T)]
+        results["speedup_vs_torch_eager"] = torch_stats["pipeline"]["p50_ms"] / ov["runner"]["p50_ms"]
+        results["speedup_forward_vs_bare"] = torch_stats["forward"]["p50_ms"] / ov["bare"]["p50_ms"]
+        results["runner_vs_torch_max_abs_prob_diff"] = float(np.abs(runner_probs - torch_probs).max())
+
+    results["runner_overhead_vs_bare"] = ov["runner"]["p50_ms"] / ov["bare"]["p50_ms"]
+    results["tta5_vs_one_view"] = ov["runner_tta5"]["p50_ms"] / ov["runner"]["p50_ms"]
+    if "runner_tta_bundle" in ov:
+        results[f"tta{len(bundle_views)}_vs_one_view"] = ov["runner_tta_bundle"]["p50_ms"] / ov["runner"]["p50_ms"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from PIL import Image
+
+        png = Path(tmp) / "input.png"
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png)
+        cold = cold_start(args.bundle, png, T, args.cold_repeats, n_images=256)
+    results["cold_start_s"] = cold["load_first_s"]
+    results["cold_start_with_import_s"] = cold["load_first_s"] + cold["import_s"]
+    results["peak_rss_mb"] = cold["peak_rss_mb"]
+
+    goals = {}
+    for key, (op, target) in GOALS.items():
+        if key in results:
+            value = results[key]
+            goals[key] = {"value": round(value, 4), "goal": f"{op}{target}",
+                          "met": value >= target if op == ">=" else value <= target}
+    summary = {"date": started, "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": host,
+               "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], "bundle": str(args.bundle),
+               "checkpoint": str(args.checkpoint) if args.checkpoint else None, "model": meta, "threads": T,
+               "image": f"{args.images.name}: test_images[0] {tuple(image.shape)}",
+               "goals": goals, "results": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in results.items()},
+               "cold_start": cold}
+
+    existing = {}
+    if args.out.exists():
+        existing = json.loads(args.out.read_text())
+        if isinstance(existing, list):
+            existing = {"records": existing}
+    kept = [r for r in existing.get("records", []) if r.get("bench") != "runtime"]
+    write_json(args.out, {**existing, "records": kept + records, "runtime": summary})
+
+    print(f"{'what':22s} {'format':9s} {'batch':>5s} {'views':>5s} {'p50_ms':>9s} {'p90_ms':>9s} {'p99_ms':>9s}")
+    for r in records:
+        print(f"{r['what']:22s} {r['format']:9s} {r['batch']:5d} {r['views']:5d} {r['p50_ms']:9.3f} "
+              f"{r['p90_ms']:9.3f} {r['p99_ms']:9.3f}")
+    for key, g in goals.items():
+        print(f"{key:28s} {g['value']:10.3f}  goal {g['goal']:8s} {'met' if g['met'] else 'NOT met'}")
+    for key, v in results.items():
+        if key not in goals:
+            print(f"{key:28s} {v}")
+    print(f"load average start {host['load_avg_at_start']} end {summary['load_avg_at_end']}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
