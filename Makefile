@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 # A matched torch/torchvision pair (a mismatched pair fails at `import torchvision`).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= runs/demo
+DEMO_BUNDLE ?= $(DEMO)/teacher/bundle
 
 .PHONY: install demo test test-fast bench clean
 
@@ -22,7 +23,10 @@ demo: install
 	$(BIN)/edgekd train recipes/demo/teacher.yaml --out $(DEMO)/teacher
 	$(BIN)/edgekd train recipes/demo/baseline.yaml --out $(DEMO)/baseline
 	$(BIN)/edgekd eval $(DEMO)/teacher/best.pt --split val,test
-	@echo "demo done: see $(DEMO)/ (checkpoints, metrics.json, curves.png, confusion_test.png, roc_test.png)"
+	$(BIN)/edgekd export $(DEMO)/teacher/best.pt --out $(DEMO_BUNDLE)
+	$(BIN)/python scripts/demo_images.py $(DEMO)/images
+	$(BIN)/edgekd predict $(DEMO_BUNDLE) $(DEMO)/images --tta --out $(DEMO)/predictions.csv
+	@echo "demo done: see $(DEMO)/ (checkpoints, metrics.json, curves.png, confusion_test.png, roc_test.png, bundle, predictions.csv)"
 
 test: install
 	$(BIN)/python -m pytest -q

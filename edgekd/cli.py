@@ -66,6 +66,23 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def continual_table(title: str, result) -> RichTable:
+    """Accuracy after each task (rows) on each task (columns), then average accuracy, forgetting, BWT."""
+    s = result.summary
+    table = RichTable(title=f"{title}: {s['method']}{' + BN freeze' if s['bn_freeze'] else ''}, {s['head']} head "
+                            f"({s['eval_split']} accuracy)")
+    table.add_column("after task")
+    for name in result.task_names:
+        table.add_column(name, justify="right")
+    table.add_column("avg", justify="right")
+    for i, (name, row) in enumerate(zip(result.task_names, result.acc_matrix)):
+        avg = sum(row[: i + 1]) / (i + 1)
+        table.add_row(name, *[_fmt(v) if j <= i else "" for j, v in enumerate(row)], _fmt(avg))
+    table.caption = (f"avg acc {s['avg_acc']:.4f} · forgetting {s['forgetting']:.4f} · BWT {s['bwt']:.4f} · "
+                     f"first-task retention {s['retention_first_task']:.1%}")
+    return table
+
+
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
@@ -88,6 +105,10 @@ def train(
             return
         from edgekd.pipeline import run_recipe
         result = run_recipe(rec, out, resume=resume, log=log, progress=progress)
+    if getattr(result, "acc_matrix", None) is not None:  # a continual run: its table is the accuracy matrix
+        out_console.print(continual_table(rec.name, result))
+        console.print(f"wrote {result.best_path} and continual.json, task_accuracy.png in {out}")
+        return
     rows = [{"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.val},
             {"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.test}]
     out_console.print(metrics_table(f"{rec.name}: best checkpoint", rows))
@@ -219,6 +240,23 @@ def predict(
     if failed:
         console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories (holding best.pt) or checkpoints to compare."),
+    out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="Output directory."),
+    split: str = typer.Option("test", "--split", help="The split to evaluate every model on."),
+) -> None:
+    """KD report: one table per dataset (baseline, teacher, student from scratch, distilled student) with
+    params, MACs, acc, AUC, F1, sensitivity, specificity, pAUC; writes report.md/.json and ROC/confusion PNGs."""
+    from edgekd.distill.report import comparison_report
+
+    if split not in ("train", "val", "test"):
+        raise EdgeKDError(f"--split: unknown split '{split}' (use train, val, test)")
+    result = comparison_report(runs, out, split)
+    out_console.print(result["markdown"])
+    console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
 
 
 def run() -> None:

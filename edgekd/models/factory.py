@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -33,6 +34,8 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
     if spec.get("drop_path_rate") is not None:
         kwargs["drop_path_rate"] = spec["drop_path_rate"]
     if weights:
+        if not Path(weights).is_file():
+            raise EdgeKDError(f"model '{name}': could not load pretrained weights from local file {weights}: not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
         pretrained = True
     try:
@@ -48,6 +51,11 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
         raise EdgeKDError(f"model '{name}': bad model.kwargs ({err})") from None
     replace_head(model, spec.get("head", "linear"), spec.get("head_dropout", 0.0), spec.get("head_hidden", 256))
     return model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
 
 
 def classifier_name(model: nn.Module) -> str:

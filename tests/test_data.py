@@ -1,0 +1,166 @@
+"""Data: sources, splits (given, stratified, patient, k-fold), transforms, imbalance helpers, bad images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgekd.data import build_data, build_transforms, class_weights, kfold_indices, load_source
+from edgekd.data.dataset import balanced_sampler
+from edgekd.data.splits import group_split, stratified_split
+from edgekd.data.transforms import build_op
+from edgekd.errors import EdgeKDError
+from edgekd.recipe import recipe_from_dict
+from conftest import write_image_folder, write_npz
+
+
+def recipe(**data):
+    return recipe_from_dict({"data": {"image_size": 16, "batch_size": 8, **data}})
+
+
+def test_medmnist_gray_and_rgb(tmp_path):
+    gray = write_npz(tmp_path / "g.npz", channels=1)
+    rgb = write_npz(tmp_path / "c.npz", channels=3, size=20)
+    s = load_source("medmnist", str(gray))
+    assert s.tables["train"].images.shape == (48, 16, 16, 1) and set(s.tables) == {"train", "val", "test"}
+    dm = build_data(recipe(source="medmnist", path=str(rgb), channels=3))
+    x, y = next(iter(dm.loader("train")))
+    assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_builtin_dataset_ships_with_the_package():
+    dm = build_data(recipe(source="builtin", image_size=28))
+    assert dm.class_names == ["normal", "pneumonia"]
+    assert {s: len(t) for s, t in dm.tables.items()} == {"train": 888, "val": 200, "test": 300}
+
+
+def test_npz_with_nan_or_multilabel_is_refused(tmp_path):
+    p = tmp_path / "nan.npz"
+    np.savez(p, train_images=np.full((4, 8, 8), np.nan, dtype=np.float32), train_labels=np.zeros((4, 1)))
+    with pytest.raises(EdgeKDError, match="NaN"):
+        load_source("medmnist", str(p))
+    p = tmp_path / "ml.npz"
+    np.savez(p, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.zeros((4, 3)))
+    with pytest.raises(EdgeKDError, match="multi-label"):
+        load_source("medmnist", str(p))
+
+
+def test_image_folder_splits_stratified(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", n_per_class=10)
+    dm = build_data(recipe(source="imagefolder", path=str(root), split="stratified", val_fraction=0.2, test_fraction=0.2))
+    assert dm.class_names == ["a", "b"]
+    counts = dm.counts()
+    assert counts["test"] == [2, 2] and counts["val"] == [2, 2] and counts["train"] == [6, 6]
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    (root / "c").mkdir()
+    with pytest.raises(EdgeKDError, match="empty class folder"):
+        load_source("imagefolder", str(root))
+
+
+def _manifest(tmp_path, n_patients=10, per_patient=3):
+    root = write_image_folder(tmp_path / "imgs", n_per_class=n_patients * per_patient // 2)
+    files = sorted(root.rglob("*.png"))
+    lines = ["path,label,patient_id"]
+    for i, f in enumerate(files):
+        lines.append(f"{f.relative_to(tmp_path)},{f.parent.name},p{i // per_patient}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "m.csv"
+
+
+def test_patient_split_keeps_patients_apart(tmp_path):
+    csv = _manifest(tmp_path)
+    dm = build_data(recipe(source="csv", path=str(csv), split="patient", val_fraction=0.2, test_fraction=0.2))
+    groups = {s: set(t.groups) for s, t in dm.tables.items()}
+    assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"] and not groups["val"] & groups["test"]
+    assert sum(len(t) for t in dm.tables.values()) == 30
+
+
+def test_csv_errors_name_the_line(tmp_path):
+    csv = _manifest(tmp_path)
+    text = csv.read_text().splitlines()
+    csv.write_text("\n".join(text + ["imgs/a/missing.png,a,p99"]) + "\n")
+    with pytest.raises(EdgeKDError, match=r"m.csv:\d+: image imgs/a/missing.png not found"):
+        load_source("csv", str(csv))
+
+
+def test_stratified_and_group_kfold():
+    labels = np.array([0] * 20 + [1] * 10)
+    keep, held = stratified_split(labels, 0.2, seed=0)
+    assert len(held) == 6 and np.bincount(labels[held]).tolist() == [4, 2]
+    groups = np.repeat(np.arange(15), 2)
+    folds = kfold_indices(labels, 5, seed=0, groups=groups)
+    assert len(folds) == 5
+    seen = np.concatenate([v for _, v in folds])
+    assert sorted(seen.tolist()) == list(range(30))
+    for tr, va in folds:
+        assert not set(groups[tr]) & set(groups[va])
+    with pytest.raises(EdgeKDError, match="at least"):
+        group_split(labels[:4], np.array([0, 0, 1, 1]), 0.2, 0)
+
+
+def test_kfold_fold_selects_validation(tiny_npz):
+    a = build_data(recipe(source="medmnist", path=str(tiny_npz), folds=4, fold=0))
+    b = build_data(recipe(source="medmnist", path=str(tiny_npz), folds=4, fold=1))
+    assert len(a.tables["val"]) == 16 and len(a.tables["train"]) == 48
+    assert not np.array_equal(a.tables["val"].images, b.tables["val"].images)
+
+
+def test_class_weights_and_balanced_sampler():
+    labels = np.array([0] * 90 + [1] * 10)
+    w = class_weights(labels, 2)
+    assert w.tolist() == pytest.approx([100 / 180, 100 / 20])
+    drawn = labels[list(balanced_sampler(labels, seed=0))]
+    assert 0.35 < drawn.mean() < 0.65
+
+
+def test_transforms_by_v2_class_name():
+    cfg = recipe().data
+    t = build_transforms(cfg, ["RandAugment", {"RandomErasing": {"p": 0.5}}, {"GaussianBlur": {"kernel_size": 3}}], train=True)
+    names = [type(op).__name__ for op in t.transforms]
+    assert names.index("RandAugment") < names.index("GaussianBlur") < names.index("Normalize") < names.index("RandomErasing")
+    t = build_transforms(cfg, [{"RandomHorizontalFlip": {"p": 1.0}}], train=True)
+    img = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    img[..., :8] = 255
+    out = t(img)
+    assert out.shape == (3, 16, 16) and out[0, 0, 0] == pytest.approx(-1.0) and out[0, 0, 15] == pytest.approx(1.0)
+    with pytest.raises(EdgeKDError, match="unknown op 'Blurr'"):
+        build_op({"Blurr": {}})
+    with pytest.raises(EdgeKDError, match="RandomRotation"):
+        build_op({"RandomRotation": {"degreez": 3}})
+
+
+def test_eval_transform_resizes_and_crops():
+    cfg = recipe(image_size=16, resize=20, channels=1, mean=[0.0], std=[1.0]).data
+    t = build_transforms(cfg, [], train=False)
+    out = t(torch.full((3, 40, 30), 128, dtype=torch.uint8))
+    assert out.shape == (1, 16, 16) and out.mean().item() == pytest.approx(128 / 255, abs=1e-2)
+
+
+def test_corrupt_image_named_or_skipped(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", n_per_class=6)
+    bad = root / "a" / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    r = dict(source="imagefolder", path=str(root), split="stratified", val_fraction=0.25, test_fraction=0.25)
+    with pytest.raises(EdgeKDError, match="bad.png"):
+        build_data(recipe(**r))
+    dm = build_data(recipe(**r, on_bad_image="skip"))
+    assert dm.bad_files == [str(bad)] and sum(len(t) for t in dm.tables.values()) == 12
+
+
+def test_image_modes_decode(tmp_path):
+    from edgekd.imageio import read_image
+
+    arr16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(arr16).save(tmp_path / "16.png")
+    Image.new("RGBA", (5, 4), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    Image.new("CMYK", (5, 4)).save(tmp_path / "cmyk.jpg")
+    a = read_image(tmp_path / "16.png")
+    assert a.shape == (8, 8, 1) and a.dtype == np.uint8 and a.max() == 255 and a.min() == 0
+    assert read_image(tmp_path / "rgba.png").shape == (4, 5, 3)
+    assert read_image(tmp_path / "cmyk.jpg").shape == (4, 5, 3)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(EdgeKDError, match="empty file"):
+        read_image(tmp_path / "empty.png")

@@ -1,0 +1,42 @@
+"""Clinical metrics against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from edgekd.metrics import classification_metrics, confusion, partial_auc_above_tpr
+
+
+def test_binary_metrics_hand_computed():
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    p1 = np.array([0.1, 0.6, 0.2, 0.9, 0.8, 0.4, 0.7, 0.95])
+    m = classification_metrics(y, np.stack([1 - p1, p1], 1))
+    # predictions: 0 1 0 1 1 0 1 1 -> tp=4 fn=1 tn=2 fp=1
+    assert m["acc"] == pytest.approx(6 / 8)
+    assert m["sensitivity"] == pytest.approx(4 / 5) and m["specificity"] == pytest.approx(2 / 3)
+    assert m["balanced_acc"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    # AUC: pairs (pos > neg) among 15: neg scores .1 .6 .2; pos .9 .8 .4 .7 .95 -> only 0.4<0.6 fails
+    assert m["auc"] == pytest.approx(14 / 15)
+    assert confusion(y, np.stack([1 - p1, p1], 1)).tolist() == [[2, 1], [1, 4]]
+
+
+def test_partial_auc_bounds():
+    y = np.array([0] * 50 + [1] * 50)
+    perfect = np.r_[np.zeros(50), np.ones(50)]
+    assert partial_auc_above_tpr(y, perfect) == pytest.approx(0.2)
+    rng = np.random.default_rng(0)
+    random_scores = rng.random(100_000)
+    y_big = rng.integers(0, 2, 100_000)
+    # a random classifier's ROC is the diagonal: area above TPR 0.8 under it is 0.2^2 / 2
+    assert partial_auc_above_tpr(y_big, random_scores) == pytest.approx(0.02, abs=3e-3)
+    assert np.isnan(partial_auc_above_tpr(np.zeros(5), np.ones(5)))
+
+
+def test_multiclass_macro_metrics():
+    y = np.array([0, 1, 2, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    m = classification_metrics(y, probs)
+    assert m["acc"] == pytest.approx(0.75)
+    assert m["sensitivity"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # specificities: class0 tn=2 fp=1 -> 2/3; class1 1; class2 1
+    assert m["specificity"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert 0 < m["auc"] <= 1 and np.isnan(m["pauc"])

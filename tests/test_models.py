@@ -1,0 +1,69 @@
+"""Models: timm factory, custom CNN, heads, freezing, local weights, counts."""
+
+import pytest
+import torch
+
+from edgekd.errors import EdgeKDError
+from edgekd.models import (classifier_name, count_macs, count_parameters, create_model, freeze, get_submodule,
+                           head_parameters)
+
+
+def spec(name="edgekd_cnn_tiny", **kw):
+    return {"name": name, "num_classes": 3, "in_chans": 3, **kw}
+
+
+@pytest.mark.parametrize("name", ["edgekd_cnn_tiny", "test_resnet", "test_efficientnet", "test_vit"])
+def test_factory_builds_uniform_interface(name):
+    size = 32 if name == "test_vit" else 16
+    m = create_model(spec(name, kwargs={"img_size": size} if name == "test_vit" else {})).eval()
+    x = torch.randn(2, 3, size, size)
+    assert m(x).shape == (2, 3)
+    assert m.forward_head(m.forward_features(x)).shape == (2, 3)
+    assert get_submodule(m, classifier_name(m)).out_features == 3
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(EdgeKDError, match="unknown timm model 'resnet_nope'"):
+        create_model(spec("resnet_nope"))
+
+
+@pytest.mark.parametrize("head,n_linear", [("dropout_linear", 1), ("mlp", 2)])
+def test_custom_heads(head, n_linear):
+    m = create_model(spec("test_resnet", head=head, head_dropout=0.5, head_hidden=7)).eval()
+    h = get_submodule(m, classifier_name(m))
+    assert sum(isinstance(x, torch.nn.Linear) for x in h.modules()) == n_linear
+    assert {id(p) for p in head_parameters(m)} == {id(p) for p in h.parameters()}
+    assert m(torch.randn(1, 3, 16, 16)).shape == (1, 3)
+
+
+def test_freeze_stages_and_patterns():
+    m = create_model(spec("edgekd_cnn"))
+    n = freeze(m, stages=1)
+    frozen = {k for k, p in m.named_parameters() if not p.requires_grad}
+    assert n > 0 and all(k.startswith("stages.0.") for k in frozen)
+    m = create_model(spec("test_resnet"))
+    freeze(m, patterns=[r"^layer1\."])
+    assert all(not p.requires_grad for k, p in m.named_parameters() if k.startswith("layer1."))
+    assert all(p.requires_grad for k, p in m.named_parameters() if k.startswith("fc."))
+
+
+def test_local_weights_file_loads(tmp_path):
+    src = create_model(spec("test_resnet"))
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    m = create_model(spec("test_resnet"), weights=str(path))
+    for (k, a), b in zip(src.state_dict().items(), m.state_dict().values()):
+        if not k.startswith("fc."):  # timm re-inits a classifier it cannot match
+            assert torch.equal(a, b), k
+    with pytest.raises(EdgeKDError, match="could not load pretrained weights from local file"):
+        create_model(spec("test_resnet"), weights=str(tmp_path / "missing.pth"))
+
+
+def test_parameter_and_mac_counts():
+    m = create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 1})
+    # conv(1->8)+bn, conv(8->8)+bn, conv(8->16)+bn, conv(16->16)+bn, fc(16->2)
+    expected = (9 * 8 + 16) + (72 * 8 + 16) + (72 * 16 + 32) + (144 * 16 + 32) + (16 * 2 + 2)
+    assert count_parameters(m) == expected
+    macs = count_macs(m, (1, 16, 16))
+    conv_macs = 16 * 16 * (9 * 8 + 72 * 8) + 8 * 8 * (72 * 16 + 144 * 16)
+    assert conv_macs <= macs <= conv_macs * 1.05 + 32

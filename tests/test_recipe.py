@@ -1,0 +1,63 @@
+"""Recipe loading: validation errors name the key, overrides, base inheritance, every shipped recipe loads."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgekd.errors import EdgeKDError
+from edgekd.recipe import apply_overrides, load_recipe, recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(EdgeKDError, match=r"unknown key 'train.epochz'"):
+        load_recipe(p)
+
+
+def test_wrong_type_is_named(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  epochs: many\n")
+    with pytest.raises(EdgeKDError, match=r"train.epochs"):
+        load_recipe(p)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(EdgeKDError, match="not valid YAML"):
+        load_recipe(p)
+    with pytest.raises(EdgeKDError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: a\n")
+    r = load_recipe(p, ["train.epochs=3", "train.optimizer.lr=1e-4", "data.mean=[0.1,0.2,0.3]", "name=b"])
+    assert r.train.epochs == 3 and r.train.optimizer.lr == pytest.approx(1e-4)
+    assert r.data.mean == [0.1, 0.2, 0.3] and r.name == "b"
+    with pytest.raises(EdgeKDError, match="key=value"):
+        apply_overrides({}, ["train.epochs"])
+
+
+def test_base_inheritance_merges_deeply(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"name": "base", "train": {"epochs": 5, "optimizer": {"lr": 0.1}}}))
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nname: child\ntrain:\n  optimizer: {name: sgd}\n")
+    r = load_recipe(tmp_path / "child.yaml")
+    assert (r.name, r.train.epochs, r.train.optimizer.name, r.train.optimizer.lr) == ("child", 5, "sgd", 0.1)
+
+
+def test_digest_changes_with_content():
+    a = recipe_from_dict({"name": "x"})
+    b = recipe_from_dict({"name": "x", "seed": 1})
+    assert a.digest() != b.digest() and a.digest() == recipe_from_dict({"name": "x"}).digest()
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml")))
+def test_every_shipped_recipe_validates(path):
+    r = load_recipe(REPO / path)
+    assert r.name
