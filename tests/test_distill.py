@@ -331,6 +331,17 @@ def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch)
     from edgekd.train.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "run" / "best.pt")["distill"]["teacher"] == str(tiny_teacher)
 
+    result = CliRunner().invoke(app, ["report", str(tiny_teacher.parent), str(tmp_path / "run"),
+                                      "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [r["role"] for r in report["rows"]] == ["teacher", "student"]
+    student_row = report["rows"][1]
+    assert student_row["acc"] == pytest.approx(metrics["test"]["acc"]) and student_row["params"] == metrics["params"]
+    assert "| tiny-student (edgekd_cnn_tiny) | student |" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "roc_pneumoniamnist_mini.png").is_file()
+    assert (tmp_path / "report" / "confusion_pneumoniamnist_mini_tiny-student.png").is_file()
+
 
 def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     from edgekd.distill.folds import run_kfold

@@ -1,0 +1,108 @@
+"""The KD comparison report: per dataset, baseline / teacher / student from scratch / distilled student in one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import write_json, write_text
+
+ROLE_ORDER = ("baseline", "teacher", "student_scratch", "student")
+COLUMNS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise EdgeKDError(f"{path}: no checkpoint (give a run directory holding best.pt, or a .pt file)")
+    return path
+
+
+def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
+    """Re-run one checkpoint on `split` of its own recipe's data: metrics, probabilities, size."""
+    from edgekd.data import build_data
+    from edgekd.metrics import classification_metrics, confusion
+    from edgekd.models import count_macs, count_parameters
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import model_from_checkpoint
+    from edgekd.train.trainer import predict_logits, resolve_device, softmax
+
+    model, ckpt = model_from_checkpoint(checkpoint)
+    recipe = recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
+    data = build_data(recipe)
+    device = resolve_device("auto")
+    y, logits = predict_logits(model.to(device), data.loader(split, train=False), device)
+    probs = softmax(logits)
+    return {
+        "checkpoint": str(checkpoint), "name": recipe.name, "role": ckpt.get("role", recipe.role),
+        "model": ckpt["arch"]["name"], "dataset": ckpt.get("dataset", data.source_name), "split": split,
+        "input_size": ckpt["preprocess"]["input_size"], "params": count_parameters(model),
+        "macs": count_macs(model.cpu(), tuple(ckpt["preprocess"]["input_size"])),
+        "teacher": (ckpt.get("distill") or {}).get("teacher"),
+        **classification_metrics(y, probs), "confusion_matrix": confusion(y, probs).tolist(),
+        "class_names": list(ckpt["class_names"]), "_y": y, "_probs": probs,
+    }
+
+
+def comparison_report(runs: list[str | Path], out: str | Path, split: str = "test") -> dict[str, Any]:
+    """One table per dataset over the given runs (run dirs or checkpoints); writes report.md, report.json,
+    roc_<dataset>.png (every model's ROC on one plot) and confusion_<dataset>_<name>.png per model."""
+    from edgekd.metrics.plots import plot_confusion
+
+    if not runs:
+        raise EdgeKDError("report: give at least one run directory or checkpoint")
+    out = Path(out)
+    rows = [evaluate_for_report(resolve_checkpoint(r), split) for r in runs]
+    order = {r: i for i, r in enumerate(ROLE_ORDER)}
+    rows.sort(key=lambda r: (r["dataset"], order.get(r["role"], len(order)), r["params"]))
+    tables: dict[str, str] = {}
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        group = [r for r in rows if r["dataset"] == dataset]
+        tables[dataset] = report_markdown(dataset, split, group)
+        plot_roc_comparison(group, out / f"roc_{dataset}.png", f"{dataset} ({split})")
+        for r in group:
+            plot_confusion(np.asarray(r["confusion_matrix"]), r["class_names"],
+                           out / f"confusion_{dataset}_{r['name']}.png", f"{r['name']} ({r['role']}), {split}")
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    markdown = "\n\n".join(tables.values())
+    write_json(out / "report.json", {"split": split, "rows": clean})
+    write_text(out / "report.md", markdown + "\n")
+    return {"rows": clean, "tables": tables, "markdown": markdown}
+
+
+def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str:
+    lines = [f"### {dataset} ({split} split)", "",
+             "| model | role | params | MMACs | " + " | ".join(COLUMNS) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(COLUMNS)]
+    for r in rows:
+        cells = [("-" if r.get(k) is None or r[k] != r[k] else f"{r[k]:.4f}") for k in COLUMNS]
+        lines.append(f"| {r['name']} ({r['model']}) | {r['role']} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['macs'] / 1e6:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_roc_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Binary: each model's ROC for the positive class; multi-class: each model's micro-averaged one-vs-rest ROC."""
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import RocCurveDisplay
+
+    from edgekd.metrics.plots import _save
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    for r in rows:
+        y, probs = r["_y"], r["_probs"]
+        if probs.shape[1] == 2:
+            truth, score = y == 1, probs[:, 1]
+        else:
+            truth = (y[:, None] == np.arange(probs.shape[1])[None]).ravel()
+            score = probs.ravel()
+        if 0 < truth.sum() < len(truth):
+            RocCurveDisplay.from_predictions(truth, score, name=f"{r['name']} ({r['role']})", ax=ax)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_title(title)
+    return _save(fig, path)
