@@ -1,0 +1,292 @@
+"""The `edgekd` command line (typer + rich): a thin layer over the pipeline stages.
+
+Stage modules are imported inside each command so `edgekd predict` runs on a box without PyTorch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from edgekd import __version__
+from edgekd.errors import EdgeKDError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distill medical-imaging classifiers into small, verified models for CPU edge devices.")
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Tables are the output: keep them readable when piped to a file or a CI log (no 80-column squeeze).
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+STATE = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edgekd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    STATE["debug"] = debug
+
+
+def progress_bar():
+    """A rich progress bar on stderr; silent when stderr is not a terminal (CI logs stay readable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
+
+
+def metrics_table(title: str, rows: list[dict], keys=("acc", "balanced_acc", "auc", "f1", "sensitivity",
+                                                    "specificity", "pr_auc", "pauc")) -> RichTable:
+    table = RichTable(title=title)
+    table.add_column("model")
+    table.add_column("split")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for r in rows:
+        table.add_row(r["model"], r["split"], *[_fmt(r.get(k)) for k in keys])
+    return table
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.4f}"
+    return str(v)
+
+
+def continual_table(title: str, result) -> RichTable:
+    """Accuracy after each task (rows) on each task (columns), then average accuracy, forgetting, BWT."""
+    s = result.summary
+    table = RichTable(title=f"{title}: {s['method']}{' + BN freeze' if s['bn_freeze'] else ''}, {s['head']} head "
+                            f"({s['eval_split']} accuracy)")
+    table.add_column("after task")
+    for name in result.task_names:
+        table.add_column(name, justify="right")
+    table.add_column("avg", justify="right")
+    for i, (name, row) in enumerate(zip(result.task_names, result.acc_matrix)):
+        avg = sum(row[: i + 1]) / (i + 1)
+        table.add_row(name, *[_fmt(v) if j <= i else "" for j, v in enumerate(row)], _fmt(avg))
+    table.caption = (f"avg acc {s['avg_acc']:.4f} · forgetting {s['forgetting']:.4f} · BWT {s['bwt']:.4f} · "
+                     f"first-task retention {s['retention_first_task']:.1%}")
+    return table
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set train.epochs=3 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="k-fold cross-validation: train once per fold."),
+) -> None:
+    """Train a teacher, baseline or student from a recipe; writes best.pt, last.pt, metrics.json and plots."""
+    from edgekd.recipe import load_recipe
+
+    rec = load_recipe(recipe, set_)
+    out = out or Path("runs") / rec.name
+    with progress_bar() as progress:
+        log = progress.console.print if progress.console.is_terminal else console.print
+        if folds:
+            from edgekd.pipeline import run_folds
+            summary = run_folds(rec, out, folds, log=log, progress=progress)
+            out_console.print(summary["table_markdown"])
+            return
+        from edgekd.pipeline import run_recipe
+        result = run_recipe(rec, out, resume=resume, log=log, progress=progress)
+    if getattr(result, "acc_matrix", None) is not None:  # a continual run: its table is the accuracy matrix
+        out_console.print(continual_table(rec.name, result))
+        console.print(f"wrote {result.best_path} and continual.json, task_accuracy.png in {out}")
+        return
+    rows = [{"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.val},
+            {"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.test}]
+    out_console.print(metrics_table(f"{rec.name}: best checkpoint", rows))
+    console.print(f"wrote {result.best_path} and reports in {out}")
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
+    split: str = typer.Option("test", "--split", help="Comma-separated splits: train,val,test."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: next to the checkpoint)."),
+) -> None:
+    """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots."""
+    from edgekd.recipe import load_recipe, recipe_from_dict
+    from edgekd.train.checkpoint import load_checkpoint
+    from edgekd.train.run import evaluate_checkpoint
+
+    splits = tuple(s.strip() for s in split.split(",") if s.strip())
+    bad = [s for s in splits if s not in ("train", "val", "test")]
+    if bad:
+        raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
+    if data is not None:
+        data_recipe = load_recipe(data, set_)
+    elif set_:
+        from edgekd.recipe import apply_overrides
+        data_recipe = recipe_from_dict(apply_overrides(load_checkpoint(checkpoint)["recipe"], set_), str(checkpoint))
+    else:
+        data_recipe = None
+    out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
+    result = evaluate_checkpoint(checkpoint, out, data_recipe, splits)
+    rows = [{"model": result["model"], **result[s]} for s in splits]
+    out_console.print(metrics_table(f"{checkpoint}", rows))
+    console.print(f"wrote {out / 'metrics.json'}")
+
+
+def _split_list(text: Optional[str]) -> Optional[list[str]]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    format_: Optional[str] = typer.Option(None, "--format", "-f", help="Comma-separated: onnx,openvino (default: the profile's)."),
+    precision: Optional[str] = typer.Option(None, "--precision", "-p", help="Comma-separated: fp32,fp16,int8 (default: the profile's)."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile YAML, e.g. export/cpu-openvino-int8.yaml."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory (default: <checkpoint dir>/bundle)."),
+    zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip."),
+    parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Validation images in the parity gate (default 64)."),
+    calib_images: Optional[int] = typer.Option(None, "--calib-images", help="Training images for INT8 calibration (default 300)."),
+    accuracy_control: Optional[bool] = typer.Option(None, "--accuracy-control/--no-accuracy-control",
+                                                    help="OpenVINO INT8 with NNCF accuracy control (max drop from the profile)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for parity runs and the bundle's runtime hint."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the checkpoint's recipe (e.g. data.path=...)."),
+) -> None:
+    """Export to ONNX/OpenVINO (FP32/FP16/INT8), gate every artifact on parity with PyTorch, write a bundle."""
+    from edgekd.export import export_checkpoint, load_profile, with_overrides
+
+    profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control)
+    out = out or checkpoint.parent / "bundle"
+    result = export_checkpoint(checkpoint, out, _split_list(format_), _split_list(precision), profile, zip_, set_,
+                               log=console.print)
+    split = result.parity["metric_split"]
+    table = RichTable(title=f"{checkpoint}: parity with PyTorch ({result.parity['inputs']} inputs)")
+    for col in ("format", "precision", "size MB", "max abs diff", "mean abs diff", "top-1 agree",
+                f"{split} acc", "test acc", "test auc", "result"):
+        table.add_column(col, justify="left" if col in ("format", "precision", "result") else "right")
+    sizes = {a["path"]: a["size_mb"] for a in result.metadata["artifacts"]}
+    ref = result.parity["reference"]["metrics"]
+    table.add_row("pytorch", "fp32", "-", "-", "-", "-", _fmt(ref[split].get("acc")), _fmt(ref["test"].get("acc")),
+                  _fmt(ref["test"].get("auc")), "reference")
+    for r in result.parity["artifacts"]:
+        table.add_row(r["format"], r["precision"], f"{sizes[r['path']]:.3f}", f"{r['max_abs_diff']:.2e}",
+                      f"{r['mean_abs_diff']:.2e}", f"{r['top1_agreement']:.2%}", _fmt(r["metrics"][split].get("acc")),
+                      _fmt(r["metrics"]["test"].get("acc")), _fmt(r["metrics"]["test"].get("auc")), "pass")
+    out_console.print(table)
+
+
+@app.command()
+def predict(
+    bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
+    views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
+    backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (must be in the bundle)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
+) -> None:
+    """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end)."""
+    from edgekd.runtime import Failure, Runner
+    from edgekd.runtime.inputs import collect_inputs
+    from edgekd.runtime.output import check_output_path, write_predictions
+
+    if out is not None:
+        check_output_path(out)
+    tta_option = [v.strip() for v in views.split(",") if v.strip()] if views else tta
+    runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option)
+    paths, problems = collect_inputs(inputs)
+    for _, message in problems:
+        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    results = []
+    with progress_bar() as progress:
+        task = progress.add_task("predict", total=len(paths))
+        for result in runner.predict_many(paths, batch=batch):
+            if isinstance(result, Failure):
+                progress.console.print(f"[bold red]error:[/] {result.error}", soft_wrap=True)
+            results.append(result)
+            progress.advance(task)
+    results += [Failure(source, message) for source, message in problems]
+    names = runner.class_names
+    table = RichTable(title=f"{bundle.name}: {runner.info['format']} {precision}"
+                            + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else ""))
+    for col in ("file", "label", "prob", *names):
+        table.add_column(col, justify="left" if col in ("file", "label") else "right")
+    for r in results:
+        if isinstance(r, Failure):
+            table.add_row(r.source, "[red]error[/]", "-", *["-"] * len(names))
+        else:
+            table.add_row(r.source, r.label, f"{r.prob:.4f}", *[f"{p:.4f}" for p in r.probs])
+    out_console.print(table)
+    failed = sum(isinstance(r, Failure) for r in results)
+    if out is not None:
+        write_predictions(out, results, names, {"bundle": str(bundle), **runner.info,
+                                                "tta_views": runner.tta_views.names if tta_option else None})
+        console.print(f"wrote {out}")
+    if failed:
+        console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories (holding best.pt) or checkpoints to compare."),
+    out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="Output directory."),
+    split: str = typer.Option("test", "--split", help="The split to evaluate every model on."),
+) -> None:
+    """KD report: one table per dataset (baseline, teacher, student from scratch, distilled student) with
+    params, MACs, acc, AUC, F1, sensitivity, specificity, pAUC; writes report.md/.json and ROC/confusion PNGs."""
+    from edgekd.distill.report import comparison_report
+
+    if split not in ("train", "val", "test"):
+        raise EdgeKDError(f"--split: unknown split '{split}' (use train, val, test)")
+    result = comparison_report(runs, out, split)
+    out_console.print(result["markdown"])
+    console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
+
+
+def run() -> None:
+    """Entry point: EdgeKDError -> one line on stderr and exit 2 (traceback only with --debug)."""
+    try:
+        app(standalone_mode=False)
+    except EdgeKDError as err:
+        if STATE["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except (typer.Abort,):
+        sys.exit(1)
+    except Exception as err:  # click usage errors and anything unforeseen
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if STATE["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                      "(run with --debug for the traceback)", soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()
