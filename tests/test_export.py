@@ -1,0 +1,334 @@
+"""Export: format table, profiles, ONNX/OpenVINO artifacts, the parity gate, metadata round-trips, the bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, write_npz
+from edgekd.errors import EdgeKDError
+from edgekd.export import FORMATS, export_checkpoint, export_plan, load_profile, profile_from_dict
+from edgekd.export.artifact import ArtifactSession
+from edgekd.export.onnx import read_onnx_metadata
+from edgekd.export.openvino import read_openvino_metadata
+from edgekd.export.parity import check_signature, tta_view
+from edgekd.recipe import recipe_from_dict
+from edgekd.train.checkpoint import save_checkpoint
+
+EMBEDDED_KEYS = ("class_names", "preprocess", "tta", "io", "model", "metrics", "edgekd_version", "schema")
+
+
+def make_checkpoint(root: Path, model_name: str, image_size: int = 16, train_epochs: int = 0,
+                    model_kwargs: dict | None = None) -> Path:
+    """A real edgekd checkpoint of a tiny model on tiny learnable data (trained `train_epochs` epochs)."""
+    npz = write_npz(root / "tiny.npz", n=(64, 24, 24), size=image_size)
+    raw = {
+        "name": f"tiny-{model_name}", "seed": 0,
+        "data": {"source": "medmnist", "path": str(npz), "image_size": image_size, "channels": 3, "batch_size": 16},
+        "model": {"name": model_name, "kwargs": model_kwargs or {}},
+        "train": {"epochs": train_epochs, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"}},
+    }
+    recipe = recipe_from_dict(raw)
+    if train_epochs:
+        from edgekd.train.run import train_recipe
+
+        return train_recipe(recipe, root / "run", log=lambda *_: None).best_path
+    from edgekd.data import build_data
+    from edgekd.train.run import build_student_model, checkpoint_meta
+
+    torch.manual_seed(0)
+    data = build_data(recipe)
+    model, spec = build_student_model(recipe, data)
+    return save_checkpoint(root / "best.pt", {**checkpoint_meta(recipe, data, spec), "state_dict": model.state_dict(),
+                                              "metrics": {"val_auc": 0.5}, "recipe_digest": recipe.digest()})
+
+
+def quiet(*_):
+    pass
+
+
+# --- format table and profiles -------------------------------------------------------------------------------
+
+
+def test_plan_takes_supported_pairs_by_name():
+    plan = export_plan(["onnx", "openvino", "onnx"], ["fp32", "fp16", "int8"])
+    assert [(f.name, p) for f, p in plan] == [("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"),
+                                              ("openvino", "fp16"), ("openvino", "int8")]
+    assert FORMATS["openvino"].relpath("fp16") == "openvino/model_fp16.xml"
+
+
+@pytest.mark.parametrize("formats, precisions, message", [
+    (["tflite"], ["fp32"], "unknown format 'tflite'"),
+    (["onnx"], ["fp8"], "unknown precision 'fp8'"),
+    (["onnx"], ["fp16"], "--precision fp16: not supported by onnx"),
+    (["onnx", "openvino"], ["fp16"], "--format onnx: supports fp32, int8"),
+])
+def test_plan_rejects_what_no_format_supports(formats, precisions, message):
+    with pytest.raises(EdgeKDError, match=message):
+        export_plan(formats, precisions)
+
+
+def test_shipped_profiles_load():
+    profiles = sorted((REPO / "export").glob("*.yaml"))
+    assert len(profiles) >= 3
+    for path in profiles:
+        profile = load_profile(path)
+        assert export_plan(profile.formats, profile.precisions)
+
+
+def test_profile_unknown_key_is_a_one_line_error(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("formats: [onnx]\nparity:\n  imagez: 3\n")
+    with pytest.raises(EdgeKDError) as err:
+        load_profile(path)
+    assert str(err.value) == f"{path}: unknown key 'parity.imagez'"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("formats: [tflite]", "formats.0"),
+    ("tta: {views: [mirror]}", "tta.views.0"),
+    ("parity: {tolerances: {fp32: {top1_agreement: 1.5}}}", "parity.tolerances.fp32.top1_agreement"),
+    ("- a list", "<root>"),
+])
+def test_profile_bad_values_name_the_key(tmp_path, text, key):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(EdgeKDError, match=str(path)) as err:
+        load_profile(path)
+    assert key in str(err.value) or "mapping" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_partial_tolerance_keeps_the_other_defaults():
+    profile = profile_from_dict({"parity": {"tolerances": {"fp16": {"max_abs": 0.05}}}})
+    assert profile.parity.tolerances.fp16.max_abs == 0.05
+    assert profile.parity.tolerances.fp16.top1_agreement == 0.995
+    assert profile.parity.tolerances.fp32.max_abs == 1e-4
+    assert profile.parity.tolerances.int8.acc_drop == 0.01
+
+
+# --- parity building blocks ----------------------------------------------------------------------------------
+
+
+def test_tta_views_follow_the_contract():
+    img = torch.zeros(1, 1, 9, 9, dtype=torch.uint8)
+    img[0, 0, 4, 7] = 255  # a dot right of the center
+    assert torch.equal(tta_view(img, "hflip")[0, 0, 4, 1], torch.tensor(255, dtype=torch.uint8))
+    assert torch.equal(tta_view(img, "vflip"), img.flip(-2))
+    up = tta_view(img, "rot+15")[0, 0].float()
+    down = tta_view(img, "rot-15")[0, 0].float()
+    # Counter-clockwise positive (image rows grow downwards): +15 degrees lifts the dot, -15 lowers it.
+    assert up[:4].sum() > up[5:].sum() and down[5:].sum() > down[:4].sum()
+    assert torch.equal(tta_view(img, "center_crop", 1.0), img)
+    assert tta_view(img, "center_crop", 0.5).shape == img.shape
+
+
+def test_signature_check_collects_every_problem():
+    session = ArtifactSession(["x"], ["output"], [2, 3, 16, 16], [2, 5], run=lambda x: x)
+    problems = check_signature(session, (3, 16, 16), num_classes=2)
+    assert len(problems) == 4
+    assert any("inputs are ['x']" in p for p in problems)
+    assert any("batch axis is not dynamic" in p for p in problems)
+    assert any("output shape [2, 5]" in p for p in problems)
+    assert check_signature(ArtifactSession(["input"], ["logits"], [None, 3, 16, 16], [None, 2], lambda x: x),
+                           (3, 16, 16), 2) == []
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+
+def run_artifact(fmt: str, path: Path, x: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Run an artifact with the bare runtime library (not edgekd code) and report its io signature."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        io = {"input": sess.get_inputs()[0].name, "output": sess.get_outputs()[0].name,
+              "batch": sess.get_inputs()[0].shape[0]}
+        return sess.run(None, {"input": x})[0], io
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    io = {"input": model.inputs[0].get_any_name(), "output": model.outputs[0].get_any_name(),
+          "batch": str(model.inputs[0].get_partial_shape()[0])}
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled(x)[compiled.outputs[0]]), io
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name, size, kwargs", [
+    ("edgekd_cnn_tiny", 16, {}),
+    ("test_resnet", 32, {}),  # 16 px leaves a 1x1 map that OpenVINO cannot avg-pool (2x2, ceil mode)
+    ("test_vit", 32, {"img_size": 32}),
+])
+def test_export_both_formats_runs_at_batch_1_and_7(tmp_path, model_name, size, kwargs):
+    from edgekd.runtime.bundle import open_bundle
+    from edgekd.train.checkpoint import model_from_checkpoint
+
+    ckpt = make_checkpoint(tmp_path, model_name, size, model_kwargs=kwargs)
+    profile = profile_from_dict({"parity": {"images": 8}})
+    precisions = ["fp32", "fp16"] if model_name == "edgekd_cnn_tiny" else ["fp32"]
+    result = export_checkpoint(ckpt, tmp_path / "bundle", ["onnx", "openvino"], precisions, profile, zip_bundle=True,
+                               log=quiet)
+    bundle = open_bundle(tmp_path / "bundle.zip")  # the runtime's reader: schema + sha256 manifest
+    assert {(a.format, a.precision) for a in bundle.artifacts} == \
+        {("onnx", "fp32"), ("openvino", "fp32")} | ({("openvino", "fp16")} if "fp16" in precisions else set())
+    assert result.parity["passed"] and all(r["passed"] for r in result.parity["artifacts"])
+
+    model, _ = model_from_checkpoint(ckpt)
+    gen = torch.Generator().manual_seed(1)
+    for fmt in ("onnx", "openvino"):
+        path = tmp_path / "bundle" / FORMATS[fmt].relpath("fp32")
+        for batch in (1, 7):
+            x = torch.randn(batch, 3, size, size, generator=gen)
+            with torch.no_grad():
+                ref = model(x).numpy()
+            out, io = run_artifact(fmt, path, x.numpy())
+            assert out.shape == (batch, 2)
+            assert np.abs(out - ref).max() < 1e-4
+        assert io["input"] == "input" and io["output"] == "logits" and io["batch"] in ("batch", "?")
+    onnx_meta = json.loads((tmp_path / "bundle" / "edgekd.json").read_text())
+    assert [a["opset"] for a in onnx_meta["artifacts"] if a["format"] == "onnx"] == [18]
+
+
+@pytest.mark.slow
+def test_metadata_round_trips_through_every_artifact(tmp_path):
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    profile = profile_from_dict({"parity": {"images": 4}, "tta": {"views": ["original", "hflip"]}, "threads": 1})
+    export_checkpoint(ckpt, tmp_path / "b", ["onnx", "openvino"], ["fp32", "fp16"], profile, log=quiet)
+    meta = json.loads((tmp_path / "b" / "edgekd.json").read_text())
+    ckpt_data = torch.load(ckpt, weights_only=True)
+    assert meta["class_names"] == ckpt_data["class_names"]
+    assert meta["preprocess"] == ckpt_data["preprocess"]
+    assert meta["model"]["recipe_digest"] == ckpt_data["recipe_digest"]
+    assert meta["tta"]["views"] == ["original", "hflip"] and meta["runtime"]["threads"] == 1
+    assert meta["metrics"]["training"] == {"val_auc": 0.5}
+    embedded = {("onnx", "fp32"): read_onnx_metadata(tmp_path / "b/onnx/model_fp32.onnx"),
+                ("openvino", "fp32"): read_openvino_metadata(tmp_path / "b/openvino/model_fp32.xml"),
+                ("openvino", "fp16"): read_openvino_metadata(tmp_path / "b/openvino/model_fp16.xml")}
+    for (fmt, precision), found in embedded.items():
+        assert {k: found[k] for k in EMBEDDED_KEYS} == {k: meta[k] for k in EMBEDDED_KEYS}
+        assert (found["format"], found["precision"]) == (fmt, precision)
+    listed = dict(line.split("  ")[::-1] for line in (tmp_path / "b/manifest.sha256").read_text().splitlines())
+    assert sorted(listed) == sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*")
+                                    if p.is_file() and p.name != "manifest.sha256")
+    card = (tmp_path / "b/card.md").read_text()
+    assert "| openvino | fp16 |" in card and "max abs diff" in card
+
+
+def perturbed(fmt_name: str):
+    """The real exporter of a format, followed by a change of one weight tensor in the written file."""
+    real = FORMATS[fmt_name]
+
+    def export(ctx, precision, path):
+        info = real.export(ctx, precision, path)
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(path))
+        init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        arr = numpy_helper.to_array(init).copy()
+        init.CopyFrom(numpy_helper.from_array(arr + 0.05 * np.abs(arr).max(), init.name))
+        onnx.save(model, str(path))
+        return info
+
+    return dataclasses.replace(real, export=export)
+
+
+def cli(monkeypatch, *args: str) -> int:
+    from edgekd.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["edgekd", *args])
+    with pytest.raises(SystemExit) as ex:
+        run()
+    return ex.value.code
+
+
+@pytest.mark.slow
+def test_perturbed_artifact_fails_the_gate_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
+    out = tmp_path / "exports" / "bundle"
+    monkeypatch.setitem(FORMATS, "onnx", perturbed("onnx"))
+    code = cli(monkeypatch, "export", str(ckpt), "--format", "onnx,openvino", "--precision", "fp32",
+               "--out", str(out), "--parity-images", "8", "--zip")
+    err = capsys.readouterr().err
+    assert code == 2
+    report = err.split("error:", 1)[1].splitlines()
+    assert "failed (1 problem)" in report[0]
+    # One line per failure: only the perturbed artifact; the clean OpenVINO one passed.
+    assert [line.strip().split(": ")[0] for line in report[1:] if line.strip()] == ["onnx/fp32"]
+    assert "max abs logit diff" in report[1]
+    assert list((tmp_path / "exports").iterdir()) == []  # no bundle, no zip, no staging leftovers
+
+
+@pytest.mark.slow
+def test_failed_re_export_keeps_the_previous_bundle(tmp_path, monkeypatch):
+    from edgekd.runtime.bundle import verify_manifest
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    out = tmp_path / "bundle"
+    profile = profile_from_dict({"parity": {"images": 4}})
+    export_checkpoint(ckpt, out, ["onnx"], ["fp32"], profile, log=quiet)
+    before = (out / "manifest.sha256").read_text()
+    monkeypatch.setitem(FORMATS, "onnx", perturbed("onnx"))
+    with pytest.raises(EdgeKDError, match="onnx/fp32: max abs logit diff"):
+        export_checkpoint(ckpt, out, ["onnx"], ["fp32"], profile, log=quiet)
+    assert (out / "manifest.sha256").read_text() == before
+    verify_manifest(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "bundle", "tiny.npz"]
+
+
+def test_out_that_is_not_a_bundle_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(EdgeKDError, match="is not an edgekd bundle"):
+        export_checkpoint(tmp_path / "missing.pt", out, ["onnx"], ["fp32"], log=quiet)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_int8_paths_quantize_and_are_gated(tmp_path):
+    import onnx
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
+    # A 1-epoch model has near-tied logits, so INT8 may flip a few of them: the bounds here are loose on purpose.
+    loose = {"top1_agreement": 0.75, "acc_drop": 0.2, "auc_drop": 0.2}
+    profile = profile_from_dict({"parity": {"images": 8, "tolerances": {"int8": loose}},
+                                 "quantization": {"calib_images": 16}})
+    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx", "openvino"], ["int8"], profile, log=quiet)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "b/onnx/model_int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    xml = (tmp_path / "b/openvino/model_int8.xml").read_text()
+    assert "FakeQuantize" in xml or 'element_type="i8"' in xml or 'element_type="u8"' in xml
+    for rec in result.parity["artifacts"]:
+        assert rec["tolerance"] == {"max_abs": None, **loose} and rec["passed"]
+        assert 0 < rec["max_abs_diff"] and rec["top1_agreement"] >= 0.75
+        assert set(rec["metric_drop"]) == {"val", "test"}
+
+
+@pytest.mark.slow
+def test_int8_tolerance_miss_is_an_error(tmp_path):
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
+    # An impossible bound (INT8 logits never match FP32 to 1e-9) must fail the export, not warn.
+    profile = profile_from_dict({"parity": {"images": 4, "tolerances": {"int8": {"max_abs": 1e-9}}},
+                                 "quantization": {"calib_images": 8}})
+    with pytest.raises(EdgeKDError, match=r"onnx/int8: max abs logit diff .* > 1e-09"):
+        export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["int8"], profile, log=quiet)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_option(tmp_path):
+    pytest.importorskip("onnxscript")
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    profile = profile_from_dict({"parity": {"images": 4}, "onnx": {"dynamo": True}})
+    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=quiet)
+    assert result.parity["artifacts"][0]["max_abs_diff"] <= 1e-4
