@@ -113,9 +113,9 @@ def _find_port(ports, name: str, path: Path, kind: str):
 
 
 def create_backend(name: str, model_path: str | Path, input_name: str, output_name: str,
-                   threads: int | None = None) -> Backend:
+                   threads: int | None = None, inference_precision: str | None = None) -> Backend:
     if name == "openvino":
-        return OpenVINOBackend(model_path, input_name, output_name, threads)
+        return OpenVINOBackend(model_path, input_name, output_name, threads, inference_precision or "f32")
     if name == "onnx":
         return ONNXRuntimeBackend(model_path, input_name, output_name, threads)
     raise EdgeKDError(f"unknown backend '{name}' (use {', '.join(BACKENDS)})")

@@ -32,6 +32,8 @@ class Artifact:
     format: str
     precision: str
     path: Path
+    inference_precision_hint: str | None = None
+    """OpenVINO CPU math the export's parity gate used (f32 for FP32 artifacts)."""
 
 
 @dataclass
@@ -59,6 +61,12 @@ class Bundle:
     @property
     def io(self) -> dict[str, Any]:
         return self.meta["io"]
+
+    @property
+    def threads(self) -> int | None:
+        """The export profile's thread hint (None: the backend's default, all cores)."""
+        threads = (self.meta.get("runtime") or {}).get("threads")
+        return threads if isinstance(threads, int) and threads > 0 else None
 
     @property
     def model(self) -> dict[str, Any]:
@@ -97,7 +105,8 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         if verify:
             verify_manifest(root, source)
         meta = read_metadata(root, source)
-        artifacts = [Artifact(a["format"], a["precision"], root / a["path"]) for a in meta["artifacts"]]
+        artifacts = [Artifact(a["format"], a["precision"], root / a["path"], a.get("inference_precision_hint"))
+                     for a in meta["artifacts"]]
         for art in artifacts:
             if not art.path.is_file():
                 raise EdgeKDError(f"{source}: {art.path.relative_to(root).as_posix()} is listed in edgekd.json but missing")
@@ -278,5 +287,7 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
         path = art.get("path")
         _require(isinstance(path, str) and path and not PurePosixPath(path).is_absolute()
                  and ".." not in PurePosixPath(path).parts, where, f"{at}.path must be a relative path inside the bundle")
+        _require(art.get("inference_precision_hint") in (None, "f32", "f16", "bf16"), where,
+                 f"{at}.inference_precision_hint must be f32, f16 or bf16")
         suffix = ".onnx" if art["format"] == "onnx" else ".xml"
         _require(path.endswith(suffix), where, f"{at}.path must end with {suffix} for format {art['format']}")

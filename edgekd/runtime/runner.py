@@ -88,7 +88,9 @@ class Runner:
             raise EdgeKDError(f"threads must be >= 1, got {threads}")
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
         artifact = _pick_artifact(bundle, backend, precision)
-        engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads)
+        threads = threads or bundle.threads
+        engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,
+                                artifact.inference_precision_hint)
         tta_cfg = bundle.tta
         frac = float(tta_cfg.get("center_crop_fraction", 0.875))
         names = list(tta) if isinstance(tta, (list, tuple)) else list(tta_cfg.get("views") or ["original"])
