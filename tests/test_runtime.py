@@ -541,3 +541,15 @@ def test_exported_bundle_predicts_like_pytorch(tmp_path, tiny_recipe_dict):
     assert res.exit_code == 0, res.output
     preds = json.loads((tmp_path / "p.json").read_text())["predictions"]
     assert len(preds) == 6 and all(len(p["views"]) == 6 for p in preds)
+
+
+def test_metadata_input_size_must_match_the_model(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    meta = json.loads((copy / "edgekd.json").read_text())
+    meta["preprocess"].update(input_size=[3, 20, 20], resize=20, center_crop=20)
+    (copy / "edgekd.json").write_text(json.dumps(meta))
+    write_manifest(copy)
+    for backend in ("openvino", "onnx"):
+        with pytest.raises(EdgeKDError, match=r"model input shape .* does not match edgekd.json"):
+            Runner.from_bundle(copy, backend=backend)

@@ -19,6 +19,8 @@ class Backend(Protocol):
 
     name: str
     model_path: Path
+    input_dims: list[int | None]
+    """The model's input shape, None for dynamic axes."""
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -49,6 +51,7 @@ class OpenVINOBackend:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)
+        self.input_dims = [None if d.is_dynamic else d.get_length() for d in input_port.get_partial_shape()]
         self.input = self.compiled.input(input_name)
         self.output = self.compiled.output(output_name)
         # One infer request per batch size: a request re-allocates its buffers whenever the input shape changes,
@@ -89,8 +92,9 @@ class ONNXRuntimeBackend:
             self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EdgeKDError(f"{self.model_path}: ONNX Runtime cannot load the model ({str(err).splitlines()[0][:120]})") from None
-        _find_port(self.session.get_inputs(), input_name, self.model_path, "input")
+        port = _find_port(self.session.get_inputs(), input_name, self.model_path, "input")
         _find_port(self.session.get_outputs(), output_name, self.model_path, "output")
+        self.input_dims = [d if isinstance(d, int) else None for d in port.shape]
         self.input_name, self.output_name = input_name, output_name
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

@@ -91,6 +91,10 @@ class Runner:
         threads = threads or bundle.threads
         engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,
                                 artifact.inference_precision_hint)
+        expected = [None, *bundle.preprocess["input_size"]]
+        if len(engine.input_dims) != 4 or any(d is not None and d != e for d, e in zip(engine.input_dims[1:], expected[1:])):
+            raise EdgeKDError(f"{artifact.path}: model input shape {engine.input_dims} does not match edgekd.json "
+                              f"preprocess.input_size {expected[1:]}")
         tta_cfg = bundle.tta
         frac = float(tta_cfg.get("center_crop_fraction", 0.875))
         names = list(tta) if isinstance(tta, (list, tuple)) else list(tta_cfg.get("views") or ["original"])
