@@ -199,6 +199,7 @@ def predict(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
     batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later runs start faster."),
 ) -> None:
     """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end)."""
     from edgekd.runtime import Failure, Runner
@@ -208,7 +209,8 @@ def predict(
     if out is not None:
         check_output_path(out)
     tta_option = [v.strip() for v in views.split(",") if v.strip()] if views else tta
-    runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option)
+    runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
+                                cache_dir=cache_dir)
     paths, problems = collect_inputs(inputs)
     for _, message in problems:
         console.print(f"[bold red]error:[/] {message}", soft_wrap=True)

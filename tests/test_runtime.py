@@ -553,3 +553,11 @@ def test_metadata_input_size_must_match_the_model(bundle, tmp_path):
     for backend in ("openvino", "onnx"):
         with pytest.raises(EdgeKDError, match=r"model input shape .* does not match edgekd.json"):
             Runner.from_bundle(copy, backend=backend)
+
+
+def test_openvino_model_cache_is_used_and_gives_the_same_result(bundle, tmp_path):
+    arr = _rand_image(SIZE, SIZE, 3, seed=8)
+    first = Runner.from_bundle(bundle, cache_dir=tmp_path / "cache").predict(arr)
+    assert any((tmp_path / "cache").iterdir())  # the compiled blob was stored
+    again = Runner.from_bundle(bundle, cache_dir=tmp_path / "cache").predict(arr)
+    assert np.abs(first.probs - again.probs).max() <= 1e-6

@@ -32,7 +32,7 @@ class OpenVINOBackend:
     name = "openvino"
 
     def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None,
-                 inference_precision: str = "f32"):
+                 inference_precision: str = "f32", cache_dir: str | Path | None = None):
         import openvino as ov
 
         self.model_path = Path(model_path)
@@ -50,6 +50,9 @@ class OpenVINOBackend:
         config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        if cache_dir:
+            # OpenVINO's model cache: later processes import the compiled blob instead of compiling (cold start).
+            config["CACHE_DIR"] = str(cache_dir)
         self.compiled = core.compile_model(model, "CPU", config)
         self.input_dims = [None if d.is_dynamic else d.get_length() for d in input_port.get_partial_shape()]
         self.input = self.compiled.input(input_name)
@@ -117,9 +120,11 @@ def _find_port(ports, name: str, path: Path, kind: str):
 
 
 def create_backend(name: str, model_path: str | Path, input_name: str, output_name: str,
-                   threads: int | None = None, inference_precision: str | None = None) -> Backend:
+                   threads: int | None = None, inference_precision: str | None = None,
+                   cache_dir: str | Path | None = None) -> Backend:
+    """`cache_dir` applies to OpenVINO only (ONNX Runtime sessions build in milliseconds for these models)."""
     if name == "openvino":
-        return OpenVINOBackend(model_path, input_name, output_name, threads, inference_precision or "f32")
+        return OpenVINOBackend(model_path, input_name, output_name, threads, inference_precision or "f32", cache_dir)
     if name == "onnx":
         return ONNXRuntimeBackend(model_path, input_name, output_name, threads)
     raise EdgeKDError(f"unknown backend '{name}' (use {', '.join(BACKENDS)})")

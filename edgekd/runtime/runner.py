@@ -74,11 +74,12 @@ class Runner:
     @classmethod
     def from_bundle(cls, path: str | Path | Bundle, backend: str = "openvino", precision: str = "fp32",
                     threads: int | None = None, tta: TTAOption = False, warmup: int = 1,
-                    verify: bool = True) -> "Runner":
+                    verify: bool = True, cache_dir: str | Path | None = None) -> "Runner":
         """Open (and verify) a bundle and compile its `precision` model on `backend` ("openvino" or "onnx").
 
         `tta`: False (one view), True (the bundle's views) or a list of view names. `warmup` inference rounds run
-        at load, for batch 1 and for the TTA batch, so the first real call is not the slow one.
+        at load, for batch 1 and for the TTA batch, so the first real call is not the slow one. `cache_dir`: an
+        OpenVINO model cache folder (later loads skip compilation).
         """
         if backend not in BACKENDS:
             raise EdgeKDError(f"unknown backend '{backend}' (use {', '.join(BACKENDS)})")
@@ -90,7 +91,7 @@ class Runner:
         artifact = _pick_artifact(bundle, backend, precision)
         threads = threads or bundle.threads
         engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,
-                                artifact.inference_precision_hint)
+                                artifact.inference_precision_hint, cache_dir)
         expected = [None, *bundle.preprocess["input_size"]]
         if len(engine.input_dims) != 4 or any(d is not None and d != e for d, e in zip(engine.input_dims[1:], expected[1:])):
             raise EdgeKDError(f"{artifact.path}: model input shape {engine.input_dims} does not match edgekd.json "
