@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/edgekd train recipes/demo/teacher.yaml --out $(DEMO)/teacher
 	$(BIN)/edgekd train recipes/demo/baseline.yaml --out $(DEMO)/baseline
 	$(BIN)/edgekd eval $(DEMO)/teacher/best.pt --split val,test
-	$(BIN)/edgekd export $(DEMO)/teacher/best.pt --out $(DEMO_BUNDLE)
+	$(BIN)/edgekd export $(DEMO)/teacher/best.pt --format onnx,openvino --precision fp32,int8 --out $(DEMO_BUNDLE) --zip
 	$(BIN)/python scripts/demo_images.py $(DEMO)/images
 	$(BIN)/edgekd predict $(DEMO_BUNDLE) $(DEMO)/images --tta --out $(DEMO)/predictions.csv
 	@echo "demo done: see $(DEMO)/ (checkpoints, metrics.json, curves.png, confusion_test.png, roc_test.png, bundle, predictions.csv)"
