@@ -561,3 +561,21 @@ def test_openvino_model_cache_is_used_and_gives_the_same_result(bundle, tmp_path
     assert any((tmp_path / "cache").iterdir())  # the compiled blob was stored
     again = Runner.from_bundle(bundle, cache_dir=tmp_path / "cache").predict(arr)
     assert np.abs(first.probs - again.probs).max() <= 1e-6
+
+
+def test_latency_stats_and_child_peak_rss():
+    import resource
+
+    from edgekd.runtime.timing import latency_stats
+
+    stats = latency_stats(list(range(1, 101)))
+    assert stats["p50_ms"] == 50.5 and stats["p90_ms"] == pytest.approx(90.1) and stats["min_ms"] == 1
+    assert stats["runs"] == 100
+    with pytest.raises(ValueError):
+        latency_stats([])
+    # A fresh child reports its own peak, not this (torch-loaded, larger) process's: ru_maxrss would not.
+    parent_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    code = "from edgekd.runtime.timing import peak_rss_mb; print(peak_rss_mb())"
+    child_mb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                                    check=True).stdout)
+    assert 5 < child_mb < min(parent_mb, 200)

@@ -49,6 +49,16 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 10, rou
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size in MiB.
+
+    On Linux, VmHWM from /proc/self/status: ru_maxrss survives fork + exec, so a subprocess started by a large
+    parent would report the parent's size. Elsewhere ru_maxrss (KiB on Linux/BSD, bytes on macOS).
+    """
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
