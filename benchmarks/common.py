@@ -1,0 +1,84 @@
+"""What every benchmark script shares: the machine line, run-or-reuse of a recipe, record merging."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))
+
+from edgekd.fileio import write_json  # noqa: E402
+
+METRICS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc", "balanced_acc")
+
+
+def machine() -> str:
+    """e.g. '2-core x86_64 (Intel Xeon ...), no GPU, torch 2.14.1'."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu, torch_version = "no GPU", ""
+    try:
+        import torch
+        torch_version = f", torch {torch.__version__.split('+')[0]}"
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{os.cpu_count()}-core {platform.machine()} ({cpu}), {gpu}{torch_version}"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_or_reuse(recipe_path: str, out: Path, overrides: list[str], reuse: bool, tag: str) -> tuple[dict, str]:
+    """Train `recipe_path` into `out` (or reuse a finished run of the identical recipe); -> (metrics.json, command)."""
+    import yaml
+
+    from edgekd.pipeline import run_recipe
+    from edgekd.recipe import load_recipe
+
+    recipe = load_recipe(REPO / recipe_path, overrides)
+    sets = "".join(f" --set {o}" for o in overrides)
+    command = f"edgekd train {recipe_path}{sets} --out {out.relative_to(REPO)}"
+    metrics_path = out / "metrics.json"
+    if reuse and metrics_path.is_file() and (out / "recipe.yaml").is_file():
+        if yaml.safe_load((out / "recipe.yaml").read_text()) == recipe.to_dict():
+            print(f"reusing {metrics_path}", flush=True)
+            return json.loads(metrics_path.read_text()), command
+    print(f"$ {command}", flush=True)
+    run_recipe(recipe, out, log=lambda m: print(f"  [{tag}] {m}", flush=True))
+    return json.loads(metrics_path.read_text()), command
+
+
+def accuracy_record(m: dict, command: str, split: str = "test") -> dict:
+    """One accuracy.json record from a run's metrics.json."""
+    s = m[split]
+    return {"dataset": m["dataset"], "split": split, "model": m["model"], "role": m["role"], "name": m["name"],
+            "params": m["params"], "macs": m["macs"], **{k: s.get(k) for k in METRICS}, "seed": m["seed"],
+            "epochs_run": m["epochs_run"], "seconds_per_epoch": m["seconds_per_epoch"],
+            "train_seconds": m["train_seconds"], "date": now(), "machine": machine(), "command": command}
+
+
+def merge_records(path: Path, new: list[dict], key=("dataset", "split", "model", "role", "seed")) -> list[dict]:
+    """Replace records that match a new one on `key`; keep all others. The file is a JSON list of records."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    if isinstance(old, dict):  # an earlier {"records": [...]} layout
+        old = old.get("records", [])
+    k = lambda r: tuple(r.get(f) for f in key)  # noqa: E731
+    fresh = {k(r) for r in new}
+    merged = [r for r in old if k(r) not in fresh] + new
+    write_json(path, merged)
+    return merged
