@@ -139,6 +139,10 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
         metrics = split_metrics(y, art_logits)
         ref_metrics = reference["splits"][split]["metrics"]
         record["metrics"][split] = metrics
+        split_diff = np.abs(art_logits.astype(np.float64) - reference["splits"][split]["logits"].astype(np.float64))
+        record.setdefault("split_parity", {})[split] = {
+            "max_abs_diff": float(split_diff.max()), "mean_abs_diff": float(split_diff.mean()),
+            "top1_agreement": float((art_logits.argmax(1) == reference["splits"][split]["logits"].argmax(1)).mean())}
         record["metric_drop"][split] = {k: _drop(ref_metrics.get(k), metrics.get(k)) for k in ("acc", "auc")}
         record.setdefault("split_images", {})[split] = len(y)
     if tolerance.max_abs is not None and record["max_abs_diff"] > tolerance.max_abs:

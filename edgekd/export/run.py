@@ -33,6 +33,10 @@ SELECTION_SEED = 0
 class ParityGateError(EdgeKDError):
     """The export produced artifacts that do not match the PyTorch model; nothing was published."""
 
+    def __init__(self, message: str, parity: dict[str, Any]):
+        super().__init__(message)
+        self.parity = parity
+
 
 @dataclass
 class ExportResult:
@@ -162,7 +166,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
             record, problems = check_artifact(session, parity_set, reference, tolerance, input_shape, num_classes,
                                               profile.parity.batch_size, profile.parity.metric_split)
             size_mb = sum(p.stat().st_size for p in fmt.files(path)) / 2**20
-            record = {"format": fmt.name, "precision": precision, "path": rel, **record,
+            record = {"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4), **record,
                       "tolerance": tolerance.model_dump(), "passed": not problems, "failures": problems}
             records.append(record)
             failures += [f"{label}: {p}" for p in problems]
@@ -181,7 +185,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         if failures:
             raise ParityGateError(f"export of {checkpoint} failed ({len(failures)} problem"
                                   f"{'s' if len(failures) > 1 else ''}); nothing was written to {out}:\n  "
-                                  + "\n  ".join(failures))
+                                  + "\n  ".join(failures), parity)
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE}
         write_bundle_files(stage, metadata, parity)
         publish(stage, out)
