@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/edgekd train recipes/demo/teacher.yaml --out $(DEMO)/teacher
+	$(BIN)/edgekd train recipes/demo/student.yaml --out $(DEMO)/student --set distill.teacher=$(DEMO)/teacher/best.pt
 	$(BIN)/edgekd train recipes/demo/baseline.yaml --out $(DEMO)/baseline
 	$(BIN)/edgekd eval $(DEMO)/teacher/best.pt --split val,test
 	$(BIN)/edgekd export $(DEMO)/teacher/best.pt --format onnx,openvino --precision fp32,int8 --out $(DEMO_BUNDLE) --zip
