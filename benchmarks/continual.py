@@ -1,0 +1,231 @@
+"""Acceptance benchmark of continual learning: cross-domain retention (2 KD paths x finetune/EWC/LwF x BN freeze)
+and 5-task class-incremental Split Fashion-MNIST (finetune, rehearsal(200)+KD, joint).
+
+    .venv/bin/python benchmarks/continual.py [--only cross_domain|class_incremental] [--force] [--set key=value ...]
+
+Runs the recipes in recipes/continual/ through the same pipeline as `edgekd train` (outputs in
+runs/continual/...; a run whose continual.json exists is reused unless --force). The starting students are
+distilled first from recipes/continual/students/ when their best.pt is missing (needs the teacher checkpoint those
+recipes name). Writes benchmarks/results/continual.json (records + goal checks) and PNG plots next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edgekd.fileio import write_json  # noqa: E402
+from edgekd.pipeline import run_recipe  # noqa: E402
+from edgekd.recipe import load_recipe  # noqa: E402
+
+RECIPES = REPO / "recipes" / "continual"
+RUNS = REPO / "runs" / "continual"
+RESULTS = REPO / "benchmarks" / "results"
+KD_PATHS = ("logit", "feature")
+CROSS_METHODS = ("finetune", "ewc", "lwf")
+CLASS_IL_METHODS = {"finetune": "finetune", "replay-kd": "rehearsal(200)+kd", "joint": "joint"}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "load_avg_at_start": os.getloadavg()}
+
+
+def run(recipe_path: Path, out: Path, overrides: list[str], force: bool) -> dict:
+    """Run one continual recipe (or reuse its continual.json) and return the summary."""
+    summary_file = out / "continual.json"
+    if summary_file.is_file() and not force:
+        print(f"reuse {summary_file}")
+        return json.loads(summary_file.read_text())
+    print(f"run {recipe_path.relative_to(REPO)} -> {out.relative_to(REPO)}", flush=True)
+    recipe = load_recipe(recipe_path, overrides)
+    result = run_recipe(recipe, out, log=lambda s: print("  " + s, flush=True))
+    return json.loads(json.dumps(result.summary, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def ensure_students(force: bool) -> None:
+    for kd in KD_PATHS:
+        out = RUNS / "students" / f"cnn-{kd}-kd"
+        if (out / "best.pt").is_file() and not force:
+            continue
+        print(f"distil the {kd}-KD student -> {out.relative_to(REPO)}", flush=True)
+        run_recipe(load_recipe(RECIPES / "students" / f"cnn-{kd}-kd.yaml"), out, log=lambda s: print("  " + s, flush=True))
+
+
+def cross_domain(overrides: list[str], force: bool) -> list[dict]:
+    records = []
+    for kd in KD_PATHS:
+        for method in CROSS_METHODS:
+            for bn in (False, True):
+                stem = f"{kd}-{method}" + ("-bnfreeze" if bn else "")
+                s = run(RECIPES / "pneumonia-fashion" / f"{stem}.yaml", RUNS / "pneumonia-fashion" / stem,
+                        overrides, force)
+                acc = np.asarray(s["acc_matrix"], dtype=float)
+                f1 = np.asarray(s["f1_matrix"], dtype=float)
+                records.append({
+                    "scenario": "cross_domain", "task_a": "pneumoniamnist", "task_b": "fashion_mnist", "kd": kd,
+                    "method": method, "bn_freeze": bn, "head": s["head"],
+                    "task_a_before": acc[0, 0], "task_a_after": acc[1, 0],
+                    "retention": acc[1, 0] / acc[0, 0], "task_b_acc": acc[1, 1], "task_b_f1": f1[1, 1],
+                    "task_a_f1_before": f1[0, 0], "task_a_f1_after": f1[1, 0],
+                    "eval_split": s["eval_split"], "run": str((RUNS / "pneumonia-fashion" / stem).relative_to(REPO)),
+                })
+    return records
+
+
+def class_incremental(overrides: list[str], force: bool) -> list[dict]:
+    records = []
+    for stem, method in CLASS_IL_METHODS.items():
+        s = run(RECIPES / "split-fashion" / f"{stem}.yaml", RUNS / "split-fashion" / stem, overrides, force)
+        acc = np.asarray(s["acc_matrix"], dtype=float)
+        records.append({
+            "scenario": "class_incremental", "dataset": "split_fashion_mnist_5x2", "method": method,
+            "final_avg_acc": s["avg_acc"], "forgetting": s["forgetting"], "bwt": s["bwt"],
+            "acc_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in acc],
+            "avg_acc_per_step": [float(np.mean(acc[i, : i + 1])) for i in range(len(acc))],
+            "last_task_share": 1.0 / len(acc), "eval_split": s["eval_split"],
+            "run": str((RUNS / "split-fashion" / stem).relative_to(REPO)),
+        })
+    return records
+
+
+def goals(records: list[dict]) -> list[dict]:
+    """The acceptance checks of the issue, each with the figures it compares."""
+    out = []
+    cross = [r for r in records if r["scenario"] == "cross_domain"]
+    for kd in KD_PATHS:
+        ft = next((r for r in cross if r["kd"] == kd and r["method"] == "finetune" and not r["bn_freeze"]), None)
+        for method in ("ewc", "lwf"):
+            r = next((r for r in cross if r["kd"] == kd and r["method"] == method and r["bn_freeze"]), None)
+            if r is None or ft is None:
+                continue
+            gap = ft["task_b_acc"] - r["task_b_acc"]
+            out.append({"goal": f"{kd} KD, {method} + BN freeze: retention >= 0.99 and task-B acc within 2 pt of "
+                                "fine-tuning", "retention": r["retention"], "task_b_gap_pt": 100 * gap,
+                        "met": bool(r["retention"] >= 0.99 and gap <= 0.02)})
+    cil = {r["method"]: r for r in records if r["scenario"] == "class_incremental"}
+    if "rehearsal(200)+kd" in cil and "joint" in cil:
+        ratio = cil["rehearsal(200)+kd"]["final_avg_acc"] / cil["joint"]["final_avg_acc"]
+        out.append({"goal": "rehearsal(200)+KD final avg acc >= 0.8 x joint", "ratio": ratio, "met": bool(ratio >= 0.8)})
+    if "finetune" in cil:
+        ft = cil["finetune"]
+        out.append({"goal": "fine-tune shows forgetting (final avg near the last task's share)",
+                    "final_avg_acc": ft["final_avg_acc"], "forgetting": ft["forgetting"],
+                    "last_task_share": ft["last_task_share"], "met": bool(ft["forgetting"] > 0.3)})
+    return out
+
+
+def plot(records: list[dict]) -> list[Path]:
+    from edgekd.metrics.plots import _save, plt
+
+    paths = []
+    cross = [r for r in records if r["scenario"] == "cross_domain"]
+    if cross:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        labels = ["\n".join([r["kd"], r["method"]] + (["+BN frz"] if r["bn_freeze"] else [])) for r in cross]
+        x = np.arange(len(cross))
+        axes[0].bar(x, [100 * r["retention"] for r in cross], color=["C0" if r["bn_freeze"] else "C7" for r in cross])
+        axes[0].axhline(99, color="r", ls="--", lw=1, label="99% goal")
+        axes[0].set_ylabel("task-A (pneumonia) retention %")
+        axes[0].set_ylim(min(50, min(100 * r["retention"] for r in cross) - 5), 102)
+        axes[1].bar(x, [100 * r["task_b_acc"] for r in cross], color=["C0" if r["bn_freeze"] else "C7" for r in cross])
+        axes[1].set_ylabel("task-B (Fashion-MNIST) acc %")
+        axes[1].set_ylim(50, 100)
+        for ax in axes:
+            ax.set_xticks(x, labels, fontsize=7)
+        axes[0].legend()
+        fig.suptitle("Cross-domain PneumoniaMNIST -> Fashion-MNIST (multi-head; blue: BN frozen)")
+        paths.append(_save(fig, RESULTS / "continual_cross_domain.png"))
+    cil = [r for r in records if r["scenario"] == "class_incremental"]
+    if cil:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in cil:
+            steps = np.arange(1, len(r["avg_acc_per_step"]) + 1)
+            ax.plot(steps, r["avg_acc_per_step"], marker="o", label=r["method"])
+        ax.plot(steps, 1.0 / steps, "k:", label="last task's share (1/t)")
+        ax.set_xlabel("after task"), ax.set_ylabel("average accuracy over tasks seen")
+        ax.set_ylim(0, 1.02), ax.grid(alpha=0.3), ax.legend()
+        ax.set_title("Split Fashion-MNIST, class-incremental (5 x 2 classes)")
+        paths.append(_save(fig, RESULTS / "continual_class_incremental.png"))
+    return paths
+
+
+def markdown(records: list[dict], checks: list[dict]) -> str:
+    lines = []
+    cross = [r for r in records if r["scenario"] == "cross_domain"]
+    if cross:
+        lines += ["| KD | method | BN freeze | task A before | task A after | retention | task B acc | task B F1 |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in cross:
+            lines.append(f"| {r['kd']} | {r['method']} | {'yes' if r['bn_freeze'] else 'no'} | {r['task_a_before']:.4f} "
+                         f"| {r['task_a_after']:.4f} | {100 * r['retention']:.1f}% | {r['task_b_acc']:.4f} "
+                         f"| {r['task_b_f1']:.4f} |")
+        lines.append("")
+    cil = [r for r in records if r["scenario"] == "class_incremental"]
+    if cil:
+        lines += ["| method | final avg acc | forgetting | BWT | avg acc after each task |", "|---|---:|---:|---:|---|"]
+        for r in cil:
+            lines.append(f"| {r['method']} | {r['final_avg_acc']:.4f} | {r['forgetting']:.4f} | {r['bwt']:.4f} | "
+                         + " / ".join(f"{v:.3f}" for v in r["avg_acc_per_step"]) + " |")
+        lines.append("")
+    for c in checks:
+        lines.append(f"- {'MET' if c['met'] else 'NOT MET'}: {c['goal']} — "
+                     + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()
+                                 if k not in ("goal", "met")))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["cross_domain", "class_incremental"])
+    ap.add_argument("--force", action="store_true", help="Re-run even when a run's continual.json exists.")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override for every run.")
+    args = ap.parse_args()
+    started = dt.datetime.now().isoformat(timespec="seconds")
+    info = machine()
+    records = []
+    if args.only in (None, "cross_domain"):
+        ensure_students(False)
+        records += cross_domain(args.overrides, args.force)
+    if args.only in (None, "class_incremental"):
+        ensure_students(False)
+        records += class_incremental(args.overrides, args.force)
+    out_file = RESULTS / "continual.json"
+    previous = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    # A partial run (--only) keeps the other scenario's records.
+    kept = [r for r in previous.get("records", []) if r["scenario"] not in {r2["scenario"] for r2 in records}]
+    records = kept + records
+    checks = goals(records)
+    write_json(out_file, {
+        "benchmark": "continual", "command": " ".join(["python", "benchmarks/continual.py", *sys.argv[1:]]),
+        "started": started, "finished": dt.datetime.now().isoformat(timespec="seconds"), "machine": info,
+        "overrides": args.overrides, "records": records, "goals": checks,
+    })
+    plot(records)
+    print(markdown(records, checks))
+    print(f"wrote {out_file.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
