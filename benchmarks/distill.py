@@ -12,20 +12,15 @@ epoch) to benchmarks/results/distill.json. --reuse skips a run whose metrics.jso
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, RESULTS, accuracy_record, machine, merge_records, now, run_or_reuse
 
-from edgekd.fileio import write_json  # noqa: E402
+from edgekd.fileio import write_json
 
-RESULTS = REPO / "benchmarks" / "results"
 RECIPES = {"student_scratch": "recipes/pneumonia/student-scratch-28.yaml", "student": "recipes/pneumonia/student-28.yaml"}
 RUNS = REPO / "runs" / "bench" / "pneumonia"
 GOALS = {"params_max": 5_000_000, "auc": 0.962, "acc": 0.884, "stretch_auc": 0.991, "stretch_acc": 0.946,
@@ -33,54 +28,10 @@ GOALS = {"params_max": 5_000_000, "auc": 0.962, "acc": 0.884, "stretch_auc": 0.9
 METRICS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc", "balanced_acc")
 
 
-def machine() -> str:
-    gpu = "no GPU"
-    try:
-        import torch
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return f"{os.cpu_count()}-core {platform.machine()}, {gpu}"
-
-
 def run_one(role: str, seed: int, reuse: bool) -> dict:
-    from edgekd.pipeline import run_recipe
-    from edgekd.recipe import load_recipe
-
-    recipe = load_recipe(REPO / RECIPES[role], [f"seed={seed}"])
     out = RUNS / f"{role}-s{seed}"
-    metrics_path = out / "metrics.json"
-    command = f"edgekd train {RECIPES[role]} --set seed={seed} --out {out.relative_to(REPO)}"
-    if reuse and metrics_path.is_file() and (out / "recipe.yaml").is_file():
-        import yaml
-        if yaml.safe_load((out / "recipe.yaml").read_text()) == recipe.to_dict():
-            print(f"reusing {metrics_path}")
-            return record(json.loads(metrics_path.read_text()), command)
-    print(f"$ {command}", flush=True)
-    run_recipe(recipe, out, log=lambda m: print(f"  [{role} s{seed}] {m}", flush=True))
-    return record(json.loads(metrics_path.read_text()), command)
-
-
-def record(m: dict, command: str) -> dict:
-    test = m["test"]
-    return {"dataset": m["dataset"], "split": "test", "model": m["model"], "role": m["role"], "name": m["name"],
-            "params": m["params"], "macs": m["macs"], **{k: test.get(k) for k in METRICS}, "seed": m["seed"],
-            "epochs_run": m["epochs_run"], "seconds_per_epoch": m["seconds_per_epoch"],
-            "train_seconds": m["train_seconds"], "command": command}
-
-
-def merge_records(path: Path, new: list[dict]) -> list[dict]:
-    """Replace records with the same (dataset, split, model, role, seed); keep everyone else's."""
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    records = old.get("records", []) if isinstance(old, dict) else old
-    key = lambda r: (r.get("dataset"), r.get("split"), r.get("model"), r.get("role"), r.get("seed"))  # noqa: E731
-    fresh = {key(r) for r in new}
-    merged = [r for r in records if key(r) not in fresh] + new
-    out = dict(old) if isinstance(old, dict) else {}
-    out["records"] = merged
-    write_json(path, out)
-    return merged
+    m, command = run_or_reuse(RECIPES[role], out, [f"seed={seed}"], reuse, f"{role} s{seed}")
+    return accuracy_record(m, command)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -122,9 +73,8 @@ def main() -> None:
     new = [run_one(role, seed, args.reuse) for role in roles for seed in args.seeds]
     merged = merge_records(RESULTS / "accuracy.json", new)
     mine = [r for r in merged if r["role"] in ("student", "student_scratch") and r.get("dataset") == "pneumoniamnist"
-            and r.get("command", "").startswith("edgekd train recipes/pneumonia/student")]
-    summary = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-               "command": "python benchmarks/distill.py " + " ".join(sys.argv[1:]),
+            and r.get("command", "").startswith(tuple(f"edgekd train {p}" for p in RECIPES.values()))]
+    summary = {"date": now(), "machine": machine(), "command": "python benchmarks/distill.py " + " ".join(sys.argv[1:]),
                "teacher": "runs/bench/pneumonia/teacher/best.pt", **summarize(mine)}
     write_json(RESULTS / "distill.json", summary)
     print(json.dumps({k: summary[k] for k in summary if k not in ("by_role",)}, indent=2))
