@@ -332,3 +332,32 @@ def test_dynamo_exporter_option(tmp_path):
     profile = profile_from_dict({"parity": {"images": 4}, "onnx": {"dynamo": True}})
     result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=quiet)
     assert result.parity["artifacts"][0]["max_abs_diff"] <= 1e-4
+
+
+def test_profile_refuses_the_export_batch_size_for_parity():
+    with pytest.raises(EdgeKDError, match="parity.batch_size: .*export batch size 2"):
+        profile_from_dict({"parity": {"batch_size": 2}})
+
+
+@pytest.mark.slow
+def test_input_size_override_rescales_preprocessing(tmp_path):
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    profile = profile_from_dict({"input_size": 24, "parity": {"images": 4}})
+    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=quiet)
+    assert result.metadata["preprocess"]["input_size"] == [3, 24, 24]
+    assert result.metadata["preprocess"]["center_crop"] == 24
+    x = np.zeros((3, 3, 24, 24), np.float32)
+    out, io = run_artifact("onnx", tmp_path / "b/onnx/model_fp32.onnx", x)
+    assert out.shape == (3, 2)
+
+
+@pytest.mark.slow
+def test_int8_accuracy_control_mode(tmp_path):
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
+    profile = profile_from_dict({"parity": {"images": 4, "tolerances": {"int8": {"top1_agreement": 0.5}}},
+                                 "quantization": {"calib_images": 16, "accuracy_control": True, "max_drop": 0.0}})
+    result = export_checkpoint(ckpt, tmp_path / "b", ["openvino"], ["int8"], profile, log=quiet)
+    (art,) = result.metadata["artifacts"]
+    assert "accuracy-controlled" in art["quantization"]
+    # max_drop 0 on the val split: NNCF reverts layers until val accuracy is unchanged.
+    assert result.parity["artifacts"][0]["metric_drop"]["val"]["acc"] <= 0.0

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgekd.errors import EdgeKDError
 from edgekd.recipe import deep_merge
@@ -46,6 +46,13 @@ class ParityConfig(Section):
     metric_images: int | None = Field(2000, ge=1)
     """At most this many images per split for the ACC/AUC comparison (null: the whole split)."""
     tolerances: Tolerances
+
+    @field_validator("batch_size")
+    @classmethod
+    def _not_the_export_batch(cls, v: int) -> int:
+        if v == 2:  # the graph is traced at batch 2; validating there would not prove the axis is dynamic
+            raise ValueError("must differ from the export batch size 2")
+        return v
 
 
 class QuantizationConfig(Section):
