@@ -155,7 +155,22 @@ class FeatureTerm(Section):
     teacher_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
 
 
-DistillTerm = Annotated[Union[KLTerm, CETerm, FocalTerm, FeatureTerm], Field(discriminator="kind")]
+class AttentionTerm(Section):
+    """Attention transfer (Zagoruyko & Komodakis 2017): match the L2-normalized spatial attention maps (channel
+    mean of |activation|^p) of a student and a teacher layer, both by module path; no adapter. The default
+    weight is the paper's beta/2 = 500 per layer pair (the loss is a mean over batch and positions: small values)."""
+    kind: Literal["attention"]
+    weight: float = Field(500.0, ge=0)
+    student: str
+    teacher: str
+    p: float = Field(2.0, gt=0)
+    spatial: Literal["pool", "interpolate"] = "interpolate"
+    """interpolate: resize the student's attention map to the teacher's grid; pool: average-pool the larger."""
+    student_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
+    teacher_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
+
+
+DistillTerm = Annotated[Union[KLTerm, CETerm, FocalTerm, FeatureTerm, AttentionTerm], Field(discriminator="kind")]
 
 
 class DistillConfig(Section):
@@ -172,8 +187,8 @@ class DistillConfig(Section):
 
     @model_validator(mode="after")
     def _has_teacher_term(self) -> "DistillConfig":
-        if not any(t.kind in ("kl", "feature_mse") for t in self.terms):
-            raise ValueError("no 'kl' or 'feature_mse' term: nothing is distilled from the teacher")
+        if not any(t.kind in ("kl", "feature_mse", "attention") for t in self.terms):
+            raise ValueError("no 'kl', 'feature_mse' or 'attention' term: nothing is distilled from the teacher")
         if self.teacher is None and self.teacher_recipe is None:
             raise ValueError("set 'teacher' (a checkpoint) or 'teacher_recipe' (for --folds)")
         return self

@@ -129,3 +129,34 @@ def build_adapter(student: nn.Module, student_feature: torch.Tensor, student_lay
         adapter(student_feature)
         adapter.teacher_map(teacher_feature)
     return adapter
+
+
+class FeatureMaps(nn.Module):
+    """Reads two tapped outputs as NCHW maps without learning anything (attention transfer needs no adapter:
+    the channel reduction makes any channel counts comparable)."""
+
+    def __init__(self, student_layout: str, teacher_layout: str, student_prefix_tokens: int = 0,
+                 teacher_prefix_tokens: int = 0):
+        super().__init__()
+        self.student_layout, self.teacher_layout = student_layout, teacher_layout
+        self.student_prefix, self.teacher_prefix = student_prefix_tokens, teacher_prefix_tokens
+
+    def student_map(self, feature: torch.Tensor) -> torch.Tensor:
+        return to_map(feature, self.student_layout, self.student_prefix)
+
+    def teacher_map(self, feature: torch.Tensor) -> torch.Tensor:
+        return to_map(feature, self.teacher_layout, self.teacher_prefix)
+
+
+def build_feature_maps(student: nn.Module, student_feature: torch.Tensor, student_layout: str,
+                       teacher: nn.Module, teacher_feature: torch.Tensor, teacher_layout: str) -> FeatureMaps:
+    """A FeatureMaps reader with layouts resolved from probe outputs of the two tapped layers."""
+    s_layout = resolve_layout(student, student_feature, student_layout)
+    t_layout = resolve_layout(teacher, teacher_feature, teacher_layout)
+    s_prefix = int(getattr(student, "num_prefix_tokens", 0)) if s_layout == "tokens" else 0
+    t_prefix = int(getattr(teacher, "num_prefix_tokens", 0)) if t_layout == "tokens" else 0
+    maps = FeatureMaps(s_layout, t_layout, s_prefix, t_prefix)
+    with torch.no_grad():  # a bad layer choice (e.g. a token grid that is not square) fails before training
+        maps.student_map(student_feature)
+        maps.teacher_map(teacher_feature)
+    return maps

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd.distill.features import FeatureAdapter, align_spatial
+from edgekd.distill.features import FeatureAdapter, FeatureMaps, align_spatial
 from edgekd.errors import EdgeKDError
 from edgekd.train.losses import FocalLoss
 
@@ -97,6 +97,38 @@ class FeatureMSE(LossTerm):
         return F.mse_loss(student.float(), teacher.float())
 
 
+def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 1, H, W): the channel mean of |A|^p (Zagoruyko & Komodakis 2017, F_sum^p up to 1/C,
+    which the L2 normalization that follows removes; so teacher and student channel counts may differ)."""
+    return feature.float().abs().pow(p).mean(dim=1, keepdim=True)
+
+
+def attention_transfer(student_map: torch.Tensor, teacher_map: torch.Tensor, p: float = 2.0,
+                       spatial: str = "interpolate") -> torch.Tensor:
+    """Mean squared difference of the L2-normalized, flattened attention maps (the authors' code: at_loss).
+
+    The maps are reduced over channels first, then brought to one grid (`align_spatial`: by default the student's
+    attention map is interpolated to the teacher's size).
+    """
+    qs, qt = align_spatial(attention_map(student_map, p), attention_map(teacher_map, p), spatial)
+    qs, qt = F.normalize(qs.flatten(1), dim=1), F.normalize(qt.flatten(1), dim=1)
+    return (qs - qt).pow(2).mean()
+
+
+class AttentionTransfer(LossTerm):
+    """Attention-transfer KD on one (student layer, teacher layer) pair; no trainable parameters."""
+
+    def __init__(self, student_layer: str, teacher_layer: str, maps: FeatureMaps, p: float, spatial: str):
+        super().__init__()
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.maps, self.p, self.spatial = maps, p, spatial
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        student = self.maps.student_map(batch.student_features[self.student_layer])
+        teacher = self.maps.teacher_map(batch.teacher_features[self.teacher_layer])
+        return attention_transfer(student, teacher, self.p, self.spatial)
+
+
 @register_term("kl")
 def _build_kl(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter | None = None) -> LossTerm:
     return KLDivergence(cfg.temperature)
@@ -119,6 +151,14 @@ def _build_feature(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdap
     if adapter is None:
         raise EdgeKDError(f"distill.terms: feature_mse {cfg.student} -> {cfg.teacher} needs an adapter")
     return FeatureMSE(cfg.student, cfg.teacher, adapter, cfg.spatial)
+
+
+@register_term("attention")
+def _build_attention(cfg, class_weights: torch.Tensor | None, maps: FeatureMaps | None = None) -> LossTerm:
+    if maps is None:  # layouts are resolved by a probe forward in build_objective; without one assume NCHW maps
+        maps = FeatureMaps(cfg.student_layout if cfg.student_layout != "auto" else "nchw",
+                           cfg.teacher_layout if cfg.teacher_layout != "auto" else "nchw")
+    return AttentionTransfer(cfg.student, cfg.teacher, maps, cfg.p, cfg.spatial)
 
 
 class DistillLoss(nn.Module):
@@ -154,8 +194,9 @@ class DistillLoss(nn.Module):
 
 
 def build_distill_loss(terms_cfg: list, class_weights: torch.Tensor | None,
-                       adapters: dict[int, FeatureAdapter] | None = None) -> DistillLoss:
-    """The recipe's distill.terms -> DistillLoss. `adapters[i]` is the adapter of feature term i."""
+                       adapters: dict[int, FeatureAdapter | FeatureMaps] | None = None) -> DistillLoss:
+    """The recipe's distill.terms -> DistillLoss. `adapters[i]` reads the taps of term i: the trained adapter
+    of a feature_mse term, the (parameter-free) FeatureMaps of an attention term."""
     adapters = adapters or {}
     terms, weights, names = [], [], []
     for i, cfg in enumerate(terms_cfg):

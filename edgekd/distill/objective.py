@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd.distill.features import FeatureAdapter, build_adapter, capture_features
+from edgekd.distill.features import FeatureAdapter, FeatureMaps, build_adapter, build_feature_maps, capture_features
 from edgekd.distill.losses import DistillLoss, KDBatch, build_distill_loss
 from edgekd.errors import EdgeKDError
 from edgekd.train.checkpoint import model_from_checkpoint
@@ -167,15 +167,16 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
                               f"the data has {num_classes} (use feature_mse terms only for cross-task KD)")
     freeze_teacher(teacher)
     teacher_input = TeacherInput(student_pre, teacher_ckpt["preprocess"], distill_cfg.teacher_image_size)
-    feature_terms = {i: t for i, t in enumerate(distill_cfg.terms) if t.kind == "feature_mse"}
-    adapters: dict[int, FeatureAdapter] = {}
+    feature_terms = {i: t for i, t in enumerate(distill_cfg.terms) if t.kind in ("feature_mse", "attention")}
+    adapters: dict[int, FeatureAdapter | FeatureMaps] = {}
     if feature_terms:
         s_feats, t_feats = probe_features(student, teacher, teacher_input, student_pre["input_size"],
                                           sorted({t.student for t in feature_terms.values()}),
                                           sorted({t.teacher for t in feature_terms.values()}))
         for i, t in feature_terms.items():
-            adapters[i] = build_adapter(student, s_feats[t.student], t.student_layout,
-                                        teacher, t_feats[t.teacher], t.teacher_layout)
+            build = build_adapter if t.kind == "feature_mse" else build_feature_maps
+            adapters[i] = build(student, s_feats[t.student], t.student_layout,
+                                teacher, t_feats[t.teacher], t.teacher_layout)
     loss = build_distill_loss(distill_cfg.terms, class_weights, adapters)
     cache = None
     if distill_cfg.cache_teacher_logits:
@@ -183,8 +184,8 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
             raise EdgeKDError("distill.cache_teacher_logits needs a deterministic train transform, "
                               "but the recipe has augment ops (remove them or turn the cache off)")
         if feature_terms:
-            raise EdgeKDError("distill.cache_teacher_logits caches logits only: feature_mse terms need the "
-                              "teacher's forward every step (turn the cache off)")
+            raise EdgeKDError("distill.cache_teacher_logits caches logits only: feature_mse/attention terms need "
+                              "the teacher's forward every step (turn the cache off)")
         cache = TeacherLogitCache()
     log(f"distill: teacher {teacher_ckpt['arch']['name']} at {teacher_input.size}px, student at "
         f"{teacher_input.student_size}px; terms " + ", ".join(f"{t.weight:g}*{t.kind}" for t in distill_cfg.terms)
