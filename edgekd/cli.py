@@ -245,6 +245,55 @@ def predict(
 
 
 @app.command()
+def bench(
+    source: Path = typer.Argument(..., help="A checkpoint (exported here first) or an exported bundle."),
+    formats: str = typer.Option("torch,onnx,openvino", "--formats", help="Comma-separated: torch,onnx,openvino."),
+    precision: str = typer.Option("fp32,int8", "--precision", help="Comma-separated: fp32,fp16,int8."),
+    batch: str = typer.Option("1,8,32", "--batch", help="Comma-separated batch sizes."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Every image in all its TTA views (one batched call)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="The teacher (checkpoint or bundle), benchmarked alike."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Score accuracy on this recipe's test split (default: the checkpoint's)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the --data recipe."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With a bundle: its checkpoint, for the torch rows and MACs."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: <source dir>/bench)."),
+    seconds: float = typer.Option(2.0, "--seconds", min=0, help="Minimum timed seconds per measurement."),
+    min_runs: int = typer.Option(20, "--min-runs", min=1, help="Minimum timed calls per measurement."),
+    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed calls before each measurement."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Skip the torch.compile rows."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Score only the first N test images."),
+    profile: bool = typer.Option(False, "--profile", help="OpenVINO per-layer profile of every OpenVINO row."),
+    parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Parity images when exporting a checkpoint."),
+    calib_images: Optional[int] = typer.Option(None, "--calib-images", help="INT8 calibration images when exporting."),
+) -> None:
+    """Latency (p50/p90/p99), throughput, size, peak RSS, MACs, accuracy/AUC and share of the GEMM peak per
+    format x precision x batch, with PyTorch eager/compile and bare-runtime baselines; writes bench.json/.md/.png."""
+    from edgekd.bench.report import records_table
+    from edgekd.bench.run import VARIANTS, Timing, command_line, run_bench
+    from edgekd.recipe import load_recipe
+
+    data_recipe = load_recipe(data, set_) if data is not None else None
+    if set_ and data is None:
+        raise EdgeKDError("--set needs --data (it overrides the data recipe)")
+    variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
+    out = out or (source if source.is_dir() else source.parent) / "bench"
+    with progress_bar() as progress:
+        log = progress.console.print if progress.console.is_terminal else console.print
+        result = run_bench(source, out, formats, precision, batch, threads, tta, teacher, data_recipe, checkpoint,
+                           Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
+                           profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
+                           command=command_line(), log=log)
+    gemm = result.summary.get("gemm") or {}
+    title = f"{source}: {result.summary['threads']} thread(s)" + (
+        f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s" if gemm.get("peak_gflops") else "")
+    out_console.print(records_table(result.records, title))
+    for r in {(r["role"], r["format"], r["precision"], r["variant"]): r for r in result.records
+              if r["status"] != "ok"}.values():
+        console.print(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}")
+    console.print(f"wrote {out / 'bench.json'}, bench.md and bench.png")
+
+
+@app.command()
 def report(
     runs: list[Path] = typer.Argument(..., help="Run directories (holding best.pt) or checkpoints to compare."),
     out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="Output directory."),

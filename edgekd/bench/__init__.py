@@ -1,0 +1,20 @@
+"""Benchmarks of checkpoints and bundles: latency percentiles, throughput, size, RSS, accuracy, the GEMM peak.
+
+Imports are lazy: `python -m edgekd.bench.worker` measures ONNX Runtime/OpenVINO rows in a process without torch.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BenchResult", "gemm_peak_fraction", "measure_gemm_peak", "run_bench"]
+
+
+def __getattr__(name: str):
+    if name in ("BenchResult", "run_bench"):
+        from edgekd.bench import run
+
+        return getattr(run, name)
+    if name in ("gemm_peak_fraction", "measure_gemm_peak"):
+        from edgekd.bench import hardware
+
+        return getattr(hardware, name)
+    raise AttributeError(f"module 'edgekd.bench' has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""The hardware limit: this machine's FP32 GEMM rate (numpy and torch) and a model's achieved fraction of it."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgekd.runtime.timing import time_call
+
+GEMM_SIZES = (512, 1024, 2048)
+"""Square FP32 matmul sizes tried; the best one (usually the largest that fits the caches well) is the peak."""
+
+
+def gemm_peak_fraction(macs_per_image: int | float | None, images_per_s: float | None, peak_gflops: float | None,
+                       views: int = 1) -> float | None:
+    """Achieved share of the GEMM peak: 2 FLOPs per MAC x MACs x rows per image (TTA views) x images/s / peak."""
+    if not macs_per_image or not images_per_s or not peak_gflops:
+        return None
+    return 2.0 * float(macs_per_image) * views * float(images_per_s) / (float(peak_gflops) * 1e9)
+
+
+def _gemm_rate(matmul: Callable[[], object], n: int, min_seconds: float) -> dict[str, float]:
+    """GFLOP/s of one n x n x n matmul from the median and the fastest of timed calls."""
+    stats = time_call(matmul, warmup=2, min_runs=5, max_runs=500, min_seconds=min_seconds)
+    flop = 2.0 * n ** 3
+    return {"n": n, "gflops_p50": flop / (stats["p50_ms"] * 1e6), "gflops_best": flop / (stats["min_ms"] * 1e6),
+            "runs": stats["runs"]}
+
+
+def measure_gemm_peak(threads: int, sizes: tuple[int, ...] = GEMM_SIZES, min_seconds: float = 0.5,
+                      libraries: tuple[str, ...] = ("torch", "numpy")) -> dict:
+    """FP32 GEMM GFLOP/s at `threads` threads for each library and size.
+
+    The peak is the median-call rate of the best (library, size): the same statistic (p50) as the model
+    throughputs it is compared with, so a busy machine lowers both alike. `gflops_best` (fastest call) is kept too.
+    """
+    rng = np.random.default_rng(0)
+    results = []
+    for lib in libraries:
+        for n in sizes:
+            a = rng.standard_normal((n, n), dtype=np.float32)
+            b = rng.standard_normal((n, n), dtype=np.float32)
+            if lib == "torch":
+                import torch
+
+                torch.set_num_threads(threads)
+                ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+                out = torch.empty(n, n)
+                rate = _gemm_rate(lambda: torch.mm(ta, tb, out=out), n, min_seconds)
+            elif lib == "numpy":
+                from threadpoolctl import threadpool_limits
+
+                out_np = np.empty((n, n), dtype=np.float32)
+                with threadpool_limits(limits=threads):
+                    rate = _gemm_rate(lambda: np.matmul(a, b, out=out_np), n, min_seconds)
+            else:
+                raise ValueError(f"unknown GEMM library '{lib}'")
+            results.append({"library": lib, **rate})
+    best = max(results, key=lambda r: r["gflops_p50"])
+    return {"peak_gflops": best["gflops_p50"], "peak_gflops_best_call": max(r["gflops_best"] for r in results),
+            "library": best["library"], "n": best["n"], "threads": threads, "dtype": "float32", "all": results}
+
+
+def cpu_info() -> dict:
+    """CPU model, core count and the SIMD features that decide FP32/INT8 kernel speed (AVX2/FMA, AVX-512, VNNI, AMX)."""
+    model, flags = platform.processor() or "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return {"model": model, "cores": os.cpu_count(), "machine": platform.machine(),
+            "simd": [f for f in wanted if f in flags],
+            "int8_dot_product": any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))}

@@ -1,0 +1,100 @@
+"""Benchmark records as a markdown table, a rich terminal table and a throughput chart (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLUMNS = (  # (header, record key, format)
+    ("model", "model", "{}"), ("role", "role", "{}"), ("format", "format", "{}"), ("precision", "precision", "{}"),
+    ("variant", "variant", "{}"), ("batch", "batch", "{}"), ("p50 ms", "p50_ms", "{:.3f}"),
+    ("p90 ms", "p90_ms", "{:.3f}"), ("p99 ms", "p99_ms", "{:.3f}"), ("img/s", "throughput", "{:.1f}"),
+    ("params M", "params", "params"), ("MMACs", "macs", "macs"), ("size MB", "size_mb", "{:.2f}"),
+    ("RSS MB", "peak_rss_mb", "{:.0f}"), ("acc", "acc", "{:.4f}"), ("auc", "auc", "{:.4f}"),
+    ("% GEMM peak", "gemm_peak_fraction", "pct"),
+)
+
+
+def cell(record: dict, key: str, fmt: str) -> str:
+    value = record.get(key)
+    if value is None:
+        return "n/a" if key == "p50_ms" and record.get("status") != "ok" else "-"
+    if fmt == "params" or fmt == "macs":
+        return f"{value / 1e6:.2f}"
+    if fmt == "pct":
+        return f"{100 * value:.1f}"
+    return fmt.format(value)
+
+
+def records_markdown(records: list[dict], summary: dict | None = None) -> str:
+    """The records as one markdown table (n/a rows with their reason below it), headed by command, date, machine."""
+    lines = []
+    if summary:
+        m = summary["machine"]
+        gemm = summary.get("gemm") or {}
+        lines += [f"- command: `{summary['command']}`", f"- date: {summary['date']}",
+                  f"- machine: {m['cores']}-core {m['machine']} ({m['model']}; {', '.join(m['simd']) or 'no AVX'}), "
+                  f"load average at start {m['load_avg_at_start']}, at end {m['load_avg_at_end']}",
+                  f"- threads: {summary['threads']}; TTA: {'yes' if summary['tta'] else 'no'}; timing: "
+                  f"{summary['timing']['warmup']} warm-up calls, then >= {summary['timing']['min_runs']} calls "
+                  f"and >= {summary['timing']['min_seconds']} s per measurement"]
+        if gemm.get("peak_gflops"):
+            lines.append(f"- FP32 GEMM peak: {gemm['peak_gflops']:.1f} GFLOP/s ({gemm['library']} {gemm['n']}^3 "
+                         f"matmul, median call; fastest call {gemm['peak_gflops_best_call']:.1f})")
+        elif gemm:
+            lines.append(f"- FP32 GEMM peak: not measured ({gemm.get('error')})")
+        lines.append("")
+    lines.append("| " + " | ".join(h for h, _, _ in COLUMNS) + " |")
+    lines.append("|" + "|".join("---" if i < 6 else "---:" for i in range(len(COLUMNS))) + "|")
+    for r in records:
+        lines.append("| " + " | ".join(cell(r, k, f) for _, k, f in COLUMNS) + " |")
+    failed = {(r["role"], r["format"], r["precision"], r["variant"]): r["reason"] for r in records
+              if r.get("status") != "ok"}
+    if failed:
+        lines.append("")
+        lines += [f"- n/a: {' '.join(k)}: {reason}" for k, reason in failed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def records_table(records: list[dict], title: str = ""):
+    """A rich Table of the records (the terminal view of `edgekd bench`)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, (header, _, _) in enumerate(COLUMNS):
+        table.add_column(header, justify="left" if i < 5 else "right")
+    for r in records:
+        style = None if r.get("status") == "ok" else "dim"
+        table.add_row(*[cell(r, k, f) for _, k, f in COLUMNS], style=style)
+    return table
+
+
+def throughput_chart(records: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """Horizontal bars: images/s of every measured row (log scale), one bar per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from edgekd.metrics.plots import _save
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    if not ok:
+        return None
+    rows = list(dict.fromkeys((r["role"], r["model"], r["format"], r["precision"], r["variant"]) for r in ok))
+    batches = sorted({r["batch"] for r in ok})
+    value = {(r["role"], r["model"], r["format"], r["precision"], r["variant"], r["batch"]): r["throughput"] for r in ok}
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(rows) * max(1, len(batches)) ** 0.5))
+    height = 0.8 / len(batches)
+    y = np.arange(len(rows))
+    for i, b in enumerate(batches):
+        ax.barh(y + i * height, [value.get((*row, b), 0) for row in rows], height, label=f"batch {b}")
+    ax.set_yticks(y + height * (len(batches) - 1) / 2)
+    ax.set_yticklabels([f"{role} {model} {fmt} {prec} {var}" for role, model, fmt, prec, var in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("throughput (images/s, log scale)")
+    ax.set_title(title or "throughput")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,464 @@
+"""`edgekd bench`: checkpoint/bundle -> (export) -> one fresh process per row -> records, JSON, markdown, chart."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgekd.bench.hardware import cpu_info, gemm_peak_fraction
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import write_json
+
+SCHEMA = "edgekd-bench/1"
+FORMATS = ("torch", "onnx", "openvino")
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_VIEWS = ["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"]
+RECORD_KEYS = ("model", "role", "format", "precision", "variant", "batch", "tta", "views", "threads", "p50_ms",
+               "p90_ms", "p99_ms", "mean_ms", "min_ms", "runs", "throughput", "params", "macs", "size_mb",
+               "peak_rss_mb", "load_s", "acc", "auc", "gemm_peak_fraction", "status", "reason")
+"""Every record has exactly these keys (None where not measured; status 'ok' or 'n/a' with the reason)."""
+VARIANTS = {"torch": ("eager", "compile"), "onnx": ("bare", "runner"), "openvino": ("bare", "runner")}
+"""bare: the framework's own call on a preprocessed float batch; runner: edgekd.runtime from uint8 images
+(preprocessing, TTA views, inference, softmax); eager / compile: PyTorch, and torch.compile (inductor) on CPU."""
+
+
+@dataclass
+class Timing:
+    """Per measurement: `warmup` untimed calls, then timed calls until both `min_runs` and `min_seconds`."""
+
+    warmup: int = 10
+    min_runs: int = 20
+    max_runs: int = 5000
+    min_seconds: float = 2.0
+
+    def as_kwargs(self) -> dict:
+        return {"warmup": self.warmup, "min_runs": self.min_runs, "max_runs": self.max_runs,
+                "min_seconds": self.min_seconds}
+
+
+@dataclass
+class Subject:
+    """A model to benchmark (the student, or the teacher): where its weights and artifacts are, what it costs."""
+
+    role: str
+    name: str
+    preprocess: dict
+    class_names: list[str]
+    checkpoint: Path | None = None
+    artifacts: dict[tuple[str, str], dict] = field(default_factory=dict)
+    """(format, precision) -> {"bundle": dir, "path": file, "size_mb": float}."""
+    unavailable: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(format, precision) -> why there is no artifact (e.g. the export's parity gate refused it)."""
+    views: list[str] = field(default_factory=lambda: list(DEFAULT_VIEWS))
+    center_crop_fraction: float = 0.875
+    params: int | None = None
+    macs: int | None = None
+    images: Path | None = None
+    labels: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"role": self.role, "model": self.name, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "params": self.params, "macs": self.macs, "input_size": self.preprocess.get("input_size"),
+                "artifacts": {f"{f}/{p}": str(a["path"]) for (f, p), a in self.artifacts.items()},
+                "unavailable": {f"{f}/{p}": r for (f, p), r in self.unavailable.items()},
+                "test_images": None if self.labels is None else int(len(self.labels)), "notes": self.notes}
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    records: list[dict]
+    summary: dict
+    markdown: str
+
+
+def parse_list(text: str | list[str] | None, allowed: tuple[str, ...], option: str) -> list[str]:
+    items = text if isinstance(text, list) else [t.strip() for t in (text or "").split(",") if t.strip()]
+    for item in items:
+        if item not in allowed:
+            raise EdgeKDError(f"{option}: unknown value '{item}' (choose from {', '.join(allowed)})")
+    if not items:
+        raise EdgeKDError(f"{option}: give at least one of {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_batches(text: str | list[int]) -> list[int]:
+    try:
+        batches = text if isinstance(text, list) else [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise EdgeKDError(f"--batch: expected comma-separated integers, got '{text}'") from None
+    if not batches or any(b < 1 for b in batches):
+        raise EdgeKDError(f"--batch: batch sizes must be >= 1, got '{text}'")
+    return sorted(set(batches))
+
+
+def is_bundle(path: Path) -> bool:
+    import zipfile
+
+    return (path.is_dir() and (path / "edgekd.json").is_file()) or (path.is_file() and zipfile.is_zipfile(path)
+                                                                    and path.suffix == ".zip")
+
+
+# ------------------------------------------------------------------------------------------------ subjects
+
+def _bundle_reusable(bundle_dir: Path, checkpoint: Path, pairs: list[tuple[str, str]]) -> bool:
+    """An earlier export of this very checkpoint (path, and newer than the file) holding every pair we need."""
+    meta_path, parity_path = bundle_dir / "edgekd.json", bundle_dir / "parity.json"
+    if not (meta_path.is_file() and parity_path.is_file()):
+        return False
+    parity = json.loads(parity_path.read_text())
+    if Path(parity.get("checkpoint", "")).resolve() != checkpoint.resolve():
+        return False
+    if meta_path.stat().st_mtime < checkpoint.stat().st_mtime:
+        return False
+    have = {(a["format"], a["precision"]) for a in json.loads(meta_path.read_text()).get("artifacts", [])}
+    return set(pairs) <= have
+
+
+def _export(checkpoint: Path, bundle_dir: Path, pairs: list[tuple[str, str]], threads: int, parity_images: int | None,
+            calib_images: int | None, data_overrides: list[str], log) -> tuple[list[Path], dict[tuple[str, str], str]]:
+    """Export `pairs` into bundle_dir; if the parity gate refuses some artifacts, export the others (one bundle per
+    precision) and report the refused ones. -> (bundle dirs, {(format, precision): reason})."""
+    from edgekd.export import ParityGateError, export_checkpoint, load_profile, with_overrides
+
+    profile = with_overrides(load_profile(None), parity_images, calib_images, threads)
+    formats = list(dict.fromkeys(f for f, _ in pairs))
+    precisions = list(dict.fromkeys(p for _, p in pairs))
+    if _bundle_reusable(bundle_dir, checkpoint, pairs):
+        log(f"reusing the export in {bundle_dir}")
+        return [bundle_dir], {}
+    log(f"exporting {checkpoint} -> {bundle_dir} ({', '.join(f'{f}/{p}' for f, p in pairs)})")
+    try:
+        export_checkpoint(checkpoint, bundle_dir, formats, precisions, profile, data_overrides=data_overrides, log=log)
+        return [bundle_dir], {}
+    except ParityGateError as err:
+        refused = {(r["format"], r["precision"]): "export parity gate: " + "; ".join(r["failures"])
+                   for r in err.parity["artifacts"] if not r["passed"]}
+        passed = [(r["format"], r["precision"]) for r in err.parity["artifacts"] if r["passed"]]
+        missing = [p for p in pairs if p not in refused and p not in passed]  # failed before the gate
+        for pair in missing:
+            refused[pair] = next((f for f in err.parity["failures"] if f.startswith(f"{pair[0]}/{pair[1]}")),
+                                 "export failed")
+        log(f"parity gate refused {', '.join(f'{f}/{p}' for f, p in refused)}; exporting the rest")
+    bundles = []
+    for precision in precisions:
+        ok = [f for f, p in passed if p == precision]
+        if ok:
+            target = bundle_dir.with_name(f"{bundle_dir.name}-{precision}")
+            if not _bundle_reusable(target, checkpoint, [(f, precision) for f in ok]):
+                export_checkpoint(checkpoint, target, ok, [precision], profile, data_overrides=data_overrides, log=log)
+            bundles.append(target)
+    return bundles, refused
+
+
+def _add_bundle_artifacts(subject: Subject, bundle_path: Path) -> None:
+    from edgekd.runtime import open_bundle
+
+    bundle = open_bundle(bundle_path)
+    for art in bundle.meta["artifacts"]:
+        key = (art["format"], art["precision"])
+        path = bundle.root / art["path"]
+        files = [path, path.with_suffix(".bin")] if art["format"] == "openvino" else [path]
+        subject.artifacts.setdefault(key, {"bundle": bundle_path, "path": path,
+                                           "size_mb": sum(f.stat().st_size for f in files) / 2**20})
+    subject.views = list(bundle.tta.get("views") or DEFAULT_VIEWS)
+    subject.center_crop_fraction = float(bundle.tta.get("center_crop_fraction", 0.875))
+
+
+def resolve_subject(source: Path, role: str | None, formats: list[str], precisions: list[str], out: Path,
+                    threads: int, checkpoint: Path | None = None, export_options: dict | None = None,
+                    log: Callable[[str], None] = print) -> Subject:
+    """A checkpoint (exported here for the ONNX/OpenVINO rows) or a bundle (plus an optional checkpoint for torch)."""
+    from edgekd.runtime import open_bundle
+    from edgekd.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    export_options = export_options or {}
+    source = Path(source)
+    if not source.exists():
+        raise EdgeKDError(f"{source}: no such checkpoint or bundle")
+    wanted = [(f, p) for f in formats if f != "torch" for p in precisions]
+    if is_bundle(source):
+        bundle = open_bundle(source)
+        meta = bundle.model
+        subject = Subject(role=role or meta.get("role") or "model", name=meta.get("name") or source.name,
+                          preprocess=bundle.preprocess, class_names=bundle.class_names, checkpoint=checkpoint,
+                          params=meta.get("params"))
+        _add_bundle_artifacts(subject, source)
+        for pair in wanted:
+            if pair not in subject.artifacts:
+                subject.unavailable[pair] = f"not in the bundle {source}"
+    else:
+        ckpt = load_checkpoint(source)
+        checkpoint = source
+        subject = Subject(role=role or ckpt.get("role") or "model", name=ckpt["arch"]["name"],
+                          preprocess=ckpt["preprocess"], class_names=list(ckpt["class_names"]), checkpoint=source)
+        from edgekd.export import FORMATS as EXPORT_FORMATS
+
+        pairs = [(f, p) for f, p in wanted if p in EXPORT_FORMATS[f].precisions]
+        for pair in wanted:
+            if pair not in pairs:
+                subject.unavailable[pair] = f"{pair[0]} has no {pair[1]} export"
+        if pairs:
+            bundles, refused = _export(source, out / f"bundle-{subject.role}", pairs, threads,
+                                       export_options.get("parity_images"), export_options.get("calib_images"),
+                                       export_options.get("data_overrides") or [], log)
+            for b in bundles:
+                _add_bundle_artifacts(subject, b)
+            subject.unavailable.update(refused)
+            for pair in list(subject.artifacts):
+                if pair not in pairs:
+                    del subject.artifacts[pair]  # a reused bundle may hold more than was asked for
+    if subject.checkpoint is not None:
+        from edgekd.models import count_macs, count_parameters
+
+        model, _ = model_from_checkpoint(subject.checkpoint)
+        subject.params = count_parameters(model)
+        subject.macs = count_macs(model, tuple(subject.preprocess["input_size"]))
+    else:
+        subject.notes.append("no checkpoint: no torch rows and no MACs (so no GEMM-peak fraction); pass --checkpoint")
+    return subject
+
+
+def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, log) -> None:
+    """The test split at this subject's model input size (uint8, runtime preprocessing) -> an .npy for the workers."""
+    from edgekd.data import build_data
+    from edgekd.runtime import Preprocessor
+
+    data = build_data(recipe)
+    if data.num_classes != len(subject.class_names):
+        raise EdgeKDError(f"--data: {recipe.name} has {data.num_classes} classes, the {subject.role} model "
+                          f"{len(subject.class_names)}")
+    test = data.dataset("test", train=False)
+    n = len(test) if not limit else min(limit, len(test))
+    prep = Preprocessor(subject.preprocess)
+    images = np.stack([prep.to_model_size(test.raw(i)) for i in range(n)])
+    subject.images = work / f"{subject.role}-test-images.npy"
+    np.save(subject.images, images)
+    subject.labels = np.asarray(test.table.labels[:n])
+    log(f"{subject.role}: {n} test images of {recipe.data.source} '{recipe.name}' at {images.shape[1:]}")
+
+
+def attach_synthetic_images(subject: Subject, work: Path, n: int) -> None:
+    """No test data (a bundle without --data): time on seeded random images, report no accuracy."""
+    c, h, w = subject.preprocess["input_size"]
+    images = np.random.default_rng(0).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
+    subject.images = work / f"{subject.role}-synthetic-images.npy"
+    np.save(subject.images, images)
+    subject.notes.append("no test data (give --data RECIPE or a checkpoint): timed on random images, no accuracy")
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+@dataclass
+class Row:
+    subject: Subject
+    format: str
+    precision: str
+    variant: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.subject.role} {self.format} {self.precision} {self.variant}"
+
+
+def plan_rows(subject: Subject, formats: list[str], precisions: list[str], variants: dict[str, tuple[str, ...]]) -> list[Row]:
+    rows = []
+    for fmt in formats:
+        for precision in precisions:
+            if fmt == "torch" and precision != "fp32":
+                continue  # PyTorch runs the checkpoint as trained; lower precisions come from the exports
+            for variant in variants.get(fmt, ()):
+                rows.append(Row(subject, fmt, precision, variant))
+    return rows
+
+
+def run_worker(job: dict, work: Path, timeout: float) -> dict:
+    """Run one job in a fresh interpreter; any failure (error, crash, timeout) comes back as {"error": ...}."""
+    fd, job_path = tempfile.mkstemp(prefix="job-", suffix=".json", dir=work)
+    os.close(fd)
+    job = {**job, "result": job_path.replace(".json", "-result.json")}
+    Path(job_path).write_text(json.dumps(job))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgekd.bench.worker", job_path], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    result_path = Path(job["result"])
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()
+    return {"error": f"worker exited with code {proc.returncode}: {tail[-1][:300] if tail else 'no output'}"}
+
+
+def row_job(row: Row, batches: list[int], threads: int, tta: bool, timing: Timing, work: Path,
+            evaluate: bool, profile_batch: int | None) -> dict | str:
+    """The worker job of a row, or the reason it cannot run."""
+    s = row.subject
+    job: dict[str, Any] = {"kind": row.format, "variant": row.variant, "precision": row.precision, "threads": threads,
+                           "batches": batches, "views": s.views if tta else None,
+                           "center_crop_fraction": s.center_crop_fraction, "preprocess": s.preprocess,
+                           "images": str(s.images), "timing": timing.as_kwargs(), "evaluate": evaluate,
+                           "probs": str(work / f"{row.label.replace(' ', '-')}-probs.npy")}
+    if row.format == "torch":
+        if s.checkpoint is None:
+            return "no checkpoint (pass --checkpoint with a bundle)"
+        job["model_path"] = str(s.checkpoint)
+    else:
+        art = s.artifacts.get((row.format, row.precision))
+        if art is None:
+            return s.unavailable.get((row.format, row.precision), "no such artifact")
+        job["model_path"], job["bundle"] = str(art["path"]), str(art["bundle"])
+        if profile_batch and row.format == "openvino" and row.variant == "bare":
+            job["profile_batch"] = profile_batch
+    return job
+
+
+def size_mb(row: Row) -> float | None:
+    if row.format == "torch":
+        return row.subject.checkpoint.stat().st_size / 2**20 if row.subject.checkpoint else None
+    art = row.subject.artifacts.get((row.format, row.precision))
+    return art["size_mb"] if art else None
+
+
+def make_records(row: Row, result: dict | str, batches: list[int], threads: int, tta: bool,
+                 peak_gflops: float | None) -> list[dict]:
+    """One record per batch size; a row that could not run gives 'n/a' records with the reason."""
+    s = row.subject
+    views = len(s.views) if tta else 1
+    error = result if isinstance(result, str) else result.get("error")
+    metrics = {}
+    if not error and result.get("probs") and s.labels is not None:
+        from edgekd.metrics import classification_metrics
+
+        probs = np.load(result["probs"])
+        metrics = classification_metrics(s.labels[:len(probs)], probs)
+    records = []
+    for batch in batches:
+        rec = dict.fromkeys(RECORD_KEYS)
+        rec.update(model=s.name, role=s.role, format=row.format, precision=row.precision, variant=row.variant,
+                   batch=batch, tta=tta, views=views, threads=threads, params=s.params, macs=s.macs,
+                   size_mb=size_mb(row), status="n/a" if error else "ok", reason=error)
+        if not error:
+            stats = result["timings"][str(batch)]
+            rec.update({k: stats[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "runs")})
+            rec["throughput"] = 1000.0 * batch / stats["p50_ms"]
+            rec.update(peak_rss_mb=result.get("peak_rss_mb"), load_s=result.get("load_s"),
+                       acc=metrics.get("acc"), auc=metrics.get("auc"),
+                       gemm_peak_fraction=gemm_peak_fraction(s.macs, rec["throughput"], peak_gflops, views))
+        records.append(rec)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def run_bench(source: str | Path, out: str | Path, formats: list[str] | str = "torch,onnx,openvino",
+              precisions: list[str] | str = "fp32,int8", batches: list[int] | str = "1,8,32",
+              threads: int | None = None, tta: bool = False, teacher: str | Path | None = None,
+              data_recipe=None, checkpoint: str | Path | None = None, timing: Timing | None = None,
+              variants: dict[str, tuple[str, ...]] | None = None, eval_limit: int | None = None,
+              profile: bool = False, gemm: bool = True, worker_timeout: float = 1800.0,
+              export_options: dict | None = None, command: str | None = None,
+              log: Callable[[str], None] = print) -> BenchResult:
+    """Benchmark a model (and optionally its teacher) in every (format, precision, variant) x batch, one run.
+
+    `data_recipe`: a Recipe whose test split scores accuracy (default: each checkpoint's own recipe).
+    `variants`: per format, which variants to run (default VARIANTS: eager+compile, bare+runner).
+    Writes out/bench.json, out/bench.md and out/bench.png; returns the records.
+    """
+    from edgekd.bench.report import records_markdown, throughput_chart
+    from edgekd.recipe import recipe_from_dict
+
+    formats = parse_list(formats, FORMATS, "--formats")
+    precisions = parse_list(precisions, PRECISIONS, "--precision")
+    batches = parse_batches(batches)
+    threads = threads or os.cpu_count() or 1
+    if threads < 1:
+        raise EdgeKDError(f"--threads must be >= 1, got {threads}")
+    timing = timing or Timing()
+    variants = variants or VARIANTS
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EdgeKDError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    load_start = [round(v, 2) for v in os.getloadavg()]
+
+    subjects = [resolve_subject(Path(source), None, formats, precisions, out, threads,
+                                Path(checkpoint) if checkpoint else None, export_options, log)]
+    if teacher is not None:
+        subjects.append(resolve_subject(Path(teacher), "teacher", formats, precisions, out, threads, None,
+                                        export_options, log))
+        if subjects[0].role == "teacher":
+            subjects[0].role = "student"
+    for s in subjects:
+        recipe = data_recipe
+        if recipe is None and s.checkpoint is not None:
+            from edgekd.train.checkpoint import load_checkpoint
+
+            embedded = load_checkpoint(s.checkpoint).get("recipe")
+            recipe = recipe_from_dict(embedded, f"{s.checkpoint} (embedded recipe)") if embedded else None
+        if recipe is not None:
+            attach_test_images(s, recipe, work, eval_limit, log)
+        else:
+            attach_synthetic_images(s, work, max(batches))
+
+    gemm_info = None
+    if gemm:
+        log(f"measuring the FP32 GEMM peak at {threads} thread(s)")
+        result = run_worker({"kind": "gemm", "variant": "gemm", "threads": threads,
+                             "min_seconds": min(1.0, max(0.05, timing.min_seconds / 2))}, work, worker_timeout)
+        gemm_info = result.get("gemm") or {"error": result.get("error")}
+    peak = (gemm_info or {}).get("peak_gflops")
+
+    records, profiles = [], []
+    for s in subjects:
+        for row in plan_rows(s, formats, precisions, variants):
+            job = row_job(row, batches, threads, tta, timing, work, evaluate=s.labels is not None,
+                          profile_batch=max(batches) if profile else None)
+            if isinstance(job, dict):
+                log(f"{row.label}: timing batch {', '.join(map(str, batches))}")
+                result = run_worker(job, work, worker_timeout)
+            else:
+                result = job
+            if isinstance(result, dict) and result.get("profile"):
+                profiles.append({"model": s.name, "role": s.role, "format": row.format, "precision": row.precision,
+                                 **result["profile"]})
+            new = make_records(row, result, batches, threads, tta, peak)
+            if new[0]["status"] != "ok":
+                log(f"{row.label}: n/a ({new[0]['reason']})")
+            records += new
+
+    summary = {
+        "schema": SCHEMA, "date": started, "command": command or "run_bench(...)",
+        "machine": {**cpu_info(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_avg_at_start": load_start, "load_avg_at_end": [round(v, 2) for v in os.getloadavg()]},
+        "threads": threads, "batches": batches, "tta": tta, "timing": timing.as_kwargs(), "gemm": gemm_info,
+        "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
+    }
+    markdown = records_markdown(records, summary)
+    write_json(out / "bench.json", summary)
+    from edgekd.fileio import atomic_write
+
+    atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(markdown))
+    throughput_chart(records, out / "bench.png", title=f"{', '.join(s.name for s in subjects)}: throughput "
+                                                       f"({threads} thread(s){', TTA' if tta else ''})")
+    return BenchResult(out=out, records=records, summary=summary, markdown=markdown)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    argv = sys.argv if argv is None else argv
+    return " ".join(shlex.quote(a) for a in ["edgekd", *argv[1:]])

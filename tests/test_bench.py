@@ -1,0 +1,148 @@
+"""edgekd.bench: latency statistics, record schema, GEMM-peak arithmetic, n/a rows, a tiny end-to-end `edgekd bench`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.bench.hardware import gemm_peak_fraction, measure_gemm_peak
+from edgekd.bench.report import records_markdown
+from edgekd.bench.run import (RECORD_KEYS, Row, Subject, make_records, parse_batches, parse_list, plan_rows,
+                              run_bench, run_worker)
+from edgekd.cli import app
+from edgekd.errors import EdgeKDError
+from edgekd.runtime.timing import latency_stats
+
+PREPROCESS = {"input_size": [3, 16, 16], "resize": 16, "center_crop": 16, "channels": 3, "scale": 1 / 255,
+              "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def test_percentiles_on_a_skewed_sample():
+    # 99 fast calls and one 100 ms stall: the median ignores the stall, p99 interpolates towards it.
+    stats = latency_stats([1.0] * 99 + [100.0])
+    assert stats["p50_ms"] == 1.0 and stats["p90_ms"] == 1.0
+    assert stats["p99_ms"] == pytest.approx(1.0 + 0.01 * 99.0)  # numpy linear: 0.01 of the way from 1 to 100
+    assert stats["mean_ms"] == pytest.approx(1.99)
+    odd = latency_stats([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert odd["p50_ms"] == 3.0 and odd["p90_ms"] == pytest.approx(4.6) and odd["min_ms"] == 1.0
+
+
+def test_gemm_peak_fraction_arithmetic():
+    # 1 GMAC per image = 2 GFLOP; 5 images/s = 10 GFLOP/s; of a 40 GFLOP/s peak: 25 %.
+    assert gemm_peak_fraction(1e9, 5.0, 40.0) == pytest.approx(0.25)
+    assert gemm_peak_fraction(1e9, 5.0, 40.0, views=6) == pytest.approx(1.5)  # TTA: 6 forward passes per image
+    assert gemm_peak_fraction(None, 5.0, 40.0) is None and gemm_peak_fraction(1e9, 5.0, None) is None
+
+
+def test_gemm_peak_is_the_best_median_rate():
+    gemm = measure_gemm_peak(threads=1, sizes=(32, 64), min_seconds=0.01, libraries=("numpy",))
+    assert [r["n"] for r in gemm["all"]] == [32, 64]
+    assert gemm["peak_gflops"] == max(r["gflops_p50"] for r in gemm["all"]) > 0
+    assert all(r["gflops_best"] >= r["gflops_p50"] for r in gemm["all"])
+    assert gemm["peak_gflops_best_call"] >= gemm["peak_gflops"]
+
+
+def _subject(**kw) -> Subject:
+    return Subject(role="student", name="edgekd_cnn_tiny", preprocess=PREPROCESS, class_names=["a", "b"],
+                   params=1000, macs=2_000_000, **kw)
+
+
+def test_records_have_the_schema_throughput_and_peak_fraction():
+    subject = _subject(labels=np.array([0, 1, 1, 0]))
+    timings = {str(b): {"p50_ms": p50, "p90_ms": p50 * 2, "p99_ms": p50 * 3, "mean_ms": p50, "min_ms": p50 / 2,
+                        "runs": 10} for b, p50 in ((1, 2.0), (8, 4.0))}
+    result = {"timings": timings, "peak_rss_mb": 80.0, "load_s": 0.1}
+    records = make_records(Row(subject, "onnx", "fp32", "bare"), result, [1, 8], threads=2, tta=False,
+                           peak_gflops=10.0)
+    assert [tuple(r) for r in records] == [RECORD_KEYS] * 2
+    one, eight = records
+    assert one["throughput"] == pytest.approx(500.0) and eight["throughput"] == pytest.approx(2000.0)
+    # 2 MMACs x 2 x 2000 images/s = 8 GFLOP/s of 10
+    assert eight["gemm_peak_fraction"] == pytest.approx(0.8)
+    assert eight["status"] == "ok" and eight["reason"] is None and eight["p99_ms"] == 12.0
+    json.dumps(records)  # plain JSON types only
+
+    missing = make_records(Row(subject, "openvino", "int8", "bare"), "export parity gate: acc drop", [1, 8], 2, False, 10.0)
+    assert all(r["status"] == "n/a" and r["reason"] == "export parity gate: acc drop" and r["p50_ms"] is None
+               for r in missing)
+    md = records_markdown(records + missing)
+    assert "| edgekd_cnn_tiny | student | onnx | fp32 | bare | 8 | 4.000 |" in md
+    assert "n/a: student openvino int8 bare: export parity gate: acc drop" in md
+
+
+def test_plan_rows_and_option_parsing():
+    rows = plan_rows(_subject(), ["torch", "openvino"], ["fp32", "int8"],
+                     {"torch": ("eager", "compile"), "openvino": ("bare",)})
+    assert [(r.format, r.precision, r.variant) for r in rows] == [
+        ("torch", "fp32", "eager"), ("torch", "fp32", "compile"), ("openvino", "fp32", "bare"),
+        ("openvino", "int8", "bare")]  # no torch int8: lower precisions come from the exports
+    assert parse_batches("32,1,8,1") == [1, 8, 32]
+    assert parse_list("onnx, torch", ("torch", "onnx"), "--formats") == ["onnx", "torch"]
+    with pytest.raises(EdgeKDError, match="--formats: unknown value 'tpu'"):
+        parse_list("tpu", ("torch", "onnx"), "--formats")
+    with pytest.raises(EdgeKDError, match="--batch"):
+        parse_batches("0,8")
+
+
+def test_a_failing_worker_is_reported_not_raised(tmp_path):
+    images = tmp_path / "x.npy"
+    np.save(images, np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    job = {"kind": "onnx", "variant": "bare", "precision": "fp32", "threads": 1, "batches": [1], "views": None,
+           "preprocess": PREPROCESS, "images": str(images), "model_path": str(tmp_path / "missing.onnx"),
+           "timing": {"warmup": 0, "min_runs": 1, "min_seconds": 0}}
+    result = run_worker(job, tmp_path, timeout=120)
+    assert "missing.onnx" in result["error"]
+    records = make_records(Row(_subject(), "onnx", "fp32", "bare"), result, [1], 1, False, None)
+    assert records[0]["status"] == "n/a" and "missing.onnx" in records[0]["reason"]
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
+    """train (tiny, 16 px) -> `edgekd bench` exports, times torch/ONNX/OpenVINO in fresh processes, scores the test set."""
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
+    ckpt = train_recipe(recipe_from_dict(tiny_recipe_dict), tmp_path / "run", log=lambda *_: None).best_path
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["bench", str(ckpt), "--formats", "torch,onnx,openvino", "--precision", "fp32",
+                                   "--batch", "1,4", "--threads", "1", "--seconds", "0", "--min-runs", "3",
+                                   "--warmup", "1", "--no-compile", "--parity-images", "8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "bench.json").read_text())
+    records = summary["records"]
+    assert {(r["format"], r["variant"]) for r in records} == {
+        ("torch", "eager"), ("onnx", "bare"), ("onnx", "runner"), ("openvino", "bare"), ("openvino", "runner")}
+    assert all(tuple(r) == RECORD_KEYS and r["status"] == "ok" for r in records), [r["reason"] for r in records]
+    assert {r["batch"] for r in records} == {1, 4} and all(r["threads"] == 1 for r in records)
+    for r in records:
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["throughput"] == pytest.approx(1000 * r["batch"] / r["p50_ms"])
+        assert r["gemm_peak_fraction"] == pytest.approx(
+            2 * r["macs"] * r["throughput"] / (summary["gemm"]["peak_gflops"] * 1e9))
+    # FP32 exports pass a 1e-4 parity gate: every format scores the 16 test images alike.
+    assert len({round(r["acc"], 6) for r in records}) == 1 and 0 <= records[0]["acc"] <= 1
+    rss = {r["format"]: r["peak_rss_mb"] for r in records}
+    assert rss["onnx"] < rss["torch"] and rss["openvino"] < rss["torch"]  # the runtime workers never load torch
+    assert (out / "bench.md").read_text().count("| edgekd_cnn_tiny |") == len(records)
+    assert (out / "bench.png").stat().st_size > 0
+    (bundle,) = out.glob("bundle-*")  # exported into the out dir
+
+    # The bundle alone: no checkpoint -> torch rows are n/a with the reason; no data -> random images, no accuracy.
+    bundle_only = run_bench(bundle, tmp_path / "b2", formats="torch", precisions="fp32", batches="1",
+                            gemm=False, log=lambda *_: None)
+    assert bundle_only.records[0]["status"] == "n/a" and "--checkpoint" in bundle_only.records[0]["reason"]
+    assert any("no accuracy" in n for n in bundle_only.summary["subjects"][0]["notes"])
+
+
+@pytest.mark.parametrize("args, message", [(["nope.pt"], "no such checkpoint or bundle"),
+                                           ([".", "--batch", "0"], "--batch: batch sizes must be >= 1"),
+                                           ([".", "--formats", "tflite"], "--formats: unknown value 'tflite'")])
+def test_bad_options_are_one_line_errors(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "edgekd", "bench", *args, "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
