@@ -93,12 +93,14 @@ def export_onnx_artifact(ctx: ExportContext, precision: str, path: Path) -> dict
             fp32 = ctx.scratch / "onnx_fp32" / "model.onnx"
             export_onnx(ctx, fp32)
             ctx.cache["onnx_fp32"] = fp32
-        quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch)
+        keep = ctx.profile.quantization.onnx_keep_first_last
+        quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, keep)
         import onnx
 
         model = onnx.load(str(path))
         save_onnx(model, path, ctx.metadata, precision)
-        return {"opset": _opset(model), "quantization": "onnxruntime static QDQ (int8 weights per channel, int8 activations)"}
+        return {"opset": _opset(model), "quantization": "onnxruntime static QDQ (int8 weights per channel, int8 "
+                "activations)" + (", first and last layers FP32" if keep else "")}
     raise EdgeKDError(f"onnx: unsupported precision '{precision}'")
 
 

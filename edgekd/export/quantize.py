@@ -28,12 +28,13 @@ def quantize_openvino(model, ctx: ExportContext) -> tuple[Any, dict[str, Any]]:
     cfg = ctx.profile.quantization
     calib = ctx.calibration()
     transformer = cfg.model_type == "transformer" or (cfg.model_type == "auto" and is_transformer(ctx.model))
-    kwargs: dict[str, Any] = {"subset_size": len(calib)}
+    kwargs: dict[str, Any] = {"subset_size": len(calib), "fast_bias_correction": cfg.fast_bias_correction}
     if transformer:
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
     info: dict[str, Any] = {"quantization": f"nncf {nncf.__version__} PTQ on {len(calib)} training images"
-                                            + (" (transformer scheme)" if transformer else "")}
+                                            + (" (transformer scheme)" if transformer else "")
+                                            + ("" if cfg.fast_bias_correction else ", full bias correction")}
     try:
         if not cfg.accuracy_control:
             return nncf.quantize(model, dataset, **kwargs), info
@@ -61,8 +62,21 @@ def quantize_openvino(model, ctx: ExportContext) -> tuple[Any, dict[str, Any]]:
                           f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None
 
 
-def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scratch: Path) -> None:
-    """ONNX Runtime static quantization in QDQ format (int8 per-channel weights, int8 activations, MinMax)."""
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def first_last_compute_nodes(model_path: Path) -> list[str]:
+    """Names of the first and last Conv/Gemm/MatMul in (topological) graph order."""
+    import onnx
+
+    names = [n.name for n in onnx.load(str(model_path)).graph.node if n.op_type in COMPUTE_OPS and n.name]
+    return list(dict.fromkeys(names[:1] + names[-1:]))
+
+
+def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scratch: Path,
+                         keep_first_last: bool = True) -> None:
+    """ONNX Runtime static quantization in QDQ format (int8 per-channel weights, int8 activations, MinMax);
+    optionally the first and last compute layers stay FP32."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -85,7 +99,8 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
     try:
         quantize_static(str(prepared), str(out_path), ImageReader(calib), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=first_last_compute_nodes(prepared) if keep_first_last else [])
     except Exception as err:
         raise EdgeKDError(f"onnx int8: ONNX Runtime quantization failed: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None
