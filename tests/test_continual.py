@@ -143,6 +143,36 @@ def test_diagonal_fisher_matches_per_sample_autograd():
         torch.testing.assert_close(fisher[k], expected[k], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("online", [False, True])
+def test_ewc_plugin_separate_terms_or_one_online_term(tmp_path, online):
+    from edgekd.continual.ewc import EWCPlugin
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(16, 8, 8))
+    rec = recipe_from_dict(base_recipe(npz, scenario="class_incremental",
+                                       tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}]))
+    tasks = build_tasks(rec)
+    torch.manual_seed(0)
+    model = tiny_model(2).eval()
+    plugin = EWCPlugin(weight=1.0, online=online, gamma=0.5, fisher_samples=8)
+    plugin.after_task(TaskStep(model, tasks, 0, "single", torch.device("cpu")))
+    first = {k: v.clone() for k, v in plugin.terms[0][0].items()}
+    resize_classifier(model, 4)
+    with torch.no_grad():
+        model.stages[0][0].weight.add_(0.1)
+    plugin.after_task(TaskStep(model, tasks, 1, "single", torch.device("cpu")))
+    if not online:
+        assert len(plugin.terms) == 2 and plugin.terms[0][0]["fc.weight"].shape == (2, 16)
+        return
+    fresh = EWCPlugin(weight=1.0, fisher_samples=8)
+    fresh.after_task(TaskStep(model, tasks, 1, "single", torch.device("cpu")))
+    (fisher, anchor), = plugin.terms
+    conv = "stages.0.0.weight"
+    torch.testing.assert_close(fisher[conv], fresh.terms[0][0][conv] + 0.5 * first[conv])
+    torch.testing.assert_close(fisher["fc.weight"][:2], fresh.terms[0][0]["fc.weight"][:2] + 0.5 * first["fc.weight"])
+    torch.testing.assert_close(fisher["fc.weight"][2:], fresh.terms[0][0]["fc.weight"][2:])
+    torch.testing.assert_close(anchor[conv], model.stages[0][0].weight)
+
+
 # ------------------------------------------------------------------ LwF / objective
 def test_kd_kl_matches_hand_computation():
     s, t = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.0]])
