@@ -117,13 +117,26 @@ def train(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`; with "
+                                      "--corruptions/--failures also an exported bundle."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
     split: str = typer.Option("test", "--split", help="Comma-separated splits: train,val,test."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: next to the checkpoint)."),
+    corruptions: bool = typer.Option(False, "--corruptions", help="Also score under 8 corruptions x 5 severities "
+                                     "(robustness.json/.md/.png)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated corruptions (default: all 8)."),
+    severities: Optional[str] = typer.Option(None, "--severities", help="Comma-separated severities 1..5 (default all)."),
+    compare: list[Path] = typer.Option([], "--compare", help="More checkpoints/bundles scored on the same corrupted "
+                                       "images (e.g. the teacher, the student's bundle); repeatable."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Corruption eval on a fixed random subset of N images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the corruptions' randomness."),
+    failures: bool = typer.Option(False, "--failures", help="Top confused class pairs with example images "
+                                  "(failures.json/.png)."),
+    top: int = typer.Option(5, "--top", min=1, help="How many confused pairs --failures reports."),
 ) -> None:
-    """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots."""
+    """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
+    corruption robustness (teacher vs student vs each export format) and failure analysis."""
     from edgekd.recipe import load_recipe, recipe_from_dict
     from edgekd.train.checkpoint import load_checkpoint
     from edgekd.train.run import evaluate_checkpoint
@@ -140,14 +153,50 @@ def eval_(
     else:
         data_recipe = None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
-    result = evaluate_checkpoint(checkpoint, out, data_recipe, splits)
-    rows = [{"model": result["model"], **result[s]} for s in splits]
-    out_console.print(metrics_table(f"{checkpoint}", rows))
-    console.print(f"wrote {out / 'metrics.json'}")
+    is_bundle = checkpoint.suffix == ".zip" or (checkpoint / "edgekd.json").is_file()
+    if not is_bundle:
+        result = evaluate_checkpoint(checkpoint, out, data_recipe, splits)
+        rows = [{"model": result["model"], **result[s]} for s in splits]
+        out_console.print(metrics_table(f"{checkpoint}", rows))
+        console.print(f"wrote {out / 'metrics.json'}")
+    elif not (corruptions or failures):
+        raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its checkpoint)")
+    if corruptions:
+        from edgekd.robustness.evaluate import run_corruption_eval
+        res = run_corruption_eval([checkpoint, *compare], out, data_recipe, splits[0], _split_list(only),
+                                  _int_list(severities, "--severities"), seed, limit, log=console.print)
+        out_console.print(robustness_table(res["summary"], f"corruption robustness ({splits[0]}, {res['images']} images)"))
+        console.print(f"wrote {out / 'robustness.json'}, robustness.md, robustness.png")
+    if failures:
+        from edgekd.robustness.evaluate import run_failure_analysis
+        res = run_failure_analysis(checkpoint, out, data_recipe, splits[0], top)
+        for p in res["pairs"]:
+            out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
+                              f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
+        console.print(f"{res['errors']} errors / {res['images']} images; wrote {out / 'failures.json'}, failures.png")
+
+
+def robustness_table(summary: list[dict], title: str) -> RichTable:
+    names = list(summary[0]["per_corruption_acc"]) if summary else []
+    table = RichTable(title=title)
+    for col in ("model", "format", "clean acc", *names, "mean corr. acc", "rel. to clean"):
+        table.add_column(col.replace("_", " "), justify="left" if col in ("model", "format") else "right")
+    for r in summary:
+        table.add_row(f"{r['model']} ({r['role']})", f"{r['format']}/{r['precision']}", _fmt(r["clean_acc"]),
+                      *[_fmt(r["per_corruption_acc"][n]) for n in names], _fmt(r["mean_corruption_acc"]),
+                      f"{r['relative_acc']:.1%}")
+    return table
 
 
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    try:
+        return [int(t) for t in _split_list(text)] if text else None
+    except ValueError:
+        raise EdgeKDError(f"{option}: expected comma-separated integers, got '{text}'") from None
 
 
 @app.command()

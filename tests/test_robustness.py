@@ -48,3 +48,111 @@ def test_corrupt_accepts_2d_and_rejects_bad_input():
         corrupt(img, "contrast", 6)
     with pytest.raises(EdgeKDError, match="uint8"):
         corrupt(img.astype(np.float32), "contrast", 1)
+
+
+# ---------------------------------------------------------------- evaluation on checkpoints and bundles
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from edgekd.metrics.failures import confused_pairs  # noqa: E402
+from edgekd.recipe import recipe_from_dict  # noqa: E402
+from edgekd.train.checkpoint import load_checkpoint  # noqa: E402
+from edgekd.robustness.evaluate import (CLEAN, corruption_summary, load_split_images,  # noqa: E402
+                                        run_corruption_eval)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """edgekd_cnn_tiny trained 3 epochs on learnable 16-px images (class = where the bright square is)."""
+    from conftest import write_npz
+    from edgekd.train.run import train_recipe
+
+    root = tmp_path_factory.mktemp("robust")
+    npz = write_npz(root / "tiny.npz", n=(64, 24, 40))
+    raw = {"name": "tiny", "seed": 0,
+           "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 16},
+           "model": {"name": "edgekd_cnn_tiny"},
+           "train": {"epochs": 3, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"}}}
+    return train_recipe(recipe_from_dict(raw), root / "run", log=lambda *_: None).best_path
+
+
+def test_checkpoint_corruption_eval_clean_row_equals_plain_eval(tiny_run, tmp_path):
+    from edgekd.train.run import evaluate_checkpoint
+
+    res = run_corruption_eval([tiny_run], tmp_path, corruptions=["contrast", "gaussian_noise"], severities=[1, 5],
+                              log=lambda *_: None)
+    recs = res["records"]
+    assert [(r["corruption"], r["severity"]) for r in recs] == [
+        (CLEAN, 0), ("contrast", 1), ("contrast", 5), ("gaussian_noise", 1), ("gaussian_noise", 5)]
+    assert all(set(r) >= {"model", "role", "format", "precision", "corruption", "severity", "acc", "auc"} for r in recs)
+    plain = evaluate_checkpoint(tiny_run, tmp_path / "plain", None, ("test",))["test"]
+    assert recs[0]["acc"] == pytest.approx(plain["acc"]) and recs[0]["auc"] == pytest.approx(plain["auc"])
+    (s,) = res["summary"]
+    corrupted = [r["acc"] for r in recs[1:]]
+    assert s["mean_corruption_acc"] == pytest.approx(sum(corrupted) / 4)
+    assert s["relative_acc"] == pytest.approx(s["mean_corruption_acc"] / s["clean_acc"])
+    assert s["per_corruption_acc"]["contrast"] == pytest.approx((recs[1]["acc"] + recs[2]["acc"]) / 2)
+    saved = json.loads((tmp_path / "robustness.json").read_text())
+    assert saved["records"] == recs and (tmp_path / "robustness.png").stat().st_size > 1000
+    assert "mean corr. acc" in (tmp_path / "robustness.md").read_text()
+
+
+def test_summary_of_hand_made_records():
+    rec = lambda c, s, acc: {"model": "m", "role": "student", "format": "onnx", "precision": "int8",  # noqa: E731
+                             "corruption": c, "severity": s, "acc": acc, "auc": 0.5 + acc / 2}
+    (s,) = corruption_summary([rec(CLEAN, 0, 0.8), rec("blur", 1, 0.6), rec("blur", 2, 0.4), rec("noise", 1, 0.2)])
+    assert s["mean_corruption_acc"] == pytest.approx(0.4) and s["relative_acc"] == pytest.approx(0.5)
+    assert s["acc_drop_pts"] == pytest.approx(40.0) and s["per_corruption_acc"] == pytest.approx({"blur": 0.5, "noise": 0.2})
+
+
+@pytest.mark.slow
+def test_bundle_artifacts_see_the_same_corrupted_pixels_as_pytorch(tiny_run, tmp_path):
+    from edgekd.export import export_checkpoint
+
+    bundle = tmp_path / "bundle"
+    export_checkpoint(tiny_run, bundle, ["onnx", "openvino"], ["fp32"], log=lambda *_: None)
+    res = run_corruption_eval([tiny_run, bundle], tmp_path / "ev", corruptions=["pixelate", "motion_blur"],
+                              severities=[2, 5], log=lambda *_: None)
+    by_fmt: dict[str, list[float]] = {}
+    for r in res["records"]:
+        by_fmt.setdefault(r["format"], []).append(r["acc"])
+    assert set(by_fmt) == {"torch", "onnx", "openvino"}
+    n = res["images"]
+    for fmt in ("onnx", "openvino"):  # FP32 artifacts agree with PyTorch to within one image per condition
+        assert all(abs(a - b) <= 1 / n + 1e-9 for a, b in zip(by_fmt[fmt], by_fmt["torch"])), (fmt, by_fmt)
+
+
+def test_confused_pairs_on_hand_made_predictions():
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    probs = np.array([[.9, .1, 0], [.2, .7, .1], [.1, .8, .1],      # two 0 -> 1 (p .7, .8)
+                      [0, 1, 0], [.6, .4, 0],                        # one 1 -> 0
+                      [0, .3, .7], [.1, .6, .3], [.2, .55, .25], [.3, .1, .6]])  # two 2 -> 1 (p .6, .55)
+    pairs = confused_pairs(y, probs, top=2)
+    assert [(p["true"], p["pred"], p["count"]) for p in pairs] == [(0, 1, 2), (2, 1, 2)]
+    assert pairs[0]["indices"] == [2, 1] and pairs[0]["rate"] == pytest.approx(2 / 3)   # most confident first
+    assert pairs[1]["indices"] == [6, 7] and pairs[1]["rate"] == pytest.approx(0.5)
+    assert confused_pairs(y, np.eye(3)[y]) == []
+
+
+def run_cli(args):
+    return subprocess.run([sys.executable, "-m", "edgekd", *args], capture_output=True, text=True, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.slow
+def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
+    out = tmp_path / "ev"
+    p = run_cli(["eval", str(tiny_run), "--corruptions", "--only", "brightness,jpeg_compression", "--severities",
+                 "3", "--failures", "--out", str(out)])
+    assert p.returncode == 0, p.stderr
+    assert "mean corr. acc" in p.stdout
+    rob = json.loads((out / "robustness.json").read_text())
+    assert {r["corruption"] for r in rob["records"]} == {CLEAN, "brightness", "jpeg_compression"}
+    fail = json.loads((out / "failures.json").read_text())
+    images, _, _ = load_split_images(recipe_from_dict(load_checkpoint(tiny_run)["recipe"]))
+    assert fail["images"] == len(images) and sum(p["count"] for p in fail["pairs"]) <= fail["errors"]
+    assert (out / "failures.png").is_file() and (out / "metrics.json").is_file()
+    p = run_cli(["eval", str(tiny_run), "--corruptions", "--only", "fog", "--out", str(out)])
+    assert p.returncode == 2 and "unknown corruption 'fog'" in p.stderr and "Traceback" not in p.stderr

@@ -55,7 +55,7 @@ def _to_pil(image: np.ndarray) -> Image.Image:
 
 
 def _from_pil(img: Image.Image, channels: int) -> np.ndarray:
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
     return arr[..., None] if channels == 1 else arr
 
 

@@ -1,0 +1,279 @@
+"""Corruption robustness: checkpoints (PyTorch) and bundle artifacts (edge runtime) scored on the same corrupted images.
+
+Each condition (corruption x severity, plus `clean`) corrupts the decoded uint8 test images once; every model then
+applies its own preprocessing (the training side's eval transform, or the runtime's Preprocessor), so a teacher,
+its student and the student's INT8 artifact are compared on identical pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import write_json, write_text
+from edgekd.robustness.corruptions import check_names, check_severities, corrupt
+
+CLEAN = "clean"
+RECORD_KEYS = ("model", "role", "format", "precision", "corruption", "severity", "acc", "auc", "n")
+
+
+@dataclass
+class Predictor:
+    """One model in one format: uint8 (H, W, C) images -> (N, num_classes) probabilities."""
+
+    model: str
+    role: str
+    format: str
+    precision: str
+    class_names: list[str]
+    predict: Callable[[list[np.ndarray]], np.ndarray]
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} ({self.role}) {self.format}/{self.precision}"
+
+
+def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
+    """A checkpoint with its own recipe's eval transform (decoded uint8 image -> normalized tensor)."""
+    import torch
+
+    from edgekd.data import build_transforms
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import model_from_checkpoint
+    from edgekd.train.trainer import softmax
+
+    model, ckpt = model_from_checkpoint(path)
+    recipe = recipe_from_dict(ckpt["recipe"], where=f"{path} (embedded recipe)")
+    transform = build_transforms(recipe.data, [], train=False)
+
+    @torch.no_grad()
+    def predict(images: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = [transform(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1))
+                     for a in images[start:start + batch_size]]
+            out.append(model(torch.stack(chunk)).float())
+        return softmax(torch.cat(out).numpy().astype(np.float64))
+
+    return Predictor(ckpt["arch"]["name"], ckpt.get("role") or recipe.role, "torch", "fp32",
+                     list(ckpt["class_names"]), predict)
+
+
+def bundle_predictors(path: str | Path, artifacts: Sequence[str] | None = None, threads: int | None = None,
+                      batch_size: int = 64) -> list[Predictor]:
+    """One predictor per artifact of a bundle (or the `format/precision` ones asked for), run by edgekd.runtime."""
+    from edgekd.runtime import Runner, open_bundle
+
+    bundle = open_bundle(path)
+    wanted = [tuple(a.split("/", 1)) for a in artifacts] if artifacts else [(a.format, a.precision)
+                                                                          for a in bundle.artifacts]
+    predictors = []
+    for fmt, precision in wanted:
+        bundle.artifact(fmt, precision)  # a one-line error naming what the bundle has
+        runner = Runner.from_bundle(bundle, backend=fmt, precision=precision, threads=threads, tta=False)
+
+        def predict(images: list[np.ndarray], runner=runner) -> np.ndarray:
+            rows = []
+            for start in range(0, len(images), batch_size):
+                rows += [p.probs for p in runner.predict_batch(images[start:start + batch_size], tta=False)]
+            return np.stack(rows)
+
+        model = bundle.model
+        predictors.append(Predictor(model.get("name", "model"), model.get("role") or "model", fmt, precision,
+                                    list(bundle.class_names), predict))
+    return predictors
+
+
+def predictors_for(sources: Sequence[str | Path], threads: int | None = None) -> list[Predictor]:
+    """Checkpoints (.pt files or run directories with best.pt) and bundle directories/zips -> predictors."""
+    out: list[Predictor] = []
+    for src in sources:
+        src = Path(src)
+        if (src / "edgekd.json").is_file() or src.suffix == ".zip":
+            out += bundle_predictors(src, threads=threads)
+        elif src.is_dir() and (src / "best.pt").is_file():
+            out.append(checkpoint_predictor(src / "best.pt"))
+        elif src.is_file():
+            out.append(checkpoint_predictor(src))
+        else:
+            raise EdgeKDError(f"{src}: not a checkpoint, run directory or bundle")
+    return out
+
+
+def load_split_images(recipe, split: str = "test", limit: int | None = None,
+                      seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """The decoded uint8 images and labels of a recipe's split (a fixed random subset of `limit` if given)."""
+    from edgekd.data import build_data
+
+    data = build_data(recipe)
+    ds = data.dataset(split, train=False)
+    idx = np.arange(len(ds))
+    if limit is not None and limit < len(ds):
+        idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=limit, replace=False))
+    images = [np.ascontiguousarray(ds.raw(int(i))) for i in idx]
+    return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names)
+
+
+def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray], labels: np.ndarray,
+                       corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
+                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Accuracy/AUC of every predictor on the clean images and under each corruption x severity."""
+    from edgekd.metrics import classification_metrics
+
+    names, levels = check_names(corruptions), check_severities(severities)
+    classes = {len(p.class_names) for p in predictors}
+    if len(classes) != 1 or int(labels.max()) >= classes.pop():
+        raise EdgeKDError("corruption eval: all models must have the data's classes "
+                          f"({', '.join(f'{p.label}: {len(p.class_names)}' for p in predictors)})")
+    conditions = [(CLEAN, 0)] + [(n, s) for n in names for s in levels]
+    records = []
+    for name, severity in conditions:
+        batch = images if name == CLEAN else [corrupt(img, name, severity, seed, i) for i, img in enumerate(images)]
+        for p in predictors:
+            m = classification_metrics(labels, p.predict(batch))
+            records.append({"model": p.model, "role": p.role, "format": p.format, "precision": p.precision,
+                            "corruption": name, "severity": severity, "acc": m["acc"], "auc": m["auc"],
+                            "n": int(len(labels))})
+        log(f"{name}{'' if name == CLEAN else f' s{severity}'}: " + ", ".join(
+            f"{r['model']} {r['format']}/{r['precision']} acc {r['acc']:.4f}" for r in records[-len(predictors):]))
+    return records
+
+
+def _subject(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    return r["model"], r["role"], r["format"], r["precision"]
+
+
+def corruption_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model/format: clean acc/AUC, mean corruption accuracy/AUC over all corruptions x severities,
+    accuracy relative to clean (mCA / clean acc), drop in points, and each corruption's mean accuracy."""
+    out = []
+    for key in dict.fromkeys(_subject(r) for r in records):
+        rows = [r for r in records if _subject(r) == key]
+        clean = next((r for r in rows if r["corruption"] == CLEAN), None)
+        corrupted = [r for r in rows if r["corruption"] != CLEAN]
+        if clean is None or not corrupted:
+            continue
+        mca = float(np.mean([r["acc"] for r in corrupted]))
+        aucs = [r["auc"] for r in corrupted if r["auc"] == r["auc"]]
+        per = {name: float(np.mean([r["acc"] for r in corrupted if r["corruption"] == name]))
+               for name in dict.fromkeys(r["corruption"] for r in corrupted)}
+        out.append({"model": key[0], "role": key[1], "format": key[2], "precision": key[3],
+                    "clean_acc": clean["acc"], "clean_auc": clean["auc"], "mean_corruption_acc": mca,
+                    "mean_corruption_auc": float(np.mean(aucs)) if aucs else float("nan"),
+                    "relative_acc": mca / clean["acc"] if clean["acc"] else float("nan"),
+                    "acc_drop_pts": 100 * (clean["acc"] - mca), "per_corruption_acc": per})
+    return out
+
+
+def corruption_markdown(summary: list[dict[str, Any]], title: str = "Corruption robustness") -> str:
+    """Mean accuracy per corruption (over severities) for every model/format, with clean and mean columns."""
+    if not summary:
+        return f"### {title}\n\n(no results)"
+    names = list(summary[0]["per_corruption_acc"])
+    lines = [f"### {title}", "",
+             "| model | role | format | clean acc | clean AUC | " + " | ".join(names)
+             + " | mean corr. acc | mean corr. AUC | rel. to clean |",
+             "|---|---|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
+    for s in summary:
+        cells = [f"{s['per_corruption_acc'][n]:.4f}" for n in names]
+        lines.append(f"| {s['model']} | {s['role']} | {s['format']}/{s['precision']} | {s['clean_acc']:.4f} | "
+                     f"{s['clean_auc']:.4f} | " + " | ".join(cells) + f" | {s['mean_corruption_acc']:.4f} | "
+                     f"{s['mean_corruption_auc']:.4f} | {s['relative_acc']:.1%} |")
+    return "\n".join(lines)
+
+
+def plot_corruptions(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """One panel per corruption: accuracy vs severity (0 = clean) with a line per model/format."""
+    from edgekd.metrics.plots import _save, plt
+
+    names = list(dict.fromkeys(r["corruption"] for r in records if r["corruption"] != CLEAN))
+    subjects = list(dict.fromkeys(_subject(r) for r in records))
+    cols = 4
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), sharey=True, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for subj in subjects:
+            mine = [r for r in records if _subject(r) == subj]
+            clean = [r for r in mine if r["corruption"] == CLEAN]
+            pts = sorted((r["severity"], r["acc"]) for r in mine if r["corruption"] == name)
+            pts = [(0, clean[0]["acc"])] + pts if clean else pts
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                    label=f"{subj[0]} ({subj[1]}) {subj[2]}/{subj[3]}")
+        ax.set_title(name.replace("_", " "), fontsize=10)
+        ax.set_xticks(range(0, 6))
+        ax.set_xlabel("severity (0 = clean)", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title or "Accuracy under corruptions")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _save(fig, path)
+
+
+def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_recipe=None, split: str = "test",
+                        corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
+                        limit: int | None = None, threads: int | None = None,
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score every checkpoint/bundle in `sources` on `split` of `data_recipe` (default: the first checkpoint's
+    recipe) under all corruptions; writes robustness.json, robustness.md and robustness.png into `out`."""
+    if not sources:
+        raise EdgeKDError("corruption eval: give at least one checkpoint or bundle")
+    recipe = data_recipe or _recipe_of_first_checkpoint(sources)
+    names, levels = check_names(corruptions), check_severities(severities)
+    predictors = predictors_for(sources, threads)
+    images, labels, _ = load_split_images(recipe, split, limit, seed)
+    log(f"corruption eval: {len(predictors)} model/format(s) x {len(images)} {split} images x "
+        f"{len(names)} corruptions x {len(levels)} severities")
+    records = corruption_records(predictors, images, labels, names, levels, seed, log)
+    summary = corruption_summary(records)
+    out = Path(out)
+    result = {"split": split, "images": len(images), "seed": seed, "corruptions": names, "severities": levels,
+              "sources": [str(s) for s in sources], "records": records, "summary": summary}
+    write_json(out / "robustness.json", result)
+    write_text(out / "robustness.md", corruption_markdown(summary) + "\n")
+    plot_corruptions(records, out / "robustness.png", f"Accuracy under corruptions ({split}, {len(images)} images)")
+    return result
+
+
+def _recipe_of_first_checkpoint(sources: Sequence[str | Path]):
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import load_checkpoint
+
+    for src in sources:
+        src = Path(src)
+        ckpt_path = src / "best.pt" if src.is_dir() and (src / "best.pt").is_file() else src
+        if ckpt_path.is_file() and ckpt_path.suffix == ".pt":
+            ckpt = load_checkpoint(ckpt_path)
+            if ckpt.get("recipe") is None:
+                raise EdgeKDError(f"{ckpt_path}: checkpoint has no embedded recipe (give --data RECIPE)")
+            return recipe_from_dict(ckpt["recipe"], where=f"{ckpt_path} (embedded recipe)")
+    raise EdgeKDError("corruption eval of bundles needs the test data: give --data RECIPE (or a checkpoint too)")
+
+
+def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, split: str = "test",
+                         top: int = 5, per_pair: int = 6, threads: int | None = None) -> dict[str, Any]:
+    """The most confused class pairs of one checkpoint (or a bundle's first artifact) on `split`, with example
+    images: writes failures.json and failures.png into `out`."""
+    from edgekd.metrics.failures import confused_pairs, plot_failure_grid
+
+    recipe = data_recipe or _recipe_of_first_checkpoint([source])
+    predictor = predictors_for([source], threads)[0]
+    images, labels, class_names = load_split_images(recipe, split)
+    probs = predictor.predict(images)
+    pairs = confused_pairs(labels, probs, top)
+    out = Path(out)
+    result = {"source": str(source), "model": predictor.label, "split": split, "images": len(images),
+              "errors": int((probs.argmax(1) != labels).sum()), "class_names": class_names,
+              "pairs": [{**p, "true_name": class_names[p["true"]], "pred_name": class_names[p["pred"]]} for p in pairs]}
+    write_json(out / "failures.json", result)
+    plot_failure_grid(images, pairs, class_names, out / "failures.png", per_pair,
+                      f"{predictor.label}: most confused pairs on {split} ({result['errors']} errors / {len(images)})")
+    return result
