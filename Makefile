@@ -35,5 +35,18 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Every published figure, in pipeline order (runs that exist for the same recipe are reused). Latency last, on a
+# quiet machine: benchmarks/latency.py exports both models into runs/bench/latency/, the runtime benchmark then
+# times the student's bundle from there; both merge into benchmarks/results/latency.json.
+BENCH_TEACHER ?= runs/bench/pneumonia/teacher/best.pt
+BENCH_STUDENT ?= runs/bench/pneumonia/student-s0/best.pt
+bench: install
+	$(BIN)/python benchmarks/accuracy.py --reuse
+	$(BIN)/python benchmarks/distill.py --reuse
+	$(BIN)/python benchmarks/continual.py
+	$(BIN)/python benchmarks/export.py --checkpoint $(BENCH_TEACHER) --checkpoint $(BENCH_STUDENT)
+	$(BIN)/python benchmarks/latency.py --teacher $(BENCH_TEACHER) --student $(BENCH_STUDENT)
+	$(BIN)/python benchmarks/latency_runtime.py runs/bench/latency/bundle-student --checkpoint $(BENCH_STUDENT)
+
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -73,12 +73,14 @@ def accuracy_record(m: dict, command: str, split: str = "test") -> dict:
 
 
 def merge_records(path: Path, new: list[dict], key=("dataset", "split", "model", "role", "seed")) -> list[dict]:
-    """Replace records that match a new one on `key`; keep all others. The file is a JSON list of records."""
+    """Replace records that match a new one on `key`; keep all others. The file is a JSON list of records, or a
+    {"records": [...], ...} object (latency.json: several scripts add their summaries), whose other keys are kept."""
     old = json.loads(path.read_text()) if path.is_file() else []
-    if isinstance(old, dict):  # an earlier {"records": [...]} layout
-        old = old.get("records", [])
+    doc = old if isinstance(old, dict) else None
+    if doc is not None:
+        old = doc.get("records", [])
     k = lambda r: tuple(r.get(f) for f in key)  # noqa: E731
     fresh = {k(r) for r in new}
     merged = [r for r in old if k(r) not in fresh] + new
-    write_json(path, merged)
+    write_json(path, merged if doc is None else {**doc, "records": merged})
     return merged
