@@ -93,7 +93,7 @@ def export_onnx_artifact(ctx: ExportContext, precision: str, path: Path) -> dict
             fp32 = ctx.scratch / "onnx_fp32" / "model.onnx"
             export_onnx(ctx, fp32)
             ctx.cache["onnx_fp32"] = fp32
-        keep = ctx.profile.quantization.onnx_keep_first_last
+        keep = ctx.profile.quantization.keep_first_last
         quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, keep)
         import onnx
 

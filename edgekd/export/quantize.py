@@ -31,10 +31,16 @@ def quantize_openvino(model, ctx: ExportContext) -> tuple[Any, dict[str, Any]]:
     kwargs: dict[str, Any] = {"subset_size": len(calib), "fast_bias_correction": cfg.fast_bias_correction}
     if transformer:
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    if cfg.keep_first_last:
+        compute = [op.get_friendly_name() for op in model.get_ordered_ops()
+                   if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
+        if compute:
+            kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(dict.fromkeys(compute[:1] + compute[-1:])))
     dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
     info: dict[str, Any] = {"quantization": f"nncf {nncf.__version__} PTQ on {len(calib)} training images"
                                             + (" (transformer scheme)" if transformer else "")
-                                            + ("" if cfg.fast_bias_correction else ", full bias correction")}
+                                            + ("" if cfg.fast_bias_correction else ", full bias correction")
+                                            + (", first and last layers FP32" if cfg.keep_first_last else "")}
     try:
         if not cfg.accuracy_control:
             return nncf.quantize(model, dataset, **kwargs), info
