@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from edgekd import __version__
@@ -262,13 +263,13 @@ def predict(
                                 cache_dir=cache_dir)
     paths, problems = collect_inputs(inputs)
     for _, message in problems:
-        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     results = []
     with progress_bar() as progress:
         task = progress.add_task("predict", total=len(paths))
         for result in runner.predict_many(paths, batch=batch):
             if isinstance(result, Failure):
-                progress.console.print(f"[bold red]error:[/] {result.error}", soft_wrap=True)
+                progress.console.print(f"[bold red]error:[/] {escape(result.error)}", soft_wrap=True)
             results.append(result)
             progress.advance(task)
     results += [Failure(source, message) for source, message in problems]
@@ -279,9 +280,9 @@ def predict(
         table.add_column(col, justify="left" if col in ("file", "label") else "right")
     for r in results:
         if isinstance(r, Failure):
-            table.add_row(r.source, "[red]error[/]", "-", *["-"] * len(names))
+            table.add_row(escape(r.source), "[red]error[/]", "-", *["-"] * len(names))
         else:
-            table.add_row(r.source, r.label, f"{r.prob:.4f}", *[f"{p:.4f}" for p in r.probs])
+            table.add_row(escape(r.source), escape(r.label), f"{r.prob:.4f}", *[f"{p:.4f}" for p in r.probs])
     out_console.print(table)
     failed = sum(isinstance(r, Failure) for r in results)
     if out is not None:
@@ -359,14 +360,34 @@ def report(
     console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
 
 
+@app.command()
+def explain(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    images: list[Path] = typer.Argument(..., help="Image files to explain."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Module path of the target layer (default: the last "
+                                        "feature stage, from timm's feature_info)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Class name or id to explain (default: the predicted)."),
+    out: Path = typer.Option(Path("runs/explain"), "--out", "-o", help="Output directory."),
+) -> None:
+    """Grad-CAM: writes <image>_gradcam.png heat-map overlays and explain.json (prediction, target, CAM peak)."""
+    from edgekd.explain.gradcam import explain_files
+
+    records = explain_files(checkpoint, images, out, layer, target)
+    for r in records:
+        out_console.print(f"{r['file']}: predicted {r['predicted']} ({r['prob']:.3f}), Grad-CAM of {r['target']} "
+                          f"at {r['layer']} -> {out / r['overlay']}")
+    console.print(f"wrote {len(records)} overlay(s) and {out / 'explain.json'}")
+
+
 def run() -> None:
     """Entry point: EdgeKDError -> one line on stderr and exit 2 (traceback only with --debug)."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except EdgeKDError as err:
         if STATE["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+        # escape: a file name like scan[left].png is not rich markup
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -383,9 +404,12 @@ def run() -> None:
             sys.exit(err.exit_code)
         if STATE["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+        console.print(f"[bold red]error:[/] {type(err).__name__}: {escape(str(err).splitlines()[0]) if str(err) else ''} "
                       "(run with --debug for the traceback)", soft_wrap=True)
         sys.exit(1)
+    # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

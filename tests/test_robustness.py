@@ -74,7 +74,8 @@ def tiny_run(tmp_path_factory):
     raw = {"name": "tiny", "seed": 0,
            "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 16},
            "model": {"name": "edgekd_cnn_tiny"},
-           "train": {"epochs": 3, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"}}}
+           "train": {"epochs": 3, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
+                     "monitor": "val_loss", "monitor_mode": "min"}}
     return train_recipe(recipe_from_dict(raw), root / "run", log=lambda *_: None).best_path
 
 

@@ -1,0 +1,1 @@
+"""Explanations of PyTorch models: Grad-CAM heat maps and overlays."""

@@ -1,0 +1,159 @@
+"""Grad-CAM (Selvaraju et al. 2017) for edgekd checkpoints via the `grad-cam` package, and heat-map overlay PNGs.
+
+The target layer is a module path (default: the model's last feature stage from timm's `feature_info`); ViT
+tokens and NHWC maps are laid out as NCHW with the feature-KD taps' `to_map`, so any timm model works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import atomic_write
+
+DISPLAY_SIZE = 224
+"""Overlays smaller than this are upscaled for viewing (a 28-px X-ray is unreadable at its own size)."""
+
+
+def default_target_layer(model: nn.Module) -> str:
+    """The last feature stage named by timm's feature_info, else the last Conv2d module."""
+    info = getattr(model, "feature_info", None)
+    if info is not None:
+        entries = info.info if hasattr(info, "info") else info
+        if entries and entries[-1].get("module"):
+            return str(entries[-1]["module"])
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise EdgeKDError(f"{type(model).__name__}: no feature_info and no Conv2d layer; give --layer")
+    return convs[-1]
+
+
+def _reshape_for(model: nn.Module, layer: str, sample: torch.Tensor):
+    """The grad-cam `reshape_transform` that turns the layer's output (tokens, NHWC) into NCHW, or None."""
+    from edgekd.distill.features import capture_features, resolve_layout, to_map
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), capture_features(model, [layer]) as feats:
+        model(sample[:1])
+    model.train(was_training)
+    layout = resolve_layout(model, feats[layer], "auto")
+    if layout == "vector":
+        raise EdgeKDError(f"layer '{layer}' outputs a vector {tuple(feats[layer].shape)}: Grad-CAM needs a spatial "
+                          "map (choose a convolutional stage with --layer)")
+    if layout == "nchw":
+        return None
+    prefix = int(getattr(model, "num_prefix_tokens", 0)) if layout == "tokens" else 0
+    return lambda out: to_map(out, layout, prefix)
+
+
+def gradcam(model: nn.Module, inputs: torch.Tensor, layer: str | None = None,
+            targets: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM maps (N, H, W) in [0, 1] at input resolution for `targets` (default: the predicted classes),
+    and the model's softmax probabilities (N, K)."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from edgekd.models import get_submodule
+
+    layer = layer or default_target_layer(model)
+    module = get_submodule(model, layer)
+    reshape = _reshape_for(model, layer, inputs)
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(inputs).float(), dim=1).numpy()
+    if targets is None:
+        targets = probs.argmax(1).tolist()
+    if len(targets) != len(inputs) or any(not 0 <= int(t) < probs.shape[1] for t in targets):
+        raise EdgeKDError(f"Grad-CAM targets must be one class id in 0..{probs.shape[1] - 1} per image")
+    with GradCAM(model=model, target_layers=[module], reshape_transform=reshape) as cam:
+        maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    return np.asarray(maps, dtype=np.float32), probs
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, size: int | None = DISPLAY_SIZE) -> np.ndarray:
+    """uint8 (H, W, C) image + (H, W) map in [0, 1] -> uint8 RGB heat-map overlay (jet), upscaled to `size`."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+    h, w = rgb.shape[:2]
+    if size and max(h, w) < size:
+        scale = size / max(h, w)
+        new = (round(w * scale), round(h * scale))
+        rgb = np.asarray(Image.fromarray(rgb).resize(new, Image.Resampling.BICUBIC))
+        cam = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize(new, Image.Resampling.BILINEAR))
+    return show_cam_on_image(rgb.astype(np.float32) / 255.0, np.clip(cam, 0, 1), use_rgb=True, image_weight=1 - alpha)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def checkpoint_pipeline(ckpt: dict[str, Any]):
+    """(geometry, normalize) halves of a checkpoint's eval transform: uint8 resize/crop, then float normalization."""
+    from torchvision.transforms import v2
+
+    from edgekd.data import build_transforms
+    from edgekd.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(ckpt["recipe"], where="checkpoint (embedded recipe)")
+    pipeline = build_transforms(recipe.data, [], train=False)
+    if not isinstance(pipeline.transforms[-1], v2.Normalize):
+        raise EdgeKDError("Grad-CAM: the eval pipeline must end with Normalize")
+    return v2.Compose(pipeline.transforms[:-2]), v2.Compose(pipeline.transforms[-2:])
+
+
+def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.ndarray], out: str | Path,
+                   names: Sequence[str], layer: str | None = None, targets: Sequence[int] | None = None,
+                   labels: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Grad-CAM overlays of decoded uint8 images, written as <out>/<name>_gradcam.png; one record per image."""
+    geometry, normalize = checkpoint_pipeline(ckpt)
+    sized = [geometry(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)) for a in images]
+    inputs = torch.stack([normalize(s) for s in sized])
+    layer = layer or default_target_layer(model)
+    maps, probs = gradcam(model, inputs, layer, targets)
+    class_names = list(ckpt["class_names"])
+    out = Path(out)
+    records = []
+    for i, (name, img, cam) in enumerate(zip(names, sized, maps)):
+        target = int(targets[i]) if targets is not None else int(probs[i].argmax())
+        path = save_png(overlay(img.permute(1, 2, 0).numpy(), cam), out / f"{name}_gradcam.png")
+        peak = np.unravel_index(int(cam.argmax()), cam.shape)
+        records.append({"image": name, "overlay": path.name, "layer": layer, "target": class_names[target],
+                        "predicted": class_names[int(probs[i].argmax())], "prob": float(probs[i].max()),
+                        "label": None if labels is None else class_names[int(labels[i])],
+                        "peak_yx": [int(peak[0]), int(peak[1])]})
+    return records
+
+
+def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, layer: str | None = None,
+                  target: str | None = None) -> list[dict[str, Any]]:
+    """`edgekd explain`: Grad-CAM overlay PNGs for image files; writes explain.json beside them."""
+    from edgekd.fileio import write_json
+    from edgekd.imageio import read_image
+    from edgekd.train.checkpoint import model_from_checkpoint
+
+    if not images:
+        raise EdgeKDError("explain: give at least one image")
+    model, ckpt = model_from_checkpoint(checkpoint)
+    class_names = list(ckpt["class_names"])
+    targets = None
+    if target is not None:
+        if target not in class_names and not (target.isdigit() and int(target) < len(class_names)):
+            raise EdgeKDError(f"--target '{target}': not a class ({', '.join(class_names)}) or class id")
+        tid = class_names.index(target) if target in class_names else int(target)
+        targets = [tid] * len(images)
+    arrays = [read_image(p) for p in images]
+    stems = [Path(p).stem for p in images]
+    names = [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+    records = explain_arrays(model, ckpt, arrays, out, names, layer, targets)
+    for rec, src in zip(records, images):
+        rec["file"] = str(src)
+    write_json(Path(out) / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
+    return records

@@ -1,0 +1,152 @@
+"""Grad-CAM: the heat map peaks where the decisive evidence is; default layers; overlays and the explain CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from edgekd.errors import EdgeKDError
+from edgekd.explain.gradcam import default_target_layer, gradcam, overlay
+from edgekd.models import create_model
+
+
+class PatchNet(nn.Module):
+    """Hand-set: 'features' fires only on bright 3x3 neighbourhoods; class 1 = 'a bright patch is present'."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.features[0].weight.fill_(1.0 / 9)
+            self.features[0].bias.fill_(-0.6)            # background noise (<= 0.3) never fires, the patch (1.0) does
+            self.fc.weight.copy_(torch.tensor([[-20.0] * 4, [20.0] * 4]))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def patch_image(size: int, top: int, left: int, seed: int, patch: int = 5) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    img = rng.uniform(0.0, 0.3, (size, size)).astype(np.float32)
+    img[top:top + patch, left:left + patch] = 1.0
+    return torch.from_numpy(img)[None]
+
+
+@pytest.mark.parametrize("top,left", [(2, 3), (20, 4), (10, 18), (21, 21)])
+def test_gradcam_peak_lies_in_the_decisive_patch(top, left):
+    model = PatchNet()
+    x = torch.stack([patch_image(28, top, left, seed=top * 31 + left)])
+    maps, probs = gradcam(model, x, "features")
+    assert probs[0].argmax() == 1                     # the patch decided the class
+    assert maps.shape == (1, 28, 28) and 0.0 <= maps.min() and maps.max() == pytest.approx(1.0)
+    y, xx = np.unravel_index(maps[0].argmax(), maps[0].shape)
+    assert top <= y < top + 5 and left <= xx < left + 5
+    inside = maps[0][top:top + 5, left:left + 5].mean()
+    outside = np.delete(maps[0].ravel(), [r * 28 + c for r in range(top, top + 5) for c in range(left, left + 5)])
+    assert inside > 5 * outside.mean()
+
+
+def patch_dataset(n: int, size: int, seed: int, patch: int = 6):
+    """Class 1 = a bright patch somewhere on dark noise, class 0 = noise only; the patch is the only evidence."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 80, (n, size, size), dtype=np.uint8)
+    labels = np.arange(n) % 2
+    boxes = rng.integers(0, size - patch, (n, 2))
+    for i in np.flatnonzero(labels):
+        imgs[i, boxes[i, 0]:boxes[i, 0] + patch, boxes[i, 1]:boxes[i, 1] + patch] = 230
+    return imgs, labels, boxes
+
+
+def test_gradcam_on_a_trained_tiny_cnn_peaks_in_the_patch(tmp_path):
+    from edgekd.data import build_data
+    from edgekd.explain.gradcam import checkpoint_pipeline
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import model_from_checkpoint
+    from edgekd.train.run import train_recipe
+
+    arrays = {}
+    for split, n, seed in (("train", 160, 0), ("val", 32, 1), ("test", 40, 2)):
+        imgs, labels, boxes = patch_dataset(n, 32, seed)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = imgs, labels[:, None].astype(np.uint8)
+        test_boxes = boxes  # the last split is the test split
+    np.savez(tmp_path / "p.npz", **arrays)
+    raw = {"name": "p", "seed": 0, "model": {"name": "edgekd_cnn_tiny"},
+           "data": {"source": "medmnist", "path": str(tmp_path / "p.npz"), "image_size": 32, "channels": 3,
+                    "batch_size": 16},
+           "train": {"epochs": 4, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
+                     "monitor": "val_loss", "monitor_mode": "min"}}
+    best = train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda *_: None).best_path
+    model, ckpt = model_from_checkpoint(best)
+    test = build_data(recipe_from_dict(raw)).dataset("test", train=False)
+    geometry, normalize = checkpoint_pipeline(ckpt)
+    x = torch.stack([normalize(geometry(torch.from_numpy(test.raw(i)).permute(2, 0, 1))) for i in range(len(test))])
+    maps, probs = gradcam(model, x)                   # default layer (stages.1, an 8x8 map), predicted class
+    assert (probs.argmax(1) == test.table.labels).mean() >= 0.9
+    positives = np.flatnonzero(test.table.labels == 1)
+    hits = 0
+    for i in positives:                               # peak inside the 6x6 patch, give or take one 4-px map cell
+        y, x_ = np.unravel_index(maps[i].argmax(), maps[i].shape)
+        top, left = test_boxes[i]
+        hits += top - 2 <= y < top + 8 and left - 2 <= x_ < left + 8
+    assert hits / len(positives) >= 0.8, f"{hits}/{len(positives)}"
+
+
+def test_default_layer_is_the_last_feature_stage():
+    assert default_target_layer(create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 3})) == "stages.1"
+    assert default_target_layer(create_model({"name": "test_resnet", "num_classes": 2, "in_chans": 3})) == "layer4"
+    assert default_target_layer(PatchNet()) == "features.0"
+
+
+def test_vector_layer_is_refused_and_vit_tokens_work():
+    with pytest.raises(EdgeKDError, match="spatial map"):
+        gradcam(PatchNet(), patch_image(16, 2, 2, 0)[None], "fc")
+    vit = create_model({"name": "test_vit", "num_classes": 2, "in_chans": 3, "kwargs": {"img_size": 16, "patch_size": 4}})
+    maps, _ = gradcam(vit, torch.randn(2, 3, 16, 16), "blocks.0")
+    assert maps.shape == (2, 16, 16) and np.isfinite(maps).all()
+
+
+def test_overlay_is_rgb_upscaled_and_hot_where_the_map_is():
+    img = np.full((16, 16, 1), 128, np.uint8)
+    cam = np.zeros((16, 16), np.float32)
+    cam[:4, :4] = 1.0
+    out = overlay(img, cam)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert out[10, 10, 0] > out[10, 10, 2] and out[200, 200, 2] > out[200, 200, 0]   # jet: hot red, cold blue
+
+
+@pytest.mark.slow
+def test_explain_cli_writes_overlays(tmp_path):
+    from conftest import write_npz
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
+    npz = write_npz(tmp_path / "q.npz", n=(32, 8, 8), size=16)
+    raw = {"name": "q", "seed": 0, "model": {"name": "edgekd_cnn_tiny"},
+           "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 16},
+           "train": {"epochs": 1, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
+                     "monitor": "val_loss", "monitor_mode": "min"}}
+    best = train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda *_: None).best_path
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"x{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20), dtype=np.uint8)).save(files[-1])
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    p = subprocess.run([sys.executable, "-m", "edgekd", "explain", str(best), *map(str, files), "--out",
+                        str(tmp_path / "cam"), "--target", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rec = json.loads((tmp_path / "cam" / "explain.json").read_text())["images"]
+    assert [r["overlay"] for r in rec] == ["x0_gradcam.png", "x1_gradcam.png"] and rec[0]["layer"] == "stages.1"
+    assert Image.open(tmp_path / "cam" / "x0_gradcam.png").size == (224, 224)
+    p = subprocess.run([sys.executable, "-m", "edgekd", "explain", str(best), str(files[0]), "--layer", "nope",
+                        "--out", str(tmp_path / "cam2")], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
