@@ -114,6 +114,11 @@ def test_bundle_artifacts_see_the_same_corrupted_pixels_as_pytorch(tiny_run, tmp
 
     bundle = tmp_path / "bundle"
     export_checkpoint(tiny_run, bundle, ["onnx", "openvino"], ["fp32"], log=lambda *_: None)
+    # the deployment card shows Grad-CAM overlays of test images, each listed in the hashed manifest
+    card, manifest = (bundle / "card.md").read_text(), (bundle / "manifest.sha256").read_text()
+    overlays = sorted(p.name for p in (bundle / "explain").glob("*_gradcam.png"))
+    assert len(overlays) == 4 and "## Where the model looks (Grad-CAM)" in card
+    assert all(f"(explain/{name})" in card and f"explain/{name}" in manifest for name in overlays)
     res = run_corruption_eval([tiny_run, bundle], tmp_path / "ev", corruptions=["pixelate", "motion_blur"],
                               severities=[2, 5], log=lambda *_: None)
     by_fmt: dict[str, list[float]] = {}

@@ -157,3 +157,20 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
         rec["file"] = str(src)
     write_json(Path(out) / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
     return records
+
+
+def card_overlays(model: nn.Module, ckpt: dict[str, Any], dataset, out: str | Path, n: int = 4,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """Grad-CAM overlays of `n` test images for a deployment card: a fixed seeded pick, classes taken in turn
+    (so every class is shown when n allows); records carry the true label and the prediction."""
+    labels = np.asarray(dataset.table.labels)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    queues = [list(order[labels[order] == c]) for c in np.unique(labels)]
+    picked: list[int] = []
+    while len(picked) < min(n, len(labels)):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(int(q.pop(0)))
+    names = [f"test{i}" for i in picked]
+    return explain_arrays(model, ckpt, [dataset.raw(i) for i in picked], out, names,
+                          labels=[int(labels[i]) for i in picked])

@@ -15,6 +15,8 @@ from edgekd.fileio import atomic_write, write_json, write_text
 
 SCHEMA = "edgekd-bundle/1"
 METADATA_FILE, MANIFEST_FILE, PARITY_FILE, CARD_FILE = "edgekd.json", "manifest.sha256", "parity.json", "card.md"
+EXPLAIN_DIR = "explain"
+"""Grad-CAM overlay PNGs shown in the card."""
 
 
 def staging_dir(out: Path) -> Path:
@@ -73,9 +75,10 @@ def write_zip(root: Path, archive: Path) -> Path:
     return atomic_write(archive, write)
 
 
-def write_bundle_files(stage: Path, metadata: dict[str, Any], parity: dict[str, Any]) -> None:
+def write_bundle_files(stage: Path, metadata: dict[str, Any], parity: dict[str, Any],
+                       explanations: list[dict[str, Any]] | None = None) -> None:
     write_json(stage / PARITY_FILE, parity)
-    write_text(stage / CARD_FILE, deployment_card(metadata, parity))
+    write_text(stage / CARD_FILE, deployment_card(metadata, parity, explanations))
     write_json(stage / METADATA_FILE, metadata)
     write_manifest(stage)
 
@@ -88,8 +91,10 @@ def _num(v: Any, fmt: str = ".4f") -> str:
     return "-" if v is None or v != v else format(v, fmt)
 
 
-def deployment_card(metadata: dict[str, Any], parity: dict[str, Any]) -> str:
-    """The markdown card shipped with a bundle: what the model is, how well each artifact does, how to run it."""
+def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
+                    explanations: list[dict[str, Any]] | None = None) -> str:
+    """The markdown card shipped with a bundle: what the model is, how well each artifact does, where it looks
+    (Grad-CAM overlays of a few test images, when given), how to run it."""
     model, pre, tta = metadata["model"], metadata["preprocess"], metadata["tta"]
     ref = parity["reference"]["metrics"]
     splits = list(ref)
@@ -133,6 +138,15 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any]) -> str:
                      f"{_num(rec.get('mean_abs_diff'), '.2e')} | {_pct(rec.get('top1_agreement'))} | "
                      f"{_num(drop.get('acc'))} | {_num(drop.get('auc'))} | {tol} | "
                      f"{'pass' if rec['passed'] else 'FAIL'} |")
+    if explanations:
+        lines += ["", "## Where the model looks (Grad-CAM)", "",
+                  f"Grad-CAM of the predicted class at layer `{explanations[0]['layer']}` of the PyTorch checkpoint, "
+                  f"on {len(explanations)} test images (a fixed pick, classes in turn). Red = regions that raised "
+                  "the predicted class's score; check they lie on anatomy, not on labels, borders or devices.", "",
+                  "| image | label | predicted (p) | Grad-CAM |", "|---|---|---|---|"]
+        for e in explanations:
+            lines.append(f"| {e['image']} | {e.get('label') or '-'} | {e['predicted']} ({e['prob']:.3f}) | "
+                         f"![{e['image']}]({e['overlay']}) |")
     first = metadata["artifacts"][0]
     lines += ["", "## Run", "", "```", f"edgekd predict <this bundle> IMAGE... --backend {first['format']} "
               f"--precision {first['precision']} [--tta]", "```", "",

@@ -17,8 +17,8 @@ from edgekd import __version__
 from edgekd.data import build_data, build_transforms
 from edgekd.errors import EdgeKDError
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
-from edgekd.export.bundle import (METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish, staging_dir,
-                                  write_bundle_files, write_zip)
+from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
+                                  staging_dir, write_bundle_files, write_zip)
 from edgekd.export.formats import export_plan
 from edgekd.export.parity import ParitySet, check_artifact, parity_inputs, reference_report
 from edgekd.export.profile import ExportProfile, load_profile
@@ -82,6 +82,19 @@ def _export_recipe(ckpt: dict[str, Any], checkpoint: Path, overrides: list[str],
         data["resize"] = round(input_size * (data.get("resize") or size) / size)
         data["image_size"] = input_size
     return recipe_from_dict(raw, where=f"{checkpoint} (embedded recipe)")
+
+
+def card_explanations(model, ckpt: dict[str, Any], data, stage: Path, log: Callable[[str], None]) -> list[dict]:
+    """Grad-CAM overlays of a few test images for the card (explain/*.png); a model Grad-CAM cannot explain
+    (or a box without the grad-cam package) gets a card without them, not a failed export."""
+    try:
+        from edgekd.explain.gradcam import card_overlays
+
+        records = card_overlays(model, ckpt, data.dataset("test", train=False), stage / EXPLAIN_DIR)
+    except (EdgeKDError, ImportError) as err:
+        log(f"card: no Grad-CAM overlays ({str(err).splitlines()[0]})")
+        return []
+    return [{**r, "overlay": f"{EXPLAIN_DIR}/{r['overlay']}"} for r in records]
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
@@ -187,7 +200,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                                   f"{'s' if len(failures) > 1 else ''}); nothing was written to {out}:\n  "
                                   + "\n  ".join(failures), parity)
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE}
-        write_bundle_files(stage, metadata, parity)
+        write_bundle_files(stage, metadata, parity, card_explanations(model, ckpt, data, stage, log))
         publish(stage, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
