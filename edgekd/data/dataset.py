@@ -31,7 +31,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         arr = self.raw(i)
-        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        img = torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1)  # PIL arrays are read-only
         return self.transform(img), int(self.table.labels[i])
 
 
@@ -125,6 +125,20 @@ def _select_classes(tables: dict[str, Table], classes: list[int], names: list[st
     return out, [names[c] if c < len(names) else f"class_{c}" for c in classes]
 
 
+def _order_named_classes(tables: dict[str, Table], names: list[str], wanted: list[str],
+                         where: str | None) -> tuple[dict[str, Table], list[str]]:
+    """Label ids follow data.class_names for a source with named labels; a label not listed is an error."""
+    unknown = [n for n in names if n not in wanted]
+    if unknown:
+        raise EdgeKDError(f"{where}: unknown label {unknown[0]!r} (data.class_names: {', '.join(wanted)})")
+    remap = np.asarray([wanted.index(n) for n in names], dtype=np.int64)
+    out = {}
+    for split, t in tables.items():
+        out[split] = t.subset(np.arange(len(t)))
+        out[split].labels = remap[t.labels]
+    return out, wanted
+
+
 def _limit(table: Table, n: int, seed: int) -> Table:
     if len(table) <= n:
         return table
@@ -140,10 +154,13 @@ def build_data(recipe) -> DataModule:
     tables, names = source.tables, source.class_names
     if cfg.classes:
         tables, names = _select_classes(tables, cfg.classes, names)
-    if cfg.class_names:
+    if cfg.class_names and source.info.get("named_labels"):
+        tables, names = _order_named_classes(tables, names, list(cfg.class_names), cfg.path)
+    elif cfg.class_names:
         if len(cfg.class_names) != len(names):
             raise EdgeKDError(f"data.class_names has {len(cfg.class_names)} names, the data has {len(names)} classes")
         names = list(cfg.class_names)
+    build_transforms(cfg, recipe.augment, train=True)  # an unknown augment op fails now, before any output
     source.tables = tables
     tables = make_splits(source, cfg.split, cfg.val_fraction, cfg.test_fraction, recipe.seed, cfg.folds, cfg.fold)
     bad: list[str] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +100,11 @@ def load_medmnist(path: str | Path) -> Source:
             continue
         if f"{split}_labels" not in keys:
             raise EdgeKDError(f"{path}: has {split}_images but no {split}_labels")
-        images = npz[f"{split}_images"]
-        labels = npz[f"{split}_labels"]
+        try:
+            images = npz[f"{split}_images"]
+            labels = npz[f"{split}_labels"]
+        except (ValueError, OSError, zipfile.BadZipFile) as err:  # object arrays (pickle) are refused here
+            raise EdgeKDError(f"{path}: cannot read {split} arrays ({str(err).splitlines()[0][:100]})") from None
         tables[split] = Table(labels=_check_labels(labels, path, split), images=_check_images(images, path, split))
         if len(tables[split].images) != len(tables[split].labels):
             raise EdgeKDError(f"{path}: {split}_images and {split}_labels differ in length")
@@ -183,8 +187,12 @@ def load_csv(path: str | Path) -> Source:
     missing = {"path", "label"} - set(rows[0])
     if missing:
         raise EdgeKDError(f"{path}: CSV manifest lacks column(s) {', '.join(sorted(missing))}")
-    label_values = [r["label"].strip() for r in rows]
-    if all(v.lstrip("-").isdigit() for v in label_values):
+    label_values = [(r["label"] or "").strip() for r in rows]
+    empty = next((i for i, v in enumerate(label_values) if not v), None)
+    if empty is not None:
+        raise EdgeKDError(f"{path}:{empty + 2}: empty label")
+    named = not all(v.lstrip("-").isdigit() for v in label_values)
+    if not named:
         ids = sorted({int(v) for v in label_values})
         if ids[0] < 0:
             raise EdgeKDError(f"{path}: negative label {ids[0]}")
@@ -216,7 +224,8 @@ def load_csv(path: str | Path) -> Source:
                      groups=np.asarray(b["groups"]) if has_groups else None)
         for split, b in buckets.items()
     }
-    return Source(name=path.stem, tables=tables, class_names=class_names)
+    # Named labels: data.class_names may set their order (build_data remaps by name, never by position).
+    return Source(name=path.stem, tables=tables, class_names=class_names, info={"named_labels": named})
 
 
 def _read_idx(file: Path) -> np.ndarray:

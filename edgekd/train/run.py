@@ -57,6 +57,8 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
                 extra_meta: dict[str, Any] | None = None) -> RunResult:
     """Fit with the one Trainer, then evaluate best.pt on val and test and write the run's reports."""
     out = Path(out)
+    if resume and not (out / "last.pt").is_file():  # refuse before anything is written
+        raise EdgeKDError(f"{out / 'last.pt'}: checkpoint not found (nothing to resume)")
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     criterion = build_loss(recipe.train.loss, data.class_weights())

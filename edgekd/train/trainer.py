@@ -92,6 +92,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module | None = None) -> dict[str, float]:
     y, logits = predict_logits(model, loader, device)
+    if not np.all(np.isfinite(logits)):
+        raise EdgeKDError("the model's outputs are NaN/Inf on the evaluation data (the weights diverged); "
+                          "lower the learning rate or set train.clip_grad")
     out = classification_metrics(y, softmax(logits))
     if criterion is not None:
         with torch.no_grad():

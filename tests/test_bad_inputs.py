@@ -1,0 +1,770 @@
+"""Bad-input corpus: broken images, data, recipes, checkpoints and bundles through the real CLI commands.
+
+Every case must end in one `error: ...` line naming the problem and a non-zero exit (exit 2 for a refused command;
+`edgekd predict` reports each bad file and goes on, exit 1), never a traceback, never a half-written output.
+Commands run in-process through `edgekd.cli.run` (the console entry point) so the corpus stays fast; a few cases
+run the real `python -m edgekd` process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import make_images, write_image_folder, write_npz
+from edgekd.errors import EdgeKDError
+
+SIZE = 16
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def invoke(capsys, *args) -> tuple[int, str, str]:
+    """Run the console entry point in-process with argv; returns (exit code, stdout, stderr)."""
+    from edgekd.cli import run
+
+    capsys.readouterr()
+    with mock.patch.object(sys, "argv", ["edgekd", *map(str, args)]):
+        try:
+            run()
+            code = 0
+        except SystemExit as ex:
+            code = ex.code if isinstance(ex.code, int) else 1
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def assert_refused(result, *fragments: str) -> str:
+    """Exit 2, exactly one line on stderr, 'error: ...' naming every fragment, no traceback."""
+    code, out, err = result
+    assert "Traceback" not in out + err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, f"exit {code}: {err}"
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for f in fragments:
+        assert str(f) in lines[0], f"{f!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def new_files(folder: Path, before: set[str]) -> set[str]:
+    return {p.name for p in folder.iterdir()} - before if folder.exists() else set()
+
+
+def png_with_header_size(path: Path, width: int, height: int) -> Path:
+    """A valid 1x1 PNG whose IHDR claims width x height: decoding it would need width*height pixels."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 4  # after the signature and the chunk length
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _good_array(seed=0) -> np.ndarray:
+    return make_images(1, SIZE, 3, seed=seed)[0][0]
+
+
+def _truncated(path: Path, fmt: str) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, format=fmt)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+# Files that must be refused: name -> (writer, words the error must contain).
+BAD_IMAGES = {
+    "truncated_jpeg": (lambda p: _truncated(p, "JPEG"), ".jpg", "truncated"),
+    "truncated_png": (lambda p: _truncated(p, "PNG"), ".png", "truncated"),
+    "zero_byte": (lambda p: p.write_bytes(b""), ".png", "empty file"),
+    "text_as_png": (lambda p: p.write_text("patient,label\n1,0\n"), ".png", "not an image"),
+    "random_bytes_jpg": (lambda p: p.write_bytes(np.random.default_rng(1).bytes(4096)), ".jpg", "not an image"),
+    "png_header_only": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n"), ".png", "image"),
+    "decompression_bomb": (lambda p: png_with_header_size(p, 20000, 20000), ".png", "pixel limit"),
+}
+
+
+def _save(arr, mode=None):
+    return lambda p: Image.fromarray(arr, mode=mode).save(p) if mode else Image.fromarray(arr).save(p)
+
+
+rng = np.random.default_rng(2)
+# Unusual but valid files: decoded (16-bit rescaled, alpha dropped, CMYK/palette to RGB), predicted, trained on.
+ODD_IMAGES = {
+    "png_16bit": (lambda p: Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(p), ".png"),
+    "png_16bit_constant": (lambda p: Image.fromarray(np.full((20, 20), 4000, np.uint16)).save(p), ".png"),
+    "rgba": (lambda p: Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA").save(p), ".png"),
+    "la": (lambda p: Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).convert("LA").save(p), ".png"),
+    "cmyk_jpeg": (lambda p: Image.new("CMYK", (20, 20), (10, 200, 30, 5)).save(p), ".jpg"),
+    "palette": (lambda p: Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).convert("P").save(p),
+                ".png"),
+    "one_pixel": (lambda p: Image.new("RGB", (1, 1), (200, 10, 10)).save(p), ".png"),
+    "float_tiff": (lambda p: Image.fromarray(rng.normal(size=(20, 20)).astype(np.float32)).save(p), ".tif"),
+    "thin_strip": (lambda p: Image.new("L", (300, 2), 90).save(p), ".png"),
+}
+
+
+def write_recipe(path: Path, data: dict, **sections) -> Path:
+    raw = {"name": "bad", "seed": 0,
+           "data": {"image_size": SIZE, "channels": 3, "batch_size": 8, **data},
+           "model": {"name": "edgekd_cnn_tiny"},
+           "train": {"epochs": 1, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
+                     "monitor": "val_loss", "monitor_mode": "min"}}
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def given_split_folder(root: Path, n=4) -> Path:
+    for split in ("train", "val", "test"):
+        write_image_folder(root / split, n_per_class=n, size=SIZE)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """One tiny trained checkpoint (1 epoch, 48 images of 16 px) shared by the checkpoint cases."""
+    from edgekd.recipe import load_recipe
+    from edgekd.train.run import train_recipe
+
+    root = tmp_path_factory.mktemp("trained")
+    npz = write_npz(root / "tiny.npz", size=SIZE)
+    recipe = write_recipe(root / "tiny.yaml", {"source": "medmnist", "path": str(npz)})
+    result = train_recipe(load_recipe(recipe), root / "run", log=lambda *_: None)
+    return {"root": root, "npz": npz, "recipe": recipe, "run": root / "run", "ckpt": result.best_path}
+
+
+@pytest.fixture(scope="module")
+def bundle(trained) -> Path:
+    """One tiny exported bundle (ONNX + OpenVINO FP32) of the trained checkpoint, plus its zip."""
+    from edgekd.export import export_checkpoint, load_profile, with_overrides
+
+    profile = with_overrides(load_profile(None), parity_images=4)
+    out = trained["root"] / "bundle"
+    export_checkpoint(trained["ckpt"], out, ["onnx", "openvino"], ["fp32"], profile, zip_bundle=True,
+                      log=lambda *_: None)
+    return out
+
+
+@pytest.fixture
+def good_png(tmp_path) -> Path:
+    path = tmp_path / "good.png"
+    Image.fromarray(_good_array()).save(path)
+    return path
+
+
+def checkpoint_dict(trained) -> dict:
+    return torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+
+
+def copy_bundle(bundle: Path, dest: Path) -> Path:
+    shutil.copytree(bundle, dest)
+    return dest
+
+
+def rehash(root: Path) -> None:
+    from edgekd.export.bundle import write_manifest
+
+    write_manifest(root)
+
+
+def foreign_onnx(path: Path, classes=2, size=SIZE, input_name="input") -> Path:
+    """An ONNX file of another model (another class count, input size or io names)."""
+    from edgekd.models import create_model
+
+    model = create_model({"name": "edgekd_cnn_tiny", "num_classes": classes, "in_chans": 3}).eval()
+    torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), input_names=[input_name],
+                      output_names=["logits"], dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=18, dynamo=False)
+    return path
+
+
+# ================================================================================ images: edgekd predict
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+def test_predict_reports_a_bad_image_and_goes_on(kind, bundle, good_png, tmp_path, capsys):
+    write, suffix, words = BAD_IMAGES[kind]
+    bad = tmp_path / f"{kind}{suffix}"
+    write(bad)
+    out = tmp_path / "pred.csv"
+    code, stdout, err = invoke(capsys, "predict", bundle, good_png, bad, "--backend", "onnx", "--out", out)
+    assert code == 1 and "Traceback" not in stdout + err, err
+    errors = error_lines(err)
+    assert len(errors) == 1 and str(bad) in errors[0] and words in errors[0], err
+    assert "1 of 2 input(s) failed" in err
+    rows = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in rows] == [str(good_png), str(bad)]
+    assert rows[0]["label"] and not rows[0]["error"]
+    assert not rows[1]["label"] and words in rows[1]["error"]
+
+
+@pytest.mark.parametrize("kind", sorted(ODD_IMAGES))
+def test_predict_decodes_unusual_but_valid_images(kind, bundle, tmp_path, capsys):
+    write, suffix = ODD_IMAGES[kind]
+    path = tmp_path / f"{kind}{suffix}"
+    write(path)
+    out = tmp_path / "pred.json"
+    code, _, err = invoke(capsys, "predict", bundle, path, "--backend", "onnx", "--out", out)
+    assert code == 0, err
+    (pred,) = json.loads(out.read_text())["predictions"]
+    assert pred["label"] in ("class_0", "class_1") and abs(sum(pred["probs"].values()) - 1) < 1e-5
+
+
+def test_predict_keeps_brackets_in_a_reported_file_name(bundle, good_png, tmp_path, capsys):
+    """A file name with [brackets] (rich markup syntax) is printed as it is, in the error and in the table."""
+    bad = tmp_path / "scan[left].png"
+    bad.write_bytes(b"")
+    code, stdout, err = invoke(capsys, "predict", bundle, bad, good_png, "--backend", "onnx")
+    assert code == 1
+    assert f"error: {bad}: empty file" in err
+    assert "scan[left].png" in stdout
+
+
+# ================================================================================ images: edgekd train
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+def test_train_refuses_a_bad_image(kind, tmp_path, capsys):
+    write, suffix, words = BAD_IMAGES[kind]
+    root = given_split_folder(tmp_path / "imgs")
+    bad = root / "train" / "b" / f"{kind}{suffix}"
+    write(bad)
+    recipe = write_recipe(tmp_path / "r.yaml", {"source": "imagefolder", "path": str(root)})
+    assert_refused(invoke(capsys, "train", recipe, "--out", tmp_path / "run"), str(bad), words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_skips_bad_images_and_trains_on_unusual_ones(tmp_path, capsys):
+    """on_bad_image=skip drops (and lists) broken files; 16-bit, RGBA, CMYK, 1x1 ... files train and evaluate."""
+    root = given_split_folder(tmp_path / "imgs", n=3)
+    for split in ("train", "val", "test"):
+        for kind, (write, suffix) in ODD_IMAGES.items():
+            write(root / split / "a" / f"{kind}{suffix}")
+    BAD_IMAGES["truncated_jpeg"][0](root / "train" / "a" / "broken.jpg")
+    recipe = write_recipe(tmp_path / "r.yaml", {"source": "imagefolder", "path": str(root), "on_bad_image": "skip"})
+    code, _, err = invoke(capsys, "train", recipe, "--out", tmp_path / "run")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["bad_files"] == [str(root / "train" / "a" / "broken.jpg")]
+    assert metrics["test"]["n"] == 6 + len(ODD_IMAGES)
+
+
+# ================================================================================ data sources: edgekd train
+def _npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _split_arrays(images=None, labels=None):
+    imgs, labels_ = make_images(12, SIZE, 1)
+    imgs = imgs[..., 0] if images is None else images
+    labels_ = labels_[:, None] if labels is None else labels
+    return {"train_images": imgs, "train_labels": labels_, "val_images": imgs, "val_labels": labels_,
+            "test_images": imgs, "test_labels": labels_}
+
+
+def _float_images(bad):
+    imgs = make_images(12, SIZE, 1)[0][..., 0].astype(np.float32)
+    imgs[3, 2, 2] = bad
+    return imgs
+
+
+def _csv(path: Path, rows: list[tuple], header=("path", "label", "split")) -> Path:
+    folder = path.parent
+    write_image_folder(folder / "imgs", n_per_class=2, size=SIZE)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for row in rows:
+            w.writerow(row)
+    return path
+
+
+GOOD_ROWS = [(f"imgs/{c}/{c}_{i}.png", c, s) for s in ("train", "val", "test") for c in ("a", "b") for i in range(2)]
+
+DATA_CASES = {
+    # name: (make(tmp) -> data section, words in the error)
+    "npz_nan_images": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(
+        _float_images(np.nan))))}, "NaN or Inf"),
+    "npz_inf_images": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(
+        _float_images(np.inf))))}, "NaN or Inf"),
+    "npz_nan_labels": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(
+        labels=np.array([[0.0], [np.nan]] * 6))))}, "NaN or Inf"),
+    "npz_object_array": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(
+        labels=np.array([[0], "x"] * 6, dtype=object))))}, "Object arrays"),
+    "npz_five_channels": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(
+        np.zeros((12, SIZE, SIZE, 5), np.uint8))))}, "expected (N,H,W)"),
+    "npz_length_mismatch": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(
+        labels=np.zeros((5, 1), np.int64))))}, "differ in length"),
+    "npz_no_labels": (lambda t: {"source": "medmnist", "path": str(_npz(
+        t / "d.npz", train_images=np.zeros((4, SIZE, SIZE), np.uint8)))}, "no train_labels"),
+    "npz_text_file": (lambda t: {"source": "medmnist", "path": str(_write(t / "d.npz", "not a zip"))},
+                      "not a readable .npz"),
+    "npz_truncated": (lambda t: {"source": "medmnist", "path": str(_cut(write_npz(t / "d.npz", size=SIZE)))},
+                      "not a readable .npz"),
+    "npz_missing": (lambda t: {"source": "medmnist", "path": str(t / "none.npz")}, "not found"),
+    "folder_empty_class": (lambda t: {"source": "imagefolder", "path": str(_empty_class(t))}, "empty class folder"),
+    "folder_no_classes": (lambda t: {"source": "imagefolder", "path": str(_mkdir(t / "flat"))}, "no class folders"),
+    "folder_missing": (lambda t: {"source": "imagefolder", "path": str(t / "nowhere")}, "image folder not found"),
+    "csv_missing_image": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
+        ("imgs/a/gone.png", "a", "train")]))}, "imgs/a/gone.png not found"),
+    "csv_unknown_label": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
+        ("imgs/a/a_0.png", "c", "train")])), "class_names": ["a", "b"]}, "unknown label 'c'"),
+    "csv_empty_label": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
+        ("imgs/a/a_0.png", "", "train")]))}, "empty label"),
+    "csv_bad_split": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
+        ("imgs/a/a_0.png", "a", "tran")]))}, "'tran' is not one of"),
+    "csv_missing_column": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", [("imgs/a/a_0.png",)],
+                                                                         header=("path",)))}, "lacks column"),
+    "csv_empty": (lambda t: {"source": "csv", "path": str(_write(t / "m.csv", ""))}, "empty"),
+    "csv_bad_image": (lambda t: {"source": "csv", "path": str(_csv_with_bad_image(t))}, "not an image"),
+}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _cut(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "x.png").write_bytes(b"")
+    return path
+
+
+def _empty_class(tmp: Path) -> Path:
+    root = write_image_folder(tmp / "imgs", n_per_class=3, size=SIZE)
+    (root / "c").mkdir()
+    return root
+
+
+def _csv_with_bad_image(tmp: Path) -> Path:
+    path = _csv(tmp / "m.csv", GOOD_ROWS)
+    (tmp / "imgs" / "a" / "a_0.png").write_text("hello")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_train_refuses_bad_data(case, tmp_path, capsys):
+    make, words = DATA_CASES[case]
+    recipe = write_recipe(tmp_path / "r.yaml", make(tmp_path))
+    assert_refused(invoke(capsys, "train", recipe, "--out", tmp_path / "run"), words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_csv_class_names_order_the_labels(tmp_path, capsys):
+    """data.class_names of a CSV with named labels sets the label ids (not a silent rename of sorted names)."""
+    from edgekd.data import build_data
+    from edgekd.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", {"source": "csv", "path": str(_csv(tmp_path / "m.csv", GOOD_ROWS)),
+                                                "class_names": ["b", "a"]})
+    data = build_data(load_recipe(recipe))
+    assert data.class_names == ["b", "a"]
+    table = data.tables["train"]
+    assert all((lab == 0) == ("/b/" in p) for lab, p in zip(table.labels, table.paths))
+
+
+# ================================================================================ recipes: edgekd train
+RECIPE_CASES = {
+    "unknown_top_key": ("epochz: 3\n", [], "unknown key 'epochz'"),
+    "unknown_nested_key": ("train:\n  optimiser: {lr: 0.1}\n", [], "unknown key 'train.optimiser'"),
+    "wrong_type_epochs": ("train:\n  epochs: many\n", [], "train.epochs"),
+    "wrong_type_section": ("data: 5\n", [], "data"),
+    "negative_batch": ("data:\n  batch_size: -4\n", [], "data.batch_size"),
+    "bad_literal": ("train:\n  optimizer: {name: adamax}\n", [], "train.optimizer.name"),
+    "invalid_yaml": ("train: [epochs: 1\n", [], "is not valid YAML"),
+    "yaml_list": ("- 1\n- 2\n", [], "must be a YAML mapping"),
+    "missing_base": ("base: nowhere.yaml\n", [], "nowhere.yaml: recipe file not found"),
+    "set_unknown_key": ("name: x\n", ["--set", "train.epoch=2"], "train.epoch"),
+    "set_bad_value": ("name: x\n", ["--set", "train.epochs=-1"], "train.epochs"),
+    "set_no_equals": ("name: x\n", ["--set", "train.epochs"], "expected key=value"),
+    "unknown_model": ("model: {name: resnet_9000}\n", [], "unknown timm model 'resnet_9000'"),
+    "unknown_augment": ("augment:\n  - RandomWobble: {}\n", [], "RandomWobble"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPE_CASES))
+def test_train_refuses_a_bad_recipe(case, tmp_path, capsys):
+    text, extra, words = RECIPE_CASES[case]
+    if case in ("unknown_model", "unknown_augment"):  # valid YAML: needs real data to get that far
+        npz = write_npz(tmp_path / "d.npz", size=SIZE)
+        raw = yaml.safe_load(text)
+        recipe = write_recipe(tmp_path / "r.yaml", {"source": "medmnist", "path": str(npz)}, **raw)
+    else:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(text)
+    assert_refused(invoke(capsys, "train", recipe, *extra, "--out", tmp_path / "run"), words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_missing_recipe(tmp_path, capsys):
+    assert_refused(invoke(capsys, "train", tmp_path / "no.yaml", "--out", tmp_path / "run"), "recipe file not found")
+
+
+def test_resume_refuses_another_recipe_and_a_missing_last_checkpoint(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    before = (run / "last.pt").read_bytes()
+    assert_refused(invoke(capsys, "train", trained["recipe"], "--out", run, "--resume", "--set",
+                          "train.optimizer.lr=0.5"), "trained with another recipe")
+    assert (run / "last.pt").read_bytes() == before
+    assert_refused(invoke(capsys, "train", trained["recipe"], "--out", tmp_path / "fresh", "--resume"),
+                   "last.pt", "not found")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_nonfinite_loss_stops_with_an_error_or_is_skipped(trained, tmp_path, capsys):
+    """Focal alpha=inf for class 0 makes every batch holding a class-0 image non-finite (batch size 1): nonfinite=error
+    stops at the first one naming the step; skip leaves those batches out, counts them and trains on the rest."""
+    inf = ["--set", "train.loss.name=focal", "--set", "train.loss.alpha=[.inf, 1.0]", "--set", "data.batch_size=1"]
+    line = assert_refused(invoke(capsys, "train", trained["recipe"], *inf, "--out", tmp_path / "err"),
+                          "non-finite loss", "train.nonfinite=skip")
+    assert "epoch 1 step" in line
+    assert not (tmp_path / "err" / "best.pt").exists()
+    code, _, err = invoke(capsys, "train", trained["recipe"], *inf, "--set", "train.nonfinite=skip",
+                          "--out", tmp_path / "skip")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "skip" / "metrics.json").read_text())
+    assert metrics["nonfinite_batches"] == 24  # the class-0 half of the 48 training images, once each
+    assert np.isfinite(metrics["val"]["loss"] if "loss" in metrics["val"] else 0.0)
+
+
+def test_diverged_weights_are_a_clear_error(trained, tmp_path, capsys):
+    """lr=1e30: the loss is finite once, the weights blow up; skipping cannot help: a one-line error, no best.pt."""
+    big = ["--set", "train.optimizer.lr=1e30", "--set", "train.optimizer.name=sgd", "--set", "train.nonfinite=skip"]
+    assert_refused(invoke(capsys, "train", trained["recipe"], *big, "--out", tmp_path / "run"), "NaN/Inf",
+                   "weights diverged")
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+# ================================================================================ checkpoints: eval + export
+def _ckpt_zero(t, trained):
+    (t / "c.pt").write_bytes(b"")
+
+
+def _ckpt_truncated(t, trained):
+    data = trained["ckpt"].read_bytes()
+    (t / "c.pt").write_bytes(data[: len(data) // 2])
+
+
+def _ckpt_random(t, trained):
+    (t / "c.pt").write_bytes(np.random.default_rng(3).bytes(2048))
+
+
+def _ckpt_plain_tensor(t, trained):
+    torch.save({"weight": torch.zeros(3)}, t / "c.pt")
+
+
+def _ckpt_pickle_payload(t, trained):
+    class Payload:  # what a malicious checkpoint does: run code when unpickled
+        def __reduce__(self):
+            return (os.system, (f"touch {t / 'PWNED'}",))
+    torch.save({"format": "edgekd-checkpoint/1", "x": Payload()}, t / "c.pt")
+
+
+def _ckpt_other_arch(t, trained):
+    ckpt = checkpoint_dict(trained)
+    ckpt["arch"] = {**ckpt["arch"], "name": "edgekd_cnn"}
+    torch.save(ckpt, t / "c.pt")
+
+
+def _ckpt_other_class_count(t, trained):
+    ckpt = checkpoint_dict(trained)
+    ckpt["arch"] = {**ckpt["arch"], "num_classes": 5}
+    torch.save(ckpt, t / "c.pt")
+
+
+def _ckpt_no_state(t, trained):
+    ckpt = checkpoint_dict(trained)
+    del ckpt["state_dict"]
+    torch.save(ckpt, t / "c.pt")
+
+
+def _ckpt_unknown_model(t, trained):
+    ckpt = checkpoint_dict(trained)
+    ckpt["arch"] = {**ckpt["arch"], "name": "not_a_model"}
+    torch.save(ckpt, t / "c.pt")
+
+
+def _ckpt_data_gone(t, trained):
+    ckpt = checkpoint_dict(trained)
+    ckpt["recipe"]["data"]["path"] = str(t / "moved.npz")
+    torch.save(ckpt, t / "c.pt")
+
+
+CHECKPOINT_CASES = {
+    "zero_byte": (_ckpt_zero, "not a readable checkpoint"),
+    "truncated": (_ckpt_truncated, "not a readable checkpoint"),
+    "random_bytes": (_ckpt_random, "not a readable checkpoint"),
+    "not_edgekd": (_ckpt_plain_tensor, "not an edgekd checkpoint"),
+    "pickle_payload": (_ckpt_pickle_payload, "not a readable checkpoint"),
+    "other_architecture": (_ckpt_other_arch, "weights do not fit"),
+    "other_class_count": (_ckpt_other_class_count, "another architecture or class count"),
+    "no_state_dict": (_ckpt_no_state, "lacks 'state_dict'"),
+    "unknown_model": (_ckpt_unknown_model, "unknown timm model"),
+    "data_moved": (_ckpt_data_gone, "moved.npz"),
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_bad_checkpoint_is_refused(case, command, trained, tmp_path, capsys):
+    make, words = CHECKPOINT_CASES[case]
+    make(tmp_path, trained)
+    before = {p.name for p in tmp_path.iterdir()}
+    out = tmp_path / "out"
+    extra = ["--format", "onnx", "--precision", "fp32", "--parity-images", "4"] if command == "export" else []
+    assert_refused(invoke(capsys, command, tmp_path / "c.pt", *extra, "--out", out), words)
+    assert new_files(tmp_path, before) == set()  # no out dir, no staging leftovers
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_eval_refuses_data_with_another_class_count(trained, tmp_path, capsys):
+    npz = write_npz(tmp_path / "three.npz", size=SIZE, classes=3)
+    data = write_recipe(tmp_path / "d.yaml", {"source": "medmnist", "path": str(npz)})
+    assert_refused(invoke(capsys, "eval", trained["ckpt"], "--data", data, "--out", tmp_path / "ev"),
+                   "2 classes", "has 3")
+    assert not (tmp_path / "ev").exists()
+
+
+# ================================================================================ export options
+EXPORT_CASES = {
+    "unknown_format": (["--format", "tflite"], "tflite"),
+    "unknown_precision": (["--precision", "int4"], "int4"),
+    "missing_profile": (["--target", "{t}/none.yaml"], "none.yaml"),
+    "profile_unknown_key": (["--target", "{t}/p.yaml"], "unknown key"),
+    "out_not_a_bundle": (["--out", "{t}/docs"], "is not an edgekd bundle"),
+    "zero_parity_images": (["--parity-images", "0"], "at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPORT_CASES))
+def test_export_refuses_bad_options(case, trained, tmp_path, capsys):
+    args, words = EXPORT_CASES[case]
+    (tmp_path / "p.yaml").write_text("formats: [onnx]\nprecision: [fp32]\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("keep me")
+    before = {p.name for p in tmp_path.iterdir()}
+    args = [a.format(t=tmp_path) for a in args]
+    out = [] if "--out" in args else ["--out", tmp_path / "bundle"]
+    assert_refused(invoke(capsys, "export", trained["ckpt"], *args, *out), words)
+    assert new_files(tmp_path, before) == set()
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "keep me"
+
+
+# ================================================================================ bundles: edgekd predict
+def _b_tampered(b):
+    with (b / "onnx" / "model_fp32.onnx").open("ab") as fh:
+        fh.write(b"\0")
+
+
+def _b_unlisted(b):
+    (b / "extra.bin").write_bytes(b"x")
+
+
+def _b_no_manifest(b):
+    (b / "manifest.sha256").unlink()
+
+
+def _b_meta_edit_without_rehash(b):
+    meta = json.loads((b / "edgekd.json").read_text())
+    meta["class_names"] = ["normal", "cancer"]
+    (b / "edgekd.json").write_text(json.dumps(meta))
+
+
+def _b_meta(mutate):
+    def apply(b):
+        meta = json.loads((b / "edgekd.json").read_text())
+        mutate(meta)
+        (b / "edgekd.json").write_text(json.dumps(meta))
+        rehash(b)
+    return apply
+
+
+def _b_meta_not_json(b):
+    (b / "edgekd.json").write_text("{schema: ")
+    rehash(b)
+
+
+def _b_onnx(**kw):
+    def apply(b):
+        foreign_onnx(b / "onnx" / "model_fp32.onnx", **kw)
+        rehash(b)
+    return apply
+
+
+def _b_onnx_garbage(b):
+    (b / "onnx" / "model_fp32.onnx").write_bytes(b"\x08\x07garbage")
+    rehash(b)
+
+
+def _b_traversal_member(b):
+    import zipfile
+
+    rehash(b)
+    with zipfile.ZipFile(b.parent / "evil.zip", "w") as zf:
+        for p in sorted(b.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(b).as_posix())
+        zf.writestr("../escaped.txt", "outside")
+
+
+def _b_truncated_zip(b):
+    shutil.make_archive(str(b.parent / "cut"), "zip", b)
+    data = (b.parent / "cut.zip").read_bytes()
+    (b.parent / "cut.zip").write_bytes(data[: len(data) // 2])
+
+
+BUNDLE_CASES = {
+    # name: (mutate the copied bundle dir, what is passed to predict, words)
+    "tampered_artifact": (_b_tampered, "b", "does not match its sha256"),
+    "unlisted_file": (_b_unlisted, "b", "extra.bin is not listed"),
+    "no_manifest": (_b_no_manifest, "b", "manifest.sha256 is missing"),
+    "metadata_edited": (_b_meta_edit_without_rehash, "b", "edgekd.json does not match its sha256"),
+    "metadata_not_json": (_b_meta_not_json, "b", "not valid JSON"),
+    "schema_version": (_b_meta(lambda m: m.update(schema="edgekd-bundle/9")), "b", "schema must be"),
+    "no_class_names": (_b_meta(lambda m: m.pop("class_names")), "b", "class_names"),
+    "std_zero": (_b_meta(lambda m: m["preprocess"].update(std=[0, 0.5, 0.5])), "b", "std must not contain 0"),
+    "artifact_path_escapes": (_b_meta(lambda m: m["artifacts"][0].update(path="../model.onnx")), "b",
+                              "relative path inside the bundle"),
+    "onnx_other_class_count": (_b_onnx(classes=5), "b", "does not match"),
+    "onnx_other_input_size": (_b_onnx(size=24), "b", "model input shape"),
+    "onnx_other_io_names": (_b_onnx(input_name="x"), "b", "no input named 'input'"),
+    "onnx_garbage": (_b_onnx_garbage, "b", "cannot load the model"),
+    "zip_path_traversal": (_b_traversal_member, "evil.zip", "escapes the bundle"),
+    "zip_truncated": (_b_truncated_zip, "cut.zip", "not a bundle"),
+    "bundle_missing": (lambda b: None, "nowhere", "bundle not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BUNDLE_CASES))
+def test_predict_refuses_a_bad_bundle(case, bundle, good_png, tmp_path, capsys):
+    mutate, target, words = BUNDLE_CASES[case]
+    work = tmp_path / "w"
+    work.mkdir()
+    mutate(copy_bundle(bundle, work / "b"))
+    out = tmp_path / "pred.csv"
+    assert_refused(invoke(capsys, "predict", work / target, good_png, "--backend", "onnx", "--out", out), words)
+    assert not out.exists() and not (tmp_path / "escaped.txt").exists() and not (work / "escaped.txt").exists()
+
+
+PREDICT_OPTION_CASES = {
+    "precision_not_in_bundle": (["--precision", "int8"], "no onnx int8 model"),
+    "unknown_precision": (["--precision", "fp64"], "unknown precision 'fp64'"),
+    "unknown_backend": (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+    "bad_out_suffix": (["--out", "{t}/pred.xlsx"], "must end with .csv or .json"),
+    "unknown_tta_view": (["--views", "original,mirror"], "mirror"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREDICT_OPTION_CASES))
+def test_predict_refuses_bad_options(case, bundle, good_png, tmp_path, capsys):
+    args, words = PREDICT_OPTION_CASES[case]
+    args = [a.format(t=tmp_path) for a in args]
+    backend = [] if "--backend" in args else ["--backend", "onnx"]
+    assert_refused(invoke(capsys, "predict", bundle, good_png, *backend, *args), words)
+    assert not any(p.name.startswith("pred") for p in tmp_path.iterdir())
+
+
+def test_predict_reports_missing_inputs_per_item(bundle, good_png, tmp_path, capsys):
+    code, _, err = invoke(capsys, "predict", bundle, good_png, tmp_path / "nope.png", str(tmp_path / "*.dcmx"),
+                          "--backend", "onnx", "--out", tmp_path / "p.json")
+    assert code == 1 and "Traceback" not in err
+    assert len(error_lines(err)) == 2 and "2 of 3 input(s) failed" in err
+    preds = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert [("error" in p) for p in preds] == [False, True, True]
+
+
+# ================================================================================ runner API: wrong inputs
+RUNNER_INPUTS = {
+    "rank_5": (lambda r: r.predict(np.zeros((1, 2, SIZE, SIZE, 3), np.uint8)), "expected an image array"),
+    "rank_1": (lambda r: r.predict(np.zeros(SIZE, np.uint8)), "expected an image array"),
+    "batch_as_one_image": (lambda r: r.predict(np.zeros((2, SIZE, SIZE, 3), np.uint8)), "use predict_batch"),
+    "float_image": (lambda r: r.predict(np.zeros((SIZE, SIZE, 3), np.float32)), "uint8"),
+    "two_channels": (lambda r: r.predict(np.zeros((SIZE, SIZE, 2), np.uint8)), "channels"),
+    "empty_image": (lambda r: r.predict(np.zeros((0, SIZE, 3), np.uint8)), "empty image"),
+    "infer_rank_3": (lambda r: r.infer(np.zeros((3, SIZE, SIZE), np.float32)), "model input must have shape"),
+    "infer_wrong_size": (lambda r: r.infer(np.zeros((1, 3, 8, 8), np.float32)), "model input must have shape"),
+    "not_an_image": (lambda r: r.predict({"pixels": 1}), "expected an image path"),
+}
+
+
+@pytest.fixture(scope="module")
+def runner(bundle):
+    from edgekd.runtime import Runner
+
+    return Runner.from_bundle(bundle, backend="onnx")
+
+
+@pytest.mark.parametrize("case", sorted(RUNNER_INPUTS))
+def test_runner_refuses_wrong_inputs(case, runner):
+    call, words = RUNNER_INPUTS[case]
+    with pytest.raises(EdgeKDError, match=words) as info:
+        call(runner)
+    assert "\n" not in str(info.value)
+
+
+# ================================================================================ the real entry point
+def run_edgekd(*args) -> subprocess.CompletedProcess:
+    env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run([sys.executable, "-m", "edgekd", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def as_result(proc: subprocess.CompletedProcess):
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_subprocess_truncated_checkpoint_and_debug_traceback(trained, tmp_path):
+    _ckpt_truncated(tmp_path, trained)
+    assert_refused(as_result(run_edgekd("eval", tmp_path / "c.pt", "--out", tmp_path / "ev")),
+                   "not a readable checkpoint")
+    proc = run_edgekd("--debug", "eval", tmp_path / "c.pt", "--out", tmp_path / "ev")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr  # --debug shows it
+    assert not (tmp_path / "ev").exists()
+
+
+def test_subprocess_tampered_bundle_zip(bundle, good_png, tmp_path):
+    import zipfile
+
+    src = bundle.parent / f"{bundle.name}.zip"
+    bad = tmp_path / "tampered.zip"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info, data + b" " if info.filename == "card.md" else data)
+    assert_refused(as_result(run_edgekd("predict", bad, good_png, "--out", tmp_path / "p.csv")),
+                   "card.md does not match its sha256")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_subprocess_bad_image_in_training_data(tmp_path):
+    root = given_split_folder(tmp_path / "imgs")
+    bad = root / "val" / "a" / "cut.jpg"
+    BAD_IMAGES["truncated_jpeg"][0](bad)
+    recipe = write_recipe(tmp_path / "r.yaml", {"source": "imagefolder", "path": str(root)})
+    assert_refused(as_result(run_edgekd("train", recipe, "--out", tmp_path / "run")), str(bad), "truncated")
+    assert not (tmp_path / "run").exists()

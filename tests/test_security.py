@@ -1,0 +1,116 @@
+"""Safe loading, checked on the package source: no unpickling anywhere a file from outside could reach.
+
+torch.load only with weights_only=True; numpy never with allow_pickle=True; YAML only through safe_load; the edge
+runtime (edgekd/runtime) imports neither torch nor any pickle-based loader. The checks parse the source (ast), so a
+call split over lines or written with a keyword in another position is still seen.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "edgekd"
+PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def _keyword(call: ast.Call, name: str):
+    for kw in call.keywords:
+        if kw.arg == name:
+            return kw.value.value if isinstance(kw.value, ast.Constant) else kw.value
+    return None
+
+
+def unsafe_loads(source: str) -> list[str]:
+    """Problems in one module's source: unsafe torch.load / np.load / yaml.load / pickle.load calls."""
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        line = node.lineno
+        if name == "torch.load" and _keyword(node, "weights_only") is not True:
+            problems.append(f"line {line}: torch.load without weights_only=True")
+        if name in ("np.load", "numpy.load") and _keyword(node, "allow_pickle") is True:
+            problems.append(f"line {line}: np.load with allow_pickle=True")
+        if name == "yaml.load" or name == "yaml.unsafe_load" or name == "yaml.full_load":
+            problems.append(f"line {line}: {name} (use yaml.safe_load)")
+        if name.split(".")[0] in PICKLE_MODULES and name.split(".")[-1] in ("load", "loads", "Unpickler"):
+            problems.append(f"line {line}: {name}")
+    return problems
+
+
+def imported_modules(source: str) -> set[str]:
+    mods = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mods.add(node.module.split(".")[0])
+    return mods
+
+
+def package_sources(sub: str = "") -> dict[str, str]:
+    root = PACKAGE / sub
+    return {str(p.relative_to(PACKAGE.parent)): p.read_text() for p in sorted(root.rglob("*.py"))}
+
+
+def test_the_checks_catch_unsafe_code():
+    """The scanners below are only worth something if they flag what they are meant to flag."""
+    bad = ("import torch, numpy as np, yaml, pickle\n"
+           "a = torch.load(p)\nb = torch.load(p, map_location='cpu',\n    weights_only=False)\n"
+           "c = np.load(p, allow_pickle=True)\nd = yaml.load(t)\ne = pickle.loads(b)\n")
+    assert len(unsafe_loads(bad)) == 5
+    assert unsafe_loads("import torch\nx = torch.load(p, map_location='cpu', weights_only=True)\n") == []
+    assert {"torch", "pickle"} <= imported_modules("import torch.nn as nn\nfrom pickle import loads\n")
+
+
+def test_package_has_no_unsafe_loads():
+    sources = package_sources()
+    assert len(sources) > 30
+    problems = [f"{path}: {p}" for path, src in sources.items() for p in unsafe_loads(src)]
+    assert problems == []
+    # Every torch.load in the package is one the ast check saw (no aliasing like `from torch import load`).
+    assert all("from torch import load" not in src for src in sources.values())
+    assert sum(src.count("torch.load(") for src in sources.values()) >= 1
+
+
+def test_runtime_imports_no_torch_and_no_pickle():
+    sources = package_sources("runtime")
+    assert "edgekd/runtime/runner.py" in sources
+    for path, src in sources.items():
+        mods = imported_modules(src)
+        assert "torch" not in mods, f"{path} imports torch"
+        assert not mods & PICKLE_MODULES, f"{path} imports {mods & PICKLE_MODULES}"
+        assert "allow_pickle=True" not in src.replace(" ", ""), path
+        assert "pickle" not in src.lower(), f"{path} mentions pickle"
+
+
+@pytest.mark.parametrize("module", ["edgekd.imageio", "edgekd.fileio", "edgekd.errors"])
+def test_modules_shared_with_the_runtime_import_no_torch(module):
+    """The runtime imports these: they must stay torch-free too."""
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    assert "torch" not in imported_modules(path.read_text())
+
+
+def test_npz_with_pickled_objects_is_refused(tmp_path):
+    """np.load(allow_pickle=False) in the data sources: an object array is an error, not code execution."""
+    import numpy as np
+
+    from edgekd.data.sources import load_medmnist
+    from edgekd.errors import EdgeKDError
+
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((2, 8, 8), np.uint8),
+             train_labels=np.array([{"a": 1}, {"b": 2}], dtype=object))
+    with pytest.raises(EdgeKDError, match="Object arrays cannot be loaded"):
+        load_medmnist(tmp_path / "d.npz")
