@@ -1,0 +1,70 @@
+"""Accuracy (and AUC) vs batch-1 latency for every model x format x precision x TTA in latency.json, Pareto front marked.
+
+    .venv/bin/python benchmarks/pareto.py [--latency benchmarks/results/latency.json] [--variant bare|runner|...]
+
+Reads the records of benchmarks/latency.py (batch 1, status ok, with accuracy measured), writes
+benchmarks/results/pareto.json, benchmarks/results/pareto.png and the Pareto section of benchmarks/RESULTS.md.
+No measurement is made here: the figures are latency.json's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common import REPO, RESULTS, now
+
+from edgekd.bench.pareto import pareto_markdown, pareto_points, plot_pareto, point_label
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import atomic_write, write_json
+
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- pareto:begin (benchmarks/pareto.py) -->", "<!-- pareto:end -->"
+
+
+def replace_section(text: str, section: str) -> str:
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        return head + section + rest.split(END, 1)[1]
+    return text.rstrip() + "\n\n" + section + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--latency", default=str(RESULTS / "latency.json"))
+    ap.add_argument("--variant", default=None, help="keep one variant (e.g. runner: edgekd runtime end to end)")
+    args = ap.parse_args()
+    data = json.loads(open(args.latency).read())
+    records = data["records"] if isinstance(data, dict) else data
+    if args.variant:
+        records = [r for r in records if r.get("variant") == args.variant]
+    panels = {m: pareto_points(records, m) for m in ("acc", "auc")}
+    if not panels["acc"]:
+        raise EdgeKDError(f"{args.latency}: no batch-1 record with both latency and accuracy (run benchmarks/latency.py)")
+    command = "python benchmarks/pareto.py " + " ".join(sys.argv[1:])
+    source = data.get("latency", {}) if isinstance(data, dict) else {}
+    result = {"date": now(), "command": command.strip(), "source": args.latency,
+              "latency_run": {k: source.get(k) for k in ("date", "command", "machine") if k in source},
+              "points": panels}
+    write_json(RESULTS / "pareto.json", result)
+    plot_pareto(panels, RESULTS / "pareto.png", "PneumoniaMNIST: accuracy vs batch-1 latency (p50)")
+    front = {m: [point_label(p) + f" ({p['model']})" for p in sorted(pts, key=lambda p: p["p50_ms"]) if p["pareto"]]
+             for m, pts in panels.items()}
+    section = "\n".join([
+        BEGIN, "## Accuracy-latency Pareto front (`benchmarks/pareto.py`)", "",
+        f"`{result['command']}` on {result['date'][:10]}; the points are the batch-1 records of "
+        f"`benchmarks/results/latency.json` (latency run: {source.get('date', '?')}, {source.get('machine', '?')}). "
+        "Latency is the p50 of batch-1 calls; accuracy/AUC on the test split as measured by that run.", "",
+        "![Pareto](results/pareto.png)", "",
+        f"Front (accuracy): {'; '.join(front['acc'])}.", "",
+        f"Front (AUC): {'; '.join(front['auc'])}.", "",
+        "<details><summary>every configuration (accuracy)</summary>", "", pareto_markdown(panels["acc"], "acc"), "",
+        "</details>", END])
+    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
+    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section)))
+    print(json.dumps(front, indent=2))
+
+
+if __name__ == "__main__":
+    main()

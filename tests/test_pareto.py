@@ -1,0 +1,54 @@
+"""The accuracy-latency Pareto front on hand-made points, and points from benchmark records."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgekd.bench.pareto import pareto_front, pareto_points, plot_pareto
+
+
+def test_front_of_hand_made_points():
+    pts = [(10.0, 0.90),   # 0: front (only slower points score higher)
+           (5.0, 0.80),    # 1: front (fastest)
+           (12.0, 0.89),   # 2: dominated by 0 (slower, worse)
+           (20.0, 0.95),   # 3: front (best score)
+           (20.0, 0.93),   # 4: dominated by 3 (same latency, worse)
+           (7.0, 0.80),    # 5: dominated by 1 (slower, same score)
+           (30.0, 0.95)]   # 6: dominated by 3 (slower, same score)
+    assert pareto_front(pts) == [1, 0, 3]
+
+
+@pytest.mark.parametrize("pts,want", [
+    ([], []),
+    ([(1.0, 0.5)], [0]),
+    ([(1.0, 0.5), (1.0, 0.5)], [0, 1]),                    # exact duplicates: neither dominates the other
+    ([(3.0, 0.9), (2.0, 0.8), (1.0, 0.7)], [2, 1, 0]),      # a monotone trade-off: all on the front
+    ([(1.0, 0.9), (2.0, 0.8), (3.0, 0.7)], [0]),            # one point dominates all
+])
+def test_front_edge_cases(pts, want):
+    assert pareto_front(pts) == want
+
+
+def test_front_matches_brute_force_dominance():
+    import random
+    rng = random.Random(0)
+    pts = [(rng.choice([1, 2, 3, 4, 5]) * 1.0, rng.choice([0.6, 0.7, 0.8, 0.9])) for _ in range(40)]
+    dominated = {i for i, (l1, s1) in enumerate(pts) for (l2, s2) in pts
+                 if l2 <= l1 and s2 >= s1 and (l2 < l1 or s2 > s1)}
+    assert sorted(pareto_front(pts)) == sorted(set(range(len(pts))) - dominated)
+
+
+def test_points_from_records_filter_batch_status_and_missing_metric(tmp_path):
+    def rec(fmt, prec, p50, acc, batch=1, status="ok", tta=False, auc=0.9):
+        return {"model": "cnn", "role": "student", "format": fmt, "precision": prec, "variant": "bare", "tta": tta,
+                "batch": batch, "p50_ms": p50, "acc": acc, "auc": auc, "status": status}
+    records = [rec("openvino", "int8", 1.0, 0.90), rec("openvino", "fp32", 2.0, 0.91),
+               rec("onnx", "fp32", 3.0, 0.905), rec("onnx", "int8", 1.5, None),     # no accuracy: left out
+               rec("torch", "fp32", 0.5, 0.99, batch=8), rec("torch", "fp32", 9.0, 0.95, status="n/a"),
+               rec("openvino", "fp32", 6.0, 0.93, tta=True)]
+    pts = pareto_points(records, "acc")
+    assert [(p["format"], p["precision"], p["tta"], p["pareto"]) for p in pts] == [
+        ("openvino", "int8", False, True), ("openvino", "fp32", False, True), ("onnx", "fp32", False, False),
+        ("openvino", "fp32", True, True)]
+    path = plot_pareto({"acc": pts, "auc": pareto_points(records, "auc")}, tmp_path / "p.png")
+    assert path.stat().st_size > 1000
