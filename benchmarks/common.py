@@ -72,9 +72,11 @@ def accuracy_record(m: dict, command: str, split: str = "test") -> dict:
             "train_seconds": m["train_seconds"], "date": now(), "machine": machine(), "command": command}
 
 
-def merge_records(path: Path, new: list[dict], key=("dataset", "split", "model", "role", "seed")) -> list[dict]:
-    """Replace records that match a new one on `key`; keep all others. The file is a JSON list of records, or a
-    {"records": [...], ...} object (latency.json: several scripts add their summaries), whose other keys are kept."""
+def merge_records(path: Path, new: list[dict], key=("dataset", "split", "model", "role", "name", "seed")) -> list[dict]:
+    """Replace records that match a new one on `key`; keep all others. The key holds the recipe `name`, so KD
+    variants of one student (logit, feature, attention transfer: same model, role and seed) stay separate records.
+    The file is a JSON list of records, or a {"records": [...], ...} object (latency.json: several scripts add
+    their summaries), whose other keys are kept."""
     old = json.loads(path.read_text()) if path.is_file() else []
     doc = old if isinstance(old, dict) else None
     if doc is not None:
