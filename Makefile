@@ -47,6 +47,9 @@ bench: install
 	$(BIN)/python benchmarks/export.py --checkpoint $(BENCH_TEACHER) --checkpoint $(BENCH_STUDENT)
 	$(BIN)/python benchmarks/latency.py --teacher $(BENCH_TEACHER) --student $(BENCH_STUDENT)
 	$(BIN)/python benchmarks/latency_runtime.py runs/bench/latency/bundle-student --checkpoint $(BENCH_STUDENT)
+	$(BIN)/python benchmarks/pareto.py
+	$(BIN)/python benchmarks/distill_terms.py --reuse
+	$(BIN)/python benchmarks/robustness.py --teacher $(BENCH_TEACHER) --student $(BENCH_STUDENT)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

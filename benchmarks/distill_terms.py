@@ -1,0 +1,100 @@
+"""Which KD terms help on PneumoniaMNIST: logit KD vs + feature KD vs + attention transfer, same teacher and student.
+
+    .venv/bin/python benchmarks/distill_terms.py [--seeds 0] [--reuse] [--train-logit]
+
+Trains recipes/pneumonia/student-feature-28.yaml and student-at-28.yaml (teacher: runs/bench/pneumonia/teacher/best.pt)
+once per seed into runs/bench/pneumonia/<variant>-s<seed>/ and merges one record per run into
+benchmarks/results/accuracy.json. The logit-KD (student-28.yaml) and from-scratch rows are read from accuracy.json
+(benchmarks/distill.py writes them; --train-logit trains missing logit-KD seeds here). Writes
+benchmarks/results/distill_terms.json and the KD-terms section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+from common import METRICS, REPO, RESULTS, accuracy_record, machine, merge_records, now, run_or_reuse
+
+from edgekd.fileio import atomic_write, write_json
+from edgekd.recipe import load_recipe
+
+VARIANTS = {  # variant -> (recipe, run dir prefix, what the loss is)
+    "scratch": ("recipes/pneumonia/student-scratch-28.yaml", "student_scratch", "CE only (no teacher)"),
+    "logit": ("recipes/pneumonia/student-28.yaml", "student", "0.7 KL(T=4) + 0.3 CE"),
+    "feature": ("recipes/pneumonia/student-feature-28.yaml", "student_feature", "logit KD + 0.5 MSE(adapter(stages.2), layer3)"),
+    "attention": ("recipes/pneumonia/student-at-28.yaml", "student_at", "logit KD + 500 AT x 3 pairs (stages.0-2 -> layer1-3)"),
+}
+TRAINED_HERE = ("feature", "attention")
+RUNS = REPO / "runs" / "bench" / "pneumonia"
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- distill-terms:begin (benchmarks/distill_terms.py) -->", "<!-- distill-terms:end -->"
+
+
+def replace_section(text: str, section: str) -> str:
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        return head + section + rest.split(END, 1)[1]
+    return text.rstrip() + "\n\n" + section + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json matches the recipe")
+    ap.add_argument("--train-logit", action="store_true", help="train logit-KD seeds missing from accuracy.json")
+    args = ap.parse_args()
+    os.chdir(REPO)
+    names = {v: load_recipe(REPO / recipe).name for v, (recipe, _, _) in VARIANTS.items()}
+    existing = json.loads((RESULTS / "accuracy.json").read_text()) if (RESULTS / "accuracy.json").is_file() else []
+    existing = existing.get("records", []) if isinstance(existing, dict) else existing
+    to_train = [v for v in TRAINED_HERE]
+    if args.train_logit:
+        have = {r.get("seed") for r in existing if r.get("name") == names["logit"]}
+        to_train += ["logit"] if any(s not in have for s in args.seeds) else []
+    new = []
+    for variant in to_train:
+        recipe, prefix, _ = VARIANTS[variant]
+        for seed in args.seeds:
+            m, command = run_or_reuse(recipe, RUNS / f"{prefix}-s{seed}", [f"seed={seed}"], args.reuse, f"{variant} s{seed}")
+            new.append(accuracy_record(m, command))
+    merged = merge_records(RESULTS / "accuracy.json", new)
+    rows = []
+    for variant, (recipe, _, loss) in VARIANTS.items():
+        recs = [r for r in merged if r.get("name") == names[variant] and r.get("seed") in args.seeds
+                and r.get("dataset") == "pneumoniamnist" and r.get("split") == "test"]
+        if not recs:
+            continue
+        row = {"variant": variant, "recipe": recipe, "loss": loss, "model": recs[0]["model"],
+               "params": recs[0]["params"], "seeds": sorted(r["seed"] for r in recs)}
+        for k in (*METRICS, "seconds_per_epoch"):
+            vals = [r[k] for r in recs if r.get(k) is not None]
+            row[k] = {"mean": statistics.fmean(vals) if vals else None,
+                      "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+        rows.append(row)
+    result = {"date": now(), "machine": machine(), "command": "python benchmarks/distill_terms.py " + " ".join(sys.argv[1:]),
+              "teacher": "runs/bench/pneumonia/teacher/best.pt", "seeds": args.seeds, "rows": rows}
+    write_json(RESULTS / "distill_terms.json", result)
+    cols = ("acc", "auc", "f1", "sensitivity", "specificity", "seconds_per_epoch")
+    lines = [BEGIN, "## KD terms: logit vs feature vs attention transfer (`benchmarks/distill_terms.py`)", "",
+             f"`{result['command'].strip()}` on {result['date'][:10]}, {result['machine']}. PneumoniaMNIST 28 px test "
+             f"split; teacher ResNet-18 (`{result['teacher']}`), student the custom CNN; seeds {args.seeds} "
+             f"({'one seed: differences within a few tenths of a point are noise' if len(args.seeds) == 1 else 'mean ± std'}).",
+             "", "| variant | loss | params | seeds | " + " | ".join(cols) + " |", "|---|---|---:|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = ["-" if r[k]["mean"] is None else (f"{r[k]['mean']:.4f}" + (f" ± {r[k]['std']:.4f}" if len(r["seeds"]) > 1 else ""))
+                 for k in cols]
+        lines.append(f"| {r['variant']} | {r['loss']} | {r['params'] / 1e6:.2f}M | {r['seeds']} | " + " | ".join(cells) + " |")
+    lines.append(END)
+    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
+    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, "\n".join(lines))))
+    for r in rows:
+        print(f"{r['variant']:10s} seeds {r['seeds']}: acc {r['acc']['mean']:.4f} auc {r['auc']['mean']:.4f} "
+              f"f1 {r['f1']['mean']:.4f} s/epoch {r['seconds_per_epoch']['mean']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Corruption robustness of the PneumoniaMNIST teacher, the distilled student and the student's INT8 export.
+
+    .venv/bin/python benchmarks/robustness.py [--teacher CKPT] [--student CKPT] [--limit N] [--reuse-bundle]
+
+Exports the student with `edgekd export --format openvino --precision fp32,int8` (parity gate included) into
+runs/bench/robustness/student-bundle, then scores the teacher (PyTorch), the student (PyTorch) and every artifact of
+the bundle (edgekd.runtime) on the same corrupted test images: 8 corruptions x 5 severities + clean
+(edgekd.robustness). Writes benchmarks/results/robustness.json (records {model, role, format, precision,
+corruption, severity, acc, auc} and the summary), benchmarks/results/robustness.png and the robustness section of
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import REPO, RESULTS, machine, now
+
+from edgekd.fileio import atomic_write, write_json
+from edgekd.robustness.evaluate import CLEAN, corruption_markdown, run_corruption_eval
+
+RUNS = REPO / "runs" / "bench" / "pneumonia"
+OUT = REPO / "runs" / "bench" / "robustness"
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- robustness:begin (benchmarks/robustness.py) -->", "<!-- robustness:end -->"
+
+
+def replace_section(text: str, section: str) -> str:
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        return head + section + rest.split(END, 1)[1]
+    return text.rstrip() + "\n\n" + section + "\n"
+
+
+def export_student(student: Path, bundle: Path, reuse: bool) -> str:
+    command = [sys.executable, "-m", "edgekd", "export", str(student), "--format", "openvino", "--precision",
+               "fp32,int8", "--out", str(bundle)]
+    shown = "edgekd export " + " ".join(shlex.quote(str(a)) for a in command[4:])
+    if reuse and (bundle / "edgekd.json").is_file():
+        print(f"reusing {bundle}", flush=True)
+        return shown
+    print(f"$ {shown}", flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+    return shown
+
+
+def by_severity(records: list[dict]) -> list[str]:
+    """Mean accuracy over the 8 corruptions at each severity, per model/format."""
+    keys = list(dict.fromkeys((r["model"], r["role"], r["format"], r["precision"]) for r in records))
+    lines = ["| model | role | format | clean | " + " | ".join(f"severity {s}" for s in range(1, 6)) + " |",
+             "|---|---|---|---:|" + "---:|" * 5]
+    for key in keys:
+        mine = [r for r in records if (r["model"], r["role"], r["format"], r["precision"]) == key]
+        clean = next(r["acc"] for r in mine if r["corruption"] == CLEAN)
+        cells = [f"{np.mean([r['acc'] for r in mine if r['severity'] == s]):.4f}" for s in range(1, 6)]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]}/{key[3]} | {clean:.4f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", type=Path, default=RUNS / "teacher" / "best.pt")
+    ap.add_argument("--student", type=Path, default=RUNS / "student-s0" / "best.pt")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--limit", type=int, default=None, help="a fixed random subset of N test images")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reuse-bundle", action="store_true", help="keep an existing exported bundle")
+    args = ap.parse_args()
+    os.chdir(REPO)
+    bundle = args.out / "student-bundle"
+    export_cmd = export_student(args.student, bundle, args.reuse_bundle)
+    sources = [args.teacher, args.student, bundle]
+    res = run_corruption_eval(sources, args.out, None, "test", seed=args.seed, limit=args.limit,
+                              threads=args.threads, log=lambda m: print(m, flush=True))
+    command = "python benchmarks/robustness.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    rel = lambda p: str(Path(p).resolve().relative_to(REPO)) if Path(p).resolve().is_relative_to(REPO) else str(p)  # noqa: E731
+    result = {"date": now(), "machine": machine(), "command": command.strip(), "export_command": export_cmd,
+              "teacher": rel(args.teacher), "student": rel(args.student), "bundle": rel(bundle),
+              "split": "test", "images": res["images"], "seed": args.seed, "corruptions": res["corruptions"],
+              "severities": res["severities"], "records": res["records"], "summary": res["summary"]}
+    write_json(RESULTS / "robustness.json", result)
+    shutil.copyfile(args.out / "robustness.png", RESULTS / "robustness.png")
+    rel_line = "; ".join(f"{s['role']} {s['model']} {s['format']}/{s['precision']}: mean corruption accuracy "
+                         f"{s['mean_corruption_acc']:.4f} vs clean {s['clean_acc']:.4f} = {s['relative_acc']:.1%} of clean "
+                         f"({s['acc_drop_pts']:+.1f} pts drop), mean corruption AUC {s['mean_corruption_auc']:.4f} vs "
+                         f"{s['clean_auc']:.4f}" for s in res["summary"])
+    section = "\n".join([
+        BEGIN, "## Corruption robustness (`benchmarks/robustness.py`)", "",
+        f"`{result['command']}` on {result['date'][:10]}, {result['machine']}. PneumoniaMNIST test split "
+        f"({res['images']} images), 8 corruptions x 5 severities (edgekd.robustness: ImageNet-C-style, numpy/Pillow, "
+        f"seed {args.seed}; each corruption is applied to the decoded 28 px image before each model's own "
+        f"preprocessing, so every model sees identical pixels). Teacher `{result['teacher']}`, student "
+        f"`{result['student']}`, and the student's bundle from `{export_cmd}` run by edgekd.runtime.", "",
+        f"Mean corruption accuracy relative to clean: {rel_line}.", "",
+        "![robustness](results/robustness.png)", "",
+        corruption_markdown(res["summary"], "Accuracy per corruption (mean over severities 1-5)"), "",
+        "Mean accuracy over the 8 corruptions per severity:", "", *by_severity(res["records"]), "", END])
+    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
+    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section)))
+    print(rel_line.replace("; ", "\n"))
+
+
+if __name__ == "__main__":
+    main()
