@@ -34,6 +34,21 @@ def run_one(role: str, seed: int, reuse: bool) -> dict:
     return accuracy_record(m, command)
 
 
+def finished(role: str, seed: int) -> dict | None:
+    """The record of a finished run of the current recipe, or None (not trained, or trained from another recipe)."""
+    import yaml
+
+    from edgekd.recipe import load_recipe
+
+    out = RUNS / f"{role}-s{seed}"
+    if not (out / "metrics.json").is_file() or not (out / "recipe.yaml").is_file():
+        return None
+    if yaml.safe_load((out / "recipe.yaml").read_text()) != load_recipe(REPO / RECIPES[role], [f"seed={seed}"]).to_dict():
+        return None
+    command = f"edgekd train {RECIPES[role]} --set seed={seed} --out {out.relative_to(REPO)}"
+    return accuracy_record(json.loads((out / "metrics.json").read_text()), command)
+
+
 def summarize(records: list[dict]) -> dict:
     by_role = {}
     for role in ("student_scratch", "student"):
@@ -55,9 +70,14 @@ def summarize(records: list[dict]) -> dict:
             "stretch_mean_acc>=.946": kd["acc"]["mean"] >= GOALS["stretch_acc"],
         }
         out["best_seed_by_auc"] = {k: best[k] for k in ("seed", "acc", "auc")}
-    if "student" in by_role and "student_scratch" in by_role:
-        gain = {k: 100 * (by_role["student"][k]["mean"] - by_role["student_scratch"][k]["mean"]) for k in METRICS}
+    if "student" in by_role and "student_scratch" in by_role and \
+            set(by_role["student"]["seeds"]) & set(by_role["student_scratch"]["seeds"]):
+        # The gain compares the same seeds (same sampling order and initialization) with and without the teacher.
+        paired = sorted(set(by_role["student"]["seeds"]) & set(by_role["student_scratch"]["seeds"]))
+        mean = lambda role, k: statistics.fmean(r[k] for r in records if r["role"] == role and r["seed"] in paired)  # noqa: E731
+        gain = {k: 100 * (mean("student", k) - mean("student_scratch", k)) for k in METRICS}
         out["kd_gain_pts"] = gain
+        out["kd_gain_seeds"] = paired
         out["goals"]["kd_gain>=1pt_acc_or_auc"] = max(gain["acc"], gain["auc"]) >= GOALS["kd_gain_pts"]
     return out
 
@@ -67,10 +87,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--phase", choices=["scratch", "kd", "all"], default="all")
     ap.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json matches the recipe")
+    ap.add_argument("--summarize", action="store_true",
+                    help="train nothing: collect the finished runs of these seeds (runs not yet trained are left out)")
     args = ap.parse_args()
     os.chdir(REPO)
     roles = {"scratch": ["student_scratch"], "kd": ["student"], "all": ["student_scratch", "student"]}[args.phase]
-    new = [run_one(role, seed, args.reuse) for role in roles for seed in args.seeds]
+    if args.summarize:
+        new = [finished(role, seed) for role in roles for seed in args.seeds]
+        new = [r for r in new if r is not None]
+    else:
+        new = [run_one(role, seed, args.reuse) for role in roles for seed in args.seeds]
     merged = merge_records(RESULTS / "accuracy.json", new)
     mine = [r for r in merged if r["role"] in ("student", "student_scratch") and r.get("dataset") == "pneumoniamnist"
             and r.get("command", "").startswith(tuple(f"edgekd train {p}" for p in RECIPES.values()))]
