@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reuse-bundle", action="store_true", help="keep an existing exported bundle")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where robustness.json/.png go")
+    ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
     args = ap.parse_args()
     os.chdir(REPO)
     bundle = args.out / "student-bundle"
@@ -87,11 +89,11 @@ def main() -> None:
               "teacher": rel(args.teacher), "student": rel(args.student), "bundle": rel(bundle),
               "split": "test", "images": res["images"], "seed": args.seed, "corruptions": res["corruptions"],
               "severities": res["severities"], "records": res["records"], "summary": res["summary"]}
-    write_json(RESULTS / "robustness.json", result)
-    shutil.copyfile(args.out / "robustness.png", RESULTS / "robustness.png")
+    write_json(args.results / "robustness.json", result)
+    shutil.copyfile(args.out / "robustness.png", args.results / "robustness.png")
     rel_line = "; ".join(f"{s['role']} {s['model']} {s['format']}/{s['precision']}: mean corruption accuracy "
                          f"{s['mean_corruption_acc']:.4f} vs clean {s['clean_acc']:.4f} = {s['relative_acc']:.1%} of clean "
-                         f"({s['acc_drop_pts']:+.1f} pts drop), mean corruption AUC {s['mean_corruption_auc']:.4f} vs "
+                         f"({-s['acc_drop_pts']:+.1f} pts), mean corruption AUC {s['mean_corruption_auc']:.4f} vs "
                          f"{s['clean_auc']:.4f}" for s in res["summary"])
     section = "\n".join([
         BEGIN, "## Corruption robustness (`benchmarks/robustness.py`)", "",
@@ -104,8 +106,8 @@ def main() -> None:
         "![robustness](results/robustness.png)", "",
         corruption_markdown(res["summary"], "Accuracy per corruption (mean over severities 1-5)"), "",
         "Mean accuracy over the 8 corruptions per severity:", "", *by_severity(res["records"]), "", END])
-    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section)))
+    text = args.results_md.read_text() if args.results_md.is_file() else "# Benchmark results\n"
+    atomic_write(args.results_md, lambda tmp: open(tmp, "w").write(replace_section(text, section)))
     print(rel_line.replace("; ", "\n"))
 
 
