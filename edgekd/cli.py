@@ -84,6 +84,10 @@ def continual_table(title: str, result) -> RichTable:
     return table
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
@@ -94,18 +98,24 @@ def train(
 ) -> None:
     """Train a teacher, baseline or student from a recipe; writes best.pt, last.pt, metrics.json and plots."""
     from edgekd.recipe import load_recipe
+    from edgekd.train.distributed import distributed_session, is_main_process
 
     rec = load_recipe(recipe, set_)
     out = out or Path("runs") / rec.name
-    with progress_bar() as progress:
-        log = progress.console.print if progress.console.is_terminal else console.print
+    # Under torchrun every rank runs this command: one process group per run, console output from rank 0 only.
+    with distributed_session(rec.train.device), progress_bar() as progress:
+        main = is_main_process()
+        log = (progress.console.print if progress.console.is_terminal else console.print) if main else _quiet
         if folds:
             from edgekd.pipeline import run_folds
-            summary = run_folds(rec, out, folds, log=log, progress=progress)
-            out_console.print(summary["table_markdown"])
+            summary = run_folds(rec, out, folds, log=log, progress=progress if main else None)
+            if main:
+                out_console.print(summary["table_markdown"])
             return
         from edgekd.pipeline import run_recipe
-        result = run_recipe(rec, out, resume=resume, log=log, progress=progress)
+        result = run_recipe(rec, out, resume=resume, log=log, progress=progress if main else None)
+    if not main:
+        return
     if getattr(result, "acc_matrix", None) is not None:  # a continual run: its table is the accuracy matrix
         out_console.print(continual_table(rec.name, result))
         console.print(f"wrote {result.best_path} and continual.json, task_accuracy.png in {out}")

@@ -69,6 +69,8 @@ def classifier_name(model: nn.Module) -> str:
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # paths name the model, not its DDP wrapper
+        model = model.module
     try:
         return model.get_submodule(path)
     except AttributeError:

@@ -19,6 +19,7 @@ from torch import nn
 
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import classification_metrics
+from edgekd.train import distributed
 from edgekd.train.checkpoint import load_checkpoint, load_state, save_checkpoint
 from edgekd.train.optim import build_optimizer, build_scheduler
 
@@ -124,9 +125,14 @@ class Trainer:
         self.data, self.objective = data, objective
         self.out = Path(out)
         self.plugins = plugins or []
-        self.log = log
+        # Under torchrun: one process per rank, DDP for training, rank 0 logs and writes checkpoints.
+        self.distributed = distributed.is_active()
+        self.is_main = distributed.is_main_process()
+        self.log = log if self.is_main else (lambda *_args, **_kw: None)
         self.device = resolve_device(self.cfg.device)
         self.model = model.to(self.device)
+        self.net: nn.Module = self.model
+        """What the objective calls in training: the model, or its DDP wrapper (set up in fit())."""
         self.eval_criterion = eval_criterion or nn.CrossEntropyLoss()
         self.checkpoint_extra = checkpoint_extra or (lambda: {})
         extra_params = list(getattr(objective, "parameters", lambda: [])())
@@ -144,8 +150,9 @@ class Trainer:
         self.best_epoch = -1
         self.bad_epochs = 0
         self.nonfinite = 0
-        self.is_main = True
-        self.distributed = False
+        self.checkpoints_written = 0
+        self.samples_seen = 0
+        self._unmanaged_params: list[nn.Parameter] = []
 
     # ----------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -211,12 +218,13 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, enabled=self.use_amp):
-                loss, logits = self.objective(self.model, images, targets)
+                loss, logits = self.objective(self.net, images, targets)
                 for p in self.plugins:
                     extra = p.penalty(self, images, targets, logits)
                     if extra is not None:
                         loss = loss + extra
-            if not torch.isfinite(loss):
+            # Every rank takes the same branch (a rank skipping backward alone would stall DDP's all-reduce).
+            if not distributed.all_ranks_true(bool(torch.isfinite(loss)), self.device):
                 if self.cfg.nonfinite == "error":
                     raise EdgeKDError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {step + 1}; "
                                       "lower the learning rate, or set train.nonfinite=skip")
@@ -225,6 +233,8 @@ class Trainer:
                 continue
             self.scaler.scale(loss / accum).backward()
             if (step + 1) % accum == 0 or step + 1 == n_batches:
+                if self.distributed:
+                    distributed.average_gradients(self._unmanaged_params)
                 if self.cfg.clip_grad:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
@@ -236,10 +246,12 @@ class Trainer:
                     p.after_step(self)
             total += loss.item() * len(targets)
             count += len(targets)
+            self.samples_seen += len(targets)
             if progress:
                 progress.update(task, advance=1, description=f"epoch {epoch + 1}/{self.cfg.epochs} loss {total / max(count, 1):.4f}")
         if progress:
             progress.remove_task(task)
+        total, count = distributed.sum_across_ranks([total, count], self.device)  # the loss over all ranks' shards
         return {"train_loss": total / max(count, 1)}
 
     def fit(self, progress=None) -> FitResult:
@@ -247,6 +259,13 @@ class Trainer:
         best_path, last_path = self.out / "best.pt", self.out / "last.pt"
         for p in self.plugins:
             p.before_fit(self)
+        # Wrapped after before_fit: DDP registers the parameters that require grad at that moment (BN freeze).
+        self.net = distributed.wrap_model(self.model, self.device)
+        if self.distributed and getattr(getattr(self.data, "cfg", None), "balanced_sampler", False):
+            self.log("data.balanced_sampler is not used under DDP (each rank takes its DistributedSampler shard)")
+        model_params = {id(p) for p in self.model.parameters()}
+        self._unmanaged_params = [p for g in self.optimizer.param_groups for p in g["params"]
+                                  if id(p) not in model_params]
         stopped_early = False
         val_loader = self.data.loader("val", train=False)
         while self.epoch < self.cfg.epochs:
@@ -256,6 +275,7 @@ class Trainer:
             t0 = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, progress)}
             row["lr"] = self.optimizer.param_groups[-1]["lr"]
+            distributed.broadcast_buffers(self.model)
             if self.swa_model is not None and epoch >= self.swa_start:
                 self.swa_model.update_parameters(self.model)
             val = evaluate(self.model, val_loader, self.device, self.eval_criterion)
@@ -277,11 +297,14 @@ class Trainer:
                 self.bad_epochs += 1
             self.history.append(row)
             self.epoch = epoch + 1
+            # Every rank evaluated the same (identical) weights on the whole val split, so all agree on `improved`
+            # and on early stopping without a broadcast; only rank 0 writes, the others wait for the files.
             if self.is_main:
                 metrics = {k: v for k, v in row.items() if k.startswith("val_")}
                 if improved:
-                    save_checkpoint(best_path, self.checkpoint_payload(self.model.state_dict(), metrics, False))
-                save_checkpoint(last_path, self.checkpoint_payload(self.model.state_dict(), metrics, True))
+                    self._save(best_path, self.checkpoint_payload(self.model.state_dict(), metrics, False))
+                self._save(last_path, self.checkpoint_payload(self.model.state_dict(), metrics, True))
+            distributed.barrier()
             self.log(self._summary(row, improved))
             patience = self.cfg.early_stop.patience
             if patience is not None and self.bad_epochs >= patience:
@@ -294,8 +317,12 @@ class Trainer:
         for p in self.plugins:
             p.after_fit(self)
         if self.cfg.epochs == 0 and self.is_main:
-            save_checkpoint(best_path, self.checkpoint_payload(self.model.state_dict(), {}, False))
-            save_checkpoint(last_path, self.checkpoint_payload(self.model.state_dict(), {}, True))
+            self._save(best_path, self.checkpoint_payload(self.model.state_dict(), {}, False))
+            self._save(last_path, self.checkpoint_payload(self.model.state_dict(), {}, True))
+        distributed.barrier()
+        self.net = self.model
+        distributed.write_debug_record(self.model, {"samples_seen": self.samples_seen, "epochs": self.epoch,
+                                                    "checkpoints_written": self.checkpoints_written})
         return FitResult(best_path, last_path, self.history, self.best_value, self.best_epoch, stopped_early,
                          self.nonfinite, extra)
 
@@ -308,16 +335,20 @@ class Trainer:
         value = val.get(self.cfg.monitor.removeprefix("val_"), float("nan"))
         metrics = {f"val_{k}": v for k, v in val.items()}
         if self.is_main:
-            save_checkpoint(self.out / "swa.pt", self.checkpoint_payload(swa_net.state_dict(), metrics, False))
+            self._save(self.out / "swa.pt", self.checkpoint_payload(swa_net.state_dict(), metrics, False))
         used = self._improved(value)
         if used:
             self.best_value, self.best_epoch = value, self.epoch
             self.model.load_state_dict(swa_net.state_dict())
             if self.is_main:
-                save_checkpoint(best_path, self.checkpoint_payload(swa_net.state_dict(), metrics, False))
+                self._save(best_path, self.checkpoint_payload(swa_net.state_dict(), metrics, False))
         self.log(f"SWA over epochs {self.swa_start + 1}..{self.epoch}: {self.cfg.monitor}={value:.4f}"
                  f" ({'kept as best' if used else 'best epoch kept'})")
         return {"value": value, "used": used}
+
+    def _save(self, path: Path, payload: dict[str, Any]) -> None:
+        save_checkpoint(path, payload)
+        self.checkpoints_written += 1
 
     def _summary(self, row: dict[str, Any], improved: bool) -> str:
         keys = [k for k in ("train_loss", "val_loss", "val_acc", "val_auc", "val_f1") if k in row]

@@ -1,0 +1,82 @@
+"""Multi-process training: `torchrun -m edgekd train` with 2 CPU processes (gloo) keeps the ranks identical."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import write_npz
+from edgekd.errors import EdgeKDError
+from edgekd.train import distributed
+
+
+def test_launch_env_reads_torchrun_variables(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.launch_env() is None and distributed.is_main_process()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.launch_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.launch_env() == distributed.LaunchEnv(rank=3, world_size=4, local_rank=1)
+    assert not distributed.is_main_process()
+    monkeypatch.delenv("RANK")
+    with pytest.raises(EdgeKDError, match="launch multi-process training with torchrun"):
+        distributed.launch_env()
+
+
+def test_weights_digest_sees_parameters_and_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    first = distributed.weights_digest(model)
+    model[1].running_mean += 1e-6
+    assert distributed.weights_digest(model) != first
+    model[1].running_mean -= 1e-6
+    model[0].weight.data[0, 0, 0, 0] += 1e-6
+    assert distributed.weights_digest(model) != first
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_identical_weights(tmp_path):
+    """2 ranks, each half of the data per epoch (DistributedSampler); gradients all-reduced, BN buffers from rank 0,
+    so both end with the same weights as rank 0's last.pt; only rank 0 wrote checkpoints and printed the table."""
+    npz = write_npz(tmp_path / "tiny.npz", n=(50, 16, 16))
+    recipe = {"name": "ddp", "seed": 0,
+              "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 8},
+              "augment": [{"RandomHorizontalFlip": {"p": 0.5}}],
+              "model": {"name": "edgekd_cnn_tiny"},
+              "train": {"epochs": 2, "optimizer": {"name": "adamw", "lr": 0.01}, "scheduler": {"name": "cosine"},
+                        "monitor": "val_loss", "monitor_mode": "min", "device": "cpu"}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    debug = tmp_path / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.DEBUG_DIR_ENV: str(debug)}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "edgekd", "train", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    # Each rank saw its own half (DistributedSampler pads 50 to 2 x 25) every epoch, not the whole set.
+    assert [r["samples_seen"] for r in ranks] == [2 * math.ceil(50 / 2)] * 2
+    assert ranks[0]["checkpoints_written"] >= 2 and ranks[1]["checkpoints_written"] == 0
+
+    from edgekd.train.checkpoint import model_from_checkpoint
+
+    last, ckpt = model_from_checkpoint(tmp_path / "run" / "last.pt")
+    assert distributed.weights_digest(last) == ranks[0]["weights_sha256"]
+    assert ckpt["trainer"]["epoch"] == 2 and len(ckpt["trainer"]["history"]) == 2
+    assert proc.stdout.count("best checkpoint") == 1  # rank 1 printed no table
+    assert proc.stderr.count("epoch 2/2") == 1  # nor epoch logs
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["test"]["n"] == 16
