@@ -15,18 +15,31 @@ from edgekd.errors import EdgeKDError
 def atomic_write(path: str | Path, write: Callable[[str], object], min_free_bytes: int = 0) -> Path:
     """Call write(tmp_path), then os.replace it to `path`: readers never see a half-written file."""
     path = Path(path)
+    ensure_free_space(path.parent, min_free_bytes, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if min_free_bytes and shutil.disk_usage(path.parent).free < min_free_bytes:
-        raise EdgeKDError(f"{path.parent}: less than {min_free_bytes // 2**20} MiB free disk space")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:  # disk full, permissions, ...: the old file (if any) is untouched
+        raise EdgeKDError(f"{path}: could not be written ({err.strerror or err})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def ensure_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
+    """Refuse a large write up front (nothing written yet) when the disk holding `folder` lacks the room."""
+    if needed_bytes <= 0:
+        return
+    folder = Path(folder).absolute()
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))  # folder may not exist yet
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise EdgeKDError(f"{folder}: not enough free disk space for {what} (needs about "
+                          f"{needed_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free)")
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -768,3 +768,45 @@ def test_subprocess_bad_image_in_training_data(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {"source": "imagefolder", "path": str(root)})
     assert_refused(as_result(run_edgekd("train", recipe, "--out", tmp_path / "run")), str(bad), "truncated")
     assert not (tmp_path / "run").exists()
+
+
+# ================================================================================ full disk
+def _disk_nearly_full(monkeypatch, free_mib=4):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("edgekd.fileio.shutil.disk_usage",
+                        lambda _p: usage(2**40, 2**40 - free_mib * 2**20, free_mib * 2**20))
+    assert shutil_module.disk_usage is not None
+
+
+def test_train_on_a_full_disk_writes_nothing(trained, tmp_path, capsys, monkeypatch):
+    _disk_nearly_full(monkeypatch)
+    assert_refused(invoke(capsys, "train", trained["recipe"], "--out", tmp_path / "run"),
+                   "not enough free disk space for checkpoints")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_on_a_full_disk_writes_nothing(trained, tmp_path, capsys, monkeypatch):
+    _disk_nearly_full(monkeypatch)
+    assert_refused(invoke(capsys, "export", trained["ckpt"], "--format", "onnx", "--precision", "fp32",
+                          "--out", tmp_path / "bundle"), "not enough free disk space for the bundle")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_failing_midway_leaves_the_old_file(tmp_path):
+    """ENOSPC halfway through a checkpoint write: one-line error, the previous file intact, no temp file left."""
+    from edgekd.fileio import atomic_write
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"previous checkpoint")
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"half of the new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(EdgeKDError, match="last.pt: could not be written \\(No space left on device\\)"):
+        atomic_write(target, write)
+    assert target.read_bytes() == b"previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -72,7 +72,8 @@ def write_zip(root: Path, archive: Path) -> Path:
             for p in sorted(root.rglob("*")):
                 if p.is_file():
                     zf.write(p, p.relative_to(root).as_posix())
-    return atomic_write(archive, write)
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return atomic_write(archive, write, min_free_bytes=size + 16 * 2**20)
 
 
 def write_bundle_files(stage: Path, metadata: dict[str, Any], parity: dict[str, Any],

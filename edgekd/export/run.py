@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms
 from edgekd.errors import EdgeKDError
+from edgekd.fileio import ensure_free_space
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   staging_dir, write_bundle_files, write_zip)
@@ -108,6 +109,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     plan = export_plan(formats or profile.formats, precisions or profile.precisions)
     check_target(out)
     model, ckpt = model_from_checkpoint(checkpoint)
+    # Each artifact holds at most the FP32 weights (+ graph); the zip is one more copy of the bundle.
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    needed = len(plan) * weight_bytes * 5 // 4 + 32 * 2**20
+    ensure_free_space(out.parent, needed * (2 if zip_bundle else 1), "the bundle")
+    scratch_root = Path(tempfile.gettempdir())
+    ensure_free_space(scratch_root, 2 * weight_bytes + 32 * 2**20, "export scratch files")
     if ckpt.get("recipe") is None:
         raise EdgeKDError(f"{checkpoint}: checkpoint has no embedded recipe (needed for its data)")
     recipe = _export_recipe(ckpt, checkpoint, data_overrides or [], profile.input_size)
@@ -159,7 +166,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         return ctx.cache["calibration"]
 
     stage = staging_dir(out)
-    scratch = Path(tempfile.mkdtemp(prefix="edgekd-export-"))
+    scratch = Path(tempfile.mkdtemp(prefix="edgekd-export-", dir=scratch_root))
     ctx = ExportContext(model=model, input_shape=input_shape, metadata=metadata, profile=profile, scratch=scratch,
                         calibration=calibration, validation=lambda: splits["val"], log=log)
     artifacts, records, failures = [], [], []

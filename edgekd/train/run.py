@@ -16,8 +16,9 @@ from edgekd.data import DataModule, build_data
 from edgekd.errors import EdgeKDError
 from edgekd.metrics.report import evaluation_report, write_csv_log, write_json
 from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
-from edgekd.fileio import write_text
+from edgekd.fileio import ensure_free_space, write_text
 from edgekd.train.checkpoint import model_from_checkpoint
+from edgekd.train.distributed import is_main_process
 from edgekd.train.losses import build_loss
 from edgekd.train.trainer import (FitResult, Objective, Plugin, SupervisedObjective, Trainer, predict_logits,
                                   resolve_device, seed_everything, softmax)
@@ -59,8 +60,12 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     out = Path(out)
     if resume and not (out / "last.pt").is_file():  # refuse before anything is written
         raise EdgeKDError(f"{out / 'last.pt'}: checkpoint not found (nothing to resume)")
+    # best.pt + last.pt (weights, optimizer moments) and their temp copies while being replaced.
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    ensure_free_space(out, 8 * weight_bytes + 64 * 2**20, "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    if is_main_process():
+        write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     criterion = build_loss(recipe.train.loss, data.class_weights())
     objective = objective or SupervisedObjective(criterion)
     meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
