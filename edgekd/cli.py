@@ -375,7 +375,7 @@ def explain(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
     images: list[Path] = typer.Argument(..., help="Image files to explain."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Module path of the target layer (default: the last "
-                                        "feature stage, from timm's feature_info)."),
+                                        "feature stage in timm's feature_info with a map of at least 3x3)."),
     target: Optional[str] = typer.Option(None, "--target", help="Class name or id to explain (default: the predicted)."),
     out: Path = typer.Option(Path("runs/explain"), "--out", "-o", help="Output directory."),
 ) -> None:

@@ -105,6 +105,12 @@ def test_default_layer_is_the_last_feature_stage():
     assert default_target_layer(create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 3})) == "stages.1"
     assert default_target_layer(create_model({"name": "test_resnet", "num_classes": 2, "in_chans": 3})) == "layer4"
     assert default_target_layer(PatchNet()) == "features.0"
+    # at 28 px ResNet-18's layer4 is 1x1 (a constant CAM) and layer3 2x2: the default is layer2 (4x4);
+    # the custom CNN's last stage is 3x3
+    resnet = create_model({"name": "resnet18", "num_classes": 2, "in_chans": 3})
+    assert default_target_layer(resnet, (3, 28, 28)) == "layer2"
+    assert default_target_layer(resnet, (3, 224, 224)) == "layer4"
+    assert default_target_layer(create_model({"name": "edgekd_cnn", "num_classes": 2, "in_chans": 3}), (3, 28, 28)) == "stages.2"
 
 
 def test_vector_layer_is_refused_and_vit_tokens_work():

@@ -21,13 +21,35 @@ DISPLAY_SIZE = 224
 """Overlays smaller than this are upscaled for viewing (a 28-px X-ray is unreadable at its own size)."""
 
 
-def default_target_layer(model: nn.Module) -> str:
-    """The last feature stage named by timm's feature_info, else the last Conv2d module."""
+MIN_CAM_SIDE = 3
+"""The default layer is the last feature stage whose map is at least this many cells a side: at 28 px a
+ResNet's last stage is 1x1, where Grad-CAM is a constant and shows nothing."""
+
+
+def default_target_layer(model: nn.Module, input_shape: Sequence[int] | None = None) -> str:
+    """The last feature stage named by timm's feature_info (with `input_shape` (C, H, W): the last one whose
+    map is at least MIN_CAM_SIDE cells a side, found by a probe forward), else the last Conv2d module."""
     info = getattr(model, "feature_info", None)
-    if info is not None:
-        entries = info.info if hasattr(info, "info") else info
-        if entries and entries[-1].get("module"):
-            return str(entries[-1]["module"])
+    entries = [e["module"] for e in ((info.info if hasattr(info, "info") else info) or []) if e.get("module")]
+    if entries and input_shape is None:
+        return str(entries[-1])
+    if entries:
+        from edgekd.distill.features import capture_features, resolve_layout, to_map
+
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), capture_features(model, entries) as feats:
+            model(torch.zeros(1, *input_shape))
+        model.train(was_training)
+        sides = {}
+        for name in entries:
+            layout = resolve_layout(model, feats[name], "auto")
+            if layout != "vector":
+                fmap = to_map(feats[name], layout, int(getattr(model, "num_prefix_tokens", 0)))
+                sides[name] = min(fmap.shape[-2:])
+        fine = [n for n in entries if sides.get(n, 0) >= MIN_CAM_SIDE]
+        if fine or sides:
+            return str(fine[-1] if fine else max(sides, key=sides.get))
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise EdgeKDError(f"{type(model).__name__}: no feature_info and no Conv2d layer; give --layer")
@@ -62,7 +84,7 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, layer: str | None = None,
 
     from edgekd.models import get_submodule
 
-    layer = layer or default_target_layer(model)
+    layer = layer or default_target_layer(model, tuple(inputs.shape[1:]))
     module = get_submodule(model, layer)
     reshape = _reshape_for(model, layer, inputs)
     model.eval()
@@ -116,7 +138,7 @@ def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.n
     geometry, normalize = checkpoint_pipeline(ckpt)
     sized = [geometry(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)) for a in images]
     inputs = torch.stack([normalize(s) for s in sized])
-    layer = layer or default_target_layer(model)
+    layer = layer or default_target_layer(model, tuple(inputs.shape[1:]))
     maps, probs = gradcam(model, inputs, layer, targets)
     class_names = list(ckpt["class_names"])
     out = Path(out)
