@@ -1,6 +1,6 @@
 """Which KD terms help on PneumoniaMNIST: logit KD vs + feature KD vs + attention transfer, same teacher and student.
 
-    .venv/bin/python benchmarks/distill_terms.py [--seeds 0] [--reuse] [--train-logit]
+    .venv/bin/python benchmarks/distill_terms.py [--seeds 0] [--reuse] [--variants feature attention] [--train-logit]
 
 Trains recipes/pneumonia/student-feature-28.yaml and student-at-28.yaml (teacher: runs/bench/pneumonia/teacher/best.pt)
 once per seed into runs/bench/pneumonia/<variant>-s<seed>/ and merges one record per run into
@@ -46,12 +46,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json matches the recipe")
     ap.add_argument("--train-logit", action="store_true", help="train logit-KD seeds missing from accuracy.json")
+    ap.add_argument("--variants", nargs="+", choices=TRAINED_HERE, default=list(TRAINED_HERE),
+                    help="which variants to train now (the table shows every variant found in accuracy.json)")
     args = ap.parse_args()
     os.chdir(REPO)
     names = {v: load_recipe(REPO / recipe).name for v, (recipe, _, _) in VARIANTS.items()}
     existing = json.loads((RESULTS / "accuracy.json").read_text()) if (RESULTS / "accuracy.json").is_file() else []
     existing = existing.get("records", []) if isinstance(existing, dict) else existing
-    to_train = [v for v in TRAINED_HERE]
+    to_train = list(args.variants)
     if args.train_logit:
         have = {r.get("seed") for r in existing if r.get("name") == names["logit"]}
         to_train += ["logit"] if any(s not in have for s in args.seeds) else []
