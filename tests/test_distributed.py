@@ -46,8 +46,12 @@ def test_weights_digest_sees_parameters_and_buffers():
 
 @pytest.mark.slow
 def test_two_cpu_processes_train_identical_weights(tmp_path):
-    """2 ranks, each half of the data per epoch (DistributedSampler); gradients all-reduced, BN buffers from rank 0,
-    so both end with the same weights as rank 0's last.pt; only rank 0 wrote checkpoints and printed the table."""
+    """2 ranks distill a student (KL + CE + feature KD through an adapter that lives outside the model), each on half
+    of the data per epoch (DistributedSampler); gradients all-reduced (DDP for the model, by hand for the adapter),
+    BN buffers from rank 0: both end with the same weights as rank 0's last.pt, and only rank 0 wrote checkpoints."""
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
     npz = write_npz(tmp_path / "tiny.npz", n=(50, 16, 16))
     recipe = {"name": "ddp", "seed": 0,
               "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 8},
@@ -55,6 +59,11 @@ def test_two_cpu_processes_train_identical_weights(tmp_path):
               "model": {"name": "edgekd_cnn_tiny"},
               "train": {"epochs": 2, "optimizer": {"name": "adamw", "lr": 0.01}, "scheduler": {"name": "cosine"},
                         "monitor": "val_loss", "monitor_mode": "min", "device": "cpu"}}
+    teacher = train_recipe(recipe_from_dict({**recipe, "name": "teacher", "train": {**recipe["train"], "epochs": 1}}),
+                           tmp_path / "teacher", log=lambda *_: None).best_path
+    recipe["distill"] = {"teacher": str(teacher), "terms": [
+        {"kind": "kl", "weight": 0.5, "temperature": 4}, {"kind": "ce", "weight": 0.5},
+        {"kind": "feature_mse", "weight": 1.0, "student": "stages.0", "teacher": "stages.1"}]}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     debug = tmp_path / "ranks"
     env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.DEBUG_DIR_ENV: str(debug)}
@@ -67,6 +76,8 @@ def test_two_cpu_processes_train_identical_weights(tmp_path):
     ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert ranks[0]["objective_sha256"] is not None  # the feature-KD adapter is trained ...
+    assert ranks[0]["objective_sha256"] == ranks[1]["objective_sha256"]  # ... and stays in sync
     # Each rank saw its own half (DistributedSampler pads 50 to 2 x 25) every epoch, not the whole set.
     assert [r["samples_seen"] for r in ranks] == [2 * math.ceil(50 / 2)] * 2
     assert ranks[0]["checkpoints_written"] >= 2 and ranks[1]["checkpoints_written"] == 0

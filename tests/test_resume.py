@@ -82,6 +82,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert 1 <= done < EPOCHS
     assert not (out / "metrics.json").exists()  # the killed run never got to its reports
 
+    (out / ".last.pt.crashed.tmp").write_bytes(b"half a checkpoint")  # as if killed inside torch.save
     resumed = subprocess.run(_command(path, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {out / 'last.pt'} at epoch {done}" in resumed.stderr
@@ -92,3 +93,4 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     for key in ("val", "test", "best_epoch", "best_value", "epochs_run"):
         assert a[key] == b[key], key
     assert _last_epoch(out) == EPOCHS
+    assert not list(out.glob(".*.tmp"))

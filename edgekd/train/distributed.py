@@ -141,10 +141,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def weights_digest(model: nn.Module) -> str:
+def weights_digest(model: nn.Module | dict[str, torch.Tensor]) -> str:
     """sha256 over every parameter and buffer (names, dtypes, shapes, bytes): equal digests = identical models."""
     digest = hashlib.sha256()
-    for name, t in sorted(unwrap(model).state_dict().items()):
+    state = model if isinstance(model, dict) else unwrap(model).state_dict()
+    for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())

@@ -72,6 +72,8 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     trainer = Trainer(recipe, model, data, objective, out, plugins=plugins, log=log,
                       checkpoint_extra=lambda: meta)
     if resume:
+        for stale in out.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by the crash (atomic_write's temp)
+            stale.unlink()
         trainer.resume(out / "last.pt")
     t0 = time.perf_counter()
     fit = trainer.fit(progress=progress)

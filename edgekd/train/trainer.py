@@ -321,8 +321,10 @@ class Trainer:
             self._save(last_path, self.checkpoint_payload(self.model.state_dict(), {}, True))
         distributed.barrier()
         self.net = self.model
-        distributed.write_debug_record(self.model, {"samples_seen": self.samples_seen, "epochs": self.epoch,
-                                                    "checkpoints_written": self.checkpoints_written})
+        distributed.write_debug_record(self.model, {
+            "samples_seen": self.samples_seen, "epochs": self.epoch, "checkpoints_written": self.checkpoints_written,
+            "objective_sha256": distributed.weights_digest(
+                {str(i): p for i, p in enumerate(self._unmanaged_params)}) if self._unmanaged_params else None})
         return FitResult(best_path, last_path, self.history, self.best_value, self.best_epoch, stopped_early,
                          self.nonfinite, extra)
 
