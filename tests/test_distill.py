@@ -341,9 +341,9 @@ def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch)
     assert [r["role"] for r in report["rows"]] == ["teacher", "student"]
     student_row = report["rows"][1]
     assert student_row["acc"] == pytest.approx(metrics["test"]["acc"]) and student_row["params"] == metrics["params"]
-    assert "| tiny-student (edgekd_cnn_tiny) | student |" in (tmp_path / "report" / "report.md").read_text()
+    assert "| tiny-student (edgekd_cnn_tiny) | student | 0 |" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "roc_pneumoniamnist_mini.png").is_file()
-    assert (tmp_path / "report" / "confusion_pneumoniamnist_mini_tiny-student.png").is_file()
+    assert (tmp_path / "report" / "confusion_pneumoniamnist_mini_tiny-student_s0.png").is_file()
 
 
 def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):

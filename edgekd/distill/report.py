@@ -39,7 +39,7 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
     y, logits = predict_logits(model.to(device), data.loader(split, train=False), device)
     probs = softmax(logits)
     return {
-        "checkpoint": str(checkpoint), "name": recipe.name, "role": ckpt.get("role", recipe.role),
+        "checkpoint": str(checkpoint), "name": recipe.name, "role": ckpt.get("role", recipe.role), "seed": recipe.seed,
         "model": ckpt["arch"]["name"], "dataset": ckpt.get("dataset", data.source_name), "split": split,
         "input_size": ckpt["preprocess"]["input_size"], "params": count_parameters(model),
         "macs": count_macs(model.cpu(), tuple(ckpt["preprocess"]["input_size"])),
@@ -51,7 +51,7 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
 
 def comparison_report(runs: list[str | Path], out: str | Path, split: str = "test") -> dict[str, Any]:
     """One table per dataset over the given runs (run dirs or checkpoints); writes report.md, report.json,
-    roc_<dataset>.png (every model's ROC on one plot) and confusion_<dataset>_<name>.png per model."""
+    roc_<dataset>.png (every model's ROC on one plot) and confusion_<dataset>_<name>_s<seed>.png per model."""
     from edgekd.metrics.plots import plot_confusion
 
     if not runs:
@@ -67,7 +67,8 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
         plot_roc_comparison(group, out / f"roc_{dataset}.png", f"{dataset} ({split})")
         for r in group:
             plot_confusion(np.asarray(r["confusion_matrix"]), r["class_names"],
-                           out / f"confusion_{dataset}_{r['name']}.png", f"{r['name']} ({r['role']}), {split}")
+                           out / f"confusion_{dataset}_{r['name']}_s{r['seed']}.png",
+                           f"{r['name']} ({r['role']}, seed {r['seed']}), {split}")
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     markdown = "\n\n".join(tables.values())
     write_json(out / "report.json", {"split": split, "rows": clean})
@@ -77,11 +78,11 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
 
 def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str:
     lines = [f"### {dataset} ({split} split)", "",
-             "| model | role | params | MMACs | " + " | ".join(COLUMNS) + " |",
-             "|---|---|---:|---:|" + "---:|" * len(COLUMNS)]
+             "| model | role | seed | params | MMACs | " + " | ".join(COLUMNS) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(COLUMNS)]
     for r in rows:
         cells = [("-" if r.get(k) is None or r[k] != r[k] else f"{r[k]:.4f}") for k in COLUMNS]
-        lines.append(f"| {r['name']} ({r['model']}) | {r['role']} | {r['params'] / 1e6:.2f}M | "
+        lines.append(f"| {r['name']} ({r['model']}) | {r['role']} | {r['seed']} | {r['params'] / 1e6:.2f}M | "
                      f"{r['macs'] / 1e6:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
