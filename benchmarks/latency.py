@@ -219,7 +219,8 @@ def main() -> None:
     status = ("Measured on a quiet machine." if quiet else
               f"**PROVISIONAL / NOISY**: measured while other jobs were running (1-min load average {load_start[0]} "
               f"at start, {load_end[0]} at end, on {cpu['cores']} cores). Absolute latencies and ratios are not "
-              "final; re-run on a quiet machine.")
+              "final; re-run on a quiet machine. PyTorch rows suffer most: its OpenMP threads spin-wait for each "
+              "other, so one descheduled thread stalls every layer.")
     parts = ["## Latency: model x format x precision x batch (x TTA)", "", status, ""]
     if args.note:
         parts += [args.note, ""]

@@ -127,7 +127,10 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     # FP32 exports pass a 1e-4 parity gate: every format scores the 16 test images alike.
     assert len({round(r["acc"], 6) for r in records}) == 1 and 0 <= records[0]["acc"] <= 1
     rss = {r["format"]: r["peak_rss_mb"] for r in records}
-    assert rss["onnx"] < rss["torch"] and rss["openvino"] < rss["torch"]  # the runtime workers never load torch
+    assert rss["onnx"] < rss["torch"] and rss["openvino"] < rss["torch"]
+    workers = [json.loads(p.read_text()) for p in (out / "work").glob("job-*-result.json")]
+    assert {w["kind"] for w in workers} == {"gemm", "torch", "onnx", "openvino"}
+    assert not any(w["torch_loaded"] for w in workers if w["kind"] in ("onnx", "openvino"))  # torch-free rows
     assert (out / "bench.md").read_text().count("| edgekd_cnn_tiny |") == len(records)
     assert (out / "bench.png").stat().st_size > 0
     (bundle,) = out.glob("bundle-*")  # exported into the out dir
