@@ -84,7 +84,8 @@ def main() -> None:
     lines = [BEGIN, "## KD terms: logit vs feature vs attention transfer (`benchmarks/distill_terms.py`)", "",
              f"`{result['command'].strip()}` on {result['date'][:10]}, {result['machine']}. PneumoniaMNIST 28 px test "
              f"split; teacher ResNet-18 (`{result['teacher']}`), student the custom CNN; seeds {args.seeds} "
-             f"({'one seed: differences within a few tenths of a point are noise' if len(args.seeds) == 1 else 'mean ± std'}).",
+             f"({'one seed: differences of a point or less are within seed noise' if len(args.seeds) == 1 else 'mean ± std'}). "
+             "Seconds per epoch were measured while other jobs shared the 2 cores: not a speed comparison.",
              "", "| variant | loss | params | seeds | " + " | ".join(cols) + " |", "|---|---|---:|---|" + "---:|" * len(cols)]
     for r in rows:
         cells = ["-" if r[k]["mean"] is None else (f"{r[k]['mean']:.4f}" + (f" ± {r[k]['std']:.4f}" if len(r["seeds"]) > 1 else ""))

@@ -40,10 +40,15 @@ def replace_section(text: str, section: str) -> str:
     return text.rstrip() + "\n\n" + section + "\n"
 
 
+def _rel(path) -> str:
+    p = Path(path)
+    return str(p.relative_to(REPO)) if p.is_absolute() and p.is_relative_to(REPO) else str(path)
+
+
 def export_student(student: Path, bundle: Path, reuse: bool) -> str:
     command = [sys.executable, "-m", "edgekd", "export", str(student), "--format", "openvino", "--precision",
                "fp32,int8", "--out", str(bundle)]
-    shown = "edgekd export " + " ".join(shlex.quote(str(a)) for a in command[4:])
+    shown = "edgekd export " + " ".join(shlex.quote(_rel(a)) for a in command[4:])
     if reuse and (bundle / "edgekd.json").is_file():
         print(f"reusing {bundle}", flush=True)
         return shown
@@ -84,9 +89,8 @@ def main() -> None:
     res = run_corruption_eval(sources, args.out, None, "test", seed=args.seed, limit=args.limit,
                               threads=args.threads, log=lambda m: print(m, flush=True))
     command = "python benchmarks/robustness.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    rel = lambda p: str(Path(p).resolve().relative_to(REPO)) if Path(p).resolve().is_relative_to(REPO) else str(p)  # noqa: E731
     result = {"date": now(), "machine": machine(), "command": command.strip(), "export_command": export_cmd,
-              "teacher": rel(args.teacher), "student": rel(args.student), "bundle": rel(bundle),
+              "teacher": _rel(args.teacher), "student": _rel(args.student), "bundle": _rel(bundle),
               "split": "test", "images": res["images"], "seed": args.seed, "corruptions": res["corruptions"],
               "severities": res["severities"], "records": res["records"], "summary": res["summary"]}
     write_json(args.results / "robustness.json", result)
