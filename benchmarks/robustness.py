@@ -92,13 +92,18 @@ def main() -> None:
     result = {"date": now(), "machine": machine(), "command": command.strip(), "export_command": export_cmd,
               "teacher": _rel(args.teacher), "student": _rel(args.student), "bundle": _rel(bundle),
               "split": "test", "images": res["images"], "seed": args.seed, "corruptions": res["corruptions"],
-              "severities": res["severities"], "records": res["records"], "summary": res["summary"]}
+              "severities": res["severities"], "class_names": res["class_names"], "class_counts": res["class_counts"], "records": res["records"],
+              "summary": res["summary"]}
     write_json(args.results / "robustness.json", result)
     shutil.copyfile(args.out / "robustness.png", args.results / "robustness.png")
     rel_line = "; ".join(f"{s['role']} {s['model']} {s['format']}/{s['precision']}: mean corruption accuracy "
                          f"{s['mean_corruption_acc']:.4f} vs clean {s['clean_acc']:.4f} = {s['relative_acc']:.1%} of clean "
                          f"({-s['acc_drop_pts']:+.1f} pts), mean corruption AUC {s['mean_corruption_auc']:.4f} vs "
                          f"{s['clean_auc']:.4f}" for s in res["summary"])
+    counts = res["class_counts"]
+    names = res["class_names"]
+    counts_line = " / ".join(f"{n} {c} ({c / sum(counts):.1%})" for n, c in zip(names, counts))
+    majority, majority_name = max(counts) / sum(counts), names[counts.index(max(counts))]
     section = "\n".join([
         BEGIN, "## Corruption robustness (`benchmarks/robustness.py`)", "",
         f"`{result['command']}` on {result['date'][:10]}, {result['machine']}. PneumoniaMNIST test split "
@@ -107,6 +112,10 @@ def main() -> None:
         f"preprocessing, so every model sees identical pixels). Teacher `{result['teacher']}`, student "
         f"`{result['student']}`, and the student's bundle from `{export_cmd}` run by edgekd.runtime.", "",
         f"Mean corruption accuracy relative to clean: {rel_line}.", "",
+        f"Read accuracy with the class balance in mind: the test split is {counts_line}, so a model that drifts to "
+        f"predicting one class under heavy corruption scores {majority:.4f} (all {majority_name}) without "
+        "seeing anything; accuracy that rises again at high severity is that drift, not robustness. AUC (in "
+        "robustness.json per condition, and its mean above) does not reward it.", "",
         "![robustness](results/robustness.png)", "",
         corruption_markdown(res["summary"], "Accuracy per corruption (mean over severities 1-5)"), "",
         "Mean accuracy over the 8 corruptions per severity:", "", *by_severity(res["records"]), "", END])

@@ -229,13 +229,15 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
     recipe = data_recipe or _recipe_of_first_checkpoint(sources)
     names, levels = check_names(corruptions), check_severities(severities)
     predictors = predictors_for(sources, threads)
-    images, labels, _ = load_split_images(recipe, split, limit, seed)
+    images, labels, class_names = load_split_images(recipe, split, limit, seed)
     log(f"corruption eval: {len(predictors)} model/format(s) x {len(images)} {split} images x "
         f"{len(names)} corruptions x {len(levels)} severities")
     records = corruption_records(predictors, images, labels, names, levels, seed, log)
     summary = corruption_summary(records)
     out = Path(out)
-    result = {"split": split, "images": len(images), "seed": seed, "corruptions": names, "severities": levels,
+    result = {"split": split, "images": len(images), "class_names": class_names,
+              "class_counts": np.bincount(labels, minlength=len(class_names)).tolist(), "seed": seed,
+              "corruptions": names, "severities": levels,
               "sources": [str(s) for s in sources], "records": records, "summary": summary}
     write_json(out / "robustness.json", result)
     write_text(out / "robustness.md", corruption_markdown(summary) + "\n")
