@@ -318,6 +318,8 @@ def test_class_incremental_two_tasks_end_to_end(tmp_path):
                       tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}],
                       replay={"size": 8, "selection": "herding", "batch_size": 8},
                       lwf={"alpha": 0.5, "temperature": 2.0}, bn_freeze=True)
+    # With BatchNorm frozen the tiny net needs a gentler step and a few more epochs to learn task 2 reliably.
+    raw["train"].update(epochs=5, optimizer={"name": "adam", "lr": 0.003})
     from edgekd.pipeline import run_recipe
 
     result = run_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda s: None)
@@ -332,8 +334,8 @@ def test_class_incremental_two_tasks_end_to_end(tmp_path):
     model, ckpt = model_from_checkpoint(result.best_path)
     assert ckpt["arch"]["num_classes"] == 4 and len(ckpt["class_names"]) == 4
     assert [t["outputs"] for t in ckpt["continual"]["tasks"]] == [[0, 2], [2, 4]]
-    # The tiny task is learnable: the last task is learned, and the first is still above chance.
-    assert acc[1, 1] > 0.7
+    # The tiny tasks are learnable: the first is learned, and the second too despite frozen BN statistics.
+    assert acc[0, 0] > 0.7 and acc[1, 1] > 0.7
 
 
 @pytest.mark.slow
