@@ -18,16 +18,20 @@ from edgekd.fileio import write_json  # noqa: E402
 METRICS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc", "balanced_acc")
 
 
-def machine() -> str:
-    """e.g. '2-core x86_64 (Intel Xeon ...), no GPU, torch 2.14.1'."""
-    cpu = platform.processor() or ""
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or ""
+
+
+def machine() -> str:
+    """e.g. '2-core x86_64 (Intel Xeon ...), no GPU, torch 2.14.1'."""
+    cpu = cpu_model()
     gpu, torch_version = "no GPU", ""
     try:
         import torch

@@ -24,6 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import cpu_model  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 from edgekd.pipeline import run_recipe  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
@@ -37,14 +38,7 @@ CLASS_IL_METHODS = {"finetune": "finetune", "replay-kd": "rehearsal(200)+kd", "j
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import torch
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -26,6 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import cpu_model  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 from edgekd.runtime import Runner, TTAViews, open_bundle  # noqa: E402
 from edgekd.runtime.timing import time_call, time_interleaved  # noqa: E402
@@ -53,14 +54,7 @@ print(json.dumps({"import_s": t1 - t0, "load_first_s": t2 - t1, "label": first.l
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "load_avg_at_start": [round(v, 2) for v in load] if load else None}
