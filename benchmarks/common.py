@@ -90,3 +90,11 @@ def merge_records(path: Path, new: list[dict], key=("dataset", "split", "model",
     merged = [r for r in old if k(r) not in fresh] + new
     write_json(path, merged if doc is None else {**doc, "records": merged})
     return merged
+
+
+def replace_section(text: str, section: str, begin: str, end: str) -> str:
+    """Swap the block between the `begin`/`end` markers of RESULTS.md for `section` (append when absent)."""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + section + rest.split(end, 1)[1]
+    return text.rstrip() + "\n\n" + section + "\n"

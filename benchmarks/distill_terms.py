@@ -17,7 +17,7 @@ import os
 import statistics
 import sys
 
-from common import METRICS, REPO, RESULTS, accuracy_record, machine, merge_records, now, run_or_reuse
+from common import METRICS, REPO, RESULTS, accuracy_record, machine, merge_records, now, replace_section, run_or_reuse
 
 from edgekd.fileio import atomic_write, write_json
 from edgekd.recipe import load_recipe
@@ -32,13 +32,6 @@ TRAINED_HERE = ("feature", "attention")
 RUNS = REPO / "runs" / "bench" / "pneumonia"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- distill-terms:begin (benchmarks/distill_terms.py) -->", "<!-- distill-terms:end -->"
-
-
-def replace_section(text: str, section: str) -> str:
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + section + rest.split(END, 1)[1]
-    return text.rstrip() + "\n\n" + section + "\n"
 
 
 def main() -> None:
@@ -93,7 +86,7 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {r['loss']} | {r['params'] / 1e6:.2f}M | {r['seeds']} | " + " | ".join(cells) + " |")
     lines.append(END)
     text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, "\n".join(lines))))
+    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, "\n".join(lines), BEGIN, END)))
     for r in rows:
         print(f"{r['variant']:10s} seeds {r['seeds']}: acc {r['acc']['mean']:.4f} auc {r['auc']['mean']:.4f} "
               f"f1 {r['f1']['mean']:.4f} s/epoch {r['seconds_per_epoch']['mean']:.1f}")

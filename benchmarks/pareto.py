@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from common import REPO, RESULTS, now
+from common import REPO, RESULTS, now, replace_section
 
 from edgekd.bench.pareto import pareto_markdown, pareto_points, plot_pareto, point_label
 from edgekd.errors import EdgeKDError
@@ -21,13 +21,6 @@ from edgekd.fileio import atomic_write, write_json
 
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- pareto:begin (benchmarks/pareto.py) -->", "<!-- pareto:end -->"
-
-
-def replace_section(text: str, section: str) -> str:
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + section + rest.split(END, 1)[1]
-    return text.rstrip() + "\n\n" + section + "\n"
 
 
 def main() -> None:
@@ -62,7 +55,7 @@ def main() -> None:
         "<details><summary>every configuration (accuracy)</summary>", "", pareto_markdown(panels["acc"], "acc"), "",
         "</details>", END])
     text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section)))
+    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section, BEGIN, END)))
     print(json.dumps(front, indent=2))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, RESULTS, machine, now
+from common import REPO, RESULTS, machine, now, replace_section
 
 from edgekd.fileio import atomic_write, write_json
 from edgekd.robustness.evaluate import CLEAN, corruption_markdown, run_corruption_eval
@@ -31,13 +31,6 @@ RUNS = REPO / "runs" / "bench" / "pneumonia"
 OUT = REPO / "runs" / "bench" / "robustness"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- robustness:begin (benchmarks/robustness.py) -->", "<!-- robustness:end -->"
-
-
-def replace_section(text: str, section: str) -> str:
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        return head + section + rest.split(END, 1)[1]
-    return text.rstrip() + "\n\n" + section + "\n"
 
 
 def _rel(path) -> str:
@@ -120,7 +113,7 @@ def main() -> None:
         corruption_markdown(res["summary"], "Accuracy per corruption (mean over severities 1-5)"), "",
         "Mean accuracy over the 8 corruptions per severity:", "", *by_severity(res["records"]), "", END])
     text = args.results_md.read_text() if args.results_md.is_file() else "# Benchmark results\n"
-    atomic_write(args.results_md, lambda tmp: open(tmp, "w").write(replace_section(text, section)))
+    atomic_write(args.results_md, lambda tmp: open(tmp, "w").write(replace_section(text, section, BEGIN, END)))
     print(rel_line.replace("; ", "\n"))
 
 

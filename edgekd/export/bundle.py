@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import atomic_write, write_json, write_text
+from edgekd.fileio import atomic_write, sha256_file, write_json, write_text
 
 SCHEMA = "edgekd-bundle/1"
 METADATA_FILE, MANIFEST_FILE, PARITY_FILE, CARD_FILE = "edgekd.json", "manifest.sha256", "parity.json", "card.md"
@@ -23,14 +22,6 @@ def staging_dir(out: Path) -> Path:
     """A private directory next to `out` (same filesystem, so publishing is a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(root: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import stat
@@ -14,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgekd.errors import EdgeKDError
+from edgekd.fileio import sha256_file
 
 SCHEMA = "edgekd-bundle/1"
 METADATA_FILE = "edgekd.json"
@@ -162,14 +162,6 @@ def extract_zip(archive: Path, dest: Path) -> Path:
     if len(subdirs) == 1 and (subdirs[0] / METADATA_FILE).is_file():
         return subdirs[0]
     raise EdgeKDError(f"{archive}: no {METADATA_FILE} at the top of the zip")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_manifest(root: Path, source: Path | None = None) -> dict[str, str]:
