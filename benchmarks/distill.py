@@ -20,6 +20,7 @@ import sys
 from common import REPO, RESULTS, accuracy_record, machine, merge_records, now, run_or_reuse
 
 from edgekd.fileio import write_json
+from edgekd.recipe import load_recipe
 
 RECIPES = {"student_scratch": "recipes/pneumonia/student-scratch-28.yaml", "student": "recipes/pneumonia/student-28.yaml"}
 RUNS = REPO / "runs" / "bench" / "pneumonia"
@@ -98,7 +99,9 @@ def main() -> None:
     else:
         new = [run_one(role, seed, args.reuse) for role in roles for seed in args.seeds]
     merged = merge_records(RESULTS / "accuracy.json", new)
+    models = {role: load_recipe(REPO / path).model.name for role, path in RECIPES.items()}
     mine = [r for r in merged if r["role"] in ("student", "student_scratch") and r.get("dataset") == "pneumoniamnist"
+            and r["model"] == models[r["role"]]
             and r.get("command", "").startswith(tuple(f"edgekd train {p}" for p in RECIPES.values()))]
     summary = {"date": now(), "machine": machine(), "command": "python benchmarks/distill.py " + " ".join(sys.argv[1:]),
                "teacher": "runs/bench/pneumonia/teacher/best.pt", **summarize(mine)}

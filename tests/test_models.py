@@ -67,3 +67,14 @@ def test_parameter_and_mac_counts():
     macs = count_macs(m, (1, 16, 16))
     conv_macs = 16 * 16 * (9 * 8 + 72 * 8) + 8 * 8 * (72 * 16 + 144 * 16)
     assert conv_macs <= macs <= conv_macs * 1.05 + 32
+
+
+def test_custom_cnn_family_sizes_at_28px():
+    """The edge student must stay an order of magnitude cheaper than the baseline it is compared with."""
+    from edgekd.models import count_macs, count_parameters
+
+    sizes = {n: (count_parameters(create_model(spec(n))), count_macs(create_model(spec(n)), (3, 28, 28)))
+             for n in ("edgekd_cnn", "edgekd_cnn_small", "edgekd_cnn_tiny")}
+    assert sizes["edgekd_cnn_tiny"] < sizes["edgekd_cnn_small"] < sizes["edgekd_cnn"]
+    params, macs = sizes["edgekd_cnn_small"]
+    assert params < 50_000 and macs < 5_000_000 and sizes["edgekd_cnn"][1] > 6 * macs

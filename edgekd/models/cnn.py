@@ -71,6 +71,12 @@ def edgekd_cnn(pretrained: bool = False, **kwargs) -> SmallCNN:
 
 
 @register_model
+def edgekd_cnn_small(pretrained: bool = False, **kwargs) -> SmallCNN:
+    """The edge student: the baseline's layout at 12/24/48 channels (~41k parameters, 4.3M MACs at 28 px)."""
+    return _create(pretrained, (12, 24, 48), **kwargs)
+
+
+@register_model
 def edgekd_cnn_tiny(pretrained: bool = False, **kwargs) -> SmallCNN:
     """A very small variant for tests: 8/16 channels."""
     return _create(pretrained, (8, 16), **kwargs)
