@@ -1,9 +1,9 @@
-"""Which KD terms help on PneumoniaMNIST: logit KD vs + feature KD vs + attention transfer, same teacher and student.
+"""Which KD terms help on PneumoniaMNIST: logit KD vs + feature KD vs + attention transfer (and another teacher).
 
     .venv/bin/python benchmarks/distill_terms.py [--seeds 0] [--reuse] [--variants feature attention] [--train-logit]
 
 Trains recipes/pneumonia/student-feature-28.yaml and student-at-28.yaml (teacher: runs/bench/pneumonia/teacher/best.pt)
-once per seed into runs/bench/pneumonia/<variant>-s<seed>/ and merges one record per run into
+and student-r18teacher-28.yaml (logit KD from the ResNet-18 teacher) once per seed into runs/bench/pneumonia/<variant>-s<seed>/ and merges one record per run into
 benchmarks/results/accuracy.json. The logit-KD (student-28.yaml) and from-scratch rows are read from accuracy.json
 (benchmarks/distill.py writes them; --train-logit trains missing logit-KD seeds here). Writes
 benchmarks/results/distill_terms.json and the KD-terms section of benchmarks/RESULTS.md.
@@ -25,10 +25,11 @@ from edgekd.recipe import load_recipe
 VARIANTS = {  # variant -> (recipe, run dir prefix, what the loss is)
     "scratch": ("recipes/pneumonia/student-scratch-28.yaml", "student_scratch", "CE only (no teacher)"),
     "logit": ("recipes/pneumonia/student-28.yaml", "student", "0.7 KL(T=4) + 0.3 CE"),
+    "logit_r18": ("recipes/pneumonia/student-r18teacher-28.yaml", "student_r18t", "0.7 KL(T=4) + 0.3 CE, ResNet-18 teacher"),
     "feature": ("recipes/pneumonia/student-feature-28.yaml", "student_feature", "logit KD + 0.5 MSE(adapter(stages.2), layer3)"),
     "attention": ("recipes/pneumonia/student-at-28.yaml", "student_at", "logit KD + 500 AT x 3 pairs (stages.0-2 -> layer1-3)"),
 }
-TRAINED_HERE = ("feature", "attention")
+TRAINED_HERE = ("feature", "attention", "logit_r18")
 RUNS = REPO / "runs" / "bench" / "pneumonia"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- distill-terms:begin (benchmarks/distill_terms.py) -->", "<!-- distill-terms:end -->"
@@ -39,8 +40,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json matches the recipe")
     ap.add_argument("--train-logit", action="store_true", help="train logit-KD seeds missing from accuracy.json")
-    ap.add_argument("--variants", nargs="+", choices=TRAINED_HERE, default=list(TRAINED_HERE),
-                    help="which variants to train now (the table shows every variant found in accuracy.json)")
+    ap.add_argument("--variants", nargs="*", choices=TRAINED_HERE, default=list(TRAINED_HERE),
+                    help="which variants to train now; none: only rebuild the table (it shows every variant in accuracy.json)")
     args = ap.parse_args()
     os.chdir(REPO)
     names = {v: load_recipe(REPO / recipe).name for v, (recipe, _, _) in VARIANTS.items()}
@@ -74,11 +75,13 @@ def main() -> None:
               "teacher": "runs/bench/pneumonia/teacher/best.pt", "seeds": args.seeds, "rows": rows}
     write_json(RESULTS / "distill_terms.json", result)
     cols = ("acc", "auc", "f1", "sensitivity", "specificity", "seconds_per_epoch")
+    teacher_model = load_recipe(REPO / "recipes/pneumonia/teacher-28.yaml").model.name
     lines = [BEGIN, "## KD terms: logit vs feature vs attention transfer (`benchmarks/distill_terms.py`)", "",
              f"`{result['command'].strip()}` on {result['date'][:10]}, {result['machine']}. PneumoniaMNIST 28 px test "
-             f"split; teacher ResNet-18 (`{result['teacher']}`), student the custom CNN; seeds {args.seeds} "
+             f"split; teacher `{result['teacher']}` ({teacher_model}; logit_r18: the ResNet-18 teacher), student "
+             f"{rows[0]['model'] if rows else '-'}; seeds {args.seeds} "
              f"({'one seed: differences of a point or less are within seed noise' if len(args.seeds) == 1 else 'mean ± std'}). "
-             "Seconds per epoch were measured while other jobs shared the 2 cores: not a speed comparison.",
+             "Seconds per epoch: 1 torch thread, with another training job on the other core.",
              "", "| variant | loss | params | seeds | " + " | ".join(cols) + " |", "|---|---|---:|---|" + "---:|" * len(cols)]
     for r in rows:
         cells = ["-" if r[k]["mean"] is None else (f"{r[k]['mean']:.4f}" + (f" ± {r[k]['std']:.4f}" if len(r["seeds"]) > 1 else ""))

@@ -67,11 +67,10 @@ def load_image(npz: Path) -> np.ndarray:
 
 
 def bare_openvino(path: Path, threads: int, x: np.ndarray):
-    import openvino as ov
+    """OpenVINO's own call, compiled for x's static shape (as the runner compiles per batch size)."""
+    from edgekd.bench.worker import openvino_model
 
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
-    request = compiled.create_infer_request()
+    request = openvino_model(str(path), threads, batch=x.shape[0]).create_infer_request()
     return lambda: request.infer({0: x}, share_inputs=True)
 
 

@@ -275,6 +275,23 @@ def test_runner_equals_bare_backend_and_pytorch(bundle_and_model, backend):
     assert len({p.index for p in preds}) > 1 or np.ptp(ours[:, 0]) > 1e-3  # the fixture model is not constant
 
 
+def test_openvino_static_shape_compiles_match_the_dynamic_model_and_stay_bounded(bundle_and_model):
+    from edgekd.runtime.backends import MAX_CACHED_REQUESTS, OpenVINOBackend
+
+    root, _, _ = bundle_and_model
+    path = root / "openvino/model_fp32.xml"
+    static = OpenVINOBackend(path, "input", "logits", threads=1)
+    dynamic = OpenVINOBackend(path, "input", "logits", threads=1, static_shapes=False)
+    assert static.static_shapes and not dynamic.static_shapes and static.input_dims[0] is None
+    x = np.random.default_rng(0).random((7, 3, SIZE, SIZE), dtype=np.float32)
+    for n in (1, 3, 7, 2, 5, 1):
+        assert np.abs(static.infer(x[:n]) - dynamic.infer(x[:n])).max() <= 1e-5, n
+    assert len(static.requests) == MAX_CACHED_REQUESTS and list(static.requests)[-1] == 1
+    shapes = {n: tuple(entry[0].input(0).get_shape()) for n, entry in static.requests.items()}
+    assert all(shape == (n, 3, SIZE, SIZE) for n, shape in shapes.items())
+    assert dynamic.requests[7][0].input(0).get_partial_shape().is_dynamic
+
+
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
 def test_batched_tta_equals_per_view_runs(bundle, backend):
     runner = Runner.from_bundle(bundle, backend=backend, tta=True)

@@ -72,20 +72,28 @@ def openvino_config(threads: int, perf_count: bool = False) -> dict:
     return config
 
 
-def openvino_model(path: str, threads: int, perf_count: bool = False):
+def openvino_model(path: str, threads: int, perf_count: bool = False, batch: int | None = None):
+    """The model compiled for the CPU; with `batch`, for that static input shape (the batch axis fixed), which
+    compiles faster and runs faster than the dynamic-batch model for small CNNs (the edge runner does the same)."""
     import openvino as ov
 
-    return ov.Core().compile_model(path, "CPU", openvino_config(threads, perf_count))
+    core = ov.Core()
+    model = core.read_model(path)
+    if batch is not None:
+        port = model.inputs[0]
+        model.reshape({port.get_any_name(): ov.PartialShape([batch, *list(port.get_partial_shape())[1:]])})
+    return core.compile_model(model, "CPU", openvino_config(threads, perf_count))
 
 
 def openvino_request(path: str, threads: int) -> Infer:
-    """Bare OpenVINO: one compiled model, one infer request per batch size (a shape change reallocates buffers)."""
-    compiled = openvino_model(path, threads)
+    """Bare OpenVINO: one static-shape compiled model and infer request per batch size."""
     requests: dict[int, object] = {}
 
     def infer(x: np.ndarray) -> np.ndarray:
-        request = requests.get(x.shape[0]) or requests.setdefault(x.shape[0], compiled.create_infer_request())
-        return np.array(request.infer({0: x}, share_inputs=True)[0])
+        n = x.shape[0]
+        if n not in requests:
+            requests[n] = openvino_model(path, threads, batch=n).create_infer_request()
+        return np.array(requests[n].infer({0: x}, share_inputs=True)[0])
 
     return infer
 
@@ -113,7 +121,7 @@ def openvino_profile(path: str, rows: np.ndarray, threads: int, rounds: int = 20
     The exec type (e.g. `jit_avx2_FP32`, `brgconv_avx2_I8`) tells whether a layer ran INT8 kernels, which explains
     an INT8 speed-up (or its absence) on a CPU with or without VNNI dot-product instructions.
     """
-    request = openvino_model(path, threads, perf_count=True).create_infer_request()
+    request = openvino_model(path, threads, perf_count=True, batch=rows.shape[0]).create_infer_request()
     for _ in range(rounds):
         request.infer({0: rows}, share_inputs=True)
     layers = [{"name": p.node_name, "type": p.node_type, "exec_type": p.exec_type,

@@ -27,52 +27,75 @@ class Backend(Protocol):
 
 class OpenVINOBackend:
     """OpenVINO CPU plugin. FP32 math is pinned (INFERENCE_PRECISION_HINT=f32) so results match the export's parity
-    check; the CPU plugin may otherwise pick bf16/fp16 on capable CPUs. Reads OpenVINO IR (.xml) or ONNX."""
+    check; the CPU plugin may otherwise pick bf16/fp16 on capable CPUs. Reads OpenVINO IR (.xml) or ONNX.
+
+    The model is compiled once per batch size with a static input shape (the batch axis fixed): for the small
+    models edgekd ships, a dynamic-shape compile costs ~3x the compile time and ~1.7x the latency of a static one
+    (benchmarks/RESULTS.md, runtime section). The runner uses few sizes (1 image, 1 x V TTA views, its chunk size and
+    the last partial chunk), and at most MAX_CACHED_REQUESTS compiled sizes are kept. `static_shapes=False`
+    compiles one dynamic-batch model instead (many different batch sizes, or a model whose H/W are dynamic).
+    """
 
     name = "openvino"
 
     def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None,
-                 inference_precision: str = "f32", cache_dir: str | Path | None = None):
+                 inference_precision: str = "f32", cache_dir: str | Path | None = None, static_shapes: bool = True):
         import openvino as ov
 
         self.model_path = Path(model_path)
-        core = ov.Core()
+        self.core = ov.Core()
         try:
-            model = core.read_model(str(self.model_path))
+            model = self.core.read_model(str(self.model_path))
         except Exception as err:  # OpenVINO raises RuntimeError subclasses with long messages
             raise EdgeKDError(f"{self.model_path}: OpenVINO cannot read the model ({str(err).splitlines()[0][:120]})") from None
         input_port = _find_port(model.inputs, input_name, self.model_path, "input")
         _find_port(model.outputs, output_name, self.model_path, "output")
         shape = input_port.get_partial_shape()
-        if shape.rank.is_static and shape.rank.get_length() == 4 and not shape[0].is_dynamic:
-            # A static batch axis would force one request per image: make it dynamic once, at load.
-            model.reshape({input_port.get_any_name(): ov.PartialShape([-1, *[d for d in shape][1:]])})
-        config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+        dims = [None if d.is_dynamic else d.get_length() for d in shape] if shape.rank.is_static else []
+        self.input_dims = [None, *dims[1:]] if len(dims) == 4 else dims
+        """The model's input shape, batch axis reported as None (any batch size works)."""
+        self.input_name, self.output_name = input_name, output_name
+        self.config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
         if cache_dir:
             # OpenVINO's model cache: later processes import the compiled blob instead of compiling (cold start).
-            config["CACHE_DIR"] = str(cache_dir)
-        self.compiled = core.compile_model(model, "CPU", config)
-        self.input_dims = [None if d.is_dynamic else d.get_length() for d in input_port.get_partial_shape()]
-        self.input = self.compiled.input(input_name)
-        self.output = self.compiled.output(output_name)
-        # One infer request per batch size: a request re-allocates its buffers whenever the input shape changes,
-        # and the runner alternates between shapes (1 image, N images x V TTA views, the last partial chunk).
-        self.requests: OrderedDict[int, object] = OrderedDict()
+            self.config["CACHE_DIR"] = str(cache_dir)
+        self.model = model
+        self.static_shapes = static_shapes and len(dims) == 4 and all(d is not None for d in dims[1:])
+        self.dynamic = None
+        if not self.static_shapes:
+            if len(dims) == 4 and dims[0] is not None:
+                # A static batch axis would force one request per image: make it dynamic once, at load.
+                model.reshape({input_port.get_any_name(): ov.PartialShape([-1, *[d for d in shape][1:]])})
+            self.dynamic = self.core.compile_model(model, "CPU", self.config)
+        # One (compiled model, infer request) per batch size: a request re-allocates its buffers whenever the input
+        # shape changes, and the runner alternates between shapes (1 image, N images x V TTA views, the last chunk).
+        self.requests: OrderedDict[int, tuple[object, object, object]] = OrderedDict()
 
     def _request(self, batch_size: int):
-        request = self.requests.pop(batch_size, None) or self.compiled.create_infer_request()
-        self.requests[batch_size] = request
+        entry = self.requests.pop(batch_size, None)
+        if entry is None:
+            if self.static_shapes:
+                import openvino as ov
+
+                model = self.model.clone()
+                model.reshape({self.input_name: ov.PartialShape([batch_size, *self.input_dims[1:]])})
+                compiled = self.core.compile_model(model, "CPU", self.config)
+            else:
+                compiled = self.dynamic
+            entry = (compiled, compiled.create_infer_request(), compiled.output(self.output_name))
+        self.requests[batch_size] = entry
         while len(self.requests) > MAX_CACHED_REQUESTS:
             self.requests.popitem(last=False)
-        return request
+        return entry
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        _, request, output = self._request(batch.shape[0])
         # share_inputs avoids a copy of the batch; the output is copied because the request reuses its buffer.
-        result = self._request(batch.shape[0]).infer({self.input: batch}, share_inputs=True, share_outputs=False)
-        return np.asarray(result[self.output])
+        result = request.infer({self.input_name: batch}, share_inputs=True, share_outputs=False)
+        return np.asarray(result[output])
 
 
 class ONNXRuntimeBackend:
