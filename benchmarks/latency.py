@@ -33,6 +33,7 @@ BEGIN, END = "<!-- latency:begin (benchmarks/latency.py) -->", "<!-- latency:end
 MERGE_KEY = ("bench", "model", "role", "format", "precision", "variant", "batch", "tta")
 PRIMARY = {"torch": "eager", "onnx": "bare", "openvino": "bare"}
 """The variant that stands for a format in the goals: the framework's own call, no edgekd preprocessing."""
+QUIET_OTHER_CORES = 0.25
 GOALS = {"int8_speedup": 2.0, "student_speedup": 10.0, "acc_loss_pts": 1.0, "gemm_fraction_b32": 0.40}
 
 
@@ -205,20 +206,25 @@ def main() -> None:
     g = goals(main_run.records, batches)
     cpu = {k: summary["machine"][k] for k in ("model", "cores", "simd", "int8_dot_product")}
     load_start = summary["machine"]["load_avg_at_start"]
-    quiet = max(load_start[0], load_end[0]) <= 0.5 * (cpu["cores"] or 1)
+    # Quiet = other processes used at most a quarter of a core on average during the run (the load average counts
+    # this benchmark's own threads, so it cannot tell; edgekd.bench.hardware.OtherCPU).
+    runs = [main_run] if args.no_tta else [main_run, tta_run]
+    others = [r.summary["machine"].get("other_processes_cpu_cores") for r in runs]
+    quiet = all(o is not None and o <= QUIET_OTHER_CORES for o in others)
     tagged = [{"bench": "latency", **r, "date": date, "machine": host, "command": command} for r in records]
     merge_records(args.results, tagged, key=MERGE_KEY)
     doc = json.loads(args.results.read_text())
     doc = doc if isinstance(doc, dict) else {"records": doc}  # a new file: the runtime benchmark's layout
     doc["latency"] = {"date": date, "command": command, "machine": host, "cpu": cpu, "threads": summary["threads"],
-                      "load_avg_at_start": load_start, "load_avg_at_end": load_end,
+                      "load_avg_at_start": load_start, "load_avg_at_end": load_end, "other_processes_cpu_cores": others,
                       "provisional": not quiet, "gemm": summary["gemm"], "goals": g, "profiles": summary["profiles"],
                       "subjects": summary["subjects"], "bench_dir": rel(args.out)}
     write_json(args.results, doc)
 
-    status = ("Measured on a quiet machine." if quiet else
-              f"**PROVISIONAL / NOISY**: measured while other jobs were running (1-min load average {load_start[0]} "
-              f"at start, {load_end[0]} at end, on {cpu['cores']} cores). Absolute latencies and ratios are not "
+    status = (f"Measured on a quiet machine (other processes used {', '.join(f'{o:.2f}' for o in others)} cores on "
+              "average during the main and TTA runs)." if quiet else
+              f"**PROVISIONAL / NOISY**: measured while other jobs were running (other processes used {others} cores "
+              f"on average during the main and TTA runs, on {cpu['cores']} cores). Absolute latencies and ratios are not "
               "final; re-run on a quiet machine. PyTorch rows suffer most: its OpenMP threads spin-wait for each "
               "other, so one descheduled thread stalls every layer.")
     parts = ["## Latency: model x format x precision x batch (x TTA)", "", status, ""]
@@ -247,7 +253,7 @@ def main() -> None:
     print(goals_markdown(g, summary["profiles"], cpu))
     for n in notes:
         print(f"- {n}")
-    print(f"{'quiet' if quiet else 'PROVISIONAL (busy machine)'}: load {load_start} -> {load_end}; wrote "
+    print(f"{'quiet' if quiet else 'PROVISIONAL (busy machine)'}: other processes {others} cores; wrote "
           f"{args.results} and the latency section of {args.results_md}")
 
 

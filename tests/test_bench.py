@@ -149,3 +149,24 @@ def test_bad_options_are_one_line_errors(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "edgekd", "bench", *args, "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_other_cpu_excludes_this_process_and_its_children():
+    """A benchmark's own work (here: a busy loop in-process and in a waited-for child) is not 'other load'."""
+    import subprocess
+    import sys
+    import time
+
+    from edgekd.bench.hardware import OtherCPU
+
+    meter = OtherCPU()
+    if meter.start is None:
+        pytest.skip("no /proc/stat on this platform")
+    end = time.process_time() + 0.4
+    while time.process_time() < end:
+        pass
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time() + 0.4\nwhile time.process_time() < t: pass"],
+                   check=True)
+    others = meter.cores()
+    # ~0.8 s of CPU was ours; counted as "other" it would show as >= ~0.8 core over this ~1 s window.
+    assert others is not None and 0.0 <= others < 0.5

@@ -80,3 +80,40 @@ def cpu_info() -> dict:
     return {"model": model, "cores": os.cpu_count(), "machine": platform.machine(),
             "simd": [f for f in wanted if f in flags],
             "int8_dot_product": any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))}
+
+
+class OtherCPU:
+    """How busy the machine was with OTHER work while a benchmark ran, in cores (0 = quiet).
+
+    Load averages count the benchmark's own threads (a 2-thread run on 2 cores shows a load of ~2 on an idle box),
+    so they cannot tell a quiet machine from a busy one. This reads the machine's busy CPU time from /proc/stat
+    (user, nice, system, irq, softirq, steal) and subtracts this process's and its waited-for children's CPU time
+    (getrusage): the remainder, divided by the wall time, is the other processes' average use. Where /proc/stat or
+    getrusage is missing (not Linux), `cores()` returns None.
+    """
+
+    def __init__(self):
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float] | None:
+        import resource
+        import time
+
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        own = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for field in ("ru_utime", "ru_stime"))
+        return time.monotonic(), busy, own
+
+    def cores(self) -> float | None:
+        """Average cores used by other processes since construction."""
+        end = self._snapshot()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        others = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, others / (end[0] - self.start[0]))

@@ -33,7 +33,9 @@ def records_markdown(records: list[dict], summary: dict | None = None) -> str:
         gemm = summary.get("gemm") or {}
         lines += [f"- command: `{summary['command']}`", f"- date: {summary['date']}",
                   f"- machine: {m['cores']}-core {m['machine']} ({m['model']}; {', '.join(m['simd']) or 'no AVX'}), "
-                  f"load average at start {m['load_avg_at_start']}, at end {m['load_avg_at_end']}",
+                  f"load average at start {m['load_avg_at_start']}, at end {m['load_avg_at_end']}"
+                  + ("" if m.get("other_processes_cpu_cores") is None else
+                     f"; other processes used {m['other_processes_cpu_cores']:.2f} cores on average during the run"),
                   f"- threads: {summary['threads']}; TTA: {'yes' if summary['tta'] else 'no'}; timing: "
                   f"{summary['timing']['warmup']} warm-up calls, then >= {summary['timing']['min_runs']} calls "
                   f"and >= {summary['timing']['min_seconds']} s per measurement"]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgekd.bench.hardware import cpu_info, gemm_peak_fraction
+from edgekd.bench.hardware import OtherCPU, cpu_info, gemm_peak_fraction
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json
 
@@ -418,6 +418,7 @@ def run_bench(source: str | Path, out: str | Path, formats: list[str] | str = "t
     work.mkdir(exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     load_start = [round(v, 2) for v in os.getloadavg()]
+    other_cpu = OtherCPU()
 
     subjects = [resolve_subject(Path(source), role, formats, precisions, out, threads,
                                 Path(checkpoint) if checkpoint else None, export_options, log)]
@@ -480,7 +481,8 @@ def run_bench(source: str | Path, out: str | Path, formats: list[str] | str = "t
     summary = {
         "schema": SCHEMA, "date": started, "command": command or "run_bench(...)",
         "machine": {**cpu_info(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg_at_start": load_start, "load_avg_at_end": [round(v, 2) for v in os.getloadavg()]},
+                    "load_avg_at_start": load_start, "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
+                    "other_processes_cpu_cores": other_cpu.cores()},
         "threads": threads, "batches": batches, "tta": tta, "timing": timing.as_kwargs(), "gemm": gemm_info,
         "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
     }
