@@ -287,9 +287,14 @@ def test_openvino_static_shape_compiles_match_the_dynamic_model_and_stay_bounded
     for n in (1, 3, 7, 2, 5, 1):
         assert np.abs(static.infer(x[:n]) - dynamic.infer(x[:n])).max() <= 1e-5, n
     assert len(static.requests) == MAX_CACHED_REQUESTS and list(static.requests)[-1] == 1
-    shapes = {n: tuple(entry[0].input(0).get_shape()) for n, entry in static.requests.items()}
+    shapes = {n: tuple(entry[0].get_input_tensor().shape) for n, entry in static.requests.items()}
     assert all(shape == (n, 3, SIZE, SIZE) for n, shape in shapes.items())
-    assert dynamic.requests[7][0].input(0).get_partial_shape().is_dynamic
+    assert dynamic.requests[7][0].get_compiled_model().input(0).get_partial_shape().is_dynamic
+    # Results are copies: the next call on the same request does not change an earlier result.
+    first = static.infer(x[:1])
+    kept = first.copy()
+    static.infer(x[1:2])
+    assert np.array_equal(first, kept)
 
 
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])

@@ -74,6 +74,7 @@ class OpenVINOBackend:
         self.requests: OrderedDict[int, tuple[object, object, object]] = OrderedDict()
 
     def _request(self, batch_size: int):
+        """(infer request, its input array, its output tensor) for this batch size, compiled on first use."""
         entry = self.requests.pop(batch_size, None)
         if entry is None:
             if self.static_shapes:
@@ -84,18 +85,25 @@ class OpenVINOBackend:
                 compiled = self.core.compile_model(model, "CPU", self.config)
             else:
                 compiled = self.dynamic
-            entry = (compiled, compiled.create_infer_request(), compiled.output(self.output_name))
+            request = compiled.create_infer_request()
+            input_array = request.get_tensor(compiled.input(self.input_name)).data if self.static_shapes else None
+            entry = (request, input_array, request.get_tensor(compiled.output(self.output_name)))
         self.requests[batch_size] = entry
         while len(self.requests) > MAX_CACHED_REQUESTS:
             self.requests.popitem(last=False)
         return entry
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        _, request, output = self._request(batch.shape[0])
-        # share_inputs avoids a copy of the batch; the output is copied because the request reuses its buffer.
-        result = request.infer({self.input_name: batch}, share_inputs=True, share_outputs=False)
-        return np.asarray(result[output])
+        request, input_array, output = self._request(batch.shape[0])
+        if input_array is not None:
+            # Static shape: write into the request's own input buffer and run it without arguments, which skips
+            # OpenVINO's Python input dispatcher (~40 us per call, a sixth of a small CNN's batch-1 latency).
+            np.copyto(input_array, batch, casting="same_kind")
+            request.infer()
+        else:
+            # share_inputs avoids a copy of the batch.
+            request.infer({self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
+        return output.data.copy()  # the request reuses its output buffer on the next call
 
 
 class ONNXRuntimeBackend:
