@@ -41,7 +41,7 @@ test-fast: install
 BENCH_TEACHER ?= runs/bench/pneumonia/teacher/best.pt
 BENCH_STUDENT ?= runs/bench/pneumonia/student-s0/best.pt
 bench: install
-	$(BIN)/python benchmarks/accuracy.py --reuse
+	$(BIN)/python benchmarks/accuracy.py --roles teacher teacher-resnet18 baseline --reuse
 	$(BIN)/python benchmarks/distill.py --reuse
 	$(BIN)/python benchmarks/continual.py
 	$(BIN)/python benchmarks/export.py --checkpoint $(BENCH_TEACHER) --checkpoint $(BENCH_STUDENT)

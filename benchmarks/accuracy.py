@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/accuracy.py [--datasets pneumoniamnist] [--seeds 0] [--reuse]
 
-Trains recipes/<workflow>/teacher-28.yaml and baseline-28.yaml into runs/bench/<workflow>/ and merges one record
+Trains recipes/<workflow>/<role>-28.yaml (roles: teacher, baseline, teacher-resnet18, ...) into runs/bench/<workflow>/<role> and merges one record
 per run (roles `teacher`, `baseline`) into benchmarks/results/accuracy.json (a JSON list; other roles' records,
 e.g. the students written by benchmarks/distill.py, are kept). Needs ../shared/data/medmnist/<dataset>.npz.
 """
