@@ -4,7 +4,8 @@
 
 Trains recipes/<workflow>/<role>-28.yaml (--roles: teacher, baseline, teacher-resnet18, ...) into
 runs/bench/<workflow>/<role> and merges one record per run (the role its recipe names) into
-benchmarks/results/accuracy.json (a JSON list; other records, e.g. the students of benchmarks/distill.py, are kept). Needs ../shared/data/medmnist/<dataset>.npz.
+benchmarks/results/accuracy.json (a JSON list; other records, e.g. the students of benchmarks/distill.py, are
+kept). Needs ../shared/data/medmnist/<dataset>.npz.
 """
 
 from __future__ import annotations
