@@ -96,19 +96,28 @@ class OtherCPU:
         self.start = self._snapshot()
 
     @staticmethod
-    def _snapshot() -> tuple[float, float, float] | None:
-        import resource
-        import time
-
+    def busy_seconds() -> float | None:
+        """The machine's busy CPU seconds since boot, all cores, from /proc/stat (None where it is missing)."""
         try:
             fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         except (OSError, ValueError, IndexError):
             return None
         user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        own = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                  for field in ("ru_utime", "ru_stime"))
-        return time.monotonic(), busy, own
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def own_seconds() -> float:
+        """CPU seconds of this process and its waited-for children."""
+        import resource
+
+        return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for field in ("ru_utime", "ru_stime"))
+
+    def _snapshot(self) -> tuple[float, float, float] | None:
+        import time
+
+        busy = self.busy_seconds()
+        return None if busy is None else (time.monotonic(), busy, self.own_seconds())
 
     def cores(self) -> float | None:
         """Average cores used by other processes since construction."""
