@@ -75,22 +75,6 @@ def bare_openvino(path: Path, threads: int, x: np.ndarray):
     return lambda: request.infer({0: x}, share_inputs=True)
 
 
-def bare_openvino_prealloc(path: Path, threads: int, x: np.ndarray):
-    """OpenVINO's leanest call: x copied into the request's own input tensor, `infer()` without arguments, the
-    output copied out -- what the runner's backend does, without the runner around it."""
-    from edgekd.bench.worker import openvino_model
-
-    request = openvino_model(str(path), threads, batch=x.shape[0]).create_infer_request()
-    input_array, output = request.get_input_tensor().data, request.get_output_tensor()
-
-    def call():
-        np.copyto(input_array, x)
-        request.infer()
-        return output.data.copy()
-
-    return call
-
-
 def bare_onnx(path: Path, threads: int, x: np.ndarray):
     import onnxruntime as ort
 
@@ -179,7 +163,9 @@ def main() -> None:
     x5 = ov_runner.preprocessor.normalize(TTAViews(FIVE_VIEWS)(ov_runner.preprocessor.to_model_size(image)))
     ov_path = ov_runner.bundle.root / ov_runner.info["artifact"]
     ov = time_interleaved({"runner": lambda: ov_runner.predict(image), "bare": bare_openvino(ov_path, T, x1),
-                           "bare_prealloc": bare_openvino_prealloc(ov_path, T, x1)}, warmup=30, rounds=args.rounds)
+                           # The runner's own backend call without the runner around it: x copied into the request's
+                           # input buffer, infer() without arguments (edgekd.runtime.backends.OpenVINOBackend.infer).
+                           "bare_prealloc": lambda: ov_runner.backend.infer(x1)}, warmup=30, rounds=args.rounds)
     # TTA cost: one view vs 5 (and the bundle's) views, one Runner per setting as a deployment would have (the CPU
     # plugin re-plans memory when one compiled model alternates batch shapes, which would inflate both sides).
     tta_runners = {n: Runner.from_bundle(bundle, backend="openvino", threads=T, tta=v)
