@@ -47,24 +47,36 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_or_reuse(recipe_path: str, out: Path, overrides: list[str], reuse: bool, tag: str) -> tuple[dict, str]:
-    """Train `recipe_path` into `out` (or reuse a finished run of the identical recipe); -> (metrics.json, command)."""
+def train_command(recipe_path: str, out: Path, overrides: list[str]) -> str:
+    """The `edgekd train` command line that (re)produces the run in `out`."""
+    return f"edgekd train {recipe_path}{''.join(f' --set {o}' for o in overrides)} --out {out.relative_to(REPO)}"
+
+
+def finished_run(recipe, out: Path) -> dict | None:
+    """metrics.json of a finished run in `out` trained from exactly `recipe`, else None."""
     import yaml
 
+    metrics_path = out / "metrics.json"
+    if not metrics_path.is_file() or not (out / "recipe.yaml").is_file():
+        return None
+    if yaml.safe_load((out / "recipe.yaml").read_text()) != recipe.to_dict():
+        return None
+    return json.loads(metrics_path.read_text())
+
+
+def run_or_reuse(recipe_path: str, out: Path, overrides: list[str], reuse: bool, tag: str) -> tuple[dict, str]:
+    """Train `recipe_path` into `out` (or reuse a finished run of the identical recipe); -> (metrics.json, command)."""
     from edgekd.pipeline import run_recipe
     from edgekd.recipe import load_recipe
 
     recipe = load_recipe(REPO / recipe_path, overrides)
-    sets = "".join(f" --set {o}" for o in overrides)
-    command = f"edgekd train {recipe_path}{sets} --out {out.relative_to(REPO)}"
-    metrics_path = out / "metrics.json"
-    if reuse and metrics_path.is_file() and (out / "recipe.yaml").is_file():
-        if yaml.safe_load((out / "recipe.yaml").read_text()) == recipe.to_dict():
-            print(f"reusing {metrics_path}", flush=True)
-            return json.loads(metrics_path.read_text()), command
+    command = train_command(recipe_path, out, overrides)
+    if reuse and (metrics := finished_run(recipe, out)) is not None:
+        print(f"reusing {out / 'metrics.json'}", flush=True)
+        return metrics, command
     print(f"$ {command}", flush=True)
     run_recipe(recipe, out, log=lambda m: print(f"  [{tag}] {m}", flush=True))
-    return json.loads(metrics_path.read_text()), command
+    return json.loads((out / "metrics.json").read_text()), command
 
 
 def accuracy_record(m: dict, command: str, split: str = "test") -> dict:

@@ -17,7 +17,8 @@ import os
 import statistics
 import sys
 
-from common import REPO, RESULTS, accuracy_record, machine, merge_records, now, run_or_reuse
+from common import (REPO, RESULTS, accuracy_record, finished_run, machine, merge_records, now, run_or_reuse,
+                    train_command)
 
 from edgekd.fileio import write_json
 from edgekd.recipe import load_recipe
@@ -37,17 +38,9 @@ def run_one(role: str, seed: int, reuse: bool) -> dict:
 
 def finished(role: str, seed: int) -> dict | None:
     """The record of a finished run of the current recipe, or None (not trained, or trained from another recipe)."""
-    import yaml
-
-    from edgekd.recipe import load_recipe
-
-    out = RUNS / f"{role}-s{seed}"
-    if not (out / "metrics.json").is_file() or not (out / "recipe.yaml").is_file():
-        return None
-    if yaml.safe_load((out / "recipe.yaml").read_text()) != load_recipe(REPO / RECIPES[role], [f"seed={seed}"]).to_dict():
-        return None
-    command = f"edgekd train {RECIPES[role]} --set seed={seed} --out {out.relative_to(REPO)}"
-    return accuracy_record(json.loads((out / "metrics.json").read_text()), command)
+    out, overrides = RUNS / f"{role}-s{seed}", [f"seed={seed}"]
+    metrics = finished_run(load_recipe(REPO / RECIPES[role], overrides), out)
+    return None if metrics is None else accuracy_record(metrics, train_command(RECIPES[role], out, overrides))
 
 
 def summarize(records: list[dict]) -> dict:
