@@ -104,13 +104,10 @@ class Preprocessor:
         self.resize = int(spec["resize"])
         self.crop = int(spec["center_crop"])
         self.bgr = spec.get("channel_order") == "BGR"
-        scale = np.float32(spec["scale"])
-        mean = np.asarray(spec["mean"], dtype=np.float32)[:, None]
-        std = np.asarray(spec["std"], dtype=np.float32)[:, None]
-        # uint8 input has 256 values per channel: tabulate (v * scale - mean) / std once, with torch's float32
-        # operations in torch's order (so results stay bit-exact), and normalize by table lookup.
-        levels = np.arange(256, dtype=np.float32)[None, :]
-        self.table = ((levels * scale) - mean) / std  # (C, 256) float32
+        # torch's float32 operations in torch's order, so results stay bit-exact: x * scale, - mean, / std.
+        self.scale = np.float32(spec["scale"])
+        self.mean = np.asarray(spec["mean"], dtype=np.float32)[None, :, None, None]
+        self.std = np.asarray(spec["std"], dtype=np.float32)[None, :, None, None]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -125,12 +122,18 @@ class Preprocessor:
             arr = arr[..., ::-1]
         return arr
 
-    def normalize(self, batch_hwc: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, C) -> float32 (N, C, H, W): (x * scale - mean) / std per channel, as torch computes it."""
+    def normalize(self, batch_hwc: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (N, H, W, C) -> float32 (N, C, H, W): (x * scale - mean) / std per channel, as torch computes it.
+
+        `out`: a float32 (N, C, H, W) array to write into (the backend's input memory), else a new one.
+        """
         n, h, w, c = batch_hwc.shape
-        out = np.empty((n, c, h, w), dtype=np.float32)
-        for ch in range(c):
-            np.take(self.table[ch], batch_hwc[..., ch], out=out[:, ch])
+        if out is None:
+            out = np.empty((n, c, h, w), dtype=np.float32)
+        np.copyto(out, batch_hwc.transpose(0, 3, 1, 2), casting="unsafe")  # uint8 -> float32 is exact
+        out *= self.scale
+        out -= self.mean
+        out /= self.std
         return out
 
     def __call__(self, image: ImageInput) -> np.ndarray:

@@ -126,10 +126,12 @@ class Runner:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise EdgeKDError(f"model input must have shape (N, {', '.join(map(str, self.input_shape))}), "
                               f"got {tuple(batch.shape)}")
-        logits = self.backend.infer(batch)
-        if logits.ndim != 2 or logits.shape != (batch.shape[0], len(self.class_names)):
+        return self._checked(self.backend.infer(batch), batch.shape[0])
+
+    def _checked(self, logits: np.ndarray, rows: int) -> np.ndarray:
+        if logits.shape != (rows, len(self.class_names)):
             raise EdgeKDError(f"{self.backend.model_path}: output shape {logits.shape} does not match "
-                              f"({batch.shape[0]}, {len(self.class_names)} classes)")
+                              f"({rows}, {len(self.class_names)} classes)")
         return logits
 
     def _views(self, tta: TTAOption) -> TTAViews | None:
@@ -161,18 +163,25 @@ class Runner:
         views = self._views(tta)
         if not sized:
             return []
-        stack = np.stack(sized) if views is None else np.concatenate([views(a) for a in sized])
-        probs = softmax(self.infer(self.preprocessor.normalize(stack)))
-        results = []
-        n_views = 1 if views is None else len(views)
-        for i, src in enumerate(sources):
-            per_view = probs[i * n_views:(i + 1) * n_views]
-            mean = per_view.mean(axis=0)  # mean softmax ensemble (a single view: that view's softmax)
-            index = int(np.argmax(mean))
-            view_probs = None if views is None else dict(zip(views.names, per_view))
-            results.append(Prediction(source=src, index=index, label=self.class_names[index], probs=mean,
-                                      class_names=self.class_names, view_probs=view_probs))
-        return results
+        if views is None:
+            stack = sized[0][None] if len(sized) == 1 else np.stack(sized)
+        else:
+            stack = np.concatenate([views(a) for a in sized])
+        # Normalize straight into the backend's input memory, then one inference call for all rows.
+        n, h, w, c = stack.shape
+        self.preprocessor.normalize(stack, out=self.backend.input_buffer((n, c, h, w)))
+        probs = softmax(self._checked(self.backend.run(), n))
+        if views is None:  # one view per image: its softmax is the prediction
+            return [self._prediction(src, p, None) for src, p in zip(sources, probs)]
+        v = len(views)
+        return [self._prediction(src, probs[i * v:(i + 1) * v].mean(axis=0),  # mean-softmax ensemble
+                                 dict(zip(views.names, probs[i * v:(i + 1) * v])))
+                for i, src in enumerate(sources)]
+
+    def _prediction(self, source: str, probs: np.ndarray, view_probs: dict[str, np.ndarray] | None) -> Prediction:
+        index = int(probs.argmax())
+        return Prediction(source=source, index=index, label=self.class_names[index], probs=probs,
+                          class_names=self.class_names, view_probs=view_probs)
 
     def predict_many(self, inputs: Iterable[ImageInput], batch: int = 16,
                      tta: TTAOption = None) -> Iterator[Prediction | Failure]:
