@@ -603,3 +603,22 @@ def test_latency_stats_and_child_peak_rss():
     child_mb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                                     check=True).stdout)
     assert 5 < child_mb < min(parent_mb, 200)
+
+
+def test_gray_input_kept_one_channel_until_normalize_gives_the_rgb_result(bundle):
+    # The runner builds views on a gray image's single channel and broadcasts it to the model's 3 channels at
+    # normalization; the predictions must equal those of the same image repeated to RGB beforehand, also in a
+    # batch that mixes gray and color images.
+    runner = Runner.from_bundle(bundle, tta=True)
+    gray = _rand_image(SIZE + 6, SIZE + 2, 1, seed=21)
+    rgb = np.repeat(gray, 3, axis=-1)
+    assert runner.preprocessor.to_model_size(gray, keep_gray=True).shape[-1] == 1
+    a, b = runner.predict(gray), runner.predict(rgb)
+    assert np.array_equal(a.probs, b.probs)
+    assert all(np.array_equal(a.view_probs[v], b.view_probs[v]) for v in a.view_probs)
+    color = _rand_image(SIZE, SIZE, 3, seed=22)
+    mixed = runner.predict_batch([gray, color, rgb])
+    assert np.array_equal(mixed[0].probs, mixed[2].probs) and np.abs(mixed[0].probs - a.probs).max() <= 1e-6
+    assert np.abs(mixed[1].probs - runner.predict(color).probs).max() <= 1e-6
+    with pytest.raises(EdgeKDError, match="channels"):
+        runner.preprocessor.normalize(np.zeros((1, SIZE, SIZE, 2), dtype=np.uint8))

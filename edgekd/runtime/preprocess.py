@@ -113,9 +113,15 @@ class Preprocessor:
     def input_shape(self) -> tuple[int, int, int]:
         return self.channels, self.crop, self.crop
 
-    def to_model_size(self, image: ImageInput) -> np.ndarray:
-        """Decode + channels + resize + center crop: the uint8 (H, W, C) image TTA views are built from."""
-        arr = to_channels(as_image_array(image), self.channels)
+    def to_model_size(self, image: ImageInput, keep_gray: bool = False) -> np.ndarray:
+        """Decode + channels + resize + center crop: the uint8 (H, W, C) image TTA views are built from.
+
+        `keep_gray`: a gray image stays (H, W, 1) for a 3-channel model (`normalize` broadcasts it), so resize and
+        TTA views work on one channel instead of three identical ones; the result is the same.
+        """
+        arr = as_image_array(image)
+        if not (keep_gray and arr.shape[-1] == 1):
+            arr = to_channels(arr, self.channels)
         arr = resize_bilinear(arr, *resized_size(arr.shape[0], arr.shape[1], self.resize))
         arr = center_crop(arr, self.crop, self.crop)
         if self.bgr:
@@ -125,11 +131,14 @@ class Preprocessor:
     def normalize(self, batch_hwc: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 (N, H, W, C) -> float32 (N, C, H, W): (x * scale - mean) / std per channel, as torch computes it.
 
-        `out`: a float32 (N, C, H, W) array to write into (the backend's input memory), else a new one.
+        `out`: a float32 (N, C, H, W) array to write into (the backend's input memory), else a new one. A gray
+        (N, H, W, 1) batch for a 3-channel model is broadcast to the 3 channels (gray -> RGB by repetition).
         """
         n, h, w, c = batch_hwc.shape
+        if c != self.channels and c != 1:
+            raise EdgeKDError(f"expected {self.channels} channels (or 1 to repeat), got a batch of shape {batch_hwc.shape}")
         if out is None:
-            out = np.empty((n, c, h, w), dtype=np.float32)
+            out = np.empty((n, self.channels, h, w), dtype=np.float32)
         np.copyto(out, batch_hwc.transpose(0, 3, 1, 2), casting="unsafe")  # uint8 -> float32 is exact
         out *= self.scale
         out -= self.mean

@@ -11,7 +11,7 @@ import numpy as np
 from edgekd.errors import EdgeKDError
 from edgekd.runtime.backends import BACKENDS, Backend, create_backend
 from edgekd.runtime.bundle import PRECISIONS, Bundle, open_bundle
-from edgekd.runtime.preprocess import ImageInput, Preprocessor
+from edgekd.runtime.preprocess import ImageInput, Preprocessor, to_channels
 from edgekd.runtime.tta import TTAViews
 
 TTAOption = Union[bool, Sequence[str], None]
@@ -154,7 +154,7 @@ class Runner:
     def predict_batch(self, images: Sequence[ImageInput], tta: TTAOption = None,
                       sources: Sequence[str] | None = None) -> list[Prediction]:
         """Several images in ONE inference call (N images x V views rows); errors raise EdgeKDError."""
-        sized = [self.preprocessor.to_model_size(img) for img in images]
+        sized = [self.preprocessor.to_model_size(img, keep_gray=True) for img in images]
         sources = list(sources) if sources is not None else [_describe(img) for img in images]
         return self._predict_sized(sized, sources, tta)
 
@@ -163,13 +163,15 @@ class Runner:
         views = self._views(tta)
         if not sized:
             return []
+        if len({a.shape[-1] for a in sized}) > 1:  # gray and color images in one call: repeat the gray ones
+            sized = [to_channels(a, self.preprocessor.channels) for a in sized]
         if views is None:
             stack = sized[0][None] if len(sized) == 1 else np.stack(sized)
         else:
             stack = np.concatenate([views(a) for a in sized])
         # Normalize straight into the backend's input memory, then one inference call for all rows.
-        n, h, w, c = stack.shape
-        self.preprocessor.normalize(stack, out=self.backend.input_buffer((n, c, h, w)))
+        n, h, w, _ = stack.shape
+        self.preprocessor.normalize(stack, out=self.backend.input_buffer((n, *self.input_shape)))
         probs = softmax(self._checked(self.backend.run(), n))
         if views is None:  # one view per image: its softmax is the prediction
             return [self._prediction(src, p, None) for src, p in zip(sources, probs)]
@@ -196,7 +198,7 @@ class Runner:
         for item in inputs:
             src = _describe(item)
             try:
-                chunk.append((src, self.preprocessor.to_model_size(item)))
+                chunk.append((src, self.preprocessor.to_model_size(item, keep_gray=True)))
                 pending.append(None)
             except EdgeKDError as err:
                 pending.append(Failure(src, str(err)))
