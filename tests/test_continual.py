@@ -18,6 +18,7 @@ from edgekd.continual.ewc import diagonal_fisher, ewc_penalty
 from edgekd.continual.heads import resize_classifier
 from edgekd.continual.lwf import kd_kl
 from edgekd.continual.replay import ClassBalancedBuffer, herding_order
+from edgekd.continual.run import evaluate_task
 from edgekd.continual.scenarios import ContinualObjective, build_tasks
 from edgekd.data import Table, build_data
 from edgekd.errors import EdgeKDError
@@ -205,6 +206,31 @@ def test_multi_head_loss_is_per_task_softmax():
     assert single.item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
 
 
+def test_validation_scores_each_sample_on_its_own_task_head():
+    # Task A's rows win every argmax over the full output, but the multi-head validation (what val_acc logs)
+    # scores each sample on its own task's rows, as the run's reported accuracy does.
+    tasks = [_T(0, 0, 2), _T(1, 2, 5)]
+    logits = np.array([[9.0, 8.0, 0.1, 0.3, 0.2], [9.0, 8.0, 0.1, 0.3, 0.2], [1.0, 2.0, 9.0, 9.0, 9.0]])
+    targets = np.array([3, 2, 1])
+    view = ContinualObjective(torch.nn.CrossEntropyLoss(), tasks, 1, "multi").eval_view(logits, targets)
+    assert view.argmax(1).tolist() == [3, 3, 1]
+    assert np.isneginf(view[0, :2]).all() and np.isneginf(view[2, 2:]).all()
+    np.testing.assert_array_equal(view[0, 2:], logits[0, 2:])
+    single = ContinualObjective(torch.nn.CrossEntropyLoss(), tasks, 1, "single").eval_view(logits, targets)
+    np.testing.assert_array_equal(single, logits)
+    # The trainer's validation applies it: a fixed "model" emitting these logits scores 2/3 with the view, 0 without.
+    from edgekd.train.trainer import evaluate
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.as_tensor(logits, dtype=torch.float32)[x[:, 0].long()]
+
+    loader = [(torch.arange(3, dtype=torch.float32)[:, None], torch.as_tensor(targets))]
+    objective = ContinualObjective(torch.nn.CrossEntropyLoss(), tasks, 1, "multi")
+    assert evaluate(Fixed(), loader, torch.device("cpu"), view=objective.eval_view)["acc"] == pytest.approx(2 / 3)
+    assert evaluate(Fixed(), loader, torch.device("cpu"))["acc"] == 0.0
+
+
 # ------------------------------------------------------------------ rehearsal buffer
 def _table(labels, seed=0):
     labels = np.asarray(labels, dtype=np.int64)
@@ -361,6 +387,12 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     torch.testing.assert_close(final.fc.weight[:2], student.fc.weight)
     assert not torch.equal(final.stages[0][0].weight, student.stages[0][0].weight)
     assert (tmp_path / "cl" / "confusion_task2.png").is_file()
+    # The last epoch's logged val_acc is task B's accuracy with its own head (the weights the run goes on with).
+    import csv
+
+    log_rows = list(csv.DictReader((tmp_path / "cl" / "task2_B" / "log.csv").open()))
+    val_b = evaluate_task(final, build_tasks(recipe_from_dict(raw)), "multi", 1, 1, "val", torch.device("cpu"))
+    assert float(log_rows[-1]["val_acc"]) == pytest.approx(val_b["acc"], abs=1e-9)
     with pytest.raises(EdgeKDError, match="outputs, but the first task"):
         bad = base_recipe(npz_b, checkpoint=str(first.best_path), tasks=[{"name": "B"}, {"name": "A2"}])
         run_recipe(recipe_from_dict(bad), tmp_path / "bad", log=lambda s: None)

@@ -119,5 +119,17 @@ class ContinualObjective:
         logits = model(images)
         return self.loss(logits, targets), logits
 
+    def eval_view(self, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Validation logits as the loss sees them: single head, the classes seen so far; multi-head, each sample's
+        own task rows (the others set to -inf), so val_acc is the task-id-given accuracy the run reports."""
+        if self.head == "single":
+            out = np.full_like(logits, -np.inf)
+            out[:, : self.seen] = logits[:, : self.seen]
+            return out
+        task_ids = self.task_of_class.numpy()[targets]
+        bounds = self.bounds.numpy()[task_ids]
+        cols = np.arange(logits.shape[1])[None, :]
+        return np.where((cols >= bounds[:, :1]) & (cols < bounds[:, 1:]), logits, -np.inf)
+
     def parameters(self) -> list[nn.Parameter]:
         return list(self.criterion.parameters())

@@ -91,11 +91,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module | None = None,
+             view: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+    """Metrics of the model on a loader. `view(logits, labels) -> logits`: what the objective scores (a continual
+    run's multi-head layout masks each sample's logits to its own task's rows)."""
     y, logits = predict_logits(model, loader, device)
     if not np.all(np.isfinite(logits)):
         raise EdgeKDError("the model's outputs are NaN/Inf on the evaluation data (the weights diverged); "
                           "lower the learning rate or set train.clip_grad")
+    if view is not None:
+        logits = view(logits, y)
     out = classification_metrics(y, softmax(logits))
     if criterion is not None:
         with torch.no_grad():
@@ -134,6 +139,7 @@ class Trainer:
         self.net: nn.Module = self.model
         """What the objective calls in training: the model, or its DDP wrapper (set up in fit())."""
         self.eval_criterion = eval_criterion or nn.CrossEntropyLoss()
+        self.eval_view = getattr(objective, "eval_view", None)
         self.checkpoint_extra = checkpoint_extra or (lambda: {})
         extra_params = list(getattr(objective, "parameters", lambda: [])())
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer, extra_params)
@@ -278,7 +284,7 @@ class Trainer:
             distributed.broadcast_buffers(self.model)
             if self.swa_model is not None and epoch >= self.swa_start:
                 self.swa_model.update_parameters(self.model)
-            val = evaluate(self.model, val_loader, self.device, self.eval_criterion)
+            val = evaluate(self.model, val_loader, self.device, self.eval_criterion, self.eval_view)
             row.update({f"val_{k}": v for k, v in val.items()})
             row["epoch_seconds"] = time.perf_counter() - t0
             monitor = row.get(self.cfg.monitor)
@@ -333,7 +339,7 @@ class Trainer:
         torch.optim.swa_utils.update_bn(
             ((x.to(self.device), ) for x, _ in self.data.loader("train", train=False)), self.swa_model, self.device)
         swa_net = self.swa_model.module
-        val = evaluate(swa_net, self.data.loader("val", train=False), self.device, self.eval_criterion)
+        val = evaluate(swa_net, self.data.loader("val", train=False), self.device, self.eval_criterion, self.eval_view)
         value = val.get(self.cfg.monitor.removeprefix("val_"), float("nan"))
         metrics = {f"val_{k}": v for k, v in val.items()}
         if self.is_main:
