@@ -4,8 +4,9 @@
 
 BUNDLE is an `edgekd export` bundle of the student and CKPT the checkpoint it was exported from (for the PyTorch
 eager baseline). Everything is measured in this one run on this machine; runner, bare backend and TTA timings are
-interleaved round-robin so load from other processes hits them alike. Cold start and peak RSS are measured in fresh
-subprocesses that never import torch. Records merge into benchmarks/results/latency.json (other benches' records kept).
+interleaved round-robin so load from other processes hits them alike, and the PyTorch eager baseline alternates
+with the OpenVINO calls in phases (--phases) so a drift of the machine's speed hits both sides. Cold start and
+peak RSS are measured in fresh subprocesses that never import torch. Records merge into benchmarks/results/latency.json (other benches' records kept).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from common import cpu_model  # noqa: E402
 from edgekd.bench.hardware import OtherCPU  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 from edgekd.runtime import Runner, TTAViews, open_bundle  # noqa: E402
-from edgekd.runtime.timing import time_call, time_interleaved  # noqa: E402
+from edgekd.runtime.timing import time_alternating, time_interleaved  # noqa: E402
 
 FIVE_VIEWS = ["original", "hflip", "vflip", "center_crop", "rot+15"]
 GOALS = {"speedup_vs_torch_eager": (">=", 5.0), "runner_overhead_vs_bare": ("<=", 1.15),
@@ -85,8 +86,9 @@ def bare_onnx(path: Path, threads: int, x: np.ndarray):
     return lambda: session.run(None, {name: x})
 
 
-def torch_eager(checkpoint: Path, threads: int, image: np.ndarray, rounds: int):
-    """PyTorch eager: the training side's eval transform + forward + softmax, and the forward alone."""
+def torch_eager(checkpoint: Path, threads: int, image: np.ndarray):
+    """PyTorch eager: the training side's eval transform + forward + softmax, and the forward alone (callables),
+    and the pipeline's probabilities for the image."""
     import torch
 
     from edgekd.data import build_transforms
@@ -107,8 +109,7 @@ def torch_eager(checkpoint: Path, threads: int, image: np.ndarray, rounds: int):
         with torch.inference_mode():
             return model(x)
 
-    stats = time_interleaved({"pipeline": pipeline, "forward": forward}, warmup=20, rounds=rounds)
-    return stats, pipeline().numpy()[0].astype(np.float64)
+    return {"torch_pipeline": pipeline, "torch_forward": forward}, pipeline().numpy()[0].astype(np.float64)
 
 
 def cold_start(bundle: Path, image_path: Path, threads: int, repeats: int, n_images: int, cache_dir: str = "") -> dict:
@@ -128,10 +129,16 @@ def cold_start(bundle: Path, image_path: Path, threads: int, repeats: int, n_ima
             "images_in_rss_run": n_images}
 
 
+def _round(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    return [_round(v) for v in value] if isinstance(value, list) else value
+
+
 def record(meta: dict, what: str, fmt: str, batch: int, views: int, stats: dict, threads: int, precision="fp32"):
     return {"bench": "runtime", "model": meta.get("name"), "role": meta.get("role"), "format": fmt,
             "precision": precision, "batch": batch, "tta": views > 1, "views": views, "what": what,
-            "threads": threads, **{k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()},
+            "threads": threads, **{k: _round(v) for k, v in stats.items()},
             "throughput": round(1000.0 * batch / stats["p50_ms"], 2)}
 
 
@@ -141,6 +148,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, help="the checkpoint the bundle was exported from (PyTorch baseline)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=400, help="timed calls per measurement (interleaved)")
+    ap.add_argument("--phases", type=int, default=5,
+                    help="alternating phases of the OpenVINO calls and the PyTorch eager baseline")
     ap.add_argument("--images", type=Path, default=REPO / "edgekd/data/builtin/pneumoniamnist_mini.npz",
                     help="an .npz with test_images; the first one is the benchmark input")
     ap.add_argument("--cold-repeats", type=int, default=5)
@@ -156,16 +165,24 @@ def main() -> None:
     T = args.threads
     records, results = [], {}
 
-    # OpenVINO FP32, runner vs bare call: interleaved, each compiled model always sees the same batch shape.
+    # OpenVINO FP32, runner vs bare call: interleaved, each compiled model always sees the same batch shape. The
+    # PyTorch eager baseline runs in alternating phases with them (not call by call: torch's worker threads spin
+    # after each op and would steal the cores OpenVINO's next call needs), so a drift of the VM's speed during the
+    # run hits both sides alike.
     ov_runner = Runner.from_bundle(bundle, backend="openvino", threads=T)
     x1 = ov_runner.preprocessor(image)[None]
     bundle_views = list(bundle.tta.get("views") or FIVE_VIEWS)
     x5 = ov_runner.preprocessor.normalize(TTAViews(FIVE_VIEWS)(ov_runner.preprocessor.to_model_size(image)))
     ov_path = ov_runner.bundle.root / ov_runner.info["artifact"]
-    ov = time_interleaved({"runner": lambda: ov_runner.predict(image), "bare": bare_openvino(ov_path, T, x1),
-                           # The runner's own backend call without the runner around it: x copied into the request's
-                           # input buffer, infer() without arguments (edgekd.runtime.backends.OpenVINOBackend.infer).
-                           "bare_prealloc": lambda: ov_runner.backend.infer(x1)}, warmup=30, rounds=args.rounds)
+    ov_fns = {"runner": lambda: ov_runner.predict(image), "bare": bare_openvino(ov_path, T, x1),
+              # The runner's own backend call without the runner around it: x copied into the request's input
+              # buffer, run without arguments (edgekd.runtime.backends.OpenVINOBackend.infer).
+              "bare_prealloc": lambda: ov_runner.backend.infer(x1)}
+    groups = [ov_fns]
+    if args.checkpoint:
+        torch_fns, torch_probs = torch_eager(args.checkpoint, T, image)
+        groups.append(torch_fns)
+    ov = time_alternating(groups, phases=args.phases, warmup=30, rounds=args.rounds)
     # TTA cost: one view vs 5 (and the bundle's) views, one Runner per setting as a deployment would have (the CPU
     # plugin re-plans memory when one compiled model alternates batch shapes, which would inflate both sides).
     tta_runners = {n: Runner.from_bundle(bundle, backend="openvino", threads=T, tta=v)
@@ -201,16 +218,18 @@ def main() -> None:
     except Exception as err:  # a bundle without ONNX FP32 still gets the OpenVINO figures
         results["onnx_skipped"] = str(err)
 
-    # PyTorch eager baseline (same image, same thread count), after the runtimes so its threads do not spin over them.
     if args.checkpoint:
-        torch_stats, torch_probs = torch_eager(args.checkpoint, T, image, args.rounds)
-        records += [record(meta, "torch_eager_pipeline", "torch", 1, 1, torch_stats["pipeline"], T),
-                    record(meta, "torch_eager_forward", "torch", 1, 1, torch_stats["forward"], T)]
-        results["speedup_vs_torch_eager"] = torch_stats["pipeline"]["p50_ms"] / ov["runner"]["p50_ms"]
-        results["speedup_forward_vs_bare"] = torch_stats["forward"]["p50_ms"] / ov["bare"]["p50_ms"]
+        records += [record(meta, "torch_eager_pipeline", "torch", 1, 1, ov["torch_pipeline"], T),
+                    record(meta, "torch_eager_forward", "torch", 1, 1, ov["torch_forward"], T)]
+        results["speedup_vs_torch_eager"] = ov["torch_pipeline"]["p50_ms"] / ov["runner"]["p50_ms"]
+        results["speedup_vs_torch_eager_per_phase"] = [
+            round(t / r, 3) for t, r in zip(ov["torch_pipeline"]["phase_p50_ms"], ov["runner"]["phase_p50_ms"])]
+        results["speedup_forward_vs_bare"] = ov["torch_forward"]["p50_ms"] / ov["bare"]["p50_ms"]
         results["runner_vs_torch_max_abs_prob_diff"] = float(np.abs(runner_probs - torch_probs).max())
 
     results["runner_overhead_vs_bare"] = ov["runner"]["p50_ms"] / ov["bare"]["p50_ms"]
+    results["runner_overhead_vs_bare_per_phase"] = [
+        round(r / b, 3) for r, b in zip(ov["runner"]["phase_p50_ms"], ov["bare"]["phase_p50_ms"])]
     results["runner_overhead_vs_bare_prealloc"] = ov["runner"]["p50_ms"] / ov["bare_prealloc"]["p50_ms"]
     results["tta5_vs_one_view"] = ov["runner_tta5"]["p50_ms"] / ov["runner_one_view"]["p50_ms"]
     if "runner_tta_bundle" in ov:

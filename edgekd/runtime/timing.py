@@ -34,18 +34,47 @@ def time_call(fn: Callable[[], object], warmup: int = 10, min_runs: int = 50, ma
     return latency_stats(samples)
 
 
+def _interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int, samples: dict[str, list[float]]) -> None:
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 10, rounds: int = 200) -> dict[str, dict]:
     """Time several callables round-robin so a load spike from other processes hits all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+    _interleaved_samples(fns, rounds, samples)
     return {name: latency_stats(s) for name, s in samples.items()}
+
+
+def time_alternating(groups: list[dict[str, Callable[[], object]]], phases: int = 5, warmup: int = 10,
+                     rounds: int = 200) -> dict[str, dict]:
+    """Groups that must not run interleaved call by call (e.g. two runtimes whose worker threads spin after a call
+    and would steal the other's cores) timed in alternating phases: group 1 interleaved, group 2 interleaved, ...
+    `phases` times, `rounds` calls of each callable in all. A slow drift of the machine's speed then hits every
+    group alike. Each name's stats also carry `phase_p50_ms`, the p50 of each phase."""
+    names = [n for g in groups for n in g]
+    if len(set(names)) != len(names):
+        raise ValueError(f"callable names repeat across groups: {names}")
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    phase_p50: dict[str, list[float]] = {n: [] for n in names}
+    per_phase = max(1, rounds // max(1, phases))
+    for _ in range(max(1, phases)):
+        for group in groups:
+            for fn in group.values():
+                for _ in range(warmup):
+                    fn()
+            part: dict[str, list[float]] = {n: [] for n in group}
+            _interleaved_samples(group, per_phase, part)
+            for n, s in part.items():
+                samples[n] += s
+                phase_p50[n].append(float(np.median(s)))
+    return {n: {**latency_stats(s), "phase_p50_ms": phase_p50[n]} for n, s in samples.items()}
 
 
 def peak_rss_mb() -> float:
