@@ -211,25 +211,13 @@ def test_tta_views_match_torchvision():
             diff = (ours[i] - ref[name].int()).abs()
             if name in ("original", "hflip", "vflip"):
                 assert diff.max() == 0, name
-            elif name == "center_crop":
-                assert diff.max() <= 2 and diff.float().mean() <= 0.5, (name, diff.max(), diff.float().mean())
             else:
-                # Rotations: same geometry. Inside the rotated frame PIL and torch differ by rounding only; on the
-                # one-pixel rim against the fill they blend differently (torch multiplies by a bilinear mask).
-                inside = _eroded(F.rotate(torch.ones(1, h, w), float(name[3:]), fill=0)[0].numpy() > 0)
-                assert diff[:, inside].max() <= 1, name
-                assert diff[:, inside].float().mean() <= 0.6, name
-                assert diff.float().mean() <= 3.0, name
+                # Same geometry and the same fill blending as torchvision; torch's uint8 resize rounds in fixed
+                # point, so a pixel may differ by 1.
+                assert diff.max() <= 1 and diff.float().mean() <= 0.3, (name, diff.max(), diff.float().mean())
         # The rotation direction is right: +15 differs from torchvision's -15 much more than from its +15.
         wrong = (ours[4] - ref["rot-15"].int()).abs().float().mean()
         assert wrong > 4 * (ours[4] - ref["rot+15"].int()).abs().float().mean()
-
-
-def _eroded(mask: np.ndarray) -> np.ndarray:
-    """3x3 binary erosion (pixels whose whole neighbourhood is inside the mask)."""
-    padded = np.pad(mask, 1)
-    h, w = mask.shape
-    return np.all([padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
 
 
 def test_unknown_tta_view_is_an_error():
@@ -622,3 +610,22 @@ def test_gray_input_kept_one_channel_until_normalize_gives_the_rgb_result(bundle
     assert np.abs(mixed[1].probs - runner.predict(color).probs).max() <= 1e-6
     with pytest.raises(EdgeKDError, match="channels"):
         runner.preprocessor.normalize(np.zeros((1, SIZE, SIZE, 2), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(20, 26, 1), (27, 22, 3), (9, 9, 1)])
+def test_tta_resampling_views_match_torchvision_on_noise_and_odd_shapes(shape):
+    # Noise has no smooth regions to hide a wrong axis, center or half-pixel offset behind.
+    import torch
+    from torchvision.transforms import v2
+
+    F = v2.functional
+    arr = _rand_image(*shape, seed=sum(shape))
+    t = torch.from_numpy(arr).permute(2, 0, 1)
+    h, w = shape[:2]
+    views = TTAViews(["center_crop", "rot+15", "rot-15"], 0.8)
+    ours = torch.from_numpy(views(arr)).permute(0, 3, 1, 2).int()
+    refs = [F.resize(F.center_crop(t, [round(0.8 * h), round(0.8 * w)]), [h, w], antialias=True),
+            F.rotate(t, 15.0, interpolation=v2.InterpolationMode.BILINEAR, fill=0),
+            F.rotate(t, -15.0, interpolation=v2.InterpolationMode.BILINEAR, fill=0)]
+    for name, o, ref in zip(views.names, ours, refs):
+        assert (o - ref.int()).abs().max() <= 1, name
