@@ -1,7 +1,8 @@
 """Acceptance benchmark of continual learning: cross-domain retention (2 KD paths x finetune/EWC/LwF x BN freeze)
 and 5-task class-incremental Split Fashion-MNIST (finetune, rehearsal(200)+KD, joint).
 
-    .venv/bin/python benchmarks/continual.py [--only cross_domain|class_incremental] [--force] [--set key=value ...]
+    .venv/bin/python benchmarks/continual.py [--only cross_domain|class_incremental] [--seeds 0 1 2] [--single-head]
+                                             [--force] [--set key=value ...]
 
 Runs the recipes in recipes/continual/ through the same pipeline as `edgekd train` (outputs in
 runs/continual/...; a run whose continual.json exists is reused unless --force). The starting students are
@@ -58,34 +59,61 @@ def run(recipe_path: Path, out: Path, overrides: list[str], force: bool) -> dict
     return json.loads(json.dumps(result.summary, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def ensure_students(force: bool) -> None:
-    for kd in KD_PATHS:
-        out = RUNS / "students" / f"cnn-{kd}-kd"
-        if (out / "best.pt").is_file() and not force:
-            continue
-        print(f"distil the {kd}-KD student -> {out.relative_to(REPO)}", flush=True)
-        run_recipe(load_recipe(RECIPES / "students" / f"cnn-{kd}-kd.yaml"), out, log=lambda s: print("  " + s, flush=True))
+def student_dir(kd: str, seed: int) -> Path:
+    """The starting student of a KD path; seed 0 is the recipe's own run, other seeds get a suffix."""
+    return RUNS / "students" / (f"cnn-{kd}-kd" + (f"-s{seed}" if seed else ""))
 
 
-def cross_domain(overrides: list[str], force: bool) -> list[dict]:
+def ensure_students(force: bool, seeds: tuple[int, ...] = (0,)) -> None:
+    for seed in seeds:
+        for kd in KD_PATHS:
+            out = student_dir(kd, seed)
+            if (out / "best.pt").is_file() and not force:
+                continue
+            print(f"distil the {kd}-KD student (seed {seed}) -> {out.relative_to(REPO)}", flush=True)
+            recipe = load_recipe(RECIPES / "students" / f"cnn-{kd}-kd.yaml", [f"seed={seed}"] if seed else [])
+            run_recipe(recipe, out, log=lambda s: print("  " + s, flush=True))
+
+
+def cross_domain(overrides: list[str], force: bool, seeds: tuple[int, ...] = (0,)) -> list[dict]:
+    """Every KD path x method x BN freeze cell, per seed: seed N > 0 re-distils the student with seed N and runs
+    task B with seed N (runs/continual/pneumonia-fashion/<cell>-sN)."""
     records = []
-    for kd in KD_PATHS:
-        for method in CROSS_METHODS:
-            for bn in (False, True):
-                stem = f"{kd}-{method}" + ("-bnfreeze" if bn else "")
-                s = run(RECIPES / "pneumonia-fashion" / f"{stem}.yaml", RUNS / "pneumonia-fashion" / stem,
-                        overrides, force)
-                acc = np.asarray(s["acc_matrix"], dtype=float)
-                f1 = np.asarray(s["f1_matrix"], dtype=float)
-                records.append({
-                    "scenario": "cross_domain", "task_a": "pneumoniamnist", "task_b": "fashion_mnist", "kd": kd,
-                    "method": method, "bn_freeze": bn, "head": s["head"],
-                    "task_a_before": acc[0, 0], "task_a_after": acc[1, 0],
-                    "retention": acc[1, 0] / acc[0, 0], "task_b_acc": acc[1, 1], "task_b_f1": f1[1, 1],
-                    "task_a_f1_before": f1[0, 0], "task_a_f1_after": f1[1, 0],
-                    "eval_split": s["eval_split"], "run": str((RUNS / "pneumonia-fashion" / stem).relative_to(REPO)),
-                })
+    for seed in seeds:
+        for kd in KD_PATHS:
+            for method in CROSS_METHODS:
+                for bn in (False, True):
+                    stem = f"{kd}-{method}" + ("-bnfreeze" if bn else "")
+                    out = RUNS / "pneumonia-fashion" / (stem + (f"-s{seed}" if seed else ""))
+                    extra = [f"seed={seed}", f"continual.checkpoint={student_dir(kd, seed) / 'best.pt'}"] if seed else []
+                    s = run(RECIPES / "pneumonia-fashion" / f"{stem}.yaml", out, [*overrides, *extra], force)
+                    acc = np.asarray(s["acc_matrix"], dtype=float)
+                    f1 = np.asarray(s["f1_matrix"], dtype=float)
+                    records.append({
+                        "scenario": "cross_domain", "task_a": "pneumoniamnist", "task_b": "fashion_mnist", "kd": kd,
+                        "method": method, "bn_freeze": bn, "head": s["head"], "seed": seed,
+                        "task_a_before": acc[0, 0], "task_a_after": acc[1, 0],
+                        "retention": acc[1, 0] / acc[0, 0], "task_b_acc": acc[1, 1], "task_b_f1": f1[1, 1],
+                        "task_a_f1_before": f1[0, 0], "task_a_f1_after": f1[1, 0],
+                        "eval_split": s["eval_split"], "run": str(out.relative_to(REPO)),
+                    })
     return records
+
+
+def cell_means(records: list[dict], head: str = "multi") -> list[dict]:
+    """Cross-domain records averaged over seeds per (KD path, method, BN freeze), with the seeds' std."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["scenario"] == "cross_domain" and r["head"] == head:
+            cells.setdefault((r["kd"], r["method"], r["bn_freeze"]), []).append(r)
+    out = []
+    for (kd, method, bn), rs in cells.items():
+        keys = ("task_a_before", "task_a_after", "retention", "task_b_acc", "task_b_f1")
+        mean = {k: float(np.mean([r[k] for r in rs])) for k in keys}
+        std = {f"{k}_std": float(np.std([r[k] for r in rs])) for k in keys}
+        out.append({"kd": kd, "method": method, "bn_freeze": bn, "head": head, "seeds": [r.get("seed", 0) for r in rs],
+                    **mean, **std})
+    return out
 
 
 def cross_domain_single_head(overrides: list[str], force: bool) -> list[dict]:
@@ -125,7 +153,7 @@ def class_incremental(overrides: list[str], force: bool) -> list[dict]:
 def goals(records: list[dict]) -> list[dict]:
     """The acceptance checks of the issue, each with the figures it compares."""
     out = []
-    cross = [r for r in records if r["scenario"] == "cross_domain" and r["head"] == "multi"]
+    cross = cell_means(records)
     for kd in KD_PATHS:
         ft = next((r for r in cross if r["kd"] == kd and r["method"] == "finetune" and not r["bn_freeze"]), None)
         for method in ("ewc", "lwf"):
@@ -134,7 +162,8 @@ def goals(records: list[dict]) -> list[dict]:
                 continue
             gap = ft["task_b_acc"] - r["task_b_acc"]
             out.append({"goal": f"{kd} KD, {method} + BN freeze: retention >= 0.99 and task-B acc within 2 pt of "
-                                "fine-tuning", "retention": r["retention"], "task_b_gap_pt": 100 * gap,
+                                f"fine-tuning (mean of {len(r['seeds'])} seed(s))", "retention": r["retention"],
+                        "task_b_gap_pt": 100 * gap,
                         "met": bool(r["retention"] >= 0.99 and gap <= 0.02)})
     cil = {r["method"]: r for r in records if r["scenario"] == "class_incremental"}
     if "rehearsal(200)+kd" in cil and "joint" in cil:
@@ -152,7 +181,7 @@ def plot(records: list[dict]) -> list[Path]:
     from edgekd.metrics.plots import _save, plt
 
     paths = []
-    cross = [r for r in records if r["scenario"] == "cross_domain" and r["head"] == "multi"]
+    cross = cell_means(records)
     if cross:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         labels = ["\n".join([r["kd"], r["method"]] + (["+BN frz"] if r["bn_freeze"] else [])) for r in cross]
@@ -167,7 +196,9 @@ def plot(records: list[dict]) -> list[Path]:
         for ax in axes:
             ax.set_xticks(x, labels, fontsize=7)
         axes[0].legend()
-        fig.suptitle("Cross-domain PneumoniaMNIST -> Fashion-MNIST (multi-head; blue: BN frozen)")
+        n_seeds = max(len(r["seeds"]) for r in cross)
+        fig.suptitle("Cross-domain PneumoniaMNIST -> Fashion-MNIST (multi-head; blue: BN frozen"
+                     + (f"; mean of {n_seeds} seeds" if n_seeds > 1 else "") + ")")
         paths.append(_save(fig, RESULTS / "continual_cross_domain.png"))
     cil = [r for r in records if r["scenario"] == "class_incremental"]
     if cil:
@@ -185,14 +216,19 @@ def plot(records: list[dict]) -> list[Path]:
 
 def markdown(records: list[dict], checks: list[dict]) -> str:
     lines = []
-    cross = [r for r in records if r["scenario"] == "cross_domain"]
-    if cross:
-        lines += ["| KD | head | method | BN freeze | task A before | task A after | retention | task B acc | task B F1 |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for head in ("multi", "single"):
+        cross = cell_means(records, head)
+        if not cross:
+            continue
+        pm = lambda r, k, f="{:.4f}": f.format(r[k]) + (f" ± {f.format(r[k + '_std'])}" if len(r["seeds"]) > 1 else "")  # noqa: E731
+        lines += [f"{head}-head, seeds: {sorted({s for r in cross for s in r['seeds']})}",
+                  "| KD | method | BN freeze | task A before | task A after | retention | task B acc | task B F1 |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in cross:
-            lines.append(f"| {r['kd']} | {r['head']} | {r['method']} | {'yes' if r['bn_freeze'] else 'no'} | {r['task_a_before']:.4f} "
-                         f"| {r['task_a_after']:.4f} | {100 * r['retention']:.1f}% | {r['task_b_acc']:.4f} "
-                         f"| {r['task_b_f1']:.4f} |")
+            lines.append(f"| {r['kd']} | {r['method']} | {'yes' if r['bn_freeze'] else 'no'} | {pm(r, 'task_a_before')} "
+                         f"| {pm(r, 'task_a_after')} | {100 * r['retention']:.1f}%"
+                         + (f" ± {100 * r['retention_std']:.1f}" if len(r["seeds"]) > 1 else "")
+                         + f" | {pm(r, 'task_b_acc')} | {pm(r, 'task_b_f1')} |")
         lines.append("")
     cil = [r for r in records if r["scenario"] == "class_incremental"]
     if cil:
@@ -215,13 +251,15 @@ def main() -> None:
     ap.add_argument("--single-head", action="store_true",
                     help="Also run the cross-domain recipes with one expanded head and no task id (logit-KD path).")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override for every run.")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="Cross-domain seeds (student distillation and task B); the tables and goals use the mean.")
     args = ap.parse_args()
     started = dt.datetime.now().isoformat(timespec="seconds")
     info = machine()
     records = []
     if args.only in (None, "cross_domain"):
-        ensure_students(False)
-        records += cross_domain(args.overrides, args.force)
+        ensure_students(False, tuple(args.seeds))
+        records += cross_domain(args.overrides, args.force, tuple(args.seeds))
         if args.single_head:
             records += cross_domain_single_head(args.overrides, args.force)
     if args.only in (None, "class_incremental"):
@@ -236,7 +274,7 @@ def main() -> None:
     write_json(out_file, {
         "benchmark": "continual", "command": " ".join(["python", "benchmarks/continual.py", *sys.argv[1:]]),
         "started": started, "finished": dt.datetime.now().isoformat(timespec="seconds"), "machine": info,
-        "overrides": args.overrides, "records": records, "goals": checks,
+        "overrides": args.overrides, "records": records, "cross_domain_means": cell_means(records), "goals": checks,
     })
     plot(records)
     print(markdown(records, checks))
