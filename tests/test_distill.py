@@ -12,9 +12,9 @@ import torch
 import yaml
 from torch import nn
 
-from edgekd.distill.features import FeatureAdapter, align_spatial, build_adapter, capture_features, tokens_to_map
+from edgekd.distill.features import FeatureAdapter, align_spatial, capture_features, tokens_to_map
 from edgekd.distill.losses import KDBatch, build_distill_loss, kl_divergence
-from edgekd.distill.objective import DistillObjective, TeacherInput, build_objective, freeze_teacher
+from edgekd.distill.objective import TeacherInput, build_objective, freeze_teacher
 from edgekd.errors import EdgeKDError
 from edgekd.models import create_model
 from edgekd.recipe import DistillConfig, load_recipe, recipe_from_dict

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -477,7 +476,7 @@ def test_predict_cli_all_good_exits_zero_and_bad_out_suffix_is_refused(bundle, t
 
 
 def test_dicom_input_is_read_with_windowing(bundle, tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

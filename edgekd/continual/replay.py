@@ -3,7 +3,7 @@ mixed into every training batch of later tasks (Avalanche's ClassBalancedBuffer 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np

@@ -119,16 +119,6 @@ def _cached(build: Callable[[int, int], BilinearMap]) -> Callable[[np.ndarray], 
     return apply
 
 
-def rotate(arr: np.ndarray, degrees: float) -> np.ndarray:
-    """Rotate uint8 (H, W, C) counter-clockwise about the center (see `rotation_map`)."""
-    return rotation_map(arr.shape[0], arr.shape[1], degrees)(arr)
-
-
-def center_zoom(arr: np.ndarray, fraction: float) -> np.ndarray:
-    """Crop the central round(f*H) x round(f*W) region and resize it back to H x W (see `center_zoom_map`)."""
-    return center_zoom_map(arr.shape[0], arr.shape[1], fraction)(arr)
-
-
 class TTAViews:
     """A configured list of views: `views(img)` -> uint8 (V, H, W, C) stack, in the configured order."""
 
