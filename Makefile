@@ -43,7 +43,7 @@ BENCH_STUDENT ?= runs/bench/pneumonia/student-s0/best.pt
 bench: install
 	$(BIN)/python benchmarks/accuracy.py --roles teacher teacher-resnet18 baseline --reuse
 	$(BIN)/python benchmarks/distill.py --reuse
-	$(BIN)/python benchmarks/continual.py
+	$(BIN)/python benchmarks/continual.py --seeds 0 1 2 --single-head
 	$(BIN)/python benchmarks/export.py --checkpoint $(BENCH_TEACHER) --checkpoint $(BENCH_STUDENT)
 	$(BIN)/python benchmarks/latency.py --teacher $(BENCH_TEACHER) --student $(BENCH_STUDENT)
 	$(BIN)/python benchmarks/latency_runtime.py runs/bench/latency/bundle-student --checkpoint $(BENCH_STUDENT)
