@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # A matched torch/torchvision pair (a mismatched pair fails at `import torchvision`).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= runs/demo
-DEMO_BUNDLE ?= $(DEMO)/teacher/bundle
+DEMO_BUNDLE ?= $(DEMO)/student/bundle
 
 .PHONY: install demo test test-fast bench clean
 
@@ -24,7 +24,8 @@ demo: install
 	$(BIN)/edgekd train recipes/demo/student.yaml --out $(DEMO)/student --set distill.teacher=$(DEMO)/teacher/best.pt
 	$(BIN)/edgekd train recipes/demo/baseline.yaml --out $(DEMO)/baseline
 	$(BIN)/edgekd eval $(DEMO)/teacher/best.pt --split val,test
-	$(BIN)/edgekd export $(DEMO)/teacher/best.pt --format onnx,openvino --precision fp32,int8 --out $(DEMO_BUNDLE) --zip
+	$(BIN)/edgekd eval $(DEMO)/student/best.pt --split val,test
+	$(BIN)/edgekd export $(DEMO)/student/best.pt --format onnx,openvino --precision fp32,int8 --out $(DEMO_BUNDLE) --zip
 	$(BIN)/python scripts/demo_images.py $(DEMO)/images
 	$(BIN)/edgekd predict $(DEMO_BUNDLE) $(DEMO)/images --tta --out $(DEMO)/predictions.csv
 	@echo "demo done: see $(DEMO)/ (checkpoints, metrics.json, curves.png, confusion_test.png, roc_test.png, bundle, predictions.csv)"
