@@ -59,9 +59,14 @@ def run(recipe_path: Path, out: Path, overrides: list[str], force: bool) -> dict
     return json.loads(json.dumps(result.summary, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def seeded(name: str, seed: int) -> str:
+    """A run directory name: seed 0 is the recipe's own run (no suffix), other seeds get `-s<seed>`."""
+    return name + (f"-s{seed}" if seed else "")
+
+
 def student_dir(kd: str, seed: int) -> Path:
-    """The starting student of a KD path; seed 0 is the recipe's own run, other seeds get a suffix."""
-    return RUNS / "students" / (f"cnn-{kd}-kd" + (f"-s{seed}" if seed else ""))
+    """The starting student of a KD path for a seed."""
+    return RUNS / "students" / seeded(f"cnn-{kd}-kd", seed)
 
 
 def ensure_students(force: bool, seeds: tuple[int, ...] = (0,)) -> None:
@@ -84,7 +89,7 @@ def cross_domain(overrides: list[str], force: bool, seeds: tuple[int, ...] = (0,
             for method in CROSS_METHODS:
                 for bn in (False, True):
                     stem = f"{kd}-{method}" + ("-bnfreeze" if bn else "")
-                    out = RUNS / "pneumonia-fashion" / (stem + (f"-s{seed}" if seed else ""))
+                    out = RUNS / "pneumonia-fashion" / seeded(stem, seed)
                     extra = [f"seed={seed}", f"continual.checkpoint={student_dir(kd, seed) / 'best.pt'}"] if seed else []
                     s = run(RECIPES / "pneumonia-fashion" / f"{stem}.yaml", out, [*overrides, *extra], force)
                     acc = np.asarray(s["acc_matrix"], dtype=float)

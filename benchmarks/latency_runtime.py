@@ -6,7 +6,8 @@ BUNDLE is an `edgekd export` bundle of the student and CKPT the checkpoint it wa
 eager baseline). Everything is measured in this one run on this machine; runner, bare backend and TTA timings are
 interleaved round-robin so load from other processes hits them alike, and the PyTorch eager baseline alternates
 with the OpenVINO calls in phases (--phases) so a drift of the machine's speed hits both sides. Cold start and
-peak RSS are measured in fresh subprocesses that never import torch. Records merge into benchmarks/results/latency.json (other benches' records kept).
+peak RSS are measured in fresh subprocesses that never import torch. Records merge into
+benchmarks/results/latency.json (other benches' records kept).
 """
 
 from __future__ import annotations

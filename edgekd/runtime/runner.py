@@ -170,7 +170,7 @@ class Runner:
         else:
             stack = np.concatenate([views(a) for a in sized])
         # Normalize straight into the backend's input memory, then one inference call for all rows.
-        n, h, w, _ = stack.shape
+        n = stack.shape[0]
         self.preprocessor.normalize(stack, out=self.backend.input_buffer((n, *self.input_shape)))
         probs = softmax(self._checked(self.backend.run(), n))
         if views is None:  # one view per image: its softmax is the prediction

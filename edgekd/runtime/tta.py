@@ -7,8 +7,8 @@ The two resampling views follow torchvision's tensor geometry (what the training
 check use): the center crop view is `center_crop` then a bilinear resize (align_corners=False), the rotations are
 `F.rotate(..., BILINEAR, fill=0)` (grid_sample with zero padding, the rim blended with the fill through the
 resampled coverage mask). Both are fixed linear maps of the image for a given size, so each is precomputed once per
-image size as 4 source pixels + 4 weights per output pixel and applied with one gather: ~10x cheaper per image
-than going through Pillow for a small model input, which matters when 5 views share one inference call.
+image size as 4 source pixels + 4 weights per output pixel and applied with one gather (measured: the 5 KD-OCT
+views of a 28 px gray image 110 us through Pillow, 50 us this way), which matters when 5 views share one call.
 """
 
 from __future__ import annotations
