@@ -273,15 +273,44 @@ def test_openvino_static_shape_compiles_match_the_dynamic_model_and_stay_bounded
     x = np.random.default_rng(0).random((7, 3, SIZE, SIZE), dtype=np.float32)
     for n in (1, 3, 7, 2, 5, 1):
         assert np.abs(static.infer(x[:n]) - dynamic.infer(x[:n])).max() <= 1e-5, n
-    assert len(static.requests) == MAX_CACHED_REQUESTS and list(static.requests)[-1] == 1
-    shapes = {n: tuple(entry[0].get_input_tensor().shape) for n, entry in static.requests.items()}
+    assert len(static.requests) == MAX_CACHED_REQUESTS and list(static.requests)[-1] == ("tensor", 1)
+    shapes = {n: tuple(entry[0].get_input_tensor().shape) for (_, n), entry in static.requests.items()}
     assert all(shape == (n, 3, SIZE, SIZE) for n, shape in shapes.items())
-    assert dynamic.requests[7][0].get_compiled_model().input(0).get_partial_shape().is_dynamic
+    assert dynamic.requests[("tensor", 7)][0].get_compiled_model().input(0).get_partial_shape().is_dynamic
     # Results are copies: the next call on the same request does not change an earlier result.
     first = static.infer(x[:1])
     kept = first.copy()
     static.infer(x[1:2])
     assert np.array_equal(first, kept)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_image_path_preprocesses_in_the_backend_as_numpy_does(tmp_path, channels):
+    # The runner hands uint8 (N, H, W, C) pixels to the backend; OpenVINO normalizes, transposes and applies the
+    # softmax inside the compiled model (static and dynamic batch), ONNX Runtime in numpy. All must give the
+    # softmax of the bare model on the numpy preprocessing, with the bundle's per-channel mean/std.
+    from edgekd.runtime.backends import ONNXRuntimeBackend, OpenVINOBackend
+
+    root = write_test_bundle(tmp_path / "b", _tiny_model(channels=channels), _data_cfg(channels=channels), CLASS_NAMES)
+    pre = Preprocessor(open_bundle(root).preprocess)
+    images = np.random.default_rng(3).integers(0, 256, size=(5, SIZE, SIZE, channels), dtype=np.uint8)
+    backends = [OpenVINOBackend(root / "openvino/model_fp32.xml", "input", "logits", threads=1, preprocessor=pre),
+                OpenVINOBackend(root / "openvino/model_fp32.xml", "input", "logits", threads=1, preprocessor=pre,
+                                static_shapes=False),
+                ONNXRuntimeBackend(root / "onnx/model_fp32.onnx", "input", "logits", threads=1, preprocessor=pre)]
+    expected = softmax(backends[0].infer(pre.normalize(images)))
+    assert np.ptp(expected[:, 0]) > 1e-4  # the inputs lead to different outputs (100x the tolerance below)
+    for backend in backends:
+        for n in (5, 1):
+            backend.image_buffer(n)[...] = images[:n]
+            probs = backend.run_images()
+            assert probs.shape == (n, len(CLASS_NAMES))
+            assert np.abs(probs - expected[:n]).max() <= 1e-6, (backend.name, n)
+    request = backends[0].requests[("images", 1)][0]
+    assert request.get_input_tensor().element_type.get_type_name() == "u8"
+    assert tuple(request.get_input_tensor().shape) == (1, SIZE, SIZE, channels)
+    with pytest.raises(EdgeKDError, match="without a preprocessing spec"):
+        OpenVINOBackend(root / "openvino/model_fp32.xml", "input", "logits", threads=1).image_buffer(1)
 
 
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
@@ -305,12 +334,12 @@ def test_batched_tta_equals_per_view_runs(bundle, backend):
 def test_tta_batch_of_images_is_one_inference_call(bundle):
     runner = Runner.from_bundle(bundle, tta=["original", "hflip", "rot+15"], warmup=0)
     calls = []
-    run = runner.backend.run
-    runner.backend.run = lambda: calls.append("run") or run()
-    buffer = runner.backend.input_buffer
-    runner.backend.input_buffer = lambda shape: calls.append(shape) or buffer(shape)
+    run = runner.backend.run_images
+    runner.backend.run_images = lambda: calls.append("run") or run()
+    buffer = runner.backend.image_buffer
+    runner.backend.image_buffer = lambda n: calls.append(n) or buffer(n)
     preds = runner.predict_batch([_rand_image(SIZE, SIZE, 3, seed=s) for s in range(4)])
-    assert calls == [(12, 3, SIZE, SIZE), "run"] and len(preds) == 4
+    assert calls == [12, "run"] and len(preds) == 4
 
 
 def test_fp16_artifact_runs_close_to_fp32(bundle):

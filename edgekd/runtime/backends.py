@@ -1,4 +1,13 @@
-"""Inference backends for the runner: OpenVINO (default) and ONNX Runtime, compiled once and reused per call."""
+"""Inference backends for the runner: OpenVINO (default) and ONNX Runtime, compiled once and reused per call.
+
+Each backend has two ways in:
+- `infer(x)`: the bare call, float32 (N, C, H, W) model input -> (N, classes) logits, the exported model as it is
+  (parity checks, benchmarks, `Runner.infer`);
+- `image_buffer(n)` + `run_images()`: the runner's path, uint8 (N, H, W, C) model-size images -> (N, classes)
+  probabilities. OpenVINO does the normalization, the NHWC -> NCHW transpose and the softmax inside the compiled
+  model (its PrePostProcessor), so a prediction is one copy of uint8 pixels and one inference call; ONNX Runtime
+  does them in numpy around the session.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +18,24 @@ from typing import Protocol
 import numpy as np
 
 from edgekd.errors import EdgeKDError
+from edgekd.runtime.preprocess import Preprocessor
 
 BACKENDS = ("openvino", "onnx")
 MAX_CACHED_REQUESTS = 4
 
 
-class Backend(Protocol):
-    """A compiled model: `infer(float32 NCHW batch) -> float32 (N, num_classes) logits`.
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable: the row max is subtracted first)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
 
-    The runner's own path is `input_buffer((N, C, H, W))` (a float32 array to fill) then `run()`: a backend that
-    owns its input memory hands that out, so preprocessing writes straight into it with no extra copy.
-    """
+
+class Backend(Protocol):
+    """A compiled model. `infer(float32 NCHW batch) -> logits` is the bare call; the runner's own path is
+    `image_buffer(n)` (a uint8 (n, H, W, C) array to fill with model-size images) then `run_images()` ->
+    probabilities. A backend that owns its input memory hands it out, so the runner copies pixels straight in."""
 
     name: str
     model_path: Path
@@ -28,26 +44,39 @@ class Backend(Protocol):
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def input_buffer(self, shape: tuple[int, ...]) -> np.ndarray: ...
+    def image_buffer(self, n: int) -> np.ndarray: ...
 
-    def run(self) -> np.ndarray: ...
+    def run_images(self) -> np.ndarray: ...
+
+
+def _need_preprocessor(backend) -> Preprocessor:
+    if backend.preprocessor is None:
+        raise EdgeKDError(f"{backend.model_path}: this {backend.name} backend was built without a preprocessing "
+                          "spec, so it takes model input only (use infer)")
+    return backend.preprocessor
 
 
 class OpenVINOBackend:
     """OpenVINO CPU plugin. FP32 math is pinned (INFERENCE_PRECISION_HINT=f32) so results match the export's parity
     check; the CPU plugin may otherwise pick bf16/fp16 on capable CPUs. Reads OpenVINO IR (.xml) or ONNX.
 
-    The model is compiled once per batch size with a static input shape (the batch axis fixed): for the small
-    models edgekd ships, a dynamic-shape compile costs ~3x the compile time and ~1.7x the latency of a static one
+    The image path compiles the model with the bundle's preprocessing in front (OpenVINO PrePostProcessor: uint8
+    NHWC -> float32, x * scale, - mean, / std per channel, NHWC -> NCHW) and a softmax behind, built from
+    `preprocessor` (the bundle's spec). The plugin fuses these into the first and last layers; the float steps are
+    torch's, in torch's order, so probabilities match the numpy preprocessing + bare call within float rounding.
+
+    Every model is compiled per batch size with a static input shape (the batch axis fixed): for the small models
+    edgekd ships, a dynamic-shape compile costs ~3x the compile time and ~1.7x the latency of a static one
     (benchmarks/RESULTS.md, runtime section). The runner uses few sizes (1 image, 1 x V TTA views, its chunk size and
-    the last partial chunk), and at most MAX_CACHED_REQUESTS compiled sizes are kept. `static_shapes=False`
-    compiles one dynamic-batch model instead (many different batch sizes, or a model whose H/W are dynamic).
+    the last partial chunk), and at most MAX_CACHED_REQUESTS compiled models are kept. `static_shapes=False`
+    compiles dynamic-batch models instead (many different batch sizes, or a model whose H/W are dynamic).
     """
 
     name = "openvino"
 
     def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None,
-                 inference_precision: str = "f32", cache_dir: str | Path | None = None, static_shapes: bool = True):
+                 inference_precision: str = "f32", cache_dir: str | Path | None = None, static_shapes: bool = True,
+                 preprocessor: Preprocessor | None = None):
         import openvino as ov
 
         self.model_path = Path(model_path)
@@ -63,72 +92,112 @@ class OpenVINOBackend:
         self.input_dims = [None, *dims[1:]] if len(dims) == 4 else dims
         """The model's input shape, batch axis reported as None (any batch size works)."""
         self.input_name, self.output_name = input_name, output_name
+        self.preprocessor = preprocessor
         self.config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         if cache_dir:
             # OpenVINO's model cache: later processes import the compiled blob instead of compiling (cold start).
             self.config["CACHE_DIR"] = str(cache_dir)
+        if len(dims) == 4 and dims[0] is not None:
+            # A static batch axis in the file would force one request per image: make it dynamic once, at load.
+            model.reshape({input_port.get_any_name(): ov.PartialShape([-1, *[d for d in shape][1:]])})
         self.model = model
         self.static_shapes = static_shapes and len(dims) == 4 and all(d is not None for d in dims[1:])
-        self.dynamic = None
-        if not self.static_shapes:
-            if len(dims) == 4 and dims[0] is not None:
-                # A static batch axis would force one request per image: make it dynamic once, at load.
-                model.reshape({input_port.get_any_name(): ov.PartialShape([-1, *[d for d in shape][1:]])})
-            self.dynamic = self.core.compile_model(model, "CPU", self.config)
-        # One (compiled model, infer request) per batch size: a request re-allocates its buffers whenever the input
-        # shape changes, and the runner alternates between shapes (1 image, N images x V TTA views, the last chunk).
-        self.requests: OrderedDict[int, tuple[object, object, object]] = OrderedDict()
-        self._current: tuple[object, object, object] | None = None
+        # One (infer request, input array, output array) per (kind, batch size): a request re-allocates its buffers
+        # whenever the input shape changes, and the runner alternates between shapes (1 image, N images x V TTA
+        # views, the last chunk). kind is "images" (the runner's path) or "tensor" (the bare model).
+        self.requests: OrderedDict[tuple[str, int], tuple] = OrderedDict()
+        self._dynamic: dict[str, object] = {}
+        self._current: tuple | None = None
         self._pending: np.ndarray | None = None
 
-    def _request(self, batch_size: int):
-        """(infer request, its input array, its output tensor) for this batch size, compiled on first use."""
-        entry = self.requests.get(batch_size)
+    def _compile(self, kind: str, batch_size: int | None):
+        """The model (with the image pre/post-processing for kind "images") compiled for this static batch size,
+        or with a dynamic batch axis when batch_size is None."""
+        import openvino as ov
+
+        model = self.model.clone()
+        if batch_size is not None:
+            model.reshape({self.input_name: ov.PartialShape([batch_size, *self.input_dims[1:]])})
+        if kind == "images":
+            model = _with_image_processing(model, self.input_name, self.output_name, _need_preprocessor(self))
+        return self.core.compile_model(model, "CPU", self.config)
+
+    def _request(self, kind: str, batch_size: int):
+        """(infer request, input array, output array) for this batch size, compiled on first use; for a dynamic
+        model (request, None, output port): its tensors change with each call's shape."""
+        key = (kind, batch_size)
+        entry = self.requests.get(key)
         if entry is not None:
-            self.requests.move_to_end(batch_size)
+            self.requests.move_to_end(key)
             return entry
         if self.static_shapes:
-            import openvino as ov
-
-            model = self.model.clone()
-            model.reshape({self.input_name: ov.PartialShape([batch_size, *self.input_dims[1:]])})
-            compiled = self.core.compile_model(model, "CPU", self.config)
+            compiled = self._compile(kind, batch_size)
         else:
-            compiled = self.dynamic
+            if kind not in self._dynamic:
+                self._dynamic[kind] = self._compile(kind, None)
+            compiled = self._dynamic[kind]
         request = compiled.create_infer_request()
-        input_array = request.get_tensor(compiled.input(self.input_name)).data if self.static_shapes else None
-        entry = (request, input_array, request.get_tensor(compiled.output(self.output_name)))
-        self.requests[batch_size] = entry
+        output = _port(compiled.outputs, self.output_name)
+        if self.static_shapes:  # the request's own memory, stable across calls for a static shape
+            entry = (request, request.get_tensor(_port(compiled.inputs, self.input_name)).data,
+                     request.get_tensor(output).data)
+        else:
+            entry = (request, None, output)
+        self.requests[key] = entry
         while len(self.requests) > MAX_CACHED_REQUESTS:
             self.requests.popitem(last=False)
         return entry
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        np.copyto(self.input_buffer(batch.shape), batch, casting="same_kind")
-        return self.run()
-
-    def input_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+    def _buffer(self, kind: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         """Static shape: the request's own input memory (filling it skips OpenVINO's Python input dispatcher,
-        ~40 us per call, a sixth of a small CNN's batch-1 latency). Dynamic: a new array, handed over at `run`."""
-        self._current = self._request(shape[0])
+        ~40 us per call, a sixth of a small CNN's batch-1 latency). Dynamic: a new array, handed over at `_run`."""
+        self._current = self._request(kind, shape[0])
         input_array = self._current[1]
         if input_array is None:
-            input_array = self._pending = np.empty(shape, dtype=np.float32)
+            input_array = self._pending = np.empty(shape, dtype=dtype)
         return input_array
 
-    def run(self) -> np.ndarray:
-        """Run on the last `input_buffer`, filled; the logits are copied (the request reuses its output memory)."""
+    def _run(self) -> np.ndarray:
+        """Run on the last `_buffer`, filled; the result is copied (the request reuses its output memory)."""
         request, input_array, output = self._current
         if input_array is None:
             request.infer({self.input_name: self._pending}, share_inputs=True)
             self._pending = None
-        else:
-            # start_async + wait: infer() would also build a Python dict of the outputs, which is not needed here.
-            request.start_async()
-            request.wait()
-        return output.data.copy()
+            return request.get_tensor(output).data.copy()
+        # The synchronous call runs on the calling thread: start_async + wait hands the job to a worker thread
+        # and back, ~20 us more per call on this class of CPU.
+        request.infer()
+        return output.copy()
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        np.copyto(self._buffer("tensor", batch.shape, np.float32), batch, casting="same_kind")
+        return self._run()
+
+    def image_buffer(self, n: int) -> np.ndarray:
+        c, h, w = _need_preprocessor(self).input_shape
+        return self._buffer("images", (n, h, w, c), np.uint8)
+
+    def run_images(self) -> np.ndarray:
+        return self._run()
+
+
+def _with_image_processing(model, input_name: str, output_name: str, pre: Preprocessor):
+    """OpenVINO PrePostProcessor: uint8 NHWC images in (x * scale - mean) / std, NCHW to the model, softmax out."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    port = ppp.input(input_name)
+    port.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    port.model().set_layout(ov.Layout("NCHW"))
+    steps = port.preprocess().convert_element_type(ov.Type.f32)
+    steps.custom(lambda node: ops.multiply(node, ops.constant(np.float32(pre.scale))).output(0))
+    steps.mean([float(v) for v in pre.mean.ravel()]).scale([float(v) for v in pre.std.ravel()])
+    ppp.output(output_name).postprocess().custom(lambda node: ops.softmax(node, 1).output(0))
+    return ppp.build()
 
 
 class ONNXRuntimeBackend:
@@ -136,7 +205,8 @@ class ONNXRuntimeBackend:
 
     name = "onnx"
 
-    def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None):
+    def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None,
+                 preprocessor: Preprocessor | None = None):
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
@@ -155,25 +225,33 @@ class ONNXRuntimeBackend:
         _find_port(self.session.get_outputs(), output_name, self.model_path, "output")
         self.input_dims = [d if isinstance(d, int) else None for d in port.shape]
         self.input_name, self.output_name = input_name, output_name
+        self.preprocessor = preprocessor
         self._pending: np.ndarray | None = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
-    def input_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
-        self._pending = np.empty(shape, dtype=np.float32)
+    def image_buffer(self, n: int) -> np.ndarray:
+        c, h, w = _need_preprocessor(self).input_shape
+        self._pending = np.empty((n, h, w, c), dtype=np.uint8)
         return self._pending
 
-    def run(self) -> np.ndarray:
-        batch, self._pending = self._pending, None
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+    def run_images(self) -> np.ndarray:
+        """The numpy preprocessing (edgekd.runtime.preprocess), the session, a float64 softmax."""
+        images, self._pending = self._pending, None
+        return softmax(self.infer(_need_preprocessor(self).normalize(images)))
 
 
 def _port_names(port) -> set[str]:
     if hasattr(port, "get_names"):
         return set(port.get_names())
     return {port.name}
+
+
+def _port(ports, name: str):
+    """The compiled model's port with this tensor name (PrePostProcessor keeps the names on its new nodes)."""
+    return next((p for p in ports if name in _port_names(p)), ports[0])
 
 
 def _find_port(ports, name: str, path: Path, kind: str):
@@ -186,10 +264,12 @@ def _find_port(ports, name: str, path: Path, kind: str):
 
 def create_backend(name: str, model_path: str | Path, input_name: str, output_name: str,
                    threads: int | None = None, inference_precision: str | None = None,
-                   cache_dir: str | Path | None = None) -> Backend:
-    """`cache_dir` applies to OpenVINO only (ONNX Runtime sessions build in milliseconds for these models)."""
+                   cache_dir: str | Path | None = None, preprocessor: Preprocessor | None = None) -> Backend:
+    """`cache_dir` applies to OpenVINO only (ONNX Runtime sessions build in milliseconds for these models).
+    `preprocessor` (the bundle's spec) enables the image path (`image_buffer` + `run_images`)."""
     if name == "openvino":
-        return OpenVINOBackend(model_path, input_name, output_name, threads, inference_precision or "f32", cache_dir)
+        return OpenVINOBackend(model_path, input_name, output_name, threads, inference_precision or "f32", cache_dir,
+                               preprocessor=preprocessor)
     if name == "onnx":
-        return ONNXRuntimeBackend(model_path, input_name, output_name, threads)
+        return ONNXRuntimeBackend(model_path, input_name, output_name, threads, preprocessor)
     raise EdgeKDError(f"unknown backend '{name}' (use {', '.join(BACKENDS)})")

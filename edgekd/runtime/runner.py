@@ -9,20 +9,12 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.runtime.backends import BACKENDS, Backend, create_backend
+from edgekd.runtime.backends import BACKENDS, Backend, create_backend, softmax  # noqa: F401 (re-export)
 from edgekd.runtime.bundle import PRECISIONS, Bundle, open_bundle
-from edgekd.runtime.preprocess import ImageInput, Preprocessor, to_channels
+from edgekd.runtime.preprocess import ImageInput, Preprocessor
 from edgekd.runtime.tta import TTAViews
 
 TTAOption = Union[bool, Sequence[str], None]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (stable: the row max is subtracted first)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass
@@ -90,8 +82,9 @@ class Runner:
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
         artifact = _pick_artifact(bundle, backend, precision)
         threads = threads or bundle.threads
+        preprocessor = Preprocessor(bundle.preprocess)
         engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,
-                                artifact.inference_precision_hint, cache_dir)
+                                artifact.inference_precision_hint, cache_dir, preprocessor)
         expected = [None, *bundle.preprocess["input_size"]]
         if len(engine.input_dims) != 4 or any(d is not None and d != e for d, e in zip(engine.input_dims[1:], expected[1:])):
             raise EdgeKDError(f"{artifact.path}: model input shape {engine.input_dims} does not match edgekd.json "
@@ -99,7 +92,7 @@ class Runner:
         tta_cfg = bundle.tta
         frac = float(tta_cfg.get("center_crop_fraction", 0.875))
         names = list(tta) if isinstance(tta, (list, tuple)) else list(tta_cfg.get("views") or ["original"])
-        runner = cls(bundle=bundle, backend=engine, precision=precision, preprocessor=Preprocessor(bundle.preprocess),
+        runner = cls(bundle=bundle, backend=engine, precision=precision, preprocessor=preprocessor,
                      tta_views=TTAViews(names, frac), tta=bool(tta),
                      info={"backend": backend, "format": artifact.format, "precision": precision,
                            "artifact": artifact.path.relative_to(bundle.root).as_posix(), "threads": threads})
@@ -115,10 +108,12 @@ class Runner:
         return self.preprocessor.input_shape
 
     def warmup(self, rounds: int = 1) -> None:
+        """Compile and run the image path for batch 1 (and the TTA batch) on black images."""
         batch_sizes = {1, len(self.tta_views)} if self.tta else {1}
         for _ in range(max(0, rounds)):
             for n in sorted(batch_sizes):
-                self.infer(np.zeros((n, *self.input_shape), dtype=np.float32))
+                self.backend.image_buffer(n)[...] = 0
+                self.backend.run_images()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """The bare backend call: float32 (N, C, H, W) model input -> (N, num_classes) logits."""
@@ -163,19 +158,15 @@ class Runner:
         views = self._views(tta)
         if not sized:
             return []
-        if len({a.shape[-1] for a in sized}) > 1:  # gray and color images in one call: repeat the gray ones
-            sized = [to_channels(a, self.preprocessor.channels) for a in sized]
-        if views is None:
-            stack = sized[0][None] if len(sized) == 1 else np.stack(sized)
-        else:
-            stack = np.concatenate([views(a) for a in sized])
-        # Normalize straight into the backend's input memory, then one inference call for all rows.
-        n = stack.shape[0]
-        self.preprocessor.normalize(stack, out=self.backend.input_buffer((n, *self.input_shape)))
-        probs = softmax(self._checked(self.backend.run(), n))
+        v = len(views) if views is not None else 1
+        # Pixels go straight into the backend's input memory (a gray image is broadcast to the model's channels),
+        # then one inference call for all rows; the backend normalizes and returns probabilities.
+        buffer = self.backend.image_buffer(len(sized) * v)
+        for i, image in enumerate(sized):
+            buffer[i * v:(i + 1) * v] = image if views is None else views(image)
+        probs = np.asarray(self._checked(self.backend.run_images(), len(sized) * v), dtype=np.float64)
         if views is None:  # one view per image: its softmax is the prediction
             return [self._prediction(src, p, None) for src, p in zip(sources, probs)]
-        v = len(views)
         return [self._prediction(src, probs[i * v:(i + 1) * v].mean(axis=0),  # mean-softmax ensemble
                                  dict(zip(views.names, probs[i * v:(i + 1) * v])))
                 for i, src in enumerate(sources)]
