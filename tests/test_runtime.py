@@ -273,10 +273,10 @@ def test_openvino_static_shape_compiles_match_the_dynamic_model_and_stay_bounded
     x = np.random.default_rng(0).random((7, 3, SIZE, SIZE), dtype=np.float32)
     for n in (1, 3, 7, 2, 5, 1):
         assert np.abs(static.infer(x[:n]) - dynamic.infer(x[:n])).max() <= 1e-5, n
-    assert len(static.requests) == MAX_CACHED_REQUESTS and list(static.requests)[-1] == ("tensor", 1)
-    shapes = {n: tuple(entry[0].get_input_tensor().shape) for (_, n), entry in static.requests.items()}
+    assert len(static.requests) == MAX_CACHED_REQUESTS and list(static.requests)[-1] == ("tensor", 1, None)
+    shapes = {n: tuple(entry[0].get_input_tensor().shape) for (_, n, _), entry in static.requests.items()}
     assert all(shape == (n, 3, SIZE, SIZE) for n, shape in shapes.items())
-    assert dynamic.requests[("tensor", 7)][0].get_compiled_model().input(0).get_partial_shape().is_dynamic
+    assert dynamic.requests[("tensor", 7, None)][0].get_compiled_model().input(0).get_partial_shape().is_dynamic
     # Results are copies: the next call on the same request does not change an earlier result.
     first = static.infer(x[:1])
     kept = first.copy()
@@ -300,13 +300,20 @@ def test_image_path_preprocesses_in_the_backend_as_numpy_does(tmp_path, channels
                 ONNXRuntimeBackend(root / "onnx/model_fp32.onnx", "input", "logits", threads=1, preprocessor=pre)]
     expected = softmax(backends[0].infer(pre.normalize(images)))
     assert np.ptp(expected[:, 0]) > 1e-4  # the inputs lead to different outputs (100x the tolerance below)
+    # With TTA views (OpenVINO: built inside the model, exact in float32, so the numpy views' very pixels).
+    views = TTAViews(["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"], 0.8)
+    expected_views = softmax(backends[0].infer(pre.normalize(np.concatenate([views(a) for a in images]))))
     for backend in backends:
         for n in (5, 1):
             backend.image_buffer(n)[...] = images[:n]
             probs = backend.run_images()
             assert probs.shape == (n, len(CLASS_NAMES))
             assert np.abs(probs - expected[:n]).max() <= 1e-6, (backend.name, n)
-    request = backends[0].requests[("images", 1)][0]
+            backend.image_buffer(n, views)[...] = images[:n]
+            probs = backend.run_images()
+            assert probs.shape == (n * len(views), len(CLASS_NAMES))
+            assert np.abs(probs - expected_views[:n * len(views)]).max() <= 1e-6, (backend.name, n, "views")
+    request = backends[0].requests[("images", 1, None)][0]
     assert request.get_input_tensor().element_type.get_type_name() == "u8"
     assert tuple(request.get_input_tensor().shape) == (1, SIZE, SIZE, channels)
     with pytest.raises(EdgeKDError, match="without a preprocessing spec"):
@@ -337,9 +344,13 @@ def test_tta_batch_of_images_is_one_inference_call(bundle):
     run = runner.backend.run_images
     runner.backend.run_images = lambda: calls.append("run") or run()
     buffer = runner.backend.image_buffer
-    runner.backend.image_buffer = lambda n: calls.append(n) or buffer(n)
+    runner.backend.image_buffer = lambda n, views: calls.append((n, views.names)) or buffer(n, views)
     preds = runner.predict_batch([_rand_image(SIZE, SIZE, 3, seed=s) for s in range(4)])
-    assert calls == [12, "run"] and len(preds) == 4
+    assert calls == [(4, ["original", "hflip", "rot+15"]), "run"] and len(preds) == 4
+    # One (4 images x 3 views) compiled model: the views are built inside the model.
+    request = runner.backend.requests[("images", 4, runner.tta_views.key)][0]
+    assert tuple(request.get_input_tensor().shape) == (4, SIZE, SIZE, 3)
+    assert tuple(request.get_output_tensor().shape) == (12, len(CLASS_NAMES))
 
 
 def test_fp16_artifact_runs_close_to_fp32(bundle):
@@ -657,3 +668,24 @@ def test_tta_resampling_views_match_torchvision_on_noise_and_odd_shapes(shape):
             F.rotate(t, -15.0, interpolation=v2.InterpolationMode.BILINEAR, fill=0)]
     for name, o, ref in zip(views.names, ours, refs):
         assert (o - ref.int()).abs().max() <= 1, name
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (17, 23, 3)])
+def test_tta_linear_maps_give_the_views_exactly_in_any_summation_order(shape):
+    # A compiled model applies the views as gather + weighted sum in its own order; the weights' grid makes every
+    # product and partial sum exact in float32, so any order gives the numpy views' pixels.
+    views = TTAViews(["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"], 0.8)
+    img = _rand_image(*shape, seed=7)
+    h, w, c = shape
+    index, weight = views.linear_maps(h, w)
+    src = np.concatenate([img.reshape(h * w, c), np.zeros((1, c), np.uint8)]).astype(np.float32)
+    terms = src[index] * weight[..., None]  # (V, H*W, 4, C), each product exact
+    forward = ((terms[:, :, 0] + terms[:, :, 1]) + terms[:, :, 2]) + terms[:, :, 3]
+    backward = ((terms[:, :, 3] + terms[:, :, 2]) + terms[:, :, 1]) + terms[:, :, 0]
+    pairwise = (terms[:, :, 0] + terms[:, :, 2]) + (terms[:, :, 1] + terms[:, :, 3])
+    expected = views(img).reshape(len(views), h * w, c)
+    # The sums themselves are identical (without the grid ~30% of them differ in the last bit between orders,
+    # and some pixels round differently).
+    assert np.array_equal(forward, backward) and np.array_equal(forward, pairwise)
+    assert np.array_equal(np.rint(forward).astype(np.uint8), expected)
+    assert not np.array_equal(expected[0], expected[4])  # the rotation really resamples

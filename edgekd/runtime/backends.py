@@ -3,10 +3,10 @@
 Each backend has two ways in:
 - `infer(x)`: the bare call, float32 (N, C, H, W) model input -> (N, classes) logits, the exported model as it is
   (parity checks, benchmarks, `Runner.infer`);
-- `image_buffer(n)` + `run_images()`: the runner's path, uint8 (N, H, W, C) model-size images -> (N, classes)
-  probabilities. OpenVINO does the normalization, the NHWC -> NCHW transpose and the softmax inside the compiled
-  model (its PrePostProcessor), so a prediction is one copy of uint8 pixels and one inference call; ONNX Runtime
-  does them in numpy around the session.
+- `image_buffer(n, views)` + `run_images()`: the runner's path, uint8 (N, H, W, C) model-size images -> (N x V,
+  classes) probabilities, every image's TTA views in a row. OpenVINO builds the views, normalizes, transposes
+  NHWC -> NCHW and applies the softmax inside the compiled model (its PrePostProcessor), so a prediction is one copy
+  of uint8 pixels and one inference call; ONNX Runtime does the same steps in numpy around the session.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.runtime.preprocess import Preprocessor
+from edgekd.runtime.tta import TTAViews
 
 BACKENDS = ("openvino", "onnx")
 MAX_CACHED_REQUESTS = 4
@@ -34,8 +35,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class Backend(Protocol):
     """A compiled model. `infer(float32 NCHW batch) -> logits` is the bare call; the runner's own path is
-    `image_buffer(n)` (a uint8 (n, H, W, C) array to fill with model-size images) then `run_images()` ->
-    probabilities. A backend that owns its input memory hands it out, so the runner copies pixels straight in."""
+    `image_buffer(n, views)` (a uint8 (n, H, W, C) array to fill with model-size images) then `run_images()` ->
+    (n x len(views), classes) probabilities, image by image, views in order (views None: one row per image). A
+    backend that owns its input memory hands it out, so the runner copies pixels straight in."""
 
     name: str
     model_path: Path
@@ -44,7 +46,7 @@ class Backend(Protocol):
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def image_buffer(self, n: int) -> np.ndarray: ...
+    def image_buffer(self, n: int, views: TTAViews | None = None) -> np.ndarray: ...
 
     def run_images(self) -> np.ndarray: ...
 
@@ -61,9 +63,10 @@ class OpenVINOBackend:
     check; the CPU plugin may otherwise pick bf16/fp16 on capable CPUs. Reads OpenVINO IR (.xml) or ONNX.
 
     The image path compiles the model with the bundle's preprocessing in front (OpenVINO PrePostProcessor: uint8
-    NHWC -> float32, x * scale, - mean, / std per channel, NHWC -> NCHW) and a softmax behind, built from
-    `preprocessor` (the bundle's spec). The plugin fuses these into the first and last layers; the float steps are
-    torch's, in torch's order, so probabilities match the numpy preprocessing + bare call within float rounding.
+    NHWC -> float32, the TTA views, x * scale, - mean, / std per channel, NHWC -> NCHW) and a softmax behind, built
+    from `preprocessor` (the bundle's spec). The views are one gather + weighted sum of 4 source pixels + rounding
+    (`TTAViews.linear_maps`, exact in float32, so the same pixels as the numpy views); the float steps are torch's,
+    in torch's order, so probabilities match the numpy preprocessing + bare call within float rounding.
 
     Every model is compiled per batch size with a static input shape (the batch axis fixed): for the small models
     edgekd ships, a dynamic-shape compile costs ~3x the compile time and ~1.7x the latency of a static one
@@ -104,40 +107,43 @@ class OpenVINOBackend:
             model.reshape({input_port.get_any_name(): ov.PartialShape([-1, *[d for d in shape][1:]])})
         self.model = model
         self.static_shapes = static_shapes and len(dims) == 4 and all(d is not None for d in dims[1:])
-        # One (infer request, input array, output array) per (kind, batch size): a request re-allocates its buffers
-        # whenever the input shape changes, and the runner alternates between shapes (1 image, N images x V TTA
-        # views, the last chunk). kind is "images" (the runner's path) or "tensor" (the bare model).
-        self.requests: OrderedDict[tuple[str, int], tuple] = OrderedDict()
-        self._dynamic: dict[str, object] = {}
+        # One (infer request, input array, output array) per (kind, batch size, TTA views): a request re-allocates
+        # its buffers whenever the input shape changes, and the runner alternates between shapes (1 image, a chunk
+        # of N images, the last chunk). kind is "images" (the runner's path) or "tensor" (the bare model).
+        self.requests: OrderedDict[tuple, tuple] = OrderedDict()
+        self._dynamic: dict[tuple, object] = {}
         self._current: tuple | None = None
         self._pending: np.ndarray | None = None
+        self._host: tuple[np.ndarray, TTAViews] | None = None
 
-    def _compile(self, kind: str, batch_size: int | None):
-        """The model (with the image pre/post-processing for kind "images") compiled for this static batch size,
-        or with a dynamic batch axis when batch_size is None."""
+    def _compile(self, kind: str, batch_size: int | None, views: TTAViews | None):
+        """The model (with the image pre/post-processing for kind "images") compiled for this static number of
+        inputs, or with a dynamic batch axis when batch_size is None."""
         import openvino as ov
 
         model = self.model.clone()
-        if batch_size is not None:
-            model.reshape({self.input_name: ov.PartialShape([batch_size, *self.input_dims[1:]])})
+        rows = batch_size * len(views) if batch_size is not None and views is not None else batch_size
+        if rows is not None:
+            model.reshape({self.input_name: ov.PartialShape([rows, *self.input_dims[1:]])})
         if kind == "images":
-            model = _with_image_processing(model, self.input_name, self.output_name, _need_preprocessor(self))
+            model = _with_image_processing(model, self.input_name, self.output_name, _need_preprocessor(self), views,
+                                           batch_size)
         return self.core.compile_model(model, "CPU", self.config)
 
-    def _request(self, kind: str, batch_size: int):
-        """(infer request, input array, output array) for this batch size, compiled on first use; for a dynamic
-        model (request, None, output port): its tensors change with each call's shape."""
-        key = (kind, batch_size)
+    def _request(self, kind: str, batch_size: int, views: TTAViews | None = None):
+        """(infer request, input array, output array) for this batch size (and view set), compiled on first use;
+        for a dynamic model (request, None, output port): its tensors change with each call's shape."""
+        key = (kind, batch_size, views.key if views is not None else None)
         entry = self.requests.get(key)
         if entry is not None:
             self.requests.move_to_end(key)
             return entry
         if self.static_shapes:
-            compiled = self._compile(kind, batch_size)
+            compiled = self._compile(kind, batch_size, views)
         else:
-            if kind not in self._dynamic:
-                self._dynamic[kind] = self._compile(kind, None)
-            compiled = self._dynamic[kind]
+            if key[::2] not in self._dynamic:
+                self._dynamic[key[::2]] = self._compile(kind, None, views)
+            compiled = self._dynamic[key[::2]]
         request = compiled.create_infer_request()
         output = _port(compiled.outputs, self.output_name)
         if self.static_shapes:  # the request's own memory, stable across calls for a static shape
@@ -150,10 +156,10 @@ class OpenVINOBackend:
             self.requests.popitem(last=False)
         return entry
 
-    def _buffer(self, kind: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    def _buffer(self, kind: str, shape: tuple[int, ...], dtype, views: TTAViews | None = None) -> np.ndarray:
         """Static shape: the request's own input memory (filling it skips OpenVINO's Python input dispatcher,
         ~40 us per call, a sixth of a small CNN's batch-1 latency). Dynamic: a new array, handed over at `_run`."""
-        self._current = self._request(kind, shape[0])
+        self._current = self._request(kind, shape[0], views)
         input_array = self._current[1]
         if input_array is None:
             input_array = self._pending = np.empty(shape, dtype=dtype)
@@ -175,29 +181,64 @@ class OpenVINOBackend:
         np.copyto(self._buffer("tensor", batch.shape, np.float32), batch, casting="same_kind")
         return self._run()
 
-    def image_buffer(self, n: int) -> np.ndarray:
+    def image_buffer(self, n: int, views: TTAViews | None = None) -> np.ndarray:
         c, h, w = _need_preprocessor(self).input_shape
-        return self._buffer("images", (n, h, w, c), np.uint8)
+        if views is not None and not self.static_shapes:
+            # A dynamic-shape model gets its views built in numpy at run_images (the graph's gather needs a static
+            # number of images).
+            self._host = (np.empty((n, h, w, c), dtype=np.uint8), views)
+            return self._host[0]
+        self._host = None
+        return self._buffer("images", (n, h, w, c), np.uint8, views)
 
     def run_images(self) -> np.ndarray:
+        if self._host is not None:
+            (images, views), self._host = self._host, None
+            rows = np.concatenate([views(a) for a in images])
+            np.copyto(self._buffer("images", rows.shape, np.uint8), rows)
         return self._run()
 
 
-def _with_image_processing(model, input_name: str, output_name: str, pre: Preprocessor):
-    """OpenVINO PrePostProcessor: uint8 NHWC images in (x * scale - mean) / std, NCHW to the model, softmax out."""
+def _with_image_processing(model, input_name: str, output_name: str, pre: Preprocessor,
+                           views: TTAViews | None = None, n_images: int | None = None):
+    """OpenVINO PrePostProcessor: uint8 NHWC images in, (with `views`: every image's TTA views, image-major), then
+    (x * scale - mean) / std, NCHW to the model, softmax out. With views the number of images must be static."""
     import openvino as ov
     import openvino.opset13 as ops
     from openvino.preprocess import PrePostProcessor
 
+    c, h, w = pre.input_shape
     ppp = PrePostProcessor(model)
     port = ppp.input(input_name)
     port.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
     port.model().set_layout(ov.Layout("NCHW"))
     steps = port.preprocess().convert_element_type(ov.Type.f32)
+    if views is not None:
+        port.tensor().set_shape([n_images, h, w, c])
+        steps.custom(lambda node: _views_graph(node, views, n_images, h, w, c))
     steps.custom(lambda node: ops.multiply(node, ops.constant(np.float32(pre.scale))).output(0))
     steps.mean([float(v) for v in pre.mean.ravel()]).scale([float(v) for v in pre.std.ravel()])
     ppp.output(output_name).postprocess().custom(lambda node: ops.softmax(node, 1).output(0))
     return ppp.build()
+
+
+def _views_graph(node, views: TTAViews, n: int, h: int, w: int, c: int):
+    """float32 (n, H, W, C) pixel values -> (n x V, H, W, C) views: a zero pixel appended, per output pixel and
+    view 4 gathered source pixels times their weights, summed, rounded half to even (as numpy's rint). Four
+    gathers of whole rows + one elementwise sum (which the CPU plugin fuses) rather than a (.., 4) reduction."""
+    import openvino.opset13 as ops
+
+    index, weight = views.linear_maps(h, w)  # (V, H*W, 4)
+    v = len(views)
+    shape = lambda *dims: ops.constant(np.array(dims, dtype=np.int64))  # noqa: E731
+    x = ops.reshape(node, shape(n, h * w, c), False)
+    x = ops.concat([x, ops.constant(np.zeros((n, 1, c), dtype=np.float32))], 1)
+    total = None
+    for k in range(4):
+        taken = ops.gather(x, ops.constant(index[:, :, k].reshape(-1).astype(np.int32)), ops.constant(np.int64(1)))
+        term = ops.multiply(taken, ops.constant(weight[:, :, k].reshape(1, -1, 1)))
+        total = term if total is None else ops.add(total, term)
+    return ops.reshape(ops.round(total, "half_to_even"), shape(n * v, h, w, c), False).output(0)
 
 
 class ONNXRuntimeBackend:
@@ -227,19 +268,22 @@ class ONNXRuntimeBackend:
         self.input_name, self.output_name = input_name, output_name
         self.preprocessor = preprocessor
         self._pending: np.ndarray | None = None
+        self._views: TTAViews | None = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
-    def image_buffer(self, n: int) -> np.ndarray:
+    def image_buffer(self, n: int, views: TTAViews | None = None) -> np.ndarray:
         c, h, w = _need_preprocessor(self).input_shape
-        self._pending = np.empty((n, h, w, c), dtype=np.uint8)
+        self._pending, self._views = np.empty((n, h, w, c), dtype=np.uint8), views
         return self._pending
 
     def run_images(self) -> np.ndarray:
-        """The numpy preprocessing (edgekd.runtime.preprocess), the session, a float64 softmax."""
-        images, self._pending = self._pending, None
+        """The numpy TTA views and preprocessing (edgekd.runtime.tta/preprocess), the session, a float64 softmax."""
+        images, views, self._pending, self._views = self._pending, self._views, None, None
+        if views is not None:
+            images = np.concatenate([views(a) for a in images])
         return softmax(self.infer(_need_preprocessor(self).normalize(images)))
 
 

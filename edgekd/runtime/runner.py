@@ -108,12 +108,10 @@ class Runner:
         return self.preprocessor.input_shape
 
     def warmup(self, rounds: int = 1) -> None:
-        """Compile and run the image path for batch 1 (and the TTA batch) on black images."""
-        batch_sizes = {1, len(self.tta_views)} if self.tta else {1}
+        """Compile and run the image path for one image (with the default TTA views) on a black image."""
         for _ in range(max(0, rounds)):
-            for n in sorted(batch_sizes):
-                self.backend.image_buffer(n)[...] = 0
-                self.backend.run_images()
+            self.backend.image_buffer(1, self.tta_views if self.tta else None)[...] = 0
+            self.backend.run_images()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """The bare backend call: float32 (N, C, H, W) model input -> (N, num_classes) logits."""
@@ -160,10 +158,11 @@ class Runner:
             return []
         v = len(views) if views is not None else 1
         # Pixels go straight into the backend's input memory (a gray image is broadcast to the model's channels),
-        # then one inference call for all rows; the backend normalizes and returns probabilities.
-        buffer = self.backend.image_buffer(len(sized) * v)
+        # then one inference call for all images and views; the backend builds the views, normalizes and returns
+        # probabilities, image by image.
+        buffer = self.backend.image_buffer(len(sized), views)
         for i, image in enumerate(sized):
-            buffer[i * v:(i + 1) * v] = image if views is None else views(image)
+            buffer[i] = image
         probs = np.asarray(self._checked(self.backend.run_images(), len(sized) * v), dtype=np.float64)
         if views is None:  # one view per image: its softmax is the prediction
             return [self._prediction(src, p, None) for src, p in zip(sources, probs)]

@@ -22,11 +22,12 @@ from edgekd.errors import EdgeKDError
 from edgekd.runtime.bundle import TTA_VIEWS
 
 DEFAULT_CENTER_CROP_FRACTION = 0.875
+WEIGHT_GRID = 2.0 ** 14
 
 
 class BilinearMap:
-    """A precomputed bilinear resampling of (H, W) images: output pixel i = sum_k weights[i, k] * src[index[i, k]]
-    (index H*W is a zero pixel, for samples outside the image), times `coverage[i]` when given."""
+    """A precomputed bilinear resampling of (H, W) images: output pixel i = rint(sum_k weight[i, k] * src[index[i, k]])
+    (index H*W is a zero pixel, for samples outside the image)."""
 
     def __init__(self, height: int, width: int, src_y: np.ndarray, src_x: np.ndarray, zero_outside: bool,
                  coverage: bool = False):
@@ -47,9 +48,13 @@ class BilinearMap:
                 weight.append(np.where(inside, wy * wx, 0.0))
         self.index = np.stack(index, axis=-1).reshape(-1, 4)
         w = np.stack(weight, axis=-1).reshape(-1, 4)
-        # torchvision's fill blending: the image resampled with zero padding, times the resampled all-ones mask.
-        self.coverage = w.sum(axis=1, keepdims=True).astype(np.float32) if coverage else None
-        self.weight = w.astype(np.float32)
+        if coverage:
+            # torchvision's fill blending: the image resampled with zero padding, times the resampled all-ones
+            # mask (the coverage), folded into the weights.
+            w = w * w.sum(axis=1, keepdims=True)
+        # Weights on a 2^-14 grid: with 8-bit pixels every product and every partial sum is exact in float32, so
+        # the view is the same bits whatever the summation order (numpy here, a compiled model's gather + sum).
+        self.weight = (np.rint(w * WEIGHT_GRID) / WEIGHT_GRID).astype(np.float32)
 
     def __call__(self, arr: np.ndarray) -> np.ndarray:
         h, w, c = arr.shape
@@ -58,9 +63,7 @@ class BilinearMap:
         src = np.zeros((c, h * w + 1), dtype=np.float32)  # channel-major, plus the zero pixel
         src[:, :-1] = arr.reshape(h * w, c).T
         out = np.einsum("cpk,pk->pc", np.take(src, self.index, axis=1), self.weight)  # 4 neighbours -> 1 pixel
-        if self.coverage is not None:
-            out *= self.coverage
-        np.rint(out, out=out)  # weights sum to <= 1: the result stays in 0..255
+        np.rint(out, out=out)  # weights sum to <= 1 (+ the grid's rounding): the result stays in 0..255
         return out.astype(np.uint8).reshape(h, w, c)
 
 
@@ -119,6 +122,28 @@ def _cached(build: Callable[[int, int], BilinearMap]) -> Callable[[np.ndarray], 
     return apply
 
 
+def linear_map(name: str, height: int, width: int,
+               center_crop_fraction: float = DEFAULT_CENTER_CROP_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """A view as a linear map of the flattened image: (H*W, 4) source pixel indices (H*W reads a zero pixel) and
+    (H*W, 4) float32 weights, so that the view is rint(sum_k weight[:, k] * image[index[:, k]]) -- exactly what
+    `view_function(name)` computes. The original and the flips are permutations (one weight 1); a compiled model
+    applies all views with one gather."""
+    if name in ("original", "hflip", "vflip"):
+        p = np.arange(height * width).reshape(height, width)
+        src = {"original": p, "hflip": p[:, ::-1], "vflip": p[::-1]}[name].reshape(-1)
+        index = np.stack([src] + [np.full_like(src, height * width)] * 3, axis=-1)
+        weight = np.zeros(index.shape, dtype=np.float32)
+        weight[:, 0] = 1.0
+        return index, weight
+    if name == "center_crop":
+        m = center_zoom_map(height, width, center_crop_fraction)
+    elif name in ("rot+15", "rot-15"):
+        m = rotation_map(height, width, 15.0 if name == "rot+15" else -15.0)
+    else:
+        raise EdgeKDError(f"unknown TTA view '{name}' (use {', '.join(TTA_VIEWS)})")
+    return m.index, m.weight
+
+
 class TTAViews:
     """A configured list of views: `views(img)` -> uint8 (V, H, W, C) stack, in the configured order."""
 
@@ -131,7 +156,18 @@ class TTAViews:
         if not 0 < center_crop_fraction <= 1:
             raise EdgeKDError(f"TTA center_crop_fraction must be in (0, 1], got {center_crop_fraction}")
         self.names = names
+        self.center_crop_fraction = float(center_crop_fraction)
         self.functions = [view_function(n, center_crop_fraction) for n in names]
+
+    @property
+    def key(self) -> tuple:
+        """What identifies this view set (names in order and the crop fraction), e.g. to cache a compiled model."""
+        return (*self.names, self.center_crop_fraction)
+
+    def linear_maps(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """All views' `linear_map`s stacked: (V, H*W, 4) indices and (V, H*W, 4) weights."""
+        maps = [linear_map(n, height, width, self.center_crop_fraction) for n in self.names]
+        return tuple(np.stack(parts) for parts in zip(*maps))
 
     def __len__(self) -> int:
         return len(self.names)
