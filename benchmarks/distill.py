@@ -1,12 +1,14 @@
 """Acceptance benchmark of distillation: distilled student vs the same student from scratch, several seeds.
 
-    .venv/bin/python benchmarks/distill.py [--seeds 0 1 2] [--phase scratch|kd|all] [--reuse]
+    .venv/bin/python benchmarks/distill.py [--seeds 0 1 2] [--phase scratch|kd|all] [--student small|micro] [--reuse]
 
 Trains recipes/pneumonia/student-scratch-28.yaml and student-28.yaml (teacher: runs/bench/pneumonia/teacher/best.pt,
 trained with recipes/pneumonia/teacher-28.yaml) once per seed into runs/bench/pneumonia/<role>-s<seed>/, then
 merges one record per run (roles `student_scratch` / `student`) into benchmarks/results/accuracy.json (records
 of other roles and datasets are kept) and writes the KD summary (means over seeds, KD gain, goals, seconds per
-epoch) to benchmarks/results/distill.json. --reuse skips a run whose metrics.json exists for the same recipe.
+epoch) to benchmarks/results/distill.json. `--student micro` does the same for the smaller edgekd_cnn_micro student
+(student-micro-28.yaml / student-micro-scratch-28.yaml, runs student_micro-s<seed> / student_micro_scratch-s<seed>,
+results/distill_micro.json). --reuse skips a run whose metrics.json exists for the same recipe.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from common import (REPO, RESULTS, accuracy_record, finished_run, machine, merge
 from edgekd.fileio import write_json
 from edgekd.recipe import load_recipe
 
-RECIPES = {"student_scratch": "recipes/pneumonia/student-scratch-28.yaml", "student": "recipes/pneumonia/student-28.yaml"}
+STUDENTS = {
+    # --student: the run names (run dirs runs/bench/pneumonia/<name>-s<seed>) and recipes of the distilled student
+    # and of the same student from scratch, and the summary file.
+    "small": {"student": "recipes/pneumonia/student-28.yaml",
+              "student_scratch": "recipes/pneumonia/student-scratch-28.yaml", "summary": "distill.json"},
+    "micro": {"student_micro": "recipes/pneumonia/student-micro-28.yaml",
+              "student_micro_scratch": "recipes/pneumonia/student-micro-scratch-28.yaml",
+              "summary": "distill_micro.json"},
+}
+RECIPES = {role: path for spec in STUDENTS.values() for role, path in spec.items() if role != "summary"}
 RUNS = REPO / "runs" / "bench" / "pneumonia"
 GOALS = {"params_max": 5_000_000, "auc": 0.962, "acc": 0.884, "stretch_auc": 0.991, "stretch_acc": 0.946,
          "kd_gain_pts": 1.0}
@@ -43,9 +54,9 @@ def finished(role: str, seed: int) -> dict | None:
     return None if metrics is None else accuracy_record(metrics, train_command(RECIPES[role], out, overrides))
 
 
-def summarize(records: list[dict]) -> dict:
+def summarize(records: list[dict], kd_role: str = "student", scratch_role: str = "student_scratch") -> dict:
     by_role = {}
-    for role in ("student_scratch", "student"):
+    for role in (scratch_role, kd_role):
         rows = [r for r in records if r["role"] == role]
         if not rows:
             continue
@@ -54,9 +65,9 @@ def summarize(records: list[dict]) -> dict:
                          for k in (*METRICS, "seconds_per_epoch")}
         by_role[role].update(seeds=[r["seed"] for r in rows], params=rows[0]["params"], model=rows[0]["model"])
     out = {"by_role": by_role}
-    if "student" in by_role:
-        kd = by_role["student"]
-        best = max((r for r in records if r["role"] == "student"), key=lambda r: r["auc"])
+    if kd_role in by_role:
+        kd = by_role[kd_role]
+        best = max((r for r in records if r["role"] == kd_role), key=lambda r: r["auc"])
         out["goals"] = {
             "params<=5M": kd["params"] <= GOALS["params_max"],
             "mean_auc>=.962": kd["auc"]["mean"] >= GOALS["auc"], "mean_acc>=.884": kd["acc"]["mean"] >= GOALS["acc"],
@@ -64,12 +75,12 @@ def summarize(records: list[dict]) -> dict:
             "stretch_mean_acc>=.946": kd["acc"]["mean"] >= GOALS["stretch_acc"],
         }
         out["best_seed_by_auc"] = {k: best[k] for k in ("seed", "acc", "auc")}
-    if "student" in by_role and "student_scratch" in by_role and \
-            set(by_role["student"]["seeds"]) & set(by_role["student_scratch"]["seeds"]):
+    if kd_role in by_role and scratch_role in by_role and \
+            set(by_role[kd_role]["seeds"]) & set(by_role[scratch_role]["seeds"]):
         # The gain compares the same seeds (same sampling order and initialization) with and without the teacher.
-        paired = sorted(set(by_role["student"]["seeds"]) & set(by_role["student_scratch"]["seeds"]))
+        paired = sorted(set(by_role[kd_role]["seeds"]) & set(by_role[scratch_role]["seeds"]))
         mean = lambda role, k: statistics.fmean(r[k] for r in records if r["role"] == role and r["seed"] in paired)  # noqa: E731
-        gain = {k: 100 * (mean("student", k) - mean("student_scratch", k)) for k in METRICS}
+        gain = {k: 100 * (mean(kd_role, k) - mean(scratch_role, k)) for k in METRICS}
         out["kd_gain_pts"] = gain
         out["kd_gain_seeds"] = paired
         out["goals"]["kd_gain>=1pt_acc_or_auc"] = max(gain["acc"], gain["auc"]) >= GOALS["kd_gain_pts"]
@@ -80,25 +91,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--phase", choices=["scratch", "kd", "all"], default="all")
+    ap.add_argument("--student", choices=sorted(STUDENTS), default="small",
+                    help="small: edgekd_cnn_small (the benchmark student); micro: edgekd_cnn_micro")
     ap.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json matches the recipe")
     ap.add_argument("--summarize", action="store_true",
                     help="train nothing: collect the finished runs of these seeds (runs not yet trained are left out)")
     args = ap.parse_args()
     os.chdir(REPO)
-    roles = {"scratch": ["student_scratch"], "kd": ["student"], "all": ["student_scratch", "student"]}[args.phase]
+    spec = STUDENTS[args.student]
+    kd_role, scratch_role = [role for role in spec if role != "summary"]
+    roles = {"scratch": [scratch_role], "kd": [kd_role], "all": [scratch_role, kd_role]}[args.phase]
     if args.summarize:
         new = [finished(role, seed) for role in roles for seed in args.seeds]
         new = [r for r in new if r is not None]
     else:
         new = [run_one(role, seed, args.reuse) for role in roles for seed in args.seeds]
     merged = merge_records(RESULTS / "accuracy.json", new)
-    models = {role: load_recipe(REPO / path).model.name for role, path in RECIPES.items()}
-    mine = [r for r in merged if r["role"] in ("student", "student_scratch") and r.get("dataset") == "pneumoniamnist"
-            and r["model"] == models[r["role"]]
-            and r.get("command", "").startswith(tuple(f"edgekd train {p}" for p in RECIPES.values()))]
+    # This student's records, told apart by the recipe in their command (records keep the recipe's role, e.g. a
+    # micro student's runs are role "student"); relabelled with the run name for the summary.
+    mine = []
+    for r in merged:
+        for run in (kd_role, scratch_role):
+            if r.get("dataset") == "pneumoniamnist" and r.get("command", "").startswith(f"edgekd train {RECIPES[run]} ") \
+                    and r["model"] == load_recipe(REPO / RECIPES[run]).model.name:
+                mine.append({**r, "role": run})
     summary = {"date": now(), "machine": machine(), "command": "python benchmarks/distill.py " + " ".join(sys.argv[1:]),
-               "teacher": "runs/bench/pneumonia/teacher/best.pt", **summarize(mine)}
-    write_json(RESULTS / "distill.json", summary)
+               "teacher": "runs/bench/pneumonia/teacher/best.pt", **summarize(mine, kd_role, scratch_role)}
+    write_json(RESULTS / spec["summary"], summary)
     print(json.dumps({k: summary[k] for k in summary if k not in ("by_role",)}, indent=2))
     for role, s in summary.get("by_role", {}).items():
         print(f"{role:16s} {s['model']} {s['params'] / 1e6:.2f}M seeds {s['seeds']}: " +
