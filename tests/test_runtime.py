@@ -273,10 +273,10 @@ def test_openvino_static_shape_compiles_match_the_dynamic_model_and_stay_bounded
     x = np.random.default_rng(0).random((7, 3, SIZE, SIZE), dtype=np.float32)
     for n in (1, 3, 7, 2, 5, 1):
         assert np.abs(static.infer(x[:n]) - dynamic.infer(x[:n])).max() <= 1e-5, n
-    assert len(static.requests) == MAX_CACHED_REQUESTS and list(static.requests)[-1] == ("tensor", 1, None)
-    shapes = {n: tuple(entry[0].get_input_tensor().shape) for (_, n, _), entry in static.requests.items()}
+    assert len(static.requests) == MAX_CACHED_REQUESTS and list(static.requests)[-1] == ("tensor", 1, None, None)
+    shapes = {key[1]: tuple(entry[0].get_input_tensor().shape) for key, entry in static.requests.items()}
     assert all(shape == (n, 3, SIZE, SIZE) for n, shape in shapes.items())
-    assert dynamic.requests[("tensor", 7, None)][0].get_compiled_model().input(0).get_partial_shape().is_dynamic
+    assert dynamic.requests[("tensor", 7, None, None)][0].get_compiled_model().input(0).get_partial_shape().is_dynamic
     # Results are copies: the next call on the same request does not change an earlier result.
     first = static.infer(x[:1])
     kept = first.copy()
@@ -313,9 +313,21 @@ def test_image_path_preprocesses_in_the_backend_as_numpy_does(tmp_path, channels
             probs = backend.run_images()
             assert probs.shape == (n * len(views), len(CLASS_NAMES))
             assert np.abs(probs - expected_views[:n * len(views)]).max() <= 1e-6, (backend.name, n, "views")
-    request = backends[0].requests[("images", 1, None)][0]
+    request = backends[0].requests[("images", 1, None, channels)][0]
     assert request.get_input_tensor().element_type.get_type_name() == "u8"
     assert tuple(request.get_input_tensor().shape) == (1, SIZE, SIZE, channels)
+    if channels == 3:  # gray images handed over as one channel, repeated to RGB inside (or in numpy for ORT)
+        gray = images[..., :1]
+        expected_gray = softmax(backends[0].infer(pre.normalize(np.repeat(gray, 3, axis=-1))))
+        for backend in backends:
+            backend.image_buffer(5, None, 1)[...] = gray
+            assert np.abs(backend.run_images() - expected_gray).max() <= 1e-6, backend.name
+            backend.image_buffer(2, views, 1)[...] = gray[:2]
+            assert np.abs(backend.run_images() - softmax(backends[0].infer(pre.normalize(
+                np.concatenate([views(np.repeat(a, 3, axis=-1)) for a in gray[:2]]))))).max() <= 1e-6, backend.name
+        assert tuple(backends[0].requests[("images", 5, None, 1)][0].get_input_tensor().shape) == (5, SIZE, SIZE, 1)
+        with pytest.raises(EdgeKDError, match="2 channels cannot feed a 3-channel model"):
+            backends[0].image_buffer(1, None, 2)
     with pytest.raises(EdgeKDError, match="without a preprocessing spec"):
         OpenVINOBackend(root / "openvino/model_fp32.xml", "input", "logits", threads=1).image_buffer(1)
 
@@ -344,11 +356,11 @@ def test_tta_batch_of_images_is_one_inference_call(bundle):
     run = runner.backend.run_images
     runner.backend.run_images = lambda: calls.append("run") or run()
     buffer = runner.backend.image_buffer
-    runner.backend.image_buffer = lambda n, views: calls.append((n, views.names)) or buffer(n, views)
+    runner.backend.image_buffer = lambda n, views, c: calls.append((n, views.names)) or buffer(n, views, c)
     preds = runner.predict_batch([_rand_image(SIZE, SIZE, 3, seed=s) for s in range(4)])
     assert calls == [(4, ["original", "hflip", "rot+15"]), "run"] and len(preds) == 4
     # One (4 images x 3 views) compiled model: the views are built inside the model.
-    request = runner.backend.requests[("images", 4, runner.tta_views.key)][0]
+    request = runner.backend.requests[("images", 4, runner.tta_views.key, 3)][0]
     assert tuple(request.get_input_tensor().shape) == (4, SIZE, SIZE, 3)
     assert tuple(request.get_output_tensor().shape) == (12, len(CLASS_NAMES))
 

@@ -35,9 +35,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class Backend(Protocol):
     """A compiled model. `infer(float32 NCHW batch) -> logits` is the bare call; the runner's own path is
-    `image_buffer(n, views)` (a uint8 (n, H, W, C) array to fill with model-size images) then `run_images()` ->
-    (n x len(views), classes) probabilities, image by image, views in order (views None: one row per image). A
-    backend that owns its input memory hands it out, so the runner copies pixels straight in."""
+    `image_buffer(n, views, channels)` (a uint8 (n, H, W, C) array to fill with model-size images; channels 1 for
+    gray images and a 3-channel model, repeated to RGB inside) then `run_images()` -> (n x len(views), classes)
+    probabilities, image by image, views in order (views None: one row per image). A backend that owns its input
+    memory hands it out, so the runner copies pixels straight in."""
 
     name: str
     model_path: Path
@@ -46,9 +47,18 @@ class Backend(Protocol):
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def image_buffer(self, n: int, views: TTAViews | None = None) -> np.ndarray: ...
+    def image_buffer(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> np.ndarray: ...
 
     def run_images(self) -> np.ndarray: ...
+
+
+def _image_channels(channels: int | None, model_channels: int) -> int:
+    """The channels of the images handed to the image path: the model's, or 1 (gray) for a 3-channel model."""
+    if channels is None or channels == model_channels:
+        return model_channels
+    if channels == 1:
+        return 1
+    raise EdgeKDError(f"images with {channels} channels cannot feed a {model_channels}-channel model")
 
 
 def _need_preprocessor(backend) -> Preprocessor:
@@ -116,9 +126,9 @@ class OpenVINOBackend:
         self._pending: np.ndarray | None = None
         self._host: tuple[np.ndarray, TTAViews] | None = None
 
-    def _compile(self, kind: str, batch_size: int | None, views: TTAViews | None):
-        """The model (with the image pre/post-processing for kind "images") compiled for this static number of
-        inputs, or with a dynamic batch axis when batch_size is None."""
+    def _compile(self, kind: str, batch_size: int | None, views: TTAViews | None, channels: int | None):
+        """The model (with the image pre/post-processing for kind "images", taking `channels`-channel images)
+        compiled for this static number of inputs, or with a dynamic batch axis when batch_size is None."""
         import openvino as ov
 
         model = self.model.clone()
@@ -127,23 +137,24 @@ class OpenVINOBackend:
             model.reshape({self.input_name: ov.PartialShape([rows, *self.input_dims[1:]])})
         if kind == "images":
             model = _with_image_processing(model, self.input_name, self.output_name, _need_preprocessor(self), views,
-                                           batch_size)
+                                           batch_size, channels)
         return self.core.compile_model(model, "CPU", self.config)
 
-    def _request(self, kind: str, batch_size: int, views: TTAViews | None = None):
-        """(infer request, input array, output array) for this batch size (and view set), compiled on first use;
-        for a dynamic model (request, None, output port): its tensors change with each call's shape."""
-        key = (kind, batch_size, views.key if views is not None else None)
+    def _request(self, kind: str, batch_size: int, views: TTAViews | None = None, channels: int | None = None):
+        """(infer request, input array, output array) for this batch size (view set, input channels), compiled on
+        first use; for a dynamic model (request, None, output port): its tensors change with each call's shape."""
+        key = (kind, batch_size, views.key if views is not None else None, channels)
         entry = self.requests.get(key)
         if entry is not None:
             self.requests.move_to_end(key)
             return entry
         if self.static_shapes:
-            compiled = self._compile(kind, batch_size, views)
+            compiled = self._compile(kind, batch_size, views, channels)
         else:
-            if key[::2] not in self._dynamic:
-                self._dynamic[key[::2]] = self._compile(kind, None, views)
-            compiled = self._dynamic[key[::2]]
+            any_size = (kind, key[2], channels)
+            if any_size not in self._dynamic:
+                self._dynamic[any_size] = self._compile(kind, None, views, channels)
+            compiled = self._dynamic[any_size]
         request = compiled.create_infer_request()
         output = _port(compiled.outputs, self.output_name)
         if self.static_shapes:  # the request's own memory, stable across calls for a static shape
@@ -159,7 +170,7 @@ class OpenVINOBackend:
     def _buffer(self, kind: str, shape: tuple[int, ...], dtype, views: TTAViews | None = None) -> np.ndarray:
         """Static shape: the request's own input memory (filling it skips OpenVINO's Python input dispatcher,
         ~40 us per call, a sixth of a small CNN's batch-1 latency). Dynamic: a new array, handed over at `_run`."""
-        self._current = self._request(kind, shape[0], views)
+        self._current = self._request(kind, shape[0], views, shape[-1] if kind == "images" else None)
         input_array = self._current[1]
         if input_array is None:
             input_array = self._pending = np.empty(shape, dtype=dtype)
@@ -173,16 +184,17 @@ class OpenVINOBackend:
             self._pending = None
             return request.get_tensor(output).data.copy()
         # The synchronous call runs on the calling thread: start_async + wait hands the job to a worker thread
-        # and back, ~20 us more per call on this class of CPU.
-        request.infer()
+        # and back, ~10-20 us more per call on this class of CPU. share_outputs: no result dict of copies.
+        request.infer(share_outputs=True)
         return output.copy()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         np.copyto(self._buffer("tensor", batch.shape, np.float32), batch, casting="same_kind")
         return self._run()
 
-    def image_buffer(self, n: int, views: TTAViews | None = None) -> np.ndarray:
+    def image_buffer(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> np.ndarray:
         c, h, w = _need_preprocessor(self).input_shape
+        c = _image_channels(channels, c)
         if views is not None and not self.static_shapes:
             # A dynamic-shape model gets its views built in numpy at run_images (the graph's gather needs a static
             # number of images).
@@ -200,22 +212,29 @@ class OpenVINOBackend:
 
 
 def _with_image_processing(model, input_name: str, output_name: str, pre: Preprocessor,
-                           views: TTAViews | None = None, n_images: int | None = None):
+                           views: TTAViews | None = None, n_images: int | None = None, channels: int | None = None):
     """OpenVINO PrePostProcessor: uint8 NHWC images in, (with `views`: every image's TTA views, image-major), then
-    (x * scale - mean) / std, NCHW to the model, softmax out. With views the number of images must be static."""
+    (x * scale - mean) / std, NCHW to the model, softmax out. With views the number of images must be static.
+    `channels` 1 for a 3-channel model: gray images, repeated to the 3 channels after the views (gray -> RGB)."""
     import openvino as ov
     import openvino.opset13 as ops
     from openvino.preprocess import PrePostProcessor
 
     c, h, w = pre.input_shape
+    c_in = channels or c
     ppp = PrePostProcessor(model)
     port = ppp.input(input_name)
     port.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
     port.model().set_layout(ov.Layout("NCHW"))
+    if views is not None or c_in != c:
+        port.tensor().set_shape(ov.PartialShape([n_images if n_images is not None else -1, h, w, c_in]))
     steps = port.preprocess().convert_element_type(ov.Type.f32)
     if views is not None:
-        port.tensor().set_shape([n_images, h, w, c])
-        steps.custom(lambda node: _views_graph(node, views, n_images, h, w, c))
+        steps.custom(lambda node: _views_graph(node, views, n_images, h, w, c_in))
+    if c_in != c:
+        # x * ones(C) broadcasts the channel: an elementwise op the plugin fuses with the normalization (a Concat
+        # or Tile here runs as a reference kernel, ~6 us for a 28 px image).
+        steps.custom(lambda node: ops.multiply(node, ops.constant(np.ones((1, 1, 1, c), dtype=np.float32))).output(0))
     steps.custom(lambda node: ops.multiply(node, ops.constant(np.float32(pre.scale))).output(0))
     steps.mean([float(v) for v in pre.mean.ravel()]).scale([float(v) for v in pre.std.ravel()])
     ppp.output(output_name).postprocess().custom(lambda node: ops.softmax(node, 1).output(0))
@@ -274,9 +293,9 @@ class ONNXRuntimeBackend:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
-    def image_buffer(self, n: int, views: TTAViews | None = None) -> np.ndarray:
+    def image_buffer(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> np.ndarray:
         c, h, w = _need_preprocessor(self).input_shape
-        self._pending, self._views = np.empty((n, h, w, c), dtype=np.uint8), views
+        self._pending, self._views = np.empty((n, h, w, _image_channels(channels, c)), dtype=np.uint8), views
         return self._pending
 
     def run_images(self) -> np.ndarray:

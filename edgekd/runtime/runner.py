@@ -142,7 +142,7 @@ class Runner:
 
     def predict(self, image: ImageInput, tta: TTAOption = None) -> Prediction:
         """One image (path, PIL image or uint8 (H, W[, C]) array) -> Prediction. `tta` overrides the default."""
-        return self.predict_batch([image], tta=tta)[0]
+        return self._predict_sized([self.preprocessor.to_model_size(image, keep_gray=True)], [_describe(image)], tta)[0]
 
     def predict_batch(self, images: Sequence[ImageInput], tta: TTAOption = None,
                       sources: Sequence[str] | None = None) -> list[Prediction]:
@@ -157,10 +157,12 @@ class Runner:
         if not sized:
             return []
         v = len(views) if views is not None else 1
-        # Pixels go straight into the backend's input memory (a gray image is broadcast to the model's channels),
-        # then one inference call for all images and views; the backend builds the views, normalizes and returns
-        # probabilities, image by image.
-        buffer = self.backend.image_buffer(len(sized), views)
+        # Pixels go straight into the backend's input memory, then one inference call for all images and views;
+        # the backend builds the views, normalizes and returns probabilities, image by image. Gray images for a
+        # 3-channel model stay one channel (repeated to RGB inside the model); in a batch with color images they
+        # are broadcast to 3 channels here.
+        channels = 1 if all(a.shape[-1] == 1 for a in sized) else self.preprocessor.channels
+        buffer = self.backend.image_buffer(len(sized), views, channels)
         for i, image in enumerate(sized):
             buffer[i] = image
         probs = np.asarray(self._checked(self.backend.run_images(), len(sized) * v), dtype=np.float64)
@@ -211,7 +213,7 @@ def _describe(image: Any) -> str:
     if isinstance(image, (str, Path)):
         return str(image)
     if isinstance(image, np.ndarray):
-        return f"<array {'x'.join(map(str, image.shape))}>"
+        return "<array " + "x".join([str(d) for d in image.shape]) + ">"
     return f"<{type(image).__name__}>"
 
 
