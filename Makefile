@@ -38,16 +38,21 @@ test-fast: install
 
 # Every published figure, in pipeline order (runs that exist for the same recipe are reused). Latency last, on a
 # quiet machine: benchmarks/latency.py exports both models into runs/bench/latency/, the runtime benchmark then
-# times the student's bundle from there; both merge into benchmarks/results/latency.json.
+# times the student's bundle from there (and the smaller micro student's); all merge into
+# benchmarks/results/latency.json.
 BENCH_TEACHER ?= runs/bench/pneumonia/teacher/best.pt
 BENCH_STUDENT ?= runs/bench/pneumonia/student-s0/best.pt
+BENCH_MICRO   ?= runs/bench/pneumonia/student_micro-s0/best.pt
 bench: install
 	$(BIN)/python benchmarks/accuracy.py --roles teacher teacher-resnet18 baseline --reuse
 	$(BIN)/python benchmarks/distill.py --reuse
+	$(BIN)/python benchmarks/distill.py --student micro --reuse
 	$(BIN)/python benchmarks/continual.py --seeds 0 1 2 --single-head
 	$(BIN)/python benchmarks/export.py --checkpoint $(BENCH_TEACHER) --checkpoint $(BENCH_STUDENT)
 	$(BIN)/python benchmarks/latency.py --teacher $(BENCH_TEACHER) --student $(BENCH_STUDENT)
 	$(BIN)/python benchmarks/latency_runtime.py runs/bench/latency/bundle-student --checkpoint $(BENCH_STUDENT)
+	$(BIN)/edgekd export $(BENCH_MICRO) --format onnx,openvino --precision fp32,int8 --out runs/bench/latency/bundle-student-micro
+	$(BIN)/python benchmarks/latency_runtime.py runs/bench/latency/bundle-student-micro --checkpoint $(BENCH_MICRO)
 	$(BIN)/python benchmarks/pareto.py
 	$(BIN)/python benchmarks/distill_terms.py --reuse
 	$(BIN)/python benchmarks/robustness.py --teacher $(BENCH_TEACHER) --student $(BENCH_STUDENT)

@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/latency_runtime.py BUNDLE --checkpoint CKPT [--threads 2]
 
-BUNDLE is an `edgekd export` bundle of the student and CKPT the checkpoint it was exported from (for the PyTorch
-eager baseline). Everything is measured in this one run on this machine; runner, bare backend and TTA timings are
-interleaved round-robin so load from other processes hits them alike, and the PyTorch eager baseline alternates
-with the OpenVINO calls in phases (--phases) so a drift of the machine's speed hits both sides. Cold start and
-peak RSS are measured in fresh subprocesses that never import torch. Records merge into
-benchmarks/results/latency.json (other benches' records kept).
+BUNDLE is an `edgekd export` bundle of a student and CKPT the checkpoint it was exported from (for the PyTorch
+eager baseline). Everything is measured in this one run on this machine. Each callable (runner, bare backend call,
+PyTorch eager, the TTA variants) runs in its own block of consecutive calls, and the blocks alternate in phases
+(--phases): a deployment calls one compiled model over and over, while calling several OpenVINO models (or
+OpenVINO and torch) call by call makes their worker threads and caches interfere, and the phases let a drift of
+the VM's speed hit every callable alike. Ratios are reported overall (p50 / p50) and per phase. Cold start and peak
+RSS are measured in fresh subprocesses that never import torch. Records merge into benchmarks/results/latency.json
+(other benches' records and other models' runtime records kept; the summary goes to `runtime[<model name>]`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from common import cpu_model  # noqa: E402
 from edgekd.bench.hardware import OtherCPU  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 from edgekd.runtime import Runner, TTAViews, open_bundle  # noqa: E402
-from edgekd.runtime.timing import time_alternating, time_interleaved  # noqa: E402
+from edgekd.runtime.timing import time_alternating  # noqa: E402
 
 FIVE_VIEWS = ["original", "hflip", "vflip", "center_crop", "rot+15"]
 GOALS = {"speedup_vs_torch_eager": (">=", 5.0), "runner_overhead_vs_bare": ("<=", 1.15),
@@ -148,9 +150,8 @@ def main() -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--checkpoint", type=Path, help="the checkpoint the bundle was exported from (PyTorch baseline)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--rounds", type=int, default=400, help="timed calls per measurement (interleaved)")
-    ap.add_argument("--phases", type=int, default=5,
-                    help="alternating phases of the OpenVINO calls and the PyTorch eager baseline")
+    ap.add_argument("--rounds", type=int, default=800, help="timed calls per callable, over all phases")
+    ap.add_argument("--phases", type=int, default=8, help="alternating phases (one block per callable in each)")
     ap.add_argument("--images", type=Path, default=REPO / "edgekd/data/builtin/pneumoniamnist_mini.npz",
                     help="an .npz with test_images; the first one is the benchmark input")
     ap.add_argument("--cold-repeats", type=int, default=5)
@@ -166,34 +167,29 @@ def main() -> None:
     T = args.threads
     records, results = [], {}
 
-    # OpenVINO FP32, runner vs bare call: interleaved, each compiled model always sees the same batch shape. The
-    # PyTorch eager baseline runs in alternating phases with them (not call by call: torch's worker threads spin
-    # after each op and would steal the cores OpenVINO's next call needs), so a drift of the VM's speed during the
-    # run hits both sides alike.
+    # OpenVINO FP32: runner, bare call and the PyTorch eager baseline, each in its own block per phase.
     ov_runner = Runner.from_bundle(bundle, backend="openvino", threads=T)
     x1 = ov_runner.preprocessor(image)[None]
     bundle_views = list(bundle.tta.get("views") or FIVE_VIEWS)
     x5 = ov_runner.preprocessor.normalize(TTAViews(FIVE_VIEWS)(ov_runner.preprocessor.to_model_size(image)))
     ov_path = ov_runner.bundle.root / ov_runner.info["artifact"]
-    ov_fns = {"runner": lambda: ov_runner.predict(image), "bare": bare_openvino(ov_path, T, x1),
-              # The runner's own backend call without the runner around it: x copied into the request's input
-              # buffer, run without arguments (edgekd.runtime.backends.OpenVINOBackend.infer).
-              "bare_prealloc": lambda: ov_runner.backend.infer(x1)}
-    groups = [ov_fns]
+    fns = {"runner": lambda: ov_runner.predict(image), "bare": bare_openvino(ov_path, T, x1),
+           # The backend's own call on a float32 model input without the runner around it: x copied into the
+           # request's input memory, run without arguments (edgekd.runtime.backends.OpenVINOBackend.infer).
+           "bare_prealloc": lambda: ov_runner.backend.infer(x1)}
     if args.checkpoint:
         torch_fns, torch_probs = torch_eager(args.checkpoint, T, image)
-        groups.append(torch_fns)
-    ov = time_alternating(groups, phases=args.phases, warmup=30, rounds=args.rounds)
-    # TTA cost: one view vs 5 (and the bundle's) views, one Runner per setting as a deployment would have (the CPU
-    # plugin re-plans memory when one compiled model alternates batch shapes, which would inflate both sides).
+        fns.update(torch_fns)
+    # TTA cost: one view vs 5 (and the bundle's) views, one Runner per setting as a deployment would have.
     tta_runners = {n: Runner.from_bundle(bundle, backend="openvino", threads=T, tta=v)
                    for n, v in (("one", False), ("tta5", FIVE_VIEWS), ("tta_bundle", bundle_views))
                    if n != "tta_bundle" or bundle_views != FIVE_VIEWS}
-    fns = {"runner_one_view": lambda: tta_runners["one"].predict(image),
-           "runner_tta5": lambda: tta_runners["tta5"].predict(image), "bare_b5": bare_openvino(ov_path, T, x5)}
+    fns.update({"runner_one_view": lambda: tta_runners["one"].predict(image),
+                "runner_tta5": lambda: tta_runners["tta5"].predict(image), "bare_b5": bare_openvino(ov_path, T, x5)})
     if bundle_views != FIVE_VIEWS:
         fns["runner_tta_bundle"] = lambda: tta_runners["tta_bundle"].predict(image)
-    ov.update(time_interleaved(fns, warmup=30, rounds=args.rounds))
+    ov = time_alternating([{name: fn} for name, fn in fns.items()], phases=args.phases, warmup=30,
+                          rounds=args.rounds)
     del tta_runners
     fmt = ov_runner.info["format"]
     records += [record(meta, "runner", fmt, 1, 1, ov["runner"], T), record(meta, "bare", fmt, 1, 1, ov["bare"], T),
@@ -207,10 +203,10 @@ def main() -> None:
     try:
         ort_runner = Runner.from_bundle(bundle, backend="onnx", threads=T)
         ort_path = ort_runner.bundle.root / ort_runner.info["artifact"]
-        ort = time_interleaved({"runner": lambda: ort_runner.predict(image), "bare": bare_onnx(ort_path, T, x1)},
-                               warmup=30, rounds=args.rounds)
         ort_tta = Runner.from_bundle(bundle, backend="onnx", threads=T, tta=FIVE_VIEWS)
-        ort.update(time_interleaved({"runner_tta5": lambda: ort_tta.predict(image)}, warmup=30, rounds=args.rounds))
+        ort = time_alternating([{"runner": lambda: ort_runner.predict(image)}, {"bare": bare_onnx(ort_path, T, x1)},
+                                {"runner_tta5": lambda: ort_tta.predict(image)}],
+                               phases=args.phases, warmup=30, rounds=args.rounds)
         records += [record(meta, "runner", "onnx", 1, 1, ort["runner"], T),
                     record(meta, "bare", "onnx", 1, 1, ort["bare"], T),
                     record(meta, "runner", "onnx", 1, 5, ort["runner_tta5"], T)]
@@ -233,6 +229,9 @@ def main() -> None:
         round(r / b, 3) for r, b in zip(ov["runner"]["phase_p50_ms"], ov["bare"]["phase_p50_ms"])]
     results["runner_overhead_vs_bare_prealloc"] = ov["runner"]["p50_ms"] / ov["bare_prealloc"]["p50_ms"]
     results["tta5_vs_one_view"] = ov["runner_tta5"]["p50_ms"] / ov["runner_one_view"]["p50_ms"]
+    results["tta5_vs_one_view_per_phase"] = [
+        round(t / o, 3) for t, o in zip(ov["runner_tta5"]["phase_p50_ms"], ov["runner_one_view"]["phase_p50_ms"])]
+    results["bare_b5_vs_b1"] = ov["bare_b5"]["p50_ms"] / ov["bare"]["p50_ms"]
     if "runner_tta_bundle" in ov:
         results[f"tta{len(bundle_views)}_vs_one_view"] = ov["runner_tta_bundle"]["p50_ms"] / ov["runner_one_view"]["p50_ms"]
 
@@ -269,8 +268,12 @@ def main() -> None:
         existing = json.loads(args.out.read_text())
         if isinstance(existing, list):
             existing = {"records": existing}
-    kept = [r for r in existing.get("records", []) if r.get("bench") != "runtime"]
-    write_json(args.out, {**existing, "records": kept + records, "runtime": summary})
+    kept = [r for r in existing.get("records", [])
+            if not (r.get("bench") == "runtime" and r.get("model") == meta.get("name"))]
+    runtime = existing.get("runtime") or {}
+    if "goals" in runtime:  # the earlier layout: one summary, not keyed by model
+        runtime = {runtime.get("model", {}).get("name", "unknown"): runtime}
+    write_json(args.out, {**existing, "records": kept + records, "runtime": {**runtime, meta.get("name"): summary}})
 
     print(f"{'what':22s} {'format':9s} {'batch':>5s} {'views':>5s} {'p50_ms':>9s} {'p90_ms':>9s} {'p99_ms':>9s}")
     for r in records:
