@@ -158,8 +158,10 @@ class OpenVINOBackend:
         request = compiled.create_infer_request()
         output = _port(compiled.outputs, self.output_name)
         if self.static_shapes:  # the request's own memory, stable across calls for a static shape
-            entry = (request, request.get_tensor(_port(compiled.inputs, self.input_name)).data,
-                     request.get_tensor(output).data)
+            data = request.get_tensor(_port(compiled.inputs, self.input_name)).data
+            if kind == "images" and channels == 1:  # a gray model input is (n, 1, H, W): the same memory as NHWC
+                data = data.reshape(data.shape[0], data.shape[2], data.shape[3], 1)
+            entry = (request, data, request.get_tensor(output).data)
         else:
             entry = (request, None, output)
         self.requests[key] = entry
@@ -173,6 +175,9 @@ class OpenVINOBackend:
         self._current = self._request(kind, shape[0], views, shape[-1] if kind == "images" else None)
         input_array = self._current[1]
         if input_array is None:
+            if kind == "images" and shape[-1] == 1:  # fed as (n, 1, H, W), filled as (n, H, W, 1)
+                self._pending = np.empty((shape[0], 1, *shape[1:3]), dtype=dtype)
+                return self._pending.reshape(shape)
             input_array = self._pending = np.empty(shape, dtype=dtype)
         return input_array
 
@@ -222,33 +227,41 @@ def _with_image_processing(model, input_name: str, output_name: str, pre: Prepro
 
     c, h, w = pre.input_shape
     c_in = channels or c
+    n = n_images if n_images is not None else -1
     ppp = PrePostProcessor(model)
     port = ppp.input(input_name)
-    port.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
     port.model().set_layout(ov.Layout("NCHW"))
-    if views is not None or c_in != c:
-        port.tensor().set_shape(ov.PartialShape([n_images if n_images is not None else -1, h, w, c_in]))
+    if c_in == 1:
+        # Gray: (n, H, W, 1) pixels are the same memory as (n, 1, H, W), so the tensor is declared NCHW and needs
+        # no transpose; a 3-channel model gets the channel repeated after the views.
+        port.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NCHW"))
+        port.tensor().set_shape(ov.PartialShape([n, 1, h, w]))
+    else:
+        port.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+        if views is not None:
+            port.tensor().set_shape(ov.PartialShape([n, h, w, c_in]))
     steps = port.preprocess().convert_element_type(ov.Type.f32)
     if views is not None:
-        steps.custom(lambda node: _views_graph(node, views, n_images, h, w, c_in))
+        out_shape = (n_images * len(views), 1, h, w) if c_in == 1 else (n_images * len(views), h, w, c_in)
+        steps.custom(lambda node: _views_graph(node, views, n_images, h, w, c_in, out_shape))
     if c_in != c:
-        # x * ones(C) broadcasts the channel: an elementwise op the plugin fuses with the normalization (a Concat
+        # x * ones(C) repeats the channel: an elementwise op the plugin fuses with the normalization (a Concat
         # or Tile here runs as a reference kernel, ~6 us for a 28 px image).
-        steps.custom(lambda node: ops.multiply(node, ops.constant(np.ones((1, 1, 1, c), dtype=np.float32))).output(0))
+        steps.custom(lambda node: ops.multiply(node, ops.constant(np.ones((1, c, 1, 1), dtype=np.float32))).output(0))
     steps.custom(lambda node: ops.multiply(node, ops.constant(np.float32(pre.scale))).output(0))
     steps.mean([float(v) for v in pre.mean.ravel()]).scale([float(v) for v in pre.std.ravel()])
     ppp.output(output_name).postprocess().custom(lambda node: ops.softmax(node, 1).output(0))
     return ppp.build()
 
 
-def _views_graph(node, views: TTAViews, n: int, h: int, w: int, c: int):
-    """float32 (n, H, W, C) pixel values -> (n x V, H, W, C) views: a zero pixel appended, per output pixel and
+def _views_graph(node, views: TTAViews, n: int, h: int, w: int, c: int, out_shape: tuple[int, ...]):
+    """float32 (n, H, W, C) pixel values (or (n, 1, H, W): the same for one channel) -> `out_shape` (n x V views,
+    image-major, NHWC or for one channel NCHW): a zero pixel appended, per output pixel and
     view 4 gathered source pixels times their weights, summed, rounded half to even (as numpy's rint). Four
     gathers of whole rows + one elementwise sum (which the CPU plugin fuses) rather than a (.., 4) reduction."""
     import openvino.opset13 as ops
 
     index, weight = views.linear_maps(h, w)  # (V, H*W, 4)
-    v = len(views)
     shape = lambda *dims: ops.constant(np.array(dims, dtype=np.int64))  # noqa: E731
     x = ops.reshape(node, shape(n, h * w, c), False)
     x = ops.concat([x, ops.constant(np.zeros((n, 1, c), dtype=np.float32))], 1)
@@ -257,7 +270,7 @@ def _views_graph(node, views: TTAViews, n: int, h: int, w: int, c: int):
         taken = ops.gather(x, ops.constant(index[:, :, k].reshape(-1).astype(np.int32)), ops.constant(np.int64(1)))
         term = ops.multiply(taken, ops.constant(weight[:, :, k].reshape(1, -1, 1)))
         total = term if total is None else ops.add(total, term)
-    return ops.reshape(ops.round(total, "half_to_even"), shape(n * v, h, w, c), False).output(0)
+    return ops.reshape(ops.round(total, "half_to_even"), shape(*out_shape), False).output(0)
 
 
 class ONNXRuntimeBackend:
