@@ -1,4 +1,5 @@
-"""The edge runner: bundle -> preprocessing -> (batched TTA views) -> backend -> softmax -> predictions."""
+"""The edge runner: bundle -> decode, resize, crop -> backend (TTA views, normalization, model, softmax; inside the
+compiled model on OpenVINO) -> mean-softmax predictions."""
 
 from __future__ import annotations
 
