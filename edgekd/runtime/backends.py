@@ -218,9 +218,10 @@ class OpenVINOBackend:
 
 def _with_image_processing(model, input_name: str, output_name: str, pre: Preprocessor,
                            views: TTAViews | None = None, n_images: int | None = None, channels: int | None = None):
-    """OpenVINO PrePostProcessor: uint8 NHWC images in, (with `views`: every image's TTA views, image-major), then
-    (x * scale - mean) / std, NCHW to the model, softmax out. With views the number of images must be static.
-    `channels` 1 for a 3-channel model: gray images, repeated to the 3 channels after the views (gray -> RGB)."""
+    """OpenVINO PrePostProcessor: uint8 NHWC images in (one channel: declared NCHW, the same memory), with `views`
+    every image's TTA views (image-major), then (x * scale - mean) / std, NCHW to the model, softmax out. With views
+    the number of images must be static. `channels` 1 for a 3-channel model: gray images, repeated to the 3
+    channels after the views (gray -> RGB)."""
     import openvino as ov
     import openvino.opset13 as ops
     from openvino.preprocess import PrePostProcessor
