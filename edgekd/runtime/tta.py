@@ -91,20 +91,26 @@ def rotation_map(height: int, width: int, degrees: float) -> BilinearMap:
     return BilinearMap(height, width, ys + height / 2 - 0.5, xs + width / 2 - 0.5, zero_outside=True, coverage=True)
 
 
-def view_function(name: str, center_crop_fraction: float = DEFAULT_CENTER_CROP_FRACTION) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 (H, W, C) -> the view, same shape. Resampling views build their map on first use per image size."""
-    if name == "original":
-        return lambda a: a
-    if name == "hflip":
-        return lambda a: a[:, ::-1]
-    if name == "vflip":
-        return lambda a: a[::-1]
+PERMUTATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "original": lambda a: a, "hflip": lambda a: a[:, ::-1], "vflip": lambda a: a[::-1]}
+"""The views that only move pixels, on (H, W, ...) arrays."""
+
+
+def _resampling_map(name: str, center_crop_fraction: float) -> Callable[[int, int], BilinearMap]:
+    """(H, W) -> the BilinearMap of a resampling view."""
     if name == "center_crop":
-        return _cached(lambda h, w: center_zoom_map(h, w, center_crop_fraction))
+        return lambda h, w: center_zoom_map(h, w, center_crop_fraction)
     if name in ("rot+15", "rot-15"):
         degrees = 15.0 if name == "rot+15" else -15.0
-        return _cached(lambda h, w: rotation_map(h, w, degrees))
+        return lambda h, w: rotation_map(h, w, degrees)
     raise EdgeKDError(f"unknown TTA view '{name}' (use {', '.join(TTA_VIEWS)})")
+
+
+def view_function(name: str, center_crop_fraction: float = DEFAULT_CENTER_CROP_FRACTION) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 (H, W, C) -> the view, same shape. Resampling views build their map on first use per image size."""
+    if name in PERMUTATIONS:
+        return PERMUTATIONS[name]
+    return _cached(_resampling_map(name, center_crop_fraction))
 
 
 def _cached(build: Callable[[int, int], BilinearMap]) -> Callable[[np.ndarray], np.ndarray]:
@@ -128,19 +134,13 @@ def linear_map(name: str, height: int, width: int,
     (H*W, 4) float32 weights, so that the view is rint(sum_k weight[:, k] * image[index[:, k]]) -- exactly what
     `view_function(name)` computes. The original and the flips are permutations (one weight 1); a compiled model
     applies all views with one gather."""
-    if name in ("original", "hflip", "vflip"):
-        p = np.arange(height * width).reshape(height, width)
-        src = {"original": p, "hflip": p[:, ::-1], "vflip": p[::-1]}[name].reshape(-1)
+    if name in PERMUTATIONS:
+        src = PERMUTATIONS[name](np.arange(height * width).reshape(height, width)).reshape(-1)
         index = np.stack([src] + [np.full_like(src, height * width)] * 3, axis=-1)
         weight = np.zeros(index.shape, dtype=np.float32)
         weight[:, 0] = 1.0
         return index, weight
-    if name == "center_crop":
-        m = center_zoom_map(height, width, center_crop_fraction)
-    elif name in ("rot+15", "rot-15"):
-        m = rotation_map(height, width, 15.0 if name == "rot+15" else -15.0)
-    else:
-        raise EdgeKDError(f"unknown TTA view '{name}' (use {', '.join(TTA_VIEWS)})")
+    m = _resampling_map(name, center_crop_fraction)(height, width)
     return m.index, m.weight
 
 
