@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgekd.runtime.timing import latency_stats, time_alternating, time_interleaved
+from edgekd.runtime.timing import latency_stats, time_alternating
 
 
 def test_latency_stats_percentiles():
@@ -10,12 +10,6 @@ def test_latency_stats_percentiles():
     assert stats["p50_ms"] == 3.0 and stats["min_ms"] == 1.0 and stats["runs"] == 5
     with pytest.raises(ValueError):
         latency_stats([])
-
-
-def test_interleaved_calls_round_robin():
-    calls = []
-    time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=0, rounds=3)
-    assert calls == ["a", "b"] * 3
 
 
 def test_alternating_groups_never_mix_within_a_phase():

@@ -42,16 +42,6 @@ def _interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int, samp
             samples[name].append((time.perf_counter() - t0) * 1e3)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 10, rounds: int = 200) -> dict[str, dict]:
-    """Time several callables round-robin so a load spike from other processes hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    _interleaved_samples(fns, rounds, samples)
-    return {name: latency_stats(s) for name, s in samples.items()}
-
-
 def time_alternating(groups: list[dict[str, Callable[[], object]]], phases: int = 5, warmup: int = 10,
                      rounds: int = 200) -> dict[str, dict]:
     """Groups that must not run interleaved call by call (e.g. two runtimes whose worker threads spin after a call
