@@ -25,16 +25,15 @@ from common import (REPO, RESULTS, accuracy_record, finished_run, machine, merge
 from edgekd.fileio import write_json
 from edgekd.recipe import load_recipe
 
-STUDENTS = {
-    # --student: the run names (run dirs runs/bench/pneumonia/<name>-s<seed>) and recipes of the distilled student
-    # and of the same student from scratch, and the summary file.
-    "small": {"student": "recipes/pneumonia/student-28.yaml",
-              "student_scratch": "recipes/pneumonia/student-scratch-28.yaml", "summary": "distill.json"},
-    "micro": {"student_micro": "recipes/pneumonia/student-micro-28.yaml",
-              "student_micro_scratch": "recipes/pneumonia/student-micro-scratch-28.yaml",
-              "summary": "distill_micro.json"},
+RECIPES = {  # run name (run dirs runs/bench/pneumonia/<name>-s<seed>) -> recipe
+    "student": "recipes/pneumonia/student-28.yaml", "student_scratch": "recipes/pneumonia/student-scratch-28.yaml",
+    "student_micro": "recipes/pneumonia/student-micro-28.yaml",
+    "student_micro_scratch": "recipes/pneumonia/student-micro-scratch-28.yaml",
 }
-RECIPES = {role: path for spec in STUDENTS.values() for role, path in spec.items() if role != "summary"}
+STUDENTS = {  # --student: (distilled run, from-scratch run, summary file)
+    "small": ("student", "student_scratch", "distill.json"),
+    "micro": ("student_micro", "student_micro_scratch", "distill_micro.json"),
+}
 RUNS = REPO / "runs" / "bench" / "pneumonia"
 GOALS = {"params_max": 5_000_000, "auc": 0.962, "acc": 0.884, "stretch_auc": 0.991, "stretch_acc": 0.946,
          "kd_gain_pts": 1.0}
@@ -98,8 +97,7 @@ def main() -> None:
                     help="train nothing: collect the finished runs of these seeds (runs not yet trained are left out)")
     args = ap.parse_args()
     os.chdir(REPO)
-    spec = STUDENTS[args.student]
-    kd_role, scratch_role = [role for role in spec if role != "summary"]
+    kd_role, scratch_role, summary_file = STUDENTS[args.student]
     roles = {"scratch": [scratch_role], "kd": [kd_role], "all": [scratch_role, kd_role]}[args.phase]
     if args.summarize:
         new = [finished(role, seed) for role in roles for seed in args.seeds]
@@ -109,15 +107,13 @@ def main() -> None:
     merged = merge_records(RESULTS / "accuracy.json", new)
     # This student's records, told apart by the recipe in their command (records keep the recipe's role, e.g. a
     # micro student's runs are role "student"); relabelled with the run name for the summary.
-    mine = []
-    for r in merged:
-        for run in (kd_role, scratch_role):
-            if r.get("dataset") == "pneumoniamnist" and r.get("command", "").startswith(f"edgekd train {RECIPES[run]} ") \
-                    and r["model"] == load_recipe(REPO / RECIPES[run]).model.name:
-                mine.append({**r, "role": run})
+    models = {run: load_recipe(REPO / RECIPES[run]).model.name for run in (kd_role, scratch_role)}
+    mine = [{**r, "role": run} for r in merged for run in models
+            if r.get("dataset") == "pneumoniamnist" and r["model"] == models[run]
+            and r.get("command", "").startswith(f"edgekd train {RECIPES[run]} ")]
     summary = {"date": now(), "machine": machine(), "command": "python benchmarks/distill.py " + " ".join(sys.argv[1:]),
                "teacher": "runs/bench/pneumonia/teacher/best.pt", **summarize(mine, kd_role, scratch_role)}
-    write_json(RESULTS / spec["summary"], summary)
+    write_json(RESULTS / summary_file, summary)
     print(json.dumps({k: summary[k] for k in summary if k not in ("by_role",)}, indent=2))
     for role, s in summary.get("by_role", {}).items():
         print(f"{role:16s} {s['model']} {s['params'] / 1e6:.2f}M seeds {s['seeds']}: " +
