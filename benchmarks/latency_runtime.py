@@ -138,6 +138,11 @@ def _round(value):
     return [_round(v) for v in value] if isinstance(value, list) else value
 
 
+def per_phase(num: dict, den: dict) -> list[float]:
+    """num / den for each phase's p50 (time_alternating stats)."""
+    return [round(a / b, 3) for a, b in zip(num["phase_p50_ms"], den["phase_p50_ms"])]
+
+
 def record(meta: dict, what: str, fmt: str, batch: int, views: int, stats: dict, threads: int, precision="fp32"):
     return {"bench": "runtime", "model": meta.get("name"), "role": meta.get("role"), "format": fmt,
             "precision": precision, "batch": batch, "tta": views > 1, "views": views, "what": what,
@@ -219,18 +224,15 @@ def main() -> None:
         records += [record(meta, "torch_eager_pipeline", "torch", 1, 1, ov["torch_pipeline"], T),
                     record(meta, "torch_eager_forward", "torch", 1, 1, ov["torch_forward"], T)]
         results["speedup_vs_torch_eager"] = ov["torch_pipeline"]["p50_ms"] / ov["runner"]["p50_ms"]
-        results["speedup_vs_torch_eager_per_phase"] = [
-            round(t / r, 3) for t, r in zip(ov["torch_pipeline"]["phase_p50_ms"], ov["runner"]["phase_p50_ms"])]
+        results["speedup_vs_torch_eager_per_phase"] = per_phase(ov["torch_pipeline"], ov["runner"])
         results["speedup_forward_vs_bare"] = ov["torch_forward"]["p50_ms"] / ov["bare"]["p50_ms"]
         results["runner_vs_torch_max_abs_prob_diff"] = float(np.abs(runner_probs - torch_probs).max())
 
     results["runner_overhead_vs_bare"] = ov["runner"]["p50_ms"] / ov["bare"]["p50_ms"]
-    results["runner_overhead_vs_bare_per_phase"] = [
-        round(r / b, 3) for r, b in zip(ov["runner"]["phase_p50_ms"], ov["bare"]["phase_p50_ms"])]
+    results["runner_overhead_vs_bare_per_phase"] = per_phase(ov["runner"], ov["bare"])
     results["runner_overhead_vs_bare_prealloc"] = ov["runner"]["p50_ms"] / ov["bare_prealloc"]["p50_ms"]
     results["tta5_vs_one_view"] = ov["runner_tta5"]["p50_ms"] / ov["runner_one_view"]["p50_ms"]
-    results["tta5_vs_one_view_per_phase"] = [
-        round(t / o, 3) for t, o in zip(ov["runner_tta5"]["phase_p50_ms"], ov["runner_one_view"]["phase_p50_ms"])]
+    results["tta5_vs_one_view_per_phase"] = per_phase(ov["runner_tta5"], ov["runner_one_view"])
     results["bare_b5_vs_b1"] = ov["bare_b5"]["p50_ms"] / ov["bare"]["p50_ms"]
     if "runner_tta_bundle" in ov:
         results[f"tta{len(bundle_views)}_vs_one_view"] = ov["runner_tta_bundle"]["p50_ms"] / ov["runner_one_view"]["p50_ms"]
@@ -271,8 +273,6 @@ def main() -> None:
     kept = [r for r in existing.get("records", [])
             if not (r.get("bench") == "runtime" and r.get("model") == meta.get("name"))]
     runtime = existing.get("runtime") or {}
-    if "goals" in runtime:  # the earlier layout: one summary, not keyed by model
-        runtime = {runtime.get("model", {}).get("name", "unknown"): runtime}
     write_json(args.out, {**existing, "records": kept + records, "runtime": {**runtime, meta.get("name"): summary}})
 
     print(f"{'what':22s} {'format':9s} {'batch':>5s} {'views':>5s} {'p50_ms':>9s} {'p90_ms':>9s} {'p99_ms':>9s}")
