@@ -156,9 +156,10 @@ class OpenVINOBackend:
                 self._dynamic[any_size] = self._compile(kind, None, views, channels)
             compiled = self._dynamic[any_size]
         request = compiled.create_infer_request()
-        output = _port(compiled.outputs, self.output_name)
+        # PrePostProcessor keeps the tensor names on the nodes it adds, so the names still find the ports.
+        output = _find_port(compiled.outputs, self.output_name, self.model_path, "output")
         if self.static_shapes:  # the request's own memory, stable across calls for a static shape
-            data = request.get_tensor(_port(compiled.inputs, self.input_name)).data
+            data = request.get_tensor(_find_port(compiled.inputs, self.input_name, self.model_path, "input")).data
             if kind == "images" and channels == 1:  # a gray model input is (n, 1, H, W): the same memory as NHWC
                 data = data.reshape(data.shape[0], data.shape[2], data.shape[3], 1)
             entry = (request, data, request.get_tensor(output).data)
@@ -324,11 +325,6 @@ def _port_names(port) -> set[str]:
     if hasattr(port, "get_names"):
         return set(port.get_names())
     return {port.name}
-
-
-def _port(ports, name: str):
-    """The compiled model's port with this tensor name (PrePostProcessor keeps the names on its new nodes)."""
-    return next((p for p in ports if name in _port_names(p)), ports[0])
 
 
 def _find_port(ports, name: str, path: Path, kind: str):
