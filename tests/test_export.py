@@ -209,6 +209,7 @@ def test_metadata_round_trips_through_every_artifact(tmp_path):
     assert meta["preprocess"] == ckpt_data["preprocess"]
     assert meta["model"]["recipe_digest"] == ckpt_data["recipe_digest"]
     assert meta["tta"]["views"] == ["original", "hflip"] and meta["runtime"]["threads"] == 1
+    assert meta["preprocess"]["channels"] == 3 and meta["runtime"]["image_channels"] == 1  # gray data, RGB model
     assert meta["metrics"]["training"] == {"val_auc": 0.5}
     embedded = {("onnx", "fp32"): read_onnx_metadata(tmp_path / "b/onnx/model_fp32.onnx"),
                 ("openvino", "fp32"): read_openvino_metadata(tmp_path / "b/openvino/model_fp32.xml"),

@@ -16,6 +16,7 @@ from PIL import Image
 
 from edgekd.errors import EdgeKDError
 from edgekd.runtime import Failure, Preprocessor, Runner, open_bundle, softmax
+from edgekd.runtime.backends import Slot
 from edgekd.runtime.bundle import validate_metadata
 from edgekd.runtime.tta import TTAViews
 
@@ -273,10 +274,10 @@ def test_openvino_static_shape_compiles_match_the_dynamic_model_and_stay_bounded
     x = np.random.default_rng(0).random((7, 3, SIZE, SIZE), dtype=np.float32)
     for n in (1, 3, 7, 2, 5, 1):
         assert np.abs(static.infer(x[:n]) - dynamic.infer(x[:n])).max() <= 1e-5, n
-    assert len(static.requests) == MAX_CACHED_REQUESTS and list(static.requests)[-1] == ("tensor", 1, None, None)
-    shapes = {key[1]: tuple(entry[0].get_input_tensor().shape) for key, entry in static.requests.items()}
-    assert all(shape == (n, 3, SIZE, SIZE) for n, shape in shapes.items())
-    assert dynamic.requests[("tensor", 7, None, None)][0].get_compiled_model().input(0).get_partial_shape().is_dynamic
+    assert len(static.slots) == MAX_CACHED_REQUESTS and list(static.slots)[-1] == ("tensor", (1, 3, SIZE, SIZE))
+    shapes = {key[1]: tuple(slot.request.get_input_tensor().shape) for key, slot in static.slots.items()}
+    assert all(shape == key_shape for key_shape, shape in shapes.items())
+    assert dynamic.slots[("tensor", (7, 3, SIZE, SIZE))].request.get_compiled_model().input(0).get_partial_shape().is_dynamic
     # Results are copies: the next call on the same request does not change an earlier result.
     first = static.infer(x[:1])
     kept = first.copy()
@@ -305,32 +306,36 @@ def test_image_path_preprocesses_in_the_backend_as_numpy_does(tmp_path, channels
     expected_views = softmax(backends[0].infer(pre.normalize(np.concatenate([views(a) for a in images]))))
     for backend in backends:
         for n in (5, 1):
-            backend.image_buffer(n)[...] = images[:n]
-            probs = backend.run_images()
+            slot = backend.image_slot(n)
+            slot.inputs[...] = images[:n]
+            probs = slot.run()
             assert probs.shape == (n, len(CLASS_NAMES))
             assert np.abs(probs - expected[:n]).max() <= 1e-6, (backend.name, n)
-            backend.image_buffer(n, views)[...] = images[:n]
-            probs = backend.run_images()
+            slot = backend.image_slot(n, views)
+            slot.inputs[...] = images[:n]
+            probs = slot.run()
             assert probs.shape == (n * len(views), len(CLASS_NAMES))
             assert np.abs(probs - expected_views[:n * len(views)]).max() <= 1e-6, (backend.name, n, "views")
-    request = backends[0].requests[("images", 1, None, channels)][0]
+    request = backends[0].slots[("images", 1, None, None)].request
     assert request.get_input_tensor().element_type.get_type_name() == "u8"
     assert tuple(request.get_input_tensor().shape) == ((1, SIZE, SIZE, 3) if channels == 3 else (1, 1, SIZE, SIZE))
     if channels == 3:  # gray images handed over as one channel, repeated to RGB inside (or in numpy for ORT)
         gray = images[..., :1]
         expected_gray = softmax(backends[0].infer(pre.normalize(np.repeat(gray, 3, axis=-1))))
         for backend in backends:
-            backend.image_buffer(5, None, 1)[...] = gray
-            assert np.abs(backend.run_images() - expected_gray).max() <= 1e-6, backend.name
-            backend.image_buffer(2, views, 1)[...] = gray[:2]
-            assert np.abs(backend.run_images() - softmax(backends[0].infer(pre.normalize(
+            slot = backend.image_slot(5, None, 1)
+            slot.inputs[...] = gray
+            assert np.abs(slot.run() - expected_gray).max() <= 1e-6, backend.name
+            slot = backend.image_slot(2, views, 1)
+            slot.inputs[...] = gray[:2]
+            assert np.abs(slot.run() - softmax(backends[0].infer(pre.normalize(
                 np.concatenate([views(np.repeat(a, 3, axis=-1)) for a in gray[:2]]))))).max() <= 1e-6, backend.name
         # Gray pixels are declared NCHW (the same memory as (5, H, W, 1)): no transpose in the model.
-        assert tuple(backends[0].requests[("images", 5, None, 1)][0].get_input_tensor().shape) == (5, 1, SIZE, SIZE)
+        assert tuple(backends[0].slots[("images", 5, None, 1)].request.get_input_tensor().shape) == (5, 1, SIZE, SIZE)
         with pytest.raises(EdgeKDError, match="2 channels cannot feed a 3-channel model"):
-            backends[0].image_buffer(1, None, 2)
+            backends[0].image_slot(1, None, 2)
     with pytest.raises(EdgeKDError, match="without a preprocessing spec"):
-        OpenVINOBackend(root / "openvino/model_fp32.xml", "input", "logits", threads=1).image_buffer(1)
+        OpenVINOBackend(root / "openvino/model_fp32.xml", "input", "logits", threads=1).image_slot(1)
 
 
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
@@ -354,14 +359,18 @@ def test_batched_tta_equals_per_view_runs(bundle, backend):
 def test_tta_batch_of_images_is_one_inference_call(bundle):
     runner = Runner.from_bundle(bundle, tta=["original", "hflip", "rot+15"], warmup=0)
     calls = []
-    run = runner.backend.run_images
-    runner.backend.run_images = lambda: calls.append("run") or run()
-    buffer = runner.backend.image_buffer
-    runner.backend.image_buffer = lambda n, views, c: calls.append((n, views.names)) or buffer(n, views, c)
+    image_slot = runner.backend.image_slot
+
+    def counted(n, views, channels):
+        slot = image_slot(n, views, channels)
+        calls.append((n, views.names))
+        return Slot(slot.inputs, lambda: calls.append("run") or slot.run(), slot.request)
+
+    runner.backend.image_slot = counted
     preds = runner.predict_batch([_rand_image(SIZE, SIZE, 3, seed=s) for s in range(4)])
     assert calls == [(4, ["original", "hflip", "rot+15"]), "run"] and len(preds) == 4
     # One (4 images x 3 views) compiled model: the views are built inside the model.
-    request = runner.backend.requests[("images", 4, runner.tta_views.key, 3)][0]
+    request = runner.backend.slots[("images", 4, runner.tta_views, 3)].request
     assert tuple(request.get_input_tensor().shape) == (4, SIZE, SIZE, 3)
     assert tuple(request.get_output_tensor().shape) == (12, len(CLASS_NAMES))
 
@@ -645,6 +654,24 @@ def test_latency_stats_and_child_peak_rss():
     assert 5 < child_mb < min(parent_mb, 200)
 
 
+def test_warmup_compiles_the_graph_for_the_bundles_image_channels(bundle, tmp_path):
+    # A 3-channel model trained on gray images gets gray inputs: the runner warms up the gray-input graph (recorded
+    # at export as runtime.image_channels), so the first real prediction compiles nothing. Without the record it
+    # warms up the model's own channels.
+    plain = Runner.from_bundle(bundle)
+    assert list(plain.backend.slots) == [("images", 1, None, 3)]
+    gray_bundle = tmp_path / "gray"
+    shutil.copytree(bundle, gray_bundle)
+    meta = json.loads((gray_bundle / "edgekd.json").read_text())
+    meta["runtime"] = {"threads": None, "image_channels": 1}
+    (gray_bundle / "edgekd.json").write_text(json.dumps(meta))
+    write_manifest(gray_bundle)
+    runner = Runner.from_bundle(gray_bundle)
+    assert list(runner.backend.slots) == [("images", 1, None, 1)]
+    runner.predict(_rand_image(SIZE, SIZE, 1, seed=3))
+    assert list(runner.backend.slots) == [("images", 1, None, 1)]
+
+
 def test_gray_input_kept_one_channel_until_normalize_gives_the_rgb_result(bundle):
     # The runner builds views on a gray image's single channel and repeats it to the model's 3 channels inside
     # the model (a separately compiled gray-input graph); the predictions must equal those of the same image
@@ -656,7 +683,7 @@ def test_gray_input_kept_one_channel_until_normalize_gives_the_rgb_result(bundle
     a, b = runner.predict(gray), runner.predict(rgb)
     assert np.abs(a.probs - b.probs).max() <= 1e-6
     assert all(np.abs(a.view_probs[v] - b.view_probs[v]).max() <= 1e-6 for v in a.view_probs)
-    assert ("images", 1, runner.tta_views.key, 1) in runner.backend.requests  # the gray graph ran
+    assert ("images", 1, runner.tta_views, 1) in runner.backend.slots  # the gray graph ran
     color = _rand_image(SIZE, SIZE, 3, seed=22)
     mixed = runner.predict_batch([gray, color, rgb])
     assert np.array_equal(mixed[0].probs, mixed[2].probs) and np.abs(mixed[0].probs - a.probs).max() <= 1e-6

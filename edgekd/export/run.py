@@ -132,8 +132,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     geometry, normalize = v2.Compose(pipeline.transforms[:-2]), v2.Compose(pipeline.transforms[-2:])
     val = data.dataset("val", train=False)
     picked = _sample(len(val), profile.parity.images, salt=1)
-    raw = torch.stack([geometry(torch.from_numpy(np.ascontiguousarray(val.raw(int(i)))).permute(2, 0, 1))
-                       for i in picked])
+    raw_images = [val.raw(int(i)) for i in picked]
+    raw = torch.stack([geometry(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)) for a in raw_images])
+    # What the runner warms up for: gray images for a 3-channel model run through their own compiled graph.
+    image_channels = 1 if raw_images and all(a.shape[-1] == 1 for a in raw_images) else preprocess["channels"]
     inputs, views = parity_inputs(raw, list(profile.tta.views), profile.tta.center_crop_fraction, normalize)
     splits = {s: _stack(data.dataset(s, train=False), _sample(len(data.tables[s]), profile.parity.metric_images, salt=2))
               for s in ("val", "test")}
@@ -155,7 +157,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         "io": {"input": INPUT_NAME, "output": OUTPUT_NAME, "dynamic_batch": True},
         "metrics": {"test": reference["splits"]["test"]["metrics"], "val": reference["splits"]["val"]["metrics"],
                     "training": ckpt.get("metrics") or {}},
-        "runtime": {"threads": profile.threads},
+        "runtime": {"threads": profile.threads, "image_channels": image_channels},
         "export_profile": profile.name,
     }
 

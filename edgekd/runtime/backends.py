@@ -3,17 +3,18 @@
 Each backend has two ways in:
 - `infer(x)`: the bare call, float32 (N, C, H, W) model input -> (N, classes) logits, the exported model as it is
   (parity checks, benchmarks, `Runner.infer`);
-- `image_buffer(n, views)` + `run_images()`: the runner's path, uint8 (N, H, W, C) model-size images -> (N x V,
-  classes) probabilities, every image's TTA views in a row. OpenVINO builds the views, normalizes, transposes
-  NHWC -> NCHW and applies the softmax inside the compiled model (its PrePostProcessor), so a prediction is one copy
-  of uint8 pixels and one inference call; ONNX Runtime does the same steps in numpy around the session.
+- `image_slot(n, views, channels)`: the runner's path, a `Slot` whose `inputs` take uint8 (n, H, W, C) model-size
+  images and whose `run()` returns (n x V, classes) probabilities, every image's TTA views in a row. OpenVINO
+  builds the views, normalizes, transposes NHWC -> NCHW and applies the softmax inside the compiled model (its
+  PrePostProcessor), so a prediction is one copy of uint8 pixels and one inference call; ONNX Runtime does the
+  same steps in numpy around the session.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -33,12 +34,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+class Slot:
+    """One compiled input size of a backend: fill `inputs` (for OpenVINO with static shapes, the inference
+    request's own memory), then `run()` returns a fresh (rows, classes) array. `request` is the OpenVINO infer
+    request behind it (None for ONNX Runtime). Not thread-safe: one caller at a time, as an infer request."""
+
+    __slots__ = ("inputs", "run", "request")
+
+    def __init__(self, inputs: np.ndarray, run: Callable[[], np.ndarray], request=None):
+        self.inputs, self.run, self.request = inputs, run, request
+
+
 class Backend(Protocol):
     """A compiled model. `infer(float32 NCHW batch) -> logits` is the bare call; the runner's own path is
-    `image_buffer(n, views, channels)` (a uint8 (n, H, W, C) array to fill with model-size images; channels 1 for
-    gray images and a 3-channel model, repeated to RGB inside) then `run_images()` -> (n x len(views), classes)
-    probabilities, image by image, views in order (views None: one row per image). A backend that owns its input
-    memory hands it out, so the runner copies pixels straight in."""
+    `image_slot(n, views, channels)`: its `inputs` a uint8 (n, H, W, C) array to fill with model-size images
+    (channels 1 for gray images and a 3-channel model, repeated to RGB inside), its `run()` -> (n x len(views),
+    classes) probabilities, image by image, views in order (views None: one row per image)."""
 
     name: str
     model_path: Path
@@ -47,9 +58,7 @@ class Backend(Protocol):
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def image_buffer(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> np.ndarray: ...
-
-    def run_images(self) -> np.ndarray: ...
+    def image_slot(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> Slot: ...
 
 
 def _image_channels(channels: int | None, model_channels: int) -> int:
@@ -117,14 +126,12 @@ class OpenVINOBackend:
             model.reshape({input_port.get_any_name(): ov.PartialShape([-1, *[d for d in shape][1:]])})
         self.model = model
         self.static_shapes = static_shapes and len(dims) == 4 and all(d is not None for d in dims[1:])
-        # One (infer request, input array, output array) per (kind, batch size, TTA views): a request re-allocates
-        # its buffers whenever the input shape changes, and the runner alternates between shapes (1 image, a chunk
-        # of N images, the last chunk). kind is "images" (the runner's path) or "tensor" (the bare model).
-        self.requests: OrderedDict[tuple, tuple] = OrderedDict()
+        # One Slot (infer request + its input and output memory) per (kind, input shape, TTA views): a request
+        # re-allocates its buffers whenever the input shape changes, and the runner alternates between shapes
+        # (1 image, a chunk of N images, the last chunk). kind is "images" (the runner's path) or "tensor" (the
+        # bare model).
+        self.slots: OrderedDict[tuple, Slot] = OrderedDict()
         self._dynamic: dict[tuple, object] = {}
-        self._current: tuple | None = None
-        self._pending: np.ndarray | None = None
-        self._host: tuple[np.ndarray, TTAViews] | None = None
 
     def _compile(self, kind: str, batch_size: int | None, views: TTAViews | None, channels: int | None):
         """The model (with the image pre/post-processing for kind "images", taking `channels`-channel images)
@@ -140,81 +147,71 @@ class OpenVINOBackend:
                                            batch_size, channels)
         return self.core.compile_model(model, "CPU", self.config)
 
-    def _request(self, kind: str, batch_size: int, views: TTAViews | None = None, channels: int | None = None):
-        """(infer request, input array, output array) for this batch size (view set, input channels), compiled on
-        first use; for a dynamic model (request, None, output port): its tensors change with each call's shape."""
-        key = (kind, batch_size, views.key if views is not None else None, channels)
-        entry = self.requests.get(key)
-        if entry is not None:
-            self.requests.move_to_end(key)
-            return entry
+    def _slot(self, key: tuple, kind: str, shape: tuple[int, ...], views: TTAViews | None) -> Slot:
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = self._new_slot(kind, shape, views)
+            while len(self.slots) > MAX_CACHED_REQUESTS:
+                self.slots.popitem(last=False)
+        else:
+            self.slots.move_to_end(key)
+        return slot
+
+    def _new_slot(self, kind: str, shape: tuple[int, ...], views: TTAViews | None) -> Slot:
+        """A compiled request for `shape` inputs: uint8 (n, H, W, C) images or the model's float32 tensor.
+
+        Static shapes: the inputs are the request's own memory (filling it skips OpenVINO's Python input
+        dispatcher, ~40 us per call, a sixth of a small CNN's batch-1 latency) and `run` is one synchronous call
+        on the calling thread (start_async + wait hands the job to a worker thread and back, ~10-20 us more on
+        this class of CPU); share_outputs: no result dict of copies. Dynamic: one dynamic-batch model per (kind,
+        channels), inputs handed over at each call; TTA views are built in numpy (the graph's gather needs a
+        static number of images). Results are copies (the request reuses its output memory)."""
+        n, channels = shape[0], shape[-1] if kind == "images" else None
+        gray = kind == "images" and channels == 1  # fed as (n, 1, H, W): the same memory as (n, H, W, 1)
         if self.static_shapes:
-            compiled = self._compile(kind, batch_size, views, channels)
-        else:
-            any_size = (kind, key[2], channels)
-            if any_size not in self._dynamic:
-                self._dynamic[any_size] = self._compile(kind, None, views, channels)
-            compiled = self._dynamic[any_size]
+            compiled = self._compile(kind, n, views, channels)
+            request = compiled.create_infer_request()
+            # PrePostProcessor keeps the tensor names on the nodes it adds, so the names still find the ports.
+            inputs = request.get_tensor(_find_port(compiled.inputs, self.input_name, self.model_path, "input")).data
+            outputs = request.get_tensor(_find_port(compiled.outputs, self.output_name, self.model_path, "output")).data
+            infer = request.infer
+
+            def run() -> np.ndarray:
+                infer(share_outputs=True)
+                return outputs.copy()
+
+            return Slot(inputs.reshape(shape) if gray else inputs, run, request)
+
+        dynamic_key = (kind, channels)
+        if dynamic_key not in self._dynamic:
+            self._dynamic[dynamic_key] = self._compile(kind, None, None, channels)
+        compiled = self._dynamic[dynamic_key]
         request = compiled.create_infer_request()
-        # PrePostProcessor keeps the tensor names on the nodes it adds, so the names still find the ports.
         output = _find_port(compiled.outputs, self.output_name, self.model_path, "output")
-        if self.static_shapes:  # the request's own memory, stable across calls for a static shape
-            data = request.get_tensor(_find_port(compiled.inputs, self.input_name, self.model_path, "input")).data
-            if kind == "images" and channels == 1:  # a gray model input is (n, 1, H, W): the same memory as NHWC
-                data = data.reshape(data.shape[0], data.shape[2], data.shape[3], 1)
-            entry = (request, data, request.get_tensor(output).data)
-        else:
-            entry = (request, None, output)
-        self.requests[key] = entry
-        while len(self.requests) > MAX_CACHED_REQUESTS:
-            self.requests.popitem(last=False)
-        return entry
+        inputs = np.empty(shape, dtype=np.uint8 if kind == "images" else np.float32)
 
-    def _buffer(self, kind: str, shape: tuple[int, ...], dtype, views: TTAViews | None = None) -> np.ndarray:
-        """Static shape: the request's own input memory (filling it skips OpenVINO's Python input dispatcher,
-        ~40 us per call, a sixth of a small CNN's batch-1 latency). Dynamic: a new array, handed over at `_run`."""
-        self._current = self._request(kind, shape[0], views, shape[-1] if kind == "images" else None)
-        input_array = self._current[1]
-        if input_array is None:
-            if kind == "images" and shape[-1] == 1:  # fed as (n, 1, H, W), filled as (n, H, W, 1)
-                self._pending = np.empty((shape[0], 1, *shape[1:3]), dtype=dtype)
-                return self._pending.reshape(shape)
-            input_array = self._pending = np.empty(shape, dtype=dtype)
-        return input_array
-
-    def _run(self) -> np.ndarray:
-        """Run on the last `_buffer`, filled; the result is copied (the request reuses its output memory)."""
-        request, input_array, output = self._current
-        if input_array is None:
-            request.infer({self.input_name: self._pending}, share_inputs=True)
-            self._pending = None
+        def run_dynamic() -> np.ndarray:
+            rows = inputs if views is None else np.concatenate([views(a) for a in inputs])
+            if gray:
+                rows = rows.reshape(rows.shape[0], 1, *rows.shape[1:3])
+            request.infer({self.input_name: rows}, share_inputs=True)
             return request.get_tensor(output).data.copy()
-        # The synchronous call runs on the calling thread: start_async + wait hands the job to a worker thread
-        # and back, ~10-20 us more per call on this class of CPU. share_outputs: no result dict of copies.
-        request.infer(share_outputs=True)
-        return output.copy()
+
+        return Slot(inputs, run_dynamic, request)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        np.copyto(self._buffer("tensor", batch.shape, np.float32), batch, casting="same_kind")
-        return self._run()
+        slot = self._slot(("tensor", batch.shape), "tensor", batch.shape, None)
+        np.copyto(slot.inputs, batch, casting="same_kind")
+        return slot.run()
 
-    def image_buffer(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> np.ndarray:
+    def image_slot(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> Slot:
+        key = ("images", n, views, channels)
+        slot = self.slots.get(key)
+        if slot is not None:  # the runner's per-call path: one lookup
+            self.slots.move_to_end(key)
+            return slot
         c, h, w = _need_preprocessor(self).input_shape
-        c = _image_channels(channels, c)
-        if views is not None and not self.static_shapes:
-            # A dynamic-shape model gets its views built in numpy at run_images (the graph's gather needs a static
-            # number of images).
-            self._host = (np.empty((n, h, w, c), dtype=np.uint8), views)
-            return self._host[0]
-        self._host = None
-        return self._buffer("images", (n, h, w, c), np.uint8, views)
-
-    def run_images(self) -> np.ndarray:
-        if self._host is not None:
-            (images, views), self._host = self._host, None
-            rows = np.concatenate([views(a) for a in images])
-            np.copyto(self._buffer("images", rows.shape, np.uint8), rows)
-        return self._run()
+        return self._slot(key, "images", (n, h, w, _image_channels(channels, c)), views)
 
 
 def _with_image_processing(model, input_name: str, output_name: str, pre: Preprocessor,
@@ -258,19 +255,24 @@ def _with_image_processing(model, input_name: str, output_name: str, pre: Prepro
 
 def _views_graph(node, views: TTAViews, n: int, h: int, w: int, c: int, out_shape: tuple[int, ...]):
     """float32 (n, H, W, C) pixel values (or (n, 1, H, W): the same for one channel) -> `out_shape` (n x V views,
-    image-major, NHWC or for one channel NCHW): a zero pixel appended, per output pixel and
-    view 4 gathered source pixels times their weights, summed, rounded half to even (as numpy's rint). Four
-    gathers of whole rows + one elementwise sum (which the CPU plugin fuses) rather than a (.., 4) reduction."""
+    image-major, NHWC or for one channel NCHW): C zero pixel values appended, per output value and view 4 gathered
+    source values times their weights, summed, rounded half to even (as numpy's rint). Everything on flat
+    (n, values) rows, each channel's indices spread over the pixel-channel axis: four gathers of whole rows + one
+    elementwise sum (which the CPU plugin fuses), with a long innermost axis (a trailing axis of size C made the
+    fused sum ~8x slower)."""
     import openvino.opset13 as ops
 
-    index, weight = views.linear_maps(h, w)  # (V, H*W, 4)
+    index, weight = views.linear_maps(h, w)  # (V, H*W, 4); index H*W is the zero pixel
+    channel = np.arange(c, dtype=np.int64)
+    index = index[:, :, None, :].astype(np.int64) * c + channel[None, None, :, None]  # (V, H*W, C, 4)
+    weight = np.broadcast_to(weight[:, :, None, :], index.shape)
     shape = lambda *dims: ops.constant(np.array(dims, dtype=np.int64))  # noqa: E731
-    x = ops.reshape(node, shape(n, h * w, c), False)
-    x = ops.concat([x, ops.constant(np.zeros((n, 1, c), dtype=np.float32))], 1)
+    x = ops.reshape(node, shape(n, h * w * c), False)
+    x = ops.concat([x, ops.constant(np.zeros((n, c), dtype=np.float32))], 1)
     total = None
     for k in range(4):
-        taken = ops.gather(x, ops.constant(index[:, :, k].reshape(-1).astype(np.int32)), ops.constant(np.int64(1)))
-        term = ops.multiply(taken, ops.constant(weight[:, :, k].reshape(1, -1, 1)))
+        taken = ops.gather(x, ops.constant(index[..., k].reshape(-1).astype(np.int32)), ops.constant(np.int64(1)))
+        term = ops.multiply(taken, ops.constant(np.ascontiguousarray(weight[..., k]).reshape(1, -1)))
         total = term if total is None else ops.add(total, term)
     return ops.reshape(ops.round(total, "half_to_even"), shape(*out_shape), False).output(0)
 
@@ -301,24 +303,22 @@ class ONNXRuntimeBackend:
         self.input_dims = [d if isinstance(d, int) else None for d in port.shape]
         self.input_name, self.output_name = input_name, output_name
         self.preprocessor = preprocessor
-        self._pending: np.ndarray | None = None
-        self._views: TTAViews | None = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
-    def image_buffer(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> np.ndarray:
-        c, h, w = _need_preprocessor(self).input_shape
-        self._pending, self._views = np.empty((n, h, w, _image_channels(channels, c)), dtype=np.uint8), views
-        return self._pending
-
-    def run_images(self) -> np.ndarray:
+    def image_slot(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> Slot:
         """The numpy TTA views and preprocessing (edgekd.runtime.tta/preprocess), the session, a float64 softmax."""
-        images, views, self._pending, self._views = self._pending, self._views, None, None
-        if views is not None:
-            images = np.concatenate([views(a) for a in images])
-        return softmax(self.infer(_need_preprocessor(self).normalize(images)))
+        pre = _need_preprocessor(self)
+        c, h, w = pre.input_shape
+        images = np.empty((n, h, w, _image_channels(channels, c)), dtype=np.uint8)
+
+        def run() -> np.ndarray:
+            rows = images if views is None else np.concatenate([views(a) for a in images])
+            return softmax(self.infer(pre.normalize(rows)))
+
+        return Slot(images, run)
 
 
 def _port_names(port) -> set[str]:
@@ -339,7 +339,7 @@ def create_backend(name: str, model_path: str | Path, input_name: str, output_na
                    threads: int | None = None, inference_precision: str | None = None,
                    cache_dir: str | Path | None = None, preprocessor: Preprocessor | None = None) -> Backend:
     """`cache_dir` applies to OpenVINO only (ONNX Runtime sessions build in milliseconds for these models).
-    `preprocessor` (the bundle's spec) enables the image path (`image_buffer` + `run_images`)."""
+    `preprocessor` (the bundle's spec) enables the image path (`image_slot`)."""
     if name == "openvino":
         return OpenVINOBackend(model_path, input_name, output_name, threads, inference_precision or "f32", cache_dir,
                                preprocessor=preprocessor)

@@ -69,6 +69,12 @@ class Bundle:
         return threads if isinstance(threads, int) and threads > 0 else None
 
     @property
+    def image_channels(self) -> int | None:
+        """The channels of the images the model was trained on (1: gray), recorded at export; None if unknown."""
+        channels = (self.meta.get("runtime") or {}).get("image_channels")
+        return channels if channels in (1, 3) else None
+
+    @property
     def model(self) -> dict[str, Any]:
         return self.meta.get("model", {})
 

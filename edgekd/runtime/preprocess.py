@@ -24,11 +24,11 @@ LUMA = (np.float32(0.2989), np.float32(0.587), np.float32(0.114))
 
 def as_image_array(image: ImageInput) -> np.ndarray:
     """A path, PIL image or uint8 array -> uint8 (H, W, C) with C 1 or 3; anything else is a one-line error."""
-    if isinstance(image, (str, Path)):
-        return read_image(image)
-    if isinstance(image, Image.Image):
-        return pil_to_array(image)
     if not isinstance(image, np.ndarray):
+        if isinstance(image, (str, Path)):
+            return read_image(image)
+        if isinstance(image, Image.Image):
+            return pil_to_array(image)
         raise EdgeKDError(f"expected an image path, PIL image or numpy array, got {type(image).__name__}")
     if image.ndim == 2:
         image = image[..., None]
@@ -122,8 +122,9 @@ class Preprocessor:
         arr = as_image_array(image)
         if not (keep_gray and arr.shape[-1] == 1):
             arr = to_channels(arr, self.channels)
-        arr = resize_bilinear(arr, *resized_size(arr.shape[0], arr.shape[1], self.resize))
-        arr = center_crop(arr, self.crop, self.crop)
+        if not (self.resize == self.crop == arr.shape[0] == arr.shape[1]):  # else already the model's size
+            arr = resize_bilinear(arr, *resized_size(arr.shape[0], arr.shape[1], self.resize))
+            arr = center_crop(arr, self.crop, self.crop)
         if self.bgr:
             arr = arr[..., ::-1]
         return arr

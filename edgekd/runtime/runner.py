@@ -100,19 +100,28 @@ class Runner:
         runner.warmup(warmup)
         return runner
 
+    def __post_init__(self) -> None:
+        self._class_names = self.bundle.class_names  # one list, shared by every Prediction
+
     @property
     def class_names(self) -> list[str]:
-        return self.bundle.class_names
+        return self._class_names
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.preprocessor.input_shape
 
     def warmup(self, rounds: int = 1) -> None:
-        """Compile and run the image path for one image (with the default TTA views) on a black image."""
+        """Compile and run the image path for one image (with the default TTA views) on a black image, with the
+        channels the bundle's images have (gray images for a 3-channel model take their own compiled graph)."""
+        views = self.tta_views if self.tta else None
+        channels = self.bundle.image_channels or self.preprocessor.channels
+        if channels not in (1, self.preprocessor.channels):
+            channels = self.preprocessor.channels
         for _ in range(max(0, rounds)):
-            self.backend.image_buffer(1, self.tta_views if self.tta else None)[...] = 0
-            self.backend.run_images()
+            slot = self.backend.image_slot(1, views, channels)
+            slot.inputs[...] = 0
+            slot.run()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """The bare backend call: float32 (N, C, H, W) model input -> (N, num_classes) logits."""
@@ -123,9 +132,9 @@ class Runner:
         return self._checked(self.backend.infer(batch), batch.shape[0])
 
     def _checked(self, logits: np.ndarray, rows: int) -> np.ndarray:
-        if logits.shape != (rows, len(self.class_names)):
+        if logits.shape != (rows, len(self._class_names)):
             raise EdgeKDError(f"{self.backend.model_path}: output shape {logits.shape} does not match "
-                              f"({rows}, {len(self.class_names)} classes)")
+                              f"({rows}, {len(self._class_names)} classes)")
         return logits
 
     def _views(self, tta: TTAOption) -> TTAViews | None:
@@ -143,7 +152,12 @@ class Runner:
 
     def predict(self, image: ImageInput, tta: TTAOption = None) -> Prediction:
         """One image (path, PIL image or uint8 (H, W[, C]) array) -> Prediction. `tta` overrides the default."""
-        return self._predict_sized([self.preprocessor.to_model_size(image, keep_gray=True)], [_describe(image)], tta)[0]
+        views = self._views(tta)
+        sized = self.preprocessor.to_model_size(image, keep_gray=True)
+        # Gray images for a 3-channel model stay one channel (repeated to RGB inside the model).
+        slot = self.backend.image_slot(1, views, sized.shape[-1])
+        slot.inputs[0] = sized
+        return self._ensembled(_describe(image), self._run(slot, 1, views), views)
 
     def predict_batch(self, images: Sequence[ImageInput], tta: TTAOption = None,
                       sources: Sequence[str] | None = None) -> list[Prediction]:
@@ -153,30 +167,38 @@ class Runner:
         return self._predict_sized(sized, sources, tta)
 
     def _predict_sized(self, sized: list[np.ndarray], sources: list[str], tta: TTAOption) -> list[Prediction]:
-        """uint8 model-size images -> views -> one inference call -> per-image mean-softmax predictions."""
-        views = self._views(tta)
+        """uint8 model-size images -> one inference call (the backend builds the views, normalizes and returns
+        probabilities, image by image) -> per-image mean-softmax predictions."""
         if not sized:
             return []
-        v = len(views) if views is not None else 1
-        # Pixels go straight into the backend's input memory, then one inference call for all images and views;
-        # the backend builds the views, normalizes and returns probabilities, image by image. Gray images for a
-        # 3-channel model stay one channel (repeated to RGB inside the model); in a batch with color images they
-        # are broadcast to 3 channels here.
+        views = self._views(tta)
+        # Pixels go straight into the backend's input memory. Gray images for a 3-channel model stay one channel
+        # (repeated to RGB inside the model); in a batch with color images they are broadcast to 3 channels here.
         channels = 1 if all(a.shape[-1] == 1 for a in sized) else self.preprocessor.channels
-        buffer = self.backend.image_buffer(len(sized), views, channels)
+        slot = self.backend.image_slot(len(sized), views, channels)
         for i, image in enumerate(sized):
-            buffer[i] = image
-        probs = np.asarray(self._checked(self.backend.run_images(), len(sized) * v), dtype=np.float64)
-        if views is None:  # one view per image: its softmax is the prediction
-            return [self._prediction(src, p, None) for src, p in zip(sources, probs)]
-        return [self._prediction(src, probs[i * v:(i + 1) * v].mean(axis=0),  # mean-softmax ensemble
-                                 dict(zip(views.names, probs[i * v:(i + 1) * v])))
-                for i, src in enumerate(sources)]
+            slot.inputs[i] = image
+        probs = self._run(slot, len(sized), views)
+        v = len(views) if views is not None else 1
+        return [self._ensembled(src, probs[i * v:(i + 1) * v], views) for i, src in enumerate(sources)]
+
+    def _run(self, slot, n_images: int, views: TTAViews | None) -> np.ndarray:
+        """The slot's inference call -> float64 (n_images x V, classes) probabilities, shape checked."""
+        probs = slot.run()
+        rows = n_images * len(views) if views is not None else n_images
+        return self._checked(probs, rows).astype(np.float64)
+
+    def _ensembled(self, source: str, probs: np.ndarray, views: TTAViews | None) -> Prediction:
+        """One image's (V, classes) view probabilities -> its Prediction (mean softmax over the views)."""
+        if views is None:  # one view: its softmax is the prediction
+            return self._prediction(source, probs[0], None)
+        return self._prediction(source, probs.mean(axis=0), dict(zip(views.names, probs)))
 
     def _prediction(self, source: str, probs: np.ndarray, view_probs: dict[str, np.ndarray] | None) -> Prediction:
         index = int(probs.argmax())
-        return Prediction(source=source, index=index, label=self.class_names[index], probs=probs,
-                          class_names=self.class_names, view_probs=view_probs)
+        names = self._class_names
+        return Prediction(source=source, index=index, label=names[index], probs=probs, class_names=names,
+                          view_probs=view_probs)
 
     def predict_many(self, inputs: Iterable[ImageInput], batch: int = 16,
                      tta: TTAOption = None) -> Iterator[Prediction | Failure]:

@@ -158,11 +158,15 @@ class TTAViews:
         self.names = names
         self.center_crop_fraction = float(center_crop_fraction)
         self.functions = [view_function(n, center_crop_fraction) for n in names]
+        self.key = (*names, self.center_crop_fraction)
+        """What identifies this view set (names in order and the crop fraction): equal keys, equal views."""
+        self._hash = hash(self.key)
 
-    @property
-    def key(self) -> tuple:
-        """What identifies this view set (names in order and the crop fraction), e.g. to cache a compiled model."""
-        return (*self.names, self.center_crop_fraction)
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TTAViews) and other.key == self.key
+
+    def __hash__(self) -> int:  # a compiled model per view set is cached by it
+        return self._hash
 
     def linear_maps(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """All views' `linear_map`s stacked: (V, H*W, 4) indices and (V, H*W, 4) weights."""
