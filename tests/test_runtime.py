@@ -311,6 +311,11 @@ def test_image_path_preprocesses_in_the_backend_as_numpy_does(tmp_path, channels
             probs = slot.run()
             assert probs.shape == (n, len(CLASS_NAMES))
             assert np.abs(probs - expected[:n]).max() <= 1e-6, (backend.name, n)
+            # Slots are reused per size (their memory is bound to the model) and results are fresh arrays.
+            assert backend.image_slot(n) is slot
+            kept = probs.copy()
+            slot.inputs[...] = images[::-1][:n]
+            assert np.abs(slot.run() - expected[::-1][:n]).max() <= 1e-6 and np.array_equal(probs, kept)
             slot = backend.image_slot(n, views)
             slot.inputs[...] = images[:n]
             probs = slot.run()

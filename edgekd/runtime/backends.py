@@ -77,6 +77,18 @@ def _need_preprocessor(backend) -> Preprocessor:
     return backend.preprocessor
 
 
+def _cached(slots: OrderedDict, key: tuple, build: Callable[[], Slot]) -> Slot:
+    """slots[key], built on first use; the least recently used beyond MAX_CACHED_REQUESTS are dropped."""
+    slot = slots.get(key)
+    if slot is None:
+        slot = slots[key] = build()
+        while len(slots) > MAX_CACHED_REQUESTS:
+            slots.popitem(last=False)
+    else:
+        slots.move_to_end(key)
+    return slot
+
+
 class OpenVINOBackend:
     """OpenVINO CPU plugin. FP32 math is pinned (INFERENCE_PRECISION_HINT=f32) so results match the export's parity
     check; the CPU plugin may otherwise pick bf16/fp16 on capable CPUs. Reads OpenVINO IR (.xml) or ONNX.
@@ -147,16 +159,6 @@ class OpenVINOBackend:
                                            batch_size, channels)
         return self.core.compile_model(model, "CPU", self.config)
 
-    def _slot(self, key: tuple, kind: str, shape: tuple[int, ...], views: TTAViews | None) -> Slot:
-        slot = self.slots.get(key)
-        if slot is None:
-            slot = self.slots[key] = self._new_slot(kind, shape, views)
-            while len(self.slots) > MAX_CACHED_REQUESTS:
-                self.slots.popitem(last=False)
-        else:
-            self.slots.move_to_end(key)
-        return slot
-
     def _new_slot(self, kind: str, shape: tuple[int, ...], views: TTAViews | None) -> Slot:
         """A compiled request for `shape` inputs: uint8 (n, H, W, C) images or the model's float32 tensor.
 
@@ -200,18 +202,16 @@ class OpenVINOBackend:
         return Slot(inputs, run_dynamic, request)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        slot = self._slot(("tensor", batch.shape), "tensor", batch.shape, None)
+        slot = _cached(self.slots, ("tensor", batch.shape), lambda: self._new_slot("tensor", batch.shape, None))
         np.copyto(slot.inputs, batch, casting="same_kind")
         return slot.run()
 
     def image_slot(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> Slot:
-        key = ("images", n, views, channels)
-        slot = self.slots.get(key)
-        if slot is not None:  # the runner's per-call path: one lookup
-            self.slots.move_to_end(key)
-            return slot
-        c, h, w = _need_preprocessor(self).input_shape
-        return self._slot(key, "images", (n, h, w, _image_channels(channels, c)), views)
+        def build() -> Slot:
+            c, h, w = _need_preprocessor(self).input_shape
+            return self._new_slot("images", (n, h, w, _image_channels(channels, c)), views)
+
+        return _cached(self.slots, ("images", n, views, channels), build)
 
 
 def _with_image_processing(model, input_name: str, output_name: str, pre: Preprocessor,
@@ -303,20 +303,38 @@ class ONNXRuntimeBackend:
         self.input_dims = [d if isinstance(d, int) else None for d in port.shape]
         self.input_name, self.output_name = input_name, output_name
         self.preprocessor = preprocessor
+        classes = self.session.get_outputs()[0].shape
+        self.classes = classes[-1] if len(classes) == 2 and isinstance(classes[-1], int) else None
+        self.slots: OrderedDict[tuple, Slot] = OrderedDict()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
     def image_slot(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> Slot:
-        """The numpy TTA views and preprocessing (edgekd.runtime.tta/preprocess), the session, a float64 softmax."""
+        """The numpy TTA views and preprocessing (edgekd.runtime.tta/preprocess) into a float32 array bound to the
+        session's input (ONNX Runtime I/O binding: no per-call input/output dispatch), the session, a float64
+        softmax. Slots are kept per (n, views, channels) like OpenVINO's."""
+        return _cached(self.slots, (n, views, channels), lambda: self._new_image_slot(n, views, channels))
+
+    def _new_image_slot(self, n: int, views: TTAViews | None, channels: int | None) -> Slot:
         pre = _need_preprocessor(self)
         c, h, w = pre.input_shape
         images = np.empty((n, h, w, _image_channels(channels, c)), dtype=np.uint8)
+        rows = n * len(views) if views is not None else n
+        x = np.empty((rows, c, h, w), dtype=np.float32)
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cpu", 0, np.float32, list(x.shape), x.ctypes.data)
+        if self.classes is not None:
+            logits = np.empty((rows, self.classes), dtype=np.float32)
+            binding.bind_output(self.output_name, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        else:  # an output of unknown width: ONNX Runtime allocates it
+            binding.bind_output(self.output_name, "cpu")
 
         def run() -> np.ndarray:
-            rows = images if views is None else np.concatenate([views(a) for a in images])
-            return softmax(self.infer(pre.normalize(rows)))
+            pre.normalize(images if views is None else np.concatenate([views(a) for a in images]), out=x)
+            self.session.run_with_iobinding(binding)
+            return softmax(logits if self.classes is not None else binding.copy_outputs_to_cpu()[0])
 
         return Slot(images, run)
 
