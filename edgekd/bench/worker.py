@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from edgekd.runtime.preprocess import Preprocessor
-from edgekd.runtime.runner import softmax
+from edgekd.runtime.backends import softmax
 from edgekd.runtime.timing import peak_rss_mb, time_call
 from edgekd.runtime.tta import TTAViews
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.runtime.backends import BACKENDS, Backend, create_backend, softmax  # noqa: F401 (re-export)
+from edgekd.runtime.backends import BACKENDS, Backend, create_backend
 from edgekd.runtime.bundle import PRECISIONS, Bundle, open_bundle
 from edgekd.runtime.preprocess import ImageInput, Preprocessor
 from edgekd.runtime.tta import TTAViews
@@ -115,9 +115,7 @@ class Runner:
         """Compile and run the image path for one image (with the default TTA views) on a black image, with the
         channels the bundle's images have (gray images for a 3-channel model take their own compiled graph)."""
         views = self.tta_views if self.tta else None
-        channels = self.bundle.image_channels or self.preprocessor.channels
-        if channels not in (1, self.preprocessor.channels):
-            channels = self.preprocessor.channels
+        channels = 1 if self.bundle.image_channels == 1 else self.preprocessor.channels
         for _ in range(max(0, rounds)):
             slot = self.backend.image_slot(1, views, channels)
             slot.inputs[...] = 0
