@@ -92,17 +92,22 @@ def cross_domain(overrides: list[str], force: bool, seeds: tuple[int, ...] = (0,
                     out = RUNS / "pneumonia-fashion" / seeded(stem, seed)
                     extra = [f"seed={seed}", f"continual.checkpoint={student_dir(kd, seed) / 'best.pt'}"] if seed else []
                     s = run(RECIPES / "pneumonia-fashion" / f"{stem}.yaml", out, [*overrides, *extra], force)
-                    acc = np.asarray(s["acc_matrix"], dtype=float)
-                    f1 = np.asarray(s["f1_matrix"], dtype=float)
-                    records.append({
-                        "scenario": "cross_domain", "task_a": "pneumoniamnist", "task_b": "fashion_mnist", "kd": kd,
-                        "method": method, "bn_freeze": bn, "head": s["head"], "seed": seed,
-                        "task_a_before": acc[0, 0], "task_a_after": acc[1, 0],
-                        "retention": acc[1, 0] / acc[0, 0], "task_b_acc": acc[1, 1], "task_b_f1": f1[1, 1],
-                        "task_a_f1_before": f1[0, 0], "task_a_f1_after": f1[1, 0],
-                        "eval_split": s["eval_split"], "run": str(out.relative_to(REPO)),
-                    })
+                    records.append(cross_record(s, kd, method, bn, seed, out))
     return records
+
+
+def cross_record(s: dict, kd: str, method: str, bn: bool, seed: int, out: Path) -> dict:
+    """One cross-domain run's record from its continual summary (task A = row/column 0, task B = 1)."""
+    acc = np.asarray(s["acc_matrix"], dtype=float)
+    f1 = np.asarray(s["f1_matrix"], dtype=float)
+    return {
+        "scenario": "cross_domain", "task_a": "pneumoniamnist", "task_b": "fashion_mnist", "kd": kd,
+        "method": method, "bn_freeze": bn, "head": s["head"], "seed": seed,
+        "task_a_before": acc[0, 0], "task_a_after": acc[1, 0],
+        "retention": acc[1, 0] / acc[0, 0], "task_b_acc": acc[1, 1], "task_b_f1": f1[1, 1],
+        "task_a_f1_before": f1[0, 0], "task_a_f1_after": f1[1, 0],
+        "eval_split": s["eval_split"], "run": str(out.relative_to(REPO)),
+    }
 
 
 def cell_means(records: list[dict], head: str = "multi") -> list[dict]:
@@ -129,13 +134,7 @@ def cross_domain_single_head(overrides: list[str], force: bool) -> list[dict]:
             stem = f"logit-{method}" + ("-bnfreeze" if bn else "")
             out = RUNS / "pneumonia-fashion-single-head" / stem
             s = run(RECIPES / "pneumonia-fashion" / f"{stem}.yaml", out, [*overrides, "continual.head=single"], force)
-            acc, f1 = np.asarray(s["acc_matrix"], dtype=float), np.asarray(s["f1_matrix"], dtype=float)
-            records.append({
-                "scenario": "cross_domain", "task_a": "pneumoniamnist", "task_b": "fashion_mnist", "kd": "logit",
-                "method": method, "bn_freeze": bn, "head": "single", "task_a_before": acc[0, 0],
-                "task_a_after": acc[1, 0], "retention": acc[1, 0] / acc[0, 0], "task_b_acc": acc[1, 1],
-                "task_b_f1": f1[1, 1], "eval_split": s["eval_split"], "run": str(out.relative_to(REPO)),
-            })
+            records.append(cross_record(s, "logit", method, bn, 0, out))
     return records
 
 
