@@ -71,11 +71,20 @@ class OptimizerConfig(Section):
     momentum: float = 0.9
 
 
+def monitor_direction(metric: str) -> Literal["max", "min"]:
+    """Whether a larger value of a logged metric is better: losses and calibration errors go down, the rest up."""
+    name = metric.lower()
+    return "min" if "loss" in name or "ece" in name else "max"
+
+
 class SchedulerConfig(Section):
     name: Literal["none", "cosine", "plateau"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     min_lr: float = 1e-6
-    monitor: str = "val_loss"
+    monitor: str | None = None
+    """plateau: the logged metric it watches (default: train.monitor)."""
+    mode: Literal["max", "min"] | None = None
+    """plateau: whether `monitor` should go up or down (default: from its name, as train.monitor_mode)."""
     factor: float = 0.5
     patience: int = 2
 
@@ -97,7 +106,11 @@ class SWAConfig(Section):
     enabled: bool = False
     start_epoch: int = 0
     """0-based epoch from which weights are averaged (default: the last quarter)."""
-    lr: float | None = None
+    lr: float | None = Field(None, gt=0)
+    """From start_epoch on, torch's SWALR anneals the LR to this constant instead of the main schedule
+    (null: the main schedule goes on)."""
+    anneal_epochs: int = Field(1, ge=1)
+    """Epochs over which SWALR anneals (cosine) from the current LR to `lr`."""
 
 
 class TrainConfig(Section):
@@ -107,7 +120,8 @@ class TrainConfig(Section):
     loss: LossConfig = LossConfig()
     monitor: str = "val_auc"
     """The metric that picks the best checkpoint and drives early stopping."""
-    monitor_mode: Literal["max", "min"] = "max"
+    monitor_mode: Literal["max", "min"] | None = None
+    """Default: from the metric's name (`*loss*`, `*ece*` -> min, else max)."""
     early_stop: EarlyStopConfig = EarlyStopConfig()
     amp: bool = True
     """Mixed precision; used only on CUDA."""
@@ -117,6 +131,17 @@ class TrainConfig(Section):
     device: str = "auto"
     deterministic: bool = True
     nonfinite: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _directions(self) -> "TrainConfig":
+        if self.monitor_mode is None:
+            self.monitor_mode = monitor_direction(self.monitor)
+        sched = self.scheduler
+        if sched.monitor is None:
+            sched.monitor = self.monitor
+        if sched.mode is None:
+            sched.mode = self.monitor_mode if sched.monitor == self.monitor else monitor_direction(sched.monitor)
+        return self
 
 
 class KLTerm(Section):
@@ -352,7 +377,21 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     if base is None:
         return raw
     parent = _read_yaml_with_base((path.parent / base), seen)
-    return deep_merge(parent, raw)
+    return inherit(parent, raw)
+
+
+def inherit(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """A child recipe over its `base:`: sections merge key by key, except `model.kwargs`, which are one
+    architecture's constructor arguments: a child's kwargs replace the parent's whole, and a child naming
+    another model starts from none (a ViT student must not inherit its Swin teacher's window_size)."""
+    merged = deep_merge(parent, child)
+    p_model, c_model = parent.get("model") or {}, child.get("model") or {}
+    if isinstance(c_model, dict) and isinstance(merged.get("model"), dict):
+        if "kwargs" in c_model:
+            merged["model"]["kwargs"] = copy.deepcopy(c_model["kwargs"])
+        elif "name" in c_model and c_model["name"] != p_model.get("name"):
+            merged["model"].pop("kwargs", None)
+    return merged
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -39,4 +39,15 @@ def test_multiclass_macro_metrics():
     assert m["sensitivity"] == pytest.approx((1 + 1 + 0.5) / 3)
     # specificities: class0 tn=2 fp=1 -> 2/3; class1 1; class2 1
     assert m["specificity"] == pytest.approx((2 / 3 + 1 + 1) / 3)
-    assert 0 < m["auc"] <= 1 and np.isnan(m["pauc"])
+    assert 0 < m["auc"] <= 1
+    # pAUC(TPR >= 0.8) per class against the rest, then the mean. Classes 0 and 1: the positive scores highest,
+    # a perfect ROC: 0.2 each. Class 2: positives 0.7, 0.1 vs negatives 0.1, 0.1: the ROC runs from (0, 0.5)
+    # straight to (1, 1), TPR = 0.5 + 0.5 FPR, above 0.8 for FPR >= 0.6: area int_0.6^1 (0.5x - 0.3) dx = 0.04.
+    assert m["pauc"] == pytest.approx((0.2 + 0.2 + 0.04) / 3)
+
+
+def test_multiclass_pauc_needs_every_class():
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.7, 0.2], [0.6, 0.3, 0.1]])
+    m = classification_metrics(y, probs)
+    assert np.isnan(m["pauc"]) and np.isnan(m["auc"])

@@ -51,6 +51,18 @@ def test_base_inheritance_merges_deeply(tmp_path):
     assert (r.name, r.train.epochs, r.train.optimizer.name, r.train.optimizer.lr) == ("child", 5, "sgd", 0.1)
 
 
+def test_model_kwargs_are_replaced_not_merged(tmp_path):
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": "swinv2_tiny_window8_256", "kwargs": {"img_size": 32, "window_size": 2}}}))
+    (tmp_path / "vit.yaml").write_text("base: teacher.yaml\nmodel: {name: vit_small_patch16_224}\n")
+    (tmp_path / "vit28.yaml").write_text("base: teacher.yaml\nmodel: {name: vit_small_patch16_224, "
+                                         "kwargs: {img_size: 28, patch_size: 4}}\n")
+    (tmp_path / "swin.yaml").write_text("base: teacher.yaml\nmodel: {drop_path_rate: 0.2}\n")
+    assert load_recipe(tmp_path / "vit.yaml").model.kwargs == {}
+    assert load_recipe(tmp_path / "vit28.yaml").model.kwargs == {"img_size": 28, "patch_size": 4}
+    assert load_recipe(tmp_path / "swin.yaml").model.kwargs == {"img_size": 32, "window_size": 2}
+
+
 def test_digest_changes_with_content():
     a = recipe_from_dict({"name": "x"})
     b = recipe_from_dict({"name": "x", "seed": 1})

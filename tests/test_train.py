@@ -161,3 +161,79 @@ def test_differential_lr_and_warmup_cosine():
         sched.step()
     assert lrs[0] == pytest.approx(1e-6) and lrs[2] == pytest.approx(1e-4)
     assert lrs[2] > lrs[5] > lrs[9] and math.isclose(lrs[9], 1e-4 * (1 + math.cos(math.pi * 7 / 8)) / 2, rel_tol=1e-6)
+
+
+def test_monitor_direction_is_inferred_from_the_metric_name():
+    cases = {"val_loss": "min", "val_ece": "min", "train_loss": "min", "val_auc": "max", "val_pauc": "max",
+             "val_acc": "max"}
+    for metric, mode in cases.items():
+        t = recipe_from_dict({"train": {"monitor": metric}}).train
+        assert t.monitor_mode == mode, metric
+        assert t.scheduler.monitor == metric and t.scheduler.mode == mode
+    explicit = recipe_from_dict({"train": {"monitor": "val_loss", "monitor_mode": "max"}}).train
+    assert explicit.monitor_mode == "max"
+    sched = recipe_from_dict({"train": {"monitor": "val_auc", "scheduler": {"name": "plateau",
+                                                                             "monitor": "val_loss"}}}).train
+    assert sched.monitor_mode == "max" and sched.scheduler.mode == "min"
+
+
+def test_val_loss_monitor_keeps_the_lowest_loss_epoch(tiny_recipe_dict, tmp_path):
+    d = deep(tiny_recipe_dict, train__epochs=4)
+    del d["train"]["monitor_mode"]  # inferred: min for a loss
+    res = train_recipe(recipe_from_dict(d), tmp_path / "r", log=lambda s: None)
+    losses = [h["val_loss"] for h in res.fit.history]
+    assert res.fit.best_epoch == losses.index(min(losses)) + 1
+    assert load_checkpoint(res.best_path)["metrics"]["val_loss"] == pytest.approx(min(losses))
+
+
+def test_plateau_scheduler_steps_on_its_own_monitor(tiny_recipe_dict, tmp_path):
+    from edgekd.data import build_data
+    from edgekd.train.run import build_student_model
+    from edgekd.train.trainer import SupervisedObjective, Trainer
+
+    d = deep(tiny_recipe_dict, train__monitor="val_acc",
+             train__scheduler={"name": "plateau", "monitor": "val_loss", "patience": 0})
+    del d["train"]["monitor_mode"]
+    r = recipe_from_dict(d)
+    data = build_data(r)
+    model, _ = build_student_model(r, data)
+    trainer = Trainer(r, model, data, SupervisedObjective(torch.nn.CrossEntropyLoss()), tmp_path, log=lambda s: None)
+    trainer._step_schedule({"val_loss": 0.30, "val_acc": 0.90}, 0)
+    assert trainer.scheduler.best == 0.30 and trainer.scheduler.mode == "min"
+    trainer._step_schedule({"val_loss": 0.20, "val_acc": 0.50}, 1)  # loss improved, acc did not: no LR cut
+    assert trainer.scheduler.best == 0.20 and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    trainer._step_schedule({"val_loss": 0.25, "val_acc": 0.99}, 2)  # loss worse (patience 0): the LR halves
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    with pytest.raises(EdgeKDError, match="train.scheduler.monitor: 'val_loss' is not a logged metric"):
+        trainer._step_schedule({"val_acc": 0.9}, 3)
+
+
+def test_swa_lr_switches_to_swalr(tiny_recipe_dict, tmp_path):
+    def lrs(swa):
+        r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=4, train__optimizer={"name": "sgd", "lr": 0.05},
+                                  train__scheduler={"name": "cosine", "min_lr": 0.0}, train__swa=swa))
+        return [h["lr"] for h in train_recipe(r, tmp_path / str(len(swa)), log=lambda s: None).fit.history]
+
+    def cosine(step):
+        return 0.05 * (1 + math.cos(math.pi * step / 4)) / 2
+
+    # the LR each epoch trained with: SWALR takes over after the epoch at start_epoch 2 (annealed in 1 epoch)
+    swalr = lrs({"enabled": True, "start_epoch": 2, "lr": 0.01, "anneal_epochs": 1})
+    assert swalr == pytest.approx([0.05, cosine(1), cosine(2), 0.01])
+    plain = lrs({"enabled": True, "start_epoch": 2})  # without swa.lr the cosine schedule goes on
+    assert plain == pytest.approx([0.05, cosine(1), cosine(2), cosine(3)])
+
+
+def test_nan_monitor_fails_at_the_first_epoch(tiny_recipe_dict, tmp_path):
+    # val_pauc of a 2-class model is NaN when val holds one class only: limit to a one-class val split
+    import numpy as np
+    path = tmp_path / "oneclass.npz"
+    z = dict(np.load(tiny_recipe_dict["data"]["path"]))
+    z["val_labels"] = np.zeros_like(z["val_labels"])
+    np.savez(path, **z)
+    d = deep(tiny_recipe_dict, train__epochs=5, train__monitor="val_auc", data__path=str(path))
+    del d["train"]["monitor_mode"]
+    logs = []
+    with pytest.raises(EdgeKDError, match="train.monitor: 'val_auc' is NaN at epoch 1"):
+        train_recipe(recipe_from_dict(d), tmp_path / "r", log=logs.append)
+    assert not logs  # no epoch finished

@@ -27,8 +27,9 @@ def partial_auc_above_tpr(y_true: np.ndarray, score: np.ndarray, min_tpr: float 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int = 1) -> dict[str, float]:
     """acc, balanced acc, macro F1/precision/recall, sensitivity/specificity, AUC, PR-AUC, pAUC(TPR>=0.8).
 
-    Binary: sensitivity/specificity/AUC/PR-AUC/pAUC for class `positive`. Multi-class: macro one-vs-rest AUC,
-    macro sensitivity (= recall) and macro specificity.
+    Binary: sensitivity/specificity/AUC/PR-AUC/pAUC for class `positive`. Multi-class: macro one-vs-rest AUC and
+    pAUC (the ISIC 2024 formula per class against the rest, then the mean), macro sensitivity (= recall) and
+    macro specificity; AUC, PR-AUC and pAUC are NaN unless every class is present.
     """
     y_true = np.asarray(y_true).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
@@ -67,9 +68,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
             out["auc"] = skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels)
             onehot = np.eye(k)[y_true]
             out["pr_auc"] = skm.average_precision_score(onehot, probs, average="macro")
+            out["pauc"] = float(np.mean([partial_auc_above_tpr((y_true == c).astype(int), probs[:, c])
+                                         for c in labels]))
         else:
-            out["auc"] = out["pr_auc"] = float("nan")
-        out["pauc"] = float("nan")
+            out["auc"] = out["pr_auc"] = out["pauc"] = float("nan")
     return {key: float(v) for key, v in out.items()}
 
 

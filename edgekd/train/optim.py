@@ -28,13 +28,13 @@ def build_optimizer(model: nn.Module, cfg, extra_params: list[nn.Parameter] | No
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int, monitor_mode: str = "max"):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int):
     """Stepped once per epoch. cosine: linear warmup for `warmup_epochs`, then cosine to `min_lr`.
-    plateau: ReduceLROnPlateau on the monitored metric (step(value))."""
+    plateau: ReduceLROnPlateau on `cfg.monitor` in direction `cfg.mode` (step(value))."""
     if cfg.name == "none" or epochs == 0:
         return None
     if cfg.name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=monitor_mode, factor=cfg.factor,
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=cfg.mode or "max", factor=cfg.factor,
                                                           patience=cfg.patience, min_lr=cfg.min_lr)
     warmup = min(cfg.warmup_epochs, max(epochs - 1, 0))
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs - warmup, 1), eta_min=cfg.min_lr)

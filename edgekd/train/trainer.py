@@ -108,6 +108,19 @@ def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Modul
     return out
 
 
+def monitored_value(row: dict[str, Any], name: str, key: str, epoch: int) -> float:
+    """The value of a monitored metric in an epoch's log row: a one-line error when it is missing or NaN (a
+    metric undefined for this data, e.g. AUC on a split with one class, would silently keep the first epoch)."""
+    value = row.get(name)
+    if value is None:
+        raise EdgeKDError(f"{key}: '{name}' is not a logged metric "
+                          f"(choose from {', '.join(k for k in row if k.startswith(('val_', 'train_')))})")
+    if isinstance(value, float) and math.isnan(value):
+        raise EdgeKDError(f"{key}: '{name}' is NaN at epoch {epoch + 1} (undefined for this data, e.g. AUC or pAUC "
+                          "on a split without every class); monitor another metric such as val_loss")
+    return value
+
+
 @dataclass
 class FitResult:
     best_path: Path
@@ -143,13 +156,17 @@ class Trainer:
         self.checkpoint_extra = checkpoint_extra or (lambda: {})
         extra_params = list(getattr(objective, "parameters", lambda: [])())
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer, extra_params)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, self.cfg.epochs, self.cfg.monitor_mode)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, self.cfg.epochs)
         self.use_amp = self.cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.swa_model = None
+        self.swa_model = self.swa_scheduler = None
         if self.cfg.swa.enabled:
             self.swa_model = torch.optim.swa_utils.AveragedModel(self.model)
             self.swa_start = self.cfg.swa.start_epoch or max(int(self.cfg.epochs * 0.75), 0)
+            if self.cfg.swa.lr is not None:  # from swa_start on, SWALR replaces the main schedule
+                self.swa_scheduler = torch.optim.swa_utils.SWALR(
+                    self.optimizer, swa_lr=self.cfg.swa.lr, anneal_epochs=self.cfg.swa.anneal_epochs,
+                    anneal_strategy="cos")
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
         self.best_value = -math.inf if self.cfg.monitor_mode == "max" else math.inf
@@ -169,6 +186,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict(),
             "swa": self.swa_model.state_dict() if self.swa_model else None,
+            "swa_scheduler": self.swa_scheduler.state_dict() if self.swa_scheduler else None,
         }
 
     def checkpoint_payload(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, float],
@@ -197,6 +215,8 @@ class Trainer:
         self.scaler.load_state_dict(st["scaler"])
         if self.swa_model and st["swa"]:
             self.swa_model.load_state_dict(st["swa"])
+        if self.swa_scheduler and st.get("swa_scheduler"):
+            self.swa_scheduler.load_state_dict(st["swa_scheduler"])
         self.epoch, self.history = st["epoch"], st["history"]
         self.best_value, self.best_epoch = st["best_value"], st["best_epoch"]
         self.bad_epochs, self.nonfinite = st["bad_epochs"], st["nonfinite"]
@@ -287,15 +307,8 @@ class Trainer:
             val = evaluate(self.model, val_loader, self.device, self.eval_criterion, self.eval_view)
             row.update({f"val_{k}": v for k, v in val.items()})
             row["epoch_seconds"] = time.perf_counter() - t0
-            monitor = row.get(self.cfg.monitor)
-            if monitor is None:
-                raise EdgeKDError(f"train.monitor: '{self.cfg.monitor}' is not a logged metric "
-                                  f"(choose from {', '.join(k for k in row if k.startswith('val_'))})")
-            if self.scheduler is not None:
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    self.scheduler.step(monitor)
-                else:
-                    self.scheduler.step()
+            monitor = monitored_value(row, self.cfg.monitor, "train.monitor", epoch)
+            self._step_schedule(row, epoch)
             improved = self._improved(monitor)
             if improved:
                 self.best_value, self.best_epoch, self.bad_epochs = monitor, epoch + 1, 0
@@ -333,6 +346,15 @@ class Trainer:
                 {str(i): p for i, p in enumerate(self._unmanaged_params)}) if self._unmanaged_params else None})
         return FitResult(best_path, last_path, self.history, self.best_value, self.best_epoch, stopped_early,
                          self.nonfinite, extra)
+
+    def _step_schedule(self, row: dict[str, Any], epoch: int) -> None:
+        """Once per epoch: SWALR from swa_start on (when swa.lr is set), else the main schedule."""
+        if self.swa_scheduler is not None and epoch >= self.swa_start:
+            self.swa_scheduler.step()
+        elif isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(monitored_value(row, self.cfg.scheduler.monitor, "train.scheduler.monitor", epoch))
+        elif self.scheduler is not None:
+            self.scheduler.step()
 
     def _finish_swa(self, best_path: Path) -> dict[str, float]:
         """Recompute BN statistics for the averaged weights; keep them as best.pt if they beat the best epoch."""
