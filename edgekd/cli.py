@@ -126,6 +126,36 @@ def train(
     console.print(f"wrote {result.best_path} and reports in {out}")
 
 
+@app.command()
+def check(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set data.batch_size=4 (repeatable)."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Generated data of the recipe's image size, channels "
+                                   "and classes; untrained stand-ins for absent teacher/student checkpoints."),
+    classes: Optional[int] = typer.Option(None, "--classes", min=2, help="With --synthetic: the class count "
+                                          "(default: from the recipe, a MedMNIST file name, else 2)."),
+) -> None:
+    """Check a recipe before a long run: validate it, build its data, model, teacher and plug-ins, run two
+    optimizer steps and one evaluation at its image size; print params, MACs, seconds per step and per epoch."""
+    from edgekd.check import check_recipe
+
+    with console.status(f"checking {recipe} ..."):
+        r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes)
+    table = RichTable(title=f"{recipe}: ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    rows = [("model", r.model), ("teacher", r.teacher or "-"), ("params", f"{r.params / 1e6:.3f} M"),
+            ("MACs", f"{r.macs / 1e6:.1f} M" if r.macs else "-"), ("input", "x".join(map(str, r.input_size))),
+            ("batch", str(r.batch_size)), ("seconds per step", f"{r.step_seconds:.3f}"),
+            ("per epoch", f"{r.epoch_seconds:.0f} s ({r.train_images} train images)" if r.epoch_seconds is not None
+             else f"{r.step_seconds / r.batch_size * 1000:.0f} s per 1000 train images"),
+            ("peak RSS", f"{r.peak_rss_mb:.0f} MB"), ("check took", f"{r.seconds:.1f} s")]
+    rows += [("stand-in", s) for s in r.stand_ins]
+    for k, v in rows:
+        table.add_row(k, escape(v))
+    out_console.print(table)
+
+
 @app.command("eval")
 def eval_(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`; with "

@@ -192,6 +192,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
             write_csv_log(task_dir / "log.csv", fit.history)
             record["epochs"] = len(fit.history)
             record["seconds"] = float(sum(h["epoch_seconds"] for h in fit.history))
+            record["step_seconds"] = fit.step_seconds
             # The sequence goes on from the last epoch's weights: old-task data is not there to pick a "best".
             save_checkpoint(task_dir / "task.pt", {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                                   "metrics": {}, "recipe_digest": recipe.digest(), **meta})

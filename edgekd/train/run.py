@@ -16,7 +16,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.metrics.report import evaluation_report, write_csv_log, write_json
 from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
 from edgekd.fileio import ensure_free_space, write_text
-from edgekd.train.checkpoint import model_from_checkpoint
+from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
 from edgekd.train.distributed import is_main_process
 from edgekd.train.losses import build_loss
 from edgekd.train.trainer import (FitResult, Objective, Plugin, SupervisedObjective, Trainer, predict_logits,
@@ -49,6 +49,15 @@ def checkpoint_meta(recipe, data: DataModule, spec: dict[str, Any]) -> dict[str,
         "recipe": recipe.to_dict(), "role": recipe.role, "dataset": data.source_name,
         "edgekd_version": __version__,
     }
+
+
+def untrained_checkpoint(recipe, path: str | Path) -> Path:
+    """A checkpoint of the recipe's model as built, before any training (its data gives classes and
+    preprocessing): what `edgekd check` stands in for a teacher or starting student that is not there yet."""
+    data = build_data(recipe)
+    model, spec = build_student_model(recipe, data)
+    return save_checkpoint(path, {**checkpoint_meta(recipe, data, spec), "state_dict": model.state_dict(),
+                                  "metrics": {}, "recipe_digest": recipe.digest()})
 
 
 def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spec: dict[str, Any],

@@ -131,6 +131,8 @@ class FitResult:
     stopped_early: bool = False
     nonfinite_batches: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall time of each optimizer step (forward, backward and update of its accumulated batches)."""
 
 
 class Trainer:
@@ -175,6 +177,7 @@ class Trainer:
         self.nonfinite = 0
         self.checkpoints_written = 0
         self.samples_seen = 0
+        self.step_seconds: list[float] = []
         self._unmanaged_params: list[nn.Parameter] = []
 
     # ----------------------------------------------------------------- state
@@ -240,6 +243,7 @@ class Trainer:
         total, count, n_batches = 0.0, 0, len(loader)
         task = progress.add_task(f"epoch {epoch + 1}/{self.cfg.epochs}", total=n_batches) if progress else None
         self.optimizer.zero_grad(set_to_none=True)
+        step_start = time.perf_counter()
         for step, (images, targets) in enumerate(loader):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -270,6 +274,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for p in self.plugins:
                     p.after_step(self)
+                now = time.perf_counter()
+                self.step_seconds.append(now - step_start)
+                step_start = now
             total += loss.item() * len(targets)
             count += len(targets)
             self.samples_seen += len(targets)
@@ -345,7 +352,7 @@ class Trainer:
             "objective_sha256": distributed.weights_digest(
                 {str(i): p for i, p in enumerate(self._unmanaged_params)}) if self._unmanaged_params else None})
         return FitResult(best_path, last_path, self.history, self.best_value, self.best_epoch, stopped_early,
-                         self.nonfinite, extra)
+                         self.nonfinite, extra, self.step_seconds)
 
     def _step_schedule(self, row: dict[str, Any], epoch: int) -> None:
         """Once per epoch: SWALR from swa_start on (when swa.lr is set), else the main schedule."""

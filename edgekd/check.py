@@ -1,0 +1,230 @@
+"""`edgekd check`: build what a recipe's training would build and run it for two optimizer steps and one evaluation.
+
+Real data by default (a missing file is the data stage's one-line error); `synthetic=True` stands in a generated
+MedMNIST-shaped set with the recipe's image size, channels and class count, and a randomly initialised teacher
+(or starting student) of the recipe's architecture for a checkpoint that is not there yet, so a recipe can be
+checked on a machine that has none of its data. The run itself is `run_recipe` on a shrunken copy of the recipe
+(one epoch, two batches), so it goes through exactly the code a real `edgekd train` runs.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgekd.data.sources import FASHION_CLASSES, MEDMNIST_CLASSES
+from edgekd.errors import EdgeKDError
+from edgekd.recipe import Recipe, load_recipe, recipe_from_dict
+
+STEPS = 2
+"""Optimizer steps a check runs (the second one is timed: the first pays for allocation and warm-up)."""
+
+
+@dataclass
+class CheckResult:
+    recipe: str
+    name: str
+    kind: str
+    """supervised, distill or continual."""
+    model: str
+    params: int
+    macs: int | None
+    input_size: list[int]
+    batch_size: int
+    step_seconds: float
+    train_images: int | None
+    """The real train split's size (None for synthetic data: no epoch estimate)."""
+    epoch_seconds: float | None
+    seconds: float
+    peak_rss_mb: float
+    teacher: str | None = None
+    stand_ins: list[str] = field(default_factory=list)
+    """What a synthetic check generated instead of the recipe's files."""
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of the shrunken run (the check reports its own summary)."""
+
+
+def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic: bool = False,
+                 classes: int | None = None, log: Callable[[str], None] = _quiet) -> CheckResult:
+    """Validate the recipe, build its data, model, teacher and plug-ins, train two steps, evaluate once."""
+    from edgekd.pipeline import run_recipe
+
+    t0 = time.perf_counter()
+    recipe = load_recipe(path, overrides)
+    with tempfile.TemporaryDirectory(prefix="edgekd-check-") as tmp:
+        tmp = Path(tmp)
+        stand_ins: list[str] = []
+        if synthetic:
+            recipe = synthetic_recipe(recipe, tmp, classes, stand_ins)
+        train_images = None if synthetic else count_train_images(recipe)
+        result = run_recipe(shrunken(recipe, synthetic), tmp / "run", log=log)
+        start = recipe.continual.checkpoint if recipe.continual else None
+        model = _arch_name(start) if start else recipe.model.name
+        teacher = _arch_name(recipe.distill.teacher) if recipe.distill else None
+    steps = _step_seconds(result)
+    step = steps[-1] if steps else float("nan")
+    batch = recipe.data.batch_size * recipe.train.grad_accum
+    return CheckResult(
+        recipe=str(path), name=recipe.name,
+        kind="continual" if recipe.continual else "distill" if recipe.distill else "supervised",
+        model=model, params=int(result.params), macs=getattr(result, "macs", None),
+        input_size=[recipe.data.channels, recipe.data.image_size, recipe.data.image_size],
+        batch_size=recipe.data.batch_size, step_seconds=step, train_images=train_images,
+        epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
+        seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(), teacher=teacher, stand_ins=stand_ins)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _step_seconds(result) -> list[float]:
+    if getattr(result, "fit", None) is not None:
+        return list(result.fit.step_seconds)
+    return [s for step in result.summary["steps"] for s in step.get("step_seconds", [])]
+
+
+def _arch_name(checkpoint: str) -> str:
+    from edgekd.train.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint)["arch"]["name"]
+
+
+def count_train_images(recipe: Recipe) -> int:
+    """Build the recipe's data as training would (every file decoded once): the train split's size."""
+    if recipe.continual:
+        from edgekd.continual.scenarios import build_tasks
+
+        return sum(len(t.data.tables["train"]) for t in build_tasks(recipe))
+    from edgekd.data import build_data
+
+    return len(build_data(recipe).tables["train"])
+
+
+def shrunken(recipe: Recipe, synthetic: bool) -> Recipe:
+    """The same recipe for one epoch of STEPS optimizer steps (SWA from the start, no early stop)."""
+    raw = recipe.to_dict()
+    train = raw["train"]
+    train["epochs"] = 1
+    train["early_stop"]["patience"] = None
+    if train["swa"]["enabled"]:
+        train["swa"]["start_epoch"] = 0
+    if not synthetic:  # a synthetic set is generated at this size already
+        limit = STEPS * recipe.data.batch_size * recipe.train.grad_accum
+        raw["data"]["limit"] = limit
+        for task in (raw.get("continual") or {}).get("tasks", []):
+            task["data"]["limit"] = limit
+    return recipe_from_dict(raw, where=f"{recipe.name} (shrunk for check)")
+
+
+# ------------------------------------------------------------------------------------------------- synthetic
+def known_classes(data: dict[str, Any]) -> int | None:
+    """The class count of a data section's dataset when the recipe says it without the data at hand."""
+    if data.get("classes"):
+        return max(data["classes"]) + 1
+    if data.get("class_names"):
+        return len(data["class_names"])
+    if data.get("source") == "fashion_mnist":
+        return len(FASHION_CLASSES)
+    if data.get("source") in ("builtin", None):
+        return 2
+    names = MEDMNIST_CLASSES.get(Path(data.get("path") or "").stem.lower())
+    return len(names) if names else None
+
+
+def synthetic_images(n: int, size: int, channels: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable uint8 images: class c brightens a class-specific cell of a 3x3 grid over low noise; every class
+    appears (labels cycle), so every per-class metric is defined."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, size, size, channels), dtype=np.uint8)
+    cell = max(size // 3, 1)
+    for i, c in enumerate(labels):
+        r, col = divmod(int(c) % 9, 3)
+        images[i, r * cell:(r + 1) * cell, col * cell:(col + 1) * cell] += np.uint8(120 + 10 * (int(c) // 9 % 8))
+    return images, labels
+
+
+def write_synthetic_npz(path: Path, data: dict[str, Any], classes: int, counts: tuple[int, int, int], seed: int) -> Path:
+    """A MedMNIST-shaped .npz at the data section's raw size (its eval resize) and channels."""
+    size = data.get("resize") or data.get("image_size") or 28
+    channels = data.get("channels", 3)
+    arrays = {}
+    for k, (split, n) in enumerate(zip(("train", "val", "test"), counts)):
+        images, labels = synthetic_images(n, size, channels, classes, seed + k)
+        arrays[f"{split}_images"] = images[..., 0] if channels == 1 else images
+        arrays[f"{split}_labels"] = labels[:, None].astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | None, batch: int,
+                    stand_ins: list[str]) -> dict[str, Any]:
+    """Point a data section at a generated set named after the real one (MedMNIST names give real labels)."""
+    k = classes or known_classes(data) or 2
+    stem = Path(data.get("path") or "builtin").stem or "data"
+    train = max(STEPS * batch, 2 * k)
+    held = max(min(batch, 32), 2 * k)
+    path = write_synthetic_npz(tmp / tag / f"{stem}.npz", data, k, (train, held, held), seed=len(stand_ins))
+    stand_ins.append(f"{tag}: {data.get('source', 'builtin')} {data.get('path') or ''} -> {k}-class synthetic "
+                     f"{data.get('resize') or data.get('image_size')} px".replace("  ", " "))
+    return {**data, "source": "medmnist", "path": str(path), "split": "given", "folds": None, "fold": None,
+            "limit": None}
+
+
+def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: list[str]) -> Recipe:
+    """The recipe over generated data, with untrained stand-ins for absent teacher/student checkpoints."""
+    raw = recipe.to_dict()
+    batch = recipe.data.batch_size * recipe.train.grad_accum
+    if raw["model"]["pretrained"] or raw["model"]["weights"]:
+        stand_ins.append(f"model: {recipe.model.name} randomly initialised (no pretrained weights offline)")
+        raw["model"]["pretrained"], raw["model"]["weights"] = False, None
+    k = classes or known_classes(raw["data"]) or 2
+    outputs = len(raw["data"]["classes"]) if raw["data"].get("classes") else k
+    raw["data"] = _synthetic_data(raw["data"], tmp, "data", k, batch, stand_ins)
+    cont = raw.get("continual")
+    if cont:
+        for i, task in enumerate(cont["tasks"]):
+            if not task["data"]:
+                continue  # the task reads the recipe's data section, synthetic already
+            merged = {**recipe.data.model_dump(), **task["data"]}
+            fresh = _synthetic_data(merged, tmp, f"task{i + 1}", known_classes(merged), batch, stand_ins)
+            task["data"] = {**task["data"], **{key: fresh[key] for key in
+                                               ("source", "path", "split", "folds", "fold", "limit")}}
+        if cont.get("checkpoint") and not Path(cont["checkpoint"]).is_file():
+            first = {**raw, "continual": None, "distill": None}
+            first["data"] = {**raw["data"], **cont["tasks"][0]["data"]}
+            if cont["tasks"][0].get("classes"):
+                first["data"]["classes"] = cont["tasks"][0]["classes"]
+            cont["checkpoint"] = str(_stand_in(first, tmp / "student.pt", "continual.checkpoint", stand_ins))
+    dist = raw.get("distill")
+    if dist and not (dist.get("teacher") and Path(dist["teacher"]).is_file()):
+        if not dist.get("teacher_recipe"):
+            raise EdgeKDError(f"distill.teacher {dist.get('teacher')}: checkpoint not found and no "
+                              "distill.teacher_recipe to stand in a random teacher of its architecture")
+        teacher = load_recipe(dist["teacher_recipe"]).to_dict()
+        teacher["model"]["pretrained"], teacher["model"]["weights"] = False, None
+        teacher["data"] = _synthetic_data({**teacher["data"], "classes": None, "class_names": None}, tmp,
+                                          "teacher-data", outputs, batch, stand_ins)
+        dist["teacher"] = str(_stand_in(teacher, tmp / "teacher.pt", "distill.teacher", stand_ins))
+    return recipe_from_dict(raw, where=f"{recipe.name} (synthetic)")
+
+
+def _stand_in(raw: dict[str, Any], path: Path, key: str, stand_ins: list[str]) -> Path:
+    from edgekd.train.run import untrained_checkpoint
+
+    rec = recipe_from_dict(raw, where=f"{key} stand-in")
+    stand_ins.append(f"{key}: untrained {rec.model.name} at {rec.data.image_size} px")
+    return untrained_checkpoint(rec, path)
