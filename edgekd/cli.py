@@ -351,7 +351,7 @@ def bench(
     min_runs: int = typer.Option(20, "--min-runs", min=1, help="Minimum timed calls per measurement."),
     warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed calls before each measurement."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Skip the torch.compile rows."),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Score only the first N test images."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Score a stratified, seeded subset of N test images."),
     profile: bool = typer.Option(False, "--profile", help="OpenVINO per-layer profile of every OpenVINO row."),
     parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Parity images when exporting a checkpoint."),
     calib_images: Optional[int] = typer.Option(None, "--calib-images", help="INT8 calibration images when exporting."),

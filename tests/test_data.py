@@ -132,6 +132,28 @@ def test_transforms_by_v2_class_name():
         build_op({"RandomRotation": {"degreez": 3}})
 
 
+def test_input_sized_augment_ops_follow_the_image_size():
+    from edgekd.recipe import DataConfig
+
+    cfg = DataConfig(image_size=20, channels=3)
+    t = build_transforms(cfg, [{"RandomResizedCrop": {"scale": [0.5, 1.0]}}, "RandomCrop"], train=True)
+    assert t(torch.zeros(3, 37, 29, dtype=torch.uint8)).shape == (3, 20, 20)
+    assert build_transforms(cfg, [{"RandomResizedCrop": {"size": 20}}], train=True)
+    with pytest.raises(EdgeKDError, match="RandomResizedCrop size 224 differs from data.image_size 20"):
+        build_transforms(cfg, [{"RandomResizedCrop": {"size": 224}}], train=True)
+
+
+def test_nested_random_apply_builds_again_from_the_same_recipe_list():
+    # the recipe's op list is built once per pipeline (validation, train, each epoch's loader): building must not
+    # consume it (RandomApply once popped its inner list, so the second build had no transforms)
+    spec = {"RandomApply": {"transforms": [{"GaussianBlur": {"kernel_size": 5}}], "p": 0.3}}
+    first, second = build_op(spec), build_op(spec)
+    assert len(first.transforms) == len(second.transforms) == 1
+    assert spec == {"RandomApply": {"transforms": [{"GaussianBlur": {"kernel_size": 5}}], "p": 0.3}}
+    with pytest.raises(EdgeKDError, match="augment: RandomApply"):
+        build_op({"RandomApply": {"transforms": []}})
+
+
 def test_eval_transform_resizes_and_crops():
     cfg = recipe(image_size=16, resize=20, channels=1, mean=[0.0], std=[1.0]).data
     t = build_transforms(cfg, [], train=False)
@@ -164,3 +186,14 @@ def test_image_modes_decode(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(EdgeKDError, match="empty file"):
         read_image(tmp_path / "empty.png")
+
+
+def test_stratified_subset_keeps_the_class_mix_of_a_sorted_split():
+    from edgekd.data.splits import stratified_subset
+
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)  # a class-sorted folder: the first 20 are all class 0
+    idx = stratified_subset(labels, 20, seed=0)
+    assert len(idx) == 20 and np.all(np.diff(idx) > 0)
+    assert np.bincount(labels[idx]).tolist() == [12, 6, 2]
+    assert np.array_equal(idx, stratified_subset(labels, 20, seed=0))  # seeded
+    assert np.array_equal(stratified_subset(labels, 500, seed=0), np.arange(100))

@@ -310,7 +310,7 @@ def test_int8_paths_quantize_and_are_gated(tmp_path):
     xml = (tmp_path / "b/openvino/model_int8.xml").read_text()
     assert "FakeQuantize" in xml or 'element_type="i8"' in xml or 'element_type="u8"' in xml
     for rec in result.parity["artifacts"]:
-        assert rec["tolerance"] == {"max_abs": None, **loose} and rec["passed"]
+        assert rec["tolerance"] == {"max_abs": None, "rtol": 0.0, **loose} and rec["passed"]
         assert 0 < rec["max_abs_diff"] and rec["top1_agreement"] >= 0.75
         assert set(rec["metric_drop"]) == {"val", "test"}
 
@@ -321,7 +321,7 @@ def test_int8_tolerance_miss_is_an_error(tmp_path):
     # An impossible bound (INT8 logits never match FP32 to 1e-9) must fail the export, not warn.
     profile = profile_from_dict({"parity": {"images": 4, "tolerances": {"int8": {"max_abs": 1e-9}}},
                                  "quantization": {"calib_images": 8}})
-    with pytest.raises(EdgeKDError, match=r"onnx/int8: max abs logit diff .* > 1e-09"):
+    with pytest.raises(EdgeKDError, match=r"onnx/int8: logit diff .* at \|reference\| .* > 1e-09 \+ 0·\|reference\|"):
         export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["int8"], profile, log=quiet)
     assert not (tmp_path / "b").exists()
 
@@ -362,3 +362,69 @@ def test_int8_accuracy_control_mode(tmp_path):
     assert "accuracy-controlled" in art["quantization"]
     # max_drop 0 on the val split: NNCF reverts layers until val accuracy is unchanged.
     assert result.parity["artifacts"][0]["metric_drop"]["val"]["acc"] <= 0.0
+
+
+def _fake_session(run):
+    from edgekd.export.artifact import ArtifactSession
+
+    return ArtifactSession(input_names=["input"], output_names=["logits"], input_shape=[None, 3, 8, 8],
+                           output_shape=[None, 3], run=run)
+
+
+def _parity_case(scale: float, seed: int = 0):
+    """A parity set of 40 inputs and a reference model whose logits are `scale` times a fixed linear map."""
+    from edgekd.export.parity import ParitySet, split_metrics
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(3 * 8 * 8, 3))
+    x = rng.normal(size=(40, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+
+    def logits(inputs):
+        return (inputs.reshape(len(inputs), -1).astype(np.float64) @ w * scale).astype(np.float32)
+
+    ref = {"logits": logits(x), "splits": {"val": {"logits": logits(x), "metrics": split_metrics(y, logits(x))}}}
+    return ParitySet(x, ["original"] * 40, {"val": (x, y)}), ref, logits
+
+
+def test_fp32_gate_is_relative_for_large_logits_and_strict_for_small():
+    from edgekd.export.parity import check_artifact
+    from edgekd.export.profile import profile_from_dict
+
+    fp32 = profile_from_dict({}).parity.tolerances.fp32
+    # Logits ~1e3 (a badly scaled but valid model) with a 1e-7 relative error: |diff| ~1e-4..3e-4 > atol 1e-4,
+    # far inside atol + rtol*|ref|: passes.
+    data, ref, logits = _parity_case(scale=100.0)
+    assert np.abs(ref["logits"]).max() > 500
+    rel = _fake_session(lambda x: (logits(x).astype(np.float64) * (1 + 1e-7)).astype(np.float32))
+    record, failures = check_artifact(rel, data, ref, fp32, (3, 8, 8), 3, 7, "val")
+    assert record["max_abs_diff"] > 1e-4 and not failures, failures
+    # The old absolute-only rule refuses the same artifact.
+    strict = fp32.model_copy(update={"rtol": 0.0})
+    assert check_artifact(rel, data, ref, strict, (3, 8, 8), 3, 7, "val")[1]
+    # A perturbed artifact of a normally scaled model still fails: 1e-3 added to every logit.
+    data, ref, logits = _parity_case(scale=0.1)
+    assert np.abs(ref["logits"]).max() < 20
+    bumped = _fake_session(lambda x: logits(x) + np.float32(1e-3))
+    record, failures = check_artifact(bumped, data, ref, fp32, (3, 8, 8), 3, 7, "val")
+    assert any("logit diff 0.001" in f and "1e-05·|reference|" in f for f in failures), failures
+    assert record["allclose_violations"] == 40 * 3
+    # ... and so does a single logit out of 120 moved by 1e-3.
+    def one_off(x):
+        out = logits(x)
+        if len(x) == 40 or len(x) == 7:
+            out[0, 0] += 1e-3
+        return out
+    assert check_artifact(_fake_session(one_off), data, ref, fp32, (3, 8, 8), 3, 7, "val")[1]
+
+
+def test_metric_gate_reports_its_image_count_and_resolution():
+    from edgekd.export.parity import check_artifact
+    from edgekd.export.profile import profile_from_dict
+
+    int8 = profile_from_dict({}).parity.tolerances.int8
+    data, ref, logits = _parity_case(scale=1.0)
+    record, failures = check_artifact(_fake_session(logits), data, ref, int8, (3, 8, 8), 3, 7, "val")
+    assert not failures and record["split_images"]["val"] == 40
+    assert record["acc_resolution"]["val"] == pytest.approx(1 / 40)
+    assert record["acc_gate_resolves"] is False  # 40 images: one image is 2.5 points > the 1-point limit

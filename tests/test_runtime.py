@@ -735,3 +735,74 @@ def test_tta_linear_maps_give_the_views_exactly_in_any_summation_order(shape):
     assert np.array_equal(forward, backward) and np.array_equal(forward, pairwise)
     assert np.array_equal(np.rint(forward).astype(np.uint8), expected)
     assert not np.array_equal(expected[0], expected[4])  # the rotation really resamples
+
+
+def _hairy_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Skin-like RGB images with a lesion blob and thin dark hairs across them."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        img = np.full((size, size, 3), (205, 160, 140), dtype=np.float64) + rng.normal(0, 6, (size, size, 3))
+        cy, cx, r = rng.integers(size // 3, 2 * size // 3, 2).tolist() + [size // 5]
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] *= 0.6
+        for _ in range(3):  # hairs: 1-2 px dark lines
+            a, b = rng.uniform(-1, 1), rng.integers(0, size)
+            line = np.abs(yy - (a * xx + b)) < 1.0
+            img[line] = (40, 30, 25)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def test_remove_hair_fills_thin_dark_lines():
+    from edgekd.hair import remove_hair
+
+    img = _hairy_images(1, 64)[0]
+    clean = remove_hair(img)
+    assert clean.shape == img.shape and clean.dtype == np.uint8
+    dark = img.mean(-1) < 60  # the hairs
+    assert dark.sum() > 50 and clean[dark].mean() > img[dark].mean() + 60  # filled with skin/lesion colour
+    gray = remove_hair(img.mean(-1, keepdims=True).astype(np.uint8))
+    assert gray.shape == (64, 64, 1)
+
+
+@pytest.mark.slow
+def test_skin_bundle_with_hair_removal_predicts_like_pytorch(tmp_path):
+    """A recipe with data.hair_removal exports (parity on hair-removed inputs) and the runtime applies the same
+    hair removal: runner probabilities == PyTorch on the training-side eval pipeline; without it they differ."""
+    import torch
+
+    from edgekd.data import build_transforms
+    from edgekd.export import export_checkpoint, load_profile
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import model_from_checkpoint
+    from edgekd.train.run import untrained_checkpoint
+
+    arrays = {}
+    for i, (split, n) in enumerate((("train", 16), ("val", 12), ("test", 12))):
+        arrays[f"{split}_images"] = _hairy_images(n, 48, seed=i)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2)[:, None].astype(np.uint8)
+    np.savez(tmp_path / "skin.npz", **arrays)
+    recipe = recipe_from_dict({"name": "skin", "data": {"source": "medmnist", "path": str(tmp_path / "skin.npz"),
+                                                        "image_size": 32, "resize": 36, "hair_removal": True},
+                               "model": {"name": "edgekd_cnn_tiny"}})
+    torch.manual_seed(0)
+    ckpt = untrained_checkpoint(recipe, tmp_path / "best.pt")
+    bundle = tmp_path / "bundle"
+    export_checkpoint(ckpt, bundle, ["onnx", "openvino"], ["fp32"], load_profile(None), log=lambda *_: None)
+    assert json.loads((bundle / "edgekd.json").read_text())["preprocess"]["hair_removal"] is True
+
+    images = _hairy_images(6, 48, seed=7)
+    model, _ = model_from_checkpoint(ckpt)
+    transform = build_transforms(recipe.data, [], train=False)
+    with torch.no_grad():
+        x = torch.stack([transform(torch.from_numpy(a).permute(2, 0, 1)) for a in images])
+        torch_probs = torch.softmax(model(x), dim=1).numpy()
+    for backend in ("openvino", "onnx"):
+        runner = Runner.from_bundle(bundle, backend=backend)
+        probs = np.stack([p.probs for p in runner.predict_batch(list(images))])
+        assert np.abs(probs - torch_probs).max() <= 1e-4, backend
+    no_hair = build_transforms(recipe.data.model_copy(update={"hair_removal": False}), [], train=False)
+    with torch.no_grad():
+        hairy = torch.softmax(model(torch.stack([no_hair(torch.from_numpy(a).permute(2, 0, 1)) for a in images])), 1)
+    assert np.abs(hairy.numpy() - torch_probs).max() > 1e-3  # the test sees whether hair removal ran

@@ -249,9 +249,14 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
     return subject
 
 
+EVAL_SEED = 0
+"""Seed of the --eval-limit subset: two benchmarks with the same limit score the same images."""
+
+
 def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, log) -> None:
     """The test split at this subject's model input size (uint8, runtime preprocessing) -> an .npy for the workers."""
     from edgekd.data import build_data
+    from edgekd.data.splits import stratified_subset
     from edgekd.runtime import Preprocessor
 
     data = build_data(recipe)
@@ -259,13 +264,15 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
         raise EdgeKDError(f"--data: {recipe.name} has {data.num_classes} classes, the {subject.role} model "
                           f"{len(subject.class_names)}")
     test = data.dataset("test", train=False)
-    n = len(test) if not limit else min(limit, len(test))
+    # --eval-limit: a seeded subset with the split's class mix (the first N of a class-sorted folder is one class)
+    picked = stratified_subset(test.table.labels, limit or len(test), EVAL_SEED)
     prep = Preprocessor(subject.preprocess)
-    images = np.stack([prep.to_model_size(test.raw(i)) for i in range(n)])
+    images = np.stack([prep.to_model_size(test.raw(int(i))) for i in picked])
     subject.images = work / f"{subject.role}-test-images.npy"
     np.save(subject.images, images)
-    subject.labels = np.asarray(test.table.labels[:n])
-    log(f"{subject.role}: {n} test images of {recipe.data.source} '{recipe.name}' at {images.shape[1:]}")
+    subject.labels = np.asarray(test.table.labels[picked])
+    log(f"{subject.role}: {len(picked)} test images of {recipe.data.source} '{recipe.name}' at {images.shape[1:]}"
+        + (f" (stratified subset of {len(test)})" if len(picked) < len(test) else ""))
 
 
 def attach_synthetic_images(subject: Subject, work: Path, n: int) -> None:

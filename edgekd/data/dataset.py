@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from edgekd.data.sources import Table, load_source
-from edgekd.data.splits import make_splits
+from edgekd.data.splits import make_splits, stratified_subset
 from edgekd.data.transforms import build_transforms, preprocess_spec
 from edgekd.errors import EdgeKDError
 from edgekd.imageio import read_image
@@ -140,11 +140,7 @@ def _order_named_classes(tables: dict[str, Table], names: list[str], wanted: lis
 
 
 def _limit(table: Table, n: int, seed: int) -> Table:
-    if len(table) <= n:
-        return table
-    from edgekd.data.splits import stratified_split
-    _, held = stratified_split(table.labels, n / len(table), seed)
-    return table.subset(held)
+    return table if len(table) <= n else table.subset(stratified_subset(table.labels, n, seed))
 
 
 def build_data(recipe) -> DataModule:

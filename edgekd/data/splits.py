@@ -18,6 +18,13 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(keep), np.sort(held)
 
 
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subset of `n` items with the class proportions of `labels` (all if n >= len)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    return stratified_split(labels, n / len(labels), seed)[1]
+
+
 def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Like stratified_split, but every group (patient) lands wholly on one side."""
     n_splits = max(2, int(round(1.0 / fraction)))

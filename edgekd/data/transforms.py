@@ -9,9 +9,13 @@ import torch
 from torchvision.transforms import v2
 
 from edgekd.errors import EdgeKDError
+from edgekd.hair import opencv, remove_hair
 
 # Ops that work on float, normalized tensors and so run after Normalize (as timm does for RandomErasing).
 POST_NORMALIZE = {"RandomErasing"}
+# Ops whose output size is the model's input: `size` defaults to data.image_size and may not differ from it
+# (a recipe's `size: 224` under `--set data.image_size=64` would train at 224 and evaluate at 64).
+INPUT_SIZED = {"RandomResizedCrop", "RandomCrop", "CenterCrop"}
 
 
 class ToChannels(torch.nn.Module):
@@ -33,29 +37,14 @@ class ToChannels(torch.nn.Module):
 
 
 class HairRemoval(torch.nn.Module):
-    """DullRazor-style hair removal for dermoscopy: black-hat morphology finds hairs, inpainting fills them.
+    """`edgekd.hair.remove_hair` on a CxHxW uint8 tensor (the edge runtime runs the same function)."""
 
-    Needs OpenCV (`pip install 'edgekd[skin]'`).
-    """
-
-    def __init__(self, kernel: int = 17, threshold: int = 10):
+    def __init__(self):
         super().__init__()
-        try:
-            import cv2
-        except ImportError:
-            raise EdgeKDError("data.hair_removal needs OpenCV (pip install 'edgekd[skin]')") from None
-        self.cv2, self.kernel, self.threshold = cv2, kernel, threshold
+        opencv()  # a missing OpenCV fails when the pipeline is built, not at the first image
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        cv2 = self.cv2
-        arr = img.permute(1, 2, 0).contiguous().numpy()
-        gray = arr[..., 0] if arr.shape[-1] == 1 else cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
-        k = cv2.getStructuringElement(cv2.MORPH_RECT, (self.kernel, self.kernel))
-        blackhat = cv2.morphologyEx(gray, cv2.MORPH_BLACKHAT, k)
-        _, mask = cv2.threshold(blackhat, self.threshold, 255, cv2.THRESH_BINARY)
-        out = cv2.inpaint(arr, mask, 1, cv2.INPAINT_TELEA)
-        if out.ndim == 2:
-            out = out[..., None]
+        out = remove_hair(img.permute(1, 2, 0).contiguous().numpy())
         return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)
 
 
@@ -66,17 +55,32 @@ def build_op(spec: dict[str, Any] | str) -> torch.nn.Module:
     if not isinstance(spec, dict) or len(spec) != 1:
         raise EdgeKDError(f"augment: each entry must be one op name with its arguments, got {spec!r}")
     (name, kwargs), = spec.items()
-    kwargs = kwargs or {}
+    kwargs = dict(kwargs or {})  # a copy: the recipe's own op list is built again for every pipeline
     cls = getattr(v2, name, None)
     if cls is None or not isinstance(cls, type):
         raise EdgeKDError(f"augment: unknown op '{name}' (use a torchvision.transforms.v2 class name)")
     if name == "RandomApply":
-        inner = [build_op(s) for s in kwargs.pop("transforms", [])]
-        return v2.RandomApply(inner, **kwargs)
+        kwargs["transforms"] = [build_op(s) for s in kwargs.get("transforms") or []]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise EdgeKDError(f"augment: {name}: {err}") from None
+
+
+def sized_op(spec: dict[str, Any] | str, image_size: int) -> dict[str, Any] | str:
+    """An INPUT_SIZED op with `size` filled in from the input size, or a one-line error if it names another."""
+    if isinstance(spec, str):
+        spec = {spec: {}}
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in INPUT_SIZED):
+        return spec  # build_op checks the form of every other entry
+    (name, kwargs), = spec.items()
+    kwargs = dict(kwargs or {})
+    size = kwargs.get("size", image_size)
+    sizes = [size] * 2 if isinstance(size, int) else list(size)
+    if sizes != [image_size, image_size]:
+        raise EdgeKDError(f"augment: {name} size {size} differs from data.image_size {image_size} (the model's "
+                          "input); leave size out to follow data.image_size")
+    return {name: {**kwargs, "size": image_size}}
 
 
 def build_transforms(data_cfg, augment: list, train: bool) -> v2.Compose:
@@ -95,7 +99,7 @@ def build_transforms(data_cfg, augment: list, train: bool) -> v2.Compose:
         ops.append(v2.Resize(size, antialias=True))
         ops.append(v2.CenterCrop(size))
         for spec in augment:
-            op = build_op(spec)
+            op = build_op(sized_op(spec, size))
             (post if type(op).__name__ in POST_NORMALIZE else ops).append(op)
     else:
         ops.append(v2.Resize(data_cfg.resize or size, antialias=True))

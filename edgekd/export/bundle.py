@@ -83,6 +83,17 @@ def _num(v: Any, fmt: str = ".4f") -> str:
     return "-" if v is None or v != v else format(v, fmt)
 
 
+def _gate_images(parity: dict[str, Any]) -> str:
+    n = parity["reference"]["split_images"].get(parity["metric_split"])
+    if not n:
+        return "no images"
+    text = f"{n} images: one image moves ACC by {100 / n:.2g} points"
+    limits = [r["tolerance"].get("acc_drop") for r in parity["artifacts"] if r["tolerance"].get("acc_drop")]
+    if limits and 1 / n > min(limits):
+        text += f", more than the {min(limits) * 100:g}-point limit, so the ACC gate cannot resolve it here"
+    return text
+
+
 def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
                     explanations: list[dict[str, Any]] | None = None) -> str:
     """The markdown card shipped with a bundle: what the model is, how well each artifact does, where it looks
@@ -120,7 +131,9 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
     counts = ", ".join(f"{s}: {n} images" for s, n in parity["reference"]["split_images"].items())
     lines += ["", f"({counts}.)", "", "## Parity with PyTorch", "",
               f"{parity['images']} validation images x {len(tta['views'])} TTA views = {parity['inputs']} inputs, "
-              f"run at batch 1 and batch {parity['batch_size']}; the gated metric split is `{parity['metric_split']}`.", "",
+              f"run at batch 1 and batch {parity['batch_size']}; values pass when |artifact - PyTorch| <= "
+              "max_abs + rtol·|PyTorch| on every logit. The ACC/AUC drops are gated on every image of the "
+              f"`{parity['metric_split']}` split ({_gate_images(parity)}).", "",
               "| format | precision | max abs diff | mean abs diff | top-1 agreement | ACC drop | AUC drop | tolerance | result |",
               "|---|---|---|---|---|---|---|---|---|"]
     for rec in parity["artifacts"]:

@@ -1,8 +1,10 @@
 """The parity gate: the PyTorch model vs an exported artifact on the same real images and TTA views.
 
 Checks, in order: io names, dynamic batch axis, static shapes, a batch-1 run, a run at another batch size than
-the export's, then values (max/mean abs logit difference, top-1 agreement) and the ACC/AUC change. Every
-failure is collected; the caller fails the export if any artifact has one.
+the export's, then values (|artifact - reference| <= atol + rtol * |reference| on every logit, top-1 agreement)
+and the ACC/AUC change on the whole metric split (its image count and one image's share of ACC are recorded, so
+a gate on a split too small to resolve its limit is visible). Every failure is collected; the caller fails the
+export if any artifact has one.
 """
 
 from __future__ import annotations
@@ -143,11 +145,21 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
             "top1_agreement": float((art_logits.argmax(1) == reference["splits"][split]["logits"].argmax(1)).mean())}
         record["metric_drop"][split] = {k: _drop(ref_metrics.get(k), metrics.get(k)) for k in ("acc", "auc")}
         record.setdefault("split_images", {})[split] = len(y)
-    if tolerance.max_abs is not None and record["max_abs_diff"] > tolerance.max_abs:
-        failures.append(f"max abs logit diff {record['max_abs_diff']:.3g} > {tolerance.max_abs:g}")
+        record.setdefault("acc_resolution", {})[split] = 1.0 / len(y)
+    if tolerance.max_abs is not None:
+        excess = diff - (tolerance.max_abs + tolerance.rtol * np.abs(ref.astype(np.float64)))
+        record["allclose_violations"] = int((excess > 0).sum())
+        if record["allclose_violations"]:
+            worst = np.unravel_index(int(excess.argmax()), excess.shape)
+            failures.append(f"logit diff {diff[worst]:.3g} at |reference| {abs(float(ref[worst])):.3g} > "
+                            f"{tolerance.max_abs:g} + {tolerance.rtol:g}·|reference| "
+                            f"({record['allclose_violations']} of {diff.size} values)")
     if tolerance.top1_agreement is not None and record["top1_agreement"] < tolerance.top1_agreement:
         failures.append(f"top-1 agreement {record['top1_agreement']:.2%} < {tolerance.top1_agreement:.2%} "
                         f"({int((~agree).sum())} of {len(agree)} differ)")
+    resolution = record.get("acc_resolution", {}).get(metric_split)
+    record["acc_gate_resolves"] = tolerance.acc_drop is None or (resolution is not None
+                                                                  and resolution <= tolerance.acc_drop)
     drops = record["metric_drop"].get(metric_split, {})
     for key, limit in (("acc", tolerance.acc_drop), ("auc", tolerance.auc_drop)):
         value = drops.get(key)

@@ -81,8 +81,12 @@ def first_last_compute_nodes(model_path: Path) -> list[str]:
 
 def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scratch: Path,
                          keep_first_last: bool = True) -> None:
-    """ONNX Runtime static quantization in QDQ format (int8 per-channel weights, int8 activations, MinMax);
-    optionally the first and last compute layers stay FP32."""
+    """ONNX Runtime static quantization in QDQ format (int8 per-channel weights, uint8 activations, MinMax);
+    optionally the first and last compute layers stay FP32.
+
+    uint8 activations (U8S8) because ONNX Runtime's x86 kernels are built for them: on this AVX2 CPU without
+    VNNI, int8 activations (S8S8) ran MobileNetV3-Large at 224 px 2.1x slower than FP32 (14.8 vs 7.0 ms, one
+    thread), U8S8 1.2x faster (5.9 ms); ResNet-18: S8S8 1.3x, U8S8 3.3x faster than FP32."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -104,7 +108,7 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         quantize_static(str(prepared), str(out_path), ImageReader(calib), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
                         nodes_to_exclude=first_last_compute_nodes(prepared) if keep_first_last else [])
     except Exception as err:

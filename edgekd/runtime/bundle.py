@@ -258,8 +258,7 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
         _require(isinstance(vals, list) and len(vals) == channels and all(_is_number(v) for v in vals), where,
                  f"preprocess.{key} must be a list of {channels} numbers")
     _require(all(v != 0 for v in pre["std"]), where, "preprocess.std must not contain 0")
-    _require(not pre.get("hair_removal", False), where,
-             "preprocess.hair_removal is not supported by the edge runtime (it needs OpenCV inpainting)")
+    _require(isinstance(pre.get("hair_removal", False), bool), where, "preprocess.hair_removal must be true or false")
 
     tta = meta.get("tta")
     if tta is not None:

@@ -1,6 +1,7 @@
 """The training side's eval preprocessing re-done in numpy + Pillow, driven by a bundle's `preprocess` spec.
 
-Mirrors `edgekd.data.transforms.build_transforms(train=False)` (torchvision v2): channels -> resize shorter side
+Mirrors `edgekd.data.transforms.build_transforms(train=False)` (torchvision v2): channels -> hair removal (when
+the bundle says so; the same `edgekd.hair` function as training) -> resize shorter side
 (bilinear, antialias) -> center crop (zero padding if too small) -> float32 * scale -> (x - mean) / std -> NCHW.
 The float steps use the same float32 operations in the same order, so without a resize the result is bit-exact.
 """
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from edgekd.errors import EdgeKDError
+from edgekd.hair import opencv, remove_hair
 from edgekd.imageio import pil_to_array, read_image
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -104,6 +106,9 @@ class Preprocessor:
         self.resize = int(spec["resize"])
         self.crop = int(spec["center_crop"])
         self.bgr = spec.get("channel_order") == "BGR"
+        self.hair_removal = bool(spec.get("hair_removal", False))
+        if self.hair_removal:
+            opencv()  # refuse the bundle at load on a box without OpenCV, not at the first image
         # torch's float32 operations in torch's order, so results stay bit-exact: x * scale, - mean, / std.
         self.scale = np.float32(spec["scale"])
         self.mean = np.asarray(spec["mean"], dtype=np.float32)[None, :, None, None]
@@ -120,8 +125,10 @@ class Preprocessor:
         TTA views work on one channel instead of three identical ones; the result is the same.
         """
         arr = as_image_array(image)
-        if not (keep_gray and arr.shape[-1] == 1):
+        if self.hair_removal or not (keep_gray and arr.shape[-1] == 1):
             arr = to_channels(arr, self.channels)
+        if self.hair_removal:  # on the decoded image, before any resize: where training applies it
+            arr = remove_hair(arr)
         if not (self.resize == self.crop == arr.shape[0] == arr.shape[1]):  # else already the model's size
             arr = resize_bilinear(arr, *resized_size(arr.shape[0], arr.shape[1], self.resize))
             arr = center_crop(arr, self.crop, self.crop)

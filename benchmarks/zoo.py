@@ -1,0 +1,220 @@
+"""Native-resolution export zoo: the seeds' own students and teachers through `edgekd train`, `edgekd export` and
+`edgekd bench` at their input sizes, on upsampled PneumoniaMNIST (28 px official val/test, upsampled by the
+recipe's resize; no pretrained weights are reachable here, so every model trains from scratch).
+
+    .venv/bin/python benchmarks/zoo.py [--arch mobilenetv3_large_100 resnet18 ...] [--reuse]
+
+Per architecture: train its shipped full-size recipe with the overrides below (`--set`), require a sane model
+(val AUC >= 0.9), export with the default profile to ONNX FP32/INT8 and OpenVINO FP32/FP16/INT8 (timed), bench
+PyTorch eager / torch.compile, ONNX Runtime and OpenVINO (bare call and the edgekd runner) at batch 1 and 8 on 2
+threads. Each step is the CLI command recorded beside its figures in benchmarks/results/zoo.json (one record per
+architecture, replaced when re-run); the RESULTS.md zoo section is rewritten from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, RESULTS, machine, now, replace_section  # noqa: E402  (sys.path set there)
+
+from edgekd.fileio import write_json, write_text  # noqa: E402
+
+ZOO_JSON = RESULTS / "zoo.json"
+DATA = "../shared/data/medmnist/pneumoniamnist.npz"
+EDGEKD = str(REPO / ".venv" / "bin" / "edgekd")
+# The recipe data section pointed at the MedMNIST file (official val/test splits), from-scratch training.
+COMMON = [f"data.source=medmnist", f"data.path={DATA}", "data.split=given", "data.num_workers=2",
+          "model.pretrained=false", "data.hair_removal=false", "train.amp=false"]
+# arch -> (role, recipe, extra overrides). LRs for training from scratch (the recipes' are for fine-tuning).
+ZOO = {
+    "mobilenetv3_large_100": ("student", "recipes/pneumonia/student-scratch.yaml", ["train.optimizer.lr=2e-3"]),
+    "resnet18": ("student", "recipes/pneumonia/student-resnet18.yaml",
+                 ["distill=null", "role=student_scratch", "train.optimizer.lr=1e-3"]),
+    "efficientnet_b2": ("student", "recipes/oct/student-scratch.yaml",
+                        ["data.image_size=288", "data.resize=320", "train.optimizer.lr=2e-3"]),
+    "vit_small_patch16_224": ("student", "recipes/skin/student-scratch.yaml",
+                              ["data.resize=224", "train.optimizer.lr=3e-4"]),
+    "resnet50": ("teacher", "recipes/pneumonia/teacher.yaml", ["train.optimizer.lr=1e-3", "train.optimizer.head_lr=null"]),
+    "resnet101": ("teacher", "recipes/crossdomain/teacher.yaml",
+                  ["train.optimizer.lr=1e-3", "train.optimizer.head_lr=null", "model.freeze_stages=0"]),
+    "convnextv2_tiny": ("teacher", "recipes/oct/teacher.yaml",
+                        ["model.name=convnextv2_tiny", "train.optimizer.lr=1e-3", "train.optimizer.head_lr=null",
+                         "train.grad_accum=1", "train.swa.enabled=false"]),
+    "swinv2_tiny_window8_256": ("teacher", "recipes/skin/teacher.yaml",
+                                ["train.optimizer.lr=5e-4", "train.optimizer.head_lr=null"]),
+}
+SANE_VAL_AUC = 0.9
+GOALS = {"ov_fp32_vs_eager": 2.0, "ov_int8_vs_fp32": 1.5, "onnx_int8_vs_fp32": 1.0, "runner_vs_bare": 1.15,
+         "export_seconds": 300.0, "int8_acc_drop": 0.01, "int8_auc_drop": 0.005}
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    """Run a CLI command (stdout+stderr to a log), fail loudly; -> seconds."""
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log_path.open("w") as fh:
+        code = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - t0
+    if code != 0:
+        tail = log_path.read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {code} after {seconds:.0f}s: {' | '.join(tail)}")
+    return seconds
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def pick(records: list[dict], **want) -> dict | None:
+    return next((r for r in records if all(r.get(k) == v for k, v in want.items()) and r["status"] == "ok"), None)
+
+
+def ratio(a: dict | None, b: dict | None) -> float | None:
+    """How many times faster b is than a (p50 of a / p50 of b)."""
+    return None if not a or not b else a["p50_ms"] / b["p50_ms"]
+
+
+def goals(bench: list[dict], parity: dict, export_seconds: float, role: str) -> dict:
+    out = {}
+    for batch in (1, 8):
+        eager = pick(bench, format="torch", variant="eager", batch=batch)
+        ov = {p: pick(bench, format="openvino", precision=p, variant="bare", batch=batch) for p in ("fp32", "int8")}
+        ox = {p: pick(bench, format="onnx", precision=p, variant="bare", batch=batch) for p in ("fp32", "int8")}
+        runner = pick(bench, format="openvino", precision="fp32", variant="runner", batch=batch)
+        out[f"batch{batch}"] = {"ov_fp32_vs_eager": ratio(eager, ov["fp32"]), "ov_int8_vs_fp32": ratio(ov["fp32"], ov["int8"]),
+                                "onnx_int8_vs_fp32": ratio(ox["fp32"], ox["int8"]),
+                                "runner_vs_bare": None if not runner or not ov["fp32"] else runner["p50_ms"] / ov["fp32"]["p50_ms"]}
+    drops = {f"{a['format']}_{a['precision']}": a.get("metric_drop", {}).get("val", {}) for a in parity["artifacts"]}
+    out["export_seconds"] = export_seconds
+    out["int8_drops_val"] = {k: v for k, v in drops.items() if k.endswith("int8")}
+    return out
+
+
+def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None, eval_limit: int) -> dict:
+    role, recipe, extra = ZOO[arch]
+    out = runs / arch
+    overrides = [*COMMON, *extra, f"train.epochs={epochs}", "train.early_stop.patience=null"]
+    if limit:
+        overrides.append(f"data.limit={limit}")
+    train_cmd = [EDGEKD, "train", recipe, *sets(overrides), "--out", str(out / "train")]
+    metrics_path = out / "train" / "metrics.json"
+    if not (reuse and metrics_path.is_file()):
+        run(train_cmd, out / "train.log")
+    m = json.loads(metrics_path.read_text())
+    sane = (m["val"].get("auc") or 0) >= SANE_VAL_AUC
+    record = {"arch": arch, "role": role, "recipe": recipe,
+              "params": m["params"], "macs": m["macs"], "epochs_run": m["epochs_run"],
+              "seconds_per_epoch": m["seconds_per_epoch"], "val_auc": m["val"].get("auc"),
+              "test_acc": m["test"].get("acc"), "test_auc": m["test"].get("auc"), "sane": sane,
+              "train_images": sum(m["counts"]["train"]), "commands": {"train": shlex.join(train_cmd)}}
+    ckpt = out / "train" / "best.pt"
+    record["input_size"] = list(_preprocess(ckpt)["input_size"])
+    bundle = out / "bundle"
+    export_cmd = [EDGEKD, "export", str(ckpt), "--format", "onnx,openvino", "--precision", "fp32,fp16,int8",
+                  "--out", str(bundle), "--threads", "2"]
+    record["commands"]["export"] = shlex.join(export_cmd)
+    try:
+        if bundle.exists() and reuse:
+            seconds = json.loads((out / "export_seconds.json").read_text())["seconds"]
+        else:
+            if bundle.exists():
+                subprocess.run(["rm", "-rf", str(bundle)], check=True)
+            seconds = run(export_cmd, out / "export.log")
+            write_json(out / "export_seconds.json", {"seconds": seconds})
+        record["export"] = {"passed": True, "seconds": round(seconds, 1)}
+    except RuntimeError as err:
+        record["export"] = {"passed": False, "error": str(err)}
+        return record
+    parity = json.loads((bundle / "parity.json").read_text())
+    record["parity"] = [{k: a.get(k) for k in ("format", "precision", "size_mb", "max_abs_diff", "top1_agreement",
+                                                "allclose_violations", "metric_drop", "split_images", "passed")}
+                        for a in parity["artifacts"]]
+    bench_cmd = [EDGEKD, "bench", str(bundle), "--checkpoint", str(ckpt), "--batch", "1,8", "--threads", "2",
+                 "--precision", "fp32,fp16,int8", "--eval-limit", str(eval_limit), "--out", str(out / "bench")]
+    record["commands"]["bench"] = shlex.join(bench_cmd)
+    run(bench_cmd, out / "bench.log")
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+    rows = bench["records"] if isinstance(bench, dict) else bench
+    record["bench"] = [{k: r.get(k) for k in ("format", "precision", "variant", "batch", "p50_ms", "p99_ms",
+                                                "throughput", "peak_rss_mb", "size_mb", "acc", "auc", "status",
+                                                "reason")} for r in rows if r.get("role") != "teacher" or role == "teacher"]
+    record["goals"] = goals(rows, parity, seconds, role)
+    record["date"] = now()
+    return record
+
+
+def _preprocess(ckpt: Path) -> dict:
+    from edgekd.train.checkpoint import load_checkpoint
+
+    return load_checkpoint(ckpt)["preprocess"]
+
+
+def markdown(doc: dict) -> str:
+    lines = ["<!-- zoo:begin -->", "## Native-resolution export zoo", "",
+             f"`{doc['command']}` — {doc['date']}, {doc['machine']}. Upsampled PneumoniaMNIST (official val/test), "
+             "every model trained from scratch through its shipped full-size recipe (overrides in zoo.json), exported "
+             "with the default profile, benched with `edgekd bench --threads 2` (PyTorch eager, ONNX Runtime and "
+             "OpenVINO bare calls and the edgekd runner; fresh process per row). p50 ms at batch 1 / batch 8.", "",
+             "| model | role | input | params | val AUC | test ACC | export s | eager | OV FP32 | OV FP16 | OV INT8 | "
+             "ONNX FP32 | ONNX INT8 | runner/bare b1 | runner/bare b8 |", "|" + "---|" * 15]
+
+    def p50(rec, fmt, prec, var, batch):
+        r = next((b for b in rec.get("bench", []) if b["format"] == fmt and b["precision"] == prec
+                  and b["variant"] == var and b["batch"] == batch and b["status"] == "ok"), None)
+        return f"{r['p50_ms']:.1f}" if r else "-"
+
+    for rec in doc["records"]:
+        cells = [f"{p50(rec, f, p, v, 1)} / {p50(rec, f, p, v, 8)}" for f, p, v in (
+            ("torch", "fp32", "eager"), ("openvino", "fp32", "bare"), ("openvino", "fp16", "bare"),
+            ("openvino", "int8", "bare"), ("onnx", "fp32", "bare"), ("onnx", "int8", "bare"))]
+        g = rec.get("goals", {})
+        rb = [g.get(f"batch{b}", {}).get("runner_vs_bare") for b in (1, 8)]
+        exp = rec.get("export", {})
+        lines.append(f"| {rec['arch']} | {rec['role']} | {rec['input_size'][-1]} | {rec['params'] / 1e6:.1f}M | "
+                     f"{rec['val_auc']:.3f} | {rec['test_acc']:.3f} | "
+                     f"{exp.get('seconds', 'FAIL')} | " + " | ".join(cells) + " | "
+                     + " | ".join("-" if v is None else f"{v:.2f}x" for v in rb) + " |")
+    lines += ["", "<!-- zoo:end -->"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=list(ZOO), choices=list(ZOO))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=None, help="data.limit: at most N images per split")
+    parser.add_argument("--eval-limit", type=int, default=400)
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "zoo")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished train/export steps in --runs")
+    args = parser.parse_args()
+    command = shlex.join([".venv/bin/python", "benchmarks/zoo.py", *sys.argv[1:]])
+    previous = json.loads(ZOO_JSON.read_text()) if ZOO_JSON.is_file() else {"records": []}
+    records = [r for r in previous["records"] if r["arch"] not in args.arch]
+    for arch in args.arch:
+        try:
+            rec = zoo_arch(arch, args.runs, args.reuse, args.epochs, args.limit, args.eval_limit)
+        except RuntimeError as err:
+            print(f"{arch}: {err}", flush=True)
+            rec = {"arch": arch, "role": ZOO[arch][0], "recipe": ZOO[arch][1], "error": str(err), "date": now()}
+        rec["command"] = command
+        records.append(rec)
+        doc = {"benchmark": "zoo", "command": command, "date": now(), "machine": machine(),
+               "goals": GOALS, "records": records}
+        write_json(ZOO_JSON, doc)
+    results_md = REPO / "benchmarks" / "RESULTS.md"
+    ok = [r for r in records if "bench" in r]
+    write_text(results_md, replace_section(results_md.read_text(), markdown({**doc, "records": ok}),
+                                           "<!-- zoo:begin -->", "<!-- zoo:end -->"))
+    print(f"wrote {ZOO_JSON} and the RESULTS.md zoo section")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""`edgekd check`: every shipped recipe builds and steps on synthetic data; broken recipes fail in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from edgekd.check import check_recipe, synthetic_images
+from edgekd.errors import EdgeKDError
+
+from conftest import REPO
+
+RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))
+# Small batches keep the full-size models (ConvNeXtV2-Large at 224 px, SwinV2 at 256) at their real input size
+# within the suite's time (one batch per optimizer step); in-process loading (no worker processes) for the same reason.
+SMALL = ["data.batch_size=2", "data.num_workers=0", "train.grad_accum=1"]
+
+
+@pytest.fixture(autouse=True)
+def _from_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name their teacher_recipe relative to the repository
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_every_shipped_recipe_checks_on_synthetic_data(path):
+    r = check_recipe(path, SMALL, synthetic=True)
+    raw = yaml.safe_load((REPO / path).read_text())
+    assert r.params > 0 and r.step_seconds > 0 and r.peak_rss_mb > 0
+    assert r.input_size[1] == r.input_size[2] >= 8
+    assert r.train_images is None and r.epoch_seconds is None  # synthetic: no epoch estimate
+    if r.kind != "continual":
+        assert r.macs and r.macs > 0
+    if r.kind == "distill":
+        assert r.teacher
+    assert r.stand_ins and r.stand_ins[0].startswith(("model:", "data:"))
+    assert raw  # the file itself is a mapping (checked by load_recipe too)
+
+
+def test_check_on_real_data_estimates_an_epoch(tiny_recipe_dict, tmp_path):
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe_dict))
+    r = check_recipe(tmp_path / "r.yaml")
+    assert r.train_images == 48 and r.stand_ins == []
+    assert r.epoch_seconds == pytest.approx(r.step_seconds * 6)  # 48 images / batch 8
+
+
+def test_unknown_timm_kwarg_is_a_one_line_error(tiny_recipe_dict, tmp_path):
+    bad = {**tiny_recipe_dict, "model": {"name": "resnet18", "kwargs": {"window_size": 2}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(EdgeKDError, match="model 'resnet18': bad model.kwargs"):
+        check_recipe(tmp_path / "bad.yaml", synthetic=True)
+
+
+def test_nan_monitor_is_a_one_line_error(tiny_recipe_dict, tmp_path):
+    z = dict(np.load(tiny_recipe_dict["data"]["path"]))
+    z["val_labels"] = np.zeros_like(z["val_labels"])  # a val split of one class: AUC is undefined
+    np.savez(tmp_path / "oneclass.npz", **z)
+    rec = {**tiny_recipe_dict, "data": {**tiny_recipe_dict["data"], "path": str(tmp_path / "oneclass.npz")},
+           "train": {**tiny_recipe_dict["train"], "monitor": "val_auc", "monitor_mode": None}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    with pytest.raises(EdgeKDError, match="train.monitor: 'val_auc' is NaN at epoch 1"):
+        check_recipe(tmp_path / "r.yaml")
+
+
+def test_unlogged_monitor_is_a_one_line_error(tmp_path):
+    recipe = {"name": "x", "data": {"source": "builtin", "image_size": 16}, "model": {"name": "edgekd_cnn_tiny"},
+              "train": {"epochs": 1, "monitor": "val_pauc_typo"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(EdgeKDError, match="train.monitor: 'val_pauc_typo' is not a logged metric"):
+        check_recipe(tmp_path / "r.yaml", synthetic=True)
+
+
+def test_missing_data_file_is_named(tmp_path):
+    recipe = {"name": "x", "data": {"source": "medmnist", "path": str(tmp_path / "nope.npz")},
+              "model": {"name": "edgekd_cnn_tiny"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(EdgeKDError, match="nope.npz: MedMNIST .npz not found"):
+        check_recipe(tmp_path / "r.yaml")
+    assert check_recipe(tmp_path / "r.yaml", synthetic=True).stand_ins  # the synthetic check needs no file
+
+
+def test_synthetic_student_without_teacher_recipe_is_refused(tiny_recipe_dict, tmp_path):
+    rec = {**tiny_recipe_dict, "distill": {"teacher": str(tmp_path / "absent.pt"), "terms": [{"kind": "kl"}]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(rec))
+    with pytest.raises(EdgeKDError, match="checkpoint not found and no distill.teacher_recipe"):
+        check_recipe(tmp_path / "s.yaml", synthetic=True)
+    with pytest.raises(EdgeKDError, match="absent.pt not found"):
+        check_recipe(tmp_path / "s.yaml")
+
+
+def test_synthetic_images_cover_every_class_and_are_learnable():
+    images, labels = synthetic_images(40, 24, 3, 10, seed=0)
+    assert images.shape == (40, 24, 24, 3) and images.dtype == np.uint8
+    assert set(labels.tolist()) == set(range(10))
+    means = [images[labels == c].mean(axis=(0, 3)) for c in range(10)]
+    assert all(not np.allclose(means[a], means[b]) for a in range(10) for b in range(a + 1, 10))
+
+
+def test_cli_check_prints_the_summary_and_exits_2_on_errors(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "edgekd", "check", "recipes/demo/student.yaml", "--synthetic"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    for word in ("ok (distill, synthetic data)", "seconds per step", "peak RSS", "resnet18", "stand-in"):
+        assert word in ok.stdout, word
+    (tmp_path / "bad.yaml").write_text("model: {name: no_such_net}\n")
+    bad = subprocess.run([sys.executable, "-m", "edgekd", "check", str(tmp_path / "bad.yaml"), "--synthetic"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown timm model 'no_such_net'" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
