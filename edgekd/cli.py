@@ -141,10 +141,10 @@ def check(
 
     with console.status(f"checking {recipe} ..."):
         r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes)
-    table = RichTable(title=f"{recipe}: ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)
+    table = RichTable(title=f"check ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    rows = [("model", r.model), ("teacher", r.teacher or "-"), ("params", f"{r.params / 1e6:.3f} M"),
+    rows = [("recipe", str(recipe)), ("model", r.model), ("teacher", r.teacher or "-"), ("params", f"{r.params / 1e6:.3f} M"),
             ("MACs", f"{r.macs / 1e6:.1f} M" if r.macs else "-"), ("input", "x".join(map(str, r.input_size))),
             ("batch", str(r.batch_size)), ("seconds per step", f"{r.step_seconds:.3f}"),
             ("per epoch", f"{r.epoch_seconds:.0f} s ({r.train_images} train images)" if r.epoch_seconds is not None

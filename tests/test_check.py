@@ -103,7 +103,7 @@ def test_cli_check_prints_the_summary_and_exits_2_on_errors(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "edgekd", "check", "recipes/demo/student.yaml", "--synthetic"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    for word in ("ok (distill, synthetic data)", "seconds per step", "peak RSS", "resnet18", "stand-in"):
+    for word in ("check ok (distill, synthetic data)", "seconds per step", "peak RSS", "resnet18", "stand-in"):
         assert word in ok.stdout, word
     (tmp_path / "bad.yaml").write_text("model: {name: no_such_net}\n")
     bad = subprocess.run([sys.executable, "-m", "edgekd", "check", str(tmp_path / "bad.yaml"), "--synthetic"],

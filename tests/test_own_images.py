@@ -40,7 +40,7 @@ def test_bring_your_own_jpegs_end_to_end(tmp_path, monkeypatch):
 
     res = cli.invoke(app, ["check", "recipes/pneumonia/teacher.yaml", *common])
     assert res.exit_code == 0, res.output
-    assert "ok (supervised)" in res.output and "train images" in res.output
+    assert "check ok (supervised)" in res.output and "train images" in res.output
 
     teacher = tmp_path / "teacher"
     res = cli.invoke(app, ["train", "recipes/pneumonia/teacher.yaml", *common, "--out", str(teacher)])
