@@ -809,3 +809,25 @@ def test_skin_bundle_with_hair_removal_predicts_like_pytorch(tmp_path):
     one_level = (1 / 255) / min(recipe.data.std)
     assert np.abs(ours - x.numpy()).max() <= one_level * 1.001  # resize rounding at most one uint8 level
     assert np.abs(ours - hairy).max() > 50 * one_level  # the hairs are gone in both
+
+
+@pytest.mark.slow
+def test_full_size_skin_bundle_with_hair_removal_predicts(tmp_path, monkeypatch):
+    """recipes/skin/student-scratch.yaml as shipped (ViT-S/16 at 224 px, hair_removal: true) on a synthetic
+    stand-in of its data: untrained checkpoint -> export -> the runtime predicts with hair removal."""
+    from edgekd.check import synthetic_recipe
+    from edgekd.export import export_checkpoint, load_profile
+    from edgekd.recipe import load_recipe
+    from edgekd.train.run import untrained_checkpoint
+
+    monkeypatch.chdir(REPO)
+    recipe = synthetic_recipe(load_recipe("recipes/skin/student-scratch.yaml"), tmp_path, classes=2, stand_ins=[])
+    assert recipe.data.hair_removal and recipe.data.image_size == 224 and recipe.model.name == "vit_small_patch16_224"
+    ckpt = untrained_checkpoint(recipe, tmp_path / "best.pt")
+    profile = load_profile(None).model_copy(update={"parity": load_profile(None).parity.model_copy(
+        update={"images": 4})})
+    export_checkpoint(ckpt, tmp_path / "bundle", ["openvino"], ["fp32"], profile, log=lambda *_: None)
+    runner = Runner.from_bundle(tmp_path / "bundle", backend="openvino")
+    assert runner.preprocessor.hair_removal
+    pred = runner.predict(_hairy_images(1, 300, seed=3)[0])
+    assert pred.probs.shape == (2,) and abs(float(pred.probs.sum()) - 1) < 1e-5
