@@ -118,7 +118,7 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
     record["input_size"] = list(_preprocess(ckpt)["input_size"])
     bundle = out / "bundle"
     export_cmd = [EDGEKD, "export", str(ckpt), "--format", "onnx,openvino", "--precision", "fp32,fp16,int8",
-                  "--out", str(bundle), "--threads", "2"]
+                  "--out", str(bundle), "--threads", "2", "--drop-failed"]
     record["commands"]["export"] = shlex.join(export_cmd)
     try:
         if bundle.exists() and reuse:
@@ -134,8 +134,10 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
         return record
     parity = json.loads((bundle / "parity.json").read_text())
     record["parity"] = [{k: a.get(k) for k in ("format", "precision", "size_mb", "max_abs_diff", "top1_agreement",
-                                                "allclose_violations", "metric_drop", "split_images", "passed")}
+                                                "allclose_violations", "metric_drop", "split_images", "passed",
+                                                "failures")}
                         for a in parity["artifacts"]]
+    record["not_shipped"] = parity.get("dropped", [])
     bench_cmd = [EDGEKD, "bench", str(bundle), "--checkpoint", str(ckpt), "--batch", "1,8", "--threads", "2",
                  "--precision", "fp32,fp16,int8", "--eval-limit", str(eval_limit), "--out", str(out / "bench")]
     record["commands"]["bench"] = shlex.join(bench_cmd)

@@ -254,11 +254,14 @@ def export(
                                                     help="OpenVINO INT8 with NNCF accuracy control (max drop from the profile)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for parity runs and the bundle's runtime hint."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the checkpoint's recipe (e.g. data.path=...)."),
+    drop_failed: bool = typer.Option(False, "--drop-failed", help="Ship the artifacts that pass the gate; list the "
+                                     "others with their reasons in parity.json and the card (parity.on_fail: drop)."),
 ) -> None:
     """Export to ONNX/OpenVINO (FP32/FP16/INT8), gate every artifact on parity with PyTorch, write a bundle."""
     from edgekd.export import export_checkpoint, load_profile, with_overrides
 
-    profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control)
+    profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control,
+                             "drop" if drop_failed else None)
     out = out or checkpoint.parent / "bundle"
     result = export_checkpoint(checkpoint, out, _split_list(format_), _split_list(precision), profile, zip_, set_,
                                log=console.print)
@@ -272,10 +275,15 @@ def export(
     table.add_row("pytorch", "fp32", "-", "-", "-", "-", _fmt(ref[split].get("acc")), _fmt(ref["test"].get("acc")),
                   _fmt(ref["test"].get("auc")), "reference")
     for r in result.parity["artifacts"]:
-        table.add_row(r["format"], r["precision"], f"{sizes[r['path']]:.3f}", f"{r['max_abs_diff']:.2e}",
-                      f"{r['mean_abs_diff']:.2e}", f"{r['top1_agreement']:.2%}", _fmt(r["metrics"][split].get("acc")),
-                      _fmt(r["metrics"]["test"].get("acc")), _fmt(r["metrics"]["test"].get("auc")), "pass")
+        metrics = r.get("metrics", {})
+        table.add_row(r["format"], r["precision"], f"{sizes[r['path']]:.3f}" if r["path"] in sizes else "-",
+                      _fmt(r.get("max_abs_diff")), _fmt(r.get("mean_abs_diff")),
+                      "-" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.2%}",
+                      _fmt(metrics.get(split, {}).get("acc")), _fmt(metrics.get("test", {}).get("acc")),
+                      _fmt(metrics.get("test", {}).get("auc")), "pass" if r["passed"] else "[red]dropped[/]")
     out_console.print(table)
+    for r in result.parity.get("dropped", []):
+        console.print(f"[yellow]not shipped:[/] {r['format']}/{r['precision']}: {escape('; '.join(r['failures']))}")
 
 
 @app.command()

@@ -428,3 +428,25 @@ def test_metric_gate_reports_its_image_count_and_resolution():
     assert not failures and record["split_images"]["val"] == 40
     assert record["acc_resolution"]["val"] == pytest.approx(1 / 40)
     assert record["acc_gate_resolves"] is False  # 40 images: one image is 2.5 points > the 1-point limit
+
+
+@pytest.mark.slow
+def test_on_fail_drop_ships_the_passing_artifacts_and_says_why(tmp_path, monkeypatch):
+    from edgekd.runtime import Runner
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
+    monkeypatch.setitem(FORMATS, "onnx", perturbed("onnx"))
+    drop = profile_from_dict({"parity": {"images": 4, "on_fail": "drop"}})
+    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx", "openvino"], ["fp32"], drop, log=quiet)
+    assert [(a["format"], a["precision"]) for a in result.metadata["artifacts"]] == [("openvino", "fp32")]
+    assert not (tmp_path / "b" / "onnx" / "model_fp32.onnx").exists()
+    assert result.parity["dropped"][0]["format"] == "onnx" and "logit diff" in result.parity["dropped"][0]["failures"][0]
+    card = (tmp_path / "b" / "card.md").read_text()
+    assert "## Not shipped" in card and "- onnx fp32: logit diff" in card
+    Runner.from_bundle(tmp_path / "b", backend="openvino")  # manifest and metadata agree on what is there
+    with pytest.raises(EdgeKDError, match="not in this bundle|no onnx"):
+        Runner.from_bundle(tmp_path / "b", backend="onnx")
+    # every artifact failing is still an error, nothing written
+    with pytest.raises(EdgeKDError, match="failed \\(1 problem\\)"):
+        export_checkpoint(ckpt, tmp_path / "c", ["onnx"], ["fp32"], drop, log=quiet)
+    assert not (tmp_path / "c").exists()

@@ -125,7 +125,7 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
 
     lines.append(row("pytorch", "fp32", "-", ref))
     sizes = {(a["format"], a["precision"]): a["size_mb"] for a in metadata["artifacts"]}
-    for rec in parity["artifacts"]:
+    for rec in (r for r in parity["artifacts"] if r["passed"]):
         lines.append(row(rec["format"], rec["precision"], _num(sizes.get((rec["format"], rec["precision"])), ".3f"),
                          rec.get("metrics", {})))
     counts = ", ".join(f"{s}: {n} images" for s, n in parity["reference"]["split_images"].items())
@@ -142,7 +142,11 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         lines.append(f"| {rec['format']} | {rec['precision']} | {_num(rec.get('max_abs_diff'), '.2e')} | "
                      f"{_num(rec.get('mean_abs_diff'), '.2e')} | {_pct(rec.get('top1_agreement'))} | "
                      f"{_num(drop.get('acc'))} | {_num(drop.get('auc'))} | {tol} | "
-                     f"{'pass' if rec['passed'] else 'FAIL'} |")
+                     f"{'pass' if rec['passed'] else 'FAIL (not shipped)'} |")
+    if parity.get("dropped"):
+        lines += ["", "## Not shipped", "", "These artifacts were built and failed the gate; the export profile "
+                  "(`parity.on_fail: drop`) left them out of this bundle:", ""]
+        lines += [f"- {d['format']} {d['precision']}: {'; '.join(d['failures'])}" for d in parity["dropped"]]
     if explanations:
         lines += ["", "## Where the model looks (Grad-CAM)", "",
                   f"Grad-CAM of the predicted class at layer `{explanations[0]['layer']}` of the PyTorch checkpoint, "

@@ -28,7 +28,9 @@ def quantize_openvino(model, ctx: ExportContext) -> tuple[Any, dict[str, Any]]:
     cfg = ctx.profile.quantization
     calib = ctx.calibration()
     transformer = cfg.model_type == "transformer" or (cfg.model_type == "auto" and is_transformer(ctx.model))
-    kwargs: dict[str, Any] = {"subset_size": len(calib), "fast_bias_correction": cfg.fast_bias_correction}
+    kwargs: dict[str, Any] = {"subset_size": len(calib), "fast_bias_correction": cfg.fast_bias_correction,
+                              "preset": (nncf.QuantizationPreset.MIXED if cfg.preset == "mixed"
+                                         else nncf.QuantizationPreset.PERFORMANCE)}
     if transformer:
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     if cfg.keep_first_last:
@@ -37,7 +39,8 @@ def quantize_openvino(model, ctx: ExportContext) -> tuple[Any, dict[str, Any]]:
         if compute:
             kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(dict.fromkeys(compute[:1] + compute[-1:])))
     dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
-    info: dict[str, Any] = {"quantization": f"nncf {nncf.__version__} PTQ on {len(calib)} training images"
+    info: dict[str, Any] = {"quantization": f"nncf {nncf.__version__} PTQ ({cfg.preset} preset) on {len(calib)} "
+                                            "training images"
                                             + (" (transformer scheme)" if transformer else "")
                                             + ("" if cfg.fast_bias_correction else ", full bias correction")
                                             + (", first and last layers FP32" if cfg.keep_first_last else "")}

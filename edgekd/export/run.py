@@ -48,9 +48,11 @@ class ExportResult:
 
 
 def with_overrides(profile: ExportProfile, parity_images: int | None = None, calib_images: int | None = None,
-                   threads: int | None = None, accuracy_control: bool | None = None) -> ExportProfile:
+                   threads: int | None = None, accuracy_control: bool | None = None,
+                   on_fail: str | None = None) -> ExportProfile:
     """The profile with the command-line options that were given (None keeps the profile's value)."""
-    parity = profile.parity.model_copy(update={k: v for k, v in {"images": parity_images}.items() if v is not None})
+    parity = profile.parity.model_copy(update={k: v for k, v in {"images": parity_images, "on_fail": on_fail}.items()
+                                               if v is not None})
     quant = profile.quantization.model_copy(update={k: v for k, v in {
         "calib_images": calib_images, "accuracy_control": accuracy_control}.items() if v is not None})
     if (parity_images is not None and parity_images < 1) or (calib_images is not None and calib_images < 1):
@@ -96,6 +98,23 @@ def card_explanations(model, ckpt: dict[str, Any], data, stage: Path, log: Calla
         log(f"card: no Grad-CAM overlays ({str(err).splitlines()[0]})")
         return []
     return [{**r, "overlay": f"{EXPLAIN_DIR}/{r['overlay']}"} for r in records]
+
+
+def shipped_artifacts(artifacts: list[dict[str, Any]], records: list[dict[str, Any]], stage: Path,
+                      on_fail: str) -> list[dict[str, Any]]:
+    """The artifacts the bundle ships: all if every one passed; under on_fail=drop the passing ones (the files of
+    the others are removed from the staging folder); under on_fail=error none when any failed."""
+    failed = {(r["format"], r["precision"]) for r in records if not r["passed"]}
+    if not failed:
+        return artifacts
+    if on_fail == "error":
+        return []
+    from edgekd.export.formats import FORMATS
+
+    for fmt, precision in failed:
+        for f in FORMATS[fmt].files(stage / FORMATS[fmt].relpath(precision)):
+            f.unlink(missing_ok=True)
+    return [a for a in artifacts if (a["format"], a["precision"]) not in failed]
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
@@ -183,6 +202,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                 session = fmt.open(path, precision, profile.threads)
             except EdgeKDError as err:
                 failures.append(f"{label}: {err}")
+                records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
+                                "failures": [str(err)], "tolerance": getattr(profile.parity.tolerances,
+                                                                            precision).model_dump()})
                 continue
             tolerance = getattr(profile.parity.tolerances, precision)
             record, problems = check_artifact(session, parity_set, reference, tolerance, input_shape, num_classes,
@@ -204,10 +226,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                           "split_images": {s: len(y) for s, (_, y) in splits.items()}},
             "artifacts": records, "passed": not failures, "failures": failures,
         }
-        if failures:
+        artifacts = shipped_artifacts(artifacts, records, stage, profile.parity.on_fail)
+        if failures and not artifacts:
             raise ParityGateError(f"export of {checkpoint} failed ({len(failures)} problem"
                                   f"{'s' if len(failures) > 1 else ''}); nothing was written to {out}:\n  "
                                   + "\n  ".join(failures), parity)
+        if failures:
+            parity["dropped"] = [{"format": r["format"], "precision": r["precision"], "failures": r["failures"]}
+                                 for r in records if not r["passed"]]
+            log(f"parity.on_fail=drop: {len(parity['dropped'])} artifact(s) left out of the bundle:\n  "
+                + "\n  ".join(failures))
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE}
         write_bundle_files(stage, metadata, parity, card_explanations(model, ckpt, data, stage, log))
         publish(stage, out)
