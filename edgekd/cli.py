@@ -277,7 +277,7 @@ def export(
     for r in result.parity["artifacts"]:
         metrics = r.get("metrics", {})
         table.add_row(r["format"], r["precision"], f"{sizes[r['path']]:.3f}" if r["path"] in sizes else "-",
-                      _fmt(r.get("max_abs_diff")), _fmt(r.get("mean_abs_diff")),
+                      *("-" if r.get(k) is None else f"{r[k]:.2e}" for k in ("max_abs_diff", "mean_abs_diff")),
                       "-" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.2%}",
                       _fmt(metrics.get(split, {}).get("acc")), _fmt(metrics.get("test", {}).get("acc")),
                       _fmt(metrics.get("test", {}).get("auc")), "pass" if r["passed"] else "[red]dropped[/]")
