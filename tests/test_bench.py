@@ -186,3 +186,27 @@ def test_other_cpu_reads_this_machine():
         pytest.skip("no /proc/stat on this platform")
     cores = meter.cores()
     assert cores is None or cores >= 0.0
+
+
+def test_bench_images_give_bare_and_runner_the_same_pixels():
+    """Benchmark images are stored at the resize stage: the bare rows (cropped by ModelInputs) equal the
+    runtime's preprocessing of the original image, and the runner's own resize + crop of them is a no-op resize
+    and the same crop -- for a model whose eval resize (20) is larger than its crop (16)."""
+    import numpy as np
+
+    from edgekd.bench.worker import ModelInputs
+    from edgekd.data import preprocess_spec
+    from edgekd.recipe import DataConfig
+    from edgekd.runtime import Preprocessor
+
+    spec = preprocess_spec(DataConfig(image_size=16, resize=20, channels=3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25]))
+    pre = Preprocessor(spec)
+    raw = [np.random.default_rng(i).integers(0, 256, size=(28, 28, 3), dtype=np.uint8) for i in range(3)]
+    stored = np.stack([pre.to_resize_size(a) for a in raw])
+    assert stored.shape == (3, 20, 20, 3)
+    expected = np.stack([pre(a) for a in raw])
+    np.testing.assert_array_equal(ModelInputs({"preprocess": spec}).rows(stored), expected)
+    np.testing.assert_array_equal(np.stack([pre(a) for a in stored]), expected)  # the runner's path
+    # the old way (model-size images re-preprocessed by the runner) would zoom them again:
+    model_size = np.stack([pre.to_model_size(a) for a in raw])
+    assert np.abs(np.stack([pre(a) for a in model_size]) - expected).max() > 0.1

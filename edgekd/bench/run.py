@@ -267,7 +267,8 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
     # --eval-limit: a seeded subset with the split's class mix (the first N of a class-sorted folder is one class)
     picked = stratified_subset(test.table.labels, limit or len(test), EVAL_SEED)
     prep = Preprocessor(subject.preprocess)
-    images = np.stack([prep.to_model_size(test.raw(int(i))) for i in picked])
+    # At the resize stage (e.g. 256 for a 224 crop): the bare rows crop them, the runner does its own crop.
+    images = np.stack([prep.to_resize_size(test.raw(int(i))) for i in picked])
     subject.images = work / f"{subject.role}-test-images.npy"
     np.save(subject.images, images)
     subject.labels = np.asarray(test.table.labels[picked])
@@ -277,8 +278,8 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
 
 def attach_synthetic_images(subject: Subject, work: Path, n: int) -> None:
     """No test data (a bundle without --data): time on seeded random images, report no accuracy."""
-    c, h, w = subject.preprocess["input_size"]
-    images = np.random.default_rng(0).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
+    c, size = subject.preprocess["input_size"][0], subject.preprocess["resize"]  # the resize stage, as test images
+    images = np.random.default_rng(0).integers(0, 256, size=(n, size, size, c), dtype=np.uint8)
     subject.images = work / f"{subject.role}-synthetic-images.npy"
     np.save(subject.images, images)
     subject.notes.append("no test data (give --data RECIPE or a checkpoint): timed on random images, no accuracy")

@@ -28,7 +28,8 @@ Infer = Callable[[np.ndarray], np.ndarray]
 
 
 class ModelInputs:
-    """uint8 model-size images -> the float32 rows the model sees: every image's TTA views (or the image alone)."""
+    """uint8 images (at the resize stage or model size) -> the float32 rows the model sees: the model-size crop
+    of every image in each TTA view (or the crop alone)."""
 
     def __init__(self, job: dict):
         self.preprocessor = Preprocessor(job["preprocess"])
@@ -37,7 +38,8 @@ class ModelInputs:
         self.n_views = len(self.views) if self.views else 1
 
     def rows(self, images: np.ndarray) -> np.ndarray:
-        stack = images if self.views is None else np.concatenate([self.views(a) for a in images])
+        sized = [self.preprocessor.to_model_size(a) for a in images]
+        stack = np.stack(sized) if self.views is None else np.concatenate([self.views(a) for a in sized])
         return self.preprocessor.normalize(stack)
 
     def mean_probs(self, logits: np.ndarray) -> np.ndarray:

@@ -136,6 +136,16 @@ class Preprocessor:
             arr = arr[..., ::-1]
         return arr
 
+    def to_resize_size(self, image: ImageInput) -> np.ndarray:
+        """Decode + channels + resize, center-cropped to a (resize, resize) square: the stage before the model's
+        crop, so `to_model_size` of it is `to_model_size` of a square image. What a benchmark stores so that the
+        bare model (given the crop) and the runner (given this, doing its own crop) see the same pixels."""
+        arr = to_channels(as_image_array(image), self.channels)
+        if self.hair_removal:
+            arr = remove_hair(arr)
+        arr = resize_bilinear(arr, *resized_size(arr.shape[0], arr.shape[1], self.resize))
+        return center_crop(arr, self.resize, self.resize)
+
     def normalize(self, batch_hwc: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 (N, H, W, C) -> float32 (N, C, H, W): (x * scale - mean) / std per channel, as torch computes it.
 
