@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, machine, now, replace_section  # noqa: E402  (sys.path set there)
+from common import REPO, RESULTS, finished_run, machine, now, replace_section  # noqa: E402  (sets sys.path)
 
 from edgekd.fileio import write_json, write_text  # noqa: E402
+from edgekd.recipe import load_recipe  # noqa: E402
 
 ZOO_JSON = RESULTS / "zoo.json"
 DATA = "../shared/data/medmnist/pneumoniamnist.npz"
@@ -105,8 +106,11 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
         overrides.append(f"data.limit={limit}")
     train_cmd = [EDGEKD, "train", recipe, *sets(overrides), "--out", str(out / "train")]
     metrics_path = out / "train" / "metrics.json"
-    if not (reuse and metrics_path.is_file()):
+    trained_here = reuse and finished_run(load_recipe(REPO / recipe, overrides), out / "train") is not None
+    if not trained_here:  # reuse only a run of exactly this recipe and these overrides
         run(train_cmd, out / "train.log")
+        for stale in ("bundle", "export_seconds.json"):
+            subprocess.run(["rm", "-rf", str(out / stale)], check=True)
     m = json.loads(metrics_path.read_text())
     sane = (m["val"].get("auc") or 0) >= SANE_VAL_AUC
     record = {"arch": arch, "role": role, "recipe": recipe,
