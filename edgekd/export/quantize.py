@@ -88,8 +88,8 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
     optionally the first and last compute layers stay FP32.
 
     uint8 activations (U8S8) because ONNX Runtime's x86 kernels are built for them: on this 2-core EPYC (its
-    flags list avx512_vnni), int8 activations (S8S8) ran MobileNetV3-Large at 224 px 2.1x slower than FP32 (14.8 vs 7.0 ms, one
-    thread), U8S8 1.2x faster (5.9 ms); ResNet-18: S8S8 1.3x, U8S8 3.3x faster than FP32."""
+    flags list avx512_vnni), int8 activations (S8S8) ran MobileNetV3-Large at 224 px 2.1x slower than FP32
+    (14.8 vs 7.0 ms, one thread), U8S8 1.2x faster (5.9 ms); ResNet-18: S8S8 1.3x, U8S8 3.3x faster."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
