@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= runs/demo
 DEMO_BUNDLE ?= $(DEMO)/student/bundle
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench zoo clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,10 @@ bench: install
 	$(BIN)/python benchmarks/pareto.py
 	$(BIN)/python benchmarks/distill_terms.py --reuse
 	$(BIN)/python benchmarks/robustness.py --teacher $(BENCH_TEACHER) --student $(BENCH_STUDENT)
+
+# The seeds' own architectures at their input sizes (train from scratch, export, bench): hours on 2 cores.
+zoo: install
+	$(BIN)/python benchmarks/zoo.py --limit 1000 --epochs 5 --eval-limit 400 --reuse
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
