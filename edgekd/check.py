@@ -10,7 +10,6 @@ checked on a machine that has none of its data. The run itself is `run_recipe` o
 from __future__ import annotations
 
 import math
-import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 from edgekd.data.sources import FASHION_CLASSES, MEDMNIST_CLASSES
 from edgekd.errors import EdgeKDError
 from edgekd.recipe import Recipe, load_recipe, recipe_from_dict
+from edgekd.runtime.timing import peak_rss_mb
 
 STEPS = 2
 """Optimizer steps a check runs (the second one is timed: the first pays for allocation and warm-up)."""
@@ -81,11 +81,6 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         batch_size=recipe.data.batch_size, step_seconds=step, train_images=train_images,
         epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
         seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(), teacher=teacher, stand_ins=stand_ins)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _step_seconds(result) -> list[float]:

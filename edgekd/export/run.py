@@ -20,7 +20,7 @@ from edgekd.fileio import ensure_free_space
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   staging_dir, write_bundle_files, write_zip)
-from edgekd.export.formats import export_plan
+from edgekd.export.formats import FORMATS, export_plan
 from edgekd.export.parity import ParitySet, check_artifact, parity_inputs, reference_report
 from edgekd.export.profile import ExportProfile, load_profile
 from edgekd.models import count_parameters
@@ -109,8 +109,6 @@ def shipped_artifacts(artifacts: list[dict[str, Any]], records: list[dict[str, A
         return artifacts
     if on_fail == "error":
         return []
-    from edgekd.export.formats import FORMATS
-
     for fmt, precision in failed:
         for f in FORMATS[fmt].files(stage / FORMATS[fmt].relpath(precision)):
             f.unlink(missing_ok=True)
