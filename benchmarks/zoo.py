@@ -82,7 +82,7 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
     return None if not a or not b else a["p50_ms"] / b["p50_ms"]
 
 
-def goals(bench: list[dict], parity: dict, export_seconds: float, role: str) -> dict:
+def goals(bench: list[dict], parity: dict, export_seconds: float) -> dict:
     out = {}
     for batch in (1, 8):
         eager = pick(bench, format="torch", variant="eager", batch=batch)
@@ -151,7 +151,7 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
     record["bench"] = [{k: r.get(k) for k in ("format", "precision", "variant", "batch", "p50_ms", "p99_ms",
                                                 "throughput", "peak_rss_mb", "size_mb", "acc", "auc", "status",
                                                 "reason")} for r in rows if r.get("role") != "teacher" or role == "teacher"]
-    record["goals"] = goals(rows, parity, seconds, role)
+    record["goals"] = goals(rows, parity, seconds)
     record["date"] = now()
     return record
 
