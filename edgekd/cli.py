@@ -5,7 +5,10 @@ Stage modules are imported inside each command so `edgekd predict` runs on a box
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from edgekd import __version__
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, error_line, printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill medical-imaging classifiers into small, verified models for CPU edge devices.")
@@ -178,6 +181,7 @@ def eval_(
 ) -> None:
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
     corruption robustness (teacher vs student vs each export format) and failure analysis."""
+    from edgekd.fileio import refuse_output_inside
     from edgekd.recipe import load_recipe, recipe_from_dict
     from edgekd.train.checkpoint import load_checkpoint
     from edgekd.train.run import evaluate_checkpoint
@@ -194,6 +198,7 @@ def eval_(
     else:
         data_recipe = None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
+    refuse_output_inside(out, [checkpoint, *compare])
     is_bundle = checkpoint.suffix == ".zip" or (checkpoint / "edgekd.json").is_file()
     if not is_bundle:
         result = evaluate_checkpoint(checkpoint, out, data_recipe, splits)
@@ -302,22 +307,24 @@ def predict(
     """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end)."""
     from edgekd.runtime import Failure, Runner
     from edgekd.runtime.inputs import collect_inputs
+    from edgekd.fileio import refuse_output_inside
     from edgekd.runtime.output import check_output_path, write_predictions
 
     if out is not None:
         check_output_path(out)
+        refuse_output_inside(out, [bundle])
     tta_option = [v.strip() for v in views.split(",") if v.strip()] if views else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir)
     paths, problems = collect_inputs(inputs)
     for _, message in problems:
-        console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
     results = []
     with progress_bar() as progress:
         task = progress.add_task("predict", total=len(paths))
         for result in runner.predict_many(paths, batch=batch):
             if isinstance(result, Failure):
-                progress.console.print(f"[bold red]error:[/] {escape(result.error)}", soft_wrap=True)
+                progress.console.print(f"[bold red]error:[/] {escape(error_line(result.error))}", soft_wrap=True)
             results.append(result)
             progress.advance(task)
     results += [Failure(source, message) for source, message in problems]
@@ -328,9 +335,9 @@ def predict(
         table.add_column(col, justify="left" if col in ("file", "label") else "right")
     for r in results:
         if isinstance(r, Failure):
-            table.add_row(escape(r.source), "[red]error[/]", "-", *["-"] * len(names))
+            table.add_row(escape(printable(r.source)), "[red]error[/]", "-", *["-"] * len(names))
         else:
-            table.add_row(escape(r.source), escape(r.label), f"{r.prob:.4f}", *[f"{p:.4f}" for p in r.probs])
+            table.add_row(escape(printable(r.source)), escape(r.label), f"{r.prob:.4f}", *[f"{p:.4f}" for p in r.probs])
     out_console.print(table)
     failed = sum(isinstance(r, Failure) for r in results)
     if out is not None:
@@ -354,7 +361,7 @@ def bench(
     data: Optional[Path] = typer.Option(None, "--data", help="Score accuracy on this recipe's test split (default: the checkpoint's)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the --data recipe."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With a bundle: its checkpoint, for the torch rows and MACs."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: <source dir>/bench)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: bench/ beside the source)."),
     seconds: float = typer.Option(2.0, "--seconds", min=0, help="Minimum timed seconds per measurement."),
     min_runs: int = typer.Option(20, "--min-runs", min=1, help="Minimum timed calls per measurement."),
     warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed calls before each measurement."),
@@ -374,7 +381,7 @@ def bench(
     if set_ and data is None:
         raise EdgeKDError("--set needs --data (it overrides the data recipe)")
     variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
-    out = out or (source if source.is_dir() else source.parent) / "bench"
+    out = out or source.parent / "bench"  # beside a bundle folder, never inside it
     with progress_bar() as progress:
         log = progress.console.print if progress.console.is_terminal else console.print
         result = run_bench(source, out, formats, precision, batch, threads, tta, teacher, data_recipe, checkpoint,
@@ -400,7 +407,9 @@ def report(
     """KD report: one table per dataset (baseline, teacher, student from scratch, distilled student) with
     params, MACs, acc, AUC, F1, sensitivity, specificity, pAUC; writes report.md/.json and ROC/confusion PNGs."""
     from edgekd.distill.report import comparison_report
+    from edgekd.fileio import refuse_output_inside
 
+    refuse_output_inside(out, [r for r in runs if not r.is_dir()])  # a run folder may hold its report
     if split not in ("train", "val", "test"):
         raise EdgeKDError(f"--split: unknown split '{split}' (use train, val, test)")
     result = comparison_report(runs, out, split)
@@ -419,7 +428,9 @@ def explain(
 ) -> None:
     """Grad-CAM: writes <image>_gradcam.png heat-map overlays and explain.json (prediction, target, CAM peak)."""
     from edgekd.explain.gradcam import explain_files
+    from edgekd.fileio import refuse_output_inside
 
+    refuse_output_inside(out, [checkpoint])
     records = explain_files(checkpoint, images, out, layer, target)
     for r in records:
         out_console.print(f"{r['file']}: predicted {r['predicted']} ({r['prob']:.3f}), Grad-CAM of {r['target']} "
@@ -428,36 +439,91 @@ def explain(
 
 
 def run() -> None:
-    """Entry point: EdgeKDError -> one line on stderr and exit 2 (traceback only with --debug)."""
+    """Entry point: EdgeKDError, and OS and resource errors that name their cause, -> one `error:` line on stderr
+    and exit 2 (traceback only with --debug); anything unforeseen -> one line naming its type, exit 1."""
+    install_process_guards()
     try:
         code = app(standalone_mode=False)
     except EdgeKDError as err:
         if STATE["debug"]:
             raise
-        # escape: a file name like scan[left].png is not rich markup
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
-        sys.exit(2)
+        fail(error_line(str(err), err.multiline))
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
-    except (typer.Abort,):
+    except typer.Abort:
         sys.exit(1)
-    except Exception as err:  # click usage errors and anything unforeseen
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+    except Exception as err:  # usage errors of typer's (vendored) click, and anything unforeseen
+        if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
             err.show()
             sys.exit(err.exit_code)
         if STATE["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {type(err).__name__}: {escape(str(err).splitlines()[0]) if str(err) else ''} "
-                      "(run with --debug for the traceback)", soft_wrap=True)
+        known = known_failure(err)
+        if known is not None:
+            fail(error_line(known))
+        detail = f": {error_line(str(err))}" if str(err) else ""
+        console.print(f"[bold red]error:[/] {type(err).__name__}{escape(detail)} (run with --debug for the traceback)",
+                      soft_wrap=True)
         sys.exit(1)
     # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def fail(line: str) -> None:
+    """Print `error: <line>` on stderr (escaped: a file name like scan[left].png is not rich markup), exit 2."""
+    console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
+    sys.exit(2)
+
+
+def known_failure(err: BaseException) -> str | None:
+    """The one-line message of an error whose cause the user can act on (a path's permission, a full disk, an
+    input nested too deeply, memory), else None."""
+    if isinstance(err, OSError) and (err.filename is not None or err.strerror):
+        where = f"{printable(os.fsdecode(err.filename))}: " if err.filename is not None else ""
+        return f"{where}{(err.strerror or type(err).__name__).lower()}"
+    if isinstance(err, RecursionError):
+        return "input nested too deeply (Python's recursion limit): a self-referencing recipe or file?"
+    if isinstance(err, MemoryError):
+        return "out of memory (an input too large for this machine)"
+    return None
+
+
+def install_process_guards() -> None:
+    """Make the process end cleanly whatever stops it: SIGTERM/SIGHUP raise SystemExit, so `finally` blocks and
+    exit handlers remove temp dirs and half-written files (SIGINT already raises KeyboardInterrupt); warnings of
+    dependencies become one `warning:` line each (once); undecodable file names print as escapes."""
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            try:
+                signal.signal(sig, _exit_on_signal)
+            except ValueError:  # not the main thread (an embedding application): its signals are its own
+                pass
+    warnings.showwarning = _one_line_warning
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a text stream we may reconfigure
+            pass
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = error_line(str(message).strip().splitlines()[0] if str(message).strip() else category.__name__)
+    if (category.__name__, text) in _WARNED:
+        return
+    _WARNED.add((category.__name__, text))
+    console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
 
 
 if __name__ == "__main__":

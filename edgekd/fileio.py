@@ -59,18 +59,33 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
+    """JSON, ASCII-escaped: a file name that is not valid UTF-8 (a surrogate escape) is written as its \\udcXX."""
     text = json.dumps(to_jsonable(data), indent=2) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """UTF-8 text; a file name that is not valid UTF-8 (decoded by Python as surrogate escapes) is written back as
+    its original bytes, so a CSV row names the file exactly."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (bundle manifests)."""
+def sha256_file(path: str | Path, follow_symlinks: bool = True) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (bundle manifests); `follow_symlinks=False` refuses a symlink
+    (OSError) instead of hashing what it points at."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    flags = os.O_RDONLY | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(os.open(path, flags), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str = "--out") -> None:
+    """An output never replaces or lands inside an input (a bundle being read, the checkpoint exported): both
+    are compared as resolved paths (symlinks and `..` followed)."""
+    target = Path(out).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or source in target.parents:
+            raise EdgeKDError(f"{option} {out}: is inside the input {given}; write the output elsewhere")

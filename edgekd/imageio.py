@@ -2,49 +2,86 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, printable, shorten
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"}
+PILLOW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP",
+                  ".gif": "GIF", ".webp": "WEBP"}
+"""The only decoders a file reaches, chosen by its suffix: a file's suffix and its content must agree (an EPS named
+.png never reaches Pillow's Ghostscript plugin, whatever Pillow has installed)."""
+IMAGE_SUFFIXES = {*PILLOW_FORMATS, ".dcm"}
 MAX_PIXELS = 64_000_000
 """Decompression-bomb guard: larger images are refused (a 224x224 model never needs them)."""
+MAX_SIDE = 32_768
+"""The longest image side accepted."""
+MAX_ASPECT = 200
+"""The most elongated image accepted (longer side / shorter side): a 1 x 64M strip resized to a 28 px shorter
+side would be 28 x 1.8G pixels."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def check_image_size(width: int, height: int, resize: int | None = None, where: str = "image") -> None:
+    """Refuse, before decoding, an image too large, too long or too elongated, or (with `resize`, the shorter side
+    it will be resized to) one whose resized copy would exceed MAX_PIXELS."""
+    if width < 1 or height < 1:
+        raise EdgeKDError(f"{where}: image is {width}x{height}, empty")
+    if width * height > MAX_PIXELS:
+        raise EdgeKDError(f"{where}: image is {width}x{height}, larger than the {MAX_PIXELS} pixel limit")
+    if max(width, height) > MAX_SIDE:
+        raise EdgeKDError(f"{where}: image is {width}x{height}, a side over the {MAX_SIDE} px limit")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise EdgeKDError(f"{where}: image is {width}x{height}, more elongated than {MAX_ASPECT}:1")
+    if resize is not None:
+        short, long = min(width, height), max(width, height)
+        if resize * int(resize * long / short) > MAX_PIXELS:
+            raise EdgeKDError(f"{where}: image is {width}x{height}; resized to a {resize} px shorter side it would "
+                              f"exceed the {MAX_PIXELS} pixel limit")
+
+
+def read_image(path: str | Path, resize: int | None = None) -> np.ndarray:
     """Decode an image file to a uint8 array of shape (H, W, 1) or (H, W, 3).
 
-    16-bit images are rescaled to 8 bit by their own range, RGBA/LA lose alpha, CMYK/palette become RGB.
-    Any failure raises EdgeKDError naming the file.
+    16-bit images are rescaled to 8 bit by their own range, RGBA/LA lose alpha, CMYK/palette become RGB. Only the
+    decoder of the file's suffix is tried (PILLOW_FORMATS, DICOM through pydicom); the size limits of
+    `check_image_size` (with `resize`: the shorter side the caller will resize to) are checked from the header,
+    before decoding. Any failure, MemoryError included, raises EdgeKDError naming the file.
     """
     path = Path(path)
+    where = printable(str(path))
     if not path.is_file():
-        raise EdgeKDError(f"{path}: image file not found")
+        raise EdgeKDError(f"{where}: image file not found")
     if path.stat().st_size == 0:
-        raise EdgeKDError(f"{path}: empty file")
-    if path.suffix.lower() == ".dcm":
-        return read_dicom(path)
+        raise EdgeKDError(f"{where}: empty file")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise EdgeKDError(f"{where}: not a supported image type (use {', '.join(sorted(IMAGE_SUFFIXES))})")
     try:
+        if suffix == ".dcm":
+            return read_dicom(path, resize)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise EdgeKDError(f"{path}: image is {w}x{h}, larger than the {MAX_PIXELS} pixel limit")
+            with Image.open(path, formats=[PILLOW_FORMATS[suffix]]) as img:
+                check_image_size(*img.size, resize, where)
                 img.load()
                 return pil_to_array(img)
-    except EdgeKDError:
-        raise
+    except EdgeKDError as err:
+        if str(err).startswith(where):
+            raise
+        raise EdgeKDError(f"{where}: {err}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise EdgeKDError(f"{path}: image exceeds the decompression-bomb pixel limit") from None
+        raise EdgeKDError(f"{where}: image exceeds the decompression-bomb pixel limit") from None
     except UnidentifiedImageError:
-        raise EdgeKDError(f"{path}: not an image (cannot identify the file format)") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise EdgeKDError(f"{path}: corrupt or truncated image ({str(err).splitlines()[0][:80]})") from None
+        raise EdgeKDError(f"{where}: not an image (the content is not {PILLOW_FORMATS[suffix]} as its suffix "
+                          "says)") from None
+    except MemoryError:
+        raise EdgeKDError(f"{where}: out of memory decoding the image") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as err:
+        raise EdgeKDError(f"{where}: corrupt or truncated image ({shorten(str(err).splitlines()[0] if str(err) else type(err).__name__, 80)})") from None
 
 
 def pil_to_array(img: Image.Image) -> np.ndarray:
@@ -68,14 +105,20 @@ def _rescale_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def read_dicom(path: Path) -> np.ndarray:
-    """DICOM through pydicom (optional extra), windowed by the file's own Window Center/Width tags."""
+def read_dicom(path: Path, resize: int | None = None) -> np.ndarray:
+    """DICOM through pydicom (optional extra), windowed by the file's own Window Center/Width tags; the size
+    limits are checked from the Rows/Columns tags before the pixel data is decoded."""
     try:
         import pydicom
     except ImportError:
         raise EdgeKDError(f"{path}: reading DICOM needs pydicom (pip install 'edgekd[dicom]')") from None
     try:
         ds = pydicom.dcmread(str(path))
+        rows, columns = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    except Exception as err:  # pydicom raises many types for bad files
+        raise EdgeKDError(f"{path}: unreadable DICOM ({type(err).__name__})") from None
+    check_image_size(columns, rows, resize, str(path))
+    try:
         arr = ds.pixel_array.astype(np.float64)
     except Exception as err:  # pydicom raises many types for bad files
         raise EdgeKDError(f"{path}: unreadable DICOM ({type(err).__name__})") from None

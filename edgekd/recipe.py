@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, quote, shorten
 
 
 class Section(BaseModel):
@@ -309,8 +309,8 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
-        return f"{where}: unknown key '{key}'"
-    return f"{where}: {key}: {first['msg']} (got {first.get('input')!r})"
+        return f"{where}: unknown key '{shorten(key, 120)}'"
+    return f"{where}: {shorten(key, 120)}: {first['msg']} (got {quote(first.get('input'))})"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -322,8 +322,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise EdgeKDError(f"--set {text!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
+    check_recipe_size(value, Path(f"--set {shorten(key.strip(), 60)}"))
     return key.strip().split("."), value
 
 
@@ -359,20 +360,50 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe_from_dict(raw, where=str(path))
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_DEPTH = 32
+
+
+def check_recipe_size(raw: Any, path: Path) -> None:
+    """Refuse a recipe that expands to more than MAX_RECIPE_VALUES values or nests deeper than MAX_RECIPE_DEPTH
+    (YAML aliases of aliases, a "billion laughs", or an alias to itself), counted without expanding it."""
+    count, stack = 0, [(raw, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_VALUES:
+            raise EdgeKDError(f"{path}: the recipe expands to more than {MAX_RECIPE_VALUES} values (nested YAML aliases?)")
+        if depth > MAX_RECIPE_DEPTH:
+            raise EdgeKDError(f"{path}: the recipe nests deeper than {MAX_RECIPE_DEPTH} levels (a YAML alias to itself?)")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     if not path.is_file():
         raise EdgeKDError(f"{path}: recipe file not found")
     if path.resolve() in seen:
         raise EdgeKDError(f"{path}: circular 'base:'")
     seen.add(path.resolve())
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise EdgeKDError(f"{path}: {path.stat().st_size / 2**20:.1f} MiB is too large for a recipe "
+                          f"(limit {MAX_RECIPE_BYTES // 2**10} KiB)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise EdgeKDError(f"{path}:{line} is not valid YAML") from None
+    except UnicodeDecodeError:
+        raise EdgeKDError(f"{path}: is not UTF-8 text") from None
+    except RecursionError:
+        raise EdgeKDError(f"{path}: the YAML nests too deeply") from None
     if not isinstance(raw, dict):
         raise EdgeKDError(f"{path}: a recipe must be a YAML mapping")
+    check_recipe_size(raw, path)
     base = raw.pop("base", None)
     if base is None:
         return raw

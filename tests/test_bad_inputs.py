@@ -647,7 +647,7 @@ BUNDLE_CASES = {
     "metadata_not_json": (_b_meta_not_json, "b", "not valid JSON"),
     "schema_version": (_b_meta(lambda m: m.update(schema="edgekd-bundle/9")), "b", "schema must be"),
     "no_class_names": (_b_meta(lambda m: m.pop("class_names")), "b", "class_names"),
-    "std_zero": (_b_meta(lambda m: m["preprocess"].update(std=[0, 0.5, 0.5])), "b", "std must not contain 0"),
+    "std_zero": (_b_meta(lambda m: m["preprocess"].update(std=[0, 0.5, 0.5])), "b", "preprocess.std values must be in"),
     "artifact_path_escapes": (_b_meta(lambda m: m["artifacts"][0].update(path="../model.onnx")), "b",
                               "relative path inside the bundle"),
     "onnx_other_class_count": (_b_onnx(classes=5), "b", "does not match"),

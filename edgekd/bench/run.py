@@ -18,7 +18,7 @@ import numpy as np
 
 from edgekd.bench.hardware import OtherCPU, cpu_info, gemm_peak_fraction
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import write_json
+from edgekd.fileio import refuse_output_inside, write_json
 
 SCHEMA = "edgekd-bench/1"
 FORMATS = ("torch", "onnx", "openvino")
@@ -191,6 +191,16 @@ def _add_bundle_artifacts(subject: Subject, bundle_path: Path) -> None:
                                            "size_mb": sum(f.stat().st_size for f in files) / 2**20})
     subject.views = list(bundle.tta.get("views") or DEFAULT_VIEWS)
     subject.center_crop_fraction = float(bundle.tta.get("center_crop_fraction", 0.875))
+
+
+def check_source(source: Path) -> None:
+    """A benchmark subject exists and, if a bundle, opens and verifies (nothing is written before this)."""
+    from edgekd.runtime import open_bundle
+
+    if not source.exists():
+        raise EdgeKDError(f"{source}: no such checkpoint or bundle")
+    if is_bundle(source):
+        open_bundle(source)
 
 
 def resolve_subject(source: Path, role: str | None, formats: list[str], precisions: list[str], out: Path,
@@ -421,6 +431,10 @@ def run_bench(source: str | Path, out: str | Path, formats: list[str] | str = "t
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EdgeKDError(f"--out {out}: exists and is not a directory")
+    sources = [Path(p) for p in (source, teacher, checkpoint) if p is not None]
+    refuse_output_inside(out, sources)
+    for path in sources:  # a missing file or a bad bundle is refused before anything is created
+        check_source(path)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)

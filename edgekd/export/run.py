@@ -34,6 +34,8 @@ SELECTION_SEED = 0
 class ParityGateError(EdgeKDError):
     """The export produced artifacts that do not match the PyTorch model; nothing was published."""
 
+    multiline = True  # the summary, then one indented line per failed check
+
     def __init__(self, message: str, parity: dict[str, Any]):
         super().__init__(message)
         self.parity = parity
@@ -150,7 +152,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     val = data.dataset("val", train=False)
     picked = _sample(len(val), profile.parity.images, salt=1)
     raw_images = [val.raw(int(i)) for i in picked]
-    raw = torch.stack([geometry(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)) for a in raw_images])
+    raw = torch.stack([geometry(torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1))
+                       for a in raw_images])
     # What the runner warms up for: gray images for a 3-channel model run through their own compiled graph.
     image_channels = 1 if raw_images and all(a.shape[-1] == 1 for a in raw_images) else preprocess["channels"]
     inputs, views = parity_inputs(raw, list(profile.tta.views), profile.tta.center_crop_fraction, normalize)

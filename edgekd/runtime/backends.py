@@ -24,6 +24,8 @@ from edgekd.runtime.tta import TTAViews
 
 BACKENDS = ("openvino", "onnx")
 MAX_CACHED_REQUESTS = 4
+ModelData = tuple[bytes, "bytes | None"]
+"""A model file's bytes and, for OpenVINO IR, its weights' bytes."""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -110,13 +112,14 @@ class OpenVINOBackend:
 
     def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None,
                  inference_precision: str = "f32", cache_dir: str | Path | None = None, static_shapes: bool = True,
-                 preprocessor: Preprocessor | None = None):
+                 preprocessor: Preprocessor | None = None, model_data: ModelData | None = None):
         import openvino as ov
 
         self.model_path = Path(model_path)
         self.core = ov.Core()
         try:
-            model = self.core.read_model(str(self.model_path))
+            model = (self.core.read_model(str(self.model_path)) if model_data is None
+                     else self.core.read_model(model_data[0], model_data[1] or b""))
         except Exception as err:  # OpenVINO raises RuntimeError subclasses with long messages
             raise EdgeKDError(f"{self.model_path}: OpenVINO cannot read the model ({str(err).splitlines()[0][:120]})") from None
         input_port = _find_port(model.inputs, input_name, self.model_path, "input")
@@ -283,7 +286,7 @@ class ONNXRuntimeBackend:
     name = "onnx"
 
     def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None,
-                 preprocessor: Preprocessor | None = None):
+                 preprocessor: Preprocessor | None = None, model_data: ModelData | None = None):
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
@@ -295,7 +298,8 @@ class ONNXRuntimeBackend:
             options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self.model_path) if model_data is None else model_data[0], options,
+                                                providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EdgeKDError(f"{self.model_path}: ONNX Runtime cannot load the model ({str(err).splitlines()[0][:120]})") from None
         port = _find_port(self.session.get_inputs(), input_name, self.model_path, "input")
@@ -355,12 +359,15 @@ def _find_port(ports, name: str, path: Path, kind: str):
 
 def create_backend(name: str, model_path: str | Path, input_name: str, output_name: str,
                    threads: int | None = None, inference_precision: str | None = None,
-                   cache_dir: str | Path | None = None, preprocessor: Preprocessor | None = None) -> Backend:
+                   cache_dir: str | Path | None = None, preprocessor: Preprocessor | None = None,
+                   model_data: ModelData | None = None) -> Backend:
     """`cache_dir` applies to OpenVINO only (ONNX Runtime sessions build in milliseconds for these models).
-    `preprocessor` (the bundle's spec) enables the image path (`image_slot`)."""
+    `preprocessor` (the bundle's spec) enables the image path (`image_slot`). `model_data`: the model's bytes
+    (and an OpenVINO IR's weights) to compile instead of reading `model_path` (which then only names it), so
+    a runner compiles the bytes its bundle check verified (`Artifact.read`)."""
     if name == "openvino":
         return OpenVINOBackend(model_path, input_name, output_name, threads, inference_precision or "f32", cache_dir,
-                               preprocessor=preprocessor)
+                               preprocessor=preprocessor, model_data=model_data)
     if name == "onnx":
-        return ONNXRuntimeBackend(model_path, input_name, output_name, threads, preprocessor)
+        return ONNXRuntimeBackend(model_path, input_name, output_name, threads, preprocessor, model_data)
     raise EdgeKDError(f"unknown backend '{name}' (use {', '.join(BACKENDS)})")

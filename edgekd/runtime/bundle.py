@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import math
+import os
 import shutil
 import stat
 import tempfile
 import weakref
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgekd.errors import EdgeKDError
-from edgekd.fileio import sha256_file
+from edgekd.errors import EdgeKDError, printable, quote, shorten, shown
+from edgekd.fileio import ensure_free_space, sha256_file
 
 SCHEMA = "edgekd-bundle/1"
 METADATA_FILE = "edgekd.json"
@@ -22,18 +27,39 @@ FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
 TTA_VIEWS = ("original", "hflip", "vflip", "center_crop", "rot+15", "rot-15")
 MAX_ZIP_BYTES = 4 * 2**30
-"""Zip-bomb guard: a bundle never needs more than this uncompressed."""
+"""Zip-bomb guard: a bundle never needs more than this uncompressed (and never more than the free disk space)."""
+MAX_SMALL_FILE = 16 * 2**20
+"""edgekd.json, manifest.sha256 and other text members are never larger than this."""
+MAX_COMPRESSION_RATIO = 50
+"""Model weights barely compress: a member over 1 MiB that inflates more than this is refused as a zip bomb."""
+FREE_SPACE_MARGIN = 64 * 2**20
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """One exported model file of a bundle, addressed by (format, precision)."""
+    """One exported model file of a bundle, addressed by (format, precision), with the sha256 digests the
+    manifest gave it (None when the bundle was opened unverified)."""
 
     format: str
     precision: str
     path: Path
     inference_precision_hint: str | None = None
     """OpenVINO CPU math the export's parity gate used (f32 for FP32 artifacts)."""
+    sha256: str | None = None
+    weights_sha256: str | None = None
+    """OpenVINO IR only: the digest of the .bin next to the .xml."""
+
+    @property
+    def weights_path(self) -> Path | None:
+        return self.path.with_suffix(".bin") if self.format == "openvino" else None
+
+    def read(self) -> tuple[bytes, bytes | None]:
+        """The model's bytes (and an IR's weights), each read once and checked against its manifest digest: the
+        backend compiles exactly these bytes, so a file swapped after the bundle was verified is refused, and one
+        swapped after this read is never opened."""
+        model = read_verified(self.path, self.sha256)
+        weights = read_verified(self.weights_path, self.weights_sha256) if self.weights_path else None
+        return model, weights
 
 
 @dataclass
@@ -64,9 +90,9 @@ class Bundle:
 
     @property
     def threads(self) -> int | None:
-        """The export profile's thread hint (None: the backend's default, all cores)."""
+        """The export profile's thread hint, at most this machine's cores (None: the backend's default)."""
         threads = (self.meta.get("runtime") or {}).get("threads")
-        return threads if isinstance(threads, int) and threads > 0 else None
+        return min(threads, os.cpu_count() or 1) if isinstance(threads, int) and threads > 0 else None
 
     @property
     def image_channels(self) -> int | None:
@@ -89,8 +115,10 @@ class Bundle:
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Open a bundle directory or .zip; with `verify`, every file must match manifest.sha256.
 
-    A zip is extracted to a private temporary directory (removed when the Bundle is garbage-collected);
-    members with absolute paths, `..` components or symlinks are refused before anything is written.
+    Nothing in a bundle may be a symlink or a special file. A zip's names, sizes and manifest are checked before
+    anything is written; it is extracted (each member hashed on the way) into a private temporary directory,
+    removed when the Bundle is garbage-collected or the process exits. edgekd.json is parsed from the bytes that
+    were verified, and `Artifact.read` hands a backend the verified bytes of its model.
     """
     source = Path(path)
     if not source.exists():
@@ -101,23 +129,27 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     elif zipfile.is_zipfile(source):
         tmp = Path(tempfile.mkdtemp(prefix="edgekd-bundle-"))
         try:
-            root = extract_zip(source, tmp)
+            root = extract_zip(source, tmp, verify=verify)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     else:
         raise EdgeKDError(f"{source}: not a bundle (expected a directory or a .zip file)")
     try:
-        if verify:
-            verify_manifest(root, source)
-        meta = read_metadata(root, source)
-        artifacts = [Artifact(a["format"], a["precision"], root / a["path"], a.get("inference_precision_hint"))
-                     for a in meta["artifacts"]]
-        for art in artifacts:
-            if not art.path.is_file():
-                raise EdgeKDError(f"{source}: {art.path.relative_to(root).as_posix()} is listed in edgekd.json but missing")
-            if art.format == "openvino" and not art.path.with_suffix(".bin").is_file():
-                raise EdgeKDError(f"{source}: {art.path.with_suffix('.bin').relative_to(root).as_posix()} is missing")
+        files = regular_files(root, source)
+        digests = verify_manifest(root, source, files) if verify else {}
+        meta = parse_metadata(read_verified(root / METADATA_FILE, digests.get(METADATA_FILE), root, source), source)
+        artifacts = []
+        for a in meta["artifacts"]:
+            art = Artifact(a["format"], a["precision"], root / a["path"], a.get("inference_precision_hint"),
+                           digests.get(a["path"]))
+            for file in filter(None, (art.path, art.weights_path)):
+                if file.relative_to(root).as_posix() not in files:
+                    raise EdgeKDError(f"{source}: {file.relative_to(root).as_posix()} is listed in edgekd.json "
+                                      "but missing")
+            if art.weights_path is not None:
+                art = dataclasses.replace(art, weights_sha256=digests.get(art.weights_path.relative_to(root).as_posix()))
+            artifacts.append(art)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -128,56 +160,156 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return bundle
 
 
+def read_verified(path: Path, digest: str | None, root: Path | None = None, source: Path | None = None) -> bytes:
+    """A regular file's bytes, read once through a descriptor that does not follow symlinks; with `digest`, they
+    must hash to it (the file changed since the manifest check otherwise). Errors name `source` (the bundle as
+    the user gave it) and the path relative to `root`."""
+    where = source or root or path.parent
+    rel = path.relative_to(root).as_posix() if root is not None else path.name
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise EdgeKDError(f"{where}: {rel} is missing") from None
+    except OSError as err:
+        raise EdgeKDError(f"{where}: {rel} cannot be opened ({err.strerror}; a symlink?)") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise EdgeKDError(f"{where}: {rel} is not a regular file")
+        data = fh.read()
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise EdgeKDError(f"{where}: {rel} changed since the bundle was verified (its sha256 no longer matches "
+                          f"{MANIFEST_FILE}): refusing to load it")
+    return data
+
+
+def regular_files(root: Path, source: Path | None = None) -> set[str]:
+    """The bundle's files (relative POSIX paths); a symlink or a special file (FIFO, device, socket) anywhere
+    under `root` is refused: a bundle is plain files only, so nothing it names can point outside it."""
+    source = source or root
+    found: set[str] = set()
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in [*dirs, *names]:
+            path = Path(folder, name)
+            rel = path.relative_to(root).as_posix()
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                raise EdgeKDError(f"{source}: {printable(rel)} vanished while the bundle was checked") from None
+            if stat.S_ISLNK(mode):
+                raise EdgeKDError(f"{source}: {printable(rel)} is a symlink (a bundle holds plain files only)")
+            if stat.S_ISREG(mode):
+                found.add(rel)
+            elif not stat.S_ISDIR(mode):
+                raise EdgeKDError(f"{source}: {printable(rel)} is not a regular file (a bundle holds plain files only)")
+    return found
+
+
 def _safe_member_path(name: str, archive: Path) -> PurePosixPath:
     posix = PurePosixPath(name.replace("\\", "/"))
     if posix.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise EdgeKDError(f"{archive}: refusing zip member with an absolute path: {name}")
+        raise EdgeKDError(f"{archive}: refusing zip member with an absolute path: {shown(name)}")
     if ".." in posix.parts:
-        raise EdgeKDError(f"{archive}: refusing zip member that escapes the bundle: {name}")
+        raise EdgeKDError(f"{archive}: refusing zip member that escapes the bundle: {shown(name)}")
     return posix
 
 
-def extract_zip(archive: Path, dest: Path) -> Path:
-    """Extract a bundle zip into `dest` after checking every member; returns the folder holding edgekd.json."""
+def extract_zip(archive: Path, dest: Path, verify: bool = True) -> Path:
+    """Extract a bundle zip into `dest`; returns the folder holding edgekd.json.
+
+    Before a byte is written: member names (no absolute paths, `..`, symlinks, duplicates, encryption), sizes
+    (each member's and the total against MAX_ZIP_BYTES and the free space under `dest`, compression ratios) and,
+    with `verify`, the manifest: every member must be listed in it. While extracting, a member may not grow past
+    its declared size and must hash to its listed digest.
+    """
     try:
         with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            prefix = _zip_prefix(archive, members)
+            names: set[str] = set()
             total = 0
             for info in members:
-                _safe_member_path(info.filename, archive)
+                name = _safe_member_path(info.filename, archive).as_posix()
                 if stat.S_ISLNK(info.external_attr >> 16):
-                    raise EdgeKDError(f"{archive}: refusing symlink zip member: {info.filename}")
+                    raise EdgeKDError(f"{archive}: refusing symlink zip member: {shown(info.filename)}")
+                if info.flag_bits & 0x1:
+                    raise EdgeKDError(f"{archive}: {shown(info.filename)} is encrypted (bundles are not)")
+                if name in names:
+                    raise EdgeKDError(f"{archive}: {shown(info.filename)} appears twice in the zip")
+                if not name.startswith(prefix):
+                    raise EdgeKDError(f"{archive}: {shown(info.filename)} is outside the bundle folder {prefix!r}")
+                names.add(name)
+                if info.file_size > 2**20 and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+                    raise EdgeKDError(f"{archive}: {shown(info.filename)} inflates {info.file_size / max(info.compress_size, 1):.0f}x "
+                                      f"(over {MAX_COMPRESSION_RATIO}x: a zip bomb, not a model)")
                 total += info.file_size
             if total > MAX_ZIP_BYTES:
                 raise EdgeKDError(f"{archive}: uncompressed size {total / 2**30:.1f} GiB is over the "
                                   f"{MAX_ZIP_BYTES / 2**30:.0f} GiB limit")
+            ensure_free_space(dest, total + FREE_SPACE_MARGIN, f"extracting {archive.name}")
+            listed = _zip_manifest(zf, archive, prefix, names) if verify else {}
             for info in members:
+                rel = info.filename[len(prefix):]
                 target = dest.joinpath(*_safe_member_path(info.filename, archive).parts)
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+                _extract_member(zf, info, target, listed.get(rel), archive)
     except zipfile.BadZipFile as err:
         raise EdgeKDError(f"{archive}: corrupt zip ({err})") from None
-    if (dest / METADATA_FILE).is_file():
-        return dest
-    # A zip of the bundle folder itself holds one top-level directory.
-    subdirs = [p for p in dest.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / METADATA_FILE).is_file():
-        return subdirs[0]
+    except (RuntimeError, NotImplementedError, zlib.error) as err:  # unsupported compression, bad deflate stream
+        raise EdgeKDError(f"{archive}: cannot be extracted ({shorten(str(err), 120)})") from None
+    root = dest.joinpath(*PurePosixPath(prefix).parts) if prefix else dest
+    if (root / METADATA_FILE).is_file():
+        return root
     raise EdgeKDError(f"{archive}: no {METADATA_FILE} at the top of the zip")
 
 
-def verify_manifest(root: Path, source: Path | None = None) -> dict[str, str]:
-    """Check manifest.sha256 against the files: each listed file present and matching, no unlisted file."""
-    source = source or root
-    manifest = root / MANIFEST_FILE
-    if not manifest.is_file():
-        raise EdgeKDError(f"{source}: {MANIFEST_FILE} is missing (not a bundle, or an unverified copy)")
+def _zip_prefix(archive: Path, members: list[zipfile.ZipInfo]) -> str:
+    """'' when edgekd.json is at the zip's root, 'folder/' for a zip of the bundle folder itself."""
+    names = [m.filename for m in members]
+    if METADATA_FILE in names:
+        return ""
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) == 1 and f"{next(iter(tops))}/{METADATA_FILE}" in names:
+        return f"{next(iter(tops))}/"
+    raise EdgeKDError(f"{archive}: no {METADATA_FILE} at the top of the zip")
+
+
+def _zip_manifest(zf: zipfile.ZipFile, archive: Path, prefix: str, names: set[str]) -> dict[str, str]:
+    """The zip's manifest (read into memory, bounded), every member listed in it: checked before extraction."""
+    name = prefix + MANIFEST_FILE
+    if name not in names:
+        raise EdgeKDError(f"{archive}: {MANIFEST_FILE} is missing (not a bundle, or an unverified copy)")
+    info = zf.getinfo(name)
+    if info.file_size > MAX_SMALL_FILE:
+        raise EdgeKDError(f"{archive}: {MANIFEST_FILE} is {info.file_size / 2**20:.0f} MiB (a manifest is a few lines)")
+    listed = parse_manifest(zf.read(info)[: MAX_SMALL_FILE + 1].decode("utf-8", "replace"), archive)
+    for member in sorted(names):
+        rel = member[len(prefix):]
+        if rel != MANIFEST_FILE and rel not in listed:
+            raise EdgeKDError(f"{archive}: {shown(rel)} is not listed in {MANIFEST_FILE}")
+    return listed
+
+
+def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, digest: str | None,
+                    archive: Path) -> None:
+    """Copy one member, never more bytes than it declares, hashing on the way (`digest`: must match)."""
+    h = hashlib.sha256()
+    written = 0
+    with zf.open(info) as src, open(target, "xb") as dst:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            written += len(block)
+            if written > info.file_size:
+                raise EdgeKDError(f"{archive}: {shown(info.filename)} holds more bytes than the zip declares")
+            h.update(block)
+            dst.write(block)
+    if digest is not None and h.hexdigest() != digest:
+        raise EdgeKDError(f"{archive}: {shown(info.filename)} does not match its sha256 in {MANIFEST_FILE} "
+                          "(modified or corrupt)")
+
+
+def parse_manifest(text: str, source: Path) -> dict[str, str]:
+    """manifest.sha256 lines `<sha256>  <relative/path>` -> {path: digest}; a malformed line is an error."""
     listed: dict[str, str] = {}
-    for lineno, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split(None, 1)
@@ -187,30 +319,51 @@ def verify_manifest(root: Path, source: Path | None = None) -> dict[str, str]:
         rel = parts[1].strip().lstrip("*")  # '*' marks binary mode in sha256sum output
         posix = PurePosixPath(rel)
         if posix.is_absolute() or ".." in posix.parts:
-            raise EdgeKDError(f"{source}: {MANIFEST_FILE} line {lineno} names a path outside the bundle: {rel}")
+            raise EdgeKDError(f"{source}: {MANIFEST_FILE} line {lineno} names a path outside the bundle: {shown(rel)}")
         listed[posix.as_posix()] = digest
+    return listed
+
+
+def verify_manifest(root: Path, source: Path | None = None, files: set[str] | None = None) -> dict[str, str]:
+    """Check manifest.sha256 against the files: each listed file present and matching, no unlisted file, no
+    symlink or special file; returns {path: digest}."""
+    source = source or root
+    files = regular_files(root, source) if files is None else files
+    if MANIFEST_FILE not in files:
+        raise EdgeKDError(f"{source}: {MANIFEST_FILE} is missing (not a bundle, or an unverified copy)")
+    manifest = read_verified(root / MANIFEST_FILE, None, root, source)
+    if len(manifest) > MAX_SMALL_FILE:
+        raise EdgeKDError(f"{source}: {MANIFEST_FILE} is {len(manifest) / 2**20:.0f} MiB (a manifest is a few lines)")
+    listed = parse_manifest(manifest.decode("utf-8", "replace"), source)
     for rel, digest in listed.items():
-        file = root / rel
-        if not file.is_file():
-            raise EdgeKDError(f"{source}: {rel} is listed in {MANIFEST_FILE} but missing")
-        if sha256_file(file) != digest:
+        if rel not in files:
+            raise EdgeKDError(f"{source}: {shown(rel)} is listed in {MANIFEST_FILE} but missing")
+        if sha256_file(root / rel, follow_symlinks=False) != digest:
             raise EdgeKDError(f"{source}: {rel} does not match its sha256 in {MANIFEST_FILE} (modified or corrupt)")
-    for file in sorted(root.rglob("*")):
-        rel = file.relative_to(root).as_posix()
-        if file.is_file() and rel != MANIFEST_FILE and rel not in listed:
-            raise EdgeKDError(f"{source}: {rel} is not listed in {MANIFEST_FILE}")
+    for rel in sorted(files):
+        if rel != MANIFEST_FILE and rel not in listed:
+            raise EdgeKDError(f"{source}: {printable(rel)} is not listed in {MANIFEST_FILE}")
     return listed
 
 
 def read_metadata(root: Path, source: Path | None = None) -> dict[str, Any]:
+    """edgekd.json of an (unverified) bundle folder, parsed and validated."""
     source = source or root
-    path = root / METADATA_FILE
-    if not path.is_file():
-        raise EdgeKDError(f"{source}: {METADATA_FILE} is missing")
+    return parse_metadata(read_verified(root / METADATA_FILE, None, root, source), source)
+
+
+def parse_metadata(data: bytes, source: Path) -> dict[str, Any]:
+    """edgekd.json bytes -> the validated metadata; NaN and Infinity (which Python's json accepts) are refused."""
+    if len(data) > MAX_SMALL_FILE:
+        raise EdgeKDError(f"{source}: {METADATA_FILE} is {len(data) / 2**20:.0f} MiB (metadata is a few KB)")
+
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EdgeKDError(f"{source}: {METADATA_FILE} is not valid JSON ({err})") from None
+        meta = json.loads(data.decode("utf-8"), parse_constant=no_constants)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise EdgeKDError(f"{source}: {METADATA_FILE} is not valid JSON ({shorten(str(err), 120)})") from None
     validate_metadata(meta, f"{source}: {METADATA_FILE}")
     return meta
 
@@ -221,29 +374,48 @@ def _require(cond: bool, where: str, message: str) -> None:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+MAX_INPUT_SIDE = 4096
+"""The largest model input height/width a bundle may declare."""
+MAX_RESIZE_FACTOR = 4
+"""preprocess.resize is at most this many times the crop (and at least half of it): 256 for 224 is 1.14x."""
+MAX_THREADS = 1024
+MAX_CLASSES = 10_000
 
 
 def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
-    """Check the keys the runtime relies on (schema edgekd-bundle/1); the first problem raises EdgeKDError."""
+    """Check the keys the runtime relies on (schema edgekd-bundle/1) and their bounds, before anything is
+    allocated from them: finite preprocessing numbers, std > 0, input and resize sizes within MAX_INPUT_SIDE and
+    MAX_RESIZE_FACTOR of each other, a thread hint within MAX_THREADS. The first problem raises EdgeKDError."""
     _require(isinstance(meta, dict), where, "must be a JSON object")
-    _require(meta.get("schema") == SCHEMA, where, f"schema must be '{SCHEMA}', got {meta.get('schema')!r}")
+    _require(meta.get("schema") == SCHEMA, where, f"schema must be '{SCHEMA}', got {quote(meta.get('schema'), 60)}")
     names = meta.get("class_names")
-    _require(isinstance(names, list) and len(names) >= 1 and all(isinstance(n, str) for n in names), where,
-             "class_names must be a non-empty list of strings")
+    _require(isinstance(names, list) and 1 <= len(names) <= MAX_CLASSES
+             and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names), where,
+             f"class_names must be a list of 1 to {MAX_CLASSES} names (1 to 200 characters each)")
 
     pre = meta.get("preprocess")
     _require(isinstance(pre, dict), where, "preprocess must be an object")
     size = pre.get("input_size")
-    _require(isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size), where,
+    _require(isinstance(size, list) and len(size) == 3
+             and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v for v in size), where,
              "preprocess.input_size must be [channels, height, width] of positive integers")
+    _require(max(size[1:]) <= MAX_INPUT_SIDE, where,
+             f"preprocess.input_size {size[1]}x{size[2]} is over the {MAX_INPUT_SIDE} px limit")
     channels = pre.get("channels")
     _require(channels in (1, 3) and channels == size[0], where,
              "preprocess.channels must be 1 or 3 and equal input_size[0]")
     for key in ("resize", "center_crop"):
-        _require(isinstance(pre.get(key), int) and pre[key] > 0, where, f"preprocess.{key} must be a positive integer")
+        _require(isinstance(pre.get(key), int) and not isinstance(pre[key], bool) and pre[key] > 0, where,
+                 f"preprocess.{key} must be a positive integer")
     _require(pre["center_crop"] == size[1] == size[2], where,
              "preprocess.center_crop must equal the input height and width")
+    crop = pre["center_crop"]
+    _require(crop // 2 <= pre["resize"] <= MAX_RESIZE_FACTOR * crop, where,
+             f"preprocess.resize {pre['resize']} is out of range for a {crop} px input ({crop // 2} to "
+             f"{MAX_RESIZE_FACTOR * crop})")
     _require(pre.get("resize_mode", "shorter_side") == "shorter_side", where,
              "preprocess.resize_mode must be 'shorter_side'")
     _require(pre.get("interpolation", "bilinear") == "bilinear", where,
@@ -252,13 +424,23 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
     _require(pre.get("gray_to_rgb", "repeat") == "repeat", where, "preprocess.gray_to_rgb must be 'repeat'")
     _require(pre.get("channel_order", "RGB" if channels == 3 else "L") in ("RGB", "BGR", "L"), where,
              "preprocess.channel_order must be RGB, BGR or L")
-    _require(_is_number(pre.get("scale")) and pre["scale"] > 0, where, "preprocess.scale must be a positive number")
-    for key in ("mean", "std"):
+    _require(_is_number(pre.get("scale")) and 1e-6 <= pre["scale"] <= 1e3, where,
+             "preprocess.scale must be a finite number in [1e-6, 1e3]")
+    for key, lo, hi in (("mean", -1e4, 1e4), ("std", 1e-6, 1e4)):
         vals = pre.get(key)
         _require(isinstance(vals, list) and len(vals) == channels and all(_is_number(v) for v in vals), where,
-                 f"preprocess.{key} must be a list of {channels} numbers")
-    _require(all(v != 0 for v in pre["std"]), where, "preprocess.std must not contain 0")
+                 f"preprocess.{key} must be a list of {channels} finite numbers")
+        _require(all(lo <= v <= hi for v in vals), where, f"preprocess.{key} values must be in [{lo:g}, {hi:g}]")
     _require(isinstance(pre.get("hair_removal", False), bool), where, "preprocess.hair_removal must be true or false")
+
+    runtime = meta.get("runtime")
+    if runtime is not None:
+        _require(isinstance(runtime, dict), where, "runtime must be an object")
+        threads = runtime.get("threads")
+        _require(threads is None or (isinstance(threads, int) and not isinstance(threads, bool)
+                                     and 1 <= threads <= MAX_THREADS), where,
+                 f"runtime.threads must be null or an integer in [1, {MAX_THREADS}]")
+        _require(runtime.get("image_channels") in (None, 1, 3), where, "runtime.image_channels must be 1, 3 or null")
 
     tta = meta.get("tta")
     if tta is not None:

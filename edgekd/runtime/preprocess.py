@@ -16,7 +16,7 @@ from PIL import Image
 
 from edgekd.errors import EdgeKDError
 from edgekd.hair import opencv, remove_hair
-from edgekd.imageio import pil_to_array, read_image
+from edgekd.imageio import check_image_size, pil_to_array, read_image
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
@@ -24,12 +24,15 @@ ImageInput = Union[str, Path, Image.Image, np.ndarray]
 LUMA = (np.float32(0.2989), np.float32(0.587), np.float32(0.114))
 
 
-def as_image_array(image: ImageInput) -> np.ndarray:
-    """A path, PIL image or uint8 array -> uint8 (H, W, C) with C 1 or 3; anything else is a one-line error."""
+def as_image_array(image: ImageInput, resize: int | None = None) -> np.ndarray:
+    """A path, PIL image or uint8 array -> uint8 (H, W, C) with C 1 or 3; anything else is a one-line error.
+    `resize`: the shorter side the caller resizes to; an image whose resized copy would be too large is refused
+    first (for a file: from its header, before decoding)."""
     if not isinstance(image, np.ndarray):
         if isinstance(image, (str, Path)):
-            return read_image(image)
+            return read_image(image, resize)
         if isinstance(image, Image.Image):
+            check_image_size(*image.size, resize)
             return pil_to_array(image)
         raise EdgeKDError(f"expected an image path, PIL image or numpy array, got {type(image).__name__}")
     if image.ndim == 2:
@@ -44,6 +47,7 @@ def as_image_array(image: ImageInput) -> np.ndarray:
                           "read files with edgekd.imageio.read_image")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise EdgeKDError(f"empty image array of shape {image.shape}")
+    check_image_size(image.shape[1], image.shape[0], resize, f"<array {image.shape[0]}x{image.shape[1]}>")
     return image[..., :3] if image.shape[-1] == 4 else image
 
 
@@ -124,7 +128,7 @@ class Preprocessor:
         `keep_gray`: a gray image stays (H, W, 1) for a 3-channel model (`normalize` broadcasts it), so resize and
         TTA views work on one channel instead of three identical ones; the result is the same.
         """
-        arr = as_image_array(image)
+        arr = as_image_array(image, self.resize)
         if self.hair_removal or not (keep_gray and arr.shape[-1] == 1):
             arr = to_channels(arr, self.channels)
         if self.hair_removal:  # on the decoded image, before any resize: where training applies it
@@ -140,7 +144,7 @@ class Preprocessor:
         """Decode + channels + resize, center-cropped to a (resize, resize) square: the stage before the model's
         crop, so `to_model_size` of it is `to_model_size` of a square image. What a benchmark stores so that the
         bare model (given the crop) and the runner (given this, doing its own crop) see the same pixels."""
-        arr = to_channels(as_image_array(image), self.channels)
+        arr = to_channels(as_image_array(image, self.resize), self.channels)
         if self.hair_removal:
             arr = remove_hair(arr)
         arr = resize_bilinear(arr, *resized_size(arr.shape[0], arr.shape[1], self.resize))

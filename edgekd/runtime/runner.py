@@ -3,6 +3,7 @@ compiled model on OpenVINO) -> mean-softmax predictions."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Union
@@ -82,10 +83,10 @@ class Runner:
             raise EdgeKDError(f"threads must be >= 1, got {threads}")
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
         artifact = _pick_artifact(bundle, backend, precision)
-        threads = threads or bundle.threads
+        threads = min(threads, os.cpu_count() or 1) if threads else bundle.threads
         preprocessor = Preprocessor(bundle.preprocess)
         engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,
-                                artifact.inference_precision_hint, cache_dir, preprocessor)
+                                artifact.inference_precision_hint, cache_dir, preprocessor, model_data=artifact.read())
         expected = [None, *bundle.preprocess["input_size"]]
         if len(engine.input_dims) != 4 or any(d is not None and d != e for d, e in zip(engine.input_dims[1:], expected[1:])):
             raise EdgeKDError(f"{artifact.path}: model input shape {engine.input_dims} does not match edgekd.json "
@@ -215,6 +216,8 @@ class Runner:
                 pending.append(None)
             except EdgeKDError as err:
                 pending.append(Failure(src, str(err)))
+            except MemoryError:  # a decode or resize the size limits let through: this file fails, not the batch
+                pending.append(Failure(src, f"{src}: out of memory reading the image"))
             if len(chunk) >= batch:
                 yield from self._flush(chunk, pending, tta)
                 chunk, pending = [], []
