@@ -130,6 +130,9 @@ class TrainConfig(Section):
     swa: SWAConfig = SWAConfig()
     device: str = "auto"
     deterministic: bool = True
+    threads: int | None = Field(None, ge=1)
+    """CPU threads of the training process (default: torch's, all cores). Float sums depend on it: a seeded run
+    repeats its metrics exactly only at the thread count it records in metrics.json (`threads`)."""
     nonfinite: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
@@ -149,6 +152,17 @@ class KLTerm(Section):
     kind: Literal["kl"]
     weight: float = Field(1.0, ge=0)
     temperature: float = Field(4.0, gt=0)
+
+
+class DKDTerm(Section):
+    """Decoupled KD (Zhao et al., CVPR 2022): alpha * TCKD (KL of the target-vs-rest binary split) + beta * NCKD
+    (KL among the non-target classes), both at temperature T and scaled by T^2. With 2 classes NCKD is empty and
+    DKD is alpha times the binary KL."""
+    kind: Literal["dkd"]
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(8.0, ge=0)
 
 
 class CETerm(Section):
@@ -195,7 +209,21 @@ class AttentionTerm(Section):
     teacher_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
 
 
-DistillTerm = Annotated[Union[KLTerm, CETerm, FocalTerm, FeatureTerm, AttentionTerm], Field(discriminator="kind")]
+DistillTerm = Annotated[Union[KLTerm, DKDTerm, CETerm, FocalTerm, FeatureTerm, AttentionTerm],
+                        Field(discriminator="kind")]
+TEACHER_TERMS = ("kl", "dkd", "feature_mse", "attention")
+LABEL_TERMS = ("ce", "focal")
+
+
+class MixConfig(Section):
+    """Function matching (Beyer et al., CVPR 2022, "A good teacher is patient and consistent"): each training
+    batch is mixed (torchvision.transforms.v2 MixUp or CutMix) and teacher and student see the same mixed pixels;
+    the student matches the teacher's output on them, so only teacher terms may be used (no labels)."""
+    kind: Literal["mixup", "cutmix"] = "mixup"
+    alpha: float = Field(1.0, gt=0)
+    """Beta(alpha, alpha) of the mixing weight."""
+    p: float = Field(1.0, ge=0, le=1)
+    """The share of batches that are mixed."""
 
 
 class DistillConfig(Section):
@@ -208,12 +236,23 @@ class DistillConfig(Section):
     """Teacher input size (default: the teacher checkpoint's); the student batch is resized for the teacher."""
     cache_teacher_logits: bool = False
     """Reuse teacher logits per distinct input image (needs a deterministic train transform: empty augment)."""
+    ensemble: list[str] = []
+    """More teacher checkpoints (same classes): the target is the ensemble of `teacher` and these."""
+    ensemble_mode: Literal["mean_probs", "mean_logits"] = "mean_probs"
+    """mean_probs: the teacher logits are log(mean of the members' softmax); mean_logits: the mean of their logits."""
+    mix: MixConfig | None = None
+    """Shared-view mixing of every batch (function matching); teacher terms only."""
     terms: list[DistillTerm] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _has_teacher_term(self) -> "DistillConfig":
-        if not any(t.kind in ("kl", "feature_mse", "attention") for t in self.terms):
-            raise ValueError("no 'kl', 'feature_mse' or 'attention' term: nothing is distilled from the teacher")
+        if not any(t.kind in TEACHER_TERMS for t in self.terms):
+            raise ValueError(f"no {', '.join(TEACHER_TERMS)} term: nothing is distilled from the teacher")
+        if self.mix is not None and any(t.kind in (*LABEL_TERMS, "dkd") for t in self.terms):
+            raise ValueError("mix: mixed images have no single label; use label-free teacher terms (kl, feature_mse, "
+                             "attention)")
+        if self.ensemble and any(t.kind in ("feature_mse", "attention") for t in self.terms):
+            raise ValueError("ensemble: feature terms tap one teacher's layers; use kl or dkd with an ensemble")
         if self.teacher is None and self.teacher_recipe is None:
             raise ValueError("set 'teacher' (a checkpoint) or 'teacher_recipe' (for --folds)")
         return self

@@ -376,3 +376,95 @@ def test_kfold_distill_needs_teacher_recipe(tmp_path):
     raw = tiny_recipe(tmp_path, distill={"teacher": "t.pt", "terms": [{"kind": "kl"}]})
     with pytest.raises(EdgeKDError, match="teacher_recipe"):
         run_kfold(recipe_from_dict(raw), tmp_path / "k", 2, log=lambda m: None)
+
+
+# ---------------------------------------------------------------- distillation that pays: DKD, shared views, ensembles
+
+def hand_dkd(student, teacher, targets, t, alpha, beta):
+    """DKD by hand: TCKD on (p_target, 1 - p_target), NCKD on the renormalized non-target probabilities."""
+    total = 0.0
+    for s_row, t_row, y in zip(student, teacher, targets):
+        ps, pt = softmax([v / t for v in s_row]), softmax([v / t for v in t_row])
+        bs, bt = [ps[y], 1 - ps[y]], [pt[y], 1 - pt[y]]
+        tckd = sum(b * math.log(b / a) for a, b in zip(bs, bt))
+        qs = softmax([v / t for c, v in enumerate(s_row) if c != y])
+        qt = softmax([v / t for c, v in enumerate(t_row) if c != y])
+        nckd = sum(b * math.log(b / a) for a, b in zip(qs, qt))
+        total += alpha * tckd + beta * nckd
+    return total / len(student) * t * t
+
+
+@pytest.mark.parametrize("t,alpha,beta", [(1.0, 1.0, 8.0), (4.0, 1.0, 8.0), (2.0, 0.5, 2.0)])
+def test_dkd_matches_hand_computed(t, alpha, beta):
+    loss = build_distill_loss(distill_cfg([{"kind": "dkd", "temperature": t, "alpha": alpha, "beta": beta}]).terms,
+                              None)
+    value, _ = loss(batch())
+    assert value.item() == pytest.approx(hand_dkd(S, T, Y, t, alpha, beta), rel=1e-5)
+
+
+def test_dkd_with_two_classes_is_alpha_times_kl():
+    s, te, y = torch.tensor([[2.0, -1.0], [0.3, 0.9]]), torch.tensor([[0.5, 0.2], [-1.0, 2.0]]), torch.tensor([0, 1])
+    loss = build_distill_loss(distill_cfg([{"kind": "dkd", "temperature": 4.0, "alpha": 0.7, "beta": 8.0}]).terms,
+                              None)
+    value, _ = loss(KDBatch(s, y, te))
+    assert value.item() == pytest.approx(0.7 * kl_divergence(s, te, 4.0).item(), rel=1e-5)
+
+
+class Recorder(nn.Module):
+    """A model wrapper that keeps every input it sees."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_shared_view_mixing_gives_teacher_and_student_the_same_pixels(kind):
+    torch.manual_seed(0)
+    student, teacher = Recorder(tiny("edgekd_cnn_tiny")), Recorder(tiny("test_resnet"))
+    cfg = distill_cfg([{"kind": "kl"}], mix={"kind": kind, "alpha": 1.0})
+    objective = build_objective(cfg, student, teacher, teacher_ckpt("test_resnet"), pre(16), None, num_classes=2,
+                                log=lambda m: None)
+    images, targets = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 0, 1])
+    objective(student, images, targets)
+    (seen_s,), (seen_t,) = student.seen[-1:], teacher.seen[-1:]
+    assert torch.equal(seen_s, seen_t)  # identical pixels
+    assert not torch.equal(seen_s, images)  # and they were mixed
+
+
+def test_mixing_refuses_label_terms_and_the_logit_cache():
+    with pytest.raises(EdgeKDError, match="no single label"):
+        recipe_from_dict({"distill": {"teacher": "t.pt", "mix": {"kind": "mixup"},
+                                      "terms": [{"kind": "kl"}, {"kind": "ce"}]}})
+    cfg = distill_cfg([{"kind": "kl"}], mix={"kind": "mixup"}, cache_teacher_logits=True)
+    with pytest.raises(EdgeKDError, match="cache_teacher_logits off"):
+        build_objective(cfg, tiny("edgekd_cnn_tiny"), tiny("test_resnet"), teacher_ckpt("test_resnet"), pre(16),
+                        None, num_classes=2, log=lambda m: None)
+
+
+@pytest.mark.parametrize("mode", ["mean_probs", "mean_logits"])
+def test_an_ensemble_teachers_targets_are_the_mean_of_its_members(mode):
+    torch.manual_seed(0)
+    members = [freeze_teacher(tiny("test_resnet")), freeze_teacher(tiny("edgekd_cnn_tiny"))]
+    ckpts = [teacher_ckpt("test_resnet"), teacher_ckpt("edgekd_cnn_tiny", size=24)]  # the second at 24 px
+    cfg = distill_cfg([{"kind": "kl"}], ensemble=["t2.pt"], ensemble_mode=mode)
+    objective = build_objective(cfg, tiny("edgekd_cnn_tiny"), members[0], ckpts[0], pre(16), None, num_classes=2,
+                                log=lambda m: None, ensemble=[(members[1], ckpts[1])])
+    images = torch.randn(3, 3, 16, 16)
+    got, _ = objective.teacher_outputs(images)
+    with torch.no_grad():
+        each = [m(TeacherInput(pre(16), c["preprocess"])(images)) for m, c in zip(members, ckpts)]
+    if mode == "mean_logits":
+        torch.testing.assert_close(got, (each[0] + each[1]) / 2)
+    else:
+        torch.testing.assert_close(got.softmax(1), (each[0].softmax(1) + each[1].softmax(1)) / 2)
+
+
+def test_an_ensemble_refuses_feature_terms():
+    with pytest.raises(EdgeKDError, match="ensemble: feature terms"):
+        recipe_from_dict({"distill": {"teacher": "t.pt", "ensemble": ["t2.pt"],
+                                      "terms": [{"kind": "feature_mse", "student": "a", "teacher": "b"}]}})

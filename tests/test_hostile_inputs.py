@@ -587,40 +587,38 @@ def _baseline(tmp: Path) -> set[str]:
     return {p.name for p in tmp.iterdir()}
 
 
-def _killed(args: list, tmp: Path, pattern: str, sig: int) -> subprocess.Popen:
+def killed_leftovers(args: list, tmp_path: Path, pattern: str, sig: int) -> tuple[subprocess.Popen, set[str]]:
+    """Start `python -m edgekd ARGS` with a private TMPDIR, send `sig` once `pattern` appears there, wait; -> the
+    process and what it left in TMPDIR beyond what the dependencies leave on any run."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    baseline = _baseline(tmp)
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edgekd", *map(str, args)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    assert _wait_for(pattern, tmp, proc, 120), f"{pattern} never appeared: {proc.stderr.read() if proc.poll() is not None else ''}"
+    assert _wait_for(pattern, tmp, proc, 120), f"{pattern} never appeared (exit {proc.poll()})"
     proc.send_signal(sig)
     proc.wait(timeout=120)
-    return proc
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr.read()
+    return proc, {p.name for p in tmp.iterdir()} - baseline
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_a_killed_predict_of_a_zip_leaves_no_temp_files(sig, bundle, tmp_path):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    baseline = _baseline(tmp)
     images = good_images(tmp_path / "imgs", 300)
-    proc = _killed(["predict", bundle.parent / f"{bundle.name}.zip", *images, "--batch", "1", "--backend", "onnx"],
-                   tmp, "edgekd-bundle-*", sig)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert {p.name for p in tmp.iterdir()} == baseline
+    _, left = killed_leftovers(["predict", bundle.parent / f"{bundle.name}.zip", *images, "--batch", "1",
+                                "--backend", "onnx"], tmp_path, "edgekd-bundle-*", sig)
+    assert left == set()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_a_killed_export_leaves_no_temp_files(sig, trained, tmp_path):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    baseline = _baseline(tmp)
     out = tmp_path / "out" / "bundle"
-    proc = _killed(["export", trained["ckpt"], "--format", "onnx,openvino", "--precision", "fp32,int8", "--out", out],
-                   tmp, "edgekd-export-*", sig)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert {p.name for p in tmp.iterdir()} == baseline
+    _, left = killed_leftovers(["export", trained["ckpt"], "--format", "onnx,openvino", "--precision", "fp32,int8",
+                                "--out", out], tmp_path, "edgekd-export-*", sig)
+    assert left == set()
     assert not out.exists() and list((tmp_path / "out").iterdir()) == []
 
 

@@ -237,3 +237,21 @@ def test_nan_monitor_fails_at_the_first_epoch(tiny_recipe_dict, tmp_path):
     with pytest.raises(EdgeKDError, match="train.monitor: 'val_auc' is NaN at epoch 1"):
         train_recipe(recipe_from_dict(d), tmp_path / "r", log=logs.append)
     assert not logs  # no epoch finished
+
+
+def test_a_seeded_run_repeats_its_metrics_exactly(tiny_recipe_dict, tmp_path):
+    """Same recipe, seed and thread count (recorded in metrics.json): identical history, weights and test metrics,
+    augmentation and a balanced sampler included."""
+    recipe = deep(tiny_recipe_dict, train__epochs=2, train__threads=2, data__balanced_sampler=True,
+                  augment=[{"RandomHorizontalFlip": {"p": 0.5}}, {"RandomRotation": {"degrees": 10}}])
+    threads = torch.get_num_threads()
+    try:
+        runs = [train_recipe(recipe_from_dict(recipe), tmp_path / f"r{i}", log=lambda s: None) for i in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (json.loads((tmp_path / f"r{i}" / "metrics.json").read_text()) for i in range(2))
+    assert a["threads"] == b["threads"] == 2
+    assert [h["train_loss"] for h in runs[0].fit.history] == [h["train_loss"] for h in runs[1].fit.history]
+    assert a["test"] == b["test"]
+    wa, wb = (load_checkpoint(r.best_path)["state_dict"] for r in runs)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

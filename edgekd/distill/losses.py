@@ -68,6 +68,40 @@ class KLDivergence(LossTerm):
         return kl_divergence(batch.student_logits, batch.teacher_logits, self.temperature)
 
 
+def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                 temperature: float, alpha: float, beta: float) -> torch.Tensor:
+    """DKD (Zhao et al. 2022; the authors' mdistiller code): alpha * TCKD + beta * NCKD, batch-mean, times T^2.
+
+    TCKD = KL(b_t || b_s) of the binary (target, rest) probabilities at T; NCKD = KL between the teacher's and the
+    student's softmax at T over the non-target classes only (the target logit masked out)."""
+    t = temperature
+    s, te = student_logits.float() / t, teacher_logits.float() / t
+    gt = F.one_hot(targets, s.shape[1]).bool()
+    p_s, p_t = F.softmax(s, dim=1), F.softmax(te, dim=1)
+    b_s = torch.stack([p_s[gt], 1 - p_s[gt]], dim=1).clamp_min(1e-12)
+    b_t = torch.stack([p_t[gt], 1 - p_t[gt]], dim=1).clamp_min(1e-12)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean()
+    if s.shape[1] > 2:
+        log_q_s = F.log_softmax(s.masked_fill(gt, float("-inf")), dim=1).masked_fill(gt, 0.0)
+        log_q_t = F.log_softmax(te.masked_fill(gt, float("-inf")), dim=1).masked_fill(gt, 0.0)
+        nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(1).mean()
+    else:  # one non-target class: its distribution is certain, NCKD is 0
+        nckd = s.new_zeros(())
+    return (alpha * tckd + beta * nckd) * (t * t)
+
+
+class DecoupledKD(LossTerm):
+    needs_teacher_logits = True
+
+    def __init__(self, temperature: float, alpha: float, beta: float):
+        super().__init__()
+        self.temperature, self.alpha, self.beta = temperature, alpha, beta
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        return decoupled_kd(batch.student_logits, batch.teacher_logits, batch.targets, self.temperature,
+                            self.alpha, self.beta)
+
+
 class LabelLoss(LossTerm):
     """A supervised criterion (CE or focal) on the hard labels."""
 
@@ -132,6 +166,11 @@ class AttentionTransfer(LossTerm):
 @register_term("kl")
 def _build_kl(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter | None = None) -> LossTerm:
     return KLDivergence(cfg.temperature)
+
+
+@register_term("dkd")
+def _build_dkd(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter | None = None) -> LossTerm:
+    return DecoupledKD(cfg.temperature, cfg.alpha, cfg.beta)
 
 
 @register_term("ce")

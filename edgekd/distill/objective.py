@@ -90,6 +90,40 @@ class TeacherLogitCache:
         return torch.stack([self.store[k] for k in keys]).to(images.device)
 
 
+class EnsembleTeacher(nn.Module):
+    """Several frozen teachers as one: each gets the student batch through its own TeacherInput; the output is
+    the mean of their logits, or log of the mean of their softmax (a valid logit vector of the averaged
+    distribution: softmax of it is that mean)."""
+
+    def __init__(self, members: list[nn.Module], inputs: list[TeacherInput], mode: str = "mean_probs"):
+        super().__init__()
+        if len(members) != len(inputs) or not members:
+            raise ValueError("one TeacherInput per member, at least one member")
+        self.members, self.inputs, self.mode = nn.ModuleList(members), nn.ModuleList(inputs), mode
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([m(inp(images)).float() for m, inp in zip(self.members, self.inputs)])
+        if self.mode == "mean_logits":
+            return logits.mean(0)
+        return torch.log(F.softmax(logits, dim=-1).mean(0).clamp_min(1e-12))
+
+
+class SharedViewMix:
+    """Function matching's input: the batch mixed by torchvision.transforms.v2 MixUp/CutMix (with probability
+    p); the objective gives the mixed pixels to both the student and the teacher."""
+
+    def __init__(self, kind: str, alpha: float, p: float, num_classes: int):
+        from torchvision.transforms import v2
+
+        self.op = (v2.MixUp if kind == "mixup" else v2.CutMix)(alpha=alpha, num_classes=num_classes)
+        self.p = p
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.p < 1 and float(torch.rand(())) >= self.p:
+            return images
+        return self.op(images, targets)[0]
+
+
 class DistillObjective:
     """Trainer objective: student forward (+ feature taps), teacher forward under no_grad, weighted KD loss.
 
@@ -97,9 +131,9 @@ class DistillObjective:
     they live here, not in the student, so best.pt's state_dict and every export hold the student alone.
     """
 
-    def __init__(self, teacher: nn.Module, loss: DistillLoss, teacher_input: TeacherInput,
-                 cache: TeacherLogitCache | None = None):
-        self.teacher, self.loss, self.teacher_input, self.cache = teacher, loss, teacher_input, cache
+    def __init__(self, teacher: nn.Module, loss: DistillLoss, teacher_input: nn.Module,
+                 cache: TeacherLogitCache | None = None, mix: SharedViewMix | None = None):
+        self.teacher, self.loss, self.teacher_input, self.cache, self.mix = teacher, loss, teacher_input, cache, mix
         self.last_parts: dict[str, float] = {}
 
     def to(self, device: torch.device) -> "DistillObjective":
@@ -129,6 +163,8 @@ class DistillObjective:
         return logits, {k: v.detach() for k, v in feats.items()}
 
     def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+        if self.mix is not None:  # one mixed batch: the student and the teacher see the same pixels
+            images = self.mix(images, targets)
         with capture_features(model, self.loss.student_layers) as student_feats:
             logits = model(images)
         teacher_logits, teacher_feats = None, {}
@@ -158,15 +194,26 @@ def probe_features(student: nn.Module, teacher: nn.Module, teacher_input: Teache
 def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher_ckpt: dict[str, Any],
                     student_pre: dict[str, Any], class_weights: torch.Tensor | None,
                     augment: list | None = None, num_classes: int | None = None,
-                    log: Callable[[str], None] = print) -> DistillObjective:
-    """The recipe's distill section + models -> a DistillObjective (adapters sized by a probe forward)."""
-    if num_classes is not None and any(t.kind == "kl" for t in distill_cfg.terms):
-        t_classes = teacher_ckpt["arch"]["num_classes"]
-        if t_classes != num_classes:
-            raise EdgeKDError(f"distill: a kl term needs the teacher's classes; the teacher has {t_classes}, "
-                              f"the data has {num_classes} (use feature_mse terms only for cross-task KD)")
-    freeze_teacher(teacher)
+                    log: Callable[[str], None] = print,
+                    ensemble: list[tuple[nn.Module, dict[str, Any]]] | None = None) -> DistillObjective:
+    """The recipe's distill section + models -> a DistillObjective (adapters sized by a probe forward).
+    `ensemble`: more (teacher, checkpoint) pairs, combined with `teacher` by distill.ensemble_mode."""
+    members = [(teacher, teacher_ckpt), *(ensemble or [])]
+    if num_classes is not None and any(t.kind in ("kl", "dkd") for t in distill_cfg.terms):
+        for _, ckpt in members:
+            t_classes = ckpt["arch"]["num_classes"]
+            if t_classes != num_classes:
+                raise EdgeKDError(f"distill: a kl/dkd term needs the teacher's classes; the teacher has {t_classes} "
+                                  f"({ckpt['arch']['name']}), the data has {num_classes} (use feature_mse terms "
+                                  "only for cross-task KD)")
+    for member, _ in members:
+        freeze_teacher(member)
     teacher_input = TeacherInput(student_pre, teacher_ckpt["preprocess"], distill_cfg.teacher_image_size)
+    if len(members) > 1:
+        inputs = [TeacherInput(student_pre, ckpt["preprocess"], distill_cfg.teacher_image_size) for _, ckpt in members]
+        teacher = EnsembleTeacher([m for m, _ in members], inputs, distill_cfg.ensemble_mode)
+        log(f"distill: an ensemble of {len(members)} teachers ({distill_cfg.ensemble_mode}): "
+            + ", ".join(ckpt["arch"]["name"] for _, ckpt in members))
     feature_terms = {i: t for i, t in enumerate(distill_cfg.terms) if t.kind in ("feature_mse", "attention")}
     adapters: dict[int, FeatureAdapter | FeatureMaps] = {}
     if feature_terms:
@@ -187,7 +234,17 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
             raise EdgeKDError("distill.cache_teacher_logits caches logits only: feature_mse/attention terms need "
                               "the teacher's forward every step (turn the cache off)")
         cache = TeacherLogitCache()
+    mix = None
+    if distill_cfg.mix is not None:
+        if cache is not None:
+            raise EdgeKDError("distill.mix makes every batch new: turn distill.cache_teacher_logits off")
+        mix = SharedViewMix(distill_cfg.mix.kind, distill_cfg.mix.alpha, distill_cfg.mix.p,
+                            num_classes or teacher_ckpt["arch"]["num_classes"])
     log(f"distill: teacher {teacher_ckpt['arch']['name']} at {teacher_input.size}px, student at "
         f"{teacher_input.student_size}px; terms " + ", ".join(f"{t.weight:g}*{t.kind}" for t in distill_cfg.terms)
-        + (" (teacher logits cached)" if cache else ""))
-    return DistillObjective(teacher, loss, teacher_input, cache)
+        + (" (teacher logits cached)" if cache else "")
+        + (f"; shared-view {distill_cfg.mix.kind} (alpha {distill_cfg.mix.alpha:g}, p {distill_cfg.mix.p:g})"
+           if mix else ""))
+    if len(members) > 1:  # each member has its own input adapter inside the ensemble
+        teacher_input = nn.Identity()
+    return DistillObjective(teacher, loss, teacher_input, cache, mix)

@@ -28,12 +28,13 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     seed_everything(recipe.seed, recipe.train.deterministic)
     data = build_data(recipe)
     teacher, teacher_ckpt = load_teacher(cfg.teacher)
+    ensemble = [load_teacher(path) for path in cfg.ensemble]
     if teacher_ckpt.get("class_names") != data.class_names and any(t.kind == "kl" for t in cfg.terms):
         log(f"distill: teacher classes {teacher_ckpt.get('class_names')} differ in name from the data's "
             f"{data.class_names}; matched by index")
     model, spec = build_student_model(recipe, data)
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, data.class_weights(),
-                                recipe.augment, data.num_classes, log=log)
+                                recipe.augment, data.num_classes, log=log, ensemble=ensemble)
     objective.to(resolve_device(recipe.train.device))
     out = Path(out)
     if resume and (out / "last.pt").is_file():
@@ -42,7 +43,8 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
             objective.load_adapter_state(saved)
     teacher_metrics = teacher_ckpt.get("metrics") or {}
     extra_meta = {
-        "distill": {"teacher": str(cfg.teacher), "teacher_model": teacher_ckpt["arch"]["name"],
+        "distill": {"teacher": str(cfg.teacher), "ensemble": list(cfg.ensemble),
+                    "teacher_model": teacher_ckpt["arch"]["name"],
                     "teacher_val": teacher_metrics, "terms": [t.model_dump() for t in cfg.terms]},
         # The adapters' state_dict tensors share storage with their parameters, which the optimizer updates
         # in place: every checkpoint written during training holds the current adapter weights (for --resume).

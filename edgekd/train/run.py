@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 from torch import nn
 
@@ -72,6 +73,8 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     ensure_free_space(out, 8 * weight_bytes + 64 * 2**20, "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     criterion = build_loss(recipe.train.loss, data.class_weights())
@@ -107,7 +110,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         "best_value": fit.best_value, "epochs_run": len(fit.history), "stopped_early": fit.stopped_early,
         "nonfinite_batches": fit.nonfinite_batches, "train_seconds": train_seconds,
         "seconds_per_epoch": (sum(h["epoch_seconds"] for h in fit.history) / len(fit.history)) if fit.history else None,
-        "seed": recipe.seed, "counts": data.counts(), "bad_files": data.bad_files, **fit.extra,
+        "seed": recipe.seed, "threads": torch.get_num_threads(), "counts": data.counts(), "bad_files": data.bad_files, **fit.extra,
         "val": reports["val"], "test": reports["test"],
     }
     if trainer.is_main:
