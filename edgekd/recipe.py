@@ -242,6 +242,8 @@ class DistillConfig(Section):
     """mean_probs: the teacher logits are log(mean of the members' softmax); mean_logits: the mean of their logits."""
     mix: MixConfig | None = None
     """Shared-view mixing of every batch (function matching); teacher terms only."""
+    teacher_views: list[Literal["original", "hflip", "vflip"]] = ["original"]
+    """TTA-averaged teacher targets: the teacher's softmax averaged over these flips of each batch."""
     terms: list[DistillTerm] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -251,6 +253,8 @@ class DistillConfig(Section):
         if self.mix is not None and any(t.kind in (*LABEL_TERMS, "dkd") for t in self.terms):
             raise ValueError("mix: mixed images have no single label; use label-free teacher terms (kl, feature_mse, "
                              "attention)")
+        if len(self.teacher_views) > 1 and any(t.kind in ("feature_mse", "attention") for t in self.terms):
+            raise ValueError("teacher_views: feature terms tap one forward of the teacher; use kl or dkd")
         if self.ensemble and any(t.kind in ("feature_mse", "attention") for t in self.terms):
             raise ValueError("ensemble: feature terms tap one teacher's layers; use kl or dkd with an ensemble")
         if self.teacher is None and self.teacher_recipe is None:

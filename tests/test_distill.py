@@ -468,3 +468,17 @@ def test_an_ensemble_refuses_feature_terms():
     with pytest.raises(EdgeKDError, match="ensemble: feature terms"):
         recipe_from_dict({"distill": {"teacher": "t.pt", "ensemble": ["t2.pt"],
                                       "terms": [{"kind": "feature_mse", "student": "a", "teacher": "b"}]}})
+
+
+def test_tta_averaged_teacher_targets_are_the_mean_over_flips():
+    torch.manual_seed(0)
+    teacher = freeze_teacher(tiny("test_resnet"))
+    cfg = distill_cfg([{"kind": "kl"}], teacher_views=["original", "hflip", "vflip"])
+    objective = build_objective(cfg, tiny("edgekd_cnn_tiny"), teacher, teacher_ckpt("test_resnet"), pre(16), None,
+                                num_classes=2, log=lambda m: None)
+    x = torch.randn(3, 3, 16, 16)
+    got, _ = objective.teacher_outputs(x)
+    with torch.no_grad():
+        want = (teacher(x).softmax(1) + teacher(x.flip(-1)).softmax(1) + teacher(x.flip(-2)).softmax(1)) / 3
+    torch.testing.assert_close(got.softmax(1), want)
+    assert not torch.allclose(want, teacher(x).softmax(1))  # the views do change the target

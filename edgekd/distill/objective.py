@@ -108,6 +108,22 @@ class EnsembleTeacher(nn.Module):
         return torch.log(F.softmax(logits, dim=-1).mean(0).clamp_min(1e-12))
 
 
+class AveragedViews(nn.Module):
+    """A teacher whose target is averaged over flipped views of the batch (TTA for the targets): log of the mean
+    of its softmax over the views, so softmax of the output is that mean."""
+
+    FLIPS = {"original": None, "hflip": -1, "vflip": -2}
+
+    def __init__(self, teacher: nn.Module, views: list[str]):
+        super().__init__()
+        self.teacher, self.views = teacher, list(views)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        probs = [F.softmax(self.teacher(images if self.FLIPS[v] is None else images.flip(self.FLIPS[v])).float(), -1)
+                 for v in self.views]
+        return torch.log(torch.stack(probs).mean(0).clamp_min(1e-12))
+
+
 class SharedViewMix:
     """Function matching's input: the batch mixed by torchvision.transforms.v2 MixUp/CutMix (with probability
     p); the objective gives the mixed pixels to both the student and the teacher."""
@@ -247,4 +263,7 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
            if mix else ""))
     if len(members) > 1:  # each member has its own input adapter inside the ensemble
         teacher_input = nn.Identity()
+    if len(distill_cfg.teacher_views) > 1:
+        teacher = AveragedViews(teacher, distill_cfg.teacher_views)
+        log(f"distill: teacher targets averaged over {', '.join(distill_cfg.teacher_views)}")
     return DistillObjective(teacher, loss, teacher_input, cache, mix)
