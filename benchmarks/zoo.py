@@ -172,8 +172,12 @@ def _preprocess(ckpt: Path) -> dict:
 
 
 def markdown(doc: dict) -> str:
+    commands: dict[str, list[str]] = {}
+    for rec in doc["records"]:
+        commands.setdefault(rec["command"], []).append(f"{rec['arch']} ({rec['date'][:16]}Z)")
     lines = ["<!-- zoo:begin -->", "## Native-resolution export zoo", "",
-             f"`{doc['command']}` — {doc['date']}, {doc['machine']}. Upsampled PneumoniaMNIST (official val/test), "
+             *[f"- `{cmd}`: {', '.join(archs)}" for cmd, archs in commands.items()], "",
+             f"{doc['machine']}. Upsampled PneumoniaMNIST (official val/test), "
              "every model trained from scratch through its shipped full-size recipe (overrides in zoo.json), exported "
              "with the default profile, benched with `edgekd bench --threads 2` (PyTorch eager, ONNX Runtime and "
              "OpenVINO bare calls and the edgekd runner; fresh process per row). p50 ms at batch 1 / batch 8.", "",
@@ -208,7 +212,11 @@ def main() -> int:
     parser.add_argument("--eval-limit", type=int, default=400)
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "zoo")
     parser.add_argument("--reuse", action="store_true", help="reuse finished train/export steps in --runs")
+    parser.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from zoo.json")
     args = parser.parse_args()
+    if args.render:
+        write_section(json.loads(ZOO_JSON.read_text()))
+        return 0
     command = shlex.join([".venv/bin/python", "benchmarks/zoo.py", *sys.argv[1:]])
     previous = json.loads(ZOO_JSON.read_text()) if ZOO_JSON.is_file() else {"records": []}
     records = [r for r in previous["records"] if r["arch"] not in args.arch]
@@ -223,12 +231,17 @@ def main() -> int:
         doc = {"benchmark": "zoo", "command": command, "date": now(), "machine": machine(),
                "goals": GOALS, "records": records}
         write_json(ZOO_JSON, doc)
-    results_md = REPO / "benchmarks" / "RESULTS.md"
-    ok = [r for r in records if "bench" in r]
-    write_text(results_md, replace_section(results_md.read_text(), markdown({**doc, "records": ok}),
-                                           "<!-- zoo:begin -->", "<!-- zoo:end -->"))
+    write_section(doc)
     print(f"wrote {ZOO_JSON} and the RESULTS.md zoo section")
     return 0
+
+
+def write_section(doc: dict) -> None:
+    """The RESULTS.md zoo section from a zoo.json document (the records that reached the benchmark)."""
+    results_md = REPO / "benchmarks" / "RESULTS.md"
+    ok = [r for r in doc["records"] if "bench" in r]
+    write_text(results_md, replace_section(results_md.read_text(), markdown({**doc, "records": ok}),
+                                           "<!-- zoo:begin -->", "<!-- zoo:end -->"))
 
 
 if __name__ == "__main__":
