@@ -483,7 +483,9 @@ def known_failure(err: BaseException) -> str | None:
     """The one-line message of an error whose cause the user can act on (a path's permission, a full disk, an
     input nested too deeply, memory), else None."""
     if isinstance(err, OSError) and (err.filename is not None or err.strerror):
-        where = f"{printable(os.fsdecode(err.filename))}: " if err.filename is not None else ""
+        name = err.filename
+        name = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)  # an fd is an int
+        where = f"{printable(name)}: " if err.filename is not None else ""
         return f"{where}{(err.strerror or type(err).__name__).lower()}"
     if isinstance(err, RecursionError):
         return "input nested too deeply (Python's recursion limit): a self-referencing recipe or file?"

@@ -41,26 +41,28 @@ def shown(name: object, limit: int = MAX_QUOTE) -> str:
 
 def quote(value: object, limit: int = MAX_QUOTE) -> str:
     """repr(value) for an error message, bounded (a value's repr is built only up to a size worth showing)."""
-    if isinstance(value, (dict, list, tuple, set)) and _size_over(value, limit):
+    if isinstance(value, (dict, list, tuple, set)) and oversized(value, limit, limit):
         return f"<{type(value).__name__} of {len(value)} items>"
     return shorten(repr(value), limit)
 
 
-def _size_over(value, limit: int) -> bool:
-    """Whether a container holds more than `limit` values, counted without building its repr (aliases and
-    self-references in YAML make such a repr huge or endless)."""
-    count, stack, seen = 0, [value], set()
+def oversized(value: object, max_values: int, max_depth: int) -> str | None:
+    """Whether a nested container holds more than `max_values` values ("values") or nests deeper than
+    `max_depth` ("depth"), counted without building it out: shared and self-referencing parts (YAML aliases)
+    count each time they are reached, so an alias bomb or an alias to itself is caught early. None if neither."""
+    count, stack = 0, [(value, 0)]
     while stack:
-        item = stack.pop()
+        node, depth = stack.pop()
         count += 1
-        if count > limit:
-            return True
-        if isinstance(item, (dict, list, tuple, set)):
-            if id(item) in seen:
-                return True
-            seen.add(id(item))
-            stack.extend(item.values() if isinstance(item, dict) else item)
-    return False
+        if count > max_values:
+            return "values"
+        if depth > max_depth:
+            return "depth"
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple, set)):
+            stack.extend((v, depth + 1) for v in node)
+    return None
 
 
 def error_line(message: str, multiline: bool = False, max_lines: int = 40) -> str:

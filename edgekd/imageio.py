@@ -105,6 +105,11 @@ def _rescale_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def _first(value):
+    """A DICOM tag value or the first of a multi-valued one."""
+    return value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value
+
+
 def read_dicom(path: Path, resize: int | None = None) -> np.ndarray:
     """DICOM through pydicom (optional extra), windowed by the file's own Window Center/Width tags; the size
     limits are checked from the Rows/Columns tags before the pixel data is decoded."""
@@ -115,21 +120,25 @@ def read_dicom(path: Path, resize: int | None = None) -> np.ndarray:
     try:
         ds = pydicom.dcmread(str(path))
         rows, columns = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     except Exception as err:  # pydicom raises many types for bad files
         raise EdgeKDError(f"{path}: unreadable DICOM ({type(err).__name__})") from None
+    if frames != 1:
+        raise EdgeKDError(f"{path}: a DICOM of {frames} frames (edgekd classifies single 2-D images)")
     check_image_size(columns, rows, resize, str(path))
     try:
         arr = ds.pixel_array.astype(np.float64)
-    except Exception as err:  # pydicom raises many types for bad files
+        slope = float(_first(getattr(ds, "RescaleSlope", 1)) or 1)
+        intercept = float(_first(getattr(ds, "RescaleIntercept", 0)) or 0)
+        arr = arr * slope + intercept
+        center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
+        if center is not None and width is not None:
+            center, width = float(_first(center)), float(_first(width))
+            arr = np.clip(arr, center - width / 2, center + width / 2)
+    except EdgeKDError:
+        raise
+    except Exception as err:  # pydicom raises many types for bad files; odd tag values too
         raise EdgeKDError(f"{path}: unreadable DICOM ({type(err).__name__})") from None
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    arr = arr * slope + intercept
-    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if center is not None and width is not None:
-        center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-        width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-        arr = np.clip(arr, center - width / 2, center + width / 2)
     out = _rescale_to_uint8(arr)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         out = 255 - out

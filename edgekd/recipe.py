@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgekd.errors import EdgeKDError, quote, shorten
+from edgekd.errors import EdgeKDError, oversized, quote, shorten
 
 
 class Section(BaseModel):
@@ -411,18 +411,11 @@ MAX_RECIPE_DEPTH = 32
 def check_recipe_size(raw: Any, path: Path) -> None:
     """Refuse a recipe that expands to more than MAX_RECIPE_VALUES values or nests deeper than MAX_RECIPE_DEPTH
     (YAML aliases of aliases, a "billion laughs", or an alias to itself), counted without expanding it."""
-    count, stack = 0, [(raw, 0)]
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > MAX_RECIPE_VALUES:
-            raise EdgeKDError(f"{path}: the recipe expands to more than {MAX_RECIPE_VALUES} values (nested YAML aliases?)")
-        if depth > MAX_RECIPE_DEPTH:
-            raise EdgeKDError(f"{path}: the recipe nests deeper than {MAX_RECIPE_DEPTH} levels (a YAML alias to itself?)")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
+    problem = oversized(raw, MAX_RECIPE_VALUES, MAX_RECIPE_DEPTH)
+    if problem == "values":
+        raise EdgeKDError(f"{path}: the recipe expands to more than {MAX_RECIPE_VALUES} values (nested YAML aliases?)")
+    if problem == "depth":
+        raise EdgeKDError(f"{path}: the recipe nests deeper than {MAX_RECIPE_DEPTH} levels (a YAML alias to itself?)")
 
 
 def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:

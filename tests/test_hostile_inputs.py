@@ -399,7 +399,13 @@ def _zip_tampered_member(b, tmp):
     return tmp / "t.zip"
 
 
+def _zip_listed_but_absent(b, tmp):
+    (b / "card.md").unlink()  # still listed in the manifest
+    return _zip_of(b, tmp / "z.zip")
+
+
 ZIP_CASES = {"unlisted_member": (_zip_unlisted_big, "padding.bin is not listed"),
+             "listed_member_absent": (_zip_listed_but_absent, "card.md is listed in manifest.sha256 but missing"),
              "listed_compression_bomb": (_zip_listed_bomb, "a zip bomb"),
              "encrypted_member": (_zip_encrypted_flag, "encrypted"),
              "duplicate_member": (_zip_duplicate, "appears twice"),
@@ -447,6 +453,13 @@ def test_a_zip_over_the_size_limit_is_refused(bundle, tmp_path, capsys, monkeypa
     monkeypatch.setattr("edgekd.runtime.bundle.MAX_ZIP_BYTES", 1000)
     (img,) = good_images(tmp_path / "imgs", 1)
     assert_refused(invoke(capsys, "predict", archive, img, "--backend", "onnx"), "over the 0 GiB limit")
+
+
+def test_an_oversized_manifest_is_refused_before_it_is_read(bundle, tmp_path, capsys, monkeypatch):
+    b = copy_bundle(bundle, tmp_path / "b")
+    monkeypatch.setattr("edgekd.runtime.bundle.MAX_SMALL_FILE", 100)
+    (img,) = good_images(tmp_path / "imgs", 1)
+    assert_refused(invoke(capsys, "predict", b, img, "--backend", "onnx"), "manifest.sha256 is", "MiB, over the")
 
 
 def test_bench_on_a_bad_zip_creates_nothing(tmp_path, capsys):
@@ -641,6 +654,7 @@ def test_a_usage_error_without_click_is_reported(capsys):
 
 OS_ERRORS = {"permission": (PermissionError(13, "Permission denied", "/data/out.csv"), "/data/out.csv: permission denied"),
              "exists": (FileExistsError(17, "File exists", "/data/x"), "/data/x: file exists"),
+             "fd_number": (OSError(9, "Bad file descriptor", 999), "999: bad file descriptor"),
              "recursion": (RecursionError("maximum recursion depth exceeded"), "nested too deeply"),
              "memory": (MemoryError(), "out of memory")}
 

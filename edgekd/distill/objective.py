@@ -224,9 +224,9 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
                                   "only for cross-task KD)")
     for member, _ in members:
         freeze_teacher(member)
-    teacher_input = TeacherInput(student_pre, teacher_ckpt["preprocess"], distill_cfg.teacher_image_size)
+    inputs = [TeacherInput(student_pre, ckpt["preprocess"], distill_cfg.teacher_image_size) for _, ckpt in members]
+    teacher_input = inputs[0]
     if len(members) > 1:
-        inputs = [TeacherInput(student_pre, ckpt["preprocess"], distill_cfg.teacher_image_size) for _, ckpt in members]
         teacher = EnsembleTeacher([m for m, _ in members], inputs, distill_cfg.ensemble_mode)
         log(f"distill: an ensemble of {len(members)} teachers ({distill_cfg.ensemble_mode}): "
             + ", ".join(ckpt["arch"]["name"] for _, ckpt in members))

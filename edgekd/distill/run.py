@@ -29,9 +29,11 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     data = build_data(recipe)
     teacher, teacher_ckpt = load_teacher(cfg.teacher)
     ensemble = [load_teacher(path) for path in cfg.ensemble]
-    if teacher_ckpt.get("class_names") != data.class_names and any(t.kind == "kl" for t in cfg.terms):
-        log(f"distill: teacher classes {teacher_ckpt.get('class_names')} differ in name from the data's "
-            f"{data.class_names}; matched by index")
+    if any(t.kind in ("kl", "dkd") for t in cfg.terms):
+        for ckpt in (teacher_ckpt, *(c for _, c in ensemble)):
+            if ckpt.get("class_names") != data.class_names:
+                log(f"distill: teacher classes {ckpt.get('class_names')} differ in name from the data's "
+                    f"{data.class_names}; matched by index")
     model, spec = build_student_model(recipe, data)
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, data.class_weights(),
                                 recipe.augment, data.num_classes, log=log, ensemble=ensemble)

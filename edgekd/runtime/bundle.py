@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import lzma
 import math
 import os
 import shutil
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgekd.errors import EdgeKDError, printable, quote, shorten, shown
+from edgekd.errors import EdgeKDError, quote, shorten, shown
 from edgekd.fileio import ensure_free_space, sha256_file
 
 SCHEMA = "edgekd-bundle/1"
@@ -124,12 +125,11 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not source.exists():
         raise EdgeKDError(f"{source}: bundle not found")
     if source.is_dir():
-        root = source
-        tmp = None
+        root, tmp, zip_digests = source, None, None
     elif zipfile.is_zipfile(source):
         tmp = Path(tempfile.mkdtemp(prefix="edgekd-bundle-"))
         try:
-            root = extract_zip(source, tmp, verify=verify)
+            root, zip_digests = extract_zip(source, tmp, verify=verify)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -137,16 +137,22 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise EdgeKDError(f"{source}: not a bundle (expected a directory or a .zip file)")
     try:
         files = regular_files(root, source)
-        digests = verify_manifest(root, source, files) if verify else {}
-        meta = parse_metadata(read_verified(root / METADATA_FILE, digests.get(METADATA_FILE), root, source), source)
+        if not verify:
+            digests = {}
+        elif zip_digests is not None:  # hashed while extracted into the private temp dir: checked already
+            digests = zip_digests
+        else:
+            digests = verify_manifest(root, source, files)
+        meta = parse_metadata(read_verified(root / METADATA_FILE, digests.get(METADATA_FILE), root, source,
+                                            MAX_SMALL_FILE), source)
         artifacts = []
         for a in meta["artifacts"]:
             art = Artifact(a["format"], a["precision"], root / a["path"], a.get("inference_precision_hint"),
-                           digests.get(a["path"]))
+                           digests.get(PurePosixPath(a["path"]).as_posix()))
             for file in filter(None, (art.path, art.weights_path)):
                 if file.relative_to(root).as_posix() not in files:
-                    raise EdgeKDError(f"{source}: {file.relative_to(root).as_posix()} is listed in edgekd.json "
-                                      "but missing")
+                    raise EdgeKDError(f"{source}: {shown(file.relative_to(root).as_posix())} is listed in "
+                                      "edgekd.json but missing")
             if art.weights_path is not None:
                 art = dataclasses.replace(art, weights_sha256=digests.get(art.weights_path.relative_to(root).as_posix()))
             artifacts.append(art)
@@ -160,10 +166,12 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return bundle
 
 
-def read_verified(path: Path, digest: str | None, root: Path | None = None, source: Path | None = None) -> bytes:
+def read_verified(path: Path, digest: str | None, root: Path | None = None, source: Path | None = None,
+                  max_bytes: int | None = None) -> bytes:
     """A regular file's bytes, read once through a descriptor that does not follow symlinks; with `digest`, they
-    must hash to it (the file changed since the manifest check otherwise). Errors name `source` (the bundle as
-    the user gave it) and the path relative to `root`."""
+    must hash to it (the file changed since the manifest check otherwise); with `max_bytes`, a larger file is
+    refused before it is read. Errors name `source` (the bundle as the user gave it) and the path relative to
+    `root`."""
     where = source or root or path.parent
     rel = path.relative_to(root).as_posix() if root is not None else path.name
     try:
@@ -173,8 +181,12 @@ def read_verified(path: Path, digest: str | None, root: Path | None = None, sour
     except OSError as err:
         raise EdgeKDError(f"{where}: {rel} cannot be opened ({err.strerror}; a symlink?)") from None
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
             raise EdgeKDError(f"{where}: {rel} is not a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise EdgeKDError(f"{where}: {rel} is {info.st_size / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB "
+                              "a metadata file may have")
         data = fh.read()
     if digest is not None and hashlib.sha256(data).hexdigest() != digest:
         raise EdgeKDError(f"{where}: {rel} changed since the bundle was verified (its sha256 no longer matches "
@@ -194,13 +206,13 @@ def regular_files(root: Path, source: Path | None = None) -> set[str]:
             try:
                 mode = os.lstat(path).st_mode
             except FileNotFoundError:
-                raise EdgeKDError(f"{source}: {printable(rel)} vanished while the bundle was checked") from None
+                raise EdgeKDError(f"{source}: {shown(rel)} vanished while the bundle was checked") from None
             if stat.S_ISLNK(mode):
-                raise EdgeKDError(f"{source}: {printable(rel)} is a symlink (a bundle holds plain files only)")
+                raise EdgeKDError(f"{source}: {shown(rel)} is a symlink (a bundle holds plain files only)")
             if stat.S_ISREG(mode):
                 found.add(rel)
             elif not stat.S_ISDIR(mode):
-                raise EdgeKDError(f"{source}: {printable(rel)} is not a regular file (a bundle holds plain files only)")
+                raise EdgeKDError(f"{source}: {shown(rel)} is not a regular file (a bundle holds plain files only)")
     return found
 
 
@@ -213,8 +225,9 @@ def _safe_member_path(name: str, archive: Path) -> PurePosixPath:
     return posix
 
 
-def extract_zip(archive: Path, dest: Path, verify: bool = True) -> Path:
-    """Extract a bundle zip into `dest`; returns the folder holding edgekd.json.
+def extract_zip(archive: Path, dest: Path, verify: bool = True) -> tuple[Path, dict[str, str] | None]:
+    """Extract a bundle zip into `dest`; returns the folder holding edgekd.json and (with `verify`) the manifest's
+    digests, every extracted file having matched its own.
 
     Before a byte is written: member names (no absolute paths, `..`, symlinks, duplicates, encryption), sizes
     (each member's and the total against MAX_ZIP_BYTES and the free space under `dest`, compression ratios) and,
@@ -248,18 +261,19 @@ def extract_zip(archive: Path, dest: Path, verify: bool = True) -> Path:
             ensure_free_space(dest, total + FREE_SPACE_MARGIN, f"extracting {archive.name}")
             listed = _zip_manifest(zf, archive, prefix, names) if verify else {}
             for info in members:
-                rel = info.filename[len(prefix):]
-                target = dest.joinpath(*_safe_member_path(info.filename, archive).parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _extract_member(zf, info, target, listed.get(rel), archive)
+                name = _safe_member_path(info.filename, archive)
+                target = dest.joinpath(*name.parts)
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _extract_member(zf, info, target, listed.get(name.as_posix()[len(prefix):]), archive)
+                except (OSError, EOFError, lzma.LZMAError) as err:  # a bad stream, a member that is a folder too
+                    raise EdgeKDError(f"{archive}: {shown(info.filename)} cannot be extracted "
+                                      f"({shorten(str(err) or type(err).__name__, 120)})") from None
     except zipfile.BadZipFile as err:
         raise EdgeKDError(f"{archive}: corrupt zip ({err})") from None
     except (RuntimeError, NotImplementedError, zlib.error) as err:  # unsupported compression, bad deflate stream
         raise EdgeKDError(f"{archive}: cannot be extracted ({shorten(str(err), 120)})") from None
-    root = dest.joinpath(*PurePosixPath(prefix).parts) if prefix else dest
-    if (root / METADATA_FILE).is_file():
-        return root
-    raise EdgeKDError(f"{archive}: no {METADATA_FILE} at the top of the zip")
+    return (dest.joinpath(*PurePosixPath(prefix).parts) if prefix else dest), (listed if verify else None)
 
 
 def _zip_prefix(archive: Path, members: list[zipfile.ZipInfo]) -> str:
@@ -281,11 +295,12 @@ def _zip_manifest(zf: zipfile.ZipFile, archive: Path, prefix: str, names: set[st
     info = zf.getinfo(name)
     if info.file_size > MAX_SMALL_FILE:
         raise EdgeKDError(f"{archive}: {MANIFEST_FILE} is {info.file_size / 2**20:.0f} MiB (a manifest is a few lines)")
-    listed = parse_manifest(zf.read(info)[: MAX_SMALL_FILE + 1].decode("utf-8", "replace"), archive)
-    for member in sorted(names):
-        rel = member[len(prefix):]
-        if rel != MANIFEST_FILE and rel not in listed:
-            raise EdgeKDError(f"{archive}: {shown(rel)} is not listed in {MANIFEST_FILE}")
+    listed = parse_manifest(zf.read(info).decode("utf-8", "replace"), archive)
+    present = {member[len(prefix):] for member in names}
+    for rel in sorted(present - {MANIFEST_FILE} - set(listed)):
+        raise EdgeKDError(f"{archive}: {shown(rel)} is not listed in {MANIFEST_FILE}")
+    for rel in sorted(set(listed) - present):
+        raise EdgeKDError(f"{archive}: {shown(rel)} is listed in {MANIFEST_FILE} but missing")
     return listed
 
 
@@ -331,32 +346,22 @@ def verify_manifest(root: Path, source: Path | None = None, files: set[str] | No
     files = regular_files(root, source) if files is None else files
     if MANIFEST_FILE not in files:
         raise EdgeKDError(f"{source}: {MANIFEST_FILE} is missing (not a bundle, or an unverified copy)")
-    manifest = read_verified(root / MANIFEST_FILE, None, root, source)
-    if len(manifest) > MAX_SMALL_FILE:
-        raise EdgeKDError(f"{source}: {MANIFEST_FILE} is {len(manifest) / 2**20:.0f} MiB (a manifest is a few lines)")
+    manifest = read_verified(root / MANIFEST_FILE, None, root, source, MAX_SMALL_FILE)
     listed = parse_manifest(manifest.decode("utf-8", "replace"), source)
     for rel, digest in listed.items():
         if rel not in files:
             raise EdgeKDError(f"{source}: {shown(rel)} is listed in {MANIFEST_FILE} but missing")
         if sha256_file(root / rel, follow_symlinks=False) != digest:
-            raise EdgeKDError(f"{source}: {rel} does not match its sha256 in {MANIFEST_FILE} (modified or corrupt)")
+            raise EdgeKDError(f"{source}: {shown(rel)} does not match its sha256 in {MANIFEST_FILE} (modified or "
+                              "corrupt)")
     for rel in sorted(files):
         if rel != MANIFEST_FILE and rel not in listed:
-            raise EdgeKDError(f"{source}: {printable(rel)} is not listed in {MANIFEST_FILE}")
+            raise EdgeKDError(f"{source}: {shown(rel)} is not listed in {MANIFEST_FILE}")
     return listed
-
-
-def read_metadata(root: Path, source: Path | None = None) -> dict[str, Any]:
-    """edgekd.json of an (unverified) bundle folder, parsed and validated."""
-    source = source or root
-    return parse_metadata(read_verified(root / METADATA_FILE, None, root, source), source)
 
 
 def parse_metadata(data: bytes, source: Path) -> dict[str, Any]:
     """edgekd.json bytes -> the validated metadata; NaN and Infinity (which Python's json accepts) are refused."""
-    if len(data) > MAX_SMALL_FILE:
-        raise EdgeKDError(f"{source}: {METADATA_FILE} is {len(data) / 2**20:.0f} MiB (metadata is a few KB)")
-
     def no_constants(name: str):
         raise ValueError(f"{name} is not a JSON number")
 
