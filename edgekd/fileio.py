@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,3 +92,18 @@ def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str 
         source = Path(given).resolve()
         if target == source or source in target.parents:
             raise EdgeKDError(f"{option} {out}: is inside the input {given}; write the output elsewhere")
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold SIGINT/SIGTERM/SIGHUP back for the block (delivered when it ends): creating a temp dir and recording
+    its name is then one step, so a kill cannot land between them and leave the dir unnamed and uncleaned."""
+    sigs = {s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

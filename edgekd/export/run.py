@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import ensure_free_space
+from edgekd.fileio import deferred_signals, ensure_free_space
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   staging_dir, write_bundle_files, write_zip)
@@ -187,12 +187,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
             ctx.cache["calibration"] = _stack(train, _sample(len(train), profile.quantization.calib_images, salt=3))[0]
         return ctx.cache["calibration"]
 
-    stage = staging_dir(out)
-    scratch = Path(tempfile.mkdtemp(prefix="edgekd-export-", dir=scratch_root))
-    ctx = ExportContext(model=model, input_shape=input_shape, metadata=metadata, profile=profile, scratch=scratch,
-                        calibration=calibration, validation=lambda: splits["val"], log=log)
+    stage = scratch = None
     artifacts, records, failures = [], [], []
     try:
+        with deferred_signals():  # a kill now is delivered after both names are set: the finally removes them
+            stage = staging_dir(out)
+            scratch = Path(tempfile.mkdtemp(prefix="edgekd-export-", dir=scratch_root))
+        ctx = ExportContext(model=model, input_shape=input_shape, metadata=metadata, profile=profile,
+                            scratch=scratch, calibration=calibration, validation=lambda: splits["val"], log=log)
         for fmt, precision in plan:
             label = f"{fmt.name}/{precision}"
             rel = fmt.relpath(precision)
@@ -241,9 +243,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         write_bundle_files(stage, metadata, parity, card_explanations(model, ckpt, data, stage, log))
         publish(stage, out)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+        for folder in (scratch, stage):
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
     zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else None
     log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
     return ExportResult(out, zip_path, metadata, parity)

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgekd.errors import EdgeKDError, quote, shorten, shown
-from edgekd.fileio import ensure_free_space, sha256_file
+from edgekd.fileio import deferred_signals, ensure_free_space, sha256_file
 
 SCHEMA = "edgekd-bundle/1"
 METADATA_FILE = "edgekd.json"
@@ -127,11 +127,14 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if source.is_dir():
         root, tmp, zip_digests = source, None, None
     elif zipfile.is_zipfile(source):
-        tmp = Path(tempfile.mkdtemp(prefix="edgekd-bundle-"))
+        tmp = None
         try:
+            with deferred_signals():  # the temp dir and its name in one step: a kill cannot orphan it
+                tmp = Path(tempfile.mkdtemp(prefix="edgekd-bundle-"))
             root, zip_digests = extract_zip(source, tmp, verify=verify)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
     else:
         raise EdgeKDError(f"{source}: not a bundle (expected a directory or a .zip file)")
@@ -156,13 +159,13 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             if art.weights_path is not None:
                 art = dataclasses.replace(art, weights_sha256=digests.get(art.weights_path.relative_to(root).as_posix()))
             artifacts.append(art)
+        bundle = Bundle(root=root, meta=meta, source=source, artifacts=artifacts)
+        if tmp is not None:
+            weakref.finalize(bundle, shutil.rmtree, tmp, True)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    bundle = Bundle(root=root, meta=meta, source=source, artifacts=artifacts)
-    if tmp is not None:
-        weakref.finalize(bundle, shutil.rmtree, tmp, True)
     return bundle
 
 
