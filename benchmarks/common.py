@@ -84,7 +84,7 @@ def accuracy_record(m: dict, command: str, split: str = "test") -> dict:
     s = m[split]
     return {"dataset": m["dataset"], "split": split, "model": m["model"], "role": m["role"], "name": m["name"],
             "params": m["params"], "macs": m["macs"], **{k: s.get(k) for k in METRICS}, "seed": m["seed"],
-            "epochs_run": m["epochs_run"], "seconds_per_epoch": m["seconds_per_epoch"],
+            "epochs_run": m["epochs_run"], "seconds_per_epoch": m["seconds_per_epoch"], "threads": m.get("threads"),
             "train_seconds": m["train_seconds"], "date": now(), "machine": machine(), "command": command}
 
 

@@ -1,0 +1,262 @@
+"""Does distillation pay? Per medical set: the teacher, the edge student without a teacher, and KD ablation rows,
+several seeds each, every KD row paired with a from-scratch row of the same epochs and augmentation (issue 19).
+
+    .venv/bin/python benchmarks/kd_gain.py --set retina [--rows scratch kd dkd ...] [--seeds 0 1 2] [--reuse]
+    .venv/bin/python benchmarks/kd_gain.py --set retina --repeat kd      # train seed 0 of a row again, compare
+    .venv/bin/python benchmarks/kd_gain.py --set retina --summarize      # train nothing, rebuild the summary
+
+Trains the set's teachers once (seed 0) into runs/bench/<set>/<teacher>/ (the paths the student recipes name), then each
+row's recipe (+ its overrides) once per seed into runs/bench/<set>/<row>-s<seed>/, merges one record per run into
+benchmarks/results/accuracy.json and writes benchmarks/results/distill_<set>.json and the set's RESULTS.md section:
+mean ± std over seeds, the KD gain over the paired from-scratch row (same seeds), the teacher, the MACs ratio,
+seconds per epoch and training minutes, the torch thread count of every run. --reuse skips a run whose
+metrics.json was trained from exactly the same recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from common import (METRICS, REPO, RESULTS, accuracy_record, finished_run, machine, merge_records, now,
+                    replace_section, run_or_reuse, train_command)
+
+from edgekd.fileio import write_json, write_text
+from edgekd.recipe import load_recipe
+
+LONG = ["train.epochs=80", "train.early_stop.patience=null"]
+ENS = ["distill.ensemble=[runs/bench/retina/teacher56/best.pt]"]
+T56 = ["distill.teacher=runs/bench/retina/teacher56/best.pt", "distill.teacher_recipe=recipes/retina/teacher-56.yaml"]
+# set -> teachers (run name -> recipe; trained once, seed 0, into runs/bench/<set>/<name>/), MedMNIST v2 test rows (AUC, ACC), rows: name -> (recipe, overrides, paired from-scratch row
+# or None, what the row is). A KD row's reference has the same epochs, augmentation and sampling, no teacher.
+SETS = {
+    "retina": {
+        "dataset": "retinamnist",
+        "teachers": {"teacher": "recipes/retina/teacher-28.yaml", "teacher56": "recipes/retina/teacher-56.yaml"},
+        "medmnist": {"ResNet-18 (28)": (0.717, 0.524), "ResNet-50 (28)": (0.726, 0.528),
+                     "AutoML Vision": (0.750, 0.531)},
+        "bar": "ResNet-50 (28)",
+        "rows": {
+            "scratch": ("recipes/retina/student-scratch-28.yaml", [], None, "CE only (no teacher)"),
+            "kd": ("recipes/retina/student-28.yaml", [], "scratch", "0.7 KL(T=4) + 0.3 CE"),
+            "dkd": ("recipes/retina/student-dkd-28.yaml", [], "scratch", "DKD (T=4, alpha 1, beta 8) + CE"),
+            "kd56": ("recipes/retina/student-28.yaml", T56, "scratch", "kd from the 56 px teacher"),
+            "dkd56": ("recipes/retina/student-dkd-28.yaml", T56, "scratch", "dkd from the 56 px teacher"),
+            "kd56_tta": ("recipes/retina/student-28.yaml", [*T56, "distill.teacher_views=[original,hflip,vflip]"],
+                         "scratch", "kd56, teacher targets averaged over 3 flips"),
+            "kd_ens": ("recipes/retina/student-28.yaml", ENS, "scratch",
+                       "kd from the ensemble of both teachers (mean of softmax)"),
+            "dkd_ens": ("recipes/retina/student-dkd-28.yaml", ENS, "scratch", "dkd from the ensemble of both teachers"),
+            "scratch_long": ("recipes/retina/student-scratch-28.yaml", LONG, None, "CE only, 80 epochs"),
+            "fm": ("recipes/retina/student-fm-28.yaml", [], "scratch_long",
+                   "function matching: shared-view MixUp, KL(T=1) only, 80 epochs"),
+        },
+    },
+    "pneumonia": {
+        "dataset": "pneumoniamnist",
+        "teachers": {"teacher": "recipes/pneumonia/teacher-28.yaml"},
+        "medmnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-50 (224)": (0.962, 0.884),
+                     "AutoML Vision": (0.991, 0.946)},
+        "bar": "ResNet-50 (224)",
+        "rows": {
+            "scratch": ("recipes/pneumonia/student-scratch-28.yaml", [], None, "CE only (no teacher)"),
+            "kd": ("recipes/pneumonia/student-28.yaml", [], "scratch", "0.7 KL(T=4) + 0.3 CE"),
+            "fm": ("recipes/pneumonia/student-fm-28.yaml", [], "scratch", "function matching: shared-view MixUp, KL only"),
+        },
+    },
+}
+GAIN_ACC_PTS, AUC_SLACK_PTS, TEACHER_GAP_PTS, MACS_RATIO, PARAMS_MAX, MINUTES_MAX = 1.5, -0.2, 1.0, 20, 100_000, 30
+
+
+def run_dir(set_name: str, row: str, seed: int) -> Path:
+    return REPO / "runs" / "bench" / set_name / f"{row}-s{seed}"
+
+
+def overrides_of(row_spec: tuple, seed: int) -> list[str]:
+    return [*row_spec[1], f"seed={seed}"]
+
+
+def train_row(set_name: str, row: str, seed: int, reuse: bool, out: Path | None = None) -> dict:
+    spec = SETS[set_name]["rows"][row]
+    m, command = run_or_reuse(spec[0], out or run_dir(set_name, row, seed), overrides_of(spec, seed), reuse,
+                              f"{set_name} {row} s{seed}")
+    return {**accuracy_record(m, command), "row": row, "set": set_name}
+
+
+def finished_row(set_name: str, row: str, seed: int) -> dict | None:
+    spec = SETS[set_name]["rows"][row]
+    out, overrides = run_dir(set_name, row, seed), overrides_of(spec, seed)
+    m = finished_run(load_recipe(REPO / spec[0], overrides), out)
+    if m is None:
+        return None
+    return {**accuracy_record(m, train_command(spec[0], out, overrides)), "row": row, "set": set_name}
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize_row(row: str, spec: tuple, recs: list[dict]) -> dict:
+    out = {"row": row, "recipe": spec[0], "overrides": spec[1], "what": spec[3], "reference": spec[2],
+           "model": recs[0]["model"], "params": recs[0]["params"], "macs": recs[0]["macs"],
+           "seeds": [r["seed"] for r in recs], "threads": sorted({r["threads"] for r in recs if r.get("threads")}),
+           "epochs_run": [r["epochs_run"] for r in recs]}
+    for k in (*METRICS, "seconds_per_epoch"):
+        vals = [r[k] for r in recs if r.get(k) is not None]
+        out[k] = mean_std(vals) if vals else None
+    out["train_minutes"] = mean_std([r["train_seconds"] / 60 for r in recs])
+    return out
+
+
+def gain(kd: list[dict], ref: list[dict]) -> dict | None:
+    """Mean of (KD - reference) over the seeds both rows have, in points."""
+    seeds = sorted({r["seed"] for r in kd} & {r["seed"] for r in ref})
+    if not seeds:
+        return None
+    by = lambda recs, k: {r["seed"]: r[k] for r in recs}  # noqa: E731
+    return {"seeds": seeds, **{k: 100 * statistics.fmean(by(kd, k)[s] - by(ref, k)[s] for s in seeds)
+                               for k in ("acc", "auc", "f1", "balanced_acc")}}
+
+
+def teachers_of(spec: tuple) -> list[str]:
+    """The teacher runs a row distills from (the run directories its distill.teacher and ensemble name)."""
+    d = load_recipe(REPO / spec[0], spec[1]).distill
+    return [] if d is None or d.teacher is None else [Path(p).parent.name for p in (d.teacher, *d.ensemble)]
+
+
+def summarize(set_name: str, records: list[dict], teachers: dict[str, dict]) -> dict:
+    cfg = SETS[set_name]
+    rows = {}
+    for row, spec in cfg["rows"].items():
+        recs = sorted((r for r in records if r.get("row") == row), key=lambda r: r["seed"])
+        if recs:
+            rows[row] = summarize_row(row, spec, recs)
+    for row, s in rows.items():
+        ref, mine = cfg["rows"][row][2], [teachers[t] for t in teachers_of(cfg["rows"][row]) if t in teachers]
+        if ref and ref in rows:
+            g = gain([r for r in records if r.get("row") == row], [r for r in records if r.get("row") == ref])
+            s["gain_pts"] = g
+            s["goals"] = {"gain>=1.5pt_acc": g["acc"] >= GAIN_ACC_PTS, "auc_no_lower(-0.2pt)": g["auc"] >= AUC_SLACK_PTS,
+                          "params<=0.1M": s["params"] <= PARAMS_MAX,
+                          f"minutes<={MINUTES_MAX}": s["train_minutes"]["mean"] <= MINUTES_MAX}
+        if mine:  # an ensemble: its members' MACs add up; the gap is to its best member's test ACC
+            s["teacher"] = "+".join(t["run"] for t in mine)
+            s["teacher_gap_pts"] = 100 * (max(t["acc"] for t in mine) - s["acc"]["mean"])
+            s["macs_ratio"] = sum(t["macs"] for t in mine) / s["macs"]
+            if "goals" in s:
+                s["goals"]["within_1pt_of_teacher"] = s["teacher_gap_pts"] <= TEACHER_GAP_PTS
+                s["goals"][">=20x_fewer_macs"] = s["macs_ratio"] >= MACS_RATIO
+    kd_rows = [s for s in rows.values() if s.get("gain_pts")]
+    winner = max(kd_rows, key=lambda s: (s["gain_pts"]["acc"], s["gain_pts"]["auc"]))["row"] if kd_rows else None
+    auc_bar, acc_bar = cfg["medmnist"][cfg["bar"]]
+    return {"rows": list(rows.values()), "winner": winner, "medmnist": cfg["medmnist"],
+            "teachers": [{**t, "reaches": {cfg["bar"]: t["auc"] >= auc_bar and t["acc"] >= acc_bar}}
+                         for t in teachers.values()]}
+
+
+def markdown(set_name: str, doc: dict) -> str:
+    cfg, begin, end = SETS[set_name], *markers(set_name)
+    lines = [begin, f"## Does distillation pay? {cfg['dataset']} (`benchmarks/kd_gain.py --set {set_name}`)", "",
+             f"`{doc['command']}` on {doc['date'][:10]}, {doc['machine']}; official test split, mean ± std over seeds "
+             f"(one process at a time, torch threads per run in the table). KD gain: mean over the shared seeds of "
+             f"(row − its from-scratch reference), in points; goal ≥ {GAIN_ACC_PTS} pt ACC with AUC no lower than "
+             f"{AUC_SLACK_PTS} pt.", ""]
+    paper = ", ".join(f"{k} {a:.3f} / {c:.3f}" for k, (a, c) in cfg["medmnist"].items())
+    lines += [f"MedMNIST v2 test AUC / ACC: {paper}. Teachers (seed 0):", ""]
+    for t in doc["teachers"]:
+        lines.append(f"- {t['run']}: `{t['command']}`: {t['model']} {t['params'] / 1e6:.1f}M params, "
+                     f"{t['macs'] / 1e6:.0f}M MACs, test AUC {t['auc']:.4f} / ACC {t['acc']:.4f}, reaches {cfg['bar']}: "
+                     f"{'yes' if t['reaches'][cfg['bar']] else 'no'}; {t['seconds_per_epoch']:.1f} s/epoch, "
+                     f"{t['threads']} threads")
+    lines.append("")
+    lines += ["| row | what | ref | seeds | test ACC | test AUC | bal. ACC | gain ACC / AUC (pt) | teacher gap (pt) | "
+              "MACs ratio | s/epoch | min | threads |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    ms = lambda v: "-" if v is None else f"{v['mean']:.4f} ± {v['std']:.4f}"  # noqa: E731
+    for s in doc["rows"]:
+        g = s.get("gain_pts")
+        lines.append(f"| {s['row']}{' (winner)' if s['row'] == doc.get('winner') else ''} | {s['what']} | "
+                     f"{s['reference'] or '-'} | {s['seeds']} | {ms(s['acc'])} | {ms(s['auc'])} | {ms(s['balanced_acc'])} | "
+                     + (f"{g['acc']:+.2f} / {g['auc']:+.2f}" if g else "-") + " | "
+                     + (f"{s['teacher_gap_pts']:+.2f} ({s['teacher']})" if "teacher_gap_pts" in s else "-") + " | "
+                     + (f"{s['macs_ratio']:.0f}x" if "macs_ratio" in s else "-") + " | "
+                     f"{s['seconds_per_epoch']['mean']:.1f} | {s['train_minutes']['mean']:.1f} | {s['threads']} |")
+    if doc.get("repeat"):
+        r = doc["repeat"]
+        lines += ["", f"Reproducibility: `{r['row']}` seed {r['seed']} trained twice ({r['threads']} threads): test "
+                  f"metrics {'identical' if r['identical'] else 'DIFFER'} ({r['first']} vs {r['second']})."]
+    lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in doc["commands"]), end]
+    return "\n".join(lines)
+
+
+def markers(set_name: str) -> tuple[str, str]:
+    return f"<!-- kd-gain:{set_name}:begin -->", f"<!-- kd-gain:{set_name}:end -->"
+
+
+def repeat(set_name: str, row: str, seed: int) -> dict:
+    """Train one row's seed a second time (never reused) and compare its test metrics with the first run."""
+    first = finished_row(set_name, row, seed) or train_row(set_name, row, seed, reuse=True)
+    second = train_row(set_name, row, seed, reuse=False, out=run_dir(set_name, row, seed).with_name(f"{row}-s{seed}-repeat"))
+    pick = lambda r: {k: r[k] for k in METRICS}  # noqa: E731
+    same = all(a == b or (a != a and b != b) for a, b in zip(pick(first).values(), pick(second).values()))  # NaN == NaN
+    return {"row": row, "seed": seed, "threads": second["threads"], "identical": same,
+            "first": {k: round(v, 6) for k, v in pick(first).items() if k in ("acc", "auc")},
+            "second": {k: round(v, 6) for k, v in pick(second).items() if k in ("acc", "auc")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", choices=sorted(SETS), default="retina", dest="set_name")
+    ap.add_argument("--rows", nargs="+", default=None, help="rows to train (default: all of the set's rows)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json matches the recipe")
+    ap.add_argument("--summarize", action="store_true", help="train nothing; summarize the finished runs")
+    ap.add_argument("--repeat", metavar="ROW", help="train seed 0 of ROW a second time and compare test metrics")
+    args = ap.parse_args()
+    os.chdir(REPO)
+    cfg = SETS[args.set_name]
+    rows = args.rows or list(cfg["rows"])
+    unknown = [r for r in rows if r not in cfg["rows"]]
+    if unknown:
+        ap.error(f"unknown row(s) {unknown} for --set {args.set_name}; choose from {list(cfg['rows'])}")
+    command = "python benchmarks/kd_gain.py " + " ".join(sys.argv[1:])
+    teachers = {}
+    for name, recipe_path in cfg["teachers"].items():
+        out = REPO / "runs" / "bench" / args.set_name / name
+        if args.summarize:
+            tm = finished_run(load_recipe(REPO / recipe_path), out)
+        else:
+            tm, _ = run_or_reuse(recipe_path, out, [], True, f"{args.set_name} {name}")
+        if tm is not None:
+            teachers[name] = {**accuracy_record(tm, train_command(recipe_path, out, [])), "run": name}
+    new = [r for row in rows for seed in args.seeds
+           if (r := finished_row(args.set_name, row, seed) if args.summarize
+               else train_row(args.set_name, row, seed, args.reuse)) is not None]
+    drop = ("row", "set", "run")
+    merge_records(RESULTS / "accuracy.json", [{k: v for k, v in r.items() if k not in drop}
+                                              for r in [*new, *teachers.values()]])
+    # Every finished run of the set's rows (also those not trained in this call), for the summary.
+    records = [r for row in cfg["rows"] for seed in args.seeds if (r := finished_row(args.set_name, row, seed))]
+    path = RESULTS / f"distill_{args.set_name}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    doc = {"benchmark": "kd_gain", "set": args.set_name, "date": now(), "machine": machine(), "command": command,
+           "commands": sorted({*old.get("commands", []), command}), "seeds": args.seeds,
+           **summarize(args.set_name, records, teachers)}
+    doc["repeat"] = repeat(args.set_name, args.repeat, args.seeds[0]) if args.repeat else old.get("repeat")
+    write_json(path, doc)
+    results_md = REPO / "benchmarks" / "RESULTS.md"
+    write_text(results_md, replace_section(results_md.read_text(), markdown(args.set_name, doc), *markers(args.set_name)))
+    for s in doc["rows"]:
+        g = s.get("gain_pts")
+        print(f"{s['row']:14s} acc {s['acc']['mean']:.4f}±{s['acc']['std']:.4f} auc {s['auc']['mean']:.4f}±"
+              f"{s['auc']['std']:.4f}" + (f"  gain {g['acc']:+.2f}/{g['auc']:+.2f} pt" if g else "")
+              + f"  {s['seconds_per_epoch']['mean']:.1f} s/epoch")
+    for t in teachers.values():
+        print(f"{t['run']:14s} acc {t['acc']:.4f} auc {t['auc']:.4f}  {t['seconds_per_epoch']:.1f} s/epoch")
+
+
+if __name__ == "__main__":
+    main()
