@@ -51,6 +51,8 @@ SETS = {
             "kd_ens": ("recipes/retina/student-28.yaml", ENS, "scratch",
                        "kd from the ensemble of both teachers (mean of softmax)"),
             "dkd_ens": ("recipes/retina/student-dkd-28.yaml", ENS, "scratch", "dkd from the ensemble of both teachers"),
+            "dkd_ens_recipe": ("recipes/retina/student-dkd-ens-28.yaml", [], "scratch",
+                               "dkd_ens as shipped: recipes/retina/student-dkd-ens-28.yaml"),
             "scratch_long": ("recipes/retina/student-scratch-28.yaml", LONG, None, "CE only, 80 epochs"),
             "fm": ("recipes/retina/student-fm-28.yaml", [], "scratch_long",
                    "function matching: shared-view MixUp, KL(T=1) only, 80 epochs"),
