@@ -116,7 +116,7 @@ def evaluate_task(model: nn.Module, tasks: list[Task], head: str, task: int, ste
 
 def plot_task_accuracy(acc: np.ndarray, names: list[str], path: Path, title: str) -> Path:
     """Accuracy of each task (one line from the step it is learned) over the task sequence, and the average."""
-    from edgekd.metrics.plots import _save, plt
+    from edgekd.metrics.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 4))
     steps = np.arange(len(names))
@@ -129,7 +129,7 @@ def plot_task_accuracy(acc: np.ndarray, names: list[str], path: Path, title: str
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _meta(recipe, tasks: list[Task], step: int, spec: dict[str, Any], head: str) -> dict[str, Any]:
