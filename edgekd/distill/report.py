@@ -30,7 +30,8 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
     from edgekd.models import count_macs, count_parameters
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.checkpoint import model_from_checkpoint
-    from edgekd.train.trainer import predict_logits, resolve_device, softmax
+    from edgekd.probability import softmax
+    from edgekd.train.trainer import predict_logits, resolve_device
 
     model, ckpt = model_from_checkpoint(checkpoint)
     recipe = recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
+from edgekd.probability import softmax
 from edgekd.robustness.corruptions import check_names, check_severities, corrupt
 
 CLEAN = "clean"
@@ -44,7 +45,6 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
     from edgekd.data import build_transforms
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.checkpoint import model_from_checkpoint
-    from edgekd.train.trainer import softmax
 
     model, ckpt = model_from_checkpoint(path)
     recipe = recipe_from_dict(ckpt["recipe"], where=f"{path} (embedded recipe)")

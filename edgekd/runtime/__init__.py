@@ -1,6 +1,6 @@
 """The torch-free edge runtime: open a verified bundle, preprocess like training, run OpenVINO/ONNX Runtime with TTA."""
 
-from edgekd.runtime.backends import softmax
+from edgekd.probability import softmax
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle, verify_manifest
 from edgekd.runtime.preprocess import Preprocessor
 from edgekd.runtime.runner import Failure, Prediction, Runner
