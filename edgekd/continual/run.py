@@ -15,13 +15,10 @@ from sklearn import metrics as skm
 from torch import nn
 
 from edgekd import __version__
-from edgekd.continual.base import ContinualPlugin, TaskStep
-from edgekd.continual.bn_freeze import BNFreezePlugin
-from edgekd.continual.ewc import EWCPlugin
+from edgekd.continual.base import TaskStep
 from edgekd.continual.heads import num_outputs, resize_classifier
-from edgekd.continual.lwf import LwFPlugin
 from edgekd.continual.metrics import average_accuracy, backward_transfer, forgetting, forgetting_per_task, retention
-from edgekd.continual.replay import ReplayPlugin
+from edgekd.continual.plugins import build_plugins
 from edgekd.continual.scenarios import ContinualObjective, Task, build_tasks, output_range, union_data
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
@@ -53,19 +50,6 @@ def method_name(cfg) -> str:
     parts = [name for name, on in (("replay", cfg.replay), ("online_ewc" if cfg.ewc and cfg.ewc.online else "ewc",
                                                                 cfg.ewc), ("lwf", cfg.lwf)) if on]
     return "+".join(parts) or "finetune"
-
-
-def build_plugins(cfg, seed: int) -> list[ContinualPlugin]:
-    plugins: list[ContinualPlugin] = []
-    if cfg.bn_freeze:
-        plugins.append(BNFreezePlugin())
-    if cfg.ewc:
-        plugins.append(EWCPlugin(cfg.ewc.weight, cfg.ewc.online, cfg.ewc.gamma, cfg.ewc.fisher_samples, seed))
-    if cfg.lwf:
-        plugins.append(LwFPlugin(cfg.lwf.alpha, cfg.lwf.temperature))
-    if cfg.replay:
-        plugins.append(ReplayPlugin(cfg.replay.size, cfg.replay.selection, cfg.replay.batch_size, seed))
-    return plugins
 
 
 def starting_model(recipe, tasks: list[Task]) -> tuple[nn.Module, dict[str, Any], bool]:
