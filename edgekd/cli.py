@@ -19,6 +19,7 @@ from rich.table import Table as RichTable
 
 from edgekd import __version__
 from edgekd.errors import EdgeKDError, error_line, printable
+from edgekd.options import int_list, split_list
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill medical-imaging classifiers into small, verified models for CPU edge devices.")
@@ -186,7 +187,7 @@ def eval_(
     from edgekd.train.checkpoint import load_checkpoint
     from edgekd.train.run import evaluate_checkpoint
 
-    splits = tuple(s.strip() for s in split.split(",") if s.strip())
+    splits = tuple(split_list(split) or ())
     bad = [s for s in splits if s not in ("train", "val", "test")]
     if bad:
         raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
@@ -209,8 +210,8 @@ def eval_(
         raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its checkpoint)")
     if corruptions:
         from edgekd.robustness.evaluate import run_corruption_eval
-        res = run_corruption_eval([checkpoint, *compare], out, data_recipe, splits[0], _split_list(only),
-                                  _int_list(severities, "--severities"), seed, limit, log=console.print)
+        res = run_corruption_eval([checkpoint, *compare], out, data_recipe, splits[0], split_list(only),
+                                  int_list(severities, "--severities"), seed, limit, log=console.print)
         out_console.print(robustness_table(res["summary"], f"corruption robustness ({splits[0]}, {res['images']} images)"))
         console.print(f"wrote {out / 'robustness.json'}, robustness.md, robustness.png")
     if failures:
@@ -232,17 +233,6 @@ def robustness_table(summary: list[dict], title: str) -> RichTable:
                       *[_fmt(r["per_corruption_acc"][n]) for n in names], _fmt(r["mean_corruption_acc"]),
                       f"{r['relative_acc']:.1%}")
     return table
-
-
-def _split_list(text: Optional[str]) -> Optional[list[str]]:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
-    try:
-        return [int(t) for t in _split_list(text)] if text else None
-    except ValueError:
-        raise EdgeKDError(f"{option}: expected comma-separated integers, got '{text}'") from None
 
 
 @app.command()
@@ -268,7 +258,7 @@ def export(
     profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control,
                              "drop" if drop_failed else None)
     out = out or checkpoint.parent / "bundle"
-    result = export_checkpoint(checkpoint, out, _split_list(format_), _split_list(precision), profile, zip_, set_,
+    result = export_checkpoint(checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_,
                                log=console.print)
     split = result.parity["metric_split"]
     table = RichTable(title=f"{checkpoint}: parity with PyTorch ({result.parity['inputs']} inputs)")
@@ -313,7 +303,7 @@ def predict(
     if out is not None:
         check_output_path(out)
         refuse_output_inside(out, [bundle])
-    tta_option = [v.strip() for v in views.split(",") if v.strip()] if views else tta
+    tta_option = split_list(views) if views else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir)
     paths, problems = collect_inputs(inputs)

@@ -348,7 +348,9 @@ class Recipe(Section):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _format_validation_error(err: ValidationError, where: str) -> str:
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """pydantic's first error as one line naming `where` and the key: an unknown key, or the key, the problem and
+    the (bounded) value given."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
@@ -393,7 +395,7 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise EdgeKDError(_format_validation_error(err, where)) from None
+        raise EdgeKDError(format_validation_error(err, where)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

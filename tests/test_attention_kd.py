@@ -94,7 +94,7 @@ def test_attention_kd_gradients_reach_the_student_not_the_teacher():
 
 
 def _batch(obj, student) -> KDBatch:
-    from edgekd.distill.features import capture_features
+    from edgekd.models import capture_features
     x = torch.randn(4, 3, 16, 16)
     with capture_features(student, obj.loss.student_layers) as feats:
         logits = student(x)

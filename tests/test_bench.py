@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from edgekd.bench.hardware import gemm_peak_fraction, measure_gemm_peak
 from edgekd.bench.report import records_markdown
-from edgekd.bench.run import (RECORD_KEYS, Row, Subject, make_records, parse_batches, parse_list, plan_rows,
-                              run_bench, run_worker)
+from edgekd.bench.run import RECORD_KEYS, Row, Subject, make_records, plan_rows, run_bench, run_worker
 from edgekd.cli import app
 from edgekd.errors import EdgeKDError
+from edgekd.options import int_list, parse_batches, parse_list, split_list
 from edgekd.runtime.timing import latency_stats
 
 PREPROCESS = {"input_size": [3, 16, 16], "resize": 16, "center_crop": 16, "channels": 3, "scale": 1 / 255,
@@ -82,6 +82,12 @@ def test_plan_rows_and_option_parsing():
         ("torch", "fp32", "eager"), ("torch", "fp32", "compile"), ("openvino", "fp32", "bare"),
         ("openvino", "int8", "bare")]  # no torch int8: lower precisions come from the exports
     assert parse_batches("32,1,8,1") == [1, 8, 32]
+    assert split_list(" onnx, ,torch ") == ["onnx", "torch"] and split_list("") is None and split_list(None) is None
+    assert int_list("1, 3,5", "--severities") == [1, 3, 5] and int_list(None, "--severities") is None
+    with pytest.raises(EdgeKDError, match="--severities: expected comma-separated integers, got '1,x'"):
+        int_list("1,x", "--severities")
+    with pytest.raises(EdgeKDError, match="--batch: expected comma-separated integers"):
+        parse_batches("1,x")
     assert parse_list("onnx, torch", ("torch", "onnx"), "--formats") == ["onnx", "torch"]
     with pytest.raises(EdgeKDError, match="--formats: unknown value 'tpu'"):
         parse_list("tpu", ("torch", "onnx"), "--formats")

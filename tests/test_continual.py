@@ -336,6 +336,24 @@ def test_recipe_section_is_typed(tmp_path):
     assert tasks[1].data.class_names[2:] == ["b:class_2", "b:class_3"]
 
 
+
+def test_plugins_are_built_from_the_registry_in_order(tmp_path):
+    from edgekd.continual.ewc import EWCPlugin
+    from edgekd.continual.lwf import LwFPlugin
+    from edgekd.continual.plugins import PLUGINS, build_plugins
+    from edgekd.continual.replay import ReplayPlugin
+    from edgekd.recipe import ContinualConfig
+
+    assert set(PLUGINS) <= set(ContinualConfig.model_fields)  # every registered key is a recipe section
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4)
+    two = [{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}]
+    cfg = recipe_from_dict(base_recipe(npz, tasks=two, bn_freeze=True, ewc={"weight": 5.0}, lwf={"alpha": 0.5},
+                                       replay={"size": 8})).continual
+    plugins = build_plugins(cfg, seed=3)
+    assert [type(p) for p in plugins] == [BNFreezePlugin, EWCPlugin, LwFPlugin, ReplayPlugin]
+    assert build_plugins(recipe_from_dict(base_recipe(npz, tasks=two)).continual, seed=0) == []
+
+
 # ------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_class_incremental_two_tasks_end_to_end(tmp_path):

@@ -63,6 +63,14 @@ def test_plan_takes_supported_pairs_by_name():
     assert FORMATS["openvino"].relpath("fp16") == "openvino/model_fp16.xml"
 
 
+def test_format_table_matches_the_shared_names():
+    """The runtime and bench check names against edgekd.formats; the exporter's table must offer exactly those."""
+    from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS
+
+    assert tuple(FORMATS) == ARTIFACT_FORMATS
+    assert all(set(f.precisions) <= set(PRECISIONS) for f in FORMATS.values())
+
+
 @pytest.mark.parametrize("formats, precisions, message", [
     (["tflite"], ["fp32"], "unknown format 'tflite'"),
     (["onnx"], ["fp8"], "unknown precision 'fp8'"),

@@ -96,7 +96,8 @@ def test_runtime_imports_no_torch_and_no_pickle():
         assert "pickle" not in src.lower(), f"{path} mentions pickle"
 
 
-@pytest.mark.parametrize("module", ["edgekd.imageio", "edgekd.fileio", "edgekd.errors"])
+@pytest.mark.parametrize("module", ["edgekd.imageio", "edgekd.fileio", "edgekd.errors", "edgekd.formats",
+                                    "edgekd.probability"])
 def test_modules_shared_with_the_runtime_import_no_torch(module):
     """The runtime imports these: they must stay torch-free too."""
     path = PACKAGE.parent / (module.replace(".", "/") + ".py")

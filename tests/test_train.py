@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -255,3 +256,35 @@ def test_a_seeded_run_repeats_its_metrics_exactly(tiny_recipe_dict, tmp_path):
     assert a["test"] == b["test"]
     wa, wb = (load_checkpoint(r.best_path)["state_dict"] for r in runs)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_softmax_hand_computed():
+    """The numpy softmax behind every evaluation: rows of known logits give known probabilities."""
+    from edgekd.probability import softmax
+
+    logits = np.array([[0.0, math.log(3.0)], [1.0, 1.0], [0.0, math.log(2.0)]], np.float32)
+    np.testing.assert_allclose(softmax(logits), [[0.25, 0.75], [0.5, 0.5], [1 / 3, 2 / 3]], rtol=1e-6)
+    three = np.array([[0.0, math.log(2.0), math.log(5.0)]])
+    np.testing.assert_allclose(softmax(three), [[1 / 8, 2 / 8, 5 / 8]], rtol=1e-12)
+    # Stable: the row max is subtracted first (exp(1000) alone overflows).
+    np.testing.assert_allclose(softmax(np.array([[1000.0, 1000.0 + math.log(3.0)]])), [[0.25, 0.75]], rtol=1e-12)
+    # A continual run's multi-head view sets other tasks' logits to -inf: they get probability 0.
+    np.testing.assert_allclose(softmax(np.array([[0.0, -np.inf, math.log(3.0)]])), [[0.25, 0.0, 0.75]], rtol=1e-12)
+
+
+def test_evaluate_metrics_and_loss_hand_computed():
+    """The trainer's evaluation on fixed logits (an identity model over two batches) equals hand-computed values."""
+    from edgekd.train.trainer import evaluate
+
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
+    p1 = torch.tensor([0.1, 0.6, 0.2, 0.9, 0.8, 0.4, 0.7, 0.95], dtype=torch.float64)
+    logits = torch.stack([torch.zeros(8, dtype=torch.float64), torch.log(p1 / (1 - p1))], 1).float()  # p(1) = p1
+    loader = [(logits[:5], y[:5]), (logits[5:], y[5:])]
+    m = evaluate(torch.nn.Identity(), loader, torch.device("cpu"), torch.nn.CrossEntropyLoss())
+    # predictions 0 1 0 1 1 0 1 1 -> tp=4 fn=1 tn=2 fp=1; AUC: of the 15 (pos, neg) pairs only 0.4 < 0.6 fails
+    assert m["acc"] == pytest.approx(6 / 8)
+    assert m["sensitivity"] == pytest.approx(4 / 5) and m["specificity"] == pytest.approx(2 / 3)
+    assert m["balanced_acc"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    assert m["auc"] == pytest.approx(14 / 15)
+    p_true = [0.9, 0.4, 0.8, 0.9, 0.8, 0.4, 0.7, 0.95]
+    assert m["loss"] == pytest.approx(-sum(math.log(p) for p in p_true) / 8, rel=1e-6)

@@ -5,11 +5,12 @@ Imports are lazy: `python -m edgekd.bench.worker` measures ONNX Runtime/OpenVINO
 
 from __future__ import annotations
 
-__all__ = ["BenchResult", "gemm_peak_fraction", "measure_gemm_peak", "run_bench"]
+__all__ = ["VARIANTS", "BenchResult", "Timing", "command_line", "gemm_peak_fraction", "measure_gemm_peak",
+           "records_table", "run_bench"]
 
 
 def __getattr__(name: str):
-    if name in ("BenchResult", "run_bench"):
+    if name in ("VARIANTS", "BenchResult", "Timing", "command_line", "run_bench"):
         from edgekd.bench import run
 
         return getattr(run, name)
@@ -17,4 +18,8 @@ def __getattr__(name: str):
         from edgekd.bench import hardware
 
         return getattr(hardware, name)
+    if name == "records_table":
+        from edgekd.bench import report
+
+        return report.records_table
     raise AttributeError(f"module 'edgekd.bench' has no attribute {name!r}")

@@ -51,7 +51,7 @@ def point_label(p: dict[str, Any]) -> str:
 
 def plot_pareto(panels: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
     """One panel per metric: every point (latency log-scale), the front connected and labelled."""
-    from edgekd.metrics.plots import _save, plt
+    from edgekd.metrics.plots import plt, save_figure
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, (metric, pts) in zip(axes[0], panels.items()):
@@ -78,7 +78,7 @@ def plot_pareto(panels: dict[str, list[dict[str, Any]]], path: str | Path, title
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title or "Accuracy-latency Pareto front")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_markdown(points: list[dict[str, Any]], metric: str) -> str:

@@ -72,13 +72,9 @@ def records_table(records: list[dict], title: str = ""):
 
 def throughput_chart(records: list[dict], path: str | Path, title: str = "") -> Path | None:
     """Horizontal bars: images/s of every measured row (log scale), one bar per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    from edgekd.metrics.plots import _save
+    from edgekd.metrics.plots import plt, save_figure
 
     ok = [r for r in records if r.get("status") == "ok"]
     if not ok:
@@ -99,4 +95,4 @@ def throughput_chart(records: list[dict], path: str | Path, title: str = "") -> 
     ax.set_title(title or "throughput")
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -19,10 +19,11 @@ import numpy as np
 from edgekd.bench.hardware import OtherCPU, cpu_info, gemm_peak_fraction
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import refuse_output_inside, write_json
+from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS
+from edgekd.options import parse_batches, parse_list
 
 SCHEMA = "edgekd-bench/1"
-FORMATS = ("torch", "onnx", "openvino")
-PRECISIONS = ("fp32", "fp16", "int8")
+FORMATS = ("torch", *ARTIFACT_FORMATS)
 DEFAULT_VIEWS = ["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"]
 RECORD_KEYS = ("model", "role", "format", "precision", "variant", "batch", "tta", "views", "threads", "p50_ms",
                "p90_ms", "p99_ms", "mean_ms", "min_ms", "runs", "throughput", "params", "macs", "size_mb",
@@ -82,26 +83,6 @@ class BenchResult:
     records: list[dict]
     summary: dict
     markdown: str
-
-
-def parse_list(text: str | list[str] | None, allowed: tuple[str, ...], option: str) -> list[str]:
-    items = text if isinstance(text, list) else [t.strip() for t in (text or "").split(",") if t.strip()]
-    for item in items:
-        if item not in allowed:
-            raise EdgeKDError(f"{option}: unknown value '{item}' (choose from {', '.join(allowed)})")
-    if not items:
-        raise EdgeKDError(f"{option}: give at least one of {', '.join(allowed)}")
-    return list(dict.fromkeys(items))
-
-
-def parse_batches(text: str | list[int]) -> list[int]:
-    try:
-        batches = text if isinstance(text, list) else [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise EdgeKDError(f"--batch: expected comma-separated integers, got '{text}'") from None
-    if not batches or any(b < 1 for b in batches):
-        raise EdgeKDError(f"--batch: batch sizes must be >= 1, got '{text}'")
-    return sorted(set(batches))
 
 
 def is_bundle(path: Path) -> bool:

@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from edgekd.probability import softmax
 from edgekd.runtime.preprocess import Preprocessor
-from edgekd.runtime.backends import softmax
 from edgekd.runtime.timing import peak_rss_mb, time_call
 from edgekd.runtime.tta import TTAViews
 

@@ -15,13 +15,10 @@ from sklearn import metrics as skm
 from torch import nn
 
 from edgekd import __version__
-from edgekd.continual.base import ContinualPlugin, TaskStep
-from edgekd.continual.bn_freeze import BNFreezePlugin
-from edgekd.continual.ewc import EWCPlugin
+from edgekd.continual.base import TaskStep
 from edgekd.continual.heads import num_outputs, resize_classifier
-from edgekd.continual.lwf import LwFPlugin
 from edgekd.continual.metrics import average_accuracy, backward_transfer, forgetting, forgetting_per_task, retention
-from edgekd.continual.replay import ReplayPlugin
+from edgekd.continual.plugins import build_plugins
 from edgekd.continual.scenarios import ContinualObjective, Task, build_tasks, output_range, union_data
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
@@ -53,19 +50,6 @@ def method_name(cfg) -> str:
     parts = [name for name, on in (("replay", cfg.replay), ("online_ewc" if cfg.ewc and cfg.ewc.online else "ewc",
                                                                 cfg.ewc), ("lwf", cfg.lwf)) if on]
     return "+".join(parts) or "finetune"
-
-
-def build_plugins(cfg, seed: int) -> list[ContinualPlugin]:
-    plugins: list[ContinualPlugin] = []
-    if cfg.bn_freeze:
-        plugins.append(BNFreezePlugin())
-    if cfg.ewc:
-        plugins.append(EWCPlugin(cfg.ewc.weight, cfg.ewc.online, cfg.ewc.gamma, cfg.ewc.fisher_samples, seed))
-    if cfg.lwf:
-        plugins.append(LwFPlugin(cfg.lwf.alpha, cfg.lwf.temperature))
-    if cfg.replay:
-        plugins.append(ReplayPlugin(cfg.replay.size, cfg.replay.selection, cfg.replay.batch_size, seed))
-    return plugins
 
 
 def starting_model(recipe, tasks: list[Task]) -> tuple[nn.Module, dict[str, Any], bool]:
@@ -116,7 +100,7 @@ def evaluate_task(model: nn.Module, tasks: list[Task], head: str, task: int, ste
 
 def plot_task_accuracy(acc: np.ndarray, names: list[str], path: Path, title: str) -> Path:
     """Accuracy of each task (one line from the step it is learned) over the task sequence, and the average."""
-    from edgekd.metrics.plots import _save, plt
+    from edgekd.metrics.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 4))
     steps = np.arange(len(names))
@@ -129,7 +113,7 @@ def plot_task_accuracy(acc: np.ndarray, names: list[str], path: Path, title: str
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _meta(recipe, tasks: list[Task], step: int, spec: dict[str, Any], head: str) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""Knowledge distillation: KD loss terms, feature taps and adapters, the teacher-student objective, k-fold driver."""
+"""Knowledge distillation: KD loss terms, feature adapters, the teacher-student objective, k-fold driver, KD report."""
 
-from edgekd.distill.features import FeatureAdapter, align_spatial, capture_features, tokens_to_map
+from edgekd.distill.features import FeatureAdapter, align_spatial
+from edgekd.distill.folds import run_kfold
 from edgekd.distill.losses import LOSS_TERMS, DistillLoss, KDBatch, build_distill_loss, kl_divergence
 from edgekd.distill.objective import (DistillObjective, TeacherInput, TeacherLogitCache, build_objective,
                                       load_teacher)
+from edgekd.distill.report import comparison_report
+from edgekd.distill.run import distill_recipe
 
 __all__ = ["LOSS_TERMS", "DistillLoss", "DistillObjective", "FeatureAdapter", "KDBatch", "TeacherInput",
-           "TeacherLogitCache", "align_spatial", "build_distill_loss", "build_objective", "capture_features",
-           "kl_divergence", "load_teacher", "tokens_to_map"]
+           "TeacherLogitCache", "align_spatial", "build_distill_loss", "build_objective", "comparison_report",
+           "distill_recipe", "kl_divergence", "load_teacher", "run_kfold"]

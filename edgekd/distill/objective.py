@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd.distill.features import FeatureAdapter, FeatureMaps, build_adapter, build_feature_maps, capture_features
+from edgekd.distill.features import FeatureAdapter, FeatureMaps, build_adapter, build_feature_maps
 from edgekd.distill.losses import DistillLoss, KDBatch, build_distill_loss
 from edgekd.errors import EdgeKDError
+from edgekd.models import capture_features
 from edgekd.train.checkpoint import model_from_checkpoint
 
 

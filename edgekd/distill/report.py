@@ -30,7 +30,8 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
     from edgekd.models import count_macs, count_parameters
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.checkpoint import model_from_checkpoint
-    from edgekd.train.trainer import predict_logits, resolve_device, softmax
+    from edgekd.probability import softmax
+    from edgekd.train.trainer import predict_logits, resolve_device
 
     model, ckpt = model_from_checkpoint(checkpoint)
     recipe = recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
@@ -89,10 +90,9 @@ def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str
 
 def plot_roc_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Binary: each model's ROC for the positive class; multi-class: each model's micro-averaged one-vs-rest ROC."""
-    import matplotlib.pyplot as plt
     from sklearn.metrics import RocCurveDisplay
 
-    from edgekd.metrics.plots import _save
+    from edgekd.metrics.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     for r in rows:
@@ -106,4 +106,4 @@ def plot_roc_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> P
             RocCurveDisplay.from_predictions(truth, score, name=f"{r['name']} ({r['role']})", ax=ax)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,7 +1,7 @@
 """Grad-CAM (Selvaraju et al. 2017) for edgekd checkpoints via the `grad-cam` package, and heat-map overlay PNGs.
 
 The target layer is a module path (default: the model's last feature stage from timm's `feature_info`); ViT
-tokens and NHWC maps are laid out as NCHW with the feature-KD taps' `to_map`, so any timm model works.
+tokens and NHWC maps are laid out as NCHW with the feature taps' `to_map` (edgekd.models.taps), so any timm model works.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def default_target_layer(model: nn.Module, input_shape: Sequence[int] | None = N
     if entries and input_shape is None:
         return str(entries[-1])
     if entries:
-        from edgekd.distill.features import capture_features, resolve_layout, to_map
+        from edgekd.models import capture_features, resolve_layout, to_map
 
         was_training = model.training
         model.eval()
@@ -58,7 +58,7 @@ def default_target_layer(model: nn.Module, input_shape: Sequence[int] | None = N
 
 def _reshape_for(model: nn.Module, layer: str, sample: torch.Tensor):
     """The grad-cam `reshape_transform` that turns the layer's output (tokens, NHWC) into NCHW, or None."""
-    from edgekd.distill.features import capture_features, resolve_layout, to_map
+    from edgekd.models import capture_features, resolve_layout, to_map
 
     was_training = model.training
     model.eval()

@@ -10,6 +10,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.export.artifact import ArtifactSession, ExportContext
 from edgekd.export.onnx import export_onnx_artifact, open_onnx
 from edgekd.export.openvino import export_openvino_artifact, open_openvino
+from edgekd.formats import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,6 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
     ExportFormat("onnx", ".onnx", ("fp32", "int8"), export_onnx_artifact, open_onnx),
     ExportFormat("openvino", ".xml", ("fp32", "fp16", "int8"), export_openvino_artifact, open_openvino, (".bin",)),
 )}
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def export_plan(formats: list[str], precisions: list[str]) -> list[tuple[ExportFormat, str]]:

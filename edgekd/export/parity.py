@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as F
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession
 from edgekd.export.profile import Tolerance
 from edgekd.metrics import classification_metrics
-from edgekd.train.trainer import softmax
+from edgekd.probability import softmax
 
 REPORTED_METRICS = ("acc", "auc", "balanced_acc", "sensitivity", "specificity", "f1")
 

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgekd.errors import EdgeKDError
-from edgekd.recipe import deep_merge
+from edgekd.recipe import deep_merge, format_validation_error
 
 Precision = Literal["fp32", "fp16", "int8"]
 TTA_VIEWS = ("original", "hflip", "vflip", "center_crop", "rot+15", "rot-15")
@@ -122,14 +122,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _format_error(err: ValidationError, where: str) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        return f"{where}: unknown key '{key}'"
-    return f"{where}: {key}: {first['msg']} (got {first.get('input')!r})"
-
-
 def profile_from_dict(raw: dict[str, Any] | None, where: str = "export profile") -> ExportProfile:
     """Validate a profile mapping over the defaults (a partial `tolerances.fp16` keeps the other fp16 limits)."""
     if raw is not None and not isinstance(raw, dict):
@@ -137,7 +129,7 @@ def profile_from_dict(raw: dict[str, Any] | None, where: str = "export profile")
     try:
         return ExportProfile.model_validate(deep_merge(DEFAULTS, raw or {}))
     except ValidationError as err:
-        raise EdgeKDError(_format_error(err, where)) from None
+        raise EdgeKDError(format_validation_error(err, where)) from None
 
 
 def load_profile(path: str | Path | None) -> ExportProfile:

@@ -1,5 +1,19 @@
-"""Metrics: clinical classification metrics (scikit-learn) and their plots."""
+"""Metrics: clinical classification metrics (scikit-learn) and their plots.
+
+The plotting names are imported lazily: `import edgekd.metrics` does not load matplotlib.
+"""
 
 from edgekd.metrics.classification import classification_metrics, confusion, partial_auc_above_tpr
+from edgekd.metrics.failures import confused_pairs, plot_failure_grid
+from edgekd.metrics.report import evaluation_report, write_csv_log
 
-__all__ = ["classification_metrics", "confusion", "partial_auc_above_tpr"]
+__all__ = ["classification_metrics", "confused_pairs", "confusion", "evaluation_report", "partial_auc_above_tpr",
+           "plot_confusion", "plot_curves", "plot_failure_grid", "plt", "save_figure", "write_csv_log"]
+
+
+def __getattr__(name: str):
+    if name in ("plot_confusion", "plot_curves", "plt", "save_figure"):
+        from edgekd.metrics import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module 'edgekd.metrics' has no attribute {name!r}")

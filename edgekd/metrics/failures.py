@@ -33,7 +33,7 @@ def confused_pairs(y_true: np.ndarray, probs: np.ndarray, top: int = 5) -> list[
 def plot_failure_grid(images: Sequence[np.ndarray], pairs: list[dict[str, Any]], class_names: list[str],
                       path: str | Path, per_pair: int = 6, title: str = "") -> Path:
     """One row per confused pair: its most confident mistakes with the wrong class's probability."""
-    from edgekd.metrics.plots import _save, plt
+    from edgekd.metrics.plots import plt, save_figure
 
     rows = max(1, len(pairs))
     cols = max(1, min(per_pair, max((p["count"] for p in pairs), default=1)))
@@ -51,4 +51,4 @@ def plot_failure_grid(images: Sequence[np.ndarray], pairs: list[dict[str, Any]],
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     fig.suptitle(title or "Most confused class pairs (most confident mistakes first)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (via a temporary file, so a reader never sees half a PNG) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
@@ -28,7 +29,7 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: str | Path, tit
     ConfusionMatrixDisplay(cm, display_labels=class_names).plot(ax=ax, colorbar=False, cmap="Blues",
                                                                xticks_rotation=45 if len(class_names) > 3 else 0)
     ax.set_title(title or "Confusion matrix")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:
@@ -40,7 +41,7 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path
             RocCurveDisplay.from_predictions(y_true == c, probs[:, c], name=class_names[c], ax=ax)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_title(title or "ROC")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
@@ -56,4 +57,4 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
             a2.plot(epochs, [h.get(key, np.nan) for h in history], label=key, marker=".")
     a2.set_xlabel("epoch"), a2.set_title("validation"), a2.legend()
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.fileio import atomic_write, write_json  # noqa: F401  (re-exported for callers)
+from edgekd.fileio import atomic_write
 from edgekd.metrics.classification import classification_metrics, confusion
 
 

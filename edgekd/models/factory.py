@@ -53,11 +53,6 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
     return model
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
-
-
 def classifier_name(model: nn.Module) -> str:
     """Attribute path of the final classifier ('fc', 'head.fc', 'classifier', ...), from timm's config."""
     name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")

@@ -1,1 +1,5 @@
 """Robustness under image corruptions: seeded uint8 corruptions (torch-free) and their evaluation."""
+
+from edgekd.robustness.evaluate import run_corruption_eval, run_failure_analysis
+
+__all__ = ["run_corruption_eval", "run_failure_analysis"]

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
+from edgekd.probability import softmax
 from edgekd.robustness.corruptions import check_names, check_severities, corrupt
 
 CLEAN = "clean"
@@ -44,7 +45,6 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
     from edgekd.data import build_transforms
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.checkpoint import model_from_checkpoint
-    from edgekd.train.trainer import softmax
 
     model, ckpt = model_from_checkpoint(path)
     recipe = recipe_from_dict(ckpt["recipe"], where=f"{path} (embedded recipe)")
@@ -188,7 +188,7 @@ def corruption_markdown(summary: list[dict[str, Any]], title: str = "Corruption 
 
 def plot_corruptions(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """One panel per corruption: accuracy vs severity (0 = clean) with a line per model/format."""
-    from edgekd.metrics.plots import _save, plt
+    from edgekd.metrics.plots import plt, save_figure
 
     names = list(dict.fromkeys(r["corruption"] for r in records if r["corruption"] != CLEAN))
     subjects = list(dict.fromkeys(_subject(r) for r in records))
@@ -215,7 +215,7 @@ def plot_corruptions(records: list[dict[str, Any]], path: str | Path, title: str
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(title or "Accuracy under corruptions")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_recipe=None, split: str = "test",

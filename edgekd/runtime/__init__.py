@@ -1,10 +1,14 @@
 """The torch-free edge runtime: open a verified bundle, preprocess like training, run OpenVINO/ONNX Runtime with TTA."""
 
-from edgekd.runtime.backends import softmax
+from edgekd.probability import softmax
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle, verify_manifest
+from edgekd.runtime.inputs import collect_inputs
+from edgekd.runtime.output import check_output_path, write_predictions
 from edgekd.runtime.preprocess import Preprocessor
 from edgekd.runtime.runner import Failure, Prediction, Runner
+from edgekd.runtime.timing import peak_rss_mb, time_call
 from edgekd.runtime.tta import TTAViews
 
-__all__ = ["Artifact", "Bundle", "Failure", "Prediction", "Preprocessor", "Runner", "TTAViews", "open_bundle",
-           "softmax", "verify_manifest"]
+__all__ = ["Artifact", "Bundle", "Failure", "Prediction", "Preprocessor", "Runner", "TTAViews", "check_output_path",
+           "collect_inputs", "open_bundle", "peak_rss_mb", "softmax", "time_call", "verify_manifest",
+           "write_predictions"]

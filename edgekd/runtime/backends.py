@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from edgekd.errors import EdgeKDError
+from edgekd.probability import softmax
 from edgekd.runtime.preprocess import Preprocessor
 from edgekd.runtime.tta import TTAViews
 
@@ -26,14 +27,6 @@ BACKENDS = ("openvino", "onnx")
 MAX_CACHED_REQUESTS = 4
 ModelData = tuple[bytes, "bytes | None"]
 """A model file's bytes and, for OpenVINO IR, its weights' bytes."""
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (stable: the row max is subtracted first)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class Slot:

@@ -20,12 +20,11 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError, quote, shorten, shown
 from edgekd.fileio import deferred_signals, ensure_free_space, sha256_file
+from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS
 
 SCHEMA = "edgekd-bundle/1"
 METADATA_FILE = "edgekd.json"
 MANIFEST_FILE = "manifest.sha256"
-FORMATS = ("onnx", "openvino")
-PRECISIONS = ("fp32", "fp16", "int8")
 TTA_VIEWS = ("original", "hflip", "vflip", "center_crop", "rot+15", "rot-15")
 MAX_ZIP_BYTES = 4 * 2**30
 """Zip-bomb guard: a bundle never needs more than this uncompressed (and never more than the free disk space)."""
@@ -469,7 +468,8 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
     for i, art in enumerate(arts):
         at = f"artifacts[{i}]"
         _require(isinstance(art, dict), where, f"{at} must be an object")
-        _require(art.get("format") in FORMATS, where, f"{at}.format must be one of {', '.join(FORMATS)}")
+        _require(art.get("format") in ARTIFACT_FORMATS, where,
+                 f"{at}.format must be one of {', '.join(ARTIFACT_FORMATS)}")
         _require(art.get("precision") in PRECISIONS, where, f"{at}.precision must be one of {', '.join(PRECISIONS)}")
         path = art.get("path")
         _require(isinstance(path, str) and path and not PurePosixPath(path).is_absolute()

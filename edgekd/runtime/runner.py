@@ -11,8 +11,9 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 import numpy as np
 
 from edgekd.errors import EdgeKDError
+from edgekd.formats import PRECISIONS
 from edgekd.runtime.backends import BACKENDS, Backend, create_backend
-from edgekd.runtime.bundle import PRECISIONS, Bundle, open_bundle
+from edgekd.runtime.bundle import Bundle, open_bundle
 from edgekd.runtime.preprocess import ImageInput, Preprocessor
 from edgekd.runtime.tta import TTAViews
 

@@ -14,14 +14,15 @@ from torch import nn
 from edgekd import __version__
 from edgekd.data import DataModule, build_data
 from edgekd.errors import EdgeKDError
-from edgekd.metrics.report import evaluation_report, write_csv_log, write_json
+from edgekd.metrics.report import evaluation_report, write_csv_log
 from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
-from edgekd.fileio import ensure_free_space, write_text
+from edgekd.fileio import ensure_free_space, write_json, write_text
+from edgekd.probability import softmax
 from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
 from edgekd.train.distributed import is_main_process
 from edgekd.train.losses import build_loss
 from edgekd.train.trainer import (FitResult, Objective, Plugin, SupervisedObjective, Trainer, predict_logits,
-                                  resolve_device, seed_everything, softmax)
+                                  resolve_device, seed_everything)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch import nn
 
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import classification_metrics
+from edgekd.probability import softmax
 from edgekd.train import distributed
 from edgekd.train.checkpoint import load_checkpoint, load_state, save_checkpoint
 from edgekd.train.optim import build_optimizer, build_scheduler
@@ -83,12 +84,6 @@ def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = F
         outs.append(logits.float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(ys), np.concatenate(outs)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module | None = None,

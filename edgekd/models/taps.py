@@ -1,0 +1,81 @@
+"""Feature taps: the outputs of modules by path (forward hooks), and their layouts (ViT tokens, NHWC, NCHW,
+vectors) laid out as NCHW maps. Feature KD and Grad-CAM read layers through these."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from edgekd.errors import EdgeKDError
+from edgekd.models.factory import get_submodule
+
+
+@contextmanager
+def capture_features(model: nn.Module, paths: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of the modules at `paths` during the forward passes inside the block.
+
+    Forward hooks work on any timm model (CNN stages, ViT blocks, Swin layers) without model-specific code;
+    they are removed on exit so the student carries no hooks into evaluation or export.
+    """
+    found: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(path: str):
+        def hook(_module, _inputs, output):
+            found[path] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    try:
+        for path in paths:
+            handles.append(get_submodule(model, path).register_forward_hook(hook_for(path)))
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def resolve_layout(model: nn.Module, feature: torch.Tensor, layout: str) -> str:
+    """'auto': 2-D -> vector, 3-D -> tokens, 4-D -> the model's timm `output_fmt` (NHWC for Swin, else NCHW)."""
+    if layout != "auto":
+        want = {"tokens": 3, "nchw": 4, "nhwc": 4}[layout]
+        if feature.dim() != want:
+            raise EdgeKDError(f"feature layout '{layout}' needs a {want}-D output, got shape {tuple(feature.shape)}")
+        return layout
+    if feature.dim() == 2:
+        return "vector"
+    if feature.dim() == 3:
+        return "tokens"
+    if feature.dim() == 4:
+        return "nhwc" if str(getattr(model, "output_fmt", "NCHW")).upper() == "NHWC" else "nchw"
+    raise EdgeKDError(f"cannot use a {feature.dim()}-D layer output (shape {tuple(feature.shape)}) for feature KD")
+
+
+def channels_of(feature: torch.Tensor, layout: str) -> int:
+    return feature.shape[1] if layout in ("nchw", "vector") else feature.shape[-1]
+
+
+def tokens_to_map(tokens: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    """(B, prefix + h*w, C) -> (B, C, h, w): drop class/register tokens, lay patch tokens on their square grid."""
+    patches = tokens[:, prefix_tokens:]
+    n = patches.shape[1]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise EdgeKDError(f"{n} patch tokens (after {prefix_tokens} prefix tokens) do not form a square grid")
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+def to_map(feature: torch.Tensor, layout: str, prefix_tokens: int = 0) -> torch.Tensor:
+    """Any tapped output -> an NCHW map."""
+    if layout == "nchw":
+        return feature
+    if layout == "nhwc":
+        return feature.permute(0, 3, 1, 2)
+    if layout == "tokens":
+        return tokens_to_map(feature, prefix_tokens)
+    if layout == "vector":
+        return feature[:, :, None, None]
+    raise ValueError(layout)

@@ -1,0 +1,38 @@
+"""Comma-separated command-line values (`--formats onnx,torch`, `--batch 1,8`, `--severities 1,3`): split,
+converted to integers, checked against the allowed names."""
+
+from __future__ import annotations
+
+from edgekd.errors import EdgeKDError
+
+
+def split_list(text: str | None) -> list[str] | None:
+    """'a, b,,c' -> ['a', 'b', 'c'] (blank items dropped); None or '' (the option not given) -> None."""
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def int_list(text: str | None, option: str) -> list[int] | None:
+    """'1, 3,5' -> [1, 3, 5]; None or '' -> None; anything not an integer is an error naming `option`."""
+    try:
+        return [int(t) for t in split_list(text)] if text else None
+    except ValueError:
+        raise EdgeKDError(f"{option}: expected comma-separated integers, got '{text}'") from None
+
+
+def parse_list(text: str | list[str] | None, allowed: tuple[str, ...], option: str) -> list[str]:
+    """At least one of `allowed`, in the order given, each once."""
+    items = text if isinstance(text, list) else split_list(text) or []
+    for item in items:
+        if item not in allowed:
+            raise EdgeKDError(f"{option}: unknown value '{item}' (choose from {', '.join(allowed)})")
+    if not items:
+        raise EdgeKDError(f"{option}: give at least one of {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_batches(text: str | list[int]) -> list[int]:
+    """`--batch`: batch sizes >= 1, sorted, each once."""
+    batches = text if isinstance(text, list) else int_list(str(text), "--batch") or []
+    if not batches or any(b < 1 for b in batches):
+        raise EdgeKDError(f"--batch: batch sizes must be >= 1, got '{text}'")
+    return sorted(set(batches))
