@@ -182,7 +182,7 @@ def goals(records: list[dict]) -> list[dict]:
 
 
 def plot(records: list[dict]) -> list[Path]:
-    from edgekd.metrics.plots import _save, plt
+    from edgekd.metrics.plots import plt, save_figure
 
     paths = []
     cross = cell_means(records)
@@ -203,7 +203,7 @@ def plot(records: list[dict]) -> list[Path]:
         n_seeds = max(len(r["seeds"]) for r in cross)
         fig.suptitle("Cross-domain PneumoniaMNIST -> Fashion-MNIST (multi-head; blue: BN frozen"
                      + (f"; mean of {n_seeds} seeds" if n_seeds > 1 else "") + ")")
-        paths.append(_save(fig, RESULTS / "continual_cross_domain.png"))
+        paths.append(save_figure(fig, RESULTS / "continual_cross_domain.png"))
     cil = [r for r in records if r["scenario"] == "class_incremental"]
     if cil:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -214,7 +214,7 @@ def plot(records: list[dict]) -> list[Path]:
         ax.set_xlabel("after task"), ax.set_ylabel("average accuracy over tasks seen")
         ax.set_ylim(0, 1.02), ax.grid(alpha=0.3), ax.legend()
         ax.set_title("Split Fashion-MNIST, class-incremental (5 x 2 classes)")
-        paths.append(_save(fig, RESULTS / "continual_class_incremental.png"))
+        paths.append(save_figure(fig, RESULTS / "continual_class_incremental.png"))
     return paths
 
 
