@@ -60,14 +60,20 @@ SETS = {
     },
     "pneumonia": {
         "dataset": "pneumoniamnist",
-        "teachers": {"teacher": "recipes/pneumonia/teacher-28.yaml"},
+        "teachers": {"teacher": "recipes/pneumonia/teacher-28.yaml",
+                     "teacher-resnet18": "recipes/pneumonia/teacher-resnet18-28.yaml"},
         "medmnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-50 (224)": (0.962, 0.884),
                      "AutoML Vision": (0.991, 0.946)},
         "bar": "ResNet-50 (224)",
         "rows": {
             "scratch": ("recipes/pneumonia/student-scratch-28.yaml", [], None, "CE only (no teacher)"),
             "kd": ("recipes/pneumonia/student-28.yaml", [], "scratch", "0.7 KL(T=4) + 0.3 CE"),
-            "fm": ("recipes/pneumonia/student-fm-28.yaml", [], "scratch", "function matching: shared-view MixUp, KL only"),
+            "dkd_ens": ("recipes/pneumonia/student-ensemble-28.yaml", [], "scratch",
+                        "DKD (binary: TCKD) + CE from the ensemble of the ResNet-50 and ResNet-18 teachers"),
+            "scratch_long": ("recipes/pneumonia/student-scratch-28.yaml", ["train.epochs=30", "train.early_stop.patience=null"],
+                             None, "CE only, 30 epochs"),
+            "fm": ("recipes/pneumonia/student-fm-28.yaml", [], "scratch_long",
+                   "function matching: shared-view MixUp, KL(T=1) only, 30 epochs"),
         },
     },
 }
@@ -164,7 +170,7 @@ def markdown(set_name: str, doc: dict) -> str:
     cfg, begin, end = SETS[set_name], *markers(set_name)
     lines = [begin, f"## Does distillation pay? {cfg['dataset']} (`benchmarks/kd_gain.py --set {set_name}`)", "",
              f"`{doc['command']}` on {doc['date'][:10]}, {doc['machine']}; official test split, mean ± std over seeds "
-             f"(one process at a time, torch threads per run in the table). KD gain: mean over the shared seeds of "
+             f"(one training at a time unless a note below says otherwise; torch threads per run in the table). KD gain: mean over the shared seeds of "
              f"(row − its from-scratch reference), in points; goal ≥ {GAIN_ACC_PTS} pt ACC with AUC no lower than "
              f"{AUC_SLACK_PTS} pt.", ""]
     paper = ", ".join(f"{k} {a:.3f} / {c:.3f}" for k, (a, c) in cfg["medmnist"].items())
@@ -190,7 +196,7 @@ def markdown(set_name: str, doc: dict) -> str:
         r = doc["repeat"]
         lines += ["", f"Reproducibility: `{r['row']}` seed {r['seed']} trained twice ({r['threads']} threads): test "
                   f"metrics {'identical' if r['identical'] else 'DIFFER'} ({r['first']} vs {r['second']})."]
-    lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in doc["commands"]), end]
+    lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in doc["commands"]), *[f"\nNote: {n}" for n in doc["notes"]], end]
     return "\n".join(lines)
 
 
@@ -216,6 +222,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json matches the recipe")
     ap.add_argument("--summarize", action="store_true", help="train nothing; summarize the finished runs")
+    ap.add_argument("--note", default="", help="a sentence on how quiet the machine was, kept in the results")
     ap.add_argument("--repeat", metavar="ROW", help="train seed 0 of ROW a second time and compare test metrics")
     args = ap.parse_args()
     os.chdir(REPO)
@@ -246,6 +253,7 @@ def main() -> None:
     old = json.loads(path.read_text()) if path.is_file() else {}
     doc = {"benchmark": "kd_gain", "set": args.set_name, "date": now(), "machine": machine(), "command": command,
            "commands": sorted({*old.get("commands", []), command}), "seeds": args.seeds,
+           "notes": sorted({*old.get("notes", []), *([args.note] if args.note else [])}),
            **summarize(args.set_name, records, teachers)}
     doc["repeat"] = repeat(args.set_name, args.repeat, args.seeds[0]) if args.repeat else old.get("repeat")
     write_json(path, doc)

@@ -458,6 +458,9 @@ def run() -> None:
         console.print(f"[bold red]error:[/] {type(err).__name__}{escape(detail)} (run with --debug for the traceback)",
                       soft_wrap=True)
         sys.exit(1)
+    if RECEIVED_SIGNALS:  # a kill whose exception a finalizer swallowed: still not a success
+        console.print("interrupted")
+        sys.exit(128 + RECEIVED_SIGNALS[0])
     # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
     if isinstance(code, int) and code:
         sys.exit(code)
@@ -485,12 +488,13 @@ def known_failure(err: BaseException) -> str | None:
 
 
 def install_process_guards() -> None:
-    """Make the process end cleanly whatever stops it: SIGTERM/SIGHUP raise SystemExit, so `finally` blocks and
-    exit handlers remove temp dirs and half-written files (SIGINT already raises KeyboardInterrupt); warnings of
+    """Make the process end cleanly whatever stops it: SIGTERM/SIGHUP raise SystemExit and SIGINT
+    KeyboardInterrupt, so `finally` blocks and exit handlers remove temp dirs and half-written files, and every
+    one is recorded so the exit status says the run was stopped; warnings of
     dependencies become one `warning:` line each (once); undecodable file names print as escapes."""
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler, None):
             try:
                 signal.signal(sig, _exit_on_signal)
             except ValueError:  # not the main thread (an embedding application): its signals are its own
@@ -503,7 +507,15 @@ def install_process_guards() -> None:
             pass
 
 
+RECEIVED_SIGNALS: list[int] = []
+"""Signals this process was sent: their exception can be lost (raised inside a finalizer or a `__del__`, Python
+prints and drops it), so `run` exits 128 + signum even when the command ran on to its end."""
+
+
 def _exit_on_signal(signum, _frame) -> None:
+    RECEIVED_SIGNALS.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 

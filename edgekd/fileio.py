@@ -107,3 +107,11 @@ def deferred_signals():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def remove_tree(path: str | Path) -> None:
+    """shutil.rmtree(path, ignore_errors=True) with SIGINT/SIGTERM/SIGHUP held back until it is done: a kill that
+    lands during the cleanup of a temp dir is delivered after it, instead of stopping the removal half-way."""
+    with deferred_signals():
+        shutil.rmtree(path, ignore_errors=True)
+

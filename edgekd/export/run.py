@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,7 +15,7 @@ from torchvision.transforms import v2
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import deferred_signals, ensure_free_space
+from edgekd.fileio import deferred_signals, ensure_free_space, remove_tree
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   staging_dir, write_bundle_files, write_zip)
@@ -245,7 +244,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     finally:
         for folder in (scratch, stage):
             if folder is not None and folder.exists():
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_tree(folder)
     zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else None
     log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
     return ExportResult(out, zip_path, metadata, parity)

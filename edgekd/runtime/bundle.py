@@ -8,7 +8,6 @@ import json
 import lzma
 import math
 import os
-import shutil
 import stat
 import tempfile
 import weakref
@@ -19,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgekd.errors import EdgeKDError, quote, shorten, shown
-from edgekd.fileio import deferred_signals, ensure_free_space, sha256_file
+from edgekd.fileio import deferred_signals, ensure_free_space, remove_tree, sha256_file
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS
 
 SCHEMA = "edgekd-bundle/1"
@@ -133,7 +132,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             root, zip_digests = extract_zip(source, tmp, verify=verify)
         except BaseException:
             if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp)
             raise
     else:
         raise EdgeKDError(f"{source}: not a bundle (expected a directory or a .zip file)")
@@ -160,10 +159,10 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             artifacts.append(art)
         bundle = Bundle(root=root, meta=meta, source=source, artifacts=artifacts)
         if tmp is not None:
-            weakref.finalize(bundle, shutil.rmtree, tmp, True)
+            weakref.finalize(bundle, remove_tree, tmp)
     except BaseException:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
         raise
     return bundle
 
