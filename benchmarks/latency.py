@@ -23,7 +23,7 @@ from pathlib import Path
 from common import REPO, RESULTS, machine, merge_records, now
 
 from edgekd.bench.report import records_markdown
-from edgekd.bench.run import VARIANTS, Timing, run_bench
+from edgekd.bench.run import VARIANTS, BenchConfig, Timing, run_bench
 from edgekd.fileio import atomic_write, write_json
 
 RUNS = REPO / "runs" / "bench" / "pneumonia"
@@ -186,17 +186,18 @@ def main() -> None:
     variants = {**VARIANTS, "torch": ("eager",)} if args.no_compile else VARIANTS
     log = lambda m: print(f"  {m}", flush=True)  # noqa: E731
 
-    main_run = run_bench(args.student, args.out, "torch,onnx,openvino", "fp32,int8", args.batches, args.threads,
-                         teacher=args.teacher, timing=timing, variants=variants, profile=True, role="student",
-                         command=command, log=log)
+    main_run = run_bench(BenchConfig(args.student, args.out, "torch,onnx,openvino", "fp32,int8", args.batches,
+                                     args.threads, teacher=args.teacher, timing=timing, variants=variants,
+                                     profile=True, role="student", command=command), log=log)
     records = main_run.records
     summary = main_run.summary
     tta_md = ""
     if not args.no_tta:
-        tta_run = run_bench(args.student, args.out / "tta", "openvino", "fp32,int8", "1,8", args.threads, tta=True,
-                            teacher=args.teacher, timing=timing, variants={"openvino": ("runner",)}, role="student",
-                            gemm_info=summary["gemm"], export_options={"bundle_root": args.out},
-                            command=command, log=log)
+        tta_run = run_bench(BenchConfig(args.student, args.out / "tta", "openvino", "fp32,int8", "1,8", args.threads,
+                                        tta=True, teacher=args.teacher, timing=timing,
+                                        variants={"openvino": ("runner",)}, role="student",
+                                        gemm_info=summary["gemm"], export_options={"bundle_root": args.out},
+                                        command=command), log=log)
         records = records + tta_run.records
         tta_md = records_markdown(tta_run.records)
     load_end = [round(v, 2) for v in os.getloadavg()]

@@ -364,7 +364,7 @@ def bench(
     """Latency (p50/p90/p99), throughput, size, peak RSS, MACs, accuracy/AUC and share of the GEMM peak per
     format x precision x batch, with PyTorch eager/compile and bare-runtime baselines; writes bench.json/.md/.png."""
     from edgekd.bench.report import records_table
-    from edgekd.bench.run import VARIANTS, Timing, command_line, run_bench
+    from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, run_bench
     from edgekd.recipe import load_recipe
 
     data_recipe = load_recipe(data, set_) if data is not None else None
@@ -374,10 +374,11 @@ def bench(
     out = out or source.parent / "bench"  # beside a bundle folder, never inside it
     with progress_bar() as progress:
         log = progress.console.print if progress.console.is_terminal else console.print
-        result = run_bench(source, out, formats, precision, batch, threads, tta, teacher, data_recipe, checkpoint,
-                           Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
-                           profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
-                           command=command_line(), log=log)
+        config = BenchConfig(source, out, formats, precision, batch, threads, tta, teacher, data_recipe, checkpoint,
+                             Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
+                             profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
+                             command=command_line())
+        result = run_bench(config, log=log)
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (
         f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s" if gemm.get("peak_gflops") else "")

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from edgekd.bench.hardware import gemm_peak_fraction, measure_gemm_peak
 from edgekd.bench.report import records_markdown
-from edgekd.bench.run import RECORD_KEYS, Row, Subject, make_records, plan_rows, run_bench, run_worker
+from edgekd.bench.run import (RECORD_KEYS, BenchConfig, Row, Subject, make_records, plan_rows, run_bench,
+                              run_worker)
 from edgekd.cli import app
 from edgekd.errors import EdgeKDError
 from edgekd.options import int_list, parse_batches, parse_list, split_list
@@ -142,8 +143,8 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     (bundle,) = out.glob("bundle-*")  # exported into the out dir
 
     # The bundle alone: no checkpoint -> torch rows are n/a with the reason; no data -> random images, no accuracy.
-    bundle_only = run_bench(bundle, tmp_path / "b2", formats="torch", precisions="fp32", batches="1",
-                            gemm=False, log=lambda *_: None)
+    bundle_only = run_bench(BenchConfig(bundle, tmp_path / "b2", formats="torch", precisions="fp32", batches="1",
+                                        gemm=False), log=lambda *_: None)
     assert bundle_only.records[0]["status"] == "n/a" and "--checkpoint" in bundle_only.records[0]["reason"]
     assert any("no accuracy" in n for n in bundle_only.summary["subjects"][0]["notes"])
 

@@ -10,7 +10,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -380,15 +380,9 @@ def make_records(row: Row, result: dict | str, batches: list[int], threads: int,
 
 # ------------------------------------------------------------------------------------------------ the run
 
-def run_bench(source: str | Path, out: str | Path, formats: list[str] | str = "torch,onnx,openvino",
-              precisions: list[str] | str = "fp32,int8", batches: list[int] | str = "1,8,32",
-              threads: int | None = None, tta: bool = False, teacher: str | Path | None = None,
-              data_recipe=None, checkpoint: str | Path | None = None, timing: Timing | None = None,
-              variants: dict[str, tuple[str, ...]] | None = None, eval_limit: int | None = None,
-              profile: bool = False, gemm: bool = True, worker_timeout: float = 1800.0,
-              export_options: dict | None = None, command: str | None = None, role: str | None = None,
-              gemm_info: dict | None = None, log: Callable[[str], None] = print) -> BenchResult:
-    """Benchmark a model (and optionally its teacher) in every (format, precision, variant) x batch, one run.
+@dataclass
+class BenchConfig:
+    """What `run_bench` measures: a model (and optionally its teacher) in every (format, precision, variant) x batch.
 
     `data_recipe`: a Recipe whose test split scores accuracy (default: each checkpoint's own recipe).
     `variants`: per format, which variants to run (default VARIANTS: eager+compile, bare+runner).
@@ -396,107 +390,163 @@ def run_bench(source: str | Path, out: str | Path, formats: list[str] | str = "t
     default `out`: an earlier export of the same checkpoint there is reused).
     `role`: the model's role in the records (default: its checkpoint's or bundle's). `gemm_info`: a GEMM peak
     measured earlier in the same session (skips measuring it again).
-    Writes out/bench.json, out/bench.md and out/bench.png; returns the records.
     """
-    from edgekd.bench.report import records_markdown, throughput_chart
-    from edgekd.recipe import recipe_from_dict
 
-    formats = parse_list(formats, FORMATS, "--formats")
-    precisions = parse_list(precisions, PRECISIONS, "--precision")
-    batches = parse_batches(batches)
-    threads = threads or os.cpu_count() or 1
+    source: str | Path
+    out: str | Path
+    formats: list[str] | str = "torch,onnx,openvino"
+    precisions: list[str] | str = "fp32,int8"
+    batches: list[int] | str = "1,8,32"
+    threads: int | None = None
+    tta: bool = False
+    teacher: str | Path | None = None
+    data_recipe: Any = None
+    checkpoint: str | Path | None = None
+    timing: Timing | None = None
+    variants: dict[str, tuple[str, ...]] | None = None
+    eval_limit: int | None = None
+    profile: bool = False
+    gemm: bool = True
+    worker_timeout: float = 1800.0
+    export_options: dict | None = None
+    command: str | None = None
+    role: str | None = None
+    gemm_info: dict | None = None
+
+
+def _resolved(config: BenchConfig) -> BenchConfig:
+    """The config with its lists parsed and checked and every default filled in."""
+    threads = config.threads or os.cpu_count() or 1
+    formats = parse_list(config.formats, FORMATS, "--formats")
+    precisions = parse_list(config.precisions, PRECISIONS, "--precision")
+    batches = parse_batches(config.batches)
     if threads < 1:
         raise EdgeKDError(f"--threads must be >= 1, got {threads}")
-    timing = timing or Timing()
-    variants = variants or VARIANTS
-    out = Path(out)
+    return replace(config, formats=formats, precisions=precisions, batches=batches, threads=threads,
+                   timing=config.timing or Timing(), variants=config.variants or VARIANTS, out=Path(config.out))
+
+
+def _prepare_out(cfg: BenchConfig) -> Path:
+    """Check the sources and the output folder before anything is created, then make out/work."""
+    out = cfg.out
     if out.exists() and not out.is_dir():
         raise EdgeKDError(f"--out {out}: exists and is not a directory")
-    sources = [Path(p) for p in (source, teacher, checkpoint) if p is not None]
+    sources = [Path(p) for p in (cfg.source, cfg.teacher, cfg.checkpoint) if p is not None]
     refuse_output_inside(out, sources)
     for path in sources:  # a missing file or a bad bundle is refused before anything is created
         check_source(path)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    load_start = [round(v, 2) for v in os.getloadavg()]
-    other_cpu = OtherCPU()
+    return work
 
-    subjects = [resolve_subject(Path(source), role, formats, precisions, out, threads,
-                                Path(checkpoint) if checkpoint else None, export_options, log)]
-    if teacher is not None:
-        subjects.append(resolve_subject(Path(teacher), "teacher", formats, precisions, out, threads, None,
-                                        export_options, log))
+
+def _subjects(cfg: BenchConfig, work: Path, log: Callable[[str], None]) -> list[Subject]:
+    """The model (and its teacher), each with the images it is scored on."""
+    from edgekd.recipe import recipe_from_dict
+
+    subjects = [resolve_subject(Path(cfg.source), cfg.role, cfg.formats, cfg.precisions, cfg.out, cfg.threads,
+                                Path(cfg.checkpoint) if cfg.checkpoint else None, cfg.export_options, log)]
+    if cfg.teacher is not None:
+        subjects.append(resolve_subject(Path(cfg.teacher), "teacher", cfg.formats, cfg.precisions, cfg.out,
+                                        cfg.threads, None, cfg.export_options, log))
         if subjects[0].role == "teacher":
             subjects[0].role = "student"  # two "teacher" subjects would be indistinguishable in the records
     for s in subjects:
-        recipe = data_recipe
+        recipe = cfg.data_recipe
         if recipe is None and s.checkpoint is not None:
             from edgekd.train.checkpoint import load_checkpoint
 
             embedded = load_checkpoint(s.checkpoint).get("recipe")
             recipe = recipe_from_dict(embedded, f"{s.checkpoint} (embedded recipe)") if embedded else None
         if recipe is not None:
-            attach_test_images(s, recipe, work, eval_limit, log)
+            attach_test_images(s, recipe, work, cfg.eval_limit, log)
         else:
-            attach_synthetic_images(s, work, max(batches))
+            attach_synthetic_images(s, work, max(cfg.batches))
+    return subjects
 
-    def measure_gemm(when: str) -> dict:
-        log(f"measuring the FP32 GEMM peak at {threads} thread(s) ({when} the rows)")
-        result = run_worker({"kind": "gemm", "variant": "gemm", "threads": threads,
-                             "min_seconds": min(1.0, max(0.05, timing.min_seconds / 2))}, work, worker_timeout)
-        return result.get("gemm") or {"error": result.get("error")}
 
-    measure = gemm and gemm_info is None
-    if measure:
-        gemm_info = measure_gemm("before")
+def _measure_gemm(cfg: BenchConfig, work: Path, when: str, log: Callable[[str], None]) -> dict:
+    log(f"measuring the FP32 GEMM peak at {cfg.threads} thread(s) ({when} the rows)")
+    result = run_worker({"kind": "gemm", "variant": "gemm", "threads": cfg.threads,
+                         "min_seconds": min(1.0, max(0.05, cfg.timing.min_seconds / 2))}, work, cfg.worker_timeout)
+    return result.get("gemm") or {"error": result.get("error")}
 
+
+def _higher_peak(before: dict, after: dict) -> dict:
+    """Measured again after the rows: on a loaded machine one measurement can land in a busy spell; the higher
+    of the two is the peak (both are kept)."""
+    if after.get("peak_gflops", 0) > (before.get("peak_gflops") or 0):
+        before, after = after, before
+    return {**before, "other_measurement": after}
+
+
+def _run_rows(subjects: list[Subject], cfg: BenchConfig, work: Path,
+              log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """Every row of every subject, each in a fresh worker process: the records and the OpenVINO profiles."""
     records, profiles = [], []
+    batches = cfg.batches
     for s in subjects:
-        for row in plan_rows(s, formats, precisions, variants):
-            job = row_job(row, batches, threads, tta, timing, work, evaluate=s.labels is not None,
-                          profile_batch=max(batches) if profile else None)
+        for row in plan_rows(s, cfg.formats, cfg.precisions, cfg.variants):
+            job = row_job(row, batches, cfg.threads, cfg.tta, cfg.timing, work, evaluate=s.labels is not None,
+                          profile_batch=max(batches) if cfg.profile else None)
             if isinstance(job, dict):
                 log(f"{row.label}: timing batch {', '.join(map(str, batches))}")
-                result = run_worker(job, work, worker_timeout)
+                result = run_worker(job, work, cfg.worker_timeout)
             else:
                 result = job
             if isinstance(result, dict) and result.get("profile"):
                 profiles.append({"model": s.name, "role": s.role, "format": row.format, "precision": row.precision,
                                  **result["profile"]})
-            new = make_records(row, result, batches, threads, tta, None)
+            new = make_records(row, result, batches, cfg.threads, cfg.tta, None)
             if new[0]["status"] != "ok":
                 log(f"{row.label}: n/a ({new[0]['reason']})")
             records += new
+    return records, profiles
 
+
+def _write_outputs(cfg: BenchConfig, subjects: list[Subject], records: list[dict],
+                   summary: dict) -> BenchResult:
+    """out/bench.json, out/bench.md and out/bench.png."""
+    from edgekd.bench.report import records_markdown, throughput_chart
+    from edgekd.fileio import atomic_write
+
+    out = cfg.out
+    markdown = records_markdown(records, summary)
+    write_json(out / "bench.json", summary)
+    atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(markdown))
+    throughput_chart(records, out / "bench.png", title=f"{', '.join(s.name for s in subjects)}: throughput "
+                                                       f"({cfg.threads} thread(s){', TTA' if cfg.tta else ''})")
+    return BenchResult(out=out, records=records, summary=summary, markdown=markdown)
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
+    """Benchmark a model (and optionally its teacher) in every (format, precision, variant) x batch, one run
+    (see BenchConfig). Writes out/bench.json, out/bench.md and out/bench.png; returns the records."""
+    cfg = _resolved(config)
+    work = _prepare_out(cfg)
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    other_cpu = OtherCPU()
+    subjects = _subjects(cfg, work, log)
+    measure = cfg.gemm and cfg.gemm_info is None
+    gemm_info = _measure_gemm(cfg, work, "before", log) if measure else cfg.gemm_info
+    records, profiles = _run_rows(subjects, cfg, work, log)
     if measure:
-        # Measured again after the rows: on a loaded machine one measurement can land in a busy spell; the higher
-        # of the two is the peak (both are kept).
-        after = measure_gemm("after")
-        if after.get("peak_gflops", 0) > (gemm_info.get("peak_gflops") or 0):
-            gemm_info, after = after, gemm_info
-        gemm_info = {**gemm_info, "other_measurement": after}
+        gemm_info = _higher_peak(gemm_info, _measure_gemm(cfg, work, "after", log))
     peak = (gemm_info or {}).get("peak_gflops")
     for rec in records:
         if rec["status"] == "ok":
             rec["gemm_peak_fraction"] = gemm_peak_fraction(rec["macs"], rec["throughput"], peak, rec["views"])
     summary = {
-        "schema": SCHEMA, "date": started, "command": command or "run_bench(...)",
+        "schema": SCHEMA, "date": started, "command": cfg.command or "run_bench(...)",
         "machine": {**cpu_info(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg_at_start": load_start, "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
                     "other_processes_cpu_cores": other_cpu.cores()},
-        "threads": threads, "batches": batches, "tta": tta, "timing": timing.as_kwargs(), "gemm": gemm_info,
-        "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
+        "threads": cfg.threads, "batches": cfg.batches, "tta": cfg.tta, "timing": cfg.timing.as_kwargs(),
+        "gemm": gemm_info, "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
     }
-    markdown = records_markdown(records, summary)
-    write_json(out / "bench.json", summary)
-    from edgekd.fileio import atomic_write
-
-    atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(markdown))
-    throughput_chart(records, out / "bench.png", title=f"{', '.join(s.name for s in subjects)}: throughput "
-                                                       f"({threads} thread(s){', TTA' if tta else ''})")
-    return BenchResult(out=out, records=records, summary=summary, markdown=markdown)
+    return _write_outputs(cfg, subjects, records, summary)
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -127,6 +127,63 @@ def _meta(recipe, tasks: list[Task], step: int, spec: dict[str, Any], head: str)
     }
 
 
+def _cpu_state(model: nn.Module) -> dict[str, Any]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _train_task(recipe, model: nn.Module, tasks: list[Task], i: int, step: TaskStep, plugins: list, criterion,
+                task_dir: Path, meta: dict[str, Any], resume: bool, progress, log: Callable[[str], None]) -> dict:
+    """Train the model on task i (resuming its last.pt if asked); save task.pt; the step's training record."""
+    cfg, task, n = recipe.continual, tasks[i], len(tasks)
+    data = union_data(tasks[: i + 1]) if cfg.joint else task.data
+    for p in plugins:
+        data = p.train_data(data, step)
+    log(f"task {i + 1}/{n} '{task.name}': {len(task.data.tables['train'])} train images"
+        + (f" (joint: {len(data.tables['train'])})" if cfg.joint else "")
+        + (f", {method_name(cfg)}" + (" + BN freeze" if cfg.bn_freeze else "")))
+    trainer = Trainer(recipe, model, data, ContinualObjective(criterion, tasks, i, cfg.head), task_dir,
+                      plugins=list(plugins), log=log, checkpoint_extra=lambda meta=meta: meta)
+    if resume and (task_dir / "last.pt").is_file():
+        trainer.resume(task_dir / "last.pt")
+    fit = trainer.fit(progress=progress)
+    write_csv_log(task_dir / "log.csv", fit.history)
+    # The sequence goes on from the last epoch's weights: old-task data is not there to pick a "best".
+    save_checkpoint(task_dir / "task.pt", {"state_dict": _cpu_state(model),
+                                          "metrics": {}, "recipe_digest": recipe.digest(), **meta})
+    return {"epochs": len(fit.history), "seconds": float(sum(h["epoch_seconds"] for h in fit.history)),
+            "step_seconds": fit.step_seconds}
+
+
+def _summary(recipe, tasks: list[Task], spec: dict[str, Any], model: nn.Module, acc: np.ndarray, f1: np.ndarray,
+             steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """continual.json."""
+    cfg = recipe.continual
+    return {
+        "name": recipe.name, "scenario": cfg.scenario, "head": cfg.head, "method": method_name(cfg),
+        "bn_freeze": cfg.bn_freeze, "checkpoint": cfg.checkpoint, "eval_split": cfg.eval_split,
+        "tasks": [t.name for t in tasks],
+        "task_classes": [t.class_names for t in tasks], "model": spec["name"], "params": count_parameters(model),
+        "acc_matrix": acc, "f1_matrix": f1, "avg_acc": average_accuracy(acc), "forgetting": forgetting(acc),
+        "forgetting_per_task": forgetting_per_task(acc), "bwt": backward_transfer(acc),
+        "retention_first_task": retention(acc, 0), "final": steps[-1]["eval"], "steps": steps,
+        "seed": recipe.seed,
+    }
+
+
+def _write_plots(recipe, out: Path, acc: np.ndarray, names: list[str], final: list[dict[str, Any]]) -> None:
+    """The task-accuracy chart and the confusion matrices after the last task (per task, or all classes)."""
+    cfg, head = recipe.continual, recipe.continual.head
+    plot_task_accuracy(acc, names, out / "task_accuracy.png", f"{recipe.name} ({method_name(cfg)}, {head} head)")
+    from edgekd.metrics.plots import plot_confusion
+    for j, r in enumerate(final):
+        if head == "multi":
+            plot_confusion(np.asarray(r["confusion_matrix"]), r["rows"], out / f"confusion_task{j + 1}.png",
+                           f"{names[j]} after {names[-1]}")
+    if head == "single":
+        cm = np.concatenate([np.asarray(r["confusion_matrix"]) for r in final])
+        plot_confusion(cm, final[-1]["columns"], out / "confusion_all_tasks.png", f"all classes after {names[-1]}")
+
+
 def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                   progress=None) -> ContinualResult:
     """Learn recipe.continual.tasks in order; after each, evaluate all learned tasks (accuracy matrix)."""
@@ -154,7 +211,6 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         step = TaskStep(model, tasks, i, head, device)
         for p in plugins:
             p.before_task(step)
-        meta = _meta(recipe, tasks, i, spec, head)
         record: dict[str, Any] = {"step": i + 1, "task": task.name}
         if i == 0 and first_learned:
             log(f"task 1/{n} '{task.name}': learned by {cfg.checkpoint}")
@@ -162,24 +218,8 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
             load_state(model, load_checkpoint(task_dir / "task.pt")["state_dict"], str(task_dir / "task.pt"))
             log(f"task {i + 1}/{n} '{task.name}': done before, loaded {task_dir / 'task.pt'}")
         else:
-            data = union_data(tasks[: i + 1]) if cfg.joint else task.data
-            for p in plugins:
-                data = p.train_data(data, step)
-            log(f"task {i + 1}/{n} '{task.name}': {len(task.data.tables['train'])} train images"
-                + (f" (joint: {len(data.tables['train'])})" if cfg.joint else "")
-                + (f", {method_name(cfg)}" + (" + BN freeze" if cfg.bn_freeze else "")))
-            trainer = Trainer(recipe, model, data, ContinualObjective(criterion, tasks, i, head), task_dir,
-                              plugins=list(plugins), log=log, checkpoint_extra=lambda meta=meta: meta)
-            if resume and (task_dir / "last.pt").is_file():
-                trainer.resume(task_dir / "last.pt")
-            fit = trainer.fit(progress=progress)
-            write_csv_log(task_dir / "log.csv", fit.history)
-            record["epochs"] = len(fit.history)
-            record["seconds"] = float(sum(h["epoch_seconds"] for h in fit.history))
-            record["step_seconds"] = fit.step_seconds
-            # The sequence goes on from the last epoch's weights: old-task data is not there to pick a "best".
-            save_checkpoint(task_dir / "task.pt", {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                                  "metrics": {}, "recipe_digest": recipe.digest(), **meta})
+            record.update(_train_task(recipe, model, tasks, i, step, plugins, criterion, task_dir,
+                                      _meta(recipe, tasks, i, spec, head), resume, progress, log))
         for p in plugins:
             p.after_task(step)
         record["eval"] = [evaluate_task(model, tasks, head, j, i, cfg.eval_split, device) for j in range(i + 1)]
@@ -188,26 +228,9 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         log(f"after task {i + 1} '{task.name}': " + ", ".join(f"{r['task']} acc={r['acc']:.4f}" for r in record["eval"]))
         steps.append(record)
     best_path = save_checkpoint(out / "model.pt", {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "metrics": {"acc_matrix": acc.tolist()}, "recipe_digest": recipe.digest(), **_meta(recipe, tasks, n - 1, spec, head)})
-    names = [t.name for t in tasks]
-    summary = {
-        "name": recipe.name, "scenario": cfg.scenario, "head": head, "method": method_name(cfg),
-        "bn_freeze": cfg.bn_freeze, "checkpoint": cfg.checkpoint, "eval_split": cfg.eval_split, "tasks": names,
-        "task_classes": [t.class_names for t in tasks], "model": spec["name"], "params": count_parameters(model),
-        "acc_matrix": acc, "f1_matrix": f1, "avg_acc": average_accuracy(acc), "forgetting": forgetting(acc),
-        "forgetting_per_task": forgetting_per_task(acc), "bwt": backward_transfer(acc),
-        "retention_first_task": retention(acc, 0), "final": steps[-1]["eval"], "steps": steps,
-        "seed": recipe.seed,
-    }
+        "state_dict": _cpu_state(model), "metrics": {"acc_matrix": acc.tolist()}, "recipe_digest": recipe.digest(),
+        **_meta(recipe, tasks, n - 1, spec, head)})
+    summary = _summary(recipe, tasks, spec, model, acc, f1, steps)
     write_json(out / "continual.json", summary)
-    plot_task_accuracy(acc, names, out / "task_accuracy.png", f"{recipe.name} ({method_name(cfg)}, {head} head)")
-    from edgekd.metrics.plots import plot_confusion
-    for j, r in enumerate(steps[-1]["eval"]):
-        if head == "multi":
-            plot_confusion(np.asarray(r["confusion_matrix"]), r["rows"], out / f"confusion_task{j + 1}.png",
-                           f"{names[j]} after {names[-1]}")
-    if head == "single":
-        cm = np.concatenate([np.asarray(r["confusion_matrix"]) for r in steps[-1]["eval"]])
-        plot_confusion(cm, steps[-1]["eval"][-1]["columns"], out / "confusion_all_tasks.png", f"all classes after {names[-1]}")
-    return ContinualResult(out, best_path, summary["params"], names, acc.tolist(), summary)
+    _write_plots(recipe, out, acc, summary["tasks"], steps[-1]["eval"])
+    return ContinualResult(out, best_path, summary["params"], summary["tasks"], acc.tolist(), summary)

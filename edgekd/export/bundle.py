@@ -94,6 +94,45 @@ def _gate_images(parity: dict[str, Any]) -> str:
     return text
 
 
+def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
+    """The card's parity table (every artifact, shipped or not) and the ones left out."""
+    counts = ", ".join(f"{s}: {n} images" for s, n in parity["reference"]["split_images"].items())
+    lines = ["", f"({counts}.)", "", "## Parity with PyTorch", "",
+             f"{parity['images']} validation images x {len(tta['views'])} TTA views = {parity['inputs']} inputs, "
+             f"run at batch 1 and batch {parity['batch_size']}; values pass when |artifact - PyTorch| <= "
+             "max_abs + rtol·|PyTorch| on every logit. The ACC/AUC drops are gated on every image of the "
+             f"`{parity['metric_split']}` split ({_gate_images(parity)}).", "",
+             "| format | precision | max abs diff | mean abs diff | top-1 agreement | ACC drop | AUC drop | tolerance | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rec in parity["artifacts"]:
+        drop = rec.get("metric_drop", {}).get(parity["metric_split"], {})
+        tol = ", ".join(f"{k} {v:g}" for k, v in rec["tolerance"].items() if v is not None) or "-"
+        lines.append(f"| {rec['format']} | {rec['precision']} | {_num(rec.get('max_abs_diff'), '.2e')} | "
+                     f"{_num(rec.get('mean_abs_diff'), '.2e')} | {_pct(rec.get('top1_agreement'))} | "
+                     f"{_num(drop.get('acc'))} | {_num(drop.get('auc'))} | {tol} | "
+                     f"{'pass' if rec['passed'] else 'FAIL (not shipped)'} |")
+    if parity.get("dropped"):
+        lines += ["", "## Not shipped", "", "These artifacts were built and failed the gate; the export profile "
+                  "(`parity.on_fail: drop`) left them out of this bundle:", ""]
+        lines += [f"- {d['format']} {d['precision']}: {'; '.join(d['failures'])}" for d in parity["dropped"]]
+    return lines
+
+
+def _explanation_section(explanations: list[dict[str, Any]] | None) -> list[str]:
+    """The card's Grad-CAM table, when there are overlays."""
+    if not explanations:
+        return []
+    lines = ["", "## Where the model looks (Grad-CAM)", "",
+             f"Grad-CAM of the predicted class at layer `{explanations[0]['layer']}` of the PyTorch checkpoint, "
+             f"on {len(explanations)} test images (a fixed pick, classes in turn). Red = regions that raised "
+             "the predicted class's score; check they lie on anatomy, not on labels, borders or devices.", "",
+             "| image | label | predicted (p) | Grad-CAM |", "|---|---|---|---|"]
+    for e in explanations:
+        lines.append(f"| {e['image']} | {e.get('label') or '-'} | {e['predicted']} ({e['prob']:.3f}) | "
+                     f"![{e['image']}]({e['overlay']}) |")
+    return lines
+
+
 def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
                     explanations: list[dict[str, Any]] | None = None) -> str:
     """The markdown card shipped with a bundle: what the model is, how well each artifact does, where it looks
@@ -128,34 +167,7 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
     for rec in (r for r in parity["artifacts"] if r["passed"]):
         lines.append(row(rec["format"], rec["precision"], _num(sizes.get((rec["format"], rec["precision"])), ".3f"),
                          rec.get("metrics", {})))
-    counts = ", ".join(f"{s}: {n} images" for s, n in parity["reference"]["split_images"].items())
-    lines += ["", f"({counts}.)", "", "## Parity with PyTorch", "",
-              f"{parity['images']} validation images x {len(tta['views'])} TTA views = {parity['inputs']} inputs, "
-              f"run at batch 1 and batch {parity['batch_size']}; values pass when |artifact - PyTorch| <= "
-              "max_abs + rtol·|PyTorch| on every logit. The ACC/AUC drops are gated on every image of the "
-              f"`{parity['metric_split']}` split ({_gate_images(parity)}).", "",
-              "| format | precision | max abs diff | mean abs diff | top-1 agreement | ACC drop | AUC drop | tolerance | result |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for rec in parity["artifacts"]:
-        drop = rec.get("metric_drop", {}).get(parity["metric_split"], {})
-        tol = ", ".join(f"{k} {v:g}" for k, v in rec["tolerance"].items() if v is not None) or "-"
-        lines.append(f"| {rec['format']} | {rec['precision']} | {_num(rec.get('max_abs_diff'), '.2e')} | "
-                     f"{_num(rec.get('mean_abs_diff'), '.2e')} | {_pct(rec.get('top1_agreement'))} | "
-                     f"{_num(drop.get('acc'))} | {_num(drop.get('auc'))} | {tol} | "
-                     f"{'pass' if rec['passed'] else 'FAIL (not shipped)'} |")
-    if parity.get("dropped"):
-        lines += ["", "## Not shipped", "", "These artifacts were built and failed the gate; the export profile "
-                  "(`parity.on_fail: drop`) left them out of this bundle:", ""]
-        lines += [f"- {d['format']} {d['precision']}: {'; '.join(d['failures'])}" for d in parity["dropped"]]
-    if explanations:
-        lines += ["", "## Where the model looks (Grad-CAM)", "",
-                  f"Grad-CAM of the predicted class at layer `{explanations[0]['layer']}` of the PyTorch checkpoint, "
-                  f"on {len(explanations)} test images (a fixed pick, classes in turn). Red = regions that raised "
-                  "the predicted class's score; check they lie on anatomy, not on labels, borders or devices.", "",
-                  "| image | label | predicted (p) | Grad-CAM |", "|---|---|---|---|"]
-        for e in explanations:
-            lines.append(f"| {e['image']} | {e.get('label') or '-'} | {e['predicted']} ({e['prob']:.3f}) | "
-                         f"![{e['image']}]({e['overlay']}) |")
+    lines += _parity_section(parity, tta) + _explanation_section(explanations)
     first = metadata["artifacts"][0]
     lines += ["", "## Run", "", "```", f"edgekd predict <this bundle> IMAGE... --backend {first['format']} "
               f"--precision {first['precision']} [--tta]", "```", "",

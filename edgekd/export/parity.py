@@ -105,6 +105,23 @@ def check_signature(session: ArtifactSession, input_shape: tuple[int, ...], num_
     return problems
 
 
+def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str, Any], batch_size: int,
+                  record: dict[str, Any]) -> None:
+    """The artifact's metrics on each metric split, its logit parity there and the metric drops, into `record`."""
+    for split, (x, y) in data.splits.items():
+        art_logits = run_batched(session, x, batch_size)
+        metrics = split_metrics(y, art_logits)
+        ref_metrics = reference["splits"][split]["metrics"]
+        record["metrics"][split] = metrics
+        split_diff = np.abs(art_logits.astype(np.float64) - reference["splits"][split]["logits"].astype(np.float64))
+        record.setdefault("split_parity", {})[split] = {
+            "max_abs_diff": float(split_diff.max()), "mean_abs_diff": float(split_diff.mean()),
+            "top1_agreement": float((art_logits.argmax(1) == reference["splits"][split]["logits"].argmax(1)).mean())}
+        record["metric_drop"][split] = {k: _drop(ref_metrics.get(k), metrics.get(k)) for k in ("acc", "auc")}
+        record.setdefault("split_images", {})[split] = len(y)
+        record.setdefault("acc_resolution", {})[split] = 1.0 / len(y)
+
+
 def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[str, Any], tolerance: Tolerance,
                    input_shape: tuple[int, ...], num_classes: int, batch_size: int, metric_split: str) -> tuple[dict[str, Any], list[str]]:
     """Compare one artifact with the PyTorch reference: (report record, list of failure messages)."""
@@ -134,18 +151,7 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
                      for v in dict.fromkeys(data.views)},
         "metrics": {}, "metric_drop": {},
     })
-    for split, (x, y) in data.splits.items():
-        art_logits = run_batched(session, x, batch_size)
-        metrics = split_metrics(y, art_logits)
-        ref_metrics = reference["splits"][split]["metrics"]
-        record["metrics"][split] = metrics
-        split_diff = np.abs(art_logits.astype(np.float64) - reference["splits"][split]["logits"].astype(np.float64))
-        record.setdefault("split_parity", {})[split] = {
-            "max_abs_diff": float(split_diff.max()), "mean_abs_diff": float(split_diff.mean()),
-            "top1_agreement": float((art_logits.argmax(1) == reference["splits"][split]["logits"].argmax(1)).mean())}
-        record["metric_drop"][split] = {k: _drop(ref_metrics.get(k), metrics.get(k)) for k in ("acc", "auc")}
-        record.setdefault("split_images", {})[split] = len(y)
-        record.setdefault("acc_resolution", {})[split] = 1.0 / len(y)
+    _score_splits(session, data, reference, batch_size, record)
     if tolerance.max_abs is not None:
         excess = diff - (tolerance.max_abs + tolerance.rtol * np.abs(ref.astype(np.float64)))
         record["allclose_violations"] = int((excess > 0).sum())

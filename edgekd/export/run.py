@@ -116,33 +116,30 @@ def shipped_artifacts(artifacts: list[dict[str, Any]], records: list[dict[str, A
     return [a for a in artifacts if (a["format"], a["precision"]) not in failed]
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
-                      precisions: list[str] | None = None, profile: ExportProfile | None = None,
-                      zip_bundle: bool = False, data_overrides: list[str] | None = None,
-                      log: Callable[[str], None] = print) -> ExportResult:
-    """Export a checkpoint to every (format, precision), gate each artifact on parity with PyTorch, and publish
-    a bundle at `out` only if all pass (else raise ParityGateError listing every failure; `out` is untouched)."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    profile = profile or load_profile(None)
-    plan = export_plan(formats or profile.formats, precisions or profile.precisions)
-    check_target(out)
-    model, ckpt = model_from_checkpoint(checkpoint)
+def _check_space(model, n_artifacts: int, out: Path, zip_bundle: bool) -> Path:
+    """Refuse early when the bundle or the scratch files cannot fit; the scratch root."""
     # Each artifact holds at most the FP32 weights (+ graph); the zip is one more copy of the bundle.
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    needed = len(plan) * weight_bytes * 5 // 4 + 32 * 2**20
+    needed = n_artifacts * weight_bytes * 5 // 4 + 32 * 2**20
     ensure_free_space(out.parent, needed * (2 if zip_bundle else 1), "the bundle")
     scratch_root = Path(tempfile.gettempdir())
     ensure_free_space(scratch_root, 2 * weight_bytes + 32 * 2**20, "export scratch files")
+    return scratch_root
+
+
+def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: list[str], input_size: int | None):
+    """The checkpoint's data (its embedded recipe with the overrides), checked against the model's classes."""
     if ckpt.get("recipe") is None:
         raise EdgeKDError(f"{checkpoint}: checkpoint has no embedded recipe (needed for its data)")
-    recipe = _export_recipe(ckpt, checkpoint, data_overrides or [], profile.input_size)
-    data = build_data(recipe)
+    data = build_data(_export_recipe(ckpt, checkpoint, data_overrides, input_size))
     num_classes = ckpt["arch"]["num_classes"]
     if data.num_classes != num_classes:
         raise EdgeKDError(f"{checkpoint}: model has {num_classes} classes, its data has {data.num_classes}")
-    preprocess = data.preprocess
-    input_shape = tuple(preprocess["input_size"])
+    return data
 
+
+def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) -> tuple[ParitySet, int, int]:
+    """The parity set, how many val images it holds, and the image channels the runner warms up for."""
     # The eval pipeline split at normalization: TTA views act on the uint8 image at model input size.
     pipeline = build_transforms(data.cfg, [], train=False)
     if not isinstance(pipeline.transforms[-1], v2.Normalize):
@@ -154,16 +151,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     raw = torch.stack([geometry(torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1))
                        for a in raw_images])
     # What the runner warms up for: gray images for a 3-channel model run through their own compiled graph.
-    image_channels = 1 if raw_images and all(a.shape[-1] == 1 for a in raw_images) else preprocess["channels"]
+    gray = raw_images and all(a.shape[-1] == 1 for a in raw_images)
+    image_channels = 1 if gray else data.preprocess["channels"]
     inputs, views = parity_inputs(raw, list(profile.tta.views), profile.tta.center_crop_fraction, normalize)
     splits = {s: _stack(data.dataset(s, train=False), _sample(len(data.tables[s]), profile.parity.metric_images, salt=2))
               for s in ("val", "test")}
-    parity_set = ParitySet(inputs, views, splits)
     log(f"parity set: {len(picked)} val images x {len(profile.tta.views)} views; metrics on "
         + ", ".join(f"{s} ({len(y)})" for s, (_, y) in splits.items()))
-    reference = reference_report(model, parity_set)
+    return ParitySet(inputs, views, splits), len(picked), image_channels
 
-    metadata: dict[str, Any] = {
+
+def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, preprocess: dict[str, Any],
+                     profile: ExportProfile, reference: dict[str, Any], image_channels: int) -> dict[str, Any]:
+    """metadata.json without its artifact list."""
+    return {
         "schema": SCHEMA, "edgekd_version": __version__,
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "model": {"name": ckpt["arch"]["name"], "role": ckpt.get("role"), "params": count_parameters(model),
@@ -180,64 +181,121 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         "export_profile": profile.name,
     }
 
+
+def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfile, scratch: Path,
+                    parity_set: ParitySet, log: Callable[[str], None]) -> ExportContext:
+    """What the exporters get; calibration images are drawn (once) only when an INT8 path asks."""
+
     def calibration() -> np.ndarray:
         if "calibration" not in ctx.cache:
             train = data.dataset("train", train=False)
             ctx.cache["calibration"] = _stack(train, _sample(len(train), profile.quantization.calib_images, salt=3))[0]
         return ctx.cache["calibration"]
 
+    ctx = ExportContext(model=model, input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
+                        profile=profile, scratch=scratch, calibration=calibration,
+                        validation=lambda: parity_set.splits["val"], log=log)
+    return ctx
+
+
+@dataclass
+class _Outcome:
+    """Every (format, precision) so far: the artifacts built, their parity records, and every failure line."""
+
+    artifacts: list[dict[str, Any]]
+    records: list[dict[str, Any]]
+    failures: list[str]
+
+
+def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set: ParitySet,
+                reference: dict[str, Any], num_classes: int, outcome: _Outcome) -> None:
+    """One (format, precision): export, open, parity-check, size; its record and failures go into `outcome`
+    (an export or open error is a failed record, not an aborted export)."""
+    profile, log = ctx.profile, ctx.log
+    label, rel = f"{fmt.name}/{precision}", fmt.relpath(precision)
+    path = stage / rel
+    tolerance = getattr(profile.parity.tolerances, precision)
+    log(f"{label}: exporting {rel}")
+    try:
+        info = fmt.export(ctx, precision, path)
+        session = fmt.open(path, precision, profile.threads)
+    except EdgeKDError as err:
+        outcome.failures.append(f"{label}: {err}")
+        outcome.records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
+                                "failures": [str(err)], "tolerance": tolerance.model_dump()})
+        return
+    record, problems = check_artifact(session, parity_set, reference, tolerance, ctx.input_shape, num_classes,
+                                      profile.parity.batch_size, profile.parity.metric_split)
+    size_mb = sum(p.stat().st_size for p in fmt.files(path)) / 2**20
+    record = {"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4), **record,
+              "tolerance": tolerance.model_dump(), "passed": not problems, "failures": problems}
+    outcome.records.append(record)
+    outcome.failures += [f"{label}: {p}" for p in problems]
+    outcome.artifacts.append({"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4),
+                              **info})
+    log(f"{label}: max abs diff {record.get('max_abs_diff', float('nan')):.3g}, top-1 agreement "
+        f"{record.get('top1_agreement', float('nan')):.2%}{'' if not problems else ' -> FAIL'}")
+
+
+def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, parity_set: ParitySet,
+                   reference: dict[str, Any], outcome: _Outcome) -> dict[str, Any]:
+    """parity.json."""
+    return {
+        "checkpoint": str(checkpoint), "images": n_images, "views": list(profile.tta.views),
+        "inputs": len(parity_set.inputs), "batch_size": profile.parity.batch_size,
+        "metric_split": profile.parity.metric_split,
+        "reference": {"framework": f"torch {torch.__version__}",
+                      "metrics": {s: r["metrics"] for s, r in reference["splits"].items()},
+                      "split_images": {s: len(y) for s, (_, y) in parity_set.splits.items()}},
+        "artifacts": outcome.records, "passed": not outcome.failures, "failures": outcome.failures,
+    }
+
+
+def _gate(outcome: _Outcome, parity: dict[str, Any], stage: Path, on_fail: str, checkpoint: Path, out: Path,
+          log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The artifacts to ship, or ParityGateError when none may; under on_fail=drop `parity` lists the dropped."""
+    failures, records = outcome.failures, outcome.records
+    artifacts = shipped_artifacts(outcome.artifacts, records, stage, on_fail)
+    if failures and not artifacts:
+        raise ParityGateError(f"export of {checkpoint} failed ({len(failures)} problem"
+                              f"{'s' if len(failures) > 1 else ''}); nothing was written to {out}:\n  "
+                              + "\n  ".join(failures), parity)
+    if failures:
+        parity["dropped"] = [{"format": r["format"], "precision": r["precision"], "failures": r["failures"]}
+                             for r in records if not r["passed"]]
+        log(f"parity.on_fail=drop: {len(parity['dropped'])} artifact(s) left out of the bundle:\n  "
+            + "\n  ".join(failures))
+    return artifacts
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
+                      precisions: list[str] | None = None, profile: ExportProfile | None = None,
+                      zip_bundle: bool = False, data_overrides: list[str] | None = None,
+                      log: Callable[[str], None] = print) -> ExportResult:
+    """Export a checkpoint to every (format, precision), gate each artifact on parity with PyTorch, and publish
+    a bundle at `out` only if all pass (else raise ParityGateError listing every failure; `out` is untouched)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    profile = profile or load_profile(None)
+    plan = export_plan(formats or profile.formats, precisions or profile.precisions)
+    check_target(out)
+    model, ckpt = model_from_checkpoint(checkpoint)
+    scratch_root = _check_space(model, len(plan), out, zip_bundle)
+    data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size)
+    parity_set, n_images, image_channels = _build_parity_set(data, profile, log)
+    reference = reference_report(model, parity_set)
+    metadata = _bundle_metadata(model, ckpt, checkpoint, data.preprocess, profile, reference, image_channels)
+
     stage = scratch = None
-    artifacts, records, failures = [], [], []
+    outcome = _Outcome([], [], [])
     try:
         with deferred_signals():  # a kill now is delivered after both names are set: the finally removes them
             stage = staging_dir(out)
             scratch = Path(tempfile.mkdtemp(prefix="edgekd-export-", dir=scratch_root))
-        ctx = ExportContext(model=model, input_shape=input_shape, metadata=metadata, profile=profile,
-                            scratch=scratch, calibration=calibration, validation=lambda: splits["val"], log=log)
+        ctx = _export_context(model, data, metadata, profile, scratch, parity_set, log)
         for fmt, precision in plan:
-            label = f"{fmt.name}/{precision}"
-            rel = fmt.relpath(precision)
-            path = stage / rel
-            log(f"{label}: exporting {rel}")
-            try:
-                info = fmt.export(ctx, precision, path)
-                session = fmt.open(path, precision, profile.threads)
-            except EdgeKDError as err:
-                failures.append(f"{label}: {err}")
-                records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
-                                "failures": [str(err)], "tolerance": getattr(profile.parity.tolerances,
-                                                                            precision).model_dump()})
-                continue
-            tolerance = getattr(profile.parity.tolerances, precision)
-            record, problems = check_artifact(session, parity_set, reference, tolerance, input_shape, num_classes,
-                                              profile.parity.batch_size, profile.parity.metric_split)
-            size_mb = sum(p.stat().st_size for p in fmt.files(path)) / 2**20
-            record = {"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4), **record,
-                      "tolerance": tolerance.model_dump(), "passed": not problems, "failures": problems}
-            records.append(record)
-            failures += [f"{label}: {p}" for p in problems]
-            artifacts.append({"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4),
-                              **info})
-            log(f"{label}: max abs diff {record.get('max_abs_diff', float('nan')):.3g}, top-1 agreement "
-                f"{record.get('top1_agreement', float('nan')):.2%}{'' if not problems else ' -> FAIL'}")
-        parity = {
-            "checkpoint": str(checkpoint), "images": len(picked), "views": list(profile.tta.views),
-            "inputs": len(inputs), "batch_size": profile.parity.batch_size, "metric_split": profile.parity.metric_split,
-            "reference": {"framework": f"torch {torch.__version__}",
-                          "metrics": {s: r["metrics"] for s, r in reference["splits"].items()},
-                          "split_images": {s: len(y) for s, (_, y) in splits.items()}},
-            "artifacts": records, "passed": not failures, "failures": failures,
-        }
-        artifacts = shipped_artifacts(artifacts, records, stage, profile.parity.on_fail)
-        if failures and not artifacts:
-            raise ParityGateError(f"export of {checkpoint} failed ({len(failures)} problem"
-                                  f"{'s' if len(failures) > 1 else ''}); nothing was written to {out}:\n  "
-                                  + "\n  ".join(failures), parity)
-        if failures:
-            parity["dropped"] = [{"format": r["format"], "precision": r["precision"], "failures": r["failures"]}
-                                 for r in records if not r["passed"]]
-            log(f"parity.on_fail=drop: {len(parity['dropped'])} artifact(s) left out of the bundle:\n  "
-                + "\n  ".join(failures))
+            _export_one(fmt, precision, ctx, stage, parity_set, reference, ckpt["arch"]["num_classes"], outcome)
+        parity = _parity_report(checkpoint, n_images, profile, parity_set, reference, outcome)
+        artifacts = _gate(outcome, parity, stage, profile.parity.on_fail, checkpoint, out, log)
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE}
         write_bundle_files(stage, metadata, parity, card_explanations(model, ckpt, data, stage, log))
         publish(stage, out)

@@ -391,18 +391,8 @@ MAX_THREADS = 1024
 MAX_CLASSES = 10_000
 
 
-def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
-    """Check the keys the runtime relies on (schema edgekd-bundle/1) and their bounds, before anything is
-    allocated from them: finite preprocessing numbers, std > 0, input and resize sizes within MAX_INPUT_SIDE and
-    MAX_RESIZE_FACTOR of each other, a thread hint within MAX_THREADS. The first problem raises EdgeKDError."""
-    _require(isinstance(meta, dict), where, "must be a JSON object")
-    _require(meta.get("schema") == SCHEMA, where, f"schema must be '{SCHEMA}', got {quote(meta.get('schema'), 60)}")
-    names = meta.get("class_names")
-    _require(isinstance(names, list) and 1 <= len(names) <= MAX_CLASSES
-             and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names), where,
-             f"class_names must be a list of 1 to {MAX_CLASSES} names (1 to 200 characters each)")
-
-    pre = meta.get("preprocess")
+def _validate_preprocess(pre: Any, where: str) -> None:
+    """metadata.preprocess: the eval pipeline the runtime reproduces."""
     _require(isinstance(pre, dict), where, "preprocess must be an object")
     size = pre.get("input_size")
     _require(isinstance(size, list) and len(size) == 3
@@ -439,6 +429,9 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
         _require(all(lo <= v <= hi for v in vals), where, f"preprocess.{key} values must be in [{lo:g}, {hi:g}]")
     _require(isinstance(pre.get("hair_removal", False), bool), where, "preprocess.hair_removal must be true or false")
 
+
+def _validate_runtime_and_tta(meta: dict, where: str) -> None:
+    """The optional runtime hints and TTA settings."""
     runtime = meta.get("runtime")
     if runtime is not None:
         _require(isinstance(runtime, dict), where, "runtime must be an object")
@@ -458,11 +451,9 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
         _require(_is_number(frac) and 0 < frac <= 1, where, "tta.center_crop_fraction must be in (0, 1]")
         _require(tta.get("ensemble", "mean_softmax") == "mean_softmax", where, "tta.ensemble must be 'mean_softmax'")
 
-    io = meta.get("io")
-    _require(isinstance(io, dict) and isinstance(io.get("input"), str) and isinstance(io.get("output"), str), where,
-             "io must name the model's input and output")
 
-    arts = meta.get("artifacts")
+def _validate_artifacts(arts: Any, where: str) -> None:
+    """metadata.artifacts: a non-empty list of (format, precision, relative path) the runtime can open."""
     _require(isinstance(arts, list) and len(arts) >= 1, where, "artifacts must be a non-empty list")
     for i, art in enumerate(arts):
         at = f"artifacts[{i}]"
@@ -477,3 +468,23 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
                  f"{at}.inference_precision_hint must be f32, f16 or bf16")
         suffix = ".onnx" if art["format"] == "onnx" else ".xml"
         _require(path.endswith(suffix), where, f"{at}.path must end with {suffix} for format {art['format']}")
+
+
+def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
+    """Check the keys the runtime relies on (schema edgekd-bundle/1) and their bounds, before anything is
+    allocated from them: finite preprocessing numbers, std > 0, input and resize sizes within MAX_INPUT_SIDE and
+    MAX_RESIZE_FACTOR of each other, a thread hint within MAX_THREADS. The first problem raises EdgeKDError."""
+    _require(isinstance(meta, dict), where, "must be a JSON object")
+    _require(meta.get("schema") == SCHEMA, where, f"schema must be '{SCHEMA}', got {quote(meta.get('schema'), 60)}")
+    names = meta.get("class_names")
+    _require(isinstance(names, list) and 1 <= len(names) <= MAX_CLASSES
+             and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names), where,
+             f"class_names must be a list of 1 to {MAX_CLASSES} names (1 to 200 characters each)")
+
+    _validate_preprocess(meta.get("preprocess"), where)
+    _validate_runtime_and_tta(meta, where)
+    io = meta.get("io")
+    _require(isinstance(io, dict) and isinstance(io.get("input"), str) and isinstance(io.get("output"), str), where,
+             "io must name the model's input and output")
+
+    _validate_artifacts(meta.get("artifacts"), where)

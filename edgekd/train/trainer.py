@@ -282,9 +282,8 @@ class Trainer:
         total, count = distributed.sum_across_ranks([total, count], self.device)  # the loss over all ranks' shards
         return {"train_loss": total / max(count, 1)}
 
-    def fit(self, progress=None) -> FitResult:
-        self.out.mkdir(parents=True, exist_ok=True)
-        best_path, last_path = self.out / "best.pt", self.out / "last.pt"
+    def _start_fit(self) -> None:
+        """Plugins' before_fit, then the (DDP-)wrapped model and the parameters the objective owns."""
         for p in self.plugins:
             p.before_fit(self)
         # Wrapped after before_fit: DDP registers the parameters that require grad at that moment (BN freeze).
@@ -294,44 +293,43 @@ class Trainer:
         model_params = {id(p) for p in self.model.parameters()}
         self._unmanaged_params = [p for g in self.optimizer.param_groups for p in g["params"]
                                   if id(p) not in model_params]
-        stopped_early = False
-        val_loader = self.data.loader("val", train=False)
-        while self.epoch < self.cfg.epochs:
-            epoch = self.epoch
-            # Re-seeding per epoch makes a resumed run replay the same random stream as an uninterrupted one.
-            seed_everything(self.recipe.seed * 1000 + epoch, self.cfg.deterministic)
-            t0 = time.perf_counter()
-            row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, progress)}
-            row["lr"] = self.optimizer.param_groups[-1]["lr"]
-            distributed.broadcast_buffers(self.model)
-            if self.swa_model is not None and epoch >= self.swa_start:
-                self.swa_model.update_parameters(self.model)
-            val = evaluate(self.model, val_loader, self.device, self.eval_criterion, self.eval_view)
-            row.update({f"val_{k}": v for k, v in val.items()})
-            row["epoch_seconds"] = time.perf_counter() - t0
-            monitor = monitored_value(row, self.cfg.monitor, "train.monitor", epoch)
-            self._step_schedule(row, epoch)
-            improved = self._improved(monitor)
+
+    def _run_epoch(self, epoch: int, val_loader, progress) -> tuple[dict[str, Any], bool]:
+        """Train and validate one epoch, step the schedule, track the best: (history row, improved)."""
+        # Re-seeding per epoch makes a resumed run replay the same random stream as an uninterrupted one.
+        seed_everything(self.recipe.seed * 1000 + epoch, self.cfg.deterministic)
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, progress)}
+        row["lr"] = self.optimizer.param_groups[-1]["lr"]
+        distributed.broadcast_buffers(self.model)
+        if self.swa_model is not None and epoch >= self.swa_start:
+            self.swa_model.update_parameters(self.model)
+        val = evaluate(self.model, val_loader, self.device, self.eval_criterion, self.eval_view)
+        row.update({f"val_{k}": v for k, v in val.items()})
+        row["epoch_seconds"] = time.perf_counter() - t0
+        monitor = monitored_value(row, self.cfg.monitor, "train.monitor", epoch)
+        self._step_schedule(row, epoch)
+        improved = self._improved(monitor)
+        if improved:
+            self.best_value, self.best_epoch, self.bad_epochs = monitor, epoch + 1, 0
+        else:
+            self.bad_epochs += 1
+        self.history.append(row)
+        self.epoch = epoch + 1
+        return row, improved
+
+    def _save_epoch(self, row: dict[str, Any], improved: bool, best_path: Path, last_path: Path) -> None:
+        # Every rank evaluated the same (identical) weights on the whole val split, so all agree on `improved`
+        # and on early stopping without a broadcast; only rank 0 writes, the others wait for the files.
+        if self.is_main:
+            metrics = {k: v for k, v in row.items() if k.startswith("val_")}
             if improved:
-                self.best_value, self.best_epoch, self.bad_epochs = monitor, epoch + 1, 0
-            else:
-                self.bad_epochs += 1
-            self.history.append(row)
-            self.epoch = epoch + 1
-            # Every rank evaluated the same (identical) weights on the whole val split, so all agree on `improved`
-            # and on early stopping without a broadcast; only rank 0 writes, the others wait for the files.
-            if self.is_main:
-                metrics = {k: v for k, v in row.items() if k.startswith("val_")}
-                if improved:
-                    self._save(best_path, self.checkpoint_payload(self.model.state_dict(), metrics, False))
-                self._save(last_path, self.checkpoint_payload(self.model.state_dict(), metrics, True))
-            distributed.barrier()
-            self.log(self._summary(row, improved))
-            patience = self.cfg.early_stop.patience
-            if patience is not None and self.bad_epochs >= patience:
-                stopped_early = True
-                self.log(f"early stop: {self.cfg.monitor} did not improve for {patience} epochs")
-                break
+                self._save(best_path, self.checkpoint_payload(self.model.state_dict(), metrics, False))
+            self._save(last_path, self.checkpoint_payload(self.model.state_dict(), metrics, True))
+        distributed.barrier()
+
+    def _finish_fit(self, best_path: Path, last_path: Path) -> dict[str, Any]:
+        """SWA's final weights, the plugins' after_fit, the checkpoints of a 0-epoch run, the debug record."""
         extra = {}
         if self.swa_model is not None and self.epoch > self.swa_start:
             extra["swa"] = self._finish_swa(best_path)
@@ -346,6 +344,24 @@ class Trainer:
             "samples_seen": self.samples_seen, "epochs": self.epoch, "checkpoints_written": self.checkpoints_written,
             "objective_sha256": distributed.weights_digest(
                 {str(i): p for i, p in enumerate(self._unmanaged_params)}) if self._unmanaged_params else None})
+        return extra
+
+    def fit(self, progress=None) -> FitResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        best_path, last_path = self.out / "best.pt", self.out / "last.pt"
+        self._start_fit()
+        stopped_early = False
+        val_loader = self.data.loader("val", train=False)
+        while self.epoch < self.cfg.epochs:
+            row, improved = self._run_epoch(self.epoch, val_loader, progress)
+            self._save_epoch(row, improved, best_path, last_path)
+            self.log(self._summary(row, improved))
+            patience = self.cfg.early_stop.patience
+            if patience is not None and self.bad_epochs >= patience:
+                stopped_early = True
+                self.log(f"early stop: {self.cfg.monitor} did not improve for {patience} epochs")
+                break
+        extra = self._finish_fit(best_path, last_path)
         return FitResult(best_path, last_path, self.history, self.best_value, self.best_epoch, stopped_early,
                          self.nonfinite, extra, self.step_seconds)
 
