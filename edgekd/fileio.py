@@ -97,16 +97,29 @@ def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str 
 @contextlib.contextmanager
 def deferred_signals():
     """Hold SIGINT/SIGTERM/SIGHUP back for the block (delivered when it ends): creating a temp dir and recording
-    its name is then one step, so a kill cannot land between them and leave the dir unnamed and uncleaned."""
-    sigs = {s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    its name is then one step, so a kill cannot land between them and leave the dir unnamed and uncleaned.
+
+    The Python-level handlers are swapped for one that only records the signal, and the recorded signals are
+    re-raised (signal.raise_signal) once the old handlers are back. Blocking the signals with pthread_sigmask would
+    not do: it masks the calling thread only, and the kernel hands a process-directed signal to any other thread
+    (ONNX Runtime's, OpenMP's), whose delivery Python then acts on in the main thread, inside the block."""
+    sigs = [s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    held: list[int] = []
+    old = {s: signal.getsignal(s) for s in sigs}
+    for s, handler in old.items():
+        if handler not in (signal.SIG_IGN, None):
+            signal.signal(s, lambda signum, _frame: held.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            if handler is not None:
+                signal.signal(s, handler)
+        for signum in held:
+            signal.raise_signal(signum)
 
 
 def remove_tree(path: str | Path) -> None:

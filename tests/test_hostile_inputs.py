@@ -607,8 +607,11 @@ def killed_leftovers(args: list, tmp_path: Path, pattern: str, sig: int) -> tupl
     tmp.mkdir()
     baseline = _baseline(tmp)
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    # SIGINT back to its default in the child, as in a terminal: a job started in the background by a
+    # non-interactive shell (nohup, `cmd &` in a CI script) inherits SIGINT ignored, and a program keeps that.
     proc = subprocess.Popen([sys.executable, "-m", "edgekd", *map(str, args)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait_for(pattern, tmp, proc, 120), f"{pattern} never appeared (exit {proc.poll()})"
     proc.send_signal(sig)
     proc.wait(timeout=120)
@@ -714,3 +717,18 @@ def test_a_nan_tiff_error_names_its_file(bundle, tmp_path, capsys):
     assert code == 1
     (line,) = error_lines(err)
     assert f"{path}: image holds NaN or Inf values" in line
+
+
+def test_deferred_signals_deliver_after_the_block_not_inside():
+    """A signal that arrives inside the block (from any thread) runs the old handler once the block is left."""
+    from edgekd.fileio import deferred_signals
+
+    seen, inside = [], []
+    prev = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    try:
+        with deferred_signals():
+            signal.raise_signal(signal.SIGTERM)
+            inside.extend(seen)
+        assert inside == [] and seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, prev)
