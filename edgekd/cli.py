@@ -493,9 +493,10 @@ def install_process_guards() -> None:
     KeyboardInterrupt, so `finally` blocks and exit handlers remove temp dirs and half-written files, and every
     one is recorded so the exit status says the run was stopped; warnings of
     dependencies become one `warning:` line each (once); undecodable file names print as escapes."""
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler, None):
+    from edgekd.fileio import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler, None):
             try:
                 signal.signal(sig, _exit_on_signal)
             except ValueError:  # not the main thread (an embedding application): its signals are its own

@@ -94,6 +94,10 @@ def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str 
             raise EdgeKDError(f"{option} {out}: is inside the input {given}; write the output elsewhere")
 
 
+STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
+"""The signals that stop a run (those this platform has): held by deferred_signals, guarded by the CLI."""
+
+
 @contextlib.contextmanager
 def deferred_signals():
     """Hold SIGINT/SIGTERM/SIGHUP back for the block (delivered when it ends): creating a temp dir and recording
@@ -103,12 +107,11 @@ def deferred_signals():
     re-raised (signal.raise_signal) once the old handlers are back. Blocking the signals with pthread_sigmask would
     not do: it masks the calling thread only, and the kernel hands a process-directed signal to any other thread
     (ONNX Runtime's, OpenMP's), whose delivery Python then acts on in the main thread, inside the block."""
-    sigs = [s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None]
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
-    old = {s: signal.getsignal(s) for s in sigs}
+    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s, handler in old.items():
         if handler not in (signal.SIG_IGN, None):
             signal.signal(s, lambda signum, _frame: held.append(signum))
