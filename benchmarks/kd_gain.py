@@ -88,11 +88,16 @@ def overrides_of(row_spec: tuple, seed: int) -> list[str]:
     return [*row_spec[1], f"seed={seed}"]
 
 
+def row_record(m: dict, command: str, set_name: str, row: str) -> dict:
+    """A run's accuracy.json record, tagged with its set and row for the summary."""
+    return {**accuracy_record(m, command), "row": row, "set": set_name}
+
+
 def train_row(set_name: str, row: str, seed: int, reuse: bool, out: Path | None = None) -> dict:
     spec = SETS[set_name]["rows"][row]
     m, command = run_or_reuse(spec[0], out or run_dir(set_name, row, seed), overrides_of(spec, seed), reuse,
                               f"{set_name} {row} s{seed}")
-    return {**accuracy_record(m, command), "row": row, "set": set_name}
+    return row_record(m, command, set_name, row)
 
 
 def finished_row(set_name: str, row: str, seed: int) -> dict | None:
@@ -101,7 +106,7 @@ def finished_row(set_name: str, row: str, seed: int) -> dict | None:
     m = finished_run(load_recipe(REPO / spec[0], overrides), out)
     if m is None:
         return None
-    return {**accuracy_record(m, train_command(spec[0], out, overrides)), "row": row, "set": set_name}
+    return row_record(m, train_command(spec[0], out, overrides), set_name, row)
 
 
 def mean_std(values: list[float]) -> dict:
