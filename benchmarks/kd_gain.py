@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -236,7 +237,7 @@ def main() -> None:
     unknown = [r for r in rows if r not in cfg["rows"]]
     if unknown:
         ap.error(f"unknown row(s) {unknown} for --set {args.set_name}; choose from {list(cfg['rows'])}")
-    command = "python benchmarks/kd_gain.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/kd_gain.py " + shlex.join(sys.argv[1:])
     teachers = {}
     for name, recipe_path in cfg["teachers"].items():
         out = REPO / "runs" / "bench" / args.set_name / name
