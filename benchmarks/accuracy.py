@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from pathlib import Path
 
 from common import REPO, RESULTS, accuracy_record, merge_records, run_or_reuse
@@ -56,7 +58,7 @@ def main() -> None:
                 new.append(rec)
                 print(f"{ds} {role} seed {seed}: acc={rec['acc']:.4f} auc={rec['auc']:.4f} "
                       f"(MedMNIST v2 ResNet-18 (28): auc {paper_auc} acc {paper_acc})", flush=True)
-    merge_records(RESULTS / "accuracy.json", new)
+    merge_records(RESULTS / "accuracy.json", new, "accuracy", shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -29,18 +29,33 @@ def cpu_model() -> str:
     return platform.processor() or ""
 
 
-def machine() -> str:
-    """e.g. '2-core x86_64 (Intel Xeon ...), no GPU, torch 2.14.1'."""
-    cpu = cpu_model()
-    gpu, torch_version = "no GPU", ""
+def machine(**extra) -> dict:
+    """The machine a benchmark ran on, the same dict in every results file (benchmarks/schema.py):
+    {"cpu", "cores", "arch", "gpu" (None: no GPU), "python", "torch" (None: not installed)} + `extra` (library
+    versions, load averages, ...)."""
+    gpu, torch_version = None, None
     try:
         import torch
-        torch_version = f", torch {torch.__version__.split('+')[0]}"
+        torch_version = torch.__version__.split("+")[0]
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return f"{os.cpu_count()}-core {platform.machine()} ({cpu}), {gpu}{torch_version}"
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(), "gpu": gpu,
+            "python": platform.python_version(), "torch": torch_version, **extra}
+
+
+def machine_line(m: dict) -> str:
+    """A results file's machine dict as prose: '2-core x86_64 (AMD EPYC), no GPU, torch 2.14.1'."""
+    torch_part = f", torch {m['torch']}" if m.get("torch") else ""
+    return f"{m['cores']}-core {m['arch']} ({m['cpu']}), {m.get('gpu') or 'no GPU'}{torch_part}"
+
+
+def results_doc(benchmark: str, command: str, records: list[dict], host: dict | None = None, **extra) -> dict:
+    """A results file in the one schema (benchmarks/schema.py): which command made it, when, on what machine
+    (`host`, default `machine()`), and its records."""
+    return {"benchmark": benchmark, "command": command, "date": now(), "machine": host or machine(), **extra,
+            "records": records}
 
 
 def now() -> str:
@@ -88,19 +103,17 @@ def accuracy_record(m: dict, command: str, split: str = "test") -> dict:
             "train_seconds": m["train_seconds"], "date": now(), "machine": machine(), "command": command}
 
 
-def merge_records(path: Path, new: list[dict], key=("dataset", "split", "model", "role", "name", "seed")) -> list[dict]:
+def merge_records(path: Path, new: list[dict], benchmark: str, command: str,
+                  key=("dataset", "split", "model", "role", "name", "seed")) -> list[dict]:
     """Replace records that match a new one on `key`; keep all others. The key holds the recipe `name`, so KD
     variants of one student (logit, feature, attention transfer: same model, role and seed) stay separate records.
-    The file is a JSON list of records, or a {"records": [...], ...} object (latency.json: several scripts add
-    their summaries), whose other keys are kept."""
-    old = json.loads(path.read_text()) if path.is_file() else []
-    doc = old if isinstance(old, dict) else None
-    if doc is not None:
-        old = doc.get("records", [])
+    For ledger files that several commands add to (accuracy.json, latency.json): every record carries its own
+    `command`, `date` and `machine`; the file's header names the latest command. Other header keys are kept."""
+    doc = json.loads(path.read_text()) if path.is_file() else {}
     k = lambda r: tuple(r.get(f) for f in key)  # noqa: E731
     fresh = {k(r) for r in new}
-    merged = [r for r in old if k(r) not in fresh] + new
-    write_json(path, merged if doc is None else {**doc, "records": merged})
+    merged = [r for r in doc.get("records", []) if k(r) not in fresh] + new
+    write_json(path, {**doc, **results_doc(benchmark, command, merged)})
     return merged
 
 

@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import cpu_model  # noqa: E402
+from common import machine as common_machine, results_doc  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 from edgekd.pipeline import run_recipe  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
@@ -35,16 +35,16 @@ RUNS = REPO / "runs" / "continual"
 RESULTS = REPO / "benchmarks" / "results"
 KD_PATHS = ("logit", "feature")
 CROSS_METHODS = ("finetune", "ewc", "lwf")
+SCENARIO_FILES = {"cross_domain": RESULTS / "continual.json",
+                  "class_incremental": RESULTS / "continual_class_incremental.json"}
 CLASS_IL_METHODS = {"finetune": "finetune", "replay-kd": "rehearsal(200)+kd", "joint": "joint"}
 
 
 def machine() -> dict:
-    cpu = cpu_model()
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "load_avg_at_start": os.getloadavg()}
+    return common_machine(torch_threads=torch.get_num_threads(), platform=platform.platform(),
+                          load_avg_at_start=[round(v, 2) for v in os.getloadavg()])
 
 
 def run(recipe_path: Path, out: Path, overrides: list[str], force: bool) -> dict:
@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="Cross-domain seeds (student distillation and task B); the tables and goals use the mean.")
     args = ap.parse_args()
-    started = dt.datetime.now().isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     info = machine()
     records = []
     if args.only in (None, "cross_domain"):
@@ -269,20 +269,18 @@ def main() -> None:
     if args.only in (None, "class_incremental"):
         ensure_students(False)
         records += class_incremental(args.overrides, args.force)
-    out_file = RESULTS / "continual.json"
-    previous = json.loads(out_file.read_text()) if out_file.is_file() else {}
-    # A partial run (--only) keeps the other scenario's records.
-    kept = [r for r in previous.get("records", []) if r["scenario"] not in {r2["scenario"] for r2 in records}]
-    records = kept + records
-    checks = goals(records)
-    write_json(out_file, {
-        "benchmark": "continual", "command": " ".join(["python", "benchmarks/continual.py", *sys.argv[1:]]),
-        "started": started, "finished": dt.datetime.now().isoformat(timespec="seconds"), "machine": info,
-        "overrides": args.overrides, "records": records, "cross_domain_means": cell_means(records), "goals": checks,
-    })
+    # One file per scenario, each holding the records of the command that wrote it (a --only run leaves the other).
+    command = " ".join(["python", "benchmarks/continual.py", *sys.argv[1:]])
+    for scenario, out_file in SCENARIO_FILES.items():
+        mine = [r for r in records if r["scenario"] == scenario]
+        if mine:
+            extra = {"cross_domain_means": cell_means(mine)} if scenario == "cross_domain" else {}
+            write_json(out_file, results_doc(f"continual/{scenario}", command, mine, info, started=started,
+                                             overrides=args.overrides, goals=goals(mine), **extra))
+            print(f"wrote {out_file.relative_to(REPO)}")
+    records = [r for f in SCENARIO_FILES.values() if f.is_file() for r in json.loads(f.read_text())["records"]]
     plot(records)
-    print(markdown(records, checks))
-    print(f"wrote {out_file.relative_to(REPO)}")
+    print(markdown(records, goals(records)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 
-from common import (REPO, RESULTS, accuracy_record, finished_run, machine, merge_records, now, run_or_reuse,
+from common import (REPO, RESULTS, accuracy_record, finished_run, merge_records, results_doc, run_or_reuse,
                     train_command)
 
 from edgekd.fileio import write_json
@@ -63,7 +63,7 @@ def summarize(records: list[dict], kd_role: str = "student", scratch_role: str =
                              "std": statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0}
                          for k in (*METRICS, "seconds_per_epoch")}
         by_role[role].update(seeds=[r["seed"] for r in rows], params=rows[0]["params"], model=rows[0]["model"])
-    out = {"by_role": by_role}
+    out = {"records": [{"role": role, **stats} for role, stats in by_role.items()]}
     if kd_role in by_role:
         kd = by_role[kd_role]
         best = max((r for r in records if r["role"] == kd_role), key=lambda r: r["auc"])
@@ -104,18 +104,21 @@ def main() -> None:
         new = [r for r in new if r is not None]
     else:
         new = [run_one(role, seed, args.reuse) for role in roles for seed in args.seeds]
-    merged = merge_records(RESULTS / "accuracy.json", new)
+    command = "python benchmarks/distill.py " + " ".join(sys.argv[1:])
+    merged = merge_records(RESULTS / "accuracy.json", new, "accuracy", command)
     # This student's records, told apart by the recipe in their command (records keep the recipe's role, e.g. a
     # micro student's runs are role "student"); relabelled with the run name for the summary.
     models = {run: load_recipe(REPO / RECIPES[run]).model.name for run in (kd_role, scratch_role)}
     mine = [{**r, "role": run} for r in merged for run in models
             if r.get("dataset") == "pneumoniamnist" and r["model"] == models[run]
             and r.get("command", "").startswith(f"edgekd train {RECIPES[run]} ")]
-    summary = {"date": now(), "machine": machine(), "command": "python benchmarks/distill.py " + " ".join(sys.argv[1:]),
-               "teacher": "runs/bench/pneumonia/teacher/best.pt", **summarize(mine, kd_role, scratch_role)}
+    stats = summarize(mine, kd_role, scratch_role)
+    summary = results_doc("distill", command, stats.pop("records"), teacher="runs/bench/pneumonia/teacher/best.pt",
+                          **stats)
     write_json(RESULTS / summary_file, summary)
-    print(json.dumps({k: summary[k] for k in summary if k not in ("by_role",)}, indent=2))
-    for role, s in summary.get("by_role", {}).items():
+    print(json.dumps({k: summary[k] for k in summary if k != "records"}, indent=2))
+    for s in summary["records"]:
+        role = s["role"]
         print(f"{role:16s} {s['model']} {s['params'] / 1e6:.2f}M seeds {s['seeds']}: " +
               " ".join(f"{k}={s[k]['mean']:.4f}±{s[k]['std']:.4f}" for k in ("acc", "auc", "f1", "seconds_per_epoch")))
 

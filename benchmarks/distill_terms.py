@@ -17,7 +17,8 @@ import os
 import statistics
 import sys
 
-from common import METRICS, REPO, RESULTS, accuracy_record, machine, merge_records, now, replace_section, run_or_reuse
+from common import (METRICS, REPO, RESULTS, accuracy_record, machine_line, merge_records, replace_section, results_doc,
+                    run_or_reuse)
 
 from edgekd.fileio import atomic_write, write_json
 from edgekd.recipe import load_recipe
@@ -57,7 +58,8 @@ def main() -> None:
         for seed in args.seeds:
             m, command = run_or_reuse(recipe, RUNS / f"{prefix}-s{seed}", [f"seed={seed}"], args.reuse, f"{variant} s{seed}")
             new.append(accuracy_record(m, command))
-    merged = merge_records(RESULTS / "accuracy.json", new)
+    command = "python benchmarks/distill_terms.py " + " ".join(sys.argv[1:])
+    merged = merge_records(RESULTS / "accuracy.json", new, "accuracy", command)
     rows = []
     for variant, (recipe, _, loss) in VARIANTS.items():
         recs = [r for r in merged if r.get("name") == names[variant] and r.get("seed") in args.seeds
@@ -71,13 +73,12 @@ def main() -> None:
             row[k] = {"mean": statistics.fmean(vals) if vals else None,
                       "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
         rows.append(row)
-    result = {"date": now(), "machine": machine(), "command": "python benchmarks/distill_terms.py " + " ".join(sys.argv[1:]),
-              "teacher": "runs/bench/pneumonia/teacher/best.pt", "seeds": args.seeds, "rows": rows}
+    result = results_doc("distill_terms", command, rows, teacher="runs/bench/pneumonia/teacher/best.pt", seeds=args.seeds)
     write_json(RESULTS / "distill_terms.json", result)
     cols = ("acc", "auc", "f1", "sensitivity", "specificity", "seconds_per_epoch")
     teacher_model = load_recipe(REPO / "recipes/pneumonia/teacher-28.yaml").model.name
     lines = [BEGIN, "## KD terms: logit vs feature vs attention transfer (`benchmarks/distill_terms.py`)", "",
-             f"`{result['command'].strip()}` on {result['date'][:10]}, {result['machine']}. PneumoniaMNIST 28 px test "
+             f"`{result['command'].strip()}` on {result['date'][:10]}, {machine_line(result['machine'])}. PneumoniaMNIST 28 px test "
              f"split; teacher `{result['teacher']}` ({teacher_model}; logit_r18: the ResNet-18 teacher), student "
              f"{rows[0]['model'] if rows else '-'}; seeds {args.seeds} "
              f"({'one seed: differences of a point or less are within seed noise' if len(args.seeds) == 1 else 'mean ± std'}). "

@@ -13,10 +13,7 @@ top-1 agreement; OpenVINO INT8 (NNCF) ACC drop <= 0.01 and AUC drop <= 0.005.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -24,6 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import machine, results_doc  # noqa: E402
 
 from edgekd.export import ParityGateError, export_checkpoint, load_profile, with_overrides  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
@@ -31,22 +31,6 @@ from edgekd.train.checkpoint import load_checkpoint  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "export.json"
 FP32_MAX_ABS, INT8_ACC_DROP, INT8_AUC_DROP = 1e-4, 0.01, 0.005
-
-
-def machine() -> dict:
-    import nncf
-    import onnxruntime
-    import openvino
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "nncf": nncf.__version__}
 
 
 def records_for(checkpoint: Path, parity: dict, gate_passed: bool, seconds: float) -> list[dict]:
@@ -103,10 +87,7 @@ def main() -> int:
     profile = with_overrides(load_profile(args.profile), args.parity_images, args.calib_images, args.threads)
     # Compare on the whole test split, not a capped subset.
     profile = profile.model_copy(update={"parity": profile.parity.model_copy(update={"metric_images": None})})
-    previous = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    done = {str(c) for c in args.checkpoint}
-    records = [r for r in previous.get("records", []) if r.get("checkpoint") not in done]
-    new = []
+    new = []  # the file holds this command's records only (one command per results file)
     for checkpoint in args.checkpoint:
         name = f"{checkpoint.parent.name}-{checkpoint.stem}"
         t0 = time.perf_counter()
@@ -118,18 +99,18 @@ def main() -> int:
             print(err, flush=True)
             parity, passed = err.parity, False
         new += records_for(checkpoint, parity, passed, time.perf_counter() - t0)
-    records += new
     accepted = {str(c): acceptance([r for r in new if r["checkpoint"] == str(c)]) for c in args.checkpoint}
-    write_json(args.results, {
-        "benchmark": "export",
-        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/export.py", *sys.argv[1:]]),
-        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "machine": machine(), "profile": profile.name,
-        "acceptance_rule": {"fp32_max_abs_diff": FP32_MAX_ABS, "fp32_top1_agreement": 1.0,
-                            "openvino_int8_acc_drop": INT8_ACC_DROP, "openvino_int8_auc_drop": INT8_AUC_DROP},
-        "acceptance": {**previous.get("acceptance", {}), **accepted},
-        "records": records,
-    })
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/export.py", *sys.argv[1:]])
+    import nncf
+    import onnxruntime
+    import openvino
+
+    host = machine(onnxruntime=onnxruntime.__version__, openvino=openvino.__version__, nncf=nncf.__version__)
+    write_json(args.results, results_doc(
+        "export", command, new, host, profile=profile.name,
+        acceptance_rule={"fp32_max_abs_diff": FP32_MAX_ABS, "fp32_top1_agreement": 1.0,
+                         "openvino_int8_acc_drop": INT8_ACC_DROP, "openvino_int8_auc_drop": INT8_AUC_DROP},
+        acceptance=accepted))
     print(f"{'checkpoint':40} {'format':9} {'prec':5} {'max_abs':>9} {'top1':>7} {'acc':>7} {'auc':>7} "
           f"{'acc_drop':>9} {'auc_drop':>9} {'MB':>8}")
     for r in new:

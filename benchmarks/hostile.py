@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, RESULTS, machine, now, replace_section  # noqa: E402  (sets sys.path)
+from common import REPO, RESULTS, machine_line, replace_section, results_doc  # noqa: E402  (sets sys.path)
 
 from edgekd.fileio import write_json, write_text  # noqa: E402
 
@@ -80,11 +80,10 @@ def main() -> int:
             records.append(record)
             print(f"{name}: exit {code}, peak RSS {rss:.0f} MB, {predicted} of {len(files)} predicted", flush=True)
     parent_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    doc = {"benchmark": "hostile", "command": command, "date": now(), "machine": machine(),
-           "bundle": str(args.bundle), "parent_peak_rss_mb": round(parent_mb, 1), "records": records}
+    doc = results_doc("hostile", command, records, bundle=str(args.bundle), parent_peak_rss_mb=round(parent_mb, 1))
     write_json(RESULTS / "hostile.json", doc)
     lines = ["<!-- hostile:begin -->", "## Hostile image shapes: memory of `edgekd predict`", "",
-             f"`{command}` — {doc['date']}, {doc['machine']}. A fresh `edgekd predict --backend onnx` process per row "
+             f"`{command}` — {doc['date']}, {machine_line(doc['machine'])}. A fresh `edgekd predict --backend onnx` process per row "
              f"(peak RSS from the kernel; it includes up to the launching process's {parent_mb:.0f} MB, forked before exec), "
              "3 good 64 px PNGs with the hostile file second; goal: peak RSS < "
              f"{GOAL_MB:.0f} MB, the bad file reported, the rest predicted and written.", "",

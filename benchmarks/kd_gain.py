@@ -23,8 +23,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import (METRICS, REPO, RESULTS, accuracy_record, finished_run, machine, merge_records, now,
-                    replace_section, run_or_reuse, train_command)
+from common import (METRICS, REPO, RESULTS, accuracy_record, finished_run, machine_line, merge_records,
+                    replace_section, results_doc, run_or_reuse, train_command)
 
 from edgekd.fileio import write_json, write_text
 from edgekd.recipe import load_recipe
@@ -167,7 +167,7 @@ def summarize(set_name: str, records: list[dict], teachers: dict[str, dict]) -> 
     kd_rows = [s for s in rows.values() if s.get("gain_pts")]
     winner = max(kd_rows, key=lambda s: (s["gain_pts"]["acc"], s["gain_pts"]["auc"]))["row"] if kd_rows else None
     auc_bar, acc_bar = cfg["medmnist"][cfg["bar"]]
-    return {"rows": list(rows.values()), "winner": winner, "medmnist": cfg["medmnist"],
+    return {"records": list(rows.values()), "winner": winner, "medmnist": cfg["medmnist"],
             "teachers": [{**t, "reaches": {cfg["bar"]: t["auc"] >= auc_bar and t["acc"] >= acc_bar}}
                          for t in teachers.values()]}
 
@@ -175,7 +175,7 @@ def summarize(set_name: str, records: list[dict], teachers: dict[str, dict]) -> 
 def markdown(set_name: str, doc: dict) -> str:
     cfg, begin, end = SETS[set_name], *markers(set_name)
     lines = [begin, f"## Does distillation pay? {cfg['dataset']} (`benchmarks/kd_gain.py --set {set_name}`)", "",
-             f"`{doc['command']}` on {doc['date'][:10]}, {doc['machine']}; official test split, mean ± std over seeds "
+             f"`{doc['command']}` on {doc['date'][:10]}, {machine_line(doc['machine'])}; official test split, mean ± std over seeds "
              f"(one training at a time unless a note below says otherwise; torch threads per run in the table). KD gain: mean over the shared seeds of "
              f"(row − its from-scratch reference), in points; goal ≥ {GAIN_ACC_PTS} pt ACC with AUC no lower than "
              f"{AUC_SLACK_PTS} pt.", ""]
@@ -190,7 +190,7 @@ def markdown(set_name: str, doc: dict) -> str:
     lines += ["| row | what | ref | seeds | test ACC | test AUC | bal. ACC | gain ACC / AUC (pt) | teacher gap (pt) | "
               "MACs ratio | s/epoch | min | threads |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     ms = lambda v: "-" if v is None else f"{v['mean']:.4f} ± {v['std']:.4f}"  # noqa: E731
-    for s in doc["rows"]:
+    for s in doc["records"]:
         g = s.get("gain_pts")
         lines.append(f"| {s['row']}{' (winner)' if s['row'] == doc.get('winner') else ''} | {s['what']} | "
                      f"{s['reference'] or '-'} | {s['seeds']} | {ms(s['acc'])} | {ms(s['auc'])} | {ms(s['balanced_acc'])} | "
@@ -252,20 +252,20 @@ def main() -> None:
                else train_row(args.set_name, row, seed, args.reuse)) is not None]
     drop = ("row", "set", "run")
     merge_records(RESULTS / "accuracy.json", [{k: v for k, v in r.items() if k not in drop}
-                                              for r in [*new, *teachers.values()]])
+                                              for r in [*new, *teachers.values()]], "accuracy", command)
     # Every finished run of the set's rows (also those not trained in this call), for the summary.
     records = [r for row in cfg["rows"] for seed in args.seeds if (r := finished_row(args.set_name, row, seed))]
     path = RESULTS / f"distill_{args.set_name}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    doc = {"benchmark": "kd_gain", "set": args.set_name, "date": now(), "machine": machine(), "command": command,
-           "commands": sorted({*old.get("commands", []), command}), "seeds": args.seeds,
-           "notes": sorted({*old.get("notes", []), *([args.note] if args.note else [])}),
-           **summarize(args.set_name, records, teachers)}
+    summary = summarize(args.set_name, records, teachers)
+    doc = results_doc("kd_gain", command, summary.pop("records"), set=args.set_name,
+                      commands=sorted({*old.get("commands", []), command}), seeds=args.seeds,
+                      notes=sorted({*old.get("notes", []), *([args.note] if args.note else [])}), **summary)
     doc["repeat"] = repeat(args.set_name, args.repeat, args.seeds[0]) if args.repeat else old.get("repeat")
     write_json(path, doc)
     results_md = REPO / "benchmarks" / "RESULTS.md"
     write_text(results_md, replace_section(results_md.read_text(), markdown(args.set_name, doc), *markers(args.set_name)))
-    for s in doc["rows"]:
+    for s in doc["records"]:
         g = s.get("gain_pts")
         print(f"{s['row']:14s} acc {s['acc']['mean']:.4f}±{s['acc']['std']:.4f} auc {s['auc']['mean']:.4f}±"
               f"{s['auc']['std']:.4f}" + (f"  gain {g['acc']:+.2f}/{g['auc']:+.2f} pt" if g else "")

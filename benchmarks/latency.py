@@ -213,9 +213,8 @@ def main() -> None:
     others = [r.summary["machine"].get("other_processes_cpu_cores") for r in runs]
     quiet = all(o is not None and o <= QUIET_OTHER_CORES for o in others)
     tagged = [{"bench": "latency", **r, "date": date, "machine": host, "command": command} for r in records]
-    merge_records(args.results, tagged, key=MERGE_KEY)
+    merge_records(args.results, tagged, "latency", command, key=MERGE_KEY)
     doc = json.loads(args.results.read_text())
-    doc = doc if isinstance(doc, dict) else {"records": doc}  # a new file: the runtime benchmark's layout
     doc["latency"] = {"date": date, "command": command, "machine": host, "cpu": cpu, "threads": summary["threads"],
                       "load_avg_at_start": load_start, "load_avg_at_end": load_end, "other_processes_cpu_cores": others,
                       "provisional": not quiet, "gemm": summary["gemm"], "goals": g, "profiles": summary["profiles"],

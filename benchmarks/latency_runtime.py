@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import cpu_model  # noqa: E402
+from common import machine as common_machine, results_doc  # noqa: E402
 from edgekd.bench.hardware import OtherCPU  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 from edgekd.runtime import Runner, TTAViews, open_bundle  # noqa: E402
@@ -59,10 +59,8 @@ print(json.dumps({"import_s": t1 - t0, "load_first_s": t2 - t1, "label": first.l
 
 
 def machine() -> dict:
-    cpu = cpu_model()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "load_avg_at_start": [round(v, 2) for v in load] if load else None}
+    return common_machine(platform=platform.platform(), load_avg_at_start=[round(v, 2) for v in load] if load else None)
 
 
 def load_image(npz: Path) -> np.ndarray:
@@ -257,7 +255,8 @@ def main() -> None:
             value = results[key]
             goals[key] = {"value": round(value, 4), "goal": f"{op}{target}",
                           "met": value >= target if op == ">=" else value <= target}
-    summary = {"date": started, "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": host,
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    summary = {"date": started, "command": command, "machine": host,
                "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
                "other_processes_cpu_cores": other_cpu.cores(), "bundle": str(args.bundle),
                "checkpoint": str(args.checkpoint) if args.checkpoint else None, "model": meta, "threads": T,
@@ -265,15 +264,13 @@ def main() -> None:
                "goals": goals, "results": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in results.items()},
                "cold_start": cold, "cold_start_with_openvino_cache": cold_cached}
 
-    existing = {}
-    if args.out.exists():
-        existing = json.loads(args.out.read_text())
-        if isinstance(existing, list):
-            existing = {"records": existing}
-    kept = [r for r in existing.get("records", [])
-            if not (r.get("bench") == "runtime" and r.get("model") == meta.get("name"))]
-    runtime = existing.get("runtime") or {}
-    write_json(args.out, {**existing, "records": kept + records, "runtime": {**runtime, meta.get("name"): summary}})
+    # A ledger shared with benchmarks/latency.py: this model's runtime records replace its earlier ones, and each
+    # record names the command, date and machine that produced it.
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    kept = [r for r in doc.get("records", []) if not (r.get("bench") == "runtime" and r.get("model") == meta.get("name"))]
+    tagged = [{**r, "date": started, "command": command, "machine": host} for r in records]
+    write_json(args.out, {**doc, **results_doc("latency", command, kept + tagged),
+                          "runtime": {**(doc.get("runtime") or {}), meta.get("name"): summary}})
 
     print(f"{'what':22s} {'format':9s} {'batch':>5s} {'views':>5s} {'p50_ms':>9s} {'p90_ms':>9s} {'p99_ms':>9s}")
     for r in records:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from common import REPO, RESULTS, now, replace_section
+from common import REPO, RESULTS, machine_line, replace_section, results_doc
 
 from edgekd.bench.pareto import pareto_markdown, pareto_points, plot_pareto, point_label
 from edgekd.errors import EdgeKDError
@@ -37,9 +38,12 @@ def main() -> None:
         raise EdgeKDError(f"{args.latency}: no batch-1 record with both latency and accuracy (run benchmarks/latency.py)")
     command = "python benchmarks/pareto.py " + " ".join(sys.argv[1:])
     source = data.get("latency", {}) if isinstance(data, dict) else {}
-    result = {"date": now(), "command": command.strip(), "source": args.latency,
-              "latency_run": {k: source.get(k) for k in ("date", "command", "machine") if k in source},
-              "points": panels}
+    # One record per (metric, configuration) point; the latency run they come from is the file's machine.
+    result = {**results_doc("pareto", command.strip(), [{"metric": m, **p} for m, pts in panels.items() for p in pts],
+                            source=str(Path(args.latency).relative_to(REPO)) if Path(args.latency).is_relative_to(REPO)
+                            else args.latency,
+                            latency_run={k: source.get(k) for k in ("date", "command") if k in source}),
+              "machine": source.get("machine") or data["records"][0]["machine"]}
     write_json(RESULTS / "pareto.json", result)
     plot_pareto(panels, RESULTS / "pareto.png", "PneumoniaMNIST: accuracy vs batch-1 latency (p50)")
     front = {m: [point_label(p) + f" ({p['model']})" for p in sorted(pts, key=lambda p: p["p50_ms"]) if p["pareto"]]
@@ -47,7 +51,7 @@ def main() -> None:
     section = "\n".join([
         BEGIN, "## Accuracy-latency Pareto front (`benchmarks/pareto.py`)", "",
         f"`{result['command']}` on {result['date'][:10]}; the points are the batch-1 records of "
-        f"`benchmarks/results/latency.json` (latency run: {source.get('date', '?')}, {source.get('machine', '?')}). "
+        f"`benchmarks/results/latency.json` (latency run: {source.get('date', '?')}, {machine_line(result['machine'])}). "
         "Latency is the p50 of batch-1 calls; accuracy/AUC on the test split as measured by that run.", "",
         "![Pareto](results/pareto.png)", "",
         f"Front (accuracy): {'; '.join(front['acc'])}.", "",

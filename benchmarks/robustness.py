@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, RESULTS, machine, now, replace_section
+from common import REPO, RESULTS, machine_line, replace_section, results_doc
 
 from edgekd.fileio import atomic_write, write_json
 from edgekd.robustness.evaluate import CLEAN, corruption_markdown, run_corruption_eval
@@ -82,11 +82,11 @@ def main() -> None:
     res = run_corruption_eval(sources, args.out, None, "test", seed=args.seed, limit=args.limit,
                               threads=args.threads, log=lambda m: print(m, flush=True))
     command = "python benchmarks/robustness.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result = {"date": now(), "machine": machine(), "command": command.strip(), "export_command": export_cmd,
-              "teacher": _rel(args.teacher), "student": _rel(args.student), "bundle": _rel(bundle),
-              "split": "test", "images": res["images"], "seed": args.seed, "corruptions": res["corruptions"],
-              "severities": res["severities"], "class_names": res["class_names"], "class_counts": res["class_counts"], "records": res["records"],
-              "summary": res["summary"]}
+    result = results_doc("robustness", command.strip(), res["records"], export_command=export_cmd,
+                         teacher=_rel(args.teacher), student=_rel(args.student), bundle=_rel(bundle), split="test",
+                         images=res["images"], seed=args.seed, corruptions=res["corruptions"],
+                         severities=res["severities"], class_names=res["class_names"],
+                         class_counts=res["class_counts"], summary=res["summary"])
     write_json(args.results / "robustness.json", result)
     shutil.copyfile(args.out / "robustness.png", args.results / "robustness.png")
     rel_line = "; ".join(f"{s['role']} {s['model']} {s['format']}/{s['precision']}: mean corruption accuracy "
@@ -99,7 +99,7 @@ def main() -> None:
     majority, majority_name = max(counts) / sum(counts), names[counts.index(max(counts))]
     section = "\n".join([
         BEGIN, "## Corruption robustness (`benchmarks/robustness.py`)", "",
-        f"`{result['command']}` on {result['date'][:10]}, {result['machine']}. PneumoniaMNIST test split "
+        f"`{result['command']}` on {result['date'][:10]}, {machine_line(result['machine'])}. PneumoniaMNIST test split "
         f"({res['images']} images), 8 corruptions x 5 severities (edgekd.robustness: ImageNet-C-style, numpy/Pillow, "
         f"seed {args.seed}; each corruption is applied to the decoded 28 px image before each model's own "
         f"preprocessing, so every model sees identical pixels). Teacher `{result['teacher']}`, student "

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, finished_run, machine, now, replace_section  # noqa: E402  (sets sys.path)
+from common import REPO, RESULTS, finished_run, machine_line, now, replace_section, results_doc  # noqa: E402  (sets sys.path)
 
 from edgekd.fileio import write_json, write_text  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
@@ -177,7 +177,7 @@ def markdown(doc: dict) -> str:
         commands.setdefault(rec["command"], []).append(f"{rec['arch']} ({rec['date'][:16]}Z)")
     lines = ["<!-- zoo:begin -->", "## Native-resolution export zoo", "",
              *[f"- `{cmd}`: {', '.join(archs)}" for cmd, archs in commands.items()], "",
-             f"{doc['machine']}. Upsampled PneumoniaMNIST (official val/test), "
+             f"{machine_line(doc['machine'])}. Upsampled PneumoniaMNIST (official val/test), "
              "every model trained from scratch through its shipped full-size recipe (overrides in zoo.json), exported "
              "with the default profile, benched with `edgekd bench --threads 2` (PyTorch eager, ONNX Runtime and "
              "OpenVINO bare calls and the edgekd runner; fresh process per row). p50 ms at batch 1 / batch 8.", "",
@@ -228,8 +228,7 @@ def main() -> int:
             rec = {"arch": arch, "role": ZOO[arch][0], "recipe": ZOO[arch][1], "error": str(err), "date": now()}
         rec["command"] = command
         records.append(rec)
-        doc = {"benchmark": "zoo", "command": command, "date": now(), "machine": machine(),
-               "goals": GOALS, "records": records}
+        doc = results_doc("zoo", command, records, goals=GOALS)
         write_json(ZOO_JSON, doc)
     write_section(doc)
     print(f"wrote {ZOO_JSON} and the RESULTS.md zoo section")

@@ -1,0 +1,50 @@
+"""Every benchmarks/results/*.json follows the one schema (benchmarks/schema.py), and the schema catches what it
+is there to catch."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import schema  # noqa: E402
+
+FILES = sorted((BENCH / "results").glob("*.json"))
+GOOD = {"benchmark": "x", "command": "python benchmarks/x.py", "date": "2026-12-02T10:00:00+00:00",
+        "machine": {"cpu": "AMD EPYC", "cores": 2, "arch": "x86_64", "gpu": None, "torch": "2.14.1"},
+        "records": [{"acc": 0.9}]}
+
+
+def test_there_are_results_files():
+    assert len(FILES) >= 10
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_results_file_follows_the_schema(path):
+    assert schema.problems(json.loads(path.read_text())) == []
+
+
+def test_a_conforming_document_passes():
+    assert schema.problems(GOOD) == []
+
+
+@pytest.mark.parametrize("break_it, expected", [
+    (lambda d: d.update(machine="2-core x86_64 (AMD EPYC), no GPU"), "machine"),
+    (lambda d: d["machine"].pop("arch"), "machine.arch"),
+    (lambda d: d.update(date="2026-12-02T10:00:00"), "date"),
+    (lambda d: d.update(date="2026-12-02T11:00:00+01:00"), "not UTC"),
+    (lambda d: d.pop("command"), "command"),
+    (lambda d: d.update(records={"acc": 0.9}), "records"),
+    (lambda d: d["records"][0].update(machine="2-core"), "records.0.machine"),
+    (lambda d: d.update(runtime={"m": {"machine": {"cpu": "x"}}}), ".runtime.m.machine"),
+    (lambda d: d.update(summary={"started": "2026-11-23T15:11:51"}), ".summary.started"),
+])
+def test_schema_names_what_is_wrong(break_it, expected):
+    doc = copy.deepcopy(GOOD)
+    break_it(doc)
+    found = schema.problems(doc)
+    assert found and any(expected in p for p in found), found
