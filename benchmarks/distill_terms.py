@@ -36,6 +36,26 @@ RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- distill-terms:begin (benchmarks/distill_terms.py) -->", "<!-- distill-terms:end -->"
 
 
+def section(result: dict) -> str:
+    """The RESULTS.md section from a distill_terms.json document."""
+    rows, seeds = result["records"], result["seeds"]
+    cols = ("acc", "auc", "f1", "sensitivity", "specificity", "seconds_per_epoch")
+    teacher_model = load_recipe(REPO / "recipes/pneumonia/teacher-28.yaml").model.name
+    lines = [BEGIN, "## KD terms: logit vs feature vs attention transfer (`benchmarks/distill_terms.py`)", "",
+             f"`{result['command'].strip()}` on {result['date'][:10]}, {machine_line(result['machine'])}. PneumoniaMNIST 28 px test "
+             f"split; teacher `{result['teacher']}` ({teacher_model}; logit_r18: the ResNet-18 teacher), student "
+             f"{rows[0]['model'] if rows else '-'}; seeds {seeds} "
+             f"({'one seed: differences of a point or less are within seed noise' if len(seeds) == 1 else 'mean ± std'}). "
+             "Seconds per epoch: 1 torch thread, with another training job on the other core.",
+             "", "| variant | loss | params | seeds | " + " | ".join(cols) + " |", "|---|---|---:|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = ["-" if r[k]["mean"] is None else (f"{r[k]['mean']:.4f}" + (f" ± {r[k]['std']:.4f}" if len(r["seeds"]) > 1 else ""))
+                 for k in cols]
+        lines.append(f"| {r['variant']} | {r['loss']} | {r['params'] / 1e6:.2f}M | {r['seeds']} | " + " | ".join(cells) + " |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -75,22 +95,8 @@ def main() -> None:
         rows.append(row)
     result = results_doc("distill_terms", command, rows, teacher="runs/bench/pneumonia/teacher/best.pt", seeds=args.seeds)
     write_json(RESULTS / "distill_terms.json", result)
-    cols = ("acc", "auc", "f1", "sensitivity", "specificity", "seconds_per_epoch")
-    teacher_model = load_recipe(REPO / "recipes/pneumonia/teacher-28.yaml").model.name
-    lines = [BEGIN, "## KD terms: logit vs feature vs attention transfer (`benchmarks/distill_terms.py`)", "",
-             f"`{result['command'].strip()}` on {result['date'][:10]}, {machine_line(result['machine'])}. PneumoniaMNIST 28 px test "
-             f"split; teacher `{result['teacher']}` ({teacher_model}; logit_r18: the ResNet-18 teacher), student "
-             f"{rows[0]['model'] if rows else '-'}; seeds {args.seeds} "
-             f"({'one seed: differences of a point or less are within seed noise' if len(args.seeds) == 1 else 'mean ± std'}). "
-             "Seconds per epoch: 1 torch thread, with another training job on the other core.",
-             "", "| variant | loss | params | seeds | " + " | ".join(cols) + " |", "|---|---|---:|---|" + "---:|" * len(cols)]
-    for r in rows:
-        cells = ["-" if r[k]["mean"] is None else (f"{r[k]['mean']:.4f}" + (f" ± {r[k]['std']:.4f}" if len(r["seeds"]) > 1 else ""))
-                 for k in cols]
-        lines.append(f"| {r['variant']} | {r['loss']} | {r['params'] / 1e6:.2f}M | {r['seeds']} | " + " | ".join(cells) + " |")
-    lines.append(END)
     text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, "\n".join(lines), BEGIN, END)))
+    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section(result), BEGIN, END)))
     for r in rows:
         print(f"{r['variant']:10s} seeds {r['seeds']}: acc {r['acc']['mean']:.4f} auc {r['auc']['mean']:.4f} "
               f"f1 {r['f1']['mean']:.4f} s/epoch {r['seconds_per_epoch']['mean']:.1f}")

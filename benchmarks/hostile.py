@@ -27,6 +27,7 @@ from edgekd.fileio import write_json, write_text  # noqa: E402
 
 GOAL_MB = 300.0
 EDGEKD = [sys.executable, "-m", "edgekd"]
+MARKERS = ("<!-- hostile:begin -->", "<!-- hostile:end -->")
 
 
 def peak_rss_predict(args: list[str]) -> tuple[int, float, str]:
@@ -50,6 +51,25 @@ for i in range(3):
 Image.new("1", (1, 63_999_999)).save(f"{tmp}/tall.png", optimize=True)
 Image.new("1", (400_000, 1)).save(f"{tmp}/wide.png", optimize=True)
 """
+
+
+def section(doc: dict) -> str:
+    """The RESULTS.md section from a hostile.json document."""
+    command, parent_mb, records = doc["command"], doc["parent_peak_rss_mb"], doc["records"]
+    lines = ["<!-- hostile:begin -->", "## Hostile image shapes: memory of `edgekd predict`", "",
+             f"`{command}` — {doc['date']}, {machine_line(doc['machine'])}. A fresh `edgekd predict --backend onnx` process per row "
+             f"(peak RSS from the kernel; it includes up to the launching process's {parent_mb:.0f} MB, forked before exec), "
+             "3 good 64 px PNGs with the hostile file second; goal: peak RSS < "
+             f"{GOAL_MB:.0f} MB, the bad file reported, the rest predicted and written.", "",
+             "| case | file size | exit | peak RSS MB | predicted | reported | goal |", "|---|---:|---:|---:|---:|---|---|"]
+    for r in records:
+        size = ("-" if r["file_bytes"] is None else f"{r['file_bytes']} B" if r["file_bytes"] < 10240
+                else f"{r['file_bytes'] / 1024:.0f} KB")
+        reported = "; ".join(x.split(": ", 2)[-1] for x in r["reported"]) or "-"
+        lines.append(f"| {r['case']} | {size} | {r['exit']} | {r['peak_rss_mb']:.0f} | {r['predicted']} of "
+                     f"{r['images']} | {reported} | {'met' if r['met'] else 'MISSED'} |")
+    lines += ["", "<!-- hostile:end -->"]
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -82,22 +102,8 @@ def main() -> int:
     parent_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     doc = results_doc("hostile", command, records, bundle=str(args.bundle), parent_peak_rss_mb=round(parent_mb, 1))
     write_json(RESULTS / "hostile.json", doc)
-    lines = ["<!-- hostile:begin -->", "## Hostile image shapes: memory of `edgekd predict`", "",
-             f"`{command}` — {doc['date']}, {machine_line(doc['machine'])}. A fresh `edgekd predict --backend onnx` process per row "
-             f"(peak RSS from the kernel; it includes up to the launching process's {parent_mb:.0f} MB, forked before exec), "
-             "3 good 64 px PNGs with the hostile file second; goal: peak RSS < "
-             f"{GOAL_MB:.0f} MB, the bad file reported, the rest predicted and written.", "",
-             "| case | file size | exit | peak RSS MB | predicted | reported | goal |", "|---|---:|---:|---:|---:|---|---|"]
-    for r in records:
-        size = ("-" if r["file_bytes"] is None else f"{r['file_bytes']} B" if r["file_bytes"] < 10240
-                else f"{r['file_bytes'] / 1024:.0f} KB")
-        reported = "; ".join(x.split(": ", 2)[-1] for x in r["reported"]) or "-"
-        lines.append(f"| {r['case']} | {size} | {r['exit']} | {r['peak_rss_mb']:.0f} | {r['predicted']} of "
-                     f"{r['images']} | {reported} | {'met' if r['met'] else 'MISSED'} |")
-    lines += ["", "<!-- hostile:end -->"]
     results_md = REPO / "benchmarks" / "RESULTS.md"
-    write_text(results_md, replace_section(results_md.read_text(), "\n".join(lines), "<!-- hostile:begin -->",
-                                           "<!-- hostile:end -->"))
+    write_text(results_md, replace_section(results_md.read_text(), section(doc), *MARKERS))
     print(f"wrote {RESULTS / 'hostile.json'} and the RESULTS.md section")
     return 0
 

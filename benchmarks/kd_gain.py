@@ -202,7 +202,7 @@ def markdown(set_name: str, doc: dict) -> str:
         r = doc["repeat"]
         lines += ["", f"Reproducibility: `{r['row']}` seed {r['seed']} trained twice ({r['threads']} threads): test "
                   f"metrics {'identical' if r['identical'] else 'DIFFER'} ({r['first']} vs {r['second']})."]
-    lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in doc["commands"]), *[f"\nNote: {n}" for n in doc["notes"]], end]
+    lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in doc["commands"]), *[f"\nNote: {n}" for n in doc.get("notes", [])], end]
     return "\n".join(lines)
 
 

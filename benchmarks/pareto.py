@@ -24,6 +24,25 @@ RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- pareto:begin (benchmarks/pareto.py) -->", "<!-- pareto:end -->"
 
 
+def section(result: dict) -> str:
+    """The RESULTS.md section from a pareto.json document."""
+    panels: dict[str, list[dict]] = {}
+    for r in result["records"]:
+        panels.setdefault(r["metric"], []).append({k: v for k, v in r.items() if k != "metric"})
+    front = {m: [point_label(p) + f" ({p['model']})" for p in sorted(pts, key=lambda p: p["p50_ms"]) if p["pareto"]]
+             for m, pts in panels.items()}
+    return "\n".join([
+        BEGIN, "## Accuracy-latency Pareto front (`benchmarks/pareto.py`)", "",
+        f"`{result['command']}` on {result['date'][:10]}; the points are the batch-1 records of "
+        f"`benchmarks/results/latency.json` (latency run: {result['latency_run'].get('date', '?')}, {machine_line(result['machine'])}). "
+        "Latency is the p50 of batch-1 calls; accuracy/AUC on the test split as measured by that run.", "",
+        "![Pareto](results/pareto.png)", "",
+        f"Front (accuracy): {'; '.join(front['acc'])}.", "",
+        f"Front (AUC): {'; '.join(front['auc'])}.", "",
+        "<details><summary>every configuration (accuracy)</summary>", "", pareto_markdown(panels["acc"], "acc"), "",
+        "</details>", END])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency", default=str(RESULTS / "latency.json"))
@@ -46,21 +65,9 @@ def main() -> None:
               "machine": source.get("machine") or data["records"][0]["machine"]}
     write_json(RESULTS / "pareto.json", result)
     plot_pareto(panels, RESULTS / "pareto.png", "PneumoniaMNIST: accuracy vs batch-1 latency (p50)")
-    front = {m: [point_label(p) + f" ({p['model']})" for p in sorted(pts, key=lambda p: p["p50_ms"]) if p["pareto"]]
-             for m, pts in panels.items()}
-    section = "\n".join([
-        BEGIN, "## Accuracy-latency Pareto front (`benchmarks/pareto.py`)", "",
-        f"`{result['command']}` on {result['date'][:10]}; the points are the batch-1 records of "
-        f"`benchmarks/results/latency.json` (latency run: {source.get('date', '?')}, {machine_line(result['machine'])}). "
-        "Latency is the p50 of batch-1 calls; accuracy/AUC on the test split as measured by that run.", "",
-        "![Pareto](results/pareto.png)", "",
-        f"Front (accuracy): {'; '.join(front['acc'])}.", "",
-        f"Front (AUC): {'; '.join(front['auc'])}.", "",
-        "<details><summary>every configuration (accuracy)</summary>", "", pareto_markdown(panels["acc"], "acc"), "",
-        "</details>", END])
     text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section, BEGIN, END)))
-    print(json.dumps(front, indent=2))
+    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section(result), BEGIN, END)))
+    print(section(result).split("Front (accuracy): ", 1)[1].split("\n", 1)[0])
 
 
 if __name__ == "__main__":

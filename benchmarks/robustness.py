@@ -63,6 +63,34 @@ def by_severity(records: list[dict]) -> list[str]:
     return lines
 
 
+def section(result: dict) -> str:
+    """The RESULTS.md section from a robustness.json document."""
+    res = result
+    rel_line = "; ".join(f"{s['role']} {s['model']} {s['format']}/{s['precision']}: mean corruption accuracy "
+                         f"{s['mean_corruption_acc']:.4f} vs clean {s['clean_acc']:.4f} = {s['relative_acc']:.1%} of clean "
+                         f"({-s['acc_drop_pts']:+.1f} pts), mean corruption AUC {s['mean_corruption_auc']:.4f} vs "
+                         f"{s['clean_auc']:.4f}" for s in res["summary"])
+    counts = res["class_counts"]
+    names = res["class_names"]
+    counts_line = " / ".join(f"{n} {c} ({c / sum(counts):.1%})" for n, c in zip(names, counts))
+    majority, majority_name = max(counts) / sum(counts), names[counts.index(max(counts))]
+    return "\n".join([
+        BEGIN, "## Corruption robustness (`benchmarks/robustness.py`)", "",
+        f"`{result['command']}` on {result['date'][:10]}, {machine_line(result['machine'])}. PneumoniaMNIST test split "
+        f"({res['images']} images), 8 corruptions x 5 severities (edgekd.robustness: ImageNet-C-style, numpy/Pillow, "
+        f"seed {res['seed']}; each corruption is applied to the decoded 28 px image before each model's own "
+        f"preprocessing, so every model sees identical pixels). Teacher `{result['teacher']}`, student "
+        f"`{result['student']}`, and the student's bundle from `{result['export_command']}` run by edgekd.runtime.", "",
+        f"Mean corruption accuracy relative to clean: {rel_line}.", "",
+        f"Read accuracy with the class balance in mind: the test split is {counts_line}, so a model that drifts to "
+        f"predicting one class under heavy corruption scores {majority:.4f} (all {majority_name}) without "
+        "seeing anything; accuracy that rises again at high severity is that drift, not robustness. AUC (in "
+        "robustness.json per condition, and its mean above) does not reward it.", "",
+        "![robustness](results/robustness.png)", "",
+        corruption_markdown(res["summary"], "Accuracy per corruption (mean over severities 1-5)"), "",
+        "Mean accuracy over the 8 corruptions per severity:", "", *by_severity(res["records"]), "", END])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path, default=RUNS / "teacher" / "best.pt")
@@ -89,32 +117,10 @@ def main() -> None:
                          class_counts=res["class_counts"], summary=res["summary"])
     write_json(args.results / "robustness.json", result)
     shutil.copyfile(args.out / "robustness.png", args.results / "robustness.png")
-    rel_line = "; ".join(f"{s['role']} {s['model']} {s['format']}/{s['precision']}: mean corruption accuracy "
-                         f"{s['mean_corruption_acc']:.4f} vs clean {s['clean_acc']:.4f} = {s['relative_acc']:.1%} of clean "
-                         f"({-s['acc_drop_pts']:+.1f} pts), mean corruption AUC {s['mean_corruption_auc']:.4f} vs "
-                         f"{s['clean_auc']:.4f}" for s in res["summary"])
-    counts = res["class_counts"]
-    names = res["class_names"]
-    counts_line = " / ".join(f"{n} {c} ({c / sum(counts):.1%})" for n, c in zip(names, counts))
-    majority, majority_name = max(counts) / sum(counts), names[counts.index(max(counts))]
-    section = "\n".join([
-        BEGIN, "## Corruption robustness (`benchmarks/robustness.py`)", "",
-        f"`{result['command']}` on {result['date'][:10]}, {machine_line(result['machine'])}. PneumoniaMNIST test split "
-        f"({res['images']} images), 8 corruptions x 5 severities (edgekd.robustness: ImageNet-C-style, numpy/Pillow, "
-        f"seed {args.seed}; each corruption is applied to the decoded 28 px image before each model's own "
-        f"preprocessing, so every model sees identical pixels). Teacher `{result['teacher']}`, student "
-        f"`{result['student']}`, and the student's bundle from `{export_cmd}` run by edgekd.runtime.", "",
-        f"Mean corruption accuracy relative to clean: {rel_line}.", "",
-        f"Read accuracy with the class balance in mind: the test split is {counts_line}, so a model that drifts to "
-        f"predicting one class under heavy corruption scores {majority:.4f} (all {majority_name}) without "
-        "seeing anything; accuracy that rises again at high severity is that drift, not robustness. AUC (in "
-        "robustness.json per condition, and its mean above) does not reward it.", "",
-        "![robustness](results/robustness.png)", "",
-        corruption_markdown(res["summary"], "Accuracy per corruption (mean over severities 1-5)"), "",
-        "Mean accuracy over the 8 corruptions per severity:", "", *by_severity(res["records"]), "", END])
     text = args.results_md.read_text() if args.results_md.is_file() else "# Benchmark results\n"
-    atomic_write(args.results_md, lambda tmp: open(tmp, "w").write(replace_section(text, section, BEGIN, END)))
-    print(rel_line.replace("; ", "\n"))
+    atomic_write(args.results_md, lambda tmp: open(tmp, "w").write(replace_section(text, section(result), BEGIN, END)))
+    for s in result["summary"]:
+        print(f"{s['role']} {s['format']}/{s['precision']}: {s['relative_acc']:.1%} of clean accuracy")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,24 @@ def test_schema_names_what_is_wrong(break_it, expected):
     break_it(doc)
     found = schema.problems(doc)
     assert found and any(expected in p for p in found), found
+
+
+def test_results_md_figures_regenerate_from_the_json():
+    import report
+
+    text = (BENCH / "RESULTS.md").read_text()
+    assert report.render(text)[1] == []
+
+
+def test_report_check_catches_a_hand_edited_figure(tmp_path):
+    import report
+
+    text = (BENCH / "RESULTS.md").read_text()
+    section = report.current(text, "<!-- export:begin", "<!-- export:end -->")
+    edited = text.replace(section, section.replace("| 0.9183 |", "| 0.9283 |", 1))
+    assert edited != text
+    path = tmp_path / "RESULTS.md"
+    path.write_text(edited)
+    assert report.main(["--check", "--results-md", str(path)]) == 1
+    assert report.main(["--results-md", str(path)]) == 0
+    assert path.read_text() == text
