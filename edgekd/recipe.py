@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -15,7 +16,8 @@ from edgekd.errors import EdgeKDError, oversized, quote, shorten
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Attribute docstrings become field descriptions: the recipe-key reference (docs/recipe-keys.md) is made from them.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class DataConfig(Section):
@@ -346,6 +348,56 @@ class Recipe(Section):
         """A short sha256 of the resolved recipe: same digest, same training setup."""
         text = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+BOUNDS = {"Ge": ("≥", "ge"), "Gt": (">", "gt"), "Le": ("≤", "le"), "Lt": ("<", "lt"), "MinLen": ("min length", "min_length")}
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader writes it: `int | null`, `"cosine" | "plateau"`, `list[str]`, `section`."""
+    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
+    for old, new in (("typing.", ""), ("NoneType", "null"), ("| None", "| null"), ("edgekd.recipe.", ""),
+                     ("Literal", "one of ")):
+        text = text.replace(old, new)
+    return text
+
+
+def _sections_of(annotation: Any) -> list[type[BaseModel]]:
+    """The recipe sections (pydantic models) a field holds, directly or in a list/union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _sections_of(arg)]
+
+
+def recipe_key_reference() -> str:
+    """Every recipe key with its type, default, bounds and description, made from the schema (docs/recipe-keys.md)."""
+    lines = ["# Recipe keys", "", "Generated from the pydantic schema in `edgekd/recipe.py` by "
+             "`python scripts/recipe_keys.py` (a test checks this file is current). Dotted keys are what "
+             "`--set key=value` takes; a section may be `null` where its type says so.", ""]
+    seen: set[type] = set()
+
+    def section(model: type[BaseModel], prefix: str) -> None:
+        rows, nested = [], []
+        for name, field in model.model_fields.items():
+            bounds = ", ".join(f"{BOUNDS[type(m).__name__][0]} {getattr(m, BOUNDS[type(m).__name__][1])}"
+                               for m in field.metadata if type(m).__name__ in BOUNDS)
+            default = "required" if field.is_required() else f"`{json.dumps(field.get_default(call_default_factory=True), default=str)}`"
+            subs = _sections_of(field.annotation)
+            kind = " \\| ".join(sorted({m.__name__ for m in subs})) + (" \\| null" if type(None) in getattr(field.annotation, "__args__", ()) else "") \
+                if subs else _type_name(field.annotation).replace("|", "\\|")
+            desc = (field.description or "").replace("\n", " ").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {kind} | {default if not subs else ''} | {bounds} | {desc} |")
+            nested += [(m, f"{prefix}{name}.") for m in subs if m not in seen]
+        lines.extend([f"## `{prefix.rstrip('.') or 'recipe'}` ({model.__name__})", "",
+                      *([inspect.cleandoc(model.__doc__), ""] if model.__doc__ and model.__doc__ != Section.__doc__ else []),
+                      "| key | type | default | bounds | description |", "|---|---|---|---|---|", *rows, ""])
+        for m, p in nested:
+            if m not in seen:
+                seen.add(m)
+                section(m, f"{p}[{m.__name__}]." if m.__name__.endswith("Term") else p)  # a list item of that kind
+
+    section(Recipe, "")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:

@@ -73,3 +73,17 @@ def test_digest_changes_with_content():
 def test_every_shipped_recipe_validates(path):
     r = load_recipe(REPO / path)
     assert r.name
+
+
+def test_recipe_key_reference_is_current_and_complete():
+    """docs/recipe-keys.md is generated from the schema: regenerate it (scripts/recipe_keys.py) when a key changes."""
+    from pathlib import Path
+
+    from edgekd.recipe import DataConfig, TrainConfig, recipe_key_reference
+
+    text = recipe_key_reference()
+    assert (Path(__file__).resolve().parents[1] / "docs" / "recipe-keys.md").read_text() == text
+    for key in [*(f"data.{k}" for k in DataConfig.model_fields), *(f"train.{k}" for k in TrainConfig.model_fields),
+                "model.head_dropout", "train.monitor_mode",
+                "train.scheduler.name", "distill.terms.[KLTerm].temperature"]:
+        assert f"| `{key}` |" in text, key

@@ -19,12 +19,12 @@ import numpy as np
 from edgekd.bench.hardware import OtherCPU, cpu_info, gemm_peak_fraction
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import refuse_output_inside, write_json
-from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS
+from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
 
 SCHEMA = "edgekd-bench/1"
 FORMATS = ("torch", *ARTIFACT_FORMATS)
-DEFAULT_VIEWS = ["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"]
+DEFAULT_VIEWS = list(TTA_VIEWS)
 RECORD_KEYS = ("model", "role", "format", "precision", "variant", "batch", "tta", "views", "threads", "p50_ms",
                "p90_ms", "p99_ms", "mean_ms", "min_ms", "runs", "throughput", "params", "macs", "size_mb",
                "peak_rss_mb", "load_s", "acc", "auc", "gemm_peak_fraction", "status", "reason")

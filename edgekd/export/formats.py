@@ -35,7 +35,7 @@ class ExportFormat:
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
     # FP16 ONNX is left out: ONNX Runtime's CPU provider lacks FP16 kernels for most ops; OpenVINO covers FP16.
     ExportFormat("onnx", ".onnx", ("fp32", "int8"), export_onnx_artifact, open_onnx),
-    ExportFormat("openvino", ".xml", ("fp32", "fp16", "int8"), export_openvino_artifact, open_openvino, (".bin",)),
+    ExportFormat("openvino", ".xml", PRECISIONS, export_openvino_artifact, open_openvino, (".bin",)),
 )}
 
 

@@ -9,11 +9,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgekd.errors import EdgeKDError
+from edgekd.formats import PRECISIONS, TTA_VIEWS
 from edgekd.recipe import deep_merge, format_validation_error
 
-Precision = Literal["fp32", "fp16", "int8"]
-TTA_VIEWS = ("original", "hflip", "vflip", "center_crop", "rot+15", "rot-15")
-TTAView = Literal["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"]
+Precision = Literal[PRECISIONS]
+TTAView = Literal[TTA_VIEWS]
 
 
 class Section(BaseModel):

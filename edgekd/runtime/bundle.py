@@ -19,12 +19,11 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError, quote, shorten, shown
 from edgekd.fileio import deferred_signals, ensure_free_space, remove_tree, sha256_file
-from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS
+from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 
 SCHEMA = "edgekd-bundle/1"
 METADATA_FILE = "edgekd.json"
 MANIFEST_FILE = "manifest.sha256"
-TTA_VIEWS = ("original", "hflip", "vflip", "center_crop", "rot+15", "rot-15")
 MAX_ZIP_BYTES = 4 * 2**30
 """Zip-bomb guard: a bundle never needs more than this uncompressed (and never more than the free disk space)."""
 MAX_SMALL_FILE = 16 * 2**20

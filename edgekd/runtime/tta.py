@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.runtime.bundle import TTA_VIEWS
+from edgekd.formats import TTA_VIEWS
 
 DEFAULT_CENTER_CROP_FRACTION = 0.875
 WEIGHT_GRID = 2.0 ** 14
