@@ -1,0 +1,110 @@
+"""Calibration: temperature scaling fit on validation logits, and how well probabilities mean what they say.
+
+ECE (equal-width bins, 15 by default, as in Guo et al. 2017) and adaptive ECE (equal-mass bins) on the top-class
+confidence; Brier score in its multi-class form (mean over images of the squared distance between the probability
+vector and the one-hot label; for two classes this is twice scikit-learn's binary `brier_score_loss`); NLL by
+scikit-learn's `log_loss`. Temperature scaling divides the logits by one scalar T fit by NLL (scipy's bounded
+scalar minimizer over log T); it never changes the argmax, only how confident the probabilities are. torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import log_loss
+
+from edgekd.probability import softmax
+
+ECE_BINS = 15
+T_BOUNDS = (0.05, 20.0)
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    probs = np.asarray(probs, dtype=np.float64)
+    return float(log_loss(np.asarray(labels), probs, labels=list(range(probs.shape[1]))))
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    probs = np.asarray(probs, dtype=np.float64)
+    onehot = np.eye(probs.shape[1])[np.asarray(labels, dtype=int)]
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS, adaptive: bool = False) -> float:
+    """Expected calibration error of the top-class confidence: sum over bins of (share of images) x |accuracy -
+    mean confidence|. Equal-width bins on (0, 1] (a confidence on an edge goes to the lower bin), or with
+    `adaptive` equal-mass bins (the images sorted by confidence, split into `bins` groups of near-equal size)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+    if adaptive:
+        groups = np.array_split(np.argsort(conf, kind="stable"), bins)
+    else:
+        which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+        groups = [np.flatnonzero(which == b) for b in range(bins)]
+    n = len(conf)
+    return float(sum(len(g) / n * abs(correct[g].mean() - conf[g].mean()) for g in groups if len(g)))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T > 0 that minimizes the NLL of softmax(logits / T) on (validation) logits."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=int)
+    rows = np.arange(len(labels))
+
+    def loss(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        return float((np.log(np.exp(z).sum(axis=1)) - z[rows, labels]).mean())
+
+    found = minimize_scalar(loss, bounds=tuple(np.log(T_BOUNDS)), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(found.x))
+
+
+def calibration_figures(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {"ece": ece(probs, labels), "adaptive_ece": ece(probs, labels, adaptive=True),
+            "brier": brier(probs, labels), "nll": nll(probs, labels)}
+
+
+def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray | None = None,
+                       test_labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Fit T on validation; the figures before and after on validation (and on test when given)."""
+    temperature = fit_temperature(val_logits, val_labels)
+    out: dict[str, Any] = {"method": "temperature", "temperature": temperature, "fitted_on": "val",
+                           "fit_images": int(len(val_labels)), "bins": ECE_BINS}
+    for split, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels)):
+        if logits is None:
+            continue
+        logits = np.asarray(logits, dtype=np.float64)
+        out[split] = {"before": calibration_figures(softmax(logits), labels),
+                      "after": calibration_figures(softmax(logits / temperature), labels), "images": int(len(labels))}
+    return out
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Per equal-width bin: its range, image count, mean confidence and accuracy (the reliability diagram's data)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    return [{"low": b / bins, "high": (b + 1) / bins, "count": int((which == b).sum()),
+             "confidence": float(conf[which == b].mean()) if (which == b).any() else None,
+             "accuracy": float(correct[which == b].mean()) if (which == b).any() else None} for b in range(bins)]
+
+
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str) -> Path:
+    """A reliability diagram: accuracy vs confidence per bin for each named (probs, labels), and the diagonal."""
+    from edgekd.metrics.plots import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
+    for name, (probs, labels) in curves.items():
+        pts = [b for b in reliability_bins(probs, labels) if b["count"]]
+        ax.plot([b["confidence"] for b in pts], [b["accuracy"] for b in pts], "o-",
+                label=f"{name} (ECE {ece(probs, labels):.3f})")
+    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path)

@@ -1,0 +1,133 @@
+"""Calibration, operating points and uncertainty (edgekd.metrics.calibration / .uncertainty)."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
+
+from edgekd.metrics.calibration import brier, calibration_report, ece, fit_temperature, nll
+from edgekd.metrics.uncertainty import (bootstrap_intervals, choose_threshold, decide, delong_test,
+                                        paired_bootstrap_auc, stratified_resamples)
+from edgekd.probability import softmax
+
+# 4 images, 2 classes. Top-class confidences 0.9, 0.6, 0.7, 0.95; correct: yes, no, yes, yes.
+PROBS = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.05, 0.95]])
+LABELS = np.array([0, 0, 1, 1])
+
+
+def test_ece_by_hand():
+    # 15 equal-width bins: 0.6 -> bin (0.5333, 0.6], 0.7 -> (0.6667, 0.7333], 0.9 -> (0.8667, 0.9], 0.95 -> (0.9333, 0.9667]
+    # each bin one image: ECE = 1/4 (|0 - 0.6| + |1 - 0.7| + |1 - 0.9| + |1 - 0.95|) = 1/4 * 1.05
+    assert ece(PROBS, LABELS) == pytest.approx(1.05 / 4)
+    # 2 equal-mass bins: {0.6, 0.7} acc 0.5 conf 0.65; {0.9, 0.95} acc 1 conf 0.925 -> 0.5*0.15 + 0.5*0.075
+    assert ece(PROBS, LABELS, bins=2, adaptive=True) == pytest.approx(0.5 * 0.15 + 0.5 * 0.075)
+    # 1 bin: |accuracy 0.75 - mean confidence 0.7875|
+    assert ece(PROBS, LABELS, bins=1) == pytest.approx(0.0375)
+
+
+def test_brier_and_nll_by_hand():
+    # sum over classes of (p - onehot)^2 per image: 0.02, 0.72, 0.18, 0.005 -> mean 0.23125
+    assert brier(PROBS, LABELS) == pytest.approx((0.02 + 0.72 + 0.18 + 0.005) / 4)
+    assert nll(PROBS, LABELS) == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.7, 0.95])))
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.5])
+def test_temperature_scaling_recovers_a_known_temperature(true_t):
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, size=(4000, 3))
+    labels = np.array([rng.choice(3, p=p) for p in softmax(z)])  # calibrated at z; the model reports z * T
+    assert fit_temperature(z * true_t, labels) == pytest.approx(true_t, rel=0.05)
+
+
+def test_temperature_scaling_lowers_ece_and_keeps_argmax():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, size=(3000, 2))
+    labels = np.array([rng.choice(2, p=p) for p in softmax(z)])
+    over = z * 3.0  # overconfident
+    report = calibration_report(over[:1500], labels[:1500], over[1500:], labels[1500:])
+    assert report["temperature"] == pytest.approx(3.0, rel=0.1)
+    assert report["test"]["after"]["ece"] < report["test"]["before"]["ece"] / 2
+    assert report["test"]["after"]["nll"] < report["test"]["before"]["nll"]
+    assert (softmax(over / report["temperature"]).argmax(1) == softmax(over).argmax(1)).all()
+
+
+def test_choose_threshold_rules_by_hand():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    # sensitivity >= 0.75: the highest threshold keeping 3 of 4 positives is 0.7; >= 1.0 needs 0.4
+    assert choose_threshold(y, p, "sensitivity", 0.75) == pytest.approx(0.7)
+    assert choose_threshold(y, p, "sensitivity", 1.0) == pytest.approx(0.4)
+    # specificity >= 1.0: the lowest threshold above every negative is 0.7
+    assert choose_threshold(y, p, "specificity", 1.0) == pytest.approx(0.7)
+    # Youden: t=0.7 gives 0.75 + 1 - 1 = 0.75; t=0.4 gives 1 + 0.75 - 1 = 0.75 (first max: higher threshold)
+    assert choose_threshold(y, p, "youden") == pytest.approx(0.7)
+    assert choose_threshold(y, p, "argmax") is None
+    assert (decide(np.stack([1 - p, p], 1), 0.7) == (p >= 0.7)).all()
+    with pytest.raises(ValueError, match="target"):
+        choose_threshold(y, p, "sensitivity", None)
+
+
+def test_stratified_resamples_keep_the_class_mix_and_are_seeded():
+    y = np.array([0] * 7 + [1] * 3)
+    a, b = stratified_resamples(y, 50, seed=3), stratified_resamples(y, 50, seed=3)
+    assert (a == b).all() and a.shape == (50, 10)
+    assert ((y[a] == 1).sum(axis=1) == 3).all()
+    assert not (stratified_resamples(y, 50, seed=4) == a).all()
+
+
+def test_bootstrap_intervals_are_deterministic_and_bracket_the_value():
+    rng = np.random.default_rng(2)
+    y = (rng.random(300) < 0.4).astype(int)
+    s = rng.normal(y * 1.2, 1.0)
+    probs = np.stack([1 - norm.cdf(s), norm.cdf(s)], 1)
+    one = bootstrap_intervals(y, probs, threshold=0.5, seed=7)
+    assert one == bootstrap_intervals(y, probs, threshold=0.5, seed=7)
+    assert one["auc"]["value"] == pytest.approx(roc_auc_score(y, probs[:, 1]))
+    for m, ci in one.items():
+        assert ci["low"] <= ci["value"] <= ci["high"], m
+        assert ci["high"] - ci["low"] > 0, m
+
+
+def test_bootstrap_auc_interval_covers_the_true_value_at_about_the_nominal_rate():
+    # Binormal scores: positives N(d, 1), negatives N(0, 1) -> true AUC = Phi(d / sqrt(2)).
+    d, n_pos, n_neg, trials = 1.5, 60, 90, 120
+    true_auc = norm.cdf(d / np.sqrt(2))
+    rng = np.random.default_rng(11)
+    hits = 0
+    for t in range(trials):
+        y = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+        s = np.r_[rng.normal(d, 1, n_pos), rng.normal(0, 1, n_neg)]
+        ci = bootstrap_intervals(y, np.stack([1 - norm.cdf(s), norm.cdf(s)], 1), seed=t)["auc"]
+        hits += ci["low"] <= true_auc <= ci["high"]
+    assert 0.88 <= hits / trials <= 0.99  # nominal 0.95; percentile intervals run slightly narrow
+
+
+def _asah():
+    rows = list(csv.DictReader((Path(__file__).parent / "data" / "asah.csv").open()))
+    y = np.array([r["outcome"] == "Poor" for r in rows], dtype=int)
+    return y, {k: np.array([float(r[k]) for r in rows]) for k in ("wfns", "s100b", "ndka")}
+
+
+def test_delong_matches_proc_on_the_asah_data():
+    """pROC's published figures (its tests: roc.test(r.wfns, r.s100b), cov(...)) on its aSAH data set."""
+    y, m = _asah()
+    t = delong_test(y, m["wfns"], m["s100b"])
+    assert t["auc_a"] == pytest.approx(0.8236789, abs=1e-7) and t["auc_b"] == pytest.approx(0.7313686, abs=1e-7)
+    assert t["z"] == pytest.approx(2.20898359144091, rel=1e-10)
+    assert t["p_value"] == pytest.approx(0.0271757822291882, rel=1e-10)
+    assert t["covariance"][0][1] == pytest.approx(0.00119615567376754, rel=1e-10)
+    assert delong_test(y, m["wfns"], m["ndka"])["covariance"][0][1] == pytest.approx(-0.000532967856762438, rel=1e-10)
+    assert delong_test(y, m["ndka"], m["s100b"])["covariance"][0][1] == pytest.approx(-0.000756164938056579, rel=1e-10)
+    same = delong_test(y, m["wfns"], m["wfns"])
+    assert same["diff"] == 0 and same["p_value"] == 1.0
+
+
+def test_paired_bootstrap_auc_difference():
+    y, m = _asah()
+    r = paired_bootstrap_auc(y, m["wfns"], m["s100b"], seed=0)
+    assert r["diff"] == pytest.approx(0.8236789 - 0.7313686, abs=1e-6)
+    assert r["low"] < r["diff"] < r["high"] and 0 < r["p_value"] < 0.2
+    assert paired_bootstrap_auc(y, m["wfns"], m["wfns"])["p_value"] == 1.0
