@@ -293,8 +293,14 @@ def predict(
     batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later runs start faster."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+                                              help="Decision threshold on the positive class's calibrated probability "
+                                                   "for this call (two-class bundles; default: the bundle's)."),
 ) -> None:
-    """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end)."""
+    """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end).
+
+    Probabilities are calibrated with the bundle's temperature (when it has one; the uncalibrated ones are shown
+    beside them) and the label follows the bundle's operating point (its threshold, or the top class)."""
     from edgekd.runtime import Failure, Runner
     from edgekd.runtime.inputs import collect_inputs
     from edgekd.fileio import refuse_output_inside
@@ -305,7 +311,7 @@ def predict(
         refuse_output_inside(out, [bundle])
     tta_option = split_list(views) if views else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, threshold=threshold)
     paths, problems = collect_inputs(inputs)
     for _, message in problems:
         console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
@@ -319,20 +325,28 @@ def predict(
             progress.advance(task)
     results += [Failure(source, message) for source, message in problems]
     names = runner.class_names
+    calibrated = runner.temperature != 1.0
+    rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.4f}" if runner.threshold is not None
+            else "")
     table = RichTable(title=f"{bundle.name}: {runner.info['format']} {precision}"
-                            + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else ""))
-    for col in ("file", "label", "prob", *names):
+                            + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else "")
+                            + (f", calibrated (T={runner.temperature:.3g})" if calibrated else "") + rule)
+    raw_cols = ["prob (uncal.)"] if calibrated else []  # every class's uncalibrated probability: --out
+    for col in ("file", "label", "prob", *raw_cols, *names):
         table.add_column(col, justify="left" if col in ("file", "label") else "right")
     for r in results:
         if isinstance(r, Failure):
-            table.add_row(escape(printable(r.source)), "[red]error[/]", "-", *["-"] * len(names))
+            table.add_row(escape(printable(r.source)), "[red]error[/]", "-", *["-"] * (len(raw_cols) + len(names)))
         else:
-            table.add_row(escape(printable(r.source)), escape(r.label), f"{r.prob:.4f}", *[f"{p:.4f}" for p in r.probs])
+            raw = [f"{r.raw_probs[r.index]:.4f}"] if r.raw_probs is not None else ["-"] * len(raw_cols)
+            table.add_row(escape(printable(r.source)), escape(r.label), f"{r.prob:.4f}", *raw,
+                          *[f"{p:.4f}" for p in r.probs])
     out_console.print(table)
     failed = sum(isinstance(r, Failure) for r in results)
     if out is not None:
         write_predictions(out, results, names, {"bundle": str(bundle), **runner.info,
-                                                "tta_views": runner.tta_views.names if tta_option else None})
+                                                "tta_views": runner.tta_views.names if tta_option else None,
+                                                "temperature": runner.temperature, "threshold": runner.threshold})
         console.print(f"wrote {out}")
     if failed:
         console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
@@ -441,7 +455,12 @@ def run() -> None:
         fail(error_line(str(err), err.multiline))
     except KeyboardInterrupt:
         console.print("interrupted")
-        sys.exit(130)
+        stopped(130)
+    except SystemExit as ex:
+        if RECEIVED_SIGNALS:  # raised by _exit_on_signal
+            console.print("interrupted")
+            stopped(ex.code if isinstance(ex.code, int) else 128 + RECEIVED_SIGNALS[0])
+        raise
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
     except typer.Abort:
@@ -461,10 +480,25 @@ def run() -> None:
         sys.exit(1)
     if RECEIVED_SIGNALS:  # a kill whose exception a finalizer swallowed: still not a success
         console.print("interrupted")
-        sys.exit(128 + RECEIVED_SIGNALS[0])
+        stopped(128 + RECEIVED_SIGNALS[0])
     # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def stopped(code: int) -> None:
+    """End a run that a signal stopped: the exit handlers (temp-dir fallbacks) run, then the process exits at once.
+    Interpreter shutdown would join non-daemon threads of the dependencies, and one stopped while it held the
+    import lock never finishes (seen as an export hanging after SIGINT)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def fail(line: str) -> None:

@@ -125,6 +125,13 @@ def deferred_signals():
             signal.raise_signal(signum)
 
 
+def remove_trees(paths: list[str | Path | None]) -> None:
+    """remove_tree each existing path (None and missing paths are skipped)."""
+    for path in paths:
+        if path is not None and Path(path).exists():
+            remove_tree(path)
+
+
 def remove_tree(path: str | Path) -> None:
     """shutil.rmtree(path, ignore_errors=True) with SIGINT/SIGTERM/SIGHUP held back until it is done: a kill that
     lands during the cleanup of a temp dir is delivered after it, instead of stopping the removal half-way."""

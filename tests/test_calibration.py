@@ -131,3 +131,131 @@ def test_paired_bootstrap_auc_difference():
     assert r["diff"] == pytest.approx(0.8236789 - 0.7313686, abs=1e-6)
     assert r["low"] < r["diff"] < r["high"] and 0 < r["p_value"] < 0.2
     assert paired_bootstrap_auc(y, m["wfns"], m["wfns"])["p_value"] == 1.0
+
+
+# ---------------------------------------------------------------- the bundle's operating point, end to end
+@pytest.fixture(scope="module")
+def calibrated_bundle(tmp_path_factory):
+    """A tiny binary checkpoint exported with a 95%-sensitivity operating point (ONNX + OpenVINO FP32)."""
+    import yaml
+    from conftest import write_npz
+
+    from edgekd.export import export_checkpoint, load_profile
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
+    root = tmp_path_factory.mktemp("calibrated")
+    tiny = {"name": "tiny", "seed": 0,
+            "data": {"source": "medmnist", "path": str(write_npz(root / "tiny.npz")), "image_size": 16,
+                     "channels": 3, "batch_size": 8},
+            "model": {"name": "edgekd_cnn_tiny"},
+            "train": {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
+                      "monitor": "val_loss", "monitor_mode": "min"}}
+    ckpt = train_recipe(recipe_from_dict(tiny), root / "run", log=lambda *_: None).best_path
+    profile_path = root / "profile.yaml"
+    profile_path.write_text(yaml.safe_dump({"precisions": ["fp32"], "parity": {"images": 8},
+                                            "decision": {"rule": "sensitivity", "target": 0.95}}))
+    out = root / "bundle"
+    export_checkpoint(ckpt, out, profile=load_profile(profile_path), log=lambda *_: None)
+    return out, tiny
+
+
+def _images(tiny, n=12):
+    data = np.load(tiny["data"]["path"])
+    return [a for a in data["test_images"][:n]]
+
+
+def test_export_records_temperature_threshold_and_card(calibrated_bundle):
+    import json
+
+    out, _ = calibrated_bundle
+    meta = json.loads((out / "edgekd.json").read_text())
+    t, d = meta["calibration"]["temperature"], meta["decision"]
+    assert 0 < t != 1.0 and d["rule"] == "sensitivity" and 0 <= d["threshold"] <= 1
+    # the threshold was chosen on validation for sensitivity >= 0.95
+    assert d["val"]["sensitivity"]["value"] >= 0.95
+    for m in ("sensitivity", "specificity", "auc", "ece"):
+        ci = d["test"][m]
+        assert ci["low"] <= ci["value"] <= ci["high"]
+    parity = json.loads((out / "parity.json").read_text())
+    for rec in parity["artifacts"]:  # every artifact under the same temperature and threshold
+        op = rec["operating_point"]["test"]
+        assert op["calibrated_prob_mean_abs_diff"] < 1e-5 and "figures" in op
+    card = (out / "card.md").read_text()
+    assert "## Operating point" in card and "## Calibration" in card and "not a medical device" in card
+    assert f"{d['threshold']:.4f}" in card and (out / "calibration.png").stat().st_size > 1000
+
+
+def test_runner_applies_the_bundle_temperature_and_threshold_on_both_backends(calibrated_bundle):
+    import json
+
+    from edgekd.probability import apply_temperature
+    from edgekd.runtime import Runner
+
+    out, tiny = calibrated_bundle
+    meta = json.loads((out / "edgekd.json").read_text())
+    t, threshold = meta["calibration"]["temperature"], meta["decision"]["threshold"]
+    images = _images(tiny)
+    got = {}
+    for backend in ("onnx", "openvino"):
+        preds = Runner.from_bundle(out, backend=backend).predict_batch(images)
+        probs = np.stack([p.probs for p in preds])
+        raw = np.stack([p.raw_probs for p in preds])
+        np.testing.assert_allclose(probs, apply_temperature(raw, t), atol=1e-12)
+        assert [p.index for p in preds] == list(decide(probs, threshold))
+        got[backend] = (probs, [p.label for p in preds])
+    assert np.abs(got["onnx"][0] - got["openvino"][0]).max() <= 1e-5 and got["onnx"][1] == got["openvino"][1]
+    # a per-call threshold overrides the bundle's
+    strict = Runner.from_bundle(out, backend="onnx", threshold=1.0).predict_batch(images)
+    assert [p.index for p in strict] == list(decide(got["onnx"][0], 1.0))
+
+
+def test_a_bundle_without_calibration_predicts_raw_softmax_argmax(calibrated_bundle, tmp_path):
+    """Bundles exported before calibration existed: no temperature, argmax labels, probabilities as before."""
+    import json
+    import shutil
+
+    from edgekd.export.bundle import write_manifest
+    from edgekd.runtime import Runner
+
+    out, tiny = calibrated_bundle
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    meta = json.loads((old / "edgekd.json").read_text())
+    for key in ("calibration", "decision", "card", "training_data", "reliability"):
+        meta.pop(key)
+    (old / "edgekd.json").write_text(json.dumps(meta))
+    (old / "manifest.sha256").unlink()
+    write_manifest(old)
+    images = _images(tiny)
+    new = Runner.from_bundle(out, backend="onnx").predict_batch(images)
+    plain = Runner.from_bundle(old, backend="onnx").predict_batch(images)
+    for p, q in zip(plain, new):
+        assert p.raw_probs is None and p.index == int(p.probs.argmax())
+        np.testing.assert_allclose(p.probs, q.raw_probs, atol=1e-12)
+
+
+def test_predict_cli_shows_calibrated_and_uncalibrated_and_takes_a_threshold(calibrated_bundle, tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    out, tiny = calibrated_bundle
+    paths = []
+    for i, a in enumerate(_images(tiny, 4)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    res = CliRunner().invoke(app, ["predict", str(out), *map(str, paths), "--backend", "onnx", "--threshold", "0",
+                                   "--out", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert "calibrated (T=" in res.output and "uncal." in res.output
+    doc = json.loads((tmp_path / "p.json").read_text())
+    meta = json.loads((out / "edgekd.json").read_text())
+    positive = meta["decision"]["positive_class"]
+    assert doc["threshold"] == 0 and all(p["label"] == positive for p in doc["predictions"])  # p >= 0 always
+    assert all(set(p["uncalibrated"]) == set(p["probs"]) for p in doc["predictions"])
+    res = CliRunner().invoke(app, ["predict", str(out), str(paths[0]), "--threshold", "1.5"])
+    assert res.exit_code != 0

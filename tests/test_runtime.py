@@ -604,11 +604,18 @@ def test_exported_bundle_predicts_like_pytorch(tmp_path, tiny_recipe_dict):
     transform = build_transforms(recipe.data, [], train=False)
     with torch.no_grad():
         x = torch.stack([transform(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)) for a in images])
-        torch_probs = torch.softmax(model(x), dim=1).numpy()
+        logits = model(x)
+        torch_probs = torch.softmax(logits, dim=1).numpy()
+    temperature = json.loads((bundle / "edgekd.json").read_text())["calibration"]["temperature"]
+    assert temperature != 1.0
+    calibrated = torch.softmax(logits.double() / temperature, dim=1).numpy()
     for source, backend in ((bundle, "openvino"), (archive, "onnx")):
         runner = Runner.from_bundle(source, backend=backend)
-        probs = np.stack([p.probs for p in runner.predict_batch(list(images))])
-        assert np.abs(probs - torch_probs).max() <= 1e-4, backend  # the export's FP32 parity tolerance
+        preds = runner.predict_batch(list(images))
+        raw = np.stack([p.raw_probs for p in preds])
+        assert np.abs(raw - torch_probs).max() <= 1e-4, backend  # the export's FP32 parity tolerance
+        # the runner's probabilities are the bundle's calibration: softmax(logits / T)
+        assert np.abs(np.stack([p.probs for p in preds]) - calibrated).max() <= 1e-4, backend
         assert runner.class_names == data.class_names
 
     folder = tmp_path / "imgs"
@@ -800,7 +807,7 @@ def test_skin_bundle_with_hair_removal_predicts_like_pytorch(tmp_path):
         torch_probs = torch.softmax(model(x), dim=1).numpy()
     for backend in ("openvino", "onnx"):
         runner = Runner.from_bundle(bundle, backend=backend)
-        probs = np.stack([p.probs for p in runner.predict_batch(list(images))])
+        probs = np.stack([p.raw_probs for p in runner.predict_batch(list(images))])
         assert np.abs(probs - torch_probs).max() <= 1e-4, backend
     # The runtime's model input is the training side's, hair removal included (not the hairy image's).
     ours = np.stack([Preprocessor(open_bundle(bundle).preprocess)(a) for a in images])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError
+from edgekd.export.clinical import card_section
 from edgekd.fileio import atomic_write, sha256_file, write_json, write_text
 
 SCHEMA = "edgekd-bundle/1"
@@ -167,7 +168,7 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
     for rec in (r for r in parity["artifacts"] if r["passed"]):
         lines.append(row(rec["format"], rec["precision"], _num(sizes.get((rec["format"], rec["precision"])), ".3f"),
                          rec.get("metrics", {})))
-    lines += _parity_section(parity, tta) + _explanation_section(explanations)
+    lines += card_section(metadata, parity) + _parity_section(parity, tta) + _explanation_section(explanations)
     first = metadata["artifacts"][0]
     lines += ["", "## Run", "", "```", f"edgekd predict <this bundle> IMAGE... --backend {first['format']} "
               f"--precision {first['precision']} [--tta]", "```", "",

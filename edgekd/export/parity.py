@@ -19,6 +19,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession
+from edgekd.export.clinical import artifact_operating_point
 from edgekd.export.profile import Tolerance
 from edgekd.metrics import classification_metrics
 from edgekd.probability import softmax
@@ -119,6 +120,9 @@ def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str
             "top1_agreement": float((art_logits.argmax(1) == reference["splits"][split]["logits"].argmax(1)).mean())}
         record["metric_drop"][split] = {k: _drop(ref_metrics.get(k), metrics.get(k)) for k in ("acc", "auc")}
         record.setdefault("split_images", {})[split] = len(y)
+        if reference.get("clinical"):  # the bundle's temperature and threshold applied to this artifact
+            record.setdefault("operating_point", {})[split] = artifact_operating_point(
+                art_logits, y, reference["splits"][split]["logits"], reference["clinical"])
         record.setdefault("acc_resolution", {})[split] = 1.0 / len(y)
 
 

@@ -98,6 +98,35 @@ class TTAConfig(Section):
     center_crop_fraction: float = Field(0.875, gt=0, le=1)
 
 
+class CalibrationConfig(Section):
+    """Probability calibration fit on the validation split at export and applied by the runner."""
+
+    method: Literal["temperature", "none"] = "temperature"
+    """temperature: one scalar T (logits / T) fit by NLL on the validation logits; none: raw softmax."""
+
+
+class DecisionConfig(Section):
+    """The operating point: how a binary bundle turns calibrated probabilities into a label."""
+
+    rule: Literal["argmax", "sensitivity", "specificity", "youden"] = "argmax"
+    """sensitivity / specificity: the threshold on validation that reaches `target` (screening / confirmation);
+    youden: the one maximizing sensitivity + specificity - 1; argmax: the top class. Multi-class: always argmax."""
+    target: float | None = Field(None, gt=0, le=1)
+    positive: str | int = 1
+    """The positive class (its name or index) whose probability the threshold applies to."""
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.rule in ("sensitivity", "specificity") and self.target is None:
+            raise ValueError(f"decision.rule '{self.rule}' needs decision.target (e.g. 0.95)")
+
+
+class CardConfig(Section):
+    intended_use: str = ("Research use only; not a medical device. Not validated for clinical decisions.")
+    limitations: list[str] = ["Trained and tested on one public data set; performance on other sites, scanners "
+                              "and populations is unknown.",
+                              "Figures are for the stated operating point and test split only."]
+
+
 class ExportProfile(Section):
     name: str = "default"
     description: str = ""
@@ -111,6 +140,9 @@ class ExportProfile(Section):
     parity: ParityConfig
     quantization: QuantizationConfig = QuantizationConfig()
     onnx: OnnxConfig = OnnxConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    decision: DecisionConfig = DecisionConfig()
+    card: CardConfig = CardConfig()
 
 
 DEFAULTS: dict[str, Any] = {

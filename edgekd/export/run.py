@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,10 +17,11 @@ from torchvision.transforms import v2
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import deferred_signals, ensure_free_space, remove_tree
+from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   staging_dir, write_bundle_files, write_zip)
+from edgekd.export.clinical import operating_point, write_reliability
 from edgekd.export.formats import FORMATS, export_plan
 from edgekd.export.parity import ParitySet, check_artifact, parity_inputs, reference_report
 from edgekd.export.profile import ExportProfile, load_profile
@@ -161,9 +164,11 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
     return ParitySet(inputs, views, splits), len(picked), image_channels
 
 
-def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, preprocess: dict[str, Any],
-                     profile: ExportProfile, reference: dict[str, Any], image_channels: int) -> dict[str, Any]:
+def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profile: ExportProfile,
+                     reference: dict[str, Any], image_channels: int) -> dict[str, Any]:
     """metadata.json without its artifact list."""
+    preprocess = data.preprocess
+    train_counts = data.counts().get("train", [])
     return {
         "schema": SCHEMA, "edgekd_version": __version__,
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -179,6 +184,9 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, preprocess: 
                     "training": ckpt.get("metrics") or {}},
         "runtime": {"threads": profile.threads, "image_channels": image_channels},
         "export_profile": profile.name,
+        **reference["clinical"],
+        "card": profile.card.model_dump(),
+        "training_data": {"class_counts": dict(zip(ckpt["class_names"], train_counts))},
     }
 
 
@@ -283,7 +291,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size)
     parity_set, n_images, image_channels = _build_parity_set(data, profile, log)
     reference = reference_report(model, parity_set)
-    metadata = _bundle_metadata(model, ckpt, checkpoint, data.preprocess, profile, reference, image_channels)
+    reference["clinical"] = operating_point(reference, parity_set.splits, profile, list(ckpt["class_names"]))
+    metadata = _bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels)
 
     stage = scratch = None
     outcome = _Outcome([], [], [])
@@ -291,18 +300,22 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         with deferred_signals():  # a kill now is delivered after both names are set: the finally removes them
             stage = staging_dir(out)
             scratch = Path(tempfile.mkdtemp(prefix="edgekd-export-", dir=scratch_root))
+            # A fallback for a `finally` that a kill interrupted (the CLI runs the atexit handlers when stopped).
+            guard = functools.partial(remove_trees, [scratch, stage])
+            atexit.register(guard)
         ctx = _export_context(model, data, metadata, profile, scratch, parity_set, log)
         for fmt, precision in plan:
             _export_one(fmt, precision, ctx, stage, parity_set, reference, ckpt["arch"]["num_classes"], outcome)
         parity = _parity_report(checkpoint, n_images, profile, parity_set, reference, outcome)
         artifacts = _gate(outcome, parity, stage, profile.parity.on_fail, checkpoint, out, log)
-        metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE}
+        metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE,
+                    "reliability": write_reliability(stage, reference, parity_set.splits, reference["clinical"])}
         write_bundle_files(stage, metadata, parity, card_explanations(model, ckpt, data, stage, log))
         publish(stage, out)
     finally:
-        for folder in (scratch, stage):
-            if folder is not None and folder.exists():
-                remove_tree(folder)
+        remove_trees([scratch, stage])
+        if scratch is not None:
+            atexit.unregister(guard)
     zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else None
     log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
     return ExportResult(out, zip_path, metadata, parity)

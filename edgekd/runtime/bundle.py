@@ -102,6 +102,17 @@ class Bundle:
     def model(self) -> dict[str, Any]:
         return self.meta.get("model", {})
 
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature fit at export (1.0 for a bundle without one: raw softmax)."""
+        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
+    def decision(self) -> tuple[float | None, int]:
+        """(threshold on the positive class's calibrated probability or None for argmax, positive class index)."""
+        decision = self.meta.get("decision") or {}
+        return decision.get("threshold"), int(decision.get("positive_index", 1))
+
     def artifact(self, fmt: str, precision: str) -> Artifact:
         for art in self.artifacts:
             if art.format == fmt and art.precision == precision:
@@ -451,6 +462,24 @@ def _validate_runtime_and_tta(meta: dict, where: str) -> None:
         _require(tta.get("ensemble", "mean_softmax") == "mean_softmax", where, "tta.ensemble must be 'mean_softmax'")
 
 
+def _validate_operating_point(meta: dict, where: str) -> None:
+    """The optional calibration temperature and decision threshold (bundles before them have neither)."""
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        _require(isinstance(calibration, dict) and _is_number(calibration.get("temperature"))
+                 and 0 < calibration["temperature"] <= 1000, where, "calibration.temperature must be a number in (0, 1000]")
+    decision = meta.get("decision")
+    if decision is not None:
+        _require(isinstance(decision, dict), where, "decision must be an object")
+        threshold, positive = decision.get("threshold"), decision.get("positive_index", 1)
+        _require(threshold is None or (_is_number(threshold) and 0 <= threshold <= 1), where,
+                 "decision.threshold must be null or a number in [0, 1]")
+        _require(threshold is None or len(meta.get("class_names") or []) == 2, where,
+                 "decision.threshold needs a two-class model")
+        _require(isinstance(positive, int) and 0 <= positive < len(meta.get("class_names") or []), where,
+                 "decision.positive_index must be a class index")
+
+
 def _validate_artifacts(arts: Any, where: str) -> None:
     """metadata.artifacts: a non-empty list of (format, precision, relative path) the runtime can open."""
     _require(isinstance(arts, list) and len(arts) >= 1, where, "artifacts must be a non-empty list")
@@ -482,6 +511,7 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
 
     _validate_preprocess(meta.get("preprocess"), where)
     _validate_runtime_and_tta(meta, where)
+    _validate_operating_point(meta, where)
     io = meta.get("io")
     _require(isinstance(io, dict) and isinstance(io.get("input"), str) and isinstance(io.get("output"), str), where,
              "io must name the model's input and output")

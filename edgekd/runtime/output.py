@@ -23,14 +23,16 @@ def check_output_path(path: str | Path) -> Path:
 
 
 def predictions_csv(results: Sequence[Prediction | Failure], class_names: list[str]) -> str:
-    """file, label, index, prob, p_<class>..., [<view>:p_<class>...], error."""
+    """file, label, index, prob, p_<class>..., [<view>:p_<class>...], [uncalibrated:p_<class>...], error."""
     views: list[str] = []
     for r in results:
         if isinstance(r, Prediction) and r.view_probs:
             views = list(r.view_probs)
             break
+    raw = any(isinstance(r, Prediction) and r.raw_probs is not None for r in results)
     header = ["file", "label", "index", "prob", *[f"p_{c}" for c in class_names],
-              *[f"{v}:p_{c}" for v in views for c in class_names], "error"]
+              *[f"{v}:p_{c}" for v in views for c in class_names],
+              *([f"uncalibrated:p_{c}" for c in class_names] if raw else []), "error"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -41,6 +43,8 @@ def predictions_csv(results: Sequence[Prediction | Failure], class_names: list[s
         row: list[Any] = [r.source, r.label, r.index, f"{r.prob:.6f}", *[f"{p:.6f}" for p in r.probs]]
         for v in views:
             row += [f"{p:.6f}" for p in (r.view_probs or {}).get(v, [""] * len(class_names))]
+        if raw:
+            row += [f"{p:.6f}" for p in r.raw_probs] if r.raw_probs is not None else [""] * len(class_names)
         writer.writerow(row + [""])
     return buf.getvalue()
 

@@ -1,5 +1,6 @@
 """The edge runner: bundle -> decode, resize, crop -> backend (TTA views, normalization, model, softmax; inside the
-compiled model on OpenVINO) -> mean-softmax predictions."""
+compiled model on OpenVINO) -> calibrated (the bundle's temperature, per view) mean-softmax predictions, labelled by
+the bundle's decision threshold (binary) or the top class."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
+from edgekd.probability import apply_temperature
 from edgekd.runtime.backends import BACKENDS, Backend, create_backend
 from edgekd.runtime.bundle import Bundle, open_bundle
 from edgekd.runtime.preprocess import ImageInput, Preprocessor
@@ -22,7 +24,8 @@ TTAOption = Union[bool, Sequence[str], None]
 
 @dataclass
 class Prediction:
-    """One image's result: top class, class probabilities and (with TTA) each view's probabilities."""
+    """One image's result: its label (the decision threshold's, or the top class), calibrated class probabilities,
+    (with TTA) each view's, and the uncalibrated ones when the bundle has a calibration temperature."""
 
     source: str
     index: int
@@ -30,6 +33,7 @@ class Prediction:
     probs: np.ndarray
     class_names: list[str]
     view_probs: dict[str, np.ndarray] | None = None
+    raw_probs: np.ndarray | None = None
 
     @property
     def prob(self) -> float:
@@ -40,6 +44,8 @@ class Prediction:
                                "probs": {c: float(p) for c, p in zip(self.class_names, self.probs)}}
         if self.view_probs is not None:
             out["views"] = {v: {c: float(p) for c, p in zip(self.class_names, ps)} for v, ps in self.view_probs.items()}
+        if self.raw_probs is not None:
+            out["uncalibrated"] = {c: float(p) for c, p in zip(self.class_names, self.raw_probs)}
         return out
 
 
@@ -65,16 +71,21 @@ class Runner:
     tta_views: TTAViews
     tta: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    threshold: float | None = None
+    positive: int = 1
 
     @classmethod
     def from_bundle(cls, path: str | Path | Bundle, backend: str = "openvino", precision: str = "fp32",
                     threads: int | None = None, tta: TTAOption = False, warmup: int = 1,
-                    verify: bool = True, cache_dir: str | Path | None = None) -> "Runner":
+                    verify: bool = True, cache_dir: str | Path | None = None,
+                    threshold: float | None = None) -> "Runner":
         """Open (and verify) a bundle and compile its `precision` model on `backend` ("openvino" or "onnx").
 
         `tta`: False (one view), True (the bundle's views) or a list of view names. `warmup` inference rounds run
         at load, for batch 1 and for the TTA batch, so the first real call is not the slow one. `cache_dir`: an
-        OpenVINO model cache folder (later loads skip compilation).
+        OpenVINO model cache folder (later loads skip compilation). `threshold`: the decision threshold on the
+        positive class's calibrated probability for this runner (default: the bundle's; a binary bundle only).
         """
         if backend not in BACKENDS:
             raise EdgeKDError(f"unknown backend '{backend}' (use {', '.join(BACKENDS)})")
@@ -83,6 +94,9 @@ class Runner:
         if threads is not None and threads < 1:
             raise EdgeKDError(f"threads must be >= 1, got {threads}")
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
+        bundle_threshold, positive = bundle.decision
+        if threshold is not None and (len(bundle.class_names) != 2 or not 0 <= threshold <= 1):
+            raise EdgeKDError(f"threshold {threshold} needs a two-class bundle and a value in [0, 1]")
         artifact = _pick_artifact(bundle, backend, precision)
         threads = min(threads, os.cpu_count() or 1) if threads else bundle.threads
         preprocessor = Preprocessor(bundle.preprocess)
@@ -98,7 +112,9 @@ class Runner:
         runner = cls(bundle=bundle, backend=engine, precision=precision, preprocessor=preprocessor,
                      tta_views=TTAViews(names, frac), tta=bool(tta),
                      info={"backend": backend, "format": artifact.format, "precision": precision,
-                           "artifact": artifact.path.relative_to(bundle.root).as_posix(), "threads": threads})
+                           "artifact": artifact.path.relative_to(bundle.root).as_posix(), "threads": threads},
+                     temperature=bundle.temperature, positive=positive,
+                     threshold=bundle_threshold if threshold is None else float(threshold))
         runner.warmup(warmup)
         return runner
 
@@ -189,16 +205,24 @@ class Runner:
         return self._checked(probs, rows).astype(np.float64)
 
     def _ensembled(self, source: str, probs: np.ndarray, views: TTAViews | None) -> Prediction:
-        """One image's (V, classes) view probabilities -> its Prediction (mean softmax over the views)."""
+        """One image's (V, classes) view probabilities -> its Prediction (mean of the calibrated views)."""
+        raw = probs
+        probs = apply_temperature(raw, self.temperature)
+        calibrated = self.temperature != 1.0
         if views is None:  # one view: its softmax is the prediction
-            return self._prediction(source, probs[0], None)
-        return self._prediction(source, probs.mean(axis=0), dict(zip(views.names, probs)))
+            return self._prediction(source, probs[0], None, raw[0] if calibrated else None)
+        return self._prediction(source, probs.mean(axis=0), dict(zip(views.names, probs)),
+                                raw.mean(axis=0) if calibrated else None)
 
-    def _prediction(self, source: str, probs: np.ndarray, view_probs: dict[str, np.ndarray] | None) -> Prediction:
-        index = int(probs.argmax())
+    def _prediction(self, source: str, probs: np.ndarray, view_probs: dict[str, np.ndarray] | None,
+                    raw_probs: np.ndarray | None) -> Prediction:
+        if self.threshold is None:
+            index = int(probs.argmax())
+        else:
+            index = self.positive if probs[self.positive] >= self.threshold else 1 - self.positive
         names = self._class_names
         return Prediction(source=source, index=index, label=names[index], probs=probs, class_names=names,
-                          view_probs=view_probs)
+                          view_probs=view_probs, raw_probs=raw_probs)
 
     def predict_many(self, inputs: Iterable[ImageInput], batch: int = 16,
                      tta: TTAOption = None) -> Iterator[Prediction | Failure]:

@@ -1,0 +1,134 @@
+"""The bundle's clinical operating point, fit at export: a temperature on the validation logits (calibrated
+probabilities), a decision threshold chosen on validation by the profile's rule, and the test figures under both
+with bootstrap intervals — for the PyTorch reference and, under the same temperature and threshold, each artifact.
+The runner applies `calibration.temperature` and `decision.threshold` from edgekd.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError
+from edgekd.export.profile import ExportProfile
+from edgekd.metrics.calibration import calibration_report, plot_reliability
+from edgekd.metrics.uncertainty import bootstrap_intervals, choose_threshold, delong_test
+from edgekd.probability import softmax
+
+RELIABILITY_FILE = "calibration.png"
+OPERATING_METRICS = ("sensitivity", "specificity", "acc", "balanced_acc", "f1", "auc", "ece")
+
+
+def positive_index(positive: str | int, class_names: list[str]) -> int:
+    if isinstance(positive, int) and 0 <= positive < len(class_names):
+        return positive
+    if isinstance(positive, str) and positive in class_names:
+        return class_names.index(positive)
+    raise EdgeKDError(f"export profile: decision.positive {positive!r} is not a class index or one of "
+                      f"{', '.join(class_names)}")
+
+
+def operating_point(reference: dict[str, Any], splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                    profile: ExportProfile, class_names: list[str]) -> dict[str, Any]:
+    """{"calibration": ..., "decision": ...} for edgekd.json, from the reference logits on val and test."""
+    (val_logits, test_logits), (val_y, test_y) = ((reference["splits"][s]["logits"] for s in ("val", "test")),
+                                                  (splits[s][1] for s in ("val", "test")))
+    calibration = None
+    temperature = 1.0
+    if profile.calibration.method == "temperature":
+        calibration = calibration_report(val_logits, val_y, test_logits, test_y)
+        temperature = calibration["temperature"]
+    positive = positive_index(profile.decision.positive, class_names)
+    binary = len(class_names) == 2
+    rule = profile.decision.rule if binary else "argmax"
+    p_val, p_test = softmax(val_logits / temperature), softmax(test_logits / temperature)
+    threshold = choose_threshold((val_y == positive).astype(int), p_val[:, positive], rule,
+                                 profile.decision.target) if binary else None
+    decision = {"rule": rule, "target": profile.decision.target if rule != "argmax" else None,
+                "threshold": threshold, "positive_class": class_names[positive], "positive_index": positive,
+                "chosen_on": "val", "val": bootstrap_intervals(val_y, p_val, threshold, positive),
+                "test": bootstrap_intervals(test_y, p_test, threshold, positive)}
+    return {"calibration": calibration, "decision": decision}
+
+
+def runtime_settings(clinical: dict[str, Any]) -> tuple[float, float | None, int]:
+    """(temperature, threshold, positive index) the runner applies."""
+    calibration = clinical.get("calibration") or {}
+    decision = clinical["decision"]
+    return float(calibration.get("temperature", 1.0)), decision["threshold"], decision["positive_index"]
+
+
+def artifact_operating_point(art_logits: np.ndarray, labels: np.ndarray, ref_logits: np.ndarray,
+                             clinical: dict[str, Any]) -> dict[str, Any]:
+    """One artifact on one split under the bundle's temperature and threshold: its figures with intervals, how
+    far its calibrated probabilities are from the reference's, and the DeLong test of its AUC against it."""
+    temperature, threshold, positive = runtime_settings(clinical)
+    p_art = softmax(np.asarray(art_logits, dtype=np.float64) / temperature)
+    p_ref = softmax(np.asarray(ref_logits, dtype=np.float64) / temperature)
+    out = {"figures": bootstrap_intervals(labels, p_art, threshold, positive),
+           "calibrated_prob_mean_abs_diff": float(np.abs(p_art - p_ref).mean()),
+           "calibrated_prob_max_abs_diff": float(np.abs(p_art - p_ref).max())}
+    if p_art.shape[1] == 2 and len(np.unique(labels)) == 2:
+        out["auc_vs_reference"] = delong_test((labels == positive).astype(int), p_art[:, positive], p_ref[:, positive])
+    return out
+
+
+def write_reliability(stage: Path, reference: dict[str, Any], splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                      clinical: dict[str, Any]) -> str | None:
+    """The test split's reliability diagram before and after temperature scaling, in the bundle."""
+    calibration = clinical.get("calibration")
+    if not calibration:
+        return None
+    logits, y = reference["splits"]["test"]["logits"], splits["test"][1]
+    plot_reliability({"uncalibrated": (softmax(logits), y),
+                      f"T = {calibration['temperature']:.3g}": (softmax(logits / calibration["temperature"]), y)},
+                     stage / RELIABILITY_FILE, "test split reliability")
+    return RELIABILITY_FILE
+
+
+def _ci(f: dict[str, float] | None) -> str:
+    if not f or f.get("value") is None or f["value"] != f["value"]:
+        return "-"
+    return f"{f['value']:.3f} [{f['low']:.3f}, {f['high']:.3f}]"
+
+
+def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
+    """The card's intended use, training data, operating point and calibration sections."""
+    card, decision, calibration = metadata.get("card") or {}, metadata.get("decision"), metadata.get("calibration")
+    lines = ["", "## Intended use and limitations", "", card.get("intended_use", ""), "",
+             *[f"- {x}" for x in card.get("limitations", [])]]
+    counts = (metadata.get("training_data") or {}).get("class_counts")
+    if counts:
+        total = sum(counts.values())
+        lines += ["", "## Training data", "", "Class mix of the training split: "
+                  + ", ".join(f"{c} {n} ({n / total:.1%})" for c, n in counts.items()) + "."]
+    if decision:
+        rule = decision["rule"]
+        how = ("the top class (argmax of the calibrated probabilities)" if rule == "argmax" else
+               f"`{decision['positive_class']}` when its calibrated probability >= {decision['threshold']:.4f}, the "
+               f"threshold chosen on the validation split for {rule}"
+               + (f" >= {decision['target']:g}" if decision.get("target") else ""))
+        lines += ["", "## Operating point", "", f"Label: {how}. Test figures with 95% stratified bootstrap intervals "
+                  "(1000 resamples); every format below is scored under the same temperature and threshold.", "",
+                  "| model | " + " | ".join(OPERATING_METRICS) + " | calibrated p vs PyTorch (mean abs) |",
+                  "|---|" + "---|" * (len(OPERATING_METRICS) + 1),
+                  "| pytorch fp32 | " + " | ".join(_ci(decision["test"].get(m)) for m in OPERATING_METRICS) + " | - |"]
+        for rec in (r for r in parity["artifacts"] if r["passed"] and r.get("operating_point")):
+            op = rec["operating_point"]["test"]
+            lines.append(f"| {rec['format']} {rec['precision']} | "
+                         + " | ".join(_ci(op["figures"].get(m)) for m in OPERATING_METRICS)
+                         + f" | {op['calibrated_prob_mean_abs_diff']:.2e} |")
+    if calibration:
+        lines += ["", "## Calibration", "", f"Temperature scaling: T = {calibration['temperature']:.4f}, fit by NLL on "
+                  f"{calibration['fit_images']} validation images; ECE with {calibration['bins']} equal-width bins.", "",
+                  "| split | | ECE | adaptive ECE | Brier | NLL |", "|---|---|---|---|---|---|"]
+        for split in ("val", "test"):
+            for when in ("before", "after"):
+                f = calibration[split][when]
+                lines.append(f"| {split} | {when} | {f['ece']:.4f} | {f['adaptive_ece']:.4f} | {f['brier']:.4f} | "
+                             f"{f['nll']:.4f} |")
+        if metadata.get("reliability"):
+            lines += ["", f"![reliability diagram]({metadata['reliability']})"]
+    return lines
+
