@@ -144,6 +144,7 @@ def continual_section(cross: dict, cil: dict) -> str:
 # --- the registry: marker -> (results files, renderer) -------------------------------------------------------------
 
 def _sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
+    import calibration
     import distill_terms
     import hostile
     import kd_gain
@@ -173,6 +174,8 @@ def _sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
         "zoo": (("<!-- zoo:begin -->", "<!-- zoo:end -->"), lambda: zoo.markdown(ok_zoo())),
         "hostile": (hostile.MARKERS, lambda: hostile.section(load("hostile.json"))),
     }
+    if (RESULTS / "calibration.json").is_file():
+        out["calibration"] = (calibration.MARKERS, lambda: calibration.section(load("calibration.json")))
     for name in kd_gain.SETS:
         if (RESULTS / f"distill_{name}.json").is_file():
             out[f"kd-gain:{name}"] = (kd_gain.markers(name), lambda n=name: kd_gain.markdown(n, load(f"distill_{n}.json")))
