@@ -344,6 +344,16 @@ def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch)
     assert "| tiny-student (edgekd_cnn_tiny) | student | 0 |" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "roc_pneumoniamnist_mini.png").is_file()
     assert (tmp_path / "report" / "confusion_pneumoniamnist_mini_tiny-student_s0.png").is_file()
+    # intervals around every figure, and the student's AUC tested against the teacher's on the same images
+    ci = student_row["intervals"]["auc"]
+    assert ci["low"] <= student_row["auc"] <= ci["high"] and ci["low"] < ci["high"]
+    from edgekd.metrics.uncertainty import delong_test  # noqa: F401  (the test the report runs)
+    vs = student_row["auc_vs"]
+    assert vs["reference"] == report["rows"][0]["name"] and 0 <= vs["p_value"] <= 1
+    assert vs["diff"] == pytest.approx(student_row["auc"] - report["rows"][0]["auc"], abs=1e-9)
+    assert "DeLong test" in (tmp_path / "report" / "report.md").read_text()
+    assert metrics["test"]["intervals"]["acc"]["low"] <= metrics["test"]["acc"] <= metrics["test"]["intervals"]["acc"]["high"]
+    assert "ece" in metrics["test"]["calibration"]
 
 
 def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):

@@ -27,6 +27,7 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
     """Re-run one checkpoint on `split` of its own recipe's data: metrics, probabilities, size."""
     from edgekd.data import build_data
     from edgekd.metrics import classification_metrics, confusion
+    from edgekd.metrics.uncertainty import bootstrap_intervals
     from edgekd.models import count_macs, count_parameters
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.checkpoint import model_from_checkpoint
@@ -46,6 +47,7 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
         "macs": count_macs(model.cpu(), tuple(ckpt["preprocess"]["input_size"])),
         "teacher": (ckpt.get("distill") or {}).get("teacher"),
         **classification_metrics(y, probs), "confusion_matrix": confusion(y, probs).tolist(),
+        "intervals": bootstrap_intervals(y, probs) if len(np.unique(y)) == probs.shape[1] else None,
         "class_names": list(ckpt["class_names"]), "_y": y, "_probs": probs,
     }
 
@@ -64,7 +66,7 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
     tables: dict[str, str] = {}
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         group = [r for r in rows if r["dataset"] == dataset]
-        tables[dataset] = report_markdown(dataset, split, group)
+        tables[dataset] = report_markdown(dataset, split, group) + auc_comparisons(group)
         plot_roc_comparison(group, out / f"roc_{dataset}.png", f"{dataset} ({split})")
         for r in group:
             plot_confusion(np.asarray(r["confusion_matrix"]), r["class_names"],
@@ -78,13 +80,34 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
 
 
 def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str:
-    lines = [f"### {dataset} ({split} split)", "",
+    lines = [f"### {dataset} ({split} split)", "", "Brackets: 95% stratified bootstrap intervals (1000 resamples, seed 0).", "",
              "| model | role | seed | params | MMACs | " + " | ".join(COLUMNS) + " |",
              "|---|---|---:|---:|---:|" + "---:|" * len(COLUMNS)]
     for r in rows:
-        cells = [("-" if r.get(k) is None or r[k] != r[k] else f"{r[k]:.4f}") for k in COLUMNS]
+        ci = r.get("intervals") or {}
+        cells = [("-" if r.get(k) is None or r[k] != r[k] else f"{r[k]:.4f}"
+                  + (f" [{ci[k]['low']:.3f}, {ci[k]['high']:.3f}]" if k in ci else "")) for k in COLUMNS]
         lines.append(f"| {r['name']} ({r['model']}) | {r['role']} | {r['seed']} | {r['params'] / 1e6:.2f}M | "
                      f"{r['macs'] / 1e6:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def auc_comparisons(rows: list[dict[str, Any]]) -> str:
+    """Binary tasks: the DeLong test of each model's AUC against the teacher's (or the first model's) on the same
+    images, into the rows (`auc_vs`) and as a table."""
+    from edgekd.metrics.uncertainty import delong_test
+
+    ref = next((r for r in rows if r["role"] == "teacher"), rows[0])
+    others = [r for r in rows if r is not ref and r["_probs"].shape[1] == 2 and np.array_equal(r["_y"], ref["_y"])]
+    if ref["_probs"].shape[1] != 2 or not others or len(np.unique(ref["_y"])) < 2:
+        return ""
+    lines = ["", f"AUC vs `{ref['name']}` ({ref['role']}), DeLong test on the same {len(ref['_y'])} images:", "",
+             "| model | AUC | reference AUC | difference | z | p |", "|---|---:|---:|---:|---:|---:|"]
+    for r in others:
+        t = delong_test(r["_y"], r["_probs"][:, 1], ref["_probs"][:, 1])
+        r["auc_vs"] = {"reference": ref["name"], **{k: t[k] for k in ("diff", "z", "p_value")}}
+        lines.append(f"| {r['name']} ({r['role']}) | {t['auc_a']:.4f} | {t['auc_b']:.4f} | {t['diff']:+.4f} | "
+                     f"{t['z']:.2f} | {t['p_value']:.3g} |")
     return "\n".join(lines)
 
 

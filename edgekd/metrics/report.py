@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 
 from edgekd.fileio import atomic_write
+from edgekd.metrics.calibration import calibration_figures
 from edgekd.metrics.classification import classification_metrics, confusion
+from edgekd.metrics.uncertainty import bootstrap_intervals
 
 
 def write_csv_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:
@@ -26,7 +28,8 @@ def write_csv_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:
 
 def evaluation_report(y: np.ndarray, probs: np.ndarray, class_names: list[str], out: str | Path,
                       split: str, title: str = "", plots: bool = True) -> dict[str, Any]:
-    """Metrics plus confusion matrix for one split; PNGs `confusion_<split>.png` and `roc_<split>.png`."""
+    """Metrics (with 95% stratified bootstrap intervals and calibration figures) plus the confusion matrix for one
+    split; PNGs `confusion_<split>.png` and `roc_<split>.png`."""
     from edgekd.metrics.plots import plot_confusion, plot_roc
 
     out = Path(out)
@@ -35,4 +38,6 @@ def evaluation_report(y: np.ndarray, probs: np.ndarray, class_names: list[str], 
     if plots:
         plot_confusion(cm, class_names, out / f"confusion_{split}.png", f"{title} {split}".strip())
         plot_roc(y, probs, class_names, out / f"roc_{split}.png", f"{title} {split}".strip())
-    return {"split": split, "n": int(len(y)), **m, "confusion_matrix": cm.tolist(), "class_names": list(class_names)}
+    present = len(np.unique(y)) == probs.shape[1]  # intervals of AUC and per-class rates need every class
+    return {"split": split, "n": int(len(y)), **m, "confusion_matrix": cm.tolist(), "class_names": list(class_names),
+            "calibration": calibration_figures(probs, y), "intervals": bootstrap_intervals(y, probs) if present else None}

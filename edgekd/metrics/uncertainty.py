@@ -16,6 +16,7 @@ from sklearn.metrics import roc_curve
 
 RULES = ("argmax", "sensitivity", "specificity", "youden")
 INTERVAL_METRICS = ("auc", "acc", "balanced_acc", "sensitivity", "specificity", "f1", "ece")
+CHUNK = 100
 
 
 def choose_threshold(labels: np.ndarray, p_positive: np.ndarray, rule: str, target: float | None = None) -> float | None:
@@ -110,7 +111,10 @@ def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float 
     probs = np.asarray(probs, dtype=np.float64)
     point = metric_rows(labels[None], probs[None], threshold, positive)
     idx = stratified_resamples(labels, n_resamples, seed)
-    boot = metric_rows(labels[idx], probs[idx], threshold, positive)
+    # Scored CHUNK resamples at a time: (chunk, images, classes) arrays stay small for large test sets.
+    parts = [metric_rows(labels[idx[i:i + CHUNK]], probs[idx[i:i + CHUNK]], threshold, positive)
+             for i in range(0, n_resamples, CHUNK)]
+    boot = {m: np.concatenate([p[m] for p in parts]) for m in INTERVAL_METRICS}
     alpha = (1 - level) / 2
     return {m: {"value": float(point[m][0]), "low": float(np.nanquantile(boot[m], alpha)),
                 "high": float(np.nanquantile(boot[m], 1 - alpha))} for m in INTERVAL_METRICS}
