@@ -771,27 +771,36 @@ def test_subprocess_bad_image_in_training_data(tmp_path):
 
 
 # ================================================================================ full disk
-def _disk_nearly_full(monkeypatch, free_mib=4):
-    import shutil as shutil_module
+def _disk_nearly_full(monkeypatch, free_mib=4) -> list[Path]:
+    """edgekd.fileio sees `free_mib` MiB free on every disk; returns the list of paths it asked about (filled in as
+    the code under test calls shutil.disk_usage), so a test can tell the check ran on the output's disk."""
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("edgekd.fileio.shutil.disk_usage",
-                        lambda _p: usage(2**40, 2**40 - free_mib * 2**20, free_mib * 2**20))
-    assert shutil_module.disk_usage is not None
+    probed: list[Path] = []
+
+    def disk_usage(path):
+        probed.append(Path(path))
+        return usage(2**40, 2**40 - free_mib * 2**20, free_mib * 2**20)
+
+    monkeypatch.setattr("edgekd.fileio.shutil.disk_usage", disk_usage)
+    return probed
 
 
 def test_train_on_a_full_disk_writes_nothing(trained, tmp_path, capsys, monkeypatch):
-    _disk_nearly_full(monkeypatch)
-    assert_refused(invoke(capsys, "train", trained["recipe"], "--out", tmp_path / "run"),
-                   "not enough free disk space for checkpoints")
-    assert not (tmp_path / "run").exists()
+    probed = _disk_nearly_full(monkeypatch, free_mib=4)
+    line = assert_refused(invoke(capsys, "train", trained["recipe"], "--out", tmp_path / "run"),
+                          f"{tmp_path / 'run'}: not enough free disk space for checkpoints", "MiB, 4 MiB free)")
+    assert probed == [tmp_path]  # the run folder does not exist yet: its nearest existing parent was asked
+    assert not (tmp_path / "run").exists(), line
 
 
 def test_export_on_a_full_disk_writes_nothing(trained, tmp_path, capsys, monkeypatch):
-    _disk_nearly_full(monkeypatch)
+    probed = _disk_nearly_full(monkeypatch, free_mib=4)
     assert_refused(invoke(capsys, "export", trained["ckpt"], "--format", "onnx", "--precision", "fp32",
-                          "--out", tmp_path / "bundle"), "not enough free disk space for the bundle")
+                          "--out", tmp_path / "bundle"), f"{tmp_path}: not enough free disk space for the bundle",
+                   "MiB, 4 MiB free)")
+    assert probed == [tmp_path]
     assert list(tmp_path.iterdir()) == []
 
 
