@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import struct
@@ -439,17 +440,28 @@ def test_resume_refuses_another_recipe_and_a_missing_last_checkpoint(trained, tm
 def test_nonfinite_loss_stops_with_an_error_or_is_skipped(trained, tmp_path, capsys):
     """Focal alpha=inf for class 0 makes every batch holding a class-0 image non-finite (batch size 1): nonfinite=error
     stops at the first one naming the step; skip leaves those batches out, counts them and trains on the rest."""
-    inf = ["--set", "train.loss.name=focal", "--set", "train.loss.alpha=[.inf, 1.0]", "--set", "data.batch_size=1"]
-    line = assert_refused(invoke(capsys, "train", trained["recipe"], *inf, "--out", tmp_path / "err"),
-                          "non-finite loss", "train.nonfinite=skip")
-    assert "epoch 1 step" in line
-    assert not (tmp_path / "err" / "best.pt").exists()
+    from edgekd.data import build_data
+    from edgekd.recipe import load_recipe
+
+    sets = ["train.loss.name=focal", "train.loss.alpha=[.inf, 1.0]", "data.batch_size=1"]
+    inf = [a for s in sets for a in ("--set", s)]
+    # The training order of epoch 1 is the loader's seeded shuffle: the error names the first class-0 image's step.
+    data = build_data(load_recipe(trained["recipe"], sets))
+    order = [int(y) for _, y in data.loader("train", epoch=0)]
+    first_class0 = order.index(0) + 1
+    line = assert_refused(invoke(capsys, "train", trained["recipe"], *inf, "--out", tmp_path / "err"))
+    assert line == (f"error: non-finite loss (inf) at epoch 1 step {first_class0}; lower the learning rate, "
+                    "or set train.nonfinite=skip")
+    assert not (tmp_path / "err" / "best.pt").exists() and not (tmp_path / "err" / "last.pt").exists()
     code, _, err = invoke(capsys, "train", trained["recipe"], *inf, "--set", "train.nonfinite=skip",
                           "--out", tmp_path / "skip")
     assert code == 0, err
     metrics = json.loads((tmp_path / "skip" / "metrics.json").read_text())
-    assert metrics["nonfinite_batches"] == 24  # the class-0 half of the 48 training images, once each
-    assert np.isfinite(metrics["val"]["loss"] if "loss" in metrics["val"] else 0.0)
+    assert order.count(0) == 24  # the class-0 half of the 48 training images, once each ...
+    assert metrics["nonfinite_batches"] == 24  # ... each one skipped and counted
+    (row,) = list(csv.DictReader((tmp_path / "skip" / "log.csv").open()))
+    assert 0 < float(row["train_loss"]) < math.inf  # the mean over the 24 finite (class-1) batches
+    assert math.isfinite(float(row["val_loss"])) and math.isfinite(metrics["best_value"])
 
 
 def test_diverged_weights_are_a_clear_error(trained, tmp_path, capsys):

@@ -109,6 +109,9 @@ def test_swa_and_grad_accumulation_and_clipping_run(tiny_recipe_dict, tmp_path):
 
 
 def test_nonfinite_loss_is_an_error_or_skipped(tiny_recipe_dict, tmp_path):
+    """A NaN loss on every batch: nonfinite=error stops at the first one (step 1) with its one-line message and
+    writes no checkpoint; skip counts each batch (6 = 48 images / batch 8), takes no optimizer step and so leaves
+    the parameters exactly as they were (no NaN reaches them)."""
     from edgekd.data import build_data
     from edgekd.train.run import build_student_model, train_model
 
@@ -117,16 +120,26 @@ def test_nonfinite_loss_is_an_error_or_skipped(tiny_recipe_dict, tmp_path):
             logits = model(x)
             return logits.sum() * float("nan"), logits
 
-    for policy in ("error", "skip"):
+    def setup(policy):
         r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=1, train__nonfinite=policy))
         data = build_data(r)
         model, spec = build_student_model(r, data)
-        if policy == "error":
-            with pytest.raises(EdgeKDError, match="non-finite loss"):
-                train_model(r, tmp_path / policy, data, model, spec, objective=NaNObjective(), log=lambda s: None)
-        else:
-            res = train_model(r, tmp_path / policy, data, model, spec, objective=NaNObjective(), log=lambda s: None)
-            assert res.fit.nonfinite_batches == 6  # 48 images / batch 8
+        return r, data, model, spec
+
+    r, data, model, spec = setup("error")
+    message = "non-finite loss (nan) at epoch 1 step 1; lower the learning rate, or set train.nonfinite=skip"
+    with pytest.raises(EdgeKDError) as info:
+        train_model(r, tmp_path / "error", data, model, spec, objective=NaNObjective(), log=lambda s: None)
+    assert str(info.value) == message
+    assert not (tmp_path / "error" / "best.pt").exists() and not (tmp_path / "error" / "last.pt").exists()
+
+    r, data, model, spec = setup("skip")
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}  # BN running stats do move (forward)
+    res = train_model(r, tmp_path / "skip", data, model, spec, objective=NaNObjective(), log=lambda s: None)
+    assert res.fit.nonfinite_batches == 6  # 48 images / batch 8: every batch skipped and counted
+    assert res.fit.step_seconds == []  # not one optimizer step
+    after = load_checkpoint(res.best_path)["state_dict"]
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_focal_loss_hand_computed():
