@@ -169,6 +169,18 @@ def test_grad_accumulation_steps_on_the_mean_loss_of_one_big_batch(tiny_recipe_d
     assert not torch.equal(steps[0][0], steps[1][0])  # the first step did update the weights
 
 
+def test_grad_accumulation_last_short_group_is_a_mean_too(tiny_recipe_dict, tmp_path):
+    """5 micro-batches with grad_accum=2: the epoch's last step accumulates 1 micro-batch, and steps on that
+    batch's mean-loss gradient (not half of it, as a fixed loss / accum would give)."""
+    images, targets, batches = _toy_batches(5)
+    steps = _optimizer_steps(tiny_recipe_dict, tmp_path, batches, grad_accum=2)
+    assert len(steps) == 3
+    for (w, b, gw, gb), sl in zip(steps, (slice(0, 4), slice(4, 8), slice(8, 10))):
+        want_w, want_b = _mean_loss_grads(w, b, images[sl], targets[sl])
+        torch.testing.assert_close(gw, want_w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gb, want_b, rtol=1e-5, atol=1e-7)
+
+
 def test_clip_grad_bounds_the_total_norm_of_the_accumulated_gradient(tiny_recipe_dict, tmp_path):
     """clip_grad=c: a step whose accumulated gradient has total norm n > c steps on that gradient scaled to norm c
     (same direction); a step with n <= c is untouched."""
