@@ -335,11 +335,30 @@ def test_int8_tolerance_miss_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_dynamo_exporter_option(tmp_path):
+def test_dynamo_exporter_option(tmp_path, monkeypatch):
+    """onnx.dynamo: true reaches torch.onnx.export as dynamo=True with a dynamic batch Dim (not TorchScript's
+    dynamic_axes), and the graph is the dynamo exporter's: its node names carry no TorchScript module scope."""
     pytest.importorskip("onnxscript")
+    import onnx
+
+    calls = []
+    export = torch.onnx.export
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
     profile = profile_from_dict({"parity": {"images": 4}, "onnx": {"dynamo": True}})
     result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=quiet)
+    (kwargs,) = calls
+    assert kwargs["dynamo"] is True and "dynamic_axes" not in kwargs
+    (batch,) = [shape[0] for shape in kwargs["dynamic_shapes"]]
+    assert isinstance(batch, torch.export.Dim) and batch.__name__ == "batch"
+    graph = onnx.load(str(tmp_path / "b" / "onnx" / "model_fp32.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert graph.node and not any(n.name.startswith("/") for n in graph.node), [n.name for n in graph.node][:4]
     assert result.parity["artifacts"][0]["max_abs_diff"] <= 1e-4
 
 
