@@ -106,18 +106,23 @@ def _save(arr, mode=None):
     return lambda p: Image.fromarray(arr, mode=mode).save(p) if mode else Image.fromarray(arr).save(p)
 
 
-rng = np.random.default_rng(2)
+def _pixels(seed: int, shape: tuple, high: int = 256, dtype=np.uint8) -> np.ndarray:
+    """Random pixels from their own seeded generator: a file's content does not depend on which tests ran first."""
+    return np.random.default_rng(seed).integers(0, high, shape, dtype=dtype)
+
+
 # Unusual but valid files: decoded (16-bit rescaled, alpha dropped, CMYK/palette to RGB), predicted, trained on.
 ODD_IMAGES = {
-    "png_16bit": (lambda p: Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(p), ".png"),
+    "png_16bit": (lambda p: Image.fromarray(_pixels(20, (20, 20), 65535, np.uint16)).save(p), ".png"),
     "png_16bit_constant": (lambda p: Image.fromarray(np.full((20, 20), 4000, np.uint16)).save(p), ".png"),
-    "rgba": (lambda p: Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA").save(p), ".png"),
-    "la": (lambda p: Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).convert("LA").save(p), ".png"),
+    "rgba": (lambda p: Image.fromarray(_pixels(21, (20, 20, 4), 256, np.uint8), "RGBA").save(p), ".png"),
+    "la": (lambda p: Image.fromarray(_pixels(22, (20, 20), 256, np.uint8)).convert("LA").save(p), ".png"),
     "cmyk_jpeg": (lambda p: Image.new("CMYK", (20, 20), (10, 200, 30, 5)).save(p), ".jpg"),
-    "palette": (lambda p: Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).convert("P").save(p),
+    "palette": (lambda p: Image.fromarray(_pixels(23, (20, 20, 3), 256, np.uint8)).convert("P").save(p),
                 ".png"),
     "one_pixel": (lambda p: Image.new("RGB", (1, 1), (200, 10, 10)).save(p), ".png"),
-    "float_tiff": (lambda p: Image.fromarray(rng.normal(size=(20, 20)).astype(np.float32)).save(p), ".tif"),
+    "float_tiff": (lambda p: Image.fromarray(np.random.default_rng(24).normal(size=(20, 20)).astype(np.float32)).save(p),
+                   ".tif"),
     "thin_strip": (lambda p: Image.new("L", (300, 2), 90).save(p), ".png"),
 }
 
