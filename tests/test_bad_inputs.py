@@ -102,28 +102,55 @@ BAD_IMAGES = {
 }
 
 
-def _save(arr, mode=None):
-    return lambda p: Image.fromarray(arr, mode=mode).save(p) if mode else Image.fromarray(arr).save(p)
-
-
 def _pixels(seed: int, shape: tuple, high: int = 256, dtype=np.uint8) -> np.ndarray:
     """Random pixels from their own seeded generator: a file's content does not depend on which tests ran first."""
     return np.random.default_rng(seed).integers(0, high, shape, dtype=dtype)
 
 
+def _rescaled(a: np.ndarray) -> np.ndarray:
+    """What a 16-bit or float image decodes to: its own min..max stretched to 0..255, rounded, one channel."""
+    a = a.astype(np.float64)
+    span = a.max() - a.min()
+    out = np.zeros(a.shape) if span == 0 else np.round((a - a.min()) * 255.0 / span)
+    return out.astype(np.uint8)[..., None]
+
+
+def _write(arr: np.ndarray, mode: str | None = None, convert: str | None = None):
+    """A writer saving `arr` (as `mode`, then converted to `convert`) to a path."""
+    def write(p):
+        img = Image.fromarray(arr, mode) if mode else Image.fromarray(arr)
+        (img.convert(convert) if convert else img).save(p)
+    return write
+
+
+def _odd(write, expected: np.ndarray, atol: int = 0):
+    """Write the file, return (the pixels the decoder must give, the tolerance: 0 unless the format is lossy)."""
+    def make(p):
+        write(p)
+        return expected, atol
+    return make
+
+
+_U16, _RGBA, _GRAY = _pixels(20, (20, 20), 65535, np.uint16), _pixels(21, (20, 20, 4)), _pixels(22, (20, 20))
+_RGB, _FLOAT = _pixels(23, (20, 20, 3)), np.random.default_rng(24).normal(size=(20, 20)).astype(np.float32)
+_CMYK = (10, 200, 30, 5)
 # Unusual but valid files: decoded (16-bit rescaled, alpha dropped, CMYK/palette to RGB), predicted, trained on.
+# kind -> (writer(path) returning (expected decoded uint8 (H, W, C) array, tolerance), suffix).
 ODD_IMAGES = {
-    "png_16bit": (lambda p: Image.fromarray(_pixels(20, (20, 20), 65535, np.uint16)).save(p), ".png"),
-    "png_16bit_constant": (lambda p: Image.fromarray(np.full((20, 20), 4000, np.uint16)).save(p), ".png"),
-    "rgba": (lambda p: Image.fromarray(_pixels(21, (20, 20, 4), 256, np.uint8), "RGBA").save(p), ".png"),
-    "la": (lambda p: Image.fromarray(_pixels(22, (20, 20), 256, np.uint8)).convert("LA").save(p), ".png"),
-    "cmyk_jpeg": (lambda p: Image.new("CMYK", (20, 20), (10, 200, 30, 5)).save(p), ".jpg"),
-    "palette": (lambda p: Image.fromarray(_pixels(23, (20, 20, 3), 256, np.uint8)).convert("P").save(p),
+    "png_16bit": (_odd(_write(_U16), _rescaled(_U16)), ".png"),
+    "png_16bit_constant": (_odd(_write(np.full((20, 20), 4000, np.uint16)), np.zeros((20, 20, 1), np.uint8)), ".png"),
+    "rgba": (_odd(_write(_RGBA, "RGBA"), _RGBA[..., :3]), ".png"),
+    "la": (_odd(_write(_GRAY, convert="LA"), _GRAY[..., None]), ".png"),
+    # CMYK -> RGB: each channel (255 - ink) * (255 - black) / 255; JPEG may move a value by a step or two.
+    "cmyk_jpeg": (_odd(lambda p: Image.new("CMYK", (20, 20), _CMYK).save(p),
+                       np.full((20, 20, 3), [round((255 - c) * (255 - _CMYK[3]) / 255) for c in _CMYK[:3]], np.uint8),
+                       atol=2), ".jpg"),
+    "palette": (_odd(_write(_RGB, convert="P"), np.asarray(Image.fromarray(_RGB).convert("P").convert("RGB"))),
                 ".png"),
-    "one_pixel": (lambda p: Image.new("RGB", (1, 1), (200, 10, 10)).save(p), ".png"),
-    "float_tiff": (lambda p: Image.fromarray(np.random.default_rng(24).normal(size=(20, 20)).astype(np.float32)).save(p),
-                   ".tif"),
-    "thin_strip": (lambda p: Image.new("L", (300, 2), 90).save(p), ".png"),
+    "one_pixel": (_odd(lambda p: Image.new("RGB", (1, 1), (200, 10, 10)).save(p),
+                       np.array([[[200, 10, 10]]], np.uint8)), ".png"),
+    "float_tiff": (_odd(_write(_FLOAT), _rescaled(_FLOAT)), ".tif"),
+    "thin_strip": (_odd(lambda p: Image.new("L", (300, 2), 90).save(p), np.full((2, 300, 1), 90, np.uint8)), ".png"),
 }
 
 
@@ -223,15 +250,25 @@ def test_predict_reports_a_bad_image_and_goes_on(kind, bundle, good_png, tmp_pat
 
 
 @pytest.mark.parametrize("kind", sorted(ODD_IMAGES))
-def test_predict_decodes_unusual_but_valid_images(kind, bundle, tmp_path, capsys):
+def test_predict_decodes_unusual_but_valid_images(kind, bundle, runner, tmp_path, capsys):
+    """The decoder gives the known pixels of each file, and `edgekd predict` reports the probabilities of exactly
+    those pixels."""
+    from edgekd.imageio import read_image
+
     write, suffix = ODD_IMAGES[kind]
     path = tmp_path / f"{kind}{suffix}"
-    write(path)
+    expected, atol = write(path)
+    decoded = read_image(path)
+    assert decoded.dtype == np.uint8 and decoded.shape == expected.shape, (decoded.dtype, decoded.shape)
+    diff = int(np.abs(decoded.astype(int) - expected).max())
+    assert diff <= atol, f"{kind}: decoded pixels differ from the known ones by up to {diff}"
     out = tmp_path / "pred.json"
     code, _, err = invoke(capsys, "predict", bundle, path, "--backend", "onnx", "--out", out)
     assert code == 0, err
     (pred,) = json.loads(out.read_text())["predictions"]
-    assert pred["label"] in ("class_0", "class_1") and abs(sum(pred["probs"].values()) - 1) < 1e-5
+    want = runner.predict(expected if atol == 0 else decoded)
+    assert pred["label"] == want.label
+    assert list(pred["probs"].values()) == pytest.approx(want.probs.tolist(), abs=1e-6)
 
 
 def test_predict_keeps_brackets_in_a_reported_file_name(bundle, good_png, tmp_path, capsys):
@@ -261,7 +298,7 @@ def test_train_skips_bad_images_and_trains_on_unusual_ones(tmp_path, capsys):
     root = given_split_folder(tmp_path / "imgs", n=3)
     for split in ("train", "val", "test"):
         for kind, (write, suffix) in ODD_IMAGES.items():
-            write(root / split / "a" / f"{kind}{suffix}")
+            write(root / split / "a" / f"{kind}{suffix}")  # (returns the expected pixels, unused here)
     BAD_IMAGES["truncated_jpeg"][0](root / "train" / "a" / "broken.jpg")
     recipe = write_recipe(tmp_path / "r.yaml", {"source": "imagefolder", "path": str(root), "on_bad_image": "skip"})
     code, _, err = invoke(capsys, "train", recipe, "--out", tmp_path / "run")
