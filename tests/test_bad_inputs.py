@@ -26,7 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import make_images, write_image_folder, write_npz
+from conftest import export_plain_onnx, make_images, random_pixels, run_edgekd, write_image_folder, write_npz
 from edgekd.errors import EdgeKDError
 
 SIZE = 16
@@ -85,7 +85,7 @@ def _good_array(seed=0) -> np.ndarray:
 
 
 def _truncated(path: Path, fmt: str) -> None:
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, format=fmt)
+    Image.fromarray(random_pixels((64, 64, 3))).save(path, format=fmt)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
@@ -100,11 +100,6 @@ BAD_IMAGES = {
     "png_header_only": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n"), ".png", "image"),
     "decompression_bomb": (lambda p: png_with_header_size(p, 20000, 20000), ".png", "pixel limit"),
 }
-
-
-def _pixels(seed: int, shape: tuple, high: int = 256, dtype=np.uint8) -> np.ndarray:
-    """Random pixels from their own seeded generator: a file's content does not depend on which tests ran first."""
-    return np.random.default_rng(seed).integers(0, high, shape, dtype=dtype)
 
 
 def _rescaled(a: np.ndarray) -> np.ndarray:
@@ -131,8 +126,11 @@ def _odd(write, expected: np.ndarray, atol: int = 0):
     return make
 
 
-_U16, _RGBA, _GRAY = _pixels(20, (20, 20), 65535, np.uint16), _pixels(21, (20, 20, 4)), _pixels(22, (20, 20))
-_RGB, _FLOAT = _pixels(23, (20, 20, 3)), np.random.default_rng(24).normal(size=(20, 20)).astype(np.float32)
+# Each source array from its own seeded generator: a file's content does not depend on which tests ran first.
+_U16 = random_pixels((20, 20), seed=20, high=65535, dtype=np.uint16)
+_RGBA, _GRAY = random_pixels((20, 20, 4), seed=21), random_pixels((20, 20), seed=22)
+_RGB = random_pixels((20, 20, 3), seed=23)
+_FLOAT = np.random.default_rng(24).normal(size=(20, 20)).astype(np.float32)
 _CMYK = (10, 200, 30, 5)
 # Unusual but valid files: decoded (16-bit rescaled, alpha dropped, CMYK/palette to RGB), predicted, trained on.
 # kind -> (writer(path) returning (expected decoded uint8 (H, W, C) array, tolerance), suffix).
@@ -225,10 +223,7 @@ def foreign_onnx(path: Path, classes=2, size=SIZE, input_name="input") -> Path:
     from edgekd.models import create_model
 
     model = create_model({"name": "edgekd_cnn_tiny", "num_classes": classes, "in_chans": 3}).eval()
-    torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), input_names=[input_name],
-                      output_names=["logits"], dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=18, dynamo=False)
-    return path
+    return export_plain_onnx(model, path, torch.randn(2, 3, size, size), input_name)
 
 
 # ================================================================================ images: edgekd predict
@@ -782,12 +777,6 @@ def test_runner_refuses_wrong_inputs(case, runner):
 
 
 # ================================================================================ the real entry point
-def run_edgekd(*args) -> subprocess.CompletedProcess:
-    env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    return subprocess.run([sys.executable, "-m", "edgekd", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
-
-
 def as_result(proc: subprocess.CompletedProcess):
     return proc.returncode, proc.stdout, proc.stderr
 

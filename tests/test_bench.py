@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import random_pixels
 from edgekd.bench.hardware import gemm_peak_fraction, measure_gemm_peak
 from edgekd.bench.report import records_markdown
 from edgekd.bench.run import (RECORD_KEYS, BenchConfig, Row, Subject, make_records, plan_rows, run_bench,
@@ -229,7 +230,7 @@ def test_bench_images_give_bare_and_runner_the_same_pixels():
 
     spec = preprocess_spec(DataConfig(image_size=16, resize=20, channels=3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25]))
     pre = Preprocessor(spec)
-    raw = [np.random.default_rng(i).integers(0, 256, size=(28, 28, 3), dtype=np.uint8) for i in range(3)]
+    raw = [random_pixels((28, 28, 3), i) for i in range(3)]
     stored = np.stack([pre.to_resize_size(a) for a in raw])
     assert stored.shape == (3, 20, 20, 3)
     expected = np.stack([pre(a) for a in raw])

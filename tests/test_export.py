@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, write_npz
+from conftest import REPO, tiny_recipe, write_npz
 from edgekd.errors import EdgeKDError
 from edgekd.export import FORMATS, export_checkpoint, export_plan, load_profile, profile_from_dict
 from edgekd.export.artifact import ArtifactSession
@@ -28,12 +28,8 @@ def make_checkpoint(root: Path, model_name: str, image_size: int = 16, train_epo
                     model_kwargs: dict | None = None) -> Path:
     """A real edgekd checkpoint of a tiny model on tiny learnable data (trained `train_epochs` epochs)."""
     npz = write_npz(root / "tiny.npz", n=(64, 24, 24), size=image_size)
-    raw = {
-        "name": f"tiny-{model_name}", "seed": 0,
-        "data": {"source": "medmnist", "path": str(npz), "image_size": image_size, "channels": 3, "batch_size": 16},
-        "model": {"name": model_name, "kwargs": model_kwargs or {}},
-        "train": {"epochs": train_epochs, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"}},
-    }
+    raw = tiny_recipe(npz, name=f"tiny-{model_name}", image_size=image_size, batch_size=16, epochs=train_epochs,
+                      monitor=None, model={"name": model_name, "kwargs": model_kwargs or {}})
     recipe = recipe_from_dict(raw)
     if train_epochs:
         from edgekd.train.run import train_recipe
