@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import REPO
 from edgekd.distill.features import FeatureMaps
 from edgekd.distill.losses import AttentionTransfer, KDBatch, attention_transfer, build_distill_loss
 from edgekd.distill.objective import build_objective, freeze_teacher
 from edgekd.errors import EdgeKDError
 from edgekd.models import create_model
 from edgekd.recipe import DistillConfig, load_recipe
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def l2_normalized(values):

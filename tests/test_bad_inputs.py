@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import struct
@@ -25,7 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import make_images, write_image_folder, write_npz
+from conftest import export_plain_onnx, make_images, random_pixels, run_edgekd, write_image_folder, write_npz
 from edgekd.errors import EdgeKDError
 
 SIZE = 16
@@ -84,7 +85,7 @@ def _good_array(seed=0) -> np.ndarray:
 
 
 def _truncated(path: Path, fmt: str) -> None:
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, format=fmt)
+    Image.fromarray(random_pixels((64, 64, 3))).save(path, format=fmt)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
@@ -101,23 +102,53 @@ BAD_IMAGES = {
 }
 
 
-def _save(arr, mode=None):
-    return lambda p: Image.fromarray(arr, mode=mode).save(p) if mode else Image.fromarray(arr).save(p)
+def _rescaled(a: np.ndarray) -> np.ndarray:
+    """What a 16-bit or float image decodes to: its own min..max stretched to 0..255, rounded, one channel."""
+    a = a.astype(np.float64)
+    span = a.max() - a.min()
+    out = np.zeros(a.shape) if span == 0 else np.round((a - a.min()) * 255.0 / span)
+    return out.astype(np.uint8)[..., None]
 
 
-rng = np.random.default_rng(2)
+def _write(arr: np.ndarray, mode: str | None = None, convert: str | None = None):
+    """A writer saving `arr` (as `mode`, then converted to `convert`) to a path."""
+    def write(p):
+        img = Image.fromarray(arr, mode) if mode else Image.fromarray(arr)
+        (img.convert(convert) if convert else img).save(p)
+    return write
+
+
+def _odd(write, expected: np.ndarray, atol: int = 0):
+    """Write the file, return (the pixels the decoder must give, the tolerance: 0 unless the format is lossy)."""
+    def make(p):
+        write(p)
+        return expected, atol
+    return make
+
+
+# Each source array from its own seeded generator: a file's content does not depend on which tests ran first.
+_U16 = random_pixels((20, 20), seed=20, high=65535, dtype=np.uint16)
+_RGBA, _GRAY = random_pixels((20, 20, 4), seed=21), random_pixels((20, 20), seed=22)
+_RGB = random_pixels((20, 20, 3), seed=23)
+_FLOAT = np.random.default_rng(24).normal(size=(20, 20)).astype(np.float32)
+_CMYK = (10, 200, 30, 5)
 # Unusual but valid files: decoded (16-bit rescaled, alpha dropped, CMYK/palette to RGB), predicted, trained on.
+# kind -> (writer(path) returning (expected decoded uint8 (H, W, C) array, tolerance), suffix).
 ODD_IMAGES = {
-    "png_16bit": (lambda p: Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(p), ".png"),
-    "png_16bit_constant": (lambda p: Image.fromarray(np.full((20, 20), 4000, np.uint16)).save(p), ".png"),
-    "rgba": (lambda p: Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA").save(p), ".png"),
-    "la": (lambda p: Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).convert("LA").save(p), ".png"),
-    "cmyk_jpeg": (lambda p: Image.new("CMYK", (20, 20), (10, 200, 30, 5)).save(p), ".jpg"),
-    "palette": (lambda p: Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).convert("P").save(p),
+    "png_16bit": (_odd(_write(_U16), _rescaled(_U16)), ".png"),
+    "png_16bit_constant": (_odd(_write(np.full((20, 20), 4000, np.uint16)), np.zeros((20, 20, 1), np.uint8)), ".png"),
+    "rgba": (_odd(_write(_RGBA, "RGBA"), _RGBA[..., :3]), ".png"),
+    "la": (_odd(_write(_GRAY, convert="LA"), _GRAY[..., None]), ".png"),
+    # CMYK -> RGB: each channel (255 - ink) * (255 - black) / 255; JPEG may move a value by a step or two.
+    "cmyk_jpeg": (_odd(lambda p: Image.new("CMYK", (20, 20), _CMYK).save(p),
+                       np.full((20, 20, 3), [round((255 - c) * (255 - _CMYK[3]) / 255) for c in _CMYK[:3]], np.uint8),
+                       atol=2), ".jpg"),
+    "palette": (_odd(_write(_RGB, convert="P"), np.asarray(Image.fromarray(_RGB).convert("P").convert("RGB"))),
                 ".png"),
-    "one_pixel": (lambda p: Image.new("RGB", (1, 1), (200, 10, 10)).save(p), ".png"),
-    "float_tiff": (lambda p: Image.fromarray(rng.normal(size=(20, 20)).astype(np.float32)).save(p), ".tif"),
-    "thin_strip": (lambda p: Image.new("L", (300, 2), 90).save(p), ".png"),
+    "one_pixel": (_odd(lambda p: Image.new("RGB", (1, 1), (200, 10, 10)).save(p),
+                       np.array([[[200, 10, 10]]], np.uint8)), ".png"),
+    "float_tiff": (_odd(_write(_FLOAT), _rescaled(_FLOAT)), ".tif"),
+    "thin_strip": (_odd(lambda p: Image.new("L", (300, 2), 90).save(p), np.full((2, 300, 1), 90, np.uint8)), ".png"),
 }
 
 
@@ -192,10 +223,7 @@ def foreign_onnx(path: Path, classes=2, size=SIZE, input_name="input") -> Path:
     from edgekd.models import create_model
 
     model = create_model({"name": "edgekd_cnn_tiny", "num_classes": classes, "in_chans": 3}).eval()
-    torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), input_names=[input_name],
-                      output_names=["logits"], dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=18, dynamo=False)
-    return path
+    return export_plain_onnx(model, path, torch.randn(2, 3, size, size), input_name)
 
 
 # ================================================================================ images: edgekd predict
@@ -217,15 +245,25 @@ def test_predict_reports_a_bad_image_and_goes_on(kind, bundle, good_png, tmp_pat
 
 
 @pytest.mark.parametrize("kind", sorted(ODD_IMAGES))
-def test_predict_decodes_unusual_but_valid_images(kind, bundle, tmp_path, capsys):
+def test_predict_decodes_unusual_but_valid_images(kind, bundle, runner, tmp_path, capsys):
+    """The decoder gives the known pixels of each file, and `edgekd predict` reports the probabilities of exactly
+    those pixels."""
+    from edgekd.imageio import read_image
+
     write, suffix = ODD_IMAGES[kind]
     path = tmp_path / f"{kind}{suffix}"
-    write(path)
+    expected, atol = write(path)
+    decoded = read_image(path)
+    assert decoded.dtype == np.uint8 and decoded.shape == expected.shape, (decoded.dtype, decoded.shape)
+    diff = int(np.abs(decoded.astype(int) - expected).max())
+    assert diff <= atol, f"{kind}: decoded pixels differ from the known ones by up to {diff}"
     out = tmp_path / "pred.json"
     code, _, err = invoke(capsys, "predict", bundle, path, "--backend", "onnx", "--out", out)
     assert code == 0, err
     (pred,) = json.loads(out.read_text())["predictions"]
-    assert pred["label"] in ("class_0", "class_1") and abs(sum(pred["probs"].values()) - 1) < 1e-5
+    want = runner.predict(expected if atol == 0 else decoded)
+    assert pred["label"] == want.label
+    assert list(pred["probs"].values()) == pytest.approx(want.probs.tolist(), abs=1e-6)
 
 
 def test_predict_keeps_brackets_in_a_reported_file_name(bundle, good_png, tmp_path, capsys):
@@ -255,7 +293,7 @@ def test_train_skips_bad_images_and_trains_on_unusual_ones(tmp_path, capsys):
     root = given_split_folder(tmp_path / "imgs", n=3)
     for split in ("train", "val", "test"):
         for kind, (write, suffix) in ODD_IMAGES.items():
-            write(root / split / "a" / f"{kind}{suffix}")
+            write(root / split / "a" / f"{kind}{suffix}")  # (returns the expected pixels, unused here)
     BAD_IMAGES["truncated_jpeg"][0](root / "train" / "a" / "broken.jpg")
     recipe = write_recipe(tmp_path / "r.yaml", {"source": "imagefolder", "path": str(root), "on_bad_image": "skip"})
     code, _, err = invoke(capsys, "train", recipe, "--out", tmp_path / "run")
@@ -439,17 +477,28 @@ def test_resume_refuses_another_recipe_and_a_missing_last_checkpoint(trained, tm
 def test_nonfinite_loss_stops_with_an_error_or_is_skipped(trained, tmp_path, capsys):
     """Focal alpha=inf for class 0 makes every batch holding a class-0 image non-finite (batch size 1): nonfinite=error
     stops at the first one naming the step; skip leaves those batches out, counts them and trains on the rest."""
-    inf = ["--set", "train.loss.name=focal", "--set", "train.loss.alpha=[.inf, 1.0]", "--set", "data.batch_size=1"]
-    line = assert_refused(invoke(capsys, "train", trained["recipe"], *inf, "--out", tmp_path / "err"),
-                          "non-finite loss", "train.nonfinite=skip")
-    assert "epoch 1 step" in line
-    assert not (tmp_path / "err" / "best.pt").exists()
+    from edgekd.data import build_data
+    from edgekd.recipe import load_recipe
+
+    sets = ["train.loss.name=focal", "train.loss.alpha=[.inf, 1.0]", "data.batch_size=1"]
+    inf = [a for s in sets for a in ("--set", s)]
+    # The training order of epoch 1 is the loader's seeded shuffle: the error names the first class-0 image's step.
+    data = build_data(load_recipe(trained["recipe"], sets))
+    order = [int(y) for _, y in data.loader("train", epoch=0)]
+    first_class0 = order.index(0) + 1
+    line = assert_refused(invoke(capsys, "train", trained["recipe"], *inf, "--out", tmp_path / "err"))
+    assert line == (f"error: non-finite loss (inf) at epoch 1 step {first_class0}; lower the learning rate, "
+                    "or set train.nonfinite=skip")
+    assert not (tmp_path / "err" / "best.pt").exists() and not (tmp_path / "err" / "last.pt").exists()
     code, _, err = invoke(capsys, "train", trained["recipe"], *inf, "--set", "train.nonfinite=skip",
                           "--out", tmp_path / "skip")
     assert code == 0, err
     metrics = json.loads((tmp_path / "skip" / "metrics.json").read_text())
-    assert metrics["nonfinite_batches"] == 24  # the class-0 half of the 48 training images, once each
-    assert np.isfinite(metrics["val"]["loss"] if "loss" in metrics["val"] else 0.0)
+    assert order.count(0) == 24  # the class-0 half of the 48 training images, once each ...
+    assert metrics["nonfinite_batches"] == 24  # ... each one skipped and counted
+    (row,) = list(csv.DictReader((tmp_path / "skip" / "log.csv").open()))
+    assert 0 < float(row["train_loss"]) < math.inf  # the mean over the 24 finite (class-1) batches
+    assert math.isfinite(float(row["val_loss"])) and math.isfinite(metrics["best_value"])
 
 
 def test_diverged_weights_are_a_clear_error(trained, tmp_path, capsys):
@@ -728,12 +777,6 @@ def test_runner_refuses_wrong_inputs(case, runner):
 
 
 # ================================================================================ the real entry point
-def run_edgekd(*args) -> subprocess.CompletedProcess:
-    env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    return subprocess.run([sys.executable, "-m", "edgekd", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
-
-
 def as_result(proc: subprocess.CompletedProcess):
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -771,27 +814,36 @@ def test_subprocess_bad_image_in_training_data(tmp_path):
 
 
 # ================================================================================ full disk
-def _disk_nearly_full(monkeypatch, free_mib=4):
-    import shutil as shutil_module
+def _disk_nearly_full(monkeypatch, free_mib=4) -> list[Path]:
+    """edgekd.fileio sees `free_mib` MiB free on every disk; returns the list of paths it asked about (filled in as
+    the code under test calls shutil.disk_usage), so a test can tell the check ran on the output's disk."""
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("edgekd.fileio.shutil.disk_usage",
-                        lambda _p: usage(2**40, 2**40 - free_mib * 2**20, free_mib * 2**20))
-    assert shutil_module.disk_usage is not None
+    probed: list[Path] = []
+
+    def disk_usage(path):
+        probed.append(Path(path))
+        return usage(2**40, 2**40 - free_mib * 2**20, free_mib * 2**20)
+
+    monkeypatch.setattr("edgekd.fileio.shutil.disk_usage", disk_usage)
+    return probed
 
 
 def test_train_on_a_full_disk_writes_nothing(trained, tmp_path, capsys, monkeypatch):
-    _disk_nearly_full(monkeypatch)
-    assert_refused(invoke(capsys, "train", trained["recipe"], "--out", tmp_path / "run"),
-                   "not enough free disk space for checkpoints")
-    assert not (tmp_path / "run").exists()
+    probed = _disk_nearly_full(monkeypatch, free_mib=4)
+    line = assert_refused(invoke(capsys, "train", trained["recipe"], "--out", tmp_path / "run"),
+                          f"{tmp_path / 'run'}: not enough free disk space for checkpoints", "MiB, 4 MiB free)")
+    assert probed == [tmp_path]  # the run folder does not exist yet: its nearest existing parent was asked
+    assert not (tmp_path / "run").exists(), line
 
 
 def test_export_on_a_full_disk_writes_nothing(trained, tmp_path, capsys, monkeypatch):
-    _disk_nearly_full(monkeypatch)
+    probed = _disk_nearly_full(monkeypatch, free_mib=4)
     assert_refused(invoke(capsys, "export", trained["ckpt"], "--format", "onnx", "--precision", "fp32",
-                          "--out", tmp_path / "bundle"), "not enough free disk space for the bundle")
+                          "--out", tmp_path / "bundle"), f"{tmp_path}: not enough free disk space for the bundle",
+                   "MiB, 4 MiB free)")
+    assert probed == [tmp_path]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import random_pixels
 from edgekd.bench.hardware import gemm_peak_fraction, measure_gemm_peak
 from edgekd.bench.report import records_markdown
 from edgekd.bench.run import (RECORD_KEYS, BenchConfig, Row, Subject, make_records, plan_rows, run_bench,
@@ -179,7 +180,13 @@ def test_other_cpu_subtracts_own_cpu_time(monkeypatch):
 
 
 def test_other_cpu_reads_this_machine():
+    """Real /proc/stat and getrusage: a child burning CPU counts as other load until it is waited for; once reaped,
+    getrusage(RUSAGE_CHILDREN) holds its time and it is this process tree's own (subtracted)."""
+    import os
+    import subprocess
+    import sys
     import time
+    from pathlib import Path
 
     from edgekd.bench.hardware import OtherCPU
 
@@ -191,8 +198,23 @@ def test_other_cpu_reads_this_machine():
     meter = OtherCPU()
     if meter.start is None:
         pytest.skip("no /proc/stat on this platform")
-    cores = meter.cores()
-    assert cores is None or cores >= 0.0
+    burn = "import time\nwhile time.process_time() < 0.3:\n    pass\nprint(time.process_time(), flush=True)"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        burned = float(child.stdout.read())  # end of output: the child is done but not reaped yet
+        unreaped = meter.cores() * (time.monotonic() - meter.start[0])
+    finally:
+        child.stdout.close()
+        child.wait()
+    reaped = meter.cores() * (time.monotonic() - meter.start[0])
+    assert burned >= 0.3
+    # Other load on the machine only adds to the first reading, so a lower bound holds however busy it is; the
+    # half-margins absorb /proc/stat's clock ticks and the few ms between the readings.
+    assert unreaped >= 0.5 * burned, (unreaped, burned)
+    assert unreaped - reaped >= 0.5 * burned, (unreaped, reaped, burned)
+    cpus = sum(line.startswith("cpu") and line[3:4].isdigit() for line in Path("/proc/stat").read_text().splitlines())
+    assert 0.0 <= meter.cores() <= cpus + 0.5  # cores, not clock ticks
 
 
 def test_bench_images_give_bare_and_runner_the_same_pixels():
@@ -208,7 +230,7 @@ def test_bench_images_give_bare_and_runner_the_same_pixels():
 
     spec = preprocess_spec(DataConfig(image_size=16, resize=20, channels=3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25]))
     pre = Preprocessor(spec)
-    raw = [np.random.default_rng(i).integers(0, 256, size=(28, 28, 3), dtype=np.uint8) for i in range(3)]
+    raw = [random_pixels((28, 28, 3), i) for i in range(3)]
     stored = np.stack([pre.to_resize_size(a) for a in raw])
     assert stored.shape == (3, 20, 20, 3)
     expected = np.stack([pre(a) for a in raw])

@@ -1,18 +1,11 @@
 """End-to-end CLI: train one short epoch on a tiny subset, eval, metrics.json; bad input -> one line, exit 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-EDGEKD = [sys.executable, "-m", "edgekd"]
-
-
-def run(args, cwd=None):
-    return subprocess.run(EDGEKD + args, capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+from conftest import run_edgekd
 
 
 def assert_one_line_error(proc, *fragments):
@@ -29,12 +22,12 @@ def test_train_then_eval(tmp_path, tiny_recipe_dict):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
     out = tmp_path / "run"
-    p = run(["train", str(recipe), "--set", "train.epochs=1", "--out", str(out)])
+    p = run_edgekd("train", str(recipe), "--set", "train.epochs=1", "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert "best checkpoint" in p.stdout and "test" in p.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["epochs_run"] == 1 and 0 <= m["test"]["acc"] <= 1
-    p = run(["eval", str(out / "best.pt"), "--split", "val,test", "--out", str(tmp_path / "ev")])
+    p = run_edgekd("eval", str(out / "best.pt"), "--split", "val,test", "--out", str(tmp_path / "ev"))
     assert p.returncode == 0, p.stderr
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(ev) >= {"val", "test", "params"} and ev["test"]["n"] == 16
@@ -45,19 +38,19 @@ def test_train_then_eval(tmp_path, tiny_recipe_dict):
 def test_bad_recipe_key_is_one_line(tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text("train:\n  epochs: 1\n  optimiser: {lr: 1}\n")
-    assert_one_line_error(run(["train", str(r), "--out", str(tmp_path / "o")]), "unknown key 'train.optimiser'")
+    assert_one_line_error(run_edgekd("train", str(r), "--out", str(tmp_path / "o")), "unknown key 'train.optimiser'")
     assert not (tmp_path / "o").exists()
 
 
 def test_bad_set_value_and_missing_checkpoint(tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text("name: x\n")
-    assert_one_line_error(run(["train", str(r), "--set", "train.epochs=-3"]), "train.epochs")
-    assert_one_line_error(run(["eval", str(tmp_path / "none.pt")]), "checkpoint not found")
+    assert_one_line_error(run_edgekd("train", str(r), "--set", "train.epochs=-3"), "train.epochs")
+    assert_one_line_error(run_edgekd("eval", str(tmp_path / "none.pt")), "checkpoint not found")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(run(["eval", str(tmp_path / "junk.pt")]), "not a readable checkpoint")
+    assert_one_line_error(run_edgekd("eval", str(tmp_path / "junk.pt")), "not a readable checkpoint")
 
 
 def test_help_lists_commands():
-    p = run(["--help"])
+    p = run_edgekd("--help")
     assert p.returncode == 0 and "train" in p.stdout and "eval" in p.stdout

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_recipe
 from edgekd.continual import average_accuracy, backward_transfer, forgetting, forgetting_per_task, retention
 from edgekd.continual.base import TaskStep
 from edgekd.continual.bn_freeze import BNFreezePlugin, batchnorm_layers
@@ -52,14 +53,8 @@ def quadrant_npz(path: Path, classes: int, n=(128, 32, 32), size=16, seed=0) -> 
 
 
 def base_recipe(npz: Path, **continual) -> dict:
-    return {
-        "name": "cl-tiny", "seed": 0, "role": "student",
-        "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 8},
-        "model": {"name": "edgekd_cnn_tiny"},
-        "train": {"epochs": 3, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
-                  "monitor": "val_acc"},
-        "continual": continual,
-    }
+    return tiny_recipe(npz, name="cl-tiny", epochs=3, monitor="val_acc", monitor_mode=None, role="student",
+                       continual=continual)
 
 
 # ------------------------------------------------------------------ metrics (hand-written matrices)

@@ -12,14 +12,13 @@ import torch
 import yaml
 from torch import nn
 
+from conftest import REPO
 from edgekd.distill.features import FeatureAdapter, align_spatial
 from edgekd.distill.losses import KDBatch, build_distill_loss, kl_divergence
 from edgekd.distill.objective import TeacherInput, build_objective, freeze_teacher
 from edgekd.errors import EdgeKDError
 from edgekd.models import capture_features, create_model, tokens_to_map
 from edgekd.recipe import DistillConfig, load_recipe, recipe_from_dict
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def softmax(xs):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import random_pixels, run_edgekd, tiny_recipe, write_npz
 from edgekd.errors import EdgeKDError
 from edgekd.explain.gradcam import default_target_layer, gradcam, overlay
 from edgekd.models import create_model
@@ -80,11 +79,7 @@ def test_gradcam_on_a_trained_tiny_cnn_peaks_in_the_patch(tmp_path):
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = imgs, labels[:, None].astype(np.uint8)
         test_boxes = boxes  # the last split is the test split
     np.savez(tmp_path / "p.npz", **arrays)
-    raw = {"name": "p", "seed": 0, "model": {"name": "edgekd_cnn_tiny"},
-           "data": {"source": "medmnist", "path": str(tmp_path / "p.npz"), "image_size": 32, "channels": 3,
-                    "batch_size": 16},
-           "train": {"epochs": 4, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
-                     "monitor": "val_loss", "monitor_mode": "min"}}
+    raw = tiny_recipe(tmp_path / "p.npz", name="p", image_size=32, batch_size=16, epochs=4)
     best = train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda *_: None).best_path
     model, ckpt = model_from_checkpoint(best)
     test = build_data(recipe_from_dict(raw)).dataset("test", train=False)
@@ -132,27 +127,20 @@ def test_overlay_is_rgb_upscaled_and_hot_where_the_map_is():
 
 @pytest.mark.slow
 def test_explain_cli_writes_overlays(tmp_path):
-    from conftest import write_npz
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.run import train_recipe
 
     npz = write_npz(tmp_path / "q.npz", n=(32, 8, 8), size=16)
-    raw = {"name": "q", "seed": 0, "model": {"name": "edgekd_cnn_tiny"},
-           "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 16},
-           "train": {"epochs": 1, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
-                     "monitor": "val_loss", "monitor_mode": "min"}}
+    raw = tiny_recipe(npz, name="q", batch_size=16, epochs=1)
     best = train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda *_: None).best_path
     files = []
     for i in range(2):
         files.append(tmp_path / f"x{i}.png")
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20), dtype=np.uint8)).save(files[-1])
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-m", "edgekd", "explain", str(best), *map(str, files), "--out",
-                        str(tmp_path / "cam"), "--target", "1"], capture_output=True, text=True, env=env, timeout=600)
+        Image.fromarray(random_pixels((20, 20), i, high=255)).save(files[-1])
+    p = run_edgekd("explain", best, *files, "--out", tmp_path / "cam", "--target", "1")
     assert p.returncode == 0, p.stderr
     rec = json.loads((tmp_path / "cam" / "explain.json").read_text())["images"]
     assert [r["overlay"] for r in rec] == ["x0_gradcam.png", "x1_gradcam.png"] and rec[0]["layer"] == "stages.1"
     assert Image.open(tmp_path / "cam" / "x0_gradcam.png").size == (224, 224)
-    p = subprocess.run([sys.executable, "-m", "edgekd", "explain", str(best), str(files[0]), "--layer", "nope",
-                        "--out", str(tmp_path / "cam2")], capture_output=True, text=True, env=env, timeout=600)
+    p = run_edgekd("explain", best, files[0], "--layer", "nope", "--out", tmp_path / "cam2")
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr

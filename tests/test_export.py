@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, write_npz
+from conftest import REPO, tiny_recipe, write_npz
 from edgekd.errors import EdgeKDError
 from edgekd.export import FORMATS, export_checkpoint, export_plan, load_profile, profile_from_dict
 from edgekd.export.artifact import ArtifactSession
@@ -28,12 +28,8 @@ def make_checkpoint(root: Path, model_name: str, image_size: int = 16, train_epo
                     model_kwargs: dict | None = None) -> Path:
     """A real edgekd checkpoint of a tiny model on tiny learnable data (trained `train_epochs` epochs)."""
     npz = write_npz(root / "tiny.npz", n=(64, 24, 24), size=image_size)
-    raw = {
-        "name": f"tiny-{model_name}", "seed": 0,
-        "data": {"source": "medmnist", "path": str(npz), "image_size": image_size, "channels": 3, "batch_size": 16},
-        "model": {"name": model_name, "kwargs": model_kwargs or {}},
-        "train": {"epochs": train_epochs, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"}},
-    }
+    raw = tiny_recipe(npz, name=f"tiny-{model_name}", image_size=image_size, batch_size=16, epochs=train_epochs,
+                      monitor=None, model={"name": model_name, "kwargs": model_kwargs or {}})
     recipe = recipe_from_dict(raw)
     if train_epochs:
         from edgekd.train.run import train_recipe
@@ -335,11 +331,30 @@ def test_int8_tolerance_miss_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_dynamo_exporter_option(tmp_path):
+def test_dynamo_exporter_option(tmp_path, monkeypatch):
+    """onnx.dynamo: true reaches torch.onnx.export as dynamo=True with a dynamic batch Dim (not TorchScript's
+    dynamic_axes), and the graph is the dynamo exporter's: its node names carry no TorchScript module scope."""
     pytest.importorskip("onnxscript")
+    import onnx
+
+    calls = []
+    export = torch.onnx.export
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
     profile = profile_from_dict({"parity": {"images": 4}, "onnx": {"dynamo": True}})
     result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=quiet)
+    (kwargs,) = calls
+    assert kwargs["dynamo"] is True and "dynamic_axes" not in kwargs
+    (batch,) = [shape[0] for shape in kwargs["dynamic_shapes"]]
+    assert isinstance(batch, torch.export.Dim) and batch.__name__ == "batch"
+    graph = onnx.load(str(tmp_path / "b" / "onnx" / "model_fp32.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert graph.node and not any(n.name.startswith("/") for n in graph.node), [n.name for n in graph.node][:4]
     assert result.parity["artifacts"][0]["max_abs_diff"] <= 1e-4
 
 

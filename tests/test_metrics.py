@@ -39,7 +39,11 @@ def test_multiclass_macro_metrics():
     assert m["sensitivity"] == pytest.approx((1 + 1 + 0.5) / 3)
     # specificities: class0 tn=2 fp=1 -> 2/3; class1 1; class2 1
     assert m["specificity"] == pytest.approx((2 / 3 + 1 + 1) / 3)
-    assert 0 < m["auc"] <= 1
+    # Macro one-vs-rest AUC: per class, the share of (positive, negative) pairs the positive scores higher (a tie
+    # counts 1/2), then the plain mean over classes.
+    # class 0: positive 0.8 vs negatives 0.1 0.1 0.6 -> 3/3. class 1: 0.8 vs 0.1 0.2 0.3 -> 3/3.
+    # class 2: positives 0.7 0.1 vs negatives 0.1 0.1 -> 0.7 wins twice, 0.1 ties twice -> (2 + 2 * 0.5) / 4 = 3/4.
+    assert m["auc"] == pytest.approx((1 + 1 + 3 / 4) / 3, abs=1e-12)
     # pAUC(TPR >= 0.8) per class against the rest, then the mean. Classes 0 and 1: the positive scores highest,
     # a perfect ROC: 0.2 each. Class 2: positives 0.7, 0.1 vs negatives 0.1, 0.1: the ROC runs from (0, 0.5)
     # straight to (1, 1), TPR = 0.5 + 0.5 FPR, above 0.8 for FPR >= 0.6: area int_0.6^1 (0.5x - 0.3) dx = 0.04.

@@ -53,9 +53,8 @@ def test_corrupt_accepts_2d_and_rejects_bad_input():
 # ---------------------------------------------------------------- evaluation on checkpoints and bundles
 
 import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
+from conftest import run_edgekd, tiny_recipe, write_npz  # noqa: E402
 from edgekd.metrics.failures import confused_pairs  # noqa: E402
 from edgekd.recipe import recipe_from_dict  # noqa: E402
 from edgekd.train.checkpoint import load_checkpoint  # noqa: E402
@@ -66,16 +65,11 @@ from edgekd.robustness.evaluate import (CLEAN, corruption_summary, load_split_im
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """edgekd_cnn_tiny trained 3 epochs on learnable 16-px images (class = where the bright square is)."""
-    from conftest import write_npz
     from edgekd.train.run import train_recipe
 
     root = tmp_path_factory.mktemp("robust")
     npz = write_npz(root / "tiny.npz", n=(64, 24, 40))
-    raw = {"name": "tiny", "seed": 0,
-           "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 16},
-           "model": {"name": "edgekd_cnn_tiny"},
-           "train": {"epochs": 3, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
-                     "monitor": "val_loss", "monitor_mode": "min"}}
+    raw = tiny_recipe(npz, batch_size=16, epochs=3)
     return train_recipe(recipe_from_dict(raw), root / "run", log=lambda *_: None).best_path
 
 
@@ -142,16 +136,11 @@ def test_confused_pairs_on_hand_made_predictions():
     assert confused_pairs(y, np.eye(3)[y]) == []
 
 
-def run_cli(args):
-    return subprocess.run([sys.executable, "-m", "edgekd", *args], capture_output=True, text=True, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-
-
 @pytest.mark.slow
 def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
     out = tmp_path / "ev"
-    p = run_cli(["eval", str(tiny_run), "--corruptions", "--only", "brightness,jpeg_compression", "--severities",
-                 "3", "--failures", "--out", str(out)])
+    p = run_edgekd("eval", tiny_run, "--corruptions", "--only", "brightness,jpeg_compression", "--severities", "3",
+                   "--failures", "--out", out)
     assert p.returncode == 0, p.stderr
     assert "mean corr. acc" in p.stdout
     rob = json.loads((out / "robustness.json").read_text())
@@ -160,5 +149,5 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
     images, _, _ = load_split_images(recipe_from_dict(load_checkpoint(tiny_run)["recipe"]))
     assert fail["images"] == len(images) and sum(p["count"] for p in fail["pairs"]) <= fail["errors"]
     assert (out / "failures.png").is_file() and (out / "metrics.json").is_file()
-    p = run_cli(["eval", str(tiny_run), "--corruptions", "--only", "fog", "--out", str(out)])
+    p = run_edgekd("eval", tiny_run, "--corruptions", "--only", "fog", "--out", out)
     assert p.returncode == 2 and "unknown corruption 'fog'" in p.stderr and "Traceback" not in p.stderr

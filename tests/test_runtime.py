@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO, export_plain_onnx, random_pixels
 from edgekd.errors import EdgeKDError
 from edgekd.runtime import Failure, Preprocessor, Runner, open_bundle, softmax
 from edgekd.runtime.backends import Slot
 from edgekd.runtime.bundle import validate_metadata
 from edgekd.runtime.tta import TTAViews
 
-REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["normal", "pneumonia", "other"]
 SIZE = 16
 
@@ -45,8 +45,7 @@ def write_test_bundle(out: Path, model, data_cfg, class_names, zip_too: bool = F
     c, s = data_cfg.channels, data_cfg.image_size
     example = torch.randn(2, c, s, s)
     onnx_path = out / "onnx" / "model_fp32.onnx"
-    torch.onnx.export(model, (example,), str(onnx_path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False)
+    export_plain_onnx(model, onnx_path, example)
     ov_model = ov.convert_model(str(onnx_path))
     ov.save_model(ov_model, str(out / "openvino" / "model_fp32.xml"), compress_to_fp16=False)
     ov.save_model(ov_model, str(out / "openvino" / "model_fp16.xml"), compress_to_fp16=True)
@@ -103,15 +102,11 @@ def bundle(bundle_and_model) -> Path:
     return bundle_and_model[0]
 
 
-def _rand_image(h, w, c, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(h, w, c), dtype=np.uint8)
-
-
 # ---------------------------------------------------------------- torch-free
 
 def test_runtime_and_predict_cli_never_import_torch(bundle, tmp_path):
     img = tmp_path / "x.png"
-    Image.fromarray(_rand_image(20, 24, 3)).save(img)
+    Image.fromarray(random_pixels((20, 24, 3))).save(img)
     code = f"""
 import sys
 import numpy as np
@@ -146,7 +141,7 @@ def test_preprocess_matches_torchvision(channels, resize, shape):
     from edgekd.data import build_transforms, preprocess_spec
 
     cfg = _data_cfg(resize=resize, channels=channels)
-    arr = _rand_image(*shape, seed=sum(shape) + channels)
+    arr = random_pixels(shape, sum(shape) + channels)
     ref = build_transforms(cfg, [], train=False)(torch.from_numpy(arr).permute(2, 0, 1)).numpy()
     ours = Preprocessor(preprocess_spec(cfg))(arr)
     assert ours.shape == ref.shape == (channels, SIZE, SIZE) and ours.dtype == np.float32
@@ -167,7 +162,7 @@ def test_preprocess_pads_small_image_like_torchvision():
     from edgekd.data import build_transforms, preprocess_spec
 
     cfg = _data_cfg(image_size=20, resize=12)  # resize smaller than the crop: torchvision pads with zeros
-    arr = _rand_image(12, 12, 3, seed=3)
+    arr = random_pixels((12, 12, 3), 3)
     ref = build_transforms(cfg, [], train=False)(torch.from_numpy(arr).permute(2, 0, 1)).numpy()
     np.testing.assert_array_equal(Preprocessor(preprocess_spec(cfg))(arr), ref)
 
@@ -246,7 +241,7 @@ def test_runner_equals_bare_backend_and_pytorch(bundle_and_model, backend):
 
     root, model, cfg = bundle_and_model
     runner = Runner.from_bundle(root, backend=backend, threads=1)
-    images = [_rand_image(SIZE, SIZE, 3, seed=s) for s in range(4)] + [_rand_image(19, 27, 1, seed=9)]
+    images = [random_pixels((SIZE, SIZE, 3), s) for s in range(4)] + [random_pixels((19, 27, 1), 9)]
     x = np.stack([runner.preprocessor(a) for a in images])
     bare = _bare_openvino(root / "openvino/model_fp32.xml", x) if backend == "openvino" else \
         _bare_onnx(root / "onnx/model_fp32.onnx", x)
@@ -294,7 +289,7 @@ def test_image_path_preprocesses_in_the_backend_as_numpy_does(tmp_path, channels
 
     root = write_test_bundle(tmp_path / "b", _tiny_model(channels=channels), _data_cfg(channels=channels), CLASS_NAMES)
     pre = Preprocessor(open_bundle(root).preprocess)
-    images = np.random.default_rng(3).integers(0, 256, size=(5, SIZE, SIZE, channels), dtype=np.uint8)
+    images = random_pixels((5, SIZE, SIZE, channels), 3)
     backends = [OpenVINOBackend(root / "openvino/model_fp32.xml", "input", "logits", threads=1, preprocessor=pre),
                 OpenVINOBackend(root / "openvino/model_fp32.xml", "input", "logits", threads=1, preprocessor=pre,
                                 static_shapes=False),
@@ -346,7 +341,7 @@ def test_image_path_preprocesses_in_the_backend_as_numpy_does(tmp_path, channels
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
 def test_batched_tta_equals_per_view_runs(bundle, backend):
     runner = Runner.from_bundle(bundle, backend=backend, tta=True)
-    arr = _rand_image(24, 20, 3, seed=5)
+    arr = random_pixels((24, 20, 3), 5)
     pred = runner.predict(arr)
     assert list(pred.view_probs) == ["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"]
     for name, probs in pred.view_probs.items():
@@ -372,7 +367,7 @@ def test_tta_batch_of_images_is_one_inference_call(bundle):
         return Slot(slot.inputs, lambda: calls.append("run") or slot.run(), slot.request)
 
     runner.backend.image_slot = counted
-    preds = runner.predict_batch([_rand_image(SIZE, SIZE, 3, seed=s) for s in range(4)])
+    preds = runner.predict_batch([random_pixels((SIZE, SIZE, 3), s) for s in range(4)])
     assert calls == [(4, ["original", "hflip", "rot+15"]), "run"] and len(preds) == 4
     # One (4 images x 3 views) compiled model: the views are built inside the model.
     request = runner.backend.slots[("images", 4, runner.tta_views, 3)].request
@@ -381,7 +376,7 @@ def test_tta_batch_of_images_is_one_inference_call(bundle):
 
 
 def test_fp16_artifact_runs_close_to_fp32(bundle):
-    arr = _rand_image(SIZE, SIZE, 3, seed=11)
+    arr = random_pixels((SIZE, SIZE, 3), 11)
     p32 = Runner.from_bundle(bundle, precision="fp32").predict(arr)
     p16 = Runner.from_bundle(bundle, precision="fp16").predict(arr)
     assert np.abs(p32.probs - p16.probs).max() <= 1e-2
@@ -393,7 +388,7 @@ def test_predict_many_keeps_order_and_reports_bad_inputs(bundle, tmp_path):
     runner = Runner.from_bundle(bundle, warmup=0)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    good = [_rand_image(SIZE, SIZE, 3, seed=s) for s in range(5)]
+    good = [random_pixels((SIZE, SIZE, 3), s) for s in range(5)]
     items = [good[0], good[1], bad, good[2], np.zeros((2, 2, 2, 2), np.uint8), good[3], good[4]]
     results = list(runner.predict_many(items, batch=2))
     assert [type(r).__name__ for r in results] == ["Prediction", "Prediction", "Failure", "Prediction", "Failure",
@@ -451,7 +446,7 @@ def test_zip_bundle_loads_and_predicts_like_the_folder(bundle, tmp_path):
         for p in sorted(bundle.rglob("*")):
             if p.is_file():
                 zf.write(p, f"b/{p.relative_to(bundle).as_posix()}")  # zipped with its top folder
-    arr = _rand_image(SIZE, SIZE, 3, seed=2)
+    arr = random_pixels((SIZE, SIZE, 3), 2)
     from_zip = Runner.from_bundle(archive).predict(arr)
     from_dir = Runner.from_bundle(bundle).predict(arr)
     np.testing.assert_array_equal(from_zip.probs, from_dir.probs)
@@ -485,10 +480,10 @@ def test_not_a_bundle_is_an_error(tmp_path):
 
 def _write_mixed_folder(folder: Path) -> None:
     folder.mkdir()
-    Image.fromarray(_rand_image(16, 16, 3, seed=1)).save(folder / "rgb.png")
-    Image.fromarray(_rand_image(20, 17, 1, seed=2)[..., 0]).save(folder / "gray.jpg")
-    Image.fromarray(_rand_image(18, 18, 3, seed=3)).save(folder / "scan.tif")
-    Image.fromarray(_rand_image(16, 16, 3, seed=4)).save(folder / "img.bmp")
+    Image.fromarray(random_pixels((16, 16, 3), 1)).save(folder / "rgb.png")
+    Image.fromarray(random_pixels((20, 17, 1), 2)[..., 0]).save(folder / "gray.jpg")
+    Image.fromarray(random_pixels((18, 18, 3), 3)).save(folder / "scan.tif")
+    Image.fromarray(random_pixels((16, 16, 3), 4)).save(folder / "img.bmp")
     wide = (np.random.default_rng(5).integers(0, 65535, size=(16, 24))).astype(np.uint16)
     Image.fromarray(wide).save(folder / "deep16.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
@@ -534,7 +529,7 @@ def test_predict_cli_all_good_exits_zero_and_bad_out_suffix_is_refused(bundle, t
     from edgekd.cli import app
 
     img = tmp_path / "a.png"
-    Image.fromarray(_rand_image(16, 16, 3)).save(img)
+    Image.fromarray(random_pixels((16, 16, 3))).save(img)
     res = CliRunner().invoke(app, ["predict", str(bundle), str(img)])
     assert res.exit_code == 0, res.output
     assert "a.png" in res.output
@@ -641,7 +636,7 @@ def test_metadata_input_size_must_match_the_model(bundle, tmp_path):
 
 
 def test_openvino_model_cache_is_used_and_gives_the_same_result(bundle, tmp_path):
-    arr = _rand_image(SIZE, SIZE, 3, seed=8)
+    arr = random_pixels((SIZE, SIZE, 3), 8)
     first = Runner.from_bundle(bundle, cache_dir=tmp_path / "cache").predict(arr)
     assert any((tmp_path / "cache").iterdir())  # the compiled blob was stored
     again = Runner.from_bundle(bundle, cache_dir=tmp_path / "cache").predict(arr)
@@ -680,7 +675,7 @@ def test_warmup_compiles_the_graph_for_the_bundles_image_channels(bundle, tmp_pa
     write_manifest(gray_bundle)
     runner = Runner.from_bundle(gray_bundle)
     assert list(runner.backend.slots) == [("images", 1, None, 1)]
-    runner.predict(_rand_image(SIZE, SIZE, 1, seed=3))
+    runner.predict(random_pixels((SIZE, SIZE, 1), 3))
     assert list(runner.backend.slots) == [("images", 1, None, 1)]
 
 
@@ -689,14 +684,14 @@ def test_gray_input_kept_one_channel_until_normalize_gives_the_rgb_result(bundle
     # the model (a separately compiled gray-input graph); the predictions must equal those of the same image
     # repeated to RGB beforehand within float rounding, also in a batch that mixes gray and color images.
     runner = Runner.from_bundle(bundle, tta=True)
-    gray = _rand_image(SIZE + 6, SIZE + 2, 1, seed=21)
+    gray = random_pixels((SIZE + 6, SIZE + 2, 1), 21)
     rgb = np.repeat(gray, 3, axis=-1)
     assert runner.preprocessor.to_model_size(gray, keep_gray=True).shape[-1] == 1
     a, b = runner.predict(gray), runner.predict(rgb)
     assert np.abs(a.probs - b.probs).max() <= 1e-6
     assert all(np.abs(a.view_probs[v] - b.view_probs[v]).max() <= 1e-6 for v in a.view_probs)
     assert ("images", 1, runner.tta_views, 1) in runner.backend.slots  # the gray graph ran
-    color = _rand_image(SIZE, SIZE, 3, seed=22)
+    color = random_pixels((SIZE, SIZE, 3), 22)
     mixed = runner.predict_batch([gray, color, rgb])
     assert np.array_equal(mixed[0].probs, mixed[2].probs) and np.abs(mixed[0].probs - a.probs).max() <= 1e-6
     assert np.abs(mixed[1].probs - runner.predict(color).probs).max() <= 1e-6
@@ -711,7 +706,7 @@ def test_tta_resampling_views_match_torchvision_on_noise_and_odd_shapes(shape):
     from torchvision.transforms import v2
 
     F = v2.functional
-    arr = _rand_image(*shape, seed=sum(shape))
+    arr = random_pixels(shape, sum(shape))
     t = torch.from_numpy(arr).permute(2, 0, 1)
     h, w = shape[:2]
     views = TTAViews(["center_crop", "rot+15", "rot-15"], 0.8)
@@ -728,7 +723,7 @@ def test_tta_linear_maps_give_the_views_exactly_in_any_summation_order(shape):
     # A compiled model applies the views as gather + weighted sum in its own order; the weights' grid makes every
     # product and partial sum exact in float32, so any order gives the numpy views' pixels.
     views = TTAViews(["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"], 0.8)
-    img = _rand_image(*shape, seed=7)
+    img = random_pixels(shape, 7)
     h, w, c = shape
     index, weight = views.linear_maps(h, w)
     src = np.concatenate([img.reshape(h * w, c), np.zeros((1, c), np.uint8)]).astype(np.float32)

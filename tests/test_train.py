@@ -105,10 +105,108 @@ def test_swa_and_grad_accumulation_and_clipping_run(tiny_recipe_dict, tmp_path):
                               train__swa={"enabled": True, "start_epoch": 1}))
     res = train_recipe(r, tmp_path / "r", log=lambda s: None)
     assert (tmp_path / "r" / "swa.pt").is_file() and "swa" in res.fit.extra
+    assert len(res.fit.step_seconds) == 3 * 3  # 6 batches of 8 per epoch, one optimizer step per 2, 3 epochs
     assert res.test["acc"] > 0.6
 
 
+class _Batches:
+    """A DataModule stand-in: its train loader is a fixed list of (images, targets) batches."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def loader(self, split, train=None, epoch=0, distributed=False):
+        return list(self.batches)
+
+
+def _toy_batches(n_batches: int, batch: int = 2):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(n_batches * batch, 3, 2, 2, generator=g)
+    targets = torch.randint(0, 3, (n_batches * batch,), generator=g)
+    return images, targets, list(zip(images.split(batch), targets.split(batch)))
+
+
+def _optimizer_steps(tiny_recipe_dict, tmp_path, batches, **train):
+    """One Trainer epoch of a seeded linear model (12 -> 3) over `batches`: (weight, bias, their grads) as each
+    optimizer step saw them, i.e. after accumulation and clipping."""
+    from edgekd.train.trainer import SupervisedObjective, Trainer
+
+    r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=1, train__optimizer={"name": "sgd", "lr": 0.1},
+                              **{f"train__{k}": v for k, v in train.items()}))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    trainer = Trainer(r, model, _Batches(batches), SupervisedObjective(torch.nn.CrossEntropyLoss()), tmp_path,
+                      log=lambda s: None)
+    linear, steps, step = model[1], [], trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        steps.append((linear.weight.detach().clone(), linear.bias.detach().clone(),
+                      linear.weight.grad.detach().clone(), linear.bias.grad.detach().clone()))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    trainer.train_epoch(0)
+    return steps
+
+
+def _mean_loss_grads(weight, bias, images, targets):
+    """d/d(weight, bias) of the mean cross-entropy over one batch of all of `images` (by hand, no Trainer)."""
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(images.flatten(1) @ w.T + b, targets)
+    return torch.autograd.grad(loss, [w, b])
+
+
+def test_grad_accumulation_steps_on_the_mean_loss_of_one_big_batch(tiny_recipe_dict, tmp_path):
+    """grad_accum=2 over 4 micro-batches of 2: 2 optimizer steps, each with the gradient of the mean loss of its 4
+    images taken as one batch (loss / accum per micro-batch), at the weights of that step."""
+    images, targets, batches = _toy_batches(4)
+    steps = _optimizer_steps(tiny_recipe_dict, tmp_path, batches, grad_accum=2)
+    assert len(steps) == 2
+    for i, (w, b, gw, gb) in enumerate(steps):
+        want_w, want_b = _mean_loss_grads(w, b, images[4 * i:4 * i + 4], targets[4 * i:4 * i + 4])
+        torch.testing.assert_close(gw, want_w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gb, want_b, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(steps[0][0], steps[1][0])  # the first step did update the weights
+
+
+def test_grad_accumulation_last_short_group_is_a_mean_too(tiny_recipe_dict, tmp_path):
+    """5 micro-batches with grad_accum=2: the epoch's last step accumulates 1 micro-batch, and steps on that
+    batch's mean-loss gradient (not half of it, as a fixed loss / accum would give)."""
+    images, targets, batches = _toy_batches(5)
+    steps = _optimizer_steps(tiny_recipe_dict, tmp_path, batches, grad_accum=2)
+    assert len(steps) == 3
+    for (w, b, gw, gb), sl in zip(steps, (slice(0, 4), slice(4, 8), slice(8, 10))):
+        want_w, want_b = _mean_loss_grads(w, b, images[sl], targets[sl])
+        torch.testing.assert_close(gw, want_w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gb, want_b, rtol=1e-5, atol=1e-7)
+
+
+def test_clip_grad_bounds_the_total_norm_of_the_accumulated_gradient(tiny_recipe_dict, tmp_path):
+    """clip_grad=c: a step whose accumulated gradient has total norm n > c steps on that gradient scaled to norm c
+    (same direction); a step with n <= c is untouched."""
+    images, targets, batches = _toy_batches(4)
+    free = _optimizer_steps(tiny_recipe_dict, tmp_path, batches, grad_accum=2)
+    first_norm = float(torch.cat([free[0][2].flatten(), free[0][3].flatten()]).norm())
+    max_norm = 0.5 * first_norm
+    steps = _optimizer_steps(tiny_recipe_dict, tmp_path, batches, grad_accum=2, clip_grad=max_norm)
+    assert len(steps) == 2
+    torch.testing.assert_close(steps[0][0], free[0][0])  # same seeded start
+    clipped = 0
+    for i, (w, b, gw, gb) in enumerate(steps):
+        want_w, want_b = _mean_loss_grads(w, b, images[4 * i:4 * i + 4], targets[4 * i:4 * i + 4])
+        norm = float(torch.cat([want_w.flatten(), want_b.flatten()]).norm())
+        scale = min(1.0, max_norm / norm)
+        clipped += norm > max_norm
+        torch.testing.assert_close(gw, want_w * scale, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gb, want_b * scale, rtol=1e-5, atol=1e-7)
+        assert float(torch.cat([gw.flatten(), gb.flatten()]).norm()) <= max_norm * (1 + 1e-5)
+    assert clipped >= 1  # the first step's gradient (norm 2 * max_norm) was clipped to max_norm
+
+
 def test_nonfinite_loss_is_an_error_or_skipped(tiny_recipe_dict, tmp_path):
+    """A NaN loss on every batch: nonfinite=error stops at the first one (step 1) with its one-line message and
+    writes no checkpoint; skip counts each batch (6 = 48 images / batch 8), takes no optimizer step and so leaves
+    the parameters exactly as they were (no NaN reaches them)."""
     from edgekd.data import build_data
     from edgekd.train.run import build_student_model, train_model
 
@@ -117,16 +215,26 @@ def test_nonfinite_loss_is_an_error_or_skipped(tiny_recipe_dict, tmp_path):
             logits = model(x)
             return logits.sum() * float("nan"), logits
 
-    for policy in ("error", "skip"):
+    def setup(policy):
         r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=1, train__nonfinite=policy))
         data = build_data(r)
         model, spec = build_student_model(r, data)
-        if policy == "error":
-            with pytest.raises(EdgeKDError, match="non-finite loss"):
-                train_model(r, tmp_path / policy, data, model, spec, objective=NaNObjective(), log=lambda s: None)
-        else:
-            res = train_model(r, tmp_path / policy, data, model, spec, objective=NaNObjective(), log=lambda s: None)
-            assert res.fit.nonfinite_batches == 6  # 48 images / batch 8
+        return r, data, model, spec
+
+    r, data, model, spec = setup("error")
+    message = "non-finite loss (nan) at epoch 1 step 1; lower the learning rate, or set train.nonfinite=skip"
+    with pytest.raises(EdgeKDError) as info:
+        train_model(r, tmp_path / "error", data, model, spec, objective=NaNObjective(), log=lambda s: None)
+    assert str(info.value) == message
+    assert not (tmp_path / "error" / "best.pt").exists() and not (tmp_path / "error" / "last.pt").exists()
+
+    r, data, model, spec = setup("skip")
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}  # BN running stats do move (forward)
+    res = train_model(r, tmp_path / "skip", data, model, spec, objective=NaNObjective(), log=lambda s: None)
+    assert res.fit.nonfinite_batches == 6  # 48 images / batch 8: every batch skipped and counted
+    assert res.fit.step_seconds == []  # not one optimizer step
+    after = load_checkpoint(res.best_path)["state_dict"]
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_focal_loss_hand_computed():

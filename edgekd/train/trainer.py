@@ -256,7 +256,9 @@ class Trainer:
                 self.nonfinite += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 continue
-            self.scaler.scale(loss / accum).backward()
+            # Each step is the mean over its micro-batches; the epoch's last group may hold fewer than accum.
+            group = min(accum, n_batches - step // accum * accum)
+            self.scaler.scale(loss / group).backward()
             if (step + 1) % accum == 0 or step + 1 == n_batches:
                 if self.distributed:
                     distributed.average_gradients(self._unmanaged_params)
