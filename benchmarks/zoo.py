@@ -161,6 +161,8 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
                                                 "throughput", "peak_rss_mb", "size_mb", "acc", "auc", "status",
                                                 "reason")} for r in rows if r.get("role") != "teacher" or role == "teacher"]
     record["goals"] = goals(rows, parity, seconds)
+    # The bench's own machine reading: SIMD/INT8 dot-product support and how quiet it was (other processes' cores).
+    record["bench_machine"] = bench.get("machine") if isinstance(bench, dict) else None
     record["date"] = now()
     return record
 

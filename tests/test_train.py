@@ -396,3 +396,15 @@ def test_evaluate_metrics_and_loss_hand_computed():
     assert m["auc"] == pytest.approx(14 / 15)
     p_true = [0.9, 0.4, 0.8, 0.9, 0.8, 0.4, 0.7, 0.95]
     assert m["loss"] == pytest.approx(-sum(math.log(p) for p in p_true) / 8, rel=1e-6)
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, True)])
+def test_sgd_without_momentum_builds(momentum, nesterov):
+    """torch refuses nesterov=True with momentum 0: plain SGD must still be a valid recipe."""
+    import torch
+
+    from edgekd.recipe import OptimizerConfig
+    from edgekd.train.optim import build_optimizer
+
+    opt = build_optimizer(torch.nn.Linear(2, 2), OptimizerConfig(name="sgd", lr=0.1, momentum=momentum))
+    assert opt.defaults["nesterov"] is nesterov and opt.defaults["momentum"] == momentum

@@ -22,7 +22,8 @@ def build_optimizer(model: nn.Module, cfg, extra_params: list[nn.Parameter] | No
         groups = [{"params": trainable + extra, "lr": cfg.lr, "name": "all"}]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+        # Nesterov momentum when there is momentum (torch refuses nesterov with momentum 0).
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
