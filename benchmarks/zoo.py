@@ -202,6 +202,12 @@ def markdown(doc: dict) -> str:
                      f"{rec['val_auc']:.3f} | {rec['test_acc']:.3f} | "
                      f"{exp.get('seconds', 'FAIL')} | " + " | ".join(cells) + " | "
                      + " | ".join("-" if v is None else f"{v:.2f}x" for v in rb) + " |")
+    quiet = [f"{rec['arch']}: {m.get('other_processes_cpu_cores', float('nan')):.2f} other cores, "
+             f"INT8 dot product {'yes' if m.get('int8_dot_product') else 'no'} ({', '.join(m.get('simd') or []) or 'no AVX'})"
+             for rec in doc["records"] if (m := rec.get("bench_machine"))]
+    if quiet:
+        lines += ["", "Bench machine per row (what `edgekd bench` read: other processes' CPU use during the run, the CPU's "
+                  "SIMD): " + "; ".join(quiet) + ". Rows without it predate that reading."]
     lines += ["", "<!-- zoo:end -->"]
     return "\n".join(lines)
 

@@ -325,12 +325,13 @@ def predict(
             progress.advance(task)
     results += [Failure(source, message) for source, message in problems]
     names = runner.class_names
-    calibrated = runner.temperature != 1.0
+    calibrated = runner.temperature != 1.0 or runner.bias is not None
     rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.4f}" if runner.threshold is not None
             else "")
     table = RichTable(title=f"{bundle.name}: {runner.info['format']} {precision}"
                             + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else "")
-                            + (f", calibrated (T={runner.temperature:.3g})" if calibrated else "") + rule)
+                            + (f", calibrated (T={runner.temperature:.3g}{', Platt' if runner.bias else ''})" if calibrated else "")
+                            + rule)
     raw_cols = ["prob (uncal.)"] if calibrated else []  # every class's uncalibrated probability: --out
     for col in ("file", "label", "prob", *raw_cols, *names):
         table.add_column(col, justify="left" if col in ("file", "label") else "right")

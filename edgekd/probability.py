@@ -13,10 +13,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) from softmax(logits): log p differs from the logits by a per-row constant, which the
-    softmax removes, so the runner can calibrate a backend's probabilities (OpenVINO's softmax is in the graph)."""
-    if temperature == 1.0:
+def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0, bias: np.ndarray | None = None) -> np.ndarray:
+    """softmax(logits / T + bias): temperature scaling (bias None) or, for two classes, Platt scaling."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return softmax(z if bias is None else z + np.asarray(bias, dtype=np.float64))
+
+
+def apply_temperature(probs: np.ndarray, temperature: float, bias: np.ndarray | None = None) -> np.ndarray:
+    """calibrated_softmax(logits, T, bias) from softmax(logits): log p differs from the logits by a per-row
+    constant, which the softmax removes (T scales it, still per row), so the runner can calibrate a backend's
+    probabilities (OpenVINO's softmax is in the graph)."""
+    if temperature == 1.0 and bias is None:
         return probs
     logp = np.log(np.maximum(np.asarray(probs, dtype=np.float64), np.finfo(np.float64).tiny))
-    return softmax(logp / temperature)
+    return calibrated_softmax(logp, temperature, bias)

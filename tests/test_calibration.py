@@ -259,3 +259,51 @@ def test_predict_cli_shows_calibrated_and_uncalibrated_and_takes_a_threshold(cal
     assert all(set(p["uncalibrated"]) == set(p["probs"]) for p in doc["predictions"])
     res = CliRunner().invoke(app, ["predict", str(out), str(paths[0]), "--threshold", "1.5"])
     assert res.exit_code != 0
+
+
+def test_platt_scaling_recovers_a_known_slope_and_bias():
+    from edgekd.metrics.calibration import fit_platt
+    from edgekd.probability import calibrated_softmax
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 2, size=(4000, 2))
+    d = z[:, 1] - z[:, 0]
+    labels = (rng.random(4000) < 1 / (1 + np.exp(-(0.5 * d - 1.0)))).astype(int)  # true a = 0.5, b = -1
+    t, bias = fit_platt(z, labels)
+    assert 1 / t == pytest.approx(0.5, rel=0.1) and bias[1] == pytest.approx(-1.0, abs=0.15)
+    p = calibrated_softmax(z, t, bias)
+    np.testing.assert_allclose(p[:, 1], 1 / (1 + np.exp(-(d / t + bias[1]))), rtol=1e-9)
+    with pytest.raises(ValueError, match="two-class"):
+        fit_platt(np.zeros((4, 3)), np.array([0, 1, 2, 0]))
+
+
+def test_runtime_applies_platt_from_probabilities():
+    from edgekd.probability import apply_temperature, calibrated_softmax
+
+    z = np.random.default_rng(6).normal(0, 3, size=(50, 2))
+    np.testing.assert_allclose(apply_temperature(softmax(z), 2.0, [0.0, -0.7]), calibrated_softmax(z, 2.0, [0.0, -0.7]),
+                               atol=1e-12)
+
+
+def test_a_platt_bundle_runs_the_same_calibration_as_export(calibrated_bundle, tmp_path):
+    import json
+
+    import yaml
+
+    from edgekd.export import export_checkpoint, load_profile
+    from edgekd.probability import apply_temperature
+    from edgekd.runtime import Runner
+
+    out, tiny = calibrated_bundle
+    ckpt = out.parent / "run" / "best.pt"
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"formats": ["onnx"], "precisions": ["fp32"], "parity": {"images": 8},
+                                       "calibration": {"method": "platt"}}))
+    export_checkpoint(ckpt, tmp_path / "b", profile=load_profile(profile), log=lambda *_: None)
+    cal = json.loads((tmp_path / "b" / "edgekd.json").read_text())["calibration"]
+    assert cal["method"] == "platt" and len(cal["bias"]) == 2 and cal["bias"][0] == 0.0
+    preds = Runner.from_bundle(tmp_path / "b", backend="onnx").predict_batch(_images(tiny))
+    for p in preds:
+        np.testing.assert_allclose(p.probs, apply_temperature(p.raw_probs, cal["temperature"], cal["bias"]), atol=1e-12)
+    parity = json.loads((tmp_path / "b" / "parity.json").read_text())
+    assert parity["artifacts"][0]["operating_point"]["test"]["calibrated_prob_mean_abs_diff"] < 1e-5

@@ -14,7 +14,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.export.profile import ExportProfile
 from edgekd.metrics.calibration import calibration_report, plot_reliability
 from edgekd.metrics.uncertainty import bootstrap_intervals, choose_threshold, delong_test
-from edgekd.probability import softmax
+from edgekd.probability import calibrated_softmax, softmax
 
 RELIABILITY_FILE = "calibration.png"
 OPERATING_METRICS = ("sensitivity", "specificity", "acc", "balanced_acc", "f1", "auc", "ece")
@@ -35,14 +35,15 @@ def operating_point(reference: dict[str, Any], splits: dict[str, tuple[np.ndarra
     (val_logits, test_logits), (val_y, test_y) = ((reference["splits"][s]["logits"] for s in ("val", "test")),
                                                   (splits[s][1] for s in ("val", "test")))
     calibration = None
-    temperature = 1.0
-    if profile.calibration.method == "temperature":
-        calibration = calibration_report(val_logits, val_y, test_logits, test_y)
-        temperature = calibration["temperature"]
-    positive = positive_index(profile.decision.positive, class_names)
     binary = len(class_names) == 2
+    method = profile.calibration.method
+    if method == "platt" and not binary:
+        raise EdgeKDError(f"export profile: calibration.method platt needs a two-class model ({len(class_names)} classes)")
+    if method != "none":
+        calibration = calibration_report(val_logits, val_y, test_logits, test_y, method)
+    positive = positive_index(profile.decision.positive, class_names)
     rule = profile.decision.rule if binary else "argmax"
-    p_val, p_test = softmax(val_logits / temperature), softmax(test_logits / temperature)
+    p_val, p_test = (calibrated_softmax(z, *calibration_of({"calibration": calibration})) for z in (val_logits, test_logits))
     threshold = choose_threshold((val_y == positive).astype(int), p_val[:, positive], rule,
                                  profile.decision.target) if binary else None
     decision = {"rule": rule, "target": profile.decision.target if rule != "argmax" else None,
@@ -52,20 +53,19 @@ def operating_point(reference: dict[str, Any], splits: dict[str, tuple[np.ndarra
     return {"calibration": calibration, "decision": decision}
 
 
-def runtime_settings(clinical: dict[str, Any]) -> tuple[float, float | None, int]:
-    """(temperature, threshold, positive index) the runner applies."""
+def calibration_of(clinical: dict[str, Any]) -> tuple[float, list[float] | None]:
+    """(temperature, bias) of calibrated_softmax; (1, None) without calibration."""
     calibration = clinical.get("calibration") or {}
-    decision = clinical["decision"]
-    return float(calibration.get("temperature", 1.0)), decision["threshold"], decision["positive_index"]
+    return float(calibration.get("temperature", 1.0)), calibration.get("bias")
 
 
 def artifact_operating_point(art_logits: np.ndarray, labels: np.ndarray, ref_logits: np.ndarray,
                              clinical: dict[str, Any]) -> dict[str, Any]:
     """One artifact on one split under the bundle's temperature and threshold: its figures with intervals, how
     far its calibrated probabilities are from the reference's, and the DeLong test of its AUC against it."""
-    temperature, threshold, positive = runtime_settings(clinical)
-    p_art = softmax(np.asarray(art_logits, dtype=np.float64) / temperature)
-    p_ref = softmax(np.asarray(ref_logits, dtype=np.float64) / temperature)
+    threshold, positive = clinical["decision"]["threshold"], clinical["decision"]["positive_index"]
+    p_art = calibrated_softmax(art_logits, *calibration_of(clinical))
+    p_ref = calibrated_softmax(ref_logits, *calibration_of(clinical))
     out = {"figures": bootstrap_intervals(labels, p_art, threshold, positive),
            "calibrated_prob_mean_abs_diff": float(np.abs(p_art - p_ref).mean()),
            "calibrated_prob_max_abs_diff": float(np.abs(p_art - p_ref).max())}
@@ -82,7 +82,7 @@ def write_reliability(stage: Path, reference: dict[str, Any], splits: dict[str, 
         return None
     logits, y = reference["splits"]["test"]["logits"], splits["test"][1]
     plot_reliability({"uncalibrated": (softmax(logits), y),
-                      f"T = {calibration['temperature']:.3g}": (softmax(logits / calibration["temperature"]), y)},
+                      calibration["method"]: (calibrated_softmax(logits, *calibration_of(clinical)), y)},
                      stage / RELIABILITY_FILE, "test split reliability")
     return RELIABILITY_FILE
 
@@ -120,7 +120,9 @@ def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
                          + " | ".join(_ci(op["figures"].get(m)) for m in OPERATING_METRICS)
                          + f" | {op['calibrated_prob_mean_abs_diff']:.2e} |")
     if calibration:
-        lines += ["", "## Calibration", "", f"Temperature scaling: T = {calibration['temperature']:.4f}, fit by NLL on "
+        how = (f"Platt scaling: p = sigmoid((z1 - z0) / {calibration['temperature']:.4f} + {calibration['bias'][1]:.4f})"
+               if calibration["method"] == "platt" else f"Temperature scaling: T = {calibration['temperature']:.4f}")
+        lines += ["", "## Calibration", "", f"{how}, fit by NLL on "
                   f"{calibration['fit_images']} validation images; ECE with {calibration['bins']} equal-width bins.", "",
                   "| split | | ECE | adaptive ECE | Brier | NLL |", "|---|---|---|---|---|---|"]
         for split in ("val", "test"):

@@ -101,8 +101,9 @@ class TTAConfig(Section):
 class CalibrationConfig(Section):
     """Probability calibration fit on the validation split at export and applied by the runner."""
 
-    method: Literal["temperature", "none"] = "temperature"
-    """temperature: one scalar T (logits / T) fit by NLL on the validation logits; none: raw softmax."""
+    method: Literal["temperature", "platt", "none"] = "temperature"
+    """temperature: one scalar T (logits / T) fit by NLL on the validation logits; platt (two classes): a slope and
+    a bias on the logit difference, fit the same way; none: raw softmax."""
 
 
 class DecisionConfig(Section):

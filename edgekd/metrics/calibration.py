@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from sklearn.metrics import log_loss
 
-from edgekd.probability import softmax
+from edgekd.probability import calibrated_softmax, softmax
 
 ECE_BINS = 15
 T_BOUNDS = (0.05, 20.0)
@@ -64,23 +64,49 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(found.x))
 
 
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
+    """Platt scaling of a two-class model: p(1) = sigmoid(a (z1 - z0) + b), fit by NLL; -> (T = 1 / a, bias [0, b])
+    in the form calibrated_softmax takes."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape[1] != 2:
+        raise ValueError("Platt scaling needs a two-class model (use temperature scaling)")
+    d, y = logits[:, 1] - logits[:, 0], np.asarray(labels, dtype=float)
+
+    def loss(params: np.ndarray) -> float:
+        s = params[0] * d + params[1]
+        return float(np.mean(np.logaddexp(0, s) - y * s))  # -log sigmoid(s) for y=1, -log(1-sigmoid(s)) for y=0
+
+    a, b = minimize(loss, x0=np.array([1.0, 0.0]), method="Nelder-Mead",
+                    options={"xatol": 1e-7, "fatol": 1e-10, "maxiter": 2000}).x
+    if a <= 0:
+        raise ValueError(f"Platt scaling found a non-positive slope ({a:.3g}): the scores rank the classes backwards")
+    return float(1.0 / a), [0.0, float(b)]
+
+
 def calibration_figures(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"ece": ece(probs, labels), "adaptive_ece": ece(probs, labels, adaptive=True),
             "brier": brier(probs, labels), "nll": nll(probs, labels)}
 
 
 def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray | None = None,
-                       test_labels: np.ndarray | None = None) -> dict[str, Any]:
-    """Fit T on validation; the figures before and after on validation (and on test when given)."""
-    temperature = fit_temperature(val_logits, val_labels)
-    out: dict[str, Any] = {"method": "temperature", "temperature": temperature, "fitted_on": "val",
+                       test_labels: np.ndarray | None = None, method: str = "temperature") -> dict[str, Any]:
+    """Fit the calibration (temperature, or Platt for two classes) on validation; the figures before and after on
+    validation (and on test when given)."""
+    if method == "platt":
+        temperature, bias = fit_platt(val_logits, val_labels)
+    else:
+        temperature, bias = fit_temperature(val_logits, val_labels), None
+    out: dict[str, Any] = {"method": method, "temperature": temperature, "fitted_on": "val",
                            "fit_images": int(len(val_labels)), "bins": ECE_BINS}
+    if bias is not None:
+        out["bias"] = bias
     for split, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels)):
         if logits is None:
             continue
         logits = np.asarray(logits, dtype=np.float64)
         out[split] = {"before": calibration_figures(softmax(logits), labels),
-                      "after": calibration_figures(softmax(logits / temperature), labels), "images": int(len(labels))}
+                      "after": calibration_figures(calibrated_softmax(logits, temperature, bias), labels),
+                      "images": int(len(labels))}
     return out
 
 

@@ -108,6 +108,11 @@ class Bundle:
         return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
 
     @property
+    def calibration_bias(self) -> list[float] | None:
+        """The per-class bias added after the temperature (Platt scaling), or None."""
+        return (self.meta.get("calibration") or {}).get("bias")
+
+    @property
     def decision(self) -> tuple[float | None, int]:
         """(threshold on the positive class's calibrated probability or None for argmax, positive class index)."""
         decision = self.meta.get("decision") or {}
@@ -468,6 +473,10 @@ def _validate_operating_point(meta: dict, where: str) -> None:
     if calibration is not None:
         _require(isinstance(calibration, dict) and _is_number(calibration.get("temperature"))
                  and 0 < calibration["temperature"] <= 1000, where, "calibration.temperature must be a number in (0, 1000]")
+        bias = calibration.get("bias")
+        _require(bias is None or (isinstance(bias, list) and len(bias) == len(meta.get("class_names") or [])
+                                  and all(_is_number(b) and abs(b) <= 1000 for b in bias)), where,
+                 "calibration.bias must be null or one number in [-1000, 1000] per class")
     decision = meta.get("decision")
     if decision is not None:
         _require(isinstance(decision, dict), where, "decision must be an object")

@@ -72,6 +72,7 @@ class Runner:
     tta: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
+    bias: list[float] | None = None
     threshold: float | None = None
     positive: int = 1
 
@@ -113,7 +114,7 @@ class Runner:
                      tta_views=TTAViews(names, frac), tta=bool(tta),
                      info={"backend": backend, "format": artifact.format, "precision": precision,
                            "artifact": artifact.path.relative_to(bundle.root).as_posix(), "threads": threads},
-                     temperature=bundle.temperature, positive=positive,
+                     temperature=bundle.temperature, bias=bundle.calibration_bias, positive=positive,
                      threshold=bundle_threshold if threshold is None else float(threshold))
         runner.warmup(warmup)
         return runner
@@ -207,8 +208,8 @@ class Runner:
     def _ensembled(self, source: str, probs: np.ndarray, views: TTAViews | None) -> Prediction:
         """One image's (V, classes) view probabilities -> its Prediction (mean of the calibrated views)."""
         raw = probs
-        probs = apply_temperature(raw, self.temperature)
-        calibrated = self.temperature != 1.0
+        probs = apply_temperature(raw, self.temperature, self.bias)
+        calibrated = self.temperature != 1.0 or self.bias is not None
         if views is None:  # one view: its softmax is the prediction
             return self._prediction(source, probs[0], None, raw[0] if calibrated else None)
         return self._prediction(source, probs.mean(axis=0), dict(zip(views.names, probs)),
