@@ -162,7 +162,8 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
                                                 "reason")} for r in rows if r.get("role") != "teacher" or role == "teacher"]
     record["goals"] = goals(rows, parity, seconds)
     # The bench's own machine reading: SIMD/INT8 dot-product support and how quiet it was (other processes' cores).
-    record["bench_machine"] = bench.get("machine") if isinstance(bench, dict) else None
+    bm = dict(bench.get("machine") or {}) if isinstance(bench, dict) else {}
+    record["bench_machine"] = {("arch" if k == "machine" else k): v for k, v in bm.items()} or None
     record["date"] = now()
     return record
 
