@@ -27,7 +27,7 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
     """Re-run one checkpoint on `split` of its own recipe's data: metrics, probabilities, size."""
     from edgekd.data import build_data
     from edgekd.metrics import classification_metrics, confusion
-    from edgekd.metrics.uncertainty import bootstrap_intervals
+    from edgekd.metrics import bootstrap_intervals
     from edgekd.models import count_macs, count_parameters
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.checkpoint import model_from_checkpoint
@@ -95,7 +95,7 @@ def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str
 def auc_comparisons(rows: list[dict[str, Any]]) -> str:
     """Binary tasks: the DeLong test of each model's AUC against the teacher's (or the first model's) on the same
     images, into the rows (`auc_vs`) and as a table."""
-    from edgekd.metrics.uncertainty import delong_test
+    from edgekd.metrics import delong_test
 
     ref = next((r for r in rows if r["role"] == "teacher"), rows[0])
     others = [r for r in rows if r is not ref and r["_probs"].shape[1] == 2 and np.array_equal(r["_y"], ref["_y"])]

@@ -12,8 +12,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.profile import ExportProfile
-from edgekd.metrics.calibration import calibration_report, plot_reliability
-from edgekd.metrics.uncertainty import bootstrap_intervals, choose_threshold, delong_test
+from edgekd.metrics import bootstrap_intervals, calibration_report, choose_threshold, delong_test, plot_reliability
 from edgekd.probability import calibrated_softmax, softmax
 
 RELIABILITY_FILE = "calibration.png"
