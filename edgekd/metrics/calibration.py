@@ -22,6 +22,12 @@ ECE_BINS = 15
 T_BOUNDS = (0.05, 20.0)
 
 
+def confidence_bins(conf: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """Each confidence's equal-width bin on (0, 1] (an edge goes to the lower bin): ECE, its bootstrap and the
+    reliability diagram bin alike."""
+    return np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     probs = np.asarray(probs, dtype=np.float64)
     return float(log_loss(np.asarray(labels), probs, labels=list(range(probs.shape[1]))))
@@ -43,7 +49,7 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS, adaptive: b
     if adaptive:
         groups = np.array_split(np.argsort(conf, kind="stable"), bins)
     else:
-        which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+        which = confidence_bins(conf, bins)
         groups = [np.flatnonzero(which == b) for b in range(bins)]
     n = len(conf)
     return float(sum(len(g) / n * abs(correct[g].mean() - conf[g].mean()) for g in groups if len(g)))
@@ -115,7 +121,7 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
     probs = np.asarray(probs, dtype=np.float64)
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == np.asarray(labels)
-    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    which = confidence_bins(conf, bins)
     return [{"low": b / bins, "high": (b + 1) / bins, "count": int((which == b).sum()),
              "confidence": float(conf[which == b].mean()) if (which == b).any() else None,
              "accuracy": float(correct[which == b].mean()) if (which == b).any() else None} for b in range(bins)]

@@ -14,6 +14,8 @@ import numpy as np
 from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_curve
 
+from edgekd.metrics.calibration import confidence_bins
+
 RULES = ("argmax", "sensitivity", "specificity", "youden")
 INTERVAL_METRICS = ("auc", "acc", "balanced_acc", "sensitivity", "specificity", "f1", "ece")
 CHUNK = 100
@@ -69,7 +71,7 @@ def _auc_rows(y: np.ndarray, score: np.ndarray, positive) -> np.ndarray:
 def _ece_rows(probs: np.ndarray, y: np.ndarray, bins: int) -> np.ndarray:
     conf = probs.max(axis=-1)
     correct = probs.argmax(axis=-1) == y
-    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    which = confidence_bins(conf, bins)
     rows, n = conf.shape
     flat = (np.arange(rows)[:, None] * bins + which).ravel()
     gap = (np.bincount(flat, correct.ravel().astype(float), rows * bins)
