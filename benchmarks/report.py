@@ -128,17 +128,23 @@ def distill_section(doc: dict, accuracy: dict, title: str, marker: str) -> str:
     return "\n".join(lines)
 
 
-def continual_section(cross: dict, cil: dict) -> str:
+def continual_section(docs: list[dict]) -> str:
     import continual
 
-    lines = ["<!-- continual:begin (benchmarks/report.py from continual.json and continual_class_incremental.json) -->",
+    lines = ["<!-- continual:begin (benchmarks/report.py from continual*.json) -->",
              "## Continual learning (`benchmarks/continual.py`)", ""]
-    for doc in (cross, cil):
-        lines.append(f"- `{doc['benchmark']}`: `{doc['command']}`, {doc['started'][:16]}Z–{doc['date'][11:16]}Z, "
-                     f"{machine_line(doc['machine'])}")
-    records = cross["records"] + cil["records"]
+    for doc in docs:
+        lines.append(f"- `{doc['benchmark']}` ({doc['_file']}): `{doc['command']}`, {doc['started'][:16]}Z–"
+                     f"{doc['date'][11:16]}Z, {machine_line(doc['machine'])}")
+    records = [r for doc in docs for r in doc["records"]]
     lines += ["", continual.markdown(records, continual.goals(records)), "", "<!-- continual:end -->"]
     return "\n".join(lines)
+
+
+def continual_docs() -> list[dict]:
+    """The continual results files that exist: one per cross-domain pair, then the class-incremental one."""
+    names = ["continual.json", "continual_pneumonia_fashion.json", "continual_class_incremental.json"]
+    return [{**load(n), "_file": n} for n in names if (RESULTS / n).is_file()]
 
 
 # --- the registry: marker -> (results files, renderer) -------------------------------------------------------------
@@ -167,7 +173,7 @@ def _sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
                                                   "### A smaller student: `edgekd_cnn_micro` (`distill.py --student micro`)",
                                                   "distill-micro")),
         "continual": (("<!-- continual:begin", "<!-- continual:end -->"),
-                      lambda: continual_section(load("continual.json"), load("continual_class_incremental.json"))),
+                      lambda: continual_section(continual_docs())),
         "distill-terms": ((distill_terms.BEGIN, distill_terms.END), lambda: distill_terms.section(load("distill_terms.json"))),
         "robustness": ((robustness.BEGIN, robustness.END), lambda: robustness.section(load("robustness.json"))),
         "pareto": ((pareto.BEGIN, pareto.END), lambda: pareto.section(load("pareto.json"))),
