@@ -148,6 +148,7 @@ def _sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
     import distill_terms
     import hostile
     import kd_gain
+    import latency
     import pareto
     import robustness
     import zoo
@@ -173,6 +174,7 @@ def _sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
         "pareto": ((pareto.BEGIN, pareto.END), lambda: pareto.section(load("pareto.json"))),
         "zoo": (("<!-- zoo:begin -->", "<!-- zoo:end -->"), lambda: zoo.markdown(ok_zoo())),
         "hostile": (hostile.MARKERS, lambda: hostile.section(load("hostile.json"))),
+        "latency": (latency.MARKERS, lambda: latency.section(load("latency.json"))),
     }
     if (RESULTS / "calibration.json").is_file():
         out["calibration"] = (calibration.MARKERS, lambda: calibration.section(load("calibration.json")))
