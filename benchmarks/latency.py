@@ -7,8 +7,9 @@ torch.compile, bare ONNX Runtime / OpenVINO calls and the edgekd runner, each (m
 in a fresh process (peak RSS), accuracy/AUC on the test split, the FP32 GEMM peak measured in the same run. Then
 the edgekd runner with the bundle's TTA views (OpenVINO). Checkpoints are exported (parity-gated) into
 runs/bench/latency/ and reused while unchanged. Records (bench "latency") merge into
-benchmarks/results/latency.json, keeping the runtime benchmark's records and summary; the goals and the OpenVINO
-layer profiles go to its "latency" summary and to the latency section of benchmarks/RESULTS.md.
+benchmarks/results/latency.json, keeping the runtime benchmark's records and summary; its "latency" summary holds
+the goals, the OpenVINO layer profiles and the run's settings, and `section(doc)` renders the latency section of
+benchmarks/RESULTS.md from that file alone (benchmarks/report.py uses it too).
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from common import REPO, RESULTS, machine, merge_records, now
+from common import REPO, RESULTS, machine, merge_records, now, replace_section
 
 from edgekd.bench.report import records_markdown
 from edgekd.bench.run import VARIANTS, BenchConfig, Timing, run_bench
-from edgekd.fileio import atomic_write, write_json
+from edgekd.fileio import write_json, write_text
 
 RUNS = REPO / "runs" / "bench" / "pneumonia"
 OUT = REPO / "runs" / "bench" / "latency"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
-BEGIN, END = "<!-- latency:begin (benchmarks/latency.py) -->", "<!-- latency:end -->"
+MARKERS = ("<!-- latency:begin (benchmarks/latency.py) -->", "<!-- latency:end -->")
 MERGE_KEY = ("bench", "model", "role", "format", "precision", "variant", "batch", "tta")
 PRIMARY = {"torch": "eager", "onnx": "bare", "openvino": "bare"}
 """The variant that stands for a format in the goals: the framework's own call, no edgekd preprocessing."""
@@ -146,16 +147,54 @@ def rel(path: Path) -> str:
     return os.path.relpath(path, REPO)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this script's section of RESULTS.md; other sections are left as they are."""
-    old = path.read_text() if path.is_file() else "# edgekd benchmark results\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    atomic_write(path, lambda tmp: Path(tmp).write_text(new))
+def status_line(lat: dict) -> str:
+    """Quiet or provisional, from the other processes' CPU use the bench measured (main run, TTA run)."""
+    others = lat["other_processes_cpu_cores"]
+    if not lat["provisional"]:
+        return (f"Measured on a quiet machine (other processes used {', '.join(f'{o:.2f}' for o in others)} cores on "
+                "average during the main and TTA runs).")
+    return (f"**PROVISIONAL / NOISY**: measured while other jobs were running (other processes used {others} cores "
+            f"on average during the main and TTA runs, on {lat['cpu']['cores']} cores). Absolute latencies and ratios "
+            "are not final; re-run on a quiet machine. PyTorch rows suffer most: its OpenMP threads spin-wait for each "
+            "other, so one descheduled thread stalls every layer.")
+
+
+def main_run_header(lat: dict) -> dict:
+    """The main run's bench summary as far as `records_markdown` prints it above its table (command, date, machine,
+    load averages, threads, timing, GEMM peak), from the latency summary."""
+    cpu = lat["cpu"]
+    return {"command": lat["command"], "date": lat["main_run"]["date"], "threads": lat["threads"], "tta": False,
+            "timing": lat["timing"], "gemm": lat["gemm"],
+            "machine": {"cores": cpu["cores"], "machine": lat["machine"]["arch"], "model": cpu["model"],
+                        "simd": cpu["simd"], "load_avg_at_start": lat["load_avg_at_start"],
+                        "load_avg_at_end": lat["main_run"]["load_avg_at_end"],
+                        "other_processes_cpu_cores": lat["other_processes_cpu_cores"][0]}}
+
+
+def section(doc: dict) -> str:
+    """The latency section of RESULTS.md from latency.json: its "latency" summary and the records of that run."""
+    lat = doc["latency"]
+    ours = [r for r in doc["records"] if r.get("bench") == "latency" and r["date"] == lat["date"]]
+    tta = [r for r in ours if r["tta"]]
+    parts = [MARKERS[0], "## Latency: model x format x precision x batch (x TTA)", "", status_line(lat), ""]
+    if lat["note"]:
+        parts += [lat["note"], ""]
+    parts += [f"Teacher `{lat['teacher']}`, student `{lat['student']}`. Variants: "
+              "`eager`/`compile` = PyTorch / torch.compile; `bare` = the ONNX Runtime or OpenVINO call on a "
+              "preprocessed batch; `runner` = `edgekd.runtime.Runner` from uint8 images (preprocessing + inference "
+              "+ softmax). Each row ran in a fresh process (peak RSS of that process); acc/AUC on the whole test "
+              "split. Raw figures: `benchmarks/results/latency.json` (bench `latency`), "
+              f"`{lat['bench_dir']}/bench.json`.", "",
+              records_markdown([r for r in ours if not r["tta"]], main_run_header(lat)).rstrip(), ""]
+    if tta:
+        parts += [f"TTA with the edgekd runner (OpenVINO): every image in all {tta[0]['views']} of the bundle's views, "
+                  "in one call per batch; latency per batch of images, throughput in images/s:", "",
+                  records_markdown(tta).rstrip(), ""]
+    parts += ["### Goals", "", goals_markdown(lat["goals"], lat["profiles"], lat["cpu"]), ""]
+    notes = explanations(lat["goals"], lat["profiles"], lat["cpu"], lat)
+    if notes:
+        parts += ["Why goals are not met (from the measurements above):", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(parts).rstrip() + "\n" + MARKERS[1]
 
 
 def main() -> None:
@@ -191,7 +230,6 @@ def main() -> None:
                                      profile=True, role="student", command=command), log=log)
     records = main_run.records
     summary = main_run.summary
-    tta_md = ""
     if not args.no_tta:
         tta_run = run_bench(BenchConfig(args.student, args.out / "tta", "openvino", "fp32,int8", "1,8", args.threads,
                                         tta=True, teacher=args.teacher, timing=timing,
@@ -199,14 +237,11 @@ def main() -> None:
                                         gemm_info=summary["gemm"], export_options={"bundle_root": args.out},
                                         command=command), log=log)
         records = records + tta_run.records
-        tta_md = records_markdown(tta_run.records)
     load_end = [round(v, 2) for v in os.getloadavg()]
 
     date, host = now(), machine()
-    batches = summary["batches"]
-    g = goals(main_run.records, batches)
+    g = goals(main_run.records, summary["batches"])
     cpu = {k: summary["machine"][k] for k in ("model", "cores", "simd", "int8_dot_product")}
-    load_start = summary["machine"]["load_avg_at_start"]
     # Quiet = other processes used at most a quarter of a core on average during the run (the load average counts
     # this benchmark's own threads, so it cannot tell; edgekd.bench.hardware.OtherCPU).
     runs = [main_run] if args.no_tta else [main_run, tta_run]
@@ -215,44 +250,19 @@ def main() -> None:
     tagged = [{"bench": "latency", **r, "date": date, "machine": host, "command": command} for r in records]
     merge_records(args.results, tagged, "latency", command, key=MERGE_KEY)
     doc = json.loads(args.results.read_text())
+    # Everything section() renders is kept here, so RESULTS.md regenerates from this file (benchmarks/report.py).
     doc["latency"] = {"date": date, "command": command, "machine": host, "cpu": cpu, "threads": summary["threads"],
-                      "load_avg_at_start": load_start, "load_avg_at_end": load_end, "other_processes_cpu_cores": others,
-                      "provisional": not quiet, "gemm": summary["gemm"], "goals": g, "profiles": summary["profiles"],
-                      "subjects": summary["subjects"], "bench_dir": rel(args.out)}
+                      "timing": summary["timing"], "teacher": rel(args.teacher), "student": rel(args.student),
+                      "note": args.note,
+                      "main_run": {"date": summary["date"], "load_avg_at_end": summary["machine"]["load_avg_at_end"]},
+                      "load_avg_at_start": summary["machine"]["load_avg_at_start"], "load_avg_at_end": load_end,
+                      "other_processes_cpu_cores": others, "provisional": not quiet, "gemm": summary["gemm"],
+                      "goals": g, "profiles": summary["profiles"], "subjects": summary["subjects"],
+                      "bench_dir": rel(args.out)}
     write_json(args.results, doc)
-
-    status = (f"Measured on a quiet machine (other processes used {', '.join(f'{o:.2f}' for o in others)} cores on "
-              "average during the main and TTA runs)." if quiet else
-              f"**PROVISIONAL / NOISY**: measured while other jobs were running (other processes used {others} cores "
-              f"on average during the main and TTA runs, on {cpu['cores']} cores). Absolute latencies and ratios are not "
-              "final; re-run on a quiet machine. PyTorch rows suffer most: its OpenMP threads spin-wait for each "
-              "other, so one descheduled thread stalls every layer.")
-    parts = ["## Latency: model x format x precision x batch (x TTA)", "", status, ""]
-    if args.note:
-        parts += [args.note, ""]
-    parts += [f"Teacher `{rel(args.teacher)}`, student `{rel(args.student)}`. Variants: "
-              "`eager`/`compile` = PyTorch / torch.compile; `bare` = the ONNX Runtime or OpenVINO call on a "
-              "preprocessed batch; `runner` = `edgekd.runtime.Runner` from uint8 images (preprocessing + inference "
-              "+ softmax). Each row ran in a fresh process (peak RSS of that process); acc/AUC on the whole test "
-              "split. Raw figures: `benchmarks/results/latency.json` (bench `latency`), "
-              f"`{rel(args.out)}/bench.json`.", "",
-              main_run.markdown.rstrip(), ""]
-    if tta_md:
-        views = tta_run.records[0]["views"]
-        parts += [f"TTA with the edgekd runner (OpenVINO): every image in all {views} of the bundle's views, in one "
-                  "call per batch; latency per batch of images, throughput in images/s:", "", tta_md.rstrip(), ""]
-    parts += ["### Goals", "", goals_markdown(g, summary["profiles"], cpu), ""]
-    notes = explanations(g, summary["profiles"], cpu, summary)
-    if notes:
-        parts += ["Why goals are not met (from the measurements above):", ""] + [f"- {n}" for n in notes] + [""]
-    write_section(args.results_md, "\n".join(parts))
-
-    print(main_run.markdown)
-    if tta_md:
-        print(tta_md)
-    print(goals_markdown(g, summary["profiles"], cpu))
-    for n in notes:
-        print(f"- {n}")
+    text = section(doc)
+    write_text(args.results_md, replace_section(args.results_md.read_text(), text, *MARKERS))
+    print(text)
     print(f"{'quiet' if quiet else 'PROVISIONAL (busy machine)'}: other processes {others} cores; wrote "
           f"{args.results} and the latency section of {args.results_md}")
 

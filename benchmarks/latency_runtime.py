@@ -9,7 +9,9 @@ PyTorch eager, the TTA variants) runs in its own block of consecutive calls, and
 OpenVINO and torch) call by call makes their worker threads and caches interfere, and the phases let a drift of
 the VM's speed hit every callable alike. Ratios are reported overall (p50 / p50) and per phase. Cold start and peak
 RSS are measured in fresh subprocesses that never import torch. Records merge into benchmarks/results/latency.json
-(other benches' records and other models' runtime records kept; the summary goes to `runtime[<model name>]`).
+(other benches' records and other models' runtime records kept; the summary, with the run's settings, goes to
+`runtime[<model name>]`); `section(doc)` renders the runtime section of benchmarks/RESULTS.md, one column per model,
+from that file alone (benchmarks/report.py uses it too).
 """
 
 from __future__ import annotations
@@ -30,15 +32,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import machine as common_machine, results_doc  # noqa: E402
+from common import RESULTS, machine as common_machine, machine_line, replace_section, results_doc  # noqa: E402
 from edgekd.bench.hardware import OtherCPU  # noqa: E402
-from edgekd.fileio import write_json  # noqa: E402
+from edgekd.fileio import write_json, write_text  # noqa: E402
 from edgekd.runtime import Runner, TTAViews, open_bundle  # noqa: E402
 from edgekd.runtime.timing import time_alternating  # noqa: E402
 
 FIVE_VIEWS = ["original", "hflip", "vflip", "center_crop", "rot+15"]
 GOALS = {"speedup_vs_torch_eager": (">=", 5.0), "runner_overhead_vs_bare": ("<=", 1.15),
          "tta5_vs_one_view": ("<=", 2.5), "cold_start_s": ("<=", 0.5), "peak_rss_mb": ("<=", 250.0)}
+GOAL_NAMES = {"speedup_vs_torch_eager": ("runner vs PyTorch eager", "x"), "runner_overhead_vs_bare":
+              ("runner vs bare call", "x"), "tta5_vs_one_view": ("5-view TTA vs one view", "x"),
+              "cold_start_s": ("cold start", " s"), "peak_rss_mb": ("peak RSS", " MB")}
+WARMUP = 30
+RESULTS_JSON = RESULTS / "latency.json"
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+MARKERS = ("<!-- latency-runtime:begin (benchmarks/latency_runtime.py) -->", "<!-- latency-runtime:end -->")
 
 COLD_START_CHILD = r"""
 import json, sys, time
@@ -136,6 +145,14 @@ def _round(value):
     return [_round(v) for v in value] if isinstance(value, list) else value
 
 
+def _six(value):
+    """Six decimals for ratios and seconds; three significant digits below 1e-3 (a probability difference of 1e-11
+    is a figure, not 0)."""
+    if not isinstance(value, float):
+        return value
+    return round(value, 6) if abs(value) >= 1e-3 or value == 0 else float(f"{value:.3g}")
+
+
 def per_phase(num: dict, den: dict) -> list[float]:
     """num / den for each phase's p50 (time_alternating stats)."""
     return [round(a / b, 3) for a, b in zip(num["phase_p50_ms"], den["phase_p50_ms"])]
@@ -148,6 +165,78 @@ def record(meta: dict, what: str, fmt: str, batch: int, views: int, stats: dict,
             "throughput": round(1000.0 * batch / stats["p50_ms"], 2)}
 
 
+def _goal(key: str, goal: str) -> str:
+    """'>=5.0' -> '≥5x' in the unit of GOAL_NAMES."""
+    op, target = goal[:2], float(goal[2:])
+    return f"{'≥' if op == '>=' else '≤'}{target:g}{GOAL_NAMES[key][1]}"
+
+
+def _cells(s: dict, recs: list[dict]) -> list[str]:
+    """One model's column of the runtime table: its recorded run's p50s and ratios (summary + records)."""
+    def p50(what, fmt="openvino", views=1):
+        return next(r["p50_ms"] for r in recs
+                    if (r["what"], r["format"], r["batch"], r["views"]) == (what, fmt, 1, views))
+
+    res, cold, cached = s["results"], s["cold_start"], s["cold_start_with_openvino_cache"]
+    phases = res.get("speedup_vs_torch_eager_per_phase")
+    diff = res.get("runner_vs_torch_max_abs_prob_diff")
+    onnx = ("skipped: " + res["onnx_skipped"] if "onnx_skipped" in res else
+            f"{p50('runner', 'onnx'):.3f} / {p50('bare', 'onnx'):.3f} ms = {res['onnx_runner_overhead_vs_bare']:.2f}x")
+    vs_torch = (f"{p50('torch_eager_pipeline', 'torch'):.3f} / {p50('runner'):.3f} ms = "
+                f"**{res['speedup_vs_torch_eager']:.2f}x** (phases {min(phases):.1f}–{max(phases):.1f}x)"
+                if phases else "no checkpoint given")
+    return [vs_torch,
+            f"{p50('runner'):.3f} / {p50('bare'):.3f} ms = **{res['runner_overhead_vs_bare']:.2f}x**",
+            f"{p50('runner', views=5):.3f} ms = **{res['tta5_vs_one_view']:.2f}x**; OpenVINO's own b5/b1: "
+            f"{res['bare_b5_vs_b1']:.2f}x",
+            f"{cold['load_first_s']:.3f} s (imports +{cold['import_s']:.2f} s; {cached['load_first_s']:.3f} s with the "
+            "OpenVINO model cache)",
+            f"{cold['peak_rss_mb']:.0f} MB over {cold['images_in_rss_run']} images (torch "
+            f"{'imported' if cold['torch_loaded'] else 'never imported'})",
+            "-" if diff is None else f"max abs {diff:.1e}", onnx]
+
+
+def section(doc: dict) -> str:
+    """The runtime section of RESULTS.md from latency.json: one column per model in `runtime` (in the order
+    measured), each from its summary and the `bench: runtime` records of that run."""
+    models = sorted(doc["runtime"].items(), key=lambda kv: kv[1]["date"])
+    lines = [MARKERS[0], "## Edge runner latency, TTA, cold start, RSS (`benchmarks/latency_runtime.py`)", "",
+             "Recorded runs (`bench: runtime` records and `runtime[<model>]` summaries in "
+             "`benchmarks/results/latency.json`):"]
+    for name, s in models:
+        t, m = s["timing"], s["machine"]
+        lines.append(f"- `{name}` ({s['model']['role']}, {s['model']['params']} params): `{s['command']}` on "
+                     f"{s['date'][:16]}Z, {machine_line(m)}; {s['threads']} threads; input {s['image']}; "
+                     f"{t['rounds']} timed calls per callable in {t['phases']} alternating phases after {t['warmup']} "
+                     f"warm-up calls; cold start: median of {t['cold_repeats']} fresh processes; load average at start "
+                     f"{m['load_avg_at_start']}, at end {s['load_avg_at_end']}; other processes used "
+                     + ("n/a" if s["other_processes_cpu_cores"] is None else f"{s['other_processes_cpu_cores']:.3f}")
+                     + " cores on average")
+    goal = {k: _goal(k, g["goal"]) for _, s in models for k, g in s["goals"].items()}
+    rows = [("runner OpenVINO FP32 batch 1 vs PyTorch eager (eval transform + forward + softmax)",
+             goal.get("speedup_vs_torch_eager", "")),
+            ("runner vs bare OpenVINO call (`request.infer({input: x})` on a preprocessed float32 batch)",
+             goal.get("runner_overhead_vs_bare", "")),
+            ("5-view TTA (one call) vs one view", goal.get("tta5_vs_one_view", "")),
+            ("cold start, load + first result (fresh process, excl. imports)", goal.get("cold_start_s", "")),
+            ("peak RSS, fresh process, 5-view TTA", goal.get("peak_rss_mb", "")),
+            ("runner probs vs PyTorch probs, same image", "≤ export tolerance"),
+            ("runner vs bare ONNX Runtime call (I/O binding)", "(goals are stated for OpenVINO)")]
+    cols = [_cells(s, [r for r in doc["records"] if r.get("bench") == "runtime" and r.get("model") == name
+                       and r.get("date") == s["date"]]) for name, s in models]
+    lines += ["", "| measure (p50) | " + " | ".join(f"`{name}`" for name, _ in models) + " | goal |",
+              "|---|" + "---|" * len(models) + "---|"]
+    lines += [f"| {label} | " + " | ".join(c[i] for c in cols) + f" | {g} |" for i, (label, g) in enumerate(rows)]
+    met = []
+    for name, s in models:
+        missed = [f"{GOAL_NAMES[k][0]} {g['value']:.2f}{GOAL_NAMES[k][1]}, goal {_goal(k, g['goal'])}"
+                  for k, g in s["goals"].items() if not g["met"]]
+        met.append(f"`{name}` {len(s['goals']) - len(missed)} of {len(s['goals'])}"
+                   + (f" (missed: {'; '.join(missed)})" if missed else ""))
+    lines += ["", "Goals met in the recorded runs: " + ", ".join(met) + ".", MARKERS[1]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
@@ -158,7 +247,9 @@ def main() -> None:
     ap.add_argument("--images", type=Path, default=REPO / "edgekd/data/builtin/pneumoniamnist_mini.npz",
                     help="an .npz with test_images; the first one is the benchmark input")
     ap.add_argument("--cold-repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/latency.json")
+    ap.add_argument("--out", type=Path, default=RESULTS_JSON)
+    ap.add_argument("--results-md", type=Path, help="the RESULTS.md whose runtime section to rewrite (default: "
+                    "benchmarks/RESULTS.md when --out is benchmarks/results/latency.json; a scratch --out leaves it)")
     args = ap.parse_args()
 
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -191,7 +282,7 @@ def main() -> None:
                 "runner_tta5": lambda: tta_runners["tta5"].predict(image), "bare_b5": bare_openvino(ov_path, T, x5)})
     if bundle_views != FIVE_VIEWS:
         fns["runner_tta_bundle"] = lambda: tta_runners["tta_bundle"].predict(image)
-    ov = time_alternating([{name: fn} for name, fn in fns.items()], phases=args.phases, warmup=30,
+    ov = time_alternating([{name: fn} for name, fn in fns.items()], phases=args.phases, warmup=WARMUP,
                           rounds=args.rounds)
     del tta_runners
     fmt = ov_runner.info["format"]
@@ -209,7 +300,7 @@ def main() -> None:
         ort_tta = Runner.from_bundle(bundle, backend="onnx", threads=T, tta=FIVE_VIEWS)
         ort = time_alternating([{"runner": lambda: ort_runner.predict(image)}, {"bare": bare_onnx(ort_path, T, x1)},
                                 {"runner_tta5": lambda: ort_tta.predict(image)}],
-                               phases=args.phases, warmup=30, rounds=args.rounds)
+                               phases=args.phases, warmup=WARMUP, rounds=args.rounds)
         records += [record(meta, "runner", "onnx", 1, 1, ort["runner"], T),
                     record(meta, "bare", "onnx", 1, 1, ort["bare"], T),
                     record(meta, "runner", "onnx", 1, 5, ort["runner_tta5"], T)]
@@ -260,8 +351,10 @@ def main() -> None:
                "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
                "other_processes_cpu_cores": other_cpu.cores(), "bundle": str(args.bundle),
                "checkpoint": str(args.checkpoint) if args.checkpoint else None, "model": meta, "threads": T,
+               "timing": {"phases": args.phases, "rounds": args.rounds, "warmup": WARMUP,
+                          "cold_repeats": args.cold_repeats},
                "image": f"{args.images.name}: test_images[0] {tuple(image.shape)}",
-               "goals": goals, "results": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in results.items()},
+               "goals": goals, "results": {k: _six(v) for k, v in results.items()},
                "cold_start": cold, "cold_start_with_openvino_cache": cold_cached}
 
     # A ledger shared with benchmarks/latency.py: this model's runtime records replace its earlier ones, and each
@@ -269,8 +362,12 @@ def main() -> None:
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     kept = [r for r in doc.get("records", []) if not (r.get("bench") == "runtime" and r.get("model") == meta.get("name"))]
     tagged = [{**r, "date": started, "command": command, "machine": host} for r in records]
-    write_json(args.out, {**doc, **results_doc("latency", command, kept + tagged),
-                          "runtime": {**(doc.get("runtime") or {}), meta.get("name"): summary}})
+    doc = {**doc, **results_doc("latency", command, kept + tagged),
+           "runtime": {**(doc.get("runtime") or {}), meta.get("name"): summary}}
+    write_json(args.out, doc)
+    results_md = args.results_md or (RESULTS_MD if args.out.resolve() == RESULTS_JSON.resolve() else None)
+    if results_md is not None:
+        write_text(results_md, replace_section(results_md.read_text(), section(doc), *MARKERS))
 
     print(f"{'what':22s} {'format':9s} {'batch':>5s} {'views':>5s} {'p50_ms':>9s} {'p90_ms':>9s} {'p99_ms':>9s}")
     for r in records:
@@ -282,7 +379,8 @@ def main() -> None:
         if key not in goals:
             print(f"{key:28s} {v}")
     print(f"load average start {host['load_avg_at_start']} end {summary['load_avg_at_end']}; other processes used "
-          f"{summary['other_processes_cpu_cores']} cores on average; wrote {args.out}")
+          f"{summary['other_processes_cpu_cores']} cores on average; wrote {args.out}"
+          + (f" and the runtime section of {results_md}" if results_md else ""))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@
     .venv/bin/python benchmarks/report.py --check   # exit 1 and name each section that differs from its JSON
 
 Every section between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->` markers is rendered by the function the
-measuring script itself uses (so a re-run and this report write the same text); text outside the markers is
-commentary. Not generated (the sections say so): the latency and runtime-latency sections, which their scripts
-write from bench-run state that the JSON keeps only in part.
+measuring script itself uses (so a re-run and this report write the same text), from the results files alone;
+text outside the markers is commentary.
 """
 
 from __future__ import annotations
@@ -149,11 +148,13 @@ def continual_docs() -> list[dict]:
 
 # --- the registry: marker -> (results files, renderer) -------------------------------------------------------------
 
-def _sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
+def sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
     import calibration
     import distill_terms
     import hostile
     import kd_gain
+    import latency
+    import latency_runtime
     import pareto
     import robustness
     import zoo
@@ -179,6 +180,8 @@ def _sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
         "pareto": ((pareto.BEGIN, pareto.END), lambda: pareto.section(load("pareto.json"))),
         "zoo": (("<!-- zoo:begin -->", "<!-- zoo:end -->"), lambda: zoo.markdown(ok_zoo())),
         "hostile": (hostile.MARKERS, lambda: hostile.section(load("hostile.json"))),
+        "latency": (latency.MARKERS, lambda: latency.section(load("latency.json"))),
+        "latency-runtime": (latency_runtime.MARKERS, lambda: latency_runtime.section(load("latency.json"))),
     }
     if (RESULTS / "calibration.json").is_file():
         out["calibration"] = (calibration.MARKERS, lambda: calibration.section(load("calibration.json")))
@@ -199,7 +202,7 @@ def current(text: str, begin: str, end: str) -> str | None:
 def render(text: str) -> tuple[str, list[str]]:
     """(RESULTS.md with every section regenerated, names of the sections that changed)."""
     changed = []
-    for name, ((begin, end), make) in _sections().items():
+    for name, ((begin, end), make) in sections().items():
         new = make()
         old = current(text, begin, end)
         if old != new:

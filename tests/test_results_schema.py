@@ -69,3 +69,29 @@ def test_report_check_catches_a_hand_edited_figure(tmp_path):
     assert report.main(["--check", "--results-md", str(path)]) == 1
     assert report.main(["--results-md", str(path)]) == 0
     assert path.read_text() == text
+
+
+def _section_names():
+    import report
+
+    return sorted(report.sections())
+
+
+@pytest.mark.parametrize("name", _section_names())
+def test_every_section_catches_a_hand_edited_figure(name):
+    """A digit changed in the first table row of any generated section (latency and runtime-latency included) is
+    reported as that section's drift, and regenerating restores the text."""
+    import report
+
+    text = (BENCH / "RESULTS.md").read_text()
+    (begin, end), _ = report.sections()[name]
+    section = report.current(text, begin, end)
+    lines = section.splitlines()
+    row = next(i + 1 for i, line in enumerate(lines) if line.startswith("|---"))
+    digit = max(i for i, ch in enumerate(lines[row]) if ch.isdigit())
+    lines[row] = lines[row][:digit] + str((int(lines[row][digit]) + 1) % 10) + lines[row][digit + 1:]
+    edited = text.replace(section, "\n".join(lines))
+    assert edited != text
+    regenerated, changed = report.render(edited)
+    assert changed == [name]
+    assert regenerated == text
