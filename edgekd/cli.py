@@ -296,6 +296,8 @@ def predict(
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                               help="Decision threshold on the positive class's calibrated probability "
                                                    "for this call (two-class bundles; default: the bundle's)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Multi-head bundle: the task whose head predicts "
+                                       "(default: every task's prediction side by side)."),
 ) -> None:
     """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end).
 
@@ -311,24 +313,62 @@ def predict(
         refuse_output_inside(out, [bundle])
     tta_option = split_list(views) if views else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
-                                cache_dir=cache_dir, threshold=threshold)
+                                cache_dir=cache_dir, threshold=threshold, task=task)
     paths, problems = collect_inputs(inputs)
     for _, message in problems:
         console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
     results = []
     with progress_bar() as progress:
-        task = progress.add_task("predict", total=len(paths))
+        bar = progress.add_task("predict", total=len(paths))
         for result in runner.predict_many(paths, batch=batch):
             if isinstance(result, Failure):
                 progress.console.print(f"[bold red]error:[/] {escape(error_line(result.error))}", soft_wrap=True)
             results.append(result)
-            progress.advance(task)
+            progress.advance(bar)
     results += [Failure(source, message) for source, message in problems]
+    if runner.tasks and task is None:
+        out_console.print(_task_predictions_table(bundle.name, runner, results))
+    else:
+        out_console.print(_predictions_table(bundle.name, runner, results, precision, tta_option))
+    failed = sum(isinstance(r, Failure) for r in results)
+    if out is not None:
+        write_predictions(out, results, runner.class_names, {
+            "bundle": str(bundle), **runner.info, "tta_views": runner.tta_views.names if tta_option else None,
+            "temperature": runner.temperature, "threshold": runner.threshold,
+            **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})},
+            runner.tasks if task is None else None)
+        console.print(f"wrote {out}")
+    if failed:
+        console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
+        raise typer.Exit(1)
+
+
+def _task_predictions_table(title: str, runner, results: list) -> RichTable:
+    """A multi-head bundle's predictions, every task's label and probability side by side."""
+    from edgekd.runtime import Failure
+
+    table = RichTable(title=f"{title}: {runner.info['format']} {runner.precision}, one head per task")
+    table.add_column("file")
+    for name, _ in runner.tasks:
+        table.add_column(f"{name} label")
+        table.add_column(f"{name} prob", justify="right")
+    for r in results:
+        cells = (["[red]error[/]", "-"] * len(runner.tasks) if isinstance(r, Failure) else
+                 [c for name, _ in runner.tasks for c in (escape(r.tasks[name].label), f"{r.tasks[name].prob:.4f}")])
+        table.add_row(escape(printable(r.source)), *cells)
+    return table
+
+
+def _predictions_table(title: str, runner, results: list, precision: str, tta_option) -> RichTable:
+    """One row per image: label, probability (and uncalibrated), every class's probability."""
+    from edgekd.runtime import Failure
+
     names = runner.class_names
     calibrated = runner.temperature != 1.0 or runner.bias is not None
     rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.4f}" if runner.threshold is not None
             else "")
-    table = RichTable(title=f"{bundle.name}: {runner.info['format']} {precision}"
+    table = RichTable(title=f"{title}: {runner.info['format']} {precision}"
+                            + (f", task {runner.task}" if runner.task else "")
                             + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else "")
                             + (f", calibrated (T={runner.temperature:.3g}{', Platt' if runner.bias else ''})" if calibrated else "")
                             + rule)
@@ -342,16 +382,7 @@ def predict(
             raw = [f"{r.raw_probs[r.index]:.4f}"] if r.raw_probs is not None else ["-"] * len(raw_cols)
             table.add_row(escape(printable(r.source)), escape(r.label), f"{r.prob:.4f}", *raw,
                           *[f"{p:.4f}" for p in r.probs])
-    out_console.print(table)
-    failed = sum(isinstance(r, Failure) for r in results)
-    if out is not None:
-        write_predictions(out, results, names, {"bundle": str(bundle), **runner.info,
-                                                "tta_views": runner.tta_views.names if tta_option else None,
-                                                "temperature": runner.temperature, "threshold": runner.threshold})
-        console.print(f"wrote {out}")
-    if failed:
-        console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
-        raise typer.Exit(1)
+    return table
 
 
 @app.command()
