@@ -251,17 +251,27 @@ def export(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the checkpoint's recipe (e.g. data.path=...)."),
     drop_failed: bool = typer.Option(False, "--drop-failed", help="Ship the artifacts that pass the gate; list the "
                                      "others with their reasons in parity.json and the card (parity.on_fail: drop)."),
+    allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Continual checkpoints: export even when "
+                                          "an earlier task's retention is below the profile's min_retention."),
 ) -> None:
-    """Export to ONNX/OpenVINO (FP32/FP16/INT8), gate every artifact on parity with PyTorch, write a bundle."""
+    """Export to ONNX/OpenVINO (FP32/FP16/INT8), gate every artifact on parity with PyTorch, write a bundle.
+
+    A continual checkpoint is first checked by the retention gate (its accuracy matrix); a multi-head one exports
+    every task's head and is parity-checked per head."""
     from edgekd.export import export_checkpoint, load_profile, with_overrides
 
     profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control,
                              "drop" if drop_failed else None)
     out = out or checkpoint.parent / "bundle"
     result = export_checkpoint(checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_,
-                               log=console.print)
+                               log=console.print, allow_forgetting=allow_forgetting)
+    out_console.print(parity_table(str(checkpoint), result))
+
+
+def parity_table(title: str, result) -> RichTable:
+    """An export's parity table: PyTorch, then every artifact (size, differences, metrics, result)."""
     split = result.parity["metric_split"]
-    table = RichTable(title=f"{checkpoint}: parity with PyTorch ({result.parity['inputs']} inputs)")
+    table = RichTable(title=f"{title}: parity with PyTorch ({result.parity['inputs']} inputs)")
     for col in ("format", "precision", "size MB", "max abs diff", "mean abs diff", "top-1 agree",
                 f"{split} acc", "test acc", "test auc", "result"):
         table.add_column(col, justify="left" if col in ("format", "precision", "result") else "right")
@@ -276,9 +286,35 @@ def export(
                       "-" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.2%}",
                       _fmt(metrics.get(split, {}).get("acc")), _fmt(metrics.get("test", {}).get("acc")),
                       _fmt(metrics.get("test", {}).get("auc")), "pass" if r["passed"] else "[red]dropped[/]")
-    out_console.print(table)
     for r in result.parity.get("dropped", []):
         console.print(f"[yellow]not shipped:[/] {r['format']}/{r['precision']}: {escape('; '.join(r['failures']))}")
+    return table
+
+
+@app.command()
+def update(
+    source: Path = typer.Argument(..., help="The deployed student: a bundle (its edgekd.json names the checkpoint) "
+                                  "or a checkpoint."),
+    recipe: Path = typer.Argument(..., help="A continual recipe whose first task is the student's."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new bundle directory."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key (repeatable)."),
+    allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Export even when an earlier task's "
+                                          "retention is below the profile's min_retention."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile YAML (default: the defaults)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder (default runs/<recipe name>-update)."),
+) -> None:
+    """Continual update of a deployed student: train the recipe's tasks from it, gate on retention, export with
+    parity to a new bundle that records its parent bundle's sha256 (lineage)."""
+    from edgekd.export import load_profile
+    from edgekd.update import update_bundle
+
+    profile = load_profile(target)
+    with progress_bar() as progress:
+        log = progress.console.print if progress.console.is_terminal else console.print
+        result = update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting, log=log, progress=progress)
+    out_console.print(continual_table(result.continual.summary["name"], result.continual))
+    out_console.print(parity_table(str(result.continual.best_path), result.export))
+    console.print(f"wrote {out} (parent sha256 {result.lineage.get('parent_bundle_sha256') or '-'})")
 
 
 @app.command()
