@@ -61,8 +61,7 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     """Learn the continual recipe's tasks starting from the parent's student (its first task is the student's),
     then export the result (retention gate, parity gate) to `out` with the parent's lineage."""
     from edgekd.continual import run_continual
-    from edgekd.export import export_checkpoint, load_profile
-    from edgekd.export.bundle import check_target
+    from edgekd.export import check_target, export_checkpoint, load_profile
     from edgekd.recipe import load_recipe
 
     out = Path(out)

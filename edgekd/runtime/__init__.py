@@ -9,6 +9,6 @@ from edgekd.runtime.runner import Failure, Prediction, Runner, TaskPredictions
 from edgekd.runtime.timing import peak_rss_mb, time_call
 from edgekd.runtime.tta import TTAViews
 
-__all__ = ["Artifact", "Bundle", "Failure", "Prediction", "Preprocessor", "Runner", "TTAViews", "TaskPredictions", "check_output_path",
-           "collect_inputs", "open_bundle", "peak_rss_mb", "softmax", "time_call", "verify_manifest",
+__all__ = ["Artifact", "Bundle", "Failure", "Prediction", "Preprocessor", "Runner", "TTAViews", "TaskPredictions",
+           "check_output_path", "collect_inputs", "open_bundle", "peak_rss_mb", "softmax", "time_call", "verify_manifest",
            "write_predictions"]
