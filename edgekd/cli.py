@@ -251,17 +251,27 @@ def export(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the checkpoint's recipe (e.g. data.path=...)."),
     drop_failed: bool = typer.Option(False, "--drop-failed", help="Ship the artifacts that pass the gate; list the "
                                      "others with their reasons in parity.json and the card (parity.on_fail: drop)."),
+    allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Continual checkpoints: export even when "
+                                          "an earlier task's retention is below the profile's min_retention."),
 ) -> None:
-    """Export to ONNX/OpenVINO (FP32/FP16/INT8), gate every artifact on parity with PyTorch, write a bundle."""
+    """Export to ONNX/OpenVINO (FP32/FP16/INT8), gate every artifact on parity with PyTorch, write a bundle.
+
+    A continual checkpoint is first checked by the retention gate (its accuracy matrix); a multi-head one exports
+    every task's head and is parity-checked per head."""
     from edgekd.export import export_checkpoint, load_profile, with_overrides
 
     profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control,
                              "drop" if drop_failed else None)
     out = out or checkpoint.parent / "bundle"
     result = export_checkpoint(checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_,
-                               log=console.print)
+                               log=console.print, allow_forgetting=allow_forgetting)
+    out_console.print(parity_table(str(checkpoint), result))
+
+
+def parity_table(title: str, result) -> RichTable:
+    """An export's parity table: PyTorch, then every artifact (size, differences, metrics, result)."""
     split = result.parity["metric_split"]
-    table = RichTable(title=f"{checkpoint}: parity with PyTorch ({result.parity['inputs']} inputs)")
+    table = RichTable(title=f"{title}: parity with PyTorch ({result.parity['inputs']} inputs)")
     for col in ("format", "precision", "size MB", "max abs diff", "mean abs diff", "top-1 agree",
                 f"{split} acc", "test acc", "test auc", "result"):
         table.add_column(col, justify="left" if col in ("format", "precision", "result") else "right")
@@ -276,9 +286,35 @@ def export(
                       "-" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.2%}",
                       _fmt(metrics.get(split, {}).get("acc")), _fmt(metrics.get("test", {}).get("acc")),
                       _fmt(metrics.get("test", {}).get("auc")), "pass" if r["passed"] else "[red]dropped[/]")
-    out_console.print(table)
     for r in result.parity.get("dropped", []):
         console.print(f"[yellow]not shipped:[/] {r['format']}/{r['precision']}: {escape('; '.join(r['failures']))}")
+    return table
+
+
+@app.command()
+def update(
+    source: Path = typer.Argument(..., help="The deployed student: a bundle (its edgekd.json names the checkpoint) "
+                                  "or a checkpoint."),
+    recipe: Path = typer.Argument(..., help="A continual recipe whose first task is the student's."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new bundle directory."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key (repeatable)."),
+    allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Export even when an earlier task's "
+                                          "retention is below the profile's min_retention."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile YAML (default: the defaults)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder (default runs/<recipe name>-update)."),
+) -> None:
+    """Continual update of a deployed student: train the recipe's tasks from it, gate on retention, export with
+    parity to a new bundle that records its parent bundle's sha256 (lineage)."""
+    from edgekd.export import load_profile
+    from edgekd.update import update_bundle
+
+    profile = load_profile(target)
+    with progress_bar() as progress:
+        log = progress.console.print if progress.console.is_terminal else console.print
+        result = update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting, log=log, progress=progress)
+    out_console.print(continual_table(result.continual.summary["name"], result.continual))
+    out_console.print(parity_table(str(result.continual.best_path), result.export))
+    console.print(f"wrote {out} (parent sha256 {result.lineage.get('parent_bundle_sha256') or '-'})")
 
 
 @app.command()
@@ -296,6 +332,8 @@ def predict(
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                               help="Decision threshold on the positive class's calibrated probability "
                                                    "for this call (two-class bundles; default: the bundle's)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Multi-head bundle: the task whose head predicts "
+                                       "(default: every task's prediction side by side)."),
 ) -> None:
     """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end).
 
@@ -311,24 +349,62 @@ def predict(
         refuse_output_inside(out, [bundle])
     tta_option = split_list(views) if views else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
-                                cache_dir=cache_dir, threshold=threshold)
+                                cache_dir=cache_dir, threshold=threshold, task=task)
     paths, problems = collect_inputs(inputs)
     for _, message in problems:
         console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
     results = []
     with progress_bar() as progress:
-        task = progress.add_task("predict", total=len(paths))
+        bar = progress.add_task("predict", total=len(paths))
         for result in runner.predict_many(paths, batch=batch):
             if isinstance(result, Failure):
                 progress.console.print(f"[bold red]error:[/] {escape(error_line(result.error))}", soft_wrap=True)
             results.append(result)
-            progress.advance(task)
+            progress.advance(bar)
     results += [Failure(source, message) for source, message in problems]
+    if runner.tasks and task is None:
+        out_console.print(_task_predictions_table(bundle.name, runner, results))
+    else:
+        out_console.print(_predictions_table(bundle.name, runner, results, precision, tta_option))
+    failed = sum(isinstance(r, Failure) for r in results)
+    if out is not None:
+        write_predictions(out, results, runner.class_names, {
+            "bundle": str(bundle), **runner.info, "tta_views": runner.tta_views.names if tta_option else None,
+            "temperature": runner.temperature, "threshold": runner.threshold,
+            **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})},
+            runner.tasks if task is None else None)
+        console.print(f"wrote {out}")
+    if failed:
+        console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
+        raise typer.Exit(1)
+
+
+def _task_predictions_table(title: str, runner, results: list) -> RichTable:
+    """A multi-head bundle's predictions, every task's label and probability side by side."""
+    from edgekd.runtime import Failure
+
+    table = RichTable(title=f"{title}: {runner.info['format']} {runner.precision}, one head per task")
+    table.add_column("file")
+    for name, _ in runner.tasks:
+        table.add_column(f"{name} label")
+        table.add_column(f"{name} prob", justify="right")
+    for r in results:
+        cells = (["[red]error[/]", "-"] * len(runner.tasks) if isinstance(r, Failure) else
+                 [c for name, _ in runner.tasks for c in (escape(r.tasks[name].label), f"{r.tasks[name].prob:.4f}")])
+        table.add_row(escape(printable(r.source)), *cells)
+    return table
+
+
+def _predictions_table(title: str, runner, results: list, precision: str, tta_option) -> RichTable:
+    """One row per image: label, probability (and uncalibrated), every class's probability."""
+    from edgekd.runtime import Failure
+
     names = runner.class_names
     calibrated = runner.temperature != 1.0 or runner.bias is not None
     rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.4f}" if runner.threshold is not None
             else "")
-    table = RichTable(title=f"{bundle.name}: {runner.info['format']} {precision}"
+    table = RichTable(title=f"{title}: {runner.info['format']} {precision}"
+                            + (f", task {runner.task}" if runner.task else "")
                             + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else "")
                             + (f", calibrated (T={runner.temperature:.3g}{', Platt' if runner.bias else ''})" if calibrated else "")
                             + rule)
@@ -342,16 +418,7 @@ def predict(
             raw = [f"{r.raw_probs[r.index]:.4f}"] if r.raw_probs is not None else ["-"] * len(raw_cols)
             table.add_row(escape(printable(r.source)), escape(r.label), f"{r.prob:.4f}", *raw,
                           *[f"{p:.4f}" for p in r.probs])
-    out_console.print(table)
-    failed = sum(isinstance(r, Failure) for r in results)
-    if out is not None:
-        write_predictions(out, results, names, {"bundle": str(bundle), **runner.info,
-                                                "tta_views": runner.tta_views.names if tta_option else None,
-                                                "temperature": runner.temperature, "threshold": runner.threshold})
-        console.print(f"wrote {out}")
-    if failed:
-        console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
-        raise typer.Exit(1)
+    return table
 
 
 @app.command()

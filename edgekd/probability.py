@@ -13,6 +13,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def head_softmax(logits: np.ndarray, heads: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """softmax over each head's slice [lo, hi) of the outputs (a multi-head model's tasks side by side), or over
+    all of them (heads None)."""
+    if heads is None:
+        return softmax(logits)
+    z = np.asarray(logits, dtype=np.float64)
+    return np.concatenate([softmax(z[..., lo:hi]) for lo, hi in heads], axis=-1)
+
+
 def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0, bias: np.ndarray | None = None) -> np.ndarray:
     """softmax(logits / T + bias): temperature scaling (bias None) or, for two classes, Platt scaling."""
     z = np.asarray(logits, dtype=np.float64) / temperature

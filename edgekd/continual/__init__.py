@@ -2,9 +2,9 @@
 scenarios with expanding heads, and CL metrics over an accuracy matrix."""
 
 from edgekd.continual.metrics import (average_accuracy, backward_transfer, forgetting, forgetting_per_task,
-                                      retention)
+                                      retention, retention_misses, retention_per_task)
 from edgekd.continual.run import run_continual
 from edgekd.continual.scenarios import build_tasks
 
 __all__ = ["average_accuracy", "backward_transfer", "build_tasks", "forgetting", "forgetting_per_task", "retention",
-           "run_continual"]
+           "retention_misses", "retention_per_task", "run_continual"]

@@ -52,3 +52,16 @@ def retention(acc_matrix, task: int = 0) -> float:
     r = _matrix(acc_matrix)
     before = r[task, task]
     return float(r[-1, task] / before) if before > 0 else float("nan")
+
+
+def retention_per_task(acc_matrix) -> np.ndarray:
+    """retention(R, j) for every task j; the last task's is 1.0 by definition (NaN when R[j, j] is 0)."""
+    r = _matrix(acc_matrix)
+    return np.array([retention(r, j) for j in range(len(r))])
+
+
+def retention_misses(acc_matrix, min_retention: float) -> list[tuple[int, float]]:
+    """The retention gate: (task index, retention) of every earlier task whose retention is below
+    `min_retention` (a task whose accuracy right after learning it was 0 has no retention and never misses)."""
+    kept = retention_per_task(acc_matrix)
+    return [(j, float(kept[j])) for j in range(len(kept) - 1) if kept[j] == kept[j] and kept[j] < min_retention]

@@ -1,8 +1,11 @@
 """Export: ONNX and OpenVINO artifacts (FP32/FP16/INT8), the parity gate, metadata and the hashed edge bundle."""
 
+from edgekd.export.bundle import check_target
+from edgekd.export.continual import RetentionGateError
 from edgekd.export.formats import FORMATS, ExportFormat, export_plan
 from edgekd.export.profile import ExportProfile, load_profile, profile_from_dict
 from edgekd.export.run import ExportResult, ParityGateError, export_checkpoint, with_overrides
 
-__all__ = ["FORMATS", "ExportFormat", "ExportProfile", "ExportResult", "ParityGateError", "export_checkpoint",
+__all__ = ["FORMATS", "ExportFormat", "ExportProfile", "ExportResult", "ParityGateError", "RetentionGateError",
+           "check_target", "export_checkpoint",
            "export_plan", "load_profile", "profile_from_dict", "with_overrides"]

@@ -11,6 +11,7 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.clinical import card_section
+from edgekd.export.continual import continual_card_section
 from edgekd.fileio import atomic_write, sha256_file, write_json, write_text
 
 SCHEMA = "edgekd-bundle/1"
@@ -134,6 +135,40 @@ def _explanation_section(explanations: list[dict[str, Any]] | None) -> list[str]
     return lines
 
 
+def _figures_row(name: str, metrics: dict[str, Any]) -> str:
+    return f"| {name} | " + " | ".join(_num(metrics.get(k)) for k in ("acc", "auc", "sensitivity", "specificity")) + " |"
+
+
+def _lineage_section(metadata: dict[str, Any]) -> list[str]:
+    """The card's lineage (a bundle made by `edgekd update`): the parent bundle and both versions' test figures
+    (PyTorch reference; this version per task when it has heads)."""
+    lineage = metadata.get("lineage")
+    if not lineage:
+        return []
+    lines = ["", "## Lineage", "", f"Updated from bundle `{lineage['parent_bundle']}` (sha256 of its "
+             f"{MANIFEST_FILE}: `{lineage['parent_bundle_sha256']}`, created {lineage.get('parent_created')}, "
+             f"checkpoint sha256 `{lineage.get('parent_checkpoint_sha256')}`) by continual training with recipe "
+             f"`{lineage.get('recipe')}`.", "", "| version (test split) | acc | auc | sensitivity | specificity |",
+             "|---|---|---|---|---|", _figures_row("parent", lineage.get("parent_test_metrics") or {})]
+    test = (metadata.get("metrics") or {}).get("test") or {}
+    lines.append(_figures_row("this bundle" + (" (mean over tasks)" if test.get("tasks") else ""), test))
+    lines += [_figures_row(f"this bundle, task {name}", m) for name, m in (test.get("tasks") or {}).items()]
+    return lines
+
+
+def _head_parity_section(parity: dict[str, Any]) -> list[str]:
+    """The card's per-head parity table of a multi-head bundle."""
+    rows = [(r, name, h) for r in parity["artifacts"] for name, h in (r.get("heads") or {}).items()]
+    if not rows:
+        return []
+    lines = ["", "## Parity per head", "", "Each task's slice of the logits vs PyTorch on every parity input; "
+             "top-1 agreement within the head is gated per head.", "",
+             "| format | precision | head | max abs diff | top-1 agreement |", "|---|---|---|---|---|"]
+    lines += [f"| {r['format']} | {r['precision']} | {name} | {_num(h['max_abs_diff'], '.2e')} | "
+              f"{_pct(h['top1_agreement'])} |" for r, name, h in rows]
+    return lines
+
+
 def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
                     explanations: list[dict[str, Any]] | None = None) -> str:
     """The markdown card shipped with a bundle: what the model is, how well each artifact does, where it looks
@@ -168,7 +203,11 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
     for rec in (r for r in parity["artifacts"] if r["passed"]):
         lines.append(row(rec["format"], rec["precision"], _num(sizes.get((rec["format"], rec["precision"])), ".3f"),
                          rec.get("metrics", {})))
-    lines += card_section(metadata, parity) + _parity_section(parity, tta) + _explanation_section(explanations)
+    lines += card_section(metadata, parity)
+    if metadata.get("continual"):
+        lines += continual_card_section(metadata["continual"], metadata.get("tasks"))
+    lines += (_lineage_section(metadata) + _head_parity_section(parity) + _parity_section(parity, tta)
+              + _explanation_section(explanations))
     first = metadata["artifacts"][0]
     lines += ["", "## Run", "", "```", f"edgekd predict <this bundle> IMAGE... --backend {first['format']} "
               f"--precision {first['precision']} [--tta]", "```", "",

@@ -54,6 +54,9 @@ class ParitySet:
     """The view of each row of `inputs`."""
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     """split -> (inputs, labels) for the ACC/AUC comparison."""
+    heads: list[tuple[str, int, int]] | None = None
+    """A multi-head model's (task, first output, end output) per head: values, top-1 agreement and metrics are
+    taken per head (each its own softmax, labels of its task only); None: one head over all outputs."""
 
 
 def parity_inputs(images: torch.Tensor, views: list[str], center_crop_fraction: float, normalize) -> tuple[np.ndarray, list[str]]:
@@ -76,9 +79,35 @@ def run_batched(session: ArtifactSession, x: np.ndarray, batch_size: int) -> np.
     return np.concatenate([session.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def split_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    metrics = classification_metrics(labels, softmax(logits.astype(np.float64)))
-    return {k: metrics[k] for k in REPORTED_METRICS if k in metrics}
+def split_metrics(labels: np.ndarray, logits: np.ndarray, heads: list[tuple[str, int, int]] | None = None) -> dict:
+    """The reported metrics; with heads, each task's (its images, its head's softmax, task id given) under
+    `tasks` and their mean over the tasks as the headline figures."""
+    if heads is None:
+        metrics = classification_metrics(labels, softmax(logits.astype(np.float64)))
+        return {k: metrics[k] for k in REPORTED_METRICS if k in metrics}
+    per_task = {}
+    for name, lo, hi in heads:
+        mine = (labels >= lo) & (labels < hi)
+        if mine.any():
+            per_task[name] = split_metrics(labels[mine] - lo, logits[mine, lo:hi])
+    keys = [k for k in REPORTED_METRICS if all(k in m for m in per_task.values())]
+    return {**{k: float(np.mean([m[k] for m in per_task.values()])) for k in keys}, "tasks": per_task}
+
+
+def head_parity(logits: np.ndarray, ref: np.ndarray, heads: list[tuple[str, int, int]],
+                top1_agreement: float | None) -> tuple[dict[str, Any], list[str]]:
+    """Each head's logits vs PyTorch on every parity input: max abs diff and top-1 agreement within the head
+    (the prediction the runner makes for that task), gated per head."""
+    record, failures = {}, []
+    for name, lo, hi in heads:
+        diff = np.abs(logits[:, lo:hi].astype(np.float64) - ref[:, lo:hi].astype(np.float64))
+        agree = logits[:, lo:hi].argmax(1) == ref[:, lo:hi].argmax(1)
+        record[name] = {"outputs": [lo, hi], "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                        "top1_agreement": float(agree.mean())}
+        if top1_agreement is not None and agree.mean() < top1_agreement:
+            failures.append(f"head '{name}': top-1 agreement {agree.mean():.2%} < {top1_agreement:.2%} "
+                            f"({int((~agree).sum())} of {len(agree)} differ)")
+    return record, failures
 
 
 def reference_report(model: nn.Module, data: ParitySet) -> dict[str, Any]:
@@ -86,7 +115,7 @@ def reference_report(model: nn.Module, data: ParitySet) -> dict[str, Any]:
     ref = {"logits": torch_logits(model, data.inputs), "splits": {}}
     for split, (x, y) in data.splits.items():
         logits = torch_logits(model, x)
-        ref["splits"][split] = {"logits": logits, "metrics": split_metrics(y, logits)}
+        ref["splits"][split] = {"logits": logits, "metrics": split_metrics(y, logits, data.heads)}
     return ref
 
 
@@ -111,7 +140,7 @@ def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str
     """The artifact's metrics on each metric split, its logit parity there and the metric drops, into `record`."""
     for split, (x, y) in data.splits.items():
         art_logits = run_batched(session, x, batch_size)
-        metrics = split_metrics(y, art_logits)
+        metrics = split_metrics(y, art_logits, data.heads)
         ref_metrics = reference["splits"][split]["metrics"]
         record["metrics"][split] = metrics
         split_diff = np.abs(art_logits.astype(np.float64) - reference["splits"][split]["logits"].astype(np.float64))
@@ -164,7 +193,10 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
             failures.append(f"logit diff {diff[worst]:.3g} at |reference| {abs(float(ref[worst])):.3g} > "
                             f"{tolerance.max_abs:g} + {tolerance.rtol:g}·|reference| "
                             f"({record['allclose_violations']} of {diff.size} values)")
-    if tolerance.top1_agreement is not None and record["top1_agreement"] < tolerance.top1_agreement:
+    if data.heads is not None:  # the argmax over all heads' outputs is no prediction: each head is gated
+        record["heads"], head_failures = head_parity(logits, ref, data.heads, tolerance.top1_agreement)
+        failures += head_failures
+    elif tolerance.top1_agreement is not None and record["top1_agreement"] < tolerance.top1_agreement:
         failures.append(f"top-1 agreement {record['top1_agreement']:.2%} < {tolerance.top1_agreement:.2%} "
                         f"({int((~agree).sum())} of {len(agree)} differ)")
     resolution = record.get("acc_resolution", {}).get(metric_split)

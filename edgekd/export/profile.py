@@ -144,6 +144,10 @@ class ExportProfile(Section):
     calibration: CalibrationConfig = CalibrationConfig()
     decision: DecisionConfig = DecisionConfig()
     card: CardConfig = CardConfig()
+    min_retention: float = Field(0.98, ge=0, le=1)
+    """Continual checkpoints: the retention gate. Every earlier task must keep at least this fraction of its
+    accuracy right after it was learned (final / then, from the checkpoint's accuracy matrix), or the export is
+    refused (`--allow-forgetting` exports anyway and says so in the card)."""
 
 
 DEFAULTS: dict[str, Any] = {

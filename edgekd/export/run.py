@@ -17,11 +17,13 @@ from torchvision.transforms import v2
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees
+from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha256_file
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   staging_dir, write_bundle_files, write_zip)
 from edgekd.export.clinical import operating_point, write_reliability
+from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_sets, retention_report, task_layout,
+                                     task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
 from edgekd.export.parity import ParitySet, check_artifact, parity_inputs, reference_report
 from edgekd.export.profile import ExportProfile, load_profile
@@ -130,15 +132,30 @@ def _check_space(model, n_artifacts: int, out: Path, zip_bundle: bool) -> Path:
     return scratch_root
 
 
-def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: list[str], input_size: int | None):
-    """The checkpoint's data (its embedded recipe with the overrides), checked against the model's classes."""
+def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: list[str], input_size: int | None,
+                     layout: TaskLayout | None = None):
+    """The checkpoint's data (its embedded recipe with the overrides; a continual checkpoint's: all its tasks,
+    global labels), checked against the model's classes."""
     if ckpt.get("recipe") is None:
         raise EdgeKDError(f"{checkpoint}: checkpoint has no embedded recipe (needed for its data)")
-    data = build_data(_export_recipe(ckpt, checkpoint, data_overrides, input_size))
+    recipe = _export_recipe(ckpt, checkpoint, data_overrides, input_size)
+    data = continual_data(recipe, layout, str(checkpoint)) if layout is not None else build_data(recipe)
     num_classes = ckpt["arch"]["num_classes"]
     if data.num_classes != num_classes:
         raise EdgeKDError(f"{checkpoint}: model has {num_classes} classes, its data has {data.num_classes}")
     return data
+
+
+def _parity_set_of(data, profile: ExportProfile, layout: TaskLayout | None,
+                   log: Callable[[str], None]) -> tuple[ParitySet, int, int]:
+    """`_build_parity_set`, per task for a continual checkpoint (each task's images, merged; 3-channel warm-up
+    when the tasks' images differ), with the heads the parity is checked on."""
+    if layout is None:
+        return _build_parity_set(data, profile, log)
+    parts = [_build_parity_set(t.data, profile, log) for t in data.tasks]
+    channels = {c for _, _, c in parts}
+    return (merge_parity_sets([p for p, _, _ in parts], layout.heads), sum(n for _, n, _ in parts),
+            channels.pop() if len(channels) == 1 else data.preprocess["channels"])
 
 
 def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) -> tuple[ParitySet, int, int]:
@@ -174,7 +191,8 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "model": {"name": ckpt["arch"]["name"], "role": ckpt.get("role"), "params": count_parameters(model),
                   "dataset": ckpt.get("dataset"), "recipe_digest": ckpt.get("recipe_digest"),
-                  "checkpoint": checkpoint.name},
+                  "checkpoint": checkpoint.name, "checkpoint_path": str(checkpoint.resolve()),
+                  "checkpoint_sha256": sha256_file(checkpoint)},
         "class_names": list(ckpt["class_names"]),
         "preprocess": preprocess,
         "tta": {"views": list(profile.tta.views), "center_crop_fraction": profile.tta.center_crop_fraction,
@@ -276,23 +294,51 @@ def _gate(outcome: _Outcome, parity: dict[str, Any], stage: Path, on_fail: str, 
     return artifacts
 
 
+def _clinical(reference: dict[str, Any], parity_set: ParitySet, profile: ExportProfile, ckpt: dict[str, Any],
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """The operating point (calibration + decision); none for a multi-head model (both need a single task)."""
+    if parity_set.heads is not None:
+        log("multi-head model: no calibration temperature or decision threshold (labels: each head's top class)")
+        return {}
+    return operating_point(reference, parity_set.splits, profile, list(ckpt["class_names"]))
+
+
+def _continual_metadata(layout: TaskLayout | None, continual: dict[str, Any] | None,
+                        lineage: dict[str, Any] | None) -> dict[str, Any]:
+    """edgekd.json's `continual` (accuracy matrix, retention, gate), `tasks` (multi-head) and `lineage` keys."""
+    extra: dict[str, Any] = {"continual": continual} if continual else {}
+    tasks = task_metadata(layout) if layout is not None else None
+    if tasks:
+        extra["tasks"] = tasks
+    if lineage:
+        extra["lineage"] = lineage
+    return extra
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
                       precisions: list[str] | None = None, profile: ExportProfile | None = None,
                       zip_bundle: bool = False, data_overrides: list[str] | None = None,
-                      log: Callable[[str], None] = print) -> ExportResult:
+                      log: Callable[[str], None] = print, allow_forgetting: bool = False,
+                      lineage: dict[str, Any] | None = None) -> ExportResult:
     """Export a checkpoint to every (format, precision), gate each artifact on parity with PyTorch, and publish
-    a bundle at `out` only if all pass (else raise ParityGateError listing every failure; `out` is untouched)."""
+    a bundle at `out` only if all pass (else raise ParityGateError listing every failure; `out` is untouched).
+    A continual checkpoint first passes the retention gate (RetentionGateError unless `allow_forgetting`); a
+    multi-head one is parity-checked per head. `lineage` (from `edgekd update`) goes into edgekd.json."""
     checkpoint, out = Path(checkpoint), Path(out)
     profile = profile or load_profile(None)
     plan = export_plan(formats or profile.formats, precisions or profile.precisions)
     check_target(out)
     model, ckpt = model_from_checkpoint(checkpoint)
+    layout = task_layout(ckpt)
+    continual = retention_report(layout, profile.min_retention, allow_forgetting) if layout is not None else None
     scratch_root = _check_space(model, len(plan), out, zip_bundle)
-    data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size)
-    parity_set, n_images, image_channels = _build_parity_set(data, profile, log)
+    data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout)
+    parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
     reference = reference_report(model, parity_set)
-    reference["clinical"] = operating_point(reference, parity_set.splits, profile, list(ckpt["class_names"]))
-    metadata = _bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels)
+    reference["clinical"] = _clinical(reference, parity_set, profile, ckpt, log)
+    metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels),
+                **_continual_metadata(layout, continual, lineage)}
+    explain_data = None if parity_set.heads is not None else data if layout is None else data.tasks[-1].data
 
     stage = scratch = None
     outcome = _Outcome([], [], [])
@@ -310,7 +356,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         artifacts = _gate(outcome, parity, stage, profile.parity.on_fail, checkpoint, out, log)
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE,
                     "reliability": write_reliability(stage, reference, parity_set.splits, reference["clinical"])}
-        write_bundle_files(stage, metadata, parity, card_explanations(model, ckpt, data, stage, log))
+        write_bundle_files(stage, metadata, parity,
+                           card_explanations(model, ckpt, explain_data, stage, log) if explain_data is not None else [])
         publish(stage, out)
     finally:
         remove_trees([scratch, stage])

@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.probability import softmax
+from edgekd.probability import head_softmax
 from edgekd.runtime.preprocess import Preprocessor
 from edgekd.runtime.tta import TTAViews
 
@@ -27,6 +27,8 @@ BACKENDS = ("openvino", "onnx")
 MAX_CACHED_REQUESTS = 4
 ModelData = tuple[bytes, "bytes | None"]
 """A model file's bytes and, for OpenVINO IR, its weights' bytes."""
+Heads = "list[tuple[int, int]] | None"
+"""A multi-head bundle's output slices [lo, hi), one per task: the image path's softmax is taken per slice."""
 
 
 class Slot:
@@ -105,7 +107,7 @@ class OpenVINOBackend:
 
     def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None,
                  inference_precision: str = "f32", cache_dir: str | Path | None = None, static_shapes: bool = True,
-                 preprocessor: Preprocessor | None = None, model_data: ModelData | None = None):
+                 preprocessor: Preprocessor | None = None, model_data: ModelData | None = None, heads: Heads = None):
         import openvino as ov
 
         self.model_path = Path(model_path)
@@ -122,7 +124,7 @@ class OpenVINOBackend:
         self.input_dims = [None, *dims[1:]] if len(dims) == 4 else dims
         """The model's input shape, batch axis reported as None (any batch size works)."""
         self.input_name, self.output_name = input_name, output_name
-        self.preprocessor = preprocessor
+        self.preprocessor, self.heads = preprocessor, heads
         self.config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -152,7 +154,7 @@ class OpenVINOBackend:
             model.reshape({self.input_name: ov.PartialShape([rows, *self.input_dims[1:]])})
         if kind == "images":
             model = _with_image_processing(model, self.input_name, self.output_name, _need_preprocessor(self), views,
-                                           batch_size, channels)
+                                           batch_size, channels, self.heads)
         return self.core.compile_model(model, "CPU", self.config)
 
     def _new_slot(self, kind: str, shape: tuple[int, ...], views: TTAViews | None) -> Slot:
@@ -211,11 +213,12 @@ class OpenVINOBackend:
 
 
 def _with_image_processing(model, input_name: str, output_name: str, pre: Preprocessor,
-                           views: TTAViews | None = None, n_images: int | None = None, channels: int | None = None):
+                           views: TTAViews | None = None, n_images: int | None = None, channels: int | None = None,
+                           heads: Heads = None):
     """OpenVINO PrePostProcessor: uint8 NHWC images in (one channel: declared NCHW, the same memory), with `views`
-    every image's TTA views (image-major), then (x * scale - mean) / std, NCHW to the model, softmax out. With views
-    the number of images must be static. `channels` 1 for a 3-channel model: gray images, repeated to the 3
-    channels after the views (gray -> RGB)."""
+    every image's TTA views (image-major), then (x * scale - mean) / std, NCHW to the model, softmax out (per
+    head's slice with `heads`). With views the number of images must be static. `channels` 1 for a 3-channel model:
+    gray images, repeated to the 3 channels after the views (gray -> RGB)."""
     import openvino as ov
     import openvino.opset13 as ops
     from openvino.preprocess import PrePostProcessor
@@ -245,8 +248,19 @@ def _with_image_processing(model, input_name: str, output_name: str, pre: Prepro
         steps.custom(lambda node: ops.multiply(node, ops.constant(np.ones((1, c, 1, 1), dtype=np.float32))).output(0))
     steps.custom(lambda node: ops.multiply(node, ops.constant(np.float32(pre.scale))).output(0))
     steps.mean([float(v) for v in pre.mean.ravel()]).scale([float(v) for v in pre.std.ravel()])
-    ppp.output(output_name).postprocess().custom(lambda node: ops.softmax(node, 1).output(0))
+    ppp.output(output_name).postprocess().custom(lambda node: _softmax_graph(node, heads))
     return ppp.build()
+
+
+def _softmax_graph(node, heads: Heads):
+    """Softmax over the outputs, or over each head's slice (VariadicSplit, a softmax each, Concat)."""
+    import openvino.opset13 as ops
+
+    if heads is None:
+        return ops.softmax(node, 1).output(0)
+    parts = ops.variadic_split(node, ops.constant(np.int64(1)),
+                               ops.constant(np.array([hi - lo for lo, hi in heads], dtype=np.int64)))
+    return ops.concat([ops.softmax(parts.output(i), 1) for i in range(len(heads))], 1).output(0)
 
 
 def _views_graph(node, views: TTAViews, n: int, h: int, w: int, c: int, out_shape: tuple[int, ...]):
@@ -279,7 +293,7 @@ class ONNXRuntimeBackend:
     name = "onnx"
 
     def __init__(self, model_path: str | Path, input_name: str, output_name: str, threads: int | None = None,
-                 preprocessor: Preprocessor | None = None, model_data: ModelData | None = None):
+                 preprocessor: Preprocessor | None = None, model_data: ModelData | None = None, heads: Heads = None):
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
@@ -299,7 +313,7 @@ class ONNXRuntimeBackend:
         _find_port(self.session.get_outputs(), output_name, self.model_path, "output")
         self.input_dims = [d if isinstance(d, int) else None for d in port.shape]
         self.input_name, self.output_name = input_name, output_name
-        self.preprocessor = preprocessor
+        self.preprocessor, self.heads = preprocessor, heads
         classes = self.session.get_outputs()[0].shape
         self.classes = classes[-1] if len(classes) == 2 and isinstance(classes[-1], int) else None
         self.slots: OrderedDict[tuple, Slot] = OrderedDict()
@@ -331,7 +345,7 @@ class ONNXRuntimeBackend:
         def run() -> np.ndarray:
             pre.normalize(images if views is None else np.concatenate([views(a) for a in images]), out=x)
             self.session.run_with_iobinding(binding)
-            return softmax(logits if self.classes is not None else binding.copy_outputs_to_cpu()[0])
+            return head_softmax(logits if self.classes is not None else binding.copy_outputs_to_cpu()[0], self.heads)
 
         return Slot(images, run)
 
@@ -353,14 +367,15 @@ def _find_port(ports, name: str, path: Path, kind: str):
 def create_backend(name: str, model_path: str | Path, input_name: str, output_name: str,
                    threads: int | None = None, inference_precision: str | None = None,
                    cache_dir: str | Path | None = None, preprocessor: Preprocessor | None = None,
-                   model_data: ModelData | None = None) -> Backend:
+                   model_data: ModelData | None = None, heads: Heads = None) -> Backend:
     """`cache_dir` applies to OpenVINO only (ONNX Runtime sessions build in milliseconds for these models).
     `preprocessor` (the bundle's spec) enables the image path (`image_slot`). `model_data`: the model's bytes
     (and an OpenVINO IR's weights) to compile instead of reading `model_path` (which then only names it), so
-    a runner compiles the bytes its bundle check verified (`Artifact.read`)."""
+    a runner compiles the bytes its bundle check verified (`Artifact.read`). `heads`: a multi-head bundle's output
+    slices, each with its own softmax on the image path."""
     if name == "openvino":
         return OpenVINOBackend(model_path, input_name, output_name, threads, inference_precision or "f32", cache_dir,
-                               preprocessor=preprocessor, model_data=model_data)
+                               preprocessor=preprocessor, model_data=model_data, heads=heads)
     if name == "onnx":
-        return ONNXRuntimeBackend(model_path, input_name, output_name, threads, preprocessor, model_data)
+        return ONNXRuntimeBackend(model_path, input_name, output_name, threads, preprocessor, model_data, heads)
     raise EdgeKDError(f"unknown backend '{name}' (use {', '.join(BACKENDS)})")

@@ -118,6 +118,17 @@ class Bundle:
         decision = self.meta.get("decision") or {}
         return decision.get("threshold"), int(decision.get("positive_index", 1))
 
+    @property
+    def tasks(self) -> list[dict[str, Any]] | None:
+        """A multi-head bundle's tasks (name, class_names, outputs [lo, hi) of the logits), in output order; None
+        for a bundle with one head (every bundle before multi-head export)."""
+        return self.meta.get("tasks")
+
+    @property
+    def sha256(self) -> str:
+        """The bundle's identity: the sha256 of its manifest.sha256, which lists every file's sha256."""
+        return hashlib.sha256((self.root / MANIFEST_FILE).read_bytes()).hexdigest()
+
     def artifact(self, fmt: str, precision: str) -> Artifact:
         for art in self.artifacts:
             if art.format == fmt and art.precision == precision:
@@ -489,6 +500,33 @@ def _validate_operating_point(meta: dict, where: str) -> None:
                  "decision.positive_index must be a class index")
 
 
+def _validate_tasks(meta: dict, where: str) -> None:
+    """The optional `tasks` of a multi-head bundle: names, class names and output slices that tile class_names in
+    order; no calibration or threshold (they are fit for one task)."""
+    tasks = meta.get("tasks")
+    if tasks is None:
+        return
+    _require(isinstance(tasks, list) and len(tasks) >= 1, where, "tasks must be a non-empty list")
+    end = 0
+    for i, task in enumerate(tasks):
+        at = f"tasks[{i}]"
+        _require(isinstance(task, dict) and isinstance(task.get("name"), str) and 0 < len(task["name"]) <= 200,
+                 where, f"{at}.name must be a name of 1 to 200 characters")
+        outputs, names = task.get("outputs"), task.get("class_names")
+        _require(isinstance(outputs, list) and len(outputs) == 2 and all(type(v) is int for v in outputs)
+                 and outputs[0] == end and outputs[1] > end, where,
+                 f"{at}.outputs must be [{end}, end] with end > {end} (the slices tile the outputs in order)")
+        _require(isinstance(names, list) and len(names) == outputs[1] - outputs[0]
+                 and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names), where,
+                 f"{at}.class_names must name each of its {outputs[1] - outputs[0]} outputs")
+        end = outputs[1]
+    _require(end == len(meta["class_names"]), where, f"tasks cover {end} outputs, class_names has "
+             f"{len(meta['class_names'])}")
+    _require(len({t["name"] for t in tasks}) == len(tasks), where, "task names must be unique")
+    _require(meta.get("calibration") is None and (meta.get("decision") or {}).get("threshold") is None, where,
+             "a multi-head bundle has no calibration or decision threshold")
+
+
 def _validate_artifacts(arts: Any, where: str) -> None:
     """metadata.artifacts: a non-empty list of (format, precision, relative path) the runtime can open."""
     _require(isinstance(arts, list) and len(arts) >= 1, where, "artifacts must be a non-empty list")
@@ -521,6 +559,7 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
     _validate_preprocess(meta.get("preprocess"), where)
     _validate_runtime_and_tta(meta, where)
     _validate_operating_point(meta, where)
+    _validate_tasks(meta, where)
     io = meta.get("io")
     _require(isinstance(io, dict) and isinstance(io.get("input"), str) and isinstance(io.get("output"), str), where,
              "io must name the model's input and output")

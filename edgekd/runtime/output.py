@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
-from edgekd.runtime.runner import Failure, Prediction
+from edgekd.runtime.runner import Failure, Prediction, TaskPredictions
 
 OUTPUT_SUFFIXES = (".csv", ".json")
 
@@ -22,17 +22,38 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
-def predictions_csv(results: Sequence[Prediction | Failure], class_names: list[str]) -> str:
-    """file, label, index, prob, p_<class>..., [<view>:p_<class>...], [uncalibrated:p_<class>...], error."""
-    views: list[str] = []
-    for r in results:
-        if isinstance(r, Prediction) and r.view_probs:
-            views = list(r.view_probs)
-            break
-    raw = any(isinstance(r, Prediction) and r.raw_probs is not None for r in results)
-    header = ["file", "label", "index", "prob", *[f"p_{c}" for c in class_names],
-              *[f"{v}:p_{c}" for v in views for c in class_names],
-              *([f"uncalibrated:p_{c}" for c in class_names] if raw else []), "error"]
+def _columns(preds: Sequence[Prediction], class_names: list[str]) -> tuple[list[str], list[str], bool]:
+    """label, index, prob, p_<class>..., [<view>:p_<class>...], [uncalibrated:p_<class>...] of these predictions;
+    the views and whether uncalibrated columns are there."""
+    views = next((list(p.view_probs) for p in preds if p.view_probs), [])
+    raw = any(p.raw_probs is not None for p in preds)
+    return (["label", "index", "prob", *[f"p_{c}" for c in class_names],
+             *[f"{v}:p_{c}" for v in views for c in class_names],
+             *([f"uncalibrated:p_{c}" for c in class_names] if raw else [])], views, raw)
+
+
+def _cells(r: Prediction, n_classes: int, views: list[str], raw: bool) -> list[Any]:
+    row: list[Any] = [r.label, r.index, f"{r.prob:.6f}", *[f"{p:.6f}" for p in r.probs]]
+    for v in views:
+        row += [f"{p:.6f}" for p in (r.view_probs or {}).get(v, [""] * n_classes)]
+    if raw:
+        row += [f"{p:.6f}" for p in r.raw_probs] if r.raw_probs is not None else [""] * n_classes
+    return row
+
+
+def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], class_names: list[str],
+                    tasks: list[tuple[str, list[str]]] | None = None) -> str:
+    """file, [task,] label, index, prob, p_<class>..., [<view>:p_<class>...], [uncalibrated:p_<class>...], error.
+    A `task` column when the predictions are one task's of a multi-head bundle; with `tasks` (a multi-head
+    bundle, no task chosen: TaskPredictions) one row per image and every task's columns side by side, each
+    prefixed `<task>:`."""
+    done = [r for r in results if not isinstance(r, Failure)]
+    groups = [(name, names, [r.tasks[name] for r in done]) for name, names in tasks] if tasks else \
+        [(None, class_names, done)]
+    layout = [(name, names, *_columns(preds, names)) for name, names, preds in groups]
+    with_task = not tasks and any(getattr(r, "task", None) is not None for r in done)
+    header = ["file", *(["task"] if with_task else []),
+              *[f"{name}:{c}" if name else c for name, _, cols, _, _ in layout for c in cols], "error"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -40,19 +61,19 @@ def predictions_csv(results: Sequence[Prediction | Failure], class_names: list[s
         if isinstance(r, Failure):
             writer.writerow([r.source] + [""] * (len(header) - 2) + [r.error])
             continue
-        row: list[Any] = [r.source, r.label, r.index, f"{r.prob:.6f}", *[f"{p:.6f}" for p in r.probs]]
-        for v in views:
-            row += [f"{p:.6f}" for p in (r.view_probs or {}).get(v, [""] * len(class_names))]
-        if raw:
-            row += [f"{p:.6f}" for p in r.raw_probs] if r.raw_probs is not None else [""] * len(class_names)
+        row: list[Any] = [r.source, *([r.task] if with_task else [])]
+        for name, names, _, views, raw in layout:
+            row += _cells(r.tasks[name] if name else r, len(names), views, raw)
         writer.writerow(row + [""])
     return buf.getvalue()
 
 
-def write_predictions(path: str | Path, results: Sequence[Prediction | Failure], class_names: list[str],
-                      info: dict[str, Any] | None = None) -> Path:
+def write_predictions(path: str | Path, results: Sequence[Prediction | TaskPredictions | Failure],
+                      class_names: list[str], info: dict[str, Any] | None = None,
+                      tasks: list[tuple[str, list[str]]] | None = None) -> Path:
+    """CSV (`predictions_csv`) or JSON ({class_names, info..., predictions: [Prediction/TaskPredictions.to_dict()]})."""
     path = check_output_path(path)
     if path.suffix.lower() == ".csv":
-        return write_text(path, predictions_csv(results, class_names))
+        return write_text(path, predictions_csv(results, class_names, tasks))
     return write_json(path, {"class_names": class_names, **(info or {}),
                              "predictions": [r.to_dict() for r in results]})

@@ -1,6 +1,8 @@
 """The edge runner: bundle -> decode, resize, crop -> backend (TTA views, normalization, model, softmax; inside the
 compiled model on OpenVINO) -> calibrated (the bundle's temperature, per view) mean-softmax predictions, labelled by
-the bundle's decision threshold (binary) or the top class."""
+the bundle's decision threshold (binary) or the top class. A multi-head bundle (edgekd.json `tasks`) has a softmax
+per task's slice of the outputs: the runner predicts one task (`task=`) or all of them side by side
+(`TaskPredictions`)."""
 
 from __future__ import annotations
 
@@ -34,19 +36,35 @@ class Prediction:
     class_names: list[str]
     view_probs: dict[str, np.ndarray] | None = None
     raw_probs: np.ndarray | None = None
+    task: str | None = None
+    """The task (head) of a multi-head bundle this prediction is for; None for a bundle with one head."""
 
     @property
     def prob(self) -> float:
         return float(self.probs[self.index])
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"file": self.source, "label": self.label, "index": self.index, "prob": self.prob,
+        out: dict[str, Any] = {"file": self.source, **({"task": self.task} if self.task is not None else {}),
+                               "label": self.label, "index": self.index, "prob": self.prob,
                                "probs": {c: float(p) for c, p in zip(self.class_names, self.probs)}}
         if self.view_probs is not None:
             out["views"] = {v: {c: float(p) for c, p in zip(self.class_names, ps)} for v, ps in self.view_probs.items()}
         if self.raw_probs is not None:
             out["uncalibrated"] = {c: float(p) for c, p in zip(self.class_names, self.raw_probs)}
         return out
+
+
+@dataclass
+class TaskPredictions:
+    """One image's result from a multi-head bundle without a chosen task: every task's Prediction, in the
+    bundle's task order (`tasks[name]`)."""
+
+    source: str
+    tasks: dict[str, Prediction]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.source, "tasks": {name: {k: v for k, v in p.to_dict().items() if k not in ("file", "task")}
+                                               for name, p in self.tasks.items()}}
 
 
 @dataclass
@@ -75,18 +93,21 @@ class Runner:
     bias: list[float] | None = None
     threshold: float | None = None
     positive: int = 1
+    task: str | None = None
+    """Multi-head bundles: the task predicted (None: every task, side by side)."""
 
     @classmethod
     def from_bundle(cls, path: str | Path | Bundle, backend: str = "openvino", precision: str = "fp32",
                     threads: int | None = None, tta: TTAOption = False, warmup: int = 1,
                     verify: bool = True, cache_dir: str | Path | None = None,
-                    threshold: float | None = None) -> "Runner":
+                    threshold: float | None = None, task: str | None = None) -> "Runner":
         """Open (and verify) a bundle and compile its `precision` model on `backend` ("openvino" or "onnx").
 
         `tta`: False (one view), True (the bundle's views) or a list of view names. `warmup` inference rounds run
         at load, for batch 1 and for the TTA batch, so the first real call is not the slow one. `cache_dir`: an
         OpenVINO model cache folder (later loads skip compilation). `threshold`: the decision threshold on the
         positive class's calibrated probability for this runner (default: the bundle's; a binary bundle only).
+        `task`: a multi-head bundle's task to predict (default: each task's prediction, a `TaskPredictions`).
         """
         if backend not in BACKENDS:
             raise EdgeKDError(f"unknown backend '{backend}' (use {', '.join(BACKENDS)})")
@@ -98,11 +119,14 @@ class Runner:
         bundle_threshold, positive = bundle.decision
         if threshold is not None and (len(bundle.class_names) != 2 or not 0 <= threshold <= 1):
             raise EdgeKDError(f"threshold {threshold} needs a two-class bundle and a value in [0, 1]")
+        _check_task(bundle, task)
         artifact = _pick_artifact(bundle, backend, precision)
         threads = min(threads, os.cpu_count() or 1) if threads else bundle.threads
         preprocessor = Preprocessor(bundle.preprocess)
+        heads = [tuple(t["outputs"]) for t in bundle.tasks] if bundle.tasks else None
         engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,
-                                artifact.inference_precision_hint, cache_dir, preprocessor, model_data=artifact.read())
+                                artifact.inference_precision_hint, cache_dir, preprocessor, model_data=artifact.read(),
+                                heads=heads)
         expected = [None, *bundle.preprocess["input_size"]]
         if len(engine.input_dims) != 4 or any(d is not None and d != e for d, e in zip(engine.input_dims[1:], expected[1:])):
             raise EdgeKDError(f"{artifact.path}: model input shape {engine.input_dims} does not match edgekd.json "
@@ -115,16 +139,28 @@ class Runner:
                      info={"backend": backend, "format": artifact.format, "precision": precision,
                            "artifact": artifact.path.relative_to(bundle.root).as_posix(), "threads": threads},
                      temperature=bundle.temperature, bias=bundle.calibration_bias, positive=positive,
-                     threshold=bundle_threshold if threshold is None else float(threshold))
+                     threshold=bundle_threshold if threshold is None else float(threshold), task=task)
         runner.warmup(warmup)
         return runner
 
     def __post_init__(self) -> None:
-        self._class_names = self.bundle.class_names  # one list, shared by every Prediction
+        self._outputs = len(self.bundle.class_names)
+        tasks = self.bundle.tasks or []
+        self._tasks = [(t["name"], t["outputs"][0], t["outputs"][1], list(t["class_names"])) for t in tasks
+                       if self.task is None or t["name"] == self.task]
+        # One list, shared by every Prediction: the chosen task's classes, else the bundle's.
+        self._class_names = self._tasks[0][3] if self.task is not None else self.bundle.class_names
 
     @property
     def class_names(self) -> list[str]:
+        """The classes of this runner's predictions (a chosen task's); a multi-head bundle without a chosen task:
+        every output's task-prefixed name (see `tasks`)."""
         return self._class_names
+
+    @property
+    def tasks(self) -> list[tuple[str, list[str]]] | None:
+        """The (task, class names) this runner predicts, for a multi-head bundle; None for one head."""
+        return [(name, names) for name, _, _, names in self._tasks] if self._tasks else None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -149,9 +185,9 @@ class Runner:
         return self._checked(self.backend.infer(batch), batch.shape[0])
 
     def _checked(self, logits: np.ndarray, rows: int) -> np.ndarray:
-        if logits.shape != (rows, len(self._class_names)):
+        if logits.shape != (rows, self._outputs):
             raise EdgeKDError(f"{self.backend.model_path}: output shape {logits.shape} does not match "
-                              f"({rows}, {len(self._class_names)} classes)")
+                              f"({rows}, {self._outputs} classes)")
         return logits
 
     def _views(self, tta: TTAOption) -> TTAViews | None:
@@ -167,8 +203,9 @@ class Runner:
     def tta_views_fraction(self) -> float:
         return float(self.bundle.tta.get("center_crop_fraction", 0.875))
 
-    def predict(self, image: ImageInput, tta: TTAOption = None) -> Prediction:
-        """One image (path, PIL image or uint8 (H, W[, C]) array) -> Prediction. `tta` overrides the default."""
+    def predict(self, image: ImageInput, tta: TTAOption = None) -> Prediction | TaskPredictions:
+        """One image (path, PIL image or uint8 (H, W[, C]) array) -> Prediction (a multi-head bundle without a
+        chosen task: TaskPredictions, every task's side by side). `tta` overrides the default."""
         views = self._views(tta)
         sized = self.preprocessor.to_model_size(image, keep_gray=True)
         # Gray images for a 3-channel model stay one channel (repeated to RGB inside the model).
@@ -177,13 +214,13 @@ class Runner:
         return self._ensembled(_describe(image), self._run(slot, 1, views), views)
 
     def predict_batch(self, images: Sequence[ImageInput], tta: TTAOption = None,
-                      sources: Sequence[str] | None = None) -> list[Prediction]:
+                      sources: Sequence[str] | None = None) -> list[Prediction | TaskPredictions]:
         """Several images in ONE inference call (N images x V views rows); errors raise EdgeKDError."""
         sized = [self.preprocessor.to_model_size(img, keep_gray=True) for img in images]
         sources = list(sources) if sources is not None else [_describe(img) for img in images]
         return self._predict_sized(sized, sources, tta)
 
-    def _predict_sized(self, sized: list[np.ndarray], sources: list[str], tta: TTAOption) -> list[Prediction]:
+    def _predict_sized(self, sized: list[np.ndarray], sources: list[str], tta: TTAOption) -> list:
         """uint8 model-size images -> one inference call (the backend builds the views, normalizes and returns
         probabilities, image by image) -> per-image mean-softmax predictions."""
         if not sized:
@@ -205,25 +242,33 @@ class Runner:
         rows = n_images * len(views) if views is not None else n_images
         return self._checked(probs, rows).astype(np.float64)
 
-    def _ensembled(self, source: str, probs: np.ndarray, views: TTAViews | None) -> Prediction:
-        """One image's (V, classes) view probabilities -> its Prediction (mean of the calibrated views)."""
+    def _ensembled(self, source: str, probs: np.ndarray, views: TTAViews | None) -> Prediction | TaskPredictions:
+        """One image's (V, classes) view probabilities -> its Prediction (mean of the calibrated views); a multi-head
+        bundle's: each task's (its slice), the chosen task's alone or all of them as TaskPredictions."""
+        if self._tasks:
+            preds = {name: self._single(source, probs[:, lo:hi], views, names, name)
+                     for name, lo, hi, names in self._tasks}
+            return preds[self.task] if self.task is not None else TaskPredictions(source, preds)
+        return self._single(source, probs, views, self._class_names, None)
+
+    def _single(self, source: str, probs: np.ndarray, views: TTAViews | None, names: list[str],
+                task: str | None) -> Prediction:
         raw = probs
         probs = apply_temperature(raw, self.temperature, self.bias)
         calibrated = self.temperature != 1.0 or self.bias is not None
         if views is None:  # one view: its softmax is the prediction
-            return self._prediction(source, probs[0], None, raw[0] if calibrated else None)
+            return self._prediction(source, probs[0], None, raw[0] if calibrated else None, names, task)
         return self._prediction(source, probs.mean(axis=0), dict(zip(views.names, probs)),
-                                raw.mean(axis=0) if calibrated else None)
+                                raw.mean(axis=0) if calibrated else None, names, task)
 
     def _prediction(self, source: str, probs: np.ndarray, view_probs: dict[str, np.ndarray] | None,
-                    raw_probs: np.ndarray | None) -> Prediction:
+                    raw_probs: np.ndarray | None, names: list[str], task: str | None) -> Prediction:
         if self.threshold is None:
             index = int(probs.argmax())
         else:
             index = self.positive if probs[self.positive] >= self.threshold else 1 - self.positive
-        names = self._class_names
         return Prediction(source=source, index=index, label=names[index], probs=probs, class_names=names,
-                          view_probs=view_probs, raw_probs=raw_probs)
+                          view_probs=view_probs, raw_probs=raw_probs, task=task)
 
     def predict_many(self, inputs: Iterable[ImageInput], batch: int = 16,
                      tta: TTAOption = None) -> Iterator[Prediction | Failure]:
@@ -265,6 +310,16 @@ def _describe(image: Any) -> str:
     if isinstance(image, np.ndarray):
         return "<array " + "x".join([str(d) for d in image.shape]) + ">"
     return f"<{type(image).__name__}>"
+
+
+def _check_task(bundle: Bundle, task: str | None) -> None:
+    if task is None:
+        return
+    names = [t["name"] for t in bundle.tasks or []]
+    if not names:
+        raise EdgeKDError(f"{bundle.source}: task '{task}' given, but the bundle has one head (no tasks)")
+    if task not in names:
+        raise EdgeKDError(f"{bundle.source}: no task '{task}' in the bundle (it has: {', '.join(names)})")
 
 
 def _pick_artifact(bundle: Bundle, backend: str, precision: str):

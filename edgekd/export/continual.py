@@ -1,0 +1,149 @@
+"""Continual checkpoints at export: their task layout (a head per task, or one expanding head), their tasks' data
+with global labels, the retention gate on their accuracy matrix, and what edgekd.json and the card say of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import ConcatDataset
+
+from edgekd.continual import (backward_transfer, build_tasks, forgetting_per_task, retention_misses,
+                              retention_per_task)
+from edgekd.errors import EdgeKDError
+from edgekd.export.parity import ParitySet
+
+
+class RetentionGateError(EdgeKDError):
+    """A continual checkpoint forgot an earlier task beyond the export profile's min_retention; nothing written."""
+
+    multiline = True  # the summary, then one indented line per task that misses
+
+
+@dataclass
+class TaskLayout:
+    """What a continual checkpoint records of its tasks: head layout, tasks (name, class names, output rows) and
+    the accuracy matrix of the run (R[i][j]: task j after learning task i)."""
+
+    head: str
+    scenario: str
+    tasks: list[dict[str, Any]]
+    acc_matrix: list[list[float]] | None
+
+    @property
+    def heads(self) -> list[tuple[str, int, int]] | None:
+        """(task, first output, end output) per head of a multi-head model; None for one (expanding) head."""
+        if self.head != "multi":
+            return None
+        return [(t["name"], int(t["outputs"][0]), int(t["outputs"][1])) for t in self.tasks]
+
+
+def task_layout(ckpt: dict[str, Any]) -> TaskLayout | None:
+    """The layout of a continual checkpoint (run_continual's model.pt or task.pt), None for any other."""
+    cont = ckpt.get("continual")
+    if not cont:
+        return None
+    acc = (ckpt.get("metrics") or {}).get("acc_matrix")
+    return TaskLayout(cont["head"], cont.get("scenario", ""), list(cont["tasks"]), acc)
+
+
+class TaskUnion:
+    """Every task's data as one data module for the export (global labels, the first task's preprocessing):
+    its datasets are the tasks' concatenated; the parity set is built per task (`ParitySet`s merged)."""
+
+    def __init__(self, tasks: list):
+        self.tasks = tasks
+        self.class_names = list(tasks[-1].data.class_names)
+        self.preprocess = tasks[0].data.preprocess
+        self.cfg = tasks[0].data.cfg
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def dataset(self, split: str, train: bool | None = None) -> ConcatDataset:
+        return ConcatDataset([t.data.dataset(split, train=train) for t in self.tasks])
+
+    def counts(self) -> dict[str, list[int]]:
+        return {s: np.bincount(np.concatenate([t.data.tables[s].labels for t in self.tasks]),
+                               minlength=self.num_classes).tolist() for s in ("train", "val", "test")}
+
+
+def continual_data(recipe, layout: TaskLayout, where: str) -> TaskUnion:
+    """The checkpoint's tasks rebuilt from its embedded recipe, checked against what the checkpoint recorded."""
+    if recipe.continual is None:
+        raise EdgeKDError(f"{where}: a continual checkpoint whose embedded recipe has no continual section")
+    tasks = build_tasks(recipe)[: len(layout.tasks)]
+    ours = [(t.name, [t.lo, t.hi]) for t in tasks]
+    theirs = [(t["name"], list(t["outputs"])) for t in layout.tasks]
+    if ours != theirs:
+        raise EdgeKDError(f"{where}: the recipe's tasks {ours} do not match the checkpoint's {theirs}")
+    return TaskUnion(tasks)
+
+
+def merge_parity_sets(sets: list[ParitySet], heads: list[tuple[str, int, int]] | None) -> ParitySet:
+    """One parity set from each task's: inputs and views in task order, each metric split concatenated."""
+    splits = {s: (np.concatenate([p.splits[s][0] for p in sets]), np.concatenate([p.splits[s][1] for p in sets]))
+              for s in sets[0].splits}
+    return ParitySet(np.concatenate([p.inputs for p in sets]), [v for p in sets for v in p.views], splits, heads)
+
+
+def retention_report(layout: TaskLayout, min_retention: float, allow_forgetting: bool) -> dict[str, Any]:
+    """The retention gate on the checkpoint's accuracy matrix: RetentionGateError (one line per earlier task below
+    `min_retention`) unless `allow_forgetting`; else the record edgekd.json and the card show."""
+    names = [t["name"] for t in layout.tasks]
+    if layout.acc_matrix is None:
+        raise EdgeKDError("continual checkpoint without an accuracy matrix (metrics.acc_matrix): the retention gate "
+                          "needs it; export the run's model.pt")
+    acc = np.asarray(layout.acc_matrix, dtype=np.float64)
+    misses = retention_misses(acc, min_retention)
+    lines = [f"task '{names[j]}': retention {kept:.4f} < min_retention {min_retention:g} "
+             f"(accuracy {acc[j, j]:.4f} after learning it, {acc[-1, j]:.4f} now)" for j, kept in misses]
+    if misses and not allow_forgetting:
+        raise RetentionGateError(f"refusing to export: {len(misses)} earlier task(s) forgot more than the export "
+                                 "profile's min_retention allows (--allow-forgetting exports anyway); nothing was "
+                                 "written:\n  " + "\n  ".join(lines))
+    return {"head": layout.head, "scenario": layout.scenario, "tasks": names, "acc_matrix": acc.tolist(),
+            "retention": retention_per_task(acc).tolist(), "forgetting": forgetting_per_task(acc).tolist(),
+            "bwt": backward_transfer(acc), "min_retention": min_retention,
+            "gate": "allowed forgetting" if misses else "passed", "misses": lines}
+
+
+def task_metadata(layout: TaskLayout) -> list[dict[str, Any]] | None:
+    """edgekd.json `tasks` of a multi-head bundle: each task's name, class names and output slice [lo, hi)."""
+    if layout.heads is None:
+        return None
+    return [{"name": t["name"], "class_names": list(t["class_names"]), "outputs": list(t["outputs"])}
+            for t in layout.tasks]
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None or v != v else f"{v:.4f}"
+
+
+def continual_card_section(continual: dict[str, Any], tasks: list[dict[str, Any]] | None) -> list[str]:
+    """The card's continual-learning section: heads, the accuracy matrix, retention, forgetting and the gate."""
+    names = continual["tasks"]
+    lines = ["", "## Continual learning", ""]
+    if tasks:
+        lines += ["One head per task: output `logits` is the heads side by side, each task's slice has its own "
+                  "softmax (`edgekd predict --task NAME` picks one). No calibration temperature or decision "
+                  "threshold is fit for a multi-head bundle (they need a single task): labels are each head's top "
+                  "class.", "", "| task | classes | output slice |", "|---|---|---|"]
+        lines += [f"| {t['name']} | {', '.join(t['class_names'])} | [{t['outputs'][0]}, {t['outputs'][1]}) |"
+                  for t in tasks]
+        lines.append("")
+    lines += [f"Accuracy matrix (row: after learning that task; column: accuracy on that task; {continual['head']} "
+              "head, the run's evaluation split):", "", "| after \\ on | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    lines += [f"| {names[i]} | " + " | ".join(_cell(v) if j <= i else "" for j, v in enumerate(row)) + " |"
+              for i, row in enumerate(continual["acc_matrix"])]
+    lines += ["", "| task | retention (final / after learning) | forgetting |", "|---|---|---|"]
+    lines += [f"| {n} | {_cell(r)} | {_cell(f)} |" for n, r, f in zip(names, continual["retention"],
+                                                                        continual["forgetting"])]
+    gate = continual["gate"]
+    lines += ["", f"Retention gate: every earlier task >= {continual['min_retention']:g}: **{gate}**"
+              + (" (exported with --allow-forgetting):" if continual["misses"] else ".")]
+    lines += [f"- {m}" for m in continual["misses"]]
+    return lines

@@ -1,0 +1,215 @@
+"""Continual models at the edge: the retention gate, multi-head export (parity per head), task selection in the
+runner and `edgekd predict --task`, and `edgekd update` from a bundle to a new one with lineage."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import run_edgekd, tiny_recipe
+from edgekd.continual import retention_misses, retention_per_task
+from edgekd.export import RetentionGateError, export_checkpoint, profile_from_dict
+from edgekd.export.continual import TaskLayout, retention_report
+from edgekd.pipeline import run_recipe
+from edgekd.probability import softmax
+from edgekd.recipe import recipe_from_dict
+from edgekd.runtime import Prediction, Runner, TaskPredictions, open_bundle
+from edgekd.train.checkpoint import model_from_checkpoint
+from test_continual import quadrant_npz
+
+NAN = float("nan")
+QUIET = lambda *a, **k: None  # noqa: E731
+FAST = profile_from_dict({"formats": ["onnx", "openvino"], "parity": {"images": 8}})
+
+
+# ------------------------------------------------------------------ the gate's arithmetic (hand-written matrices)
+R = [[0.90, NAN, NAN],
+     [0.88, 0.80, NAN],
+     [0.85, 0.79, 0.95]]
+
+
+def test_retention_gate_on_a_hand_written_matrix():
+    assert retention_per_task(R) == pytest.approx([0.85 / 0.90, 0.79 / 0.80, 1.0])
+    # Task 0 keeps 94.4%, task 1 98.75%: only task 0 misses 0.98; the last task is never gated.
+    assert retention_misses(R, 0.98) == [(0, pytest.approx(0.85 / 0.90))]
+    assert [j for j, _ in retention_misses(R, 0.99)] == [0, 1]
+    assert retention_misses(R, 0.94) == []
+    # A task never learned (accuracy 0 right after it) has no retention and cannot miss.
+    assert retention_misses([[0.0, NAN], [0.5, 0.9]], 0.98) == []
+
+
+def test_retention_report_refuses_with_one_line_per_miss():
+    layout = TaskLayout("multi", "cross_domain", [{"name": n, "outputs": [0, 1], "class_names": ["x"]}
+                                                  for n in ("A", "B", "C")], R)
+    with pytest.raises(RetentionGateError) as err:
+        retention_report(layout, 0.99, allow_forgetting=False)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3 and "task 'A': retention 0.9444 < min_retention 0.99" in lines[1]
+    assert "task 'B': retention 0.9875" in lines[2]
+    report = retention_report(layout, 0.99, allow_forgetting=True)
+    assert report["gate"] == "allowed forgetting" and len(report["misses"]) == 2
+    assert report["forgetting"][:2] == pytest.approx([0.05, 0.01])
+    assert retention_report(layout, 0.9, allow_forgetting=False)["gate"] == "passed"
+
+
+# ------------------------------------------------------------------ a student, its bundle, a multi-head update
+def _base(npz: Path) -> dict:
+    raw = tiny_recipe(npz, name="mh", image_size=8, epochs=1, monitor="val_acc", monitor_mode=None, role="student")
+    raw["train"]["optimizer"]["weight_decay"] = 0.0
+    return raw
+
+
+def _continual_recipe(root: Path, npz_a: Path, npz_b: Path) -> dict:
+    raw = _base(npz_a)
+    # A large step on task B: the shared backbone moves and task A's accuracy drops (the run is seeded).
+    raw["train"]["optimizer"]["lr"] = 0.05
+    raw["continual"] = {"tasks": [{"name": "A"}, {"name": "B", "data": {"path": str(npz_b)}}]}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihead")
+    npz_a = quadrant_npz(root / "a.npz", classes=2, n=(64, 16, 16), size=8, seed=0)
+    npz_b = quadrant_npz(root / "b.npz", classes=3, n=(64, 16, 16), size=8, seed=5)
+    student = run_recipe(recipe_from_dict(_base(npz_a)), root / "student", log=QUIET)
+    parent = export_checkpoint(student.best_path, root / "parent", profile=FAST, log=QUIET).out
+    raw = _continual_recipe(root, npz_a, npz_b)
+    raw["continual"]["checkpoint"] = str(student.best_path)
+    cl = run_recipe(recipe_from_dict(raw), root / "cl", log=QUIET)
+    bundle = export_checkpoint(cl.best_path, root / "bundle", profile=FAST, allow_forgetting=True, log=QUIET).out
+    recipe_file = root / "update.yaml"
+    recipe_file.write_text(yaml.safe_dump(_continual_recipe(root, npz_a, npz_b)))
+    return {"root": root, "student": student.best_path, "parent": parent, "cl": cl, "bundle": bundle,
+            "recipe": recipe_file}
+
+
+def test_multi_head_bundle_records_tasks_and_passes_parity_per_head(world):
+    meta = json.loads((world["bundle"] / "edgekd.json").read_text())
+    assert meta["tasks"] == [{"name": "A", "class_names": ["class_0", "class_1"], "outputs": [0, 2]},
+                             {"name": "B", "class_names": ["class_0", "class_1", "class_2"], "outputs": [2, 5]}]
+    assert "calibration" not in meta and "decision" not in meta  # fit for one task only: skipped, card says so
+    acc = np.asarray(world["cl"].acc_matrix, dtype=float)
+    assert meta["continual"]["acc_matrix"][1] == pytest.approx(acc[1].tolist())
+    assert meta["continual"]["retention"][0] == pytest.approx(acc[1, 0] / acc[0, 0])
+    parity = json.loads((world["bundle"] / "parity.json").read_text())
+    assert {r["format"] for r in parity["artifacts"]} == {"onnx", "openvino"}
+    for rec in parity["artifacts"]:
+        assert rec["passed"] and set(rec["heads"]) == {"A", "B"}
+        assert rec["heads"]["B"]["outputs"] == [2, 5] and rec["heads"]["B"]["max_abs_diff"] < 1e-4
+    # Metrics are per task (task id given): task A's test accuracy is the matrix's final entry.
+    test = meta["metrics"]["test"]["tasks"]
+    assert set(test) == {"A", "B"}
+    card = (world["bundle"] / "card.md").read_text()
+    assert "## Continual learning" in card and "## Parity per head" in card and "No calibration" in card
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_runner_predicts_each_task_equal_to_pytorch(world, backend):
+    model, _ = model_from_checkpoint(world["cl"].best_path)
+    images = [np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(3)]
+    both = Runner.from_bundle(world["bundle"], backend=backend)
+    x = np.stack([both.preprocessor(img) for img in images])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).numpy()
+    for task, (lo, hi) in (("A", (0, 2)), ("B", (2, 5))):
+        runner = Runner.from_bundle(world["bundle"], backend=backend, task=task)
+        preds = runner.predict_batch(images)
+        assert all(isinstance(p, Prediction) and p.task == task for p in preds)
+        np.testing.assert_allclose(np.stack([p.probs for p in preds]), softmax(logits[:, lo:hi]), atol=1e-5)
+        assert runner.class_names == (["class_0", "class_1"] if task == "A" else ["class_0", "class_1", "class_2"])
+    side = both.predict_batch(images)
+    assert all(isinstance(p, TaskPredictions) and list(p.tasks) == ["A", "B"] for p in side)
+    np.testing.assert_allclose(side[0].tasks["B"].probs, softmax(logits[:1, 2:5])[0], atol=1e-5)
+    # With TTA each task's probabilities are the mean of its views' softmaxes: one distribution per head.
+    tta_b = Runner.from_bundle(world["bundle"], backend=backend, tta=True, task="B").predict(images[0])
+    tta_all = Runner.from_bundle(world["bundle"], backend=backend, tta=True).predict(images[0])
+    np.testing.assert_allclose(tta_all.tasks["B"].probs, tta_b.probs, atol=1e-6)
+    assert tta_b.probs.sum() == pytest.approx(1.0) and len(tta_b.view_probs) == len(both.tta_views)
+    assert tta_all.tasks["A"].probs.sum() == pytest.approx(1.0)
+
+
+def test_single_head_bundle_has_no_tasks(world):
+    runner = Runner.from_bundle(world["parent"], backend="onnx")
+    assert runner.tasks is None and open_bundle(world["parent"]).tasks is None
+    assert isinstance(runner.predict(np.zeros((8, 8, 3), np.uint8)), Prediction)
+    from edgekd.errors import EdgeKDError
+    with pytest.raises(EdgeKDError, match="has one head"):
+        Runner.from_bundle(world["parent"], backend="onnx", task="A")
+    with pytest.raises(EdgeKDError, match="no task 'C'.*A, B"):
+        Runner.from_bundle(world["bundle"], backend="onnx", task="C")
+
+
+@pytest.mark.slow
+def test_predict_cli_task_and_side_by_side(world, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(img)
+    p = run_edgekd("predict", world["bundle"], img, "--task", "B", "--backend", "onnx", "--out", tmp_path / "b.csv")
+    assert p.returncode == 0, p.stderr
+    rows = list(csv.DictReader((tmp_path / "b.csv").open()))
+    assert rows[0]["task"] == "B" and {"p_class_0", "p_class_1", "p_class_2"} <= set(rows[0])
+    p = run_edgekd("predict", world["bundle"], img, "--tta", "--out", tmp_path / "all.json")
+    assert p.returncode == 0, p.stderr
+    pred = json.loads((tmp_path / "all.json").read_text())["predictions"][0]
+    assert set(pred["tasks"]) == {"A", "B"} and len(pred["tasks"]["B"]["probs"]) == 3
+    assert math.isclose(sum(pred["tasks"]["A"]["probs"].values()), 1.0, abs_tol=1e-6)
+    p = run_edgekd("predict", world["bundle"], img, "--backend", "onnx", "--out", tmp_path / "all.csv")
+    header = (tmp_path / "all.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["file", "A:label", "A:index"] and "B:p_class_2" in header
+
+
+@pytest.mark.slow
+def test_export_cli_refuses_forgetting_unless_allowed(world, tmp_path):
+    acc = np.asarray(world["cl"].acc_matrix, dtype=float)
+    assert acc[1, 0] / acc[0, 0] < 0.98  # the premise: this seeded run forgets task A
+    out = tmp_path / "refused"
+    p = run_edgekd("export", world["cl"].best_path, "--out", out, "--format", "onnx", "--parity-images", "4")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    misses = [line for line in p.stderr.splitlines() if "retention" in line and "task 'A'" in line]
+    assert len(misses) == 1 and not out.exists()
+    p = run_edgekd("export", world["cl"].best_path, "--out", out, "--format", "onnx", "--parity-images", "4",
+                   "--allow-forgetting")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((out / "edgekd.json").read_text())["continual"]["gate"] == "allowed forgetting"
+
+
+@pytest.mark.slow
+def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path):
+    from edgekd.update import update_bundle
+
+    refused = tmp_path / "refused"
+    with pytest.raises(RetentionGateError, match="task 'A'"):
+        update_bundle(world["parent"], world["recipe"], refused, run_dir=tmp_path / "run1", profile=FAST, log=QUIET)
+    assert not refused.exists()
+    lenient = FAST.model_copy(update={"min_retention": 0.0})
+    out = tmp_path / "v2"
+    result = update_bundle(world["parent"], world["recipe"], out, run_dir=tmp_path / "run2", profile=lenient, log=QUIET)
+    meta = json.loads((out / "edgekd.json").read_text())
+    assert meta["lineage"]["parent_bundle_sha256"] == open_bundle(world["parent"]).sha256
+    assert meta["lineage"]["parent_checkpoint_sha256"] == \
+        json.loads((world["parent"] / "edgekd.json").read_text())["model"]["checkpoint_sha256"]
+    assert meta["continual"]["gate"] == "passed" and [t["name"] for t in meta["tasks"]] == ["A", "B"]
+    assert result.export.parity["passed"]
+    card = (out / "card.md").read_text()
+    assert "## Lineage" in card and "| parent |" in card and "this bundle, task B" in card
+    # A bundle whose checkpoint changed since its export is refused.
+    from edgekd.errors import EdgeKDError
+    from edgekd.update import parent_of
+
+    ckpt = Path(json.loads((world["parent"] / "edgekd.json").read_text())["model"]["checkpoint_path"])
+    saved = ckpt.read_bytes()
+    try:
+        ckpt.write_bytes(saved + b"x")
+        with pytest.raises(EdgeKDError, match="changed since the export"):
+            parent_of(world["parent"])
+    finally:
+        ckpt.write_bytes(saved)
