@@ -355,6 +355,31 @@ def predict(
 
 
 @app.command()
+def repository(
+    bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
+    kind: str = typer.Option(..., "--kind", help="triton (the bundle's ONNX model) or ovms (its OpenVINO IR)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The repository directory to write (new or empty)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (must be in the bundle)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the server (default: <model>_<precision>)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Triton max_batch_size (dynamic batching)."),
+    queue_delay_us: int = typer.Option(2000, "--queue-delay-us", min=0,
+                                       help="Triton dynamic batching: longest wait to fill a batch (microseconds)."),
+    base_path: str = typer.Option("/models", "--base-path", help="OVMS: where the repository is mounted in the "
+                                  "server (config.json's base_path is <base-path>/<name>)."),
+) -> None:
+    """Write the model repository NVIDIA Triton or OpenVINO Model Server loads, from a verified bundle: the
+    bundle's model files byte for byte, config.pbtxt / config.json, and a README with the preprocessing."""
+    from edgekd.fileio import refuse_output_inside
+    from edgekd.runtime.repository import write_repository
+
+    refuse_output_inside(out, [bundle])
+    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path)
+    for rel, digest in repo.files.items():
+        out_console.print(f"{escape(rel)}  sha256 {digest}")
+    console.print(f"wrote {repo.kind} repository {out} (model '{repo.model_name}', README.md)")
+
+
+@app.command()
 def bench(
     source: Path = typer.Argument(..., help="A checkpoint (exported here first) or an exported bundle."),
     formats: str = typer.Option("torch,onnx,openvino", "--formats", help="Comma-separated: torch,onnx,openvino."),
