@@ -51,6 +51,12 @@ def progress_bar():
                     console=console, transient=True, disable=not console.is_terminal)
 
 
+def with_progress(run):
+    """`run(log, progress)` under the progress bar; `log` prints above the bar on a terminal."""
+    with progress_bar() as progress:
+        return run(progress.console.print if progress.console.is_terminal else console.print, progress)
+
+
 def metrics_table(title: str, rows: list[dict], keys=("acc", "balanced_acc", "auc", "f1", "sensitivity",
                                                     "specificity", "pr_auc", "pauc")) -> RichTable:
     table = RichTable(title=title)
@@ -202,7 +208,7 @@ def eval_(
     refuse_output_inside(out, [checkpoint, *compare])
     is_bundle = checkpoint.suffix == ".zip" or (checkpoint / "edgekd.json").is_file()
     if not is_bundle:
-        result = evaluate_checkpoint(checkpoint, out, data_recipe, splits)
+        result = with_progress(lambda _, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar))
         rows = [{"model": result["model"], **result[s]} for s in splits]
         out_console.print(metrics_table(f"{checkpoint}", rows))
         console.print(f"wrote {out / 'metrics.json'}")
@@ -210,8 +216,8 @@ def eval_(
         raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its checkpoint)")
     if corruptions:
         from edgekd.robustness.evaluate import run_corruption_eval
-        res = run_corruption_eval([checkpoint, *compare], out, data_recipe, splits[0], split_list(only),
-                                  int_list(severities, "--severities"), seed, limit, log=console.print)
+        res = with_progress(lambda log, bar: run_corruption_eval([checkpoint, *compare], out, data_recipe, splits[0],
+                            split_list(only), int_list(severities, "--severities"), seed, limit, log=log, progress=bar))
         out_console.print(robustness_table(res["summary"], f"corruption robustness ({splits[0]}, {res['images']} images)"))
         console.print(f"wrote {out / 'robustness.json'}, robustness.md, robustness.png")
     if failures:
@@ -258,8 +264,8 @@ def export(
     profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control,
                              "drop" if drop_failed else None)
     out = out or checkpoint.parent / "bundle"
-    result = export_checkpoint(checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_,
-                               log=console.print)
+    result = with_progress(lambda log, bar: export_checkpoint(
+        checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_, log=log, progress=bar))
     split = result.parity["metric_split"]
     table = RichTable(title=f"{checkpoint}: parity with PyTorch ({result.parity['inputs']} inputs)")
     for col in ("format", "precision", "size MB", "max abs diff", "mean abs diff", "top-1 agree",
@@ -418,7 +424,7 @@ def bench(
                              Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
                              profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
                              command=command_line())
-        result = run_bench(config, log=log)
+        result = run_bench(config, log=log, progress=progress)
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (
         f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s" if gemm.get("peak_gflops") else "")

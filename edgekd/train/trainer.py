@@ -74,16 +74,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, logits) over a loader with the model in eval mode."""
+def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = False, progress=None,
+                   description: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """(labels, logits) over a loader with the model in eval mode (a step per batch on `progress`, if given)."""
     was_training = model.training
     model.eval()
     ys, outs = [], []
-    for images, targets in loader:
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            logits = model(images.to(device, non_blocking=True))
-        ys.append(targets.numpy())
-        outs.append(logits.float().cpu().numpy())
+    with progress_task(progress, description, len(loader)) as advance:
+        for images, targets in loader:
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                logits = model(images.to(device, non_blocking=True))
+            ys.append(targets.numpy())
+            outs.append(logits.float().cpu().numpy())
+            advance()
     model.train(was_training)
     return np.concatenate(ys), np.concatenate(outs)
 
