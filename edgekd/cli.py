@@ -51,6 +51,12 @@ def progress_bar():
                     console=console, transient=True, disable=not console.is_terminal)
 
 
+def with_progress(run):
+    """`run(log, progress)` under the progress bar; `log` prints above the bar on a terminal."""
+    with progress_bar() as progress:
+        return run(progress.console.print if progress.console.is_terminal else console.print, progress)
+
+
 def metrics_table(title: str, rows: list[dict], keys=("acc", "balanced_acc", "auc", "f1", "sensitivity",
                                                     "specificity", "pr_auc", "pauc")) -> RichTable:
     table = RichTable(title=title)
@@ -202,7 +208,7 @@ def eval_(
     refuse_output_inside(out, [checkpoint, *compare])
     is_bundle = checkpoint.suffix == ".zip" or (checkpoint / "edgekd.json").is_file()
     if not is_bundle:
-        result = evaluate_checkpoint(checkpoint, out, data_recipe, splits)
+        result = with_progress(lambda _, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar))
         rows = [{"model": result["model"], **result[s]} for s in splits]
         out_console.print(metrics_table(f"{checkpoint}", rows))
         console.print(f"wrote {out / 'metrics.json'}")
@@ -210,8 +216,8 @@ def eval_(
         raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its checkpoint)")
     if corruptions:
         from edgekd.robustness.evaluate import run_corruption_eval
-        res = run_corruption_eval([checkpoint, *compare], out, data_recipe, splits[0], split_list(only),
-                                  int_list(severities, "--severities"), seed, limit, log=console.print)
+        res = with_progress(lambda log, bar: run_corruption_eval([checkpoint, *compare], out, data_recipe, splits[0],
+                            split_list(only), int_list(severities, "--severities"), seed, limit, log=log, progress=bar))
         out_console.print(robustness_table(res["summary"], f"corruption robustness ({splits[0]}, {res['images']} images)"))
         console.print(f"wrote {out / 'robustness.json'}, robustness.md, robustness.png")
     if failures:
@@ -263,8 +269,9 @@ def export(
     profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control,
                              "drop" if drop_failed else None)
     out = out or checkpoint.parent / "bundle"
-    result = export_checkpoint(checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_,
-                               log=console.print, allow_forgetting=allow_forgetting)
+    result = with_progress(lambda log, bar: export_checkpoint(
+        checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_, log=log,
+        allow_forgetting=allow_forgetting, progress=bar))
     out_console.print(parity_table(str(checkpoint), result))
 
 
@@ -422,6 +429,31 @@ def _predictions_table(title: str, runner, results: list, precision: str, tta_op
 
 
 @app.command()
+def repository(
+    bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
+    kind: str = typer.Option(..., "--kind", help="triton (the bundle's ONNX model) or ovms (its OpenVINO IR)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The repository directory to write (new or empty)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (must be in the bundle)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the server (default: <model>_<precision>)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Triton max_batch_size (dynamic batching)."),
+    queue_delay_us: int = typer.Option(2000, "--queue-delay-us", min=0,
+                                       help="Triton dynamic batching: longest wait to fill a batch (microseconds)."),
+    base_path: str = typer.Option("/models", "--base-path", help="OVMS: where the repository is mounted in the "
+                                  "server (config.json's base_path is <base-path>/<name>)."),
+) -> None:
+    """Write the model repository NVIDIA Triton or OpenVINO Model Server loads, from a verified bundle: the
+    bundle's model files byte for byte, config.pbtxt / config.json, and a README with the preprocessing."""
+    from edgekd.fileio import refuse_output_inside
+    from edgekd.runtime.repository import write_repository
+
+    refuse_output_inside(out, [bundle])
+    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path)
+    for rel, digest in repo.files.items():
+        out_console.print(f"{escape(rel)}  sha256 {digest}")
+    console.print(f"wrote {repo.kind} repository {out} (model '{repo.model_name}', README.md)")
+
+
+@app.command()
 def bench(
     source: Path = typer.Argument(..., help="A checkpoint (exported here first) or an exported bundle."),
     formats: str = typer.Option("torch,onnx,openvino", "--formats", help="Comma-separated: torch,onnx,openvino."),
@@ -460,7 +492,7 @@ def bench(
                              Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
                              profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
                              command=command_line())
-        result = run_bench(config, log=log)
+        result = run_bench(config, log=log, progress=progress)
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (
         f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s" if gemm.get("peak_gflops") else "")

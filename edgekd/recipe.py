@@ -329,6 +329,27 @@ class ContinualConfig(Section):
         return self
 
 
+class WandbConfig(Section):
+    """Weights & Biases run of the training (needs the `wandb` package: `pip install 'edgekd[wandb]'`)."""
+    project: str = "edgekd"
+    mode: Literal["offline", "online"] = "offline"
+    """offline: the run is written under `dir` only (upload later with `wandb sync`); online: streamed to W&B."""
+    entity: str | None = None
+    name: str | None = None
+    """Run name (default: the recipe name)."""
+    tags: list[str] = []
+    dir: str | None = None
+    """Where W&B writes its `wandb/` run folders (default: the run's output directory)."""
+
+
+class TrackingConfig(Section):
+    """Experiment tracking besides log.csv (always written): per-epoch metrics, learning rates and a validation
+    confusion matrix. Not part of the recipe digest (tracking does not change what trains)."""
+    tensorboard: bool | str = False
+    """true: TensorBoard event files in `<out>/tensorboard`; a path: there (needs `pip install 'edgekd[track]'`)."""
+    wandb: WandbConfig | None = None
+
+
 class Recipe(Section):
     name: str = "run"
     role: Literal["teacher", "student", "student_scratch", "baseline"] = "teacher"
@@ -340,13 +361,14 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     distill: DistillConfig | None = None
     continual: ContinualConfig | None = None
+    tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
         """A short sha256 of the resolved recipe: same digest, same training setup."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        text = json.dumps(self.model_dump(mode="json", exclude={"tracking"}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

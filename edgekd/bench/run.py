@@ -21,6 +21,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.fileio import refuse_output_inside, write_json
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
+from edgekd.progress import progress_task
 
 SCHEMA = "edgekd-bench/1"
 FORMATS = ("torch", *ARTIFACT_FORMATS)
@@ -481,13 +482,15 @@ def _higher_peak(before: dict, after: dict) -> dict:
     return {**before, "other_measurement": after}
 
 
-def _run_rows(subjects: list[Subject], cfg: BenchConfig, work: Path,
-              log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+def _run_rows(subjects: list[Subject], cfg: BenchConfig, work: Path, log: Callable[[str], None],
+              progress=None) -> tuple[list[dict], list[dict]]:
     """Every row of every subject, each in a fresh worker process: the records and the OpenVINO profiles."""
     records, profiles = [], []
     batches = cfg.batches
-    for s in subjects:
-        for row in plan_rows(s, cfg.formats, cfg.precisions, cfg.variants):
+    rows = [(s, row) for s in subjects for row in plan_rows(s, cfg.formats, cfg.precisions, cfg.variants)]
+    with progress_task(progress, "bench", len(rows)) as advance:
+        for s, row in rows:
+            advance(0, f"bench {row.label}")
             job = row_job(row, batches, cfg.threads, cfg.tta, cfg.timing, work, evaluate=s.labels is not None,
                           profile_batch=max(batches) if cfg.profile else None)
             if isinstance(job, dict):
@@ -502,6 +505,7 @@ def _run_rows(subjects: list[Subject], cfg: BenchConfig, work: Path,
             if new[0]["status"] != "ok":
                 log(f"{row.label}: n/a ({new[0]['reason']})")
             records += new
+            advance()
     return records, profiles
 
 
@@ -520,9 +524,10 @@ def _write_outputs(cfg: BenchConfig, subjects: list[Subject], records: list[dict
     return BenchResult(out=out, records=records, summary=summary, markdown=markdown)
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
+def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=None) -> BenchResult:
     """Benchmark a model (and optionally its teacher) in every (format, precision, variant) x batch, one run
-    (see BenchConfig). Writes out/bench.json, out/bench.md and out/bench.png; returns the records."""
+    (see BenchConfig; `progress`: the CLI's progress bar, a step per row). Writes out/bench.json, out/bench.md
+    and out/bench.png; returns the records."""
     cfg = _resolved(config)
     work = _prepare_out(cfg)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -531,7 +536,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> BenchR
     subjects = _subjects(cfg, work, log)
     measure = cfg.gemm and cfg.gemm_info is None
     gemm_info = _measure_gemm(cfg, work, "before", log) if measure else cfg.gemm_info
-    records, profiles = _run_rows(subjects, cfg, work, log)
+    records, profiles = _run_rows(subjects, cfg, work, log, progress)
     if measure:
         gemm_info = _higher_peak(gemm_info, _measure_gemm(cfg, work, "after", log))
     peak = (gemm_info or {}).get("peak_gflops")

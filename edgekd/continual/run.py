@@ -24,6 +24,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
 from edgekd.metrics.report import write_csv_log
 from edgekd.models import count_parameters, create_model, freeze, model_spec
+from edgekd.progress import progress_task
 from edgekd.train.checkpoint import load_checkpoint, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
 from edgekd.train.trainer import Trainer, predict_logits, resolve_device, seed_everything
@@ -204,29 +205,31 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
     n = len(tasks)
     acc, f1 = np.full((n, n), np.nan), np.full((n, n), np.nan)
     steps: list[dict[str, Any]] = []
-    for i, task in enumerate(tasks):
-        task_dir = out / f"task{i + 1}_{_slug(task.name)}"
-        if num_outputs(model) != task.hi:
-            resize_classifier(model, task.hi)
-        step = TaskStep(model, tasks, i, head, device)
-        for p in plugins:
-            p.before_task(step)
-        record: dict[str, Any] = {"step": i + 1, "task": task.name}
-        if i == 0 and first_learned:
-            log(f"task 1/{n} '{task.name}': learned by {cfg.checkpoint}")
-        elif resume and (task_dir / "task.pt").is_file():
-            load_state(model, load_checkpoint(task_dir / "task.pt")["state_dict"], str(task_dir / "task.pt"))
-            log(f"task {i + 1}/{n} '{task.name}': done before, loaded {task_dir / 'task.pt'}")
-        else:
-            record.update(_train_task(recipe, model, tasks, i, step, plugins, criterion, task_dir,
-                                      _meta(recipe, tasks, i, spec, head), resume, progress, log))
-        for p in plugins:
-            p.after_task(step)
-        record["eval"] = [evaluate_task(model, tasks, head, j, i, cfg.eval_split, device) for j in range(i + 1)]
-        for j, r in enumerate(record["eval"]):
-            acc[i, j], f1[i, j] = r["acc"], r["f1"]
-        log(f"after task {i + 1} '{task.name}': " + ", ".join(f"{r['task']} acc={r['acc']:.4f}" for r in record["eval"]))
-        steps.append(record)
+    with progress_task(progress, f"continual: {n} tasks", n) as advance_task:
+        for i, task in enumerate(tasks):
+            task_dir = out / f"task{i + 1}_{_slug(task.name)}"
+            if num_outputs(model) != task.hi:
+                resize_classifier(model, task.hi)
+            step = TaskStep(model, tasks, i, head, device)
+            for p in plugins:
+                p.before_task(step)
+            record: dict[str, Any] = {"step": i + 1, "task": task.name}
+            if i == 0 and first_learned:
+                log(f"task 1/{n} '{task.name}': learned by {cfg.checkpoint}")
+            elif resume and (task_dir / "task.pt").is_file():
+                load_state(model, load_checkpoint(task_dir / "task.pt")["state_dict"], str(task_dir / "task.pt"))
+                log(f"task {i + 1}/{n} '{task.name}': done before, loaded {task_dir / 'task.pt'}")
+            else:
+                record.update(_train_task(recipe, model, tasks, i, step, plugins, criterion, task_dir,
+                                          _meta(recipe, tasks, i, spec, head), resume, progress, log))
+            for p in plugins:
+                p.after_task(step)
+            record["eval"] = [evaluate_task(model, tasks, head, j, i, cfg.eval_split, device) for j in range(i + 1)]
+            for j, r in enumerate(record["eval"]):
+                acc[i, j], f1[i, j] = r["acc"], r["f1"]
+            log(f"after task {i + 1} '{task.name}': " + ", ".join(f"{r['task']} acc={r['acc']:.4f}" for r in record["eval"]))
+            steps.append(record)
+            advance_task()
     best_path = save_checkpoint(out / "model.pt", {
         "state_dict": _cpu_state(model), "metrics": {"acc_matrix": acc.tolist()}, "recipe_digest": recipe.digest(),
         **_meta(recipe, tasks, n - 1, spec, head)})

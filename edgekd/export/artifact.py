@@ -32,6 +32,8 @@ class ExportContext:
     """Lazily built (inputs, labels) of the validation split, for NNCF's accuracy-controlled mode."""
     log: Callable[[str], None] = print
     cache: dict[str, Any] = field(default_factory=dict)
+    progress: Any = None
+    """The CLI's rich progress bar (edgekd.progress.progress_task), or None: calibration passes show on it."""
 
     def example_input(self):
         import torch

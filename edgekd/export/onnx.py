@@ -86,7 +86,7 @@ def export_onnx_artifact(ctx: ExportContext, precision: str, path: Path) -> dict
         ctx.cache["onnx_fp32"] = path
         return info
     if precision == "int8":
-        from edgekd.export.quantize import quantize_onnx_static
+        from edgekd.export.quantize import calibration_progress, quantize_onnx_static
 
         fp32 = ctx.cache.get("onnx_fp32")
         if fp32 is None:  # int8 alone: trace an fp32 graph in scratch space, not in the bundle
@@ -94,7 +94,8 @@ def export_onnx_artifact(ctx: ExportContext, precision: str, path: Path) -> dict
             export_onnx(ctx, fp32)
             ctx.cache["onnx_fp32"] = fp32
         keep = ctx.profile.quantization.keep_first_last
-        quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, keep)
+        with calibration_progress(ctx, "onnx int8") as advance:
+            quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, keep, advance)
         import onnx
 
         model = onnx.load(str(path))

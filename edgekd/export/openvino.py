@@ -48,9 +48,10 @@ def export_openvino_artifact(ctx: ExportContext, precision: str, path: Path) -> 
     model = convert_openvino(ctx)
     info: dict[str, Any] = {}
     if precision == "int8":
-        from edgekd.export.quantize import quantize_openvino
+        from edgekd.export.quantize import calibration_progress, quantize_openvino
 
-        model, info = quantize_openvino(model, ctx)
+        with calibration_progress(ctx, "openvino int8") as advance:
+            model, info = quantize_openvino(model, ctx, advance)
     elif precision not in ("fp32", "fp16"):
         raise EdgeKDError(f"openvino: unsupported precision '{precision}'")
     embed_openvino_metadata(model, {**ctx.metadata, "format": "openvino", "precision": precision})

@@ -11,6 +11,7 @@ from torch import nn
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.artifact import INPUT_NAME, ExportContext
+from edgekd.progress import progress_task
 
 
 def is_transformer(model: nn.Module) -> bool:
@@ -20,8 +21,14 @@ def is_transformer(model: nn.Module) -> bool:
     return any(isinstance(m, (Attention, nn.MultiheadAttention)) for m in model.modules())
 
 
-def quantize_openvino(model, ctx: ExportContext) -> tuple[Any, dict[str, Any]]:
-    """NNCF PTQ of an FP32 ov.Model on the calibration images; optionally accuracy-controlled on the val split."""
+def calibration_progress(ctx: ExportContext, label: str):
+    """A progress task over the calibration images of `label`'s INT8 pass; yields its advance()."""
+    return progress_task(ctx.progress, f"{label}: calibration", len(ctx.calibration()))
+
+
+def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[Any, dict[str, Any]]:
+    """NNCF PTQ of an FP32 ov.Model on the calibration images (`advance()` per image NNCF reads); optionally
+    accuracy-controlled on the val split."""
     import nncf
 
     nncf.set_log_level(logging.ERROR)
@@ -38,7 +45,11 @@ def quantize_openvino(model, ctx: ExportContext) -> tuple[Any, dict[str, Any]]:
                    if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
         if compute:
             kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(dict.fromkeys(compute[:1] + compute[-1:])))
-    dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
+    def calibration_item(i: int) -> np.ndarray:
+        advance()
+        return calib[i:i + 1]
+
+    dataset = nncf.Dataset(range(len(calib)), calibration_item)
     info: dict[str, Any] = {"quantization": f"nncf {nncf.__version__} PTQ ({cfg.preset} preset) on {len(calib)} "
                                             "training images"
                                             + (" (transformer scheme)" if transformer else "")
@@ -83,7 +94,7 @@ def first_last_compute_nodes(model_path: Path) -> list[str]:
 
 
 def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scratch: Path,
-                         keep_first_last: bool = True) -> None:
+                         keep_first_last: bool = True, advance=lambda: None) -> None:
     """ONNX Runtime static quantization in QDQ format (int8 per-channel weights, uint8 activations, MinMax);
     optionally the first and last compute layers stay FP32.
 
@@ -100,7 +111,10 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
 
         def get_next(self):
             x = next(self.items, None)
-            return None if x is None else {INPUT_NAME: x}
+            if x is None:
+                return None
+            advance()
+            return {INPUT_NAME: x}
 
     prepared = scratch / "onnx_int8_prepared.onnx"
     try:

@@ -28,6 +28,7 @@ from edgekd.export.formats import FORMATS, export_plan
 from edgekd.export.parity import ParitySet, check_artifact, parity_inputs, reference_report
 from edgekd.export.profile import ExportProfile, load_profile
 from edgekd.models import count_parameters
+from edgekd.progress import progress_task
 from edgekd.recipe import apply_overrides, recipe_from_dict
 from edgekd.train.checkpoint import model_from_checkpoint
 
@@ -209,7 +210,7 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
 
 
 def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfile, scratch: Path,
-                    parity_set: ParitySet, log: Callable[[str], None]) -> ExportContext:
+                    parity_set: ParitySet, log: Callable[[str], None], progress=None) -> ExportContext:
     """What the exporters get; calibration images are drawn (once) only when an INT8 path asks."""
 
     def calibration() -> np.ndarray:
@@ -220,7 +221,7 @@ def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfil
 
     ctx = ExportContext(model=model, input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
                         profile=profile, scratch=scratch, calibration=calibration,
-                        validation=lambda: parity_set.splits["val"], log=log)
+                        validation=lambda: parity_set.splits["val"], log=log, progress=progress)
     return ctx
 
 
@@ -319,11 +320,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                       precisions: list[str] | None = None, profile: ExportProfile | None = None,
                       zip_bundle: bool = False, data_overrides: list[str] | None = None,
                       log: Callable[[str], None] = print, allow_forgetting: bool = False,
-                      lineage: dict[str, Any] | None = None) -> ExportResult:
+                      lineage: dict[str, Any] | None = None, progress=None) -> ExportResult:
     """Export a checkpoint to every (format, precision), gate each artifact on parity with PyTorch, and publish
     a bundle at `out` only if all pass (else raise ParityGateError listing every failure; `out` is untouched).
     A continual checkpoint first passes the retention gate (RetentionGateError unless `allow_forgetting`); a
-    multi-head one is parity-checked per head. `lineage` (from `edgekd update`) goes into edgekd.json."""
+    multi-head one is parity-checked per head. `lineage` (from `edgekd update`) goes into edgekd.json.
+    `progress`: the CLI's progress bar (one step per artifact, INT8 calibration images), or None."""
     checkpoint, out = Path(checkpoint), Path(out)
     profile = profile or load_profile(None)
     plan = export_plan(formats or profile.formats, precisions or profile.precisions)
@@ -349,9 +351,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
             # A fallback for a `finally` that a kill interrupted (the CLI runs the atexit handlers when stopped).
             guard = functools.partial(remove_trees, [scratch, stage])
             atexit.register(guard)
-        ctx = _export_context(model, data, metadata, profile, scratch, parity_set, log)
-        for fmt, precision in plan:
-            _export_one(fmt, precision, ctx, stage, parity_set, reference, ckpt["arch"]["num_classes"], outcome)
+        ctx = _export_context(model, data, metadata, profile, scratch, parity_set, log, progress)
+        with progress_task(progress, "export", len(plan)) as advance:
+            for fmt, precision in plan:
+                advance(0, f"export {fmt.name}/{precision}")
+                _export_one(fmt, precision, ctx, stage, parity_set, reference, ckpt["arch"]["num_classes"], outcome)
+                advance()
         parity = _parity_report(checkpoint, n_images, profile, parity_set, reference, outcome)
         artifacts = _gate(outcome, parity, stage, profile.parity.on_fail, checkpoint, out, log)
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE,

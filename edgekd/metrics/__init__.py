@@ -10,12 +10,12 @@ from edgekd.metrics.report import evaluation_report, write_csv_log
 from edgekd.metrics.uncertainty import bootstrap_intervals, choose_threshold, delong_test
 
 __all__ = ["bootstrap_intervals", "calibration_report", "choose_threshold", "delong_test", "plot_reliability",
-           "classification_metrics", "confused_pairs", "confusion", "evaluation_report", "partial_auc_above_tpr",
+           "classification_metrics", "confused_pairs", "confusion", "confusion_figure", "evaluation_report", "partial_auc_above_tpr",
            "plot_confusion", "plot_curves", "plot_failure_grid", "plt", "save_figure", "write_csv_log"]
 
 
 def __getattr__(name: str):
-    if name in ("plot_confusion", "plot_curves", "plt", "save_figure"):
+    if name in ("confusion_figure", "plot_confusion", "plot_curves", "plt", "save_figure"):
         from edgekd.metrics import plots
 
         return getattr(plots, name)

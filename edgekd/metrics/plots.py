@@ -24,12 +24,17 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_confusion(cm: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:
+def confusion_figure(cm: np.ndarray, class_names: list[str], title: str = ""):
+    """The confusion matrix as a matplotlib figure (a PNG file, a TensorBoard or W&B image)."""
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(class_names), 1.0 + 0.8 * len(class_names)))
     ConfusionMatrixDisplay(cm, display_labels=class_names).plot(ax=ax, colorbar=False, cmap="Blues",
                                                                xticks_rotation=45 if len(class_names) > 3 else 0)
     ax.set_title(title or "Confusion matrix")
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:
+    return save_figure(confusion_figure(cm, class_names, title), path)
 
 
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:

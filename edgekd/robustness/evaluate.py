@@ -16,6 +16,7 @@ import numpy as np
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
 from edgekd.probability import softmax
+from edgekd.progress import progress_task
 from edgekd.robustness.corruptions import check_names, check_severities, corrupt
 
 CLEAN = "clean"
@@ -120,8 +121,9 @@ def load_split_images(recipe, split: str = "test", limit: int | None = None,
 
 def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray], labels: np.ndarray,
                        corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
-                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Accuracy/AUC of every predictor on the clean images and under each corruption x severity."""
+                       log: Callable[[str], None] = print, progress=None) -> list[dict[str, Any]]:
+    """Accuracy/AUC of every predictor on the clean images and under each corruption x severity (a step per
+    condition and predictor on `progress`, the CLI's progress bar, if given)."""
     from edgekd.metrics import classification_metrics
 
     names, levels = check_names(corruptions), check_severities(severities)
@@ -131,15 +133,18 @@ def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray]
                           f"({', '.join(f'{p.label}: {len(p.class_names)}' for p in predictors)})")
     conditions = [(CLEAN, 0)] + [(n, s) for n in names for s in levels]
     records = []
-    for name, severity in conditions:
-        batch = images if name == CLEAN else [corrupt(img, name, severity, seed, i) for i, img in enumerate(images)]
-        for p in predictors:
-            m = classification_metrics(labels, p.predict(batch))
-            records.append({"model": p.model, "role": p.role, "format": p.format, "precision": p.precision,
-                            "corruption": name, "severity": severity, "acc": m["acc"], "auc": m["auc"],
-                            "n": int(len(labels))})
-        log(f"{name}{'' if name == CLEAN else f' s{severity}'}: " + ", ".join(
-            f"{r['model']} {r['format']}/{r['precision']} acc {r['acc']:.4f}" for r in records[-len(predictors):]))
+    with progress_task(progress, "corruptions", len(conditions) * len(predictors)) as advance:
+        for name, severity in conditions:
+            batch = images if name == CLEAN else [corrupt(img, name, severity, seed, i) for i, img in enumerate(images)]
+            for p in predictors:
+                advance(0, f"{name}{'' if name == CLEAN else f' s{severity}'}: {p.label}")
+                m = classification_metrics(labels, p.predict(batch))
+                records.append({"model": p.model, "role": p.role, "format": p.format, "precision": p.precision,
+                                "corruption": name, "severity": severity, "acc": m["acc"], "auc": m["auc"],
+                                "n": int(len(labels))})
+                advance()
+            log(f"{name}{'' if name == CLEAN else f' s{severity}'}: " + ", ".join(
+                f"{r['model']} {r['format']}/{r['precision']} acc {r['acc']:.4f}" for r in records[-len(predictors):]))
     return records
 
 
@@ -221,7 +226,7 @@ def plot_corruptions(records: list[dict[str, Any]], path: str | Path, title: str
 def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_recipe=None, split: str = "test",
                         corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
                         limit: int | None = None, threads: int | None = None,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
+                        log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
     """Score every checkpoint/bundle in `sources` on `split` of `data_recipe` (default: the first checkpoint's
     recipe) under all corruptions; writes robustness.json, robustness.md and robustness.png into `out`."""
     if not sources:
@@ -232,7 +237,7 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
     images, labels, class_names = load_split_images(recipe, split, limit, seed)
     log(f"corruption eval: {len(predictors)} model/format(s) x {len(images)} {split} images x "
         f"{len(names)} corruptions x {len(levels)} severities")
-    records = corruption_records(predictors, images, labels, names, levels, seed, log)
+    records = corruption_records(predictors, images, labels, names, levels, seed, log, progress)
     summary = corruption_summary(records)
     out = Path(out)
     result = {"split": split, "images": len(images), "class_names": class_names,

@@ -131,7 +131,7 @@ def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[s
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=None, splits: tuple[str, ...] = ("test",),
-                        device: str = "auto") -> dict[str, Any]:
+                        device: str = "auto", progress=None) -> dict[str, Any]:
     """Evaluate a checkpoint on its own recipe's data (or `data_recipe`'s), write metrics.json and plots."""
     model, ckpt = model_from_checkpoint(checkpoint)
     from edgekd.recipe import recipe_from_dict
@@ -146,7 +146,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     result = {"checkpoint": str(checkpoint), "model": ckpt["arch"]["name"], "role": ckpt.get("role"),
               "dataset": data.source_name, "params": count_parameters(model)}
     for split in splits:
-        y, logits = predict_logits(model, data.loader(split, train=False), dev)
+        y, logits = predict_logits(model, data.loader(split, train=False), dev, progress=progress,
+                                   description=f"eval {split}")
         result[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, ckpt["arch"]["name"])
     write_json(out / "metrics.json", result)
     return result

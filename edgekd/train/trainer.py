@@ -20,9 +20,11 @@ from torch import nn
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import classification_metrics
 from edgekd.probability import softmax
+from edgekd.progress import progress_task
 from edgekd.train import distributed
 from edgekd.train.checkpoint import load_checkpoint, load_state, save_checkpoint
 from edgekd.train.optim import build_optimizer, build_scheduler
+from edgekd.train.tracking import EpochRecord, Tracker, require_packages
 
 
 class Objective(Protocol):
@@ -72,30 +74,42 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, logits) over a loader with the model in eval mode."""
+def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = False, progress=None,
+                   description: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """(labels, logits) over a loader with the model in eval mode (a step per batch on `progress`, if given)."""
     was_training = model.training
     model.eval()
     ys, outs = [], []
-    for images, targets in loader:
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            logits = model(images.to(device, non_blocking=True))
-        ys.append(targets.numpy())
-        outs.append(logits.float().cpu().numpy())
+    with progress_task(progress, description, len(loader)) as advance:
+        for images, targets in loader:
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                logits = model(images.to(device, non_blocking=True))
+            ys.append(targets.numpy())
+            outs.append(logits.float().cpu().numpy())
+            advance()
     model.train(was_training)
     return np.concatenate(ys), np.concatenate(outs)
 
 
-def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module | None = None,
-             view: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
-    """Metrics of the model on a loader. `view(logits, labels) -> logits`: what the objective scores (a continual
-    run's multi-head layout masks each sample's logits to its own task's rows)."""
+def scored_outputs(model: nn.Module, loader, device: torch.device,
+                   view: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, logits) that are scored: finite, seen through `view(logits, labels) -> logits` (a continual run's
+    multi-head layout masks each sample's logits to its own task's rows)."""
     y, logits = predict_logits(model, loader, device)
     if not np.all(np.isfinite(logits)):
         raise EdgeKDError("the model's outputs are NaN/Inf on the evaluation data (the weights diverged); "
                           "lower the learning rate or set train.clip_grad")
-    if view is not None:
-        logits = view(logits, y)
+    return y, (view(logits, y) if view is not None else logits)
+
+
+def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module | None = None,
+             view: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+    """Metrics of the model on a loader (see scored_outputs for `view`)."""
+    return output_metrics(*scored_outputs(model, loader, device, view), criterion)
+
+
+def output_metrics(y: np.ndarray, logits: np.ndarray, criterion: nn.Module | None = None) -> dict[str, float]:
+    """Classification metrics of (labels, logits), and the criterion's loss when one is given."""
     out = classification_metrics(y, softmax(logits))
     if criterion is not None:
         with torch.no_grad():
@@ -174,6 +188,12 @@ class Trainer:
         self.samples_seen = 0
         self.step_seconds: list[float] = []
         self._unmanaged_params: list[nn.Parameter] = []
+        self.val_outputs: tuple[np.ndarray, np.ndarray] | None = None
+        """The last validation pass's (labels, scored logits)."""
+        self.epoch_lrs: dict[str, float] = {}
+        """The learning rate of each param group (by name) in the last epoch."""
+        if self.is_main:  # a tracking package the recipe asks for and this box lacks: refused before any work
+            require_packages(recipe.tracking)
 
     # ----------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -234,9 +254,15 @@ class Trainer:
         for p in self.plugins:
             p.before_epoch(self, epoch)
         loader = self.data.loader("train", epoch=epoch, distributed=self.distributed)
-        accum = self.cfg.grad_accum
-        total, count, n_batches = 0.0, 0, len(loader)
-        task = progress.add_task(f"epoch {epoch + 1}/{self.cfg.epochs}", total=n_batches) if progress else None
+        with progress_task(progress, f"epoch {epoch + 1}/{self.cfg.epochs}", len(loader)) as advance:
+            total, count = self._train_batches(epoch, loader, advance)
+        total, count = distributed.sum_across_ranks([total, count], self.device)  # the loss over all ranks' shards
+        return {"train_loss": total / max(count, 1)}
+
+    def _train_batches(self, epoch: int, loader, advance: Callable[..., None]) -> tuple[float, int]:
+        """One pass over the training loader: (summed loss, samples) of this rank."""
+        accum, n_batches = self.cfg.grad_accum, len(loader)
+        total, count = 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
         step_start = time.perf_counter()
         for step, (images, targets) in enumerate(loader):
@@ -277,12 +303,8 @@ class Trainer:
             total += loss.item() * len(targets)
             count += len(targets)
             self.samples_seen += len(targets)
-            if progress:
-                progress.update(task, advance=1, description=f"epoch {epoch + 1}/{self.cfg.epochs} loss {total / max(count, 1):.4f}")
-        if progress:
-            progress.remove_task(task)
-        total, count = distributed.sum_across_ranks([total, count], self.device)  # the loss over all ranks' shards
-        return {"train_loss": total / max(count, 1)}
+            advance(description=f"epoch {epoch + 1}/{self.cfg.epochs} loss {total / max(count, 1):.4f}")
+        return total, count
 
     def _start_fit(self) -> None:
         """Plugins' before_fit, then the (DDP-)wrapped model and the parameters the objective owns."""
@@ -303,11 +325,12 @@ class Trainer:
         t0 = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, progress)}
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
+        self.epoch_lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         distributed.broadcast_buffers(self.model)
         if self.swa_model is not None and epoch >= self.swa_start:
             self.swa_model.update_parameters(self.model)
-        val = evaluate(self.model, val_loader, self.device, self.eval_criterion, self.eval_view)
-        row.update({f"val_{k}": v for k, v in val.items()})
+        self.val_outputs = scored_outputs(self.model, val_loader, self.device, self.eval_view)
+        row.update({f"val_{k}": v for k, v in output_metrics(*self.val_outputs, self.eval_criterion).items()})
         row["epoch_seconds"] = time.perf_counter() - t0
         monitor = monitored_value(row, self.cfg.monitor, "train.monitor", epoch)
         self._step_schedule(row, epoch)
@@ -354,18 +377,31 @@ class Trainer:
         self._start_fit()
         stopped_early = False
         val_loader = self.data.loader("val", train=False)
-        while self.epoch < self.cfg.epochs:
-            row, improved = self._run_epoch(self.epoch, val_loader, progress)
-            self._save_epoch(row, improved, best_path, last_path)
-            self.log(self._summary(row, improved))
-            patience = self.cfg.early_stop.patience
-            if patience is not None and self.bad_epochs >= patience:
-                stopped_early = True
-                self.log(f"early stop: {self.cfg.monitor} did not improve for {patience} epochs")
-                break
+        tracker = Tracker.from_recipe(self.recipe, self.out) if self.is_main else Tracker([])
+        try:
+            while self.epoch < self.cfg.epochs:
+                row, improved = self._run_epoch(self.epoch, val_loader, progress)
+                self._save_epoch(row, improved, best_path, last_path)
+                self.log(self._summary(row, improved))
+                tracker.log_epoch(self._epoch_record(row))
+                patience = self.cfg.early_stop.patience
+                if patience is not None and self.bad_epochs >= patience:
+                    stopped_early = True
+                    self.log(f"early stop: {self.cfg.monitor} did not improve for {patience} epochs")
+                    break
+        finally:
+            tracker.close()
         extra = self._finish_fit(best_path, last_path)
         return FitResult(best_path, last_path, self.history, self.best_value, self.best_epoch, stopped_early,
                          self.nonfinite, extra, self.step_seconds)
+
+    def _epoch_record(self, row: dict[str, Any]) -> EpochRecord:
+        """What the trackers get of an epoch: its log row, every param group's learning rate, validation classes."""
+        y, logits = self.val_outputs
+        names = list(getattr(self.data, "class_names", None) or [])
+        if len(names) != logits.shape[1]:  # a continual run's output layout
+            names = [str(i) for i in range(logits.shape[1])]
+        return EpochRecord(row["epoch"], row, self.epoch_lrs, y, logits.argmax(1), names)
 
     def _step_schedule(self, row: dict[str, Any], epoch: int) -> None:
         """Once per epoch: SWALR from swa_start on (when swa.lr is set), else the main schedule."""

@@ -1,0 +1,219 @@
+"""Model repositories for serving engines, from a verified bundle: NVIDIA Triton (ONNX Runtime backend) and
+OpenVINO Model Server. The model files are the bundle's own artifacts, byte for byte (checked against its
+sha256 manifest as they are read); the repository is built aside and published by one rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekd.errors import EdgeKDError
+from edgekd.fileio import deferred_signals, remove_tree, write_json, write_text
+from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
+
+KINDS = {"triton": "onnx", "ovms": "openvino"}
+"""Repository kind -> the bundle format it serves."""
+TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",
+                "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(int8)": "TYPE_INT8",
+                "tensor(uint8)": "TYPE_UINT8", "tensor(bool)": "TYPE_BOOL"}
+"""ONNX Runtime's element type names -> Triton's model-config data types."""
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VERSION = "1"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as Triton declares it: dims without the batch axis, -1 for a dynamic one."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+@dataclass
+class Repository:
+    out: Path
+    kind: str
+    model_name: str
+    files: dict[str, str]
+    """Relative path of each model file in the repository -> its sha256 (the bundle manifest's)."""
+
+
+def onnx_signature(model: bytes) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
+    """(inputs, outputs, whether the first axis is a dynamic batch axis) of an ONNX model, as ONNX Runtime reads
+    it (the core install's ONNX reader)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    args = [*session.get_inputs(), *session.get_outputs()]
+    batched = all(a.shape and not isinstance(a.shape[0], int) for a in args)
+
+    def spec(arg) -> TensorSpec:
+        if arg.type not in TRITON_TYPES:
+            raise EdgeKDError(f"triton: tensor '{arg.name}' has type {arg.type}, which has no Triton data type here")
+        dims = arg.shape[1:] if batched else arg.shape
+        return TensorSpec(arg.name, TRITON_TYPES[arg.type], tuple(d if isinstance(d, int) else -1 for d in dims))
+
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()], batched
+
+
+def triton_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch_size: int,
+                  queue_delay_us: int, threads: int | None) -> str:
+    """config.pbtxt (protobuf text format of Triton's ModelConfig): ONNX Runtime platform, the io signature,
+    dynamic batching of concurrent requests up to max_batch_size, one CPU instance."""
+    def tensors(kind: str, specs: list[TensorSpec]) -> list[str]:
+        items = [f'  {{\n    name: "{s.name}"\n    data_type: {s.data_type}\n    dims: [ {", ".join(map(str, s.dims))} ]\n  }}'
+                 for s in specs]
+        return [f"{kind} [", ",\n".join(items), "]"]
+
+    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}",
+             *tensors("input", inputs), *tensors("output", outputs)]
+    if max_batch_size > 0:
+        lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {queue_delay_us}", "}"]
+    lines += ["instance_group [", "  {", "    count: 1", "    kind: KIND_CPU", "  }", "]"]
+    if threads:  # the export profile's thread hint, as the runner uses it
+        lines += ["parameters {", '  key: "intra_op_thread_count"', f'  value: {{ string_value: "{threads}" }}', "}"]
+    return "\n".join(lines) + "\n"
+
+
+def ovms_config(name: str, base_path: str, artifact: Artifact) -> dict[str, Any]:
+    """config.json of OpenVINO Model Server: the model's name and folder; CPU math in the precision the export's
+    parity gate used (f32), as edgekd.runtime compiles the IR."""
+    config: dict[str, Any] = {"name": name, "base_path": base_path, "target_device": "CPU"}
+    if artifact.inference_precision_hint:
+        config["plugin_config"] = {"INFERENCE_PRECISION_HINT": artifact.inference_precision_hint}
+    return {"model_config_list": [{"config": config}]}
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise EdgeKDError(f"--out {out}: exists and is not empty; choose a new directory for the repository")
+
+
+def _copy_verified(data: bytes, digest: str | None, target: Path) -> str:
+    """Write the artifact's verified bytes; their sha256 (the manifest's)."""
+    actual = hashlib.sha256(data).hexdigest()
+    if digest is None or actual != digest:  # open_bundle(verify=True) always gives a digest
+        raise EdgeKDError(f"{target.name}: no verified sha256 for this artifact; refusing to copy it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return actual
+
+
+def _stage_triton(bundle: Bundle, art: Artifact, stage: Path, name: str, max_batch_size: int,
+                  queue_delay_us: int) -> tuple[dict[str, str], dict[str, Any]]:
+    model, _ = art.read()
+    inputs, outputs, batched = onnx_signature(model)
+    rel = f"{name}/{VERSION}/model.onnx"
+    files = {rel: _copy_verified(model, art.sha256, stage / rel)}
+    text = triton_config(name, inputs, outputs, max_batch_size if batched else 0, queue_delay_us, bundle.threads)
+    write_text(stage / name / "config.pbtxt", text)
+    return files, {"inputs": inputs, "outputs": outputs, "batched": batched}
+
+
+def _stage_ovms(bundle: Bundle, art: Artifact, stage: Path, name: str, base_path: str) -> tuple[dict[str, str], dict]:
+    model, weights = art.read()
+    files = {f"{name}/{VERSION}/model.xml": _copy_verified(model, art.sha256, stage / name / VERSION / "model.xml"),
+             f"{name}/{VERSION}/model.bin": _copy_verified(weights or b"", art.weights_sha256,
+                                                           stage / name / VERSION / "model.bin")}
+    write_json(stage / "config.json", ovms_config(name, f"{base_path.rstrip('/')}/{name}", art))
+    return files, {}
+
+
+def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str = "fp32",
+                     name: str | None = None, max_batch_size: int = 32, queue_delay_us: int = 2000,
+                     base_path: str = "/models") -> Repository:
+    """The `kind` repository (triton: the bundle's ONNX model; ovms: its OpenVINO IR) at `out`, with a README
+    stating the preprocessing clients must apply. `out` must be new or empty; nothing is left on failure."""
+    if kind not in KINDS:
+        raise EdgeKDError(f"--kind: unknown repository kind '{kind}' (choose from {', '.join(KINDS)})")
+    if max_batch_size < 1:
+        raise EdgeKDError("--max-batch: must be at least 1")
+    out = Path(out)
+    _check_out(out)
+    bundle = open_bundle(bundle_path, verify=True)
+    art = bundle.artifact(KINDS[kind], precision)
+    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{bundle.model.get('name') or 'model'}_{precision}")
+    if not MODEL_NAME.match(name):
+        raise EdgeKDError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (at most 64, a letter or digit first)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = None
+    try:
+        with deferred_signals():
+            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        if kind == "triton":
+            files, io = _stage_triton(bundle, art, stage, name, max_batch_size, queue_delay_us)
+        else:
+            files, io = _stage_ovms(bundle, art, stage, name, base_path)
+        write_text(stage / "README.md", repository_readme(bundle, kind, name, art, files, io, base_path))
+        _check_out(out)
+        if out.exists():
+            out.rmdir()
+        os.rename(stage, out)
+        stage = None
+    finally:
+        if stage is not None:
+            remove_tree(stage)
+    return Repository(out, kind, name, files)
+
+
+def _preprocessing_lines(pre: dict[str, Any]) -> list[str]:
+    c, h, w = pre["input_size"]
+    return [f"1. Decode the image; {pre['channel_order']} channel order"
+            + (" (a gray image: its one channel repeated three times)" if c == 3 else "") + ".",
+            f"2. Resize the shorter side to {pre['resize']} px ({pre['interpolation']}), center-crop "
+            f"{h}x{w}.",
+            f"3. Scale the 0-255 pixels by {pre['scale']:.6g}, subtract mean {pre['mean']}, divide by std {pre['std']}.",
+            f"4. float32, layout {pre.get('layout', 'NCHW')}: shape (N, {c}, {h}, {w}).",
+            *(["5. DullRazor hair removal first (edgekd.hair), as in training."] if pre.get("hair_removal") else [])]
+
+
+def _postprocessing_lines(bundle: Bundle) -> list[str]:
+    threshold, positive = bundle.decision
+    lines = [f"The output is raw logits over {', '.join(bundle.class_names)} (in that order). "
+             "Probabilities: softmax(logits / T" + (" + bias" if bundle.calibration_bias else "") + ")"
+             + f" with T = {bundle.temperature:.6g}"
+             + (f", bias = {bundle.calibration_bias}" if bundle.calibration_bias else "") + "."]
+    if threshold is not None:
+        lines.append(f"Label: {bundle.class_names[positive]} when its probability >= {threshold:.6g}, else the "
+                     "other class.")
+    else:
+        lines.append("Label: the most probable class.")
+    return lines
+
+
+def repository_readme(bundle: Bundle, kind: str, name: str, art: Artifact, files: dict[str, str],
+                      io: dict[str, Any], base_path: str) -> str:
+    """What the repository holds, the preprocessing and postprocessing a client applies, how to start the server."""
+    engine = "NVIDIA Triton Inference Server" if kind == "triton" else "OpenVINO Model Server"
+    meta_io = bundle.io
+    lines = [f"# {name}: {engine} model repository", "",
+             f"Written by `edgekd repository` from the bundle `{bundle.source.name}` ({bundle.model.get('name')}, "
+             f"{art.format} {art.precision}). The model file(s) are the bundle's, byte for byte:", "",
+             *[f"- `{rel}` sha256 `{digest}`" for rel, digest in files.items()], "",
+             "## Input", "",
+             f"Tensor `{meta_io['input']}`, output `{meta_io['output']}`. The graph holds no preprocessing (the "
+             "bundle's IR and ONNX model are the bare network; `edgekd predict`/`serve` add it: the OpenVINO path "
+             "folds it into the compiled model with PrePostProcessor at load time, not into the file), so every "
+             "client sends preprocessed tensors:", "", *_preprocessing_lines(bundle.preprocess), "",
+             "## Output", "", *_postprocessing_lines(bundle), ""]
+    if kind == "triton":
+        lines += ["## Start", "", "```",
+                  f"docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD:/models "
+                  "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models", "```", "",
+                  "`config.pbtxt` batches concurrent requests server-side (`dynamic_batching`) up to "
+                  f"`max_batch_size`{'' if io.get('batched') else ' (0: this model has a fixed batch)'}."]
+    else:
+        lines += ["## Start", "", "```",
+                  f"docker run --rm -p 9000:9000 -p 8000:8000 -v $PWD:{base_path.rstrip('/') or '/'} "
+                  f"openvino/model_server:latest --config_path {base_path.rstrip('/')}/config.json "
+                  "--port 9000 --rest_port 8000", "```", "",
+                  f"`config.json` names the model folder as the container sees it (`base_path` under {base_path}); "
+                  "the IR's batch axis is dynamic, so a client may send N images in one request."]
+    return "\n".join(lines) + "\n"

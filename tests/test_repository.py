@@ -1,0 +1,130 @@
+"""Serving-engine repositories (Triton, OpenVINO Model Server) from an exported bundle: config.pbtxt read with
+Triton's own model-config protobuf and compared with the ONNX graph (onnx), model files = the manifest's sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from edgekd.errors import EdgeKDError
+from edgekd.export import export_checkpoint, profile_from_dict
+from edgekd.runtime.repository import write_repository
+from test_export import make_checkpoint, quiet
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    ckpt = make_checkpoint(root, "edgekd_cnn_tiny")
+    profile = profile_from_dict({"parity": {"images": 4}, "threads": 1})
+    export_checkpoint(ckpt, root / "bundle", ["onnx", "openvino"], ["fp32"], profile, log=quiet)
+    return root / "bundle"
+
+
+def manifest(bundle: Path) -> dict[str, str]:
+    return {path: digest for digest, path in
+            (line.split("  ", 1) for line in (bundle / "manifest.sha256").read_text().splitlines())}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_triton_config_parses_with_tritons_protobuf_and_matches_the_onnx_graph(bundle, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    repo = write_repository(bundle, "triton", tmp_path / "triton", max_batch_size=16, queue_delay_us=500)
+    name = repo.model_name
+    config = text_format.Parse((tmp_path / "triton" / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == name and config.platform == "onnxruntime_onnx" and config.max_batch_size == 16
+    assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert config.parameters["intra_op_thread_count"].string_value == "1"
+
+    graph = onnx.load(str(tmp_path / "triton" / name / "1" / "model.onnx")).graph
+    initializers = {i.name for i in graph.initializer}
+    for declared, tensors in ((config.input, [t for t in graph.input if t.name not in initializers]),
+                              (config.output, graph.output)):
+        assert [t.name for t in declared] == [t.name for t in tensors]
+        for d, t in zip(declared, tensors):
+            shape = t.type.tensor_type.shape.dim
+            assert shape[0].dim_param and not shape[0].dim_value  # the dynamic batch axis Triton adds
+            assert list(d.dims) == [x.dim_value if x.dim_value else -1 for x in shape[1:]]
+            onnx_type = onnx.TensorProto.DataType.Name(t.type.tensor_type.elem_type)  # FLOAT
+            assert model_config_pb2.DataType.Name(d.data_type) == {"FLOAT": "TYPE_FP32"}[onnx_type]
+    assert list(config.input[0].dims) == [3, 16, 16] and list(config.output[0].dims) == [2]
+
+    listed = manifest(bundle)
+    assert repo.files == {f"{name}/1/model.onnx": listed["onnx/model_fp32.onnx"]}
+    assert sha256(tmp_path / "triton" / name / "1" / "model.onnx") == listed["onnx/model_fp32.onnx"]
+    readme = (tmp_path / "triton" / "README.md").read_text()
+    meta = json.loads((bundle / "edgekd.json").read_text())
+    assert str(meta["preprocess"]["mean"]) in readme and str(meta["preprocess"]["std"]) in readme
+    assert f"center-crop {meta['preprocess']['center_crop']}x" in readme
+
+
+def test_ovms_repository_holds_the_bundles_ir_and_lists_it_with_base_path(bundle, tmp_path):
+    repo = write_repository(bundle, "ovms", tmp_path / "ovms", name="chest", base_path="/srv/models/")
+    config = json.loads((tmp_path / "ovms" / "config.json").read_text())
+    assert config["model_config_list"] == [{"config": {
+        "name": "chest", "base_path": "/srv/models/chest", "target_device": "CPU",
+        "plugin_config": {"INFERENCE_PRECISION_HINT": "f32"}}}]
+    listed = manifest(bundle)
+    for suffix in ("xml", "bin"):
+        path = tmp_path / "ovms" / "chest" / "1" / f"model.{suffix}"
+        assert sha256(path) == listed[f"openvino/model_fp32.{suffix}"] == repo.files[f"chest/1/model.{suffix}"]
+    assert "PrePostProcessor" in (tmp_path / "ovms" / "README.md").read_text()
+
+
+def test_a_changed_artifact_is_refused_and_nothing_is_written(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    onnx_file = copy / "onnx" / "model_fp32.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    with pytest.raises(EdgeKDError, match="model_fp32.onnx"):
+        write_repository(copy, "triton", tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"kind": "torchserve"}, "unknown repository kind"),
+    ({"kind": "triton", "precision": "int8"}, "no onnx int8 model"),
+    ({"kind": "ovms", "name": "../up"}, "--name"),
+])
+def test_bad_requests_are_one_line_errors(bundle, tmp_path, kwargs, message):
+    with pytest.raises(EdgeKDError, match=message) as err:
+        write_repository(bundle, out=tmp_path / "repo", **kwargs)
+    assert "\n" not in str(err.value) and not (tmp_path / "repo").exists()
+
+
+def run_cli(monkeypatch, *args: str) -> int:
+    """`edgekd ARGS` in-process: its exit code (0 when it returns)."""
+    import sys
+
+    from edgekd.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["edgekd", *args])
+    try:
+        run()
+    except SystemExit as ex:
+        return ex.code or 0
+    return 0
+
+
+def test_cli_refuses_a_non_empty_out_and_writes_a_new_one(bundle, tmp_path, monkeypatch, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    assert run_cli(monkeypatch, "repository", str(bundle), "--kind", "triton", "--out", str(tmp_path / "taken")) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "x"
+    assert run_cli(monkeypatch, "repository", str(bundle), "--kind", "ovms", "--out", str(tmp_path / "new")) == 0
+    assert (tmp_path / "new" / "config.json").is_file()
+    assert "model.bin  sha256" in capsys.readouterr().out
