@@ -150,6 +150,7 @@ def _sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
     import kd_gain
     import pareto
     import robustness
+    import serve
     import zoo
 
     def with_file(name):
@@ -176,6 +177,8 @@ def _sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
     }
     if (RESULTS / "calibration.json").is_file():
         out["calibration"] = (calibration.MARKERS, lambda: calibration.section(load("calibration.json")))
+    if (RESULTS / "serve.json").is_file():
+        out["serve"] = (serve.MARKERS, lambda: serve.section(load("serve.json")))
     for name in kd_gain.SETS:
         if (RESULTS / f"distill_{name}.json").is_file():
             out[f"kd-gain:{name}"] = (kd_gain.markers(name), lambda n=name: kd_gain.markdown(n, load(f"distill_{n}.json")))

@@ -172,20 +172,11 @@ def test_full_queue_answers_503_and_the_service_recovers(runner):
 
 
 def _dicom_without_pixels() -> bytes:
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    pytest.importorskip("pydicom")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from serve import dicom_without_pixels  # the load test's own malformed DICOM
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.PatientName = "Test^NoPixels"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    assert pydicom.__version__
-    return buf.getvalue()
+    return dicom_without_pixels()
 
 
 def _huge_png() -> bytes:
@@ -212,7 +203,7 @@ def test_each_malformed_upload_is_a_4xx_json_line_and_good_requests_still_work(r
         out = {}
         for name, (data, ctype, _, _) in cases.items():
             out[name] = await client.post("/predict", content=data, headers={"content-type": ctype})
-        out["multipart without file"] = await client.post("/predict", data={"x": "1"},
+        out["multipart text file"] = await client.post("/predict", data={"x": "1"},
                                                           files={"y": ("y", b"", "text/plain")})
         out["good"] = await client.post("/predict", files={"file": ("g.png", png(2), "image/png")})
         return out
@@ -222,7 +213,7 @@ def test_each_malformed_upload_is_a_4xx_json_line_and_good_requests_still_work(r
         r = out[name]
         assert r.status_code == status, (name, r.text)
         assert list(r.json()) == ["error"] and "\n" not in r.json()["error"] and words in r.json()["error"], name
-    assert out["multipart without file"].status_code == 415
+    assert out["multipart text file"].status_code == 415
     assert out["good"].status_code == 200 and out["good"].json()["label"] in NAMES
 
 
@@ -318,3 +309,11 @@ def test_real_server_answers_and_finishes_in_flight_requests_on_sigterm(bundle, 
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_the_service_never_imports_torch():
+    code = ("import sys, edgekd.serve, edgekd.serve.app, edgekd.serve.server; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm')]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
