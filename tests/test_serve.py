@@ -317,3 +317,14 @@ def test_the_service_never_imports_torch():
             "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PNG", ".png"), ("JPEG", ".jpg"), ("TIFF", ".tif"), ("BMP", ".bmp")])
+def test_upload_bytes_decode_like_the_file(tmp_path, fmt, suffix):
+    from edgekd.imageio import read_image, read_image_bytes, sniff_format
+
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(random_pixels((12, 10, 3), seed=4)).save(path, format=fmt)
+    data = path.read_bytes()
+    assert sniff_format(data) == fmt
+    np.testing.assert_array_equal(read_image_bytes(data, "x"), read_image(path))
