@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e ".[train,dev,dicom]"
+	$(BIN)/pip install -e ".[train,dev,dicom,serve]"
 	$(BIN)/python -c "import timm, torchvision.ops, onnxruntime, openvino, nncf; print('install ok')"
 	touch $@
 

@@ -157,6 +157,7 @@ def sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
     import latency_runtime
     import pareto
     import robustness
+    import serve
     import zoo
 
     def with_file(name):
@@ -185,6 +186,8 @@ def sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
     }
     if (RESULTS / "calibration.json").is_file():
         out["calibration"] = (calibration.MARKERS, lambda: calibration.section(load("calibration.json")))
+    if (RESULTS / "serve.json").is_file():
+        out["serve"] = (serve.MARKERS, lambda: serve.section(load("serve.json")))
     for name in kd_gain.SETS:
         if (RESULTS / f"distill_{name}.json").is_file():
             out[f"kd-gain:{name}"] = (kd_gain.markers(name), lambda n=name: kd_gain.markdown(n, load(f"distill_{n}.json")))

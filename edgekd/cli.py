@@ -454,6 +454,43 @@ def repository(
 
 
 @app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (another host than localhost needs a token)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (must be in the bundle)."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: the bundle's)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, max=256, help="Most images per inference call."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, max=10_000,
+                                      help="Longest wait for more requests to fill a batch."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Images waiting for the model before 503."),
+    max_concurrency: int = typer.Option(256, "--max-concurrency", min=1,
+                                        help="Open connections/requests before uvicorn answers 503."),
+    max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", min=0.001, help="Largest request body."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="EDGEKD_TOKEN", show_envvar=True,
+                                        help="Require `Authorization: Bearer TOKEN` (not on /health)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later starts are faster."),
+) -> None:
+    """Serve a bundle over HTTP without PyTorch: POST /predict, /predict/batch; GET /health, /metadata, /metrics.
+
+    Requests from concurrent clients are batched (up to --max-batch images or --max-wait-ms); a full queue answers
+    503, a bad upload a 4xx with a one-line JSON error. SIGTERM/SIGINT finish the requests in flight, then exit 0."""
+    from edgekd.runtime import Runner
+    from edgekd.serve import ServeSettings, check_settings, serve as run_service
+
+    settings = ServeSettings(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                             max_concurrency=max_concurrency, token=token, max_upload_mb=max_upload_mb)
+    check_settings(settings)
+    runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
+                                cache_dir=cache_dir)
+    console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {precision} on {backend}, {runner.info['threads'] or 'default'} "
+                  f"threads{', TTA' if tta else ''}) at http://{host}:{port}" + (" (token required)" if token else ""))
+    run_service(runner, settings)
+
+
+@app.command()
 def bench(
     source: Path = typer.Argument(..., help="A checkpoint (exported here first) or an exported bundle."),
     formats: str = typer.Option("torch,onnx,openvino", "--formats", help="Comma-separated: torch,onnx,openvino."),

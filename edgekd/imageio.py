@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from pathlib import Path
@@ -60,12 +61,17 @@ def read_image(path: str | Path, resize: int | None = None) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise EdgeKDError(f"{where}: not a supported image type (use {', '.join(sorted(IMAGE_SUFFIXES))})")
+    if suffix == ".dcm":
+        return read_dicom(path, resize)
+    return _decode_pillow(path, PILLOW_FORMATS[suffix], where, resize)
+
+
+def _decode_pillow(source: Path | io.BytesIO, fmt: str, where: str, resize: int | None) -> np.ndarray:
+    """Pillow's decoder for `fmt` only, the size limits checked from the header; every failure one EdgeKDError."""
     try:
-        if suffix == ".dcm":
-            return read_dicom(path, resize)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=[PILLOW_FORMATS[suffix]]) as img:
+            with Image.open(source, formats=[fmt]) as img:
                 check_image_size(*img.size, resize, where)
                 img.load()
                 return pil_to_array(img)
@@ -76,13 +82,40 @@ def read_image(path: str | Path, resize: int | None = None) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise EdgeKDError(f"{where}: image exceeds the decompression-bomb pixel limit") from None
     except UnidentifiedImageError:
-        raise EdgeKDError(f"{where}: not an image (the content is not {PILLOW_FORMATS[suffix]} as its suffix "
-                          "says)") from None
+        said = " as its suffix says" if isinstance(source, Path) else ""
+        raise EdgeKDError(f"{where}: not an image (the content is not {fmt}{said})") from None
     except MemoryError:
         raise EdgeKDError(f"{where}: out of memory decoding the image") from None
     except (OSError, SyntaxError, ValueError, struct.error) as err:
         raise EdgeKDError(f"{where}: corrupt or truncated image ({shorten(str(err).splitlines()[0] if str(err) else type(err).__name__, 80)})") from None
 
+
+MAGIC = ((b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"\xff\xd8\xff", 0, "JPEG"), (b"II*\x00", 0, "TIFF"),
+         (b"MM\x00*", 0, "TIFF"), (b"BM", 0, "BMP"), (b"GIF87a", 0, "GIF"), (b"GIF89a", 0, "GIF"),
+         (b"WEBP", 8, "WEBP"), (b"DICM", 128, "DICOM"))
+"""(signature, offset, format): how an image's first bytes name its format (DICOM: the preamble's DICM)."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format the bytes start with (PNG, JPEG, TIFF, BMP, GIF, WEBP, DICOM), or None."""
+    for magic, offset, fmt in MAGIC:
+        if data[offset:offset + len(magic)] == magic and (fmt != "WEBP" or data[:4] == b"RIFF"):
+            return fmt
+    return None
+
+
+def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = None) -> np.ndarray:
+    """Decode an image held in memory (an upload) like `read_image` a file, the decoder chosen by the content's
+    own signature (`sniff_format`), nothing written to disk."""
+    where = printable(where)
+    if not data:
+        raise EdgeKDError(f"{where}: empty file")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise EdgeKDError(f"{where}: not a supported image (PNG, JPEG, TIFF, BMP, GIF, WEBP or DICOM expected)")
+    if fmt == "DICOM":
+        return read_dicom(io.BytesIO(data), resize, where)
+    return _decode_pillow(io.BytesIO(data), fmt, where, resize)
 
 def pil_to_array(img: Image.Image) -> np.ndarray:
     """A PIL image of any common mode -> uint8 (H, W, 1) for gray or (H, W, 3) for color."""
@@ -110,22 +143,24 @@ def _first(value):
     return value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value
 
 
-def read_dicom(path: Path, resize: int | None = None) -> np.ndarray:
-    """DICOM through pydicom (optional extra), windowed by the file's own Window Center/Width tags; the size
-    limits are checked from the Rows/Columns tags before the pixel data is decoded."""
+def read_dicom(path: Path | io.BytesIO, resize: int | None = None, where: str | None = None) -> np.ndarray:
+    """DICOM (a file, or bytes in memory named `where`) through pydicom (optional extra), windowed by the file's
+    own Window Center/Width tags; the size limits are checked from the Rows/Columns tags before the pixel data is
+    decoded."""
+    where = where or str(path)
     try:
         import pydicom
     except ImportError:
-        raise EdgeKDError(f"{path}: reading DICOM needs pydicom (pip install 'edgekd[dicom]')") from None
+        raise EdgeKDError(f"{where}: reading DICOM needs pydicom (pip install 'edgekd[dicom]')") from None
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(path if isinstance(path, io.BytesIO) else str(path))
         rows, columns = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     except Exception as err:  # pydicom raises many types for bad files
-        raise EdgeKDError(f"{path}: unreadable DICOM ({type(err).__name__})") from None
+        raise EdgeKDError(f"{where}: unreadable DICOM ({type(err).__name__})") from None
     if frames != 1:
-        raise EdgeKDError(f"{path}: a DICOM of {frames} frames (edgekd classifies single 2-D images)")
-    check_image_size(columns, rows, resize, str(path))
+        raise EdgeKDError(f"{where}: a DICOM of {frames} frames (edgekd classifies single 2-D images)")
+    check_image_size(columns, rows, resize, where)
     try:
         arr = ds.pixel_array.astype(np.float64)
         slope = float(_first(getattr(ds, "RescaleSlope", 1)) or 1)
@@ -138,7 +173,7 @@ def read_dicom(path: Path, resize: int | None = None) -> np.ndarray:
     except EdgeKDError:
         raise
     except Exception as err:  # pydicom raises many types for bad files; odd tag values too
-        raise EdgeKDError(f"{path}: unreadable DICOM ({type(err).__name__})") from None
+        raise EdgeKDError(f"{where}: unreadable DICOM ({type(err).__name__})") from None
     out = _rescale_to_uint8(arr)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         out = 255 - out

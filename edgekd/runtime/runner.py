@@ -218,11 +218,13 @@ class Runner:
         """Several images in ONE inference call (N images x V views rows); errors raise EdgeKDError."""
         sized = [self.preprocessor.to_model_size(img, keep_gray=True) for img in images]
         sources = list(sources) if sources is not None else [_describe(img) for img in images]
-        return self._predict_sized(sized, sources, tta)
+        return self.predict_sized(sized, sources, tta)
 
-    def _predict_sized(self, sized: list[np.ndarray], sources: list[str], tta: TTAOption) -> list:
-        """uint8 model-size images -> one inference call (the backend builds the views, normalizes and returns
-        probabilities, image by image) -> per-image mean-softmax predictions."""
+    def predict_sized(self, sized: list[np.ndarray], sources: list[str], tta: TTAOption = None) -> list:
+        """uint8 model-size images (`preprocessor.to_model_size`) -> one inference call (the backend builds the
+        views, normalizes and returns probabilities, image by image) -> per-image mean-softmax predictions (a
+        TaskPredictions per image for a multi-head bundle without a chosen task). For a caller that decodes
+        elsewhere (the HTTP service decodes uploads before they queue for the model)."""
         if not sized:
             return []
         views = self._views(tta)
@@ -295,7 +297,7 @@ class Runner:
         yield from self._flush(chunk, pending, tta)
 
     def _flush(self, chunk, pending, tta) -> Iterator[Prediction | Failure]:
-        preds = iter(self._predict_sized([a for _, a in chunk], [s for s, _ in chunk], tta))
+        preds = iter(self.predict_sized([a for _, a in chunk], [s for s, _ in chunk], tta))
         for slot in pending:
             yield next(preds) if slot is None else slot
 

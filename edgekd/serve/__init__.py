@@ -1,0 +1,7 @@
+"""A local HTTP inference service over a bundle (FastAPI + uvicorn; torch-free): dynamic batching across clients,
+a bounded queue, one-line JSON errors for bad uploads, Prometheus metrics, optional bearer token."""
+
+from edgekd.serve.app import ServeSettings, create_app, padded_sizes
+from edgekd.serve.server import check_settings, serve
+
+__all__ = ["ServeSettings", "check_settings", "create_app", "padded_sizes", "serve"]

@@ -1,0 +1,207 @@
+"""The HTTP service (FastAPI on Starlette): /predict, /predict/batch, /health, /metadata, /metrics over a Runner,
+uploads decoded in a thread pool before they queue, requests batched across clients (`Batcher`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from edgekd.errors import error_line
+from edgekd.fileio import sha256_file
+from edgekd.runtime import Prediction, Runner
+from edgekd.serve.batcher import Batcher, QueueFull
+from edgekd.serve.limits import BodyLimit, BodyTooLarge
+from edgekd.serve.metrics import MetricsMiddleware, ServiceMetrics
+from edgekd.serve.uploads import UploadError, decode_upload
+
+MAX_BATCH_FILES = 64
+"""The most files one /predict/batch request may carry."""
+
+
+@dataclass
+class ServeSettings:
+    """How the service batches, bounds and guards its work (the model's own settings are the Runner's)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 64
+    max_concurrency: int | None = 256
+    token: str | None = None
+    max_upload_mb: float = 64.0
+    decode_threads: int = 2
+
+
+def padded_sizes(max_batch: int) -> list[int]:
+    """The batch sizes inference runs at: 1 and max_batch / 4, / 2, / 1 (at most 4: OpenVINO compiles one model
+    per static batch size and keeps 4), a batch padded up to the next one."""
+    return sorted({1, *(max(1, max_batch // d) for d in (4, 2, 1))})
+
+
+class Service:
+    """The runner, its batcher, the decoding pool, the metrics: what the routes share."""
+
+    def __init__(self, runner: Runner, settings: ServeSettings):
+        self.runner, self.settings = runner, settings
+        self.keep_gray = runner.bundle.image_channels == 1
+        # OpenVINO compiles per batch size: pad to a few sizes. ONNX Runtime takes any size as it comes.
+        self.sizes = padded_sizes(settings.max_batch) if runner.info.get("backend") == "openvino" else None
+        self.metrics = ServiceMetrics(settings.max_batch, lambda: self.batcher.depth)
+        self.batcher = Batcher(self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+                               self.metrics.batch)
+        self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="edgekd-decode")
+        self.bundle_id = sha256_file(runner.bundle.root / "manifest.sha256")
+
+    def run_batch(self, images: list[np.ndarray], sources: list[str]) -> list[Prediction]:
+        n = len(images)
+        size = next((s for s in self.sizes if s >= n), n) if self.sizes else n
+        return self.runner.predict_sized(images + [images[0]] * (size - n), sources + [sources[0]] * (size - n))[:n]
+
+    def warm(self) -> None:
+        """Compile and run every padded batch size once, so no client waits for a compile."""
+        c, h, w = self.runner.input_shape
+        channels = 1 if self.keep_gray else c
+        for size in self.sizes or [1]:
+            self.run_batch([np.zeros((h, w, channels), np.uint8)] * size, ["warmup"] * size)
+
+    async def decode(self, data: bytes, content_type: str | None, where: str) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decoders, decode_upload, data, content_type, where,
+                                          self.runner.preprocessor, self.keep_gray)
+
+    def answer(self, pred: Prediction, views: bool) -> dict:
+        out = pred.to_dict()
+        if not views:
+            out.pop("views", None)
+        return {**out, "model": self.runner.bundle.model.get("name"), "bundle_id": self.bundle_id}
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.decoders.shutdown(wait=True)
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error_line(message)}, status_code=status, headers=headers)
+
+
+def create_app(runner: Runner, settings: ServeSettings | None = None) -> FastAPI:
+    """The ASGI app over a loaded Runner; its batcher starts with the first request and drains at shutdown."""
+    settings = settings or ServeSettings()
+    service = Service(runner, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await service.close()
+
+    app = FastAPI(title="edgekd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    _add_error_handlers(app)
+    _add_routes(app, service, _auth(settings.token))
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+    return app
+
+
+def _auth(token: str | None):
+    """A dependency: with a token, `Authorization: Bearer TOKEN` is required (compared in constant time)."""
+
+    async def check(request: Request) -> None:
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return Depends(check)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(UploadError, lambda _r, e: error(e.status, str(e)))
+    app.add_exception_handler(QueueFull, lambda _r, e: error(503, f"busy: {e}", {"Retry-After": "1"}))
+    app.add_exception_handler(BodyTooLarge, lambda _r, e: error(413, str(e)))
+    app.add_exception_handler(HTTPException, lambda _r, e: error(e.status_code, str(e.detail), e.headers))
+    app.add_exception_handler(RequestValidationError, lambda _r, e: error(
+        422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())))
+    app.add_exception_handler(Exception, lambda _r, e: error(500, f"internal error ({type(e).__name__})"))
+
+
+async def _uploads(request: Request, limit: int) -> list[tuple[str, str | None, bytes]]:
+    """(name, declared content type, bytes) of a multipart request's files, or of a raw body."""
+    content_type = request.headers.get("content-type")
+    if not (content_type or "").lower().startswith("multipart/form-data"):
+        return [("upload", content_type, await request.body())]
+    form = await request.form(max_files=limit, max_fields=limit)
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    if not files:
+        raise UploadError("multipart upload without a file part (send the image as the 'file' field)", 400)
+    return [(f.filename or "upload", f.content_type, await f.read()) for f in files]
+
+
+def _add_routes(app: FastAPI, service: Service, auth) -> None:
+    @app.post("/predict", dependencies=[auth])
+    async def predict(request: Request, views: bool = False):
+        uploads = await _uploads(request, 1)
+        if len(uploads) != 1:
+            raise UploadError(f"/predict takes one image, got {len(uploads)} (use /predict/batch)", 400)
+        name, content_type, data = uploads[0]
+        image = await service.decode(data, content_type, name)
+        (future,) = service.batcher.submit([(image, name)])
+        return service.answer(await future, views)
+
+    @app.post("/predict/batch", dependencies=[auth])
+    async def predict_batch(request: Request, views: bool = False):
+        uploads = await _uploads(request, MAX_BATCH_FILES)
+        decoded = await asyncio.gather(*(service.decode(d, t, n) for n, t, d in uploads), return_exceptions=True)
+        for item in decoded:
+            if isinstance(item, BaseException) and not isinstance(item, UploadError):
+                raise item
+        good = [(img, name) for img, (name, _, _) in zip(decoded, uploads) if not isinstance(img, UploadError)]
+        futures = iter(service.batcher.submit(good))
+        results = [{"file": name, "error": error_line(str(img)), "status": img.status} if isinstance(img, UploadError)
+                   else service.answer(await next(futures), views) for img, (name, _, _) in zip(decoded, uploads)]
+        return {"results": results, "model": service.runner.bundle.model.get("name"), "bundle_id": service.bundle_id}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "draining" if service.batcher.closing else "ok", "queue": service.batcher.depth}
+
+    @app.get("/metadata", dependencies=[auth])
+    async def metadata():
+        return _metadata(service)
+
+    @app.get("/metrics", dependencies=[auth])
+    async def metrics():
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _metadata(service: Service) -> dict:
+    """The card's facts from edgekd.json, and how this service runs the model."""
+    runner, meta = service.runner, service.runner.bundle.meta
+    threshold, positive = runner.threshold, runner.positive
+    return {
+        "bundle_id": service.bundle_id, "model": meta.get("model", {}), "class_names": runner.class_names,
+        "input": {k: meta["preprocess"].get(k) for k in ("input_size", "channels", "resize", "center_crop",
+                                                         "channel_order")},
+        "formats": [{"format": a.format, "precision": a.precision} for a in runner.bundle.artifacts],
+        "operating_point": {"calibration": meta.get("calibration"),
+                            "threshold": threshold, "positive_class": runner.class_names[positive] if threshold
+                            is not None else None, "decision": meta.get("decision")},
+        "card": meta.get("card"), "metrics": meta.get("metrics"),
+        "serving": {**runner.info, "tta_views": runner.tta_views.names if runner.tta else None,
+                    "max_batch": service.settings.max_batch, "max_wait_ms": service.settings.max_wait_ms,
+                    "max_queue": service.settings.max_queue, "batch_sizes": service.sizes},
+        "edgekd_version": meta.get("edgekd_version"),
+    }

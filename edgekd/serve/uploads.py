@@ -1,0 +1,51 @@
+"""Uploaded images -> model-size arrays, before they queue for the model: the declared content type checked,
+the bytes decoded in memory by the runtime's decoders (edgekd.imageio) with their size limits."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgekd.errors import EdgeKDError, shown
+from edgekd.imageio import read_image_bytes, sniff_format
+from edgekd.runtime import Preprocessor
+
+CONTENT_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/tiff": "TIFF", "image/bmp": "BMP",
+                 "image/gif": "GIF", "image/webp": "WEBP", "application/dicom": "DICOM",
+                 "application/octet-stream": None, "": None}
+"""Accepted declared types -> the format the content must then have (None: any image; the content decides)."""
+
+
+class UploadError(EdgeKDError):
+    """A bad upload: a one-line reason and the HTTP status it is answered with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def check_upload(data: bytes, content_type: str | None, where: str) -> None:
+    """Empty body -> 400; a declared type that is not an image, or that the content contradicts -> 415."""
+    declared = (content_type or "").split(";")[0].strip().lower()
+    if declared not in CONTENT_TYPES:
+        raise UploadError(f"{where}: content type {shown(declared, 80)} is not an image (send PNG, JPEG, TIFF, "
+                          "BMP, GIF, WEBP, DICOM or application/octet-stream)", 415)
+    if not data:
+        raise UploadError(f"{where}: empty upload", 400)
+    found, wanted = sniff_format(data), CONTENT_TYPES[declared]
+    if wanted is not None and found is not None and found != wanted:
+        raise UploadError(f"{where}: declared {declared} but the content is {found}", 415)
+
+
+def decode_upload(data: bytes, content_type: str | None, where: str, preprocessor: Preprocessor,
+                  keep_gray: bool) -> np.ndarray:
+    """Bytes of one upload -> the uint8 model-size image (`Preprocessor.to_model_size`); UploadError otherwise."""
+    where = shown(where, 120)
+    check_upload(data, content_type, where)
+    try:
+        return preprocessor.to_model_size(read_image_bytes(data, where, preprocessor.resize), keep_gray=keep_gray)
+    except UploadError:
+        raise
+    except EdgeKDError as err:
+        raise UploadError(str(err), 422) from None
+    except MemoryError:
+        raise UploadError(f"{where}: out of memory decoding the image", 422) from None

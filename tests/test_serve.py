@@ -1,0 +1,330 @@
+"""`edgekd serve`: the HTTP service in-process (httpx over ASGI) and one real server process on localhost."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from conftest import REPO, random_pixels  # noqa: E402
+from edgekd.runtime import Runner  # noqa: E402
+from edgekd.serve import ServeSettings, create_app, padded_sizes  # noqa: E402
+from test_runtime import _data_cfg, _tiny_model, write_manifest, write_test_bundle  # noqa: E402
+
+NAMES = ["normal", "pneumonia"]
+TOKEN = "a-test-token-of-some-length"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A two-class bundle with a calibration (temperature + bias) and a decision threshold."""
+    root = write_test_bundle(tmp_path_factory.mktemp("serve") / "b", _tiny_model(classes=2), _data_cfg(), NAMES)
+    meta = json.loads((root / "edgekd.json").read_text())
+    meta["calibration"] = {"temperature": 1.7, "bias": [0.0, 0.3]}
+    meta["decision"] = {"threshold": 0.4, "positive_index": 1}
+    (root / "edgekd.json").write_text(json.dumps(meta))
+    write_manifest(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runner(bundle) -> Runner:
+    return Runner.from_bundle(bundle, tta=True, threads=1)
+
+
+def png(seed: int, size: int = 20, channels: int = 3) -> bytes:
+    arr = random_pixels((size, size, channels), seed=seed)
+    buf = io.BytesIO()
+    Image.fromarray(arr if channels == 3 else arr[..., 0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def call(app, requests):
+    """Run `requests(client)` (a coroutine function) against the app in-process; returns its result."""
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as client:
+            try:
+                return await requests(client)
+            finally:
+                await app.state.service.close()
+    return asyncio.run(main())
+
+
+def metric_samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_predict_equals_the_runner_with_calibration_and_views(runner):
+    images = [png(i) for i in range(3)]
+    expected = [runner.predict(np.asarray(Image.open(io.BytesIO(b)))) for b in images]
+
+    async def go(client):
+        multipart = await client.post("/predict?views=true", files={"file": ("a.png", images[0], "image/png")})
+        raw = [await client.post("/predict", content=b, headers={"content-type": "image/png"}) for b in images[1:]]
+        return [multipart, *raw]
+
+    responses = call(create_app(runner), go)
+    for r, want in zip(responses, expected):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["label"] == want.label and body["index"] == want.index
+        np.testing.assert_allclose([body["probs"][c] for c in NAMES], want.probs, atol=1e-6)
+        np.testing.assert_allclose([body["uncalibrated"][c] for c in NAMES], want.raw_probs, atol=1e-6)
+        assert len(body["bundle_id"]) == 64
+    assert set(responses[0].json()["views"]) == set(runner.tta_views.names)
+    assert "views" not in responses[1].json()
+
+
+def test_batch_endpoint_answers_each_file_and_reports_bad_ones(runner):
+    files = [("files", (f"{i}.png", png(10 + i), "image/png")) for i in range(3)]
+    files.insert(1, ("files", ("bad.png", png(0)[:40], "image/png")))
+
+    async def go(client):
+        return await client.post("/predict/batch", files=files)
+
+    r = call(create_app(runner), go)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x.get("file") for x in results] == ["0.png", "bad.png", "1.png", "2.png"]
+    assert results[1]["status"] == 422 and results[1]["error"].startswith("bad.png: ")
+    want = runner.predict(np.asarray(Image.open(io.BytesIO(png(12)))))
+    np.testing.assert_allclose([results[3]["probs"][c] for c in NAMES], want.probs, atol=1e-6)
+
+
+def test_concurrent_requests_are_batched(runner):
+    app = create_app(runner, ServeSettings(max_batch=8, max_wait_ms=200))
+
+    async def go(client):
+        rs = await asyncio.gather(*(client.post("/predict", content=png(i), headers={"content-type": "image/png"})
+                                    for i in range(8)))
+        return rs, await client.get("/metrics")
+
+    rs, metrics = call(app, go)
+    assert all(r.status_code == 200 for r in rs)
+    samples = metric_samples(metrics.text)
+    batches, images = samples[("edgekd_batch_size_count", ())], samples[("edgekd_batch_size_sum", ())]
+    assert images == 8 and batches < 8  # at least one inference call served several clients
+    assert samples[("edgekd_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 8
+
+
+def test_openvino_batches_are_padded_to_a_few_compiled_sizes(runner):
+    assert padded_sizes(8) == [1, 2, 4, 8] and padded_sizes(16) == [1, 4, 8, 16] and padded_sizes(1) == [1]
+    service = create_app(runner, ServeSettings(max_batch=8)).state.service
+    arr = np.asarray(Image.open(io.BytesIO(png(3))))
+    sized = [runner.preprocessor.to_model_size(arr, keep_gray=True)] * 3
+    seen = []
+    original = runner.predict_sized
+    runner.predict_sized = lambda images, sources, tta=None: seen.append(len(images)) or original(images, sources)
+    try:
+        preds = service.run_batch(sized, ["a", "b", "c"])
+    finally:
+        del runner.predict_sized
+    assert seen == [4] and len(preds) == 3
+    np.testing.assert_allclose(preds[2].probs, runner.predict(arr).probs, atol=1e-6)
+
+
+def test_full_queue_answers_503_and_the_service_recovers(runner):
+    app = create_app(runner, ServeSettings(max_batch=1, max_wait_ms=0, max_queue=2))
+    service = app.state.service
+    busy, release, original = threading.Event(), threading.Event(), service.batcher.predict
+
+    def held_model(images, sources):
+        busy.set()
+        release.wait(10)
+        return original(images, sources)
+
+    service.batcher.predict = held_model
+
+    async def go(client):
+        post = lambda i: client.post("/predict", content=png(i), headers={"content-type": "image/png"})  # noqa: E731
+        running = [asyncio.ensure_future(post(0))]
+        while not busy.is_set():  # the model holds request 0
+            await asyncio.sleep(0.01)
+        running += [asyncio.ensure_future(post(i)) for i in (1, 2)]
+        while service.batcher.depth < 2:  # requests 1 and 2 fill the queue
+            await asyncio.sleep(0.01)
+        refused = await post(9)
+        release.set()
+        return refused, await asyncio.gather(*running), await post(5)
+
+    refused, held, after = call(app, go)
+    assert refused.status_code == 503 and "queue is full" in refused.json()["error"]
+    assert refused.headers["retry-after"] == "1"
+    assert [r.status_code for r in held] == [200, 200, 200] and after.status_code == 200
+
+
+def _dicom_without_pixels() -> bytes:
+    pytest.importorskip("pydicom")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from serve import dicom_without_pixels  # the load test's own malformed DICOM
+
+    return dicom_without_pixels()
+
+
+def _huge_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (40_000, 1)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_UPLOADS = {
+    "empty body": (lambda: b"", "image/png", 400, "empty"),
+    "truncated png": (lambda: png(1)[:60], "image/png", 422, "truncated"),
+    "huge dimensions": (_huge_png, "image/png", 422, "limit"),
+    "wrong content type": (lambda: png(1), "text/plain", 415, "not an image"),
+    "type contradicts content": (lambda: png(1), "image/jpeg", 415, "content is PNG"),
+    "not an image": (lambda: b"%PDF-1.4 hello", "application/octet-stream", 422, "not a supported image"),
+    "dicom without pixels": (_dicom_without_pixels, "application/dicom", 422, "upload: "),
+}
+
+
+def test_each_malformed_upload_is_a_4xx_json_line_and_good_requests_still_work(runner):
+    cases = {name: (make(), ctype, status, words) for name, (make, ctype, status, words) in BAD_UPLOADS.items()}
+
+    async def go(client):
+        out = {}
+        for name, (data, ctype, _, _) in cases.items():
+            out[name] = await client.post("/predict", content=data, headers={"content-type": ctype})
+        out["multipart text file"] = await client.post("/predict", data={"x": "1"},
+                                                          files={"y": ("y", b"", "text/plain")})
+        out["good"] = await client.post("/predict", files={"file": ("g.png", png(2), "image/png")})
+        return out
+
+    out = call(create_app(runner, ServeSettings(max_upload_mb=1)), go)
+    for name, (_, _, status, words) in cases.items():
+        r = out[name]
+        assert r.status_code == status, (name, r.text)
+        assert list(r.json()) == ["error"] and "\n" not in r.json()["error"] and words in r.json()["error"], name
+    assert out["multipart text file"].status_code == 415
+    assert out["good"].status_code == 200 and out["good"].json()["label"] in NAMES
+
+
+def test_body_over_the_upload_limit_is_413(runner):
+    async def go(client):
+        return await client.post("/predict", content=b"\x89PNG" + b"0" * 2**20, headers={"content-type": "image/png"})
+
+    r = call(create_app(runner, ServeSettings(max_upload_mb=0.5)), go)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_token_is_required_except_for_health(runner):
+    async def go(client):
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        return (await client.post("/predict", content=png(1)), await client.get("/metadata"),
+                await client.get("/metadata", headers={"authorization": "Bearer wrong-token-wrong-token"}),
+                await client.get("/health"), await client.get("/metadata", headers=auth),
+                await client.post("/predict", content=png(1), headers=auth))
+
+    anon, meta, wrong, health, meta_ok, ok = call(create_app(runner, ServeSettings(token=TOKEN)), go)
+    assert anon.status_code == meta.status_code == wrong.status_code == 401
+    assert "token" in anon.json()["error"] and anon.headers["www-authenticate"] == "Bearer"
+    assert health.status_code == 200 and ok.status_code == 200
+    facts = meta_ok.json()
+    assert facts["class_names"] == NAMES and facts["operating_point"]["threshold"] == 0.4
+    assert facts["input"]["input_size"] == [3, 16, 16] and facts["serving"]["batch_sizes"] == [1, 2, 4, 8]
+
+
+def test_metrics_parse_and_count_requests_and_errors(runner):
+    async def go(client):
+        for i in range(3):
+            await client.post("/predict", content=png(i))
+        await client.post("/predict", content=b"")
+        await client.get("/health")
+        return await client.get("/metrics")
+
+    r = call(create_app(runner), go)
+    assert r.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(r.text)
+    assert samples[("edgekd_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 3
+    assert samples[("edgekd_request_errors_total", (("endpoint", "/predict"), ("status", "400")))] == 1
+    assert samples[("edgekd_request_latency_seconds_count", (("endpoint", "/predict"),))] == 4
+    assert samples[("edgekd_requests_in_flight", ())] == 1  # the /metrics request itself
+
+
+def test_serve_refuses_another_host_without_a_token(bundle):
+    from edgekd.serve import check_settings
+    from edgekd.errors import EdgeKDError
+
+    with pytest.raises(EdgeKDError, match="token"):
+        check_settings(ServeSettings(host="0.0.0.0"))
+    check_settings(ServeSettings(host="0.0.0.0", token=TOKEN))
+    check_settings(ServeSettings(host="::1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_server_answers_and_finishes_in_flight_requests_on_sigterm(bundle, tmp_path):
+    """`edgekd serve` as a process: requests over TCP; SIGTERM while a request waits in the batcher (a long
+    --max-wait-ms holds it there): it is still answered, then the process exits 0."""
+    port = _free_port()
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "serve", str(bundle), "--port", str(port),
+                             "--backend", "onnx", "--threads", "1", "--max-wait-ms", "3000", "--max-batch", "4"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.2)
+        first = httpx.post(f"{base}/predict", content=png(1), headers={"content-type": "image/png"}, timeout=10)
+        assert first.status_code == 200 and first.json()["label"] in NAMES
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(r=httpx.post(
+            f"{base}/predict", content=png(2), headers={"content-type": "image/png"}, timeout=20)))
+        worker.start()
+        time.sleep(1.0)  # the request now waits in the batcher for up to 3 s
+        proc.send_signal(signal.SIGTERM)
+        worker.join(20)
+        assert result["r"].status_code == 200 and result["r"].json()["label"] in NAMES
+        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_the_service_never_imports_torch():
+    code = ("import sys, edgekd.serve, edgekd.serve.app, edgekd.serve.server; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm')]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PNG", ".png"), ("JPEG", ".jpg"), ("TIFF", ".tif"), ("BMP", ".bmp")])
+def test_upload_bytes_decode_like_the_file(tmp_path, fmt, suffix):
+    from edgekd.imageio import read_image, read_image_bytes, sniff_format
+
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(random_pixels((12, 10, 3), seed=4)).save(path, format=fmt)
+    data = path.read_bytes()
+    assert sniff_format(data) == fmt
+    np.testing.assert_array_equal(read_image_bytes(data, "x"), read_image(path))
