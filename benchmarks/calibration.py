@@ -22,11 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import REPO, RESULTS, machine_line, replace_section, results_doc, run_or_reuse  # noqa: E402
+from common import REPO, RESULTS, machine_line, results_doc, run_or_reuse, write_section  # noqa: E402
 
 import yaml  # noqa: E402
 
-from edgekd.fileio import write_json, write_text  # noqa: E402
+from edgekd.fileio import write_json  # noqa: E402
 
 RUNS = {"teacher": ("recipes/pneumonia/teacher-28.yaml", REPO / "runs/bench/pneumonia/teacher"),
         "student": ("recipes/pneumonia/student-28.yaml", REPO / "runs/bench/pneumonia/kd-s0")}
@@ -143,8 +143,7 @@ def main() -> int:
         records.append(rec)
     doc = results_doc("calibration", command, records, target=args.target, goals=GOALS)
     write_json(RESULTS / "calibration.json", doc)
-    results_md = REPO / "benchmarks" / "RESULTS.md"
-    write_text(results_md, replace_section(results_md.read_text(), section(doc), *MARKERS))
+    write_section(section(doc), *MARKERS)
     print(section(doc))
     return 0
 

@@ -117,6 +117,14 @@ def merge_records(path: Path, new: list[dict], benchmark: str, command: str,
     return merged
 
 
+def write_section(section: str, begin: str, end: str, path: Path | None = None) -> Path:
+    """Replace this benchmark's marked section of RESULTS.md (or `path`) with `section`; other sections stay."""
+    from edgekd.fileio import write_text
+
+    path = path or REPO / "benchmarks" / "RESULTS.md"
+    return write_text(path, replace_section(path.read_text(), section, begin, end))
+
+
 def replace_section(text: str, section: str, begin: str, end: str) -> str:
     """Swap the block between the `begin`/`end` markers of RESULTS.md for `section` (append when absent)."""
     if begin in text and end in text:

@@ -98,14 +98,15 @@ def student_dir(pair: Pair, student: str, kd: str, seed: int) -> Path:
     return pair.student_runs / seeded(f"{student}-{kd}-kd", seed)
 
 
-def ensure_students(pair: Pair, students: tuple[str, ...], force: bool, seeds: tuple[int, ...] = (0,)) -> None:
+def ensure_students(pair: Pair, students: tuple[str, ...], force: bool, seeds: tuple[int, ...] = (0,),
+                    student_seeds: dict[str, tuple[int, ...]] | None = None) -> None:
     """Train the pair's teacher (seed 0) and distil each starting student per seed where its best.pt is missing."""
     log = lambda s: print("  " + s, flush=True)  # noqa: E731
     if pair.teacher_recipe and (force or not (pair.teacher_run / "best.pt").is_file()):
         print(f"train the {pair.name} teacher -> {pair.teacher_run.relative_to(REPO)}", flush=True)
         run_recipe(load_recipe(pair.teacher_recipe), pair.teacher_run, log=log)
     for seed in seeds:
-        for student in students:
+        for student in (st for st in students if seed in (student_seeds or {}).get(st, seeds)):
             for kd in KD_PATHS:
                 out = student_dir(pair, student, kd, seed)
                 if (out / "best.pt").is_file() and not force:
@@ -116,12 +117,14 @@ def ensure_students(pair: Pair, students: tuple[str, ...], force: bool, seeds: t
 
 
 def cross_domain(pair: Pair, students: tuple[str, ...], overrides: list[str], force: bool,
-                 seeds: tuple[int, ...] = (0,), joint: bool = False) -> list[dict]:
+                 seeds: tuple[int, ...] = (0,), joint: bool = False,
+                 student_seeds: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
     """Every student x KD path x method x BN freeze cell, per seed (seed N > 0 re-distils the student with seed N
     and runs task B with seed N: runs/continual/<pair>/<student>-<cell>-sN); `joint`: the upper bound per student
     (logit-KD start)."""
-    records = []
-    for seed, student, kd in ((s, st, kd) for s in seeds for st in students for kd in KD_PATHS):
+    records, student_seeds = [], student_seeds or {}
+    for seed, student, kd in ((s, st, kd) for s in seeds for st in students for kd in KD_PATHS
+                              if s in student_seeds.get(st, seeds)):
         cells = [(m, bn) for m in CROSS_METHODS for bn in (False, True)] + ([("joint", False)] if joint and kd == "logit" else [])
         for method, bn in cells:
             stem = "joint" if method == "joint" else f"{kd}-{method}" + ("-bnfreeze" if bn else "")
@@ -317,8 +320,11 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override for every run.")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="Cross-domain seeds (student distillation and task B); the tables and goals use the mean.")
+    ap.add_argument("--student-seeds", nargs="+", default=[], metavar="STUDENT=S,S",
+                    help="Fewer seeds for a slow student, e.g. mobilenetv3=0 (a subset of --seeds).")
     args = ap.parse_args()
     pair = PAIRS[args.pair]
+    student_seeds = {k: tuple(int(v) for v in vs.split(",")) for k, vs in (a.split("=", 1) for a in args.student_seeds)}
     students = tuple(args.students or pair.students)
     unknown = set(students) - set(pair.students)
     if unknown:
@@ -327,8 +333,9 @@ def main() -> None:
     info = machine()
     records = []
     if args.only in (None, "cross_domain"):
-        ensure_students(pair, students, False, tuple(args.seeds))
-        records += cross_domain(pair, students, args.overrides, args.force, tuple(args.seeds), args.joint)
+        ensure_students(pair, students, False, tuple(args.seeds), student_seeds)
+        records += cross_domain(pair, students, args.overrides, args.force, tuple(args.seeds), args.joint,
+                                student_seeds)
         if args.single_head:
             records += cross_domain_single_head(pair, students, args.overrides, args.force)
     if args.only in (None, "class_incremental"):

@@ -21,9 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, RESULTS, machine_line, replace_section, results_doc  # noqa: E402  (sets sys.path)
+from common import REPO, RESULTS, machine_line, results_doc, write_section  # noqa: E402  (sets sys.path)
 
-from edgekd.fileio import write_json, write_text  # noqa: E402
+from edgekd.fileio import write_json  # noqa: E402
 
 GOAL_MB = 300.0
 EDGEKD = [sys.executable, "-m", "edgekd"]
@@ -102,8 +102,7 @@ def main() -> int:
     parent_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     doc = results_doc("hostile", command, records, bundle=str(args.bundle), parent_peak_rss_mb=round(parent_mb, 1))
     write_json(RESULTS / "hostile.json", doc)
-    results_md = REPO / "benchmarks" / "RESULTS.md"
-    write_text(results_md, replace_section(results_md.read_text(), section(doc), *MARKERS))
+    write_section(section(doc), *MARKERS)
     print(f"wrote {RESULTS / 'hostile.json'} and the RESULTS.md section")
     return 0
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, RESULTS, machine, machine_line, replace_section, results_doc  # noqa: E402  (sets sys.path)
+from common import REPO, RESULTS, machine, machine_line, results_doc, write_section  # noqa: E402  (sets sys.path)
 
-from edgekd.fileio import write_json, write_text  # noqa: E402
+from edgekd.fileio import write_json  # noqa: E402
 
 MARKERS = ("<!-- serve:begin -->", "<!-- serve:end -->")
 NPZ = REPO / "edgekd" / "data" / "builtin" / "pneumoniamnist_mini.npz"
@@ -304,8 +304,7 @@ def main(argv: list[str]) -> int:
         print(f"wrote {args.out}")
         return 0
     write_json(RESULTS / "serve.json", doc)
-    results_md = REPO / "benchmarks" / "RESULTS.md"
-    write_text(results_md, replace_section(results_md.read_text(), section(doc), *MARKERS))
+    write_section(section(doc), *MARKERS)
     print(f"wrote {RESULTS / 'serve.json'} and the RESULTS.md section")
     return 0
 
