@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+from edgekd.errors import EdgeKDError
 from edgekd.imageio import IMAGE_SUFFIXES
 
 
@@ -45,3 +46,26 @@ def collect_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str,
         else:
             problems.append((text, f"{path}: no such file or folder"))
     return paths, problems
+
+
+def collect_labelled(root: str | Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
+    """A labelled folder in the ImageFolder layout (root/<class name>/<images>, searched recursively) -> its image
+    paths and class indices in `class_names` (the bundle's order). A sub-folder that is not a class of the model,
+    or no image at all, is a one-line error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EdgeKDError(f"--data {root}: not a folder (give a labelled folder: one sub-folder per class)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    unknown = [p.name for p in folders if p.name not in class_names]
+    if unknown:
+        raise EdgeKDError(f"--data {root}: sub-folder '{unknown[0]}' is not a class of the model "
+                          f"({', '.join(class_names)})")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for folder in folders:
+        found, _ = collect_inputs([folder])
+        paths += found
+        labels += [class_names.index(folder.name)] * len(found)
+    if not paths:
+        raise EdgeKDError(f"--data {root}: no images in sub-folders named after the classes ({', '.join(class_names)})")
+    return paths, labels
