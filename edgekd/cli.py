@@ -301,7 +301,8 @@ def export(
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
-    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    inputs: list[str] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF, ...; DICOM of any name), folders "
+                                       "(searched recursively; a DICOM series) or glob patterns."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
     views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
@@ -313,6 +314,8 @@ def predict(
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                               help="Decision threshold on the positive class's calibrated probability "
                                                    "for this call (two-class bundles; default: the bundle's)."),
+    frame: Optional[int] = typer.Option(None, "--frame", min=1, help="Of a multi-frame DICOM, only frame N (1-based; "
+                                        "default: every frame, one row each, named file.dcm#frameN)."),
 ) -> None:
     """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end).
 
@@ -329,7 +332,7 @@ def predict(
     tta_option = split_list(views) if views else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir, threshold=threshold)
-    paths, problems = collect_inputs(inputs)
+    paths, problems = collect_inputs(inputs, frame)
     for _, message in problems:
         console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
     results = []
