@@ -191,17 +191,16 @@ def eval_(
     if bad:
         raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
     folder = data if data is not None and data.is_dir() else None
-    if folder is not None and (set_ or failures):
-        raise EdgeKDError(f"--data {folder}: a folder serves --corruptions; --set and --failures take a data recipe")
+    is_bundle = checkpoint.suffix == ".zip" or (checkpoint / "edgekd.json").is_file()
+    if folder is not None and (set_ or failures or not is_bundle):
+        raise EdgeKDError(f"--data {folder}: a folder serves a bundle's --corruptions; a checkpoint, --set and "
+                          "--failures take a data recipe")
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
-    is_bundle = checkpoint.suffix == ".zip" or (checkpoint / "edgekd.json").is_file()
     if not is_bundle:
         from edgekd.train.run import evaluate_checkpoint
 
-        if folder is not None:
-            raise EdgeKDError(f"--data {folder}: a folder scores a bundle; a checkpoint's data is a recipe")
         result = evaluate_checkpoint(checkpoint, out, data_recipe, splits)
         rows = [{"model": result["model"], **result[s]} for s in splits]
         out_console.print(metrics_table(f"{checkpoint}", rows))
@@ -213,8 +212,7 @@ def eval_(
         res = run_corruption_eval([checkpoint, *compare], out, data_recipe, splits[0], split_list(only),
                                   int_list(severities, "--severities"), seed, limit, log=console.print,
                                   data_folder=folder)
-        where = str(folder) if folder is not None else splits[0]
-        out_console.print(robustness_table(res["summary"], f"corruption robustness ({where}, {res['images']} images)"))
+        out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, {res['images']} images)"))
         console.print(f"wrote {', '.join(str(out / name) for name in res['written'])}")
     if failures:
         from edgekd.robustness.evaluate import run_failure_analysis
@@ -301,8 +299,7 @@ def export(
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
-    inputs: list[str] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF, ...; DICOM of any name), folders "
-                                       "(searched recursively; a DICOM series) or glob patterns."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively; a DICOM series) or globs."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
     views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
@@ -314,8 +311,7 @@ def predict(
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                               help="Decision threshold on the positive class's calibrated probability "
                                                    "for this call (two-class bundles; default: the bundle's)."),
-    frame: Optional[int] = typer.Option(None, "--frame", min=1, help="Of a multi-frame DICOM, only frame N (1-based; "
-                                        "default: every frame, one row each, named file.dcm#frameN)."),
+    frame: Optional[int] = typer.Option(None, "--frame", min=1, help="Multi-frame DICOM: frame N only (default: all, file.dcm#frameN)."),
 ) -> None:
     """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end).
 

@@ -177,3 +177,21 @@ def test_a_training_side_command_is_a_one_line_error_without_torch(exported):
     assert len(proc.stderr.strip().splitlines()) == 1 and "pip install 'edgekd[train]'" in proc.stderr
     proc = run_core(exported, "eval", exported["bundle"], "--corruptions")  # no labelled data
     assert proc.returncode == 2 and "--data DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corruptions_without_torch_are_the_pixels_the_training_side_sees(exported, tmp_path):
+    """One numpy/Pillow implementation serves both sides: the core install corrupts bit for bit alike."""
+    from edgekd.robustness.corruptions import CORRUPTIONS, corrupt
+
+    image = make_images(1, 24, 3, seed=5)[0][0]
+    np.save(tmp_path / "image.npy", image)
+    code = ("import sys, numpy as np; from edgekd.robustness.corruptions import CORRUPTIONS, corrupt; "
+            f"img = np.load({str(tmp_path / 'image.npy')!r}); "
+            f"np.savez({str(tmp_path / 'out.npz')!r}, **{{n: corrupt(img, n, 3, seed=1, index=2) for n in CORRUPTIONS}}); "
+            "assert 'torch' not in sys.modules and 'scipy' not in sys.modules")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{exported['site']}:{REPO}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    blocked = np.load(tmp_path / "out.npz")
+    for name in CORRUPTIONS:
+        assert np.array_equal(blocked[name], corrupt(image, name, 3, seed=1, index=2)), name
