@@ -170,7 +170,8 @@ def check(
 def eval_(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`; with "
                                       "--corruptions/--failures also an exported bundle."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's; "
+                                        "for a bundle also a labelled folder (DIR/<class name>/images)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
     split: str = typer.Option("test", "--split", help="Comma-separated splits: train,val,test."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: next to the checkpoint)."),
@@ -187,27 +188,25 @@ def eval_(
     top: int = typer.Option(5, "--top", min=1, help="How many confused pairs --failures reports."),
 ) -> None:
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
-    corruption robustness (teacher vs student vs each export format) and failure analysis."""
+    corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle with --data DIR
+    (a labelled folder) runs on the core install, without PyTorch."""
     from edgekd.fileio import refuse_output_inside
-    from edgekd.recipe import load_recipe, recipe_from_dict
-    from edgekd.train.checkpoint import load_checkpoint
-    from edgekd.train.run import evaluate_checkpoint
 
     splits = tuple(split_list(split) or ())
     bad = [s for s in splits if s not in ("train", "val", "test")]
     if bad:
         raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
-    if data is not None:
-        data_recipe = load_recipe(data, set_)
-    elif set_:
-        from edgekd.recipe import apply_overrides
-        data_recipe = recipe_from_dict(apply_overrides(load_checkpoint(checkpoint)["recipe"], set_), str(checkpoint))
-    else:
-        data_recipe = None
+    folder = data if data is not None and data.is_dir() else None
+    is_bundle = checkpoint.suffix == ".zip" or (checkpoint / "edgekd.json").is_file()
+    if folder is not None and (set_ or failures or not is_bundle):
+        raise EdgeKDError(f"--data {folder}: a folder serves a bundle's --corruptions; a checkpoint, --set and "
+                          "--failures take a data recipe")
+    data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
-    is_bundle = checkpoint.suffix == ".zip" or (checkpoint / "edgekd.json").is_file()
     if not is_bundle:
+        from edgekd.train.run import evaluate_checkpoint
+
         result = with_progress(lambda _, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar))
         rows = [{"model": result["model"], **result[s]} for s in splits]
         out_console.print(metrics_table(f"{checkpoint}", rows))
@@ -216,10 +215,11 @@ def eval_(
         raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its checkpoint)")
     if corruptions:
         from edgekd.robustness.evaluate import run_corruption_eval
-        res = with_progress(lambda log, bar: run_corruption_eval([checkpoint, *compare], out, data_recipe, splits[0],
-                            split_list(only), int_list(severities, "--severities"), seed, limit, log=log, progress=bar))
-        out_console.print(robustness_table(res["summary"], f"corruption robustness ({splits[0]}, {res['images']} images)"))
-        console.print(f"wrote {out / 'robustness.json'}, robustness.md, robustness.png")
+        res = with_progress(lambda log, bar: run_corruption_eval(
+            [checkpoint, *compare], out, data_recipe, splits[0], split_list(only), int_list(severities, "--severities"),
+            seed, limit, log=log, progress=bar, data_folder=folder))
+        out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, {res['images']} images)"))
+        console.print(f"wrote {', '.join(str(out / name) for name in res['written'])}")
     if failures:
         from edgekd.robustness.evaluate import run_failure_analysis
         res = run_failure_analysis(checkpoint, out, data_recipe, splits[0], top)
@@ -227,6 +227,21 @@ def eval_(
             out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
                               f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
         console.print(f"{res['errors']} errors / {res['images']} images; wrote {out / 'failures.json'}, failures.png")
+
+
+def _data_recipe(checkpoint: Path, data: Optional[Path], set_: list[str]):
+    """The data recipe of `edgekd eval`: --data RECIPE (with --set overrides), the checkpoint's own recipe with
+    --set overrides, or None (the checkpoint's recipe as it is)."""
+    if data is not None:
+        from edgekd.recipe import load_recipe
+
+        return load_recipe(data, set_)
+    if set_:
+        from edgekd.recipe import apply_overrides, recipe_from_dict
+        from edgekd.train.checkpoint import load_checkpoint
+
+        return recipe_from_dict(apply_overrides(load_checkpoint(checkpoint)["recipe"], set_), str(checkpoint))
+    return None
 
 
 def robustness_table(summary: list[dict], title: str) -> RichTable:
@@ -327,7 +342,7 @@ def update(
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
-    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively; a DICOM series) or globs."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
     views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
@@ -341,6 +356,7 @@ def predict(
                                                    "for this call (two-class bundles; default: the bundle's)."),
     task: Optional[str] = typer.Option(None, "--task", help="Multi-head bundle: the task whose head predicts "
                                        "(default: every task's prediction side by side)."),
+    frame: Optional[int] = typer.Option(None, "--frame", min=1, help="Multi-frame DICOM: frame N only (default: all, file.dcm#frameN)."),
 ) -> None:
     """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end).
 
@@ -357,7 +373,7 @@ def predict(
     tta_option = split_list(views) if views else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir, threshold=threshold, task=task)
-    paths, problems = collect_inputs(inputs)
+    paths, problems = collect_inputs(inputs, frame)
     for _, message in problems:
         console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
     results = []
@@ -493,13 +509,15 @@ def serve(
 @app.command()
 def bench(
     source: Path = typer.Argument(..., help="A checkpoint (exported here first) or an exported bundle."),
-    formats: str = typer.Option("torch,onnx,openvino", "--formats", help="Comma-separated: torch,onnx,openvino."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: torch,onnx,openvino (default: "
+                                          "all three; onnx,openvino where PyTorch is not installed)."),
     precision: str = typer.Option("fp32,int8", "--precision", help="Comma-separated: fp32,fp16,int8."),
     batch: str = typer.Option("1,8,32", "--batch", help="Comma-separated batch sizes."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Every image in all its TTA views (one batched call)."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="The teacher (checkpoint or bundle), benchmarked alike."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Score accuracy on this recipe's test split (default: the checkpoint's)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Score accuracy on this recipe's test split (default: the "
+                                        "checkpoint's), or on a labelled folder DIR/<class name>/images (no PyTorch needed)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the --data recipe."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With a bundle: its checkpoint, for the torch rows and MACs."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: bench/ beside the source)."),
@@ -514,13 +532,20 @@ def bench(
 ) -> None:
     """Latency (p50/p90/p99), throughput, size, peak RSS, MACs, accuracy/AUC and share of the GEMM peak per
     format x precision x batch, with PyTorch eager/compile and bare-runtime baselines; writes bench.json/.md/.png."""
+    from importlib.util import find_spec
+
     from edgekd.bench.report import records_table
     from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, run_bench
-    from edgekd.recipe import load_recipe
 
-    data_recipe = load_recipe(data, set_) if data is not None else None
-    if set_ and data is None:
-        raise EdgeKDError("--set needs --data (it overrides the data recipe)")
+    folder = data if data is not None and data.is_dir() else None
+    if set_ and (data is None or folder is not None):
+        raise EdgeKDError("--set needs --data RECIPE (it overrides the data recipe)")
+    data_recipe = None
+    if data is not None and folder is None:
+        from edgekd.recipe import load_recipe
+
+        data_recipe = load_recipe(data, set_)
+    formats = formats or ("torch,onnx,openvino" if find_spec("torch") is not None else "onnx,openvino")
     variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
     out = out or source.parent / "bench"  # beside a bundle folder, never inside it
     with progress_bar() as progress:
@@ -528,7 +553,7 @@ def bench(
         config = BenchConfig(source, out, formats, precision, batch, threads, tta, teacher, data_recipe, checkpoint,
                              Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
                              profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
-                             command=command_line())
+                             command=command_line(), data_folder=folder)
         result = run_bench(config, log=log, progress=progress)
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (
@@ -537,7 +562,7 @@ def bench(
     for r in {(r["role"], r["format"], r["precision"], r["variant"]): r for r in result.records
               if r["status"] != "ok"}.values():
         console.print(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}")
-    console.print(f"wrote {out / 'bench.json'}, bench.md and bench.png")
+    console.print(f"wrote {', '.join(str(out / name) for name in result.written)}")
 
 
 @app.command()
@@ -645,13 +670,16 @@ def fail(line: str) -> None:
 
 
 def known_failure(err: BaseException) -> str | None:
-    """The one-line message of an error whose cause the user can act on (a path's permission, a full disk, an
-    input nested too deeply, memory), else None."""
+    """The one-line message of an error whose cause the user can act on (a path's permission, a full disk, a
+    package the install lacks, an input nested too deeply, memory), else None."""
     if isinstance(err, OSError) and (err.filename is not None or err.strerror):
         name = err.filename
         name = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)  # an fd is an int
         where = f"{printable(name)}: " if err.filename is not None else ""
         return f"{where}{(err.strerror or type(err).__name__).lower()}"
+    if isinstance(err, ModuleNotFoundError) and err.name:  # e.g. a training-side command on the core install
+        return (f"this needs the Python package '{err.name.split('.')[0]}', which is not installed (training, export "
+                "and checkpoints need the train extra: pip install 'edgekd[train]')")
     if isinstance(err, RecursionError):
         return "input nested too deeply (Python's recursion limit): a self-referencing recipe or file?"
     if isinstance(err, MemoryError):

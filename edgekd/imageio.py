@@ -1,10 +1,12 @@
-"""Reading images from disk into uint8 HxWxC arrays (numpy + Pillow only; shared by training and the edge runtime)."""
+"""Reading images from disk into uint8 HxWxC arrays (numpy + Pillow; DICOM through pydicom, an optional extra; shared
+by training and the edge runtime)."""
 
 from __future__ import annotations
 
 import io
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,9 @@ PILLOW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF"
 """The only decoders a file reaches, chosen by its suffix: a file's suffix and its content must agree (an EPS named
 .png never reaches Pillow's Ghostscript plugin, whatever Pillow has installed)."""
 IMAGE_SUFFIXES = {*PILLOW_FORMATS, ".dcm"}
+DICOM_MARKER = b"DICM"
+"""A DICOM file (Part 10) is recognised by its content: a 128-byte preamble, then these 4 bytes, whatever its
+name (PACS exports often have none, or a UID for one)."""
 MAX_PIXELS = 64_000_000
 """Decompression-bomb guard: larger images are refused (a 224x224 model never needs them)."""
 MAX_SIDE = 32_768
@@ -44,13 +49,36 @@ def check_image_size(width: int, height: int, resize: int | None = None, where: 
                               f"exceed the {MAX_PIXELS} pixel limit")
 
 
-def read_image(path: str | Path, resize: int | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class DicomFrame:
+    """One frame (0-based `index`) of a multi-frame DICOM file; shown as `file.dcm#frame3` (1-based, as DICOM
+    numbers frames)."""
+
+    path: Path
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.path}#frame{self.index + 1}"
+
+
+def is_dicom(path: str | Path) -> bool:
+    """Whether the file holds DICOM by its content: the 'DICM' marker after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == DICOM_MARKER
+
+
+def read_image(path: str | Path, resize: int | None = None, frame: int | None = None) -> np.ndarray:
     """Decode an image file to a uint8 array of shape (H, W, 1) or (H, W, 3).
 
-    16-bit images are rescaled to 8 bit by their own range, RGBA/LA lose alpha, CMYK/palette become RGB. Only the
-    decoder of the file's suffix is tried (PILLOW_FORMATS, DICOM through pydicom); the size limits of
-    `check_image_size` (with `resize`: the shorter side the caller will resize to) are checked from the header,
-    before decoding. Any failure, MemoryError included, raises EdgeKDError naming the file.
+    16-bit images are rescaled to 8 bit by their own range, RGBA/LA lose alpha, CMYK/palette become RGB. DICOM is
+    recognised by its content (`is_dicom`) and read by pydicom (`frame`: 0-based, for a multi-frame file); other
+    files reach only the Pillow decoder of their suffix (PILLOW_FORMATS). The size limits of `check_image_size`
+    (with `resize`: the shorter side the caller will resize to) are checked from the header, before decoding. Any
+    failure, MemoryError included, raises EdgeKDError naming the file.
     """
     path = Path(path)
     where = printable(str(path))
@@ -58,11 +86,14 @@ def read_image(path: str | Path, resize: int | None = None) -> np.ndarray:
         raise EdgeKDError(f"{where}: image file not found")
     if path.stat().st_size == 0:
         raise EdgeKDError(f"{where}: empty file")
+    if is_dicom(path):
+        return read_dicom(path, resize, frame)
     suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:
-        raise EdgeKDError(f"{where}: not a supported image type (use {', '.join(sorted(IMAGE_SUFFIXES))})")
     if suffix == ".dcm":
-        return read_dicom(path, resize)
+        raise EdgeKDError(f"{where}: not DICOM (no 'DICM' marker after the 128-byte preamble)")
+    if suffix not in IMAGE_SUFFIXES:
+        raise EdgeKDError(f"{where}: not a supported image type (use {', '.join(sorted(IMAGE_SUFFIXES))}, or DICOM "
+                          "of any name)")
     return _decode_pillow(path, PILLOW_FORMATS[suffix], where, resize)
 
 
@@ -114,7 +145,7 @@ def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = No
     if fmt is None:
         raise EdgeKDError(f"{where}: not a supported image (PNG, JPEG, TIFF, BMP, GIF, WEBP or DICOM expected)")
     if fmt == "DICOM":
-        return read_dicom(io.BytesIO(data), resize, where)
+        return read_dicom(io.BytesIO(data), resize, where=where)
     return _decode_pillow(io.BytesIO(data), fmt, where, resize)
 
 def pil_to_array(img: Image.Image) -> np.ndarray:
@@ -138,45 +169,78 @@ def _rescale_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def _first(value):
-    """A DICOM tag value or the first of a multi-valued one."""
-    return value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value
-
-
-def read_dicom(path: Path | io.BytesIO, resize: int | None = None, where: str | None = None) -> np.ndarray:
-    """DICOM (a file, or bytes in memory named `where`) through pydicom (optional extra), windowed by the file's
-    own Window Center/Width tags; the size limits are checked from the Rows/Columns tags before the pixel data is
-    decoded."""
-    where = where or str(path)
+def _pydicom(where: str):
     try:
         import pydicom
+        import pydicom.pixels
     except ImportError:
         raise EdgeKDError(f"{where}: reading DICOM needs pydicom (pip install 'edgekd[dicom]')") from None
+    return pydicom
+
+
+PIXEL_DATA = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def dicom_header(path: Path | io.BytesIO, where: str | None = None):
+    """The dataset of a DICOM file (or bytes in memory named `where`), its pixel data deferred (not read); a
+    one-line error if unreadable."""
+    where = where or printable(str(path))
+    pydicom = _pydicom(where)
     try:
-        ds = pydicom.dcmread(path if isinstance(path, io.BytesIO) else str(path))
-        rows, columns = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        return pydicom.dcmread(_dicom_source(path), defer_size="1 KB")
     except Exception as err:  # pydicom raises many types for bad files
         raise EdgeKDError(f"{where}: unreadable DICOM ({type(err).__name__})") from None
-    if frames != 1:
-        raise EdgeKDError(f"{where}: a DICOM of {frames} frames (edgekd classifies single 2-D images)")
-    check_image_size(columns, rows, resize, where)
+
+
+def _dicom_source(path: Path | io.BytesIO):
+    """What pydicom reads: a file's path, or the in-memory bytes from their start."""
+    if isinstance(path, io.BytesIO):
+        path.seek(0)
+        return path
+    return str(path)
+
+
+def dicom_frames(path: Path) -> int:
+    """The frame count of a DICOM file (its NumberOfFrames; 1 for a single image)."""
+    return _frame_count(dicom_header(path))
+
+
+def _frame_count(ds) -> int:
     try:
-        arr = ds.pixel_array.astype(np.float64)
-        slope = float(_first(getattr(ds, "RescaleSlope", 1)) or 1)
-        intercept = float(_first(getattr(ds, "RescaleIntercept", 0)) or 0)
-        arr = arr * slope + intercept
-        center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-        if center is not None and width is not None:
-            center, width = float(_first(center)), float(_first(width))
-            arr = np.clip(arr, center - width / 2, center + width / 2)
-    except EdgeKDError:
-        raise
+        return max(1, int(getattr(ds, "NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | None = None,
+               where: str | None = None) -> np.ndarray:
+    """One image (or frame) of a DICOM file through pydicom (optional extra): the modality LUT (rescale slope and
+    intercept, or a Modality LUT Sequence), then the VOI LUT (a VOI LUT Sequence, else the Window Center/Width),
+    both pydicom's own; scaled to 0..255 by the result's range; MONOCHROME1 inverted (0 is white there). Colour
+    images come out RGB. The size limits are checked from Rows/Columns, before any pixel is decoded. `path` may be
+    bytes in memory (an upload), named `where` in errors."""
+    where = where or printable(str(path))
+    ds = dicom_header(path, where)
+    if not any(tag in ds for tag in PIXEL_DATA):
+        kind = getattr(ds, "Modality", "") or "no Modality"
+        raise EdgeKDError(f"{where}: a DICOM without pixel data ({kind}: not an image)")
+    frames = _frame_count(ds)
+    if frame is None and frames > 1:
+        raise EdgeKDError(f"{where}: a DICOM of {frames} frames (pick one: --frame N, or predict it as a folder "
+                          "input to get one row per frame)")
+    if frame is not None and not 0 <= frame < frames:
+        raise EdgeKDError(f"{where}: no frame {frame + 1} (the file has {frames})")
+    check_image_size(int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), resize, where)
+    pixels = _pydicom(where).pixels
+    try:
+        arr = pixels.pixel_array(_dicom_source(path), index=frame if frames > 1 else None)
+        if int(getattr(ds, "SamplesPerPixel", 1) or 1) == 1:
+            arr = pixels.apply_voi_lut(pixels.apply_modality_lut(arr, ds), ds)
+    except MemoryError:
+        raise EdgeKDError(f"{where}: out of memory decoding the DICOM") from None
     except Exception as err:  # pydicom raises many types for bad files; odd tag values too
-        raise EdgeKDError(f"{where}: unreadable DICOM ({type(err).__name__})") from None
-    out = _rescale_to_uint8(arr)
+        raise EdgeKDError(f"{where}: unreadable DICOM pixel data ({type(err).__name__})") from None
+    out = arr.astype(np.uint8) if arr.dtype == np.uint8 else _rescale_to_uint8(np.asarray(arr, dtype=np.float64))
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         out = 255 - out
-    if out.ndim == 2:
-        out = out[..., None]
-    return out
+    return out[..., None] if out.ndim == 2 else out

@@ -537,8 +537,11 @@ def test_predict_cli_all_good_exits_zero_and_bad_out_suffix_is_refused(bundle, t
     assert res.exit_code != 0 and not (tmp_path / "p.xlsx").exists()
 
 
-def test_dicom_input_is_read_with_windowing(bundle, tmp_path):
-    pytest.importorskip("pydicom")
+# ---------------------------------------------------------------- DICOM (pydicom: the dev and dicom extras)
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12,
+                pixel_data: bool = True, **tags) -> Path:
+    """A DICOM file written by pydicom: 2-D gray, (H, W, 3) RGB, or (frames, H, W) multi-frame gray pixels."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -546,22 +549,96 @@ def test_dicom_input_is_read_with_windowing(bundle, tmp_path):
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    pixels = np.linspace(0, 4000, 20 * 24).reshape(20, 24).astype(np.uint16)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 1000, 1000
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "OT"
+    rgb = photometric == "RGB"
+    if pixel_data:
+        ds.Rows, ds.Columns = pixels.shape[-3:-1] if rgb else pixels.shape[-2:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = (3, "RGB") if rgb else (1, photometric)
+        if rgb:
+            ds.PlanarConfiguration = 0
+        bits = 8 if pixels.dtype == np.uint8 else 16
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, min(bits, bits_stored), min(bits, bits_stored) - 1
+        ds.PixelRepresentation = 0
+        if pixels.ndim == 3 and not rgb:
+            ds.NumberOfFrames = pixels.shape[0]
+        ds.PixelData = pixels.tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
 
+
+def test_dicom_modality_and_voi_luts_and_monochrome1(tmp_path):
     from edgekd.imageio import read_image
 
-    arr = read_image(tmp_path / "x.dcm")
-    assert arr.shape == (20, 24, 1) and arr.min() == 0 and arr.max() == 255
-    assert (arr == 255).mean() > 0.5  # values above the window (>1500) saturate
-    pred = Runner.from_bundle(bundle, warmup=0).predict(tmp_path / "x.dcm")
-    assert pred.source.endswith("x.dcm") and pred.label in CLASS_NAMES
+    raw = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 16  # 0 .. 4080, 12-bit
+    # rescale: value = 2 * raw - 1000 (-1000 .. 7160); window 2000 +- 1000: raw below 1000 clips low, above 2000 high
+    tags = dict(RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=2000)
+    mono2 = read_image(write_dicom(tmp_path / "a.dcm", raw, **tags))[..., 0]
+    mono1 = read_image(write_dicom(tmp_path / "b.dcm", raw, photometric="MONOCHROME1", **tags))[..., 0]
+    assert mono2.shape == (16, 16)
+    assert np.array_equal(mono1, 255 - mono2)  # MONOCHROME1: low values are white
+    assert (mono2[raw < 1000] == 0).all() and (mono2[raw > 2000] == 255).all()
+    inside = (raw > 1020) & (raw < 1980)
+    assert 0 < mono2[inside].min() and mono2[inside].max() < 255 and (np.diff(mono2.ravel()) >= 0).all()
+    middle = mono2.ravel()[np.argmin(np.abs(raw.ravel() * 2 - 1000 - 2000))]
+    assert abs(int(middle) - 128) <= 2  # the window centre maps to mid-grey
+    # without the modality LUT the same window cuts elsewhere: the slope and intercept are applied
+    plain = read_image(write_dicom(tmp_path / "c.dcm", raw, WindowCenter=2000, WindowWidth=2000))[..., 0]
+    assert (plain[(raw > 2020) & (raw < 2980)] < 255).all() and (plain[raw > 3000] == 255).all()
+
+
+def test_dicom_is_detected_by_content_not_suffix(bundle, tmp_path):
+    from edgekd.imageio import read_image
+
+    rgb = random_pixels((16, 16, 3), seed=4)
+    assert np.array_equal(read_image(write_dicom(tmp_path / "IM0001", rgb, photometric="RGB")), rgb)
+    assert np.array_equal(read_image(write_dicom(tmp_path / "scan.png", rgb, photometric="RGB")), rgb)
+    Image.fromarray(rgb).save(tmp_path / "fake.dcm", format="PNG")
+    with pytest.raises(EdgeKDError, match="fake.dcm: not DICOM"):
+        read_image(tmp_path / "fake.dcm")
+    nopre = tmp_path / "nopreamble.dcm"  # the same dataset without the preamble and its DICM marker
+    nopre.write_bytes((tmp_path / "IM0001").read_bytes()[132:])
+    with pytest.raises(EdgeKDError, match="nopreamble.dcm: not DICOM"):
+        read_image(nopre)
+
+
+def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict(bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.imageio import read_image
+    from edgekd.runtime.inputs import collect_inputs
+
+    series = tmp_path / "series"
+    series.mkdir()
+    frames = np.zeros((3, 16, 16), np.uint16)
+    for k in range(3):
+        frames[k, 4 * k:4 * k + 4] = 4000  # frame k: a bright band at rows 4k..4k+3
+    multi = write_dicom(series / "cine.dcm", frames)
+    for i in range(2):  # a series exported without suffixes
+        write_dicom(series / f"1.2.3.{i}", random_pixels((16, 16), seed=i, high=4096, dtype=np.uint16))
+    write_dicom(series / "report.dcm", frames[0], pixel_data=False, Modality="SR")
+    (series / "notes.txt").write_text("not an image")
+    items, problems = collect_inputs([series])
+    assert not problems and [str(i) for i in items] == [f"{series}/1.2.3.0", f"{series}/1.2.3.1"] + [
+        f"{multi}#frame{k}" for k in (1, 2, 3)] + [f"{series}/report.dcm"]
+    assert [str(i) for i in collect_inputs([multi], frame=2)[0]] == [f"{multi}#frame2"]
+    for k in range(3):
+        arr = read_image(multi, frame=k)[..., 0]
+        assert (arr[4 * k:4 * k + 4] == 255).all() and arr.sum() == 255 * 4 * 16
+    with pytest.raises(EdgeKDError, match="a DICOM of 3 frames"):
+        read_image(multi)
+
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(app, ["predict", str(bundle), str(series), "--out", str(out)])
+    assert res.exit_code == 1, res.output  # the report without pixels fails, the rest are predicted
+    rows = json.loads(out.read_text())["predictions"]
+    assert [r["file"] for r in rows[:5]] == [str(i) for i in items[:5]] and all("label" in r for r in rows[:5])
+    assert rows[5]["file"] == str(series / "report.dcm") and "without pixel data (SR" in rows[5]["error"]
+    res = CliRunner().invoke(app, ["predict", str(bundle), str(multi), "--frame", "5", "--out", str(out)])
+    assert res.exit_code == 1 and "no frame 5 (the file has 3)" in json.loads(out.read_text())["predictions"][0]["error"]
 
 
 def test_runner_rejects_unknown_backend_and_precision(bundle):

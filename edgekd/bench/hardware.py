@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +42,7 @@ def measure_gemm_peak(threads: int, sizes: tuple[int, ...] = GEMM_SIZES, min_sec
     """
     rng = np.random.default_rng(0)
     results = []
-    for lib in libraries:
+    for lib in [lib for lib in libraries if find_spec(lib) is not None]:  # torch only where it is installed
         for n in sizes:
             a = rng.standard_normal((n, n), dtype=np.float32)
             b = rng.standard_normal((n, n), dtype=np.float32)
@@ -52,10 +54,8 @@ def measure_gemm_peak(threads: int, sizes: tuple[int, ...] = GEMM_SIZES, min_sec
                 out = torch.empty(n, n)
                 rate = _gemm_rate(lambda: torch.mm(ta, tb, out=out), n, min_seconds)
             elif lib == "numpy":
-                from threadpoolctl import threadpool_limits
-
                 out_np = np.empty((n, n), dtype=np.float32)
-                with threadpool_limits(limits=threads):
+                with blas_threads(threads):
                     rate = _gemm_rate(lambda: np.matmul(a, b, out=out_np), n, min_seconds)
             else:
                 raise ValueError(f"unknown GEMM library '{lib}'")
@@ -63,6 +63,16 @@ def measure_gemm_peak(threads: int, sizes: tuple[int, ...] = GEMM_SIZES, min_sec
     best = max(results, key=lambda r: r["gflops_p50"])
     return {"peak_gflops": best["gflops_p50"], "peak_gflops_best_call": max(r["gflops_best"] for r in results),
             "library": best["library"], "n": best["n"], "threads": threads, "dtype": "float32", "all": results}
+
+
+def blas_threads(threads: int):
+    """numpy's BLAS limited to `threads` (threadpoolctl, a scikit-learn dependency); without threadpoolctl (the
+    core install) a no-op: the caller's environment (OMP_NUM_THREADS, set by `edgekd bench`) limits it."""
+    if find_spec("threadpoolctl") is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads)
 
 
 def cpu_info() -> dict:

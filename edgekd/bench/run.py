@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from edgekd.fileio import refuse_output_inside, write_json
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
 from edgekd.progress import progress_task
+from edgekd.scoring import accuracy_auc
 
 SCHEMA = "edgekd-bench/1"
 FORMATS = ("torch", *ARTIFACT_FORMATS)
@@ -84,6 +86,8 @@ class BenchResult:
     records: list[dict]
     summary: dict
     markdown: str
+    written: list[str] = field(default_factory=list)
+    """The files written into `out` (bench.png only where matplotlib is installed)."""
 
 
 def is_bundle(path: Path) -> bool:
@@ -190,7 +194,6 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
                     log: Callable[[str], None] = print) -> Subject:
     """A checkpoint (exported here for the ONNX/OpenVINO rows) or a bundle (plus an optional checkpoint for torch)."""
     from edgekd.runtime import open_bundle
-    from edgekd.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     export_options = export_options or {}
     source = Path(source)
@@ -208,6 +211,8 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
             if pair not in subject.artifacts:
                 subject.unavailable[pair] = f"not in the bundle {source}"
     else:
+        from edgekd.train.checkpoint import load_checkpoint
+
         ckpt = load_checkpoint(source)
         checkpoint = source
         subject = Subject(role=role or ckpt.get("role") or "model", name=ckpt["arch"]["name"],
@@ -232,6 +237,7 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
                     del subject.artifacts[pair]  # a reused bundle may hold more than was asked for
     if subject.checkpoint is not None:
         from edgekd.models import count_macs, count_parameters
+        from edgekd.train.checkpoint import model_from_checkpoint
 
         model, _ = model_from_checkpoint(subject.checkpoint)
         subject.params = count_parameters(model)
@@ -268,6 +274,26 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
         + (f" (stratified subset of {len(test)})" if len(picked) < len(test) else ""))
 
 
+def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int | None, log) -> None:
+    """A labelled folder (ImageFolder layout, the model's class names) decoded by the runtime, at the resize stage
+    like the test split (torch-free: the core install's bench scores accuracy this way); --eval-limit takes a
+    seeded random subset."""
+    from edgekd.runtime import Preprocessor
+    from edgekd.runtime.inputs import collect_labelled
+
+    paths, labels = collect_labelled(folder, subject.class_names)
+    picked = np.arange(len(paths))
+    if limit is not None and limit < len(paths):
+        picked = np.sort(np.random.default_rng(EVAL_SEED).choice(len(paths), size=limit, replace=False))
+    prep = Preprocessor(subject.preprocess)
+    images = np.stack([prep.to_resize_size(paths[i]) for i in picked])
+    subject.images = work / f"{subject.role}-folder-images.npy"
+    np.save(subject.images, images)
+    subject.labels = np.asarray(labels)[picked]
+    log(f"{subject.role}: {len(picked)} labelled images of {folder} at {images.shape[1:]}"
+        + (f" (random subset of {len(paths)})" if len(picked) < len(paths) else ""))
+
+
 def attach_synthetic_images(subject: Subject, work: Path, n: int) -> None:
     """No test data (a bundle without --data): time on seeded random images, report no accuracy."""
     c, size = subject.preprocess["input_size"][0], subject.preprocess["resize"]  # the resize stage, as test images
@@ -302,15 +328,16 @@ def plan_rows(subject: Subject, formats: list[str], precisions: list[str], varia
     return rows
 
 
-def run_worker(job: dict, work: Path, timeout: float) -> dict:
-    """Run one job in a fresh interpreter; any failure (error, crash, timeout) comes back as {"error": ...}."""
+def run_worker(job: dict, work: Path, timeout: float, env: dict[str, str] | None = None) -> dict:
+    """Run one job in a fresh interpreter (with `env` added to the environment); any failure (error, crash,
+    timeout) comes back as {"error": ...}."""
     fd, job_path = tempfile.mkstemp(prefix="job-", suffix=".json", dir=work)
     os.close(fd)
     job = {**job, "result": job_path.replace(".json", "-result.json")}
     Path(job_path).write_text(json.dumps(job))
     try:
         proc = subprocess.run([sys.executable, "-m", "edgekd.bench.worker", job_path], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     result_path = Path(job["result"])
@@ -358,10 +385,8 @@ def make_records(row: Row, result: dict | str, batches: list[int], threads: int,
     error = result if isinstance(result, str) else result.get("error")
     metrics = {}
     if not error and result.get("probs") and s.labels is not None:
-        from edgekd.metrics import classification_metrics
-
         probs = np.load(result["probs"])
-        metrics = classification_metrics(s.labels[:len(probs)], probs)
+        metrics = accuracy_auc(s.labels[:len(probs)], probs)
     records = []
     for batch in batches:
         rec = dict.fromkeys(RECORD_KEYS)
@@ -385,7 +410,8 @@ def make_records(row: Row, result: dict | str, batches: list[int], threads: int,
 class BenchConfig:
     """What `run_bench` measures: a model (and optionally its teacher) in every (format, precision, variant) x batch.
 
-    `data_recipe`: a Recipe whose test split scores accuracy (default: each checkpoint's own recipe).
+    `data_recipe`: a Recipe whose test split scores accuracy (default: each checkpoint's own recipe); `data_folder`
+    instead: a labelled folder (root/<class name>/images), decoded by the torch-free runtime.
     `variants`: per format, which variants to run (default VARIANTS: eager+compile, bare+runner).
     `export_options`: parity_images, calib_images, accuracy_control, data_overrides, bundle_root (where checkpoints are exported;
     default `out`: an earlier export of the same checkpoint there is reused).
@@ -413,6 +439,7 @@ class BenchConfig:
     command: str | None = None
     role: str | None = None
     gemm_info: dict | None = None
+    data_folder: str | Path | None = None
 
 
 def _resolved(config: BenchConfig) -> BenchConfig:
@@ -444,8 +471,6 @@ def _prepare_out(cfg: BenchConfig) -> Path:
 
 def _subjects(cfg: BenchConfig, work: Path, log: Callable[[str], None]) -> list[Subject]:
     """The model (and its teacher), each with the images it is scored on."""
-    from edgekd.recipe import recipe_from_dict
-
     subjects = [resolve_subject(Path(cfg.source), cfg.role, cfg.formats, cfg.precisions, cfg.out, cfg.threads,
                                 Path(cfg.checkpoint) if cfg.checkpoint else None, cfg.export_options, log)]
     if cfg.teacher is not None:
@@ -454,8 +479,12 @@ def _subjects(cfg: BenchConfig, work: Path, log: Callable[[str], None]) -> list[
         if subjects[0].role == "teacher":
             subjects[0].role = "student"  # two "teacher" subjects would be indistinguishable in the records
     for s in subjects:
+        if cfg.data_folder is not None:
+            attach_folder_images(s, Path(cfg.data_folder), work, cfg.eval_limit, log)
+            continue
         recipe = cfg.data_recipe
         if recipe is None and s.checkpoint is not None:
+            from edgekd.recipe import recipe_from_dict
             from edgekd.train.checkpoint import load_checkpoint
 
             embedded = load_checkpoint(s.checkpoint).get("recipe")
@@ -469,8 +498,11 @@ def _subjects(cfg: BenchConfig, work: Path, log: Callable[[str], None]) -> list[
 
 def _measure_gemm(cfg: BenchConfig, work: Path, when: str, log: Callable[[str], None]) -> dict:
     log(f"measuring the FP32 GEMM peak at {cfg.threads} thread(s) ({when} the rows)")
+    # numpy's BLAS reads its thread count from the environment at start (threadpoolctl, with the train extra, too).
+    blas = {k: str(cfg.threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     result = run_worker({"kind": "gemm", "variant": "gemm", "threads": cfg.threads,
-                         "min_seconds": min(1.0, max(0.05, cfg.timing.min_seconds / 2))}, work, cfg.worker_timeout)
+                         "min_seconds": min(1.0, max(0.05, cfg.timing.min_seconds / 2))}, work, cfg.worker_timeout,
+                        env=blas)
     return result.get("gemm") or {"error": result.get("error")}
 
 
@@ -511,7 +543,7 @@ def _run_rows(subjects: list[Subject], cfg: BenchConfig, work: Path, log: Callab
 
 def _write_outputs(cfg: BenchConfig, subjects: list[Subject], records: list[dict],
                    summary: dict) -> BenchResult:
-    """out/bench.json, out/bench.md and out/bench.png."""
+    """out/bench.json, out/bench.md and (with matplotlib) out/bench.png."""
     from edgekd.bench.report import records_markdown, throughput_chart
     from edgekd.fileio import atomic_write
 
@@ -519,9 +551,12 @@ def _write_outputs(cfg: BenchConfig, subjects: list[Subject], records: list[dict
     markdown = records_markdown(records, summary)
     write_json(out / "bench.json", summary)
     atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(markdown))
-    throughput_chart(records, out / "bench.png", title=f"{', '.join(s.name for s in subjects)}: throughput "
-                                                       f"({cfg.threads} thread(s){', TTA' if cfg.tta else ''})")
-    return BenchResult(out=out, records=records, summary=summary, markdown=markdown)
+    written = ["bench.json", "bench.md"]
+    if find_spec("matplotlib") is not None:  # the train extra's; the core install writes no PNG chart
+        throughput_chart(records, out / "bench.png", title=f"{', '.join(s.name for s in subjects)}: throughput "
+                                                           f"({cfg.threads} thread(s){', TTA' if cfg.tta else ''})")
+        written.append("bench.png")
+    return BenchResult(out=out, records=records, summary=summary, markdown=markdown, written=written)
 
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=None) -> BenchResult:

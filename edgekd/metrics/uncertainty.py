@@ -15,6 +15,7 @@ from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_curve
 
 from edgekd.metrics.calibration import confidence_bins
+from edgekd.scoring import rank_auc
 
 RULES = ("argmax", "sensitivity", "specificity", "youden")
 INTERVAL_METRICS = ("auc", "acc", "balanced_acc", "sensitivity", "specificity", "f1", "ece")
@@ -59,15 +60,6 @@ def stratified_resamples(labels: np.ndarray, n_resamples: int = 1000, seed: int 
     return np.concatenate(parts, axis=1)
 
 
-def _auc_rows(y: np.ndarray, score: np.ndarray, positive) -> np.ndarray:
-    """Mann-Whitney AUC of each row (ties count half), from mid-ranks."""
-    pos = y == positive
-    n1 = pos.sum(axis=1)
-    n0 = y.shape[1] - n1
-    ranks = rankdata(score, axis=1)
-    return ((ranks * pos).sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
 def _ece_rows(probs: np.ndarray, y: np.ndarray, bins: int) -> np.ndarray:
     conf = probs.max(axis=-1)
     correct = probs.argmax(axis=-1) == y
@@ -99,10 +91,10 @@ def metric_rows(labels: np.ndarray, probs: np.ndarray, threshold: float | None =
            "ece": _ece_rows(probs, labels, bins)}
     if k == 2:
         out.update(sensitivity=recall[positive], specificity=spec[positive],
-                   auc=_auc_rows(labels, probs[..., positive], positive))
+                   auc=rank_auc(labels, probs[..., positive], positive))
     else:
         out.update(sensitivity=out["balanced_acc"], specificity=np.mean(spec, axis=0),
-                   auc=np.mean([_auc_rows(labels, probs[..., c], c) for c in range(k)], axis=0))
+                   auc=np.mean([rank_auc(labels, probs[..., c], c) for c in range(k)], axis=0))
     return out
 
 
@@ -127,10 +119,10 @@ def paired_bootstrap_auc(labels: np.ndarray, score_a: np.ndarray, score_b: np.nd
     """AUC(a) - AUC(b) on the same images: the difference, its interval, and a two-sided bootstrap p-value."""
     labels = np.asarray(labels, dtype=int)
     idx = stratified_resamples(labels, n_resamples, seed)
-    diff = (_auc_rows(labels[idx], np.asarray(score_a)[idx], positive)
-            - _auc_rows(labels[idx], np.asarray(score_b)[idx], positive))
-    value = float((_auc_rows(labels[None], np.asarray(score_a)[None], positive)
-                   - _auc_rows(labels[None], np.asarray(score_b)[None], positive))[0])
+    diff = (rank_auc(labels[idx], np.asarray(score_a)[idx], positive)
+            - rank_auc(labels[idx], np.asarray(score_b)[idx], positive))
+    value = float((rank_auc(labels[None], np.asarray(score_a)[None], positive)
+                   - rank_auc(labels[None], np.asarray(score_b)[None], positive))[0])
     alpha = (1 - level) / 2
     p = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean()))
     return {"diff": value, "low": float(np.quantile(diff, alpha)), "high": float(np.quantile(diff, 1 - alpha)),

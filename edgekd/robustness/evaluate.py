@@ -8,6 +8,7 @@ its student and the student's INT8 artifact are compared on identical pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,6 +19,7 @@ from edgekd.fileio import write_json, write_text
 from edgekd.probability import softmax
 from edgekd.progress import progress_task
 from edgekd.robustness.corruptions import check_names, check_severities, corrupt
+from edgekd.scoring import accuracy_auc
 
 CLEAN = "clean"
 RECORD_KEYS = ("model", "role", "format", "precision", "corruption", "severity", "acc", "auc", "n")
@@ -119,13 +121,26 @@ def load_split_images(recipe, split: str = "test", limit: int | None = None,
     return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names)
 
 
+def load_folder_images(folder: str | Path, class_names: list[str], limit: int | None = None,
+                       seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """The decoded uint8 images and labels of a labelled folder (root/<class>/...; the model's class names), a fixed
+    random subset of `limit` if given: the torch-free counterpart of `load_split_images`."""
+    from edgekd.imageio import read_image
+    from edgekd.runtime.inputs import collect_labelled
+
+    paths, labels = collect_labelled(folder, list(class_names))
+    idx = np.arange(len(paths))
+    if limit is not None and limit < len(paths):
+        idx = np.sort(np.random.default_rng(seed).choice(len(paths), size=limit, replace=False))
+    images = [read_image(paths[i]) for i in idx]
+    return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names)
+
+
 def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray], labels: np.ndarray,
                        corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
                        log: Callable[[str], None] = print, progress=None) -> list[dict[str, Any]]:
     """Accuracy/AUC of every predictor on the clean images and under each corruption x severity (a step per
     condition and predictor on `progress`, the CLI's progress bar, if given)."""
-    from edgekd.metrics import classification_metrics
-
     names, levels = check_names(corruptions), check_severities(severities)
     classes = {len(p.class_names) for p in predictors}
     if len(classes) != 1 or int(labels.max()) >= classes.pop():
@@ -138,7 +153,7 @@ def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray]
             batch = images if name == CLEAN else [corrupt(img, name, severity, seed, i) for i, img in enumerate(images)]
             for p in predictors:
                 advance(0, f"{name}{'' if name == CLEAN else f' s{severity}'}: {p.label}")
-                m = classification_metrics(labels, p.predict(batch))
+                m = accuracy_auc(labels, p.predict(batch))
                 records.append({"model": p.model, "role": p.role, "format": p.format, "precision": p.precision,
                                 "corruption": name, "severity": severity, "acc": m["acc"], "auc": m["auc"],
                                 "n": int(len(labels))})
@@ -226,15 +241,21 @@ def plot_corruptions(records: list[dict[str, Any]], path: str | Path, title: str
 def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_recipe=None, split: str = "test",
                         corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
                         limit: int | None = None, threads: int | None = None,
-                        log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+                        log: Callable[[str], None] = print, progress=None,
+                        data_folder: str | Path | None = None) -> dict[str, Any]:
     """Score every checkpoint/bundle in `sources` on `split` of `data_recipe` (default: the first checkpoint's
-    recipe) under all corruptions; writes robustness.json, robustness.md and robustness.png into `out`."""
+    recipe), or on the labelled folder `data_folder` (torch-free for bundles), under all corruptions; writes
+    robustness.json, robustness.md and (with matplotlib) robustness.png into `out`."""
     if not sources:
         raise EdgeKDError("corruption eval: give at least one checkpoint or bundle")
-    recipe = data_recipe or _recipe_of_first_checkpoint(sources)
+    recipe = None if data_folder is not None else (data_recipe or _recipe_of_first_checkpoint(sources))
     names, levels = check_names(corruptions), check_severities(severities)
     predictors = predictors_for(sources, threads)
-    images, labels, class_names = load_split_images(recipe, split, limit, seed)
+    if data_folder is not None:
+        images, labels, class_names = load_folder_images(data_folder, predictors[0].class_names, limit, seed)
+        split = str(data_folder)
+    else:
+        images, labels, class_names = load_split_images(recipe, split, limit, seed)
     log(f"corruption eval: {len(predictors)} model/format(s) x {len(images)} {split} images x "
         f"{len(names)} corruptions x {len(levels)} severities")
     records = corruption_records(predictors, images, labels, names, levels, seed, log, progress)
@@ -246,23 +267,27 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
               "sources": [str(s) for s in sources], "records": records, "summary": summary}
     write_json(out / "robustness.json", result)
     write_text(out / "robustness.md", corruption_markdown(summary) + "\n")
-    plot_corruptions(records, out / "robustness.png", f"Accuracy under corruptions ({split}, {len(images)} images)")
+    result["written"] = ["robustness.json", "robustness.md"]
+    if find_spec("matplotlib") is not None:  # the train extra's; the core install writes no PNG chart
+        plot_corruptions(records, out / "robustness.png", f"Accuracy under corruptions ({split}, {len(images)} images)")
+        result["written"].append("robustness.png")
     return result
 
 
 def _recipe_of_first_checkpoint(sources: Sequence[str | Path]):
-    from edgekd.recipe import recipe_from_dict
-    from edgekd.train.checkpoint import load_checkpoint
-
     for src in sources:
         src = Path(src)
         ckpt_path = src / "best.pt" if src.is_dir() and (src / "best.pt").is_file() else src
         if ckpt_path.is_file() and ckpt_path.suffix == ".pt":
+            from edgekd.recipe import recipe_from_dict  # the training side: only for a checkpoint
+            from edgekd.train.checkpoint import load_checkpoint
+
             ckpt = load_checkpoint(ckpt_path)
             if ckpt.get("recipe") is None:
                 raise EdgeKDError(f"{ckpt_path}: checkpoint has no embedded recipe (give --data RECIPE)")
             return recipe_from_dict(ckpt["recipe"], where=f"{ckpt_path} (embedded recipe)")
-    raise EdgeKDError("corruption eval of bundles needs the test data: give --data RECIPE (or a checkpoint too)")
+    raise EdgeKDError("corruption eval of bundles needs labelled images: give --data DIR (one sub-folder per class) "
+                      "or --data RECIPE (or a checkpoint too)")
 
 
 def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, split: str = "test",

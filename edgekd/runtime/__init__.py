@@ -2,7 +2,7 @@
 
 from edgekd.probability import softmax
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle, verify_manifest
-from edgekd.runtime.inputs import collect_inputs
+from edgekd.runtime.inputs import collect_inputs, collect_labelled
 from edgekd.runtime.output import check_output_path, write_predictions
 from edgekd.runtime.preprocess import Preprocessor
 from edgekd.runtime.repository import Repository, write_repository
@@ -11,5 +11,5 @@ from edgekd.runtime.timing import peak_rss_mb, time_call
 from edgekd.runtime.tta import TTAViews
 
 __all__ = ["Artifact", "Bundle", "Failure", "Prediction", "Preprocessor", "Repository", "Runner", "TTAViews",
-           "TaskPredictions", "check_output_path", "collect_inputs", "open_bundle", "peak_rss_mb", "softmax",
-           "time_call", "verify_manifest", "write_predictions", "write_repository"]
+           "TaskPredictions", "check_output_path", "collect_inputs", "collect_labelled", "open_bundle", "peak_rss_mb",
+           "softmax", "time_call", "verify_manifest", "write_predictions", "write_repository"]

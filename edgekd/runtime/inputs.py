@@ -1,17 +1,21 @@
-"""Expanding `edgekd predict` inputs (files, folders, globs) into an ordered list of image paths."""
+"""Expanding `edgekd predict` inputs (files, folders, globs) into an ordered list of images (paths, DICOM frames)."""
 
 from __future__ import annotations
 
 import glob
 from pathlib import Path
 
-from edgekd.imageio import IMAGE_SUFFIXES
+from edgekd.errors import EdgeKDError
+from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame, dicom_frames, is_dicom
 
 
-def collect_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files as given, folders recursively (image suffixes only, sorted), globs expanded (sorted).
+def collect_inputs(specs: list[str | Path], frame: int | None = None
+                   ) -> tuple[list[Path | DicomFrame], list[tuple[str, str]]]:
+    """Files as given, folders recursively (sorted; files with an image suffix, and DICOM files of any name, so a
+    folder of a series works), globs expanded (sorted). A multi-frame DICOM becomes one input per frame
+    (`file.dcm#frame3`), or only frame `frame` (1-based) when given.
 
-    Returns (paths, problems): a spec matching nothing is a (spec, message) problem, not an exception,
+    Returns (inputs, problems): a spec matching nothing is a (spec, message) problem, not an exception,
     so one typo does not stop a batch run. A path reached twice is kept once, at its first position.
     """
     paths: list[Path] = []
@@ -28,9 +32,11 @@ def collect_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str,
         text = str(spec)
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES
+                                                                         or is_dicom(p)))
             if not found:
-                problems.append((text, f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+                problems.append((text, f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))} "
+                                       "or DICOM)"))
             for p in found:
                 add(p)
         elif path.exists():
@@ -44,4 +50,43 @@ def collect_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str,
                 add(p)
         else:
             problems.append((text, f"{path}: no such file or folder"))
-    return paths, problems
+    return [item for p in paths for item in frames_of(p, frame)], problems
+
+
+def frames_of(path: Path, frame: int | None = None) -> list[Path | DicomFrame]:
+    """A multi-frame DICOM -> each of its frames (or frame `frame`, 1-based); any other file -> itself (an
+    unreadable DICOM too: reading it reports the error for that file)."""
+    if not is_dicom(path):
+        return [path]
+    try:
+        count = dicom_frames(path)
+    except EdgeKDError:
+        return [path]
+    if count == 1:
+        return [path]
+    if frame is not None:
+        return [DicomFrame(path, frame - 1)]
+    return [DicomFrame(path, i) for i in range(count)]
+
+
+def collect_labelled(root: str | Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
+    """A labelled folder in the ImageFolder layout (root/<class name>/<images>, searched recursively) -> its image
+    paths and class indices in `class_names` (the bundle's order). A sub-folder that is not a class of the model,
+    or no image at all, is a one-line error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EdgeKDError(f"--data {root}: not a folder (give a labelled folder: one sub-folder per class)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    unknown = [p.name for p in folders if p.name not in class_names]
+    if unknown:
+        raise EdgeKDError(f"--data {root}: sub-folder '{unknown[0]}' is not a class of the model "
+                          f"({', '.join(class_names)})")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for folder in folders:
+        found, _ = collect_inputs([folder])
+        paths += found
+        labels += [class_names.index(folder.name)] * len(found)
+    if not paths:
+        raise EdgeKDError(f"--data {root}: no images in sub-folders named after the classes ({', '.join(class_names)})")
+    return paths, labels

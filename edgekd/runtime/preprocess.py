@@ -16,21 +16,23 @@ from PIL import Image
 
 from edgekd.errors import EdgeKDError
 from edgekd.hair import opencv, remove_hair
-from edgekd.imageio import check_image_size, pil_to_array, read_image
+from edgekd.imageio import DicomFrame, check_image_size, pil_to_array, read_image
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = Union[str, Path, DicomFrame, Image.Image, np.ndarray]
 
 # ITU-R 601 luma weights as torchvision's rgb_to_grayscale uses them (float32, truncated back to uint8).
 LUMA = (np.float32(0.2989), np.float32(0.587), np.float32(0.114))
 
 
 def as_image_array(image: ImageInput, resize: int | None = None) -> np.ndarray:
-    """A path, PIL image or uint8 array -> uint8 (H, W, C) with C 1 or 3; anything else is a one-line error.
+    """A path, DICOM frame, PIL image or uint8 array -> uint8 (H, W, C) with C 1 or 3; anything else is a one-line error.
     `resize`: the shorter side the caller resizes to; an image whose resized copy would be too large is refused
     first (for a file: from its header, before decoding)."""
     if not isinstance(image, np.ndarray):
         if isinstance(image, (str, Path)):
             return read_image(image, resize)
+        if isinstance(image, DicomFrame):
+            return read_image(image.path, resize, frame=image.index)
         if isinstance(image, Image.Image):
             check_image_size(*image.size, resize)
             return pil_to_array(image)

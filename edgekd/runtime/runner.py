@@ -15,6 +15,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
+from edgekd.imageio import DicomFrame
 from edgekd.probability import apply_temperature
 from edgekd.runtime.backends import BACKENDS, Backend, create_backend
 from edgekd.runtime.bundle import Bundle, open_bundle
@@ -307,7 +308,7 @@ class Runner:
 
 
 def _describe(image: Any) -> str:
-    if isinstance(image, (str, Path)):
+    if isinstance(image, (str, Path, DicomFrame)):
         return str(image)
     if isinstance(image, np.ndarray):
         return "<array " + "x".join([str(d) for d in image.shape]) + ">"

@@ -1,0 +1,47 @@
+"""Accuracy and the rank (Mann-Whitney) AUC in numpy alone: torch- and scikit-learn-free, so the edge-side bench and
+corruption eval on the core install score as the training side's metrics do (tests check them against sklearn)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mid_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks along the last axis, ties sharing their mean rank (scipy's rankdata 'average')."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, axis=-1, kind="mergesort")
+    ordered = np.take_along_axis(values, order, axis=-1)
+    n = values.shape[-1]
+    pos = np.broadcast_to(np.arange(n), ordered.shape)
+    starts = np.concatenate([np.ones(ordered.shape[:-1] + (1,), bool), ordered[..., 1:] != ordered[..., :-1]], -1)
+    ends = np.concatenate([starts[..., 1:], np.ones(ordered.shape[:-1] + (1,), bool)], -1)
+    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, pos, n - 1), -1), axis=-1), -1)
+    ranks = np.empty_like(ordered)
+    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=-1)
+    return ranks
+
+
+def rank_auc(labels: np.ndarray, score: np.ndarray, positive: int = 1) -> np.ndarray | float:
+    """ROC AUC of `score` for class `positive` against the rest, ties counting half; along the last axis, so (rows,
+    n) arrays give one AUC per row. NaN where a row lacks either side."""
+    pos = np.asarray(labels) == positive
+    n1 = pos.sum(axis=-1)
+    n0 = pos.shape[-1] - n1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((mid_ranks(score) * pos).sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return float(auc) if np.ndim(auc) == 0 else auc
+
+
+def accuracy_auc(labels: np.ndarray, probs: np.ndarray, positive: int = 1) -> dict[str, float]:
+    """{"acc", "auc"} as `edgekd.metrics.classification_metrics` gives them: binary AUC of class `positive`,
+    multi-class the macro one-vs-rest AUC; NaN unless every class is present."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = probs.shape[1]
+    acc = float((probs.argmax(1) == labels).mean()) if len(labels) else float("nan")
+    if len(np.unique(labels)) < k:
+        return {"acc": acc, "auc": float("nan")}
+    if k == 2:
+        return {"acc": acc, "auc": rank_auc(labels, probs[:, positive], positive)}
+    return {"acc": acc, "auc": float(np.mean([rank_auc(labels, probs[:, c], c) for c in range(k)]))}
