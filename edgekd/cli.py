@@ -654,6 +654,9 @@ def stopped(code: int) -> None:
     import lock never finishes (seen as an export hanging after SIGINT)."""
     import atexit
 
+    from edgekd.fileio import remove_tracked_trees
+
+    remove_tracked_trees()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -701,6 +704,7 @@ def install_process_guards() -> None:
             except ValueError:  # not the main thread (an embedding application): its signals are its own
                 pass
     warnings.showwarning = _one_line_warning
+    sys.unraisablehook = _stop_if_swallowed
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")
@@ -714,10 +718,23 @@ prints and drops it), so `run` exits 128 + signum even when the command ran on t
 
 
 def _exit_on_signal(signum, _frame) -> None:
+    from edgekd.fileio import remove_tracked_trees
+
     RECEIVED_SIGNALS.append(signum)
+    remove_tracked_trees()  # now: the unwinding may pass through a native call that crashes the process
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+def _stop_if_swallowed(unraisable) -> None:
+    """sys.unraisablehook: a stop signal's exception raised where Python cannot propagate it (a finalizer, an import
+    lock's callback) ends the run here, as `run` would have, instead of a printed traceback and a run that goes on."""
+    if RECEIVED_SIGNALS and isinstance(unraisable.exc_value, (KeyboardInterrupt, SystemExit)):
+        console.print("interrupted")
+        stopped(128 + RECEIVED_SIGNALS[0])  # does not return
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 _WARNED: set[tuple[str, str]] = set()

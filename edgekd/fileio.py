@@ -125,6 +125,29 @@ def deferred_signals():
             signal.raise_signal(signum)
 
 
+TRACKED_TREES: set[Path] = set()
+"""Temp dirs a stop signal must not leave behind (`track_tree`); the CLI's signal handler removes them before the
+stop unwinds the stack, since a native library interrupted mid-call may crash the process on the way out."""
+
+
+def track_tree(path: str | Path) -> Path:
+    """Register a temp dir for `remove_tracked_trees` (untrack it once the code that made it has removed it)."""
+    TRACKED_TREES.add(Path(path))
+    return Path(path)
+
+
+def untrack_tree(path: str | Path | None) -> None:
+    if path is not None:
+        TRACKED_TREES.discard(Path(path))
+
+
+def remove_tracked_trees() -> None:
+    """Remove every tracked temp dir now (a stop signal's handler, before unwinding)."""
+    for path in list(TRACKED_TREES):
+        shutil.rmtree(path, ignore_errors=True)
+        TRACKED_TREES.discard(path)
+
+
 def remove_trees(paths: list[str | Path | None]) -> None:
     """remove_tree each existing path (None and missing paths are skipped)."""
     for path in paths:

@@ -638,6 +638,40 @@ def test_a_killed_export_leaves_no_temp_files(sig, trained, tmp_path):
     assert not out.exists() and list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_stop_signal_removes_tracked_temp_dirs_before_it_unwinds(tmp_path, monkeypatch):
+    """The handler removes them itself: an export stopped inside torch's ONNX exporter sometimes crashed (SIGSEGV)
+    while unwinding, before any `finally` ran, and left its temp dir (about 1 run in 3 on a loaded machine)."""
+    from edgekd import cli
+    from edgekd.fileio import TRACKED_TREES, track_tree
+
+    monkeypatch.setattr(cli, "RECEIVED_SIGNALS", [])
+    kept, tracked = tmp_path / "kept", track_tree(tmp_path / "edgekd-export-x")
+    (tracked / "sub").mkdir(parents=True)
+    kept.mkdir()
+    with pytest.raises(SystemExit) as stop:
+        cli._exit_on_signal(signal.SIGTERM, None)
+    assert stop.value.code == 128 + signal.SIGTERM and cli.RECEIVED_SIGNALS == [signal.SIGTERM]
+    assert not tracked.exists() and tracked not in TRACKED_TREES and kept.exists()
+
+
+def test_a_stop_exception_python_swallows_still_stops_the_run(monkeypatch, capsys):
+    """Raised inside an import lock's callback or a finalizer, the stop reaches sys.unraisablehook, not `run`: the
+    hook ends the run there (no 'Exception ignored' traceback, no run that goes on to write its output)."""
+    from types import SimpleNamespace
+
+    from edgekd import cli
+
+    stopped, printed = [], []
+    monkeypatch.setattr(cli, "stopped", stopped.append)
+    monkeypatch.setattr(sys, "__unraisablehook__", printed.append)
+    monkeypatch.setattr(cli, "RECEIVED_SIGNALS", [signal.SIGINT])
+    cli._stop_if_swallowed(SimpleNamespace(exc_value=KeyboardInterrupt()))
+    assert stopped == [128 + signal.SIGINT] and printed == []
+    other = SimpleNamespace(exc_value=ValueError("in a __del__"))
+    cli._stop_if_swallowed(other)  # anything else: Python's own report
+    assert stopped == [128 + signal.SIGINT] and printed == [other]
+
+
 # ============================================================ 12. the error promise, everywhere
 def test_an_unforeseen_error_without_click_is_one_line(bundle, tmp_path, capsys):
     """The core install has no click (typer vendors its own): the last-resort handler must not need it."""

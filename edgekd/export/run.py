@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import functools
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -17,7 +15,7 @@ from torchvision.transforms import v2
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha256_file
+from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha256_file, track_tree, untrack_tree
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   staging_dir, write_bundle_files, write_zip)
@@ -346,11 +344,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     outcome = _Outcome([], [], [])
     try:
         with deferred_signals():  # a kill now is delivered after both names are set: the finally removes them
-            stage = staging_dir(out)
-            scratch = Path(tempfile.mkdtemp(prefix="edgekd-export-", dir=scratch_root))
-            # A fallback for a `finally` that a kill interrupted (the CLI runs the atexit handlers when stopped).
-            guard = functools.partial(remove_trees, [scratch, stage])
-            atexit.register(guard)
+            # Tracked: a stop signal removes them before unwinding (a native call it interrupts may crash the exit).
+            stage = track_tree(staging_dir(out))
+            scratch = track_tree(tempfile.mkdtemp(prefix="edgekd-export-", dir=scratch_root))
         ctx = _export_context(model, data, metadata, profile, scratch, parity_set, log, progress)
         with progress_task(progress, "export", len(plan)) as advance:
             for fmt, precision in plan:
@@ -366,8 +362,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         publish(stage, out)
     finally:
         remove_trees([scratch, stage])
-        if scratch is not None:
-            atexit.unregister(guard)
+        untrack_tree(scratch), untrack_tree(stage)
     zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else None
     log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
     return ExportResult(out, zip_path, metadata, parity)
