@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "int8_settings")
     args = ap.parse_args()
     lines = [f"`{shlex.join(['python', 'benchmarks/int8_settings.py', *sys.argv[1:]])}` ({now()})", "",
-             "| setting | keys | ONNX top-1 | ONNX ΔACC / ΔAUC | OV top-1 | OV ΔACC / ΔAUC |", "|---|---|---:|---|---:|---|"]
+             "| setting | keys | ONNX top-1 | ONNX ΔACC / ΔAUC | OV top-1 | OV ΔACC / ΔAUC |",
+             "|---|---|---:|---|---:|---|"]
     for name in args.rows:
         what, keys = ROWS[name]
         with tempfile.TemporaryDirectory() as tmp:
