@@ -93,16 +93,24 @@ def export_onnx_artifact(ctx: ExportContext, precision: str, path: Path) -> dict
             fp32 = ctx.scratch / "onnx_fp32" / "model.onnx"
             export_onnx(ctx, fp32)
             ctx.cache["onnx_fp32"] = fp32
-        keep = ctx.profile.quantization.keep_first_last
+        cfg = ctx.profile.quantization
         with calibration_progress(ctx, "onnx int8") as advance:
-            quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, keep, advance)
+            quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, cfg.onnx, cfg.keep_first_last, advance)
         import onnx
 
         model = onnx.load(str(path))
         save_onnx(model, path, ctx.metadata, precision)
-        return {"opset": _opset(model), "quantization": "onnxruntime static QDQ (int8 weights per channel, int8 "
-                "activations)" + (", first and last layers FP32" if keep else "")}
+        return {"opset": _opset(model), "quantization": onnx_quantization_note(cfg)}
     raise EdgeKDError(f"onnx: unsupported precision '{precision}'")
+
+
+def onnx_quantization_note(cfg) -> str:
+    """How the ONNX INT8 artifact was quantized, for the bundle (profile quantization section)."""
+    opts = cfg.onnx
+    return (f"onnxruntime static QDQ (int8 weights {'per channel' if opts.per_channel else 'per tensor'}"
+            f"{', 7-bit range' if opts.reduce_range else ''}, uint8 activations, {opts.calibrate_method} "
+            "calibration)" + (", first and last layers FP32" if cfg.keep_first_last else "")
+            + (f", FP32 op types {', '.join(opts.exclude_op_types)}" if opts.exclude_op_types else ""))
 
 
 def open_onnx(path: Path, precision: str, threads: int | None) -> ArtifactSession:

@@ -62,6 +62,27 @@ class ParityConfig(Section):
         return v
 
 
+class OnnxQuantization(Section):
+    """ONNX Runtime `quantize_static` options (QDQ format; int8 weights, uint8 activations)."""
+
+    per_channel: bool = True
+    """One weight scale per output channel (per tensor when false)."""
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    """How activation ranges are read from the calibration images (percentile: CalibPercentile 99.999)."""
+    reduce_range: bool = False
+    """7-bit weights (ONNX Runtime's guard against int16 overflow on CPUs without VNNI)."""
+    exclude_op_types: list[str] = []
+    """ONNX op types left in FP32 (every node of these types, e.g. [Mul, HardSigmoid] for hard-swish and the
+    squeeze-excite gates of MobileNetV3), besides keep_first_last."""
+
+
+class OpenVINOQuantization(Section):
+    """NNCF options for the OpenVINO INT8 artifact."""
+
+    ignored_types: list[str] = []
+    """OpenVINO op types NNCF leaves in FP32 (nncf.IgnoredScope(types=...), e.g. [Multiply, HSwish])."""
+
+
 class QuantizationConfig(Section):
     calib_images: int = Field(300, ge=1)
     """Training-split images (eval preprocessing) used to calibrate INT8 activations."""
@@ -82,6 +103,8 @@ class QuantizationConfig(Section):
     PneumoniaMNIST) mixed kept 97.7% top-1 agreement on 300 val images where performance kept 90.7%."""
     model_type: Literal["auto", "cnn", "transformer"] = "auto"
     """NNCF's transformer scheme for attention models; auto looks for attention layers."""
+    onnx: OnnxQuantization = OnnxQuantization()
+    openvino: OpenVINOQuantization = OpenVINOQuantization()
 
 
 class OnnxConfig(Section):

@@ -11,6 +11,7 @@ from torch import nn
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.artifact import INPUT_NAME, ExportContext
+from edgekd.export.profile import OnnxQuantization
 from edgekd.progress import progress_task
 
 
@@ -26,6 +27,35 @@ def calibration_progress(ctx: ExportContext, label: str):
     return progress_task(ctx.progress, f"{label}: calibration", len(ctx.calibration()))
 
 
+def nncf_options(model, ctx: ExportContext) -> tuple[dict[str, Any], str]:
+    """nncf.quantize keyword arguments from the profile (preset, bias correction, transformer scheme, FP32
+    layers), and their description for the bundle."""
+    import nncf
+
+    cfg = ctx.profile.quantization
+    transformer = cfg.model_type == "transformer" or (cfg.model_type == "auto" and is_transformer(ctx.model))
+    kwargs: dict[str, Any] = {"subset_size": len(ctx.calibration()), "fast_bias_correction": cfg.fast_bias_correction,
+                              "preset": (nncf.QuantizationPreset.MIXED if cfg.preset == "mixed"
+                                         else nncf.QuantizationPreset.PERFORMANCE)}
+    if transformer:
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    names: list[str] = []
+    if cfg.keep_first_last:
+        compute = [op.get_friendly_name() for op in model.get_ordered_ops()
+                   if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
+        names = list(dict.fromkeys(compute[:1] + compute[-1:]))
+    types = list(cfg.openvino.ignored_types)
+    if names or types:
+        # validate=False: a profile naming an op type this model lacks (HSwish on a ResNet) still applies.
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=names, types=types, validate=False)
+    about = (f"nncf {nncf.__version__} PTQ ({cfg.preset} preset) on {len(ctx.calibration())} training images"
+             + (" (transformer scheme)" if transformer else "")
+             + ("" if cfg.fast_bias_correction else ", full bias correction")
+             + (", first and last layers FP32" if cfg.keep_first_last else "")
+             + (f", FP32 op types {', '.join(types)}" if types else ""))
+    return kwargs, about
+
+
 def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[Any, dict[str, Any]]:
     """NNCF PTQ of an FP32 ov.Model on the calibration images (`advance()` per image NNCF reads); optionally
     accuracy-controlled on the val split."""
@@ -34,27 +64,14 @@ def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[
     nncf.set_log_level(logging.ERROR)
     cfg = ctx.profile.quantization
     calib = ctx.calibration()
-    transformer = cfg.model_type == "transformer" or (cfg.model_type == "auto" and is_transformer(ctx.model))
-    kwargs: dict[str, Any] = {"subset_size": len(calib), "fast_bias_correction": cfg.fast_bias_correction,
-                              "preset": (nncf.QuantizationPreset.MIXED if cfg.preset == "mixed"
-                                         else nncf.QuantizationPreset.PERFORMANCE)}
-    if transformer:
-        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-    if cfg.keep_first_last:
-        compute = [op.get_friendly_name() for op in model.get_ordered_ops()
-                   if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
-        if compute:
-            kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(dict.fromkeys(compute[:1] + compute[-1:])))
+    kwargs, about = nncf_options(model, ctx)
+
     def calibration_item(i: int) -> np.ndarray:
         advance()
         return calib[i:i + 1]
 
     dataset = nncf.Dataset(range(len(calib)), calibration_item)
-    info: dict[str, Any] = {"quantization": f"nncf {nncf.__version__} PTQ ({cfg.preset} preset) on {len(calib)} "
-                                            "training images"
-                                            + (" (transformer scheme)" if transformer else "")
-                                            + ("" if cfg.fast_bias_correction else ", full bias correction")
-                                            + (", first and last layers FP32" if cfg.keep_first_last else "")}
+    info: dict[str, Any] = {"quantization": about}
     try:
         if not cfg.accuracy_control:
             return nncf.quantize(model, dataset, **kwargs), info
@@ -93,16 +110,35 @@ def first_last_compute_nodes(model_path: Path) -> list[str]:
     return list(dict.fromkeys(names[:1] + names[-1:]))
 
 
+def ort_quantize_options(model_path: Path, options: OnnxQuantization, keep_first_last: bool) -> dict[str, Any]:
+    """onnxruntime.quantization.quantize_static keyword arguments (besides paths and data) from the profile:
+    QDQ, int8 weights (per channel or per tensor), uint8 activations, the calibration method, and the nodes left
+    in FP32 (the first and last compute layers, every node of an excluded op type)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[options.calibrate_method]
+    excluded = first_last_compute_nodes(model_path) if keep_first_last else []
+    if options.exclude_op_types:
+        types = set(options.exclude_op_types)
+        excluded += [n.name for n in onnx.load(str(model_path)).graph.node if n.op_type in types and n.name]
+    return {"quant_format": QuantFormat.QDQ, "per_channel": options.per_channel, "reduce_range": options.reduce_range,
+            "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "calibrate_method": method,
+            "nodes_to_exclude": list(dict.fromkeys(excluded)),
+            **({"extra_options": {"CalibPercentile": 99.999}} if options.calibrate_method == "percentile" else {})}
+
+
 def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scratch: Path,
-                         keep_first_last: bool = True, advance=lambda: None) -> None:
-    """ONNX Runtime static quantization in QDQ format (int8 per-channel weights, uint8 activations, MinMax);
-    optionally the first and last compute layers stay FP32.
+                         options: OnnxQuantization | None = None, keep_first_last: bool = True,
+                         advance=lambda: None) -> None:
+    """ONNX Runtime static quantization in QDQ format (by default int8 per-channel weights, uint8 activations,
+    MinMax; `options`: the profile's quantization.onnx); optionally the first and last compute layers stay FP32.
 
     uint8 activations (U8S8) because ONNX Runtime's x86 kernels are built for them: on this 2-core EPYC (its
     flags list avx512_vnni), int8 activations (S8S8) ran MobileNetV3-Large at 224 px 2.1x slower than FP32
     (14.8 vs 7.0 ms, one thread), U8S8 1.2x faster (5.9 ms); ResNet-18: S8S8 1.3x, U8S8 3.3x faster."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class ImageReader(CalibrationDataReader):
@@ -123,11 +159,9 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
     except Exception:
         prepared = fp32_path
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = ort_quantize_options(prepared, options or OnnxQuantization(), keep_first_last)
     try:
-        quantize_static(str(prepared), str(out_path), ImageReader(calib), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=first_last_compute_nodes(prepared) if keep_first_last else [])
+        quantize_static(str(prepared), str(out_path), ImageReader(calib), **kwargs)
     except Exception as err:
         raise EdgeKDError(f"onnx int8: ONNX Runtime quantization failed: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None

@@ -1,0 +1,160 @@
+"""INT8 options of the export profile reach ONNX Runtime's quantize_static and NNCF, and show in the graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import export_plain_onnx
+from edgekd.errors import EdgeKDError
+from edgekd.export import profile_from_dict
+from edgekd.export.artifact import ExportContext
+from edgekd.export.quantize import nncf_options, ort_quantize_options, quantize_onnx_static, quantize_openvino
+
+
+class SwishNet(nn.Module):
+    """Conv -> x * sigmoid(x) (a Mul whose input has a negative tail, as in hard-swish/SiLU nets) -> conv -> head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.conv2(x * torch.sigmoid(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def calibration(n: int = 16) -> np.ndarray:
+    return np.random.default_rng(0).normal(0.3, 1.0, size=(n, 3, 8, 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def swish_onnx(tmp_path_factory) -> Path:
+    return export_plain_onnx(SwishNet().eval(), tmp_path_factory.mktemp("q") / "swish.onnx", torch.zeros(1, 3, 8, 8))
+
+
+def quantized_graph(src: Path, tmp_path: Path, keep_first_last: bool = False, **onnx_keys):
+    import onnx
+
+    options = profile_from_dict({"quantization": {"onnx": onnx_keys}}).quantization.onnx
+    out = tmp_path / "int8.onnx"
+    quantize_onnx_static(src, out, calibration(), tmp_path, options, keep_first_last)
+    return onnx.load(str(out)).graph
+
+
+def quantized_nodes(graph, op_type: str) -> int:
+    """How many `op_type` nodes read only DequantizeLinear outputs (ONNX Runtime's QDQ form of an int8 op; an
+    excluded node may still read a quantized producer's output, but not on every input)."""
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in graph.node if n.op_type == op_type and all(i in dq_outputs for i in n.input if i))
+
+
+def test_onnx_keys_reach_quantize_static(swish_onnx, monkeypatch, tmp_path):
+    import onnxruntime.quantization as ortq
+
+    seen = {}
+    monkeypatch.setattr(ortq, "quantize_static", lambda src, dst, reader, **kw: seen.update(kw))
+    keys = {"per_channel": False, "calibrate_method": "percentile", "reduce_range": True, "exclude_op_types": ["Mul"]}
+    options = profile_from_dict({"quantization": {"onnx": keys}}).quantization.onnx
+    quantize_onnx_static(swish_onnx, tmp_path / "x.onnx", calibration(4), tmp_path, options, keep_first_last=True)
+    assert seen["per_channel"] is False and seen["reduce_range"] is True
+    assert seen["calibrate_method"] == ortq.CalibrationMethod.Percentile
+    assert seen["extra_options"] == {"CalibPercentile": 99.999}
+    assert seen["quant_format"] == ortq.QuantFormat.QDQ and seen["activation_type"] == ortq.QuantType.QUInt8
+    import onnx
+
+    nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / "onnx_int8_prepared.onnx")).graph.node}
+    excluded = {nodes[name] for name in seen["nodes_to_exclude"]}
+    assert excluded == {"Conv", "Gemm", "Mul"}  # first conv + last Gemm (keep_first_last) + every Mul
+
+
+def test_default_onnx_options_are_minmax_per_channel(swish_onnx):
+    from onnxruntime.quantization import CalibrationMethod
+
+    options = profile_from_dict({}).quantization.onnx
+    kw = ort_quantize_options(swish_onnx, options, keep_first_last=False)
+    assert kw["per_channel"] and kw["calibrate_method"] == CalibrationMethod.MinMax and kw["nodes_to_exclude"] == []
+    assert "extra_options" not in kw
+
+
+def test_excluded_op_types_stay_float(swish_onnx, tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    assert quantized_nodes(quantized_graph(swish_onnx, tmp_path / "a"), "Mul") == 1
+    graph = quantized_graph(swish_onnx, tmp_path / "b", exclude_op_types=["Mul", "Sigmoid"])
+    assert quantized_nodes(graph, "Mul") == 0
+    assert quantized_nodes(graph, "Conv") == 2  # the convs are still quantized
+
+
+def test_per_tensor_weights_have_one_scale(swish_onnx, tmp_path):
+    from onnx import numpy_helper
+
+    def weight_scale_sizes(graph) -> set[int]:
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        return {inits[n.input[1]].size for n in graph.node
+                if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+                and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim == 4}
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    assert weight_scale_sizes(quantized_graph(swish_onnx, tmp_path / "a")) == {8}  # one scale per output channel
+    assert weight_scale_sizes(quantized_graph(swish_onnx, tmp_path / "b", per_channel=False)) == {1}
+
+
+def test_unknown_onnx_key_is_refused():
+    with pytest.raises(EdgeKDError, match="quantization.onnx.calibrate_method"):
+        profile_from_dict({"quantization": {"onnx": {"calibrate_method": "kl"}}})
+
+
+def nncf_context(quantization: dict) -> ExportContext:
+    calib = calibration()
+    return ExportContext(model=SwishNet().eval(), input_shape=(3, 8, 8), metadata={},
+                         profile=profile_from_dict({"quantization": quantization}), scratch=Path("."),
+                         calibration=lambda: calib, validation=lambda: (calib, np.zeros(len(calib), np.int64)))
+
+
+def openvino_model():
+    import openvino as ov
+
+    return ov.convert_model(SwishNet().eval(), example_input=torch.zeros(1, 3, 8, 8))
+
+
+def fake_quantize_ranges(model) -> list[tuple[str, float, float]]:
+    """(consumer op type, input_low, input_high) of every activation FakeQuantize (weights' are constants)."""
+    rows = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize" or op.input_value(0).get_node().get_type_name() == "Constant":
+            continue
+        low, high = (float(np.min(op.input_value(i).get_node().get_data())) for i in (1, 2))
+        consumers = {t.get_node().get_type_name() for t in op.output(0).get_target_inputs()}
+        rows += [(c, low, high) for c in consumers]
+    return rows
+
+
+def is_symmetric(low: float, high: float) -> bool:
+    return low == 0 or np.isclose(low, -high * 128 / 127, rtol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["mixed", "performance"])
+def test_nncf_preset_sets_activation_symmetry(preset):
+    ctx = nncf_context({"preset": preset, "keep_first_last": False, "calib_images": 16})
+    quantized, info = quantize_openvino(openvino_model(), ctx)
+    ranges = fake_quantize_ranges(quantized)
+    assert ranges and f"({preset} preset)" in info["quantization"]
+    asymmetric = [r for r in ranges if not is_symmetric(r[1], r[2])]
+    assert bool(asymmetric) == (preset == "mixed")  # mixed: asymmetric activations where the range is one-sided
+
+
+def test_nncf_ignored_types_reach_the_ignored_scope():
+    ctx = nncf_context({"openvino": {"ignored_types": ["Multiply"]}, "keep_first_last": True})
+    model = openvino_model()
+    kwargs, about = nncf_options(model, ctx)
+    scope = kwargs["ignored_scope"]
+    assert scope.types == ["Multiply"] and len(scope.names) == 2 and "FP32 op types Multiply" in about
+    quantized, _ = quantize_openvino(model, ctx)
+    consumers = {c for c, _, _ in fake_quantize_ranges(quantized)}
+    assert "Multiply" not in consumers and "Convolution" in consumers
