@@ -409,3 +409,20 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     with pytest.raises(EdgeKDError, match="outputs, but the first task"):
         bad = base_recipe(npz_b, checkpoint=str(first.best_path), tasks=[{"name": "B"}, {"name": "A2"}])
         run_recipe(recipe_from_dict(bad), tmp_path / "bad", log=lambda s: None)
+
+
+def test_joint_training_repeats_gray_images_to_rgb_beside_an_rgb_task():
+    """Retina (RGB) + chest X-ray (gray): joint batches need one layout; the gray pixels are repeated, as the
+    per-task pipeline does for a 3-channel model, and an RGB-only or gray-only mix is left as it is."""
+    import numpy as np
+
+    from edgekd.continual.scenarios import same_channel_count
+    from edgekd.data import Table
+
+    rng = np.random.default_rng(0)
+    gray = Table(labels=np.zeros(2), images=rng.integers(0, 255, (2, 4, 4, 1), dtype=np.uint8))
+    rgb = Table(labels=np.ones(3), images=rng.integers(0, 255, (3, 4, 4, 3), dtype=np.uint8))
+    out = same_channel_count([gray, rgb])
+    assert out[0].images.shape == (2, 4, 4, 3) and out[1] is rgb
+    assert all(np.array_equal(out[0].images[..., c], gray.images[..., 0]) for c in range(3))
+    assert same_channel_count([gray, gray])[0] is gray

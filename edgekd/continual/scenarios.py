@@ -69,6 +69,16 @@ def build_tasks(recipe) -> list[Task]:
     return tasks
 
 
+def same_channel_count(tables: list[Table]) -> list[Table]:
+    """In-memory tables with gray images repeated to 3 channels when another task's are RGB (retina -> chest
+    X-ray): the same pixels the per-task pipeline feeds a 3-channel model, so joint batches can mix them."""
+    channels = {t.images.shape[3] for t in tables}
+    if channels != {1, 3}:
+        return tables
+    return [replace(t, images=np.repeat(t.images, 3, axis=3)) if t.images.shape[3] == 1 else t
+            for t in tables]
+
+
 def union_data(tasks: list[Task]) -> DataModule:
     """All tasks' tables concatenated (joint training), under the last task's data settings."""
     last = tasks[-1].data
@@ -77,8 +87,10 @@ def union_data(tasks: list[Task]) -> DataModule:
         parts = [t.data.tables[split] for t in tasks]
         if any((p.images is None) != (parts[0].images is None) for p in parts):
             raise EdgeKDError("continual.joint: cannot mix in-memory and file-backed datasets")
-        if parts[0].images is not None and len({p.images.shape[1:] for p in parts}) > 1:
-            raise EdgeKDError("continual.joint: the tasks' images differ in size; joint training needs one size")
+        if parts[0].images is not None:
+            parts = same_channel_count(parts)
+            if len({p.images.shape[1:] for p in parts}) > 1:
+                raise EdgeKDError("continual.joint: the tasks' images differ in size; joint training needs one size")
         tables[split] = Table.concat(parts)
     return replace(last, tables=tables)
 
