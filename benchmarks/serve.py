@@ -256,8 +256,9 @@ def measure(args, traffic) -> tuple[list[dict], tuple[float, float], float | Non
     try:
         asyncio.run(run_level(base, 4, 64, 0, traffic))  # warm the connections and the server's code paths
         watch = ServerWatch(proc.pid)
-        records, offset, share = [], 0, args.requests // len(LEVELS)
-        for concurrency in LEVELS:
+        records, offset = [], 0
+        for i, concurrency in enumerate(LEVELS):  # --requests in all: the first levels take the remainder
+            share = args.requests // len(LEVELS) + (i < args.requests % len(LEVELS))
             stats, seconds = asyncio.run(run_level(base, concurrency, share, offset, traffic))
             offset += share
             records.append(level_record(concurrency, stats, seconds))
