@@ -44,3 +44,12 @@ def test_what_other_packages_import_is_in_the_package_all():
     missing = [f"{f}: {m}.{n}" for f, m, n in cross_package_imports()
                if owner(m) in SUBPACKAGES and n not in declared_all(owner(m))]
     assert missing == []
+
+
+def test_no_function_in_the_package_is_over_60_lines():
+    """Orchestrators read in one screen (issue 20): a longer function is split into named steps."""
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(PACKAGE.rglob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert long == []
