@@ -488,6 +488,8 @@ def serve(
     token: Optional[str] = typer.Option(None, "--token", envvar="EDGEKD_TOKEN", show_envvar=True,
                                         help="Require `Authorization: Bearer TOKEN` (not on /health)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later starts are faster."),
+    task: Optional[str] = typer.Option(None, "--task", help="Multi-head bundle: the task whose head answers "
+                                       "(default: every task's prediction side by side)."),
 ) -> None:
     """Serve a bundle over HTTP without PyTorch: POST /predict, /predict/batch; GET /health, /metadata, /metrics.
 
@@ -500,7 +502,7 @@ def serve(
                              max_concurrency=max_concurrency, token=token, max_upload_mb=max_upload_mb)
     check_settings(settings)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, task=task)
     console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {precision} on {backend}, {runner.info['threads'] or 'default'} "
                   f"threads{', TTA' if tta else ''}) at http://{host}:{port}" + (" (token required)" if token else ""))
     run_service(runner, settings)

@@ -21,6 +21,16 @@ class UpdateResult:
     lineage: dict[str, Any]
 
 
+def is_bundle(path: Path) -> bool:
+    """A bundle folder or zip (it holds edgekd.json); a checkpoint is a zip too (torch.save), without one."""
+    if path.is_dir():
+        return True
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return "edgekd.json" in zf.namelist()
+
+
 def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
     """(the student checkpoint to continue from, the lineage the new bundle records) of a bundle or a checkpoint.
 
@@ -29,7 +39,7 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
     from edgekd.train.checkpoint import load_checkpoint
 
     source = Path(source)
-    if source.is_file() and not zipfile.is_zipfile(source):
+    if not is_bundle(source):
         return source, {"parent_checkpoint": str(source.resolve()), "parent_checkpoint_sha256": sha256_file(source)}
     from edgekd.runtime import open_bundle
 
@@ -77,5 +87,5 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     log(f"update: continual training from {checkpoint} into {run_dir}")
     result = run_continual(recipe, run_dir, log=log, progress=progress)
     exported = export_checkpoint(result.best_path, out, profile=profile or load_profile(None),
-                                 allow_forgetting=allow_forgetting, lineage=lineage, log=log)
+                                 allow_forgetting=allow_forgetting, lineage=lineage, log=log, progress=progress)
     return UpdateResult(result, exported, lineage)

@@ -213,3 +213,46 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
             parent_of(world["parent"])
     finally:
         ckpt.write_bytes(saved)
+
+
+@pytest.mark.slow
+def test_update_from_a_checkpoint_records_it_as_the_parent(world, tmp_path):
+    """A checkpoint is a zip too (torch.save): it must be read as a checkpoint, not refused as a bundle without
+    edgekd.json, and the card's lineage names it."""
+    from edgekd.update import is_bundle, parent_of, update_bundle
+
+    assert not is_bundle(world["student"]) and is_bundle(world["parent"])
+    checkpoint, lineage = parent_of(world["student"])
+    assert checkpoint == world["student"] and "parent_bundle" not in lineage
+    out = tmp_path / "v2"
+    lenient = FAST.model_copy(update={"min_retention": 0.0})
+    update_bundle(world["student"], world["recipe"], out, run_dir=tmp_path / "run", profile=lenient, log=QUIET)
+    meta = json.loads((out / "edgekd.json").read_text())
+    assert meta["lineage"]["parent_checkpoint_sha256"] == lineage["parent_checkpoint_sha256"]
+    assert f"Updated from checkpoint `{lineage['parent_checkpoint']}`" in (out / "card.md").read_text()
+
+
+def test_the_service_answers_every_task_or_the_chosen_one(world):
+    """`edgekd serve` on a multi-head bundle: each task's prediction side by side (views stripped per task unless
+    asked for), or one task's with `--task`; /metadata lists the tasks."""
+    import io
+
+    from PIL import Image
+    from test_serve import call
+
+    from edgekd.runtime import Runner
+    from edgekd.serve import create_app
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8)).save(buf, format="PNG")
+
+    async def go(client):
+        answer = await client.post("/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
+        return answer, await client.get("/metadata")
+
+    both, meta = call(create_app(Runner.from_bundle(world["bundle"], tta=True, threads=1)), go)
+    assert both.status_code == 200 and set(both.json()["tasks"]) == {"A", "B"}
+    assert all("views" not in t for t in both.json()["tasks"].values())
+    assert [t["name"] for t in meta.json()["tasks"]] == ["A", "B"] and meta.json()["task"] is None
+    one, _ = call(create_app(Runner.from_bundle(world["bundle"], task="B", threads=1)), go)
+    assert one.json()["task"] == "B" and len(one.json()["probs"]) == 3

@@ -145,10 +145,12 @@ def _lineage_section(metadata: dict[str, Any]) -> list[str]:
     lineage = metadata.get("lineage")
     if not lineage:
         return []
-    lines = ["", "## Lineage", "", f"Updated from bundle `{lineage['parent_bundle']}` (sha256 of its "
-             f"{MANIFEST_FILE}: `{lineage['parent_bundle_sha256']}`, created {lineage.get('parent_created')}, "
-             f"checkpoint sha256 `{lineage.get('parent_checkpoint_sha256')}`) by continual training with recipe "
-             f"`{lineage.get('recipe')}`.", "", "| version (test split) | acc | auc | sensitivity | specificity |",
+    parent = (f"bundle `{lineage['parent_bundle']}` (sha256 of its {MANIFEST_FILE}: `{lineage['parent_bundle_sha256']}`"
+              f", created {lineage.get('parent_created')}, checkpoint sha256 `{lineage.get('parent_checkpoint_sha256')}`)"
+              if lineage.get("parent_bundle") else f"checkpoint `{lineage.get('parent_checkpoint')}` (sha256 "
+              f"`{lineage.get('parent_checkpoint_sha256')}`)")
+    lines = ["", "## Lineage", "", f"Updated from {parent} by continual training with recipe `{lineage.get('recipe')}`.",
+             "", "| version (test split) | acc | auc | sensitivity | specificity |",
              "|---|---|---|---|---|", _figures_row("parent", lineage.get("parent_test_metrics") or {})]
     test = (metadata.get("metrics") or {}).get("test") or {}
     lines.append(_figures_row("this bundle" + (" (mean over tasks)" if test.get("tasks") else ""), test))

@@ -362,7 +362,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         publish(stage, out)
     finally:
         remove_trees([scratch, stage])
-        untrack_tree(scratch), untrack_tree(stage)
+        untrack_tree(scratch)
+        untrack_tree(stage)
     zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else None
     log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
     return ExportResult(out, zip_path, metadata, parity)

@@ -125,14 +125,14 @@ def load_folder_images(folder: str | Path, class_names: list[str], limit: int | 
                        seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """The decoded uint8 images and labels of a labelled folder (root/<class>/...; the model's class names), a fixed
     random subset of `limit` if given: the torch-free counterpart of `load_split_images`."""
-    from edgekd.imageio import read_image
     from edgekd.runtime.inputs import collect_labelled
+    from edgekd.runtime.preprocess import as_image_array
 
     paths, labels = collect_labelled(folder, list(class_names))
     idx = np.arange(len(paths))
     if limit is not None and limit < len(paths):
         idx = np.sort(np.random.default_rng(seed).choice(len(paths), size=limit, replace=False))
-    images = [read_image(paths[i]) for i in idx]
+    images = [as_image_array(paths[i]) for i in idx]  # a path or a multi-frame DICOM's frame
     return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names)
 
 

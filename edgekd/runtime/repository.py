@@ -175,6 +175,11 @@ def _preprocessing_lines(pre: dict[str, Any]) -> list[str]:
 
 
 def _postprocessing_lines(bundle: Bundle) -> list[str]:
+    if bundle.tasks:  # a multi-head bundle: one softmax per task's slice of the outputs
+        return ["The output is raw logits of every task's head side by side: " + "; ".join(
+            f"{t['name']}: outputs [{t['outputs'][0]}, {t['outputs'][1]}) = {', '.join(t['class_names'])}"
+            for t in bundle.tasks) + ". Probabilities: a softmax over each task's slice; label: the most probable "
+            "class of the task asked for (no calibration or threshold is fit for multi-head bundles)."]
     threshold, positive = bundle.decision
     lines = [f"The output is raw logits over {', '.join(bundle.class_names)} (in that order). "
              "Probabilities: softmax(logits / T" + (" + bias" if bundle.calibration_bias else "") + ")"

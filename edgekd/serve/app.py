@@ -18,7 +18,6 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from edgekd.errors import error_line
-from edgekd.fileio import sha256_file
 from edgekd.runtime import Prediction, Runner
 from edgekd.serve.batcher import Batcher, QueueFull
 from edgekd.serve.limits import BodyLimit, BodyTooLarge
@@ -62,7 +61,7 @@ class Service:
         self.batcher = Batcher(self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
                                self.metrics.batch)
         self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="edgekd-decode")
-        self.bundle_id = sha256_file(runner.bundle.root / "manifest.sha256")
+        self.bundle_id = runner.bundle.sha256
 
     def run_batch(self, images: list[np.ndarray], sources: list[str]) -> list[Prediction]:
         n = len(images)
@@ -83,8 +82,9 @@ class Service:
 
     def answer(self, pred: Prediction, views: bool) -> dict:
         out = pred.to_dict()
-        if not views:
-            out.pop("views", None)
+        if not views:  # a multi-head bundle answers per task, each with its own views
+            for part in [out, *(out.get("tasks") or {}).values()]:
+                part.pop("views", None)
         return {**out, "model": self.runner.bundle.model.get("name"), "bundle_id": self.bundle_id}
 
     async def close(self) -> None:
@@ -199,6 +199,7 @@ def _metadata(service: Service) -> dict:
         "operating_point": {"calibration": meta.get("calibration"),
                             "threshold": threshold, "positive_class": runner.class_names[positive] if threshold
                             is not None else None, "decision": meta.get("decision")},
+        "tasks": meta.get("tasks"), "task": runner.task,
         "card": meta.get("card"), "metrics": meta.get("metrics"),
         "serving": {**runner.info, "tta_views": runner.tta_views.names if runner.tta else None,
                     "max_batch": service.settings.max_batch, "max_wait_ms": service.settings.max_wait_ms,
