@@ -148,6 +148,7 @@ def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = No
         return read_dicom(io.BytesIO(data), resize, where=where)
     return _decode_pillow(io.BytesIO(data), fmt, where, resize)
 
+
 def pil_to_array(img: Image.Image) -> np.ndarray:
     """A PIL image of any common mode -> uint8 (H, W, 1) for gray or (H, W, 3) for color."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
