@@ -720,10 +720,15 @@ prints and drops it), so `run` exits 128 + signum even when the command ran on t
 
 
 def _exit_on_signal(signum, _frame) -> None:
-    from edgekd.fileio import remove_tracked_trees
+    from edgekd.fileio import TRACKED_TREES
 
     RECEIVED_SIGNALS.append(signum)
-    remove_tracked_trees()  # now: the unwinding may pass through a native call that crashes the process
+    if TRACKED_TREES:
+        # An export is under way: its exception would unwind through native callbacks (torch's ONNX exporter,
+        # NNCF, OpenVINO) that may crash (SIGSEGV) or abort (C++ terminate) instead, and everything it would clean
+        # up is in its tracked temp dirs: remove them and end here.
+        console.print("interrupted")
+        stopped(128 + signum)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)

@@ -638,20 +638,35 @@ def test_a_killed_export_leaves_no_temp_files(sig, trained, tmp_path):
     assert not out.exists() and list((tmp_path / "out").iterdir()) == []
 
 
-def test_a_stop_signal_removes_tracked_temp_dirs_before_it_unwinds(tmp_path, monkeypatch):
-    """The handler removes them itself: an export stopped inside torch's ONNX exporter sometimes crashed (SIGSEGV)
-    while unwinding, before any `finally` ran, and left its temp dir (about 1 run in 3 on a loaded machine)."""
+def test_a_stop_signal_during_an_export_ends_the_run_at_once(tmp_path, monkeypatch):
+    """With tracked temp dirs (an export under way) the handler ends the run itself (`stopped`: tracked dirs removed,
+    exit handlers, os._exit) instead of raising: an exception unwinding through torch's ONNX exporter or NNCF
+    sometimes crashed (SIGSEGV) or aborted (C++ terminate, its what() a Python traceback) before any `finally` ran.
+    Without them it raises, so `finally` blocks clean up as usual."""
     from edgekd import cli
-    from edgekd.fileio import TRACKED_TREES, track_tree
+    from edgekd.fileio import TRACKED_TREES, remove_tracked_trees, track_tree
 
+    class Ended(Exception):
+        pass
+
+    def fake_stopped(code):  # the real one ends the process (os._exit)
+        ended.append(code)
+        remove_tracked_trees()
+        raise Ended
+
+    ended: list[int] = []
     monkeypatch.setattr(cli, "RECEIVED_SIGNALS", [])
+    monkeypatch.setattr(cli, "stopped", fake_stopped)
     kept, tracked = tmp_path / "kept", track_tree(tmp_path / "edgekd-export-x")
     (tracked / "sub").mkdir(parents=True)
     kept.mkdir()
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(Ended):
         cli._exit_on_signal(signal.SIGTERM, None)
-    assert stop.value.code == 128 + signal.SIGTERM and cli.RECEIVED_SIGNALS == [signal.SIGTERM]
+    assert ended == [128 + signal.SIGTERM] and cli.RECEIVED_SIGNALS == [signal.SIGTERM]
     assert not tracked.exists() and tracked not in TRACKED_TREES and kept.exists()
+    with pytest.raises(SystemExit) as stop:  # nothing tracked: the exception path
+        cli._exit_on_signal(signal.SIGTERM, None)
+    assert stop.value.code == 128 + signal.SIGTERM and ended == [128 + signal.SIGTERM]
 
 
 def test_a_stop_exception_python_swallows_still_stops_the_run(monkeypatch, capsys):
