@@ -331,9 +331,8 @@ def update(
     from edgekd.update import update_bundle
 
     profile = load_profile(target)
-    with progress_bar() as progress:
-        log = progress.console.print if progress.console.is_terminal else console.print
-        result = update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting, log=log, progress=progress)
+    result = with_progress(lambda log, bar: update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting,
+                                                         log=log, progress=bar))
     out_console.print(continual_table(result.continual.summary["name"], result.continual))
     out_console.print(parity_table(str(result.continual.best_path), result.export))
     console.print(f"wrote {out} (parent sha256 {result.lineage.get('parent_bundle_sha256') or '-'})")
@@ -550,13 +549,11 @@ def bench(
     formats = formats or ("torch,onnx,openvino" if find_spec("torch") is not None else "onnx,openvino")
     variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
     out = out or source.parent / "bench"  # beside a bundle folder, never inside it
-    with progress_bar() as progress:
-        log = progress.console.print if progress.console.is_terminal else console.print
-        config = BenchConfig(source, out, formats, precision, batch, threads, tta, teacher, data_recipe, checkpoint,
-                             Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
-                             profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
-                             command=command_line(), data_folder=folder)
-        result = run_bench(config, log=log, progress=progress)
+    config = BenchConfig(source, out, formats, precision, batch, threads, tta, teacher, data_recipe, checkpoint,
+                         Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
+                         profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
+                         command=command_line(), data_folder=folder)
+    result = with_progress(lambda log, bar: run_bench(config, log=log, progress=bar))
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (
         f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s" if gemm.get("peak_gflops") else "")
