@@ -22,6 +22,8 @@ IMAGE_SUFFIXES = {*PILLOW_FORMATS, ".dcm"}
 DICOM_MARKER = b"DICM"
 """A DICOM file (Part 10) is recognised by its content: a 128-byte preamble, then these 4 bytes, whatever its
 name (PACS exports often have none, or a UID for one)."""
+FRAMES_HINT = "pick one: --frame N, or predict it as a folder input to get one row per frame"
+"""How the error for a multi-frame DICOM read without a frame number ends (the CLI's; the service has its own)."""
 MAX_PIXELS = 64_000_000
 """Decompression-bomb guard: larger images are refused (a 224x224 model never needs them)."""
 MAX_SIDE = 32_768
@@ -135,9 +137,11 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = None) -> np.ndarray:
+def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = None,
+                     frames_hint: str = FRAMES_HINT) -> np.ndarray:
     """Decode an image held in memory (an upload) like `read_image` a file, the decoder chosen by the content's
-    own signature (`sniff_format`), nothing written to disk."""
+    own signature (`sniff_format`), nothing written to disk. `frames_hint` ends the error for a multi-frame DICOM
+    (what the caller can do instead)."""
     where = printable(where)
     if not data:
         raise EdgeKDError(f"{where}: empty file")
@@ -145,7 +149,7 @@ def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = No
     if fmt is None:
         raise EdgeKDError(f"{where}: not a supported image (PNG, JPEG, TIFF, BMP, GIF, WEBP or DICOM expected)")
     if fmt == "DICOM":
-        return read_dicom(io.BytesIO(data), resize, where=where)
+        return read_dicom(io.BytesIO(data), resize, where=where, frames_hint=frames_hint)
     return _decode_pillow(io.BytesIO(data), fmt, where, resize)
 
 
@@ -214,12 +218,13 @@ def _frame_count(ds) -> int:
 
 
 def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | None = None,
-               where: str | None = None) -> np.ndarray:
+               where: str | None = None, frames_hint: str = FRAMES_HINT) -> np.ndarray:
     """One image (or frame) of a DICOM file through pydicom (optional extra): the modality LUT (rescale slope and
     intercept, or a Modality LUT Sequence), then the VOI LUT (a VOI LUT Sequence, else the Window Center/Width),
     both pydicom's own; scaled to 0..255 by the result's range; MONOCHROME1 inverted (0 is white there). Colour
     images come out RGB. The size limits are checked from Rows/Columns, before any pixel is decoded. `path` may be
-    bytes in memory (an upload), named `where` in errors."""
+    bytes in memory (an upload), named `where` in errors; `frames_hint` ends the error for a multi-frame file with no
+    `frame` given."""
     where = where or printable(str(path))
     ds = dicom_header(path, where)
     if not any(tag in ds for tag in PIXEL_DATA):
@@ -227,8 +232,7 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
         raise EdgeKDError(f"{where}: a DICOM without pixel data ({kind}: not an image)")
     frames = _frame_count(ds)
     if frame is None and frames > 1:
-        raise EdgeKDError(f"{where}: a DICOM of {frames} frames (pick one: --frame N, or predict it as a folder "
-                          "input to get one row per frame)")
+        raise EdgeKDError(f"{where}: a DICOM of {frames} frames ({frames_hint})")
     if frame is not None and not 0 <= frame < frames:
         raise EdgeKDError(f"{where}: no frame {frame + 1} (the file has {frames})")
     check_image_size(int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), resize, where)

@@ -630,6 +630,17 @@ def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict
         assert (arr[4 * k:4 * k + 4] == 255).all() and arr.sum() == 255 * 4 * 16
     with pytest.raises(EdgeKDError, match="a DICOM of 3 frames"):
         read_image(multi)
+    single = series / "1.2.3.0"  # --frame on a single-image file: frame 1 is the image, frame 2 is an error
+    assert collect_inputs([single], frame=1)[0] == [single]
+    with pytest.raises(EdgeKDError, match=r"no frame 2 \(the file has 1\)"):
+        item = collect_inputs([single], frame=2)[0][0]
+        read_image(item.path, frame=item.index)
+    from edgekd.serve.uploads import MULTI_FRAME_HINT, decode_upload  # the service names no CLI option
+
+    with pytest.raises(EdgeKDError, match="a DICOM of 3 frames") as err:
+        decode_upload(multi.read_bytes(), "application/dicom", "cine.dcm",
+                      Runner.from_bundle(bundle).preprocessor, keep_gray=False)
+    assert MULTI_FRAME_HINT in str(err.value) and "--frame" not in str(err.value)
 
     out = tmp_path / "p.json"
     res = CliRunner().invoke(app, ["predict", str(bundle), str(series), "--out", str(out)])

@@ -62,10 +62,10 @@ def frames_of(path: Path, frame: int | None = None) -> list[Path | DicomFrame]:
         count = dicom_frames(path)
     except EdgeKDError:
         return [path]
+    if frame is not None and (count > 1 or frame > 1):
+        return [DicomFrame(path, frame - 1)]  # a frame past the end is reported when the frame is read
     if count == 1:
         return [path]
-    if frame is not None:
-        return [DicomFrame(path, frame - 1)]
     return [DicomFrame(path, i) for i in range(count)]
 
 

@@ -9,6 +9,7 @@ from edgekd.errors import EdgeKDError, shown
 from edgekd.imageio import read_image_bytes, sniff_format
 from edgekd.runtime import Preprocessor
 
+MULTI_FRAME_HINT = "the service takes one image per upload: send each frame as its own single-frame file"
 CONTENT_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/tiff": "TIFF", "image/bmp": "BMP",
                  "image/gif": "GIF", "image/webp": "WEBP", "application/dicom": "DICOM",
                  "application/octet-stream": None, "": None}
@@ -42,7 +43,8 @@ def decode_upload(data: bytes, content_type: str | None, where: str, preprocesso
     where = shown(where, 120)
     check_upload(data, content_type, where)
     try:
-        return preprocessor.to_model_size(read_image_bytes(data, where, preprocessor.resize), keep_gray=keep_gray)
+        image = read_image_bytes(data, where, preprocessor.resize, frames_hint=MULTI_FRAME_HINT)
+        return preprocessor.to_model_size(image, keep_gray=keep_gray)
     except UploadError:
         raise
     except EdgeKDError as err:
