@@ -78,6 +78,9 @@ SETS = {
         },
     },
 }
+# accuracy.json records of this benchmark are keyed by their train command: rows that share a recipe (and so its
+# name) with other overrides, like scratch and scratch_long, stay separate records.
+LEDGER_KEY = ("dataset", "split", "command")
 GAIN_ACC_PTS, AUC_SLACK_PTS, TEACHER_GAP_PTS, MACS_RATIO, PARAMS_MAX, MINUTES_MAX = 1.5, -0.2, 1.0, 20, 100_000, 30
 
 
@@ -101,13 +104,17 @@ def train_row(set_name: str, row: str, seed: int, reuse: bool, out: Path | None 
     return row_record(m, command, set_name, row)
 
 
-def finished_row(set_name: str, row: str, seed: int) -> dict | None:
+def finished_row(set_name: str, row: str, seed: int, ledger: list[dict] = ()) -> dict | None:
+    """A row's seed from its finished run in runs/, else from its accuracy.json record (`ledger`: the run was made
+    by this command before and its folder is gone, e.g. in a later session), else None."""
     spec = SETS[set_name]["rows"][row]
     out, overrides = run_dir(set_name, row, seed), overrides_of(spec, seed)
+    command = train_command(spec[0], out, overrides)
     m = finished_run(load_recipe(REPO / spec[0], overrides), out)
-    if m is None:
-        return None
-    return row_record(m, train_command(spec[0], out, overrides), set_name, row)
+    if m is not None:
+        return row_record(m, command, set_name, row)
+    recorded = next((r for r in ledger if r.get("command") == command and r.get("split") == "test"), None)
+    return None if recorded is None else {**recorded, "row": row, "set": set_name}
 
 
 def mean_std(values: list[float]) -> dict:
@@ -192,7 +199,9 @@ def markdown(set_name: str, doc: dict) -> str:
     ms = lambda v: "-" if v is None else f"{v['mean']:.4f} ± {v['std']:.4f}"  # noqa: E731
     for s in doc["records"]:
         g = s.get("gain_pts")
-        lines.append(f"| {s['row']}{' (winner)' if s['row'] == doc.get('winner') else ''} | {s['what']} | "
+        won = s["row"] == doc.get("winner") and all(s.get("goals", {}).values())
+        tag = " (winner)" if won else " (best; goal missed)" if s["row"] == doc.get("winner") else ""
+        lines.append(f"| {s['row']}{tag} | {s['what']} | "
                      f"{s['reference'] or '-'} | {s['seeds']} | {ms(s['acc'])} | {ms(s['auc'])} | {ms(s['balanced_acc'])} | "
                      + (f"{g['acc']:+.2f} / {g['auc']:+.2f}" if g else "-") + " | "
                      + (f"{s['teacher_gap_pts']:+.2f} ({s['teacher']})" if "teacher_gap_pts" in s else "-") + " | "
@@ -251,10 +260,13 @@ def main() -> None:
            if (r := finished_row(args.set_name, row, seed) if args.summarize
                else train_row(args.set_name, row, seed, args.reuse)) is not None]
     drop = ("row", "set", "run")
-    merge_records(RESULTS / "accuracy.json", [{k: v for k, v in r.items() if k not in drop}
-                                              for r in [*new, *teachers.values()]], "accuracy", command)
-    # Every finished run of the set's rows (also those not trained in this call), for the summary.
-    records = [r for row in cfg["rows"] for seed in args.seeds if (r := finished_row(args.set_name, row, seed))]
+    ledger = merge_records(RESULTS / "accuracy.json", [{k: v for k, v in r.items() if k not in drop}
+                                                       for r in [*new, *teachers.values()]], "accuracy", command,
+                           key=LEDGER_KEY)
+    # Every run of the set's rows (also those not trained in this call; recorded ones whose folder is gone), for
+    # the summary.
+    records = [r for row in cfg["rows"] for seed in args.seeds
+               if (r := finished_row(args.set_name, row, seed, ledger))]
     path = RESULTS / f"distill_{args.set_name}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     summary = summarize(args.set_name, records, teachers)

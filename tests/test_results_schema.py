@@ -95,3 +95,32 @@ def test_every_section_catches_a_hand_edited_figure(name):
     regenerated, changed = report.render(edited)
     assert changed == [name]
     assert regenerated == text
+
+
+def test_kd_gain_summarizes_a_recorded_row_whose_run_is_gone_and_keeps_rows_of_one_recipe_apart(tmp_path,
+                                                                                                  monkeypatch):
+    """Two rows of one recipe with other overrides (scratch, scratch_long) stay separate ledger records, and a row
+    whose runs/ folder is gone is summarized from its record (matched by its train command)."""
+    import common
+    import kd_gain
+
+    ledger = tmp_path / "accuracy.json"
+    runs = tmp_path / "runs"  # empty: every run folder is gone
+    monkeypatch.setattr(kd_gain, "run_dir", lambda set_name, row, seed: runs / set_name / f"{row}-s{seed}")
+
+    def rec(row, seed, acc):
+        spec = kd_gain.SETS["pneumonia"]["rows"][row]
+        out = runs / "pneumonia" / f"{row}-s{seed}"
+        cmd = f"edgekd train {spec[0]}{''.join(f' --set {o}' for o in kd_gain.overrides_of(spec, seed))} --out {out}"
+        return {"dataset": "pneumoniamnist", "split": "test", "model": "edgekd_cnn_small", "role": "student_scratch",
+                "name": "pneumonia-student-scratch-28", "seed": seed, "acc": acc, "command": cmd}
+
+    monkeypatch.setattr(kd_gain, "train_command", lambda recipe, out, overrides: (
+        f"edgekd train {recipe}{''.join(f' --set {o}' for o in overrides)} --out {out}"))
+    common.merge_records(ledger, [rec("scratch", 0, 0.92)], "accuracy", "a")
+    records = common.merge_records(ledger, [rec("scratch_long", 0, 0.94)], "accuracy", "b",
+                                   key=kd_gain.LEDGER_KEY)
+    assert sorted(r["acc"] for r in records) == [0.92, 0.94]
+    found = kd_gain.finished_row("pneumonia", "scratch", 0, records)
+    assert found["acc"] == 0.92 and found["row"] == "scratch"
+    assert kd_gain.finished_row("pneumonia", "scratch", 1, records) is None
