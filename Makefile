@@ -50,7 +50,7 @@ bench: install
 	$(BIN)/python benchmarks/distill.py --reuse
 	$(BIN)/python benchmarks/distill.py --student micro --reuse
 	$(BIN)/python benchmarks/continual.py --seeds 0 1 2 --single-head
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/continual.py --only cross_domain --pair retina-pneumonia --students cnn mobilenetv3 --seeds 0 1 2 --joint
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/continual.py --only cross_domain --pair retina-pneumonia --students cnn mobilenetv3 --seeds 0 1 2 --joint --single-head
 	$(BIN)/python benchmarks/export.py --checkpoint $(BENCH_TEACHER) --checkpoint $(BENCH_STUDENT)
 	$(BIN)/python benchmarks/latency.py --teacher $(BENCH_TEACHER) --student $(BENCH_STUDENT)
 	$(BIN)/python benchmarks/latency_runtime.py runs/bench/latency/bundle-student --checkpoint $(BENCH_STUDENT)
