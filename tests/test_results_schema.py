@@ -107,16 +107,15 @@ def test_kd_gain_summarizes_a_recorded_row_whose_run_is_gone_and_keeps_rows_of_o
     ledger = tmp_path / "accuracy.json"
     runs = tmp_path / "runs"  # empty: every run folder is gone
     monkeypatch.setattr(kd_gain, "run_dir", lambda set_name, row, seed: runs / set_name / f"{row}-s{seed}")
+    monkeypatch.setattr(kd_gain, "train_command", lambda recipe, out, overrides: (  # out is outside the repo here
+        f"edgekd train {recipe}{''.join(f' --set {o}' for o in overrides)} --out {out}"))
 
     def rec(row, seed, acc):
         spec = kd_gain.SETS["pneumonia"]["rows"][row]
-        out = runs / "pneumonia" / f"{row}-s{seed}"
-        cmd = f"edgekd train {spec[0]}{''.join(f' --set {o}' for o in kd_gain.overrides_of(spec, seed))} --out {out}"
+        cmd = kd_gain.train_command(spec[0], kd_gain.run_dir("pneumonia", row, seed), kd_gain.overrides_of(spec, seed))
         return {"dataset": "pneumoniamnist", "split": "test", "model": "edgekd_cnn_small", "role": "student_scratch",
                 "name": "pneumonia-student-scratch-28", "seed": seed, "acc": acc, "command": cmd}
 
-    monkeypatch.setattr(kd_gain, "train_command", lambda recipe, out, overrides: (
-        f"edgekd train {recipe}{''.join(f' --set {o}' for o in overrides)} --out {out}"))
     common.merge_records(ledger, [rec("scratch", 0, 0.92)], "accuracy", "a")
     records = common.merge_records(ledger, [rec("scratch_long", 0, 0.94)], "accuracy", "b",
                                    key=kd_gain.LEDGER_KEY)

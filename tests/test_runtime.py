@@ -609,6 +609,7 @@ def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict
 
     from edgekd.cli import app
     from edgekd.imageio import read_image
+    from edgekd.runtime import as_image_array
     from edgekd.runtime.inputs import collect_inputs
 
     series = tmp_path / "series"
@@ -632,9 +633,9 @@ def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict
         read_image(multi)
     single = series / "1.2.3.0"  # --frame on a single-image file: frame 1 is the image, frame 2 is an error
     assert collect_inputs([single], frame=1)[0] == [single]
+    [frame2], _ = collect_inputs([single], frame=2)
     with pytest.raises(EdgeKDError, match=r"no frame 2 \(the file has 1\)"):
-        item = collect_inputs([single], frame=2)[0][0]
-        read_image(item.path, frame=item.index)
+        as_image_array(frame2)
     from edgekd.serve.uploads import MULTI_FRAME_HINT, decode_upload  # the service names no CLI option
 
     with pytest.raises(EdgeKDError, match="a DICOM of 3 frames") as err:
