@@ -76,7 +76,14 @@ def finished_run(recipe, out: Path) -> dict | None:
         return None
     if yaml.safe_load((out / "recipe.yaml").read_text()) != recipe.to_dict():
         return None
-    return json.loads(metrics_path.read_text())
+    return run_metrics(metrics_path)
+
+
+def run_metrics(metrics_path: Path) -> dict:
+    """A run's metrics.json, with the time it was written as `date` (a reused run keeps the date it was trained)."""
+    m = json.loads(metrics_path.read_text())
+    written = dt.datetime.fromtimestamp(metrics_path.stat().st_mtime, dt.timezone.utc)
+    return {**m, "date": m.get("date") or written.isoformat(timespec="seconds")}
 
 
 def run_or_reuse(recipe_path: str, out: Path, overrides: list[str], reuse: bool, tag: str) -> tuple[dict, str]:
@@ -91,7 +98,7 @@ def run_or_reuse(recipe_path: str, out: Path, overrides: list[str], reuse: bool,
         return metrics, command
     print(f"$ {command}", flush=True)
     run_recipe(recipe, out, log=lambda m: print(f"  [{tag}] {m}", flush=True))
-    return json.loads((out / "metrics.json").read_text()), command
+    return run_metrics(out / "metrics.json"), command
 
 
 def accuracy_record(m: dict, command: str, split: str = "test") -> dict:
@@ -100,7 +107,7 @@ def accuracy_record(m: dict, command: str, split: str = "test") -> dict:
     return {"dataset": m["dataset"], "split": split, "model": m["model"], "role": m["role"], "name": m["name"],
             "params": m["params"], "macs": m["macs"], **{k: s.get(k) for k in METRICS}, "seed": m["seed"],
             "epochs_run": m["epochs_run"], "seconds_per_epoch": m["seconds_per_epoch"], "threads": m.get("threads"),
-            "train_seconds": m["train_seconds"], "date": now(), "machine": machine(), "command": command}
+            "train_seconds": m["train_seconds"], "date": m.get("date") or now(), "machine": machine(), "command": command}
 
 
 def merge_records(path: Path, new: list[dict], benchmark: str, command: str,

@@ -4,6 +4,9 @@ several seeds each, every KD row paired with a from-scratch row of the same epoc
     .venv/bin/python benchmarks/kd_gain.py --set retina [--rows scratch kd dkd ...] [--seeds 0 1 2] [--reuse]
     .venv/bin/python benchmarks/kd_gain.py --set retina --repeat kd      # train seed 0 of a row again, compare
     .venv/bin/python benchmarks/kd_gain.py --set retina --summarize      # train nothing, rebuild the summary
+    .venv/bin/python benchmarks/kd_gain.py --set pneumonia --summarize --ceiling scratch_long
+        # + the teacher ceiling: every finished teacher, every seed of the given row and every mean-of-softmax
+        # ensemble of them, on val and test, against the test ACC a distilled student needs over that row
 
 Trains the set's teachers once (seed 0) into runs/bench/<set>/<teacher>/ (the paths the student recipes name), then each
 row's recipe (+ its overrides) once per seed into runs/bench/<set>/<row>-s<seed>/, merges one record per run into
@@ -211,8 +214,68 @@ def markdown(set_name: str, doc: dict) -> str:
         r = doc["repeat"]
         lines += ["", f"Reproducibility: `{r['row']}` seed {r['seed']} trained twice ({r['threads']} threads): test "
                   f"metrics {'identical' if r['identical'] else 'DIFFER'} ({r['first']} vs {r['second']})."]
+    if doc.get("ceiling"):
+        lines += ceiling_markdown(doc["ceiling"])
     lines += ["", "Commands: " + "; ".join(f"`{c}`" for c in doc["commands"]), *[f"\nNote: {n}" for n in doc.get("notes", [])], end]
     return "\n".join(lines)
+
+
+def ceiling(set_name: str, ref_row: str, seeds: list[int]) -> dict:
+    """The strongest teacher this set's finished runs make: each teacher and each seed of `ref_row` (the
+    from-scratch students), and every mean-of-softmax ensemble of them, scored on val and test. Picking the best
+    on the test split makes it an upper bound on what distilling from these models could reach."""
+    import itertools
+
+    import numpy as np
+
+    from edgekd.distill.report import evaluate_for_report
+    from edgekd.metrics import classification_metrics
+
+    members = [*(REPO / "runs" / "bench" / set_name / t for t in SETS[set_name]["teachers"]),
+               *(run_dir(set_name, ref_row, s) for s in seeds)]
+    members = [m for m in members if (m / "best.pt").is_file()]
+    outputs = {(m.name, split): evaluate_for_report(m / "best.pt", split) for m in members for split in ("val", "test")}
+    rows = []
+    for k in range(1, len(members) + 1):
+        for combo in itertools.combinations([m.name for m in members], k):
+            row = {"members": list(combo)}
+            for split in ("val", "test"):
+                probs = np.mean([outputs[(c, split)]["_probs"] for c in combo], axis=0)
+                m = classification_metrics(outputs[(combo[0], split)]["_y"], probs)
+                row[split] = {"acc": m["acc"], "auc": m["auc"]}
+            rows.append(row)
+    seed_runs = {run_dir(set_name, ref_row, s).name for s in seeds}
+    ref = [r["test"]["acc"] for r in rows if len(r["members"]) == 1 and r["members"][0] in seed_runs]
+    need = statistics.fmean(ref) + GAIN_ACC_PTS / 100 if ref else None
+    best = max(rows, key=lambda r: (r["test"]["acc"], r["test"]["auc"]))
+    return {"reference_row": ref_row, "reference_acc": statistics.fmean(ref) if ref else None, "needed_acc": need,
+            "best_test": best, "any_reaches_needed": need is not None and best["test"]["acc"] >= need, "rows": rows}
+
+
+def ceiling_markdown(c: dict) -> list[str]:
+    """A short table: every single model, the all-teachers / all-seeds / everything ensembles, the best on test."""
+    rows = c["rows"]
+    singles = [r for r in rows if len(r["members"]) == 1]
+    teachers = [r for r in rows if all(not m.startswith(f"{c['reference_row']}-s") for m in r["members"])]
+    seeds = [r for r in rows if all(m.startswith(f"{c['reference_row']}-s") for m in r["members"])]
+    pick = [*singles, max(teachers, key=lambda r: len(r["members"])), max(seeds, key=lambda r: len(r["members"])),
+            max(rows, key=lambda r: len(r["members"])), c["best_test"]]
+    seen, lines = set(), []
+    lines += ["", f"Teacher ceiling (`--ceiling {c['reference_row']}`): every finished teacher, every seed of "
+              f"`{c['reference_row']}` and all {len(rows)} mean-of-softmax ensembles of them. A distilled student needs "
+              f"test ACC ≥ {c['needed_acc']:.4f} ({c['reference_row']} mean {c['reference_acc']:.4f} + "
+              f"{GAIN_ACC_PTS} pt); the best of all on the test split reaches {c['best_test']['test']['acc']:.4f}"
+              f" ({'enough' if c['any_reaches_needed'] else 'not enough'}).", "",
+              "| teacher (mean of softmax) | val ACC | val AUC | test ACC | test AUC |", "|---|---:|---:|---:|---:|"]
+    for r in pick:
+        key = tuple(r["members"])
+        if key in seen:
+            continue
+        seen.add(key)
+        tag = " (best on test)" if r is c["best_test"] else ""
+        lines.append(f"| {' + '.join(r['members'])}{tag} | {r['val']['acc']:.4f} | {r['val']['auc']:.4f} | "
+                     f"{r['test']['acc']:.4f} | {r['test']['auc']:.4f} |")
+    return lines
 
 
 def markers(set_name: str) -> tuple[str, str]:
@@ -239,6 +302,7 @@ def main() -> None:
     ap.add_argument("--summarize", action="store_true", help="train nothing; summarize the finished runs")
     ap.add_argument("--note", default="", help="a sentence on how quiet the machine was, kept in the results")
     ap.add_argument("--repeat", metavar="ROW", help="train seed 0 of ROW a second time and compare test metrics")
+    ap.add_argument("--ceiling", metavar="ROW", help="score every teacher, every seed of ROW and all their ensembles")
     args = ap.parse_args()
     os.chdir(REPO)
     cfg = SETS[args.set_name]
@@ -246,6 +310,8 @@ def main() -> None:
     unknown = [r for r in rows if r not in cfg["rows"]]
     if unknown:
         ap.error(f"unknown row(s) {unknown} for --set {args.set_name}; choose from {list(cfg['rows'])}")
+    if args.ceiling and args.ceiling not in cfg["rows"]:
+        ap.error(f"--ceiling {args.ceiling}: not a row of --set {args.set_name}; choose from {list(cfg['rows'])}")
     command = "python benchmarks/kd_gain.py " + shlex.join(sys.argv[1:])
     teachers = {}
     for name, recipe_path in cfg["teachers"].items():
@@ -274,6 +340,7 @@ def main() -> None:
                       commands=sorted({*old.get("commands", []), command}), seeds=args.seeds,
                       notes=sorted({*old.get("notes", []), *([args.note] if args.note else [])}), **summary)
     doc["repeat"] = repeat(args.set_name, args.repeat, args.seeds[0]) if args.repeat else old.get("repeat")
+    doc["ceiling"] = ceiling(args.set_name, args.ceiling, args.seeds) if args.ceiling else old.get("ceiling")
     write_json(path, doc)
     results_md = REPO / "benchmarks" / "RESULTS.md"
     write_text(results_md, replace_section(results_md.read_text(), markdown(args.set_name, doc), *markers(args.set_name)))

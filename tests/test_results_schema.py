@@ -123,3 +123,42 @@ def test_kd_gain_summarizes_a_recorded_row_whose_run_is_gone_and_keeps_rows_of_o
     found = kd_gain.finished_row("pneumonia", "scratch", 0, records)
     assert found["acc"] == 0.92 and found["row"] == "scratch"
     assert kd_gain.finished_row("pneumonia", "scratch", 1, records) is None
+
+
+def test_kd_gain_ceiling_scores_every_ensemble_of_teachers_and_seeds(tmp_path, monkeypatch):
+    """--ceiling: each finished teacher and seed of the reference row, every mean-of-softmax ensemble of them, and
+    the test ACC a distilled student needs (reference mean + 1.5 pt)."""
+    import numpy as np
+
+    import edgekd.distill.report
+    import kd_gain
+
+    y = np.array([0, 0, 1, 1])
+    probs = {  # P(class 1) per image; runs with a best.pt
+        "teacher": [0.9, 0.1, 0.8, 0.8],            # 3 of 4 right
+        "scratch_long-s0": [0.05, 0.45, 0.3, 0.9],  # 3 of 4 right
+        "scratch_long-s1": [0.2, 0.2, 0.35, 0.45],  # 2 of 4 right
+    }
+    for name in probs:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.pt").write_bytes(b"")
+    monkeypatch.setattr(kd_gain, "REPO", tmp_path / "repo")  # teachers live under REPO/runs/bench/<set>/
+    bench = tmp_path / "repo" / "runs" / "bench" / "pneumonia"
+    bench.mkdir(parents=True)
+    (bench / "teacher").symlink_to(tmp_path / "teacher")
+    monkeypatch.setattr(kd_gain, "run_dir", lambda set_name, row, seed: tmp_path / f"{row}-s{seed}")
+
+    def fake(checkpoint, split):
+        p = np.array(probs[checkpoint.parent.name])
+        return {"_y": y, "_probs": np.stack([1 - p, p], axis=1)}
+
+    monkeypatch.setattr(edgekd.distill.report, "evaluate_for_report", fake)
+    c = kd_gain.ceiling("pneumonia", "scratch_long", [0, 1, 2])  # seed 2 has no run: left out
+    assert len(c["rows"]) == 7  # 3 singles, 3 pairs, 1 triple
+    assert c["reference_acc"] == pytest.approx(0.625) and c["needed_acc"] == pytest.approx(0.64)
+    triple = next(r for r in c["rows"] if len(r["members"]) == 3)
+    assert triple["test"]["acc"] == pytest.approx(0.75)  # mean P(1) [0.38, 0.25, 0.48, 0.72]: image 3 wrong
+    pair = next(r for r in c["rows"] if r["members"] == ["teacher", "scratch_long-s0"])
+    assert pair["test"]["acc"] == pytest.approx(1.0)  # mean P(1) [0.475, 0.275, 0.55, 0.85]: the two fix each other
+    assert c["best_test"]["members"] == ["teacher", "scratch_long-s0"] and c["any_reaches_needed"]
+    assert "| teacher + scratch_long-s0 (best on test) |" in "\n".join(kd_gain.ceiling_markdown(c))
