@@ -272,7 +272,7 @@ def ceiling_markdown(c: dict) -> list[str]:
         if key in seen:
             continue
         seen.add(key)
-        tag = " (best on test)" if r is c["best_test"] else ""
+        tag = " (best on test)" if r["members"] == c["best_test"]["members"] else ""
         lines.append(f"| {' + '.join(r['members'])}{tag} | {r['val']['acc']:.4f} | {r['val']['auc']:.4f} | "
                      f"{r['test']['acc']:.4f} | {r['test']['auc']:.4f} |")
     return lines
