@@ -150,7 +150,7 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
                                                 "allclose_violations", "metric_drop", "split_images", "passed",
                                                 "failures")}
                         for a in parity["artifacts"]]
-    record["not_shipped"] = parity.get("dropped", [])
+    record["not_shipped"] = parity.get("dropped", []) + parity.get("too_slow", [])
     bench_cmd = [EDGEKD, "bench", str(bundle), "--checkpoint", str(ckpt), "--batch", "1,8", "--threads", "2",
                  "--precision", "fp32,fp16,int8", "--eval-limit", str(eval_limit), "--out", str(out / "bench")]
     record["commands"]["bench"] = shlex.join(bench_cmd)

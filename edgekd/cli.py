@@ -310,6 +310,8 @@ def parity_table(title: str, result) -> RichTable:
                       _fmt(metrics.get("test", {}).get("auc")), "pass" if r["passed"] else "[red]dropped[/]")
     for r in result.parity.get("dropped", []):
         console.print(f"[yellow]not shipped:[/] {r['format']}/{r['precision']}: {escape('; '.join(r['failures']))}")
+    for r in result.parity.get("too_slow", []):
+        console.print(f"[yellow]not shipped:[/] {r['format']}/{r['precision']}: {escape(r['reason'])}")
     return table
 
 

@@ -320,6 +320,39 @@ def test_int8_paths_quantize_and_are_gated(tmp_path):
 
 
 @pytest.mark.slow
+def test_int8_not_faster_than_fp32_is_left_out_and_the_card_says_why(tmp_path):
+    """quantization.min_speedup: an INT8 artifact timed slower than the bar is not shipped (the export still
+    succeeds with FP32), parity.json and the card give the timings; one that clears the bar ships with them."""
+    import json
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
+    loose = {"top1_agreement": 0.5, "acc_drop": 0.5, "auc_drop": 0.5}
+
+    def export(min_speedup, out):
+        profile = profile_from_dict({"parity": {"images": 4, "tolerances": {"int8": loose}},
+                                     "quantization": {"calib_images": 8, "min_speedup": min_speedup}})
+        # int8 asked for first: the plan still builds FP32 first, the reference INT8 is timed against
+        return export_checkpoint(ckpt, tmp_path / out, ["onnx"], ["int8", "fp32"], profile, log=quiet)
+
+    slow = export(1e6, "slow")  # no INT8 model is a million times faster
+    assert [(a["format"], a["precision"]) for a in slow.metadata["artifacts"]] == [("onnx", "fp32")]
+    assert not (tmp_path / "slow/onnx/model_int8.onnx").exists()
+    (gone,) = slow.parity["too_slow"]
+    speed = gone["speed_vs_fp32"]
+    assert speed["speedup"] == pytest.approx(speed["fp32_p50_ms"] / speed["int8_p50_ms"], rel=0.01)
+    assert not speed["fast_enough"] and speed["runs"] > 0
+    assert slow.parity["passed"] and [r["precision"] for r in slow.parity["artifacts"]] == ["fp32"]
+    card = (tmp_path / "slow/card.md").read_text()
+    assert "## Not shipped: INT8 slower than FP32" in card and "below quantization.min_speedup 1e+06" in card
+    assert json.loads((tmp_path / "slow/parity.json").read_text())["too_slow"][0]["format"] == "onnx"
+
+    kept = export(1e-6, "kept")
+    assert {a["precision"] for a in kept.metadata["artifacts"]} == {"fp32", "int8"}
+    int8 = next(r for r in kept.parity["artifacts"] if r["precision"] == "int8")
+    assert int8["speed_vs_fp32"]["fast_enough"] and "too_slow" not in kept.parity
+
+
+@pytest.mark.slow
 def test_int8_tolerance_miss_is_an_error(tmp_path):
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
     # An impossible bound (INT8 logits never match FP32 to 1e-9) must fail the export, not warn.

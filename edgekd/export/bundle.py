@@ -117,6 +117,12 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
         lines += ["", "## Not shipped", "", "These artifacts were built and failed the gate; the export profile "
                   "(`parity.on_fail: drop`) left them out of this bundle:", ""]
         lines += [f"- {d['format']} {d['precision']}: {'; '.join(d['failures'])}" for d in parity["dropped"]]
+    if parity.get("too_slow"):
+        lines += ["", "## Not shipped: INT8 slower than FP32", "", "These INT8 artifacts were built and timed against "
+                  "the FP32 artifact of their format at export (batch 1, interleaved calls, the export machine); "
+                  "an INT8 model that is not faster buys nothing on that CPU but its smaller file, so the profile "
+                  "(`quantization.min_speedup`) left it out:", ""]
+        lines += [f"- {d['format']} {d['precision']}: {d['reason']}" for d in parity["too_slow"]]
     return lines
 
 

@@ -52,7 +52,8 @@ def export_plan(formats: list[str], precisions: list[str]) -> list[tuple[ExportF
     for p in precisions:
         if p not in PRECISIONS:
             raise EdgeKDError(f"--precision: unknown precision '{p}' (choose from {', '.join(PRECISIONS)})")
-    formats, precisions = list(dict.fromkeys(formats)), list(dict.fromkeys(precisions))
+    # FP32 first within a format: an INT8 artifact is timed against its format's FP32 (quantization.min_speedup).
+    formats, precisions = list(dict.fromkeys(formats)), sorted(dict.fromkeys(precisions), key=PRECISIONS.index)
     plan = [(FORMATS[f], p) for f in formats for p in precisions if p in FORMATS[f].precisions]
     for p in precisions:
         if not any(pp == p for _, pp in plan):

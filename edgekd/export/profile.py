@@ -97,6 +97,12 @@ class QuantizationConfig(Section):
     """Keep the first and last Conv/Gemm/MatMul in FP32 (ONNX Runtime nodes_to_exclude, NNCF ignored_scope): the
     first conv sees the raw normalized image, and quantizing it cost most of INT8's top-1 agreement on
     PneumoniaMNIST (ORT: 96.6% -> 99.8% on the gate's inputs with it kept; NNCF ResNet-18: 99.6% -> 100% on val)."""
+    min_speedup: float | None = Field(1.0, gt=0)
+    """An INT8 artifact ships only if it runs at least this many times faster than the FP32 artifact of its format
+    in the same export (batch 1, the profile's threads, timed interleaved at export); a slower one is left out of
+    the bundle, and the card and parity.json say why. On this 2-core EPYC, ONNX Runtime's INT8 (QDQ) kernels ran
+    EfficientNet-B2 and MobileNetV3-Large slower than their FP32 (benchmarks/RESULTS.md, zoo). null: ship INT8
+    whatever its speed."""
     preset: Literal["mixed", "performance"] = "mixed"
     """NNCF preset: mixed = symmetric weights, asymmetric activations (hard-swish and other activations with a
     negative tail keep their range); performance = symmetric both. On a from-scratch MobileNetV3-Large (224 px,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +23,7 @@ from edgekd.export.clinical import operating_point, write_reliability
 from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_sets, retention_report, task_layout,
                                      task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
-from edgekd.export.parity import ParitySet, check_artifact, parity_inputs, reference_report
+from edgekd.export.parity import ParitySet, check_artifact, int8_speedup, parity_inputs, reference_report
 from edgekd.export.profile import ExportProfile, load_profile
 from edgekd.models import count_parameters
 from edgekd.progress import progress_task
@@ -230,6 +230,10 @@ class _Outcome:
     artifacts: list[dict[str, Any]]
     records: list[dict[str, Any]]
     failures: list[str]
+    fp32_sessions: dict[str, Any] = field(default_factory=dict)
+    """format -> its FP32 artifact's session, the reference an INT8 artifact of that format is timed against."""
+    too_slow: list[dict[str, Any]] = field(default_factory=list)
+    """INT8 artifacts left out of the bundle for not being faster than their FP32 (quantization.min_speedup)."""
 
 
 def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set: ParitySet,
@@ -249,10 +253,18 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
         outcome.records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
                                 "failures": [str(err)], "tolerance": tolerance.model_dump()})
         return
+    if precision == "fp32":
+        outcome.fp32_sessions[fmt.name] = session
+    speed = _speed_check(fmt, precision, session, parity_set, profile, outcome, log)
+    if speed is not None and not speed["fast_enough"]:
+        for f in fmt.files(path):
+            f.unlink(missing_ok=True)
+        return
     record, problems = check_artifact(session, parity_set, reference, tolerance, ctx.input_shape, num_classes,
                                       profile.parity.batch_size, profile.parity.metric_split)
     size_mb = sum(p.stat().st_size for p in fmt.files(path)) / 2**20
     record = {"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4), **record,
+              **({"speed_vs_fp32": speed} if speed else {}),
               "tolerance": tolerance.model_dump(), "passed": not problems, "failures": problems}
     outcome.records.append(record)
     outcome.failures += [f"{label}: {p}" for p in problems]
@@ -260,6 +272,26 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
                               **info})
     log(f"{label}: max abs diff {record.get('max_abs_diff', float('nan')):.3g}, top-1 agreement "
         f"{record.get('top1_agreement', float('nan')):.2%}{'' if not problems else ' -> FAIL'}")
+
+
+def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: ExportProfile, outcome: _Outcome,
+                 log: Callable[[str], None]) -> dict[str, Any] | None:
+    """An INT8 artifact timed against its format's FP32 artifact (when the export built one and the profile sets
+    quantization.min_speedup); one that is not fast enough goes into `outcome.too_slow`."""
+    minimum, fp32 = profile.quantization.min_speedup, outcome.fp32_sessions.get(fmt.name)
+    if precision != "int8" or minimum is None or fp32 is None:
+        return None
+    speed = int8_speedup(fp32, session, parity_set.inputs, minimum)
+    line = (f"{fmt.name}/int8: {speed['int8_p50_ms']:.3g} ms vs FP32 {speed['fp32_p50_ms']:.3g} ms at batch 1 "
+            f"({speed['speedup']:.2f}x")
+    if speed["fast_enough"]:
+        log(f"{line})")
+        return speed
+    reason = (f"not faster than FP32 on this CPU: {line}, below quantization.min_speedup {minimum:g}); the FP32 "
+              "artifact is the one to run here")
+    outcome.too_slow.append({"format": fmt.name, "precision": precision, "reason": reason, "speed_vs_fp32": speed})
+    log(f"{fmt.name}/int8: left out of the bundle, {reason}")
+    return speed
 
 
 def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, parity_set: ParitySet,
@@ -273,6 +305,7 @@ def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, pari
                       "metrics": {s: r["metrics"] for s, r in reference["splits"].items()},
                       "split_images": {s: len(y) for s, (_, y) in parity_set.splits.items()}},
         "artifacts": outcome.records, "passed": not outcome.failures, "failures": outcome.failures,
+        **({"too_slow": outcome.too_slow} if outcome.too_slow else {}),
     }
 
 
