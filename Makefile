@@ -63,6 +63,7 @@ bench: install
 # The seeds' own architectures at their input sizes (train from scratch, export, bench): hours on 2 cores.
 zoo: install
 	$(BIN)/python benchmarks/zoo.py --limit 1000 --epochs 5 --eval-limit 400 --reuse
+	$(BIN)/python benchmarks/export_time.py --arch efficientnet_b2 mobilenetv3_large_100 resnet18 vit_small_patch16_224
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -151,6 +151,7 @@ def continual_docs() -> list[dict]:
 def sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
     import calibration
     import distill_terms
+    import export_time
     import hostile
     import kd_gain
     import latency
@@ -186,6 +187,8 @@ def sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
     }
     if (RESULTS / "calibration.json").is_file():
         out["calibration"] = (calibration.MARKERS, lambda: calibration.section(load("calibration.json")))
+    if (RESULTS / "export_time.json").is_file():
+        out["export-time"] = (export_time.MARKERS, lambda: export_time.section(load("export_time.json")))
     if (RESULTS / "serve.json").is_file():
         out["serve"] = (serve.MARKERS, lambda: serve.section(load("serve.json")))
     for name in kd_gain.SETS:

@@ -100,8 +100,8 @@ def test_synthetic_images_cover_every_class_and_are_learnable():
 
 
 def test_cli_check_prints_the_summary_and_exits_2_on_errors(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "edgekd", "check", "recipes/demo/student.yaml", "--synthetic"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    ok = subprocess.run([sys.executable, "-m", "edgekd", "check", "recipes/demo/student.yaml", "--synthetic",
+                         "--set", "data.batch_size=4"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     for word in ("check ok (distill, synthetic data)", "seconds per step", "peak RSS", "resnet18", "stand-in"):
         assert word in ok.stdout, word

@@ -328,11 +328,11 @@ def test_int8_not_faster_than_fp32_is_left_out_and_the_card_says_why(tmp_path):
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
     loose = {"top1_agreement": 0.5, "acc_drop": 0.5, "auc_drop": 0.5}
 
-    def export(min_speedup, out):
+    def export(min_speedup, out, formats=("onnx",), precisions=("int8", "fp32")):
         profile = profile_from_dict({"parity": {"images": 4, "tolerances": {"int8": loose}},
                                      "quantization": {"calib_images": 8, "min_speedup": min_speedup}})
         # int8 asked for first: the plan still builds FP32 first, the reference INT8 is timed against
-        return export_checkpoint(ckpt, tmp_path / out, ["onnx"], ["int8", "fp32"], profile, log=quiet)
+        return export_checkpoint(ckpt, tmp_path / out, list(formats), list(precisions), profile, log=quiet)
 
     slow = export(1e6, "slow")  # no INT8 model is a million times faster
     assert [(a["format"], a["precision"]) for a in slow.metadata["artifacts"]] == [("onnx", "fp32")]
@@ -346,10 +346,12 @@ def test_int8_not_faster_than_fp32_is_left_out_and_the_card_says_why(tmp_path):
     assert "## Not shipped: INT8 slower than FP32" in card and "below quantization.min_speedup 1e+06" in card
     assert json.loads((tmp_path / "slow/parity.json").read_text())["too_slow"][0]["format"] == "onnx"
 
-    kept = export(1e-6, "kept")
-    assert {a["precision"] for a in kept.metadata["artifacts"]} == {"fp32", "int8"}
-    int8 = next(r for r in kept.parity["artifacts"] if r["precision"] == "int8")
-    assert int8["speed_vs_fp32"]["fast_enough"] and "too_slow" not in kept.parity
+    # both formats, FP16 between OpenVINO's FP32 and INT8: each INT8 is timed against its own format's FP32
+    kept = export(1e-6, "kept", ("onnx", "openvino"), ("int8", "fp16", "fp32"))
+    assert len(kept.metadata["artifacts"]) == 5 and "too_slow" not in kept.parity
+    timed = {r["format"]: r["speed_vs_fp32"] for r in kept.parity["artifacts"] if r["precision"] == "int8"}
+    assert set(timed) == {"onnx", "openvino"} and all(t["fast_enough"] for t in timed.values())
+    assert not any("speed_vs_fp32" in r for r in kept.parity["artifacts"] if r["precision"] != "int8")
 
 
 @pytest.mark.slow

@@ -230,8 +230,10 @@ class _Outcome:
     artifacts: list[dict[str, Any]]
     records: list[dict[str, Any]]
     failures: list[str]
+    timed_formats: set[str] = field(default_factory=set)
+    """Formats whose INT8 artifact is timed against their FP32 (quantization.min_speedup set, both in the plan)."""
     fp32_sessions: dict[str, Any] = field(default_factory=dict)
-    """format -> its FP32 artifact's session, the reference an INT8 artifact of that format is timed against."""
+    """format -> its FP32 artifact's session, held until that format's INT8 artifact has been timed."""
     too_slow: list[dict[str, Any]] = field(default_factory=list)
     """INT8 artifacts left out of the bundle for not being faster than their FP32 (quantization.min_speedup)."""
 
@@ -253,7 +255,7 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
         outcome.records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
                                 "failures": [str(err)], "tolerance": tolerance.model_dump()})
         return
-    if precision == "fp32":
+    if precision == "fp32" and fmt.name in outcome.timed_formats:
         outcome.fp32_sessions[fmt.name] = session
     speed = _speed_check(fmt, precision, session, parity_set, profile, outcome, log)
     if speed is not None and not speed["fast_enough"]:
@@ -278,8 +280,10 @@ def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: E
                  log: Callable[[str], None]) -> dict[str, Any] | None:
     """An INT8 artifact timed against its format's FP32 artifact (when the export built one and the profile sets
     quantization.min_speedup); one that is not fast enough goes into `outcome.too_slow`."""
-    minimum, fp32 = profile.quantization.min_speedup, outcome.fp32_sessions.get(fmt.name)
-    if precision != "int8" or minimum is None or fp32 is None:
+    if precision != "int8":
+        return None
+    minimum, fp32 = profile.quantization.min_speedup, outcome.fp32_sessions.pop(fmt.name, None)
+    if minimum is None or fp32 is None:
         return None
     speed = int8_speedup(fp32, session, parity_set.inputs, minimum)
     line = (f"{fmt.name}/int8: {speed['int8_p50_ms']:.3g} ms vs FP32 {speed['fp32_p50_ms']:.3g} ms at batch 1 "
@@ -374,7 +378,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     explain_data = None if parity_set.heads is not None else data if layout is None else data.tasks[-1].data
 
     stage = scratch = None
-    outcome = _Outcome([], [], [])
+    timed = {f.name for f, p in plan if p == "int8"} & {f.name for f, p in plan if p == "fp32"}
+    outcome = _Outcome([], [], [], timed_formats=timed if profile.quantization.min_speedup is not None else set())
     try:
         with deferred_signals():  # a kill now is delivered after both names are set: the finally removes them
             # Tracked: a stop signal removes them before unwinding (a native call it interrupts may crash the exit).
