@@ -227,14 +227,14 @@ def int8_speedup(fp32: ArtifactSession, int8: ArtifactSession, x: np.ndarray, mi
     """Time an INT8 artifact against the FP32 artifact of its format on one input at batch 1 (calls interleaved,
     so a change in the machine's load hits both): p50s, the speed-up (FP32 p50 / INT8 p50) and whether it reaches
     `min_speedup`."""
-    from edgekd.runtime.timing import time_alternating
+    from edgekd.runtime import time_alternating
 
     one = x[:1]
     stats = time_alternating([{"fp32": lambda: fp32.run(one), "int8": lambda: int8.run(one)}], phases=1,
                              warmup=SPEED_WARMUP, rounds=SPEED_ROUNDS)
     fp32_ms, int8_ms = stats["fp32"]["p50_ms"], stats["int8"]["p50_ms"]
     speedup = fp32_ms / int8_ms
-    return {"fp32_p50_ms": round(fp32_ms, 3), "int8_p50_ms": round(int8_ms, 3), "speedup": round(speedup, 3),
+    return {"fp32_p50_ms": fp32_ms, "int8_p50_ms": int8_ms, "speedup": speedup,
             "min_speedup": min_speedup, "runs": SPEED_ROUNDS, "batch": 1, "fast_enough": speedup >= min_speedup}
 
 

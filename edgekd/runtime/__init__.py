@@ -7,9 +7,9 @@ from edgekd.runtime.output import check_output_path, write_predictions
 from edgekd.runtime.preprocess import Preprocessor, as_image_array
 from edgekd.runtime.repository import Repository, write_repository
 from edgekd.runtime.runner import Failure, Prediction, Runner, TaskPredictions
-from edgekd.runtime.timing import peak_rss_mb, time_call
+from edgekd.runtime.timing import peak_rss_mb, time_alternating, time_call
 from edgekd.runtime.tta import TTAViews
 
 __all__ = ["Artifact", "Bundle", "Failure", "Prediction", "Preprocessor", "Repository", "Runner", "TTAViews",
            "TaskPredictions", "as_image_array", "check_output_path", "collect_inputs", "collect_labelled", "open_bundle", "peak_rss_mb",
-           "softmax", "time_call", "verify_manifest", "write_predictions", "write_repository"]
+           "softmax", "time_alternating", "time_call", "verify_manifest", "write_predictions", "write_repository"]
