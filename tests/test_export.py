@@ -352,6 +352,17 @@ def test_int8_not_faster_than_fp32_is_left_out_and_the_card_says_why(tmp_path):
     timed = {r["format"]: r["speed_vs_fp32"] for r in kept.parity["artifacts"] if r["precision"] == "int8"}
     assert set(timed) == {"onnx", "openvino"} and all(t["fast_enough"] for t in timed.values())
     assert not any("speed_vs_fp32" in r for r in kept.parity["artifacts"] if r["precision"] != "int8")
+    # Regression: releasing OpenVINO's FP32 model mid-export (once its INT8 was timed) made the next signal this
+    # process got kill it with SIGSEGV; a crash here takes the whole test run down.
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    try:
+        signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIGTERM]
 
 
 @pytest.mark.slow
