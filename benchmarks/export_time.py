@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, machine_line, results_doc, write_section  # noqa: E402  (sets sys.path)
+from common import REPO, RESULTS, machine_line, now, results_doc, write_section  # noqa: E402  (sets sys.path)
 from zoo import COMMON, EDGEKD, GOALS, ZOO, sets  # noqa: E402
 
 from edgekd.fileio import write_json  # noqa: E402
@@ -91,10 +91,35 @@ def export_time(arch: str, runs: Path) -> dict:
     return record
 
 
+def bench_fp32(arch: str, runs: Path) -> dict:
+    """`edgekd bench` of the exported bundle, FP32 only (speed does not depend on the weights): PyTorch eager
+    against the bare OpenVINO and ONNX Runtime calls at batch 1 and 8, each row a fresh process."""
+    out = runs / arch
+    cmd = [EDGEKD, "bench", str(out / "bundle"), "--checkpoint", str(out / "train" / "best.pt"), "--batch", "1,8",
+           "--threads", "2", "--precision", "fp32", "--formats", "torch,openvino,onnx", "--no-compile",
+           "--eval-limit", "100", "--out", str(out / "bench")]
+    code, _, lines = timed_lines(cmd, out / "bench.log")
+    if code != 0:
+        raise SystemExit(f"{arch}: bench exited {code}: {lines[-1][1] if lines else ''}")
+    rows = json.loads((out / "bench" / "bench.json").read_text())["records"]
+    pick = lambda **w: next((r for r in rows if all(r.get(k) == v for k, v in w.items()) and r["status"] == "ok"), None)  # noqa: E731
+    per_batch = {}
+    for batch in (1, 8):
+        eager, ov = pick(format="torch", variant="eager", batch=batch), pick(format="openvino", variant="bare", batch=batch)
+        onnx = pick(format="onnx", variant="bare", batch=batch)
+        per_batch[str(batch)] = {"eager_ms": eager and eager["p50_ms"], "openvino_ms": ov and ov["p50_ms"],
+                                 "onnx_ms": onnx and onnx["p50_ms"],
+                                 "ov_vs_eager": eager and ov and eager["p50_ms"] / ov["p50_ms"]}
+    return {"command": shlex.join(cmd), "p50": per_batch}
+
+
 def section(doc: dict) -> str:
+    runs: dict[str, list[str]] = {}  # each command (with its date and note) -> the architectures it measured
+    for r in doc["records"]:
+        runs.setdefault(f"`{r['command']}` — {r['date'][:16]}Z; {r['note']}", []).append(r["arch"])
     lines = [MARKERS[0], "## Export time per architecture (`benchmarks/export_time.py`)", "",
-             f"`{doc['command']}` — {doc['date'][:16]}Z, {machine_line(doc['machine'])}; {doc['note']}. Each model's "
-             "zoo recipe with its initial weights (the export's work does not depend on them; INT8 gate verdicts "
+             *[f"- {run}: {', '.join(archs)}" for run, archs in runs.items()], "",
+             f"{machine_line(doc['machine'])}. Each model's zoo recipe with its initial weights (the export's work does not depend on them; INT8 gate verdicts "
              "do, and are the zoo's), exported by the zoo's command (default profile, ONNX FP32/INT8 + OpenVINO "
              f"FP32/FP16/INT8, 2 threads). Goal: ≤ {GOALS['export_seconds']:.0f} s per student.", "",
              "| model | input | val + test images | export s | goal | PyTorch reference s | per artifact s | "
@@ -110,6 +135,17 @@ def section(doc: dict) -> str:
         lines.append(f"| {r['arch']} | {size} | {imgs} | {r['seconds']:.0f} | {'met' if r['met'] else 'MISSED'} | "
                      f"{st.get('pytorch reference', 0):.0f} | {arts} | {speed or '-'} | "
                      f"{', '.join(d['artifact'] for d in r.get('too_slow', [])) or '-'} |")
+    benched = [r for r in doc["records"] if r.get("bench_fp32")]
+    if benched:
+        lines += ["", "FP32 speed of the same bundles (`--bench`: `edgekd bench`, a fresh process per row, 2 threads, p50 ms; "
+                  "goal OpenVINO FP32 ≥ 2x PyTorch eager at batch 1):", "",
+                  "| model | batch | PyTorch eager | OpenVINO FP32 | ONNX Runtime FP32 | OpenVINO / eager |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in benched:
+            for batch, b in r["bench_fp32"]["p50"].items():
+                ms = ["-" if b[k] is None else f"{b[k]:.2f}" for k in ("eager_ms", "openvino_ms", "onnx_ms")]
+                ratio = "-" if b["ov_vs_eager"] is None else f"{b['ov_vs_eager']:.2f}x"
+                lines.append(f"| {r['arch']} | {batch} | {' | '.join(ms)} | {ratio} |")
     lines += ["", MARKERS[1]]
     return "\n".join(lines)
 
@@ -119,12 +155,21 @@ def main() -> int:
     parser.add_argument("--arch", nargs="+", default=STUDENTS, choices=list(ZOO))
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "export_time")
     parser.add_argument("--note", default="one export at a time", help="how quiet the machine was")
+    parser.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from the json")
+    parser.add_argument("--bench", action="store_true",
+                        help="also bench each bundle's FP32 (eager vs OpenVINO vs ONNX Runtime, batch 1 and 8)")
     args = parser.parse_args()
-    command = shlex.join([".venv/bin/python", "benchmarks/export_time.py", *sys.argv[1:]])
     path = RESULTS / "export_time.json"
+    if args.render:
+        write_section(section(json.loads(path.read_text())), *MARKERS)
+        return 0
+    command = shlex.join([".venv/bin/python", "benchmarks/export_time.py", *sys.argv[1:]])
     old = {r["arch"]: r for r in json.loads(path.read_text())["records"]} if path.is_file() else {}
     for arch in args.arch:
-        old[arch] = {**export_time(arch, args.runs), "command": command}
+        old[arch] = {**export_time(arch, args.runs), "command": command, "note": args.note}
+        if args.bench:
+            old[arch]["bench_fp32"] = bench_fp32(arch, args.runs)
+        old[arch]["date"] = now()
     doc = results_doc("export_time", command, list(old.values()), note=args.note)
     write_json(path, doc)
     write_section(section(doc), *MARKERS)
