@@ -99,7 +99,7 @@ class QuantizationConfig(Section):
     PneumoniaMNIST (ORT: 96.6% -> 99.8% on the gate's inputs with it kept; NNCF ResNet-18: 99.6% -> 100% on val)."""
     min_speedup: float | None = Field(1.0, gt=0)
     """An INT8 artifact ships only if it runs at least this many times faster than the FP32 artifact of its format
-    in the same export (batch 1, the profile's threads, timed interleaved at export); a slower one is left out of
+    in the same export (batch 1, the profile's threads, timed in alternating blocks at export); a slower one is left out of
     the bundle, and the card and parity.json say why. On this 2-core EPYC, ONNX Runtime's INT8 (QDQ) kernels ran
     EfficientNet-B2 and MobileNetV3-Large slower than their FP32 (benchmarks/RESULTS.md, zoo). null: ship INT8
     whatever its speed."""
