@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from common import REPO, RESULTS, machine_line, now, results_doc, write_section  # noqa: E402  (sets sys.path)
-from zoo import COMMON, EDGEKD, GOALS, ZOO, sets  # noqa: E402
+from zoo import COMMON, EDGEKD, GOALS, ZOO, pick, ratio, sets  # noqa: E402
 
 from edgekd.fileio import write_json  # noqa: E402
 
@@ -102,14 +102,12 @@ def bench_fp32(arch: str, runs: Path) -> dict:
     if code != 0:
         raise SystemExit(f"{arch}: bench exited {code}: {lines[-1][1] if lines else ''}")
     rows = json.loads((out / "bench" / "bench.json").read_text())["records"]
-    pick = lambda **w: next((r for r in rows if all(r.get(k) == v for k, v in w.items()) and r["status"] == "ok"), None)  # noqa: E731
     per_batch = {}
     for batch in (1, 8):
-        eager, ov = pick(format="torch", variant="eager", batch=batch), pick(format="openvino", variant="bare", batch=batch)
-        onnx = pick(format="onnx", variant="bare", batch=batch)
+        eager, ov = pick(rows, format="torch", variant="eager", batch=batch), pick(rows, format="openvino", variant="bare", batch=batch)
+        onnx = pick(rows, format="onnx", variant="bare", batch=batch)
         per_batch[str(batch)] = {"eager_ms": eager and eager["p50_ms"], "openvino_ms": ov and ov["p50_ms"],
-                                 "onnx_ms": onnx and onnx["p50_ms"],
-                                 "ov_vs_eager": eager and ov and eager["p50_ms"] / ov["p50_ms"]}
+                                 "onnx_ms": onnx and onnx["p50_ms"], "ov_vs_eager": ratio(eager, ov)}
     return {"command": shlex.join(cmd), "p50": per_batch}
 
 
@@ -119,8 +117,8 @@ def section(doc: dict) -> str:
         runs.setdefault(f"`{r['command']}` — {r['date'][:16]}Z; {r['note']}", []).append(r["arch"])
     lines = [MARKERS[0], "## Export time per architecture (`benchmarks/export_time.py`)", "",
              *[f"- {run}: {', '.join(archs)}" for run, archs in runs.items()], "",
-             f"{machine_line(doc['machine'])}. Each model's zoo recipe with its initial weights (the export's work does not depend on them; INT8 gate verdicts "
-             "do, and are the zoo's), exported by the zoo's command (default profile, ONNX FP32/INT8 + OpenVINO "
+             f"{machine_line(doc['machine'])}. Each model's zoo recipe with its initial weights (the export's work "
+             "does not depend on them; INT8 gate verdicts do, and are the zoo's), exported by the zoo's command (default profile, ONNX FP32/INT8 + OpenVINO "
              f"FP32/FP16/INT8, 2 threads). Goal: ≤ {GOALS['export_seconds']:.0f} s per student.", "",
              "| model | input | val + test images | export s | goal | PyTorch reference s | per artifact s | "
              "INT8 vs FP32 at batch 1 | not shipped (too slow) |", "|---|---|---|---:|---|---:|---|---|---|"]
