@@ -91,6 +91,9 @@ SETS = {
             "kd_cnn": ("recipes/demo/student.yaml", ["distill.teacher=runs/bench/demo/teacher-cnn/best.pt",
                                                      "distill.teacher_recipe=recipes/demo/teacher-cnn.yaml"],
                        "scratch", "the same from the baseline CNN trained 24 epochs (teacher-cnn)"),
+            "kd_ens": ("recipes/demo/student.yaml", ["distill.teacher=runs/bench/demo/teacher/best.pt",
+                                                     "distill.ensemble=[runs/bench/demo/teacher-cnn/best.pt]"],
+                       "scratch", "the same from the ensemble of both teachers (mean of softmax)"),
         },
     },
 }
