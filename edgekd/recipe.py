@@ -45,6 +45,7 @@ class DataConfig(Section):
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
     balanced_sampler: bool = False
+    """Draw train batches with each class equally likely (with replacement); loss class weights become 1."""
     on_bad_image: Literal["error", "skip"] = "error"
     hair_removal: bool = False
 
@@ -97,6 +98,8 @@ class LossConfig(Section):
     alpha: list[float] | float | None = None
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: bool = False
+    """Weight the loss by the train split's balanced class weights; all 1 when `data.balanced_sampler` already
+    evens the classes (the imbalance is not corrected twice)."""
 
 
 class EarlyStopConfig(Section):
@@ -168,7 +171,8 @@ class DKDTerm(Section):
 
 
 class CETerm(Section):
-    """Cross-entropy on the labels; `class_weights` uses the train split's balanced weights."""
+    """Cross-entropy on the labels; `class_weights` uses the train split's balanced weights (all 1 under
+    `data.balanced_sampler`)."""
     kind: Literal["ce"]
     weight: float = Field(1.0, ge=0)
     class_weights: bool = False

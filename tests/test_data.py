@@ -116,6 +116,22 @@ def test_class_weights_and_balanced_sampler():
     assert 0.35 < drawn.mean() < 0.65
 
 
+def test_class_weights_not_doubled_by_the_balanced_sampler(tiny_npz):
+    # The loss sees the sampler's even mix: weighting it again would count the imbalance twice.
+    arrays = dict(np.load(tiny_npz))
+    arrays["train_labels"][:40] = 0  # 40+ of 48 train images in class 0
+    np.savez(tiny_npz, **arrays)
+    plain = build_data(recipe(source="medmnist", path=str(tiny_npz)))
+    labels = plain.tables["train"].labels
+    assert plain.class_weights()[1] > 2 * plain.class_weights()[0]
+    assert plain.class_weights().tolist() == pytest.approx(class_weights(labels, plain.num_classes).tolist())
+    sampled = build_data(recipe(source="medmnist", path=str(tiny_npz), balanced_sampler=True))
+    present = (np.bincount(labels, minlength=plain.num_classes) > 0).astype(float)
+    assert sampled.class_weights().tolist() == present.tolist()
+    # DDP does not use the balanced sampler: the balanced weights stay
+    assert sampled.class_weights(distributed=True).tolist() == pytest.approx(plain.class_weights().tolist())
+
+
 def test_transforms_by_v2_class_name():
     cfg = recipe().data
     t = build_transforms(cfg, ["RandAugment", {"RandomErasing": {"p": 0.5}}, {"GaussianBlur": {"kernel_size": 3}}], train=True)

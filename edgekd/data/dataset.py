@@ -107,8 +107,14 @@ class DataModule:
                           num_workers=self.cfg.num_workers, drop_last=False,
                           persistent_workers=False)
 
-    def class_weights(self) -> torch.Tensor:
-        return class_weights(self.tables["train"].labels, self.num_classes)
+    def class_weights(self, distributed: bool = False) -> torch.Tensor:
+        """Balanced weights for the label mix the train loader draws. With the balanced sampler (not used under
+        DDP) that mix is already even: weighting the loss on top would count the imbalance twice, the minority
+        class weighted by (n_major / n_minor) squared, so every present class gets weight 1."""
+        labels = self.tables["train"].labels
+        if self.cfg.balanced_sampler and not distributed:
+            return (torch.as_tensor(np.bincount(labels, minlength=self.num_classes)) > 0).float()
+        return class_weights(labels, self.num_classes)
 
     def counts(self) -> dict[str, list[int]]:
         return {s: np.bincount(t.labels, minlength=self.num_classes).tolist() for s, t in self.tables.items()}

@@ -19,6 +19,7 @@ from edgekd.models import count_macs, count_parameters, create_model, freeze, mo
 from edgekd.fileio import ensure_free_space, write_json, write_text
 from edgekd.probability import softmax
 from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
+from edgekd.train import distributed
 from edgekd.train.distributed import is_main_process
 from edgekd.train.losses import build_loss
 from edgekd.train.trainer import (FitResult, Objective, Plugin, SupervisedObjective, Trainer, predict_logits,
@@ -62,6 +63,12 @@ def untrained_checkpoint(recipe, path: str | Path) -> Path:
                                   "metrics": {}, "recipe_digest": recipe.digest()})
 
 
+def uses_class_weights(recipe) -> bool:
+    """Whether the loss or any distillation term asks for the train split's balanced class weights."""
+    terms = recipe.distill.terms if getattr(recipe, "distill", None) else []
+    return bool(recipe.train.loss.class_weights or any(getattr(t, "class_weights", False) for t in terms))
+
+
 def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
                 objective: Objective | None = None, plugins: list[Plugin] | None = None,
                 resume: bool = False, log: Callable[[str], None] = print, progress=None,
@@ -78,7 +85,10 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         torch.set_num_threads(recipe.train.threads)
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    criterion = build_loss(recipe.train.loss, data.class_weights())
+    if recipe.data.balanced_sampler and uses_class_weights(recipe) and not distributed.is_active():
+        log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
+            "(not applied twice)")
+    criterion = build_loss(recipe.train.loss, data.class_weights(distributed.is_active()))
     objective = objective or SupervisedObjective(criterion)
     meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
     trainer = Trainer(recipe, model, data, objective, out, plugins=plugins, log=log,
