@@ -8,9 +8,8 @@ from typing import Callable
 from edgekd.data import build_data
 from edgekd.distill.objective import build_objective, load_teacher
 from edgekd.errors import EdgeKDError
-from edgekd.train import distributed
 from edgekd.train.checkpoint import load_checkpoint
-from edgekd.train.run import RunResult, build_student_model, train_model
+from edgekd.train.run import RunResult, build_student_model, loss_class_weights, train_model
 from edgekd.train.trainer import resolve_device, seed_everything
 
 ADAPTER_KEY = "kd_adapters"
@@ -36,7 +35,7 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
                 log(f"distill: teacher classes {ckpt.get('class_names')} differ in name from the data's "
                     f"{data.class_names}; matched by index")
     model, spec = build_student_model(recipe, data)
-    objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, data.class_weights(distributed.is_active()),
+    objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
                                 recipe.augment, data.num_classes, log=log, ensemble=ensemble)
     objective.to(resolve_device(recipe.train.device))
     out = Path(out)

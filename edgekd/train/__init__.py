@@ -3,12 +3,13 @@
 from edgekd.train.checkpoint import load_checkpoint, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.distributed import distributed_session, is_main_process
 from edgekd.train.losses import FocalLoss, build_loss
-from edgekd.train.run import (RunResult, build_student_model, evaluate_checkpoint, train_model, train_recipe,
-                              untrained_checkpoint)
+from edgekd.train.run import (RunResult, build_student_model, evaluate_checkpoint, loss_class_weights, train_model,
+                              train_recipe, untrained_checkpoint)
 from edgekd.train.trainer import (Plugin, SupervisedObjective, Trainer, evaluate, predict_logits, resolve_device,
                                   seed_everything)
 
 __all__ = ["FocalLoss", "Plugin", "RunResult", "SupervisedObjective", "Trainer", "build_loss", "build_student_model",
            "distributed_session", "evaluate", "evaluate_checkpoint", "is_main_process", "load_checkpoint",
+           "loss_class_weights",
            "load_state", "model_from_checkpoint", "predict_logits", "resolve_device", "save_checkpoint",
            "seed_everything", "train_model", "train_recipe", "untrained_checkpoint"]

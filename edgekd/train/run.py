@@ -63,6 +63,11 @@ def untrained_checkpoint(recipe, path: str | Path) -> Path:
                                   "metrics": {}, "recipe_digest": recipe.digest()})
 
 
+def loss_class_weights(data: DataModule) -> torch.Tensor:
+    """The class weights for the mix the train loader draws on this process (the balanced sampler is off under DDP)."""
+    return data.class_weights(distributed.is_active())
+
+
 def uses_class_weights(recipe) -> bool:
     """Whether the loss or any distillation term asks for the train split's balanced class weights."""
     terms = recipe.distill.terms if getattr(recipe, "distill", None) else []
@@ -88,7 +93,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     if recipe.data.balanced_sampler and uses_class_weights(recipe) and not distributed.is_active():
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
-    criterion = build_loss(recipe.train.loss, data.class_weights(distributed.is_active()))
+    criterion = build_loss(recipe.train.loss, loss_class_weights(data))
     objective = objective or SupervisedObjective(criterion)
     meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
     trainer = Trainer(recipe, model, data, objective, out, plugins=plugins, log=log,
