@@ -82,7 +82,8 @@ SETS = {
     },
     "demo": {
         "dataset": "pneumoniamnist_mini (the built-in demo set)",
-        "teachers": {"teacher": "recipes/demo/teacher.yaml", "teacher-cnn": "recipes/demo/teacher-cnn.yaml"},
+        "teachers": {"teacher": "recipes/demo/teacher.yaml", "teacher-cnn": "recipes/demo/teacher-cnn.yaml",
+                     "teacher-long": "recipes/demo/teacher-long.yaml"},
         "medmnist": {}, "bar": None,
         "rows": {
             "scratch": ("recipes/demo/baseline.yaml", [], None, "the demo's baseline CNN, no teacher"),
@@ -94,6 +95,9 @@ SETS = {
             "kd_ens": ("recipes/demo/student.yaml", ["distill.teacher=runs/bench/demo/teacher/best.pt",
                                                      "distill.ensemble=[runs/bench/demo/teacher-cnn/best.pt]"],
                        "scratch", "the same from the ensemble of both teachers (mean of softmax)"),
+            "kd_long": ("recipes/demo/student.yaml", ["distill.teacher=runs/bench/demo/teacher-long/best.pt",
+                                                      "distill.teacher_recipe=recipes/demo/teacher-long.yaml"],
+                        "scratch", "the same from the ResNet-18 trained 24 epochs (teacher-long)"),
         },
     },
 }
