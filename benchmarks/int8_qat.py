@@ -20,7 +20,6 @@ import copy
 import logging
 import shlex
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from common import REPO, now  # noqa: E402  (sets sys.path)
 
-from edgekd.export import run as export_run  # noqa: E402
+from edgekd.export import export_inputs  # noqa: E402
 from edgekd.export.parity import torch_logits  # noqa: E402
 from edgekd.export.profile import load_profile  # noqa: E402
 from edgekd.fileio import write_text  # noqa: E402
@@ -125,17 +124,14 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     nncf.set_log_level(logging.ERROR)
 
-    model, ckpt = export_run.model_from_checkpoint(args.checkpoint)
     profile = load_profile(None)
-    data = export_run._checkpoint_data(ckpt, args.checkpoint, [], None, None)
-    parity_set, _, _ = export_run._parity_set_of(data, profile, None, print)
-    ctx = export_run._export_context(model, data, {}, profile, Path(tempfile.gettempdir()), parity_set, print)
-    calib = ctx.calibration()
+    inputs = export_inputs(args.checkpoint, profile)
+    model, parity_set, calib = inputs.model, inputs.parity_set, inputs.calibration
     x_val, y_val = parity_set.splits["val"]
     ref_gate, ref_val = torch_logits(model, parity_set.inputs).argmax(1), torch_logits(model, x_val).argmax(1)
-    pre = data.preprocess
+    pre = inputs.preprocess
     fill = [-m / s for m, s in zip(pre["mean"], pre["std"])]
-    compute = compute_nodes(model, ctx.example_input())
+    compute = compute_nodes(model, torch.from_numpy(calib[:2]))
     kwargs = {"subset_size": len(calib), "preset": nncf.QuantizationPreset.MIXED, "fast_bias_correction": True,
               "ignored_scope": nncf.IgnoredScope(names=list(dict.fromkeys(compute[:1] + compute[-1:])))}
     base = nncf.quantize(copy.deepcopy(model), nncf.Dataset([torch.from_numpy(calib[i:i + 1])

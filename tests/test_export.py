@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, tiny_recipe, write_npz
 from edgekd.errors import EdgeKDError
-from edgekd.export import FORMATS, export_checkpoint, export_plan, load_profile, profile_from_dict
+from edgekd.export import FORMATS, export_checkpoint, export_inputs, export_plan, load_profile, profile_from_dict
 from edgekd.export.artifact import ArtifactSession
 from edgekd.export.onnx import read_onnx_metadata
 from edgekd.export.openvino import read_openvino_metadata
@@ -164,6 +164,31 @@ def run_artifact(fmt: str, path: Path, x: np.ndarray) -> tuple[np.ndarray, dict]
           "batch": str(model.inputs[0].get_partial_shape()[0])}
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return np.asarray(compiled(x)[compiled.outputs[0]]), io
+
+
+def test_export_inputs_are_what_the_export_checks(tmp_path, monkeypatch):
+    """export_inputs gives the parity set and calibration sample an export uses: same counts and reference metrics
+    as the export's parity.json, the same calibration images the INT8 quantizer reads, and the same twice."""
+    import edgekd.export.quantize as quantize
+    from edgekd.export.parity import torch_logits
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    profile = profile_from_dict({"parity": {"images": 8, "on_fail": "drop"}, "quantization": {"calib_images": 16}})
+    inputs = export_inputs(ckpt, profile, log=quiet)
+    seen = []
+    real = quantize.quantize_openvino
+    monkeypatch.setattr(quantize, "quantize_openvino", lambda model, ctx, advance=lambda: None:
+                        (seen.append(ctx.calibration()), real(model, ctx, advance))[1])
+    parity = export_checkpoint(ckpt, tmp_path / "b", ["onnx", "openvino"], ["fp32", "int8"], profile,
+                               log=quiet).parity
+    assert len(inputs.parity_set.inputs) == parity["inputs"] == 8 * len(profile.tta.views)
+    assert {s: len(y) for s, (_, y) in inputs.parity_set.splits.items()} == parity["reference"]["split_images"]
+    x_val, y_val = inputs.parity_set.splits["val"]
+    val_acc = float((torch_logits(inputs.model, x_val).argmax(1) == y_val).mean())
+    assert val_acc == pytest.approx(parity["reference"]["metrics"]["val"]["acc"])
+    assert inputs.calibration.shape == (16, *inputs.preprocess["input_size"])
+    assert len(seen) == 1 and np.array_equal(seen[0], inputs.calibration)
+    np.testing.assert_array_equal(export_inputs(ckpt, profile, log=quiet).calibration, inputs.calibration)
 
 
 @pytest.mark.slow

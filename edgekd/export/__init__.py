@@ -4,8 +4,9 @@ from edgekd.export.bundle import check_target
 from edgekd.export.continual import RetentionGateError
 from edgekd.export.formats import FORMATS, ExportFormat, export_plan
 from edgekd.export.profile import ExportProfile, load_profile, profile_from_dict
-from edgekd.export.run import ExportResult, ParityGateError, export_checkpoint, with_overrides
+from edgekd.export.run import (ExportInputs, ExportResult, ParityGateError, export_checkpoint, export_inputs,
+                               with_overrides)
 
-__all__ = ["FORMATS", "ExportFormat", "ExportProfile", "ExportResult", "ParityGateError", "RetentionGateError",
-           "check_target", "export_checkpoint",
+__all__ = ["FORMATS", "ExportFormat", "ExportInputs", "ExportProfile", "ExportResult", "ParityGateError",
+           "RetentionGateError", "check_target", "export_checkpoint", "export_inputs",
            "export_plan", "load_profile", "profile_from_dict", "with_overrides"]

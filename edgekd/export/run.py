@@ -207,14 +207,45 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
     }
 
 
+def calibration_images(data, profile: ExportProfile) -> np.ndarray:
+    """The INT8 calibration inputs: a fixed sample of `quantization.calib_images` training images, preprocessed by
+    the eval pipeline, float32 (N, C, H, W)."""
+    train = data.dataset("train", train=False)
+    return _stack(train, _sample(len(train), profile.quantization.calib_images, salt=3))[0]
+
+
+@dataclass
+class ExportInputs:
+    """What an export of a checkpoint runs its gate and INT8 calibration on, selected as `export_checkpoint`
+    selects them."""
+
+    model: torch.nn.Module
+    parity_set: ParitySet
+    calibration: np.ndarray
+    preprocess: dict[str, Any]
+
+
+def export_inputs(checkpoint: str | Path, profile: ExportProfile | None = None, data_overrides: list[str] | None = None,
+                  log: Callable[[str], None] = print) -> ExportInputs:
+    """The model, parity set and calibration images of a single-task checkpoint's export, for tools that study
+    the INT8 gate without exporting (benchmarks/int8_qat.py)."""
+    checkpoint = Path(checkpoint)
+    profile = profile or load_profile(None)
+    model, ckpt = model_from_checkpoint(checkpoint)
+    if task_layout(ckpt) is not None:
+        raise EdgeKDError(f"{checkpoint}: a continual checkpoint; export_inputs takes single-task ones")
+    data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size)
+    parity_set, _, _ = _build_parity_set(data, profile, log)
+    return ExportInputs(model, parity_set, calibration_images(data, profile), data.preprocess)
+
+
 def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfile, scratch: Path,
                     parity_set: ParitySet, log: Callable[[str], None], progress=None) -> ExportContext:
     """What the exporters get; calibration images are drawn (once) only when an INT8 path asks."""
 
     def calibration() -> np.ndarray:
         if "calibration" not in ctx.cache:
-            train = data.dataset("train", train=False)
-            ctx.cache["calibration"] = _stack(train, _sample(len(train), profile.quantization.calib_images, salt=3))[0]
+            ctx.cache["calibration"] = calibration_images(data, profile)
         return ctx.cache["calibration"]
 
     ctx = ExportContext(model=model, input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
