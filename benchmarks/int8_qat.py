@@ -93,11 +93,12 @@ def fine_tune(teacher, student, images: np.ndarray, kind: str, which: str, lr: f
     """Adam steps on random views of `images`; returns the mean loss of the first and last 20 steps."""
     g = torch.Generator().manual_seed(0)
     student.eval()
-    params = [p for n, p in student.named_parameters() if p.is_floating_point()
-              and (which == "all" or "_scale_param_storage" in n or "input_low" in n or "input_range" in n)]
-    for p in student.parameters():
-        if p.is_floating_point():
-            p.requires_grad_(any(p is q for q in params))
+    params = []
+    for name, p in student.named_parameters():
+        if p.is_floating_point():  # NNCF keeps integer buffers among the parameters; they never learn
+            learns = which == "all" or any(key in name for key in ("_scale_param_storage", "input_low", "input_range"))
+            p.requires_grad_(learns)
+            params += [p] if learns else []
     opt = torch.optim.Adam(params, lr=lr)
     data, losses = torch.from_numpy(images), []
     for _ in range(steps):

@@ -175,10 +175,13 @@ def test_export_inputs_are_what_the_export_checks(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
     profile = profile_from_dict({"parity": {"images": 8, "on_fail": "drop"}, "quantization": {"calib_images": 16}})
     inputs = export_inputs(ckpt, profile, log=quiet)
-    seen = []
-    real = quantize.quantize_openvino
-    monkeypatch.setattr(quantize, "quantize_openvino", lambda model, ctx, advance=lambda: None:
-                        (seen.append(ctx.calibration()), real(model, ctx, advance))[1])
+    seen, real = [], quantize.quantize_openvino
+
+    def recording_quantize(model, ctx, advance=lambda: None):
+        seen.append(ctx.calibration())
+        return real(model, ctx, advance)
+
+    monkeypatch.setattr(quantize, "quantize_openvino", recording_quantize)
     parity = export_checkpoint(ckpt, tmp_path / "b", ["onnx", "openvino"], ["fp32", "int8"], profile,
                                log=quiet).parity
     assert len(inputs.parity_set.inputs) == parity["inputs"] == 8 * len(profile.tta.views)
