@@ -34,6 +34,7 @@ from edgekd.recipe import load_recipe
 
 LONG = ["train.epochs=80", "train.early_stop.patience=null"]
 ENS = ["distill.ensemble=[runs/bench/retina/teacher56/best.pt]"]
+DEMO_ENS = ["distill.teacher=runs/bench/demo/teacher/best.pt", "distill.ensemble=[runs/bench/demo/teacher-cnn/best.pt]"]
 T56 = ["distill.teacher=runs/bench/retina/teacher56/best.pt", "distill.teacher_recipe=recipes/retina/teacher-56.yaml"]
 # set -> teachers (run name -> recipe; trained once, seed 0, into runs/bench/<set>/<name>/), MedMNIST v2 test rows (AUC, ACC), rows: name -> (recipe, overrides, paired from-scratch row
 # or None, what the row is). A KD row's reference has the same epochs, augmentation and sampling, no teacher.
@@ -98,6 +99,20 @@ SETS = {
             "kd_long": ("recipes/demo/student.yaml", ["distill.teacher=runs/bench/demo/teacher-long/best.pt",
                                                       "distill.teacher_recipe=recipes/demo/teacher-long.yaml"],
                         "scratch", "the same from the ResNet-18 trained 24 epochs (teacher-long)"),
+            "kd_ens_t1": ("recipes/demo/student.yaml", [*DEMO_ENS, "distill.terms=[{kind: kl, weight: 0.7, temperature: 1}, "
+                                                        "{kind: ce, weight: 0.3}]"],
+                          "scratch", "kd_ens with KL at T=1"),
+            "dkd_ens": ("recipes/demo/student.yaml", [*DEMO_ENS, "distill.terms=[{kind: dkd, weight: 0.7, temperature: 4, "
+                                                      "alpha: 1.0, beta: 8.0}, {kind: ce, weight: 0.3}]"],
+                        "scratch", "DKD (binary: TCKD) + CE from the ensemble of both teachers"),
+            "fm_ens": ("recipes/demo/student.yaml", [*DEMO_ENS, "distill.mix={kind: mixup, alpha: 1.0, p: 1.0}",
+                                                     "distill.terms=[{kind: kl, weight: 1.0, temperature: 1}]"],
+                       "scratch", "function matching from the ensemble (shared-view MixUp, KL(T=1) only), 8 epochs"),
+            "scratch24": ("recipes/demo/baseline.yaml", ["train.epochs=24"], None, "the baseline CNN, 24 epochs"),
+            "kd_ens24": ("recipes/demo/student.yaml", [*DEMO_ENS, "train.epochs=24"], "scratch24", "kd_ens, 24 epochs"),
+            "dkd_ens24": ("recipes/demo/student.yaml", [*DEMO_ENS, "train.epochs=24", "distill.terms=[{kind: dkd, weight: 0.7, "
+                                                        "temperature: 4, alpha: 1.0, beta: 8.0}, {kind: ce, weight: 0.3}]"],
+                          "scratch24", "dkd_ens, 24 epochs"),
         },
     },
 }
