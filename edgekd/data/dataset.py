@@ -100,19 +100,24 @@ class DataModule:
             sampler = torch.utils.data.DistributedSampler(ds, shuffle=train, seed=self.seed)
             sampler.set_epoch(epoch)
             shuffle = False
-        elif train and self.cfg.balanced_sampler:
+        elif train and self.samples_balanced():
             sampler, shuffle = balanced_sampler(ds.table.labels, self.seed * 1000 + epoch), False
         gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=shuffle, sampler=sampler, generator=gen,
                           num_workers=self.cfg.num_workers, drop_last=False,
                           persistent_workers=False)
 
+    def samples_balanced(self, distributed: bool = False) -> bool:
+        """Whether the train loader draws classes evenly: `data.balanced_sampler`, which DDP does not use (each
+        rank takes its DistributedSampler shard)."""
+        return self.cfg.balanced_sampler and not distributed
+
     def class_weights(self, distributed: bool = False) -> torch.Tensor:
-        """Balanced weights for the label mix the train loader draws. With the balanced sampler (not used under
-        DDP) that mix is already even: weighting the loss on top would count the imbalance twice, the minority
-        class weighted by (n_major / n_minor) squared, so every present class gets weight 1."""
+        """Balanced weights for the label mix the train loader draws. With the balanced sampler that mix is
+        already even: weighting the loss on top would count the imbalance twice, the minority class weighted by
+        (n_major / n_minor) squared, so every present class gets weight 1."""
         labels = self.tables["train"].labels
-        if self.cfg.balanced_sampler and not distributed:
+        if self.samples_balanced(distributed):
             return (torch.as_tensor(np.bincount(labels, minlength=self.num_classes)) > 0).float()
         return class_weights(labels, self.num_classes)
 

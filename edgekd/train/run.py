@@ -90,7 +90,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         torch.set_num_threads(recipe.train.threads)
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    if recipe.data.balanced_sampler and uses_class_weights(recipe) and not distributed.is_active():
+    if uses_class_weights(recipe) and data.samples_balanced(distributed.is_active()):
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
     criterion = build_loss(recipe.train.loss, loss_class_weights(data))
