@@ -8,7 +8,7 @@ several seeds each, every KD row paired with a from-scratch row of the same epoc
         # + the teacher ceiling: every finished teacher, every seed of the given row and every mean-of-softmax
         # ensemble of them, on val and test, against the test ACC a distilled student needs over that row
 
-Trains the set's teachers once (seed 0) into runs/bench/<set>/<teacher>/ (the paths the student recipes name), then each
+Trains the teachers the rows distill from once (seed 0) into runs/bench/<set>/<teacher>/ (the paths the student recipes name), then each
 row's recipe (+ its overrides) once per seed into runs/bench/<set>/<row>-s<seed>/, merges one record per run into
 benchmarks/results/accuracy.json and writes benchmarks/results/distill_<set>.json and the set's RESULTS.md section:
 mean ± std over seeds, the KD gain over the paired from-scratch row (same seeds), the teacher, the MACs ratio,
@@ -349,12 +349,14 @@ def main() -> None:
         ap.error(f"--ceiling {args.ceiling}: not a row of --set {args.set_name}; choose from {list(cfg['rows'])}")
     command = "python benchmarks/kd_gain.py " + shlex.join(sys.argv[1:])
     teachers = {}
+    # Train (once) only the teachers the requested rows distill from; the others are read if finished.
+    needed = set() if args.summarize else {t for row in rows for t in teachers_of(cfg["rows"][row])}
     for name, recipe_path in cfg["teachers"].items():
         out = REPO / "runs" / "bench" / args.set_name / name
-        if args.summarize:
-            tm = finished_run(load_recipe(REPO / recipe_path), out)
-        else:
+        if name in needed:
             tm, _ = run_or_reuse(recipe_path, out, [], True, f"{args.set_name} {name}")
+        else:
+            tm = finished_run(load_recipe(REPO / recipe_path), out)
         if tm is not None:
             teachers[name] = {**accuracy_record(tm, train_command(recipe_path, out, [])), "run": name}
     new = [r for row in rows for seed in args.seeds
