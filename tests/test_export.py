@@ -547,3 +547,19 @@ def test_on_fail_drop_ships_the_passing_artifacts_and_says_why(tmp_path, monkeyp
     with pytest.raises(EdgeKDError, match="failed \\(1 problem\\)"):
         export_checkpoint(ckpt, tmp_path / "c", ["onnx"], ["fp32"], drop, log=quiet)
     assert not (tmp_path / "c").exists()
+
+
+def test_int8_transformer_scheme_is_picked_for_every_timm_attention_and_no_channel_gate():
+    """NNCF's transformer scheme goes to multi-head attention as timm builds it (ViT's Attention and Swin's
+    WindowAttention, which the scheme once missed), never to squeeze-excitation or CBAM gates of the CNNs."""
+    from timm.layers import Attention, SqueezeExcite
+    from timm.layers.cbam import CbamModule
+    from timm.models.swin_transformer_v2 import WindowAttention
+
+    from edgekd.export.quantize import is_transformer
+
+    for attention in (Attention(32, num_heads=2), WindowAttention(32, window_size=(4, 4), num_heads=2),
+                      torch.nn.MultiheadAttention(32, 2)):
+        assert is_transformer(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), attention)), type(attention).__name__
+    for gate in (SqueezeExcite(32), CbamModule(32)):
+        assert not is_transformer(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), gate)), type(gate).__name__

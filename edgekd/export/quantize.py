@@ -16,10 +16,12 @@ from edgekd.progress import progress_task
 
 
 def is_transformer(model: nn.Module) -> bool:
-    """Attention layers (timm's Attention, nn.MultiheadAttention) call for NNCF's transformer scheme."""
-    from timm.layers import Attention
-
-    return any(isinstance(m, (Attention, nn.MultiheadAttention)) for m in model.modules())
+    """Multi-head attention layers call for NNCF's transformer scheme: nn.MultiheadAttention, or any module whose
+    class is named *Attention and has heads, as timm names them (ViT's Attention, Swin's WindowAttention, EVA's
+    EvaAttention). Squeeze-excitation and CBAM-style channel gates have no heads and do not count."""
+    return any(isinstance(m, nn.MultiheadAttention)
+               or (type(m).__name__.endswith("Attention") and isinstance(getattr(m, "num_heads", None), int))
+               for m in model.modules())
 
 
 def calibration_progress(ctx: ExportContext, label: str):
