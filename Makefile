@@ -62,8 +62,8 @@ bench: install
 
 # The seeds' own architectures at their input sizes (train from scratch, export, bench): hours on 2 cores.
 zoo: install
-	$(BIN)/python benchmarks/zoo.py --arch mobilenetv3_large_100 resnet18 efficientnet_b2 vit_small_patch16_224 resnet50 resnet101 convnextv2_tiny --limit 1000 --epochs 5 --eval-limit 400 --reuse
-	$(BIN)/python benchmarks/zoo.py --arch swinv2_tiny_window8_256 --limit 1000 --epochs 8 --eval-limit 400 --reuse
+	$(BIN)/python benchmarks/zoo.py --arch mobilenetv3_large_100 resnet18 efficientnet_b2 resnet50 resnet101 convnextv2_tiny --limit 1000 --epochs 5 --eval-limit 400 --reuse
+	$(BIN)/python benchmarks/zoo.py --arch vit_small_patch16_224 swinv2_tiny_window8_256 --limit 1000 --epochs 8 --eval-limit 400 --reuse
 	$(BIN)/python benchmarks/export_time.py --arch efficientnet_b2 mobilenetv3_large_100 resnet18 vit_small_patch16_224
 
 clean:
