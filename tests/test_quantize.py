@@ -91,6 +91,61 @@ def test_excluded_op_types_stay_float(swish_onnx, tmp_path):
     assert quantized_nodes(graph, "Conv") == 2  # the convs are still quantized
 
 
+def tiny_vit() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
+                             embed_dim=16, num_heads=2, num_classes=2).eval()
+
+
+@pytest.fixture(scope="module")
+def vit_onnx(tmp_path_factory) -> Path:
+    return export_plain_onnx(tiny_vit(), tmp_path_factory.mktemp("v") / "vit.onnx", torch.zeros(1, 3, 16, 16))
+
+
+def test_transformer_scheme_quantizes_only_the_compute_ops(vit_onnx, tmp_path):
+    """ViT under ONNX Runtime's default op set gets int8 LayerNorm scales and Add/Mul constants; the transformer
+    scheme leaves those FP32 and still gives the Linear layers (MatMul) int8 weights."""
+    import onnx
+
+    def int8_weight_readers(out: Path, transformer: bool, **keys) -> set[str]:
+        """Op types with an input dequantized from an int8 constant (a quantized weight)."""
+        out.mkdir()
+        options = profile_from_dict({"quantization": {"onnx": keys}}).quantization.onnx
+        calib = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
+        quantize_onnx_static(vit_onnx, out / "int8.onnx", calib, out, options, False, transformer=transformer)
+        graph = onnx.load(str(out / "int8.onnx")).graph
+        consts = {i.name for i in graph.initializer}
+        weights = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
+        return {n.op_type for n in graph.node if any(i in weights for i in n.input)}
+
+    cnn = int8_weight_readers(tmp_path / "cnn", transformer=False)
+    transformer = int8_weight_readers(tmp_path / "t", transformer=True)
+    assert "LayerNormalization" in cnn and "MatMul" in cnn
+    assert "MatMul" in transformer and transformer <= {"Conv", "Gemm", "MatMul"}
+    # the profile's op_types win over the scheme
+    assert int8_weight_readers(tmp_path / "p", transformer=True, op_types=["Conv"]) == {"Conv"}
+
+
+def test_transformer_scheme_follows_model_type_and_is_noted(vit_onnx):
+    from edgekd.export.onnx import onnx_quantization_note
+    from edgekd.export.quantize import uses_transformer_scheme
+
+    def ctx(model, model_type: str) -> ExportContext:
+        return ExportContext(model=model, input_shape=(3, 16, 16), metadata={},
+                             profile=profile_from_dict({"quantization": {"model_type": model_type}}), scratch=Path("."),
+                             calibration=lambda: None, validation=lambda: None)
+
+    assert uses_transformer_scheme(ctx(tiny_vit(), "auto")) and not uses_transformer_scheme(ctx(SwishNet(), "auto"))
+    assert uses_transformer_scheme(ctx(SwishNet(), "transformer")) and not uses_transformer_scheme(ctx(tiny_vit(), "cnn"))
+    kw = ort_quantize_options(vit_onnx, profile_from_dict({}).quantization.onnx, False, transformer=True)
+    assert kw["op_types_to_quantize"] == ["Conv", "Gemm", "MatMul"]
+    assert "op_types_to_quantize" not in ort_quantize_options(vit_onnx, profile_from_dict({}).quantization.onnx, False)
+    note = onnx_quantization_note(profile_from_dict({}).quantization, transformer=True)
+    assert "op types quantized Conv, Gemm, MatMul (transformer scheme)" in note
+
+
 def test_per_tensor_weights_have_one_scale(swish_onnx, tmp_path):
     from onnx import numpy_helper
 

@@ -86,7 +86,7 @@ def export_onnx_artifact(ctx: ExportContext, precision: str, path: Path) -> dict
         ctx.cache["onnx_fp32"] = path
         return info
     if precision == "int8":
-        from edgekd.export.quantize import calibration_progress, quantize_onnx_static
+        from edgekd.export.quantize import calibration_progress, quantize_onnx_static, uses_transformer_scheme
 
         fp32 = ctx.cache.get("onnx_fp32")
         if fp32 is None:  # int8 alone: trace an fp32 graph in scratch space, not in the bundle
@@ -94,22 +94,29 @@ def export_onnx_artifact(ctx: ExportContext, precision: str, path: Path) -> dict
             export_onnx(ctx, fp32)
             ctx.cache["onnx_fp32"] = fp32
         cfg = ctx.profile.quantization
+        transformer = uses_transformer_scheme(ctx)
         with calibration_progress(ctx, "onnx int8") as advance:
-            quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, cfg.onnx, cfg.keep_first_last, advance)
+            quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, cfg.onnx, cfg.keep_first_last, advance,
+                                 transformer)
         import onnx
 
         model = onnx.load(str(path))
         save_onnx(model, path, ctx.metadata, precision)
-        return {"opset": _opset(model), "quantization": onnx_quantization_note(cfg)}
+        return {"opset": _opset(model), "quantization": onnx_quantization_note(cfg, transformer)}
     raise EdgeKDError(f"onnx: unsupported precision '{precision}'")
 
 
-def onnx_quantization_note(cfg) -> str:
+def onnx_quantization_note(cfg, transformer: bool = False) -> str:
     """How the ONNX INT8 artifact was quantized, for the bundle (profile quantization section)."""
+    from edgekd.export.quantize import ort_op_types
+
     opts = cfg.onnx
+    op_types = ort_op_types(opts, transformer)
     return (f"onnxruntime static QDQ (int8 weights {'per channel' if opts.per_channel else 'per tensor'}"
             f"{', 7-bit range' if opts.reduce_range else ''}, uint8 activations, {opts.calibrate_method} "
             "calibration)" + (", first and last layers FP32" if cfg.keep_first_last else "")
+            + (f", op types quantized {', '.join(op_types)}" if op_types else "")
+            + (" (transformer scheme)" if transformer and opts.op_types is None else "")
             + (f", FP32 op types {', '.join(opts.exclude_op_types)}" if opts.exclude_op_types else ""))
 
 

@@ -74,6 +74,11 @@ class OnnxQuantization(Section):
     exclude_op_types: list[str] = []
     """ONNX op types left in FP32 (every node of these types, e.g. [Mul, HardSigmoid] for hard-swish and the
     squeeze-excite gates of MobileNetV3), besides keep_first_last."""
+    op_types: list[str] | None = None
+    """ONNX op types quantized (ONNX Runtime's op_types_to_quantize). null, the default: every op type ONNX Runtime
+    quantizes for a CNN; only the compute ops Conv, Gemm and MatMul for a transformer (quantization.model_type).
+    On ViT-S/16 at 224 px, quantizing LayerNorm, Softmax, Add and GELU too left 96.35% top-1 agreement with FP32;
+    the compute ops alone kept 99.74%, at 1.65x the FP32 speed."""
 
 
 class OpenVINOQuantization(Section):
@@ -108,7 +113,8 @@ class QuantizationConfig(Section):
     negative tail keep their range); performance = symmetric both. On a from-scratch MobileNetV3-Large (224 px,
     PneumoniaMNIST) mixed kept 97.7% top-1 agreement on 300 val images where performance kept 90.7%."""
     model_type: Literal["auto", "cnn", "transformer"] = "auto"
-    """NNCF's transformer scheme for attention models; auto looks for attention layers."""
+    """The transformer scheme for attention models: NNCF's ModelType.TRANSFORMER, and ONNX Runtime quantizes only
+    Conv, Gemm and MatMul (unless onnx.op_types says otherwise); auto looks for attention layers."""
     onnx: OnnxQuantization = OnnxQuantization()
     openvino: OpenVINOQuantization = OpenVINOQuantization()
 

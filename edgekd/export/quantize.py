@@ -24,6 +24,12 @@ def is_transformer(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def uses_transformer_scheme(ctx: ExportContext) -> bool:
+    """The profile's quantization.model_type, with auto resolved by is_transformer on the export's model."""
+    model_type = ctx.profile.quantization.model_type
+    return model_type == "transformer" or (model_type == "auto" and is_transformer(ctx.model))
+
+
 def calibration_progress(ctx: ExportContext, label: str):
     """A progress task over the calibration images of `label`'s INT8 pass; yields its advance()."""
     return progress_task(ctx.progress, f"{label}: calibration", len(ctx.calibration()))
@@ -35,7 +41,7 @@ def nncf_options(model, ctx: ExportContext) -> tuple[dict[str, Any], str]:
     import nncf
 
     cfg = ctx.profile.quantization
-    transformer = cfg.model_type == "transformer" or (cfg.model_type == "auto" and is_transformer(ctx.model))
+    transformer = uses_transformer_scheme(ctx)
     kwargs: dict[str, Any] = {"subset_size": len(ctx.calibration()), "fast_bias_correction": cfg.fast_bias_correction,
                               "preset": (nncf.QuantizationPreset.MIXED if cfg.preset == "mixed"
                                          else nncf.QuantizationPreset.PERFORMANCE)}
@@ -112,10 +118,20 @@ def first_last_compute_nodes(model_path: Path) -> list[str]:
     return list(dict.fromkeys(names[:1] + names[-1:]))
 
 
-def ort_quantize_options(model_path: Path, options: OnnxQuantization, keep_first_last: bool) -> dict[str, Any]:
+def ort_op_types(options: OnnxQuantization, transformer: bool) -> list[str] | None:
+    """The op types ONNX Runtime quantizes: the profile's, else the compute ops for a transformer (its LayerNorm,
+    Softmax, residual Add and GELU stay FP32), else None (ONNX Runtime's default set)."""
+    if options.op_types is not None:
+        return list(options.op_types)
+    return list(COMPUTE_OPS) if transformer else None
+
+
+def ort_quantize_options(model_path: Path, options: OnnxQuantization, keep_first_last: bool,
+                         transformer: bool = False) -> dict[str, Any]:
     """onnxruntime.quantization.quantize_static keyword arguments (besides paths and data) from the profile:
-    QDQ, int8 weights (per channel or per tensor), uint8 activations, the calibration method, and the nodes left
-    in FP32 (the first and last compute layers, every node of an excluded op type)."""
+    QDQ, int8 weights (per channel or per tensor), uint8 activations, the calibration method, the op types
+    quantized (ort_op_types) and the nodes left in FP32 (the first and last compute layers, every node of an
+    excluded op type)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
@@ -128,14 +144,16 @@ def ort_quantize_options(model_path: Path, options: OnnxQuantization, keep_first
     return {"quant_format": QuantFormat.QDQ, "per_channel": options.per_channel, "reduce_range": options.reduce_range,
             "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "calibrate_method": method,
             "nodes_to_exclude": list(dict.fromkeys(excluded)),
+            **({"op_types_to_quantize": op_types} if (op_types := ort_op_types(options, transformer)) else {}),
             **({"extra_options": {"CalibPercentile": 99.999}} if options.calibrate_method == "percentile" else {})}
 
 
 def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scratch: Path,
                          options: OnnxQuantization | None = None, keep_first_last: bool = True,
-                         advance=lambda: None) -> None:
+                         advance=lambda: None, transformer: bool = False) -> None:
     """ONNX Runtime static quantization in QDQ format (by default int8 per-channel weights, uint8 activations,
-    MinMax; `options`: the profile's quantization.onnx); optionally the first and last compute layers stay FP32.
+    MinMax; `options`: the profile's quantization.onnx); optionally the first and last compute layers stay FP32;
+    `transformer`: only the compute ops are quantized unless the profile lists op types.
 
     uint8 activations (U8S8) because ONNX Runtime's x86 kernels are built for them: on this 2-core EPYC (its
     flags list avx512_vnni), int8 activations (S8S8) ran MobileNetV3-Large at 224 px 2.1x slower than FP32
@@ -161,7 +179,7 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
     except Exception:
         prepared = fp32_path
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = ort_quantize_options(prepared, options or OnnxQuantization(), keep_first_last)
+    kwargs = ort_quantize_options(prepared, options or OnnxQuantization(), keep_first_last, transformer)
     try:
         quantize_static(str(prepared), str(out_path), ImageReader(calib), **kwargs)
     except Exception as err:
