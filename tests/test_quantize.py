@@ -213,3 +213,12 @@ def test_nncf_ignored_types_reach_the_ignored_scope():
     quantized, _ = quantize_openvino(model, ctx)
     consumers = {c for c, _, _ in fake_quantize_ranges(quantized)}
     assert "Multiply" not in consumers and "Convolution" in consumers
+
+
+@pytest.mark.parametrize("quantization, fast", [({}, False), ({"model_type": "transformer"}, True),
+                                                ({"model_type": "transformer", "fast_bias_correction": False}, False),
+                                                ({"fast_bias_correction": True}, True)])
+def test_bias_correction_is_full_for_cnns_and_fast_for_transformers(quantization, fast):
+    kwargs, about = nncf_options(openvino_model(), nncf_context(quantization))
+    assert kwargs["fast_bias_correction"] is fast
+    assert ("fast bias correction" if fast else "full bias correction") in about

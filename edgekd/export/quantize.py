@@ -42,7 +42,8 @@ def nncf_options(model, ctx: ExportContext) -> tuple[dict[str, Any], str]:
 
     cfg = ctx.profile.quantization
     transformer = uses_transformer_scheme(ctx)
-    kwargs: dict[str, Any] = {"subset_size": len(ctx.calibration()), "fast_bias_correction": cfg.fast_bias_correction,
+    fast = transformer if cfg.fast_bias_correction is None else cfg.fast_bias_correction
+    kwargs: dict[str, Any] = {"subset_size": len(ctx.calibration()), "fast_bias_correction": fast,
                               "preset": (nncf.QuantizationPreset.MIXED if cfg.preset == "mixed"
                                          else nncf.QuantizationPreset.PERFORMANCE)}
     if transformer:
@@ -58,7 +59,7 @@ def nncf_options(model, ctx: ExportContext) -> tuple[dict[str, Any], str]:
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=names, types=types, validate=False)
     about = (f"nncf {nncf.__version__} PTQ ({cfg.preset} preset) on {len(ctx.calibration())} training images"
              + (" (transformer scheme)" if transformer else "")
-             + ("" if cfg.fast_bias_correction else ", full bias correction")
+             + (", fast bias correction" if fast else ", full bias correction")
              + (", first and last layers FP32" if cfg.keep_first_last else "")
              + (f", FP32 op types {', '.join(types)}" if types else ""))
     return kwargs, about
