@@ -380,6 +380,10 @@ def test_int8_not_faster_than_fp32_is_left_out_and_the_card_says_why(tmp_path):
     timed = {r["format"]: r["speed_vs_fp32"] for r in kept.parity["artifacts"] if r["precision"] == "int8"}
     assert set(timed) == {"onnx", "openvino"} and all(t["fast_enough"] for t in timed.values())
     assert not any("speed_vs_fp32" in r for r in kept.parity["artifacts"] if r["precision"] != "int8")
+    card = (tmp_path / "kept/card.md").read_text()
+    assert "## How the INT8 artifacts were made" in card
+    assert "- onnx int8: onnxruntime static QDQ" in card and "- openvino int8: nncf" in card
+    assert "full bias correction" in card  # a CNN: NNCF's full bias correction
     # Regression: releasing OpenVINO's FP32 model mid-export (once its INT8 was timed) made the next signal this
     # process got kill it with SIGSEGV; a crash here takes the whole test run down.
     import signal

@@ -126,6 +126,15 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _quantization_section(metadata: dict[str, Any]) -> list[str]:
+    """How each shipped INT8 artifact was quantized (the exporter's note: tool, scheme, calibration, FP32 layers)."""
+    notes = [a for a in metadata["artifacts"] if a.get("quantization")]
+    if not notes:
+        return []
+    return ["", "## How the INT8 artifacts were made", ""] + [
+        f"- {a['format']} {a['precision']}: {a['quantization']}" for a in notes]
+
+
 def _explanation_section(explanations: list[dict[str, Any]] | None) -> list[str]:
     """The card's Grad-CAM table, when there are overlays."""
     if not explanations:
@@ -215,7 +224,7 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
     if metadata.get("continual"):
         lines += continual_card_section(metadata["continual"], metadata.get("tasks"))
     lines += (_lineage_section(metadata) + _head_parity_section(parity) + _parity_section(parity, tta)
-              + _explanation_section(explanations))
+              + _quantization_section(metadata) + _explanation_section(explanations))
     first = metadata["artifacts"][0]
     lines += ["", "## Run", "", "```", f"edgekd predict <this bundle> IMAGE... --backend {first['format']} "
               f"--precision {first['precision']} [--tta]", "```", "",
