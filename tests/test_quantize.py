@@ -163,6 +163,8 @@ def test_per_tensor_weights_have_one_scale(swish_onnx, tmp_path):
 def test_unknown_onnx_key_is_refused():
     with pytest.raises(EdgeKDError, match="quantization.onnx.calibrate_method"):
         profile_from_dict({"quantization": {"onnx": {"calibrate_method": "kl"}}})
+    with pytest.raises(EdgeKDError, match="quantization.onnx.op_types"):  # quantizing nothing is no INT8 model
+        profile_from_dict({"quantization": {"onnx": {"op_types": []}}})
 
 
 def nncf_context(quantization: dict) -> ExportContext:

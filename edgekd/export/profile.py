@@ -74,11 +74,12 @@ class OnnxQuantization(Section):
     exclude_op_types: list[str] = []
     """ONNX op types left in FP32 (every node of these types, e.g. [Mul, HardSigmoid] for hard-swish and the
     squeeze-excite gates of MobileNetV3), besides keep_first_last."""
-    op_types: list[str] | None = None
+    op_types: list[str] | None = Field(None, min_length=1)
     """ONNX op types quantized (ONNX Runtime's op_types_to_quantize). null, the default: every op type ONNX Runtime
     quantizes for a CNN; only the compute ops Conv, Gemm and MatMul for a transformer (quantization.model_type).
-    On ViT-S/16 at 224 px, quantizing LayerNorm, Softmax, Add and GELU too left 96.35% top-1 agreement with FP32;
-    the compute ops alone kept 99.74%, at 1.65x the FP32 speed."""
+    On the zoo's ViT-S/16 at 224 px, quantizing LayerNorm, Softmax, Add and GELU too left 96.35% top-1 agreement
+    with FP32; the compute ops alone kept 99.74%, and ran 1.19x the FP32 speed at batch 1, 1.52x at batch 8
+    (benchmarks/RESULTS.md, zoo)."""
 
 
 class OpenVINOQuantization(Section):
