@@ -143,6 +143,15 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     assert (out / "bench.png").stat().st_size > 0
     (bundle,) = out.glob("bundle-*")  # exported into the out dir
 
+    # The export is reused by a bench with the same export settings only (other settings: another export).
+    from edgekd.bench.run import _export
+
+    logs: list[str] = []
+    _export(ckpt, bundle, [("onnx", "fp32")], 1, 8, None, [], logs.append)  # the bench's own: 1 thread, 8 images
+    assert logs[0].startswith("reusing the export")
+    _export(ckpt, bundle, [("onnx", "fp32")], 1, 6, None, [], logs.append)
+    assert logs[1].startswith("exporting")
+
     # The bundle alone: no checkpoint -> torch rows are n/a with the reason; no data -> random images, no accuracy.
     bundle_only = run_bench(BenchConfig(bundle, tmp_path / "b2", formats="torch", precisions="fp32", batches="1",
                                         gemm=False), log=lambda *_: None)

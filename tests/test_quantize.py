@@ -58,8 +58,9 @@ def quantized_nodes(graph, op_type: str) -> int:
 def test_onnx_keys_reach_quantize_static(swish_onnx, monkeypatch, tmp_path):
     import onnxruntime.quantization as ortq
 
-    seen = {}
-    monkeypatch.setattr(ortq, "quantize_static", lambda src, dst, reader, **kw: seen.update(kw))
+    seen, real = {}, ortq.quantize_static
+    monkeypatch.setattr(ortq, "quantize_static", lambda src, dst, reader, **kw: (seen.update(kw),
+                                                                                 real(src, dst, reader, **kw)))
     keys = {"per_channel": False, "calibrate_method": "percentile", "reduce_range": True, "exclude_op_types": ["Mul"]}
     options = profile_from_dict({"quantization": {"onnx": keys}}).quantization.onnx
     quantize_onnx_static(swish_onnx, tmp_path / "x.onnx", calibration(4), tmp_path, options, keep_first_last=True)
@@ -126,6 +127,23 @@ def test_transformer_scheme_quantizes_only_the_compute_ops(vit_onnx, tmp_path):
     assert "MatMul" in transformer and transformer <= {"Conv", "Gemm", "MatMul"}
     # the profile's op_types win over the scheme
     assert int8_weight_readers(tmp_path / "p", transformer=True, op_types=["Conv"]) == {"Conv"}
+
+
+def test_op_types_that_match_no_node_are_an_error_not_an_fp32_int8_artifact(swish_onnx, tmp_path):
+    with pytest.raises(EdgeKDError, match="quantized no node of this graph .*Linear"):
+        quantized_graph(swish_onnx, tmp_path, op_types=["Linear"])  # a PyTorch name, not an ONNX op type
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_onnx_int8_export_of_a_vit_uses_the_transformer_scheme(tmp_path):
+    """The exporter itself (not only quantize_onnx_static) resolves model_type auto on the model it exports."""
+    from edgekd.export.onnx import export_onnx_artifact
+
+    calib = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
+    ctx = ExportContext(model=tiny_vit(), input_shape=(3, 16, 16), metadata={}, profile=profile_from_dict({}),
+                        scratch=tmp_path, calibration=lambda: calib, validation=lambda: None)
+    info = export_onnx_artifact(ctx, "int8", tmp_path / "model_int8.onnx")
+    assert info["quantization"].endswith("op types quantized Conv, Gemm, MatMul (transformer scheme)")
 
 
 def test_transformer_scheme_follows_model_type_and_is_noted(vit_onnx):

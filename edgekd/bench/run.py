@@ -99,8 +99,9 @@ def is_bundle(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------ subjects
 
-def _bundle_reusable(bundle_dir: Path, checkpoint: Path, pairs: list[tuple[str, str]]) -> bool:
-    """An earlier export of this very checkpoint (path, and newer than the file) holding every pair we need."""
+def bundle_reusable(bundle_dir: Path, checkpoint: Path, pairs: list[tuple[str, str]], digest: str) -> bool:
+    """An earlier export of this very checkpoint (path, and newer than the file), by this edgekd under these
+    export settings (`digest`: profile_digest), holding every pair we need."""
     meta_path, parity_path = bundle_dir / "edgekd.json", bundle_dir / "parity.json"
     if not (meta_path.is_file() and parity_path.is_file()):
         return False
@@ -109,7 +110,10 @@ def _bundle_reusable(bundle_dir: Path, checkpoint: Path, pairs: list[tuple[str, 
         return False
     if meta_path.stat().st_mtime < checkpoint.stat().st_mtime:
         return False
-    have = {(a["format"], a["precision"]) for a in json.loads(meta_path.read_text()).get("artifacts", [])}
+    meta = json.loads(meta_path.read_text())
+    if meta.get("export_profile_digest") != digest:
+        return False
+    have = {(a["format"], a["precision"]) for a in meta.get("artifacts", [])}
     return set(pairs) <= have
 
 
@@ -118,27 +122,29 @@ def _export(checkpoint: Path, bundle_dir: Path, pairs: list[tuple[str, str]], th
             ) -> tuple[list[Path], dict[tuple[str, str], str]]:
     """Export `pairs` into bundle_dir; if the parity gate refuses some artifacts, export the others (one bundle per
     precision) and report the refused ones. -> (bundle dirs, {(format, precision): reason})."""
-    from edgekd.export import ParityGateError, export_checkpoint, load_profile, with_overrides
+    from edgekd.export import ParityGateError, export_checkpoint, load_profile, profile_digest, with_overrides
 
     profile = with_overrides(load_profile(None), parity_images, calib_images, threads, accuracy_control)
     # The bench times every artifact itself, a slow INT8 included: the export's INT8 speed check is off here.
     profile = profile.model_copy(update={"quantization": profile.quantization.model_copy(update={"min_speedup": None})})
     formats = list(dict.fromkeys(f for f, _ in pairs))
     precisions = list(dict.fromkeys(p for _, p in pairs))
-    if _bundle_reusable(bundle_dir, checkpoint, pairs):
+    digest = profile_digest(profile)
+    if bundle_reusable(bundle_dir, checkpoint, pairs, digest):
         log(f"reusing the export in {bundle_dir}")
         return [bundle_dir], {}
     # An earlier run of this checkpoint whose gate refused some artifacts: reuse its split bundles and verdict.
     refusal_file = bundle_dir.with_name(f"{bundle_dir.name}-refused.json")
     stamp = {"checkpoint": str(checkpoint.resolve()), "mtime": checkpoint.stat().st_mtime,
-             "accuracy_control": bool(accuracy_control)}
+             "accuracy_control": bool(accuracy_control), "export_profile_digest": digest}
     if refusal_file.is_file():
         earlier = json.loads(refusal_file.read_text())
         refused = {tuple(k.split("/")): v for k, v in earlier["refused"].items()}
         rest = [p for p in pairs if p not in refused]
         split = [bundle_dir.with_name(f"{bundle_dir.name}-{p}") for p in dict.fromkeys(p for _, p in rest)]
         if earlier["stamp"] == stamp and all(
-                _bundle_reusable(b, checkpoint, [(f, p) for f, p in rest if b.name.endswith(f"-{p}")]) for b in split):
+                bundle_reusable(b, checkpoint, [(f, p) for f, p in rest if b.name.endswith(f"-{p}")], digest)
+                for b in split):
             log(f"reusing the exports {', '.join(b.name for b in split)} (the parity gate refused "
                 f"{', '.join('/'.join(k) for k in refused if k in pairs)} for this checkpoint)")
             return split, {k: v for k, v in refused.items() if k in pairs}
@@ -161,7 +167,7 @@ def _export(checkpoint: Path, bundle_dir: Path, pairs: list[tuple[str, str]], th
         ok = [f for f, p in passed if p == precision]
         if ok:
             target = bundle_dir.with_name(f"{bundle_dir.name}-{precision}")
-            if not _bundle_reusable(target, checkpoint, [(f, precision) for f in ok]):
+            if not bundle_reusable(target, checkpoint, [(f, precision) for f in ok], digest):
                 export_checkpoint(checkpoint, target, ok, [precision], profile, data_overrides=data_overrides, log=log)
             bundles.append(target)
     return bundles, refused

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,6 +207,14 @@ def profile_from_dict(raw: dict[str, Any] | None, where: str = "export profile")
         return ExportProfile.model_validate(deep_merge(DEFAULTS, raw or {}))
     except ValidationError as err:
         raise EdgeKDError(format_validation_error(err, where)) from None
+
+
+def profile_digest(profile: ExportProfile) -> str:
+    """16 hex digits of sha256 over the edgekd version and every setting of the profile: a bundle exported by
+    another edgekd or under other settings is not the export these settings would make now."""
+    from edgekd import __version__
+
+    return hashlib.sha256(f"{__version__}\n{profile.model_dump_json()}".encode()).hexdigest()[:16]
 
 
 def load_profile(path: str | Path | None) -> ExportProfile:

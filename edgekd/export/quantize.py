@@ -186,3 +186,10 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
     except Exception as err:
         raise EdgeKDError(f"onnx int8: ONNX Runtime quantization failed: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None
+    import onnx
+
+    if not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out_path)).graph.node):
+        out_path.unlink(missing_ok=True)  # an FP32 graph is no INT8 artifact
+        raise EdgeKDError("onnx int8: ONNX Runtime quantized no node of this graph (op types quantized: "
+                          f"{', '.join(kwargs.get('op_types_to_quantize') or ['its default set'])}; "
+                          f"{len(kwargs['nodes_to_exclude'])} nodes excluded); check quantization.onnx.op_types")

@@ -24,7 +24,7 @@ from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_se
                                      task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
 from edgekd.export.parity import ParitySet, check_artifact, int8_speedup, parity_inputs, reference_report
-from edgekd.export.profile import ExportProfile, load_profile
+from edgekd.export.profile import ExportProfile, load_profile, profile_digest
 from edgekd.models import count_parameters
 from edgekd.progress import progress_task
 from edgekd.recipe import apply_overrides, recipe_from_dict
@@ -200,7 +200,7 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
         "metrics": {"test": reference["splits"]["test"]["metrics"], "val": reference["splits"]["val"]["metrics"],
                     "training": ckpt.get("metrics") or {}},
         "runtime": {"threads": profile.threads, "image_channels": image_channels},
-        "export_profile": profile.name,
+        "export_profile": profile.name, "export_profile_digest": profile_digest(profile),
         **reference["clinical"],
         "card": profile.card.model_dump(),
         "training_data": {"class_counts": dict(zip(ckpt["class_names"], train_counts))},
