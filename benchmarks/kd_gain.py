@@ -113,6 +113,13 @@ SETS = {
             "dkd_ens24": ("recipes/demo/student.yaml", [*DEMO_ENS, "train.epochs=24", "distill.terms=[{kind: dkd, weight: 0.7, "
                                                         "temperature: 4, alpha: 1.0, beta: 8.0}, {kind: ce, weight: 0.3}]"],
                           "scratch24", "dkd_ens, 24 epochs"),
+            # Patient function matching (Beyer et al.: its gains come with long schedules), against a baseline
+            # given the same 120 epochs.
+            "scratch120": ("recipes/demo/baseline.yaml", ["train.epochs=120"], None, "the baseline CNN, 120 epochs"),
+            "fm_ens120": ("recipes/demo/student.yaml", [*DEMO_ENS, "train.epochs=120",
+                                                        "distill.mix={kind: mixup, alpha: 1.0, p: 1.0}",
+                                                        "distill.terms=[{kind: kl, weight: 1.0, temperature: 1}]"],
+                          "scratch120", "fm_ens, 120 epochs"),
         },
     },
 }
