@@ -135,8 +135,9 @@ def _export(checkpoint: Path, bundle_dir: Path, pairs: list[tuple[str, str]], th
         return [bundle_dir], {}
     # An earlier run of this checkpoint whose gate refused some artifacts: reuse its split bundles and verdict.
     refusal_file = bundle_dir.with_name(f"{bundle_dir.name}-refused.json")
+    # The digest covers accuracy control and every other export setting.
     stamp = {"checkpoint": str(checkpoint.resolve()), "mtime": checkpoint.stat().st_mtime,
-             "accuracy_control": bool(accuracy_control), "export_profile_digest": digest}
+             "export_profile_digest": digest}
     if refusal_file.is_file():
         earlier = json.loads(refusal_file.read_text())
         refused = {tuple(k.split("/")): v for k, v in earlier["refused"].items()}

@@ -96,11 +96,8 @@ def export_onnx_artifact(ctx: ExportContext, precision: str, path: Path) -> dict
         cfg = ctx.profile.quantization
         transformer = uses_transformer_scheme(ctx)
         with calibration_progress(ctx, "onnx int8") as advance:
-            quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, cfg.onnx, cfg.keep_first_last, advance,
-                                 transformer)
-        import onnx
-
-        model = onnx.load(str(path))
+            model = quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, cfg.onnx, cfg.keep_first_last,
+                                         advance, transformer)
         save_onnx(model, path, ctx.metadata, precision)
         return {"opset": _opset(model), "quantization": onnx_quantization_note(cfg, transformer)}
     raise EdgeKDError(f"onnx: unsupported precision '{precision}'")
