@@ -25,6 +25,7 @@ from pathlib import Path
 from common import REPO, RESULTS, machine_line, now, results_doc, write_section  # noqa: E402  (sets sys.path)
 from zoo import COMMON, EDGEKD, GOALS, ZOO, pick, ratio, sets  # noqa: E402
 
+from edgekd.bench.hardware import cpu_info  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 
 MARKERS = ("<!-- export-time:begin -->", "<!-- export-time:end -->")
@@ -73,6 +74,7 @@ def export_time(arch: str, runs: Path) -> dict:
                   "--out", str(bundle), "--threads", "2", "--drop-failed"]
     code, seconds, lines = timed_lines(export_cmd, out / "export.log")
     record = {"arch": arch, "role": role, "recipe": recipe, "weights": "initial (train.epochs=0)",
+              "simd": cpu_info()["simd"],
               "commands": {"train": shlex.join(train_cmd), "export": shlex.join(export_cmd)},
               "exit": code, "seconds": round(seconds, 1), "stages": stages(lines, seconds),
               "goal_seconds": GOALS["export_seconds"], "met": code == 0 and seconds <= GOALS["export_seconds"]}
@@ -111,6 +113,18 @@ def bench_fp32(arch: str, runs: Path) -> dict:
     return {"command": shlex.join(cmd), "p50": per_batch}
 
 
+def simd_label(record: dict) -> str:
+    if "simd" not in record:
+        return "not recorded"
+    vnni = any(f in record["simd"] for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return f"{', '.join(record['simd']) or 'no AVX'} ({'VNNI' if vnni else 'no VNNI'})"
+
+
+def record_key(record: dict) -> tuple[str, tuple[str, ...] | None]:
+    """One record per architecture and CPU: a run on a VM with other SIMD keeps the other VM's record."""
+    return record["arch"], None if "simd" not in record else tuple(record["simd"])
+
+
 def section(doc: dict) -> str:
     runs: dict[str, list[str]] = {}  # each command (with its date and note) -> the architectures it measured
     for r in doc["records"]:
@@ -120,8 +134,11 @@ def section(doc: dict) -> str:
              f"{machine_line(doc['machine'])}. Each model's zoo recipe with its initial weights (the export's work "
              "does not depend on them; INT8 gate verdicts do, and are the zoo's), exported by the zoo's command (default profile, ONNX FP32/INT8 + OpenVINO "
              f"FP32/FP16/INT8, 2 threads). Goal: ≤ {GOALS['export_seconds']:.0f} s per student.", "",
-             "| model | input | val + test images | export s | goal | PyTorch reference s | per artifact s | "
-             "INT8 vs FP32 at batch 1 | not shipped (too slow) |", "|---|---|---|---:|---|---:|---|---|---|"]
+             "The CPU's SIMD decides INT8 speed-ups (VNNI dot-product instructions or not) and, with the VM's load, "
+             "the seconds: records from different VMs of this kind are kept side by side, each with the SIMD it read "
+             "('not recorded': before the record kept it).", "",
+             "| model | CPU SIMD | input | val + test images | export s | goal | PyTorch reference s | per artifact s | "
+             "INT8 vs FP32 at batch 1 | not shipped (too slow) |", "|---|---|---|---|---:|---|---:|---|---|---|"]
     for r in doc["records"]:
         st = r["stages"]
         arts = ", ".join(f"{k} {v:.0f}" for k, v in st.items() if "/" in k)
@@ -130,20 +147,20 @@ def section(doc: dict) -> str:
                                        **{d["artifact"]: d for d in r.get("too_slow", [])}}.items())
         size = "x".join(map(str, r.get("input_size", [])[1:])) or "-"
         imgs = sum(r.get("split_images", {}).values()) or "-"
-        lines.append(f"| {r['arch']} | {size} | {imgs} | {r['seconds']:.0f} | {'met' if r['met'] else 'MISSED'} | "
+        lines.append(f"| {r['arch']} | {simd_label(r)} | {size} | {imgs} | {r['seconds']:.0f} | {'met' if r['met'] else 'MISSED'} | "
                      f"{st.get('pytorch reference', 0):.0f} | {arts} | {speed or '-'} | "
                      f"{', '.join(d['artifact'] for d in r.get('too_slow', [])) or '-'} |")
     benched = [r for r in doc["records"] if r.get("bench_fp32")]
     if benched:
         lines += ["", "FP32 speed of the same bundles (`--bench`: `edgekd bench`, a fresh process per row, 2 threads, p50 ms; "
                   "goal OpenVINO FP32 ≥ 2x PyTorch eager at batch 1):", "",
-                  "| model | batch | PyTorch eager | OpenVINO FP32 | ONNX Runtime FP32 | OpenVINO / eager |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| model | CPU SIMD | batch | PyTorch eager | OpenVINO FP32 | ONNX Runtime FP32 | OpenVINO / eager |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for r in benched:
             for batch, b in r["bench_fp32"]["p50"].items():
                 ms = ["-" if b[k] is None else f"{b[k]:.2f}" for k in ("eager_ms", "openvino_ms", "onnx_ms")]
                 ratio = "-" if b["ov_vs_eager"] is None else f"{b['ov_vs_eager']:.2f}x"
-                lines.append(f"| {r['arch']} | {batch} | {' | '.join(ms)} | {ratio} |")
+                lines.append(f"| {r['arch']} | {simd_label(r)} | {batch} | {' | '.join(ms)} | {ratio} |")
     lines += ["", MARKERS[1]]
     return "\n".join(lines)
 
@@ -162,12 +179,13 @@ def main() -> int:
         write_section(section(json.loads(path.read_text())), *MARKERS)
         return 0
     command = shlex.join([".venv/bin/python", "benchmarks/export_time.py", *sys.argv[1:]])
-    old = {r["arch"]: r for r in json.loads(path.read_text())["records"]} if path.is_file() else {}
+    old = {record_key(r): r for r in json.loads(path.read_text())["records"]} if path.is_file() else {}
     for arch in args.arch:
-        old[arch] = {**export_time(arch, args.runs), "command": command, "note": args.note}
+        record = {**export_time(arch, args.runs), "command": command, "note": args.note}
         if args.bench:
-            old[arch]["bench_fp32"] = bench_fp32(arch, args.runs)
-        old[arch]["date"] = now()
+            record["bench_fp32"] = bench_fp32(arch, args.runs)
+        record["date"] = now()
+        old[record_key(record)] = record
     doc = results_doc("export_time", command, list(old.values()), note=args.note)
     write_json(path, doc)
     write_section(section(doc), *MARKERS)
