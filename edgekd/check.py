@@ -214,6 +214,10 @@ def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: 
         teacher["data"] = _synthetic_data({**teacher["data"], "classes": None, "class_names": None}, tmp,
                                           "teacher-data", outputs, batch, stand_ins)
         dist["teacher"] = str(_stand_in(teacher, tmp / "teacher.pt", "distill.teacher", stand_ins))
+    pool = (dist or {}).get("unlabeled")
+    if pool and pool.get("source", "folder") != "builtin":
+        dist["unlabeled"] = {**pool, "source": "medmnist", "path": raw["data"]["path"], "split": "train"}
+        stand_ins.append(f"distill.unlabeled: {pool.get('path')} -> the synthetic train split, labels unused")
     if dist and any(not Path(p).is_file() for p in dist.get("ensemble") or []):
         # absent ensemble members are stood in by the teacher checkpoint (a stand-in or the real one)
         dist["ensemble"] = [p if Path(p).is_file() else dist["teacher"] for p in dist["ensemble"]]

@@ -232,6 +232,27 @@ class MixConfig(Section):
     """The share of batches that are mixed."""
 
 
+class UnlabeledConfig(Section):
+    """KD on unlabeled images: every training step also draws a batch from this pool (cycled, with the recipe's
+    train transform) and adds `weight` * the teacher terms on it: kl and feature terms as on labelled images, dkd
+    with the teacher's top class as the target; ce/focal need labels and are skipped there. The teacher labels
+    images the student would otherwise never learn from; a student without a teacher cannot use them."""
+    source: Literal["folder", "builtin", "medmnist", "imagefolder", "csv", "fashion_mnist"] = "folder"
+    """folder: every image under `path` (PNG, JPEG, DICOM, ..., any depth), no labels needed; the others: one
+    split of a labelled source, its labels ignored."""
+    path: str | None = None
+    """The folder or file; required except for source builtin."""
+    split: Literal["train", "val", "test", "all"] = "train"
+    """Which split of a labelled source is the pool (`all`: a source without given splits). Never the split you
+    report on."""
+    limit: int | None = Field(None, ge=1)
+    """At most this many images (a random subset drawn with seed 0: the same pool for every run seed)."""
+    weight: float = Field(1.0, gt=0)
+    """Multiplies the teacher terms on the unlabeled batch."""
+    batch_size: int | None = Field(None, ge=1)
+    """Unlabeled images per step (default: data.batch_size)."""
+
+
 class DistillConfig(Section):
     """The loss is sum(weight * term): KD-OCT is [kl 0.7 T=4, ce 0.3]; ISIC is [ce 0.6 weighted, kl 0.4 T=4]."""
     teacher: str | None = None
@@ -250,6 +271,8 @@ class DistillConfig(Section):
     """Shared-view mixing of every batch (function matching); teacher terms only."""
     teacher_views: list[Literal["original", "hflip", "vflip"]] = ["original"]
     """TTA-averaged teacher targets: the teacher's softmax averaged over these flips of each batch."""
+    unlabeled: UnlabeledConfig | None = None
+    """A pool of unlabeled images the student also matches the teacher on (KD on unlabeled images)."""
     terms: list[DistillTerm] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -265,6 +288,8 @@ class DistillConfig(Section):
             raise ValueError("ensemble: feature terms tap one teacher's layers; use kl or dkd with an ensemble")
         if self.teacher is None and self.teacher_recipe is None:
             raise ValueError("set 'teacher' (a checkpoint) or 'teacher_recipe' (for --folds)")
+        if self.unlabeled is not None and self.unlabeled.source != "builtin" and not self.unlabeled.path:
+            raise ValueError(f"unlabeled: source {self.unlabeled.source} needs a path")
         return self
 
 

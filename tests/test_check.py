@@ -110,3 +110,14 @@ def test_cli_check_prints_the_summary_and_exits_2_on_errors(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown timm model 'no_such_net'" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_synthetic_check_stands_in_an_unlabeled_pool(tmp_path):
+    rec = yaml.safe_load((REPO / "recipes/demo/student.yaml").read_text())
+    rec["distill"]["unlabeled"] = {"source": "folder", "path": str(tmp_path / "no-pool")}
+    (tmp_path / "demo").mkdir()
+    for name in ("baseline.yaml", "teacher.yaml"):
+        (tmp_path / "demo" / name).write_text((REPO / "recipes/demo" / name).read_text())
+    (tmp_path / "demo" / "student.yaml").write_text(yaml.safe_dump(rec))
+    r = check_recipe(tmp_path / "demo" / "student.yaml", SMALL, synthetic=True)
+    assert any(s.startswith("distill.unlabeled: ") for s in r.stand_ins) and r.step_seconds > 0

@@ -144,7 +144,8 @@ def _check_labels(labels: np.ndarray, path: Path, split: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
+    """Every image file under `folder`, any depth, sorted."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -166,7 +167,7 @@ def load_imagefolder(path: str | Path) -> Source:
     for split, folder in parts.items():
         paths, labels = [], []
         for i, name in enumerate(class_names):
-            files = _list_images(folder / name) if (folder / name).is_dir() else []
+            files = list_images(folder / name) if (folder / name).is_dir() else []
             if not files and split in ("train", "all"):
                 raise EdgeKDError(f"{folder / name}: empty class folder (no images)")
             paths += [str(f) for f in files]

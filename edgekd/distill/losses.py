@@ -222,10 +222,13 @@ class DistillLoss(nn.Module):
     def teacher_layers(self) -> list[str]:
         return sorted({t.teacher_layer for t in self.terms if t.teacher_layer})
 
-    def forward(self, batch: KDBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: KDBatch, labelled: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """labelled=False (a batch of unlabeled images): the label terms (ce, focal) are skipped."""
         total = batch.student_logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, float] = {}
         for name, weight, term in zip(self.names, self.weights, self.terms):
+            if not labelled and isinstance(term, LabelLoss):
+                continue
             value = term(batch)
             parts[name] = float(value.detach())
             total = total + weight * value

@@ -12,6 +12,7 @@ from torch import nn
 
 from edgekd.distill.features import FeatureAdapter, FeatureMaps, build_adapter, build_feature_maps
 from edgekd.distill.losses import DistillLoss, KDBatch, build_distill_loss
+from edgekd.distill.unlabeled import UnlabeledStream
 from edgekd.errors import EdgeKDError
 from edgekd.models import capture_features
 from edgekd.train.checkpoint import model_from_checkpoint
@@ -149,8 +150,10 @@ class DistillObjective:
     """
 
     def __init__(self, teacher: nn.Module, loss: DistillLoss, teacher_input: nn.Module,
-                 cache: TeacherLogitCache | None = None, mix: SharedViewMix | None = None):
+                 cache: TeacherLogitCache | None = None, mix: SharedViewMix | None = None,
+                 unlabeled: UnlabeledStream | None = None, unlabeled_weight: float = 1.0):
         self.teacher, self.loss, self.teacher_input, self.cache, self.mix = teacher, loss, teacher_input, cache, mix
+        self.unlabeled, self.unlabeled_weight = unlabeled, unlabeled_weight
         self.last_parts: dict[str, float] = {}
 
     def to(self, device: torch.device) -> "DistillObjective":
@@ -179,17 +182,30 @@ class DistillObjective:
             logits = self.teacher(self.teacher_input(images))
         return logits, {k: v.detach() for k, v in feats.items()}
 
-    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+    def _batch(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> KDBatch:
+        """Student and teacher on one batch; targets None (unlabeled images): the teacher's top class stands in
+        (DKD's target), and a mixed batch mixes the images alone."""
         if self.mix is not None:  # one mixed batch: the student and the teacher see the same pixels
-            images = self.mix(images, targets)
+            labels = targets if targets is not None else images.new_zeros(len(images), dtype=torch.long)
+            images = self.mix(images, labels)
         with capture_features(model, self.loss.student_layers) as student_feats:
             logits = model(images)
         teacher_logits, teacher_feats = None, {}
-        if self.loss.needs_teacher_logits or self.loss.teacher_layers:
+        if self.loss.needs_teacher_logits or self.loss.teacher_layers or targets is None:
             teacher_logits, teacher_feats = self.teacher_outputs(images)
-        batch = KDBatch(logits, targets, teacher_logits, dict(student_feats), teacher_feats)
+        if targets is None:
+            targets = teacher_logits.argmax(1)
+        return KDBatch(logits, targets, teacher_logits, dict(student_feats), teacher_feats)
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+        batch = self._batch(model, images, targets)
         total, self.last_parts = self.loss(batch)
-        return total, logits
+        if self.unlabeled is not None:
+            extra = self._batch(model, self.unlabeled.next().to(images.device, non_blocking=True), None)
+            unlabeled_total, parts = self.loss(extra, labelled=False)
+            total = total + self.unlabeled_weight * unlabeled_total
+            self.last_parts.update({f"unlabeled_{k}": v for k, v in parts.items()})
+        return total, batch.student_logits
 
 
 def probe_features(student: nn.Module, teacher: nn.Module, teacher_input: TeacherInput, input_size: list[int],
@@ -212,9 +228,11 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
                     student_pre: dict[str, Any], class_weights: torch.Tensor | None,
                     augment: list | None = None, num_classes: int | None = None,
                     log: Callable[[str], None] = print,
-                    ensemble: list[tuple[nn.Module, dict[str, Any]]] | None = None) -> DistillObjective:
+                    ensemble: list[tuple[nn.Module, dict[str, Any]]] | None = None,
+                    unlabeled: UnlabeledStream | None = None) -> DistillObjective:
     """The recipe's distill section + models -> a DistillObjective (adapters sized by a probe forward).
-    `ensemble`: more (teacher, checkpoint) pairs, combined with `teacher` by distill.ensemble_mode."""
+    `ensemble`: more (teacher, checkpoint) pairs, combined with `teacher` by distill.ensemble_mode; `unlabeled`:
+    the stream of distill.unlabeled's pool (edgekd.distill.unlabeled.build_unlabeled)."""
     members = [(teacher, teacher_ckpt), *(ensemble or [])]
     if num_classes is not None and any(t.kind in ("kl", "dkd") for t in distill_cfg.terms):
         for _, ckpt in members:
@@ -267,4 +285,5 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
     if len(distill_cfg.teacher_views) > 1:
         teacher = AveragedViews(teacher, distill_cfg.teacher_views)
         log(f"distill: teacher targets averaged over {', '.join(distill_cfg.teacher_views)}")
-    return DistillObjective(teacher, loss, teacher_input, cache, mix)
+    weight = distill_cfg.unlabeled.weight if distill_cfg.unlabeled is not None else 1.0
+    return DistillObjective(teacher, loss, teacher_input, cache, mix, unlabeled, weight)

@@ -7,6 +7,7 @@ from typing import Callable
 
 from edgekd.data import build_data
 from edgekd.distill.objective import build_objective, load_teacher
+from edgekd.distill.unlabeled import build_unlabeled
 from edgekd.errors import EdgeKDError
 from edgekd.train.checkpoint import load_checkpoint
 from edgekd.train.run import RunResult, build_student_model, loss_class_weights, train_model
@@ -36,7 +37,8 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
                     f"{data.class_names}; matched by index")
     model, spec = build_student_model(recipe, data)
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
-                                recipe.augment, data.num_classes, log=log, ensemble=ensemble)
+                                recipe.augment, data.num_classes, log=log, ensemble=ensemble,
+                                unlabeled=build_unlabeled(recipe, log))
     objective.to(resolve_device(recipe.train.device))
     out = Path(out)
     if resume and (out / "last.pt").is_file():
@@ -47,7 +49,8 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     extra_meta = {
         "distill": {"teacher": str(cfg.teacher), "ensemble": list(cfg.ensemble),
                     "teacher_model": teacher_ckpt["arch"]["name"],
-                    "teacher_val": teacher_metrics, "terms": [t.model_dump() for t in cfg.terms]},
+                    "teacher_val": teacher_metrics, "terms": [t.model_dump() for t in cfg.terms],
+                    "unlabeled": cfg.unlabeled.model_dump() if cfg.unlabeled else None},
         # The adapters' state_dict tensors share storage with their parameters, which the optimizer updates
         # in place: every checkpoint written during training holds the current adapter weights (for --resume).
         ADAPTER_KEY: objective.adapter_state(),

@@ -1,0 +1,97 @@
+"""KD on unlabeled images: a pool of images without labels, drawn batch by batch beside the labelled loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from edgekd.data.dataset import ImageDataset, validate_images
+from edgekd.data.sources import Table, list_images, load_source
+from edgekd.data.transforms import build_transforms
+from edgekd.errors import EdgeKDError
+
+
+class UnlabeledImages(Dataset):
+    """Yields transformed image tensors only (a labelled table's labels are never read)."""
+
+    def __init__(self, table: Table, transform):
+        self.images = ImageDataset(table, transform)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i][0]
+
+
+def unlabeled_table(cfg, on_bad_image: str = "error") -> Table:
+    """The pool the recipe's `distill.unlabeled` names, as a table (labels all 0 and unused)."""
+    if cfg.source == "folder":
+        root = Path(cfg.path)
+        if not root.is_dir():
+            raise EdgeKDError(f"distill.unlabeled: folder {root} not found")
+        paths = [str(p) for p in list_images(root)]
+        if not paths:
+            raise EdgeKDError(f"distill.unlabeled: no images under {root}")
+        table = Table(labels=np.zeros(len(paths), dtype=np.int64), paths=paths)
+    else:
+        tables = load_source(cfg.source, cfg.path).tables
+        if cfg.split not in tables:
+            raise EdgeKDError(f"distill.unlabeled: {cfg.path or cfg.source} has no '{cfg.split}' split "
+                              f"(it has {', '.join(tables)})")
+        table = tables[cfg.split]
+    if cfg.limit and len(table) > cfg.limit:
+        table = table.subset(np.sort(np.random.default_rng(0).choice(len(table), cfg.limit, replace=False)))
+    table, _ = validate_images(table, on_bad_image)
+    if len(table) == 0:
+        raise EdgeKDError("distill.unlabeled: no readable images in the pool")
+    return table
+
+
+class UnlabeledStream:
+    """An endless, seeded iterator of unlabeled batches: the pool reshuffled on each pass (pass k shuffles with
+    seed * 1000 + k, so a run repeats itself), the recipe's train transform on every image. Under DDP each rank
+    passes its own rank as `offset`, so the ranks draw different batches."""
+
+    def __init__(self, dataset: UnlabeledImages, batch_size: int, seed: int, num_workers: int = 0, offset: int = 0):
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.seed = seed + 7919 * offset
+        self.passes = 0
+        self._it: Iterator[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _loader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed * 1000 + self.passes)
+        return DataLoader(self.dataset, batch_size=min(self.batch_size, len(self.dataset)), shuffle=True,
+                          generator=gen, num_workers=self.num_workers, drop_last=True)
+
+    def next(self) -> torch.Tensor:
+        if self._it is None:
+            self._it = iter(self._loader())
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.passes += 1
+            self._it = iter(self._loader())
+            return next(self._it)
+
+
+def build_unlabeled(recipe, log=print) -> UnlabeledStream | None:
+    """The recipe's `distill.unlabeled` pool as a stream (None when the recipe has none)."""
+    cfg = recipe.distill.unlabeled if recipe.distill else None
+    if cfg is None:
+        return None
+    table = unlabeled_table(cfg, recipe.data.on_bad_image)
+    dataset = UnlabeledImages(table, build_transforms(recipe.data, recipe.augment, train=True))
+    batch = cfg.batch_size or recipe.data.batch_size
+    log(f"distill: {len(table)} unlabeled images ({cfg.source} {cfg.path or ''}), {min(batch, len(table))} per "
+        f"step, teacher terms x{cfg.weight:g} on them")
+    from edgekd.train import distributed
+
+    return UnlabeledStream(dataset, batch, recipe.seed, recipe.data.num_workers, offset=distributed.rank())

@@ -1,0 +1,180 @@
+"""KD on unlabeled images (issue 19): the pool, its stream, the loss on unlabeled batches, a run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_edgekd, write_image_folder, write_npz
+from edgekd.distill.losses import KDBatch, decoupled_kd, kl_divergence
+from edgekd.distill.objective import build_objective, freeze_teacher
+from edgekd.distill.unlabeled import UnlabeledImages, UnlabeledStream, unlabeled_table
+from edgekd.errors import EdgeKDError
+from edgekd.models import create_model
+from edgekd.recipe import DistillConfig, UnlabeledConfig, recipe_from_dict
+from test_distill import S, T, Y, hand_ce, hand_kl, pre, teacher_ckpt, tiny, tiny_recipe, tiny_teacher  # noqa: F401
+
+
+def distill_cfg(terms, **kw) -> DistillConfig:
+    return DistillConfig.model_validate({"teacher": "t.pt", "terms": terms, **kw})
+
+
+# ---------------------------------------------------------------- the pool
+
+def test_a_folder_pool_takes_every_image_at_any_depth_and_ignores_other_files(tmp_path):
+    write_image_folder(tmp_path / "pool", n_per_class=3, classes=("x", "y"))  # 6 images
+    (tmp_path / "pool" / "y" / "deeper").mkdir()
+    (tmp_path / "pool" / "y" / "y_0.png").rename(tmp_path / "pool" / "y" / "deeper" / "y_0.png")  # any depth
+    (tmp_path / "pool" / "notes.txt").write_text("not an image")
+    table = unlabeled_table(UnlabeledConfig(source="folder", path=str(tmp_path / "pool")))
+    assert len(table) == 6 and all(p.endswith(".png") for p in table.paths)
+    limited = unlabeled_table(UnlabeledConfig(source="folder", path=str(tmp_path / "pool"), limit=4))
+    assert len(limited) == 4 and set(limited.paths) <= set(table.paths)
+    assert limited.paths == unlabeled_table(UnlabeledConfig(source="folder", path=str(tmp_path / "pool"),
+                                                            limit=4)).paths  # the same subset every time
+
+
+def test_a_labelled_source_gives_one_split_and_its_labels_are_never_yielded(tmp_path):
+    npz = write_npz(tmp_path / "d.npz", n=(10, 4, 6))
+    table = unlabeled_table(UnlabeledConfig(source="medmnist", path=str(npz), split="test"))
+    assert len(table) == 6
+    item = UnlabeledImages(table, lambda img: img.float())[0]
+    assert isinstance(item, torch.Tensor) and item.shape == (1, 16, 16)  # an image, no (image, label) pair
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"source": "folder", "path": "nowhere"}, "folder nowhere not found"),
+    ({"source": "medmnist", "path": "d.npz", "split": "all"}, "has no 'all' split"),
+])
+def test_a_bad_pool_is_a_one_line_error(tmp_path, monkeypatch, cfg, message):
+    monkeypatch.chdir(tmp_path)
+    write_npz(tmp_path / "d.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EdgeKDError, match=message) as err:
+        unlabeled_table(UnlabeledConfig(**cfg))
+    assert "\n" not in str(err.value)
+    with pytest.raises(EdgeKDError, match="no images under"):
+        unlabeled_table(UnlabeledConfig(source="folder", path="empty"))
+
+
+def test_the_schema_wants_a_path_except_for_the_builtin_set():
+    with pytest.raises(EdgeKDError, match="source folder needs a path"):
+        recipe_from_dict({"distill": {"teacher": "t.pt", "terms": [{"kind": "kl"}], "unlabeled": {}}})
+    recipe_from_dict({"distill": {"teacher": "t.pt", "terms": [{"kind": "kl"}], "unlabeled": {"source": "builtin"}}})
+
+
+def test_the_stream_is_endless_seeded_and_reshuffled_per_pass(tmp_path):
+    npz = write_npz(tmp_path / "d.npz", n=(10, 4, 4))
+    ds = UnlabeledImages(unlabeled_table(UnlabeledConfig(source="medmnist", path=str(npz))), lambda img: img.float())
+
+    def draw(seed, n=7):
+        stream = UnlabeledStream(ds, batch_size=4, seed=seed)
+        return [stream.next() for _ in range(n)], stream
+
+    first, stream = draw(0)
+    again, _ = draw(0)
+    other, _ = draw(1)
+    assert all(b.shape == (4, 1, 16, 16) for b in first)  # 10 images, batches of 4: the ragged 2 are dropped
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # a seeded run repeats itself
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert stream.passes == 3  # 7 batches of 2 per pass: 3 passes ended
+    assert not torch.equal(torch.cat(first[:2]), torch.cat(first[2:4]))  # each pass in a new order
+
+
+# ---------------------------------------------------------------- the loss on unlabeled images
+
+class FixedStream:
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def next(self) -> torch.Tensor:
+        return self.images
+
+
+def test_unlabeled_batches_add_weight_times_the_teacher_terms_and_skip_the_label_terms():
+    torch.manual_seed(0)
+    student, teacher = tiny("edgekd_cnn_tiny"), freeze_teacher(tiny("test_resnet"))
+    terms = [{"kind": "kl", "weight": 0.7, "temperature": 4}, {"kind": "ce", "weight": 0.3}]
+    x, y, u = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 0, 1]), torch.randn(5, 3, 16, 16)
+    plain = build_objective(distill_cfg(terms), student, teacher, teacher_ckpt("test_resnet"), pre(16), None,
+                            num_classes=2, log=lambda m: None)
+    with_pool = build_objective(distill_cfg(terms, unlabeled={"source": "folder", "path": "p", "weight": 0.5}),
+                                student, teacher, teacher_ckpt("test_resnet"), pre(16), None, num_classes=2,
+                                log=lambda m: None, unlabeled=FixedStream(u))
+    student.eval()  # BatchNorm in eval: the same input gives the same logits in every call below
+    labelled, _ = plain(student, x, y)
+    total, logits = with_pool(student, x, y)
+    with torch.no_grad():
+        s_u, t_u = student(u), teacher(u)
+    want = labelled + 0.5 * 0.7 * kl_divergence(s_u, t_u, 4.0)  # no CE on the unlabeled batch
+    torch.testing.assert_close(total, want)
+    assert logits.shape == (4, 2)  # the labelled batch's logits, for the trainer's bookkeeping
+    assert set(with_pool.last_parts) == {"0_kl", "1_ce", "unlabeled_0_kl"}
+    total.backward()  # the unlabeled term reaches the student
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_kl_on_an_unlabeled_batch_matches_hand_computed_values():
+    loss = build_objective(distill_cfg([{"kind": "kl", "weight": 1.0, "temperature": 2}, {"kind": "ce"}]),
+                           torch.nn.Identity(), torch.nn.Identity(), teacher_ckpt("test_resnet"), pre(16), None,
+                           log=lambda m: None).loss
+    batch = KDBatch(torch.tensor(S), torch.tensor(Y), torch.tensor(T))
+    unlabeled, parts = loss(batch, labelled=False)
+    assert unlabeled.item() == pytest.approx(hand_kl(S, T, 2.0), rel=1e-5)
+    labelled, _ = loss(batch)
+    assert labelled.item() == pytest.approx(hand_kl(S, T, 2.0) + hand_ce(S, Y), rel=1e-5)
+    assert set(parts) == {"0_kl"}
+
+
+def test_dkd_on_an_unlabeled_batch_takes_the_teachers_top_class_as_the_target():
+    torch.manual_seed(0)
+    student = create_model({"name": "edgekd_cnn_tiny", "num_classes": 3, "in_chans": 3})
+    teacher = freeze_teacher(create_model({"name": "test_resnet", "num_classes": 3, "in_chans": 3}))
+    u = torch.randn(6, 3, 16, 16)
+    cfg = distill_cfg([{"kind": "dkd", "weight": 1.0, "temperature": 4, "alpha": 1.0, "beta": 8.0}],
+                      unlabeled={"source": "folder", "path": "p"})
+    ckpt = {**teacher_ckpt("test_resnet"), "arch": {"name": "test_resnet", "num_classes": 3, "kwargs": {}}}
+    objective = build_objective(cfg, student, teacher, ckpt, pre(16), None,
+                                num_classes=3, log=lambda m: None, unlabeled=FixedStream(u))
+    student.eval()
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    total, _ = objective(student, x, y)
+    with torch.no_grad():
+        s_x, t_x, s_u, t_u = student(x), teacher(x), student(u), teacher(u)
+    want = decoupled_kd(s_x, t_x, y, 4.0, 1.0, 8.0) + decoupled_kd(s_u, t_u, t_u.argmax(1), 4.0, 1.0, 8.0)
+    torch.testing.assert_close(total, want)
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_a_student_trains_on_an_image_folder_pool_from_the_cli_and_repeats_itself(tmp_path, tiny_teacher):
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.train.checkpoint import load_checkpoint
+
+    write_image_folder(tmp_path / "pool", n_per_class=10, size=20, classes=("scans", "more"))
+    raw = tiny_recipe(tmp_path, name="tiny-unlabeled", role="student",
+                      distill={"teacher": str(tiny_teacher),
+                               "unlabeled": {"source": "folder", "path": str(tmp_path / "pool"), "batch_size": 8},
+                               "terms": [{"kind": "kl", "weight": 0.7, "temperature": 4}, {"kind": "ce", "weight": 0.3}]})
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(raw))
+    runs = []
+    for name in ("a", "b"):
+        result = CliRunner().invoke(app, ["train", str(tmp_path / "student.yaml"), "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert "20 unlabeled images" in result.output
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text())["test"])
+    assert runs[0]["acc"] == runs[1]["acc"] and runs[0]["auc"] == runs[1]["auc"]
+    meta = load_checkpoint(tmp_path / "a" / "best.pt")["distill"]
+    assert meta["unlabeled"]["path"] == str(tmp_path / "pool")
+
+    raw["distill"]["unlabeled"]["path"] = str(tmp_path / "missing")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    bad = run_edgekd("train", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "c"))
+    assert bad.returncode != 0 and "distill.unlabeled: folder" in bad.stderr and "missing not found" in bad.stderr
+    assert "Traceback" not in bad.stderr + bad.stdout and not (tmp_path / "c" / "best.pt").exists()
