@@ -123,6 +123,27 @@ SETS = {
         },
     },
 }
+# KD on unlabeled images (issue 19's last lever), on the demo set: the 888 labelled demo images, plus PneumoniaMNIST's
+# train split (3,882 images, labels unused: a superset of the demo's train images, disjoint from its val and test)
+# as the pool the teacher labels. Its own runs folder and teachers, so every row is paired on the same machine.
+UNL = "runs/bench/demo_unlabeled"
+UNL_ENS = [f"distill.teacher={UNL}/teacher/best.pt", f"distill.ensemble=[{UNL}/teacher-cnn/best.pt]"]
+POOL = ["distill.unlabeled={source: medmnist, path: ../shared/data/medmnist/pneumoniamnist.npz, split: train}"]
+SETS["demo_unlabeled"] = {
+    "dataset": "pneumoniamnist_mini",
+    "teachers": {"teacher": "recipes/demo/teacher.yaml", "teacher-cnn": "recipes/demo/teacher-cnn.yaml"},
+    "medmnist": {}, "bar": None,
+    "rows": {
+        "scratch": ("recipes/demo/baseline.yaml", [], None, "the demo's baseline CNN, no teacher (888 labelled images)"),
+        "kd": ("recipes/demo/student.yaml", [f"distill.teacher={UNL}/teacher/best.pt"], "scratch",
+               "the demo's student: 0.7 KL(T=4) + 0.3 CE from the ResNet-18 teacher"),
+        "kd_unl": ("recipes/demo/student.yaml", [f"distill.teacher={UNL}/teacher/best.pt", *POOL], "scratch",
+                   "kd + KL on an unlabeled pool (PneumoniaMNIST train: 3,882 images, 90% pneumonia; labels unused)"),
+        "kd_ens": ("recipes/demo/student.yaml", UNL_ENS, "scratch", "kd from the ensemble of both teachers"),
+        "kd_ens_unl": ("recipes/demo/student.yaml", [*UNL_ENS, *POOL], "scratch",
+                       "kd_ens + KL on the unlabeled pool"),
+    },
+}
 # accuracy.json records of this benchmark are keyed by their train command: rows that share a recipe (and so its
 # name) with other overrides, like scratch and scratch_long, stay separate records.
 LEDGER_KEY = ("dataset", "split", "command")
