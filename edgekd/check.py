@@ -119,6 +119,9 @@ def shrunken(recipe: Recipe, synthetic: bool) -> Recipe:
         raw["data"]["limit"] = limit
         for task in (raw.get("continual") or {}).get("tasks", []):
             task["data"]["limit"] = limit
+        pool = (raw.get("distill") or {}).get("unlabeled")
+        if pool:  # the pool is decoded up front: only as much of it as the check's steps draw
+            pool["limit"] = min(pool.get("limit") or limit, limit)
     return recipe_from_dict(raw, where=f"{recipe.name} (shrunk for check)")
 
 

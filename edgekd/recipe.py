@@ -233,18 +233,21 @@ class MixConfig(Section):
 
 
 class UnlabeledConfig(Section):
-    """KD on unlabeled images: every training step also draws a batch from this pool (cycled, with the recipe's
-    train transform) and adds `weight` * the teacher terms on it: kl and feature terms as on labelled images, dkd
-    with the teacher's top class as the target; ce/focal need labels and are skipped there. The teacher labels
-    images the student would otherwise never learn from; a student without a teacher cannot use them."""
+    """KD on unlabeled images: every training step also draws a batch from this pool (seeded per epoch, with the
+    recipe's train transform), runs it through student and teacher in one forward with the labelled batch (so
+    BatchNorm statistics see both), and adds `weight` * the teacher terms on it: kl and feature terms as on
+    labelled images, dkd with the teacher's top class as the target; ce/focal need labels and are skipped there.
+    The teacher labels images the student would otherwise never learn from; a student without a teacher cannot
+    use them."""
     source: Literal["folder", "builtin", "medmnist", "imagefolder", "csv", "fashion_mnist"] = "folder"
     """folder: every image under `path` (PNG, JPEG, DICOM, ..., any depth), no labels needed; the others: one
     split of a labelled source, its labels ignored."""
     path: str | None = None
     """The folder or file; required except for source builtin."""
     split: Literal["train", "val", "test", "all"] = "train"
-    """Which split of a labelled source is the pool (`all`: a source without given splits). Never the split you
-    report on."""
+    """Which split of a labelled source is the pool (`all`: a source without given splits). A pool from the
+    labelled data's own file or folder must be its given train split (anything else is refused: it would hold
+    the run's val or test images)."""
     limit: int | None = Field(None, ge=1)
     """At most this many images (a random subset drawn with seed 0: the same pool for every run seed)."""
     weight: float = Field(1.0, gt=0)

@@ -49,6 +49,7 @@ def test_a_labelled_source_gives_one_split_and_its_labels_are_never_yielded(tmp_
 @pytest.mark.parametrize("cfg, message", [
     ({"source": "folder", "path": "nowhere"}, "folder nowhere not found"),
     ({"source": "medmnist", "path": "d.npz", "split": "all"}, "has no 'all' split"),
+    ({"source": "medmnist", "path": "nope.npz"}, "^distill.unlabeled: nope.npz: MedMNIST .npz not found"),
 ])
 def test_a_bad_pool_is_a_one_line_error(tmp_path, monkeypatch, cfg, message):
     monkeypatch.chdir(tmp_path)
@@ -57,8 +58,34 @@ def test_a_bad_pool_is_a_one_line_error(tmp_path, monkeypatch, cfg, message):
     with pytest.raises(EdgeKDError, match=message) as err:
         unlabeled_table(UnlabeledConfig(**cfg))
     assert "\n" not in str(err.value)
+
+
+def test_an_empty_folder_pool_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(EdgeKDError, match="no images under"):
-        unlabeled_table(UnlabeledConfig(source="folder", path="empty"))
+        unlabeled_table(UnlabeledConfig(source="folder", path=str(tmp_path / "empty")))
+
+
+@pytest.mark.parametrize("pool, data, refused", [
+    ({"source": "medmnist", "path": "d.npz", "split": "test"}, {"source": "medmnist", "path": "d.npz"}, True),
+    ({"source": "medmnist", "path": "./d.npz", "split": "val"}, {"source": "medmnist", "path": "d.npz"}, True),
+    ({"source": "medmnist", "path": "d.npz", "split": "train"},
+     {"source": "medmnist", "path": "d.npz", "split": "stratified"}, True),  # the recipe re-splits the file
+    ({"source": "folder", "path": "imgs"}, {"source": "imagefolder", "path": "imgs"}, True),
+    ({"source": "builtin", "split": "val"}, {"source": "builtin"}, True),
+    ({"source": "medmnist", "path": "d.npz", "split": "train"}, {"source": "medmnist", "path": "d.npz"}, False),
+    ({"source": "medmnist", "path": "other.npz", "split": "test"}, {"source": "medmnist", "path": "d.npz"}, False),
+])
+def test_a_pool_that_holds_the_runs_own_val_or_test_images_is_refused(tmp_path, monkeypatch, pool, data, refused):
+    from edgekd.distill.unlabeled import refuse_held_out_pool
+    from edgekd.recipe import DataConfig
+
+    monkeypatch.chdir(tmp_path)
+    if refused:
+        with pytest.raises(EdgeKDError, match="holds the images this run validates and tests on"):
+            refuse_held_out_pool(UnlabeledConfig(**pool), DataConfig(**data))
+    else:
+        refuse_held_out_pool(UnlabeledConfig(**pool), DataConfig(**data))
 
 
 def test_the_schema_wants_a_path_except_for_the_builtin_set():
@@ -81,8 +108,15 @@ def test_the_stream_is_endless_seeded_and_reshuffled_per_pass(tmp_path):
     assert all(b.shape == (4, 1, 16, 16) for b in first)  # 10 images, batches of 4: the ragged 2 are dropped
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # a seeded run repeats itself
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
-    assert stream.passes == 3  # 7 batches of 2 per pass: 3 passes ended
+    assert stream.passes == 3  # 2 batches per pass, 7 batches: 3 passes ended
     assert not torch.equal(torch.cat(first[:2]), torch.cat(first[2:4]))  # each pass in a new order
+
+    stream.set_epoch(1)  # a new epoch restarts the stream: what it draws depends on (seed, epoch) alone
+    epoch1 = [stream.next() for _ in range(3)]
+    resumed = UnlabeledStream(ds, batch_size=4, seed=0)
+    resumed.set_epoch(1)  # as a run resumed at epoch 1 does
+    assert all(torch.equal(a, resumed.next()) for a in epoch1)
+    assert not torch.equal(epoch1[0], first[0]) or not torch.equal(epoch1[1], first[1])
 
 
 # ---------------------------------------------------------------- the loss on unlabeled images
@@ -114,8 +148,9 @@ def test_unlabeled_batches_add_weight_times_the_teacher_terms_and_skip_the_label
     torch.testing.assert_close(total, want)
     assert logits.shape == (4, 2)  # the labelled batch's logits, for the trainer's bookkeeping
     assert set(with_pool.last_parts) == {"0_kl", "1_ce", "unlabeled_0_kl"}
-    total.backward()  # the unlabeled term reaches the student
-    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    grads = torch.autograd.grad(total, list(student.parameters()))
+    plain_grads = torch.autograd.grad(plain(student, x, y)[0], list(student.parameters()))
+    assert any(not torch.allclose(a, b) for a, b in zip(grads, plain_grads))  # the unlabeled term reaches the student
 
 
 def test_kl_on_an_unlabeled_batch_matches_hand_computed_values():
@@ -151,14 +186,18 @@ def test_dkd_on_an_unlabeled_batch_takes_the_teachers_top_class_as_the_target():
 
 # ---------------------------------------------------------------- end to end
 
-def test_a_student_trains_on_an_image_folder_pool_from_the_cli_and_repeats_itself(tmp_path, tiny_teacher):
+def test_a_student_trains_on_an_image_folder_pool_from_the_cli_and_repeats_itself(tmp_path, tiny_teacher,
+                                                                                   monkeypatch):
     from typer.testing import CliRunner
 
     from edgekd.cli import app
     from edgekd.train.checkpoint import load_checkpoint
 
+    epochs = []
+    set_epoch = UnlabeledStream.set_epoch
+    monkeypatch.setattr(UnlabeledStream, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e)))
     write_image_folder(tmp_path / "pool", n_per_class=10, size=20, classes=("scans", "more"))
-    raw = tiny_recipe(tmp_path, name="tiny-unlabeled", role="student",
+    raw = tiny_recipe(tmp_path, name="tiny-unlabeled", role="student", train={"epochs": 2},
                       distill={"teacher": str(tiny_teacher),
                                "unlabeled": {"source": "folder", "path": str(tmp_path / "pool"), "batch_size": 8},
                                "terms": [{"kind": "kl", "weight": 0.7, "temperature": 4}, {"kind": "ce", "weight": 0.3}]})
@@ -170,6 +209,7 @@ def test_a_student_trains_on_an_image_folder_pool_from_the_cli_and_repeats_itsel
         assert "20 unlabeled images" in result.output
         runs.append(json.loads((tmp_path / name / "metrics.json").read_text())["test"])
     assert runs[0]["acc"] == runs[1]["acc"] and runs[0]["auc"] == runs[1]["auc"]
+    assert epochs == [0, 1, 0, 1]  # the trainer restarts the pool at each epoch (2 per run): exact --resume
     meta = load_checkpoint(tmp_path / "a" / "best.pt")["distill"]
     assert meta["unlabeled"]["path"] == str(tmp_path / "pool")
 

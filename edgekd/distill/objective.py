@@ -182,30 +182,40 @@ class DistillObjective:
             logits = self.teacher(self.teacher_input(images))
         return logits, {k: v.detach() for k, v in feats.items()}
 
-    def _batch(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> KDBatch:
-        """Student and teacher on one batch; targets None (unlabeled images): the teacher's top class stands in
-        (DKD's target), and a mixed batch mixes the images alone."""
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer at each epoch: the unlabeled pool's draws follow the epoch (exact resume)."""
+        if self.unlabeled is not None:
+            self.unlabeled.set_epoch(epoch)
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+        n = len(images)
+        if self.unlabeled is not None:  # one forward over labelled + unlabeled rows (one DDP forward per backward)
+            pool = self.unlabeled.next().to(images.device, non_blocking=True)
+            images = torch.cat([images, pool])
         if self.mix is not None:  # one mixed batch: the student and the teacher see the same pixels
-            labels = targets if targets is not None else images.new_zeros(len(images), dtype=torch.long)
+            labels = torch.cat([targets, targets.new_zeros(len(images) - n)])  # label-free terms only under mix
             images = self.mix(images, labels)
         with capture_features(model, self.loss.student_layers) as student_feats:
             logits = model(images)
         teacher_logits, teacher_feats = None, {}
-        if self.loss.needs_teacher_logits or self.loss.teacher_layers or targets is None:
+        if self.loss.needs_teacher_logits or self.loss.teacher_layers or self.unlabeled is not None:
             teacher_logits, teacher_feats = self.teacher_outputs(images)
-        if targets is None:
-            targets = teacher_logits.argmax(1)
-        return KDBatch(logits, targets, teacher_logits, dict(student_feats), teacher_feats)
+        student_feats = dict(student_feats)
+        if self.unlabeled is None:
+            total, self.last_parts = self.loss(KDBatch(logits, targets, teacher_logits, student_feats, teacher_feats))
+            return total, logits
 
-    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
-        batch = self._batch(model, images, targets)
-        total, self.last_parts = self.loss(batch)
-        if self.unlabeled is not None:
-            extra = self._batch(model, self.unlabeled.next().to(images.device, non_blocking=True), None)
-            unlabeled_total, parts = self.loss(extra, labelled=False)
-            total = total + self.unlabeled_weight * unlabeled_total
-            self.last_parts.update({f"unlabeled_{k}": v for k, v in parts.items()})
-        return total, batch.student_logits
+        def batch(part: slice, labels: torch.Tensor) -> KDBatch:
+            return KDBatch(logits[part], labels, teacher_logits[part],
+                           {k: v[part] for k, v in student_feats.items()},
+                           {k: v[part] for k, v in teacher_feats.items()})
+
+        labelled, unlabeled = slice(0, n), slice(n, None)
+        # unlabeled rows: the teacher's top class stands in as the target (DKD's); ce/focal skip them
+        total, self.last_parts = self.loss(batch(labelled, targets))
+        extra, parts = self.loss(batch(unlabeled, teacher_logits[unlabeled].argmax(1)), labelled=False)
+        self.last_parts.update({f"unlabeled_{k}": v for k, v in parts.items()})
+        return total + self.unlabeled_weight * extra, logits[labelled]
 
 
 def probe_features(student: nn.Module, teacher: nn.Module, teacher_input: TeacherInput, input_size: list[int],

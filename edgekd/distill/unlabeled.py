@@ -28,7 +28,7 @@ class UnlabeledImages(Dataset):
         return self.images[i][0]
 
 
-def unlabeled_table(cfg, on_bad_image: str = "error") -> Table:
+def unlabeled_table(cfg, on_bad_image: str = "error", log=print) -> Table:
     """The pool the recipe's `distill.unlabeled` names, as a table (labels all 0 and unused)."""
     if cfg.source == "folder":
         root = Path(cfg.path)
@@ -39,35 +39,47 @@ def unlabeled_table(cfg, on_bad_image: str = "error") -> Table:
             raise EdgeKDError(f"distill.unlabeled: no images under {root}")
         table = Table(labels=np.zeros(len(paths), dtype=np.int64), paths=paths)
     else:
-        tables = load_source(cfg.source, cfg.path).tables
+        try:
+            tables = load_source(cfg.source, cfg.path).tables
+        except EdgeKDError as err:
+            raise EdgeKDError(f"distill.unlabeled: {err}") from None
         if cfg.split not in tables:
             raise EdgeKDError(f"distill.unlabeled: {cfg.path or cfg.source} has no '{cfg.split}' split "
                               f"(it has {', '.join(tables)})")
         table = tables[cfg.split]
     if cfg.limit and len(table) > cfg.limit:
         table = table.subset(np.sort(np.random.default_rng(0).choice(len(table), cfg.limit, replace=False)))
-    table, _ = validate_images(table, on_bad_image)
+    try:
+        table, dropped = validate_images(table, on_bad_image)
+    except EdgeKDError as err:
+        raise EdgeKDError(f"distill.unlabeled: {err}") from None
+    if dropped:
+        log(f"distill.unlabeled: skipped {len(dropped)} unreadable images (data.on_bad_image: skip)")
     if len(table) == 0:
         raise EdgeKDError("distill.unlabeled: no readable images in the pool")
     return table
 
 
 class UnlabeledStream:
-    """An endless, seeded iterator of unlabeled batches: the pool reshuffled on each pass (pass k shuffles with
-    seed * 1000 + k, so a run repeats itself), the recipe's train transform on every image. Under DDP each rank
-    passes its own rank as `offset`, so the ranks draw different batches."""
+    """An endless, seeded iterator of unlabeled batches with the recipe's train transform on every image. Each
+    epoch restarts it (`set_epoch`): epoch e's k-th pass over the pool is shuffled by a generator seeded from
+    (seed, e, k), so a run repeats itself and a run resumed at epoch e draws what the uninterrupted run drew.
+    Under DDP each rank passes its own rank as `offset`, so the ranks draw different batches."""
 
     def __init__(self, dataset: UnlabeledImages, batch_size: int, seed: int, num_workers: int = 0, offset: int = 0):
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.seed = seed + 7919 * offset
-        self.passes = 0
+        self.epoch = self.passes = 0
         self._it: Iterator[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.passes, self._it = epoch, 0, None
+
     def _loader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed * 1000 + self.passes)
+        gen = torch.Generator().manual_seed((self.seed * 1000 + self.epoch) * 1000 + self.passes)
         return DataLoader(self.dataset, batch_size=min(self.batch_size, len(self.dataset)), shuffle=True,
                           generator=gen, num_workers=self.num_workers, drop_last=True)
 
@@ -82,12 +94,25 @@ class UnlabeledStream:
             return next(self._it)
 
 
+def refuse_held_out_pool(cfg, data_cfg) -> None:
+    """A pool drawn from the labelled data's own files may only be its given train split: any other part of it
+    (val, test, or a source the recipe splits itself) holds images the run validates or reports on."""
+    same = (cfg.source == "builtin" and data_cfg.source == "builtin") or (
+        cfg.path is not None and data_cfg.path is not None and Path(cfg.path).resolve() == Path(data_cfg.path).resolve())
+    if same and not (cfg.source != "folder" and cfg.split == "train" and data_cfg.split == "given"
+                     and data_cfg.folds is None):
+        raise EdgeKDError(f"distill.unlabeled: the pool is the labelled data's own {cfg.path or cfg.source} "
+                          f"({cfg.split if cfg.source != 'folder' else 'every image'}), which holds the images "
+                          "this run validates and tests on; use its given train split or other images")
+
+
 def build_unlabeled(recipe, log=print) -> UnlabeledStream | None:
     """The recipe's `distill.unlabeled` pool as a stream (None when the recipe has none)."""
     cfg = recipe.distill.unlabeled if recipe.distill else None
     if cfg is None:
         return None
-    table = unlabeled_table(cfg, recipe.data.on_bad_image)
+    refuse_held_out_pool(cfg, recipe.data)
+    table = unlabeled_table(cfg, recipe.data.on_bad_image, log)
     dataset = UnlabeledImages(table, build_transforms(recipe.data, recipe.augment, train=True))
     batch = cfg.batch_size or recipe.data.batch_size
     log(f"distill: {len(table)} unlabeled images ({cfg.source} {cfg.path or ''}), {min(batch, len(table))} per "

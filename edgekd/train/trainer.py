@@ -253,6 +253,8 @@ class Trainer:
         self.model.train()
         for p in self.plugins:
             p.before_epoch(self, epoch)
+        if hasattr(self.objective, "set_epoch"):  # an objective with its own seeded data (a KD unlabeled pool)
+            self.objective.set_epoch(epoch)
         loader = self.data.loader("train", epoch=epoch, distributed=self.distributed)
         with progress_task(progress, f"epoch {epoch + 1}/{self.cfg.epochs}", len(loader)) as advance:
             total, count = self._train_batches(epoch, loader, advance)
