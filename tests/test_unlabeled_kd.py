@@ -73,6 +73,10 @@ def test_an_empty_folder_pool_is_an_error(tmp_path):
      {"source": "medmnist", "path": "d.npz", "split": "stratified"}, True),  # the recipe re-splits the file
     ({"source": "folder", "path": "imgs"}, {"source": "imagefolder", "path": "imgs"}, True),
     ({"source": "builtin", "split": "val"}, {"source": "builtin"}, True),
+    ({"source": "folder", "path": "imgs/test"}, {"source": "imagefolder", "path": "imgs"}, True),  # inside it
+    ({"source": "folder", "path": "imgs/train/normal"}, {"source": "imagefolder", "path": "imgs"}, False),
+    ({"source": "folder", "path": "imgs/train"}, {"source": "imagefolder", "path": "imgs", "split": "stratified"},
+     True),
     ({"source": "medmnist", "path": "d.npz", "split": "train"}, {"source": "medmnist", "path": "d.npz"}, False),
     ({"source": "medmnist", "path": "other.npz", "split": "test"}, {"source": "medmnist", "path": "d.npz"}, False),
 ])
@@ -82,7 +86,7 @@ def test_a_pool_that_holds_the_runs_own_val_or_test_images_is_refused(tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     if refused:
-        with pytest.raises(EdgeKDError, match="holds the images this run validates and tests on"):
+        with pytest.raises(EdgeKDError, match="holds images this run validates and tests on"):
             refuse_held_out_pool(UnlabeledConfig(**pool), DataConfig(**data))
     else:
         refuse_held_out_pool(UnlabeledConfig(**pool), DataConfig(**data))

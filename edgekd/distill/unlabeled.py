@@ -95,15 +95,24 @@ class UnlabeledStream:
 
 
 def refuse_held_out_pool(cfg, data_cfg) -> None:
-    """A pool drawn from the labelled data's own files may only be its given train split: any other part of it
-    (val, test, or a source the recipe splits itself) holds images the run validates or reports on."""
-    same = (cfg.source == "builtin" and data_cfg.source == "builtin") or (
-        cfg.path is not None and data_cfg.path is not None and Path(cfg.path).resolve() == Path(data_cfg.path).resolve())
-    if same and not (cfg.source != "folder" and cfg.split == "train" and data_cfg.split == "given"
-                     and data_cfg.folds is None):
-        raise EdgeKDError(f"distill.unlabeled: the pool is the labelled data's own {cfg.path or cfg.source} "
-                          f"({cfg.split if cfg.source != 'folder' else 'every image'}), which holds the images "
-                          "this run validates and tests on; use its given train split or other images")
+    """A pool drawn from the labelled data's own file or folder may only be its given train split (the file's
+    train split, or the `train/` folder of a given-split image folder): any other part of it (val, test, or a
+    source the recipe splits itself) holds images the run validates or reports on."""
+    if cfg.source == "builtin" and data_cfg.source == "builtin":
+        overlaps, train_only = True, cfg.split == "train"
+    elif cfg.path is None or data_cfg.path is None:
+        return
+    else:
+        pool, data = Path(cfg.path).resolve(), Path(data_cfg.path).resolve()
+        overlaps = pool == data or data in pool.parents
+        train = data / "train"
+        train_only = ((pool == data and cfg.source != "folder" and cfg.split == "train")
+                      or pool == train or train in pool.parents)
+    if overlaps and not (train_only and data_cfg.split == "given" and data_cfg.folds is None):
+        raise EdgeKDError(f"distill.unlabeled: the pool is part of the labelled data ({cfg.path or cfg.source}, "
+                          f"{cfg.split if cfg.source != 'folder' else 'every image under it'}) beyond its given "
+                          "train split, so it holds images this run validates and tests on; use the train split "
+                          "or other images")
 
 
 def build_unlabeled(recipe, log=print) -> UnlabeledStream | None:
