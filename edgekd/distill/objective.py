@@ -234,6 +234,18 @@ def probe_features(student: nn.Module, teacher: nn.Module, teacher_input: Teache
     return dict(s_feats), dict(t_feats)
 
 
+def check_teacher_classes(terms: list, teacher_ckpts: list[dict[str, Any]], num_classes: int | None) -> None:
+    """kl/dkd terms compare class distributions: every teacher must have the data's class count."""
+    if num_classes is None or not any(t.kind in ("kl", "dkd") for t in terms):
+        return
+    for ckpt in teacher_ckpts:
+        t_classes = ckpt["arch"]["num_classes"]
+        if t_classes != num_classes:
+            raise EdgeKDError(f"distill: a kl/dkd term needs the teacher's classes; the teacher has {t_classes} "
+                              f"({ckpt['arch']['name']}), the data has {num_classes} (use feature_mse terms "
+                              "only for cross-task KD)")
+
+
 def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher_ckpt: dict[str, Any],
                     student_pre: dict[str, Any], class_weights: torch.Tensor | None,
                     augment: list | None = None, num_classes: int | None = None,
@@ -244,13 +256,7 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
     `ensemble`: more (teacher, checkpoint) pairs, combined with `teacher` by distill.ensemble_mode; `unlabeled`:
     the stream of distill.unlabeled's pool (edgekd.distill.unlabeled.build_unlabeled)."""
     members = [(teacher, teacher_ckpt), *(ensemble or [])]
-    if num_classes is not None and any(t.kind in ("kl", "dkd") for t in distill_cfg.terms):
-        for _, ckpt in members:
-            t_classes = ckpt["arch"]["num_classes"]
-            if t_classes != num_classes:
-                raise EdgeKDError(f"distill: a kl/dkd term needs the teacher's classes; the teacher has {t_classes} "
-                                  f"({ckpt['arch']['name']}), the data has {num_classes} (use feature_mse terms "
-                                  "only for cross-task KD)")
+    check_teacher_classes(distill_cfg.terms, [ckpt for _, ckpt in members], num_classes)
     for member, _ in members:
         freeze_teacher(member)
     inputs = [TeacherInput(student_pre, ckpt["preprocess"], distill_cfg.teacher_image_size) for _, ckpt in members]

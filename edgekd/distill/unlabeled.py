@@ -9,9 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from edgekd.data.dataset import ImageDataset, validate_images
-from edgekd.data.sources import Table, list_images, load_source
-from edgekd.data.transforms import build_transforms
+from edgekd.data import ImageDataset, Table, build_transforms, list_images, load_source, validate_images
 from edgekd.errors import EdgeKDError
 
 
@@ -126,6 +124,6 @@ def build_unlabeled(recipe, log=print) -> UnlabeledStream | None:
     batch = cfg.batch_size or recipe.data.batch_size
     log(f"distill: {len(table)} unlabeled images ({cfg.source} {cfg.path or ''}), {min(batch, len(table))} per "
         f"step, teacher terms x{cfg.weight:g} on them")
-    from edgekd.train import distributed
+    from edgekd.train import process_rank
 
-    return UnlabeledStream(dataset, batch, recipe.seed, recipe.data.num_workers, offset=distributed.rank())
+    return UnlabeledStream(dataset, batch, recipe.seed, recipe.data.num_workers, offset=process_rank())
