@@ -25,7 +25,7 @@ from pathlib import Path
 from common import REPO, RESULTS, machine_line, now, results_doc, write_section  # noqa: E402  (sets sys.path)
 from zoo import COMMON, EDGEKD, GOALS, ZOO, pick, ratio, sets  # noqa: E402
 
-from edgekd.bench.hardware import cpu_info  # noqa: E402
+from edgekd.bench.hardware import INT8_DOT_PRODUCT, cpu_info  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 
 MARKERS = ("<!-- export-time:begin -->", "<!-- export-time:end -->")
@@ -116,7 +116,7 @@ def bench_fp32(arch: str, runs: Path) -> dict:
 def simd_label(record: dict) -> str:
     if "simd" not in record:
         return "not recorded"
-    vnni = any(f in record["simd"] for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    vnni = any(f in record["simd"] for f in INT8_DOT_PRODUCT)
     return f"{', '.join(record['simd']) or 'no AVX'} ({'VNNI' if vnni else 'no VNNI'})"
 
 
