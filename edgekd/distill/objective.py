@@ -201,18 +201,17 @@ class DistillObjective:
         if self.loss.needs_teacher_logits or self.loss.teacher_layers or self.unlabeled is not None:
             teacher_logits, teacher_feats = self.teacher_outputs(images)
         student_feats = dict(student_feats)
-        if self.unlabeled is None:
-            total, self.last_parts = self.loss(KDBatch(logits, targets, teacher_logits, student_feats, teacher_feats))
-            return total, logits
 
         def batch(part: slice, labels: torch.Tensor) -> KDBatch:
-            return KDBatch(logits[part], labels, teacher_logits[part],
+            return KDBatch(logits[part], labels, None if teacher_logits is None else teacher_logits[part],
                            {k: v[part] for k, v in student_feats.items()},
                            {k: v[part] for k, v in teacher_feats.items()})
 
         labelled, unlabeled = slice(0, n), slice(n, None)
-        # unlabeled rows: the teacher's top class stands in as the target (DKD's); ce/focal skip them
         total, self.last_parts = self.loss(batch(labelled, targets))
+        if self.unlabeled is None:
+            return total, logits
+        # unlabeled rows: the teacher's top class stands in as the target (DKD's); ce/focal skip them
         extra, parts = self.loss(batch(unlabeled, teacher_logits[unlabeled].argmax(1)), labelled=False)
         self.last_parts.update({f"unlabeled_{k}": v for k, v in parts.items()})
         return total + self.unlabeled_weight * extra, logits[labelled]
