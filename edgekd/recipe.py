@@ -249,7 +249,8 @@ class UnlabeledConfig(Section):
     labelled data's own file or folder must be its given train split (anything else is refused: it would hold
     the run's val or test images)."""
     limit: int | None = Field(None, ge=1)
-    """At most this many images (a random subset drawn with seed 0: the same pool for every run seed)."""
+    """At most this many images (a seeded subset, as data.limit draws, with seed 0: the same pool for every run
+    seed; a labelled source keeps its class mix)."""
     weight: float = Field(1.0, gt=0)
     """Multiplies the teacher terms on the unlabeled batch."""
     batch_size: int | None = Field(None, ge=1)

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from edgekd.data import ImageDataset, Table, build_transforms, list_images, load_source, validate_images
+from edgekd.data import (ImageDataset, Table, build_transforms, list_images, load_source, stratified_subset,
+                         validate_images)
 from edgekd.errors import EdgeKDError
 
 
@@ -45,8 +46,8 @@ def unlabeled_table(cfg, on_bad_image: str = "error", log=print) -> Table:
             raise EdgeKDError(f"distill.unlabeled: {cfg.path or cfg.source} has no '{cfg.split}' split "
                               f"(it has {', '.join(tables)})")
         table = tables[cfg.split]
-    if cfg.limit and len(table) > cfg.limit:
-        table = table.subset(np.sort(np.random.default_rng(0).choice(len(table), cfg.limit, replace=False)))
+    if cfg.limit:  # data.limit's subset rule (a labelled source keeps its class mix), seed 0 for every run
+        table = table.subset(stratified_subset(table.labels, cfg.limit, seed=0))
     try:
         table, dropped = validate_images(table, on_bad_image)
     except EdgeKDError as err:
