@@ -6,6 +6,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO   ?= runs/demo
 DEMO_BUNDLE ?= $(DEMO)/student/bundle
+# pytest-xdist workers for `make test` (each test runs single-threaded, so one worker per core; at most 4 keeps the
+# full-size recipe checks, ~6 GB each, within a small machine's memory). TEST_JOBS=0 runs the suite in one process.
+TEST_JOBS ?= auto
 
 .PHONY: install demo test test-fast bench zoo clean
 
@@ -33,10 +36,10 @@ demo: install
 	@echo "demo done: see $(DEMO)/ (checkpoints, metrics.json, curves.png, confusion_test.png, roc_test.png, bundle, predictions.csv)"
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --maxprocesses 4
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --maxprocesses 4 -m "not slow"
 
 # Every published figure, in pipeline order (runs that exist for the same recipe are reused). Latency last, on a
 # quiet machine: benchmarks/latency.py exports both models into runs/bench/latency/, the runtime benchmark then
