@@ -131,7 +131,8 @@ def section(doc: dict) -> str:
         runs.setdefault(f"`{r['command']}` — {r['date'][:16]}Z; {r['note']}", []).append(r["arch"])
     lines = [MARKERS[0], "## Export time per architecture (`benchmarks/export_time.py`)", "",
              *[f"- {run}: {', '.join(archs)}" for run, archs in runs.items()], "",
-             f"{machine_line(doc['machine'])}. Each model's zoo recipe with its initial weights (the export's work "
+             f"The latest run's machine: {machine_line(doc['machine'])}; a record from another VM names its CPU's "
+             "SIMD in its row. Each model's zoo recipe with its initial weights (the export's work "
              "does not depend on them; INT8 gate verdicts do, and are the zoo's), exported by the zoo's command (default profile, ONNX FP32/INT8 + OpenVINO "
              f"FP32/FP16/INT8, 2 threads). Goal: ≤ {GOALS['export_seconds']:.0f} s per student.", "",
              "The CPU's SIMD decides INT8 speed-ups (VNNI dot-product instructions or not) and, with the VM's load, "
