@@ -266,6 +266,9 @@ def export(
     zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip."),
     parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Validation images in the parity gate (default 64)."),
     calib_images: Optional[int] = typer.Option(None, "--calib-images", help="Training images for INT8 calibration (default 300)."),
+    metric_images: Optional[int] = typer.Option(None, "--metric-images", help="About N val and N test images "
+                                                "(stratified) for the ACC/AUC gate (default: whole splits; fewer is "
+                                                "faster and coarser)."),
     accuracy_control: Optional[bool] = typer.Option(None, "--accuracy-control/--no-accuracy-control",
                                                     help="OpenVINO INT8 with NNCF accuracy control (max drop from the profile)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for parity runs and the bundle's runtime hint."),
@@ -282,7 +285,7 @@ def export(
     from edgekd.export import export_checkpoint, load_profile, with_overrides
 
     profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control,
-                             "drop" if drop_failed else None)
+                             "drop" if drop_failed else None, metric_images)
     out = out or checkpoint.parent / "bundle"
     result = with_progress(lambda log, bar: export_checkpoint(
         checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_, log=log,

@@ -607,6 +607,8 @@ EXPORT_CASES = {
     "profile_unknown_key": (["--target", "{t}/p.yaml"], "unknown key"),
     "out_not_a_bundle": (["--out", "{t}/docs"], "is not an edgekd bundle"),
     "zero_parity_images": (["--parity-images", "0"], "at least 1"),
+    "zero_metric_images": (["--metric-images", "0"], "--metric-images must be at least 1"),
+    "metric_images_below_the_classes": (["--metric-images", "1"], "below the 2 classes"),
 }
 
 

@@ -194,6 +194,32 @@ def test_export_inputs_are_what_the_export_checks(tmp_path, monkeypatch):
     np.testing.assert_array_equal(export_inputs(ckpt, profile, log=quiet).calibration, inputs.calibration)
 
 
+def test_metric_images_take_a_stratified_seeded_subset_of_each_split(tmp_path):
+    """parity.metric_images (`--metric-images`): about N images per metric split, every class of the split in it
+    with its share, the same images every time; unset, the whole split."""
+    from edgekd.data import build_data
+    from edgekd.export.run import with_overrides
+    from edgekd.recipe import recipe_from_dict as from_dict
+    from edgekd.train.checkpoint import load_checkpoint
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    data = build_data(from_dict(load_checkpoint(ckpt)["recipe"]))
+    whole = export_inputs(ckpt, profile_from_dict({"parity": {"images": 4}}), log=quiet).parity_set.splits
+    profile = with_overrides(profile_from_dict({"parity": {"images": 4}}), metric_images=10)
+    assert profile.parity.metric_images == 10
+    picked = export_inputs(ckpt, profile, log=quiet).parity_set.splits
+    for split in ("val", "test"):
+        labels = data.tables[split].labels
+        (x_all, y_all), (x, y) = whole[split], picked[split]
+        assert len(y_all) == len(labels) == 24 and len(y) == 10
+        assert set(y.tolist()) == set(labels.tolist())  # every class kept: AUC stays defined
+        assert abs(np.mean(y) - np.mean(labels)) <= 1 / len(y)  # the split's class share, to one image
+        rows = [next(i for i in range(len(x_all)) if np.array_equal(x_all[i], img)) for img in x]
+        assert np.array_equal(y_all[rows], y)  # real images of that split with their own labels
+    again = export_inputs(ckpt, profile, log=quiet).parity_set.splits
+    assert all(np.array_equal(again[s][0], picked[s][0]) for s in picked)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name, size, kwargs", [
     ("edgekd_cnn_tiny", 16, {}),

@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 from edgekd import __version__
-from edgekd.data import build_data, build_transforms
+from edgekd.data import build_data, build_transforms, stratified_subset
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha256_file, track_tree, untrack_tree
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
@@ -54,14 +54,16 @@ class ExportResult:
 
 def with_overrides(profile: ExportProfile, parity_images: int | None = None, calib_images: int | None = None,
                    threads: int | None = None, accuracy_control: bool | None = None,
-                   on_fail: str | None = None) -> ExportProfile:
+                   on_fail: str | None = None, metric_images: int | None = None) -> ExportProfile:
     """The profile with the command-line options that were given (None keeps the profile's value)."""
-    parity = profile.parity.model_copy(update={k: v for k, v in {"images": parity_images, "on_fail": on_fail}.items()
-                                               if v is not None})
+    counts = {"--parity-images": parity_images, "--calib-images": calib_images, "--metric-images": metric_images}
+    for flag, n in counts.items():
+        if n is not None and n < 1:
+            raise EdgeKDError(f"{flag} must be at least 1 (got {n})")
+    parity = profile.parity.model_copy(update={k: v for k, v in {
+        "images": parity_images, "on_fail": on_fail, "metric_images": metric_images}.items() if v is not None})
     quant = profile.quantization.model_copy(update={k: v for k, v in {
         "calib_images": calib_images, "accuracy_control": accuracy_control}.items() if v is not None})
-    if (parity_images is not None and parity_images < 1) or (calib_images is not None and calib_images < 1):
-        raise EdgeKDError("--parity-images/--calib-images must be at least 1")
     update: dict[str, Any] = {"parity": parity, "quantization": quant}
     if threads is not None:
         update["threads"] = threads
@@ -73,6 +75,18 @@ def _sample(n_total: int, n: int | None, salt: int) -> np.ndarray:
     if n is None or n >= n_total:
         return np.arange(n_total)
     return np.sort(np.random.default_rng(SELECTION_SEED + salt).choice(n_total, size=n, replace=False))
+
+
+def metric_subset(labels: np.ndarray, n: int | None) -> np.ndarray:
+    """The images of a metric split the ACC/AUC gate scores: all of them, or a seeded subset of about `n` with the
+    split's class proportions (parity.metric_images), so every class stays in it and AUC stays defined."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    classes = len(np.unique(labels))
+    if n < classes:
+        raise EdgeKDError(f"parity.metric_images {n} is below the {classes} classes of a metric split "
+                          "(each class needs an image)")
+    return stratified_subset(labels, n, SELECTION_SEED + 2)
 
 
 def _stack(dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +187,7 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
     gray = raw_images and all(a.shape[-1] == 1 for a in raw_images)
     image_channels = 1 if gray else data.preprocess["channels"]
     inputs, views = parity_inputs(raw, list(profile.tta.views), profile.tta.center_crop_fraction, normalize)
-    splits = {s: _stack(data.dataset(s, train=False), _sample(len(data.tables[s]), profile.parity.metric_images, salt=2))
+    splits = {s: _stack(data.dataset(s, train=False), metric_subset(data.tables[s].labels, profile.parity.metric_images))
               for s in ("val", "test")}
     log(f"parity set: {len(picked)} val images x {len(profile.tta.views)} views; metrics on "
         + ", ".join(f"{s} ({len(y)})" for s, (_, y) in splits.items()))
