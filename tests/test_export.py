@@ -218,6 +218,10 @@ def test_metric_images_take_a_stratified_seeded_subset_of_each_split(tmp_path):
         assert np.array_equal(y_all[rows], y)  # real images of that split with their own labels
     again = export_inputs(ckpt, profile, log=quiet).parity_set.splits
     assert all(np.array_equal(again[s][0], picked[s][0]) for s in picked)
+    from edgekd.export.run import metric_subset
+
+    labels = data.tables["val"].labels
+    assert len(metric_subset(labels, len(labels) - 1)) == len(labels)  # too close to the whole split: all of it
 
 
 @pytest.mark.slow
