@@ -213,3 +213,8 @@ def test_stratified_subset_keeps_the_class_mix_of_a_sorted_split():
     assert np.bincount(labels[idx]).tolist() == [12, 6, 2]
     assert np.array_equal(idx, stratified_subset(labels, 20, seed=0))  # seeded
     assert np.array_equal(stratified_subset(labels, 500, seed=0), np.arange(100))
+    # Too close to the whole set (or too few) to put every class on both sides: a plain seeded draw of that size,
+    # where scikit-learn's stratified split raised a ValueError (a traceback under `data.limit: 99`).
+    for n in (99, 98, 2):
+        idx = stratified_subset(labels, n, seed=0)
+        assert len(idx) == len(set(idx.tolist())) == n and np.array_equal(idx, stratified_subset(labels, n, seed=0))

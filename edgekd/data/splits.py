@@ -10,10 +10,13 @@ from edgekd.errors import EdgeKDError
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, held_out) with `fraction` held out, class proportions preserved."""
+    """Indices (keep, held_out) with `fraction` held out, class proportions preserved (a plain seeded draw when a
+    class has one item or a side is too small to hold every class)."""
     idx = np.arange(len(labels))
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
+    held = int(np.ceil(len(labels) * fraction))
+    classes = int((counts > 0).sum())
+    stratify = labels if counts[counts > 0].min() >= 2 and min(held, len(labels) - held) >= classes else None
     keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
     return np.sort(keep), np.sort(held)
 

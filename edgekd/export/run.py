@@ -79,11 +79,10 @@ def _sample(n_total: int, n: int | None, salt: int) -> np.ndarray:
 
 def metric_subset(labels: np.ndarray, n: int | None) -> np.ndarray:
     """The images of a metric split the ACC/AUC gate scores: all of them, or a seeded subset of about `n` with the
-    split's class proportions (parity.metric_images), so every class stays in it and AUC stays defined. Within
-    one image per class of the whole split, the whole split (a stratified draw needs every class on both sides)."""
-    classes = len(np.unique(labels))
-    if n is None or n > len(labels) - classes:
+    split's class proportions (parity.metric_images), so every class stays in it and AUC stays defined."""
+    if n is None or n >= len(labels):
         return np.arange(len(labels))
+    classes = len(np.unique(labels))
     if n < classes:
         raise EdgeKDError(f"parity.metric_images {n} is below the {classes} classes of a metric split "
                           "(each class needs an image)")
