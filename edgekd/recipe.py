@@ -44,6 +44,7 @@ class DataConfig(Section):
     std: list[float] = [0.5, 0.5, 0.5]
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes (0: load in the training process); each is seeded from the run's seed."""
     balanced_sampler: bool = False
     """Draw train batches with each class equally likely (with replacement); loss class weights become 1."""
     on_bad_image: Literal["error", "skip"] = "error"
@@ -57,9 +58,12 @@ class ModelConfig(Section):
     """A local weights file (.pth/.safetensors) loaded into the backbone before the head is replaced."""
     drop_rate: float = 0.0
     drop_path_rate: float | None = None
+    """Stochastic depth of a timm model that has it (null: the model's own default)."""
     head: Literal["linear", "dropout_linear", "mlp"] = "linear"
     head_dropout: float = 0.0
+    """Dropout before the classifier of a dropout_linear or mlp head."""
     head_hidden: int = 256
+    """Hidden width of an mlp head."""
     freeze_stages: int = 0
     freeze_patterns: list[str] = []
     kwargs: dict[str, Any] = {}
@@ -72,6 +76,7 @@ class OptimizerConfig(Section):
     """Differential LR: the classifier head's LR (backbone uses `lr`)."""
     weight_decay: float = 0.0
     momentum: float = 0.9
+    """sgd only."""
 
 
 def monitor_direction(metric: str) -> Literal["max", "min"]:
@@ -89,7 +94,9 @@ class SchedulerConfig(Section):
     mode: Literal["max", "min"] | None = None
     """plateau: whether `monitor` should go up or down (default: from its name, as train.monitor_mode)."""
     factor: float = 0.5
+    """plateau: the LR is multiplied by this when `monitor` stops improving."""
     patience: int = 2
+    """plateau: epochs without improvement before the LR drops."""
 
 
 class LossConfig(Section):
@@ -104,13 +111,16 @@ class LossConfig(Section):
 
 class EarlyStopConfig(Section):
     patience: int | None = None
+    """Stop after this many epochs without the monitor improving (null: never stop early)."""
     min_delta: float = 0.0
+    """The least change of the monitor that counts as an improvement."""
 
 
 class SWAConfig(Section):
     enabled: bool = False
+    """Stochastic weight averaging on (the other keys do nothing without it)."""
     start_epoch: int = 0
-    """0-based epoch from which weights are averaged (default: the last quarter)."""
+    """0-based epoch from which weights are averaged; 0, the default, means the last quarter (int(0.75 x epochs))."""
     lr: float | None = Field(None, gt=0)
     """From start_epoch on, torch's SWALR anneals the LR to this constant instead of the main schedule
     (null: the main schedule goes on)."""
@@ -135,6 +145,7 @@ class TrainConfig(Section):
     swa: SWAConfig = SWAConfig()
     device: str = "auto"
     deterministic: bool = True
+    """cuDNN in deterministic mode with autotuning off (seeded CPU runs repeat exactly either way)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads of the training process (default: torch's, all cores). Float sums depend on it: a seeded run
     repeats its metrics exactly only at the thread count it records in metrics.json (`threads`)."""
@@ -349,6 +360,7 @@ class ContinualConfig(Section):
     bn_freeze: bool = False
     """BatchNorm layers in eval mode with frozen affine parameters while learning the tasks after the first."""
     eval_split: Literal["val", "test"] = "test"
+    """The split of every task the accuracy matrix (and retention) is measured on after each task."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "ContinualConfig":
@@ -386,6 +398,7 @@ class TrackingConfig(Section):
 class Recipe(Section):
     name: str = "run"
     role: Literal["teacher", "student", "student_scratch", "baseline"] = "teacher"
+    """What the run is in a KD comparison: `edgekd report` groups and orders its rows by it."""
     seed: int = 0
     data: DataConfig = DataConfig()
     augment: list[dict[str, Any]] = []
