@@ -1,6 +1,6 @@
 """Batch-1 speed of NNCF INT8 variants of one OpenVINO FP32 IR against that IR (issue 17: INT8 >= 1.5x FP32).
 
-    .venv/bin/python benchmarks/int8_speed.py BUNDLE/openvino/model_fp32.xml [--threads 2] [--calib 32]
+    .venv/bin/python benchmarks/int8_speed.py BUNDLE/openvino/model_fp32.xml [--transformer] [--threads 2]
 
 Each variant is `nncf.quantize` of the IR with its preset and ignored scope (fast bias correction, seeded random
 calibration inputs: speed does not depend on the calibration values), compiled for the CPU at the profile's FP32
@@ -22,13 +22,31 @@ from common import machine, machine_line, now  # noqa: E402  (sets sys.path)
 from edgekd.bench.hardware import cpu_info  # noqa: E402
 
 
-def variants(model) -> dict[str, dict]:
+def transformer_variants(model, ends: list[str]) -> dict[str, dict]:
+    """The export's transformer scheme (NNCF ModelType.TRANSFORMER) and what might speed it up without VNNI.
+    OpenVINO fuses a timm ViT's attention into ScaledDotProductAttention ops, so its MatMuls are the linear layers:
+    there are no attention MatMuls to leave in FP32."""
+    import nncf
+
+    mixed, perf, kind = nncf.QuantizationPreset.MIXED, nncf.QuantizationPreset.PERFORMANCE, nncf.ModelType.TRANSFORMER
+    return {
+        "transformer scheme, first/last FP32 (the export's default for attention models)": dict(
+            preset=mixed, model_type=kind, ignored_scope=nncf.IgnoredScope(names=ends)),
+        "transformer scheme, performance preset": dict(preset=perf, model_type=kind, ignored_scope=nncf.IgnoredScope(names=ends)),
+        "transformer scheme, every MatMul quantized (patch embedding and head too)": dict(preset=mixed, model_type=kind),
+        "CNN scheme (no model_type), first/last FP32": dict(preset=mixed, ignored_scope=nncf.IgnoredScope(names=ends)),
+    }
+
+
+def variants(model, transformer: bool = False) -> dict[str, dict]:
     """Variant -> nncf.quantize keywords. The export's default keeps the first and last conv in FP32."""
     import nncf
 
     convs = [op.get_friendly_name() for op in model.get_ordered_ops()
              if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
     ends = [convs[0], convs[-1]]
+    if transformer:
+        return transformer_variants(model, ends)
     mixed, perf = nncf.QuantizationPreset.MIXED, nncf.QuantizationPreset.PERFORMANCE
     return {
         "mixed preset, first/last conv FP32 (the export's default)": dict(preset=mixed, ignored_scope=nncf.IgnoredScope(names=ends)),
@@ -58,6 +76,7 @@ def main() -> int:
     parser.add_argument("--calib", type=int, default=32, help="random calibration inputs")
     parser.add_argument("--phases", type=int, default=5, help="alternating FP32/INT8 blocks per variant")
     parser.add_argument("--calls", type=int, default=40, help="timed calls per block")
+    parser.add_argument("--transformer", action="store_true", help="variants of the transformer scheme (ViT)")
     args = parser.parse_args()
     import nncf
     import openvino as ov
@@ -70,7 +89,7 @@ def main() -> int:
     config = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     base = core.compile_model(fp32, "CPU", config)
     rows = []
-    for name, kwargs in variants(fp32).items():
+    for name, kwargs in variants(fp32, args.transformer).items():
         quantized = nncf.quantize(fp32, nncf.Dataset(calib), subset_size=args.calib, fast_bias_correction=True, **kwargs)
         compiled = core.compile_model(quantized, "CPU", config)
         f, i = zip(*[(p50_ms(base, calib[0], args.calls), p50_ms(compiled, calib[0], args.calls))
