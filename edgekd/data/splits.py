@@ -14,9 +14,9 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     class has one item or a side is too small to hold every class)."""
     idx = np.arange(len(labels))
     counts = np.bincount(labels)
-    held = int(np.ceil(len(labels) * fraction))
+    n_held = int(np.ceil(len(labels) * fraction))  # scikit-learn's count for a float test_size
     classes = int((counts > 0).sum())
-    stratify = labels if counts[counts > 0].min() >= 2 and min(held, len(labels) - held) >= classes else None
+    stratify = labels if counts[counts > 0].min() >= 2 and min(n_held, len(labels) - n_held) >= classes else None
     keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
     return np.sort(keep), np.sort(held)
 
