@@ -80,7 +80,7 @@ def _sample(n_total: int, n: int | None, salt: int) -> np.ndarray:
 def metric_subset(labels: np.ndarray, n: int | None) -> np.ndarray:
     """The images of a metric split the ACC/AUC gate scores: all of them, or a seeded subset of about `n` with the
     split's class proportions (parity.metric_images), so every class stays in it and AUC stays defined."""
-    if n is None or n >= len(labels):
+    if n is None:
         return np.arange(len(labels))
     classes = len(np.unique(labels))
     if n < classes:
@@ -187,8 +187,8 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
     gray = raw_images and all(a.shape[-1] == 1 for a in raw_images)
     image_channels = 1 if gray else data.preprocess["channels"]
     inputs, views = parity_inputs(raw, list(profile.tta.views), profile.tta.center_crop_fraction, normalize)
-    splits = {s: _stack(data.dataset(s, train=False), metric_subset(data.tables[s].labels, profile.parity.metric_images))
-              for s in ("val", "test")}
+    splits = {s: _stack(data.dataset(s, train=False),
+                        metric_subset(data.tables[s].labels, profile.parity.metric_images)) for s in ("val", "test")}
     log(f"parity set: {len(picked)} val images x {len(profile.tta.views)} views; metrics on "
         + ", ".join(f"{s} ({len(y)})" for s, (_, y) in splits.items()))
     return ParitySet(inputs, views, splits), len(picked), image_channels

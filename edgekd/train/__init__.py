@@ -11,5 +11,5 @@ from edgekd.train.trainer import (Plugin, SupervisedObjective, Trainer, evaluate
 
 __all__ = ["FocalLoss", "Plugin", "RunResult", "SupervisedObjective", "Trainer", "build_loss", "build_student_model",
            "distributed_session", "evaluate", "evaluate_checkpoint", "is_main_process", "load_checkpoint",
-           "load_state", "loss_class_weights", "model_from_checkpoint", "predict_logits", "process_rank", "resolve_device",
-           "save_checkpoint", "seed_everything", "train_model", "train_recipe", "untrained_checkpoint"]
+           "load_state", "loss_class_weights", "model_from_checkpoint", "predict_logits", "process_rank",
+           "resolve_device", "save_checkpoint", "seed_everything", "train_model", "train_recipe", "untrained_checkpoint"]
