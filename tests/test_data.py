@@ -218,3 +218,18 @@ def test_stratified_subset_keeps_the_class_mix_of_a_sorted_split():
     for n in (99, 98, 2):
         idx = stratified_subset(labels, n, seed=0)
         assert len(idx) == len(set(idx.tolist())) == n and np.array_equal(idx, stratified_subset(labels, n, seed=0))
+
+
+def test_stratified_subset_returns_exactly_n_where_the_float_fraction_rounds_up():
+    from edgekd.data.splits import stratified_split, stratified_subset
+
+    # 400 / 624 * 624 is 400.00000000000006 as a float: drawn as a fraction, the subset held 401 images
+    # (`bench --eval-limit 400` on PneumoniaMNIST's test split scored 401).
+    labels = np.array([0] * 234 + [1] * 390)
+    assert int(np.ceil(len(labels) * (400 / len(labels)))) == 401
+    for n in (100, 200, 400):
+        idx = stratified_subset(labels, n, seed=0)
+        assert len(idx) == len(set(idx.tolist())) == n
+        assert abs(np.bincount(labels[idx])[0] - n * 234 / 624) <= 1
+    # Where the fraction is exact, the draw is the one a fraction gives (recorded data.limit runs keep their images).
+    assert np.array_equal(stratified_subset(labels, 312, seed=3), stratified_split(labels, 0.5, seed=3)[1])

@@ -12,20 +12,25 @@ from edgekd.errors import EdgeKDError
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, held_out) with `fraction` held out, class proportions preserved (a plain seeded draw when a
     class has one item or a side is too small to hold every class)."""
-    idx = np.arange(len(labels))
-    counts = np.bincount(labels)
-    n_held = int(np.ceil(len(labels) * fraction))  # scikit-learn's count for a float test_size
-    classes = int((counts > 0).sum())
-    stratify = labels if counts[counts > 0].min() >= 2 and min(n_held, len(labels) - n_held) >= classes else None
-    keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
-    return np.sort(keep), np.sort(held)
+    return _stratified_draw(labels, int(np.ceil(len(labels) * fraction)), seed)  # scikit-learn's count for a float
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded subset of `n` items with the class proportions of `labels` (all if n >= len)."""
+    """Sorted indices of a seeded subset of exactly `n` items with the class proportions of `labels` (all if
+    n >= len)."""
     if n >= len(labels):
         return np.arange(len(labels))
-    return stratified_split(labels, n / len(labels), seed)[1]
+    return _stratified_draw(labels, n, seed)[1]
+
+
+def _stratified_draw(labels: np.ndarray, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # An integer count: n / len as a float fraction can round up to n + 1 (400 of 624 gave 401).
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels)
+    classes = int((counts > 0).sum())
+    stratify = labels if counts[counts > 0].min() >= 2 and min(n_held, len(labels) - n_held) >= classes else None
+    keep, held = train_test_split(idx, test_size=n_held, random_state=seed, stratify=stratify)
+    return np.sort(keep), np.sort(held)
 
 
 def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
