@@ -4,8 +4,9 @@ recipe's resize; no pretrained weights are reachable here, so every model trains
 
     .venv/bin/python benchmarks/zoo.py [--arch mobilenetv3_large_100 resnet18 ...] [--reuse]
 
-Per architecture: train its shipped full-size recipe with the overrides below (`--set`), require a sane model
-(val AUC >= 0.9), export with the default profile to ONNX FP32/INT8 and OpenVINO FP32/FP16/INT8 (timed), bench
+Per architecture: train its shipped full-size recipe with the overrides below (`--set`), check for a sane model
+(val AUC >= 0.9, and val and test ACC above the share of the split's largest class: a model that ranks well but
+calls nearly every image one class is flagged; a row that is not sane is marked in the table), export with the default profile to ONNX FP32/INT8 and OpenVINO FP32/FP16/INT8 (timed), bench
 PyTorch eager / torch.compile, ONNX Runtime and OpenVINO (bare call and the edgekd runner) at batch 1 and 8 on 2
 threads. Each step is the CLI command recorded beside its figures in benchmarks/results/zoo.json (one record per
 architecture, replaced when re-run); the RESULTS.md zoo section is rewritten from that file.
@@ -125,11 +126,14 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
         for stale in ("bundle", "export_seconds.json"):
             subprocess.run(["rm", "-rf", str(out / stale)], check=True)
     m = json.loads(metrics_path.read_text())
-    sane = (m["val"].get("auc") or 0) >= SANE_VAL_AUC
+    sane, why = sanity(m)
+    if not sane:
+        print(f"{arch}: not a sane model ({why}); its row is marked", flush=True)
     record = {"arch": arch, "role": role, "recipe": recipe,
               "params": m["params"], "macs": m["macs"], "epochs_run": m["epochs_run"],
               "seconds_per_epoch": m["seconds_per_epoch"], "val_auc": m["val"].get("auc"),
               "test_acc": m["test"].get("acc"), "test_auc": m["test"].get("auc"), "sane": sane,
+              **({"not_sane": why} if not sane else {}),
               "train_images": sum(m["counts"]["train"]), "commands": {"train": shlex.join(train_cmd)}}
     ckpt = out / "train" / "best.pt"
     record["input_size"] = list(_preprocess(ckpt)["input_size"])
@@ -172,6 +176,21 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
     return record
 
 
+def sanity(metrics: dict) -> tuple[bool, str]:
+    """(sane, why not) from a run's metrics.json: val AUC >= SANE_VAL_AUC, and ACC above the share of the largest
+    class on val and on test (a model that ranks but whose 0.5 threshold calls nearly every image one class)."""
+    auc = metrics["val"].get("auc") or 0.0
+    if auc < SANE_VAL_AUC:
+        return False, f"val AUC {auc:.3f} < {SANE_VAL_AUC}"
+    for split in ("val", "test"):
+        acc, counts = metrics[split].get("acc") or 0.0, metrics["counts"][split]
+        majority = max(counts) / sum(counts)
+        if acc <= majority:
+            return False, (f"{split} ACC {acc:.3f} <= {majority:.3f}, the share of its largest class (val AUC "
+                           f"{auc:.3f}: it ranks, but its 0.5 threshold calls nearly every {split} image one class)")
+    return True, ""
+
+
 def _preprocess(ckpt: Path) -> dict:
     from edgekd.train.checkpoint import load_checkpoint
 
@@ -204,9 +223,13 @@ def markdown(doc: dict) -> str:
         rb = [g.get(f"batch{b}", {}).get("runner_vs_bare") for b in (1, 8)]
         exp = rec.get("export", {})
         lines.append(f"| {rec['arch']} | {rec['role']} | {rec['input_size'][-1]} | {rec['params'] / 1e6:.1f}M | "
-                     f"{rec['val_auc']:.3f} | {rec['test_acc']:.3f} | "
+                     f"{rec['val_auc']:.3f} | {rec['test_acc']:.3f}{'' if rec.get('sane', True) else ' (not sane)'} | "
                      f"{exp.get('seconds', 'FAIL')} | " + " | ".join(cells) + " | "
                      + " | ".join("-" if v is None else f"{v:.2f}x" for v in rb) + " |")
+    flagged = [f"{rec['arch']}: {rec['not_sane']}" for rec in doc["records"] if rec.get("not_sane")]
+    if flagged:
+        lines += ["", "Not sane (its speed figures stand; its accuracy and INT8 agreement describe a degenerate model): "
+                  + "; ".join(flagged) + "."]
     quiet = [f"{rec['arch']}: {m.get('other_processes_cpu_cores', float('nan')):.2f} other cores, "
              f"INT8 dot product {'yes' if m.get('int8_dot_product') else 'no'} ({', '.join(m.get('simd') or []) or 'no AVX'})"
              for rec in doc["records"] if (m := rec.get("bench_machine"))]

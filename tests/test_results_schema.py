@@ -162,3 +162,20 @@ def test_kd_gain_ceiling_scores_every_ensemble_of_teachers_and_seeds(tmp_path, m
     assert pair["test"]["acc"] == pytest.approx(1.0)  # mean P(1) [0.475, 0.275, 0.55, 0.85]: the two fix each other
     assert c["best_test"]["members"] == ["teacher", "scratch_long-s0"] and c["any_reaches_needed"]
     assert "| teacher + scratch_long-s0 (best on test) |" in "\n".join(kd_gain.ceiling_markdown(c))
+
+
+@pytest.mark.parametrize("val_auc, val_acc, test_acc, sane, reason", [
+    (0.95, 0.90, 0.80, True, ""),
+    (0.85, 0.90, 0.80, False, "val AUC 0.850 < 0.9"),
+    # ranks well on val, but at 0.5 calls nearly every image normal (the zoo's ResNet-18 at epoch 4: val ACC 0.366)
+    (0.956, 0.366, 0.80, False, "val ACC 0.366 <= 0.742"),
+    (0.944, 0.90, 0.383, False, "test ACC 0.383 <= 0.625"),
+    (0.944, 0.90, 0.625, False, "test ACC 0.625 <= 0.625"),
+])
+def test_zoo_sanity_flags_a_model_at_or_below_the_majority_share(val_auc, val_acc, test_acc, sane, reason):
+    import zoo
+
+    metrics = {"val": {"auc": val_auc, "acc": val_acc}, "test": {"acc": test_acc},
+               "counts": {"val": [135, 389], "test": [234, 390]}}
+    ok, why = zoo.sanity(metrics)
+    assert ok is sane and why.startswith(reason)
