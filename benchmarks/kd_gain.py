@@ -142,6 +142,13 @@ SETS["demo_unlabeled"] = {
         "kd_ens": ("recipes/demo/student.yaml", UNL_ENS, "scratch", "kd from the ensemble of both teachers"),
         "kd_ens_unl": ("recipes/demo/student.yaml", [*UNL_ENS, *POOL], "scratch",
                        "kd_ens + KL on the unlabeled pool"),
+        # TTA-averaged teacher targets (issue 19's "stronger teachers" lever): the teachers' softmax averaged over the
+        # original and the horizontally flipped batch (the demo's training augmentation has no flips).
+        "kd_tta": ("recipes/demo/student.yaml", [f"distill.teacher={UNL}/teacher/best.pt",
+                                                 "distill.teacher_views=[original,hflip]"], "scratch",
+                   "kd, teacher targets averaged over the original and h-flipped batch"),
+        "kd_ens_tta": ("recipes/demo/student.yaml", [*UNL_ENS, "distill.teacher_views=[original,hflip]"], "scratch",
+                       "kd_ens, teacher targets averaged over the original and h-flipped batch"),
     },
 }
 # accuracy.json records of this benchmark are keyed by their train command: rows that share a recipe (and so its
