@@ -408,3 +408,41 @@ def test_sgd_without_momentum_builds(momentum, nesterov):
 
     opt = build_optimizer(torch.nn.Linear(2, 2), OptimizerConfig(name="sgd", lr=0.1, momentum=momentum))
     assert opt.defaults["nesterov"] is nesterov and opt.defaults["momentum"] == momentum
+
+
+def test_one_class_warning_names_the_split_and_its_largest_class_share():
+    from edgekd.metrics import one_class_warning
+
+    # The zoo's ResNet-18 at its epoch 4: val AUC 0.956, val ACC 0.366 on PneumoniaMNIST val (135 / 389).
+    msg = one_class_warning("val", 0.3664, [135, 389])
+    assert msg.startswith("val ACC 0.3664 is no better than") and "(0.7424)" in msg
+    assert one_class_warning("val", 389 / 524, [135, 389]) is not None  # exactly the share: no better
+    assert one_class_warning("val", 0.8969, [135, 389]) is None
+    assert one_class_warning("test", 0.2, [10, 10, 30]) is not None and one_class_warning("test", 0.61, [10, 10, 30]) is None
+    assert one_class_warning("val", None, [1, 2]) is None and one_class_warning("val", 0.0, [5]) is None
+
+
+def test_training_warns_when_the_best_checkpoint_calls_every_image_one_class(tiny_recipe_dict, tmp_path, monkeypatch):
+    import edgekd.train.run as run
+
+    real = run.model_from_checkpoint
+
+    def one_class(path):  # the best checkpoint, with its head biased so every image lands in class 0
+        model, ckpt = real(path)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            head.bias.copy_(torch.tensor([1e4, -1e4]))
+        return model, ckpt
+
+    monkeypatch.setattr(run, "model_from_checkpoint", one_class)
+    lines = []
+    res = train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=1)), tmp_path / "run", log=lines.append)
+    warned = [s for s in lines if s.startswith("warning: best.pt: ")]
+    assert len(warned) == 2 and "val ACC" in warned[0] and "test ACC" in warned[1]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["val"]["warning"] == res.val["warning"] and "largest class" in m["test"]["warning"]
+    # a model that learned (the same recipe, unpatched, 4 epochs) is not warned about
+    monkeypatch.setattr(run, "model_from_checkpoint", real)
+    lines.clear()
+    res = train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=4)), tmp_path / "ok", log=lines.append)
+    assert not [s for s in lines if s.startswith("warning:")] and "warning" not in res.test

@@ -75,6 +75,20 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
     return {key: float(v) for key, v in out.items()}
 
 
+def one_class_warning(split: str, acc: float | None, counts: list[int]) -> str | None:
+    """A warning when a model's accuracy on a split is no better than calling every image the split's largest class
+    (a model can rank well, high AUC, while its argmax calls nearly everything one class); None otherwise."""
+    total = sum(counts)
+    if acc is None or total == 0 or len(counts) < 2:
+        return None
+    majority = max(counts) / total
+    if acc > majority:
+        return None
+    return (f"{split} ACC {acc:.4f} is no better than calling every {split} image its largest class "
+            f"({majority:.4f}): the model's top class is nearly always the same; check the training curves "
+            f"(e.g. a best epoch chosen by AUC where ACC collapsed) before exporting it")
+
+
 def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     k = np.asarray(probs).shape[1]
     return skm.confusion_matrix(np.asarray(y_true).astype(int), np.asarray(probs).argmax(1), labels=list(range(k)))

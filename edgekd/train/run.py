@@ -14,7 +14,7 @@ from torch import nn
 from edgekd import __version__
 from edgekd.data import DataModule, build_data
 from edgekd.errors import EdgeKDError
-from edgekd.metrics.report import evaluation_report, write_csv_log
+from edgekd.metrics import evaluation_report, one_class_warning, write_csv_log
 from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
 from edgekd.fileio import ensure_free_space, write_json, write_text
 from edgekd.probability import softmax
@@ -110,14 +110,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         if fit.history:
             from edgekd.metrics.plots import plot_curves
             plot_curves(fit.history, out / "curves.png", recipe.name)
-    best, _ = model_from_checkpoint(fit.best_path)
-    device = trainer.device
-    best.to(device)
-    reports = {}
-    for split in ("val", "test"):
-        y, logits = predict_logits(best, data.loader(split, train=False), device)
-        reports[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, recipe.name,
-                                           plots=trainer.is_main)
+    best, reports = evaluate_best(fit.best_path, data, trainer.device, out, recipe.name, trainer.is_main, log)
     params = count_parameters(best)
     macs = count_macs(best.cpu(), tuple(data.preprocess["input_size"]))
     summary = {
@@ -132,6 +125,24 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     if trainer.is_main:
         write_json(out / "metrics.json", summary)
     return RunResult(out, fit.best_path, reports["test"], reports["val"], params, macs, fit)
+
+
+def evaluate_best(best_path: Path, data: DataModule, device, out: Path, name: str, plots: bool,
+                  log: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]]:
+    """The best checkpoint's val and test reports (plots on the main process); warns when a split's accuracy is no
+    better than its largest class's share."""
+    best, _ = model_from_checkpoint(best_path)
+    best.to(device)
+    reports = {}
+    for split in ("val", "test"):
+        y, logits = predict_logits(best, data.loader(split, train=False), device)
+        reports[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, name, plots=plots)
+        warning = one_class_warning(split, reports[split].get("acc"), data.counts()[split])
+        if warning:
+            reports[split]["warning"] = warning
+            if plots:
+                log(f"warning: {best_path.name}: {warning}")
+    return best, reports
 
 
 def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
