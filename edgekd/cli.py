@@ -205,12 +205,7 @@ def eval_(
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
     if not is_bundle:
-        from edgekd.train.run import evaluate_checkpoint
-
-        result = with_progress(lambda _, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar))
-        rows = [{"model": result["model"], **result[s]} for s in splits]
-        out_console.print(metrics_table(f"{checkpoint}", rows))
-        console.print(f"wrote {out / 'metrics.json'}")
+        _eval_checkpoint(checkpoint, out, data_recipe, splits)
     elif not (corruptions or failures):
         raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its checkpoint)")
     if corruptions:
@@ -227,6 +222,18 @@ def eval_(
             out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
                               f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
         console.print(f"{res['errors']} errors / {res['images']} images; wrote {out / 'failures.json'}, failures.png")
+
+
+def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str, ...]) -> None:
+    """`edgekd eval CHECKPOINT`: the metrics table, a warning per split that calls nearly everything one class."""
+    from edgekd.train.run import evaluate_checkpoint
+
+    result = with_progress(lambda _, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar))
+    out_console.print(metrics_table(f"{checkpoint}", [{"model": result["model"], **result[s]} for s in splits]))
+    for s in splits:
+        if result[s].get("warning"):
+            console.print(f"[yellow]warning:[/] {escape(result[s]['warning'])}")
+    console.print(f"wrote {out / 'metrics.json'}")
 
 
 def _data_recipe(checkpoint: Path, data: Optional[Path], set_: list[str]):

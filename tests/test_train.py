@@ -441,6 +441,15 @@ def test_training_warns_when_the_best_checkpoint_calls_every_image_one_class(tin
     assert len(warned) == 2 and "val ACC" in warned[0] and "test ACC" in warned[1]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["val"]["warning"] == res.val["warning"] and "largest class" in m["test"]["warning"]
+    # `edgekd eval` of the same (patched) checkpoint prints the warning and writes it
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    ev = CliRunner().invoke(app, ["eval", str(res.best_path), "--split", "test", "--out", str(tmp_path / "ev")])
+    assert ev.exit_code == 0, ev.output
+    assert "warning: test ACC" in " ".join(ev.output.split())
+    assert "largest class" in json.loads((tmp_path / "ev" / "metrics.json").read_text())["test"]["warning"]
     # a model that learned (the same recipe, unpatched, 4 epochs) is not warned about
     monkeypatch.setattr(run, "model_from_checkpoint", real)
     lines.clear()

@@ -175,5 +175,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
         y, logits = predict_logits(model, data.loader(split, train=False), dev, progress=progress,
                                    description=f"eval {split}")
         result[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, ckpt["arch"]["name"])
+        warning = one_class_warning(split, result[split].get("acc"), data.counts()[split])
+        if warning:
+            result[split]["warning"] = warning
     write_json(out / "metrics.json", result)
     return result
