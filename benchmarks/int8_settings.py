@@ -36,6 +36,8 @@ ROWS = {
     "float_swish": ("hard-swish / sigmoid / SE multiply ops left FP32 on both backends",
                     {"onnx": {"exclude_op_types": HARD_SWISH_ONNX}, "openvino": {"ignored_types": HARD_SWISH_OV}}),
     "calib_1000": ("1000 calibration images (default 300)", {"calib_images": 1000}),
+    "all_int8": ("first and last layers quantized too (no keep_first_last), nothing else changed",
+                 {"keep_first_last": False}),
 }
 
 
