@@ -6,10 +6,11 @@ recipe's resize; no pretrained weights are reachable here, so every model trains
 
 Per architecture: train its shipped full-size recipe with the overrides below (`--set`), check for a sane model
 (val AUC >= 0.9, and val and test ACC above the share of the split's largest class: a model that ranks well but
-calls nearly every image one class is flagged; a row that is not sane is marked in the table), export with the default profile to ONNX FP32/INT8 and OpenVINO FP32/FP16/INT8 (timed), bench
-PyTorch eager / torch.compile, ONNX Runtime and OpenVINO (bare call and the edgekd runner) at batch 1 and 8 on 2
-threads. Each step is the CLI command recorded beside its figures in benchmarks/results/zoo.json (one record per
-architecture, replaced when re-run); the RESULTS.md zoo section is rewritten from that file.
+calls nearly every image one class is flagged, and its row marked in the table), export with the default profile
+to ONNX FP32/INT8 and OpenVINO FP32/FP16/INT8 (timed), bench PyTorch eager / torch.compile, ONNX Runtime and
+OpenVINO (bare call and the edgekd runner) at batch 1 and 8 on 2 threads. Each step is the CLI command recorded
+beside its figures in benchmarks/results/zoo.json (one record per architecture, replaced when re-run); the
+RESULTS.md zoo section is rewritten from that file.
 """
 
 from __future__ import annotations
@@ -228,8 +229,8 @@ def markdown(doc: dict) -> str:
                      + " | ".join("-" if v is None else f"{v:.2f}x" for v in rb) + " |")
     flagged = [f"{rec['arch']}: {rec['not_sane']}" for rec in doc["records"] if rec.get("not_sane")]
     if flagged:
-        lines += ["", "Not sane (its speed figures stand; its accuracy and INT8 agreement describe a degenerate model): "
-                  + "; ".join(flagged) + "."]
+        lines += ["", "Not sane (its speed figures stand; its accuracy and INT8 agreement describe a degenerate "
+                  "model): " + "; ".join(flagged) + "."]
     quiet = [f"{rec['arch']}: {m.get('other_processes_cpu_cores', float('nan')):.2f} other cores, "
              f"INT8 dot product {'yes' if m.get('int8_dot_product') else 'no'} ({', '.join(m.get('simd') or []) or 'no AVX'})"
              for rec in doc["records"] if (m := rec.get("bench_machine"))]

@@ -418,8 +418,10 @@ def test_one_class_warning_names_the_split_and_its_largest_class_share():
     assert msg.startswith("val ACC 0.3664 is no better than") and "(0.7424)" in msg
     assert one_class_warning("val", 389 / 524, [135, 389]) is not None  # exactly the share: no better
     assert one_class_warning("val", 0.8969, [135, 389]) is None
-    assert one_class_warning("test", 0.2, [10, 10, 30]) is not None and one_class_warning("test", 0.61, [10, 10, 30]) is None
+    assert one_class_warning("test", 0.2, [10, 10, 30]) is not None
+    assert one_class_warning("test", 0.61, [10, 10, 30]) is None
     assert one_class_warning("val", None, [1, 2]) is None and one_class_warning("val", 0.0, [5]) is None
+    assert one_class_warning("val", 1.0, [0, 7]) is None  # only one class in the split
 
 
 def test_training_warns_when_the_best_checkpoint_calls_every_image_one_class(tiny_recipe_dict, tmp_path, monkeypatch):

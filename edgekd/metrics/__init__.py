@@ -10,9 +10,9 @@ from edgekd.metrics.report import evaluation_report, write_csv_log
 from edgekd.metrics.uncertainty import bootstrap_intervals, choose_threshold, delong_test
 
 __all__ = ["bootstrap_intervals", "calibration_report", "choose_threshold", "delong_test", "plot_reliability",
-           "classification_metrics", "confused_pairs", "confusion", "confusion_figure", "evaluation_report", "one_class_warning",
-           "partial_auc_above_tpr",
-           "plot_confusion", "plot_curves", "plot_failure_grid", "plt", "save_figure", "write_csv_log"]
+           "classification_metrics", "confused_pairs", "confusion", "confusion_figure", "evaluation_report",
+           "one_class_warning", "partial_auc_above_tpr", "plot_confusion", "plot_curves", "plot_failure_grid", "plt",
+           "save_figure", "write_csv_log"]
 
 
 def __getattr__(name: str):

@@ -78,10 +78,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
 def one_class_warning(split: str, acc: float | None, counts: list[int]) -> str | None:
     """A warning when a model's accuracy on a split is no better than calling every image the split's largest class
     (a model can rank well, high AUC, while its argmax calls nearly everything one class); None otherwise."""
-    total = sum(counts)
-    if acc is None or total == 0 or len(counts) < 2:
+    if acc is None or sum(c > 0 for c in counts) < 2:  # a split holding one class: nothing to compare with
         return None
-    majority = max(counts) / total
+    majority = max(counts) / sum(counts)
     if acc > majority:
         return None
     return (f"{split} ACC {acc:.4f} is no better than calling every {split} image its largest class "
