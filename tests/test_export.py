@@ -358,6 +358,29 @@ def test_out_that_is_not_a_bundle_is_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
+def test_export_warns_when_the_checkpoint_calls_every_image_one_class(tmp_path, monkeypatch):
+    import edgekd.export.run as run
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    real = run.model_from_checkpoint
+
+    def one_class(path):  # the head biased so every image lands in class 1: every format agrees with it trivially
+        model, meta = real(path)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            head.bias.copy_(torch.tensor([-1e3, 1e3]))
+        return model, meta
+
+    monkeypatch.setattr(run, "model_from_checkpoint", one_class)
+    lines = []
+    profile = profile_from_dict({"parity": {"images": 8}})
+    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=lines.append)
+    warned = [ln for ln in lines if ln.startswith("warning: the checkpoint's ")]
+    assert [w.split("'s ")[1].split(" ACC")[0] for w in warned] == ["val", "test"]
+    assert result.parity["reference"]["warnings"] == [w.split("checkpoint's ", 1)[1] for w in warned]
+    assert result.parity["passed"]  # a warning, not a refusal
+
+
 def test_int8_paths_quantize_and_are_gated(tmp_path):
     import onnx
 

@@ -25,6 +25,7 @@ from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_se
 from edgekd.export.formats import FORMATS, export_plan
 from edgekd.export.parity import ParitySet, check_artifact, int8_speedup, parity_inputs, reference_report
 from edgekd.export.profile import ExportProfile, load_profile, profile_digest
+from edgekd.metrics import one_class_warning
 from edgekd.models import count_parameters
 from edgekd.progress import progress_task
 from edgekd.recipe import apply_overrides, recipe_from_dict
@@ -346,6 +347,18 @@ def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: E
     return speed
 
 
+def _one_class_warnings(reference: dict[str, Any], parity_set: ParitySet, log: Callable[[str], None]) -> list[str]:
+    """The PyTorch model's splits whose ACC is no better than their largest class's share: on such a model every
+    format agrees easily, so the gate's pass says little (a multi-head model is judged per task elsewhere)."""
+    if parity_set.heads is not None:
+        return []
+    found = [one_class_warning(s, reference["splits"][s]["metrics"].get("acc"), np.bincount(y).tolist())
+             for s, (_, y) in parity_set.splits.items()]
+    for warning in filter(None, found):
+        log(f"warning: the checkpoint's {warning}")
+    return [w for w in found if w]
+
+
 def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, parity_set: ParitySet,
                    reference: dict[str, Any], outcome: _Outcome) -> dict[str, Any]:
     """parity.json."""
@@ -355,7 +368,8 @@ def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, pari
         "metric_split": profile.parity.metric_split,
         "reference": {"framework": f"torch {torch.__version__}",
                       "metrics": {s: r["metrics"] for s, r in reference["splits"].items()},
-                      "split_images": {s: len(y) for s, (_, y) in parity_set.splits.items()}},
+                      "split_images": {s: len(y) for s, (_, y) in parity_set.splits.items()},
+                      **({"warnings": reference["warnings"]} if reference.get("warnings") else {})},
         "artifacts": outcome.records, "passed": not outcome.failures, "failures": outcome.failures,
         **({"too_slow": outcome.too_slow} if outcome.too_slow else {}),
     }
@@ -420,6 +434,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout)
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
     reference = reference_report(model, parity_set)
+    reference["warnings"] = _one_class_warnings(reference, parity_set, log)
     reference["clinical"] = _clinical(reference, parity_set, profile, ckpt, log)
     metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels),
                 **_continual_metadata(layout, continual, lineage)}
