@@ -31,7 +31,8 @@ ROWS = {
                    {"onnx": {"per_channel": False}, "preset": "performance"}),
     "percentile": ("ORT percentile 99.999 calibration; NNCF fast bias correction",
                    {"onnx": {"calibrate_method": "percentile"}, "fast_bias_correction": True}),
-    "entropy": ("ORT entropy calibration + 7-bit weights; NNCF all layers INT8 (no keep_first_last)",
+    "entropy": ("ORT entropy calibration + 7-bit weights; first and last layers quantized too, on both backends "
+                "(no keep_first_last)",
                 {"onnx": {"calibrate_method": "entropy", "reduce_range": True}, "keep_first_last": False}),
     "float_swish": ("hard-swish / sigmoid / SE multiply ops left FP32 on both backends",
                     {"onnx": {"exclude_op_types": HARD_SWISH_ONNX}, "openvino": {"ignored_types": HARD_SWISH_OV}}),

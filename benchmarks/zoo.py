@@ -26,6 +26,7 @@ from pathlib import Path
 from common import REPO, RESULTS, finished_run, machine_line, now, replace_section, results_doc  # noqa: E402  (sets sys.path)
 
 from edgekd.fileio import write_json, write_text  # noqa: E402
+from edgekd.metrics import one_class_warning  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
 
 ZOO_JSON = RESULTS / "zoo.json"
@@ -157,7 +158,7 @@ def zoo_arch(arch: str, runs: Path, reuse: bool, epochs: int, limit: int | None,
     parity = json.loads((bundle / "parity.json").read_text())
     record["parity"] = [{k: a.get(k) for k in ("format", "precision", "size_mb", "max_abs_diff", "top1_agreement",
                                                 "allclose_violations", "metric_drop", "split_images", "passed",
-                                                "failures")}
+                                                "failures", "per_view", "speed_vs_fp32")}
                         for a in parity["artifacts"]]
     record["not_shipped"] = parity.get("dropped", []) + parity.get("too_slow", [])
     bench_cmd = [EDGEKD, "bench", str(bundle), "--checkpoint", str(ckpt), "--batch", "1,8", "--threads", "2",
@@ -184,11 +185,9 @@ def sanity(metrics: dict) -> tuple[bool, str]:
     if auc < SANE_VAL_AUC:
         return False, f"val AUC {auc:.3f} < {SANE_VAL_AUC}"
     for split in ("val", "test"):
-        acc, counts = metrics[split].get("acc") or 0.0, metrics["counts"][split]
-        majority = max(counts) / sum(counts)
-        if acc <= majority:
-            return False, (f"{split} ACC {acc:.3f} <= {majority:.3f}, the share of its largest class (val AUC "
-                           f"{auc:.3f}: it ranks, but its 0.5 threshold calls nearly every {split} image one class)")
+        warning = one_class_warning(split, metrics[split].get("acc") or 0.0, metrics["counts"][split])
+        if warning:
+            return False, f"{warning.split(':')[0]} (val AUC {auc:.3f})"
     return True, ""
 
 

@@ -357,7 +357,6 @@ def test_out_that_is_not_a_bundle_is_refused_before_any_work(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.slow
 def test_export_warns_when_the_checkpoint_calls_every_image_one_class(tmp_path, monkeypatch):
     import edgekd.export.run as run
 
@@ -381,6 +380,7 @@ def test_export_warns_when_the_checkpoint_calls_every_image_one_class(tmp_path, 
     assert result.parity["passed"]  # a warning, not a refusal
 
 
+@pytest.mark.slow
 def test_int8_paths_quantize_and_are_gated(tmp_path):
     import onnx
 

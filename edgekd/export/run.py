@@ -79,7 +79,7 @@ def _sample(n_total: int, n: int | None, salt: int) -> np.ndarray:
 
 
 def metric_subset(labels: np.ndarray, n: int | None) -> np.ndarray:
-    """The images of a metric split the ACC/AUC gate scores: all of them, or a seeded subset of about `n` with the
+    """The images of a metric split the ACC/AUC gate scores: all of them, or a seeded subset of exactly `n` with the
     split's class proportions (parity.metric_images), so every class stays in it and AUC stays defined."""
     if n is None:
         return np.arange(len(labels))
@@ -349,7 +349,7 @@ def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: E
 
 def _one_class_warnings(reference: dict[str, Any], parity_set: ParitySet, log: Callable[[str], None]) -> list[str]:
     """The PyTorch model's splits whose ACC is no better than their largest class's share: on such a model every
-    format agrees easily, so the gate's pass says little (a multi-head model is judged per task elsewhere)."""
+    format agrees easily, so the gate's pass says little. A multi-head (continual) model is not checked here."""
     if parity_set.heads is not None:
         return []
     found = [one_class_warning(s, reference["splits"][s]["metrics"].get("acc"), np.bincount(y).tolist())

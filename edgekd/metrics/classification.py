@@ -84,7 +84,7 @@ def one_class_warning(split: str, acc: float | None, counts: list[int]) -> str |
     if acc > majority:
         return None
     return (f"{split} ACC {acc:.4f} is no better than calling every {split} image its largest class "
-            f"({majority:.4f}): the model's top class is nearly always the same; check the training curves "
+            f"({majority:.4f}): the model may call nearly everything one class; check the training curves "
             f"(e.g. a best epoch chosen by AUC where ACC collapsed) before exporting it")
 
 
