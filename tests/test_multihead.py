@@ -256,3 +256,19 @@ def test_the_service_answers_every_task_or_the_chosen_one(world):
     assert [t["name"] for t in meta.json()["tasks"]] == ["A", "B"] and meta.json()["task"] is None
     one, _ = call(create_app(Runner.from_bundle(world["bundle"], task="B", threads=1)), go)
     assert one.json()["task"] == "B" and len(one.json()["probs"]) == 3
+
+
+def test_export_one_class_warning_is_per_task_on_a_multi_head_model():
+    from edgekd.export.parity import ParitySet
+    from edgekd.export.run import _one_class_warnings
+
+    # task A: outputs 0-1 (labels 0, 1), task B: outputs 2-4 (labels 2, 3, 4); val holds 6 of A and 6 of B
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    split = (np.zeros((12, 3, 8, 8), np.float32), y)
+    reference = {"splits": {"val": {"metrics": {"acc": 0.5, "tasks": {"A": {"acc": 4 / 6}, "B": {"acc": 0.5}}}}}}
+    lines = []
+    found = _one_class_warnings(reference, ParitySet(split[0], [], {"val": split}, [("A", 0, 2), ("B", 2, 5)]),
+                                lines.append)
+    # A at 4/6 is exactly its largest class's share (4 of 6): warned; B at 0.5 is over 2/6: not warned
+    assert found == [w.split("checkpoint's ", 1)[1] for w in lines] and len(found) == 1
+    assert found[0].startswith("val (task A) ACC 0.6667 is no better") and "(0.6667)" in found[0]

@@ -348,15 +348,22 @@ def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: E
 
 
 def _one_class_warnings(reference: dict[str, Any], parity_set: ParitySet, log: Callable[[str], None]) -> list[str]:
-    """The PyTorch model's splits whose ACC is no better than their largest class's share: on such a model every
-    format agrees easily, so the gate's pass says little. A multi-head (continual) model is not checked here."""
-    if parity_set.heads is not None:
-        return []
-    found = [one_class_warning(s, reference["splits"][s]["metrics"].get("acc"), np.bincount(y).tolist())
-             for s, (_, y) in parity_set.splits.items()]
-    for warning in filter(None, found):
+    """The PyTorch model's splits (per task for a multi-head model) whose ACC is no better than their largest
+    class's share: on such a model every format agrees easily, so the gate's pass says little."""
+    found = []
+    for split, (_, y) in parity_set.splits.items():
+        metrics = reference["splits"][split]["metrics"]
+        if parity_set.heads is None:
+            found.append(one_class_warning(split, metrics.get("acc"), np.bincount(y).tolist()))
+            continue
+        for name, lo, hi in parity_set.heads:  # each task's images, its own head (task id given)
+            counts = np.bincount(y[(y >= lo) & (y < hi)] - lo, minlength=hi - lo).tolist()
+            acc = metrics.get("tasks", {}).get(name, {}).get("acc")
+            found.append(one_class_warning(f"{split} (task {name})", acc, counts))
+    found = [w for w in found if w]
+    for warning in found:
         log(f"warning: the checkpoint's {warning}")
-    return [w for w in found if w]
+    return found
 
 
 def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, parity_set: ParitySet,
