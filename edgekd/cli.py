@@ -273,7 +273,7 @@ def export(
     zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip."),
     parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Validation images in the parity gate (default 64)."),
     calib_images: Optional[int] = typer.Option(None, "--calib-images", help="Training images for INT8 calibration (default 300)."),
-    metric_images: Optional[int] = typer.Option(None, "--metric-images", help="About N val and N test images "
+    metric_images: Optional[int] = typer.Option(None, "--metric-images", help="N val and N test images "
                                                 "(stratified) for the ACC/AUC gate (default: whole splits; fewer is "
                                                 "faster and coarser)."),
     accuracy_control: Optional[bool] = typer.Option(None, "--accuracy-control/--no-accuracy-control",

@@ -48,7 +48,7 @@ class ParityConfig(Section):
     metric_split: Literal["val", "test"] = "val"
     """The split whose ACC/AUC drop is gated; the other split's metrics are reported too."""
     metric_images: int | None = Field(None, ge=1)
-    """About this many images per split for the ACC/AUC comparison, a seeded subset with the split's class
+    """This many images per split for the ACC/AUC comparison, a seeded subset with the split's class
     proportions (`edgekd export --metric-images`): a faster, coarser gate on a slow CPU. null, the default: the
     whole split, so the gated drop is measured on every validation image; the card states the count and the
     resolution."""

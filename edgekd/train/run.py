@@ -14,7 +14,7 @@ from torch import nn
 from edgekd import __version__
 from edgekd.data import DataModule, build_data
 from edgekd.errors import EdgeKDError
-from edgekd.metrics import evaluation_report, one_class_warning, write_csv_log
+from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
 from edgekd.fileio import ensure_free_space, write_json, write_text
 from edgekd.probability import softmax
@@ -137,11 +137,8 @@ def evaluate_best(best_path: Path, data: DataModule, device, out: Path, name: st
     for split in ("val", "test"):
         y, logits = predict_logits(best, data.loader(split, train=False), device)
         reports[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, name, plots=plots)
-        warning = one_class_warning(split, reports[split].get("acc"), data.counts()[split])
-        if warning:
-            reports[split]["warning"] = warning
-            if plots:
-                log(f"warning: {best_path.name}: {warning}")
+        if plots and reports[split].get("warning"):
+            log(f"warning: {best_path.name}: {reports[split]['warning']}")
     return best, reports
 
 
@@ -175,8 +172,5 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
         y, logits = predict_logits(model, data.loader(split, train=False), dev, progress=progress,
                                    description=f"eval {split}")
         result[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, ckpt["arch"]["name"])
-        warning = one_class_warning(split, result[split].get("acc"), data.counts()[split])
-        if warning:
-            result[split]["warning"] = warning
     write_json(out / "metrics.json", result)
     return result
