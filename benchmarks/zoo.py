@@ -26,7 +26,7 @@ from pathlib import Path
 from common import REPO, RESULTS, finished_run, machine_line, now, replace_section, results_doc  # noqa: E402  (sets sys.path)
 
 from edgekd.fileio import write_json, write_text  # noqa: E402
-from edgekd.metrics import one_class_warning  # noqa: E402
+from edgekd.metrics import largest_class_share  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
 
 ZOO_JSON = RESULTS / "zoo.json"
@@ -185,9 +185,10 @@ def sanity(metrics: dict) -> tuple[bool, str]:
     if auc < SANE_VAL_AUC:
         return False, f"val AUC {auc:.3f} < {SANE_VAL_AUC}"
     for split in ("val", "test"):
-        warning = one_class_warning(split, metrics[split].get("acc") or 0.0, metrics["counts"][split])
-        if warning:
-            return False, f"{warning.split(':')[0]} (val AUC {auc:.3f})"
+        acc, share = metrics[split].get("acc") or 0.0, largest_class_share(metrics["counts"][split])
+        if share is not None and acc <= share:
+            return False, (f"{split} ACC {acc:.4f} is no better than its largest class's share {share:.4f} "
+                           f"(val AUC {auc:.3f})")
     return True, ""
 
 

@@ -411,8 +411,9 @@ def test_sgd_without_momentum_builds(momentum, nesterov):
 
 
 def test_one_class_warning_names_the_split_and_its_largest_class_share():
-    from edgekd.metrics import one_class_warning
+    from edgekd.metrics import largest_class_share, one_class_warning
 
+    assert largest_class_share([135, 389]) == pytest.approx(389 / 524) and largest_class_share([0, 7]) is None
     # The zoo's ResNet-18 at its epoch 4: val AUC 0.956, val ACC 0.366 on PneumoniaMNIST val (135 / 389).
     msg = one_class_warning("val", 0.3664, [135, 389])
     assert msg.startswith("val ACC 0.3664 is no better than") and "(0.7424)" in msg

@@ -75,13 +75,19 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
     return {key: float(v) for key, v in out.items()}
 
 
+def largest_class_share(counts: list[int]) -> float | None:
+    """The accuracy of calling every image of a split its largest class; None for a split holding fewer than two
+    classes (nothing to compare with)."""
+    if sum(c > 0 for c in counts) < 2:
+        return None
+    return max(counts) / sum(counts)
+
+
 def one_class_warning(split: str, acc: float | None, counts: list[int]) -> str | None:
     """A warning when a model's accuracy on a split is no better than calling every image the split's largest class
     (a model can rank well, high AUC, while its argmax calls nearly everything one class); None otherwise."""
-    if acc is None or sum(c > 0 for c in counts) < 2:  # a split holding one class: nothing to compare with
-        return None
-    majority = max(counts) / sum(counts)
-    if acc > majority:
+    majority = largest_class_share(counts)
+    if acc is None or majority is None or acc > majority:
         return None
     return (f"{split} ACC {acc:.4f} is no better than calling every {split} image its largest class "
             f"({majority:.4f}): the model may call nearly everything one class; check the training curves "
