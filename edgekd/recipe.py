@@ -119,8 +119,9 @@ class EarlyStopConfig(Section):
 class SWAConfig(Section):
     enabled: bool = False
     """Stochastic weight averaging on (the other keys do nothing without it)."""
-    start_epoch: int = 0
-    """0-based epoch from which weights are averaged; 0, the default, means the last quarter (int(0.75 x epochs))."""
+    start_epoch: int | None = Field(None, ge=0)
+    """0-based epoch from which weights are averaged (0: from the first epoch); null, the default: the last quarter,
+    int(0.75 x epochs)."""
     lr: float | None = Field(None, gt=0)
     """From start_epoch on, torch's SWALR anneals the LR to this constant instead of the main schedule
     (null: the main schedule goes on)."""

@@ -333,6 +333,18 @@ def test_swa_lr_switches_to_swalr(tiny_recipe_dict, tmp_path):
     assert plain == pytest.approx([0.05, cosine(1), cosine(2), cosine(3)])
 
 
+def test_swa_start_epoch_zero_is_the_first_epoch_and_null_the_last_quarter(tiny_recipe_dict, tmp_path):
+    def swa_lines(start):
+        logs: list[str] = []
+        r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=4, train__swa={"enabled": True, "start_epoch": start}))
+        train_recipe(r, tmp_path / str(start), log=logs.append)
+        return [line for line in logs if "SWA over" in line or "swa.start_epoch" in line]
+
+    assert swa_lines(0)[0].startswith("SWA over epochs 1..4")
+    assert swa_lines(None)[0].startswith("SWA over epochs 4..4")  # int(0.75 x 4) = 3, 0-based
+    assert swa_lines(4) == ["train.swa.start_epoch 4 >= train.epochs 4: no weights will be averaged"]
+
+
 def test_nan_monitor_fails_at_the_first_epoch(tiny_recipe_dict, tmp_path):
     # val_pauc of a 2-class model is NaN when val holds one class only: limit to a one-class val split
     import numpy as np

@@ -173,7 +173,11 @@ class Trainer:
         self.swa_model = self.swa_scheduler = None
         if self.cfg.swa.enabled:
             self.swa_model = torch.optim.swa_utils.AveragedModel(self.model)
-            self.swa_start = self.cfg.swa.start_epoch or max(int(self.cfg.epochs * 0.75), 0)
+            start = self.cfg.swa.start_epoch
+            self.swa_start = int(self.cfg.epochs * 0.75) if start is None else start
+            if self.swa_start >= self.cfg.epochs:
+                self.log(f"train.swa.start_epoch {self.swa_start} >= train.epochs {self.cfg.epochs}: "
+                         f"no weights will be averaged")
             if self.cfg.swa.lr is not None:  # from swa_start on, SWALR replaces the main schedule
                 self.swa_scheduler = torch.optim.swa_utils.SWALR(
                     self.optimizer, swa_lr=self.cfg.swa.lr, anneal_epochs=self.cfg.swa.anneal_epochs,
