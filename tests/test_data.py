@@ -53,6 +53,21 @@ def test_image_folder_splits_stratified(tmp_path):
     assert counts["test"] == [2, 2] and counts["val"] == [2, 2] and counts["train"] == [6, 6]
 
 
+def test_image_folder_class_names_order_the_folders_by_name(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", n_per_class=10)
+    src = load_source("imagefolder", str(root))
+    in_b = {p for p, y in zip(src.tables["all"].paths, src.tables["all"].labels) if y == 1}  # folder b, label 1
+    dm = build_data(recipe(source="imagefolder", path=str(root), split="stratified", val_fraction=0.2,
+                           test_fraction=0.2, class_names=["b", "a"]))
+    assert dm.class_names == ["b", "a"]
+    train = dm.tables["train"]
+    assert {p for p, y in zip(train.paths, train.labels) if y == 0} == in_b & set(train.paths)  # b's images: 0
+    with pytest.raises(EdgeKDError, match="lists 'nope', which is not one of the class folders"):
+        build_data(recipe(source="imagefolder", path=str(root), split="stratified", class_names=["b", "nope"]))
+    with pytest.raises(EdgeKDError, match="unknown label 'b'"):
+        build_data(recipe(source="imagefolder", path=str(root), split="stratified", class_names=["a"]))
+
+
 def test_empty_class_folder_is_an_error(tmp_path):
     root = write_image_folder(tmp_path / "imgs")
     (root / "c").mkdir()

@@ -173,7 +173,9 @@ def load_imagefolder(path: str | Path) -> Source:
             paths += [str(f) for f in files]
             labels += [i] * len(files)
         tables[split] = Table(labels=np.asarray(labels, dtype=np.int64), paths=paths)
-    return Source(name=root.name, tables=tables, class_names=class_names)
+    # Folder names are the labels: data.class_names orders them by name and must list exactly these folders.
+    return Source(name=root.name, tables=tables, class_names=class_names,
+                  info={"named_labels": True, "label_source": "class folders"})
 
 
 def load_csv(path: str | Path) -> Source:
