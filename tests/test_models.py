@@ -59,6 +59,23 @@ def test_local_weights_file_loads(tmp_path):
         create_model(spec("test_resnet"), weights=str(tmp_path / "missing.pth"))
 
 
+def test_weights_file_of_another_model_or_unreadable_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"foo": torch.zeros(3)}, tmp_path / "unrelated.safetensors")
+    with pytest.raises(EdgeKDError, match=r"do not fit this architecture: \d+ of \d+ tensors not in the file"):
+        create_model(spec("test_resnet"), weights=str(tmp_path / "unrelated.safetensors"))
+    torch.save(create_model(spec("test_vit")).state_dict(), tmp_path / "vit.pth")  # another architecture's names
+    with pytest.raises(EdgeKDError, match="do not fit this architecture"):
+        create_model(spec("test_resnet"), weights=str(tmp_path / "vit.pth"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("not weights\n")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for bad in ("empty.pt", "text.pt", "junk.safetensors"):
+        with pytest.raises(EdgeKDError, match=f"could not load pretrained weights from local file .*{bad}: "):
+            create_model(spec("test_resnet"), weights=str(tmp_path / bad))
+
+
 def test_parameter_and_mac_counts():
     m = create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 1})
     # conv(1->8)+bn, conv(8->8)+bn, conv(8->16)+bn, conv(16->16)+bn, fc(16->2)

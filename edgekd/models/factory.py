@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -38,19 +40,65 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
             raise EdgeKDError(f"model '{name}': could not load pretrained weights from local file {weights}: not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
         pretrained = True
+    where = f"local file {weights}" if weights else "the model hub (is there network?)"
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=spec["num_classes"],
-                                  in_chans=spec["in_chans"], drop_rate=spec.get("drop_rate", 0.0), **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
-        if pretrained:
-            where = f"local file {weights}" if weights else "the model hub (is there network?)"
-            raise EdgeKDError(f"model '{name}': could not load pretrained weights from {where}: "
-                              f"{str(err).splitlines()[0][:120]}") from None
-        raise EdgeKDError(f"model '{name}': {str(err).splitlines()[0][:160]}") from None
+        with _missing_keys_log() as missing:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=spec["num_classes"],
+                                      in_chans=spec["in_chans"], drop_rate=spec.get("drop_rate", 0.0), **kwargs)
     except TypeError as err:
         raise EdgeKDError(f"model '{name}': bad model.kwargs ({err})") from None
+    except Exception as err:  # an empty, truncated or foreign weights file fails in many ways (EOFError, KeyError...)
+        if pretrained:
+            detail = str(err).splitlines()[0][:120] if str(err) else "unreadable"
+            raise EdgeKDError(f"model '{name}': could not load pretrained weights from {where}: "
+                              f"{type(err).__name__}: {detail}") from None
+        if isinstance(err, (OSError, RuntimeError, ValueError)):
+            raise EdgeKDError(f"model '{name}': {str(err).splitlines()[0][:160]}") from None
+        raise
+    if pretrained:
+        _check_weights_loaded(model, missing, name, where)
     replace_head(model, spec.get("head", "linear"), spec.get("head_dropout", 0.0), spec.get("head_hidden", 256))
     return model
+
+
+class _MissingKeys(logging.Handler):
+    """Collects the parameter names timm reports as missing after loading pretrained weights."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.keys: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = re.match(r"Missing keys \((.*)\) discovered while loading", record.getMessage())
+        if match:
+            self.keys += [k.strip() for k in match.group(1).split(",") if k.strip()]
+
+
+@contextlib.contextmanager
+def _missing_keys_log():
+    """timm loads pretrained weights non-strictly when the head is replaced and logs the keys it did not find;
+    this hears that log for the duration of a model build."""
+    logger = logging.getLogger("timm.models._builder")
+    handler, level = _MissingKeys(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _check_weights_loaded(model: nn.Module, missing: _MissingKeys, name: str, where: str) -> None:
+    """Every tensor outside the classifier must have come from the weights: a file for another architecture would
+    otherwise leave the model at its random initialisation, silently."""
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    body = [k for k in missing.keys if not any(k == h or k.startswith(h + ".") for h in heads)]
+    if body:
+        total = len(model.state_dict())
+        raise EdgeKDError(f"model '{name}': the pretrained weights from {where} do not fit this architecture: "
+                          f"{len(body)} of {total} tensors not in the file (e.g. {body[0]})")
 
 
 def classifier_name(model: nn.Module) -> str:
