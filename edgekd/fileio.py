@@ -25,12 +25,39 @@ def atomic_write(path: str | Path, write: Callable[[str], object], min_free_byte
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())  # mkstemp's file is private (0600); the result gets open()'s mode
         os.replace(tmp, path)
     except OSError as err:  # disk full, permissions, ...: the old file (if any) is untouched
         raise EdgeKDError(f"{path}: could not be written ({err.strerror or err})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status), else by a swap."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain open() or mkdir() gives under the umask (0644 / 0755 under the usual 022). mkstemp and
+    mkdtemp make private files (0600 / 0700), which a service or container running as another user could not read
+    once published; published outputs get this mode instead."""
+    return (0o777 if directory else 0o666) & ~process_umask()
+
+
+def staging_directory(prefix: str, suffix: str, parent: Path) -> Path:
+    """A new uniquely named staging directory in `parent` (same filesystem, so publishing it is a rename), with
+    the umask's mode: it becomes the published directory."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(path, default_mode(directory=True))
     return path
 
 

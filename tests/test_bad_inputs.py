@@ -864,3 +864,26 @@ def test_a_write_failing_midway_leaves_the_old_file(tmp_path):
         atomic_write(target, write)
     assert target.read_bytes() == b"previous checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_published_files_and_directories_get_the_umask_mode_not_a_private_one(tmp_path, umask, file_mode, dir_mode):
+    """A bundle or model repository is read by a service or container running as another user: mkstemp/mkdtemp's
+    private 0600/0700 would lock it out; outputs get what open()/mkdir() give under the umask."""
+    import os
+    import stat
+
+    from edgekd.export.bundle import publish, staging_dir
+    from edgekd.fileio import atomic_write, write_json
+
+    old = os.umask(umask)
+    try:
+        target = atomic_write(tmp_path / "best.pt", lambda tmp: Path(tmp).write_bytes(b"weights"))
+        stage = staging_dir(tmp_path / "bundle")
+        write_json(stage / "edgekd.json", {"schema": "edgekd-bundle/1"})
+        out = publish(stage, tmp_path / "bundle")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == file_mode
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    assert stat.S_IMODE((out / "edgekd.json").stat().st_mode) == file_mode

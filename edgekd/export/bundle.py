@@ -12,7 +12,7 @@ from typing import Any
 from edgekd.errors import EdgeKDError
 from edgekd.export.clinical import card_section
 from edgekd.export.continual import continual_card_section
-from edgekd.fileio import atomic_write, sha256_file, write_json, write_text
+from edgekd.fileio import atomic_write, sha256_file, staging_directory, write_json, write_text
 
 SCHEMA = "edgekd-bundle/1"
 METADATA_FILE, MANIFEST_FILE, PARITY_FILE, CARD_FILE = "edgekd.json", "manifest.sha256", "parity.json", "card.md"
@@ -21,9 +21,9 @@ EXPLAIN_DIR = "explain"
 
 
 def staging_dir(out: Path) -> Path:
-    """A private directory next to `out` (same filesystem, so publishing is a rename)."""
+    """A new directory next to `out` (same filesystem, so publishing is a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    return staging_directory(f".{out.name}.", ".tmp", out.parent)
 
 
 def write_manifest(root: Path) -> Path:

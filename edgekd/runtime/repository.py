@@ -8,13 +8,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import deferred_signals, remove_tree, write_json, write_text
+from edgekd.fileio import deferred_signals, remove_tree, staging_directory, write_json, write_text
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
 
 KINDS = {"triton": "onnx", "ovms": "openvino"}
@@ -146,7 +145,7 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     stage = None
     try:
         with deferred_signals():
-            stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            stage = staging_directory(f".{out.name}.", ".tmp", out.parent)
         if kind == "triton":
             files, io = _stage_triton(bundle, art, stage, name, max_batch_size, queue_delay_us)
         else:
