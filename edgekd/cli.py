@@ -116,7 +116,7 @@ def train(
     with distributed_session(rec.train.device), progress_bar() as progress:
         main = is_main_process()
         log = (progress.console.print if progress.console.is_terminal else console.print) if main else _quiet
-        if folds:
+        if folds is not None:
             from edgekd.pipeline import run_folds
             summary = run_folds(rec, out, folds, log=log, progress=progress if main else None)
             if main:

@@ -462,6 +462,26 @@ def test_train_refuses_a_missing_recipe(tmp_path, capsys):
     assert_refused(invoke(capsys, "train", tmp_path / "no.yaml", "--out", tmp_path / "run"), "recipe file not found")
 
 
+def test_train_refuses_an_out_that_is_a_bundle_or_a_file_and_zero_folds(bundle, trained, tmp_path, capsys):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    before = sorted(p.name for p in copy.iterdir())
+    assert_refused(invoke(capsys, "train", trained["recipe"], "--out", copy), "holds an exported bundle")
+    assert sorted(p.name for p in copy.iterdir()) == before
+    (tmp_path / "afile").write_text("x")
+    assert_refused(invoke(capsys, "train", trained["recipe"], "--out", tmp_path / "afile"), "is a file")
+    assert_refused(invoke(capsys, "train", trained["recipe"], "--out", tmp_path / "k", "--folds", "0"),
+                   "--folds must be at least 2")
+    assert not (tmp_path / "k").exists()
+
+
+def test_continual_train_with_missing_data_writes_nothing(tmp_path, capsys):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "continual" / "retina-pneumonia" / "logit-finetune.yaml"
+    assert_refused(invoke(capsys, "train", recipe, "--out", tmp_path / "cl", "--set",
+                          "continual.tasks.0.data.path=" + str(tmp_path / "none.npz")), "none.npz")
+    assert not (tmp_path / "cl").exists()
+
+
 def test_resume_refuses_another_recipe_and_a_missing_last_checkpoint(trained, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)

@@ -192,11 +192,11 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
     if recipe.train.loss.class_weights or isinstance(recipe.train.loss.alpha, list):
         raise EdgeKDError("train.loss: per-class weights are not supported in continual runs (classes change per task)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     seed_everything(recipe.seed, recipe.train.deterministic)
     tasks = build_tasks(recipe)
     model, spec, first_learned = starting_model(recipe, tasks)
+    out.mkdir(parents=True, exist_ok=True)  # data and model built: a bad path has failed before anything is written
+    write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     device = resolve_device(recipe.train.device)
     model.to(device)
     head = cfg.head
