@@ -478,7 +478,7 @@ def test_train_refuses_an_out_that_is_a_bundle_or_a_file_and_zero_folds(bundle, 
 def test_continual_train_with_missing_data_writes_nothing(tmp_path, capsys):
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "continual" / "retina-pneumonia" / "logit-finetune.yaml"
     assert_refused(invoke(capsys, "train", recipe, "--out", tmp_path / "cl", "--set",
-                          "continual.tasks.0.data.path=" + str(tmp_path / "none.npz")), "none.npz")
+                          "data.path=" + str(tmp_path / "none.npz")), "none.npz", "not found")  # task A's data
     assert not (tmp_path / "cl").exists()
 
 
