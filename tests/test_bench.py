@@ -158,14 +158,27 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     assert bundle_only.records[0]["status"] == "n/a" and "--checkpoint" in bundle_only.records[0]["reason"]
     assert any("no accuracy" in n for n in bundle_only.summary["subjects"][0]["notes"])
 
+    # A --data folder without images fails after the checks: the output folder it made is removed again.
+    (tmp_path / "noimg").mkdir()
+    with pytest.raises(EdgeKDError):
+        run_bench(BenchConfig(bundle, tmp_path / "b3", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                              data_folder=tmp_path / "noimg"), log=lambda *_: None)
+    assert not (tmp_path / "b3").exists()
+
 
 @pytest.mark.parametrize("args, message", [(["nope.pt"], "no such checkpoint or bundle"),
                                            ([".", "--batch", "0"], "--batch: batch sizes must be >= 1"),
-                                           ([".", "--formats", "tflite"], "--formats: unknown value 'tflite'")])
+                                           ([".", "--formats", "tflite"], "--formats: unknown value 'tflite'"),
+                                           (["adir"], "a folder that is not an edgekd bundle"),
+                                           (["empty.pt"], "empty.pt"),
+                                           (["adir", "--teacher", "empty.pt"], "not an edgekd bundle")])
 def test_bad_options_are_one_line_errors(tmp_path, args, message):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "empty.pt").write_bytes(b"")
     proc = subprocess.run([sys.executable, "-m", "edgekd", "bench", *args, "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 def test_other_cpu_subtracts_own_cpu_time(monkeypatch):

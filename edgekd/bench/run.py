@@ -19,7 +19,7 @@ import numpy as np
 
 from edgekd.bench.hardware import OtherCPU, cpu_info, gemm_peak_fraction
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import refuse_output_inside, write_json
+from edgekd.fileio import refuse_output_inside, remove_trees, write_json
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
 from edgekd.progress import progress_task
@@ -196,6 +196,13 @@ def check_source(source: Path) -> None:
         raise EdgeKDError(f"{source}: no such checkpoint or bundle")
     if is_bundle(source):
         open_bundle(source)
+    elif source.is_dir():
+        raise EdgeKDError(f"{source}: a folder that is not an edgekd bundle (no edgekd.json); give a bundle or a "
+                          f"checkpoint (best.pt)")
+    else:
+        from edgekd.train.checkpoint import load_checkpoint
+
+        load_checkpoint(source)  # an empty, foreign or truncated file: its one-line error, before any output
 
 
 def resolve_subject(source: Path, role: str | None, formats: list[str], precisions: list[str], out: Path,
@@ -573,11 +580,16 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     (see BenchConfig; `progress`: the CLI's progress bar, a step per row). Writes out/bench.json, out/bench.md
     and out/bench.png; returns the records."""
     cfg = _resolved(config)
+    created = [p for p in (cfg.out, cfg.out / "work") if not p.exists()]
     work = _prepare_out(cfg)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     load_start = [round(v, 2) for v in os.getloadavg()]
     other_cpu = OtherCPU()
-    subjects = _subjects(cfg, work, log)
+    try:
+        subjects = _subjects(cfg, work, log)
+    except BaseException:  # a source or image folder that fails to load: leave no half-made output behind
+        remove_trees(created[:1])
+        raise
     measure = cfg.gemm and cfg.gemm_info is None
     gemm_info = _measure_gemm(cfg, work, "before", log) if measure else cfg.gemm_info
     records, profiles = _run_rows(subjects, cfg, work, log, progress)
