@@ -204,6 +204,10 @@ def eval_(
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
+    if compare:
+        from edgekd.bench.run import check_source
+        for other in compare:  # a bad --compare is refused before the main evaluation writes anything
+            check_source(other)
     if not is_bundle:
         _eval_checkpoint(checkpoint, out, data_recipe, splits)
     elif not (corruptions or failures):
