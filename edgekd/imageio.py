@@ -84,6 +84,8 @@ def read_image(path: str | Path, resize: int | None = None, frame: int | None = 
     """
     path = Path(path)
     where = printable(str(path))
+    if path.is_dir():
+        raise EdgeKDError(f"{where}: a folder, not an image file")
     if not path.is_file():
         raise EdgeKDError(f"{where}: image file not found")
     if path.stat().st_size == 0:

@@ -79,9 +79,9 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     if Path(source).resolve() == out.resolve():
         raise EdgeKDError(f"--out {out}: is the parent bundle; write the update to a new directory")
     checkpoint, lineage = parent_of(source)
-    recipe = load_recipe(recipe_path, [*(overrides or []), f"continual.checkpoint={checkpoint.resolve()}"])
-    if recipe.continual is None:
+    if load_recipe(recipe_path, overrides or []).continual is None:  # before the override adds a bare section
         raise EdgeKDError(f"{recipe_path}: edgekd update needs a continual recipe (a continual: section with tasks)")
+    recipe = load_recipe(recipe_path, [*(overrides or []), f"continual.checkpoint={checkpoint.resolve()}"])
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{recipe.name}-update"
     log(f"update: continual training from {checkpoint} into {run_dir}")

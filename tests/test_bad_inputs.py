@@ -629,6 +629,19 @@ def test_eval_refuses_a_bad_compare_before_writing(trained, tmp_path, capsys):
         assert not (tmp_path / "ev").exists()
 
 
+def test_a_checkpoint_where_a_bundle_goes_and_back_is_named_for_what_it_is(trained, bundle, good_png, tmp_path,
+                                                                          capsys):
+    assert_refused(invoke(capsys, "predict", trained["ckpt"], good_png), "a PyTorch checkpoint, not a bundle")
+    assert_refused(invoke(capsys, "export", bundle, "--out", tmp_path / "b"), "an exported bundle, not a checkpoint")
+    assert_refused(invoke(capsys, "eval", trained["run"], "--out", tmp_path / "ev"), "a folder, not a checkpoint",
+                   "its checkpoint is")
+    assert_refused(invoke(capsys, "explain", trained["ckpt"], tmp_path, "--out", tmp_path / "x"),
+                   "a folder, not an image file")
+    assert_refused(invoke(capsys, "update", bundle, trained["recipe"], "--out", tmp_path / "u"),
+                   "needs a continual recipe")
+    assert not any((tmp_path / d).exists() for d in ("b", "ev", "x", "u"))
+
+
 # ================================================================================ export options
 EXPORT_CASES = {
     "unknown_format": (["--format", "tflite"], "tflite"),

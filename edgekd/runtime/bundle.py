@@ -311,6 +311,8 @@ def _zip_prefix(archive: Path, members: list[zipfile.ZipInfo]) -> str:
     tops = {n.split("/", 1)[0] for n in names}
     if len(tops) == 1 and f"{next(iter(tops))}/{METADATA_FILE}" in names:
         return f"{next(iter(tops))}/"
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):  # torch.save's zip layout
+        raise EdgeKDError(f"{archive}: a PyTorch checkpoint, not a bundle; export it first (edgekd export)")
     raise EdgeKDError(f"{archive}: no {METADATA_FILE} at the top of the zip")
 
 

@@ -24,6 +24,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read an edgekd checkpoint safely (no pickle code execution) and check its format."""
     path = Path(path)
+    if path.is_dir():
+        what = "an exported bundle" if (path / "edgekd.json").is_file() else "a folder"
+        hint = f"; its checkpoint is {path / 'best.pt'}" if (path / "best.pt").is_file() else ""
+        raise EdgeKDError(f"{path}: {what}, not a checkpoint file (best.pt){hint}")
     if not path.is_file():
         raise EdgeKDError(f"{path}: checkpoint not found")
     try:
