@@ -511,11 +511,12 @@ def serve(
     Requests from concurrent clients are batched (up to --max-batch images or --max-wait-ms); a full queue answers
     503, a bad upload a 4xx with a one-line JSON error. SIGTERM/SIGINT finish the requests in flight, then exit 0."""
     from edgekd.runtime import Runner
-    from edgekd.serve import ServeSettings, check_settings, serve as run_service
+    from edgekd.serve import ServeSettings, check_port_free, check_settings, serve as run_service
 
     settings = ServeSettings(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_concurrency=max_concurrency, token=token, max_upload_mb=max_upload_mb)
     check_settings(settings)
+    check_port_free(host, port)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
                                 cache_dir=cache_dir, task=task)
     console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {precision} on {backend}, {runner.info['threads'] or 'default'} "

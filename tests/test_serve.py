@@ -269,6 +269,19 @@ def test_serve_refuses_another_host_without_a_token(bundle):
     check_settings(ServeSettings(host="::1"))
 
 
+def test_serve_refuses_a_port_in_use_before_loading_the_model(bundle):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "edgekd", "serve", str(bundle), "--port", str(port),
+                               "--backend", "onnx", "--threads", "1"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"--port {port}: cannot listen there" in lines[0] and "loaded" not in proc.stdout
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

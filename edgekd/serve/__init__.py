@@ -2,6 +2,6 @@
 a bounded queue, one-line JSON errors for bad uploads, Prometheus metrics, optional bearer token."""
 
 from edgekd.serve.app import ServeSettings, create_app, padded_sizes
-from edgekd.serve.server import check_settings, serve
+from edgekd.serve.server import check_port_free, check_settings, serve
 
-__all__ = ["ServeSettings", "check_settings", "create_app", "padded_sizes", "serve"]
+__all__ = ["ServeSettings", "check_port_free", "check_settings", "create_app", "padded_sizes", "serve"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import signal
+import socket
 
 from edgekd.errors import EdgeKDError
 from edgekd.runtime import Runner
@@ -37,6 +38,18 @@ def check_settings(settings: ServeSettings) -> None:
         raise EdgeKDError(f"--max-queue {settings.max_queue} must be at least --max-batch {settings.max_batch}")
     if not 0 <= settings.max_wait_ms <= 10_000:
         raise EdgeKDError(f"--max-wait-ms must be in [0, 10000], got {settings.max_wait_ms}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind the address the way uvicorn will (SO_REUSEADDR) and let it go: a port in use is a one-line error
+    before the model is loaded, not uvicorn's log lines after it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise EdgeKDError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
 
 
 @contextlib.contextmanager
