@@ -551,7 +551,7 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
         raise EdgeKDError(f"{path}: {path.stat().st_size / 2**20:.1f} MiB is too large for a recipe "
                           f"(limit {MAX_RECIPE_BYTES // 2**10} KiB)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -560,6 +560,8 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
         raise EdgeKDError(f"{path}: is not UTF-8 text") from None
     except RecursionError:
         raise EdgeKDError(f"{path}: the YAML nests too deeply") from None
+    if raw is None:  # an empty file (or comments only): every key would silently take its default
+        raise EdgeKDError(f"{path}: the recipe is empty")
     if not isinstance(raw, dict):
         raise EdgeKDError(f"{path}: a recipe must be a YAML mapping")
     check_recipe_size(raw, path)

@@ -435,6 +435,7 @@ RECIPE_CASES = {
     "bad_literal": ("train:\n  optimizer: {name: adamax}\n", [], "train.optimizer.name"),
     "invalid_yaml": ("train: [epochs: 1\n", [], "is not valid YAML"),
     "yaml_list": ("- 1\n- 2\n", [], "must be a YAML mapping"),
+    "empty_file": ("# nothing yet\n", [], "the recipe is empty"),
     "missing_base": ("base: nowhere.yaml\n", [], "nowhere.yaml: recipe file not found"),
     "set_unknown_key": ("name: x\n", ["--set", "train.epoch=2"], "train.epoch"),
     "set_bad_value": ("name: x\n", ["--set", "train.epochs=-1"], "train.epochs"),
@@ -648,6 +649,7 @@ EXPORT_CASES = {
     "unknown_precision": (["--precision", "int4"], "int4"),
     "missing_profile": (["--target", "{t}/none.yaml"], "none.yaml"),
     "profile_unknown_key": (["--target", "{t}/p.yaml"], "unknown key"),
+    "empty_profile": (["--target", "{t}/empty.yaml"], "the export profile is empty"),
     "out_not_a_bundle": (["--out", "{t}/docs"], "is not an edgekd bundle"),
     "zero_parity_images": (["--parity-images", "0"], "at least 1"),
     "zero_metric_images": (["--metric-images", "0"], "--metric-images must be at least 1"),
@@ -659,6 +661,7 @@ EXPORT_CASES = {
 def test_export_refuses_bad_options(case, trained, tmp_path, capsys):
     args, words = EXPORT_CASES[case]
     (tmp_path / "p.yaml").write_text("formats: [onnx]\nprecision: [fp32]\n")
+    (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("keep me")
     before = {p.name for p in tmp_path.iterdir()}

@@ -231,4 +231,6 @@ def load_profile(path: str | Path | None) -> ExportProfile:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise EdgeKDError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+    if raw is None:  # an empty file (or comments only) is a mistake, not a request for the defaults
+        raise EdgeKDError(f"{path}: the export profile is empty (no --target gives the default profile)")
     return profile_from_dict(raw, str(path))
