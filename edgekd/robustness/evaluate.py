@@ -57,7 +57,7 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
     def predict(images: list[np.ndarray]) -> np.ndarray:
         out = []
         for start in range(0, len(images), batch_size):
-            chunk = [transform(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1))
+            chunk = [transform(torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1))
                      for a in images[start:start + batch_size]]
             out.append(model(torch.stack(chunk)).float())
         return softmax(torch.cat(out).numpy().astype(np.float64))
