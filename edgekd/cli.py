@@ -545,6 +545,8 @@ def bench(
     no_compile: bool = typer.Option(False, "--no-compile", help="Skip the torch.compile rows."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Score a stratified, seeded subset of N test images."),
     profile: bool = typer.Option(False, "--profile", help="OpenVINO per-layer profile of every OpenVINO row."),
+    keep_work: bool = typer.Option(False, "--keep-work", help="Keep <out>/work: worker jobs and results and the "
+                                   "preprocessed copy of the scored images (removed after a run by default)."),
     parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Parity images when exporting a checkpoint."),
     calib_images: Optional[int] = typer.Option(None, "--calib-images", help="INT8 calibration images when exporting."),
 ) -> None:
@@ -569,7 +571,7 @@ def bench(
     config = BenchConfig(source, out, formats, precision, batch, threads, tta, teacher, data_recipe, checkpoint,
                          Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
                          profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
-                         command=command_line(), data_folder=folder)
+                         command=command_line(), data_folder=folder, keep_work=keep_work)
     result = with_progress(lambda log, bar: run_bench(config, log=log, progress=bar))
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (

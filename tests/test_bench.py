@@ -119,7 +119,8 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     out = tmp_path / "bench"
     res = CliRunner().invoke(app, ["bench", str(ckpt), "--formats", "torch,onnx,openvino", "--precision", "fp32",
                                    "--batch", "1,4", "--threads", "1", "--seconds", "0", "--min-runs", "3",
-                                   "--warmup", "1", "--no-compile", "--parity-images", "8", "--out", str(out)])
+                                   "--warmup", "1", "--no-compile", "--parity-images", "8", "--keep-work",
+                                   "--out", str(out)])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "bench.json").read_text())
     records = summary["records"]
@@ -156,6 +157,7 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     bundle_only = run_bench(BenchConfig(bundle, tmp_path / "b2", formats="torch", precisions="fp32", batches="1",
                                         gemm=False), log=lambda *_: None)
     assert bundle_only.records[0]["status"] == "n/a" and "--checkpoint" in bundle_only.records[0]["reason"]
+    assert not (tmp_path / "b2" / "work").exists()  # without keep_work: only bench.json/.md/.png stay
     assert any("no accuracy" in n for n in bundle_only.summary["subjects"][0]["notes"])
 
     # A --data folder without images fails after the checks: the output folder it made is removed again.

@@ -456,6 +456,8 @@ class BenchConfig:
     role: str | None = None
     gemm_info: dict | None = None
     data_folder: str | Path | None = None
+    keep_work: bool = False
+    """Keep out/work (worker jobs and results, the preprocessed copy of the scored images); removed by default."""
 
 
 def _resolved(config: BenchConfig) -> BenchConfig:
@@ -607,7 +609,10 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
         "threads": cfg.threads, "batches": cfg.batches, "tta": cfg.tta, "timing": cfg.timing.as_kwargs(),
         "gemm": gemm_info, "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
     }
-    return _write_outputs(cfg, subjects, records, summary)
+    result = _write_outputs(cfg, subjects, records, summary)
+    if not cfg.keep_work:  # bench.json holds every figure; work/ also holds a copy of the (patient) images
+        remove_trees([work])
+    return result
 
 
 def command_line(argv: list[str] | None = None) -> str:
