@@ -25,7 +25,8 @@ def atomic_write(path: str | Path, write: Callable[[str], object], min_free_byte
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, default_mode())  # mkstemp's file is private (0600); the result gets open()'s mode
+        with contextlib.suppress(OSError):  # mkstemp's file is private (0600); the result gets open()'s mode
+            os.chmod(tmp, default_mode())  # (a filesystem without modes, e.g. vfat, refuses: nothing to do there)
         os.replace(tmp, path)
     except OSError as err:  # disk full, permissions, ...: the old file (if any) is untouched
         raise EdgeKDError(f"{path}: could not be written ({err.strerror or err})") from None
@@ -35,15 +36,23 @@ def atomic_write(path: str | Path, write: Callable[[str], object], min_free_byte
     return path
 
 
+def _umask_at_import() -> int:
+    mask = os.umask(0o022)  # no other way to read it off Linux; at import, before any thread writes files
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
 def process_umask() -> int:
-    """The process umask, read without changing it where Linux shows it (/proc/self/status), else by a swap."""
+    """The process umask: read without changing it where Linux shows it (/proc/self/status), else the one the
+    process had when this module was imported."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return _UMASK_AT_IMPORT
 
 
 def default_mode(directory: bool = False) -> int:
@@ -57,7 +66,8 @@ def staging_directory(prefix: str, suffix: str, parent: Path) -> Path:
     """A new uniquely named staging directory in `parent` (same filesystem, so publishing it is a rename), with
     the umask's mode: it becomes the published directory."""
     path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
-    os.chmod(path, default_mode(directory=True))
+    with contextlib.suppress(OSError):  # a filesystem without modes refuses: nothing to do there
+        os.chmod(path, default_mode(directory=True))
     return path
 
 

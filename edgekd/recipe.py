@@ -415,7 +415,12 @@ class Recipe(Section):
 
     def digest(self) -> str:
         """A short sha256 of the resolved recipe: same digest, same training setup."""
-        text = json.dumps(self.model_dump(mode="json", exclude={"tracking"}), sort_keys=True)
+        dumped = self.model_dump(mode="json", exclude={"tracking"})
+        swa = dumped["train"]["swa"]
+        # train.swa.start_epoch: "the last quarter" was spelled 0 until 2026-12-05 and is null since, when 0 came
+        # to mean the first epoch; digests keep the old spelling, so runs trained before still resume and reuse.
+        swa["start_epoch"] = {None: 0, 0: "first"}.get(swa["start_epoch"], swa["start_epoch"])
+        text = json.dumps(dumped, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

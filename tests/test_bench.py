@@ -158,8 +158,19 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
                                         gemm=False), log=lambda *_: None)
     assert bundle_only.records[0]["status"] == "n/a" and "--checkpoint" in bundle_only.records[0]["reason"]
     assert not (tmp_path / "b2" / "work").exists()  # without keep_work: only bench.json/.md/.png stay
+    (tmp_path / "b5" / "work").mkdir(parents=True)  # a work/ the run did not make is left alone
+    (tmp_path / "b5" / "work" / "mine.txt").write_text("keep")
+    run_bench(BenchConfig(bundle, tmp_path / "b5", formats="torch", precisions="fp32", batches="1", gemm=False),
+              log=lambda *_: None)
+    assert (tmp_path / "b5" / "work" / "mine.txt").read_text() == "keep"
     assert any("no accuracy" in n for n in bundle_only.summary["subjects"][0]["notes"])
 
+    # An unreadable teacher is refused before the model is exported (nothing written).
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(EdgeKDError, match="empty.pt"):
+        run_bench(BenchConfig(ckpt, tmp_path / "b4", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                              teacher=tmp_path / "empty.pt"), log=lambda *_: None)
+    assert not (tmp_path / "b4").exists()
     # A --data folder without images fails after the checks: the output folder it made is removed again.
     (tmp_path / "noimg").mkdir()
     with pytest.raises(EdgeKDError):
@@ -172,8 +183,7 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
                                            ([".", "--batch", "0"], "--batch: batch sizes must be >= 1"),
                                            ([".", "--formats", "tflite"], "--formats: unknown value 'tflite'"),
                                            (["adir"], "a folder that is not an edgekd bundle"),
-                                           (["empty.pt"], "empty.pt"),
-                                           (["adir", "--teacher", "empty.pt"], "not an edgekd bundle")])
+                                           (["empty.pt"], "empty.pt")])
 def test_bad_options_are_one_line_errors(tmp_path, args, message):
     (tmp_path / "adir").mkdir()
     (tmp_path / "empty.pt").write_bytes(b"")

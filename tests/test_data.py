@@ -66,6 +66,8 @@ def test_image_folder_class_names_order_the_folders_by_name(tmp_path):
         build_data(recipe(source="imagefolder", path=str(root), split="stratified", class_names=["b", "nope"]))
     with pytest.raises(EdgeKDError, match="unknown label 'b'"):
         build_data(recipe(source="imagefolder", path=str(root), split="stratified", class_names=["a"]))
+    with pytest.raises(EdgeKDError, match="lists 'a' more than once"):
+        build_data(recipe(source="imagefolder", path=str(root), split="stratified", class_names=["b", "a", "a"]))
 
 
 def test_empty_class_folder_is_an_error(tmp_path):

@@ -279,7 +279,7 @@ def test_serve_refuses_a_port_in_use_before_loading_the_model(bundle):
                               timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert f"--port {port}: cannot listen there" in lines[0] and "loaded" not in proc.stdout
+    assert f"--port {port}: cannot listen on 127.0.0.1" in lines[0] and "serving" not in proc.stdout
 
 
 def _free_port() -> int:

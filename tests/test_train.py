@@ -343,6 +343,15 @@ def test_swa_start_epoch_zero_is_the_first_epoch_and_null_the_last_quarter(tiny_
     assert swa_lines(0)[0].startswith("SWA over epochs 1..4")
     assert swa_lines(None)[0].startswith("SWA over epochs 4..4")  # int(0.75 x 4) = 3, 0-based
     assert swa_lines(4) == ["train.swa.start_epoch 4 >= train.epochs 4: no weights will be averaged"]
+    # Digests keep the old spelling of "the last quarter" (0), so runs trained before the change still resume.
+    default = recipe_from_dict(tiny_recipe_dict)
+    dumped = default.model_dump(mode="json", exclude={"tracking"})
+    dumped["train"]["swa"]["start_epoch"] = 0
+    import hashlib
+    import json
+    assert default.digest() == hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+    first = recipe_from_dict(deep(tiny_recipe_dict, train__swa={"start_epoch": 0}))
+    assert first.digest() != default.digest()
 
 
 def test_nan_monitor_fails_at_the_first_epoch(tiny_recipe_dict, tmp_path):

@@ -592,6 +592,16 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     except BaseException:  # a source or image folder that fails to load: leave no half-made output behind
         remove_trees(created[:1])
         raise
+    try:
+        return _measure_and_write(cfg, subjects, work, started, load_start, other_cpu, log, progress)
+    finally:  # bench.json holds every figure; work/ also holds a copy of the (patient) images
+        if not cfg.keep_work and work in created:
+            remove_trees([work])
+
+
+def _measure_and_write(cfg: BenchConfig, subjects: list[Subject], work: Path, started: str, load_start: list[float],
+                       other_cpu: OtherCPU, log: Callable[[str], None], progress) -> BenchResult:
+    """The GEMM peak, every row, and the written outputs of `run_bench`."""
     measure = cfg.gemm and cfg.gemm_info is None
     gemm_info = _measure_gemm(cfg, work, "before", log) if measure else cfg.gemm_info
     records, profiles = _run_rows(subjects, cfg, work, log, progress)
@@ -609,10 +619,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
         "threads": cfg.threads, "batches": cfg.batches, "tta": cfg.tta, "timing": cfg.timing.as_kwargs(),
         "gemm": gemm_info, "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
     }
-    result = _write_outputs(cfg, subjects, records, summary)
-    if not cfg.keep_work:  # bench.json holds every figure; work/ also holds a copy of the (patient) images
-        remove_trees([work])
-    return result
+    return _write_outputs(cfg, subjects, records, summary)
 
 
 def command_line(argv: list[str] | None = None) -> str:

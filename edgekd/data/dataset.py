@@ -137,13 +137,16 @@ def _select_classes(tables: dict[str, Table], classes: list[int], names: list[st
 
 
 def _order_named_classes(tables: dict[str, Table], names: list[str], wanted: list[str], where: str | None,
-                         exact: str | None = None) -> tuple[dict[str, Table], list[str]]:
+                         exact: str | None = None, filtered: bool = False) -> tuple[dict[str, Table], list[str]]:
     """Label ids follow data.class_names for a source with named labels; a label not listed is an error, and so,
     where the labels are `exact` (e.g. "class folders"), is a listed name that is not one of them."""
+    twice = sorted({n for n in wanted if wanted.count(n) > 1})
+    if twice:
+        raise EdgeKDError(f"{where}: data.class_names lists {twice[0]!r} more than once")
     extra = [n for n in wanted if n not in names]
     if exact and extra:  # first: a typo in class_names also leaves the folder it meant unlisted
         raise EdgeKDError(f"{where}: data.class_names lists {extra[0]!r}, which is not one of the {exact} "
-                          f"({', '.join(names)})")
+                          f"({', '.join(names)}{' kept by data.classes' if filtered else ''})")
     unknown = [n for n in names if n not in wanted]
     if unknown:
         raise EdgeKDError(f"{where}: unknown label {unknown[0]!r} (data.class_names: {', '.join(wanted)})")
@@ -168,7 +171,7 @@ def build_data(recipe) -> DataModule:
         tables, names = _select_classes(tables, cfg.classes, names)
     if cfg.class_names and source.info.get("named_labels"):
         tables, names = _order_named_classes(tables, names, list(cfg.class_names), cfg.path,
-                                             source.info.get("label_source"))
+                                             source.info.get("label_source"), bool(cfg.classes))
     elif cfg.class_names:
         if len(cfg.class_names) != len(names):
             raise EdgeKDError(f"data.class_names has {len(cfg.class_names)} names, the data has {len(names)} classes")

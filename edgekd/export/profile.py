@@ -232,5 +232,5 @@ def load_profile(path: str | Path | None) -> ExportProfile:
         mark = getattr(err, "problem_mark", None)
         raise EdgeKDError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
     if raw is None:  # an empty file (or comments only) is a mistake, not a request for the defaults
-        raise EdgeKDError(f"{path}: the export profile is empty (no --target gives the default profile)")
+        raise EdgeKDError(f"{path}: the export profile is empty (omit --target for the default profile)")
     return profile_from_dict(raw, str(path))

@@ -90,15 +90,25 @@ def _missing_keys_log():
 
 
 def _check_weights_loaded(model: nn.Module, missing: _MissingKeys, name: str, where: str) -> None:
-    """Every tensor outside the classifier must have come from the weights: a file for another architecture would
-    otherwise leave the model at its random initialisation, silently."""
-    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    """Most tensors outside the classifier must have come from the weights: a file for another architecture would
+    otherwise leave the model at its random initialisation, silently. timm's own adaptations stay allowed: a
+    dropped classifier, a stem it could not convert to other input channels, a few tensors that `model.kwargs`
+    add (e.g. register tokens)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    body = [k for k in missing.keys if not any(k == h or k.startswith(h + ".") for h in heads)]
-    if body:
-        total = len(model.state_dict())
-        raise EdgeKDError(f"model '{name}': the pretrained weights from {where} do not fit this architecture: "
-                          f"{len(body)} of {total} tensors not in the file (e.g. {body[0]})")
+    stem = f"{cfg['first_conv']}.weight" if isinstance(cfg.get("first_conv"), str) else None
+
+    def in_head(key: str) -> bool:
+        return any(key == h or key.startswith(h + ".") for h in heads)
+
+    # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it): never reported missing.
+    body = [k for k in model.state_dict() if not in_head(k) and not k.endswith("num_batches_tracked")]
+    unloaded = [k for k in missing.keys if not in_head(k) and k != stem]
+    if body and len(unloaded) > len(body) / 2:
+        source = "the model hub" if where.startswith("the model hub") else where
+        raise EdgeKDError(f"model '{name}': the pretrained weights from {source} do not fit this architecture: "
+                          f"{len(unloaded)} of its {len(body)} tensors are not in them (e.g. {unloaded[0]})")
 
 
 def classifier_name(model: nn.Module) -> str:

@@ -41,15 +41,23 @@ def check_settings(settings: ServeSettings) -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Bind the address the way uvicorn will (SO_REUSEADDR) and let it go: a port in use is a one-line error
-    before the model is loaded, not uvicorn's log lines after it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """Bind every address `host` resolves to, the way uvicorn's asyncio server will (SO_REUSEADDR, IPv6 sockets
+    v6-only), and let them go: a port in use is a one-line error before the model is loaded, not uvicorn's log
+    lines after it."""
+    try:
+        addresses = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as err:
+        raise EdgeKDError(f"--host {host}: cannot be resolved ({getattr(err, 'strerror', None) or err})") from None
+    for family, kind, proto, _, address in dict.fromkeys(addresses):
         try:
-            probe.bind((host, port))
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
         except OSError as err:
-            raise EdgeKDError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+            raise EdgeKDError(f"--host {host} --port {port}: cannot listen on {address[0]} "
+                              f"({err.strerror or err})") from None
 
 
 @contextlib.contextmanager
