@@ -21,6 +21,23 @@ from edgekd import __version__
 from edgekd.errors import EdgeKDError, error_line, printable
 from edgekd.options import int_list, split_list
 
+def _flags_show_no_type() -> None:
+    """typer 0.29's help prints a flag's type beside it (`--tta <bool>`, even `--help <bool>`) as if the flag took
+    a value; a flag takes none, so its type column is left empty (other options keep theirs)."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_hidden", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich.flags_hidden = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill medical-imaging classifiers into small, verified models for CPU edge devices.")
 console = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -54,3 +54,10 @@ def test_bad_set_value_and_missing_checkpoint(tmp_path):
 def test_help_lists_commands():
     p = run_edgekd("--help")
     assert p.returncode == 0 and "train" in p.stdout and "eval" in p.stdout
+
+
+def test_help_shows_no_value_type_beside_a_flag():
+    """A flag takes no value: `--tta <bool>` would invite `--tta true` (typer 0.29 prints it so by default)."""
+    p = run_edgekd("predict", "--help")
+    assert p.returncode == 0 and "--tta" in p.stdout and "<bool>" not in p.stdout
+    assert "<str>" in p.stdout  # options that take a value keep their type
