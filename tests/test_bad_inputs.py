@@ -487,9 +487,11 @@ def test_resume_refuses_another_recipe_and_a_missing_last_checkpoint(trained, tm
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
     before = (run / "last.pt").read_bytes()
+    recipe_yaml = (run / "recipe.yaml").read_text()
     assert_refused(invoke(capsys, "train", trained["recipe"], "--out", run, "--resume", "--set",
                           "train.optimizer.lr=0.5"), "trained with another recipe")
     assert (run / "last.pt").read_bytes() == before
+    assert (run / "recipe.yaml").read_text() == recipe_yaml  # the refused recipe is not written over it
     assert_refused(invoke(capsys, "train", trained["recipe"], "--out", tmp_path / "fresh", "--resume"),
                    "last.pt", "not found")
     assert not (tmp_path / "fresh").exists()
@@ -652,6 +654,18 @@ def test_export_from_another_folder_says_the_data_path_is_relative(trained, tmp_
     assert_refused(invoke(capsys, "export", tmp_path / "moved.pt", "--out", tmp_path / "b"), "my_scans.npz",
                    "relative to the folder it was trained in", "--set data.path=")
     assert not (tmp_path / "b").exists()
+
+
+def test_report_refuses_a_model_whose_outputs_do_not_match_its_data(trained, tmp_path, capsys):
+    """A continual model's outputs span every task; report's argmax over them scored 0.0, with exit 0."""
+    import torch
+
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    ckpt["recipe"]["data"]["path"] = str(write_npz(tmp_path / "three.npz", size=SIZE, classes=3))
+    torch.save(ckpt, tmp_path / "other.pt")
+    assert_refused(invoke(capsys, "report", tmp_path / "other.pt", "--out", tmp_path / "rep"),
+                   "model has 2 outputs, its data has 3 classes")
+    assert not (tmp_path / "rep").exists()
 
 
 # ================================================================================ export options

@@ -37,6 +37,11 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
     model, ckpt = model_from_checkpoint(checkpoint)
     recipe = recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
     data = build_data(recipe)
+    outputs = ckpt["arch"]["num_classes"]
+    if outputs != data.num_classes:  # e.g. a continual model: argmax over every task's outputs scores nothing
+        hint = " (a continual checkpoint: its per-task figures are in the run's continual.json)" \
+            if (ckpt.get("recipe") or {}).get("continual") else ""
+        raise EdgeKDError(f"{checkpoint}: model has {outputs} outputs, its data has {data.num_classes} classes{hint}")
     device = resolve_device("auto")
     y, logits = predict_logits(model.to(device), data.loader(split, train=False), device)
     probs = softmax(logits)

@@ -88,8 +88,6 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     out.mkdir(parents=True, exist_ok=True)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    if is_main_process():
-        write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     if uses_class_weights(recipe) and data.samples_balanced(distributed.is_active()):
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
@@ -101,7 +99,9 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     if resume:
         for stale in out.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by the crash (atomic_write's temp)
             stale.unlink()
-        trainer.resume(out / "last.pt")
+        trainer.resume(out / "last.pt")  # another recipe is refused here, before recipe.yaml is rewritten
+    if is_main_process():
+        write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     t0 = time.perf_counter()
     fit = trainer.fit(progress=progress)
     train_seconds = time.perf_counter() - t0
