@@ -70,6 +70,15 @@ def test_image_folder_class_names_order_the_folders_by_name(tmp_path):
         build_data(recipe(source="imagefolder", path=str(root), split="stratified", class_names=["b", "a", "a"]))
 
 
+def test_data_classes_must_exist_and_be_listed_once(tmp_path):
+    npz = write_npz(tmp_path / "d.npz", classes=2)
+    assert build_data(recipe(source="medmnist", path=str(npz), classes=[1])).class_names == ["class_1"]
+    with pytest.raises(EdgeKDError, match="data.classes: class 5 is not in the data"):
+        build_data(recipe(source="medmnist", path=str(npz), classes=[0, 5]))
+    with pytest.raises(EdgeKDError, match="data.classes lists class 0 more than once"):
+        build_data(recipe(source="medmnist", path=str(npz), classes=[0, 0]))
+
+
 def test_empty_class_folder_is_an_error(tmp_path):
     root = write_image_folder(tmp_path / "imgs")
     (root / "c").mkdir()

@@ -126,6 +126,14 @@ class DataModule:
 
 
 def _select_classes(tables: dict[str, Table], classes: list[int], names: list[str]) -> tuple[dict[str, Table], list[str]]:
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise EdgeKDError(f"data.classes lists class {twice[0]} more than once")
+    present = set(np.concatenate([t.labels for t in tables.values()]).tolist())
+    absent = [c for c in classes if c not in present]
+    if absent:
+        raise EdgeKDError(f"data.classes: class {absent[0]} is not in the data (its labels: "
+                          f"{', '.join(map(str, sorted(present)))})")
     remap = {c: i for i, c in enumerate(classes)}
     out = {}
     for split, t in tables.items():
