@@ -356,7 +356,7 @@ def update(
     allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Export even when an earlier task's "
                                           "retention is below the profile's min_retention."),
     target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile YAML (default: the defaults)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder (default runs/<recipe name>-update)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder (default runs/<recipe name>-update-<--out folder name>)."),
 ) -> None:
     """Continual update of a deployed student: train the recipe's tasks from it, gate on retention, export with
     parity to a new bundle that records its parent bundle's sha256 (lineage)."""

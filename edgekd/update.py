@@ -83,7 +83,8 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
         raise EdgeKDError(f"{recipe_path}: edgekd update needs a continual recipe (a continual: section with tasks)")
     recipe = load_recipe(recipe_path, [*(overrides or []), f"continual.checkpoint={checkpoint.resolve()}"])
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{recipe.name}-update"
+    # One run folder per output bundle: a second update must not overwrite the checkpoint an earlier bundle names.
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{recipe.name}-update-{out.name}"
     log(f"update: continual training from {checkpoint} into {run_dir}")
     result = run_continual(recipe, run_dir, log=log, progress=progress)
     exported = export_checkpoint(result.best_path, out, profile=profile or load_profile(None),

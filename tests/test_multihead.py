@@ -272,3 +272,23 @@ def test_export_one_class_warning_is_per_task_on_a_multi_head_model():
     # A at 4/6 is exactly its largest class's share (4 of 6): warned; B at 0.5 is over 2/6: not warned
     assert found == [w.split("checkpoint's ", 1)[1] for w in lines] and len(found) == 1
     assert found[0].startswith("val (task A) ACC 0.6667 is no better") and "(0.6667)" in found[0]
+
+
+def test_update_runs_in_a_folder_per_output_bundle(world, tmp_path, monkeypatch):
+    """Two updates of one parent to two bundles must not share a run folder: the second would overwrite the
+    checkpoint the first bundle names (it then failed its manifest check)."""
+    import edgekd.continual
+    from edgekd.update import update_bundle
+
+    seen = []
+
+    def stop(recipe, run_dir, **_):
+        seen.append(Path(run_dir))
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(edgekd.continual, "run_continual", stop)
+    monkeypatch.chdir(tmp_path)
+    for out in ("v2", "v2b"):
+        with pytest.raises(RuntimeError, match="stop before training"):
+            update_bundle(world["parent"], world["recipe"], tmp_path / out, log=QUIET)
+    assert len(set(seen)) == 2 and [p.name.rsplit("-", 1)[-1] for p in seen] == ["v2", "v2b"]
