@@ -21,6 +21,7 @@ from edgekd import __version__
 from edgekd.errors import EdgeKDError, error_line, printable
 from edgekd.options import int_list, split_list
 
+
 def _flags_show_no_type() -> None:
     """typer 0.29's help prints a flag's type beside it (`--tta <bool>`, even `--help <bool>`) as if the flag took
     a value; a flag takes none, so its type column is left empty (other options keep theirs)."""

@@ -125,8 +125,13 @@ class DataModule:
         return {s: np.bincount(t.labels, minlength=self.num_classes).tolist() for s, t in self.tables.items()}
 
 
+def _listed_twice(values: list) -> list:
+    """The values a list holds more than once, sorted."""
+    return sorted({v for v in values if values.count(v) > 1})
+
+
 def _select_classes(tables: dict[str, Table], classes: list[int], names: list[str]) -> tuple[dict[str, Table], list[str]]:
-    twice = sorted({c for c in classes if classes.count(c) > 1})
+    twice = _listed_twice(classes)
     if twice:
         raise EdgeKDError(f"data.classes lists class {twice[0]} more than once")
     present = set(np.concatenate([t.labels for t in tables.values()]).tolist())
@@ -148,7 +153,7 @@ def _order_named_classes(tables: dict[str, Table], names: list[str], wanted: lis
                          exact: str | None = None, filtered: bool = False) -> tuple[dict[str, Table], list[str]]:
     """Label ids follow data.class_names for a source with named labels; a label not listed is an error, and so,
     where the labels are `exact` (e.g. "class folders"), is a listed name that is not one of them."""
-    twice = sorted({n for n in wanted if wanted.count(n) > 1})
+    twice = _listed_twice(wanted)
     if twice:
         raise EdgeKDError(f"{where}: data.class_names lists {twice[0]!r} more than once")
     extra = [n for n in wanted if n not in names]

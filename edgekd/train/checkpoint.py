@@ -11,6 +11,7 @@ from torch import nn
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import atomic_write
 from edgekd.models import create_model
+from edgekd.runtime import METADATA_FILE
 
 FORMAT = "edgekd-checkpoint/1"
 
@@ -25,7 +26,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read an edgekd checkpoint safely (no pickle code execution) and check its format."""
     path = Path(path)
     if path.is_dir():
-        what = "an exported bundle" if (path / "edgekd.json").is_file() else "a folder"
+        what = "an exported bundle" if (path / METADATA_FILE).is_file() else "a folder"
         hint = f"; its checkpoint is {path / 'best.pt'}" if (path / "best.pt").is_file() else ""
         raise EdgeKDError(f"{path}: {what}, not a checkpoint file (best.pt){hint}")
     if not path.is_file():
