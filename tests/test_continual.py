@@ -226,6 +226,40 @@ def test_validation_scores_each_sample_on_its_own_task_head():
     assert evaluate(Fixed(), loader, torch.device("cpu"))["acc"] == 0.0
 
 
+def test_validation_metrics_are_each_tasks_own():
+    # Task B (outputs 2..4) alone in val: over all five outputs its macro F1 counted classes 0-1 as zeros and its
+    # AUC was NaN (classes 0-1 absent). Scored on its own classes they are task B's figures.
+    from sklearn import metrics as skm
+
+    from edgekd.probability import softmax
+
+    tasks = [_T(0, 0, 2), _T(1, 2, 5)]
+    rng = np.random.default_rng(0)
+    targets = rng.integers(2, 5, size=30)
+    logits = rng.normal(size=(30, 5))
+    logits[np.arange(30), targets] += 1.0  # mostly right, not always
+    objective = ContinualObjective(torch.nn.CrossEntropyLoss(), tasks, 1, "multi")
+    got = objective.eval_metrics(targets, objective.eval_view(logits, targets))
+    own = softmax(logits[:, 2:5])
+    assert got["acc"] == pytest.approx(np.mean(own.argmax(1) == targets - 2))
+    assert got["f1"] == pytest.approx(skm.f1_score(targets - 2, own.argmax(1), average="macro"))
+    assert got["auc"] == pytest.approx(skm.roc_auc_score(targets - 2, own, multi_class="ovr"))
+    # Single head: every seen class competes (a task-A prediction is an error), F1/AUC over task B's classes.
+    single = ContinualObjective(torch.nn.CrossEntropyLoss(), tasks, 1, "single")
+    got = single.eval_metrics(targets, single.eval_view(logits, targets))
+    probs, pred = softmax(logits), logits.argmax(1)
+    assert got["acc"] == pytest.approx(np.mean(pred == targets))
+    assert got["f1"] == pytest.approx(skm.f1_score(targets, pred, labels=[2, 3, 4], average="macro"))
+    assert got["auc"] == pytest.approx(np.mean([skm.roc_auc_score(targets == c, probs[:, c]) for c in (2, 3, 4)]))
+    # Both tasks in val (joint training): the mean of the two tasks' own figures.
+    both = np.concatenate([targets, [0, 1, 0, 1]])
+    logits2 = np.concatenate([logits, rng.normal(size=(4, 5))])
+    got = objective.eval_metrics(both, objective.eval_view(logits2, both))
+    a = skm.accuracy_score([0, 1, 0, 1], logits2[30:, :2].argmax(1))
+    b = skm.accuracy_score(targets - 2, logits[:, 2:5].argmax(1))
+    assert got["acc"] == pytest.approx((a + b) / 2)
+
+
 # ------------------------------------------------------------------ rehearsal buffer
 def _table(labels, seed=0):
     labels = np.asarray(labels, dtype=np.int64)
@@ -406,6 +440,9 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     log_rows = list(csv.DictReader((tmp_path / "cl" / "task2_B" / "log.csv").open()))
     val_b = evaluate_task(final, build_tasks(recipe_from_dict(raw)), "multi", 1, 1, "val", torch.device("cpu"))
     assert float(log_rows[-1]["val_acc"]) == pytest.approx(val_b["acc"], abs=1e-9)
+    # ... and its F1 and AUC are over task B's three classes, so defined (over all five outputs AUC was NaN).
+    assert float(log_rows[-1]["val_f1"]) == pytest.approx(val_b["f1"], abs=1e-9)
+    assert math.isfinite(float(log_rows[-1]["val_auc"]))
     with pytest.raises(EdgeKDError, match="outputs, but the first task"):
         bad = base_recipe(npz_b, checkpoint=str(first.best_path), tasks=[{"name": "B"}, {"name": "A2"}])
         run_recipe(recipe_from_dict(bad), tmp_path / "bad", log=lambda s: None)

@@ -12,6 +12,8 @@ from torch import nn
 
 from edgekd.data import DataModule, Table, build_data
 from edgekd.errors import EdgeKDError
+from edgekd.metrics import classification_metrics
+from edgekd.probability import softmax
 from edgekd.recipe import DataConfig, deep_merge
 
 # Preprocessing keys every task must share: one model, one input pipeline.
@@ -142,6 +144,23 @@ class ContinualObjective:
         bounds = self.bounds.numpy()[task_ids]
         cols = np.arange(logits.shape[1])[None, :]
         return np.where((cols >= bounds[:, :1]) & (cols < bounds[:, 1:]), logits, -np.inf)
+
+    def eval_metrics(self, targets: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+        """Validation metrics of each task in `targets` on its own classes, then their mean over those tasks (the
+        average the run's accuracy matrix reports): multi-head, the task's rows and their softmax; single head, the
+        softmax over every class seen so far, a prediction of another task's class counting as an error. Over all
+        outputs, a task's macro F1 counted the other tasks' classes as zeros and its AUC was NaN."""
+        task_ids = self.task_of_class.numpy()[targets]
+        per_task = []
+        for t in np.unique(task_ids).tolist():
+            rows = task_ids == t
+            lo, hi = self.bounds[t].tolist()
+            if self.head == "multi":
+                per_task.append(classification_metrics(targets[rows] - lo, softmax(logits[rows, lo:hi])))
+            else:
+                per_task.append(classification_metrics(targets[rows], softmax(logits[rows, : self.seen]),
+                                                       classes=list(range(lo, hi))))
+        return {k: float(np.mean([m[k] for m in per_task])) for k in per_task[0]}
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.criterion.parameters())

@@ -24,18 +24,23 @@ def partial_auc_above_tpr(y_true: np.ndarray, score: np.ndarray, min_tpr: float 
     return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / (1.0 - 0.5) * (scaled - 0.5))
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int = 1) -> dict[str, float]:
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int = 1,
+                           classes: list[int] | None = None) -> dict[str, float]:
     """acc, balanced acc, macro F1/precision/recall, sensitivity/specificity, AUC, PR-AUC, pAUC(TPR>=0.8).
 
     Binary: sensitivity/specificity/AUC/PR-AUC/pAUC for class `positive`. Multi-class: macro one-vs-rest AUC and
     pAUC (the ISIC 2024 formula per class against the rest, then the mean), macro sensitivity (= recall) and
     macro specificity; AUC, PR-AUC and pAUC are NaN unless every class is present.
+
+    `classes`: score only these columns' classes (the macro averages and one-vs-rest AUCs run over them), while
+    the prediction is still the argmax over every column; a prediction of another class is an error (a
+    class-incremental model scored on one task's classes while every class it knows competes).
     """
     y_true = np.asarray(y_true).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     k = probs.shape[1]
     y_pred = probs.argmax(1)
-    labels = list(range(k))
+    labels = list(range(k)) if classes is None else [int(c) for c in classes]
     out: dict[str, float] = {
         "acc": skm.accuracy_score(y_true, y_pred),
         "balanced_acc": _quiet(skm.balanced_accuracy_score, y_true, y_pred),
@@ -43,9 +48,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
         "precision": skm.precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
         "recall": skm.recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
     }
-    cm = skm.confusion_matrix(y_true, y_pred, labels=labels)
+    cm = skm.confusion_matrix(y_true, y_pred, labels=list(range(k)))
     present = np.unique(y_true)
-    if k == 2:
+    if k == 2 and classes is None:
         tn, fp, fn, tp = cm.ravel()
         out["sensitivity"] = tp / (tp + fn) if tp + fn else float("nan")
         out["specificity"] = tn / (tn + fp) if tn + fp else float("nan")
@@ -62,12 +67,12 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
         with np.errstate(invalid="ignore", divide="ignore"):
             spec = tn / (tn + fp)
             sens = np.diag(cm) / (np.diag(cm) + fn)
-        out["sensitivity"] = float(np.nanmean(sens[present]))
-        out["specificity"] = float(np.nanmean(spec[present]))
-        if len(present) == k:
-            out["auc"] = skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels)
-            onehot = np.eye(k)[y_true]
-            out["pr_auc"] = skm.average_precision_score(onehot, probs, average="macro")
+        scored = [c for c in present if c in labels]
+        out["sensitivity"] = float(np.nanmean(sens[scored])) if scored else float("nan")
+        out["specificity"] = float(np.nanmean(spec[scored])) if scored else float("nan")
+        if set(labels) <= set(present.tolist()):  # one-vs-rest per class, then the macro mean (as scikit-learn's ovr)
+            out["auc"] = float(np.mean([skm.roc_auc_score(y_true == c, probs[:, c]) for c in labels]))
+            out["pr_auc"] = float(np.mean([skm.average_precision_score(y_true == c, probs[:, c]) for c in labels]))
             out["pauc"] = float(np.mean([partial_auc_above_tpr((y_true == c).astype(int), probs[:, c])
                                          for c in labels]))
         else:

@@ -102,15 +102,22 @@ def scored_outputs(model: nn.Module, loader, device: torch.device,
     return y, (view(logits, y) if view is not None else logits)
 
 
+Scorer = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+"""(labels, logits) -> metrics: how an objective scores validation outputs (a continual run's per-task scoring)."""
+
+
 def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module | None = None,
-             view: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
-    """Metrics of the model on a loader (see scored_outputs for `view`)."""
-    return output_metrics(*scored_outputs(model, loader, device, view), criterion)
+             view: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+             scorer: Scorer | None = None) -> dict[str, float]:
+    """Metrics of the model on a loader (see scored_outputs for `view`, output_metrics for `scorer`)."""
+    return output_metrics(*scored_outputs(model, loader, device, view), criterion, scorer)
 
 
-def output_metrics(y: np.ndarray, logits: np.ndarray, criterion: nn.Module | None = None) -> dict[str, float]:
-    """Classification metrics of (labels, logits), and the criterion's loss when one is given."""
-    out = classification_metrics(y, softmax(logits))
+def output_metrics(y: np.ndarray, logits: np.ndarray, criterion: nn.Module | None = None,
+                   scorer: Scorer | None = None) -> dict[str, float]:
+    """Classification metrics of (labels, logits) (`scorer`'s, else over every output), and the criterion's loss
+    when one is given."""
+    out = scorer(y, logits) if scorer is not None else classification_metrics(y, softmax(logits))
     if criterion is not None:
         with torch.no_grad():
             out["loss"] = float(criterion(torch.from_numpy(logits), torch.from_numpy(y).long()))
@@ -164,6 +171,7 @@ class Trainer:
         """What the objective calls in training: the model, or its DDP wrapper (set up in fit())."""
         self.eval_criterion = eval_criterion or nn.CrossEntropyLoss()
         self.eval_view = getattr(objective, "eval_view", None)
+        self.eval_scorer = getattr(objective, "eval_metrics", None)
         self.checkpoint_extra = checkpoint_extra or (lambda: {})
         extra_params = list(getattr(objective, "parameters", lambda: [])())
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer, extra_params)
@@ -336,7 +344,8 @@ class Trainer:
         if self.swa_model is not None and epoch >= self.swa_start:
             self.swa_model.update_parameters(self.model)
         self.val_outputs = scored_outputs(self.model, val_loader, self.device, self.eval_view)
-        row.update({f"val_{k}": v for k, v in output_metrics(*self.val_outputs, self.eval_criterion).items()})
+        row.update({f"val_{k}": v for k, v in output_metrics(*self.val_outputs, self.eval_criterion,
+                                                                      self.eval_scorer).items()})
         row["epoch_seconds"] = time.perf_counter() - t0
         monitor = monitored_value(row, self.cfg.monitor, "train.monitor", epoch)
         self._step_schedule(row, epoch)
@@ -423,7 +432,8 @@ class Trainer:
         torch.optim.swa_utils.update_bn(
             ((x.to(self.device), ) for x, _ in self.data.loader("train", train=False)), self.swa_model, self.device)
         swa_net = self.swa_model.module
-        val = evaluate(swa_net, self.data.loader("val", train=False), self.device, self.eval_criterion, self.eval_view)
+        val = evaluate(swa_net, self.data.loader("val", train=False), self.device, self.eval_criterion,
+                       self.eval_view, self.eval_scorer)
         value = val.get(self.cfg.monitor.removeprefix("val_"), float("nan"))
         metrics = {f"val_{k}": v for k, v in val.items()}
         if self.is_main:
