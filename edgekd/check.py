@@ -171,8 +171,11 @@ def write_synthetic_npz(path: Path, data: dict[str, Any], classes: int, counts: 
 def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | None, batch: int,
                     stand_ins: list[str]) -> dict[str, Any]:
     """Point a data section at a generated set named after the real one (MedMNIST names give real labels)."""
-    k = classes or known_classes(data) or 2
+    known = known_classes(data)
+    k = classes or known or 2
     stem = Path(data.get("path") or "builtin").stem or "data"
+    if MEDMNIST_CLASSES.get(stem.lower()) and k != len(MEDMNIST_CLASSES[stem.lower()]):
+        stem = f"synthetic-{stem}"  # --classes K: a known set's name would bring its own class count
     train = max(STEPS * batch, 2 * k)
     held = max(min(batch, 32), 2 * k)
     path = write_synthetic_npz(tmp / tag / f"{stem}.npz", data, k, (train, held, held), seed=len(stand_ins))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from edgekd.check import check_recipe, synthetic_images
+from edgekd.check import check_recipe, synthetic_images, synthetic_recipe
 from edgekd.errors import EdgeKDError
 
 from conftest import REPO
@@ -121,3 +121,16 @@ def test_synthetic_check_stands_in_an_unlabeled_pool(tmp_path):
     (tmp_path / "demo" / "student.yaml").write_text(yaml.safe_dump(rec))
     r = check_recipe(tmp_path / "demo" / "student.yaml", SMALL, synthetic=True)
     assert any(s.startswith("distill.unlabeled: ") for s in r.stand_ins) and r.step_seconds > 0
+
+
+@pytest.mark.parametrize("classes", [3, 7])
+def test_synthetic_classes_override_a_known_sets_class_count(tmp_path, classes):
+    # RetinaMNIST has 5 grades: a synthetic file under its name brought 5 classes whatever --classes said (3), and
+    # above 5 it now fails as stray labels would.
+    from edgekd.data import build_data
+    from edgekd.recipe import load_recipe
+
+    recipe = synthetic_recipe(load_recipe("recipes/retina/teacher-28.yaml"), tmp_path, classes, [])
+    assert build_data(recipe).num_classes == classes
+    assert build_data(synthetic_recipe(load_recipe("recipes/retina/teacher-28.yaml"), tmp_path / "k",
+                                       None, [])).num_classes == 5

@@ -45,6 +45,23 @@ def test_npz_with_nan_or_multilabel_is_refused(tmp_path):
         load_source("medmnist", str(p))
 
 
+def test_npz_labels_that_skip_ids_or_exceed_a_known_set_are_refused(tmp_path):
+    # Five stray train labels of 7 in a 2-class set made an 8-class model with 5 empty classes, silently.
+    images = np.zeros((12, 8, 8), np.uint8)
+    labels = np.array([0, 1] * 6)[:, None]
+    stray = labels.copy()
+    stray[:5] = 7
+    np.savez(tmp_path / "mine.npz", train_images=images, train_labels=stray, val_images=images, val_labels=labels)
+    with pytest.raises(EdgeKDError, match=r"class id\(s\) 2, 3, 4, 5, 6 have no image in any split"):
+        load_source("medmnist", str(tmp_path / "mine.npz"))
+    np.savez(tmp_path / "pneumoniamnist.npz", train_images=images, train_labels=np.arange(12)[:, None] % 3)
+    with pytest.raises(EdgeKDError, match="labels go up to 2, but MedMNIST 'pneumoniamnist' has 2 classes"):
+        load_source("medmnist", str(tmp_path / "pneumoniamnist.npz"))
+    # A known set's file without one of its classes keeps the set's classes (a subset of it).
+    np.savez(tmp_path / "retinamnist.npz", train_images=images, train_labels=np.arange(12)[:, None] % 2 * 3)
+    assert len(load_source("medmnist", str(tmp_path / "retinamnist.npz")).class_names) == 5
+
+
 def test_image_folder_splits_stratified(tmp_path):
     root = write_image_folder(tmp_path / "imgs", n_per_class=10)
     dm = build_data(recipe(source="imagefolder", path=str(root), split="stratified", val_fraction=0.2, test_fraction=0.2))

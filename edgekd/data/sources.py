@@ -112,9 +112,19 @@ def load_medmnist(path: str | Path) -> Source:
         raise EdgeKDError(f"{path}: no train_images key (expected MedMNIST keys train_images, train_labels, ...)")
     n_classes = int(max(t.labels.max() for t in tables.values())) + 1
     names = MEDMNIST_CLASSES.get(path.stem.lower())
-    if names is None or len(names) < n_classes:
-        names = [f"class_{i}" for i in range(n_classes)]
-    return Source(name=path.stem, tables=tables, class_names=names)
+    if names is not None and n_classes > len(names):
+        raise EdgeKDError(f"{path}: labels go up to {n_classes - 1}, but MedMNIST '{path.stem}' has {len(names)} "
+                          f"classes (0..{len(names) - 1}); stray labels, or another set under that file name")
+    counts = sum(np.bincount(t.labels, minlength=n_classes) for t in tables.values())
+    if names is None and (counts == 0).any():
+        absent = np.flatnonzero(counts == 0).tolist()
+        raise EdgeKDError(f"{path}: labels run to {n_classes - 1}, but class id(s) {_id_list(absent)} have no image in "
+                          "any split (each would become an empty class); MedMNIST labels are 0..K-1: remap them")
+    return Source(name=path.stem, tables=tables, class_names=names or [f"class_{i}" for i in range(n_classes)])
+
+
+def _id_list(ids: list[int], shown: int = 8) -> str:
+    return ", ".join(map(str, ids[:shown])) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
 def _check_images(images: np.ndarray, path: Path, split: str) -> np.ndarray:
