@@ -500,19 +500,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`key.sub=value` overrides on a recipe dict; a list is entered by index or, for a list of named mappings
+    (continual.tasks), by name: `continual.tasks.1.data.path=...` or `continual.tasks.B.epochs=4`."""
     raw = copy.deepcopy(raw)
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, k, text, ".".join(keys[:i]))]
+                if not isinstance(node, (dict, list)):
+                    raise EdgeKDError(f"--set {text!r}: '{'.'.join(keys[:i + 1])}' is not a section")
+                continue
             nxt = node.get(k)
             if nxt is None:
                 nxt = node[k] = {}
-            if not isinstance(nxt, dict):
+            if not isinstance(nxt, (dict, list)):
                 raise EdgeKDError(f"--set {text!r}: '{k}' is not a section")
             node = nxt
-        node[keys[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, keys[-1], text, ".".join(keys[:-1]))] = value
+        else:
+            node[keys[-1]] = value
     return raw
+
+
+def _list_index(items: list, key: str, text: str, where: str) -> int:
+    """The position of `key` in a recipe list: an index, or the `name` of one of its mappings."""
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if key.lstrip("-").isdigit() and -len(items) <= int(key) < len(items):
+        return int(key) % len(items)
+    if key in names:
+        return names.index(key)
+    named = f" or a name ({', '.join(map(str, names))})" if any(n is not None for n in names) else ""
+    raise EdgeKDError(f"--set {text!r}: '{where}' is a list of {len(items)}; give an index 0..{len(items) - 1}{named}")
 
 
 def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:

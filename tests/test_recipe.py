@@ -44,6 +44,19 @@ def test_overrides_parse_yaml_values(tmp_path):
         apply_overrides({}, ["train.epochs"])
 
 
+def test_overrides_reach_into_a_list_by_index_or_name():
+    raw = {"continual": {"tasks": [{"name": "A"}, {"name": "B", "data": {"path": "b.npz"}}]}, "data": {"mean": [0.5]}}
+    out = apply_overrides(raw, ["continual.tasks.1.data.path=c.npz", "continual.tasks.A.epochs=4",
+                                "continual.tasks.-1.classes=[0, 1]", "data.mean.0=0.2"])
+    assert out["continual"]["tasks"] == [{"name": "A", "epochs": 4},
+                                         {"name": "B", "data": {"path": "c.npz"}, "classes": [0, 1]}]
+    assert out["data"]["mean"] == [0.2] and raw["continual"]["tasks"][1]["data"]["path"] == "b.npz"
+    with pytest.raises(EdgeKDError, match=r"'continual.tasks' is a list of 2; give an index 0..1 or a name \(A, B\)"):
+        apply_overrides(raw, ["continual.tasks.C.epochs=4"])
+    with pytest.raises(EdgeKDError, match="'data.mean.0' is not a section"):
+        apply_overrides(raw, ["data.mean.0.x=1"])
+
+
 def test_base_inheritance_merges_deeply(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"name": "base", "train": {"epochs": 5, "optimizer": {"lr": 0.1}}}))
     (tmp_path / "child.yaml").write_text("base: base.yaml\nname: child\ntrain:\n  optimizer: {name: sgd}\n")
