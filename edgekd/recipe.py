@@ -481,7 +481,10 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
         return f"{where}: unknown key '{shorten(key, 120)}'"
-    return f"{where}: {shorten(key, 120)}: {first['msg']} (got {quote(first.get('input'))})"
+    value = first.get("input")
+    if first["type"] == "value_error" and isinstance(value, (dict, list)):  # a section's own check: not the section
+        return f"{where}: {shorten(key, 120)}: {first['msg']}"
+    return f"{where}: {shorten(key, 120)}: {first['msg']} (got {quote(value)})"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

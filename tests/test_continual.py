@@ -260,6 +260,22 @@ def test_validation_metrics_are_each_tasks_own():
     assert got["acc"] == pytest.approx((a + b) / 2)
 
 
+def test_task_errors_name_the_task_and_the_real_problem(tmp_path):
+    npz = quadrant_npz(tmp_path / "a.npz", classes=2, n=(8, 4, 4))
+    raw = base_recipe(npz, tasks=[{"name": "A"}, {"name": "B", "data": {"channels": 1}}])
+    # The first task's mean/std are for 3 channels: the error was "data.mean/std need 1 values", naming no task.
+    with pytest.raises(EdgeKDError, match=r"^continual.tasks\[1\] \(B\): data.channels differs from the first "
+                                          r"task's \(1 vs 3\)"):
+        build_tasks(recipe_from_dict(raw))
+    raw = base_recipe(npz, tasks=[{"name": "A"}, {"name": "B", "data": {"path": str(tmp_path / "none.npz")}}])
+    with pytest.raises(EdgeKDError, match=r"^continual.tasks\[1\] \(B\): .*none.npz: MedMNIST .npz not found"):
+        build_tasks(recipe_from_dict(raw))
+    # A section's own check (unique names) is one line without the section's whole value.
+    with pytest.raises(EdgeKDError) as err:
+        recipe_from_dict(base_recipe(npz, tasks=[{"name": "A", "data": {"limit": 8}}, {"name": "A"}]))
+    assert "task names must be unique, got ['A', 'A']" in str(err.value) and "limit" not in str(err.value)
+
+
 # ------------------------------------------------------------------ rehearsal buffer
 def _table(labels, seed=0):
     labels = np.asarray(labels, dtype=np.int64)

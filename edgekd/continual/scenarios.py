@@ -55,7 +55,16 @@ def build_tasks(recipe) -> list[Task]:
             first = err.errors()[0]
             key = ".".join(str(p) for p in first["loc"])
             raise EdgeKDError(f"continual.tasks[{i}] ({tcfg.name}): data.{key}: {first['msg']}") from None
-        dm = build_data(recipe.model_copy(update={"data": data_cfg, "continual": None}))
+        where = f"continual.tasks[{i}] ({tcfg.name})"
+        if tasks:  # before the data is built: a wrong channels count otherwise surfaces as a mean/std length error
+            for key in ("channels", "image_size"):
+                if getattr(data_cfg, key) != getattr(tasks[0].data.cfg, key):
+                    raise EdgeKDError(f"{where}: data.{key} differs from the first task's ({getattr(data_cfg, key)} "
+                                      f"vs {getattr(tasks[0].data.cfg, key)}); one model needs one input pipeline")
+        try:
+            dm = build_data(recipe.model_copy(update={"data": data_cfg, "continual": None}))
+        except EdgeKDError as err:
+            raise EdgeKDError(f"{where}: {err}") from None
         lo = len(global_names)
         global_names += [f"{tcfg.name}:{n}" for n in dm.class_names]
         task_data = DataModule(tables=_offset_tables(dm.tables, lo), class_names=list(global_names),
