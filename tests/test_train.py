@@ -479,3 +479,21 @@ def test_training_warns_when_the_best_checkpoint_calls_every_image_one_class(tin
     lines.clear()
     res = train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=4)), tmp_path / "ok", log=lines.append)
     assert not [s for s in lines if s.startswith("warning:")] and "warning" not in res.test
+
+
+def test_log_csv_grows_every_epoch(tiny_recipe_dict, tmp_path, monkeypatch):
+    # It was written once, at the end of the run (of each continual task): a long run could not be followed.
+    import csv
+
+    from edgekd.train.trainer import Trainer
+
+    rows_seen, run_epoch = [], Trainer._run_epoch
+
+    def spy(self, epoch, *args):
+        log = self.out / "log.csv"
+        rows_seen.append(len(list(csv.DictReader(log.open()))) if log.is_file() else 0)
+        return run_epoch(self, epoch, *args)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", spy)
+    train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=3)), tmp_path / "run", log=lambda s: None)
+    assert rows_seen == [0, 1, 2]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgekd.errors import EdgeKDError
-from edgekd.metrics import classification_metrics
+from edgekd.metrics import classification_metrics, write_csv_log
 from edgekd.probability import softmax
 from edgekd.progress import progress_task
 from edgekd.train import distributed
@@ -366,6 +366,7 @@ class Trainer:
             if improved:
                 self._save(best_path, self.checkpoint_payload(self.model.state_dict(), metrics, False))
             self._save(last_path, self.checkpoint_payload(self.model.state_dict(), metrics, True))
+            write_csv_log(self.out / "log.csv", self.history)  # every epoch: a long run can be followed
         distributed.barrier()
 
     def _finish_fit(self, best_path: Path, last_path: Path) -> dict[str, Any]:
