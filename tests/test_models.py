@@ -79,6 +79,30 @@ def test_weights_file_of_another_model_or_unreadable_is_refused(tmp_path):
             create_model(spec("test_resnet"), weights=str(tmp_path / bad))
 
 
+def test_weights_check_holds_with_logging_silenced(tmp_path):
+    # The check hears timm's "Missing keys" log record: with logging disabled it passed a foreign file silently.
+    import logging
+
+    from safetensors.torch import save_file
+
+    save_file({"foo": torch.zeros(3)}, tmp_path / "unrelated.safetensors")
+    timm_log = logging.getLogger("timm.models._builder")
+    logging.disable(logging.CRITICAL)
+    try:
+        with pytest.raises(EdgeKDError, match="do not fit this architecture"):
+            create_model(spec("test_resnet"), weights=str(tmp_path / "unrelated.safetensors"))
+        assert logging.root.manager.disable == logging.CRITICAL  # the caller's setting is back
+    finally:
+        logging.disable(logging.NOTSET)
+    timm_log.disabled = True  # dictConfig(disable_existing_loggers=True) does this
+    try:
+        with pytest.raises(EdgeKDError, match="do not fit this architecture"):
+            create_model(spec("test_resnet"), weights=str(tmp_path / "unrelated.safetensors"))
+        assert timm_log.disabled and timm_log.propagate
+    finally:
+        timm_log.disabled = False
+
+
 def test_parameter_and_mac_counts():
     m = create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 1})
     # conv(1->8)+bn, conv(8->8)+bn, conv(8->16)+bn, conv(16->16)+bn, fc(16->2)

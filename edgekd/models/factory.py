@@ -79,14 +79,20 @@ def _missing_keys_log():
     """timm loads pretrained weights non-strictly when the head is replaced and logs the keys it did not find;
     this hears that log for the duration of a model build."""
     logger = logging.getLogger("timm.models._builder")
-    handler, level = _MissingKeys(), logger.level
+    handler = _MissingKeys()
+    saved = logger.level, logger.disabled, logger.propagate, logging.root.manager.disable
+    if saved[3] >= logging.INFO or logger.disabled:  # logging silenced by the caller: hear timm, pass nothing on
+        logger.disabled, logger.propagate = False, False
+        logging.disable(logging.NOTSET)
     logger.addHandler(handler)
-    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    logger.setLevel(min(saved[0] or logging.INFO, logging.INFO))
     try:
         yield handler
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(level)
+        logger.setLevel(saved[0])
+        logger.disabled, logger.propagate = saved[1], saved[2]
+        logging.disable(saved[3])
 
 
 def _check_weights_loaded(model: nn.Module, missing: _MissingKeys, name: str, where: str) -> None:
