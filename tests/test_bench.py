@@ -177,6 +177,12 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
         run_bench(BenchConfig(bundle, tmp_path / "b3", formats="onnx", precisions="fp32", batches="1", gemm=False,
                               data_folder=tmp_path / "noimg"), log=lambda *_: None)
     assert not (tmp_path / "b3").exists()
+    # Into an --out that was there: the bundle this run exported goes, one from an earlier run stays.
+    (tmp_path / "b6" / "bundle-old").mkdir(parents=True)
+    with pytest.raises(EdgeKDError):
+        run_bench(BenchConfig(ckpt, tmp_path / "b6", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                              export_options={"parity_images": 8}, data_folder=tmp_path / "noimg"), log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "b6").iterdir()) == ["bundle-old"]
 
 
 @pytest.mark.parametrize("args, message", [(["nope.pt"], "no such checkpoint or bundle"),

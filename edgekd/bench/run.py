@@ -583,6 +583,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     and out/bench.png; returns the records."""
     cfg = _resolved(config)
     created = [p for p in (cfg.out, cfg.out / "work") if not p.exists()]
+    bundles_before = set(cfg.out.glob("bundle-*"))  # reused by a later run: only this run's are removed on failure
     work = _prepare_out(cfg)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     load_start = [round(v, 2) for v in os.getloadavg()]
@@ -590,7 +591,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     try:
         subjects = _subjects(cfg, work, log)
     except BaseException:  # a source or image folder that fails to load: leave no half-made output behind
-        remove_trees(created[:1])
+        remove_trees([cfg.out] if cfg.out in created else
+                     [work] * (work in created) + sorted(set(cfg.out.glob("bundle-*")) - bundles_before))
         raise
     try:
         return _measure_and_write(cfg, subjects, work, started, load_start, other_cpu, log, progress)
