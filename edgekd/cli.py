@@ -209,14 +209,15 @@ def eval_(
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle with --data DIR
     (a labelled folder) runs on the core install, without PyTorch."""
     from edgekd.fileio import refuse_output_inside
+    from edgekd.runtime import is_bundle
 
     splits = tuple(split_list(split) or ())
     bad = [s for s in splits if s not in ("train", "val", "test")]
     if bad:
         raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
     folder = data if data is not None and data.is_dir() else None
-    is_bundle = checkpoint.suffix == ".zip" or (checkpoint / "edgekd.json").is_file()
-    if folder is not None and (set_ or failures or not is_bundle):
+    bundle = is_bundle(checkpoint)
+    if folder is not None and (set_ or failures or not bundle):
         raise EdgeKDError(f"--data {folder}: a folder serves a bundle's --corruptions; a checkpoint, --set and "
                           "--failures take a data recipe")
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
@@ -226,7 +227,7 @@ def eval_(
         from edgekd.bench.run import check_source
         for other in compare:  # a bad --compare is refused before the main evaluation writes anything
             check_source(other)
-    if not is_bundle:
+    if not bundle:
         _eval_checkpoint(checkpoint, out, data_recipe, splits)
     elif not (corruptions or failures):
         raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its checkpoint)")

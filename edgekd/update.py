@@ -3,13 +3,13 @@ gate, then export with parity to a new bundle that records its parent (lineage).
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import sha256_file
+from edgekd.runtime import is_bundle
 
 
 @dataclass
@@ -19,16 +19,6 @@ class UpdateResult:
     continual: Any
     export: Any
     lineage: dict[str, Any]
-
-
-def is_bundle(path: Path) -> bool:
-    """A bundle folder or zip (it holds edgekd.json); a checkpoint is a zip too (torch.save), without one."""
-    if path.is_dir():
-        return True
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return "edgekd.json" in zf.namelist()
 
 
 def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:

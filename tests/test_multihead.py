@@ -219,7 +219,8 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
 def test_update_from_a_checkpoint_records_it_as_the_parent(world, tmp_path):
     """A checkpoint is a zip too (torch.save): it must be read as a checkpoint, not refused as a bundle without
     edgekd.json, and the card's lineage names it."""
-    from edgekd.update import is_bundle, parent_of, update_bundle
+    from edgekd.runtime import is_bundle
+    from edgekd.update import parent_of, update_bundle
 
     assert not is_bundle(world["student"]) and is_bundle(world["parent"])
     checkpoint, lineage = parent_of(world["student"])

@@ -922,3 +922,25 @@ def test_full_size_skin_bundle_with_hair_removal_predicts(tmp_path, monkeypatch)
     assert runner.preprocessor.hair_removal
     pred = runner.predict(_hairy_images(1, 300, seed=3)[0])
     assert pred.probs.shape == (2,) and abs(float(pred.probs.sum()) - 1) < 1e-5
+
+
+def test_is_bundle_is_one_rule_for_folders_and_zips(tmp_path):
+    # update, bench, eval and the corruption eval each had their own rule (any folder; any .zip; edgekd.json).
+    import zipfile
+
+    from edgekd.runtime import is_bundle
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "edgekd.json").write_text("{}")
+    (tmp_path / "plain").mkdir()
+    with zipfile.ZipFile(tmp_path / "root.zip", "w") as zf:
+        zf.writestr("edgekd.json", "{}")
+    with zipfile.ZipFile(tmp_path / "folder.zip", "w") as zf:
+        zf.writestr("bundle/edgekd.json", "{}")
+    with zipfile.ZipFile(tmp_path / "deep.zip", "w") as zf:
+        zf.writestr("a/b/edgekd.json", "{}")
+    torch = pytest.importorskip("torch")
+    torch.save({"x": 1}, tmp_path / "ckpt.zip")  # torch.save writes a zip: a checkpoint, whatever its suffix
+    (tmp_path / "text.zip").write_text("not a zip")
+    assert [is_bundle(tmp_path / n) for n in ("b", "root.zip", "folder.zip")] == [True, True, True]
+    assert not any(is_bundle(tmp_path / n) for n in ("plain", "deep.zip", "ckpt.zip", "text.zip", "missing.zip"))

@@ -23,6 +23,7 @@ from edgekd.fileio import refuse_output_inside, remove_trees, write_json
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
 from edgekd.progress import progress_task
+from edgekd.runtime import is_bundle
 from edgekd.scoring import accuracy_auc
 
 SCHEMA = "edgekd-bench/1"
@@ -88,13 +89,6 @@ class BenchResult:
     markdown: str
     written: list[str] = field(default_factory=list)
     """The files written into `out` (bench.png only where matplotlib is installed)."""
-
-
-def is_bundle(path: Path) -> bool:
-    import zipfile
-
-    return (path.is_dir() and (path / "edgekd.json").is_file()) or (path.is_file() and zipfile.is_zipfile(path)
-                                                                    and path.suffix == ".zip")
 
 
 # ------------------------------------------------------------------------------------------------ subjects

@@ -13,9 +13,9 @@ from edgekd.errors import EdgeKDError
 from edgekd.export.clinical import card_section
 from edgekd.export.continual import continual_card_section
 from edgekd.fileio import atomic_write, sha256_file, staging_directory, write_json, write_text
+from edgekd.runtime import MANIFEST_FILE, METADATA_FILE, SCHEMA
 
-SCHEMA = "edgekd-bundle/1"
-METADATA_FILE, MANIFEST_FILE, PARITY_FILE, CARD_FILE = "edgekd.json", "manifest.sha256", "parity.json", "card.md"
+PARITY_FILE, CARD_FILE = "parity.json", "card.md"
 EXPLAIN_DIR = "explain"
 """Grad-CAM overlay PNGs shown in the card."""
 

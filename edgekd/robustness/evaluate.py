@@ -17,6 +17,7 @@ import numpy as np
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
 from edgekd.probability import softmax
+from edgekd.runtime import is_bundle
 from edgekd.progress import progress_task
 from edgekd.robustness.corruptions import check_names, check_severities, corrupt
 from edgekd.scoring import accuracy_auc
@@ -96,7 +97,7 @@ def predictors_for(sources: Sequence[str | Path], threads: int | None = None) ->
     out: list[Predictor] = []
     for src in sources:
         src = Path(src)
-        if (src / "edgekd.json").is_file() or src.suffix == ".zip":
+        if is_bundle(src):
             out += bundle_predictors(src, threads=threads)
         elif src.is_dir() and (src / "best.pt").is_file():
             out.append(checkpoint_predictor(src / "best.pt"))

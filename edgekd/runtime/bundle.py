@@ -303,6 +303,20 @@ def extract_zip(archive: Path, dest: Path, verify: bool = True) -> tuple[Path, d
     return (dest.joinpath(*PurePosixPath(prefix).parts) if prefix else dest), (listed if verify else None)
 
 
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` is meant as a bundle: a folder holding edgekd.json, or a zip holding it at its root or in its
+    one top folder. A checkpoint is a zip too (torch.save) but has none; open_bundle verifies the rest."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / METADATA_FILE).is_file()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return METADATA_FILE in names or any(n.count("/") == 1 and n.endswith(f"/{METADATA_FILE}") for n in names)
+
+
 def _zip_prefix(archive: Path, members: list[zipfile.ZipInfo]) -> str:
     """'' when edgekd.json is at the zip's root, 'folder/' for a zip of the bundle folder itself."""
     names = [m.filename for m in members]
