@@ -529,14 +529,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _list_index(items: list, key: str, text: str, where: str) -> int:
-    """The position of `key` in a recipe list: an index, or the `name` of one of its mappings."""
-    names = [item.get("name") for item in items if isinstance(item, dict)]
-    if key.lstrip("-").isdigit() and -len(items) <= int(key) < len(items):
-        return int(key) % len(items)
-    if key in names:
-        return names.index(key)
-    named = f" or a name ({', '.join(map(str, names))})" if any(n is not None for n in names) else ""
-    raise EdgeKDError(f"--set {text!r}: '{where}' is a list of {len(items)}; give an index 0..{len(items) - 1}{named}")
+    """The position of `key` in a recipe list: an index, or the `name` of one of its mappings (a key that is both,
+    for two different items, is refused)."""
+    names = [item.get("name") if isinstance(item, dict) else None for item in items]
+    index = int(key) % len(items) if key.lstrip("-").isdigit() and -len(items) <= int(key) < len(items) else None
+    named = [i for i, n in enumerate(names) if n is not None and str(n) == key]
+    if index is not None and named and named != [index]:
+        raise EdgeKDError(f"--set {text!r}: '{key}' in '{where}' is both an index and the name of item {named[0]}")
+    if index is not None or named:
+        return index if index is not None else named[0]
+    if not items:
+        raise EdgeKDError(f"--set {text!r}: '{where}' is an empty list")
+    listed = [str(n) for n in names if n is not None]
+    hint = f" or a name ({', '.join(listed)})" if listed else ""
+    raise EdgeKDError(f"--set {text!r}: '{where}' is a list of {len(items)}; give an index 0..{len(items) - 1}{hint}")
 
 
 def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:

@@ -29,6 +29,9 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
     from edgekd.train.checkpoint import load_checkpoint
 
     source = Path(source)
+    if source.is_dir() and not is_bundle(source):
+        raise EdgeKDError(f"{source}: a folder that is not an edgekd bundle (no edgekd.json); give a bundle or a "
+                          "checkpoint (best.pt)")
     if not is_bundle(source):
         return source, {"parent_checkpoint": str(source.resolve()), "parent_checkpoint_sha256": sha256_file(source)}
     from edgekd.runtime import open_bundle

@@ -251,6 +251,17 @@ def test_validation_metrics_are_each_tasks_own():
     assert got["acc"] == pytest.approx(np.mean(pred == targets))
     assert got["f1"] == pytest.approx(skm.f1_score(targets, pred, labels=[2, 3, 4], average="macro"))
     assert got["auc"] == pytest.approx(np.mean([skm.roc_auc_score(targets == c, probs[:, c]) for c in (2, 3, 4)]))
+    # A binary task under a single head keeps binary figures: its second class against the rest, as when trained alone.
+    two = ContinualObjective(torch.nn.CrossEntropyLoss(), [_T(0, 0, 3), _T(1, 3, 5)], 1, "single")
+    yb = rng.integers(3, 5, size=40)
+    lb = rng.normal(size=(40, 5))
+    lb[np.arange(40), yb] += 1.0
+    got = two.eval_metrics(yb, two.eval_view(lb, yb))
+    said = lb.argmax(1) == 4
+    assert got["sensitivity"] == pytest.approx(np.mean(said[yb == 4]))
+    assert got["specificity"] == pytest.approx(np.mean(~said[yb == 3]))
+    assert got["auc"] == pytest.approx(skm.roc_auc_score(yb == 4, softmax(lb)[:, 4]))
+    assert got["pr_auc"] == pytest.approx(skm.average_precision_score(yb == 4, softmax(lb)[:, 4]))
     # Both tasks in val (joint training): the mean of the two tasks' own figures.
     both = np.concatenate([targets, [0, 1, 0, 1]])
     logits2 = np.concatenate([logits, rng.normal(size=(4, 5))])

@@ -53,7 +53,10 @@ def test_npz_labels_that_skip_ids_or_exceed_a_known_set_are_refused(tmp_path):
     stray[:5] = 7
     np.savez(tmp_path / "mine.npz", train_images=images, train_labels=stray, val_images=images, val_labels=labels)
     with pytest.raises(EdgeKDError, match=r"class id\(s\) 2, 3, 4, 5, 6 have no image in any split"):
-        load_source("medmnist", str(tmp_path / "mine.npz"))
+        build_data(recipe(source="medmnist", path=str(tmp_path / "mine.npz"), split="stratified"))
+    # ... unless data.classes picks the ids that are there.
+    picked = build_data(recipe(source="medmnist", path=str(tmp_path / "mine.npz"), split="stratified", classes=[0, 7]))
+    assert picked.class_names == ["class_0", "class_7"] and picked.num_classes == 2
     np.savez(tmp_path / "pneumoniamnist.npz", train_images=images, train_labels=np.arange(12)[:, None] % 3)
     with pytest.raises(EdgeKDError, match="labels go up to 2, but MedMNIST 'pneumoniamnist' has 2 classes"):
         load_source("medmnist", str(tmp_path / "pneumoniamnist.npz"))

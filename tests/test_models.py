@@ -101,6 +101,9 @@ def test_weights_check_holds_with_logging_silenced(tmp_path):
         assert timm_log.disabled and timm_log.propagate
     finally:
         timm_log.disabled = False
+    from timm.models import _builder
+
+    assert _builder._logger is timm_log  # timm's logger is back after a refused build
 
 
 def test_parameter_and_mac_counts():

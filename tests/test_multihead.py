@@ -293,3 +293,13 @@ def test_update_runs_in_a_folder_per_output_bundle(world, tmp_path, monkeypatch)
         with pytest.raises(RuntimeError, match="stop before training"):
             update_bundle(world["parent"], world["recipe"], tmp_path / out, log=QUIET)
     assert len(set(seen)) == 2 and [p.name.rsplit("-", 1)[-1] for p in seen] == ["v2", "v2b"]
+
+
+def test_update_of_a_plain_folder_is_refused_by_name(tmp_path):
+    # It was sha256-summed as a checkpoint: "error: 21: is a directory".
+    from edgekd.errors import EdgeKDError
+    from edgekd.update import parent_of
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(EdgeKDError, match="run: a folder that is not an edgekd bundle"):
+        parent_of(tmp_path / "run")

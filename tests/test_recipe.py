@@ -55,6 +55,13 @@ def test_overrides_reach_into_a_list_by_index_or_name():
         apply_overrides(raw, ["continual.tasks.C.epochs=4"])
     with pytest.raises(EdgeKDError, match="'data.mean.0' is not a section"):
         apply_overrides(raw, ["data.mean.0.x=1"])
+    # A name finds its own item among non-mappings; a key naming one item and indexing another is refused.
+    mixed = {"x": {"items": ["plain", {"name": "B"}, {"name": "0"}]}}
+    assert apply_overrides(mixed, ["x.items.B.v=2"])["x"]["items"][1] == {"name": "B", "v": 2}
+    with pytest.raises(EdgeKDError, match="'0' in 'x.items' is both an index and the name of item 2"):
+        apply_overrides(mixed, ["x.items.0=1"])
+    with pytest.raises(EdgeKDError, match="'x.items' is an empty list"):
+        apply_overrides({"x": {"items": []}}, ["x.items.0=1"])
 
 
 def test_base_inheritance_merges_deeply(tmp_path):

@@ -942,5 +942,15 @@ def test_is_bundle_is_one_rule_for_folders_and_zips(tmp_path):
     torch = pytest.importorskip("torch")
     torch.save({"x": 1}, tmp_path / "ckpt.zip")  # torch.save writes a zip: a checkpoint, whatever its suffix
     (tmp_path / "text.zip").write_text("not a zip")
-    assert [is_bundle(tmp_path / n) for n in ("b", "root.zip", "folder.zip")] == [True, True, True]
-    assert not any(is_bundle(tmp_path / n) for n in ("plain", "deep.zip", "ckpt.zip", "text.zip", "missing.zip"))
+    (tmp_path / "folder.zip").rename(tmp_path / "folder.bundle")
+    torch.save({"x": 1}, tmp_path / "best.pt")
+    # A .zip is meant as a bundle whatever it holds (open_bundle then names what is wrong with it).
+    assert all(is_bundle(tmp_path / n) for n in ("b", "root.zip", "folder.bundle", "deep.zip", "text.zip", "ckpt.zip",
+                                                  "missing.zip"))
+    assert not any(is_bundle(tmp_path / n) for n in ("plain", "best.pt", "missing.pt"))
+    from edgekd.runtime import open_bundle
+
+    for name, says in (("missing.zip", "bundle not found"), ("text.zip", "not a"), ("ckpt.zip", "a PyTorch checkpoint"),
+                       ("deep.zip", "no edgekd.json at the top of the zip")):
+        with pytest.raises(EdgeKDError, match=says):
+            open_bundle(tmp_path / name)

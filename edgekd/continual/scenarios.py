@@ -159,6 +159,8 @@ class ContinualObjective:
         average the run's accuracy matrix reports): multi-head, the task's rows and their softmax; single head, the
         softmax over every class seen so far, a prediction of another task's class counting as an error. Over all
         outputs, a task's macro F1 counted the other tasks' classes as zeros and its AUC was NaN."""
+        if len(targets) == 0:
+            raise EdgeKDError("continual: the validation split is empty")
         task_ids = self.task_of_class.numpy()[targets]
         per_task = []
         for t in np.unique(task_ids).tolist():

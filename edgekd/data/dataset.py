@@ -180,6 +180,12 @@ def build_data(recipe) -> DataModule:
     cfg = recipe.data
     source = load_source(cfg.source, cfg.path)
     tables, names = source.tables, source.class_names
+    skipped = source.info.get("skipped_ids")
+    if skipped and not cfg.classes:
+        shown = ", ".join(map(str, skipped[:8])) + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")
+        raise EdgeKDError(f"{cfg.path}: labels run to {len(names) - 1}, but class id(s) {shown} have no image in any "
+                          "split (each would become an empty class): remap the labels to 0..K-1, or pick the "
+                          "present ids with data.classes")
     if cfg.classes:
         tables, names = _select_classes(tables, cfg.classes, names)
     if cfg.class_names and source.info.get("named_labels"):

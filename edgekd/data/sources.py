@@ -116,15 +116,10 @@ def load_medmnist(path: str | Path) -> Source:
         raise EdgeKDError(f"{path}: labels go up to {n_classes - 1}, but MedMNIST '{path.stem}' has {len(names)} "
                           f"classes (0..{len(names) - 1}); stray labels, or another set under that file name")
     counts = sum(np.bincount(t.labels, minlength=n_classes) for t in tables.values())
-    if names is None and (counts == 0).any():
-        absent = np.flatnonzero(counts == 0).tolist()
-        raise EdgeKDError(f"{path}: labels run to {n_classes - 1}, but class id(s) {_id_list(absent)} have no image in "
-                          "any split (each would become an empty class); MedMNIST labels are 0..K-1: remap them")
-    return Source(name=path.stem, tables=tables, class_names=names or [f"class_{i}" for i in range(n_classes)])
-
-
-def _id_list(ids: list[int], shown: int = 8) -> str:
-    return ", ".join(map(str, ids[:shown])) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+    # Ids with no image in any split: empty classes unless data.classes picks the ones present (build_data checks).
+    skipped = np.flatnonzero(counts == 0).tolist() if names is None else []
+    return Source(name=path.stem, tables=tables, class_names=names or [f"class_{i}" for i in range(n_classes)],
+                  info={"skipped_ids": skipped} if skipped else {})
 
 
 def _check_images(images: np.ndarray, path: Path, split: str) -> np.ndarray:

@@ -32,9 +32,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
     pAUC (the ISIC 2024 formula per class against the rest, then the mean), macro sensitivity (= recall) and
     macro specificity; AUC, PR-AUC and pAUC are NaN unless every class is present.
 
-    `classes`: score only these columns' classes (the macro averages and one-vs-rest AUCs run over them), while
-    the prediction is still the argmax over every column; a prediction of another class is an error (a
-    class-incremental model scored on one task's classes while every class it knows competes).
+    `classes`: score only these columns' classes (the macro averages and one-vs-rest AUCs run over them; two
+    classes are scored as binary, `positive` indexing the pair), while the prediction is still the argmax over
+    every column; a prediction of another class is an error (a class-incremental model scored on one task's
+    classes while every class it knows competes).
     """
     y_true = np.asarray(y_true).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
@@ -50,13 +51,16 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
     }
     cm = skm.confusion_matrix(y_true, y_pred, labels=list(range(k)))
     present = np.unique(y_true)
-    if k == 2 and classes is None:
-        tn, fp, fn, tp = cm.ravel()
+    if len(labels) == 2:  # binary: the positive class against the rest (a scored pair: its second class)
+        cls = labels[positive]
+        is_pos, said_pos = y_true == cls, y_pred == cls
+        tp, fn = int((is_pos & said_pos).sum()), int((is_pos & ~said_pos).sum())
+        fp, tn = int((~is_pos & said_pos).sum()), int((~is_pos & ~said_pos).sum())
         out["sensitivity"] = tp / (tp + fn) if tp + fn else float("nan")
         out["specificity"] = tn / (tn + fp) if tn + fp else float("nan")
-        score = probs[:, positive]
-        pos = (y_true == positive).astype(int)
-        both = len(present) == 2
+        score = probs[:, cls]
+        pos = is_pos.astype(int)
+        both = bool(is_pos.any() and (~is_pos).any())
         out["auc"] = skm.roc_auc_score(pos, score) if both else float("nan")
         out["pr_auc"] = skm.average_precision_score(pos, score) if both else float("nan")
         out["pauc"] = partial_auc_above_tpr(pos, score) if both else float("nan")

@@ -61,38 +61,37 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
     return model
 
 
-class _MissingKeys(logging.Handler):
-    """Collects the parameter names timm reports as missing after loading pretrained weights."""
+class _MissingKeys:
+    """Stands in for timm's builder logger during a model build: hears the parameter names timm reports missing
+    after loading pretrained weights, and passes every call on to the real logger (so logging settings, disabled
+    or not, apply to what is printed as before; the check does not depend on them)."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.keys: list[str] = []
+    def __init__(self, real: logging.Logger) -> None:
+        self.real, self.keys = real, []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        match = re.match(r"Missing keys \((.*)\) discovered while loading", record.getMessage())
+    def info(self, msg, *args, **kwargs) -> None:
+        text = str(msg) % args if args else str(msg)
+        match = re.match(r"Missing keys \((.*)\) discovered while loading", text)
         if match:
             self.keys += [k.strip() for k in match.group(1).split(",") if k.strip()]
+        self.real.info(msg, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
 
 
 @contextlib.contextmanager
 def _missing_keys_log():
     """timm loads pretrained weights non-strictly when the head is replaced and logs the keys it did not find;
-    this hears that log for the duration of a model build."""
-    logger = logging.getLogger("timm.models._builder")
-    handler = _MissingKeys()
-    saved = logger.level, logger.disabled, logger.propagate, logging.root.manager.disable
-    if saved[3] >= logging.INFO or logger.disabled:  # logging silenced by the caller: hear timm, pass nothing on
-        logger.disabled, logger.propagate = False, False
-        logging.disable(logging.NOTSET)
-    logger.addHandler(handler)
-    logger.setLevel(min(saved[0] or logging.INFO, logging.INFO))
+    this hears that log call for the duration of a model build."""
+    from timm.models import _builder
+
+    real = _builder._logger
+    _builder._logger = handler = _MissingKeys(real)
     try:
         yield handler
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.disabled, logger.propagate = saved[1], saved[2]
-        logging.disable(saved[3])
+        _builder._logger = real
 
 
 def _check_weights_loaded(model: nn.Module, missing: _MissingKeys, name: str, where: str) -> None:

@@ -304,11 +304,14 @@ def extract_zip(archive: Path, dest: Path, verify: bool = True) -> tuple[Path, d
 
 
 def is_bundle(path: str | Path) -> bool:
-    """Whether `path` is meant as a bundle: a folder holding edgekd.json, or a zip holding it at its root or in its
-    one top folder. A checkpoint is a zip too (torch.save) but has none; open_bundle verifies the rest."""
+    """Whether `path` is meant as a bundle: a folder holding edgekd.json, any `.zip` (missing, truncated or not a
+    bundle: open_bundle says which), or a zip of another name holding edgekd.json at its root or in its one top
+    folder. A checkpoint is a zip too (torch.save) but has none; open_bundle verifies the rest."""
     path = Path(path)
     if path.is_dir():
         return (path / METADATA_FILE).is_file()
+    if path.suffix.lower() == ".zip":
+        return True
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
