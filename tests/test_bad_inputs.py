@@ -325,7 +325,7 @@ def _float_images(bad):
 
 def _csv(path: Path, rows: list[tuple], header=("path", "label", "split")) -> Path:
     folder = path.parent
-    write_image_folder(folder / "imgs", n_per_class=2, size=SIZE)
+    write_image_folder(folder / "imgs", n_per_class=7, size=SIZE)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
@@ -334,7 +334,8 @@ def _csv(path: Path, rows: list[tuple], header=("path", "label", "split")) -> Pa
     return path
 
 
-GOOD_ROWS = [(f"imgs/{c}/{c}_{i}.png", c, s) for s in ("train", "val", "test") for c in ("a", "b") for i in range(2)]
+GOOD_ROWS = [(f"imgs/{c}/{c}_{2 * k + i}.png", c, s) for k, s in enumerate(("train", "val", "test")) for c in ("a", "b")
+             for i in range(2)]  # each image in one split
 
 DATA_CASES = {
     # name: (make(tmp) -> data section, words in the error)
@@ -363,11 +364,11 @@ DATA_CASES = {
     "csv_missing_image": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
         ("imgs/a/gone.png", "a", "train")]))}, "imgs/a/gone.png not found"),
     "csv_unknown_label": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
-        ("imgs/a/a_0.png", "c", "train")])), "class_names": ["a", "b"]}, "unknown label 'c'"),
+        ("imgs/a/a_6.png", "c", "train")])), "class_names": ["a", "b"]}, "unknown label 'c'"),
     "csv_empty_label": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
         ("imgs/a/a_0.png", "", "train")]))}, "empty label"),
     "csv_bad_split": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
-        ("imgs/a/a_0.png", "a", "tran")]))}, "'tran' is not one of"),
+        ("imgs/a/a_6.png", "a", "tran")]))}, "'tran' is not one of"),
     "csv_missing_column": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", [("imgs/a/a_0.png",)],
                                                                          header=("path",)))}, "lacks column"),
     "csv_empty": (lambda t: {"source": "csv", "path": str(_write(t / "m.csv", ""))}, "empty"),

@@ -132,6 +132,76 @@ def test_csv_errors_name_the_line(tmp_path):
         load_source("csv", str(csv))
 
 
+def _groups(dm):
+    return {s: set(t.groups) for s, t in dm.tables.items()}
+
+
+def test_patient_ids_keep_patients_apart_in_every_split_mode(tmp_path):
+    # `given` (the default) carved the missing splits image by image: 22 of 30 patients in two splits, silently.
+    csv = _manifest(tmp_path)
+    g = _groups(build_data(recipe(source="csv", path=str(csv), val_fraction=0.2, test_fraction=0.2)))
+    assert not (g["train"] & g["val"] or g["train"] & g["test"] or g["val"] & g["test"])
+    with pytest.raises(EdgeKDError, match=r"patient p\d+ appears in both .* \(data.split=stratified splits images"):
+        build_data(recipe(source="csv", path=str(csv), split="stratified", val_fraction=0.2, test_fraction=0.2))
+    # A split column that puts one patient in train and test: refused under `given` too (it was only checked
+    # under split: patient, which re-splits and so drops the manifest's own split).
+    lines = csv.read_text().splitlines()
+    rows = [lines[0] + ",split"] + [f"{r},{'test' if i in (0, 3, 4, 5) else 'train'}" for i, r in enumerate(lines[1:])]
+    csv.write_text("\n".join(rows) + "\n")
+    with pytest.raises(EdgeKDError, match=r"patient p0 appears in both test and train \(the manifest's split column\)"):
+        build_data(recipe(source="csv", path=str(csv), val_fraction=0.2))
+
+
+def test_csv_manifest_rows_that_would_leak_or_mislabel_are_refused(tmp_path):
+    csv = _manifest(tmp_path)
+    (tmp_path / "imgs" / "b" / "extra.png").write_bytes((tmp_path / "imgs" / "a" / "a_0.png").read_bytes())
+    lines = csv.read_text().splitlines()
+    # Patient ids are stripped: "p0 " and "p0" are one patient (they were two, so split: patient leaked).
+    csv.write_text("\n".join(lines[:2] + [lines[2] + " "] + lines[3:]) + "\n")
+    assert "p0 " not in set(load_source("csv", str(csv)).tables["all"].groups)
+    path, label, _ = lines[1].split(",")
+    for extra, says in ((f"{path},{label},p9", r"is listed again \(first on line 2\)"),
+                        ("imgs/b/extra.png,b,", "empty patient_id")):
+        csv.write_text("\n".join(lines + [extra]) + "\n")
+        with pytest.raises(EdgeKDError, match=says):
+            load_source("csv", str(csv))
+    # A label on one row only is a typo until data.class_names says which labels to expect.
+    csv.write_text("\n".join(lines[:-1] + [lines[-1].replace(",b,", ",bb,")]) + "\n")
+    with pytest.raises(EdgeKDError, match=r"m.csv:31: label 'bb' is on this row only \(a typo\?"):
+        build_data(recipe(source="csv", path=str(csv), split="patient"))
+    with pytest.raises(EdgeKDError, match="unknown label 'bb'"):
+        build_data(recipe(source="csv", path=str(csv), split="patient", class_names=["a", "b"]))
+    # Integer labels that skip an id, as in an .npz.
+    csv.write_text("\n".join(lines[:1] + [r.replace(",b,", ",2,").replace(",a,", ",0,") for r in lines[1:]]) + "\n")
+    with pytest.raises(EdgeKDError, match=r"class id\(s\) 1 have no image in any split"):
+        build_data(recipe(source="csv", path=str(csv), split="patient"))
+
+
+def test_csv_encoding_and_separator_problems_are_named(tmp_path):
+    csv = _manifest(tmp_path)
+    text = csv.read_text()
+    csv.write_bytes(b"\xef\xbb\xbf" + text.encode())  # Excel's "CSV UTF-8" starts with a byte-order mark
+    assert len(load_source("csv", str(csv)).tables["all"]) == 30
+    csv.write_bytes(text.replace("p0", "p\xff").encode("latin-1"))
+    with pytest.raises(EdgeKDError, match=r"m.csv: not UTF-8 text \(byte 0xff at offset \d+\); save the manifest"):
+        load_source("csv", str(csv))
+    csv.write_text(text.replace(",", ";"))
+    with pytest.raises(EdgeKDError, match="lacks column.*separated by ';'; edgekd reads comma-separated"):
+        load_source("csv", str(csv))
+
+
+def test_kfold_needs_every_class_in_every_val_fold():
+    labels = np.array([0] * 20 + [1] * 6)
+    groups = np.concatenate([np.repeat(np.arange(10), 2), np.repeat([10, 11, 12], 2)])  # 3 patients of class 1
+    with pytest.raises(EdgeKDError, match="--folds 4: class id 1 has 3 patients in the train/val pool, too few"):
+        kfold_indices(labels, 4, seed=0, groups=groups)
+    assert len(kfold_indices(labels, 3, seed=0, groups=groups)) == 3
+    # Patients holding both classes: enough of each, yet a fold's val split misses one (found by a seeded search).
+    mixed = np.array([1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 0])
+    with pytest.raises(EdgeKDError, match=r"--folds 3: fold 1's val split has no image of class id 1"):
+        kfold_indices(mixed, 3, seed=0, groups=np.array([0, 3, 0, 2, 4, 4, 1, 0, 2, 4, 3, 0]))
+
+
 def test_stratified_and_group_kfold():
     labels = np.array([0] * 20 + [1] * 10)
     keep, held = stratified_split(labels, 0.2, seed=0)

@@ -7,6 +7,7 @@ import gzip
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -188,30 +189,32 @@ def load_csv(path: str | Path) -> Source:
     path = Path(path)
     if not path.is_file():
         raise EdgeKDError(f"{path}: CSV manifest not found")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise EdgeKDError(f"{path}: CSV manifest is empty")
-    missing = {"path", "label"} - set(rows[0])
-    if missing:
-        raise EdgeKDError(f"{path}: CSV manifest lacks column(s) {', '.join(sorted(missing))}")
+    rows = _read_manifest(path)
     label_values = [(r["label"] or "").strip() for r in rows]
     empty = next((i for i, v in enumerate(label_values) if not v), None)
     if empty is not None:
         raise EdgeKDError(f"{path}:{empty + 2}: empty label")
     named = not all(v.lstrip("-").isdigit() for v in label_values)
+    info: dict[str, Any] = {"named_labels": named}
     if not named:
         ids = sorted({int(v) for v in label_values})
         if ids[0] < 0:
             raise EdgeKDError(f"{path}: negative label {ids[0]}")
         class_names = [f"class_{i}" for i in range(ids[-1] + 1)]
         to_id = {str(i): i for i in range(ids[-1] + 1)}
+        skipped = sorted(set(range(ids[-1] + 1)) - set(ids))
+        if skipped:
+            info["skipped_ids"] = skipped
     else:
         class_names = sorted(set(label_values))
         to_id = {n: i for i, n in enumerate(class_names)}
+        lone = next((n for n in class_names if label_values.count(n) == 1), None)
+        if lone is not None:  # refused by build_data unless data.class_names names the classes (then: unknown)
+            info["lone_label"] = f"{path}:{label_values.index(lone) + 2}: label {lone!r} is on this row only"
     has_groups = "patient_id" in rows[0]
     has_split = "split" in rows[0]
     buckets: dict[str, dict[str, list]] = {}
+    first_line: dict[Path, int] = {}
     for lineno, (row, label) in enumerate(zip(rows, label_values), start=2):
         if not row["path"]:
             raise EdgeKDError(f"{path}:{lineno}: empty path")
@@ -220,20 +223,46 @@ def load_csv(path: str | Path) -> Source:
         file = (path.parent / row["path"]).resolve()
         if not file.is_file():
             raise EdgeKDError(f"{path}:{lineno}: image {row['path']} not found")
+        if first_line.setdefault(file, lineno) != lineno:  # one image in two splits, or under two labels
+            raise EdgeKDError(f"{path}:{lineno}: image {row['path']} is listed again (first on line {first_line[file]})")
+        patient = (row.get("patient_id") or "").strip()
+        if has_groups and not patient:
+            raise EdgeKDError(f"{path}:{lineno}: empty patient_id (every row needs one when the column is there)")
         split = (row.get("split") or "").strip() if has_split else "all"
         if has_split and split not in SPLITS:
             raise EdgeKDError(f"{path}:{lineno}: split {split!r} is not one of train/val/test")
         b = buckets.setdefault(split, {"paths": [], "labels": [], "groups": []})
         b["paths"].append(str(file))
         b["labels"].append(to_id[label])
-        b["groups"].append(row.get("patient_id") or f"row{lineno}")
+        b["groups"].append(patient)
     tables = {
         split: Table(labels=np.asarray(b["labels"], dtype=np.int64), paths=b["paths"],
                      groups=np.asarray(b["groups"]) if has_groups else None)
         for split, b in buckets.items()
     }
     # Named labels: data.class_names may set their order (build_data remaps by name, never by position).
-    return Source(name=path.stem, tables=tables, class_names=class_names, info={"named_labels": named})
+    return Source(name=path.stem, tables=tables, class_names=class_names, info=info)
+
+
+def _read_manifest(path: Path) -> list[dict[str, str]]:
+    """The CSV's rows (UTF-8, an Excel byte-order mark allowed) with at least the path and label columns."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError as err:
+        raise EdgeKDError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                          "save the manifest as UTF-8") from None
+    except csv.Error as err:
+        raise EdgeKDError(f"{path}: not a readable CSV ({err})") from None
+    if not rows:
+        raise EdgeKDError(f"{path}: CSV manifest is empty")
+    header = list(rows[0])
+    missing = {"path", "label"} - set(header)
+    if missing:
+        sep = next((s for s in (";", "\t", "|") if any(s in (h or "") for h in header)), None)
+        hint = f" (its header is separated by {sep!r}; edgekd reads comma-separated values)" if sep else ""
+        raise EdgeKDError(f"{path}: CSV manifest lacks column(s) {', '.join(sorted(missing))}{hint}")
+    return rows
 
 
 def _read_idx(file: Path) -> np.ndarray:

@@ -45,12 +45,27 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
 
 
 def kfold_indices(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified k-fold, grouped by patient when groups are given: [(train_idx, val_idx)] per fold."""
+    """Stratified k-fold, grouped by patient when groups are given: [(train_idx, val_idx)] per fold. Every class
+    must reach every fold's val split (else its metrics are undefined and the run stops at that fold)."""
+    present = np.unique(labels)
+    units = groups if groups is not None else np.arange(len(labels))
+    per_class = [len(np.unique(units[labels == c])) for c in present]
+    kind = "patients" if groups is not None else "images"
+    if folds > min(per_class):
+        raise EdgeKDError(f"--folds {folds}: class id {present[int(np.argmin(per_class))]} has {min(per_class)} "
+                          f"{kind} in the train/val pool, too few for {folds} folds")
     if groups is not None:
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels, groups)]
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
+        out = [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels, groups)]
+    else:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        out = [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
+    for i, (_, val) in enumerate(out):
+        missing = np.setdiff1d(present, labels[val])
+        if missing.size:
+            raise EdgeKDError(f"--folds {folds}: fold {i}'s val split has no image of class id {missing[0]} "
+                              f"({kind} are split whole); use fewer folds")
+    return out
 
 
 def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: float, seed: int,
@@ -66,9 +81,10 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
         # Re-split everything the source offers except its test split.
         pool = Table.concat([tables[s] for s in ("train", "val") if s in tables])
         tables = {"all": pool, **({"test": tables["test"]} if "test" in tables else {})}
-    grouped = mode == "patient"
-    if grouped and any(t.groups is None for t in tables.values()):
+    has_groups = all(t.groups is not None for t in tables.values())
+    if mode == "patient" and not has_groups:
         raise EdgeKDError("data.split=patient needs patient ids (a CSV manifest with a patient_id column)")
+    grouped = mode == "patient" or (mode == "given" and has_groups)  # `given` carves what is missing by patient
 
     def carve(table: Table, fraction: float) -> tuple[Table, Table]:
         if grouped:
@@ -94,14 +110,16 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
         if val_fraction <= 0:
             raise EdgeKDError("data.val_fraction must be > 0 when the source has no val split")
         tables["train"], tables["val"] = carve(tables["train"], val_fraction)
-    if grouped:
-        assert_disjoint_groups(tables)
+    if has_groups:  # whatever the mode: a patient in two splits leaks
+        assert_disjoint_groups(tables, mode)
     return tables
 
 
-def assert_disjoint_groups(tables: dict[str, Table]) -> None:
+def assert_disjoint_groups(tables: dict[str, Table], mode: str = "patient") -> None:
+    hint = {"stratified": " (data.split=stratified splits images; with patient ids use data.split=patient)",
+            "given": " (the manifest's split column)"}.get(mode, "")
     seen: dict[str, str] = {}
     for split, t in tables.items():
         for g in np.unique(t.groups):
             if seen.setdefault(str(g), split) != split:
-                raise EdgeKDError(f"patient {g} appears in both {seen[str(g)]} and {split}")
+                raise EdgeKDError(f"patient {g} appears in both {seen[str(g)]} and {split}{hint}")
