@@ -128,10 +128,13 @@ def train(
     from edgekd.recipe import load_recipe
     from edgekd.train.distributed import distributed_session, is_main_process
 
+    from edgekd.fileio import removed_unless
+
     rec = load_recipe(recipe, set_)
     out = out or Path("runs") / rec.name
     # Under torchrun every rank runs this command: one process group per run, console output from rank 0 only.
-    with distributed_session(rec.train.device), progress_bar() as progress:
+    # A run refused before its first checkpoint (e.g. a monitor that is NaN at epoch 1) leaves no folder behind.
+    with removed_unless(out, "*.pt"), distributed_session(rec.train.device), progress_bar() as progress:
         main = is_main_process()
         log = (progress.console.print if progress.console.is_terminal else console.print) if main else _quiet
         if folds is not None:

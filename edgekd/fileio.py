@@ -198,3 +198,18 @@ def remove_tree(path: str | Path) -> None:
     with deferred_signals():
         shutil.rmtree(path, ignore_errors=True)
 
+
+
+@contextlib.contextmanager
+def removed_unless(path: str | Path, keep: str):
+    """Run a block that makes the folder `path`; if the block fails and the folder is new and holds no file
+    matching `keep` (e.g. "*.pt": a run that failed before its first checkpoint), it is removed again, so a
+    refused run leaves no folder holding only its recipe. A folder that was there is never touched."""
+    path = Path(path)
+    new = not path.exists()
+    try:
+        yield path
+    except BaseException:
+        if new and path.is_dir() and not any(path.rglob(keep)):
+            remove_tree(path)
+        raise

@@ -367,6 +367,23 @@ def test_nan_monitor_fails_at_the_first_epoch(tiny_recipe_dict, tmp_path):
     with pytest.raises(EdgeKDError, match="train.monitor: 'val_auc' is NaN at epoch 1"):
         train_recipe(recipe_from_dict(d), tmp_path / "r", log=logs.append)
     assert not logs  # no epoch finished
+    # `edgekd train` removes the run folder it made for a run refused before its first checkpoint (it left a
+    # folder holding recipe.yaml); a folder that was there stays.
+    import yaml
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    (tmp_path / "nan.yaml").write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "nan.yaml"), "--out", str(tmp_path / "cli")])
+    assert isinstance(res.exception, EdgeKDError) and not (tmp_path / "cli").exists()
+    (tmp_path / "mine").mkdir()
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "nan.yaml"), "--out", str(tmp_path / "mine" / "run")])
+    assert isinstance(res.exception, EdgeKDError) and (tmp_path / "mine").is_dir()
+    assert not (tmp_path / "mine" / "run").exists()
+    (tmp_path / "mine" / "run").mkdir()  # an existing --out is left as it was
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "nan.yaml"), "--out", str(tmp_path / "mine" / "run")])
+    assert isinstance(res.exception, EdgeKDError) and (tmp_path / "mine" / "run" / "recipe.yaml").is_file()
 
 
 def test_a_seeded_run_repeats_its_metrics_exactly(tiny_recipe_dict, tmp_path):
