@@ -106,6 +106,13 @@ def test_weights_check_holds_with_logging_silenced(tmp_path):
     assert _builder._logger is timm_log  # timm's logger is back after a refused build
 
 
+def test_custom_cnn_refuses_unknown_kwargs():
+    # SmallCNN swallowed any keyword: a misspelt key, or a Swin recipe's window_size carried over by
+    # --set model.name=edgekd_cnn_small, was silently ignored.
+    with pytest.raises(EdgeKDError, match=r"bad model.kwargs .*unexpected keyword argument 'window_size'"):
+        create_model({"name": "edgekd_cnn_small", "num_classes": 2, "in_chans": 1, "kwargs": {"window_size": 8}})
+
+
 def test_parameter_and_mac_counts():
     m = create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 1})
     # conv(1->8)+bn, conv(8->8)+bn, conv(8->16)+bn, conv(16->16)+bn, fc(16->2)

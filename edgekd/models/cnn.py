@@ -23,7 +23,7 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, num_classes: int = 2, in_chans: int = 3, widths: tuple[int, ...] = (32, 64, 128),
-                 drop_rate: float = 0.2, **_: object):
+                 drop_rate: float = 0.2):
         super().__init__()
         self.num_classes, self.drop_rate = num_classes, drop_rate
         chans = [in_chans, *widths]
