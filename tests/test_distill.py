@@ -183,6 +183,22 @@ def test_feature_kd_on_timm_cnn_reaches_adapter_and_student():
     assert not any(k.startswith("proj") or "adapter" in k for k in student.state_dict())
 
 
+def test_a_teacher_trained_without_the_students_hair_removal_is_warned_of():
+    # Normalization, channels and size are adapted to the teacher; hair removal (in the decode) cannot be.
+    student, teacher = tiny("edgekd_cnn_tiny"), freeze_teacher(tiny("edgekd_cnn_tiny"))
+    cfg = distill_cfg([{"kind": "kl", "weight": 1.0}])
+    logs: list[str] = []
+    build_objective(cfg, student, teacher, teacher_ckpt("edgekd_cnn_tiny"), {**pre(16), "hair_removal": True}, None,
+                    log=logs.append)
+    assert [m for m in logs if "hair_removal" in m] == [
+        "warning: distill: the teacher edgekd_cnn_tiny was trained without data.hair_removal and the student uses it: "
+        "the teacher sees images unlike its training data (normalization, channels and size are adapted; hair "
+        "removal is not)"]
+    logs.clear()
+    build_objective(cfg, student, teacher, teacher_ckpt("edgekd_cnn_tiny"), pre(16), None, log=logs.append)
+    assert not [m for m in logs if "hair_removal" in m]
+
+
 def test_feature_kd_vit_tokens_reshaped_and_linear_adapter():
     student = tiny("test_vit", img_size=16, patch_size=4)            # 1 class token + 4x4 patch tokens
     teacher = freeze_teacher(tiny("edgekd_cnn_tiny"))

@@ -259,6 +259,12 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
     for member, _ in members:
         freeze_teacher(member)
     inputs = [TeacherInput(student_pre, ckpt["preprocess"], distill_cfg.teacher_image_size) for _, ckpt in members]
+    for _, ckpt in members:
+        if bool(ckpt["preprocess"].get("hair_removal")) != bool(student_pre.get("hair_removal")):
+            log(f"warning: distill: the teacher {ckpt['arch']['name']} was trained "
+                f"{'with' if ckpt['preprocess'].get('hair_removal') else 'without'} data.hair_removal and the student "
+                f"{'uses' if student_pre.get('hair_removal') else 'does not use'} it: the teacher sees images unlike "
+                "its training data (normalization, channels and size are adapted; hair removal is not)")
     teacher_input = inputs[0]
     if len(members) > 1:
         teacher = EnsembleTeacher([m for m, _ in members], inputs, distill_cfg.ensemble_mode)
