@@ -307,3 +307,21 @@ def test_a_platt_bundle_runs_the_same_calibration_as_export(calibrated_bundle, t
         np.testing.assert_allclose(p.probs, apply_temperature(p.raw_probs, cal["temperature"], cal["bias"]), atol=1e-12)
     parity = json.loads((tmp_path / "b" / "parity.json").read_text())
     assert parity["artifacts"][0]["operating_point"]["test"]["calibrated_prob_mean_abs_diff"] < 1e-5
+
+
+def test_a_threshold_rule_on_a_multi_class_model_is_refused():
+    # It was dropped for argmax without a word: edgekd.json said argmax, the profile said sensitivity 0.95.
+    from edgekd.errors import EdgeKDError
+    from edgekd.export.clinical import operating_point
+    from edgekd.export.profile import DecisionConfig, load_profile
+
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % 3
+    reference = {"splits": {s: {"logits": rng.normal(size=(30, 3))} for s in ("val", "test")}}
+    splits = {s: (None, y) for s in ("val", "test")}
+    profile = load_profile(None)
+    names = ["a", "b", "c"]
+    assert operating_point(reference, splits, profile, names)["decision"]["rule"] == "argmax"
+    strict = profile.model_copy(update={"decision": DecisionConfig(rule="sensitivity", target=0.95)})
+    with pytest.raises(EdgeKDError, match=r"decision.rule sensitivity needs a two-class model \(3 classes"):
+        operating_point(reference, splits, strict, names)

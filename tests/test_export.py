@@ -96,6 +96,8 @@ def test_profile_unknown_key_is_a_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("text, key", [
     ("formats: [tflite]", "formats.0"),
+    ("formats: []", "formats: List should have at least 1 item"),  # was blamed on a --format flag not given
+    ("precisions: []", "precisions: List should have at least 1 item"),
     ("tta: {views: [mirror]}", "tta.views.0"),
     ("parity: {tolerances: {fp32: {top1_agreement: 1.5}}}", "parity.tolerances.fp32.top1_agreement"),
     ("- a list", "<root>"),

@@ -38,6 +38,9 @@ def operating_point(reference: dict[str, Any], splits: dict[str, tuple[np.ndarra
     method = profile.calibration.method
     if method == "platt" and not binary:
         raise EdgeKDError(f"export profile: calibration.method platt needs a two-class model ({len(class_names)} classes)")
+    if profile.decision.rule != "argmax" and not binary:  # it was dropped for argmax, silently
+        raise EdgeKDError(f"export profile: decision.rule {profile.decision.rule} needs a two-class model "
+                          f"({len(class_names)} classes; a multi-class bundle predicts the top class: rule argmax)")
     if method != "none":
         calibration = calibration_report(val_logits, val_y, test_logits, test_y, method)
     positive = positive_index(profile.decision.positive, class_names)

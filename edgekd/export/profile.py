@@ -153,7 +153,8 @@ class DecisionConfig(Section):
 
     rule: Literal["argmax", "sensitivity", "specificity", "youden"] = "argmax"
     """sensitivity / specificity: the threshold on validation that reaches `target` (screening / confirmation);
-    youden: the one maximizing sensitivity + specificity - 1; argmax: the top class. Multi-class: always argmax."""
+    youden: the one maximizing sensitivity + specificity - 1; argmax: the top class (the only rule for a
+    multi-class model: another is refused at export)."""
     target: float | None = Field(None, gt=0, le=1)
     positive: str | int = 1
     """The positive class (its name or index) whose probability the threshold applies to."""
@@ -173,8 +174,8 @@ class CardConfig(Section):
 class ExportProfile(Section):
     name: str = "default"
     description: str = ""
-    formats: list[Literal["onnx", "openvino"]] = ["onnx", "openvino"]
-    precisions: list[Precision] = ["fp32"]
+    formats: list[Literal["onnx", "openvino"]] = Field(["onnx", "openvino"], min_length=1)
+    precisions: list[Precision] = Field(["fp32"], min_length=1)
     input_size: int | None = Field(None, ge=8)
     """Export at this (square) input size instead of the checkpoint's; the eval resize scales with it."""
     threads: int | None = Field(None, ge=1)
