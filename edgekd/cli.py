@@ -22,23 +22,47 @@ from edgekd.errors import EdgeKDError, error_line, printable
 from edgekd.options import int_list, split_list
 
 
-def _flags_show_no_type() -> None:
-    """typer 0.29's help prints a flag's type beside it (`--tta <bool>`, even `--help <bool>`) as if the flag took
-    a value; a flag takes none, so its type column is left empty (other options keep theirs)."""
-    from typer.core import TyperOption
+def _plain_help_types() -> None:
+    """typer 0.29's help shows Python types: a flag's `<bool>` (`--tta <bool>`, even `--help <bool>`) as if it took
+    a value, `<list[str]>` for a repeatable option, `<int range>` beside its `[x>=1]`, and `{checkpoint}` for a
+    required argument in the usage line; its command list keeps a docstring's line breaks. Shown instead: nothing
+    for a flag, the element type (`--set <str>`, repeatable as its help says), `<int>`, CHECKPOINT / [OUT] in the
+    usage line as click writes them, and each command's summary as one paragraph."""
+    import inspect
+    import re
+
+    from typer.core import TyperArgument, TyperOption
 
     shown = getattr(TyperOption, "display_type_rich", None)
-    if shown is None or getattr(shown, "flags_hidden", False):
+    if shown is None or getattr(shown, "plain", False):
         return
 
     def display_type_rich(self, ctx):
-        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+        if getattr(self, "is_flag", False):
+            return None
+        label = shown(self, ctx)
+        return re.sub(r"<(?:list\[(\w+)\]|(\w+) range)>", lambda m: f"<{m.group(1) or m.group(2)}>", label) if label else label
 
-    display_type_rich.flags_hidden = True
+    def usage_name(self):
+        name = self.display_name_raw.upper()
+        return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+    display_type_rich.plain = True
     TyperOption.display_type_rich = display_type_rich
+    if hasattr(TyperArgument, "_usage_display_name"):
+        TyperArgument._usage_display_name = usage_name
+    from typer import rich_utils
+
+    command_help = getattr(rich_utils, "_make_command_help", None)
+    if command_help is not None:  # the commands list kept the docstring's line breaks: "run two / optimizer steps"
+        def one_paragraph(*, help_text: str, markup_mode):
+            text = re.sub(r"(?<!\n)\n(?!\n)", " ", inspect.cleandoc(help_text))
+            return command_help(help_text=text, markup_mode=markup_mode)
+
+        rich_utils._make_command_help = one_paragraph
 
 
-_flags_show_no_type()
+_plain_help_types()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill medical-imaging classifiers into small, verified models for CPU edge devices.")
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -192,7 +216,7 @@ def eval_(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`; with "
                                       "--corruptions/--failures also an exported bundle."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's; "
-                                        "for a bundle also a labelled folder (DIR/<class name>/images)."),
+                                        "for a bundle's --corruptions also a labelled folder (DIR/<class name>/images)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
     split: str = typer.Option("test", "--split", help="Comma-separated splits: train,val,test."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: next to the checkpoint)."),
@@ -209,8 +233,8 @@ def eval_(
     top: int = typer.Option(5, "--top", min=1, help="How many confused pairs --failures reports."),
 ) -> None:
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
-    corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle with --data DIR
-    (a labelled folder) runs on the core install, without PyTorch."""
+    corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
+    eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
     from edgekd.fileio import refuse_output_inside
     from edgekd.runtime import is_bundle
 

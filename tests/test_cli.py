@@ -61,3 +61,8 @@ def test_help_shows_no_value_type_beside_a_flag():
     p = run_edgekd("predict", "--help")
     assert p.returncode == 0 and "--tta" in p.stdout and "<bool>" not in p.stdout
     assert "<str>" in p.stdout  # options that take a value keep their type
+    # Python types are not shown either: a repeatable option's element type, an int range's `<int>`, and the
+    # usage line's CHECKPOINT (typer 0.29: `<list[str]>`, `<int range>`, `{checkpoint}`).
+    p = run_edgekd("eval", "--help")
+    assert "eval [OPTIONS] CHECKPOINT" in p.stdout and "{checkpoint}" not in p.stdout
+    assert "--set" in p.stdout and "<list[" not in p.stdout and " range>" not in p.stdout and "<int>" in p.stdout
