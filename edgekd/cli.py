@@ -407,7 +407,8 @@ def predict(
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
     views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (must be in the bundle)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the most "
+                                            "precise in the bundle, fp32 first)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
     batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
@@ -449,7 +450,7 @@ def predict(
     if runner.tasks and task is None:
         out_console.print(_task_predictions_table(bundle.name, runner, results))
     else:
-        out_console.print(_predictions_table(bundle.name, runner, results, precision, tta_option))
+        out_console.print(_predictions_table(bundle.name, runner, results, runner.precision, tta_option))
     failed = sum(isinstance(r, Failure) for r in results)
     if out is not None:
         write_predictions(out, results, runner.class_names, {
@@ -510,7 +511,8 @@ def repository(
     bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
     kind: str = typer.Option(..., "--kind", help="triton (the bundle's ONNX model) or ovms (its OpenVINO IR)."),
     out: Path = typer.Option(..., "--out", "-o", help="The repository directory to write (new or empty)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (must be in the bundle)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the most "
+                                            "precise in the bundle, fp32 first)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name in the server (default: <model>_<precision>)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Triton max_batch_size (dynamic batching)."),
     queue_delay_us: int = typer.Option(2000, "--queue-delay-us", min=0,
@@ -536,7 +538,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (another host than localhost needs a token)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (must be in the bundle)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the most "
+                                            "precise in the bundle, fp32 first)."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: the bundle's)."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, max=256, help="Most images per inference call."),
@@ -565,7 +568,7 @@ def serve(
     check_port_free(host, port)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
                                 cache_dir=cache_dir, task=task)
-    console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {precision} on {backend}, {runner.info['threads'] or 'default'} "
+    console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision} on {backend}, {runner.info['threads'] or 'default'} "
                   f"threads{', TTA' if tta else ''}) at http://{host}:{port}" + (" (token required)" if token else ""))
     run_service(runner, settings)
 

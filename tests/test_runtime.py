@@ -384,6 +384,20 @@ def test_fp16_artifact_runs_close_to_fp32(bundle):
         Runner.from_bundle(bundle, backend="onnx", precision="int8")
 
 
+def test_without_precision_the_most_precise_model_in_the_bundle_runs(bundle):
+    # A bundle of one non-FP32 model needed --precision: the default fp32 was "not in the bundle".
+    from dataclasses import replace
+
+    from edgekd.runtime import open_bundle
+
+    full = open_bundle(bundle)
+    assert Runner.from_bundle(full, warmup=0).precision == "fp32"
+    fp16_only = replace(full, artifacts=[a for a in full.artifacts if a.precision == "fp16"])
+    assert Runner.from_bundle(fp16_only, warmup=0).precision == "fp16"
+    with pytest.raises(EdgeKDError, match=r"no onnx fp32 model in the bundle \(it has: openvino/fp16\)"):
+        Runner.from_bundle(fp16_only, backend="onnx", warmup=0)
+
+
 def test_predict_many_keeps_order_and_reports_bad_inputs(bundle, tmp_path):
     runner = Runner.from_bundle(bundle, warmup=0)
     bad = tmp_path / "bad.png"

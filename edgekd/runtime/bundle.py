@@ -129,6 +129,12 @@ class Bundle:
         """The bundle's identity: the sha256 of its manifest.sha256, which lists every file's sha256."""
         return hashlib.sha256((self.root / MANIFEST_FILE).read_bytes()).hexdigest()
 
+    def most_precise(self, formats: tuple[str, ...]) -> str:
+        """The most precise precision the bundle has in `formats`: fp32, else fp16, else int8 (fp32 when it has
+        none, for artifact() to name what it has)."""
+        have = {a.precision for a in self.artifacts if a.format in formats}
+        return next((p for p in PRECISIONS if p in have), "fp32")
+
     def artifact(self, fmt: str, precision: str) -> Artifact:
         for art in self.artifacts:
             if art.format == fmt and art.precision == precision:

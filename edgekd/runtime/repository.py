@@ -125,7 +125,7 @@ def _stage_ovms(bundle: Bundle, art: Artifact, stage: Path, name: str, base_path
     return files, {}
 
 
-def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str = "fp32",
+def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str | None = None,
                      name: str | None = None, max_batch_size: int = 32, queue_delay_us: int = 2000,
                      base_path: str = "/models") -> Repository:
     """The `kind` repository (triton: the bundle's ONNX model; ovms: its OpenVINO IR) at `out`, with a README
@@ -137,8 +137,8 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     out = Path(out)
     _check_out(out)
     bundle = open_bundle(bundle_path, verify=True)
-    art = bundle.artifact(KINDS[kind], precision)
-    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{bundle.model.get('name') or 'model'}_{precision}")
+    art = bundle.artifact(KINDS[kind], precision or bundle.most_precise((KINDS[kind],)))
+    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{bundle.model.get('name') or 'model'}_{art.precision}")
     if not MODEL_NAME.match(name):
         raise EdgeKDError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (at most 64, a letter or digit first)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,11 +98,12 @@ class Runner:
     """Multi-head bundles: the task predicted (None: every task, side by side)."""
 
     @classmethod
-    def from_bundle(cls, path: str | Path | Bundle, backend: str = "openvino", precision: str = "fp32",
+    def from_bundle(cls, path: str | Path | Bundle, backend: str = "openvino", precision: str | None = None,
                     threads: int | None = None, tta: TTAOption = False, warmup: int = 1,
                     verify: bool = True, cache_dir: str | Path | None = None,
                     threshold: float | None = None, task: str | None = None) -> "Runner":
-        """Open (and verify) a bundle and compile its `precision` model on `backend` ("openvino" or "onnx").
+        """Open (and verify) a bundle and compile its `precision` model on `backend` ("openvino" or "onnx");
+        `precision` None: the most precise the bundle has for that backend (fp32, else fp16, else int8).
 
         `tta`: False (one view), True (the bundle's views) or a list of view names. `warmup` inference rounds run
         at load, for batch 1 and for the TTA batch, so the first real call is not the slow one. `cache_dir`: an
@@ -112,7 +113,7 @@ class Runner:
         """
         if backend not in BACKENDS:
             raise EdgeKDError(f"unknown backend '{backend}' (use {', '.join(BACKENDS)})")
-        if precision not in PRECISIONS:
+        if precision is not None and precision not in PRECISIONS:
             raise EdgeKDError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
         if threads is not None and threads < 1:
             raise EdgeKDError(f"threads must be >= 1, got {threads}")
@@ -121,6 +122,7 @@ class Runner:
         if threshold is not None and (len(bundle.class_names) != 2 or not 0 <= threshold <= 1):
             raise EdgeKDError(f"threshold {threshold} needs a two-class bundle and a value in [0, 1]")
         _check_task(bundle, task)
+        precision = precision or bundle.most_precise(("openvino", "onnx") if backend == "openvino" else ("onnx",))
         artifact = _pick_artifact(bundle, backend, precision)
         threads = min(threads, os.cpu_count() or 1) if threads else bundle.threads
         preprocessor = Preprocessor(bundle.preprocess)
