@@ -22,7 +22,8 @@ IMAGE_SUFFIXES = {*PILLOW_FORMATS, ".dcm"}
 DICOM_MARKER = b"DICM"
 """A DICOM file (Part 10) is recognised by its content: a 128-byte preamble, then these 4 bytes, whatever its
 name (PACS exports often have none, or a UID for one)."""
-FRAMES_HINT = "pick one: --frame N, or predict it as a folder input to get one row per frame"
+FRAMES_HINT = ("one image per file is read here: save the frame you mean as its own image; `edgekd predict` "
+               "takes the file whole, one row per frame, or --frame N")
 """How the error for a multi-frame DICOM read without a frame number ends (the CLI's; the service has its own)."""
 MAX_PIXELS = 64_000_000
 """Decompression-bomb guard: larger images are refused (a 224x224 model never needs them)."""

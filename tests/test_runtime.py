@@ -643,8 +643,9 @@ def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict
     for k in range(3):
         arr = read_image(multi, frame=k)[..., 0]
         assert (arr[4 * k:4 * k + 4] == 255).all() and arr.sum() == 255 * 4 * 16
-    with pytest.raises(EdgeKDError, match="a DICOM of 3 frames"):
+    with pytest.raises(EdgeKDError, match="a DICOM of 3 frames") as err:  # e.g. listed in a training CSV
         read_image(multi)
+    assert "save the frame you mean as its own image" in str(err.value)  # train/explain have no --frame
     single = series / "1.2.3.0"  # --frame on a single-image file: frame 1 is the image, frame 2 is an error
     assert collect_inputs([single], frame=1)[0] == [single]
     [frame2], _ = collect_inputs([single], frame=2)
