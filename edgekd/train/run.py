@@ -138,7 +138,7 @@ def evaluate_best(best_path: Path, data: DataModule, device, out: Path, name: st
         y, logits = predict_logits(best, data.loader(split, train=False), device)
         reports[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, name, plots=plots)
         if plots and reports[split].get("warning"):
-            log(f"warning: {best_path.name}: {reports[split]['warning']}")
+            log(f"warning: {best_path}: {reports[split]['warning']}")
     return best, reports
 
 
