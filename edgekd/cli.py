@@ -69,6 +69,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 # Tables are the output: keep them readable when piped to a file or a CI log (no 80-column squeeze).
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 STATE = {"debug": False}
+BUNDLE_PRECISION_HELP = "fp32, fp16 or int8 (default: the most precise model in the bundle, fp32 first)."
 
 
 def _version(value: bool) -> None:
@@ -407,8 +408,7 @@ def predict(
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
     views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the most "
-                                            "precise in the bundle, fp32 first)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
     batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
@@ -511,8 +511,7 @@ def repository(
     bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
     kind: str = typer.Option(..., "--kind", help="triton (the bundle's ONNX model) or ovms (its OpenVINO IR)."),
     out: Path = typer.Option(..., "--out", "-o", help="The repository directory to write (new or empty)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the most "
-                                            "precise in the bundle, fp32 first)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Model name in the server (default: <model>_<precision>)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Triton max_batch_size (dynamic batching)."),
     queue_delay_us: int = typer.Option(2000, "--queue-delay-us", min=0,
@@ -538,8 +537,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (another host than localhost needs a token)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: the most "
-                                            "precise in the bundle, fp32 first)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: the bundle's)."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, max=256, help="Most images per inference call."),

@@ -245,6 +245,18 @@ def check_teacher_classes(terms: list, teacher_ckpts: list[dict[str, Any]], num_
                               "only for cross-task KD)")
 
 
+def warn_decode_mismatch(teacher_ckpts: list[dict[str, Any]], student_pre: dict[str, Any],
+                         log: Callable[[str], None]) -> None:
+    """A warning per teacher trained with another data.hair_removal than the student uses: TeacherInput adapts
+    normalization, channels and size, not what happens at decode."""
+    for ckpt in teacher_ckpts:
+        if bool(ckpt["preprocess"].get("hair_removal")) != bool(student_pre.get("hair_removal")):
+            log(f"warning: distill: the teacher {ckpt['arch']['name']} was trained "
+                f"{'with' if ckpt['preprocess'].get('hair_removal') else 'without'} data.hair_removal and the student "
+                f"{'uses' if student_pre.get('hair_removal') else 'does not use'} it: the teacher sees images unlike "
+                "its training data (normalization, channels and size are adapted; hair removal is not)")
+
+
 def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher_ckpt: dict[str, Any],
                     student_pre: dict[str, Any], class_weights: torch.Tensor | None,
                     augment: list | None = None, num_classes: int | None = None,
@@ -259,12 +271,7 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
     for member, _ in members:
         freeze_teacher(member)
     inputs = [TeacherInput(student_pre, ckpt["preprocess"], distill_cfg.teacher_image_size) for _, ckpt in members]
-    for _, ckpt in members:
-        if bool(ckpt["preprocess"].get("hair_removal")) != bool(student_pre.get("hair_removal")):
-            log(f"warning: distill: the teacher {ckpt['arch']['name']} was trained "
-                f"{'with' if ckpt['preprocess'].get('hair_removal') else 'without'} data.hair_removal and the student "
-                f"{'uses' if student_pre.get('hair_removal') else 'does not use'} it: the teacher sees images unlike "
-                "its training data (normalization, channels and size are adapted; hair removal is not)")
+    warn_decode_mismatch([ckpt for _, ckpt in members], student_pre, log)
     teacher_input = inputs[0]
     if len(members) > 1:
         teacher = EnsembleTeacher([m for m, _ in members], inputs, distill_cfg.ensemble_mode)
