@@ -182,7 +182,7 @@ def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | No
     stand_ins.append(f"{tag}: {data.get('source', 'builtin')} {data.get('path') or ''} -> {k}-class synthetic "
                      f"{data.get('resize') or data.get('image_size')} px".replace("  ", " "))
     return {**data, "source": "medmnist", "path": str(path), "split": "given", "folds": None, "fold": None,
-            "limit": None}
+            "limit": None, "patient_pattern": None}
 
 
 def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: list[str]) -> Recipe:

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -49,6 +50,21 @@ class DataConfig(Section):
     """Draw train batches with each class equally likely (with replacement); loss class weights become 1."""
     on_bad_image: Literal["error", "skip"] = "error"
     hair_removal: bool = False
+    patient_pattern: str | None = None
+    """Patient ids from the image file names (an ImageFolder, or a CSV without a patient_id column): the first group
+    of this regular expression, searched in each file name; e.g. '^[A-Z]+-(\\d+)-' for Kermany OCT2017's
+    CNV-1016042-1.jpeg. Then no patient is in two splits, and k-fold is by patient."""
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "DataConfig":
+        if self.patient_pattern is not None:
+            try:
+                groups = re.compile(self.patient_pattern).groups
+            except re.error as err:
+                raise ValueError(f"patient_pattern is not a regular expression ({err})") from None
+            if groups < 1:
+                raise ValueError("patient_pattern needs a group, the patient id: e.g. '^[A-Z]+-(\\d+)-'")
+        return self
 
 
 class ModelConfig(Section):
@@ -420,6 +436,8 @@ class Recipe(Section):
         # train.swa.start_epoch: "the last quarter" was spelled 0 until 2026-12-05 and is null since, when 0 came
         # to mean the first epoch; digests keep the old spelling, so runs trained before still resume and reuse.
         swa["start_epoch"] = {None: 0, 0: "first"}.get(swa["start_epoch"], swa["start_epoch"])
+        if dumped["data"].get("patient_pattern") is None:  # a key since 2026-12-05: unset, the digest is as before
+            dumped["data"].pop("patient_pattern", None)
         text = json.dumps(dumped, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

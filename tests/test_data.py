@@ -190,6 +190,34 @@ def test_csv_encoding_and_separator_problems_are_named(tmp_path):
         load_source("csv", str(csv))
 
 
+def test_patient_ids_from_file_names_keep_patients_apart(tmp_path):
+    # Kermany OCT2017 names its B-scans CLASS-PATIENT-N.jpeg: the KD-OCT protocol's patient-level split and k-fold
+    # need the patient, which an ImageFolder had no way to give.
+    root = tmp_path / "oct"
+    for split, patients in (("train", range(12)), ("test", range(12, 16))):
+        for p in patients:
+            cls = "CNV" if p % 2 else "NORMAL"
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for k in range(3):
+                Image.new("L", (8, 8), 40 * k + p).save(root / split / cls / f"{cls}-{1000 + p}-{k}.png")
+    pattern = r"^[A-Z]+-(\d+)-"
+    dm = build_data(recipe(source="imagefolder", path=str(root), patient_pattern=pattern, val_fraction=0.25))
+    g = _groups(dm)
+    assert not (g["train"] & g["val"] or g["train"] & g["test"]) and len(g["val"]) >= 2 and "1000" in g["train"] | g["val"]
+    assert sum(len(t) for t in dm.tables.values()) == 48
+    for fold in range(3):  # k-fold by patient
+        f = _groups(build_data(recipe(source="imagefolder", path=str(root), patient_pattern=pattern, folds=3, fold=fold)))
+        assert not f["train"] & f["val"]
+    Image.new("L", (8, 8)).save(root / "train" / "CNV" / "scan.png")
+    with pytest.raises(EdgeKDError, match=r"patient_pattern .* finds no patient id in the file name 'scan.png'"):
+        build_data(recipe(source="imagefolder", path=str(root), patient_pattern=pattern))
+    with pytest.raises(EdgeKDError, match="patient_pattern needs a group"):
+        recipe(source="imagefolder", path=str(root), patient_pattern="^[A-Z]+-")
+    npz = write_npz(tmp_path / "n.npz")
+    with pytest.raises(EdgeKDError, match="holds no image files to read patient ids from"):
+        build_data(recipe(source="medmnist", path=str(npz), patient_pattern=pattern))
+
+
 def test_kfold_needs_every_class_in_every_val_fold():
     labels = np.array([0] * 20 + [1] * 6)
     groups = np.concatenate([np.repeat(np.arange(10), 2), np.repeat([10, 11, 12], 2)])  # 3 patients of class 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -171,6 +173,25 @@ def _order_named_classes(tables: dict[str, Table], names: list[str], wanted: lis
     return out, wanted
 
 
+def patients_from_names(tables: dict[str, Table], pattern: str, where: str | None) -> dict[str, Table]:
+    """Each table with its patient ids: the first group of `pattern` searched in each image's file name."""
+    rx, out = re.compile(pattern), {}
+    for split, t in tables.items():
+        if t.paths is None:
+            raise EdgeKDError(f"data.patient_pattern: {where} holds no image files to read patient ids from")
+        if t.groups is not None:
+            raise EdgeKDError(f"data.patient_pattern: {where} has a patient_id column already")
+        ids = []
+        for p in t.paths:
+            match = rx.search(Path(p).name)
+            if match is None or not match.group(1):
+                raise EdgeKDError(f"data.patient_pattern {pattern!r} finds no patient id in the file name "
+                                  f"{Path(p).name!r} ({p})")
+            ids.append(match.group(1))
+        out[split] = replace(t, groups=np.asarray(ids))
+    return out
+
+
 def _limit(table: Table, n: int, seed: int) -> Table:
     return table if len(table) <= n else table.subset(stratified_subset(table.labels, n, seed))
 
@@ -180,6 +201,8 @@ def build_data(recipe) -> DataModule:
     cfg = recipe.data
     source = load_source(cfg.source, cfg.path)
     tables, names = source.tables, source.class_names
+    if cfg.patient_pattern:
+        tables = patients_from_names(tables, cfg.patient_pattern, cfg.path)
     skipped = source.info.get("skipped_ids")
     if skipped and not cfg.classes:
         shown = ", ".join(map(str, skipped[:8])) + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")
