@@ -24,42 +24,54 @@ from edgekd.options import int_list, split_list
 
 def _plain_help_types() -> None:
     """typer 0.29's help shows Python types: a flag's `<bool>` (`--tta <bool>`, even `--help <bool>`) as if it took
-    a value, `<list[str]>` for a repeatable option, `<int range>` beside its `[x>=1]`, and `{checkpoint}` for a
-    required argument in the usage line; its command list keeps a docstring's line breaks. Shown instead: nothing
-    for a flag, the element type (`--set <str>`, repeatable as its help says), `<int>`, CHECKPOINT / [OUT] in the
-    usage line as click writes them, and each command's summary as one paragraph."""
+    a value, `<list[str]>` for a repeatable option or a variadic argument, `<int range>` beside its `[x>=1]`, and
+    `{checkpoint}` for a required argument in the usage line; its command list keeps a docstring's line breaks.
+    Shown instead: nothing for a flag, the element type (`--set <str>`, repeatable as its help says), `<int>`,
+    CHECKPOINT / [OUT] in the usage line as click writes them, and each command's summary as one paragraph. A typer
+    without these hooks is left as it is."""
     import inspect
     import re
 
     from typer.core import TyperArgument, TyperOption
 
-    shown = getattr(TyperOption, "display_type_rich", None)
-    if shown is None or getattr(shown, "plain", False):
-        return
+    def plain(shown):
+        def display_type_rich(self, ctx):
+            if getattr(self, "is_flag", False):
+                return None
+            label = shown(self, ctx)
+            return re.sub(r"<(?:list\[(\w+)\]|(\w+) range)>", lambda m: f"<{m.group(1) or m.group(2)}>", label) \
+                if label else label
+        display_type_rich.plain = True
+        return display_type_rich
 
-    def display_type_rich(self, ctx):
-        if getattr(self, "is_flag", False):
-            return None
-        label = shown(self, ctx)
-        return re.sub(r"<(?:list\[(\w+)\]|(\w+) range)>", lambda m: f"<{m.group(1) or m.group(2)}>", label) if label else label
+    for cls in (TyperOption, TyperArgument):
+        shown = getattr(cls, "display_type_rich", None)
+        if shown is not None and not getattr(shown, "plain", False):
+            cls.display_type_rich = plain(shown)
 
     def usage_name(self):
         name = self.display_name_raw.upper()
         return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
 
-    display_type_rich.plain = True
-    TyperOption.display_type_rich = display_type_rich
     if hasattr(TyperArgument, "_usage_display_name"):
         TyperArgument._usage_display_name = usage_name
+    if "--help" not in sys.argv[1:] and len(sys.argv) > 2:
+        return  # the command list is help only: rich's markdown stays unimported on a prediction's start
     from typer import rich_utils
 
     command_help = getattr(rich_utils, "_make_command_help", None)
-    if command_help is not None:  # the commands list kept the docstring's line breaks: "run two / optimizer steps"
-        def one_paragraph(*, help_text: str, markup_mode):
-            text = re.sub(r"(?<!\n)\n(?!\n)", " ", inspect.cleandoc(help_text))
-            return command_help(help_text=text, markup_mode=markup_mode)
+    if command_help is not None and not getattr(command_help, "plain", False):
+        def one_paragraph(*, help_text: str, **kwargs):  # "run two / optimizer steps" at the docstring's breaks
+            return command_help(help_text=re.sub(r"(?<!\n)\n(?!\n)", " ", inspect.cleandoc(help_text)), **kwargs)
 
+        one_paragraph.plain = True
         rich_utils._make_command_help = one_paragraph
+    if hasattr(rich_utils, "_fix_linebreaks") and not getattr(rich_utils._fix_linebreaks, "plain", False):
+        def joined(paragraphs, *args, **kwargs):  # a command's later paragraphs, reflowed to the terminal too
+            return "\n\n".join(p if p.startswith("\b") else re.sub(r"\n", " ", p) for p in paragraphs)
+
+        joined.plain = True
+        rich_utils._fix_linebreaks = joined
 
 
 _plain_help_types()
@@ -153,13 +165,13 @@ def train(
     from edgekd.recipe import load_recipe
     from edgekd.train.distributed import distributed_session, is_main_process
 
-    from edgekd.fileio import removed_unless
+    from edgekd.fileio import removed_if_only
 
     rec = load_recipe(recipe, set_)
     out = out or Path("runs") / rec.name
     # Under torchrun every rank runs this command: one process group per run, console output from rank 0 only.
-    # A run refused before its first checkpoint (e.g. a monitor that is NaN at epoch 1) leaves no folder behind.
-    with removed_unless(out, "*.pt"), distributed_session(rec.train.device), progress_bar() as progress:
+    # A run refused before it wrote anything but its recipe (e.g. a monitor NaN at epoch 1) leaves no folder behind.
+    with removed_if_only(out, ("recipe.yaml",)), distributed_session(rec.train.device), progress_bar() as progress:
         main = is_main_process()
         log = (progress.console.print if progress.console.is_terminal else console.print) if main else _quiet
         if folds is not None:

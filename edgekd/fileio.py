@@ -201,15 +201,15 @@ def remove_tree(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def removed_unless(path: str | Path, keep: str):
-    """Run a block that makes the folder `path`; if the block fails and the folder is new and holds no file
-    matching `keep` (e.g. "*.pt": a run that failed before its first checkpoint), it is removed again, so a
-    refused run leaves no folder holding only its recipe. A folder that was there is never touched."""
+def removed_if_only(path: str | Path, names: tuple[str, ...]):
+    """Run a block that makes the folder `path`; if the block fails and the folder is new and every file in it
+    (any depth) has one of `names` (e.g. recipe.yaml: a run refused before its first checkpoint or log), it is
+    removed again. A folder that was there, or holds anything else (a checkpoint, tracker logs), is kept."""
     path = Path(path)
     new = not path.exists()
     try:
         yield path
     except BaseException:
-        if new and path.is_dir() and not any(path.rglob(keep)):
+        if new and path.is_dir() and all(p.is_dir() or p.name in names for p in path.rglob("*")):
             remove_tree(path)
         raise

@@ -66,3 +66,5 @@ def test_help_shows_no_value_type_beside_a_flag():
     p = run_edgekd("eval", "--help")
     assert "eval [OPTIONS] CHECKPOINT" in p.stdout and "{checkpoint}" not in p.stdout
     assert "--set" in p.stdout and "<list[" not in p.stdout and " range>" not in p.stdout and "<int>" in p.stdout
+    p = run_edgekd("predict", "--help")  # a variadic argument: INPUTS... <str>
+    assert "predict [OPTIONS] BUNDLE INPUTS..." in p.stdout and "inputs..." in p.stdout and "<list[" not in p.stdout

@@ -152,6 +152,23 @@ def test_patient_ids_keep_patients_apart_in_every_split_mode(tmp_path):
         build_data(recipe(source="csv", path=str(csv), val_fraction=0.2))
 
 
+def test_a_split_carved_by_patient_keeps_every_class(tmp_path):
+    # Class a: 20 patients of one image each; class b: 3 patients of five. The first patient-level draw can leave
+    # class b out of a split under the default `given` split; another draw of the same seeded k-fold keeps it.
+    root = write_image_folder(tmp_path / "imgs", n_per_class=20)
+    files_a, files_b = sorted((root / "a").glob("*.png")), sorted((root / "b").glob("*.png"))[:15]
+    rows = ["path,label,patient_id"] + [f"{f.relative_to(tmp_path)},a,pa{i}" for i, f in enumerate(files_a)]
+    rows += [f"{f.relative_to(tmp_path)},b,pb{i // 5}" for i, f in enumerate(files_b)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    for seed in range(4):
+        dm = build_data(recipe_from_dict({"seed": seed, "data": {"source": "csv", "path": str(tmp_path / "m.csv"),
+                                                                 "image_size": 16, "batch_size": 8}}))
+        assert all(min(c) > 0 for c in dm.counts().values()), (seed, dm.counts())
+    (tmp_path / "m.csv").write_text("\n".join(rows[:-5]) + "\n")  # 2 patients of class b: not enough for 3 splits
+    with pytest.raises(EdgeKDError, match="carving the val split by patient: no draw keeps every class on both"):
+        build_data(recipe(source="csv", path=str(tmp_path / "m.csv")))
+
+
 def test_csv_manifest_rows_that_would_leak_or_mislabel_are_refused(tmp_path):
     csv = _manifest(tmp_path)
     (tmp_path / "imgs" / "b" / "extra.png").write_bytes((tmp_path / "imgs" / "a" / "a_0.png").read_bytes())
@@ -171,6 +188,7 @@ def test_csv_manifest_rows_that_would_leak_or_mislabel_are_refused(tmp_path):
         build_data(recipe(source="csv", path=str(csv), split="patient"))
     with pytest.raises(EdgeKDError, match="unknown label 'bb'"):
         build_data(recipe(source="csv", path=str(csv), split="patient", class_names=["a", "b"]))
+    assert build_data(recipe(source="csv", path=str(csv), split="patient", classes=[0, 1])).num_classes == 2
     # Integer labels that skip an id, as in an .npz.
     csv.write_text("\n".join(lines[:1] + [r.replace(",b,", ",2,").replace(",a,", ",0,") for r in lines[1:]]) + "\n")
     with pytest.raises(EdgeKDError, match=r"class id\(s\) 1 have no image in any split"):
@@ -183,7 +201,7 @@ def test_csv_encoding_and_separator_problems_are_named(tmp_path):
     csv.write_bytes(b"\xef\xbb\xbf" + text.encode())  # Excel's "CSV UTF-8" starts with a byte-order mark
     assert len(load_source("csv", str(csv)).tables["all"]) == 30
     csv.write_bytes(text.replace("p0", "p\xff").encode("latin-1"))
-    with pytest.raises(EdgeKDError, match=r"m.csv: not UTF-8 text \(byte 0xff at offset \d+\); save the manifest"):
+    with pytest.raises(EdgeKDError, match=r"m.csv:2: not UTF-8 text \(byte 0xff\); save the manifest"):
         load_source("csv", str(csv))
     csv.write_text(text.replace(",", ";"))
     with pytest.raises(EdgeKDError, match="lacks column.*separated by ';'; edgekd reads comma-separated"):

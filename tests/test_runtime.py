@@ -394,7 +394,8 @@ def test_without_precision_the_most_precise_model_in_the_bundle_runs(bundle):
     assert Runner.from_bundle(full, warmup=0).precision == "fp32"
     fp16_only = replace(full, artifacts=[a for a in full.artifacts if a.precision == "fp16"])
     assert Runner.from_bundle(fp16_only, warmup=0).precision == "fp16"
-    with pytest.raises(EdgeKDError, match=r"no onnx fp32 model in the bundle \(it has: openvino/fp16\)"):
+    # A backend that cannot run the most precise model is an error, not a quieter fallback (e.g. to INT8).
+    with pytest.raises(EdgeKDError, match=r"no onnx fp16 model in the bundle \(it has: openvino/fp16\)"):
         Runner.from_bundle(fp16_only, backend="onnx", warmup=0)
 
 

@@ -209,9 +209,10 @@ def build_data(recipe) -> DataModule:
         raise EdgeKDError(f"{cfg.path}: labels run to {len(names) - 1}, but class id(s) {shown} have no image in any "
                           "split (each would become an empty class): remap the labels to 0..K-1, or pick the "
                           "present ids with data.classes")
-    if source.info.get("lone_label") and not cfg.class_names:
-        raise EdgeKDError(f"{source.info['lone_label']} (a typo? a class needs images to split, train and score; "
-                          "data.class_names lists the classes to expect)")
+    lone = source.info.get("lone_label")
+    if lone and not cfg.class_names and (not cfg.classes or lone[0] in cfg.classes):
+        raise EdgeKDError(f"{lone[1]} (a typo? a class needs images to split, train and score; data.class_names "
+                          "lists the classes to expect)")
     if cfg.classes:
         tables, names = _select_classes(tables, cfg.classes, names)
     if cfg.class_names and source.info.get("named_labels"):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
+import os
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,27 +197,11 @@ def load_csv(path: str | Path) -> Source:
     empty = next((i for i, v in enumerate(label_values) if not v), None)
     if empty is not None:
         raise EdgeKDError(f"{path}:{empty + 2}: empty label")
-    named = not all(v.lstrip("-").isdigit() for v in label_values)
-    info: dict[str, Any] = {"named_labels": named}
-    if not named:
-        ids = sorted({int(v) for v in label_values})
-        if ids[0] < 0:
-            raise EdgeKDError(f"{path}: negative label {ids[0]}")
-        class_names = [f"class_{i}" for i in range(ids[-1] + 1)]
-        to_id = {str(i): i for i in range(ids[-1] + 1)}
-        skipped = sorted(set(range(ids[-1] + 1)) - set(ids))
-        if skipped:
-            info["skipped_ids"] = skipped
-    else:
-        class_names = sorted(set(label_values))
-        to_id = {n: i for i, n in enumerate(class_names)}
-        lone = next((n for n in class_names if label_values.count(n) == 1), None)
-        if lone is not None:  # refused by build_data unless data.class_names names the classes (then: unknown)
-            info["lone_label"] = f"{path}:{label_values.index(lone) + 2}: label {lone!r} is on this row only"
+    class_names, to_id, info = _csv_classes(path, label_values)
     has_groups = "patient_id" in rows[0]
     has_split = "split" in rows[0]
     buckets: dict[str, dict[str, list]] = {}
-    first_line: dict[Path, int] = {}
+    first_line: dict[str, int] = {}
     for lineno, (row, label) in enumerate(zip(rows, label_values), start=2):
         if not row["path"]:
             raise EdgeKDError(f"{path}:{lineno}: empty path")
@@ -223,8 +210,9 @@ def load_csv(path: str | Path) -> Source:
         file = (path.parent / row["path"]).resolve()
         if not file.is_file():
             raise EdgeKDError(f"{path}:{lineno}: image {row['path']} not found")
-        if first_line.setdefault(file, lineno) != lineno:  # one image in two splits, or under two labels
-            raise EdgeKDError(f"{path}:{lineno}: image {row['path']} is listed again (first on line {first_line[file]})")
+        key = os.path.normcase(os.path.normpath(path.parent / row["path"]))  # as written: links are other files
+        if first_line.setdefault(key, lineno) != lineno:  # one image in two splits, or under two labels
+            raise EdgeKDError(f"{path}:{lineno}: image {row['path']} is listed again (first on line {first_line[key]})")
         patient = (row.get("patient_id") or "").strip()
         if has_groups and not patient:
             raise EdgeKDError(f"{path}:{lineno}: empty patient_id (every row needs one when the column is there)")
@@ -244,14 +232,38 @@ def load_csv(path: str | Path) -> Source:
     return Source(name=path.stem, tables=tables, class_names=class_names, info=info)
 
 
+def _csv_classes(path: Path, label_values: list[str]) -> tuple[list[str], dict[str, int], dict[str, Any]]:
+    """(class names, label -> id, Source.info) of a manifest's labels: integer ids as given (ids that skip one are
+    noted), else names in sorted order (a name on one row only is noted: build_data refuses both unless the recipe
+    picks or names the classes)."""
+    named = not all(v.lstrip("-").isdigit() for v in label_values)
+    info: dict[str, Any] = {"named_labels": named}
+    if not named:
+        ids = sorted({int(v) for v in label_values})
+        if ids[0] < 0:
+            raise EdgeKDError(f"{path}: negative label {ids[0]}")
+        skipped = sorted(set(range(ids[-1] + 1)) - set(ids))
+        if skipped:
+            info["skipped_ids"] = skipped
+        return [f"class_{i}" for i in range(ids[-1] + 1)], {str(i): i for i in range(ids[-1] + 1)}, info
+    class_names = sorted(set(label_values))
+    to_id = {n: i for i, n in enumerate(class_names)}
+    counts = Counter(label_values)
+    lone = next((n for n in class_names if counts[n] == 1), None)
+    if lone is not None:
+        info["lone_label"] = (to_id[lone], f"{path}:{label_values.index(lone) + 2}: label {lone!r} is on this row only")
+    return class_names, to_id, info
+
+
 def _read_manifest(path: Path) -> list[dict[str, str]]:
     """The CSV's rows (UTF-8, an Excel byte-order mark allowed) with at least the path and label columns."""
+    data = path.read_bytes()
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline="")))
     except UnicodeDecodeError as err:
-        raise EdgeKDError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
-                          "save the manifest as UTF-8") from None
+        line = data[:err.start].count(b"\n") + 1
+        raise EdgeKDError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the manifest as "
+                          "UTF-8") from None
     except csv.Error as err:
         raise EdgeKDError(f"{path}: not a readable CSV ({err})") from None
     if not rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
@@ -33,15 +35,27 @@ def _stratified_draw(labels: np.ndarray, n_held: int, seed: int) -> tuple[np.nda
     return np.sort(keep), np.sort(held)
 
 
-def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Like stratified_split, but every group (patient) lands wholly on one side."""
+def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
+                what: str = "a split") -> tuple[np.ndarray, np.ndarray]:
+    """Like stratified_split, but every group (patient) lands wholly on one side: the first fold of a seeded
+    stratified group k-fold (k = 1 / fraction) that leaves every class on both sides."""
     n_splits = max(2, int(round(1.0 / fraction)))
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
-        raise EdgeKDError(f"patient-level split needs at least {n_splits} patients, found {n_groups}")
+        raise EdgeKDError(f"carving {what} by patient needs at least {n_splits} patients, found {n_groups} (give the "
+                          "splits in the manifest's split column, or a larger fraction)")
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    keep, held = next(sgkf.split(np.zeros(len(labels)), labels, groups))
-    return np.sort(keep), np.sort(held)
+    present = np.unique(labels)
+    with warnings.catch_warnings():  # "the least populated class has only 5 members < n_splits=7": checked here
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        draws = list(sgkf.split(np.zeros(len(labels)), labels, groups))
+    for keep, held in draws:
+        if all(np.isin(present, labels[side]).all() for side in (keep, held)):
+            return np.sort(keep), np.sort(held)
+    short = present[int(np.argmin([len(np.unique(groups[labels == c])) for c in present]))]
+    raise EdgeKDError(f"carving {what} by patient: no draw keeps every class on both sides (class id {short} has "
+                      f"{len(np.unique(groups[labels == short]))} patients); give the splits in the manifest's split "
+                      "column")
 
 
 def kfold_indices(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -72,9 +86,10 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
                 folds: int | None = None, fold: int | None = None) -> dict[str, Table]:
     """Resolve a source into train/val/test tables.
 
-    Splits the source already has are kept (`given`); missing ones are carved from the training pool,
-    stratified (`stratified`) or by patient (`patient`). With `folds`, the non-test pool is k-folded and
-    fold `fold` is the validation split.
+    Splits the source already has are kept (`given`); missing ones are carved from the training pool, by patient
+    when the data has patient ids, else stratified by image. `stratified` and `patient` re-split everything but the
+    test split (by image, or by patient). With `folds`, the non-test pool is k-folded and fold `fold` is the
+    validation split. With patient ids, a patient in two splits is an error whatever the mode.
     """
     tables = dict(source.tables)
     if mode != "given" and "all" not in tables:
@@ -86,9 +101,9 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
         raise EdgeKDError("data.split=patient needs patient ids (a CSV manifest with a patient_id column)")
     grouped = mode == "patient" or (mode == "given" and has_groups)  # `given` carves what is missing by patient
 
-    def carve(table: Table, fraction: float) -> tuple[Table, Table]:
+    def carve(table: Table, fraction: float, what: str) -> tuple[Table, Table]:
         if grouped:
-            keep, held = group_split(table.labels, table.groups, fraction, seed)
+            keep, held = group_split(table.labels, table.groups, fraction, seed, what)
         else:
             keep, held = stratified_split(table.labels, fraction, seed)
         return table.subset(keep), table.subset(held)
@@ -98,7 +113,7 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
         if "test" not in tables:
             if test_fraction <= 0:
                 raise EdgeKDError("data.test_fraction must be > 0 when the source has no test split")
-            pool, tables["test"] = carve(pool, test_fraction)
+            pool, tables["test"] = carve(pool, test_fraction, "the test split")
         tables["train"] = pool
     if folds:
         pool = Table.concat([tables[s] for s in ("train", "val") if s in tables])
@@ -109,7 +124,7 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
     elif "val" not in tables:
         if val_fraction <= 0:
             raise EdgeKDError("data.val_fraction must be > 0 when the source has no val split")
-        tables["train"], tables["val"] = carve(tables["train"], val_fraction)
+        tables["train"], tables["val"] = carve(tables["train"], val_fraction, "the val split")
     if has_groups:  # whatever the mode: a patient in two splits leaks
         assert_disjoint_groups(tables, mode)
     return tables

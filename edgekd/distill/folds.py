@@ -27,6 +27,9 @@ def split_mode(recipe, log: Callable[[str], None]) -> str:
     """Patient-level folds whenever the source has patient ids, so no patient is in two folds."""
     if recipe.data.split == "patient":
         return "patient"
+    if recipe.data.patient_pattern:
+        log("k-fold: patient ids from the file names (data.patient_pattern): folds are patient-level")
+        return "patient"
     source = load_source(recipe.data.source, recipe.data.path)
     if source.tables and all(t.groups is not None for t in source.tables.values()):
         log("k-fold: the data has patient ids: folds are patient-level (data.split=patient)")

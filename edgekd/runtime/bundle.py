@@ -129,10 +129,10 @@ class Bundle:
         """The bundle's identity: the sha256 of its manifest.sha256, which lists every file's sha256."""
         return hashlib.sha256((self.root / MANIFEST_FILE).read_bytes()).hexdigest()
 
-    def most_precise(self, formats: tuple[str, ...]) -> str:
-        """The most precise precision the bundle has in `formats`: fp32, else fp16, else int8 (fp32 when it has
-        none, for artifact() to name what it has)."""
-        have = {a.precision for a in self.artifacts if a.format in formats}
+    def most_precise(self) -> str:
+        """The most precise precision of the bundle's models: fp32, else fp16, else int8. A backend that cannot
+        run that one is an error naming what the bundle has, never a quieter fallback to INT8."""
+        have = {a.precision for a in self.artifacts}
         return next((p for p in PRECISIONS if p in have), "fp32")
 
     def artifact(self, fmt: str, precision: str) -> Artifact:

@@ -137,7 +137,7 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     out = Path(out)
     _check_out(out)
     bundle = open_bundle(bundle_path, verify=True)
-    art = bundle.artifact(KINDS[kind], precision or bundle.most_precise((KINDS[kind],)))
+    art = bundle.artifact(KINDS[kind], precision or bundle.most_precise())
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{bundle.model.get('name') or 'model'}_{art.precision}")
     if not MODEL_NAME.match(name):
         raise EdgeKDError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (at most 64, a letter or digit first)")

@@ -103,7 +103,7 @@ class Runner:
                     verify: bool = True, cache_dir: str | Path | None = None,
                     threshold: float | None = None, task: str | None = None) -> "Runner":
         """Open (and verify) a bundle and compile its `precision` model on `backend` ("openvino" or "onnx");
-        `precision` None: the most precise the bundle has for that backend (fp32, else fp16, else int8).
+        `precision` None: the most precise the bundle has (fp32, else fp16, else int8).
 
         `tta`: False (one view), True (the bundle's views) or a list of view names. `warmup` inference rounds run
         at load, for batch 1 and for the TTA batch, so the first real call is not the slow one. `cache_dir`: an
@@ -122,7 +122,7 @@ class Runner:
         if threshold is not None and (len(bundle.class_names) != 2 or not 0 <= threshold <= 1):
             raise EdgeKDError(f"threshold {threshold} needs a two-class bundle and a value in [0, 1]")
         _check_task(bundle, task)
-        precision = precision or bundle.most_precise(("openvino", "onnx") if backend == "openvino" else ("onnx",))
+        precision = precision or bundle.most_precise()
         artifact = _pick_artifact(bundle, backend, precision)
         threads = min(threads, os.cpu_count() or 1) if threads else bundle.threads
         preprocessor = Preprocessor(bundle.preprocess)
