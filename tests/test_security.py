@@ -115,3 +115,21 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
              train_labels=np.array([{"a": 1}, {"b": 2}], dtype=object))
     with pytest.raises(EdgeKDError, match="Object arrays cannot be loaded"):
         load_medmnist(tmp_path / "d.npz")
+
+
+def test_a_failed_run_folder_is_removed_only_if_it_holds_nothing_but_its_recipe(tmp_path):
+    from edgekd.fileio import removed_if_only
+
+    def fail_after(make):
+        with pytest.raises(KeyboardInterrupt):
+            with removed_if_only(tmp_path / "run", ("recipe.yaml",)) as out:
+                make(out)
+                raise KeyboardInterrupt
+
+    fail_after(lambda out: (out / "fold0").mkdir(parents=True) or (out / "fold0" / "recipe.yaml").write_text("x"))
+    assert not (tmp_path / "run").exists()
+    fail_after(lambda out: (out / "tb").mkdir(parents=True) or (out / "tb" / "events.out").write_text("x"))
+    assert (tmp_path / "run" / "tb" / "events.out").is_file()  # tracker logs of the crash stay
+    (tmp_path / "run" / "tb" / "events.out").unlink()
+    fail_after(lambda out: (out / "recipe.yaml").write_text("x"))
+    assert (tmp_path / "run").is_dir()  # it was there before: never touched
