@@ -26,6 +26,9 @@ class DataConfig(Section):
     path: str | None = None
     """File or folder for the source; relative paths resolve against the working directory."""
     split: Literal["given", "stratified", "patient"] = "given"
+    """given: the source's splits, missing ones carved from train (by patient when the data has patient ids);
+    stratified / patient: everything but the test split re-split by image / by patient. With patient ids no patient
+    may be in two splits, whatever the mode."""
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     fold: int | None = None
