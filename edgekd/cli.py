@@ -162,10 +162,9 @@ def train(
     folds: Optional[int] = typer.Option(None, "--folds", help="k-fold cross-validation: train once per fold."),
 ) -> None:
     """Train a teacher, baseline or student from a recipe; writes best.pt, last.pt, metrics.json and plots."""
+    from edgekd.fileio import removed_if_only
     from edgekd.recipe import load_recipe
     from edgekd.train.distributed import distributed_session, is_main_process
-
-    from edgekd.fileio import removed_if_only
 
     rec = load_recipe(recipe, set_)
     out = out or Path("runs") / rec.name

@@ -199,7 +199,6 @@ def remove_tree(path: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-
 @contextlib.contextmanager
 def removed_if_only(path: str | Path, names: tuple[str, ...]):
     """Run a block that makes the folder `path`; if the block fails and the folder is new and every file in it
