@@ -10,14 +10,14 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from edgekd.data import DataModule, Table, build_data
+from edgekd.data import DataModule, Table, build_data, preprocess_spec
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import classification_metrics
 from edgekd.probability import softmax
 from edgekd.recipe import DataConfig, deep_merge
 
 # Preprocessing keys every task must share: one model, one input pipeline.
-SHARED_PREPROCESS = ("input_size", "resize", "channels", "mean", "std")
+SHARED_PREPROCESS = ("channels", "input_size", "resize", "mean", "std")
 
 
 @dataclass
@@ -57,10 +57,11 @@ def build_tasks(recipe) -> list[Task]:
             raise EdgeKDError(f"continual.tasks[{i}] ({tcfg.name}): data.{key}: {first['msg']}") from None
         where = f"continual.tasks[{i}] ({tcfg.name})"
         if tasks:  # before the data is built: a wrong channels count otherwise surfaces as a mean/std length error
-            for key in ("channels", "image_size"):
-                if getattr(data_cfg, key) != getattr(tasks[0].data.cfg, key):
-                    raise EdgeKDError(f"{where}: data.{key} differs from the first task's ({getattr(data_cfg, key)} "
-                                      f"vs {getattr(tasks[0].data.cfg, key)}); one model needs one input pipeline")
+            first_pp, pp = tasks[0].data.preprocess, preprocess_spec(data_cfg)
+            for key in SHARED_PREPROCESS:
+                if first_pp[key] != pp[key]:
+                    raise EdgeKDError(f"{where}: data.{key} differs from the first task's ({pp[key]} vs "
+                                      f"{first_pp[key]}); one model needs one input pipeline")
         try:
             dm = build_data(recipe.model_copy(update={"data": data_cfg, "continual": None}))
         except EdgeKDError as err:
@@ -70,12 +71,6 @@ def build_tasks(recipe) -> list[Task]:
         task_data = DataModule(tables=_offset_tables(dm.tables, lo), class_names=list(global_names),
                                source_name=dm.source_name, cfg=data_cfg, augment=dm.augment, seed=dm.seed,
                                bad_files=dm.bad_files)
-        if tasks:
-            first_pp, pp = tasks[0].data.preprocess, task_data.preprocess
-            for key in SHARED_PREPROCESS:
-                if first_pp[key] != pp[key]:
-                    raise EdgeKDError(f"continual.tasks[{i}] ({tcfg.name}): data.{key} differs from the first task's "
-                                      f"({pp[key]} vs {first_pp[key]}); one model needs one input pipeline")
         tasks.append(Task(i, tcfg.name, list(dm.class_names), lo, lo + len(dm.class_names), task_data))
     return tasks
 
