@@ -171,8 +171,7 @@ def write_synthetic_npz(path: Path, data: dict[str, Any], classes: int, counts: 
 def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | None, batch: int,
                     stand_ins: list[str]) -> dict[str, Any]:
     """Point a data section at a generated set named after the real one (MedMNIST names give real labels)."""
-    known = known_classes(data)
-    k = classes or known or 2
+    k = classes or known_classes(data) or 2
     stem = Path(data.get("path") or "builtin").stem or "data"
     if MEDMNIST_CLASSES.get(stem.lower()) and k != len(MEDMNIST_CLASSES[stem.lower()]):
         stem = f"synthetic-{stem}"  # --classes K: a known set's name would bring its own class count

@@ -52,22 +52,27 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     for keep, held in draws:
         if all(np.isin(present, labels[side]).all() for side in (keep, held)):
             return np.sort(keep), np.sort(held)
-    short = present[int(np.argmin([len(np.unique(groups[labels == c])) for c in present]))]
+    short, count = fewest_units(labels, groups)
     raise EdgeKDError(f"carving {what} by patient: no draw keeps every class on both sides (class id {short} has "
-                      f"{len(np.unique(groups[labels == short]))} patients); give the splits in the manifest's split "
-                      "column")
+                      f"{count} patients); give the splits in the manifest's split column")
+
+
+def fewest_units(labels: np.ndarray, units: np.ndarray) -> tuple[int, int]:
+    """(the class with the fewest distinct units, e.g. patients, and that count)."""
+    present = np.unique(labels)
+    counts = [len(np.unique(units[labels == c])) for c in present]
+    return int(present[int(np.argmin(counts))]), min(counts)
 
 
 def kfold_indices(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold, grouped by patient when groups are given: [(train_idx, val_idx)] per fold. Every class
     must reach every fold's val split (else its metrics are undefined and the run stops at that fold)."""
     present = np.unique(labels)
-    units = groups if groups is not None else np.arange(len(labels))
-    per_class = [len(np.unique(units[labels == c])) for c in present]
+    short, count = fewest_units(labels, groups if groups is not None else np.arange(len(labels)))
     kind = "patients" if groups is not None else "images"
-    if folds > min(per_class):
-        raise EdgeKDError(f"--folds {folds}: class id {present[int(np.argmin(per_class))]} has {min(per_class)} "
-                          f"{kind} in the train/val pool, too few for {folds} folds")
+    if folds > count:
+        raise EdgeKDError(f"--folds {folds}: class id {short} has {count} {kind} in the train/val pool, too few for "
+                          f"{folds} folds")
     if groups is not None:
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         out = [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels, groups)]
