@@ -338,8 +338,10 @@ def export(
     metric_images: Optional[int] = typer.Option(None, "--metric-images", help="N val and N test images "
                                                 "(stratified) for the ACC/AUC gate (default: whole splits; fewer is "
                                                 "faster and coarser)."),
-    accuracy_control: Optional[bool] = typer.Option(None, "--accuracy-control/--no-accuracy-control",
-                                                    help="OpenVINO INT8 with NNCF accuracy control (max drop from the profile)."),
+    accuracy_control: bool = typer.Option(False, "--accuracy-control", help="OpenVINO INT8 with NNCF accuracy "
+                                          "control (max drop from the profile)."),
+    no_accuracy_control: bool = typer.Option(False, "--no-accuracy-control", help="Without it, whatever the profile "
+                                             "says."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for parity runs and the bundle's runtime hint."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the checkpoint's recipe (e.g. data.path=...)."),
     drop_failed: bool = typer.Option(False, "--drop-failed", help="Ship the artifacts that pass the gate; list the "
@@ -353,7 +355,10 @@ def export(
     every task's head and is parity-checked per head."""
     from edgekd.export import export_checkpoint, load_profile, with_overrides
 
-    profile = with_overrides(load_profile(target), parity_images, calib_images, threads, accuracy_control,
+    if accuracy_control and no_accuracy_control:
+        raise EdgeKDError("--accuracy-control and --no-accuracy-control: give one")
+    control = True if accuracy_control else False if no_accuracy_control else None
+    profile = with_overrides(load_profile(target), parity_images, calib_images, threads, control,
                              "drop" if drop_failed else None, metric_images)
     out = out or checkpoint.parent / "bundle"
     result = with_progress(lambda log, bar: export_checkpoint(

@@ -68,3 +68,18 @@ def test_help_shows_no_value_type_beside_a_flag():
     assert "--set" in p.stdout and "<list[" not in p.stdout and " range>" not in p.stdout and "<int>" in p.stdout
     p = run_edgekd("predict", "--help")  # a variadic argument: INPUTS... <str>
     assert "predict [OPTIONS] BUNDLE INPUTS..." in p.stdout and "inputs..." in p.stdout and "<list[" not in p.stdout
+
+
+def test_help_fits_80_columns_without_truncation():
+    """rich squeezes the options table to the terminal; a wide column once cut `--no-accuracy-control` and a
+    profile path in `export --help` to `--no-accuracy-co…` at 80 columns (the width of a captured run)."""
+    for command in ("train", "check", "eval", "export", "update", "predict", "repository", "serve", "bench",
+                    "explain"):
+        p = run_edgekd(command, "--help")
+        assert p.returncode == 0 and "…" not in p.stdout, (command, p.stdout)
+    assert "--no-accuracy-control" in run_edgekd("export", "--help").stdout
+
+
+def test_export_refuses_both_accuracy_control_flags(tmp_path):
+    assert_one_line_error(run_edgekd("export", str(tmp_path / "x.pt"), "--accuracy-control", "--no-accuracy-control"),
+                          "give one")
