@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgekd.errors import EdgeKDError, printable, shorten
 
@@ -156,8 +156,15 @@ def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = No
     return _decode_pillow(io.BytesIO(data), fmt, where, resize)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def pil_to_array(img: Image.Image) -> np.ndarray:
-    """A PIL image of any common mode -> uint8 (H, W, 1) for gray or (H, W, 3) for color."""
+    """A PIL image of any common mode -> uint8 (H, W, 1) for gray or (H, W, 3) for color, upright: an EXIF (or
+    TIFF) orientation tag is applied as a viewer applies it, so a camera photo stored sideways is classified as it
+    is seen."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         return _rescale_to_uint8(arr)[..., None]
@@ -168,13 +175,14 @@ def pil_to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def _rescale_to_uint8(arr: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(arr)), float(np.max(arr))
-    if not np.isfinite(lo) or not np.isfinite(hi):
+def _rescale_to_uint8(arr: np.ndarray, span: tuple[float, float] | None = None) -> np.ndarray:
+    """`span` (black, white) to 0..255, clipped; without it the image's own min..max."""
+    if not np.isfinite(np.min(arr)) or not np.isfinite(np.max(arr)):
         raise EdgeKDError("image holds NaN or Inf values")
+    lo, hi = span or (float(np.min(arr)), float(np.max(arr)))
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.uint8)
-    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return np.round(np.clip((arr - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
 
 
 def _pydicom(where: str):
@@ -220,11 +228,26 @@ def _frame_count(ds) -> int:
         return 1
 
 
+def _voi_span(pixels, ds) -> tuple[float, float] | None:
+    """The output range of the file's VOI transform (window or VOI LUT): the values a viewer shows as black and
+    white, read by sending the extremes of the input through pydicom's own `apply_voi_lut`. None when the file has
+    no VOI transform (the extremes come back unchanged)."""
+    ends = np.array([-2**40, 2**40], dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # SIGMOID windowing's exp overflows at the extremes
+        mapped = np.asarray(pixels.apply_voi_lut(ends.copy(), ds), dtype=np.float64)
+    lo, hi = float(mapped.min()), float(mapped.max())
+    if (lo, hi) == (float(ends[0]), float(ends[1])) or not hi > lo:
+        return None
+    return lo, hi
+
+
 def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | None = None,
                where: str | None = None, frames_hint: str = FRAMES_HINT) -> np.ndarray:
     """One image (or frame) of a DICOM file through pydicom (optional extra): the modality LUT (rescale slope and
     intercept, or a Modality LUT Sequence), then the VOI LUT (a VOI LUT Sequence, else the Window Center/Width),
-    both pydicom's own; scaled to 0..255 by the result's range; MONOCHROME1 inverted (0 is white there). Colour
+    both pydicom's own; scaled to 0..255 by the VOI transform's output range, as a viewer shows the image (without
+    one: by the image's own range); MONOCHROME1 inverted (0 is white there). Colour
     images come out RGB. The size limits are checked from Rows/Columns, before any pixel is decoded. `path` may be
     bytes in memory (an upload), named `where` in errors; `frames_hint` ends the error for a multi-frame file with no
     `frame` given."""
@@ -242,13 +265,15 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
     pixels = _pydicom(where).pixels
     try:
         arr = pixels.pixel_array(_dicom_source(path), index=frame if frames > 1 else None)
+        span = None
         if int(getattr(ds, "SamplesPerPixel", 1) or 1) == 1:
             arr = pixels.apply_voi_lut(pixels.apply_modality_lut(arr, ds), ds)
+            span = _voi_span(pixels, ds)
     except MemoryError:
         raise EdgeKDError(f"{where}: out of memory decoding the DICOM") from None
     except Exception as err:  # pydicom raises many types for bad files; odd tag values too
         raise EdgeKDError(f"{where}: unreadable DICOM pixel data ({type(err).__name__})") from None
-    out = arr.astype(np.uint8) if arr.dtype == np.uint8 else _rescale_to_uint8(np.asarray(arr, dtype=np.float64))
+    out = arr.astype(np.uint8) if arr.dtype == np.uint8 else _rescale_to_uint8(np.asarray(arr, dtype=np.float64), span)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         out = 255 - out
     return out[..., None] if out.ndim == 2 else out

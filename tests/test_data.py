@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from edgekd.data import build_data, build_transforms, class_weights, kfold_indices, load_source
 from edgekd.data.dataset import balanced_sampler
@@ -364,6 +364,25 @@ def test_image_modes_decode(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(EdgeKDError, match="empty file"):
         read_image(tmp_path / "empty.png")
+
+
+def test_exif_orientation_is_applied_as_a_viewer_applies_it(tmp_path):
+    """A camera stores a portrait photo sideways with EXIF Orientation 6 (rotate 90 degrees clockwise to view):
+    training and the runtime see it upright, as the clinician does; a file or PIL image without the tag is
+    untouched, and one already transposed is not turned twice."""
+    from edgekd.imageio import EXIF_ORIENTATION, pil_to_array, read_image
+
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8))
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "exif6.png", exif=exif)  # stored 10x6
+    expected = np.asarray(upright)
+    assert np.array_equal(read_image(tmp_path / "upright.png"), expected)
+    assert np.array_equal(read_image(tmp_path / "exif6.png"), expected)
+    with Image.open(tmp_path / "exif6.png") as img:
+        assert np.array_equal(pil_to_array(img), expected)
+        assert np.array_equal(pil_to_array(ImageOps.exif_transpose(img)), expected)
 
 
 def test_stratified_subset_keeps_the_class_mix_of_a_sorted_split():

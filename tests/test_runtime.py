@@ -604,6 +604,19 @@ def test_dicom_modality_and_voi_luts_and_monochrome1(tmp_path):
     assert (plain[(raw > 2020) & (raw < 2980)] < 255).all() and (plain[raw > 3000] == 255).all()
 
 
+def test_dicom_window_maps_to_grey_as_a_viewer_shows_it(tmp_path):
+    """The window (or VOI LUT) decides black and white, not the image's own range: pixels that fill only the middle
+    of a window stay mid-grey, as on the radiologist's screen; a file without a window is stretched by its range."""
+    from edgekd.imageio import read_image
+
+    raw = np.linspace(900, 1100, 16 * 16).astype(np.uint16).reshape(16, 16)  # the middle fifth of the window
+    windowed = read_image(write_dicom(tmp_path / "w.dcm", raw, WindowCenter=1000, WindowWidth=1000))[..., 0]
+    assert 95 <= windowed.min() <= 105 and 150 <= windowed.max() <= 160  # (900 - 500) / 1000 * 255 = 102
+    assert abs(int(windowed.ravel()[np.argmin(np.abs(raw.ravel().astype(int) - 1000))]) - 128) <= 1
+    plain = read_image(write_dicom(tmp_path / "p.dcm", raw))[..., 0]
+    assert plain.min() == 0 and plain.max() == 255
+
+
 def test_dicom_is_detected_by_content_not_suffix(bundle, tmp_path):
     from edgekd.imageio import read_image
 
