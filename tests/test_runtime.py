@@ -761,6 +761,20 @@ def test_openvino_model_cache_is_used_and_gives_the_same_result(bundle, tmp_path
     assert np.abs(first.probs - again.probs).max() <= 1e-6
 
 
+def test_model_cache_never_lands_inside_the_bundle_or_on_a_file(bundle, tmp_path):
+    """A cache inside the bundle folder left unlisted blobs there: every later load refused the bundle."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    for inside in (copy / "cache", copy):
+        with pytest.raises(EdgeKDError, match="--cache-dir .*: is inside the input"):
+            Runner.from_bundle(copy, cache_dir=inside)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EdgeKDError, match="not a folder"):
+        Runner.from_bundle(copy, cache_dir=tmp_path / "file")
+    assert not (copy / "cache").exists()
+    Runner.from_bundle(copy).predict(random_pixels((SIZE, SIZE, 3), 8))  # still verifies and runs
+
+
 def test_latency_stats_and_child_peak_rss():
     import resource
 

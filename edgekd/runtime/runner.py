@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 import numpy as np
 
 from edgekd.errors import EdgeKDError
+from edgekd.fileio import refuse_output_inside
 from edgekd.formats import PRECISIONS
 from edgekd.imageio import DicomFrame
 from edgekd.probability import apply_temperature
@@ -118,6 +119,10 @@ class Runner:
         if threads is not None and threads < 1:
             raise EdgeKDError(f"threads must be >= 1, got {threads}")
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
+        if cache_dir is not None:  # a cache inside a bundle folder would be an unlisted file: the bundle unusable
+            if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+                raise EdgeKDError(f"--cache-dir {cache_dir}: not a folder")
+            refuse_output_inside(cache_dir, [bundle.source], "--cache-dir")
         bundle_threshold, positive = bundle.decision
         if threshold is not None and (len(bundle.class_names) != 2 or not 0 <= threshold <= 1):
             raise EdgeKDError(f"threshold {threshold} needs a two-class bundle and a value in [0, 1]")
