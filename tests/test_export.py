@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -286,6 +287,32 @@ def test_metadata_round_trips_through_every_artifact(tmp_path):
                                     if p.is_file() and p.name != "manifest.sha256")
     card = (tmp_path / "b/card.md").read_text()
     assert "| openvino | fp16 |" in card and "max abs diff" in card
+
+    # edgekd.json edited after export, its manifest line re-hashed: the runner compares it with the model file's
+    # embedded copy (a renamed class, another threshold or normalization would relabel the outputs silently)
+    from edgekd.export.bundle import write_manifest
+    from edgekd.runtime import Runner
+
+    edited = tmp_path / "edited"
+    for key, change in (("class_names", lambda m: m["class_names"].__setitem__(0, "renamed")),
+                        ("preprocess", lambda m: m["preprocess"].update(mean=[0.1] * len(m["preprocess"]["mean"])))):
+        shutil.rmtree(edited, ignore_errors=True)
+        shutil.copytree(tmp_path / "b", edited)
+        changed = json.loads((edited / "edgekd.json").read_text())
+        change(changed)
+        (edited / "edgekd.json").write_text(json.dumps(changed))
+        write_manifest(edited)
+        for backend in ("onnx", "openvino"):
+            with pytest.raises(EdgeKDError, match=f"edgekd.json {key} differs from the copy the export embedded"):
+                Runner.from_bundle(edited, backend=backend)
+    Runner.from_bundle(tmp_path / "b", backend="onnx")  # the bundle as exported opens
+    if meta.get("decision", {}).get("positive_class") is not None:  # the classes swapped: the decision names the other
+        changed = json.loads((tmp_path / "b/edgekd.json").read_text())
+        changed["class_names"].reverse()
+        (edited / "edgekd.json").write_text(json.dumps(changed))
+        write_manifest(edited)
+        with pytest.raises(EdgeKDError, match="decision.positive_class must be the class name at"):
+            Runner.from_bundle(edited, backend="onnx")
 
 
 def perturbed(fmt_name: str):

@@ -46,17 +46,6 @@ def metadata_strings(metadata: dict[str, Any]) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
 
 
-def parse_metadata_strings(pairs: dict[str, str]) -> dict[str, Any]:
-    """Inverse of metadata_strings."""
-    out: dict[str, Any] = {}
-    for k, v in pairs.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 @dataclass
 class ArtifactSession:
     """An exported model loaded for inference: its io signature and a run function (float32 NCHW -> logits)."""

@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.export.artifact import (INPUT_NAME, OUTPUT_NAME, ArtifactSession, ExportContext, metadata_strings,
-                                    parse_metadata_strings)
+from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession, ExportContext, metadata_strings
+from edgekd.runtime import RT_INFO_SECTION, parse_metadata_strings
 
-RT_INFO_SECTION = "edgekd"
 INFERENCE_PRECISION = "f32"
 """OpenVINO CPU math precision for every artifact (as edgekd.runtime compiles them): FP16/INT8 IRs differ only
 by their weights, so parity measures the export, not the CPU's default bf16/fp16 arithmetic."""

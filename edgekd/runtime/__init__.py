@@ -1,7 +1,8 @@
 """The torch-free edge runtime: open a verified bundle, preprocess like training, run OpenVINO/ONNX Runtime with TTA."""
 
 from edgekd.probability import softmax
-from edgekd.runtime.bundle import (MANIFEST_FILE, METADATA_FILE, SCHEMA, Artifact, Bundle, is_bundle, open_bundle,
+from edgekd.runtime.bundle import (MANIFEST_FILE, METADATA_FILE, RT_INFO_SECTION, SCHEMA, Artifact, Bundle,
+                                   check_embedded_metadata, is_bundle, open_bundle, parse_metadata_strings,
                                    verify_manifest)
 from edgekd.runtime.inputs import collect_inputs, collect_labelled
 from edgekd.runtime.output import check_output_path, write_predictions
@@ -11,7 +12,8 @@ from edgekd.runtime.runner import Failure, Prediction, Runner, TaskPredictions
 from edgekd.runtime.timing import peak_rss_mb, time_alternating, time_call
 from edgekd.runtime.tta import TTAViews
 
-__all__ = ["MANIFEST_FILE", "METADATA_FILE", "SCHEMA", "Artifact", "Bundle", "Failure", "Prediction", "Preprocessor",
-           "Repository", "Runner", "TTAViews", "TaskPredictions", "as_image_array", "check_output_path", "collect_inputs",
-           "collect_labelled", "is_bundle", "open_bundle", "peak_rss_mb", "softmax", "time_alternating", "time_call",
+__all__ = ["MANIFEST_FILE", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA", "Artifact", "Bundle", "Failure", "Prediction",
+           "Preprocessor", "Repository", "Runner", "TTAViews", "TaskPredictions", "as_image_array",
+           "check_embedded_metadata", "check_output_path", "collect_inputs", "collect_labelled", "is_bundle",
+           "open_bundle", "parse_metadata_strings", "peak_rss_mb", "softmax", "time_alternating", "time_call",
            "verify_manifest", "write_predictions", "write_repository"]

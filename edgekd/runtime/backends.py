@@ -20,6 +20,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.probability import head_softmax
+from edgekd.runtime.bundle import RT_INFO_SECTION
 from edgekd.runtime.preprocess import Preprocessor
 from edgekd.runtime.tta import TTAViews
 
@@ -56,6 +57,9 @@ class Backend(Protocol):
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
     def image_slot(self, n: int, views: TTAViews | None = None, channels: int | None = None) -> Slot: ...
+
+    def embedded_metadata(self) -> dict[str, str]:
+        """The metadata the export wrote into the model file, as string pairs ({} if none)."""
 
 
 def _image_channels(channels: int | None, model_channels: int) -> int:
@@ -142,6 +146,11 @@ class OpenVINOBackend:
         # bare model).
         self.slots: OrderedDict[tuple, Slot] = OrderedDict()
         self._dynamic: dict[tuple, object] = {}
+
+    def embedded_metadata(self) -> dict[str, str]:
+        if not self.model.has_rt_info([RT_INFO_SECTION]):
+            return {}
+        return {k: v.astype(str) for k, v in self.model.get_rt_info()[RT_INFO_SECTION].items()}
 
     def _compile(self, kind: str, batch_size: int | None, views: TTAViews | None, channels: int | None):
         """The model (with the image pre/post-processing for kind "images", taking `channels`-channel images)
@@ -317,6 +326,9 @@ class ONNXRuntimeBackend:
         classes = self.session.get_outputs()[0].shape
         self.classes = classes[-1] if len(classes) == 2 and isinstance(classes[-1], int) else None
         self.slots: OrderedDict[tuple, Slot] = OrderedDict()
+
+    def embedded_metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)

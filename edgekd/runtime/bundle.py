@@ -22,6 +22,10 @@ from edgekd.fileio import deferred_signals, ensure_free_space, remove_tree, sha2
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 
 SCHEMA = "edgekd-bundle/1"
+RT_INFO_SECTION = "edgekd"
+"""The OpenVINO rt_info section holding the export's metadata (ONNX: the model's metadata_props)."""
+EMBEDDED_KEYS = ("class_names", "preprocess", "io", "calibration", "decision", "tasks")
+"""What the runner reads from edgekd.json and the export also wrote into each model file: they must agree."""
 METADATA_FILE = "edgekd.json"
 MANIFEST_FILE = "manifest.sha256"
 MAX_ZIP_BYTES = 4 * 2**30
@@ -58,6 +62,32 @@ class Artifact:
         model = read_verified(self.path, self.sha256)
         weights = read_verified(self.weights_path, self.weights_sha256) if self.weights_path else None
         return model, weights
+
+
+def parse_metadata_strings(pairs: dict[str, str]) -> dict[str, Any]:
+    """Metadata read back from flat string pairs (ONNX metadata_props, OpenVINO rt_info): JSON where it parses,
+    else the string."""
+    out: dict[str, Any] = {}
+    for k, v in pairs.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def check_embedded_metadata(meta: dict[str, Any], embedded: dict[str, str], where: str) -> None:
+    """edgekd.json against the copy the export embedded in a model file (EMBEDDED_KEYS): a class name, threshold or
+    normalization edited in edgekd.json alone (its manifest line re-hashed) would relabel the model's outputs
+    without a word. A model file without an embedded copy (not written by edgekd export) is not checked."""
+    if not embedded:
+        return
+    said = parse_metadata_strings(embedded)
+    for key in EMBEDDED_KEYS:
+        if key in said and json.dumps(said[key], sort_keys=True) != json.dumps(meta.get(key), sort_keys=True):
+            raise EdgeKDError(f"{where}: edgekd.json {key} differs from the copy the export embedded in the model "
+                              f"file (edgekd.json edited after export?): {shorten(json.dumps(meta.get(key)), 80)} vs "
+                              f"{shorten(json.dumps(said[key]), 80)}")
 
 
 @dataclass
@@ -523,6 +553,9 @@ def _validate_operating_point(meta: dict, where: str) -> None:
                  "decision.threshold needs a two-class model")
         _require(isinstance(positive, int) and 0 <= positive < len(meta.get("class_names") or []), where,
                  "decision.positive_index must be a class index")
+        named = decision.get("positive_class")
+        _require(named is None or named == (meta.get("class_names") or [None])[positive], where,
+                 "decision.positive_class must be the class name at decision.positive_index")
 
 
 def _validate_tasks(meta: dict, where: str) -> None:

@@ -19,7 +19,7 @@ from edgekd.formats import PRECISIONS
 from edgekd.imageio import DicomFrame
 from edgekd.probability import apply_temperature
 from edgekd.runtime.backends import BACKENDS, Backend, create_backend
-from edgekd.runtime.bundle import Bundle, open_bundle
+from edgekd.runtime.bundle import Bundle, check_embedded_metadata, open_bundle
 from edgekd.runtime.preprocess import ImageInput, Preprocessor
 from edgekd.runtime.tta import TTAViews
 
@@ -135,6 +135,7 @@ class Runner:
         engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,
                                 artifact.inference_precision_hint, cache_dir, preprocessor, model_data=artifact.read(),
                                 heads=heads)
+        check_embedded_metadata(bundle.meta, engine.embedded_metadata(), str(artifact.path))
         expected = [None, *bundle.preprocess["input_size"]]
         if len(engine.input_dims) != 4 or any(d is not None and d != e for d, e in zip(engine.input_dims[1:], expected[1:])):
             raise EdgeKDError(f"{artifact.path}: model input shape {engine.input_dims} does not match edgekd.json "
