@@ -290,7 +290,8 @@ def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str
     """`edgekd eval CHECKPOINT`: the metrics table, a warning per split that calls nearly everything one class."""
     from edgekd.train.run import evaluate_checkpoint
 
-    result = with_progress(lambda _, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar))
+    result = with_progress(lambda log, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar,
+                                                                log=log))
     out_console.print(metrics_table(f"{checkpoint}", [{"model": result["model"], **result[s]} for s in splits]))
     for s in splits:
         if result[s].get("warning"):

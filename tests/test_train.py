@@ -515,3 +515,40 @@ def test_log_csv_grows_every_epoch(tiny_recipe_dict, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "_run_epoch", spy)
     train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=3)), tmp_path / "run", log=lambda s: None)
     assert rows_seen == [0, 1, 2]
+
+
+def test_class_order_check_refuses_moved_names_and_warns_on_renamed_ones():
+    from edgekd.data import check_class_order
+
+    assert check_class_order(["normal", "pneumonia"], ["NORMAL ", "Pneumonia"], "x") is None  # case and spaces
+    assert "matched by index" in check_class_order(["normal", "pneumonia"], ["0", "1"], "x")
+    with pytest.raises(EdgeKDError, match="class 'PNEUMONIA' is output 1 of the model but class 0 of the data"):
+        check_class_order(["NORMAL", "PNEUMONIA"], ["PNEUMONIA", "NORMAL"], "x")
+    with pytest.raises(EdgeKDError, match="class 'normal' is output 0 of the model but class 1"):  # one name shared
+        check_class_order(["NORMAL", "PNEUMONIA"], ["bacterial", "normal"], "x")
+
+
+def test_eval_export_and_distill_refuse_data_whose_classes_are_in_another_order(tiny_recipe_dict, tmp_path):
+    """The same classes in another order inverted every metric (test AUC 0.95 -> 0.05), a calibration fit and the
+    KD target, without a word: eval, export and a teacher whose classes moved are refused."""
+    from edgekd.distill.run import distill_recipe
+    from edgekd.export.run import _checkpoint_data
+    from edgekd.train.run import evaluate_checkpoint
+
+    res = train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=1)), tmp_path / "run", log=lambda s: None)
+    swapped = deep(tiny_recipe_dict, data__class_names=["class_1", "class_0"])
+    with pytest.raises(EdgeKDError, match="class 'class_1' is output 1 of the model but class 0 of the data"):
+        evaluate_checkpoint(res.best_path, tmp_path / "eval", recipe_from_dict(swapped))
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    ckpt = load_checkpoint(res.best_path)
+    with pytest.raises(EdgeKDError, match="class 'class_1' is output 1"):
+        _checkpoint_data(ckpt, res.best_path, ["data.class_names=[class_1,class_0]"], None)
+    student = deep(swapped, distill={"teacher": str(res.best_path),
+                                     "terms": [{"kind": "kl", "weight": 1.0, "temperature": 4}]})
+    with pytest.raises(EdgeKDError, match="distill: teacher .*best.pt: class 'class_1' is output 1"):
+        distill_recipe(recipe_from_dict(student), tmp_path / "student", log=lambda s: None)
+    renamed = []  # other names, nothing moved: matched by index, said as a warning
+    evaluate_checkpoint(res.best_path, tmp_path / "eval2",
+                        recipe_from_dict(deep(tiny_recipe_dict, data__class_names=["healthy", "sick"])),
+                        log=renamed.append)
+    assert len(renamed) == 1 and renamed[0].startswith("warning:") and "matched by index" in renamed[0]

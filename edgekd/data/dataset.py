@@ -37,6 +37,28 @@ class ImageDataset(Dataset):
         return self.transform(img), int(self.table.labels[i])
 
 
+def check_class_order(model_classes: list[str], data_classes: list[str], where: str) -> str | None:
+    """A model's outputs are read by index against the data's classes. A class name (compared without case or
+    surrounding spaces) found in both lists at different places is an error: the same classes in another order
+    (`data.class_names` reordered, class folders that sort otherwise) would invert every metric, a distillation
+    target or a calibration fit, with nothing to see. Names that differ without any moving (other spellings, ids
+    for names) are matched by index: returned as a warning line (None when the names agree)."""
+    def key(name) -> str:
+        return str(name).strip().lower()
+
+    model_at = {key(n): i for i, n in enumerate(model_classes)}
+    moved = [(n, model_at[key(n)], j) for j, n in enumerate(data_classes) if model_at.get(key(n), j) != j]
+    if moved:
+        name, i, j = moved[0]
+        raise EdgeKDError(f"{where}: class '{name}' is output {i} of the model but class {j} of the data (model "
+                          f"{list(model_classes)}, data {list(data_classes)}): give data.class_names in the model's "
+                          "order")
+    if [key(n) for n in model_classes] != [key(n) for n in data_classes]:
+        return (f"{where}: the model's classes {list(model_classes)} are named otherwise in the data "
+                f"{list(data_classes)}; matched by index")
+    return None
+
+
 def validate_images(table: Table, on_bad_image: str) -> tuple[Table, list[str]]:
     """Decode every path-backed image once up front so a corrupt file fails (or is dropped) before training."""
     if table.paths is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from edgekd.data import build_data
+from edgekd.data import build_data, check_class_order
 from edgekd.distill.objective import build_objective, load_teacher
 from edgekd.distill.unlabeled import build_unlabeled
 from edgekd.errors import EdgeKDError
@@ -31,10 +31,11 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     teacher, teacher_ckpt = load_teacher(cfg.teacher)
     ensemble = [load_teacher(path) for path in cfg.ensemble]
     if any(t.kind in ("kl", "dkd") for t in cfg.terms):
-        for ckpt in (teacher_ckpt, *(c for _, c in ensemble)):
-            if ckpt.get("class_names") != data.class_names:
-                log(f"distill: teacher classes {ckpt.get('class_names')} differ in name from the data's "
-                    f"{data.class_names}; matched by index")
+        for path, ckpt in zip((cfg.teacher, *cfg.ensemble), (teacher_ckpt, *(c for _, c in ensemble))):
+            warning = check_class_order(list(ckpt.get("class_names") or []), list(data.class_names),
+                                        f"distill: teacher {path}")
+            if warning:
+                log(f"warning: {warning}")
     model, spec = build_student_model(recipe, data)
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
                                 recipe.augment, data.num_classes, log=log, ensemble=ensemble,

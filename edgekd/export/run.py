@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 from edgekd import __version__
-from edgekd.data import build_data, build_transforms, stratified_subset
+from edgekd.data import build_data, build_transforms, check_class_order, stratified_subset
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha256_file, track_tree, untrack_tree
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
@@ -147,7 +147,7 @@ def _check_space(model, n_artifacts: int, out: Path, zip_bundle: bool) -> Path:
 
 
 def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: list[str], input_size: int | None,
-                     layout: TaskLayout | None = None):
+                     layout: TaskLayout | None = None, log: Callable[[str], None] = print):
     """The checkpoint's data (its embedded recipe with the overrides; a continual checkpoint's: all its tasks,
     global labels), checked against the model's classes."""
     if ckpt.get("recipe") is None:
@@ -165,6 +165,9 @@ def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: lis
     num_classes = ckpt["arch"]["num_classes"]
     if data.num_classes != num_classes:
         raise EdgeKDError(f"{checkpoint}: model has {num_classes} classes, its data has {data.num_classes}")
+    warning = check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint))
+    if warning:
+        log(f"warning: {warning}")
     return data
 
 
@@ -257,7 +260,7 @@ def export_inputs(checkpoint: str | Path, profile: ExportProfile | None = None, 
     model, ckpt = model_from_checkpoint(checkpoint)
     if task_layout(ckpt) is not None:
         raise EdgeKDError(f"{checkpoint}: a continual checkpoint; export_inputs takes single-task ones")
-    data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size)
+    data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, log=log)
     parity_set, _, _ = _build_parity_set(data, profile, log)
     return ExportInputs(model, parity_set, calibration_images(data, profile), data.preprocess)
 
@@ -446,7 +449,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     layout = task_layout(ckpt)
     continual = retention_report(layout, profile.min_retention, allow_forgetting) if layout is not None else None
     scratch_root = _check_space(model, len(plan), out, zip_bundle)
-    data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout)
+    data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout, log)
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
     reference = reference_report(model, parity_set)
     reference["warnings"] = _one_class_warnings(reference, parity_set, log)

@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 
 from edgekd import __version__
-from edgekd.data import DataModule, build_data
+from edgekd.data import DataModule, build_data, check_class_order
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
@@ -154,8 +154,9 @@ def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[s
 
 
 def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=None, splits: tuple[str, ...] = ("test",),
-                        device: str = "auto", progress=None) -> dict[str, Any]:
-    """Evaluate a checkpoint on its own recipe's data (or `data_recipe`'s), write metrics.json and plots."""
+                        device: str = "auto", progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own recipe's data (or `data_recipe`'s), write metrics.json and plots; the data's
+    classes must be the model's, in its order (`check_class_order`)."""
     model, ckpt = model_from_checkpoint(checkpoint)
     from edgekd.recipe import recipe_from_dict
 
@@ -163,6 +164,9 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     data = build_data(recipe)
     if data.num_classes != ckpt["arch"]["num_classes"]:
         raise EdgeKDError(f"{checkpoint}: model has {ckpt['arch']['num_classes']} classes, the data has {data.num_classes}")
+    warning = check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint))
+    if warning:
+        log(f"warning: {warning}")
     dev = resolve_device(device)
     model.to(dev)
     out = Path(out)
