@@ -20,7 +20,7 @@ import numpy as np
 
 from edgekd.data.sources import FASHION_CLASSES, MEDMNIST_CLASSES
 from edgekd.errors import EdgeKDError
-from edgekd.recipe import Recipe, load_recipe, recipe_from_dict
+from edgekd.recipe import Recipe, find_recipe_file, load_recipe, recipe_from_dict
 from edgekd.runtime.timing import peak_rss_mb
 
 STEPS = 2
@@ -64,7 +64,7 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         tmp = Path(tmp)
         stand_ins: list[str] = []
         if synthetic:
-            recipe = synthetic_recipe(recipe, tmp, classes, stand_ins)
+            recipe = synthetic_recipe(recipe, tmp, classes, stand_ins, path)
         train_images = None if synthetic else count_train_images(recipe)
         result = run_recipe(shrunken(recipe, synthetic), tmp / "run", log=log)
         start = recipe.continual.checkpoint if recipe.continual else None
@@ -184,14 +184,26 @@ def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | No
             "limit": None, "patient_pattern": None}
 
 
-def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: list[str]) -> Recipe:
-    """The recipe over generated data, with untrained stand-ins for absent teacher/student checkpoints."""
+def _teacher_classes(dist: dict[str, Any] | None) -> int | None:
+    """The class count of the recipe's teacher checkpoint when it exists (a KL term needs the data to match it)."""
+    path = (dist or {}).get("teacher")
+    if not path or not Path(path).is_file():
+        return None
+    from edgekd.train.checkpoint import load_checkpoint
+
+    return len(load_checkpoint(path).get("class_names") or []) or None
+
+
+def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: list[str],
+                     path: str | Path | None = None) -> Recipe:
+    """The recipe (read from `path`) over generated data, with untrained stand-ins for absent teacher/student
+    checkpoints."""
     raw = recipe.to_dict()
     batch = recipe.data.batch_size * recipe.train.grad_accum
     if raw["model"]["pretrained"] or raw["model"]["weights"]:
         stand_ins.append(f"model: {recipe.model.name} randomly initialised (no pretrained weights offline)")
         raw["model"]["pretrained"], raw["model"]["weights"] = False, None
-    k = classes or known_classes(raw["data"]) or 2
+    k = classes or known_classes(raw["data"]) or _teacher_classes(raw.get("distill")) or 2
     outputs = len(raw["data"]["classes"]) if raw["data"].get("classes") else k
     raw["data"] = _synthetic_data(raw["data"], tmp, "data", k, batch, stand_ins)
     cont = raw.get("continual")
@@ -214,7 +226,7 @@ def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: 
         if not dist.get("teacher_recipe"):
             raise EdgeKDError(f"distill.teacher {dist.get('teacher')}: checkpoint not found and no "
                               "distill.teacher_recipe to stand in a random teacher of its architecture")
-        teacher = load_recipe(dist["teacher_recipe"]).to_dict()
+        teacher = load_recipe(find_recipe_file(dist["teacher_recipe"], "distill.teacher_recipe", path)).to_dict()
         teacher["model"]["pretrained"], teacher["model"]["weights"] = False, None
         teacher["data"] = _synthetic_data({**teacher["data"], "classes": None, "class_names": None}, tmp,
                                           "teacher-data", outputs, batch, stand_ins)

@@ -175,7 +175,7 @@ def train(
         log = (progress.console.print if progress.console.is_terminal else console.print) if main else _quiet
         if folds is not None:
             from edgekd.pipeline import run_folds
-            summary = run_folds(rec, out, folds, log=log, progress=progress if main else None)
+            summary = run_folds(rec, out, folds, log=log, progress=progress if main else None, recipe_path=recipe)
             if main:
                 out_console.print(summary["table_markdown"])
             return

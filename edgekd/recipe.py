@@ -575,6 +575,22 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
         raise EdgeKDError(format_validation_error(err, where)) from None
 
 
+def find_recipe_file(value: str | Path, key: str, beside: str | Path | None = None) -> Path:
+    """The recipe file a key names (`distill.teacher_recipe`): as given (absolute, or from the working directory),
+    else from the folder of the recipe that names it (`beside`) or one of its parents, so the shipped recipes'
+    `recipes/...` paths work from outside the project folder too."""
+    given = Path(value)
+    places = [given]
+    if beside is not None and not given.is_absolute():
+        start = Path(beside).resolve().parent
+        places += [folder / given for folder in (start, *start.parents)]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        where = f" or above {Path(beside).parent}" if beside is not None and not given.is_absolute() else ""
+        raise EdgeKDError(f"{key} {value}: recipe file not found (looked in the working directory{where})")
+    return found
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML (with optional `base:` inheritance), apply overrides, validate."""
     raw = _read_yaml_with_base(Path(path), seen=set())

@@ -134,3 +134,36 @@ def test_synthetic_classes_override_a_known_sets_class_count(tmp_path, classes):
     assert build_data(recipe).num_classes == classes
     assert build_data(synthetic_recipe(load_recipe("recipes/retina/teacher-28.yaml"), tmp_path / "k",
                                        None, [])).num_classes == 5
+
+
+def test_a_student_recipe_checks_from_outside_the_project(monkeypatch, tmp_path):
+    """`distill.teacher_recipe: recipes/demo/teacher.yaml` is relative to the project: run from another folder it
+    is found above the student recipe; a name found nowhere is an error naming the key."""
+    monkeypatch.chdir(tmp_path)
+    student = REPO / "recipes/demo/student.yaml"
+    r = check_recipe(student, SMALL + ["train.epochs=1"], synthetic=True)
+    assert r.kind == "distill" and r.teacher == "resnet18"
+    with pytest.raises(EdgeKDError, match="distill.teacher_recipe nope.yaml: recipe file not found"):
+        check_recipe(student, SMALL + ["distill.teacher_recipe=nope.yaml"], synthetic=True)
+
+
+def test_synthetic_data_takes_the_class_count_of_an_existing_teacher(tiny_recipe_dict, tmp_path):
+    """A 3-class teacher checkpoint on disk: the synthetic stand-in data has its 3 classes (it was 2, and the KL
+    term refused the pair)."""
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
+    from conftest import write_npz
+
+    npz = write_npz(tmp_path / "three.npz", classes=3)
+    teacher = train_recipe(recipe_from_dict({**tiny_recipe_dict, "data": {**tiny_recipe_dict["data"], "path": str(npz)},
+                                             "train": {**tiny_recipe_dict["train"], "epochs": 1}}),
+                           tmp_path / "teacher", log=lambda s: None)
+    student = tmp_path / "student.yaml"
+    student.write_text(yaml.safe_dump({**tiny_recipe_dict, "data": {**tiny_recipe_dict["data"], "source": "imagefolder",
+                                                                    "path": str(tmp_path / "absent")},
+                                       "role": "student",
+                                       "distill": {"teacher": str(teacher.best_path),
+                                                   "terms": [{"kind": "kl", "weight": 1.0, "temperature": 4}]}}))
+    r = check_recipe(student, SMALL, synthetic=True)
+    assert r.kind == "distill" and any("3-class synthetic" in s for s in r.stand_ins)

@@ -507,3 +507,24 @@ def test_tta_averaged_teacher_targets_are_the_mean_over_flips():
         want = (teacher(x).softmax(1) + teacher(x.flip(-1)).softmax(1) + teacher(x.flip(-2)).softmax(1)) / 3
     torch.testing.assert_close(got.softmax(1), want)
     assert not torch.allclose(want, teacher(x).softmax(1))  # the views do change the target
+
+
+def test_a_teacher_trained_on_the_students_test_images_is_refused(tmp_path):
+    """Splits carved from one image folder with another seed put most of the student's test images in the
+    teacher's training split; the student would learn its test answers from the teacher."""
+    from edgekd.distill.run import distill_recipe
+    from edgekd.train.run import train_recipe
+
+    from conftest import tiny_recipe, write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", n_per_class=12)
+    data = {"source": "imagefolder", "path": str(root), "split": "stratified", "val_fraction": 0.25,
+            "test_fraction": 0.25}
+    teacher = train_recipe(recipe_from_dict(tiny_recipe(root, epochs=1, data=data)), tmp_path / "teacher",
+                           log=lambda s: None)
+    kd = {"teacher": str(teacher.best_path), "terms": [{"kind": "kl", "weight": 1.0, "temperature": 4}]}
+    student = tiny_recipe(root, name="student", epochs=1, data=data, distill=kd, role="student")
+    with pytest.raises(EdgeKDError, match=r"distill.teacher .* trained on \d+ of this run's test and \d+ of its val"):
+        distill_recipe(recipe_from_dict({**student, "seed": 1}), tmp_path / "s1", log=lambda s: None)
+    assert not (tmp_path / "s1" / "best.pt").exists()
+    distill_recipe(recipe_from_dict(student), tmp_path / "s0", log=lambda s: None)  # the teacher's own splits

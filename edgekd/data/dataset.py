@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from edgekd.data.sources import Table, load_source
+from edgekd.data.sources import Source, Table, load_source
 from edgekd.data.splits import make_splits, stratified_subset
 from edgekd.data.transforms import build_transforms, preprocess_spec
 from edgekd.errors import EdgeKDError
@@ -220,6 +220,22 @@ def _limit(table: Table, n: int, seed: int) -> Table:
 
 def build_data(recipe) -> DataModule:
     """Recipe data section -> loaders-ready DataModule (source, class filter, splits, limit, bad images)."""
+    tables, names, source = split_tables(recipe)
+    cfg, bad = recipe.data, []
+    for split in list(tables):
+        tables[split], dropped = validate_images(tables[split], cfg.on_bad_image)
+        bad += dropped
+        if len(tables[split]) == 0:
+            raise EdgeKDError(f"data: the {split} split is empty")
+    if tables["train"].labels.max() >= len(names):
+        raise EdgeKDError(f"data: label {tables['train'].labels.max()} exceeds the {len(names)} class names")
+    return DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
+                      augment=recipe.augment, seed=recipe.seed, bad_files=bad)
+
+
+def split_tables(recipe) -> tuple[dict[str, Table], list[str], Source]:
+    """The recipe's train/val/test tables, class names and source, before any image is decoded: what decides which
+    image lands in which split (source, class filter, patients, split mode and seed, limit)."""
     cfg = recipe.data
     source = load_source(cfg.source, cfg.path)
     tables, names = source.tables, source.class_names
@@ -247,15 +263,6 @@ def build_data(recipe) -> DataModule:
     build_transforms(cfg, recipe.augment, train=True)  # an unknown augment op fails now, before any output
     source.tables = tables
     tables = make_splits(source, cfg.split, cfg.val_fraction, cfg.test_fraction, recipe.seed, cfg.folds, cfg.fold)
-    bad: list[str] = []
-    for split in list(tables):
-        if cfg.limit:
-            tables[split] = _limit(tables[split], cfg.limit, recipe.seed)
-        tables[split], dropped = validate_images(tables[split], cfg.on_bad_image)
-        bad += dropped
-        if len(tables[split]) == 0:
-            raise EdgeKDError(f"data: the {split} split is empty")
-    if tables["train"].labels.max() >= len(names):
-        raise EdgeKDError(f"data: label {tables['train'].labels.max()} exceeds the {len(names)} class names")
-    return DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
-                      augment=recipe.augment, seed=recipe.seed, bad_files=bad)
+    if cfg.limit:
+        tables = {split: _limit(table, cfg.limit, recipe.seed) for split, table in tables.items()}
+    return tables, names, source

@@ -10,7 +10,7 @@ import numpy as np
 from edgekd.data import load_source
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
-from edgekd.recipe import load_recipe, recipe_from_dict
+from edgekd.recipe import find_recipe_file, load_recipe, recipe_from_dict
 
 SUMMARY_METRICS = ("acc", "balanced_acc", "auc", "f1", "sensitivity", "specificity", "pauc")
 
@@ -37,7 +37,8 @@ def split_mode(recipe, log: Callable[[str], None]) -> str:
     return recipe.data.split
 
 
-def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None,
+              recipe_path: str | Path | None = None) -> dict[str, Any]:
     """Train `folds` times, fold i held out as validation; with a distill section, each fold first trains
     `distill.teacher_recipe` on the same fold and distills from that teacher (no held-out image is ever seen
     by the teacher). Writes fold<i>/<role>/ runs, kfold.json and kfold.md; returns the summary."""
@@ -50,7 +51,8 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
         if not recipe.distill.teacher_recipe:
             raise EdgeKDError("--folds with a distill recipe needs distill.teacher_recipe (the teacher is "
                               "retrained on each fold so it never sees that fold's validation images)")
-        teacher_base = load_recipe(recipe.distill.teacher_recipe)
+        teacher_base = load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe",
+                                                    recipe_path))
         same = ("source", "path", "classes", "limit")
         if any(getattr(teacher_base.data, k) != getattr(recipe.data, k) for k in same):
             raise EdgeKDError(f"distill.teacher_recipe {recipe.distill.teacher_recipe}: its data ({', '.join(same)}) "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +16,32 @@ from edgekd.train.trainer import resolve_device, seed_everything
 
 ADAPTER_KEY = "kd_adapters"
 """Checkpoint key of the feature-KD adapters: beside, never inside, the student's state_dict (export ignores it)."""
+
+
+def check_teacher_splits(path, teacher_ckpt: dict, recipe, data) -> None:
+    """A teacher trained on the student's own image files must not have trained on the student's val or test
+    images: splits carved with another seed, fraction or limit put them in its training split, and the student
+    then learns its test answers from the teacher. Checked file by file when both read the same image files (an
+    ImageFolder or CSV); in-memory sets (.npz) are not compared."""
+    from edgekd.data.dataset import split_tables
+    from edgekd.recipe import recipe_from_dict
+
+    raw = teacher_ckpt.get("recipe")
+    if not raw or data.tables["train"].paths is None or (raw.get("data") or {}).get("source") != recipe.data.source:
+        return
+    try:
+        teacher_tables = split_tables(recipe_from_dict(raw, where=f"{path} (embedded recipe)"))[0]
+    except EdgeKDError:
+        return  # its data is not readable from here (another machine, a moved folder): nothing to compare
+    if teacher_tables["train"].paths is None:
+        return
+    seen = {os.path.realpath(p) for p in teacher_tables["train"].paths}
+    leaked = {split: sum(os.path.realpath(p) in seen for p in data.tables[split].paths) for split in ("val", "test")}
+    if any(leaked.values()):
+        raise EdgeKDError(f"distill.teacher {path} trained on {leaked['test']} of this run's test and {leaked['val']} "
+                          f"of its val images (its splits were drawn with other settings: seed, data.split, "
+                          f"fractions or limit): train the teacher with the student's split settings, or give the "
+                          f"splits as folders or a split column")
 
 
 def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
@@ -36,6 +63,8 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
                                         f"distill: teacher {path}")
             if warning:
                 log(f"warning: {warning}")
+    for path, ckpt in zip((cfg.teacher, *cfg.ensemble), (teacher_ckpt, *(c for _, c in ensemble))):
+        check_teacher_splits(path, ckpt, recipe, data)
     model, spec = build_student_model(recipe, data)
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
                                 recipe.augment, data.num_classes, log=log, ensemble=ensemble,
