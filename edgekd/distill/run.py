@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from edgekd.data import build_data, check_class_order
+from edgekd.data import build_data, check_class_order, split_tables
 from edgekd.distill.objective import build_objective, load_teacher
 from edgekd.distill.unlabeled import build_unlabeled
 from edgekd.errors import EdgeKDError
@@ -23,7 +23,6 @@ def check_teacher_splits(path, teacher_ckpt: dict, recipe, data) -> None:
     images: splits carved with another seed, fraction or limit put them in its training split, and the student
     then learns its test answers from the teacher. Checked file by file when both read the same image files (an
     ImageFolder or CSV); in-memory sets (.npz) are not compared."""
-    from edgekd.data.dataset import split_tables
     from edgekd.recipe import recipe_from_dict
 
     raw = teacher_ckpt.get("recipe")
