@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -80,7 +81,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 # Tables are the output: keep them readable when piped to a file or a CI log (no 80-column squeeze).
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-STATE = {"debug": False}
+STATE: dict = {"debug": False, "on_interrupt": None}
+"""on_interrupt: a command's hint for an interrupted run (a callable returning a line, or None)."""
+
+
+def say_interrupted() -> None:
+    hint = STATE["on_interrupt"]() if STATE["on_interrupt"] else None
+    console.print("interrupted" + (f" ({hint})" if hint else ""))
 BUNDLE_PRECISION_HELP = "fp32, fp16 or int8 (default: the most precise model in the bundle, fp32 first)."
 
 
@@ -168,6 +175,10 @@ def train(
 
     rec = load_recipe(recipe, set_)
     out = out or Path("runs") / rec.name
+    if folds is None:
+        again = shlex.join(["edgekd", "train", str(recipe), "--out", str(out), "--resume",
+                            *[a for o in set_ for a in ("--set", o)]])
+        STATE["on_interrupt"] = lambda: f"resume it: {again}" if (out / "last.pt").is_file() else None
     # Under torchrun every rank runs this command: one process group per run, console output from rank 0 only.
     # A run refused before it wrote anything but its recipe (e.g. a monitor NaN at epoch 1) leaves no folder behind.
     with removed_if_only(out, ("recipe.yaml",)), distributed_session(rec.train.device), progress_bar() as progress:
@@ -698,11 +709,11 @@ def run() -> None:
             raise
         fail(error_line(str(err), err.multiline))
     except KeyboardInterrupt:
-        console.print("interrupted")
+        say_interrupted()
         stopped(130)
     except SystemExit as ex:
         if RECEIVED_SIGNALS:  # raised by _exit_on_signal
-            console.print("interrupted")
+            say_interrupted()
             stopped(ex.code if isinstance(ex.code, int) else 128 + RECEIVED_SIGNALS[0])
         raise
     except typer.Exit as ex:
@@ -723,7 +734,7 @@ def run() -> None:
                       soft_wrap=True)
         sys.exit(1)
     if RECEIVED_SIGNALS:  # a kill whose exception a finalizer swallowed: still not a success
-        console.print("interrupted")
+        say_interrupted()
         stopped(128 + RECEIVED_SIGNALS[0])
     # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
     if isinstance(code, int) and code:
@@ -807,7 +818,7 @@ def _exit_on_signal(signum, _frame) -> None:
         # An export is under way: its exception would unwind through native callbacks (torch's ONNX exporter,
         # NNCF, OpenVINO) that may crash (SIGSEGV) or abort (C++ terminate) instead, and everything it would clean
         # up is in its tracked temp dirs: remove them and end here.
-        console.print("interrupted")
+        say_interrupted()
         stopped(128 + signum)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
@@ -818,7 +829,7 @@ def _stop_if_swallowed(unraisable) -> None:
     """sys.unraisablehook: a stop signal's exception raised where Python cannot propagate it (a finalizer, an import
     lock's callback) ends the run here, as `run` would have, instead of a printed traceback and a run that goes on."""
     if RECEIVED_SIGNALS and isinstance(unraisable.exc_value, (KeyboardInterrupt, SystemExit)):
-        console.print("interrupted")
+        say_interrupted()
         stopped(128 + RECEIVED_SIGNALS[0])  # does not return
         return
     sys.__unraisablehook__(unraisable)

@@ -781,3 +781,27 @@ def test_deferred_signals_deliver_after_the_block_not_inside():
         assert inside == [] and seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, prev)
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_says_how_to_resume_it(tiny_recipe_dict, tmp_path):
+    """Ctrl-C after the first epoch leaves best.pt/last.pt: the run says the command that resumes it."""
+    import time
+
+    import yaml
+
+    recipe, out = tmp_path / "r.yaml", tmp_path / "run"
+    recipe.write_text(yaml.safe_dump({**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "epochs": 500}}))
+    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "train", str(recipe), "--out", str(out), "--set",
+                             "train.early_stop.min_delta=0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    err = proc.stderr.read()
+    assert proc.returncode == 130 and "Traceback" not in err
+    again = f"edgekd train {recipe} --out {out} --resume --set train.early_stop.min_delta=0"
+    assert f"interrupted (resume it: {again})" in err
