@@ -148,7 +148,7 @@ def test_patient_ids_keep_patients_apart_in_every_split_mode(tmp_path):
     lines = csv.read_text().splitlines()
     rows = [lines[0] + ",split"] + [f"{r},{'test' if i in (0, 3, 4, 5) else 'train'}" for i, r in enumerate(lines[1:])]
     csv.write_text("\n".join(rows) + "\n")
-    with pytest.raises(EdgeKDError, match=r"patient p0 appears in both test and train \(the manifest's split column\)"):
+    with pytest.raises(EdgeKDError, match=r"patient p0 appears in both test and train \(the given splits: "):
         build_data(recipe(source="csv", path=str(csv), val_fraction=0.2))
 
 

@@ -35,6 +35,9 @@ def _stratified_draw(labels: np.ndarray, n_held: int, seed: int) -> tuple[np.nda
     return np.sort(keep), np.sort(held)
 
 
+GIVE_SPLITS = "give the splits yourself (train/ val/ test/ folders, or a CSV manifest's split column)"
+
+
 def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
                 what: str = "a split") -> tuple[np.ndarray, np.ndarray]:
     """Like stratified_split, but every group (patient) lands wholly on one side: the first fold of a seeded
@@ -42,8 +45,8 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     n_splits = max(2, int(round(1.0 / fraction)))
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
-        raise EdgeKDError(f"carving {what} by patient needs at least {n_splits} patients, found {n_groups} (give the "
-                          "splits in the manifest's split column, or a larger fraction)")
+        raise EdgeKDError(f"carving {what} by patient needs at least {n_splits} patients, found {n_groups} ({GIVE_SPLITS}, "
+                          "or a larger fraction)")
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     present = np.unique(labels)
     with warnings.catch_warnings():  # "the least populated class has only 5 members < n_splits=7": checked here
@@ -53,8 +56,9 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
         if all(np.isin(present, labels[side]).all() for side in (keep, held)):
             return np.sort(keep), np.sort(held)
     short, count = fewest_units(labels, groups)
-    raise EdgeKDError(f"carving {what} by patient: no draw keeps every class on both sides (class id {short} has "
-                      f"{count} patients); give the splits in the manifest's split column")
+    raise EdgeKDError(f"carving {what} by patient: no draw of 1/{n_splits} of the {n_groups} patients keeps every "
+                      f"class on both sides (class id {short} has {count} patients); {GIVE_SPLITS}, or a larger "
+                      "data.val_fraction / data.test_fraction")
 
 
 def fewest_units(labels: np.ndarray, units: np.ndarray) -> tuple[int, int]:
@@ -137,7 +141,7 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
 
 def assert_disjoint_groups(tables: dict[str, Table], mode: str = "patient") -> None:
     hint = {"stratified": " (data.split=stratified splits images; with patient ids use data.split=patient)",
-            "given": " (the manifest's split column)"}.get(mode, "")
+            "given": " (the given splits: train/val/test folders or a CSV split column)"}.get(mode, "")
     seen: dict[str, str] = {}
     for split, t in tables.items():
         for g in np.unique(t.groups):
