@@ -165,7 +165,7 @@ def test_a_split_carved_by_patient_keeps_every_class(tmp_path):
                                                                  "image_size": 16, "batch_size": 8}}))
         assert all(min(c) > 0 for c in dm.counts().values()), (seed, dm.counts())
     (tmp_path / "m.csv").write_text("\n".join(rows[:-5]) + "\n")  # 2 patients of class b: not enough for 3 splits
-    with pytest.raises(EdgeKDError, match="carving the val split by patient: no draw keeps every class on both"):
+    with pytest.raises(EdgeKDError, match="carving the val split by patient: no draw of 1/7 of the 18 patients keeps every class on both"):
         build_data(recipe(source="csv", path=str(tmp_path / "m.csv")))
 
 
