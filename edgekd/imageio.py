@@ -272,6 +272,11 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
     except MemoryError:
         raise EdgeKDError(f"{where}: out of memory decoding the DICOM") from None
     except Exception as err:  # pydicom raises many types for bad files; odd tag values too
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax.is_compressed and "missing dependencies" in str(err):
+            raise EdgeKDError(f"{where}: no decoder here for its {syntax.name} pixel data (pydicom needs a plugin: "
+                              "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pyjpegls for JPEG-LS)"
+                              ) from None
         raise EdgeKDError(f"{where}: unreadable DICOM pixel data ({type(err).__name__})") from None
     out = arr.astype(np.uint8) if arr.dtype == np.uint8 else _rescale_to_uint8(np.asarray(arr, dtype=np.float64), span)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":

@@ -617,6 +617,27 @@ def test_dicom_window_maps_to_grey_as_a_viewer_shows_it(tmp_path):
     assert plain.min() == 0 and plain.max() == 255
 
 
+def test_a_compressed_dicom_without_its_decoder_says_so(tmp_path):
+    """JPEG-LS pixel data with no pydicom plugin installed: the error names the compression and what to install,
+    not a bare 'unreadable pixel data (RuntimeError)' that reads like a corrupt file."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    from edgekd.imageio import read_image
+
+    path = write_dicom(tmp_path / "jls.dcm", np.zeros((16, 16), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8 not decoded here"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    if pydicom.pixels.get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder plugin is installed here")
+    with pytest.raises(EdgeKDError, match=r"jls.dcm: no decoder here for its JPEG-LS .* pip install"):
+        read_image(path)
+
+
 def test_dicom_is_detected_by_content_not_suffix(bundle, tmp_path):
     from edgekd.imageio import read_image
 
