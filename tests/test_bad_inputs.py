@@ -778,7 +778,7 @@ BUNDLE_CASES = {
     "onnx_other_io_names": (_b_onnx(input_name="x"), "b", "no input named 'input'"),
     "onnx_garbage": (_b_onnx_garbage, "b", "cannot load the model"),
     "zip_path_traversal": (_b_traversal_member, "evil.zip", "escapes the bundle"),
-    "zip_truncated": (_b_truncated_zip, "cut.zip", "not a bundle"),
+    "zip_truncated": (_b_truncated_zip, "cut.zip", "a truncated or corrupt zip"),
     "bundle_missing": (lambda b: None, "nowhere", "bundle not found"),
 }
 

@@ -173,6 +173,15 @@ class Bundle:
         raise EdgeKDError(f"{self.source}: no {fmt} {precision} model in the bundle (it has: {have})")
 
 
+def _starts_like_a_zip(path: Path) -> bool:
+    """A file that begins with a zip's local-file signature (a zip cut short fails zipfile.is_zipfile)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Open a bundle directory or .zip; with `verify`, every file must match manifest.sha256.
 
@@ -196,6 +205,9 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             if tmp is not None:
                 remove_tree(tmp)
             raise
+    elif _starts_like_a_zip(source):
+        raise EdgeKDError(f"{source}: a truncated or corrupt zip (its central directory is missing): copy the bundle "
+                          "again")
     else:
         raise EdgeKDError(f"{source}: not a bundle (expected a directory or a .zip file)")
     try:
