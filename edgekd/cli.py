@@ -455,7 +455,7 @@ def predict(
     from edgekd.runtime import Failure, Runner
     from edgekd.runtime.inputs import collect_inputs
     from edgekd.fileio import refuse_output_inside
-    from edgekd.runtime.output import check_output_path, write_predictions
+    from edgekd.runtime.output import check_output_path
 
     if out is not None:
         check_output_path(out)
@@ -481,15 +481,23 @@ def predict(
         out_console.print(_predictions_table(bundle.name, runner, results, runner.precision, tta_option))
     failed = sum(isinstance(r, Failure) for r in results)
     if out is not None:
-        write_predictions(out, results, runner.class_names, {
-            "bundle": str(bundle), **runner.info, "tta_views": runner.tta_views.names if tta_option else None,
-            "temperature": runner.temperature, "threshold": runner.threshold,
-            **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})},
-            runner.tasks if task is None else None)
-        console.print(f"wrote {out}")
+        _write_predict_output(out, results, runner, bundle, tta_option, task)
     if failed:
         console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
         raise typer.Exit(1)
+
+
+def _write_predict_output(out: Path, results: list, runner, bundle: Path, tta_option, task: str | None) -> None:
+    """`predict --out`: the CSV/JSON, its columns fixed by the runner (the same whichever files failed)."""
+    from edgekd.runtime.output import write_predictions
+
+    views = runner.tta_views.names if tta_option else []
+    write_predictions(out, results, runner.class_names, {
+        "bundle": str(bundle), **runner.info, "tta_views": views or None,
+        "temperature": runner.temperature, "threshold": runner.threshold,
+        **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})},
+        runner.tasks if task is None else None, (views, runner.temperature != 1.0 or runner.bias is not None))
+    console.print(f"wrote {out}")
 
 
 def _task_predictions_table(title: str, runner, results: list) -> RichTable:

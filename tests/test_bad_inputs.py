@@ -244,6 +244,22 @@ def test_predict_reports_a_bad_image_and_goes_on(kind, bundle, good_png, tmp_pat
     assert not rows[1]["label"] and words in rows[1]["error"]
 
 
+def test_predict_csv_columns_do_not_depend_on_which_files_failed(bundle, good_png, tmp_path, capsys):
+    """A CSV's header is the bundle's and the options', the same when every file fails (a parser reads one
+    layout); `--out` naming a folder is refused before any inference."""
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    headers = []
+    for name, inputs in (("some.csv", [good_png, bad]), ("none.csv", [bad])):
+        code, _, _ = invoke(capsys, "predict", bundle, *inputs, "--tta", "--backend", "onnx", "--out", tmp_path / name)
+        assert code == 1
+        headers.append((tmp_path / name).read_text().splitlines()[0])
+    assert headers[0] == headers[1] and "hflip:p_" in headers[0]
+    (tmp_path / "d.csv").mkdir()
+    code, out, err = invoke(capsys, "predict", bundle, good_png, "--backend", "onnx", "--out", tmp_path / "d.csv")
+    assert code == 2 and "d.csv: --out is a folder" in err and "p_" not in out  # refused before the table
+
+
 @pytest.mark.parametrize("kind", sorted(ODD_IMAGES))
 def test_predict_decodes_unusual_but_valid_images(kind, bundle, runner, tmp_path, capsys):
     """The decoder gives the known pixels of each file, and `edgekd predict` reports the probabilities of exactly

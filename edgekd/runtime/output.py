@@ -15,18 +15,22 @@ OUTPUT_SUFFIXES = (".csv", ".json")
 
 
 def check_output_path(path: str | Path) -> Path:
-    """Refuse an unknown suffix before any work is done."""
+    """Refuse an unknown suffix or a folder before any work is done."""
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise EdgeKDError(f"{path}: --out must end with .csv or .json")
+    if path.is_dir():
+        raise EdgeKDError(f"{path}: --out is a folder (give a .csv or .json file name)")
     return path
 
 
-def _columns(preds: Sequence[Prediction], class_names: list[str]) -> tuple[list[str], list[str], bool]:
+def _columns(preds: Sequence[Prediction], class_names: list[str],
+             shape: tuple[list[str], bool] | None = None) -> tuple[list[str], list[str], bool]:
     """label, index, prob, p_<class>..., [<view>:p_<class>...], [uncalibrated:p_<class>...] of these predictions;
-    the views and whether uncalibrated columns are there."""
-    views = next((list(p.view_probs) for p in preds if p.view_probs), [])
-    raw = any(p.raw_probs is not None for p in preds)
+    the views and whether uncalibrated columns are there (`shape`: the runner's (views, calibrated), so the columns
+    do not depend on which files failed; else read from the predictions)."""
+    views = list(shape[0]) if shape else next((list(p.view_probs) for p in preds if p.view_probs), [])
+    raw = shape[1] if shape else any(p.raw_probs is not None for p in preds)
     return (["label", "index", "prob", *[f"p_{c}" for c in class_names],
              *[f"{v}:p_{c}" for v in views for c in class_names],
              *([f"uncalibrated:p_{c}" for c in class_names] if raw else [])], views, raw)
@@ -42,7 +46,8 @@ def _cells(r: Prediction, n_classes: int, views: list[str], raw: bool) -> list[A
 
 
 def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], class_names: list[str],
-                    tasks: list[tuple[str, list[str]]] | None = None) -> str:
+                    tasks: list[tuple[str, list[str]]] | None = None,
+                    shape: tuple[list[str], bool] | None = None) -> str:
     """file, [task,] label, index, prob, p_<class>..., [<view>:p_<class>...], [uncalibrated:p_<class>...], error.
     A `task` column when the predictions are one task's of a multi-head bundle; with `tasks` (a multi-head
     bundle, no task chosen: TaskPredictions) one row per image and every task's columns side by side, each
@@ -50,7 +55,7 @@ def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], c
     done = [r for r in results if not isinstance(r, Failure)]
     groups = [(name, names, [r.tasks[name] for r in done]) for name, names in tasks] if tasks else \
         [(None, class_names, done)]
-    layout = [(name, names, *_columns(preds, names)) for name, names, preds in groups]
+    layout = [(name, names, *_columns(preds, names, shape)) for name, names, preds in groups]
     with_task = not tasks and any(getattr(r, "task", None) is not None for r in done)
     header = ["file", *(["task"] if with_task else []),
               *[f"{name}:{c}" if name else c for name, _, cols, _, _ in layout for c in cols], "error"]
@@ -70,10 +75,11 @@ def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], c
 
 def write_predictions(path: str | Path, results: Sequence[Prediction | TaskPredictions | Failure],
                       class_names: list[str], info: dict[str, Any] | None = None,
-                      tasks: list[tuple[str, list[str]]] | None = None) -> Path:
+                      tasks: list[tuple[str, list[str]]] | None = None,
+                      shape: tuple[list[str], bool] | None = None) -> Path:
     """CSV (`predictions_csv`) or JSON ({class_names, info..., predictions: [Prediction/TaskPredictions.to_dict()]})."""
     path = check_output_path(path)
     if path.suffix.lower() == ".csv":
-        return write_text(path, predictions_csv(results, class_names, tasks))
+        return write_text(path, predictions_csv(results, class_names, tasks, shape))
     return write_json(path, {"class_names": class_names, **(info or {}),
                              "predictions": [r.to_dict() for r in results]})
