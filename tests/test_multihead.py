@@ -145,6 +145,8 @@ def test_single_head_bundle_has_no_tasks(world):
         Runner.from_bundle(world["parent"], backend="onnx", task="A")
     with pytest.raises(EdgeKDError, match="no task 'C'.*A, B"):
         Runner.from_bundle(world["bundle"], backend="onnx", task="C")
+    with pytest.raises(EdgeKDError, match="a multi-head bundle's tasks are decided by their top class"):
+        Runner.from_bundle(world["bundle"], backend="onnx", task="B", threshold=0.5)  # said as a class-count problem
 
 
 @pytest.mark.slow

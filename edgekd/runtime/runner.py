@@ -124,6 +124,9 @@ class Runner:
                 raise EdgeKDError(f"--cache-dir {cache_dir}: not a folder")
             refuse_output_inside(cache_dir, [bundle.source], "--cache-dir")
         bundle_threshold, positive = bundle.decision
+        if threshold is not None and bundle.tasks:
+            raise EdgeKDError("a decision threshold is for a two-class bundle: a multi-head bundle's tasks are "
+                              "decided by their top class")
         if threshold is not None and (len(bundle.class_names) != 2 or not 0 <= threshold <= 1):
             raise EdgeKDError(f"threshold {threshold} needs a two-class bundle and a value in [0, 1]")
         _check_task(bundle, task)
