@@ -208,6 +208,11 @@ def test_each_malformed_upload_is_a_4xx_json_line_and_good_requests_still_work(r
         out["good"] = await client.post("/predict", files={"file": ("g.png", png(2), "image/png")})
         return out
 
+    async def batch(client):  # an empty body is the request's error, not one file's (it was 200 + a 400 item)
+        return await client.post("/predict/batch", content=b"", headers={"content-type": "image/png"})
+
+    empty = call(create_app(runner), batch)
+    assert empty.status_code == 400 and "empty request body" in empty.json()["error"]
     out = call(create_app(runner, ServeSettings(max_upload_mb=1)), go)
     for name, (_, _, status, words) in cases.items():
         r = out[name]
@@ -222,7 +227,7 @@ def test_body_over_the_upload_limit_is_413(runner):
         return await client.post("/predict", content=b"\x89PNG" + b"0" * 2**20, headers={"content-type": "image/png"})
 
     r = call(create_app(runner, ServeSettings(max_upload_mb=0.5)), go)
-    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert r.status_code == 413 and "limit" in r.json()["error"] and r.content.startswith(b'{"error":"')  # as others
 
 
 def test_token_is_required_except_for_health(runner):
@@ -240,6 +245,7 @@ def test_token_is_required_except_for_health(runner):
     facts = meta_ok.json()
     assert facts["class_names"] == NAMES and facts["operating_point"]["threshold"] == 0.4
     assert facts["input"]["input_size"] == [3, 16, 16] and facts["serving"]["batch_sizes"] == [1, 2, 4, 8]
+    assert facts["input"]["mean"] and facts["input"]["std"]  # the whole preprocessing a client may replicate
 
 
 def test_metrics_parse_and_count_requests_and_errors(runner):

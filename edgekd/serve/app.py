@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def create_app(runner: Runner, settings: ServeSettings | None = None) -> FastAPI
         yield
         await service.close()
 
+    # A malformed multipart body is answered 400; python-multipart also logs it to stderr as a warning.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     app = FastAPI(title="edgekd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     _add_error_handlers(app)
@@ -142,7 +145,10 @@ async def _uploads(request: Request, limit: int) -> list[tuple[str, str | None, 
     """(name, declared content type, bytes) of a multipart request's files, or of a raw body."""
     content_type = request.headers.get("content-type")
     if not (content_type or "").lower().startswith("multipart/form-data"):
-        return [("upload", content_type, await request.body())]
+        body = await request.body()
+        if not body:
+            raise UploadError("empty request body (send the image as the body, or as multipart 'file' fields)", 400)
+        return [("upload", content_type, body)]
     form = await request.form(max_files=limit, max_fields=limit)
     files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not files:
@@ -193,8 +199,7 @@ def _metadata(service: Service) -> dict:
     threshold, positive = runner.threshold, runner.positive
     return {
         "bundle_id": service.bundle_id, "model": meta.get("model", {}), "class_names": runner.class_names,
-        "input": {k: meta["preprocess"].get(k) for k in ("input_size", "channels", "resize", "center_crop",
-                                                         "channel_order")},
+        "input": dict(meta["preprocess"]),
         "formats": [{"format": a.format, "precision": a.precision} for a in runner.bundle.artifacts],
         "operating_point": {"calibration": meta.get("calibration"),
                             "threshold": threshold, "positive_class": runner.class_names[positive] if threshold

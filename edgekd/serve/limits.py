@@ -11,7 +11,7 @@ class BodyTooLarge(Exception):
 
 
 async def send_json(send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
+    data = json.dumps(body, separators=(",", ":")).encode()  # as the app's JSONResponse writes it
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
