@@ -125,7 +125,7 @@ def metrics_table(title: str, rows: list[dict], keys=("acc", "balanced_acc", "au
     table.add_column("model")
     table.add_column("split")
     for k in keys:
-        table.add_column(k, justify="right")
+        table.add_column({"f1": "f1 (macro)"}.get(k, k), justify="right")
     for r in rows:
         table.add_row(r["model"], r["split"], *[_fmt(r.get(k)) for k in keys])
     return table
