@@ -552,3 +552,13 @@ def test_eval_export_and_distill_refuse_data_whose_classes_are_in_another_order(
                         recipe_from_dict(deep(tiny_recipe_dict, data__class_names=["healthy", "sick"])),
                         log=renamed.append)
     assert len(renamed) == 1 and renamed[0].startswith("warning:") and "matched by index" in renamed[0]
+
+
+def test_log_csv_has_each_param_groups_lr_under_differential_lr(tiny_recipe_dict, tmp_path):
+    import csv
+
+    rec = deep(tiny_recipe_dict, train__epochs=1, train__optimizer={"name": "adam", "lr": 0.001, "head_lr": 0.01})
+    train_recipe(recipe_from_dict(rec), tmp_path / "run", log=lambda s: None)
+    (row,) = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert float(row["lr_backbone"]) == pytest.approx(0.001) and float(row["lr_head"]) == pytest.approx(0.01)
+    assert float(row["lr"]) == float(row["lr_head"])

@@ -53,9 +53,10 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     """Loss (train/val) and the val metrics per epoch, from the trainer's history rows."""
     epochs = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("train_loss", "val_loss"):
+    # Two different losses: the training objective (focal, KD terms, EWC...) and cross-entropy on val.
+    for key, label in (("train_loss", "train: the training objective"), ("val_loss", "val: cross-entropy")):
         if any(key in h for h in history):
-            a1.plot(epochs, [h.get(key, np.nan) for h in history], label=key, marker=".")
+            a1.plot(epochs, [h.get(key, np.nan) for h in history], label=label, marker=".")
     a1.set_xlabel("epoch"), a1.set_title("loss"), a1.legend()
     for key in ("val_acc", "val_auc", "val_f1", "val_pauc"):
         if any(key in h for h in history):

@@ -340,6 +340,8 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, progress)}
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
         self.epoch_lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        if len(self.epoch_lrs) > 1:  # differential LR: each group's rate in log.csv (`lr` is the last group's)
+            row.update({f"lr_{name}": lr for name, lr in self.epoch_lrs.items()})
         distributed.broadcast_buffers(self.model)
         if self.swa_model is not None and epoch >= self.swa_start:
             self.swa_model.update_parameters(self.model)
