@@ -1,5 +1,7 @@
 """Data: sources, splits (given, stratified, patient, k-fold), transforms, imbalance helpers, bad images."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -223,9 +225,16 @@ def test_patient_ids_from_file_names_keep_patients_apart(tmp_path):
     g = _groups(dm)
     assert not (g["train"] & g["val"] or g["train"] & g["test"]) and len(g["val"]) >= 2 and "1000" in g["train"] | g["val"]
     assert sum(len(t) for t in dm.tables.values()) == 48
-    for fold in range(3):  # k-fold by patient
-        f = _groups(build_data(recipe(source="imagefolder", path=str(root), patient_pattern=pattern, folds=3, fold=fold)))
+    from edgekd.distill.folds import write_fold_splits
+
+    for fold in range(3):  # k-fold by patient; splits.json lists what each fold used, for an audit
+        rec = recipe(source="imagefolder", path=str(root), patient_pattern=pattern, folds=3, fold=fold)
+        f = _groups(build_data(rec))
         assert not f["train"] & f["val"]
+        write_fold_splits(tmp_path / f"fold{fold}" / "splits.json", rec)
+        listed = json.loads((tmp_path / f"fold{fold}" / "splits.json").read_text())
+        assert {s: set(listed[s]["patients"]) for s in ("train", "val", "test")} == f
+        assert len(listed["val"]["files"]) == listed["val"]["images"] == sum(listed["val"]["class_counts"])
     Image.new("L", (8, 8)).save(root / "train" / "CNV" / "scan.png")
     with pytest.raises(EdgeKDError, match=r"patient_pattern .* finds no patient id in the file name 'scan.png'"):
         build_data(recipe(source="imagefolder", path=str(root), patient_pattern=pattern))

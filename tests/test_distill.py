@@ -384,6 +384,8 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
         for role in ("teacher", "student"):
             run = tmp_path / "kfold" / f"fold{fold}" / role
             assert (run / "confusion_val.png").is_file() and (run / "best.pt").is_file()
+    folds = [json.loads((tmp_path / "kfold" / f"fold{k}" / "splits.json").read_text()) for k in (0, 1)]
+    assert folds[0]["val"]["images"] + folds[1]["val"]["images"] == folds[0]["train"]["images"] + folds[0]["val"]["images"]
     saved = json.loads((tmp_path / "kfold" / "kfold.json").read_text())
     assert [(r["fold"], r["role"]) for r in saved["runs"]] == [(0, "teacher"), (0, "student"),
                                                               (1, "teacher"), (1, "student")]

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgekd.data import load_source
+from edgekd.data import load_source, split_tables
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
 from edgekd.recipe import find_recipe_file, load_recipe, recipe_from_dict
@@ -62,6 +62,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     for fold in range(folds):
         fold_dir = out / f"fold{fold}"
         log(f"k-fold: fold {fold + 1}/{folds}")
+        write_fold_splits(fold_dir / "splits.json", fold_recipe(recipe, folds, fold, split))
         if teacher_base is not None:
             t_rec = fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, fold, split)
             t_res = train_recipe(t_rec, fold_dir / "teacher", log=log, progress=progress)
@@ -80,6 +81,23 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     write_json(out / "kfold.json", result)
     write_text(out / "kfold.md", table + "\n")
     return result
+
+
+def write_fold_splits(path: Path, recipe) -> None:
+    """What a fold trains, selects and tests on, for an audit: per split its image files (file-backed data) and
+    patient ids (when the data has them), else its class counts only (in-memory arrays)."""
+    tables, names, _ = split_tables(recipe)
+    out: dict[str, Any] = {"class_names": names}
+    for split, table in tables.items():
+        entry: dict[str, Any] = {"images": len(table),
+                                 "class_counts": np.bincount(table.labels, minlength=len(names)).tolist()}
+        if table.groups is not None:
+            entry["patients"] = sorted({str(g) for g in table.groups})
+        if table.paths is not None:
+            entry["files"] = [str(p) for p in table.paths]
+        out[split] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, out)
 
 
 def _row(fold: int, role: str, recipe, res) -> dict[str, Any]:
