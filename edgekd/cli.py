@@ -167,6 +167,8 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
     folds: Optional[int] = typer.Option(None, "--folds", help="k-fold cross-validation: train once per fold."),
+    teacher_set: list[str] = typer.Option([], "--teacher-set", help="With --folds and a distill recipe: override a "
+                                          "key of distill.teacher_recipe, the teacher trained on each fold."),
 ) -> None:
     """Train a teacher, baseline or student from a recipe; writes best.pt, last.pt, metrics.json and plots."""
     from edgekd.fileio import removed_if_only
@@ -175,6 +177,8 @@ def train(
 
     rec = load_recipe(recipe, set_)
     out = out or Path("runs") / rec.name
+    if teacher_set and (folds is None or rec.distill is None):
+        raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
     if folds is None:
         again = shlex.join(["edgekd", "train", str(recipe), "--out", str(out), "--resume",
                             *[a for o in set_ for a in ("--set", o)]])
@@ -186,7 +190,8 @@ def train(
         log = (progress.console.print if progress.console.is_terminal else console.print) if main else _quiet
         if folds is not None:
             from edgekd.pipeline import run_folds
-            summary = run_folds(rec, out, folds, log=log, progress=progress if main else None, recipe_path=recipe)
+            summary = run_folds(rec, out, folds, log=log, progress=progress if main else None, recipe_path=recipe,
+                                teacher_overrides=teacher_set)
             if main:
                 out_console.print(summary["table_markdown"])
             return

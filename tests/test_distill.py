@@ -379,7 +379,9 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     raw = tiny_recipe(tmp_path, name="fold-student", role="student",
                       distill={"teacher_recipe": str(tmp_path / "teacher.yaml"),
                                "terms": [{"kind": "kl", "weight": 0.7}, {"kind": "ce", "weight": 0.3}]})
-    result = run_kfold(recipe_from_dict(raw), tmp_path / "kfold", 2, log=lambda m: None)
+    result = run_kfold(recipe_from_dict(raw), tmp_path / "kfold", 2, log=lambda m: None,
+                       teacher_overrides=["name=fold-teacher-b"])  # `train --teacher-set`
+    assert {r["name"] for r in result["runs"] if r["role"] == "teacher"} == {"fold-teacher-b"}
     for fold in (0, 1):
         for role in ("teacher", "student"):
             run = tmp_path / "kfold" / f"fold{fold}" / role
@@ -403,6 +405,11 @@ def test_kfold_distill_needs_teacher_recipe(tmp_path):
     raw = tiny_recipe(tmp_path, distill={"teacher": "t.pt", "terms": [{"kind": "kl"}]})
     with pytest.raises(EdgeKDError, match="teacher_recipe"):
         run_kfold(recipe_from_dict(raw), tmp_path / "k", 2, log=lambda m: None)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    from conftest import run_edgekd
+
+    p = run_edgekd("train", tmp_path / "r.yaml", "--teacher-set", "train.epochs=1", "--out", tmp_path / "o")
+    assert p.returncode == 2 and "--teacher-set is for --folds" in p.stderr and not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------- distillation that pays: DKD, shared views, ensembles

@@ -38,7 +38,7 @@ def split_mode(recipe, log: Callable[[str], None]) -> str:
 
 
 def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None,
-              recipe_path: str | Path | None = None) -> dict[str, Any]:
+              recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None) -> dict[str, Any]:
     """Train `folds` times, fold i held out as validation; with a distill section, each fold first trains
     `distill.teacher_recipe` on the same fold and distills from that teacher (no held-out image is ever seen
     by the teacher). Writes fold<i>/<role>/ runs, kfold.json and kfold.md; returns the summary."""
@@ -52,11 +52,12 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
             raise EdgeKDError("--folds with a distill recipe needs distill.teacher_recipe (the teacher is "
                               "retrained on each fold so it never sees that fold's validation images)")
         teacher_base = load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe",
-                                                    recipe_path))
+                                                    recipe_path), teacher_overrides)
         same = ("source", "path", "classes", "limit")
         if any(getattr(teacher_base.data, k) != getattr(recipe.data, k) for k in same):
             raise EdgeKDError(f"distill.teacher_recipe {recipe.distill.teacher_recipe}: its data ({', '.join(same)}) "
-                              "must match the student's so both see the same folds")
+                              "must match the student's so both see the same folds (--teacher-set data.path=... "
+                              "changes the teacher's)")
     split = split_mode(recipe, log)
     rows: list[dict[str, Any]] = []
     for fold in range(folds):
