@@ -88,6 +88,8 @@ STATE: dict = {"debug": False, "on_interrupt": None}
 def say_interrupted() -> None:
     hint = STATE["on_interrupt"]() if STATE["on_interrupt"] else None
     console.print("interrupted" + (f" ({hint})" if hint else ""))
+
+
 BUNDLE_PRECISION_HELP = "fp32, fp16 or int8 (default: the most precise model in the bundle, fp32 first)."
 
 

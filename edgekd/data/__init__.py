@@ -7,5 +7,5 @@ from edgekd.data.splits import kfold_indices, make_splits, stratified_subset
 from edgekd.data.transforms import build_transforms, preprocess_spec
 
 __all__ = ["FASHION_CLASSES", "MEDMNIST_CLASSES", "DataModule", "ImageDataset", "Source", "Table", "build_data",
-           "build_transforms", "check_class_order", "class_weights", "kfold_indices", "list_images", "load_source", "make_splits",
-           "preprocess_spec", "split_tables", "stratified_subset", "validate_images"]
+           "build_transforms", "check_class_order", "class_weights", "kfold_indices", "list_images", "load_source",
+           "make_splits", "preprocess_spec", "split_tables", "stratified_subset", "validate_images"]

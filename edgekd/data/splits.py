@@ -45,8 +45,8 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     n_splits = max(2, int(round(1.0 / fraction)))
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
-        raise EdgeKDError(f"carving {what} by patient needs at least {n_splits} patients, found {n_groups} ({GIVE_SPLITS}, "
-                          "or a larger fraction)")
+        raise EdgeKDError(f"carving {what} by patient needs at least {n_splits} patients, found {n_groups} "
+                          f"({GIVE_SPLITS}, or a larger fraction)")
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     present = np.unique(labels)
     with warnings.catch_warnings():  # "the least populated class has only 5 members < n_splits=7": checked here

@@ -56,14 +56,13 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     data = build_data(recipe)
     teacher, teacher_ckpt = load_teacher(cfg.teacher)
     ensemble = [load_teacher(path) for path in cfg.ensemble]
-    if any(t.kind in ("kl", "dkd") for t in cfg.terms):
-        for path, ckpt in zip((cfg.teacher, *cfg.ensemble), (teacher_ckpt, *(c for _, c in ensemble))):
-            warning = check_class_order(list(ckpt.get("class_names") or []), list(data.class_names),
-                                        f"distill: teacher {path}")
-            if warning:
-                log(f"warning: {warning}")
+    logit_terms = any(t.kind in ("kl", "dkd") for t in cfg.terms)
     for path, ckpt in zip((cfg.teacher, *cfg.ensemble), (teacher_ckpt, *(c for _, c in ensemble))):
         check_teacher_splits(path, ckpt, recipe, data)
+        warning = check_class_order(list(ckpt.get("class_names") or []), list(data.class_names),
+                                    f"distill: teacher {path}") if logit_terms else None
+        if warning:
+            log(f"warning: {warning}")
     model, spec = build_student_model(recipe, data)
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
                                 recipe.augment, data.num_classes, log=log, ensemble=ensemble,
