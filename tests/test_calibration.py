@@ -222,9 +222,20 @@ def test_a_bundle_without_calibration_predicts_raw_softmax_argmax(calibrated_bun
     old = tmp_path / "old"
     shutil.copytree(out, old)
     meta = json.loads((old / "edgekd.json").read_text())
-    for key in ("calibration", "decision", "card", "training_data", "reliability"):
+    gone = ("calibration", "decision", "card", "training_data", "reliability")
+    for key in gone:
         meta.pop(key)
     (old / "edgekd.json").write_text(json.dumps(meta))
+    import onnx  # such a bundle's model files never held them either (the runner compares the two)
+
+    for model_path in (old / "onnx").glob("*.onnx"):
+        model = onnx.load(str(model_path))
+        kept = [(p.key, p.value) for p in model.metadata_props if p.key not in gone]
+        del model.metadata_props[:]
+        for key, value in kept:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(model, str(model_path))
     (old / "manifest.sha256").unlink()
     write_manifest(old)
     images = _images(tiny)
