@@ -529,15 +529,15 @@ def _predictions_table(title: str, runner, results: list, precision: str, tta_op
 
     names = runner.class_names
     calibrated = runner.temperature != 1.0 or runner.bias is not None
-    rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.4f}" if runner.threshold is not None
-            else "")
+    rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.6g}" if runner.threshold is not None
+            else "")  # 6 significant digits: a 0.99999 threshold is not shown as 1.0000
     table = RichTable(title=f"{title}: {runner.info['format']} {precision}"
                             + (f", task {runner.task}" if runner.task else "")
                             + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else "")
                             + (f", calibrated (T={runner.temperature:.3g}{', Platt' if runner.bias else ''})" if calibrated else "")
                             + rule)
-    raw_cols = ["prob (uncal.)"] if calibrated else []  # every class's uncalibrated probability: --out
-    for col in ("file", "label", "prob", *raw_cols, *names):
+    raw_cols = ["p(label) uncal."] if calibrated else []  # every class's uncalibrated probability: --out
+    for col in ("file", "label", "p(label)", *raw_cols, *names):
         table.add_column(col, justify="left" if col in ("file", "label") else "right")
     for r in results:
         if isinstance(r, Failure):

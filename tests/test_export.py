@@ -303,9 +303,18 @@ def test_metadata_round_trips_through_every_artifact(tmp_path):
         (edited / "edgekd.json").write_text(json.dumps(changed))
         write_manifest(edited)
         for backend in ("onnx", "openvino"):
-            with pytest.raises(EdgeKDError, match=f"edgekd.json {key} differs from the copy the export embedded"):
+            with pytest.raises(EdgeKDError, match=f"edgekd.json {key}(\\.\\w+)? is .*, the model file was exported"):
                 Runner.from_bundle(edited, backend=backend)
     Runner.from_bundle(tmp_path / "b", backend="onnx")  # the bundle as exported opens
+    from edgekd.runtime import check_embedded_metadata, metadata_strings
+
+    exported = {**meta, "decision": {**meta["decision"], "val": {"auc": {"value": float("nan")}}}}
+    embedded = metadata_strings(exported)  # NaN written as NaN there, as null in edgekd.json: the same figures
+    check_embedded_metadata(json.loads(json.dumps(exported).replace("NaN", "null")), embedded, "b")
+    for key, value in (("threshold", 0.3), ("positive_index", 0)):
+        edited_meta = {**meta, "decision": {**meta["decision"], key: value}}
+        with pytest.raises(EdgeKDError, match=f"edgekd.json decision.{key} is .*, the model file was exported with"):
+            check_embedded_metadata(edited_meta, embedded, "b")
     if meta.get("decision", {}).get("positive_class") is not None:  # the classes swapped: the decision names the other
         changed = json.loads((tmp_path / "b/edgekd.json").read_text())
         changed["class_names"].reverse()

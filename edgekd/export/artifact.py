@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,11 +38,6 @@ class ExportContext:
         import torch
 
         return torch.randn(EXPORT_BATCH, *self.input_shape, generator=torch.Generator().manual_seed(0))
-
-
-def metadata_strings(metadata: dict[str, Any]) -> dict[str, str]:
-    """Metadata as flat string pairs (ONNX metadata_props, OpenVINO rt_info): strings as-is, the rest as JSON."""
-    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
 
 
 @dataclass

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession, ExportContext, metadata_strings
-from edgekd.runtime import parse_metadata_strings
+from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession, ExportContext
+from edgekd.runtime.bundle import metadata_strings, parse_metadata_strings
 
 
 def export_onnx(ctx: ExportContext, path: Path) -> dict[str, Any]:

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession, ExportContext, metadata_strings
-from edgekd.runtime import RT_INFO_SECTION, parse_metadata_strings
+from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession, ExportContext
+from edgekd.runtime.backends import openvino_rt_metadata
+from edgekd.runtime.bundle import RT_INFO_SECTION, metadata_strings, parse_metadata_strings
 
 INFERENCE_PRECISION = "f32"
 """OpenVINO CPU math precision for every artifact (as edgekd.runtime compiles them): FP16/INT8 IRs differ only
@@ -69,11 +70,7 @@ def embed_openvino_metadata(model, metadata: dict[str, Any]) -> None:
 def read_openvino_metadata(path: str | Path) -> dict[str, Any]:
     import openvino as ov
 
-    model = ov.Core().read_model(str(path))
-    if not model.has_rt_info([RT_INFO_SECTION]):
-        return {}
-    section = model.get_rt_info()[RT_INFO_SECTION]  # a dict of OVAny values
-    return parse_metadata_strings({k: v.astype(str) for k, v in section.items()})
+    return parse_metadata_strings(openvino_rt_metadata(ov.Core().read_model(str(path))))
 
 
 def open_openvino(path: Path, precision: str, threads: int | None) -> ArtifactSession:

@@ -1,9 +1,10 @@
 """The torch-free edge runtime: open a verified bundle, preprocess like training, run OpenVINO/ONNX Runtime with TTA."""
 
 from edgekd.probability import softmax
+from edgekd.runtime.backends import openvino_rt_metadata
 from edgekd.runtime.bundle import (MANIFEST_FILE, METADATA_FILE, RT_INFO_SECTION, SCHEMA, Artifact, Bundle,
-                                   check_embedded_metadata, is_bundle, open_bundle, parse_metadata_strings,
-                                   verify_manifest)
+                                   check_embedded_metadata, is_bundle, metadata_strings, open_bundle,
+                                   parse_metadata_strings, verify_manifest)
 from edgekd.runtime.inputs import collect_inputs, collect_labelled
 from edgekd.runtime.output import check_output_path, write_predictions
 from edgekd.runtime.preprocess import Preprocessor, as_image_array
@@ -15,5 +16,5 @@ from edgekd.runtime.tta import TTAViews
 __all__ = ["MANIFEST_FILE", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA", "Artifact", "Bundle", "Failure", "Prediction",
            "Preprocessor", "Repository", "Runner", "TTAViews", "TaskPredictions", "as_image_array",
            "check_embedded_metadata", "check_output_path", "collect_inputs", "collect_labelled", "is_bundle",
-           "open_bundle", "parse_metadata_strings", "peak_rss_mb", "softmax", "time_alternating", "time_call",
+           "metadata_strings", "open_bundle", "openvino_rt_metadata", "parse_metadata_strings", "peak_rss_mb", "softmax", "time_alternating", "time_call",
            "verify_manifest", "write_predictions", "write_repository"]

@@ -90,6 +90,13 @@ def _cached(slots: OrderedDict, key: tuple, build: Callable[[], Slot]) -> Slot:
     return slot
 
 
+def openvino_rt_metadata(model) -> dict[str, str]:
+    """The export's metadata in an OpenVINO model's rt_info section, as string pairs ({} if none)."""
+    if not model.has_rt_info([RT_INFO_SECTION]):
+        return {}
+    return {k: v.astype(str) for k, v in model.get_rt_info()[RT_INFO_SECTION].items()}  # OVAny values
+
+
 class OpenVINOBackend:
     """OpenVINO CPU plugin. FP32 math is pinned (INFERENCE_PRECISION_HINT=f32) so results match the export's parity
     check; the CPU plugin may otherwise pick bf16/fp16 on capable CPUs. Reads OpenVINO IR (.xml) or ONNX.
@@ -148,9 +155,7 @@ class OpenVINOBackend:
         self._dynamic: dict[tuple, object] = {}
 
     def embedded_metadata(self) -> dict[str, str]:
-        if not self.model.has_rt_info([RT_INFO_SECTION]):
-            return {}
-        return {k: v.astype(str) for k, v in self.model.get_rt_info()[RT_INFO_SECTION].items()}
+        return openvino_rt_metadata(self.model)
 
     def _compile(self, kind: str, batch_size: int | None, views: TTAViews | None, channels: int | None):
         """The model (with the image pre/post-processing for kind "images", taking `channels`-channel images)

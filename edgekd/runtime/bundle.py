@@ -24,8 +24,10 @@ from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 SCHEMA = "edgekd-bundle/1"
 RT_INFO_SECTION = "edgekd"
 """The OpenVINO rt_info section holding the export's metadata (ONNX: the model's metadata_props)."""
-EMBEDDED_KEYS = ("class_names", "preprocess", "io", "calibration", "decision", "tasks")
-"""What the runner reads from edgekd.json and the export also wrote into each model file: they must agree."""
+EMBEDDED_KEYS = {"class_names": None, "preprocess": None, "io": None, "tasks": None,
+                 "calibration": ("temperature", "bias"), "decision": ("threshold", "positive_index", "positive_class")}
+"""What the runner reads from edgekd.json (a section, or these fields of it) and the export also wrote into each model
+file: they must agree. The decision's validation figures are not compared (they do not change a prediction)."""
 METADATA_FILE = "edgekd.json"
 MANIFEST_FILE = "manifest.sha256"
 MAX_ZIP_BYTES = 4 * 2**30
@@ -64,6 +66,11 @@ class Artifact:
         return model, weights
 
 
+def metadata_strings(metadata: dict[str, Any]) -> dict[str, str]:
+    """Metadata as flat string pairs (ONNX metadata_props, OpenVINO rt_info): strings as-is, the rest as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+
+
 def parse_metadata_strings(pairs: dict[str, str]) -> dict[str, Any]:
     """Metadata read back from flat string pairs (ONNX metadata_props, OpenVINO rt_info): JSON where it parses,
     else the string."""
@@ -83,11 +90,27 @@ def check_embedded_metadata(meta: dict[str, Any], embedded: dict[str, str], wher
     if not embedded:
         return
     said = parse_metadata_strings(embedded)
-    for key in EMBEDDED_KEYS:
-        if key in said and json.dumps(said[key], sort_keys=True) != json.dumps(meta.get(key), sort_keys=True):
-            raise EdgeKDError(f"{where}: edgekd.json {key} differs from the copy the export embedded in the model "
-                              f"file (edgekd.json edited after export?): {shorten(json.dumps(meta.get(key)), 80)} vs "
-                              f"{shorten(json.dumps(said[key]), 80)}")
+    for key, fields in EMBEDDED_KEYS.items():
+        if key not in said:
+            continue
+        ours, theirs = (_used(v, fields) for v in (meta.get(key), said[key]))
+        if ours != theirs:
+            both = isinstance(ours, dict) and isinstance(theirs, dict)
+            sub = next((f for f in dict.fromkeys([*ours, *theirs]) if ours.get(f) != theirs.get(f)), None) \
+                if both else None
+            name = f"{key}.{sub}" if sub else key
+            shown_ours, shown_theirs = (ours.get(sub), theirs.get(sub)) if sub else (ours, theirs)
+            raise EdgeKDError(f"{where}: edgekd.json {name} is {shorten(json.dumps(shown_ours), 60)}, the model file "
+                              f"was exported with {shorten(json.dumps(shown_theirs), 60)} (edgekd.json edited after "
+                              "export?)")
+
+
+def _used(value: Any, fields: tuple[str, ...] | None) -> Any:
+    """The compared part of a section, as edgekd.json stores it (NaN as null)."""
+    value = json.loads(json.dumps(value, allow_nan=True), parse_constant=lambda _c: None)
+    if fields is not None and isinstance(value, dict):
+        return {f: value.get(f) for f in fields}
+    return value
 
 
 @dataclass

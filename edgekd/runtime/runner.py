@@ -138,7 +138,8 @@ class Runner:
         engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,
                                 artifact.inference_precision_hint, cache_dir, preprocessor, model_data=artifact.read(),
                                 heads=heads)
-        check_embedded_metadata(bundle.meta, engine.embedded_metadata(), str(artifact.path))
+        check_embedded_metadata(bundle.meta, engine.embedded_metadata(),
+                                f"{bundle.source}: {artifact.path.relative_to(bundle.root).as_posix()}")
         expected = [None, *bundle.preprocess["input_size"]]
         if len(engine.input_dims) != 4 or any(d is not None and d != e for d, e in zip(engine.input_dims[1:], expected[1:])):
             raise EdgeKDError(f"{artifact.path}: model input shape {engine.input_dims} does not match edgekd.json "
