@@ -533,7 +533,21 @@ def test_a_teacher_trained_on_the_students_test_images_is_refused(tmp_path):
                            log=lambda s: None)
     kd = {"teacher": str(teacher.best_path), "terms": [{"kind": "kl", "weight": 1.0, "temperature": 4}]}
     student = tiny_recipe(root, name="student", epochs=1, data=data, distill=kd, role="student")
-    with pytest.raises(EdgeKDError, match=r"distill.teacher .* trained on \d+ of this run's test and \d+ of its val"):
+    with pytest.raises(EdgeKDError, match=r"distill.teacher .* trained on \d+ of this run's \d+ test images"):
         distill_recipe(recipe_from_dict({**student, "seed": 1}), tmp_path / "s1", log=lambda s: None)
     assert not (tmp_path / "s1" / "best.pt").exists()
-    distill_recipe(recipe_from_dict(student), tmp_path / "s0", log=lambda s: None)  # the teacher's own splits
+    said = []
+    distill_recipe(recipe_from_dict(student), tmp_path / "s0", log=said.append)  # the teacher's own splits
+    assert not any("trained on" in line for line in said)
+    # given train/ and test/ folders, val carved from train by seed: a student seed sweep from one teacher shares
+    # no test image with it, only val images (a warning, not an error)
+    for split, n in (("train", 12), ("test", 4)):
+        write_image_folder(tmp_path / "given" / split, n_per_class=n)
+    given = {"source": "imagefolder", "path": str(tmp_path / "given"), "split": "given", "val_fraction": 0.25}
+    teacher = train_recipe(recipe_from_dict(tiny_recipe(root, epochs=1, data=given)), tmp_path / "teacher2",
+                           log=lambda s: None)
+    sweep = tiny_recipe(root, name="student", epochs=1, data=given, role="student",
+                        distill={**kd, "teacher": str(teacher.best_path)})
+    said = []
+    distill_recipe(recipe_from_dict({**sweep, "seed": 1}), tmp_path / "sweep1", log=said.append)
+    assert any(line.startswith("warning: distill.teacher") and "val images" in line for line in said), said

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from edgekd.data.sources import Source, Table, load_source
 from edgekd.data.splits import make_splits, stratified_subset
 from edgekd.data.transforms import build_transforms, preprocess_spec
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, shorten
 from edgekd.imageio import read_image
 
 
@@ -37,12 +38,13 @@ class ImageDataset(Dataset):
         return self.transform(img), int(self.table.labels[i])
 
 
-def check_class_order(model_classes: list[str], data_classes: list[str], where: str) -> str | None:
+def check_class_order(model_classes: list[str], data_classes: list[str], where: str,
+                      log: Callable[[str], None] | None = None) -> str | None:
     """A model's outputs are read by index against the data's classes. A class name (compared without case or
     surrounding spaces) found in both lists at different places is an error: the same classes in another order
     (`data.class_names` reordered, class folders that sort otherwise) would invert every metric, a distillation
     target or a calibration fit, with nothing to see. Names that differ without any moving (other spellings, ids
-    for names) are matched by index: returned as a warning line (None when the names agree)."""
+    for names) are matched by index: a warning, given to `log` and returned (None when the names agree)."""
     def key(name) -> str:
         return str(name).strip().lower()
 
@@ -51,12 +53,15 @@ def check_class_order(model_classes: list[str], data_classes: list[str], where: 
     if moved:
         name, i, j = moved[0]
         raise EdgeKDError(f"{where}: class '{name}' is output {i} of the model but class {j} of the data (model "
-                          f"{list(model_classes)}, data {list(data_classes)}): give data.class_names in the model's "
-                          "order")
-    if [key(n) for n in model_classes] != [key(n) for n in data_classes]:
-        return (f"{where}: the model's classes {list(model_classes)} are named otherwise in the data "
-                f"{list(data_classes)}; matched by index")
-    return None
+                          f"{shorten(str(list(model_classes)), 100)}, data {shorten(str(list(data_classes)), 100)}): "
+                          "give data.class_names in the model's order")
+    if [key(n) for n in model_classes] == [key(n) for n in data_classes]:
+        return None
+    warning = (f"warning: {where}: the model's classes {shorten(str(list(model_classes)), 100)} are named otherwise "
+               f"in the data {shorten(str(list(data_classes)), 100)}; matched by index")
+    if log is not None:
+        log(warning)
+    return warning
 
 
 def validate_images(table: Table, on_bad_image: str) -> tuple[Table, list[str]]:

@@ -18,11 +18,13 @@ ADAPTER_KEY = "kd_adapters"
 """Checkpoint key of the feature-KD adapters: beside, never inside, the student's state_dict (export ignores it)."""
 
 
-def check_teacher_splits(path, teacher_ckpt: dict, recipe, data) -> None:
-    """A teacher trained on the student's own image files must not have trained on the student's val or test
-    images: splits carved with another seed, fraction or limit put them in its training split, and the student
-    then learns its test answers from the teacher. Checked file by file when both read the same image files (an
-    ImageFolder or CSV); in-memory sets (.npz) are not compared."""
+def check_teacher_splits(path, teacher_ckpt: dict, recipe, data, log: Callable[[str], None]) -> None:
+    """A teacher trained on the student's own image files must not have trained on the student's test images:
+    splits carved with another seed, fraction, class filter or patient pattern put them in its training split,
+    and the student then learns its test answers from the teacher (an error). Its training on student val images
+    only (a val split carved from train by seed, as in a seed sweep of students from one teacher) biases the
+    student's checkpoint choice: a warning. Compared file by file, from the teacher's recipe as it splits the
+    files today, when both read image files (ImageFolder, CSV); in-memory sets (.npz) have fixed splits here."""
     from edgekd.recipe import recipe_from_dict
 
     raw = teacher_ckpt.get("recipe")
@@ -30,17 +32,22 @@ def check_teacher_splits(path, teacher_ckpt: dict, recipe, data) -> None:
         return
     try:
         teacher_tables = split_tables(recipe_from_dict(raw, where=f"{path} (embedded recipe)"))[0]
-    except EdgeKDError:
-        return  # its data is not readable from here (another machine, a moved folder): nothing to compare
+    except EdgeKDError as err:
+        log(f"warning: distill.teacher {path}: its training split could not be rebuilt to check it against this "
+            f"run's val/test images ({err})")
+        return
     if teacher_tables["train"].paths is None:
         return
     seen = {os.path.realpath(p) for p in teacher_tables["train"].paths}
     leaked = {split: sum(os.path.realpath(p) in seen for p in data.tables[split].paths) for split in ("val", "test")}
-    if any(leaked.values()):
-        raise EdgeKDError(f"distill.teacher {path} trained on {leaked['test']} of this run's test and {leaked['val']} "
-                          f"of its val images (its splits were drawn with other settings: seed, data.split, "
-                          f"fractions or limit): train the teacher with the student's split settings, or give the "
-                          f"splits as folders or a split column")
+    settings = "seed, data.split, fractions, classes or patient_pattern"
+    if leaked["test"]:
+        raise EdgeKDError(f"distill.teacher {path} trained on {leaked['test']} of this run's {len(data.tables['test'])} "
+                          f"test images (its splits were drawn with other settings: {settings}): train the teacher "
+                          "with the student's split settings, or give the splits as folders or a split column")
+    if leaked["val"]:
+        log(f"warning: distill.teacher {path} trained on {leaked['val']} of this run's {len(data.tables['val'])} val "
+            f"images (another {settings}): the student's best epoch is chosen on images its teacher has seen")
 
 
 def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
@@ -58,11 +65,10 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     ensemble = [load_teacher(path) for path in cfg.ensemble]
     logit_terms = any(t.kind in ("kl", "dkd") for t in cfg.terms)
     for path, ckpt in zip((cfg.teacher, *cfg.ensemble), (teacher_ckpt, *(c for _, c in ensemble))):
-        check_teacher_splits(path, ckpt, recipe, data)
-        warning = check_class_order(list(ckpt.get("class_names") or []), list(data.class_names),
-                                    f"distill: teacher {path}") if logit_terms else None
-        if warning:
-            log(f"warning: {warning}")
+        check_teacher_splits(path, ckpt, recipe, data, log)
+        if logit_terms:
+            check_class_order(list(ckpt.get("class_names") or []), list(data.class_names), f"distill: teacher {path}",
+                              log)
     model, spec = build_student_model(recipe, data)
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
                                 recipe.augment, data.num_classes, log=log, ensemble=ensemble,

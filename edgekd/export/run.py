@@ -165,9 +165,7 @@ def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: lis
     num_classes = ckpt["arch"]["num_classes"]
     if data.num_classes != num_classes:
         raise EdgeKDError(f"{checkpoint}: model has {num_classes} classes, its data has {data.num_classes}")
-    warning = check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint))
-    if warning:
-        log(f"warning: {warning}")
+    check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)
     return data
 
 

@@ -260,9 +260,7 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
         from edgekd.data import check_class_order  # the training side: only for a recipe's data
 
         for p in predictors:
-            warning = check_class_order(p.class_names, class_names, p.label)
-            if warning:
-                log(f"warning: {warning}")
+            check_class_order(p.class_names, class_names, p.label, log)
     log(f"corruption eval: {len(predictors)} model/format(s) x {len(images)} {split} images x "
         f"{len(names)} corruptions x {len(levels)} severities")
     records = corruption_records(predictors, images, labels, names, levels, seed, log, progress)

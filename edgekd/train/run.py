@@ -164,9 +164,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     data = build_data(recipe)
     if data.num_classes != ckpt["arch"]["num_classes"]:
         raise EdgeKDError(f"{checkpoint}: model has {ckpt['arch']['num_classes']} classes, the data has {data.num_classes}")
-    warning = check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint))
-    if warning:
-        log(f"warning: {warning}")
+    check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)
     dev = resolve_device(device)
     model.to(dev)
     out = Path(out)
