@@ -184,7 +184,8 @@ def train(
     if folds is None:
         again = shlex.join(["edgekd", "train", str(recipe), "--out", str(out), "--resume",
                             *[a for o in set_ for a in ("--set", o)]])
-        STATE["on_interrupt"] = lambda: f"resume it: {again}" if (out / "last.pt").is_file() else None
+        # a continual run keeps a last.pt per task (task<i>/last.pt)
+        STATE["on_interrupt"] = lambda: f"resume it: {again}" if next(out.glob("**/last.pt"), None) else None
     # Under torchrun every rank runs this command: one process group per run, console output from rank 0 only.
     # A run refused before it wrote anything but its recipe (e.g. a monitor NaN at epoch 1) leaves no folder behind.
     with removed_if_only(out, ("recipe.yaml",)), distributed_session(rec.train.device), progress_bar() as progress:
@@ -717,6 +718,7 @@ def run() -> None:
     """Entry point: EdgeKDError, and OS and resource errors that name their cause, -> one `error:` line on stderr
     and exit 2 (traceback only with --debug); anything unforeseen -> one line naming its type, exit 1."""
     install_process_guards()
+    STATE["on_interrupt"] = None  # set by the command this run starts (train)
     try:
         code = app(standalone_mode=False)
     except EdgeKDError as err:

@@ -110,7 +110,7 @@ def _decode_pillow(source: Path | io.BytesIO, fmt: str, where: str, resize: int 
             with Image.open(source, formats=[fmt]) as img:
                 check_image_size(*img.size, resize, where)
                 img.load()
-                return pil_to_array(img)
+                return pil_to_array(upright(img))
     except EdgeKDError as err:
         if str(err).startswith(where):
             raise
@@ -159,12 +159,15 @@ def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = No
 EXIF_ORIENTATION = 0x0112
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """A decoded file's image with its EXIF (or TIFF) orientation tag applied as a viewer applies it, so a camera
+    photo stored sideways is classified as it is seen. Files only: a PIL image a caller hands over is taken as it
+    is (one turned by hand keeps the tag in its info, and would be turned twice)."""
+    return ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
+
+
 def pil_to_array(img: Image.Image) -> np.ndarray:
-    """A PIL image of any common mode -> uint8 (H, W, 1) for gray or (H, W, 3) for color, upright: an EXIF (or
-    TIFF) orientation tag is applied as a viewer applies it, so a camera photo stored sideways is classified as it
-    is seen."""
-    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
-        img = ImageOps.exif_transpose(img)
+    """A PIL image of any common mode -> uint8 (H, W, 1) for gray or (H, W, 3) for color."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         return _rescale_to_uint8(arr)[..., None]
@@ -233,9 +236,12 @@ def _voi_span(pixels, ds) -> tuple[float, float] | None:
     white, read by sending the extremes of the input through pydicom's own `apply_voi_lut`. None when the file has
     no VOI transform (the extremes come back unchanged)."""
     ends = np.array([-2**40, 2**40], dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # SIGMOID windowing's exp overflows at the extremes
-        mapped = np.asarray(pixels.apply_voi_lut(ends.copy(), ds), dtype=np.float64)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # SIGMOID windowing's exp overflows at the extremes
+            mapped = np.asarray(pixels.apply_voi_lut(ends.copy(), ds), dtype=np.float64)
+    except Exception:  # an odd LUT that maps the image but not the extremes: the image's own range, as before
+        return None
     lo, hi = float(mapped.min()), float(mapped.max())
     if (lo, hi) == (float(ends[0]), float(ends[1])) or not hi > lo:
         return None

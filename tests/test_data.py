@@ -377,8 +377,8 @@ def test_image_modes_decode(tmp_path):
 
 def test_exif_orientation_is_applied_as_a_viewer_applies_it(tmp_path):
     """A camera stores a portrait photo sideways with EXIF Orientation 6 (rotate 90 degrees clockwise to view):
-    training and the runtime see it upright, as the clinician does; a file or PIL image without the tag is
-    untouched, and one already transposed is not turned twice."""
+    training and the runtime read the file upright, as the clinician sees it; a file without the tag is untouched,
+    and a PIL image handed over by a caller is taken as it is."""
     from edgekd.imageio import EXIF_ORIENTATION, pil_to_array, read_image
 
     upright = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8))
@@ -389,9 +389,9 @@ def test_exif_orientation_is_applied_as_a_viewer_applies_it(tmp_path):
     expected = np.asarray(upright)
     assert np.array_equal(read_image(tmp_path / "upright.png"), expected)
     assert np.array_equal(read_image(tmp_path / "exif6.png"), expected)
-    with Image.open(tmp_path / "exif6.png") as img:
-        assert np.array_equal(pil_to_array(img), expected)
+    with Image.open(tmp_path / "exif6.png") as img:  # a caller's PIL image is taken as it is
         assert np.array_equal(pil_to_array(ImageOps.exif_transpose(img)), expected)
+        assert np.array_equal(pil_to_array(img), np.asarray(img.convert("RGB")))
 
 
 def test_stratified_subset_keeps_the_class_mix_of_a_sorted_split():

@@ -53,7 +53,10 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
                               "retrained on each fold so it never sees that fold's validation images)")
         teacher_base = load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe",
                                                     recipe_path), teacher_overrides)
-        same = ("source", "path", "classes", "limit")
+        if any(o.split("=", 1)[0].strip() == "seed" for o in teacher_overrides or []):
+            raise EdgeKDError("--teacher-set seed=...: the fold teacher takes the student's seed (the folds are drawn "
+                              "with it)")
+        same = ("source", "path", "classes", "class_names", "limit", "test_fraction", "patient_pattern")
         if any(getattr(teacher_base.data, k) != getattr(recipe.data, k) for k in same):
             raise EdgeKDError(f"distill.teacher_recipe {recipe.distill.teacher_recipe}: its data ({', '.join(same)}) "
                               "must match the student's so both see the same folds (--teacher-set data.path=... "
