@@ -89,7 +89,8 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
 
 def write_fold_splits(path: Path, recipe) -> None:
     """What a fold trains, selects and tests on, for an audit: per split its image files (file-backed data) and
-    patient ids (when the data has them), else its class counts only (in-memory arrays)."""
+    patient ids (when the data has them), else its class counts only (in-memory arrays). Listed as split, before
+    `data.on_bad_image: skip` drops unreadable files (the run's log names those)."""
     tables, names, _ = split_tables(recipe)
     out: dict[str, Any] = {"class_names": names}
     for split, table in tables.items():
