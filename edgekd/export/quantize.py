@@ -35,10 +35,19 @@ def calibration_progress(ctx: ExportContext, label: str):
     return progress_task(ctx.progress, f"{label}: calibration", len(ctx.calibration()))
 
 
+def import_nncf():
+    """nncf, imported without the "No CUDA runtime is found" line torch's cpp_extension logs on a CPU machine when
+    NNCF imports it (a raw log line in a CLI whose warnings are one `warning:` line each)."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import nncf
+
+    return nncf
+
+
 def nncf_options(model, ctx: ExportContext) -> tuple[dict[str, Any], str]:
     """nncf.quantize keyword arguments from the profile (preset, bias correction, transformer scheme, FP32
     layers), and their description for the bundle."""
-    import nncf
+    nncf = import_nncf()
 
     cfg = ctx.profile.quantization
     transformer = uses_transformer_scheme(ctx)
@@ -68,7 +77,7 @@ def nncf_options(model, ctx: ExportContext) -> tuple[dict[str, Any], str]:
 def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[Any, dict[str, Any]]:
     """NNCF PTQ of an FP32 ov.Model on the calibration images (`advance()` per image NNCF reads); optionally
     accuracy-controlled on the val split."""
-    import nncf
+    nncf = import_nncf()
 
     nncf.set_log_level(logging.ERROR)
     cfg = ctx.profile.quantization
