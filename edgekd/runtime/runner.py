@@ -6,7 +6,9 @@ per task's slice of the outputs: the runner predicts one task (`task=`) or all o
 
 from __future__ import annotations
 
+import numbers
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Union
@@ -82,7 +84,8 @@ class Failure:
 
 @dataclass
 class Runner:
-    """A compiled bundle model ready to predict; reuse one Runner for many calls (the model is compiled once)."""
+    """A compiled bundle model ready to predict; reuse one Runner for many calls (the model is compiled once). Calls
+    from several threads take turns (each inference fills and runs one shared input buffer per batch size)."""
 
     bundle: Bundle
     backend: Backend
@@ -97,6 +100,7 @@ class Runner:
     positive: int = 1
     task: str | None = None
     """Multi-head bundles: the task predicted (None: every task, side by side)."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @classmethod
     def from_bundle(cls, path: str | Path | Bundle, backend: str = "openvino", precision: str | None = None,
@@ -112,12 +116,7 @@ class Runner:
         positive class's calibrated probability for this runner (default: the bundle's; a binary bundle only).
         `task`: a multi-head bundle's task to predict (default: each task's prediction, a `TaskPredictions`).
         """
-        if backend not in BACKENDS:
-            raise EdgeKDError(f"unknown backend '{backend}' (use {', '.join(BACKENDS)})")
-        if precision is not None and precision not in PRECISIONS:
-            raise EdgeKDError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
-        if threads is not None and threads < 1:
-            raise EdgeKDError(f"threads must be >= 1, got {threads}")
+        _check_options(backend, precision, threads, threshold)
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
         if cache_dir is not None:  # a cache inside a bundle folder would be an unlisted file: the bundle unusable
             if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
@@ -146,7 +145,7 @@ class Runner:
                               f"preprocess.input_size {expected[1:]}")
         tta_cfg = bundle.tta
         frac = float(tta_cfg.get("center_crop_fraction", 0.875))
-        names = list(tta) if isinstance(tta, (list, tuple)) else list(tta_cfg.get("views") or ["original"])
+        names = list(tta_cfg.get("views") or ["original"]) if tta is None or isinstance(tta, bool) else tta_names(tta)
         runner = cls(bundle=bundle, backend=engine, precision=precision, preprocessor=preprocessor,
                      tta_views=TTAViews(names, frac), tta=bool(tta),
                      info={"backend": backend, "format": artifact.format, "precision": precision,
@@ -185,9 +184,10 @@ class Runner:
         views = self.tta_views if self.tta else None
         channels = 1 if self.bundle.image_channels == 1 else self.preprocessor.channels
         for _ in range(max(0, rounds)):
-            slot = self.backend.image_slot(1, views, channels)
-            slot.inputs[...] = 0
-            slot.run()
+            with self._lock:
+                slot = self._engine().image_slot(1, views, channels)
+                slot.inputs[...] = 0
+                slot.run()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """The bare backend call: float32 (N, C, H, W) model input -> (N, num_classes) logits."""
@@ -195,7 +195,16 @@ class Runner:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise EdgeKDError(f"model input must have shape (N, {', '.join(map(str, self.input_shape))}), "
                               f"got {tuple(batch.shape)}")
-        return self._checked(self.backend.infer(batch), batch.shape[0])
+        if batch.shape[0] == 0:
+            raise EdgeKDError("model input has no rows (a batch of 0 images)")
+        with self._lock:
+            logits = np.array(self._engine().infer(batch))  # a copy: the next call may reuse the output memory
+        return self._checked(logits, batch.shape[0])
+
+    def _engine(self) -> Backend:
+        if self.backend is None:
+            raise EdgeKDError("this Runner is closed")
+        return self.backend
 
     def _checked(self, logits: np.ndarray, rows: int) -> np.ndarray:
         if logits.shape != (rows, self._outputs):
@@ -210,7 +219,7 @@ class Runner:
             return None
         if tta is True:
             return self.tta_views
-        return TTAViews(list(tta), self.tta_views_fraction)
+        return TTAViews(tta_names(tta), self.tta_views_fraction)
 
     @property
     def tta_views_fraction(self) -> float:
@@ -222,13 +231,16 @@ class Runner:
         views = self._views(tta)
         sized = self.preprocessor.to_model_size(image, keep_gray=True)
         # Gray images for a 3-channel model stay one channel (repeated to RGB inside the model).
-        slot = self.backend.image_slot(1, views, sized.shape[-1])
-        slot.inputs[0] = sized
-        return self._ensembled(_describe(image), self._run(slot, 1, views), views)
+        with self._lock:
+            slot = self._engine().image_slot(1, views, sized.shape[-1])
+            slot.inputs[0] = sized
+            probs = self._run(slot, 1, views)
+        return self._ensembled(_describe(image), probs, views)
 
     def predict_batch(self, images: Sequence[ImageInput], tta: TTAOption = None,
                       sources: Sequence[str] | None = None) -> list[Prediction | TaskPredictions]:
         """Several images in ONE inference call (N images x V views rows); errors raise EdgeKDError."""
+        images = _one_or_many(images)
         sized = [self.preprocessor.to_model_size(img, keep_gray=True) for img in images]
         sources = list(sources) if sources is not None else [_describe(img) for img in images]
         return self.predict_sized(sized, sources, tta)
@@ -238,16 +250,19 @@ class Runner:
         views, normalizes and returns probabilities, image by image) -> per-image mean-softmax predictions (a
         TaskPredictions per image for a multi-head bundle without a chosen task). For a caller that decodes
         elsewhere (the HTTP service decodes uploads before they queue for the model)."""
+        if len(sources) != len(sized):
+            raise EdgeKDError(f"{len(sized)} images but {len(sources)} source names")
         if not sized:
             return []
         views = self._views(tta)
         # Pixels go straight into the backend's input memory. Gray images for a 3-channel model stay one channel
         # (repeated to RGB inside the model); in a batch with color images they are broadcast to 3 channels here.
         channels = 1 if all(a.shape[-1] == 1 for a in sized) else self.preprocessor.channels
-        slot = self.backend.image_slot(len(sized), views, channels)
-        for i, image in enumerate(sized):
-            slot.inputs[i] = image
-        probs = self._run(slot, len(sized), views)
+        with self._lock:
+            slot = self._engine().image_slot(len(sized), views, channels)
+            for i, image in enumerate(sized):
+                slot.inputs[i] = image
+            probs = self._run(slot, len(sized), views)
         v = len(views) if views is not None else 1
         return [self._ensembled(src, probs[i * v:(i + 1) * v], views) for i, src in enumerate(sources)]
 
@@ -293,6 +308,7 @@ class Runner:
         """
         if batch < 1:
             raise EdgeKDError(f"batch must be >= 1, got {batch}")
+        inputs = _one_or_many(inputs)
         chunk: list[tuple[str, np.ndarray]] = []
         pending: list[Prediction | Failure | None] = []  # keeps order: None marks a slot filled by the chunk
         for item in inputs:
@@ -317,6 +333,32 @@ class Runner:
     def close(self) -> None:
         """Drop the compiled model (and a zip bundle's extracted files once nothing else holds the bundle)."""
         self.backend = None  # type: ignore[assignment]
+
+
+def _check_options(backend: str, precision: str | None, threads, threshold) -> None:
+    if backend not in BACKENDS:
+        raise EdgeKDError(f"unknown backend '{backend}' (use {', '.join(BACKENDS)})")
+    if precision is not None and precision not in PRECISIONS:
+        raise EdgeKDError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
+    if threads is not None and (not isinstance(threads, numbers.Integral) or isinstance(threads, bool) or threads < 1):
+        raise EdgeKDError(f"threads must be an integer >= 1, got {threads!r}")
+    if threshold is not None and (not isinstance(threshold, numbers.Real) or isinstance(threshold, bool)):
+        raise EdgeKDError(f"threshold must be a number in [0, 1], got {threshold!r}")
+
+
+def tta_names(tta) -> list[str]:
+    """A TTA option's view names: a list of names, or one string of comma-separated names ("hflip,vflip")."""
+    if isinstance(tta, str):
+        return [v.strip() for v in tta.split(",") if v.strip()]
+    if isinstance(tta, (list, tuple)) and all(isinstance(v, str) for v in tta):
+        return list(tta)
+    raise EdgeKDError(f"tta: expected true/false, a list of view names or 'name,name', got {tta!r}")
+
+
+def _one_or_many(inputs):
+    """A single path (str/Path) or DicomFrame given where a collection is expected: that one input (a string would
+    otherwise be read character by character)."""
+    return [inputs] if isinstance(inputs, (str, Path, DicomFrame)) else inputs
 
 
 def _describe(image: Any) -> str:
