@@ -336,3 +336,13 @@ def test_a_threshold_rule_on_a_multi_class_model_is_refused():
     strict = profile.model_copy(update={"decision": DecisionConfig(rule="sensitivity", target=0.95)})
     with pytest.raises(EdgeKDError, match=r"decision.rule sensitivity needs a two-class model \(3 classes"):
         operating_point(reference, splits, strict, names)
+
+
+def test_a_misspelled_method_or_a_one_class_split_is_refused():
+    """calibration_report(method="plat") fitted a temperature and recorded "plat"; a threshold rule on validation
+    images of one class returned 1.0 with only a scikit-learn warning."""
+    logits = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.2]])
+    with pytest.raises(ValueError, match="unknown calibration method 'plat'"):
+        calibration_report(logits, np.array([1, 0, 0]), method="plat")
+    with pytest.raises(ValueError, match="needs validation images of both classes"):
+        choose_threshold(np.ones(10), np.linspace(0, 1, 10), "youden")

@@ -347,3 +347,15 @@ def test_upload_bytes_decode_like_the_file(tmp_path, fmt, suffix):
     data = path.read_bytes()
     assert sniff_format(data) == fmt
     np.testing.assert_array_equal(read_image_bytes(data, "x"), read_image(path))
+
+
+def test_create_app_applies_the_services_rules(runner):
+    """A library caller building the app (then `uvicorn.run(app, host=...)`) gets the rules `edgekd serve` has."""
+    from edgekd.errors import EdgeKDError
+
+    for settings, words in ((ServeSettings(host="0.0.0.0"), "without a token"),
+                            (ServeSettings(token="short"), "at least 16 characters"),
+                            (ServeSettings(max_batch=0), "--max-batch must be >= 1"),
+                            (ServeSettings(max_queue=1, max_batch=8), "--max-queue 1 must be at least")):
+        with pytest.raises(EdgeKDError, match=words):
+            create_app(runner, settings)

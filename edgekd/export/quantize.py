@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +94,8 @@ def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[
     info: dict[str, Any] = {"quantization": about}
     try:
         if not cfg.accuracy_control:
-            return nncf.quantize(model, dataset, **kwargs), info
+            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout holds the CLI's tables
+                return nncf.quantize(model, dataset, **kwargs), info
         x_val, y_val = ctx.validation()
         batches = [(x_val[i:i + 32], y_val[i:i + 32]) for i in range(0, len(x_val), 32)]
 
@@ -105,9 +108,10 @@ def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[
                 total += len(y)
             return hits / max(total, 1)
 
-        quantized = nncf.quantize_with_accuracy_control(
-            model, calibration_dataset=dataset, validation_dataset=nncf.Dataset(batches, lambda item: item[0]),
-            validation_fn=accuracy, max_drop=cfg.max_drop, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+        with contextlib.redirect_stdout(sys.stderr):
+            quantized = nncf.quantize_with_accuracy_control(
+                model, calibration_dataset=dataset, validation_dataset=nncf.Dataset(batches, lambda item: item[0]),
+                validation_fn=accuracy, max_drop=cfg.max_drop, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
         info["quantization"] += f", accuracy-controlled (max val accuracy drop {cfg.max_drop})"
         return quantized, info
     except EdgeKDError:

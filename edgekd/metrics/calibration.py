@@ -98,6 +98,8 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
                        test_labels: np.ndarray | None = None, method: str = "temperature") -> dict[str, Any]:
     """Fit the calibration (temperature, or Platt for two classes) on validation; the figures before and after on
     validation (and on test when given)."""
+    if method not in ("temperature", "platt"):
+        raise ValueError(f"unknown calibration method '{method}' (use temperature or platt)")
     if method == "platt":
         temperature, bias = fit_platt(val_logits, val_labels)
     else:

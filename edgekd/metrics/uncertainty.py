@@ -31,6 +31,8 @@ def choose_threshold(labels: np.ndarray, p_positive: np.ndarray, rule: str, targ
         raise ValueError(f"unknown decision rule '{rule}' (use {', '.join(RULES)})")
     if rule == "argmax":
         return None
+    if len(np.unique(np.asarray(labels))) != 2:
+        raise ValueError(f"decision rule '{rule}' needs validation images of both classes")
     fpr, tpr, thresholds = roc_curve(np.asarray(labels), np.asarray(p_positive, dtype=np.float64),
                                      drop_intermediate=False)
     thresholds = np.minimum(thresholds, 1.0)  # roc_curve's first threshold is +inf (nothing positive)

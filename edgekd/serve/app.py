@@ -99,7 +99,10 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 def create_app(runner: Runner, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app over a loaded Runner; its batcher starts with the first request and drains at shutdown."""
+    from edgekd.serve.server import check_settings  # the server module imports this one
+
     settings = settings or ServeSettings()
+    check_settings(settings)  # the same rules as `edgekd serve` (a token off loopback, sane queue sizes)
     service = Service(runner, settings)
 
     @contextlib.asynccontextmanager
