@@ -465,6 +465,16 @@ def test_zip_bundle_loads_and_predicts_like_the_folder(bundle, tmp_path):
     from_zip = Runner.from_bundle(archive).predict(arr)
     from_dir = Runner.from_bundle(bundle).predict(arr)
     np.testing.assert_array_equal(from_zip.probs, from_dir.probs)
+    # close() (or leaving a `with`) removes the extracted files at once, not when the Runner is collected
+    with Runner.from_bundle(archive) as runner:
+        root = runner.bundle.root
+        assert root.is_dir() and runner.predict(arr).probs.shape == from_zip.probs.shape
+    assert not root.exists()
+    opened = open_bundle(archive)  # a Bundle the caller opened stays the caller's
+    Runner.from_bundle(opened).close()
+    assert opened.root.is_dir()
+    opened.close()
+    assert not opened.root.exists()
 
 
 @pytest.mark.parametrize("member", ["../evil.txt", "/abs/evil.txt", "ok/../../evil.txt", "C:/evil.txt"])

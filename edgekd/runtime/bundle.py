@@ -121,6 +121,14 @@ class Bundle:
     meta: dict[str, Any]
     source: Path
     artifacts: list[Artifact] = field(default_factory=list)
+    _cleanup: Any = field(default=None, repr=False, compare=False)
+    """A zip bundle's: removes the extracted temp dir (when the Bundle is collected, at exit, or on close())."""
+
+    def close(self) -> None:
+        """Remove a zip bundle's extracted files now (a folder bundle has none); its artifacts are unreadable
+        after."""
+        if self._cleanup is not None:
+            self._cleanup()
 
     @property
     def class_names(self) -> list[str]:
@@ -256,7 +264,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             artifacts.append(art)
         bundle = Bundle(root=root, meta=meta, source=source, artifacts=artifacts)
         if tmp is not None:
-            weakref.finalize(bundle, remove_tree, tmp)
+            bundle._cleanup = weakref.finalize(bundle, remove_tree, tmp)
     except BaseException:
         if tmp is not None:
             remove_tree(tmp)

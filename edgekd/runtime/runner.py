@@ -101,6 +101,7 @@ class Runner:
     task: str | None = None
     """Multi-head bundles: the task predicted (None: every task, side by side)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _owns_bundle: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def from_bundle(cls, path: str | Path | Bundle, backend: str = "openvino", precision: str | None = None,
@@ -151,7 +152,8 @@ class Runner:
                      info={"backend": backend, "format": artifact.format, "precision": precision,
                            "artifact": artifact.path.relative_to(bundle.root).as_posix(), "threads": threads},
                      temperature=bundle.temperature, bias=bundle.calibration_bias, positive=positive,
-                     threshold=bundle_threshold if threshold is None else float(threshold), task=task)
+                     threshold=bundle_threshold if threshold is None else float(threshold), task=task,
+                     _owns_bundle=not isinstance(path, Bundle))
         runner.warmup(warmup)
         return runner
 
@@ -331,8 +333,18 @@ class Runner:
             yield next(preds) if slot is None else slot
 
     def close(self) -> None:
-        """Drop the compiled model (and a zip bundle's extracted files once nothing else holds the bundle)."""
-        self.backend = None  # type: ignore[assignment]
+        """Drop the compiled model and, for a bundle this runner opened from a zip, its extracted files (a Bundle
+        handed to from_bundle is the caller's to close). Also `with Runner.from_bundle(...) as runner:`."""
+        with self._lock:
+            self.backend = None  # type: ignore[assignment]
+        if self._owns_bundle:
+            self.bundle.close()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
 
 def _check_options(backend: str, precision: str | None, threads, threshold) -> None:
