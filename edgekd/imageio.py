@@ -23,7 +23,8 @@ DICOM_MARKER = b"DICM"
 """A DICOM file (Part 10) is recognised by its content: a 128-byte preamble, then these 4 bytes, whatever its
 name (PACS exports often have none, or a UID for one)."""
 FRAMES_HINT = ("one image per file is read here: save the frame you mean as its own image; `edgekd predict` "
-               "takes the file whole, one row per frame, or --frame N")
+               "takes the file whole, one row per frame, or --frame N; in Python, a Runner takes "
+               "edgekd.runtime.DicomFrame(path, index)")
 """How the error for a multi-frame DICOM read without a frame number ends (the CLI's; the service has its own)."""
 MAX_PIXELS = 64_000_000
 """Decompression-bomb guard: larger images are refused (a 224x224 model never needs them)."""

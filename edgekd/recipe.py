@@ -594,7 +594,7 @@ def find_recipe_file(value: str | Path, key: str, beside: str | Path | None = No
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML (with optional `base:` inheritance), apply overrides, validate."""
     raw = _read_yaml_with_base(Path(path), seen=set())
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(raw, [overrides] if isinstance(overrides, str) else overrides or [])
     return recipe_from_dict(raw, where=str(path))
 
 

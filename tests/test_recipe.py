@@ -107,3 +107,11 @@ def test_recipe_key_reference_is_current_and_complete():
                 "model.head_dropout", "train.monitor_mode",
                 "train.scheduler.name", "distill.terms.[KLTerm].temperature"]:
         assert f"| `{key}` |" in text, key
+
+
+def test_load_recipe_takes_one_override_as_a_string(tmp_path):
+    """`load_recipe(path, "train.epochs=1")` read the string character by character (`--set 't': expected ...`)."""
+    from edgekd.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text("name: r\n")
+    assert load_recipe(tmp_path / "r.yaml", "train.epochs=3").train.epochs == 3

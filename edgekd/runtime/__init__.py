@@ -1,5 +1,6 @@
 """The torch-free edge runtime: open a verified bundle, preprocess like training, run OpenVINO/ONNX Runtime with TTA."""
 
+from edgekd.imageio import DicomFrame
 from edgekd.probability import softmax
 from edgekd.runtime.backends import openvino_rt_metadata
 from edgekd.runtime.bundle import (MANIFEST_FILE, METADATA_FILE, RT_INFO_SECTION, SCHEMA, Artifact, Bundle,
@@ -13,8 +14,8 @@ from edgekd.runtime.runner import Failure, Prediction, Runner, TaskPredictions
 from edgekd.runtime.timing import peak_rss_mb, time_alternating, time_call
 from edgekd.runtime.tta import TTAViews
 
-__all__ = ["MANIFEST_FILE", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA", "Artifact", "Bundle", "Failure", "Prediction",
-           "Preprocessor", "Repository", "Runner", "TTAViews", "TaskPredictions", "as_image_array",
+__all__ = ["MANIFEST_FILE", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA", "Artifact", "Bundle", "DicomFrame", "Failure",
+           "Prediction", "Preprocessor", "Repository", "Runner", "TTAViews", "TaskPredictions", "as_image_array",
            "check_embedded_metadata", "check_output_path", "collect_inputs", "collect_labelled", "is_bundle",
-           "metadata_strings", "open_bundle", "openvino_rt_metadata", "parse_metadata_strings", "peak_rss_mb", "softmax", "time_alternating", "time_call",
-           "verify_manifest", "write_predictions", "write_repository"]
+           "metadata_strings", "open_bundle", "openvino_rt_metadata", "parse_metadata_strings", "peak_rss_mb",
+           "softmax", "time_alternating", "time_call", "verify_manifest", "write_predictions", "write_repository"]
