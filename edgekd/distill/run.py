@@ -55,7 +55,8 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     """Train the recipe's student against `distill.teacher`; writes the same files as a supervised run."""
     cfg = recipe.distill
     if cfg is None:
-        raise EdgeKDError("this recipe has no distill section: train it with `edgekd train` as a supervised run")
+        raise EdgeKDError("this recipe has no distill section: train it with `edgekd train` as a supervised run (in "
+                          "Python: edgekd.pipeline.run_recipe)")
     if not cfg.teacher:
         raise EdgeKDError("distill.teacher: no teacher checkpoint set (distill.teacher_recipe is used by --folds "
                           "only; train the teacher first and --set distill.teacher=<best.pt>)")

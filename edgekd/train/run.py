@@ -146,7 +146,8 @@ def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[s
                  progress=None) -> RunResult:
     """The supervised path: teacher, baseline, or a student trained from scratch."""
     if recipe.distill or recipe.continual:
-        raise EdgeKDError("this recipe has a distill/continual section: run it with `edgekd train`")
+        raise EdgeKDError("this recipe has a distill/continual section: run it with `edgekd train` (in Python: "
+                          "edgekd.pipeline.run_recipe)")
     seed_everything(recipe.seed, recipe.train.deterministic)
     data = build_data(recipe)
     model, spec = build_student_model(recipe, data)
