@@ -66,7 +66,8 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     for fold in range(folds):
         fold_dir = out / f"fold{fold}"
         log(f"k-fold: fold {fold + 1}/{folds}")
-        write_fold_splits(fold_dir / "splits.json", fold_recipe(recipe, folds, fold, split))
+        rec = fold_recipe(recipe, folds, fold, split)
+        write_fold_splits(fold_dir / "splits.json", rec)
         if teacher_base is not None:
             t_rec = fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, fold, split)
             t_res = train_recipe(t_rec, fold_dir / "teacher", log=log, progress=progress)
@@ -75,7 +76,6 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
             s_res = distill_recipe(s_rec, fold_dir / s_rec.role, log=log, progress=progress)
             rows.append(_row(fold, s_rec.role, s_rec, s_res))
         else:
-            rec = fold_recipe(recipe, folds, fold, split)
             res = train_recipe(rec, fold_dir / rec.role, log=log, progress=progress)
             rows.append(_row(fold, rec.role, rec, res))
     summary = summarize_folds(rows)
