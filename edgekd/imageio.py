@@ -181,9 +181,10 @@ def pil_to_array(img: Image.Image) -> np.ndarray:
 
 def _rescale_to_uint8(arr: np.ndarray, span: tuple[float, float] | None = None) -> np.ndarray:
     """`span` (black, white) to 0..255, clipped; without it the image's own min..max."""
-    if not np.isfinite(np.min(arr)) or not np.isfinite(np.max(arr)):
+    own = float(np.min(arr)), float(np.max(arr))
+    if not np.isfinite(own).all():
         raise EdgeKDError("image holds NaN or Inf values")
-    lo, hi = span or (float(np.min(arr)), float(np.max(arr)))
+    lo, hi = span or own
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.uint8)
     return np.round(np.clip((arr - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)

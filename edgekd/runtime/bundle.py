@@ -89,7 +89,7 @@ def check_embedded_metadata(meta: dict[str, Any], embedded: dict[str, str], wher
     without a word. A model file without an embedded copy (not written by edgekd export) is not checked."""
     if not embedded:
         return
-    said = parse_metadata_strings(embedded)
+    said = parse_metadata_strings({k: v for k, v in embedded.items() if k in EMBEDDED_KEYS})
     for key, fields in EMBEDDED_KEYS.items():
         if key not in said:
             continue
