@@ -320,6 +320,61 @@ def test_a_platt_bundle_runs_the_same_calibration_as_export(calibrated_bundle, t
     assert parity["artifacts"][0]["operating_point"]["test"]["calibrated_prob_mean_abs_diff"] < 1e-5
 
 
+def test_a_threshold_on_the_class_at_index_0_labels_by_that_class(calibrated_bundle, tmp_path):
+    """An abnormal/normal folder layout sorts the positive class first: the threshold must apply to p[0]."""
+    import io
+    import json
+
+    import httpx
+    import yaml
+    from PIL import Image
+
+    from edgekd.export import export_checkpoint, load_profile
+    from edgekd.runtime import Runner
+    from edgekd.serve import create_app
+
+    out, tiny = calibrated_bundle
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"precisions": ["fp32"], "parity": {"images": 8},
+                                       "decision": {"positive": 0, "rule": "sensitivity", "target": 0.95}}))
+    bundle = tmp_path / "b"
+    export_checkpoint(out.parent / "run" / "best.pt", bundle, profile=load_profile(profile), log=lambda *_: None)
+    meta = json.loads((bundle / "edgekd.json").read_text())
+    d = meta["decision"]
+    assert d["positive_index"] == 0 and d["positive_class"] == meta["class_names"][0]
+    images = _images(tiny, 24)
+    first = Runner.from_bundle(bundle, backend="onnx").predict_batch(images)
+    # At t = min(p0, p1) of an image, "class 0 when p0 >= t" says 0 and "class 1 when p1 >= t" says 1: these
+    # thresholds tell a runner that thresholds the positive class from one that thresholds index 1.
+    thresholds = [None] + [float(min(p.probs)) for p in first[:3]]
+    for backend in ("onnx", "openvino"):
+        for i, t in enumerate(thresholds):
+            preds = Runner.from_bundle(bundle, backend=backend, threshold=t).predict_batch(images)
+            t = d["threshold"] if t is None else t
+            assert [p.index for p in preds] == [0 if p.probs[0] >= t else 1 for p in preds], (backend, t)
+            if i:
+                assert preds[i - 1].index == 0
+    # the service labels by the same rule
+    runner = Runner.from_bundle(bundle, backend="onnx", threads=1)
+    app = create_app(runner)
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).save(buf, format="PNG")
+
+    async def ask():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as client:
+            try:
+                return (await client.post("/predict", files={"file": ("a.png", buf.getvalue(), "image/png")})).json()
+            finally:
+                await app.state.service.close()
+
+    import asyncio
+
+    got = asyncio.run(ask())
+    p0 = got["probs"][meta["class_names"][0]]
+    assert got["index"] == (0 if p0 >= d["threshold"] else 1) == first[0].index
+
+
 def test_a_threshold_rule_on_a_multi_class_model_is_refused():
     # It was dropped for argmax without a word: edgekd.json said argmax, the profile said sensitivity 0.95.
     from edgekd.errors import EdgeKDError
