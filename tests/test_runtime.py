@@ -377,8 +377,14 @@ def test_tta_batch_of_images_is_one_inference_call(bundle):
 
 def test_fp16_artifact_runs_close_to_fp32(bundle):
     arr = random_pixels((SIZE, SIZE, 3), 11)
-    p32 = Runner.from_bundle(bundle, precision="fp32").predict(arr)
-    p16 = Runner.from_bundle(bundle, precision="fp16").predict(arr)
+    r32, r16 = Runner.from_bundle(bundle, precision="fp32"), Runner.from_bundle(bundle, precision="fp16")
+    # the FP16 request loads the FP16 file (on CPU its weights run as f32, so the outputs alone cannot tell)
+    assert (r32.info["artifact"], r16.info["artifact"]) == ("openvino/model_fp32.xml", "openvino/model_fp16.xml")
+    import openvino as ov
+
+    ops = ov.Core().read_model(bundle / r16.info["artifact"]).get_ops()
+    assert any(op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.f16 for op in ops)
+    p32, p16 = r32.predict(arr), r16.predict(arr)
     assert np.abs(p32.probs - p16.probs).max() <= 1e-2
     with pytest.raises(EdgeKDError, match="no onnx int8 model in the bundle .*onnx/fp32"):
         Runner.from_bundle(bundle, backend="onnx", precision="int8")
@@ -393,7 +399,8 @@ def test_without_precision_the_most_precise_model_in_the_bundle_runs(bundle):
     full = open_bundle(bundle)
     assert Runner.from_bundle(full, warmup=0).precision == "fp32"
     fp16_only = replace(full, artifacts=[a for a in full.artifacts if a.precision == "fp16"])
-    assert Runner.from_bundle(fp16_only, warmup=0).precision == "fp16"
+    only = Runner.from_bundle(fp16_only, warmup=0)
+    assert only.precision == "fp16" and only.info["artifact"] == "openvino/model_fp16.xml"
     # A backend that cannot run the most precise model is an error, not a quieter fallback (e.g. to INT8).
     with pytest.raises(EdgeKDError, match=r"no onnx fp16 model in the bundle \(it has: openvino/fp16\)"):
         Runner.from_bundle(fp16_only, backend="onnx", warmup=0)
