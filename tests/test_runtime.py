@@ -793,9 +793,15 @@ def test_metadata_input_size_must_match_the_model(bundle, tmp_path):
 
 def test_openvino_model_cache_is_used_and_gives_the_same_result(bundle, tmp_path):
     arr = random_pixels((SIZE, SIZE, 3), 8)
-    first = Runner.from_bundle(bundle, cache_dir=tmp_path / "cache").predict(arr)
-    assert any((tmp_path / "cache").iterdir())  # the compiled blob was stored
-    again = Runner.from_bundle(bundle, cache_dir=tmp_path / "cache").predict(arr)
+    def loaded_from_cache(runner):
+        return {s.request.get_compiled_model().get_property("LOADED_FROM_CACHE") for s in runner.backend.slots.values()}
+
+    cold = Runner.from_bundle(bundle, cache_dir=tmp_path / "cache")
+    first = cold.predict(arr)
+    assert any((tmp_path / "cache").iterdir()) and loaded_from_cache(cold) == {False}  # compiled, blob stored
+    warm = Runner.from_bundle(bundle, cache_dir=tmp_path / "cache")
+    again = warm.predict(arr)
+    assert loaded_from_cache(warm) == {True}  # the second process-like load imports the blob
     assert np.abs(first.probs - again.probs).max() <= 1e-6
 
 
