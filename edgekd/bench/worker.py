@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgekd.fileio import atomic_write
 from edgekd.probability import softmax
 from edgekd.runtime.preprocess import Preprocessor
 from edgekd.runtime.timing import peak_rss_mb, time_call
@@ -225,7 +226,8 @@ def main(argv: list[str]) -> int:
         message = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         result = {"error": f"{type(err).__name__}: {message}", "traceback": traceback.format_exc()[-4000:]}
         code = 1
-    Path(job["result"]).write_text(json.dumps(result))
+    # atomic: a worker killed mid-write leaves no half a result for the parent to parse (NaN kept as json writes it)
+    atomic_write(job["result"], lambda tmp: Path(tmp).write_text(json.dumps(result)))
     return code
 
 
