@@ -8,7 +8,6 @@ import contextlib
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -23,25 +22,11 @@ from edgekd.runtime import Prediction, Runner
 from edgekd.serve.batcher import Batcher, QueueFull
 from edgekd.serve.limits import BodyLimit, BodyTooLarge
 from edgekd.serve.metrics import MetricsMiddleware, ServiceMetrics
+from edgekd.serve.settings import ServeSettings, check_settings
 from edgekd.serve.uploads import UploadError, decode_upload
 
 MAX_BATCH_FILES = 64
 """The most files one /predict/batch request may carry."""
-
-
-@dataclass
-class ServeSettings:
-    """How the service batches, bounds and guards its work (the model's own settings are the Runner's)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 8
-    max_wait_ms: float = 5.0
-    max_queue: int = 64
-    max_concurrency: int | None = 256
-    token: str | None = None
-    max_upload_mb: float = 64.0
-    decode_threads: int = 2
 
 
 def padded_sizes(max_batch: int) -> list[int]:
@@ -99,8 +84,6 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 def create_app(runner: Runner, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app over a loaded Runner; its batcher starts with the first request and drains at shutdown."""
-    from edgekd.serve.server import check_settings  # the server module imports this one
-
     settings = settings or ServeSettings()
     check_settings(settings)  # the same rules as `edgekd serve` (a token off loopback, sane queue sizes)
     service = Service(runner, settings)

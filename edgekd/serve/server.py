@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import signal
 import socket
 
 from edgekd.errors import EdgeKDError
 from edgekd.runtime import Runner
-from edgekd.serve.app import ServeSettings, create_app
+from edgekd.serve.app import create_app
+from edgekd.serve.settings import ServeSettings, check_settings
 
 GRACEFUL_SECONDS = 30
 """How long a shutdown waits for in-flight requests before it cancels them."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_settings(settings: ServeSettings) -> None:
-    """Refuse settings that cannot work or would expose an open service: another host without a token."""
-    if not is_loopback(settings.host) and not settings.token:
-        raise EdgeKDError(f"--host {settings.host} would accept requests from other machines without a token: "
-                          "set --token or EDGEKD_TOKEN (clients then send 'Authorization: Bearer TOKEN')")
-    if settings.token is not None and len(settings.token) < 16:
-        raise EdgeKDError("the API token must have at least 16 characters")
-    for name in ("max_batch", "max_queue", "decode_threads"):
-        if getattr(settings, name) < 1:
-            raise EdgeKDError(f"--{name.replace('_', '-')} must be >= 1")
-    if settings.max_queue < settings.max_batch:
-        raise EdgeKDError(f"--max-queue {settings.max_queue} must be at least --max-batch {settings.max_batch}")
-    if not 0 <= settings.max_wait_ms <= 10_000:
-        raise EdgeKDError(f"--max-wait-ms must be in [0, 10000], got {settings.max_wait_ms}")
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -1,0 +1,48 @@
+"""The service's settings and the rules `edgekd serve` and `create_app` both apply to them."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from edgekd.errors import EdgeKDError
+
+
+@dataclass
+class ServeSettings:
+    """How the service batches, bounds and guards its work (the model's own settings are the Runner's)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 64
+    max_concurrency: int | None = 256
+    token: str | None = None
+    max_upload_mb: float = 64.0
+    decode_threads: int = 2
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_settings(settings: ServeSettings) -> None:
+    """Refuse settings that cannot work or would expose an open service: another host without a token."""
+    if not is_loopback(settings.host) and not settings.token:
+        raise EdgeKDError(f"--host {settings.host} would accept requests from other machines without a token: "
+                          "set --token or EDGEKD_TOKEN (clients then send 'Authorization: Bearer TOKEN')")
+    if settings.token is not None and len(settings.token) < 16:
+        raise EdgeKDError("the API token must have at least 16 characters")
+    for name in ("max_batch", "max_queue", "decode_threads"):
+        if getattr(settings, name) < 1:
+            raise EdgeKDError(f"--{name.replace('_', '-')} must be >= 1")
+    if settings.max_queue < settings.max_batch:
+        raise EdgeKDError(f"--max-queue {settings.max_queue} must be at least --max-batch {settings.max_batch}")
+    if not 0 <= settings.max_wait_ms <= 10_000:
+        raise EdgeKDError(f"--max-wait-ms must be in [0, 10000], got {settings.max_wait_ms}")
