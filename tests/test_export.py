@@ -264,6 +264,40 @@ def test_export_both_formats_runs_at_batch_1_and_7(tmp_path, model_name, size, k
 
 
 @pytest.mark.slow
+def test_runner_check_compares_what_predict_runs_with_the_gated_artifact(tmp_path, monkeypatch):
+    import edgekd.export.run as export_run
+    from edgekd.export.run import ParityGateError
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
+    profile = profile_from_dict({"parity": {"images": 8}})
+    export_checkpoint(ckpt, tmp_path / "ok", ["onnx", "openvino"], ["fp32"], profile, log=quiet)
+    record = json.loads((tmp_path / "ok" / "parity.json").read_text())["runner"]
+    assert record["images"] == 8 and len(record["views"]) == 6
+    for key in ("onnx/fp32", "openvino/fp32"):
+        assert record[key]["max_prob_diff"] <= 0.01 and record[key]["top1_agreement"] == 1.0, record[key]
+    assert "Runner check: the runtime's Runner" in (tmp_path / "ok" / "card.md").read_text()
+
+    # edgekd.json's normalization is no longer training's (in edgekd.json and embedded in the models alike): the
+    # gate, which runs the artifacts on the export's own inputs, cannot see it; the runner check does.
+    real = export_run._bundle_metadata
+
+    def shifted(*args, **kwargs):
+        meta = real(*args, **kwargs)
+        return {**meta, "preprocess": {**meta["preprocess"], "mean": [m + 0.3 for m in meta["preprocess"]["mean"]]}}
+
+    monkeypatch.setattr(export_run, "_bundle_metadata", shifted)
+    with pytest.raises(ParityGateError, match="failed the runner check") as err:
+        export_checkpoint(ckpt, tmp_path / "bad", ["onnx", "openvino"], ["fp32"], profile, log=quiet)
+    assert not (tmp_path / "bad").exists()
+    assert all(f.startswith("runner check ") for f in err.value.parity["failures"])
+    assert err.value.parity["runner"]["onnx/fp32"]["max_prob_diff"] > 0.01
+    # the check can be turned off in the profile (and then says so)
+    off = profile_from_dict({"parity": {"images": 8, "runner": {"enabled": False}}})
+    export_checkpoint(ckpt, tmp_path / "off", ["onnx"], ["fp32"], off, log=quiet)
+    assert json.loads((tmp_path / "off" / "parity.json").read_text())["runner"] == {
+        "skipped": "off (parity.runner.enabled: false)"}
+
+
 def test_metadata_round_trips_through_every_artifact(tmp_path):
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
     profile = profile_from_dict({"parity": {"images": 4}, "tta": {"views": ["original", "hflip"]}, "threads": 1})

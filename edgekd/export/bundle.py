@@ -96,6 +96,19 @@ def _gate_images(parity: dict[str, Any]) -> str:
     return text
 
 
+def _runner_lines(record: dict[str, Any] | None) -> list[str]:
+    """The runner check: `edgekd predict`'s own preprocessing on the decoded images vs the gated artifact."""
+    if not record:
+        return []
+    if "skipped" in record:
+        return ["", f"Runner check: not run ({record['skipped']})."]
+    checked = "; ".join(f"{k} (`{v['backend']}` backend): max |Δp| {v['max_prob_diff']:.2g}, top-1 agreement "
+                        f"{_pct(v['top1_agreement'])}" for k, v in record.items() if isinstance(v, dict) and "backend" in v)
+    return ["", f"Runner check: the runtime's Runner, given the {record['images']} images as decoded (its own resize, "
+            "TTA views and normalization), against the same artifact on the inputs above, TTA-averaged "
+            f"probabilities: {checked}."]
+
+
 def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
     """The card's parity table (every artifact, shipped or not) and the ones left out."""
     counts = ", ".join(f"{s}: {n} images" for s, n in parity["reference"]["split_images"].items())
@@ -113,6 +126,7 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
                      f"{_num(rec.get('mean_abs_diff'), '.2e')} | {_pct(rec.get('top1_agreement'))} | "
                      f"{_num(drop.get('acc'))} | {_num(drop.get('auc'))} | {tol} | "
                      f"{'pass' if rec['passed'] else 'FAIL (not shipped)'} |")
+    lines += _runner_lines(parity.get("runner"))
     if parity.get("dropped"):
         lines += ["", "## Not shipped", "", "These artifacts were built and failed the gate; the export profile "
                   "(`parity.on_fail: drop`) left them out of this bundle:", ""]

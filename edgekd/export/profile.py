@@ -40,6 +40,16 @@ class Tolerances(Section):
     int8: Tolerance
 
 
+class RunnerCheck(Section):
+    """The end-to-end check: the runtime's Runner on the staged bundle, given the parity images as decoded, against
+    the same artifact on the export's preprocessed inputs (the gap is the runner's preprocessing alone)."""
+
+    enabled: bool = True
+    max_prob_diff: float | None = Field(0.01, ge=0, le=1)
+    """Largest allowed |runner - artifact| on a class probability (the mean of the TTA views' softmax)."""
+    top1_agreement: float | None = Field(0.98, ge=0, le=1)
+
+
 class ParityConfig(Section):
     images: int = Field(64, ge=1)
     """Validation images run through the PyTorch model and every artifact (each in every TTA view)."""
@@ -53,6 +63,8 @@ class ParityConfig(Section):
     whole split, so the gated drop is measured on every validation image; the card states the count and the
     resolution."""
     tolerances: Tolerances
+    runner: RunnerCheck = RunnerCheck()
+    """What `edgekd predict` runs must predict what the gate checked (export/runner_check.py)."""
     on_fail: Literal["error", "drop"] = "error"
     """error: any failing artifact fails the whole export (nothing written). drop: the bundle ships the artifacts
     that pass; each one left out is listed with its reasons in parity.json and the card (all failing: an error)."""

@@ -25,6 +25,7 @@ from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_se
 from edgekd.export.formats import FORMATS, export_plan
 from edgekd.export.parity import ParitySet, check_artifact, int8_speedup, parity_inputs, reference_report
 from edgekd.export.profile import ExportProfile, load_profile, profile_digest
+from edgekd.export.runner_check import runner_check
 from edgekd.metrics import one_class_warning
 from edgekd.models import count_parameters
 from edgekd.progress import progress_task
@@ -201,7 +202,7 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
                         metric_subset(data.tables[s].labels, profile.parity.metric_images)) for s in ("val", "test")}
     log(f"parity set: {len(picked)} val images x {len(profile.tta.views)} views; metrics on "
         + ", ".join(f"{s} ({len(y)})" for s, (_, y) in splits.items()))
-    return ParitySet(inputs, views, splits), len(picked), image_channels
+    return ParitySet(inputs, views, splits, raw_images=list(raw_images)), len(picked), image_channels
 
 
 def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profile: ExportProfile,
@@ -408,6 +409,24 @@ def _gate(outcome: _Outcome, parity: dict[str, Any], stage: Path, on_fail: str, 
     return artifacts
 
 
+def _runner_gate(stage: Path, metadata: dict[str, Any], parity: dict[str, Any], parity_set: ParitySet,
+                 profile: ExportProfile, explanations: list, checkpoint: Path, out: Path,
+                 log: Callable[[str], None]) -> None:
+    """The end-to-end runner check on the staged bundle (export/runner_check.py): ParityGateError on a failure,
+    else its record joins parity.json and the card (the bundle's files rewritten)."""
+    record, failures = runner_check(stage, metadata["artifacts"], parity_set, profile.parity.runner, profile.threads,
+                                    profile.parity.batch_size)
+    parity["runner"] = record
+    if failures:
+        parity.update(passed=False, failures=[*parity["failures"], *failures])
+        raise ParityGateError(f"export of {checkpoint} failed the runner check; nothing was written to {out}:\n  "
+                              + "\n  ".join(failures), parity)
+    if "skipped" not in record:
+        log("runner check: " + "; ".join(f"{k} max |dp| {v['max_prob_diff']:.2g}, top-1 {v['top1_agreement']:.2%}"
+                                         for k, v in record.items() if isinstance(v, dict) and "backend" in v))
+    write_bundle_files(stage, metadata, parity, explanations)
+
+
 def _clinical(reference: dict[str, Any], parity_set: ParitySet, profile: ExportProfile, ckpt: dict[str, Any],
               log: Callable[[str], None]) -> dict[str, Any]:
     """The operating point (calibration + decision); none for a multi-head model (both need a single task)."""
@@ -474,8 +493,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         artifacts = _gate(outcome, parity, stage, profile.parity.on_fail, checkpoint, out, log)
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE,
                     "reliability": write_reliability(stage, reference, parity_set.splits, reference["clinical"])}
-        write_bundle_files(stage, metadata, parity,
-                           card_explanations(model, ckpt, explain_data, stage, log) if explain_data is not None else [])
+        explanations = card_explanations(model, ckpt, explain_data, stage, log) if explain_data is not None else []
+        write_bundle_files(stage, metadata, parity, explanations)
+        _runner_gate(stage, metadata, parity, parity_set, profile, explanations, checkpoint, out, log)
         publish(stage, out)
     finally:
         remove_trees([scratch, stage])
