@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -327,6 +328,211 @@ def test_herding_picks_the_sample_nearest_the_mean_first():
     assert order[0] == 2 and len(set(order.tolist())) == 3
 
 
+# ------------------------------------------------------------------ plug-ins: the values they add, the data they mix
+CPU = torch.device("cpu")
+
+
+def linear_model(inputs=12, outputs=6):
+    """No BatchNorm, no dropout: the same logits in train and eval mode, so hand computations are exact."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(inputs, outputs))
+
+
+def hand_kd(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
+    """T^2 * mean over rows of sum_c p_t (log p_t - log p_s), softmax at temperature T."""
+    ps, pt = F.softmax(student / temp, 1), F.softmax(teacher / temp, 1)
+    return (pt * (pt.log() - ps.log())).sum(1).mean() * temp ** 2
+
+
+@pytest.mark.parametrize("head", ["single", "multi"])
+def test_lwf_penalty_is_alpha_times_kd_on_the_old_outputs_only(head):
+    from edgekd.continual.lwf import LwFPlugin
+
+    tasks = [_T(0, 0, 2), _T(1, 2, 4), _T(2, 4, 6)]
+    model = linear_model()
+    x, y = torch.randn(5, 3, 2, 2), torch.tensor([4, 5, 4, 5, 4])
+    plugin = LwFPlugin(alpha=0.7, temperature=3.0)
+    plugin.before_task(TaskStep(model, tasks, 0, head, CPU))
+    assert plugin.penalty(None, x, y, model(x)) is None  # the first task has nothing to remember
+    plugin.before_task(TaskStep(model, tasks, 2, head, CPU))
+    # The model as it was before the task: nothing to distil.
+    assert plugin.penalty(None, x, y, model(x)).item() == pytest.approx(0.0, abs=1e-6)
+    old_w, old_b = model[1].weight.detach().clone(), model[1].bias.detach().clone()
+    with torch.no_grad():
+        model[1].weight.add_(torch.randn_like(model[1].weight))
+        model[1].bias.add_(torch.randn_like(model[1].bias))
+    logits = model(x)
+    got = plugin.penalty(None, x, y, logits)
+    old_logits = x.flatten(1) @ old_w.T + old_b
+    # multi-head: one softmax per old task's head; single head: one softmax over every old class (0..3).
+    ranges = [(0, 2), (2, 4)] if head == "multi" else [(0, 4)]
+    want = 0.7 * sum(hand_kd(logits[:, lo:hi].detach(), old_logits[:, lo:hi], 3.0) for lo, hi in ranges)
+    assert want.item() > 0.01
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # It trains the current model: the gradient reaches the old classes' rows, never the new task's.
+    got.backward()
+    assert model[1].weight.grad[:4].abs().sum() > 0 and model[1].weight.grad[4:].abs().sum() == 0
+    # The new task's outputs are free: moving them changes nothing.
+    with torch.no_grad():
+        model[1].weight[4:] += 5.0
+    assert plugin.penalty(None, x, y, model(x)).item() == pytest.approx(got.item(), rel=1e-5)
+    plugin.after_task(TaskStep(model, tasks, 2, head, CPU))
+    assert plugin.penalty(None, x, y, model(x)) is None
+
+
+def test_ewc_penalty_is_half_lambda_times_fisher_weighted_squared_distance():
+    from types import SimpleNamespace
+
+    from edgekd.continual.ewc import EWCPlugin
+
+    model = linear_model(3, 2)
+    trainer = SimpleNamespace(model=model)
+    plugin = EWCPlugin(weight=3.0)
+    assert plugin.penalty(trainer, None, None, None) is None  # no task learned yet
+    anchor = {k: p.detach().clone() for k, p in model.named_parameters()}
+    fisher = {"1.weight": torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 3.0]]), "1.bias": torch.tensor([4.0, 0.25])}
+    plugin.terms = [(fisher, anchor)]
+    assert plugin.penalty(trainer, None, None, None).item() == 0.0  # theta = theta*
+    with torch.no_grad():
+        model[1].weight.add_(torch.tensor([[0.1, -0.2, 5.0], [1.0, 7.0, -0.3]]))
+        model[1].bias.add_(torch.tensor([0.5, -2.0]))
+    # (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2; a zero Fisher leaves a weight free however far it moves.
+    hand = 3.0 / 2 * (1.0 * 0.1 ** 2 + 2.0 * 0.2 ** 2 + 0.0 * 5.0 ** 2 + 0.5 * 1.0 ** 2 + 0.0 * 7.0 ** 2
+                      + 3.0 * 0.3 ** 2 + 4.0 * 0.5 ** 2 + 0.25 * 2.0 ** 2)
+    got = plugin.penalty(trainer, None, None, None)
+    assert got.item() == pytest.approx(hand, rel=1e-5)
+    # It pulls back towards the anchor: d/dtheta = lambda * F * (theta - theta*).
+    got.backward()
+    torch.testing.assert_close(model[1].bias.grad, torch.tensor([3.0 * 4.0 * 0.5, 3.0 * 0.25 * -2.0]))
+    # Separate EWC: one term per finished task, summed.
+    second = {k: v + 1.0 for k, v in anchor.items()}
+    plugin.terms.append(({k: torch.full_like(v, 2.0) for k, v in fisher.items()}, second))
+    current = {k: p.detach() for k, p in model.named_parameters()}
+    extra = 3.0 / 2 * sum((2.0 * (current[k] - second[k]) ** 2).sum().item() for k in current)
+    assert plugin.penalty(trainer, None, None, None).item() == pytest.approx(hand + extra, rel=1e-5)
+    assert EWCPlugin(weight=0.0).penalty(trainer, None, None, None) is None
+
+
+def test_ewc_fisher_after_a_task_is_non_negative_and_non_zero_where_the_task_loss_depends(tmp_path):
+    from edgekd.continual.ewc import EWCPlugin
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(16, 8, 8))
+    tasks = build_tasks(recipe_from_dict(base_recipe(npz, tasks=[{"name": "a", "classes": [0, 1]},
+                                                                 {"name": "b", "classes": [2, 3]}])))
+    torch.manual_seed(0)
+    model = tiny_model(4).eval()
+    plugin = EWCPlugin(weight=1.0, fisher_samples=8)
+    plugin.after_task(TaskStep(model, tasks, 1, "multi", CPU))  # task b: outputs 2..3 under a multi-head layout
+    (fisher, anchor), = plugin.terms
+    assert set(fisher) == {k for k, p in model.named_parameters() if p.requires_grad}
+    assert all((f >= 0).all() for f in fisher.values())
+    # Every layer before the head shapes task b's logits, and so do task b's rows of the head.
+    assert all(f.sum() > 0 for k, f in fisher.items() if not k.startswith("fc."))
+    assert (fisher["fc.weight"][2:].sum(1) > 0).all() and (fisher["fc.bias"][2:] > 0).all()
+    # Task a's head plays no part in task b's loss: its Fisher is zero, so EWC leaves it free.
+    assert (fisher["fc.weight"][:2] == 0).all() and (fisher["fc.bias"][:2] == 0).all()
+    assert all(torch.equal(anchor[k], p) for k, p in model.named_parameters())
+
+
+class _OneBatch:
+    """A DataModule stand-in whose every loader is the same single batch."""
+
+    def __init__(self, images, targets):
+        self.batch = (images, targets)
+
+    def loader(self, split, train=None, epoch=0, distributed=False):
+        return [self.batch]
+
+
+@pytest.mark.parametrize("method", ["lwf", "ewc"])
+def test_a_plugins_penalty_is_added_to_the_loss_the_trainer_optimizes(tmp_path, method):
+    from edgekd.continual.ewc import EWCPlugin
+    from edgekd.continual.lwf import LwFPlugin
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=2, n=(8, 4, 4))
+    recipe = recipe_from_dict({k: v for k, v in base_recipe(npz).items() if k != "continual"})
+    model = linear_model(12, 4)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    tasks = [_T(0, 0, 2), _T(1, 2, 4)]
+    if method == "lwf":
+        plugin = LwFPlugin(alpha=0.5, temperature=2.0)
+        plugin.before_task(TaskStep(model, tasks, 1, "single", CPU))
+    else:
+        plugin = EWCPlugin(weight=4.0)
+        plugin.terms = [({k: torch.rand_like(v) for k, v in before.items()}, before)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([2, 3, 2, 3, 3, 2])
+    with torch.no_grad():
+        logits = model(x)
+        if method == "lwf":
+            old = x.flatten(1) @ before["1.weight"].T + before["1.bias"]
+            want = 0.5 * hand_kd(logits[:, :2], old[:, :2], 2.0).item()
+        else:
+            fisher, anchor = plugin.terms[0]
+            want = 2.0 * sum((fisher[k] * (p - anchor[k]) ** 2).sum().item() for k, p in model.named_parameters())
+    assert want > 0.01
+
+    def train_loss(plugins):
+        # One batch: the epoch's loss is the loss of the starting weights, before the optimizer step.
+        objective = SupervisedObjective(torch.nn.CrossEntropyLoss())
+        trainer = Trainer(recipe, copy.deepcopy(model), _OneBatch(x, y), objective, tmp_path / "run", plugins=plugins,
+                          log=lambda s: None)
+        return trainer.train_epoch(0)["train_loss"]
+
+    plain = train_loss([])
+    assert plain == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert train_loss([plugin]) - plain == pytest.approx(want, rel=1e-4)
+
+
+def test_replay_mixes_buffer_images_into_every_training_batch_of_a_later_task(tmp_path):
+    from edgekd.continual.replay import ReplayPlugin
+    from edgekd.data import ImageDataset, build_transforms
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(32, 8, 8))
+    two = [{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}]
+    tasks = build_tasks(recipe_from_dict(base_recipe(npz, scenario="class_incremental", tasks=two)))
+    model = tiny_model(2)
+    plugin = ReplayPlugin(size=6, batch_size=4, seed=0)
+    first = TaskStep(model, tasks, 0, "single", CPU)
+    assert plugin.train_data(tasks[0].data, first) is tasks[0].data  # nothing to replay yet
+    plugin.after_task(first)
+    # At most `size` samples, split evenly over task a's classes, each one of task a's training images.
+    assert plugin.buffer.class_counts() == {0: 3, 1: 3}
+    buf = plugin.buffer.table()
+    train_a = tasks[0].data.tables["train"]
+    label_of = {img.tobytes(): int(lab) for img, lab in zip(train_a.images, train_a.labels)}
+    assert len(buf) == 6 and all(label_of.get(img.tobytes()) == lab for img, lab in zip(buf.images, buf.labels))
+
+    data_b = tasks[1].data
+    mixed = plugin.train_data(data_b, TaskStep(model, tasks, 1, "single", CPU))
+    # Without augmentation (16 px images at 16 px) the train pipeline is the eval one: buffer pixels are comparable.
+    eval_buf = ImageDataset(buf, build_transforms(data_b.cfg, [], False))
+    buffer_pixels = {eval_buf[i][0].numpy().tobytes(): eval_buf[i][1] for i in range(len(eval_buf))}
+    main = list(data_b.loader("train", epoch=0))
+    batches = list(mixed.loader("train", epoch=0))
+    assert len(batches) == len(main) == 2 and len(mixed.loader("train", epoch=0)) == 2
+    replayed = set()
+    for (images, targets), (own_images, own_targets) in zip(batches, main):
+        n = len(own_targets)
+        assert len(images) == len(targets) == n + 4  # the task's batch, then 4 buffer samples
+        assert torch.equal(images[:n], own_images) and torch.equal(targets[:n], own_targets)
+        assert set(own_targets.tolist()) <= {2, 3}
+        for img, lab in zip(images[n:], targets[n:].tolist()):
+            assert buffer_pixels[img.numpy().tobytes()] == lab and lab in (0, 1)
+            replayed.add(img.numpy().tobytes())
+    assert len(replayed) >= 2
+    # Validation and test stay the task's own.
+    for split in ("val", "test"):
+        got, want = next(iter(mixed.loader(split, train=False))), next(iter(data_b.loader(split, train=False)))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # After task b the buffer still holds 6, every class seen so far with its share (6 over 4 classes).
+    resize_classifier(model, 4)
+    plugin.after_task(TaskStep(model, tasks, 1, "single", CPU))
+    assert plugin.buffer.class_counts() == {0: 2, 1: 2, 2: 1, 3: 1}
+
+
 # ------------------------------------------------------------------ BN freeze, head expansion
 def test_bn_freeze_keeps_running_stats_and_affine_through_training(tmp_path):
     npz = quadrant_npz(tmp_path / "q.npz", classes=2)
@@ -473,6 +679,23 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     with pytest.raises(EdgeKDError, match="outputs, but the first task"):
         bad = base_recipe(npz_b, checkpoint=str(first.best_path), tasks=[{"name": "B"}, {"name": "A2"}])
         run_recipe(recipe_from_dict(bad), tmp_path / "bad", log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_replay_retains_task_a_where_plain_fine_tuning_forgets_it(tmp_path):
+    # Class-incremental, one head: fine-tuning on task b alone drives every prediction to b's classes (task a's
+    # accuracy falls to 0 for seeds 0-7), a buffer of 8 task-a images keeps it (1.0 for the same seeds).
+    from edgekd.pipeline import run_recipe
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4)
+    two = [{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}]
+    after_b = {}
+    for method, section in (("finetune", {}), ("replay", {"replay": {"size": 8}})):
+        raw = base_recipe(npz, scenario="class_incremental", tasks=two, **section)
+        acc = run_recipe(recipe_from_dict(raw), tmp_path / method, log=lambda s: None).acc_matrix
+        assert acc[0][0] > 0.9  # task a was learned before task b came
+        after_b[method] = acc[1][0]
+    assert after_b["replay"] - after_b["finetune"] >= 0.5
 
 
 def test_joint_training_repeats_gray_images_to_rgb_beside_an_rgb_task():
