@@ -332,6 +332,53 @@ def test_training_steps_leave_teacher_unchanged_and_adapters_out_of_the_checkpoi
     assert all(torch.equal(last["kd_adapters"][k], v) for k, v in obj.adapter_state().items())
 
 
+def test_a_resumed_feature_kd_run_restores_its_adapters_and_matches_an_uninterrupted_run(tmp_path, tiny_teacher,
+                                                                                         monkeypatch):
+    from edgekd.distill.run import ADAPTER_KEY, distill_recipe
+    from edgekd.train.checkpoint import load_checkpoint, save_checkpoint
+    from edgekd.train.trainer import Trainer
+
+    def recipe(epochs):
+        return recipe_from_dict(tiny_recipe(
+            tmp_path, role="student",
+            train={"epochs": epochs, "optimizer": {"lr": 0.01}, "scheduler": {"name": "none"}},
+            distill={"teacher": str(tiny_teacher),
+                     "terms": [{"kind": "kl", "weight": 0.5}, {"kind": "ce", "weight": 0.5},
+                               {"kind": "feature_mse", "weight": 1.0, "student": "stages.1", "teacher": "layer1"}]}))
+
+    starts = []  # the adapters as each fit begins
+    fit = Trainer.fit
+
+    def spy(self, progress=None):
+        starts.append({k: v.detach().clone() for k, v in self.objective.adapter_state().items()})
+        return fit(self, progress)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    quiet = dict(log=lambda m: None)
+    full = distill_recipe(recipe(2), tmp_path / "full", **quiet)
+    # Interrupted after epoch 1: a 1-epoch run's last.pt (the trainer re-seeds per epoch, so its epoch 1 is the
+    # 2-epoch run's) under the 2-epoch recipe's digest, resumed to epoch 2.
+    one = distill_recipe(recipe(1), tmp_path / "one", **quiet)
+    saved = load_checkpoint(tmp_path / "one" / "last.pt")
+    saved["recipe_digest"] = recipe(2).digest()
+    save_checkpoint(tmp_path / "part" / "last.pt", {k: v for k, v in saved.items() if k != "format"})
+    resumed = distill_recipe(recipe(2), tmp_path / "part", resume=True, **quiet)
+
+    fresh, _, at_resume = starts
+    adapters = saved[ADAPTER_KEY]
+    assert adapters and set(at_resume) == set(adapters)
+    assert any(not torch.equal(fresh[k], adapters[k]) for k in adapters)  # epoch 1 trained them
+    assert all(torch.equal(at_resume[k], adapters[k]) for k in adapters)  # restored, not re-initialised
+    assert resumed.fit.history[0]["train_loss"] == pytest.approx(one.fit.history[0]["train_loss"])
+    assert [h["train_loss"] for h in resumed.fit.history] == pytest.approx(
+        [h["train_loss"] for h in full.fit.history], rel=1e-5)
+    ends = [load_checkpoint(d / "last.pt") for d in (tmp_path / "full", tmp_path / "part")]
+    for key in ("state_dict", ADAPTER_KEY):
+        for name, value in ends[0][key].items():
+            torch.testing.assert_close(ends[1][key][name], value, rtol=1e-5, atol=1e-6)
+    assert resumed.test["auc"] == pytest.approx(full.test["auc"])
+
+
 def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch):
     from typer.testing import CliRunner
 
