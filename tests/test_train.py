@@ -100,6 +100,34 @@ def test_early_stopping_stops(tiny_recipe_dict, tmp_path):
     assert res.fit.stopped_early and len(res.fit.history) == 3
 
 
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_early_stop_min_delta_counts_only_improvements_beyond_it(tiny_recipe_dict, tmp_path, monkeypatch, mode):
+    """A monitor that improves by 0.03 an epoch: min_delta 0 sees six improvements; 0.05 only every other epoch
+    (each compared with the best so far, not the previous epoch), which patience 2 survives; 0.1 none after the
+    first, so patience 2 stops after epoch 3."""
+    from edgekd.train import trainer as trainer_mod
+    from edgekd.train.trainer import SupervisedObjective, Trainer
+
+    sign = 1.0 if mode == "min" else -1.0
+    sequence = [sign * v for v in (1.0, 0.97, 0.94, 0.91, 0.88, 0.85)]
+    monkeypatch.setattr(trainer_mod, "monitored_value", lambda row, name, key, epoch: sequence[epoch])
+    _, _, batches = _toy_batches(2)
+
+    def fit(min_delta):
+        r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=6, train__monitor="val_loss", train__monitor_mode=mode,
+                                  train__early_stop={"patience": 2, "min_delta": min_delta}))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+        trainer = Trainer(r, model, _Batches(batches), SupervisedObjective(torch.nn.CrossEntropyLoss()),
+                          tmp_path / str(min_delta), log=lambda s: None)
+        res = trainer.fit()
+        return len(res.history), res.stopped_early, res.best_epoch, res.best_value
+
+    assert fit(0.0) == (6, False, 6, sequence[5])
+    assert fit(0.05) == (6, False, 5, sequence[4])
+    assert fit(0.1) == (3, True, 1, sequence[0])
+
+
 def test_swa_and_grad_accumulation_and_clipping_run(tiny_recipe_dict, tmp_path):
     r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=3, train__grad_accum=2, train__clip_grad=1.0,
                               train__swa={"enabled": True, "start_epoch": 1}))
