@@ -131,7 +131,7 @@ class LossConfig(Section):
 class EarlyStopConfig(Section):
     patience: int | None = None
     """Stop after this many epochs without the monitor improving (null: never stop early)."""
-    min_delta: float = 0.0
+    min_delta: float = Field(0.0, ge=0.0)
     """The least change of the monitor that counts as an improvement."""
 
 
