@@ -63,27 +63,55 @@ def test_wrong_architecture_checkpoint_is_named(tiny_recipe_dict, tmp_path):
         model_from_checkpoint(ckpt)
 
 
-def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path):
+def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
+    """A run resumed from its epoch-1 last.pt trains only epochs 2..3, from last.pt's weights, and ends like an
+    uninterrupted run. (The trainer re-seeds every epoch, so a resume that loaded nothing and retrained from
+    scratch would give the same history: what was trained and from which weights is checked directly.)"""
+    import shutil
+
+    from edgekd.train.trainer import Trainer
+
     base = deep(tiny_recipe_dict, train__epochs=3, data__balanced_sampler=True, augment=[{"RandomHorizontalFlip": {"p": 0.5}}])
     full = train_recipe(recipe_from_dict(base), tmp_path / "full", log=lambda s: None)
-    # Run 1 epoch, then resume the 3-epoch recipe from last.pt: the recipe digest must match, so emulate an
-    # interruption by truncating the trainer state of a finished run to its first epoch.
-    part_dir = tmp_path / "part"
-    train_recipe(recipe_from_dict(base), part_dir, log=lambda s: None)
-    from edgekd.train.checkpoint import load_checkpoint as lc
-    first = lc(tmp_path / "full" / "last.pt")
-    assert first["trainer"]["epoch"] == 3
-    # Re-create an "after epoch 1" state by training a fresh run with a 1-epoch budget but the same digest:
-    # the trainer re-seeds per epoch, so epoch k of any run replays identically.
+    assert load_checkpoint(tmp_path / "full" / "last.pt")["trainer"]["epoch"] == 3
+    # Emulate an interruption after epoch 1: a 1-epoch run of the same recipe (the trainer re-seeds per epoch, so
+    # its epoch 1 replays the 3-epoch run's), its last.pt given the 3-epoch recipe's digest.
     one = deep(base, train__epochs=1)
     r1 = train_recipe(recipe_from_dict(one), tmp_path / "one", log=lambda s: None)
-    state = lc(tmp_path / "one" / "last.pt")
+    state = load_checkpoint(tmp_path / "one" / "last.pt")
+    assert state["trainer"]["epoch"] == 1
     state["recipe_digest"] = recipe_from_dict(base).digest()
-    save_checkpoint(part_dir / "last.pt", {k: v for k, v in state.items() if k != "format"})
-    resumed = train_recipe(recipe_from_dict(base), part_dir, resume=True, log=lambda s: None)
+    state = {k: v for k, v in state.items() if k != "format"}
+
+    def interrupted(name, weights):
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "one", run)  # best.pt of epoch 1, as the interrupted run left it
+        save_checkpoint(run / "last.pt", {**state, "state_dict": weights})
+        return run
+
+    trained, train_epoch = [], Trainer.train_epoch
+
+    def spy(self, epoch, *args, **kwargs):
+        trained.append(epoch)
+        return train_epoch(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_epoch", spy)
+    part_dir, logs = interrupted("part", state["state_dict"]), []
+    resumed = train_recipe(recipe_from_dict(base), part_dir, resume=True, log=logs.append)
+    assert f"resumed from {part_dir / 'last.pt'} at epoch 1" in logs
+    assert trained == [1, 2]  # 0-based: epochs 2 and 3 only, epoch 1 is not trained again
     assert resumed.fit.history[0]["train_loss"] == pytest.approx(r1.fit.history[0]["train_loss"])
     assert [h["train_loss"] for h in resumed.fit.history] == pytest.approx([h["train_loss"] for h in full.fit.history], rel=1e-5)
     assert resumed.test["auc"] == pytest.approx(full.test["auc"])
+    # The resumed epochs start from last.pt's weights: the same state with perturbed weights trains differently.
+    g = torch.Generator().manual_seed(0)
+    perturbed = {k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() and "running" not in k
+                 else v for k, v in state["state_dict"].items()}
+    trained.clear()
+    other = train_recipe(recipe_from_dict(base), interrupted("perturbed", perturbed), resume=True, log=lambda s: None)
+    assert trained == [1, 2]
+    assert other.fit.history[0] == resumed.fit.history[0]  # epoch 1's row comes from last.pt's trainer state
+    assert other.fit.history[1]["train_loss"] != pytest.approx(resumed.fit.history[1]["train_loss"], rel=1e-3)
 
 
 def test_resume_refuses_another_recipe(tiny_recipe_dict, tmp_path):
