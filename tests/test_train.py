@@ -171,6 +171,31 @@ def test_swa_and_grad_accumulation_and_clipping_run(tiny_recipe_dict, tmp_path):
     assert res.test["acc"] > 0.6
 
 
+def test_swa_weights_are_the_mean_of_the_epochs_from_start_epoch_on(tiny_recipe_dict, tmp_path, monkeypatch):
+    """swa.pt holds the mean of the model's parameters at the end of each epoch from swa.start_epoch on (epochs 2
+    and 3 of 3 for start_epoch 1), computed here from the weights each epoch ended with; 2 models averaged."""
+    from edgekd.train.trainer import Trainer
+
+    ended, save_epoch = [], Trainer._save_epoch
+
+    def spy(self, *args, **kwargs):  # right after the epoch's training, SWA update and validation
+        ended.append((self.epoch, {k: v.detach().clone() for k, v in self.model.named_parameters()}))
+        return save_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_save_epoch", spy)
+    r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=3, train__swa={"enabled": True, "start_epoch": 1}))
+    train_recipe(r, tmp_path / "r", log=lambda s: None)
+    assert [epoch for epoch, _ in ended] == [1, 2, 3]
+    averaged = [weights for epoch, weights in ended if epoch >= 2]
+    swa = load_checkpoint(tmp_path / "r" / "swa.pt")["state_dict"]
+    assert averaged[0] and set(averaged[0]) <= set(swa)
+    for name in averaged[0]:
+        mean = torch.stack([w[name] for w in averaged]).mean(0)
+        torch.testing.assert_close(swa[name], mean, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.allclose(averaged[0][k], averaged[1][k]) for k in averaged[0])  # not one constant weight
+    assert int(load_checkpoint(tmp_path / "r" / "last.pt")["trainer"]["swa"]["n_averaged"]) == 2
+
+
 class _Batches:
     """A DataModule stand-in: its train loader is a fixed list of (images, targets) batches."""
 
