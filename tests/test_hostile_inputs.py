@@ -643,27 +643,31 @@ def test_a_stop_signal_during_an_export_ends_the_run_at_once(tmp_path, monkeypat
     exit handlers, os._exit) instead of raising: an exception unwinding through torch's ONNX exporter or NNCF
     sometimes crashed (SIGSEGV) or aborted (C++ terminate, its what() a Python traceback) before any `finally` ran.
     Without them it raises, so `finally` blocks clean up as usual."""
-    from edgekd import cli
-    from edgekd.fileio import TRACKED_TREES, remove_tracked_trees, track_tree
+    import atexit
+
+    from edgekd import cli, fileio
 
     class Ended(Exception):
         pass
 
-    def fake_stopped(code):  # the real one ends the process (os._exit)
+    def fake_exit(code):  # the real `stopped` runs; only the process's end is replaced by an exception
         ended.append(code)
-        remove_tracked_trees()
         raise Ended
 
     ended: list[int] = []
+    exit_handlers: list[bool] = []
     monkeypatch.setattr(cli, "RECEIVED_SIGNALS", [])
-    monkeypatch.setattr(cli, "stopped", fake_stopped)
-    kept, tracked = tmp_path / "kept", track_tree(tmp_path / "edgekd-export-x")
+    monkeypatch.setattr(fileio, "TRACKED_TREES", set())  # this test's own: nothing it tracks outlives it
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    # The exit handlers are pytest's own in this process: recorded, not run.
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: exit_handlers.append(True))
+    kept, tracked = tmp_path / "kept", fileio.track_tree(tmp_path / "edgekd-export-x")
     (tracked / "sub").mkdir(parents=True)
     kept.mkdir()
     with pytest.raises(Ended):
         cli._exit_on_signal(signal.SIGTERM, None)
-    assert ended == [128 + signal.SIGTERM] and cli.RECEIVED_SIGNALS == [signal.SIGTERM]
-    assert not tracked.exists() and tracked not in TRACKED_TREES and kept.exists()
+    assert ended == [128 + signal.SIGTERM] and cli.RECEIVED_SIGNALS == [signal.SIGTERM] and exit_handlers == [True]
+    assert not tracked.exists() and fileio.TRACKED_TREES == set() and kept.exists()
     with pytest.raises(SystemExit) as stop:  # nothing tracked: the exception path
         cli._exit_on_signal(signal.SIGTERM, None)
     assert stop.value.code == 128 + signal.SIGTERM and ended == [128 + signal.SIGTERM]
