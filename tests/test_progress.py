@@ -40,10 +40,14 @@ def test_progress_task_advances_clamps_and_removes_its_task():
     assert progress.tasks == [] and progress.removed == [("work: first", 3, 3)]
 
 
-def test_without_a_progress_bar_advance_does_nothing():
+def test_without_a_progress_bar_advance_does_nothing(capfd):
+    """Library calls and tests pass no bar: nothing is printed (on stdout or stderr, by Python or below it), not
+    when the task starts, advances or ends."""
     with progress_task(None, "work", 2) as advance:
+        assert advance() is None and advance(3, "ignored") is None
+    with progress_task(None, "unknown length", None) as advance:
         advance()
-        advance(3, "ignored")
+    assert capfd.readouterr() == ("", "")
 
 
 def test_corruption_eval_advances_per_condition_and_model():
