@@ -11,6 +11,7 @@ import yaml
 
 from edgekd.check import check_recipe, synthetic_images, synthetic_recipe
 from edgekd.errors import EdgeKDError
+from edgekd.recipe import load_recipe
 
 from conftest import REPO
 
@@ -37,7 +38,11 @@ def test_every_shipped_recipe_checks_on_synthetic_data(path):
     if r.kind == "distill":
         assert r.teacher
     assert r.stand_ins and r.stand_ins[0].startswith(("model:", "data:"))
-    assert raw  # the file itself is a mapping (checked by load_recipe too)
+    # The result is the shipped file's own recipe, checked at its real input size (only data and checkpoints are
+    # stood in): not a base it extends, not a smaller stand-in.
+    shipped = load_recipe(path, SMALL)
+    assert r.recipe == path and r.name == raw["name"] == shipped.name
+    assert r.input_size == [shipped.data.channels, shipped.data.image_size, shipped.data.image_size]
 
 
 def test_check_on_real_data_estimates_an_epoch(tiny_recipe_dict, tmp_path):
