@@ -104,9 +104,12 @@ def test_multi_head_bundle_records_tasks_and_passes_parity_per_head(world):
     for rec in parity["artifacts"]:
         assert rec["passed"] and set(rec["heads"]) == {"A", "B"}
         assert rec["heads"]["B"]["outputs"] == [2, 5] and rec["heads"]["B"]["max_abs_diff"] < 1e-4
-    # Metrics are per task (task id given): task A's test accuracy is the matrix's final entry.
+    # Metrics are per task (task id given): each task's test accuracy is its entry in the matrix's final row (after
+    # the last task, on the test split: continual.eval_split's default).
     test = meta["metrics"]["test"]["tasks"]
     assert set(test) == {"A", "B"}
+    assert test["A"]["acc"] == pytest.approx(acc[-1, 0]) and test["B"]["acc"] == pytest.approx(acc[-1, 1])
+    assert meta["metrics"]["test"]["acc"] == pytest.approx(acc[-1].mean())  # the headline: their mean
     card = (world["bundle"] / "card.md").read_text()
     assert "## Continual learning" in card and "## Parity per head" in card and "No calibration" in card
 
