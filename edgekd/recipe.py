@@ -114,7 +114,7 @@ class SchedulerConfig(Section):
     """plateau: whether `monitor` should go up or down (default: from its name, as train.monitor_mode)."""
     factor: float = 0.5
     """plateau: the LR is multiplied by this when `monitor` stops improving."""
-    patience: int = 2
+    patience: int = Field(2, ge=0)
     """plateau: epochs without improvement before the LR drops."""
 
 
@@ -129,10 +129,11 @@ class LossConfig(Section):
 
 
 class EarlyStopConfig(Section):
-    patience: int | None = None
-    """Stop after this many epochs without the monitor improving (null: never stop early)."""
+    patience: int | None = Field(None, ge=1)
+    """Stop after this many epochs without the monitor improving (null: never stop early; 0 stopped a run that was
+    still improving after its first epoch, so it is refused)."""
     min_delta: float = Field(0.0, ge=0.0)
-    """The least change of the monitor that counts as an improvement."""
+    """The least change of the monitor that counts as an improvement (also for which epoch becomes best.pt)."""
 
 
 class SWAConfig(Section):

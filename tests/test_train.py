@@ -160,6 +160,9 @@ def test_a_negative_min_delta_is_refused(tiny_recipe_dict):
     # It was accepted, and a worse epoch then counted as an improvement: best.pt replaced by worse weights.
     with pytest.raises(EdgeKDError, match=r"train.early_stop.min_delta: Input should be greater than or equal to 0"):
         recipe_from_dict(deep(tiny_recipe_dict, train__early_stop={"patience": 2, "min_delta": -0.1}))
+    # patience 0 stopped after the first epoch whatever the monitor did
+    with pytest.raises(EdgeKDError, match=r"train.early_stop.patience: Input should be greater than or equal to 1"):
+        recipe_from_dict(deep(tiny_recipe_dict, train__early_stop={"patience": 0}))
 
 
 def test_swa_and_grad_accumulation_and_clipping_run(tiny_recipe_dict, tmp_path):
