@@ -156,7 +156,7 @@ def test_early_stop_min_delta_counts_only_improvements_beyond_it(tiny_recipe_dic
     assert fit(0.1) == (3, True, 1, sequence[0])
 
 
-def test_a_negative_min_delta_is_refused(tiny_recipe_dict):
+def test_a_negative_min_delta_or_a_zero_patience_is_refused(tiny_recipe_dict):
     # It was accepted, and a worse epoch then counted as an improvement: best.pt replaced by worse weights.
     with pytest.raises(EdgeKDError, match=r"train.early_stop.min_delta: Input should be greater than or equal to 0"):
         recipe_from_dict(deep(tiny_recipe_dict, train__early_stop={"patience": 2, "min_delta": -0.1}))
