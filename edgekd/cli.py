@@ -659,10 +659,12 @@ def bench(
     formats = formats or ("torch,onnx,openvino" if find_spec("torch") is not None else "onnx,openvino")
     variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
     out = out or source.parent / "bench"  # beside a bundle folder, never inside it
-    config = BenchConfig(source, out, formats, precision, batch, threads, tta, teacher, data_recipe, checkpoint,
-                         Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants, eval_limit,
-                         profile, export_options={"parity_images": parity_images, "calib_images": calib_images},
-                         command=command_line(), data_folder=folder, keep_work=keep_work)
+    config = BenchConfig(source=source, out=out, formats=formats, precisions=precision, batches=batch, threads=threads,
+                         tta=tta, teacher=teacher, data_recipe=data_recipe, checkpoint=checkpoint,
+                         timing=Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants=variants,
+                         eval_limit=eval_limit, profile=profile, command=command_line(), data_folder=folder,
+                         export_options={"parity_images": parity_images, "calib_images": calib_images},
+                         keep_work=keep_work)
     result = with_progress(lambda log, bar: run_bench(config, log=log, progress=bar))
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (
