@@ -177,10 +177,13 @@ def train(
     from edgekd.recipe import load_recipe
     from edgekd.train.distributed import distributed_session, is_main_process
 
+    from edgekd.pipeline import check_run_inputs
+
     rec = load_recipe(recipe, set_)
     out = out or Path("runs") / rec.name
     if teacher_set and (folds is None or rec.distill is None):
         raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
+    check_run_inputs(rec, out, recipe, resume, console.print)
     if folds is None:
         again = shlex.join(["edgekd", "train", str(recipe), "--out", str(out), "--resume",
                             *[a for o in set_ for a in ("--set", o)]])

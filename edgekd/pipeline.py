@@ -20,6 +20,37 @@ def check_run_dir(out: str | Path) -> None:
         raise EdgeKDError(f"--out {out}: holds an exported bundle ({METADATA_FILE}); train into another directory")
 
 
+RUN_FILES = ("best.pt", "last.pt", "metrics.json")
+"""A finished or started run's files at the top of its folder."""
+
+
+def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, resume: bool,
+                     log: Callable[[str], None] = print) -> None:
+    """Before a run starts: refuse an --out that would write over the run's own inputs (a teacher, an ensemble
+    member or the starting checkpoint inside it, the recipe file as its recipe.yaml) or that is the working folder;
+    warn when it already holds another run, whose files are replaced (other files of it stay)."""
+    out = Path(out)
+    if out.resolve() == Path.cwd().resolve():
+        raise EdgeKDError(f"--out {str(out) or repr('')}: the current folder; give the run a folder of its own")
+    inputs = {"distill.teacher": recipe.distill.teacher if recipe.distill else None,
+              "continual.checkpoint": recipe.continual.checkpoint if recipe.continual else None,
+              **{f"distill.ensemble[{i}]": p for i, p in enumerate(recipe.distill.ensemble if recipe.distill else [])}}
+    for key, given in inputs.items():
+        if given and out.resolve() in Path(given).resolve().parents:
+            raise EdgeKDError(f"--out {out}: holds {key} {given}, which the run would write over; train into "
+                              "another folder (a recipe copied from its teacher keeps the teacher's name, and so "
+                              "its default runs/<name>: give the copy its own name)")
+    if recipe_path is not None and not resume and Path(recipe_path).resolve() == (out / "recipe.yaml").resolve():
+        raise EdgeKDError(f"--out {out}: the run writes its recipe.yaml over the recipe file {recipe_path}; "
+                          "train into another folder")
+    if recipe.train.epochs == 0:
+        log("warning: train.epochs is 0: best.pt will hold the model's initial weights, untrained")
+    found = [f for f in RUN_FILES if (out / f).exists()]
+    if found and not resume:
+        log(f"warning: {out} already holds a run ({', '.join(found)}): its files are replaced by this one; "
+            "anything else there (a bundle, eval folders) stays from the earlier run")
+
+
 def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print, progress=None):
     """Run one recipe to a checkpoint: the recipe's sections say which stage trains it."""
     check_run_dir(out)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekd.errors import EdgeKDError, oversized, quote, shorten
 
@@ -417,7 +417,15 @@ class TrackingConfig(Section):
 
 
 class Recipe(Section):
-    name: str = "run"
+    name: str = Field("run", pattern=r"^[^/\\]+$")
+    """The run's name: also its default folder, runs/<name> (one path component: no slash, not . or ..)."""
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, v: str) -> str:
+        if v.strip() in (".", ".."):
+            raise ValueError("must name a folder (runs/<name>), not . or ..")
+        return v
     role: Literal["teacher", "student", "student_scratch", "baseline"] = "teacher"
     """What the run is in a KD comparison: `edgekd report` groups and orders its rows by it."""
     seed: int = 0

@@ -652,3 +652,34 @@ def test_log_csv_has_each_param_groups_lr_under_differential_lr(tiny_recipe_dict
     (row,) = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert float(row["lr_backbone"]) == pytest.approx(0.001) and float(row["lr_head"]) == pytest.approx(0.01)
     assert float(row["lr"]) == float(row["lr_head"])
+
+
+def test_train_never_writes_over_its_own_inputs_and_says_when_it_replaces_a_run(tiny_recipe_dict, tmp_path,
+                                                                                monkeypatch):
+    """A student recipe copied from its teacher kept the teacher's name, so runs/<name>: the student's best.pt
+    replaced the teacher it was distilling from, exit 0. A recipe inside --out was replaced by the run's copy."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    teacher = train_recipe(recipe_from_dict(tiny_recipe_dict), tmp_path / "t", log=lambda s: None).best_path
+    before = teacher.read_bytes()
+    student = deep(tiny_recipe_dict, role="student",
+                   distill={"teacher": str(teacher), "terms": [{"kind": "kl", "weight": 1.0}]})
+    (tmp_path / "student.yaml").write_text(yaml.safe_dump(student))
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "student.yaml"), "--out", str(tmp_path / "t")])
+    assert isinstance(res.exception, EdgeKDError) and "holds distill.teacher" in str(res.exception)
+    assert teacher.read_bytes() == before
+    (tmp_path / "t" / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe_dict))
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "t" / "recipe.yaml"), "--out", str(tmp_path / "t")])
+    assert "writes its recipe.yaml over the recipe file" in str(res.exception)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["train", "student.yaml", "--out", ""])
+    assert "the current folder" in str(res.exception)
+    # into a folder holding another run: said, then done
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(deep(tiny_recipe_dict, train__epochs=0)))
+    res = CliRunner().invoke(app, ["train", "plain.yaml", "--out", "t"])
+    assert res.exit_code == 0, res.output
+    assert "t already holds a run (best.pt, last.pt, metrics.json)" in " ".join(res.output.split())
+    assert "train.epochs is 0" in res.output and teacher.read_bytes() != before
