@@ -55,3 +55,25 @@ def test_multiclass_pauc_needs_every_class():
     probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.7, 0.2], [0.6, 0.3, 0.1]])
     m = classification_metrics(y, probs)
     assert np.isnan(m["pauc"]) and np.isnan(m["auc"])
+
+
+def test_a_figure_interrupted_mid_write_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C while a PNG was written left `curves.png.tmp.png` (0 bytes) in the run folder."""
+    import matplotlib.pyplot as plt
+
+    from edgekd.metrics.plots import save_figure
+
+    fig, _ = plt.subplots()
+    save_figure(fig, tmp_path / "ok.png")
+    assert (tmp_path / "ok.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def interrupted(self, fname, **kwargs):
+        open(fname, "wb").close()  # the file exists, empty, when the interrupt lands
+        raise KeyboardInterrupt
+
+    fig, _ = plt.subplots()
+    monkeypatch.setattr(type(fig), "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, tmp_path / "curves.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]
+    assert not plt.fignum_exists(fig.number)  # closed all the same

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,16 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
+from edgekd.fileio import atomic_write  # noqa: E402
+
 
 def save_figure(fig, path: str | Path) -> Path:
     """Write `fig` as a PNG at `path` (via a temporary file, so a reader never sees half a PNG) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:  # atomic_write removes its temp file whatever stops the write (a Ctrl-C left half a .tmp.png behind)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def confusion_figure(cm: np.ndarray, class_names: list[str], title: str = ""):
