@@ -622,6 +622,36 @@ def check_recipe_size(raw: Any, path: Path) -> None:
         raise EdgeKDError(f"{path}: the recipe nests deeper than {MAX_RECIPE_DEPTH} levels (a YAML alias to itself?)")
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that names a key twice: YAML keeps the last silently, so a second `train:` block dropped the
+    first one's settings without a word."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a key given twice in one mapping is an error (DuplicateKeyError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_error(path: Path, err: yaml.YAMLError) -> EdgeKDError:
+    """A YAML problem as one line naming the file and line."""
+    mark = getattr(err, "problem_mark", None)
+    line = f" line {mark.line + 1}" if mark else ""
+    if isinstance(err, DuplicateKeyError):
+        return EdgeKDError(f"{path}:{line}: {err.problem} (YAML would keep only the last one)")
+    return EdgeKDError(f"{path}:{line} is not valid YAML")
+
+
 def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     if not path.is_file():
         raise EdgeKDError(f"{path}: recipe file not found")
@@ -632,11 +662,9 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
         raise EdgeKDError(f"{path}: {path.stat().st_size / 2**20:.1f} MiB is too large for a recipe "
                           f"(limit {MAX_RECIPE_BYTES // 2**10} KiB)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise EdgeKDError(f"{path}:{line} is not valid YAML") from None
+        raise yaml_error(path, err) from None
     except UnicodeDecodeError:
         raise EdgeKDError(f"{path}: is not UTF-8 text") from None
     except RecursionError:

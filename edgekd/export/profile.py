@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS, TTA_VIEWS
-from edgekd.recipe import deep_merge, format_validation_error
+from edgekd.recipe import deep_merge, format_validation_error, load_yaml, yaml_error
 
 Precision = Literal[PRECISIONS]
 TTAView = Literal[TTA_VIEWS]
@@ -240,10 +240,9 @@ def load_profile(path: str | Path | None) -> ExportProfile:
     if not path.is_file():
         raise EdgeKDError(f"{path}: export profile not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise EdgeKDError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+        raise yaml_error(path, err) from None
     if raw is None:  # an empty file (or comments only) is a mistake, not a request for the defaults
         raise EdgeKDError(f"{path}: the export profile is empty (omit --target for the default profile)")
     return profile_from_dict(raw, str(path))
