@@ -272,10 +272,7 @@ def eval_(
     from edgekd.fileio import refuse_output_inside
     from edgekd.runtime import is_bundle
 
-    splits = tuple(split_list(split) or ())
-    bad = [s for s in splits if s not in ("train", "val", "test")]
-    if bad:
-        raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
+    splits, names, levels = _eval_options(split, corruptions, only, severities)
     folder = data if data is not None and data.is_dir() else None
     bundle = is_bundle(checkpoint)
     if folder is not None and (set_ or failures or not bundle):
@@ -295,8 +292,8 @@ def eval_(
     if corruptions:
         from edgekd.robustness.evaluate import run_corruption_eval
         res = with_progress(lambda log, bar: run_corruption_eval(
-            [checkpoint, *compare], out, data_recipe, splits[0], split_list(only), int_list(severities, "--severities"),
-            seed, limit, log=log, progress=bar, data_folder=folder))
+            [checkpoint, *compare], out, data_recipe, splits[0], names, levels, seed, limit, log=log, progress=bar,
+            data_folder=folder))
         out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, {res['images']} images)"))
         console.print(f"wrote {', '.join(str(out / name) for name in res['written'])}")
     if failures:
@@ -306,6 +303,23 @@ def eval_(
             out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
                               f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
         console.print(f"{res['errors']} errors / {res['images']} images; wrote {out / 'failures.json'}, failures.png")
+
+
+def _eval_options(split: str, corruptions: bool, only: Optional[str], severities: Optional[str]):
+    """`edgekd eval`'s splits, corruption names and severities, checked before any work (a bad --severities
+    failed after the plain evaluation had written its files)."""
+    from edgekd.robustness import check_names, check_severities
+
+    splits = tuple(split_list(split) or ())
+    if not splits:
+        raise EdgeKDError(f"--split {split!r}: no split given (use train, val, test)")
+    bad = [s for s in splits if s not in ("train", "val", "test")]
+    if bad:
+        raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
+    if not corruptions and (only is not None or severities is not None):
+        raise EdgeKDError("--only and --severities choose the corruptions of --corruptions, which was not given")
+    names, levels = split_list(only), int_list(severities, "--severities")
+    return splits, check_names(names) if names else names, check_severities(levels) if levels else levels
 
 
 def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str, ...]) -> None:

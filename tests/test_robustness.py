@@ -151,3 +151,9 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
     assert (out / "failures.png").is_file() and (out / "metrics.json").is_file()
     p = run_edgekd("eval", tiny_run, "--corruptions", "--only", "fog", "--out", out)
     assert p.returncode == 2 and "unknown corruption 'fog'" in p.stderr and "Traceback" not in p.stderr
+    # refused before the plain evaluation writes anything (it wrote metrics.json and plots, then failed)
+    for args, words in ((["--corruptions", "--severities", "9"], "severity must be 1..5, got 9"),
+                        (["--only", "brightness"], "--only and --severities choose the corruptions of --corruptions"),
+                        (["--split", ","], "no split given")):
+        p = run_edgekd("eval", tiny_run, *args, "--out", tmp_path / "refused")
+        assert p.returncode == 2 and words in p.stderr and not (tmp_path / "refused").exists(), p.stderr
