@@ -77,6 +77,7 @@ def _plain_help_types() -> None:
 
 _plain_help_types()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Distill medical-imaging classifiers into small, verified models for CPU edge devices.")
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 # Tables are the output: keep them readable when piped to a file or a CI log (no 80-column squeeze).

@@ -78,6 +78,7 @@ def test_help_fits_80_columns_without_truncation():
         p = run_edgekd(command, "--help")
         assert p.returncode == 0 and "…" not in p.stdout, (command, p.stdout)
     assert "--no-accuracy-control" in run_edgekd("export", "--help").stdout
+    assert run_edgekd("export", "-h").stdout == run_edgekd("export", "--help").stdout  # -h as everywhere else
 
 
 def test_export_refuses_both_accuracy_control_flags(tmp_path):
