@@ -653,6 +653,8 @@ def yaml_error(path: Path, err: yaml.YAMLError) -> EdgeKDError:
 
 
 def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
+    if path.is_dir():
+        raise EdgeKDError(f"{path}: a folder, not a recipe file")
     if not path.is_file():
         raise EdgeKDError(f"{path}: recipe file not found")
     if path.resolve() in seen:
@@ -677,6 +679,8 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str) or not base.strip():
+        raise EdgeKDError(f"{path}: base: must be the path of one recipe file (got {shorten(repr(base), 60)})")
     parent = _read_yaml_with_base((path.parent / base), seen)
     return inherit(parent, raw)
 

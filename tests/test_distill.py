@@ -598,3 +598,13 @@ def test_a_teacher_trained_on_the_students_test_images_is_refused(tmp_path):
     said = []
     distill_recipe(recipe_from_dict({**sweep, "seed": 1}), tmp_path / "sweep1", log=said.append)
     assert any(line.startswith("warning: distill.teacher") and "val images" in line for line in said), said
+
+
+def test_a_teacher_path_that_is_a_folder_or_missing_says_which(tmp_path, tiny_teacher):
+    from edgekd.distill.objective import load_teacher
+    from edgekd.errors import EdgeKDError
+
+    with pytest.raises(EdgeKDError, match=r"is a folder; give its checkpoint file \(e\.g\. .*best\.pt\)"):
+        load_teacher(Path(tiny_teacher).parent)
+    with pytest.raises(EdgeKDError, match="not found .*read from the working folder"):
+        load_teacher(tmp_path / "nowhere.pt")

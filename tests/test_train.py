@@ -52,6 +52,18 @@ def test_checkpoint_loads_weights_only_and_rebuilds(tiny_recipe_dict, tmp_path):
     trunc.write_bytes(res.best_path.read_bytes()[:200])
     with pytest.raises(EdgeKDError, match="not a readable checkpoint"):
         load_checkpoint(trunc)
+    newer = tmp_path / "newer.pt"
+    torch.save({**ckpt, "format": "edgekd-checkpoint/9"}, newer)
+    with pytest.raises(EdgeKDError, match=r"checkpoint format 'edgekd-checkpoint/9', this edgekd reads "
+                                          r"'edgekd-checkpoint/1'"):
+        load_checkpoint(newer)
+    import zipfile
+
+    zipped = tmp_path / "bundle.zip"  # torch.load took it for its own zip format: "file in archive is not in ..."
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("edgekd.json", "{}")
+    with pytest.raises(EdgeKDError, match="a zipped exported bundle, not a checkpoint file"):
+        load_checkpoint(zipped)
 
 
 def test_wrong_architecture_checkpoint_is_named(tiny_recipe_dict, tmp_path):

@@ -20,8 +20,11 @@ from edgekd.train.checkpoint import model_from_checkpoint
 
 def load_teacher(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher from an edgekd checkpoint: frozen (no grad) and in eval mode for good."""
+    if Path(path).is_dir():
+        raise EdgeKDError(f"distill.teacher: {path} is a folder; give its checkpoint file (e.g. {Path(path) / 'best.pt'})")
     if not Path(path).is_file():
-        raise EdgeKDError(f"distill.teacher: checkpoint {path} not found (train the teacher recipe first)")
+        raise EdgeKDError(f"distill.teacher: checkpoint {path} not found (train the teacher recipe first; a relative "
+                          "path is read from the working folder)")
     teacher, ckpt = model_from_checkpoint(path)
     freeze_teacher(teacher)
     return teacher, ckpt

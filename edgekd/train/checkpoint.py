@@ -11,7 +11,7 @@ from torch import nn
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import atomic_write
 from edgekd.models import create_model
-from edgekd.runtime import METADATA_FILE
+from edgekd.runtime import METADATA_FILE, is_bundle
 
 FORMAT = "edgekd-checkpoint/1"
 
@@ -31,12 +31,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise EdgeKDError(f"{path}: {what}, not a checkpoint file (best.pt){hint}")
     if not path.is_file():
         raise EdgeKDError(f"{path}: checkpoint not found")
+    if path.suffix.lower() == ".zip" and is_bundle(path):  # torch.load read it as a torch zip and failed obscurely
+        raise EdgeKDError(f"{path}: a zipped exported bundle, not a checkpoint file (best.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/zipfile errors
         raise EdgeKDError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:100] if str(err) else 'truncated or corrupt'})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    given = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if isinstance(given, str) and given.startswith(FORMAT.rsplit("/", 1)[0] + "/") and given != FORMAT:
+        raise EdgeKDError(f"{path}: checkpoint format {given!r}, this edgekd reads {FORMAT!r} (a newer or older "
+                          "edgekd wrote it)")
+    if given != FORMAT:
         raise EdgeKDError(f"{path}: not an edgekd checkpoint (missing format '{FORMAT}')")
     for key in ("arch", "state_dict", "class_names", "preprocess"):
         if key not in ckpt:
