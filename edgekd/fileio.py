@@ -21,7 +21,10 @@ def atomic_write(path: str | Path, write: Callable[[str], object], min_free_byte
     path = Path(path)
     ensure_free_space(path.parent, min_free_bytes, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # a read-only folder: name the file asked for, not the temp name
+        raise EdgeKDError(f"{path}: could not be written ({err.strerror or err})") from None
     os.close(fd)
     try:
         write(tmp)

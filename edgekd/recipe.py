@@ -603,8 +603,24 @@ def find_recipe_file(value: str | Path, key: str, beside: str | Path | None = No
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML (with optional `base:` inheritance), apply overrides, validate."""
     raw = _read_yaml_with_base(Path(path), seen=set())
-    raw = apply_overrides(raw, [overrides] if isinstance(overrides, str) else overrides or [])
-    return recipe_from_dict(raw, where=str(path))
+    overrides = [overrides] if isinstance(overrides, str) else overrides or []
+    try:
+        return recipe_from_dict(apply_overrides(raw, overrides), where=str(path))
+    except EdgeKDError:
+        if not overrides:
+            raise
+        recipe_from_dict(raw, where=str(path))  # the file's own problem, if it has one, is named as the file's
+        raise EdgeKDError(str(_override_error(raw, overrides))) from None
+
+
+def _override_error(raw: dict[str, Any], overrides: list[str]) -> EdgeKDError:
+    """The error of a recipe the file alone makes valid: the --set override that breaks it, named."""
+    for i, override in enumerate(overrides):
+        try:
+            recipe_from_dict(apply_overrides(raw, overrides[:i + 1]), where=f"--set {override}")
+        except EdgeKDError as err:
+            return err
+    return EdgeKDError("--set: the overrides together make the recipe invalid")
 
 
 MAX_RECIPE_BYTES = 1 << 20

@@ -458,7 +458,7 @@ RECIPE_CASES = {
     "empty_file": ("# nothing yet\n", [], "the recipe is empty"),
     "missing_base": ("base: nowhere.yaml\n", [], "nowhere.yaml: recipe file not found"),
     "base_list": ("base: [a.yaml, b.yaml]\n", [], "base: must be the path of one recipe file"),
-    "set_unknown_key": ("name: x\n", ["--set", "train.epoch=2"], "train.epoch"),
+    "set_unknown_key": ("name: x\n", ["--set", "train.epoch=2"], "--set train.epoch=2: unknown key 'train.epoch'"),
     "set_bad_value": ("name: x\n", ["--set", "train.epochs=-1"], "train.epochs"),
     "set_no_equals": ("name: x\n", ["--set", "train.epochs"], "expected key=value"),
     "unknown_model": ("model: {name: resnet_9000}\n", [], "unknown timm model 'resnet_9000'"),
