@@ -979,3 +979,18 @@ def test_published_files_and_directories_get_the_umask_mode_not_a_private_one(tm
     assert stat.S_IMODE(target.stat().st_mode) == file_mode
     assert stat.S_IMODE(out.stat().st_mode) == dir_mode
     assert stat.S_IMODE((out / "edgekd.json").stat().st_mode) == file_mode
+
+
+def test_a_folder_that_cannot_be_written_names_the_file_asked_for(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from edgekd.fileio import write_json
+
+    def refused(*args, **kwargs):  # what mkstemp raises in a read-only folder (root ignores chmod, so simulated)
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".metrics.json.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(EdgeKDError) as err:
+        write_json(tmp_path / "metrics.json", {})
+    assert str(err.value) == f"{tmp_path / 'metrics.json'}: could not be written (Permission denied)"
