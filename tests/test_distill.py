@@ -413,7 +413,11 @@ def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch)
     vs = student_row["auc_vs"]
     assert vs["reference"] == report["rows"][0]["name"] and 0 <= vs["p_value"] <= 1
     assert vs["diff"] == pytest.approx(student_row["auc"] - report["rows"][0]["auc"], abs=1e-9)
-    assert "DeLong test" in (tmp_path / "report" / "report.md").read_text()
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "|\n\nAUC vs `" in text  # a paragraph of its own (right under the table it rendered as a table row)
+    again = CliRunner().invoke(app, ["report", str(tmp_path / "run"), str(tmp_path / "run" / "best.pt"),
+                                     "--out", str(tmp_path / "report2")])
+    assert "are the same checkpoint" in str(again.exception) and not (tmp_path / "report2").exists()
     assert metrics["test"]["intervals"]["acc"]["low"] <= metrics["test"]["acc"] <= metrics["test"]["intervals"]["acc"]["high"]
     assert "ece" in metrics["test"]["calibration"]
 

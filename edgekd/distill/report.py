@@ -65,7 +65,13 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
     if not runs:
         raise EdgeKDError("report: give at least one run directory or checkpoint")
     out = Path(out)
-    rows = [evaluate_for_report(resolve_checkpoint(r), split) for r in runs]
+    checkpoints = [resolve_checkpoint(r) for r in runs]
+    seen: dict[Path, str | Path] = {}
+    for run, ckpt in zip(runs, checkpoints):  # twice the same model: two identical rows, a DeLong test of itself
+        if Path(ckpt).resolve() in seen:
+            raise EdgeKDError(f"report: {run} and {seen[Path(ckpt).resolve()]} are the same checkpoint ({ckpt})")
+        seen[Path(ckpt).resolve()] = run
+    rows = [evaluate_for_report(ckpt, split) for ckpt in checkpoints]
     order = {r: i for i, r in enumerate(ROLE_ORDER)}
     rows.sort(key=lambda r: (r["dataset"], order.get(r["role"], len(order)), r["params"]))
     tables: dict[str, str] = {}
@@ -106,7 +112,7 @@ def auc_comparisons(rows: list[dict[str, Any]]) -> str:
     others = [r for r in rows if r is not ref and r["_probs"].shape[1] == 2 and np.array_equal(r["_y"], ref["_y"])]
     if ref["_probs"].shape[1] != 2 or not others or len(np.unique(ref["_y"])) < 2:
         return ""
-    lines = ["", f"AUC vs `{ref['name']}` ({ref['role']}), DeLong test on the same {len(ref['_y'])} images:", "",
+    lines = ["", "", f"AUC vs `{ref['name']}` ({ref['role']}), DeLong test on the same {len(ref['_y'])} images:", "",
              "| model | AUC | reference AUC | difference | z | p |", "|---|---:|---:|---:|---:|---:|"]
     for r in others:
         t = delong_test(r["_y"], r["_probs"][:, 1], ref["_probs"][:, 1])
