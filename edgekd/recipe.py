@@ -58,6 +58,13 @@ class DataConfig(Section):
     of this regular expression, searched in each file name; e.g. '^[A-Z]+-(\\d+)-' for Kermany OCT2017's
     CNV-1016042-1.jpeg. Then no patient is in two splits, and k-fold is by patient."""
 
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: list[float]) -> list[float]:
+        if not v or any(not x > 0 for x in v):  # `not x > 0` also catches NaN
+            raise ValueError("every entry must be > 0 (images are divided by it)")
+        return v
+
     @model_validator(mode="after")
     def _pattern(self) -> "DataConfig":
         if self.patient_pattern is not None:

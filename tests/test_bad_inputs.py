@@ -454,6 +454,7 @@ RECIPE_CASES = {
     "duplicate_key": ("train: {epochs: 1, optimizer: {lr: 0.003}}\nseed: 1\ntrain: {epochs: 2}\n", [],
                       "line 3: duplicate key 'train' (YAML would keep only the last one)"),
     "bad_name": ("name: ../elsewhere\n", [], "name: String should match pattern"),
+    "zero_std": ("data:\n  std: [0.5, 0, 0.5]\n", [], "data.std: Value error, every entry must be > 0"),
     "yaml_list": ("- 1\n- 2\n", [], "must be a YAML mapping"),
     "empty_file": ("# nothing yet\n", [], "the recipe is empty"),
     "missing_base": ("base: nowhere.yaml\n", [], "nowhere.yaml: recipe file not found"),
