@@ -52,6 +52,11 @@ def test_checkpoint_loads_weights_only_and_rebuilds(tiny_recipe_dict, tmp_path):
     trunc.write_bytes(res.best_path.read_bytes()[:200])
     with pytest.raises(EdgeKDError, match="not a readable checkpoint"):
         load_checkpoint(trunc)
+    nan = tmp_path / "nan.pt"
+    torch.save({**ckpt, "state_dict": {k: v.clone().fill_(float("nan")) if v.is_floating_point() else v
+                                       for k, v in ckpt["state_dict"].items()}}, nan)
+    with pytest.raises(EdgeKDError, match=r"nan\.pt: the weights are not finite \(NaN or inf in '"):
+        model_from_checkpoint(nan)
     newer = tmp_path / "newer.pt"
     torch.save({**ckpt, "format": "edgekd-checkpoint/9"}, newer)
     with pytest.raises(EdgeKDError, match=r"checkpoint format 'edgekd-checkpoint/9', this edgekd reads "

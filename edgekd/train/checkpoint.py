@@ -70,6 +70,11 @@ def model_from_checkpoint(path_or_ckpt: str | Path | dict[str, Any]) -> tuple[nn
     """Rebuild the model a checkpoint describes, load its weights, return (model in eval mode, checkpoint)."""
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
     where = str(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else "checkpoint"
+    bad = next((k for k, t in ckpt["state_dict"].items()
+                if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:  # it failed later, in scikit-learn ("Input contains NaN"), without naming the file
+        raise EdgeKDError(f"{where}: the weights are not finite (NaN or inf in '{bad}'): the run that wrote it "
+                          "diverged or the file was altered")
     model = create_model(ckpt["arch"], pretrained=False)
     load_state(model, ckpt["state_dict"], where)
     return model.eval(), ckpt
