@@ -532,7 +532,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise EdgeKDError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except (yaml.YAMLError, RecursionError):
         value = raw
     check_recipe_size(value, Path(f"--set {shorten(key.strip(), 60)}"))
@@ -661,8 +661,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 integers as YAML 1.2 reads them: decimal only. PyYAML's 1.1 rules made `seed: 010` 8 (octal), `0x10` 16
+# and `1:30` 90 (base 60), silently; those now stay strings (pydantic then reads "010" as 10, refuses "0x10").
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
+                                       list("-+0123456789"))
+
+
 def load_yaml(text: str) -> Any:
-    """yaml.safe_load, except that a key given twice in one mapping is an error (DuplicateKeyError)."""
+    """yaml.safe_load, except that a key given twice in one mapping is an error (DuplicateKeyError) and integers
+    are decimal (YAML 1.2: no octal 010, hex 0x10 or base-60 1:30)."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 

@@ -44,6 +44,19 @@ def test_overrides_parse_yaml_values(tmp_path):
         apply_overrides({}, ["train.epochs"])
 
 
+
+def test_integers_are_decimal_as_in_yaml_1_2(tmp_path):
+    """PyYAML's YAML 1.1 made `seed: 010` 8 (octal), `0x10` 16 and `1:30` 90 (base 60) without a word."""
+    p = tmp_path / "r.yaml"
+    p.write_text("name: a\nseed: 010\ntrain: {epochs: 1_0}\n")
+    r = load_recipe(p, ["data.batch_size=016"])
+    assert (r.seed, r.train.epochs, r.data.batch_size) == (10, 10, 16)
+    with pytest.raises(EdgeKDError, match="--set seed=0x10: seed"):
+        load_recipe(p, ["seed=0x10"])
+    with pytest.raises(EdgeKDError, match="--set train.epochs=1:30: train.epochs"):
+        load_recipe(p, ["train.epochs=1:30"])
+
+
 def test_overrides_reach_into_a_list_by_index_or_name():
     raw = {"continual": {"tasks": [{"name": "A"}, {"name": "B", "data": {"path": "b.npz"}}]}, "data": {"mean": [0.5]}}
     out = apply_overrides(raw, ["continual.tasks.1.data.path=c.npz", "continual.tasks.A.epochs=4",
