@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import deferred_signals, remove_tree, staging_directory, write_json, write_text
+from edgekd.fileio import (deferred_signals, remove_tree, staging_directory, track_tree, untrack_tree, write_json,
+                           write_text)
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
 
 KINDS = {"triton": "onnx", "ovms": "openvino"}
@@ -142,10 +143,10 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     if not MODEL_NAME.match(name):
         raise EdgeKDError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (at most 64, a letter or digit first)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = None
+    stage = staged = None
     try:
-        with deferred_signals():
-            stage = staging_directory(f".{out.name}.", ".tmp", out.parent)
+        with deferred_signals():  # tracked: a stop signal removes it (the CLI exits without unwinding)
+            stage = staged = track_tree(staging_directory(f".{out.name}.", ".tmp", out.parent))
         if kind == "triton":
             files, io = _stage_triton(bundle, art, stage, name, max_batch_size, queue_delay_us)
         else:
@@ -159,6 +160,7 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     finally:
         if stage is not None:
             remove_tree(stage)
+        untrack_tree(staged)
     return Repository(out, kind, name, files)
 
 
