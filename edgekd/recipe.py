@@ -673,7 +673,11 @@ _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-
 def load_yaml(text: str) -> Any:
     """yaml.safe_load, except that a key given twice in one mapping is an error (DuplicateKeyError) and integers
     are decimal (YAML 1.2: no octal 010, hex 0x10 or base-60 1:30)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    loader = _UniqueKeyLoader(text)  # a SafeLoader: no Python object tags (tests/test_security.py)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def yaml_error(path: Path, err: yaml.YAMLError) -> EdgeKDError:

@@ -75,6 +75,18 @@ def test_the_checks_catch_unsafe_code():
     assert {"torch", "pickle"} <= imported_modules("import torch.nn as nn\nfrom pickle import loads\n")
 
 
+def test_the_recipe_yaml_loader_is_safe():
+    """Recipes and profiles go through edgekd.recipe.load_yaml (duplicate keys refused, decimal integers): it must
+    refuse Python object tags as yaml.safe_load does."""
+    import yaml
+
+    from edgekd.recipe import load_yaml
+
+    for tag in ("!!python/object/apply:os.system ['echo pwned']", "!!python/name:os.system", "!!python/tuple [1]"):
+        with pytest.raises(yaml.constructor.ConstructorError, match="could not determine a constructor"):
+            load_yaml(f"a: {tag}\n")
+
+
 def test_package_has_no_unsafe_loads():
     sources = package_sources()
     assert len(sources) > 30
