@@ -168,8 +168,10 @@ def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str
 
 
 def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[str, Any], tolerance: Tolerance,
-                   input_shape: tuple[int, ...], num_classes: int, batch_size: int, metric_split: str) -> tuple[dict[str, Any], list[str]]:
-    """Compare one artifact with the PyTorch reference: (report record, list of failure messages)."""
+                   input_shape: tuple[int, ...], num_classes: int, batch_size: int, metric_split: str,
+                   keep: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Compare one artifact with the PyTorch reference: (report record, list of failure messages). `keep`, if
+    given, receives the artifact's logits on the parity inputs under "logits"."""
     failures = check_signature(session, input_shape, num_classes)
     record: dict[str, Any] = {"images": len(data.inputs), "batch_sizes": [1, batch_size]}
     try:
@@ -177,6 +179,8 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
         if one.shape != (1, num_classes):
             failures.append(f"batch 1 gives logits of shape {tuple(one.shape)}, expected (1, {num_classes})")
         logits = run_batched(session, data.inputs, batch_size)
+        if keep is not None:
+            keep["logits"] = logits
     except Exception as err:  # a runtime that cannot run the graph at all
         failures.append(f"inference failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
         return record, failures

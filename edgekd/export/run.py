@@ -288,6 +288,8 @@ class _Outcome:
     failures: list[str]
     timed_formats: set[str] = field(default_factory=set)
     """Formats whose INT8 artifact is timed against their FP32 (quantization.min_speedup set, both in the plan)."""
+    parity_logits: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    """(format, precision) -> the artifact's logits on the parity inputs, for the runner check."""
     fp32_sessions: dict[str, Any] = field(default_factory=dict)
     """format -> its FP32 artifact's session, held until the export returns. Freeing the OpenVINO FP32 compiled
     model while the export goes on with the INT8 one left the process to die of SIGSEGV at the next signal it
@@ -322,7 +324,8 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
             f.unlink(missing_ok=True)
         return
     record, problems = check_artifact(session, parity_set, reference, tolerance, ctx.input_shape, num_classes,
-                                      profile.parity.batch_size, profile.parity.metric_split)
+                                      profile.parity.batch_size, profile.parity.metric_split,
+                                      keep=outcome.parity_logits.setdefault((fmt.name, precision), {}))
     size_mb = sum(p.stat().st_size for p in fmt.files(path)) / 2**20
     record = {"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4), **record,
               **({"speed_vs_fp32": speed} if speed else {}),
@@ -410,12 +413,12 @@ def _gate(outcome: _Outcome, parity: dict[str, Any], stage: Path, on_fail: str, 
 
 
 def _runner_gate(stage: Path, metadata: dict[str, Any], parity: dict[str, Any], parity_set: ParitySet,
-                 profile: ExportProfile, explanations: list, checkpoint: Path, out: Path,
+                 profile: ExportProfile, explanations: list, checkpoint: Path, out: Path, outcome: "_Outcome",
                  log: Callable[[str], None]) -> None:
     """The end-to-end runner check on the staged bundle (export/runner_check.py): ParityGateError on a failure,
     else its record joins parity.json and the card (the bundle's files rewritten)."""
     record, failures = runner_check(stage, metadata["artifacts"], parity_set, profile.parity.runner, profile.threads,
-                                    profile.parity.batch_size)
+                                    profile.parity.batch_size, outcome.parity_logits)
     parity["runner"] = record
     if failures:
         parity.update(passed=False, failures=[*parity["failures"], *failures])
@@ -495,7 +498,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                     "reliability": write_reliability(stage, reference, parity_set.splits, reference["clinical"])}
         explanations = card_explanations(model, ckpt, explain_data, stage, log) if explain_data is not None else []
         write_bundle_files(stage, metadata, parity, explanations)
-        _runner_gate(stage, metadata, parity, parity_set, profile, explanations, checkpoint, out, log)
+        _runner_gate(stage, metadata, parity, parity_set, profile, explanations, checkpoint, out, outcome, log)
         publish(stage, out)
     finally:
         remove_trees([scratch, stage])

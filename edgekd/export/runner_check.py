@@ -28,9 +28,11 @@ BACKEND_OF_FORMAT = {"onnx": "onnx", "openvino": "openvino"}
 
 
 def runner_check(stage: Path, artifacts: list[dict[str, Any]], parity_set: ParitySet, limits: RunnerCheck,
-                 threads: int | None, batch_size: int) -> tuple[dict[str, Any], list[str]]:
+                 threads: int | None, batch_size: int,
+                 gate_logits: dict[tuple[str, str], dict[str, np.ndarray]] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Per format, its most precise shipped artifact run by the Runner on the parity set's decoded images vs the
-    bare artifact on the parity inputs (every view): a record for parity.json and the failures (empty: passed)."""
+    bare artifact on the parity inputs (every view; its logits from the gate when `gate_logits` has them, else run
+    again): a record for parity.json and the failures (empty: passed)."""
     from edgekd.runtime import Runner
 
     raw_images = parity_set.raw_images
@@ -46,8 +48,11 @@ def runner_check(stage: Path, artifacts: list[dict[str, Any]], parity_set: Parit
         if not shipped:
             continue
         art = shipped[0]
-        session = FORMATS[fmt].open(stage / art["path"], art["precision"], threads)
-        bare = softmax(run_batched(session, parity_set.inputs, batch_size).astype(np.float64))
+        logits = (gate_logits or {}).get((fmt, art["precision"]), {}).get("logits")
+        if logits is None:
+            logits = run_batched(FORMATS[fmt].open(stage / art["path"], art["precision"], threads), parity_set.inputs,
+                                 batch_size)
+        bare = softmax(logits.astype(np.float64))
         expected = bare.reshape(len(views), len(raw_images), -1).mean(axis=0)
         with Runner.from_bundle(stage, backend=backend, precision=art["precision"], threads=threads, tta=views,
                                 warmup=0) as runner:
