@@ -184,7 +184,7 @@ def train(
     out = out or Path("runs") / rec.name
     if teacher_set and (folds is None or rec.distill is None):
         raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
-    check_run_inputs(rec, out, recipe, resume, console.print)
+    check_run_inputs(rec, out, recipe, resume, folds, console.print if os.environ.get("RANK", "0") == "0" else _quiet)
     if folds is None:
         again = shlex.join(["edgekd", "train", str(recipe), "--out", str(out), "--resume",
                             *[a for o in set_ for a in ("--set", o)]])

@@ -20,27 +20,35 @@ def check_run_dir(out: str | Path) -> None:
         raise EdgeKDError(f"--out {out}: holds an exported bundle ({METADATA_FILE}); train into another directory")
 
 
-RUN_FILES = ("best.pt", "last.pt", "metrics.json")
-"""A finished or started run's files at the top of its folder."""
+RUN_FILES = ("best.pt", "last.pt", "metrics.json", "kfold.json")
+"""A finished or started run's files at the top of its folder (kfold.json: a k-fold run's)."""
 
 
-def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, resume: bool,
+def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, resume: bool, folds: int | None = None,
                      log: Callable[[str], None] = print) -> None:
-    """Before a run starts: refuse an --out that would write over the run's own inputs (a teacher, an ensemble
-    member or the starting checkpoint inside it, the recipe file as its recipe.yaml) or that is the working folder;
-    warn when it already holds another run, whose files are replaced (other files of it stay)."""
-    out = Path(out)
-    if out.resolve() == Path.cwd().resolve():
-        raise EdgeKDError(f"--out {str(out) or repr('')}: the current folder; give the run a folder of its own")
-    inputs = {"distill.teacher": recipe.distill.teacher if recipe.distill else None,
-              "continual.checkpoint": recipe.continual.checkpoint if recipe.continual else None,
-              **{f"distill.ensemble[{i}]": p for i, p in enumerate(recipe.distill.ensemble if recipe.distill else [])}}
+    """Before a run starts: refuse an --out that would write over the run's own inputs or that is the working
+    folder; warn when it already holds another run, whose files are replaced (other files of it stay).
+
+    A run writes its files at the top of --out, a continual run also task<i>/ and a k-fold run fold<i>/: a teacher
+    or ensemble member in --out itself (or anywhere under it, for those two) would be written over, as would the
+    recipe file when it is --out/recipe.yaml. A k-fold run trains its teacher per fold, so distill.teacher is not
+    read there."""
+    out = Path(out).resolve()
+    if out == Path.cwd().resolve():
+        raise EdgeKDError(f"--out {out}: the current folder; give the run a folder of its own")
+    subfolders = folds is not None or recipe.continual is not None
+    inputs = {} if folds is not None or recipe.distill is None else {
+        "distill.teacher": recipe.distill.teacher,
+        **{f"distill.ensemble[{i}]": p for i, p in enumerate(recipe.distill.ensemble)}}
+    if recipe.continual is not None:
+        inputs["continual.checkpoint"] = recipe.continual.checkpoint
     for key, given in inputs.items():
-        if given and out.resolve() in Path(given).resolve().parents:
+        where = Path(given).resolve() if given else None
+        if where is not None and (where.parent == out or (subfolders and out in where.parents)):
             raise EdgeKDError(f"--out {out}: holds {key} {given}, which the run would write over; train into "
                               "another folder (a recipe copied from its teacher keeps the teacher's name, and so "
                               "its default runs/<name>: give the copy its own name)")
-    if recipe_path is not None and not resume and Path(recipe_path).resolve() == (out / "recipe.yaml").resolve():
+    if recipe_path is not None and not resume and Path(recipe_path).resolve() == out / "recipe.yaml":
         raise EdgeKDError(f"--out {out}: the run writes its recipe.yaml over the recipe file {recipe_path}; "
                           "train into another folder")
     if recipe.train.epochs == 0:

@@ -533,6 +533,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise EdgeKDError(f"--set {text!r}: empty key")
     try:
         value = load_yaml(raw) if raw != "" else ""
+    except DuplicateKeyError as err:
+        raise EdgeKDError(f"--set {shorten(text, 80)}: {err.problem}") from None
     except (yaml.YAMLError, RecursionError):
         value = raw
     check_recipe_size(value, Path(f"--set {shorten(key.strip(), 60)}"))
@@ -613,21 +615,32 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     overrides = [overrides] if isinstance(overrides, str) else overrides or []
     try:
         return recipe_from_dict(apply_overrides(raw, overrides), where=str(path))
-    except EdgeKDError:
+    except EdgeKDError as err:
         if not overrides:
             raise
-        recipe_from_dict(raw, where=str(path))  # the file's own problem, if it has one, is named as the file's
-        raise EdgeKDError(str(_override_error(raw, overrides))) from None
+        raise _blame(raw, overrides, str(path), err) from None
 
 
-def _override_error(raw: dict[str, Any], overrides: list[str]) -> EdgeKDError:
-    """The error of a recipe the file alone makes valid: the --set override that breaks it, named."""
-    for i, override in enumerate(overrides):
+def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDError) -> EdgeKDError:
+    """The error of a recipe with --set overrides, named after its cause: the first override after which the recipe
+    has a problem the file alone does not (`--set KEY=VALUE: ...`), else the file."""
+    def problem(n: int) -> str | None:
         try:
-            recipe_from_dict(apply_overrides(raw, overrides[:i + 1]), where=f"--set {override}")
-        except EdgeKDError as err:
-            return err
-    return EdgeKDError("--set: the overrides together make the recipe invalid")
+            merged = apply_overrides(raw, overrides[:n])
+        except EdgeKDError as e:  # the override itself (no '=', a path into a scalar): its own message names it
+            raise e from None
+        try:
+            recipe_from_dict(merged, where="")
+        except EdgeKDError as e:
+            return str(e)
+        return None
+
+    own = problem(0)
+    for i, override in enumerate(overrides, 1):
+        found = problem(i)
+        if found is not None and found != own:
+            return EdgeKDError(f"--set {override}{found}" if found.startswith(":") else f"--set {override}: {found}")
+    return err
 
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -654,10 +667,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged by flatten_mapping below
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise DuplicateKeyError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says so, as a YAML error with its line
+                break
         return super().construct_mapping(node, deep=deep)
 
 
@@ -672,7 +690,7 @@ _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-
 
 def load_yaml(text: str) -> Any:
     """yaml.safe_load, except that a key given twice in one mapping is an error (DuplicateKeyError) and integers
-    are decimal (YAML 1.2: no octal 010, hex 0x10 or base-60 1:30)."""
+    are decimal, as YAML 1.2 reads them (no octal 010, hex 0x10 or base-60 1:30; floats keep YAML 1.1's rules)."""
     loader = _UniqueKeyLoader(text)  # a SafeLoader: no Python object tags (tests/test_security.py)
     try:
         return loader.get_single_data()

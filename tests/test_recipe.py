@@ -128,3 +128,24 @@ def test_load_recipe_takes_one_override_as_a_string(tmp_path):
 
     (tmp_path / "r.yaml").write_text("name: r\n")
     assert load_recipe(tmp_path / "r.yaml", "train.epochs=3").train.epochs == 3
+
+
+def test_yaml_merge_keys_unhashable_keys_and_blame_after_a_fixing_set(tmp_path):
+    import yaml
+
+    from edgekd.recipe import load_yaml
+
+    # `<<: *anchor` merges as in yaml.safe_load (the duplicate-key check must not take `<<` for a key)
+    text = "a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  c: 3\n"
+    assert load_yaml(text) == yaml.safe_load(text) == {"a": {"b": 1, "c": 2}, "d": {"b": 1, "c": 3}}
+    with pytest.raises(yaml.YAMLError, match="found unhashable key"):  # not a TypeError
+        load_yaml("? [1, 2]\n: 3\n")
+    with pytest.raises(EdgeKDError, match=r"--set train=\{a: 1, a: 2\}: duplicate key 'a'"):
+        apply_overrides({}, ["train={a: 1, a: 2}"])
+    # the file's own problem, fixed by one --set, is not blamed for another --set's
+    p = tmp_path / "r.yaml"
+    p.write_text("name: a/b\n")
+    with pytest.raises(EdgeKDError, match=r"^--set train.epochs=abc: train.epochs: Input should be a valid integer"):
+        load_recipe(p, ["name=ok", "train.epochs=abc"])
+    with pytest.raises(EdgeKDError, match=r"r.yaml: name: String should match pattern"):
+        load_recipe(p, ["train.epochs=3"])

@@ -57,6 +57,15 @@ def test_checkpoint_loads_weights_only_and_rebuilds(tiny_recipe_dict, tmp_path):
                                        for k, v in ckpt["state_dict"].items()}}, nan)
     with pytest.raises(EdgeKDError, match=r"nan\.pt: the weights are not finite \(NaN or inf in '"):
         model_from_checkpoint(nan)
+    from edgekd.train.checkpoint import load_state
+
+    state = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+    buffer = next(k for k in state if k.endswith("running_var"))
+    state[buffer].fill_(float("inf"))  # a buffer may hold an inf bound (a clamp): allowed
+    load_state(model, state, "x")
+    state[buffer].fill_(float("nan"))
+    with pytest.raises(EdgeKDError, match=f"x: the weights are not finite \\(NaN or inf in '{buffer}'"):
+        load_state(model, state, "x")
     newer = tmp_path / "newer.pt"
     torch.save({**ckpt, "format": "edgekd-checkpoint/9"}, newer)
     with pytest.raises(EdgeKDError, match=r"checkpoint format 'edgekd-checkpoint/9', this edgekd reads "
@@ -700,3 +709,10 @@ def test_train_never_writes_over_its_own_inputs_and_says_when_it_replaces_a_run(
     assert res.exit_code == 0, res.output
     assert "t already holds a run (best.pt, last.pt, metrics.json)" in " ".join(res.output.split())
     assert "train.epochs is 0" in res.output and teacher.read_bytes() != before
+    # a teacher in a subfolder of --out is not written over by a plain distillation run: allowed
+    nested = train_recipe(recipe_from_dict(tiny_recipe_dict), tmp_path / "nest" / "teacher", log=lambda s: None)
+    student["distill"]["teacher"] = str(nested.best_path)
+    (tmp_path / "student2.yaml").write_text(yaml.safe_dump(deep(student, train__epochs=1)))
+    res = CliRunner().invoke(app, ["train", "student2.yaml", "--out", "nest"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "nest" / "best.pt").is_file() and nested.best_path.is_file()

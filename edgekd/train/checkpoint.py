@@ -63,18 +63,26 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str
         if own[k].shape != v.shape:
             raise EdgeKDError(f"{where}: '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
                               "(another architecture or class count?)")
+    check_finite(model, state_dict, where)
     model.load_state_dict(state_dict)
+
+
+def check_finite(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """Weights with NaN or inf (buffers: NaN; a buffer may hold an inf bound) are a one-line error naming the file
+    and tensor: they failed later, in scikit-learn ("Input contains NaN"), without naming the file."""
+    params = {k for k, _ in model.named_parameters()}
+    for k, t in state_dict.items():
+        if not (torch.is_tensor(t) and t.is_floating_point()):
+            continue
+        if (not torch.isfinite(t).all()) if k in params else bool(torch.isnan(t).any()):
+            raise EdgeKDError(f"{where}: the weights are not finite (NaN or inf in '{k}'): the run that wrote it "
+                              "diverged or the file was altered")
 
 
 def model_from_checkpoint(path_or_ckpt: str | Path | dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes, load its weights, return (model in eval mode, checkpoint)."""
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
     where = str(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else "checkpoint"
-    bad = next((k for k, t in ckpt["state_dict"].items()
-                if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad is not None:  # it failed later, in scikit-learn ("Input contains NaN"), without naming the file
-        raise EdgeKDError(f"{where}: the weights are not finite (NaN or inf in '{bad}'): the run that wrote it "
-                          "diverged or the file was altered")
     model = create_model(ckpt["arch"], pretrained=False)
     load_state(model, ckpt["state_dict"], where)
     return model.eval(), ckpt
