@@ -268,9 +268,17 @@ def test_runner_check_compares_what_predict_runs_with_the_gated_artifact(tmp_pat
     import edgekd.export.run as export_run
     from edgekd.export.run import ParityGateError
 
-    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
+    # images of 27 px read at 19 (resize) and a 16 px center crop: the runner's own resize and crop are compared
+    from edgekd.train.run import train_recipe
+
+    npz = write_npz(tmp_path / "odd.npz", n=(64, 24, 24), size=27)
+    raw = tiny_recipe(npz, name="odd", image_size=16, batch_size=16, epochs=1, monitor=None)
+    raw["data"]["resize"] = 19
+    ckpt = train_recipe(recipe_from_dict(raw), tmp_path / "run", log=quiet).best_path
     profile = profile_from_dict({"parity": {"images": 8}})
     export_checkpoint(ckpt, tmp_path / "ok", ["onnx", "openvino"], ["fp32"], profile, log=quiet)
+    pre = json.loads((tmp_path / "ok" / "edgekd.json").read_text())["preprocess"]
+    assert (pre["resize"], pre["center_crop"]) == (19, 16)
     record = json.loads((tmp_path / "ok" / "parity.json").read_text())["runner"]
     assert record["images"] == 8 and len(record["views"]) == 6
     for key in ("onnx/fp32", "openvino/fp32"):
@@ -295,7 +303,7 @@ def test_runner_check_compares_what_predict_runs_with_the_gated_artifact(tmp_pat
     off = profile_from_dict({"parity": {"images": 8, "runner": {"enabled": False}}})
     export_checkpoint(ckpt, tmp_path / "off", ["onnx"], ["fp32"], off, log=quiet)
     assert json.loads((tmp_path / "off" / "parity.json").read_text())["runner"] == {
-        "skipped": "off (parity.runner.enabled: false)"}
+        "skipped": "parity.runner.enabled is false"}
 
 
 def test_metadata_round_trips_through_every_artifact(tmp_path):

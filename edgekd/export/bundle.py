@@ -103,7 +103,8 @@ def _runner_lines(record: dict[str, Any] | None) -> list[str]:
     if "skipped" in record:
         return ["", f"Runner check: not run ({record['skipped']})."]
     checked = "; ".join(f"{k} (`{v['backend']}` backend): max |Δp| {v['max_prob_diff']:.2g}, top-1 agreement "
-                        f"{_pct(v['top1_agreement'])}" for k, v in record.items() if isinstance(v, dict) and "backend" in v)
+                        f"{_pct(v['top1_agreement_decisive'])} ({v['near_ties']} near ties left out)"
+                        for k, v in record.items() if isinstance(v, dict) and "backend" in v)
     return ["", f"Runner check: the runtime's Runner, given the {record['images']} images as decoded (its own resize, "
             "TTA views and normalization), against the same artifact on the inputs above, TTA-averaged "
             f"probabilities: {checked}."]

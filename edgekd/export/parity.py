@@ -57,9 +57,10 @@ class ParitySet:
     heads: list[tuple[str, int, int]] | None = None
     """A multi-head model's (task, first output, end output) per head: values, top-1 agreement and metrics are
     taken per head (each its own softmax, labels of its task only); None: one head over all outputs."""
-    raw_images: list[np.ndarray] | None = None
-    """The parity images as decoded (uint8 HWC, their own size), for the runner check; None for a continual
-    checkpoint's merged set (its rows are view-major per task)."""
+    raw_source: tuple[Any, list[int]] | None = None
+    """(dataset, indices): where to read the parity images as decoded (uint8 HWC, their own size) for the runner
+    check, read only then (64 full-size images held through the whole export were gigabytes); None for a
+    continual checkpoint's merged set (its rows are view-major per task)."""
 
 
 def parity_inputs(images: torch.Tensor, views: list[str], center_crop_fraction: float, normalize) -> tuple[np.ndarray, list[str]]:

@@ -202,7 +202,7 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
                         metric_subset(data.tables[s].labels, profile.parity.metric_images)) for s in ("val", "test")}
     log(f"parity set: {len(picked)} val images x {len(profile.tta.views)} views; metrics on "
         + ", ".join(f"{s} ({len(y)})" for s, (_, y) in splits.items()))
-    return ParitySet(inputs, views, splits, raw_images=list(raw_images)), len(picked), image_channels
+    return ParitySet(inputs, views, splits, raw_source=(val, [int(i) for i in picked])), len(picked), image_channels
 
 
 def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profile: ExportProfile,
@@ -288,8 +288,8 @@ class _Outcome:
     failures: list[str]
     timed_formats: set[str] = field(default_factory=set)
     """Formats whose INT8 artifact is timed against their FP32 (quantization.min_speedup set, both in the plan)."""
-    parity_logits: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
-    """(format, precision) -> the artifact's logits on the parity inputs, for the runner check."""
+    parity_logits: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+    """(format, precision) -> {"logits": the artifact's logits on the parity inputs}, for the runner check."""
     fp32_sessions: dict[str, Any] = field(default_factory=dict)
     """format -> its FP32 artifact's session, held until the export returns. Freeing the OpenVINO FP32 compiled
     model while the export goes on with the INT8 one left the process to die of SIGSEGV at the next signal it
@@ -425,7 +425,7 @@ def _runner_gate(stage: Path, metadata: dict[str, Any], parity: dict[str, Any], 
         raise ParityGateError(f"export of {checkpoint} failed the runner check; nothing was written to {out}:\n  "
                               + "\n  ".join(failures), parity)
     if "skipped" not in record:
-        log("runner check: " + "; ".join(f"{k} max |dp| {v['max_prob_diff']:.2g}, top-1 {v['top1_agreement']:.2%}"
+        log("runner check: " + "; ".join(f"{k} max |dp| {v['max_prob_diff']:.2g}, top-1 {v['top1_agreement_decisive']:.2%}"
                                          for k, v in record.items() if isinstance(v, dict) and "backend" in v))
     write_bundle_files(stage, metadata, parity, explanations)
 
