@@ -320,6 +320,9 @@ def _eval_options(split: str, corruptions: bool, only: Optional[str], severities
     if not corruptions and (only is not None or severities is not None):
         raise EdgeKDError("--only and --severities choose the corruptions of --corruptions, which was not given")
     names, levels = split_list(only), int_list(severities, "--severities")
+    for option, given, parsed in (("--only", only, names), ("--severities", severities, levels)):
+        if given is not None and not parsed:  # `--only ,` ran all 8
+            raise EdgeKDError(f"{option} {given!r}: nothing given")
     return splits, check_names(names) if names else names, check_severities(levels) if levels else levels
 
 

@@ -61,7 +61,9 @@ class DataConfig(Section):
     @field_validator("std")
     @classmethod
     def _std_positive(cls, v: list[float]) -> list[float]:
-        if not v or any(not x > 0 for x in v):  # `not x > 0` also catches NaN
+        if not v:
+            raise ValueError("give one value per channel")
+        if any(not x > 0 for x in v):  # `not x > 0` also catches NaN
             raise ValueError("every entry must be > 0 (images are divided by it)")
         return v
 

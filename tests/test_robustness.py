@@ -154,6 +154,7 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
     # refused before the plain evaluation writes anything (it wrote metrics.json and plots, then failed)
     for args, words in ((["--corruptions", "--severities", "9"], "severity must be 1..5, got 9"),
                         (["--only", "brightness"], "--only and --severities choose the corruptions of --corruptions"),
-                        (["--split", ","], "no split given")):
+                        (["--split", ","], "no split given"),
+                        (["--corruptions", "--only", ","], "--only ',': nothing given")):
         p = run_edgekd("eval", tiny_run, *args, "--out", tmp_path / "refused")
         assert p.returncode == 2 and words in p.stderr and not (tmp_path / "refused").exists(), p.stderr
