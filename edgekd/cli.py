@@ -175,10 +175,9 @@ def train(
 ) -> None:
     """Train a teacher, baseline or student from a recipe; writes best.pt, last.pt, metrics.json and plots."""
     from edgekd.fileio import removed_if_only
+    from edgekd.pipeline import check_run_inputs
     from edgekd.recipe import load_recipe
     from edgekd.train.distributed import distributed_session, is_main_process
-
-    from edgekd.pipeline import check_run_inputs
 
     rec = load_recipe(recipe, set_)
     out = out or Path("runs") / rec.name

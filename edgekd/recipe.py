@@ -627,10 +627,7 @@ def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDErr
     """The error of a recipe with --set overrides, named after its cause: the first override after which the recipe
     has a problem the file alone does not (`--set KEY=VALUE: ...`), else the file."""
     def problem(n: int) -> str | None:
-        try:
-            merged = apply_overrides(raw, overrides[:n])
-        except EdgeKDError as e:  # the override itself (no '=', a path into a scalar): its own message names it
-            raise e from None
+        merged = apply_overrides(raw, overrides[:n])  # a malformed override raises its own message, naming it
         try:
             recipe_from_dict(merged, where="")
         except EdgeKDError as e:

@@ -66,11 +66,11 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
         raise EdgeKDError("report: give at least one run directory or checkpoint")
     out = Path(out)
     checkpoints = [resolve_checkpoint(r) for r in runs]
-    seen: dict[Path, str | Path] = {}
-    for run, ckpt in zip(runs, checkpoints):  # twice the same model: two identical rows, a DeLong test of itself
-        if Path(ckpt).resolve() in seen:
-            raise EdgeKDError(f"report: {run} and {seen[Path(ckpt).resolve()]} are the same checkpoint ({ckpt})")
-        seen[Path(ckpt).resolve()] = run
+    seen: dict[Path, int] = {}
+    for i, ckpt in enumerate(checkpoints):  # twice the same model: two identical rows, a DeLong test of itself
+        first = seen.setdefault(ckpt.resolve(), i)
+        if first != i:
+            raise EdgeKDError(f"report: {runs[i]} and {runs[first]} are the same checkpoint ({ckpt})")
     rows = [evaluate_for_report(ckpt, split) for ckpt in checkpoints]
     order = {r: i for i, r in enumerate(ROLE_ORDER)}
     rows.sort(key=lambda r: (r["dataset"], order.get(r["role"], len(order)), r["params"]))

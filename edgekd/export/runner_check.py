@@ -18,22 +18,21 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.export.formats import FORMATS
-from edgekd.export.parity import ParitySet, run_batched
+from edgekd.export.parity import ParitySet
 from edgekd.export.profile import RunnerCheck
 from edgekd.formats import PRECISIONS
 from edgekd.probability import softmax
 
-BACKEND_OF_FORMAT = {"onnx": "onnx", "openvino": "openvino"}
-"""The runtime backend that runs each format's own file on the device."""
+BACKENDS = ("onnx", "openvino")
+"""The formats checked, each by the runtime backend of its name (the one that runs its own file on the device)."""
 
 
 def runner_check(stage: Path, artifacts: list[dict[str, Any]], parity_set: ParitySet, limits: RunnerCheck,
                  threads: int | None, batch_size: int,
-                 gate_logits: dict[tuple[str, str], dict[str, np.ndarray]] | None = None) -> tuple[dict, list[str]]:
+                 gate_logits: dict[tuple[str, str], dict[str, np.ndarray]]) -> tuple[dict, list[str]]:
     """Per format, its most precise shipped artifact run by the Runner on the parity set's decoded images vs the
-    bare artifact on the parity inputs (every view; its logits from the gate when `gate_logits` has them, else run
-    again): a record for parity.json and the failures (empty: passed)."""
+    bare artifact on the parity inputs, every view (`gate_logits[(format, precision)]["logits"]`, kept by the
+    gate): a record for parity.json and the failures (empty: passed)."""
     from edgekd.runtime import Preprocessor, Runner, open_bundle
 
     if not limits.enabled:
@@ -49,23 +48,20 @@ def runner_check(stage: Path, artifacts: list[dict[str, Any]], parity_set: Parit
     preprocessor = Preprocessor(bundle.preprocess)
     sized = [preprocessor.to_model_size(dataset.raw(i), keep_gray=True) for i in indices]
     sources = [f"parity image {i}" for i in indices]
-    for fmt, backend in BACKEND_OF_FORMAT.items():
+    for fmt in BACKENDS:
         shipped = sorted((a for a in artifacts if a["format"] == fmt), key=lambda a: PRECISIONS.index(a["precision"]))
         if not shipped:
             continue
         art = shipped[0]
-        logits = (gate_logits or {}).get((fmt, art["precision"]), {}).get("logits")
-        if logits is None:
-            logits = run_batched(FORMATS[fmt].open(stage / art["path"], art["precision"], threads), parity_set.inputs,
-                                 batch_size)
+        logits = gate_logits[(fmt, art["precision"])]["logits"]  # a shipped artifact passed the gate: it ran
         expected = softmax(logits.astype(np.float64)).reshape(len(views), len(indices), -1).mean(axis=0)
-        with Runner.from_bundle(bundle, backend=backend, precision=art["precision"], threads=threads, tta=views,
+        with Runner.from_bundle(bundle, backend=fmt, precision=art["precision"], threads=threads, tta=views,
                                 warmup=0) as runner:
             preds = [p for i in range(0, len(sized), batch_size)
                      for p in runner.predict_sized(sized[i:i + batch_size], sources[i:i + batch_size])]
         got = np.stack([p.probs if p.raw_probs is None else p.raw_probs for p in preds])
         key, row = f"{fmt}/{art['precision']}", _compare(got, expected, limits)
-        record[key] = {"backend": backend, **row}
+        record[key] = {"backend": fmt, **row}
         failures += [f"runner check {key}: {problem}" for problem in row.pop("problems")]
     return record, failures
 
