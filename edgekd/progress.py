@@ -1,4 +1,4 @@
-"""Progress of a stage on the CLI's rich progress bar (`edgekd.cli.progress_bar`), or nothing without one.
+"""Progress of a stage on the CLI's rich progress bar (`edgekd.cli.console.progress_bar`), or nothing without one.
 
 The CLI owns the bar (silent when stderr is not a terminal); a stage only adds its task to it and advances it,
 so library calls and tests, which pass no bar, print nothing. Torch-free: the runtime side may use it too.

@@ -649,7 +649,8 @@ def test_a_stop_signal_during_an_export_ends_the_run_at_once(tmp_path, monkeypat
     Without them it raises, so `finally` blocks clean up as usual."""
     import atexit
 
-    from edgekd import cli, fileio
+    from edgekd import fileio
+    from edgekd.cli import process as cli
 
     class Ended(Exception):
         pass
@@ -682,7 +683,7 @@ def test_a_stop_exception_python_swallows_still_stops_the_run(monkeypatch, capsy
     hook ends the run there (no 'Exception ignored' traceback, no run that goes on to write its output)."""
     from types import SimpleNamespace
 
-    from edgekd import cli
+    from edgekd.cli import process as cli
 
     stopped, printed = [], []
     monkeypatch.setattr(cli, "stopped", stopped.append)

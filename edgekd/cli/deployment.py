@@ -1,0 +1,273 @@
+"""The deployment-side commands: export, update, predict, repository, serve, bench (predict, repository, serve
+and a bundle's bench run without PyTorch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from edgekd.cli.console import BUNDLE_PRECISION_HELP, console, out_console, progress_bar, with_progress
+from edgekd.cli.tables import predictions_table, task_predictions_table, continual_table, parity_table
+from edgekd.errors import EdgeKDError, error_line
+from edgekd.options import split_list
+
+
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    format_: Optional[str] = typer.Option(None, "--format", "-f", help="Comma-separated: onnx,openvino (default: the profile's)."),
+    precision: Optional[str] = typer.Option(None, "--precision", "-p", help="Comma-separated: fp32,fp16,int8 (default: the profile's)."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile YAML, e.g. export/cpu-openvino-int8.yaml."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory (default: <checkpoint dir>/bundle)."),
+    zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip."),
+    parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Validation images in the parity gate (default 64)."),
+    calib_images: Optional[int] = typer.Option(None, "--calib-images", help="Training images for INT8 calibration (default 300)."),
+    metric_images: Optional[int] = typer.Option(None, "--metric-images", help="N val and N test images "
+                                                "(stratified) for the ACC/AUC gate (default: whole splits; fewer is "
+                                                "faster and coarser)."),
+    accuracy_control: bool = typer.Option(False, "--accuracy-control", help="OpenVINO INT8 with NNCF accuracy "
+                                          "control (max drop from the profile)."),
+    no_accuracy_control: bool = typer.Option(False, "--no-accuracy-control", help="Without it, whatever the profile "
+                                             "says."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for parity runs and the bundle's runtime hint."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the checkpoint's recipe (e.g. data.path=...)."),
+    drop_failed: bool = typer.Option(False, "--drop-failed", help="Ship the artifacts that pass the gate; list the "
+                                     "others with their reasons in parity.json and the card (parity.on_fail: drop)."),
+    allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Continual checkpoints: export even when "
+                                          "an earlier task's retention is below the profile's min_retention."),
+) -> None:
+    """Export to ONNX/OpenVINO (FP32/FP16/INT8), gate every artifact on parity with PyTorch, write a bundle.
+
+    A continual checkpoint is first checked by the retention gate (its accuracy matrix); a multi-head one exports
+    every task's head and is parity-checked per head."""
+    from edgekd.export import export_checkpoint, load_profile, with_overrides
+
+    if accuracy_control and no_accuracy_control:
+        raise EdgeKDError("--accuracy-control and --no-accuracy-control: give one")
+    control = True if accuracy_control else False if no_accuracy_control else None
+    profile = with_overrides(load_profile(target), parity_images, calib_images, threads, control,
+                             "drop" if drop_failed else None, metric_images)
+    out = out or checkpoint.parent / "bundle"
+    result = with_progress(lambda log, bar: export_checkpoint(
+        checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_, log=log,
+        allow_forgetting=allow_forgetting, progress=bar))
+    out_console.print(parity_table(str(checkpoint), result))
+
+
+def update(
+    source: Path = typer.Argument(..., help="The deployed student: a bundle (its edgekd.json names the checkpoint) "
+                                  "or a checkpoint."),
+    recipe: Path = typer.Argument(..., help="A continual recipe whose first task is the student's."),
+    out: Path = typer.Option(..., "--out", "-o", help="The new bundle directory."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key (repeatable)."),
+    allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Export even when an earlier task's "
+                                          "retention is below the profile's min_retention."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile YAML (default: the defaults)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder (default runs/<recipe name>-update-<--out folder name>)."),
+) -> None:
+    """Continual update of a deployed student: train the recipe's tasks from it, gate on retention, export with
+    parity to a new bundle that records its parent bundle's sha256 (lineage)."""
+    from edgekd.export import load_profile
+    from edgekd.update import update_bundle
+
+    profile = load_profile(target)
+    result = with_progress(lambda log, bar: update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting,
+                                                         log=log, progress=bar))
+    out_console.print(continual_table(result.continual.summary["name"], result.continual))
+    out_console.print(parity_table(str(result.continual.best_path), result.export))
+    console.print(f"wrote {out} (parent sha256 {result.lineage.get('parent_bundle_sha256') or '-'})")
+
+
+def predict(
+    bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively; a DICOM series) or globs."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
+    views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
+    backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later runs start faster."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+                                              help="Decision threshold on the positive class's calibrated probability "
+                                                   "for this call (two-class bundles; default: the bundle's)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Multi-head bundle: the task whose head predicts "
+                                       "(default: every task's prediction side by side)."),
+    frame: Optional[int] = typer.Option(None, "--frame", min=1, help="Multi-frame DICOM: frame N only (default: all, file.dcm#frameN)."),
+) -> None:
+    """Classify images with a bundle, without PyTorch; a bad file is reported and skipped (exit 1 at the end).
+
+    Probabilities are calibrated with the bundle's temperature (when it has one; the uncalibrated ones are shown
+    beside them) and the label follows the bundle's operating point (its threshold, or the top class)."""
+    from edgekd.runtime import Failure, Runner
+    from edgekd.runtime.inputs import collect_inputs
+    from edgekd.fileio import refuse_output_inside
+    from edgekd.runtime.output import check_output_path
+
+    if out is not None:
+        check_output_path(out)
+        refuse_output_inside(out, [bundle])
+    tta_option = split_list(views) if views else tta
+    runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
+                                cache_dir=cache_dir, threshold=threshold, task=task)
+    paths, problems = collect_inputs(inputs, frame)
+    for _, message in problems:
+        console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
+    results = []
+    with progress_bar() as progress:
+        bar = progress.add_task("predict", total=len(paths))
+        for result in runner.predict_many(paths, batch=batch):
+            if isinstance(result, Failure):
+                progress.console.print(f"[bold red]error:[/] {escape(error_line(result.error))}", soft_wrap=True)
+            results.append(result)
+            progress.advance(bar)
+    results += [Failure(source, message) for source, message in problems]
+    if runner.tasks and task is None:
+        out_console.print(task_predictions_table(bundle.name, runner, results))
+    else:
+        out_console.print(predictions_table(bundle.name, runner, results, runner.precision, tta_option))
+    failed = sum(isinstance(r, Failure) for r in results)
+    if out is not None:
+        _write_predict_output(out, results, runner, bundle, tta_option, task)
+    if failed:
+        console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
+        raise typer.Exit(1)
+
+
+def _write_predict_output(out: Path, results: list, runner, bundle: Path, tta_option, task: str | None) -> None:
+    """`predict --out`: the CSV/JSON, its columns fixed by the runner (the same whichever files failed)."""
+    from edgekd.runtime.output import write_predictions
+
+    views = runner.tta_views.names if tta_option else []
+    write_predictions(out, results, runner.class_names, {
+        "bundle": str(bundle), **runner.info, "tta_views": views or None,
+        "temperature": runner.temperature, "threshold": runner.threshold,
+        **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})},
+        runner.tasks if task is None else None, (views, runner.temperature != 1.0 or runner.bias is not None))
+    console.print(f"wrote {out}")
+
+
+def repository(
+    bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
+    kind: str = typer.Option(..., "--kind", help="triton (the bundle's ONNX model) or ovms (its OpenVINO IR)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The repository directory to write (new or empty)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the server (default: <model>_<precision>)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Triton max_batch_size (dynamic batching)."),
+    queue_delay_us: int = typer.Option(2000, "--queue-delay-us", min=0,
+                                       help="Triton dynamic batching: longest wait to fill a batch (microseconds)."),
+    base_path: str = typer.Option("/models", "--base-path", help="OVMS: where the repository is mounted in the "
+                                  "server (config.json's base_path is <base-path>/<name>)."),
+) -> None:
+    """Write the model repository NVIDIA Triton or OpenVINO Model Server loads, from a verified bundle: the
+    bundle's model files byte for byte, config.pbtxt / config.json, and a README with the preprocessing."""
+    from edgekd.fileio import refuse_output_inside
+    from edgekd.runtime.repository import write_repository
+
+    refuse_output_inside(out, [bundle])
+    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path)
+    for rel, digest in repo.files.items():
+        out_console.print(f"{escape(rel)}  sha256 {digest}")
+    console.print(f"wrote {repo.kind} repository {out} (model '{repo.model_name}', README.md)")
+
+
+def serve(
+    bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (another host than localhost needs a token)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: the bundle's)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, max=256, help="Most images per inference call."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, max=10_000,
+                                      help="Longest wait for more requests to fill a batch."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Images waiting for the model before 503."),
+    max_concurrency: int = typer.Option(256, "--max-concurrency", min=1,
+                                        help="Open connections/requests before uvicorn answers 503."),
+    max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", min=0.001, help="Largest request body."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="EDGEKD_TOKEN", show_envvar=True,
+                                        help="Require `Authorization: Bearer TOKEN` (not on /health)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later starts are faster."),
+    task: Optional[str] = typer.Option(None, "--task", help="Multi-head bundle: the task whose head answers "
+                                       "(default: every task's prediction side by side)."),
+) -> None:
+    """Serve a bundle over HTTP without PyTorch: POST /predict, /predict/batch; GET /health, /metadata, /metrics.
+
+    Requests from concurrent clients are batched (up to --max-batch images or --max-wait-ms); a full queue answers
+    503, a bad upload a 4xx with a one-line JSON error. SIGTERM/SIGINT finish the requests in flight, then exit 0."""
+    from edgekd.runtime import Runner
+    from edgekd.serve import ServeSettings, check_port_free, check_settings, serve as run_service
+
+    settings = ServeSettings(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                             max_concurrency=max_concurrency, token=token, max_upload_mb=max_upload_mb)
+    check_settings(settings)
+    check_port_free(host, port)
+    runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
+                                cache_dir=cache_dir, task=task)
+    console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision} on {backend}, {runner.info['threads'] or 'default'} "
+                  f"threads{', TTA' if tta else ''}) at http://{host}:{port}" + (" (token required)" if token else ""))
+    run_service(runner, settings)
+
+
+def bench(
+    source: Path = typer.Argument(..., help="A checkpoint (exported here first) or an exported bundle."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: torch,onnx,openvino (default: "
+                                          "all three; onnx,openvino where PyTorch is not installed)."),
+    precision: str = typer.Option("fp32,int8", "--precision", help="Comma-separated: fp32,fp16,int8."),
+    batch: str = typer.Option("1,8,32", "--batch", help="Comma-separated batch sizes."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Every image in all its TTA views (one batched call)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="The teacher (checkpoint or bundle), benchmarked alike."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Score accuracy on this recipe's test split (default: the "
+                                        "checkpoint's), or on a labelled folder DIR/<class name>/images (no PyTorch needed)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the --data recipe."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With a bundle: its checkpoint, for the torch rows and MACs."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: bench/ beside the source)."),
+    seconds: float = typer.Option(2.0, "--seconds", min=0, help="Minimum timed seconds per measurement."),
+    min_runs: int = typer.Option(20, "--min-runs", min=1, help="Minimum timed calls per measurement."),
+    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed calls before each measurement."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Skip the torch.compile rows."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Score a stratified, seeded subset of N test images."),
+    profile: bool = typer.Option(False, "--profile", help="OpenVINO per-layer profile of every OpenVINO row."),
+    keep_work: bool = typer.Option(False, "--keep-work", help="Keep <out>/work: worker jobs and results and the "
+                                   "preprocessed copy of the scored images (removed after a run by default)."),
+    parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Parity images when exporting a checkpoint."),
+    calib_images: Optional[int] = typer.Option(None, "--calib-images", help="INT8 calibration images when exporting."),
+) -> None:
+    """Latency (p50/p90/p99), throughput, size, peak RSS, MACs, accuracy/AUC and share of the GEMM peak per
+    format x precision x batch, with PyTorch eager/compile and bare-runtime baselines; writes bench.json/.md/.png."""
+    from importlib.util import find_spec
+
+    from edgekd.bench.report import records_table
+    from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, run_bench
+
+    folder = data if data is not None and data.is_dir() else None
+    if set_ and (data is None or folder is not None):
+        raise EdgeKDError("--set needs --data RECIPE (it overrides the data recipe)")
+    data_recipe = None
+    if data is not None and folder is None:
+        from edgekd.recipe import load_recipe
+
+        data_recipe = load_recipe(data, set_)
+    formats = formats or ("torch,onnx,openvino" if find_spec("torch") is not None else "onnx,openvino")
+    variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
+    out = out or source.parent / "bench"  # beside a bundle folder, never inside it
+    config = BenchConfig(source=source, out=out, formats=formats, precisions=precision, batches=batch, threads=threads,
+                         tta=tta, teacher=teacher, data_recipe=data_recipe, checkpoint=checkpoint,
+                         timing=Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants=variants,
+                         eval_limit=eval_limit, profile=profile, command=command_line(), data_folder=folder,
+                         export_options={"parity_images": parity_images, "calib_images": calib_images},
+                         keep_work=keep_work)
+    result = with_progress(lambda log, bar: run_bench(config, log=log, progress=bar))
+    gemm = result.summary.get("gemm") or {}
+    title = f"{source}: {result.summary['threads']} thread(s)" + (
+        f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s" if gemm.get("peak_gflops") else "")
+    out_console.print(records_table(result.records, title))
+    for r in {(r["role"], r["format"], r["precision"], r["variant"]): r for r in result.records
+              if r["status"] != "ok"}.values():
+        console.print(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}")
+    console.print(f"wrote {', '.join(str(out / name) for name in result.written)}")

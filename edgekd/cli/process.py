@@ -1,0 +1,164 @@
+"""How an `edgekd` process ends: one `error:` line and exit 2 for bad input, clean removal of half-written files
+and the right exit status when a signal stops it, one-line warnings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import warnings
+
+import typer
+from rich.markup import escape
+
+from edgekd.cli.console import STATE, app, console, say_interrupted
+from edgekd.errors import EdgeKDError, error_line, printable
+
+
+def run() -> None:
+    """Entry point: EdgeKDError, and OS and resource errors that name their cause, -> one `error:` line on stderr
+    and exit 2 (traceback only with --debug); anything unforeseen -> one line naming its type, exit 1."""
+    install_process_guards()
+    STATE["on_interrupt"] = None  # set by the command this run starts (train)
+    try:
+        code = app(standalone_mode=False)
+    except EdgeKDError as err:
+        if STATE["debug"]:
+            raise
+        fail(error_line(str(err), err.multiline))
+    except KeyboardInterrupt:
+        say_interrupted()
+        stopped(130)
+    except SystemExit as ex:
+        if RECEIVED_SIGNALS:  # raised by _exit_on_signal
+            say_interrupted()
+            stopped(ex.code if isinstance(ex.code, int) else 128 + RECEIVED_SIGNALS[0])
+        raise
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as err:  # usage errors of typer's (vendored) click, and anything unforeseen
+        if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
+            err.show()
+            sys.exit(err.exit_code)
+        if STATE["debug"]:
+            raise
+        known = known_failure(err)
+        if known is not None:
+            fail(error_line(known))
+        detail = f": {error_line(str(err))}" if str(err) else ""
+        console.print(f"[bold red]error:[/] {type(err).__name__}{escape(detail)} (run with --debug for the traceback)",
+                      soft_wrap=True)
+        sys.exit(1)
+    if RECEIVED_SIGNALS:  # a kill whose exception a finalizer swallowed: still not a success
+        say_interrupted()
+        stopped(128 + RECEIVED_SIGNALS[0])
+    # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def stopped(code: int) -> None:
+    """End a run that a signal stopped: the exit handlers (temp-dir fallbacks) run, then the process exits at once.
+    Interpreter shutdown would join non-daemon threads of the dependencies, and one stopped while it held the
+    import lock never finishes (seen as an export hanging after SIGINT)."""
+    import atexit
+
+    from edgekd.fileio import remove_tracked_trees
+
+    remove_tracked_trees()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def fail(line: str) -> None:
+    """Print `error: <line>` on stderr (escaped: a file name like scan[left].png is not rich markup), exit 2."""
+    console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
+    sys.exit(2)
+
+
+def known_failure(err: BaseException) -> str | None:
+    """The one-line message of an error whose cause the user can act on (a path's permission, a full disk, a
+    package the install lacks, an input nested too deeply, memory), else None."""
+    if isinstance(err, OSError) and (err.filename is not None or err.strerror):
+        name = err.filename
+        name = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)  # an fd is an int
+        where = f"{printable(name)}: " if err.filename is not None else ""
+        return f"{where}{(err.strerror or type(err).__name__).lower()}"
+    if isinstance(err, ModuleNotFoundError) and err.name:  # e.g. a training-side command on the core install
+        return (f"this needs the Python package '{err.name.split('.')[0]}', which is not installed (training, export "
+                "and checkpoints need the train extra: pip install 'edgekd[train]')")
+    if isinstance(err, RecursionError):
+        return "input nested too deeply (Python's recursion limit): a self-referencing recipe or file?"
+    if isinstance(err, MemoryError):
+        return "out of memory (an input too large for this machine)"
+    return None
+
+
+def install_process_guards() -> None:
+    """Make the process end cleanly whatever stops it: SIGTERM/SIGHUP raise SystemExit and SIGINT
+    KeyboardInterrupt, so `finally` blocks and exit handlers remove temp dirs and half-written files, and every
+    one is recorded so the exit status says the run was stopped; warnings of
+    dependencies become one `warning:` line each (once); undecodable file names print as escapes."""
+    from edgekd.fileio import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler, None):
+            try:
+                signal.signal(sig, _exit_on_signal)
+            except ValueError:  # not the main thread (an embedding application): its signals are its own
+                pass
+    warnings.showwarning = _one_line_warning
+    sys.unraisablehook = _stop_if_swallowed
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a text stream we may reconfigure
+            pass
+
+
+RECEIVED_SIGNALS: list[int] = []
+"""Signals this process was sent: their exception can be lost (raised inside a finalizer or a `__del__`, Python
+prints and drops it), so `run` exits 128 + signum even when the command ran on to its end."""
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    from edgekd.fileio import TRACKED_TREES
+
+    RECEIVED_SIGNALS.append(signum)
+    if TRACKED_TREES:
+        # An export is under way: its exception would unwind through native callbacks (torch's ONNX exporter,
+        # NNCF, OpenVINO) that may crash (SIGSEGV) or abort (C++ terminate) instead, and everything it would clean
+        # up is in its tracked temp dirs: remove them and end here.
+        say_interrupted()
+        stopped(128 + signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def _stop_if_swallowed(unraisable) -> None:
+    """sys.unraisablehook: a stop signal's exception raised where Python cannot propagate it (a finalizer, an import
+    lock's callback) ends the run here, as `run` would have, instead of a printed traceback and a run that goes on."""
+    if RECEIVED_SIGNALS and isinstance(unraisable.exc_value, (KeyboardInterrupt, SystemExit)):
+        say_interrupted()
+        stopped(128 + RECEIVED_SIGNALS[0])  # does not return
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = error_line(str(message).strip().splitlines()[0] if str(message).strip() else category.__name__)
+    if (category.__name__, text) in _WARNED:
+        return
+    _WARNED.add((category.__name__, text))
+    console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)

@@ -1,0 +1,242 @@
+"""The training-side commands: train, check, eval, report, explain (PyTorch; imported inside each command)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table as RichTable
+
+from edgekd.cli.console import STATE, _quiet, console, out_console, progress_bar, with_progress
+from edgekd.cli.tables import continual_table, metrics_table, robustness_table
+from edgekd.errors import EdgeKDError
+from edgekd.options import int_list, split_list
+
+
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set train.epochs=3 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="k-fold cross-validation: train once per fold."),
+    teacher_set: list[str] = typer.Option([], "--teacher-set", help="With --folds and a distill recipe: override a "
+                                          "key of distill.teacher_recipe, the teacher trained on each fold."),
+) -> None:
+    """Train a teacher, baseline or student from a recipe; writes best.pt, last.pt, metrics.json and plots."""
+    from edgekd.fileio import removed_if_only
+    from edgekd.pipeline import check_run_inputs
+    from edgekd.recipe import load_recipe
+    from edgekd.train.distributed import distributed_session, is_main_process
+
+    rec = load_recipe(recipe, set_)
+    out = out or Path("runs") / rec.name
+    if teacher_set and (folds is None or rec.distill is None):
+        raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
+    check_run_inputs(rec, out, recipe, resume, folds, console.print if os.environ.get("RANK", "0") == "0" else _quiet)
+    if folds is None:
+        again = shlex.join(["edgekd", "train", str(recipe), "--out", str(out), "--resume",
+                            *[a for o in set_ for a in ("--set", o)]])
+        # a continual run keeps a last.pt per task (task<i>/last.pt)
+        STATE["on_interrupt"] = lambda: f"resume it: {again}" if next(out.glob("**/last.pt"), None) else None
+    # Under torchrun every rank runs this command: one process group per run, console output from rank 0 only.
+    # A run refused before it wrote anything but its recipe (e.g. a monitor NaN at epoch 1) leaves no folder behind.
+    with removed_if_only(out, ("recipe.yaml",)), distributed_session(rec.train.device), progress_bar() as progress:
+        main = is_main_process()
+        log = (progress.console.print if progress.console.is_terminal else console.print) if main else _quiet
+        if folds is not None:
+            from edgekd.pipeline import run_folds
+            summary = run_folds(rec, out, folds, log=log, progress=progress if main else None, recipe_path=recipe,
+                                teacher_overrides=teacher_set)
+            if main:
+                out_console.print(summary["table_markdown"])
+            return
+        from edgekd.pipeline import run_recipe
+        result = run_recipe(rec, out, resume=resume, log=log, progress=progress if main else None)
+    if not main:
+        return
+    if getattr(result, "acc_matrix", None) is not None:  # a continual run: its table is the accuracy matrix
+        out_console.print(continual_table(rec.name, result))
+        console.print(f"wrote {result.best_path} and continual.json, task_accuracy.png in {out}")
+        return
+    rows = [{"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.val},
+            {"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.test}]
+    out_console.print(metrics_table(f"{rec.name}: best checkpoint", rows))
+    console.print(f"wrote {result.best_path} and reports in {out}")
+
+
+def check(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set data.batch_size=4 (repeatable)."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Generated data of the recipe's image size, channels "
+                                   "and classes; untrained stand-ins for absent teacher/student checkpoints."),
+    classes: Optional[int] = typer.Option(None, "--classes", min=2, help="With --synthetic: the class count "
+                                          "(default: from the recipe, a MedMNIST file name, else 2)."),
+) -> None:
+    """Check a recipe before a long run: validate it, build its data, model, teacher and plug-ins, run two
+    optimizer steps and one evaluation at its image size; print params, MACs, seconds per step and per epoch."""
+    from edgekd.check import check_recipe
+
+    with console.status(f"checking {recipe} ..."):
+        r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes)
+    table = RichTable(title=f"check ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    rows = [("recipe", str(recipe)), ("model", r.model), ("teacher", r.teacher or "-"), ("params", f"{r.params / 1e6:.3f} M"),
+            ("MACs", f"{r.macs / 1e6:.1f} M" if r.macs else "-"), ("input", "x".join(map(str, r.input_size))),
+            ("batch", str(r.batch_size)), ("seconds per step", f"{r.step_seconds:.3f}"),
+            ("per epoch", f"{r.epoch_seconds:.0f} s ({r.train_images} train images)" if r.epoch_seconds is not None
+             else f"{r.step_seconds / r.batch_size * 1000:.0f} s per 1000 train images"),
+            ("peak RSS", f"{r.peak_rss_mb:.0f} MB"), ("check took", f"{r.seconds:.1f} s")]
+    rows += [("stand-in", s) for s in r.stand_ins]
+    for k, v in rows:
+        table.add_row(k, escape(v))
+    out_console.print(table)
+
+
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`; with "
+                                      "--corruptions/--failures also an exported bundle."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's; "
+                                        "for a bundle's --corruptions also a labelled folder (DIR/<class name>/images)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
+    split: str = typer.Option("test", "--split", help="Comma-separated splits: train,val,test."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: next to the checkpoint)."),
+    corruptions: bool = typer.Option(False, "--corruptions", help="Also score under 8 corruptions x 5 severities "
+                                     "(robustness.json/.md/.png)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated corruptions (default: all 8)."),
+    severities: Optional[str] = typer.Option(None, "--severities", help="Comma-separated severities 1..5 (default all)."),
+    compare: list[Path] = typer.Option([], "--compare", help="More checkpoints/bundles scored on the same corrupted "
+                                       "images (e.g. the teacher, the student's bundle); repeatable."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Corruption eval on a fixed random subset of N images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the corruptions' randomness."),
+    failures: bool = typer.Option(False, "--failures", help="Top confused class pairs with example images "
+                                  "(failures.json/.png)."),
+    top: int = typer.Option(5, "--top", min=1, help="How many confused pairs --failures reports."),
+) -> None:
+    """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
+    corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
+    eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
+    from edgekd.fileio import refuse_output_inside
+    from edgekd.runtime import is_bundle
+
+    splits, names, levels = _eval_options(split, corruptions, only, severities)
+    folder = data if data is not None and data.is_dir() else None
+    bundle = is_bundle(checkpoint)
+    if folder is not None and (set_ or failures or not bundle):
+        raise EdgeKDError(f"--data {folder}: a folder serves a bundle's --corruptions; a checkpoint, --set and "
+                          "--failures take a data recipe")
+    data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
+    out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
+    refuse_output_inside(out, [checkpoint, *compare])
+    if compare:
+        from edgekd.bench.run import check_source
+        for other in compare:  # a bad --compare is refused before the main evaluation writes anything
+            check_source(other)
+    if not bundle:
+        _eval_checkpoint(checkpoint, out, data_recipe, splits)
+    elif not (corruptions or failures):
+        raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its checkpoint)")
+    if corruptions:
+        from edgekd.robustness.evaluate import run_corruption_eval
+        res = with_progress(lambda log, bar: run_corruption_eval(
+            [checkpoint, *compare], out, data_recipe, splits[0], names, levels, seed, limit, log=log, progress=bar,
+            data_folder=folder))
+        out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, {res['images']} images)"))
+        console.print(f"wrote {', '.join(str(out / name) for name in res['written'])}")
+    if failures:
+        from edgekd.robustness.evaluate import run_failure_analysis
+        res = run_failure_analysis(checkpoint, out, data_recipe, splits[0], top)
+        for p in res["pairs"]:
+            out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
+                              f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
+        console.print(f"{res['errors']} errors / {res['images']} images; wrote {out / 'failures.json'}, failures.png")
+
+
+def _eval_options(split: str, corruptions: bool, only: Optional[str], severities: Optional[str]):
+    """`edgekd eval`'s splits, corruption names and severities, checked before any work (a bad --severities
+    failed after the plain evaluation had written its files)."""
+    from edgekd.robustness import check_names, check_severities
+
+    splits = tuple(split_list(split) or ())
+    if not splits:
+        raise EdgeKDError(f"--split {split!r}: no split given (use train, val, test)")
+    bad = [s for s in splits if s not in ("train", "val", "test")]
+    if bad:
+        raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
+    if not corruptions and (only is not None or severities is not None):
+        raise EdgeKDError("--only and --severities choose the corruptions of --corruptions, which was not given")
+    names, levels = split_list(only), int_list(severities, "--severities")
+    for option, given, parsed in (("--only", only, names), ("--severities", severities, levels)):
+        if given is not None and not parsed:  # `--only ,` ran all 8
+            raise EdgeKDError(f"{option} {given!r}: nothing given")
+    return splits, check_names(names) if names else names, check_severities(levels) if levels else levels
+
+
+def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str, ...]) -> None:
+    """`edgekd eval CHECKPOINT`: the metrics table, a warning per split that calls nearly everything one class."""
+    from edgekd.train.run import evaluate_checkpoint
+
+    result = with_progress(lambda log, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar,
+                                                                log=log))
+    out_console.print(metrics_table(f"{checkpoint}", [{"model": result["model"], **result[s]} for s in splits]))
+    for s in splits:
+        if result[s].get("warning"):
+            console.print(f"[yellow]warning:[/] {escape(result[s]['warning'])}")
+    console.print(f"wrote {out / 'metrics.json'}")
+
+
+def _data_recipe(checkpoint: Path, data: Optional[Path], set_: list[str]):
+    """The data recipe of `edgekd eval`: --data RECIPE (with --set overrides), the checkpoint's own recipe with
+    --set overrides, or None (the checkpoint's recipe as it is)."""
+    if data is not None:
+        from edgekd.recipe import load_recipe
+
+        return load_recipe(data, set_)
+    if set_:
+        from edgekd.recipe import apply_overrides, recipe_from_dict
+        from edgekd.train.checkpoint import load_checkpoint
+
+        return recipe_from_dict(apply_overrides(load_checkpoint(checkpoint)["recipe"], set_), str(checkpoint))
+    return None
+
+
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories (holding best.pt) or checkpoints to compare."),
+    out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="Output directory."),
+    split: str = typer.Option("test", "--split", help="The split to evaluate every model on."),
+) -> None:
+    """KD report: one table per dataset (baseline, teacher, student from scratch, distilled student) with
+    params, MACs, acc, AUC, F1, sensitivity, specificity, pAUC; writes report.md/.json and ROC/confusion PNGs."""
+    from edgekd.distill.report import comparison_report
+    from edgekd.fileio import refuse_output_inside
+
+    refuse_output_inside(out, [r for r in runs if not r.is_dir()])  # a run folder may hold its report
+    if split not in ("train", "val", "test"):
+        raise EdgeKDError(f"--split: unknown split '{split}' (use train, val, test)")
+    result = comparison_report(runs, out, split)
+    out_console.print(result["markdown"])
+    console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
+
+
+def explain(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    images: list[Path] = typer.Argument(..., help="Image files to explain."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Module path of the target layer (default: the last "
+                                        "feature stage in timm's feature_info with a map of at least 3x3)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Class name or id to explain (default: the predicted)."),
+    out: Path = typer.Option(Path("runs/explain"), "--out", "-o", help="Output directory."),
+) -> None:
+    """Grad-CAM: writes <image>_gradcam.png heat-map overlays and explain.json (prediction, target, CAM peak)."""
+    from edgekd.explain.gradcam import explain_files
+    from edgekd.fileio import refuse_output_inside
+
+    refuse_output_inside(out, [checkpoint])
+    records = explain_files(checkpoint, images, out, layer, target)
+    for r in records:
+        out_console.print(f"{r['file']}: predicted {r['predicted']} ({r['prob']:.3f}), Grad-CAM of {r['target']} "
+                          f"at {r['layer']} -> {out / r['overlay']}")
+    console.print(f"wrote {len(records)} overlay(s) and {out / 'explain.json'}")
