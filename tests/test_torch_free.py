@@ -195,3 +195,16 @@ def test_corruptions_without_torch_are_the_pixels_the_training_side_sees(exporte
     blocked = np.load(tmp_path / "out.npz")
     for name in CORRUPTIONS:
         assert np.array_equal(blocked[name], corrupt(image, name, 3, seed=1, index=2)), name
+
+
+def test_a_missing_package_names_the_extra_that_installs_it():
+    """The serve, dicom and skin extras are named for their own packages (installing `train` would not fix a missing
+    fastapi), and a module missing from an installed package is a version too old, not a package to install."""
+    from edgekd.cli.process import missing_package
+
+    assert "pip install 'edgekd[serve]'" in missing_package("fastapi")
+    assert "pip install 'edgekd[dicom]'" in missing_package("pydicom")
+    assert "pip install 'edgekd[skin]'" in missing_package("cv2")
+    assert "pip install 'edgekd[train]'" in missing_package("a_package_nobody_has")
+    line = missing_package("numpy.opset13_nowhere")  # numpy is installed: its missing submodule is a version issue
+    assert "too old" in line and "'numpy.opset13_nowhere'" in line and "edgekd[" not in line

@@ -92,13 +92,42 @@ def known_failure(err: BaseException) -> str | None:
         where = f"{printable(name)}: " if err.filename is not None else ""
         return f"{where}{(err.strerror or type(err).__name__).lower()}"
     if isinstance(err, ModuleNotFoundError) and err.name:  # e.g. a training-side command on the core install
-        return (f"this needs the Python package '{err.name.split('.')[0]}', which is not installed (training, export "
-                "and checkpoints need the train extra: pip install 'edgekd[train]')")
+        return missing_package(err.name)
     if isinstance(err, RecursionError):
         return "input nested too deeply (Python's recursion limit): a self-referencing recipe or file?"
     if isinstance(err, MemoryError):
         return "out of memory (an input too large for this machine)"
     return None
+
+
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
+          "prometheus_client": "serve", "pydicom": "dicom", "cv2": "skin", "tensorboard": "track", "wandb": "wandb"}
+"""Top-level packages of the optional extras other than `train` (pyproject.toml), by import name."""
+
+
+def missing_package(module: str) -> str:
+    """The line for a module that failed to import: the extra that installs its package, or, when the package is
+    installed but lacks that module, a version too old (e.g. openvino.opset13 before OpenVINO 2025.0)."""
+    from importlib.util import find_spec
+
+    top = module.split(".")[0]
+    try:
+        installed = module != top and find_spec(top) is not None
+    except (ImportError, ValueError):
+        installed = False
+    if installed:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            have = f" {version(top)}"
+        except PackageNotFoundError:
+            have = ""
+        return (f"the installed {top}{have} has no module '{module}': too old for this edgekd (pip install -U "
+                f"'{top}')")
+    extra = EXTRAS.get(top, "train")
+    needs = "training, export and checkpoints need" if extra == "train" else "this command needs"
+    return (f"this needs the Python package '{top}', which is not installed ({needs} the {extra} extra: "
+            f"pip install 'edgekd[{extra}]')")
 
 
 def install_process_guards() -> None:
