@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/export.py --checkpoint runs/bench/pneumonia/student/best.pt [--checkpoint ...]
 
 Each checkpoint is exported to ONNX FP32/INT8 and OpenVINO FP32/FP16/INT8 through the same code path as
-`edgekd export` (profile export/cpu-all.yaml, parity gate included). Every artifact is then compared with the
+`edgekd export` (the shipped profile cpu-all, parity gate included). Every artifact is then compared with the
 PyTorch model on the WHOLE test split of the checkpoint's recipe data (PneumoniaMNIST: 624 images): max/mean abs
 logit difference, top-1 agreement, ACC/AUC and their drop (fractions). Records replace earlier records of the
 same checkpoint in benchmarks/results/export.json. Acceptance: ONNX and OpenVINO FP32 max-abs <= 1e-4 and 100%
@@ -74,7 +74,7 @@ def acceptance(records: list[dict]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", action="append", type=Path, required=True)
-    parser.add_argument("--profile", type=Path, default=REPO / "export" / "cpu-all.yaml")
+    parser.add_argument("--profile", type=Path, default="cpu-all")
     parser.add_argument("--bundles", type=Path, default=REPO / "runs" / "bench" / "export" / "bundles")
     parser.add_argument("--parity-images", type=int, default=64)
     parser.add_argument("--calib-images", type=int, default=300)

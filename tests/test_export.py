@@ -79,12 +79,24 @@ def test_plan_rejects_what_no_format_supports(formats, precisions, message):
         export_plan(formats, precisions)
 
 
-def test_shipped_profiles_load():
-    profiles = sorted((REPO / "export").glob("*.yaml"))
-    assert len(profiles) >= 3
-    for path in profiles:
-        profile = load_profile(path)
-        assert export_plan(profile.formats, profile.precisions)
+def test_shipped_profiles_load_by_name_and_by_file(tmp_path, monkeypatch):
+    from edgekd.export.profile import PROFILES_DIR, shipped_profiles
+
+    names = shipped_profiles()
+    assert {"cpu-all", "cpu-onnx-fp32", "cpu-openvino-fp16", "cpu-openvino-int8"} <= set(names)
+    monkeypatch.chdir(tmp_path)  # by name from anywhere: a wheel install has no repository around it
+    for name in names:
+        profile = load_profile(name)
+        assert profile.name == name and export_plan(profile.formats, profile.precisions)
+        assert load_profile(f"{name}.yaml") == profile == load_profile(f"export/{name}.yaml")  # the old paths
+        assert load_profile(PROFILES_DIR / f"{name}.yaml") == profile
+    (tmp_path / "cpu-all.yaml").write_text("name: mine\nformats: [onnx]\nprecisions: [fp32]\nparity: {images: 4}\n")
+    assert load_profile("cpu-all.yaml").name == "mine"  # a file of that name comes first
+    with pytest.raises(EdgeKDError, match=r"^cpu-nothing: export profile not found \(a YAML file, or a shipped "
+                                          r"profile: cpu-all, "):
+        load_profile("cpu-nothing")
+    with pytest.raises(EdgeKDError, match="export profile not found"):
+        load_profile("elsewhere/cpu-all.yaml")  # a path that is not there is not a shipped name
 
 
 def test_profile_unknown_key_is_a_one_line_error(tmp_path):

@@ -19,7 +19,8 @@ def export(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
     format_: Optional[str] = typer.Option(None, "--format", "-f", help="Comma-separated: onnx,openvino (default: the profile's)."),
     precision: Optional[str] = typer.Option(None, "--precision", "-p", help="Comma-separated: fp32,fp16,int8 (default: the profile's)."),
-    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile YAML, e.g. export/cpu-openvino-int8.yaml."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile: a YAML file or a shipped "
+                                          "profile's name (cpu-all, cpu-onnx-fp32, cpu-openvino-fp16, cpu-openvino-int8)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory (default: <checkpoint dir>/bundle)."),
     zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip."),
     parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Validation images in the parity gate (default 64)."),
@@ -64,7 +65,8 @@ def update(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key (repeatable)."),
     allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Export even when an earlier task's "
                                           "retention is below the profile's min_retention."),
-    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile YAML (default: the defaults)."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile: a YAML file or a shipped profile's name "
+                                          "(default: the defaults)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder (default runs/<recipe name>-update-<--out folder name>)."),
 ) -> None:
     """Continual update of a deployed student: train the recipe's tasks from it, gate on retention, export with

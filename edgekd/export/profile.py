@@ -232,13 +232,36 @@ def profile_digest(profile: ExportProfile) -> str:
     return hashlib.sha256(f"{__version__}\n{profile.model_dump_json()}".encode()).hexdigest()[:16]
 
 
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+"""The shipped profiles (package data, so a wheel install has them too)."""
+
+
+def shipped_profiles() -> list[str]:
+    """The names `--target` takes for the shipped profiles (cpu-all, cpu-onnx-fp32, ...)."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def profile_path(target: str | Path) -> Path:
+    """A profile file: `target` itself when it is a file, else the shipped profile of that name (with or without
+    .yaml, e.g. `cpu-openvino-int8`); EdgeKDError naming the shipped ones when neither exists."""
+    path = Path(target)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise EdgeKDError(f"{path}: a folder, not an export profile (YAML file)")
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if name in shipped_profiles() and (len(path.parts) == 1 or path.parent.name == "export"):
+        return PROFILES_DIR / f"{name}.yaml"  # export/NAME.yaml: where the profiles lived before they were packaged
+    raise EdgeKDError(f"{path}: export profile not found (a YAML file, or a shipped profile: "
+                      f"{', '.join(shipped_profiles())})")
+
+
 def load_profile(path: str | Path | None) -> ExportProfile:
-    """An export profile YAML (e.g. export/cpu-openvino-int8.yaml); None gives the defaults."""
+    """An export profile: a YAML file or a shipped profile's name (e.g. cpu-openvino-int8); None gives the
+    defaults."""
     if path is None:
         return profile_from_dict({}, "defaults")
-    path = Path(path)
-    if not path.is_file():
-        raise EdgeKDError(f"{path}: export profile not found")
+    path = profile_path(path)
     try:
         raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
