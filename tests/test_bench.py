@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from conftest import random_pixels
 from edgekd.bench.hardware import gemm_peak_fraction, measure_gemm_peak
 from edgekd.bench.report import records_markdown
-from edgekd.bench.run import (RECORD_KEYS, BenchConfig, Row, Subject, make_records, plan_rows, run_bench,
-                              run_worker)
+from edgekd.bench.run import (RECORD_KEYS, BenchConfig, Row, Subject, Timing, eval_subset, make_records,
+                              plan_rows, run_bench, run_worker)
 from edgekd.cli import app
 from edgekd.errors import EdgeKDError
 from edgekd.options import int_list, parse_batches, parse_list, split_list
@@ -75,6 +75,38 @@ def test_records_have_the_schema_throughput_and_peak_fraction():
     md = records_markdown(records + missing)
     assert "| edgekd_cnn_tiny | student | onnx | fp32 | bare | 8 | 4.000 |" in md
     assert "n/a: student openvino int8 bare: export parity gate: acc drop" in md
+
+
+def test_runner_rows_score_the_label_the_runner_gives(tmp_path):
+    """A runner row's ACC counts the runner's own labels (the bundle's operating point, e.g. a threshold), not the
+    argmax of its probabilities; AUC is from the probabilities either way."""
+    subject = _subject(labels=np.array([0, 1, 1, 0]))
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3], [0.8, 0.2]])  # argmax: 3 of 4 right
+    np.save(tmp_path / "p.npy", probs)
+    np.save(tmp_path / "y.npy", np.array([0, 1, 1, 1]))  # a low threshold: image 2 right, image 3 wrong
+    timings = {"1": {"p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0, "runs": 3}}
+    base = {"timings": timings, "probs": str(tmp_path / "p.npy")}
+    bare = make_records(Row(subject, "onnx", "fp32", "bare"), base, [1], 1, False, None)[0]
+    runner = make_records(Row(subject, "onnx", "fp32", "runner"), {**base, "labels": str(tmp_path / "y.npy")},
+                          [1], 1, False, None)[0]
+    assert bare["acc"] == 0.75 and runner["acc"] == 0.75 and bare["auc"] == runner["auc"] == 1.0  # ranks unchanged
+    np.save(tmp_path / "y.npy", np.array([0, 1, 1, 0]))
+    runner = make_records(Row(subject, "onnx", "fp32", "runner"), {**base, "labels": str(tmp_path / "y.npy")},
+                          [1], 1, False, None)[0]
+    assert runner["acc"] == 1.0 and bare["acc"] == 0.75
+
+
+def test_eval_subset_keeps_every_class_and_is_seeded():
+    labels = np.array([0] * 200 + [1] * 150 + [2] * 40 + [3] * 8 + [4] * 2)  # RetinaMNIST-like: a rare grade
+    for n in (5, 6, 8, 40):
+        picked = eval_subset(labels, n)
+        assert len(picked) == n == len(set(picked)) and set(labels[picked]) == {0, 1, 2, 3, 4}
+        assert (picked == eval_subset(labels, n)).all() and (np.diff(picked) > 0).all()
+    counts = np.bincount(labels[eval_subset(labels, 100)], minlength=5)
+    assert counts.sum() == 100 and abs(counts[0] - 50) <= 2 and abs(counts[1] - 37) <= 2  # the class mix
+    assert len(eval_subset(labels, 3)) == 3  # fewer than the classes: still exactly n
+    assert (eval_subset(labels, 1000) == np.arange(len(labels))).all()
+    assert not (eval_subset(labels, 40, seed=1) == eval_subset(labels, 40)).all()
 
 
 def test_plan_rows_and_option_parsing():
@@ -142,6 +174,7 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     assert not any(w["torch_loaded"] for w in workers if w["kind"] in ("onnx", "openvino"))  # torch-free rows
     assert (out / "bench.md").read_text().count("| edgekd_cnn_tiny |") == len(records)
     assert (out / "bench.png").stat().st_size > 0
+    assert summary["versions"]["edgekd"] and summary["versions"]["onnxruntime"] and summary["versions"]["torch"]
     (bundle,) = out.glob("bundle-*")  # exported into the out dir
 
     # The export is reused by a bench with the same export settings only (other settings: another export).
@@ -152,16 +185,53 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     assert logs[0].startswith("reusing the export")
     _export(ckpt, bundle, [("onnx", "fp32")], 1, 6, None, [], logs.append)
     assert logs[1].startswith("exporting")
+    # Other weights under the same path, copied with an older mtime (cp -p, rsync -t, a restore): not reused.
+    import os
+    import shutil
+
+    import torch
+
+    from edgekd.bench.run import bundle_reusable
+
+    meta = json.loads((bundle / "edgekd.json").read_text())
+    kept = tmp_path / "kept.pt"
+    shutil.copy2(ckpt, kept)
+    payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+    first = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][first] = payload["state_dict"][first] + 0.1
+    torch.save(payload, tmp_path / "other.pt")
+    shutil.copy2(tmp_path / "other.pt", ckpt)
+    os.utime(ckpt, (1, 1))  # older than the bundle
+    assert meta["export_profile_digest"]
+    assert not bundle_reusable(bundle, ckpt, [("onnx", "fp32")], meta["export_profile_digest"])
+    shutil.copy2(kept, ckpt)
+    assert bundle_reusable(bundle, ckpt, [("onnx", "fp32")], meta["export_profile_digest"])
 
     # The bundle alone: no checkpoint -> torch rows are n/a with the reason; no data -> random images, no accuracy.
-    bundle_only = run_bench(BenchConfig(bundle, tmp_path / "b2", formats="torch", precisions="fp32", batches="1",
-                                        gemm=False), log=lambda *_: None)
+    quick = Timing(warmup=0, min_runs=2, min_seconds=0)
+    bundle_only = run_bench(BenchConfig(bundle, tmp_path / "b2", formats="torch,onnx", precisions="fp32", batches="1",
+                                        gemm=False, timing=quick, variants={"torch": ("eager",), "onnx": ("bare",)}),
+                            log=lambda *_: None)
     assert bundle_only.records[0]["status"] == "n/a" and "--checkpoint" in bundle_only.records[0]["reason"]
+    assert bundle_only.records[1]["status"] == "ok"
     assert not (tmp_path / "b2" / "work").exists()  # without keep_work: only bench.json/.md/.png stay
+    # Every row n/a: an error, and nothing written (it had claimed a chart it never drew).
+    with pytest.raises(EdgeKDError, match="no row could run .*--checkpoint"):
+        run_bench(BenchConfig(bundle, tmp_path / "b7", formats="torch", precisions="fp32", batches="1", gemm=False),
+                  log=lambda *_: None)
+    assert not (tmp_path / "b7").exists()
+    # A zipped bundle: its extracted copy lives through the rows (the bare rows read its files).
+    from edgekd.export.bundle import write_zip
+
+    zipped = write_zip(bundle, tmp_path / "bundle.zip")
+    from_zip = run_bench(BenchConfig(zipped, tmp_path / "bz", formats="onnx", precisions="fp32", batches="1",
+                                     gemm=False, timing=quick), log=lambda *_: None)  # the bundle: ONNX only by now
+    assert [(r["variant"], r["status"]) for r in from_zip.records] == [("bare", "ok"), ("runner", "ok")], \
+        [r["reason"] for r in from_zip.records]
     (tmp_path / "b5" / "work").mkdir(parents=True)  # a work/ the run did not make is left alone
     (tmp_path / "b5" / "work" / "mine.txt").write_text("keep")
-    run_bench(BenchConfig(bundle, tmp_path / "b5", formats="torch", precisions="fp32", batches="1", gemm=False),
-              log=lambda *_: None)
+    run_bench(BenchConfig(bundle, tmp_path / "b5", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                          timing=quick, variants={"onnx": ("bare",)}), log=lambda *_: None)
     assert (tmp_path / "b5" / "work" / "mine.txt").read_text() == "keep"
     assert any("no accuracy" in n for n in bundle_only.summary["subjects"][0]["notes"])
 

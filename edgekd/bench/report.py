@@ -38,7 +38,13 @@ def records_markdown(records: list[dict], summary: dict | None = None) -> str:
                      f"; other processes used {m['other_processes_cpu_cores']:.2f} cores on average during the run"),
                   f"- threads: {summary['threads']}; TTA: {'yes' if summary['tta'] else 'no'}; timing: "
                   f"{summary['timing']['warmup']} warm-up calls, then >= {summary['timing']['min_runs']} calls "
-                  f"and >= {summary['timing']['min_seconds']} s per measurement"]
+                  f"and >= {summary['timing']['min_seconds']} s per measurement",
+                  "- accuracy: runner rows label an image as `edgekd predict` does (the bundle's calibrated "
+                  "probabilities, TTA views averaged after its temperature, and its operating point: a threshold "
+                  "if it has one); torch and bare rows take the argmax of the mean raw softmax, so with a calibrated "
+                  "or thresholded bundle the two can differ on the same model"]
+        if summary.get("versions"):
+            lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
         if gemm.get("peak_gflops"):
             lines.append(f"- FP32 GEMM peak: {gemm['peak_gflops']:.1f} GFLOP/s ({gemm['library']} {gemm['n']}^3 "
                          f"matmul, median call; fastest call {gemm['peak_gflops_best_call']:.1f})")

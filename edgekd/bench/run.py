@@ -19,7 +19,7 @@ import numpy as np
 
 from edgekd.bench.hardware import OtherCPU, cpu_info, gemm_peak_fraction
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import refuse_output_inside, remove_trees, write_json
+from edgekd.fileio import refuse_output_inside, remove_trees, sha256_file, track_tree, untrack_tree, write_json
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
 from edgekd.progress import progress_task
@@ -72,6 +72,8 @@ class Subject:
     images: Path | None = None
     labels: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    opened: list = field(default_factory=list)
+    """The opened bundles whose files the rows read: a zipped bundle's extracted copy lives as long as its Bundle."""
 
     def describe(self) -> dict:
         return {"role": self.role, "model": self.name, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
@@ -94,7 +96,8 @@ class BenchResult:
 # ------------------------------------------------------------------------------------------------ subjects
 
 def bundle_reusable(bundle_dir: Path, checkpoint: Path, pairs: list[tuple[str, str]], digest: str) -> bool:
-    """An earlier export of this very checkpoint (path, and newer than the file), by this edgekd under these
+    """An earlier export of this very checkpoint (its path, and its content: the sha256 the bundle records; a
+    checkpoint replaced by a copy that kept an older mtime is not the one exported), by this edgekd under these
     export settings (`digest`: profile_digest), holding every pair we need."""
     meta_path, parity_path = bundle_dir / "edgekd.json", bundle_dir / "parity.json"
     if not (meta_path.is_file() and parity_path.is_file()):
@@ -102,9 +105,9 @@ def bundle_reusable(bundle_dir: Path, checkpoint: Path, pairs: list[tuple[str, s
     parity = json.loads(parity_path.read_text())
     if Path(parity.get("checkpoint", "")).resolve() != checkpoint.resolve():
         return False
-    if meta_path.stat().st_mtime < checkpoint.stat().st_mtime:
-        return False
     meta = json.loads(meta_path.read_text())
+    if meta.get("model", {}).get("checkpoint_sha256") != sha256_file(checkpoint):
+        return False
     if meta.get("export_profile_digest") != digest:
         return False
     have = {(a["format"], a["precision"]) for a in meta.get("artifacts", [])}
@@ -130,7 +133,7 @@ def _export(checkpoint: Path, bundle_dir: Path, pairs: list[tuple[str, str]], th
     # An earlier run of this checkpoint whose gate refused some artifacts: reuse its split bundles and verdict.
     refusal_file = bundle_dir.with_name(f"{bundle_dir.name}-refused.json")
     # The digest covers accuracy control and every other export setting.
-    stamp = {"checkpoint": str(checkpoint.resolve()), "mtime": checkpoint.stat().st_mtime,
+    stamp = {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
              "export_profile_digest": digest}
     if refusal_file.is_file():
         earlier = json.loads(refusal_file.read_text())
@@ -172,6 +175,7 @@ def _add_bundle_artifacts(subject: Subject, bundle_path: Path) -> None:
     from edgekd.runtime import open_bundle
 
     bundle = open_bundle(bundle_path)
+    subject.opened.append(bundle)
     for art in bundle.meta["artifacts"]:
         key = (art["format"], art["precision"])
         path = bundle.root / art["path"]
@@ -261,10 +265,28 @@ EVAL_SEED = 0
 """Seed of the --eval-limit subset: two benchmarks with the same limit score the same images."""
 
 
+def eval_subset(labels: np.ndarray, n: int, seed: int = EVAL_SEED) -> np.ndarray:
+    """Sorted indices of a seeded subset of `n` images with the class proportions of `labels` (largest remainder),
+    every class at least once when n >= the class count, so AUC stays defined (a proportional share of 6 of
+    RetinaMNIST's 400 test images left its rarest grade out). All of them when n >= len(labels). numpy only: the
+    core install's bench of a labelled folder takes it too."""
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    floor = np.ones_like(counts) if n >= len(classes) else np.zeros_like(counts)
+    spare, rest = counts - floor, n - int(floor.sum())
+    share = spare / spare.sum() * rest
+    alloc = floor + np.floor(share).astype(int)
+    alloc[np.argsort(-(share - np.floor(share)), kind="stable")[:n - int(alloc.sum())]] += 1
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), size=int(k), replace=False)
+                                   for c, k in zip(classes, alloc)]))
+
+
 def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, log) -> None:
     """The test split at this subject's model input size (uint8, runtime preprocessing) -> an .npy for the workers."""
     from edgekd.data import build_data
-    from edgekd.data.splits import stratified_subset
     from edgekd.runtime import Preprocessor
 
     data = build_data(recipe)
@@ -273,7 +295,7 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
                           f"{len(subject.class_names)}")
     test = data.dataset("test", train=False)
     # --eval-limit: a seeded subset with the split's class mix (the first N of a class-sorted folder is one class)
-    picked = stratified_subset(test.table.labels, limit or len(test), EVAL_SEED)
+    picked = eval_subset(test.table.labels, limit or len(test))
     prep = Preprocessor(subject.preprocess)
     # At the resize stage (e.g. 256 for a 224 crop): the bare rows crop them, the runner does its own crop.
     images = np.stack([prep.to_resize_size(test.raw(int(i))) for i in picked])
@@ -287,21 +309,19 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
 def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int | None, log) -> None:
     """A labelled folder (ImageFolder layout, the model's class names) decoded by the runtime, at the resize stage
     like the test split (torch-free: the core install's bench scores accuracy this way); --eval-limit takes a
-    seeded random subset."""
+    seeded subset with the folder's class mix (eval_subset)."""
     from edgekd.runtime import Preprocessor
     from edgekd.runtime.inputs import collect_labelled
 
     paths, labels = collect_labelled(folder, subject.class_names)
-    picked = np.arange(len(paths))
-    if limit is not None and limit < len(paths):
-        picked = np.sort(np.random.default_rng(EVAL_SEED).choice(len(paths), size=limit, replace=False))
+    picked = eval_subset(np.asarray(labels), limit or len(paths))
     prep = Preprocessor(subject.preprocess)
     images = np.stack([prep.to_resize_size(paths[i]) for i in picked])
     subject.images = work / f"{subject.role}-folder-images.npy"
     np.save(subject.images, images)
     subject.labels = np.asarray(labels)[picked]
     log(f"{subject.role}: {len(picked)} labelled images of {folder} at {images.shape[1:]}"
-        + (f" (random subset of {len(paths)})" if len(picked) < len(paths) else ""))
+        + (f" (stratified subset of {len(paths)})" if len(picked) < len(paths) else ""))
 
 
 def attach_synthetic_images(subject: Subject, work: Path, n: int) -> None:
@@ -397,6 +417,8 @@ def make_records(row: Row, result: dict | str, batches: list[int], threads: int,
     if not error and result.get("probs") and s.labels is not None:
         probs = np.load(result["probs"])
         metrics = accuracy_auc(s.labels[:len(probs)], probs)
+        if result.get("labels"):  # a runner row: the label `edgekd predict` gives, by the bundle's operating point
+            metrics["acc"] = float((np.load(result["labels"]) == s.labels[:len(probs)]).mean())
     records = []
     for batch in batches:
         rec = dict.fromkeys(RECORD_KEYS)
@@ -564,9 +586,9 @@ def _write_outputs(cfg: BenchConfig, subjects: list[Subject], records: list[dict
     write_json(out / "bench.json", summary)
     atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(markdown))
     written = ["bench.json", "bench.md"]
-    if find_spec("matplotlib") is not None:  # the train extra's; the core install writes no PNG chart
-        throughput_chart(records, out / "bench.png", title=f"{', '.join(s.name for s in subjects)}: throughput "
-                                                           f"({cfg.threads} thread(s){', TTA' if cfg.tta else ''})")
+    if find_spec("matplotlib") is not None and throughput_chart(  # the train extra's; the core install: no PNG
+            records, out / "bench.png", title=f"{', '.join(s.name for s in subjects)}: throughput "
+                                              f"({cfg.threads} thread(s){', TTA' if cfg.tta else ''})") is not None:
         written.append("bench.png")
     return BenchResult(out=out, records=records, summary=summary, markdown=markdown, written=written)
 
@@ -582,14 +604,25 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     load_start = [round(v, 2) for v in os.getloadavg()]
     other_cpu = OtherCPU()
-    try:
-        subjects = _subjects(cfg, work, log)
-    except BaseException:  # a source or image folder that fails to load: leave no half-made output behind
+
+    def leave_nothing() -> None:  # a failed or stopped run leaves no half-made output behind
         remove_trees([cfg.out] if cfg.out in created else
                      [work] * (work in created) + sorted(set(cfg.out.glob("bundle-*")) - bundles_before))
+
+    if cfg.out in created:  # a stop signal during the export (which ends the process at once) removes it too
+        track_tree(cfg.out)
+    try:
+        subjects = _subjects(cfg, work, log)
+    except BaseException:
+        leave_nothing()
         raise
+    finally:
+        untrack_tree(cfg.out)
     try:
         return _measure_and_write(cfg, subjects, work, started, load_start, other_cpu, log, progress)
+    except BaseException:
+        leave_nothing()
+        raise
     finally:  # bench.json holds every figure; work/ also holds a copy of the (patient) images
         if not cfg.keep_work and work in created:
             remove_trees([work])
@@ -601,6 +634,10 @@ def _measure_and_write(cfg: BenchConfig, subjects: list[Subject], work: Path, st
     measure = cfg.gemm and cfg.gemm_info is None
     gemm_info = _measure_gemm(cfg, work, "before", log) if measure else cfg.gemm_info
     records, profiles = _run_rows(subjects, cfg, work, log, progress)
+    if not any(r["status"] == "ok" for r in records):
+        reasons = dict.fromkeys(f"{r['role']} {r['format']}/{r['precision']} {r['variant']}: {r['reason']}"
+                                for r in records)
+        raise EdgeKDError("no row could run (nothing written): " + "; ".join(reasons))
     if measure:
         gemm_info = _higher_peak(gemm_info, _measure_gemm(cfg, work, "after", log))
     peak = (gemm_info or {}).get("peak_gflops")
@@ -613,9 +650,22 @@ def _measure_and_write(cfg: BenchConfig, subjects: list[Subject], work: Path, st
                     "load_avg_at_start": load_start, "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
                     "other_processes_cpu_cores": other_cpu.cores()},
         "threads": cfg.threads, "batches": cfg.batches, "tta": cfg.tta, "timing": cfg.timing.as_kwargs(),
-        "gemm": gemm_info, "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
+        "versions": software_versions(), "gemm": gemm_info, "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
     }
     return _write_outputs(cfg, subjects, records, summary)
+
+
+def software_versions() -> dict[str, str]:
+    """The installed versions of what the rows ran on (a package that is not installed is left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("edgekd", "numpy", "onnxruntime", "openvino", "torch", "timm"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -144,8 +144,9 @@ def openvino_profile(path: str, rows: np.ndarray, threads: int, rounds: int = 20
 
 
 def build(job: dict, inputs: ModelInputs) -> tuple[Callable[[np.ndarray], Callable[[], object]],
-                                                    Callable[[np.ndarray], np.ndarray]]:
-    """-> (timed callable for a batch of uint8 images, probabilities for a batch of uint8 images)."""
+                                                    Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]]:
+    """-> (timed callable for a batch of uint8 images, (probabilities, labels) for a batch of uint8 images; labels
+    only for a runner row: the class index its operating point gives, as `edgekd predict` labels an image)."""
     kind, variant, threads = job["kind"], job["variant"], int(job["threads"])
     if variant == "runner":
         from edgekd.runtime import Runner
@@ -154,10 +155,11 @@ def build(job: dict, inputs: ModelInputs) -> tuple[Callable[[np.ndarray], Callab
                                     warmup=0)
         tta = list(job["views"]) if job.get("views") else False
 
-        def runner_probs(images: np.ndarray) -> np.ndarray:
-            return np.stack([p.probs for p in runner.predict_batch(list(images), tta=tta)])
+        def runner_scores(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            predictions = runner.predict_batch(list(images), tta=tta)
+            return np.stack([p.probs for p in predictions]), np.asarray([p.index for p in predictions])
 
-        return (lambda images: (lambda: runner.predict_batch(list(images), tta=tta))), runner_probs
+        return (lambda images: (lambda: runner.predict_batch(list(images), tta=tta))), runner_scores
     if kind == "torch":
         infer = torch_model(job["model_path"], threads, compile_=variant == "compile")
     elif kind == "onnx":
@@ -171,18 +173,21 @@ def build(job: dict, inputs: ModelInputs) -> tuple[Callable[[np.ndarray], Callab
         rows = inputs.rows(images)  # preprocessing stays outside the timed call: this is the bare model
         return lambda: infer(rows)
 
-    return timed, lambda images: inputs.mean_probs(infer(inputs.rows(images)))
+    return timed, lambda images: (inputs.mean_probs(infer(inputs.rows(images))), None)
 
 
-def evaluate(probs_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int) -> np.ndarray:
-    """Probabilities of every image, `batch` images per call; the last chunk is padded to `batch` (by repeating
-    its images) so no new input shape appears (torch.compile would recompile, OpenVINO reallocate)."""
-    out = []
+def evaluate(scores_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]], images: np.ndarray,
+             batch: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, labels or None) of every image, `batch` images per call; the last chunk is padded to `batch`
+    (by repeating its images) so no new input shape appears (torch.compile would recompile, OpenVINO reallocate)."""
+    probs, labels = [], []
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
         n = len(chunk)
-        out.append(probs_of(take(chunk, batch))[:n])
-    return np.concatenate(out)
+        p, y = scores_of(take(chunk, batch))
+        probs.append(p[:n])
+        labels.append(None if y is None else y[:n])
+    return np.concatenate(probs), None if not labels or labels[0] is None else np.concatenate(labels)
 
 
 def run_job(job: dict) -> dict:
@@ -207,9 +212,12 @@ def run_job(job: dict) -> dict:
     if job.get("evaluate"):
         limit = job.get("eval_limit")
         subset = images if not limit else images[:limit]
-        probs = evaluate(probs_of, subset, max(job["batches"]))
+        probs, labels = evaluate(probs_of, subset, max(job["batches"]))
         np.save(job["probs"], probs)
         result["probs"] = job["probs"]
+        if labels is not None:
+            result["labels"] = job["probs"].replace("-probs.npy", "-labels.npy")
+            np.save(result["labels"], labels)
     if job.get("profile_batch") and job["kind"] == "openvino" and job["variant"] == "bare":
         result["profile"] = openvino_profile(job["model_path"], inputs.rows(take(images, job["profile_batch"])),
                                              int(job["threads"]))
