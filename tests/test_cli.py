@@ -85,3 +85,13 @@ def test_help_fits_80_columns_without_truncation():
 def test_export_refuses_both_accuracy_control_flags(tmp_path):
     assert_one_line_error(run_edgekd("export", str(tmp_path / "x.pt"), "--accuracy-control", "--no-accuracy-control"),
                           "give one")
+
+
+def test_a_usage_error_is_one_line_naming_the_help(tmp_path):
+    """An option value out of range, an unknown option, a missing argument: one `error:` line and exit 2, like
+    every other bad input (click's usage box was four lines)."""
+    assert_one_line_error(run_edgekd("bench", str(tmp_path / "x.pt"), "--threads", "0"), "'--threads'",
+                          "bench --help")
+    assert_one_line_error(run_edgekd("predict", "--no-such-option"), "No such option: --no-such-option",
+                          "predict --help")
+    assert_one_line_error(run_edgekd("export"), "Missing argument", "export --help")

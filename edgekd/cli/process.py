@@ -40,7 +40,10 @@ def run() -> None:
         sys.exit(1)
     except Exception as err:  # usage errors of typer's (vendored) click, and anything unforeseen
         if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
-            err.show()
+            usage = usage_error_line(err)
+            if usage is not None:
+                fail(usage)
+            err.show()  # e.g. `edgekd` alone: the help
             sys.exit(err.exit_code)
         if STATE["debug"]:
             raise
@@ -57,6 +60,21 @@ def run() -> None:
     # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+USAGE_ERRORS = ("UsageError", "BadParameter", "MissingParameter", "NoSuchOption", "BadOptionUsage",
+                "BadArgumentUsage")
+
+
+def usage_error_line(err: Exception) -> str | None:
+    """A command-line usage error (an unknown option, a value out of range, a missing argument) as one line naming
+    where to read the usage, like every other bad input; None for anything else (e.g. the help `edgekd` alone
+    shows)."""
+    if type(err).__name__ not in USAGE_ERRORS or not hasattr(err, "format_message"):
+        return None
+    ctx = getattr(err, "ctx", None)
+    where = f" (see {ctx.command_path} --help)" if getattr(ctx, "command_path", None) else ""
+    return error_line(err.format_message()) + where
 
 
 def stopped(code: int) -> None:
