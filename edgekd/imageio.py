@@ -286,7 +286,11 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
                               "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pyjpegls for JPEG-LS)"
                               ) from None
         raise EdgeKDError(f"{where}: unreadable DICOM pixel data ({type(err).__name__})") from None
-    out = arr.astype(np.uint8) if arr.dtype == np.uint8 else _rescale_to_uint8(np.asarray(arr, dtype=np.float64), span)
+    try:
+        out = arr.astype(np.uint8) if arr.dtype == np.uint8 else _rescale_to_uint8(np.asarray(arr, dtype=np.float64),
+                                                                                  span)
+    except EdgeKDError as err:  # e.g. a RescaleSlope of NaN: the message names the file like every other
+        raise EdgeKDError(f"{where}: {err}") from None
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         out = 255 - out
     return out[..., None] if out.ndim == 2 else out

@@ -1075,3 +1075,14 @@ def test_runner_api_refuses_odd_arguments_in_one_line(bundle):
     runner.close()
     with pytest.raises(EdgeKDError, match="this Runner is closed"):
         runner.predict(x)
+
+
+def test_a_dicom_rescaled_to_nan_names_its_file(tmp_path):
+    pytest.importorskip("pydicom")
+    from edgekd.errors import EdgeKDError
+    from edgekd.imageio import read_image
+
+    path = write_dicom(tmp_path / "scan.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8), RescaleSlope="NaN",
+                       RescaleIntercept=0)
+    with pytest.raises(EdgeKDError, match=r"scan\.dcm: image holds NaN or Inf values"):
+        read_image(path)

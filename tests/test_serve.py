@@ -300,7 +300,8 @@ def test_real_server_answers_and_finishes_in_flight_requests_on_sigterm(bundle, 
     port = _free_port()
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen([sys.executable, "-m", "edgekd", "serve", str(bundle), "--port", str(port),
-                             "--backend", "onnx", "--threads", "1", "--max-wait-ms", "3000", "--max-batch", "4"],
+                             "--backend", "onnx", "--threads", "1", "--max-wait-ms", "3000", "--max-batch", "4",
+                             "--max-concurrency", "2"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -313,8 +314,15 @@ def test_real_server_answers_and_finishes_in_flight_requests_on_sigterm(bundle, 
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
             time.sleep(0.2)
+        # Idle and half-sent connections, more than --max-concurrency: they hold no request slot (uvicorn's
+        # connection limit counted them, and they locked every client out).
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+        for sock in idle:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
         first = httpx.post(f"{base}/predict", content=png(1), headers={"content-type": "image/png"}, timeout=10)
         assert first.status_code == 200 and first.json()["label"] in NAMES
+        for sock in idle:
+            sock.close()
         result = {}
         worker = threading.Thread(target=lambda: result.update(r=httpx.post(
             f"{base}/predict", content=png(2), headers={"content-type": "image/png"}, timeout=20)))
@@ -359,3 +367,105 @@ def test_create_app_applies_the_services_rules(runner):
                             (ServeSettings(max_queue=1, max_batch=8), "--max-queue 1 must be at least")):
         with pytest.raises(EdgeKDError, match=words):
             create_app(runner, settings)
+
+
+def test_requests_over_the_limit_get_a_json_503_counted_in_the_metrics(runner):
+    """--max-concurrency bounds requests being answered (503 with Retry-After before the upload is read); /health
+    stays open; the refusals are counted."""
+    app = create_app(runner, ServeSettings(max_batch=1, max_wait_ms=0, max_concurrency=1))
+    service = app.state.service
+    busy, release, original = threading.Event(), threading.Event(), service.batcher.predict
+
+    def held_model(images, sources):
+        busy.set()
+        release.wait(10)
+        return original(images, sources)
+
+    service.batcher.predict = held_model
+
+    async def go(client):
+        held = asyncio.ensure_future(client.post("/predict", content=png(0), headers={"content-type": "image/png"}))
+        while not busy.is_set():
+            await asyncio.sleep(0.01)
+        refused = await client.post("/predict", content=png(1), headers={"content-type": "image/png"})
+        health = await client.get("/health")
+        release.set()
+        return refused, health, await held, await client.get("/metrics")
+
+    refused, health, held, metrics = call(app, go)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"].startswith("busy: 1 requests are being answered (at most 1)")
+    assert health.status_code == 200 and held.status_code == 200
+    assert metric_samples(metrics.text)[("edgekd_requests_total", (("endpoint", "/predict"), ("status", "503")))] == 1
+
+
+def test_a_batch_larger_than_the_queue_is_413_not_a_retry(runner):
+    files = [("files", (f"{i}.png", png(i), "image/png")) for i in range(5)]
+
+    async def go(client):
+        return await client.post("/predict/batch", files=files), await client.post("/predict/batch", files=files[:4])
+
+    too_many, fits = call(create_app(runner, ServeSettings(max_batch=2, max_queue=4)), go)
+    assert too_many.status_code == 413 and "--max-queue 4" in too_many.json()["error"]
+    assert fits.status_code == 200 and len(fits.json()["results"]) == 4
+
+
+def test_a_stalled_upload_is_408(runner):
+    async def slow_body():
+        yield png(1)[:20]
+        await asyncio.sleep(3)
+        yield png(1)[20:]
+
+    async def go(client):
+        return await client.post("/predict", content=slow_body(), headers={"content-type": "image/png"})
+
+    r = call(create_app(runner, ServeSettings(upload_timeout_s=0.3)), go)
+    assert r.status_code == 408 and "within 0.3 s" in r.json()["error"]
+
+
+def test_every_answer_names_the_model_that_gave_it(runner):
+    async def go(client):
+        return (await client.post("/predict", content=png(1), headers={"content-type": "image/png"}),
+                await client.post("/predict/batch", files=[("files", ("a.png", png(2), "image/png"))]),
+                await client.get("/metadata"))
+
+    one, batch, meta = call(create_app(runner), go)
+    for body in (one.json(), batch.json()):
+        assert body["format"] == runner.info["format"] and body["precision"] == runner.precision
+        assert body["tta_views"] == runner.tta_views.names and body["threshold"] == 0.4
+    assert "checkpoint_path" not in meta.json()["model"]  # the training machine's file system stays private
+
+
+def test_a_client_that_hangs_up_is_dropped_not_answered(runner):
+    """A disconnect while images wait cancels their queued inference (the batcher skips them) and stops the
+    decoding of a batch's remaining files."""
+    from edgekd.serve.app import ClientGone
+
+    class Gone:
+        async def receive(self):
+            return {"type": "http.disconnect"}
+
+        async def is_disconnected(self):
+            return True
+
+    service = create_app(runner).state.service
+
+    async def go():
+        future = asyncio.get_running_loop().create_future()
+        with pytest.raises(ClientGone):
+            await service.results(Gone(), [future])
+        assert future.cancelled()
+        with pytest.raises(ClientGone):
+            await service.decode_each(Gone(), [("a.png", "image/png", png(1))])
+        await service.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("declared, fmt", [("image/jpg", "JPEG"), ("image/x-png", "PNG"), ("image/pjpeg", "JPEG")])
+def test_the_non_standard_image_types_clients_send_are_accepted(declared, fmt):
+    from edgekd.serve.uploads import check_upload
+
+    buf = io.BytesIO()
+    Image.fromarray(random_pixels((8, 8, 3), seed=1)).save(buf, format=fmt)
+    check_upload(buf.getvalue(), declared, "a")  # no UploadError

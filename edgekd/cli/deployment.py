@@ -189,8 +189,14 @@ def serve(
                                       help="Longest wait for more requests to fill a batch."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Images waiting for the model before 503."),
     max_concurrency: int = typer.Option(256, "--max-concurrency", min=1,
-                                        help="Open connections/requests before uvicorn answers 503."),
+                                        help="Requests answered at once before a 503 (/health aside; idle "
+                                             "connections do not count)."),
     max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", min=0.001, help="Largest request body."),
+    upload_timeout: float = typer.Option(60.0, "--upload-timeout", min=0.1, help="Seconds a request body may take "
+                                         "to arrive before a 408."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+                                              help="Decision threshold on the positive class's calibrated probability "
+                                                   "(two-class bundles; default: the bundle's)."),
     token: Optional[str] = typer.Option(None, "--token", envvar="EDGEKD_TOKEN", show_envvar=True,
                                         help="Require `Authorization: Bearer TOKEN` (not on /health)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later starts are faster."),
@@ -205,11 +211,12 @@ def serve(
     from edgekd.serve import ServeSettings, check_port_free, check_settings, serve as run_service
 
     settings = ServeSettings(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                             max_concurrency=max_concurrency, token=token, max_upload_mb=max_upload_mb)
+                             max_concurrency=max_concurrency, token=token, max_upload_mb=max_upload_mb,
+                             upload_timeout_s=upload_timeout)
     check_settings(settings)
     check_port_free(host, port)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
-                                cache_dir=cache_dir, task=task)
+                                cache_dir=cache_dir, task=task, threshold=threshold)
     console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision} on {backend}, {runner.info['threads'] or 'default'} "
                   f"threads{', TTA' if tta else ''}) at http://{host}:{port}" + (" (token required)" if token else ""))
     run_service(runner, settings)

@@ -19,14 +19,20 @@ from starlette.exceptions import HTTPException
 
 from edgekd.errors import error_line
 from edgekd.runtime import Prediction, Runner
-from edgekd.serve.batcher import Batcher, QueueFull
-from edgekd.serve.limits import BodyLimit, BodyTooLarge
+from edgekd.serve.batcher import Batcher, BatchTooLarge, QueueFull
+from edgekd.serve.limits import BodyLimit, BodyTooLarge, RequestLimit, UploadTimedOut
 from edgekd.serve.metrics import MetricsMiddleware, ServiceMetrics
 from edgekd.serve.settings import ServeSettings, check_settings
 from edgekd.serve.uploads import UploadError, decode_upload
 
 MAX_BATCH_FILES = 64
 """The most files one /predict/batch request may carry."""
+CLIENT_GONE = 499
+"""The status recorded (never sent) for a request whose client hung up before its answer (nginx's code)."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its images waited: their inference is dropped."""
 
 
 def padded_sizes(max_batch: int) -> list[int]:
@@ -71,11 +77,52 @@ class Service:
         if not views:  # a multi-head bundle answers per task, each with its own views
             for part in [out, *(out.get("tasks") or {}).values()]:
                 part.pop("views", None)
-        return {**out, "model": self.runner.bundle.model.get("name"), "bundle_id": self.bundle_id}
+        return {**out, **self.answered_by()}
+
+    def answered_by(self) -> dict:
+        """Which model answered, in every response (a log of responses tells fp32 from int8, TTA from none)."""
+        runner = self.runner
+        return {"model": runner.bundle.model.get("name"), "bundle_id": self.bundle_id,
+                "format": runner.info.get("format"), "precision": runner.precision,
+                "tta_views": runner.tta_views.names if runner.tta else None, "threshold": runner.threshold}
+
+    async def decode_each(self, request: Request, uploads: list[tuple[str, str | None, bytes]]) -> list:
+        """A request's uploads decoded one after another (an image or its UploadError each): one request holds one
+        decoding thread at a time, so a batch of large images does not hold up every other client, and the
+        decoding stops when its client hangs up."""
+        decoded = []
+        for name, content_type, data in uploads:
+            if await request.is_disconnected():
+                raise ClientGone
+            try:
+                decoded.append(await self.decode(data, content_type, name))
+            except UploadError as err:
+                decoded.append(err)
+        return decoded
+
+    async def results(self, request: Request, futures: list[asyncio.Future]) -> list[Prediction]:
+        """The queued images' predictions; ClientGone (their queued inference cancelled) if the client hangs up
+        first."""
+        answers = asyncio.gather(*futures)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answers, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if answers.done():
+                return answers.result()
+            answers.cancel()  # the batcher skips a cancelled job
+            raise ClientGone
+        finally:
+            gone.cancel()
 
     async def close(self) -> None:
         await self.batcher.close()
         self.decoders.shutdown(wait=True)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (after the body: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -99,7 +146,9 @@ def create_app(runner: Runner, settings: ServeSettings | None = None) -> FastAPI
     app.state.service = service
     _add_error_handlers(app)
     _add_routes(app, service, _auth(settings.token))
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
+    # The last added runs first: metrics see every answer, the 503s of the request limit included.
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20), timeout=settings.upload_timeout_s)
+    app.add_middleware(RequestLimit, max_requests=settings.max_concurrency)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     return app
 
@@ -121,6 +170,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UploadError, lambda _r, e: error(e.status, str(e)))
     app.add_exception_handler(QueueFull, lambda _r, e: error(503, f"busy: {e}", {"Retry-After": "1"}))
     app.add_exception_handler(BodyTooLarge, lambda _r, e: error(413, str(e)))
+    app.add_exception_handler(BatchTooLarge, lambda _r, e: error(413, str(e)))
+    app.add_exception_handler(UploadTimedOut, lambda _r, e: error(408, str(e)))
+    app.add_exception_handler(ClientGone, lambda _r, e: Response(status_code=CLIENT_GONE))
     app.add_exception_handler(HTTPException, lambda _r, e: error(e.status_code, str(e.detail), e.headers))
     app.add_exception_handler(RequestValidationError, lambda _r, e: error(
         422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())))
@@ -145,26 +197,26 @@ async def _uploads(request: Request, limit: int) -> list[tuple[str, str | None, 
 def _add_routes(app: FastAPI, service: Service, auth) -> None:
     @app.post("/predict", dependencies=[auth])
     async def predict(request: Request, views: bool = False):
+        service.batcher.check_room(1)  # a full queue answers 503 before the upload is read
         uploads = await _uploads(request, 1)
         if len(uploads) != 1:
             raise UploadError(f"/predict takes one image, got {len(uploads)} (use /predict/batch)", 400)
         name, content_type, data = uploads[0]
         image = await service.decode(data, content_type, name)
-        (future,) = service.batcher.submit([(image, name)])
-        return service.answer(await future, views)
+        (prediction,) = await service.results(request, service.batcher.submit([(image, name)]))
+        return service.answer(prediction, views)
 
     @app.post("/predict/batch", dependencies=[auth])
     async def predict_batch(request: Request, views: bool = False):
+        service.batcher.check_room(1)
         uploads = await _uploads(request, MAX_BATCH_FILES)
-        decoded = await asyncio.gather(*(service.decode(d, t, n) for n, t, d in uploads), return_exceptions=True)
-        for item in decoded:
-            if isinstance(item, BaseException) and not isinstance(item, UploadError):
-                raise item
+        service.batcher.check_room(len(uploads))  # before decoding them; submit checks again
+        decoded = await service.decode_each(request, uploads)
         good = [(img, name) for img, (name, _, _) in zip(decoded, uploads) if not isinstance(img, UploadError)]
-        futures = iter(service.batcher.submit(good))
+        predictions = iter(await service.results(request, service.batcher.submit(good)) if good else [])
         results = [{"file": name, "error": error_line(str(img)), "status": img.status} if isinstance(img, UploadError)
-                   else service.answer(await next(futures), views) for img, (name, _, _) in zip(decoded, uploads)]
-        return {"results": results, "model": service.runner.bundle.model.get("name"), "bundle_id": service.bundle_id}
+                   else service.answer(next(predictions), views) for img, (name, _, _) in zip(decoded, uploads)]
+        return {"results": results, **service.answered_by()}
 
     @app.get("/health")
     async def health():
@@ -184,7 +236,9 @@ def _metadata(service: Service) -> dict:
     runner, meta = service.runner, service.runner.bundle.meta
     threshold, positive = runner.threshold, runner.positive
     return {
-        "bundle_id": service.bundle_id, "model": meta.get("model", {}), "class_names": runner.class_names,
+        # not the checkpoint's absolute path on the training machine
+        "bundle_id": service.bundle_id, "model": {k: v for k, v in meta.get("model", {}).items()
+                                                  if k != "checkpoint_path"}, "class_names": runner.class_names,
         "input": dict(meta["preprocess"]),
         "formats": [{"format": a.format, "precision": a.precision} for a in runner.bundle.artifacts],
         "operating_point": {"calibration": meta.get("calibration"),

@@ -12,7 +12,11 @@ import numpy as np
 
 
 class QueueFull(Exception):
-    """The queue has no room for the request (or the service is shutting down): answer 503."""
+    """The queue has no room for the request now (or the service is shutting down): answer 503, retry later."""
+
+
+class BatchTooLarge(Exception):
+    """More images in one request than the queue ever holds: answer 413, a retry cannot succeed."""
 
 
 @dataclass
@@ -52,13 +56,26 @@ class Batcher:
             self.task = asyncio.get_running_loop().create_task(self._run(), name="edgekd-batcher")
         return self.queue
 
-    def submit(self, items: Sequence[tuple[np.ndarray, str]]) -> list[asyncio.Future]:
-        """Queue all of `items` or none: QueueFull when the queue lacks room for them or the service is closing."""
-        queue = self._started()
+    def check_room(self, n: int = 1) -> None:
+        """QueueFull (or BatchTooLarge) unless `n` more images fit now: a request is refused before its upload is
+        read and decoded, not after."""
         if self.closing:
             raise QueueFull("the service is shutting down")
-        if self.max_queue - queue.qsize() < len(items):
-            raise QueueFull(f"the queue is full ({queue.qsize()} of {self.max_queue} images waiting)")
+        if n > self.max_queue:
+            raise BatchTooLarge(f"{n} images in one request, more than the queue holds (--max-queue {self.max_queue}):"
+                                f" send at most {self.max_queue} per request")
+        waiting = self.depth
+        room = self.max_queue - waiting
+        if room < n:
+            raise QueueFull(f"the queue is full ({waiting} of {self.max_queue} images waiting)" if room <= 0 else
+                            f"the queue has room for {room} of the {n} images of this request ({waiting} of "
+                            f"{self.max_queue} waiting)")
+
+    def submit(self, items: Sequence[tuple[np.ndarray, str]]) -> list[asyncio.Future]:
+        """Queue all of `items` or none: QueueFull when the queue lacks room for them now or the service is
+        closing, BatchTooLarge when they could never fit."""
+        queue = self._started()
+        self.check_room(len(items))
         loop = asyncio.get_running_loop()
         futures = []
         for image, source in items:

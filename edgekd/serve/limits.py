@@ -1,8 +1,10 @@
-"""The request body limit, as pure ASGI middleware: a declared Content-Length over the limit is refused before a
-byte is read, a body that grows past it while streaming stops there."""
+"""Request limits, as pure ASGI middleware: the body size (a declared Content-Length over the limit is refused before
+a byte is read, a body that grows past it while streaming stops there), the time a body may take to arrive, and how
+many requests are answered at once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 
@@ -10,16 +12,25 @@ class BodyTooLarge(Exception):
     """Raised from `receive` when a streamed body passes the limit (the app answers 413)."""
 
 
-async def send_json(send, status: int, body: dict) -> None:
+class UploadTimedOut(Exception):
+    """Raised from `receive` when a body takes longer than the upload timeout to arrive (the app answers 408)."""
+
+
+async def send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
     data = json.dumps(body, separators=(",", ":")).encode()  # as the app's JSONResponse writes it
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *extra]})
     await send({"type": "http.response.body", "body": data})
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    """At most `max_bytes` of body, arriving within `timeout` seconds of the first read (a client that sends a few
+    bytes of a promised upload and stalls would otherwise hold its request slot for good)."""
+
+    def __init__(self, app, max_bytes: int, timeout: float = 60.0):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -29,15 +40,47 @@ class BodyLimit:
             reason = (f"upload of {int(declared)} bytes is over the {self.max_bytes} byte limit" if declared.isdigit()
                       else "invalid Content-Length header")
             return await send_json(send, 413 if declared.isdigit() else 400, {"error": reason})
-        received = 0
+        received, body_done, deadline = 0, False, None
 
         async def limited():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, deadline
+            if body_done:  # after the body: waiting for a disconnect, no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise UploadTimedOut(f"the upload did not arrive within {self.timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge(f"upload is over the {self.max_bytes} byte limit")
             return message
 
         await self.app(scope, limited, send)
+
+
+class RequestLimit:
+    """At most `max_requests` requests answered at once, /health aside (a load balancer must still see the service
+    up); the next gets 503 with Retry-After before its upload is read. Requests, not connections: idle or half-sent
+    connections never reach it (uvicorn's own connection limit counted those, so a few idle sockets locked every
+    client out)."""
+
+    EXEMPT = ("/health",)
+
+    def __init__(self, app, max_requests: int | None):
+        self.app, self.max_requests, self.active = app, max_requests, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.max_requests is None or scope["path"] in self.EXEMPT:
+            return await self.app(scope, receive, send)
+        if self.active >= self.max_requests:
+            return await send_json(send, 503, {"error": f"busy: {self.active} requests are being answered (at most "
+                                                        f"{self.max_requests}); retry later"}, {"Retry-After": "1"})
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

@@ -54,8 +54,9 @@ def serve(runner: Runner, settings: ServeSettings, log_level: str = "info") -> N
     check_settings(settings)
     app = create_app(runner, settings)
     app.state.service.warm()
+    # No uvicorn connection limit: it counted idle and half-sent connections, so a few of them locked every client
+    # out; the app bounds the requests it answers (RequestLimit) and the time a body may take (BodyLimit).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
-                            limit_concurrency=settings.max_concurrency, timeout_graceful_shutdown=GRACEFUL_SECONDS,
-                            lifespan="on", server_header=False)
+                            timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on", server_header=False)
     with signals_absorbed():
         uvicorn.Server(config).run()

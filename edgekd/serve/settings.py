@@ -18,8 +18,12 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     max_queue: int = 64
     max_concurrency: int | None = 256
+    """Requests being answered at once (/health aside) before the service answers 503; idle connections do not
+    count."""
     token: str | None = None
     max_upload_mb: float = 64.0
+    upload_timeout_s: float = 60.0
+    """A request body that takes longer than this to arrive is answered 408 (a stalled client holds no slot)."""
     decode_threads: int = 2
 
 
@@ -44,5 +48,9 @@ def check_settings(settings: ServeSettings) -> None:
             raise EdgeKDError(f"--{name.replace('_', '-')} must be >= 1")
     if settings.max_queue < settings.max_batch:
         raise EdgeKDError(f"--max-queue {settings.max_queue} must be at least --max-batch {settings.max_batch}")
+    if settings.max_concurrency is not None and settings.max_concurrency < 1:
+        raise EdgeKDError("--max-concurrency must be >= 1")
+    if not settings.upload_timeout_s > 0:
+        raise EdgeKDError(f"--upload-timeout must be > 0 seconds, got {settings.upload_timeout_s}")
     if not 0 <= settings.max_wait_ms <= 10_000:
         raise EdgeKDError(f"--max-wait-ms must be in [0, 10000], got {settings.max_wait_ms}")

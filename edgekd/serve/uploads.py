@@ -12,7 +12,9 @@ from edgekd.runtime import Preprocessor
 MULTI_FRAME_HINT = "the service takes one image per upload: send each frame as its own single-frame file"
 CONTENT_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/tiff": "TIFF", "image/bmp": "BMP",
                  "image/gif": "GIF", "image/webp": "WEBP", "application/dicom": "DICOM",
-                 "application/octet-stream": None, "": None}
+                 # the non-standard names clients still send
+                 "image/jpg": "JPEG", "image/pjpeg": "JPEG", "image/x-png": "PNG", "image/x-ms-bmp": "BMP",
+                 "image/dicom": "DICOM", "application/octet-stream": None, "": None}
 """Accepted declared types -> the format the content must then have (None: any image; the content decides)."""
 
 
