@@ -20,8 +20,9 @@ def check_run_dir(out: str | Path) -> None:
         raise EdgeKDError(f"--out {out}: holds an exported bundle ({METADATA_FILE}); train into another directory")
 
 
-RUN_FILES = ("best.pt", "last.pt", "metrics.json", "kfold.json")
-"""A finished or started run's files at the top of its folder (kfold.json: a k-fold run's)."""
+RUN_FILES = ("best.pt", "last.pt", "metrics.json", "kfold.json", "model.pt", "continual.json")
+"""A finished or started run's files at the top of its folder (kfold.json: a k-fold run's; model.pt and
+continual.json: a continual run's)."""
 
 
 def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, resume: bool, folds: int | None = None,
@@ -56,7 +57,7 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
     found = [f for f in RUN_FILES if (out / f).exists()]
     if found and not resume:
         log(f"warning: {out} already holds a run ({', '.join(found)}): its files are replaced by this one; "
-            "anything else there (a bundle, eval folders) stays from the earlier run")
+            "anything else there (a bundle, eval folders, task folders of other tasks) stays from the earlier run")
 
 
 def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print, progress=None):

@@ -35,7 +35,7 @@ class DataConfig(Section):
     """With `folds`, which fold of a stratified (group) k-fold is the validation split."""
     folds: int | None = Field(None, ge=2)
     class_names: list[str] | None = None
-    classes: list[int] | None = None
+    classes: list[int] | None = Field(None, min_length=1)
     """Keep only these label ids (remapped to 0..k-1 in the given order)."""
     limit: int | None = Field(None, ge=1)
     """Use at most this many images in each split, train, val and test alike (a stratified, seeded subset)."""
@@ -343,7 +343,7 @@ class ContinualTask(Section):
     name: str
     data: dict[str, Any] = {}
     """Keys of the data section that differ for this task (source, path, limit, ...)."""
-    classes: list[int] | None = None
+    classes: list[int] | None = Field(None, min_length=1)
     """This task's label ids in its dataset (default: all); they get new output ids after the earlier tasks'."""
 
 

@@ -288,6 +288,47 @@ def test_task_errors_name_the_task_and_the_real_problem(tmp_path):
     assert "task names must be unique, got ['A', 'A']" in str(err.value) and "limit" not in str(err.value)
 
 
+def test_class_incremental_tasks_bring_new_non_empty_class_sets(tmp_path):
+    npz = quadrant_npz(tmp_path / "a.npz", classes=4, n=(16, 8, 8))
+    tasks = [{"name": "A", "classes": [0, 1]}, {"name": "B", "classes": [1, 2]}]
+    with pytest.raises(EdgeKDError, match=r"^continual.tasks\[1\] \(B\): class 'class_1' is task 'A''s too"):
+        build_tasks(recipe_from_dict(base_recipe(npz, scenario="class_incremental", tasks=tasks)))
+    # An empty class list had meant every class (the head grew by all of them again).
+    with pytest.raises(EdgeKDError, match="classes.*at least 1 item"):
+        recipe_from_dict(base_recipe(npz, scenario="class_incremental",
+                                     tasks=[{"name": "A", "classes": [0, 1]}, {"name": "B", "classes": []}]))
+    with pytest.raises(EdgeKDError, match="data.classes.*at least 1 item"):
+        recipe_from_dict({**base_recipe(npz), "continual": None,
+                          "data": {**base_recipe(npz)["data"], "classes": []}})
+
+
+def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_another_recipe(tmp_path):
+    """The second task's new head rows come from the random state the first task's training left: a resumed run
+    restores it from task.pt, so it retrains what was interrupted exactly as before. A task.pt of another recipe,
+    or nothing to resume, is refused."""
+    from edgekd.continual.run import run_continual
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(32, 8, 8))
+    raw = base_recipe(npz, scenario="class_incremental",
+                      tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])
+    raw["train"]["epochs"] = 1
+    recipe = recipe_from_dict(raw)
+    whole = run_continual(recipe, tmp_path / "run", log=lambda s: None)
+    want = torch.load(whole.best_path, weights_only=True)["state_dict"]
+    for leftover in (tmp_path / "run" / "task2_b").iterdir():  # interrupted before task 2 ended
+        leftover.unlink()
+    resumed = run_continual(recipe, tmp_path / "run", resume=True, log=lambda s: None)
+    got = torch.load(resumed.best_path, weights_only=True)["state_dict"]
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    np.testing.assert_array_equal(resumed.acc_matrix, whole.acc_matrix)
+
+    other = recipe_from_dict({**raw, "train": {**raw["train"], "optimizer": {"name": "adam", "lr": 0.5}}})
+    with pytest.raises(EdgeKDError, match=r"task1_a/task.pt: was trained with another recipe"):
+        run_continual(other, tmp_path / "run", resume=True, log=lambda s: None)
+    with pytest.raises(EdgeKDError, match="nothing to resume"):
+        run_continual(recipe, tmp_path / "typo", resume=True, log=lambda s: None)
+
+
 # ------------------------------------------------------------------ rehearsal buffer
 def _table(labels, seed=0):
     labels = np.asarray(labels, dtype=np.int64)
@@ -679,6 +720,12 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     with pytest.raises(EdgeKDError, match="outputs, but the first task"):
         bad = base_recipe(npz_b, checkpoint=str(first.best_path), tasks=[{"name": "B"}, {"name": "A2"}])
         run_recipe(recipe_from_dict(bad), tmp_path / "bad", log=lambda s: None)
+    # As many classes, but others than the checkpoint learned: its outputs would be trained as the wrong classes.
+    with pytest.raises(EdgeKDError, match=r"learned the classes \['class_0', 'class_1'\], but the first task 'B' "
+                                          r"has \['class_1', 'class_2'\]"):
+        bad = base_recipe(npz_b, checkpoint=str(first.best_path), tasks=[{"name": "B", "classes": [1, 2]},
+                                                                          {"name": "A2", "classes": [0]}])
+        run_recipe(recipe_from_dict(bad), tmp_path / "bad2", log=lambda s: None)
 
 
 @pytest.mark.slow

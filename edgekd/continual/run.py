@@ -27,7 +27,8 @@ from edgekd.models import count_parameters, create_model, freeze, model_spec
 from edgekd.progress import progress_task
 from edgekd.train.checkpoint import load_checkpoint, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
-from edgekd.train.trainer import Trainer, predict_logits, resolve_device, seed_everything
+from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
+                                  seed_everything)
 
 
 @dataclass
@@ -73,6 +74,11 @@ def starting_model(recipe, tasks: list[Task]) -> tuple[nn.Module, dict[str, Any]
         if num_outputs(model) != first.num_classes:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: {num_outputs(model)} outputs, but the first task "
                               f"'{first.name}' has {first.num_classes} classes (checkpoint_task: false to retrain it)")
+        learned = [str(n).split(":", 1)[-1] for n in ckpt["class_names"]]  # a continual checkpoint's "task:class"
+        if [n.lower() for n in learned] != [str(n).lower() for n in first.class_names]:
+            raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: learned the classes {learned}, but the first task "
+                              f"'{first.name}' has {list(first.class_names)}: its outputs would be trained as other "
+                              "classes (select the checkpoint's classes, or checkpoint_task: false to retrain the head)")
         return model, spec, True
     resize_classifier(model, first.num_classes, keep=0)
     return model, spec, False
@@ -149,7 +155,9 @@ def _train_task(recipe, model: nn.Module, tasks: list[Task], i: int, step: TaskS
     fit = trainer.fit(progress=progress)
     write_csv_log(task_dir / "log.csv", fit.history)
     # The sequence goes on from the last epoch's weights: old-task data is not there to pick a "best".
-    save_checkpoint(task_dir / "task.pt", {"state_dict": _cpu_state(model),
+    # The random states go with it: a resumed run goes on from here as the uninterrupted one did (the next task's
+    # new head rows are drawn from them).
+    save_checkpoint(task_dir / "task.pt", {"state_dict": _cpu_state(model), "rng": rng_state(),
                                           "metrics": {}, "recipe_digest": recipe.digest(), **meta})
     return {"epochs": len(fit.history), "seconds": float(sum(h["epoch_seconds"] for h in fit.history)),
             "step_seconds": fit.step_seconds}
@@ -185,6 +193,16 @@ def _write_plots(recipe, out: Path, acc: np.ndarray, names: list[str], final: li
         plot_confusion(cm, final[-1]["columns"], out / "confusion_all_tasks.png", f"all classes after {names[-1]}")
 
 
+def resume_task(model: nn.Module, path: Path, recipe) -> None:
+    """Load a task finished by an earlier run of this very recipe (its weights and the random states after it)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("recipe_digest") != recipe.digest():
+        raise EdgeKDError(f"{path}: was trained with another recipe; resume with the same recipe and --set values")
+    load_state(model, ckpt["state_dict"], str(path))
+    if "rng" in ckpt:
+        restore_rng_state(ckpt["rng"])
+
+
 def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                   progress=None) -> ContinualResult:
     """Learn recipe.continual.tasks in order; after each, evaluate all learned tasks (accuracy matrix)."""
@@ -194,6 +212,9 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
     out = Path(out)
     seed_everything(recipe.seed, recipe.train.deterministic)
     tasks = build_tasks(recipe)
+    if resume and not any((out / f"task{i + 1}_{_slug(t.name)}" / name).is_file()
+                          for i, t in enumerate(tasks) for name in ("task.pt", "last.pt")):
+        raise EdgeKDError(f"{out}: no task.pt or last.pt of this recipe's tasks (nothing to resume)")
     model, spec, first_learned = starting_model(recipe, tasks)
     out.mkdir(parents=True, exist_ok=True)  # data and model built: a bad path has failed before anything is written
     write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -217,7 +238,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
             if i == 0 and first_learned:
                 log(f"task 1/{n} '{task.name}': learned by {cfg.checkpoint}")
             elif resume and (task_dir / "task.pt").is_file():
-                load_state(model, load_checkpoint(task_dir / "task.pt")["state_dict"], str(task_dir / "task.pt"))
+                resume_task(model, task_dir / "task.pt", recipe)
                 log(f"task {i + 1}/{n} '{task.name}': done before, loaded {task_dir / 'task.pt'}")
             else:
                 record.update(_train_task(recipe, model, tasks, i, step, plugins, criterion, task_dir,

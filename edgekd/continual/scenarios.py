@@ -66,6 +66,8 @@ def build_tasks(recipe) -> list[Task]:
             dm = build_data(recipe.model_copy(update={"data": data_cfg, "continual": None}))
         except EdgeKDError as err:
             raise EdgeKDError(f"{where}: {err}") from None
+        if recipe.continual.scenario == "class_incremental":
+            check_new_classes(tasks, data_cfg, dm.class_names, where)
         lo = len(global_names)
         global_names += [f"{tcfg.name}:{n}" for n in dm.class_names]
         task_data = DataModule(tables=_offset_tables(dm.tables, lo), class_names=list(global_names),
@@ -73,6 +75,19 @@ def build_tasks(recipe) -> list[Task]:
                                bad_files=dm.bad_files)
         tasks.append(Task(i, tcfg.name, list(dm.class_names), lo, lo + len(dm.class_names), task_data))
     return tasks
+
+
+def check_new_classes(tasks: list[Task], data_cfg, class_names: list[str], where: str) -> None:
+    """Class-incremental tasks bring new classes: a class an earlier task of the same dataset already has would get
+    a second output row, and the two rows would compete in the single head."""
+    for earlier in tasks:
+        cfg = earlier.data.cfg
+        if (cfg.source, cfg.path) != (data_cfg.source, data_cfg.path):
+            continue
+        shared = [n for n in class_names if n in earlier.class_names]
+        if shared:
+            raise EdgeKDError(f"{where}: class '{shared[0]}' is task '{earlier.name}''s too (a class-incremental "
+                              "task brings new classes; give each class to one task)")
 
 
 def same_channel_count(tables: list[Table]) -> list[Table]:

@@ -7,9 +7,9 @@ from edgekd.train.losses import FocalLoss, build_loss
 from edgekd.train.run import (RunResult, build_student_model, evaluate_checkpoint, loss_class_weights, train_model,
                               train_recipe, untrained_checkpoint)
 from edgekd.train.trainer import (Plugin, SupervisedObjective, Trainer, evaluate, predict_logits, resolve_device,
-                                  seed_everything)
+                                  restore_rng_state, rng_state, seed_everything)
 
 __all__ = ["FocalLoss", "Plugin", "RunResult", "SupervisedObjective", "Trainer", "build_loss", "build_student_model",
            "distributed_session", "evaluate", "evaluate_checkpoint", "is_main_process", "load_checkpoint",
            "load_state", "loss_class_weights", "model_from_checkpoint", "predict_logits", "process_rank",
-           "resolve_device", "save_checkpoint", "seed_everything", "train_model", "train_recipe", "untrained_checkpoint"]
+           "resolve_device", "restore_rng_state", "rng_state", "save_checkpoint", "seed_everything", "train_model", "train_recipe", "untrained_checkpoint"]

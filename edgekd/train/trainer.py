@@ -65,6 +65,27 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """The Python, numpy and torch (CPU) random states as tensors, so a checkpoint loaded with weights_only keeps
+    them: a run resumed from that point draws what the uninterrupted run drew."""
+    _, mt, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(mt.astype(np.int64)),
+            "numpy_extra": torch.tensor([pos, has_gauss, gauss], dtype=torch.float64),
+            "python": torch.tensor(internal, dtype=torch.int64),
+            "python_extra": torch.tensor([version, float("nan") if gauss_next is None else gauss_next],
+                                         dtype=torch.float64)}
+
+
+def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Set the random states `rng_state` recorded."""
+    pos, has_gauss, gauss = state["numpy_extra"].tolist()
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    version, gauss_next = state["python_extra"].tolist()
+    random.setstate((int(version), tuple(state["python"].tolist()), None if gauss_next != gauss_next else gauss_next))
+    torch.set_rng_state(state["torch"])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
