@@ -340,7 +340,9 @@ class DistillConfig(Section):
 
 class ContinualTask(Section):
     """One task of a continual sequence: the recipe's data section with these overrides, these label ids."""
-    name: str
+    name: str = Field(pattern=r"^[^.:]+$")
+    """Names the task in `--set continual.tasks.NAME.key=...` (so no '.') and prefixes its classes in the model's
+    class names, `NAME:class` (so no ':')."""
     data: dict[str, Any] = {}
     """Keys of the data section that differ for this task (source, path, limit, ...)."""
     classes: list[int] | None = Field(None, min_length=1)
