@@ -683,6 +683,18 @@ def test_class_incremental_two_tasks_end_to_end(tmp_path):
     assert [t["outputs"] for t in ckpt["continual"]["tasks"]] == [[0, 2], [2, 4]]
     # The tiny tasks are learnable: the first is learned, and the second too despite frozen BN statistics.
     assert acc[0, 0] > 0.7 and acc[1, 1] > 0.7
+    # `edgekd eval model.pt` scores the run's own tasks as the run did (the top-level data section is neither the
+    # tasks' data nor the model's classes): the last row of the accuracy matrix, and its mean.
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    split = summary["eval_split"]
+    res = CliRunner().invoke(app, ["eval", str(result.best_path), "--split", split, "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())[split]
+    assert [evaluated["per_task"][t]["acc"] for t in ("a", "b")] == pytest.approx(acc[1].tolist())
+    assert evaluated["acc"] == pytest.approx(acc[1].mean()) and "task b" in res.output
 
 
 @pytest.mark.slow

@@ -178,7 +178,11 @@ def _eval_options(split: str, corruptions: bool, only: Optional[str], severities
 
 def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str, ...]) -> None:
     """`edgekd eval CHECKPOINT`: the metrics table, a warning per split that calls nearly everything one class."""
+    from edgekd.train.checkpoint import load_checkpoint
     from edgekd.train.run import evaluate_checkpoint
+
+    if data_recipe is None and load_checkpoint(checkpoint).get("continual"):
+        return _eval_continual(checkpoint, out, splits)
 
     result = with_progress(lambda log, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar,
                                                                 log=log))
@@ -186,6 +190,19 @@ def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str
     for s in splits:
         if result[s].get("warning"):
             console.print(f"[yellow]warning:[/] {escape(result[s]['warning'])}")
+    console.print(f"wrote {out / 'metrics.json'}")
+
+
+def _eval_continual(checkpoint: Path, out: Path, splits: tuple[str, ...]) -> None:
+    """A continual checkpoint: a row per task and split (each scored as the run scored it), then their mean."""
+    from edgekd.continual import evaluate_continual_checkpoint
+
+    with console.status(f"evaluating the tasks of {checkpoint} ..."):
+        result = evaluate_continual_checkpoint(checkpoint, out, splits)
+    rows = [{"model": f"task {name}", "split": s, **result[s]["per_task"][name]} for s in splits
+            for name in result["tasks"]]
+    rows += [{"model": "mean over tasks", "split": s, "acc": result[s]["acc"], "f1": result[s]["f1"]} for s in splits]
+    out_console.print(metrics_table(f"{checkpoint} ({result['head']} head)", rows, keys=("acc", "f1")))
     console.print(f"wrote {out / 'metrics.json'}")
 
 

@@ -105,6 +105,34 @@ def evaluate_task(model: nn.Module, tasks: list[Task], head: str, task: int, ste
             "columns": tasks[step].data.class_names[lo:hi]}
 
 
+def evaluate_continual_checkpoint(checkpoint: str | Path, out: str | Path, splits: tuple[str, ...] = ("test",),
+                                  device: str = "auto") -> dict[str, Any]:
+    """A continual checkpoint on its own tasks, rebuilt from its embedded recipe and scored as the run scored them
+    (multi-head: each task on its own head; single head: every learned class competes): per task ACC and macro F1,
+    and their mean; writes metrics.json. The top-level data section is not the tasks' data, nor are its classes
+    the model's outputs."""
+    from edgekd.recipe import recipe_from_dict
+
+    model, ckpt = model_from_checkpoint(checkpoint)
+    layout = ckpt["continual"]
+    recipe = recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
+    tasks = build_tasks(recipe)[: len(layout["tasks"])]
+    if [(t.name, [t.lo, t.hi]) for t in tasks] != [(t["name"], list(t["outputs"])) for t in layout["tasks"]]:
+        raise EdgeKDError(f"{checkpoint}: its embedded recipe's tasks do not match the tasks it records")
+    dev = resolve_device(device)
+    model.to(dev)
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "model": ckpt["arch"]["name"], "role": ckpt.get("role"),
+                              "head": layout["head"], "tasks": [t.name for t in tasks]}
+    for split in splits:
+        scores = [evaluate_task(model, tasks, layout["head"], j, len(tasks) - 1, split, dev) for j in range(len(tasks))]
+        result[split] = {"acc": float(np.mean([r["acc"] for r in scores])),
+                         "f1": float(np.mean([r["f1"] for r in scores])),
+                         "per_task": {r["task"]: {k: r[k] for k in ("n", "acc", "f1", "confusion_matrix")}
+                                      for r in scores}}
+    write_json(Path(out) / "metrics.json", result)
+    return result
+
+
 def plot_task_accuracy(acc: np.ndarray, names: list[str], path: Path, title: str) -> Path:
     """Accuracy of each task (one line from the step it is learned) over the task sequence, and the average."""
     from edgekd.metrics.plots import plt, save_figure
