@@ -70,13 +70,14 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         start = recipe.continual.checkpoint if recipe.continual else None
         model = _arch_name(start) if start else recipe.model.name
         teacher = _arch_name(recipe.distill.teacher) if recipe.distill else None
+        macs = getattr(result, "macs", None) or _final_macs(result.best_path)
     steps = _step_seconds(result)
     step = steps[-1] if steps else float("nan")
     batch = recipe.data.batch_size * recipe.train.grad_accum
     return CheckResult(
         recipe=str(path), name=recipe.name,
         kind="continual" if recipe.continual else "distill" if recipe.distill else "supervised",
-        model=model, params=int(result.params), macs=getattr(result, "macs", None),
+        model=model, params=int(result.params), macs=macs,
         input_size=[recipe.data.channels, recipe.data.image_size, recipe.data.image_size],
         batch_size=recipe.data.batch_size, step_seconds=step, train_images=train_images,
         epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
@@ -89,6 +90,15 @@ def _step_seconds(result) -> list[float]:
     return [s for step in result.summary["steps"] for s in step.get("step_seconds", [])]
 
 
+def _final_macs(checkpoint: Path) -> int | None:
+    """MACs of the model a run ended with (a continual run's, its head grown over every task)."""
+    from edgekd.models import count_macs
+    from edgekd.train.checkpoint import model_from_checkpoint
+
+    model, ckpt = model_from_checkpoint(checkpoint)
+    return count_macs(model, tuple(ckpt["preprocess"]["input_size"]))
+
+
 def _arch_name(checkpoint: str) -> str:
     from edgekd.train.checkpoint import load_checkpoint
 
@@ -96,7 +106,8 @@ def _arch_name(checkpoint: str) -> str:
 
 
 def count_train_images(recipe: Recipe) -> int:
-    """Build the recipe's data as training would (every file decoded once): the train split's size."""
+    """Build the recipe's data as training would (every file decoded once): the train split's size; a continual
+    recipe's summed over its tasks (the per-epoch estimate is then one epoch of every task)."""
     if recipe.continual:
         from edgekd.continual.scenarios import build_tasks
 
