@@ -55,6 +55,10 @@ def records_markdown(records: list[dict], summary: dict | None = None) -> str:
     lines.append("|" + "|".join("---" if i < 6 else "---:" for i in range(len(COLUMNS))) + "|")
     for r in records:
         lines.append("| " + " | ".join(cell(r, k, f) for _, k, f in COLUMNS) + " |")
+    over = [r for r in records if (r.get("gemm_peak_fraction") or 0) > 1]
+    if over:  # no model runs faster than the machine's own matrix multiply: the peak was measured in a busy spell
+        lines += ["", f"- {len(over)} row(s) above 100% of the GEMM peak: the peak was measured low (a busy machine, "
+                  "or too short a measurement); read their % GEMM peak as an upper bound, not a figure"]
     failed = {(r["role"], r["format"], r["precision"], r["variant"]): r["reason"] for r in records
               if r.get("status") != "ok"}
     if failed:

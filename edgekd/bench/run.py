@@ -535,7 +535,7 @@ def _measure_gemm(cfg: BenchConfig, work: Path, when: str, log: Callable[[str], 
     # numpy's BLAS reads its thread count from the environment at start (threadpoolctl, with the train extra, too).
     blas = {k: str(cfg.threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     result = run_worker({"kind": "gemm", "variant": "gemm", "threads": cfg.threads,
-                         "min_seconds": min(1.0, max(0.05, cfg.timing.min_seconds / 2))}, work, cfg.worker_timeout,
+                         "min_seconds": min(1.0, max(0.25, cfg.timing.min_seconds / 2))}, work, cfg.worker_timeout,
                         env=blas)
     return result.get("gemm") or {"error": result.get("error")}
 
