@@ -38,11 +38,12 @@ def records_markdown(records: list[dict], summary: dict | None = None) -> str:
                      f"; other processes used {m['other_processes_cpu_cores']:.2f} cores on average during the run"),
                   f"- threads: {summary['threads']}; TTA: {'yes' if summary['tta'] else 'no'}; timing: "
                   f"{summary['timing']['warmup']} warm-up calls, then >= {summary['timing']['min_runs']} calls "
-                  f"and >= {summary['timing']['min_seconds']} s per measurement",
-                  "- accuracy: runner rows label an image as `edgekd predict` does (the bundle's calibrated "
-                  "probabilities, TTA views averaged after its temperature, and its operating point: a threshold "
-                  "if it has one); torch and bare rows take the argmax of the mean raw softmax, so with a calibrated "
-                  "or thresholded bundle the two can differ on the same model"]
+                  f"and >= {summary['timing']['min_seconds']} s per measurement"]
+        if summary.get("runner_accuracy") == "operating_point":  # runs before it scored runner rows by argmax
+            lines.append("- accuracy: runner rows label an image as `edgekd predict` does (the bundle's calibrated "
+                         "probabilities, TTA views averaged after its temperature, and its operating point: a "
+                         "threshold if it has one); torch and bare rows take the argmax of the mean raw softmax, so "
+                         "with a calibrated or thresholded bundle the two can differ on the same model")
         if summary.get("versions"):
             lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
         if gemm.get("peak_gflops"):
@@ -55,10 +56,10 @@ def records_markdown(records: list[dict], summary: dict | None = None) -> str:
     lines.append("|" + "|".join("---" if i < 6 else "---:" for i in range(len(COLUMNS))) + "|")
     for r in records:
         lines.append("| " + " | ".join(cell(r, k, f) for _, k, f in COLUMNS) + " |")
-    over = [r for r in records if (r.get("gemm_peak_fraction") or 0) > 1]
-    if over:  # no model runs faster than the machine's own matrix multiply: the peak was measured in a busy spell
-        lines += ["", f"- {len(over)} row(s) above 100% of the GEMM peak: the peak was measured low (a busy machine, "
-                  "or too short a measurement); read their % GEMM peak as an upper bound, not a figure"]
+    over = [r for r in records if r.get("precision") in ("fp32", "fp16") and (r.get("gemm_peak_fraction") or 0) > 1]
+    if over:  # no float model outruns the machine's own FP32 matrix multiply (INT8 may): a peak measured when busy
+        lines += ["", f"- {len(over)} FP32/FP16 row(s) above 100% of the FP32 GEMM peak: the peak was measured low "
+                  "(a busy machine, or too short a measurement); read their % GEMM peak as an upper bound"]
     failed = {(r["role"], r["format"], r["precision"], r["variant"]): r["reason"] for r in records
               if r.get("status") != "ok"}
     if failed:

@@ -650,7 +650,7 @@ def _measure_and_write(cfg: BenchConfig, subjects: list[Subject], work: Path, st
                     "load_avg_at_start": load_start, "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
                     "other_processes_cpu_cores": other_cpu.cores()},
         "threads": cfg.threads, "batches": cfg.batches, "tta": cfg.tta, "timing": cfg.timing.as_kwargs(),
-        "versions": software_versions(), "gemm": gemm_info, "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
+        "versions": software_versions(), "runner_accuracy": "operating_point", "gemm": gemm_info, "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
     }
     return _write_outputs(cfg, subjects, records, summary)
 
