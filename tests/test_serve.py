@@ -141,9 +141,8 @@ def test_openvino_batches_are_padded_to_a_few_compiled_sizes(runner):
     np.testing.assert_allclose(preds[2].probs, runner.predict(arr).probs, atol=1e-6)
 
 
-def test_full_queue_answers_503_and_the_service_recovers(runner):
-    app = create_app(runner, ServeSettings(max_batch=1, max_wait_ms=0, max_queue=2))
-    service = app.state.service
+def hold_the_model(service) -> tuple[threading.Event, threading.Event]:
+    """The service's model waits in its first call: (set once a batch is being run, set it to let the batch go)."""
     busy, release, original = threading.Event(), threading.Event(), service.batcher.predict
 
     def held_model(images, sources):
@@ -152,6 +151,13 @@ def test_full_queue_answers_503_and_the_service_recovers(runner):
         return original(images, sources)
 
     service.batcher.predict = held_model
+    return busy, release
+
+
+def test_full_queue_answers_503_and_the_service_recovers(runner):
+    app = create_app(runner, ServeSettings(max_batch=1, max_wait_ms=0, max_queue=2))
+    service = app.state.service
+    busy, release = hold_the_model(service)
 
     async def go(client):
         post = lambda i: client.post("/predict", content=png(i), headers={"content-type": "image/png"})  # noqa: E731
@@ -374,14 +380,7 @@ def test_requests_over_the_limit_get_a_json_503_counted_in_the_metrics(runner):
     stays open; the refusals are counted."""
     app = create_app(runner, ServeSettings(max_batch=1, max_wait_ms=0, max_concurrency=1))
     service = app.state.service
-    busy, release, original = threading.Event(), threading.Event(), service.batcher.predict
-
-    def held_model(images, sources):
-        busy.set()
-        release.wait(10)
-        return original(images, sources)
-
-    service.batcher.predict = held_model
+    busy, release = hold_the_model(service)
 
     async def go(client):
         held = asyncio.ensure_future(client.post("/predict", content=png(0), headers={"content-type": "image/png"}))
