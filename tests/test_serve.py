@@ -468,3 +468,26 @@ def test_the_non_standard_image_types_clients_send_are_accepted(declared, fmt):
     buf = io.BytesIO()
     Image.fromarray(random_pixels((8, 8, 3), seed=1)).save(buf, format=fmt)
     check_upload(buf.getvalue(), declared, "a")  # no UploadError
+
+
+def test_a_request_cancelled_by_the_shutdown_gets_a_json_503():
+    """uvicorn cancels what is unanswered when the grace period ends: a JSON 503, not a dropped connection and a
+    CancelledError traceback; the request slot is given back either way."""
+    from edgekd.serve.limits import RequestLimit
+
+    async def cancelled_app(scope, receive, send):
+        raise asyncio.CancelledError
+
+    async def go():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        limit = RequestLimit(cancelled_app, max_requests=2)
+        await limit({"type": "http", "path": "/predict", "headers": []}, None, send)
+        return limit.active, sent
+
+    active, sent = asyncio.run(go())
+    assert active == 0 and sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"].startswith("the service shut down before this request was answered")

@@ -66,7 +66,8 @@ class RequestLimit:
     """At most `max_requests` requests answered at once, /health aside (a load balancer must still see the service
     up); the next gets 503 with Retry-After before its upload is read. Requests, not connections: idle or half-sent
     connections never reach it (uvicorn's own connection limit counted those, so a few idle sockets locked every
-    client out)."""
+    client out). A request still unanswered when a shutdown's grace period ends (uvicorn cancels it) gets a JSON
+    503 rather than a dropped connection and a CancelledError traceback in the log."""
 
     EXEMPT = ("/health",)
 
@@ -74,13 +75,26 @@ class RequestLimit:
         self.app, self.max_requests, self.active = app, max_requests, 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.max_requests is None or scope["path"] in self.EXEMPT:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.active >= self.max_requests:
+        counted = self.max_requests is not None and scope["path"] not in self.EXEMPT
+        if counted and self.active >= self.max_requests:
             return await send_json(send, 503, {"error": f"busy: {self.active} requests are being answered (at most "
                                                         f"{self.max_requests}); retry later"}, {"Retry-After": "1"})
-        self.active += 1
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self.active += counted
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            await send_json(send, 503, {"error": "the service shut down before this request was answered; retry"},
+                            {"Retry-After": "1"})
         finally:
-            self.active -= 1
+            self.active -= counted
