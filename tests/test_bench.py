@@ -225,6 +225,9 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
         run_bench(BenchConfig(bundle, tmp_path / "b7", formats="torch", precisions="fp32", batches="1", gemm=False),
                   log=lambda *_: None)
     assert not (tmp_path / "b7").exists()
+    with pytest.raises(EdgeKDError, match="no format offers these precisions"):  # no row planned at all
+        run_bench(BenchConfig(bundle, tmp_path / "b8", formats="torch", precisions="int8", batches="1", gemm=False),
+                  log=lambda *_: None)
     # A zipped bundle: its extracted copy lives through the rows (the bare rows read its files).
     from edgekd.export.bundle import write_zip
 

@@ -1,6 +1,8 @@
 """End-to-end CLI: train one short epoch on a tiny subset, eval, metrics.json; bad input -> one line, exit 2."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -85,6 +87,11 @@ def test_help_fits_80_columns_without_truncation():
 def test_export_refuses_both_accuracy_control_flags(tmp_path):
     assert_one_line_error(run_edgekd("export", str(tmp_path / "x.pt"), "--accuracy-control", "--no-accuracy-control"),
                           "give one")
+
+
+def test_the_cli_package_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "edgekd.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("edgekd "), proc.stderr
 
 
 def test_a_usage_error_is_one_line_naming_the_help(tmp_path):

@@ -695,6 +695,14 @@ def test_class_incremental_two_tasks_end_to_end(tmp_path):
     evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())[split]
     assert [evaluated["per_task"][t]["acc"] for t in ("a", "b")] == pytest.approx(acc[1].tolist())
     assert evaluated["acc"] == pytest.approx(acc[1].mean()) and "task b" in res.output
+    # --set overrides the embedded recipe and still scores the tasks (the data moved: the same figures)
+    moved = tmp_path / "moved.npz"
+    moved.write_bytes(npz.read_bytes())
+    res = CliRunner().invoke(app, ["eval", str(result.best_path), "--split", split, "--set", f"data.path={moved}",
+                                   "--out", str(tmp_path / "ev2")])
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "ev2" / "metrics.json").read_text())[split]
+    assert again["acc"] == pytest.approx(evaluated["acc"]) and set(again["per_task"]) == {"a", "b"}
 
 
 @pytest.mark.slow

@@ -208,3 +208,4 @@ def test_a_missing_package_names_the_extra_that_installs_it():
     assert "pip install 'edgekd[train]'" in missing_package("a_package_nobody_has")
     line = missing_package("numpy.opset13_nowhere")  # numpy is installed: its missing submodule is a version issue
     assert "too old" in line and "'numpy.opset13_nowhere'" in line and "edgekd[" not in line
+    assert "pip install -U 'scikit-learn'" in missing_package("sklearn.not_a_module")  # the pip name, not 'sklearn'

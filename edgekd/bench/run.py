@@ -606,8 +606,12 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     other_cpu = OtherCPU()
 
     def leave_nothing() -> None:  # a failed or stopped run leaves no half-made output behind
-        remove_trees([cfg.out] if cfg.out in created else
-                     [work] * (work in created) + sorted(set(cfg.out.glob("bundle-*")) - bundles_before))
+        made = [cfg.out] if cfg.out in created else [work] * (work in created) + sorted(
+            set(cfg.out.glob("bundle-*")) - bundles_before)
+        remove_trees([p for p in made if p.is_dir()])
+        for p in made:  # a refusal record, bundle-<role>-refused.json
+            if p.is_file():
+                p.unlink()
 
     if cfg.out in created:  # a stop signal during the export (which ends the process at once) removes it too
         track_tree(cfg.out)
@@ -637,7 +641,8 @@ def _measure_and_write(cfg: BenchConfig, subjects: list[Subject], work: Path, st
     if not any(r["status"] == "ok" for r in records):
         reasons = dict.fromkeys(f"{r['role']} {r['format']}/{r['precision']} {r['variant']}: {r['reason']}"
                                 for r in records)
-        raise EdgeKDError("no row could run (nothing written): " + "; ".join(reasons))
+        raise EdgeKDError("no row could run (nothing written): " + ("; ".join(reasons) or "no format offers these "
+                                                                     "precisions (torch rows are fp32 only)"))
     if measure:
         gemm_info = _higher_peak(gemm_info, _measure_gemm(cfg, work, "after", log))
     peak = (gemm_info or {}).get("peak_gflops")

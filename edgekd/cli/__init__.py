@@ -17,6 +17,3 @@ for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 
 __all__ = ["COMMANDS", "app", "run", "stopped"]
-
-if __name__ == "__main__":
-    run()

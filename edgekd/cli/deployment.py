@@ -192,8 +192,8 @@ def serve(
                                         help="Requests answered at once before a 503 (/health aside; idle "
                                              "connections do not count)."),
     max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", min=0.001, help="Largest request body."),
-    upload_timeout: float = typer.Option(60.0, "--upload-timeout", min=0.1, help="Seconds a request body may take "
-                                         "to arrive before a 408."),
+    upload_timeout: float = typer.Option(15.0, "--upload-timeout", min=0.1, help="Seconds a request body may go "
+                                         "without a byte before a 408."),
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                               help="Decision threshold on the positive class's calibrated probability "
                                                    "(two-class bundles; default: the bundle's)."),

@@ -134,14 +134,15 @@ def missing_package(module: str) -> str:
     except (ImportError, ValueError):
         installed = False
     if installed:
-        from importlib.metadata import PackageNotFoundError, version
+        from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
+        dist = (packages_distributions().get(top) or [top])[0]  # sklearn -> scikit-learn, PIL -> pillow
         try:
-            have = f" {version(top)}"
+            have = f" {version(dist)}"
         except PackageNotFoundError:
             have = ""
-        return (f"the installed {top}{have} has no module '{module}': too old for this edgekd (pip install -U "
-                f"'{top}')")
+        return (f"the installed {dist}{have} has no module '{module}': too old for this edgekd, or another package "
+                f"of that name (pip install -U '{dist}')")
     extra = EXTRAS.get(top, "train")
     needs = "training, export and checkpoints need" if extra == "train" else "this command needs"
     return (f"this needs the Python package '{top}', which is not installed ({needs} the {extra} extra: "

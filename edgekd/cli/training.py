@@ -182,8 +182,8 @@ def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str
     from edgekd.train.checkpoint import load_checkpoint
     from edgekd.train.run import evaluate_checkpoint
 
-    if data_recipe is None and load_checkpoint(checkpoint).get("continual"):
-        return _eval_continual(checkpoint, out, splits)
+    if load_checkpoint(checkpoint).get("continual"):
+        return _eval_continual(checkpoint, out, splits, data_recipe)
 
     result = with_progress(lambda log, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar,
                                                                 log=log))
@@ -194,12 +194,12 @@ def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str
     console.print(f"wrote {out / 'metrics.json'}")
 
 
-def _eval_continual(checkpoint: Path, out: Path, splits: tuple[str, ...]) -> None:
+def _eval_continual(checkpoint: Path, out: Path, splits: tuple[str, ...], data_recipe) -> None:
     """A continual checkpoint: a row per task and split (each scored as the run scored it), then their mean."""
     from edgekd.continual import evaluate_continual_checkpoint
 
     with console.status(f"evaluating the tasks of {checkpoint} ..."):
-        result = evaluate_continual_checkpoint(checkpoint, out, splits)
+        result = evaluate_continual_checkpoint(checkpoint, out, splits, recipe=data_recipe)
     rows = [{"model": f"task {name}", "split": s, **result[s]["per_task"][name]} for s in splits
             for name in result["tasks"]]
     rows += [{"model": "mean over tasks", "split": s, "acc": result[s]["acc"], "f1": result[s]["f1"]} for s in splits]

@@ -74,7 +74,8 @@ def starting_model(recipe, tasks: list[Task]) -> tuple[nn.Module, dict[str, Any]
         if num_outputs(model) != first.num_classes:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: {num_outputs(model)} outputs, but the first task "
                               f"'{first.name}' has {first.num_classes} classes (checkpoint_task: false to retrain it)")
-        learned = [str(n).split(":", 1)[-1] for n in ckpt["class_names"]]  # a continual checkpoint's "task:class"
+        learned = [str(n).split(":", 1)[-1] if ckpt.get("continual") else str(n)  # a continual one's "task:class"
+                   for n in ckpt["class_names"]]
         if [n.lower() for n in learned] != [str(n).lower() for n in first.class_names]:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: learned the classes {learned}, but the first task "
                               f"'{first.name}' has {list(first.class_names)}: its outputs would be trained as other "
@@ -106,16 +107,19 @@ def evaluate_task(model: nn.Module, tasks: list[Task], head: str, task: int, ste
 
 
 def evaluate_continual_checkpoint(checkpoint: str | Path, out: str | Path, splits: tuple[str, ...] = ("test",),
-                                  device: str = "auto") -> dict[str, Any]:
+                                  device: str = "auto", recipe=None) -> dict[str, Any]:
     """A continual checkpoint on its own tasks, rebuilt from its embedded recipe and scored as the run scored them
     (multi-head: each task on its own head; single head: every learned class competes): per task ACC and macro F1,
     and their mean; writes metrics.json. The top-level data section is not the tasks' data, nor are its classes
-    the model's outputs."""
+    the model's outputs. `recipe`: its embedded recipe with overrides (e.g. the tasks' data moved elsewhere)."""
     from edgekd.recipe import recipe_from_dict
 
     model, ckpt = model_from_checkpoint(checkpoint)
     layout = ckpt["continual"]
-    recipe = recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
+    recipe = recipe or recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
+    if recipe.continual is None:
+        raise EdgeKDError(f"{checkpoint}: a continual checkpoint is evaluated on its tasks: the data recipe needs the "
+                          "continual section (give --set overrides of its own recipe instead)")
     tasks = build_tasks(recipe)[: len(layout["tasks"])]
     if [(t.name, [t.lo, t.hi]) for t in tasks] != [(t["name"], list(t["outputs"])) for t in layout["tasks"]]:
         raise EdgeKDError(f"{checkpoint}: its embedded recipe's tasks do not match the tasks it records")

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from edgekd.errors import error_line
 from edgekd.runtime import Prediction, Runner
@@ -173,6 +174,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BatchTooLarge, lambda _r, e: error(413, str(e)))
     app.add_exception_handler(UploadTimedOut, lambda _r, e: error(408, str(e)))
     app.add_exception_handler(ClientGone, lambda _r, e: Response(status_code=CLIENT_GONE))
+    app.add_exception_handler(ClientDisconnect, lambda _r, e: Response(status_code=CLIENT_GONE))  # mid-upload
     app.add_exception_handler(HTTPException, lambda _r, e: error(e.status_code, str(e.detail), e.headers))
     app.add_exception_handler(RequestValidationError, lambda _r, e: error(
         422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())))

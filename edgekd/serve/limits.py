@@ -26,10 +26,11 @@ async def send_json(send, status: int, body: dict, headers: dict[str, str] | Non
 
 
 class BodyLimit:
-    """At most `max_bytes` of body, arriving within `timeout` seconds of the first read (a client that sends a few
-    bytes of a promised upload and stalls would otherwise hold its request slot for good)."""
+    """At most `max_bytes` of body, and never `timeout` seconds without a byte of it (a client that sends a few
+    bytes of a promised upload and stalls would otherwise hold its request slot for good; a slow but steady upload
+    goes on)."""
 
-    def __init__(self, app, max_bytes: int, timeout: float = 60.0):
+    def __init__(self, app, max_bytes: int, timeout: float = 15.0):
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
@@ -40,18 +41,16 @@ class BodyLimit:
             reason = (f"upload of {int(declared)} bytes is over the {self.max_bytes} byte limit" if declared.isdigit()
                       else "invalid Content-Length header")
             return await send_json(send, 413 if declared.isdigit() else 400, {"error": reason})
-        received, body_done, deadline = 0, False, None
+        received, body_done = 0, False
 
         async def limited():
-            nonlocal received, body_done, deadline
+            nonlocal received, body_done
             if body_done:  # after the body: waiting for a disconnect, no deadline
                 return await receive()
-            loop = asyncio.get_running_loop()
-            deadline = deadline or loop.time() + self.timeout
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                message = await asyncio.wait_for(receive(), self.timeout)
             except asyncio.TimeoutError:
-                raise UploadTimedOut(f"the upload did not arrive within {self.timeout:g} s") from None
+                raise UploadTimedOut(f"the upload stalled: no data for {self.timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
@@ -64,9 +63,9 @@ class BodyLimit:
 
 class RequestLimit:
     """At most `max_requests` requests answered at once, /health aside (a load balancer must still see the service
-    up); the next gets 503 with Retry-After before its upload is read. Requests, not connections: idle or half-sent
-    connections never reach it (uvicorn's own connection limit counted those, so a few idle sockets locked every
-    client out). A request still unanswered when a shutdown's grace period ends (uvicorn cancels it) gets a JSON
+    up); the next gets 503 with Retry-After before its upload is read. Requests, not connections: a connection that
+    has not sent its headers never reaches it (uvicorn's own connection limit counted those, so a few idle sockets
+    locked every client out), and a body that stalls is cut off by BodyLimit's timeout. A request still unanswered when a shutdown's grace period ends (uvicorn cancels it) gets a JSON
     503 rather than a dropped connection and a CancelledError traceback in the log."""
 
     EXEMPT = ("/health",)

@@ -22,8 +22,8 @@ class ServeSettings:
     count."""
     token: str | None = None
     max_upload_mb: float = 64.0
-    upload_timeout_s: float = 60.0
-    """A request body that takes longer than this to arrive is answered 408 (a stalled client holds no slot)."""
+    upload_timeout_s: float = 15.0
+    """Seconds a request body may go without a byte before it is answered 408 (a stalled client frees its slot)."""
     decode_threads: int = 2
 
 
