@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, export_plain_onnx, random_pixels
+from conftest import REPO, export_plain_onnx, random_pixels, run_edgekd
 from edgekd.errors import EdgeKDError
 from edgekd.runtime import Failure, Preprocessor, Runner, open_bundle, softmax
 from edgekd.runtime.backends import Slot
@@ -1087,3 +1087,27 @@ def test_a_dicom_rescaled_to_nan_names_its_file(tmp_path):
                        RescaleIntercept=0)
     with pytest.raises(EdgeKDError, match=r"scan\.dcm: image holds NaN or Inf values"):
         read_image(path)
+
+
+def test_a_blank_image_is_answered_with_a_warning(bundle, tmp_path):
+    """A model answers an empty picture as confidently as any other: the answer says it means nothing, in the
+    runner's result, `predict`'s output and JSON; a real image gets no warning."""
+    import json as json_
+
+    from edgekd.runtime import Runner
+    from edgekd.runtime.runner import BLANK_IMAGE
+
+    runner = Runner.from_bundle(bundle, backend="onnx", threads=1)
+    blank = runner.predict(np.zeros((20, 20), np.uint8))
+    one_pixel = runner.predict(np.full((1, 1, 3), 200, np.uint8))
+    real = runner.predict(random_pixels((20, 20, 3), seed=3))
+    assert blank.warning == one_pixel.warning == BLANK_IMAGE and real.warning is None
+    assert blank.to_dict()["warning"] == BLANK_IMAGE and "warning" not in real.to_dict()
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "black.png")
+    Image.fromarray(random_pixels((20, 20, 3), seed=3)).save(tmp_path / "scan.png")
+    proc = run_edgekd("predict", str(bundle), str(tmp_path / "black.png"), str(tmp_path / "scan.png"), "--backend",
+                      "onnx", "--out", str(tmp_path / "p.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" in proc.stderr and "black.png: blank image" in proc.stderr and "scan.png:" not in proc.stderr
+    answers = {Path(p["file"]).name: p for p in json_.loads((tmp_path / "p.json").read_text())["predictions"]}
+    assert answers["black.png"]["warning"] == BLANK_IMAGE and "warning" not in answers["scan.png"]

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from edgekd.cli.console import BUNDLE_PRECISION_HELP, console, out_console, progress_bar, with_progress
 from edgekd.cli.tables import predictions_table, task_predictions_table, continual_table, parity_table
-from edgekd.errors import EdgeKDError, error_line
+from edgekd.errors import EdgeKDError, error_line, printable
 from edgekd.options import split_list
 
 
@@ -124,6 +124,9 @@ def predict(
         for result in runner.predict_many(paths, batch=batch):
             if isinstance(result, Failure):
                 progress.console.print(f"[bold red]error:[/] {escape(error_line(result.error))}", soft_wrap=True)
+            elif _warning(result):
+                progress.console.print(f"[yellow]warning:[/] {escape(printable(result.source))}: "
+                                       f"{escape(_warning(result))}", soft_wrap=True)
             results.append(result)
             progress.advance(bar)
     results += [Failure(source, message) for source, message in problems]
@@ -137,6 +140,12 @@ def predict(
     if failed:
         console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
         raise typer.Exit(1)
+
+
+def _warning(result) -> str | None:
+    """A prediction's warning (a multi-head result's: its tasks share the image, so the first task's)."""
+    parts = list(result.tasks.values()) if hasattr(result, "tasks") and isinstance(result.tasks, dict) else [result]
+    return next((p.warning for p in parts if getattr(p, "warning", None)), None)
 
 
 def _write_predict_output(out: Path, results: list, runner, bundle: Path, tta_option, task: str | None) -> None:

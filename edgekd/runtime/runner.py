@@ -42,6 +42,8 @@ class Prediction:
     raw_probs: np.ndarray | None = None
     task: str | None = None
     """The task (head) of a multi-head bundle this prediction is for; None for a bundle with one head."""
+    warning: str | None = None
+    """Why this prediction says little about the image (BLANK_IMAGE), else None."""
 
     @property
     def prob(self) -> float:
@@ -55,7 +57,13 @@ class Prediction:
             out["views"] = {v: {c: float(p) for c, p in zip(self.class_names, ps)} for v, ps in self.view_probs.items()}
         if self.raw_probs is not None:
             out["uncalibrated"] = {c: float(p) for c, p in zip(self.class_names, self.raw_probs)}
+        if self.warning is not None:
+            out["warning"] = self.warning
         return out
+
+
+BLANK_IMAGE = ("blank image: every pixel at model size has the same value (an empty, 1x1, all-black or fully "
+               "transparent image?); the prediction says nothing about it")
 
 
 @dataclass
@@ -69,6 +77,15 @@ class TaskPredictions:
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.source, "tasks": {name: {k: v for k, v in p.to_dict().items() if k not in ("file", "task")}
                                                for name, p in self.tasks.items()}}
+
+
+def flag_blank(result: Prediction | TaskPredictions, sized: np.ndarray) -> Prediction | TaskPredictions:
+    """`result` with the BLANK_IMAGE warning when its model-size image is one flat value: a model still answers,
+    often confidently, for nothing there."""
+    if int(sized.max()) - int(sized.min()) < 2:
+        for p in result.tasks.values() if isinstance(result, TaskPredictions) else [result]:
+            p.warning = BLANK_IMAGE
+    return result
 
 
 @dataclass
@@ -237,7 +254,7 @@ class Runner:
             slot = self._engine().image_slot(1, views, sized.shape[-1])
             slot.inputs[0] = sized
             probs = self._run(slot, 1, views)
-        return self._ensembled(_describe(image), probs, views)
+        return flag_blank(self._ensembled(_describe(image), probs, views), sized)
 
     def predict_batch(self, images: Sequence[ImageInput], tta: TTAOption = None,
                       sources: Sequence[str] | None = None) -> list[Prediction | TaskPredictions]:
@@ -266,7 +283,8 @@ class Runner:
                 slot.inputs[i] = image
             probs = self._run(slot, len(sized), views)
         v = len(views) if views is not None else 1
-        return [self._ensembled(src, probs[i * v:(i + 1) * v], views) for i, src in enumerate(sources)]
+        return [flag_blank(self._ensembled(src, probs[i * v:(i + 1) * v], views), sized[i])
+                for i, src in enumerate(sources)]
 
     def _run(self, slot, n_images: int, views: TTAViews | None) -> np.ndarray:
         """The slot's inference call -> float64 (n_images x V, classes) probabilities, shape checked."""
