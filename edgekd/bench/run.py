@@ -95,10 +95,12 @@ class BenchResult:
 
 # ------------------------------------------------------------------------------------------------ subjects
 
-def bundle_reusable(bundle_dir: Path, checkpoint: Path, pairs: list[tuple[str, str]], digest: str) -> bool:
+def bundle_reusable(bundle_dir: Path, checkpoint: Path, pairs: list[tuple[str, str]], digest: str,
+                    checkpoint_sha256: str | None = None) -> bool:
     """An earlier export of this very checkpoint (its path, and its content: the sha256 the bundle records; a
     checkpoint replaced by a copy that kept an older mtime is not the one exported), by this edgekd under these
-    export settings (`digest`: profile_digest), holding every pair we need."""
+    export settings (`digest`: profile_digest), holding every pair we need. `checkpoint_sha256`: the checkpoint's,
+    when the caller has it (hashed here otherwise)."""
     meta_path, parity_path = bundle_dir / "edgekd.json", bundle_dir / "parity.json"
     if not (meta_path.is_file() and parity_path.is_file()):
         return False
@@ -106,7 +108,7 @@ def bundle_reusable(bundle_dir: Path, checkpoint: Path, pairs: list[tuple[str, s
     if Path(parity.get("checkpoint", "")).resolve() != checkpoint.resolve():
         return False
     meta = json.loads(meta_path.read_text())
-    if meta.get("model", {}).get("checkpoint_sha256") != sha256_file(checkpoint):
+    if meta.get("model", {}).get("checkpoint_sha256") != (checkpoint_sha256 or sha256_file(checkpoint)):
         return False
     if meta.get("export_profile_digest") != digest:
         return False
@@ -126,14 +128,14 @@ def _export(checkpoint: Path, bundle_dir: Path, pairs: list[tuple[str, str]], th
     profile = profile.model_copy(update={"quantization": profile.quantization.model_copy(update={"min_speedup": None})})
     formats = list(dict.fromkeys(f for f, _ in pairs))
     precisions = list(dict.fromkeys(p for _, p in pairs))
-    digest = profile_digest(profile)
-    if bundle_reusable(bundle_dir, checkpoint, pairs, digest):
+    digest, sha256 = profile_digest(profile), sha256_file(checkpoint)  # hashed once, for every check below
+    if bundle_reusable(bundle_dir, checkpoint, pairs, digest, sha256):
         log(f"reusing the export in {bundle_dir}")
         return [bundle_dir], {}
     # An earlier run of this checkpoint whose gate refused some artifacts: reuse its split bundles and verdict.
     refusal_file = bundle_dir.with_name(f"{bundle_dir.name}-refused.json")
     # The digest covers accuracy control and every other export setting.
-    stamp = {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
+    stamp = {"checkpoint": str(checkpoint.resolve()), "sha256": sha256,
              "export_profile_digest": digest}
     if refusal_file.is_file():
         earlier = json.loads(refusal_file.read_text())
@@ -141,7 +143,7 @@ def _export(checkpoint: Path, bundle_dir: Path, pairs: list[tuple[str, str]], th
         rest = [p for p in pairs if p not in refused]
         split = [bundle_dir.with_name(f"{bundle_dir.name}-{p}") for p in dict.fromkeys(p for _, p in rest)]
         if earlier["stamp"] == stamp and all(
-                bundle_reusable(b, checkpoint, [(f, p) for f, p in rest if b.name.endswith(f"-{p}")], digest)
+                bundle_reusable(b, checkpoint, [(f, p) for f, p in rest if b.name.endswith(f"-{p}")], digest, sha256)
                 for b in split):
             log(f"reusing the exports {', '.join(b.name for b in split)} (the parity gate refused "
                 f"{', '.join('/'.join(k) for k in refused if k in pairs)} for this checkpoint)")
@@ -165,7 +167,7 @@ def _export(checkpoint: Path, bundle_dir: Path, pairs: list[tuple[str, str]], th
         ok = [f for f, p in passed if p == precision]
         if ok:
             target = bundle_dir.with_name(f"{bundle_dir.name}-{precision}")
-            if not bundle_reusable(target, checkpoint, [(f, precision) for f in ok], digest):
+            if not bundle_reusable(target, checkpoint, [(f, precision) for f in ok], digest, sha256):
                 export_checkpoint(checkpoint, target, ok, [precision], profile, data_overrides=data_overrides, log=log)
             bundles.append(target)
     return bundles, refused
@@ -655,7 +657,8 @@ def _measure_and_write(cfg: BenchConfig, subjects: list[Subject], work: Path, st
                     "load_avg_at_start": load_start, "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
                     "other_processes_cpu_cores": other_cpu.cores()},
         "threads": cfg.threads, "batches": cfg.batches, "tta": cfg.tta, "timing": cfg.timing.as_kwargs(),
-        "versions": software_versions(), "runner_accuracy": "operating_point", "gemm": gemm_info, "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
+        "versions": software_versions(), "runner_accuracy": "operating_point", "gemm": gemm_info,
+        "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
     }
     return _write_outputs(cfg, subjects, records, summary)
 

@@ -19,7 +19,8 @@ from edgekd.continual.base import TaskStep
 from edgekd.continual.heads import num_outputs, resize_classifier
 from edgekd.continual.metrics import average_accuracy, backward_transfer, forgetting, forgetting_per_task, retention
 from edgekd.continual.plugins import build_plugins
-from edgekd.continual.scenarios import ContinualObjective, Task, build_tasks, output_range, union_data
+from edgekd.continual.scenarios import (ContinualObjective, Task, build_tasks, output_range, recorded_tasks,
+                                       union_data)
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
 from edgekd.metrics.report import write_csv_log
@@ -120,9 +121,7 @@ def evaluate_continual_checkpoint(checkpoint: str | Path, out: str | Path, split
     if recipe.continual is None:
         raise EdgeKDError(f"{checkpoint}: a continual checkpoint is evaluated on its tasks: the data recipe needs the "
                           "continual section (give --set overrides of its own recipe instead)")
-    tasks = build_tasks(recipe)[: len(layout["tasks"])]
-    if [(t.name, [t.lo, t.hi]) for t in tasks] != [(t["name"], list(t["outputs"])) for t in layout["tasks"]]:
-        raise EdgeKDError(f"{checkpoint}: its embedded recipe's tasks do not match the tasks it records")
+    tasks = recorded_tasks(recipe, layout["tasks"], str(checkpoint))
     dev = resolve_device(device)
     model.to(dev)
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "model": ckpt["arch"]["name"], "role": ckpt.get("role"),

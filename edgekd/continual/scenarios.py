@@ -77,6 +77,19 @@ def build_tasks(recipe) -> list[Task]:
     return tasks
 
 
+def recorded_tasks(recipe, recorded: list[dict], where: str) -> list[Task]:
+    """The tasks a continual checkpoint records (its `continual.tasks`), rebuilt from its recipe and checked against
+    the record: the same names and output rows."""
+    if recipe.continual is None:
+        raise EdgeKDError(f"{where}: a continual checkpoint whose embedded recipe has no continual section")
+    tasks = build_tasks(recipe)[: len(recorded)]
+    ours = [(t.name, [t.lo, t.hi]) for t in tasks]
+    theirs = [(t["name"], list(t["outputs"])) for t in recorded]
+    if ours != theirs:
+        raise EdgeKDError(f"{where}: the recipe's tasks {ours} do not match the checkpoint's {theirs}")
+    return tasks
+
+
 def check_new_classes(tasks: list[Task], data_cfg, class_names: list[str], where: str) -> None:
     """Class-incremental tasks bring new classes: a class an earlier task of the same dataset already has would get
     a second output row, and the two rows would compete in the single head."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset
 
-from edgekd.continual import (backward_transfer, build_tasks, forgetting_per_task, retention_misses,
+from edgekd.continual import (backward_transfer, forgetting_per_task, recorded_tasks, retention_misses,
                               retention_per_task)
 from edgekd.errors import EdgeKDError
 from edgekd.export.parity import ParitySet
@@ -72,14 +72,7 @@ class TaskUnion:
 
 def continual_data(recipe, layout: TaskLayout, where: str) -> TaskUnion:
     """The checkpoint's tasks rebuilt from its embedded recipe, checked against what the checkpoint recorded."""
-    if recipe.continual is None:
-        raise EdgeKDError(f"{where}: a continual checkpoint whose embedded recipe has no continual section")
-    tasks = build_tasks(recipe)[: len(layout.tasks)]
-    ours = [(t.name, [t.lo, t.hi]) for t in tasks]
-    theirs = [(t["name"], list(t["outputs"])) for t in layout.tasks]
-    if ours != theirs:
-        raise EdgeKDError(f"{where}: the recipe's tasks {ours} do not match the checkpoint's {theirs}")
-    return TaskUnion(tasks)
+    return TaskUnion(recorded_tasks(recipe, layout.tasks, where))
 
 
 def merge_parity_sets(sets: list[ParitySet], heads: list[tuple[str, int, int]] | None) -> ParitySet:

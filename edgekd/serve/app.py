@@ -55,6 +55,10 @@ class Service:
                                self.metrics.batch)
         self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="edgekd-decode")
         self.bundle_id = runner.bundle.sha256
+        # Which model answers, in every response (a log of responses tells fp32 from int8, TTA from none).
+        self.answered_by = {"model": runner.bundle.model.get("name"), "bundle_id": self.bundle_id,
+                            "format": runner.info.get("format"), "precision": runner.precision,
+                            "tta_views": runner.tta_views.names if runner.tta else None, "threshold": runner.threshold}
 
     def run_batch(self, images: list[np.ndarray], sources: list[str]) -> list[Prediction]:
         n = len(images)
@@ -78,14 +82,7 @@ class Service:
         if not views:  # a multi-head bundle answers per task, each with its own views
             for part in [out, *(out.get("tasks") or {}).values()]:
                 part.pop("views", None)
-        return {**out, **self.answered_by()}
-
-    def answered_by(self) -> dict:
-        """Which model answered, in every response (a log of responses tells fp32 from int8, TTA from none)."""
-        runner = self.runner
-        return {"model": runner.bundle.model.get("name"), "bundle_id": self.bundle_id,
-                "format": runner.info.get("format"), "precision": runner.precision,
-                "tta_views": runner.tta_views.names if runner.tta else None, "threshold": runner.threshold}
+        return {**out, **self.answered_by}
 
     async def decode_each(self, request: Request, uploads: list[tuple[str, str | None, bytes]]) -> list:
         """A request's uploads decoded one after another (an image or its UploadError each): one request holds one
@@ -218,7 +215,7 @@ def _add_routes(app: FastAPI, service: Service, auth) -> None:
         predictions = iter(await service.results(request, service.batcher.submit(good)) if good else [])
         results = [{"file": name, "error": error_line(str(img)), "status": img.status} if isinstance(img, UploadError)
                    else service.answer(next(predictions), views) for img, (name, _, _) in zip(decoded, uploads)]
-        return {"results": results, **service.answered_by()}
+        return {"results": results, **service.answered_by}
 
     @app.get("/health")
     async def health():
