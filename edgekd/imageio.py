@@ -110,6 +110,7 @@ def _decode_pillow(source: Path | io.BytesIO, fmt: str, where: str, resize: int 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source, formats=[fmt]) as img:
                 check_image_size(*img.size, resize, where)
+                check_single_frame(img, fmt, where)
                 img.load()
                 return pil_to_array(upright(img))
     except EdgeKDError as err:
@@ -125,6 +126,16 @@ def _decode_pillow(source: Path | io.BytesIO, fmt: str, where: str, resize: int 
         raise EdgeKDError(f"{where}: out of memory decoding the image") from None
     except (OSError, SyntaxError, ValueError, struct.error) as err:
         raise EdgeKDError(f"{where}: corrupt or truncated image ({shorten(str(err).splitlines()[0] if str(err) else type(err).__name__, 80)})") from None
+
+
+def check_single_frame(img: Image.Image, fmt: str, where: str) -> None:
+    """A multi-page TIFF or an animated GIF/WEBP/PNG is refused: the model sees one image, and classifying the
+    first frame alone, without a word, could answer for a page nobody meant."""
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        kind = "pages" if fmt == "TIFF" else "frames"
+        raise EdgeKDError(f"{where}: a {fmt} of {frames} {kind} (one image per file is read: save the "
+                          f"{kind[:-1]} you mean as its own image)")
 
 
 MAGIC = ((b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"\xff\xd8\xff", 0, "JPEG"), (b"II*\x00", 0, "TIFF"),

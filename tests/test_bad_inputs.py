@@ -99,7 +99,15 @@ BAD_IMAGES = {
     "random_bytes_jpg": (lambda p: p.write_bytes(np.random.default_rng(1).bytes(4096)), ".jpg", "not an image"),
     "png_header_only": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n"), ".png", "image"),
     "decompression_bomb": (lambda p: png_with_header_size(p, 20000, 20000), ".png", "pixel limit"),
+    "multi_page_tiff": (lambda p: _frames(p), ".tif", "a TIFF of 3 pages"),
+    "animated_gif": (lambda p: _frames(p), ".gif", "a GIF of 3 frames"),
 }
+
+
+def _frames(path: Path) -> None:
+    """A file of 3 different images (pages of a TIFF, frames of a GIF): which one is meant cannot be guessed."""
+    first, *rest = (Image.fromarray(random_pixels((20, 20), seed=30 + i)) for i in range(3))
+    first.save(path, save_all=True, append_images=rest)
 
 
 def _rescaled(a: np.ndarray) -> np.ndarray:

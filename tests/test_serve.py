@@ -199,7 +199,15 @@ BAD_UPLOADS = {
     "type contradicts content": (lambda: png(1), "image/jpeg", 415, "content is PNG"),
     "not an image": (lambda: b"%PDF-1.4 hello", "application/octet-stream", 422, "not a supported image"),
     "dicom without pixels": (_dicom_without_pixels, "application/dicom", 422, "upload: "),
+    "multi-page tiff": (lambda: _pages("TIFF"), "image/tiff", 422, "a TIFF of 2 pages"),
 }
+
+
+def _pages(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    first, second = (Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 200))
+    first.save(buf, fmt, save_all=True, append_images=[second])
+    return buf.getvalue()
 
 
 def test_each_malformed_upload_is_a_4xx_json_line_and_good_requests_still_work(runner):
