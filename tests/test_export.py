@@ -236,7 +236,10 @@ def test_metric_images_take_a_stratified_seeded_subset_of_each_split(tmp_path):
     from edgekd.export.run import metric_subset
 
     labels = data.tables["val"].labels
-    assert len(metric_subset(labels, len(labels) - 1)) == len(labels) - 1  # too close to stratify: a plain draw
+    assert len(metric_subset(labels, len(labels) - 1)) == len(labels) - 1
+    rare = np.array([0] * 1000 + [1] * 3 + [2] * 50)  # a stratified draw by scikit-learn left class 1 out of 5..30
+    for n in (3, 5, 30):
+        assert len(metric_subset(rare, n)) == n and set(rare[metric_subset(rare, n)].tolist()) == {0, 1, 2}, n
 
 
 @pytest.mark.slow

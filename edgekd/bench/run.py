@@ -24,7 +24,7 @@ from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
 from edgekd.progress import progress_task
 from edgekd.runtime import is_bundle
-from edgekd.scoring import accuracy_auc
+from edgekd.scoring import accuracy_auc, scoring_subset
 
 SCHEMA = "edgekd-bench/1"
 FORMATS = ("torch", *ARTIFACT_FORMATS)
@@ -268,22 +268,8 @@ EVAL_SEED = 0
 
 
 def eval_subset(labels: np.ndarray, n: int, seed: int = EVAL_SEED) -> np.ndarray:
-    """Sorted indices of a seeded subset of `n` images with the class proportions of `labels` (largest remainder),
-    every class at least once when n >= the class count, so AUC stays defined (a proportional share of 6 of
-    RetinaMNIST's 400 test images left its rarest grade out). All of them when n >= len(labels). numpy only: the
-    core install's bench of a labelled folder takes it too."""
-    labels = np.asarray(labels)
-    if n >= len(labels):
-        return np.arange(len(labels))
-    classes, counts = np.unique(labels, return_counts=True)
-    floor = np.ones_like(counts) if n >= len(classes) else np.zeros_like(counts)
-    spare, rest = counts - floor, n - int(floor.sum())
-    share = spare / spare.sum() * rest
-    alloc = floor + np.floor(share).astype(int)
-    alloc[np.argsort(-(share - np.floor(share)), kind="stable")[:n - int(alloc.sum())]] += 1
-    rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), size=int(k), replace=False)
-                                   for c, k in zip(classes, alloc)]))
+    """The --eval-limit subset: `n` images with every class kept (scoring_subset)."""
+    return scoring_subset(labels, n, seed)
 
 
 def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, log) -> None:

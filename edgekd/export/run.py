@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 from edgekd import __version__
-from edgekd.data import build_data, build_transforms, check_class_order, stratified_subset
+from edgekd.data import build_data, build_transforms, check_class_order
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha256_file, track_tree, untrack_tree
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
@@ -30,6 +30,7 @@ from edgekd.metrics import one_class_warning
 from edgekd.models import count_parameters
 from edgekd.progress import progress_task
 from edgekd.recipe import apply_overrides, recipe_from_dict
+from edgekd.scoring import scoring_subset
 from edgekd.train.checkpoint import model_from_checkpoint
 
 SELECTION_SEED = 0
@@ -81,14 +82,14 @@ def _sample(n_total: int, n: int | None, salt: int) -> np.ndarray:
 
 def metric_subset(labels: np.ndarray, n: int | None) -> np.ndarray:
     """The images of a metric split the ACC/AUC gate scores: all of them, or a seeded subset of exactly `n` with the
-    split's class proportions (parity.metric_images), so every class stays in it and AUC stays defined."""
+    split's class proportions and every class in it, so AUC stays defined (parity.metric_images; scoring_subset)."""
     if n is None:
         return np.arange(len(labels))
     classes = len(np.unique(labels))
     if n < classes:
         raise EdgeKDError(f"parity.metric_images {n} is below the {classes} classes of a metric split "
                           "(each class needs an image)")
-    return stratified_subset(labels, n, SELECTION_SEED + 2)
+    return scoring_subset(labels, n, SELECTION_SEED + 2)
 
 
 def _stack(dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
