@@ -75,6 +75,12 @@ def is_dicom(path: str | Path) -> bool:
     return head[128:132] == DICOM_MARKER
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether a file found in a folder is an image to read: an image suffix, or DICOM by its content (PACS exports
+    name files by UID, with no suffix)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
+
+
 def read_image(path: str | Path, resize: int | None = None, frame: int | None = None) -> np.ndarray:
     """Decode an image file to a uint8 array of shape (H, W, 1) or (H, W, 3).
 

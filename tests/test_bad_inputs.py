@@ -397,7 +397,27 @@ DATA_CASES = {
                                                                          header=("path",)))}, "lacks column"),
     "csv_empty": (lambda t: {"source": "csv", "path": str(_write(t / "m.csv", ""))}, "empty"),
     "csv_bad_image": (lambda t: {"source": "csv", "path": str(_csv_with_bad_image(t))}, "not an image"),
+    # A near-miss header was an ignored extra column: splits by image (patients on both sides), or a random test split.
+    "csv_patient_column_misspelled": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", [
+        r + (f"p{i}",) for i, r in enumerate(GOOD_ROWS)], header=("path", "label", "split", "PatientID")))},
+        "column 'PatientID' looks like the patient_id column"),
+    "csv_split_column_capitalised": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS,
+                                                                                 header=("path", "label", "Split")))},
+                                     "column 'Split' looks like the split column"),
+    "csv_labels_differ_in_case": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
+        ("imgs/a/a_6.png", "A", "train"), ("imgs/b/b_6.png", "A", "train")]))}, "only in case"),
+    "folder_of_dicoms_without_suffix_all_broken": (lambda t: {"source": "imagefolder", "path": str(_uid_named(t))},
+                                                   "1.2.840.1"),
 }
+
+
+def _uid_named(tmp: Path) -> Path:
+    """A class folder of DICOM files named by UID (no suffix), unreadable: listed (by content), then refused by name.
+    They had been skipped as non-images, the class folder called empty."""
+    root = write_image_folder(tmp / "imgs", n_per_class=3, size=SIZE)
+    for i in range(2):
+        (root / "a" / f"1.2.840.{i + 1}").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    return root
 
 
 def _write(path: Path, text: str) -> Path:

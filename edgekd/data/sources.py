@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.imageio import IMAGE_SUFFIXES
+from edgekd.imageio import is_image_file
 
 SPLITS = ("train", "val", "test")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -154,8 +154,8 @@ def _check_labels(labels: np.ndarray, path: Path, split: str) -> np.ndarray:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every image file under `folder`, any depth, sorted."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every image file under `folder`, any depth, sorted: image suffixes, and DICOM files of any name."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
 
 
 def load_imagefolder(path: str | Path) -> Source:
@@ -247,6 +247,12 @@ def _csv_classes(path: Path, label_values: list[str]) -> tuple[list[str], dict[s
             info["skipped_ids"] = skipped
         return [f"class_{i}" for i in range(ids[-1] + 1)], {str(i): i for i in range(ids[-1] + 1)}, info
     class_names = sorted(set(label_values))
+    spelled: dict[str, str] = {}
+    for name in class_names:
+        other = spelled.setdefault(name.casefold(), name)
+        if other != name:
+            raise EdgeKDError(f"{path}:{label_values.index(name) + 2}: label {name!r} differs from {other!r} (line "
+                              f"{label_values.index(other) + 2}) only in case: spell one class one way")
     to_id = {n: i for i, n in enumerate(class_names)}
     counts = Counter(label_values)
     lone = next((n for n in class_names if counts[n] == 1), None)
@@ -274,7 +280,24 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
         sep = next((s for s in (";", "\t", "|") if any(s in (h or "") for h in header)), None)
         hint = f" (its header is separated by {sep!r}; edgekd reads comma-separated values)" if sep else ""
         raise EdgeKDError(f"{path}: CSV manifest lacks column(s) {', '.join(sorted(missing))}{hint}")
+    _refuse_near_miss_columns(path, header)
     return rows
+
+
+NEAR_MISS_COLUMNS = {"patient_id": {"patientid", "patient", "patientname", "subject", "subjectid", "patid"},
+                     "split": {"split", "splits", "subset", "partition"}}
+"""Headers that mean an optional column under another spelling: read as a plain extra column, they would leave
+splits by image (a patient's images on both sides) or replace the user's own test split by a random one."""
+
+
+def _refuse_near_miss_columns(path: Path, header: list[str | None]) -> None:
+    for column, spellings in NEAR_MISS_COLUMNS.items():
+        if column in header:
+            continue
+        near = next((h for h in header if h and "".join(c for c in h.lower() if c.isalnum()) in spellings), None)
+        if near is not None:
+            raise EdgeKDError(f"{path}: column {near!r} looks like the {column} column: name it {column} (edgekd reads "
+                              f"path, label, patient_id and split; other columns are ignored)")
 
 
 def _read_idx(file: Path) -> np.ndarray:

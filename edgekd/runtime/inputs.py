@@ -6,7 +6,7 @@ import glob
 from pathlib import Path
 
 from edgekd.errors import EdgeKDError
-from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame, dicom_frames, is_dicom
+from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame, dicom_frames, is_dicom, is_image_file
 
 
 def collect_inputs(specs: list[str | Path], frame: int | None = None
@@ -32,8 +32,7 @@ def collect_inputs(specs: list[str | Path], frame: int | None = None
         text = str(spec)
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES
-                                                                         or is_dicom(p)))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
             if not found:
                 problems.append((text, f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))} "
                                        "or DICOM)"))
