@@ -74,7 +74,8 @@ def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str
 
 
 def run_folds(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None,
-              recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None) -> dict:
+              recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None,
+              resume: bool = False) -> dict:
     """k-fold cross-validation (KD-OCT protocol); implemented by the distillation stage's fold driver
     (`recipe_path`: the recipe's file, where a relative `distill.teacher_recipe` is also looked for)."""
     if folds < 2:
@@ -82,4 +83,4 @@ def run_folds(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     check_run_dir(out)
     from edgekd.distill.folds import run_kfold
     return run_kfold(recipe, out, folds, log=log, progress=progress, recipe_path=recipe_path,
-                     teacher_overrides=teacher_overrides)
+                     teacher_overrides=teacher_overrides, resume=resume)

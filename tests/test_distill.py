@@ -449,6 +449,19 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     assert stats["mean"] == pytest.approx(sum(accs) / 2) and stats["n"] == 2
     assert "±" in result["table_markdown"] and (tmp_path / "kfold" / "kfold.md").is_file()
 
+    # --resume: finished runs are kept as they are; a run cut short (no metrics.json yet) goes on from its last.pt
+    kept = tmp_path / "kfold" / "fold0" / "student" / "best.pt"
+    stamp = kept.stat().st_mtime_ns
+    (tmp_path / "kfold" / "fold1" / "student" / "metrics.json").unlink()
+    said: list[str] = []
+    again = run_kfold(recipe_from_dict(raw), tmp_path / "kfold", 2, log=said.append,
+                      teacher_overrides=["name=fold-teacher-b"], resume=True)
+    assert kept.stat().st_mtime_ns == stamp and sum("finished earlier: kept" in m for m in said) == 3
+    assert any("resumed from" in m and "fold1" in m and "student" in m for m in said), said
+    assert [r["test"] for r in again["runs"]] == [r["test"] for r in saved["runs"]]  # the same runs, the same figures
+    with pytest.raises(EdgeKDError, match="no fold run to resume"):
+        run_kfold(recipe_from_dict(raw), tmp_path / "fresh", 2, log=lambda m: None, resume=True)
+
 
 def test_kfold_distill_needs_teacher_recipe(tmp_path):
     from edgekd.distill.folds import run_kfold

@@ -21,7 +21,8 @@ def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set train.epochs=3 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt (with --folds: keep the folds "
+                                "that finished, continue the one cut short)."),
     folds: Optional[int] = typer.Option(None, "--folds", help="k-fold cross-validation: train once per fold."),
     teacher_set: list[str] = typer.Option([], "--teacher-set", help="With --folds and a distill recipe: override a "
                                           "key of distill.teacher_recipe, the teacher trained on each fold."),
@@ -37,11 +38,11 @@ def train(
     if teacher_set and (folds is None or rec.distill is None):
         raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
     check_run_inputs(rec, out, recipe, resume, folds, console.print if os.environ.get("RANK", "0") == "0" else _quiet)
-    if folds is None:
-        again = shlex.join(["edgekd", "train", str(recipe), "--out", str(out), "--resume",
-                            *[a for o in set_ for a in ("--set", o)]])
-        # a continual run keeps a last.pt per task (task<i>/last.pt)
-        STATE["on_interrupt"] = lambda: f"resume it: {again}" if next(out.glob("**/last.pt"), None) else None
+    again = shlex.join(["edgekd", "train", str(recipe), "--out", str(out), "--resume",
+                        *(["--folds", str(folds)] if folds is not None else []),
+                        *[a for o in set_ for a in ("--set", o)], *[a for o in teacher_set for a in ("--teacher-set", o)]])
+    # a continual run keeps a last.pt per task (task<i>/last.pt), a k-fold run per fold and role
+    STATE["on_interrupt"] = lambda: f"resume it: {again}" if next(out.glob("**/last.pt"), None) else None
     # Under torchrun every rank runs this command: one process group per run, console output from rank 0 only.
     # A run refused before it wrote anything but its recipe (e.g. a monitor NaN at epoch 1) leaves no folder behind.
     with removed_if_only(out, ("recipe.yaml",)), distributed_session(rec.train.device), progress_bar() as progress:
@@ -50,7 +51,7 @@ def train(
         if folds is not None:
             from edgekd.pipeline import run_folds
             summary = run_folds(rec, out, folds, log=log, progress=progress if main else None, recipe_path=recipe,
-                                teacher_overrides=teacher_set)
+                                teacher_overrides=teacher_set, resume=resume)
             if main:
                 out_console.print(summary["table_markdown"])
             return

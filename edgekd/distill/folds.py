@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,14 +39,20 @@ def split_mode(recipe, log: Callable[[str], None]) -> str:
 
 
 def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None,
-              recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None) -> dict[str, Any]:
+              recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None,
+              resume: bool = False) -> dict[str, Any]:
     """Train `folds` times, fold i held out as validation; with a distill section, each fold first trains
     `distill.teacher_recipe` on the same fold and distills from that teacher (no held-out image is ever seen
-    by the teacher). Writes fold<i>/<role>/ runs, kfold.json and kfold.md; returns the summary."""
+    by the teacher). Writes fold<i>/<role>/ runs, kfold.json and kfold.md; returns the summary. `resume`: a fold
+    run that finished is kept, one cut short goes on from its last.pt, the rest train (fold_run)."""
     from edgekd.distill.run import distill_recipe
+    from edgekd.train.distributed import is_main_process
     from edgekd.train.run import train_recipe
 
     out = Path(out)
+    if resume and next(out.glob("fold*/*/last.pt"), None) is None:
+        raise EdgeKDError(f"{out}: no fold run to resume (no fold<i>/<role>/last.pt)")
+    main = is_main_process()
     teacher_base = None
     if recipe.distill:
         if not recipe.distill.teacher_recipe:
@@ -67,24 +74,44 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
         fold_dir = out / f"fold{fold}"
         log(f"k-fold: fold {fold + 1}/{folds}")
         rec = fold_recipe(recipe, folds, fold, split)
-        write_fold_splits(fold_dir / "splits.json", rec)
+        if main:
+            write_fold_splits(fold_dir / "splits.json", rec)
         if teacher_base is not None:
             t_rec = fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, fold, split)
-            t_res = train_recipe(t_rec, fold_dir / "teacher", log=log, progress=progress)
+            t_res = fold_run(train_recipe, t_rec, fold_dir / "teacher", resume, log, progress)
             rows.append(_row(fold, "teacher", t_rec, t_res))
             s_rec = fold_recipe(recipe, folds, fold, split, teacher=str(t_res.best_path))
-            s_res = distill_recipe(s_rec, fold_dir / s_rec.role, log=log, progress=progress)
+            s_res = fold_run(distill_recipe, s_rec, fold_dir / s_rec.role, resume, log, progress)
             rows.append(_row(fold, s_rec.role, s_rec, s_res))
         else:
-            res = train_recipe(rec, fold_dir / rec.role, log=log, progress=progress)
+            res = fold_run(train_recipe, rec, fold_dir / rec.role, resume, log, progress)
             rows.append(_row(fold, rec.role, rec, res))
     summary = summarize_folds(rows)
     table = folds_markdown(summary, recipe.name, folds)
     result = {"name": recipe.name, "folds": folds, "split": split, "runs": rows, "summary": summary,
               "table_markdown": table}
-    write_json(out / "kfold.json", result)
-    write_text(out / "kfold.md", table + "\n")
+    if main:
+        write_json(out / "kfold.json", result)
+        write_text(out / "kfold.md", table + "\n")
     return result
+
+
+def fold_run(train: Callable, recipe, out: Path, resume: bool, log: Callable[[str], None], progress):
+    """One fold's run: with `resume`, a finished run of this same recipe is kept (its metrics.json, written after
+    its last.pt) and a run cut short goes on from its last.pt (another recipe's is refused there); otherwise, or
+    with neither file, it trains from the start."""
+    from edgekd.train.checkpoint import load_checkpoint
+    from edgekd.train.run import RunResult
+
+    last, metrics = out / "last.pt", out / "metrics.json"
+    if not resume or not last.is_file():
+        return train(recipe, out, log=log, progress=progress)
+    if metrics.is_file() and metrics.stat().st_mtime >= last.stat().st_mtime and (out / "best.pt").is_file() \
+            and load_checkpoint(last).get("recipe_digest") == recipe.digest():
+        done = json.loads(metrics.read_text())
+        log(f"k-fold: {out} finished earlier: kept")
+        return RunResult(out, out / "best.pt", done["test"], done["val"], done["params"], done["macs"], None)
+    return train(recipe, out, resume=True, log=log, progress=progress)
 
 
 def write_fold_splits(path: Path, recipe) -> None:
