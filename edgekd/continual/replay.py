@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from edgekd.continual.base import ContinualPlugin, TaskStep
-from edgekd.data import ImageDataset, Table, build_transforms
+from edgekd.data import ImageDataset, Table, build_transforms, epoch_seed
 from edgekd.errors import EdgeKDError
 
 
@@ -125,7 +125,7 @@ class ReplayData:
         if split != "train" or not train:
             return main
         ds = ImageDataset(self.buffer, build_transforms(self.data.cfg, self.data.augment, True))
-        gen = torch.Generator().manual_seed(self.data.seed * 1000 + epoch + 7)
+        gen = torch.Generator().manual_seed(epoch_seed(self.data.seed, epoch, distributed) + 7)
         sampler = RandomSampler(ds, replacement=True, num_samples=len(main) * self.batch_size, generator=gen)
         return MixedLoader(main, DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True))
 

@@ -95,6 +95,18 @@ def balanced_sampler(labels: np.ndarray, seed: int) -> WeightedRandomSampler:
                                  replacement=True, generator=gen)
 
 
+
+RANK_STRIDE = 1_000_003
+"""How far apart the random streams of two DDP ranks start (a prime, past any seed * 1000 + epoch in use)."""
+
+
+def epoch_seed(seed: int, epoch: int, distributed: bool = False) -> int:
+    """The seed of one epoch's random draws (augmentation, dropout, shuffling, worker seeds): `seed * 1000 + epoch`,
+    so a resumed run draws what an uninterrupted one drew; under DDP each rank offset by its rank (rank 0 is the
+    single-process stream), so two ranks do not flip, crop and drop out the k-th image of their shards alike."""
+    rank = torch.distributed.get_rank() if distributed and torch.distributed.is_initialized() else 0
+    return seed * 1000 + epoch + RANK_STRIDE * rank
+
 @dataclass
 class DataModule:
     """Everything training needs from the data section of a recipe."""
@@ -131,7 +143,7 @@ class DataModule:
             shuffle = False
         elif train and self.samples_balanced():
             sampler, shuffle = balanced_sampler(ds.table.labels, self.seed * 1000 + epoch), False
-        gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, distributed))
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=shuffle, sampler=sampler, generator=gen,
                           num_workers=self.cfg.num_workers, drop_last=False,
                           persistent_workers=False)

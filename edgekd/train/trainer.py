@@ -6,6 +6,7 @@ What is optimized is an *objective* (supervised, distillation, ...) and what els
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgekd.data import epoch_seed
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import classification_metrics, write_csv_log
 from edgekd.probability import softmax
@@ -219,6 +221,7 @@ class Trainer:
         self.nonfinite = 0
         self.checkpoints_written = 0
         self.samples_seen = 0
+        self.epoch_random_state: torch.Tensor | None = None
         self.step_seconds: list[float] = []
         self._unmanaged_params: list[nn.Parameter] = []
         self.val_outputs: tuple[np.ndarray, np.ndarray] | None = None
@@ -356,7 +359,8 @@ class Trainer:
     def _run_epoch(self, epoch: int, val_loader, progress) -> tuple[dict[str, Any], bool]:
         """Train and validate one epoch, step the schedule, track the best: (history row, improved)."""
         # Re-seeding per epoch makes a resumed run replay the same random stream as an uninterrupted one.
-        seed_everything(self.recipe.seed * 1000 + epoch, self.cfg.deterministic)
+        seed_everything(epoch_seed(self.recipe.seed, epoch, self.distributed), self.cfg.deterministic)
+        self.epoch_random_state = torch.get_rng_state()  # in the DDP debug record: each rank draws its own
         t0 = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch, progress)}
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
@@ -406,6 +410,8 @@ class Trainer:
         self.net = self.model
         distributed.write_debug_record(self.model, {
             "samples_seen": self.samples_seen, "epochs": self.epoch, "checkpoints_written": self.checkpoints_written,
+            "random_state_sha256": hashlib.sha256(self.epoch_random_state.numpy().tobytes()).hexdigest()
+            if self.epoch_random_state is not None else None,
             "objective_sha256": distributed.weights_digest(
                 {str(i): p for i, p in enumerate(self._unmanaged_params)}) if self._unmanaged_params else None})
         return extra
