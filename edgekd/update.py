@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import sha256_file
+from edgekd.fileio import refuse_output_inside, sha256_file
 from edgekd.runtime import is_bundle
 
 
@@ -55,31 +55,94 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
                         "parent_created": bundle.meta.get("created"), "parent_checkpoint": str(checkpoint),
                         "parent_checkpoint_sha256": digest,
                         "parent_test_metrics": (bundle.meta.get("metrics") or {}).get("test"),
-                        "parent_continual": bundle.meta.get("continual")}
+                        "parent_continual": bundle.meta.get("continual"),
+                        "parent_export_profile": bundle.meta.get("export_profile"),
+                        "parent_export_profile_digest": bundle.meta.get("export_profile_digest")}
 
 
 def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, overrides: list[str] | None = None,
                   run_dir: str | Path | None = None, profile=None, allow_forgetting: bool = False,
                   log: Callable[[str], None] = print, progress=None) -> UpdateResult:
     """Learn the continual recipe's tasks starting from the parent's student (its first task is the student's),
-    then export the result (retention gate, parity gate) to `out` with the parent's lineage."""
+    then export the result (retention gate, parity gate) to `out` with the parent's lineage. `profile` None: the
+    parent's export profile when it can still be read (update_profile)."""
     from edgekd.continual import run_continual
-    from edgekd.export import check_target, export_checkpoint, load_profile
+    from edgekd.export import RetentionGateError, check_target, export_checkpoint
     from edgekd.recipe import load_recipe
 
     out = Path(out)
     check_target(out)
     if Path(source).resolve() == out.resolve():
         raise EdgeKDError(f"--out {out}: is the parent bundle; write the update to a new directory")
+    refuse_output_inside(out, [source])
     checkpoint, lineage = parent_of(source)
-    if load_recipe(recipe_path, overrides or []).continual is None:  # before the override adds a bare section
+    given = load_recipe(recipe_path, overrides or [])
+    if given.continual is None:  # before the override adds a bare section
         raise EdgeKDError(f"{recipe_path}: edgekd update needs a continual recipe (a continual: section with tasks)")
+    if not given.continual.checkpoint_task:
+        raise EdgeKDError(f"{recipe_path}: continual.checkpoint_task is false, which retrains the deployed task's "
+                          "head from scratch; edgekd update continues the deployed model (train a new student with "
+                          "edgekd train instead)")
+    refuse_multi_head_parent(checkpoint, source)
     recipe = load_recipe(recipe_path, [*(overrides or []), f"continual.checkpoint={checkpoint.resolve()}"])
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
-    # One run folder per output bundle: a second update must not overwrite the checkpoint an earlier bundle names.
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{recipe.name}-update-{out.name}"
+    run_dir = update_run_dir(run_dir, recipe.name, out)
+    profile = profile or update_profile(lineage.get("parent_export_profile"),
+                                        lineage.get("parent_export_profile_digest"), log)
     log(f"update: continual training from {checkpoint} into {run_dir}")
     result = run_continual(recipe, run_dir, log=log, progress=progress)
-    exported = export_checkpoint(result.best_path, out, profile=profile or load_profile(None),
-                                 allow_forgetting=allow_forgetting, lineage=lineage, log=log, progress=progress)
+    try:
+        exported = export_checkpoint(result.best_path, out, profile=profile, allow_forgetting=allow_forgetting,
+                                     lineage=lineage, log=log, progress=progress)
+    except RetentionGateError as err:
+        raise RetentionGateError(str(err).replace("nothing was written", f"no bundle was written (the continual "
+                                                  f"run stays in {run_dir})", 1)) from None
     return UpdateResult(result, exported, lineage)
+
+
+def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:
+    """A parent with one head per task cannot learn more tasks yet: its first task would have to be all its heads."""
+    from edgekd.train.checkpoint import load_checkpoint
+
+    cont = load_checkpoint(checkpoint).get("continual") or {}
+    if cont.get("head") == "multi":
+        tasks = ", ".join(str(t.get("name")) for t in cont.get("tasks", []))
+        raise EdgeKDError(f"{source}: a student with one head per task ({tasks}) cannot be updated again (a continual "
+                          "run starts from one task's head); update its single-task parent with a recipe of all the "
+                          "tasks, or use a single-head recipe (continual.head: single)")
+
+
+def update_run_dir(run_dir: str | Path | None, name: str, out: Path) -> Path:
+    """The continual run's folder: `--run-dir` must not hold an earlier run (a bundle may name its model.pt, and a
+    refused update would still have replaced it); the default runs/<recipe>-update-<out name> takes the first free
+    -2, -3, ... suffix."""
+    taken = lambda folder: any((folder / f).exists() for f in ("model.pt", "continual.json", "task0"))  # noqa: E731
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if taken(run_dir):
+            raise EdgeKDError(f"--run-dir {run_dir}: holds an earlier continual run, whose model.pt a bundle may name; "
+                              "give another folder (or delete it)")
+        return run_dir
+    base = Path("runs") / f"{name}-update-{out.name}"
+    return next(p for p in (base, *(base.with_name(f"{base.name}-{i}") for i in range(2, 10_000))) if not taken(p))
+
+
+def update_profile(name: str | None, digest: str | None, log: Callable[[str], None]):
+    """The parent's export profile, so an update keeps its precisions and calibration: the defaults or a shipped
+    profile by the name edgekd.json records (a note when its digest differs from the parent's: other settings, or
+    another edgekd); the defaults, with a warning, for a profile of the user's own (--target FILE exports with it)."""
+    from edgekd.export import load_profile, profile_digest, shipped_profiles
+
+    if name in (None, "default"):
+        profile = load_profile(None)
+    elif name in shipped_profiles():
+        profile = load_profile(name)
+        log(f"update: exporting with the parent's profile {name} (--target PROFILE to choose another)")
+    else:
+        log(f"warning: the parent was exported with a profile of its own ({name}): the update exports with the "
+            "defaults; give --target FILE to export with that profile")
+        return load_profile(None)
+    if digest and profile_digest(profile) != digest:
+        log(f"note: the settings of profile {name} differ from the parent's export (export_profile_digest {digest}): "
+            "another edgekd version, or other settings under that name")
+    return profile

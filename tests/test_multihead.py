@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import yaml
 
 from conftest import run_edgekd, tiny_recipe
 from edgekd.continual import retention_misses, retention_per_task
+from edgekd.errors import EdgeKDError
 from edgekd.export import RetentionGateError, export_checkpoint, profile_from_dict
 from edgekd.export.continual import TaskLayout, retention_report
 from edgekd.pipeline import run_recipe
@@ -192,9 +194,10 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
     from edgekd.update import update_bundle
 
     refused = tmp_path / "refused"
-    with pytest.raises(RetentionGateError, match="task 'A'"):
+    with pytest.raises(RetentionGateError, match="task 'A'") as err:
         update_bundle(world["parent"], world["recipe"], refused, run_dir=tmp_path / "run1", profile=FAST, log=QUIET)
-    assert not refused.exists()
+    assert not refused.exists() and f"no bundle was written (the continual run stays in {tmp_path / 'run1'})" in \
+        str(err.value)
     lenient = FAST.model_copy(update={"min_retention": 0.0})
     out = tmp_path / "v2"
     result = update_bundle(world["parent"], world["recipe"], out, run_dir=tmp_path / "run2", profile=lenient, log=QUIET)
@@ -298,6 +301,45 @@ def test_update_runs_in_a_folder_per_output_bundle(world, tmp_path, monkeypatch)
         with pytest.raises(RuntimeError, match="stop before training"):
             update_bundle(world["parent"], world["recipe"], tmp_path / out, log=QUIET)
     assert len(set(seen)) == 2 and [p.name.rsplit("-", 1)[-1] for p in seen] == ["v2", "v2b"]
+    # A folder holding an earlier run (a bundle may name its model.pt; a refused re-run had replaced it) is not reused:
+    # the default takes the next free suffix, a --run-dir given is refused.
+    seen[0].mkdir(parents=True)
+    (seen[0] / "model.pt").write_bytes(b"an earlier update's model")
+    with pytest.raises(RuntimeError, match="stop before training"):
+        update_bundle(world["parent"], world["recipe"], tmp_path / "elsewhere" / "v2", log=QUIET)
+    assert seen[-1] == seen[0].with_name(seen[0].name + "-2")
+    with pytest.raises(EdgeKDError, match="holds an earlier continual run"):
+        update_bundle(world["parent"], world["recipe"], tmp_path / "v3", run_dir=seen[0], log=QUIET)
+    assert (seen[0] / "model.pt").read_bytes() == b"an earlier update's model"
+
+
+def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, tmp_path, monkeypatch):
+    import edgekd.continual
+    from edgekd.update import update_bundle
+
+    monkeypatch.setattr(edgekd.continual, "run_continual", lambda *a, **k: pytest.fail("trained"))
+    parent = tmp_path / "parent"
+    shutil.copytree(world["parent"], parent)
+    with pytest.raises(EdgeKDError, match="is inside the input"):  # it wrote card.md etc. into the parent
+        update_bundle(parent, world["recipe"], parent / "sub", run_dir=tmp_path / "r", log=QUIET)
+    assert sorted(p.name for p in parent.iterdir()) == sorted(p.name for p in world["parent"].iterdir())
+    with pytest.raises(EdgeKDError, match="checkpoint_task is false"):  # it threw the deployed head away, gate passed
+        update_bundle(parent, world["recipe"], tmp_path / "v2", ["continual.checkpoint_task=false"],
+                      run_dir=tmp_path / "r", log=QUIET)
+    with pytest.raises(EdgeKDError, match=r"one head per task \(A, B\) cannot be updated again"):
+        update_bundle(world["cl"].best_path, world["recipe"], tmp_path / "v3", run_dir=tmp_path / "r", log=QUIET)
+
+
+def test_update_exports_with_the_parent_profile():
+    from edgekd.export import load_profile, profile_digest
+    from edgekd.update import update_profile
+
+    said: list[str] = []
+    shipped = update_profile("cpu-onnx-fp32", profile_digest(load_profile("cpu-onnx-fp32")), said.append)
+    assert shipped == load_profile("cpu-onnx-fp32") and said == [
+        "update: exporting with the parent's profile cpu-onnx-fp32 (--target PROFILE to choose another)"]
+    assert update_profile("default", "0" * 16, said.append) == load_profile(None) and "differ" in said[-1]
+    assert update_profile("my-own", None, said.append) == load_profile(None) and said[-1].startswith("warning:")
 
 
 def test_update_of_a_plain_folder_is_refused_by_name(tmp_path):

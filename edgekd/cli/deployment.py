@@ -66,15 +66,16 @@ def update(
     allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Export even when an earlier task's "
                                           "retention is below the profile's min_retention."),
     target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile: a YAML file or a shipped profile's name "
-                                          "(default: the defaults)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder (default runs/<recipe name>-update-<--out folder name>)."),
+                                          "(default: the parent's profile, when it can still be read; else the defaults)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder, new or empty (default "
+                                           "runs/<recipe name>-update-<--out folder name>, or -2, -3, ... when taken)."),
 ) -> None:
     """Continual update of a deployed student: train the recipe's tasks from it, gate on retention, export with
     parity to a new bundle that records its parent bundle's sha256 (lineage)."""
     from edgekd.export import load_profile
     from edgekd.update import update_bundle
 
-    profile = load_profile(target)
+    profile = load_profile(target) if target is not None else None  # None: the parent's
     result = with_progress(lambda log, bar: update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting,
                                                          log=log, progress=bar))
     out_console.print(continual_table(result.continual.summary["name"], result.continual))
