@@ -114,6 +114,23 @@ def test_vector_layer_is_refused_and_vit_tokens_work():
     vit = create_model({"name": "test_vit", "num_classes": 2, "in_chans": 3, "kwargs": {"img_size": 16, "patch_size": 4}})
     maps, _ = gradcam(vit, torch.randn(2, 3, 16, 16), "blocks.0")
     assert maps.shape == (2, 16, 16) and np.isfinite(maps).all()
+    # The default for a class-token ViT: the last block's norm1, as the last block's output tokens never reach the
+    # head (their map was zero everywhere); the map there is not flat.
+    torch.manual_seed(0)
+    vit = create_model({"name": "test_vit", "num_classes": 2, "in_chans": 3, "kwargs": {"img_size": 32, "patch_size": 4}})
+    last = f"blocks.{len(vit.blocks) - 1}"
+    assert default_target_layer(vit, (3, 32, 32)) == f"{last}.norm1"
+    x = torch.randn(2, 3, 32, 32)
+    assert np.ptp(gradcam(vit, x, last)[0]) == 0 and np.ptp(gradcam(vit, x)[0]) > 0
+
+
+def test_unique_overlay_names_never_collide():
+    from edgekd.explain.gradcam import unique_names
+
+    # dup/a/x.png, dup/b/x.png, dup/x_1.png gave x and x_1 twice: 3 inputs, 2 files
+    for stems in (["x", "x", "x_1"], ["x", "x", "x_2"], ["a", "b", "a", "a"]):
+        names = unique_names(stems)
+        assert len(set(names)) == len(stems) and all(n == s or n.startswith(s + "_") for n, s in zip(names, stems))
 
 
 def test_overlay_is_rgb_upscaled_and_hot_where_the_map_is():
@@ -141,6 +158,8 @@ def test_explain_cli_writes_overlays(tmp_path):
     assert p.returncode == 0, p.stderr
     rec = json.loads((tmp_path / "cam" / "explain.json").read_text())["images"]
     assert [r["overlay"] for r in rec] == ["x0_gradcam.png", "x1_gradcam.png"] and rec[0]["layer"] == "stages.1"
+    assert rec[0]["input_size"] == [16, 16] and rec[0]["target"] == "class_1"
+    assert 0 <= rec[0]["target_prob"] <= 1 and all((r["peak_yx"] is None) == r["blank"] for r in rec)
     assert Image.open(tmp_path / "cam" / "x0_gradcam.png").size == (224, 224)
     p = run_edgekd("explain", best, files[0], "--layer", "nope", "--out", tmp_path / "cam2")
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr

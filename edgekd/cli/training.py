@@ -258,4 +258,9 @@ def explain(
     for r in records:
         out_console.print(f"{r['file']}: predicted {r['predicted']} ({r['prob']:.3f}), Grad-CAM of {r['target']} "
                           f"at {r['layer']} -> {out / r['overlay']}")
+    blank = [r["file"] for r in records if r["blank"]]
+    if blank:
+        console.print(f"warning: {len(blank)} of {len(records)} map(s) are flat, nothing highlighted ({blank[0]}"
+                      f"{', ...' if len(blank) > 1 else ''}): the class's gradient at {records[0]['layer']} is zero "
+                      "there; try another --layer (explain.json: blank)")
     console.print(f"wrote {len(records)} overlay(s) and {out / 'explain.json'}")

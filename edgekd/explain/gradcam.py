@@ -21,6 +21,9 @@ DISPLAY_SIZE = 224
 """Overlays smaller than this are upscaled for viewing (a 28-px X-ray is unreadable at its own size)."""
 
 
+BLANK_SPAN = 1e-6
+"""A map whose values span less than this is flat: the layer's gradient for the class is zero (nothing shown)."""
+
 MIN_CAM_SIDE = 3
 """The default layer is the last feature stage whose map is at least this many cells a side: at 28 px a
 ResNet's last stage is 1x1, where Grad-CAM is a constant and shows nothing."""
@@ -49,11 +52,22 @@ def default_target_layer(model: nn.Module, input_shape: Sequence[int] | None = N
                 sides[name] = min(fmap.shape[-2:])
         fine = [n for n in entries if sides.get(n, 0) >= MIN_CAM_SIDE]
         if fine or sides:
-            return str(fine[-1] if fine else max(sides, key=sides.get))
+            return _reaching_the_head(model, str(fine[-1] if fine else max(sides, key=sides.get)))
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise EdgeKDError(f"{type(model).__name__}: no feature_info and no Conv2d layer; give --layer")
     return convs[-1]
+
+
+def _reaching_the_head(model: nn.Module, layer: str) -> str:
+    """A ViT that pools its class token: the patch tokens a block outputs never reach the head (the final norm is
+    per token), so their Grad-CAM is zero everywhere; the block's first norm, whose tokens the block's attention
+    mixes into the class token, is the layer to use (as pytorch-grad-cam's ViT example does)."""
+    if getattr(model, "global_pool", None) == "token":
+        norm = f"{layer}.norm1"
+        if norm in dict(model.named_modules()):
+            return norm
+    return layer
 
 
 def _reshape_for(model: nn.Module, layer: str, sample: torch.Tensor):
@@ -146,11 +160,14 @@ def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.n
     for i, (name, img, cam) in enumerate(zip(names, sized, maps)):
         target = int(targets[i]) if targets is not None else int(probs[i].argmax())
         path = save_png(overlay(img.permute(1, 2, 0).numpy(), cam), out / f"{name}_gradcam.png")
+        blank = float(cam.max() - cam.min()) < BLANK_SPAN
         peak = np.unravel_index(int(cam.argmax()), cam.shape)
         records.append({"image": name, "overlay": path.name, "layer": layer, "target": class_names[target],
                         "predicted": class_names[int(probs[i].argmax())], "prob": float(probs[i].max()),
+                        "target_prob": float(probs[i][target]),
                         "label": None if labels is None else class_names[int(labels[i])],
-                        "peak_yx": [int(peak[0]), int(peak[1])]})
+                        "input_size": list(cam.shape), "blank": blank,
+                        "peak_yx": None if blank else [int(peak[0]), int(peak[1])]})
     return records
 
 
@@ -164,6 +181,9 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
     if not images:
         raise EdgeKDError("explain: give at least one image")
     model, ckpt = model_from_checkpoint(checkpoint)
+    if (ckpt.get("continual") or {}).get("head") == "multi":
+        raise EdgeKDError(f"{checkpoint}: one head per task; Grad-CAM explains one softmax over the model's outputs, "
+                          "which would mix the tasks' heads (explain a single-task checkpoint)")
     class_names = list(ckpt["class_names"])
     targets = None
     if target is not None:
@@ -172,13 +192,24 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
         tid = class_names.index(target) if target in class_names else int(target)
         targets = [tid] * len(images)
     arrays = [read_image(p) for p in images]
-    stems = [Path(p).stem for p in images]
-    names = [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+    names = unique_names([Path(p).stem for p in images])
     records = explain_arrays(model, ckpt, arrays, out, names, layer, targets)
     for rec, src in zip(records, images):
         rec["file"] = str(src)
     write_json(Path(out) / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
     return records
+
+
+def unique_names(stems: Sequence[str]) -> list[str]:
+    """The stems, each repeated one suffixed _2, _3, ... past every name already given (x, x, x_2 -> x, x_3, x_2)."""
+    taken = set(stems)
+    names: list[str] = []
+    for stem in stems:
+        name, k = stem, 2
+        while name in names or (name != stem and name in taken):
+            name, k = f"{stem}_{k}", k + 1
+        names.append(name)
+    return names
 
 
 def card_overlays(model: nn.Module, ckpt: dict[str, Any], dataset, out: str | Path, n: int = 4,
