@@ -155,6 +155,47 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
     for args, words in ((["--corruptions", "--severities", "9"], "severity must be 1..5, got 9"),
                         (["--only", "brightness"], "--only and --severities choose the corruptions of --corruptions"),
                         (["--split", ","], "no split given"),
-                        (["--corruptions", "--only", ","], "--only ',': nothing given")):
+                        (["--corruptions", "--only", ","], "--only ',': nothing given"),
+                        (["--corruptions", "--severities", "1,1"], "a value given twice"),  # counted twice in means
+                        (["--corruptions", "--split", "val,test"], "scores one split")):  # ran on val alone
         p = run_edgekd("eval", tiny_run, *args, "--out", tmp_path / "refused")
         assert p.returncode == 2 and words in p.stderr and not (tmp_path / "refused").exists(), p.stderr
+
+
+def test_eval_refused_half_way_leaves_no_new_folder(tiny_run, tmp_path, monkeypatch):
+    """A corruption eval refused after the plain evaluation wrote metrics.json and plots (a --compare of other
+    classes) left them behind in a new --out; a folder that was there is kept."""
+    from typer.testing import CliRunner
+
+    import edgekd.robustness.evaluate as evaluate
+    from edgekd.cli import app
+    from edgekd.errors import EdgeKDError
+
+    def refuse(*_, **__):
+        raise EdgeKDError("corruption eval: all models must have the data's classes")
+
+    monkeypatch.setattr(evaluate, "run_corruption_eval", refuse)
+    out = tmp_path / "new"
+    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--out", str(out)])
+    assert result.exit_code != 0 and not out.exists()
+    (tmp_path / "kept").mkdir()
+    CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--out", str(tmp_path / "kept")])
+    assert (tmp_path / "kept" / "metrics.json").is_file()
+
+
+def test_limit_picks_the_same_images_whatever_the_seed(tiny_run):
+    recipe = recipe_from_dict(load_checkpoint(tiny_run)["recipe"])
+    first = load_split_images(recipe, limit=10, seed=0)
+    for seed in (1, 7):
+        again = load_split_images(recipe, limit=10, seed=seed)
+        assert np.array_equal(first[1], again[1]) and all(np.array_equal(a, b) for a, b in zip(first[0], again[0]))
+
+
+def test_continual_checkpoints_and_multi_head_bundles_are_refused(tmp_path, monkeypatch):
+    import edgekd.robustness.evaluate as evaluate
+    from edgekd.errors import EdgeKDError
+
+    monkeypatch.setattr("edgekd.train.checkpoint.model_from_checkpoint",
+                        lambda path: (None, {"continual": {"head": "multi"}, "recipe": {}}))
+    with pytest.raises(EdgeKDError, match="a continual checkpoint; corruption eval scores one task"):
+        evaluate.checkpoint_predictor(tmp_path / "model.pt")

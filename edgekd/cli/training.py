@@ -122,7 +122,7 @@ def eval_(
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
-    from edgekd.fileio import refuse_output_inside
+    from edgekd.fileio import refuse_output_inside, removed_if_only
     from edgekd.runtime import is_bundle
 
     splits, names, levels = _eval_options(split, corruptions, only, severities)
@@ -138,24 +138,28 @@ def eval_(
         from edgekd.bench.run import check_source
         for other in compare:  # a bad --compare is refused before the main evaluation writes anything
             check_source(other)
-    if not bundle:
-        _eval_checkpoint(checkpoint, out, data_recipe, splits)
-    elif not (corruptions or failures):
-        raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its checkpoint)")
-    if corruptions:
-        from edgekd.robustness.evaluate import run_corruption_eval
-        res = with_progress(lambda log, bar: run_corruption_eval(
-            [checkpoint, *compare], out, data_recipe, splits[0], names, levels, seed, limit, log=log, progress=bar,
-            data_folder=folder))
-        out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, {res['images']} images)"))
-        console.print(f"wrote {', '.join(str(out / name) for name in res['written'])}")
-    if failures:
-        from edgekd.robustness.evaluate import run_failure_analysis
-        res = run_failure_analysis(checkpoint, out, data_recipe, splits[0], top)
-        for p in res["pairs"]:
-            out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
-                              f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
-        console.print(f"{res['errors']} errors / {res['images']} images; wrote {out / 'failures.json'}, failures.png")
+    with removed_if_only(out, None):  # a refusal half-way (a --compare of other classes) leaves no new folder
+        if not bundle:
+            _eval_checkpoint(checkpoint, out, data_recipe, splits)
+        elif not (corruptions or failures):
+            raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its "
+                              "checkpoint)")
+        if corruptions:
+            from edgekd.robustness.evaluate import run_corruption_eval
+            res = with_progress(lambda log, bar: run_corruption_eval(
+                [checkpoint, *compare], out, data_recipe, splits[0], names, levels, seed, limit, log=log, progress=bar,
+                data_folder=folder))
+            out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, "
+                                                                f"{res['images']} images)"))
+            console.print(f"wrote {', '.join(str(out / name) for name in res['written'])}")
+        if failures:
+            from edgekd.robustness.evaluate import run_failure_analysis
+            res = run_failure_analysis(checkpoint, out, data_recipe, splits[0], top)
+            for p in res["pairs"]:
+                out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
+                                  f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
+            console.print(f"{res['errors']} errors / {res['images']} images; wrote {out / 'failures.json'}, "
+                          "failures.png")
 
 
 def _eval_options(split: str, corruptions: bool, only: Optional[str], severities: Optional[str]):
@@ -175,6 +179,10 @@ def _eval_options(split: str, corruptions: bool, only: Optional[str], severities
     for option, given, parsed in (("--only", only, names), ("--severities", severities, levels)):
         if given is not None and not parsed:  # `--only ,` ran all 8
             raise EdgeKDError(f"{option} {given!r}: nothing given")
+        if parsed and len(set(parsed)) < len(parsed):  # counted twice in the means
+            raise EdgeKDError(f"{option} {given!r}: a value given twice")
+    if corruptions and len(splits) > 1:  # it ran on the first alone, without a word
+        raise EdgeKDError(f"--split {split}: --corruptions scores one split; give one")
     return splits, check_names(names) if names else names, check_severities(levels) if levels else levels
 
 

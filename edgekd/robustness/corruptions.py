@@ -6,8 +6,10 @@ Randomness comes from a generator seeded by (seed, corruption, image index), not
 always gives the same image, independent of batching or order, and severities differ only in strength (the
 same noise pattern, scaled; the same motion angle, longer).
 
-Severity parameters follow ImageNet-C (Hendrycks & Dietterich 2019) where they are intensity-based (noise,
-JPEG quality, contrast, brightness, pixelation factor). Spatial parameters (blur sigma, motion length) are given
+JPEG quality, brightness and the pixelation factor are ImageNet-C's (Hendrycks & Dietterich 2019). Noise and
+contrast are milder than ImageNet-C's (Gaussian std .04-.20 vs .08-.38, speckle .10-.40 vs .15-.60, contrast
+.60-.10 vs .40-.05): between its CIFAR-10-C and ImageNet-C levels, as a 28-px image at ImageNet-C's severity 5 is
+noise or a flat field. Spatial parameters (blur sigma, motion length) are given
 for a 32-pixel image and scale with the shorter side, so a 28-px MedMNIST image and a 224-px one are blurred by
 the same fraction of their size (ImageNet-C's pixel values at 224 px would erase a 28-px image).
 """

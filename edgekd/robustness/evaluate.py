@@ -51,6 +51,9 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
     from edgekd.train.checkpoint import model_from_checkpoint
 
     model, ckpt = model_from_checkpoint(path)
+    if ckpt.get("continual"):
+        raise EdgeKDError(f"{path}: a continual checkpoint; corruption eval scores one task's classes (its argmax over "
+                          "every task's outputs would mix them): `edgekd eval` without --corruptions scores it per task")
     recipe = recipe_from_dict(ckpt["recipe"], where=f"{path} (embedded recipe)")
     transform = build_transforms(recipe.data, [], train=False)
 
@@ -73,6 +76,8 @@ def bundle_predictors(path: str | Path, artifacts: Sequence[str] | None = None, 
     from edgekd.runtime import Runner, open_bundle
 
     bundle = open_bundle(path)
+    if bundle.tasks:
+        raise EdgeKDError(f"{path}: a bundle with one head per task; corruption eval scores one task's classes")
     wanted = [tuple(a.split("/", 1)) for a in artifacts] if artifacts else [(a.format, a.precision)
                                                                           for a in bundle.artifacts]
     predictors = []
@@ -108,16 +113,22 @@ def predictors_for(sources: Sequence[str | Path], threads: int | None = None) ->
     return out
 
 
+SUBSET_SEED = 0
+"""The --limit subset's seed: fixed, so --seed varies the corruptions' noise alone, never which images are scored
+(the subset is the one --seed 0 always picked)."""
+
+
 def load_split_images(recipe, split: str = "test", limit: int | None = None,
                       seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """The decoded uint8 images and labels of a recipe's split (a fixed random subset of `limit` if given)."""
+    """The decoded uint8 images and labels of a recipe's split (a fixed random subset of `limit` if given, the same
+    whatever `seed`, which seeds the corruptions only)."""
     from edgekd.data import build_data
 
     data = build_data(recipe)
     ds = data.dataset(split, train=False)
     idx = np.arange(len(ds))
     if limit is not None and limit < len(ds):
-        idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=limit, replace=False))
+        idx = np.sort(np.random.default_rng(SUBSET_SEED).choice(len(ds), size=limit, replace=False))
     images = [np.ascontiguousarray(ds.raw(int(i))) for i in idx]
     return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names)
 
@@ -125,14 +136,14 @@ def load_split_images(recipe, split: str = "test", limit: int | None = None,
 def load_folder_images(folder: str | Path, class_names: list[str], limit: int | None = None,
                        seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """The decoded uint8 images and labels of a labelled folder (root/<class>/...; the model's class names), a fixed
-    random subset of `limit` if given: the torch-free counterpart of `load_split_images`."""
+    random subset of `limit` if given (whatever `seed`): the torch-free counterpart of `load_split_images`."""
     from edgekd.runtime.inputs import collect_labelled
     from edgekd.runtime.preprocess import as_image_array
 
     paths, labels = collect_labelled(folder, list(class_names))
     idx = np.arange(len(paths))
     if limit is not None and limit < len(paths):
-        idx = np.sort(np.random.default_rng(seed).choice(len(paths), size=limit, replace=False))
+        idx = np.sort(np.random.default_rng(SUBSET_SEED).choice(len(paths), size=limit, replace=False))
     images = [as_image_array(paths[i]) for i in idx]  # a path or a multi-frame DICOM's frame
     return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names)
 
@@ -145,8 +156,8 @@ def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray]
     names, levels = check_names(corruptions), check_severities(severities)
     classes = {len(p.class_names) for p in predictors}
     if len(classes) != 1 or int(labels.max()) >= classes.pop():
-        raise EdgeKDError("corruption eval: all models must have the data's classes "
-                          f"({', '.join(f'{p.label}: {len(p.class_names)}' for p in predictors)})")
+        raise EdgeKDError(f"corruption eval: all models must have the data's classes (data: {int(labels.max()) + 1} "
+                          f"or more; {', '.join(f'{p.label}: {len(p.class_names)}' for p in predictors)})")
     conditions = [(CLEAN, 0)] + [(n, s) for n in names for s in levels]
     records = []
     with progress_task(progress, "corruptions", len(conditions) * len(predictors)) as advance:
@@ -239,6 +250,10 @@ def plot_corruptions(records: list[dict[str, Any]], path: str | Path, title: str
     return save_figure(fig, path)
 
 
+CHART_PACKAGES = ("matplotlib", "sklearn", "scipy")
+"""What the chart's plotting module (edgekd.metrics) imports: the train extra's; matplotlib alone is not enough."""
+
+
 def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_recipe=None, split: str = "test",
                         corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
                         limit: int | None = None, threads: int | None = None,
@@ -273,7 +288,7 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
     write_json(out / "robustness.json", result)
     write_text(out / "robustness.md", corruption_markdown(summary) + "\n")
     result["written"] = ["robustness.json", "robustness.md"]
-    if find_spec("matplotlib") is not None:  # the train extra's; the core install writes no PNG chart
+    if all(find_spec(m) is not None for m in CHART_PACKAGES):  # the core install writes no PNG chart
         plot_corruptions(records, out / "robustness.png", f"Accuracy under corruptions ({split}, {len(images)} images)")
         result["written"].append("robustness.png")
     return result
