@@ -79,6 +79,50 @@ def test_ovms_repository_holds_the_bundles_ir_and_lists_it_with_base_path(bundle
         path = tmp_path / "ovms" / "chest" / "1" / f"model.{suffix}"
         assert sha256(path) == listed[f"openvino/model_fp32.{suffix}"] == repo.files[f"chest/1/model.{suffix}"]
     assert "PrePostProcessor" in (tmp_path / "ovms" / "README.md").read_text()
+    # An update of a served model: the same name, the next version folder.
+    repo = write_repository(bundle, "ovms", tmp_path / "v2", name="chest", version=2)
+    assert set(repo.files) == {"chest/2/model.xml", "chest/2/model.bin"} and (tmp_path / "v2" / "chest" / "2").is_dir()
+
+
+def test_the_readme_preprocessing_done_by_hand_matches_the_runtime(bundle, tmp_path):
+    """A client following the README's steps (Pillow's bilinear resize of the shorter side, the longer rounded down,
+    centre crop, scale, mean, std) gets the runtime's input tensor; OpenCV-style bilinear without antialiasing (what
+    'bilinear' alone let a client pick) does not."""
+    import numpy as np
+    from PIL import Image
+
+    from edgekd.runtime import Preprocessor, open_bundle
+
+    pre = open_bundle(bundle).preprocess
+    write_repository(bundle, "triton", tmp_path / "t")
+    readme = (tmp_path / "t" / "README.md").read_text()
+    assert "Image.Resampling.BILINEAR" in readme and "rounded down" in readme and "min..max" in readme
+    c, h, w = pre["input_size"]
+    size = pre["resize"]
+    img = np.random.default_rng(0).integers(0, 256, (90, 61, 3), dtype=np.uint8)  # taller than wide, odd width
+    new_w, new_h = size, int(size * 90 / 61)
+    for resample, same in ((Image.Resampling.BILINEAR, True), (None, False)):
+        if resample is None:  # no antialiasing: sample the 4 nearest pixels of each output pixel's centre only
+            ys, xs = ((np.arange(n) + 0.5) * (m / n) - 0.5 for n, m in ((new_h, 90), (new_w, 61)))
+            ys, xs = np.clip(ys, 0, 89), np.clip(xs, 0, 60)
+            y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+            y1, x1 = np.minimum(y0 + 1, 89), np.minimum(x0 + 1, 60)
+            fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+            f = img.astype(np.float64)
+            resized = np.round((f[y0][:, x0] * (1 - fx) + f[y0][:, x1] * fx) * (1 - fy)
+                               + (f[y1][:, x0] * (1 - fx) + f[y1][:, x1] * fx) * fy).astype(np.uint8)
+        else:
+            resized = np.asarray(Image.fromarray(img).resize((new_w, new_h), resample))
+        top, left = int(round((new_h - h) / 2.0)), int(round((new_w - w) / 2.0))
+        crop = resized[top:top + h, left:left + w].astype(np.float32)
+        gray = c == 1
+        if gray:
+            crop = (crop[..., 0] * np.float32(0.2989) + crop[..., 1] * np.float32(0.587)
+                    + crop[..., 2] * np.float32(0.114)).astype(np.uint8)[..., None].astype(np.float32)
+        x = ((crop * np.float32(pre["scale"]) - np.asarray(pre["mean"], np.float32))
+             / np.asarray(pre["std"], np.float32)).transpose(2, 0, 1)
+        runtime = Preprocessor(pre)(img)
+        assert np.allclose(x, runtime[0] if runtime.ndim == 4 else runtime, atol=1e-6) == same, resample
 
 
 def test_a_changed_artifact_is_refused_and_nothing_is_written(bundle, tmp_path):
@@ -98,6 +142,9 @@ def test_a_changed_artifact_is_refused_and_nothing_is_written(bundle, tmp_path):
     ({"kind": "torchserve"}, "unknown repository kind"),
     ({"kind": "triton", "precision": "int8"}, "no onnx int8 model"),
     ({"kind": "ovms", "name": "../up"}, "--name"),
+    ({"kind": "ovms", "base_path": ""}, "--base-path ''"),  # mounted $PWD over the container's /
+    ({"kind": "ovms", "base_path": "models"}, "--base-path 'models'"),  # `-v $PWD:models` is not a docker mount
+    ({"kind": "triton", "version": 0}, "--version"),
 ])
 def test_bad_requests_are_one_line_errors(bundle, tmp_path, kwargs, message):
     with pytest.raises(EdgeKDError, match=message) as err:

@@ -173,6 +173,8 @@ def repository(
                                        help="Triton dynamic batching: longest wait to fill a batch (microseconds)."),
     base_path: str = typer.Option("/models", "--base-path", help="OVMS: where the repository is mounted in the "
                                   "server (config.json's base_path is <base-path>/<name>)."),
+    version: int = typer.Option(1, "--version", min=1, help="The model's version folder (an update of a served "
+                                "model: the same --name, the next version)."),
 ) -> None:
     """Write the model repository NVIDIA Triton or OpenVINO Model Server loads, from a verified bundle: the
     bundle's model files byte for byte, config.pbtxt / config.json, and a README with the preprocessing."""
@@ -180,7 +182,7 @@ def repository(
     from edgekd.runtime.repository import write_repository
 
     refuse_output_inside(out, [bundle])
-    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path)
+    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path, version)
     for rel, digest in repo.files.items():
         out_console.print(f"{escape(rel)}  sha256 {digest}")
     console.print(f"wrote {repo.kind} repository {out} (model '{repo.model_name}', README.md)")

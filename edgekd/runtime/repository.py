@@ -16,6 +16,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.fileio import (deferred_signals, remove_tree, staging_directory, track_tree, untrack_tree, write_json,
                            write_text)
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
+from edgekd.runtime.preprocess import LUMA
 
 KINDS = {"triton": "onnx", "ovms": "openvino"}
 """Repository kind -> the bundle format it serves."""
@@ -24,7 +25,7 @@ TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "t
                 "tensor(uint8)": "TYPE_UINT8", "tensor(bool)": "TYPE_BOOL"}
 """ONNX Runtime's element type names -> Triton's model-config data types."""
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-VERSION = "1"
+DEFAULT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -107,34 +108,41 @@ def _copy_verified(data: bytes, digest: str | None, target: Path) -> str:
 
 
 def _stage_triton(bundle: Bundle, art: Artifact, stage: Path, name: str, max_batch_size: int,
-                  queue_delay_us: int) -> tuple[dict[str, str], dict[str, Any]]:
+                  queue_delay_us: int, version: int) -> tuple[dict[str, str], dict[str, Any]]:
     model, _ = art.read()
     inputs, outputs, batched = onnx_signature(model)
-    rel = f"{name}/{VERSION}/model.onnx"
+    rel = f"{name}/{version}/model.onnx"
     files = {rel: _copy_verified(model, art.sha256, stage / rel)}
     text = triton_config(name, inputs, outputs, max_batch_size if batched else 0, queue_delay_us, bundle.threads)
     write_text(stage / name / "config.pbtxt", text)
     return files, {"inputs": inputs, "outputs": outputs, "batched": batched}
 
 
-def _stage_ovms(bundle: Bundle, art: Artifact, stage: Path, name: str, base_path: str) -> tuple[dict[str, str], dict]:
+def _stage_ovms(bundle: Bundle, art: Artifact, stage: Path, name: str, base_path: str,
+                version: int) -> tuple[dict[str, str], dict]:
     model, weights = art.read()
-    files = {f"{name}/{VERSION}/model.xml": _copy_verified(model, art.sha256, stage / name / VERSION / "model.xml"),
-             f"{name}/{VERSION}/model.bin": _copy_verified(weights or b"", art.weights_sha256,
-                                                           stage / name / VERSION / "model.bin")}
+    folder = f"{name}/{version}"
+    files = {f"{folder}/model.xml": _copy_verified(model, art.sha256, stage / folder / "model.xml"),
+             f"{folder}/model.bin": _copy_verified(weights or b"", art.weights_sha256, stage / folder / "model.bin")}
     write_json(stage / "config.json", ovms_config(name, f"{base_path.rstrip('/')}/{name}", art))
     return files, {}
 
 
 def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str | None = None,
                      name: str | None = None, max_batch_size: int = 32, queue_delay_us: int = 2000,
-                     base_path: str = "/models") -> Repository:
+                     base_path: str = "/models", version: int = DEFAULT_VERSION) -> Repository:
     """The `kind` repository (triton: the bundle's ONNX model; ovms: its OpenVINO IR) at `out`, with a README
-    stating the preprocessing clients must apply. `out` must be new or empty; nothing is left on failure."""
+    stating the preprocessing clients must apply; the model files in the version folder `version` (an update of a
+    served model: the same name, the next version). `out` must be new or empty; nothing is left on failure."""
     if kind not in KINDS:
         raise EdgeKDError(f"--kind: unknown repository kind '{kind}' (choose from {', '.join(KINDS)})")
     if max_batch_size < 1:
         raise EdgeKDError("--max-batch: must be at least 1")
+    if version < 1:
+        raise EdgeKDError("--version: must be at least 1 (the servers' version folders are 1, 2, ...)")
+    if kind == "ovms" and not (base_path.startswith("/") and base_path.rstrip("/")):
+        raise EdgeKDError(f"--base-path {base_path!r}: an absolute folder inside the server's container other than / "
+                          "(e.g. /models), where the repository is mounted")
     out = Path(out)
     _check_out(out)
     bundle = open_bundle(bundle_path, verify=True)
@@ -148,9 +156,9 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
         with deferred_signals():  # tracked: a stop signal removes it (the CLI exits without unwinding)
             stage = staged = track_tree(staging_directory(f".{out.name}.", ".tmp", out.parent))
         if kind == "triton":
-            files, io = _stage_triton(bundle, art, stage, name, max_batch_size, queue_delay_us)
+            files, io = _stage_triton(bundle, art, stage, name, max_batch_size, queue_delay_us, version)
         else:
-            files, io = _stage_ovms(bundle, art, stage, name, base_path)
+            files, io = _stage_ovms(bundle, art, stage, name, base_path, version)
         write_text(stage / "README.md", repository_readme(bundle, kind, name, art, files, io, base_path))
         _check_out(out)
         if out.exists():
@@ -165,14 +173,28 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
 
 
 def _preprocessing_lines(pre: dict[str, Any]) -> list[str]:
+    """What a client does to an image before the server's model, step by step as edgekd.runtime does it (a client
+    that resizes another way, e.g. OpenCV's INTER_LINEAR without antialiasing, flips some labels)."""
     c, h, w = pre["input_size"]
-    return [f"1. Decode the image; {pre['channel_order']} channel order"
-            + (" (a gray image: its one channel repeated three times)" if c == 3 else "") + ".",
-            f"2. Resize the shorter side to {pre['resize']} px ({pre['interpolation']}), center-crop "
-            f"{h}x{w}.",
-            f"3. Scale the 0-255 pixels by {pre['scale']:.6g}, subtract mean {pre['mean']}, divide by std {pre['std']}.",
-            f"4. float32, layout {pre.get('layout', 'NCHW')}: shape (N, {c}, {h}, {w}).",
-            *(["5. DullRazor hair removal first (edgekd.hair), as in training."] if pre.get("hair_removal") else [])]
+    interpolation = pre["interpolation"]
+    how = ("Pillow's `Image.resize(..., Image.Resampling.BILINEAR)`, which antialiases when it shrinks "
+           "(torchvision's `resize(..., antialias=True)` on uint8 matches; OpenCV's INTER_LINEAR does not)"
+           if interpolation == "bilinear" else interpolation)
+    to_channels = ("a gray image's one channel repeated three times" if c == 3 else
+                   f"a color image to gray by luminance {', '.join(f'{float(v):g}' for v in LUMA)} (R, G, B "
+                   "weights in float32, the sum truncated)")
+    return [f"1. Decode the image: apply its EXIF orientation tag, drop alpha; a 16-bit or float image is scaled "
+            "to 0-255 by its own min..max (rounded); DICOM through its modality and VOI LUTs (edgekd.imageio). "
+            f"{pre['channel_order']} channel order; {to_channels}.",
+            *(["2. DullRazor hair removal (edgekd.hair), as in training, on the decoded image."]
+              if pre.get("hair_removal") else []),
+            f"{3 if pre.get('hair_removal') else 2}. Resize the shorter side to {pre['resize']} px (the longer in "
+            f"proportion, rounded down) with {how}, then center-crop {h}x{w} (zero padding where the image is "
+            "smaller).",
+            f"{4 if pre.get('hair_removal') else 3}. float32: multiply the 0-255 pixels by {pre['scale']:.6g}, "
+            f"subtract mean {pre['mean']}, divide by std {pre['std']}.",
+            f"{5 if pre.get('hair_removal') else 4}. Layout {pre.get('layout', 'NCHW')}: shape (N, {c}, {h}, {w}).",
+            "`edgekd.runtime.Preprocessor(bundle.preprocess)` does all of this without PyTorch (pip install edgekd)."]
 
 
 def _postprocessing_lines(bundle: Bundle) -> list[str]:
@@ -208,7 +230,11 @@ def repository_readme(bundle: Bundle, kind: str, name: str, art: Artifact, files
              "bundle's IR and ONNX model are the bare network; `edgekd predict`/`serve` add it: the OpenVINO path "
              "folds it into the compiled model with PrePostProcessor at load time, not into the file), so every "
              "client sends preprocessed tensors:", "", *_preprocessing_lines(bundle.preprocess), "",
-             "## Output", "", *_postprocessing_lines(bundle), ""]
+             "## Output", "", *_postprocessing_lines(bundle), "",
+             "## Versions", "",
+             "Both servers serve the highest version folder of a model by default. To roll out an update (e.g. "
+             "an `edgekd update` bundle), write it with the same `--name` and the next `--version` into a new "
+             "folder and copy its `<name>/<version>/` folder into the served repository.", ""]
     if kind == "triton":
         lines += ["## Start", "", "```",
                   f"docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD:/models "
@@ -217,7 +243,7 @@ def repository_readme(bundle: Bundle, kind: str, name: str, art: Artifact, files
                   f"`max_batch_size`{'' if io.get('batched') else ' (0: this model has a fixed batch)'}."]
     else:
         lines += ["## Start", "", "```",
-                  f"docker run --rm -p 9000:9000 -p 8000:8000 -v $PWD:{base_path.rstrip('/') or '/'} "
+                  f"docker run --rm -p 9000:9000 -p 8000:8000 -v $PWD:{base_path.rstrip('/')} "
                   f"openvino/model_server:latest --config_path {base_path.rstrip('/')}/config.json "
                   "--port 9000 --rest_port 8000", "```", "",
                   f"`config.json` names the model folder as the container sees it (`base_path` under {base_path}); "
