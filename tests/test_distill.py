@@ -625,3 +625,19 @@ def test_a_teacher_path_that_is_a_folder_or_missing_says_which(tmp_path, tiny_te
         load_teacher(Path(tiny_teacher).parent)
     with pytest.raises(EdgeKDError, match="not found .*read from the working folder"):
         load_teacher(tmp_path / "nowhere.pt")
+
+
+def test_report_rows_of_one_recipe_and_seed_are_named_apart():
+    """best.pt and last.pt of one run (or one recipe trained twice) gave two identical rows and one confusion PNG
+    written over the other."""
+    from edgekd.distill.report import name_apart
+
+    rows = [{"name": "s", "seed": 0, "checkpoint": "runs/a/student/best.pt"},
+            {"name": "s", "seed": 0, "checkpoint": "runs/a/student/last.pt"},
+            {"name": "s", "seed": 0, "checkpoint": "runs/b/student/last.pt"},
+            {"name": "s", "seed": 1, "checkpoint": "runs/c/student/best.pt"},
+            {"name": "t", "seed": 0, "checkpoint": "x/best.pt"}]
+    names = [r["name"] for r in name_apart(rows)]
+    assert len(set(zip(names, [r["seed"] for r in rows]))) == len(rows)
+    assert names[0] == "s@student-best" and names[3:] == ["s", "t"]  # only rows that clash are renamed
+    assert all("/" not in n for n in names)  # they name the confusion PNG files

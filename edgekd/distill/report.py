@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,19 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
     }
 
 
+def name_apart(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one recipe name and seed (a recipe trained twice with other --set values; a run's best.pt and
+    last.pt) read alike in the table and wrote one confusion PNG over the other: each gets its checkpoint's folder
+    and file name after its own (`demo-student@student-last`), or its whole path when those match too."""
+    key = lambda r: (r["name"], r["seed"])  # noqa: E731
+    tags = (lambda p: f"{p.parent.name}-{p.stem}", lambda p: re.sub(r"[^A-Za-z0-9_.-]+", "-", str(p)).strip("-"))
+    for tag in tags:
+        counts = Counter(map(key, rows))
+        for r in [r for r in rows if counts[key(r)] > 1]:
+            r["name"] = f"{r['name'].split('@')[0]}@{tag(Path(r['checkpoint']))}"
+    return rows
+
+
 def comparison_report(runs: list[str | Path], out: str | Path, split: str = "test") -> dict[str, Any]:
     """One table per dataset over the given runs (run dirs or checkpoints); writes report.md, report.json,
     roc_<dataset>.png (every model's ROC on one plot) and confusion_<dataset>_<name>_s<seed>.png per model."""
@@ -71,7 +86,7 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
         first = seen.setdefault(ckpt.resolve(), i)
         if first != i:
             raise EdgeKDError(f"report: {runs[i]} and {runs[first]} are the same checkpoint ({ckpt})")
-    rows = [evaluate_for_report(ckpt, split) for ckpt in checkpoints]
+    rows = name_apart([evaluate_for_report(ckpt, split) for ckpt in checkpoints])
     order = {r: i for i, r in enumerate(ROLE_ORDER)}
     rows.sort(key=lambda r: (r["dataset"], order.get(r["role"], len(order)), r["params"]))
     tables: dict[str, str] = {}
