@@ -94,3 +94,42 @@ def test_two_cpu_processes_train_identical_weights(tmp_path):
     assert proc.stderr.count("epoch 2/2") == 1  # nor epoch logs
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["test"]["n"] == 16
+    assert metrics["processes"] == 2 and ckpt["trainer"]["world_size"] == 2
+
+
+def test_a_failing_rank_is_one_error_line_and_the_other_says_it_stopped(tmp_path):
+    """rank 0 cannot write best.pt (a folder is in its place): its error is the one line that names the cause; rank
+    1, whose collective lost its peer, says it stopped (it printed a gloo RuntimeError, which torchrun then named
+    as the root cause)."""
+    npz = write_npz(tmp_path / "tiny.npz", n=(20, 8, 8))
+    recipe = {"name": "ddp-fail", "seed": 0,
+              "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3, "batch_size": 8},
+              "model": {"name": "edgekd_cnn_tiny"}, "train": {"epochs": 1, "device": "cpu"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "run" / "best.pt").mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "edgekd", "train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert any("best.pt" in line and "error: rank" not in line for line in errors), proc.stderr[-3000:]
+    assert not any("RuntimeError" in line or "gloo" in line for line in errors), errors
+    assert all("best.pt" in line or line == "error: rank 1: stopped: another rank failed (its error says why)"
+               for line in errors), errors
+
+
+def test_rank_prefix_and_peer_failure(monkeypatch):
+    from edgekd.cli.process import peer_failure, rank_prefix
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert rank_prefix() == "rank 1: "
+    assert peer_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1234"))
+    assert peer_failure(ValueError("bad value")) is None
+    monkeypatch.setenv("RANK", "0")
+    assert rank_prefix() == ""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert peer_failure(RuntimeError("Connection closed by peer")) is None

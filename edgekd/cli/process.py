@@ -47,12 +47,12 @@ def run() -> None:
             sys.exit(err.exit_code)
         if STATE["debug"]:
             raise
-        known = known_failure(err)
+        known = peer_failure(err) or known_failure(err)
         if known is not None:
             fail(error_line(known))
         detail = f": {error_line(str(err))}" if str(err) else ""
-        console.print(f"[bold red]error:[/] {type(err).__name__}{escape(detail)} (run with --debug for the traceback)",
-                      soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(rank_prefix())}{type(err).__name__}{escape(detail)} (run with "
+                      "--debug for the traceback)", soft_wrap=True)
         sys.exit(1)
     if RECEIVED_SIGNALS:  # a kill whose exception a finalizer swallowed: still not a success
         say_interrupted()
@@ -96,9 +96,31 @@ def stopped(code: int) -> None:
 
 
 def fail(line: str) -> None:
-    """Print `error: <line>` on stderr (escaped: a file name like scan[left].png is not rich markup), exit 2."""
-    console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
+    """Print `error: <line>` on stderr (escaped: a file name like scan[left].png is not rich markup), exit 2; under
+    torchrun a rank other than 0 says which it is (every rank runs the command: a bad recipe fails on each)."""
+    console.print(f"[bold red]error:[/] {escape(rank_prefix() + line)}", soft_wrap=True)
     sys.exit(2)
+
+
+def rank_prefix() -> str:
+    """`rank N: ` in a torchrun worker other than rank 0, else nothing."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f"rank {rank}: " if world.isdigit() and int(world) > 1 and rank != "0" else ""
+
+
+PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+                "Socket Timeout", "Broken pipe")
+"""What a collective call of torch.distributed raises on one rank when another rank has stopped."""
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """The one line for a rank stopped by another rank's failure (gloo/NCCL lost its peer), else None: torchrun's
+    summary had named this rank, with its RuntimeError about a closed connection, as the root cause."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return None
+    if type(err).__name__.startswith("Dist") or any(s in str(err) for s in PEER_FAILURE):
+        return "stopped: another rank failed (its error says why)"
+    return None
 
 
 def known_failure(err: BaseException) -> str | None:

@@ -57,6 +57,11 @@ def rank() -> int:
     return env.rank if env else 0
 
 
+def world_size() -> int:
+    """The processes training together (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def is_main_process() -> bool:
     """Rank 0 (or the only process): the one that logs and writes files."""
     return rank() == 0

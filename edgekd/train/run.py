@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,10 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     out.mkdir(parents=True, exist_ok=True)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+        cores, ranks = os.cpu_count() or 1, distributed.world_size()
+        if ranks > 1 and recipe.train.threads * ranks > cores:
+            log(f"warning: train.threads {recipe.train.threads} is per process: {ranks} processes x "
+                f"{recipe.train.threads} threads on {cores} cores oversubscribe them (slower, not faster)")
     if uses_class_weights(recipe) and data.samples_balanced(distributed.is_active()):
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
@@ -119,7 +124,8 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         "best_value": fit.best_value, "epochs_run": len(fit.history), "stopped_early": fit.stopped_early,
         "nonfinite_batches": fit.nonfinite_batches, "train_seconds": train_seconds,
         "seconds_per_epoch": (sum(h["epoch_seconds"] for h in fit.history) / len(fit.history)) if fit.history else None,
-        "seed": recipe.seed, "threads": torch.get_num_threads(), "counts": data.counts(), "bad_files": data.bad_files, **fit.extra,
+        "seed": recipe.seed, "threads": torch.get_num_threads(), "processes": distributed.world_size(),
+        "counts": data.counts(), "bad_files": data.bad_files, **fit.extra,
         "val": reports["val"], "test": reports["test"],
     }
     if trainer.is_main:

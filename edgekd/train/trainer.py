@@ -241,6 +241,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "swa": self.swa_model.state_dict() if self.swa_model else None,
             "swa_scheduler": self.swa_scheduler.state_dict() if self.swa_scheduler else None,
+            "world_size": distributed.world_size(),
         }
 
     def checkpoint_payload(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, float],
@@ -275,6 +276,10 @@ class Trainer:
         self.best_value, self.best_epoch = st["best_value"], st["best_epoch"]
         self.bad_epochs, self.nonfinite = st["bad_epochs"], st["nonfinite"]
         self.log(f"resumed from {path} at epoch {self.epoch}")
+        before, now = st.get("world_size", 1), distributed.world_size()
+        if before != now:
+            self.log(f"warning: {path} was trained by {before} process(es), resumed by {now}: the batch each step "
+                     f"averages ({self.data.cfg.batch_size} x processes) and the shards change")
 
     # ----------------------------------------------------------------- loop
     def _improved(self, value: float) -> bool:
