@@ -325,6 +325,7 @@ def test_train_skips_bad_images_and_trains_on_unusual_ones(tmp_path, capsys):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["bad_files"] == [str(root / "train" / "a" / "broken.jpg")]
     assert metrics["test"]["n"] == 6 + len(ODD_IMAGES)
+    assert "skipped 1 unreadable image(s)" in err and "broken.jpg" in err  # it was in metrics.json alone
 
 
 # ================================================================================ data sources: edgekd train

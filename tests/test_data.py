@@ -248,8 +248,11 @@ def test_patient_ids_from_file_names_keep_patients_apart(tmp_path):
 def test_kfold_needs_every_class_in_every_val_fold():
     labels = np.array([0] * 20 + [1] * 6)
     groups = np.concatenate([np.repeat(np.arange(10), 2), np.repeat([10, 11, 12], 2)])  # 3 patients of class 1
-    with pytest.raises(EdgeKDError, match="--folds 4: class id 1 has 3 patients in the train/val pool, too few"):
+    with pytest.raises(EdgeKDError, match=r"--folds 4: class id 1 has 3 patients in the train/val pool \(13 patients "
+                                          r"in all\), too few"):
         kfold_indices(labels, 4, seed=0, groups=groups)
+    with pytest.raises(EdgeKDError, match="class 'CNV' \\(id 1\\) has 3 patients"):  # the name, when known
+        kfold_indices(labels, 4, seed=0, groups=groups, class_names=["NORMAL", "CNV"])
     assert len(kfold_indices(labels, 3, seed=0, groups=groups)) == 3
     # Patients holding both classes: enough of each, yet a fold's val split misses one (found by a seeded search).
     mixed = np.array([1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 0])

@@ -279,7 +279,8 @@ def split_tables(recipe) -> tuple[dict[str, Table], list[str], Source]:
         names = list(cfg.class_names)
     build_transforms(cfg, recipe.augment, train=True)  # an unknown augment op fails now, before any output
     source.tables = tables
-    tables = make_splits(source, cfg.split, cfg.val_fraction, cfg.test_fraction, recipe.seed, cfg.folds, cfg.fold)
+    tables = make_splits(source, cfg.split, cfg.val_fraction, cfg.test_fraction, recipe.seed, cfg.folds, cfg.fold,
+                         names)
     if cfg.limit:
         tables = {split: _limit(table, cfg.limit, recipe.seed) for split, table in tables.items()}
     return tables, names, source

@@ -39,7 +39,7 @@ GIVE_SPLITS = "give the splits yourself (train/ val/ test/ folders, or a CSV man
 
 
 def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
-                what: str = "a split") -> tuple[np.ndarray, np.ndarray]:
+                what: str = "a split", class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Like stratified_split, but every group (patient) lands wholly on one side: the first fold of a seeded
     stratified group k-fold (k = 1 / fraction) that leaves every class on both sides."""
     n_splits = max(2, int(round(1.0 / fraction)))
@@ -57,8 +57,14 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
             return np.sort(keep), np.sort(held)
     short, count = fewest_units(labels, groups)
     raise EdgeKDError(f"carving {what} by patient: no draw of 1/{n_splits} of the {n_groups} patients keeps every "
-                      f"class on both sides (class id {short} has {count} patients); {GIVE_SPLITS}, or a larger "
+                      f"class on both sides (class {class_label(short, class_names)} has {count} patients); "
+                      f"{GIVE_SPLITS}, or a larger "
                       "data.val_fraction / data.test_fraction")
+
+
+def class_label(c: int, class_names: list[str] | None) -> str:
+    """A class as an error names it: its name when known (with the id), else its id."""
+    return f"'{class_names[c]}' (id {c})" if class_names is not None and 0 <= c < len(class_names) else f"id {c}"
 
 
 def fewest_units(labels: np.ndarray, units: np.ndarray) -> tuple[int, int]:
@@ -68,15 +74,17 @@ def fewest_units(labels: np.ndarray, units: np.ndarray) -> tuple[int, int]:
     return int(present[int(np.argmin(counts))]), min(counts)
 
 
-def kfold_indices(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def kfold_indices(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None,
+                  class_names: list[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold, grouped by patient when groups are given: [(train_idx, val_idx)] per fold. Every class
     must reach every fold's val split (else its metrics are undefined and the run stops at that fold)."""
     present = np.unique(labels)
     short, count = fewest_units(labels, groups if groups is not None else np.arange(len(labels)))
     kind = "patients" if groups is not None else "images"
     if folds > count:
-        raise EdgeKDError(f"--folds {folds}: class id {short} has {count} {kind} in the train/val pool, too few for "
-                          f"{folds} folds")
+        total = f" ({len(np.unique(groups))} patients in all)" if groups is not None else ""
+        raise EdgeKDError(f"--folds {folds}: class {class_label(short, class_names)} has {count} {kind} in the "
+                          f"train/val pool{total}, too few for {folds} folds")
     if groups is not None:
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         out = [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels, groups)]
@@ -86,13 +94,15 @@ def kfold_indices(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray 
     for i, (_, val) in enumerate(out):
         missing = np.setdiff1d(present, labels[val])
         if missing.size:
-            raise EdgeKDError(f"--folds {folds}: fold {i}'s val split has no image of class id {missing[0]} "
+            raise EdgeKDError(f"--folds {folds}: fold {i}'s val split has no image of class "
+                              f"{class_label(int(missing[0]), class_names)} "
                               f"({kind} are split whole); use fewer folds")
     return out
 
 
 def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: float, seed: int,
-                folds: int | None = None, fold: int | None = None) -> dict[str, Table]:
+                folds: int | None = None, fold: int | None = None,
+                class_names: list[str] | None = None) -> dict[str, Table]:
     """Resolve a source into train/val/test tables.
 
     Splits the source already has are kept (`given`); missing ones are carved from the training pool, by patient
@@ -112,7 +122,7 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
 
     def carve(table: Table, fraction: float, what: str) -> tuple[Table, Table]:
         if grouped:
-            keep, held = group_split(table.labels, table.groups, fraction, seed, what)
+            keep, held = group_split(table.labels, table.groups, fraction, seed, what, class_names)
         else:
             keep, held = stratified_split(table.labels, fraction, seed)
         return table.subset(keep), table.subset(held)
@@ -128,7 +138,8 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
         pool = Table.concat([tables[s] for s in ("train", "val") if s in tables])
         if fold is None or not 0 <= fold < folds:
             raise EdgeKDError(f"data.fold must be in 0..{folds - 1} when data.folds={folds}")
-        train_idx, val_idx = kfold_indices(pool.labels, folds, seed, pool.groups if grouped else None)[fold]
+        train_idx, val_idx = kfold_indices(pool.labels, folds, seed, pool.groups if grouped else None,
+                                           class_names)[fold]
         tables["train"], tables["val"] = pool.subset(train_idx), pool.subset(val_idx)
     elif "val" not in tables:
         if val_fraction <= 0:

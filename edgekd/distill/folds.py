@@ -158,6 +158,8 @@ def summarize_folds(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
 
 def folds_markdown(summary: dict[str, Any], name: str, folds: int) -> str:
     lines = [f"### {name}: {folds}-fold cross-validation (mean ± std over folds; val = the held-out fold)", "",
+             "The held-out fold also chose each fold's best epoch, so its figures lean optimistic; test, the split no "
+             "fold trains or selects on, is the unbiased estimate.", "",
              "| role | split | " + " | ".join(SUMMARY_METRICS) + " |",
              "|---|---|" + "---:|" * len(SUMMARY_METRICS)]
     for role, splits in summary.items():

@@ -96,6 +96,9 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     if uses_class_weights(recipe) and data.samples_balanced(distributed.is_active()):
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
+    if data.bad_files:
+        log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "
+            f"{data.bad_files[0]}; metrics.json lists them (bad_files)")
     criterion = build_loss(recipe.train.loss, loss_class_weights(data))
     objective = objective or SupervisedObjective(criterion)
     meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
