@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, shorten
 from edgekd.imageio import is_image_file
 
 SPLITS = ("train", "val", "test")
@@ -108,7 +108,7 @@ def load_medmnist(path: str | Path) -> Source:
             images = npz[f"{split}_images"]
             labels = npz[f"{split}_labels"]
         except (ValueError, OSError, zipfile.BadZipFile) as err:  # object arrays (pickle) are refused here
-            raise EdgeKDError(f"{path}: cannot read {split} arrays ({str(err).splitlines()[0][:100]})") from None
+            raise EdgeKDError(f"{path}: cannot read {split} arrays ({shorten(str(err).splitlines()[0], 100)})") from None
         tables[split] = Table(labels=_check_labels(labels, path, split), images=_check_images(images, path, split))
         if len(tables[split].images) != len(tables[split].labels):
             raise EdgeKDError(f"{path}: {split}_images and {split}_labels differ in length")

@@ -14,7 +14,7 @@ from timm.models import group_modules
 from torch import nn
 
 import edgekd.models.cnn  # noqa: F401  (registers edgekd_cnn with timm)
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, shorten
 
 
 def model_spec(model_cfg, num_classes: int, in_chans: int) -> dict[str, Any]:
@@ -49,11 +49,11 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
         raise EdgeKDError(f"model '{name}': bad model.kwargs ({err})") from None
     except Exception as err:  # an empty, truncated or foreign weights file fails in many ways (EOFError, KeyError...)
         if pretrained:
-            detail = str(err).splitlines()[0][:120] if str(err) else "unreadable"
+            detail = shorten(str(err).splitlines()[0], 120) if str(err) else "unreadable"
             raise EdgeKDError(f"model '{name}': could not load pretrained weights from {where}: "
                               f"{type(err).__name__}: {detail}") from None
         if isinstance(err, (OSError, RuntimeError, ValueError)):
-            raise EdgeKDError(f"model '{name}': {str(err).splitlines()[0][:160]}") from None
+            raise EdgeKDError(f"model '{name}': {shorten(str(err).splitlines()[0], 160)}") from None
         raise
     if pretrained:
         _check_weights_loaded(model, missing, name, where)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, shorten
 from edgekd.fileio import atomic_write
 from edgekd.models import create_model
 from edgekd.runtime import METADATA_FILE, is_bundle
@@ -37,7 +37,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/zipfile errors
         raise EdgeKDError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:100] if str(err) else 'truncated or corrupt'})") from None
+                          f"{shorten(str(err).splitlines()[0], 100) if str(err) else 'truncated or corrupt'})") from None
     given = ckpt.get("format") if isinstance(ckpt, dict) else None
     if isinstance(given, str) and given.startswith(FORMAT.rsplit("/", 1)[0] + "/") and given != FORMAT:
         raise EdgeKDError(f"{path}: checkpoint format {given!r}, this edgekd reads {FORMAT!r} (a newer or older "
