@@ -175,3 +175,11 @@ def test_cli_refuses_a_non_empty_out_and_writes_a_new_one(bundle, tmp_path, monk
     assert run_cli(monkeypatch, "repository", str(bundle), "--kind", "ovms", "--out", str(tmp_path / "new")) == 0
     assert (tmp_path / "new" / "config.json").is_file()
     assert "model.bin  sha256" in capsys.readouterr().out
+
+
+def test_precision_in_any_case_and_a_file_as_out(bundle, tmp_path):
+    repo = write_repository(bundle, "triton", tmp_path / "t", precision="FP32")
+    assert list(repo.files) == [f"{repo.model_name}/1/model.onnx"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EdgeKDError, match="a file, not a directory"):  # it said "exists and is not empty"
+        write_repository(bundle, "triton", tmp_path / "afile")

@@ -197,8 +197,9 @@ class Bundle:
         return next((p for p in PRECISIONS if p in have), "fp32")
 
     def artifact(self, fmt: str, precision: str) -> Artifact:
+        """The model of a format and precision, named in any case (`--precision FP16`)."""
         for art in self.artifacts:
-            if art.format == fmt and art.precision == precision:
+            if art.format == fmt.lower() and art.precision == precision.lower():
                 return art
         have = ", ".join(f"{a.format}/{a.precision}" for a in self.artifacts) or "none"
         raise EdgeKDError(f"{self.source}: no {fmt} {precision} model in the bundle (it has: {have})")

@@ -93,7 +93,9 @@ def ovms_config(name: str, base_path: str, artifact: Artifact) -> dict[str, Any]
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise EdgeKDError(f"--out {out}: a file, not a directory; choose a new directory for the repository")
+    if out.exists() and any(out.iterdir()):
         raise EdgeKDError(f"--out {out}: exists and is not empty; choose a new directory for the repository")
 
 

@@ -134,6 +134,7 @@ class Runner:
         positive class's calibrated probability for this runner (default: the bundle's; a binary bundle only).
         `task`: a multi-head bundle's task to predict (default: each task's prediction, a `TaskPredictions`).
         """
+        backend, precision = backend.lower(), precision.lower() if precision else precision  # `--precision FP16`
         _check_options(backend, precision, threads, threshold)
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
         if cache_dir is not None:  # a cache inside a bundle folder would be an unlisted file: the bundle unusable
