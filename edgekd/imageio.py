@@ -77,8 +77,8 @@ def is_dicom(path: str | Path) -> bool:
 
 def is_image_file(path: Path) -> bool:
     """Whether a file found in a folder is an image to read: an image suffix, or DICOM by its content (PACS exports
-    name files by UID, with no suffix)."""
-    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
+    name files by UID, with no suffix); a DICOMDIR (a CD's or export's index, no pixels) is not."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or (path.name.upper() != "DICOMDIR" and is_dicom(path))
 
 
 def read_image(path: str | Path, resize: int | None = None, frame: int | None = None) -> np.ndarray:
@@ -136,12 +136,30 @@ def _decode_pillow(source: Path | io.BytesIO, fmt: str, where: str, resize: int 
 
 def check_single_frame(img: Image.Image, fmt: str, where: str) -> None:
     """A multi-page TIFF or an animated GIF/WEBP/PNG is refused: the model sees one image, and classifying the
-    first frame alone, without a word, could answer for a page nobody meant."""
+    first frame alone, without a word, could answer for a page nobody meant. A camera JPEG's preview (MPO) and a
+    TIFF's reduced-resolution pages (thumbnails, pyramid levels: NewSubfileType bit 0) are not other images."""
     frames = getattr(img, "n_frames", 1)
-    if frames > 1:
-        kind = "pages" if fmt == "TIFF" else "frames"
-        raise EdgeKDError(f"{where}: a {fmt} of {frames} {kind} (one image per file is read: save the "
-                          f"{kind[:-1]} you mean as its own image)")
+    if frames <= 1 or img.format == "MPO":
+        return
+    if fmt == "TIFF":
+        frames = sum(1 for _ in _full_resolution_pages(img))
+        img.seek(0)
+        if frames <= 1:
+            return
+    kind = "pages" if fmt == "TIFF" else "frames"
+    raise EdgeKDError(f"{where}: a {fmt} of {frames} {kind} (one image per file is read: save the "
+                      f"{kind[:-1]} you mean as its own image)")
+
+
+def _full_resolution_pages(img: Image.Image):
+    for i in range(img.n_frames):
+        img.seek(i)
+        if not int(img.tag_v2.get(NEW_SUBFILE_TYPE, 0)) & 1:
+            yield i
+
+
+NEW_SUBFILE_TYPE = 254
+"""TIFF tag: bit 0 set = a reduced-resolution version of another page in the file."""
 
 
 MAGIC = ((b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"\xff\xd8\xff", 0, "JPEG"), (b"II*\x00", 0, "TIFF"),

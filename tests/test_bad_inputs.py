@@ -1024,3 +1024,24 @@ def test_a_folder_that_cannot_be_written_names_the_file_asked_for(tmp_path, monk
     with pytest.raises(EdgeKDError) as err:
         write_json(tmp_path / "metrics.json", {})
     assert str(err.value) == f"{tmp_path / 'metrics.json'}: could not be written (Permission denied)"
+
+
+def test_a_camera_jpeg_preview_and_a_tiff_thumbnail_are_not_other_pages(tmp_path):
+    """Pillow counts an MPO JPEG's preview and a TIFF's reduced-resolution page as frames: read as the one image
+    they are (the multi-frame refusal had refused ordinary camera JPEGs), and a DICOMDIR is not a training image."""
+    from PIL import TiffImagePlugin
+
+    from edgekd.imageio import is_image_file, read_image
+
+    big = Image.fromarray(random_pixels((40, 40, 3), seed=5))
+    big.save(tmp_path / "cam.jpg", format="MPO", save_all=True, append_images=[big.resize((10, 10))])
+    assert Image.open(tmp_path / "cam.jpg").n_frames == 2 and read_image(tmp_path / "cam.jpg").shape == (40, 40, 3)
+    with TiffImagePlugin.AppendingTiffWriter(tmp_path / "scan.tif", True) as tf:
+        big.save(tf)
+        tf.newFrame()
+        big.resize((10, 10)).save(tf, tiffinfo={254: 1})  # NewSubfileType: a reduced-resolution copy
+        tf.newFrame()
+    assert read_image(tmp_path / "scan.tif").shape == (40, 40, 3)
+    (tmp_path / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    (tmp_path / "1.2.3").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    assert not is_image_file(tmp_path / "DICOMDIR") and is_image_file(tmp_path / "1.2.3")

@@ -129,6 +129,7 @@ def test_rank_prefix_and_peer_failure(monkeypatch):
     assert rank_prefix() == "rank 1: "
     assert peer_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1234"))
     assert peer_failure(ValueError("bad value")) is None
+    assert peer_failure(ConnectionResetError(104, "Connection reset by peer")) is None  # a download's, say
     monkeypatch.setenv("RANK", "0")
     assert rank_prefix() == ""
     monkeypatch.setenv("WORLD_SIZE", "1")

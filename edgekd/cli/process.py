@@ -108,16 +108,21 @@ def rank_prefix() -> str:
     return f"rank {rank}: " if world.isdigit() and int(world) > 1 and rank != "0" else ""
 
 
-PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
-                "Socket Timeout", "Broken pipe")
-"""What a collective call of torch.distributed raises on one rank when another rank has stopped."""
+PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+"""What a collective call of torch.distributed (gloo, NCCL) raises on one rank when another rank has stopped."""
 
 
 def peer_failure(err: BaseException) -> str | None:
-    """The one line for a rank stopped by another rank's failure (gloo/NCCL lost its peer), else None: torchrun's
-    summary had named this rank, with its RuntimeError about a closed connection, as the root cause."""
-    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+    """The one line for a torchrun worker stopped by another rank's failure (a collective's RuntimeError about its
+    lost peer; the process group is closed by the time it gets here), else None: torchrun's summary had named this
+    rank, with that RuntimeError, as the root cause. An OSError (a download's reset connection) or a rank's own
+    error keeps its own message."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if "torch.distributed" not in sys.modules or not world.isdigit() or int(world) < 2:
         return None
+    if isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_FAILURE):
+        return "stopped: another rank failed (its error says why)"
+    return None
     if type(err).__name__.startswith("Dist") or any(s in str(err) for s in PEER_FAILURE):
         return "stopped: another rank failed (its error says why)"
     return None
