@@ -72,8 +72,6 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
 
     out = Path(out)
     check_target(out)
-    if Path(source).resolve() == out.resolve():
-        raise EdgeKDError(f"--out {out}: is the parent bundle; write the update to a new directory")
     refuse_output_inside(out, [source])
     checkpoint, lineage = parent_of(source)
     given = load_recipe(recipe_path, overrides or [])
@@ -87,6 +85,7 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     recipe = load_recipe(recipe_path, [*(overrides or []), f"continual.checkpoint={checkpoint.resolve()}"])
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
     run_dir = update_run_dir(run_dir, recipe.name, out)
+    refuse_output_inside(run_dir, [source], "--run-dir")
     profile = profile or update_profile(lineage.get("parent_export_profile"),
                                         lineage.get("parent_export_profile_digest"), log)
     log(f"update: continual training from {checkpoint} into {run_dir}")
@@ -94,9 +93,11 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     try:
         exported = export_checkpoint(result.best_path, out, profile=profile, allow_forgetting=allow_forgetting,
                                      lineage=lineage, log=log, progress=progress)
-    except RetentionGateError as err:
-        raise RetentionGateError(str(err).replace("nothing was written", f"no bundle was written (the continual "
-                                                  f"run stays in {run_dir})", 1)) from None
+    except EdgeKDError as err:  # a gate (retention, parity) or any other refusal of the export
+        log(f"update: no bundle was written; the continual run stays in {run_dir}")
+        if isinstance(err, RetentionGateError):  # its "nothing was written" is the export's, not the run's
+            raise RetentionGateError(str(err).replace("nothing was written", "no bundle was written", 1)) from None
+        raise
     return UpdateResult(result, exported, lineage)
 
 
@@ -113,15 +114,15 @@ def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:
 
 
 def update_run_dir(run_dir: str | Path | None, name: str, out: Path) -> Path:
-    """The continual run's folder: `--run-dir` must not hold an earlier run (a bundle may name its model.pt, and a
-    refused update would still have replaced it); the default runs/<recipe>-update-<out name> takes the first free
-    -2, -3, ... suffix."""
-    taken = lambda folder: any((folder / f).exists() for f in ("model.pt", "continual.json", "task0"))  # noqa: E731
+    """The continual run's folder, new or empty: one holding an earlier run is never reused (a bundle may name its
+    model.pt, and a refused update would still have replaced it); the default runs/<recipe>-update-<out name> takes
+    the first free -2, -3, ... suffix."""
+    taken = lambda folder: folder.exists() and (not folder.is_dir() or any(folder.iterdir()))  # noqa: E731
     if run_dir is not None:
         run_dir = Path(run_dir)
         if taken(run_dir):
-            raise EdgeKDError(f"--run-dir {run_dir}: holds an earlier continual run, whose model.pt a bundle may name; "
-                              "give another folder (or delete it)")
+            raise EdgeKDError(f"--run-dir {run_dir}: is not empty (an earlier run's model.pt may be named by a bundle); "
+                              "give a new or empty folder")
         return run_dir
     base = Path("runs") / f"{name}-update-{out.name}"
     return next(p for p in (base, *(base.with_name(f"{base.name}-{i}") for i in range(2, 10_000))) if not taken(p))

@@ -194,10 +194,12 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
     from edgekd.update import update_bundle
 
     refused = tmp_path / "refused"
+    said: list[str] = []
     with pytest.raises(RetentionGateError, match="task 'A'") as err:
-        update_bundle(world["parent"], world["recipe"], refused, run_dir=tmp_path / "run1", profile=FAST, log=QUIET)
-    assert not refused.exists() and f"no bundle was written (the continual run stays in {tmp_path / 'run1'})" in \
-        str(err.value)
+        update_bundle(world["parent"], world["recipe"], refused, run_dir=tmp_path / "run1", profile=FAST,
+                      log=said.append)
+    assert not refused.exists() and "no bundle was written" in str(err.value)
+    assert said[-1] == f"update: no bundle was written; the continual run stays in {tmp_path / 'run1'}"
     lenient = FAST.model_copy(update={"min_retention": 0.0})
     out = tmp_path / "v2"
     result = update_bundle(world["parent"], world["recipe"], out, run_dir=tmp_path / "run2", profile=lenient, log=QUIET)
@@ -308,7 +310,7 @@ def test_update_runs_in_a_folder_per_output_bundle(world, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="stop before training"):
         update_bundle(world["parent"], world["recipe"], tmp_path / "elsewhere" / "v2", log=QUIET)
     assert seen[-1] == seen[0].with_name(seen[0].name + "-2")
-    with pytest.raises(EdgeKDError, match="holds an earlier continual run"):
+    with pytest.raises(EdgeKDError, match="is not empty"):
         update_bundle(world["parent"], world["recipe"], tmp_path / "v3", run_dir=seen[0], log=QUIET)
     assert (seen[0] / "model.pt").read_bytes() == b"an earlier update's model"
 
@@ -322,6 +324,8 @@ def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, t
     shutil.copytree(world["parent"], parent)
     with pytest.raises(EdgeKDError, match="is inside the input"):  # it wrote card.md etc. into the parent
         update_bundle(parent, world["recipe"], parent / "sub", run_dir=tmp_path / "r", log=QUIET)
+    with pytest.raises(EdgeKDError, match="--run-dir .* is inside the input"):
+        update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=parent / "run", log=QUIET)
     assert sorted(p.name for p in parent.iterdir()) == sorted(p.name for p in world["parent"].iterdir())
     with pytest.raises(EdgeKDError, match="checkpoint_task is false"):  # it threw the deployed head away, gate passed
         update_bundle(parent, world["recipe"], tmp_path / "v2", ["continual.checkpoint_task=false"],

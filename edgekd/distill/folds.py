@@ -80,7 +80,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
             t_rec = fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, fold, split)
             t_res = fold_run(train_recipe, t_rec, fold_dir / "teacher", resume, log, progress)
             rows.append(_row(fold, "teacher", t_rec, t_res))
-            s_rec = fold_recipe(recipe, folds, fold, split, teacher=str(t_res.best_path))
+            s_rec = fold_recipe(recipe, folds, fold, split, teacher=str(t_res.best_path.resolve()))  # --out spelled any way
             s_res = fold_run(distill_recipe, s_rec, fold_dir / s_rec.role, resume, log, progress)
             rows.append(_row(fold, s_rec.role, s_rec, s_res))
         else:

@@ -276,8 +276,8 @@ class Trainer:
         self.best_value, self.best_epoch = st["best_value"], st["best_epoch"]
         self.bad_epochs, self.nonfinite = st["bad_epochs"], st["nonfinite"]
         self.log(f"resumed from {path} at epoch {self.epoch}")
-        before, now = st.get("world_size", 1), distributed.world_size()
-        if before != now:
+        before, now = st.get("world_size"), distributed.world_size()  # absent from checkpoints before 2026-12-05
+        if before is not None and before != now:
             self.log(f"warning: {path} was trained by {before} process(es), resumed by {now}: the batch each step "
                      f"averages ({self.data.cfg.batch_size} x processes) and the shards change")
 
@@ -425,16 +425,16 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         best_path, last_path = self.out / "best.pt", self.out / "last.pt"
         self._start_fit()
-        stopped_early = False
         val_loader = self.data.loader("val", train=False)
         tracker = Tracker.from_recipe(self.recipe, self.out) if self.is_main else Tracker([])
+        patience = self.cfg.early_stop.patience
+        stopped_early = patience is not None and self.epoch > 0 and self.bad_epochs >= patience  # resumed, had stopped
         try:
-            while self.epoch < self.cfg.epochs:
+            while self.epoch < self.cfg.epochs and not stopped_early:
                 row, improved = self._run_epoch(self.epoch, val_loader, progress)
                 self._save_epoch(row, improved, best_path, last_path)
                 self.log(self._summary(row, improved))
                 tracker.log_epoch(self._epoch_record(row))
-                patience = self.cfg.early_stop.patience
                 if patience is not None and self.bad_epochs >= patience:
                     stopped_early = True
                     self.log(f"early stop: {self.cfg.monitor} did not improve for {patience} epochs")
