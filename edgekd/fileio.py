@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -203,16 +204,17 @@ def remove_tree(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def removed_if_only(path: str | Path, names: tuple[str, ...] | None):
+def removed_if_only(path: str | Path, names: tuple[str, ...]):
     """Run a block that makes the folder `path`; if the block fails and the folder is new and every file in it
-    (any depth) has one of `names` (e.g. recipe.yaml: a run refused before its first checkpoint or log; None: any
-    file, for a command whose outputs are worth nothing half-written), it is removed again. A folder that was
-    there, or holds anything else (a checkpoint, tracker logs), is kept."""
+    (any depth) matches one of `names` (file names or fnmatch patterns: recipe.yaml, a run refused before its first
+    checkpoint or log; *.png, an evaluation's plots), it is removed again. A folder that was there, or holds
+    anything else (a checkpoint, tracker logs, a file another program put there), is kept."""
     path = Path(path)
     new = not path.exists()
     try:
         yield path
     except BaseException:
-        if new and path.is_dir() and all(p.is_dir() or names is None or p.name in names for p in path.rglob("*")):
+        if new and path.is_dir() and all(p.is_dir() or any(fnmatch.fnmatchcase(p.name, n) for n in names)
+                                         for p in path.rglob("*")):
             remove_tree(path)
         raise

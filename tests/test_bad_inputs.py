@@ -400,7 +400,7 @@ DATA_CASES = {
     "csv_bad_image": (lambda t: {"source": "csv", "path": str(_csv_with_bad_image(t))}, "not an image"),
     # A near-miss header was an ignored extra column: splits by image (patients on both sides), or a random test split.
     "csv_patient_column_misspelled": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", [
-        r + (f"p{i}",) for i, r in enumerate(GOOD_ROWS)], header=("path", "label", "split", "PatientID")))},
+        r + (f"p{i // 2}",) for i, r in enumerate(GOOD_ROWS)], header=("path", "label", "split", "PatientID")))},
         "column 'PatientID' looks like the patient_id column"),
     "csv_split_column_capitalised": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS,
                                                                                  header=("path", "label", "Split")))},
@@ -410,6 +410,14 @@ DATA_CASES = {
     "folder_of_dicoms_without_suffix_all_broken": (lambda t: {"source": "imagefolder", "path": str(_uid_named(t))},
                                                    "1.2.840.1"),
 }
+
+
+def test_a_column_spelled_like_split_or_patient_but_holding_something_else_is_read_as_extra(tmp_path):
+    from edgekd.data.sources import load_csv
+
+    rows = [r + ("scanner-a", f"p{i}") for i, r in enumerate(GOOD_ROWS)]  # 'subset' is not a split, ids never repeat
+    source = load_csv(_csv(tmp_path / "m.csv", rows, header=("path", "label", "split", "subset", "Patient")))
+    assert sorted(source.tables) == ["test", "train", "val"] and source.tables["train"].groups is None
 
 
 def _uid_named(tmp: Path) -> Path:

@@ -354,3 +354,16 @@ def test_update_of_a_plain_folder_is_refused_by_name(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(EdgeKDError, match="run: a folder that is not an edgekd bundle"):
         parent_of(tmp_path / "run")
+
+
+def test_corruption_eval_and_explain_refuse_a_multi_head_model(world, tmp_path):
+    """One softmax over every head's outputs mixed the tasks (7 of 200 X-rays 'predicted' as fashion classes)."""
+    from edgekd.explain.gradcam import explain_files
+    from edgekd.robustness.evaluate import bundle_predictors, checkpoint_predictor
+
+    with pytest.raises(EdgeKDError, match="one head per task"):
+        bundle_predictors(world["bundle"])
+    with pytest.raises(EdgeKDError, match="one head per task"):
+        checkpoint_predictor(world["cl"].best_path)
+    with pytest.raises(EdgeKDError, match="one head per task"):
+        explain_files(world["cl"].best_path, [tmp_path / "x.png"], tmp_path / "cam")

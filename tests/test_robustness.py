@@ -183,19 +183,26 @@ def test_eval_refused_half_way_leaves_no_new_folder(tiny_run, tmp_path, monkeypa
     assert (tmp_path / "kept" / "metrics.json").is_file()
 
 
-def test_limit_picks_the_same_images_whatever_the_seed(tiny_run):
-    recipe = recipe_from_dict(load_checkpoint(tiny_run)["recipe"])
-    first = load_split_images(recipe, limit=10, seed=0)
-    for seed in (1, 7):
-        again = load_split_images(recipe, limit=10, seed=seed)
-        assert np.array_equal(first[1], again[1]) and all(np.array_equal(a, b) for a, b in zip(first[0], again[0]))
+def test_limit_picks_the_same_images_whatever_the_seed(tiny_run, tmp_path):
+    """--seed seeds the corruptions' noise alone: the --limit subset (and so the clean row) is the same; it had
+    drawn another subset per seed, mixing subset variance into the noise's."""
+    runs = [run_corruption_eval([tiny_run], tmp_path / f"s{seed}", corruptions=["gaussian_noise"], severities=[5],
+                                seed=seed, limit=10, log=lambda *_: None) for seed in (0, 1)]
+    assert runs[0]["class_counts"] == runs[1]["class_counts"]
+    assert runs[0]["records"][0] == runs[1]["records"][0]  # the clean row
+    assert runs[0]["records"][1]["corruption"] == "gaussian_noise"
 
 
-def test_continual_checkpoints_and_multi_head_bundles_are_refused(tmp_path, monkeypatch):
+def test_multi_head_checkpoints_are_refused_and_single_head_continual_ones_need_data(tmp_path, monkeypatch):
     import edgekd.robustness.evaluate as evaluate
     from edgekd.errors import EdgeKDError
 
     monkeypatch.setattr("edgekd.train.checkpoint.model_from_checkpoint",
                         lambda path: (None, {"continual": {"head": "multi"}, "recipe": {}}))
-    with pytest.raises(EdgeKDError, match="a continual checkpoint; corruption eval scores one task"):
+    with pytest.raises(EdgeKDError, match="one head per task; corruption eval and failure analysis"):
         evaluate.checkpoint_predictor(tmp_path / "model.pt")
+    (tmp_path / "model.pt").write_bytes(b"")
+    monkeypatch.setattr("edgekd.train.checkpoint.load_checkpoint",
+                        lambda path: {"continual": {"head": "single"}, "recipe": {"name": "cl"}})
+    with pytest.raises(EdgeKDError, match="learned several tasks' data; give the data to score with --data"):
+        evaluate._recipe_of_first_checkpoint([tmp_path / "model.pt"])

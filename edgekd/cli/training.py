@@ -122,6 +122,7 @@ def eval_(
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
+    from edgekd.bench.run import check_source
     from edgekd.fileio import refuse_output_inside, removed_if_only
     from edgekd.runtime import is_bundle
 
@@ -134,11 +135,9 @@ def eval_(
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
-    if compare:
-        from edgekd.bench.run import check_source
-        for other in compare:  # a bad --compare is refused before the main evaluation writes anything
-            check_source(other)
-    with removed_if_only(out, None):  # a refusal half-way (a --compare of other classes) leaves no new folder
+    for other in compare:  # a bad --compare is refused before the main evaluation writes anything
+        check_source(other)
+    with removed_if_only(out, EVAL_FILES):  # a refusal half-way (a --compare of other classes): no new folder
         if not bundle:
             _eval_checkpoint(checkpoint, out, data_recipe, splits)
         elif not (corruptions or failures):
@@ -160,6 +159,10 @@ def eval_(
                                   f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
             console.print(f"{res['errors']} errors / {res['images']} images; wrote {out / 'failures.json'}, "
                           "failures.png")
+
+
+EVAL_FILES = ("metrics.json", "*.png", "robustness.*", "failures.*", ".*.tmp")
+"""What `edgekd eval` writes (and atomic writes' temp files): a new --out holding only these is removed on failure."""
 
 
 def _eval_options(split: str, corruptions: bool, only: Optional[str], severities: Optional[str]):

@@ -280,24 +280,30 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
         sep = next((s for s in (";", "\t", "|") if any(s in (h or "") for h in header)), None)
         hint = f" (its header is separated by {sep!r}; edgekd reads comma-separated values)" if sep else ""
         raise EdgeKDError(f"{path}: CSV manifest lacks column(s) {', '.join(sorted(missing))}{hint}")
-    _refuse_near_miss_columns(path, header)
+    _refuse_near_miss_columns(path, rows)
     return rows
 
 
-NEAR_MISS_COLUMNS = {"patient_id": {"patientid", "patient", "patientname", "subject", "subjectid", "patid"},
+NEAR_MISS_COLUMNS = {"patient_id": {"patientid", "patient", "patientname", "patid"},
                      "split": {"split", "splits", "subset", "partition"}}
-"""Headers that mean an optional column under another spelling: read as a plain extra column, they would leave
+"""Headers that may mean an optional column under another spelling: read as a plain extra column, they would leave
 splits by image (a patient's images on both sides) or replace the user's own test split by a random one."""
 
 
-def _refuse_near_miss_columns(path: Path, header: list[str | None]) -> None:
+def _refuse_near_miss_columns(path: Path, rows: list[dict[str, str]]) -> None:
+    """A near-miss header whose values fit the role is an error (split values all train/val/test; patient ids, none
+    empty, some repeated, as a patient's images are); one holding something else is another column."""
+    header = list(rows[0])
     for column, spellings in NEAR_MISS_COLUMNS.items():
         if column in header:
             continue
-        near = next((h for h in header if h and "".join(c for c in h.lower() if c.isalnum()) in spellings), None)
-        if near is not None:
-            raise EdgeKDError(f"{path}: column {near!r} looks like the {column} column: name it {column} (edgekd reads "
-                              f"path, label, patient_id and split; other columns are ignored)")
+        for near in (h for h in header if h and "".join(c for c in h.lower() if c.isalnum()) in spellings):
+            values = [(r.get(near) or "").strip() for r in rows]
+            fits = (all(v.lower() in SPLITS for v in values) if column == "split"
+                    else 1 < len(set(values)) < len(values) and all(values))
+            if fits:
+                raise EdgeKDError(f"{path}: column {near!r} looks like the {column} column: name it {column} "
+                                  f"(edgekd reads path, label, patient_id and split)")
 
 
 def _read_idx(file: Path) -> np.ndarray:

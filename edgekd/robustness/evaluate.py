@@ -51,9 +51,10 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
     from edgekd.train.checkpoint import model_from_checkpoint
 
     model, ckpt = model_from_checkpoint(path)
-    if ckpt.get("continual"):
-        raise EdgeKDError(f"{path}: a continual checkpoint; corruption eval scores one task's classes (its argmax over "
-                          "every task's outputs would mix them): `edgekd eval` without --corruptions scores it per task")
+    if (ckpt.get("continual") or {}).get("head") == "multi":
+        raise EdgeKDError(f"{path}: one head per task; corruption eval and failure analysis score one softmax over "
+                          "the model's outputs, which would mix the tasks' heads (`edgekd eval` without them scores "
+                          "it per task)")
     recipe = recipe_from_dict(ckpt["recipe"], where=f"{path} (embedded recipe)")
     transform = build_transforms(recipe.data, [], train=False)
 
@@ -77,7 +78,8 @@ def bundle_predictors(path: str | Path, artifacts: Sequence[str] | None = None, 
 
     bundle = open_bundle(path)
     if bundle.tasks:
-        raise EdgeKDError(f"{path}: a bundle with one head per task; corruption eval scores one task's classes")
+        raise EdgeKDError(f"{path}: a bundle with one head per task; corruption eval and failure analysis score one "
+                          "softmax over the model's outputs, which would mix the tasks' heads")
     wanted = [tuple(a.split("/", 1)) for a in artifacts] if artifacts else [(a.format, a.precision)
                                                                           for a in bundle.artifacts]
     predictors = []
@@ -118,32 +120,36 @@ SUBSET_SEED = 0
 (the subset is the one --seed 0 always picked)."""
 
 
-def load_split_images(recipe, split: str = "test", limit: int | None = None,
-                      seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+def limited(n: int, limit: int | None) -> np.ndarray:
+    """Sorted indices of the --limit subset of n images: a fixed random draw (not stratified: recorded runs'
+    subsets stay as they were), or all."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(SUBSET_SEED).choice(n, size=limit, replace=False))
+
+
+def load_split_images(recipe, split: str = "test",
+                      limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """The decoded uint8 images and labels of a recipe's split (a fixed random subset of `limit` if given, the same
     whatever `seed`, which seeds the corruptions only)."""
     from edgekd.data import build_data
 
     data = build_data(recipe)
     ds = data.dataset(split, train=False)
-    idx = np.arange(len(ds))
-    if limit is not None and limit < len(ds):
-        idx = np.sort(np.random.default_rng(SUBSET_SEED).choice(len(ds), size=limit, replace=False))
+    idx = limited(len(ds), limit)
     images = [np.ascontiguousarray(ds.raw(int(i))) for i in idx]
     return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names)
 
 
-def load_folder_images(folder: str | Path, class_names: list[str], limit: int | None = None,
-                       seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+def load_folder_images(folder: str | Path, class_names: list[str],
+                       limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """The decoded uint8 images and labels of a labelled folder (root/<class>/...; the model's class names), a fixed
     random subset of `limit` if given (whatever `seed`): the torch-free counterpart of `load_split_images`."""
     from edgekd.runtime.inputs import collect_labelled
     from edgekd.runtime.preprocess import as_image_array
 
     paths, labels = collect_labelled(folder, list(class_names))
-    idx = np.arange(len(paths))
-    if limit is not None and limit < len(paths):
-        idx = np.sort(np.random.default_rng(SUBSET_SEED).choice(len(paths), size=limit, replace=False))
+    idx = limited(len(paths), limit)
     images = [as_image_array(paths[i]) for i in idx]  # a path or a multi-frame DICOM's frame
     return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names)
 
@@ -268,10 +274,10 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
     names, levels = check_names(corruptions), check_severities(severities)
     predictors = predictors_for(sources, threads)
     if data_folder is not None:
-        images, labels, class_names = load_folder_images(data_folder, predictors[0].class_names, limit, seed)
+        images, labels, class_names = load_folder_images(data_folder, predictors[0].class_names, limit)
         split = str(data_folder)
     else:
-        images, labels, class_names = load_split_images(recipe, split, limit, seed)
+        images, labels, class_names = load_split_images(recipe, split, limit)
         from edgekd.data import check_class_order  # the training side: only for a recipe's data
 
         for p in predictors:
@@ -305,6 +311,9 @@ def _recipe_of_first_checkpoint(sources: Sequence[str | Path]):
             ckpt = load_checkpoint(ckpt_path)
             if ckpt.get("recipe") is None:
                 raise EdgeKDError(f"{ckpt_path}: checkpoint has no embedded recipe (give --data RECIPE)")
+            if ckpt.get("continual"):  # its recipe's top-level data section is not its tasks' data
+                raise EdgeKDError(f"{ckpt_path}: a continual checkpoint learned several tasks' data; give the data "
+                                  "to score with --data RECIPE (or DIR for a bundle)")
             return recipe_from_dict(ckpt["recipe"], where=f"{ckpt_path} (embedded recipe)")
     raise EdgeKDError("corruption eval of bundles needs labelled images: give --data DIR (one sub-folder per class) "
                       "or --data RECIPE (or a checkpoint too)")
