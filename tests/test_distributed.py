@@ -81,7 +81,9 @@ def test_two_cpu_processes_train_identical_weights(tmp_path):
     # Each rank saw its own half (DistributedSampler pads 50 to 2 x 25) every epoch, not the whole set.
     assert [r["samples_seen"] for r in ranks] == [2 * math.ceil(50 / 2)] * 2
     assert ranks[0]["checkpoints_written"] >= 2 and ranks[1]["checkpoints_written"] == 0
-    # Each rank's own random stream (augmentation, dropout): the k-th image of each shard was flipped alike before
+    # Each rank's own random stream: the global torch state every augmentation and dropout draw comes from (the
+    # loader has no workers here) starts each epoch elsewhere per rank; it was the same, and the k-th image of each
+    # shard was flipped alike
     assert None not in (ranks[0]["random_state_sha256"], ranks[1]["random_state_sha256"])
     assert ranks[0]["random_state_sha256"] != ranks[1]["random_state_sha256"]
 

@@ -98,6 +98,7 @@ def test_the_readme_preprocessing_done_by_hand_matches_the_runtime(bundle, tmp_p
     readme = (tmp_path / "t" / "README.md").read_text()
     assert "Image.Resampling.BILINEAR" in readme and "rounded down" in readme and "min..max" in readme
     c, h, w = pre["input_size"]
+    assert c == 3  # an RGB model: no gray conversion in the steps below
     size = pre["resize"]
     img = np.random.default_rng(0).integers(0, 256, (90, 61, 3), dtype=np.uint8)  # taller than wide, odd width
     new_w, new_h = size, int(size * 90 / 61)
@@ -115,10 +116,6 @@ def test_the_readme_preprocessing_done_by_hand_matches_the_runtime(bundle, tmp_p
             resized = np.asarray(Image.fromarray(img).resize((new_w, new_h), resample))
         top, left = int(round((new_h - h) / 2.0)), int(round((new_w - w) / 2.0))
         crop = resized[top:top + h, left:left + w].astype(np.float32)
-        gray = c == 1
-        if gray:
-            crop = (crop[..., 0] * np.float32(0.2989) + crop[..., 1] * np.float32(0.587)
-                    + crop[..., 2] * np.float32(0.114)).astype(np.uint8)[..., None].astype(np.float32)
         x = ((crop * np.float32(pre["scale"]) - np.asarray(pre["mean"], np.float32))
              / np.asarray(pre["std"], np.float32)).transpose(2, 0, 1)
         runtime = Preprocessor(pre)(img)

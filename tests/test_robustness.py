@@ -157,7 +157,7 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
                         (["--split", ","], "no split given"),
                         (["--corruptions", "--only", ","], "--only ',': nothing given"),
                         (["--corruptions", "--severities", "1,1"], "a value given twice"),  # counted twice in means
-                        (["--corruptions", "--split", "val,test"], "scores one split")):  # ran on val alone
+                        (["--corruptions", "--split", "val,test"], "score one split")):  # ran on val alone
         p = run_edgekd("eval", tiny_run, *args, "--out", tmp_path / "refused")
         assert p.returncode == 2 and words in p.stderr and not (tmp_path / "refused").exists(), p.stderr
 

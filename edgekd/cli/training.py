@@ -126,7 +126,7 @@ def eval_(
     from edgekd.fileio import refuse_output_inside, removed_if_only
     from edgekd.runtime import is_bundle
 
-    splits, names, levels = _eval_options(split, corruptions, only, severities)
+    splits, names, levels = _eval_options(split, corruptions, only, severities, failures)
     folder = data if data is not None and data.is_dir() else None
     bundle = is_bundle(checkpoint)
     if folder is not None and (set_ or failures or not bundle):
@@ -165,7 +165,8 @@ EVAL_FILES = ("metrics.json", "*.png", "robustness.*", "failures.*", ".*.tmp")
 """What `edgekd eval` writes (and atomic writes' temp files): a new --out holding only these is removed on failure."""
 
 
-def _eval_options(split: str, corruptions: bool, only: Optional[str], severities: Optional[str]):
+def _eval_options(split: str, corruptions: bool, only: Optional[str], severities: Optional[str],
+                  failures: bool = False):
     """`edgekd eval`'s splits, corruption names and severities, checked before any work (a bad --severities
     failed after the plain evaluation had written its files)."""
     from edgekd.robustness import check_names, check_severities
@@ -184,8 +185,8 @@ def _eval_options(split: str, corruptions: bool, only: Optional[str], severities
             raise EdgeKDError(f"{option} {given!r}: nothing given")
         if parsed and len(set(parsed)) < len(parsed):  # counted twice in the means
             raise EdgeKDError(f"{option} {given!r}: a value given twice")
-    if corruptions and len(splits) > 1:  # it ran on the first alone, without a word
-        raise EdgeKDError(f"--split {split}: --corruptions scores one split; give one")
+    if (corruptions or failures) and len(splits) > 1:  # it ran on the first alone, without a word
+        raise EdgeKDError(f"--split {split}: --corruptions and --failures score one split; give one")
     return splits, check_names(names) if names else names, check_severities(levels) if levels else levels
 
 

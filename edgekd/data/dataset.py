@@ -97,7 +97,8 @@ def balanced_sampler(labels: np.ndarray, seed: int) -> WeightedRandomSampler:
 
 
 RANK_STRIDE = 1_000_003
-"""How far apart the random streams of two DDP ranks start (a prime, past any seed * 1000 + epoch in use)."""
+"""How far apart the seeds of two DDP ranks' random streams are (a prime above 10^6: a rank's seed equals another
+rank's only for seeds 1000 apart)."""
 
 
 def epoch_seed(seed: int, epoch: int, distributed: bool = False) -> int:

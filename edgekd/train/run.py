@@ -89,7 +89,8 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     out.mkdir(parents=True, exist_ok=True)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-        cores, ranks = os.cpu_count() or 1, distributed.world_size()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        ranks = distributed.world_size()
         if ranks > 1 and recipe.train.threads * ranks > cores:
             log(f"warning: train.threads {recipe.train.threads} is per process: {ranks} processes x "
                 f"{recipe.train.threads} threads on {cores} cores oversubscribe them (slower, not faster)")
