@@ -51,7 +51,7 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
     if load_checkpoint(checkpoint).get("recipe_digest") != model.get("recipe_digest"):
         raise EdgeKDError(f"{source}: the recipe digest of {checkpoint} differs from the bundle's "
                           f"({model.get('recipe_digest')})")
-    return checkpoint, {"parent_bundle": str(source), "parent_bundle_sha256": bundle.sha256,
+    return checkpoint, {"parent_bundle": str(source.resolve()), "parent_bundle_sha256": bundle.sha256,
                         "parent_created": bundle.meta.get("created"), "parent_checkpoint": str(checkpoint),
                         "parent_checkpoint_sha256": digest,
                         "parent_test_metrics": (bundle.meta.get("metrics") or {}).get("test"),

@@ -143,7 +143,7 @@ def test_overlay_is_rgb_upscaled_and_hot_where_the_map_is():
 
 
 @pytest.mark.slow
-def test_explain_cli_writes_overlays(tmp_path):
+def test_explain_cli_writes_overlays(tmp_path, monkeypatch):
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.run import train_recipe
 
@@ -163,3 +163,16 @@ def test_explain_cli_writes_overlays(tmp_path):
     assert Image.open(tmp_path / "cam" / "x0_gradcam.png").size == (224, 224)
     p = run_edgekd("explain", best, files[0], "--layer", "nope", "--out", tmp_path / "cam2")
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
+    # Explained a batch at a time: a bad image in a later batch leaves no half-written new folder.
+    import edgekd.explain.gradcam as gradcam_module
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    monkeypatch.setattr(gradcam_module, "EXPLAIN_BATCH", 1)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(app, ["explain", str(best), str(files[0]), str(tmp_path / "bad.png"),
+                                      "--out", str(tmp_path / "cam3")])
+    assert result.exit_code != 0 and not (tmp_path / "cam3").exists()
+    result = CliRunner().invoke(app, ["explain", str(best), *map(str, files), "--out", str(tmp_path / "cam4")])
+    assert result.exit_code == 0 and len(json.loads((tmp_path / "cam4" / "explain.json").read_text())["images"]) == 2

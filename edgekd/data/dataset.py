@@ -225,7 +225,7 @@ def patients_from_names(tables: dict[str, Table], pattern: str, where: str | Non
         for p in t.paths:
             match = rx.search(Path(p).name)
             if match is None or not match.group(1):
-                raise EdgeKDError(f"data.patient_pattern {pattern!r} finds no patient id in the file name "
+                raise EdgeKDError(f"data.patient_pattern '{pattern}' finds no patient id in the file name "
                                   f"{Path(p).name!r} ({p})")
             ids.append(match.group(1))
         out[split] = replace(t, groups=np.asarray(ids))

@@ -21,6 +21,10 @@ DISPLAY_SIZE = 224
 """Overlays smaller than this are upscaled for viewing (a 28-px X-ray is unreadable at its own size)."""
 
 
+EXPLAIN_BATCH = 32
+"""Images decoded and explained at a time by `edgekd explain` (a folder's worth in one batch held every image and
+its activations in memory)."""
+
 BLANK_SPAN = 1e-6
 """A map whose values span less than this is flat: the layer's gradient for the class is zero (nothing shown)."""
 
@@ -191,9 +195,12 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
             raise EdgeKDError(f"--target '{target}': not a class ({', '.join(class_names)}) or class id")
         tid = class_names.index(target) if target in class_names else int(target)
         targets = [tid] * len(images)
-    arrays = [read_image(p) for p in images]
     names = unique_names([Path(p).stem for p in images])
-    records = explain_arrays(model, ckpt, arrays, out, names, layer, targets)
+    records = []
+    for start in range(0, len(images), EXPLAIN_BATCH):  # decoded and explained a batch at a time: bounded memory
+        part = slice(start, start + EXPLAIN_BATCH)
+        records += explain_arrays(model, ckpt, [read_image(p) for p in images[part]], out, names[part], layer,
+                                  targets[part] if targets is not None else None)
     for rec, src in zip(records, images):
         rec["file"] = str(src)
     write_json(Path(out) / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
