@@ -62,7 +62,7 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, overrides: list[str] | None = None,
                   run_dir: str | Path | None = None, profile=None, allow_forgetting: bool = False,
-                  log: Callable[[str], None] = print, progress=None) -> UpdateResult:
+                  log: Callable[[str], None] = print, progress=None, zip_bundle: bool = False) -> UpdateResult:
     """Learn the continual recipe's tasks starting from the parent's student (its first task is the student's),
     then export the result (retention gate, parity gate) to `out` with the parent's lineage. `profile` None: the
     parent's export profile when it can still be read (update_profile)."""
@@ -91,8 +91,8 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     log(f"update: continual training from {checkpoint} into {run_dir}")
     result = run_continual(recipe, run_dir, log=log, progress=progress)
     try:
-        exported = export_checkpoint(result.best_path, out, profile=profile, allow_forgetting=allow_forgetting,
-                                     lineage=lineage, log=log, progress=progress)
+        exported = export_checkpoint(result.best_path, out, profile=profile, zip_bundle=zip_bundle,
+                                     allow_forgetting=allow_forgetting, lineage=lineage, log=log, progress=progress)
     except EdgeKDError as err:  # a gate (retention, parity) or any other refusal of the export
         log(f"update: no bundle was written; the continual run stays in {run_dir}")
         if isinstance(err, RetentionGateError):  # its "nothing was written" is the export's, not the run's

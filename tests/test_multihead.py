@@ -237,8 +237,10 @@ def test_update_from_a_checkpoint_records_it_as_the_parent(world, tmp_path):
     assert checkpoint == world["student"] and "parent_bundle" not in lineage
     out = tmp_path / "v2"
     lenient = FAST.model_copy(update={"min_retention": 0.0})
-    update_bundle(world["student"], world["recipe"], out, run_dir=tmp_path / "run", profile=lenient, log=QUIET)
+    update_bundle(world["student"], world["recipe"], out, run_dir=tmp_path / "run", profile=lenient, log=QUIET,
+                  zip_bundle=True)
     meta = json.loads((out / "edgekd.json").read_text())
+    assert open_bundle(tmp_path / "v2.zip").sha256 == open_bundle(out).sha256  # update --zip, as export --zip
     assert meta["lineage"]["parent_checkpoint_sha256"] == lineage["parent_checkpoint_sha256"]
     assert f"Updated from checkpoint `{lineage['parent_checkpoint']}`" in (out / "card.md").read_text()
 

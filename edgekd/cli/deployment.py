@@ -69,6 +69,7 @@ def update(
                                           "(default: the parent's profile, when it can still be read; else the defaults)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder, new or empty (default "
                                            "runs/<recipe name>-update-<--out folder name>, or -2, -3, ... when taken)."),
+    zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip (as export --zip)."),
 ) -> None:
     """Continual update of a deployed student: train the recipe's tasks from it, gate on retention, export with
     parity to a new bundle that records its parent bundle's sha256 (lineage)."""
@@ -77,7 +78,7 @@ def update(
 
     profile = load_profile(target) if target is not None else None  # None: the parent's
     result = with_progress(lambda log, bar: update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting,
-                                                         log=log, progress=bar))
+                                                         log=log, progress=bar, zip_bundle=zip_))
     out_console.print(continual_table(result.continual.summary["name"], result.continual))
     out_console.print(parity_table(str(result.continual.best_path), result.export))
     console.print(f"wrote {out} (parent sha256 {result.lineage.get('parent_bundle_sha256') or '-'})")
