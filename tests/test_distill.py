@@ -418,6 +418,13 @@ def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch)
     again = CliRunner().invoke(app, ["report", str(tmp_path / "run"), str(tmp_path / "run" / "best.pt"),
                                      "--out", str(tmp_path / "report2")])
     assert "are the same checkpoint" in str(again.exception) and not (tmp_path / "report2").exists()
+    # --set reaches every run's recipe (a run made in another folder: its data.path relative to that one)
+    moved = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--set", f"data.path={tmp_path / 'gone.npz'}",
+                                     "--out", str(tmp_path / "report3")])
+    assert "gone.npz" in str(moved.exception)
+    same = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--set", "data.batch_size=3",
+                                    "--out", str(tmp_path / "report4")])
+    assert same.exit_code == 0 and (tmp_path / "report4" / "report.json").is_file()
     assert metrics["test"]["intervals"]["acc"]["low"] <= metrics["test"]["acc"] <= metrics["test"]["intervals"]["acc"]["high"]
     assert "ece" in metrics["test"]["calibration"]
 

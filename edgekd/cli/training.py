@@ -239,6 +239,8 @@ def report(
     runs: list[Path] = typer.Argument(..., help="Run directories (holding best.pt) or checkpoints to compare."),
     out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="Output directory."),
     split: str = typer.Option("test", "--split", help="The split to evaluate every model on."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of every run's recipe, e.g. "
+                                   "data.path=... for runs trained in another folder (repeatable)."),
 ) -> None:
     """KD report: one table per dataset (baseline, teacher, student from scratch, distilled student) with
     params, MACs, acc, AUC, F1, sensitivity, specificity, pAUC; writes report.md/.json and ROC/confusion PNGs."""
@@ -248,7 +250,7 @@ def report(
     refuse_output_inside(out, [r for r in runs if not r.is_dir()])  # a run folder may hold its report
     if split not in ("train", "val", "test"):
         raise EdgeKDError(f"--split: unknown split '{split}' (use train, val, test)")
-    result = comparison_report(runs, out, split)
+    result = comparison_report(runs, out, split, set_)
     out_console.print(result["markdown"])
     console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
 

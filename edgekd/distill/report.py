@@ -25,8 +25,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
-    """Re-run one checkpoint on `split` of its own recipe's data: metrics, probabilities, size."""
+def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Re-run one checkpoint on `split` of its own recipe's data (`overrides`: `--set` keys over that recipe, e.g.
+    data.path=... for a run made in another folder): metrics, probabilities, size."""
     from edgekd.data import build_data
     from edgekd.metrics import classification_metrics, confusion
     from edgekd.metrics import bootstrap_intervals
@@ -36,8 +37,10 @@ def evaluate_for_report(checkpoint: Path, split: str) -> dict[str, Any]:
     from edgekd.probability import softmax
     from edgekd.train.trainer import predict_logits, resolve_device
 
+    from edgekd.recipe import apply_overrides
+
     model, ckpt = model_from_checkpoint(checkpoint)
-    recipe = recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
+    recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides or []), where=f"{checkpoint} (embedded recipe)")
     data = build_data(recipe)
     outputs = ckpt["arch"]["num_classes"]
     if outputs != data.num_classes:  # e.g. a continual model: argmax over every task's outputs scores nothing
@@ -72,7 +75,8 @@ def name_apart(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def comparison_report(runs: list[str | Path], out: str | Path, split: str = "test") -> dict[str, Any]:
+def comparison_report(runs: list[str | Path], out: str | Path, split: str = "test",
+                      overrides: list[str] | None = None) -> dict[str, Any]:
     """One table per dataset over the given runs (run dirs or checkpoints); writes report.md, report.json,
     roc_<dataset>.png (every model's ROC on one plot) and confusion_<dataset>_<name>_s<seed>.png per model."""
     from edgekd.metrics.plots import plot_confusion
@@ -86,7 +90,7 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
         first = seen.setdefault(ckpt.resolve(), i)
         if first != i:
             raise EdgeKDError(f"report: {runs[i]} and {runs[first]} are the same checkpoint ({ckpt})")
-    rows = name_apart([evaluate_for_report(ckpt, split) for ckpt in checkpoints])
+    rows = name_apart([evaluate_for_report(ckpt, split, overrides) for ckpt in checkpoints])
     order = {r: i for i, r in enumerate(ROLE_ORDER)}
     rows.sort(key=lambda r: (r["dataset"], order.get(r["role"], len(order)), r["params"]))
     tables: dict[str, str] = {}
