@@ -426,3 +426,22 @@ def test_stratified_subset_returns_exactly_n_where_the_float_fraction_rounds_up(
         assert abs(np.bincount(labels[idx])[0] - n * 234 / 624) <= 1
     # Where the fraction is exact, the draw is the one a fraction gives (recorded data.limit runs keep their images).
     assert np.array_equal(stratified_subset(labels, 312, seed=3), stratified_split(labels, 0.5, seed=3)[1])
+
+
+def test_a_class_missing_from_val_or_test_is_a_warning():
+    """A small data.limit can leave a rare class out of a split (scikit-learn's stratified draw does): its AUC there
+    is undefined, which the run said nowhere."""
+    from types import SimpleNamespace
+
+    from edgekd.train.run import warn_about_data
+
+    said: list[str] = []
+    data = SimpleNamespace(bad_files=[], class_names=["normal", "rare", "other"],
+                           counts=lambda: {"train": [50, 3, 20], "val": [10, 0, 4], "test": [10, 1, 4]})
+    warn_about_data(data, said.append)
+    assert said == ["warning: the val split has no image of class rare (a small data.limit or a rare class?): its "
+                    "AUC and per-class figures there are undefined"]
+    data.counts = lambda: {"train": [50, 3, 0], "val": [10, 1, 0], "test": [10, 1, 0]}  # absent everywhere: fine
+    said.clear()
+    warn_about_data(data, said.append)
+    assert said == []

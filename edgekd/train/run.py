@@ -97,9 +97,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     if uses_class_weights(recipe) and data.samples_balanced(distributed.is_active()):
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
-    if data.bad_files:
-        log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "
-            f"{data.bad_files[0]}; metrics.json lists them (bad_files)")
+    warn_about_data(data, log)
     criterion = build_loss(recipe.train.loss, loss_class_weights(data))
     objective = objective or SupervisedObjective(criterion)
     meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
@@ -135,6 +133,21 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     if trainer.is_main:
         write_json(out / "metrics.json", summary)
     return RunResult(out, fit.best_path, reports["test"], reports["val"], params, macs, fit)
+
+
+def warn_about_data(data: DataModule, log: Callable[[str], None]) -> None:
+    """What a run's data lost before training: unreadable images skipped (on_bad_image: skip), and a class the
+    train split has but val or test lacks (a small data.limit, a rare class): its AUC there is undefined."""
+    if data.bad_files:
+        log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "
+            f"{data.bad_files[0]}; metrics.json lists them (bad_files)")
+    counts = data.counts()
+    for split in ("val", "test"):
+        lost = [name for name, n_train, n in zip(data.class_names, counts["train"], counts.get(split, []))
+                if n_train and not n]
+        if lost:
+            log(f"warning: the {split} split has no image of class {', '.join(lost)} (a small data.limit or a rare "
+                "class?): its AUC and per-class figures there are undefined")
 
 
 def evaluate_best(best_path: Path, data: DataModule, device, out: Path, name: str, plots: bool,
