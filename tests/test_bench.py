@@ -174,6 +174,9 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     assert len({round(r["acc"], 6) for r in records}) == 1 and 0 <= records[0]["acc"] <= 1
     rss = {r["format"]: r["peak_rss_mb"] for r in records}
     assert rss["onnx"] < rss["torch"] and rss["openvino"] < rss["torch"]
+    # The torch row's size is its weights (FP32: 4 bytes a parameter, plus buffers), not the checkpoint file
+    torch_row = next(r for r in records if r["format"] == "torch")
+    assert 4 * torch_row["params"] / 2**20 <= torch_row["size_mb"] < ckpt.stat().st_size / 2**20
     workers = [json.loads(p.read_text()) for p in (out / "work").glob("job-*-result.json")]
     assert {w["kind"] for w in workers} == {"gemm", "torch", "onnx", "openvino"}
     assert not any(w["torch_loaded"] for w in workers if w["kind"] in ("onnx", "openvino"))  # torch-free rows

@@ -69,6 +69,9 @@ class Subject:
     center_crop_fraction: float = 0.875
     params: int | None = None
     macs: int | None = None
+    weights_mb: float | None = None
+    """The torch row's size: its state_dict's tensors (the checkpoint file also holds the recipe, metrics and, in a
+    last.pt, the optimizer's state)."""
     images: Path | None = None
     labels: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
@@ -258,6 +261,7 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
         model, _ = model_from_checkpoint(subject.checkpoint)
         subject.params = count_parameters(model)
         subject.macs = count_macs(model, tuple(subject.preprocess["input_size"]))
+        subject.weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     else:
         subject.notes.append("no checkpoint: no torch rows and no MACs (so no GEMM-peak fraction); pass --checkpoint")
     return subject
@@ -390,7 +394,7 @@ def row_job(row: Row, batches: list[int], threads: int, tta: bool, timing: Timin
 
 def size_mb(row: Row) -> float | None:
     if row.format == "torch":
-        return row.subject.checkpoint.stat().st_size / 2**20 if row.subject.checkpoint else None
+        return row.subject.weights_mb
     art = row.subject.artifacts.get((row.format, row.precision))
     return art["size_mb"] if art else None
 
