@@ -360,3 +360,28 @@ def test_bench_images_give_bare_and_runner_the_same_pixels():
     # the old way (model-size images re-preprocessed by the runner) would zoom them again:
     model_size = np.stack([pre.to_model_size(a) for a in raw])
     assert np.abs(np.stack([pre(a) for a in model_size]) - expected).max() > 0.1
+
+
+def test_a_stop_during_the_export_into_an_out_that_was_there_removes_this_runs_work(tmp_path, monkeypatch):
+    """The stop signal's handler removes the tracked folders before the process ends: the out folder when this
+    run made it, else the work/ it made inside an out that was there (it was left behind)."""
+    import edgekd.bench.run as bench_run
+    from edgekd.fileio import TRACKED_TREES
+
+    seen = []
+
+    def stopped(cfg, work, log):
+        seen.append(set(TRACKED_TREES))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_run, "_subjects", stopped)
+    monkeypatch.setattr(bench_run, "check_source", lambda path: None)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("an earlier run's")
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.run_bench(BenchConfig(source=tmp_path / "model.pt", out=tmp_path / "out"), log=lambda *_: None)
+    assert seen == [{tmp_path / "out" / "work"}]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.run_bench(BenchConfig(source=tmp_path / "model.pt", out=tmp_path / "new"), log=lambda *_: None)
+    assert seen[-1] == {tmp_path / "new"} and not (tmp_path / "new").exists() and not TRACKED_TREES

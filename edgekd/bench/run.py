@@ -605,15 +605,18 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
             if p.is_file():
                 p.unlink()
 
-    if cfg.out in created:  # a stop signal during the export (which ends the process at once) removes it too
-        track_tree(cfg.out)
+    # A stop signal during the export (which ends the process at once) removes what this run made too: the out
+    # folder, or its work/ in an out that was there.
+    tracked = next((p for p in (cfg.out, work) if p in created), None)
+    if tracked is not None:
+        track_tree(tracked)
     try:
         subjects = _subjects(cfg, work, log)
     except BaseException:
         leave_nothing()
         raise
     finally:
-        untrack_tree(cfg.out)
+        untrack_tree(tracked)
     try:
         return _measure_and_write(cfg, subjects, work, started, load_start, other_cpu, log, progress)
     except BaseException:
