@@ -62,10 +62,12 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, overrides: list[str] | None = None,
                   run_dir: str | Path | None = None, profile=None, allow_forgetting: bool = False,
-                  log: Callable[[str], None] = print, progress=None, zip_bundle: bool = False) -> UpdateResult:
+                  log: Callable[[str], None] = print, progress=None, zip_bundle: bool = False,
+                  resume: bool = False) -> UpdateResult:
     """Learn the continual recipe's tasks starting from the parent's student (its first task is the student's),
     then export the result (retention gate, parity gate) to `out` with the parent's lineage. `profile` None: the
-    parent's export profile when it can still be read (update_profile)."""
+    parent's export profile when it can still be read (update_profile). `resume`: continue the continual run an
+    interrupted update left in `run_dir`."""
     from edgekd.continual import run_continual
     from edgekd.export import RetentionGateError, check_target, export_checkpoint
     from edgekd.recipe import load_recipe
@@ -84,12 +86,12 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     refuse_multi_head_parent(checkpoint, source)
     recipe = load_recipe(recipe_path, [*(overrides or []), f"continual.checkpoint={checkpoint.resolve()}"])
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
-    run_dir = update_run_dir(run_dir, recipe.name, out)
+    run_dir = update_run_dir(run_dir, recipe.name, out, resume)
     refuse_output_inside(run_dir, [source], "--run-dir")
     profile = profile or update_profile(lineage.get("parent_export_profile"),
                                         lineage.get("parent_export_profile_digest"), log)
     log(f"update: continual training from {checkpoint} into {run_dir}")
-    result = run_continual(recipe, run_dir, log=log, progress=progress)
+    result = run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
     try:
         exported = export_checkpoint(result.best_path, out, profile=profile, zip_bundle=zip_bundle,
                                      allow_forgetting=allow_forgetting, lineage=lineage, log=log, progress=progress)
@@ -113,11 +115,20 @@ def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:
                           "tasks, or use a single-head recipe (continual.head: single)")
 
 
-def update_run_dir(run_dir: str | Path | None, name: str, out: Path) -> Path:
+def update_run_dir(run_dir: str | Path | None, name: str, out: Path, resume: bool = False) -> Path:
     """The continual run's folder, new or empty: one holding an earlier run is never reused (a bundle may name its
     model.pt, and a refused update would still have replaced it); the default runs/<recipe>-update-<out name> takes
-    the first free -2, -3, ... suffix."""
+    the first free -2, -3, ... suffix. With `resume`: the --run-dir given, unfinished (the continual run refuses one
+    that holds nothing to resume, or another recipe's run)."""
     taken = lambda folder: folder.exists() and (not folder.is_dir() or any(folder.iterdir()))  # noqa: E731
+    if resume:
+        if run_dir is None:  # the default may have taken a -2, -3 suffix: the log of the interrupted run names it
+            raise EdgeKDError("--resume needs --run-dir: the folder the interrupted update trained in (its first "
+                              "line, 'update: continual training from ... into DIR', names it)")
+        if (Path(run_dir) / "model.pt").exists():  # finished: a bundle may name its model.pt
+            raise EdgeKDError(f"--run-dir {run_dir}: the run finished (model.pt), nothing to resume; export it with "
+                              f"edgekd export {Path(run_dir) / 'model.pt'}")
+        return Path(run_dir)
     if run_dir is not None:
         run_dir = Path(run_dir)
         if taken(run_dir):

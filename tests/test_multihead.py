@@ -334,6 +334,25 @@ def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, t
                       run_dir=tmp_path / "r", log=QUIET)
     with pytest.raises(EdgeKDError, match=r"one head per task \(A, B\) cannot be updated again"):
         update_bundle(world["cl"].best_path, world["recipe"], tmp_path / "v3", run_dir=tmp_path / "r", log=QUIET)
+    # --resume: the folder must be named (the default may have taken a suffix) and unfinished
+    with pytest.raises(EdgeKDError, match="--resume needs --run-dir"):
+        update_bundle(parent, world["recipe"], tmp_path / "v2", resume=True, log=QUIET)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "model.pt").write_bytes(b"a finished run's model")
+    with pytest.raises(EdgeKDError, match="the run finished"):
+        update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=tmp_path / "done", resume=True, log=QUIET)
+    passed = {}
+
+    def record(recipe, run_dir, **kwargs):
+        passed.update(kwargs, run_dir=run_dir)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(edgekd.continual, "run_continual", record)
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "task1_A").mkdir()
+    with pytest.raises(RuntimeError, match="stop before training"):  # a non-empty folder is taken as it is
+        update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=tmp_path / "cut", resume=True, log=QUIET)
+    assert passed["resume"] is True and passed["run_dir"] == tmp_path / "cut"
 
 
 def test_update_exports_with_the_parent_profile():

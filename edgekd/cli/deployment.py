@@ -70,6 +70,8 @@ def update(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder, new or empty (default "
                                            "runs/<recipe name>-update-<--out folder name>, or -2, -3, ... when taken)."),
     zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip (as export --zip)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the continual run an interrupted update left in "
+                                "--run-dir (its log's first line names the folder)."),
 ) -> None:
     """Continual update of a deployed student: train the recipe's tasks from it, gate on retention, export with
     parity to a new bundle that records its parent bundle's sha256 (lineage)."""
@@ -78,7 +80,7 @@ def update(
 
     profile = load_profile(target) if target is not None else None  # None: the parent's
     result = with_progress(lambda log, bar: update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting,
-                                                         log=log, progress=bar, zip_bundle=zip_))
+                                                         log=log, progress=bar, zip_bundle=zip_, resume=resume))
     out_console.print(continual_table(result.continual.summary["name"], result.continual))
     out_console.print(parity_table(str(result.continual.best_path), result.export))
     console.print(f"wrote {out} (parent sha256 {result.lineage.get('parent_bundle_sha256') or '-'})")
