@@ -78,7 +78,9 @@ def is_dicom(path: str | Path) -> bool:
 def is_image_file(path: Path) -> bool:
     """Whether a file found in a folder is an image to read: an image suffix, or DICOM by its content (PACS exports
     name files by UID, with no suffix); a DICOMDIR (a CD's or export's index, no pixels) is not."""
-    return path.suffix.lower() in IMAGE_SUFFIXES or (path.name.upper() != "DICOMDIR" and is_dicom(path))
+    if "DICOMDIR" in (path.name.upper(), path.stem.upper()):
+        return False
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
 
 
 def read_image(path: str | Path, resize: int | None = None, frame: int | None = None) -> np.ndarray:
@@ -142,10 +144,11 @@ def check_single_frame(img: Image.Image, fmt: str, where: str) -> None:
     if frames <= 1 or img.format == "MPO":
         return
     if fmt == "TIFF":
-        frames = sum(1 for _ in _full_resolution_pages(img))
-        img.seek(0)
-        if frames <= 1:
+        full = list(_full_resolution_pages(img))
+        img.seek(full[0] if len(full) == 1 else 0)  # the one full-resolution page, wherever its thumbnail is
+        if len(full) <= 1:
             return
+        frames = len(full)
     kind = "pages" if fmt == "TIFF" else "frames"
     raise EdgeKDError(f"{where}: a {fmt} of {frames} {kind} (one image per file is read: save the "
                       f"{kind[:-1]} you mean as its own image)")

@@ -405,6 +405,9 @@ DATA_CASES = {
     "csv_split_column_capitalised": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS,
                                                                                  header=("path", "label", "Split")))},
                                      "column 'Split' looks like the split column"),
+    "csv_split_column_with_a_blank_cell_and_words": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", [
+        (p, c, {"train": "Training", "val": "validation", "test": "TEST"}[sp]) for p, c, sp in GOOD_ROWS[:-1]]
+        + [GOOD_ROWS[-1][:2] + ("",)], header=("path", "label", "Split")))}, "column 'Split' looks like the split"),
     "csv_labels_differ_in_case": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
         ("imgs/a/a_6.png", "A", "train"), ("imgs/b/b_6.png", "A", "train")]))}, "only in case"),
     "folder_of_dicoms_without_suffix_all_broken": (lambda t: {"source": "imagefolder", "path": str(_uid_named(t))},
@@ -418,6 +421,10 @@ def test_a_column_spelled_like_split_or_patient_but_holding_something_else_is_re
     rows = [r + ("scanner-a", f"p{i}") for i, r in enumerate(GOOD_ROWS)]  # 'subset' is not a split, ids never repeat
     source = load_csv(_csv(tmp_path / "m.csv", rows, header=("path", "label", "split", "subset", "Patient")))
     assert sorted(source.tables) == ["test", "train", "val"] and source.tables["train"].groups is None
+    # A split column's values in any case, or spelled out, name the same three splits
+    words = {"train": "Training", "val": "VALIDATION", "test": "Test"}
+    source = load_csv(_csv(tmp_path / "w.csv", [(p, c, words[sp]) for p, c, sp in GOOD_ROWS]))
+    assert {k: len(t) for k, t in source.tables.items()} == {"train": 4, "val": 4, "test": 4}
 
 
 def _uid_named(tmp: Path) -> Path:
@@ -1050,6 +1057,14 @@ def test_a_camera_jpeg_preview_and_a_tiff_thumbnail_are_not_other_pages(tmp_path
         big.resize((10, 10)).save(tf, tiffinfo={254: 1})  # NewSubfileType: a reduced-resolution copy
         tf.newFrame()
     assert read_image(tmp_path / "scan.tif").shape == (40, 40, 3)
+    with TiffImagePlugin.AppendingTiffWriter(tmp_path / "thumb_first.tif", True) as tf:  # the thumbnail first
+        big.resize((10, 10)).save(tf, tiffinfo={254: 1})
+        tf.newFrame()
+        big.save(tf)
+        tf.newFrame()
+    assert read_image(tmp_path / "thumb_first.tif").shape == (40, 40, 3)  # it read the 10 x 10 thumbnail
     (tmp_path / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     (tmp_path / "1.2.3").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
-    assert not is_image_file(tmp_path / "DICOMDIR") and is_image_file(tmp_path / "1.2.3")
+    (tmp_path / "DICOMDIR.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    assert not is_image_file(tmp_path / "DICOMDIR") and not is_image_file(tmp_path / "DICOMDIR.dcm")
+    assert is_image_file(tmp_path / "1.2.3")

@@ -441,7 +441,12 @@ def test_a_class_missing_from_val_or_test_is_a_warning():
     warn_about_data(data, said.append)
     assert said == ["warning: the val split has no image of class rare (a small data.limit or a rare class?): its "
                     "AUC and per-class figures there are undefined"]
-    data.counts = lambda: {"train": [50, 3, 0], "val": [10, 1, 0], "test": [10, 1, 0]}  # absent everywhere: fine
+    data.counts = lambda: {"train": [50, 3, 0], "val": [10, 1, 0], "test": [10, 1, 0]}  # a limit left it out of all
+    said.clear()
+    warn_about_data(data, said.append)
+    assert [w.split(" (")[0] for w in said] == [f"warning: the {s} split has no image of class other"
+                                                for s in ("train", "val", "test")]
+    data.counts = lambda: {"train": [50, 3, 1], "val": [10, 1, 1], "test": [10, 1, 1]}
     said.clear()
     warn_about_data(data, said.append)
     assert said == []

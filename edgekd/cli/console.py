@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import sys
 
 import typer
@@ -74,6 +76,8 @@ STATE: dict = {"debug": False, "on_interrupt": None}
 
 
 def say_interrupted() -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 says it, once
+        return
     hint = STATE["on_interrupt"]() if STATE["on_interrupt"] else None
     console.print("interrupted" + (f" ({hint})" if hint else ""))
 

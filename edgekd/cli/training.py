@@ -38,7 +38,10 @@ def train(
     if teacher_set and (folds is None or rec.distill is None):
         raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
     check_run_inputs(rec, out, recipe, resume, folds, console.print if os.environ.get("RANK", "0") == "0" else _quiet)
-    again = shlex.join(["edgekd", "train", str(recipe), "--out", str(out), "--resume",
+    world = os.environ.get("WORLD_SIZE", "1")
+    launcher = ["torchrun", "--nproc_per_node", world, "-m", "edgekd"] if world.isdigit() and int(world) > 1 \
+        else ["edgekd"]
+    again = shlex.join([*launcher, "train", str(recipe), "--out", str(out), "--resume",
                         *(["--folds", str(folds)] if folds is not None else []),
                         *[a for o in set_ for a in ("--set", o)], *[a for o in teacher_set for a in ("--teacher-set", o)]])
     # a continual run keeps a last.pt per task (task<i>/last.pt), a k-fold run per fold and role

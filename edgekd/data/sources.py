@@ -216,9 +216,10 @@ def load_csv(path: str | Path) -> Source:
         patient = (row.get("patient_id") or "").strip()
         if has_groups and not patient:
             raise EdgeKDError(f"{path}:{lineno}: empty patient_id (every row needs one when the column is there)")
-        split = (row.get("split") or "").strip() if has_split else "all"
-        if has_split and split not in SPLITS:
-            raise EdgeKDError(f"{path}:{lineno}: split {split!r} is not one of train/val/test")
+        given = (row.get("split") or "").strip() if has_split else "all"
+        split = split_name(given) if has_split else given
+        if split is None:
+            raise EdgeKDError(f"{path}:{lineno}: split {given!r} is not one of train/val/test")
         b = buckets.setdefault(split, {"paths": [], "labels": [], "groups": []})
         b["paths"].append(str(file))
         b["labels"].append(to_id[label])
@@ -284,23 +285,34 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-NEAR_MISS_COLUMNS = {"patient_id": {"patientid", "patient", "patientname", "patid"},
+SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+"""Other words for the three splits a manifest may use (any case): `Train`, `validation`, `TESTING`."""
+
+
+def split_name(value: str) -> str | None:
+    """train/val/test for a split column's value in any case or spelling SPLIT_ALIASES knows, else None."""
+    value = value.strip().lower()
+    return value if value in SPLITS else SPLIT_ALIASES.get(value)
+
+
+NEAR_MISS_COLUMNS = {"patient_id": {"patientid", "patient", "patientname", "patid", "subjectid"},
                      "split": {"split", "splits", "subset", "partition"}}
 """Headers that may mean an optional column under another spelling: read as a plain extra column, they would leave
 splits by image (a patient's images on both sides) or replace the user's own test split by a random one."""
 
 
 def _refuse_near_miss_columns(path: Path, rows: list[dict[str, str]]) -> None:
-    """A near-miss header whose values fit the role is an error (split values all train/val/test; patient ids, none
-    empty, some repeated, as a patient's images are); one holding something else is another column."""
+    """A near-miss header whose values fit the role is an error (split values all train/val/test or their aliases;
+    patient ids, some repeated, as a patient's images are; blank cells aside); one holding something else is another
+    column."""
     header = list(rows[0])
     for column, spellings in NEAR_MISS_COLUMNS.items():
         if column in header:
             continue
         for near in (h for h in header if h and "".join(c for c in h.lower() if c.isalnum()) in spellings):
-            values = [(r.get(near) or "").strip() for r in rows]
-            fits = (all(v.lower() in SPLITS for v in values) if column == "split"
-                    else 1 < len(set(values)) < len(values) and all(values))
+            values = [v for v in ((r.get(near) or "").strip() for r in rows) if v]  # a blank cell aside
+            fits = bool(values) and (all(split_name(v) for v in values) if column == "split"
+                                     else 1 < len(set(values)) < len(values))
             if fits:
                 raise EdgeKDError(f"{path}: column {near!r} looks like the {column} column: name it {column} "
                                   f"(edgekd reads path, label, patient_id and split)")

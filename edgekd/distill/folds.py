@@ -134,7 +134,7 @@ def write_fold_splits(path: Path, recipe) -> None:
 
 def _row(fold: int, role: str, recipe, res) -> dict[str, Any]:
     return {"fold": fold, "role": role, "name": recipe.name, "model": recipe.model.name, "params": res.params,
-            "macs": res.macs, "out": str(res.out),
+            "macs": res.macs, "out": str(Path(res.out).resolve()),
             "val": {k: res.val.get(k) for k in SUMMARY_METRICS}, "test": {k: res.test.get(k) for k in SUMMARY_METRICS},
             "confusion_val": res.val["confusion_matrix"], "confusion_test": res.test["confusion_matrix"],
             "class_names": res.val["class_names"]}

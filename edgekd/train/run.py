@@ -136,18 +136,18 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
 
 
 def warn_about_data(data: DataModule, log: Callable[[str], None]) -> None:
-    """What a run's data lost before training: unreadable images skipped (on_bad_image: skip), and a class the
-    train split has but val or test lacks (a small data.limit, a rare class): its AUC there is undefined."""
+    """What a run's data lost before training: unreadable images skipped (on_bad_image: skip), and a class a split
+    lacks (a small data.limit, a rare class): never learned, or its AUC there undefined."""
     if data.bad_files:
         log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "
             f"{data.bad_files[0]}; metrics.json lists them (bad_files)")
     counts = data.counts()
-    for split in ("val", "test"):
-        lost = [name for name, n_train, n in zip(data.class_names, counts["train"], counts.get(split, []))
-                if n_train and not n]
+    for split in ("train", "val", "test"):
+        lost = [name for name, n in zip(data.class_names, counts.get(split, [])) if not n]
         if lost:
             log(f"warning: the {split} split has no image of class {', '.join(lost)} (a small data.limit or a rare "
-                "class?): its AUC and per-class figures there are undefined")
+                "class?): " + ("the model never learns it" if split == "train" else
+                               "its AUC and per-class figures there are undefined"))
 
 
 def evaluate_best(best_path: Path, data: DataModule, device, out: Path, name: str, plots: bool,
