@@ -57,7 +57,8 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
                         "parent_test_metrics": (bundle.meta.get("metrics") or {}).get("test"),
                         "parent_continual": bundle.meta.get("continual"),
                         "parent_export_profile": bundle.meta.get("export_profile"),
-                        "parent_export_profile_digest": bundle.meta.get("export_profile_digest")}
+                        "parent_export_profile_digest": bundle.meta.get("export_profile_digest"),
+                        "parent_artifacts": sorted(f"{a.format}/{a.precision}" for a in bundle.artifacts)}
 
 
 def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, overrides: list[str] | None = None,
@@ -68,30 +69,20 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     then export the result (retention gate, parity gate) to `out` with the parent's lineage. `profile` None: the
     parent's export profile when it can still be read (update_profile). `resume`: continue the continual run an
     interrupted update left in `run_dir`."""
-    from edgekd.continual import run_continual
     from edgekd.export import RetentionGateError, check_target, export_checkpoint
-    from edgekd.recipe import load_recipe
 
     out = Path(out)
     check_target(out)
     refuse_output_inside(out, [source])
     checkpoint, lineage = parent_of(source)
-    given = load_recipe(recipe_path, overrides or [])
-    if given.continual is None:  # before the override adds a bare section
-        raise EdgeKDError(f"{recipe_path}: edgekd update needs a continual recipe (a continual: section with tasks)")
-    if not given.continual.checkpoint_task:
-        raise EdgeKDError(f"{recipe_path}: continual.checkpoint_task is false, which retrains the deployed task's "
-                          "head from scratch; edgekd update continues the deployed model (train a new student with "
-                          "edgekd train instead)")
-    refuse_multi_head_parent(checkpoint, source)
-    recipe = load_recipe(recipe_path, [*(overrides or []), f"continual.checkpoint={checkpoint.resolve()}"])
+    recipe = update_recipe(recipe_path, overrides or [], checkpoint, source)
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
     run_dir = update_run_dir(run_dir, recipe.name, out, resume)
     refuse_output_inside(run_dir, [source], "--run-dir")
+    refuse_output_inside(run_dir, [out], "--run-dir")  # the export would find --out not a bundle, after training
+    result = continual_run(recipe, run_dir, checkpoint, resume, log, progress)
     profile = profile or update_profile(lineage.get("parent_export_profile"),
                                         lineage.get("parent_export_profile_digest"), log)
-    log(f"update: continual training from {checkpoint} into {run_dir}")
-    result = run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
     try:
         exported = export_checkpoint(result.best_path, out, profile=profile, zip_bundle=zip_bundle,
                                      allow_forgetting=allow_forgetting, lineage=lineage, log=log, progress=progress)
@@ -100,7 +91,41 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
         if isinstance(err, RetentionGateError):  # its "nothing was written" is the export's, not the run's
             raise RetentionGateError(str(err).replace("nothing was written", "no bundle was written", 1)) from None
         raise
+    lost = sorted(set(lineage.get("parent_artifacts") or []) - {f"{a['format']}/{a['precision']}"
+                                                              for a in exported.metadata.get("artifacts", [])})
+    if lost:  # formats chosen on export's command line are not in the profile it records
+        log(f"warning: the parent had {', '.join(lost)}, which this update did not export (its profile does not ask "
+            "for them, or the gate left them out); give --target FILE with them to export them too")
     return UpdateResult(result, exported, lineage)
+
+
+def update_recipe(recipe_path: str | Path, overrides: list[str], checkpoint: Path, source: str | Path):
+    """The continual recipe an update trains: continual.checkpoint set to the parent's; a recipe that is not
+    continual, retrains the deployed head (checkpoint_task: false), or a multi-head parent is refused."""
+    from edgekd.recipe import load_recipe
+
+    given = load_recipe(recipe_path, overrides)
+    if given.continual is None:  # before the override adds a bare section
+        raise EdgeKDError(f"{recipe_path}: edgekd update needs a continual recipe (a continual: section with tasks)")
+    if not given.continual.checkpoint_task:
+        raise EdgeKDError(f"{recipe_path}: continual.checkpoint_task is false, which retrains the deployed task's "
+                          "head from scratch; edgekd update continues the deployed model (train a new student with "
+                          "edgekd train instead)")
+    refuse_multi_head_parent(checkpoint, source)
+    return load_recipe(recipe_path, [*overrides, f"continual.checkpoint={checkpoint.resolve()}"])
+
+
+def continual_run(recipe, run_dir: Path, checkpoint: Path, resume: bool, log: Callable[[str], None], progress):
+    """The update's continual run: trained (or resumed) in `run_dir`; with `resume`, a run that finished there
+    (an update stopped during its export) is read back as it is and exported."""
+    from edgekd.continual import finished_run, run_continual
+
+    done = finished_run(run_dir, recipe) if resume else None
+    if done is not None:
+        log(f"update: the continual run in {run_dir} finished; exporting it")
+        return done
+    log(f"update: continual training from {checkpoint} into {run_dir}")
+    return run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
 
 
 def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:
@@ -118,17 +143,14 @@ def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:
 def update_run_dir(run_dir: str | Path | None, name: str, out: Path, resume: bool = False) -> Path:
     """The continual run's folder, new or empty: one holding an earlier run is never reused (a bundle may name its
     model.pt, and a refused update would still have replaced it); the default runs/<recipe>-update-<out name> takes
-    the first free -2, -3, ... suffix. With `resume`: the --run-dir given, unfinished (the continual run refuses one
-    that holds nothing to resume, or another recipe's run)."""
+    the first free -2, -3, ... suffix. With `resume`: the --run-dir given (the continual run refuses one that holds
+    nothing to resume, or another recipe's run)."""
     taken = lambda folder: folder.exists() and (not folder.is_dir() or any(folder.iterdir()))  # noqa: E731
     if resume:
         if run_dir is None:  # the default may have taken a -2, -3 suffix: the log of the interrupted run names it
             raise EdgeKDError("--resume needs --run-dir: the folder the interrupted update trained in (its first "
                               "line, 'update: continual training from ... into DIR', names it)")
-        if (Path(run_dir) / "model.pt").exists():  # finished: a bundle may name its model.pt
-            raise EdgeKDError(f"--run-dir {run_dir}: the run finished (model.pt), nothing to resume; export it with "
-                              f"edgekd export {Path(run_dir) / 'model.pt'}")
-        return Path(run_dir)
+        return Path(run_dir)  # a finished run there is exported as it is (continual_run), never retrained
     if run_dir is not None:
         run_dir = Path(run_dir)
         if taken(run_dir):

@@ -174,5 +174,10 @@ def test_explain_cli_writes_overlays(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["explain", str(best), str(files[0]), str(tmp_path / "bad.png"),
                                       "--out", str(tmp_path / "cam3")])
     assert result.exit_code != 0 and not (tmp_path / "cam3").exists()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cam").iterdir()}  # a folder that was there stays as it was
+    result = CliRunner().invoke(app, ["explain", str(best), str(files[1]), str(tmp_path / "bad.png"),
+                                      "--out", str(tmp_path / "cam")])
+    assert result.exit_code != 0 and {p.name: p.read_bytes() for p in (tmp_path / "cam").iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cam")]  # no staging folder left
     result = CliRunner().invoke(app, ["explain", str(best), *map(str, files), "--out", str(tmp_path / "cam4")])
     assert result.exit_code == 0 and len(json.loads((tmp_path / "cam4" / "explain.json").read_text())["images"]) == 2

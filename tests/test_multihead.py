@@ -190,6 +190,10 @@ def test_export_cli_refuses_forgetting_unless_allowed(world, tmp_path):
 
 
 @pytest.mark.slow
+def meta_artifacts(bundle: Path) -> list[str]:
+    return sorted(f"{a['format']}/{a['precision']}" for a in json.loads((bundle / "edgekd.json").read_text())["artifacts"])
+
+
 def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path):
     from edgekd.update import update_bundle
 
@@ -202,7 +206,15 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
     assert said[-1] == f"update: no bundle was written; the continual run stays in {tmp_path / 'run1'}"
     lenient = FAST.model_copy(update={"min_retention": 0.0})
     out = tmp_path / "v2"
-    result = update_bundle(world["parent"], world["recipe"], out, run_dir=tmp_path / "run2", profile=lenient, log=QUIET)
+    said.clear()
+    result = update_bundle(world["parent"], world["recipe"], out, run_dir=tmp_path / "run2", profile=lenient,
+                           log=said.append)
+    assert not any("which this update did not export" in m for m in said), said  # the parent's formats
+    assert meta_artifacts(out) == json.loads((out / "edgekd.json").read_text())["lineage"]["parent_artifacts"]
+    said.clear()  # a profile without the parent's OpenVINO model: said (the parent's export chose it on its command line)
+    update_bundle(world["parent"], world["recipe"], tmp_path / "v3", run_dir=tmp_path / "run3", log=said.append,
+                  profile=lenient.model_copy(update={"formats": ["onnx"]}))
+    assert any(m.startswith("warning: the parent had openvino/fp32, which this update did not export") for m in said)
     meta = json.loads((out / "edgekd.json").read_text())
     assert meta["lineage"]["parent_bundle_sha256"] == open_bundle(world["parent"]).sha256
     assert meta["lineage"]["parent_checkpoint_sha256"] == \
@@ -337,10 +349,13 @@ def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, t
     # --resume: the folder must be named (the default may have taken a suffix) and unfinished
     with pytest.raises(EdgeKDError, match="--resume needs --run-dir"):
         update_bundle(parent, world["recipe"], tmp_path / "v2", resume=True, log=QUIET)
-    (tmp_path / "done").mkdir()
-    (tmp_path / "done" / "model.pt").write_bytes(b"a finished run's model")
-    with pytest.raises(EdgeKDError, match="the run finished"):
-        update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=tmp_path / "done", resume=True, log=QUIET)
+    # A finished run (an update stopped during its export) is exported as it is, not trained (run_continual fails
+    # the test if called): here its retention gate refuses it.
+    with pytest.raises(RetentionGateError, match="task 'A'"):
+        update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=world["cl"].out, resume=True, log=QUIET,
+                      profile=FAST)
+    with pytest.raises(EdgeKDError, match="--run-dir .* is inside the input"):  # found only after training
+        update_bundle(parent, world["recipe"], tmp_path / "v9", run_dir=tmp_path / "v9" / "run", log=QUIET)
     passed = {}
 
     def record(recipe, run_dir, **kwargs):
@@ -353,6 +368,20 @@ def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, t
     with pytest.raises(RuntimeError, match="stop before training"):  # a non-empty folder is taken as it is
         update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=tmp_path / "cut", resume=True, log=QUIET)
     assert passed["resume"] is True and passed["run_dir"] == tmp_path / "cut"
+
+
+def test_a_finished_continual_run_is_read_back_as_it_is(world):
+    """`update --resume` after a stop during the export: the finished run is exported, not trained again (its
+    model.pt may be named by a bundle already)."""
+    from edgekd.continual import finished_run
+    from edgekd.train.checkpoint import load_checkpoint
+
+    model = world["cl"].best_path
+    before = model.read_bytes()
+    done = finished_run(world["cl"].out, recipe_from_dict(load_checkpoint(model)["recipe"]))
+    assert done.best_path == model and model.read_bytes() == before
+    np.testing.assert_array_equal(np.asarray(done.acc_matrix, float), np.asarray(world["cl"].acc_matrix, float))
+    assert finished_run(world["cl"].out / "nowhere", None) is None
 
 
 def test_update_exports_with_the_parent_profile():

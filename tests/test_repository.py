@@ -141,6 +141,7 @@ def test_a_changed_artifact_is_refused_and_nothing_is_written(bundle, tmp_path):
     ({"kind": "ovms", "name": "../up"}, "--name"),
     ({"kind": "ovms", "base_path": ""}, "--base-path ''"),  # mounted $PWD over the container's /
     ({"kind": "ovms", "base_path": "models"}, "--base-path 'models'"),  # `-v $PWD:models` is not a docker mount
+    ({"kind": "ovms", "base_path": "/models/../"}, "without '..'"),  # base_path /models/../x is /x
     ({"kind": "triton", "version": 0}, "--version"),
 ])
 def test_bad_requests_are_one_line_errors(bundle, tmp_path, kwargs, message):

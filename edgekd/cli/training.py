@@ -268,11 +268,10 @@ def explain(
 ) -> None:
     """Grad-CAM: writes <image>_gradcam.png heat-map overlays and explain.json (prediction, target, CAM peak)."""
     from edgekd.explain.gradcam import explain_files
-    from edgekd.fileio import refuse_output_inside, removed_if_only
+    from edgekd.fileio import refuse_output_inside
 
     refuse_output_inside(out, [checkpoint])
-    with removed_if_only(out, ("*_gradcam.png", "explain.json", ".*.tmp")):  # a bad image in a later batch
-        records = explain_files(checkpoint, images, out, layer, target)
+    records = explain_files(checkpoint, images, out, layer, target)
     for r in records:
         out_console.print(f"{r['file']}: predicted {r['predicted']} ({r['prob']:.3f}), Grad-CAM of {r['target']} "
                           f"at {r['layer']} -> {out / r['overlay']}")

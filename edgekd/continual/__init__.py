@@ -3,9 +3,10 @@ scenarios with expanding heads, and CL metrics over an accuracy matrix."""
 
 from edgekd.continual.metrics import (average_accuracy, backward_transfer, forgetting, forgetting_per_task,
                                       retention, retention_misses, retention_per_task)
-from edgekd.continual.run import evaluate_continual_checkpoint, run_continual
+from edgekd.continual.run import evaluate_continual_checkpoint, finished_run, run_continual
 from edgekd.continual.scenarios import build_tasks, recorded_tasks
 
-__all__ = ["average_accuracy", "backward_transfer", "build_tasks", "evaluate_continual_checkpoint", "forgetting",
+__all__ = ["average_accuracy", "backward_transfer", "build_tasks", "evaluate_continual_checkpoint", "finished_run",
+           "forgetting",
            "forgetting_per_task", "recorded_tasks", "retention", "retention_misses", "retention_per_task",
            "run_continual"]

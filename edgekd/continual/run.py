@@ -3,6 +3,7 @@ plug-ins, evaluate every learned task after each step, write the accuracy matrix
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,20 @@ class ContinualResult:
     summary: dict[str, Any]
     val: dict[str, Any] = field(default_factory=dict)
     test: dict[str, Any] = field(default_factory=dict)
+
+
+def finished_run(out: str | Path, recipe) -> ContinualResult | None:
+    """The result of a continual run of `recipe` that finished in `out` (its model.pt and continual.json), read back
+    without touching them; None when it did not finish there. Another recipe's finished run is refused."""
+    out = Path(out)
+    if not ((out / "model.pt").is_file() and (out / "continual.json").is_file()):
+        return None
+    if load_checkpoint(out / "model.pt").get("recipe_digest") != recipe.digest():
+        raise EdgeKDError(f"{out / 'model.pt'}: was trained with another recipe; resume with the same recipe and --set "
+                          "values")
+    summary = json.loads((out / "continual.json").read_text())
+    acc = [[float("nan") if v is None else v for v in row] for row in summary["acc_matrix"]]  # JSON's null: NaN
+    return ContinualResult(out, out / "model.pt", summary["params"], summary["tasks"], acc, summary)
 
 
 def method_name(cfg) -> str:

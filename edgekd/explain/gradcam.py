@@ -6,6 +6,7 @@ tokens and NHWC maps are laid out as NCHW with the feature taps' `to_map` (edgek
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -178,7 +179,8 @@ def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.n
 def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, layer: str | None = None,
                   target: str | None = None) -> list[dict[str, Any]]:
     """`edgekd explain`: Grad-CAM overlay PNGs for image files; writes explain.json beside them."""
-    from edgekd.fileio import write_json
+    from edgekd.fileio import (deferred_signals, remove_tree, staging_directory, track_tree, untrack_tree,
+                               write_json)
     from edgekd.imageio import read_image
     from edgekd.train.checkpoint import model_from_checkpoint
 
@@ -196,14 +198,25 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
         tid = class_names.index(target) if target in class_names else int(target)
         targets = [tid] * len(images)
     names = unique_names([Path(p).stem for p in images])
-    records = []
-    for start in range(0, len(images), EXPLAIN_BATCH):  # decoded and explained a batch at a time: bounded memory
-        part = slice(start, start + EXPLAIN_BATCH)
-        records += explain_arrays(model, ckpt, [read_image(p) for p in images[part]], out, names[part], layer,
-                                  targets[part] if targets is not None else None)
-    for rec, src in zip(records, images):
-        rec["file"] = str(src)
-    write_json(Path(out) / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with deferred_signals():  # tracked: a stop signal removes it (the CLI exits without unwinding)
+        stage = track_tree(staging_directory(f".{out.name}.", ".tmp", out.parent))
+    try:  # written beside --out, then moved in: a failure in a later batch leaves --out as it was
+        records = []
+        for start in range(0, len(images), EXPLAIN_BATCH):  # decoded and explained a batch at a time
+            part = slice(start, start + EXPLAIN_BATCH)
+            records += explain_arrays(model, ckpt, [read_image(p) for p in images[part]], stage, names[part], layer,
+                                      targets[part] if targets is not None else None)
+        for rec, src in zip(records, images):
+            rec["file"] = str(src)
+        write_json(stage / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
+        out.mkdir(exist_ok=True)
+        for made in stage.iterdir():
+            os.replace(made, out / made.name)
+    finally:
+        remove_tree(stage)
+        untrack_tree(stage)
     return records
 
 

@@ -142,9 +142,10 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
         raise EdgeKDError("--max-batch: must be at least 1")
     if version < 1:
         raise EdgeKDError("--version: must be at least 1 (the servers' version folders are 1, 2, ...)")
-    if kind == "ovms" and not (base_path.startswith("/") and base_path.rstrip("/")):
-        raise EdgeKDError(f"--base-path {base_path!r}: an absolute folder inside the server's container other than / "
-                          "(e.g. /models), where the repository is mounted")
+    if kind == "ovms" and not (base_path.startswith("/") and base_path.rstrip("/")
+                               and ".." not in base_path.split("/")):
+        raise EdgeKDError(f"--base-path {base_path!r}: an absolute folder inside the server's container other than /, "
+                          "without '..' (e.g. /models), where the repository is mounted")
     out = Path(out)
     _check_out(out)
     bundle = open_bundle(bundle_path, verify=True)
