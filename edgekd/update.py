@@ -64,11 +64,12 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
 def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, overrides: list[str] | None = None,
                   run_dir: str | Path | None = None, profile=None, allow_forgetting: bool = False,
                   log: Callable[[str], None] = print, progress=None, zip_bundle: bool = False,
-                  resume: bool = False) -> UpdateResult:
+                  resume: bool = False, on_run_dir: Callable[[Path], None] | None = None) -> UpdateResult:
     """Learn the continual recipe's tasks starting from the parent's student (its first task is the student's),
     then export the result (retention gate, parity gate) to `out` with the parent's lineage. `profile` None: the
     parent's export profile when it can still be read (update_profile). `resume`: continue the continual run an
-    interrupted update left in `run_dir`."""
+    interrupted update left in `run_dir`. `on_run_dir`: told the run folder once it is chosen (the CLI's resume
+    hint on Ctrl-C)."""
     from edgekd.export import RetentionGateError, check_target, export_checkpoint
 
     out = Path(out)
@@ -80,6 +81,8 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     run_dir = update_run_dir(run_dir, recipe.name, out, resume)
     refuse_output_inside(run_dir, [source], "--run-dir")
     refuse_output_inside(run_dir, [out], "--run-dir")  # the export would find --out not a bundle, after training
+    if on_run_dir is not None:
+        on_run_dir(run_dir)
     result = continual_run(recipe, run_dir, checkpoint, resume, log, progress)
     profile = profile or update_profile(lineage.get("parent_export_profile"),
                                         lineage.get("parent_export_profile_digest"), log)

@@ -102,3 +102,25 @@ def test_a_usage_error_is_one_line_naming_the_help(tmp_path):
     assert_one_line_error(run_edgekd("predict", "--no-such-option"), "No such option: --no-such-option",
                           "predict --help")
     assert_one_line_error(run_edgekd("export"), "Missing argument", "export --help")
+
+
+def test_an_interrupted_update_says_how_to_resume_it(tmp_path, monkeypatch):
+    """Ctrl-C during an update printed only `interrupted`: it names the run folder chosen (the default may carry a
+    -2 suffix) in the resume command."""
+    from typer.testing import CliRunner
+
+    import edgekd.update
+    from edgekd.cli import app
+    from edgekd.cli.console import STATE
+    from edgekd.errors import EdgeKDError
+
+    def started(*args, on_run_dir=None, **kwargs):
+        (tmp_path / "runs" / "u-2").mkdir(parents=True)
+        on_run_dir(tmp_path / "runs" / "u-2")
+        raise EdgeKDError("stopped")
+
+    monkeypatch.setattr(edgekd.update, "update_bundle", started)
+    monkeypatch.setitem(STATE, "on_interrupt", None)
+    CliRunner().invoke(app, ["update", "parent", "r.yaml", "--out", "v2", "--set", "train.epochs=1", "--zip"])
+    assert STATE["on_interrupt"]() == (f"resume it: edgekd update parent r.yaml --out v2 --resume --run-dir "
+                                       f"{tmp_path / 'runs' / 'u-2'} --set train.epochs=1 --zip")

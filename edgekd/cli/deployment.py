@@ -3,13 +3,14 @@ and a bundle's bench run without PyTorch)."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.markup import escape
 
-from edgekd.cli.console import BUNDLE_PRECISION_HELP, console, out_console, progress_bar, with_progress
+from edgekd.cli.console import BUNDLE_PRECISION_HELP, STATE, console, out_console, progress_bar, with_progress
 from edgekd.cli.tables import predictions_table, task_predictions_table, continual_table, parity_table
 from edgekd.errors import EdgeKDError, error_line, printable
 from edgekd.options import split_list
@@ -79,8 +80,16 @@ def update(
     from edgekd.update import update_bundle
 
     profile = load_profile(target) if target is not None else None  # None: the parent's
+    def hint(folder: Path) -> None:  # Ctrl-C says how to go on
+        again = shlex.join(["edgekd", "update", str(source), str(recipe), "--out", str(out), "--resume", "--run-dir",
+                            str(folder), *[a for o in set_ for a in ("--set", o)],
+                            *(["--target", str(target)] if target else []), *(["--zip"] if zip_ else []),
+                            *(["--allow-forgetting"] if allow_forgetting else [])])
+        STATE["on_interrupt"] = lambda: f"resume it: {again}" if folder.exists() else None
+
     result = with_progress(lambda log, bar: update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting,
-                                                         log=log, progress=bar, zip_bundle=zip_, resume=resume))
+                                                         log=log, progress=bar, zip_bundle=zip_, resume=resume,
+                                                         on_run_dir=hint))
     out_console.print(continual_table(result.continual.summary["name"], result.continual))
     out_console.print(parity_table(str(result.continual.best_path), result.export))
     console.print(f"wrote {out} (parent sha256 {result.lineage.get('parent_bundle_sha256') or '-'})")
