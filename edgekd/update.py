@@ -79,8 +79,8 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     recipe = update_recipe(recipe_path, overrides or [], checkpoint, source)
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
     run_dir = update_run_dir(run_dir, recipe.name, out, resume)
-    refuse_output_inside(run_dir, [source], "--run-dir")
-    refuse_output_inside(run_dir, [out], "--run-dir")  # the export would find --out not a bundle, after training
+    # inside --out, the export would find --out not a bundle, after training
+    refuse_output_inside(run_dir, [source, out], "--run-dir")
     if on_run_dir is not None:
         on_run_dir(run_dir)
     result = continual_run(recipe, run_dir, checkpoint, resume, log, progress)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 import sys
 
 import typer
@@ -75,8 +74,15 @@ STATE: dict = {"debug": False, "on_interrupt": None}
 """on_interrupt: a command's hint for an interrupted run (a callable returning a line, or None)."""
 
 
+def torchrun_worker() -> tuple[int, int]:
+    """(rank, world size) from the environment torchrun gives its workers; (0, 1) outside torchrun. Read here, not
+    through torch.distributed: the CLI's messages must not import torch."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return int(rank) if rank.isdigit() else 0, int(world) if world.isdigit() else 1
+
+
 def say_interrupted() -> None:
-    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 says it, once
+    if torchrun_worker()[0] != 0:  # under torchrun rank 0 says it, once
         return
     hint = STATE["on_interrupt"]() if STATE["on_interrupt"] else None
     console.print("interrupted" + (f" ({hint})" if hint else ""))

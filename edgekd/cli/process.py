@@ -11,7 +11,7 @@ import warnings
 import typer
 from rich.markup import escape
 
-from edgekd.cli.console import STATE, app, console, say_interrupted
+from edgekd.cli.console import STATE, app, console, say_interrupted, torchrun_worker
 from edgekd.errors import EdgeKDError, error_line, printable
 
 
@@ -104,8 +104,8 @@ def fail(line: str) -> None:
 
 def rank_prefix() -> str:
     """`rank N: ` in a torchrun worker other than rank 0, else nothing."""
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    return f"rank {rank}: " if world.isdigit() and int(world) > 1 and rank != "0" else ""
+    rank, world = torchrun_worker()
+    return f"rank {rank}: " if world > 1 and rank != 0 else ""
 
 
 PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
@@ -117,13 +117,9 @@ def peer_failure(err: BaseException) -> str | None:
     lost peer; the process group is closed by the time it gets here), else None: torchrun's summary had named this
     rank, with that RuntimeError, as the root cause. An OSError (a download's reset connection) or a rank's own
     error keeps its own message."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if "torch.distributed" not in sys.modules or not world.isdigit() or int(world) < 2:
+    if "torch.distributed" not in sys.modules or torchrun_worker()[1] < 2:
         return None
     if isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_FAILURE):
-        return "stopped: another rank failed (its error says why)"
-    return None
-    if type(err).__name__.startswith("Dist") or any(s in str(err) for s in PEER_FAILURE):
         return "stopped: another rank failed (its error says why)"
     return None
 

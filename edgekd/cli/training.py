@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 from typing import Optional
@@ -11,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table as RichTable
 
-from edgekd.cli.console import STATE, _quiet, console, out_console, progress_bar, with_progress
+from edgekd.cli.console import STATE, _quiet, console, out_console, progress_bar, torchrun_worker, with_progress
 from edgekd.cli.tables import continual_table, metrics_table, robustness_table
 from edgekd.errors import EdgeKDError
 from edgekd.options import int_list, split_list
@@ -37,10 +36,9 @@ def train(
     out = out or Path("runs") / rec.name
     if teacher_set and (folds is None or rec.distill is None):
         raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
-    check_run_inputs(rec, out, recipe, resume, folds, console.print if os.environ.get("RANK", "0") == "0" else _quiet)
-    world = os.environ.get("WORLD_SIZE", "1")
-    launcher = ["torchrun", "--nproc_per_node", world, "-m", "edgekd"] if world.isdigit() and int(world) > 1 \
-        else ["edgekd"]
+    rank, world = torchrun_worker()
+    check_run_inputs(rec, out, recipe, resume, folds, console.print if rank == 0 else _quiet)
+    launcher = ["torchrun", "--nproc_per_node", str(world), "-m", "edgekd"] if world > 1 else ["edgekd"]
     again = shlex.join([*launcher, "train", str(recipe), "--out", str(out), "--resume",
                         *(["--folds", str(folds)] if folds is not None else []),
                         *[a for o in set_ for a in ("--set", o)], *[a for o in teacher_set for a in ("--teacher-set", o)]])

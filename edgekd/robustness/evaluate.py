@@ -130,8 +130,8 @@ def limited(n: int, limit: int | None) -> np.ndarray:
 
 def load_split_images(recipe, split: str = "test",
                       limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """The decoded uint8 images and labels of a recipe's split (a fixed random subset of `limit` if given, the same
-    whatever `seed`, which seeds the corruptions only)."""
+    """The decoded uint8 images and labels of a recipe's split (the fixed random subset `limited` picks, if `limit`
+    is given: the same whatever --seed, which seeds the corruptions only)."""
     from edgekd.data import build_data
 
     data = build_data(recipe)
@@ -144,7 +144,7 @@ def load_split_images(recipe, split: str = "test",
 def load_folder_images(folder: str | Path, class_names: list[str],
                        limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """The decoded uint8 images and labels of a labelled folder (root/<class>/...; the model's class names), a fixed
-    random subset of `limit` if given (whatever `seed`): the torch-free counterpart of `load_split_images`."""
+    random subset of `limit` if given (`limited`): the torch-free counterpart of `load_split_images`."""
     from edgekd.runtime.inputs import collect_labelled
     from edgekd.runtime.preprocess import as_image_array
 

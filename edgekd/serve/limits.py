@@ -65,8 +65,9 @@ class RequestLimit:
     """At most `max_requests` requests answered at once, /health aside (a load balancer must still see the service
     up); the next gets 503 with Retry-After before its upload is read. Requests, not connections: a connection that
     has not sent its headers never reaches it (uvicorn's own connection limit counted those, so a few idle sockets
-    locked every client out), and a body that stalls is cut off by BodyLimit's timeout. A request still unanswered when a shutdown's grace period ends (uvicorn cancels it) gets a JSON
-    503 rather than a dropped connection and a CancelledError traceback in the log."""
+    locked every client out), and a body that stalls is cut off by BodyLimit's timeout. A request still unanswered
+    when a shutdown's grace period ends (uvicorn cancels it) gets a JSON 503 rather than a dropped connection and a
+    CancelledError traceback in the log."""
 
     EXEMPT = ("/health",)
 
