@@ -120,7 +120,7 @@ def section(doc: dict) -> str:
                   f"- test sensitivity ≥ {GOALS['test_sensitivity_min']} in every format: "
                   f"{'met' if g['test_sensitivity_met'] else 'MISSED'} ("
                   + ", ".join(f"{k} {v:.3f}" for k, v in g["test_sensitivity"].items()) + ")",
-                  f"- INT8 calibrated probabilities vs PyTorch: "
+                  "- INT8 calibrated probabilities vs PyTorch: "
                   + ", ".join(f"{v:.4f}" for v in g["int8_calibrated_prob_mean_abs"])
                   + f" mean abs: {'met' if g['int8_met'] else 'MISSED'}", ""]
     lines.append(MARKERS[1])

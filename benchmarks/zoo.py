@@ -34,7 +34,7 @@ DATA = "../shared/data/medmnist/pneumoniamnist.npz"
 EDGEKD = str(REPO / ".venv" / "bin" / "edgekd")
 # The recipe data section pointed at the MedMNIST file (official val/test splits), from-scratch training.
 # data.patient_pattern: the OCT recipes read patient ids from Kermany file names, which a MedMNIST .npz has not.
-COMMON = [f"data.source=medmnist", f"data.path={DATA}", "data.split=given", "data.num_workers=2",
+COMMON = ["data.source=medmnist", f"data.path={DATA}", "data.split=given", "data.num_workers=2",
           "model.pretrained=false", "data.hair_removal=false", "data.patient_pattern=null", "train.amp=false"]
 # KD-OCT's heavy augmentation (RandAugment, erasing, ...) keeps a from-scratch EfficientNet-B2 at chance for the
 # few epochs the zoo trains (train loss 3.0 and val AUC 0.57 after 2 epochs): the zoo trains it with the chest X-ray

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tomllib
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -240,7 +240,7 @@ def repository_readme(bundle: Bundle, kind: str, name: str, art: Artifact, files
              "folder and copy its `<name>/<version>/` folder into the served repository.", ""]
     if kind == "triton":
         lines += ["## Start", "", "```",
-                  f"docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD:/models "
+                  "docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD:/models "
                   "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models", "```", "",
                   "`config.pbtxt` batches concurrent requests server-side (`dynamic_batching`) up to "
                   f"`max_batch_size`{'' if io.get('batched') else ' (0: this model has a fixed batch)'}."]
