@@ -164,7 +164,7 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
 
 def test_eval_refused_half_way_leaves_no_new_folder(tiny_run, tmp_path, monkeypatch):
     """A corruption eval refused after the plain evaluation wrote metrics.json and plots (a --compare of other
-    classes) left them behind in a new --out; a folder that was there is kept."""
+    classes) left them behind in a new --out, and said it wrote them; a folder that was there is kept."""
     from typer.testing import CliRunner
 
     import edgekd.robustness.evaluate as evaluate
@@ -177,7 +177,7 @@ def test_eval_refused_half_way_leaves_no_new_folder(tiny_run, tmp_path, monkeypa
     monkeypatch.setattr(evaluate, "run_corruption_eval", refuse)
     out = tmp_path / "new"
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--out", str(out)])
-    assert result.exit_code != 0 and not out.exists()
+    assert result.exit_code != 0 and not out.exists() and "wrote" not in result.output
     (tmp_path / "kept").mkdir()
     CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--out", str(tmp_path / "kept")])
     assert (tmp_path / "kept" / "metrics.json").is_file()

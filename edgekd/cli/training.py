@@ -138,9 +138,11 @@ def eval_(
     refuse_output_inside(out, [checkpoint, *compare])
     for other in compare:  # a bad --compare is refused before the main evaluation writes anything
         check_source(other)
+    wrote: list[str] = []  # said once every step has passed: a refusal half-way removes what came before it
     with removed_if_only(out, EVAL_FILES):  # a refusal half-way (a --compare of other classes): no new folder
         if not bundle:
             _eval_checkpoint(checkpoint, out, data_recipe, splits)
+            wrote.append(str(out / "metrics.json"))
         elif not (corruptions or failures):
             raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its "
                               "checkpoint)")
@@ -151,15 +153,16 @@ def eval_(
                 data_folder=folder))
             out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, "
                                                                 f"{res['images']} images)"))
-            console.print(f"wrote {', '.join(str(out / name) for name in res['written'])}")
+            wrote += [str(out / name) for name in res["written"]]
         if failures:
             from edgekd.robustness.evaluate import run_failure_analysis
             res = run_failure_analysis(checkpoint, out, data_recipe, splits[0], top)
             for p in res["pairs"]:
                 out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
                                   f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
-            console.print(f"{res['errors']} errors / {res['images']} images; wrote {out / 'failures.json'}, "
-                          "failures.png")
+            console.print(f"{res['errors']} errors / {res['images']} images")
+            wrote += [str(out / "failures.json"), str(out / "failures.png")]
+    console.print(f"wrote {', '.join(wrote)}")
 
 
 EVAL_FILES = ("metrics.json", "*.png", "robustness.*", "failures.*", ".*.tmp")
@@ -205,7 +208,6 @@ def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str
     for s in splits:
         if result[s].get("warning"):
             console.print(f"[yellow]warning:[/] {escape(result[s]['warning'])}")
-    console.print(f"wrote {out / 'metrics.json'}")
 
 
 def _eval_continual(checkpoint: Path, out: Path, splits: tuple[str, ...], data_recipe) -> None:
@@ -218,7 +220,6 @@ def _eval_continual(checkpoint: Path, out: Path, splits: tuple[str, ...], data_r
             for name in result["tasks"]]
     rows += [{"model": "mean over tasks", "split": s, "acc": result[s]["acc"], "f1": result[s]["f1"]} for s in splits]
     out_console.print(metrics_table(f"{checkpoint} ({result['head']} head)", rows, keys=("acc", "f1")))
-    console.print(f"wrote {out / 'metrics.json'}")
 
 
 def _data_recipe(checkpoint: Path, data: Optional[Path], set_: list[str]):
