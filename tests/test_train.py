@@ -129,6 +129,10 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
     assert resumed.fit.history[0]["train_loss"] == pytest.approx(r1.fit.history[0]["train_loss"])
     assert [h["train_loss"] for h in resumed.fit.history] == pytest.approx([h["train_loss"] for h in full.fit.history], rel=1e-5)
     assert resumed.test["auc"] == pytest.approx(full.test["auc"])
+    # Its time and sessions count the interrupted session too (they had described the last session alone).
+    metrics = json.loads((part_dir / "metrics.json").read_text())
+    assert [s["from_epoch"] for s in metrics["sessions"]] == [0, 1]
+    assert metrics["train_seconds"] > state["trainer"]["train_seconds"] > 0
     # The resumed epochs start from last.pt's weights: the same state with perturbed weights trains differently.
     g = torch.Generator().manual_seed(0)
     perturbed = {k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() and "running" not in k

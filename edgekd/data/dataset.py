@@ -73,9 +73,9 @@ def validate_images(table: Table, on_bad_image: str) -> tuple[Table, list[str]]:
         try:
             read_image(p)
             good.append(i)
-        except EdgeKDError:
-            if on_bad_image == "error":
-                raise
+        except EdgeKDError as err:
+            if on_bad_image == "error":  # e.g. a DICOM export's structured report beside its images
+                raise EdgeKDError(f"{err} (--set data.on_bad_image=skip leaves such files out)") from None
             bad.append(p)
     return table.subset(np.asarray(good, dtype=np.int64)), bad
 

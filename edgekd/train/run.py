@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -109,9 +108,8 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         trainer.resume(out / "last.pt")  # another recipe is refused here, before recipe.yaml is rewritten
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    t0 = time.perf_counter()
     fit = trainer.fit(progress=progress)
-    train_seconds = time.perf_counter() - t0
+    train_seconds = trainer.train_seconds()  # a resumed run's earlier sessions included
     if trainer.is_main:
         write_csv_log(out / "log.csv", fit.history)
         if fit.history:
@@ -127,6 +125,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         "nonfinite_batches": fit.nonfinite_batches, "train_seconds": train_seconds,
         "seconds_per_epoch": (sum(h["epoch_seconds"] for h in fit.history) / len(fit.history)) if fit.history else None,
         "seed": recipe.seed, "threads": torch.get_num_threads(), "processes": distributed.world_size(),
+        "sessions": trainer.sessions,  # more than one: resumed; threads and processes above are the last session's
         "counts": data.counts(), "bad_files": data.bad_files, **fit.extra,
         "val": reports["val"], "test": reports["test"],
     }

@@ -223,6 +223,11 @@ class Trainer:
         self.samples_seen = 0
         self.epoch_random_state: torch.Tensor | None = None
         self.step_seconds: list[float] = []
+        self.sessions: list[dict[str, int]] = []
+        """One entry per `fit` of this run, resumes included: the epoch it started at, its processes and threads."""
+        self.prior_seconds = 0.0
+        """Seconds the run trained before this session, up to its last checkpoint (0 unless resumed)."""
+        self._session_start: float | None = None
         self._unmanaged_params: list[nn.Parameter] = []
         self.val_outputs: tuple[np.ndarray, np.ndarray] | None = None
         """The last validation pass's (labels, scored logits)."""
@@ -242,7 +247,13 @@ class Trainer:
             "swa": self.swa_model.state_dict() if self.swa_model else None,
             "swa_scheduler": self.swa_scheduler.state_dict() if self.swa_scheduler else None,
             "world_size": distributed.world_size(),
+            "train_seconds": self.train_seconds(), "sessions": self.sessions,
         }
+
+    def train_seconds(self) -> float:
+        """Wall time the run has trained: earlier sessions up to their last checkpoint, plus this session so far."""
+        now = 0.0 if self._session_start is None else time.perf_counter() - self._session_start
+        return self.prior_seconds + now
 
     def checkpoint_payload(self, state_dict: dict[str, torch.Tensor], metrics: dict[str, float],
                            with_state: bool) -> dict[str, Any]:
@@ -275,6 +286,8 @@ class Trainer:
         self.epoch, self.history = st["epoch"], st["history"]
         self.best_value, self.best_epoch = st["best_value"], st["best_epoch"]
         self.bad_epochs, self.nonfinite = st["bad_epochs"], st["nonfinite"]
+        # absent from checkpoints before 2026-12-05: their time and sessions before the resume are not known
+        self.prior_seconds, self.sessions = st.get("train_seconds", 0.0), list(st.get("sessions", []))
         self.log(f"resumed from {path} at epoch {self.epoch}")
         before, now = st.get("world_size"), distributed.world_size()  # absent from checkpoints before 2026-12-05
         if before is not None and before != now:
@@ -350,7 +363,11 @@ class Trainer:
         return total, count
 
     def _start_fit(self) -> None:
-        """Plugins' before_fit, then the (DDP-)wrapped model and the parameters the objective owns."""
+        """This session's record, plugins' before_fit, then the (DDP-)wrapped model and the parameters the
+        objective owns."""
+        self._session_start = time.perf_counter()
+        self.sessions.append({"from_epoch": self.epoch, "processes": distributed.world_size(),
+                              "threads": torch.get_num_threads()})
         for p in self.plugins:
             p.before_fit(self)
         # Wrapped after before_fit: DDP registers the parameters that require grad at that moment (BN freeze).
