@@ -155,14 +155,20 @@ def eval_(
                                                                 f"{res['images']} images)"))
             wrote += [str(out / name) for name in res["written"]]
         if failures:
-            from edgekd.robustness.evaluate import run_failure_analysis
-            res = run_failure_analysis(checkpoint, out, data_recipe, splits[0], top)
-            for p in res["pairs"]:
-                out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
-                                  f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
-            console.print(f"{res['errors']} errors / {res['images']} images")
-            wrote += [str(out / "failures.json"), str(out / "failures.png")]
+            wrote += _eval_failures(checkpoint, out, data_recipe, splits[0], top)
     console.print(f"wrote {', '.join(wrote)}")
+
+
+def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: int) -> list[str]:
+    """`edgekd eval --failures`: the top confused pairs printed; the files it wrote."""
+    from edgekd.robustness.evaluate import run_failure_analysis
+
+    res = run_failure_analysis(checkpoint, out, data_recipe, split, top)
+    for p in res["pairs"]:
+        out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
+                          f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
+    console.print(f"{res['errors']} errors / {res['images']} images")
+    return [str(out / "failures.json"), str(out / "failures.png")]
 
 
 EVAL_FILES = ("metrics.json", "*.png", "robustness.*", "failures.*", ".*.tmp")
