@@ -610,6 +610,13 @@ def test_a_teacher_trained_on_the_students_test_images_is_refused(tmp_path):
     said = []
     distill_recipe(recipe_from_dict(student), tmp_path / "s0", log=said.append)  # the teacher's own splits
     assert not any("trained on" in line for line in said)
+    # the same files listed in a CSV (another source, another split): compared too (it had been skipped)
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(root.rglob("*.png"))]
+    (tmp_path / "files.csv").write_text("\n".join(rows) + "\n")
+    csv_data = {**data, "source": "csv", "path": str(tmp_path / "files.csv")}
+    with pytest.raises(EdgeKDError, match=r"distill.teacher .* trained on \d+ of this run's \d+ test images"):
+        distill_recipe(recipe_from_dict({**student, "data": {**student["data"], **csv_data}, "seed": 5}),
+                       tmp_path / "csv", log=lambda s: None)
     # given train/ and test/ folders, val carved from train by seed: a student seed sweep from one teacher shares
     # no test image with it, only val images (a warning, not an error)
     for split, n in (("train", 12), ("test", 4)):

@@ -18,17 +18,22 @@ ADAPTER_KEY = "kd_adapters"
 """Checkpoint key of the feature-KD adapters: beside, never inside, the student's state_dict (export ignores it)."""
 
 
+FILE_SOURCES = ("imagefolder", "csv")
+"""The data sources that read image files by path (the others hold their images in memory, splits fixed)."""
+
+
 def check_teacher_splits(path, teacher_ckpt: dict, recipe, data, log: Callable[[str], None]) -> None:
     """A teacher trained on the student's own image files must not have trained on the student's test images:
     splits carved with another seed, fraction, class filter or patient pattern put them in its training split,
     and the student then learns its test answers from the teacher (an error). Its training on student val images
     only (a val split carved from train by seed, as in a seed sweep of students from one teacher) biases the
     student's checkpoint choice: a warning. Compared file by file, from the teacher's recipe as it splits the
-    files today, when both read image files (ImageFolder, CSV); in-memory sets (.npz) have fixed splits here."""
+    files today, when both read image files (ImageFolder or CSV, either of them: a CSV may list the folder's files);
+    in-memory sets (.npz) have fixed splits here."""
     from edgekd.recipe import recipe_from_dict
 
     raw = teacher_ckpt.get("recipe")
-    if not raw or data.tables["train"].paths is None or (raw.get("data") or {}).get("source") != recipe.data.source:
+    if not raw or data.tables["train"].paths is None or (raw.get("data") or {}).get("source") not in FILE_SOURCES:
         return
     try:
         teacher_tables = split_tables(recipe_from_dict(raw, where=f"{path} (embedded recipe)"))[0]
