@@ -133,6 +133,19 @@ def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str 
         source = Path(given).resolve()
         if target == source or source in target.parents:
             raise EdgeKDError(f"{option} {out}: is inside the input {given}; write the output elsewhere")
+    refuse_output_in_bundle(out, option)
+
+
+def refuse_output_in_bundle(out: str | Path, option: str = "--out") -> None:
+    """An output never lands inside an existing bundle (a folder below one with a manifest): the manifest would not
+    list the new files, and the runtime then refuses the bundle. `out` may itself be a bundle that is replaced."""
+    from edgekd.runtime.bundle import MANIFEST_FILE
+
+    target = Path(out).resolve()
+    bundle = next((parent for parent in target.parents if (parent / MANIFEST_FILE).is_file()), None)
+    if bundle is not None:
+        raise EdgeKDError(f"{option} {out}: is inside the bundle {bundle}, whose manifest would no longer match "
+                          "its files (the bundle would be refused); write the output elsewhere")
 
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)

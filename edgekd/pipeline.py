@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgekd.errors import EdgeKDError
+from edgekd.fileio import refuse_output_in_bundle
 
 
 def check_run_dir(out: str | Path) -> None:
@@ -37,6 +38,7 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
     out = Path(out).resolve()
     if out == Path.cwd().resolve():
         raise EdgeKDError(f"--out {out}: the current folder; give the run a folder of its own")
+    refuse_output_in_bundle(out)
     subfolders = folds is not None or recipe.continual is not None
     inputs = {} if folds is not None or recipe.distill is None else {
         "distill.teacher": recipe.distill.teacher,

@@ -310,6 +310,27 @@ def test_explain_refuses_an_absurd_image_shape(trained, tmp_path, capsys):
 
 
 # ============================================================ 6. outputs never inside an input
+IN_OTHER_BUNDLE = {"export": lambda t, b: ["export", t["ckpt"], "--format", "onnx", "--precision", "fp32",
+                                           "--out", b / "inner"],
+                   "explain": lambda t, b: ["explain", t["ckpt"], t["img"], "--out", b / "explain"],
+                   "train": lambda t, b: ["train", t["recipe"], "--out", b / "run"],
+                   "eval": lambda t, b: ["eval", t["ckpt"], "--out", b / "eval"]}
+
+
+@pytest.mark.parametrize("command", sorted(IN_OTHER_BUNDLE))
+def test_an_output_inside_another_bundle_is_refused(command, trained, bundle, tmp_path, capsys):
+    """A bundle that is not the command's input: files written into it (export --out b/inner, explain --out
+    b/explain) left a manifest that no longer matched, and `predict` then refused the deployed bundle."""
+    b = copy_bundle(bundle, tmp_path / "b")
+    before = sorted(p.relative_to(b).as_posix() for p in b.rglob("*"))
+    (img,) = good_images(tmp_path / "imgs", 1)
+    args = IN_OTHER_BUNDLE[command]({**trained, "img": img}, b)
+    assert_refused(invoke(capsys, *args), f"is inside the bundle {b}")
+    assert sorted(p.relative_to(b).as_posix() for p in b.rglob("*")) == before
+    from edgekd.runtime import open_bundle
+    open_bundle(b)  # still a valid bundle
+
+
 OUT_INSIDE = {"predict_out_edgekd_json": ("predict", "{b}/edgekd.json"), "predict_out_in_subfolder":
               ("predict", "{b}/onnx/p.csv"), "bench_out_in_bundle": ("bench", "{b}/bench"),
               "eval_out_in_bundle": ("eval", "{b}/eval")}
