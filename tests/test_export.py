@@ -242,6 +242,25 @@ def test_metric_images_take_a_stratified_seeded_subset_of_each_split(tmp_path):
         assert len(metric_subset(rare, n)) == n and set(rare[metric_subset(rare, n)].tolist()) == {0, 1, 2}, n
 
 
+def test_a_re_export_says_it_replaced_the_bundle_and_removes_its_stale_zip(tmp_path):
+    """Exported again without --zip, a bundle folder held the new model and `<out>.zip` beside it still the old
+    one, without a word; the zip is what gets copied to a device. A zip that is not a bundle's stays."""
+    import zipfile
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", 16)
+    profile = profile_from_dict({"parity": {"images": 4}})
+    said: list[str] = []
+    export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, zip_bundle=True, log=said.append)
+    assert (tmp_path / "b.zip").is_file() and not any("replaced" in line for line in said)
+    export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=said.append)
+    assert not (tmp_path / "b.zip").exists()
+    assert f"replaced the earlier bundle in {tmp_path / 'b'}" in said and any("removed" in line for line in said)
+    with zipfile.ZipFile(tmp_path / "c.zip", "w") as zf:
+        zf.writestr("notes.txt", "not a bundle")
+    export_checkpoint(ckpt, tmp_path / "c", ["onnx"], ["fp32"], profile, log=said.append)
+    assert (tmp_path / "c.zip").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name, size, kwargs", [
     ("edgekd_cnn_tiny", 16, {}),

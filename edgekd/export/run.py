@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -466,6 +467,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     profile = profile or load_profile(None)
     plan = export_plan(formats or profile.formats, precisions or profile.precisions)
     check_target(out)
+    replacing = (out / METADATA_FILE).is_file()
     model, ckpt = model_from_checkpoint(checkpoint)
     layout = task_layout(ckpt)
     continual = retention_report(layout, profile.min_retention, allow_forgetting) if layout is not None else None
@@ -505,6 +507,23 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         remove_trees([scratch, stage])
         untrack_tree(scratch)
         untrack_tree(stage)
-    zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else None
+    if replacing:
+        log(f"replaced the earlier bundle in {out}")
+    zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else remove_stale_zip(out, log)
     log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
     return ExportResult(out, zip_path, metadata, parity)
+
+
+def remove_stale_zip(out: Path, log: Callable[[str], None]) -> None:
+    """An export without --zip removes `<out>.zip` when it is an earlier bundle's zip: left there it would hold
+    another model than the folder of its name, and a zip is what gets copied to a device. Other files stay."""
+    archive = out.parent / f"{out.name}.zip"
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            bundled = METADATA_FILE in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if bundled:
+        archive.unlink()
+        log(f"removed {archive}: the zip of the bundle this export replaced (--zip writes a new one)")
+    return None
