@@ -59,6 +59,19 @@ def test_local_weights_file_loads(tmp_path):
         create_model(spec("test_resnet"), weights=str(tmp_path / "missing.pth"))
 
 
+def test_hub_weights_out_of_reach_name_the_offline_fix(monkeypatch):
+    """Without network a full-size recipe failed after the hub's retries with no word of what to do."""
+    import timm
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(EdgeKDError, match=r"from the model hub .*OSError.*\(offline: --set model.pretrained=false, "
+                                          r"or model.weights=FILE\)$"):
+        create_model(spec("test_resnet"), pretrained=True)
+
+
 def test_weights_file_of_another_model_or_unreadable_is_refused(tmp_path):
     from safetensors.torch import save_file
 

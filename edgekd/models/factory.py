@@ -50,8 +50,9 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
     except Exception as err:  # an empty, truncated or foreign weights file fails in many ways (EOFError, KeyError...)
         if pretrained:
             detail = shorten(str(err).splitlines()[0], 120) if str(err) else "unreadable"
+            fix = "" if weights else " (offline: --set model.pretrained=false, or model.weights=FILE)"
             raise EdgeKDError(f"model '{name}': could not load pretrained weights from {where}: "
-                              f"{type(err).__name__}: {detail}") from None
+                              f"{type(err).__name__}: {detail}{fix}") from None
         if isinstance(err, (OSError, RuntimeError, ValueError)):
             raise EdgeKDError(f"model '{name}': {shorten(str(err).splitlines()[0], 160)}") from None
         raise
