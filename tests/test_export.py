@@ -540,6 +540,11 @@ def test_int8_not_faster_than_fp32_is_left_out_and_the_card_says_why(tmp_path):
     card = (tmp_path / "slow/card.md").read_text()
     assert "## Not shipped: INT8 slower than FP32" in card and "below quantization.min_speedup 1e+06" in card
     assert json.loads((tmp_path / "slow/parity.json").read_text())["too_slow"][0]["format"] == "onnx"
+    # INT8 alone (the cpu-openvino-int8 profile's plan): nothing to time it against; shipped untimed, said so
+    alone = export(1e6, "alone", ("onnx",), ("int8",))
+    assert [a["precision"] for a in alone.metadata["artifacts"]] == ["int8"] and "too_slow" not in alone.parity
+    assert alone.parity["int8_untimed"] == ["onnx/int8"]
+    assert "INT8 speed not checked for onnx/int8" in (tmp_path / "alone/card.md").read_text()
 
     # both formats, FP16 between OpenVINO's FP32 and INT8: each INT8 is timed against its own format's FP32
     kept = export(1e-6, "kept", ("onnx", "openvino"), ("int8", "fp16", "fp32"))

@@ -140,6 +140,10 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
                   "an INT8 model that is not faster buys nothing on that CPU but its smaller file, so the profile "
                   "(`quantization.min_speedup`) left it out:", ""]
         lines += [f"- {d['format']} {d['precision']}: {d['reason']}" for d in parity["too_slow"]]
+    if parity.get("int8_untimed"):
+        lines += ["", f"INT8 speed not checked for {', '.join(parity['int8_untimed'])}: this export built no FP32 "
+                  "artifact of that format to time it against (`quantization.min_speedup` applies when it does); "
+                  "`edgekd bench` times both."]
     return lines
 
 

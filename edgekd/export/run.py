@@ -299,6 +299,8 @@ class _Outcome:
     test), so it is not released early."""
     too_slow: list[dict[str, Any]] = field(default_factory=list)
     """INT8 artifacts left out of the bundle for not being faster than their FP32 (quantization.min_speedup)."""
+    untimed: list[str] = field(default_factory=list)
+    """INT8 artifacts shipped untimed: the export built no FP32 artifact of their format to time them against."""
 
 
 def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set: ParitySet,
@@ -347,6 +349,10 @@ def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: E
     if precision != "int8":
         return None
     minimum, fp32 = profile.quantization.min_speedup, outcome.fp32_sessions.get(fmt.name)
+    if minimum is not None and fp32 is None:  # an INT8-only profile (cpu-openvino-int8): nothing to time against
+        outcome.untimed.append(f"{fmt.name}/int8")
+        log(f"{fmt.name}/int8: speed not checked (this export builds no {fmt.name}/fp32 to time it against; "
+            "quantization.min_speedup applies when it does)")
     if minimum is None or fp32 is None:
         return None
     speed = int8_speedup(fp32, session, parity_set.inputs, minimum)
@@ -394,6 +400,7 @@ def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, pari
                       **({"warnings": reference["warnings"]} if reference.get("warnings") else {})},
         "artifacts": outcome.records, "passed": not outcome.failures, "failures": outcome.failures,
         **({"too_slow": outcome.too_slow} if outcome.too_slow else {}),
+        **({"int8_untimed": outcome.untimed} if outcome.untimed else {}),
     }
 
 
