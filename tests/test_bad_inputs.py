@@ -721,13 +721,15 @@ def test_a_checkpoint_where_a_bundle_goes_and_back_is_named_for_what_it_is(train
     assert not any((tmp_path / d).exists() for d in ("b", "ev", "x", "u"))
 
 
-def test_export_from_another_folder_says_the_data_path_is_relative(trained, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["export", "eval", "report"])
+def test_a_checkpoint_read_from_another_folder_says_the_data_path_is_relative(command, trained, tmp_path, capsys):
+    """export said so; eval and report had said only "not found"."""
     import torch
 
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     ckpt["recipe"]["data"]["path"] = "my_scans.npz"  # as trained in another working directory
     torch.save(ckpt, tmp_path / "moved.pt")
-    assert_refused(invoke(capsys, "export", tmp_path / "moved.pt", "--out", tmp_path / "b"), "my_scans.npz",
+    assert_refused(invoke(capsys, command, tmp_path / "moved.pt", "--out", tmp_path / "b"), "my_scans.npz",
                    "relative to the folder it was trained in", "--set data.path=")
     assert not (tmp_path / "b").exists()
 

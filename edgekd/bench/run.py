@@ -278,10 +278,10 @@ def eval_subset(labels: np.ndarray, n: int, seed: int = EVAL_SEED) -> np.ndarray
 
 def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, log) -> None:
     """The test split at this subject's model input size (uint8, runtime preprocessing) -> an .npy for the workers."""
-    from edgekd.data import build_data
+    from edgekd.data import build_checkpoint_data
     from edgekd.runtime import Preprocessor
 
-    data = build_data(recipe)
+    data = build_checkpoint_data(recipe)
     if data.num_classes != len(subject.class_names):
         raise EdgeKDError(f"--data: {recipe.name} has {data.num_classes} classes, the {subject.role} model "
                           f"{len(subject.class_names)}")

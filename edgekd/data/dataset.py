@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -234,6 +235,27 @@ def patients_from_names(tables: dict[str, Table], pattern: str, where: str | Non
 
 def _limit(table: Table, n: int, seed: int) -> Table:
     return table if len(table) <= n else table.subset(stratified_subset(table.labels, n, seed))
+
+
+@contextlib.contextmanager
+def checkpoint_path_hint(recipe):
+    """Reading a checkpoint's data: a relative data.path that is not found from here gets the way on (the path is
+    relative to the folder the checkpoint was trained in)."""
+    try:
+        yield
+    except EdgeKDError as err:
+        path = recipe.data.path
+        if path and not Path(path).is_absolute() and not Path(path).exists() and str(path) in str(err):
+            raise EdgeKDError(f"{err} (a checkpoint's data.path is relative to the folder it was trained in: run from "
+                              "there or pass --set data.path=...)") from None
+        raise
+
+
+def build_checkpoint_data(recipe) -> DataModule:
+    """`build_data` of a checkpoint's embedded recipe (eval, report, bench, corruption eval), with the hint of
+    `checkpoint_path_hint` when its relative data.path is not found from here."""
+    with checkpoint_path_hint(recipe):
+        return build_data(recipe)
 
 
 def build_data(recipe) -> DataModule:

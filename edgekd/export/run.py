@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import v2
 
 from edgekd import __version__
-from edgekd.data import build_data, build_transforms, check_class_order
+from edgekd.data import build_data, build_transforms, check_class_order, checkpoint_path_hint
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha256_file, track_tree, untrack_tree
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
@@ -156,15 +156,8 @@ def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: lis
     if ckpt.get("recipe") is None:
         raise EdgeKDError(f"{checkpoint}: checkpoint has no embedded recipe (needed for its data)")
     recipe = _export_recipe(ckpt, checkpoint, data_overrides, input_size)
-    try:
+    with checkpoint_path_hint(recipe):
         data = continual_data(recipe, layout, str(checkpoint)) if layout is not None else build_data(recipe)
-    except EdgeKDError as err:
-        path = recipe.data.path
-        given = any(o.split("=", 1)[0].strip() == "data.path" for o in data_overrides)
-        if path and not given and not Path(path).is_absolute() and not Path(path).exists() and str(path) in str(err):
-            raise EdgeKDError(f"{err} (the checkpoint's data.path, relative to the folder it was trained in: run "
-                              f"from there or pass --set data.path=...)") from None
-        raise
     num_classes = ckpt["arch"]["num_classes"]
     if data.num_classes != num_classes:
         raise EdgeKDError(f"{checkpoint}: model has {num_classes} classes, its data has {data.num_classes}")

@@ -132,9 +132,9 @@ def load_split_images(recipe, split: str = "test",
                       limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """The decoded uint8 images and labels of a recipe's split (the fixed random subset `limited` picks, if `limit`
     is given: the same whatever --seed, which seeds the corruptions only)."""
-    from edgekd.data import build_data
+    from edgekd.data import build_checkpoint_data
 
-    data = build_data(recipe)
+    data = build_checkpoint_data(recipe)
     ds = data.dataset(split, train=False)
     idx = limited(len(ds), limit)
     images = [np.ascontiguousarray(ds.raw(int(i))) for i in idx]

@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 
 from edgekd import __version__
-from edgekd.data import DataModule, build_data, check_class_order
+from edgekd.data import DataModule, build_checkpoint_data, build_data, check_class_order
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
@@ -184,7 +184,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     from edgekd.recipe import recipe_from_dict
 
     recipe = data_recipe or recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
-    data = build_data(recipe)
+    data = build_checkpoint_data(recipe)
     if data.num_classes != ckpt["arch"]["num_classes"]:
         raise EdgeKDError(f"{checkpoint}: model has {ckpt['arch']['num_classes']} classes, the data has {data.num_classes}")
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)
