@@ -270,9 +270,13 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
                                            ([".", "--batch", "0"], "--batch: batch sizes must be >= 1"),
                                            ([".", "--formats", "tflite"], "--formats: unknown value 'tflite'"),
                                            (["adir"], "a folder that is not an edgekd bundle"),
-                                           (["empty.pt"], "empty.pt")])
+                                           (["empty.pt"], "empty.pt"),
+                                           (["b", "--eval-limit", "5"], "--eval-limit: b is a bundle, which holds "
+                                                                        "no test images")])  # it was ignored
 def test_bad_options_are_one_line_errors(tmp_path, args, message):
     (tmp_path / "adir").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "edgekd.json").write_text("{}")  # what marks a bundle folder (open_bundle checks the rest)
     (tmp_path / "empty.pt").write_bytes(b"")
     proc = subprocess.run([sys.executable, "-m", "edgekd", "bench", *args, "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=tmp_path)

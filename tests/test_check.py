@@ -114,6 +114,9 @@ def test_cli_check_prints_the_summary_and_exits_2_on_errors(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown timm model 'no_such_net'" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    ignored = subprocess.run([sys.executable, "-m", "edgekd", "check", "recipes/demo/baseline.yaml", "--classes", "3"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)  # said "check ok", classes unused
+    assert ignored.returncode == 2 and "--classes sets the class count of --synthetic data" in ignored.stderr
 
 
 def test_synthetic_check_stands_in_an_unlabeled_pool(tmp_path):

@@ -277,10 +277,14 @@ def bench(
 
     from edgekd.bench.report import records_table
     from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, run_bench
+    from edgekd.runtime import is_bundle
 
     folder = data if data is not None and data.is_dir() else None
     if set_ and (data is None or folder is not None):
         raise EdgeKDError("--set needs --data RECIPE (it overrides the data recipe)")
+    if eval_limit is not None and data is None and checkpoint is None and is_bundle(source):  # it was ignored
+        raise EdgeKDError(f"--eval-limit: {source} is a bundle, which holds no test images; give --data RECIPE|DIR "
+                          "or --checkpoint (its recipe's test split)")
     data_recipe = None
     if data is not None and folder is None:
         from edgekd.recipe import load_recipe

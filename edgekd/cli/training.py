@@ -82,6 +82,8 @@ def check(
     optimizer steps and one evaluation at its image size; print params, MACs, seconds per step and per epoch."""
     from edgekd.check import check_recipe
 
+    if classes is not None and not synthetic:  # it was ignored, and the check said ok
+        raise EdgeKDError("--classes sets the class count of --synthetic data; the recipe's own data has its classes")
     with console.status(f"checking {recipe} ..."):
         r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes)
     table = RichTable(title=f"check ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)
