@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -241,9 +242,14 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
         [r["reason"] for r in from_zip.records]
     (tmp_path / "b5" / "work").mkdir(parents=True)  # a work/ the run did not make is left alone
     (tmp_path / "b5" / "work" / "mine.txt").write_text("keep")
-    run_bench(BenchConfig(bundle, tmp_path / "b5", formats="onnx", precisions="fp32", batches="1", gemm=False,
-                          timing=quick, variants={"onnx": ("bare",)}), log=lambda *_: None)
+    from edgekd.bench.hardware import OtherCPU
+
+    said: list[str] = []
+    with mock.patch.object(OtherCPU, "cores", lambda self: 0.97):  # another job on the machine during the run
+        run_bench(BenchConfig(bundle, tmp_path / "b5", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                              timing=quick, variants={"onnx": ("bare",)}), log=said.append)
     assert (tmp_path / "b5" / "work" / "mine.txt").read_text() == "keep"
+    assert any(line.startswith("warning: other processes used 0.97 cores") for line in said), said
     assert any("no accuracy" in n for n in bundle_only.summary["subjects"][0]["notes"])
 
     # An unreadable teacher is refused before the model is exported (nothing written).

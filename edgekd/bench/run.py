@@ -34,6 +34,9 @@ RECORD_KEYS = ("model", "role", "format", "precision", "variant", "batch", "tta"
                "peak_rss_mb", "load_s", "acc", "auc", "gemm_peak_fraction", "status", "reason")
 """Every record has exactly these keys (None where not measured; status 'ok' or 'n/a' with the reason)."""
 VARIANTS = {"torch": ("eager", "compile"), "onnx": ("bare", "runner"), "openvino": ("bare", "runner")}
+BUSY_CORES = 0.25
+"""Other processes' average CPU use (in cores) during a run above which the bench warns that the machine was not
+quiet (the zoo's quiet runs read 0.01-0.04)."""
 """bare: the framework's own call on a preprocessed float batch; runner: edgekd.runtime from uint8 images
 (preprocessing, TTA views, inference, softmax); eager / compile: PyTorch, and torch.compile (inductor) on CPU."""
 
@@ -644,11 +647,15 @@ def _measure_and_write(cfg: BenchConfig, subjects: list[Subject], work: Path, st
     for rec in records:
         if rec["status"] == "ok":
             rec["gemm_peak_fraction"] = gemm_peak_fraction(rec["macs"], rec["throughput"], peak, rec["views"])
+    busy = other_cpu.cores()
+    if busy is not None and busy >= BUSY_CORES:
+        log(f"warning: other processes used {busy:.2f} cores on average during the run: these latencies are not a "
+            "quiet machine's (bench.json records it)")
     summary = {
         "schema": SCHEMA, "date": started, "command": cfg.command or "run_bench(...)",
         "machine": {**cpu_info(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg_at_start": load_start, "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
-                    "other_processes_cpu_cores": other_cpu.cores()},
+                    "other_processes_cpu_cores": busy},
         "threads": cfg.threads, "batches": cfg.batches, "tta": cfg.tta, "timing": cfg.timing.as_kwargs(),
         "versions": software_versions(), "runner_accuracy": "operating_point", "gemm": gemm_info,
         "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,

@@ -277,19 +277,8 @@ def bench(
 
     from edgekd.bench.report import records_table
     from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, run_bench
-    from edgekd.runtime import is_bundle
 
-    folder = data if data is not None and data.is_dir() else None
-    if set_ and (data is None or folder is not None):
-        raise EdgeKDError("--set needs --data RECIPE (it overrides the data recipe)")
-    if eval_limit is not None and data is None and checkpoint is None and is_bundle(source):  # it was ignored
-        raise EdgeKDError(f"--eval-limit: {source} is a bundle, which holds no test images; give --data RECIPE|DIR "
-                          "or --checkpoint (its recipe's test split)")
-    data_recipe = None
-    if data is not None and folder is None:
-        from edgekd.recipe import load_recipe
-
-        data_recipe = load_recipe(data, set_)
+    folder, data_recipe = _bench_data(source, data, set_, checkpoint, eval_limit)
     formats = formats or ("torch,onnx,openvino" if find_spec("torch") is not None else "onnx,openvino")
     variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
     out = out or source.parent / "bench"  # beside a bundle folder, never inside it
@@ -308,3 +297,21 @@ def bench(
               if r["status"] != "ok"}.values():
         console.print(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}")
     console.print(f"wrote {', '.join(str(out / name) for name in result.written)}")
+
+
+def _bench_data(source: Path, data: Optional[Path], set_: list[str], checkpoint: Optional[Path],
+                eval_limit: Optional[int]):
+    """`edgekd bench`'s scored images: (a labelled folder, a data recipe), either or neither."""
+    from edgekd.runtime import is_bundle
+
+    folder = data if data is not None and data.is_dir() else None
+    if set_ and (data is None or folder is not None):
+        raise EdgeKDError("--set needs --data RECIPE (it overrides the data recipe)")
+    if eval_limit is not None and data is None and checkpoint is None and is_bundle(source):  # it was ignored
+        raise EdgeKDError(f"--eval-limit: {source} is a bundle, which holds no test images; give --data RECIPE|DIR "
+                          "or --checkpoint (its recipe's test split)")
+    if data is None or folder is not None:
+        return folder, None
+    from edgekd.recipe import load_recipe
+
+    return None, load_recipe(data, set_)

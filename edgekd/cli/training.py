@@ -143,8 +143,7 @@ def eval_(
     wrote: list[str] = []  # said once every step has passed: a refusal half-way removes what came before it
     with removed_if_only(out, EVAL_FILES):  # a refusal half-way (a --compare of other classes): no new folder
         if not bundle:
-            _eval_checkpoint(checkpoint, out, data_recipe, splits)
-            wrote.append(str(out / "metrics.json"))
+            wrote += _eval_checkpoint(checkpoint, out, data_recipe, splits)
         elif not (corruptions or failures):
             raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its "
                               "checkpoint)")
@@ -202,13 +201,15 @@ def _eval_options(split: str, corruptions: bool, only: Optional[str], severities
     return splits, check_names(names) if names else names, check_severities(levels) if levels else levels
 
 
-def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str, ...]) -> None:
-    """`edgekd eval CHECKPOINT`: the metrics table, a warning per split that calls nearly everything one class."""
+def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str, ...]) -> list[str]:
+    """`edgekd eval CHECKPOINT`: the metrics table, a warning per split that calls nearly everything one class;
+    the files written."""
     from edgekd.train.checkpoint import load_checkpoint
     from edgekd.train.run import evaluate_checkpoint
 
     if load_checkpoint(checkpoint).get("continual"):
-        return _eval_continual(checkpoint, out, splits, data_recipe)
+        _eval_continual(checkpoint, out, splits, data_recipe)
+        return [str(out / "metrics.json")]
 
     result = with_progress(lambda log, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar,
                                                                 log=log))
@@ -216,6 +217,8 @@ def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str
     for s in splits:
         if result[s].get("warning"):
             console.print(f"[yellow]warning:[/] {escape(result[s]['warning'])}")
+    return [str(out / name) for name in ("metrics.json", *(f"{kind}_{s}.png" for s in splits
+                                                          for kind in ("confusion", "roc")))]
 
 
 def _eval_continual(checkpoint: Path, out: Path, splits: tuple[str, ...], data_recipe) -> None:
