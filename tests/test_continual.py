@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+
 import copy
+import os
 import json
 import math
 from pathlib import Path
@@ -293,6 +295,11 @@ def test_class_incremental_tasks_bring_new_non_empty_class_sets(tmp_path):
     tasks = [{"name": "A", "classes": [0, 1]}, {"name": "B", "classes": [1, 2]}]
     with pytest.raises(EdgeKDError, match=r"^continual.tasks\[1\] \(B\): class 'class_1' is task 'A''s too"):
         build_tasks(recipe_from_dict(base_recipe(npz, scenario="class_incremental", tasks=tasks)))
+    # The same file spelled another way (relative, via a symlink) is the same dataset: it had passed the check.
+    (tmp_path / "link.npz").symlink_to(npz)
+    respelled = [tasks[0], {**tasks[1], "data": {"path": os.path.relpath(tmp_path / "link.npz")}}]
+    with pytest.raises(EdgeKDError, match=r"class 'class_1' is task 'A''s too"):
+        build_tasks(recipe_from_dict(base_recipe(npz, scenario="class_incremental", tasks=respelled)))
     # An empty class list had meant every class (the head grew by all of them again).
     with pytest.raises(EdgeKDError, match="classes.*at least 1 item"):
         recipe_from_dict(base_recipe(npz, scenario="class_incremental",

@@ -3,6 +3,7 @@ classes first), and the loss/prediction rule of the head layout (multi-head with
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -90,12 +91,17 @@ def recorded_tasks(recipe, recorded: list[dict], where: str) -> list[Task]:
     return tasks
 
 
+def dataset_key(data_cfg) -> tuple[str, str | None]:
+    """Which dataset a data section reads: its source and its path resolved (`dir/` and `dir`, a relative and an
+    absolute spelling, a symlink: one dataset)."""
+    return data_cfg.source, os.path.realpath(data_cfg.path) if data_cfg.path else None
+
+
 def check_new_classes(tasks: list[Task], data_cfg, class_names: list[str], where: str) -> None:
     """Class-incremental tasks bring new classes: a class an earlier task of the same dataset already has would get
     a second output row, and the two rows would compete in the single head."""
     for earlier in tasks:
-        cfg = earlier.data.cfg
-        if (cfg.source, cfg.path) != (data_cfg.source, data_cfg.path):
+        if dataset_key(earlier.data.cfg) != dataset_key(data_cfg):
             continue
         shared = [n for n in class_names if n in earlier.class_names]
         if shared:
