@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import copy
-import os
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
