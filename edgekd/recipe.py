@@ -449,6 +449,14 @@ class Recipe(Section):
     continual: ContinualConfig | None = None
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="after")
+    def _one_kind_of_run(self) -> "Recipe":
+        if self.continual is not None and self.distill is not None:  # the continual runner never read it
+            raise ValueError("a recipe with a continual section does not use a distill section (its tasks learn "
+                             "with continual.lwf/ewc/replay; distill a student with its own recipe and name it in "
+                             "continual.checkpoint): remove one")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -18,6 +18,16 @@ def test_unknown_key_is_named(tmp_path):
         load_recipe(p)
 
 
+def test_a_continual_recipe_with_a_distill_section_is_refused(tmp_path):
+    """The continual runner took such a recipe and never loaded its teacher: KD looked on and was off."""
+    base = REPO / "recipes/continual/retina-pneumonia/logit-finetune.yaml"
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump({"base": str(base), "distill": {
+        "teacher": "t.pt", "terms": [{"kind": "kl", "weight": 0.7, "temperature": 4}, {"kind": "ce", "weight": 0.3}]}}))
+    with pytest.raises(EdgeKDError, match="does not use a distill section"):
+        load_recipe(tmp_path / "kd.yaml")
+    load_recipe(base)  # without it: fine
+
+
 def test_wrong_type_is_named(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  epochs: many\n")
