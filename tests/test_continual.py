@@ -329,8 +329,10 @@ def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_anoth
     np.testing.assert_array_equal(resumed.acc_matrix, whole.acc_matrix)
 
     other = recipe_from_dict({**raw, "train": {**raw["train"], "optimizer": {"name": "adam", "lr": 0.5}}})
+    kept = (tmp_path / "run" / "recipe.yaml").read_text()
     with pytest.raises(EdgeKDError, match=r"task1_a/task.pt: was trained with another recipe"):
         run_continual(other, tmp_path / "run", resume=True, log=lambda s: None)
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == kept  # the refused resume had replaced it
     with pytest.raises(EdgeKDError, match="nothing to resume"):
         run_continual(recipe, tmp_path / "typo", resume=True, log=lambda s: None)
 

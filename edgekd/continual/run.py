@@ -249,6 +249,17 @@ def resume_task(model: nn.Module, path: Path, recipe) -> None:
         restore_rng_state(ckpt["rng"])
 
 
+def check_resumable(out: Path, tasks: list[Task], recipe) -> None:
+    """Before a resume writes anything (its recipe.yaml had replaced a finished run's before the refusal): a task
+    checkpoint to resume from, written by this very recipe."""
+    found = [out / f"task{i + 1}_{_slug(t.name)}" / name for i, t in enumerate(tasks) for name in ("task.pt", "last.pt")]
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise EdgeKDError(f"{out}: no task.pt or last.pt of this recipe's tasks (nothing to resume)")
+    if load_checkpoint(found[0]).get("recipe_digest") != recipe.digest():
+        raise EdgeKDError(f"{found[0]}: was trained with another recipe; resume with the same recipe and --set values")
+
+
 def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                   progress=None) -> ContinualResult:
     """Learn recipe.continual.tasks in order; after each, evaluate all learned tasks (accuracy matrix)."""
@@ -258,9 +269,8 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
     out = Path(out)
     seed_everything(recipe.seed, recipe.train.deterministic)
     tasks = build_tasks(recipe)
-    if resume and not any((out / f"task{i + 1}_{_slug(t.name)}" / name).is_file()
-                          for i, t in enumerate(tasks) for name in ("task.pt", "last.pt")):
-        raise EdgeKDError(f"{out}: no task.pt or last.pt of this recipe's tasks (nothing to resume)")
+    if resume:
+        check_resumable(out, tasks, recipe)
     model, spec, first_learned = starting_model(recipe, tasks)
     out.mkdir(parents=True, exist_ok=True)  # data and model built: a bad path has failed before anything is written
     write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
