@@ -555,7 +555,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`key.sub=value` overrides on a recipe dict; a list is entered by index or, for a list of named mappings
-    (continual.tasks), by name: `continual.tasks.1.data.path=...` or `continual.tasks.B.epochs=4`."""
+    (continual.tasks), by name: `continual.tasks.1.data.path=...` or `continual.tasks.pneumonia.data.limit=400`."""
     raw = copy.deepcopy(raw)
     for text in overrides:
         keys, value = parse_override(text)
