@@ -73,8 +73,8 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     from edgekd.export import RetentionGateError, check_target, export_checkpoint
 
     out = Path(out)
+    refuse_output_inside(out, [source])  # first: inside the parent is named as such
     check_target(out)
-    refuse_output_inside(out, [source])
     checkpoint, lineage = parent_of(source)
     recipe = update_recipe(recipe_path, overrides or [], checkpoint, source)
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"

@@ -299,6 +299,11 @@ def test_class_incremental_tasks_bring_new_non_empty_class_sets(tmp_path):
     respelled = [tasks[0], {**tasks[1], "data": {"path": os.path.relpath(tmp_path / "link.npz")}}]
     with pytest.raises(EdgeKDError, match=r"class 'class_1' is task 'A''s too"):
         build_tasks(recipe_from_dict(base_recipe(npz, scenario="class_incremental", tasks=respelled)))
+    # A task of one class with a head of its own (or the first of a shared head) scored 1.0 on every image.
+    for scenario, head, one in (("cross_domain", "multi", 1), ("class_incremental", "single", 0)):
+        tasks = [{"name": "A", "classes": [0, 1]}, {"name": "B", "classes": [2]}][::1 if one else -1]
+        with pytest.raises(EdgeKDError, match=r"one class \('class_2'\): a head of one class"):
+            build_tasks(recipe_from_dict(base_recipe(npz, scenario=scenario, head=head, tasks=tasks)))
     # An empty class list had meant every class (the head grew by all of them again).
     with pytest.raises(EdgeKDError, match="classes.*at least 1 item"):
         recipe_from_dict(base_recipe(npz, scenario="class_incremental",
@@ -752,7 +757,7 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     with pytest.raises(EdgeKDError, match=r"learned the classes \['class_0', 'class_1'\], but the first task 'B' "
                                           r"has \['class_1', 'class_2'\]"):
         bad = base_recipe(npz_b, checkpoint=str(first.best_path), tasks=[{"name": "B", "classes": [1, 2]},
-                                                                          {"name": "A2", "classes": [0]}])
+                                                                          {"name": "A2", "classes": [0, 2]}])
         run_recipe(recipe_from_dict(bad), tmp_path / "bad2", log=lambda s: None)
 
 

@@ -69,6 +69,9 @@ def build_tasks(recipe) -> list[Task]:
             raise EdgeKDError(f"{where}: {err}") from None
         if recipe.continual.scenario == "class_incremental":
             check_new_classes(tasks, data_cfg, dm.class_names, where)
+        if len(dm.class_names) < 2 and (recipe.continual.head == "multi" or not tasks):  # a head of its own
+            raise EdgeKDError(f"{where}: one class ({dm.class_names[0]!r}): a head of one class calls every image "
+                              "right (accuracy 1.0, AUC undefined); give the task 2 classes or more")
         lo = len(global_names)
         global_names += [f"{tcfg.name}:{n}" for n in dm.class_names]
         task_data = DataModule(tables=_offset_tables(dm.tables, lo), class_names=list(global_names),
