@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import refuse_output_in_bundle
+from edgekd.fileio import check_output_location, refuse_output_in_bundle
 
 
 def check_run_dir(out: str | Path) -> None:
@@ -39,6 +39,7 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
     if out == Path.cwd().resolve():
         raise EdgeKDError(f"--out {out}: the current folder; give the run a folder of its own")
     refuse_output_in_bundle(out)
+    check_output_location(out)
     subfolders = folds is not None or recipe.continual is not None
     inputs = {} if folds is not None or recipe.distill is None else {
         "distill.teacher": recipe.distill.teacher,

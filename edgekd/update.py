@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import refuse_output_inside, sha256_file
+from edgekd.fileio import check_output_location, refuse_output_inside, sha256_file
 from edgekd.runtime import is_bundle
 
 
@@ -81,6 +81,7 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     run_dir = update_run_dir(run_dir, recipe.name, out, resume)
     # inside --out, the export would find --out not a bundle, after training
     refuse_output_inside(run_dir, [source, out], "--run-dir")
+    check_output_location(run_dir, "--run-dir")
     if on_run_dir is not None:
         on_run_dir(run_dir)
     result = continual_run(recipe, run_dir, checkpoint, resume, log, progress)

@@ -331,6 +331,16 @@ def test_an_output_inside_another_bundle_is_refused(command, trained, bundle, tm
     open_bundle(b)  # still a valid bundle
 
 
+@pytest.mark.parametrize("command", ["export", "train"])
+def test_an_output_under_a_file_is_refused_before_any_work(command, trained, tmp_path, capsys):
+    """An --out that cannot be written (under a file, or /proc) was found only when the run ended (an update: after
+    its whole training), with a free-space error that named 0 MiB."""
+    (tmp_path / "notes.txt").write_text("a file")
+    source = {"export": trained["ckpt"], "train": trained["recipe"]}[command]
+    assert_refused(invoke(capsys, command, source, "--out", tmp_path / "notes.txt" / "out"),
+                   f"{tmp_path / 'notes.txt'} is a file, not a folder")
+
+
 OUT_INSIDE = {"predict_out_edgekd_json": ("predict", "{b}/edgekd.json"), "predict_out_in_subfolder":
               ("predict", "{b}/onnx/p.csv"), "bench_out_in_bundle": ("bench", "{b}/bench"),
               "eval_out_in_bundle": ("eval", "{b}/eval")}

@@ -12,8 +12,8 @@ from typing import Any
 from edgekd.errors import EdgeKDError
 from edgekd.export.clinical import card_section
 from edgekd.export.continual import continual_card_section
-from edgekd.fileio import (atomic_write, refuse_output_in_bundle, sha256_file, staging_directory, write_json,
-                            write_text)
+from edgekd.fileio import (atomic_write, check_output_location, refuse_output_in_bundle, sha256_file,
+                            staging_directory, write_json, write_text)
 from edgekd.runtime import MANIFEST_FILE, METADATA_FILE, SCHEMA
 
 PARITY_FILE, CARD_FILE = "parity.json", "card.md"
@@ -37,6 +37,7 @@ def write_manifest(root: Path) -> Path:
 def check_target(out: Path) -> None:
     """Refuse to replace anything but an earlier bundle or an empty directory, or to write inside a bundle."""
     refuse_output_in_bundle(out)
+    check_output_location(out)
     if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):
         raise EdgeKDError(f"--out {out}: exists and is not an edgekd bundle; choose another directory")
 
