@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import check_output_location, refuse_output_inside, sha256_file
+from edgekd.fileio import check_output_location, refuse_output_inside, removed_if_only, sha256_file
 from edgekd.runtime import is_bundle
 
 
@@ -129,7 +129,10 @@ def continual_run(recipe, run_dir: Path, checkpoint: Path, resume: bool, log: Ca
         log(f"update: the continual run in {run_dir} finished; exporting it")
         return done
     log(f"update: continual training from {checkpoint} into {run_dir}")
-    return run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
+    # stopped before its first checkpoint (Ctrl-C in the first epoch): a new run folder goes again, so the same
+    # command can be run again (a folder of recipe.yaml alone could neither be resumed nor reused)
+    with removed_if_only(run_dir, ("recipe.yaml",)):
+        return run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
 
 
 def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:

@@ -369,6 +369,16 @@ def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, t
         update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=tmp_path / "cut", resume=True, log=QUIET)
     assert passed["resume"] is True and passed["run_dir"] == tmp_path / "cut"
 
+    def stopped_in_first_epoch(recipe, run_dir, **kwargs):  # as run_continual leaves it before its first checkpoint
+        (run_dir / "task2_B").mkdir(parents=True)
+        (run_dir / "recipe.yaml").write_text("name: x\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edgekd.continual, "run_continual", stopped_in_first_epoch)
+    with pytest.raises(KeyboardInterrupt):  # the new folder goes: it could neither be resumed nor reused
+        update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=tmp_path / "early", log=QUIET)
+    assert not (tmp_path / "early").exists()
+
 
 def test_a_finished_continual_run_is_read_back_as_it_is(world):
     """`update --resume` after a stop during the export: the finished run is exported, not trained again (its
