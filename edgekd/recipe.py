@@ -8,7 +8,7 @@ import inspect
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -403,6 +403,10 @@ class ContinualConfig(Section):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
+        extra = [name for name, on in (("replay", self.replay), ("ewc", self.ewc), ("lwf", self.lwf)) if on]
+        if self.joint and extra:  # it ran under the name "joint"
+            raise ValueError(f"joint trains on every task's data at once, the upper bound the methods are measured "
+                             f"against; {', '.join(extra)} cannot be part of it: remove one")
         return self
 
 
@@ -631,6 +635,38 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         if not overrides:
             raise
         raise _blame(raw, overrides, str(path), err) from None
+
+
+def sections_turned_on(path: str | Path, overrides: list[str]) -> list[str]:
+    """The optional sections (off, null, in the recipe file) that --set overrides turn on, one key being enough:
+    `--set continual.ewc.fisher_samples=200` on a recipe without EWC runs EWC with defaults for its other keys.
+    The callers warn: folder and recipe names then describe a method that is not the one that runs."""
+    raw = _read_yaml_with_base(Path(path), seen=set())
+    try:
+        base = recipe_from_dict(raw, where=str(path))
+    except EdgeKDError:  # invalid without its overrides (e.g. a data.path given by --set): nothing to compare
+        return []
+    found: list[str] = []
+    for text in overrides:
+        keys, _ = parse_override(text)
+        node: Any = base
+        for i, k in enumerate(keys[:-1]):
+            if not isinstance(node, BaseModel) or k not in type(node).model_fields:
+                break
+            node = getattr(node, k)
+            if node is None:
+                section = ".".join(keys[:i + 1])
+                if section not in found:
+                    found.append(section)
+                break
+    return found
+
+
+def warn_sections_turned_on(path: str | Path, overrides: list[str], log: Callable[[str], None]) -> None:
+    """A warning per section `sections_turned_on` finds."""
+    for section in sections_turned_on(path, overrides):
+        log(f"warning: --set turns on {section}, which {path} does not have (its other keys take their defaults; "
+            "the run's name still says what the recipe does)")
 
 
 def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDError) -> EdgeKDError:

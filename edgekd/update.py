@@ -77,6 +77,9 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     check_target(out)
     checkpoint, lineage = parent_of(source)
     recipe = update_recipe(recipe_path, overrides or [], checkpoint, source)
+    from edgekd.recipe import warn_sections_turned_on
+
+    warn_sections_turned_on(recipe_path, overrides or [], log)
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
     run_dir = update_run_dir(run_dir, recipe.name, out, resume)
     # inside --out, the export would find --out not a bundle, after training

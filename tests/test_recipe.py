@@ -28,6 +28,23 @@ def test_a_continual_recipe_with_a_distill_section_is_refused(tmp_path):
     load_recipe(base)  # without it: fine
 
 
+def test_a_set_key_of_a_section_the_recipe_lacks_is_named_as_turning_it_on():
+    """--set continual.ewc.fisher_samples=200 on an LwF recipe ran EWC too, with defaults, under the LwF name."""
+    from edgekd.recipe import sections_turned_on
+
+    lwf = REPO / "recipes/continual/retina-pneumonia/logit-lwf.yaml"
+    assert sections_turned_on(lwf, ["continual.ewc.fisher_samples=200", "train.epochs=1",
+                                    "continual.lwf.weight=2", "continual.ewc.weight=5"]) == ["continual.ewc"]
+    assert sections_turned_on(lwf, ["train.epochs=2"]) == []
+    assert sections_turned_on(REPO / "recipes/demo/baseline.yaml", ["distill.teacher=t.pt"]) == ["distill"]
+
+
+def test_joint_with_a_method_is_refused():
+    """joint + replay ran replay under the name "joint" (continual.json said joint)."""
+    with pytest.raises(EdgeKDError, match="joint trains on every task's data at once.*replay cannot be part of it"):
+        load_recipe(REPO / "recipes/continual/split-fashion/joint.yaml", ["continual.replay.size=10"])
+
+
 def test_wrong_type_is_named(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  epochs: many\n")

@@ -29,7 +29,7 @@ def train(
     """Train a teacher, baseline or student from a recipe; writes best.pt, last.pt, metrics.json and plots."""
     from edgekd.fileio import removed_if_only
     from edgekd.pipeline import check_run_inputs
-    from edgekd.recipe import load_recipe
+    from edgekd.recipe import load_recipe, warn_sections_turned_on
     from edgekd.train.distributed import distributed_session, is_main_process
 
     rec = load_recipe(recipe, set_)
@@ -37,6 +37,7 @@ def train(
     if teacher_set and (folds is None or rec.distill is None):
         raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
     rank, world = torchrun_worker()
+    warn_sections_turned_on(recipe, set_, console.print if rank == 0 else _quiet)
     check_run_inputs(rec, out, recipe, resume, folds, console.print if rank == 0 else _quiet)
     launcher = ["torchrun", "--nproc_per_node", str(world), "-m", "edgekd"] if world > 1 else ["edgekd"]
     again = shlex.join([*launcher, "train", str(recipe), "--out", str(out), "--resume",
@@ -84,6 +85,9 @@ def check(
 
     if classes is not None and not synthetic:  # it was ignored, and the check said ok
         raise EdgeKDError("--classes sets the class count of --synthetic data; the recipe's own data has its classes")
+    from edgekd.recipe import warn_sections_turned_on
+
+    warn_sections_turned_on(recipe, set_, console.print)
     with console.status(f"checking {recipe} ..."):
         r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes)
     table = RichTable(title=f"check ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)
