@@ -172,8 +172,11 @@ def _explanation_section(explanations: list[dict[str, Any]] | None) -> list[str]
     return lines
 
 
-def _figures_row(name: str, metrics: dict[str, Any]) -> str:
-    return f"| {name} | " + " | ".join(_num(metrics.get(k)) for k in ("acc", "auc", "sensitivity", "specificity")) + " |"
+def _figures_row(name: str, metrics: dict[str, Any], keys=("acc", "auc", "sensitivity", "specificity")) -> str:
+    """A lineage row: the figures of `keys` ('-' for the others) and the image count."""
+    cells = [_num(metrics.get(k)) if k in keys else "-" for k in ("acc", "auc", "sensitivity", "specificity")]
+    n = metrics.get("n")
+    return f"| {name} | " + " | ".join(cells) + f" | {n if n is not None else '-'} |"
 
 
 def _lineage_section(metadata: dict[str, Any]) -> list[str]:
@@ -187,11 +190,18 @@ def _lineage_section(metadata: dict[str, Any]) -> list[str]:
               if lineage.get("parent_bundle") else f"checkpoint `{lineage.get('parent_checkpoint')}` (sha256 "
               f"`{lineage.get('parent_checkpoint_sha256')}`)")
     lines = ["", "## Lineage", "", f"Updated from {parent} by continual training with recipe `{lineage.get('recipe')}`.",
-             "", "| version (test split) | acc | auc | sensitivity | specificity |",
-             "|---|---|---|---|---|", _figures_row("parent", lineage.get("parent_test_metrics") or {})]
+             "", "| version (test split) | acc | auc | sensitivity | specificity | images |",
+             "|---|---|---|---|---|---|", _figures_row("parent", lineage.get("parent_test_metrics") or {})]
     test = (metadata.get("metrics") or {}).get("test") or {}
-    lines.append(_figures_row("this bundle" + (" (mean over tasks)" if test.get("tasks") else ""), test))
-    lines += [_figures_row(f"this bundle, task {name}", m) for name, m in (test.get("tasks") or {}).items()]
+    tasks = test.get("tasks") or {}
+    # a mean over tasks of a binary head's sensitivity and a multi-class head's macro recall is no figure: acc, auc
+    lines.append(_figures_row("this bundle (mean over tasks)", test, ("acc", "auc")) if tasks else
+                 _figures_row("this bundle", test))
+    lines += [_figures_row(f"this bundle, task {name}", m) for name, m in tasks.items()]
+    if tasks:
+        lines += ["", "Compare the parent with this bundle's row of the parent's task, not with the mean: the mean "
+                  "includes the new tasks. Each row is scored on the test images of its own export's data (the "
+                  "images column), so a `data.limit` in the update's recipe scores fewer images than the parent's."]
     return lines
 
 

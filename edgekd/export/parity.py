@@ -98,14 +98,15 @@ def split_metrics(labels: np.ndarray, logits: np.ndarray, heads: list[tuple[str,
     `tasks` and their mean over the tasks as the headline figures."""
     if heads is None:
         metrics = classification_metrics(labels, softmax(logits.astype(np.float64)))
-        return {k: metrics[k] for k in REPORTED_METRICS if k in metrics}
+        return {**{k: metrics[k] for k in REPORTED_METRICS if k in metrics}, "n": int(len(labels))}
     per_task = {}
     for name, lo, hi in heads:
         mine = (labels >= lo) & (labels < hi)
         if mine.any():
             per_task[name] = split_metrics(labels[mine] - lo, logits[mine, lo:hi])
     keys = [k for k in REPORTED_METRICS if all(k in m for m in per_task.values())]
-    return {**{k: float(np.mean([m[k] for m in per_task.values()])) for k in keys}, "tasks": per_task}
+    return {**{k: float(np.mean([m[k] for m in per_task.values()])) for k in keys}, "n": int(len(labels)),
+            "tasks": per_task}
 
 
 def head_parity(logits: np.ndarray, ref: np.ndarray, heads: list[tuple[str, int, int]],
