@@ -356,8 +356,15 @@ class EWCConfig(Section):
     online: bool = False
     """Online EWC (Schwarz et al. 2018): one running Fisher gamma * F_old + F_new anchored at the latest weights."""
     gamma: float = Field(1.0, ge=0, le=1)
+    """Online EWC's decay of the running Fisher (online: true only)."""
     fisher_samples: int = Field(1000, ge=1)
     """Training images of the finished task used to estimate the Fisher."""
+
+    @model_validator(mode="after")
+    def _gamma_is_online(self) -> "EWCConfig":
+        if self.gamma != 1.0 and not self.online:  # it was accepted and never read
+            raise ValueError(f"gamma {self.gamma:g} decays online EWC's running Fisher; set online: true or drop it")
+        return self
 
 
 class LwFConfig(Section):

@@ -730,9 +730,15 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     raw = base_recipe(npz_a, checkpoint=str(first.best_path), tasks=[
         {"name": "A"}, {"name": "B", "data": {"path": str(npz_b)}}], ewc={"weight": 10.0, "fisher_samples": 16})
     raw["train"]["optimizer"]["weight_decay"] = 0.0
-    result = run_recipe(recipe_from_dict(raw), tmp_path / "cl", log=lambda s: None)
+    said: list[str] = []
+    result = run_recipe(recipe_from_dict(raw), tmp_path / "cl", log=said.append)
     summary = result.summary
     assert summary["method"] == "ewc" and summary["tasks"] == ["A", "B"]
+    assert not any("model.name" in line for line in said)  # the recipe names the checkpoint's model
+    said.clear()
+    other = {**raw, "model": {"name": "edgekd_cnn_small"}}  # the checkpoint is what trains: said so
+    run_recipe(recipe_from_dict({**other, "train": {**raw["train"], "epochs": 1}}), tmp_path / "cl2", log=said.append)
+    assert any("is a edgekd_cnn_tiny; the recipe's model.name edgekd_cnn_small is not used" in line for line in said)
     # Task 1 is the checkpoint's: evaluated as is, not retrained.
     assert first.test["acc"] == pytest.approx(summary["acc_matrix"][0][0])
     final, ckpt = model_from_checkpoint(result.best_path)

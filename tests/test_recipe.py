@@ -45,6 +45,14 @@ def test_joint_with_a_method_is_refused():
         load_recipe(REPO / "recipes/continual/split-fashion/joint.yaml", ["continual.replay.size=10"])
 
 
+def test_ewc_gamma_without_online_is_refused():
+    """It was accepted and never read (gamma decays online EWC's running Fisher only)."""
+    ewc = REPO / "recipes/continual/retina-pneumonia/logit-ewc.yaml"
+    with pytest.raises(EdgeKDError, match="gamma 0.1 decays online EWC's running Fisher; set online: true"):
+        load_recipe(ewc, ["continual.ewc.gamma=0.1"])
+    assert load_recipe(ewc, ["continual.ewc.gamma=0.1", "continual.ewc.online=true"]).continual.ewc.gamma == 0.1
+
+
 def test_wrong_type_is_named(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  epochs: many\n")
