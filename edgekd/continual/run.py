@@ -252,7 +252,8 @@ def resume_task(model: nn.Module, path: Path, recipe) -> None:
 def check_resumable(out: Path, tasks: list[Task], recipe) -> None:
     """Before a resume writes anything (its recipe.yaml had replaced a finished run's before the refusal): a task
     checkpoint to resume from, written by this very recipe."""
-    found = [out / f"task{i + 1}_{_slug(t.name)}" / name for i, t in enumerate(tasks) for name in ("task.pt", "last.pt")]
+    found = [out / f"task{i + 1}_{_slug(t.name)}" / name for i, t in enumerate(tasks)
+             for name in ("task.pt", "last.pt")]
     found = [p for p in found if p.is_file()]
     if not found:
         raise EdgeKDError(f"{out}: no task.pt or last.pt of this recipe's tasks (nothing to resume)")
