@@ -98,8 +98,8 @@ def check_output_location(out: str | Path, option: str = "--out") -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".edgekd-probe-", dir=ancestor))
     except OSError as err:
-        raise EdgeKDError(f"{option} {out}: cannot write under {ancestor} ({err.strerror or type(err).__name__})") \
-            from None
+        raise EdgeKDError(f"{option} {out}: cannot make a folder under {ancestor} "
+                          f"({err.strerror or type(err).__name__})") from None
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -149,6 +149,11 @@ def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str 
         if target == source or source in target.parents:
             raise EdgeKDError(f"{option} {out}: is inside the input {given}; write the output elsewhere")
     refuse_output_in_bundle(out, option)
+    from edgekd.runtime.bundle import MANIFEST_FILE
+
+    if (target / MANIFEST_FILE).is_file():  # only export replaces a bundle; any other output would break it
+        raise EdgeKDError(f"{option} {out}: is a bundle, whose manifest would no longer match its files; write the "
+                          "output elsewhere")
 
 
 def refuse_output_in_bundle(out: str | Path, option: str = "--out") -> None:

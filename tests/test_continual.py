@@ -738,7 +738,7 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     said.clear()
     other = {**raw, "model": {"name": "edgekd_cnn_small"}}  # the checkpoint is what trains: said so
     run_recipe(recipe_from_dict({**other, "train": {**raw["train"], "epochs": 1}}), tmp_path / "cl2", log=said.append)
-    assert any("is a edgekd_cnn_tiny; the recipe's model.name edgekd_cnn_small is not used" in line for line in said)
+    assert any("holds model edgekd_cnn_tiny; the recipe's model.name edgekd_cnn_small is not used" in line for line in said)
     # Task 1 is the checkpoint's: evaluated as is, not retrained.
     assert first.test["acc"] == pytest.approx(summary["acc_matrix"][0][0])
     final, ckpt = model_from_checkpoint(result.best_path)

@@ -259,6 +259,17 @@ def test_a_re_export_says_it_replaced_the_bundle_and_removes_its_stale_zip(tmp_p
         zf.writestr("notes.txt", "not a bundle")
     export_checkpoint(ckpt, tmp_path / "c", ["onnx"], ["fp32"], profile, log=said.append)
     assert (tmp_path / "c.zip").is_file()
+    # a bundle zip with no bundle folder beside it (kept as the shipped archive): nothing replaced, the zip stays
+    export_checkpoint(ckpt, tmp_path / "d", ["onnx"], ["fp32"], profile, zip_bundle=True, log=said.append)
+    shutil.rmtree(tmp_path / "d")
+    said.clear()
+    export_checkpoint(ckpt, tmp_path / "d", ["onnx"], ["fp32"], profile, log=said.append)
+    assert (tmp_path / "d.zip").is_file() and not any("removed" in line or "replaced" in line for line in said)
+    # through a symlink, the bundle it points to is replaced (the link had become a new folder, the bundle stayed)
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    export_checkpoint(ckpt, tmp_path / "link", ["onnx"], ["fp32"], profile, zip_bundle=True, log=said.append)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "d.zip").is_file() and not (tmp_path / "link.zip").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.slow

@@ -326,6 +326,8 @@ def test_an_output_inside_another_bundle_is_refused(command, trained, bundle, tm
     (img,) = good_images(tmp_path / "imgs", 1)
     args = IN_OTHER_BUNDLE[command]({**trained, "img": img}, b)
     assert_refused(invoke(capsys, *args), f"is inside the bundle {b}")
+    if command in ("explain", "eval"):  # --out the bundle folder itself (only export may replace a bundle)
+        assert_refused(invoke(capsys, *args[:-1], b), f"--out {b}: is a bundle")
     assert sorted(p.relative_to(b).as_posix() for p in b.rglob("*")) == before
     from edgekd.runtime import open_bundle
     open_bundle(b)  # still a valid bundle

@@ -226,7 +226,8 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
     lineage = card.split("## Lineage")[1].split("\n## ")[0]
     # the mean over tasks shows acc and auc only (a binary head's sensitivity averaged with a multi-class head's
     # macro recall is no figure), and every row its image count
-    mean = next(line for line in lineage.splitlines() if line.startswith("| this bundle (mean over tasks)"))
+    mean = next(line for line in lineage.splitlines()
+                if line.startswith("| this bundle (unweighted mean over tasks)"))
     assert mean.split("|")[4:6] == [" - ", " - "]
     n_test = meta["metrics"]["test"]["tasks"]["A"]["n"]
     assert f"| {n_test} |" in next(line for line in lineage.splitlines() if line.startswith("| this bundle, task A"))

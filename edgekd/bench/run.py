@@ -284,7 +284,8 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
     from edgekd.data import build_checkpoint_data
     from edgekd.runtime import Preprocessor
 
-    data = build_checkpoint_data(recipe)
+    data = build_checkpoint_data(recipe, "pass --data with a recipe of the data (e.g. the run's recipe.yaml) and "
+                                         "--set data.path=...")
     if data.num_classes != len(subject.class_names):
         raise EdgeKDError(f"--data: {recipe.name} has {data.num_classes} classes, the {subject.role} model "
                           f"{len(subject.class_names)}")

@@ -274,7 +274,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         check_resumable(out, tasks, recipe)
     model, spec, first_learned = starting_model(recipe, tasks)
     if cfg.checkpoint is not None and spec["name"] != recipe.model.name:  # the checkpoint's model is what trains
-        log(f"warning: continual.checkpoint {cfg.checkpoint} is a {spec['name']}; the recipe's model.name "
+        log(f"warning: continual.checkpoint {cfg.checkpoint} holds model {spec['name']}; the recipe's model.name "
             f"{recipe.model.name} is not used")
     out.mkdir(parents=True, exist_ok=True)  # data and model built: a bad path has failed before anything is written
     write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))

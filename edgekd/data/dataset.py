@@ -238,23 +238,23 @@ def _limit(table: Table, n: int, seed: int) -> Table:
 
 
 @contextlib.contextmanager
-def checkpoint_path_hint(recipe):
+def checkpoint_path_hint(recipe, fix: str = "pass --set data.path=..."):
     """Reading a checkpoint's data: a relative data.path that is not found from here gets the way on (the path is
-    relative to the folder the checkpoint was trained in)."""
+    relative to the folder the checkpoint was trained in; `fix`: the command's own way to give another)."""
     try:
         yield
     except EdgeKDError as err:
         path = recipe.data.path
         if path and not Path(path).is_absolute() and not Path(path).exists() and str(path) in str(err):
             raise EdgeKDError(f"{err} (a checkpoint's data.path is relative to the folder it was trained in: run from "
-                              "there or pass --set data.path=...)") from None
+                              f"there or {fix})") from None
         raise
 
 
-def build_checkpoint_data(recipe) -> DataModule:
+def build_checkpoint_data(recipe, fix: str = "pass --set data.path=...") -> DataModule:
     """`build_data` of a checkpoint's embedded recipe (eval, report, bench, corruption eval), with the hint of
     `checkpoint_path_hint` when its relative data.path is not found from here."""
-    with checkpoint_path_hint(recipe):
+    with checkpoint_path_hint(recipe, fix):
         return build_data(recipe)
 
 

@@ -39,7 +39,8 @@ def check_teacher_splits(path, teacher_ckpt: dict, recipe, data, log: Callable[[
         teacher_tables = split_tables(recipe_from_dict(raw, where=f"{path} (embedded recipe)"))[0]
     except EdgeKDError as err:
         log(f"warning: distill.teacher {path}: its training split could not be rebuilt to check it against this "
-            f"run's val/test images ({err})")
+            f"run's val/test images ({err}); a relative data.path of the teacher's is read from the folder it was "
+            "trained in: run from there for the check")
         return
     if teacher_tables["train"].paths is None:
         return

@@ -144,7 +144,7 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
     if parity.get("int8_untimed"):
         lines += ["", f"INT8 speed not checked for {', '.join(parity['int8_untimed'])}: this export built no FP32 "
                   "artifact of that format to time it against (`quantization.min_speedup` applies when it does); "
-                  "`edgekd bench` times both."]
+                  "`edgekd bench CHECKPOINT` exports and times both."]
     return lines
 
 
@@ -195,13 +195,15 @@ def _lineage_section(metadata: dict[str, Any]) -> list[str]:
     test = (metadata.get("metrics") or {}).get("test") or {}
     tasks = test.get("tasks") or {}
     # a mean over tasks of a binary head's sensitivity and a multi-class head's macro recall is no figure: acc, auc
-    lines.append(_figures_row("this bundle (mean over tasks)", test, ("acc", "auc")) if tasks else
+    lines.append(_figures_row("this bundle (unweighted mean over tasks)", test, ("acc", "auc")) if tasks else
                  _figures_row("this bundle", test))
     lines += [_figures_row(f"this bundle, task {name}", m) for name, m in tasks.items()]
     if tasks:
         lines += ["", "Compare the parent with this bundle's row of the parent's task, not with the mean: the mean "
-                  "includes the new tasks. Each row is scored on the test images of its own export's data (the "
-                  "images column), so a `data.limit` in the update's recipe scores fewer images than the parent's."]
+                  "includes the new tasks (each task counts once, whatever its image count). Each row is scored on "
+                  "the test images of its own export's data (the images column), so a `data.limit` in the update's "
+                  "recipe scores fewer images than the parent's. Sensitivity and specificity are the positive "
+                  "class's for a task of 2 classes, macro over its classes otherwise."]
     return lines
 
 

@@ -464,6 +464,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     multi-head one is parity-checked per head. `lineage` (from `edgekd update`) goes into edgekd.json.
     `progress`: the CLI's progress bar (one step per artifact, INT8 calibration images), or None."""
     checkpoint, out = Path(checkpoint), Path(out)
+    if out.is_symlink():  # the bundle it points to is replaced (the link itself had become a new folder)
+        out = out.resolve()
     profile = profile or load_profile(None)
     plan = export_plan(formats or profile.formats, precisions or profile.precisions)
     check_target(out)
@@ -509,14 +511,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         untrack_tree(stage)
     if replacing:
         log(f"replaced the earlier bundle in {out}")
-    zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else remove_stale_zip(out, log)
+    zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else None
+    if replacing and not zip_bundle:
+        remove_stale_zip(out, log)
     log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
     return ExportResult(out, zip_path, metadata, parity)
 
 
 def remove_stale_zip(out: Path, log: Callable[[str], None]) -> None:
-    """An export without --zip removes `<out>.zip` when it is an earlier bundle's zip: left there it would hold
-    another model than the folder of its name, and a zip is what gets copied to a device. Other files stay."""
+    """An export without --zip that replaced the bundle at `out` removes `<out>.zip` when it is a bundle's zip: left
+    there it would hold another model than the folder of its name, and a zip is what gets copied to a device. Other
+    files stay, and so does a zip with no bundle folder beside it (it may be the only copy)."""
     archive = out.parent / f"{out.name}.zip"
     try:
         with zipfile.ZipFile(archive) as zf:
