@@ -242,6 +242,18 @@ def test_metric_images_take_a_stratified_seeded_subset_of_each_split(tmp_path):
         assert len(metric_subset(rare, n)) == n and set(rare[metric_subset(rare, n)].tolist()) == {0, 1, 2}, n
 
 
+def test_an_export_into_the_current_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """`--out .` from inside a bundle (or an empty folder) ran the whole export, then could not move the folder it
+    stood in aside ("device or resource busy")."""
+    from edgekd.export.bundle import check_target
+
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(EdgeKDError, match=r"--out \.: the current folder"):
+        check_target(Path("."))
+    check_target(tmp_path / "elsewhere")  # a new folder: fine
+
+
 def test_a_re_export_says_it_replaced_the_bundle_and_removes_its_stale_zip(tmp_path):
     """Exported again without --zip, a bundle folder held the new model and `<out>.zip` beside it still the old
     one, without a word; the zip is what gets copied to a device. A zip that is not a bundle's stays."""

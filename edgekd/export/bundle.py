@@ -38,6 +38,8 @@ def check_target(out: Path) -> None:
     """Refuse to replace anything but an earlier bundle or an empty directory, or to write inside a bundle."""
     refuse_output_in_bundle(out)
     check_output_location(out)
+    if out.exists() and out.resolve() == Path.cwd().resolve():  # it cannot be moved aside: failed after the work
+        raise EdgeKDError(f"--out {out}: the current folder; run the export from another folder")
     if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):
         raise EdgeKDError(f"--out {out}: exists and is not an edgekd bundle; choose another directory")
 
