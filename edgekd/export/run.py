@@ -463,13 +463,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     A continual checkpoint first passes the retention gate (RetentionGateError unless `allow_forgetting`); a
     multi-head one is parity-checked per head. `lineage` (from `edgekd update`) goes into edgekd.json.
     `progress`: the CLI's progress bar (one step per artifact, INT8 calibration images), or None."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    if out.is_symlink():  # the bundle it points to is replaced (the link itself had become a new folder)
-        out = out.resolve()
+    checkpoint, (out, replacing) = Path(checkpoint), export_target(out)
     profile = profile or load_profile(None)
     plan = export_plan(formats or profile.formats, precisions or profile.precisions)
-    check_target(out)
-    replacing = (out / METADATA_FILE).is_file()
     model, ckpt = model_from_checkpoint(checkpoint)
     layout = task_layout(ckpt)
     continual = retention_report(layout, profile.min_retention, allow_forgetting) if layout is not None else None
@@ -509,13 +505,28 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         remove_trees([scratch, stage])
         untrack_tree(scratch)
         untrack_tree(stage)
-    if replacing:
-        log(f"replaced the earlier bundle in {out}")
-    zip_path = write_zip(out, out.parent / f"{out.name}.zip") if zip_bundle else None
-    if replacing and not zip_bundle:
-        remove_stale_zip(out, log)
+    zip_path = _zip_after_publish(out, replacing, zip_bundle, log)
     log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
     return ExportResult(out, zip_path, metadata, parity)
+
+
+def export_target(out: str | Path) -> tuple[Path, bool]:
+    """--out checked (`check_target`), through a symlink to the bundle it points to (the link itself had become a
+    new folder), and whether it holds a bundle this export replaces."""
+    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
+    check_target(out)
+    return out, (out / METADATA_FILE).is_file()
+
+
+def _zip_after_publish(out: Path, replacing: bool, zip_bundle: bool, log: Callable[[str], None]) -> Path | None:
+    """`<out>.zip` written (--zip), or a replaced bundle's zip removed; says when a bundle was replaced."""
+    if replacing:
+        log(f"replaced the earlier bundle in {out}")
+    if zip_bundle:
+        return write_zip(out, out.parent / f"{out.name}.zip")
+    if replacing:
+        remove_stale_zip(out, log)
+    return None
 
 
 def remove_stale_zip(out: Path, log: Callable[[str], None]) -> None:
