@@ -34,11 +34,11 @@ RECORD_KEYS = ("model", "role", "format", "precision", "variant", "batch", "tta"
                "peak_rss_mb", "load_s", "acc", "auc", "gemm_peak_fraction", "status", "reason")
 """Every record has exactly these keys (None where not measured; status 'ok' or 'n/a' with the reason)."""
 VARIANTS = {"torch": ("eager", "compile"), "onnx": ("bare", "runner"), "openvino": ("bare", "runner")}
+"""bare: the framework's own call on a preprocessed float batch; runner: edgekd.runtime from uint8 images
+(preprocessing, TTA views, inference, softmax); eager / compile: PyTorch, and torch.compile (inductor) on CPU."""
 BUSY_CORES = 0.25
 """Other processes' average CPU use (in cores) during a run above which the bench warns that the machine was not
 quiet (the zoo's quiet runs read 0.01-0.04)."""
-"""bare: the framework's own call on a preprocessed float batch; runner: edgekd.runtime from uint8 images
-(preprocessing, TTA views, inference, softmax); eager / compile: PyTorch, and torch.compile (inductor) on CPU."""
 
 
 @dataclass
