@@ -149,16 +149,12 @@ def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str 
         if target == source or source in target.parents:
             raise EdgeKDError(f"{option} {out}: is inside the input {given}; write the output elsewhere")
     refuse_output_in_bundle(out, option)
-    from edgekd.runtime.bundle import MANIFEST_FILE
-
-    if (target / MANIFEST_FILE).is_file():  # only export replaces a bundle; any other output would break it
-        raise EdgeKDError(f"{option} {out}: is a bundle, whose manifest would no longer match its files; write the "
-                          "output elsewhere")
 
 
-def refuse_output_in_bundle(out: str | Path, option: str = "--out") -> None:
-    """An output never lands inside an existing bundle (a folder below one with a manifest): the manifest would not
-    list the new files, and the runtime then refuses the bundle. `out` may itself be a bundle that is replaced."""
+def refuse_output_in_bundle(out: str | Path, option: str = "--out", replaces: bool = False) -> None:
+    """An output never lands inside an existing bundle (a folder below one with a manifest), nor onto one unless it
+    `replaces` it (export; train's check_run_dir says its own): the manifest would not list the new files, and the
+    runtime then refuses the bundle."""
     from edgekd.runtime.bundle import MANIFEST_FILE
 
     target = Path(out).resolve()
@@ -166,6 +162,9 @@ def refuse_output_in_bundle(out: str | Path, option: str = "--out") -> None:
     if bundle is not None:
         raise EdgeKDError(f"{option} {out}: is inside the bundle {bundle}, whose manifest would no longer match "
                           "its files (the bundle would be refused); write the output elsewhere")
+    if not replaces and (target / MANIFEST_FILE).is_file():
+        raise EdgeKDError(f"{option} {out}: is a bundle, whose manifest would no longer match its files; write the "
+                          "output elsewhere")
 
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)

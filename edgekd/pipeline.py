@@ -38,7 +38,7 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
     out = Path(out).resolve()
     if out == Path.cwd().resolve():
         raise EdgeKDError(f"--out {out}: the current folder; give the run a folder of its own")
-    refuse_output_in_bundle(out)
+    refuse_output_in_bundle(out, replaces=True)  # --out a bundle: check_run_dir's own message
     check_output_location(out)
     subfolders = folds is not None or recipe.continual is not None
     inputs = {} if folds is not None or recipe.distill is None else {

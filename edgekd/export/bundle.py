@@ -36,7 +36,7 @@ def write_manifest(root: Path) -> Path:
 
 def check_target(out: Path) -> None:
     """Refuse to replace anything but an earlier bundle or an empty directory, or to write inside a bundle."""
-    refuse_output_in_bundle(out)
+    refuse_output_in_bundle(out, replaces=True)
     check_output_location(out)
     if out.exists() and out.resolve() == Path.cwd().resolve():  # it cannot be moved aside: failed after the work
         raise EdgeKDError(f"--out {out}: the current folder; run the export from another folder")
