@@ -7,6 +7,5 @@ from edgekd.continual.run import evaluate_continual_checkpoint, finished_run, ru
 from edgekd.continual.scenarios import build_tasks, recorded_tasks
 
 __all__ = ["average_accuracy", "backward_transfer", "build_tasks", "evaluate_continual_checkpoint", "finished_run",
-           "forgetting",
-           "forgetting_per_task", "recorded_tasks", "retention", "retention_misses", "retention_per_task",
-           "run_continual"]
+           "forgetting", "forgetting_per_task", "recorded_tasks", "retention", "retention_misses",
+           "retention_per_task", "run_continual"]

@@ -27,7 +27,7 @@ from edgekd.fileio import write_json, write_text
 from edgekd.metrics.report import write_csv_log
 from edgekd.models import count_parameters, create_model, freeze, model_spec
 from edgekd.progress import progress_task
-from edgekd.train.checkpoint import load_checkpoint, load_state, model_from_checkpoint, save_checkpoint
+from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
@@ -53,9 +53,7 @@ def finished_run(out: str | Path, recipe) -> ContinualResult | None:
     out = Path(out)
     if not ((out / "model.pt").is_file() and (out / "continual.json").is_file()):
         return None
-    if load_checkpoint(out / "model.pt").get("recipe_digest") != recipe.digest():
-        raise EdgeKDError(f"{out / 'model.pt'}: was trained with another recipe; resume with the same recipe and --set "
-                          "values")
+    load_resumable(out / "model.pt", recipe)
     summary = json.loads((out / "continual.json").read_text())
     acc = [[float("nan") if v is None else v for v in row] for row in summary["acc_matrix"]]  # JSON's null: NaN
     return ContinualResult(out, out / "model.pt", summary["params"], summary["tasks"], acc, summary)
@@ -241,9 +239,7 @@ def _write_plots(recipe, out: Path, acc: np.ndarray, names: list[str], final: li
 
 def resume_task(model: nn.Module, path: Path, recipe) -> None:
     """Load a task finished by an earlier run of this very recipe (its weights and the random states after it)."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("recipe_digest") != recipe.digest():
-        raise EdgeKDError(f"{path}: was trained with another recipe; resume with the same recipe and --set values")
+    ckpt = load_resumable(path, recipe)
     load_state(model, ckpt["state_dict"], str(path))
     if "rng" in ckpt:
         restore_rng_state(ckpt["rng"])
@@ -257,8 +253,7 @@ def check_resumable(out: Path, tasks: list[Task], recipe) -> None:
     found = [p for p in found if p.is_file()]
     if not found:
         raise EdgeKDError(f"{out}: no task.pt or last.pt of this recipe's tasks (nothing to resume)")
-    if load_checkpoint(found[0]).get("recipe_digest") != recipe.digest():
-        raise EdgeKDError(f"{found[0]}: was trained with another recipe; resume with the same recipe and --set values")
+    load_resumable(found[0], recipe)
 
 
 def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,

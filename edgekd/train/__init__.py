@@ -1,6 +1,7 @@
 """Training: the one trainer, losses, optimizers/schedules, checkpoints, and the recipe runner."""
 
-from edgekd.train.checkpoint import load_checkpoint, load_state, model_from_checkpoint, save_checkpoint
+from edgekd.train.checkpoint import (load_checkpoint, load_resumable, load_state, model_from_checkpoint,
+                                     save_checkpoint)
 from edgekd.train.distributed import distributed_session, is_main_process
 from edgekd.train.distributed import rank as process_rank
 from edgekd.train.losses import FocalLoss, build_loss
@@ -11,5 +12,6 @@ from edgekd.train.trainer import (Plugin, SupervisedObjective, Trainer, evaluate
 
 __all__ = ["FocalLoss", "Plugin", "RunResult", "SupervisedObjective", "Trainer", "build_loss", "build_student_model",
            "distributed_session", "evaluate", "evaluate_checkpoint", "is_main_process", "load_checkpoint",
-           "load_state", "loss_class_weights", "model_from_checkpoint", "predict_logits", "process_rank",
-           "resolve_device", "restore_rng_state", "rng_state", "save_checkpoint", "seed_everything", "train_model", "train_recipe", "untrained_checkpoint"]
+           "load_resumable", "load_state", "loss_class_weights", "model_from_checkpoint", "predict_logits",
+           "process_rank", "resolve_device", "restore_rng_state", "rng_state", "save_checkpoint", "seed_everything",
+           "train_model", "train_recipe", "untrained_checkpoint"]

@@ -50,6 +50,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def load_resumable(path: str | Path, recipe) -> dict[str, Any]:
+    """A checkpoint a run resumes from (a trainer's last.pt, a continual task's task.pt or model.pt): written by this
+    very recipe (same digest), else a one-line error."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("recipe_digest") != recipe.digest():
+        raise EdgeKDError(f"{path}: was trained with another recipe; resume with the same recipe and --set values")
+    return ckpt
+
+
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict with a one-line error for another architecture or class count."""
     own = model.state_dict()

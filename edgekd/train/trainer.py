@@ -24,7 +24,7 @@ from edgekd.metrics import classification_metrics, write_csv_log
 from edgekd.probability import softmax
 from edgekd.progress import progress_task
 from edgekd.train import distributed
-from edgekd.train.checkpoint import load_checkpoint, load_state, save_checkpoint
+from edgekd.train.checkpoint import load_resumable, load_state, save_checkpoint
 from edgekd.train.optim import build_optimizer, build_scheduler
 from edgekd.train.tracking import EpochRecord, Tracker, require_packages
 
@@ -268,9 +268,7 @@ class Trainer:
         return payload
 
     def resume(self, path: str | Path) -> None:
-        ckpt = load_checkpoint(path)
-        if ckpt.get("recipe_digest") != self.recipe.digest():
-            raise EdgeKDError(f"{path}: was trained with another recipe; resume with the same recipe and --set values")
+        ckpt = load_resumable(path, self.recipe)
         if "trainer" not in ckpt:
             raise EdgeKDError(f"{path}: holds no trainer state to resume from")
         load_state(self.model, ckpt["state_dict"], str(path))
