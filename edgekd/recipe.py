@@ -412,8 +412,9 @@ class ContinualConfig(Section):
             raise ValueError(f"task names must be unique, got {names}")
         extra = [name for name, on in (("replay", self.replay), ("ewc", self.ewc), ("lwf", self.lwf)) if on]
         if self.joint and extra:  # it ran under the name "joint"
+            them = "it" if len(extra) == 1 else "them"
             raise ValueError(f"joint trains on every task's data at once, the upper bound the methods are measured "
-                             f"against; {', '.join(extra)} cannot be part of it: drop {'it' if len(extra) == 1 else 'them'} or joint")
+                             f"against; {', '.join(extra)} cannot be part of it: drop {them} or joint")
         return self
 
 

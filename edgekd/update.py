@@ -71,14 +71,13 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     interrupted update left in `run_dir`. `on_run_dir`: told the run folder once it is chosen (the CLI's resume
     hint on Ctrl-C)."""
     from edgekd.export import RetentionGateError, check_target, export_checkpoint
+    from edgekd.recipe import warn_sections_turned_on
 
     out = Path(out)
     refuse_output_inside(out, [source])  # first: inside the parent is named as such
     check_target(out)
     checkpoint, lineage = parent_of(source)
     recipe = update_recipe(recipe_path, overrides or [], checkpoint, source)
-    from edgekd.recipe import warn_sections_turned_on
-
     warn_sections_turned_on(recipe_path, overrides or [], log)
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
     run_dir = update_run_dir(run_dir, recipe.name, out, resume)

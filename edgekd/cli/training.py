@@ -82,11 +82,10 @@ def check(
     """Check a recipe before a long run: validate it, build its data, model, teacher and plug-ins, run two
     optimizer steps and one evaluation at its image size; print params, MACs, seconds per step and per epoch."""
     from edgekd.check import check_recipe
+    from edgekd.recipe import warn_sections_turned_on
 
     if classes is not None and not synthetic:  # it was ignored, and the check said ok
         raise EdgeKDError("--classes sets the class count of --synthetic data; the recipe's own data has its classes")
-    from edgekd.recipe import warn_sections_turned_on
-
     warn_sections_turned_on(recipe, set_, console.print)
     with console.status(f"checking {recipe} ..."):
         r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes)

@@ -29,15 +29,12 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
     """Re-run one checkpoint on `split` of its own recipe's data (`overrides`: `--set` keys over that recipe, e.g.
     data.path=... for a run made in another folder): metrics, probabilities, size."""
     from edgekd.data import build_checkpoint_data
-    from edgekd.metrics import classification_metrics, confusion
-    from edgekd.metrics import bootstrap_intervals
+    from edgekd.metrics import bootstrap_intervals, classification_metrics, confusion
     from edgekd.models import count_macs, count_parameters
-    from edgekd.recipe import recipe_from_dict
-    from edgekd.train.checkpoint import model_from_checkpoint
     from edgekd.probability import softmax
+    from edgekd.recipe import apply_overrides, recipe_from_dict
+    from edgekd.train.checkpoint import model_from_checkpoint
     from edgekd.train.trainer import predict_logits, resolve_device
-
-    from edgekd.recipe import apply_overrides
 
     model, ckpt = model_from_checkpoint(checkpoint)
     recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides or []), where=f"{checkpoint} (embedded recipe)")
