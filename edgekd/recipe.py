@@ -38,7 +38,8 @@ class DataConfig(Section):
     classes: list[int] | None = Field(None, min_length=1)
     """Keep only these label ids (remapped to 0..k-1 in the given order)."""
     limit: int | None = Field(None, ge=1)
-    """Use at most this many images in each split, train, val and test alike (a stratified, seeded subset)."""
+    """Use at most this many images in each split, train, val and test alike (a stratified, seeded subset that
+    keeps an image of every class when the limit allows)."""
     image_size: int = Field(28, ge=8)
     """The model's input size (square); also the eval resize/crop size."""
     resize: int | None = None

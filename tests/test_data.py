@@ -413,6 +413,22 @@ def test_stratified_subset_keeps_the_class_mix_of_a_sorted_split():
         assert len(idx) == len(set(idx.tolist())) == n and np.array_equal(idx, stratified_subset(labels, n, seed=0))
 
 
+def test_stratified_subset_keeps_every_class_that_fits():
+    """scikit-learn's draw gave a rare class none of a small subset (a data.limit run had no image of it to learn
+    or score); each missing class now takes the place of an item of the subset's largest class."""
+    from edgekd.data.splits import _stratified_draw, stratified_subset
+
+    labels = np.array([0] * 90 + [1] * 5 + [2] * 3 + [3] * 2)
+    assert np.bincount(labels[_stratified_draw(labels, 10, 0)[1]], minlength=4).tolist() == [9, 1, 0, 0]
+    idx = stratified_subset(labels, 10, seed=0)
+    assert len(set(idx.tolist())) == 10 and np.all(np.diff(idx) > 0)
+    assert np.bincount(labels[idx], minlength=4).tolist() == [7, 1, 1, 1]
+    assert np.array_equal(idx, stratified_subset(labels, 10, seed=0))
+    assert np.bincount(labels[stratified_subset(labels, 3, seed=0)], minlength=4).min() == 0  # fewer than classes
+    for n in (4, 20, 97):
+        assert np.bincount(labels[stratified_subset(labels, n, seed=1)], minlength=4).min() >= 1
+
+
 def test_stratified_subset_returns_exactly_n_where_the_float_fraction_rounds_up():
     from edgekd.data.splits import stratified_split, stratified_subset
 

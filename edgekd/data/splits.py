@@ -19,10 +19,24 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded subset of exactly `n` items with the class proportions of `labels` (all if
-    n >= len)."""
+    n >= len), holding at least one item of every class when n is at least the number of classes."""
     if n >= len(labels):
         return np.arange(len(labels))
-    return _stratified_draw(labels, n, seed)[1]
+    return _with_every_class(labels, _stratified_draw(labels, n, seed)[1], seed)
+
+
+def _with_every_class(labels: np.ndarray, held: np.ndarray, seed: int) -> np.ndarray:
+    # scikit-learn's stratified draw rounds a rare class's share down to 0 items (3 of 100 at n=20 gets none).
+    # Each missing class takes the place of a seeded pick among the subset's largest class, which keeps >= 1 item.
+    missing = np.setdiff1d(np.unique(labels), labels[held])
+    if not len(missing) or len(held) < len(np.unique(labels)):
+        return held
+    rng = np.random.default_rng(seed)
+    held = held.copy()
+    for cls in missing:
+        largest = np.bincount(labels[held]).argmax()
+        held[rng.choice(np.flatnonzero(labels[held] == largest))] = rng.choice(np.flatnonzero(labels == cls))
+    return np.sort(held)
 
 
 def _stratified_draw(labels: np.ndarray, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
