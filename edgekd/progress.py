@@ -30,6 +30,7 @@ def progress_task(progress, description: str, total: int | None) -> Iterator[Cal
     try:
         yield advance
     finally:
+        progress.refresh()  # draw the last step before the task goes (the bar redraws on a timer, ~10 per second)
         progress.remove_task(task)
 
 

@@ -40,6 +40,16 @@ def test_progress_task_advances_clamps_and_removes_its_task():
     assert progress.tasks == [] and progress.removed == [("work: first", 3, 3)]
 
 
+def test_the_last_step_is_drawn_before_the_task_goes():
+    """The bar redraws on a timer: a stage ending between two redraws had left its last frame but one on screen."""
+    progress = RecordingProgress()
+    with progress:
+        with progress_task(progress, "work", 3) as advance:
+            advance(3)
+        drawn = progress.console.file.getvalue()
+    assert "100%" in drawn
+
+
 def test_without_a_progress_bar_advance_does_nothing(capfd):
     """Library calls and tests pass no bar: nothing is printed (on stdout or stderr, by Python or below it), not
     when the task starts, advances or ends."""
