@@ -18,7 +18,8 @@ from edgekd.errors import EdgeKDError, oversized, quote, shorten
 
 class Section(BaseModel):
     # Attribute docstrings become field descriptions: the recipe-key reference (docs/recipe-keys.md) is made from them.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # No number of a recipe may be inf or nan (`lr=inf` was accepted and failed at the second step).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -85,11 +86,11 @@ class ModelConfig(Section):
     pretrained: bool = False
     weights: str | None = None
     """A local weights file (.pth/.safetensors) loaded into the backbone before the head is replaced."""
-    drop_rate: float = 0.0
-    drop_path_rate: float | None = None
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
     """Stochastic depth of a timm model that has it (null: the model's own default)."""
     head: Literal["linear", "dropout_linear", "mlp"] = "linear"
-    head_dropout: float = 0.0
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the classifier of a dropout_linear or mlp head."""
     head_hidden: int = 256
     """Hidden width of an mlp head."""
@@ -101,10 +102,10 @@ class ModelConfig(Section):
 class OptimizerConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
-    head_lr: float | None = None
+    head_lr: float | None = Field(None, gt=0)
     """Differential LR: the classifier head's LR (backbone uses `lr`)."""
-    weight_decay: float = 0.0
-    momentum: float = 0.9
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
     """sgd only."""
 
 
@@ -117,25 +118,38 @@ def monitor_direction(metric: str) -> Literal["max", "min"]:
 class SchedulerConfig(Section):
     name: Literal["none", "cosine", "plateau"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    min_lr: float = 1e-6
+    min_lr: float = Field(1e-6, ge=0)
     monitor: str | None = None
     """plateau: the logged metric it watches (default: train.monitor)."""
     mode: Literal["max", "min"] | None = None
     """plateau: whether `monitor` should go up or down (default: from its name, as train.monitor_mode)."""
-    factor: float = 0.5
+    factor: float = Field(0.5, gt=0, lt=1)
     """plateau: the LR is multiplied by this when `monitor` stops improving."""
     patience: int = Field(2, ge=0)
     """plateau: epochs without improvement before the LR drops."""
 
 
+def check_focal_alpha(alpha: list[float] | float | None) -> list[float] | float | None:
+    """Focal alpha: a scalar in [0, 1] (class 0 gets 1 - alpha, so outside it one class's weight is negative), or
+    one weight >= 0 per class."""
+    if isinstance(alpha, list) and any(a < 0 for a in alpha):
+        raise ValueError(f"per-class weights must be >= 0, got {alpha}")
+    if isinstance(alpha, float) and not 0 <= alpha <= 1:
+        raise ValueError("a scalar alpha must be in [0, 1] (class 0 gets 1 - alpha)")
+    return alpha
+
+
 class LossConfig(Section):
     name: Literal["ce", "focal"] = "ce"
-    gamma: float = 2.0
+    gamma: float = Field(2.0, ge=0)
     alpha: list[float] | float | None = None
+    """focal: the weight of class 1 in a binary task (class 0 gets 1 - alpha), or one weight per class."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     class_weights: bool = False
     """Weight the loss by the train split's balanced class weights; all 1 when `data.balanced_sampler` already
     evens the classes (the imbalance is not corrected twice)."""
+
+    _alpha = field_validator("alpha")(classmethod(lambda cls, v: check_focal_alpha(v)))
 
 
 class EarlyStopConfig(Section):
@@ -172,7 +186,7 @@ class TrainConfig(Section):
     amp: bool = True
     """Mixed precision; used only on CUDA."""
     grad_accum: int = Field(1, ge=1)
-    clip_grad: float | None = None
+    clip_grad: float | None = Field(None, gt=0)
     swa: SWAConfig = SWAConfig()
     device: str = "auto"
     deterministic: bool = True
@@ -226,8 +240,11 @@ class FocalTerm(Section):
     weight: float = Field(1.0, ge=0)
     gamma: float = Field(2.0, ge=0)
     alpha: list[float] | float | None = None
+    """The weight of class 1 in a binary task (class 0 gets 1 - alpha), or one weight per class."""
     class_weights: bool = False
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+    _alpha = field_validator("alpha")(classmethod(lambda cls, v: check_focal_alpha(v)))
 
 
 class FeatureTerm(Section):
@@ -544,9 +561,10 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     if first["type"] == "extra_forbidden":
         return f"{where}: unknown key '{shorten(key, 120)}'"
     value = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix to a check of ours
     if first["type"] == "value_error" and isinstance(value, (dict, list)):  # a section's own check: not the section
-        return f"{where}: {shorten(key, 120)}: {first['msg']}"
-    return f"{where}: {shorten(key, 120)}: {first['msg']} (got {quote(value)})"
+        return f"{where}: {shorten(key, 120)}: {msg}"
+    return f"{where}: {shorten(key, 120)}: {msg} (got {quote(value)})"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -508,7 +508,18 @@ RECIPE_CASES = {
     "duplicate_key": ("train: {epochs: 1, optimizer: {lr: 0.003}}\nseed: 1\ntrain: {epochs: 2}\n", [],
                       "line 3: duplicate key 'train' (YAML would keep only the last one)"),
     "bad_name": ("name: ../elsewhere\n", [], "name: String should match pattern"),
-    "zero_std": ("data:\n  std: [0.5, 0, 0.5]\n", [], "data.std: Value error, every entry must be > 0"),
+    "zero_std": ("data:\n  std: [0.5, 0, 0.5]\n", [], "data.std: every entry must be > 0"),
+    # A negative head LR trained the head by gradient ascent; inf/nan numbers failed at a later step or never.
+    "negative_head_lr": ("name: x\n", ["--set", "train.optimizer.head_lr=-0.003"], "train.optimizer.head_lr: "
+                         "Input should be greater than 0 (got -0.003)"),
+    "infinite_lr": ("train:\n  optimizer: {lr: .inf}\n", [], "train.optimizer.lr: Input should be a finite number"),
+    "nan_gamma": ("name: x\n", ["--set", "train.loss.gamma=nan"], "train.loss.gamma: Input should be a finite number"),
+    "negative_gamma": ("name: x\n", ["--set", "train.loss.gamma=-5"], "train.loss.gamma: Input should be greater than"),
+    "focal_alpha_over_1": ("train:\n  loss: {name: focal, alpha: 1.5}\n", [],
+                           "train.loss.alpha: a scalar alpha must be in [0, 1] (class 0 gets 1 - alpha) (got 1.5)"),
+    "focal_alpha_negative": ("name: x\n", ["--set", "train.loss.alpha=[1, -1]"],
+                             "train.loss.alpha: per-class weights must be >= 0, got [1.0, -1.0]"),
+    "plateau_factor_1": ("train:\n  scheduler: {name: plateau, factor: 1}\n", [], "train.scheduler.factor"),
     "yaml_list": ("- 1\n- 2\n", [], "must be a YAML mapping"),
     "empty_file": ("# nothing yet\n", [], "the recipe is empty"),
     "missing_base": ("base: nowhere.yaml\n", [], "nowhere.yaml: recipe file not found"),
@@ -574,12 +585,13 @@ def test_resume_refuses_another_recipe_and_a_missing_last_checkpoint(trained, tm
 
 
 def test_nonfinite_loss_stops_with_an_error_or_is_skipped(trained, tmp_path, capsys):
-    """Focal alpha=inf for class 0 makes every batch holding a class-0 image non-finite (batch size 1): nonfinite=error
-    stops at the first one naming the step; skip leaves those batches out, counts them and trains on the rest."""
+    """Focal alpha 1e39 for class 0 (inf in the loss's float32; a recipe refuses inf itself) makes every batch holding
+    a class-0 image non-finite (batch size 1): nonfinite=error stops at the first one naming the step; skip leaves
+    those batches out, counts them and trains on the rest."""
     from edgekd.data import build_data
     from edgekd.recipe import load_recipe
 
-    sets = ["train.loss.name=focal", "train.loss.alpha=[.inf, 1.0]", "data.batch_size=1"]
+    sets = ["train.loss.name=focal", "train.loss.alpha=[1.0e+39, 1.0]", "data.batch_size=1"]
     inf = [a for s in sets for a in ("--set", s)]
     # The training order of epoch 1 is the loader's seeded shuffle: the error names the first class-0 image's step.
     data = build_data(load_recipe(trained["recipe"], sets))

@@ -636,6 +636,13 @@ def test_profile_refuses_the_export_batch_size_for_parity():
         profile_from_dict({"parity": {"batch_size": 2}})
 
 
+def test_profile_refuses_a_nan_or_infinite_tolerance():
+    """A nan tolerance compares false with every difference (so nothing would fail it); inf is no bound."""
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(EdgeKDError, match="max_abs: Input should be a finite number"):
+            profile_from_dict({"parity": {"tolerances": {"fp32": {"max_abs": value}}}})
+
+
 @pytest.mark.slow
 def test_input_size_override_rescales_preprocessing(tmp_path):
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")

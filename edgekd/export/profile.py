@@ -18,7 +18,7 @@ TTAView = Literal[TTA_VIEWS]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a tolerance of nan would pass everything
 
 
 class Tolerance(Section):
