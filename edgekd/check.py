@@ -47,6 +47,8 @@ class CheckResult:
     teacher: str | None = None
     stand_ins: list[str] = field(default_factory=list)
     """What a synthetic check generated instead of the recipe's files."""
+    warnings: list[str] = field(default_factory=list)
+    """What the real data loses before training, as `edgekd train` warns (a class a split lacks, skipped images)."""
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -54,8 +56,10 @@ def _quiet(*_args, **_kwargs) -> None:
 
 
 def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic: bool = False,
-                 classes: int | None = None, log: Callable[[str], None] = _quiet) -> CheckResult:
-    """Validate the recipe, build its data, model, teacher and plug-ins, train two steps, evaluate once."""
+                 classes: int | None = None, log: Callable[[str], None] = _quiet,
+                 warn: Callable[[str], None] = _quiet) -> CheckResult:
+    """Validate the recipe, build its data, model, teacher and plug-ins, train two steps, evaluate once. `warn`
+    gets each data warning of `edgekd train` as it arises (also in the result), before a failing step's error."""
     from edgekd.pipeline import run_recipe
 
     t0 = time.perf_counter()
@@ -65,7 +69,13 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         stand_ins: list[str] = []
         if synthetic:
             recipe = synthetic_recipe(recipe, tmp, classes, stand_ins, path)
-        train_images = None if synthetic else count_train_images(recipe)
+        warnings: list[str] = []
+
+        def data_warning(line: str) -> None:
+            warnings.append(line)
+            warn(line)
+
+        train_images = None if synthetic else count_train_images(recipe, data_warning)
         result = run_recipe(shrunken(recipe, synthetic), tmp / "run", log=log)
         start = recipe.continual.checkpoint if recipe.continual else None
         model = _arch_name(start) if start else recipe.model.name
@@ -81,7 +91,8 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         input_size=[recipe.data.channels, recipe.data.image_size, recipe.data.image_size],
         batch_size=recipe.data.batch_size, step_seconds=step, train_images=train_images,
         epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
-        seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(), teacher=teacher, stand_ins=stand_ins)
+        seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(), teacher=teacher, stand_ins=stand_ins,
+        warnings=warnings)
 
 
 def _step_seconds(result) -> list[float]:
@@ -105,16 +116,24 @@ def _arch_name(checkpoint: str) -> str:
     return load_checkpoint(checkpoint)["arch"]["name"]
 
 
-def count_train_images(recipe: Recipe) -> int:
+def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> int:
     """Build the recipe's data as training would (every file decoded once): the train split's size; a continual
-    recipe's summed over its tasks (the per-epoch estimate is then one epoch of every task)."""
+    recipe's summed over its tasks (the per-epoch estimate is then one epoch of every task). `warn` gets what
+    `edgekd train` would warn about the data (a class a split lacks, unreadable images skipped)."""
+    from edgekd.train.run import warn_about_data
+
     if recipe.continual:
         from edgekd.continual.scenarios import build_tasks
 
-        return sum(len(t.data.tables["train"]) for t in build_tasks(recipe))
+        tasks = build_tasks(recipe)
+        for t in tasks:
+            warn_about_data(t.data, lambda line, task=t.name: warn(line.replace("warning:", f"warning: task {task}:")))
+        return sum(len(t.data.tables["train"]) for t in tasks)
     from edgekd.data import build_data
 
-    return len(build_data(recipe).tables["train"])
+    data = build_data(recipe)
+    warn_about_data(data, warn)
+    return len(data.tables["train"])
 
 
 def shrunken(recipe: Recipe, synthetic: bool) -> Recipe:
@@ -127,9 +146,9 @@ def shrunken(recipe: Recipe, synthetic: bool) -> Recipe:
         train["swa"]["start_epoch"] = 0
     if not synthetic:  # a synthetic set is generated at this size already
         limit = STEPS * recipe.data.batch_size * recipe.train.grad_accum
-        raw["data"]["limit"] = limit
+        raw["data"]["limit"] = min(limit, raw["data"].get("limit") or limit)  # a smaller limit of the recipe's holds
         for task in (raw.get("continual") or {}).get("tasks", []):
-            task["data"]["limit"] = limit
+            task["data"]["limit"] = min(limit, task["data"].get("limit") or limit)
         pool = (raw.get("distill") or {}).get("unlabeled")
         if pool:  # the pool is decoded up front: only as much of it as the check's steps draw
             pool["limit"] = min(pool.get("limit") or limit, limit)

@@ -69,6 +69,19 @@ def test_nan_monitor_is_a_one_line_error(tiny_recipe_dict, tmp_path):
         check_recipe(tmp_path / "r.yaml")
 
 
+def test_a_small_data_limit_of_the_recipe_holds_and_its_warnings_come_first(tiny_recipe_dict, tmp_path):
+    """`--set data.limit=1` passed `edgekd check` (the check's own limit of two batches replaced it) and then failed
+    `edgekd train` at epoch 1; the check now keeps the smaller limit and says first what train says of the data."""
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe_dict))
+    said: list[str] = []
+    with pytest.raises(EdgeKDError, match="train.monitor: 'val_auc' is NaN at epoch 1"):
+        check_recipe(tmp_path / "r.yaml", ["data.limit=1", "train.monitor=val_auc"], warn=said.append)
+    assert len(said) == 3 and all(line.startswith("warning: the ") and "split has no image of class" in line
+                                  for line in said)
+    r = check_recipe(tmp_path / "r.yaml", ["data.limit=6"], warn=said.append)  # two classes in every split
+    assert r.train_images == 6 and r.warnings == [] and len(said) == 3
+
+
 def test_unlogged_monitor_is_a_one_line_error(tmp_path):
     recipe = {"name": "x", "data": {"source": "builtin", "image_size": 16}, "model": {"name": "edgekd_cnn_tiny"},
               "train": {"epochs": 1, "monitor": "val_pauc_typo"}}

@@ -88,7 +88,8 @@ def check(
         raise EdgeKDError("--classes sets the class count of --synthetic data; the recipe's own data has its classes")
     warn_sections_turned_on(recipe, set_, console.print)
     with console.status(f"checking {recipe} ..."):
-        r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes)
+        r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes,
+                         warn=lambda line: console.print(escape(line)))
     table = RichTable(title=f"check ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
