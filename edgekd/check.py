@@ -120,7 +120,7 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
     """Build the recipe's data as training would (every file decoded once): the train split's size; a continual
     recipe's summed over its tasks (the per-epoch estimate is then one epoch of every task). `warn` gets what
     `edgekd train` would warn about the data (a class a split lacks, unreadable images skipped)."""
-    from edgekd.train.run import warn_about_data
+    from edgekd.train import warn_about_data
 
     if recipe.continual:
         from edgekd.continual.scenarios import build_tasks
