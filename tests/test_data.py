@@ -302,8 +302,23 @@ def test_class_weights_not_doubled_by_the_balanced_sampler(tiny_npz):
     sampled = build_data(recipe(source="medmnist", path=str(tiny_npz), balanced_sampler=True))
     present = (np.bincount(labels, minlength=plain.num_classes) > 0).astype(float)
     assert sampled.class_weights().tolist() == present.tolist()
-    # DDP does not use the balanced sampler: the balanced weights stay
-    assert sampled.class_weights(distributed=True).tolist() == pytest.approx(plain.class_weights().tolist())
+
+
+def test_ddp_ranks_share_the_one_process_balanced_draw():
+    """Under DDP the balanced sampler had been dropped (each rank took a plain shard, the imbalance uncorrected: a
+    2-process run called every image the majority class). Each rank now takes every world-th index of the draw
+    one process makes, so the shards interleave back into it and a resume on another process count keeps its mix."""
+    from edgekd.data.dataset import DistributedBalancedSampler
+
+    labels = np.array([0] * 9 + [1] * 91)
+    one = list(balanced_sampler(labels, seed=7))
+    shards = [list(DistributedBalancedSampler(labels, 7, rank, 2)) for rank in range(2)]
+    assert [i for pair in zip(*shards) for i in pair] == one and len(shards[0]) == len(shards[1]) == 50
+    assert 0.35 < labels[shards[1]].mean() < 0.65  # each rank's half is balanced too, not 91% class 1
+    three = [list(DistributedBalancedSampler(labels, 7, rank, 3)) for rank in range(3)]
+    assert [len(s) for s in three] == [34, 34, 34]  # 100 padded to 102 by wrapping, as DistributedSampler pads
+    assert [i for t in zip(*three) for i in t] == one + one[:2]
+    assert list(DistributedBalancedSampler(labels, 8, 0, 2)) != shards[0]  # the epoch's seed draws anew
 
 
 def test_transforms_by_v2_class_name():

@@ -47,7 +47,7 @@ def test_weights_digest_sees_parameters_and_buffers():
 @pytest.mark.slow
 def test_two_cpu_processes_train_identical_weights(tmp_path):
     """2 ranks distill a student (KL + CE + feature KD through an adapter that lives outside the model), each on half
-    of the data per epoch (DistributedSampler); gradients all-reduced (DDP for the model, by hand for the adapter),
+    of the data per epoch (its shard of the balanced sampler's draw); gradients all-reduced (DDP for the model, by hand for the adapter),
     BN buffers from rank 0: both end with the same weights as rank 0's last.pt, and only rank 0 wrote checkpoints."""
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.run import train_recipe
@@ -61,6 +61,7 @@ def test_two_cpu_processes_train_identical_weights(tmp_path):
                         "monitor": "val_loss", "monitor_mode": "min", "device": "cpu"}}
     teacher = train_recipe(recipe_from_dict({**recipe, "name": "teacher", "train": {**recipe["train"], "epochs": 1}}),
                            tmp_path / "teacher", log=lambda *_: None).best_path
+    recipe["data"]["balanced_sampler"] = True  # the student's: sharded across the ranks
     recipe["distill"] = {"teacher": str(teacher), "terms": [
         {"kind": "kl", "weight": 0.5, "temperature": 4}, {"kind": "ce", "weight": 0.5},
         {"kind": "feature_mse", "weight": 1.0, "student": "stages.0", "teacher": "stages.1"}]}
@@ -78,7 +79,7 @@ def test_two_cpu_processes_train_identical_weights(tmp_path):
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     assert ranks[0]["objective_sha256"] is not None  # the feature-KD adapter is trained ...
     assert ranks[0]["objective_sha256"] == ranks[1]["objective_sha256"]  # ... and stays in sync
-    # Each rank saw its own half (DistributedSampler pads 50 to 2 x 25) every epoch, not the whole set.
+    # Each rank saw its own half (its shard of the balanced draw of 50, 2 x 25) every epoch, not the whole set.
     assert [r["samples_seen"] for r in ranks] == [2 * math.ceil(50 / 2)] * 2
     assert ranks[0]["checkpoints_written"] >= 2 and ranks[1]["checkpoints_written"] == 0
     # Each rank's own random stream: the global torch state every augmentation and dropout draw comes from (the

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_recipe, write_npz
+from conftest import tiny_recipe, write_npz
 from edgekd.errors import EdgeKDError
 from edgekd.export import FORMATS, export_checkpoint, export_inputs, export_plan, load_profile, profile_from_dict
 from edgekd.export.artifact import ArtifactSession

@@ -96,6 +96,25 @@ def balanced_sampler(labels: np.ndarray, seed: int) -> WeightedRandomSampler:
                                  replacement=True, generator=gen)
 
 
+class DistributedBalancedSampler(torch.utils.data.Sampler[int]):
+    """`data.balanced_sampler` under DDP: every rank draws the one-process balanced sequence (the same seed) and
+    takes every `world`-th index of it from its rank on (padded by wrapping, as DistributedSampler pads), so the
+    ranks' shards together are the draw one process makes, and a run resumed on another process count keeps its
+    class mix. (Without it, DDP had fallen back to the plain shard: imbalance uncorrected.)"""
+
+    def __init__(self, labels: np.ndarray, seed: int, rank: int, world: int):
+        draw = list(balanced_sampler(labels, seed))
+        total = -(-len(draw) // world) * world
+        draw += (draw * world)[:total - len(draw)]
+        self.indices = draw[rank:total:world]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 
 RANK_STRIDE = 1_000_003
 """How far apart the seeds of two DDP ranks' random streams are (a prime above 10^6: a rank's seed equals another
@@ -139,28 +158,30 @@ class DataModule:
         train = split == "train" if train is None else train
         ds = self.dataset(split, train)
         sampler, shuffle = None, train
-        if distributed:
+        if train and self.samples_balanced():
+            seed = self.seed * 1000 + epoch  # every rank's: one draw, sharded
+            sampler, shuffle = (DistributedBalancedSampler(ds.table.labels, seed, torch.distributed.get_rank(),
+                                                           torch.distributed.get_world_size()) if distributed
+                                else balanced_sampler(ds.table.labels, seed)), False
+        elif distributed:
             sampler = torch.utils.data.DistributedSampler(ds, shuffle=train, seed=self.seed)
             sampler.set_epoch(epoch)
             shuffle = False
-        elif train and self.samples_balanced():
-            sampler, shuffle = balanced_sampler(ds.table.labels, self.seed * 1000 + epoch), False
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, distributed))
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=shuffle, sampler=sampler, generator=gen,
                           num_workers=self.cfg.num_workers, drop_last=False,
                           persistent_workers=False)
 
-    def samples_balanced(self, distributed: bool = False) -> bool:
-        """Whether the train loader draws classes evenly: `data.balanced_sampler`, which DDP does not use (each
-        rank takes its DistributedSampler shard)."""
-        return self.cfg.balanced_sampler and not distributed
+    def samples_balanced(self) -> bool:
+        """Whether the train loader draws classes evenly (`data.balanced_sampler`; under DDP too)."""
+        return bool(self.cfg.balanced_sampler)
 
-    def class_weights(self, distributed: bool = False) -> torch.Tensor:
+    def class_weights(self) -> torch.Tensor:
         """Balanced weights for the label mix the train loader draws. With the balanced sampler that mix is
         already even: weighting the loss on top would count the imbalance twice, the minority class weighted by
         (n_major / n_minor) squared, so every present class gets weight 1."""
         labels = self.tables["train"].labels
-        if self.samples_balanced(distributed):
+        if self.samples_balanced():
             return (torch.as_tensor(np.bincount(labels, minlength=self.num_classes)) > 0).float()
         return class_weights(labels, self.num_classes)
 

@@ -64,8 +64,8 @@ def untrained_checkpoint(recipe, path: str | Path) -> Path:
 
 
 def loss_class_weights(data: DataModule) -> torch.Tensor:
-    """The class weights for the mix the train loader draws on this process (the balanced sampler is off under DDP)."""
-    return data.class_weights(distributed.is_active())
+    """The class weights for the mix the train loader draws (all 1 under the balanced sampler)."""
+    return data.class_weights()
 
 
 def uses_class_weights(recipe) -> bool:
@@ -93,7 +93,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         if ranks > 1 and recipe.train.threads * ranks > cores:
             log(f"warning: train.threads {recipe.train.threads} is per process: {ranks} processes x "
                 f"{recipe.train.threads} threads on {cores} cores oversubscribe them (slower, not faster)")
-    if uses_class_weights(recipe) and data.samples_balanced(distributed.is_active()):
+    if uses_class_weights(recipe) and data.samples_balanced():
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
     warn_about_data(data, log)

@@ -370,8 +370,6 @@ class Trainer:
             p.before_fit(self)
         # Wrapped after before_fit: DDP registers the parameters that require grad at that moment (BN freeze).
         self.net = distributed.wrap_model(self.model, self.device)
-        if self.distributed and getattr(getattr(self.data, "cfg", None), "balanced_sampler", False):
-            self.log("data.balanced_sampler is not used under DDP (each rank takes its DistributedSampler shard)")
         model_params = {id(p) for p in self.model.parameters()}
         self._unmanaged_params = [p for g in self.optimizer.param_groups for p in g["params"]
                                   if id(p) not in model_params]
