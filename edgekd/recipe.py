@@ -503,6 +503,21 @@ class Recipe(Section):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def recipe_differences(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys whose values differ between two recipe dicts (`to_dict`), as `key: old -> new` (lists compared
+    whole; `tracking` left out, as the digest leaves it out)."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        if not prefix and key == "tracking":
+            continue
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += recipe_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {shorten(json.dumps(old), 40)} -> {shorten(json.dumps(new), 40)}")
+    return changes
+
+
 BOUNDS = {"Ge": ("≥", "ge"), "Gt": (">", "gt"), "Le": ("≤", "le"), "Lt": ("<", "lt"), "MinLen": ("min length", "min_length")}
 
 

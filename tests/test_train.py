@@ -146,8 +146,14 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
 
 def test_resume_refuses_another_recipe(tiny_recipe_dict, tmp_path):
     train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=1)), tmp_path / "r", log=lambda s: None)
-    with pytest.raises(EdgeKDError, match="another recipe"):
+    with pytest.raises(EdgeKDError, match=r"another recipe \(train.epochs: 1 -> 2\); resume with the same"):
         train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=2)), tmp_path / "r", resume=True, log=lambda s: None)
+    # The refusal names what changed (it had said "another recipe" alone), up to three keys.
+    changed = deep(tiny_recipe_dict, train__epochs=3, seed=5, train__optimizer={"name": "sgd", "lr": 0.5},
+                   data__batch_size=4)
+    with pytest.raises(EdgeKDError, match=r"another recipe \(data.batch_size: 8 -> 4; seed: 0 -> 5; "
+                                          r"train.epochs: 1 -> 3; and 2 more\)"):
+        train_recipe(recipe_from_dict(changed), tmp_path / "r", resume=True, log=lambda s: None)
 
 
 def test_early_stopping_stops(tiny_recipe_dict, tmp_path):

@@ -11,6 +11,7 @@ from torch import nn
 from edgekd.errors import EdgeKDError, shorten
 from edgekd.fileio import atomic_write
 from edgekd.models import create_model
+from edgekd.recipe import recipe_differences
 from edgekd.runtime import METADATA_FILE, is_bundle
 
 FORMAT = "edgekd-checkpoint/1"
@@ -55,7 +56,11 @@ def load_resumable(path: str | Path, recipe) -> dict[str, Any]:
     very recipe (same digest), else a one-line error."""
     ckpt = load_checkpoint(path)
     if ckpt.get("recipe_digest") != recipe.digest():
-        raise EdgeKDError(f"{path}: was trained with another recipe; resume with the same recipe and --set values")
+        changed = recipe_differences(ckpt.get("recipe") or {}, recipe.to_dict()) if ckpt.get("recipe") else []
+        named = (f" ({'; '.join(changed[:3])}{f'; and {len(changed) - 3} more' if len(changed) > 3 else ''})"
+                 if changed else "")
+        raise EdgeKDError(f"{path}: was trained with another recipe{named}; resume with the same recipe and --set "
+                          "values")
     return ckpt
 
 
