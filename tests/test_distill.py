@@ -429,6 +429,15 @@ def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch)
     assert "ece" in metrics["test"]["calibration"]
 
 
+def test_fold_summary_says_what_a_fold_holds_whole():
+    from edgekd.distill.folds import SUMMARY_METRICS, folds_markdown
+
+    summary = {"student": {"val": {k: {"mean": 0.9, "std": 0.01, "n": 5} for k in SUMMARY_METRICS}}}
+    patient, image = (folds_markdown(summary, "r", 5, unit) for unit in ("patient", "image"))
+    assert "Patient-level folds (no patient in two folds)." in patient and "Image-level" not in patient
+    assert "Image-level folds: the data has no patient ids" in image
+
+
 def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     from edgekd.distill.folds import run_kfold
 
@@ -455,6 +464,10 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     stats = saved["summary"]["student"]["val"]["acc"]
     assert stats["mean"] == pytest.approx(sum(accs) / 2) and stats["n"] == 2
     assert "±" in result["table_markdown"] and (tmp_path / "kfold" / "kfold.md").is_file()
+    assert stats["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)  # the sample std (ddof=1), as labelled
+    # A MedMNIST file has no patient ids: the folds are image-level, and the summary says so (it had not).
+    assert saved["fold_unit"] == "image" and "mean ± sample std over folds" in saved["table_markdown"]
+    assert "Image-level folds: the data has no patient ids" in (tmp_path / "kfold" / "kfold.md").read_text()
 
     # --resume: finished runs are kept as they are; a run cut short (no metrics.json yet) goes on from its last.pt
     kept = tmp_path / "kfold" / "fold0" / "student" / "best.pt"
@@ -464,6 +477,7 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     again = run_kfold(recipe_from_dict(raw), tmp_path / "kfold", 2, log=said.append,
                       teacher_overrides=["name=fold-teacher-b"], resume=True)
     assert kept.stat().st_mtime_ns == stamp and sum("finished earlier: kept" in m for m in said) == 3
+    assert said[0].startswith("k-fold: the data has no patient ids: folds are image-level")
     assert any("resumed from" in m and "fold1" in m and "student" in m for m in said), said
     assert [r["test"] for r in again["runs"]] == [r["test"] for r in saved["runs"]]  # the same runs, the same figures
     with pytest.raises(EdgeKDError, match="no fold run to resume"):

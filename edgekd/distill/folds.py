@@ -35,6 +35,8 @@ def split_mode(recipe, log: Callable[[str], None]) -> str:
     if source.tables and all(t.groups is not None for t in source.tables.values()):
         log("k-fold: the data has patient ids: folds are patient-level (data.split=patient)")
         return "patient"
+    log("k-fold: the data has no patient ids: folds are image-level, so one patient's images can be in two folds "
+        "(give ids: a CSV patient_id column or data.patient_pattern)")
     return recipe.data.split
 
 
@@ -87,9 +89,10 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
             res = fold_run(train_recipe, rec, fold_dir / rec.role, resume, log, progress)
             rows.append(_row(fold, rec.role, rec, res))
     summary = summarize_folds(rows)
-    table = folds_markdown(summary, recipe.name, folds)
-    result = {"name": recipe.name, "folds": folds, "split": split, "runs": rows, "summary": summary,
-              "table_markdown": table}
+    unit = "patient" if split == "patient" else "image"
+    table = folds_markdown(summary, recipe.name, folds, unit)
+    result = {"name": recipe.name, "folds": folds, "split": split, "fold_unit": unit, "runs": rows,
+              "summary": summary, "table_markdown": table}
     if main:
         write_json(out / "kfold.json", result)
         write_text(out / "kfold.md", table + "\n")
@@ -156,8 +159,12 @@ def summarize_folds(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
     return out
 
 
-def folds_markdown(summary: dict[str, Any], name: str, folds: int) -> str:
-    lines = [f"### {name}: {folds}-fold cross-validation (mean ± std over folds; val = the held-out fold)", "",
+def folds_markdown(summary: dict[str, Any], name: str, folds: int, unit: str = "patient") -> str:
+    """The summary table; `unit`: what a fold holds whole, "patient" or "image" (the data had no patient ids)."""
+    level = ("patient-level folds (no patient in two folds)" if unit == "patient" else
+             "image-level folds: the data has no patient ids, so one patient's images can be in two folds")
+    lines = [f"### {name}: {folds}-fold cross-validation (mean ± sample std over folds; val = the held-out fold)", "",
+             f"{level.capitalize()}.", "",
              "The held-out fold also chose each fold's best epoch, so its figures lean optimistic; test, the split no "
              "fold trains or selects on, is the unbiased estimate.", "",
              "| role | split | " + " | ".join(SUMMARY_METRICS) + " |",
