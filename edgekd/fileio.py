@@ -87,11 +87,11 @@ def ensure_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
                           f"{needed_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free)")
 
 
-def check_output_location(out: str | Path, option: str = "--out") -> None:
+def check_output_location(out: str | Path, option: str = "--out", is_file: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written: its nearest existing folder is a file or takes no
     new entry (read-only, /proc). Probed with a temporary folder, removed again; a long run had found out only at
-    its end, with a misleading free-space error."""
-    target = Path(out).absolute()
+    its end, with a misleading free-space error. `is_file`: `out` is a file to write (its folder is checked)."""
+    target = Path(out).absolute().parent if is_file else Path(out).absolute()
     ancestor = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
     if not ancestor.is_dir():
         raise EdgeKDError(f"{option} {out}: {ancestor} is a file, not a folder")

@@ -274,6 +274,10 @@ def test_predict_csv_columns_do_not_depend_on_which_files_failed(bundle, good_pn
     (tmp_path / "d.csv").mkdir()
     code, out, err = invoke(capsys, "predict", bundle, good_png, "--backend", "onnx", "--out", tmp_path / "d.csv")
     assert code == 2 and "d.csv: --out is a folder" in err and "p_" not in out  # refused before the table
+    # Under a file: refused before any inference too (it had run, printed the table, then said "file exists").
+    code, out, err = invoke(capsys, "predict", bundle, good_png, "--backend", "onnx", "--out", good_png / "x.csv")
+    assert code == 2 and "p_" not in out
+    assert err.strip() == f"error: --out {good_png / 'x.csv'}: {good_png} is a file, not a folder"
 
 
 @pytest.mark.parametrize("kind", sorted(ODD_IMAGES))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import write_json, write_text
+from edgekd.fileio import check_output_location, write_json, write_text
 from edgekd.runtime.runner import Failure, Prediction, TaskPredictions
 
 OUTPUT_SUFFIXES = (".csv", ".json")
@@ -21,6 +21,7 @@ def check_output_path(path: str | Path) -> Path:
         raise EdgeKDError(f"{path}: --out must end with .csv or .json")
     if path.is_dir():
         raise EdgeKDError(f"{path}: --out is a folder (give a .csv or .json file name)")
+    check_output_location(path, "--out", is_file=True)  # under a file, or a folder that takes no new file
     return path
 
 
