@@ -417,6 +417,20 @@ def test_a_batch_larger_than_the_queue_is_413_not_a_retry(runner):
     assert fits.status_code == 200 and len(fits.json()["results"]) == 4
 
 
+def test_more_files_than_an_endpoint_takes_is_413_in_our_words(runner):
+    """Starlette answers a multipart over max_files with 400 "Too many files..."; the README says 413."""
+    tiny = png(1, size=8)
+
+    async def go(client):
+        return (await client.post("/predict/batch", files=[("files", (f"{i}.png", tiny, "image/png"))
+                                                            for i in range(65)]),
+                await client.post("/predict", files=[("file", (f"{i}.png", tiny, "image/png")) for i in range(2)]))
+
+    batch, single = call(create_app(runner, ServeSettings(max_queue=100)), go)
+    assert batch.status_code == 413 and batch.json()["error"].startswith("more than 64 files in one request")
+    assert single.status_code == 413 and single.json()["error"].startswith("more than 1 file in one request")
+
+
 def test_a_stalled_upload_is_408(runner):
     async def slow_body():
         yield png(1)[:20]

@@ -186,7 +186,13 @@ async def _uploads(request: Request, limit: int) -> list[tuple[str, str | None, 
         if not body:
             raise UploadError("empty request body (send the image as the body, or as multipart 'file' fields)", 400)
         return [("upload", content_type, body)]
-    form = await request.form(max_files=limit, max_fields=limit)
+    try:
+        form = await request.form(max_files=limit, max_fields=limit)
+    except HTTPException as err:  # Starlette answers a multipart over max_files with 400 and its own words
+        if "Too many files" not in str(err.detail):
+            raise
+        raise UploadError(f"more than {limit} file{'s' if limit > 1 else ''} in one request (/predict takes one, "
+                          f"/predict/batch at most {MAX_BATCH_FILES})", 413) from None
     files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not files:
         raise UploadError("multipart upload without a file part (send the image as the 'file' field)", 400)
