@@ -655,6 +655,17 @@ def test_a_compressed_dicom_without_its_decoder_says_so(tmp_path):
         read_image(path)
 
 
+def test_unreadable_dicom_pixel_data_gives_the_decoders_reason(tmp_path):
+    """The error had named the exception type alone ("(ValueError)"), and --debug showed no more."""
+    from edgekd.imageio import read_image
+
+    short = write_dicom(tmp_path / "short.dcm", np.zeros((16, 16), np.uint16), PixelData=b"\0" * 10)
+    with pytest.raises(EdgeKDError) as err:
+        read_image(short)
+    said = str(err.value)  # numpy's words after the type: "cannot reshape array of size 5 into shape (16,16)"
+    assert said.startswith(f"{short}: unreadable DICOM pixel data (ValueError: ") and "reshape" in said
+
+
 def test_dicom_is_detected_by_content_not_suffix(bundle, tmp_path):
     from edgekd.imageio import read_image
 
