@@ -280,6 +280,22 @@ def test_predict_csv_columns_do_not_depend_on_which_files_failed(bundle, good_pn
     assert err.strip() == f"error: --out {good_png / 'x.csv'}: {good_png} is a file, not a folder"
 
 
+def test_predict_csv_cells_a_spreadsheet_would_run_as_formulas_are_text(bundle, good_png, tmp_path, capsys,
+                                                                         monkeypatch):
+    """A file named like a formula was written as is: Excel ran it. Such text cells now start with ' (numbers and
+    ordinary names are untouched)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(good_png, tmp_path / "=1+2+cmd|calc!A1.png")
+    shutil.copy(good_png, tmp_path / "plain.png")
+    (tmp_path / "@bad.png").write_bytes(b"not a png")
+    code, _, _ = invoke(capsys, "predict", bundle, "=1+2+cmd|calc!A1.png", "plain.png", "@bad.png",
+                        "--backend", "onnx", "--out", "p.csv")
+    assert code == 1
+    rows = list(csv.reader((tmp_path / "p.csv").open()))
+    assert [r[0] for r in rows[1:]] == ["'=1+2+cmd|calc!A1.png", "plain.png", "'@bad.png"]
+    assert rows[1][1:4] == rows[2][1:4] and float(rows[1][3]) > 0  # same image, same label and figures
+
+
 @pytest.mark.parametrize("kind", sorted(ODD_IMAGES))
 def test_predict_decodes_unusual_but_valid_images(kind, bundle, runner, tmp_path, capsys):
     """The decoder gives the known pixels of each file, and `edgekd predict` reports the probabilities of exactly

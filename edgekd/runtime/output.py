@@ -46,6 +46,16 @@ def _cells(r: Prediction, n_classes: int, views: list[str], raw: bool) -> list[A
     return row
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet reads as the start of a formula in a text cell (OWASP's CSV injection list)."""
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A text cell (file name, class name, error) that a spreadsheet shows as text: a leading ' when it would start a
+    formula (a file named `=1+2+cmd|calc!A1.png` was written as is, and Excel ran it as a formula)."""
+    return f"'{text}" if text.startswith(FORMULA_START) else text
+
+
 def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], class_names: list[str],
                     tasks: list[tuple[str, list[str]]] | None = None,
                     shape: tuple[list[str], bool] | None = None) -> str:
@@ -62,14 +72,15 @@ def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], c
               *[f"{name}:{c}" if name else c for name, _, cols, _, _ in layout for c in cols], "error"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
+    writer.writerow(map(spreadsheet_safe, header))
     for r in results:
         if isinstance(r, Failure):
-            writer.writerow([r.source] + [""] * (len(header) - 2) + [r.error])
+            writer.writerow([spreadsheet_safe(r.source)] + [""] * (len(header) - 2) + [spreadsheet_safe(r.error)])
             continue
-        row: list[Any] = [r.source, *([r.task] if with_task else [])]
+        row: list[Any] = [spreadsheet_safe(r.source), *([spreadsheet_safe(r.task)] if with_task else [])]
         for name, names, _, views, raw in layout:
-            row += _cells(r.tasks[name] if name else r, len(names), views, raw)
+            cells = _cells(r.tasks[name] if name else r, len(names), views, raw)
+            row += [spreadsheet_safe(cells[0]), *cells[1:]]  # the label: a class name
         writer.writerow(row + [""])
     return buf.getvalue()
 
