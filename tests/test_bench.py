@@ -58,7 +58,7 @@ def _subject(**kw) -> Subject:
 def test_records_have_the_schema_throughput_and_peak_fraction():
     subject = _subject(labels=np.array([0, 1, 1, 0]))
     timings = {str(b): {"p50_ms": p50, "p90_ms": p50 * 2, "p99_ms": p50 * 3, "mean_ms": p50, "min_ms": p50 / 2,
-                        "runs": 10} for b, p50 in ((1, 2.0), (8, 4.0))}
+                        "runs": 10, "first_ms": 30 * p50} for b, p50 in ((1, 2.0), (8, 4.0))}
     result = {"timings": timings, "peak_rss_mb": 80.0, "load_s": 0.1}
     records = make_records(Row(subject, "onnx", "fp32", "bare"), result, [1, 8], threads=2, tta=False,
                            peak_gflops=10.0)
@@ -68,6 +68,7 @@ def test_records_have_the_schema_throughput_and_peak_fraction():
     # 2 MMACs x 2 x 2000 images/s = 8 GFLOP/s of 10
     assert eight["gemm_peak_fraction"] == pytest.approx(0.8)
     assert eight["status"] == "ok" and eight["reason"] is None and eight["p99_ms"] == 12.0
+    assert (one["first_call_ms"], eight["first_call_ms"]) == (60.0, 120.0)  # per batch: a shape's first call
     json.dumps(records)  # plain JSON types only
 
     missing = make_records(Row(subject, "openvino", "int8", "bare"), "export parity gate: acc drop", [1, 8], 2, False, 10.0)
@@ -395,3 +396,18 @@ def test_a_stop_during_the_export_into_an_out_that_was_there_removes_this_runs_w
     with pytest.raises(KeyboardInterrupt):
         bench_run.run_bench(BenchConfig(source=tmp_path / "model.pt", out=tmp_path / "new"), log=lambda *_: None)
     assert seen[-1] == {tmp_path / "new"} and not (tmp_path / "new").exists() and not TRACKED_TREES
+
+
+def test_a_gemm_peak_that_moved_during_the_run_is_flagged_and_first_calls_get_a_column():
+    """Four runs within 15 minutes printed GEMM peaks of 143-343 GFLOP/s unqualified (one run: 270 before, 11 after);
+    and a bench that records first calls shows them, while results recorded before the key existed do not."""
+    from edgekd.bench.report import gemm_spread_note, records_markdown
+
+    steady = {"peak_gflops": 300.0, "other_measurement": {"peak_gflops": 250.0}}
+    moved = {"peak_gflops": 270.0, "other_measurement": {"peak_gflops": 11.0}}
+    assert gemm_spread_note(steady) == "" and gemm_spread_note({"peak_gflops": 300.0}) == ""
+    assert gemm_spread_note(moved).startswith(" (measured again: 11.0 GFLOP/s; the machine's speed changed")
+    old = {"model": "m", "status": "ok", "p50_ms": 1.0}
+    assert "1st call ms" not in records_markdown([old])
+    table = records_markdown([old, {**old, "first_call_ms": 38.25}])
+    assert "| 1st call ms |" in table and "| 38.2 |" in table

@@ -9,9 +9,32 @@ COLUMNS = (  # (header, record key, format)
     ("variant", "variant", "{}"), ("batch", "batch", "{}"), ("p50 ms", "p50_ms", "{:.3f}"),
     ("p90 ms", "p90_ms", "{:.3f}"), ("p99 ms", "p99_ms", "{:.3f}"), ("img/s", "throughput", "{:.1f}"),
     ("params M", "params", "params"), ("MMACs", "macs", "macs"), ("size MB", "size_mb", "{:.2f}"),
-    ("RSS MB", "peak_rss_mb", "{:.0f}"), ("acc", "acc", "{:.4f}"), ("auc", "auc", "{:.4f}"),
+    ("RSS MB", "peak_rss_mb", "{:.0f}"), ("1st call ms", "first_call_ms", "{:.1f}"), ("acc", "acc", "{:.4f}"), ("auc", "auc", "{:.4f}"),
     ("% GEMM peak", "gemm_peak_fraction", "pct"),
 )
+
+
+OPTIONAL_KEYS = ("first_call_ms",)
+"""Columns shown only when a record has them (results recorded before the key existed leave them out)."""
+
+
+def shown_columns(records: list[dict]) -> list[tuple[str, str, str]]:
+    return [c for c in COLUMNS if c[1] not in OPTIONAL_KEYS or any(r.get(c[1]) is not None for r in records)]
+
+
+GEMM_SPREAD = 1.5
+"""Before/after GEMM peaks further apart than this factor: the machine's speed changed during the run."""
+
+
+def gemm_spread_note(gemm: dict) -> str:
+    """' (measured again: X GFLOP/s; ...)' when the GEMM peak measured before and after the rows disagree by more than
+    GEMM_SPREAD (a busy spell: four runs on one machine printed 143-343 GFLOP/s, one run 270 vs 11), else ''."""
+    other = (gemm.get("other_measurement") or {}).get("peak_gflops")
+    peak = gemm.get("peak_gflops")
+    if not peak or not other or peak / other <= GEMM_SPREAD:
+        return ""
+    return (f" (measured again: {other:.1f} GFLOP/s; the machine's speed changed during the run, so % GEMM peak is "
+            "rough)")
 
 
 def cell(record: dict, key: str, fmt: str) -> str:
@@ -48,14 +71,16 @@ def records_markdown(records: list[dict], summary: dict | None = None) -> str:
             lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
         if gemm.get("peak_gflops"):
             lines.append(f"- FP32 GEMM peak: {gemm['peak_gflops']:.1f} GFLOP/s ({gemm['library']} {gemm['n']}^3 "
-                         f"matmul, median call; fastest call {gemm['peak_gflops_best_call']:.1f})")
+                         f"matmul, median call; fastest call {gemm['peak_gflops_best_call']:.1f})"
+                         + gemm_spread_note(gemm))
         elif gemm:
             lines.append(f"- FP32 GEMM peak: not measured ({gemm.get('error')})")
         lines.append("")
-    lines.append("| " + " | ".join(h for h, _, _ in COLUMNS) + " |")
-    lines.append("|" + "|".join("---" if i < 6 else "---:" for i in range(len(COLUMNS))) + "|")
+    columns = shown_columns(records)
+    lines.append("| " + " | ".join(h for h, _, _ in columns) + " |")
+    lines.append("|" + "|".join("---" if i < 6 else "---:" for i in range(len(columns))) + "|")
     for r in records:
-        lines.append("| " + " | ".join(cell(r, k, f) for _, k, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |")
     over = [r for r in records if r.get("precision") in ("fp32", "fp16") and (r.get("gemm_peak_fraction") or 0) > 1]
     if over:  # no float model outruns the machine's own FP32 matrix multiply (INT8 may): a peak measured when busy
         lines += ["", f"- {len(over)} FP32/FP16 row(s) above 100% of the FP32 GEMM peak: the peak was measured low "
@@ -73,11 +98,12 @@ def records_table(records: list[dict], title: str = ""):
     from rich.table import Table
 
     table = Table(title=title)
-    for i, (header, _, _) in enumerate(COLUMNS):
+    columns = shown_columns(records)
+    for i, (header, _, _) in enumerate(columns):
         table.add_column(header, justify="left" if i < 5 else "right")
     for r in records:
         style = None if r.get("status") == "ok" else "dim"
-        table.add_row(*[cell(r, k, f) for _, k, f in COLUMNS], style=style)
+        table.add_row(*[cell(r, k, f) for _, k, f in columns], style=style)
     return table
 
 

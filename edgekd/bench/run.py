@@ -31,7 +31,7 @@ FORMATS = ("torch", *ARTIFACT_FORMATS)
 DEFAULT_VIEWS = list(TTA_VIEWS)
 RECORD_KEYS = ("model", "role", "format", "precision", "variant", "batch", "tta", "views", "threads", "p50_ms",
                "p90_ms", "p99_ms", "mean_ms", "min_ms", "runs", "throughput", "params", "macs", "size_mb",
-               "peak_rss_mb", "load_s", "acc", "auc", "gemm_peak_fraction", "status", "reason")
+               "peak_rss_mb", "load_s", "first_call_ms", "acc", "auc", "gemm_peak_fraction", "status", "reason")
 """Every record has exactly these keys (None where not measured; status 'ok' or 'n/a' with the reason)."""
 VARIANTS = {"torch": ("eager", "compile"), "onnx": ("bare", "runner"), "openvino": ("bare", "runner")}
 """bare: the framework's own call on a preprocessed float batch; runner: edgekd.runtime from uint8 images
@@ -426,6 +426,7 @@ def make_records(row: Row, result: dict | str, batches: list[int], threads: int,
             rec.update({k: stats[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "runs")})
             rec["throughput"] = 1000.0 * batch / stats["p50_ms"]
             rec.update(peak_rss_mb=result.get("peak_rss_mb"), load_s=result.get("load_s"),
+                       first_call_ms=stats.get("first_ms"),
                        acc=metrics.get("acc"), auc=metrics.get("auc"),
                        gemm_peak_fraction=gemm_peak_fraction(s.macs, rec["throughput"], peak_gflops, views))
         records.append(rec)

@@ -275,7 +275,7 @@ def bench(
     format x precision x batch, with PyTorch eager/compile and bare-runtime baselines; writes bench.json/.md/.png."""
     from importlib.util import find_spec
 
-    from edgekd.bench.report import records_table
+    from edgekd.bench.report import gemm_spread_note, records_table
     from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, run_bench
 
     folder, data_recipe = _bench_data(source, data, set_, checkpoint, eval_limit)
@@ -291,7 +291,7 @@ def bench(
     result = with_progress(lambda log, bar: run_bench(config, log=log, progress=bar))
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (
-        f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s" if gemm.get("peak_gflops") else "")
+        f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s{gemm_spread_note(gemm)}" if gemm.get("peak_gflops") else "")
     out_console.print(records_table(result.records, title))
     for r in {(r["role"], r["format"], r["precision"], r["variant"]): r for r in result.records
               if r["status"] != "ok"}.values():

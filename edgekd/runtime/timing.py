@@ -22,16 +22,20 @@ def latency_stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
 
 def time_call(fn: Callable[[], object], warmup: int = 10, min_runs: int = 50, max_runs: int = 2000,
               min_seconds: float = 1.0) -> dict[str, float]:
-    """Call `fn` `warmup` times untimed, then time it until both `min_runs` and `min_seconds` are reached."""
-    for _ in range(warmup):
+    """Call `fn` `warmup` times, then time it until both `min_runs` and `min_seconds` are reached. The stats carry
+    `first_ms`, the first warm-up call alone (an engine that compiles or allocates on first use pays there)."""
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        first = (time.perf_counter() - t0) * 1e3 if i == 0 else first
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - start < min_seconds):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return latency_stats(samples)
+    return {**latency_stats(samples), "first_ms": first}
 
 
 def _interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int, samples: dict[str, list[float]]) -> None:
