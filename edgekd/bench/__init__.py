@@ -5,12 +5,13 @@ Imports are lazy: `python -m edgekd.bench.worker` measures ONNX Runtime/OpenVINO
 
 from __future__ import annotations
 
-__all__ = ["VARIANTS", "BenchConfig", "BenchResult", "Timing", "check_source", "command_line", "gemm_peak_fraction", "measure_gemm_peak",
-           "records_table", "run_bench"]
+__all__ = ["VARIANTS", "BenchConfig", "BenchResult", "Timing", "check_source", "command_line", "default_bench_out",
+           "gemm_peak_fraction", "measure_gemm_peak", "records_table", "run_bench"]
 
 
 def __getattr__(name: str):
-    if name in ("VARIANTS", "BenchConfig", "BenchResult", "Timing", "check_source", "command_line", "run_bench"):
+    if name in ("VARIANTS", "BenchConfig", "BenchResult", "Timing", "check_source", "command_line", "default_bench_out",
+                "run_bench"):
         from edgekd.bench import run
 
         return getattr(run, name)

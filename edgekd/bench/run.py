@@ -590,11 +590,21 @@ def _write_outputs(cfg: BenchConfig, subjects: list[Subject], records: list[dict
     return BenchResult(out=out, records=records, summary=summary, markdown=markdown, written=written)
 
 
+def default_bench_out(source: str | Path) -> Path:
+    """Where `edgekd bench` writes without --out: bench/ in a checkpoint's run folder; <bundle>-bench/ beside a
+    bundle (folder or .zip), so two bundles in one folder do not share, and replace, one output folder."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() != ".zip":
+        return source.parent / "bench"
+    return source.parent / f"{source.stem if source.suffix.lower() == '.zip' else source.name}-bench"
+
+
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=None) -> BenchResult:
     """Benchmark a model (and optionally its teacher) in every (format, precision, variant) x batch, one run
     (see BenchConfig; `progress`: the CLI's progress bar, a step per row). Writes out/bench.json, out/bench.md
     and out/bench.png; returns the records."""
     cfg = _resolved(config)
+    replacing = (cfg.out / "bench.json").is_file()
     created = [p for p in (cfg.out, cfg.out / "work") if not p.exists()]
     bundles_before = set(cfg.out.glob("bundle-*"))  # reused by a later run: only this run's are removed on failure
     work = _prepare_out(cfg)
@@ -623,7 +633,10 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     finally:
         untrack_tree(tracked)
     try:
-        return _measure_and_write(cfg, subjects, work, started, load_start, other_cpu, log, progress)
+        result = _measure_and_write(cfg, subjects, work, started, load_start, other_cpu, log, progress)
+        if replacing:
+            log(f"replaced the earlier results in {cfg.out} (bench.json, bench.md)")
+        return result
     except BaseException:
         leave_nothing()
         raise

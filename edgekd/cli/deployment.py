@@ -259,7 +259,7 @@ def bench(
                                         "checkpoint's), or on a labelled folder DIR/<class name>/images (no PyTorch needed)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the --data recipe."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With a bundle: its checkpoint, for the torch rows and MACs."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: bench/ beside the source)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: bench/ in a checkpoint's run folder, <bundle>-bench/ beside a bundle)."),
     seconds: float = typer.Option(2.0, "--seconds", min=0, help="Minimum timed seconds per measurement."),
     min_runs: int = typer.Option(20, "--min-runs", min=1, help="Minimum timed calls per measurement."),
     warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed calls before each measurement."),
@@ -276,12 +276,12 @@ def bench(
     from importlib.util import find_spec
 
     from edgekd.bench.report import gemm_spread_note, records_table
-    from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, run_bench
+    from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, default_bench_out, run_bench
 
     folder, data_recipe = _bench_data(source, data, set_, checkpoint, eval_limit)
     formats = formats or ("torch,onnx,openvino" if find_spec("torch") is not None else "onnx,openvino")
     variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
-    out = out or source.parent / "bench"  # beside a bundle folder, never inside it
+    out = out or default_bench_out(source)  # beside a bundle, never inside it
     config = BenchConfig(source=source, out=out, formats=formats, precisions=precision, batches=batch, threads=threads,
                          tta=tta, teacher=teacher, data_recipe=data_recipe, checkpoint=checkpoint,
                          timing=Timing(warmup=warmup, min_runs=min_runs, min_seconds=seconds), variants=variants,
