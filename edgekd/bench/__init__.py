@@ -6,7 +6,7 @@ Imports are lazy: `python -m edgekd.bench.worker` measures ONNX Runtime/OpenVINO
 from __future__ import annotations
 
 __all__ = ["VARIANTS", "BenchConfig", "BenchResult", "Timing", "check_source", "command_line", "default_bench_out",
-           "gemm_peak_fraction", "measure_gemm_peak", "records_table", "run_bench"]
+           "gemm_peak_fraction", "gemm_spread_note", "measure_gemm_peak", "records_table", "run_bench"]
 
 
 def __getattr__(name: str):
@@ -19,8 +19,8 @@ def __getattr__(name: str):
         from edgekd.bench import hardware
 
         return getattr(hardware, name)
-    if name == "records_table":
+    if name in ("gemm_spread_note", "records_table"):
         from edgekd.bench import report
 
-        return report.records_table
+        return getattr(report, name)
     raise AttributeError(f"module 'edgekd.bench' has no attribute {name!r}")
