@@ -340,7 +340,17 @@ def test_runner_check_compares_what_predict_runs_with_the_gated_artifact(tmp_pat
     assert record["images"] == 8 and len(record["views"]) == 6
     for key in ("onnx/fp32", "openvino/fp32"):
         assert record[key]["max_prob_diff"] <= 0.01 and record[key]["top1_agreement"] == 1.0, record[key]
-    assert "Runner check: the runtime's Runner" in (tmp_path / "ok" / "card.md").read_text()
+    card = (tmp_path / "ok" / "card.md").read_text()
+    assert "Runner check: the runtime's Runner" in card and "onnx/fp32 on openvino" not in record
+    assert "Without options this runs the openvino FP32 model on OpenVINO (the default backend)" in card
+    # An ONNX-only bundle: predict's and serve's default backend, OpenVINO, reads the ONNX file; that path is
+    # checked too (it had not been), and the card's Run line says what the defaults run (it had said --backend onnx).
+    export_checkpoint(ckpt, tmp_path / "onnx-only", ["onnx"], ["fp32"], profile, log=quiet)
+    record = json.loads((tmp_path / "onnx-only" / "parity.json").read_text())["runner"]
+    assert record["onnx/fp32 on openvino"]["backend"] == "openvino" and record["onnx/fp32"]["backend"] == "onnx"
+    assert record["onnx/fp32 on openvino"]["max_prob_diff"] <= 0.01
+    assert ("Without options this runs the onnx FP32 model on OpenVINO" in
+            (tmp_path / "onnx-only" / "card.md").read_text())
 
     # edgekd.json's normalization is no longer training's (in edgekd.json and embedded in the models alike): the
     # gate, which runs the artifacts on the export's own inputs, cannot see it; the runner check does.
@@ -361,6 +371,18 @@ def test_runner_check_compares_what_predict_runs_with_the_gated_artifact(tmp_pat
     export_checkpoint(ckpt, tmp_path / "off", ["onnx"], ["fp32"], off, log=quiet)
     assert json.loads((tmp_path / "off" / "parity.json").read_text())["runner"] == {
         "skipped": "parity.runner.enabled is false"}
+
+
+def test_the_checked_paths_include_what_predict_runs_by_default():
+    from edgekd.export.runner_check import checked_paths
+
+    art = lambda fmt, precision: {"format": fmt, "precision": precision}  # noqa: E731
+    assert checked_paths([art("onnx", "fp32"), art("openvino", "fp32")]) == [("onnx", "onnx"), ("openvino", "openvino")]
+    assert checked_paths([art("onnx", "fp32")]) == [("onnx", "onnx"), ("onnx", "openvino")]
+    # OpenVINO INT8 alone beside ONNX FP32: the default (most precise) model is the ONNX file, read by OpenVINO
+    assert checked_paths([art("onnx", "fp32"), art("openvino", "int8")]) == [
+        ("onnx", "onnx"), ("openvino", "openvino"), ("onnx", "openvino")]
+    assert checked_paths([art("openvino", "fp16")]) == [("openvino", "openvino")]
 
 
 def test_metadata_round_trips_through_every_artifact(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError
+from edgekd.formats import PRECISIONS
 from edgekd.export.clinical import card_section
 from edgekd.export.continual import continual_card_section
 from edgekd.fileio import (atomic_write, check_output_location, refuse_output_in_bundle, sha256_file,
@@ -99,6 +100,15 @@ def _gate_images(parity: dict[str, Any]) -> str:
     if limits and 1 / n > min(limits):
         text += f", more than the {min(limits) * 100:g}-point limit, so the ACC gate cannot resolve it here"
     return text
+
+
+def default_run_line(artifacts: list[dict[str, Any]]) -> str:
+    """What `edgekd predict` and `serve` run without --backend/--precision: the most precise model, on OpenVINO
+    (its own IR, else the ONNX file, which OpenVINO reads; the runner check covers that path too)."""
+    precision = next(p for p in PRECISIONS if any(a["precision"] == p for a in artifacts))
+    fmt = "openvino" if any(a["format"] == "openvino" and a["precision"] == precision for a in artifacts) else "onnx"
+    return (f"Without options this runs the {fmt} {precision.upper()} model on OpenVINO (the default backend); "
+            "`--backend onnx` runs the ONNX file on ONNX Runtime, `--precision` picks another model of the bundle.")
 
 
 def _runner_lines(record: dict[str, Any] | None) -> list[str]:
@@ -261,9 +271,8 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         lines += continual_card_section(metadata["continual"], metadata.get("tasks"))
     lines += (_lineage_section(metadata) + _head_parity_section(parity) + _parity_section(parity, tta)
               + _quantization_section(metadata) + _explanation_section(explanations))
-    first = metadata["artifacts"][0]
-    lines += ["", "## Run", "", "```", f"edgekd predict <this bundle> IMAGE... --backend {first['format']} "
-              f"--precision {first['precision']} [--tta]", "```", "",
+    lines += ["", "## Run", "", "```", "edgekd predict <this bundle> IMAGE... [--tta]", "```", "",
+              default_run_line(metadata["artifacts"]), "",
               "Every file is listed with its sha256 in `manifest.sha256`; `edgekd.json` holds the metadata and "
               "`parity.json` the full parity report.", ""]
     return "\n".join(lines)

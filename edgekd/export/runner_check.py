@@ -27,6 +27,18 @@ BACKENDS = ("onnx", "openvino")
 """The formats checked, each by the runtime backend of its name (the one that runs its own file on the device)."""
 
 
+def checked_paths(artifacts: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(format, backend) pairs the check runs: each format on its own backend, and the ONNX file on OpenVINO too when
+    that is what `edgekd predict` and `serve` run by default: the most precise model is ONNX only (OpenVINO, the
+    default backend, then reads the ONNX file)."""
+    formats = {a["format"] for a in artifacts}
+    pairs = [(fmt, fmt) for fmt in BACKENDS if fmt in formats]
+    best = next(p for p in PRECISIONS if any(a["precision"] == p for a in artifacts))
+    if not any(a["format"] == "openvino" and a["precision"] == best for a in artifacts):
+        pairs.append(("onnx", "openvino"))
+    return pairs
+
+
 def runner_check(stage: Path, artifacts: list[dict[str, Any]], parity_set: ParitySet, limits: RunnerCheck,
                  threads: int | None, batch_size: int,
                  gate_logits: dict[tuple[str, str], dict[str, np.ndarray]]) -> tuple[dict, list[str]]:
@@ -48,20 +60,19 @@ def runner_check(stage: Path, artifacts: list[dict[str, Any]], parity_set: Parit
     preprocessor = Preprocessor(bundle.preprocess)
     sized = [preprocessor.to_model_size(dataset.raw(i), keep_gray=True) for i in indices]
     sources = [f"parity image {i}" for i in indices]
-    for fmt in BACKENDS:
+    for fmt, backend in checked_paths(artifacts):
         shipped = sorted((a for a in artifacts if a["format"] == fmt), key=lambda a: PRECISIONS.index(a["precision"]))
-        if not shipped:
-            continue
         art = shipped[0]
         logits = gate_logits[(fmt, art["precision"])]["logits"]  # a shipped artifact passed the gate: it ran
         expected = softmax(logits.astype(np.float64)).reshape(len(views), len(indices), -1).mean(axis=0)
-        with Runner.from_bundle(bundle, backend=fmt, precision=art["precision"], threads=threads, tta=views,
+        with Runner.from_bundle(bundle, backend=backend, precision=art["precision"], threads=threads, tta=views,
                                 warmup=0) as runner:
             preds = [p for i in range(0, len(sized), batch_size)
                      for p in runner.predict_sized(sized[i:i + batch_size], sources[i:i + batch_size])]
         got = np.stack([p.probs if p.raw_probs is None else p.raw_probs for p in preds])
-        key, row = f"{fmt}/{art['precision']}", _compare(got, expected, limits)
-        record[key] = {"backend": fmt, **row}
+        key = f"{fmt}/{art['precision']}" + ("" if backend == fmt else f" on {backend}")
+        row = _compare(got, expected, limits)
+        record[key] = {"backend": backend, **row}
         failures += [f"runner check {key}: {problem}" for problem in row.pop("problems")]
     return record, failures
 
