@@ -280,6 +280,21 @@ def test_predict_csv_columns_do_not_depend_on_which_files_failed(bundle, good_pn
     assert err.strip() == f"error: --out {good_png / 'x.csv'}: {good_png} is a file, not a folder"
 
 
+def test_predict_says_how_many_files_of_a_folder_it_does_not_read(bundle, good_png, tmp_path, capsys):
+    """A PNG without a suffix and a text file in a folder were left out without a word (given by name, each is an
+    error); hidden files such as .DS_Store are not counted."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    shutil.copy(good_png, folder / "a.png")
+    shutil.copy(good_png, folder / "noext")
+    (folder / "notes.txt").write_text("n")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    code, out, err = invoke(capsys, "predict", bundle, folder, "--backend", "onnx")
+    assert code == 0 and "a.png" in out
+    assert ("note: 2 file(s) in the folders given are not read: neither an image suffix" in err
+            and f"nor DICOM, e.g. {folder / 'noext'}" in err), err
+
+
 def test_predict_csv_cells_a_spreadsheet_would_run_as_formulas_are_text(bundle, good_png, tmp_path, capsys,
                                                                          monkeypatch):
     """A file named like a formula was written as is: Excel ran it. Such text cells now start with ' (numbers and

@@ -118,8 +118,9 @@ def predict(
     Probabilities are calibrated with the bundle's temperature (when it has one; the uncalibrated ones are shown
     beside them) and the label follows the bundle's operating point (its threshold, or the top class)."""
     from edgekd.runtime import Failure, Runner
-    from edgekd.runtime.inputs import collect_inputs
     from edgekd.fileio import refuse_output_inside
+    from edgekd.imageio import IMAGE_SUFFIXES
+    from edgekd.runtime.inputs import collect_inputs
     from edgekd.runtime.output import check_output_path
 
     if out is not None:
@@ -128,7 +129,12 @@ def predict(
     tta_option = split_list(views) if views else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir, threshold=threshold, task=task)
-    paths, problems = collect_inputs(inputs, frame)
+    left_out: list[Path] = []
+    paths, problems = collect_inputs(inputs, frame, left_out)
+    if left_out:  # a clinic export's odd names (a PNG without suffix) would otherwise go unnoticed
+        console.print(f"note: {len(left_out)} file(s) in the folders given are not read: neither an image suffix "
+                      f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor DICOM, e.g. {escape(str(left_out[0]))}",
+                      soft_wrap=True)
     for _, message in problems:
         console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
     results = []

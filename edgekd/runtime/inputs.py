@@ -9,14 +9,15 @@ from edgekd.errors import EdgeKDError
 from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame, dicom_frames, is_dicom, is_image_file
 
 
-def collect_inputs(specs: list[str | Path], frame: int | None = None
+def collect_inputs(specs: list[str | Path], frame: int | None = None, skipped: list[Path] | None = None
                    ) -> tuple[list[Path | DicomFrame], list[tuple[str, str]]]:
     """Files as given, folders recursively (sorted; files with an image suffix, and DICOM files of any name, so a
     folder of a series works), globs expanded (sorted). A multi-frame DICOM becomes one input per frame
     (`file.dcm#frame3`), or only frame `frame` (1-based) when given.
 
     Returns (inputs, problems): a spec matching nothing is a (spec, message) problem, not an exception,
-    so one typo does not stop a batch run. A path reached twice is kept once, at its first position.
+    so one typo does not stop a batch run. A path reached twice is kept once, at its first position. `skipped`, if
+    given, gets the files of a folder left out as not images (hidden files, such as .DS_Store, not counted).
     """
     paths: list[Path] = []
     problems: list[tuple[str, str]] = []
@@ -32,7 +33,11 @@ def collect_inputs(specs: list[str | Path], frame: int | None = None
         text = str(spec)
         path = Path(text)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            found = [p for p in files if is_image_file(p)]
+            if skipped is not None:
+                images = set(found)
+                skipped += [p for p in files if not p.name.startswith(".") and p not in images]
             if not found:
                 problems.append((text, f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))} "
                                        "or DICOM)"))
