@@ -468,6 +468,12 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     # A MedMNIST file has no patient ids: the folds are image-level, and the summary says so (it had not).
     assert saved["fold_unit"] == "image" and "mean ± sample std over folds" in saved["table_markdown"]
     assert "Image-level folds: the data has no patient ids" in (tmp_path / "kfold" / "kfold.md").read_text()
+    # `edgekd report` of the k-fold folder itself names the fold runs to give (it said "no checkpoint")
+    from edgekd.distill.report import resolve_checkpoint
+
+    with pytest.raises(EdgeKDError, match=r"kfold: a k-fold folder \(its summary over the folds is kfold.md\); give "
+                                          r"fold runs to compare, e.g. \S+fold0/student \S+fold0/teacher$"):
+        resolve_checkpoint(tmp_path / "kfold")
 
     # --resume: finished runs are kept as they are; a run cut short (no metrics.json yet) goes on from its last.pt
     kept = tmp_path / "kfold" / "fold0" / "student" / "best.pt"

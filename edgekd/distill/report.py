@@ -18,6 +18,10 @@ COLUMNS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc")
 
 def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
+    if path.is_dir() and (path / "kfold.json").is_file() and not (path / "best.pt").is_file():
+        runs = sorted(p.parent.relative_to(path).as_posix() for p in path.glob("fold0/*/best.pt"))
+        raise EdgeKDError(f"{path}: a k-fold folder (its summary over the folds is kfold.md); give fold runs to "
+                          f"compare, e.g. {' '.join(str(path / r) for r in runs) or str(path / 'fold0' / '<role>')}")
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
