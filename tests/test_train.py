@@ -156,6 +156,29 @@ def test_resume_refuses_another_recipe(tiny_recipe_dict, tmp_path):
         train_recipe(recipe_from_dict(changed), tmp_path / "r", resume=True, log=lambda s: None)
 
 
+def test_fold_folders_a_run_leaves_from_an_earlier_one_are_named(tiny_recipe_dict, tmp_path):
+    """`--folds 2` into a folder of a 3-fold run left fold2/ there without a word (the warning listed bundles and
+    eval folders only)."""
+    from edgekd.pipeline import check_run_inputs
+
+    out = tmp_path / "k"
+    for k in range(3):
+        (out / f"fold{k}").mkdir(parents=True)
+    (out / "kfold.json").write_text("{}")
+    (out / "foldings").mkdir()  # not a fold folder
+    recipe = recipe_from_dict(tiny_recipe_dict)
+    said: list[str] = []
+    check_run_inputs(recipe, out, None, resume=False, folds=2, log=said.append)
+    assert said[-1] == (f"warning: {out} holds fold2 of an earlier run with more folds, which this run does not "
+                        "train: they stay as they are (remove them, or train into another folder)")
+    said.clear()
+    check_run_inputs(recipe, out, None, resume=False, folds=3, log=said.append)
+    assert not any("fold2" in line for line in said)
+    check_run_inputs(recipe, out, None, resume=False, log=said.append)  # a plain run into it
+    assert said[-1].startswith(f"warning: {out} holds fold0, fold1, fold2 of an earlier run with folds, which this "
+                               "run is not")
+
+
 def test_early_stopping_stops(tiny_recipe_dict, tmp_path):
     # lr 0 -> nothing improves after the first epoch; patience 2 -> stop after epoch 3.
     r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=10, train__optimizer={"name": "sgd", "lr": 1e-12},
