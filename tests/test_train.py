@@ -133,6 +133,14 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
     metrics = json.loads((part_dir / "metrics.json").read_text())
     assert [s["from_epoch"] for s in metrics["sessions"]] == [0, 1]
     assert metrics["train_seconds"] > state["trainer"]["train_seconds"] > 0
+    # Resuming the finished run says so, trains nothing and adds no session (it had added an empty one).
+    trained.clear()
+    logs.clear()
+    again = train_recipe(recipe_from_dict(base), part_dir, resume=True, log=logs.append)
+    assert trained == [] and "the run had finished (3 of 3 epochs): nothing left to train; its best.pt is " \
+        "evaluated again" in logs
+    assert again.test["auc"] == pytest.approx(resumed.test["auc"])
+    assert [s["from_epoch"] for s in json.loads((part_dir / "metrics.json").read_text())["sessions"]] == [0, 1]
     # The resumed epochs start from last.pt's weights: the same state with perturbed weights trains differently.
     g = torch.Generator().manual_seed(0)
     perturbed = {k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() and "running" not in k

@@ -360,12 +360,13 @@ class Trainer:
             advance(description=f"epoch {epoch + 1}/{self.cfg.epochs} loss {total / max(count, 1):.4f}")
         return total, count
 
-    def _start_fit(self) -> None:
-        """This session's record, plugins' before_fit, then the (DDP-)wrapped model and the parameters the
-        objective owns."""
+    def _start_fit(self, trains: bool = True) -> None:
+        """This session's record (`trains`: it has epochs left to train), plugins' before_fit, then the
+        (DDP-)wrapped model and the parameters the objective owns."""
         self._session_start = time.perf_counter()
-        self.sessions.append({"from_epoch": self.epoch, "processes": distributed.world_size(),
-                              "threads": torch.get_num_threads()})
+        if trains:
+            self.sessions.append({"from_epoch": self.epoch, "processes": distributed.world_size(),
+                                  "threads": torch.get_num_threads()})
         for p in self.plugins:
             p.before_fit(self)
         # Wrapped after before_fit: DDP registers the parameters that require grad at that moment (BN freeze).
@@ -437,11 +438,16 @@ class Trainer:
     def fit(self, progress=None) -> FitResult:
         self.out.mkdir(parents=True, exist_ok=True)
         best_path, last_path = self.out / "best.pt", self.out / "last.pt"
-        self._start_fit()
-        val_loader = self.data.loader("val", train=False)
-        tracker = Tracker.from_recipe(self.recipe, self.out) if self.is_main else Tracker([])
         patience = self.cfg.early_stop.patience
         stopped_early = patience is not None and self.epoch > 0 and self.bad_epochs >= patience  # resumed, had stopped
+        finished = self.epoch > 0 and (self.epoch >= self.cfg.epochs or stopped_early)
+        if finished:  # a resumed run that had ended: it had added an empty session, without a word
+            self.log(f"the run had finished ({self.epoch} of {self.cfg.epochs} epochs"
+                     f"{', stopped early' if stopped_early else ''}): nothing left to train; its best.pt is "
+                     "evaluated again")
+        self._start_fit(trains=not finished)
+        val_loader = self.data.loader("val", train=False)
+        tracker = Tracker.from_recipe(self.recipe, self.out) if self.is_main else Tracker([])
         try:
             while self.epoch < self.cfg.epochs and not stopped_early:
                 row, improved = self._run_epoch(self.epoch, val_loader, progress)
