@@ -685,6 +685,12 @@ def test_class_order_check_refuses_moved_names_and_warns_on_renamed_ones():
         check_class_order(["NORMAL", "PNEUMONIA"], ["PNEUMONIA", "NORMAL"], "x")
     with pytest.raises(EdgeKDError, match="class 'normal' is output 0 of the model but class 1"):  # one name shared
         check_class_order(["NORMAL", "PNEUMONIA"], ["bacterial", "normal"], "x")
+    # Another class count: an error, not "matched by index" followed by a count error (a 5-grade teacher, 2 classes)
+    said: list[str] = []
+    with pytest.raises(EdgeKDError, match=r"^t: the model has 5 classes \['0', '1', '2', '3', '4'\], the data 2 "
+                                          r"\['normal', 'pneumonia'\]$"):
+        check_class_order(["0", "1", "2", "3", "4"], ["normal", "pneumonia"], "t", said.append)
+    assert said == []
 
 
 def test_eval_export_and_distill_refuse_data_whose_classes_are_in_another_order(tiny_recipe_dict, tmp_path):

@@ -45,10 +45,15 @@ def check_class_order(model_classes: list[str], data_classes: list[str], where: 
     surrounding spaces) found in both lists at different places is an error: the same classes in another order
     (`data.class_names` reordered, class folders that sort otherwise) would invert every metric, a distillation
     target or a calibration fit, with nothing to see. Names that differ without any moving (other spellings, ids
-    for names) are matched by index: a warning, given to `log` and returned (None when the names agree)."""
+    for names) are matched by index: a warning, given to `log` and returned (None when the names agree). Another
+    class count is an error."""
     def key(name) -> str:
         return str(name).strip().lower()
 
+    if len(model_classes) != len(data_classes):  # no matching by index: it had warned so, then failed on the count
+        raise EdgeKDError(f"{where}: the model has {len(model_classes)} classes "
+                          f"{shorten(str(list(model_classes)), 100)}, the data {len(data_classes)} "
+                          f"{shorten(str(list(data_classes)), 100)}")
     model_at = {key(n): i for i, n in enumerate(model_classes)}
     moved = [(n, model_at[key(n)], j) for j, n in enumerate(data_classes) if model_at.get(key(n), j) != j]
     if moved:
