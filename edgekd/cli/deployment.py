@@ -119,8 +119,6 @@ def predict(
     beside them) and the label follows the bundle's operating point (its threshold, or the top class)."""
     from edgekd.runtime import Failure, Runner
     from edgekd.fileio import refuse_output_inside
-    from edgekd.imageio import IMAGE_SUFFIXES
-    from edgekd.runtime.inputs import collect_inputs
     from edgekd.runtime.output import check_output_path
 
     if out is not None:
@@ -129,14 +127,7 @@ def predict(
     tta_option = split_list(views) if views else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir, threshold=threshold, task=task)
-    left_out: list[Path] = []
-    paths, problems = collect_inputs(inputs, frame, left_out)
-    if left_out:  # a clinic export's odd names (a PNG without suffix) would otherwise go unnoticed
-        console.print(f"note: {len(left_out)} file(s) in the folders given are not read: neither an image suffix "
-                      f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor DICOM, e.g. {escape(str(left_out[0]))}",
-                      soft_wrap=True)
-    for _, message in problems:
-        console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
+    paths, problems = _predict_inputs(inputs, frame)
     results = []
     with progress_bar() as progress:
         bar = progress.add_task("predict", total=len(paths))
@@ -159,6 +150,22 @@ def predict(
     if failed:
         console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
         raise typer.Exit(1)
+
+
+def _predict_inputs(inputs: list[str], frame: int | None) -> tuple[list, list[tuple[str, str]]]:
+    """`collect_inputs`, saying what it could not find and how many files of the folders it does not read."""
+    from edgekd.imageio import IMAGE_SUFFIXES
+    from edgekd.runtime.inputs import collect_inputs
+
+    left_out: list[Path] = []
+    paths, problems = collect_inputs(inputs, frame, left_out)
+    if left_out:  # a clinic export's odd names (a PNG without suffix) would otherwise go unnoticed
+        console.print(f"note: {len(left_out)} file(s) in the folders given are not read: neither an image suffix "
+                      f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor DICOM, e.g. {escape(str(left_out[0]))}",
+                      soft_wrap=True)
+    for _, message in problems:
+        console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
+    return paths, problems
 
 
 def _warning(result) -> str | None:
