@@ -9,8 +9,8 @@ COLUMNS = (  # (header, record key, format)
     ("variant", "variant", "{}"), ("batch", "batch", "{}"), ("p50 ms", "p50_ms", "{:.3f}"),
     ("p90 ms", "p90_ms", "{:.3f}"), ("p99 ms", "p99_ms", "{:.3f}"), ("img/s", "throughput", "{:.1f}"),
     ("params M", "params", "params"), ("MMACs", "macs", "macs"), ("size MB", "size_mb", "{:.2f}"),
-    ("RSS MB", "peak_rss_mb", "{:.0f}"), ("1st call ms", "first_call_ms", "{:.1f}"), ("acc", "acc", "{:.4f}"), ("auc", "auc", "{:.4f}"),
-    ("% GEMM peak", "gemm_peak_fraction", "pct"),
+    ("RSS MB", "peak_rss_mb", "{:.0f}"), ("1st call ms", "first_call_ms", "{:.1f}"), ("acc", "acc", "{:.4f}"),
+    ("auc", "auc", "{:.4f}"), ("% GEMM peak", "gemm_peak_fraction", "pct"),
 )
 
 

@@ -272,7 +272,8 @@ def bench(
                                         "checkpoint's), or on a labelled folder DIR/<class name>/images (no PyTorch needed)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the --data recipe."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="With a bundle: its checkpoint, for the torch rows and MACs."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: bench/ in a checkpoint's run folder, <bundle>-bench/ beside a bundle)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: bench/ in a checkpoint's "
+                                       "run folder, <bundle>-bench/ beside a bundle)."),
     seconds: float = typer.Option(2.0, "--seconds", min=0, help="Minimum timed seconds per measurement."),
     min_runs: int = typer.Option(20, "--min-runs", min=1, help="Minimum timed calls per measurement."),
     warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed calls before each measurement."),
@@ -304,7 +305,8 @@ def bench(
     result = with_progress(lambda log, bar: run_bench(config, log=log, progress=bar))
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (
-        f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s{gemm_spread_note(gemm)}" if gemm.get("peak_gflops") else "")
+        f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s{gemm_spread_note(gemm)}" if gemm.get("peak_gflops")
+        else "")
     out_console.print(records_table(result.records, title))
     for r in {(r["role"], r["format"], r["precision"], r["variant"]): r for r in result.records
               if r["status"] != "ok"}.values():
