@@ -61,8 +61,8 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
     if found and not resume:
         log(f"warning: {out} already holds a run ({', '.join(found)}): its files are replaced by this one; "
             "anything else there (a bundle, eval folders, task folders of other tasks) stays from the earlier run")
-    stale = sorted(p.name for p in out.glob("fold*") if p.is_dir() and p.name[4:].isdigit()
-                   and int(p.name[4:]) >= (folds or 0))
+    numbers = sorted(int(p.name[4:]) for p in out.glob("fold*") if p.is_dir() and p.name[4:].isdigit())
+    stale = [f"fold{k}" for k in numbers if k >= (folds or 0)]  # fold2 before fold10
     if stale and not resume:
         log(f"warning: {out} holds {', '.join(stale)} of an earlier run with {'more ' if folds else ''}folds, "
             f"which this run {'does not train' if folds else 'is not'}: they stay as they are (remove them, or train "
