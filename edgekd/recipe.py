@@ -149,7 +149,10 @@ class LossConfig(Section):
     """Weight the loss by the train split's balanced class weights; all 1 when `data.balanced_sampler` already
     evens the classes (the imbalance is not corrected twice)."""
 
-    _alpha = field_validator("alpha")(classmethod(lambda cls, v: check_focal_alpha(v)))
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_in_range(cls, v: list[float] | float | None) -> list[float] | float | None:
+        return check_focal_alpha(v)
 
 
 class EarlyStopConfig(Section):
@@ -244,7 +247,10 @@ class FocalTerm(Section):
     class_weights: bool = False
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
-    _alpha = field_validator("alpha")(classmethod(lambda cls, v: check_focal_alpha(v)))
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_in_range(cls, v: list[float] | float | None) -> list[float] | float | None:
+        return check_focal_alpha(v)
 
 
 class FeatureTerm(Section):
