@@ -23,8 +23,9 @@ pytest.importorskip("fastapi")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from conftest import REPO, random_pixels  # noqa: E402
+from edgekd.errors import EdgeKDError  # noqa: E402
 from edgekd.runtime import Runner  # noqa: E402
-from edgekd.serve import ServeSettings, create_app, padded_sizes  # noqa: E402
+from edgekd.serve import ServeSettings, check_settings, create_app, padded_sizes  # noqa: E402
 from test_runtime import _data_cfg, _tiny_model, write_manifest, write_test_bundle  # noqa: E402
 
 NAMES = ["normal", "pneumonia"]
@@ -429,6 +430,43 @@ def test_more_files_than_an_endpoint_takes_is_413_in_our_words(runner):
     batch, single = call(create_app(runner, ServeSettings(max_queue=100)), go)
     assert batch.status_code == 413 and batch.json()["error"].startswith("more than 64 files in one request")
     assert single.status_code == 413 and single.json()["error"].startswith("more than 1 file in one request")
+
+
+def test_uploads_held_at_once_have_a_budget(runner):
+    """Concurrency x upload size was the only bound on request bodies held in memory (256 x 64 MiB). With
+    --max-inflight-mb, a request that would pass the budget gets 503 + Retry-After: before its upload is read when
+    it declares its length, as it streams when it does not; the budget is free again once a request is answered."""
+    settings = ServeSettings(max_upload_mb=0.01, max_inflight_mb=0.01)  # 10,485 bytes each
+    held = asyncio.Event()
+
+    async def slow_body():  # request A: 6,000 bytes in flight for a while
+        yield b"x" * 6000
+        held.set()
+        await asyncio.sleep(0.5)
+        yield b"x" * 10
+
+    async def streamed():  # request C: no declared length
+        yield b"y" * 3000
+        yield b"y" * 3000
+
+    async def go(client):
+        a = asyncio.create_task(client.post("/predict", content=slow_body(), headers={"content-type": "image/png"}))
+        await held.wait()
+        b = await client.post("/predict", content=b"z" * 6000, headers={"content-type": "image/png"})
+        c = await client.post("/predict", content=streamed(), headers={"content-type": "image/png"})
+        first = await a
+        after = await client.post("/predict", content=b"z" * 6000, headers={"content-type": "image/png"})
+        return first, b, c, after
+
+    first, declared, streaming, after = call(create_app(runner, settings), go)
+    assert first.status_code == 422  # not an image, but read and answered
+    assert declared.status_code == 503 and declared.headers["retry-after"] == "1"
+    assert declared.json()["error"] == ("busy: the uploads being answered hold 6000 bytes, and this one would pass "
+                                        "the 10485 byte budget (--max-inflight-mb); retry later")
+    assert streaming.status_code == 503 and "byte budget" in streaming.json()["error"]
+    assert after.status_code == 422  # A answered: its bytes are free again
+    with pytest.raises(EdgeKDError, match="--max-inflight-mb 0.005 must be at least --max-upload-mb 0.01"):
+        check_settings(ServeSettings(max_upload_mb=0.01, max_inflight_mb=0.005))
 
 
 def test_a_stalled_upload_is_408(runner):

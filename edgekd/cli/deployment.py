@@ -229,6 +229,8 @@ def serve(
                                         help="Requests answered at once before a 503 (/health aside; idle "
                                              "connections do not count)."),
     max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", min=0.001, help="Largest request body."),
+    max_inflight_mb: float = typer.Option(1024.0, "--max-inflight-mb", min=0.001, help="Request bodies held at once "
+                                          "(every request being answered) before a 503."),
     upload_timeout: float = typer.Option(15.0, "--upload-timeout", min=0.1, help="Seconds a request body may go "
                                          "without a byte before a 408."),
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
@@ -249,7 +251,7 @@ def serve(
 
     settings = ServeSettings(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_concurrency=max_concurrency, token=token, max_upload_mb=max_upload_mb,
-                             upload_timeout_s=upload_timeout)
+                             max_inflight_mb=max_inflight_mb, upload_timeout_s=upload_timeout)
     check_settings(settings)
     check_port_free(host, port)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,

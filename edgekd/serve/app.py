@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from edgekd.errors import error_line
 from edgekd.runtime import Prediction, Runner
 from edgekd.serve.batcher import Batcher, BatchTooLarge, QueueFull
-from edgekd.serve.limits import BodyLimit, BodyTooLarge, RequestLimit, UploadTimedOut
+from edgekd.serve.limits import BodyLimit, BodyTooLarge, RequestLimit, UploadsInFlightFull, UploadTimedOut
 from edgekd.serve.metrics import MetricsMiddleware, ServiceMetrics
 from edgekd.serve.settings import ServeSettings, check_settings
 from edgekd.serve.uploads import UploadError, decode_upload
@@ -145,7 +145,9 @@ def create_app(runner: Runner, settings: ServeSettings | None = None) -> FastAPI
     _add_error_handlers(app)
     _add_routes(app, service, _auth(settings.token))
     # The last added runs first: metrics see every answer, the 503s of the request limit included.
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20), timeout=settings.upload_timeout_s)
+    budget = None if settings.max_inflight_mb is None else int(settings.max_inflight_mb * 2**20)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20), timeout=settings.upload_timeout_s,
+                       max_in_flight=budget)
     app.add_middleware(RequestLimit, max_requests=settings.max_concurrency)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     return app
@@ -168,6 +170,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UploadError, lambda _r, e: error(e.status, str(e)))
     app.add_exception_handler(QueueFull, lambda _r, e: error(503, f"busy: {e}", {"Retry-After": "1"}))
     app.add_exception_handler(BodyTooLarge, lambda _r, e: error(413, str(e)))
+    app.add_exception_handler(UploadsInFlightFull, lambda _r, e: error(503, str(e), {"Retry-After": "1"}))
     app.add_exception_handler(BatchTooLarge, lambda _r, e: error(413, str(e)))
     app.add_exception_handler(UploadTimedOut, lambda _r, e: error(408, str(e)))
     app.add_exception_handler(ClientGone, lambda _r, e: Response(status_code=CLIENT_GONE))

@@ -12,6 +12,10 @@ class BodyTooLarge(Exception):
     """Raised from `receive` when a streamed body passes the limit (the app answers 413)."""
 
 
+class UploadsInFlightFull(Exception):
+    """Raised from `receive` when a streamed body would take the bodies held at once past their budget (503)."""
+
+
 class UploadTimedOut(Exception):
     """Raised from `receive` when a body takes longer than the upload timeout to arrive (the app answers 408)."""
 
@@ -28,10 +32,19 @@ async def send_json(send, status: int, body: dict, headers: dict[str, str] | Non
 class BodyLimit:
     """At most `max_bytes` of body, and never `timeout` seconds without a byte of it (a client that sends a few
     bytes of a promised upload and stalls would otherwise hold its request slot for good; a slow but steady upload
-    goes on)."""
+    goes on). With `max_in_flight`, the bodies of all requests being answered hold at most that many bytes together:
+    a request that would pass it is answered 503 with Retry-After (before its upload is read when it declares its
+    length), where concurrency x upload size alone allowed 256 x 64 MiB."""
 
-    def __init__(self, app, max_bytes: int, timeout: float = 15.0):
-        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+    def __init__(self, app, max_bytes: int, timeout: float = 15.0, max_in_flight: int | None = None):
+        self.app, self.max_bytes, self.timeout, self.max_in_flight = app, max_bytes, timeout, max_in_flight
+        self.in_flight = 0
+
+    def _busy(self, more: int) -> str | None:
+        if self.max_in_flight is None or self.in_flight + more <= self.max_in_flight:
+            return None
+        return (f"busy: the uploads being answered hold {self.in_flight} bytes, and this one would pass the "
+                f"{self.max_in_flight} byte budget (--max-inflight-mb); retry later")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -41,6 +54,9 @@ class BodyLimit:
             reason = (f"upload of {int(declared)} bytes is over the {self.max_bytes} byte limit" if declared.isdigit()
                       else "invalid Content-Length header")
             return await send_json(send, 413 if declared.isdigit() else 400, {"error": reason})
+        busy = self._busy(int(declared)) if declared is not None else None
+        if busy:
+            return await send_json(send, 503, {"error": busy}, {"Retry-After": "1"})
         received, body_done = 0, False
 
         async def limited():
@@ -52,13 +68,21 @@ class BodyLimit:
             except asyncio.TimeoutError:
                 raise UploadTimedOut(f"the upload stalled: no data for {self.timeout:g} s") from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                busy = self._busy(size)
+                if busy:
+                    raise UploadsInFlightFull(busy)
+                received += size
+                self.in_flight += size
                 body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge(f"upload is over the {self.max_bytes} byte limit")
             return message
 
-        await self.app(scope, limited, send)
+        try:
+            await self.app(scope, limited, send)
+        finally:  # the body is held until the answer is sent
+            self.in_flight -= received
 
 
 class RequestLimit:

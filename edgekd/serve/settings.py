@@ -22,6 +22,9 @@ class ServeSettings:
     count."""
     token: str | None = None
     max_upload_mb: float = 64.0
+    max_inflight_mb: float | None = 1024.0
+    """The request bodies held at once (all requests being answered) before the service answers 503; None: no
+    budget beyond max_concurrency x max_upload_mb."""
     upload_timeout_s: float = 15.0
     """Seconds a request body may go without a byte before it is answered 408 (a stalled client frees its slot)."""
     decode_threads: int = 2
@@ -50,6 +53,9 @@ def check_settings(settings: ServeSettings) -> None:
         raise EdgeKDError(f"--max-queue {settings.max_queue} must be at least --max-batch {settings.max_batch}")
     if settings.max_concurrency is not None and settings.max_concurrency < 1:
         raise EdgeKDError("--max-concurrency must be >= 1")
+    if settings.max_inflight_mb is not None and settings.max_inflight_mb < settings.max_upload_mb:
+        raise EdgeKDError(f"--max-inflight-mb {settings.max_inflight_mb:g} must be at least --max-upload-mb "
+                          f"{settings.max_upload_mb:g} (else the largest upload could never be answered)")
     if not settings.upload_timeout_s > 0:
         raise EdgeKDError(f"--upload-timeout must be > 0 seconds, got {settings.upload_timeout_s}")
     if not 0 <= settings.max_wait_ms <= 10_000:
