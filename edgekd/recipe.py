@@ -6,6 +6,7 @@ import copy
 import hashlib
 import inspect
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
@@ -14,6 +15,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekd.errors import EdgeKDError, oversized, quote, shorten
+
+
+def refuse_nonfinite(value: Any, path: str = "") -> Any:
+    """Free-form recipe values (augment arguments, timm kwargs) hold no inf or nan either: `ColorJitter: {contrast:
+    .inf}` passed `edgekd check` and failed training's first step."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        refuse_nonfinite(item, f"{path}.{key}" if path else str(key))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path}: must be a finite number, got {value}")
+    return value
 
 
 class Section(BaseModel):
@@ -98,6 +110,11 @@ class ModelConfig(Section):
     freeze_patterns: list[str] = []
     kwargs: dict[str, Any] = {}
 
+    @field_validator("kwargs")
+    @classmethod
+    def _finite_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return refuse_nonfinite(v)
+
 
 class OptimizerConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -132,9 +149,13 @@ class SchedulerConfig(Section):
 def check_focal_alpha(alpha: list[float] | float | None) -> list[float] | float | None:
     """Focal alpha: a scalar in [0, 1] (class 0 gets 1 - alpha, so outside it one class's weight is negative), or
     one weight >= 0 per class."""
-    if isinstance(alpha, list) and any(a < 0 for a in alpha):
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    values = alpha if isinstance(alpha, list) else [alpha]
+    if any(number(a) and not math.isfinite(a) for a in values):  # before pydantic's union names its branches
+        raise ValueError("must be finite" + (f", got {alpha}" if isinstance(alpha, list) else ""))
+    if isinstance(alpha, list) and any(number(a) and a < 0 for a in alpha):
         raise ValueError(f"per-class weights must be >= 0, got {alpha}")
-    if isinstance(alpha, float) and not 0 <= alpha <= 1:
+    if number(alpha) and not 0 <= alpha <= 1:
         raise ValueError("a scalar alpha must be in [0, 1] (class 0 gets 1 - alpha)")
     return alpha
 
@@ -149,9 +170,9 @@ class LossConfig(Section):
     """Weight the loss by the train split's balanced class weights; all 1 when `data.balanced_sampler` already
     evens the classes (the imbalance is not corrected twice)."""
 
-    @field_validator("alpha")
+    @field_validator("alpha", mode="before")
     @classmethod
-    def _alpha_in_range(cls, v: list[float] | float | None) -> list[float] | float | None:
+    def _alpha_in_range(cls, v: Any) -> Any:
         return check_focal_alpha(v)
 
 
@@ -247,9 +268,9 @@ class FocalTerm(Section):
     class_weights: bool = False
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
-    @field_validator("alpha")
+    @field_validator("alpha", mode="before")
     @classmethod
-    def _alpha_in_range(cls, v: list[float] | float | None) -> list[float] | float | None:
+    def _alpha_in_range(cls, v: Any) -> Any:
         return check_focal_alpha(v)
 
 
@@ -479,6 +500,11 @@ class Recipe(Section):
     data: DataConfig = DataConfig()
     augment: list[dict[str, Any]] = []
     """torchvision.transforms.v2 ops by class name, e.g. `- RandomRotation: {degrees: 15}`."""
+
+    @field_validator("augment")
+    @classmethod
+    def _finite_augment(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return refuse_nonfinite(v)
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     distill: DistillConfig | None = None

@@ -405,6 +405,31 @@ def test_focal_loss_hand_computed():
     assert alpha == pytest.approx(0.25 * expected.item())
 
 
+def test_focal_alpha_must_fit_the_class_count():
+    """A scalar alpha on 5 classes, or two weights for five, failed training's first step with an IndexError; three
+    weights for two classes passed. Each is now a one-line error before training (train.loss and the KD term)."""
+    from edgekd.distill.losses import build_distill_loss
+
+    five = torch.ones(5)
+
+    def focal(alpha):
+        return recipe_from_dict({"train": {"loss": {"name": "focal", "alpha": alpha}}}).train.loss
+
+    with pytest.raises(EdgeKDError, match=r"^train.loss.alpha: a scalar alpha weighs class 1 against class 0 of a "
+                                          r"two-class task; the data has 5 classes"):
+        build_loss(focal(0.25), five)
+    with pytest.raises(EdgeKDError, match=r"^train.loss.alpha: 2 weights for 5 classes \(give one per class\)$"):
+        build_loss(focal([1, 1]), five)
+    with pytest.raises(EdgeKDError, match="3 weights for 2 classes"):
+        build_loss(focal([0.5, 0.5, 0.5]), torch.ones(2))
+    assert isinstance(build_loss(focal(0.25), torch.ones(2)), FocalLoss)
+    assert build_loss(focal([1, 2, 3, 4, 5]), five).alpha.tolist() == [1, 2, 3, 4, 5]
+    terms = [{"kind": "kl"}, {"kind": "focal", "alpha": [1, 1]}]
+    term = recipe_from_dict({"distill": {"teacher": "t.pt", "terms": terms}})
+    with pytest.raises(EdgeKDError, match=r"^distill.terms\[focal\].alpha: 2 weights for 5 classes"):
+        build_distill_loss(term.distill.terms, five)
+
+
 def test_build_loss_uses_class_weights():
     cfg = recipe_from_dict({"train": {"loss": {"name": "ce", "class_weights": True}}}).train.loss
     loss = build_loss(cfg, torch.tensor([1.0, 3.0]))

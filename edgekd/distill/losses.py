@@ -11,7 +11,7 @@ from torch import nn
 
 from edgekd.distill.features import FeatureAdapter, FeatureMaps, align_spatial
 from edgekd.errors import EdgeKDError
-from edgekd.train.losses import FocalLoss
+from edgekd.train.losses import FocalLoss, check_alpha_fits
 
 LOSS_TERMS: dict[str, Callable[..., "LossTerm"]] = {}
 
@@ -181,6 +181,7 @@ def _build_ce(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter |
 
 @register_term("focal")
 def _build_focal(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter | None = None) -> LossTerm:
+    check_alpha_fits(cfg.alpha, None if class_weights is None else len(class_weights), "distill.terms[focal].alpha")
     alpha = cfg.alpha if cfg.alpha is not None else (class_weights if cfg.class_weights else None)
     return LabelLoss(FocalLoss(cfg.gamma, alpha, cfg.label_smoothing))
 

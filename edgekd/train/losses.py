@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgekd.errors import EdgeKDError
+
 
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al. 2017): mean over the batch of -alpha_y (1 - p_y)^gamma log p_y.
@@ -36,10 +38,23 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
+def check_alpha_fits(alpha, num_classes: int | None, key: str) -> None:
+    """A focal alpha fits the data: a scalar for two classes only, a list of one weight per class (it had failed
+    at the first step with an IndexError, or a list too long had passed)."""
+    if alpha is None or num_classes is None:
+        return
+    if isinstance(alpha, list) and len(alpha) != num_classes:
+        raise EdgeKDError(f"{key}: {len(alpha)} weights for {num_classes} classes (give one per class)")
+    if not isinstance(alpha, list) and num_classes != 2:
+        raise EdgeKDError(f"{key}: a scalar alpha weighs class 1 against class 0 of a two-class task; the data has "
+                          f"{num_classes} classes (give one weight per class)")
+
+
 def build_loss(loss_cfg, class_weights: torch.Tensor | None = None) -> nn.Module:
-    """The recipe's train.loss -> a module taking (logits, targets)."""
+    """The recipe's train.loss -> a module taking (logits, targets); `class_weights` has one entry per class."""
     weight = class_weights if loss_cfg.class_weights else None
     if loss_cfg.name == "focal":
+        check_alpha_fits(loss_cfg.alpha, None if class_weights is None else len(class_weights), "train.loss.alpha")
         alpha = loss_cfg.alpha if loss_cfg.alpha is not None else weight
         return FocalLoss(loss_cfg.gamma, alpha, loss_cfg.label_smoothing)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=loss_cfg.label_smoothing)
