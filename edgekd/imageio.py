@@ -323,8 +323,9 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
             raise EdgeKDError(f"{where}: no decoder here for its {syntax.name} pixel data (pydicom needs a plugin: "
                               "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pyjpegls for JPEG-LS)"
                               ) from None
-        raise EdgeKDError(f"{where}: unreadable DICOM pixel data ({type(err).__name__}: "
-                          f"{shorten(str(err).splitlines()[0] if str(err) else '-', 120)})") from None
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or "-"
+        raise EdgeKDError(f"{where}: unreadable DICOM pixel data ({type(err).__name__}: {shorten(reason, 200)})"
+                          ) from None
     try:
         out = arr.astype(np.uint8) if arr.dtype == np.uint8 else _rescale_to_uint8(np.asarray(arr, dtype=np.float64),
                                                                                   span)

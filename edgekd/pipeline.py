@@ -65,8 +65,9 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
     stale = [f"fold{k}" for k in numbers if k >= (folds or 0)]  # fold2 before fold10
     if stale and not resume:
         log(f"warning: {out} holds {', '.join(stale)} of an earlier run with {'more ' if folds else ''}folds, "
-            f"which this run {'does not train' if folds else 'is not'}: they stay as they are (remove them, or train "
-            "into another folder)")
+            f"which this run {'does not train' if folds else 'is not'}: "
+            + ("they stay as they are (remove them" if len(stale) > 1 else "it stays as it is (remove it")
+            + ", or train into another folder)")
 
 
 def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print, progress=None):

@@ -413,7 +413,7 @@ def test_a_gemm_peak_that_moved_during_the_run_is_flagged_and_first_calls_get_a_
     assert "| 1st call ms |" in table and "| 38.2 |" in table
 
 
-def test_two_bundles_in_one_folder_get_their_own_default_bench_folder(tmp_path):
+def test_two_bundles_in_one_folder_get_their_own_default_bench_folder(tmp_path, monkeypatch):
     """Without --out, two bundles in runs/ both wrote runs/bench/, the second replacing the first without a word."""
     from edgekd.bench.run import default_bench_out
 
@@ -424,3 +424,7 @@ def test_two_bundles_in_one_folder_get_their_own_default_bench_folder(tmp_path):
     assert default_bench_out(tmp_path / "b1") == tmp_path / "b1-bench"
     assert default_bench_out(tmp_path / "b3.zip") == tmp_path / "b3-bench"
     assert default_bench_out(tmp_path / "run" / "best.pt") == tmp_path / "run" / "bench"
+    # `bench .` from inside the bundle: it had built "-bench" (the empty name of ".")
+    monkeypatch.chdir(tmp_path / "b1")
+    assert default_bench_out(".") == tmp_path / "b1-bench" and default_bench_out("..") == tmp_path.parent / (
+        tmp_path.name + "-bench")

@@ -474,6 +474,9 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     with pytest.raises(EdgeKDError, match=r"kfold: a k-fold folder \(its summary over the folds is kfold.md\); give "
                                           r"fold runs to compare, e.g. \S+fold0/student \S+fold0/teacher$"):
         resolve_checkpoint(tmp_path / "kfold")
+    with pytest.raises(EdgeKDError, match=r"fold1: a fold of a k-fold run; give its runs, e.g. \S+fold1/student "
+                                          r"\S+fold1/teacher$"):
+        resolve_checkpoint(tmp_path / "kfold" / "fold1")
 
     # --resume: finished runs are kept as they are; a run cut short (no metrics.json yet) goes on from its last.pt
     kept = tmp_path / "kfold" / "fold0" / "student" / "best.pt"

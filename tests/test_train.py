@@ -178,7 +178,7 @@ def test_fold_folders_a_run_leaves_from_an_earlier_one_are_named(tiny_recipe_dic
     said: list[str] = []
     check_run_inputs(recipe, out, None, resume=False, folds=2, log=said.append)
     assert said[-1] == (f"warning: {out} holds fold2 of an earlier run with more folds, which this run does not "
-                        "train: they stay as they are (remove them, or train into another folder)")
+                        "train: it stays as it is (remove it, or train into another folder)")
     said.clear()
     check_run_inputs(recipe, out, None, resume=False, folds=3, log=said.append)
     assert not any("fold2" in line for line in said)

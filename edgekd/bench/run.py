@@ -593,7 +593,7 @@ def _write_outputs(cfg: BenchConfig, subjects: list[Subject], records: list[dict
 def default_bench_out(source: str | Path) -> Path:
     """Where `edgekd bench` writes without --out: bench/ in a checkpoint's run folder; <bundle>-bench/ beside a
     bundle (folder or .zip), so two bundles in one folder do not share, and replace, one output folder."""
-    source = Path(source)
+    source = Path(os.path.abspath(source))  # `bench .` inside a bundle: named after it, not "" (nor "..")
     if source.is_file() and source.suffix.lower() != ".zip":
         return source.parent / "bench"
     return source.parent / f"{source.stem if source.suffix.lower() == '.zip' else source.name}-bench"
@@ -635,7 +635,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     try:
         result = _measure_and_write(cfg, subjects, work, started, load_start, other_cpu, log, progress)
         if replacing:
-            log(f"replaced the earlier results in {cfg.out} (bench.json, bench.md)")
+            log(f"replaced the earlier results in {cfg.out} ({', '.join(result.written)})")
         return result
     except BaseException:
         leave_nothing()

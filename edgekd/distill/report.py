@@ -22,6 +22,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         runs = sorted(p.parent.relative_to(path).as_posix() for p in path.glob("fold0/*/best.pt"))
         raise EdgeKDError(f"{path}: a k-fold folder (its summary over the folds is kfold.md); give fold runs to "
                           f"compare, e.g. {' '.join(str(path / r) for r in runs) or str(path / 'fold0' / '<role>')}")
+    if path.is_dir() and (path / "splits.json").is_file() and not (path / "best.pt").is_file():  # a fold folder
+        runs = sorted(str(p.parent) for p in path.glob("*/best.pt"))
+        raise EdgeKDError(f"{path}: a fold of a k-fold run; give its runs, e.g. {' '.join(runs) or path / '<role>'}")
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
