@@ -535,19 +535,18 @@ class Recipe(Section):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def recipe_differences(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
-    """The keys whose values differ between two recipe dicts (`to_dict`), as `key: old -> new` (lists compared
-    whole; `tracking` left out, as the digest leaves it out)."""
-    changes = []
-    for key in sorted(set(before) | set(after)):
-        if not prefix and key == "tracking":
-            continue
-        old, new = before.get(key), after.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += recipe_differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            changes.append(f"{prefix}{key}: {shorten(json.dumps(old), 40)} -> {shorten(json.dumps(new), 40)}")
-    return changes
+def recipe_differences(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """Where two recipe dicts (`to_dict`) differ, down to the leaf, as `key: old -> new` (lists of one length item
+    by item, `augment.0.RandomAffine.degrees: 10 -> 20`; `tracking` left out, as the digest leaves it out)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = sorted(set(before) | set(after), key=str)
+        pairs = [(k, before.get(k), after.get(k)) for k in keys if prefix or k != "tracking"]
+    elif isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        pairs = list(zip(range(len(before)), before, after))
+    else:
+        return [] if before == after else [f"{prefix.rstrip('.') or 'recipe'}: {shorten(json.dumps(before), 60)} -> "
+                                           f"{shorten(json.dumps(after), 60)}"]
+    return [change for key, old, new in pairs for change in recipe_differences(old, new, f"{prefix}{key}.")]
 
 
 BOUNDS = {"Ge": ("≥", "ge"), "Gt": (">", "gt"), "Le": ("≤", "le"), "Lt": ("<", "lt"), "MinLen": ("min length", "min_length")}

@@ -184,3 +184,21 @@ def test_yaml_merge_keys_unhashable_keys_and_blame_after_a_fixing_set(tmp_path):
         load_recipe(p, ["name=ok", "train.epochs=abc"])
     with pytest.raises(EdgeKDError, match=r"r.yaml: name: String should match pattern"):
         load_recipe(p, ["train.epochs=3"])
+
+
+def test_recipe_differences_name_the_changed_leaf():
+    """A refused resume named `augment: [{"RandomA...<118 chars>...] -> [{"RandomA...<118 chars>...]`, both sides
+    cut to the same text; it names the leaf that changed, and a path in full up to 60 characters."""
+    from edgekd.recipe import recipe_differences
+
+    aug = [{"RandomAffine": {"degrees": 10, "translate": [0.1, 0.1]}}, {"ColorJitter": {"contrast": 0.2}}]
+    before = {"augment": aug, "data": {"path": "../shared/data/medmnist/pneumoniamnist.npz"}, "tracking": {"a": 1}}
+    after = {"augment": [{"RandomAffine": {"degrees": 20, "translate": [0.1, 0.1]}}, aug[1]],
+             "data": {"path": "/work/shared/data/medmnist/pneumoniamnist.npz"}, "tracking": {"a": 2}}
+    assert recipe_differences(before, after) == [
+        "augment.0.RandomAffine.degrees: 10 -> 20",
+        'data.path: "../shared/data/medmnist/pneumoniamnist.npz" -> "/work/shared/data/medmnist/pneumoniamnist.npz"']
+    (whole,) = recipe_differences({"augment": aug}, {"augment": aug[:1]})  # another length: the lists, cut short
+    assert whole.startswith('augment: [{"RandomAffine": {"') and whole.endswith(
+        ' -> [{"RandomAffine": {"degrees": 10, "translate": [0.1, 0.1]}}]')
+    assert recipe_differences(before, before) == []
