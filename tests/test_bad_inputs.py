@@ -747,7 +747,7 @@ def test_eval_refuses_data_with_another_class_count(trained, tmp_path, capsys):
     npz = write_npz(tmp_path / "three.npz", size=SIZE, classes=3)
     data = write_recipe(tmp_path / "d.yaml", {"source": "medmnist", "path": str(npz)})
     assert_refused(invoke(capsys, "eval", trained["ckpt"], "--data", data, "--out", tmp_path / "ev"),
-                   "2 classes", "has 3")
+                   "the model has 2 classes ['class_0', 'class_1'], the data has 3 ['class_0', 'class_1', 'class_2']")
     assert not (tmp_path / "ev").exists()
 
 

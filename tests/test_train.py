@@ -712,7 +712,7 @@ def test_class_order_check_refuses_moved_names_and_warns_on_renamed_ones():
         check_class_order(["NORMAL", "PNEUMONIA"], ["bacterial", "normal"], "x")
     # Another class count: an error, not "matched by index" followed by a count error (a 5-grade teacher, 2 classes)
     said: list[str] = []
-    with pytest.raises(EdgeKDError, match=r"^t: the model has 5 classes \['0', '1', '2', '3', '4'\], the data 2 "
+    with pytest.raises(EdgeKDError, match=r"^t: the model has 5 classes \['0', '1', '2', '3', '4'\], the data has 2 "
                                           r"\['normal', 'pneumonia'\]$"):
         check_class_order(["0", "1", "2", "3", "4"], ["normal", "pneumonia"], "t", said.append)
     assert said == []

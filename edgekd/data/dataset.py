@@ -52,7 +52,7 @@ def check_class_order(model_classes: list[str], data_classes: list[str], where: 
 
     if len(model_classes) != len(data_classes):  # no matching by index: it had warned so, then failed on the count
         raise EdgeKDError(f"{where}: the model has {len(model_classes)} classes "
-                          f"{shorten(str(list(model_classes)), 100)}, the data {len(data_classes)} "
+                          f"{shorten(str(list(model_classes)), 100)}, the data has {len(data_classes)} "
                           f"{shorten(str(list(data_classes)), 100)}")
     model_at = {key(n): i for i, n in enumerate(model_classes)}
     moved = [(n, model_at[key(n)], j) for j, n in enumerate(data_classes) if model_at.get(key(n), j) != j]
