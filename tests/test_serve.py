@@ -414,22 +414,27 @@ def test_a_batch_larger_than_the_queue_is_413_not_a_retry(runner):
         return await client.post("/predict/batch", files=files), await client.post("/predict/batch", files=files[:4])
 
     too_many, fits = call(create_app(runner, ServeSettings(max_batch=2, max_queue=4)), go)
-    assert too_many.status_code == 413 and "--max-queue 4" in too_many.json()["error"]
+    assert too_many.status_code == 413 and too_many.json()["error"] == (
+        "more than 4 files in one request (/predict takes one file, /predict/batch at most 4, the --max-queue 4)")
     assert fits.status_code == 200 and len(fits.json()["results"]) == 4
 
 
 def test_more_files_than_an_endpoint_takes_is_413_in_our_words(runner):
-    """Starlette answers a multipart over max_files with 400 "Too many files..."; the README says 413."""
+    """Starlette answers a multipart over max_files or max_fields with 400 "Too many ..."; the README says 413."""
     tiny = png(1, size=8)
 
     async def go(client):
         return (await client.post("/predict/batch", files=[("files", (f"{i}.png", tiny, "image/png"))
                                                             for i in range(65)]),
-                await client.post("/predict", files=[("file", (f"{i}.png", tiny, "image/png")) for i in range(2)]))
+                await client.post("/predict", files=[("file", (f"{i}.png", tiny, "image/png")) for i in range(2)]),
+                await client.post("/predict", files=[("file", ("a.png", tiny, "image/png"))],
+                                  data={"a": "1", "b": "2"}))
 
-    batch, single = call(create_app(runner, ServeSettings(max_queue=100)), go)
-    assert batch.status_code == 413 and batch.json()["error"].startswith("more than 64 files in one request")
+    batch, single, fields = call(create_app(runner, ServeSettings(max_queue=100)), go)
+    assert batch.status_code == 413 and batch.json()["error"] == (
+        "more than 64 files in one request (/predict takes one file, /predict/batch at most 64)")
     assert single.status_code == 413 and single.json()["error"].startswith("more than 1 file in one request")
+    assert fields.status_code == 413 and fields.json()["error"].startswith("more than 1 field in one request")
 
 
 def test_uploads_held_at_once_have_a_budget(runner):

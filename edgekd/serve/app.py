@@ -27,7 +27,7 @@ from edgekd.serve.settings import ServeSettings, check_settings
 from edgekd.serve.uploads import UploadError, decode_upload
 
 MAX_BATCH_FILES = 64
-"""The most files one /predict/batch request may carry."""
+"""The most files one /predict/batch request may carry (fewer when --max-queue is smaller)."""
 CLIENT_GONE = 499
 """The status recorded (never sent) for a request whose client hung up before its answer (nginx's code)."""
 
@@ -54,6 +54,9 @@ class Service:
         self.batcher = Batcher(self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
                                self.metrics.batch)
         self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="edgekd-decode")
+        self.batch_files = min(MAX_BATCH_FILES, settings.max_queue)  # a request never holds more than the queue
+        self.batch_files_said = f"at most {self.batch_files}" + (
+            f", the --max-queue {settings.max_queue}" if settings.max_queue < MAX_BATCH_FILES else "")
         self.bundle_id = runner.bundle.sha256
         # Which model answers, in every response (a log of responses tells fp32 from int8, TTA from none).
         self.answered_by = {"model": runner.bundle.model.get("name"), "bundle_id": self.bundle_id,
@@ -181,8 +184,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, lambda _r, e: error(500, f"internal error ({type(e).__name__})"))
 
 
-async def _uploads(request: Request, limit: int) -> list[tuple[str, str | None, bytes]]:
-    """(name, declared content type, bytes) of a multipart request's files, or of a raw body."""
+async def _uploads(request: Request, limit: int, batch_said: str) -> list[tuple[str, str | None, bytes]]:
+    """(name, declared content type, bytes) of a multipart request's files, or of a raw body.
+
+    `limit` bounds this endpoint's files and form fields; `batch_said` says what /predict/batch takes.
+    """
     content_type = request.headers.get("content-type")
     if not (content_type or "").lower().startswith("multipart/form-data"):
         body = await request.body()
@@ -191,11 +197,12 @@ async def _uploads(request: Request, limit: int) -> list[tuple[str, str | None, 
         return [("upload", content_type, body)]
     try:
         form = await request.form(max_files=limit, max_fields=limit)
-    except HTTPException as err:  # Starlette answers a multipart over max_files with 400 and its own words
-        if "Too many files" not in str(err.detail):
+    except HTTPException as err:  # Starlette answers max_files / max_fields with 400 and its own words
+        part = next((p for p in ("files", "fields") if f"Too many {p}" in str(err.detail)), None)
+        if part is None:
             raise
-        raise UploadError(f"more than {limit} file{'s' if limit > 1 else ''} in one request (/predict takes one, "
-                          f"/predict/batch at most {MAX_BATCH_FILES})", 413) from None
+        raise UploadError(f"more than {limit} {part[:-1] if limit == 1 else part} in one request (/predict takes "
+                          f"one file, /predict/batch {batch_said})", 413) from None
     files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not files:
         raise UploadError("multipart upload without a file part (send the image as the 'file' field)", 400)
@@ -206,7 +213,7 @@ def _add_routes(app: FastAPI, service: Service, auth) -> None:
     @app.post("/predict", dependencies=[auth])
     async def predict(request: Request, views: bool = False):
         service.batcher.check_room(1)  # a full queue answers 503 before the upload is read
-        uploads = await _uploads(request, 1)
+        uploads = await _uploads(request, 1, service.batch_files_said)
         if len(uploads) != 1:
             raise UploadError(f"/predict takes one image, got {len(uploads)} (use /predict/batch)", 400)
         name, content_type, data = uploads[0]
@@ -217,7 +224,7 @@ def _add_routes(app: FastAPI, service: Service, auth) -> None:
     @app.post("/predict/batch", dependencies=[auth])
     async def predict_batch(request: Request, views: bool = False):
         service.batcher.check_room(1)
-        uploads = await _uploads(request, MAX_BATCH_FILES)
+        uploads = await _uploads(request, service.batch_files, service.batch_files_said)
         service.batcher.check_room(len(uploads))  # before decoding them; submit checks again
         decoded = await service.decode_each(request, uploads)
         good = [(img, name) for img, (name, _, _) in zip(decoded, uploads) if not isinstance(img, UploadError)]
