@@ -107,6 +107,7 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
     state = load_checkpoint(tmp_path / "one" / "last.pt")
     assert state["trainer"]["epoch"] == 1
     state["recipe_digest"] = recipe_from_dict(base).digest()
+    state["trainer"]["world_size"] = 2  # as if trained by torchrun with 2 processes
     state = {k: v for k, v in state.items() if k != "format"}
 
     def interrupted(name, weights):
@@ -125,6 +126,8 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
     part_dir, logs = interrupted("part", state["state_dict"]), []
     resumed = train_recipe(recipe_from_dict(base), part_dir, resume=True, log=logs.append)
     assert f"resumed from {part_dir / 'last.pt'} at epoch 1" in logs
+    assert f"warning: {part_dir / 'last.pt'} was trained by 2 process(es), resumed by 1: the batch each step " \
+        "averages (8 x processes) and the shards change" in logs
     assert trained == [1, 2]  # 0-based: epochs 2 and 3 only, epoch 1 is not trained again
     assert resumed.fit.history[0]["train_loss"] == pytest.approx(r1.fit.history[0]["train_loss"])
     assert [h["train_loss"] for h in resumed.fit.history] == pytest.approx([h["train_loss"] for h in full.fit.history], rel=1e-5)
@@ -136,9 +139,13 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
     # Resuming the finished run says so, trains nothing and adds no session (it had added an empty one).
     trained.clear()
     logs.clear()
+    finished = load_checkpoint(part_dir / "last.pt")
+    finished["trainer"]["world_size"] = 2  # a finished run warns of nothing it will not train
+    save_checkpoint(part_dir / "last.pt", {k: v for k, v in finished.items() if k != "format"})
     again = train_recipe(recipe_from_dict(base), part_dir, resume=True, log=logs.append)
     assert trained == [] and "the run had finished (3 of 3 epochs): nothing left to train; its best.pt is " \
         "evaluated again" in logs
+    assert not [line for line in logs if "process(es)" in line]
     assert again.test["auc"] == pytest.approx(resumed.test["auc"])
     assert [s["from_epoch"] for s in json.loads((part_dir / "metrics.json").read_text())["sessions"]] == [0, 1]
     # The resumed epochs start from last.pt's weights: the same state with perturbed weights trains differently.

@@ -63,12 +63,12 @@ def train(
         return
     if getattr(result, "acc_matrix", None) is not None:  # a continual run: its table is the accuracy matrix
         out_console.print(continual_table(rec.name, result))
-        console.print(f"wrote {result.best_path} and continual.json, task_accuracy.png in {out}")
+        console.print(f"best checkpoint {result.best_path}; wrote continual.json, task_accuracy.png in {out}")
         return
     rows = [{"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.val},
             {"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.test}]
     out_console.print(metrics_table(f"{rec.name}: best checkpoint", rows))
-    console.print(f"wrote {result.best_path} and reports in {out}")
+    console.print(f"best checkpoint {result.best_path}; wrote the reports in {out}")
 
 
 def check(

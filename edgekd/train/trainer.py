@@ -227,6 +227,7 @@ class Trainer:
         """One entry per `fit` of this run, resumes included: the epoch it started at, its processes and threads."""
         self.prior_seconds = 0.0
         """Seconds the run trained before this session, up to its last checkpoint (0 unless resumed)."""
+        self.resumed_from: tuple[Path | None, int | None] = (None, None)  # the checkpoint and its process count
         self._session_start: float | None = None
         self._unmanaged_params: list[nn.Parameter] = []
         self.val_outputs: tuple[np.ndarray, np.ndarray] | None = None
@@ -287,10 +288,7 @@ class Trainer:
         # absent from checkpoints before 2026-12-05: their time and sessions before the resume are not known
         self.prior_seconds, self.sessions = st.get("train_seconds", 0.0), list(st.get("sessions", []))
         self.log(f"resumed from {path} at epoch {self.epoch}")
-        before, now = st.get("world_size"), distributed.world_size()  # absent from checkpoints before 2026-12-05
-        if before is not None and before != now:
-            self.log(f"warning: {path} was trained by {before} process(es), resumed by {now}: the batch each step "
-                     f"averages ({self.data.cfg.batch_size} x processes) and the shards change")
+        self.resumed_from = (path, st.get("world_size"))  # absent from checkpoints before 2026-12-05
 
     # ----------------------------------------------------------------- loop
     def _improved(self, value: float) -> bool:
@@ -445,6 +443,10 @@ class Trainer:
             self.log(f"the run had finished ({self.epoch} of {self.cfg.epochs} epochs"
                      f"{', stopped early' if stopped_early else ''}): nothing left to train; its best.pt is "
                      "evaluated again")
+        path, before = self.resumed_from
+        if not finished and before is not None and before != distributed.world_size():
+            self.log(f"warning: {path} was trained by {before} process(es), resumed by {distributed.world_size()}: "
+                     f"the batch each step averages ({self.data.cfg.batch_size} x processes) and the shards change")
         self._start_fit(trains=not finished)
         val_loader = self.data.loader("val", train=False)
         tracker = Tracker.from_recipe(self.recipe, self.out) if self.is_main else Tracker([])
