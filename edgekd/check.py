@@ -122,17 +122,19 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
     `edgekd train` would warn about the data (a class a split lacks, unreadable images skipped)."""
     from edgekd.train import warn_about_data
 
+    listed = "a training run's metrics.json would list"
     if recipe.continual:
         from edgekd.continual.scenarios import build_tasks
 
         tasks = build_tasks(recipe)
         for t in tasks:
-            warn_about_data(t.data, lambda line, task=t.name: warn(line.replace("warning:", f"warning: task {task}:")))
+            warn_about_data(t.data, lambda line, task=t.name: warn(line.replace("warning:", f"warning: task {task}:")),
+                            listed)
         return sum(len(t.data.tables["train"]) for t in tasks)
     from edgekd.data import build_data
 
     data = build_data(recipe)
-    warn_about_data(data, warn)
+    warn_about_data(data, warn, listed)
     return len(data.tables["train"])
 
 

@@ -371,6 +371,9 @@ def test_train_skips_bad_images_and_trains_on_unusual_ones(tmp_path, capsys):
     assert metrics["bad_files"] == [str(root / "train" / "a" / "broken.jpg")]
     assert metrics["test"]["n"] == 6 + len(ODD_IMAGES)
     assert "skipped 1 unreadable image(s)" in err and "broken.jpg" in err  # it was in metrics.json alone
+    assert "; metrics.json lists them (bad_files)" in err
+    code, _, err = invoke(capsys, "check", recipe)  # check writes no metrics.json: it had said it lists them
+    assert code == 0 and "broken.jpg; a training run's metrics.json would list them (bad_files)" in err, err
 
 
 # ================================================================================ data sources: edgekd train

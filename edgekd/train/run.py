@@ -134,12 +134,13 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     return RunResult(out, fit.best_path, reports["test"], reports["val"], params, macs, fit)
 
 
-def warn_about_data(data: DataModule, log: Callable[[str], None]) -> None:
+def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = "metrics.json lists") -> None:
     """What a run's data lost before training: unreadable images skipped (on_bad_image: skip), and a class a split
-    lacks (a small data.limit, a rare class): never learned, or its AUC there undefined."""
+    lacks (a small data.limit, a rare class): never learned, or its AUC there undefined. `listed` says where the
+    skipped files are listed (`edgekd check` writes no metrics.json)."""
     if data.bad_files:
         log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "
-            f"{data.bad_files[0]}; metrics.json lists them (bad_files)")
+            f"{data.bad_files[0]}; {listed} them (bad_files)")
     counts = data.counts()
     for split in ("train", "val", "test"):
         lost = [name for name, n in zip(data.class_names, counts.get(split, [])) if not n]
