@@ -342,14 +342,15 @@ def test_runner_check_compares_what_predict_runs_with_the_gated_artifact(tmp_pat
         assert record[key]["max_prob_diff"] <= 0.01 and record[key]["top1_agreement"] == 1.0, record[key]
     card = (tmp_path / "ok" / "card.md").read_text()
     assert "Runner check: the runtime's Runner" in card and "onnx/fp32 on openvino" not in record
-    assert "Without options this runs the openvino FP32 model on OpenVINO (the default backend)" in card
+    assert ("Without options both run the openvino FP32 model on OpenVINO (the default backend); `--backend onnx` "
+            "runs the ONNX file on ONNX Runtime.") in card  # one precision: no --precision to pick another model
     # An ONNX-only bundle: predict's and serve's default backend, OpenVINO, reads the ONNX file; that path is
     # checked too (it had not been), and the card's Run line says what the defaults run (it had said --backend onnx).
     export_checkpoint(ckpt, tmp_path / "onnx-only", ["onnx"], ["fp32"], profile, log=quiet)
     record = json.loads((tmp_path / "onnx-only" / "parity.json").read_text())["runner"]
     assert record["onnx/fp32 on openvino"]["backend"] == "openvino" and record["onnx/fp32"]["backend"] == "onnx"
     assert record["onnx/fp32 on openvino"]["max_prob_diff"] <= 0.01
-    assert ("Without options this runs the onnx FP32 model on OpenVINO" in
+    assert ("Without options both run the onnx FP32 model on OpenVINO" in
             (tmp_path / "onnx-only" / "card.md").read_text())
 
     # edgekd.json's normalization is no longer training's (in edgekd.json and embedded in the models alike): the
@@ -791,3 +792,17 @@ def test_int8_transformer_scheme_is_picked_for_every_timm_attention_and_no_chann
         assert is_transformer(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), attention)), type(attention).__name__
     for gate in (SqueezeExcite(32), CbamModule(32)):
         assert not is_transformer(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), gate)), type(gate).__name__
+
+
+def test_the_cards_run_line_names_only_the_options_a_bundle_has():
+    """It offered `--precision` for a one-model bundle and `--backend onnx` for a bundle without ONNX files."""
+    from edgekd.export.bundle import default_run_line
+
+    ov = [{"format": "openvino", "precision": p} for p in ("int8", "fp16", "fp32")]
+    assert default_run_line(ov) == ("Without options both run the openvino FP32 model on OpenVINO (the default "
+                                    "backend); `--precision fp16|int8` picks another model of the bundle.")
+    assert default_run_line([{"format": "onnx", "precision": "int8"}, {"format": "onnx", "precision": "fp16"}]) == (
+        "Without options both run the onnx FP16 model on OpenVINO (the default backend); `--backend onnx` runs the "
+        "ONNX file on ONNX Runtime; `--precision int8` picks another model of the bundle.")
+    assert default_run_line(ov[2:]) == ("Without options both run the openvino FP32 model on OpenVINO (the default "
+                                        "backend).")

@@ -107,8 +107,11 @@ def default_run_line(artifacts: list[dict[str, Any]]) -> str:
     (its own IR, else the ONNX file, which OpenVINO reads; the runner check covers that path too)."""
     precision = next(p for p in PRECISIONS if any(a["precision"] == p for a in artifacts))
     fmt = "openvino" if any(a["format"] == "openvino" and a["precision"] == precision for a in artifacts) else "onnx"
-    return (f"Without options this runs the {fmt} {precision.upper()} model on OpenVINO (the default backend); "
-            "`--backend onnx` runs the ONNX file on ONNX Runtime, `--precision` picks another model of the bundle.")
+    others = [p for p in PRECISIONS if p != precision and any(a["precision"] == p for a in artifacts)]
+    options = (["`--backend onnx` runs the ONNX file on ONNX Runtime"] if any(a["format"] == "onnx" for a in artifacts)
+               else []) + ([f"`--precision {'|'.join(others)}` picks another model of the bundle"] if others else [])
+    return (f"Without options both run the {fmt} {precision.upper()} model on OpenVINO (the default backend)"
+            + "".join(f"; {o}" for o in options) + ".")
 
 
 def _runner_lines(record: dict[str, Any] | None) -> list[str]:
@@ -271,7 +274,8 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         lines += continual_card_section(metadata["continual"], metadata.get("tasks"))
     lines += (_lineage_section(metadata) + _head_parity_section(parity) + _parity_section(parity, tta)
               + _quantization_section(metadata) + _explanation_section(explanations))
-    lines += ["", "## Run", "", "```", "edgekd predict <this bundle> IMAGE... [--tta]", "```", "",
+    lines += ["", "## Run", "", "```", "edgekd predict <this bundle> IMAGE... [--tta]",
+              "edgekd serve <this bundle> [--tta]    # an HTTP service (the serve extra)", "```", "",
               default_run_line(metadata["artifacts"]), "",
               "Every file is listed with its sha256 in `manifest.sha256`; `edgekd.json` holds the metadata and "
               "`parity.json` the full parity report.", ""]
