@@ -77,3 +77,18 @@ def test_a_figure_interrupted_mid_write_leaves_no_file(tmp_path, monkeypatch):
         save_figure(fig, tmp_path / "curves.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]
     assert not plt.fignum_exists(fig.number)  # closed all the same
+
+
+def test_a_one_class_multiclass_split_has_nan_specificity_without_a_numpy_warning():
+    """A 5-class split holding one image (data.limit=1) has no negatives: its specificity is NaN. numpy's 'Mean of
+    empty slice' warning had reached the user as a bare 'warning: Mean of empty slice'."""
+    import warnings
+
+    probs = np.array([[0.1, 0.6, 0.1, 0.1, 0.1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = classification_metrics(np.array([1]), probs, classes=list(range(5)))
+    assert m["sensitivity"] == 1.0 and np.isnan(m["specificity"])
+    two = classification_metrics(np.array([1, 2]), np.array([[0.1, 0.6, 0.1, 0.1, 0.1], [0.1, 0.6, 0.1, 0.1, 0.1]]),
+                                 classes=list(range(5)))
+    assert two["sensitivity"] == 0.5 and two["specificity"] == 0.5  # class 1: 0 of 1 negatives right; class 2: 1 of 1

@@ -72,8 +72,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
             spec = tn / (tn + fp)
             sens = np.diag(cm) / (np.diag(cm) + fn)
         scored = [c for c in present if c in labels]
-        out["sensitivity"] = float(np.nanmean(sens[scored])) if scored else float("nan")
-        out["specificity"] = float(np.nanmean(spec[scored])) if scored else float("nan")
+        out["sensitivity"], out["specificity"] = _mean_of_defined(sens[scored]), _mean_of_defined(spec[scored])
         if set(labels) <= set(present.tolist()):  # one-vs-rest per class, then the macro mean (as scikit-learn's ovr)
             out["auc"] = float(np.mean([skm.roc_auc_score(y_true == c, probs[:, c]) for c in labels]))
             out["pr_auc"] = float(np.mean([skm.average_precision_score(y_true == c, probs[:, c]) for c in labels]))
@@ -112,3 +111,10 @@ def _quiet(fn, *args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args)
+
+
+def _mean_of_defined(values: np.ndarray) -> float:
+    """The mean of the finite values; NaN, without numpy's 'Mean of empty slice' warning, when there are none (a
+    split of one class has no negatives to give a specificity)."""
+    defined = values[np.isfinite(values)]
+    return float(defined.mean()) if len(defined) else float("nan")
