@@ -145,3 +145,21 @@ def test_custom_cnn_family_sizes_at_28px():
     assert sizes["edgekd_cnn_tiny"] < sizes["edgekd_cnn_small"] < sizes["edgekd_cnn"]
     params, macs = sizes["edgekd_cnn_small"]
     assert params < 50_000 and macs < 5_000_000 and sizes["edgekd_cnn"][1] > 6 * macs
+
+
+def test_the_custom_cnns_load_a_local_weights_file_or_an_edgekd_checkpoint(tmp_path):
+    """model.weights on an edgekd_cnn model had failed with 'edgekd_cnn has no pretrained weights'."""
+    src = create_model(spec("edgekd_cnn_tiny", num_classes=2))
+    torch.save({"format": "edgekd-checkpoint", "state_dict": src.state_dict()}, tmp_path / "best.pt")
+    m = create_model(spec("edgekd_cnn_tiny"), weights=str(tmp_path / "best.pt"))  # 3 classes: its own head
+    body = [k for k in src.state_dict() if not k.startswith("fc.")]
+    assert body and all(torch.equal(src.state_dict()[k], m.state_dict()[k]) for k in body)
+    assert m.fc.out_features == 3
+    torch.save(create_model(spec("edgekd_cnn_micro")).state_dict(), tmp_path / "micro.pth")
+    with pytest.raises(EdgeKDError, match=r"micro.pth: ValueError: not this model's weights: 'stages.0.0.weight' "
+                                          r"\(8, 3, 3, 3\) where this model has \(12, 3, 3, 3\)$"):
+        create_model(spec("edgekd_cnn_small"), weights=str(tmp_path / "micro.pth"))
+    with pytest.raises(EdgeKDError, match=r"^model 'edgekd_cnn_tiny' has no weights on the model hub: give "
+                                          r"model.weights=FILE \(a state dict or an edgekd checkpoint of the same "
+                                          r"model\), or model.pretrained=false$"):
+        create_model(spec("edgekd_cnn_tiny"), pretrained=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from timm.models import register_model
+from timm.models import load_state_dict, register_model
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -57,11 +57,29 @@ class SmallCNN(nn.Module):
 
 
 def _create(pretrained: bool, widths: tuple[int, ...], **kwargs) -> SmallCNN:
+    weights = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")  # model.weights
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "drop_path_rate"):
         kwargs.pop(key, None)
-    if pretrained:
-        raise ValueError("edgekd_cnn has no pretrained weights")
-    return SmallCNN(widths=widths, **kwargs)
+    if pretrained and not weights:
+        raise ValueError("the edgekd_cnn models have no hub weights")  # create_model says so first, with the fix
+    model = SmallCNN(widths=widths, **kwargs)
+    if weights:
+        load_backbone(model, weights)
+    return model
+
+
+def load_backbone(model: SmallCNN, path: str) -> None:
+    """Load a weights file's convolutional blocks into `model` (timm's reader: a plain state dict, .safetensors, or
+    a checkpoint's `state_dict`, an edgekd checkpoint included); its head is replaced after, so it is left out."""
+    state = {k: v for k, v in load_state_dict(path).items() if not k.startswith("fc.")}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    wrong = [f"'{k}' {tuple(v.shape)} where this model has {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if wrong or missing:
+        raise ValueError("not this model's weights: " + (wrong[0] if wrong else
+                         f"{len(missing)} of its {len(own)} weights missing, e.g. '{missing[0]}'"))
+    model.load_state_dict(state, strict=False)
 
 
 @register_model

@@ -40,6 +40,9 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
             raise EdgeKDError(f"model '{name}': could not load pretrained weights from local file {weights}: not found")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
         pretrained = True
+    if pretrained and not weights and timm.models.get_pretrained_cfg(name) is None:  # e.g. the edgekd_cnn models
+        raise EdgeKDError(f"model '{name}' has no weights on the model hub: give model.weights=FILE (a state dict or "
+                          "an edgekd checkpoint of the same model), or model.pretrained=false")
     where = f"local file {weights}" if weights else "the model hub (is there network?)"
     try:
         with _missing_keys_log() as missing:
