@@ -147,7 +147,9 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
         "evaluated again" in logs
     assert not [line for line in logs if "process(es)" in line]
     assert again.test["auc"] == pytest.approx(resumed.test["auc"])
-    assert [s["from_epoch"] for s in json.loads((part_dir / "metrics.json").read_text())["sessions"]] == [0, 1]
+    metrics = json.loads((part_dir / "metrics.json").read_text())
+    assert [s["from_epoch"] for s in metrics["sessions"]] == [0, 1]
+    assert metrics["train_seconds"] == finished["trainer"]["train_seconds"]  # re-evaluating is no training time
     # The resumed epochs start from last.pt's weights: the same state with perturbed weights trains differently.
     g = torch.Generator().manual_seed(0)
     perturbed = {k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() and "running" not in k

@@ -361,7 +361,7 @@ class Trainer:
     def _start_fit(self, trains: bool = True) -> None:
         """This session's record (`trains`: it has epochs left to train), plugins' before_fit, then the
         (DDP-)wrapped model and the parameters the objective owns."""
-        self._session_start = time.perf_counter()
+        self._session_start = time.perf_counter() if trains else None  # a finished run's re-evaluation trains not
         if trains:
             self.sessions.append({"from_epoch": self.epoch, "processes": distributed.world_size(),
                                   "threads": torch.get_num_threads()})
