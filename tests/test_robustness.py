@@ -206,3 +206,20 @@ def test_multi_head_checkpoints_are_refused_and_single_head_continual_ones_need_
                         lambda path: {"continual": {"head": "single"}, "recipe": {"name": "cl"}})
     with pytest.raises(EdgeKDError, match="learned several tasks' data; give the data to score with --data"):
         evaluate._recipe_of_first_checkpoint([tmp_path / "model.pt"])
+
+
+def test_two_sources_with_one_model_name_stay_two_rows(tiny_run, tmp_path):
+    """`eval A --corruptions --compare B` of two checkpoints of one architecture and role (two seeds, two
+    versions) had merged them into one row of the summary: A's clean figures, the corrupted ones averaged over
+    both."""
+    from edgekd.train.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(tiny_run)
+    ckpt["state_dict"] = {k: -v if k.startswith("fc.") else v for k, v in ckpt["state_dict"].items()}  # inverted
+    save_checkpoint(tmp_path / "other.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    res = run_corruption_eval([tiny_run, tmp_path / "other.pt"], tmp_path / "ev", corruptions=["contrast"],
+                              severities=[1], log=lambda *_: None)
+    a, b = res["summary"]
+    assert a["model"] == f"edgekd_cnn_tiny [{tiny_run}]" and b["model"] == f"edgekd_cnn_tiny [{tmp_path / 'other.pt'}]"
+    assert a["clean_acc"] + b["clean_acc"] == pytest.approx(1.0)  # the inverted head calls every image the other way
+    assert len(res["records"]) == 4 and f"[{tmp_path / 'other.pt'}]" in (tmp_path / "ev" / "robustness.md").read_text()

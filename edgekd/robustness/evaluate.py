@@ -101,18 +101,24 @@ def bundle_predictors(path: str | Path, artifacts: Sequence[str] | None = None, 
 
 def predictors_for(sources: Sequence[str | Path], threads: int | None = None) -> list[Predictor]:
     """Checkpoints (.pt files or run directories with best.pt) and bundle directories/zips -> predictors."""
-    out: list[Predictor] = []
+    out: list[tuple[Path, Predictor]] = []
     for src in sources:
         src = Path(src)
         if is_bundle(src):
-            out += bundle_predictors(src, threads=threads)
+            out += [(src, p) for p in bundle_predictors(src, threads=threads)]
         elif src.is_dir() and (src / "best.pt").is_file():
-            out.append(checkpoint_predictor(src / "best.pt"))
+            out.append((src, checkpoint_predictor(src / "best.pt")))
         elif src.is_file():
-            out.append(checkpoint_predictor(src))
+            out.append((src, checkpoint_predictor(src)))
         else:
             raise EdgeKDError(f"{src}: not a checkpoint, run directory or bundle")
-    return out
+    # Two sources with one model name, role and format (two seeds, two versions) would be one row of every table:
+    # each such model is named with its source.
+    labels = [p.label for _, p in out]
+    for src, p in out:
+        if labels.count(p.label) > 1:
+            p.model = f"{p.model} [{src}]"
+    return [p for _, p in out]
 
 
 SUBSET_SEED = 0
