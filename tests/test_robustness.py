@@ -223,3 +223,20 @@ def test_two_sources_with_one_model_name_stay_two_rows(tiny_run, tmp_path):
     assert a["model"] == f"edgekd_cnn_tiny [{tiny_run}]" and b["model"] == f"edgekd_cnn_tiny [{tmp_path / 'other.pt'}]"
     assert a["clean_acc"] + b["clean_acc"] == pytest.approx(1.0)  # the inverted head calls every image the other way
     assert len(res["records"]) == 4 and f"[{tmp_path / 'other.pt'}]" in (tmp_path / "ev" / "robustness.md").read_text()
+
+
+def test_failure_analysis_refuses_data_of_another_class_count(tiny_run, tmp_path):
+    """`eval --failures --data` never compared the model's classes with the data's: 5-class data for a 2-class
+    model ran and labelled its pairs with the data's class names; a model of more classes failed with an
+    IndexError."""
+    import yaml
+
+    from edgekd.robustness.evaluate import run_failure_analysis
+
+    npz = write_npz(tmp_path / "five.npz", n=(20, 20, 20), classes=5)
+    (tmp_path / "five.yaml").write_text(yaml.safe_dump(tiny_recipe(npz)))
+    with pytest.raises(EdgeKDError, match=r"the model has 2 classes .*the data has 5"):
+        run_failure_analysis(tiny_run, tmp_path / "f", recipe_from_dict(tiny_recipe(npz)), log=lambda *_: None)
+    p = run_edgekd("eval", tiny_run, "--failures", "--data", tmp_path / "five.yaml", "--out", tmp_path / "cli")
+    assert p.returncode == 2 and "the data has 5" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "cli").exists()

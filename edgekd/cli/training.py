@@ -168,7 +168,7 @@ def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: in
     """`edgekd eval --failures`: the top confused pairs printed; the files it wrote."""
     from edgekd.robustness.evaluate import run_failure_analysis
 
-    res = run_failure_analysis(checkpoint, out, data_recipe, split, top)
+    res = run_failure_analysis(checkpoint, out, data_recipe, split, top, log=console.print)
     for p in res["pairs"]:
         out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
                           f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")

@@ -326,14 +326,17 @@ def _recipe_of_first_checkpoint(sources: Sequence[str | Path]):
 
 
 def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, split: str = "test",
-                         top: int = 5, per_pair: int = 6, threads: int | None = None) -> dict[str, Any]:
+                         top: int = 5, per_pair: int = 6, threads: int | None = None,
+                         log: Callable[[str], None] = print) -> dict[str, Any]:
     """The most confused class pairs of one checkpoint (or a bundle's first artifact) on `split`, with example
     images: writes failures.json and failures.png into `out`."""
+    from edgekd.data import check_class_order
     from edgekd.metrics.failures import confused_pairs, plot_failure_grid
 
     recipe = data_recipe or _recipe_of_first_checkpoint([source])
     predictor = predictors_for([source], threads)[0]
     images, labels, class_names = load_split_images(recipe, split)
+    check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
     probs = predictor.predict(images)
     pairs = confused_pairs(labels, probs, top)
     out = Path(out)
