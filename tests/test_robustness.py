@@ -157,7 +157,10 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
                         (["--split", ","], "no split given"),
                         (["--corruptions", "--only", ","], "--only ',': nothing given"),
                         (["--corruptions", "--severities", "1,1"], "a value given twice"),  # counted twice in means
-                        (["--corruptions", "--split", "val,test"], "score one split")):  # ran on val alone
+                        (["--corruptions", "--split", "val,test"], "score one split"),  # ran on val alone
+                        (["--limit", "5"], "--limit is an option of --corruptions, which was not given"),  # ignored
+                        (["--failures", "--compare", str(tiny_run)], "--compare is an option of --corruptions"),
+                        (["--corruptions", "--top", "3"], "--top is an option of --failures, which was not given")):
         p = run_edgekd("eval", tiny_run, *args, "--out", tmp_path / "refused")
         assert p.returncode == 2 and words in p.stderr and not (tmp_path / "refused").exists(), p.stderr
 

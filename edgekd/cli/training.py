@@ -112,7 +112,7 @@ def eval_(
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's; "
                                         "for a bundle's --corruptions also a labelled folder (DIR/<class name>/images)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
-    split: str = typer.Option("test", "--split", help="Comma-separated splits: train,val,test."),
+    split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits: train,val,test [default: test]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: next to the checkpoint)."),
     corruptions: bool = typer.Option(False, "--corruptions", help="Also score under 8 corruptions x 5 severities "
                                      "(robustness.json/.md/.png)."),
@@ -124,7 +124,8 @@ def eval_(
     seed: int = typer.Option(0, "--seed", help="Seed of the corruptions' randomness."),
     failures: bool = typer.Option(False, "--failures", help="Top confused class pairs with example images "
                                   "(failures.json/.png)."),
-    top: int = typer.Option(5, "--top", min=1, help="How many confused pairs --failures reports."),
+    top: Optional[int] = typer.Option(None, "--top", min=1, help="How many confused pairs --failures reports "
+                                      "[default: 5]."),
 ) -> None:
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
@@ -133,8 +134,9 @@ def eval_(
     from edgekd.fileio import refuse_output_inside, removed_if_only
     from edgekd.runtime import is_bundle
 
-    splits, names, levels = _eval_options(split, corruptions, only, severities, failures)
     folder = data if data is not None and data.is_dir() else None
+    splits, names, levels = _eval_options(split, corruptions, only, severities, failures,
+                                          given={"--limit": limit, "--compare": compare, "--top": top}, folder=folder)
     bundle = is_bundle(checkpoint)
     if folder is not None and (set_ or failures or not bundle):
         raise EdgeKDError(f"--data {folder}: a folder serves a bundle's --corruptions; a checkpoint, --set and "
@@ -160,7 +162,7 @@ def eval_(
                                                                 f"{res['images']} images)"))
             wrote += [str(out / name) for name in res["written"]]
         if failures:
-            wrote += _eval_failures(checkpoint, out, data_recipe, splits[0], top)
+            wrote += _eval_failures(checkpoint, out, data_recipe, splits[0], top or 5)
     console.print(f"wrote {', '.join(wrote)}")
 
 
@@ -180,12 +182,21 @@ EVAL_FILES = ("metrics.json", "*.png", "robustness.*", "failures.*", ".*.tmp")
 """What `edgekd eval` writes (and atomic writes' temp files): a new --out holding only these is removed on failure."""
 
 
-def _eval_options(split: str, corruptions: bool, only: Optional[str], severities: Optional[str],
-                  failures: bool = False):
+def _eval_options(split: Optional[str], corruptions: bool, only: Optional[str], severities: Optional[str],
+                  failures: bool = False, given: dict | None = None, folder: Optional[Path] = None):
     """`edgekd eval`'s splits, corruption names and severities, checked before any work (a bad --severities
-    failed after the plain evaluation had written its files)."""
+    failed after the plain evaluation had written its files). `given`: the options of one mode (--limit and
+    --compare of --corruptions, --top of --failures), refused without it (they had been ignored)."""
     from edgekd.robustness import check_names, check_severities
 
+    of = {"--limit": ("--corruptions", corruptions), "--compare": ("--corruptions", corruptions),
+          "--top": ("--failures", failures)}
+    for option, value in (given or {}).items():
+        if value and not of[option][1]:
+            raise EdgeKDError(f"{option} is an option of {of[option][0]}, which was not given")
+    if folder is not None and split is not None:
+        raise EdgeKDError(f"--split {split}: a labelled folder (--data {folder}) has no splits; every image is scored")
+    split = split or "test"
     splits = tuple(split_list(split) or ())
     if not splits:
         raise EdgeKDError(f"--split {split!r}: no split given (use train, val, test)")
