@@ -143,6 +143,7 @@ def test_a_changed_artifact_is_refused_and_nothing_is_written(bundle, tmp_path):
     ({"kind": "ovms", "base_path": "models"}, "--base-path 'models'"),  # `-v $PWD:models` is not a docker mount
     ({"kind": "ovms", "base_path": "/models/../"}, "without '..'"),  # base_path /models/../x is /x
     ({"kind": "triton", "version": 0}, "--version"),
+    ({"kind": "triton", "precision": "fp64"}, "unknown precision 'fp64' \\(use fp32, fp16, int8\\)"),  # 'no onnx fp64'
 ])
 def test_bad_requests_are_one_line_errors(bundle, tmp_path, kwargs, message):
     with pytest.raises(EdgeKDError, match=message) as err:
@@ -173,6 +174,10 @@ def test_cli_refuses_a_non_empty_out_and_writes_a_new_one(bundle, tmp_path, monk
     assert run_cli(monkeypatch, "repository", str(bundle), "--kind", "ovms", "--out", str(tmp_path / "new")) == 0
     assert (tmp_path / "new" / "config.json").is_file()
     assert "model.bin  sha256" in capsys.readouterr().out
+    # a folder that is no bundle is named so (it said --out 'is inside the input')
+    assert run_cli(monkeypatch, "repository", str(tmp_path), "--kind", "ovms", "--out", str(tmp_path / "r2")) == 2
+    assert "is inside the input" not in (err := capsys.readouterr().err) and "bundle" in err, err
+    assert not (tmp_path / "r2").exists()
 
 
 def test_precision_in_any_case_and_a_file_as_out(bundle, tmp_path):

@@ -504,6 +504,12 @@ def test_not_a_bundle_is_an_error(tmp_path):
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(EdgeKDError, match="not a bundle"):
         open_bundle(tmp_path / "x.txt")
+    with pytest.raises(EdgeKDError, match=r"not a bundle \(no edgekd.json or manifest.sha256 in it\)$"):
+        open_bundle(tmp_path)  # it walked the folder first: any symlink below it was the error
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(EdgeKDError, match="in it\); a training run: export it first"):
+        open_bundle(tmp_path)
+    (tmp_path / "edgekd.json").write_text("{}")
     with pytest.raises(EdgeKDError, match="manifest.sha256 is missing"):
         open_bundle(tmp_path)
 

@@ -46,8 +46,18 @@ def test_checkpoint_loads_weights_only_and_rebuilds(tiny_recipe_dict, tmp_path):
     # A checkpoint carrying an arbitrary Python object is refused by weights_only loading.
     evil = tmp_path / "evil.pt"
     torch.save({"format": "edgekd-checkpoint/1", "x": object()}, evil)
-    with pytest.raises(EdgeKDError, match="not a readable checkpoint"):
+    with pytest.raises(EdgeKDError, match=r"not a readable checkpoint \(not a PyTorch file of tensors: torch.load "
+                                          r"with weights_only=True refused it\)$"):  # not torch's paragraph
         load_checkpoint(evil)
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(EdgeKDError, match=r"metrics.json: a JSON file, not a checkpoint \(best.pt or last.pt\)$"):
+        load_checkpoint(tmp_path / "metrics.json")
+    from edgekd.distill.report import resolve_checkpoint
+
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "edgekd.json").write_text("{}")
+    with pytest.raises(EdgeKDError, match="bundle: an exported bundle, not a checkpoint"):  # 'bundle/best.pt: no ...'
+        resolve_checkpoint(tmp_path / "bundle")
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(res.best_path.read_bytes()[:200])
     with pytest.raises(EdgeKDError, match="not a readable checkpoint"):

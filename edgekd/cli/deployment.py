@@ -204,9 +204,11 @@ def repository(
     """Write the model repository NVIDIA Triton or OpenVINO Model Server loads, from a verified bundle: the
     bundle's model files byte for byte, config.pbtxt / config.json, and a README with the preprocessing."""
     from edgekd.fileio import refuse_output_inside
+    from edgekd.runtime import is_bundle
     from edgekd.runtime.repository import write_repository
 
-    refuse_output_inside(out, [bundle])
+    if is_bundle(bundle):  # else write_repository says what `bundle` is (a folder of runs was 'the input' of --out)
+        refuse_output_inside(out, [bundle])
     repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path, version)
     for rel, digest in repo.files.items():
         out_console.print(f"{escape(rel)}  sha256 {digest}")

@@ -254,6 +254,9 @@ def _data_recipe(checkpoint: Path, data: Optional[Path], set_: list[str]):
     if data is not None:
         from edgekd.recipe import load_recipe
 
+        if not data.exists():
+            raise EdgeKDError(f"--data {data}: not found (a data recipe, or for a bundle's --corruptions a labelled "
+                              "folder)")
         return load_recipe(data, set_)
     if set_:
         from edgekd.recipe import apply_overrides, recipe_from_dict

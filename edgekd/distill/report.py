@@ -25,6 +25,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir() and (path / "splits.json").is_file() and not (path / "best.pt").is_file():  # a fold folder
         runs = sorted(str(p.parent) for p in path.glob("*/best.pt"))
         raise EdgeKDError(f"{path}: a fold of a k-fold run; give its runs, e.g. {' '.join(runs) or path / '<role>'}")
+    from edgekd.runtime import is_bundle
+
+    if is_bundle(path):
+        raise EdgeKDError(f"{path}: an exported bundle, not a checkpoint (give the run directory it was exported "
+                          "from, holding best.pt)")
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():

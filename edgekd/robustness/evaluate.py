@@ -306,7 +306,7 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
     return result
 
 
-def _recipe_of_first_checkpoint(sources: Sequence[str | Path]):
+def _recipe_of_first_checkpoint(sources: Sequence[str | Path], what: str = "corruption eval"):
     for src in sources:
         src = Path(src)
         ckpt_path = src / "best.pt" if src.is_dir() and (src / "best.pt").is_file() else src
@@ -321,8 +321,10 @@ def _recipe_of_first_checkpoint(sources: Sequence[str | Path]):
                 raise EdgeKDError(f"{ckpt_path}: a continual checkpoint learned several tasks' data; give the data "
                                   "to score with --data RECIPE (or DIR for a bundle)")
             return recipe_from_dict(ckpt["recipe"], where=f"{ckpt_path} (embedded recipe)")
-    raise EdgeKDError("corruption eval of bundles needs labelled images: give --data DIR (one sub-folder per class) "
-                      "or --data RECIPE (or a checkpoint too)")
+    if what == "corruption eval":
+        raise EdgeKDError("corruption eval of bundles needs labelled images: give --data DIR (one sub-folder per "
+                          "class) or --data RECIPE (or a checkpoint too)")
+    raise EdgeKDError(f"{what} of a bundle needs the data: give --data RECIPE")
 
 
 def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, split: str = "test",
@@ -333,7 +335,7 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
     from edgekd.data import check_class_order
     from edgekd.metrics.failures import confused_pairs, plot_failure_grid
 
-    recipe = data_recipe or _recipe_of_first_checkpoint([source])
+    recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
     predictor = predictors_for([source], threads)[0]
     images, labels, class_names = load_split_images(recipe, split)
     check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused

@@ -242,6 +242,9 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
                           "again")
     else:
         raise EdgeKDError(f"{source}: not a bundle (expected a directory or a .zip file)")
+    if zip_digests is None and not (root / METADATA_FILE).exists() and not (root / MANIFEST_FILE).exists():
+        run = "; a training run: export it first (edgekd export)" if (root / "best.pt").is_file() else ""
+        raise EdgeKDError(f"{source}: not a bundle (no {METADATA_FILE} or {MANIFEST_FILE} in it){run}")
     try:
         files = regular_files(root, source)
         if not verify:

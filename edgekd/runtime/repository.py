@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError
+from edgekd.formats import PRECISIONS
 from edgekd.fileio import (deferred_signals, remove_tree, staging_directory, track_tree, untrack_tree, write_json,
                            write_text)
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
@@ -138,6 +139,8 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     served model: the same name, the next version). `out` must be new or empty; nothing is left on failure."""
     if kind not in KINDS:
         raise EdgeKDError(f"--kind: unknown repository kind '{kind}' (choose from {', '.join(KINDS)})")
+    if precision is not None and precision.lower() not in PRECISIONS:
+        raise EdgeKDError(f"--precision: unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
     if max_batch_size < 1:
         raise EdgeKDError("--max-batch: must be at least 1")
     if version < 1:

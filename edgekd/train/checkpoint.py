@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise EdgeKDError(f"{path}: checkpoint not found")
     if path.suffix.lower() == ".zip" and is_bundle(path):  # torch.load read it as a torch zip and failed obscurely
         raise EdgeKDError(f"{path}: a zipped exported bundle, not a checkpoint file (best.pt)")
+    if path.suffix.lower() in (".json", ".yaml", ".yml", ".csv", ".md", ".txt"):  # torch.load's words would follow
+        raise EdgeKDError(f"{path}: a {path.suffix[1:].upper()} file, not a checkpoint (best.pt or last.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/zipfile errors
+    except pickle.UnpicklingError:  # torch's message explains its weights_only defaults at length
+        raise EdgeKDError(f"{path}: not a readable checkpoint (not a PyTorch file of tensors: torch.load with "
+                          "weights_only=True refused it)") from None
+    except Exception as err:  # torch raises RuntimeError/EOFError/zipfile errors
         raise EdgeKDError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
                           f"{shorten(str(err).splitlines()[0], 100) if str(err) else 'truncated or corrupt'})") from None
     given = ckpt.get("format") if isinstance(ckpt, dict) else None
