@@ -238,9 +238,12 @@ def repository_readme(bundle: Bundle, kind: str, name: str, art: Artifact, files
              "client sends preprocessed tensors:", "", *_preprocessing_lines(bundle.preprocess), "",
              "## Output", "", *_postprocessing_lines(bundle), "",
              "## Versions", "",
-             "Both servers serve the highest version folder of a model by default. To roll out an update (e.g. "
-             "an `edgekd update` bundle), write it with the same `--name` and the next `--version` into a new "
-             "folder and copy its `<name>/<version>/` folder into the served repository.", ""]
+             "Both servers serve the highest version folder of a model by default. To roll out a new model of "
+             "the same inputs and outputs (a retrained one), write it with the same `--name` and the next "
+             "`--version` into a new folder and copy its `<name>/<version>/` folder into the served repository. "
+             "An `edgekd update` bundle adds outputs (the new task's classes): its versions differ in the "
+             "output shape that `config.pbtxt` declares and clients slice, so serve it under a new `--name` (or "
+             "replace the whole model folder, config included, and update the clients).", ""]
     if kind == "triton":
         lines += ["## Start", "", "```",
                   "docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD:/models "
