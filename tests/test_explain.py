@@ -181,3 +181,9 @@ def test_explain_cli_writes_overlays(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cam")]  # no staging folder left
     result = CliRunner().invoke(app, ["explain", str(best), *map(str, files), "--out", str(tmp_path / "cam4")])
     assert result.exit_code == 0 and len(json.loads((tmp_path / "cam4" / "explain.json").read_text())["images"]) == 2
+    # A second run into the same folder removes the overlays the first one listed and did not replace; other files
+    # stay (the folder had held 2 overlays while its explain.json listed 1).
+    (tmp_path / "cam4" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["explain", str(best), str(files[1]), "--out", str(tmp_path / "cam4")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "cam4").iterdir()) == ["explain.json", "notes.txt", "x1_gradcam.png"]

@@ -212,12 +212,26 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
             rec["file"] = str(src)
         write_json(stage / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
         out.mkdir(exist_ok=True)
+        for stale in earlier_overlays(out):  # an earlier run's, not replaced: the folder would contradict its json
+            if not (stage / stale).exists():
+                (out / stale).unlink(missing_ok=True)
         for made in stage.iterdir():
             os.replace(made, out / made.name)
     finally:
         remove_tree(stage)
         untrack_tree(stage)
     return records
+
+
+def earlier_overlays(out: Path) -> list[str]:
+    """The overlay files an earlier `edgekd explain` into `out` listed in its explain.json (none if unreadable)."""
+    import json
+
+    try:
+        listed = json.loads((out / "explain.json").read_text())["images"]
+        return [Path(r["overlay"]).name for r in listed if str(r.get("overlay", "")).endswith("_gradcam.png")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def unique_names(stems: Sequence[str]) -> list[str]:
