@@ -1128,3 +1128,17 @@ def test_a_blank_image_is_answered_with_a_warning(bundle, tmp_path):
     assert "warning:" in proc.stderr and "black.png: blank image" in proc.stderr and "scan.png:" not in proc.stderr
     answers = {Path(p["file"]).name: p for p in json_.loads((tmp_path / "p.json").read_text())["predictions"]}
     assert answers["black.png"]["warning"] == BLANK_IMAGE and "warning" not in answers["scan.png"]
+
+
+def test_a_signal_after_two_openvino_runners_were_destroyed_is_handled(bundle):
+    """OpenVINO's CPU plugin sets the compiling thread's alternate signal stack and puts back the one it found when
+    the compiled model goes: two runners destroyed in the order they were made left the thread on a freed stack, and
+    the next SIGTERM crashed the process with a segfault (exit -11) instead of running its handler."""
+    code = ("import gc, signal, numpy as np; from edgekd.runtime import Runner\n"
+            f"first, second = (Runner.from_bundle({str(bundle)!r}) for _ in (0, 1))\n"
+            f"image = np.zeros(({SIZE}, {SIZE}, 3), np.uint8); first.predict(image); second.predict(image)\n"
+            "del first; del second; gc.collect(); seen = []\n"  # in the order they were made (not a list's reverse)
+            "signal.signal(signal.SIGTERM, lambda s, f: seen.append(s)); signal.raise_signal(signal.SIGTERM)\n"
+            "print('handled', seen)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and "handled [15]" in proc.stdout, (proc.returncode, proc.stderr[-500:])

@@ -20,6 +20,7 @@ import numpy as np
 
 from edgekd.fileio import atomic_write
 from edgekd.probability import softmax
+from edgekd.runtime.backends import compile_for_cpu
 from edgekd.runtime.preprocess import Preprocessor
 from edgekd.runtime.timing import peak_rss_mb, time_call
 from edgekd.runtime.tta import TTAViews
@@ -85,7 +86,7 @@ def openvino_model(path: str, threads: int, perf_count: bool = False, batch: int
     if batch is not None:
         port = model.inputs[0]
         model.reshape({port.get_any_name(): ov.PartialShape([batch, *list(port.get_partial_shape())[1:]])})
-    return core.compile_model(model, "CPU", openvino_config(threads, perf_count))
+    return compile_for_cpu(core, model, openvino_config(threads, perf_count))
 
 
 def openvino_request(path: str, threads: int) -> Infer:

@@ -10,7 +10,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession, ExportContext
-from edgekd.runtime.backends import openvino_rt_metadata
+from edgekd.runtime.backends import compile_for_cpu, openvino_rt_metadata
 from edgekd.runtime.bundle import RT_INFO_SECTION, metadata_strings, parse_metadata_strings
 
 INFERENCE_PRECISION = "f32"
@@ -81,7 +81,7 @@ def open_openvino(path: Path, precision: str, threads: int | None) -> ArtifactSe
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(model, "CPU", config)
+    compiled = compile_for_cpu(core, model, config)
     output = compiled.outputs[0]
 
     def dims(partial_shape) -> list[int | None]:

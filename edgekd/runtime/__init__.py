@@ -2,7 +2,7 @@
 
 from edgekd.imageio import DicomFrame
 from edgekd.probability import softmax
-from edgekd.runtime.backends import openvino_rt_metadata
+from edgekd.runtime.backends import compile_for_cpu, openvino_rt_metadata
 from edgekd.runtime.bundle import (MANIFEST_FILE, METADATA_FILE, RT_INFO_SECTION, SCHEMA, Artifact, Bundle,
                                    check_embedded_metadata, is_bundle, metadata_strings, open_bundle,
                                    parse_metadata_strings, verify_manifest)
@@ -16,6 +16,6 @@ from edgekd.runtime.tta import TTAViews
 
 __all__ = ["MANIFEST_FILE", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA", "Artifact", "Bundle", "DicomFrame", "Failure",
            "Prediction", "Preprocessor", "Repository", "Runner", "TTAViews", "TaskPredictions", "as_image_array",
-           "check_embedded_metadata", "check_output_path", "collect_inputs", "collect_labelled", "is_bundle",
+           "check_embedded_metadata", "check_output_path", "compile_for_cpu", "collect_inputs", "collect_labelled", "is_bundle",
            "metadata_strings", "open_bundle", "openvino_rt_metadata", "parse_metadata_strings", "peak_rss_mb",
            "softmax", "time_alternating", "time_call", "verify_manifest", "write_predictions", "write_repository"]

@@ -32,6 +32,47 @@ Heads = "list[tuple[int, int]] | None"
 """A multi-head bundle's output slices [lo, hi), one per task: the image path's softmax is taken per slice."""
 
 
+def compile_for_cpu(core, model, config: dict):
+    """`core.compile_model(model, "CPU", config)`, the calling thread's alternate signal stack kept as it was.
+
+    OpenVINO's CPU plugin (2026.4) gives the compiling thread an alternate signal stack and, when the compiled
+    model is destroyed, puts back the stack it found. Two models destroyed in the order they were made leave the
+    thread on the first one's freed stack, and the next signal handled there (SIGTERM, Ctrl-C) crashed the
+    process with a segfault (two runners, then SIGTERM). Putting the thread's own stack back right after compiling
+    leaves every later restore pointing at that one."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return core.compile_model(model, "CPU", config)
+    libc, saved = _signal_stack()
+    try:
+        return core.compile_model(model, "CPU", config)
+    finally:
+        if saved is not None:
+            libc.sigaltstack(saved, None)
+
+
+def _signal_stack():
+    """(libc's sigaltstack holder, the calling thread's alternate signal stack as a struct to set it back), or
+    (None, None) where libc has no sigaltstack."""
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.sigaltstack  # noqa: B018 (not a POSIX libc: AttributeError)
+    except (OSError, AttributeError):
+        return None, None
+    current = StackT()
+    if libc.sigaltstack(None, ctypes.byref(current)) != 0:
+        return None, None
+    current.ss_flags &= 2  # keep SS_DISABLE (the thread had none); SS_ONSTACK cannot be set
+    return libc, ctypes.byref(current)
+
+
 class Slot:
     """One compiled input size of a backend: fill `inputs` (for OpenVINO with static shapes, the inference
     request's own memory), then `run()` returns a fresh (rows, classes) array. `request` is the OpenVINO infer
@@ -169,7 +210,7 @@ class OpenVINOBackend:
         if kind == "images":
             model = _with_image_processing(model, self.input_name, self.output_name, _need_preprocessor(self), views,
                                            batch_size, channels, self.heads)
-        return self.core.compile_model(model, "CPU", self.config)
+        return compile_for_cpu(self.core, model, self.config)
 
     def _new_slot(self, kind: str, shape: tuple[int, ...], views: TTAViews | None) -> Slot:
         """A compiled request for `shape` inputs: uint8 (n, H, W, C) images or the model's float32 tensor.
