@@ -415,6 +415,7 @@ def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch)
     assert vs["diff"] == pytest.approx(student_row["auc"] - report["rows"][0]["auc"], abs=1e-9)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "|\n\nAUC vs `" in text  # a paragraph of its own (right under the table it rendered as a table row)
+    assert student_row["images"] == report["rows"][0]["images"] > 0 and "scored on different" not in text
     again = CliRunner().invoke(app, ["report", str(tmp_path / "run"), str(tmp_path / "run" / "best.pt"),
                                      "--out", str(tmp_path / "report2")])
     assert "are the same checkpoint" in str(again.exception) and not (tmp_path / "report2").exists()
@@ -678,3 +679,22 @@ def test_report_rows_of_one_recipe_and_seed_are_named_apart():
     assert len(set(zip(names, [r["seed"] for r in rows]))) == len(rows)
     assert names[0] == "s@student-best" and names[3:] == ["s", "t"]  # only rows that clash are renamed
     assert all("/" not in n for n in names)  # they name the confusion PNG files
+
+
+def test_a_report_of_rows_scored_on_different_images_says_so():
+    """`edgekd report` put a 40-image and an 80-image test set in one table without a word (and dropped the DeLong
+    test silently)."""
+    import numpy as np
+
+    from edgekd.distill.report import auc_comparisons, different_images_note, report_markdown
+
+    def row(name, y, role):
+        probs = np.stack([1 - np.linspace(0.1, 0.9, len(y)), np.linspace(0.1, 0.9, len(y))], 1)
+        return {"name": name, "role": role, "model": "m", "seed": 0, "params": 1e3, "macs": 1e6, "split": "test",
+                "images": len(y), "_y": np.asarray(y), "_probs": probs, "acc": 0.5}
+
+    a, b = row("a", [0, 1] * 20, "teacher"), row("b", [0, 1] * 40, "student")
+    assert different_images_note([a, b]) == ("\n\nWarning: these rows were scored on different test images (a 40, "
+                                              "b 80): their figures do not compare, and no DeLong test pairs them.")
+    assert auc_comparisons([a, b]) == "" and different_images_note([a, row("c", [0, 1] * 20, "student")]) == ""
+    assert "| a (m) | teacher | 0 | 0.00M | 1.0 | 40 |" in report_markdown("d", "test", [a, b])

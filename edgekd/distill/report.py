@@ -67,7 +67,7 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
         "teacher": (ckpt.get("distill") or {}).get("teacher"),
         **classification_metrics(y, probs), "confusion_matrix": confusion(y, probs).tolist(),
         "intervals": bootstrap_intervals(y, probs) if len(np.unique(y)) == probs.shape[1] else None,
-        "class_names": list(ckpt["class_names"]), "_y": y, "_probs": probs,
+        "class_names": list(ckpt["class_names"]), "images": int(len(y)), "_y": y, "_probs": probs,
     }
 
 
@@ -105,7 +105,7 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
     tables: dict[str, str] = {}
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         group = [r for r in rows if r["dataset"] == dataset]
-        tables[dataset] = report_markdown(dataset, split, group) + auc_comparisons(group)
+        tables[dataset] = report_markdown(dataset, split, group) + different_images_note(group) + auc_comparisons(group)
         plot_roc_comparison(group, out / f"roc_{dataset}.png", f"{dataset} ({split})")
         for r in group:
             plot_confusion(np.asarray(r["confusion_matrix"]), r["class_names"],
@@ -120,15 +120,25 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
 
 def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str:
     lines = [f"### {dataset} ({split} split)", "", "Brackets: 95% stratified bootstrap intervals (1000 resamples, seed 0).", "",
-             "| model | role | seed | params | MMACs | " + " | ".join(COLUMNS) + " |",
-             "|---|---|---:|---:|---:|" + "---:|" * len(COLUMNS)]
+             "| model | role | seed | params | MMACs | images | " + " | ".join(COLUMNS) + " |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(COLUMNS)]
     for r in rows:
         ci = r.get("intervals") or {}
         cells = [("-" if r.get(k) is None or r[k] != r[k] else f"{r[k]:.4f}"
                   + (f" [{ci[k]['low']:.3f}, {ci[k]['high']:.3f}]" if k in ci else "")) for k in COLUMNS]
         lines.append(f"| {r['name']} ({r['model']}) | {r['role']} | {r['seed']} | {r['params'] / 1e6:.2f}M | "
-                     f"{r['macs'] / 1e6:.1f} | " + " | ".join(cells) + " |")
+                     f"{r['macs'] / 1e6:.1f} | {r['images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def different_images_note(rows: list[dict[str, Any]]) -> str:
+    """A line under a dataset's table whose rows were scored on different images (another data.limit, another
+    file of the same dataset): their figures do not compare, and no DeLong test pairs them."""
+    if all(np.array_equal(r["_y"], rows[0]["_y"]) for r in rows):
+        return ""
+    counts = ", ".join(f"{r['name']} {r['images']}" for r in rows)
+    return (f"\n\nWarning: these rows were scored on different {rows[0]['split']} images ({counts}): their figures "
+            "do not compare, and no DeLong test pairs them.")
 
 
 def auc_comparisons(rows: list[dict[str, Any]]) -> str:
