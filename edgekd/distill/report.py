@@ -105,7 +105,8 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
     tables: dict[str, str] = {}
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         group = [r for r in rows if r["dataset"] == dataset]
-        tables[dataset] = report_markdown(dataset, split, group) + different_images_note(group) + auc_comparisons(group)
+        tables[dataset] = (report_markdown(dataset, split, group) + different_images_note(group)
+                           + auc_comparisons(group))
         plot_roc_comparison(group, out / f"roc_{dataset}.png", f"{dataset} ({split})")
         for r in group:
             plot_confusion(np.asarray(r["confusion_matrix"]), r["class_names"],
