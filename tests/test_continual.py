@@ -756,7 +756,9 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     # ... and its F1 and AUC are over task B's three classes, so defined (over all five outputs AUC was NaN).
     assert float(log_rows[-1]["val_f1"]) == pytest.approx(val_b["f1"], abs=1e-9)
     assert math.isfinite(float(log_rows[-1]["val_auc"]))
-    with pytest.raises(EdgeKDError, match="outputs, but the first task"):
+    with pytest.raises(EdgeKDError, match=r"outputs, but the first task 'B' has \d classes \(the first task must be "
+                                          r"the checkpoint's; with edgekd train, checkpoint_task: false retrains its "
+                                          r"head instead\)$"):  # update refuses checkpoint_task: false
         bad = base_recipe(npz_b, checkpoint=str(first.best_path), tasks=[{"name": "B"}, {"name": "A2"}])
         run_recipe(recipe_from_dict(bad), tmp_path / "bad", log=lambda s: None)
     # As many classes, but others than the checkpoint learned: its outputs would be trained as the wrong classes.
