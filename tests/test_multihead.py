@@ -204,6 +204,12 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
                       log=said.append)
     assert not refused.exists() and "no bundle was written" in str(err.value)
     assert said[-1] == f"update: no bundle was written; the continual run stays in {tmp_path / 'run1'}"
+    assert f"(the same command with --resume --run-dir {tmp_path / 'run1'} --allow-forgetting exports this run " \
+        "anyway, without training it again)" in str(err.value)  # plain --allow-forgetting trained a new run
+    said.clear()  # ... and it does
+    update_bundle(world["parent"], world["recipe"], refused, run_dir=tmp_path / "run1", profile=FAST,
+                  log=said.append, resume=True, allow_forgetting=True)
+    assert f"update: the continual run in {tmp_path / 'run1'} finished; exporting it" in said and refused.is_dir()
     lenient = FAST.model_copy(update={"min_retention": 0.0})
     out = tmp_path / "v2"
     said.clear()
