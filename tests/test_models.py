@@ -163,3 +163,13 @@ def test_the_custom_cnns_load_a_local_weights_file_or_an_edgekd_checkpoint(tmp_p
                                           r"model.weights=FILE \(a state dict or an edgekd checkpoint of the same "
                                           r"model\), or model.pretrained=false$"):
         create_model(spec("edgekd_cnn_tiny"), pretrained=True)
+
+
+def test_an_unknown_module_path_names_the_modules_there():
+    from edgekd.models import get_submodule
+
+    m = create_model(spec("edgekd_cnn_tiny"))
+    with pytest.raises(EdgeKDError, match=r"^SmallCNN has no module 'stages.9' \('stages' has 0, 1\)$"):
+        get_submodule(m, "stages.9")
+    with pytest.raises(EdgeKDError, match=r"has no module 'a.b' \(its top level has stages, pool, drop, fc\)$"):
+        get_submodule(m, "a.b")

@@ -100,6 +100,11 @@ def test_summary_of_hand_made_records():
     (s,) = corruption_summary([rec(CLEAN, 0, 0.8), rec("blur", 1, 0.6), rec("blur", 2, 0.4), rec("noise", 1, 0.2)])
     assert s["mean_corruption_acc"] == pytest.approx(0.4) and s["relative_acc"] == pytest.approx(0.5)
     assert s["acc_drop_pts"] == pytest.approx(40.0) and s["per_corruption_acc"] == pytest.approx({"blur": 0.5, "noise": 0.2})
+    from edgekd.robustness.evaluate import corruption_markdown
+
+    one_class = [{**r, "auc": float("nan")} for r in (rec(CLEAN, 0, 0.0), rec("blur", 1, 0.0))]  # and acc 0
+    (row,) = corruption_summary(one_class)
+    assert corruption_markdown([row]).splitlines()[-1] == "| m | student | onnx/int8 | 0.0000 | - | 0.0000 | 0.0000 | - | - |"
 
 
 @pytest.mark.slow

@@ -136,7 +136,16 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        raise EdgeKDError(f"{type(model).__name__} has no module '{path}'") from None
+        parent, _, _ = path.rpartition(".")
+        try:  # the names one level down from the deepest part that exists, so the fix is in the message
+            known = [n for n, _ in model.get_submodule(parent).named_children()] if parent else \
+                [n for n, _ in model.named_children()]
+        except AttributeError:
+            known = [n for n, _ in model.named_children()]
+            parent = ""
+        where = f"'{parent}' has" if parent else "its top level has"
+        raise EdgeKDError(f"{type(model).__name__} has no module '{path}' ({where} {', '.join(known[:12]) or 'none'}"
+                          f"{', ...' if len(known) > 12 else ''})") from None
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -222,11 +222,14 @@ def corruption_markdown(summary: list[dict[str, Any]], title: str = "Corruption 
              "| model | role | format | clean acc | clean AUC | " + " | ".join(names)
              + " | mean corr. acc | mean corr. AUC | rel. to clean |",
              "|---|---|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
+    def cell(value: float, spec: str = ".4f") -> str:  # undefined (an AUC of one class): a dash, not 'nan'
+        return "-" if value != value else format(value, spec)
+
     for s in summary:
-        cells = [f"{s['per_corruption_acc'][n]:.4f}" for n in names]
-        lines.append(f"| {s['model']} | {s['role']} | {s['format']}/{s['precision']} | {s['clean_acc']:.4f} | "
-                     f"{s['clean_auc']:.4f} | " + " | ".join(cells) + f" | {s['mean_corruption_acc']:.4f} | "
-                     f"{s['mean_corruption_auc']:.4f} | {s['relative_acc']:.1%} |")
+        cells = [cell(s["per_corruption_acc"][n]) for n in names]
+        lines.append(f"| {s['model']} | {s['role']} | {s['format']}/{s['precision']} | {cell(s['clean_acc'])} | "
+                     f"{cell(s['clean_auc'])} | " + " | ".join(cells) + f" | {cell(s['mean_corruption_acc'])} | "
+                     f"{cell(s['mean_corruption_auc'])} | {cell(s['relative_acc'], '.1%')} |")
     return "\n".join(lines)
 
 
