@@ -210,6 +210,7 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
     update_bundle(world["parent"], world["recipe"], refused, run_dir=tmp_path / "run1", profile=FAST,
                   log=said.append, resume=True, allow_forgetting=True)
     assert f"update: the continual run in {tmp_path / 'run1'} finished; exporting it" in said and refused.is_dir()
+    assert [m.split(":")[0] for m in said if "parity set:" in m] == ["task A", "task B"]  # one named line per task
     lenient = FAST.model_copy(update={"min_retention": 0.0})
     out = tmp_path / "v2"
     said.clear()

@@ -171,7 +171,8 @@ def _parity_set_of(data, profile: ExportProfile, layout: TaskLayout | None,
     when the tasks' images differ), with the heads the parity is checked on."""
     if layout is None:
         return _build_parity_set(data, profile, log)
-    parts = [_build_parity_set(t.data, profile, log) for t in data.tasks]
+    parts = [_build_parity_set(t.data, profile, lambda line, task=t.name: log(f"task {task}: {line}"))
+             for t in data.tasks]  # one line per task, named (two alike lines had read as one printed twice)
     channels = {c for _, _, c in parts}
     return (merge_parity_sets([p for p, _, _ in parts], layout.heads), sum(n for _, n, _ in parts),
             channels.pop() if len(channels) == 1 else data.preprocess["channels"])
