@@ -16,6 +16,7 @@ from edgekd.runtime.tta import TTAViews
 
 __all__ = ["MANIFEST_FILE", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA", "Artifact", "Bundle", "DicomFrame", "Failure",
            "Prediction", "Preprocessor", "Repository", "Runner", "TTAViews", "TaskPredictions", "as_image_array",
-           "check_embedded_metadata", "check_output_path", "compile_for_cpu", "collect_inputs", "collect_labelled", "is_bundle",
-           "metadata_strings", "open_bundle", "openvino_rt_metadata", "parse_metadata_strings", "peak_rss_mb",
-           "softmax", "time_alternating", "time_call", "verify_manifest", "write_predictions", "write_repository"]
+           "check_embedded_metadata", "check_output_path", "collect_inputs", "collect_labelled", "compile_for_cpu",
+           "is_bundle", "metadata_strings", "open_bundle", "openvino_rt_metadata", "parse_metadata_strings",
+           "peak_rss_mb", "softmax", "time_alternating", "time_call", "verify_manifest", "write_predictions",
+           "write_repository"]

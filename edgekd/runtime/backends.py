@@ -40,37 +40,34 @@ def compile_for_cpu(core, model, config: dict):
     thread on the first one's freed stack, and the next signal handled there (SIGTERM, Ctrl-C) crashed the
     process with a segfault (two runners, then SIGTERM). Putting the thread's own stack back right after compiling
     leaves every later restore pointing at that one."""
-    import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+    if threading.current_thread() is not threading.main_thread():
         return core.compile_model(model, "CPU", config)
-    libc, saved = _signal_stack()
+    restore = _signal_stack_restorer()
     try:
         return core.compile_model(model, "CPU", config)
     finally:
-        if saved is not None:
-            libc.sigaltstack(saved, None)
+        restore()
 
 
-def _signal_stack():
-    """(libc's sigaltstack holder, the calling thread's alternate signal stack as a struct to set it back), or
-    (None, None) where libc has no sigaltstack."""
+def _signal_stack_restorer() -> Callable[[], None]:
+    """A function that sets the calling thread's alternate signal stack (sigaltstack, through ctypes) back to what
+    it is now; a no-op where libc has no sigaltstack."""
     import ctypes
 
     class StackT(ctypes.Structure):
         _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
     try:
-        libc = ctypes.CDLL(None)
-        libc.sigaltstack  # noqa: B018 (not a POSIX libc: AttributeError)
-    except (OSError, AttributeError):
-        return None, None
+        sigaltstack = ctypes.CDLL(None).sigaltstack
+    except (OSError, AttributeError):  # not a POSIX libc
+        return lambda: None
     current = StackT()
-    if libc.sigaltstack(None, ctypes.byref(current)) != 0:
-        return None, None
+    if sigaltstack(None, ctypes.byref(current)) != 0:
+        return lambda: None
     current.ss_flags &= 2  # keep SS_DISABLE (the thread had none); SS_ONSTACK cannot be set
-    return libc, ctypes.byref(current)
+    return lambda: sigaltstack(ctypes.byref(current), None)
 
 
 class Slot:
