@@ -136,13 +136,12 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        parent, _, _ = path.rpartition(".")
-        try:  # the names one level down from the deepest part that exists, so the fix is in the message
-            known = [n for n, _ in model.get_submodule(parent).named_children()] if parent else \
-                [n for n, _ in model.named_children()]
+        parent = path.rpartition(".")[0]
+        try:  # the modules beside the missing one (get_submodule("") is the model), so the fix is in the message
+            scope = model.get_submodule(parent)
         except AttributeError:
-            known = [n for n, _ in model.named_children()]
-            parent = ""
+            parent, scope = "", model
+        known = [n for n, _ in scope.named_children()]
         where = f"'{parent}' has" if parent else "its top level has"
         raise EdgeKDError(f"{type(model).__name__} has no module '{path}' ({where} {', '.join(known[:12]) or 'none'}"
                           f"{', ...' if len(known) > 12 else ''})") from None
