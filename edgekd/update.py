@@ -94,11 +94,10 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
                                      allow_forgetting=allow_forgetting, lineage=lineage, log=log, progress=progress)
     except EdgeKDError as err:  # a gate (retention, parity) or any other refusal of the export
         log(f"update: no bundle was written; the continual run stays in {run_dir}")
-        if isinstance(err, RetentionGateError):  # its "nothing was written" is the export's, not the run's
-            again = f"(the same command with --resume --run-dir {run_dir} --allow-forgetting exports this run anyway, " \
-                    "without training it again)"  # plain --allow-forgetting trained a new run
-            raise RetentionGateError(str(err).replace("nothing was written", "no bundle was written", 1)
-                                     .replace("(--allow-forgetting exports anyway)", again, 1)) from None
+        if isinstance(err, RetentionGateError):  # the run stays: no bundle, and plain --allow-forgetting trains anew
+            raise RetentionGateError(err.lines, f"the same command with --resume --run-dir {run_dir} "
+                                     "--allow-forgetting exports this run anyway, without training it again",
+                                     "no bundle was written") from None
         raise
     lost = sorted(set(lineage.get("parent_artifacts") or []) - {f"{a['format']}/{a['precision']}"
                                                               for a in exported.metadata.get("artifacts", [])})

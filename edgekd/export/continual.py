@@ -16,9 +16,17 @@ from edgekd.export.parity import ParitySet
 
 
 class RetentionGateError(EdgeKDError):
-    """A continual checkpoint forgot an earlier task beyond the export profile's min_retention; nothing written."""
+    """A continual checkpoint forgot an earlier task beyond the export profile's min_retention; nothing written.
+    `lines`: one per task that misses; `anyway` says how to export regardless, `outcome` what was not written
+    (edgekd update re-raises it with its own)."""
 
     multiline = True  # the summary, then one indented line per task that misses
+
+    def __init__(self, lines: list[str], anyway: str = "--allow-forgetting exports anyway",
+                 outcome: str = "nothing was written"):
+        self.lines = lines
+        super().__init__(f"refusing to export: {len(lines)} earlier task(s) forgot more than the export profile's "
+                         f"min_retention allows ({anyway}); {outcome}:\n  " + "\n  ".join(lines))
 
 
 @dataclass
@@ -94,9 +102,7 @@ def retention_report(layout: TaskLayout, min_retention: float, allow_forgetting:
     lines = [f"task '{names[j]}': retention {kept:.4f} < min_retention {min_retention:g} "
              f"(accuracy {acc[j, j]:.4f} after learning it, {acc[-1, j]:.4f} now)" for j, kept in misses]
     if misses and not allow_forgetting:
-        raise RetentionGateError(f"refusing to export: {len(misses)} earlier task(s) forgot more than the export "
-                                 "profile's min_retention allows (--allow-forgetting exports anyway); nothing was "
-                                 "written:\n  " + "\n  ".join(lines))
+        raise RetentionGateError(lines)
     return {"head": layout.head, "scenario": layout.scenario, "tasks": names, "acc_matrix": acc.tolist(),
             "retention": retention_per_task(acc).tolist(), "forgetting": forgetting_per_task(acc).tolist(),
             "bwt": backward_transfer(acc), "min_retention": min_retention,
