@@ -87,15 +87,15 @@ def starting_model(recipe, tasks: list[Task]) -> tuple[nn.Module, dict[str, Any]
     if cfg.checkpoint_task:
         if num_outputs(model) != first.num_classes:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: {num_outputs(model)} outputs, but the first task "
-                              f"'{first.name}' has {first.num_classes} classes (the first task must be the checkpoint's; "
-                              "with edgekd train, checkpoint_task: false retrains its head instead)")
+                              f"'{first.name}' has {first.num_classes} classes (the first task must be the "
+                              "checkpoint's; with edgekd train, checkpoint_task: false retrains its head instead)")
         learned = [str(n).split(":", 1)[-1] if ckpt.get("continual") else str(n)  # a continual one's "task:class"
                    for n in ckpt["class_names"]]
         if [n.lower() for n in learned] != [str(n).lower() for n in first.class_names]:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: learned the classes {learned}, but the first task "
                               f"'{first.name}' has {list(first.class_names)}: its outputs would be trained as other "
-                              "classes (select the checkpoint's classes; with edgekd train, checkpoint_task: false retrains the "
-                              "head instead)")
+                              "classes (select the checkpoint's classes; with edgekd train, checkpoint_task: false "
+                              "retrains the head instead)")
         return model, spec, True
     resize_classifier(model, first.num_classes, keep=0)
     return model, spec, False
