@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,17 @@ def uses_class_weights(recipe) -> bool:
     return bool(recipe.train.loss.class_weights or any(getattr(t, "class_weights", False) for t in terms))
 
 
+def earlier_train_seconds(out: Path, sessions: list[dict[str, int]]) -> float | None:
+    """The train_seconds the run in `out` wrote to metrics.json when it finished, if that file is this run's
+    (it lists the same training sessions as last.pt)."""
+    try:
+        earlier = json.loads((out / "metrics.json").read_text())
+        value = earlier["train_seconds"] if earlier["sessions"] == sessions else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
                 objective: Objective | None = None, plugins: list[Plugin] | None = None,
                 resume: bool = False, log: Callable[[str], None] = print, progress=None,
@@ -108,8 +120,11 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         trainer.resume(out / "last.pt")  # another recipe is refused here, before recipe.yaml is rewritten
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    earlier = earlier_train_seconds(out, trainer.sessions) if resume else None
     fit = trainer.fit(progress=progress)
     train_seconds = trainer.train_seconds()  # a resumed run's earlier sessions included
+    if not trainer.trained_this_session and earlier is not None:
+        train_seconds = earlier  # the finished run's own figure: last.pt's stops at its last checkpoint
     if trainer.is_main:
         write_csv_log(out / "log.csv", fit.history)
         if fit.history:

@@ -251,6 +251,11 @@ class Trainer:
             "train_seconds": self.train_seconds(), "sessions": self.sessions,
         }
 
+    @property
+    def trained_this_session(self) -> bool:
+        """Whether this session had epochs to train (a resumed run that had finished has none)."""
+        return self._session_start is not None
+
     def train_seconds(self) -> float:
         """Wall time the run has trained: earlier sessions up to their last checkpoint, plus this session so far."""
         now = 0.0 if self._session_start is None else time.perf_counter() - self._session_start
