@@ -222,17 +222,19 @@ def test_metric_images_take_a_stratified_seeded_subset_of_each_split(tmp_path):
     whole = export_inputs(ckpt, profile_from_dict({"parity": {"images": 4}}), log=quiet).parity_set.splits
     profile = with_overrides(profile_from_dict({"parity": {"images": 4}}), metric_images=10)
     assert profile.parity.metric_images == 10
-    picked = export_inputs(ckpt, profile, log=quiet).parity_set.splits
+    parity_set = export_inputs(ckpt, profile, log=quiet).parity_set
+    picked = {s: parity_set.metric_split(s) for s in ("val", "test")}
     for split in ("val", "test"):
         labels = data.tables[split].labels
+        assert np.array_equal(parity_set.splits[split][1], whole[split][1])  # the reference still sees every image
         (x_all, y_all), (x, y) = whole[split], picked[split]
         assert len(y_all) == len(labels) == 24 and len(y) == 10
         assert set(y.tolist()) == set(labels.tolist())  # every class kept: AUC stays defined
         assert abs(np.mean(y) - np.mean(labels)) <= 1 / len(y)  # the split's class share, to one image
         rows = [next(i for i in range(len(x_all)) if np.array_equal(x_all[i], img)) for img in x]
         assert np.array_equal(y_all[rows], y)  # real images of that split with their own labels
-    again = export_inputs(ckpt, profile, log=quiet).parity_set.splits
-    assert all(np.array_equal(again[s][0], picked[s][0]) for s in picked)
+    again = export_inputs(ckpt, profile, log=quiet).parity_set
+    assert all(np.array_equal(again.metric_split(s)[0], picked[s][0]) for s in picked)
     from edgekd.export.run import metric_subset
 
     labels = data.tables["val"].labels
@@ -240,6 +242,29 @@ def test_metric_images_take_a_stratified_seeded_subset_of_each_split(tmp_path):
     rare = np.array([0] * 1000 + [1] * 3 + [2] * 50)  # a stratified draw by scikit-learn left class 1 out of 5..30
     for n in (3, 5, 30):
         assert len(metric_subset(rare, n)) == n and set(rare[metric_subset(rare, n)].tolist()) == {0, 1, 2}, n
+
+
+def test_metric_images_leave_the_calibration_threshold_and_metrics_of_the_bundle_alone(tmp_path):
+    """`--metric-images` is a faster, coarser gate: the artifacts are scored on the subset, while the shipped
+    temperature, threshold and metrics come from the whole splits. The subset had fed them too (T 0.07 from 10
+    images, threshold 1.0: test sensitivity 0.40 in a re-trial), and the card said every image was gated."""
+    from edgekd.export.run import with_overrides
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    base = profile_from_dict({"parity": {"images": 4}, "formats": ["onnx"], "precisions": ["fp32"],
+                              "decision": {"rule": "sensitivity", "target": 0.9}})
+    whole = export_checkpoint(ckpt, tmp_path / "whole", profile=base, log=quiet)
+    sub = export_checkpoint(ckpt, tmp_path / "sub", profile=with_overrides(base, metric_images=10), log=quiet)
+    meta = [json.loads((tmp_path / b / "edgekd.json").read_text()) for b in ("whole", "sub")]
+    assert meta[0]["calibration"] == meta[1]["calibration"] and meta[0]["decision"] == meta[1]["decision"]
+    assert meta[0]["metrics"] == meta[1]["metrics"]
+    assert sub.parity["reference"]["split_images"] == whole.parity["reference"]["split_images"] == {"val": 24, "test": 24}
+    assert sub.parity["reference"]["metric_images"] == {"val": 10, "test": 10}
+    assert sub.parity["artifacts"][0]["split_images"] == {"val": 10, "test": 10}
+    card = [(tmp_path / b / "card.md").read_text() for b in ("whole", "sub")]
+    assert "gated on every image of the `val` split (24 images" in card[0]
+    assert "gated on a seeded subset of the `val` split with its class proportions (`--metric-images`) (10 images" \
+        in card[1]
 
 
 def test_an_export_into_the_current_folder_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -806,3 +831,22 @@ def test_the_cards_run_line_names_only_the_options_a_bundle_has():
         "ONNX file on ONNX Runtime; `--precision int8` picks another model of the bundle.")
     assert default_run_line(ov[2:]) == ("Without options both run the openvino FP32 model on OpenVINO (the default "
                                         "backend).")
+
+
+def test_a_continual_parity_set_scores_each_tasks_metric_subset():
+    """merge_parity_sets keeps every task's `--metric-images` rows, offset past the tasks before it."""
+    from edgekd.export.continual import merge_parity_sets
+    from edgekd.export.parity import ParitySet
+
+    def task(first: int, n: int, rows):
+        labels = np.arange(first, first + n)
+        x = labels.astype(np.float32).reshape(n, 1, 1, 1)
+        return ParitySet(x[:1], ["original"], {"val": (x, labels), "test": (x, labels)},
+                         metric_rows=None if rows is None else {"val": np.array(rows), "test": np.array(rows)})
+
+    merged = merge_parity_sets([task(0, 5, [1, 3]), task(10, 4, [0, 2])], None)
+    x, y = merged.metric_split("val")
+    assert y.tolist() == [1, 3, 10, 12] and x.ravel().tolist() == [1, 3, 10, 12]
+    assert len(merged.splits["val"][1]) == 9  # the reference's whole splits
+    whole = merge_parity_sets([task(0, 5, None), task(10, 4, None)], None)
+    assert whole.metric_rows is None and whole.metric_split("test")[1].tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13]

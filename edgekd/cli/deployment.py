@@ -26,9 +26,10 @@ def export(
     zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip."),
     parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Validation images in the parity gate (default 64)."),
     calib_images: Optional[int] = typer.Option(None, "--calib-images", help="Training images for INT8 calibration (default 300)."),
-    metric_images: Optional[int] = typer.Option(None, "--metric-images", help="N val and N test images "
-                                                "(stratified) for the ACC/AUC gate (default: whole splits; fewer is "
-                                                "faster and coarser)."),
+    metric_images: Optional[int] = typer.Option(None, "--metric-images", help="Score each artifact on N val "
+                                                "and N test images (stratified) for the ACC/AUC gate (default: whole "
+                                                "splits; fewer is faster and coarser). Calibration, the decision "
+                                                "threshold and the card's metrics use the whole splits."),
     accuracy_control: bool = typer.Option(False, "--accuracy-control", help="OpenVINO INT8 with NNCF accuracy "
                                           "control (max drop from the profile)."),
     no_accuracy_control: bool = typer.Option(False, "--no-accuracy-control", help="Without it, whatever the profile "

@@ -92,14 +92,31 @@ def _num(v: Any, fmt: str = ".4f") -> str:
 
 
 def _gate_images(parity: dict[str, Any]) -> str:
-    n = parity["reference"]["split_images"].get(parity["metric_split"])
+    """Which images of the metric split the ACC/AUC drops were gated on, and whether one image can move ACC
+    past the limit."""
+    split = parity["metric_split"]
+    total = parity["reference"]["split_images"].get(split)
+    n = parity["reference"].get("metric_images", {}).get(split, total)  # absent from bundles before 2026-12-06
     if not n:
-        return "no images"
-    text = f"{n} images: one image moves ACC by {100 / n:.2g} points"
+        return f"gated on the `{split}` split: no images"
+    where = (f"every image of the `{split}` split" if n == total else
+             f"a seeded subset of the `{split}` split with its class proportions (`--metric-images`)")
+    text = f"gated on {where} ({n} images: one image moves ACC by {100 / n:.2g} points"
     limits = [r["tolerance"].get("acc_drop") for r in parity["artifacts"] if r["tolerance"].get("acc_drop")]
     if limits and 1 / n > min(limits):
         text += f", more than the {min(limits) * 100:g}-point limit, so the ACC gate cannot resolve it here"
-    return text
+    return text + ")"
+
+
+def _top1_resolution(parity: dict[str, Any]) -> str:
+    """A sentence when a single differing input fails a top-1 agreement limit (too few parity inputs)."""
+    inputs = parity["inputs"]
+    limits = sorted({r["tolerance"]["top1_agreement"] for r in parity["artifacts"]
+                     if r["tolerance"].get("top1_agreement") is not None and 1 - 1 / inputs < r["tolerance"]["top1_agreement"]})
+    if not inputs or not limits:
+        return ""
+    return (f" With {inputs} inputs a single differing top-1 prediction fails the {' / '.join(f'{t:.2%}' for t in limits)} "
+            "top-1 limit: more parity images (`--parity-images`) give that gate room for one near-tied input.")
 
 
 def default_run_line(artifacts: list[dict[str, Any]]) -> str:
@@ -134,8 +151,8 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
     lines = ["", f"({counts}.)", "", "## Parity with PyTorch", "",
              f"{parity['images']} validation images x {len(tta['views'])} TTA views = {parity['inputs']} inputs, "
              f"run at batch 1 and batch {parity['batch_size']}; values pass when |artifact - PyTorch| <= "
-             "max_abs + rtol·|PyTorch| on every logit. The ACC/AUC drops are gated on every image of the "
-             f"`{parity['metric_split']}` split ({_gate_images(parity)}).", "",
+             f"max_abs + rtol·|PyTorch| on every logit. The ACC/AUC drops are {_gate_images(parity)}."
+             + _top1_resolution(parity), "",
              "| format | precision | max abs diff | mean abs diff | top-1 agreement | ACC drop | AUC drop | tolerance | result |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rec in parity["artifacts"]:

@@ -87,7 +87,12 @@ def merge_parity_sets(sets: list[ParitySet], heads: list[tuple[str, int, int]] |
     """One parity set from each task's: inputs and views in task order, each metric split concatenated."""
     splits = {s: (np.concatenate([p.splits[s][0] for p in sets]), np.concatenate([p.splits[s][1] for p in sets]))
               for s in sets[0].splits}
-    return ParitySet(np.concatenate([p.inputs for p in sets]), [v for p in sets for v in p.views], splits, heads)
+    rows = None
+    if any(p.metric_rows is not None for p in sets):  # each task's scored rows, offset past the tasks before it
+        offsets = {s: np.cumsum([0] + [len(p.splits[s][1]) for p in sets[:-1]]) for s in splits}
+        rows = {s: np.concatenate([p.rows(s) + offsets[s][i] for i, p in enumerate(sets)]) for s in splits}
+    return ParitySet(np.concatenate([p.inputs for p in sets]), [v for p in sets for v in p.views], splits, heads,
+                     metric_rows=rows)
 
 
 def retention_report(layout: TaskLayout, min_retention: float, allow_forgetting: bool) -> dict[str, Any]:

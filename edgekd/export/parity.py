@@ -54,7 +54,8 @@ class ParitySet:
     views: list[str]
     """The view of each row of `inputs`."""
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
-    """split -> (inputs, labels) for the ACC/AUC comparison."""
+    """split -> (inputs, labels): the whole split, where the PyTorch reference, the bundle's calibration and
+    decision threshold and its metrics are taken."""
     heads: list[tuple[str, int, int]] | None = None
     """A multi-head model's (task, first output, end output) per head: values, top-1 agreement and metrics are
     taken per head (each its own softmax, labels of its task only); None: one head over all outputs."""
@@ -62,6 +63,21 @@ class ParitySet:
     """(dataset, indices): where to read the parity images as decoded (uint8 HWC, their own size) for the runner
     check, read only then (64 full-size images held through the whole export were gigabytes); None for a
     continual checkpoint's merged set (its rows are view-major per task)."""
+    metric_rows: dict[str, np.ndarray] | None = None
+    """split -> the rows of `splits` each artifact is scored on for the ACC/AUC gate (parity.metric_images);
+    None: every row."""
+
+    def rows(self, split: str) -> np.ndarray:
+        """The rows of `split` the artifacts are scored on."""
+        if self.metric_rows is None:
+            return np.arange(len(self.splits[split][1]))
+        return self.metric_rows[split]
+
+    def metric_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, labels) of `split` the artifacts are scored on."""
+        x, y = self.splits[split]
+        rows = self.rows(split)
+        return (x, y) if len(rows) == len(y) else (x[rows], y[rows])
 
 
 def parity_inputs(images: torch.Tensor, views: list[str], center_crop_fraction: float, normalize) -> tuple[np.ndarray, list[str]]:
@@ -153,20 +169,22 @@ def check_signature(session: ArtifactSession, input_shape: tuple[int, ...], num_
 def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str, Any], batch_size: int,
                   record: dict[str, Any]) -> None:
     """The artifact's metrics on each metric split, its logit parity there and the metric drops, into `record`."""
-    for split, (x, y) in data.splits.items():
+    for split in data.splits:
+        x, y = data.metric_split(split)
         art_logits = run_batched(session, x, batch_size)
         metrics = split_metrics(y, art_logits, data.heads)
-        ref_metrics = reference["splits"][split]["metrics"]
+        ref_logits = reference["splits"][split]["logits"][data.rows(split)]
+        ref_metrics = split_metrics(y, ref_logits, data.heads)  # the reference on the same images
         record["metrics"][split] = metrics
-        split_diff = np.abs(art_logits.astype(np.float64) - reference["splits"][split]["logits"].astype(np.float64))
+        split_diff = np.abs(art_logits.astype(np.float64) - ref_logits.astype(np.float64))
         record.setdefault("split_parity", {})[split] = {
             "max_abs_diff": float(split_diff.max()), "mean_abs_diff": float(split_diff.mean()),
-            "top1_agreement": float((art_logits.argmax(1) == reference["splits"][split]["logits"].argmax(1)).mean())}
+            "top1_agreement": float((art_logits.argmax(1) == ref_logits.argmax(1)).mean())}
         record["metric_drop"][split] = {k: _drop(ref_metrics.get(k), metrics.get(k)) for k in ("acc", "auc")}
         record.setdefault("split_images", {})[split] = len(y)
         if reference.get("clinical"):  # the bundle's temperature and threshold applied to this artifact
             record.setdefault("operating_point", {})[split] = artifact_operating_point(
-                art_logits, y, reference["splits"][split]["logits"], reference["clinical"])
+                art_logits, y, ref_logits, reference["clinical"])
         record.setdefault("acc_resolution", {})[split] = 1.0 / len(y)
 
 

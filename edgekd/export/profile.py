@@ -61,7 +61,7 @@ class ParityConfig(Section):
     """This many images per split for the ACC/AUC comparison, a seeded subset with the split's class
     proportions (`edgekd export --metric-images`): a faster, coarser gate on a slow CPU. null, the default: the
     whole split, so the gated drop is measured on every validation image; the card states the count and the
-    resolution."""
+    resolution. The PyTorch reference, calibration and decision threshold always take the whole splits."""
     tolerances: Tolerances
     runner: RunnerCheck = RunnerCheck()
     """What `edgekd predict` runs must predict what the gate checked (export/runner_check.py)."""

@@ -194,11 +194,15 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
     gray = raw_images and all(a.shape[-1] == 1 for a in raw_images)
     image_channels = 1 if gray else data.preprocess["channels"]
     inputs, views = parity_inputs(raw, list(profile.tta.views), profile.tta.center_crop_fraction, normalize)
-    splits = {s: _stack(data.dataset(s, train=False),
-                        metric_subset(data.tables[s].labels, profile.parity.metric_images)) for s in ("val", "test")}
+    splits = {s: _stack(data.dataset(s, train=False), np.arange(len(data.tables[s].labels))) for s in ("val", "test")}
+    # --metric-images: the artifacts are scored on a subset; the reference, calibration and threshold see it all
+    rows = {s: metric_subset(y, profile.parity.metric_images) for s, (_, y) in splits.items()}
     log(f"parity set: {len(picked)} val images x {len(profile.tta.views)} views; metrics on "
-        + ", ".join(f"{s} ({len(y)})" for s, (_, y) in splits.items()))
-    return ParitySet(inputs, views, splits, raw_source=(val, [int(i) for i in picked])), len(picked), image_channels
+        + ", ".join(f"{s} ({len(rows[s])}" + (f" of {len(y)})" if len(rows[s]) < len(y) else ")")
+                    for s, (_, y) in splits.items()))
+    return (ParitySet(inputs, views, splits, raw_source=(val, [int(i) for i in picked]),
+                      metric_rows=rows if profile.parity.metric_images is not None else None),
+            len(picked), image_channels)
 
 
 def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profile: ExportProfile,
@@ -271,7 +275,7 @@ def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfil
 
     ctx = ExportContext(model=model, input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
                         profile=profile, scratch=scratch, calibration=calibration,
-                        validation=lambda: parity_set.splits["val"], log=log, progress=progress)
+                        validation=lambda: parity_set.metric_split("val"), log=log, progress=progress)
     return ctx
 
 
@@ -391,6 +395,7 @@ def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, pari
         "reference": {"framework": f"torch {torch.__version__}",
                       "metrics": {s: r["metrics"] for s, r in reference["splits"].items()},
                       "split_images": {s: len(y) for s, (_, y) in parity_set.splits.items()},
+                      "metric_images": {s: len(parity_set.rows(s)) for s in parity_set.splits},
                       **({"warnings": reference["warnings"]} if reference.get("warnings") else {})},
         "artifacts": outcome.records, "passed": not outcome.failures, "failures": outcome.failures,
         **({"too_slow": outcome.too_slow} if outcome.too_slow else {}),

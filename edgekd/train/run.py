@@ -120,11 +120,9 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         trainer.resume(out / "last.pt")  # another recipe is refused here, before recipe.yaml is rewritten
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    earlier = earlier_train_seconds(out, trainer.sessions) if resume else None
-    fit = trainer.fit(progress=progress)
-    train_seconds = trainer.train_seconds()  # a resumed run's earlier sessions included
-    if not trainer.trained_this_session and earlier is not None:
-        train_seconds = earlier  # the finished run's own figure: last.pt's stops at its last checkpoint
+    earlier = earlier_train_seconds(out, trainer.sessions) if resume else None  # last.pt's stops at its checkpoint
+    fit = trainer.fit(progress=progress)  # train_seconds: a resumed run's earlier sessions included
+    train_seconds = trainer.train_seconds() if trainer.trained_this_session or earlier is None else earlier
     if trainer.is_main:
         write_csv_log(out / "log.csv", fit.history)
         if fit.history:
