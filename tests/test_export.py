@@ -265,6 +265,11 @@ def test_metric_images_leave_the_calibration_threshold_and_metrics_of_the_bundle
     assert "gated on every image of the `val` split (24 images" in card[0]
     assert "gated on a seeded subset of the `val` split with its class proportions (`--metric-images`) (10 images" \
         in card[1]
+    assert "single differing top-1" not in card[0]  # FP32's 100% tolerates no flip at any count: nothing to say
+    fp16 = export_checkpoint(ckpt, tmp_path / "fp16", ["openvino"], ["fp16"], base, log=quiet)
+    assert fp16.parity["inputs"] == 4 * len(base.tta.views) < 200
+    assert "With 24 inputs a single differing top-1 prediction fails the 99.50% top-1 limit" in \
+        (tmp_path / "fp16" / "card.md").read_text()
 
 
 def test_an_export_into_the_current_folder_is_refused_before_any_work(tmp_path, monkeypatch):

@@ -111,9 +111,11 @@ def _gate_images(parity: dict[str, Any]) -> str:
 def _top1_resolution(parity: dict[str, Any]) -> str:
     """A sentence when a single differing input fails a top-1 agreement limit (too few parity inputs)."""
     inputs = parity["inputs"]
-    limits = sorted({r["tolerance"]["top1_agreement"] for r in parity["artifacts"]
-                     if r["tolerance"].get("top1_agreement") is not None and 1 - 1 / inputs < r["tolerance"]["top1_agreement"]})
-    if not inputs or not limits:
+    if not inputs:
+        return ""
+    limits = sorted({t for r in parity["artifacts"] if (t := r["tolerance"].get("top1_agreement")) is not None
+                     and 1 - 1 / inputs < t < 1})  # a 100% limit tolerates no flip at any count
+    if not limits:
         return ""
     return (f" With {inputs} inputs a single differing top-1 prediction fails the {' / '.join(f'{t:.2%}' for t in limits)} "
             "top-1 limit: more parity images (`--parity-images`) give that gate room for one near-tied input.")
