@@ -11,6 +11,18 @@ def split_list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def given_list(text: str | None, option: str) -> list[str] | None:
+    """split_list for an option's value: None when the option was not given; given but blank ('' or ',') is an
+    error naming `option` (an unset shell variable had fallen back to the default without a word)."""
+    if text is None:
+        return None
+    items = split_list(text)
+    if not items:
+        raise EdgeKDError(f"{option} {text!r}: nothing given (a comma-separated list; leave the option out for "
+                          "the default)")
+    return items
+
+
 def int_list(text: str | None, option: str) -> list[int] | None:
     """'1, 3,5' -> [1, 3, 5]; None or '' -> None; anything not an integer is an error naming `option`."""
     try:

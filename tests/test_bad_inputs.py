@@ -723,6 +723,8 @@ CHECKPOINT_CASES = {
     "zero_byte": (_ckpt_zero, "not a readable checkpoint"),
     "truncated": (_ckpt_truncated, "not a readable checkpoint"),
     "random_bytes": (_ckpt_random, "not a readable checkpoint"),
+    "text_file": (lambda t, trained: (t / "c.pt").write_text("hello"),  # had said "KeyError: 101"
+                  "not a readable checkpoint (not a PyTorch file: neither a torch.save zip nor a pickle)"),
     "not_edgekd": (_ckpt_plain_tensor, "not an edgekd checkpoint"),
     "pickle_payload": (_ckpt_pickle_payload, "not a readable checkpoint"),
     "other_architecture": (_ckpt_other_arch, "weights do not fit"),
@@ -813,6 +815,12 @@ EXPORT_CASES = {
     "zero_parity_images": (["--parity-images", "0"], "at least 1"),
     "zero_metric_images": (["--metric-images", "0"], "--metric-images must be at least 1"),
     "metric_images_below_the_classes": (["--metric-images", "1"], "below the 2 classes"),
+    "threads_over_the_limit": (["--threads", "2000"], "--threads must be in [1, 1024] (got 2000)"),  # had hung
+    "blank_format": (["--format", ""], "--format '': nothing given"),  # had fallen back to the profile's
+    "blank_precision": (["--precision", ","], "--precision ',': nothing given"),
+    "out_named_zip": (["--out", "{t}/b.zip", "--zip"], "a bundle is a folder; for a zip too give --out"),
+    "profile_precision_unsupported": (["--target", "cpu-openvino-fp16", "--format", "onnx"],
+                                      "precision fp16 (export profile 'cpu-openvino-fp16'): not supported by onnx"),
 }
 
 
@@ -933,6 +941,7 @@ PREDICT_OPTION_CASES = {
     "unknown_backend": (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
     "bad_out_suffix": (["--out", "{t}/pred.xlsx"], "must end with .csv or .json"),
     "unknown_tta_view": (["--views", "original,mirror"], "mirror"),
+    "blank_tta_views": (["--views", ""], "--views '': nothing given"),  # had run without TTA
 }
 
 

@@ -855,3 +855,44 @@ def test_a_continual_parity_set_scores_each_tasks_metric_subset():
     assert len(merged.splits["val"][1]) == 9  # the reference's whole splits
     whole = merge_parity_sets([task(0, 5, None), task(10, 4, None)], None)
     assert whole.metric_rows is None and whole.metric_split("test")[1].tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13]
+
+
+def test_the_cards_grad_cam_rows_give_the_bundles_calibrated_prediction():
+    """The card's Grad-CAM table showed the uncalibrated softmax top class (0.958 where predict says 0.887);
+    it now gives what the bundle predicts: temperature-scaled p and the decision threshold."""
+    from edgekd.export.bundle import _explanation_section
+    from edgekd.export.clinical import as_the_bundle_decides
+
+    record = {"image": "test1", "label": "pneumonia", "predicted": "normal", "target": "normal", "prob": 0.7,
+              "probs": [0.7, 0.3], "overlay": "explain/test1_gradcam.png", "layer": "stages.1"}
+    clinical = {"calibration": {"temperature": 2.0}, "decision": {"threshold": 0.4, "positive_index": 1}}
+    p1 = np.sqrt(0.3) / (np.sqrt(0.7) + np.sqrt(0.3))  # softmax(log p / 2) = sqrt(p), normalized: 0.3956
+    [kept] = as_the_bundle_decides([record], clinical, ["normal", "pneumonia"])
+    assert kept["predicted"] == "normal" and kept["prob"] == pytest.approx(1 - p1) and kept["uncalibrated_prob"] == 0.7
+    clinical["decision"]["threshold"] = 0.35
+    [flipped] = as_the_bundle_decides([record], clinical, ["normal", "pneumonia"])
+    assert flipped["predicted"] == "pneumonia" and flipped["prob"] == pytest.approx(p1)
+    row = _explanation_section([flipped])[-1]
+    assert f"| pneumonia ({p1:.3f}; the map is of normal, the top class) |" in row
+    assert f"| normal ({1 - p1:.3f}) |" in _explanation_section([kept])[-1]
+
+
+def test_export_threads_over_the_cores_run_on_the_cores(tmp_path, monkeypatch):
+    """`--threads 2000` started 2,004 threads and stalled the export for minutes: the export's own runs take at
+    most this machine's cores; the bundle keeps the hint (the runner caps it on the device)."""
+    from edgekd.export.run import with_overrides
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    opened, real = [], FORMATS["onnx"]
+    monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(real, open=lambda path, precision, threads: (
+        opened.append(threads) or real.open(path, precision, threads))))
+    ckpt, logs = make_checkpoint(tmp_path, "edgekd_cnn_tiny"), []
+    profile = with_overrides(profile_from_dict({"parity": {"images": 4}, "formats": ["onnx"], "precisions": ["fp32"]}),
+                             threads=512)
+    export_checkpoint(ckpt, tmp_path / "b", profile=profile, log=logs.append)
+    assert opened and set(opened) == {2}
+    assert "threads 512 is over this machine's 2 cores: the export runs on 2; the bundle's hint stays 512 (a " \
+        "runner caps it to its cores)" in logs
+    assert json.loads((tmp_path / "b" / "edgekd.json").read_text())["runtime"]["threads"] == 512
+    with pytest.raises(EdgeKDError, match=r"--threads must be in \[1, 1024\]"):
+        with_overrides(profile, threads=1025)

@@ -13,7 +13,7 @@ from rich.markup import escape
 from edgekd.cli.console import BUNDLE_PRECISION_HELP, STATE, console, out_console, progress_bar, with_progress
 from edgekd.cli.tables import predictions_table, task_predictions_table, continual_table, parity_table
 from edgekd.errors import EdgeKDError, error_line, printable
-from edgekd.options import split_list
+from edgekd.options import given_list
 
 
 def export(
@@ -52,9 +52,16 @@ def export(
     control = True if accuracy_control else False if no_accuracy_control else None
     profile = with_overrides(load_profile(target), parity_images, calib_images, threads, control,
                              "drop" if drop_failed else None, metric_images)
+    formats, precisions = given_list(format_, "--format"), given_list(precision, "--precision")
+    builds = (formats or profile.formats, precisions or profile.precisions)
+    for option, ignored, to in (("--calib-images", calib_images is not None and "int8" not in builds[1], "INT8"),
+                                ("--accuracy-control", accuracy_control and not ("int8" in builds[1] and "openvino"
+                                                                                 in builds[0]), "OpenVINO INT8")):
+        if ignored:  # without a word before
+            console.print(f"[yellow]warning:[/] {option} applies to {to}, which this export does not build: ignored")
     out = out or checkpoint.parent / "bundle"
     result = with_progress(lambda log, bar: export_checkpoint(
-        checkpoint, out, split_list(format_), split_list(precision), profile, zip_, set_, log=log,
+        checkpoint, out, formats, precisions, profile, zip_, set_, log=log,
         allow_forgetting=allow_forgetting, progress=bar))
     out_console.print(parity_table(str(checkpoint), result))
 
@@ -125,7 +132,7 @@ def predict(
     if out is not None:
         check_output_path(out)
         refuse_output_inside(out, [bundle])
-    tta_option = split_list(views) if views else tta
+    tta_option = given_list(views, "--views") if views is not None else tta
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir, threshold=threshold, task=task)
     paths, problems = _predict_inputs(inputs, frame)

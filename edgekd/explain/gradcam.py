@@ -169,7 +169,7 @@ def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.n
         peak = np.unravel_index(int(cam.argmax()), cam.shape)
         records.append({"image": name, "overlay": path.name, "layer": layer, "target": class_names[target],
                         "predicted": class_names[int(probs[i].argmax())], "prob": float(probs[i].max()),
-                        "target_prob": float(probs[i][target]),
+                        "target_prob": float(probs[i][target]), "probs": [float(v) for v in probs[i]],
                         "label": None if labels is None else class_names[int(labels[i])],
                         "input_size": list(cam.shape), "blank": blank,
                         "peak_yx": None if blank else [int(peak[0]), int(peak[1])]})

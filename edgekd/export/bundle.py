@@ -24,8 +24,11 @@ EXPLAIN_DIR = "explain"
 
 def staging_dir(out: Path) -> Path:
     """A new directory next to `out` (same filesystem, so publishing is a rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return staging_directory(f".{out.name}.", ".tmp", out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return staging_directory(f".{out.name}.", ".tmp", out.parent)
+    except OSError as err:  # it had named the hidden staging folder, not the --out the user gave
+        raise EdgeKDError(f"--out {out}: cannot write in {out.parent} ({(err.strerror or str(err)).lower()})") from None
 
 
 def write_manifest(root: Path) -> Path:
@@ -39,6 +42,9 @@ def check_target(out: Path) -> None:
     """Refuse to replace anything but an earlier bundle or an empty directory, or to write inside a bundle."""
     refuse_output_in_bundle(out, replaces=True)
     check_output_location(out)
+    if out.suffix.lower() == ".zip" and not (out / METADATA_FILE).is_file():  # had made a folder x.zip/ (+ x.zip.zip)
+        raise EdgeKDError(f"--out {out}: a bundle is a folder; for a zip too give --out {out.with_suffix('')} --zip "
+                          f"(it writes {out.with_suffix('')} and {out})")
     if out.exists() and out.resolve() == Path.cwd().resolve():  # it cannot be moved aside: failed after the work
         raise EdgeKDError(f"--out {out}: the current folder; run the export from another folder")
     if out.exists() and not (out.is_dir() and ((out / METADATA_FILE).is_file() or not any(out.iterdir()))):
@@ -196,12 +202,14 @@ def _explanation_section(explanations: list[dict[str, Any]] | None) -> list[str]
     if not explanations:
         return []
     lines = ["", "## Where the model looks (Grad-CAM)", "",
-             f"Grad-CAM of the predicted class at layer `{explanations[0]['layer']}` of the PyTorch checkpoint, "
+             f"Grad-CAM of the PyTorch model's top class at layer `{explanations[0]['layer']}` of the PyTorch checkpoint, "
              f"on {len(explanations)} test images (a fixed pick, classes in turn). Red = regions that raised "
-             "the predicted class's score; check they lie on anatomy, not on labels, borders or devices.", "",
+             "that class's score; check they lie on anatomy, not on labels, borders or devices. "
+             "Predicted and p as the bundle gives them (calibrated, its decision threshold).", "",
              "| image | label | predicted (p) | Grad-CAM |", "|---|---|---|---|"]
     for e in explanations:
-        lines.append(f"| {e['image']} | {e.get('label') or '-'} | {e['predicted']} ({e['prob']:.3f}) | "
+        other = f"; the map is of {e['target']}, the top class" if e.get("target", e["predicted"]) != e["predicted"] else ""
+        lines.append(f"| {e['image']} | {e.get('label') or '-'} | {e['predicted']} ({e['prob']:.3f}{other}) | "
                      f"![{e['image']}]({e['overlay']}) |")
     return lines
 

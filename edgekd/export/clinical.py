@@ -12,8 +12,9 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.export.profile import ExportProfile
-from edgekd.metrics import bootstrap_intervals, calibration_report, choose_threshold, delong_test, plot_reliability
-from edgekd.probability import calibrated_softmax, softmax
+from edgekd.metrics import (bootstrap_intervals, calibration_report, choose_threshold, decide, delong_test,
+                            plot_reliability)
+from edgekd.probability import apply_temperature, calibrated_softmax, softmax
 
 RELIABILITY_FILE = "calibration.png"
 OPERATING_METRICS = ("sensitivity", "specificity", "acc", "balanced_acc", "f1", "auc", "ece")
@@ -59,6 +60,21 @@ def calibration_of(clinical: dict[str, Any]) -> tuple[float, list[float] | None]
     """(temperature, bias) of calibrated_softmax; (1, None) without calibration."""
     calibration = clinical.get("calibration") or {}
     return float(calibration.get("temperature", 1.0)), calibration.get("bias")
+
+
+def as_the_bundle_decides(records: list[dict[str, Any]], clinical: dict[str, Any],
+                          class_names: list[str]) -> list[dict[str, Any]]:
+    """Grad-CAM card records with the bundle's prediction: its calibrated probabilities and decision threshold
+    applied to the PyTorch softmax ("predicted", "prob"); the card had shown the uncalibrated top class."""
+    if not clinical.get("decision"):
+        return records
+    threshold, positive = clinical["decision"]["threshold"], clinical["decision"]["positive_index"]
+    out = []
+    for r in records:
+        p = apply_temperature(np.asarray([r["probs"]]), *calibration_of(clinical))[0]
+        k = int(decide(p, threshold, positive))
+        out.append({**r, "predicted": class_names[k], "prob": float(p[k]), "uncalibrated_prob": r["prob"]})
+    return out
 
 
 def artifact_operating_point(art_logits: np.ndarray, labels: np.ndarray, ref_logits: np.ndarray,

@@ -39,9 +39,15 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
 )}
 
 
-def export_plan(formats: list[str], precisions: list[str]) -> list[tuple[ExportFormat, str]]:
+def export_plan(formats: list[str], precisions: list[str],
+                profile: tuple[str | None, str | None] = (None, None)) -> list[tuple[ExportFormat, str]]:
     """The (format, precision) pairs to build. A pair a format does not support is skipped, but every format and
-    every precision asked for must be used at least once (`--format onnx --precision fp16` is an error)."""
+    every precision asked for must be used at least once (`--format onnx --precision fp16` is an error).
+    `profile`: the export profile's name where the formats / precisions came from it (errors name it, not an
+    option the user did not give)."""
+    def said(option: str, value: str, source: str | None) -> str:
+        return f"--{option} {value}" if source is None else f"{option} {value} (export profile '{source}')"
+
     if not formats:
         raise EdgeKDError("--format: give at least one format")
     if not precisions:
@@ -58,8 +64,9 @@ def export_plan(formats: list[str], precisions: list[str]) -> list[tuple[ExportF
     for p in precisions:
         if not any(pp == p for _, pp in plan):
             supported = "; ".join(f"{f}: {', '.join(FORMATS[f].precisions)}" for f in formats)
-            raise EdgeKDError(f"--precision {p}: not supported by {', '.join(formats)} ({supported})")
+            raise EdgeKDError(f"{said('precision', p, profile[1])}: not supported by {', '.join(formats)} ({supported})")
     for f in formats:
         if not any(ff.name == f for ff, _ in plan):
-            raise EdgeKDError(f"--format {f}: supports {', '.join(FORMATS[f].precisions)}, none of which was asked for")
+            raise EdgeKDError(f"{said('format', f, profile[0])}: supports {', '.join(FORMATS[f].precisions)}, none "
+                              "of which was asked for")
     return plan

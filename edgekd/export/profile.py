@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS, TTA_VIEWS
 from edgekd.recipe import deep_merge, format_validation_error, load_yaml, yaml_error
+from edgekd.runtime import MAX_THREADS
 
 Precision = Literal[PRECISIONS]
 TTAView = Literal[TTA_VIEWS]
@@ -190,8 +192,13 @@ class ExportProfile(Section):
     precisions: list[Precision] = Field(["fp32"], min_length=1)
     input_size: int | None = Field(None, ge=8)
     """Export at this (square) input size instead of the checkpoint's; the eval resize scales with it."""
-    threads: int | None = Field(None, ge=1)
-    """CPU threads for parity runs and the runtime hint written to edgekd.json (null: the library default)."""
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
+    """CPU threads for parity runs (at most this machine's cores) and the runtime hint written to edgekd.json
+    (null: the library default; the runner caps it to the device's cores)."""
+
+    def run_threads(self) -> int | None:
+        """The threads the export's own runs use: `threads`, at most this machine's cores."""
+        return min(self.threads, os.cpu_count() or 1) if self.threads else None
     tta: TTAConfig = TTAConfig()
     parity: ParityConfig
     quantization: QuantizationConfig = QuantizationConfig()

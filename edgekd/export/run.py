@@ -20,7 +20,7 @@ from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   staging_dir, write_bundle_files, write_zip)
-from edgekd.export.clinical import operating_point, write_reliability
+from edgekd.export.clinical import as_the_bundle_decides, operating_point, write_reliability
 from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_sets, retention_report, task_layout,
                                      task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
@@ -31,6 +31,7 @@ from edgekd.metrics import one_class_warning
 from edgekd.models import count_parameters
 from edgekd.progress import progress_task
 from edgekd.recipe import apply_overrides, recipe_from_dict
+from edgekd.runtime import MAX_THREADS
 from edgekd.scoring import scoring_subset
 from edgekd.train.checkpoint import model_from_checkpoint
 
@@ -70,6 +71,8 @@ def with_overrides(profile: ExportProfile, parity_images: int | None = None, cal
         "calib_images": calib_images, "accuracy_control": accuracy_control}.items() if v is not None})
     update: dict[str, Any] = {"parity": parity, "quantization": quant}
     if threads is not None:
+        if not 1 <= threads <= MAX_THREADS:
+            raise EdgeKDError(f"--threads must be in [1, {MAX_THREADS}] (got {threads})")
         update["threads"] = threads
     return profile.model_copy(update=update)
 
@@ -312,7 +315,7 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
     log(f"{label}: exporting {rel}")
     try:
         info = fmt.export(ctx, precision, path)
-        session = fmt.open(path, precision, profile.threads)
+        session = fmt.open(path, precision, profile.run_threads())
     except EdgeKDError as err:
         outcome.failures.append(f"{label}: {err}")
         outcome.records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
@@ -425,7 +428,7 @@ def _runner_gate(stage: Path, metadata: dict[str, Any], parity: dict[str, Any], 
                  log: Callable[[str], None]) -> None:
     """The end-to-end runner check on the staged bundle (export/runner_check.py): ParityGateError on a failure,
     else its record joins parity.json and the card (the bundle's files rewritten)."""
-    record, failures = runner_check(stage, metadata["artifacts"], parity_set, profile.parity.runner, profile.threads,
+    record, failures = runner_check(stage, metadata["artifacts"], parity_set, profile.parity.runner, profile.run_threads(),
                                     profile.parity.batch_size, outcome.parity_logits)
     parity["runner"] = record
     if failures:
@@ -471,12 +474,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     `progress`: the CLI's progress bar (one step per artifact, INT8 calibration images), or None."""
     checkpoint, (out, replacing) = Path(checkpoint), export_target(out)
     profile = profile or load_profile(None)
-    plan = export_plan(formats or profile.formats, precisions or profile.precisions)
+    plan = export_plan(formats or profile.formats, precisions or profile.precisions,
+                       (None if formats else profile.name, None if precisions else profile.name))
     model, ckpt = model_from_checkpoint(checkpoint)
     layout = task_layout(ckpt)
     continual = retention_report(layout, profile.min_retention, allow_forgetting) if layout is not None else None
     scratch_root = _check_space(model, len(plan), out, zip_bundle)
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout, log)
+    if profile.threads and profile.run_threads() != profile.threads:
+        log(f"threads {profile.threads} is over this machine's {profile.run_threads()} cores: the export runs on "
+            f"{profile.run_threads()}; the bundle's hint stays {profile.threads} (a runner caps it to its cores)")
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
     reference = reference_report(model, parity_set)
     reference["warnings"] = _one_class_warnings(reference, parity_set, log)
@@ -503,7 +510,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         artifacts = _gate(outcome, parity, stage, profile.parity.on_fail, checkpoint, out, log)
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE,
                     "reliability": write_reliability(stage, reference, parity_set.splits, reference["clinical"])}
-        explanations = card_explanations(model, ckpt, explain_data, stage, log) if explain_data is not None else []
+        explanations = as_the_bundle_decides(card_explanations(model, ckpt, explain_data, stage, log), reference[
+            "clinical"], list(ckpt["class_names"])) if explain_data is not None else []
         write_bundle_files(stage, metadata, parity, explanations)
         _runner_gate(stage, metadata, parity, parity_set, profile, explanations, checkpoint, out, outcome, log)
         publish(stage, out)

@@ -37,6 +37,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise EdgeKDError(f"{path}: a zipped exported bundle, not a checkpoint file (best.pt)")
     if path.suffix.lower() in (".json", ".yaml", ".yml", ".csv", ".md", ".txt"):  # torch.load's words would follow
         raise EdgeKDError(f"{path}: a {path.suffix[1:].upper()} file, not a checkpoint (best.pt or last.pt)")
+    exported = {".onnx": "an ONNX model", ".xml": "an OpenVINO IR file", ".bin": "an OpenVINO IR weights file"}
+    if path.suffix.lower() in exported:
+        raise EdgeKDError(f"{path}: {exported[path.suffix.lower()]}, not a checkpoint: give the training run's "
+                          "best.pt")
+    with path.open("rb") as fh:  # torch.save writes a zip; older torch a pickle (protocol byte 0x80)
+        head = fh.read(4)
+    if head and not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a text file gave "KeyError: 101"
+        raise EdgeKDError(f"{path}: not a readable checkpoint (not a PyTorch file: neither a torch.save zip nor a pickle)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message explains its weights_only defaults at length
