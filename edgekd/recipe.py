@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekd.errors import EdgeKDError, oversized, quote, shorten
+from edgekd.runtime import MAX_RESIZE_FACTOR
 
 
 def refuse_nonfinite(value: Any, path: str = "") -> Any:
@@ -82,7 +83,11 @@ class DataConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _pattern(self) -> "DataConfig":
+    def _resize_and_pattern(self) -> "DataConfig":
+        crop = self.image_size
+        if self.resize is not None and not crop // 2 <= self.resize <= MAX_RESIZE_FACTOR * crop:  # export refused it last
+            raise ValueError(f"resize {self.resize} is out of range for image_size {crop} ({crop // 2} to "
+                             f"{MAX_RESIZE_FACTOR * crop}: the eval resize before the center crop, as a bundle takes it)")
         if self.patient_pattern is not None:
             try:
                 groups = re.compile(self.patient_pattern).groups

@@ -433,6 +433,12 @@ DATA_CASES = {
     "npz_missing": (lambda t: {"source": "medmnist", "path": str(t / "none.npz")}, "not found"),
     "folder_empty_class": (lambda t: {"source": "imagefolder", "path": str(_empty_class(t))}, "empty class folder"),
     "folder_no_classes": (lambda t: {"source": "imagefolder", "path": str(_mkdir(t / "flat"))}, "no class folders"),
+    "folder_one_class": (lambda t: {"source": "imagefolder", "path": str(write_image_folder(  # a NaN AUC, then sklearn
+        t / "one", n_per_class=6, size=SIZE, classes=("normal",)))}, "one class folder (normal); a classifier needs"),
+    "folder_class_only_in_test": (lambda t: {"source": "imagefolder", "path": str(_split_folders(t, ["covid"]))},
+                                  "test/covid: a class folder the train split does not have (train has a, b)"),
+    "folder_class_cased_otherwise_in_test": (lambda t: {"source": "imagefolder", "path": str(_split_folders(t, ["A"]))},
+                                             "test/A: a class folder the train split does not have"),
     "folder_missing": (lambda t: {"source": "imagefolder", "path": str(t / "nowhere")}, "image folder not found"),
     "csv_missing_image": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
         ("imgs/a/gone.png", "a", "train")]))}, "imgs/a/gone.png not found"),
@@ -499,6 +505,14 @@ def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True)
     (path / "x.png").write_bytes(b"")
     return path
+
+
+def _split_folders(tmp: Path, extra_test_classes: list[str]) -> Path:
+    """root/{train,val,test}/{a,b}, and test/ also holds `extra_test_classes` (dropped without a word before)."""
+    for split in ("train", "val", "test"):
+        write_image_folder(tmp / "split" / split, n_per_class=3, size=SIZE)
+    write_image_folder(tmp / "split" / "test", n_per_class=3, size=SIZE, classes=tuple(extra_test_classes))
+    return tmp / "split"
 
 
 def _empty_class(tmp: Path) -> Path:

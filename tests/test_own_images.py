@@ -64,3 +64,34 @@ def test_bring_your_own_jpegs_end_to_end(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     rows = out.read_text().strip().splitlines()
     assert len(rows) == 1 + 20 and all(r.split(",")[1] in ("normal", "pneumonia") for r in rows[1:])
+
+
+def test_eval_report_and_export_refuse_a_folder_whose_splits_changed_since_training(tmp_path, monkeypatch):
+    """Splits drawn again from a folder that had grown put images the model trained on into test (14 of 21 in a
+    re-trial), and eval, report and the export's calibration scored them without a word. A copy of the same
+    folder elsewhere (`--set data.path=`) is the same data."""
+    import shutil
+
+    monkeypatch.chdir(REPO)
+    scans = write_jpeg_folder(tmp_path / "scans", per_class=16)
+    common = ["--set", "data.source=imagefolder", "--set", f"data.path={scans}", "--set", "data.image_size=28",
+              "--set", "data.resize=28", "--set", "model.name=edgekd_cnn_tiny", "--set", "train.epochs=1",
+              "--set", "data.num_workers=0"]
+    cli, run = CliRunner(), tmp_path / "run"
+    res = cli.invoke(app, ["train", "recipes/demo/baseline.yaml", *common, "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    moved = tmp_path / "moved"
+    shutil.copytree(scans, moved)
+    res = cli.invoke(app, ["report", str(run), "--set", f"data.path={moved}", "--out", str(tmp_path / "rep0")])
+    assert res.exit_code == 0, res.output  # the same images in another folder: the same splits
+
+    write_jpeg_folder(tmp_path / "more", per_class=8, seed=1)
+    for label in ("normal", "pneumonia"):
+        for f in (tmp_path / "more" / label).iterdir():
+            shutil.copy(f, scans / label / f"new_{f.name}")
+    for args in (["eval", str(run / "best.pt"), "--out", str(tmp_path / "ev")],
+                 ["report", str(run), "--out", str(tmp_path / "rep")],
+                 ["export", str(run / "best.pt"), "--out", str(tmp_path / "bundle"), "--parity-images", "4"]):
+        res = cli.invoke(app, args)
+        assert "its data's splits are not the ones it was trained with (val: " in str(res.exception), res.output
+        assert not (tmp_path / "bundle").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -193,6 +195,22 @@ class DataModule:
     def counts(self) -> dict[str, list[int]]:
         return {s: np.bincount(t.labels, minlength=self.num_classes).tolist() for s, t in self.tables.items()}
 
+    def split_fingerprint(self) -> dict[str, dict[str, object]]:
+        """{split: {images, sha256}}: which images (paths relative to data.path, so a moved copy matches) with which
+        labels each split holds; in-memory sets by their labels. A checkpoint records it (`check_trained_splits`)."""
+        root = Path(str(getattr(self.cfg, "path", "") or "."))
+        root = root if root.is_dir() else root.parent
+        out: dict[str, dict[str, object]] = {}
+        for split, table in self.tables.items():
+            digest = hashlib.sha256()
+            if table.paths is not None:
+                for path, label in sorted(zip((os.path.relpath(p, root) for p in table.paths), table.labels.tolist())):
+                    digest.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
+            else:
+                digest.update(np.ascontiguousarray(table.labels, dtype=np.int64).tobytes())
+            out[split] = {"images": len(table), "sha256": digest.hexdigest()}
+        return out
+
 
 def _listed_twice(values: list) -> list:
     """The values a list holds more than once, sorted."""
@@ -282,6 +300,24 @@ def build_checkpoint_data(recipe, fix: str = "pass --set data.path=...") -> Data
     `checkpoint_path_hint` when its relative data.path is not found from here."""
     with checkpoint_path_hint(recipe, fix):
         return build_data(recipe)
+
+
+def check_trained_splits(ckpt: dict, data: DataModule, where: str) -> None:
+    """Refuse the checkpoint's own data when its splits are no longer the ones it was trained with: splits drawn
+    again from a folder that has changed put images it trained on into val and test, and every figure scored on
+    them (eval, report, the export's calibration, threshold and card) would be wrong without a word.
+    Checkpoints from before 2026-12-06 carry no record: not checked."""
+    trained = ckpt.get("data_splits")
+    if not isinstance(trained, dict):
+        return
+    now = data.split_fingerprint()
+    changed = [s for s in ("val", "test") if s in trained and trained[s] != now.get(s)]  # the splits it is scored on
+    if changed:
+        counts = ", ".join(f"{s}: {now.get(s, {}).get('images', 0)} images now, {trained[s].get('images')} at training"
+                           for s in changed)
+        raise EdgeKDError(f"{where}: its data's splits are not the ones it was trained with ({counts}): the data "
+                          "changed since, so images it trained on may land in val or test; restore the data, or "
+                          "score a separate labelled set")
 
 
 def build_data(recipe) -> DataModule:

@@ -40,7 +40,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Re-run one checkpoint on `split` of its own recipe's data (`overrides`: `--set` keys over that recipe, e.g.
     data.path=... for a run made in another folder): metrics, probabilities, size."""
-    from edgekd.data import build_checkpoint_data
+    from edgekd.data import build_checkpoint_data, check_trained_splits
     from edgekd.metrics import bootstrap_intervals, classification_metrics, confusion
     from edgekd.models import count_macs, count_parameters
     from edgekd.probability import softmax
@@ -51,6 +51,7 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
     model, ckpt = model_from_checkpoint(checkpoint)
     recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides or []), where=f"{checkpoint} (embedded recipe)")
     data = build_checkpoint_data(recipe)
+    check_trained_splits(ckpt, data, str(checkpoint))
     outputs = ckpt["arch"]["num_classes"]
     if outputs != data.num_classes:  # e.g. a continual model: argmax over every task's outputs scores nothing
         hint = " (a continual checkpoint: its per-task figures are in the run's continual.json)" \

@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import v2
 
 from edgekd import __version__
-from edgekd.data import build_data, build_transforms, check_class_order, checkpoint_path_hint
+from edgekd.data import build_data, build_transforms, check_class_order, check_trained_splits, checkpoint_path_hint
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha256_file, track_tree, untrack_tree
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
@@ -161,6 +161,8 @@ def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: lis
     recipe = _export_recipe(ckpt, checkpoint, data_overrides, input_size)
     with checkpoint_path_hint(recipe):
         data = continual_data(recipe, layout, str(checkpoint)) if layout is not None else build_data(recipe)
+    if layout is None:
+        check_trained_splits(ckpt, data, str(checkpoint))
     num_classes = ckpt["arch"]["num_classes"]
     if data.num_classes != num_classes:
         raise EdgeKDError(f"{checkpoint}: model has {num_classes} classes, its data has {data.num_classes}")

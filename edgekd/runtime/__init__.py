@@ -3,7 +3,7 @@
 from edgekd.imageio import DicomFrame
 from edgekd.probability import softmax
 from edgekd.runtime.backends import compile_for_cpu, openvino_rt_metadata
-from edgekd.runtime.bundle import (MANIFEST_FILE, MAX_THREADS, METADATA_FILE, RT_INFO_SECTION, SCHEMA, Artifact, Bundle,
+from edgekd.runtime.bundle import (MANIFEST_FILE, MAX_RESIZE_FACTOR, MAX_THREADS, METADATA_FILE, RT_INFO_SECTION, SCHEMA, Artifact, Bundle,
                                    check_embedded_metadata, is_bundle, metadata_strings, open_bundle,
                                    parse_metadata_strings, verify_manifest)
 from edgekd.runtime.inputs import collect_inputs, collect_labelled
@@ -14,7 +14,7 @@ from edgekd.runtime.runner import Failure, Prediction, Runner, TaskPredictions
 from edgekd.runtime.timing import peak_rss_mb, time_alternating, time_call
 from edgekd.runtime.tta import TTAViews
 
-__all__ = ["MANIFEST_FILE", "MAX_THREADS", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA", "Artifact", "Bundle", "DicomFrame", "Failure",
+__all__ = ["MANIFEST_FILE", "MAX_RESIZE_FACTOR", "MAX_THREADS", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA", "Artifact", "Bundle", "DicomFrame", "Failure",
            "Prediction", "Preprocessor", "Repository", "Runner", "TTAViews", "TaskPredictions", "as_image_array",
            "check_embedded_metadata", "check_output_path", "collect_inputs", "collect_labelled", "compile_for_cpu",
            "is_bundle", "metadata_strings", "open_bundle", "openvino_rt_metadata", "parse_metadata_strings",

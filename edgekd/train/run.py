@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 
 from edgekd import __version__
-from edgekd.data import DataModule, build_checkpoint_data, build_data, check_class_order
+from edgekd.data import DataModule, build_checkpoint_data, build_data, check_class_order, check_trained_splits
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
@@ -51,7 +51,7 @@ def checkpoint_meta(recipe, data: DataModule, spec: dict[str, Any]) -> dict[str,
     return {
         "arch": spec, "class_names": data.class_names, "preprocess": data.preprocess,
         "recipe": recipe.to_dict(), "role": recipe.role, "dataset": data.source_name,
-        "edgekd_version": __version__,
+        "edgekd_version": __version__, "data_splits": data.split_fingerprint(),
     }
 
 
@@ -199,6 +199,8 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
 
     recipe = data_recipe or recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
     data = build_checkpoint_data(recipe)
+    if data_recipe is None:  # its own data: the splits it was trained with
+        check_trained_splits(ckpt, data, str(checkpoint))
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
     dev = resolve_device(device)
     model.to(dev)
