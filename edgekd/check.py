@@ -64,6 +64,8 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
 
     t0 = time.perf_counter()
     recipe = load_recipe(path, overrides)
+    if recipe.distill and recipe.distill.teacher_recipe and not synthetic:  # --folds trains it: checked here too
+        load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe", path))
     with tempfile.TemporaryDirectory(prefix="edgekd-check-") as tmp:
         tmp = Path(tmp)
         stand_ins: list[str] = []
@@ -129,7 +131,7 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
         tasks = build_tasks(recipe)
         for t in tasks:
             warn_about_data(t.data, lambda line, task=t.name: warn(line.replace("warning:", f"warning: task {task}:")),
-                            listed)
+                            listed, own=(t.lo, t.hi))  # a task lacks the other tasks' classes by design
         return sum(len(t.data.tables["train"]) for t in tasks)
     from edgekd.data import build_data
 

@@ -618,64 +618,65 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     return f"{where}: {shorten(key, 120)}: {msg} (got {quote(value)})"
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML."""
+def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML. `option`: how errors name it."""
     if "=" not in text:
-        raise EdgeKDError(f"--set {text!r}: expected key=value")
+        raise EdgeKDError(f"{option} {text!r}: expected key=value")
     key, raw = text.split("=", 1)
     if not key.strip():
-        raise EdgeKDError(f"--set {text!r}: empty key")
+        raise EdgeKDError(f"{option} {text!r}: empty key")
     try:
         value = load_yaml(raw) if raw != "" else ""
     except DuplicateKeyError as err:
-        raise EdgeKDError(f"--set {shorten(text, 80)}: {err.problem}") from None
+        raise EdgeKDError(f"{option} {shorten(text, 80)}: {err.problem}") from None
     except (yaml.YAMLError, RecursionError):
         value = raw
-    check_recipe_size(value, Path(f"--set {shorten(key.strip(), 60)}"))
+    check_recipe_size(value, Path(f"{option} {shorten(key.strip(), 60)}"))
     return key.strip().split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], option: str = "--set") -> dict[str, Any]:
     """`key.sub=value` overrides on a recipe dict; a list is entered by index or, for a list of named mappings
-    (continual.tasks), by name: `continual.tasks.1.data.path=...` or `continual.tasks.pneumonia.data.limit=400`."""
+    (continual.tasks), by name: `continual.tasks.1.data.path=...` or `continual.tasks.pneumonia.data.limit=400`.
+    `option`: the command-line option errors name (--set, --teacher-set)."""
     raw = copy.deepcopy(raw)
     for text in overrides:
-        keys, value = parse_override(text)
+        keys, value = parse_override(text, option)
         node = raw
         for i, k in enumerate(keys[:-1]):
             if isinstance(node, list):
-                node = node[_list_index(node, k, text, ".".join(keys[:i]))]
+                node = node[_list_index(node, k, text, ".".join(keys[:i]), option)]
                 if not isinstance(node, (dict, list)):
-                    raise EdgeKDError(f"--set {text!r}: '{'.'.join(keys[:i + 1])}' is not a section")
+                    raise EdgeKDError(f"{option} {text!r}: '{'.'.join(keys[:i + 1])}' is not a section")
                 continue
             nxt = node.get(k)
             if nxt is None:
                 nxt = node[k] = {}
             if not isinstance(nxt, (dict, list)):
-                raise EdgeKDError(f"--set {text!r}: '{k}' is not a section")
+                raise EdgeKDError(f"{option} {text!r}: '{k}' is not a section")
             node = nxt
         if isinstance(node, list):
-            node[_list_index(node, keys[-1], text, ".".join(keys[:-1]))] = value
+            node[_list_index(node, keys[-1], text, ".".join(keys[:-1]), option)] = value
         else:
             node[keys[-1]] = value
     return raw
 
 
-def _list_index(items: list, key: str, text: str, where: str) -> int:
+def _list_index(items: list, key: str, text: str, where: str, option: str = "--set") -> int:
     """The position of `key` in a recipe list: an index, or the `name` of one of its mappings (a key that is both,
     for two different items, is refused)."""
     names = [item.get("name") if isinstance(item, dict) else None for item in items]
     index = int(key) % len(items) if key.lstrip("-").isdigit() and -len(items) <= int(key) < len(items) else None
     named = [i for i, n in enumerate(names) if n is not None and str(n) == key]
     if index is not None and named and named != [index]:
-        raise EdgeKDError(f"--set {text!r}: '{key}' in '{where}' is both an index and the name of item {named[0]}")
+        raise EdgeKDError(f"{option} {text!r}: '{key}' in '{where}' is both an index and the name of item {named[0]}")
     if index is not None or named:
         return index if index is not None else named[0]
     if not items:
-        raise EdgeKDError(f"--set {text!r}: '{where}' is an empty list")
+        raise EdgeKDError(f"{option} {text!r}: '{where}' is an empty list")
     listed = [str(n) for n in names if n is not None]
     hint = f" or a name ({', '.join(listed)})" if listed else ""
-    raise EdgeKDError(f"--set {text!r}: '{where}' is a list of {len(items)}; give an index 0..{len(items) - 1}{hint}")
+    raise EdgeKDError(f"{option} {text!r}: '{where}' is a list of {len(items)}; give an index 0..{len(items) - 1}{hint}")
 
 
 def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
@@ -703,16 +704,17 @@ def find_recipe_file(value: str | Path, key: str, beside: str | Path | None = No
     return found
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML (with optional `base:` inheritance), apply overrides, validate."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, option: str = "--set") -> Recipe:
+    """Read a recipe YAML (with optional `base:` inheritance), apply overrides, validate. `option`: the
+    command-line option the overrides came from, as errors name it (--set, --teacher-set)."""
     raw = _read_yaml_with_base(Path(path), seen=set())
     overrides = [overrides] if isinstance(overrides, str) else overrides or []
     try:
-        return recipe_from_dict(apply_overrides(raw, overrides), where=str(path))
+        return recipe_from_dict(apply_overrides(raw, overrides, option), where=str(path))
     except EdgeKDError as err:
         if not overrides:
             raise
-        raise _blame(raw, overrides, str(path), err) from None
+        raise _blame(raw, overrides, str(path), err, option) from None
 
 
 def sections_turned_on(path: str | Path, overrides: list[str]) -> list[str]:
@@ -747,11 +749,12 @@ def warn_sections_turned_on(path: str | Path, overrides: list[str], log: Callabl
             "the run's name still says what the recipe does)")
 
 
-def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDError) -> EdgeKDError:
+def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDError,
+           option: str = "--set") -> EdgeKDError:
     """The error of a recipe with --set overrides, named after its cause: the first override after which the recipe
     has a problem the file alone does not (`--set KEY=VALUE: ...`), else the file."""
     def problem(n: int) -> str | None:
-        merged = apply_overrides(raw, overrides[:n])  # a malformed override raises its own message, naming it
+        merged = apply_overrides(raw, overrides[:n], option)  # a malformed override raises its own message, naming it
         try:
             recipe_from_dict(merged, where="")
         except EdgeKDError as e:
@@ -762,7 +765,7 @@ def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDErr
     for i, override in enumerate(overrides, 1):
         found = problem(i)
         if found is not None and found != own:
-            return EdgeKDError(f"--set {override}{found}" if found.startswith(":") else f"--set {override}: {found}")
+            return EdgeKDError(f"{option} {override}{found}" if found.startswith(":") else f"{option} {override}: {found}")
     return err
 
 

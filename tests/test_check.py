@@ -187,3 +187,30 @@ def test_synthetic_data_takes_the_class_count_of_an_existing_teacher(tiny_recipe
                                                    "terms": [{"kind": "kl", "weight": 1.0, "temperature": 4}]}}))
     r = check_recipe(student, SMALL, synthetic=True)
     assert r.kind == "distill" and any("3-class synthetic" in s for s in r.stand_ins)
+
+
+def test_a_continual_tasks_data_warns_only_of_its_own_classes():
+    """`edgekd check` on a continual recipe warned that each later task lacks every earlier task's classes (12
+    lines for split-fashion): a task holds its own classes by design; a class of its own it lacks is still said."""
+    from types import SimpleNamespace
+
+    from edgekd.train import warn_about_data
+
+    data = SimpleNamespace(bad_files=[], class_names=["retina:0", "retina:1", "pneu:0", "pneu:1"],
+                           counts=lambda: {"train": [0, 0, 5, 0], "val": [0, 0, 2, 2], "test": [0, 0, 3, 3]})
+    lines: list[str] = []
+    warn_about_data(data, lines.append, own=(2, 4))
+    assert lines == ["warning: the train split has no image of class pneu:1 (a small data.limit or a rare class?): "
+                     "the model never learns it"]
+    lines.clear()
+    warn_about_data(data, lines.append)  # a single-task run: every class is its own
+    assert len(lines) == 3 and "class retina:0, retina:1, pneu:1" in lines[0]
+
+
+def test_check_refuses_a_teacher_recipe_that_is_not_there(tmp_path):
+    """`check` (without --synthetic) passed a recipe whose distill.teacher_recipe does not exist; `--folds` then
+    failed on it."""
+    (tmp_path / "s.yaml").write_text(f"base: {REPO / 'recipes/demo/student.yaml'}\n"
+                                     "distill:\n  teacher_recipe: no_such_teacher.yaml\n")
+    with pytest.raises(EdgeKDError, match="distill.teacher_recipe no_such_teacher.yaml: recipe file not found"):
+        check_recipe(tmp_path / "s.yaml")

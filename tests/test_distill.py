@@ -698,3 +698,34 @@ def test_a_report_of_rows_scored_on_different_images_says_so():
                                               "b 80): their figures do not compare, and no DeLong test pairs them.")
     assert auc_comparisons([a, b]) == "" and different_images_note([a, row("c", [0, 1] * 20, "student")]) == ""
     assert "| a (m) | teacher | 0 | 0.00M | 1.0 | 40 |" in report_markdown("d", "test", [a, b])
+
+
+def test_report_takes_a_continual_run_folder_by_its_model_pt(tmp_path):
+    """A continual run folder holds model.pt (train announces it as the best checkpoint); report said it had none."""
+    from edgekd.distill.report import resolve_checkpoint
+
+    (tmp_path / "cl").mkdir()
+    (tmp_path / "cl" / "model.pt").write_bytes(b"")
+    assert resolve_checkpoint(tmp_path / "cl") == tmp_path / "cl" / "model.pt"
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(EdgeKDError, match="no checkpoint \\(give a run directory holding best.pt or a continual run's "
+                                          "model.pt"):
+        resolve_checkpoint(tmp_path / "plain")
+
+
+def test_fold_teacher_data_paths_compare_as_files_and_teacher_set_errors_name_teacher_set(tmp_path):
+    """`--teacher-set data.path=<the same folder>/` (or a symlink to it) was refused as other data, without naming
+    the key; a bad --teacher-set key was reported as a --set."""
+    from edgekd.distill.folds import same_data_value
+    from edgekd.recipe import load_recipe
+
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "scans")
+    assert same_data_value("path", f"{tmp_path}/scans/", str(tmp_path / "scans"))
+    assert same_data_value("path", str(tmp_path / "link"), str(tmp_path / "scans"))
+    assert not same_data_value("path", str(tmp_path), str(tmp_path / "scans"))
+    assert not same_data_value("limit", 10, 20)
+    with pytest.raises(EdgeKDError, match=r"^--teacher-set data.pth=x: unknown key 'data.pth'"):
+        load_recipe(REPO / "recipes/demo/teacher.yaml", ["data.pth=x"], "--teacher-set")
+    with pytest.raises(EdgeKDError, match=r"^--set data.pth=x: unknown key"):
+        load_recipe(REPO / "recipes/demo/teacher.yaml", ["data.pth=x"])

@@ -313,8 +313,11 @@ def check_trained_splits(ckpt: dict, data: DataModule, where: str) -> None:
     now = data.split_fingerprint()
     changed = [s for s in ("val", "test") if s in trained and trained[s] != now.get(s)]  # the splits it is scored on
     if changed:
-        counts = ", ".join(f"{s}: {now.get(s, {}).get('images', 0)} images now, {trained[s].get('images')} at training"
-                           for s in changed)
+        def said(split: str) -> str:
+            n, then = now.get(split, {}).get("images", 0), trained[split].get("images")
+            return (f"{split}: {n} images now, {then} at training" if n != then else
+                    f"{split}: other images or labels, {n} as at training")
+        counts = "; ".join(said(s) for s in changed)
         raise EdgeKDError(f"{where}: its data's splits are not the ones it was trained with ({counts}): the data "
                           "changed since, so images it trained on may land in val or test; restore the data, or "
                           "score a separate labelled set")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +41,14 @@ def split_mode(recipe, log: Callable[[str], None]) -> str:
     return recipe.data.split
 
 
+def same_data_value(key: str, a: Any, b: Any) -> bool:
+    """Whether a data key of the fold teacher's recipe equals the student's (paths: the same file or folder,
+    however spelled: a trailing slash, a relative path or a symlink)."""
+    if key == "path" and a is not None and b is not None:
+        return os.path.realpath(str(a)) == os.path.realpath(str(b))
+    return a == b
+
+
 def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None,
               recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None,
               resume: bool = False) -> dict[str, Any]:
@@ -61,15 +70,17 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
             raise EdgeKDError("--folds with a distill recipe needs distill.teacher_recipe (the teacher is "
                               "retrained on each fold so it never sees that fold's validation images)")
         teacher_base = load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe",
-                                                    recipe_path), teacher_overrides)
+                                                    recipe_path), teacher_overrides, "--teacher-set")
         if any(o.split("=", 1)[0].strip() == "seed" for o in teacher_overrides or []):
             raise EdgeKDError("--teacher-set seed=...: the fold teacher takes the student's seed (the folds are drawn "
                               "with it)")
         same = ("source", "path", "classes", "class_names", "limit", "test_fraction", "patient_pattern")
-        if any(getattr(teacher_base.data, k) != getattr(recipe.data, k) for k in same):
-            raise EdgeKDError(f"distill.teacher_recipe {recipe.distill.teacher_recipe}: its data ({', '.join(same)}) "
-                              "must match the student's so both see the same folds (--teacher-set data.path=... "
-                              "changes the teacher's)")
+        differ = [f"data.{k}: {getattr(teacher_base.data, k)!r} vs {getattr(recipe.data, k)!r}" for k in same
+                  if not same_data_value(k, getattr(teacher_base.data, k), getattr(recipe.data, k))]
+        if differ:
+            raise EdgeKDError(f"distill.teacher_recipe {recipe.distill.teacher_recipe}: its data must match the "
+                              f"student's so both see the same folds ({'; '.join(differ)}, teacher vs student; "
+                              "--teacher-set data.path=... changes the teacher's)")
     split = split_mode(recipe, log)
     rows: list[dict[str, Any]] = []
     for fold in range(folds):

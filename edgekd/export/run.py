@@ -161,12 +161,12 @@ def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: lis
     recipe = _export_recipe(ckpt, checkpoint, data_overrides, input_size)
     with checkpoint_path_hint(recipe):
         data = continual_data(recipe, layout, str(checkpoint)) if layout is not None else build_data(recipe)
-    if layout is None:
-        check_trained_splits(ckpt, data, str(checkpoint))
     num_classes = ckpt["arch"]["num_classes"]
     if data.num_classes != num_classes:
         raise EdgeKDError(f"{checkpoint}: model has {num_classes} classes, its data has {data.num_classes}")
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)
+    if layout is None:
+        check_trained_splits(ckpt, data, str(checkpoint))
     return data
 
 

@@ -147,16 +147,19 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     return RunResult(out, fit.best_path, reports["test"], reports["val"], params, macs, fit)
 
 
-def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = "metrics.json lists") -> None:
+def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = "metrics.json lists",
+                    own: tuple[int, int] | None = None) -> None:
     """What a run's data lost before training: unreadable images skipped (on_bad_image: skip), and a class a split
     lacks (a small data.limit, a rare class): never learned, or its AUC there undefined. `listed` says where the
-    skipped files are listed (`edgekd check` writes no metrics.json)."""
+    skipped files are listed (`edgekd check` writes no metrics.json); `own`: a continual task's [lo, hi) of the
+    class list, the classes it is meant to hold (the others are other tasks')."""
     if data.bad_files:
         log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "
             f"{data.bad_files[0]}; {listed} them (bad_files)")
     counts = data.counts()
     for split in ("train", "val", "test"):
-        lost = [name for name, n in zip(data.class_names, counts.get(split, [])) if not n]
+        lost = [name for i, (name, n) in enumerate(zip(data.class_names, counts.get(split, [])))
+                if not n and (own is None or own[0] <= i < own[1])]
         if lost:
             log(f"warning: the {split} split has no image of class {', '.join(lost)} (a small data.limit or a rare "
                 "class?): " + ("the model never learns it" if split == "train" else
@@ -199,9 +202,9 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
 
     recipe = data_recipe or recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
     data = build_checkpoint_data(recipe)
+    check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
     if data_recipe is None:  # its own data: the splits it was trained with
         check_trained_splits(ckpt, data, str(checkpoint))
-    check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
     dev = resolve_device(device)
     model.to(dev)
     out = Path(out)
