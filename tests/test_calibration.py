@@ -401,3 +401,23 @@ def test_a_misspelled_method_or_a_one_class_split_is_refused():
         calibration_report(logits, np.array([1, 0, 0]), method="plat")
     with pytest.raises(ValueError, match="needs validation images of both classes"):
         choose_threshold(np.ones(10), np.linspace(0, 1, 10), "youden")
+
+
+def test_the_ece_interval_is_shifted_by_the_bootstraps_bias_and_holds_its_figure():
+    """A well-calibrated model's ECE 0.0205 came with a 95% interval of [0.0247, 0.0701]: resampling with
+    replacement inflates ECE, so the plain percentile interval can lie wholly above the figure."""
+    from edgekd.metrics.uncertainty import metric_rows
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.05, 0.95, 500)
+    y = (rng.random(500) < p).astype(int)  # calibrated by construction
+    probs = np.stack([1 - p, p], 1)
+    ci = bootstrap_intervals(y, probs, seed=3)
+    idx = stratified_resamples(y, 1000, seed=3)
+    boot = metric_rows(y[idx], probs[idx])["ece"]
+    assert np.quantile(boot, 0.025) > ci["ece"]["value"]  # the percentile interval misses the figure here
+    bias = boot.mean() - ci["ece"]["value"]
+    assert ci["ece"]["low"] == pytest.approx(max(0.0, np.quantile(boot, 0.025) - bias))
+    assert ci["ece"]["high"] == pytest.approx(np.quantile(boot, 0.975) - bias)
+    assert ci["ece"]["low"] <= ci["ece"]["value"] <= ci["ece"]["high"]
+    assert ci["acc"]["low"] == pytest.approx(np.quantile(metric_rows(y[idx], probs[idx])["acc"], 0.025))  # unshifted

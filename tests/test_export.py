@@ -896,3 +896,29 @@ def test_export_threads_over_the_cores_run_on_the_cores(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b" / "edgekd.json").read_text())["runtime"]["threads"] == 512
     with pytest.raises(EdgeKDError, match=r"--threads must be in \[1, 1024\]"):
         with_overrides(profile, threads=1025)
+
+
+def test_a_top1_failure_by_a_single_input_says_how_many_parity_images_give_the_gate_room():
+    """--parity-images 32 (192 inputs) failed FP16's 99.5% on one near-tied input, with nothing saying that no
+    fewer than 200 inputs tolerate one flip."""
+    from edgekd.export.parity import check_artifact
+    from edgekd.export.profile import profile_from_dict
+
+    fp16 = profile_from_dict({}).parity.tolerances.fp16
+    data, ref, logits = _parity_case(scale=0.1)
+
+    def flip(out, x, row):  # the input `row` of the parity set, wherever it falls in a batch
+        hit = [i for i in range(len(x)) if np.array_equal(x[i], data.inputs[row])]
+        for i in hit:
+            out[i, ref["logits"][row].argmin()] = ref["logits"][row].max() + 1.0
+        return out
+
+    def one_flip(x):
+        return flip(logits(x).copy(), x, 0)
+    record, failures = check_artifact(_fake_session(one_flip), data, ref, fp16, (3, 8, 8), 3, 7, "val")
+    assert any("top-1 agreement 97.50% < 99.50% (1 of 40 differ; with 40 inputs one differing input fails this "
+               "limit: --parity-images 200 or more give it room)" in f for f in failures), failures
+    def two_flips(x):
+        return flip(one_flip(x), x, 1)
+    failures = check_artifact(_fake_session(two_flips), data, ref, fp16, (3, 8, 8), 3, 7, "val")[1]
+    assert any("(2 of 40 differ)" in f for f in failures), failures  # more images would not save it: no hint

@@ -9,6 +9,7 @@ export if any artifact has one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,8 +235,13 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
         record["heads"], head_failures = head_parity(logits, ref, data.heads, tolerance.top1_agreement)
         failures += head_failures
     elif tolerance.top1_agreement is not None and record["top1_agreement"] < tolerance.top1_agreement:
+        differ, views_n = int((~agree).sum()), len(dict.fromkeys(data.views))
+        needed = math.ceil(1 / (1 - tolerance.top1_agreement) - 1e-9) if tolerance.top1_agreement < 1 else None
+        hint = (f"; with {len(agree)} inputs one differing input fails this limit: --parity-images "
+                f"{math.ceil(needed / views_n)} or more give it room" if differ == 1 and needed and len(agree) < needed
+                else "")
         failures.append(f"top-1 agreement {record['top1_agreement']:.2%} < {tolerance.top1_agreement:.2%} "
-                        f"({int((~agree).sum())} of {len(agree)} differ)")
+                        f"({differ} of {len(agree)} differ{hint})")
     resolution = record.get("acc_resolution", {}).get(metric_split)
     record["acc_gate_resolves"] = tolerance.acc_drop is None or (resolution is not None
                                                                   and resolution <= tolerance.acc_drop)

@@ -102,7 +102,8 @@ def metric_rows(labels: np.ndarray, probs: np.ndarray, threshold: float | None =
 
 def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float | None = None, positive: int = 1,
                         n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
-    """{metric: {value, low, high}}: the figure on all images and its stratified bootstrap percentile interval."""
+    """{metric: {value, low, high}}: the figure on all images and its stratified bootstrap percentile interval
+    (ECE's shifted by the bootstrap's estimate of its upward bias)."""
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
     point = metric_rows(labels[None], probs[None], threshold, positive)
@@ -112,8 +113,14 @@ def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float 
              for i in range(0, n_resamples, CHUNK)]
     boot = {m: np.concatenate([p[m] for p in parts]) for m in INTERVAL_METRICS}
     alpha = (1 - level) / 2
-    return {m: {"value": float(point[m][0]), "low": float(np.nanquantile(boot[m], alpha)),
-                "high": float(np.nanquantile(boot[m], 1 - alpha))} for m in INTERVAL_METRICS}
+    out = {}
+    for m in INTERVAL_METRICS:
+        value, low, high = float(point[m][0]), np.nanquantile(boot[m], alpha), np.nanquantile(boot[m], 1 - alpha)
+        if m == "ece":  # resampling with replacement inflates ECE (duplicates sharpen the bins): the percentile
+            bias = float(np.nanmean(boot[m])) - value  # interval could lie wholly above the figure; shifted back
+            low, high = max(0.0, low - bias), high - bias  # by the bootstrap's bias estimate
+        out[m] = {"value": value, "low": float(low), "high": float(high)}
+    return out
 
 
 def paired_bootstrap_auc(labels: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, positive: int = 1,
