@@ -434,7 +434,7 @@ DATA_CASES = {
     "folder_empty_class": (lambda t: {"source": "imagefolder", "path": str(_empty_class(t))}, "empty class folder"),
     "folder_no_classes": (lambda t: {"source": "imagefolder", "path": str(_mkdir(t / "flat"))}, "no class folders"),
     "folder_one_class": (lambda t: {"source": "imagefolder", "path": str(write_image_folder(  # a NaN AUC, then sklearn
-        t / "one", n_per_class=6, size=SIZE, classes=("normal",)))}, "one class folder (normal); a classifier needs"),
+        t / "one", n_per_class=6, size=SIZE, classes=("normal",)))}, "has one class (normal); a classifier needs at least two"),
     "folder_class_only_in_test": (lambda t: {"source": "imagefolder", "path": str(_split_folders(t, ["covid"]))},
                                   "test/covid: a class folder the train split does not have (train has a, b)"),
     "folder_class_cased_otherwise_in_test": (lambda t: {"source": "imagefolder", "path": str(_split_folders(t, ["A"]))},

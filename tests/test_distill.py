@@ -700,16 +700,17 @@ def test_a_report_of_rows_scored_on_different_images_says_so():
     assert "| a (m) | teacher | 0 | 0.00M | 1.0 | 40 |" in report_markdown("d", "test", [a, b])
 
 
-def test_report_takes_a_continual_run_folder_by_its_model_pt(tmp_path):
-    """A continual run folder holds model.pt (train announces it as the best checkpoint); report said it had none."""
+def test_report_names_a_continual_run_folder_for_what_it_is(tmp_path):
+    """A continual run folder holds model.pt, which train announces as the best checkpoint; report said it had no
+    checkpoint. Scored on its recipe's top-level data, such a model would meet images its tasks trained on."""
     from edgekd.distill.report import resolve_checkpoint
 
     (tmp_path / "cl").mkdir()
     (tmp_path / "cl" / "model.pt").write_bytes(b"")
-    assert resolve_checkpoint(tmp_path / "cl") == tmp_path / "cl" / "model.pt"
+    with pytest.raises(EdgeKDError, match="a continual run; its figures per task are in .*continual.json"):
+        resolve_checkpoint(tmp_path / "cl")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(EdgeKDError, match="no checkpoint \\(give a run directory holding best.pt or a continual run's "
-                                          "model.pt"):
+    with pytest.raises(EdgeKDError, match="no checkpoint \\(give a run directory holding best.pt, or a .pt file\\)"):
         resolve_checkpoint(tmp_path / "plain")
 
 

@@ -265,6 +265,9 @@ def test_metric_images_leave_the_calibration_threshold_and_metrics_of_the_bundle
     assert "gated on every image of the `val` split (24 images" in card[0]
     assert "gated on a seeded subset of the `val` split with its class proportions (`--metric-images`) (10 images" \
         in card[1]
+    assert "| pytorch (subset) |" in card[1] and "| pytorch (subset) |" not in card[0]
+    assert "`pytorch (subset)` on the artifacts' images" in card[1]
+    assert sub.parity["artifacts"][0]["reference_metrics"]["val"] == sub.parity["artifacts"][0]["metrics"]["val"]
     assert "single differing top-1" not in card[0]  # FP32's 100% tolerates no flip at any count: nothing to say
     fp16 = export_checkpoint(ckpt, tmp_path / "fp16", ["openvino"], ["fp16"], base, log=quiet)
     assert fp16.parity["inputs"] == 4 * len(base.tta.views) < 200
@@ -883,6 +886,7 @@ def test_export_threads_over_the_cores_run_on_the_cores(tmp_path, monkeypatch):
     from edgekd.export.run import with_overrides
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
     opened, real = [], FORMATS["onnx"]
     monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(real, open=lambda path, precision, threads: (
         opened.append(threads) or real.open(path, precision, threads))))

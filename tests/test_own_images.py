@@ -84,6 +84,8 @@ def test_eval_report_and_export_refuse_a_folder_whose_splits_changed_since_train
     shutil.copytree(scans, moved)
     res = cli.invoke(app, ["report", str(run), "--set", f"data.path={moved}", "--out", str(tmp_path / "rep0")])
     assert res.exit_code == 0, res.output  # the same images in another folder: the same splits
+    res = cli.invoke(app, ["eval", str(run / "best.pt"), "--set", "data.num_workers=0", "--out", str(tmp_path / "e0")])
+    assert res.exit_code == 0, res.output
 
     write_jpeg_folder(tmp_path / "more", per_class=8, seed=1)
     for label in ("normal", "pneumonia"):
@@ -91,7 +93,8 @@ def test_eval_report_and_export_refuse_a_folder_whose_splits_changed_since_train
             shutil.copy(f, scans / label / f"new_{f.name}")
     for args in (["eval", str(run / "best.pt"), "--out", str(tmp_path / "ev")],
                  ["report", str(run), "--out", str(tmp_path / "rep")],
-                 ["export", str(run / "best.pt"), "--out", str(tmp_path / "bundle"), "--parity-images", "4"]):
+                 ["export", str(run / "best.pt"), "--out", str(tmp_path / "bundle"), "--parity-images", "4"],
+                 ["train", "recipes/demo/baseline.yaml", *common, "--out", str(run), "--resume"]):  # train too
         res = cli.invoke(app, args)
-        assert "its data's splits are not the ones it was trained with (val: " in str(res.exception), res.output
+        assert "its data's splits are not the ones it was trained with (" in str(res.exception), res.output
         assert not (tmp_path / "bundle").exists()

@@ -29,7 +29,7 @@ def export(
     metric_images: Optional[int] = typer.Option(None, "--metric-images", help="Score each artifact on N val "
                                                 "and N test images (stratified) for the ACC/AUC gate (default: whole "
                                                 "splits; fewer is faster and coarser). Calibration, the decision "
-                                                "threshold and the card's metrics use the whole splits."),
+                                                "threshold and PyTorch's figures use the whole splits."),
     accuracy_control: bool = typer.Option(False, "--accuracy-control", help="OpenVINO INT8 with NNCF accuracy "
                                           "control (max drop from the profile)."),
     no_accuracy_control: bool = typer.Option(False, "--no-accuracy-control", help="Without it, whatever the profile "

@@ -60,6 +60,8 @@ def robustness_table(summary: list[dict], title: str) -> RichTable:
 
 def parity_table(title: str, result) -> RichTable:
     """An export's parity table: PyTorch, then every artifact (size, differences, metrics, result)."""
+    from edgekd.export import metric_subset_reference  # the torch side: only export and update print this table
+
     split = result.parity["metric_split"]
     table = RichTable(title=f"{title}: parity with PyTorch ({result.parity['inputs']} inputs)")
     for col in ("format", "precision", "size MB", "max abs diff", "mean abs diff", "top-1 agree",
@@ -69,6 +71,10 @@ def parity_table(title: str, result) -> RichTable:
     ref = result.parity["reference"]["metrics"]
     table.add_row("pytorch", "fp32", "-", "-", "-", "-", _fmt(ref[split].get("acc")), _fmt(ref["test"].get("acc")),
                   _fmt(ref["test"].get("auc")), "reference")
+    subset = metric_subset_reference(result.parity)  # --metric-images: the artifacts' rows are on these images
+    if subset:
+        table.add_row("pytorch (subset)", "fp32", "-", "-", "-", "-", _fmt(subset[split].get("acc")),
+                      _fmt(subset["test"].get("acc")), _fmt(subset["test"].get("auc")), "reference")
     for r in result.parity["artifacts"]:
         metrics = r.get("metrics", {})
         table.add_row(r["format"], r["precision"], f"{sizes[r['path']]:.3f}" if r["path"] in sizes else "-",

@@ -3,7 +3,6 @@ classes first), and the loss/prediction rule of the head layout (multi-head with
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from edgekd.data import DataModule, Table, build_data, preprocess_spec
+from edgekd.data import DataModule, Table, build_data, data_path_key, preprocess_spec
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import classification_metrics
 from edgekd.probability import softmax
@@ -97,7 +96,7 @@ def recorded_tasks(recipe, recorded: list[dict], where: str) -> list[Task]:
 def dataset_key(data_cfg) -> tuple[str, str | None]:
     """Which dataset a data section reads: its source and its path resolved (`dir/` and `dir`, a relative and an
     absolute spelling, a symlink: one dataset)."""
-    return data_cfg.source, os.path.realpath(data_cfg.path) if data_cfg.path else None
+    return data_cfg.source, data_path_key(data_cfg.path)
 
 
 def check_new_classes(tasks: list[Task], data_cfg, class_names: list[str], where: str) -> None:

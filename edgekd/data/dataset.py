@@ -302,25 +302,46 @@ def build_checkpoint_data(recipe, fix: str = "pass --set data.path=...") -> Data
         return build_data(recipe)
 
 
-def check_trained_splits(ckpt: dict, data: DataModule, where: str) -> None:
-    """Refuse the checkpoint's own data when its splits are no longer the ones it was trained with: splits drawn
-    again from a folder that has changed put images it trained on into val and test, and every figure scored on
-    them (eval, report, the export's calibration, threshold and card) would be wrong without a word.
-    Checkpoints from before 2026-12-06 carry no record: not checked."""
+SPLIT_KEYS = ("source", "split", "val_fraction", "test_fraction", "fold", "folds", "class_names", "classes", "limit",
+              "patient_pattern", "on_bad_image")
+"""The data keys (besides data.path and the seed) that decide which image lands in which split."""
+
+
+def data_path_key(path: str | None) -> str | None:
+    """data.path as one dataset: resolved, so `dir/` and `dir`, a relative and an absolute spelling, a symlink
+    are the same."""
+    return os.path.realpath(path) if path else None
+
+
+def same_split_settings(trained: dict, recipe) -> bool:
+    """Whether `recipe` draws its splits as the checkpoint's embedded recipe (`trained`, a dict) did: the same
+    data.path, seed and split keys (SPLIT_KEYS)."""
+    data = trained.get("data") or {}
+    return (data_path_key(data.get("path")) == data_path_key(recipe.data.path) and trained.get("seed") == recipe.seed
+            and all(data.get(k) == getattr(recipe.data, k) for k in SPLIT_KEYS))
+
+
+def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,
+                         splits: tuple[str, ...] = ("val", "test")) -> None:
+    """Refuse data drawn with the checkpoint's own split settings whose `splits` no longer hold the images they held
+    at training: splits drawn again from a folder that has changed put images the model trained on into val and
+    test, and every figure scored on them (eval, report, the export's calibration, threshold and card; a resumed
+    run's best checkpoint) would be wrong without a word. Data with other settings (another path, limit, seed) is
+    another dataset, the user's choice: not checked. Checkpoints from before 2026-12-06 carry no record."""
     trained = ckpt.get("data_splits")
-    if not isinstance(trained, dict):
+    if not isinstance(trained, dict) or not same_split_settings(ckpt.get("recipe") or {}, recipe):
         return
     now = data.split_fingerprint()
-    changed = [s for s in ("val", "test") if s in trained and trained[s] != now.get(s)]  # the splits it is scored on
+    changed = [s for s in splits if s in trained and trained[s] != now.get(s)]
     if changed:
         def said(split: str) -> str:
             n, then = now.get(split, {}).get("images", 0), trained[split].get("images")
             return (f"{split}: {n} images now, {then} at training" if n != then else
                     f"{split}: other images or labels, {n} as at training")
-        counts = "; ".join(said(s) for s in changed)
-        raise EdgeKDError(f"{where}: its data's splits are not the ones it was trained with ({counts}): the data "
-                          "changed since, so images it trained on may land in val or test; restore the data, or "
-                          "score a separate labelled set")
+        raise EdgeKDError(f"{where}: its data's splits are not the ones it was trained with "
+                          f"({'; '.join(map(said, changed))}): "
+                          f"{recipe.data.path or 'the data'} changed since, so images it trained on may land in val or "
+                          "test; restore it as it was, or give new images as another dataset (another data.path)")
 
 
 def build_data(recipe) -> DataModule:

@@ -172,10 +172,6 @@ def load_imagefolder(path: str | Path) -> Source:
         parts = {"all": root}
     if not class_names:
         raise EdgeKDError(f"{root}: no class folders (expected root/<class>/<image>)")
-    where = root / "train" if "train" in parts else root
-    if len(class_names) < 2:  # it had failed later on a NaN val AUC, then in scikit-learn
-        raise EdgeKDError(f"{where}: one class folder ({class_names[0]}); a classifier needs at least two "
-                          "(root/<class>/<image>; an unlabeled pool is distill.unlabeled.source: folder)")
     for split, folder in parts.items():  # a class only val/ or test/ has was dropped without a word
         extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in class_names)
         if extra:

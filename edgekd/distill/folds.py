@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from edgekd.data import load_source, split_tables
+from edgekd.data import data_path_key, load_source, split_tables
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
 from edgekd.recipe import find_recipe_file, load_recipe, recipe_from_dict
@@ -44,9 +43,7 @@ def split_mode(recipe, log: Callable[[str], None]) -> str:
 def same_data_value(key: str, a: Any, b: Any) -> bool:
     """Whether a data key of the fold teacher's recipe equals the student's (paths: the same file or folder,
     however spelled: a trailing slash, a relative path or a symlink)."""
-    if key == "path" and a is not None and b is not None:
-        return os.path.realpath(str(a)) == os.path.realpath(str(b))
-    return a == b
+    return data_path_key(a) == data_path_key(b) if key == "path" else a == b
 
 
 def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None,

@@ -30,13 +30,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if is_bundle(path):
         raise EdgeKDError(f"{path}: an exported bundle, not a checkpoint (give the run directory it was exported "
                           "from, holding best.pt)")
-    if path.is_dir() and not (path / "best.pt").is_file() and (path / "model.pt").is_file():  # a continual run's
-        path = path / "model.pt"
-    elif path.is_dir():
+    if path.is_dir() and not (path / "best.pt").is_file() and (path / "model.pt").is_file():  # said: no checkpoint
+        raise EdgeKDError(f"{path}: a continual run; its figures per task are in {path / 'continual.json'} and "
+                          "`edgekd eval` of its model.pt (report compares single-task runs on one dataset)")
+    if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
-        raise EdgeKDError(f"{path}: no checkpoint (give a run directory holding best.pt or a continual run's model.pt, "
-                          "or a .pt file)")
+        raise EdgeKDError(f"{path}: no checkpoint (give a run directory holding best.pt, or a .pt file)")
     return path
 
 
@@ -54,12 +54,13 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
     model, ckpt = model_from_checkpoint(checkpoint)
     recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides or []), where=f"{checkpoint} (embedded recipe)")
     data = build_checkpoint_data(recipe)
+    if (ckpt.get("recipe") or {}).get("continual"):  # its top-level data is not what each task trained on
+        raise EdgeKDError(f"{checkpoint}: a continual checkpoint; its figures per task are in its run's "
+                          "continual.json (report compares single-task runs on one dataset)")
     outputs = ckpt["arch"]["num_classes"]
-    if outputs != data.num_classes:  # e.g. a continual model: argmax over every task's outputs scores nothing
-        hint = " (a continual checkpoint: its per-task figures are in the run's continual.json)" \
-            if (ckpt.get("recipe") or {}).get("continual") else ""
-        raise EdgeKDError(f"{checkpoint}: model has {outputs} outputs, its data has {data.num_classes} classes{hint}")
-    check_trained_splits(ckpt, data, str(checkpoint))
+    if outputs != data.num_classes:
+        raise EdgeKDError(f"{checkpoint}: model has {outputs} outputs, its data has {data.num_classes} classes")
+    check_trained_splits(ckpt, data, recipe, str(checkpoint))
     device = resolve_device("auto")
     y, logits = predict_logits(model.to(device), data.loader(split, train=False), device)
     probs = softmax(logits)

@@ -1,6 +1,6 @@
 """Export: ONNX and OpenVINO artifacts (FP32/FP16/INT8), the parity gate, metadata and the hashed edge bundle."""
 
-from edgekd.export.bundle import check_target
+from edgekd.export.bundle import check_target, metric_subset_reference
 from edgekd.export.continual import RetentionGateError
 from edgekd.export.formats import FORMATS, ExportFormat, export_plan
 from edgekd.export.profile import ExportProfile, load_profile, profile_digest, profile_from_dict, shipped_profiles
@@ -8,5 +8,5 @@ from edgekd.export.run import (ExportInputs, ExportResult, ParityGateError, expo
                                with_overrides)
 
 __all__ = ["FORMATS", "ExportFormat", "ExportInputs", "ExportProfile", "ExportResult", "ParityGateError",
-           "RetentionGateError", "check_target", "export_checkpoint", "export_inputs",
-           "export_plan", "load_profile", "profile_digest", "profile_from_dict", "shipped_profiles", "with_overrides"]
+           "RetentionGateError", "check_target", "export_checkpoint", "export_inputs", "export_plan", "load_profile",
+           "metric_subset_reference", "profile_digest", "profile_from_dict", "shipped_profiles", "with_overrides"]

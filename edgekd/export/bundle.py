@@ -13,6 +13,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
 from edgekd.export.clinical import card_section
 from edgekd.export.continual import continual_card_section
+from edgekd.export.parity import inputs_for_one_flip
 from edgekd.fileio import (atomic_write, check_output_location, refuse_output_in_bundle, sha256_file,
                             staging_directory, write_json, write_text)
 from edgekd.runtime import MANIFEST_FILE, METADATA_FILE, SCHEMA
@@ -97,6 +98,24 @@ def _num(v: Any, fmt: str = ".4f") -> str:
     return "-" if v is None or v != v else format(v, fmt)
 
 
+def metric_subset_reference(parity: dict[str, Any]) -> dict[str, Any] | None:
+    """PyTorch's metrics on the `--metric-images` subset the artifacts were scored on; None when they were scored
+    on the whole splits (or no artifact was scored)."""
+    ref = parity["reference"]
+    if ref.get("metric_images", ref["split_images"]) == ref["split_images"]:
+        return None
+    return next((r["reference_metrics"] for r in parity["artifacts"] if r.get("reference_metrics")), None)
+
+
+def _subset_note(parity: dict[str, Any]) -> str:
+    ref = parity["reference"]
+    if not metric_subset_reference(parity):
+        return ""
+    counts = ", ".join(f"{s} {ref['metric_images'][s]} of {n}" for s, n in ref["split_images"].items())
+    return (f" Except: the artifacts were scored on a `--metric-images` subset ({counts} images); the `pytorch` row "
+            "is on the whole splits, `pytorch (subset)` on the artifacts' images.")
+
+
 def _gate_images(parity: dict[str, Any]) -> str:
     """Which images of the metric split the ACC/AUC drops were gated on, and whether one image can move ACC
     past the limit."""
@@ -119,8 +138,8 @@ def _top1_resolution(parity: dict[str, Any]) -> str:
     inputs = parity["inputs"]
     if not inputs:
         return ""
-    limits = sorted({t for r in parity["artifacts"] if (t := r["tolerance"].get("top1_agreement")) is not None
-                     and 1 - 1 / inputs < t < 1})  # a 100% limit tolerates no flip at any count
+    limits = sorted({r["tolerance"]["top1_agreement"] for r in parity["artifacts"]
+                     if (n := inputs_for_one_flip(r["tolerance"].get("top1_agreement"))) and inputs < n})
     if not limits:
         return ""
     return (f" With {inputs} inputs a single differing top-1 prediction fails the {' / '.join(f'{t:.2%}' for t in limits)} "
@@ -281,7 +300,7 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         f"- TTA views: {', '.join(tta['views'])} (mean of softmax)",
         "", "## Clinical metrics per format", "",
         "PyTorch is the checkpoint the artifacts were exported from; every row is measured on the same images "
-        "(original view).", "",
+        "(original view)." + _subset_note(parity), "",
     ]
     header = "| format | precision | size (MB) | " + " | ".join(
         f"{s} {k}" for s in splits for k in ("acc", "auc", "sens", "spec")) + " |"
@@ -292,6 +311,9 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         return f"| {name} | {prec} | {size} | " + " | ".join(cells) + " |"
 
     lines.append(row("pytorch", "fp32", "-", ref))
+    subset = metric_subset_reference(parity)
+    if subset:
+        lines.append(row("pytorch (subset)", "fp32", "-", subset))
     sizes = {(a["format"], a["precision"]): a["size_mb"] for a in metadata["artifacts"]}
     for rec in (r for r in parity["artifacts"] if r["passed"]):
         lines.append(row(rec["format"], rec["precision"], _num(sizes.get((rec["format"], rec["precision"])), ".3f"),

@@ -127,8 +127,13 @@ def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
                f"`{decision['positive_class']}` when its calibrated probability >= {decision['threshold']:.4f}, the "
                f"threshold chosen on the validation split for {rule}"
                + (f" >= {decision['target']:g}" if decision.get("target") else ""))
+        ref = parity["reference"]
+        subset = (f" The formats' rows are on a `--metric-images` subset of {ref['metric_images']['test']} of the "
+                  f"{ref['split_images']['test']} test images, PyTorch's on all of them."
+                  if ref.get("metric_images", ref["split_images"]) != ref["split_images"] else "")
         lines += ["", "## Operating point", "", f"Label: {how}. Test figures with 95% stratified bootstrap intervals "
-                  "(1000 resamples); every format below is scored under the same temperature and threshold.", "",
+                  "(1000 resamples); every format below is scored under the same temperature and threshold."
+                  + subset, "",
                   "| model | " + " | ".join(OPERATING_METRICS) + " | calibrated p vs PyTorch (mean abs) |",
                   "|---|" + "---|" * (len(OPERATING_METRICS) + 1),
                   "| pytorch fp32 | " + " | ".join(_ci(decision["test"].get(m)) for m in OPERATING_METRICS) + " | - |"]

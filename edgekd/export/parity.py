@@ -127,7 +127,7 @@ def split_metrics(labels: np.ndarray, logits: np.ndarray, heads: list[tuple[str,
 
 
 def head_parity(logits: np.ndarray, ref: np.ndarray, heads: list[tuple[str, int, int]],
-                top1_agreement: float | None) -> tuple[dict[str, Any], list[str]]:
+                top1_agreement: float | None, views: int = 1) -> tuple[dict[str, Any], list[str]]:
     """Each head's logits vs PyTorch on every parity input: max abs diff and top-1 agreement within the head
     (the prediction the runner makes for that task), gated per head."""
     record, failures = {}, []
@@ -137,8 +137,7 @@ def head_parity(logits: np.ndarray, ref: np.ndarray, heads: list[tuple[str, int,
         record[name] = {"outputs": [lo, hi], "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
                         "top1_agreement": float(agree.mean())}
         if top1_agreement is not None and agree.mean() < top1_agreement:
-            failures.append(f"head '{name}': top-1 agreement {agree.mean():.2%} < {top1_agreement:.2%} "
-                            f"({int((~agree).sum())} of {len(agree)} differ)")
+            failures.append(f"head '{name}': {top1_failure(agree, views, top1_agreement)}")
     return record, failures
 
 
@@ -177,6 +176,7 @@ def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str
         ref_logits = reference["splits"][split]["logits"][data.rows(split)]
         ref_metrics = split_metrics(y, ref_logits, data.heads)  # the reference on the same images
         record["metrics"][split] = metrics
+        record.setdefault("reference_metrics", {})[split] = ref_metrics  # differ from the reference's own: a subset
         split_diff = np.abs(art_logits.astype(np.float64) - ref_logits.astype(np.float64))
         record.setdefault("split_parity", {})[split] = {
             "max_abs_diff": float(split_diff.max()), "mean_abs_diff": float(split_diff.mean()),
@@ -187,6 +187,20 @@ def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str
             record.setdefault("operating_point", {})[split] = artifact_operating_point(
                 art_logits, y, ref_logits, reference["clinical"])
         record.setdefault("acc_resolution", {})[split] = 1.0 / len(y)
+
+
+def inputs_for_one_flip(limit: float | None) -> int | None:
+    """The fewest parity inputs at which one differing top-1 prediction still passes `limit` (None: a 100% limit
+    tolerates none at any count)."""
+    return math.ceil(1 / (1 - limit) - 1e-9) if limit is not None and limit < 1 else None
+
+
+def top1_failure(agree: np.ndarray, views: int, limit: float) -> str:
+    """The top-1 failure line; when one input alone fails it for want of inputs, how many images give it room."""
+    differ, needed = int((~agree).sum()), inputs_for_one_flip(limit)
+    hint = (f"; with {len(agree)} inputs one differing input fails this limit: --parity-images "
+            f"{math.ceil(needed / views)} or more give it room" if differ == 1 and needed and len(agree) < needed else "")
+    return f"top-1 agreement {agree.mean():.2%} < {limit:.2%} ({differ} of {len(agree)} differ{hint})"
 
 
 def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[str, Any], tolerance: Tolerance,
@@ -232,16 +246,11 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
                             f"{tolerance.max_abs:g} + {tolerance.rtol:g}·|reference| "
                             f"({record['allclose_violations']} of {diff.size} values)")
     if data.heads is not None:  # the argmax over all heads' outputs is no prediction: each head is gated
-        record["heads"], head_failures = head_parity(logits, ref, data.heads, tolerance.top1_agreement)
+        record["heads"], head_failures = head_parity(logits, ref, data.heads, tolerance.top1_agreement,
+                                                    len(dict.fromkeys(data.views)))
         failures += head_failures
     elif tolerance.top1_agreement is not None and record["top1_agreement"] < tolerance.top1_agreement:
-        differ, views_n = int((~agree).sum()), len(dict.fromkeys(data.views))
-        needed = math.ceil(1 / (1 - tolerance.top1_agreement) - 1e-9) if tolerance.top1_agreement < 1 else None
-        hint = (f"; with {len(agree)} inputs one differing input fails this limit: --parity-images "
-                f"{math.ceil(needed / views_n)} or more give it room" if differ == 1 and needed and len(agree) < needed
-                else "")
-        failures.append(f"top-1 agreement {record['top1_agreement']:.2%} < {tolerance.top1_agreement:.2%} "
-                        f"({differ} of {len(agree)} differ{hint})")
+        failures.append(top1_failure(agree, len(dict.fromkeys(data.views)), tolerance.top1_agreement))
     resolution = record.get("acc_resolution", {}).get(metric_split)
     record["acc_gate_resolves"] = tolerance.acc_drop is None or (resolution is not None
                                                                   and resolution <= tolerance.acc_drop)

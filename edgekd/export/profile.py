@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS, TTA_VIEWS
 from edgekd.recipe import deep_merge, format_validation_error, load_yaml, yaml_error
-from edgekd.runtime import MAX_THREADS
+from edgekd.runtime import MAX_THREADS, cap_to_cores
 
 Precision = Literal[PRECISIONS]
 TTAView = Literal[TTA_VIEWS]
@@ -198,7 +197,7 @@ class ExportProfile(Section):
 
     def run_threads(self) -> int | None:
         """The threads the export's own runs use: `threads`, at most this machine's cores."""
-        return min(self.threads, os.cpu_count() or 1) if self.threads else None
+        return cap_to_cores(self.threads) if self.threads else None
     tta: TTAConfig = TTAConfig()
     parity: ParityConfig
     quantization: QuantizationConfig = QuantizationConfig()

@@ -166,7 +166,7 @@ def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: lis
         raise EdgeKDError(f"{checkpoint}: model has {num_classes} classes, its data has {data.num_classes}")
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)
     if layout is None:
-        check_trained_splits(ckpt, data, str(checkpoint))
+        check_trained_splits(ckpt, data, recipe, str(checkpoint))
     return data
 
 

@@ -134,13 +134,18 @@ def limited(n: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(SUBSET_SEED).choice(n, size=limit, replace=False))
 
 
-def load_split_images(recipe, split: str = "test",
-                      limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+def load_split_images(recipe, split: str = "test", limit: int | None = None,
+                      sources: Sequence[str | Path] = ()) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """The decoded uint8 images and labels of a recipe's split (the fixed random subset `limited` picks, if `limit`
-    is given: the same whatever --seed, which seeds the corruptions only)."""
-    from edgekd.data import build_checkpoint_data
+    is given: the same whatever --seed, which seeds the corruptions only). Each checkpoint of `sources` drawn on its
+    own split settings must find the splits it was trained with (`check_trained_splits`)."""
+    from edgekd.data import build_checkpoint_data, check_trained_splits
+    from edgekd.train import load_checkpoint
 
     data = build_checkpoint_data(recipe)
+    for source in sources:
+        if Path(source).is_file() and not is_bundle(source):
+            check_trained_splits(load_checkpoint(source), data, recipe, str(source), (split,))
     ds = data.dataset(split, train=False)
     idx = limited(len(ds), limit)
     images = [np.ascontiguousarray(ds.raw(int(i))) for i in idx]
@@ -286,7 +291,7 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
         images, labels, class_names = load_folder_images(data_folder, predictors[0].class_names, limit)
         split = str(data_folder)
     else:
-        images, labels, class_names = load_split_images(recipe, split, limit)
+        images, labels, class_names = load_split_images(recipe, split, limit, sources)
         from edgekd.data import check_class_order  # the training side: only for a recipe's data
 
         for p in predictors:
@@ -340,7 +345,7 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
 
     recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
     predictor = predictors_for([source], threads)[0]
-    images, labels, class_names = load_split_images(recipe, split)
+    images, labels, class_names = load_split_images(recipe, split, sources=[source])
     check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
     probs = predictor.predict(images)
     pairs = confused_pairs(labels, probs, top)

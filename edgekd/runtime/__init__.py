@@ -3,9 +3,9 @@
 from edgekd.imageio import DicomFrame
 from edgekd.probability import softmax
 from edgekd.runtime.backends import compile_for_cpu, openvino_rt_metadata
-from edgekd.runtime.bundle import (MANIFEST_FILE, MAX_RESIZE_FACTOR, MAX_THREADS, METADATA_FILE, RT_INFO_SECTION, SCHEMA, Artifact, Bundle,
-                                   check_embedded_metadata, is_bundle, metadata_strings, open_bundle,
-                                   parse_metadata_strings, verify_manifest)
+from edgekd.runtime.bundle import (MANIFEST_FILE, MAX_RESIZE_FACTOR, MAX_THREADS, METADATA_FILE, RT_INFO_SECTION,
+                                   SCHEMA, Artifact, Bundle, cap_to_cores, check_embedded_metadata, is_bundle,
+                                   metadata_strings, open_bundle, parse_metadata_strings, verify_manifest)
 from edgekd.runtime.inputs import collect_inputs, collect_labelled
 from edgekd.runtime.output import check_output_path, write_predictions
 from edgekd.runtime.preprocess import Preprocessor, as_image_array
@@ -14,9 +14,9 @@ from edgekd.runtime.runner import Failure, Prediction, Runner, TaskPredictions
 from edgekd.runtime.timing import peak_rss_mb, time_alternating, time_call
 from edgekd.runtime.tta import TTAViews
 
-__all__ = ["MANIFEST_FILE", "MAX_RESIZE_FACTOR", "MAX_THREADS", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA", "Artifact", "Bundle", "DicomFrame", "Failure",
-           "Prediction", "Preprocessor", "Repository", "Runner", "TTAViews", "TaskPredictions", "as_image_array",
-           "check_embedded_metadata", "check_output_path", "collect_inputs", "collect_labelled", "compile_for_cpu",
-           "is_bundle", "metadata_strings", "open_bundle", "openvino_rt_metadata", "parse_metadata_strings",
-           "peak_rss_mb", "softmax", "time_alternating", "time_call", "verify_manifest", "write_predictions",
-           "write_repository"]
+__all__ = ["MANIFEST_FILE", "MAX_RESIZE_FACTOR", "MAX_THREADS", "METADATA_FILE", "RT_INFO_SECTION", "SCHEMA",
+           "Artifact", "Bundle", "DicomFrame", "Failure", "Prediction", "Preprocessor", "Repository", "Runner",
+           "TTAViews", "TaskPredictions", "as_image_array", "cap_to_cores", "check_embedded_metadata",
+           "check_output_path", "collect_inputs", "collect_labelled", "compile_for_cpu", "is_bundle",
+           "metadata_strings", "open_bundle", "openvino_rt_metadata", "parse_metadata_strings", "peak_rss_mb",
+           "softmax", "time_alternating", "time_call", "verify_manifest", "write_predictions", "write_repository"]

@@ -151,7 +151,7 @@ class Bundle:
     def threads(self) -> int | None:
         """The export profile's thread hint, at most this machine's cores (None: the backend's default)."""
         threads = (self.meta.get("runtime") or {}).get("threads")
-        return min(threads, os.cpu_count() or 1) if isinstance(threads, int) and threads > 0 else None
+        return cap_to_cores(threads) if isinstance(threads, int) and threads > 0 else None
 
     @property
     def image_channels(self) -> int | None:
@@ -516,6 +516,12 @@ MAX_INPUT_SIDE = 4096
 MAX_RESIZE_FACTOR = 4
 """preprocess.resize is at most this many times the crop (and at least half of it): 256 for 224 is 1.14x."""
 MAX_THREADS = 1024
+
+
+def cap_to_cores(threads: int) -> int:
+    """A thread count at most the cores this process may run on (its CPU affinity where the OS tells it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(threads, cores)
 MAX_CLASSES = 10_000
 
 

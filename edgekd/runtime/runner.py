@@ -7,7 +7,6 @@ per task's slice of the outputs: the runner predicts one task (`task=`) or all o
 from __future__ import annotations
 
 import numbers
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from edgekd.formats import PRECISIONS
 from edgekd.imageio import DicomFrame
 from edgekd.probability import apply_temperature
 from edgekd.runtime.backends import BACKENDS, Backend, create_backend
-from edgekd.runtime.bundle import Bundle, check_embedded_metadata, open_bundle
+from edgekd.runtime.bundle import Bundle, cap_to_cores, check_embedded_metadata, open_bundle
 from edgekd.runtime.preprocess import ImageInput, Preprocessor
 from edgekd.runtime.tta import TTAViews
 
@@ -150,7 +149,7 @@ class Runner:
         _check_task(bundle, task)
         precision = precision or bundle.most_precise()
         artifact = _pick_artifact(bundle, backend, precision)
-        threads = min(threads, os.cpu_count() or 1) if threads else bundle.threads
+        threads = cap_to_cores(threads) if threads else bundle.threads
         preprocessor = Preprocessor(bundle.preprocess)
         heads = [tuple(t["outputs"]) for t in bundle.tasks] if bundle.tasks else None
         engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,

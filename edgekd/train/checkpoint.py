@@ -38,7 +38,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.suffix.lower() in (".json", ".yaml", ".yml", ".csv", ".md", ".txt"):  # torch.load's words would follow
         raise EdgeKDError(f"{path}: a {path.suffix[1:].upper()} file, not a checkpoint (best.pt or last.pt)")
     exported = {".onnx": "an ONNX model", ".xml": "an OpenVINO IR file", ".bin": "an OpenVINO IR weights file"}
-    if path.suffix.lower() in exported:
+    if path.suffix.lower() in exported and (path.suffix.lower() != ".bin" or path.with_suffix(".xml").is_file()):
         raise EdgeKDError(f"{path}: {exported[path.suffix.lower()]}, not a checkpoint: give the training run's "
                           "best.pt")
     with path.open("rb") as fh:  # torch.save writes a zip; older torch a pickle (protocol byte 0x80)

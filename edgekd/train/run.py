@@ -86,14 +86,22 @@ def earlier_train_seconds(out: Path, sessions: list[dict[str, int]]) -> float | 
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def refuse_before_training(recipe, data: DataModule, out: Path, resume: bool) -> None:
+    """What a run is refused for before anything is written: one class, or nothing to resume."""
+    if data.num_classes < 2:  # it had failed on a NaN val AUC at epoch 1, then in scikit-learn
+        raise EdgeKDError(f"data: {recipe.data.path or recipe.data.source} has one class ({data.class_names[0]}); "
+                          "a classifier needs at least two")
+    if resume and not (out / "last.pt").is_file():
+        raise EdgeKDError(f"{out / 'last.pt'}: checkpoint not found (nothing to resume)")
+
+
 def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
                 objective: Objective | None = None, plugins: list[Plugin] | None = None,
                 resume: bool = False, log: Callable[[str], None] = print, progress=None,
                 extra_meta: dict[str, Any] | None = None) -> RunResult:
     """Fit with the one Trainer, then evaluate best.pt on val and test and write the run's reports."""
     out = Path(out)
-    if resume and not (out / "last.pt").is_file():  # refuse before anything is written
-        raise EdgeKDError(f"{out / 'last.pt'}: checkpoint not found (nothing to resume)")
+    refuse_before_training(recipe, data, out, resume)
     # best.pt + last.pt (weights, optimizer moments) and their temp copies while being replaced.
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     ensure_free_space(out, 8 * weight_bytes + 64 * 2**20, "checkpoints")
@@ -203,8 +211,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     recipe = data_recipe or recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
     data = build_checkpoint_data(recipe)
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
-    if data_recipe is None:  # its own data: the splits it was trained with
-        check_trained_splits(ckpt, data, str(checkpoint))
+    check_trained_splits(ckpt, data, recipe, str(checkpoint))  # drawn as at training: the same images
     dev = resolve_device(device)
     model.to(dev)
     out = Path(out)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd.data import epoch_seed
+from edgekd.data import check_trained_splits, epoch_seed
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import classification_metrics, write_csv_log
 from edgekd.probability import softmax
@@ -277,6 +277,8 @@ class Trainer:
         ckpt = load_resumable(path, self.recipe)
         if "trainer" not in ckpt:
             raise EdgeKDError(f"{path}: holds no trainer state to resume from")
+        # a folder that changed between sessions re-draws the splits: the run would go on with other images
+        check_trained_splits(ckpt, self.data, self.recipe, str(path), ("train", "val", "test"))
         load_state(self.model, ckpt["state_dict"], str(path))
         st = ckpt["trainer"]
         self.optimizer.load_state_dict(st["optimizer"])
