@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from edgekd.errors import EdgeKDError, oversized, quote, shorten
 from edgekd.runtime import MAX_RESIZE_FACTOR
@@ -225,11 +225,17 @@ class TrainConfig(Section):
     repeats its metrics exactly only at the thread count it records in metrics.json (`threads`)."""
     nonfinite: Literal["error", "skip"] = "error"
 
+    _inferred: set[str] = PrivateAttr(default_factory=set)
+    """The keys `_directions` filled in (not the recipe's own): `to_dict` leaves them out, so a run's recipe.yaml
+    run again with another monitor infers them again."""
+
     @model_validator(mode="after")
     def _directions(self) -> "TrainConfig":
+        sched = self.scheduler
+        self._inferred = {k for k, v in (("monitor_mode", self.monitor_mode), ("scheduler.monitor", sched.monitor),
+                                         ("scheduler.mode", sched.mode)) if v is None}
         if self.monitor_mode is None:
             self.monitor_mode = monitor_direction(self.monitor)
-        sched = self.scheduler
         if sched.monitor is None:
             sched.monitor = self.monitor
         if sched.mode is None:
@@ -525,7 +531,16 @@ class Recipe(Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The recipe as data (a run's recipe.yaml, a checkpoint's embedded recipe): the monitor directions the
+        recipe left to inference stay unset (written out, `max` for val_auc had been kept for a val_loss run)."""
+        dumped = self.model_dump(mode="json")
+        for key in self.train._inferred:
+            *section, name = ["train", *key.split(".")]
+            node = dumped
+            for k in section:
+                node = node[k]
+            node[name] = None
+        return dumped
 
     def digest(self) -> str:
         """A short sha256 of the resolved recipe: same digest, same training setup."""

@@ -202,3 +202,21 @@ def test_recipe_differences_name_the_changed_leaf():
     assert whole.startswith('augment: [{"RandomAffine": {"') and whole.endswith(
         ' -> [{"RandomAffine": {"degrees": 10, "translate": [0.1, 0.1]}}]')
     assert recipe_differences(before, before) == []
+
+
+def test_a_runs_recipe_yaml_leaves_the_inferred_monitor_directions_unset():
+    """A run's recipe.yaml had `monitor_mode: max` (inferred for val_auc) written out: run again with
+    `--set train.monitor=val_loss` it kept the epoch of the highest loss. Set directions stay as set."""
+    from edgekd.recipe import load_recipe, recipe_from_dict
+
+    recipe = load_recipe(REPO / "recipes/demo/baseline.yaml")
+    assert recipe.train.monitor_mode == "max" and recipe.train.scheduler.mode == "max"
+    dumped = recipe.to_dict()
+    assert dumped["train"]["monitor_mode"] is None and dumped["train"]["scheduler"]["mode"] is None
+    dumped["train"]["monitor"] = "val_loss"
+    again = recipe_from_dict(dumped)
+    assert again.train.monitor_mode == "min" and again.train.scheduler.monitor == "val_loss"
+    assert again.train.scheduler.mode == "min"
+    assert recipe_from_dict(recipe.to_dict()).digest() == recipe.digest()
+    chosen = load_recipe(REPO / "recipes/demo/baseline.yaml", ["train.monitor_mode=min"])
+    assert chosen.to_dict()["train"]["monitor_mode"] == "min"  # the recipe's own choice is kept
