@@ -141,6 +141,8 @@ class SchedulerConfig(Section):
     name: Literal["none", "cosine", "plateau"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     min_lr: float = Field(1e-6, ge=0)
+    """cosine: where the decay ends, one step after the last epoch (the last epoch trains above it: 25% of the way
+    to the peak after 3 decay epochs, 4% after 8)."""
     monitor: str | None = None
     """plateau: the logged metric it watches (default: train.monitor)."""
     mode: Literal["max", "min"] | None = None

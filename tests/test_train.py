@@ -545,7 +545,7 @@ def test_swa_start_epoch_zero_is_the_first_epoch_and_null_the_last_quarter(tiny_
 
     assert swa_lines(0)[0].startswith("SWA over epochs 1..4")
     assert swa_lines(None)[0].startswith("SWA over epochs 4..4")  # int(0.75 x 4) = 3, 0-based
-    assert swa_lines(4) == ["train.swa.start_epoch 4 >= train.epochs 4: no weights will be averaged"]
+    assert swa_lines(4) == ["warning: train.swa.start_epoch 4 >= train.epochs 4: no weights will be averaged"]
     # Digests keep the old spelling of "the last quarter" (0), so runs trained before the change still resume.
     default = recipe_from_dict(tiny_recipe_dict)
     dumped = default.model_dump(mode="json", exclude={"tracking"})
@@ -811,3 +811,29 @@ def test_train_never_writes_over_its_own_inputs_and_says_when_it_replaces_a_run(
     res = CliRunner().invoke(app, ["train", "student2.yaml", "--out", "nest"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "nest" / "best.pt").is_file() and nested.best_path.is_file()
+
+
+def test_a_train_section_that_asks_for_what_it_will_not_get_is_warned(tiny_recipe_dict, tmp_path):
+    """A warmup as long as the run, a warmup under the plateau schedule, a head_lr with the head frozen, SWA that
+    early stopping ends before it starts: each had been dropped without a word."""
+    logs: list[str] = []
+    long_warmup = deep(tiny_recipe_dict, train__epochs=2, train__scheduler={"name": "cosine", "warmup_epochs": 5})
+    train_recipe(recipe_from_dict(long_warmup), tmp_path / "a", log=logs.append)
+    assert "warning: train.scheduler.warmup_epochs 5 >= train.epochs 2: the warmup is cut to 1 epoch(s), the cosine " \
+        "decay to one" in logs
+    logs.clear()
+    plateau = deep(tiny_recipe_dict, train__epochs=1, train__scheduler={"name": "plateau", "warmup_epochs": 2},
+                   train__optimizer={"head_lr": 0.01}, model__freeze_patterns=["fc"])
+    train_recipe(recipe_from_dict(plateau), tmp_path / "b", log=logs.append)
+    assert "warning: train.scheduler.warmup_epochs 2: the plateau schedule has no warmup (cosine only); not used" in logs
+    assert any(line.startswith("warning: train.optimizer.head_lr 0.01: the model has no trainable classifier head")
+               for line in logs), logs
+    logs.clear()
+    # no epoch after the first improves by 1e9: patience 1 stops the run at epoch 2, before SWA's epoch 6
+    stops = deep(tiny_recipe_dict, train__epochs=8, train__monitor="val_loss",
+                 train__early_stop={"patience": 1, "min_delta": 1e9}, train__swa={"enabled": True, "start_epoch": 6})
+    result = train_recipe(recipe_from_dict(stops), tmp_path / "c", log=logs.append)
+    assert result.fit.stopped_early and len(result.fit.history) == 2
+    assert "warning: the run ended at epoch 2, before train.swa.start_epoch 6: no weights were averaged; best.pt is " \
+        "the best epoch's" in logs
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["swa"]["used"] is False

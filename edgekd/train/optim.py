@@ -43,3 +43,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int):
         return cosine
     linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def schedule_warnings(cfg, optimizer: torch.optim.Optimizer, swa_start: int | None) -> list[str]:
+    """What a run's train section asks for and will not get (each had been dropped without a word): a warmup as
+    long as the run, a warmup under the plateau schedule, a head_lr without a trainable head, SWA that starts after
+    the last epoch, SWA's single learning rate over differential ones."""
+    sched, lines = cfg.scheduler, []
+    if sched.name == "cosine" and cfg.epochs and sched.warmup_epochs >= cfg.epochs:
+        lines.append(f"warning: train.scheduler.warmup_epochs {sched.warmup_epochs} >= train.epochs {cfg.epochs}: the "
+                     f"warmup is cut to {max(cfg.epochs - 1, 0)} epoch(s), the cosine decay to one")
+    if sched.name == "plateau" and sched.warmup_epochs:
+        lines.append(f"warning: train.scheduler.warmup_epochs {sched.warmup_epochs}: the plateau schedule has no "
+                     "warmup (cosine only); not used")
+    groups = {g.get("name") for g in optimizer.param_groups}
+    if cfg.optimizer.head_lr is not None and "head" not in groups:
+        lines.append(f"warning: train.optimizer.head_lr {cfg.optimizer.head_lr:g}: the model has no trainable "
+                     "classifier head (frozen?); every parameter trains at train.optimizer.lr")
+    if swa_start is not None and swa_start >= cfg.epochs:
+        lines.append(f"warning: train.swa.start_epoch {swa_start} >= train.epochs {cfg.epochs}: no weights will be "
+                     "averaged")
+    if swa_start is not None and cfg.swa.lr is not None and len(groups) > 1:
+        lines.append(f"note: from epoch {swa_start + 1} train.swa.lr {cfg.swa.lr:g} is every parameter group's "
+                     "learning rate (head_lr's ratio ends there)")
+    return lines

@@ -25,7 +25,7 @@ from edgekd.probability import softmax
 from edgekd.progress import progress_task
 from edgekd.train import distributed
 from edgekd.train.checkpoint import load_resumable, load_state, save_checkpoint
-from edgekd.train.optim import build_optimizer, build_scheduler
+from edgekd.train.optim import build_optimizer, build_scheduler, schedule_warnings
 from edgekd.train.tracking import EpochRecord, Tracker, require_packages
 
 
@@ -206,13 +206,12 @@ class Trainer:
             self.swa_model = torch.optim.swa_utils.AveragedModel(self.model)
             start = self.cfg.swa.start_epoch
             self.swa_start = int(self.cfg.epochs * 0.75) if start is None else start
-            if self.swa_start >= self.cfg.epochs:
-                self.log(f"train.swa.start_epoch {self.swa_start} >= train.epochs {self.cfg.epochs}: "
-                         f"no weights will be averaged")
             if self.cfg.swa.lr is not None:  # from swa_start on, SWALR replaces the main schedule
                 self.swa_scheduler = torch.optim.swa_utils.SWALR(
                     self.optimizer, swa_lr=self.cfg.swa.lr, anneal_epochs=self.cfg.swa.anneal_epochs,
                     anneal_strategy="cos")
+        for line in schedule_warnings(self.cfg, self.optimizer, self.swa_start if self.swa_model else None):
+            self.log(line)
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
         self.best_value = -math.inf if self.cfg.monitor_mode == "max" else math.inf
@@ -425,6 +424,10 @@ class Trainer:
         extra = {}
         if self.swa_model is not None and self.epoch > self.swa_start:
             extra["swa"] = self._finish_swa(best_path)
+        elif self.swa_model is not None and self.swa_start < self.cfg.epochs:  # stopped early: SWA never began
+            self.log(f"warning: the run ended at epoch {self.epoch}, before train.swa.start_epoch {self.swa_start}: "
+                     "no weights were averaged; best.pt is the best epoch's")
+            extra["swa"] = {"used": False, "reason": f"ended at epoch {self.epoch}, before swa start {self.swa_start}"}
         for p in self.plugins:
             p.after_fit(self)
         if self.cfg.epochs == 0 and self.is_main:
