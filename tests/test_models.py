@@ -173,3 +173,18 @@ def test_an_unknown_module_path_names_the_modules_there():
         get_submodule(m, "stages.9")
     with pytest.raises(EdgeKDError, match=r"has no module 'a.b' \(its top level has stages, pool, drop, fc\)$"):
         get_submodule(m, "a.b")
+
+
+def test_a_fixed_patch_grid_model_at_another_input_size_is_refused_by_name():
+    """The skin teacher (SwinV2, 256 px) at 32 px failed at its first forward with timm's AssertionError (exit 1)."""
+    import timm
+
+    from edgekd.models import check_input_size
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2)
+    check_input_size(vit, 224, "vit_tiny_patch16_224")
+    with pytest.raises(EdgeKDError, match=r"model vit_tiny_patch16_224 takes 224x224 px input \(a fixed patch grid\) "
+                                          r"and data.image_size is 32: set model.kwargs.img_size: 32$"):
+        check_input_size(vit, 32, "vit_tiny_patch16_224")
+    check_input_size(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, img_size=32), 32, "vit")
+    check_input_size(timm.create_model("resnet18", pretrained=False, num_classes=2), 32, "resnet18")  # any size

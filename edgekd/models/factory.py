@@ -27,6 +27,18 @@ def model_spec(model_cfg, num_classes: int, in_chans: int) -> dict[str, Any]:
     }
 
 
+def check_input_size(model: nn.Module, size: int, name: str) -> None:
+    """A timm model with a fixed patch grid (Swin, ViT: `patch_embed.strict_img_size`) refuses another input size
+    only at its first forward, with timm's AssertionError; refused here by name, with the kwarg that sets it."""
+    embed = getattr(model, "patch_embed", None)
+    fixed = getattr(embed, "img_size", None)
+    if fixed is None or not getattr(embed, "strict_img_size", False) or tuple(fixed) == (size, size):
+        return
+    window = " and model.kwargs.window_size to fit its stages (e.g. 2 at 32 px)" if "swin" in name else ""
+    raise EdgeKDError(f"model {name} takes {fixed[0]}x{fixed[1]} px input (a fixed patch grid) and data.image_size "
+                      f"is {size}: set model.kwargs.img_size: {size}{window}")
+
+
 def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | None = None) -> nn.Module:
     """Build a timm model from a spec; pretrained from the hub or from a local weights file; replace the head."""
     name = spec["name"]

@@ -16,7 +16,7 @@ from edgekd import __version__
 from edgekd.data import DataModule, build_checkpoint_data, build_data, check_class_order, check_trained_splits
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
-from edgekd.models import count_macs, count_parameters, create_model, freeze, model_spec
+from edgekd.models import check_input_size, count_macs, count_parameters, create_model, freeze, model_spec
 from edgekd.fileio import ensure_free_space, write_json, write_text
 from edgekd.probability import softmax
 from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
@@ -42,6 +42,7 @@ def build_student_model(recipe, data: DataModule) -> tuple[nn.Module, dict[str, 
     """The recipe's model for this data: spec (for checkpoints), pretrained/local weights, freezing."""
     spec = model_spec(recipe.model, data.num_classes, recipe.data.channels)
     model = create_model(spec, pretrained=recipe.model.pretrained, weights=recipe.model.weights)
+    check_input_size(model, recipe.data.image_size, recipe.model.name)
     freeze(model, recipe.model.freeze_stages, recipe.model.freeze_patterns)
     return model, spec
 
