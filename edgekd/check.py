@@ -64,8 +64,12 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
 
     t0 = time.perf_counter()
     recipe = load_recipe(path, overrides)
-    if recipe.distill and recipe.distill.teacher_recipe and not synthetic:  # --folds trains it: checked here too
-        load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe", path))
+    teacher_recipe_problem = None
+    if recipe.distill and recipe.distill.teacher_recipe and not synthetic:  # only --folds trains it: a warning
+        try:
+            load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe", path))
+        except EdgeKDError as err:
+            teacher_recipe_problem = f"warning: {err} (`train --folds` trains the teacher from it)"
     with tempfile.TemporaryDirectory(prefix="edgekd-check-") as tmp:
         tmp = Path(tmp)
         stand_ins: list[str] = []
@@ -76,6 +80,9 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         def data_warning(line: str) -> None:
             warnings.append(line)
             warn(line)
+
+        if teacher_recipe_problem:
+            data_warning(teacher_recipe_problem)
 
         train_images = None if synthetic else count_train_images(recipe, data_warning)
         result = run_recipe(shrunken(recipe, synthetic), tmp / "run", log=log)

@@ -207,10 +207,19 @@ def test_a_continual_tasks_data_warns_only_of_its_own_classes():
     assert len(lines) == 3 and "class retina:0, retina:1, pneu:1" in lines[0]
 
 
-def test_check_refuses_a_teacher_recipe_that_is_not_there(tmp_path):
-    """`check` (without --synthetic) passed a recipe whose distill.teacher_recipe does not exist; `--folds` then
-    failed on it."""
+def test_check_warns_of_a_teacher_recipe_that_is_not_there(tmp_path, monkeypatch):
+    """`check` (without --synthetic) passed a recipe whose distill.teacher_recipe does not exist without a word;
+    `--folds` then failed on it. Plain `train` does not read it, so it is a warning."""
+    from edgekd.train.run import untrained_checkpoint
+
+    monkeypatch.chdir(REPO)
+    teacher = untrained_checkpoint(load_recipe(REPO / "recipes/demo/teacher.yaml", ["model.name=edgekd_cnn_tiny"]),
+                                   tmp_path / "t.pt")
     (tmp_path / "s.yaml").write_text(f"base: {REPO / 'recipes/demo/student.yaml'}\n"
-                                     "distill:\n  teacher_recipe: no_such_teacher.yaml\n")
-    with pytest.raises(EdgeKDError, match="distill.teacher_recipe no_such_teacher.yaml: recipe file not found"):
-        check_recipe(tmp_path / "s.yaml")
+                                     f"distill:\n  teacher: {teacher}\n  teacher_recipe: no_such_teacher.yaml\n"
+                                     "model: {name: edgekd_cnn_tiny}\n")
+    seen: list[str] = []
+    result = check_recipe(tmp_path / "s.yaml", warn=seen.append)
+    assert any(w.startswith("warning: distill.teacher_recipe no_such_teacher.yaml: recipe file not found") and
+               w.endswith("(`train --folds` trains the teacher from it)") for w in result.warnings), result.warnings
+    assert seen == result.warnings
