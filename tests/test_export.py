@@ -742,7 +742,8 @@ def _parity_case(scale: float, seed: int = 0):
     def logits(inputs):
         return (inputs.reshape(len(inputs), -1).astype(np.float64) @ w * scale).astype(np.float32)
 
-    ref = {"logits": logits(x), "splits": {"val": {"logits": logits(x), "metrics": split_metrics(y, logits(x))}}}
+    metrics = split_metrics(y, logits(x))  # as reference_report gives them: every row is scored
+    ref = {"logits": logits(x), "splits": {"val": {"logits": logits(x), "metrics": metrics, "scored_metrics": metrics}}}
     return ParitySet(x, ["original"] * 40, {"val": (x, y)}), ref, logits
 
 

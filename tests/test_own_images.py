@@ -98,3 +98,8 @@ def test_eval_report_and_export_refuse_a_folder_whose_splits_changed_since_train
         res = cli.invoke(app, args)
         assert "its data's splits are not the ones it was trained with (" in str(res.exception), res.output
         assert not (tmp_path / "bundle").exists()
+    from edgekd.errors import EdgeKDError
+    from edgekd.robustness.evaluate import run_failure_analysis
+
+    with pytest.raises(EdgeKDError, match=r"best.pt: its data's splits are not the ones it was trained with \(test: "):
+        run_failure_analysis(run, tmp_path / "failures")  # a run directory: its best.pt, loaded once

@@ -53,11 +53,11 @@ def export(
     profile = with_overrides(load_profile(target), parity_images, calib_images, threads, control,
                              "drop" if drop_failed else None, metric_images)
     formats, precisions = given_list(format_, "--format"), given_list(precision, "--precision")
-    builds = (formats or profile.formats, precisions or profile.precisions)
-    for option, ignored, to in (("--calib-images", calib_images is not None and "int8" not in builds[1], "INT8"),
-                                ("--accuracy-control", accuracy_control and not ("int8" in builds[1] and "openvino"
-                                                                                 in builds[0]), "OpenVINO INT8")):
-        if ignored:  # without a word before
+    int8 = "int8" in (precisions or profile.precisions)
+    openvino_int8 = int8 and "openvino" in (formats or profile.formats)
+    for option, given, applies, to in (("--calib-images", calib_images is not None, int8, "INT8"),
+                                       ("--accuracy-control", accuracy_control, openvino_int8, "OpenVINO INT8")):
+        if given and not applies:  # ignored without a word before
             console.print(f"[yellow]warning:[/] {option} applies to {to}, which this export does not build: ignored")
     out = out or checkpoint.parent / "bundle"
     result = with_progress(lambda log, bar: export_checkpoint(

@@ -52,11 +52,11 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
     from edgekd.train.trainer import predict_logits, resolve_device
 
     model, ckpt = model_from_checkpoint(checkpoint)
-    recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides or []), where=f"{checkpoint} (embedded recipe)")
-    data = build_checkpoint_data(recipe)
     if (ckpt.get("recipe") or {}).get("continual"):  # its top-level data is not what each task trained on
         raise EdgeKDError(f"{checkpoint}: a continual checkpoint; its figures per task are in its run's "
                           "continual.json (report compares single-task runs on one dataset)")
+    recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides or []), where=f"{checkpoint} (embedded recipe)")
+    data = build_checkpoint_data(recipe)
     outputs = ckpt["arch"]["num_classes"]
     if outputs != data.num_classes:
         raise EdgeKDError(f"{checkpoint}: model has {outputs} outputs, its data has {data.num_classes} classes")

@@ -11,7 +11,7 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
-from edgekd.export.clinical import card_section
+from edgekd.export.clinical import card_section, scored_on_subset
 from edgekd.export.continual import continual_card_section
 from edgekd.export.parity import inputs_for_one_flip
 from edgekd.fileio import (atomic_write, check_output_location, refuse_output_in_bundle, sha256_file,
@@ -101,8 +101,7 @@ def _num(v: Any, fmt: str = ".4f") -> str:
 def metric_subset_reference(parity: dict[str, Any]) -> dict[str, Any] | None:
     """PyTorch's metrics on the `--metric-images` subset the artifacts were scored on; None when they were scored
     on the whole splits (or no artifact was scored)."""
-    ref = parity["reference"]
-    if ref.get("metric_images", ref["split_images"]) == ref["split_images"]:
+    if not scored_on_subset(parity):
         return None
     return next((r["reference_metrics"] for r in parity["artifacts"] if r.get("reference_metrics")), None)
 

@@ -56,6 +56,12 @@ def operating_point(reference: dict[str, Any], splits: dict[str, tuple[np.ndarra
     return {"calibration": calibration, "decision": decision}
 
 
+def scored_on_subset(parity: dict[str, Any]) -> bool:
+    """Whether a parity report's artifacts were scored on a `--metric-images` subset of the metric splits."""
+    ref = parity["reference"]
+    return ref.get("metric_images", ref["split_images"]) != ref["split_images"]  # absent before 2026-12-06
+
+
 def calibration_of(clinical: dict[str, Any]) -> tuple[float, list[float] | None]:
     """(temperature, bias) of calibrated_softmax; (1, None) without calibration."""
     calibration = clinical.get("calibration") or {}
@@ -130,7 +136,7 @@ def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
         ref = parity["reference"]
         subset = (f" The formats' rows are on a `--metric-images` subset of {ref['metric_images']['test']} of the "
                   f"{ref['split_images']['test']} test images, PyTorch's on all of them."
-                  if ref.get("metric_images", ref["split_images"]) != ref["split_images"] else "")
+                  if scored_on_subset(parity) else "")
         lines += ["", "## Operating point", "", f"Label: {how}. Test figures with 95% stratified bootstrap intervals "
                   "(1000 resamples); every format below is scored under the same temperature and threshold."
                   + subset, "",

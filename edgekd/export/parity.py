@@ -142,12 +142,16 @@ def head_parity(logits: np.ndarray, ref: np.ndarray, heads: list[tuple[str, int,
 
 
 def reference_report(model: nn.Module, data: ParitySet) -> dict[str, Any]:
-    """The PyTorch model's logits on the parity inputs and its metrics on the metric splits."""
+    """The PyTorch model's logits on the parity inputs and its metrics on the metric splits: on the whole split
+    ("metrics") and on the rows the artifacts are scored on ("scored_metrics", the same unless a subset)."""
     ref = {"logits": torch_logits(model, data.inputs), "splits": {}}
     for split, (x, y) in data.splits.items():
-        logits = torch_logits(model, x)
-        ref["splits"][split] = {"logits": logits, "metrics": split_metrics(y, logits, data.heads)}
+        logits, rows = torch_logits(model, x), data.rows(split)
+        metrics = split_metrics(y, logits, data.heads)
+        ref["splits"][split] = {"logits": logits, "metrics": metrics, "scored_metrics": metrics if len(rows) == len(y)
+                                else split_metrics(y[rows], logits[rows], data.heads)}
     return ref
+
 
 
 def check_signature(session: ArtifactSession, input_shape: tuple[int, ...], num_classes: int) -> list[str]:
@@ -174,7 +178,7 @@ def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str
         art_logits = run_batched(session, x, batch_size)
         metrics = split_metrics(y, art_logits, data.heads)
         ref_logits = reference["splits"][split]["logits"][data.rows(split)]
-        ref_metrics = split_metrics(y, ref_logits, data.heads)  # the reference on the same images
+        ref_metrics = reference["splits"][split]["scored_metrics"]  # the reference on the same images
         record["metrics"][split] = metrics
         record.setdefault("reference_metrics", {})[split] = ref_metrics  # differ from the reference's own: a subset
         split_diff = np.abs(art_logits.astype(np.float64) - ref_logits.astype(np.float64))

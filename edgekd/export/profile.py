@@ -195,9 +195,6 @@ class ExportProfile(Section):
     """CPU threads for parity runs (at most this machine's cores) and the runtime hint written to edgekd.json
     (null: the library default; the runner caps it to the device's cores)."""
 
-    def run_threads(self) -> int | None:
-        """The threads the export's own runs use: `threads`, at most this machine's cores."""
-        return cap_to_cores(self.threads) if self.threads else None
     tta: TTAConfig = TTAConfig()
     parity: ParityConfig
     quantization: QuantizationConfig = QuantizationConfig()
@@ -209,6 +206,10 @@ class ExportProfile(Section):
     """Continual checkpoints: the retention gate. Every earlier task must keep at least this fraction of its
     accuracy right after it was learned (final / then, from the checkpoint's accuracy matrix), or the export is
     refused (`--allow-forgetting` exports anyway and says so in the card)."""
+
+    def run_threads(self) -> int | None:
+        """The threads the export's own runs use: `threads`, at most this machine's cores."""
+        return cap_to_cores(self.threads) if self.threads else None
 
 
 DEFAULTS: dict[str, Any] = {

@@ -113,9 +113,11 @@ def _export_recipe(ckpt: dict[str, Any], checkpoint: Path, overrides: list[str],
     return recipe_from_dict(raw, where=f"{checkpoint} (embedded recipe)")
 
 
-def card_explanations(model, ckpt: dict[str, Any], data, stage: Path, log: Callable[[str], None]) -> list[dict]:
-    """Grad-CAM overlays of a few test images for the card (explain/*.png); a model Grad-CAM cannot explain
-    (or a box without the grad-cam package) gets a card without them, not a failed export."""
+def card_explanations(model, ckpt: dict[str, Any], data, stage: Path, clinical: dict[str, Any],
+                      log: Callable[[str], None]) -> list[dict]:
+    """Grad-CAM overlays of a few test images for the card (explain/*.png), each with the prediction the bundle
+    makes (`clinical`: its temperature and threshold); a model Grad-CAM cannot explain (or a box without the
+    grad-cam package) gets a card without them, not a failed export."""
     try:
         from edgekd.explain.gradcam import card_overlays
 
@@ -123,7 +125,8 @@ def card_explanations(model, ckpt: dict[str, Any], data, stage: Path, log: Calla
     except (EdgeKDError, ImportError) as err:
         log(f"card: no Grad-CAM overlays ({str(err).splitlines()[0]})")
         return []
-    return [{**r, "overlay": f"{EXPLAIN_DIR}/{r['overlay']}"} for r in records]
+    return as_the_bundle_decides([{**r, "overlay": f"{EXPLAIN_DIR}/{r['overlay']}"} for r in records], clinical,
+                                 list(ckpt["class_names"]))
 
 
 def shipped_artifacts(artifacts: list[dict[str, Any]], records: list[dict[str, Any]], stage: Path,
@@ -201,13 +204,13 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
     inputs, views = parity_inputs(raw, list(profile.tta.views), profile.tta.center_crop_fraction, normalize)
     splits = {s: _stack(data.dataset(s, train=False), np.arange(len(data.tables[s].labels))) for s in ("val", "test")}
     # --metric-images: the artifacts are scored on a subset; the reference, calibration and threshold see it all
-    rows = {s: metric_subset(y, profile.parity.metric_images) for s, (_, y) in splits.items()}
+    rows = None if profile.parity.metric_images is None else {
+        s: metric_subset(y, profile.parity.metric_images) for s, (_, y) in splits.items()}
+    parity_set = ParitySet(inputs, views, splits, raw_source=(val, [int(i) for i in picked]), metric_rows=rows)
     log(f"parity set: {len(picked)} val images x {len(profile.tta.views)} views; metrics on "
-        + ", ".join(f"{s} ({len(rows[s])}" + (f" of {len(y)})" if len(rows[s]) < len(y) else ")")
+        + ", ".join(f"{s} ({len(parity_set.rows(s))}" + (f" of {len(y)})" if len(parity_set.rows(s)) < len(y) else ")")
                     for s, (_, y) in splits.items()))
-    return (ParitySet(inputs, views, splits, raw_source=(val, [int(i) for i in picked]),
-                      metric_rows=rows if profile.parity.metric_images is not None else None),
-            len(picked), image_channels)
+    return parity_set, len(picked), image_channels
 
 
 def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profile: ExportProfile,
@@ -430,8 +433,8 @@ def _runner_gate(stage: Path, metadata: dict[str, Any], parity: dict[str, Any], 
                  log: Callable[[str], None]) -> None:
     """The end-to-end runner check on the staged bundle (export/runner_check.py): ParityGateError on a failure,
     else its record joins parity.json and the card (the bundle's files rewritten)."""
-    record, failures = runner_check(stage, metadata["artifacts"], parity_set, profile.parity.runner, profile.run_threads(),
-                                    profile.parity.batch_size, outcome.parity_logits)
+    record, failures = runner_check(stage, metadata["artifacts"], parity_set, profile.parity.runner,
+                                    profile.run_threads(), profile.parity.batch_size, outcome.parity_logits)
     parity["runner"] = record
     if failures:
         parity.update(passed=False, failures=[*parity["failures"], *failures])
@@ -512,8 +515,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         artifacts = _gate(outcome, parity, stage, profile.parity.on_fail, checkpoint, out, log)
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE,
                     "reliability": write_reliability(stage, reference, parity_set.splits, reference["clinical"])}
-        explanations = as_the_bundle_decides(card_explanations(model, ckpt, explain_data, stage, log), reference[
-            "clinical"], list(ckpt["class_names"])) if explain_data is not None else []
+        explanations = (card_explanations(model, ckpt, explain_data, stage, reference["clinical"], log)
+                        if explain_data is not None else [])
         write_bundle_files(stage, metadata, parity, explanations)
         _runner_gate(stage, metadata, parity, parity_set, profile, explanations, checkpoint, out, outcome, log)
         publish(stage, out)

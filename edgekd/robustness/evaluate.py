@@ -36,6 +36,8 @@ class Predictor:
     precision: str
     class_names: list[str]
     predict: Callable[[list[np.ndarray]], np.ndarray]
+    trained: dict[str, Any] | None = None
+    """A checkpoint's embedded recipe, its data_splits and path (`check_trained_splits`); None for an artifact."""
 
     @property
     def label(self) -> str:
@@ -68,7 +70,8 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
         return softmax(torch.cat(out).numpy().astype(np.float64))
 
     return Predictor(ckpt["arch"]["name"], ckpt.get("role") or recipe.role, "torch", "fp32",
-                     list(ckpt["class_names"]), predict)
+                     list(ckpt["class_names"]), predict,
+                     {"recipe": ckpt["recipe"], "data_splits": ckpt.get("data_splits"), "path": str(path)})
 
 
 def bundle_predictors(path: str | Path, artifacts: Sequence[str] | None = None, threads: int | None = None,
@@ -135,17 +138,16 @@ def limited(n: int, limit: int | None) -> np.ndarray:
 
 
 def load_split_images(recipe, split: str = "test", limit: int | None = None,
-                      sources: Sequence[str | Path] = ()) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+                      predictors: Sequence[Predictor] = ()) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """The decoded uint8 images and labels of a recipe's split (the fixed random subset `limited` picks, if `limit`
-    is given: the same whatever --seed, which seeds the corruptions only). Each checkpoint of `sources` drawn on its
-    own split settings must find the splits it was trained with (`check_trained_splits`)."""
+    is given: the same whatever --seed, which seeds the corruptions only). Each checkpoint among `predictors`, on
+    data drawn with its own split settings, must find the split it was trained with (`check_trained_splits`)."""
     from edgekd.data import build_checkpoint_data, check_trained_splits
-    from edgekd.train import load_checkpoint
 
     data = build_checkpoint_data(recipe)
-    for source in sources:
-        if Path(source).is_file() and not is_bundle(source):
-            check_trained_splits(load_checkpoint(source), data, recipe, str(source), (split,))
+    for p in predictors:
+        if p.trained is not None:
+            check_trained_splits(p.trained, data, recipe, p.trained["path"], (split,))
     ds = data.dataset(split, train=False)
     idx = limited(len(ds), limit)
     images = [np.ascontiguousarray(ds.raw(int(i))) for i in idx]
@@ -291,7 +293,7 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
         images, labels, class_names = load_folder_images(data_folder, predictors[0].class_names, limit)
         split = str(data_folder)
     else:
-        images, labels, class_names = load_split_images(recipe, split, limit, sources)
+        images, labels, class_names = load_split_images(recipe, split, limit, predictors)
         from edgekd.data import check_class_order  # the training side: only for a recipe's data
 
         for p in predictors:
@@ -345,7 +347,7 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
 
     recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
     predictor = predictors_for([source], threads)[0]
-    images, labels, class_names = load_split_images(recipe, split, sources=[source])
+    images, labels, class_names = load_split_images(recipe, split, predictors=[predictor])
     check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
     probs = predictor.predict(images)
     pairs = confused_pairs(labels, probs, top)
