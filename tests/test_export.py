@@ -271,8 +271,9 @@ def test_metric_images_leave_the_calibration_threshold_and_metrics_of_the_bundle
     assert "single differing top-1" not in card[0]  # FP32's 100% tolerates no flip at any count: nothing to say
     fp16 = export_checkpoint(ckpt, tmp_path / "fp16", ["openvino"], ["fp16"], base, log=quiet)
     assert fp16.parity["inputs"] == 4 * len(base.tta.views) < 200
-    assert "With 24 inputs a single differing top-1 prediction fails the 99.50% top-1 limit" in \
-        (tmp_path / "fp16" / "card.md").read_text()
+    fp16_card = (tmp_path / "fp16" / "card.md").read_text()
+    assert "With 24 inputs a single differing top-1 prediction fails the 99.50% top-1 limit: that takes 34 parity " \
+        "images, more than the val split's 24" in fp16_card  # not "more --parity-images": the split has no more
 
 
 def test_an_export_into_the_current_folder_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -927,3 +928,10 @@ def test_a_top1_failure_by_a_single_input_says_how_many_parity_images_give_the_g
         return flip(one_flip(x), x, 1)
     failures = check_artifact(_fake_session(two_flips), data, ref, fp16, (3, 8, 8), 3, 7, "val")[1]
     assert any("(2 of 40 differ)" in f for f in failures), failures  # more images would not save it: no hint
+    # A val split of 50 images cannot give 200: the hint says so instead of asking for images that are not there
+    from dataclasses import replace
+    small_val = replace(data, raw_source=(list(range(50)), list(range(40))))
+    failures = check_artifact(_fake_session(one_flip), small_val, ref, fp16, (3, 8, 8), 3, 7, "val")[1]
+    assert any("one differing input fails this limit below 200 parity images, more than the val split's 50" in f
+               for f in failures), failures
+    assert not any("--parity-images 200" in f for f in failures)

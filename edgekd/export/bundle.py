@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -141,8 +142,14 @@ def _top1_resolution(parity: dict[str, Any]) -> str:
                      if (n := inputs_for_one_flip(r["tolerance"].get("top1_agreement"))) and inputs < n})
     if not limits:
         return ""
-    return (f" With {inputs} inputs a single differing top-1 prediction fails the {' / '.join(f'{t:.2%}' for t in limits)} "
-            "top-1 limit: more parity images (`--parity-images`) give that gate room for one near-tied input.")
+    text = (f" With {inputs} inputs a single differing top-1 prediction fails the "
+            f"{' / '.join(f'{t:.2%}' for t in limits)} top-1 limit: ")
+    images = math.ceil(inputs_for_one_flip(limits[0]) / max(len(parity.get("views") or [1]), 1))
+    pool = parity.get("reference", {}).get("split_images", {}).get("val")
+    if pool is not None and images > pool:
+        return text + (f"that takes {images} parity images, more than the val split's {pool}, so a single near-tied "
+                       "input fails the gate at any `--parity-images` here.")
+    return text + "more parity images (`--parity-images`) give that gate room for one near-tied input."
 
 
 def default_run_line(artifacts: list[dict[str, Any]]) -> str:

@@ -80,6 +80,11 @@ class ParitySet:
         rows = self.rows(split)
         return (x, y) if len(rows) == len(y) else (x[rows], y[rows])
 
+    @property
+    def pool(self) -> int | None:
+        """How many val images the parity images are drawn from (None: not known, e.g. a merged continual set)."""
+        return None if self.raw_source is None else len(self.raw_source[0])
+
 
 def parity_inputs(images: torch.Tensor, views: list[str], center_crop_fraction: float, normalize) -> tuple[np.ndarray, list[str]]:
     """uint8 (N, C, H, W) images -> normalized float32 (V*N, C, H, W) for all views, view-major."""
@@ -199,11 +204,17 @@ def inputs_for_one_flip(limit: float | None) -> int | None:
     return math.ceil(1 / (1 - limit) - 1e-9) if limit is not None and limit < 1 else None
 
 
-def top1_failure(agree: np.ndarray, views: int, limit: float) -> str:
-    """The top-1 failure line; when one input alone fails it for want of inputs, how many images give it room."""
+def top1_failure(agree: np.ndarray, views: int, limit: float, pool: int | None = None) -> str:
+    """The top-1 failure line; when one input alone fails it for want of inputs, how many images give it room (or,
+    when the val split (`pool` images) is smaller than that, that none can)."""
     differ, needed = int((~agree).sum()), inputs_for_one_flip(limit)
-    hint = (f"; with {len(agree)} inputs one differing input fails this limit: --parity-images "
-            f"{math.ceil(needed / views)} or more give it room" if differ == 1 and needed and len(agree) < needed else "")
+    hint = ""
+    if differ == 1 and needed and len(agree) < needed:
+        images = math.ceil(needed / views)
+        hint = (f"; with {len(agree)} inputs one differing input fails this limit: --parity-images {images} or more "
+                "give it room" if pool is None or images <= pool else
+                f"; one differing input fails this limit below {images} parity images, more than the val split's "
+                f"{pool}: a larger val split, or a lower top1_agreement in an export profile (--target), gives it room")
     return f"top-1 agreement {agree.mean():.2%} < {limit:.2%} ({differ} of {len(agree)} differ{hint})"
 
 
@@ -254,7 +265,7 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
                                                     len(dict.fromkeys(data.views)))
         failures += head_failures
     elif tolerance.top1_agreement is not None and record["top1_agreement"] < tolerance.top1_agreement:
-        failures.append(top1_failure(agree, len(dict.fromkeys(data.views)), tolerance.top1_agreement))
+        failures.append(top1_failure(agree, len(dict.fromkeys(data.views)), tolerance.top1_agreement, data.pool))
     resolution = record.get("acc_resolution", {}).get(metric_split)
     record["acc_gate_resolves"] = tolerance.acc_drop is None or (resolution is not None
                                                                   and resolution <= tolerance.acc_drop)
