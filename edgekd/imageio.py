@@ -66,8 +66,11 @@ class DicomFrame:
 
 
 def is_dicom(path: str | Path) -> bool:
-    """Whether the file holds DICOM by its content: the 'DICM' marker after the 128-byte preamble."""
+    """Whether the file holds DICOM by its content: the 'DICM' marker after the 128-byte preamble. Regular files
+    only: a named pipe would block the open until something writes to it."""
     try:
+        if not Path(path).is_file():
+            return False
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
@@ -97,12 +100,15 @@ def read_image(path: str | Path, resize: int | None = None, frame: int | None = 
     if path.is_dir():
         raise EdgeKDError(f"{where}: a folder, not an image file")
     if not path.is_file():
-        raise EdgeKDError(f"{where}: image file not found")
+        raise EdgeKDError(f"{where}: " + ("not a regular file (a device, pipe or socket)" if path.exists()
+                                          else "image file not found"))
     if path.stat().st_size == 0:
         raise EdgeKDError(f"{where}: empty file")
     if is_dicom(path):
         return read_dicom(path, resize, frame)
     suffix = path.suffix.lower()
+    if suffix in (".dcm", ".dicom", "") and looks_like_bare_dicom(_head(path, 8)):
+        raise EdgeKDError(f"{where}: {NO_PREAMBLE}")
     if suffix == ".dcm":
         raise EdgeKDError(f"{where}: not DICOM (no 'DICM' marker after the 128-byte preamble)")
     if suffix not in IMAGE_SUFFIXES:
@@ -188,6 +194,8 @@ def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = No
     if not data:
         raise EdgeKDError(f"{where}: empty file")
     fmt = sniff_format(data)
+    if fmt is None and looks_like_bare_dicom(data[:8]):
+        raise EdgeKDError(f"{where}: {NO_PREAMBLE}")
     if fmt is None:
         raise EdgeKDError(f"{where}: not a supported image (PNG, JPEG, TIFF, BMP, GIF, WEBP or DICOM expected)")
     if fmt == "DICOM":
@@ -222,8 +230,8 @@ def _rescale_to_uint8(arr: np.ndarray, span: tuple[float, float] | None = None) 
     own = float(np.min(arr)), float(np.max(arr))
     if not np.isfinite(own).all():
         raise EdgeKDError("image holds NaN or Inf values")
-    lo, hi = span or own
-    if hi <= lo:
+    lo, hi = span or own  # lo > hi: a window whose black is the larger value (see _voi_span)
+    if hi == lo:
         return np.zeros(arr.shape, dtype=np.uint8)
     return np.round(np.clip((arr - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
 
@@ -272,9 +280,11 @@ def _frame_count(ds) -> int:
 
 
 def _voi_span(pixels, ds) -> tuple[float, float] | None:
-    """The output range of the file's VOI transform (window or VOI LUT): the values a viewer shows as black and
-    white, read by sending the extremes of the input through pydicom's own `apply_voi_lut`. None when the file has
-    no VOI transform (the extremes come back unchanged)."""
+    """The output values of the file's VOI transform (window or VOI LUT) a viewer shows as (black, white), read by
+    sending the extremes of the input through pydicom's own `apply_voi_lut`. A window's black is what the lowest
+    input maps to (pydicom swaps its output range under a negative RescaleSlope, so black can be the larger value); a
+    VOI LUT's is its lowest output (a LUT may invert on purpose). None when the file has no VOI transform (the
+    extremes come back unchanged)."""
     ends = np.array([-2**40, 2**40], dtype=np.int64)
     try:
         with warnings.catch_warnings():
@@ -282,10 +292,75 @@ def _voi_span(pixels, ds) -> tuple[float, float] | None:
             mapped = np.asarray(pixels.apply_voi_lut(ends.copy(), ds), dtype=np.float64)
     except Exception:  # an odd LUT that maps the image but not the extremes: the image's own range, as before
         return None
-    lo, hi = float(mapped.min()), float(mapped.max())
-    if (lo, hi) == (float(ends[0]), float(ends[1])) or not hi > lo:
+    black, white = float(mapped[0]), float(mapped[1])
+    if (black, white) == (float(ends[0]), float(ends[1])) or black == white:
         return None
-    return lo, hi
+    return (black, white) if not ds.get("VOILUTSequence") else (min(black, white), max(black, white))
+
+
+ENHANCED_FRAME_TAGS = {"PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+                       "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction")}
+"""An enhanced multi-frame file's functional-group macros -> the top-level tags pydicom's LUT functions read."""
+
+
+def prepare_pixel_header(ds, frame: int | None) -> None:
+    """Make the header say what pydicom's modality and VOI functions read, in place: an enhanced (multi-frame) file's
+    rescale and window of `frame` (its per-frame functional group, else the shared one) become top-level tags, and
+    empty RescaleSlope/RescaleIntercept values (an identity rescale) are removed."""
+    groups = [g[frame] if g is not None and frame is not None and len(g) > frame else None
+              for g in (ds.get("PerFrameFunctionalGroupsSequence"),)]
+    groups += [ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None]
+    for macro, tags in ENHANCED_FRAME_TAGS.items():
+        item = next((g.get(macro)[0] for g in groups if g is not None and g.get(macro)), None)
+        for tag in tags if item is not None else ():
+            if tag in item and item[tag].value not in (None, ""):
+                setattr(ds, tag, item[tag].value)
+    if any(tag in ds and ds[tag].value in (None, "") for tag in ("RescaleSlope", "RescaleIntercept")):
+        for tag in ("RescaleSlope", "RescaleIntercept"):
+            if tag in ds:
+                del ds[tag]
+
+
+def _stored_span(ds) -> tuple[float, float] | None:
+    """An unsigned image of 8 bits or fewer with no rescale and no window: its stored range (0..2^BitsStored-1) to
+    0..255, as an 8-bit PNG reads (a 1-bit mask comes out 0/255); None for the others (their own min..max)."""
+    bits = int(ds.get("BitsStored", 0) or 0)
+    rescale = (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)) != (1.0, 0.0)
+    if not 0 < bits <= 8 or int(ds.get("PixelRepresentation", 0) or 0) or ds.get("ModalityLUTSequence") or rescale:
+        return None
+    return 0.0, float(2**bits - 1)
+
+
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+"""The SOP class of a DICOMDIR (Media Storage Directory Storage)."""
+
+
+def no_pixel_data(ds) -> str:
+    """Why a DICOM without pixel data is no image: a DICOMDIR, a non-image object (its SOP class and Modality), or a
+    header that ends before any of that (a truncated file)."""
+    sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
+    if sop == MEDIA_DIRECTORY or "DirectoryRecordSequence" in ds:
+        return "a DICOMDIR (the index of a DICOM file set), not an image: give the image files it lists"
+    if not ds.get("SOPClassUID") and not ds.get("Modality"):
+        return "a DICOM header without pixel data or SOP class: a truncated file, or not an image"
+    name = getattr(ds.get("SOPClassUID"), "name", "") or str(ds.get("SOPClassUID", "") or "")
+    kind = ", ".join(x for x in (name, f"Modality {ds.Modality}" if ds.get("Modality") else "") if x)
+    return f"a DICOM without pixel data ({kind}): not an image"
+
+
+def _head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def looks_like_bare_dicom(head: bytes) -> bool:
+    """Whether bytes start like a DICOM data set written without the Part 10 preamble and 'DICM' marker: a group
+    0002 or 0008 element (little or big endian) followed by a known VR (explicit) or a length (implicit)."""
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
+NO_PREAMBLE = ("a DICOM data set without the Part 10 header (no 128-byte preamble and 'DICM' marker), which is not "
+               "read here: save it as a DICOM file (e.g. pydicom: ds.save_as(path, enforce_file_format=True))")
 
 
 def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | None = None,
@@ -300,8 +375,7 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
     where = where or printable(str(path))
     ds = dicom_header(path, where)
     if not any(tag in ds for tag in PIXEL_DATA):
-        kind = getattr(ds, "Modality", "") or "no Modality"
-        raise EdgeKDError(f"{where}: a DICOM without pixel data ({kind}: not an image)")
+        raise EdgeKDError(f"{where}: {no_pixel_data(ds)}")
     frames = _frame_count(ds)
     if frame is None and frames > 1:
         raise EdgeKDError(f"{where}: a DICOM of {frames} frames ({frames_hint})")
@@ -309,12 +383,18 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
         raise EdgeKDError(f"{where}: no frame {frame + 1} (the file has {frames})")
     check_image_size(int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), resize, where)
     pixels = _pydicom(where).pixels
+    photometric = str(getattr(ds, "PhotometricInterpretation", "") or "")
     try:
         arr = pixels.pixel_array(_dicom_source(path), index=frame if frames > 1 else None)
         span = None
-        if int(getattr(ds, "SamplesPerPixel", 1) or 1) == 1:
+        if photometric == "PALETTE COLOR":  # palette indices -> RGB through the file's own lookup tables
+            arr = pixels.apply_color_lut(arr, ds)
+            span = (0.0, 255.0) if arr.dtype == np.uint8 else (0.0, 65535.0)
+        elif int(getattr(ds, "SamplesPerPixel", 1) or 1) == 1:
+            prepare_pixel_header(ds, frame)
+            span = _stored_span(ds)
             arr = pixels.apply_voi_lut(pixels.apply_modality_lut(arr, ds), ds)
-            span = _voi_span(pixels, ds)
+            span = _voi_span(pixels, ds) or span
     except MemoryError:
         raise EdgeKDError(f"{where}: out of memory decoding the DICOM") from None
     except Exception as err:  # pydicom raises many types for bad files; odd tag values too
@@ -327,8 +407,8 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
         raise EdgeKDError(f"{where}: unreadable DICOM pixel data ({type(err).__name__}: {shorten(reason, 200)})"
                           ) from None
     try:
-        out = arr.astype(np.uint8) if arr.dtype == np.uint8 else _rescale_to_uint8(np.asarray(arr, dtype=np.float64),
-                                                                                  span)
+        out = arr if arr.dtype == np.uint8 and span == (0.0, 255.0) else \
+            _rescale_to_uint8(np.asarray(arr, dtype=np.float64), span)
     except EdgeKDError as err:  # e.g. a RescaleSlope of NaN: the message names the file like every other
         raise EdgeKDError(f"{where}: {err}") from None
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":

@@ -371,10 +371,17 @@ def test_corrupt_image_named_or_skipped(tmp_path):
     bad = root / "a" / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     r = dict(source="imagefolder", path=str(root), split="stratified", val_fraction=0.25, test_fraction=0.25)
-    with pytest.raises(EdgeKDError, match="bad.png"):
+    with pytest.raises(EdgeKDError, match="bad.png") as err:
         build_data(recipe(**r))
+    assert "more unreadable" not in str(err.value)
     dm = build_data(recipe(**r, on_bad_image="skip"))
-    assert dm.bad_files == [str(bad)] and sum(len(t) for t in dm.tables.values()) == 12
+    assert len(dm.bad_files) == 1 and dm.bad_files[0].startswith(f"{bad}: ")  # the file, then why
+    assert sum(len(t) for t in dm.tables.values()) == 12
+    # every split is read before refusing: the error says how many files fail, not just the first
+    (root / "b" / "bad2.png").write_bytes(b"nothing")
+    with pytest.raises(EdgeKDError, match=r"bad.*png.*\(and 1 more unreadable file\(s\)\) \(--set data.on_bad_image="
+                                          r"skip"):
+        build_data(recipe(**r))
 
 
 def test_image_modes_decode(tmp_path):

@@ -640,6 +640,75 @@ def test_dicom_window_maps_to_grey_as_a_viewer_shows_it(tmp_path):
     assert plain.min() == 0 and plain.max() == 255
 
 
+def test_dicom_of_8_bits_or_fewer_reads_by_its_stored_range_whatever_its_identity_rescale(tmp_path):
+    """Identical 8-bit pixels read 50..100 without rescale tags and 0..255 with an identity slope/intercept (pydicom
+    returns floats then); a 1-bit mask read as 0/1, a blank image to the model."""
+    from edgekd.imageio import read_image
+
+    raw = (np.random.default_rng(0).random((16, 16)) * 50 + 50).astype(np.uint8)
+    plain = read_image(write_dicom(tmp_path / "a.dcm", raw, bits_stored=8))[..., 0]
+    identity = read_image(write_dicom(tmp_path / "b.dcm", raw, bits_stored=8, RescaleSlope=1, RescaleIntercept=0))
+    assert np.array_equal(plain, raw) and np.array_equal(identity[..., 0], raw)  # as an 8-bit PNG reads
+    mask = (np.arange(16 * 16).reshape(16, 16) % 3 == 0).astype(np.uint8)  # a 4-bit file holding 0/1 values
+    four = read_image(write_dicom(tmp_path / "m.dcm", mask, bits_stored=4))[..., 0]
+    assert set(np.unique(four)) == {0, 17}  # 1 of 0..15 is 17 of 0..255: the stored range, not the image's own
+    rescaled = read_image(write_dicom(tmp_path / "r.dcm", raw, bits_stored=8, RescaleSlope=2, RescaleIntercept=0))
+    assert rescaled.min() == 0 and rescaled.max() == 255  # a real rescale: the image's own range, as documented
+
+
+def test_dicom_negative_slope_window_empty_rescale_palette_and_enhanced_frames(tmp_path):
+    """Four files pydicom's top-level LUT functions read wrongly: a window under a negative RescaleSlope came out
+    inverted; empty RescaleSlope/Intercept made the image unreadable; PALETTE COLOR came out as gray indices; an
+    enhanced multi-frame file's window and rescale (functional groups) were ignored."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from edgekd.imageio import read_image
+
+    raw = np.linspace(0, 3000, 16 * 16).reshape(16, 16).astype(np.uint16)
+    lo, hi = 1500 - 0.5 - 999 / 2, 1500 - 0.5 + 999 / 2  # DICOM's LINEAR window of centre 1500, width 1000
+    neg = read_image(write_dicom(tmp_path / "n.dcm", raw, RescaleSlope=-1, RescaleIntercept=3000, WindowCenter=1500,
+                                 WindowWidth=1000))[..., 0]
+    assert np.array_equal(neg, np.round(np.clip((3000.0 - raw - lo) / (hi - lo) * 255, 0, 255)).astype(np.uint8))
+    empty = write_dicom(tmp_path / "e.dcm", raw)
+    import pydicom
+    ds = pydicom.dcmread(empty)
+    ds.add_new("RescaleSlope", "DS", None)
+    ds.add_new("RescaleIntercept", "DS", None)
+    ds.save_as(empty)
+    assert np.array_equal(read_image(empty), read_image(write_dicom(tmp_path / "p.dcm", raw)))
+    # PALETTE COLOR: indices 0..3 through 8-bit red/green/blue tables
+    idx = (np.arange(16 * 16).reshape(16, 16) % 4).astype(np.uint8)
+    tables = {"Red": [0, 255, 0, 0], "Green": [0, 0, 255, 0], "Blue": [0, 0, 0, 255]}
+    palette = {f"{c}PaletteColorLookupTableDescriptor": [4, 0, 8] for c in tables}
+    palette.update({f"{c}PaletteColorLookupTableData": bytes(v) for c, v in tables.items()})
+    rgb = read_image(write_dicom(tmp_path / "c.dcm", idx, photometric="PALETTE COLOR", bits_stored=8, **palette))
+    assert rgb.shape == (16, 16, 3)
+    assert np.array_equal(rgb[idx == 1], np.tile([255, 0, 0], ((idx == 1).sum(), 1)))
+    assert np.array_equal(rgb[idx == 3], np.tile([0, 0, 255], ((idx == 3).sum(), 1)))
+    # enhanced multi-frame: the shared group's rescale (-1024) and window (1000 +- 100), frame 2's own window
+    frames = np.stack([raw, raw])
+    path = write_dicom(tmp_path / "f.dcm", frames)
+    ds = pydicom.dcmread(path)
+    def group(center, width, intercept=None):
+        item = Dataset()
+        voi = Dataset()
+        voi.WindowCenter, voi.WindowWidth = center, width
+        item.FrameVOILUTSequence = Sequence([voi])
+        if intercept is not None:
+            pv = Dataset()
+            pv.RescaleSlope, pv.RescaleIntercept, pv.RescaleType = 1, intercept, "HU"
+            item.PixelValueTransformationSequence = Sequence([pv])
+        return item
+    ds.SharedFunctionalGroupsSequence = Sequence([group(1000, 200, intercept=-1024)])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([Dataset(), group(1500, 3000)])
+    ds.save_as(path)
+    def window(center, width):
+        lo, hi = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        return np.round(np.clip((raw - 1024.0 - lo) / (hi - lo) * 255, 0, 255)).astype(np.uint8)
+    assert np.array_equal(read_image(path, frame=0)[..., 0], window(1000, 200))
+    assert np.array_equal(read_image(path, frame=1)[..., 0], window(1500, 3000))  # per frame before shared
+
+
 def test_a_compressed_dicom_without_its_decoder_says_so(tmp_path):
     """JPEG-LS pixel data with no pydicom plugin installed: the error names the compression and what to install,
     not a bare 'unreadable pixel data (RuntimeError)' that reads like a corrupt file."""
@@ -673,7 +742,7 @@ def test_unreadable_dicom_pixel_data_gives_the_decoders_reason(tmp_path):
 
 
 def test_dicom_is_detected_by_content_not_suffix(bundle, tmp_path):
-    from edgekd.imageio import read_image
+    from edgekd.imageio import read_image, read_image_bytes
 
     rgb = random_pixels((16, 16, 3), seed=4)
     assert np.array_equal(read_image(write_dicom(tmp_path / "IM0001", rgb, photometric="RGB")), rgb)
@@ -683,8 +752,13 @@ def test_dicom_is_detected_by_content_not_suffix(bundle, tmp_path):
         read_image(tmp_path / "fake.dcm")
     nopre = tmp_path / "nopreamble.dcm"  # the same dataset without the preamble and its DICM marker
     nopre.write_bytes((tmp_path / "IM0001").read_bytes()[132:])
-    with pytest.raises(EdgeKDError, match="nopreamble.dcm: not DICOM"):
-        read_image(nopre)
+    with pytest.raises(EdgeKDError, match="nopreamble.dcm: a DICOM data set without the Part 10 header"):
+        read_image(nopre)  # named as what it is, not "not DICOM"; the same without a suffix, and uploaded
+    (tmp_path / "nopreamble").write_bytes(nopre.read_bytes())
+    with pytest.raises(EdgeKDError, match="nopreamble: a DICOM data set without the Part 10 header"):
+        read_image(tmp_path / "nopreamble")
+    with pytest.raises(EdgeKDError, match="upload: a DICOM data set without the Part 10 header"):
+        read_image_bytes(nopre.read_bytes())
 
 
 def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict(bundle, tmp_path):
@@ -732,7 +806,8 @@ def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict
     assert res.exit_code == 1, res.output  # the report without pixels fails, the rest are predicted
     rows = json.loads(out.read_text())["predictions"]
     assert [r["file"] for r in rows[:5]] == [str(i) for i in items[:5]] and all("label" in r for r in rows[:5])
-    assert rows[5]["file"] == str(series / "report.dcm") and "without pixel data (SR" in rows[5]["error"]
+    assert rows[5]["file"] == str(series / "report.dcm") and "without pixel data (Secondary Capture Image Storage, " \
+        "Modality SR): not an image" in rows[5]["error"]
     res = CliRunner().invoke(app, ["predict", str(bundle), str(multi), "--frame", "5", "--out", str(out)])
     assert res.exit_code == 1 and "no frame 5 (the file has 3)" in json.loads(out.read_text())["predictions"][0]["error"]
 

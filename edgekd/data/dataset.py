@@ -73,7 +73,8 @@ def check_class_order(model_classes: list[str], data_classes: list[str], where: 
 
 
 def validate_images(table: Table, on_bad_image: str) -> tuple[Table, list[str]]:
-    """Decode every path-backed image once up front so a corrupt file fails (or is dropped) before training."""
+    """Decode every path-backed image once up front so a corrupt file fails (or is dropped) before training: the
+    table of the readable ones and, per file left out, its error line (the path, then why)."""
     if table.paths is None:
         return table, []
     good, bad = [], []
@@ -82,10 +83,17 @@ def validate_images(table: Table, on_bad_image: str) -> tuple[Table, list[str]]:
             read_image(p)
             good.append(i)
         except EdgeKDError as err:
-            if on_bad_image == "error":  # e.g. a DICOM export's structured report beside its images
-                raise EdgeKDError(f"{err} (--set data.on_bad_image=skip leaves such files out)") from None
-            bad.append(p)
+            bad.append(str(err))
+    if on_bad_image == "error":
+        refuse_bad_images(bad)
     return table.subset(np.asarray(good, dtype=np.int64)), bad
+
+
+def refuse_bad_images(bad: list[str]) -> None:
+    """The one-line error for unreadable images under data.on_bad_image=error: the first, and how many more."""
+    if bad:  # e.g. a DICOM export's structured report beside its images
+        more = f" (and {len(bad) - 1} more unreadable file(s))" if len(bad) > 1 else ""
+        raise EdgeKDError(f"{bad[0]}{more} (--set data.on_bad_image=skip leaves such files out)")
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -146,6 +154,7 @@ class DataModule:
     augment: list
     seed: int
     bad_files: list[str]
+    """The images left out (on_bad_image: skip), each as its error line: the path, then why."""
 
     @property
     def num_classes(self) -> int:
@@ -348,9 +357,12 @@ def build_data(recipe) -> DataModule:
     """Recipe data section -> loaders-ready DataModule (source, class filter, splits, limit, bad images)."""
     tables, names, source = split_tables(recipe)
     cfg, bad = recipe.data, []
-    for split in list(tables):
-        tables[split], dropped = validate_images(tables[split], cfg.on_bad_image)
+    for split in list(tables):  # every split read before refusing: the error counts them all
+        tables[split], dropped = validate_images(tables[split], "skip")
         bad += dropped
+    if cfg.on_bad_image == "error":
+        refuse_bad_images(bad)
+    for split in tables:
         if len(tables[split]) == 0:
             raise EdgeKDError(f"data: the {split} split is empty")
     if tables["train"].labels.max() >= len(names):

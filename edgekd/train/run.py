@@ -164,7 +164,7 @@ def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = 
     class list, the classes it is meant to hold (the others are other tasks')."""
     if data.bad_files:
         log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "
-            f"{data.bad_files[0]}; {listed} them (bad_files)")
+            f"{data.bad_files[0]}; {listed} them with their reasons (bad_files)")
     counts = data.counts()
     for split in ("train", "val", "test"):
         lost = [name for i, (name, n) in enumerate(zip(data.class_names, counts.get(split, [])))
