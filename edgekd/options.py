@@ -6,9 +6,15 @@ from __future__ import annotations
 from edgekd.errors import EdgeKDError
 
 
-def split_list(text: str | None) -> list[str] | None:
-    """'a, b,,c' -> ['a', 'b', 'c'] (blank items dropped); None or '' (the option not given) -> None."""
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+def split_list(text: str | None, option: str | None = None) -> list[str] | None:
+    """'a, b,c' -> ['a', 'b', 'c']; None or '' (the option not given) -> None. With `option` named, a blank item
+    beside others ('1,,8', ',onnx': an unset shell variable between commas) is an error naming it; without, dropped."""
+    if not text:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    if option is not None and any(items) and not all(items):
+        raise EdgeKDError(f"{option} {text!r}: a blank item between commas (an unset variable?)")
+    return [t for t in items if t]
 
 
 def given_list(text: str | None, option: str) -> list[str] | None:
@@ -16,7 +22,7 @@ def given_list(text: str | None, option: str) -> list[str] | None:
     error naming `option` (an unset shell variable had fallen back to the default without a word)."""
     if text is None:
         return None
-    items = split_list(text)
+    items = split_list(text, option)
     if not items:
         raise EdgeKDError(f"{option} {text!r}: nothing given (a comma-separated list; leave the option out for "
                           "the default)")
@@ -26,14 +32,14 @@ def given_list(text: str | None, option: str) -> list[str] | None:
 def int_list(text: str | None, option: str) -> list[int] | None:
     """'1, 3,5' -> [1, 3, 5]; None or '' -> None; anything not an integer is an error naming `option`."""
     try:
-        return [int(t) for t in split_list(text)] if text else None
+        return [int(t) for t in split_list(text, option)] if text else None
     except ValueError:
         raise EdgeKDError(f"{option}: expected comma-separated integers, got '{text}'") from None
 
 
 def parse_list(text: str | list[str] | None, allowed: tuple[str, ...], option: str) -> list[str]:
     """At least one of `allowed`, in the order given, each once."""
-    items = text if isinstance(text, list) else split_list(text) or []
+    items = text if isinstance(text, list) else split_list(text, option) or []
     for item in items:
         if item not in allowed:
             raise EdgeKDError(f"{option}: unknown value '{item}' (choose from {', '.join(allowed)})")

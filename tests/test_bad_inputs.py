@@ -101,7 +101,10 @@ BAD_IMAGES = {
     "decompression_bomb": (lambda p: png_with_header_size(p, 20000, 20000), ".png", "pixel limit"),
     "multi_page_tiff": (lambda p: _frames(p), ".tif", "a TIFF of 3 pages"),
     "animated_gif": (lambda p: _frames(p), ".gif", "a GIF of 3 frames"),
-    "dicom_report": (lambda p: _dicom_report(p), ".dcm", "a DICOM without pixel data (SR"),
+    "dicom_report": (lambda p: _dicom_report(p), ".dcm", "a DICOM without pixel data (Secondary Capture Image Storage, Modality SR)"),
+    "dicom_file_set_index": (lambda p: _dicomdir(p), "", "a DICOMDIR (the index of a DICOM file set), not an image"),
+    "dicom_truncated_header": (lambda p: _dicom_truncated_header(p), ".dcm", "a DICOM header without pixel data or SOP "
+                               "class: a truncated file"),
 }
 
 
@@ -110,6 +113,25 @@ def _dicom_report(path: Path) -> None:
     from test_runtime import write_dicom  # imported here: at module level pytest would collect its tests twice
 
     write_dicom(path, np.zeros((8, 8), np.uint16), pixel_data=False, Modality="SR")
+
+
+def _dicomdir(path: Path) -> None:
+    """The index file of a DICOM file set, given by hand (a folder leaves it out)."""
+    from test_runtime import write_dicom
+
+    write_dicom(path, np.zeros((8, 8), np.uint16), pixel_data=False)
+    import pydicom
+    ds = pydicom.dcmread(path)
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    ds.save_as(path)
+
+
+def _dicom_truncated_header(path: Path) -> None:
+    """A DICOM file cut inside its meta header: it had read as "a DICOM without pixel data (no Modality)"."""
+    from test_runtime import write_dicom
+
+    write_dicom(path, np.zeros((8, 8), np.uint16))
+    path.write_bytes(path.read_bytes()[:200])
 
 
 def _frames(path: Path) -> None:
@@ -368,12 +390,14 @@ def test_train_skips_bad_images_and_trains_on_unusual_ones(tmp_path, capsys):
     code, _, err = invoke(capsys, "train", recipe, "--out", tmp_path / "run")
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["bad_files"] == [str(root / "train" / "a" / "broken.jpg")]
+    assert len(metrics["bad_files"]) == 1  # the file and why: a cine or a report had read as "unreadable" alone
+    assert metrics["bad_files"][0].startswith(f"{root / 'train' / 'a' / 'broken.jpg'}: ")
+    assert "truncated" in metrics["bad_files"][0] or "image" in metrics["bad_files"][0].split(": ", 1)[1]
     assert metrics["test"]["n"] == 6 + len(ODD_IMAGES)
     assert "skipped 1 unreadable image(s)" in err and "broken.jpg" in err  # it was in metrics.json alone
-    assert "; metrics.json lists them (bad_files)" in err
+    assert "; metrics.json lists them with their reasons (bad_files)" in err
     code, _, err = invoke(capsys, "check", recipe)  # check writes no metrics.json: it had said it lists them
-    assert code == 0 and "broken.jpg; a training run's metrics.json would list them (bad_files)" in err, err
+    assert code == 0 and "; a training run's metrics.json would list them with their reasons (bad_files)" in err, err
 
 
 # ================================================================================ data sources: edgekd train
@@ -956,6 +980,8 @@ PREDICT_OPTION_CASES = {
     "bad_out_suffix": (["--out", "{t}/pred.xlsx"], "must end with .csv or .json"),
     "unknown_tta_view": (["--views", "original,mirror"], "mirror"),
     "blank_tta_views": (["--views", ""], "--views '': nothing given"),  # had run without TTA
+    "blank_item_in_views": (["--views", "hflip,,vflip"], "--views 'hflip,,vflip': a blank item between commas"),
+    "views_with_no_tta": (["--no-tta", "--views", "hflip"], "--views with --no-tta"),  # --views had won silently
 }
 
 
@@ -966,6 +992,36 @@ def test_predict_refuses_bad_options(case, bundle, good_png, tmp_path, capsys):
     backend = [] if "--backend" in args else ["--backend", "onnx"]
     assert_refused(invoke(capsys, "predict", bundle, good_png, *backend, *args), words)
     assert not any(p.name.startswith("pred") for p in tmp_path.iterdir())
+
+
+def test_predict_says_what_a_special_file_a_repeated_file_and_a_frame_of_no_dicom_are(bundle, good_png, tmp_path,
+                                                                                        capsys):
+    """A named pipe hung predict in open(); /dev/zero was "image file not found"; a link in a folder to a file also
+    given vanished without a word; --frame on PNGs was ignored without one."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(invoke(capsys, "predict", bundle, fifo, "--backend", "onnx")),
+                              daemon=True)
+    worker.start()
+    worker.join(60)
+    if not done:  # unblock the hung open so the thread can end, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("predict blocked on a named pipe")
+    code, _, err = done[0]
+    assert code == 1 and "pipe.png: not a regular file (a device, pipe or socket)" in err, err
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "link.png").symlink_to(good_png)
+    code, out, err = invoke(capsys, "predict", bundle, good_png, folder, "--backend", "onnx", "--frame", "2")
+    assert code == 0, err
+    assert "note: 1 input(s) reach a file already given (twice, or through a link), predicted once, e.g. " \
+        f"{folder / 'link.png'}" in err.replace("\n", "")
+    assert "note: --frame 2 picks a frame of a multi-frame DICOM, and none is among the inputs" in err
 
 
 def test_predict_reports_missing_inputs_per_item(bundle, good_png, tmp_path, capsys):

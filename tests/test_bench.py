@@ -276,6 +276,10 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
 @pytest.mark.parametrize("args, message", [(["nope.pt"], "no such checkpoint or bundle"),
                                            ([".", "--batch", "0"], "--batch: batch sizes must be >= 1"),
                                            ([".", "--formats", "tflite"], "--formats: unknown value 'tflite'"),
+                                           ([".", "--batch", "1,,8"], "--batch '1,,8': a blank item between commas"),
+                                           ([".", "--formats", ",onnx"], "--formats ',onnx': a blank item"),
+                                           (["b", "--data", "nodir"], "--data nodir: no such file or folder (a data "
+                                                                      "recipe, or a labelled image folder)"),
                                            (["adir"], "a folder that is not an edgekd bundle"),
                                            (["empty.pt"], "empty.pt"),
                                            (["b", "--eval-limit", "5"], "--eval-limit: b is a bundle, which holds "

@@ -26,6 +26,16 @@ GEMM_SPREAD = 1.5
 """Before/after GEMM peaks further apart than this factor: the machine's speed changed during the run."""
 
 
+def gemm_over_peak_note(records: list[dict]) -> str | None:
+    """A sentence when FP32/FP16 rows run above 100% of the FP32 GEMM peak (no float model outruns the machine's
+    own FP32 matrix multiply, INT8 may): the peak was measured low."""
+    over = [r for r in records if r.get("precision") in ("fp32", "fp16") and (r.get("gemm_peak_fraction") or 0) > 1]
+    if not over:
+        return None
+    return (f"{len(over)} FP32/FP16 row(s) above 100% of the FP32 GEMM peak: the peak was measured low (a busy "
+            "machine, or too short a measurement); read their % GEMM peak as an upper bound")
+
+
 def gemm_spread_note(gemm: dict) -> str:
     """' (measured again: X GFLOP/s; ...)' when the GEMM peak measured before and after the rows disagree by more than
     GEMM_SPREAD (a busy spell: four runs on one machine printed 143-343 GFLOP/s, one run 270 vs 11), else ''."""
@@ -81,10 +91,8 @@ def records_markdown(records: list[dict], summary: dict | None = None) -> str:
     lines.append("|" + "|".join("---" if i < 6 else "---:" for i in range(len(columns))) + "|")
     for r in records:
         lines.append("| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |")
-    over = [r for r in records if r.get("precision") in ("fp32", "fp16") and (r.get("gemm_peak_fraction") or 0) > 1]
-    if over:  # no float model outruns the machine's own FP32 matrix multiply (INT8 may): a peak measured when busy
-        lines += ["", f"- {len(over)} FP32/FP16 row(s) above 100% of the FP32 GEMM peak: the peak was measured low "
-                  "(a busy machine, or too short a measurement); read their % GEMM peak as an upper bound"]
+    if note := gemm_over_peak_note(records):
+        lines += ["", f"- {note}"]
     failed = {(r["role"], r["format"], r["precision"], r["variant"]): r["reason"] for r in records
               if r.get("status") != "ok"}
     if failed:

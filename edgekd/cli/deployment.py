@@ -106,7 +106,8 @@ def update(
 def predict(
     bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively; a DICOM series) or globs."),
-    tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time augmentation with the bundle's views."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Test-time augmentation with the bundle's views "
+                                       "[default: no-tta]."),
     views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
     precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
@@ -132,7 +133,9 @@ def predict(
     if out is not None:
         check_output_path(out)
         refuse_output_inside(out, [bundle])
-    tta_option = given_list(views, "--views") if views is not None else tta
+    if views is not None and tta is False:
+        raise EdgeKDError("--views with --no-tta: --views runs those views (it implies --tta); give one of the two")
+    tta_option = given_list(views, "--views") if views is not None else bool(tta)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir, threshold=threshold, task=task)
     paths, problems = _predict_inputs(inputs, frame)
@@ -162,15 +165,22 @@ def predict(
 
 def _predict_inputs(inputs: list[str], frame: int | None) -> tuple[list, list[tuple[str, str]]]:
     """`collect_inputs`, saying what it could not find and how many files of the folders it does not read."""
-    from edgekd.imageio import IMAGE_SUFFIXES
+    from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame
     from edgekd.runtime.inputs import collect_inputs
 
     left_out: list[Path] = []
-    paths, problems = collect_inputs(inputs, frame, left_out)
+    repeated: list[Path] = []
+    paths, problems = collect_inputs(inputs, frame, left_out, repeated)
+    if repeated:  # a link in a folder to a file also given: one row, said (the link had vanished without a word)
+        console.print(f"note: {len(repeated)} input(s) reach a file already given (twice, or through a link), "
+                      f"predicted once, e.g. {escape(str(repeated[0]))}", soft_wrap=True)
     if left_out:  # a clinic export's odd names (a PNG without suffix) would otherwise go unnoticed
         console.print(f"note: {len(left_out)} file(s) in the folders given are not read: neither an image suffix "
                       f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor DICOM, e.g. {escape(str(left_out[0]))}",
                       soft_wrap=True)
+    if frame is not None and not any(isinstance(p, DicomFrame) for p in paths):  # it had been ignored without a word
+        console.print(f"note: --frame {frame} picks a frame of a multi-frame DICOM, and none is among the inputs: "
+                      "each file is read whole", soft_wrap=True)
     for _, message in problems:
         console.print(f"[bold red]error:[/] {escape(error_line(message))}", soft_wrap=True)
     return paths, problems
@@ -238,7 +248,7 @@ def serve(
     max_concurrency: int = typer.Option(256, "--max-concurrency", min=1,
                                         help="Requests answered at once before a 503 (/health aside; idle "
                                              "connections do not count)."),
-    max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", min=0.001, help="Largest request body."),
+    max_upload_mb: float = typer.Option(64.0, "--max-upload-mb", min=0.001, help="Largest request body, in MiB (2^20 bytes)."),
     max_inflight_mb: float = typer.Option(1024.0, "--max-inflight-mb", min=0.001, help="Request bodies held at once "
                                           "(every request being answered) before a 503."),
     upload_timeout: float = typer.Option(15.0, "--upload-timeout", min=0.1, help="Seconds a request body may go "
@@ -301,7 +311,7 @@ def bench(
     format x precision x batch, with PyTorch eager/compile and bare-runtime baselines; writes bench.json/.md/.png."""
     from importlib.util import find_spec
 
-    from edgekd.bench.report import gemm_spread_note, records_table
+    from edgekd.bench.report import gemm_over_peak_note, gemm_spread_note, records_table
     from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, default_bench_out, run_bench
 
     folder, data_recipe = _bench_data(source, data, set_, checkpoint, eval_limit)
@@ -320,6 +330,8 @@ def bench(
         f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s{gemm_spread_note(gemm)}" if gemm.get("peak_gflops")
         else "")
     out_console.print(records_table(result.records, title))
+    if note := gemm_over_peak_note(result.records):
+        console.print(f"note: {note}")
     for r in {(r["role"], r["format"], r["precision"], r["variant"]): r for r in result.records
               if r["status"] != "ok"}.values():
         console.print(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}")
@@ -331,6 +343,8 @@ def _bench_data(source: Path, data: Optional[Path], set_: list[str], checkpoint:
     """`edgekd bench`'s scored images: (a labelled folder, a data recipe), either or neither."""
     from edgekd.runtime import is_bundle
 
+    if data is not None and not data.exists():  # it had said "recipe file not found" of a mistyped folder
+        raise EdgeKDError(f"--data {data}: no such file or folder (a data recipe, or a labelled image folder)")
     folder = data if data is not None and data.is_dir() else None
     if set_ and (data is None or folder is not None):
         raise EdgeKDError("--set needs --data RECIPE (it overrides the data recipe)")

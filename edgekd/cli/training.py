@@ -197,7 +197,7 @@ def _eval_options(split: Optional[str], corruptions: bool, only: Optional[str], 
     if folder is not None and split is not None:
         raise EdgeKDError(f"--split {split}: a labelled folder (--data {folder}) has no splits; every image is scored")
     split = split or "test"
-    splits = tuple(split_list(split) or ())
+    splits = tuple(split_list(split, "--split") or ())
     if not splits:
         raise EdgeKDError(f"--split {split!r}: no split given (use train, val, test)")
     bad = [s for s in splits if s not in ("train", "val", "test")]
@@ -205,7 +205,7 @@ def _eval_options(split: Optional[str], corruptions: bool, only: Optional[str], 
         raise EdgeKDError(f"--split: unknown split '{bad[0]}' (use train, val, test)")
     if not corruptions and (only is not None or severities is not None):
         raise EdgeKDError("--only and --severities choose the corruptions of --corruptions, which was not given")
-    names, levels = split_list(only), int_list(severities, "--severities")
+    names, levels = split_list(only, "--only"), int_list(severities, "--severities")
     for option, given, parsed in (("--only", only, names), ("--severities", severities, levels)):
         if given is not None and not parsed:  # `--only ,` ran all 8
             raise EdgeKDError(f"{option} {given!r}: nothing given")

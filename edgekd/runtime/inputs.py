@@ -9,15 +9,16 @@ from edgekd.errors import EdgeKDError
 from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame, dicom_frames, is_dicom, is_image_file
 
 
-def collect_inputs(specs: list[str | Path], frame: int | None = None, skipped: list[Path] | None = None
-                   ) -> tuple[list[Path | DicomFrame], list[tuple[str, str]]]:
+def collect_inputs(specs: list[str | Path], frame: int | None = None, skipped: list[Path] | None = None,
+                   repeated: list[Path] | None = None) -> tuple[list[Path | DicomFrame], list[tuple[str, str]]]:
     """Files as given, folders recursively (sorted; files with an image suffix, and DICOM files of any name, so a
     folder of a series works), globs expanded (sorted). A multi-frame DICOM becomes one input per frame
     (`file.dcm#frame3`), or only frame `frame` (1-based) when given.
 
     Returns (inputs, problems): a spec matching nothing is a (spec, message) problem, not an exception,
-    so one typo does not stop a batch run. A path reached twice is kept once, at its first position. `skipped`, if
-    given, gets the files of a folder left out as not images (hidden files, such as .DS_Store, not counted).
+    so one typo does not stop a batch run. A file reached twice (given twice, or through a link) is kept once, at its
+    first position; `repeated`, if given, gets the later paths. `skipped`, if given, gets the files of a folder
+    left out as not images (hidden files, such as .DS_Store, not counted).
     """
     paths: list[Path] = []
     problems: list[tuple[str, str]] = []
@@ -28,6 +29,8 @@ def collect_inputs(specs: list[str | Path], frame: int | None = None, skipped: l
         if key not in seen:
             seen.add(key)
             paths.append(p)
+        elif repeated is not None:
+            repeated.append(p)
 
     for spec in specs:
         text = str(spec)
