@@ -498,6 +498,19 @@ def test_val_loss_monitor_keeps_the_lowest_loss_epoch(tiny_recipe_dict, tmp_path
     assert load_checkpoint(res.best_path)["metrics"]["val_loss"] == pytest.approx(min(losses))
 
 
+def test_an_exact_tie_of_the_monitor_goes_to_the_lower_val_loss(tiny_recipe_dict, tmp_path, monkeypatch):
+    """A val AUC at 1.0 from epoch 1 on (a small, separable val split) kept epoch 1, barely trained (val ACC 0.50),
+    as best.pt: a tie is now broken by the val loss."""
+    import edgekd.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "monitored_value", lambda row, *_: 1.0)  # the monitor saturated at every epoch
+    res = train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=4)), tmp_path / "r", log=lambda s: None)
+    losses = [h["val_loss"] for h in res.fit.history]
+    assert losses.index(min(losses)) > 0  # else the test could not tell the rules apart
+    assert res.fit.best_epoch == losses.index(min(losses)) + 1
+    assert load_checkpoint(res.best_path)["metrics"]["val_loss"] == pytest.approx(min(losses))
+
+
 def test_plateau_scheduler_steps_on_its_own_monitor(tiny_recipe_dict, tmp_path):
     from edgekd.data import build_data
     from edgekd.train.run import build_student_model

@@ -216,6 +216,8 @@ class Trainer:
         self.epoch = 0
         self.best_value = -math.inf if self.cfg.monitor_mode == "max" else math.inf
         self.best_epoch = -1
+        self.best_loss: float | None = None
+        """The best epoch's val loss: what breaks an exact tie of the monitor."""
         self.bad_epochs = 0
         self.nonfinite = 0
         self.checkpoints_written = 0
@@ -240,7 +242,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "history": self.history, "best_value": self.best_value,
-            "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "nonfinite": self.nonfinite,
+            "best_epoch": self.best_epoch, "best_loss": self.best_loss, "bad_epochs": self.bad_epochs, "nonfinite": self.nonfinite,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict(),
@@ -290,6 +292,7 @@ class Trainer:
             self.swa_scheduler.load_state_dict(st["swa_scheduler"])
         self.epoch, self.history = st["epoch"], st["history"]
         self.best_value, self.best_epoch = st["best_value"], st["best_epoch"]
+        self.best_loss = st.get("best_loss")  # absent before 2026-12-06: ties are then not broken until a new best
         self.bad_epochs, self.nonfinite = st["bad_epochs"], st["nonfinite"]
         # absent from checkpoints before 2026-12-05: their time and sessions before the resume are not known
         self.prior_seconds, self.sessions = st.get("train_seconds", 0.0), list(st.get("sessions", []))
@@ -297,10 +300,14 @@ class Trainer:
         self.resumed_from = (path, st.get("world_size"))  # absent from checkpoints before 2026-12-05
 
     # ----------------------------------------------------------------- loop
-    def _improved(self, value: float) -> bool:
+    def _improved(self, value: float, loss: float | None = None) -> bool:
+        """Better than the best epoch's monitor by min_delta; or, the monitor tied exactly (a val AUC or ACC that
+        saturates on a small split: the first epoch at 1.0 had been kept, barely trained), a lower val loss."""
         delta = self.cfg.early_stop.min_delta
         if math.isnan(value):
             return False
+        if value == self.best_value and loss is not None and self.best_loss is not None:
+            return loss < self.best_loss
         if self.cfg.monitor_mode == "max":
             return value > self.best_value + delta
         return value < self.best_value - delta
@@ -399,9 +406,10 @@ class Trainer:
         row["epoch_seconds"] = time.perf_counter() - t0
         monitor = monitored_value(row, self.cfg.monitor, "train.monitor", epoch)
         self._step_schedule(row, epoch)
-        improved = self._improved(monitor)
+        improved = self._improved(monitor, row.get("val_loss"))
         if improved:
             self.best_value, self.best_epoch, self.bad_epochs = monitor, epoch + 1, 0
+            self.best_loss = row.get("val_loss")
         else:
             self.bad_epochs += 1
         self.history.append(row)
@@ -504,9 +512,9 @@ class Trainer:
         metrics = {f"val_{k}": v for k, v in val.items()}
         if self.is_main:
             self._save(self.out / "swa.pt", self.checkpoint_payload(swa_net.state_dict(), metrics, False))
-        used = self._improved(value)
+        used = self._improved(value, val.get("loss"))
         if used:
-            self.best_value, self.best_epoch = value, self.epoch
+            self.best_value, self.best_epoch, self.best_loss = value, self.epoch, val.get("loss")
             self.model.load_state_dict(swa_net.state_dict())
             if self.is_main:
                 self._save(best_path, self.checkpoint_payload(swa_net.state_dict(), metrics, False))
