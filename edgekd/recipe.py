@@ -219,7 +219,8 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     clip_grad: float | None = Field(None, gt=0)
     swa: SWAConfig = SWAConfig()
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
     deterministic: bool = True
     """cuDNN in deterministic mode with autotuning off (seeded CPU runs repeat exactly either way)."""
     threads: int | None = Field(None, ge=1)

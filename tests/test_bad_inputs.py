@@ -580,6 +580,8 @@ RECIPE_CASES = {
     "wrong_type_section": ("data: 5\n", [], "data"),
     "negative_batch": ("data:\n  batch_size: -4\n", [], "data.batch_size"),
     "bad_literal": ("train:\n  optimizer: {name: adamax}\n", [], "train.optimizer.name"),
+    # a raw torch RuntimeError, exit 1, after the run folder was touched
+    "unknown_device": ("seed: 1\n", ["--set", "train.device=gpu"], "train.device: String should match pattern"),
     "invalid_yaml": ("train: [epochs: 1\n", [], "is not valid YAML"),
     "duplicate_key": ("train: {epochs: 1, optimizer: {lr: 0.003}}\nseed: 1\ntrain: {epochs: 2}\n", [],
                       "line 3: duplicate key 'train' (YAML would keep only the last one)"),
