@@ -332,14 +332,38 @@ def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_anoth
     got = torch.load(resumed.best_path, weights_only=True)["state_dict"]
     assert all(torch.equal(want[k], got[k]) for k in want)
     np.testing.assert_array_equal(resumed.acc_matrix, whole.acc_matrix)
+    # the task done before keeps its training record in continual.json (epochs, seconds had vanished)
+    steps = json.loads((tmp_path / "run" / "continual.json").read_text())["steps"]
+    assert steps[0]["epochs"] == 1 and steps[0]["seconds"] > 0 and len(steps[0]["step_seconds"]) > 0
+    # resuming the finished run changes nothing: model.pt (a bundle's parent, by its sha256) and continual.json
+    files = {name: (tmp_path / "run" / name).read_bytes() for name in ("model.pt", "continual.json")}
+    said = []
+    again = run_continual(recipe, tmp_path / "run", resume=True, log=said.append)
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in files} == files
+    assert any("finished there; nothing to resume" in line for line in said) and not any("task 1/" in line for line in said)
+    np.testing.assert_array_equal(again.acc_matrix, whole.acc_matrix)
 
     other = recipe_from_dict({**raw, "train": {**raw["train"], "optimizer": {"name": "adam", "lr": 0.5}}})
     kept = (tmp_path / "run" / "recipe.yaml").read_text()
+    with pytest.raises(EdgeKDError, match=r"run/model.pt: was trained with another recipe"):  # the finished run
+        run_continual(other, tmp_path / "run", resume=True, log=lambda s: None)
+    (tmp_path / "run" / "continual.json").unlink()  # an unfinished one: its task checkpoints are checked
     with pytest.raises(EdgeKDError, match=r"task1_a/task.pt: was trained with another recipe"):
         run_continual(other, tmp_path / "run", resume=True, log=lambda s: None)
     assert (tmp_path / "run" / "recipe.yaml").read_text() == kept  # the refused resume had replaced it
     with pytest.raises(EdgeKDError, match="nothing to resume"):
         run_continual(recipe, tmp_path / "typo", resume=True, log=lambda s: None)
+
+
+def test_a_task_that_calls_everything_one_class_is_warned_of():
+    """The export warned of a task whose ACC is no better than its largest class's share; train and eval had not."""
+    from edgekd.continual.run import task_one_class_warnings
+
+    scores = [{"task": "a", "acc": 0.625, "confusion_matrix": [[5, 0], [3, 0]]},  # all called class 0: 5 of 8
+              {"task": "b", "acc": 0.9, "confusion_matrix": [[4, 1], [0, 5]]}]
+    found = task_one_class_warnings(scores, "test")
+    assert len(found) == 1 and found[0].startswith("test (task a) ACC 0.6250 is no better than calling every")
+    assert "(0.6250)" in found[0]
 
 
 # ------------------------------------------------------------------ rehearsal buffer

@@ -107,11 +107,12 @@ def predict(
     bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively; a DICOM series) or globs."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Test-time augmentation with the bundle's views "
-                                       "[default: no-tta]."),
+                                       "(default: off)."),
     views: Optional[str] = typer.Option(None, "--views", help="TTA views to use, comma-separated (implies --tta)."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnx."),
     precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: the bundle's "
+                                          "hint, at most the cores; else the engine's default)."),
     batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later runs start faster."),

@@ -26,7 +26,8 @@ def train(
     teacher_set: list[str] = typer.Option([], "--teacher-set", help="With --folds and a distill recipe: override a "
                                           "key of distill.teacher_recipe, the teacher trained on each fold."),
 ) -> None:
-    """Train a teacher, baseline or student from a recipe; writes best.pt, last.pt, metrics.json and plots."""
+    """Train a teacher, baseline or student from a recipe (best.pt, last.pt, metrics.json and plots), or a
+    continual-learning sequence (model.pt, continual.json); --folds N runs k-fold cross-validation."""
     from edgekd.fileio import removed_if_only
     from edgekd.pipeline import check_run_inputs
     from edgekd.recipe import load_recipe, warn_sections_turned_on
@@ -63,7 +64,8 @@ def train(
         return
     if getattr(result, "acc_matrix", None) is not None:  # a continual run: its table is the accuracy matrix
         out_console.print(continual_table(rec.name, result))
-        console.print(f"best checkpoint {result.best_path}; wrote continual.json, task_accuracy.png in {out}")
+        console.print(f"final checkpoint {result.best_path} (the weights after the last task); wrote "
+                      f"continual.json, task_accuracy.png in {out}")
         return
     rows = [{"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.val},
             {"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.test}]
@@ -112,7 +114,7 @@ def eval_(
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's; "
                                         "for a bundle's --corruptions also a labelled folder (DIR/<class name>/images)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits: train,val,test [default: test]."),
+    split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits: train,val,test (default: test)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: next to the checkpoint)."),
     corruptions: bool = typer.Option(False, "--corruptions", help="Also score under 8 corruptions x 5 severities "
                                      "(robustness.json/.md/.png)."),
@@ -125,7 +127,7 @@ def eval_(
     failures: bool = typer.Option(False, "--failures", help="Top confused class pairs with example images "
                                   "(failures.json/.png)."),
     top: Optional[int] = typer.Option(None, "--top", min=1, help="How many confused pairs --failures reports "
-                                      "[default: 5]."),
+                                      "(default: 5)."),
 ) -> None:
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
@@ -246,6 +248,8 @@ def _eval_continual(checkpoint: Path, out: Path, splits: tuple[str, ...], data_r
             for name in result["tasks"]]
     rows += [{"model": "mean over tasks", "split": s, "acc": result[s]["acc"], "f1": result[s]["f1"]} for s in splits]
     out_console.print(metrics_table(f"{checkpoint} ({result['head']} head)", rows, keys=("acc", "f1")))
+    for warning in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 def _data_recipe(checkpoint: Path, data: Optional[Path], set_: list[str]):

@@ -24,6 +24,7 @@ from edgekd.continual.scenarios import (ContinualObjective, Task, build_tasks, o
                                        union_data)
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
+from edgekd.metrics import one_class_warning
 from edgekd.metrics.report import write_csv_log
 from edgekd.models import count_parameters, create_model, freeze, model_spec
 from edgekd.progress import progress_task
@@ -141,14 +142,26 @@ def evaluate_continual_checkpoint(checkpoint: str | Path, out: str | Path, split
     model.to(dev)
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "model": ckpt["arch"]["name"], "role": ckpt.get("role"),
                               "head": layout["head"], "tasks": [t.name for t in tasks]}
+    warnings = []
     for split in splits:
         scores = [evaluate_task(model, tasks, layout["head"], j, len(tasks) - 1, split, dev) for j in range(len(tasks))]
         result[split] = {"acc": float(np.mean([r["acc"] for r in scores])),
                          "f1": float(np.mean([r["f1"] for r in scores])),
                          "per_task": {r["task"]: {k: r[k] for k in ("n", "acc", "f1", "confusion_matrix")}
                                       for r in scores}}
+        warnings += task_one_class_warnings(scores, split)
+    if warnings:
+        result["warnings"] = warnings
     write_json(Path(out) / "metrics.json", result)
     return result
+
+
+def task_one_class_warnings(scores: list[dict[str, Any]], split: str) -> list[str]:
+    """`one_class_warning` per task of `evaluate_task` records: a task whose ACC is no better than calling each of
+    its images the task's largest class (the export gate said so; train and eval had not)."""
+    found = [one_class_warning(f"{split} (task {r['task']})", r["acc"],
+                               np.asarray(r["confusion_matrix"]).sum(axis=1).tolist()) for r in scores]
+    return [w for w in found if w]
 
 
 def plot_task_accuracy(acc: np.ndarray, names: list[str], path: Path, title: str) -> Path:
@@ -203,10 +216,11 @@ def _train_task(recipe, model: nn.Module, tasks: list[Task], i: int, step: TaskS
     # The sequence goes on from the last epoch's weights: old-task data is not there to pick a "best".
     # The random states go with it: a resumed run goes on from here as the uninterrupted one did (the next task's
     # new head rows are drawn from them).
-    save_checkpoint(task_dir / "task.pt", {"state_dict": _cpu_state(model), "rng": rng_state(),
+    training = {"epochs": len(fit.history), "seconds": float(sum(h["epoch_seconds"] for h in fit.history)),
+                "step_seconds": fit.step_seconds}
+    save_checkpoint(task_dir / "task.pt", {"state_dict": _cpu_state(model), "rng": rng_state(), "training": training,
                                           "metrics": {}, "recipe_digest": recipe.digest(), **meta})
-    return {"epochs": len(fit.history), "seconds": float(sum(h["epoch_seconds"] for h in fit.history)),
-            "step_seconds": fit.step_seconds}
+    return training
 
 
 def _summary(recipe, tasks: list[Task], spec: dict[str, Any], model: nn.Module, acc: np.ndarray, f1: np.ndarray,
@@ -239,12 +253,26 @@ def _write_plots(recipe, out: Path, acc: np.ndarray, names: list[str], final: li
         plot_confusion(cm, final[-1]["columns"], out / "confusion_all_tasks.png", f"all classes after {names[-1]}")
 
 
-def resume_task(model: nn.Module, path: Path, recipe) -> None:
-    """Load a task finished by an earlier run of this very recipe (its weights and the random states after it)."""
+def _evaluate_step(model: nn.Module, tasks: list[Task], head: str, i: int, split: str, device,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every task learned so far after task i, logged; after the last, a warning per task that calls its images
+    one class."""
+    scores = [evaluate_task(model, tasks, head, j, i, split, device) for j in range(i + 1)]
+    log(f"after task {i + 1} '{tasks[i].name}': " + ", ".join(f"{r['task']} acc={r['acc']:.4f}" for r in scores))
+    for warning in task_one_class_warnings(scores, split) if i == len(tasks) - 1 else ():
+        log(f"warning: {warning}")
+    return scores
+
+
+def resume_task(model: nn.Module, path: Path, recipe) -> dict[str, Any]:
+    """Load a task finished by an earlier run of this very recipe (its weights and the random states after it);
+    returns that task's training record (epochs, seconds, step_seconds; empty from task.pt files before
+    2026-12-06), which continual.json keeps."""
     ckpt = load_resumable(path, recipe)
     load_state(model, ckpt["state_dict"], str(path))
     if "rng" in ckpt:
         restore_rng_state(ckpt["rng"])
+    return dict(ckpt.get("training") or {})
 
 
 def check_resumable(out: Path, tasks: list[Task], recipe) -> None:
@@ -266,6 +294,9 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         raise EdgeKDError("train.loss: per-class weights are not supported in continual runs (classes change per task)")
     out = Path(out)
     seed_everything(recipe.seed, recipe.train.deterministic)
+    if resume and (done := finished_run(out, recipe)) is not None:  # it had retrained nothing, yet rewritten
+        log(f"{out}: this recipe's run finished there; nothing to resume (model.pt and continual.json are kept)")
+        return done  # model.pt (an exported bundle's parent) and dropped continual.json's timing records
     tasks = build_tasks(recipe)
     if resume:
         check_resumable(out, tasks, recipe)
@@ -295,17 +326,16 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
             if i == 0 and first_learned:
                 log(f"task 1/{n} '{task.name}': learned by {cfg.checkpoint}")
             elif resume and (task_dir / "task.pt").is_file():
-                resume_task(model, task_dir / "task.pt", recipe)
+                record.update(resume_task(model, task_dir / "task.pt", recipe))
                 log(f"task {i + 1}/{n} '{task.name}': done before, loaded {task_dir / 'task.pt'}")
             else:
                 record.update(_train_task(recipe, model, tasks, i, step, plugins, criterion, task_dir,
                                           _meta(recipe, tasks, i, spec, head), resume, progress, log))
             for p in plugins:
                 p.after_task(step)
-            record["eval"] = [evaluate_task(model, tasks, head, j, i, cfg.eval_split, device) for j in range(i + 1)]
+            record["eval"] = _evaluate_step(model, tasks, head, i, cfg.eval_split, device, log)
             for j, r in enumerate(record["eval"]):
                 acc[i, j], f1[i, j] = r["acc"], r["f1"]
-            log(f"after task {i + 1} '{task.name}': " + ", ".join(f"{r['task']} acc={r['acc']:.4f}" for r in record["eval"]))
             steps.append(record)
             advance_task()
     best_path = save_checkpoint(out / "model.pt", {
