@@ -421,3 +421,23 @@ def test_the_ece_interval_is_shifted_by_the_bootstraps_bias_and_holds_its_figure
     assert ci["ece"]["high"] == pytest.approx(np.quantile(boot, 0.975) - bias)
     assert ci["ece"]["low"] <= ci["ece"]["value"] <= ci["ece"]["high"]
     assert ci["acc"]["low"] == pytest.approx(np.quantile(metric_rows(y[idx], probs[idx])["acc"], 0.025))  # unshifted
+
+
+def test_a_multi_class_operating_point_names_no_positive_class():
+    """A 10-class class-incremental bundle's edgekd.json named 'class 1' its positive class (a binary notion); a
+    multi-class decision is the top class, with no positive class, and its card and Grad-CAM rows still work."""
+    from edgekd.export.clinical import as_the_bundle_decides, operating_point
+    from edgekd.export.profile import profile_from_dict
+
+    rng = np.random.default_rng(0)
+    y = {s: rng.integers(0, 3, 60) for s in ("val", "test")}
+    logits = {s: rng.normal(size=(60, 3)) + 2 * np.eye(3)[y[s]] for s in ("val", "test")}
+    names = ["a", "b", "c"]
+    point = operating_point({"splits": {s: {"logits": logits[s]} for s in y}},
+                            {s: (None, y[s]) for s in y}, profile_from_dict({}), names)
+    decision = point["decision"]
+    assert decision["rule"] == "argmax" and decision["threshold"] is None
+    assert "positive_class" not in decision and "positive_index" not in decision
+    assert 0 < decision["test"]["acc"]["value"] <= 1
+    rows = as_the_bundle_decides([{"probs": [0.1, 0.7, 0.2], "prob": 0.7}], point, names)
+    assert rows[0]["predicted"] == "b"

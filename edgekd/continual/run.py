@@ -187,7 +187,7 @@ def _meta(recipe, tasks: list[Task], step: int, spec: dict[str, Any], head: str)
     return {
         "arch": {**spec, "num_classes": seen[-1].hi}, "class_names": seen[-1].data.class_names,
         "preprocess": tasks[0].data.preprocess, "recipe": recipe.to_dict(), "role": recipe.role,
-        "dataset": "+".join(t.data.source_name for t in seen), "edgekd_version": __version__,
+        "dataset": "+".join(dict.fromkeys(t.data.source_name for t in seen)), "edgekd_version": __version__,
         "continual": {"scenario": recipe.continual.scenario, "head": head, "step": step,
                       "tasks": [{"name": t.name, "outputs": [t.lo, t.hi], "class_names": t.class_names} for t in seen]},
     }

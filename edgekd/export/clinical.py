@@ -49,8 +49,9 @@ def operating_point(reference: dict[str, Any], splits: dict[str, tuple[np.ndarra
     p_val, p_test = (calibrated_softmax(z, *calibration_of({"calibration": calibration})) for z in (val_logits, test_logits))
     threshold = choose_threshold((val_y == positive).astype(int), p_val[:, positive], rule,
                                  profile.decision.target) if binary else None
-    decision = {"rule": rule, "target": profile.decision.target if rule != "argmax" else None,
-                "threshold": threshold, "positive_class": class_names[positive], "positive_index": positive,
+    decision = {"rule": rule, "target": profile.decision.target if rule != "argmax" else None, "threshold": threshold,
+                # a positive class only where there is one: a two-class model (a 10-class bundle had named one)
+                **({"positive_class": class_names[positive], "positive_index": positive} if binary else {}),
                 "chosen_on": "val", "val": bootstrap_intervals(val_y, p_val, threshold, positive),
                 "test": bootstrap_intervals(test_y, p_test, threshold, positive)}
     return {"calibration": calibration, "decision": decision}
@@ -74,7 +75,7 @@ def as_the_bundle_decides(records: list[dict[str, Any]], clinical: dict[str, Any
     applied to the PyTorch softmax ("predicted", "prob"); the card had shown the uncalibrated top class."""
     if not clinical.get("decision"):
         return records
-    threshold, positive = clinical["decision"]["threshold"], clinical["decision"]["positive_index"]
+    threshold, positive = clinical["decision"]["threshold"], clinical["decision"].get("positive_index", 1)
     out = []
     for r in records:
         p = apply_temperature(np.asarray([r["probs"]]), *calibration_of(clinical))[0]
@@ -87,7 +88,7 @@ def artifact_operating_point(art_logits: np.ndarray, labels: np.ndarray, ref_log
                              clinical: dict[str, Any]) -> dict[str, Any]:
     """One artifact on one split under the bundle's temperature and threshold: its figures with intervals, how
     far its calibrated probabilities are from the reference's, and the DeLong test of its AUC against it."""
-    threshold, positive = clinical["decision"]["threshold"], clinical["decision"]["positive_index"]
+    threshold, positive = clinical["decision"]["threshold"], clinical["decision"].get("positive_index", 1)
     p_art = calibrated_softmax(art_logits, *calibration_of(clinical))
     p_ref = calibrated_softmax(ref_logits, *calibration_of(clinical))
     out = {"figures": bootstrap_intervals(labels, p_art, threshold, positive),
