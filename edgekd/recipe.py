@@ -37,6 +37,9 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     source: Literal["builtin", "medmnist", "imagefolder", "csv", "fashion_mnist"] = "builtin"
+    """builtin: the bundled PneumoniaMNIST subset (or the .npz at `path`); medmnist: a MedMNIST v2 .npz; imagefolder:
+    `root/<class>/` or `root/{train,val,test}/<class>/`; csv: a manifest with columns `path,label[,patient_id][,split]`;
+    fashion_mnist: a folder of MNIST-style idx files."""
     path: str | None = None
     """File or folder for the source; relative paths resolve against the working directory."""
     split: Literal["given", "stratified", "patient"] = "given"
@@ -44,11 +47,23 @@ class DataConfig(Section):
     stratified / patient: everything but the test split re-split by image / by patient. With patient ids no patient
     may be in two splits, whatever the mode."""
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    """The share of the train pool (what the test split leaves) held out as the val split when one is carved: a source
+    without a val split, or split stratified / patient; not with `folds`. Must be > 0 then."""
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    """The share of the images held out as the test split when the source has none: under split `given` only for a
+    source without any splits (an ImageFolder without split folders, a CSV without a split column). A given test split
+    is always kept. Must be > 0 then."""
     fold: int | None = None
     """With `folds`, which fold of a stratified (group) k-fold is the validation split."""
     folds: int | None = Field(None, ge=2)
+    """k-fold cross-validation: the images outside the test split are cut into this many stratified folds (by patient
+    under split patient, or given with patient ids) and fold `fold` is the val split (val_fraction unused). `edgekd
+    train --folds K` sets both for each fold."""
     class_names: list[str] | None = None
+    """Class names in label-id order (null: the source's own: folder or label names sorted, MedMNIST's, Fashion-MNIST's,
+    else `class_<i>`). Named labels (ImageFolder folders, CSV names) are reordered by it: each listed once (for an
+    ImageFolder, its folders and no other name); integer labels are renamed by position, one name per class (after
+    `classes`)."""
     classes: list[int] | None = Field(None, min_length=1)
     """Keep only these label ids (remapped to 0..k-1 in the given order)."""
     limit: int | None = Field(None, ge=1)
@@ -59,15 +74,28 @@ class DataConfig(Section):
     resize: int | None = None
     """Eval resize before the center crop (defaults to image_size)."""
     channels: Literal[1, 3] = 3
+    """The model's input channels: decoded images are converted (gray repeated to RGB, RGB to gray by luminance); `mean`
+    and `std` take one value per channel."""
     mean: list[float] = [0.5, 0.5, 0.5]
+    """Per-channel mean subtracted after pixels are scaled to 0..1, one value per channel (ImageNet's [0.485, 0.456,
+    0.406] for pretrained timm weights); the bundle's runtime applies the same."""
     std: list[float] = [0.5, 0.5, 0.5]
+    """Per-channel divisor applied after `mean`, one value > 0 per channel (ImageNet's [0.229, 0.224, 0.225] for
+    pretrained timm weights)."""
     batch_size: int = Field(64, ge=1)
+    """Images per batch of every loader, train, val and test (per process under torchrun); an optimizer step averages
+    train.grad_accum such batches."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes (0: load in the training process); each is seeded from the run's seed."""
     balanced_sampler: bool = False
     """Draw train batches with each class equally likely (with replacement); loss class weights become 1."""
     on_bad_image: Literal["error", "skip"] = "error"
+    """Every image file is decoded once when the data is built. error: an unreadable one stops the run, named (with a
+    count of the others); skip: such files are left out and listed in metrics.json `bad_files`. In-memory sets (.npz,
+    idx) are not checked."""
     hair_removal: bool = False
+    """DullRazor hair removal (black-hat morphology + Telea inpainting, OpenCV: `pip install 'edgekd[skin]'`) on each
+    decoded image before resizing, in training and in the exported bundle's runtime alike."""
     patient_pattern: str | None = None
     """Patient ids from the image file names (an ImageFolder, or a CSV without a patient_id column): the first group
     of this regular expression, searched in each file name; e.g. '^[A-Z]+-(\\d+)-' for Kermany OCT2017's
@@ -100,20 +128,33 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     name: str = "resnet18"
+    """A timm model name (e.g. resnet18, mobilenetv3_large_100, vit_small_patch16_224) or a built-in CNN: edgekd_cnn
+    (0.29M parameters), edgekd_cnn_small (41k), edgekd_cnn_micro (18k)."""
     pretrained: bool = False
+    """Start from timm's hub weights (a download; the edgekd_cnn models have none), classifier replaced. A `weights`
+    file is loaded instead, whatever this says."""
     weights: str | None = None
     """A local weights file (.pth/.safetensors) loaded into the backbone before the head is replaced."""
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout before the classifier: timm.create_model's drop_rate (the edgekd_cnn models: before their `fc`)."""
     drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
     """Stochastic depth of a timm model that has it (null: the model's own default)."""
     head: Literal["linear", "dropout_linear", "mlp"] = "linear"
+    """linear: the model's own classifier; dropout_linear: Dropout(head_dropout) + Linear; mlp:
+    Linear(head_hidden)-ReLU-Dropout(head_dropout)-Linear. The last two replace a Linear classifier."""
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the classifier of a dropout_linear or mlp head."""
     head_hidden: int = 256
     """Hidden width of an mlp head."""
     freeze_stages: int = 0
+    """Freeze, for the whole run, the first N of timm's coarse parameter groups (stem, stage 1, ...: the model's
+    group_matcher; 0: none). A model without a group_matcher is refused: use freeze_patterns."""
     freeze_patterns: list[str] = []
+    """Regular expressions: every parameter whose name (model.named_parameters) one of them matches, searched anywhere
+    in it, is frozen for the whole run (e.g. `^patch_embed`)."""
     kwargs: dict[str, Any] = {}
+    """More keyword arguments for timm.create_model (e.g. img_size, window_size). Under `base:` they replace the base's
+    whole, and a recipe naming another model.name drops them."""
 
     @field_validator("kwargs")
     @classmethod
@@ -123,10 +164,15 @@ class ModelConfig(Section):
 
 class OptimizerConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """adamw: AdamW (decoupled weight decay); adam: Adam (weight decay added to the gradient, L2); sgd: SGD, with
+    Nesterov momentum when `momentum` > 0."""
     lr: float = Field(1e-3, gt=0)
+    """Learning rate of every trainable parameter (the backbone's when head_lr is set); under cosine, the peak the
+    warmup rises to."""
     head_lr: float | None = Field(None, gt=0)
     """Differential LR: the classifier head's LR (backbone uses `lr`)."""
     weight_decay: float = Field(0.0, ge=0)
+    """Weight decay of every parameter group (0: none)."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """sgd only."""
 
@@ -139,7 +185,11 @@ def monitor_direction(metric: str) -> Literal["max", "min"]:
 
 class SchedulerConfig(Section):
     name: Literal["none", "cosine", "plateau"] = "cosine"
+    """none: the LR stays at optimizer.lr; cosine: a linear warmup over warmup_epochs, then cosine decay toward min_lr;
+    plateau: ReduceLROnPlateau on `monitor` (factor, patience, floor min_lr)."""
     warmup_epochs: int = Field(0, ge=0)
+    """cosine: epochs over which the LR rises linearly from 1% to optimizer.lr (cut to epochs - 1 when longer, with a
+    warning); plateau has no warmup (a warning)."""
     min_lr: float = Field(1e-6, ge=0)
     """cosine: where the decay ends, one step after the last epoch (the last epoch trains above it: 25% of the way
     to the peak after 3 decay epochs, 4% after 8)."""
@@ -169,10 +219,13 @@ def check_focal_alpha(alpha: list[float] | float | None) -> list[float] | float 
 
 class LossConfig(Section):
     name: Literal["ce", "focal"] = "ce"
+    """ce: cross-entropy; focal: focal loss (Lin et al. 2017), shaped by `gamma` and `alpha`."""
     gamma: float = Field(2.0, ge=0)
+    """focal: the focusing exponent of (1 - p_true)^gamma (larger: well-classified images count less)."""
     alpha: list[float] | float | None = None
     """focal: the weight of class 1 in a binary task (class 0 gets 1 - alpha), or one weight per class."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """The share of the target spread evenly over all classes (ce and focal)."""
     class_weights: bool = False
     """Weight the loss by the train split's balanced class weights; all 1 when `data.balanced_sampler` already
     evens the classes (the imbalance is not corrected twice)."""
@@ -206,19 +259,29 @@ class SWAConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(10, ge=0)
+    """Training epochs (per task in a continual run); 0: no training, best.pt and last.pt hold the model as built."""
     optimizer: OptimizerConfig = OptimizerConfig()
+    """The optimizer and its learning rates."""
     scheduler: SchedulerConfig = SchedulerConfig()
+    """The learning-rate schedule, stepped once per epoch."""
     loss: LossConfig = LossConfig()
+    """The loss of a supervised run and of each continual task (a distill run trains on distill.terms instead)."""
     monitor: str = "val_auc"
     """The metric that picks the best checkpoint and drives early stopping."""
     monitor_mode: Literal["max", "min"] | None = None
     """Default: from the metric's name (`*loss*`, `*ece*` -> min, else max)."""
     early_stop: EarlyStopConfig = EarlyStopConfig()
+    """Early stopping on `monitor`."""
     amp: bool = True
     """Mixed precision; used only on CUDA."""
     grad_accum: int = Field(1, ge=1)
+    """Batches whose gradients are averaged into one optimizer step (data.batch_size x grad_accum images, x processes
+    under torchrun); an epoch's last step may average fewer."""
     clip_grad: float | None = Field(None, gt=0)
+    """Clip the L2 norm of all gradients together to this value before each optimizer step (null: no clipping)."""
     swa: SWAConfig = SWAConfig()
+    """Stochastic weight averaging (torch.optim.swa_utils): the averaged weights become best.pt if they beat the best
+    epoch on `monitor`."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
     deterministic: bool = True
@@ -227,6 +290,8 @@ class TrainConfig(Section):
     """CPU threads of the training process (default: torch's, all cores). Float sums depend on it: a seeded run
     repeats its metrics exactly only at the thread count it records in metrics.json (`threads`)."""
     nonfinite: Literal["error", "skip"] = "error"
+    """A NaN/Inf training loss. error: the run stops, naming epoch and step; skip: that batch (and the step's gradients
+    so far) is dropped and counted in metrics.json `nonfinite_batches`."""
 
     _inferred: set[str] = PrivateAttr(default_factory=set)
     """The keys `_directions` filled in (not the recipe's own): `to_dict` leaves them out, so a run's recipe.yaml
@@ -249,8 +314,11 @@ class TrainConfig(Section):
 class KLTerm(Section):
     """Response KD: KL(softmax(teacher/T) || softmax(student/T)) * T^2 (Hinton et al. 2015)."""
     kind: Literal["kl"]
+    """Selects this term: KL divergence of the softened teacher and student outputs."""
     weight: float = Field(1.0, ge=0)
+    """Multiplies this term in the distillation loss (the sum of weight x term)."""
     temperature: float = Field(4.0, gt=0)
+    """T: both logits are divided by it before the softmax, and the KL is scaled by T^2."""
 
 
 class DKDTerm(Section):
@@ -258,29 +326,46 @@ class DKDTerm(Section):
     (KL among the non-target classes), both at temperature T and scaled by T^2. With 2 classes NCKD is empty and
     DKD is alpha times the binary KL."""
     kind: Literal["dkd"]
+    """Selects this term: decoupled KD (uses the labels: not with distill.mix; on unlabeled images the teacher's top
+    class stands in)."""
     weight: float = Field(1.0, ge=0)
+    """Multiplies this term in the distillation loss (the sum of weight x term)."""
     temperature: float = Field(4.0, gt=0)
+    """T of both softmaxes; the loss is scaled by T^2."""
     alpha: float = Field(1.0, ge=0)
+    """Weight of TCKD, the KL of the target-vs-rest split."""
     beta: float = Field(8.0, ge=0)
+    """Weight of NCKD, the KL among the non-target classes (no effect with 2 classes)."""
 
 
 class CETerm(Section):
     """Cross-entropy on the labels; `class_weights` uses the train split's balanced weights (all 1 under
     `data.balanced_sampler`)."""
     kind: Literal["ce"]
+    """Selects this term: cross-entropy on the labels (skipped on unlabeled images; not with distill.mix)."""
     weight: float = Field(1.0, ge=0)
+    """Multiplies this term in the distillation loss (the sum of weight x term)."""
     class_weights: bool = False
+    """Weight the classes by the train split's balanced weights, n / (k x count) (all 1 under data.balanced_sampler)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """The share of the target spread evenly over all classes (torch's CrossEntropyLoss label_smoothing)."""
 
 
 class FocalTerm(Section):
     kind: Literal["focal"]
+    """Selects this term: focal loss on the labels (Lin et al. 2017; skipped on unlabeled images; not with
+    distill.mix)."""
     weight: float = Field(1.0, ge=0)
+    """Multiplies this term in the distillation loss (the sum of weight x term)."""
     gamma: float = Field(2.0, ge=0)
+    """The focusing exponent of (1 - p_true)^gamma (larger: well-classified images count less)."""
     alpha: list[float] | float | None = None
     """The weight of class 1 in a binary task (class 0 gets 1 - alpha), or one weight per class."""
     class_weights: bool = False
+    """With `alpha` null, the train split's balanced class weights serve as alpha (all 1 under data.balanced_sampler);
+    ignored when alpha is set."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """The share of the target spread evenly over all classes."""
 
     @field_validator("alpha", mode="before")
     @classmethod
@@ -291,13 +376,22 @@ class FocalTerm(Section):
 class FeatureTerm(Section):
     """Feature KD (FitNets-style): MSE between adapter(student layer) and the teacher layer, both by module path."""
     kind: Literal["feature_mse"]
+    """Selects this term: MSE between a student layer's output, mapped by a learned adapter, and a teacher layer's."""
     weight: float = Field(1.0, ge=0)
+    """Multiplies this term in the distillation loss (the sum of weight x term)."""
     student: str
+    """The student module tapped, by its path in model.named_modules() (e.g. stages.1, blocks.11); a 1x1 conv (a linear
+    layer for tokens) maps its channels onto the teacher's."""
     teacher: str
+    """The teacher module tapped, by its path in the teacher's named_modules() (e.g. layer3, layers.3)."""
     spatial: Literal["pool", "interpolate"] = "pool"
     """pool: average-pool the larger map to the smaller size; interpolate: resize the student map to the teacher's."""
     student_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
+    """How the student output is read. auto: 2-D a vector, 3-D ViT tokens (class/register tokens dropped, patches laid
+    on their square grid), 4-D the model's timm output_fmt (NHWC for Swin, else NCHW); or nchw, nhwc, tokens as
+    given."""
     teacher_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
+    """How the teacher output is read (as student_layout)."""
 
 
 class AttentionTerm(Section):
@@ -305,14 +399,21 @@ class AttentionTerm(Section):
     mean of |activation|^p) of a student and a teacher layer, both by module path; no adapter. The default
     weight is the paper's beta/2 = 500 per layer pair (the loss is a mean over batch and positions: small values)."""
     kind: Literal["attention"]
+    """Selects this term: attention transfer between a student and a teacher layer."""
     weight: float = Field(500.0, ge=0)
+    """Multiplies this term in the distillation loss (the sum of weight x term)."""
     student: str
+    """The student module tapped, by its path in model.named_modules() (e.g. stages.1); any channel count."""
     teacher: str
+    """The teacher module tapped, by its path in the teacher's named_modules() (e.g. layer2)."""
     p: float = Field(2.0, gt=0)
+    """The exponent of |activation|^p in the attention map (the paper's 2)."""
     spatial: Literal["pool", "interpolate"] = "interpolate"
     """interpolate: resize the student's attention map to the teacher's grid; pool: average-pool the larger."""
     student_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
+    """How the student output is read as a map (auto, nchw, nhwc, tokens: as for feature_mse)."""
     teacher_layout: Literal["auto", "nchw", "nhwc", "tokens"] = "auto"
+    """How the teacher output is read as a map (as student_layout)."""
 
 
 DistillTerm = Annotated[Union[KLTerm, DKDTerm, CETerm, FocalTerm, FeatureTerm, AttentionTerm],
@@ -326,6 +427,8 @@ class MixConfig(Section):
     batch is mixed (torchvision.transforms.v2 MixUp or CutMix) and teacher and student see the same mixed pixels;
     the student matches the teacher's output on them, so only teacher terms may be used (no labels)."""
     kind: Literal["mixup", "cutmix"] = "mixup"
+    """mixup: each image blended with another of the batch; cutmix: a box of another image pasted in
+    (torchvision.transforms.v2 MixUp / CutMix)."""
     alpha: float = Field(1.0, gt=0)
     """Beta(alpha, alpha) of the mixing weight."""
     p: float = Field(1.0, ge=0, le=1)
@@ -378,6 +481,8 @@ class DistillConfig(Section):
     unlabeled: UnlabeledConfig | None = None
     """A pool of unlabeled images the student also matches the teacher on (KD on unlabeled images)."""
     terms: list[DistillTerm] = Field(min_length=1)
+    """The loss terms, each a mapping picked by its `kind` (kl, dkd, ce, focal, feature_mse, attention; their keys
+    below); the loss is the sum of weight x term, with at least one teacher term (kl, dkd, feature_mse, attention)."""
 
     @model_validator(mode="after")
     def _has_teacher_term(self) -> "DistillConfig":
@@ -429,13 +534,18 @@ class EWCConfig(Section):
 class LwFConfig(Section):
     """Learning without forgetting: + alpha * T^2 * KL(previous model || current) on the old tasks' outputs."""
     alpha: float = Field(1.0, ge=0)
+    """Weight of the LwF term (0: off)."""
     temperature: float = Field(2.0, gt=0)
+    """T of both softmaxes (the previous and the current model's old-task outputs); the KL is scaled by T^2."""
 
 
 class ReplayConfig(Section):
     """Rehearsal: a class-balanced buffer of earlier tasks' images, mixed into every training batch."""
     size: int = Field(200, ge=1)
+    """Buffer images kept in all, split evenly over the classes seen so far."""
     selection: Literal["reservoir", "herding"] = "reservoir"
+    """reservoir: a uniform random sample of each class; herding: iCaRL herding on the model's pre-logit features (the
+    images whose running mean stays closest to the class mean)."""
     batch_size: int | None = Field(None, ge=1)
     """Buffer images added to each batch (default: data.batch_size)."""
 
@@ -443,6 +553,9 @@ class ReplayConfig(Section):
 class ContinualConfig(Section):
     """A sequence of tasks learned one after the other by one model, with combinable anti-forgetting plug-ins."""
     scenario: Literal["cross_domain", "class_incremental"] = "cross_domain"
+    """cross_domain: each task its own problem, by default a head per task with the task id given at test;
+    class_incremental: one growing head (`head` single), no task id, and no task may repeat a class an earlier task of
+    the same dataset has."""
     head: Literal["multi", "single"] | None = None
     """multi: a head per task, task id given at test (cross_domain default); single: one expanding head, no task id."""
     checkpoint: str | None = None
@@ -450,11 +563,16 @@ class ContinualConfig(Section):
     checkpoint_task: bool = True
     """The checkpoint already solves the first task (it is evaluated, not retrained); false: reuse only its backbone."""
     tasks: list[ContinualTask] = Field(min_length=2)
+    """The tasks in learning order (at least 2, names unique); `--set continual.tasks.NAME.key=...` reaches one by
+    name."""
     joint: bool = False
     """Upper bound: at each step train on the union of all tasks so far."""
     ewc: EWCConfig | None = None
+    """Elastic weight consolidation plug-in (null: off)."""
     lwf: LwFConfig | None = None
+    """Learning-without-forgetting plug-in (null: off)."""
     replay: ReplayConfig | None = None
+    """Rehearsal plug-in (null: off)."""
     bn_freeze: bool = False
     """BatchNorm layers in eval mode with frozen affine parameters while learning the tasks after the first."""
     eval_split: Literal["val", "test"] = "test"
@@ -480,12 +598,15 @@ class ContinualConfig(Section):
 class WandbConfig(Section):
     """Weights & Biases run of the training (needs the `wandb` package: `pip install 'edgekd[wandb]'`)."""
     project: str = "edgekd"
+    """The W&B project the run is logged to."""
     mode: Literal["offline", "online"] = "offline"
     """offline: the run is written under `dir` only (upload later with `wandb sync`); online: streamed to W&B."""
     entity: str | None = None
+    """The W&B user or team that owns the project (null: your default entity)."""
     name: str | None = None
     """Run name (default: the recipe name)."""
     tags: list[str] = []
+    """Tags of the W&B run."""
     dir: str | None = None
     """Where W&B writes its `wandb/` run folders (default: the run's output directory)."""
 
@@ -496,6 +617,7 @@ class TrackingConfig(Section):
     tensorboard: bool | str = False
     """true: TensorBoard event files in `<out>/tensorboard`; a path: there (needs `pip install 'edgekd[track]'`)."""
     wandb: WandbConfig | None = None
+    """A Weights & Biases run of the training (null: none)."""
 
 
 class Recipe(Section):
@@ -511,7 +633,10 @@ class Recipe(Section):
     role: Literal["teacher", "student", "student_scratch", "baseline"] = "teacher"
     """What the run is in a KD comparison: `edgekd report` groups and orders its rows by it."""
     seed: int = 0
+    """Seeds Python's, numpy's and torch's generators, the carving of splits (val/test fractions, folds, limit) and each
+    epoch's draws (augmentation, dropout, shuffling: seed * 1000 + epoch)."""
     data: DataConfig = DataConfig()
+    """Where the images come from, how they are split, and the preprocessing the model (and its bundle) uses."""
     augment: list[dict[str, Any]] = []
     """torchvision.transforms.v2 ops by class name, e.g. `- RandomRotation: {degrees: 15}`."""
 
@@ -520,10 +645,15 @@ class Recipe(Section):
     def _finite_augment(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return refuse_nonfinite(v)
     model: ModelConfig = ModelConfig()
+    """The network: a timm or built-in architecture, its starting weights, classifier head and frozen layers."""
     train: TrainConfig = TrainConfig()
+    """The training loop: epochs, optimizer, LR schedule, loss, monitor, early stopping, SWA, device."""
     distill: DistillConfig | None = None
+    """Knowledge distillation: `model` trains as the student of a frozen teacher checkpoint (null: a supervised run)."""
     continual: ContinualConfig | None = None
+    """A sequence of tasks learned one after the other by one model (null: one task); not with `distill`."""
     tracking: TrackingConfig = TrackingConfig()
+    """Experiment tracking besides log.csv (TensorBoard, Weights & Biases); not part of the digest."""
 
     @model_validator(mode="after")
     def _one_kind_of_run(self) -> "Recipe":
@@ -591,6 +721,16 @@ def _sections_of(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in getattr(annotation, "__args__", ()) for m in _sections_of(arg)]
 
 
+BASE_KEY_ROW = ("| `base` | str \\| null | `null` |  | Not a schema key, read when the file is loaded: the path of "
+                "another recipe file this one inherits, relative to this file's folder (that one may have its own "
+                "`base:`; a cycle is refused). Mappings merge key by key, this file's values winning; a list "
+                "(`augment`, `distill.terms`, `continual.tasks`) or other value replaces the base's whole, and so "
+                "do `model.kwargs`, which are dropped when this file names another `model.name`. `--set` applies "
+                "after the merge and cannot give `base`. |")
+"""The top-level `base:` key in the reference's `recipe` table: `load_recipe` resolves it (`_read_yaml_with_base`,
+`inherit`) before validation, so the schema never sees it."""
+
+
 def recipe_key_reference() -> str:
     """Every recipe key with its type, default, bounds and description, made from the schema (docs/recipe-keys.md)."""
     lines = ["# Recipe keys", "", "Generated from the pydantic schema in `edgekd/recipe.py` by "
@@ -599,7 +739,7 @@ def recipe_key_reference() -> str:
     seen: set[type] = set()
 
     def section(model: type[BaseModel], prefix: str) -> None:
-        rows, nested = [], []
+        rows, nested = [BASE_KEY_ROW] if model is Recipe else [], []
         for name, field in model.model_fields.items():
             bounds = ", ".join(f"{BOUNDS[type(m).__name__][0]} {getattr(m, BOUNDS[type(m).__name__][1])}"
                                for m in field.metadata if type(m).__name__ in BOUNDS)
