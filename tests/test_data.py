@@ -75,6 +75,19 @@ def test_image_folder_splits_stratified(tmp_path):
     assert counts["test"] == [2, 2] and counts["val"] == [2, 2] and counts["train"] == [6, 6]
 
 
+def test_given_train_and_val_folders_without_a_test_folder_get_a_carved_test_split(tmp_path):
+    """`given` carves missing splits: train/ and val/ folders without test/ had trained, then failed at the end
+    ("no 'test' split"); an .npz of train and val keys alike."""
+    root = tmp_path / "imgs"
+    write_image_folder(root / "train", n_per_class=10)
+    write_image_folder(root / "val", n_per_class=3)
+    dm = build_data(recipe(source="imagefolder", path=str(root), test_fraction=0.2))
+    counts = dm.counts()
+    assert counts["val"] == [3, 3] and counts["test"] == [2, 2] and counts["train"] == [8, 8]
+    with pytest.raises(EdgeKDError, match="data.test_fraction must be > 0 when the source has no test split"):
+        build_data(recipe(source="imagefolder", path=str(root), test_fraction=0.0))
+
+
 def test_image_folder_class_names_order_the_folders_by_name(tmp_path):
     root = write_image_folder(tmp_path / "imgs", n_per_class=10)
     src = load_source("imagefolder", str(root))

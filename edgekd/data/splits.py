@@ -149,6 +149,10 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
                 raise EdgeKDError("data.test_fraction must be > 0 when the source has no test split")
             pool, tables["test"] = carve(pool, test_fraction, "the test split")
         tables["train"] = pool
+    elif "test" not in tables and "train" in tables:  # given train (and val) splits without a test split: it had
+        if test_fraction <= 0:                         # failed after training ("no 'test' split")
+            raise EdgeKDError("data.test_fraction must be > 0 when the source has no test split")
+        tables["train"], tables["test"] = carve(tables["train"], test_fraction, "the test split")
     if folds:
         pool = Table.concat([tables[s] for s in ("train", "val") if s in tables])
         if fold is None or not 0 <= fold < folds:
