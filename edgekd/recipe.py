@@ -146,7 +146,7 @@ class ModelConfig(Section):
     """Dropout before the classifier of a dropout_linear or mlp head."""
     head_hidden: int = 256
     """Hidden width of an mlp head."""
-    freeze_stages: int = 0
+    freeze_stages: int = Field(0, ge=0)
     """Freeze, for the whole run, the first N of timm's coarse parameter groups (stem, stage 1, ...: the model's
     group_matcher; 0: none). A model without a group_matcher is refused: use freeze_patterns."""
     freeze_patterns: list[str] = []
@@ -234,6 +234,13 @@ class LossConfig(Section):
     @classmethod
     def _alpha_in_range(cls, v: Any) -> Any:
         return check_focal_alpha(v)
+
+    @model_validator(mode="after")
+    def _one_class_weighting(self) -> "LossConfig":
+        if self.name == "focal" and self.alpha is not None and self.class_weights:  # alpha won, without a word
+            raise ValueError("focal loss weights classes by alpha or by class_weights: give one (with alpha set, "
+                             "class_weights did nothing)")
+        return self
 
 
 class EarlyStopConfig(Section):
@@ -362,8 +369,8 @@ class FocalTerm(Section):
     alpha: list[float] | float | None = None
     """The weight of class 1 in a binary task (class 0 gets 1 - alpha), or one weight per class."""
     class_weights: bool = False
-    """With `alpha` null, the train split's balanced class weights serve as alpha (all 1 under data.balanced_sampler);
-    ignored when alpha is set."""
+    """The train split's balanced class weights serve as alpha (all 1 under data.balanced_sampler); not with
+    `alpha` (one weighting or the other)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """The share of the target spread evenly over all classes."""
 
@@ -371,6 +378,12 @@ class FocalTerm(Section):
     @classmethod
     def _alpha_in_range(cls, v: Any) -> Any:
         return check_focal_alpha(v)
+
+    @model_validator(mode="after")
+    def _one_class_weighting(self) -> "FocalTerm":
+        if self.alpha is not None and self.class_weights:
+            raise ValueError("a focal term weights classes by alpha or by class_weights: give one")
+        return self
 
 
 class FeatureTerm(Section):

@@ -581,6 +581,9 @@ RECIPE_CASES = {
     "negative_batch": ("data:\n  batch_size: -4\n", [], "data.batch_size"),
     "bad_literal": ("train:\n  optimizer: {name: adamax}\n", [], "train.optimizer.name"),
     # a raw torch RuntimeError, exit 1, after the run folder was touched
+    "focal_alpha_and_class_weights": ("train:\n  loss: {name: focal, alpha: 0.3, class_weights: true}\n", [],
+                                      "focal loss weights classes by alpha or by class_weights"),  # alpha won
+    "negative_freeze_stages": ("model:\n  freeze_stages: -1\n", [], "model.freeze_stages"),
     "unknown_device": ("seed: 1\n", ["--set", "train.device=gpu"], "train.device: String should match pattern"),
     "invalid_yaml": ("train: [epochs: 1\n", [], "is not valid YAML"),
     "duplicate_key": ("train: {epochs: 1, optimizer: {lr: 0.003}}\nseed: 1\ntrain: {epochs: 2}\n", [],
