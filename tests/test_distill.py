@@ -199,6 +199,21 @@ def test_a_teacher_trained_without_the_students_hair_removal_is_warned_of():
     assert not [m for m in logs if "hair_removal" in m]
 
 
+def test_a_teacher_image_size_other_than_the_teachers_own_is_warned_of():
+    """A full-size skin recipe's teacher_image_size 256 resized a 32 px teacher's input 8x without a word."""
+    student, teacher = tiny("edgekd_cnn_tiny"), freeze_teacher(tiny("edgekd_cnn_tiny"))
+    logs: list[str] = []
+    build_objective(distill_cfg([{"kind": "kl", "weight": 1.0}], teacher_image_size=32), student, teacher,
+                    teacher_ckpt("edgekd_cnn_tiny", 16), pre(16), None, log=logs.append)
+    assert [m for m in logs if "teacher_image_size" in m] == [
+        "warning: distill.teacher_image_size 32 but the teacher edgekd_cnn_tiny was trained at 16 px: it sees the "
+        "student's batch at a size it never trained on (null, the default, uses the checkpoint's 16)"]
+    logs.clear()
+    build_objective(distill_cfg([{"kind": "kl", "weight": 1.0}], teacher_image_size=16), student, teacher,
+                    teacher_ckpt("edgekd_cnn_tiny", 16), pre(16), None, log=logs.append)
+    assert not [m for m in logs if "teacher_image_size" in m]
+
+
 def test_feature_kd_vit_tokens_reshaped_and_linear_adapter():
     student = tiny("test_vit", img_size=16, patch_size=4)            # 1 class token + 4x4 patch tokens
     teacher = freeze_teacher(tiny("edgekd_cnn_tiny"))

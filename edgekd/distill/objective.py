@@ -248,16 +248,23 @@ def check_teacher_classes(terms: list, teacher_ckpts: list[dict[str, Any]], num_
                               "only for cross-task KD)")
 
 
-def warn_decode_mismatch(teacher_ckpts: list[dict[str, Any]], student_pre: dict[str, Any],
-                         log: Callable[[str], None]) -> None:
-    """A warning per teacher trained with another data.hair_removal than the student uses: TeacherInput adapts
-    normalization, channels and size, not what happens at decode."""
+def warn_teacher_input_mismatch(teacher_ckpts: list[dict[str, Any]], student_pre: dict[str, Any],
+                                teacher_size: int | None, log: Callable[[str], None]) -> None:
+    """A warning per teacher trained with another data.hair_removal than the student uses (TeacherInput adapts
+    normalization, channels and size, not what happens at decode), and per teacher fed at a distill.teacher_image_size
+    other than the size it trained at (a full-size recipe's 256 px for a teacher trained at 32 px went unsaid)."""
     for ckpt in teacher_ckpts:
+        name = ckpt["arch"]["name"]
         if bool(ckpt["preprocess"].get("hair_removal")) != bool(student_pre.get("hair_removal")):
-            log(f"warning: distill: the teacher {ckpt['arch']['name']} was trained "
+            log(f"warning: distill: the teacher {name} was trained "
                 f"{'with' if ckpt['preprocess'].get('hair_removal') else 'without'} data.hair_removal and the student "
                 f"{'uses' if student_pre.get('hair_removal') else 'does not use'} it: the teacher sees images unlike "
                 "its training data (normalization, channels and size are adapted; hair removal is not)")
+        trained = int(ckpt["preprocess"]["input_size"][-1])
+        if teacher_size is not None and teacher_size != trained:
+            log(f"warning: distill.teacher_image_size {teacher_size} but the teacher {name} was trained at {trained} px: "
+                f"it sees the student's batch at a size it never trained on (null, the default, uses the checkpoint's "
+                f"{trained})")
 
 
 def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher_ckpt: dict[str, Any],
@@ -274,7 +281,7 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
     for member, _ in members:
         freeze_teacher(member)
     inputs = [TeacherInput(student_pre, ckpt["preprocess"], distill_cfg.teacher_image_size) for _, ckpt in members]
-    warn_decode_mismatch([ckpt for _, ckpt in members], student_pre, log)
+    warn_teacher_input_mismatch([ckpt for _, ckpt in members], student_pre, distill_cfg.teacher_image_size, log)
     teacher_input = inputs[0]
     if len(members) > 1:
         teacher = EnsembleTeacher([m for m, _ in members], inputs, distill_cfg.ensemble_mode)
