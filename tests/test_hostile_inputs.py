@@ -729,6 +729,28 @@ def test_a_stop_exception_python_swallows_still_stops_the_run(monkeypatch, capsy
     assert stopped == [128 + signal.SIGINT] and printed == [other]
 
 
+def test_a_dataloader_worker_killed_by_the_stop_signal_reads_as_interrupted(bundle, tmp_path, capsys, monkeypatch):
+    """`timeout` stops the whole process group: the DataLoader's RuntimeError for its killed workers had been the
+    last word ("error: RuntimeError: DataLoader worker (pid 7456) is killed by signal: Terminated.", exit 1).
+    A worker killed while the run itself got no signal (the OOM killer) is named as such."""
+    from edgekd.cli import process as cli
+
+    (img,) = good_images(tmp_path / "imgs", 1)
+    killed = RuntimeError("DataLoader worker (pid 7456) is killed by signal: Terminated. ")
+    ended = []
+    monkeypatch.setattr(cli, "stopped", lambda code: (ended.append(code), sys.exit(code)))
+    monkeypatch.setattr(cli, "RECEIVED_SIGNALS", [signal.SIGTERM])
+    with mock.patch("edgekd.runtime.Runner.from_bundle", side_effect=killed):
+        code, out, err = invoke(capsys, "predict", bundle, img)
+    assert ended == [128 + signal.SIGTERM] and "RuntimeError" not in err and "interrupted" in err, err
+    monkeypatch.setattr(cli, "RECEIVED_SIGNALS", [])
+    with mock.patch("edgekd.runtime.Runner.from_bundle", side_effect=killed):
+        code, out, err = invoke(capsys, "predict", bundle, img)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: a data-loading worker process (data.num_workers) was killed (Terminated): out of memory, or stopped "
+        "from outside; data.num_workers=0 loads in the training process"]
+
+
 # ============================================================ 12. the error promise, everywhere
 def test_an_unforeseen_error_without_click_is_one_line(bundle, tmp_path, capsys):
     """The core install has no click (typer vendors its own): the last-resort handler must not need it."""

@@ -4,6 +4,7 @@ and the right exit status when a signal stops it, one-line warnings."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import warnings
@@ -39,6 +40,9 @@ def run() -> None:
     except typer.Abort:
         sys.exit(1)
     except Exception as err:  # usage errors of typer's (vendored) click, and anything unforeseen
+        if RECEIVED_SIGNALS:  # e.g. the DataLoader's RuntimeError for its workers, killed by the same signal
+            say_interrupted()
+            stopped(128 + RECEIVED_SIGNALS[0])
         if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
             usage = usage_error_line(err)
             if usage is not None:
@@ -138,6 +142,10 @@ def known_failure(err: BaseException) -> str | None:
         return "input nested too deeply (Python's recursion limit): a self-referencing recipe or file?"
     if isinstance(err, MemoryError):
         return "out of memory (an input too large for this machine)"
+    if isinstance(err, RuntimeError) and (found := re.search(r"DataLoader worker \(pid \d+\) is killed by signal: "
+                                                              r"([^.]+)", str(err))):
+        return (f"a data-loading worker process (data.num_workers) was killed ({found.group(1).strip()}): out of "
+                "memory, or stopped from outside; data.num_workers=0 loads in the training process")
     return None
 
 

@@ -89,9 +89,10 @@ def check(
     if classes is not None and not synthetic:  # it was ignored, and the check said ok
         raise EdgeKDError("--classes sets the class count of --synthetic data; the recipe's own data has its classes")
     warn_sections_turned_on(recipe, set_, console.print)
-    with console.status(f"checking {recipe} ..."):
-        r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes,
-                         warn=lambda line: console.print(escape(line)))
+    with console.status(f"checking {recipe} ...") as status:  # the run's own lines as they come: a large model's
+        r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes,  # build and steps take minutes on a CPU
+                         warn=lambda line: console.print(escape(line)),
+                         log=lambda line: status.update(f"checking {escape(str(recipe))}: {escape(line[:100])}"))
     table = RichTable(title=f"check ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
