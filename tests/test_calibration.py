@@ -54,6 +54,20 @@ def test_temperature_scaling_lowers_ece_and_keeps_argmax():
     assert (softmax(over / report["temperature"]).argmax(1) == softmax(over).argmax(1)).all()
 
 
+def test_a_temperature_driven_to_its_bound_is_warned_of():
+    """A val split separated without a mistake drove T toward its 0.05 bound (0.084 in a re-trial) and every calibrated probability to 1.0000,
+    without a word; a model fit as usual gets no warning."""
+    z = np.array([[2.0, -2.0], [-1.5, 1.0], [3.0, 0.0], [0.0, 2.5]] * 5)
+    y = z.argmax(1)
+    report = calibration_report(z, y)
+    assert report["temperature"] < 0.1
+    assert report["warning"].startswith("every val image is right, so the NLL keeps falling as T shrinks: T stopped "
+                                        "near its 0.05 bound")
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, size=(400, 2))
+    assert "warning" not in calibration_report(z, np.array([rng.choice(2, p=p) for p in softmax(z)]))
+
+
 def test_choose_threshold_rules_by_hand():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])

@@ -153,7 +153,8 @@ def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
         how = (f"Platt scaling: p = sigmoid((z1 - z0) / {calibration['temperature']:.4f} + {calibration['bias'][1]:.4f})"
                if calibration["method"] == "platt" else f"Temperature scaling: T = {calibration['temperature']:.4f}")
         lines += ["", "## Calibration", "", f"{how}, fit by NLL on "
-                  f"{calibration['fit_images']} validation images; ECE with {calibration['bins']} equal-width bins.", "",
+                  f"{calibration['fit_images']} validation images; ECE with {calibration['bins']} equal-width bins."
+                  + (f" **Warning:** {calibration['warning']}." if calibration.get("warning") else ""), "",
                   "| split | | ECE | adaptive ECE | Brier | NLL |", "|---|---|---|---|---|---|"]
         for split in ("val", "test"):
             for when in ("before", "after"):

@@ -452,7 +452,10 @@ def _clinical(reference: dict[str, Any], parity_set: ParitySet, profile: ExportP
     if parity_set.heads is not None:
         log("multi-head model: no calibration temperature or decision threshold (labels: each head's top class)")
         return {}
-    return operating_point(reference, parity_set.splits, profile, list(ckpt["class_names"]))
+    clinical = operating_point(reference, parity_set.splits, profile, list(ckpt["class_names"]))
+    if (clinical.get("calibration") or {}).get("warning"):
+        log(f"warning: calibration: {clinical['calibration']['warning']}")
+    return clinical
 
 
 def _continual_metadata(layout: TaskLayout | None, continual: dict[str, Any] | None,

@@ -106,6 +106,10 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
         temperature, bias = fit_temperature(val_logits, val_labels), None
     out: dict[str, Any] = {"method": method, "temperature": temperature, "fitted_on": "val",
                            "fit_images": int(len(val_labels)), "bins": ECE_BINS}
+    if method == "temperature" and (np.asarray(val_logits).argmax(1) == np.asarray(val_labels)).all():
+        out["warning"] = (f"every val image is right, so the NLL keeps falling as T shrinks: T stopped near its "
+                          f"{T_BOUNDS[0]:g} bound ({temperature:.3g}) and calibrated probabilities sit at 0 and 1; a "
+                          "val split the model makes mistakes on (more images, or harder ones) calibrates")
     if bias is not None:
         out["bias"] = bias
     for split, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels)):
