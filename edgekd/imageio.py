@@ -307,7 +307,8 @@ def prepare_pixel_header(ds, frame: int | None) -> None:
     """Make the header say what pydicom's modality and VOI functions read, in place: an enhanced (multi-frame) file's
     rescale and window of `frame` (its per-frame functional group, else the shared one) become top-level tags, and
     empty RescaleSlope/RescaleIntercept values (an identity rescale) are removed."""
-    groups = [g[frame] if g is not None and frame is not None and len(g) > frame else None
+    index = frame or 0  # a single-frame enhanced file has its one per-frame item too
+    groups = [g[index] if g is not None and len(g) > index else None
               for g in (ds.get("PerFrameFunctionalGroupsSequence"),)]
     groups += [ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None]
     for macro, tags in ENHANCED_FRAME_TAGS.items():
@@ -315,10 +316,11 @@ def prepare_pixel_header(ds, frame: int | None) -> None:
         for tag in tags if item is not None else ():
             if tag in item and item[tag].value not in (None, ""):
                 setattr(ds, tag, item[tag].value)
-    if any(tag in ds and ds[tag].value in (None, "") for tag in ("RescaleSlope", "RescaleIntercept")):
-        for tag in ("RescaleSlope", "RescaleIntercept"):
-            if tag in ds:
-                del ds[tag]
+    empty = [tag for tag in ("RescaleSlope", "RescaleIntercept") if tag in ds and ds[tag].value in (None, "")]
+    if len(empty) == 2:
+        del ds.RescaleSlope, ds.RescaleIntercept
+    elif empty:  # one empty: its identity value, so the other (e.g. an intercept of -1024) still applies
+        setattr(ds, empty[0], 1 if empty[0] == "RescaleSlope" else 0)
 
 
 def _stored_span(ds) -> tuple[float, float] | None:
@@ -353,10 +355,18 @@ def _head(path: Path, n: int) -> bytes:
         return f.read(n)
 
 
+DICOM_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
+             b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+             b"UR", b"US", b"UT", b"UV"}
+
+
 def looks_like_bare_dicom(head: bytes) -> bool:
     """Whether bytes start like a DICOM data set written without the Part 10 preamble and 'DICM' marker: a group
-    0002 or 0008 element (little or big endian) followed by a known VR (explicit) or a length (implicit)."""
-    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+    0002 or 0008 element (little or big endian) followed by a known VR (explicit VR), or by a little-endian length
+    under 64 KiB (implicit VR, the usual encoding of such files)."""
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"):
+        return False
+    return head[4:6] in DICOM_VRS or int.from_bytes(head[4:8], "little") < 2**16
 
 
 NO_PREAMBLE = ("a DICOM data set without the Part 10 header (no 128-byte preamble and 'DICM' marker), which is not "
@@ -388,9 +398,12 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
         arr = pixels.pixel_array(_dicom_source(path), index=frame if frames > 1 else None)
         span = None
         if photometric == "PALETTE COLOR":  # palette indices -> RGB through the file's own lookup tables
-            arr = pixels.apply_color_lut(arr, ds)
-            span = (0.0, 255.0) if arr.dtype == np.uint8 else (0.0, 65535.0)
-        elif int(getattr(ds, "SamplesPerPixel", 1) or 1) == 1:
+            arr = pixels.apply_color_lut(arr, ds)[..., :3]  # an alpha table's fourth channel left out
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])  # the entries' depth, whatever word holds them
+            span = (0.0, float(2**bits - 1))
+        elif int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:
+            span = (0.0, 255.0) if arr.dtype == np.uint8 else None  # 8-bit colour as stored, as a PNG reads
+        else:
             prepare_pixel_header(ds, frame)
             span = _stored_span(ds)
             arr = pixels.apply_voi_lut(pixels.apply_modality_lut(arr, ds), ds)

@@ -654,6 +654,8 @@ def test_dicom_of_8_bits_or_fewer_reads_by_its_stored_range_whatever_its_identit
     assert set(np.unique(four)) == {0, 17}  # 1 of 0..15 is 17 of 0..255: the stored range, not the image's own
     rescaled = read_image(write_dicom(tmp_path / "r.dcm", raw, bits_stored=8, RescaleSlope=2, RescaleIntercept=0))
     assert rescaled.min() == 0 and rescaled.max() == 255  # a real rescale: the image's own range, as documented
+    rgb = np.stack([raw, raw // 2 + 10, raw], axis=-1)  # 8-bit colour of a narrow range: as stored, not stretched
+    assert np.array_equal(read_image(write_dicom(tmp_path / "c.dcm", rgb, photometric="RGB")), rgb)
 
 
 def test_dicom_negative_slope_window_empty_rescale_palette_and_enhanced_frames(tmp_path):
@@ -676,6 +678,14 @@ def test_dicom_negative_slope_window_empty_rescale_palette_and_enhanced_frames(t
     ds.add_new("RescaleIntercept", "DS", None)
     ds.save_as(empty)
     assert np.array_equal(read_image(empty), read_image(write_dicom(tmp_path / "p.dcm", raw)))
+    # an empty slope beside a real intercept: the intercept still applies (it had been dropped with the slope)
+    half = write_dicom(tmp_path / "h.dcm", raw, RescaleIntercept=-1000, WindowCenter=500, WindowWidth=1000)
+    ds = pydicom.dcmread(half)
+    ds.add_new("RescaleSlope", "DS", None)
+    ds.save_as(half)
+    assert np.array_equal(read_image(half), read_image(write_dicom(tmp_path / "w.dcm", raw, RescaleSlope=1,
+                                                                   RescaleIntercept=-1000, WindowCenter=500,
+                                                                   WindowWidth=1000)))
     # PALETTE COLOR: indices 0..3 through 8-bit red/green/blue tables
     idx = (np.arange(16 * 16).reshape(16, 16) % 4).astype(np.uint8)
     tables = {"Red": [0, 255, 0, 0], "Green": [0, 0, 255, 0], "Blue": [0, 0, 0, 255]}
@@ -685,6 +695,11 @@ def test_dicom_negative_slope_window_empty_rescale_palette_and_enhanced_frames(t
     assert rgb.shape == (16, 16, 3)
     assert np.array_equal(rgb[idx == 1], np.tile([255, 0, 0], ((idx == 1).sum(), 1)))
     assert np.array_equal(rgb[idx == 3], np.tile([0, 0, 255], ((idx == 3).sum(), 1)))
+    # 8-bit entries stored in 16-bit words (pydicom returns uint16 values <= 255): scaled by the entries' depth
+    words = {f"{c}PaletteColorLookupTableDescriptor": [4, 0, 8] for c in tables}
+    words.update({f"{c}PaletteColorLookupTableData": np.asarray(v, "<u2").tobytes() for c, v in tables.items()})
+    wide = read_image(write_dicom(tmp_path / "c16.dcm", idx, photometric="PALETTE COLOR", bits_stored=8, **words))
+    assert np.array_equal(wide, rgb)
     # enhanced multi-frame: the shared group's rescale (-1024) and window (1000 +- 100), frame 2's own window
     frames = np.stack([raw, raw])
     path = write_dicom(tmp_path / "f.dcm", frames)
@@ -707,6 +722,12 @@ def test_dicom_negative_slope_window_empty_rescale_palette_and_enhanced_frames(t
         return np.round(np.clip((raw - 1024.0 - lo) / (hi - lo) * 255, 0, 255)).astype(np.uint8)
     assert np.array_equal(read_image(path, frame=0)[..., 0], window(1000, 200))
     assert np.array_equal(read_image(path, frame=1)[..., 0], window(1500, 3000))  # per frame before shared
+    one = write_dicom(tmp_path / "one.dcm", raw)  # a single-frame enhanced file: its one per-frame item counts
+    ds = pydicom.dcmread(one)
+    ds.SharedFunctionalGroupsSequence = Sequence([group(1000, 200, intercept=-1024)])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([group(1500, 3000)])
+    ds.save_as(one)
+    assert np.array_equal(read_image(one)[..., 0], window(1500, 3000))
 
 
 def test_a_compressed_dicom_without_its_decoder_says_so(tmp_path):
@@ -759,6 +780,9 @@ def test_dicom_is_detected_by_content_not_suffix(bundle, tmp_path):
         read_image(tmp_path / "nopreamble")
     with pytest.raises(EdgeKDError, match="upload: a DICOM data set without the Part 10 header"):
         read_image_bytes(nopre.read_bytes())
+    (tmp_path / "blob").write_bytes(b"\x08\x00\x05\x00" + b"\xff" * 28)  # starts like group 0008, nothing more
+    with pytest.raises(EdgeKDError, match="blob: not a supported image type"):
+        read_image(tmp_path / "blob")
 
 
 def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict(bundle, tmp_path):
