@@ -8,12 +8,12 @@ from edgekd.errors import EdgeKDError
 
 def split_list(text: str | None, option: str | None = None) -> list[str] | None:
     """'a, b,c' -> ['a', 'b', 'c']; None or '' (the option not given) -> None. With `option` named, a blank item
-    beside others ('1,,8', ',onnx': an unset shell variable between commas) is an error naming it; without, dropped."""
+    beside others ('1,,8', ',onnx', 'onnx,': an unset shell variable) is an error naming it; without, dropped."""
     if not text:
         return None
     items = [t.strip() for t in text.split(",")]
     if option is not None and any(items) and not all(items):
-        raise EdgeKDError(f"{option} {text!r}: a blank item between commas (an unset variable?)")
+        raise EdgeKDError(f"{option} {text!r}: a blank item in the comma-separated list (an unset variable?)")
     return [t for t in items if t]
 
 

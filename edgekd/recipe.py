@@ -50,9 +50,9 @@ class DataConfig(Section):
     """The share of the train pool (what the test split leaves) held out as the val split when one is carved: a source
     without a val split, or split stratified / patient; not with `folds`. Must be > 0 then."""
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-    """The share of the images held out as the test split when the source has none: under split `given` only for a
-    source without any splits (an ImageFolder without split folders, a CSV without a split column). A given test split
-    is always kept. Must be > 0 then."""
+    """The share held out as the test split when the source has none: of all the images for a source without splits
+    (an ImageFolder without split folders, a CSV without a split column), of the train split for one with train (and
+    val) splits but no test split. A given test split is always kept. Must be > 0 then."""
     fold: int | None = None
     """With `folds`, which fold of a stratified (group) k-fold is the validation split."""
     folds: int | None = Field(None, ge=2)
@@ -146,7 +146,7 @@ class ModelConfig(Section):
     """Dropout before the classifier of a dropout_linear or mlp head."""
     head_hidden: int = 256
     """Hidden width of an mlp head."""
-    freeze_stages: int = Field(0, ge=0)
+    freeze_stages: int = 0
     """Freeze, for the whole run, the first N of timm's coarse parameter groups (stem, stage 1, ...: the model's
     group_matcher; 0: none). A model without a group_matcher is refused: use freeze_patterns."""
     freeze_patterns: list[str] = []
@@ -235,13 +235,6 @@ class LossConfig(Section):
     def _alpha_in_range(cls, v: Any) -> Any:
         return check_focal_alpha(v)
 
-    @model_validator(mode="after")
-    def _one_class_weighting(self) -> "LossConfig":
-        if self.name == "focal" and self.alpha is not None and self.class_weights:  # alpha won, without a word
-            raise ValueError("focal loss weights classes by alpha or by class_weights: give one (with alpha set, "
-                             "class_weights did nothing)")
-        return self
-
 
 class EarlyStopConfig(Section):
     patience: int | None = Field(None, ge=1)
@@ -289,8 +282,8 @@ class TrainConfig(Section):
     swa: SWAConfig = SWAConfig()
     """Stochastic weight averaging (torch.optim.swa_utils): the averaged weights become best.pt if they beat the best
     epoch on `monitor`."""
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`/`cuda:N`, or torch's `mps`/`xpu` where the build has them."""
     deterministic: bool = True
     """cuDNN in deterministic mode with autotuning off (seeded CPU runs repeat exactly either way)."""
     threads: int | None = Field(None, ge=1)
@@ -370,7 +363,7 @@ class FocalTerm(Section):
     """The weight of class 1 in a binary task (class 0 gets 1 - alpha), or one weight per class."""
     class_weights: bool = False
     """The train split's balanced class weights serve as alpha (all 1 under data.balanced_sampler); not with
-    `alpha` (one weighting or the other)."""
+    `alpha` (one weighting or the other: a recipe with both is refused)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """The share of the target spread evenly over all classes."""
 
@@ -378,12 +371,6 @@ class FocalTerm(Section):
     @classmethod
     def _alpha_in_range(cls, v: Any) -> Any:
         return check_focal_alpha(v)
-
-    @model_validator(mode="after")
-    def _one_class_weighting(self) -> "FocalTerm":
-        if self.alpha is not None and self.class_weights:
-            raise ValueError("a focal term weights classes by alpha or by class_weights: give one")
-        return self
 
 
 class FeatureTerm(Section):
@@ -881,11 +868,28 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, option: st
     raw = _read_yaml_with_base(Path(path), seen=set())
     overrides = [overrides] if isinstance(overrides, str) else overrides or []
     try:
-        return recipe_from_dict(apply_overrides(raw, overrides, option), where=str(path))
+        recipe = recipe_from_dict(apply_overrides(raw, overrides, option), where=str(path))
     except EdgeKDError as err:
         if not overrides:
             raise
         raise _blame(raw, overrides, str(path), err, option) from None
+    refuse_new_run_traps(recipe, str(path))
+    return recipe
+
+
+def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
+    """Settings a run would take without doing what they say, refused in the recipes a user gives (`load_recipe`),
+    not in the ones embedded in checkpoints (a model trained under them still evaluates and exports): focal loss
+    with both `alpha` and `class_weights` (alpha won, without a word), a negative `model.freeze_stages`."""
+    focal = [("train.loss", recipe.train.loss)] if recipe.train.loss.name == "focal" else []
+    focal += [(f"distill.terms[{i}]", t) for i, t in enumerate(recipe.distill.terms if recipe.distill else [])
+              if t.kind == "focal"]
+    for key, loss in focal:
+        if loss.alpha is not None and loss.class_weights:
+            raise EdgeKDError(f"{where}: {key}: focal loss weights classes by alpha or by class_weights: give one "
+                              "(with alpha set, class_weights did nothing)")
+    if recipe.model.freeze_stages < 0:
+        raise EdgeKDError(f"{where}: model.freeze_stages must be >= 0 (got {recipe.model.freeze_stages})")
 
 
 def sections_turned_on(path: str | Path, overrides: list[str]) -> list[str]:

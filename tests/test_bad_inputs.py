@@ -101,7 +101,8 @@ BAD_IMAGES = {
     "decompression_bomb": (lambda p: png_with_header_size(p, 20000, 20000), ".png", "pixel limit"),
     "multi_page_tiff": (lambda p: _frames(p), ".tif", "a TIFF of 3 pages"),
     "animated_gif": (lambda p: _frames(p), ".gif", "a GIF of 3 frames"),
-    "dicom_report": (lambda p: _dicom_report(p), ".dcm", "a DICOM without pixel data (Secondary Capture Image Storage, Modality SR)"),
+    "dicom_report": (lambda p: _dicom_report(p), ".dcm",
+                     "a DICOM without pixel data (Secondary Capture Image Storage, Modality SR)"),
     "dicom_file_set_index": (lambda p: _dicomdir(p), "", "a DICOMDIR (the index of a DICOM file set), not an image"),
     "dicom_truncated_header": (lambda p: _dicom_truncated_header(p), ".dcm", "a DICOM header without pixel data or SOP "
                                "class: a truncated file"),
@@ -392,7 +393,10 @@ def test_train_skips_bad_images_and_trains_on_unusual_ones(tmp_path, capsys):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["bad_files"]) == 1  # the file and why: a cine or a report had read as "unreadable" alone
     assert metrics["bad_files"][0].startswith(f"{root / 'train' / 'a' / 'broken.jpg'}: ")
-    assert "truncated" in metrics["bad_files"][0] or "image" in metrics["bad_files"][0].split(": ", 1)[1]
+    from edgekd.imageio import read_image
+    with pytest.raises(EdgeKDError) as why:
+        read_image(root / "train" / "a" / "broken.jpg")
+    assert metrics["bad_files"] == [str(why.value)]  # the decoder's own line, the file named first
     assert metrics["test"]["n"] == 6 + len(ODD_IMAGES)
     assert "skipped 1 unreadable image(s)" in err and "broken.jpg" in err  # it was in metrics.json alone
     assert "; metrics.json lists them with their reasons (bad_files)" in err
@@ -985,7 +989,7 @@ PREDICT_OPTION_CASES = {
     "bad_out_suffix": (["--out", "{t}/pred.xlsx"], "must end with .csv or .json"),
     "unknown_tta_view": (["--views", "original,mirror"], "mirror"),
     "blank_tta_views": (["--views", ""], "--views '': nothing given"),  # had run without TTA
-    "blank_item_in_views": (["--views", "hflip,,vflip"], "--views 'hflip,,vflip': a blank item between commas"),
+    "blank_item_in_views": (["--views", "hflip,,vflip"], "--views 'hflip,,vflip': a blank item in the comma-sep"),
     "views_with_no_tta": (["--no-tta", "--views", "hflip"], "--views with --no-tta"),  # --views had won silently
 }
 

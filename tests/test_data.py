@@ -86,6 +86,15 @@ def test_given_train_and_val_folders_without_a_test_folder_get_a_carved_test_spl
     assert counts["val"] == [3, 3] and counts["test"] == [2, 2] and counts["train"] == [8, 8]
     with pytest.raises(EdgeKDError, match="data.test_fraction must be > 0 when the source has no test split"):
         build_data(recipe(source="imagefolder", path=str(root), test_fraction=0.0))
+    # a checkpoint of such a source from before the carve recorded no test split: its test split now holds images
+    # it trained on, refused (not scored silently)
+    from edgekd.data import check_trained_splits
+
+    rec = recipe(source="imagefolder", path=str(root), test_fraction=0.2)
+    old = {k: v for k, v in dm.split_fingerprint().items() if k != "test"}
+    with pytest.raises(EdgeKDError, match=r"test: 4 images carved now \(data.test_fraction\) from the train images, "
+                                          r"a split the run did not have"):
+        check_trained_splits({"recipe": rec.to_dict(), "data_splits": old}, dm, rec, "best.pt")
 
 
 def test_image_folder_class_names_order_the_folders_by_name(tmp_path):

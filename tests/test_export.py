@@ -272,8 +272,8 @@ def test_metric_images_leave_the_calibration_threshold_and_metrics_of_the_bundle
     fp16 = export_checkpoint(ckpt, tmp_path / "fp16", ["openvino"], ["fp16"], base, log=quiet)
     assert fp16.parity["inputs"] == 4 * len(base.tta.views) < 200
     fp16_card = (tmp_path / "fp16" / "card.md").read_text()
-    assert "With 24 inputs a single differing top-1 prediction fails the 99.50% top-1 limit: that takes 34 parity " \
-        "images, more than the val split's 24" in fp16_card  # not "more --parity-images": the split has no more
+    assert "With 24 inputs a single differing top-1 prediction fails the 99.50% top-1 limit: the 99.50% limit takes " \
+        "34 parity images, more than the val split's 24" in fp16_card  # not "more --parity-images": there are none
 
 
 def test_an_export_into_the_current_folder_is_refused_before_any_work(tmp_path, monkeypatch):

@@ -509,6 +509,10 @@ def test_an_exact_tie_of_the_monitor_goes_to_the_lower_val_loss(tiny_recipe_dict
     assert losses.index(min(losses)) > 0  # else the test could not tell the rules apart
     assert res.fit.best_epoch == losses.index(min(losses)) + 1
     assert load_checkpoint(res.best_path)["metrics"]["val_loss"] == pytest.approx(min(losses))
+    # a tie broken by the loss picks best.pt but is no improvement of the monitor: patience still runs out
+    res = train_recipe(recipe_from_dict(deep(tiny_recipe_dict, train__epochs=6, train__early_stop={"patience": 2})),
+                       tmp_path / "p", log=lambda s: None)
+    assert len(res.fit.history) == 3 and res.fit.stopped_early
 
 
 def test_plateau_scheduler_steps_on_its_own_monitor(tiny_recipe_dict, tmp_path):

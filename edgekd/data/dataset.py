@@ -341,9 +341,14 @@ def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,
     if not isinstance(trained, dict) or not same_split_settings(ckpt.get("recipe") or {}, recipe):
         return
     now = data.split_fingerprint()
-    changed = [s for s in splits if s in trained and trained[s] != now.get(s)]
+    # a split the run had not (train/ and val/ folders trained on before a missing test split was carved): carved
+    # now from the images it trained on
+    changed = [s for s in splits if (s in trained and trained[s] != now.get(s)) or (s not in trained and s in now)]
     if changed:
         def said(split: str) -> str:
+            if split not in trained:
+                return (f"{split}: {now[split].get('images')} images carved now (data.{split}_fraction) from the "
+                        "train images, a split the run did not have")
             n, then = now.get(split, {}).get("images", 0), trained[split].get("images")
             return (f"{split}: {n} images now, {then} at training" if n != then else
                     f"{split}: other images or labels, {n} as at training")

@@ -143,14 +143,9 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
         return table.subset(keep), table.subset(held)
 
     if "all" in tables:
-        pool = tables.pop("all")
-        if "test" not in tables:
-            if test_fraction <= 0:
-                raise EdgeKDError("data.test_fraction must be > 0 when the source has no test split")
-            pool, tables["test"] = carve(pool, test_fraction, "the test split")
-        tables["train"] = pool
-    elif "test" not in tables and "train" in tables:  # given train (and val) splits without a test split: it had
-        if test_fraction <= 0:                         # failed after training ("no 'test' split")
+        tables["train"] = tables.pop("all")
+    if "test" not in tables and "train" in tables:  # no splits, or given train (and val) without a test split (that
+        if test_fraction <= 0:                       # had failed after training: "no 'test' split")
             raise EdgeKDError("data.test_fraction must be > 0 when the source has no test split")
         tables["train"], tables["test"] = carve(tables["train"], test_fraction, "the test split")
     if folds:

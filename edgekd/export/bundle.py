@@ -144,11 +144,14 @@ def _top1_resolution(parity: dict[str, Any]) -> str:
         return ""
     text = (f" With {inputs} inputs a single differing top-1 prediction fails the "
             f"{' / '.join(f'{t:.2%}' for t in limits)} top-1 limit: ")
-    images = math.ceil(inputs_for_one_flip(limits[0]) / max(len(parity.get("views") or [1]), 1))
+    views = max(len(parity.get("views") or [1]), 1)
     pool = parity.get("reference", {}).get("split_images", {}).get("val")
-    if pool is not None and images > pool:
-        return text + (f"that takes {images} parity images, more than the val split's {pool}, so a single near-tied "
-                       "input fails the gate at any `--parity-images` here.")
+    short = [(t, n) for t in limits if pool is not None and (n := math.ceil(inputs_for_one_flip(t) / views)) > pool]
+    if short:  # the strictest limits the val split cannot give room, whatever --parity-images says
+        return text + (f"the {' / '.join(f'{t:.2%}' for t, _ in short)} limit takes {short[-1][1]} parity images, "
+                       f"more than the val split's {pool}, so a single near-tied input fails it at any "
+                       "`--parity-images` here" + (f"; more parity images give the {limits[0]:.2%} limit room."
+                                                   if len(short) < len(limits) else "."))
     return text + "more parity images (`--parity-images`) give that gate room for one near-tied input."
 
 

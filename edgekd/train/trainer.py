@@ -93,6 +93,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise EdgeKDError(f"train.device={name} but CUDA is not available")
+    available = {"mps": lambda: torch.backends.mps.is_available(),
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}.get(name.split(":")[0])
+    if available is not None and not available():  # torch's own error had been a RuntimeError, exit 1
+        raise EdgeKDError(f"train.device={name} but this PyTorch build or machine has no {name.split(':')[0]} device")
     return torch.device(name)
 
 
@@ -300,17 +304,21 @@ class Trainer:
         self.resumed_from = (path, st.get("world_size"))  # absent from checkpoints before 2026-12-05
 
     # ----------------------------------------------------------------- loop
-    def _improved(self, value: float, loss: float | None = None) -> bool:
-        """Better than the best epoch's monitor by min_delta; or, the monitor tied exactly (a val AUC or ACC that
-        saturates on a small split: the first epoch at 1.0 had been kept, barely trained), a lower val loss."""
+    def _improved(self, value: float) -> bool:
+        """Better than the best epoch's monitor by min_delta (what early stopping's patience counts)."""
         delta = self.cfg.early_stop.min_delta
         if math.isnan(value):
             return False
-        if value == self.best_value and loss is not None and self.best_loss is not None:
-            return loss < self.best_loss
         if self.cfg.monitor_mode == "max":
             return value > self.best_value + delta
         return value < self.best_value - delta
+
+    def _breaks_tie(self, value: float, loss: float | None) -> bool:
+        """The monitor tied exactly with the best epoch's (a val AUC or ACC saturated on a small split: the first
+        epoch at 1.0 had been kept, barely trained) at a val loss lower by more than min_delta: this epoch becomes
+        best.pt, without resetting early stopping's patience (the monitor did not improve)."""
+        return (value == self.best_value and loss is not None and self.best_loss is not None
+                and loss < self.best_loss - self.cfg.early_stop.min_delta)
 
     def train_epoch(self, epoch: int, progress=None) -> dict[str, float]:
         self.model.train()
@@ -406,12 +414,11 @@ class Trainer:
         row["epoch_seconds"] = time.perf_counter() - t0
         monitor = monitored_value(row, self.cfg.monitor, "train.monitor", epoch)
         self._step_schedule(row, epoch)
-        improved = self._improved(monitor, row.get("val_loss"))
-        if improved:
-            self.best_value, self.best_epoch, self.bad_epochs = monitor, epoch + 1, 0
-            self.best_loss = row.get("val_loss")
-        else:
-            self.bad_epochs += 1
+        improved = self._improved(monitor)
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if improved or self._breaks_tie(monitor, row.get("val_loss")):
+            self.best_value, self.best_epoch, self.best_loss = monitor, epoch + 1, row.get("val_loss")
+            improved = True  # best.pt is written
         self.history.append(row)
         self.epoch = epoch + 1
         return row, improved
@@ -512,7 +519,7 @@ class Trainer:
         metrics = {f"val_{k}": v for k, v in val.items()}
         if self.is_main:
             self._save(self.out / "swa.pt", self.checkpoint_payload(swa_net.state_dict(), metrics, False))
-        used = self._improved(value, val.get("loss"))
+        used = self._improved(value) or self._breaks_tie(value, val.get("loss"))
         if used:
             self.best_value, self.best_epoch, self.best_loss = value, self.epoch, val.get("loss")
             self.model.load_state_dict(swa_net.state_dict())
