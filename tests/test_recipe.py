@@ -220,3 +220,22 @@ def test_a_runs_recipe_yaml_leaves_the_inferred_monitor_directions_unset():
     assert recipe_from_dict(recipe.to_dict()).digest() == recipe.digest()
     chosen = load_recipe(REPO / "recipes/demo/baseline.yaml", ["train.monitor_mode=min"])
     assert chosen.to_dict()["train"]["monitor_mode"] == "min"  # the recipe's own choice is kept
+
+
+def test_new_run_traps_are_refused_in_a_given_recipe_but_not_in_an_embedded_one(tmp_path):
+    """A checkpoint trained with focal alpha and class_weights (alpha won) must still evaluate and export: the
+    refusal is for new runs (load_recipe), not for recipe_from_dict of a checkpoint's embedded recipe."""
+    import yaml
+
+    from edgekd.errors import EdgeKDError
+    from edgekd.recipe import load_recipe, recipe_from_dict
+
+    raw = {"train": {"loss": {"name": "focal", "alpha": 0.25, "class_weights": True}}, "model": {"freeze_stages": -1}}
+    embedded = recipe_from_dict(raw)
+    assert embedded.train.loss.alpha == 0.25 and embedded.model.freeze_stages == -1
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(EdgeKDError, match=r"r.yaml: train.loss: focal loss weights classes by alpha or by "
+                                          r"class_weights: give one"):
+        load_recipe(tmp_path / "r.yaml")
+    with pytest.raises(EdgeKDError, match=r"model.freeze_stages must be >= 0 \(got -1\)"):
+        load_recipe(tmp_path / "r.yaml", ["train.loss.class_weights=false"])
