@@ -304,13 +304,12 @@ ENHANCED_FRAME_TAGS = {"PixelValueTransformationSequence": ("RescaleSlope", "Res
 
 
 def prepare_pixel_header(ds, frame: int | None) -> None:
-    """Make the header say what pydicom's modality and VOI functions read, in place: an enhanced (multi-frame) file's
-    rescale and window of `frame` (its per-frame functional group, else the shared one) become top-level tags, and
-    empty RescaleSlope/RescaleIntercept values (an identity rescale) are removed."""
+    """Make the header say what pydicom's modality and VOI functions read, in place: an enhanced file's rescale and
+    window of `frame` (its per-frame functional group, else the shared one) become top-level tags; an empty
+    RescaleSlope or RescaleIntercept takes its identity value (both empty: no rescale)."""
     index = frame or 0  # a single-frame enhanced file has its one per-frame item too
-    groups = [g[index] if g is not None and len(g) > index else None
-              for g in (ds.get("PerFrameFunctionalGroupsSequence"),)]
-    groups += [ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None]
+    per_frame, shared = ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")
+    groups = [per_frame[index] if per_frame and len(per_frame) > index else None, shared[0] if shared else None]
     for macro, tags in ENHANCED_FRAME_TAGS.items():
         item = next((g.get(macro)[0] for g in groups if g is not None and g.get(macro)), None)
         for tag in tags if item is not None else ():
