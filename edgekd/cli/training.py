@@ -112,8 +112,8 @@ def check(
 def eval_(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`; with "
                                       "--corruptions/--failures also an exported bundle."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's; "
-                                        "for a bundle's --corruptions also a labelled folder (DIR/<class name>/images)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's, "
+                                        "or on every image of a labelled folder (DIR/<class name>/images)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
     split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits: train,val,test (default: test)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: next to the checkpoint)."),
@@ -141,9 +141,9 @@ def eval_(
     splits, names, levels = _eval_options(split, corruptions, only, severities, failures,
                                           given={"--limit": limit, "--compare": compare, "--top": top}, folder=folder)
     bundle = is_bundle(checkpoint)
-    if folder is not None and (set_ or failures or not bundle):
-        raise EdgeKDError(f"--data {folder}: a folder serves a bundle's --corruptions; a checkpoint, --set and "
-                          "--failures take a data recipe")
+    if folder is not None and (set_ or failures or (bundle and not corruptions)):
+        raise EdgeKDError(f"--data {folder}: a labelled folder is scored by a checkpoint, or by a bundle's "
+                          "--corruptions; --set and --failures take a data recipe")
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
@@ -151,7 +151,9 @@ def eval_(
         check_source(other)
     wrote: list[str] = []  # said once every step has passed: a refusal half-way removes what came before it
     with removed_if_only(out, EVAL_FILES):  # a refusal half-way (a --compare of other classes): no new folder
-        if not bundle:
+        if not bundle and folder is not None:
+            wrote += _eval_folder(checkpoint, out, folder)
+        elif not bundle:
             wrote += _eval_checkpoint(checkpoint, out, data_recipe, splits)
         elif not (corruptions or failures):
             raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its "
@@ -231,12 +233,27 @@ def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str
 
     result = with_progress(lambda log, bar: evaluate_checkpoint(checkpoint, out, data_recipe, splits, progress=bar,
                                                                 log=log))
-    out_console.print(metrics_table(f"{checkpoint}", [{"model": result["model"], **result[s]} for s in splits]))
+    out_console.print(metrics_table(f"{checkpoint}", [{"model": result["model"], **result[s],
+                                                       "split": f"{s} ({result[s]['n']} images)"} for s in splits]))
     for s in splits:
         if result[s].get("warning"):
             console.print(f"[yellow]warning:[/] {escape(result[s]['warning'])}")
     return [str(out / name) for name in ("metrics.json", *(f"{kind}_{s}.png" for s in splits
                                                           for kind in ("confusion", "roc")))]
+
+
+def _eval_folder(checkpoint: Path, out: Path, folder: Path) -> list[str]:
+    """`edgekd eval CHECKPOINT --data DIR`: every image of the labelled folder, one row."""
+    from edgekd.robustness.evaluate import evaluate_on_folder
+
+    with console.status(f"scoring {checkpoint} on {folder} ..."):
+        result = evaluate_on_folder(checkpoint, out, folder)
+    row = result["folder"]
+    out_console.print(metrics_table(f"{checkpoint} on {folder}", [{"model": result["model"], **row,
+                                                                   "split": f"{folder} ({row['n']} images)"}]))
+    if row.get("warning"):
+        console.print(f"[yellow]warning:[/] {escape(row['warning'])}")
+    return [str(out / name) for name in ("metrics.json", "confusion_folder.png", "roc_folder.png")]
 
 
 def _eval_continual(checkpoint: Path, out: Path, splits: tuple[str, ...], data_recipe) -> None:

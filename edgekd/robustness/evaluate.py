@@ -167,6 +167,21 @@ def load_folder_images(folder: str | Path, class_names: list[str],
     return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names)
 
 
+def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Path) -> dict[str, Any]:
+    """`edgekd eval CHECKPOINT --data DIR`: every image of a labelled folder (DIR/<class name>/..., new images kept
+    apart from the training data) scored by the checkpoint with its own eval transform; metrics.json and plots as
+    `evaluate_checkpoint` writes them, the split named `folder`."""
+    from edgekd.metrics.report import evaluation_report
+
+    predictor = checkpoint_predictor(checkpoint)
+    images, labels, names = load_folder_images(folder, predictor.class_names)
+    report = evaluation_report(labels, predictor.predict(images), names, out, "folder", predictor.model)
+    result = {"checkpoint": str(checkpoint), "model": predictor.model, "role": predictor.role,
+              "dataset": str(folder), "folder": report}
+    write_json(Path(out) / "metrics.json", result)
+    return result
+
+
 def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray], labels: np.ndarray,
                        corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
                        log: Callable[[str], None] = print, progress=None) -> list[dict[str, Any]]:
