@@ -110,6 +110,10 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
         out["warning"] = (f"every val image is right, so the NLL keeps falling as T shrinks: T stopped near its "
                           f"{T_BOUNDS[0]:g} bound ({temperature:.3g}) and calibrated probabilities sit at 0 and 1; a "
                           "val split the model makes mistakes on (more images, or harder ones) calibrates")
+    elif method == "temperature" and temperature > T_BOUNDS[1] * 0.95:
+        out["warning"] = (f"T stopped near its {T_BOUNDS[1]:g} bound ({temperature:.3g}): the model's scores barely "
+                          "follow the val labels, so calibrated probabilities sit near 1/classes and carry little; "
+                          "train it further before trusting them")
     if bias is not None:
         out["bias"] = bias
     for split, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels)):
