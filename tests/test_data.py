@@ -97,6 +97,37 @@ def test_given_train_and_val_folders_without_a_test_folder_get_a_carved_test_spl
         check_trained_splits({"recipe": rec.to_dict(), "data_splits": old}, dm, rec, "best.pt")
 
 
+def test_a_folder_of_dicom_files_is_split_by_their_patient_ids(tmp_path):
+    """A PACS export's DICOM files carry PatientID: a folder of them was split by image, every test patient also in
+    train, without a word. Every file with one: split by patient (as a CSV's patient_id); only some: a warning."""
+    from test_runtime import write_dicom  # imported here: at module level pytest would collect its tests twice
+
+    root = tmp_path / "dcm"
+    for c, name in enumerate(("normal", "pneumonia")):
+        (root / name).mkdir(parents=True)
+        for patient in range(6):
+            for k in range(3):
+                pixels = np.full((16, 16), 1000 * (c + 1) + 37 * patient + k, dtype=np.uint16)
+                write_dicom(root / name / f"1.2.{c}.{patient}.{k}", pixels, PatientID=f"P{c}{patient}")
+    dm = build_data(recipe(source="imagefolder", path=str(root), val_fraction=0.2, test_fraction=0.2))
+    patients = {split: set(t.groups.tolist()) for split, t in dm.tables.items()}
+    assert all(len(ids) >= 2 for ids in patients.values())
+    assert not (patients["train"] & patients["test"]) and not (patients["train"] & patients["val"])
+    assert not (patients["val"] & patients["test"]) and dm.notes == []
+    # one file without a PatientID: by image again, and said
+    write_dicom(root / "normal" / "1.9", np.zeros((16, 16), np.uint16))
+    dm = build_data(recipe(source="imagefolder", path=str(root), val_fraction=0.2, test_fraction=0.2))
+    assert dm.tables["train"].groups is None
+    assert dm.notes == ["36 of the 37 images are DICOM files with a PatientID, the others have none: the split is "
+                        "by image, so a patient may be in two splits (give every file its PatientID, "
+                        "data.patient_pattern, or a CSV manifest with a patient_id column)"]
+    from edgekd.train import warn_about_data
+
+    said: list[str] = []
+    warn_about_data(dm, said.append)
+    assert said[0] == f"warning: {dm.notes[0]}"  # what `edgekd train` and `check` print
+
+
 def test_image_folder_class_names_order_the_folders_by_name(tmp_path):
     root = write_image_folder(tmp_path / "imgs", n_per_class=10)
     src = load_source("imagefolder", str(root))

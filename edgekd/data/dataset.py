@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -155,6 +155,8 @@ class DataModule:
     seed: int
     bad_files: list[str]
     """The images left out (on_bad_image: skip), each as its error line: the path, then why."""
+    notes: list[str] = field(default_factory=list)
+    """What the run should warn of about its data beyond bad files and lost classes (`warn_about_data`)."""
 
     @property
     def num_classes(self) -> int:
@@ -373,7 +375,18 @@ def build_data(recipe) -> DataModule:
     if tables["train"].labels.max() >= len(names):
         raise EdgeKDError(f"data: label {tables['train'].labels.max()} exceeds the {len(names)} class names")
     return DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
-                      augment=recipe.augment, seed=recipe.seed, bad_files=bad)
+                      augment=recipe.augment, seed=recipe.seed, bad_files=bad, notes=patient_notes(source, cfg))
+
+
+def patient_notes(source, cfg) -> list[str]:
+    """A warning when some of a folder's DICOM files carry a PatientID but not every image does: the split is then
+    by image, and one patient's images may land in two splits."""
+    partial = source.info.get("dicom_patients_partial")
+    if not partial or cfg.patient_pattern:
+        return []
+    return [f"{partial[0]} of the {partial[1]} images are DICOM files with a PatientID, the others have none: the "
+            "split is by image, so a patient may be in two splits (give every file its PatientID, data.patient_pattern, "
+            "or a CSV manifest with a patient_id column)"]
 
 
 def split_tables(recipe) -> tuple[dict[str, Table], list[str], Source]:
@@ -384,6 +397,8 @@ def split_tables(recipe) -> tuple[dict[str, Table], list[str], Source]:
     tables, names = source.tables, source.class_names
     if cfg.patient_pattern:
         tables = patients_from_names(tables, cfg.patient_pattern, cfg.path)
+    elif "dicom_patients" in source.info:  # a folder of DICOM files: their PatientID tags
+        tables = {split: replace(t, groups=source.info["dicom_patients"][split]) for split, t in tables.items()}
     skipped = source.info.get("skipped_ids")
     if skipped and not cfg.classes:
         shown = ", ".join(map(str, skipped[:8])) + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")

@@ -189,7 +189,29 @@ def load_imagefolder(path: str | Path) -> Source:
         tables[split] = Table(labels=np.asarray(labels, dtype=np.int64), paths=paths)
     # Folder names are the labels: data.class_names orders them by name and must list exactly these folders.
     return Source(name=root.name, tables=tables, class_names=class_names,
-                  info={"named_labels": True, "label_source": "class folders"})
+                  info={"named_labels": True, "label_source": "class folders", **dicom_patients(tables)})
+
+
+def dicom_patients(tables: dict[str, Table]) -> dict[str, Any]:
+    """The patients of a folder of DICOM files, from each file's PatientID tag: {"dicom_patients": {split: ids}}
+    when every image is a DICOM file with one (split_tables then splits by patient, as a CSV's patient_id column);
+    {"dicom_patients_partial": (with, images)} when only some are; {} for a folder without DICOM files. Only files
+    without a Pillow image suffix are opened (a PNG folder costs nothing)."""
+    from edgekd.imageio import PILLOW_FORMATS, dicom_header, is_dicom
+
+    paths = [p for t in tables.values() for p in t.paths or []]
+    candidates = [p for p in paths if Path(p).suffix.lower() not in PILLOW_FORMATS and is_dicom(p)]
+    if not candidates:
+        return {}
+    ids: dict[str, str] = {}
+    for p in candidates:
+        try:
+            ids[p] = str(dicom_header(Path(p)).get("PatientID", "") or "").strip()
+        except EdgeKDError:  # an unreadable file is named when it is decoded (data.on_bad_image)
+            ids[p] = ""
+    if len(candidates) == len(paths) and all(ids.values()):
+        return {"dicom_patients": {split: np.asarray([ids[p] for p in t.paths]) for split, t in tables.items()}}
+    return {"dicom_patients_partial": (sum(bool(v) for v in ids.values()), len(paths))}
 
 
 def load_csv(path: str | Path) -> Source:

@@ -162,6 +162,8 @@ def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = 
     lacks (a small data.limit, a rare class): never learned, or its AUC there undefined. `listed` says where the
     skipped files are listed (`edgekd check` writes no metrics.json); `own`: a continual task's [lo, hi) of the
     class list, the classes it is meant to hold (the others are other tasks')."""
+    for note in getattr(data, "notes", []):
+        log(f"warning: {note}")
     if data.bad_files:
         log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "
             f"{data.bad_files[0]}; {listed} them with their reasons (bad_files)")
