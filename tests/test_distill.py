@@ -696,6 +696,22 @@ def test_report_rows_of_one_recipe_and_seed_are_named_apart():
     assert all("/" not in n for n in names)  # they name the confusion PNG files
 
 
+def test_a_report_row_is_named_after_the_data_it_scored(tiny_recipe_dict, tmp_path):
+    """`report --set data.path=other.npz` scored the other file but named (and grouped) the row after the training
+    set, so two models scored on one file sat in two tables; `eval` named it right."""
+    import shutil
+
+    from edgekd.distill.report import evaluate_for_report
+    from edgekd.train import train_recipe
+
+    run = train_recipe(recipe_from_dict(tiny_recipe_dict), tmp_path / "run", log=lambda s: None)
+    other = tmp_path / "othermnist.npz"
+    shutil.copy(tiny_recipe_dict["data"]["path"], other)
+    own = evaluate_for_report(run.best_path, "test")
+    moved = evaluate_for_report(run.best_path, "test", [f"data.path={other}"])
+    assert own["dataset"] != "othermnist" and moved["dataset"] == "othermnist"
+
+
 def test_a_report_of_rows_scored_on_different_images_says_so():
     """`edgekd report` put a 40-image and an 80-image test set in one table without a word (and dropped the DeLong
     test silently)."""

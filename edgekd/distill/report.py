@@ -66,7 +66,7 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
     probs = softmax(logits)
     return {
         "checkpoint": str(checkpoint), "name": recipe.name, "role": ckpt.get("role", recipe.role), "seed": recipe.seed,
-        "model": ckpt["arch"]["name"], "dataset": ckpt.get("dataset", data.source_name), "split": split,
+        "model": ckpt["arch"]["name"], "dataset": data.source_name, "split": split,  # the data scored (--set)
         "input_size": ckpt["preprocess"]["input_size"], "params": count_parameters(model),
         "macs": count_macs(model.cpu(), tuple(ckpt["preprocess"]["input_size"])),
         "teacher": (ckpt.get("distill") or {}).get("teacher"),
