@@ -18,14 +18,16 @@ def progress_task(progress, description: str, total: int | None) -> Iterator[Cal
     if progress is None:
         yield _no_progress
         return
-    task = progress.add_task(description, total=total)
+    from rich.markup import escape  # descriptions name models and paths, which may hold [brackets]
+
+    task = progress.add_task(escape(description), total=total)
     done = 0
 
     def advance(n: int = 1, description: str | None = None) -> None:
         nonlocal done
         step = n if total is None else max(0, min(n, total - done))
         done += step
-        progress.update(task, advance=step, **({"description": description} if description else {}))
+        progress.update(task, advance=step, **({"description": escape(description)} if description else {}))
 
     try:
         yield advance

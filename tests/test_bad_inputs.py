@@ -806,8 +806,9 @@ def test_eval_refuses_data_with_another_class_count(trained, tmp_path, capsys):
 def test_eval_refuses_a_bad_compare_before_writing(trained, tmp_path, capsys):
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "adir").mkdir()
-    for bad, words in ((tmp_path / "empty.pt", "empty.pt"), (tmp_path / "adir", "not an edgekd bundle"),
-                       (tmp_path / "none.pt", "no such checkpoint or bundle")):
+    for bad, words in ((tmp_path / "empty.pt", "empty.pt"),
+                       (tmp_path / "adir", "not a checkpoint, run directory (holding best.pt) or bundle"),
+                       (tmp_path / "none.pt", "no such checkpoint, run directory or bundle")):
         assert_refused(invoke(capsys, "eval", trained["ckpt"], "--corruptions", "--compare", bad,
                               "--out", tmp_path / "ev"), words)
         assert not (tmp_path / "ev").exists()

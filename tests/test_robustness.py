@@ -216,6 +216,26 @@ def test_multi_head_checkpoints_are_refused_and_single_head_continual_ones_need_
         evaluate._recipe_of_first_checkpoint([tmp_path / "model.pt"])
 
 
+def test_compare_takes_a_run_folder_and_refuses_a_multi_head_model_before_any_output(tiny_run, tmp_path):
+    """`--compare RUN_DIR` was refused ("a folder that is not an edgekd bundle") though the corruption eval reads a
+    run folder's best.pt; a multi-head --compare was refused only after the main evaluation had printed its table."""
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.train.checkpoint import save_checkpoint
+
+    res = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--compare", str(tiny_run.parent), "--only",
+                                   "contrast", "--severities", "1", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    ckpt = load_checkpoint(tiny_run)
+    save_checkpoint(tmp_path / "multi.pt", {**{k: v for k, v in ckpt.items() if k != "format"},
+                                            "continual": {"head": "multi", "tasks": []}})
+    res = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--compare", str(tmp_path / "multi.pt"),
+                                   "--out", str(tmp_path / "ev2")])
+    assert res.exit_code != 0 and "one head per task" in str(res.exception)
+    assert "acc" not in res.output and not (tmp_path / "ev2").exists()  # no table printed before the refusal
+
+
 def test_two_sources_with_one_model_name_stay_two_rows(tiny_run, tmp_path):
     """`eval A --corruptions --compare B` of two checkpoints of one architecture and role (two seeds, two
     versions) had merged them into one row of the summary: A's clean figures, the corrupted ones averaged over

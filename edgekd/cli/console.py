@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgekd import __version__
 
@@ -113,10 +115,16 @@ def progress_bar():
                     console=console, transient=True, disable=not console.is_terminal)
 
 
+def plain_log(printer) -> Callable[[str], None]:
+    """A library's log line printed as it is: its model names and paths may hold [brackets], which rich would read as
+    markup (a `--compare` of two runs of one model, labelled `name [path]`, had failed with a MarkupError)."""
+    return lambda line: printer(escape(str(line)))
+
+
 def with_progress(run):
     """`run(log, progress)` under the progress bar; `log` prints above the bar on a terminal."""
     with progress_bar() as progress:
-        return run(progress.console.print if progress.console.is_terminal else console.print, progress)
+        return run(plain_log(progress.console.print if progress.console.is_terminal else console.print), progress)
 
 
 def _quiet(*_args, **_kwargs) -> None:

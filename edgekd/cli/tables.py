@@ -11,13 +11,13 @@ from edgekd.errors import printable
 
 def metrics_table(title: str, rows: list[dict], keys=("acc", "balanced_acc", "auc", "f1", "sensitivity",
                                                     "specificity", "pr_auc", "pauc")) -> RichTable:
-    table = RichTable(title=title)
+    table = RichTable(title=escape(title))  # titles name paths, which may hold [brackets]
     table.add_column("model")
     table.add_column("split")
     for k in keys:
         table.add_column({"f1": "f1 (macro)"}.get(k, k), justify="right")
     for r in rows:
-        table.add_row(r["model"], r["split"], *[_fmt(r.get(k)) for k in keys])
+        table.add_row(escape(str(r["model"])), escape(str(r["split"])), *[_fmt(r.get(k)) for k in keys])
     return table
 
 
@@ -32,8 +32,8 @@ def _fmt(v) -> str:
 def continual_table(title: str, result) -> RichTable:
     """Accuracy after each task (rows) on each task (columns), then average accuracy, forgetting, BWT."""
     s = result.summary
-    table = RichTable(title=f"{title}: {s['method']}{' + BN freeze' if s['bn_freeze'] else ''}, {s['head']} head "
-                            f"({s['eval_split']} accuracy)")
+    table = RichTable(title=escape(f"{title}: {s['method']}{' + BN freeze' if s['bn_freeze'] else ''}, "
+                                   f"{s['head']} head ({s['eval_split']} accuracy)"))
     table.add_column("after task")
     for name in result.task_names:
         table.add_column(name, justify="right")
@@ -48,11 +48,11 @@ def continual_table(title: str, result) -> RichTable:
 
 def robustness_table(summary: list[dict], title: str) -> RichTable:
     names = list(summary[0]["per_corruption_acc"]) if summary else []
-    table = RichTable(title=title)
+    table = RichTable(title=escape(title))
     for col in ("model", "format", "clean acc", *names, "mean corr. acc", "rel. to clean"):
         table.add_column(col.replace("_", " "), justify="left" if col in ("model", "format") else "right")
     for r in summary:
-        table.add_row(f"{r['model']} ({r['role']})", f"{r['format']}/{r['precision']}", _fmt(r["clean_acc"]),
+        table.add_row(escape(f"{r['model']} ({r['role']})"), f"{r['format']}/{r['precision']}", _fmt(r["clean_acc"]),
                       *[_fmt(r["per_corruption_acc"][n]) for n in names], _fmt(r["mean_corruption_acc"]),
                       f"{r['relative_acc']:.1%}")
     return table
@@ -63,7 +63,7 @@ def parity_table(title: str, result) -> RichTable:
     from edgekd.export import metric_subset_reference  # the torch side: only export and update print this table
 
     split = result.parity["metric_split"]
-    table = RichTable(title=f"{title}: parity with PyTorch ({result.parity['inputs']} inputs)")
+    table = RichTable(title=escape(f"{title}: parity with PyTorch ({result.parity['inputs']} inputs)"))
     for col in ("format", "precision", "size MB", "max abs diff", "mean abs diff", "top-1 agree",
                 f"{split} acc", "test acc", "test auc", "result"):
         table.add_column(col, justify="left" if col in ("format", "precision", "result") else "right")
@@ -93,7 +93,7 @@ def task_predictions_table(title: str, runner, results: list) -> RichTable:
     """A multi-head bundle's predictions, every task's label and probability side by side."""
     from edgekd.runtime import Failure
 
-    table = RichTable(title=f"{title}: {runner.info['format']} {runner.precision}, one head per task")
+    table = RichTable(title=escape(f"{title}: {runner.info['format']} {runner.precision}, one head per task"))
     table.add_column("file")
     for name, _ in runner.tasks:
         table.add_column(f"{name} label")
@@ -113,11 +113,11 @@ def predictions_table(title: str, runner, results: list, precision: str, tta_opt
     calibrated = runner.temperature != 1.0 or runner.bias is not None
     rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.6g}" if runner.threshold is not None
             else "")  # 6 significant digits: a 0.99999 threshold is not shown as 1.0000
-    table = RichTable(title=f"{title}: {runner.info['format']} {precision}"
-                            + (f", task {runner.task}" if runner.task else "")
-                            + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else "")
-                            + (f", calibrated (T={runner.temperature:.3g}{', Platt' if runner.bias else ''})" if calibrated else "")
-                            + rule)
+    table = RichTable(title=escape(f"{title}: {runner.info['format']} {precision}"
+                                   + (f", task {runner.task}" if runner.task else "")
+                                   + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else "")
+                                   + (f", calibrated (T={runner.temperature:.3g}{', Platt' if runner.bias else ''})"
+                                      if calibrated else "") + rule))
     raw_cols = ["p(label) uncal."] if calibrated else []  # every class's uncalibrated probability: --out
     for col in ("file", "label", "p(label)", *raw_cols, *names):
         table.add_column(col, justify="left" if col in ("file", "label") else "right")

@@ -10,7 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table as RichTable
 
-from edgekd.cli.console import STATE, _quiet, console, out_console, progress_bar, torchrun_worker, with_progress
+from edgekd.cli.console import (STATE, _quiet, console, out_console, plain_log, progress_bar, torchrun_worker,
+                                with_progress)
 from edgekd.cli.tables import continual_table, metrics_table, robustness_table
 from edgekd.errors import EdgeKDError
 from edgekd.options import int_list, split_list
@@ -50,7 +51,7 @@ def train(
     # A run refused before it wrote anything but its recipe (e.g. a monitor NaN at epoch 1) leaves no folder behind.
     with removed_if_only(out, ("recipe.yaml",)), distributed_session(rec.train.device), progress_bar() as progress:
         main = is_main_process()
-        log = (progress.console.print if progress.console.is_terminal else console.print) if main else _quiet
+        log = plain_log(progress.console.print if progress.console.is_terminal else console.print) if main else _quiet
         if folds is not None:
             from edgekd.pipeline import run_folds
             summary = run_folds(rec, out, folds, log=log, progress=progress if main else None, recipe_path=recipe,
@@ -133,8 +134,8 @@ def eval_(
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
-    from edgekd.bench.run import check_source
     from edgekd.fileio import refuse_output_inside, removed_if_only
+    from edgekd.robustness.evaluate import check_predictor_source
     from edgekd.runtime import is_bundle
 
     folder = data if data is not None and data.is_dir() else None
@@ -147,8 +148,8 @@ def eval_(
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
-    for other in compare:  # a bad --compare is refused before the main evaluation writes anything
-        check_source(other)
+    for other in compare:  # a bad --compare is refused before the main evaluation writes (or prints) anything
+        check_predictor_source(other)
     wrote: list[str] = []  # said once every step has passed: a refusal half-way removes what came before it
     with removed_if_only(out, EVAL_FILES):  # a refusal half-way (a --compare of other classes): no new folder
         if not bundle and folder is not None:
@@ -175,7 +176,7 @@ def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: in
     """`edgekd eval --failures`: the top confused pairs printed; the files it wrote."""
     from edgekd.robustness.evaluate import run_failure_analysis
 
-    res = run_failure_analysis(checkpoint, out, data_recipe, split, top, log=console.print)
+    res = run_failure_analysis(checkpoint, out, data_recipe, split, top, log=plain_log(console.print))
     for p in res["pairs"]:
         out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
                           f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")

@@ -44,6 +44,31 @@ class Predictor:
         return f"{self.model} ({self.role}) {self.format}/{self.precision}"
 
 
+MIXED_HEADS = ("one head per task; corruption eval and failure analysis score one softmax over the model's outputs, "
+               "which would mix the tasks' heads")
+
+
+def check_predictor_source(src: str | Path) -> None:
+    """What `predictors_for` refuses, said before any work (a bad --compare had been refused after the main
+    evaluation printed its table): a checkpoint, run directory (its best.pt) or bundle that opens, and one softmax
+    over its outputs (not one head per task)."""
+    from edgekd.runtime import open_bundle
+    from edgekd.train.checkpoint import load_checkpoint
+
+    src = Path(src)
+    if not src.exists():
+        raise EdgeKDError(f"{src}: no such checkpoint, run directory or bundle")
+    if is_bundle(src):
+        if open_bundle(src).tasks:
+            raise EdgeKDError(f"{src}: a bundle with {MIXED_HEADS}")
+        return
+    ckpt_path = src / "best.pt" if src.is_dir() and (src / "best.pt").is_file() else src
+    if not ckpt_path.is_file():
+        raise EdgeKDError(f"{src}: not a checkpoint, run directory (holding best.pt) or bundle")
+    if (load_checkpoint(ckpt_path).get("continual") or {}).get("head") == "multi":
+        raise EdgeKDError(f"{ckpt_path}: {MIXED_HEADS} (`edgekd eval` without them scores it per task)")
+
+
 def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
     """A checkpoint with its own recipe's eval transform (decoded uint8 image -> normalized tensor)."""
     import torch
@@ -54,9 +79,7 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
 
     model, ckpt = model_from_checkpoint(path)
     if (ckpt.get("continual") or {}).get("head") == "multi":
-        raise EdgeKDError(f"{path}: one head per task; corruption eval and failure analysis score one softmax over "
-                          "the model's outputs, which would mix the tasks' heads (`edgekd eval` without them scores "
-                          "it per task)")
+        raise EdgeKDError(f"{path}: {MIXED_HEADS} (`edgekd eval` without them scores it per task)")
     recipe = recipe_from_dict(ckpt["recipe"], where=f"{path} (embedded recipe)")
     transform = build_transforms(recipe.data, [], train=False)
 
@@ -81,8 +104,7 @@ def bundle_predictors(path: str | Path, artifacts: Sequence[str] | None = None, 
 
     bundle = open_bundle(path)
     if bundle.tasks:
-        raise EdgeKDError(f"{path}: a bundle with one head per task; corruption eval and failure analysis score one "
-                          "softmax over the model's outputs, which would mix the tasks' heads")
+        raise EdgeKDError(f"{path}: a bundle with {MIXED_HEADS}")
     wanted = [tuple(a.split("/", 1)) for a in artifacts] if artifacts else [(a.format, a.precision)
                                                                           for a in bundle.artifacts]
     predictors = []
