@@ -803,6 +803,12 @@ def test_eval_refuses_data_with_another_class_count(trained, tmp_path, capsys):
     assert not (tmp_path / "ev").exists()
 
 
+def test_eval_of_a_bundle_with_set_but_no_data_recipe_says_what_to_give(bundle, tmp_path, capsys):
+    assert_refused(invoke(capsys, "eval", bundle, "--set", "data.limit=50", "--failures", "--out", tmp_path / "ev"),
+                   "is a bundle, which holds no recipe to override: give --data RECIPE")
+    assert not (tmp_path / "ev").exists()
+
+
 def test_eval_refuses_a_bad_compare_before_writing(trained, tmp_path, capsys):
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "adir").mkdir()

@@ -283,7 +283,12 @@ def _data_recipe(checkpoint: Path, data: Optional[Path], set_: list[str]):
         return load_recipe(data, set_)
     if set_:
         from edgekd.recipe import apply_overrides, recipe_from_dict
+        from edgekd.runtime import is_bundle
         from edgekd.train.checkpoint import load_checkpoint
+
+        if is_bundle(checkpoint):  # it had said "an exported bundle, not a checkpoint file"
+            raise EdgeKDError(f"--set: {checkpoint} is a bundle, which holds no recipe to override: give --data "
+                              "RECIPE (--set then overrides it)")
 
         return recipe_from_dict(apply_overrides(load_checkpoint(checkpoint)["recipe"], set_), str(checkpoint))
     return None
