@@ -114,6 +114,11 @@ def test_a_folder_of_dicom_files_is_split_by_their_patient_ids(tmp_path):
     assert all(len(ids) >= 2 for ids in patients.values())
     assert not (patients["train"] & patients["test"]) and not (patients["train"] & patients["val"])
     assert not (patients["val"] & patients["test"]) and dm.notes == []
+    (root / "normal" / "notes.txt").write_text("reading notes")  # not an image: left out, and said
+    dm = build_data(recipe(source="imagefolder", path=str(root), val_fraction=0.2, test_fraction=0.2))
+    assert dm.notes == [f"1 file(s) in the class folders are not images and are left out (neither an image suffix "
+                        f"nor DICOM, or a DICOMDIR), e.g. {root / 'normal' / 'notes.txt'}"]
+    (root / "normal" / "notes.txt").unlink()
     # one file without a PatientID: by image again, and said
     write_dicom(root / "normal" / "1.9", np.zeros((16, 16), np.uint16))
     dm = build_data(recipe(source="imagefolder", path=str(root), val_fraction=0.2, test_fraction=0.2))

@@ -175,9 +175,14 @@ def _predict_inputs(inputs: list[str], frame: int | None) -> tuple[list, list[tu
     if repeated:  # a link in a folder to a file also given: one row, said (the link had vanished without a word)
         console.print(f"note: {len(repeated)} input(s) reach a file already given (twice, or through a link), "
                       f"predicted once, e.g. {escape(str(repeated[0]))}", soft_wrap=True)
-    if left_out:  # a clinic export's odd names (a PNG without suffix) would otherwise go unnoticed
-        console.print(f"note: {len(left_out)} file(s) in the folders given are not read: neither an image suffix "
-                      f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor DICOM, e.g. {escape(str(left_out[0]))}",
+    indexes = [p for p in left_out if "DICOMDIR" in (p.name.upper(), p.stem.upper())]
+    others = [p for p in left_out if p not in indexes]
+    if indexes:  # a DICOM file set's index: DICOM, but no image
+        console.print(f"note: {len(indexes)} DICOMDIR file(s) left out (the index of a DICOM file set, not an image), "
+                      f"e.g. {escape(str(indexes[0]))}", soft_wrap=True)
+    if others:  # a clinic export's odd names (a PNG without suffix) would otherwise go unnoticed
+        console.print(f"note: {len(others)} file(s) in the folders given are not read: neither an image suffix "
+                      f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor DICOM, e.g. {escape(str(others[0]))}",
                       soft_wrap=True)
     if frame is not None and not any(isinstance(p, DicomFrame) for p in paths):  # it had been ignored without a word
         console.print(f"note: --frame {frame} picks a frame of a multi-frame DICOM, and none is among the inputs: "

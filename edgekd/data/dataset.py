@@ -375,18 +375,24 @@ def build_data(recipe) -> DataModule:
     if tables["train"].labels.max() >= len(names):
         raise EdgeKDError(f"data: label {tables['train'].labels.max()} exceeds the {len(names)} class names")
     return DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
-                      augment=recipe.augment, seed=recipe.seed, bad_files=bad, notes=patient_notes(source, cfg))
+                      augment=recipe.augment, seed=recipe.seed, bad_files=bad, notes=source_notes(source, cfg))
 
 
-def patient_notes(source, cfg) -> list[str]:
-    """A warning when some of a folder's DICOM files carry a PatientID but not every image does: the split is then
-    by image, and one patient's images may land in two splits."""
+def source_notes(source, cfg) -> list[str]:
+    """Warnings about what a folder source left out or could not do: files in its class folders that are not images
+    (a DICOMDIR, notes, thumbnails: left out without a word before), and DICOM files of which only some carry a
+    PatientID (the split is then by image, and one patient's images may land in two splits)."""
+    notes = []
+    if source.info.get("skipped_files"):
+        count, example = source.info["skipped_files"]
+        notes.append(f"{count} file(s) in the class folders are not images and are left out (neither an image suffix "
+                     f"nor DICOM, or a DICOMDIR), e.g. {example}")
     partial = source.info.get("dicom_patients_partial")
-    if not partial or cfg.patient_pattern:
-        return []
-    return [f"{partial[0]} of the {partial[1]} images are DICOM files with a PatientID, the others have none: the "
-            "split is by image, so a patient may be in two splits (give every file its PatientID, data.patient_pattern, "
-            "or a CSV manifest with a patient_id column)"]
+    if partial and not cfg.patient_pattern:
+        notes.append(f"{partial[0]} of the {partial[1]} images are DICOM files with a PatientID, the others have none: "
+                     "the split is by image, so a patient may be in two splits (give every file its PatientID, "
+                     "data.patient_pattern, or a CSV manifest with a patient_id column)")
+    return notes
 
 
 def split_tables(recipe) -> tuple[dict[str, Table], list[str], Source]:

@@ -153,9 +153,15 @@ def _check_labels(labels: np.ndarray, path: Path, split: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Every image file under `folder`, any depth, sorted: image suffixes, and DICOM files of any name."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+def list_images(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
+    """Every image file under `folder`, any depth, sorted: image suffixes, and DICOM files of any name. `skipped`, if
+    given, gets the other files (hidden ones, such as .DS_Store, not counted), as `predict` counts them."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    images = [p for p in files if is_image_file(p)]
+    if skipped is not None:
+        kept = set(images)
+        skipped += [p for p in files if p not in kept and not p.name.startswith(".")]
+    return images
 
 
 def load_imagefolder(path: str | Path) -> Source:
@@ -177,11 +183,11 @@ def load_imagefolder(path: str | Path) -> Source:
         if extra:
             raise EdgeKDError(f"{folder / extra[0]}: a class folder the train split does not have (train has "
                               f"{', '.join(class_names)}); every split needs the same class folders, named alike")
-    tables = {}
+    tables, skipped = {}, []
     for split, folder in parts.items():
         paths, labels = [], []
         for i, name in enumerate(class_names):
-            files = list_images(folder / name) if (folder / name).is_dir() else []
+            files = list_images(folder / name, skipped) if (folder / name).is_dir() else []
             if not files and split in ("train", "all"):
                 raise EdgeKDError(f"{folder / name}: empty class folder (no images)")
             paths += [str(f) for f in files]
@@ -189,7 +195,8 @@ def load_imagefolder(path: str | Path) -> Source:
         tables[split] = Table(labels=np.asarray(labels, dtype=np.int64), paths=paths)
     # Folder names are the labels: data.class_names orders them by name and must list exactly these folders.
     return Source(name=root.name, tables=tables, class_names=class_names,
-                  info={"named_labels": True, "label_source": "class folders", **dicom_patients(tables)})
+                  info={"named_labels": True, "label_source": "class folders", **dicom_patients(tables),
+                        **({"skipped_files": (len(skipped), str(skipped[0]))} if skipped else {})})
 
 
 def dicom_patients(tables: dict[str, Table]) -> dict[str, Any]:
