@@ -475,7 +475,8 @@ DATA_CASES = {
     "csv_missing_image": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
         ("imgs/a/gone.png", "a", "train")]))}, "imgs/a/gone.png not found"),
     "csv_unknown_label": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
-        ("imgs/a/a_6.png", "c", "train")])), "class_names": ["a", "b"]}, "unknown label 'c'"),
+        ("imgs/a/a_6.png", "c", "train")])), "class_names": ["a", "b"]},
+        f"m.csv:{len(GOOD_ROWS) + 2}: unknown label 'c'"),  # its row named, as without class_names
     "csv_empty_label": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [
         ("imgs/a/a_0.png", "", "train")]))}, "empty label"),
     "csv_bad_split": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS + [

@@ -248,9 +248,11 @@ def _select_classes(tables: dict[str, Table], classes: list[int], names: list[st
 
 
 def _order_named_classes(tables: dict[str, Table], names: list[str], wanted: list[str], where: str | None,
-                         exact: str | None = None, filtered: bool = False) -> tuple[dict[str, Table], list[str]]:
-    """Label ids follow data.class_names for a source with named labels; a label not listed is an error, and so,
-    where the labels are `exact` (e.g. "class folders"), is a listed name that is not one of them."""
+                         exact: str | None = None, filtered: bool = False,
+                         rows: dict[str, int] | None = None) -> tuple[dict[str, Table], list[str]]:
+    """Label ids follow data.class_names for a source with named labels; a label not listed is an error (naming the
+    CSV row it is first on, from `rows`), and so, where the labels are `exact` (e.g. "class folders"), is a listed
+    name that is not one of them."""
     twice = _listed_twice(wanted)
     if twice:
         raise EdgeKDError(f"{where}: data.class_names lists {twice[0]!r} more than once")
@@ -260,7 +262,8 @@ def _order_named_classes(tables: dict[str, Table], names: list[str], wanted: lis
                           f"({', '.join(names)}{' kept by data.classes' if filtered else ''})")
     unknown = [n for n in names if n not in wanted]
     if unknown:
-        raise EdgeKDError(f"{where}: unknown label {unknown[0]!r} (data.class_names: {', '.join(wanted)})")
+        row = f":{rows[unknown[0]]}" if rows and unknown[0] in rows else ""
+        raise EdgeKDError(f"{where}{row}: unknown label {unknown[0]!r} (data.class_names: {', '.join(wanted)})")
     remap = np.asarray([wanted.index(n) for n in names], dtype=np.int64)
     out = {}
     for split, t in tables.items():
@@ -419,7 +422,8 @@ def split_tables(recipe) -> tuple[dict[str, Table], list[str], Source]:
         tables, names = _select_classes(tables, cfg.classes, names)
     if cfg.class_names and source.info.get("named_labels"):
         tables, names = _order_named_classes(tables, names, list(cfg.class_names), cfg.path,
-                                             source.info.get("label_source"), bool(cfg.classes))
+                                             source.info.get("label_source"), bool(cfg.classes),
+                                             source.info.get("label_rows"))
     elif cfg.class_names:
         if len(cfg.class_names) != len(names):
             raise EdgeKDError(f"data.class_names has {len(cfg.class_names)} names, the data has {len(names)} classes")

@@ -289,6 +289,7 @@ def _csv_classes(path: Path, label_values: list[str]) -> tuple[list[str], dict[s
             raise EdgeKDError(f"{path}:{label_values.index(name) + 2}: label {name!r} differs from {other!r} (line "
                               f"{label_values.index(other) + 2}) only in case: spell one class one way")
     to_id = {n: i for i, n in enumerate(class_names)}
+    info["label_rows"] = {n: label_values.index(n) + 2 for n in class_names}  # where each label first appears
     counts = Counter(label_values)
     lone = next((n for n in class_names if counts[n] == 1), None)
     if lone is not None:
