@@ -41,14 +41,23 @@ def machine(**extra) -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(), "gpu": gpu,
-            "python": platform.python_version(), "torch": torch_version, **extra}
+    from edgekd.bench.hardware import cpu_info
+
+    # the SIMD features: two VMs both named "AMD EPYC", one with AVX-512 VNNI and one AVX2-only, ran the same seeded
+    # command to different figures, and nothing in the records told them apart
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(), "simd": cpu_info()["simd"],
+            "gpu": gpu, "python": platform.python_version(), "torch": torch_version, **extra}
 
 
 def machine_line(m: dict) -> str:
-    """A results file's machine dict as prose: '2-core x86_64 (AMD EPYC), no GPU, torch 2.14.1'."""
+    """A results file's machine dict as prose: '2-core x86_64 (AMD EPYC, AVX-512 VNNI), no GPU, torch 2.14.1' (the
+    widest SIMD kind when recorded: records before 2026-12-06 have none)."""
     torch_part = f", torch {m['torch']}" if m.get("torch") else ""
-    return f"{m['cores']}-core {m['arch']} ({m['cpu']}), {m.get('gpu') or 'no GPU'}{torch_part}"
+    simd = m.get("simd")
+    kind = "" if simd is None else ", " + (
+        "AMX" if "amx_int8" in simd else "AVX-512 VNNI" if "avx512_vnni" in simd else "AVX-512" if "avx512f" in simd
+        else "AVX2, no VNNI" if "avx2" in simd else "no AVX2")
+    return f"{m['cores']}-core {m['arch']} ({m['cpu']}{kind}), {m.get('gpu') or 'no GPU'}{torch_part}"
 
 
 def results_doc(benchmark: str, command: str, records: list[dict], host: dict | None = None, **extra) -> dict:

@@ -37,6 +37,9 @@ class Machine(BaseModel):
     arch: str
     gpu: str | None
     torch: str | None
+    simd: list[str] | None = None
+    """The CPU's SIMD features that decide kernel speed and float sums (edgekd.bench.hardware.cpu_info); absent
+    from records before 2026-12-06."""
 
 
 class Record(BaseModel):

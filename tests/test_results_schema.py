@@ -182,3 +182,17 @@ def test_zoo_sanity_flags_a_model_at_or_below_the_majority_share(val_auc, val_ac
                "counts": {"val": [135, 389], "test": [234, 390]}}
     ok, why = zoo.sanity(metrics)
     assert ok is sane and why.startswith(reason)
+
+
+def test_the_machine_record_says_its_simd_kind():
+    """Two VMs both recorded as "2-core x86_64 (AMD EPYC)", one with AVX-512 VNNI and one AVX2-only, gave one seeded
+    command two results; a record now carries the SIMD features and the prose line names the kind."""
+    from common import machine, machine_line
+
+    base = {"cpu": "AMD EPYC", "cores": 2, "arch": "x86_64", "gpu": None, "torch": "2.14.1"}
+    assert machine_line(base) == "2-core x86_64 (AMD EPYC), no GPU, torch 2.14.1"  # older records: as they were
+    assert machine_line({**base, "simd": ["avx2", "fma"]}) == "2-core x86_64 (AMD EPYC, AVX2, no VNNI), no GPU, torch 2.14.1"
+    assert "AVX-512 VNNI" in machine_line({**base, "simd": ["avx2", "avx512f", "avx512_vnni"]})
+    assert "AMX" in machine_line({**base, "simd": ["avx512_vnni", "amx_int8"]})
+    here = machine()
+    assert isinstance(here["simd"], list) and schema.Machine.model_validate(here).simd == here["simd"]
