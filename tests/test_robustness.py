@@ -153,6 +153,7 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
     fail = json.loads((out / "failures.json").read_text())
     images, _, _ = load_split_images(recipe_from_dict(load_checkpoint(tiny_run)["recipe"]))
     assert fail["images"] == len(images) and sum(p["count"] for p in fail["pairs"]) <= fail["errors"]
+    assert fail["probabilities"] == "the model's softmax" and "; p: the model's softmax" in p.stderr  # not a bundle's
     assert (out / "failures.png").is_file() and (out / "metrics.json").is_file()
     p = run_edgekd("eval", tiny_run, "--corruptions", "--only", "fog", "--out", out)
     assert p.returncode == 2 and "unknown corruption 'fog'" in p.stderr and "Traceback" not in p.stderr

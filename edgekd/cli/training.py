@@ -57,7 +57,7 @@ def train(
             summary = run_folds(rec, out, folds, log=log, progress=progress if main else None, recipe_path=recipe,
                                 teacher_overrides=teacher_set, resume=resume)
             if main:
-                out_console.print(summary["table_markdown"])
+                out_console.print(summary["table_markdown"], soft_wrap=True, markup=False, highlight=False)
             return
         from edgekd.pipeline import run_recipe
         result = run_recipe(rec, out, resume=resume, log=log, progress=progress if main else None)
@@ -180,7 +180,7 @@ def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: in
     for p in res["pairs"]:
         out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
                           f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
-    console.print(f"{res['errors']} errors / {res['images']} images")
+    console.print(f"{res['errors']} errors / {res['images']} images; p: {res['probabilities']}")
     return [str(out / "failures.json"), str(out / "failures.png")]
 
 
@@ -310,7 +310,7 @@ def report(
     if split not in ("train", "val", "test"):
         raise EdgeKDError(f"--split: unknown split '{split}' (use train, val, test)")
     result = comparison_report(runs, out, split, set_)
-    out_console.print(result["markdown"])
+    out_console.print(result["markdown"], soft_wrap=True, markup=False, highlight=False)  # rows unwrapped
     console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
 
 

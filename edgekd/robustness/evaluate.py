@@ -389,8 +389,10 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
     probs = predictor.predict(images)
     pairs = confused_pairs(labels, probs, top)
     out = Path(out)
+    kind = ("the model's softmax" if predictor.format == "torch" else
+            "the bundle's (calibrated with its temperature, where it has one)")  # a bundle's p and its checkpoint's differ
     result = {"source": str(source), "model": predictor.label, "split": split, "images": len(images),
-              "errors": int((probs.argmax(1) != labels).sum()), "class_names": class_names,
+              "probabilities": kind, "errors": int((probs.argmax(1) != labels).sum()), "class_names": class_names,
               "pairs": [{**p, "true_name": class_names[p["true"]], "pred_name": class_names[p["pred"]]} for p in pairs]}
     write_json(out / "failures.json", result)
     plot_failure_grid(images, pairs, class_names, out / "failures.png", per_pair,
