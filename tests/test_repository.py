@@ -186,3 +186,21 @@ def test_precision_in_any_case_and_a_file_as_out(bundle, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(EdgeKDError, match="a file, not a directory"):  # it said "exists and is not empty"
         write_repository(bundle, "triton", tmp_path / "afile")
+
+
+def test_an_updated_bundle_is_not_named_like_its_parent_by_default(bundle, tmp_path):
+    """`edgekd update` makes a bundle with other outputs; its default serving name was the parent's, so "same name,
+    next version" would have swapped a 2-class model for a 12-output one."""
+    import shutil
+
+    from edgekd.export.bundle import write_manifest
+
+    child = tmp_path / "child"
+    shutil.copytree(bundle, child)
+    meta = json.loads((child / "edgekd.json").read_text())
+    meta["lineage"] = {"parent_bundle_sha256": "0" * 64}
+    (child / "edgekd.json").write_text(json.dumps(meta))
+    write_manifest(child)
+    parent_name = write_repository(bundle, "triton", tmp_path / "p").model_name
+    child_name = write_repository(child, "triton", tmp_path / "c").model_name
+    assert child_name != parent_name and child_name == parent_name.replace("_fp32", f"_{len(meta['class_names'])}out_fp32")

@@ -153,7 +153,10 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     _check_out(out)
     bundle = open_bundle(bundle_path, verify=True)
     art = bundle.artifact(KINDS[kind], precision or bundle.most_precise())
-    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{bundle.model.get('name') or 'model'}_{art.precision}")
+    # an updated (or multi-head) bundle has other outputs than its parent: by default it gets its own name, with its
+    # output count (it had taken the parent's, and "same name, next version" swapped a 2-class model for a 12-output one)
+    outputs = f"_{len(bundle.class_names)}out" if bundle.meta.get("lineage") or bundle.tasks else ""
+    name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{bundle.model.get('name') or 'model'}{outputs}_{art.precision}")
     if not MODEL_NAME.match(name):
         raise EdgeKDError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (at most 64, a letter or digit first)")
     out.parent.mkdir(parents=True, exist_ok=True)
