@@ -164,6 +164,8 @@ def test_explain_cli_writes_overlays(tmp_path, monkeypatch):
     p = run_edgekd("explain", best, files[0], "--layer", "nope", "--out", tmp_path / "cam2")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "SmallCNN has no module 'nope' (its top level has stages, pool, drop, fc)" in p.stderr  # the names to use
+    p = run_edgekd("explain", best, files[0], "--layer", "pool", "--out", tmp_path / "cam_pool")  # a 1x1 map
+    assert p.returncode == 0 and "pool gives no spatial evidence (a pooled or 1x1 map" in p.stderr, p.stderr
     # Explained a batch at a time: a bad image in a later batch leaves no half-written new folder.
     import edgekd.explain.gradcam as gradcam_module
     from typer.testing import CliRunner

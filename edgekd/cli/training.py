@@ -334,6 +334,7 @@ def explain(
     blank = [r["file"] for r in records if r["blank"]]
     if blank:
         console.print(f"warning: {len(blank)} of {len(records)} map(s) are flat, nothing highlighted ({blank[0]}"
-                      f"{', ...' if len(blank) > 1 else ''}): the class's gradient at {records[0]['layer']} is zero "
-                      "there; try another --layer (explain.json: blank)")
+                      f"{', ...' if len(blank) > 1 else ''}): {records[0]['layer']} gives no spatial evidence (a "
+                      "pooled or 1x1 map, tokens that never reach the head, or a class gradient of zero there); try "
+                      "an earlier --layer with a map of at least 3x3 (explain.json: blank)")
     console.print(f"wrote {len(records)} overlay(s) and {out / 'explain.json'}")
