@@ -135,7 +135,7 @@ def eval_(
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
     from edgekd.fileio import refuse_output_inside, removed_if_only
-    from edgekd.robustness.evaluate import check_predictor_source
+    from edgekd.robustness import check_predictor_source
     from edgekd.runtime import is_bundle
 
     folder = data if data is not None and data.is_dir() else None
@@ -245,7 +245,7 @@ def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str
 
 def _eval_folder(checkpoint: Path, out: Path, folder: Path) -> list[str]:
     """`edgekd eval CHECKPOINT --data DIR`: every image of the labelled folder, one row."""
-    from edgekd.robustness.evaluate import evaluate_on_folder
+    from edgekd.robustness import evaluate_on_folder
 
     with console.status(f"scoring {checkpoint} on {folder} ..."):
         result = evaluate_on_folder(checkpoint, out, folder)

@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -221,6 +221,21 @@ class DataModule:
                 digest.update(np.ascontiguousarray(table.labels, dtype=np.int64).tobytes())
             out[split] = {"images": len(table), "sha256": digest.hexdigest()}
         return out
+
+
+def split_listing(tables: dict[str, Table], class_names: list[str]) -> dict[str, Any]:
+    """What each split holds, for an audit (splits.json): its image files (file-backed data) and patient ids (when
+    the data has them), else its class counts only (in-memory arrays)."""
+    out: dict[str, Any] = {"class_names": list(class_names)}
+    for split, table in tables.items():
+        entry: dict[str, Any] = {"images": len(table),
+                                 "class_counts": np.bincount(table.labels, minlength=len(class_names)).tolist()}
+        if table.groups is not None:
+            entry["patients"] = sorted({str(g) for g in table.groups})
+        if table.paths is not None:
+            entry["files"] = [str(p) for p in table.paths]
+        out[split] = entry
+    return out
 
 
 def _listed_twice(values: list) -> list:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgekd.data import data_path_key, load_source, split_tables
+from edgekd.data import data_path_key, load_source, split_listing, split_tables
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
 from edgekd.recipe import find_recipe_file, load_recipe, recipe_from_dict
@@ -130,17 +130,8 @@ def write_fold_splits(path: Path, recipe) -> None:
     patient ids (when the data has them), else its class counts only (in-memory arrays). Listed as split, before
     `data.on_bad_image: skip` drops unreadable files (the run's log names those)."""
     tables, names, _ = split_tables(recipe)
-    out: dict[str, Any] = {"class_names": names}
-    for split, table in tables.items():
-        entry: dict[str, Any] = {"images": len(table),
-                                 "class_counts": np.bincount(table.labels, minlength=len(names)).tolist()}
-        if table.groups is not None:
-            entry["patients"] = sorted({str(g) for g in table.groups})
-        if table.paths is not None:
-            entry["files"] = [str(p) for p in table.paths]
-        out[split] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, out)
+    write_json(path, split_listing(tables, names))
 
 
 def _row(fold: int, role: str, recipe, res) -> dict[str, Any]:

@@ -13,7 +13,8 @@ import yaml
 from torch import nn
 
 from edgekd import __version__
-from edgekd.data import DataModule, build_checkpoint_data, build_data, check_class_order, check_trained_splits
+from edgekd.data import (DataModule, build_checkpoint_data, build_data, check_class_order, check_trained_splits,
+                         split_listing)
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import check_input_size, count_macs, count_parameters, create_model, freeze, model_spec
@@ -151,8 +152,9 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         "counts": data.counts(), "bad_files": data.bad_files, **fit.extra,
         "val": reports["val"], "test": reports["test"],
     }
-    if trainer.is_main:
+    if trainer.is_main:  # splits.json: which files (and patients) each split held, for an audit
         write_json(out / "metrics.json", summary)
+        write_json(out / "splits.json", split_listing(data.tables, data.class_names))
     return RunResult(out, fit.best_path, reports["test"], reports["val"], params, macs, fit)
 
 
