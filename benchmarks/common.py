@@ -45,7 +45,9 @@ def machine(**extra) -> dict:
 
     # the SIMD features: two VMs both named "AMD EPYC", one with AVX-512 VNNI and one AVX2-only, ran the same seeded
     # command to different figures, and nothing in the records told them apart
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(), "simd": cpu_info()["simd"],
+    x86 = platform.machine().lower() in ("x86_64", "amd64") and os.path.exists("/proc/cpuinfo")
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
+            "simd": cpu_info()["simd"] if x86 else None,  # None: not read (another arch or OS), not "no AVX2"
             "gpu": gpu, "python": platform.python_version(), "torch": torch_version, **extra}
 
 
@@ -55,8 +57,8 @@ def machine_line(m: dict) -> str:
     torch_part = f", torch {m['torch']}" if m.get("torch") else ""
     simd = m.get("simd")
     kind = "" if simd is None else ", " + (
-        "AMX" if "amx_int8" in simd else "AVX-512 VNNI" if "avx512_vnni" in simd else "AVX-512" if "avx512f" in simd
-        else "AVX2, no VNNI" if "avx2" in simd else "no AVX2")
+        "AMX" if "amx_int8" in simd else "AVX-512 VNNI" if "avx512_vnni" in simd else "AVX-VNNI" if "avx_vnni" in simd
+        else "AVX-512, no VNNI" if "avx512f" in simd else "AVX2, no VNNI" if "avx2" in simd else "no AVX2")
     return f"{m['cores']}-core {m['arch']} ({m['cpu']}{kind}), {m.get('gpu') or 'no GPU'}{torch_part}"
 
 

@@ -100,6 +100,10 @@ class DataConfig(Section):
     """Patient ids from the image file names (an ImageFolder, or a CSV without a patient_id column): the first group
     of this regular expression, searched in each file name; e.g. '^[A-Z]+-(\\d+)-' for Kermany OCT2017's
     CNV-1016042-1.jpeg. Then no patient is in two splits, and k-fold is by patient."""
+    dicom_patient_ids: bool = False
+    """Patient ids from the PatientID tag of an ImageFolder's DICOM files (every image must be one, with a PatientID):
+    then no patient is in two splits, and k-fold is by patient. Off, a folder whose DICOM files name two or more
+    patients is split by image with a warning."""
 
     @field_validator("std")
     @classmethod

@@ -68,7 +68,7 @@ def test_a_temperature_driven_to_its_bound_is_warned_of():
     assert "warning" not in calibration_report(z, np.array([rng.choice(2, p=p) for p in softmax(z)]))
     # scores unrelated to the labels: T runs to its upper bound (a re-trial's barely trained model, T = 20.0000)
     report = calibration_report(z, rng.integers(0, 2, 400))
-    assert report["temperature"] > 19 and report["warning"].startswith("T stopped near its 20 bound")
+    assert report["temperature"] > 19 and report["warning"].startswith("T stopped near its 20 bound (20): the fit wanted softer")
 
 
 def test_choose_threshold_rules_by_hand():

@@ -95,12 +95,24 @@ def test_given_train_and_val_folders_without_a_test_folder_get_a_carved_test_spl
     with pytest.raises(EdgeKDError, match=r"test: 4 images carved now \(data.test_fraction\) from the train images, "
                                           r"a split the run did not have"):
         check_trained_splits({"recipe": rec.to_dict(), "data_splits": old}, dm, rec, "best.pt")
+    # a checkpoint written before a split key existed (data.dicom_patient_ids) drew its splits with that key's
+    # default: still the same settings, still checked
+    from edgekd.data import same_split_settings
+
+    embedded = rec.to_dict()
+    del embedded["data"]["dicom_patient_ids"]
+    assert same_split_settings(embedded, rec)
+    assert not same_split_settings(embedded, recipe(source="imagefolder", path=str(root), test_fraction=0.2,
+                                                    dicom_patient_ids=True))
 
 
-def test_a_folder_of_dicom_files_is_split_by_their_patient_ids(tmp_path):
+def test_a_folder_of_dicom_files_warns_of_its_patients_and_splits_by_them_when_asked(tmp_path):
     """A PACS export's DICOM files carry PatientID: a folder of them was split by image, every test patient also in
-    train, without a word. Every file with one: split by patient (as a CSV's patient_id); only some: a warning."""
+    train, without a word. By default (old checkpoints' splits unchanged; anonymised exports, one id for all, still
+    usable) a warning names the patients; data.dicom_patient_ids=true splits by them."""
     from test_runtime import write_dicom  # imported here: at module level pytest would collect its tests twice
+
+    from edgekd.train import warn_about_data
 
     root = tmp_path / "dcm"
     for c, name in enumerate(("normal", "pneumonia")):
@@ -109,28 +121,29 @@ def test_a_folder_of_dicom_files_is_split_by_their_patient_ids(tmp_path):
             for k in range(3):
                 pixels = np.full((16, 16), 1000 * (c + 1) + 37 * patient + k, dtype=np.uint16)
                 write_dicom(root / name / f"1.2.{c}.{patient}.{k}", pixels, PatientID=f"P{c}{patient}")
-    dm = build_data(recipe(source="imagefolder", path=str(root), val_fraction=0.2, test_fraction=0.2))
-    patients = {split: set(t.groups.tolist()) for split, t in dm.tables.items()}
-    assert all(len(ids) >= 2 for ids in patients.values())
-    assert not (patients["train"] & patients["test"]) and not (patients["train"] & patients["val"])
-    assert not (patients["val"] & patients["test"]) and dm.notes == []
-    (root / "normal" / "notes.txt").write_text("reading notes")  # not an image: left out, and said
-    dm = build_data(recipe(source="imagefolder", path=str(root), val_fraction=0.2, test_fraction=0.2))
-    assert dm.notes == [f"1 file(s) in the class folders are not images and are left out (neither an image suffix "
-                        f"nor DICOM, or a DICOMDIR), e.g. {root / 'normal' / 'notes.txt'}"]
-    (root / "normal" / "notes.txt").unlink()
-    # one file without a PatientID: by image again, and said
-    write_dicom(root / "normal" / "1.9", np.zeros((16, 16), np.uint16))
-    dm = build_data(recipe(source="imagefolder", path=str(root), val_fraction=0.2, test_fraction=0.2))
-    assert dm.tables["train"].groups is None
-    assert dm.notes == ["36 of the 37 images are DICOM files with a PatientID, the others have none: the split is "
-                        "by image, so a patient may be in two splits (give every file its PatientID, "
-                        "data.patient_pattern, or a CSV manifest with a patient_id column)"]
-    from edgekd.train import warn_about_data
-
+    r = dict(source="imagefolder", path=str(root), val_fraction=0.2, test_fraction=0.2)
+    dm = build_data(recipe(**r))
+    assert dm.tables["train"].groups is None  # by image, as before
+    assert dm.notes == ["the DICOM files name 12 patients (PatientID) but the split is by image, so one patient's "
+                        "images may be in two splits: data.dicom_patient_ids=true splits by patient"]
     said: list[str] = []
     warn_about_data(dm, said.append)
     assert said[0] == f"warning: {dm.notes[0]}"  # what `edgekd train` and `check` print
+    dm = build_data(recipe(**r, dicom_patient_ids=True))
+    patients = {split: set(t.groups.tolist()) for split, t in dm.tables.items()}
+    assert all(len(ids) >= 2 for ids in patients.values()) and dm.notes == []
+    assert not (patients["train"] & patients["test"]) and not (patients["train"] & patients["val"])
+    assert not (patients["val"] & patients["test"])
+    (root / "normal" / "notes.txt").write_text("reading notes")  # not an image: left out, and said
+    assert build_data(recipe(**r, dicom_patient_ids=True)).notes == [
+        f"1 file(s) in the class folders are not images and are left out (neither an image suffix nor DICOM, or a "
+        f"DICOMDIR), e.g. {root / 'normal' / 'notes.txt'}"]
+    (root / "normal" / "notes.txt").unlink()
+    # a file without a PatientID: asked for ids, refused, naming it; not asked, nothing changes
+    write_dicom(root / "normal" / "1.9", np.zeros((16, 16), np.uint16))
+    with pytest.raises(EdgeKDError, match=r"data.dicom_patient_ids: .*1.9 has no PatientID"):
+        build_data(recipe(**r, dicom_patient_ids=True))
+    assert build_data(recipe(**r)).tables["train"].groups is None
 
 
 def test_image_folder_class_names_order_the_folders_by_name(tmp_path):

@@ -194,5 +194,7 @@ def test_the_machine_record_says_its_simd_kind():
     assert machine_line({**base, "simd": ["avx2", "fma"]}) == "2-core x86_64 (AMD EPYC, AVX2, no VNNI), no GPU, torch 2.14.1"
     assert "AVX-512 VNNI" in machine_line({**base, "simd": ["avx2", "avx512f", "avx512_vnni"]})
     assert "AMX" in machine_line({**base, "simd": ["avx512_vnni", "amx_int8"]})
+    assert "AVX-VNNI" in machine_line({**base, "simd": ["avx2", "fma", "avx_vnni"]})  # Alder Lake: VNNI on AVX2
+    assert machine_line({**base, "simd": None}) == machine_line(base)  # not read (another arch): nothing said
     here = machine()
     assert isinstance(here["simd"], list) and schema.Machine.model_validate(here).simd == here["simd"]

@@ -36,11 +36,11 @@ def continual_table(title: str, result) -> RichTable:
                                    f"{s['head']} head ({s['eval_split']} accuracy)"))
     table.add_column("after task")
     for name in result.task_names:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     table.add_column("avg", justify="right")
     for i, (name, row) in enumerate(zip(result.task_names, result.acc_matrix)):
         avg = sum(row[: i + 1]) / (i + 1)
-        table.add_row(name, *[_fmt(v) if j <= i else "" for j, v in enumerate(row)], _fmt(avg))
+        table.add_row(escape(name), *[_fmt(v) if j <= i else "" for j, v in enumerate(row)], _fmt(avg))
     table.caption = (f"avg acc {s['avg_acc']:.4f} · forgetting {s['forgetting']:.4f} · BWT {s['bwt']:.4f} · "
                      f"first-task retention {s['retention_first_task']:.1%}")
     return table

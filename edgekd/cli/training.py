@@ -247,7 +247,7 @@ def _eval_folder(checkpoint: Path, out: Path, folder: Path) -> list[str]:
     """`edgekd eval CHECKPOINT --data DIR`: every image of the labelled folder, one row."""
     from edgekd.robustness import evaluate_on_folder
 
-    with console.status(f"scoring {checkpoint} on {folder} ..."):
+    with console.status(escape(f"scoring {checkpoint} on {folder} ...")):
         result = evaluate_on_folder(checkpoint, out, folder)
     row = result["folder"]
     out_console.print(metrics_table(f"{checkpoint} on {folder}", [{"model": result["model"], **row,

@@ -287,6 +287,20 @@ def _order_named_classes(tables: dict[str, Table], names: list[str], wanted: lis
     return out, wanted
 
 
+def patients_from_dicom(tables: dict[str, Table], ids: dict[str, list] | None, where: str | None) -> dict[str, Table]:
+    """Each table with its patient ids from its DICOM files' PatientID tags (data.dicom_patient_ids)."""
+    if not ids:
+        raise EdgeKDError(f"data.dicom_patient_ids: {where} holds no DICOM files to read PatientID tags from")
+    out = {}
+    for split, t in tables.items():
+        missing = next((p for p, v in zip(t.paths or [], ids[split]) if not v), None)
+        if t.groups is not None or t.paths is None or missing is not None:
+            raise EdgeKDError(f"data.dicom_patient_ids: {missing or where} has no PatientID (every image must be a "
+                              "DICOM file with one; else data.patient_pattern or a CSV with a patient_id column)")
+        out[split] = replace(t, groups=np.asarray(ids[split]))
+    return out
+
+
 def patients_from_names(tables: dict[str, Table], pattern: str, where: str | None) -> dict[str, Table]:
     """Each table with its patient ids: the first group of `pattern` searched in each image's file name."""
     rx, out = re.compile(pattern), {}
@@ -332,7 +346,7 @@ def build_checkpoint_data(recipe, fix: str = "pass --set data.path=...") -> Data
 
 
 SPLIT_KEYS = ("source", "split", "val_fraction", "test_fraction", "fold", "folds", "class_names", "classes", "limit",
-              "patient_pattern", "on_bad_image")
+              "patient_pattern", "dicom_patient_ids", "on_bad_image")
 """The data keys (besides data.path and the seed) that decide which image lands in which split."""
 
 
@@ -345,9 +359,10 @@ def data_path_key(path: str | None) -> str | None:
 def same_split_settings(trained: dict, recipe) -> bool:
     """Whether `recipe` draws its splits as the checkpoint's embedded recipe (`trained`, a dict) did: the same
     data.path, seed and split keys (SPLIT_KEYS)."""
-    data = trained.get("data") or {}
+    data, fields = trained.get("data") or {}, type(recipe.data).model_fields
     return (data_path_key(data.get("path")) == data_path_key(recipe.data.path) and trained.get("seed") == recipe.seed
-            and all(data.get(k) == getattr(recipe.data, k) for k in SPLIT_KEYS))
+            and all(data.get(k, fields[k].default) == getattr(recipe.data, k) for k in SPLIT_KEYS))  # a key added
+    # since the checkpoint was written took its default there
 
 
 def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,
@@ -397,19 +412,18 @@ def build_data(recipe) -> DataModule:
 
 
 def source_notes(source, cfg) -> list[str]:
-    """Warnings about what a folder source left out or could not do: files in its class folders that are not images
-    (a DICOMDIR, notes, thumbnails: left out without a word before), and DICOM files of which only some carry a
-    PatientID (the split is then by image, and one patient's images may land in two splits)."""
+    """Warnings about what a folder source left out or did not use: files in its class folders that are not images
+    (a DICOMDIR, notes, thumbnails: left out without a word before), and DICOM files naming two or more patients
+    split by image (one patient's images may land in two splits) because data.dicom_patient_ids is off."""
     notes = []
     if source.info.get("skipped_files"):
         count, example = source.info["skipped_files"]
         notes.append(f"{count} file(s) in the class folders are not images and are left out (neither an image suffix "
                      f"nor DICOM, or a DICOMDIR), e.g. {example}")
-    partial = source.info.get("dicom_patients_partial")
-    if partial and not cfg.patient_pattern:
-        notes.append(f"{partial[0]} of the {partial[1]} images are DICOM files with a PatientID, the others have none: "
-                     "the split is by image, so a patient may be in two splits (give every file its PatientID, "
-                     "data.patient_pattern, or a CSV manifest with a patient_id column)")
+    patients = source.info.get("dicom_patient_count", 0)
+    if patients > 1 and not (cfg.dicom_patient_ids or cfg.patient_pattern or cfg.split == "patient"):
+        notes.append(f"the DICOM files name {patients} patients (PatientID) but the split is by image, so one "
+                     "patient's images may be in two splits: data.dicom_patient_ids=true splits by patient")
     return notes
 
 
@@ -421,8 +435,8 @@ def split_tables(recipe) -> tuple[dict[str, Table], list[str], Source]:
     tables, names = source.tables, source.class_names
     if cfg.patient_pattern:
         tables = patients_from_names(tables, cfg.patient_pattern, cfg.path)
-    elif "dicom_patients" in source.info:  # a folder of DICOM files: their PatientID tags
-        tables = {split: replace(t, groups=source.info["dicom_patients"][split]) for split, t in tables.items()}
+    elif cfg.dicom_patient_ids:
+        tables = patients_from_dicom(tables, source.info.get("dicom_patients"), cfg.path)
     skipped = source.info.get("skipped_ids")
     if skipped and not cfg.classes:
         shown = ", ".join(map(str, skipped[:8])) + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")

@@ -6,6 +6,7 @@ import csv
 import gzip
 import io
 import os
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -200,25 +201,30 @@ def load_imagefolder(path: str | Path) -> Source:
 
 
 def dicom_patients(tables: dict[str, Table]) -> dict[str, Any]:
-    """The patients of a folder of DICOM files, from each file's PatientID tag: {"dicom_patients": {split: ids}}
-    when every image is a DICOM file with one (split_tables then splits by patient, as a CSV's patient_id column);
-    {"dicom_patients_partial": (with, images)} when only some are; {} for a folder without DICOM files. Only files
-    without a Pillow image suffix are opened (a PNG folder costs nothing)."""
-    from edgekd.imageio import PILLOW_FORMATS, dicom_header, is_dicom
+    """The PatientID tags of a folder's DICOM files: {"dicom_patients": {split: ids (None where a file has none)},
+    "dicom_patient_count": distinct ids}; {} for a folder without DICOM files. Only files without a Pillow image
+    suffix are opened, and only their PatientID is parsed; an unreadable header counts as none (decoding names it)."""
+    from edgekd.imageio import PILLOW_FORMATS, is_dicom
 
     paths = [p for t in tables.values() for p in t.paths or []]
     candidates = [p for p in paths if Path(p).suffix.lower() not in PILLOW_FORMATS and is_dicom(p)]
     if not candidates:
         return {}
-    ids: dict[str, str] = {}
-    for p in candidates:
-        try:
-            ids[p] = str(dicom_header(Path(p)).get("PatientID", "") or "").strip()
-        except EdgeKDError:  # an unreadable file is named when it is decoded (data.on_bad_image)
-            ids[p] = ""
-    if len(candidates) == len(paths) and all(ids.values()):
-        return {"dicom_patients": {split: np.asarray([ids[p] for p in t.paths]) for split, t in tables.items()}}
-    return {"dicom_patients_partial": (sum(bool(v) for v in ids.values()), len(paths))}
+    try:
+        import pydicom
+    except ImportError:  # reading the images will say pydicom is needed
+        return {}
+    ids: dict[str, str | None] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's warnings about odd headers: decoding judges the file
+        for p in candidates:
+            try:
+                value = pydicom.dcmread(p, specific_tags=["PatientID"], stop_before_pixels=True).get("PatientID")
+                ids[p] = str(value).strip() or None if value is not None else None
+            except Exception:
+                ids[p] = None
+    return {"dicom_patients": {split: [ids.get(p) for p in t.paths or []] for split, t in tables.items()},
+            "dicom_patient_count": len({v for v in ids.values() if v})}
 
 
 def load_csv(path: str | Path) -> Source:

@@ -132,8 +132,8 @@ def make_splits(source: Source, mode: str, val_fraction: float, test_fraction: f
     has_groups = all(t.groups is not None for t in tables.values())
     if mode == "patient" and not has_groups:
         raise EdgeKDError("data.split=patient needs patient ids: a CSV manifest with a patient_id column, "
-                          "data.patient_pattern to read them from the file names, or a folder of DICOM files that "
-                          "all carry a PatientID")
+                          "data.patient_pattern to read them from the file names, or data.dicom_patient_ids=true "
+                          "for a folder of DICOM files")
     grouped = mode == "patient" or (mode == "given" and has_groups)  # `given` carves what is missing by patient
 
     def carve(table: Table, fraction: float, what: str) -> tuple[Table, Table]:

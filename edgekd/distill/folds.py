@@ -28,15 +28,17 @@ def split_mode(recipe, log: Callable[[str], None]) -> str:
     """Patient-level folds whenever the source has patient ids, so no patient is in two folds."""
     if recipe.data.split == "patient":
         return "patient"
-    if recipe.data.patient_pattern:
-        log("k-fold: patient ids from the file names (data.patient_pattern): folds are patient-level")
+    if recipe.data.patient_pattern or recipe.data.dicom_patient_ids:
+        where = ("the file names (data.patient_pattern)" if recipe.data.patient_pattern else
+                 "the DICOM files' PatientID (data.dicom_patient_ids)")
+        log(f"k-fold: patient ids from {where}: folds are patient-level")
         return "patient"
     source = load_source(recipe.data.source, recipe.data.path)
     if source.tables and all(t.groups is not None for t in source.tables.values()):
         log("k-fold: the data has patient ids: folds are patient-level (data.split=patient)")
         return "patient"
     log("k-fold: the data has no patient ids: folds are image-level, so one patient's images can be in two folds "
-        "(give ids: a CSV patient_id column or data.patient_pattern)")
+        "(give ids: a CSV patient_id column, data.patient_pattern or data.dicom_patient_ids)")
     return recipe.data.split
 
 

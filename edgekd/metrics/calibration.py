@@ -111,9 +111,10 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
                           f"{T_BOUNDS[0]:g} bound ({temperature:.3g}) and calibrated probabilities sit at 0 and 1; a "
                           "val split the model makes mistakes on (more images, or harder ones) calibrates")
     elif method == "temperature" and temperature > T_BOUNDS[1] * 0.95:
-        out["warning"] = (f"T stopped near its {T_BOUNDS[1]:g} bound ({temperature:.3g}): the model's scores barely "
-                          "follow the val labels, so calibrated probabilities sit near 1/classes and carry little; "
-                          "train it further before trusting them")
+        out["warning"] = (f"T stopped near its {T_BOUNDS[1]:g} bound ({temperature:.3g}): the fit wanted softer "
+                          "probabilities than the bound allows (scores that barely follow the val labels, or logits "
+                          "far too confident), so the calibrated probabilities are not the NLL optimum; check the "
+                          "model's training before trusting them")
     if bias is not None:
         out["bias"] = bias
     for split, logits, labels in (("val", val_logits, val_labels), ("test", test_logits, test_labels)):

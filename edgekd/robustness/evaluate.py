@@ -189,6 +189,21 @@ def load_folder_images(folder: str | Path, class_names: list[str],
     return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names)
 
 
+def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, checkpoint: str | Path) -> None:
+    """`eval --data DIR` scores DIR's images as unseen: DIR being (or holding, or inside) the folder the checkpoint
+    trained on would score its training images."""
+    from edgekd.data import data_path_key
+
+    path = ((trained or {}).get("recipe") or {}).get("data", {}).get("path")
+    if not path:
+        return
+    given, own = Path(data_path_key(str(folder))), Path(data_path_key(path))
+    if given == own or own in given.parents or given in own.parents:
+        raise EdgeKDError(f"--data {folder}: the folder the checkpoint was trained on (data.path {path}), or part of "
+                          f"it: its images include training ones; score new images kept in a separate folder, or "
+                          f"the checkpoint's own test split (`edgekd eval {checkpoint}`)")
+
+
 def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Path) -> dict[str, Any]:
     """`edgekd eval CHECKPOINT --data DIR`: every image of a labelled folder (DIR/<class name>/..., new images kept
     apart from the training data) scored by the checkpoint with its own eval transform; metrics.json and plots as
@@ -196,6 +211,7 @@ def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Pa
     from edgekd.metrics.report import evaluation_report
 
     predictor = checkpoint_predictor(checkpoint)
+    refuse_training_folder(folder, predictor.trained, checkpoint)
     images, labels, names = load_folder_images(folder, predictor.class_names)
     report = evaluation_report(labels, predictor.predict(images), names, out, "folder", predictor.model)
     result = {"checkpoint": str(checkpoint), "model": predictor.model, "role": predictor.role,
