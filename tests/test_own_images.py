@@ -121,6 +121,9 @@ def test_eval_of_a_checkpoint_scores_every_image_of_a_separate_labelled_folder(t
     listing = json.loads((run / "splits.json").read_text())  # which files each split held, for an audit
     assert sorted(f for s in ("train", "val", "test") for f in listing[s]["files"]) == sorted(
         str(p) for p in scans.rglob("*.jpg")) and listing["class_names"] == ["normal", "pneumonia"]
+    import edgekd.robustness.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "FOLDER_CHUNK", 3)  # scored a chunk at a time: the chunks add up to the folder
     res = cli.invoke(app, ["eval", str(run / "best.pt"), "--data", str(new), "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())

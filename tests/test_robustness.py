@@ -208,7 +208,7 @@ def test_multi_head_checkpoints_are_refused_and_single_head_continual_ones_need_
 
     monkeypatch.setattr("edgekd.train.checkpoint.model_from_checkpoint",
                         lambda path: (None, {"continual": {"head": "multi"}, "recipe": {}}))
-    with pytest.raises(EdgeKDError, match="one head per task; corruption eval and failure analysis"):
+    with pytest.raises(EdgeKDError, match="one head per task; the corruption eval, failure analysis and a labelled folder's eval"):
         evaluate.checkpoint_predictor(tmp_path / "model.pt")
     (tmp_path / "model.pt").write_bytes(b"")
     monkeypatch.setattr("edgekd.train.checkpoint.load_checkpoint",

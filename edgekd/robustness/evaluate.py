@@ -44,8 +44,8 @@ class Predictor:
         return f"{self.model} ({self.role}) {self.format}/{self.precision}"
 
 
-MIXED_HEADS = ("one head per task; corruption eval and failure analysis score one softmax over the model's outputs, "
-               "which would mix the tasks' heads")
+MIXED_HEADS = ("one head per task; the corruption eval, failure analysis and a labelled folder's eval score one "
+               "softmax over the model's outputs, which would mix the tasks' heads")
 
 
 def check_predictor_source(src: str | Path) -> None:
@@ -204,16 +204,27 @@ def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, c
                           f"the checkpoint's own test split (`edgekd eval {checkpoint}`)")
 
 
+FOLDER_CHUNK = 128
+"""Images `evaluate_on_folder` decodes and scores at a time."""
+
+
 def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Path) -> dict[str, Any]:
     """`edgekd eval CHECKPOINT --data DIR`: every image of a labelled folder (DIR/<class name>/..., new images kept
     apart from the training data) scored by the checkpoint with its own eval transform; metrics.json and plots as
     `evaluate_checkpoint` writes them, the split named `folder`."""
     from edgekd.metrics.report import evaluation_report
 
+    from edgekd.runtime.inputs import collect_labelled
+    from edgekd.runtime.preprocess import as_image_array
+
     predictor = checkpoint_predictor(checkpoint)
     refuse_training_folder(folder, predictor.trained, checkpoint)
-    images, labels, names = load_folder_images(folder, predictor.class_names)
-    report = evaluation_report(labels, predictor.predict(images), names, out, "folder", predictor.model)
+    paths, labels = collect_labelled(folder, list(predictor.class_names))
+    # decoded a chunk at a time: a folder of thousands of full-size scans never sits in memory at once
+    probs = np.concatenate([predictor.predict([as_image_array(p) for p in paths[i:i + FOLDER_CHUNK]])
+                            for i in range(0, len(paths), FOLDER_CHUNK)])
+    names = list(predictor.class_names)
+    report = evaluation_report(np.asarray(labels, dtype=np.int64), probs, names, out, "folder", predictor.model)
     result = {"checkpoint": str(checkpoint), "model": predictor.model, "role": predictor.role,
               "dataset": str(folder), "folder": report}
     write_json(Path(out) / "metrics.json", result)
