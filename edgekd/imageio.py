@@ -78,10 +78,15 @@ def is_dicom(path: str | Path) -> bool:
     return head[128:132] == DICOM_MARKER
 
 
+def is_dicomdir(path: Path) -> bool:
+    """Whether a file is named as a DICOMDIR (a CD's or export's index of its DICOM files, no pixels)."""
+    return "DICOMDIR" in (path.name.upper(), path.stem.upper())
+
+
 def is_image_file(path: Path) -> bool:
     """Whether a file found in a folder is an image to read: an image suffix, or DICOM by its content (PACS exports
-    name files by UID, with no suffix); a DICOMDIR (a CD's or export's index, no pixels) is not."""
-    if "DICOMDIR" in (path.name.upper(), path.stem.upper()):
+    name files by UID, with no suffix); a DICOMDIR (`is_dicomdir`) is not."""
+    if is_dicomdir(path):
         return False
     return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
 

@@ -166,7 +166,7 @@ def predict(
 
 def _predict_inputs(inputs: list[str], frame: int | None) -> tuple[list, list[tuple[str, str]]]:
     """`collect_inputs`, saying what it could not find and how many files of the folders it does not read."""
-    from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame
+    from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame, is_dicomdir
     from edgekd.runtime.inputs import collect_inputs
 
     left_out: list[Path] = []
@@ -175,7 +175,7 @@ def _predict_inputs(inputs: list[str], frame: int | None) -> tuple[list, list[tu
     if repeated:  # a link in a folder to a file also given: one row, said (the link had vanished without a word)
         console.print(f"note: {len(repeated)} input(s) reach a file already given (twice, or through a link), "
                       f"predicted once, e.g. {escape(str(repeated[0]))}", soft_wrap=True)
-    indexes = [p for p in left_out if "DICOMDIR" in (p.name.upper(), p.stem.upper())]
+    indexes = [p for p in left_out if is_dicomdir(p)]
     others = [p for p in left_out if p not in indexes]
     if indexes:  # a DICOM file set's index: DICOM, but no image
         console.print(f"note: {len(indexes)} DICOMDIR file(s) left out (the index of a DICOM file set, not an image), "

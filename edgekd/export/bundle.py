@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
 from edgekd.export.clinical import card_section, scored_on_subset
 from edgekd.export.continual import continual_card_section
-from edgekd.export.parity import inputs_for_one_flip
+from edgekd.export.parity import images_for_one_flip, inputs_for_one_flip
 from edgekd.fileio import (atomic_write, check_output_location, refuse_output_in_bundle, sha256_file,
                             staging_directory, write_json, write_text)
 from edgekd.runtime import MANIFEST_FILE, METADATA_FILE, SCHEMA
@@ -144,9 +143,9 @@ def _top1_resolution(parity: dict[str, Any]) -> str:
         return ""
     text = (f" With {inputs} inputs a single differing top-1 prediction fails the "
             f"{' / '.join(f'{t:.2%}' for t in limits)} top-1 limit: ")
-    views = max(len(parity.get("views") or [1]), 1)
+    views = len(parity.get("views") or [1])
     pool = parity.get("reference", {}).get("split_images", {}).get("val")
-    short = [(t, n) for t in limits if pool is not None and (n := math.ceil(inputs_for_one_flip(t) / views)) > pool]
+    short = [(t, n) for t in limits if pool is not None and (n := images_for_one_flip(t, views)) > pool]
     if short:  # the strictest limits the val split cannot give room, whatever --parity-images says
         return text + (f"the {' / '.join(f'{t:.2%}' for t, _ in short)} limit takes {short[-1][1]} parity images, "
                        f"more than the val split's {pool}, so a single near-tied input fails it at any "

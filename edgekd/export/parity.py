@@ -204,13 +204,19 @@ def inputs_for_one_flip(limit: float | None) -> int | None:
     return math.ceil(1 / (1 - limit) - 1e-9) if limit is not None and limit < 1 else None
 
 
+def images_for_one_flip(limit: float | None, views: int) -> int | None:
+    """The fewest parity images (each in `views` views) at which one differing top-1 prediction passes `limit`."""
+    needed = inputs_for_one_flip(limit)
+    return None if needed is None else math.ceil(needed / max(views, 1))
+
+
 def top1_failure(agree: np.ndarray, views: int, limit: float, pool: int | None = None) -> str:
     """The top-1 failure line; when one input alone fails it for want of inputs, how many images give it room (or,
     when the val split (`pool` images) is smaller than that, that none can)."""
     differ, needed = int((~agree).sum()), inputs_for_one_flip(limit)
     hint = ""
     if differ == 1 and needed and len(agree) < needed:
-        images = math.ceil(needed / views)
+        images = images_for_one_flip(limit, views)
         hint = (f"; with {len(agree)} inputs one differing input fails this limit: --parity-images {images} or more "
                 "give it room" if pool is None or images <= pool else
                 f"; one differing input fails this limit below {images} parity images, more than the val split's "

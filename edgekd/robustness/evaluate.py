@@ -48,6 +48,17 @@ MIXED_HEADS = ("one head per task; the corruption eval, failure analysis and a l
                "softmax over the model's outputs, which would mix the tasks' heads")
 
 
+def source_checkpoint(src: Path) -> Path | None:
+    """The checkpoint file a predictor source names (a .pt file, or a run directory's best.pt); None for a bundle."""
+    if is_bundle(src):
+        return None
+    if src.is_dir() and (src / "best.pt").is_file():
+        return src / "best.pt"
+    if src.is_file():
+        return src
+    raise EdgeKDError(f"{src}: not a checkpoint, run directory (holding best.pt) or bundle")
+
+
 def check_predictor_source(src: str | Path) -> None:
     """What `predictors_for` refuses, said before any work (a bad --compare had been refused after the main
     evaluation printed its table): a checkpoint, run directory (its best.pt) or bundle that opens, and one softmax
@@ -58,14 +69,11 @@ def check_predictor_source(src: str | Path) -> None:
     src = Path(src)
     if not src.exists():
         raise EdgeKDError(f"{src}: no such checkpoint, run directory or bundle")
-    if is_bundle(src):
+    ckpt_path = source_checkpoint(src)
+    if ckpt_path is None:
         if open_bundle(src).tasks:
             raise EdgeKDError(f"{src}: a bundle with {MIXED_HEADS}")
-        return
-    ckpt_path = src / "best.pt" if src.is_dir() and (src / "best.pt").is_file() else src
-    if not ckpt_path.is_file():
-        raise EdgeKDError(f"{src}: not a checkpoint, run directory (holding best.pt) or bundle")
-    if (load_checkpoint(ckpt_path).get("continual") or {}).get("head") == "multi":
+    elif (load_checkpoint(ckpt_path).get("continual") or {}).get("head") == "multi":
         raise EdgeKDError(f"{ckpt_path}: {MIXED_HEADS} (`edgekd eval` without them scores it per task)")
 
 
@@ -127,16 +135,10 @@ def bundle_predictors(path: str | Path, artifacts: Sequence[str] | None = None, 
 def predictors_for(sources: Sequence[str | Path], threads: int | None = None) -> list[Predictor]:
     """Checkpoints (.pt files or run directories with best.pt) and bundle directories/zips -> predictors."""
     out: list[tuple[Path, Predictor]] = []
-    for src in sources:
-        src = Path(src)
-        if is_bundle(src):
-            out += [(src, p) for p in bundle_predictors(src, threads=threads)]
-        elif src.is_dir() and (src / "best.pt").is_file():
-            out.append((src, checkpoint_predictor(src / "best.pt")))
-        elif src.is_file():
-            out.append((src, checkpoint_predictor(src)))
-        else:
-            raise EdgeKDError(f"{src}: not a checkpoint, run directory or bundle")
+    for src in map(Path, sources):
+        ckpt_path = source_checkpoint(src)
+        out += ([(src, p) for p in bundle_predictors(src, threads=threads)] if ckpt_path is None else
+                [(src, checkpoint_predictor(ckpt_path))])
     # Two sources with one model name, role and format (two seeds, two versions) would be one row of every table:
     # each such model is named with its source.
     labels = [p.label for _, p in out]
@@ -213,7 +215,6 @@ def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Pa
     apart from the training data) scored by the checkpoint with its own eval transform; metrics.json and plots as
     `evaluate_checkpoint` writes them, the split named `folder`."""
     from edgekd.metrics.report import evaluation_report
-
     from edgekd.runtime.inputs import collect_labelled
     from edgekd.runtime.preprocess import as_image_array
 
