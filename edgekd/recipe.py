@@ -608,7 +608,9 @@ class WandbConfig(Section):
     entity: str | None = None
     """The W&B user or team that owns the project (null: your default entity)."""
     name: str | None = None
-    """Run name (default: the recipe name)."""
+    """Run name (default: the recipe name); a fold or task of a k-fold or continual run is its own W&B run, named
+    `<name>-fold<k>-<role>` or `<name>-task<i>_<task name>` and grouped under `<name>`. `train --resume` goes on in
+    the run it resumes (its id is kept in `<out>/wandb_run_id`)."""
     tags: list[str] = []
     """Tags of the W&B run."""
     dir: str | None = None
@@ -619,7 +621,16 @@ class TrackingConfig(Section):
     """Experiment tracking besides log.csv (always written): per-epoch metrics, learning rates and a validation
     confusion matrix. Not part of the recipe digest (tracking does not change what trains)."""
     tensorboard: bool | str = False
-    """true: TensorBoard event files in `<out>/tensorboard`; a path: there (needs `pip install 'edgekd[track]'`)."""
+    """true: TensorBoard event files in `<out>/tensorboard` (a fold's or task's own folder: `<out>/fold<k>/<role>/`,
+    `<out>/task<i>_<name>/`); a path: there, a fold's or task's in `<path>/fold<k>/<role>` or `<path>/task<i>_<name>`
+    (needs `pip install 'edgekd[track]'`)."""
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _folder_or_flag(cls, v):
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("an empty path; give a folder, or true for <out>/tensorboard")
+        return v
     wandb: WandbConfig | None = None
     """A Weights & Biases run of the training (null: none)."""
 

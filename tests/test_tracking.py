@@ -85,3 +85,84 @@ def test_wandb_offline_run_directory_holds_the_epochs(tiny_recipe_dict, tmp_path
             assert re.search(re.escape(key.encode()) + rb"[\s\S]{1,4}" + re.escape(value), data), (key, value)
     images = list((runs[0] / "files" / "media" / "images" / "val").glob("confusion_matrix_*.png"))
     assert len(images) == len(rows)
+
+
+def _offline_wandb(monkeypatch, tmp_path):
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "wandb-home"),
+                       "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+                       "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_DISABLE_GIT": "true",
+                       "WANDB_DISABLE_CODE": "true"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_interrupted_run_is_failed_in_wandb_and_resume_goes_on_in_the_same_runs(tiny_recipe_dict, tmp_path,
+                                                                                  monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    from edgekd.train import tracking
+    from edgekd.train.trainer import Trainer
+
+    _offline_wandb(monkeypatch, tmp_path)
+    closed, real_close = [], tracking.WandbSink.close
+    monkeypatch.setattr(tracking.WandbSink, "close", lambda self, code=0: (closed.append(code), real_close(self, code)))
+    real_epoch = Trainer.train_epoch
+
+    def stop_at_second(self, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch, *args, **kwargs)
+
+    raw = {**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "epochs": 3},
+           "tracking": {"tensorboard": True, "wandb": {"project": "edgekd-test", "mode": "offline"}}}
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "train_epoch", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_recipe(recipe_from_dict(raw), out, log=lambda *_: None)
+    assert closed == [130]  # W&B records the run as failed, not finished
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+    train_recipe(recipe_from_dict(raw), out, resume=True, log=lambda *_: None)
+    assert closed == [130, 0]
+    run_id = (out / "wandb_run_id").read_text().strip()
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    # One W&B run, two sessions (W&B adds -1 to a second folder of the same id started within the same second).
+    assert len(runs) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", r.name) for r in runs)
+    events = sorted((out / "tensorboard").iterdir())
+    # A finished run resumed trains nothing and opens no tracker (it had added an empty W&B run and event file).
+    train_recipe(recipe_from_dict(raw), out, resume=True, log=lambda *_: None)
+    assert closed == [130, 0] and len(list((out / "wandb").glob("offline-run-*"))) == 2
+    assert sorted((out / "tensorboard").iterdir()) == events
+
+
+def test_a_fold_or_task_under_an_explicit_tracking_path_gets_its_own_folder_and_wandb_run(tiny_recipe_dict, tmp_path,
+                                                                                          monkeypatch):
+    pytest.importorskip("tensorboard")
+    from edgekd.train.tracking import Tracker, WandbSink
+
+    tb = tmp_path / "tb"
+    made = []
+    monkeypatch.setattr(WandbSink, "__init__", lambda self, cfg, recipe, out, part=None, resume=False:
+                        made.append((cfg.name or recipe.name, part)))
+    fold = recipe_from_dict({**tiny_recipe_dict, "role": "student",
+                             "data": {**tiny_recipe_dict["data"], "folds": 3, "fold": 2},
+                             "tracking": {"tensorboard": str(tb), "wandb": {"project": "p"}}})
+    tracker = Tracker.from_recipe(fold, tmp_path / "out" / "fold2" / "student")
+    assert tracker.sinks[0].log_dir == tb / "fold2" / "student"
+    tracker.sinks[0].close()
+    task = Tracker.from_recipe(fold.model_copy(update={"data": fold.data.model_copy(update={"fold": None})}),
+                               tmp_path / "out", part="task2_chest")
+    assert task.sinks[0].log_dir == tb / "task2_chest"
+    task.sinks[0].close()
+    assert made == [(fold.name, "fold2/student"), (fold.name, "task2_chest")]
+    plain = Tracker.from_recipe(recipe_from_dict({**tiny_recipe_dict, "tracking": {"tensorboard": str(tb)}}), tmp_path)
+    assert plain.sinks[0].log_dir == tb  # a single run: the path as given
+    plain.close()
+
+
+def test_tensorboard_path_that_is_a_file_or_empty_is_refused(tiny_recipe_dict, tmp_path):
+    (tmp_path / "x.png").write_bytes(b"x")
+    recipe = recipe_from_dict({**tiny_recipe_dict, "tracking": {"tensorboard": str(tmp_path / "x.png")}})
+    with pytest.raises(EdgeKDError, match=r"^tracking.tensorboard: .*x.png is a file"):
+        train_recipe(recipe, tmp_path / "run", log=lambda *_: None)
+    assert not (tmp_path / "run" / "best.pt").exists()
+    with pytest.raises(EdgeKDError, match="tracking.tensorboard.*empty path"):
+        recipe_from_dict({**tiny_recipe_dict, "tracking": {"tensorboard": " "}})

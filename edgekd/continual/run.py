@@ -209,6 +209,7 @@ def _train_task(recipe, model: nn.Module, tasks: list[Task], i: int, step: TaskS
         + (f", {method_name(cfg)}" + (" + BN freeze" if cfg.bn_freeze else "")))
     trainer = Trainer(recipe, model, data, ContinualObjective(criterion, tasks, i, cfg.head), task_dir,
                       plugins=list(plugins), log=log, checkpoint_extra=lambda meta=meta: meta)
+    trainer.track_part = task_dir.name  # its own TensorBoard folder and W&B run under an explicit tracking path
     if resume and (task_dir / "last.pt").is_file():
         trainer.resume(task_dir / "last.pt")
     fit = trainer.fit(progress=progress)

@@ -8,6 +8,7 @@ place per epoch, whatever sinks there are.
 from __future__ import annotations
 
 import importlib.util
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,17 +52,29 @@ class EpochRecord:
 
 class Sink(Protocol):
     def log_epoch(self, record: EpochRecord) -> None: ...
-    def close(self) -> None: ...
+    def close(self, exit_code: int = 0) -> None: ...
 
 
 def require_packages(tracking) -> None:
-    """A one-line error, before any training, for each sink whose package is not installed."""
+    """A one-line error, before any training, for each sink whose package is not installed, and for a
+    `tracking.tensorboard` path that is a file."""
     wanted = [key for key in PACKAGES if getattr(tracking, key, None)]
     for key in wanted:
         package, extra = PACKAGES[key]
         if importlib.util.find_spec(package) is None:
             raise EdgeKDError(f"tracking.{key}: the '{package}' package is not installed "
                               f"(pip install 'edgekd[{extra}]', or remove tracking.{key} from the recipe)")
+    tb = tracking.tensorboard
+    if isinstance(tb, str) and Path(tb).exists() and not Path(tb).is_dir():
+        raise EdgeKDError(f"tracking.tensorboard: {tb} is a file; give a folder for the event files")
+
+
+def exit_code_of(error: BaseException | None) -> int:
+    """The exit code a tracker records for a fit that ended with `error` (None: finished): 130 for Ctrl-C, as the
+    CLI exits, 1 for any other error."""
+    if error is None:
+        return 0
+    return 130 if isinstance(error, KeyboardInterrupt) else 1
 
 
 class TensorBoardSink:
@@ -79,21 +92,37 @@ class TensorBoardSink:
         self.writer.add_figure("val/confusion_matrix", record.confusion_figure(), record.epoch)  # closes it
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self.writer.close()
 
 
-class WandbSink:
-    """A W&B run: the same scalars at step = epoch, the confusion matrix as an image, the recipe as its config."""
+WANDB_ID_FILE = "wandb_run_id"
+"""The W&B run id of a run folder's training, kept in the folder, so that `train --resume` goes on in that run."""
 
-    def __init__(self, cfg, recipe, out: Path):
+
+class WandbSink:
+    """A W&B run: the same scalars at step = epoch, the confusion matrix as an image, the recipe as its config.
+
+    A resumed training continues its W&B run (the id kept in `<out>/wandb_run_id`); a fold or task of a k-fold or
+    continual run (`part`) is its own W&B run, named `<name>-<part>`, grouped under the run's name."""
+
+    def __init__(self, cfg, recipe, out: Path, part: str | None = None, resume: bool = False):
         import wandb
 
         self.wandb = wandb
         folder = Path(cfg.dir) if cfg.dir else out
         folder.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or recipe.name, tags=cfg.tags,
-                              mode=cfg.mode, dir=str(folder), config=recipe.to_dict(), reinit="create_new")
+        id_file = out / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+        if run_id is None:
+            run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+            out.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
+        name = cfg.name or recipe.name
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{part.replace('/', '-')}"
+                              if part else name, group=name if part else None, tags=cfg.tags, mode=cfg.mode,
+                              dir=str(folder), config=recipe.to_dict(), reinit="create_new", id=run_id,
+                              resume="allow")
 
     def log_epoch(self, record: EpochRecord) -> None:
         from edgekd.metrics import plt
@@ -102,8 +131,8 @@ class WandbSink:
         self.run.log({**record.scalars(), "val/confusion_matrix": self.wandb.Image(fig)}, step=record.epoch)
         plt.close(fig)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)  # non-zero: W&B marks the run failed
 
 
 class Tracker:
@@ -113,21 +142,26 @@ class Tracker:
         self.sinks = sinks
 
     @classmethod
-    def from_recipe(cls, recipe, out: Path) -> "Tracker":
+    def from_recipe(cls, recipe, out: Path, part: str | None = None, resume: bool = False) -> "Tracker":
+        """`part`: the fold or task this training is of a larger run (default: `fold<k>/<role>` for a recipe with
+        `data.fold`): its event files go to `<tracking.tensorboard>/<part>` when that is a path (the default
+        `<out>/tensorboard` is the part's own already), and it names its W&B run. `resume`: a resumed training."""
         tracking = recipe.tracking
         require_packages(tracking)
+        if part is None and recipe.data.fold is not None:
+            part = f"fold{recipe.data.fold}/{recipe.role}"
         sinks: list[Sink] = []
         if tracking.tensorboard:
             tb = tracking.tensorboard
-            sinks.append(TensorBoardSink(Path(tb) if isinstance(tb, str) else out / "tensorboard"))
+            sinks.append(TensorBoardSink(Path(tb) / (part or "") if isinstance(tb, str) else out / "tensorboard"))
         if tracking.wandb is not None:
-            sinks.append(WandbSink(tracking.wandb, recipe, out))
+            sinks.append(WandbSink(tracking.wandb, recipe, out, part, resume))
         return cls(sinks)
 
     def log_epoch(self, record: EpochRecord) -> None:
         for sink in self.sinks:
             sink.log_epoch(record)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         for sink in self.sinks:
-            sink.close()
+            sink.close(exit_code)

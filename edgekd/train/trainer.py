@@ -26,7 +26,7 @@ from edgekd.progress import progress_task
 from edgekd.train import distributed
 from edgekd.train.checkpoint import load_resumable, load_state, save_checkpoint
 from edgekd.train.optim import build_optimizer, build_scheduler, schedule_warnings
-from edgekd.train.tracking import EpochRecord, Tracker, require_packages
+from edgekd.train.tracking import EpochRecord, Tracker, exit_code_of, require_packages
 
 
 class Objective(Protocol):
@@ -180,6 +180,10 @@ class FitResult:
 
 class Trainer:
     """Runs `recipe.train` on a model and a DataModule; writes best.pt / last.pt into `out`."""
+
+    track_part: str | None = None
+    """The part of a larger run this training is (a continual task's folder name), for its trackers
+    (`edgekd.train.tracking.Tracker.from_recipe`); a k-fold recipe's fold is read from the recipe."""
 
     def __init__(self, recipe, model: nn.Module, data, objective: Objective, out: str | Path,
                  plugins: list[Plugin] | None = None, eval_criterion: nn.Module | None = None,
@@ -474,7 +478,8 @@ class Trainer:
                      f"the batch each step averages ({self.data.cfg.batch_size} x processes) and the shards change")
         self._start_fit(trains=not finished)
         val_loader = self.data.loader("val", train=False)
-        tracker = Tracker.from_recipe(self.recipe, self.out) if self.is_main else Tracker([])
+        tracker = (Tracker.from_recipe(self.recipe, self.out, self.track_part, resume=path is not None)
+                   if self.is_main and not finished else Tracker([]))
         try:
             while self.epoch < self.cfg.epochs and not stopped_early:
                 row, improved = self._run_epoch(self.epoch, val_loader, progress)
@@ -485,8 +490,10 @@ class Trainer:
                     stopped_early = True
                     self.log(f"early stop: {self.cfg.monitor} did not improve for {patience} epochs")
                     break
-        finally:
-            tracker.close()
+        except BaseException as err:
+            tracker.close(exit_code_of(err))
+            raise
+        tracker.close()
         extra = self._finish_fit(best_path, last_path)
         return FitResult(best_path, last_path, self.history, self.best_value, self.best_epoch, stopped_early,
                          self.nonfinite, extra, self.step_seconds)
