@@ -7,6 +7,7 @@ from typing import Callable
 
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import check_output_location, refuse_output_in_bundle
+from edgekd.recipe import entry_arguments
 
 
 def check_run_dir(out: str | Path) -> None:
@@ -72,6 +73,7 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
 
 def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print, progress=None):
     """Run one recipe to a checkpoint: the recipe's sections say which stage trains it."""
+    recipe, out = entry_arguments(recipe, out)
     check_run_dir(out)
     if recipe.continual:
         from edgekd.continual.run import run_continual

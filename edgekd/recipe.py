@@ -861,6 +861,21 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
         raise EdgeKDError(format_validation_error(err, where)) from None
 
 
+def entry_arguments(recipe: Recipe | str | Path | dict, out: str | Path) -> tuple[Recipe, Path]:
+    """What the Python entry points (`run_recipe`, `train_recipe`, `distill_recipe`, `run_continual`) take: a
+    Recipe, a recipe YAML path (read by `load_recipe`) or a dict of one; and the run folder as a path."""
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    elif isinstance(recipe, dict):
+        recipe = recipe_from_dict(recipe)
+    elif not isinstance(recipe, Recipe):
+        raise EdgeKDError(f"expected a Recipe (edgekd.recipe.load_recipe), a recipe file path or a dict, got "
+                          f"{type(recipe).__name__}")
+    if not isinstance(out, (str, Path)) or not str(out).strip():
+        raise EdgeKDError(f"out: expected the run's folder as a path, got {out!r}")
+    return recipe, Path(out)
+
+
 def find_recipe_file(value: str | Path, key: str, beside: str | Path | None = None) -> Path:
     """The recipe file a key names (`distill.teacher_recipe`): as given (absolute, or from the working directory),
     else from the folder of the recipe that names it (`beside`) or one of its parents, so the shipped recipes'

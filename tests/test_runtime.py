@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -841,6 +842,39 @@ def test_runner_rejects_unknown_backend_and_precision(bundle):
         Runner.from_bundle(bundle, backend="tensorrt")
     with pytest.raises(EdgeKDError, match="unknown precision 'int4'"):
         Runner.from_bundle(bundle, precision="int4")
+    # Wrong types are one-line errors naming the argument (they had been AttributeErrors deep inside).
+    for kwargs, words in (({"backend": None}, "backend must be a string, got None"),
+                          ({"precision": 32}, "precision must be a string, got 32"),
+                          ({"threshold": float("nan")}, "threshold must be a number in [0, 1], got nan"),
+                          ({"threshold": 1.5}, "threshold must be a number in [0, 1], got 1.5")):
+        with pytest.raises(EdgeKDError, match=re.escape(words)):
+            Runner.from_bundle(bundle, **kwargs)
+    with pytest.raises(EdgeKDError, match="expected a bundle path .* got 5"):
+        Runner.from_bundle(5)
+
+
+def test_predict_many_takes_one_image_as_one_input_and_infer_refuses_pixels(bundle, tmp_path):
+    from PIL import Image
+
+    runner = Runner.from_bundle(bundle, backend="onnx")
+    size = runner.input_shape[-1]
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    one = runner.predict(pixels)
+    # One array or PIL image is one input (an array had been read row by row, a PIL image had raised TypeError).
+    for single in (pixels, Image.fromarray(pixels)):
+        got = list(runner.predict_many(single))
+        assert len(got) == 1 and np.allclose(got[0].probs, one.probs, atol=1e-6)
+    stacked = list(runner.predict_many(np.stack([pixels, pixels])))  # (N, H, W, C): N images
+    assert len(stacked) == 2 and np.allclose(stacked[1].probs, one.probs, atol=1e-6)
+    for bad in ("4", 2.5, True, 0):
+        with pytest.raises(EdgeKDError, match="batch must be an integer >= 1"):
+            next(runner.predict_many([pixels], batch=bad))
+    with pytest.raises(EdgeKDError, match="expected images .* got int"):
+        next(runner.predict_many(7))
+    # infer() takes normalized float model input: uint8 pixels would be read as such, silently.
+    with pytest.raises(EdgeKDError, match="model input must be float .* got uint8.*predict"):
+        runner.infer(np.zeros((1, *runner.input_shape), np.uint8))
+    assert runner.infer(np.zeros((1, *runner.input_shape), np.float32)).shape == (1, len(runner.class_names))
 
 
 # ---------------------------------------------------------------- end to end with `edgekd export`

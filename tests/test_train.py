@@ -854,3 +854,23 @@ def test_a_train_section_that_asks_for_what_it_will_not_get_is_warned(tiny_recip
     assert "warning: the run ended at epoch 2, before train.swa.start_epoch 6: no weights were averaged; best.pt is " \
         "the best epoch's" in logs
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["swa"]["used"] is False
+
+
+def test_python_entry_points_take_a_recipe_path_or_dict_and_refuse_other_types(tiny_recipe_dict, tmp_path):
+    import yaml
+
+    from edgekd.distill.run import distill_recipe
+    from edgekd.pipeline import run_recipe
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "epochs": 1}}))
+    by_path = run_recipe(str(path), tmp_path / "a", log=lambda *_: None)  # had been AttributeError: 'str' ... 'distill'
+    by_dict = train_recipe({**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "epochs": 1}}, tmp_path / "b",
+                           log=lambda *_: None)
+    assert by_path.test["auc"] == pytest.approx(by_dict.test["auc"])
+    for call in (train_recipe, distill_recipe, run_recipe):
+        with pytest.raises(EdgeKDError, match="expected a Recipe .* got int"):
+            call(5, tmp_path / "c")
+        with pytest.raises(EdgeKDError, match="out: expected the run's folder as a path, got None"):
+            call(recipe_from_dict(tiny_recipe_dict), None)
+    assert not (tmp_path / "c").exists()

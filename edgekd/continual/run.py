@@ -28,6 +28,7 @@ from edgekd.metrics import one_class_warning
 from edgekd.metrics.report import write_csv_log
 from edgekd.models import count_parameters, create_model, freeze, model_spec
 from edgekd.progress import progress_task
+from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
@@ -290,6 +291,7 @@ def check_resumable(out: Path, tasks: list[Task], recipe) -> None:
 def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                   progress=None) -> ContinualResult:
     """Learn recipe.continual.tasks in order; after each, evaluate all learned tasks (accuracy matrix)."""
+    recipe, out = entry_arguments(recipe, out)
     cfg = recipe.continual
     if recipe.train.loss.class_weights or isinstance(recipe.train.loss.alpha, list):
         raise EdgeKDError("train.loss: per-class weights are not supported in continual runs (classes change per task)")

@@ -10,6 +10,7 @@ from edgekd.data import build_data, check_class_order, split_tables
 from edgekd.distill.objective import build_objective, load_teacher
 from edgekd.distill.unlabeled import build_unlabeled
 from edgekd.errors import EdgeKDError
+from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_checkpoint
 from edgekd.train.run import RunResult, build_student_model, loss_class_weights, train_model
 from edgekd.train.trainer import resolve_device, seed_everything
@@ -59,6 +60,7 @@ def check_teacher_splits(path, teacher_ckpt: dict, recipe, data, log: Callable[[
 def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                    progress=None) -> RunResult:
     """Train the recipe's student against `distill.teacher`; writes the same files as a supervised run."""
+    recipe, out = entry_arguments(recipe, out)
     cfg = recipe.distill
     if cfg is None:
         raise EdgeKDError("this recipe has no distill section: train it with `edgekd train` as a supervised run (in "

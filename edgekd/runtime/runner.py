@@ -133,19 +133,25 @@ class Runner:
         positive class's calibrated probability for this runner (default: the bundle's; a binary bundle only).
         `task`: a multi-head bundle's task to predict (default: each task's prediction, a `TaskPredictions`).
         """
+        for name, value in (("backend", backend), ("precision", precision)):
+            if not isinstance(value, str) and (name == "backend" or value is not None):
+                raise EdgeKDError(f"{name} must be a string, got {value!r}")
+        if not isinstance(path, (str, Path, Bundle)):
+            raise EdgeKDError(f"expected a bundle path (folder or .zip) or an open Bundle, got {path!r}")
         backend, precision = backend.lower(), precision.lower() if precision else precision  # `--precision FP16`
         _check_options(backend, precision, threads, threshold)
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
         if cache_dir is not None:  # a cache inside a bundle folder would be an unlisted file: the bundle unusable
             if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-                raise EdgeKDError(f"--cache-dir {cache_dir}: not a folder")
-            refuse_output_inside(cache_dir, [bundle.source], "--cache-dir")
+                raise EdgeKDError(f"cache folder (--cache-dir) {cache_dir}: not a folder")
+            refuse_output_inside(cache_dir, [bundle.source], "cache folder (--cache-dir)")
         bundle_threshold, positive = bundle.decision
         if threshold is not None and bundle.tasks:
             raise EdgeKDError("a decision threshold is for a two-class bundle: a multi-head bundle's tasks are "
                               "decided by their top class")
-        if threshold is not None and (len(bundle.class_names) != 2 or not 0 <= threshold <= 1):
-            raise EdgeKDError(f"threshold {threshold} needs a two-class bundle and a value in [0, 1]")
+        if threshold is not None and len(bundle.class_names) != 2:
+            raise EdgeKDError(f"threshold {threshold}: a decision threshold needs a two-class bundle "
+                              f"({len(bundle.class_names)} classes)")
         _check_task(bundle, task)
         precision = precision or bundle.most_precise()
         artifact = _pick_artifact(bundle, backend, precision)
@@ -211,6 +217,9 @@ class Runner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """The bare backend call: float32 (N, C, H, W) model input -> (N, num_classes) logits."""
         batch = np.asarray(batch)
+        if not np.issubdtype(batch.dtype, np.floating):  # uint8 pixels here would be read as normalized input
+            raise EdgeKDError(f"model input must be float (normalized, N x C x H x W), got {batch.dtype}: for "
+                              "images use predict() / predict_batch()")
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise EdgeKDError(f"model input must have shape (N, {', '.join(map(str, self.input_shape))}), "
                               f"got {tuple(batch.shape)}")
@@ -326,8 +335,8 @@ class Runner:
 
         An input that cannot be read or is invalid yields a Failure naming it; the rest go on.
         """
-        if batch < 1:
-            raise EdgeKDError(f"batch must be >= 1, got {batch}")
+        if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
+            raise EdgeKDError(f"batch must be an integer >= 1, got {batch!r}")
         inputs = _one_or_many(inputs)
         chunk: list[tuple[str, np.ndarray]] = []
         pending: list[Prediction | Failure | None] = []  # keeps order: None marks a slot filled by the chunk
@@ -372,7 +381,8 @@ def _check_options(backend: str, precision: str | None, threads, threshold) -> N
         raise EdgeKDError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
     if threads is not None and (not isinstance(threads, numbers.Integral) or isinstance(threads, bool) or threads < 1):
         raise EdgeKDError(f"threads must be an integer >= 1, got {threads!r}")
-    if threshold is not None and (not isinstance(threshold, numbers.Real) or isinstance(threshold, bool)):
+    if threshold is not None and (not isinstance(threshold, numbers.Real) or isinstance(threshold, bool)
+                                  or not 0 <= threshold <= 1):  # NaN fails the range test too
         raise EdgeKDError(f"threshold must be a number in [0, 1], got {threshold!r}")
 
 
@@ -386,9 +396,17 @@ def tta_names(tta) -> list[str]:
 
 
 def _one_or_many(inputs):
-    """A single path (str/Path) or DicomFrame given where a collection is expected: that one input (a string would
-    otherwise be read character by character)."""
-    return [inputs] if isinstance(inputs, (str, Path, DicomFrame)) else inputs
+    """A single image given where a collection is expected: that one input. A path (str/Path), DicomFrame, PIL
+    image or (H, W[, C]) array (a string would otherwise be read character by character, an array row by row); an
+    (N, H, W[, C]) array is N images."""
+    if isinstance(inputs, (str, Path, DicomFrame)) or (isinstance(inputs, np.ndarray) and inputs.ndim in (2, 3)):
+        return [inputs]
+    if type(inputs).__module__.startswith("PIL.") and hasattr(inputs, "getbands"):  # a PIL image, without importing PIL
+        return [inputs]
+    if not isinstance(inputs, Iterable):
+        raise EdgeKDError(f"expected images (paths, PIL images or uint8 arrays) or an iterable of them, got "
+                          f"{type(inputs).__name__}")
+    return inputs
 
 
 def _describe(image: Any) -> str:

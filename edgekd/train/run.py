@@ -20,6 +20,7 @@ from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import check_input_size, count_macs, count_parameters, create_model, freeze, model_spec
 from edgekd.fileio import ensure_free_space, write_json, write_text
 from edgekd.probability import softmax
+from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
 from edgekd.train import distributed
 from edgekd.train.distributed import is_main_process
@@ -197,6 +198,7 @@ def evaluate_best(best_path: Path, data: DataModule, device, out: Path, name: st
 def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                  progress=None) -> RunResult:
     """The supervised path: teacher, baseline, or a student trained from scratch."""
+    recipe, out = entry_arguments(recipe, out)
     if recipe.distill or recipe.continual:
         raise EdgeKDError("this recipe has a distill/continual section: run it with `edgekd train` (in Python: "
                           "edgekd.pipeline.run_recipe)")
