@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -252,6 +253,21 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     assert (tmp_path / "b5" / "work" / "mine.txt").read_text() == "keep"
     assert any(line.startswith("warning: other processes used 0.97 cores") for line in said), said
     assert any("no accuracy" in n for n in bundle_only.summary["subjects"][0]["notes"])
+
+    # A bundle the runtime refuses (edgekd.json edited after export, manifest re-hashed) is an error, not an n/a
+    # runner row beside a timed bare row of its model (it had exited 0).
+    from edgekd.export.bundle import write_manifest
+
+    edited = tmp_path / "edited"
+    shutil.copytree(bundle, edited)
+    meta = json.loads((edited / "edgekd.json").read_text())
+    meta["preprocess"]["mean"] = [0.2] * len(meta["preprocess"]["mean"])
+    (edited / "edgekd.json").write_text(json.dumps(meta))
+    write_manifest(edited)
+    with pytest.raises(EdgeKDError, match="edgekd.json preprocess.mean is .* the model file was exported with"):
+        run_bench(BenchConfig(edited, tmp_path / "b7", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                              timing=quick), log=lambda *_: None)
+    assert not (tmp_path / "b7").exists()
 
     # An unreadable teacher is refused before the model is exported (nothing written).
     (tmp_path / "empty.pt").write_bytes(b"")

@@ -451,7 +451,8 @@ def test_metadata_round_trips_through_every_artifact(tmp_path):
 
     edited = tmp_path / "edited"
     for key, change in (("class_names", lambda m: m["class_names"].__setitem__(0, "renamed")),
-                        ("preprocess", lambda m: m["preprocess"].update(mean=[0.1] * len(m["preprocess"]["mean"])))):
+                        ("preprocess", lambda m: m["preprocess"].update(mean=[0.1] * len(m["preprocess"]["mean"]))),
+                        ("tta", lambda m: m["tta"].update(center_crop_fraction=0.3))):  # the views had gone unchecked
         shutil.rmtree(edited, ignore_errors=True)
         shutil.copytree(tmp_path / "b", edited)
         changed = json.loads((edited / "edgekd.json").read_text())

@@ -142,6 +142,7 @@ def test_a_changed_artifact_is_refused_and_nothing_is_written(bundle, tmp_path):
     ({"kind": "ovms", "base_path": ""}, "--base-path ''"),  # mounted $PWD over the container's /
     ({"kind": "ovms", "base_path": "models"}, "--base-path 'models'"),  # `-v $PWD:models` is not a docker mount
     ({"kind": "ovms", "base_path": "/models/../"}, "without '..'"),  # base_path /models/../x is /x
+    ({"kind": "ovms", "base_path": "/my models; touch x"}, "letters, digits"),  # pasted into the README's command
     ({"kind": "triton", "version": 0}, "--version"),
     ({"kind": "triton", "precision": "fp64"}, "unknown precision 'fp64' \\(use fp32, fp16, int8\\)"),  # 'no onnx fp64'
 ])
@@ -178,6 +179,37 @@ def test_cli_refuses_a_non_empty_out_and_writes_a_new_one(bundle, tmp_path, monk
     assert run_cli(monkeypatch, "repository", str(tmp_path), "--kind", "ovms", "--out", str(tmp_path / "r2")) == 2
     assert "is inside the input" not in (err := capsys.readouterr().err) and "bundle" in err, err
     assert not (tmp_path / "r2").exists()
+
+
+def test_an_edited_edgekd_json_is_refused_as_the_runtime_refuses_it(bundle, tmp_path):
+    """The README it writes tells clients the preprocessing and classes: from an edgekd.json edited after export
+    (its manifest line re-hashed) it had published another normalization and three classes for a 2-output model."""
+    import shutil
+
+    from edgekd.export.bundle import write_manifest
+
+    for key, change in (("class_names", lambda m: m["class_names"].__setitem__(0, "renamed")),
+                        ("preprocess", lambda m: m["preprocess"].update(mean=[0.2] * len(m["preprocess"]["mean"])))):
+        copy = tmp_path / key
+        shutil.copytree(bundle, copy)
+        meta = json.loads((copy / "edgekd.json").read_text())
+        change(meta)
+        (copy / "edgekd.json").write_text(json.dumps(meta))
+        write_manifest(copy)
+        for kind in ("triton", "ovms"):
+            with pytest.raises(EdgeKDError, match=f"edgekd.json {key}.* the model file was exported with"):
+                write_repository(copy, kind, tmp_path / f"repo-{key}-{kind}")
+            assert not (tmp_path / f"repo-{key}-{kind}").exists()
+
+
+def test_out_as_a_symlink_to_an_empty_folder_is_followed(bundle, tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    write_repository(bundle, "ovms", tmp_path / "link")
+    assert (tmp_path / "target" / "config.json").is_file() and (tmp_path / "link").is_symlink()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(EdgeKDError, match="--out .*dangling: a symlink to .*nowhere, which is not a folder"):
+        write_repository(bundle, "ovms", tmp_path / "dangling")
 
 
 def test_precision_in_any_case_and_a_file_as_out(bundle, tmp_path):

@@ -215,7 +215,7 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
                     threads: int, checkpoint: Path | None = None, export_options: dict | None = None,
                     log: Callable[[str], None] = print) -> Subject:
     """A checkpoint (exported here for the ONNX/OpenVINO rows) or a bundle (plus an optional checkpoint for torch)."""
-    from edgekd.runtime import open_bundle
+    from edgekd.runtime import check_artifact, open_bundle
 
     export_options = export_options or {}
     source = Path(source)
@@ -232,6 +232,8 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
         for pair in wanted:
             if pair not in subject.artifacts:
                 subject.unavailable[pair] = f"not in the bundle {source}"
+            else:  # a bundle the runtime refuses (edgekd.json edited after export) is an error, not an n/a row
+                check_artifact(bundle, *pair)
     else:
         from edgekd.train.checkpoint import load_checkpoint
 

@@ -283,7 +283,7 @@ def serve(
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
                                 cache_dir=cache_dir, task=task, threshold=threshold)
     console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision} on {backend}, {runner.info['threads'] or 'default'} "
-                  f"threads{', TTA' if tta else ''}) at http://{host}:{port}" + (" (token required)" if token else ""))
+                  f"threads{', TTA' if tta else ''}) at http://{f'[{host}]' if ':' in host else host}:{port}" + (" (token required)" if token else ""))
     run_service(runner, settings)
 
 

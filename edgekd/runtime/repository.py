@@ -18,6 +18,7 @@ from edgekd.fileio import (deferred_signals, remove_tree, staging_directory, tra
                            write_text)
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
 from edgekd.runtime.preprocess import LUMA
+from edgekd.runtime.runner import check_artifact
 
 KINDS = {"triton": "onnx", "ovms": "openvino"}
 """Repository kind -> the bundle format it serves."""
@@ -146,13 +147,19 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     if version < 1:
         raise EdgeKDError("--version: must be at least 1 (the servers' version folders are 1, 2, ...)")
     if kind == "ovms" and not (base_path.startswith("/") and base_path.rstrip("/")
-                               and ".." not in base_path.split("/")):
+                               and ".." not in base_path.split("/") and re.fullmatch(r"[A-Za-z0-9._/-]+", base_path)):
         raise EdgeKDError(f"--base-path {base_path!r}: an absolute folder inside the server's container other than /, "
-                          "without '..' (e.g. /models), where the repository is mounted")
+                          "without '..', of letters, digits and . _ - / (e.g. /models: the README's docker command "
+                          "uses it as it is), where the repository is mounted")
     out = Path(out)
+    if out.is_symlink():  # a link to a folder: the repository goes there (rename would not replace the link)
+        if not out.resolve().is_dir():
+            raise EdgeKDError(f"--out {out}: a symlink to {out.resolve()}, which is not a folder")
+        out = out.resolve()
     _check_out(out)
     bundle = open_bundle(bundle_path, verify=True)
     art = bundle.artifact(KINDS[kind], precision or bundle.most_precise())
+    check_artifact(bundle, art.format, art.precision)  # clients follow the README this writes from edgekd.json
     # an updated (or multi-head) bundle has other outputs than its parent: by default it gets its own name, with its
     # output count (it had taken the parent's, and "same name, next version" swapped a 2-class model for a 12-output one)
     outputs = f"_{len(bundle.class_names)}out" if bundle.meta.get("lineage") or bundle.tasks else ""

@@ -374,6 +374,15 @@ class Runner:
         self.close()
 
 
+def check_artifact(bundle: Bundle, fmt: str, precision: str) -> None:
+    """The checks `Runner.from_bundle` makes before a model answers, run on one artifact of an open bundle without
+    keeping it: edgekd.json against the model file's embedded copy, the input shape, one warm-up inference's output
+    count. For the commands that hand a bundle on rather than predict with it (`edgekd repository`, `edgekd
+    bench`): a tampered edgekd.json would otherwise be published, or timed, without a word."""
+    Runner.from_bundle(bundle, backend="onnx" if fmt == "onnx" else "openvino", precision=precision,
+                       warmup=1).close()
+
+
 def _check_options(backend: str, precision: str | None, threads, threshold) -> None:
     if backend not in BACKENDS:
         raise EdgeKDError(f"unknown backend '{backend}' (use {', '.join(BACKENDS)})")

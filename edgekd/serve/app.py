@@ -27,6 +27,8 @@ from edgekd.serve.settings import ServeSettings, check_settings
 from edgekd.serve.uploads import UploadError, decode_upload
 
 MAX_BATCH_FILES = 64
+MAX_FORM_FIELDS = 64
+"""Non-file parts of a multipart request (ignored, as a client may send metadata beside the image): more is 413."""
 """The most files one /predict/batch request may carry (fewer when --max-queue is smaller)."""
 CLIENT_GONE = 499
 """The status recorded (never sent) for a request whose client hung up before its answer (nginx's code)."""
@@ -187,7 +189,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 async def _uploads(request: Request, limit: int, batch_said: str) -> list[tuple[str, str | None, bytes]]:
     """(name, declared content type, bytes) of a multipart request's files, or of a raw body.
 
-    `limit` bounds this endpoint's files and form fields; `batch_said` says what /predict/batch takes.
+    `limit` bounds this endpoint's files (non-file fields: MAX_FORM_FIELDS); `batch_said` says what
+    /predict/batch takes.
     """
     content_type = request.headers.get("content-type")
     if not (content_type or "").lower().startswith("multipart/form-data"):
@@ -196,12 +199,13 @@ async def _uploads(request: Request, limit: int, batch_said: str) -> list[tuple[
             raise UploadError("empty request body (send the image as the body, or as multipart 'file' fields)", 400)
         return [("upload", content_type, body)]
     try:
-        form = await request.form(max_files=limit, max_fields=limit)
+        form = await request.form(max_files=limit, max_fields=MAX_FORM_FIELDS)
     except HTTPException as err:  # Starlette answers max_files / max_fields with 400 and its own words
-        part = next((p for p in ("files", "fields") if f"Too many {p}" in str(err.detail)), None)
-        if part is None:
+        if "Too many fields" in str(err.detail):
+            raise UploadError(f"more than {MAX_FORM_FIELDS} form fields besides the files in one request", 413) from None
+        if "Too many files" not in str(err.detail):
             raise
-        raise UploadError(f"more than {limit} {part[:-1] if limit == 1 else part} in one request (/predict takes "
+        raise UploadError(f"more than {limit} {'file' if limit == 1 else 'files'} in one request (/predict takes "
                           f"one file, /predict/batch {batch_said})", 413) from None
     files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not files:
@@ -233,7 +237,7 @@ def _add_routes(app: FastAPI, service: Service, auth) -> None:
                    else service.answer(next(predictions), views) for img, (name, _, _) in zip(decoded, uploads)]
         return {"results": results, **service.answered_by}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health():
         return {"status": "draining" if service.batcher.closing else "ok", "queue": service.batcher.depth}
 
