@@ -823,6 +823,10 @@ def test_eval_refuses_a_bad_compare_before_writing(trained, tmp_path, capsys):
         assert_refused(invoke(capsys, "eval", trained["ckpt"], "--corruptions", "--compare", bad,
                               "--out", tmp_path / "ev"), words)
         assert not (tmp_path / "ev").exists()
+    # A negative seed had scored the clean row, then failed inside numpy (exit 1).
+    assert_refused(invoke(capsys, "eval", trained["ckpt"], "--corruptions", "--seed", "-1", "--out", tmp_path / "ev"),
+                   "--seed")
+    assert not (tmp_path / "ev").exists()
 
 
 def test_a_checkpoint_where_a_bundle_goes_and_back_is_named_for_what_it_is(trained, bundle, good_png, tmp_path,

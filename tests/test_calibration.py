@@ -335,6 +335,13 @@ def test_a_platt_bundle_runs_the_same_calibration_as_export(calibrated_bundle, t
         np.testing.assert_allclose(p.probs, apply_temperature(p.raw_probs, cal["temperature"], cal["bias"]), atol=1e-12)
     parity = json.loads((tmp_path / "b" / "parity.json").read_text())
     assert parity["artifacts"][0]["operating_point"]["test"]["calibrated_prob_mean_abs_diff"] < 1e-5
+    # The corruption eval's and failure analysis' rows are the model's argmax, a checkpoint's and a bundle's alike:
+    # the Platt bias moves the calibrated probabilities' argmax (a hidden threshold), so they score the raw softmax.
+    from edgekd.robustness.evaluate import bundle_predictors
+
+    (predictor,) = bundle_predictors(tmp_path / "b")
+    np.testing.assert_allclose(predictor.predict(list(_images(tiny))), np.stack([p.raw_probs for p in preds]),
+                               atol=1e-7)
 
 
 def test_a_threshold_on_the_class_at_index_0_labels_by_that_class(calibrated_bundle, tmp_path):
@@ -408,6 +415,24 @@ def test_a_threshold_rule_on_a_multi_class_model_is_refused():
     strict = profile.model_copy(update={"decision": DecisionConfig(rule="sensitivity", target=0.95)})
     with pytest.raises(EdgeKDError, match=r"decision.rule sensitivity needs a two-class model \(3 classes"):
         operating_point(reference, splits, strict, names)
+    named = profile.model_copy(update={"decision": DecisionConfig(positive=2)})  # had been dropped without a word
+    with pytest.raises(EdgeKDError, match=r"decision.positive is for a two-class model \(3 classes"):
+        operating_point(reference, splits, named, names)
+
+
+def test_a_target_without_a_target_rule_and_a_boolean_positive_are_refused():
+    """`rule: youden, target: 0.9` had printed "youden >= 0.9" on the card; `positive: false` had meant class 0."""
+    from pydantic import ValidationError
+
+    from edgekd.export.profile import DecisionConfig
+
+    for rule in ("youden", "argmax"):
+        with pytest.raises(ValidationError, match=f"decision.target is for the sensitivity and specificity rules; "
+                                                  f"rule '{rule}' has none"):
+            DecisionConfig(rule=rule, target=0.9)
+    with pytest.raises(ValidationError, match="not true/false"):
+        DecisionConfig(rule="youden", positive=False)
+    assert DecisionConfig(rule="youden", positive=0).positive == 0
 
 
 def test_a_misspelled_method_or_a_one_class_split_is_refused():
@@ -458,3 +483,22 @@ def test_a_multi_class_operating_point_names_no_positive_class():
     assert 0 < decision["test"]["acc"]["value"] <= 1
     rows = as_the_bundle_decides([{"probs": [0.1, 0.7, 0.2], "prob": 0.7}], point, names)
     assert rows[0]["predicted"] == "b"
+
+
+def test_a_card_without_calibration_does_not_call_its_probabilities_calibrated(calibrated_bundle, tmp_path):
+    import yaml
+
+    from edgekd.export import export_checkpoint, load_profile
+
+    out, _ = calibrated_bundle
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"formats": ["onnx"], "precisions": ["fp32"], "parity": {"images": 8},
+                                       "calibration": {"method": "none"}, "decision": {"rule": "youden"}}))
+    export_checkpoint(out.parent / "run" / "best.pt", tmp_path / "b", profile=load_profile(profile),
+                      log=lambda *_: None)
+    card = (tmp_path / "b" / "card.md").read_text()
+    operating = card.split("## Operating point", 1)[1].split("\n## ", 1)[0]
+    assert "uncalibrated (softmax) probability >=" in operating and "no calibration: raw softmax" in operating
+    assert "calibrated p" not in operating and "temperature" not in operating
+    assert "## Calibration" not in card
+    assert "not at the operating point" in card.split("## Clinical metrics per format", 1)[1]

@@ -235,6 +235,12 @@ def test_compare_takes_a_run_folder_and_refuses_a_multi_head_model_before_any_ou
                                    "--out", str(tmp_path / "ev2")])
     assert res.exit_code != 0 and "one head per task" in str(res.exception)
     assert "acc" not in res.output and not (tmp_path / "ev2").exists()  # no table printed before the refusal
+    # The multi-head checkpoint itself under --corruptions / --failures: refused before its per-task eval runs (its
+    # message had sent the user to --data, which was refused again after a second eval).
+    for flag in ("--corruptions", "--failures"):
+        res = CliRunner().invoke(app, ["eval", str(tmp_path / "multi.pt"), flag, "--out", str(tmp_path / "ev3")])
+        assert res.exit_code != 0 and "one head per task" in str(res.exception)
+        assert "acc" not in res.output and not (tmp_path / "ev3").exists()
 
 
 def test_two_sources_with_one_model_name_stay_two_rows(tiny_run, tmp_path):

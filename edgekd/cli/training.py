@@ -125,7 +125,7 @@ def eval_(
     compare: list[Path] = typer.Option([], "--compare", help="More checkpoints/bundles scored on the same corrupted "
                                        "images (e.g. the teacher, the student's bundle); repeatable."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Corruption eval on a fixed random subset of N images."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the corruptions' randomness."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the corruptions' randomness."),
     failures: bool = typer.Option(False, "--failures", help="Top confused class pairs with example images "
                                   "(failures.json/.png)."),
     top: Optional[int] = typer.Option(None, "--top", min=1, help="How many confused pairs --failures reports "
@@ -148,8 +148,8 @@ def eval_(
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
-    for other in compare:  # a bad --compare is refused before the main evaluation writes (or prints) anything
-        check_predictor_source(other)
+    for other in [*compare, *([checkpoint] if corruptions or failures else [])]:  # before the main eval prints
+        check_predictor_source(other)  # (a multi-head checkpoint had been refused after its per-task tables)
     wrote: list[str] = []  # said once every step has passed: a refusal half-way removes what came before it
     with removed_if_only(out, EVAL_FILES):  # a refusal half-way (a --compare of other classes): no new folder
         if not bundle and folder is not None:

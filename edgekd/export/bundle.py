@@ -224,7 +224,7 @@ def _quantization_section(metadata: dict[str, Any]) -> list[str]:
         f"- {a['format']} {a['precision']}: {a['quantization']}" for a in notes]
 
 
-def _explanation_section(explanations: list[dict[str, Any]] | None) -> list[str]:
+def _explanation_section(explanations: list[dict[str, Any]] | None, calibrated: bool = True) -> list[str]:
     """The card's Grad-CAM table, when there are overlays."""
     if not explanations:
         return []
@@ -232,7 +232,8 @@ def _explanation_section(explanations: list[dict[str, Any]] | None) -> list[str]
              f"Grad-CAM of the PyTorch model's top class at layer `{explanations[0]['layer']}` of the PyTorch checkpoint, "
              f"on {len(explanations)} test images (a fixed pick, classes in turn). Red = regions that raised "
              "that class's score; check they lie on anatomy, not on labels, borders or devices. "
-             "Predicted and p as the bundle gives them (calibrated, its decision threshold).", "",
+             f"Predicted and p as the bundle gives them ({'calibrated, ' if calibrated else ''}its decision "
+             "threshold).", "",
              "| image | label | predicted (p) | Grad-CAM |", "|---|---|---|---|"]
     for e in explanations:
         other = f"; the map is of {e['target']}, the top class" if e.get("target", e["predicted"]) != e["predicted"] else ""
@@ -308,7 +309,8 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         f"- TTA views: {', '.join(tta['views'])} (mean of softmax)",
         "", "## Clinical metrics per format", "",
         "PyTorch is the checkpoint the artifacts were exported from; every row is measured on the same images "
-        "(original view)." + _subset_note(parity), "",
+        "(original view), each image labelled by the model's top class (argmax of its raw softmax), not at the "
+        "operating point: the bundle's own labels are in the operating point table." + _subset_note(parity), "",
     ]
     header = "| format | precision | size (MB) | " + " | ".join(
         f"{s} {k}" for s in splits for k in ("acc", "auc", "sens", "spec")) + " |"
@@ -330,7 +332,7 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
     if metadata.get("continual"):
         lines += continual_card_section(metadata["continual"], metadata.get("tasks"))
     lines += (_lineage_section(metadata) + _head_parity_section(parity) + _parity_section(parity, tta)
-              + _quantization_section(metadata) + _explanation_section(explanations))
+              + _quantization_section(metadata) + _explanation_section(explanations, bool(metadata.get("calibration"))))
     lines += ["", "## Run", "", "```", "edgekd predict <this bundle> IMAGE... [--tta]",
               "edgekd serve <this bundle> [--tta]    # an HTTP service (the serve extra)", "```", "",
               default_run_line(metadata["artifacts"]), "",

@@ -42,6 +42,9 @@ def operating_point(reference: dict[str, Any], splits: dict[str, tuple[np.ndarra
     if profile.decision.rule != "argmax" and not binary:  # it was dropped for argmax, silently
         raise EdgeKDError(f"export profile: decision.rule {profile.decision.rule} needs a two-class model "
                           f"({len(class_names)} classes; a multi-class bundle predicts the top class: rule argmax)")
+    if "positive" in profile.decision.model_fields_set and not binary:  # it was dropped without a word
+        raise EdgeKDError(f"export profile: decision.positive is for a two-class model ({len(class_names)} classes; "
+                          "a multi-class bundle predicts the top class)")
     if method != "none":
         calibration = calibration_report(val_logits, val_y, test_logits, test_y, method)
     positive = positive_index(profile.decision.positive, class_names)
@@ -129,19 +132,20 @@ def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
         lines += ["", "## Training data", "", "Class mix of the training split: "
                   + ", ".join(f"{c} {n} ({n / total:.1%})" for c, n in counts.items()) + "."]
     if decision:
-        rule = decision["rule"]
-        how = ("the top class (argmax of the calibrated probabilities)" if rule == "argmax" else
-               f"`{decision['positive_class']}` when its calibrated probability >= {decision['threshold']:.4f}, the "
-               f"threshold chosen on the validation split for {rule}"
-               + (f" >= {decision['target']:g}" if decision.get("target") else ""))
+        rule, calibrated = decision["rule"], "calibrated " if calibration else ""
+        how = (f"the top class (argmax of the {calibrated or 'uncalibrated softmax '}probabilities)" if rule == "argmax"
+               else f"`{decision['positive_class']}` when its {calibrated or 'uncalibrated (softmax) '}probability >= "
+               f"{decision['threshold']:.4f}, the threshold chosen on the validation split for {rule}"
+               + (f" >= {decision['target']:g}" if decision.get("target") and rule != "youden" else ""))
         ref = parity["reference"]
         subset = (f" The formats' rows are on a `--metric-images` subset of {ref['metric_images']['test']} of the "
                   f"{ref['split_images']['test']} test images, PyTorch's on all of them."
                   if scored_on_subset(parity) else "")
         lines += ["", "## Operating point", "", f"Label: {how}. Test figures with 95% stratified bootstrap intervals "
-                  "(1000 resamples); every format below is scored under the same temperature and threshold."
+                  "(1000 resamples); every format below is scored under the same "
+                  + ("calibration and threshold." if calibration else "threshold (no calibration: raw softmax).")
                   + subset, "",
-                  "| model | " + " | ".join(OPERATING_METRICS) + " | calibrated p vs PyTorch (mean abs) |",
+                  "| model | " + " | ".join(OPERATING_METRICS) + f" | {calibrated}p vs PyTorch (mean abs) |",
                   "|---|" + "---|" * (len(OPERATING_METRICS) + 1),
                   "| pytorch fp32 | " + " | ".join(_ci(decision["test"].get(m)) for m in OPERATING_METRICS) + " | - |"]
         for rec in (r for r in parity["artifacts"] if r["passed"] and r.get("operating_point")):

@@ -169,19 +169,30 @@ class DecisionConfig(Section):
     youden: the one maximizing sensitivity + specificity - 1; argmax: the top class (the only rule for a
     multi-class model: another is refused at export)."""
     target: float | None = Field(None, gt=0, le=1)
+    """The sensitivity or specificity to reach (those rules only)."""
     positive: str | int = 1
-    """The positive class (its name or index) whose probability the threshold applies to."""
+    """The positive class (its name or index) whose probability the threshold applies to (a two-class model)."""
+
+    @field_validator("positive", mode="before")
+    @classmethod
+    def _not_a_flag(cls, v):
+        if isinstance(v, bool):  # `positive: false` had been class 0
+            raise ValueError("give the positive class's name or index, not true/false")
+        return v
 
     def model_post_init(self, __context: Any) -> None:
         if self.rule in ("sensitivity", "specificity") and self.target is None:
             raise ValueError(f"decision.rule '{self.rule}' needs decision.target (e.g. 0.95)")
+        if self.rule not in ("sensitivity", "specificity") and self.target is not None:  # the card had said ">= it"
+            raise ValueError(f"decision.target is for the sensitivity and specificity rules; rule '{self.rule}' has "
+                             "none")
 
 
 class CardConfig(Section):
     intended_use: str = ("Research use only; not a medical device. Not validated for clinical decisions.")
     limitations: list[str] = ["Trained and tested on one public data set; performance on other sites, scanners "
                               "and populations is unknown.",
-                              "Figures are for the stated operating point and test split only."]
+                              "Figures hold for this data set's own validation and test splits only."]
 
 
 class ExportProfile(Section):

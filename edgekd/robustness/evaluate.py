@@ -123,7 +123,10 @@ def bundle_predictors(path: str | Path, artifacts: Sequence[str] | None = None, 
         def predict(images: list[np.ndarray], runner=runner) -> np.ndarray:
             rows = []
             for start in range(0, len(images), batch_size):
-                rows += [p.probs for p in runner.predict_batch(images[start:start + batch_size], tta=False)]
+                # The model's own softmax, as a checkpoint's row has it: a Platt bias in the calibrated
+                # probabilities moves their argmax, a threshold the README says these rows do not apply.
+                rows += [p.probs if p.raw_probs is None else p.raw_probs
+                         for p in runner.predict_batch(images[start:start + batch_size], tta=False)]
             return np.stack(rows)
 
         model = bundle.model
@@ -417,8 +420,8 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
     probs = predictor.predict(images)
     pairs = confused_pairs(labels, probs, top)
     out = Path(out)
-    kind = ("the model's softmax" if predictor.format == "torch" else
-            "the bundle's (calibrated with its temperature, where it has one)")  # a bundle's p and its checkpoint's differ
+    kind = ("the model's softmax" if predictor.format == "torch" else  # not a calibration's: it can move the argmax
+            "the bundle's model's softmax (uncalibrated, as the checkpoint's)")
     result = {"source": str(source), "model": predictor.label, "split": split, "images": len(images),
               "probabilities": kind, "errors": int((probs.argmax(1) != labels).sum()), "class_names": class_names,
               "pairs": [{**p, "true_name": class_names[p["true"]], "pred_name": class_names[p["pred"]]} for p in pairs]}
