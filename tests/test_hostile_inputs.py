@@ -499,6 +499,18 @@ def test_an_oversized_manifest_is_refused_before_it_is_read(bundle, tmp_path, ca
     assert_refused(invoke(capsys, "predict", b, img, "--backend", "onnx"), "manifest.sha256 is", "MiB, over the")
 
 
+def test_a_manifest_listing_a_file_twice_is_refused(bundle, tmp_path, capsys):
+    """The last line had won: a wrong digest on an earlier line passed (`sha256sum -c` would fail it)."""
+    b = copy_bundle(bundle, tmp_path / "b")
+    lines = (b / "manifest.sha256").read_text().splitlines()
+    meta_line = next(line for line in lines if line.endswith("  edgekd.json"))
+    (b / "manifest.sha256").write_text("\n".join(["0" * 64 + "  edgekd.json", *lines]) + "\n")
+    (img,) = good_images(tmp_path / "imgs", 1)
+    assert_refused(invoke(capsys, "predict", b, img, "--backend", "onnx"),
+                   "manifest.sha256 line", "lists edgekd.json a second time")
+    assert meta_line in lines
+
+
 def test_bench_on_a_bad_zip_creates_nothing(tmp_path, capsys):
     bad = tmp_path / "bad.zip"
     with zipfile.ZipFile(bad, "w") as zf:

@@ -464,6 +464,8 @@ def parse_manifest(text: str, source: Path) -> dict[str, str]:
         posix = PurePosixPath(rel)
         if posix.is_absolute() or ".." in posix.parts:
             raise EdgeKDError(f"{source}: {MANIFEST_FILE} line {lineno} names a path outside the bundle: {shown(rel)}")
+        if posix.as_posix() in listed:  # the last line had won; `sha256sum -c` checks every line
+            raise EdgeKDError(f"{source}: {MANIFEST_FILE} line {lineno} lists {shown(rel)} a second time")
         listed[posix.as_posix()] = digest
     return listed
 
