@@ -28,6 +28,7 @@ def confusion_figure(cm: np.ndarray, class_names: list[str], title: str = ""):
     ConfusionMatrixDisplay(cm, display_labels=class_names).plot(ax=ax, colorbar=False, cmap="Blues",
                                                                xticks_rotation=45 if len(class_names) > 3 else 0)
     ax.set_title(title or "Confusion matrix")
+    fig.tight_layout()  # long names ("pneumonia:normal") inside the figure: TensorBoard and W&B draw it as it is
     return fig
 
 
