@@ -282,8 +282,10 @@ def serve(
     check_port_free(host, port)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
                                 cache_dir=cache_dir, task=task, threshold=threshold)
-    console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision} on {backend}, {runner.info['threads'] or 'default'} "
-                  f"threads{', TTA' if tta else ''}) at http://{f'[{host}]' if ':' in host else host}:{port}" + (" (token required)" if token else ""))
+    url_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL goes in brackets
+    console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision} on {backend}, "
+                  f"{runner.info['threads'] or 'default'} threads{', TTA' if tta else ''}) at http://{url_host}:{port}"
+                  + (" (token required)" if token else ""))
     run_service(runner, settings)
 
 

@@ -24,8 +24,9 @@ from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 SCHEMA = "edgekd-bundle/1"
 RT_INFO_SECTION = "edgekd"
 """The OpenVINO rt_info section holding the export's metadata (ONNX: the model's metadata_props)."""
-EMBEDDED_KEYS = {"class_names": None, "preprocess": None, "io": None, "tasks": None, "tta": ("views", "center_crop_fraction"),
-                 "calibration": ("temperature", "bias"), "decision": ("threshold", "positive_index", "positive_class")}
+EMBEDDED_KEYS = {"class_names": None, "preprocess": None, "io": None, "tasks": None,
+                 "tta": ("views", "center_crop_fraction"), "calibration": ("temperature", "bias"),
+                 "decision": ("threshold", "positive_index", "positive_class")}
 """What the runner reads from edgekd.json (a section, or these fields of it) and the export also wrote into each model
 file: they must agree. The decision's validation figures are not compared (they do not change a prediction)."""
 METADATA_FILE = "edgekd.json"

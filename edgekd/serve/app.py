@@ -202,7 +202,8 @@ async def _uploads(request: Request, limit: int, batch_said: str) -> list[tuple[
         form = await request.form(max_files=limit, max_fields=MAX_FORM_FIELDS)
     except HTTPException as err:  # Starlette answers max_files / max_fields with 400 and its own words
         if "Too many fields" in str(err.detail):
-            raise UploadError(f"more than {MAX_FORM_FIELDS} form fields besides the files in one request", 413) from None
+            raise UploadError(f"more than {MAX_FORM_FIELDS} form fields besides the files in one request",
+                              413) from None
         if "Too many files" not in str(err.detail):
             raise
         raise UploadError(f"more than {limit} {'file' if limit == 1 else 'files'} in one request (/predict takes "
