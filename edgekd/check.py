@@ -73,6 +73,10 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
     with tempfile.TemporaryDirectory(prefix="edgekd-check-") as tmp:
         tmp = Path(tmp)
         stand_ins: list[str] = []
+        if synthetic and recipe.distill and recipe.distill.unlabeled:  # the pool's stand-in could not be refused
+            from edgekd.distill import refuse_held_out_pool
+
+            refuse_held_out_pool(recipe.distill.unlabeled, recipe.data)
         if synthetic:
             recipe = synthetic_recipe(recipe, tmp, classes, stand_ins, path)
         warnings: list[str] = []
@@ -143,6 +147,10 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
     from edgekd.data import build_data
 
     data = build_data(recipe)
+    if recipe.distill and recipe.distill.unlabeled:  # the whole pool, as training reads it (the check's run draws
+        from edgekd.distill import build_unlabeled  # from a shrunk one): an unreadable or held-out image fails here
+
+        build_unlabeled(recipe, data, log=_quiet)
     warn_about_data(data, warn, listed)
     return len(data.tables["train"])
 

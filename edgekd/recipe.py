@@ -454,7 +454,8 @@ class UnlabeledConfig(Section):
     split: Literal["train", "val", "test", "all"] = "train"
     """Which split of a labelled source is the pool (`all`: a source without given splits). A pool from the
     labelled data's own file or folder must be its given train split (anything else is refused: it would hold
-    the run's val or test images)."""
+    the run's val or test images); any pool's images that are the run's val or test images by content are left
+    out of it (a warning)."""
     limit: int | None = Field(None, ge=1)
     """At most this many images (a seeded subset, as data.limit draws, with seed 0: the same pool for every run
     seed; a labelled source keeps its class mix)."""
@@ -957,7 +958,9 @@ def warn_sections_turned_on(path: str | Path, overrides: list[str], log: Callabl
 def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDError,
            option: str = "--set") -> EdgeKDError:
     """The error of a recipe with --set overrides, named after its cause: the first override after which the recipe
-    has a problem the file alone does not (`--set KEY=VALUE: ...`), else the file."""
+    has the problem it has with all of them, which the file alone does not (`--set KEY=VALUE: ...`), else the file.
+    (An in-between state's problem that a later override mends, e.g. `distill.terms` missing until the next --set
+    gives it, is not the one reported.)"""
     def problem(n: int) -> str | None:
         merged = apply_overrides(raw, overrides[:n], option)  # a malformed override raises its own message, naming it
         try:
@@ -966,10 +969,10 @@ def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDErr
             return str(e)
         return None
 
-    own = problem(0)
+    own, final = problem(0), problem(len(overrides))
     for i, override in enumerate(overrides, 1):
         found = problem(i)
-        if found is not None and found != own:
+        if found is not None and found != own and found == final:
             return EdgeKDError(f"{option} {override}{found}" if found.startswith(":") else f"{option} {override}: {found}")
     return err
 

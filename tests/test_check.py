@@ -13,7 +13,7 @@ from edgekd.check import check_recipe, synthetic_images, synthetic_recipe
 from edgekd.errors import EdgeKDError
 from edgekd.recipe import load_recipe
 
-from conftest import REPO
+from conftest import REPO, write_image_folder
 
 RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))
 # Small batches keep the full-size models (ConvNeXtV2-Large at 224 px, SwinV2 at 256) at their real input size
@@ -141,6 +141,24 @@ def test_synthetic_check_stands_in_an_unlabeled_pool(tmp_path):
     (tmp_path / "demo" / "student.yaml").write_text(yaml.safe_dump(rec))
     r = check_recipe(tmp_path / "demo" / "student.yaml", SMALL, synthetic=True)
     assert any(s.startswith("distill.unlabeled: ") for s in r.stand_ins) and r.step_seconds > 0
+    # A pool `edgekd train` refuses is refused by the check too: with --synthetic before it is stood in (a builtin
+    # test-split pool had passed), without it over the whole pool (the check had decoded only the images it drew).
+    with pytest.raises(EdgeKDError, match=r"distill.unlabeled: the pool is part of the labelled data \(builtin, test\)"):
+        check_recipe(tmp_path / "demo" / "student.yaml", [*SMALL, "distill.unlabeled={source: builtin, split: test}"],
+                     synthetic=True)
+
+
+def test_check_reads_the_whole_unlabeled_pool_as_training_does(tiny_recipe_dict, tmp_path):
+    from edgekd.check import count_train_images
+    from edgekd.recipe import recipe_from_dict
+
+    pool = tmp_path / "pool"
+    write_image_folder(pool, n_per_class=40, size=16)
+    (pool / "zzz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # past what the check's two steps draw
+    recipe = recipe_from_dict({**tiny_recipe_dict, "distill": {"teacher": "t.pt", "terms": [{"kind": "kl"}],
+                                                               "unlabeled": {"source": "folder", "path": str(pool)}}})
+    with pytest.raises(EdgeKDError, match="distill.unlabeled: .*zzz_corrupt.png"):
+        count_train_images(recipe)
 
 
 @pytest.mark.parametrize("classes", [3, 7])

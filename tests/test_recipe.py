@@ -184,6 +184,13 @@ def test_yaml_merge_keys_unhashable_keys_and_blame_after_a_fixing_set(tmp_path):
         load_recipe(p, ["name=ok", "train.epochs=abc"])
     with pytest.raises(EdgeKDError, match=r"r.yaml: name: String should match pattern"):
         load_recipe(p, ["train.epochs=3"])
+    # An in-between problem a later --set mends is not the one named: `distill.unlabeled.source` alone leaves
+    # distill.terms missing, which the next --set gives; the recipe's problem with all of them is another.
+    p.write_text("name: cl\ncontinual: {tasks: [{name: t1, data: {source: builtin}}, {name: t2, data: {source: builtin}}]}\n")
+    with pytest.raises(EdgeKDError) as err:
+        load_recipe(p, ["distill.unlabeled.source=builtin", "distill.terms=[{kind: kl}]", "distill.teacher=t.pt"])
+    assert "distill.terms: Field required" not in str(err.value)
+    assert str(err.value).startswith("--set distill.") and "does not use a distill section" in str(err.value)
 
 
 def test_recipe_differences_name_the_changed_leaf():

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from conftest import run_edgekd, write_image_folder, write_npz
 from edgekd.distill.losses import KDBatch, decoupled_kd, kl_divergence
@@ -85,10 +88,78 @@ def test_a_pool_that_holds_the_runs_own_val_or_test_images_is_refused(tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     if refused:
-        with pytest.raises(EdgeKDError, match="holds images this run validates and tests on"):
+        with pytest.raises(EdgeKDError, match="holds images this run validates and tests on|this run splits that "
+                                              "data itself .data.split stratified., so its validation images"):
             refuse_held_out_pool(UnlabeledConfig(**pool), DataConfig(**data))
     else:
         refuse_held_out_pool(UnlabeledConfig(**pool), DataConfig(**data))
+
+
+def _given_folder(root, splits=("train", "val", "test")):
+    for i, split in enumerate(splits):
+        write_image_folder(root / split, n_per_class=4, size=16, classes=("a", "b"))
+        for p in (root / split).rglob("*.png"):  # each split's own pixels (write_image_folder draws per class)
+            p.rename(p.with_name(f"{split}_{p.name}"))
+            img = np.asarray(Image.open(p.with_name(f"{split}_{p.name}")))
+            Image.fromarray(np.clip(img.astype(int) + 7 * (i + 1), 0, 255).astype(np.uint8)).save(
+                p.with_name(f"{split}_{p.name}"))
+    return root
+
+
+def test_a_pool_never_holds_a_val_or_test_image_under_any_path(tmp_path):
+    """The path rules let these through: a copy or a folder of links to the test images, a folder holding the
+    data folder, the train/ folder val is carved from, the built-in set's own file named by its path. Compared
+    by content, such images leave the pool (with a warning); a pool of nothing else is refused."""
+    import shutil
+
+    from conftest import tiny_recipe as recipe_dict
+    from edgekd.data import build_data
+    from edgekd.data.sources import BUILTIN_DIR
+    from edgekd.distill.unlabeled import build_unlabeled
+
+    def build(data: dict, pool: dict, said: list | None = None):
+        raw = recipe_dict(tmp_path / "unused.npz", data=data, distill={"teacher": "t.pt", "unlabeled": pool,
+                                                                        "terms": [{"kind": "kl"}]})
+        recipe = recipe_from_dict(raw)
+        return build_unlabeled(recipe, build_data(recipe), log=(said if said is not None else []).append)
+
+    folder = {"source": "imagefolder", "path": str(_given_folder(tmp_path / "data" / "given"))}
+    shutil.copytree(tmp_path / "data" / "given" / "test", tmp_path / "copy")
+    (tmp_path / "links").mkdir()
+    for p in sorted((tmp_path / "data" / "given" / "test").rglob("*.png"))[:2]:
+        (tmp_path / "links" / p.name).symlink_to(p)
+    for pool in ("copy", "links"):
+        with pytest.raises(EdgeKDError, match=r"distill.unlabeled: (8 of the pool's 8|2 of the pool's 2) images are "
+                                              r"images of this run's val or test split \(compared by content"):
+            build(folder, {"source": "folder", "path": str(tmp_path / pool)})
+    with pytest.raises(EdgeKDError, match="300 of the pool's 300 images are images of this run's val or test split"):
+        build({"source": "builtin", "path": None, "channels": 1, "image_size": 28, "mean": [0.5], "std": [0.5]},
+              {"source": "medmnist", "path": str(BUILTIN_DIR / "pneumoniamnist_mini.npz"), "split": "test"})
+    said: list[str] = []  # the folder holding the data folder: its train images stay, val's and test's leave
+    stream = build(folder, {"source": "folder", "path": str(tmp_path / "data")}, said)
+    assert (stream.record["images"], stream.record["left_out"]) == (8, 16)
+    assert any(line.startswith("warning: distill.unlabeled: 16 of the pool's 24 images are images of this run's "
+                               "val or test split") for line in said), said
+    carved = {"source": "imagefolder", "path": str(_given_folder(tmp_path / "two", ("train", "test")))}
+    stream = build(carved, {"source": "folder", "path": str(tmp_path / "two" / "train")})  # val carved from train/
+    assert stream.record["left_out"] > 0 and stream.record["images"] + stream.record["left_out"] == 8
+    write_image_folder(tmp_path / "outside", n_per_class=3, size=16, classes=("x", "y"))
+    stream = build(folder, {"source": "folder", "path": str(tmp_path / "outside")})
+    assert (stream.record["images"], stream.record["skipped"], stream.record["left_out"]) == (6, 0, 0)
+    assert len(stream.record["content_digest"]) == 32
+
+
+def test_a_resumed_run_refuses_a_pool_whose_images_changed():
+    from edgekd.distill.run import check_same_pool
+
+    saved = {"distill": {"unlabeled_pool": {"images": 60, "content_digest": "a" * 32}}}
+    same, other = UnlabeledStream.__new__(UnlabeledStream), UnlabeledStream.__new__(UnlabeledStream)
+    same.record, other.record = {"images": 60, "content_digest": "a" * 32}, {"images": 90, "content_digest": "b" * 32}
+    check_same_pool(saved, same, "last.pt")
+    check_same_pool({"distill": {"unlabeled_pool": None}}, other, "last.pt")  # a checkpoint from before the record
+    with pytest.raises(EdgeKDError, match=r"last.pt: distill.unlabeled: the pool's images changed since this run "
+                                          r"started \(60 images then, 90 now"):
+        check_same_pool(saved, other, "last.pt")
 
 
 def test_the_schema_wants_a_path_except_for_the_builtin_set():
@@ -215,9 +286,24 @@ def test_a_student_trains_on_an_image_folder_pool_from_the_cli_and_repeats_itsel
     assert epochs == [0, 1, 0, 1]  # the trainer restarts the pool at each epoch (2 per run): exact --resume
     meta = load_checkpoint(tmp_path / "a" / "best.pt")["distill"]
     assert meta["unlabeled"]["path"] == str(tmp_path / "pool")
+    pool = json.loads((tmp_path / "a" / "metrics.json").read_text())["unlabeled_pool"]
+    assert pool == meta["unlabeled_pool"] and pool["images"] == 20  # what the pool was, in the run's records
 
     raw["distill"]["unlabeled"]["path"] = str(tmp_path / "missing")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     bad = run_edgekd("train", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "c"))
     assert bad.returncode != 0 and "distill.unlabeled: folder" in bad.stderr and "missing not found" in bad.stderr
     assert "Traceback" not in bad.stderr + bad.stdout and not (tmp_path / "c" / "best.pt").exists()
+
+
+def test_a_k_fold_run_refuses_its_pool_before_the_first_teacher_trains(tmp_path):
+    """A pool the folds' runs refuse (the train split of data the folds re-split) or a missing folder had been
+    refused only after fold 1's teacher had trained."""
+    for pool, words in ((["distill.unlabeled.source=builtin"], "this run splits that data itself (data.folds)"),
+                        (["distill.unlabeled.source=folder", f"distill.unlabeled.path={tmp_path / 'none'}"],
+                         "not found")):
+        res = run_edgekd("train", Path(__file__).parents[1] / "recipes/demo/student.yaml", "--out", str(tmp_path / "kf"), "--folds", "2",
+                         *[a for p in pool for a in ("--set", p)])
+        assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert "epoch" not in res.stdout and not (tmp_path / "kf").exists()
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import os
 import warnings
@@ -58,6 +59,15 @@ class Table:
             groups=None if self.groups is None else self.groups[idx],
         )
 
+    def fingerprints(self) -> list[str]:
+        """Each image's content digest: of its file's bytes (a copy or a link of the file has the same one), or of
+        an in-memory array's pixels and shape. Two tables share an image when they share a fingerprint (the same
+        picture re-encoded or resized is not recognised)."""
+        if self.images is not None:
+            return [hashlib.blake2b(np.ascontiguousarray(a).tobytes() + repr(a.shape).encode(), digest_size=16
+                                    ).hexdigest() for a in self.images]
+        return [_file_digest(p) for p in self.paths or []]
+
     @staticmethod
     def concat(tables: list["Table"]) -> "Table":
         first = tables[0]
@@ -67,6 +77,14 @@ class Table:
             paths=None if first.paths is None else sum((t.paths for t in tables), []),
             groups=None if first.groups is None else np.concatenate([t.groups for t in tables]),
         )
+
+
+def _file_digest(path: str | Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass

@@ -7,7 +7,9 @@ from edgekd.distill.objective import (DistillObjective, TeacherInput, TeacherLog
                                       load_teacher)
 from edgekd.distill.report import comparison_report
 from edgekd.distill.run import distill_recipe
+from edgekd.distill.unlabeled import build_unlabeled, check_pool_for_folds, refuse_held_out_pool
 
 __all__ = ["LOSS_TERMS", "DistillLoss", "DistillObjective", "FeatureAdapter", "KDBatch", "TeacherInput",
-           "TeacherLogitCache", "align_spatial", "build_distill_loss", "build_objective", "comparison_report",
-           "distill_recipe", "kl_divergence", "load_teacher", "run_kfold"]
+           "TeacherLogitCache", "align_spatial", "build_distill_loss", "build_objective", "build_unlabeled",
+           "check_pool_for_folds", "comparison_report", "distill_recipe", "kl_divergence", "load_teacher",
+           "refuse_held_out_pool", "run_kfold"]

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgekd.data import data_path_key, load_source, split_listing, split_tables
+from edgekd.distill.unlabeled import check_pool_for_folds
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import write_json, write_text
 from edgekd.recipe import find_recipe_file, load_recipe, recipe_from_dict
@@ -80,6 +81,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
             raise EdgeKDError(f"distill.teacher_recipe {recipe.distill.teacher_recipe}: its data must match the "
                               f"student's so both see the same folds ({'; '.join(differ)}, teacher vs student; "
                               "--teacher-set data.path=... changes the teacher's)")
+    check_pool_for_folds(recipe, folds)  # before the first teacher trains (a bad pool had failed after it)
     split = split_mode(recipe, log)
     rows: list[dict[str, Any]] = []
     for fold in range(folds):

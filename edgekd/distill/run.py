@@ -57,6 +57,18 @@ def check_teacher_splits(path, teacher_ckpt: dict, recipe, data, log: Callable[[
             f"images (another {settings}): the student's best epoch is chosen on images its teacher has seen")
 
 
+def check_same_pool(saved: dict, pool, path: Path) -> None:
+    """A resumed run's unlabeled pool must hold the images it held (compared by content digest), as its labelled
+    splits must: with others it would not end as the uninterrupted run would have."""
+    then = ((saved.get("distill") or {}).get("unlabeled_pool") or {}).get("content_digest")
+    now = pool.record.get("content_digest") if pool is not None else None
+    if then is not None and then != now:
+        was = saved["distill"]["unlabeled_pool"]["images"]
+        raise EdgeKDError(f"{path}: distill.unlabeled: the pool's images changed since this run started ({was} "
+                          f"images then, {pool.record['images'] if pool is not None else 0} now, other content); "
+                          "restore them, or train into a new folder")
+
+
 def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                    progress=None) -> RunResult:
     """Train the recipe's student against `distill.teacher`; writes the same files as a supervised run."""
@@ -79,21 +91,22 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
             check_class_order(list(ckpt.get("class_names") or []), list(data.class_names), f"distill: teacher {path}",
                               log)
     model, spec = build_student_model(recipe, data)
+    pool = build_unlabeled(recipe, data, log)  # refused if it holds a val or test image
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
-                                recipe.augment, data.num_classes, log=log, ensemble=ensemble,
-                                unlabeled=build_unlabeled(recipe, log))
+                                recipe.augment, data.num_classes, log=log, ensemble=ensemble, unlabeled=pool)
     objective.to(resolve_device(recipe.train.device))
-    out = Path(out)
     if resume and (out / "last.pt").is_file():
-        saved = load_checkpoint(out / "last.pt").get(ADAPTER_KEY)
-        if saved:
-            objective.load_adapter_state(saved)
+        saved = load_checkpoint(out / "last.pt")
+        check_same_pool(saved, pool, out / "last.pt")
+        if saved.get(ADAPTER_KEY):
+            objective.load_adapter_state(saved[ADAPTER_KEY])
     teacher_metrics = teacher_ckpt.get("metrics") or {}
     extra_meta = {
         "distill": {"teacher": str(cfg.teacher), "ensemble": list(cfg.ensemble),
                     "teacher_model": teacher_ckpt["arch"]["name"],
                     "teacher_val": teacher_metrics, "terms": [t.model_dump() for t in cfg.terms],
-                    "unlabeled": cfg.unlabeled.model_dump() if cfg.unlabeled else None},
+                    "unlabeled": cfg.unlabeled.model_dump() if cfg.unlabeled else None,
+                    "unlabeled_pool": pool.record if pool else None},
         # The adapters' state_dict tensors share storage with their parameters, which the optimizer updates
         # in place: every checkpoint written during training holds the current adapter weights (for --resume).
         ADAPTER_KEY: objective.adapter_state(),

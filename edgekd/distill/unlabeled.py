@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterator
 
@@ -27,12 +28,14 @@ class UnlabeledImages(Dataset):
         return self.images[i][0]
 
 
-def unlabeled_table(cfg, on_bad_image: str = "error", log=print) -> Table:
-    """The pool the recipe's `distill.unlabeled` names, as a table (labels all 0 and unused)."""
+def unlabeled_table(cfg, on_bad_image: str = "error", log=print, skipped: list[str] | None = None) -> Table:
+    """The pool the recipe's `distill.unlabeled` names, as a table (labels all 0 and unused); `skipped` gets the
+    error line of each unreadable file left out (data.on_bad_image: skip)."""
     if cfg.source == "folder":
         root = Path(cfg.path)
         if not root.is_dir():
-            raise EdgeKDError(f"distill.unlabeled: folder {root} not found")
+            raise EdgeKDError(f"distill.unlabeled: {root} is a file, not a folder of images" if root.exists() else
+                              f"distill.unlabeled: folder {root} not found")
         paths = [str(p) for p in list_images(root)]
         if not paths:
             raise EdgeKDError(f"distill.unlabeled: no images under {root}")
@@ -54,6 +57,8 @@ def unlabeled_table(cfg, on_bad_image: str = "error", log=print) -> Table:
         raise EdgeKDError(f"distill.unlabeled: {err}") from None
     if dropped:
         log(f"distill.unlabeled: skipped {len(dropped)} unreadable images (data.on_bad_image: skip)")
+        if skipped is not None:
+            skipped.extend(dropped)
     if len(table) == 0:
         raise EdgeKDError("distill.unlabeled: no readable images in the pool")
     return table
@@ -70,6 +75,8 @@ class UnlabeledStream:
         self.seed = seed + 7919 * offset
         self.epoch = self.passes = 0
         self._it: Iterator[torch.Tensor] | None = None
+        self.record: dict[str, object] = {}
+        """What the pool was (build_unlabeled): images, skipped, content_digest; kept in the checkpoints."""
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -107,24 +114,71 @@ def refuse_held_out_pool(cfg, data_cfg) -> None:
         train = data / "train"
         train_only = ((pool == data and cfg.source != "folder" and cfg.split == "train")
                       or pool == train or train in pool.parents)
-    if overlaps and not (train_only and data_cfg.split == "given" and data_cfg.folds is None):
+    if overlaps and not train_only:
         raise EdgeKDError(f"distill.unlabeled: the pool is part of the labelled data ({cfg.path or cfg.source}, "
                           f"{cfg.split if cfg.source != 'folder' else 'every image under it'}) beyond its given "
                           "train split, so it holds images this run validates and tests on; use the train split "
                           "or other images")
+    if overlaps and (data_cfg.split != "given" or data_cfg.folds is not None):
+        how = "data.folds" if data_cfg.folds is not None else f"data.split {data_cfg.split}"
+        raise EdgeKDError(f"distill.unlabeled: the pool is the labelled data's train split ({cfg.path or cfg.source})"
+                          f", but this run splits that data itself ({how}), so its validation images come from that "
+                          "split too; use other images")
 
 
-def build_unlabeled(recipe, log=print) -> UnlabeledStream | None:
-    """The recipe's `distill.unlabeled` pool as a stream (None when the recipe has none)."""
+def leave_out_held_images(pool: Table, tables: dict[str, Table], log=print) -> tuple[Table, list[str], int]:
+    """The pool without the images of `tables` (the run's val and test splits), compared by content
+    (`Table.fingerprints`: the same file bytes or array pixels, whatever the path, link or copy): the student is
+    never taught on an image it is validated or tested on. A data set's own duplicates (MedMNIST's train split
+    holds a few of its val images' pixels) are left out with a warning; a pool of nothing else is an error.
+    -> (the pool kept, its fingerprints, how many were left out)."""
+    prints = pool.fingerprints()
+    held = {fp for table in tables.values() for fp in table.fingerprints()}
+    keep = [i for i, fp in enumerate(prints) if fp not in held]
+    left = len(prints) - len(keep)
+    if left:
+        first = next(i for i, fp in enumerate(prints) if fp in held)
+        example = pool.paths[first] if pool.paths is not None else f"image #{first}"
+        said = (f"{left} of the pool's {len(prints)} images are images of this run's {' or '.join(tables)} split "
+                f"(compared by content, e.g. {example})")
+        if not keep:
+            raise EdgeKDError(f"distill.unlabeled: {said}: the student would be taught on images it is validated or "
+                              "tested on; use other images")
+        log(f"warning: distill.unlabeled: {said}; left out of the pool")
+        pool, prints = pool.subset(np.asarray(keep, dtype=np.int64)), [prints[i] for i in keep]
+    return pool, prints, left
+
+
+def check_pool_for_folds(recipe, folds: int) -> None:
+    """Before a k-fold run trains its first teacher: the pool is allowed (`refuse_held_out_pool`, as each fold's
+    run will judge it) and reads. Each fold's run leaves out that fold's val and test images."""
+    cfg = recipe.distill.unlabeled if recipe.distill else None
+    if cfg is None:
+        return
+    refuse_held_out_pool(cfg, recipe.data.model_copy(update={"folds": folds}))
+    unlabeled_table(cfg, recipe.data.on_bad_image, lambda *_: None)
+
+
+def build_unlabeled(recipe, data, log=print) -> UnlabeledStream | None:
+    """The recipe's `distill.unlabeled` pool as a stream (None when the recipe has none), without the images of
+    the run's val and test splits (`data`: the run's DataModule, whose `bad_files` get the pool's skipped
+    files). The stream's `record` says what the pool was (images, skipped, left out, content digest)."""
     cfg = recipe.distill.unlabeled if recipe.distill else None
     if cfg is None:
         return None
     refuse_held_out_pool(cfg, recipe.data)
-    table = unlabeled_table(cfg, recipe.data.on_bad_image, log)
+    skipped: list[str] = []
+    table = unlabeled_table(cfg, recipe.data.on_bad_image, log, skipped)
+    table, prints, left = leave_out_held_images(table, {s: data.tables[s] for s in ("val", "test")
+                                                        if s in data.tables}, log)
+    data.bad_files.extend(f"distill.unlabeled: {line}" for line in skipped)
     dataset = UnlabeledImages(table, build_transforms(recipe.data, recipe.augment, train=True))
     batch = cfg.batch_size or recipe.data.batch_size
     log(f"distill: {len(table)} unlabeled images ({cfg.source} {cfg.path or ''}), {min(batch, len(table))} per "
         f"step, teacher terms x{cfg.weight:g} on them")
     from edgekd.train import process_rank
 
-    return UnlabeledStream(dataset, batch, recipe.seed, recipe.data.num_workers, offset=process_rank())
+    stream = UnlabeledStream(dataset, batch, recipe.seed, recipe.data.num_workers, offset=process_rank())
+    stream.record = {"images": len(table), "skipped": len(skipped), "left_out": left,
+                     "content_digest": hashlib.blake2b("".join(sorted(prints)).encode(), digest_size=16).hexdigest()}
+    return stream

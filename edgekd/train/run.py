@@ -151,6 +151,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         "seed": recipe.seed, "threads": torch.get_num_threads(), "processes": distributed.world_size(),
         "sessions": trainer.sessions,  # more than one: resumed; threads and processes above are the last session's
         "counts": data.counts(), "bad_files": data.bad_files, **fit.extra,
+        "unlabeled_pool": ((extra_meta or {}).get("distill") or {}).get("unlabeled_pool"),  # KD's unlabeled images
         "val": reports["val"], "test": reports["test"],
     }
     if trainer.is_main:  # splits.json: which files (and patients) each split held, for an audit
