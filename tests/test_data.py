@@ -559,3 +559,25 @@ def test_a_class_missing_from_val_or_test_is_a_warning():
     said.clear()
     warn_about_data(data, said.append)
     assert said == []
+
+
+def test_an_image_in_two_splits_is_a_data_warning(tmp_path):
+    """A file copied into two split folders (or a data set's own duplicates) had gone unmentioned: the test
+    figures then include an image the model trained on."""
+    import shutil
+
+    from conftest import write_image_folder
+    from edgekd.recipe import recipe_from_dict
+
+    for split in ("train", "val", "test"):
+        write_image_folder(tmp_path / "d" / split, n_per_class=4, size=16)
+        for i, p in enumerate(sorted((tmp_path / "d" / split).rglob("*.png"))):  # distinct pixels per split
+            Image.fromarray(np.full((16, 16, 3), 40 * ("train", "val", "test").index(split) + i, np.uint8)).save(p)
+    raw = {"name": "dup", "data": {"source": "imagefolder", "path": str(tmp_path / "d"), "image_size": 16,
+                                   "channels": 3}, "model": {"name": "edgekd_cnn_tiny"}}
+    assert build_data(recipe_from_dict(raw)).notes == []
+    copied = tmp_path / "d" / "test" / "a" / "copy_of_train.png"
+    shutil.copy(sorted((tmp_path / "d" / "train" / "a").glob("*.png"))[0], copied)
+    (note,) = build_data(recipe_from_dict(raw)).notes
+    assert note == (f"1 test image(s) are also train images (the same content under two names, e.g. {copied}): the "
+                    "test figures include images the model trained on")

@@ -408,7 +408,28 @@ def build_data(recipe) -> DataModule:
     if tables["train"].labels.max() >= len(names):
         raise EdgeKDError(f"data: label {tables['train'].labels.max()} exceeds the {len(names)} class names")
     return DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
-                      augment=recipe.augment, seed=recipe.seed, bad_files=bad, notes=source_notes(source, cfg))
+                      augment=recipe.augment, seed=recipe.seed, bad_files=bad,
+                      notes=source_notes(source, cfg) + duplicate_notes(tables))
+
+
+def duplicate_notes(tables: dict[str, Table]) -> list[str]:
+    """Images found in two splits by content (`Table.fingerprints`: the same file bytes or pixels under two names:
+    a data set's own duplicates, a file copied into two class or split folders): the later split's figures then
+    include images the model trained on (or was selected on)."""
+    prints = {split: table.fingerprints() for split, table in tables.items()}
+    notes = []
+    for later, earlier in (("val", "train"), ("test", "train"), ("test", "val")):
+        if later not in prints or earlier not in prints:
+            continue
+        known = set(prints[earlier])
+        shared = [i for i, fp in enumerate(prints[later]) if fp in known]
+        if shared:
+            table = tables[later]
+            example = table.paths[shared[0]] if table.paths is not None else f"{later} image #{shared[0]}"
+            notes.append(f"{len(shared)} {later} image(s) are also {earlier} images (the same content under two "
+                         f"names, e.g. {example}): the {later} figures include images the model "
+                         f"{'trained' if earlier == 'train' else 'was selected'} on")
+    return notes
 
 
 def source_notes(source, cfg) -> list[str]:
