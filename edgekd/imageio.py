@@ -4,6 +4,7 @@ by training and the edge runtime)."""
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgekd.errors import EdgeKDError, printable, shorten
 
-PILLOW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP",
-                  ".gif": "GIF", ".webp": "WEBP"}
+PILLOW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".tif": "TIFF",
+                  ".tiff": "TIFF", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP"}
 """The only decoders a file reaches, chosen by its suffix: a file's suffix and its content must agree (an EPS named
 .png never reaches Pillow's Ghostscript plugin, whatever Pillow has installed)."""
 IMAGE_SUFFIXES = {*PILLOW_FORMATS, ".dcm"}
@@ -83,10 +84,41 @@ def is_dicomdir(path: Path) -> bool:
     return "DICOMDIR" in (path.name.upper(), path.stem.upper())
 
 
+SYSTEM_FOLDERS = {"__MACOSX", "$RECYCLE.BIN", "System Volume Information"}
+"""Folders an operating system adds to a copied folder, never a class or a source of images."""
+
+
+def is_hidden(path: Path) -> bool:
+    """A hidden or system entry that a folder of images may carry from a Mac, a Windows share or a notebook:
+    `.DS_Store`, AppleDouble `._scan.png` files, `.Trashes/`, `.ipynb_checkpoints/`, `__MACOSX/`, `Thumbs.db`."""
+    return path.name.startswith(".") or path.name in SYSTEM_FOLDERS or path.name.lower() == "thumbs.db"
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, any depth, sorted: folders reached through a symlink included (each real folder
+    once, so a link loop ends), hidden and system entries (`is_hidden`) left out."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not is_hidden(Path(d)))
+        files += [Path(top) / n for n in names if not is_hidden(Path(n)) and (Path(top) / n).is_file()]
+    return sorted(files)
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The sub-folders of `folder` that can be classes, sorted (hidden and system folders left out)."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
+
+
 def is_image_file(path: Path) -> bool:
     """Whether a file found in a folder is an image to read: an image suffix, or DICOM by its content (PACS exports
-    name files by UID, with no suffix); a DICOMDIR (`is_dicomdir`) is not."""
-    if is_dicomdir(path):
+    name files by UID, with no suffix); a DICOMDIR (`is_dicomdir`) is not, nor a hidden file (`is_hidden`)."""
+    if is_hidden(path) or is_dicomdir(path):
         return False
     return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
 

@@ -1,6 +1,7 @@
 """Data: sources, splits (given, stratified, patient, k-fold), transforms, imbalance helpers, bad images."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -581,3 +582,40 @@ def test_an_image_in_two_splits_is_a_data_warning(tmp_path):
     (note,) = build_data(recipe_from_dict(raw)).notes
     assert note == (f"1 test image(s) are also train images (the same content under two names, e.g. {copied}): the "
                     "test figures include images the model trained on")
+
+
+def test_a_folder_copied_from_a_mac_or_a_share_reads_its_images_only(tmp_path):
+    """AppleDouble `._x.png` files had been read as images (and failed), `.Trashes/` or `__MACOSX/` had become a
+    class, a symlinked sub-folder's images had been left out without a word, `.jfif`/`.jpe` JPEGs were not read."""
+    from edgekd.data.sources import list_images
+    from edgekd.runtime.inputs import collect_inputs, collect_labelled
+
+    root = tmp_path / "scans"
+    for name in ("normal", "pneumonia"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 60, np.uint8)).save(root / name / f"{name}.png")
+        (root / name / f"._{name}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (root / name / "Thumbs.db").write_bytes(b"x")
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(root / "normal" / "more.jfif", format="JPEG")
+    Image.fromarray(np.full((8, 8), 95, np.uint8)).save(root / "normal" / "more2.jpe", format="JPEG")
+    elsewhere = tmp_path / "batch2"
+    elsewhere.mkdir()
+    Image.fromarray(np.full((8, 8), 120, np.uint8)).save(elsewhere / "linked.png")
+    (root / "pneumonia" / "batch2").symlink_to(elsewhere)
+    (root / "pneumonia" / "loop").symlink_to(root / "pneumonia")  # a link loop ends
+    for junk in (".Trashes", "__MACOSX", ".ipynb_checkpoints"):
+        (root / junk).mkdir()
+        (root / junk / "x.png").write_bytes(b"junk")
+
+    source = load_source("imagefolder", root)
+    assert source.class_names == ["normal", "pneumonia"]
+    names = sorted(Path(p).name for p in source.tables["all"].paths)
+    assert names == ["linked.png", "more.jfif", "more2.jpe", "normal.png", "pneumonia.png"]
+    skipped: list = []
+    assert [p.name for p in list_images(root / "normal", skipped)] == ["more.jfif", "more2.jpe", "normal.png"]
+    assert skipped == []  # hidden and system files are not "files that are not images"
+    found, problems = collect_inputs([root])
+    assert sorted(p.name for p in found) == names and problems == []
+    paths, labels = collect_labelled(root, ["normal", "pneumonia"])
+    assert sorted(zip((p.name for p in paths), labels)) == [("linked.png", 1), ("more.jfif", 0), ("more2.jpe", 0),
+                                                            ("normal.png", 0), ("pneumonia.png", 1)]

@@ -960,7 +960,7 @@ def test_model_cache_never_lands_inside_the_bundle_or_on_a_file(bundle, tmp_path
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     for inside in (copy / "cache", copy):
-        with pytest.raises(EdgeKDError, match="--cache-dir .*: is inside the input"):
+        with pytest.raises(EdgeKDError, match=r"cache folder \(--cache-dir\) .*: is inside the input"):
             Runner.from_bundle(copy, cache_dir=inside)
     (tmp_path / "file").write_text("x")
     with pytest.raises(EdgeKDError, match="not a folder"):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgeKDError, shorten
-from edgekd.imageio import is_image_file
+from edgekd.imageio import folder_files, is_image_file, subfolders
 
 SPLITS = ("train", "val", "test")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -173,13 +173,14 @@ def _check_labels(labels: np.ndarray, path: Path, split: str) -> np.ndarray:
 
 
 def list_images(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
-    """Every image file under `folder`, any depth, sorted: image suffixes, and DICOM files of any name. `skipped`, if
-    given, gets the other files (hidden ones, such as .DS_Store, not counted), as `predict` counts them."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    """Every image file under `folder`, any depth (`edgekd.imageio.folder_files`: through symlinked folders, hidden
+    and system entries left out), sorted: image suffixes, and DICOM files of any name. `skipped`, if given, gets
+    the other files, as `predict` counts them."""
+    files = folder_files(folder)  # symlinked sub-folders followed (rglob had skipped them without a word)
     images = [p for p in files if is_image_file(p)]
     if skipped is not None:
         kept = set(images)
-        skipped += [p for p in files if p not in kept and not p.name.startswith(".")]
+        skipped += [p for p in files if p not in kept]
     return images
 
 
@@ -190,15 +191,15 @@ def load_imagefolder(path: str | Path) -> Source:
         raise EdgeKDError(f"{root}: image folder not found")
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
     if split_dirs and (root / "train").is_dir():
-        class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+        class_names = [d.name for d in subfolders(root / "train")]
         parts = {d.name: d for d in split_dirs}
     else:
-        class_names = sorted(d.name for d in root.iterdir() if d.is_dir())
+        class_names = [d.name for d in subfolders(root)]  # a .Trashes/ or __MACOSX/ had become a class
         parts = {"all": root}
     if not class_names:
         raise EdgeKDError(f"{root}: no class folders (expected root/<class>/<image>)")
     for split, folder in parts.items():  # a class only val/ or test/ has was dropped without a word
-        extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in class_names)
+        extra = [d.name for d in subfolders(folder) if d.name not in class_names]
         if extra:
             raise EdgeKDError(f"{folder / extra[0]}: a class folder the train split does not have (train has "
                               f"{', '.join(class_names)}); every split needs the same class folders, named alike")

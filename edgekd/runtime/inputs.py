@@ -6,7 +6,7 @@ import glob
 from pathlib import Path
 
 from edgekd.errors import EdgeKDError
-from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame, dicom_frames, is_dicom, is_image_file
+from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame, dicom_frames, folder_files, is_dicom, is_image_file, subfolders
 
 
 def collect_inputs(specs: list[str | Path], frame: int | None = None, skipped: list[Path] | None = None,
@@ -36,11 +36,11 @@ def collect_inputs(specs: list[str | Path], frame: int | None = None, skipped: l
         text = str(spec)
         path = Path(text)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
+            files = folder_files(path)  # through symlinked folders; hidden and system files left out
             found = [p for p in files if is_image_file(p)]
             if skipped is not None:
                 images = set(found)
-                skipped += [p for p in files if not p.name.startswith(".") and p not in images]
+                skipped += [p for p in files if p not in images]
             if not found:
                 problems.append((text, f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))} "
                                        "or DICOM)"))
@@ -83,7 +83,7 @@ def collect_labelled(root: str | Path, class_names: list[str]) -> tuple[list[Pat
     root = Path(root)
     if not root.is_dir():
         raise EdgeKDError(f"--data {root}: not a folder (give a labelled folder: one sub-folder per class)")
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    folders = subfolders(root)
     unknown = [p.name for p in folders if p.name not in class_names]
     if unknown:
         raise EdgeKDError(f"--data {root}: sub-folder '{unknown[0]}' is not a class of the model "
