@@ -87,10 +87,22 @@ def ensure_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
                           f"{needed_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free)")
 
 
+def refuse_unusable_path(out: str | Path, option: str = "--out") -> None:
+    """An output path starting with `~` (no shell expands it after `--out=`: it had made a folder named ~), or a
+    symlink to nothing (it had failed as "file exists")."""
+    if str(out).startswith("~"):
+        raise EdgeKDError(f"{option} {out}: starts with '~', which no shell expanded here (as after {option}=): give "
+                          "the full path (or $HOME/...)")
+    if Path(out).is_symlink() and not Path(out).exists():
+        raise EdgeKDError(f"{option} {out}: a symlink to {os.path.realpath(out)}, which does not exist (make that "
+                          "folder, or give another path)")
+
+
 def check_output_location(out: str | Path, option: str = "--out", is_file: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written: its nearest existing folder is a file or takes no
     new entry (read-only, /proc). Probed with a temporary folder, removed again; a long run had found out only at
     its end, with a misleading free-space error. `is_file`: `out` is a file to write (its folder is checked)."""
+    refuse_unusable_path(out, option)
     target = Path(out).absolute().parent if is_file else Path(out).absolute()
     ancestor = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
     if not ancestor.is_dir():
@@ -98,8 +110,8 @@ def check_output_location(out: str | Path, option: str = "--out", is_file: bool 
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".edgekd-probe-", dir=ancestor))
     except OSError as err:
-        raise EdgeKDError(f"{option} {out}: cannot make a folder under {ancestor} "
-                          f"({err.strerror or type(err).__name__})") from None
+        what = "write a file in" if is_file and ancestor == target else "make a folder under"
+        raise EdgeKDError(f"{option} {out}: cannot {what} {ancestor} ({err.strerror or type(err).__name__})") from None
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -143,6 +155,7 @@ def sha256_file(path: str | Path, follow_symlinks: bool = True) -> str:
 def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str = "--out") -> None:
     """An output never replaces or lands inside an input (a bundle being read, the checkpoint exported): both
     are compared as resolved paths (symlinks and `..` followed)."""
+    refuse_unusable_path(out, option)
     target = Path(out).resolve()
     for given in inputs:
         source = Path(given).resolve()

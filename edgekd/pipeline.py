@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import check_output_location, refuse_output_in_bundle
+from edgekd.fileio import check_output_location, refuse_output_in_bundle, refuse_unusable_path
 from edgekd.recipe import entry_arguments
 
 
@@ -36,6 +36,7 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
     or ensemble member in --out itself (or anywhere under it, for those two) would be written over, as would the
     recipe file when it is --out/recipe.yaml. A k-fold run trains its teacher per fold, so distill.teacher is not
     read there."""
+    refuse_unusable_path(out)  # before resolving: `~/runs`, a symlink to nothing
     out = Path(out).resolve()
     if out == Path.cwd().resolve():
         raise EdgeKDError(f"--out {out}: the current folder; give the run a folder of its own")

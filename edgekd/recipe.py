@@ -793,7 +793,8 @@ def format_validation_error(err: ValidationError, where: str) -> str:
 
 
 def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
-    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML. `option`: how errors name it."""
+    """`train.epochs=3` -> (['train', 'epochs'], 3); the value is parsed as YAML, except that a value with a `#`
+    that YAML would take for a comment is the text as given. `option`: how errors name it."""
     if "=" not in text:
         raise EdgeKDError(f"{option} {text!r}: expected key=value")
     key, raw = text.split("=", 1)
@@ -801,6 +802,8 @@ def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
         raise EdgeKDError(f"{option} {text!r}: empty key")
     try:
         value = load_yaml(raw) if raw != "" else ""
+        if re.search(r"(^|\s)#", raw) and not raw.lstrip().startswith(("'", '"', "[", "{")):
+            value = raw  # `data.path=Batch #3`: YAML would read "Batch", the rest a comment (another folder)
     except DuplicateKeyError as err:
         raise EdgeKDError(f"{option} {shorten(text, 80)}: {err.problem}") from None
     except (yaml.YAMLError, RecursionError):
@@ -973,6 +976,8 @@ def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDErr
     for i, override in enumerate(overrides, 1):
         found = problem(i)
         if found is not None and found != own and found == final:
+            if "Input should be a valid string" in found:  # `data.path=2024`, `=on`, `=[x]`: read as YAML
+                found += f" ({option} reads a value as YAML: quote a text value, e.g. {option} 'KEY=\"on\"')"
             return EdgeKDError(f"{option} {override}{found}" if found.startswith(":") else f"{option} {override}: {found}")
     return err
 

@@ -1240,3 +1240,28 @@ def test_a_camera_jpeg_preview_and_a_tiff_thumbnail_are_not_other_pages(tmp_path
     (tmp_path / "DICOMDIR.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     assert not is_image_file(tmp_path / "DICOMDIR") and not is_image_file(tmp_path / "DICOMDIR.dcm")
     assert is_image_file(tmp_path / "1.2.3")
+
+
+def test_an_out_starting_with_a_tilde_or_a_dangling_link_is_refused(trained, bundle, good_png, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`--out=~/runs` (no shell expands ~ after =) had written into a folder named ~; a symlink to nothing had been
+    "file exists"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothere")
+    recipe = trained["ckpt"].parent / "recipe.yaml"
+    for args in (["train", recipe, "--out", "~/x"], ["eval", trained["ckpt"], "--out", "~/e"],
+                 ["predict", bundle, good_png, "--out", "~/p.csv"]):
+        assert_refused(invoke(capsys, *args), "starts with '~', which no shell expanded")
+    assert_refused(invoke(capsys, "train", recipe, "--out", "dangling"), "--out dangling: a symlink to",
+                   "which does not exist")
+    assert not (tmp_path / "~").exists() and not (tmp_path / "nothere").exists()
+
+
+def test_predict_writes_through_a_symlinked_out_file(bundle, good_png, tmp_path, capsys):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "preds.csv").write_text("old\n")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "shared" / "preds.csv")
+    code, _, err = invoke(capsys, "predict", bundle, good_png, "--backend", "onnx", "--out", tmp_path / "link.csv")
+    assert code == 0, err
+    assert (tmp_path / "link.csv").is_symlink()  # it had been replaced by a plain file, the target left stale
+    assert (tmp_path / "shared" / "preds.csv").read_text().startswith("file,")

@@ -246,3 +246,21 @@ def test_new_run_traps_are_refused_in_a_given_recipe_but_not_in_an_embedded_one(
         load_recipe(tmp_path / "r.yaml")
     with pytest.raises(EdgeKDError, match=r"model.freeze_stages must be >= 0 \(got -1\)"):
         load_recipe(tmp_path / "r.yaml", ["train.loss.class_weights=false"])
+
+
+def test_a_set_value_with_a_hash_is_the_text_given_and_a_number_for_a_path_says_to_quote(tmp_path):
+    """`--set "data.path=Batch #3"` had trained on the folder `Batch` (YAML read the rest as a comment); a folder
+    named 2024 or on was refused without saying why a folder name is not a string."""
+    from edgekd.recipe import parse_override
+
+    assert parse_override("data.path=Batch #3") == (["data", "path"], "Batch #3")
+    assert parse_override("model.weights=#best.pt") == (["model", "weights"], "#best.pt")
+    assert parse_override("a=[1, 2]")[1] == [1, 2] and parse_override("a=5")[1] == 5
+    assert parse_override("a='x #y'")[1] == "x #y"
+    p = tmp_path / "r.yaml"
+    p.write_text("name: r\n")
+    assert load_recipe(p, ["data.source=imagefolder", "data.path=Batch #3"]).data.path == "Batch #3"
+    with pytest.raises(EdgeKDError, match=r"^--set data.path=2024: data.path: Input should be a valid string .* quote "
+                                          r"a text value"):
+        load_recipe(p, ["data.source=imagefolder", "data.path=2024"])
+

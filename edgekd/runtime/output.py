@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +23,8 @@ def check_output_path(path: str | Path) -> Path:
     if path.is_dir():
         raise EdgeKDError(f"{path}: --out is a folder (give a .csv or .json file name)")
     check_output_location(path, "--out", is_file=True)  # under a file, or a folder that takes no new file
+    if path.is_symlink():  # written where the link points, as a shell's `>` would (it had replaced the link)
+        path = Path(os.path.realpath(path))
     return path
 
 
