@@ -1075,8 +1075,13 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
         return raw
     if not isinstance(base, str) or not base.strip():
         raise EdgeKDError(f"{path}: base: must be the path of one recipe file (got {shorten(repr(base), 60)})")
-    parent = _read_yaml_with_base((path.parent / base), seen)
-    return inherit(parent, raw)
+    here, real = path.parent / base, path.resolve().parent / base  # a symlinked recipe: beside its target too
+    found = next((p for p in (here, real) if p.is_file()), None)
+    if found is None and not here.exists():
+        looked = f"{path.parent}" + (f" or {path.resolve().parent}, the folder of the file it links to"
+                                      if real != here else "")
+        raise EdgeKDError(f"{path}: base: {base}: recipe file not found (looked in {looked})")
+    return inherit(_read_yaml_with_base(found or here, seen), raw)
 
 
 def inherit(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:

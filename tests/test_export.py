@@ -881,6 +881,8 @@ def test_the_cards_grad_cam_rows_give_the_bundles_calibrated_prediction():
     row = _explanation_section([flipped])[-1]
     assert f"| pneumonia ({p1:.3f}; the map is of normal, the top class) |" in row
     assert f"| normal ({1 - p1:.3f}) |" in _explanation_section([kept])[-1]
+    piped = _explanation_section([{**kept, "label": "nor|mal", "image": "a|b"}])[-1]  # a `|` had split the row
+    assert piped.startswith("| a\\|b | nor\\|mal | normal") and piped.count(" | ") == 3
 
 
 def test_export_threads_over_the_cores_run_on_the_cores(tmp_path, monkeypatch):

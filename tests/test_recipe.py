@@ -264,3 +264,15 @@ def test_a_set_value_with_a_hash_is_the_text_given_and_a_number_for_a_path_says_
                                           r"a text value"):
         load_recipe(p, ["data.source=imagefolder", "data.path=2024"])
 
+
+
+def test_a_symlinked_recipe_finds_its_base_beside_the_file_it_links_to(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "parent.yaml").write_text("name: parent\ntrain: {epochs: 7}\n")
+    (tmp_path / "recipes" / "child.yaml").write_text("base: parent.yaml\nname: child\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.yaml").symlink_to(tmp_path / "recipes" / "child.yaml")
+    assert load_recipe(tmp_path / "elsewhere" / "link.yaml").train.epochs == 7  # had been "parent.yaml: not found"
+    (tmp_path / "lonely.yaml").write_text("base: nope.yaml\nname: x\n")
+    with pytest.raises(EdgeKDError, match=r"lonely.yaml: base: nope.yaml: recipe file not found \(looked in "):
+        load_recipe(tmp_path / "lonely.yaml")

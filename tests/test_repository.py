@@ -202,6 +202,13 @@ def test_an_edited_edgekd_json_is_refused_as_the_runtime_refuses_it(bundle, tmp_
             assert not (tmp_path / f"repo-{key}-{kind}").exists()
 
 
+def test_the_readmes_docker_line_quotes_the_working_folder(bundle, tmp_path):
+    for kind in ("triton", "ovms"):  # a repository under a folder with a space had broken the pasted command
+        write_repository(bundle, kind, tmp_path / f"my repo {kind}")
+        readme = (tmp_path / f"my repo {kind}" / "README.md").read_text()
+        assert '-v "$PWD":/models' in readme and "# from inside this folder (the repository)" in readme
+
+
 def test_out_as_a_symlink_to_an_empty_folder_is_followed(bundle, tmp_path):
     (tmp_path / "target").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "target")

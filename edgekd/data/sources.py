@@ -268,7 +268,8 @@ def load_csv(path: str | Path) -> Source:
             raise EdgeKDError(f"{path}:{lineno}: unknown label {label!r}")
         file = (path.parent / row["path"]).resolve()
         if not file.is_file():
-            raise EdgeKDError(f"{path}:{lineno}: image {row['path']} not found")
+            raise EdgeKDError(f"{path}:{lineno}: image {row['path']} not found (paths are read relative to the CSV's "
+                              f"folder, {path.parent}, or absolute)")
         key = os.path.normcase(os.path.normpath(path.parent / row["path"]))  # as written: links are other files
         if first_line.setdefault(key, lineno) != lineno:  # one image in two splits, or under two labels
             raise EdgeKDError(f"{path}:{lineno}: image {row['path']} is listed again (first on line {first_line[key]})")

@@ -235,10 +235,12 @@ def _explanation_section(explanations: list[dict[str, Any]] | None, calibrated: 
              f"Predicted and p as the bundle gives them ({'calibrated, ' if calibrated else ''}its decision "
              "threshold).", "",
              "| image | label | predicted (p) | Grad-CAM |", "|---|---|---|---|"]
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  a class named `a|b` had split the row
     for e in explanations:
-        other = f"; the map is of {e['target']}, the top class" if e.get("target", e["predicted"]) != e["predicted"] else ""
-        lines.append(f"| {e['image']} | {e.get('label') or '-'} | {e['predicted']} ({e['prob']:.3f}{other}) | "
-                     f"![{e['image']}]({e['overlay']}) |")
+        other = (f"; the map is of {cell(e['target'])}, the top class" if e.get("target", e["predicted"]) !=
+                 e["predicted"] else "")
+        lines.append(f"| {cell(e['image'])} | {cell(e.get('label') or '-')} | {cell(e['predicted'])} "
+                     f"({e['prob']:.3f}{other}) | ![{cell(e['image'])}]({e['overlay']}) |")
     return lines
 
 

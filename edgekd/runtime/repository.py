@@ -256,13 +256,15 @@ def repository_readme(bundle: Bundle, kind: str, name: str, art: Artifact, files
              "replace the whole model folder, config included, and update the clients).", ""]
     if kind == "triton":
         lines += ["## Start", "", "```",
-                  "docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD:/models "
+                  "# from inside this folder (the repository)",
+                  "docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v \"$PWD\":/models "
                   "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models", "```", "",
                   "`config.pbtxt` batches concurrent requests server-side (`dynamic_batching`) up to "
                   f"`max_batch_size`{'' if io.get('batched') else ' (0: this model has a fixed batch)'}."]
     else:
         lines += ["## Start", "", "```",
-                  f"docker run --rm -p 9000:9000 -p 8000:8000 -v $PWD:{base_path.rstrip('/')} "
+                  "# from inside this folder (the repository)",
+                  f"docker run --rm -p 9000:9000 -p 8000:8000 -v \"$PWD\":{base_path.rstrip('/')} "
                   f"openvino/model_server:latest --config_path {base_path.rstrip('/')}/config.json "
                   "--port 9000 --rest_port 8000", "```", "",
                   f"`config.json` names the model folder as the container sees it (`base_path` under {base_path}); "
