@@ -14,8 +14,8 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
-from edgekd.fileio import (deferred_signals, remove_tree, staging_directory, track_tree, untrack_tree, write_json,
-                           write_text)
+from edgekd.fileio import (check_output_location, deferred_signals, remove_tree, staging_directory, track_tree,
+                           untrack_tree, write_json, write_text)
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
 from edgekd.runtime.preprocess import LUMA
 from edgekd.runtime.runner import check_artifact
@@ -157,6 +157,7 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
             raise EdgeKDError(f"--out {out}: a symlink to {out.resolve()}, which is not a folder")
         out = out.resolve()
     _check_out(out)
+    check_output_location(out)  # a read-only folder: named as --out (it had named the staging folder)
     bundle = open_bundle(bundle_path, verify=True)
     art = bundle.artifact(KINDS[kind], precision or bundle.most_precise())
     check_artifact(bundle, art.format, art.precision)  # clients follow the README this writes from edgekd.json
