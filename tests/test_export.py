@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -316,6 +317,47 @@ def test_a_re_export_says_it_replaced_the_bundle_and_removes_its_stale_zip(tmp_p
     export_checkpoint(ckpt, tmp_path / "link", ["onnx"], ["fp32"], profile, zip_bundle=True, log=said.append)
     assert (tmp_path / "link").is_symlink() and (tmp_path / "d.zip").is_file() and not (tmp_path / "link.zip").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_stop_during_publish_waits_for_it_and_one_after_it_leaves_no_stale_zip(tmp_path, monkeypatch):
+    """A stop between publish's two renames had left neither bundle at --out (the staged one deleted, the old one
+    hidden as .old); one after publish, while the new zip was written, had left the old model's zip beside the
+    new folder."""
+    import json
+    import signal
+
+    import edgekd.export.bundle as bundle_module
+    import edgekd.export.run as run_module
+
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", 16)
+    profile = profile_from_dict({"parity": {"images": 4}})
+    export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, zip_bundle=True, log=quiet)
+    seen: list[bool] = []
+    old_handler = signal.signal(signal.SIGINT, lambda *_: seen.append((tmp_path / "b" / "edgekd.json").is_file()))
+    real_rename = os.rename
+
+    def rename_then_stop(src, dst):  # a Ctrl-C right after the old bundle is moved aside
+        real_rename(src, dst)
+        if str(dst).endswith(".old"):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(bundle_module.os, "rename", rename_then_stop)
+    try:
+        export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=quiet)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+    assert seen == [True]  # the signal was handled once the new bundle was in place, not between the renames
+    monkeypatch.setattr(bundle_module.os, "rename", real_rename)
+    export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, zip_bundle=True, log=quiet)
+
+    def interrupted_zip(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "write_zip", interrupted_zip)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, zip_bundle=True, log=quiet)
+    assert json.loads((tmp_path / "b" / "edgekd.json").read_text())["artifacts"]
+    assert not (tmp_path / "b.zip").exists()  # no zip rather than the previous model's
 
 
 @pytest.mark.slow

@@ -212,11 +212,12 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
             rec["file"] = str(src)
         write_json(stage / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
         out.mkdir(exist_ok=True)
-        for stale in earlier_overlays(out):  # an earlier run's, not replaced: the folder would contradict its json
-            if not (stage / stale).exists():
-                (out / stale).unlink(missing_ok=True)
-        for made in stage.iterdir():
-            os.replace(made, out / made.name)
+        with deferred_signals():  # a stop half-way had left two models' overlays beside the older json
+            for stale in earlier_overlays(out):  # an earlier run's, not replaced: the folder would contradict its json
+                if not (stage / stale).exists():
+                    (out / stale).unlink(missing_ok=True)
+            for made in sorted(stage.iterdir(), key=lambda p: p.name == "explain.json"):  # the json last
+                os.replace(made, out / made.name)
     finally:
         remove_tree(stage)
         untrack_tree(stage)

@@ -522,7 +522,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                         if explain_data is not None else [])
         write_bundle_files(stage, metadata, parity, explanations)
         _runner_gate(stage, metadata, parity, parity_set, profile, explanations, checkpoint, out, outcome, log)
-        publish(stage, out)
+        with deferred_signals():  # a stop between publish's renames had left neither bundle at --out; one after it,
+            publish(stage, out)   # before the new zip, the old zip beside the new folder
+            if replacing:
+                remove_stale_zip(out, log)
     finally:
         remove_trees([scratch, stage])
         untrack_tree(scratch)
@@ -541,13 +544,11 @@ def export_target(out: str | Path) -> tuple[Path, bool]:
 
 
 def _zip_after_publish(out: Path, replacing: bool, zip_bundle: bool, log: Callable[[str], None]) -> Path | None:
-    """`<out>.zip` written (--zip), or a replaced bundle's zip removed; says when a bundle was replaced."""
+    """`<out>.zip` written (--zip); says when a bundle was replaced (whose zip went at publish)."""
     if replacing:
         log(f"replaced the earlier bundle in {out}")
     if zip_bundle:
         return write_zip(out, out.parent / f"{out.name}.zip")
-    if replacing:
-        remove_stale_zip(out, log)
     return None
 
 
