@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -17,13 +18,59 @@ from typing import Any, Callable
 from edgekd.errors import EdgeKDError
 
 
+OWNER = f"{os.getpid()}@{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]}-"
+"""Every temporary file and folder edgekd makes is named `<prefix><pid>@<host>-<random><suffix>`, so that a later
+run can tell the leftovers of a process that was killed outright (SIGKILL, a power cut: no handler runs) from the
+work of one still running, and remove them (`sweep_leftovers`)."""
+
+
+def owner_alive(name: str) -> bool:
+    """Whether the process that named a temporary entry (OWNER) may still run: another host's always may."""
+    pid, _, rest = name.partition("@")
+    if not pid.isdigit() or rest[:7] != OWNER.split("@", 1)[1]:
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def sweep_leftovers(parent: str | Path, prefix: str, suffix: str) -> int:
+    """Remove the temporary entries `<prefix><pid>@<host>-*<suffix>` in `parent` whose process has exited (a run
+    killed outright left them); the number removed."""
+    removed = 0
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith(suffix)]
+    except OSError:
+        return 0
+    for entry in entries:
+        if not owner_alive(entry.name[len(prefix):]):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def make_temp_dir(prefix: str, suffix: str = "", parent: str | Path | None = None) -> Path:
+    """tempfile.mkdtemp named by OWNER, after sweeping the same kind's leftovers of killed runs from `parent`
+    (default: the system's temporary folder)."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    sweep_leftovers(parent, prefix, suffix)
+    return Path(tempfile.mkdtemp(prefix=prefix + OWNER, suffix=suffix, dir=parent))
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object], min_free_bytes: int = 0) -> Path:
-    """Call write(tmp_path), then os.replace it to `path`: readers never see a half-written file."""
+    """Call write(tmp_path), then os.replace it to `path`: readers never see a half-written file (a killed run's
+    temporary file is removed by the next write of the same file)."""
     path = Path(path)
     ensure_free_space(path.parent, min_free_bytes, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(path.parent, f".{path.name}.", ".tmp")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{OWNER}", suffix=".tmp", dir=path.parent)
     except OSError as err:  # a read-only folder: name the file asked for, not the temp name
         raise EdgeKDError(f"{path}: could not be written ({err.strerror or err})") from None
     os.close(fd)
@@ -69,7 +116,7 @@ def default_mode(directory: bool = False) -> int:
 def staging_directory(prefix: str, suffix: str, parent: Path) -> Path:
     """A new uniquely named staging directory in `parent` (same filesystem, so publishing it is a rename), with
     the umask's mode: it becomes the published directory."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    path = make_temp_dir(prefix, suffix, parent)
     with contextlib.suppress(OSError):  # a filesystem without modes refuses: nothing to do there
         os.chmod(path, default_mode(directory=True))
     return path

@@ -711,6 +711,17 @@ def test_a_report_row_is_named_after_the_data_it_scored(tiny_recipe_dict, tmp_pa
     moved = evaluate_for_report(run.best_path, "test", [f"data.path={other}"])
     assert own["dataset"] != "othermnist" and moved["dataset"] == "othermnist"
 
+    # A second report into the folder of the first: the first's plots go (they had stayed beside the new ones, and
+    # a stop half-way had left new plots beside the old report.json); the run folder's own plots stay.
+    from edgekd.distill.report import comparison_report
+
+    comparison_report([run.out], run.out, "test")
+    first = sorted(p.name for p in run.out.glob("confusion_*_s0.png"))
+    assert len(first) == 1 and (run.out / "confusion_test.png").is_file()
+    comparison_report([run.out], run.out, "test", [f"data.path={other}"])
+    assert sorted(p.name for p in run.out.glob("confusion_*_s0.png")) == ["confusion_othermnist_tiny_s0.png"] != first
+    assert (run.out / "confusion_test.png").is_file() and (run.out / "roc_test.png").is_file()
+
 
 def test_a_report_of_rows_scored_on_different_images_says_so():
     """`edgekd report` put a 40-image and an 80-image test set in one table without a word (and dropped the DeLong

@@ -145,3 +145,37 @@ def test_a_failed_run_folder_is_removed_only_if_it_holds_nothing_but_its_recipe(
     (tmp_path / "run" / "tb" / "events.out").unlink()
     fail_after(lambda out: (out / "recipe.yaml").write_text("x"))
     assert (tmp_path / "run").is_dir()  # it was there before: never touched
+
+
+def test_a_killed_runs_temporary_files_are_swept_by_the_next_run(tmp_path):
+    """SIGKILL runs no handler: staging folders beside --out, /tmp scratch, `.best.pt.*.tmp` files and a bench's
+    work/ (with its image copy) had stayed for good. Every temporary entry is named by its process, and a later
+    run of the same kind removes those whose process is gone, never a live one's."""
+    import subprocess
+    import sys
+
+    from edgekd.bench.run import WORK_MARKER, remove_killed_runs_work
+    from edgekd.fileio import OWNER, atomic_write, staging_directory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = OWNER.split("@", 1)[1]
+    gone_dir = tmp_path / f".bundle.{dead}@{host}abc.tmp"
+    gone_file = tmp_path / f".best.pt.{dead}@{host}xyz.tmp"
+    live_dir = tmp_path / f".bundle.{OWNER}live.tmp"
+    other_host = tmp_path / f".bundle.{dead}@zzzzzz-abc.tmp"
+    old_style = tmp_path / ".bundle.q1w2e3.tmp"
+    for d in (gone_dir, live_dir, other_host, old_style):
+        d.mkdir()
+    gone_file.write_bytes(b"half a checkpoint")
+    stage = staging_directory(".bundle.", ".tmp", tmp_path)
+    atomic_write(tmp_path / "best.pt", lambda tmp: open(tmp, "wb").write(b"x"))
+    assert not gone_dir.exists() and not gone_file.exists()
+    assert live_dir.is_dir() and other_host.is_dir() and old_style.is_dir() and stage.is_dir()
+    assert stage.name.startswith(f".bundle.{OWNER}")
+    work = tmp_path / "bench" / "work"
+    work.mkdir(parents=True)
+    (work / WORK_MARKER).write_text(OWNER)
+    assert not remove_killed_runs_work(work) and work.is_dir()  # this process is alive
+    (work / WORK_MARKER).write_text(f"{dead}@{host}")
+    assert remove_killed_runs_work(work) and not work.exists()

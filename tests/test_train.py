@@ -874,3 +874,27 @@ def test_python_entry_points_take_a_recipe_path_or_dict_and_refuse_other_types(t
         with pytest.raises(EdgeKDError, match="out: expected the run's folder as a path, got None"):
             call(recipe_from_dict(tiny_recipe_dict), None)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_new_run_into_an_earlier_runs_folder_stopped_half_way_leaves_no_mix(tiny_recipe_dict, tmp_path,
+                                                                               monkeypatch):
+    """A run stopped in the folder of an earlier one had left its best.pt beside the earlier run's metrics.json,
+    splits.json and plots (seed 0's figures describing seed 1's weights)."""
+    from edgekd.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    train_recipe(recipe_from_dict(tiny_recipe_dict), out, log=lambda *_: None)
+    assert (out / "metrics.json").is_file() and (out / "confusion_test.png").is_file()
+    real = Trainer.train_epoch
+
+    def stop_at_second(self, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_recipe(recipe_from_dict({**tiny_recipe_dict, "seed": 1}), out, log=lambda *_: None)
+    left = sorted(p.name for p in out.iterdir())
+    assert "metrics.json" not in left and "splits.json" not in left and "confusion_test.png" not in left, left
+    assert load_checkpoint(out / "last.pt")["trainer"]["epoch"] == 1  # the new run's, resumable

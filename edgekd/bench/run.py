@@ -19,7 +19,8 @@ import numpy as np
 
 from edgekd.bench.hardware import OtherCPU, cpu_info, gemm_peak_fraction
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import refuse_output_inside, remove_trees, sha256_file, track_tree, untrack_tree, write_json
+from edgekd.fileio import (OWNER, owner_alive, refuse_output_inside, remove_trees, sha256_file, track_tree,
+                           untrack_tree, write_json)
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
 from edgekd.progress import progress_task
@@ -601,15 +602,32 @@ def default_bench_out(source: str | Path) -> Path:
     return source.parent / f"{source.stem if source.suffix.lower() == '.zip' else source.name}-bench"
 
 
+WORK_MARKER = ".edgekd-bench-work"
+"""In a work/ folder a bench run made and removes when it ends: the run's OWNER (a killed run's is removed later)."""
+
+
+def remove_killed_runs_work(work: Path) -> bool:
+    """Remove a work/ folder whose bench run was killed before it could (its marker names a process gone)."""
+    marker = work / WORK_MARKER
+    if marker.is_file() and not owner_alive(marker.read_text().strip()):
+        remove_trees([work])
+        return True
+    return False
+
+
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=None) -> BenchResult:
     """Benchmark a model (and optionally its teacher) in every (format, precision, variant) x batch, one run
     (see BenchConfig; `progress`: the CLI's progress bar, a step per row). Writes out/bench.json, out/bench.md
     and out/bench.png; returns the records."""
     cfg = _resolved(config)
     replacing = (cfg.out / "bench.json").is_file()
+    if remove_killed_runs_work(cfg.out / "work"):
+        log(f"removed {cfg.out / 'work'}: left by a bench run that was stopped outright (its image copy included)")
     created = [p for p in (cfg.out, cfg.out / "work") if not p.exists()]
     bundles_before = set(cfg.out.glob("bundle-*"))  # reused by a later run: only this run's are removed on failure
     work = _prepare_out(cfg)
+    if work in created and not cfg.keep_work:  # to be removed at the end: a run killed before then says so
+        (work / WORK_MARKER).write_text(OWNER)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     load_start = [round(v, 2) for v in os.getloadavg()]
     other_cpu = OtherCPU()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import write_json, write_text
+from edgekd.fileio import deferred_signals, write_json, write_text
 
 ROLE_ORDER = ("baseline", "teacher", "student_scratch", "student")
 COLUMNS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc")
@@ -107,21 +108,37 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
     rows = name_apart([evaluate_for_report(ckpt, split, overrides) for ckpt in checkpoints])
     order = {r: i for i, r in enumerate(ROLE_ORDER)}
     rows.sort(key=lambda r: (r["dataset"], order.get(r["role"], len(order)), r["params"]))
-    tables: dict[str, str] = {}
-    for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        group = [r for r in rows if r["dataset"] == dataset]
-        tables[dataset] = (report_markdown(dataset, split, group) + different_images_note(group)
-                           + auc_comparisons(group))
-        plot_roc_comparison(group, out / f"roc_{dataset}.png", f"{dataset} ({split})")
-        for r in group:
-            plot_confusion(np.asarray(r["confusion_matrix"]), r["class_names"],
-                           out / f"confusion_{dataset}_{r['name']}_s{r['seed']}.png",
-                           f"{r['name']} ({r['role']}, seed {r['seed']}), {split}")
+    groups = {d: [r for r in rows if r["dataset"] == d] for d in dict.fromkeys(r["dataset"] for r in rows)}
+    tables = {d: report_markdown(d, split, g) + different_images_note(g) + auc_comparisons(g)
+              for d, g in groups.items()}
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     markdown = "\n\n".join(tables.values())
-    write_json(out / "report.json", {"split": split, "rows": clean})
-    write_text(out / "report.md", markdown + "\n")
+    with deferred_signals():  # an earlier report's files go and this one's come as one step (a stop had mixed them)
+        for stale in report_files(out):
+            stale.unlink(missing_ok=True)
+        for dataset, group in groups.items():
+            plot_roc_comparison(group, out / f"roc_{dataset}.png", f"{dataset} ({split})")
+            for r in group:
+                plot_confusion(np.asarray(r["confusion_matrix"]), r["class_names"], out / confusion_name(r),
+                               f"{r['name']} ({r['role']}, seed {r['seed']}), {split}")
+        write_json(out / "report.json", {"split": split, "rows": clean})
+        write_text(out / "report.md", markdown + "\n")
     return {"rows": clean, "tables": tables, "markdown": markdown}
+
+
+def confusion_name(row: dict[str, Any]) -> str:
+    return f"confusion_{row['dataset']}_{row['name']}_s{row['seed']}.png"
+
+
+def report_files(out: Path) -> list[Path]:
+    """The files an earlier `edgekd report` into `out` wrote, as its report.json lists them (a run folder may
+    hold a report: its own plots are not these)."""
+    try:
+        rows = json.loads((out / "report.json").read_text())["rows"]
+        names = {f"roc_{r['dataset']}.png" for r in rows} | {confusion_name(r) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [out / n for n in sorted(names)] + [out / "report.json", out / "report.md"]
 
 
 def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str:

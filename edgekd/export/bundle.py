@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from edgekd.export.clinical import card_section, scored_on_subset
 from edgekd.export.continual import continual_card_section
 from edgekd.export.parity import images_for_one_flip, inputs_for_one_flip
 from edgekd.fileio import (atomic_write, check_output_location, refuse_output_in_bundle, sha256_file,
-                            staging_directory, write_json, write_text)
+                            make_temp_dir, staging_directory, write_json, write_text)
 from edgekd.runtime import MANIFEST_FILE, METADATA_FILE, SCHEMA
 
 PARITY_FILE, CARD_FILE = "parity.json", "card.md"
@@ -57,7 +56,7 @@ def publish(stage: Path, out: Path) -> Path:
     check_target(out)
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = make_temp_dir(f".{out.name}.", ".old", out.parent)
         os.rmdir(old)
         os.rename(out, old)
     try:

@@ -16,7 +16,8 @@ from torchvision.transforms import v2
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms, check_class_order, check_trained_splits, checkpoint_path_hint
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import deferred_signals, ensure_free_space, remove_trees, sha256_file, track_tree, untrack_tree
+from edgekd.fileio import (deferred_signals, ensure_free_space, make_temp_dir, remove_trees, sha256_file, track_tree,
+                           untrack_tree)
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   staging_dir, write_bundle_files, write_zip)
@@ -507,7 +508,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         with deferred_signals():  # a kill now is delivered after both names are set: the finally removes them
             # Tracked: a stop signal removes them before unwinding (a native call it interrupts may crash the exit).
             stage = track_tree(staging_dir(out))
-            scratch = track_tree(tempfile.mkdtemp(prefix="edgekd-export-", dir=scratch_root))
+            scratch = track_tree(make_temp_dir("edgekd-export-", parent=scratch_root))
         ctx = _export_context(model, data, metadata, profile, scratch, parity_set, log, progress)
         with progress_task(progress, "export", len(plan)) as advance:
             for fmt, precision in plan:
@@ -522,10 +523,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                         if explain_data is not None else [])
         write_bundle_files(stage, metadata, parity, explanations)
         _runner_gate(stage, metadata, parity, parity_set, profile, explanations, checkpoint, out, outcome, log)
-        with deferred_signals():  # a stop between publish's renames had left neither bundle at --out; one after it,
-            publish(stage, out)   # before the new zip, the old zip beside the new folder
-            if replacing:
-                remove_stale_zip(out, log)
+        publish_held(stage, out, replacing, log)
     finally:
         remove_trees([scratch, stage])
         untrack_tree(scratch)
@@ -541,6 +539,16 @@ def export_target(out: str | Path) -> tuple[Path, bool]:
     out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
     check_target(out)
     return out, (out / METADATA_FILE).is_file()
+
+
+def publish_held(stage: Path, out: Path, replacing: bool, log: Callable[[str], None]) -> None:
+    """`publish` and, for a replaced bundle, its zip's removal, with stop signals held: a stop between publish's
+    renames had left neither bundle at --out; one after it, while the new zip was written, the old model's zip
+    beside the new folder."""
+    with deferred_signals():
+        publish(stage, out)
+        if replacing:
+            remove_stale_zip(out, log)
 
 
 def _zip_after_publish(out: Path, replacing: bool, zip_bundle: bool, log: Callable[[str], None]) -> Path | None:

@@ -9,7 +9,6 @@ import lzma
 import math
 import os
 import stat
-import tempfile
 import weakref
 import zipfile
 import zlib
@@ -18,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgekd.errors import EdgeKDError, quote, shorten, shown
-from edgekd.fileio import deferred_signals, ensure_free_space, remove_tree, sha256_file
+from edgekd.fileio import deferred_signals, ensure_free_space, make_temp_dir, remove_tree, sha256_file
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 
 SCHEMA = "edgekd-bundle/1"
@@ -232,7 +231,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         tmp = None
         try:
             with deferred_signals():  # the temp dir and its name in one step: a kill cannot orphan it
-                tmp = Path(tempfile.mkdtemp(prefix="edgekd-bundle-"))
+                tmp = make_temp_dir("edgekd-bundle-")  # a killed run's extraction is swept
             root, zip_digests = extract_zip(source, tmp, verify=verify)
         except BaseException:
             if tmp is not None:

@@ -126,9 +126,9 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     trainer = Trainer(recipe, model, data, objective, out, plugins=plugins, log=log,
                       checkpoint_extra=lambda: meta)
     if resume:
-        for stale in out.glob(".*.pt.*.tmp"):  # a checkpoint write cut short by the crash (atomic_write's temp)
-            stale.unlink()
         trainer.resume(out / "last.pt")  # another recipe is refused here, before recipe.yaml is rewritten
+    elif is_main_process():  # an earlier run's results go now: a stop during this run had left a mix of the two
+        remove_earlier_outputs(out)
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     earlier = earlier_train_seconds(out, trainer.sessions) if resume else None  # last.pt's stops at its checkpoint
@@ -158,6 +158,18 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         write_json(out / "metrics.json", summary)
         write_json(out / "splits.json", split_listing(data.tables, data.class_names))
     return RunResult(out, fit.best_path, reports["test"], reports["val"], params, macs, fit)
+
+
+RUN_OUTPUTS = ("best.pt", "last.pt", "swa.pt", "metrics.json", "splits.json", "log.csv", "curves.png",
+               "confusion_*.png", "roc_*.png")
+"""What a run writes at the top of its folder (a new run into the folder of an earlier one removes the earlier's)."""
+
+
+def remove_earlier_outputs(out: Path) -> None:
+    for pattern in RUN_OUTPUTS:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
 
 
 def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = "metrics.json lists",
