@@ -72,7 +72,8 @@ class DataConfig(Section):
     image_size: int = Field(28, ge=8)
     """The model's input size (square); also the eval resize/crop size."""
     resize: int | None = None
-    """Eval resize before the center crop (defaults to image_size)."""
+    """Eval resize (the shorter side) before the center crop to image_size (defaults to image_size; training
+    resizes to image_size itself). Below image_size the crop pads with zeros, which training never shows."""
     channels: Literal[1, 3] = 3
     """The model's input channels: decoded images are converted (gray repeated to RGB, RGB to gray by luminance); `mean`
     and `std` take one value per channel."""
@@ -148,14 +149,26 @@ class ModelConfig(Section):
     Linear(head_hidden)-ReLU-Dropout(head_dropout)-Linear. The last two replace a Linear classifier."""
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the classifier of a dropout_linear or mlp head."""
-    head_hidden: int = 256
+    head_hidden: int = Field(256, ge=1)
     """Hidden width of an mlp head."""
     freeze_stages: int = 0
     """Freeze, for the whole run, the first N of timm's coarse parameter groups (stem, stage 1, ...: the model's
-    group_matcher; 0: none). A model without a group_matcher is refused: use freeze_patterns."""
+    group_matcher; 0: none; the last group is the classifier, so at most the group count - 1). A model without a group_matcher is refused: use freeze_patterns."""
     freeze_patterns: list[str] = []
     """Regular expressions: every parameter whose name (model.named_parameters) one of them matches, searched anywhere
-    in it, is frozen for the whole run (e.g. `^patch_embed`)."""
+    in it, is frozen for the whole run (e.g. `^patch_embed`); a pattern matching no parameter is an error. Frozen
+    parameters (by stages or patterns) do not change; BatchNorm running statistics in frozen stages still do
+    (`continual.bn_freeze` holds them in a continual run)."""
+
+    @field_validator("freeze_patterns")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"'{pattern}' is not a regular expression ({err})") from None
+        return v
     kwargs: dict[str, Any] = {}
     """More keyword arguments for timm.create_model (e.g. img_size, window_size). Under `base:` they replace the base's
     whole, and a recipe naming another model.name drops them."""
@@ -192,8 +205,8 @@ class SchedulerConfig(Section):
     """none: the LR stays at optimizer.lr; cosine: a linear warmup over warmup_epochs, then cosine decay toward min_lr;
     plateau: ReduceLROnPlateau on `monitor` (factor, patience, floor min_lr)."""
     warmup_epochs: int = Field(0, ge=0)
-    """cosine: epochs over which the LR rises linearly from 1% to optimizer.lr (cut to epochs - 1 when longer, with a
-    warning); plateau has no warmup (a warning)."""
+    """cosine: epochs over which the LR rises linearly from 1% to optimizer.lr (cut to epochs - 1 when it is epochs
+    or more, with a warning); plateau and none have no warmup."""
     min_lr: float = Field(1e-6, ge=0)
     """cosine: where the decay ends, one step after the last epoch (the last epoch trains above it: 25% of the way
     to the peak after 3 decay epochs, 4% after 8)."""
@@ -312,6 +325,9 @@ class TrainConfig(Section):
             sched.monitor = self.monitor
         if sched.mode is None:
             sched.mode = self.monitor_mode if sched.monitor == self.monitor else monitor_direction(sched.monitor)
+        if self.swa.enabled and not self.monitor.startswith("val_"):  # it could never win: its value was NaN
+            raise ValueError(f"swa: the averaged weights are judged on the validation split, but train.monitor is "
+                             f"{self.monitor}; monitor a val_ metric")
         return self
 
 
@@ -481,8 +497,9 @@ class DistillConfig(Section):
     """mean_probs: the teacher logits are log(mean of the members' softmax); mean_logits: the mean of their logits."""
     mix: MixConfig | None = None
     """Shared-view mixing of every batch (function matching); teacher terms only."""
-    teacher_views: list[Literal["original", "hflip", "vflip"]] = ["original"]
-    """TTA-averaged teacher targets: the teacher's softmax averaged over these flips of each batch."""
+    teacher_views: list[Literal["original", "hflip", "vflip"]] = Field(["original"], min_length=1)
+    """TTA-averaged teacher targets: the teacher's softmax averaged over these flips of each batch (one flip alone:
+    the teacher sees that flip only)."""
     unlabeled: UnlabeledConfig | None = None
     """A pool of unlabeled images the student also matches the teacher on (KD on unlabeled images)."""
     terms: list[DistillTerm] = Field(min_length=1)
@@ -496,7 +513,7 @@ class DistillConfig(Section):
         if self.mix is not None and any(t.kind in (*LABEL_TERMS, "dkd") for t in self.terms):
             raise ValueError("mix: mixed images have no single label; use label-free teacher terms (kl, feature_mse, "
                              "attention)")
-        if len(self.teacher_views) > 1 and any(t.kind in ("feature_mse", "attention") for t in self.terms):
+        if self.teacher_views != ["original"] and any(t.kind in ("feature_mse", "attention") for t in self.terms):
             raise ValueError("teacher_views: feature terms tap one forward of the teacher; use kl or dkd")
         if self.ensemble and any(t.kind in ("feature_mse", "attention") for t in self.terms):
             raise ValueError("ensemble: feature terms tap one teacher's layers; use kl or dkd with an ensemble")

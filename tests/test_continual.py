@@ -763,6 +763,11 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     other = {**raw, "model": {"name": "edgekd_cnn_small"}}  # the checkpoint is what trains: said so
     run_recipe(recipe_from_dict({**other, "train": {**raw["train"], "epochs": 1}}), tmp_path / "cl2", log=said.append)
     assert any("holds model edgekd_cnn_tiny; the recipe's model.name edgekd_cnn_small is not used" in line for line in said)
+    # The recipe's freezing applies to the checkpoint's model too (it had been ignored there).
+    frozen = {**raw, "model": {**raw.get("model", {}), "freeze_stages": 1}, "train": {**raw["train"], "epochs": 1}}
+    run_recipe(recipe_from_dict(frozen), tmp_path / "cl3", log=lambda s: None)
+    kept, _ = model_from_checkpoint(tmp_path / "cl3" / "model.pt")
+    torch.testing.assert_close(kept.stages[0][0].weight, student.stages[0][0].weight)
     # Task 1 is the checkpoint's: evaluated as is, not retrained.
     assert first.test["acc"] == pytest.approx(summary["acc_matrix"][0][0])
     final, ckpt = model_from_checkpoint(result.best_path)

@@ -626,6 +626,13 @@ def test_tta_averaged_teacher_targets_are_the_mean_over_flips():
         want = (teacher(x).softmax(1) + teacher(x.flip(-1)).softmax(1) + teacher(x.flip(-2)).softmax(1)) / 3
     torch.testing.assert_close(got.softmax(1), want)
     assert not torch.allclose(want, teacher(x).softmax(1))  # the views do change the target
+    # One flip alone is that flip's target (it had been ignored, as if [original]); no view at all is refused.
+    alone = build_objective(distill_cfg([{"kind": "kl"}], teacher_views=["hflip"]), tiny("edgekd_cnn_tiny"), teacher,
+                            teacher_ckpt("test_resnet"), pre(16), None, num_classes=2, log=lambda m: None)
+    with torch.no_grad():
+        torch.testing.assert_close(alone.teacher_outputs(x)[0].softmax(1), teacher(x.flip(-1)).softmax(1))
+    with pytest.raises(EdgeKDError, match="teacher_views"):
+        recipe_from_dict({"distill": {"teacher": "t.pt", "teacher_views": [], "terms": [{"kind": "kl"}]}})
 
 
 def test_a_teacher_trained_on_the_students_test_images_is_refused(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from edgekd.errors import EdgeKDError
+from edgekd.recipe import recipe_from_dict
 from edgekd.models import (classifier_name, count_macs, count_parameters, create_model, freeze, get_submodule,
                            head_parameters)
 
@@ -45,6 +46,18 @@ def test_freeze_stages_and_patterns():
     freeze(m, patterns=[r"^layer1\."])
     assert all(not p.requires_grad for k, p in m.named_parameters() if k.startswith("layer1."))
     assert all(p.requires_grad for k, p in m.named_parameters() if k.startswith("fc."))
+    # Freezing the classifier group too, a pattern of no parameter, every parameter: one-line errors (they had been
+    # "optimizer got an empty parameter list", or nothing frozen without a word).
+    for kwargs, words in (({"stages": 4}, "freeze_stages 4: .* 4 parameter groups, the last one its classifier; "
+                                          "freeze at most 3"),
+                          ({"patterns": ["^layer1"]}, "freeze_patterns: '\\^layer1' matches no parameter"),
+                          ({"patterns": ["."]}, "freeze every parameter")):
+        with pytest.raises(EdgeKDError, match=words):
+            freeze(create_model(spec("edgekd_cnn")), **kwargs)
+    with pytest.raises(EdgeKDError, match="freeze_patterns.*is not a regular expression"):
+        recipe_from_dict({"model": {"freeze_patterns": ["stages.0.("]}})
+    with pytest.raises(EdgeKDError, match="head_hidden"):
+        recipe_from_dict({"model": {"head": "mlp", "head_hidden": 0}})
 
 
 def test_local_weights_file_loads(tmp_path):

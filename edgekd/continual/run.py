@@ -98,9 +98,18 @@ def starting_model(recipe, tasks: list[Task]) -> tuple[nn.Module, dict[str, Any]
                               f"'{first.name}' has {list(first.class_names)}: its outputs would be trained as other "
                               "classes (select the checkpoint's classes; with edgekd train, checkpoint_task: false "
                               "retrains the head instead)")
+        freeze_as_recipe_says(model, recipe)
         return model, spec, True
     resize_classifier(model, first.num_classes, keep=0)
+    freeze_as_recipe_says(model, recipe)
     return model, spec, False
+
+
+def freeze_as_recipe_says(model: nn.Module, recipe) -> None:
+    """The recipe's model.freeze_stages / freeze_patterns on a continual.checkpoint's model too (they had been
+    ignored there: every shipped continual recipe starts from a checkpoint, as `edgekd update` does)."""
+    if recipe.model.freeze_stages or recipe.model.freeze_patterns:
+        freeze(model, recipe.model.freeze_stages, recipe.model.freeze_patterns)
 
 
 def _slug(text: str) -> str:

@@ -320,7 +320,7 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
            if mix else ""))
     if len(members) > 1:  # each member has its own input adapter inside the ensemble
         teacher_input = nn.Identity()
-    if len(distill_cfg.teacher_views) > 1:
+    if distill_cfg.teacher_views != ["original"]:  # `[hflip]` alone had been ignored, as if [original]
         teacher = AveragedViews(teacher, distill_cfg.teacher_views)
         log(f"distill: teacher targets averaged over {', '.join(distill_cfg.teacher_views)}")
     weight = distill_cfg.unlabeled.weight if distill_cfg.unlabeled is not None else 1.0

@@ -60,8 +60,9 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
         with _missing_keys_log() as missing:
             model = timm.create_model(name, pretrained=pretrained, num_classes=spec["num_classes"],
                                       in_chans=spec["in_chans"], drop_rate=spec.get("drop_rate", 0.0), **kwargs)
-    except TypeError as err:
-        raise EdgeKDError(f"model '{name}': bad model.kwargs ({err})") from None
+    except TypeError as err:  # drop_path_rate comes from model.drop_path_rate, not model.kwargs
+        key = "model.drop_path_rate" if "drop_path_rate" in str(err) else "model.kwargs"
+        raise EdgeKDError(f"model '{name}': bad {key} ({err})") from None
     except Exception as err:  # an empty, truncated or foreign weights file fails in many ways (EOFError, KeyError...)
         if pretrained:
             detail = shorten(str(err).splitlines()[0], 120) if str(err) else "unreadable"
@@ -192,15 +193,26 @@ def freeze(model: nn.Module, stages: int = 0, patterns: list[str] | None = None)
         if not hasattr(model, "group_matcher"):
             raise EdgeKDError(f"{type(model).__name__}: no group_matcher, freeze by model.freeze_patterns instead")
         groups = list(group_modules(model, model.group_matcher(coarse=True)).values())
+        if stages >= len(groups):  # the last group is the classifier: an optimizer of no parameter had followed
+            raise EdgeKDError(f"model.freeze_stages {stages}: {type(model).__name__} has {len(groups)} parameter "
+                              f"groups, the last one its classifier; freeze at most {len(groups) - 1}")
         for names in groups[:stages]:
             frozen_prefixes += names
     regexes = [re.compile(p) for p in patterns or []]
-    count = 0
+    count, matched = 0, set()
     for name, p in model.named_parameters():
-        hit = any(name == q or name.startswith(q + ".") for q in frozen_prefixes) or any(r.search(name) for r in regexes)
-        if hit:
+        hits = [r.pattern for r in regexes if r.search(name)]
+        matched.update(hits)
+        if hits or any(name == q or name.startswith(q + ".") for q in frozen_prefixes):
             p.requires_grad_(False)
             count += p.numel()
+    missed = [r.pattern for r in regexes if r.pattern not in matched]
+    if missed:  # a typo had frozen nothing, without a word
+        example = next(iter(dict(model.named_parameters())), "")
+        raise EdgeKDError(f"model.freeze_patterns: '{missed[0]}' matches no parameter of {type(model).__name__} "
+                          f"(names look like '{example}')")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise EdgeKDError("model.freeze_stages/freeze_patterns freeze every parameter: nothing would train")
     return count
 
 
