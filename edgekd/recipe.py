@@ -128,6 +128,8 @@ class DataConfig(Section):
                 raise ValueError(f"patient_pattern is not a regular expression ({err})") from None
             if groups < 1:
                 raise ValueError("patient_pattern needs a group, the patient id: e.g. '^[A-Z]+-(\\d+)-'")
+        if self.fold is not None and self.folds is None:  # it had been ignored without a word
+            raise ValueError(f"fold {self.fold} needs folds (the number of folds), e.g. folds: 5")
         return self
 
 

@@ -276,3 +276,9 @@ def test_a_symlinked_recipe_finds_its_base_beside_the_file_it_links_to(tmp_path)
     (tmp_path / "lonely.yaml").write_text("base: nope.yaml\nname: x\n")
     with pytest.raises(EdgeKDError, match=r"lonely.yaml: base: nope.yaml: recipe file not found \(looked in "):
         load_recipe(tmp_path / "lonely.yaml")
+
+
+def test_a_fold_without_folds_is_refused():
+    with pytest.raises(EdgeKDError, match="data: fold 3 needs folds"):  # it had been ignored without a word
+        recipe_from_dict({"data": {"fold": 3}})
+    assert recipe_from_dict({"data": {"fold": 1, "folds": 3}}).data.fold == 1
