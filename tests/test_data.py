@@ -407,6 +407,16 @@ def test_transforms_by_v2_class_name():
         build_op({"Blurr": {}})
     with pytest.raises(EdgeKDError, match="RandomRotation"):
         build_op({"RandomRotation": {"degreez": 3}})
+    # An op that cannot take the pipeline's uint8 images fails when the pipeline is built, in one line (it had been
+    # a TypeError at the first batch); the check's random draws leave the seeded stream as it was.
+    torch.manual_seed(5)
+    with pytest.raises(EdgeKDError, match=r"augment: the train pipeline fails on an image \(TypeError: Input tensor "
+                                          r"should be a float tensor"):
+        build_transforms(cfg, [{"Normalize": {"mean": [0.5], "std": [0.5]}}], train=True)
+    build_transforms(cfg, [{"RandomRotation": {"degrees": 30}}], train=True)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(1))
 
 
 def test_input_sized_augment_ops_follow_the_image_size():

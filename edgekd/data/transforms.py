@@ -105,7 +105,26 @@ def build_transforms(data_cfg, augment: list, train: bool) -> v2.Compose:
         ops.append(v2.Resize(data_cfg.resize or size, antialias=True))
         ops.append(v2.CenterCrop(size))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(data_cfg.mean), list(data_cfg.std))]
-    return v2.Compose(ops + post)
+    pipeline = v2.Compose(ops + post)
+    if train and augment:
+        check_augment(pipeline, size)
+    return pipeline
+
+
+def check_augment(pipeline: v2.Compose, size: int) -> None:
+    """Run the train pipeline once on a random image: an op that cannot take the pipeline's uint8 images (e.g.
+    `Normalize` among the augment ops) had failed at the first batch with a traceback."""
+    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    try:
+        pipeline(image)
+    except EdgeKDError:
+        raise
+    except Exception as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EdgeKDError(f"augment: the train pipeline fails on an image ({type(err).__name__}: {detail})") from None
+    finally:  # the random ops' draws do not shift the run's seeded stream
+        torch.random.set_rng_state(state)
 
 
 def preprocess_spec(data_cfg) -> dict[str, Any]:

@@ -65,7 +65,8 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
         raise EdgeKDError(f"model '{name}': bad {key} ({err})") from None
     except Exception as err:  # an empty, truncated or foreign weights file fails in many ways (EOFError, KeyError...)
         if pretrained:
-            detail = shorten(str(err).splitlines()[0], 120) if str(err) else "unreadable"
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]  # "Error(s) in ...:" + the first
+            detail = shorten(" ".join(lines[:2]), 160) if lines else "unreadable"
             fix = "" if weights else " (offline: --set model.pretrained=false, or model.weights=FILE)"
             raise EdgeKDError(f"model '{name}': could not load pretrained weights from {where}: "
                               f"{type(err).__name__}: {detail}{fix}") from None
