@@ -18,22 +18,37 @@ from typing import Any, Callable
 from edgekd.errors import EdgeKDError
 
 
-OWNER = f"{os.getpid()}@{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]}-"
-"""Every temporary file and folder edgekd makes is named `<prefix><pid>@<host>-<random><suffix>`, so that a later
-run can tell the leftovers of a process that was killed outright (SIGKILL, a power cut: no handler runs) from the
-work of one still running, and remove them (`sweep_leftovers`)."""
+def _pid_space() -> str:
+    """This host and pid namespace: two containers sharing a hostname (and a folder) have other pid namespaces, so
+    neither takes the other's live temporary files for a dead process's."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return hashlib.sha1(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:6]
+
+
+PID_SPACE = _pid_space()
+
+
+def owner() -> str:
+    """`<pid>@<host and pid namespace>-`: every temporary file and folder edgekd makes is named
+    `<prefix><owner()><random><suffix>`, so that a later run can tell the leftovers of a process that was killed
+    outright (SIGKILL, a power cut: no handler runs) from the work of one still running, and remove them
+    (`sweep_leftovers`). The pid is read at each call (a forked process names its own files)."""
+    return f"{os.getpid()}@{PID_SPACE}-"
 
 
 def owner_alive(name: str) -> bool:
-    """Whether the process that named a temporary entry (OWNER) may still run: another host's always may."""
+    """Whether the process that named a temporary entry (`owner()`) may still run: another host's always may."""
     pid, _, rest = name.partition("@")
-    if not pid.isdigit() or rest[:7] != OWNER.split("@", 1)[1]:
+    if not pid.isdigit() or rest[:7] != f"{PID_SPACE}-":
         return True
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except OSError:  # another user's process
+    except (OSError, OverflowError, ValueError):  # another user's process; a pid no process can have
         return True
     return True
 
@@ -55,11 +70,11 @@ def sweep_leftovers(parent: str | Path, prefix: str, suffix: str) -> int:
 
 
 def make_temp_dir(prefix: str, suffix: str = "", parent: str | Path | None = None) -> Path:
-    """tempfile.mkdtemp named by OWNER, after sweeping the same kind's leftovers of killed runs from `parent`
+    """tempfile.mkdtemp named by `owner()`, after sweeping the same kind's leftovers of killed runs from `parent`
     (default: the system's temporary folder)."""
     parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
     sweep_leftovers(parent, prefix, suffix)
-    return Path(tempfile.mkdtemp(prefix=prefix + OWNER, suffix=suffix, dir=parent))
+    return Path(tempfile.mkdtemp(prefix=prefix + owner(), suffix=suffix, dir=parent))
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object], min_free_bytes: int = 0) -> Path:
@@ -70,7 +85,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object], min_free_byte
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_leftovers(path.parent, f".{path.name}.", ".tmp")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{OWNER}", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner()}", suffix=".tmp", dir=path.parent)
     except OSError as err:  # a read-only folder: name the file asked for, not the temp name
         raise EdgeKDError(f"{path}: could not be written ({err.strerror or err})") from None
     os.close(fd)
@@ -134,13 +149,13 @@ def ensure_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
                           f"{needed_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free)")
 
 
-def refuse_unusable_path(out: str | Path, option: str = "--out") -> None:
+def refuse_unusable_path(out: str | Path, option: str = "--out", is_file: bool = False) -> None:
     """An output path starting with `~` (no shell expands it after `--out=`: it had made a folder named ~), or a
-    symlink to nothing (it had failed as "file exists")."""
+    folder that is a symlink to nothing (it had failed as "file exists"; a file is written where the link points)."""
     if str(out).startswith("~"):
         raise EdgeKDError(f"{option} {out}: starts with '~', which no shell expanded here (as after {option}=): give "
                           "the full path (or $HOME/...)")
-    if Path(out).is_symlink() and not Path(out).exists():
+    if not is_file and Path(out).is_symlink() and not Path(out).exists():
         raise EdgeKDError(f"{option} {out}: a symlink to {os.path.realpath(out)}, which does not exist (make that "
                           "folder, or give another path)")
 
@@ -149,7 +164,7 @@ def check_output_location(out: str | Path, option: str = "--out", is_file: bool 
     """Refuse, before any work, an output that cannot be written: its nearest existing folder is a file or takes no
     new entry (read-only, /proc). Probed with a temporary folder, removed again; a long run had found out only at
     its end, with a misleading free-space error. `is_file`: `out` is a file to write (its folder is checked)."""
-    refuse_unusable_path(out, option)
+    refuse_unusable_path(out, option, is_file)
     target = Path(out).absolute().parent if is_file else Path(out).absolute()
     ancestor = next((p for p in (target, *target.parents) if p.exists()), Path("/"))
     if not ancestor.is_dir():

@@ -98,11 +98,12 @@ def folder_files(folder: Path) -> list[Path]:
     """Every file under `folder`, any depth, sorted: folders reached through a symlink included (each real folder
     once, so a link loop ends), hidden and system entries (`is_hidden`) left out."""
     files: list[Path] = []
+    root = os.path.realpath(folder)
     seen: set[str] = set()
     for top, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
-        if real in seen:
-            dirs[:] = []
+        if real in seen or (real != root and os.path.commonpath([real, root]) == real):  # a loop; a link up the tree
+            dirs[:] = []  # (`cat/up -> ..` had listed the dog images as cats)
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not is_hidden(Path(d)))

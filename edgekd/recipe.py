@@ -128,8 +128,6 @@ class DataConfig(Section):
                 raise ValueError(f"patient_pattern is not a regular expression ({err})") from None
             if groups < 1:
                 raise ValueError("patient_pattern needs a group, the patient id: e.g. '^[A-Z]+-(\\d+)-'")
-        if self.fold is not None and self.folds is None:  # it had been ignored without a word
-            raise ValueError(f"fold {self.fold} needs folds (the number of folds), e.g. folds: 5")
         return self
 
 
@@ -151,7 +149,7 @@ class ModelConfig(Section):
     Linear(head_hidden)-ReLU-Dropout(head_dropout)-Linear. The last two replace a Linear classifier."""
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the classifier of a dropout_linear or mlp head."""
-    head_hidden: int = Field(256, ge=1)
+    head_hidden: int = 256
     """Hidden width of an mlp head."""
     freeze_stages: int = 0
     """Freeze, for the whole run, the first N of timm's coarse parameter groups (stem, stage 1, ...: the model's
@@ -327,9 +325,6 @@ class TrainConfig(Section):
             sched.monitor = self.monitor
         if sched.mode is None:
             sched.mode = self.monitor_mode if sched.monitor == self.monitor else monitor_direction(sched.monitor)
-        if self.swa.enabled and not self.monitor.startswith("val_"):  # it could never win: its value was NaN
-            raise ValueError(f"swa: the averaged weights are judged on the validation split, but train.monitor is "
-                             f"{self.monitor}; monitor a val_ metric")
         return self
 
 
@@ -499,7 +494,7 @@ class DistillConfig(Section):
     """mean_probs: the teacher logits are log(mean of the members' softmax); mean_logits: the mean of their logits."""
     mix: MixConfig | None = None
     """Shared-view mixing of every batch (function matching); teacher terms only."""
-    teacher_views: list[Literal["original", "hflip", "vflip"]] = Field(["original"], min_length=1)
+    teacher_views: list[Literal["original", "hflip", "vflip"]] = ["original"]
     """TTA-averaged teacher targets: the teacher's softmax averaged over these flips of each batch (one flip alone:
     the teacher sees that flip only)."""
     unlabeled: UnlabeledConfig | None = None
@@ -645,12 +640,6 @@ class TrackingConfig(Section):
     `<out>/task<i>_<name>/`); a path: there, a fold's or task's in `<path>/fold<k>/<role>` or `<path>/task<i>_<name>`
     (needs `pip install 'edgekd[track]'`)."""
 
-    @field_validator("tensorboard")
-    @classmethod
-    def _folder_or_flag(cls, v):
-        if isinstance(v, str) and not v.strip():
-            raise ValueError("an empty path; give a folder, or true for <out>/tensorboard")
-        return v
     wandb: WandbConfig | None = None
     """A Weights & Biases run of the training (null: none)."""
 
@@ -896,6 +885,7 @@ def entry_arguments(recipe: Recipe | str | Path | dict, out: str | Path) -> tupl
                           f"{type(recipe).__name__}")
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise EdgeKDError(f"out: expected the run's folder as a path, got {out!r}")
+    refuse_new_run_traps(recipe, "recipe")
     return recipe, Path(out)
 
 
@@ -931,9 +921,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, option: st
 
 
 def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
-    """Settings a run would take without doing what they say, refused in the recipes a user gives (`load_recipe`),
-    not in the ones embedded in checkpoints (a model trained under them still evaluates and exports): focal loss
-    with both `alpha` and `class_weights` (alpha won, without a word), a negative `model.freeze_stages`."""
+    """Settings a run would take without doing what they say, refused in the recipes a user gives (`load_recipe`,
+    the Python entry points), not in the ones embedded in checkpoints (a model trained under them still evaluates
+    and exports): focal loss with both `alpha` and `class_weights` (alpha won, without a word), a negative
+    `model.freeze_stages`, and the `traps` below."""
     focal = [("train.loss", recipe.train.loss)] if recipe.train.loss.name == "focal" else []
     focal += [(f"distill.terms[{i}]", t) for i, t in enumerate(recipe.distill.terms if recipe.distill else [])
               if t.kind == "focal"]
@@ -943,6 +934,20 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
                               "(with alpha set, class_weights did nothing)")
     if recipe.model.freeze_stages < 0:
         raise EdgeKDError(f"{where}: model.freeze_stages must be >= 0 (got {recipe.model.freeze_stages})")
+    traps = [  # each had run without doing what it says (checks of 2026-12-06: older checkpoints still load)
+        (recipe.data.fold is not None and recipe.data.folds is None,
+         f"data.fold {recipe.data.fold} needs data.folds (the number of folds), e.g. folds: 5 (it was ignored)"),
+        (recipe.model.head_hidden < 1, f"model.head_hidden must be >= 1 (got {recipe.model.head_hidden})"),
+        (recipe.train.swa.enabled and not recipe.train.monitor.startswith("val_"),
+         f"train.swa: the averaged weights are judged on the validation split, but train.monitor is "
+         f"{recipe.train.monitor}; monitor a val_ metric"),
+        (recipe.distill is not None and not recipe.distill.teacher_views,
+         "distill.teacher_views: give at least one view (original, hflip, vflip)"),
+        (isinstance(recipe.tracking.tensorboard, str) and not recipe.tracking.tensorboard.strip(),
+         "tracking.tensorboard: an empty path; give a folder, or true for <out>/tensorboard")]
+    for trapped, message in traps:
+        if trapped:
+            raise EdgeKDError(f"{where}: {message}")
 
 
 def sections_turned_on(path: str | Path, overrides: list[str]) -> list[str]:

@@ -1265,3 +1265,7 @@ def test_predict_writes_through_a_symlinked_out_file(bundle, good_png, tmp_path,
     assert code == 0, err
     assert (tmp_path / "link.csv").is_symlink()  # it had been replaced by a plain file, the target left stale
     assert (tmp_path / "shared" / "preds.csv").read_text().startswith("file,")
+    (tmp_path / "new.csv").symlink_to(tmp_path / "shared" / "not-yet.csv")  # a link to a file not yet written
+    code, _, err = invoke(capsys, "predict", bundle, good_png, "--backend", "onnx", "--out", tmp_path / "new.csv")
+    assert code == 0, err
+    assert (tmp_path / "shared" / "not-yet.csv").read_text().startswith("file,")

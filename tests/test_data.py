@@ -586,10 +586,12 @@ def test_an_image_in_two_splits_is_a_data_warning(tmp_path):
             Image.fromarray(np.full((16, 16, 3), 40 * ("train", "val", "test").index(split) + i, np.uint8)).save(p)
     raw = {"name": "dup", "data": {"source": "imagefolder", "path": str(tmp_path / "d"), "image_size": 16,
                                    "channels": 3}, "model": {"name": "edgekd_cnn_tiny"}}
-    assert build_data(recipe_from_dict(raw)).notes == []
+    from edgekd.data import duplicate_notes
+
+    assert duplicate_notes(build_data(recipe_from_dict(raw)).tables) == []
     copied = tmp_path / "d" / "test" / "a" / "copy_of_train.png"
     shutil.copy(sorted((tmp_path / "d" / "train" / "a").glob("*.png"))[0], copied)
-    (note,) = build_data(recipe_from_dict(raw)).notes
+    (note,) = duplicate_notes(build_data(recipe_from_dict(raw)).tables)
     assert note == (f"1 test image(s) are also train images (the same content under two names, e.g. {copied}): the "
                     "test figures include images the model trained on")
 
@@ -613,6 +615,7 @@ def test_a_folder_copied_from_a_mac_or_a_share_reads_its_images_only(tmp_path):
     Image.fromarray(np.full((8, 8), 120, np.uint8)).save(elsewhere / "linked.png")
     (root / "pneumonia" / "batch2").symlink_to(elsewhere)
     (root / "pneumonia" / "loop").symlink_to(root / "pneumonia")  # a link loop ends
+    (root / "normal" / "up").symlink_to(root)  # a link up the tree is not followed (pneumonia would be normal)
     for junk in (".Trashes", "__MACOSX", ".ipynb_checkpoints"):
         (root / junk).mkdir()
         (root / junk / "x.png").write_bytes(b"junk")

@@ -631,8 +631,11 @@ def test_tta_averaged_teacher_targets_are_the_mean_over_flips():
                             teacher_ckpt("test_resnet"), pre(16), None, num_classes=2, log=lambda m: None)
     with torch.no_grad():
         torch.testing.assert_close(alone.teacher_outputs(x)[0].softmax(1), teacher(x.flip(-1)).softmax(1))
+    from edgekd.recipe import refuse_new_run_traps
+
     with pytest.raises(EdgeKDError, match="teacher_views"):
-        recipe_from_dict({"distill": {"teacher": "t.pt", "teacher_views": [], "terms": [{"kind": "kl"}]}})
+        refuse_new_run_traps(recipe_from_dict({"distill": {"teacher": "t.pt", "teacher_views": [],
+                                                           "terms": [{"kind": "kl"}]}}), "r")
 
 
 def test_a_teacher_trained_on_the_students_test_images_is_refused(tmp_path):

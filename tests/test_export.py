@@ -358,6 +358,20 @@ def test_a_stop_during_publish_waits_for_it_and_one_after_it_leaves_no_stale_zip
         export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, zip_bundle=True, log=quiet)
     assert json.loads((tmp_path / "b" / "edgekd.json").read_text())["artifacts"]
     assert not (tmp_path / "b.zip").exists()  # no zip rather than the previous model's
+    # Killed outright between publish's renames: the old bundle is aside as .b.<pid>@<host>-*.old, --out missing;
+    # the next export brings it back first (it had been swept away with the staged one).
+    import subprocess
+    import sys
+
+    from edgekd.fileio import PID_SPACE
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    aside = tmp_path / f".b.{dead}@{PID_SPACE}-x1y2.old"
+    os.rename(tmp_path / "b", aside)
+    from edgekd.export.run import export_target
+
+    assert export_target(tmp_path / "b") == (tmp_path / "b", True) and not aside.exists()
 
 
 @pytest.mark.slow

@@ -56,8 +56,10 @@ def test_freeze_stages_and_patterns():
             freeze(create_model(spec("edgekd_cnn")), **kwargs)
     with pytest.raises(EdgeKDError, match="freeze_patterns.*is not a regular expression"):
         recipe_from_dict({"model": {"freeze_patterns": ["stages.0.("]}})
-    with pytest.raises(EdgeKDError, match="head_hidden"):
-        recipe_from_dict({"model": {"head": "mlp", "head_hidden": 0}})
+    from edgekd.recipe import refuse_new_run_traps
+
+    with pytest.raises(EdgeKDError, match="head_hidden"):  # a new run only: a checkpoint's recipe still loads
+        refuse_new_run_traps(recipe_from_dict({"model": {"head": "mlp", "head_hidden": 0}}), "r")
 
 
 def test_local_weights_file_loads(tmp_path):

@@ -278,7 +278,19 @@ def test_a_symlinked_recipe_finds_its_base_beside_the_file_it_links_to(tmp_path)
         load_recipe(tmp_path / "lonely.yaml")
 
 
-def test_a_fold_without_folds_is_refused():
-    with pytest.raises(EdgeKDError, match="data: fold 3 needs folds"):  # it had been ignored without a word
-        recipe_from_dict({"data": {"fold": 3}})
+def test_settings_that_did_nothing_are_refused_for_a_new_run_but_a_checkpoints_recipe_still_loads(tmp_path):
+    """data.fold without folds, swa judged on a train_ metric, head_hidden 0: refused when a run starts (load_recipe,
+    the Python entry points), never when a checkpoint's stored recipe is read (eval and export of a model trained
+    under them had become impossible)."""
+    from edgekd.recipe import refuse_new_run_traps
+
+    for raw, words in (({"data": {"fold": 3}}, "data.fold 3 needs data.folds"),
+                       ({"train": {"swa": {"enabled": True}, "monitor": "train_loss"}}, "monitor a val_ metric"),
+                       ({"model": {"head_hidden": 0}}, "head_hidden must be >= 1")):
+        stored = recipe_from_dict(raw)  # as a checkpoint's recipe is read
+        with pytest.raises(EdgeKDError, match=words):
+            refuse_new_run_traps(stored, "r.yaml")
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(EdgeKDError, match=words):
+            load_recipe(tmp_path / "r.yaml")
     assert recipe_from_dict({"data": {"fold": 1, "folds": 3}}).data.fold == 1

@@ -866,6 +866,9 @@ def test_predict_many_takes_one_image_as_one_input_and_infer_refuses_pixels(bund
         assert len(got) == 1 and np.allclose(got[0].probs, one.probs, atol=1e-6)
     stacked = list(runner.predict_many(np.stack([pixels, pixels])))  # (N, H, W, C): N images
     assert len(stacked) == 2 and np.allclose(stacked[1].probs, one.probs, atol=1e-6)
+    gray = pixels[..., 0]
+    grays = list(runner.predict_many(np.stack([gray] * 5)))  # (N, H, W): N gray images, as MedMNIST stores them
+    assert len(grays) == 5 and np.allclose(grays[4].probs, runner.predict(gray).probs, atol=1e-6)
     for bad in ("4", 2.5, True, 0):
         with pytest.raises(EdgeKDError, match="batch must be an integer >= 1"):
             next(runner.predict_many([pixels], batch=bad))

@@ -155,7 +155,9 @@ def test_a_killed_runs_temporary_files_are_swept_by_the_next_run(tmp_path):
     import sys
 
     from edgekd.bench.run import WORK_MARKER, remove_killed_runs_work
-    from edgekd.fileio import OWNER, atomic_write, staging_directory
+    from edgekd.fileio import atomic_write, owner, staging_directory
+
+    OWNER = owner()
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

@@ -164,5 +164,7 @@ def test_tensorboard_path_that_is_a_file_or_empty_is_refused(tiny_recipe_dict, t
     with pytest.raises(EdgeKDError, match=r"^tracking.tensorboard: .*x.png is a file"):
         train_recipe(recipe, tmp_path / "run", log=lambda *_: None)
     assert not (tmp_path / "run" / "best.pt").exists()
-    with pytest.raises(EdgeKDError, match="tracking.tensorboard.*empty path"):
-        recipe_from_dict({**tiny_recipe_dict, "tracking": {"tensorboard": " "}})
+    from edgekd.recipe import refuse_new_run_traps
+
+    with pytest.raises(EdgeKDError, match="tracking.tensorboard: an empty path"):
+        refuse_new_run_traps(recipe_from_dict({**tiny_recipe_dict, "tracking": {"tensorboard": " "}}), "r")

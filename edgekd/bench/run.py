@@ -19,7 +19,7 @@ import numpy as np
 
 from edgekd.bench.hardware import OtherCPU, cpu_info, gemm_peak_fraction
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import (OWNER, owner_alive, refuse_output_inside, remove_trees, sha256_file, track_tree,
+from edgekd.fileio import (owner, owner_alive, refuse_output_inside, remove_trees, sha256_file, track_tree,
                            untrack_tree, write_json)
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
@@ -603,7 +603,7 @@ def default_bench_out(source: str | Path) -> Path:
 
 
 WORK_MARKER = ".edgekd-bench-work"
-"""In a work/ folder a bench run made and removes when it ends: the run's OWNER (a killed run's is removed later)."""
+"""In a work/ folder a bench run made and removes when it ends: the run's `owner()` (a killed run's is removed later)."""
 
 
 def remove_killed_runs_work(work: Path) -> bool:
@@ -627,7 +627,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     bundles_before = set(cfg.out.glob("bundle-*"))  # reused by a later run: only this run's are removed on failure
     work = _prepare_out(cfg)
     if work in created and not cfg.keep_work:  # to be removed at the end: a run killed before then says so
-        (work / WORK_MARKER).write_text(OWNER)
+        (work / WORK_MARKER).write_text(owner())
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     load_start = [round(v, 2) for v in os.getloadavg()]
     other_cpu = OtherCPU()

@@ -390,7 +390,10 @@ def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,
         raise EdgeKDError(f"{where}: its data's splits are not the ones it was trained with "
                           f"({'; '.join(map(said, changed))}): "
                           f"{recipe.data.path or 'the data'} changed since, so images it trained on may land in val or "
-                          "test; restore it as it was, or give new images as another dataset (another data.path)")
+                          "test; restore it as it was, or give new images as another dataset (another data.path)"
+                          + (" (a folder trained on before 2026-12-06 also lists differently now: hidden files such as "
+                             "._x.png are left out, symlinked sub-folders followed)"
+                             if recipe.data.source == "imagefolder" else ""))
 
 
 def build_data(recipe) -> DataModule:
@@ -408,14 +411,14 @@ def build_data(recipe) -> DataModule:
     if tables["train"].labels.max() >= len(names):
         raise EdgeKDError(f"data: label {tables['train'].labels.max()} exceeds the {len(names)} class names")
     return DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
-                      augment=recipe.augment, seed=recipe.seed, bad_files=bad,
-                      notes=source_notes(source, cfg) + duplicate_notes(tables))
+                      augment=recipe.augment, seed=recipe.seed, bad_files=bad, notes=source_notes(source, cfg))
 
 
 def duplicate_notes(tables: dict[str, Table]) -> list[str]:
     """Images found in two splits by content (`Table.fingerprints`: the same file bytes or pixels under two names:
     a data set's own duplicates, a file copied into two class or split folders): the later split's figures then
-    include images the model trained on (or was selected on)."""
+    include images the model trained on (or was selected on). It reads every file: a training run's warning
+    (`edgekd.train.warn_about_data`), not every load of the data."""
     prints = {split: table.fingerprints() for split, table in tables.items()}
     notes = []
     for later, earlier in (("val", "train"), ("test", "train"), ("test", "val")):

@@ -20,7 +20,7 @@ from edgekd.fileio import (deferred_signals, ensure_free_space, make_temp_dir, r
                            untrack_tree)
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
-                                  staging_dir, write_bundle_files, write_zip)
+                                  restore_interrupted_publish, staging_dir, write_bundle_files, write_zip)
 from edgekd.export.clinical import as_the_bundle_decides, operating_point, write_reliability
 from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_sets, retention_report, task_layout,
                                      task_metadata)
@@ -537,6 +537,7 @@ def export_target(out: str | Path) -> tuple[Path, bool]:
     """--out checked (`check_target`), through a symlink to the bundle it points to (the link itself had become a
     new folder), and whether it holds a bundle this export replaces."""
     out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
+    restore_interrupted_publish(out)  # a bundle a killed export had moved aside comes back before anything else
     check_target(out)
     return out, (out / METADATA_FILE).is_file()
 

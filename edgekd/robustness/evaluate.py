@@ -64,16 +64,18 @@ def check_predictor_source(src: str | Path) -> None:
     evaluation printed its table): a checkpoint, run directory (its best.pt) or bundle that opens, and one softmax
     over its outputs (not one head per task)."""
     from edgekd.runtime import open_bundle
-    from edgekd.train.checkpoint import load_checkpoint
 
     src = Path(src)
     if not src.exists():
         raise EdgeKDError(f"{src}: no such checkpoint, run directory or bundle")
     ckpt_path = source_checkpoint(src)
-    if ckpt_path is None:
+    if ckpt_path is None:  # a bundle: torch-free (the core install scores bundles)
         if open_bundle(src).tasks:
             raise EdgeKDError(f"{src}: a bundle with {MIXED_HEADS}")
-    elif (load_checkpoint(ckpt_path).get("continual") or {}).get("head") == "multi":
+        return
+    from edgekd.train.checkpoint import load_checkpoint
+
+    if (load_checkpoint(ckpt_path).get("continual") or {}).get("head") == "multi":
         raise EdgeKDError(f"{ckpt_path}: {MIXED_HEADS} (`edgekd eval` without them scores it per task)")
 
 

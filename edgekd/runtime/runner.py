@@ -406,9 +406,11 @@ def tta_names(tta) -> list[str]:
 
 def _one_or_many(inputs):
     """A single image given where a collection is expected: that one input. A path (str/Path), DicomFrame, PIL
-    image or (H, W[, C]) array (a string would otherwise be read character by character, an array row by row); an
-    (N, H, W[, C]) array is N images."""
-    if isinstance(inputs, (str, Path, DicomFrame)) or (isinstance(inputs, np.ndarray) and inputs.ndim in (2, 3)):
+    image, (H, W) or (H, W, C) array with C 1, 3 or 4 (a string would otherwise be read character by character, an
+    array row by row); an (N, H, W) stack of gray images or an (N, H, W, C) array is N images."""
+    one_array = isinstance(inputs, np.ndarray) and (inputs.ndim == 2 or
+                                                    (inputs.ndim == 3 and inputs.shape[-1] in (1, 3, 4)))
+    if isinstance(inputs, (str, Path, DicomFrame)) or one_array:
         return [inputs]
     if type(inputs).__module__.startswith("PIL.") and hasattr(inputs, "getbands"):  # a PIL image, without importing PIL
         return [inputs]

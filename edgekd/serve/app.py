@@ -27,9 +27,9 @@ from edgekd.serve.settings import ServeSettings, check_settings
 from edgekd.serve.uploads import UploadError, decode_upload
 
 MAX_BATCH_FILES = 64
+"""The most files one /predict/batch request may carry (fewer when --max-queue is smaller)."""
 MAX_FORM_FIELDS = 64
 """Non-file parts of a multipart request (ignored, as a client may send metadata beside the image): more is 413."""
-"""The most files one /predict/batch request may carry (fewer when --max-queue is smaller)."""
 CLIENT_GONE = 499
 """The status recorded (never sent) for a request whose client hung up before its answer (nginx's code)."""
 

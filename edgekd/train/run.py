@@ -14,7 +14,7 @@ from torch import nn
 
 from edgekd import __version__
 from edgekd.data import (DataModule, build_checkpoint_data, build_data, check_class_order, check_trained_splits,
-                         split_listing)
+                         duplicate_notes, split_listing)
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import check_input_size, count_macs, count_parameters, create_model, freeze, model_spec
@@ -125,10 +125,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
     trainer = Trainer(recipe, model, data, objective, out, plugins=plugins, log=log,
                       checkpoint_extra=lambda: meta)
-    if resume:
-        trainer.resume(out / "last.pt")  # another recipe is refused here, before recipe.yaml is rewritten
-    elif is_main_process():  # an earlier run's results go now: a stop during this run had left a mix of the two
-        remove_earlier_outputs(out)
+    resume_or_clear(trainer, out, resume)  # another recipe is refused here, before recipe.yaml is rewritten
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     earlier = earlier_train_seconds(out, trainer.sessions) if resume else None  # last.pt's stops at its checkpoint
@@ -161,15 +158,28 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
 
 
 RUN_OUTPUTS = ("best.pt", "last.pt", "swa.pt", "metrics.json", "splits.json", "log.csv", "curves.png",
-               "confusion_*.png", "roc_*.png")
+               "confusion_val.png", "confusion_test.png", "roc_val.png", "roc_test.png")
 """What a run writes at the top of its folder (a new run into the folder of an earlier one removes the earlier's)."""
 
 
+def resume_or_clear(trainer: Trainer, out: Path, resume: bool) -> None:
+    """--resume: last.pt's state (a checkpoint write the crash cut short removed); a new run: an earlier run's
+    results in `out` go now (a stop during this run had left a mix of the two)."""
+    if resume:
+        for stale in out.glob(".*.pt.*.tmp"):  # one named before owner() (newer ones are swept by atomic_write)
+            stale.unlink()
+        trainer.resume(out / "last.pt")
+    elif is_main_process():
+        remove_earlier_outputs(out)
+
+
 def remove_earlier_outputs(out: Path) -> None:
-    for pattern in RUN_OUTPUTS:
-        for path in out.glob(pattern):
-            if path.is_file():
-                path.unlink()
+    """An earlier run's files (RUN_OUTPUTS, by name: a report's plots beside them stay), when `out` holds one."""
+    if not any((out / name).is_file() for name in ("metrics.json", "last.pt", "best.pt")):
+        return
+    for name in RUN_OUTPUTS:
+        if (out / name).is_file():
+            (out / name).unlink()
 
 
 def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = "metrics.json lists",
@@ -178,7 +188,8 @@ def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = 
     lacks (a small data.limit, a rare class): never learned, or its AUC there undefined. `listed` says where the
     skipped files are listed (`edgekd check` writes no metrics.json); `own`: a continual task's [lo, hi) of the
     class list, the classes it is meant to hold (the others are other tasks')."""
-    for note in getattr(data, "notes", []):
+    duplicates = duplicate_notes(data.tables) if is_main_process() and hasattr(data, "tables") else []
+    for note in [*getattr(data, "notes", []), *duplicates]:
         log(f"warning: {note}")
     if data.bad_files:
         log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "

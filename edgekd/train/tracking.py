@@ -115,7 +115,7 @@ class WandbSink:
         id_file = out / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         if run_id is None:
-            run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+            run_id = secrets.token_hex(8)  # W&B ids: lowercase letters and digits (64 bits: no collision)
             out.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id + "\n")
         name = cfg.name or recipe.name

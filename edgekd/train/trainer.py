@@ -6,6 +6,7 @@ What is optimized is an *objective* (supervised, distillation, ...) and what els
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -491,7 +492,8 @@ class Trainer:
                     self.log(f"early stop: {self.cfg.monitor} did not improve for {patience} epochs")
                     break
         except BaseException as err:
-            tracker.close(exit_code_of(err))
+            with contextlib.suppress(Exception):  # a tracker's own failure never hides the training's
+                tracker.close(exit_code_of(err))
             raise
         tracker.close()
         extra = self._finish_fit(best_path, last_path)
