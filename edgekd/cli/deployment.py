@@ -132,7 +132,7 @@ def predict(
     from edgekd.runtime.output import check_output_path
 
     if out is not None:
-        check_output_path(out)
+        out = check_output_path(out)  # a symlinked --out: the file it points to
         refuse_output_inside(out, [bundle])
     if views is not None and tta is False:
         raise EdgeKDError("--views with --no-tta: --views runs those views (it implies --tta); give one of the two")
