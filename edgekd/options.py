@@ -38,8 +38,8 @@ def int_list(text: str | None, option: str) -> list[int] | None:
 
 
 def parse_list(text: str | list[str] | None, allowed: tuple[str, ...], option: str) -> list[str]:
-    """At least one of `allowed`, in the order given, each once."""
-    items = text if isinstance(text, list) else split_list(text, option) or []
+    """At least one of `allowed` (lowercase names; given in any case), in the order given, each once."""
+    items = [i.lower() for i in (text if isinstance(text, list) else split_list(text, option) or [])]  # FP32, OpenVINO
     for item in items:
         if item not in allowed:
             raise EdgeKDError(f"{option}: unknown value '{item}' (choose from {', '.join(allowed)})")

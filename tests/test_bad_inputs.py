@@ -1269,3 +1269,24 @@ def test_predict_writes_through_a_symlinked_out_file(bundle, good_png, tmp_path,
     code, _, err = invoke(capsys, "predict", bundle, good_png, "--backend", "onnx", "--out", tmp_path / "new.csv")
     assert code == 0, err
     assert (tmp_path / "shared" / "not-yet.csv").read_text().startswith("file,")
+
+
+def test_an_option_given_twice_or_an_empty_path_is_refused(trained, bundle, good_png, tmp_path, capsys, monkeypatch):
+    """`-p int4 -p fp32` had kept fp32 without checking int4 (and `-p fp32 -p int8` built int8 only); `--out ""` was
+    read as the current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert_refused(invoke(capsys, "export", trained["ckpt"], "-p", "int4", "-p", "fp32"),
+                   "--precision given 2 times", "comma-separated")
+    assert_refused(invoke(capsys, "predict", bundle, good_png, "--threads", "0", "--threads=2"), "--threads given 2")
+    for args in (["predict", bundle, good_png, "--out", ""], ["export", trained["ckpt"], "--out="],
+                 ["eval", trained["ckpt"], "-o", ""]):
+        assert_refused(invoke(capsys, *args), "an empty path")
+    assert list(tmp_path.iterdir()) == [good_png]  # nothing written in the current folder
+
+
+def test_format_and_precision_names_are_read_in_any_case(trained, tmp_path):
+    from edgekd.export.formats import export_plan
+    from edgekd.options import parse_list
+
+    assert parse_list("FP32,Int8", ("fp32", "fp16", "int8"), "--precision") == ["fp32", "int8"]
+    assert [(f.name, p) for f, p in export_plan(["ONNX"], ["FP32"])] == [("onnx", "fp32")]

@@ -22,6 +22,7 @@ def run() -> None:
     install_process_guards()
     STATE["on_interrupt"] = None  # set by the command this run starts (train)
     try:
+        refuse_repeated_options(sys.argv[1:])
         code = app(standalone_mode=False)
     except EdgeKDError as err:
         if STATE["debug"]:
@@ -64,6 +65,35 @@ def run() -> None:
     # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+PATH_OPTIONS = ("--out", "--data", "--run-dir", "--cache-dir", "--target", "--checkpoint", "--teacher")
+"""Options whose empty value would be read as the current folder (pathlib's Path("") is ".")."""
+
+
+def refuse_repeated_options(args: list[str]) -> None:
+    """A value option given twice had kept its last value without a word (`-p int4 -p fp32` never checked int4;
+    `-p fp32 -p int8` built int8 only), and an empty path (`--out ""`) was read as the current folder."""
+    import typer.main
+
+    name = next((a for a in args if not a.startswith("-")), None)
+    command = getattr(typer.main.get_command(app), "commands", {}).get(name)
+    if command is None:
+        return
+    rest = args[args.index(name) + 1:]
+    rest = rest[:rest.index("--")] if "--" in rest else rest
+    for param in command.params:
+        if getattr(param, "param_type_name", "") != "option" or param.multiple or param.is_flag:
+            continue
+        opts = [*param.opts, *param.secondary_opts]
+        hits = [i for i, a in enumerate(rest) if a in opts or any(a.startswith(o + "=") for o in opts if len(o) > 2)]
+        if len(hits) > 1:
+            raise EdgeKDError(f"{param.opts[0]} given {len(hits)} times: give it once (a list of values is "
+                              f"comma-separated, e.g. {param.opts[0]} a,b)")
+        for i in hits:
+            value = rest[i].split("=", 1)[1] if "=" in rest[i] else (rest[i + 1] if i + 1 < len(rest) else None)
+            if value == "" and param.opts[0] in PATH_OPTIONS:
+                raise EdgeKDError(f"{param.opts[0]}: an empty path (it would be read as the current folder)")
 
 
 USAGE_ERRORS = ("UsageError", "BadParameter", "MissingParameter", "NoSuchOption", "BadOptionUsage",

@@ -48,6 +48,7 @@ def export_plan(formats: list[str], precisions: list[str],
     def said(option: str, value: str, source: str | None) -> str:
         return f"--{option} {value}" if source is None else f"{option} {value} (export profile '{source}')"
 
+    formats, precisions = [f.lower() for f in formats or []], [p.lower() for p in precisions or []]  # as predict
     if not formats:
         raise EdgeKDError("--format: give at least one format")
     if not precisions:
