@@ -117,8 +117,7 @@ def eval_(
                                         "or on every image of a labelled folder (DIR/<class name>/images)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
     split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits: train,val,test (default: test)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: eval_<checkpoint name> "
-                                       "beside the checkpoint)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: eval_<name> beside it)."),
     corruptions: bool = typer.Option(False, "--corruptions", help="Also score under 8 corruptions x 5 severities "
                                      "(robustness.json/.md/.png)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated corruptions (default: all 8)."),
