@@ -122,6 +122,11 @@ def test_vector_layer_is_refused_and_vit_tokens_work():
     assert default_target_layer(vit, (3, 32, 32)) == f"{last}.norm1"
     x = torch.randn(2, 3, 32, 32)
     assert np.ptp(gradcam(vit, x, last)[0]) == 0 and np.ptp(gradcam(vit, x)[0]) > 0
+    # No block reaches 3x3 (a 2x2 token grid): the deepest of the largest maps, not the first (it had been
+    # blocks.0.norm1, whose map was often flat).
+    small = create_model({"name": "test_vit", "num_classes": 2, "in_chans": 3,
+                          "kwargs": {"img_size": 8, "patch_size": 4}})
+    assert default_target_layer(small, (3, 8, 8)) == f"blocks.{len(small.blocks) - 1}.norm1"
 
 
 def test_unique_overlay_names_never_collide():

@@ -203,3 +203,11 @@ def test_a_fixed_patch_grid_model_at_another_input_size_is_refused_by_name():
         check_input_size(vit, 32, "vit_tiny_patch16_224")
     check_input_size(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, img_size=32), 32, "vit")
     check_input_size(timm.create_model("resnet18", pretrained=False, num_classes=2), 32, "resnet18")  # any size
+    # LeViT's attention-bias grid has no patch_embed.strict_img_size: a RuntimeError deep in the model had been the
+    # message (exit 1); timm marks it fixed-size, and one forward at the recipe's size now says what to set.
+    levit = timm.create_model("levit_128s", pretrained=False, num_classes=2)
+    with pytest.raises(EdgeKDError, match=r"model levit_128s takes 224x224 px input \(timm: a fixed input size\) "
+                                          r"and data.image_size is 32: set model.kwargs.img_size: 32"):
+        check_input_size(levit, 32, "levit_128s")
+    assert levit.training  # left as it was
+    check_input_size(timm.create_model("levit_128s", pretrained=False, num_classes=2, img_size=32), 32, "levit")

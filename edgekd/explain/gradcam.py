@@ -57,7 +57,8 @@ def default_target_layer(model: nn.Module, input_shape: Sequence[int] | None = N
                 sides[name] = min(fmap.shape[-2:])
         fine = [n for n in entries if sides.get(n, 0) >= MIN_CAM_SIDE]
         if fine or sides:
-            return _reaching_the_head(model, str(fine[-1] if fine else max(sides, key=sides.get)))
+            largest = max(sides.values()) if sides else 0  # none reaches 3x3: the deepest of the largest maps
+            return _reaching_the_head(model, str(fine[-1] if fine else [n for n in sides if sides[n] == largest][-1]))
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise EdgeKDError(f"{type(model).__name__}: no feature_info and no Conv2d layer; give --layer")

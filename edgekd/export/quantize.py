@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, shorten
 from edgekd.export.artifact import INPUT_NAME, ExportContext
 from edgekd.export.profile import OnnxQuantization
 from edgekd.progress import progress_task
@@ -160,6 +161,24 @@ def ort_quantize_options(model_path: Path, options: OnnxQuantization, keep_first
             **({"extra_options": {"CalibPercentile": 99.999}} if options.calibrate_method == "percentile" else {})}
 
 
+@contextlib.contextmanager
+def quiet_root_logger():
+    """Collect what the root logger would print (ONNX Runtime's quantizer writes there, one line per weight) into a
+    list instead of stderr; yields that list."""
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(record.getMessage())
+
+    notes: list[str] = []
+    root = logging.getLogger()
+    saved, keep = root.handlers[:], Keep(logging.WARNING)
+    root.handlers = [keep]
+    try:
+        yield notes
+    finally:
+        root.handlers = saved
+
+
 def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scratch: Path,
                          options: OnnxQuantization | None = None, keep_first_last: bool = True,
                          advance=lambda: None, transformer: bool = False):
@@ -186,15 +205,21 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
             return {INPUT_NAME: x}
 
     prepared = scratch / "onnx_int8_prepared.onnx"
-    try:
-        # Shape inference + graph cleanup as ORT recommends before quantizing (skipped if it cannot run).
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
-    except Exception:
-        prepared = fp32_path
+    with quiet_root_logger() as notes:  # ORT logs a line per weight ("Axis 1 is out-of-range for weight ...")
+        try:
+            # Shape inference + graph cleanup as ORT recommends before quantizing (skipped if it cannot run).
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+        except Exception:
+            prepared = fp32_path
     out_path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = ort_quantize_options(prepared, options or OnnxQuantization(), keep_first_last, transformer)
     try:
-        quantize_static(str(prepared), str(out_path), ImageReader(calib), **kwargs)
+        with quiet_root_logger() as more:
+            quantize_static(str(prepared), str(out_path), ImageReader(calib), **kwargs)
+        notes += more
+        if notes:  # one warning line, not dozens
+            warnings.warn(f"onnxruntime quantization: {len(notes)} note(s) like '{shorten(notes[0], 120)}'",
+                          stacklevel=2)
     except Exception as err:
         raise EdgeKDError(f"onnx int8: ONNX Runtime quantization failed: {type(err).__name__}: "
                           f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None

@@ -32,11 +32,33 @@ def check_input_size(model: nn.Module, size: int, name: str) -> None:
     only at its first forward, with timm's AssertionError; refused here by name, with the kwarg that sets it."""
     embed = getattr(model, "patch_embed", None)
     fixed = getattr(embed, "img_size", None)
-    if fixed is None or not getattr(embed, "strict_img_size", False) or tuple(fixed) == (size, size):
-        return
-    window = " and model.kwargs.window_size to fit its stages (e.g. 2 at 32 px)" if "swin" in name else ""
-    raise EdgeKDError(f"model {name} takes {fixed[0]}x{fixed[1]} px input (a fixed patch grid) and data.image_size "
-                      f"is {size}: set model.kwargs.img_size: {size}{window}")
+    if fixed is not None and getattr(embed, "strict_img_size", False):
+        if tuple(fixed) == (size, size):
+            return
+        window = " and model.kwargs.window_size to fit its stages (e.g. 2 at 32 px)" if "swin" in name else ""
+        raise EdgeKDError(f"model {name} takes {fixed[0]}x{fixed[1]} px input (a fixed patch grid) and data.image_size "
+                          f"is {size}: set model.kwargs.img_size: {size}{window}")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    default = tuple(cfg.get("input_size", (0, size, size))[1:])
+    if cfg.get("fixed_input_size") and default != (size, size):  # LeViT, EfficientFormer: attention-bias grids
+        try_one_forward(model, size, name, default)
+
+
+def try_one_forward(model: nn.Module, size: int, name: str, default: tuple[int, ...]) -> None:
+    """One forward at `size` of a model timm marks as fixed-size: its shape error (a RuntimeError deep in the model
+    at the first training step) becomes a one-line refusal naming the kwarg that sets the size."""
+    was_training = model.training
+    channels = getattr(model, "in_chans", None) or 3
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, size, size))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        detail = shorten(str(err).splitlines()[0], 100) if str(err) else type(err).__name__
+        raise EdgeKDError(f"model {name} takes {default[0]}x{default[1]} px input (timm: a fixed input size) and "
+                          f"data.image_size is {size}: set model.kwargs.img_size: {size}, if the model takes it "
+                          f"({detail})") from None
+    finally:
+        model.train(was_training)
 
 
 def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | None = None) -> nn.Module:
