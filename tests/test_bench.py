@@ -291,6 +291,7 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
 @pytest.mark.parametrize("args, message", [(["nope.pt"], "no such checkpoint or bundle"),
                                            ([".", "--batch", "0"], "--batch: batch sizes must be >= 1"),
                                            ([".", "--formats", "tflite"], "--formats: unknown value 'tflite'"),
+                                           ([".", "-f", "tflite", "-p", "FP32"], "--formats: unknown value 'tflite'"),
                                            ([".", "--batch", "1,,8"], "--batch '1,,8': a blank item in the comma"),
                                            ([".", "--formats", ",onnx"], "--formats ',onnx': a blank item"),
                                            (["b", "--data", "nodir"], "--data nodir: no such file or folder (a data "

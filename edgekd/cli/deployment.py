@@ -291,9 +291,10 @@ def serve(
 
 def bench(
     source: Path = typer.Argument(..., help="A checkpoint (exported here first) or an exported bundle."),
-    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: torch,onnx,openvino (default: "
-                                          "all three; onnx,openvino where PyTorch is not installed)."),
-    precision: str = typer.Option("fp32,int8", "--precision", help="Comma-separated: fp32,fp16,int8."),
+    formats: Optional[str] = typer.Option(None, "--formats", "--format", "-f", help="Comma-separated: "
+                                          "torch,onnx,openvino (default: all three; onnx,openvino where PyTorch is "
+                                          "not installed)."),
+    precision: str = typer.Option("fp32,int8", "--precision", "-p", help="Comma-separated: fp32,fp16,int8."),
     batch: str = typer.Option("1,8,32", "--batch", help="Comma-separated batch sizes."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Every image in all its TTA views (one batched call)."),
