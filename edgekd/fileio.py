@@ -53,19 +53,23 @@ def owner_alive(name: str) -> bool:
     return True
 
 
-def sweep_leftovers(parent: str | Path, prefix: str, suffix: str) -> int:
-    """Remove the temporary entries `<prefix><pid>@<host>-*<suffix>` in `parent` whose process has exited (a run
-    killed outright left them); the number removed."""
-    removed = 0
+def leftovers(parent: str | Path, prefix: str, suffix: str) -> list[os.DirEntry]:
+    """The temporary entries `<prefix><pid>@<host>-*<suffix>` in `parent` whose process has exited (a run killed
+    outright left them), sorted by name."""
     try:
         entries = [e for e in os.scandir(parent) if e.name.startswith(prefix) and e.name.endswith(suffix)]
     except OSError:
-        return 0
-    for entry in entries:
-        if not owner_alive(entry.name[len(prefix):]):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
-                removed += 1
+        return []
+    return sorted((e for e in entries if not owner_alive(e.name[len(prefix):])), key=lambda e: e.name)
+
+
+def sweep_leftovers(parent: str | Path, prefix: str, suffix: str) -> int:
+    """Remove `leftovers(parent, prefix, suffix)`; the number removed."""
+    removed = 0
+    for entry in leftovers(parent, prefix, suffix):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+            removed += 1
     return removed
 
 

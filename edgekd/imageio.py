@@ -118,8 +118,9 @@ def subfolders(folder: Path) -> list[Path]:
 
 def is_image_file(path: Path) -> bool:
     """Whether a file found in a folder is an image to read: an image suffix, or DICOM by its content (PACS exports
-    name files by UID, with no suffix); a DICOMDIR (`is_dicomdir`) is not, nor a hidden file (`is_hidden`)."""
-    if is_hidden(path) or is_dicomdir(path):
+    name files by UID, with no suffix); a DICOMDIR (`is_dicomdir`) is not (hidden files: `folder_files` leaves them
+    out before this is asked)."""
+    if is_dicomdir(path):
         return False
     return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
 

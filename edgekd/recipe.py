@@ -153,7 +153,8 @@ class ModelConfig(Section):
     """Hidden width of an mlp head."""
     freeze_stages: int = 0
     """Freeze, for the whole run, the first N of timm's coarse parameter groups (stem, stage 1, ...: the model's
-    group_matcher; 0: none; the last group is the classifier, so at most the group count - 1). A model without a group_matcher is refused: use freeze_patterns."""
+    group_matcher; 0: none; the last group is the classifier, so at most the group count - 1). A model without a
+    group_matcher is refused: use freeze_patterns."""
     freeze_patterns: list[str] = []
     """Regular expressions: every parameter whose name (model.named_parameters) one of them matches, searched anywhere
     in it, is frozen for the whole run (e.g. `^patch_embed`); a pattern matching no parameter is an error. Frozen
@@ -639,7 +640,6 @@ class TrackingConfig(Section):
     """true: TensorBoard event files in `<out>/tensorboard` (a fold's or task's own folder: `<out>/fold<k>/<role>/`,
     `<out>/task<i>_<name>/`); a path: there, a fold's or task's in `<path>/fold<k>/<role>` or `<path>/task<i>_<name>`
     (needs `pip install 'edgekd[track]'`)."""
-
     wandb: WandbConfig | None = None
     """A Weights & Biases run of the training (null: none)."""
 

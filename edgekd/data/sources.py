@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgeKDError, shorten
+from edgekd.fileio import sha256_file
 from edgekd.imageio import folder_files, is_image_file, subfolders
 
 SPLITS = ("train", "val", "test")
@@ -46,6 +47,8 @@ class Table:
     images: np.ndarray | None = None
     paths: list[str] | None = None
     groups: np.ndarray | None = None
+    _prints: list[str] | None = field(default=None, init=False, repr=False, compare=False)
+    """`fingerprints()` once computed: a training run compares val and test with the pool and with train."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,11 +65,12 @@ class Table:
     def fingerprints(self) -> list[str]:
         """Each image's content digest: of its file's bytes (a copy or a link of the file has the same one), or of
         an in-memory array's pixels and shape. Two tables share an image when they share a fingerprint (the same
-        picture re-encoded or resized is not recognised)."""
-        if self.images is not None:
-            return [hashlib.blake2b(np.ascontiguousarray(a).tobytes() + repr(a.shape).encode(), digest_size=16
-                                    ).hexdigest() for a in self.images]
-        return [_file_digest(p) for p in self.paths or []]
+        picture re-encoded or resized is not recognised). Computed once per table."""
+        if self._prints is None:
+            self._prints = ([hashlib.sha256(np.ascontiguousarray(a).tobytes() + repr(a.shape).encode()).hexdigest()
+                             for a in self.images] if self.images is not None else
+                            [sha256_file(p) for p in self.paths or []])
+        return self._prints
 
     @staticmethod
     def concat(tables: list["Table"]) -> "Table":
@@ -77,14 +81,6 @@ class Table:
             paths=None if first.paths is None else sum((t.paths for t in tables), []),
             groups=None if first.groups is None else np.concatenate([t.groups for t in tables]),
         )
-
-
-def _file_digest(path: str | Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

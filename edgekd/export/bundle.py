@@ -13,8 +13,8 @@ from edgekd.formats import PRECISIONS
 from edgekd.export.clinical import card_section, scored_on_subset
 from edgekd.export.continual import continual_card_section
 from edgekd.export.parity import images_for_one_flip, inputs_for_one_flip
-from edgekd.fileio import (atomic_write, check_output_location, refuse_output_in_bundle, sha256_file,
-                            make_temp_dir, owner_alive, staging_directory, write_json, write_text)
+from edgekd.fileio import (atomic_write, check_output_location, leftovers, make_temp_dir, refuse_output_in_bundle,
+                           sha256_file, staging_directory, write_json, write_text)
 from edgekd.runtime import MANIFEST_FILE, METADATA_FILE, SCHEMA
 
 PARITY_FILE, CARD_FILE = "parity.json", "card.md"
@@ -54,15 +54,12 @@ def check_target(out: Path) -> None:
 def restore_interrupted_publish(out: Path) -> bool:
     """A bundle that a publish killed outright between its two renames had moved aside (`.<name>.<owner>*.old`,
     its process gone) goes back to `out` when `out` is missing (the next export had swept it away)."""
-    if out.exists() or not out.parent.is_dir():
+    if out.exists():
         return False
-    prefix = f".{out.name}."
-    for entry in sorted(os.scandir(out.parent), key=lambda e: e.name):
-        if (entry.name.startswith(prefix) and entry.name.endswith(".old") and entry.is_dir(follow_symlinks=False)
-                and not owner_alive(entry.name[len(prefix):])):
-            os.rename(entry.path, out)
-            return True
-    return False
+    aside = next((e for e in leftovers(out.parent, f".{out.name}.", ".old") if e.is_dir(follow_symlinks=False)), None)
+    if aside is not None:
+        os.rename(aside.path, out)
+    return aside is not None
 
 
 def publish(stage: Path, out: Path) -> Path:

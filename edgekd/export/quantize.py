@@ -211,18 +211,15 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
         except Exception:
             prepared = fp32_path
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = ort_quantize_options(prepared, options or OnnxQuantization(), keep_first_last, transformer)
-    try:
-        with quiet_root_logger() as more:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs = ort_quantize_options(prepared, options or OnnxQuantization(), keep_first_last, transformer)
+        try:
             quantize_static(str(prepared), str(out_path), ImageReader(calib), **kwargs)
-        notes += more
-        if notes:  # one warning line, not dozens
-            warnings.warn(f"onnxruntime quantization: {len(notes)} note(s) like '{shorten(notes[0], 120)}'",
-                          stacklevel=2)
-    except Exception as err:
-        raise EdgeKDError(f"onnx int8: ONNX Runtime quantization failed: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None
+        except Exception as err:
+            raise EdgeKDError(f"onnx int8: ONNX Runtime quantization failed: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None
+    if notes:  # one warning line, not dozens
+        warnings.warn(f"onnxruntime quantization: {len(notes)} note(s) like '{shorten(notes[0], 120)}'", stacklevel=2)
     import onnx
 
     quantized = onnx.load(str(out_path))

@@ -69,11 +69,9 @@ def require_packages(tracking) -> None:
         raise EdgeKDError(f"tracking.tensorboard: {tb} is a file; give a folder for the event files")
 
 
-def exit_code_of(error: BaseException | None) -> int:
-    """The exit code a tracker records for a fit that ended with `error` (None: finished): 130 for Ctrl-C, as the
-    CLI exits, 1 for any other error."""
-    if error is None:
-        return 0
+def exit_code_of(error: BaseException) -> int:
+    """The exit code a tracker records for a fit that ended with `error`: 130 for Ctrl-C, as the CLI exits, 1 for
+    any other error."""
     return 130 if isinstance(error, KeyboardInterrupt) else 1
 
 
