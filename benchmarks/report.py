@@ -152,6 +152,7 @@ def sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
     import calibration
     import distill_terms
     import export_time
+    import fusion
     import hostile
     import kd_gain
     import latency
@@ -189,6 +190,8 @@ def sections() -> dict[str, tuple[tuple[str, str], Callable[[], str]]]:
         out["calibration"] = (calibration.MARKERS, lambda: calibration.section(load("calibration.json")))
     if (RESULTS / "export_time.json").is_file():
         out["export-time"] = (export_time.MARKERS, lambda: export_time.section(load("export_time.json")))
+    if (RESULTS / "fusion.json").is_file():
+        out["fusion"] = (fusion.MARKERS, lambda: fusion.section(load("fusion.json")))
     if (RESULTS / "serve.json").is_file():
         out["serve"] = (serve.MARKERS, lambda: serve.section(load("serve.json")))
     for name in kd_gain.SETS:

@@ -15,11 +15,13 @@ import torch
 
 from conftest import tiny_recipe, write_npz
 from edgekd.errors import EdgeKDError
-from edgekd.export import FORMATS, export_checkpoint, export_inputs, export_plan, load_profile, profile_from_dict
+from edgekd.export import (FORMATS, ParityGateError, export_checkpoint, export_inputs, export_plan, load_profile,
+                           profile_from_dict)
 from edgekd.export.artifact import ArtifactSession
 from edgekd.export.onnx import read_onnx_metadata
 from edgekd.export.openvino import read_openvino_metadata
 from edgekd.export.parity import check_signature, tta_view
+from edgekd.models import deploy_form
 from edgekd.recipe import recipe_from_dict
 from edgekd.train.checkpoint import save_checkpoint
 
@@ -994,3 +996,32 @@ def test_a_top1_failure_by_a_single_input_says_how_many_parity_images_give_the_g
     assert any("one differing input fails this limit below 200 parity images, more than the val split's 50" in f
                for f in failures), failures
     assert not any("--parity-images 200" in f for f in failures)
+
+
+@pytest.mark.slow
+def test_a_rep_model_exports_fused_and_a_wrong_fusion_fails_the_gate(tmp_path, monkeypatch):
+    import onnx
+
+    import edgekd.export.run as export_run
+
+    ckpt = make_checkpoint(tmp_path, "repvgg_a0", 32)
+    convs = {}
+    for fuse in (True, False):
+        profile = profile_from_dict({"parity": {"images": 4}, "fuse": fuse})
+        result = export_checkpoint(ckpt, tmp_path / f"fuse-{fuse}", ["onnx"], ["fp32"], profile, log=quiet)
+        assert result.parity["passed"]
+        graph = onnx.load(str(tmp_path / f"fuse-{fuse}" / FORMATS["onnx"].relpath("fp32"))).graph
+        convs[fuse] = sum(n.op_type == "Conv" for n in graph.node)
+    assert (convs[True], convs[False]) == (22, 44)  # RepVGG-A0: each block's 3x3 and 1x1 branches become one 3x3
+
+    def off_by_a_little(model):  # a fusion that changed the function: the gate judges against the unfused model
+        fused, n = deploy_form(model)
+        with torch.no_grad():
+            fused.head.fc.bias += 1e-3
+        return fused, n
+
+    monkeypatch.setattr(export_run, "deploy_form", off_by_a_little)
+    with pytest.raises(ParityGateError, match="onnx/fp32"):
+        export_checkpoint(ckpt, tmp_path / "wrong", ["onnx"], ["fp32"], profile_from_dict({"parity": {"images": 4}}),
+                          log=quiet)
+    assert not (tmp_path / "wrong").exists()

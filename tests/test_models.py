@@ -5,8 +5,8 @@ import torch
 
 from edgekd.errors import EdgeKDError
 from edgekd.recipe import recipe_from_dict
-from edgekd.models import (classifier_name, count_macs, count_parameters, create_model, freeze, get_submodule,
-                           head_parameters)
+from edgekd.models import (classifier_name, count_macs, count_parameters, create_model, deploy_form, freeze,
+                           get_submodule, head_parameters)
 
 
 def spec(name="edgekd_cnn_tiny", **kw):
@@ -211,3 +211,28 @@ def test_a_fixed_patch_grid_model_at_another_input_size_is_refused_by_name():
         check_input_size(levit, 32, "levit_128s")
     assert levit.training  # left as it was
     check_input_size(timm.create_model("levit_128s", pretrained=False, num_classes=2, img_size=32), 32, "levit")
+
+
+def test_deploy_form_fuses_timm_rep_blocks_into_a_copy_that_computes_the_same():
+    from timm.models.byobnet import RepVggBlock
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(RepVggBlock(3, 8), RepVggBlock(8, 8), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    for m in model.modules():  # BatchNorm statistics other than the defaults, so folding them is tested
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+    model.train()
+    fused, blocks = deploy_form(model)
+    assert blocks == 2 and fused is not model and not fused.training
+    assert model[0].conv_kxk is not None and model.training  # the original keeps its training form
+    assert not hasattr(fused[0], "conv_kxk") and fused[0].reparam_conv is not None
+    assert count_parameters(fused) < count_parameters(model)
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model.eval()(x), atol=1e-5)
+
+
+def test_deploy_form_leaves_a_model_without_rep_blocks_itself():
+    model = create_model(spec())
+    assert deploy_form(model) == (model, 0)

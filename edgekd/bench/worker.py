@@ -105,10 +105,11 @@ def openvino_request(path: str, threads: int) -> Infer:
 def torch_model(checkpoint: str, threads: int, compile_: bool) -> Infer:
     import torch
 
+    from edgekd.models import deploy_form
     from edgekd.train.checkpoint import model_from_checkpoint
 
     torch.set_num_threads(threads)
-    model, _ = model_from_checkpoint(checkpoint)
+    model, _ = deploy_form(model_from_checkpoint(checkpoint)[0])  # as the export traces it: re-parameterized blocks fused
     if compile_:
         model = torch.compile(model, dynamic=False)
 

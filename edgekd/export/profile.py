@@ -202,6 +202,9 @@ class ExportProfile(Section):
     precisions: list[Precision] = Field(["fp32"], min_length=1)
     input_size: int | None = Field(None, ge=8)
     """Export at this (square) input size instead of the checkpoint's; the eval resize scales with it."""
+    fuse: bool = True
+    """Export a model with re-parameterizable blocks (RepVGG, MobileOne, FastViT, RepViT, LeViT...) in its fused
+    inference form (timm's reparameterize_model), gated against the unfused model; false: the training form."""
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     """CPU threads for parity runs (at most this machine's cores) and the runtime hint written to edgekd.json
     (null: the library default; the runner caps it to the device's cores)."""

@@ -29,7 +29,7 @@ from edgekd.export.parity import ParitySet, check_artifact, int8_speedup, parity
 from edgekd.export.profile import ExportProfile, load_profile, profile_digest
 from edgekd.export.runner_check import runner_check
 from edgekd.metrics import one_class_warning
-from edgekd.models import count_parameters
+from edgekd.models import count_parameters, deploy_form
 from edgekd.progress import progress_task
 from edgekd.recipe import apply_overrides, recipe_from_dict
 from edgekd.runtime import MAX_THREADS
@@ -273,16 +273,29 @@ def export_inputs(checkpoint: str | Path, profile: ExportProfile | None = None, 
     return ExportInputs(model, parity_set, calibration_images(data, profile), data.preprocess)
 
 
+def deployable(model, profile: ExportProfile, log: Callable[[str], None]):
+    """The model the exporters trace: its fused inference form unless the profile says `fuse: false`. Parity is
+    judged against `model` itself, so a fusion that changed the function fails the gate."""
+    if not profile.fuse:
+        return model
+    fused, blocks = deploy_form(model)
+    if blocks:
+        log(f"fused {blocks} re-parameterizable blocks for export (timm reparameterize_model; profile fuse: false "
+            "exports the training form)")
+    return fused
+
+
 def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfile, scratch: Path,
                     parity_set: ParitySet, log: Callable[[str], None], progress=None) -> ExportContext:
-    """What the exporters get; calibration images are drawn (once) only when an INT8 path asks."""
+    """What the exporters get: the model in its deploy form (`deployable`); calibration images are drawn (once)
+    only when an INT8 path asks."""
 
     def calibration() -> np.ndarray:
         if "calibration" not in ctx.cache:
             ctx.cache["calibration"] = calibration_images(data, profile)
         return ctx.cache["calibration"]
 
-    ctx = ExportContext(model=model, input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
+    ctx = ExportContext(model=deployable(model, profile, log), input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
                         profile=profile, scratch=scratch, calibration=calibration,
                         validation=lambda: parity_set.metric_split("val"), log=log, progress=progress)
     return ctx

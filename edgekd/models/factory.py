@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 from pathlib import Path
@@ -254,3 +255,28 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
         model(x)
     model.train(was_training)
     return int(counter.get_total_flops() // 2)
+
+
+DEPLOY_HOOKS = ("fuse", "reparameterize", "switch_to_deploy")
+"""Methods by which timm's re-parameterizable blocks (RepVGG/MobileOne/FastViT/RepViT branches, LeViT conv+BN)
+turn into their inference form (timm.utils.reparameterize_model calls them)."""
+
+
+def deploy_form(model: nn.Module) -> tuple[nn.Module, int]:
+    """(the model as it should run at inference, how many blocks were fused). A model with re-parameterizable
+    blocks comes back as a fused copy (`timm.utils.reparameterize_model`: multi-branch convolutions folded into
+    one, BatchNorm into its convolution), in eval mode; any other model comes back itself, untouched. The copy
+    computes the same function up to float rounding: the export's parity gate checks it against `model`."""
+    fusable = sum(1 for m in model.modules() if m is not model
+                  and any(callable(getattr(m, hook, None)) for hook in DEPLOY_HOOKS))
+    if not fusable:
+        return model, 0
+    from timm.utils.model import reparameterize_model
+
+    try:
+        with torch.no_grad():
+            fused = reparameterize_model(copy.deepcopy(model).eval(), inplace=True)
+    except Exception as err:  # a third-party block's fuse()
+        raise EdgeKDError(f"could not fuse {type(model).__name__}'s re-parameterizable blocks ({type(err).__name__}: "
+                          f"{shorten(str(err))}); `fuse: false` in the export profile exports the training form") from None
+    return fused, fusable
