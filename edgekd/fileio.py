@@ -329,3 +329,30 @@ def removed_if_only(path: str | Path, names: tuple[str, ...]):
                                          for p in path.rglob("*")):
             remove_tree(path)
         raise
+
+
+@contextlib.contextmanager
+def staged_files(out: str | Path, last: str | None = None, before_publish: Callable[[Path], None] | None = None):
+    """A staging folder beside `out` for a block to write its files into. When the block ends without error the
+    files move into `out` (made if missing) with stop signals held, `last` (an index listing the others) last;
+    `before_publish(stage)` runs first in that window (e.g. to remove an earlier run's files the new ones would
+    contradict). A failure or stop before then leaves `out` as it was, and the staging folder is always removed:
+    `out` holds all of one run's files or none, never a mix of two runs'."""
+    out = Path(out)
+    target = out.resolve() if out.is_symlink() else out  # staged on the link target's filesystem: moves are renames
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with deferred_signals():  # tracked: a stop signal removes it (the CLI exits without unwinding)
+        stage = track_tree(staging_directory(f".{target.name}.", ".tmp", target.parent))
+    try:
+        yield stage
+        target.mkdir(exist_ok=True)
+        with deferred_signals():
+            if before_publish is not None:
+                before_publish(stage)
+            for made in sorted(stage.iterdir(), key=lambda p: p.name == last):
+                if made.is_dir() and (target / made.name).is_dir():
+                    shutil.rmtree(target / made.name)
+                os.replace(made, target / made.name)
+    finally:
+        remove_tree(stage)
+        untrack_tree(stage)

@@ -171,9 +171,10 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
         assert p.returncode == 2 and words in p.stderr and not (tmp_path / "refused").exists(), p.stderr
 
 
-def test_eval_refused_half_way_leaves_no_new_folder(tiny_run, tmp_path, monkeypatch):
+def test_eval_refused_half_way_leaves_out_as_it_was(tiny_run, tmp_path, monkeypatch):
     """A corruption eval refused after the plain evaluation wrote metrics.json and plots (a --compare of other
-    classes) left them behind in a new --out, and said it wrote them; a folder that was there is kept."""
+    classes) left them behind in a new --out, and said it wrote them; in a folder holding an earlier evaluation it
+    left the new metrics.json beside the earlier robustness files. Now --out is as it was, with no staging left."""
     from typer.testing import CliRunner
 
     import edgekd.robustness.evaluate as evaluate
@@ -187,9 +188,17 @@ def test_eval_refused_half_way_leaves_no_new_folder(tiny_run, tmp_path, monkeypa
     out = tmp_path / "new"
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--out", str(out)])
     assert result.exit_code != 0 and not out.exists() and "wrote" not in result.output
-    (tmp_path / "kept").mkdir()
-    CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--out", str(tmp_path / "kept")])
-    assert (tmp_path / "kept" / "metrics.json").is_file()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    earlier = {"metrics.json": "{}", "robustness.json": "{}", "confusion_test.png": "earlier"}
+    for name, text in earlier.items():
+        (kept / name).write_text(text)
+    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--out", str(kept)])
+    assert result.exit_code != 0 and {p.name: p.read_text() for p in kept.iterdir()} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # no staging folder beside it
+    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--out", str(kept)])  # a plain eval replaces its files
+    assert result.exit_code == 0 and (kept / "metrics.json").read_text() != "{}"
+    assert (kept / "robustness.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
 
 def test_limit_picks_the_same_images_whatever_the_seed(tiny_run, tmp_path):

@@ -134,7 +134,7 @@ def eval_(
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
-    from edgekd.fileio import refuse_output_inside, removed_if_only
+    from edgekd.fileio import refuse_output_inside, staged_files
     from edgekd.robustness import check_predictor_source
     from edgekd.runtime import is_bundle
 
@@ -150,26 +150,26 @@ def eval_(
     refuse_output_inside(out, [checkpoint, *compare])
     for other in [*compare, *([checkpoint] if corruptions or failures else [])]:  # before the main eval prints
         check_predictor_source(other)  # (a multi-head checkpoint had been refused after its per-task tables)
-    wrote: list[str] = []  # said once every step has passed: a refusal half-way removes what came before it
-    with removed_if_only(out, EVAL_FILES):  # a refusal half-way (a --compare of other classes): no new folder
-        if not bundle and folder is not None:
-            wrote += _eval_folder(checkpoint, out, folder)
+    wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was
+    with staged_files(out) as stage:  # written beside --out, moved in at the end (a --compare of other classes
+        if not bundle and folder is not None:  # refused half-way had left the first files)
+            wrote += _eval_folder(checkpoint, stage, folder)
         elif not bundle:
-            wrote += _eval_checkpoint(checkpoint, out, data_recipe, splits)
+            wrote += _eval_checkpoint(checkpoint, stage, data_recipe, splits)
         elif not (corruptions or failures):
             raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its "
                               "checkpoint)")
         if corruptions:
             from edgekd.robustness.evaluate import run_corruption_eval
             res = with_progress(lambda log, bar: run_corruption_eval(
-                [checkpoint, *compare], out, data_recipe, splits[0], names, levels, seed, limit, log=log, progress=bar,
+                [checkpoint, *compare], stage, data_recipe, splits[0], names, levels, seed, limit, log=log, progress=bar,
                 data_folder=folder))
             out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, "
                                                                 f"{res['images']} images)"))
-            wrote += [str(out / name) for name in res["written"]]
+            wrote += [str(stage / name) for name in res["written"]]
         if failures:
-            wrote += _eval_failures(checkpoint, out, data_recipe, splits[0], top or 5)
-    console.print(f"wrote {', '.join(wrote)}")
+            wrote += _eval_failures(checkpoint, stage, data_recipe, splits[0], top or 5)
+    console.print(f"wrote {', '.join(str(out / Path(p).name) for p in wrote)}")
 
 
 def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: int) -> list[str]:
@@ -182,10 +182,6 @@ def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: in
                           f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
     console.print(f"{res['errors']} errors / {res['images']} images; p: {res['probabilities']}")
     return [str(out / "failures.json"), str(out / "failures.png")]
-
-
-EVAL_FILES = ("metrics.json", "*.png", "robustness.*", "failures.*", ".*.tmp")
-"""What `edgekd eval` writes (and atomic writes' temp files): a new --out holding only these is removed on failure."""
 
 
 def _eval_options(split: Optional[str], corruptions: bool, only: Optional[str], severities: Optional[str],

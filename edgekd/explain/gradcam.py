@@ -6,7 +6,6 @@ tokens and NHWC maps are laid out as NCHW with the feature taps' `to_map` (edgek
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -180,8 +179,7 @@ def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.n
 def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, layer: str | None = None,
                   target: str | None = None) -> list[dict[str, Any]]:
     """`edgekd explain`: Grad-CAM overlay PNGs for image files; writes explain.json beside them."""
-    from edgekd.fileio import (deferred_signals, remove_tree, staging_directory, track_tree, untrack_tree,
-                               write_json)
+    from edgekd.fileio import staged_files, write_json
     from edgekd.imageio import read_image
     from edgekd.train.checkpoint import model_from_checkpoint
 
@@ -200,10 +198,15 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
         targets = [tid] * len(images)
     names = unique_names([Path(p).stem for p in images])
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with deferred_signals():  # tracked: a stop signal removes it (the CLI exits without unwinding)
-        stage = track_tree(staging_directory(f".{out.name}.", ".tmp", out.parent))
-    try:  # written beside --out, then moved in: a failure in a later batch leaves --out as it was
+
+    def remove_stale(stage: Path) -> None:  # an earlier run's overlays not replaced would contradict the new json
+        for stale in earlier_overlays(out):
+            if not (stage / stale).exists():
+                (out / stale).unlink(missing_ok=True)
+
+    # written beside --out, then moved in: a failure in a later batch leaves --out as it was, and a stop half-way
+    # no longer leaves two models' overlays beside the older json
+    with staged_files(out, last="explain.json", before_publish=remove_stale) as stage:
         records = []
         for start in range(0, len(images), EXPLAIN_BATCH):  # decoded and explained a batch at a time
             part = slice(start, start + EXPLAIN_BATCH)
@@ -212,16 +215,6 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
         for rec, src in zip(records, images):
             rec["file"] = str(src)
         write_json(stage / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
-        out.mkdir(exist_ok=True)
-        with deferred_signals():  # a stop half-way had left two models' overlays beside the older json
-            for stale in earlier_overlays(out):  # an earlier run's, not replaced: the folder would contradict its json
-                if not (stage / stale).exists():
-                    (out / stale).unlink(missing_ok=True)
-            for made in sorted(stage.iterdir(), key=lambda p: p.name == "explain.json"):  # the json last
-                os.replace(made, out / made.name)
-    finally:
-        remove_tree(stage)
-        untrack_tree(stage)
     return records
 
 
