@@ -261,10 +261,10 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
                 if pair not in pairs:
                     del subject.artifacts[pair]  # a reused bundle may hold more than was asked for
     if subject.checkpoint is not None:
-        from edgekd.models import count_macs, count_parameters
+        from edgekd.models import count_macs, count_parameters, deploy_form
         from edgekd.train.checkpoint import model_from_checkpoint
 
-        model, _ = model_from_checkpoint(subject.checkpoint)
+        model, _ = deploy_form(model_from_checkpoint(subject.checkpoint)[0])  # as exported and timed: blocks fused
         subject.params = count_parameters(model)
         subject.macs = count_macs(model, tuple(subject.preprocess["input_size"]))
         subject.weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
