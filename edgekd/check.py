@@ -249,9 +249,9 @@ def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: 
     checkpoints."""
     raw = recipe.to_dict()
     batch = recipe.data.batch_size * recipe.train.grad_accum
-    if raw["model"]["pretrained"] or raw["model"]["weights"]:
-        stand_ins.append(f"model: {recipe.model.name} randomly initialised (no pretrained weights offline)")
-        raw["model"]["pretrained"], raw["model"]["weights"] = False, None
+    if raw["model"]["pretrained"] and not raw["model"]["weights"]:  # a local weights file is loaded and checked
+        stand_ins.append(f"model: {recipe.model.name} randomly initialised (hub weights are not downloaded)")
+        raw["model"]["pretrained"] = False
     k = classes or known_classes(raw["data"]) or _teacher_classes(raw.get("distill")) or 2
     outputs = len(raw["data"]["classes"]) if raw["data"].get("classes") else k
     raw["data"] = _synthetic_data(raw["data"], tmp, "data", k, batch, stand_ins)

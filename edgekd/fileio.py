@@ -356,3 +356,28 @@ def staged_files(out: str | Path, last: str | None = None, before_publish: Calla
     finally:
         remove_tree(stage)
         untrack_tree(stage)
+
+
+@contextlib.contextmanager
+def held_folder(folder: str | Path, what: str):
+    """Hold an exclusive lock on `folder` for the block: a second edgekd process writing into it is refused in one
+    line (two trainings into one --out had both exited 0, the first reporting files the second had replaced).
+    flock on the folder itself: no lock file is left, and the lock ends with the process, killed outright too.
+    Where flock is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EdgeKDError(f"{folder}: another edgekd {what} is writing into this folder now; wait for it to "
+                              "end or give another --out") from None
+        except OSError:  # a filesystem without flock: run unlocked, as before
+            pass
+        yield
+    finally:
+        os.close(fd)

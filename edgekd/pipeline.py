@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import check_output_location, refuse_output_in_bundle, refuse_unusable_path
+from edgekd.fileio import (check_output_location, held_folder, refuse_output_in_bundle, refuse_unusable_path,
+                           removed_if_only)
 from edgekd.recipe import entry_arguments
 
 
@@ -78,7 +80,12 @@ def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str
     check_run_dir(out)
     if recipe.continual:
         from edgekd.continual.run import run_continual
-        return run_continual(recipe, out, resume=resume, log=log, progress=progress)
+        from edgekd.train.distributed import is_main_process
+
+        with removed_if_only(out, ()):  # made now to be locked; removed again if refused before its first file
+            Path(out).mkdir(parents=True, exist_ok=True)
+            with held_folder(out, "continual run") if is_main_process() else nullcontext():
+                return run_continual(recipe, out, resume=resume, log=log, progress=progress)
     if recipe.distill:
         from edgekd.distill.run import distill_recipe
         return distill_recipe(recipe, out, resume=resume, log=log, progress=progress)

@@ -241,3 +241,36 @@ def test_check_warns_of_a_teacher_recipe_that_is_not_there(tmp_path, monkeypatch
     assert any(w.startswith("warning: distill.teacher_recipe no_such_teacher.yaml: recipe file not found") and
                w.endswith("(`train --folds` trains the teacher from it)") for w in result.warnings), result.warnings
     assert seen == result.warnings
+
+
+def test_synthetic_check_loads_a_local_weights_file(tiny_recipe_dict, tmp_path):
+    """--synthetic dropped model.weights as if it were a download: a missing or foreign file passed as "randomly
+    initialised (no pretrained weights offline)"."""
+    import torch
+
+    from edgekd.models import create_model
+
+    spec = {"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 3}
+    torch.save(create_model(spec).state_dict(), tmp_path / "w.pth")
+    for weights, error in ((tmp_path / "w.pth", None), (tmp_path / "gone.pth", "gone.pth: not found")):
+        rec = {**tiny_recipe_dict, "model": {"name": "edgekd_cnn_tiny", "weights": str(weights)}}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+        if error:
+            with pytest.raises(EdgeKDError, match=error):
+                check_recipe(tmp_path / "r.yaml", synthetic=True)
+        else:
+            assert not any("model:" in s for s in check_recipe(tmp_path / "r.yaml", synthetic=True).stand_ins)
+
+
+def test_commands_other_than_train_refuse_torchrun(monkeypatch):
+    """Under torchrun `check` ran once per process and failed on rank 1 looking for rank 0's files."""
+    from edgekd.cli.process import refuse_torchrun_but_for_train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(EdgeKDError, match=r"edgekd check runs in one process: run it without torchrun"):
+        refuse_torchrun_but_for_train(["check", "r.yaml", "--synthetic"])
+    refuse_torchrun_but_for_train(["--debug", "train", "r.yaml"])
+    refuse_torchrun_but_for_train(["export", "--help"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    refuse_torchrun_but_for_train(["check", "r.yaml"])

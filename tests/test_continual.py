@@ -830,3 +830,19 @@ def test_joint_training_repeats_gray_images_to_rgb_beside_an_rgb_task():
     assert out[0].images.shape == (2, 4, 4, 3) and out[1] is rgb
     assert all(np.array_equal(out[0].images[..., c], gray.images[..., 0]) for c in range(3))
     assert same_channel_count([gray, gray])[0] is gray
+
+
+def test_a_continual_run_into_a_folder_in_use_is_refused_and_a_refused_new_folder_goes(tmp_path):
+    from edgekd.fileio import held_folder
+    from edgekd.pipeline import run_recipe
+
+    npz = quadrant_npz(tmp_path / "a.npz", classes=2, n=(8, 4, 4))
+    raw = base_recipe(npz, tasks=[{"name": "A"}, {"name": "B"}])
+    (tmp_path / "busy").mkdir()
+    with held_folder(tmp_path / "busy", "continual run"):
+        with pytest.raises(EdgeKDError, match="another edgekd continual run is writing into this folder now"):
+            run_recipe(recipe_from_dict(raw), tmp_path / "busy", log=lambda *_: None)
+    bad = base_recipe(npz, tasks=[{"name": "A"}, {"name": "B", "data": {"path": str(tmp_path / "none.npz")}}])
+    with pytest.raises(EdgeKDError, match="none.npz"):
+        run_recipe(recipe_from_dict(bad), tmp_path / "new", log=lambda *_: None)
+    assert not (tmp_path / "new").exists()  # made to be locked, removed again: nothing was written

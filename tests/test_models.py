@@ -74,17 +74,21 @@ def test_local_weights_file_loads(tmp_path):
         create_model(spec("test_resnet"), weights=str(tmp_path / "missing.pth"))
 
 
-def test_hub_weights_out_of_reach_name_the_offline_fix(monkeypatch):
+def test_hub_weights_out_of_reach_name_the_offline_fix(monkeypatch, caplog):
     """Without network a full-size recipe failed after the hub's retries with no word of what to do."""
+    import logging
+
     import timm
 
     def offline(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(EdgeKDError, match=r"from the model hub .*OSError.*\(offline: --set model.pretrained=false, "
                                           r"or model.weights=FILE\)$"):
         create_model(spec("test_resnet"), pretrained=True)
+    assert "Retrying" not in caplog.text  # the hub's retry lines (about 24 of them) are not shown
 
 
 def test_weights_file_of_another_model_or_unreadable_is_refused(tmp_path):
@@ -99,9 +103,11 @@ def test_weights_file_of_another_model_or_unreadable_is_refused(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_text("not weights\n")
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
-    partial = create_model(spec("test_resnet")).state_dict()  # a few tensors missing (e.g. added by kwargs): fine
-    torch.save({k: v for i, (k, v) in enumerate(partial.items()) if i % 10}, tmp_path / "partial.pth")
-    create_model(spec("test_resnet"), weights=str(tmp_path / "partial.pth"))
+    partial = create_model(spec("test_resnet")).state_dict()  # a few tensors missing (e.g. added by kwargs): loads,
+    torch.save({k: v for i, (k, v) in enumerate(partial.items()) if i % 10}, tmp_path / "partial.pth")  # but said
+    with pytest.warns(UserWarning, match=r"8 of its 75 tensors \([0-9.]+% of the parameters outside the classifier\) "
+                                         r"are not in the weights from local file .*partial.pth and stay randomly"):
+        create_model(spec("test_resnet"), weights=str(tmp_path / "partial.pth"))
     for bad in ("empty.pt", "text.pt", "junk.safetensors"):
         with pytest.raises(EdgeKDError, match=f"could not load pretrained weights from local file .*{bad}: "):
             create_model(spec("test_resnet"), weights=str(tmp_path / bad))
@@ -236,3 +242,24 @@ def test_deploy_form_fuses_timm_rep_blocks_into_a_copy_that_computes_the_same():
 def test_deploy_form_leaves_a_model_without_rep_blocks_itself():
     model = create_model(spec())
     assert deploy_form(model) == (model, 0)
+
+
+def test_weights_that_are_not_a_usable_file_are_refused_by_what_they_are(tmp_path):
+    """A folder was "not found", a hub id "local file ... not found", NaN weights failed at the first step blaming
+    the learning rate, and torch.save(model) ended with torch's advice to retry with weights_only=False."""
+    src = create_model(spec("test_resnet"))
+    with pytest.raises(EdgeKDError, match=r"model.weights .*w: is a folder|is a folder; give the weights file in it"):
+        (tmp_path / "w").mkdir()
+        create_model(spec("test_resnet"), weights=str(tmp_path / "w"))
+    with pytest.raises(EdgeKDError, match=r"model.weights hf-hub:timm/resnet18.a1_in1k: a model hub id, not a local "
+                                          r"file; for hub weights set model.pretrained=true"):
+        create_model(spec("test_resnet"), weights="hf-hub:timm/resnet18.a1_in1k")
+    state = src.state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(EdgeKDError, match=r"nan.pth hold NaN or infinite values \(e.g. layer1.0.conv1.weight\)$"):
+        create_model(spec("test_resnet"), weights=str(tmp_path / "nan.pth"))
+    torch.save(src, tmp_path / "whole.pt")
+    with pytest.raises(EdgeKDError, match=r"whole.pt: it holds pickled Python objects \(e.g. torch.save\(model\)\), "
+                                          r"not only tensors; save model.state_dict\(\) and give that file$"):
+        create_model(spec("test_resnet"), weights=str(tmp_path / "whole.pt"))

@@ -898,3 +898,39 @@ def test_a_new_run_into_an_earlier_runs_folder_stopped_half_way_leaves_no_mix(ti
     left = sorted(p.name for p in out.iterdir())
     assert "metrics.json" not in left and "splits.json" not in left and "confusion_test.png" not in left, left
     assert load_checkpoint(out / "last.pt")["trainer"]["epoch"] == 1  # the new run's, resumable
+
+
+def test_a_resumed_run_does_not_need_its_starting_weights_file(tiny_recipe_dict, tmp_path):
+    """--resume loads last.pt over the model; it had still required model.weights, failing once the file moved."""
+    from edgekd.models import create_model
+
+    weights = tmp_path / "start.pth"
+    torch.save(create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 3}).state_dict(), weights)
+    recipe = recipe_from_dict({**tiny_recipe_dict, "model": {"name": "edgekd_cnn_tiny", "weights": str(weights)}})
+    first = train_recipe(recipe, tmp_path / "run", log=lambda *_: None)
+    weights.unlink()
+    again = train_recipe(recipe, tmp_path / "run", resume=True, log=lambda *_: None)
+    assert again.test == first.test
+    with pytest.raises(EdgeKDError, match="start.pth: not found"):  # a new run still needs it
+        train_recipe(recipe, tmp_path / "other", log=lambda *_: None)
+
+
+def test_a_second_training_into_a_folder_in_use_is_refused(tiny_recipe_dict, tmp_path):
+    """Two trainings into one --out both exited 0, the first reporting files the second had replaced."""
+    import subprocess
+    import sys
+
+    from edgekd.fileio import held_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with held_folder(out, "training"):
+        with pytest.raises(EdgeKDError, match=r"run: another edgekd training is writing into this folder now"):
+            train_recipe(recipe_from_dict(tiny_recipe_dict), out, log=lambda *_: None)
+        probe = ("import sys; from edgekd.fileio import held_folder\n"
+                 "try:\n    with held_folder(sys.argv[1], 'run'): print('got it')\n"
+                 "except Exception as e: print(e)")
+        other = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, check=True)
+        assert "another edgekd run is writing" in other.stdout  # another process is refused as well
+    assert list(out.iterdir()) == []  # refused before writing anything; no lock file either
+    train_recipe(recipe_from_dict(tiny_recipe_dict), out, log=lambda *_: None)  # free again

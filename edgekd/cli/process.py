@@ -23,6 +23,7 @@ def run() -> None:
     STATE["on_interrupt"] = None  # set by the command this run starts (train)
     try:
         refuse_repeated_options(sys.argv[1:])
+        refuse_torchrun_but_for_train(sys.argv[1:])
         code = app(standalone_mode=False)
     except EdgeKDError as err:
         if STATE["debug"]:
@@ -65,6 +66,15 @@ def run() -> None:
     # Outside standalone mode click returns a command's `typer.Exit(code)` instead of exiting with it.
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def refuse_torchrun_but_for_train(args: list[str]) -> None:
+    """Only `edgekd train` runs on several processes: any other command under torchrun ran once per process
+    (`check` failed on rank 1 looking for rank 0's files; exports raced each other)."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    if torchrun_worker()[1] > 1 and command not in (None, "train") and not {"--help", "-h"} & set(args):
+        raise EdgeKDError(f"edgekd {command} runs in one process: run it without torchrun (only `edgekd train` "
+                          "runs on several)")
 
 
 PATH_OPTIONS = ("--out", "--data", "--run-dir", "--cache-dir", "--target", "--checkpoint", "--teacher")

@@ -90,7 +90,7 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
         if logit_terms:
             check_class_order(list(ckpt.get("class_names") or []), list(data.class_names), f"distill: teacher {path}",
                               log)
-    model, spec = build_student_model(recipe, data)
+    model, spec = build_student_model(recipe, data, out / "last.pt" if resume else None)
     pool = build_unlabeled(recipe, data, log)  # refused if it holds a val or test image
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
                                 recipe.augment, data.num_classes, log=log, ensemble=ensemble, unlabeled=pool)

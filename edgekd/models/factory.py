@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,7 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
     if spec.get("drop_path_rate") is not None:
         kwargs["drop_path_rate"] = spec["drop_path_rate"]
     if weights:
-        if not Path(weights).is_file():
-            raise EdgeKDError(f"model '{name}': could not load pretrained weights from local file {weights}: not found")
+        refuse_weights_path(name, weights)
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
         pretrained = True
     if pretrained and not weights and timm.models.get_pretrained_cfg(name) is None:  # e.g. the edgekd_cnn models
@@ -80,7 +80,7 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
                           "an edgekd checkpoint of the same model), or model.pretrained=false")
     where = f"local file {weights}" if weights else "the model hub (is there network?)"
     try:
-        with _missing_keys_log() as missing:
+        with _missing_keys_log() as missing, _quiet_hub_retries():
             model = timm.create_model(name, pretrained=pretrained, num_classes=spec["num_classes"],
                                       in_chans=spec["in_chans"], drop_rate=spec.get("drop_rate", 0.0), **kwargs)
     except TypeError as err:  # drop_path_rate comes from model.drop_path_rate, not model.kwargs
@@ -89,17 +89,48 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
     except Exception as err:  # an empty, truncated or foreign weights file fails in many ways (EOFError, KeyError...)
         if pretrained:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]  # "Error(s) in ...:" + the first
-            detail = shorten(" ".join(lines[:2]), 160) if lines else "unreadable"
+            detail = f"{type(err).__name__}: {shorten(' '.join(lines[:2]), 160)}" if lines else "unreadable"
+            if "weights_only" in str(err):  # torch's advice (weights_only=False) is not an option edgekd offers
+                detail = ("it holds pickled Python objects (e.g. torch.save(model)), not only tensors; save "
+                          "model.state_dict() and give that file")
             fix = "" if weights else " (offline: --set model.pretrained=false, or model.weights=FILE)"
-            raise EdgeKDError(f"model '{name}': could not load pretrained weights from {where}: "
-                              f"{type(err).__name__}: {detail}{fix}") from None
+            raise EdgeKDError(f"model '{name}': could not load pretrained weights from {where}: {detail}{fix}") from None
         if isinstance(err, (OSError, RuntimeError, ValueError)):
             raise EdgeKDError(f"model '{name}': {shorten(str(err).splitlines()[0], 160)}") from None
         raise
     if pretrained:
         _check_weights_loaded(model, missing, name, where)
+        bad = next((k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                   None)
+        if bad is not None:  # training would fail at its first step, blaming the learning rate
+            raise EdgeKDError(f"model '{name}': the pretrained weights from {where} hold NaN or infinite values "
+                              f"(e.g. {bad})")
     replace_head(model, spec.get("head", "linear"), spec.get("head_dropout", 0.0), spec.get("head_hidden", 256))
     return model
+
+
+def refuse_weights_path(name: str, weights: str | Path) -> None:
+    """model.weights must be a local file: a hub id, a folder or a missing path is refused naming which."""
+    if str(weights).startswith(("hf-hub:", "hf_hub:", "timm/")):
+        raise EdgeKDError(f"model.weights {weights}: a model hub id, not a local file; for hub weights set "
+                          f"model.pretrained=true with a timm name (e.g. {name} or {name}.<tag>) and no model.weights")
+    if Path(weights).is_dir():
+        raise EdgeKDError(f"model '{name}': model.weights {weights} is a folder; give the weights file in it")
+    if not Path(weights).is_file():
+        raise EdgeKDError(f"model '{name}': could not load pretrained weights from local file {weights}: not found")
+
+
+@contextlib.contextmanager
+def _quiet_hub_retries():
+    """Without network huggingface_hub logs each retry of each file (about 24 lines for one model) before the
+    download fails; the failure is then edgekd's one line, so the retries are not shown."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 class _MissingKeys:
@@ -151,10 +182,16 @@ def _check_weights_loaded(model: nn.Module, missing: _MissingKeys, name: str, wh
     # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it): never reported missing.
     body = [k for k in model.state_dict() if not in_head(k) and not k.endswith("num_batches_tracked")]
     unloaded = [k for k in missing.keys if not in_head(k) and k != stem]
+    source = "the model hub" if where.startswith("the model hub") else where
     if body and len(unloaded) > len(body) / 2:
-        source = "the model hub" if where.startswith("the model hub") else where
         raise EdgeKDError(f"model '{name}': the pretrained weights from {source} do not fit this architecture: "
                           f"{len(unloaded)} of its {len(body)} tensors are not in them (e.g. {unloaded[0]})")
+    if unloaded:  # a file of part of the model (a layer dropped): its values stay random, which had gone unsaid
+        state = model.state_dict()
+        share = sum(state[k].numel() for k in unloaded if k in state) / max(sum(state[k].numel() for k in body), 1)
+        warnings.warn(f"model '{name}': {len(unloaded)} of its {len(body)} tensors ({share:.1%} of the parameters "
+                      f"outside the classifier) are not in the weights from {source} and stay randomly initialised "
+                      f"(e.g. {', '.join(unloaded[:3])})", stacklevel=2)
 
 
 def classifier_name(model: nn.Module) -> str:

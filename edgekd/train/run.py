@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from edgekd.data import (DataModule, build_checkpoint_data, build_data, check_cl
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import check_input_size, count_macs, count_parameters, create_model, freeze, model_spec
-from edgekd.fileio import ensure_free_space, write_json, write_text
+from edgekd.fileio import ensure_free_space, held_folder, write_json, write_text
 from edgekd.probability import softmax
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
@@ -40,10 +41,15 @@ class RunResult:
     fit: FitResult
 
 
-def build_student_model(recipe, data: DataModule) -> tuple[nn.Module, dict[str, Any]]:
-    """The recipe's model for this data: spec (for checkpoints), pretrained/local weights, freezing."""
+def build_student_model(recipe, data: DataModule,
+                        resuming_from: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The recipe's model for this data: spec (for checkpoints), pretrained/local weights, freezing.
+    `resuming_from`: a last.pt whose weights replace the starting ones, which are then not loaded (a resumed run
+    had failed when its model.weights file had been moved since)."""
     spec = model_spec(recipe.model, data.num_classes, recipe.data.channels)
-    model = create_model(spec, pretrained=recipe.model.pretrained, weights=recipe.model.weights)
+    start = resuming_from is None or not resuming_from.is_file()
+    model = create_model(spec, pretrained=recipe.model.pretrained and start,
+                         weights=recipe.model.weights if start else None)
     check_input_size(model, recipe.data.image_size, recipe.model.name)
     freeze(model, recipe.model.freeze_stages, recipe.model.freeze_patterns)
     return model, spec
@@ -109,6 +115,14 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     ensure_free_space(out, 8 * weight_bytes + 64 * 2**20, "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
+    with held_folder(out, "training") if is_main_process() else contextlib.nullcontext():
+        return _fit_and_report(recipe, out, data, model, spec, objective, plugins, resume, log, progress, extra_meta)
+
+
+def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
+                    objective: Objective | None, plugins: list[Plugin] | None, resume: bool,
+                    log: Callable[[str], None], progress, extra_meta: dict[str, Any] | None) -> RunResult:
+    """train_model's work, in its folder: the Trainer's fit, best.pt evaluated on val and test, the reports."""
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -228,7 +242,7 @@ def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[s
                           "edgekd.pipeline.run_recipe)")
     seed_everything(recipe.seed, recipe.train.deterministic)
     data = build_data(recipe)
-    model, spec = build_student_model(recipe, data)
+    model, spec = build_student_model(recipe, data, Path(out) / "last.pt" if resume else None)
     return train_model(recipe, out, data, model, spec, resume=resume, log=log, progress=progress)
 
 
