@@ -8,6 +8,8 @@ import inspect
 import json
 import math
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 
@@ -29,10 +31,31 @@ def refuse_nonfinite(value: Any, path: str = "") -> Any:
     return value
 
 
+def _number_types(annotation: Any) -> set[Any]:
+    """The scalar types an annotation admits (`int | None` -> {int, NoneType}; Optional/Union/Annotated unwrapped)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (Union, types.UnionType, Annotated):
+        return set().union(*(_number_types(a) for a in (args[:1] if typing.get_origin(annotation) is Annotated
+                                                          else args)))
+    return {annotation}
+
+
+def refuse_bool_for_number(cls, data: Any) -> Any:
+    """A YAML true/yes/on where a number is expected was read as 1 (`parity.images: yes` gated on one image,
+    `threads: true` ran on one thread): refused. A field that also takes a bool keeps it."""
+    if isinstance(data, dict):
+        for name, field in cls.model_fields.items():
+            value, admitted = data.get(name), _number_types(field.annotation)
+            if isinstance(value, bool) and admitted & {int, float} and bool not in admitted:
+                raise ValueError(f"{name}: a number is expected, not {str(value).lower()}")
+    return data
+
+
 class Section(BaseModel):
     # Attribute docstrings become field descriptions: the recipe-key reference (docs/recipe-keys.md) is made from them.
     # No number of a recipe may be inf or nan (`lr=inf` was accepted and failed at the second step).
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
+    _no_bool_numbers = model_validator(mode="before")(classmethod(refuse_bool_for_number))
 
 
 class DataConfig(Section):
@@ -796,7 +819,7 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     value = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix to a check of ours
     if first["type"] == "value_error" and isinstance(value, (dict, list)):  # a section's own check: not the section
-        return f"{where}: {shorten(key, 120)}: {msg}"
+        return f"{where}: {shorten(key, 120)}: {msg}" if first["loc"] else f"{where}: {msg}"
     return f"{where}: {shorten(key, 120)}: {msg} (got {quote(value)})"
 
 

@@ -117,6 +117,11 @@ def test_profile_unknown_key_is_a_one_line_error(tmp_path):
     ("tta: {views: [mirror]}", "tta.views.0"),
     ("parity: {tolerances: {fp32: {top1_agreement: 1.5}}}", "parity.tolerances.fp32.top1_agreement"),
     ("- a list", "<root>"),
+    # the runtime refused such a bundle after an `edgekd update` had exported it with exit 0
+    ("tta: {views: [original, original, hflip]}", "tta.views: a view is named twice: ['original', 'original', 'hflip']"),
+    ("tta: {views: []}", "tta.views: List should have at least 1 item"),
+    ("threads: true", "threads: a number is expected, not true"),  # was 1 thread
+    ("parity: {images: yes}", "parity: images: a number is expected, not true"),  # gated on one image
 ])
 def test_profile_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "p.yaml"

@@ -294,3 +294,12 @@ def test_settings_that_did_nothing_are_refused_for_a_new_run_but_a_checkpoints_r
         with pytest.raises(EdgeKDError, match=words):
             load_recipe(tmp_path / "r.yaml")
     assert recipe_from_dict({"data": {"fold": 1, "folds": 3}}).data.fold == 1
+
+
+def test_a_yaml_boolean_is_not_taken_for_a_number():
+    """`epochs: true` trained 1 epoch; a key that takes a bool (train.amp) still does."""
+    with pytest.raises(EdgeKDError, match=r"train: epochs: a number is expected, not true"):
+        recipe_from_dict({"train": {"epochs": True}})
+    with pytest.raises(EdgeKDError, match=r"data: batch_size: a number is expected, not false"):
+        recipe_from_dict({"data": {"batch_size": False}})
+    assert recipe_from_dict({"train": {"amp": True, "epochs": 3}}).train.amp is True

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS, TTA_VIEWS
-from edgekd.recipe import deep_merge, format_validation_error, load_yaml, yaml_error
+from edgekd.recipe import deep_merge, format_validation_error, load_yaml, refuse_bool_for_number, yaml_error
 from edgekd.runtime import MAX_THREADS, cap_to_cores
 
 Precision = Literal[PRECISIONS]
@@ -20,6 +20,7 @@ TTAView = Literal[TTA_VIEWS]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a tolerance of nan would pass everything
+    _no_bool_numbers = model_validator(mode="before")(classmethod(refuse_bool_for_number))
 
 
 class Tolerance(Section):
@@ -149,8 +150,15 @@ class OnnxConfig(Section):
 
 
 class TTAConfig(Section):
-    views: list[TTAView] = list(TTA_VIEWS)
+    views: list[TTAView] = Field(list(TTA_VIEWS), min_length=1)
     center_crop_fraction: float = Field(0.875, gt=0, le=1)
+
+    @field_validator("views")
+    @classmethod
+    def _once_each(cls, views: list[str]) -> list[str]:  # the runtime refuses a bundle whose views repeat
+        if len(set(views)) != len(views):
+            raise ValueError(f"a view is named twice: {views}")
+        return views
 
 
 class CalibrationConfig(Section):
