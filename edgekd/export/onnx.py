@@ -99,22 +99,25 @@ def export_onnx_artifact(ctx: ExportContext, precision: str, path: Path) -> dict
             model = quantize_onnx_static(fp32, path, ctx.calibration(), ctx.scratch, cfg.onnx, cfg.keep_first_last,
                                          advance, transformer)
         save_onnx(model, path, ctx.metadata, precision)
-        return {"opset": _opset(model), "quantization": onnx_quantization_note(cfg, transformer)}
+        return {"opset": _opset(model), "quantization": onnx_quantization_note(cfg, transformer,
+                                                                              {n.op_type for n in model.graph.node})}
     raise EdgeKDError(f"onnx: unsupported precision '{precision}'")
 
 
-def onnx_quantization_note(cfg, transformer: bool = False) -> str:
-    """How the ONNX INT8 artifact was quantized, for the bundle (profile quantization section)."""
+def onnx_quantization_note(cfg, transformer: bool = False, present: set[str] | None = None) -> str:
+    """How the ONNX INT8 artifact was quantized, for the bundle (profile quantization section). `present`: the
+    graph's op types; the FP32 op types named are those it has."""
     from edgekd.export.quantize import ort_op_types
 
     opts = cfg.onnx
     op_types = ort_op_types(opts, transformer)
+    kept = [t for t in opts.exclude_op_types if present is None or t in present]
     return (f"onnxruntime static QDQ (int8 weights {'per channel' if opts.per_channel else 'per tensor'}"
             f"{', 7-bit range' if opts.reduce_range else ''}, uint8 activations, {opts.calibrate_method} "
             "calibration)" + (", first and last layers FP32" if cfg.keep_first_last else "")
             + (f", op types quantized {', '.join(op_types)}" if op_types else "")
             + (" (transformer scheme)" if transformer and opts.op_types is None else "")
-            + (f", FP32 op types {', '.join(opts.exclude_op_types)}" if opts.exclude_op_types else ""))
+            + (f", FP32 op types {', '.join(kept)}" if kept else ""))
 
 
 def open_onnx(path: Path, precision: str, threads: int | None) -> ArtifactSession:

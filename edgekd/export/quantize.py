@@ -65,7 +65,9 @@ def nncf_options(model, ctx: ExportContext) -> tuple[dict[str, Any], str]:
         compute = [op.get_friendly_name() for op in model.get_ordered_ops()
                    if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
         names = list(dict.fromkeys(compute[:1] + compute[-1:]))
-    types = list(cfg.openvino.ignored_types)
+    present = {op.get_type_name() for op in model.get_ordered_ops()}
+    types = [t for t in cfg.openvino.ignored_types if t in present]
+    warn_absent_types("quantization.openvino.ignored_types", cfg.openvino.ignored_types, present, "op of this model")
     if names or types:
         # validate=False: a profile naming an op type this model lacks (HSwish on a ResNet) still applies.
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=names, types=types, validate=False)
@@ -131,6 +133,16 @@ def first_last_compute_nodes(nodes) -> list[str]:
     return list(dict.fromkeys(names[:1] + names[-1:]))
 
 
+def warn_absent_types(key: str, types: list[str], present: set[str], what: str) -> None:
+    """One warning for the op types a profile keeps FP32 that this model does not have (a shipped profile may name
+    MobileNetV3's HSwish for every model; a typo such as Hswish is found here too)."""
+    if absent := [t for t in types if t not in present]:
+        shown = sorted(present)[:16]
+        warnings.warn(f"{key}: no {', '.join(absent)} {what} (its op types: {', '.join(shown)}"
+                      f"{', ...' if len(present) > len(shown) else ''}); nothing kept FP32 for "
+                      f"{'it' if len(absent) == 1 else 'them'}", stacklevel=3)
+
+
 def ort_op_types(options: OnnxQuantization, transformer: bool) -> list[str] | None:
     """The op types ONNX Runtime quantizes: the profile's, else the compute ops for a transformer (its LayerNorm,
     Softmax, residual Add and GELU stay FP32), else None (ONNX Runtime's default set)."""
@@ -151,6 +163,13 @@ def ort_quantize_options(model_path: Path, options: OnnxQuantization, keep_first
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[options.calibrate_method]
     nodes = onnx.load(str(model_path)).graph.node
+    known = {schema.name for schema in onnx.defs.get_all_schemas()}
+    for key, names in (("exclude_op_types", options.exclude_op_types), ("op_types", options.op_types or [])):
+        if unknown := [t for t in names if t not in known]:  # a typo had been a card claiming it was kept FP32
+            raise EdgeKDError(f"quantization.onnx.{key}: {', '.join(unknown)}: not an ONNX operator type (they are "
+                              "spelt as in the ONNX spec, e.g. Conv, Mul, HardSigmoid)")
+    warn_absent_types("quantization.onnx.exclude_op_types", options.exclude_op_types, {n.op_type for n in nodes},
+                      "node of this graph")
     excluded = first_last_compute_nodes(nodes) if keep_first_last else []
     types = set(options.exclude_op_types)
     excluded += [n.name for n in nodes if n.op_type in types and n.name]
