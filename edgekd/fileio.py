@@ -218,16 +218,18 @@ def sha256_file(path: str | Path, follow_symlinks: bool = True) -> str:
     return digest.hexdigest()
 
 
-def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str = "--out") -> None:
+def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str = "--out",
+                         replaces: bool = False) -> None:
     """An output never replaces or lands inside an input (a bundle being read, the checkpoint exported): both
-    are compared as resolved paths (symlinks and `..` followed)."""
+    are compared as resolved paths (symlinks and `..` followed). `replaces`: the output may be an earlier bundle
+    that is replaced whole (refuse_output_in_bundle)."""
     refuse_unusable_path(out, option)
     target = Path(out).resolve()
     for given in inputs:
         source = Path(given).resolve()
         if target == source or source in target.parents:
             raise EdgeKDError(f"{option} {out}: is inside the input {given}; write the output elsewhere")
-    refuse_output_in_bundle(out, option)
+    refuse_output_in_bundle(out, option, replaces)
 
 
 def refuse_output_in_bundle(out: str | Path, option: str = "--out", replaces: bool = False) -> None:

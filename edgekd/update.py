@@ -58,6 +58,7 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
                         "parent_continual": bundle.meta.get("continual"),
                         "parent_export_profile": bundle.meta.get("export_profile"),
                         "parent_export_profile_digest": bundle.meta.get("export_profile_digest"),
+                        "parent_export_profile_settings": bundle.meta.get("export_profile_settings"),
                         "parent_artifacts": sorted(f"{a.format}/{a.precision}" for a in bundle.artifacts)}
 
 
@@ -74,7 +75,8 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     from edgekd.recipe import warn_sections_turned_on
 
     out = Path(out)
-    refuse_output_inside(out, [source])  # first: inside the parent is named as such
+    refuse_output_inside(out, [source], replaces=True)  # first: inside the parent is named as such; an earlier
+    # bundle at --out is replaced whole, as export does (check_target)
     check_target(out)
     checkpoint, lineage = parent_of(source)
     recipe = update_recipe(recipe_path, overrides or [], checkpoint, source)
@@ -82,13 +84,17 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
     run_dir = update_run_dir(run_dir, recipe.name, out, resume)
     # inside --out, the export would find --out not a bundle, after training
-    refuse_output_inside(run_dir, [source, out], "--run-dir")
+    if Path(out).resolve() in (Path(run_dir).resolve(), *Path(run_dir).resolve().parents):
+        raise EdgeKDError(f"--run-dir {run_dir}: is inside --out {out}, the bundle the export writes; give a run "
+                          "folder outside it")
+    refuse_output_inside(run_dir, [source], "--run-dir")
     check_output_location(run_dir, "--run-dir")
     if on_run_dir is not None:
         on_run_dir(run_dir)
+    settings = lineage.pop("parent_export_profile_settings", None)  # not copied into the child's edgekd.json
+    profile = profile or update_profile(lineage.get("parent_export_profile"),  # before training: a bad one
+                                        lineage.get("parent_export_profile_digest"), log, settings)  # fails now
     result = continual_run(recipe, run_dir, checkpoint, resume, log, progress)
-    profile = profile or update_profile(lineage.get("parent_export_profile"),
-                                        lineage.get("parent_export_profile_digest"), log)
     try:
         exported = export_checkpoint(result.best_path, out, profile=profile, zip_bundle=zip_bundle,
                                      allow_forgetting=allow_forgetting, lineage=lineage, log=log, progress=progress)
@@ -147,8 +153,8 @@ def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:
     if cont.get("head") == "multi":
         tasks = ", ".join(str(t.get("name")) for t in cont.get("tasks", []))
         raise EdgeKDError(f"{source}: a student with one head per task ({tasks}) cannot be updated again (a continual "
-                          "run starts from one task's head); update its single-task parent with a recipe of all the "
-                          "tasks, or use a single-head recipe (continual.head: single)")
+                          "run starts from one task's head, whatever the new recipe's continual.head); update its "
+                          "single-task parent with a recipe of all the tasks")
 
 
 def update_run_dir(run_dir: str | Path | None, name: str, out: Path, resume: bool = False) -> Path:
@@ -172,12 +178,25 @@ def update_run_dir(run_dir: str | Path | None, name: str, out: Path, resume: boo
     return next(p for p in (base, *(base.with_name(f"{base.name}-{i}") for i in range(2, 10_000))) if not taken(p))
 
 
-def update_profile(name: str | None, digest: str | None, log: Callable[[str], None]):
-    """The parent's export profile, so an update keeps its precisions and calibration: the defaults or a shipped
-    profile by the name edgekd.json records (a note when its digest differs from the parent's: other settings, or
-    another edgekd); the defaults, with a warning, for a profile of the user's own (--target FILE exports with it)."""
-    from edgekd.export import load_profile, profile_digest, shipped_profiles
+def update_profile(name: str | None, digest: str | None, log: Callable[[str], None],
+                   settings: dict | None = None):
+    """The parent's export profile, so an update keeps its precisions, views and calibration: the settings its
+    edgekd.json records (since 2026-12-06, whatever the profile's name: a file of the user's own without a `name`
+    had been re-exported with the defaults), else the defaults or a shipped profile by the name edgekd.json
+    records (a note when its digest differs from the parent's: other settings, or another edgekd); the defaults,
+    with a warning, for a profile of the user's own (--target FILE exports with it)."""
+    from edgekd.export import load_profile, profile_digest, profile_from_dict, shipped_profiles
 
+    if isinstance(settings, dict):
+        try:
+            profile = profile_from_dict(settings, where="the parent's export_profile_settings")
+        except EdgeKDError as err:  # recorded by another edgekd whose keys differ
+            log(f"note: {err}; exporting with the profile named {name} instead")
+        else:
+            same = "" if profile_digest(profile) == digest else " (recorded by another edgekd version)"
+            log(f"update: exporting with the parent's export settings (profile {name}, as its edgekd.json records "
+                f"them{same}; --target PROFILE to choose another)")
+            return profile
     if name in (None, "default"):
         profile = load_profile(None)
     elif name in shipped_profiles():

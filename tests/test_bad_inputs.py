@@ -883,7 +883,9 @@ EXPORT_CASES = {
     "blank_precision": (["--precision", ","], "--precision ',': nothing given"),
     "out_named_zip": (["--out", "{t}/b.zip", "--zip"], "a bundle is a folder; for a zip too give --out"),
     "profile_precision_unsupported": (["--target", "cpu-openvino-fp16", "--format", "onnx"],
-                                      "precision fp16 (export profile 'cpu-openvino-fp16'): not supported by onnx"),
+                                      "precision fp16 (export profile cpu-openvino-fp16): not supported by onnx"),
+    "own_profile_precision_unsupported": (["--target", "{t}/fp16.yaml"],  # a copy keeping the shipped name: the file
+                                          "precision fp16 (export profile {t}/fp16.yaml): not supported by onnx"),
 }
 
 
@@ -892,12 +894,13 @@ def test_export_refuses_bad_options(case, trained, tmp_path, capsys):
     args, words = EXPORT_CASES[case]
     (tmp_path / "p.yaml").write_text("formats: [onnx]\nprecision: [fp32]\n")
     (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "fp16.yaml").write_text("name: cpu-onnx-fp32\nformats: [onnx]\nprecisions: [fp16]\n")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("keep me")
     before = {p.name for p in tmp_path.iterdir()}
     args = [a.format(t=tmp_path) for a in args]
     out = [] if "--out" in args else ["--out", tmp_path / "bundle"]
-    assert_refused(invoke(capsys, "export", trained["ckpt"], *args, *out), words)
+    assert_refused(invoke(capsys, "export", trained["ckpt"], *args, *out), words.format(t=tmp_path))
     assert new_files(tmp_path, before) == set()
     assert (tmp_path / "docs" / "notes.txt").read_text() == "keep me"
 

@@ -370,7 +370,7 @@ def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, t
     with pytest.raises(RetentionGateError, match="task 'A'"):
         update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=world["cl"].out, resume=True, log=QUIET,
                       profile=FAST)
-    with pytest.raises(EdgeKDError, match="--run-dir .* is inside the input"):  # found only after training
+    with pytest.raises(EdgeKDError, match="--run-dir .* is inside --out .*v9, the bundle the export writes"):
         update_bundle(parent, world["recipe"], tmp_path / "v9", run_dir=tmp_path / "v9" / "run", log=QUIET)
     passed = {}
 
@@ -384,6 +384,9 @@ def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, t
     with pytest.raises(RuntimeError, match="stop before training"):  # a non-empty folder is taken as it is
         update_bundle(parent, world["recipe"], tmp_path / "v2", run_dir=tmp_path / "cut", resume=True, log=QUIET)
     assert passed["resume"] is True and passed["run_dir"] == tmp_path / "cut"
+    shutil.copytree(world["parent"], tmp_path / "earlier")  # an earlier bundle at --out is replaced, as export does
+    with pytest.raises(RuntimeError, match="stop before training"):  # (it was refused: "whose manifest would ...")
+        update_bundle(parent, world["recipe"], tmp_path / "earlier", run_dir=tmp_path / "r2", log=QUIET)
 
     def stopped_in_first_epoch(recipe, run_dir, **kwargs):  # as run_continual leaves it before its first checkpoint
         (run_dir / "task2_B").mkdir(parents=True)
@@ -443,3 +446,21 @@ def test_corruption_eval_and_explain_refuse_a_multi_head_model(world, tmp_path):
         checkpoint_predictor(world["cl"].best_path)
     with pytest.raises(EdgeKDError, match="one head per task"):
         explain_files(world["cl"].best_path, [tmp_path / "x.png"], tmp_path / "cam")
+
+
+def test_update_exports_with_the_settings_the_parent_records_whatever_its_profile_was_called():
+    """A parent exported with a user's profile without `name:` (recorded as "default") or an edited copy keeping
+    a shipped name was re-exported with the defaults or the shipped file: other views, threads and formats."""
+    from edgekd.export import load_profile, profile_digest, profile_from_dict
+    from edgekd.update import update_profile
+
+    own = profile_from_dict({"formats": ["onnx"], "threads": 1, "tta": {"views": ["original"]}})
+    assert own.name == "default"
+    said: list[str] = []
+    got = update_profile(own.name, profile_digest(own), said.append, own.model_dump(mode="json"))
+    assert got == own and got != load_profile(None) and said == [
+        "update: exporting with the parent's export settings (profile default, as its edgekd.json records them; "
+        "--target PROFILE to choose another)"]
+    stale = {**own.model_dump(mode="json"), "removed_key": 1}  # recorded by an edgekd with other keys
+    assert update_profile("cpu-onnx-fp32", None, said.append, stale) == load_profile("cpu-onnx-fp32")
+    assert said[-2].startswith("note: the parent's export_profile_settings: unknown key 'removed_key'")

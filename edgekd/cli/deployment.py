@@ -75,7 +75,7 @@ def update(
     allow_forgetting: bool = typer.Option(False, "--allow-forgetting", help="Export even when an earlier task's "
                                           "retention is below the profile's min_retention."),
     target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile: a YAML file or a shipped profile's name "
-                                          "(default: the parent's profile, when it can still be read; else the defaults)."),
+                                          "(default: the parent's export settings, as its edgekd.json records them; else the defaults)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Continual run folder, new or empty (default "
                                            "runs/<recipe name>-update-<--out folder name>, or -2, -3, ... when taken)."),
     zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip (as export --zip)."),

@@ -46,7 +46,7 @@ def export_plan(formats: list[str], precisions: list[str],
     `profile`: the export profile's name where the formats / precisions came from it (errors name it, not an
     option the user did not give)."""
     def said(option: str, value: str, source: str | None) -> str:
-        return f"--{option} {value}" if source is None else f"{option} {value} (export profile '{source}')"
+        return f"--{option} {value}" if source is None else f"{option} {value} (export profile {source})"
 
     formats, precisions = [f.lower() for f in formats or []], [p.lower() for p in precisions or []]  # as predict
     if not formats:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS, TTA_VIEWS
@@ -229,6 +229,13 @@ class ExportProfile(Section):
     accuracy right after it was learned (final / then, from the checkpoint's accuracy matrix), or the export is
     refused (`--allow-forgetting` exports anyway and says so in the card)."""
 
+    _origin: str | None = PrivateAttr(None)
+
+    @property
+    def origin(self) -> str:
+        """Where the settings came from, for messages: the YAML file read, else the profile's name."""
+        return self._origin or self.name
+
     def run_threads(self) -> int | None:
         """The threads the export's own runs use: `threads`, at most this machine's cores."""
         return cap_to_cores(self.threads) if self.threads else None
@@ -290,11 +297,13 @@ def load_profile(path: str | Path | None) -> ExportProfile:
     defaults."""
     if path is None:
         return profile_from_dict({}, "defaults")
-    path = profile_path(path)
+    given, path = str(path), profile_path(path)
     try:
         raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise yaml_error(path, err) from None
     if raw is None:  # an empty file (or comments only) is a mistake, not a request for the defaults
         raise EdgeKDError(f"{path}: the export profile is empty (omit --target for the default profile)")
-    return profile_from_dict(raw, str(path))
+    profile = profile_from_dict(raw, str(path))
+    profile._origin = given  # as given (a shipped name or a file): an edited copy keeps a shipped profile's name
+    return profile

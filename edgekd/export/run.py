@@ -235,6 +235,7 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
                     "training": ckpt.get("metrics") or {}},
         "runtime": {"threads": profile.threads, "image_channels": image_channels},
         "export_profile": profile.name, "export_profile_digest": profile_digest(profile),
+        "export_profile_settings": profile.model_dump(mode="json"),  # what `edgekd update` re-exports with
         **reference["clinical"],
         "card": profile.card.model_dump(),
         "training_data": {"class_counts": dict(zip(ckpt["class_names"], train_counts))},
@@ -497,7 +498,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     checkpoint, (out, replacing) = Path(checkpoint), export_target(out)
     profile = profile or load_profile(None)
     plan = export_plan(formats or profile.formats, precisions or profile.precisions,
-                       (None if formats else profile.name, None if precisions else profile.name))
+                       (None if formats else profile.origin, None if precisions else profile.origin))
     model, ckpt = model_from_checkpoint(checkpoint)
     layout = task_layout(ckpt)
     continual = retention_report(layout, profile.min_retention, allow_forgetting) if layout is not None else None
