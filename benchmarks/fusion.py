@@ -84,7 +84,8 @@ def measure(arch: str, size: int, threads: int, rounds: int) -> list[dict]:
 def section(doc: dict) -> str:
     lines = [MARKERS[0], "## Fusing re-parameterizable blocks at export (`benchmarks/fusion.py`)", "",
              f"`{doc['command']}` on {doc['date'][:10]}, {machine_line(doc['machine'])}. "
-             f"Initial weights, batch 1, p50 ms; each engine's two forms timed interleaved. {doc.get('note', '')}".rstrip(),
+             "Initial weights, batch 1, p50 ms; each engine's two forms timed interleaved."
+             + (f" Note: {doc['note']}." if doc.get("note") else ""),
              "", "| model | blocks fused | params | MACs | max rel. logit diff | engine | training form | fused | speed-up |",
              "|---|---:|---|---|---:|---|---:|---:|---:|"]
     for r in doc["records"]:
