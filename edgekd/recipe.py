@@ -42,11 +42,12 @@ def _number_types(annotation: Any) -> set[Any]:
 
 def refuse_bool_for_number(cls, data: Any) -> Any:
     """A YAML true/yes/on where a number is expected was read as 1 (`parity.images: yes` gated on one image,
-    `threads: true` ran on one thread): refused. A field that also takes a bool keeps it."""
+    `threads: true` ran on one thread): refused. A field that also takes a bool or a text (a class name or
+    index) is left to its own checks."""
     if isinstance(data, dict):
         for name, field in cls.model_fields.items():
             value, admitted = data.get(name), _number_types(field.annotation)
-            if isinstance(value, bool) and admitted & {int, float} and bool not in admitted:
+            if isinstance(value, bool) and admitted & {int, float} and not admitted & {bool, str}:
                 raise ValueError(f"{name}: a number is expected, not {str(value).lower()}")
     return data
 

@@ -199,6 +199,10 @@ def test_eval_refused_half_way_leaves_out_as_it_was(tiny_run, tmp_path, monkeypa
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--out", str(kept)])  # a plain eval replaces its files
     assert result.exit_code == 0 and (kept / "metrics.json").read_text() != "{}"
     assert (kept / "robustness.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    (tmp_path / "a_file").write_text("x")  # refused before the work (it failed at its end, after scoring)
+    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--out", str(tmp_path / "a_file")])
+    assert result.exit_code != 0 and "is a file, not a folder" in str(result.exception)
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 def test_limit_picks_the_same_images_whatever_the_seed(tiny_run, tmp_path):
