@@ -326,7 +326,9 @@ def removed_if_only(path: str | Path, names: tuple[str, ...]):
     new = not path.exists()
     try:
         yield path
-    except BaseException:
+    except BaseException as err:
+        if isinstance(err, FolderInUseError):  # the folder is another run's, however new it looked
+            raise
         if new and path.is_dir() and all(p.is_dir() or any(fnmatch.fnmatchcase(p.name, n) for n in names)
                                          for p in path.rglob("*")):
             remove_tree(path)
@@ -335,29 +337,38 @@ def removed_if_only(path: str | Path, names: tuple[str, ...]):
 
 @contextlib.contextmanager
 def staged_files(out: str | Path, last: str | None = None, before_publish: Callable[[Path], None] | None = None):
-    """A staging folder beside `out` for a block to write its files into. When the block ends without error the
-    files move into `out` (made if missing) with stop signals held, `last` (an index listing the others) last;
-    `before_publish(stage)` runs first in that window (e.g. to remove an earlier run's files the new ones would
-    contradict). A failure or stop before then leaves `out` as it was, and the staging folder is always removed:
-    `out` holds all of one run's files or none, never a mix of two runs'."""
-    out = Path(out)
-    target = out.resolve() if out.is_symlink() else out  # staged on the link target's filesystem: moves are renames
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """A staging folder inside `out` (a hidden `.edgekd-stage.<owner>...tmp`, on `out`'s own filesystem: `out` may
+    be a mount point) for a block to write its files into. When the block ends without error the files move up
+    into `out` with stop signals held, `last` (an index listing the others) last; `before_publish(stage)` runs
+    first in that window (e.g. to remove an earlier run's files the new ones would contradict). A failure or stop
+    before then leaves `out` as it was (a folder this call made is removed again), and the staging folder is
+    always removed: `out` holds all of one run's files or none, never a mix of two runs'."""
+    check_output_location(out)  # a file or a read-only folder: refused before the block's work, not at its end
+    target = Path(out).resolve() if Path(out).is_symlink() else Path(out)
+    made = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
     with deferred_signals():  # tracked: a stop signal removes it (the CLI exits without unwinding)
-        stage = track_tree(staging_directory(f".{target.name}.", ".tmp", target.parent))
+        stage = track_tree(staging_directory(".edgekd-stage.", ".tmp", target))
     try:
         yield stage
-        target.mkdir(exist_ok=True)
         with deferred_signals():
             if before_publish is not None:
                 before_publish(stage)
-            for made in sorted(stage.iterdir(), key=lambda p: p.name == last):
-                if made.is_dir() and (target / made.name).is_dir():
-                    shutil.rmtree(target / made.name)
-                os.replace(made, target / made.name)
+            for made_file in sorted(stage.iterdir(), key=lambda p: p.name == last):
+                if made_file.is_dir() and (target / made_file.name).is_dir():
+                    shutil.rmtree(target / made_file.name)
+                os.replace(made_file, target / made_file.name)
+            made = False
     finally:
         remove_tree(stage)
         untrack_tree(stage)
+        if made:  # refused or stopped: a folder this call made goes again
+            with contextlib.suppress(OSError):
+                target.rmdir()
+
+
+class FolderInUseError(EdgeKDError):
+    """Another edgekd process holds the output folder (held_folder): nothing of it is removed on the way out."""
 
 
 @contextlib.contextmanager
@@ -376,8 +387,8 @@ def held_folder(folder: str | Path, what: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise EdgeKDError(f"{folder}: another edgekd {what} is writing into this folder now; wait for it to "
-                              "end or give another --out") from None
+            raise FolderInUseError(f"{folder}: another edgekd {what} is writing into this folder now; wait for it "
+                                   "to end or give another --out") from None
         except OSError:  # a filesystem without flock: run unlocked, as before
             pass
         yield

@@ -32,12 +32,20 @@ def refuse_nonfinite(value: Any, path: str = "") -> Any:
 
 
 def _number_types(annotation: Any) -> set[Any]:
-    """The scalar types an annotation admits (`int | None` -> {int, NoneType}; Optional/Union/Annotated unwrapped)."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (Union, types.UnionType, Annotated):
-        return set().union(*(_number_types(a) for a in (args[:1] if typing.get_origin(annotation) is Annotated
-                                                          else args)))
+    """The scalar types an annotation admits (`int | None` -> {int, NoneType}; Optional/Union/Annotated unwrapped,
+    `Literal[1, 3]` -> {int}); a list's items as ("list", its item types)."""
+    args, origin = typing.get_args(annotation), typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, Annotated):
+        return set().union(*(_number_types(a) for a in (args[:1] if origin is Annotated else args)))
+    if origin is Literal:
+        return {type(a) for a in args}
+    if origin is list and args:
+        return {("list", frozenset(_number_types(args[0])))}
     return {annotation}
+
+
+def _takes_bool_as_number(admitted: set[Any]) -> bool:
+    return bool(admitted & {int, float}) and not admitted & {bool, str}
 
 
 def refuse_bool_for_number(cls, data: Any) -> Any:
@@ -47,8 +55,11 @@ def refuse_bool_for_number(cls, data: Any) -> Any:
     if isinstance(data, dict):
         for name, field in cls.model_fields.items():
             value, admitted = data.get(name), _number_types(field.annotation)
-            if isinstance(value, bool) and admitted & {int, float} and not admitted & {bool, str}:
+            items = set().union(*(a[1] for a in admitted if isinstance(a, tuple)))  # of a list field
+            if isinstance(value, bool) and _takes_bool_as_number(admitted):
                 raise ValueError(f"{name}: a number is expected, not {str(value).lower()}")
+            if isinstance(value, list) and _takes_bool_as_number(items) and any(isinstance(v, bool) for v in value):
+                raise ValueError(f"{name}: numbers are expected, not true/false ({quote(value)})")
     return data
 
 

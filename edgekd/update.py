@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import check_output_location, refuse_output_inside, removed_if_only, sha256_file
+from edgekd.fileio import check_output_location, held_folder, refuse_output_inside, removed_if_only, sha256_file
 from edgekd.runtime import is_bundle
 
 
@@ -142,7 +142,9 @@ def continual_run(recipe, run_dir: Path, checkpoint: Path, resume: bool, log: Ca
     # stopped before its first checkpoint (Ctrl-C in the first epoch): a new run folder goes again, so the same
     # command can be run again (a folder of recipe.yaml alone could neither be resumed nor reused)
     with removed_if_only(run_dir, ("recipe.yaml",)):
-        return run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        with held_folder(run_dir, "update"):  # two `--resume --run-dir X` had both trained into X
+            return run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
 
 
 def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:
@@ -178,6 +180,18 @@ def update_run_dir(run_dir: str | Path | None, name: str, out: Path, resume: boo
     return next(p for p in (base, *(base.with_name(f"{base.name}-{i}") for i in range(2, 10_000))) if not taken(p))
 
 
+def _changed_keys(base: dict, other: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two settings mappings."""
+    keys = []
+    for key in sorted(set(base) | set(other)):
+        a, b = base.get(key), other.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(prefix + key)
+    return keys
+
+
 def update_profile(name: str | None, digest: str | None, log: Callable[[str], None],
                    settings: dict | None = None):
     """The parent's export profile, so an update keeps its precisions, views and calibration: the settings its
@@ -193,9 +207,13 @@ def update_profile(name: str | None, digest: str | None, log: Callable[[str], No
         except EdgeKDError as err:  # recorded by another edgekd whose keys differ
             log(f"note: {err}; exporting with the profile named {name} instead")
         else:
-            same = "" if profile_digest(profile) == digest else " (recorded by another edgekd version)"
+            named = load_profile(None if name in (None, "default") else name) if name in (
+                None, "default", *shipped_profiles()) else None
+            changed = [] if named is None else _changed_keys(named.model_dump(mode="json"), settings)
             log(f"update: exporting with the parent's export settings (profile {name}, as its edgekd.json records "
-                f"them{same}; --target PROFILE to choose another)")
+                "them" + (f"; they differ from that profile in {', '.join(changed)}: the parent's command-line "
+                          "options or an edited copy" if changed else "")
+                + "; --target PROFILE to choose another)")
             return profile
     if name in (None, "default"):
         profile = load_profile(None)

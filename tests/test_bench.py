@@ -448,3 +448,31 @@ def test_two_bundles_in_one_folder_get_their_own_default_bench_folder(tmp_path, 
     monkeypatch.chdir(tmp_path / "b1")
     assert default_bench_out(".") == tmp_path / "b1-bench" and default_bench_out("..") == tmp_path.parent / (
         tmp_path.name + "-bench")
+
+
+def test_torch_rows_run_the_model_in_the_form_its_bundle_was_exported(tmp_path, monkeypatch):
+    """A bundle exported with `fuse: false` had been timed against a fused PyTorch model."""
+    from types import SimpleNamespace
+
+    import edgekd.models
+    import edgekd.runtime
+    from edgekd.bench import run as bench_run
+    from edgekd.bench.worker import torch_model
+
+    fused: list[bool] = []
+    monkeypatch.setattr(edgekd.models, "deploy_form", lambda m: (fused.append(True), (m, 1))[1])
+    monkeypatch.setattr("edgekd.train.checkpoint.model_from_checkpoint",
+                        lambda path: (__import__("torch").nn.Identity(), {}))
+    torch_model("ckpt.pt", 1, compile_=False, fuse=False)
+    torch_model("ckpt.pt", 1, compile_=False)
+    assert fused == [True]
+
+    def bundle_with(settings):
+        return SimpleNamespace(meta={"artifacts": [], "export_profile_settings": settings}, root=tmp_path,
+                               tta={"views": ["original"]})
+
+    for settings, expected in (({"fuse": False}, False), ({"fuse": True}, True), (None, True)):
+        monkeypatch.setattr(edgekd.runtime, "open_bundle", lambda path, s=settings: bundle_with(s))
+        subject = Subject(role="student", name="s", preprocess={}, class_names=["a", "b"])
+        bench_run._add_bundle_artifacts(subject, tmp_path)
+        assert subject.fuse is expected

@@ -415,6 +415,9 @@ def test_export_both_formats_runs_at_batch_1_and_7(tmp_path, model_name, size, k
         assert io["input"] == "input" and io["output"] == "logits" and io["batch"] in ("batch", "?")
     onnx_meta = json.loads((tmp_path / "bundle" / "edgekd.json").read_text())
     assert [a["opset"] for a in onnx_meta["artifacts"] if a["format"] == "onnx"] == [18]
+    settings = onnx_meta["export_profile_settings"]  # what an update re-exports with: the pairs built, not the
+    assert (settings["formats"], settings["precisions"]) == (["onnx", "openvino"], precisions)  # profile's
+    assert profile_from_dict(settings).parity.images == 8
 
 
 @pytest.mark.slow

@@ -244,7 +244,7 @@ def test_deploy_form_leaves_a_model_without_rep_blocks_itself():
     assert deploy_form(model) == (model, 0)
 
 
-def test_weights_that_are_not_a_usable_file_are_refused_by_what_they_are(tmp_path):
+def test_weights_that_are_not_a_usable_file_are_refused_by_what_they_are(tmp_path, monkeypatch):
     """A folder was "not found", a hub id "local file ... not found", NaN weights failed at the first step blaming
     the learning rate, and torch.save(model) ended with torch's advice to retry with weights_only=False."""
     src = create_model(spec("test_resnet"))
@@ -254,6 +254,10 @@ def test_weights_that_are_not_a_usable_file_are_refused_by_what_they_are(tmp_pat
     with pytest.raises(EdgeKDError, match=r"model.weights hf-hub:timm/resnet18.a1_in1k: a model hub id, not a local "
                                           r"file; for hub weights set model.pretrained=true"):
         create_model(spec("test_resnet"), weights="hf-hub:timm/resnet18.a1_in1k")
+    (tmp_path / "timm").mkdir()
+    torch.save(src.state_dict(), tmp_path / "timm" / "w.pth")  # a local file in a folder named timm/ is a file
+    monkeypatch.chdir(tmp_path)
+    create_model(spec("test_resnet"), weights="timm/w.pth")
     state = src.state_dict()
     state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, tmp_path / "nan.pth")

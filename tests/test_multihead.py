@@ -460,7 +460,11 @@ def test_update_exports_with_the_settings_the_parent_records_whatever_its_profil
     got = update_profile(own.name, profile_digest(own), said.append, own.model_dump(mode="json"))
     assert got == own and got != load_profile(None) and said == [
         "update: exporting with the parent's export settings (profile default, as its edgekd.json records them; "
-        "--target PROFILE to choose another)"]
+        "they differ from that profile in formats, threads, tta.views: the parent's command-line options or an "
+        "edited copy; --target PROFILE to choose another)"]
+    said.clear()
+    update_profile("default", None, said.append, load_profile(None).model_dump(mode="json"))
+    assert "differ" not in said[0]
     stale = {**own.model_dump(mode="json"), "removed_key": 1}  # recorded by an edgekd with other keys
     assert update_profile("cpu-onnx-fp32", None, said.append, stale) == load_profile("cpu-onnx-fp32")
     assert said[-2].startswith("note: the parent's export_profile_settings: unknown key 'removed_key'")

@@ -303,3 +303,7 @@ def test_a_yaml_boolean_is_not_taken_for_a_number():
     with pytest.raises(EdgeKDError, match=r"data: batch_size: a number is expected, not false"):
         recipe_from_dict({"data": {"batch_size": False}})
     assert recipe_from_dict({"train": {"amp": True, "epochs": 3}}).train.amp is True
+    with pytest.raises(EdgeKDError, match=r"data: channels: a number is expected, not true"):  # Literal[1, 3]: gray
+        recipe_from_dict({"data": {"channels": True}})
+    with pytest.raises(EdgeKDError, match=r"data: std: numbers are expected, not true/false"):  # a list's items
+        recipe_from_dict({"data": {"std": [True, 0.5, 0.5]}})

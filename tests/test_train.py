@@ -934,3 +934,23 @@ def test_a_second_training_into_a_folder_in_use_is_refused(tiny_recipe_dict, tmp
         assert "another edgekd run is writing" in other.stdout  # another process is refused as well
     assert list(out.iterdir()) == []  # refused before writing anything; no lock file either
     train_recipe(recipe_from_dict(tiny_recipe_dict), out, log=lambda *_: None)  # free again
+
+
+def test_a_folder_another_run_holds_is_never_removed_as_new(tmp_path):
+    """Two runs started together both saw --out as new; the one refused by the lock removed the other's folder
+    (holding only its recipe.yaml) on its way out."""
+    from edgekd.fileio import FolderInUseError, removed_if_only
+
+    out = tmp_path / "run"
+    with pytest.raises(FolderInUseError):
+        with removed_if_only(out, ("recipe.yaml",)):
+            out.mkdir()
+            (out / "recipe.yaml").write_text("the other run's\n")
+            raise FolderInUseError("busy")
+    assert (out / "recipe.yaml").read_text() == "the other run's\n"
+    with pytest.raises(EdgeKDError):  # any other refusal still takes a new folder away
+        with removed_if_only(tmp_path / "new", ("recipe.yaml",)):
+            (tmp_path / "new").mkdir()
+            (tmp_path / "new" / "recipe.yaml").write_text("mine\n")
+            raise EdgeKDError("refused")
+    assert not (tmp_path / "new").exists()

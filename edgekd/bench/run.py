@@ -71,6 +71,9 @@ class Subject:
     """(format, precision) -> why there is no artifact (e.g. the export's parity gate refused it)."""
     views: list[str] = field(default_factory=lambda: list(DEFAULT_VIEWS))
     center_crop_fraction: float = 0.875
+    fuse: bool = True
+    """The torch rows run the model fused as the export traced it (deploy_form), unless a bundle was exported with
+    the profile's `fuse: false`."""
     params: int | None = None
     macs: int | None = None
     weights_mb: float | None = None
@@ -191,6 +194,7 @@ def _add_bundle_artifacts(subject: Subject, bundle_path: Path) -> None:
         files = [path, path.with_suffix(".bin")] if art["format"] == "openvino" else [path]
         subject.artifacts.setdefault(key, {"bundle": bundle_path, "path": path,
                                            "size_mb": sum(f.stat().st_size for f in files) / 2**20})
+    subject.fuse = subject.fuse and (bundle.meta.get("export_profile_settings") or {}).get("fuse", True) is not False
     subject.views = list(bundle.tta.get("views") or DEFAULT_VIEWS)
     subject.center_crop_fraction = float(bundle.tta.get("center_crop_fraction", 0.875))
 
@@ -264,7 +268,8 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
         from edgekd.models import count_macs, count_parameters, deploy_form
         from edgekd.train.checkpoint import model_from_checkpoint
 
-        model, _ = deploy_form(model_from_checkpoint(subject.checkpoint)[0])  # as exported and timed: blocks fused
+        model = model_from_checkpoint(subject.checkpoint)[0]
+        model = deploy_form(model)[0] if subject.fuse else model  # as exported and timed
         subject.params = count_parameters(model)
         subject.macs = count_macs(model, tuple(subject.preprocess["input_size"]))
         subject.weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
@@ -388,7 +393,7 @@ def row_job(row: Row, batches: list[int], threads: int, tta: bool, timing: Timin
     if row.format == "torch":
         if s.checkpoint is None:
             return "no checkpoint (pass --checkpoint with a bundle)"
-        job["model_path"] = str(s.checkpoint)
+        job["model_path"], job["fuse"] = str(s.checkpoint), s.fuse
     else:
         art = s.artifacts.get((row.format, row.precision))
         if art is None:

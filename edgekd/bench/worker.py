@@ -102,14 +102,15 @@ def openvino_request(path: str, threads: int) -> Infer:
     return infer
 
 
-def torch_model(checkpoint: str, threads: int, compile_: bool) -> Infer:
+def torch_model(checkpoint: str, threads: int, compile_: bool, fuse: bool = True) -> Infer:
     import torch
 
     from edgekd.models import deploy_form
     from edgekd.train.checkpoint import model_from_checkpoint
 
     torch.set_num_threads(threads)
-    model, _ = deploy_form(model_from_checkpoint(checkpoint)[0])  # as the export traces it: re-parameterized blocks fused
+    model = model_from_checkpoint(checkpoint)[0]
+    model = deploy_form(model)[0] if fuse else model  # as the export traced it (profile fuse)
     if compile_:
         model = torch.compile(model, dynamic=False)
 
@@ -163,7 +164,7 @@ def build(job: dict, inputs: ModelInputs) -> tuple[Callable[[np.ndarray], Callab
 
         return (lambda images: (lambda: runner.predict_batch(list(images), tta=tta))), runner_scores
     if kind == "torch":
-        infer = torch_model(job["model_path"], threads, compile_=variant == "compile")
+        infer = torch_model(job["model_path"], threads, compile_=variant == "compile", fuse=job.get("fuse", True))
     elif kind == "onnx":
         infer = onnx_session(job["model_path"], threads)
     elif kind == "openvino":

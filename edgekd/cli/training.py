@@ -134,7 +134,7 @@ def eval_(
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
-    from edgekd.fileio import check_output_location, refuse_output_inside, staged_files
+    from edgekd.fileio import refuse_output_inside, staged_files
     from edgekd.robustness import check_predictor_source
     from edgekd.runtime import is_bundle
 
@@ -148,7 +148,6 @@ def eval_(
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
-    check_output_location(out)  # a file or read-only folder: refused before the work, not at its end
     for other in [*compare, *([checkpoint] if corruptions or failures else [])]:  # before the main eval prints
         check_predictor_source(other)  # (a multi-head checkpoint had been refused after its per-task tables)
     wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was
@@ -321,10 +320,9 @@ def explain(
 ) -> None:
     """Grad-CAM: writes <image>_gradcam.png heat-map overlays and explain.json (prediction, target, CAM peak)."""
     from edgekd.explain.gradcam import explain_files
-    from edgekd.fileio import check_output_location, refuse_output_inside
+    from edgekd.fileio import refuse_output_inside
 
     refuse_output_inside(out, [checkpoint])
-    check_output_location(out)
     records = explain_files(checkpoint, images, out, layer, target)
     for r in records:
         out_console.print(f"{r['file']}: predicted {r['predicted']} ({r['prob']:.3f}), Grad-CAM of {r['target']} "

@@ -179,12 +179,13 @@ def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.n
 def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, layer: str | None = None,
                   target: str | None = None) -> list[dict[str, Any]]:
     """`edgekd explain`: Grad-CAM overlay PNGs for image files; writes explain.json beside them."""
-    from edgekd.fileio import staged_files, write_json
+    from edgekd.fileio import check_output_location, staged_files, write_json
     from edgekd.imageio import read_image
     from edgekd.train.checkpoint import model_from_checkpoint
 
     if not images:
         raise EdgeKDError("explain: give at least one image")
+    check_output_location(out)  # a file or read-only folder: before the model is loaded and run
     model, ckpt = model_from_checkpoint(checkpoint)
     if (ckpt.get("continual") or {}).get("head") == "multi":
         raise EdgeKDError(f"{checkpoint}: one head per task; Grad-CAM explains one softmax over the model's outputs, "

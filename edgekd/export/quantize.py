@@ -163,7 +163,10 @@ def ort_quantize_options(model_path: Path, options: OnnxQuantization, keep_first
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[options.calibrate_method]
     nodes = onnx.load(str(model_path)).graph.node
-    known = {schema.name for schema in onnx.defs.get_all_schemas()}
+    from onnxruntime.quantization import registry
+
+    known = {schema.name for schema in onnx.defs.get_all_schemas()}  # + ONNX Runtime's own quantizable ops
+    known |= set(registry.IntegerOpsRegistry) | set(registry.QLinearOpsRegistry) | set(registry.QDQRegistry)
     for key, names in (("exclude_op_types", options.exclude_op_types), ("op_types", options.op_types or [])):
         if unknown := [t for t in names if t not in known]:  # a typo had been a card claiming it was kept FP32
             raise EdgeKDError(f"quantization.onnx.{key}: {', '.join(unknown)}: not an ONNX operator type (they are "

@@ -215,8 +215,9 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
 
 
 def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profile: ExportProfile,
-                     reference: dict[str, Any], image_channels: int) -> dict[str, Any]:
-    """metadata.json without its artifact list."""
+                     reference: dict[str, Any], image_channels: int, plan=()) -> dict[str, Any]:
+    """metadata.json without its artifact list. `plan`: the (format, precision) pairs built, which the recorded
+    settings name (--format/--precision on the command line are not in the profile)."""
     preprocess = data.preprocess
     train_counts = data.counts().get("train", [])
     return {
@@ -235,7 +236,9 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
                     "training": ckpt.get("metrics") or {}},
         "runtime": {"threads": profile.threads, "image_channels": image_channels},
         "export_profile": profile.name, "export_profile_digest": profile_digest(profile),
-        "export_profile_settings": profile.model_dump(mode="json"),  # what `edgekd update` re-exports with
+        "export_profile_settings": {**profile.model_dump(mode="json"),  # what `edgekd update` re-exports with
+                                    **({"formats": list(dict.fromkeys(f.name for f, _ in plan)),
+                                        "precisions": list(dict.fromkeys(p for _, p in plan))} if plan else {})},
         **reference["clinical"],
         "card": profile.card.model_dump(),
         "training_data": {"class_counts": dict(zip(ckpt["class_names"], train_counts))},
@@ -511,7 +514,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     reference = reference_report(model, parity_set)
     reference["warnings"] = _one_class_warnings(reference, parity_set, log)
     reference["clinical"] = _clinical(reference, parity_set, profile, ckpt, log)
-    metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels),
+    metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels, plan),
                 **_continual_metadata(layout, continual, lineage)}
     explain_data = None if parity_set.heads is not None else data if layout is None else data.tasks[-1].data
 

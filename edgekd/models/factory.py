@@ -111,6 +111,8 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
 
 def refuse_weights_path(name: str, weights: str | Path) -> None:
     """model.weights must be a local file: a hub id, a folder or a missing path is refused naming which."""
+    if Path(weights).is_file():
+        return
     if str(weights).startswith(("hf-hub:", "hf_hub:", "timm/")):
         raise EdgeKDError(f"model.weights {weights}: a model hub id, not a local file; for hub weights set "
                           f"model.pretrained=true with a timm name (e.g. {name} or {name}.<tag>) and no model.weights")
@@ -304,8 +306,12 @@ def deploy_form(model: nn.Module) -> tuple[nn.Module, int]:
     blocks comes back as a fused copy (`timm.utils.reparameterize_model`: multi-branch convolutions folded into
     one, BatchNorm into its convolution), in eval mode; any other model comes back itself, untouched. The copy
     computes the same function up to float rounding: the export's parity gate checks it against `model`."""
-    fusable = sum(1 for m in model.modules() if m is not model
-                  and any(callable(getattr(m, hook, None)) for hook in DEPLOY_HOOKS))
+    outer: list[str] = []  # blocks with a hook not inside another such block (timm fuses the outer one whole)
+    for name, m in model.named_modules():
+        if name and any(callable(getattr(m, hook, None)) for hook in DEPLOY_HOOKS) \
+                and not any(name.startswith(o + ".") for o in outer):
+            outer.append(name)
+    fusable = len(outer)
     if not fusable:
         return model, 0
     from timm.utils.model import reparameterize_model

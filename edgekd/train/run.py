@@ -180,8 +180,8 @@ def resume_or_clear(trainer: Trainer, out: Path, resume: bool) -> None:
     """--resume: last.pt's state (a checkpoint write the crash cut short removed); a new run: an earlier run's
     results in `out` go now (a stop during this run had left a mix of the two)."""
     if resume:
-        for stale in out.glob(".*.pt.*.tmp"):  # one named before owner() (newer ones are swept by atomic_write)
-            stale.unlink()
+        for stale in out.glob(".*.pt.*.tmp") if is_main_process() else ():  # one named before owner() (newer ones
+            stale.unlink(missing_ok=True)  # are swept by atomic_write); rank 0's, which holds the folder's lock
         trainer.resume(out / "last.pt")
     elif is_main_process():
         remove_earlier_outputs(out)
