@@ -151,7 +151,7 @@ def eval_(
     for other in [*compare, *([checkpoint] if corruptions or failures else [])]:  # before the main eval prints
         check_predictor_source(other)  # (a multi-head checkpoint had been refused after its per-task tables)
     wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was
-    with staged_files(out) as stage:  # written beside --out, moved in at the end (a --compare of other classes
+    with staged_files(out) as stage:  # staged inside --out, moved up at the end (a --compare of other classes
         if not bundle and folder is not None:  # refused half-way had left the first files)
             wrote += _eval_folder(checkpoint, stage, folder)
         elif not bundle:
@@ -300,7 +300,7 @@ def report(
     """KD report: one table per dataset (baseline, teacher, student from scratch, distilled student) with
     params, MACs, acc, AUC, F1, sensitivity, specificity, pAUC; writes report.md/.json and ROC/confusion PNGs."""
     from edgekd.distill.report import comparison_report
-    from edgekd.fileio import check_output_location, refuse_output_inside
+    from edgekd.fileio import refuse_output_inside
 
     refuse_output_inside(out, [r for r in runs if not r.is_dir()])  # a run folder may hold its report
     if split not in ("train", "val", "test"):
