@@ -205,7 +205,7 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
             if not (stage / stale).exists():
                 (out / stale).unlink(missing_ok=True)
 
-    # written beside --out, then moved in: a failure in a later batch leaves --out as it was, and a stop half-way
+    # staged inside --out, then moved up: a failure in a later batch leaves --out as it was, and a stop half-way
     # no longer leaves two models' overlays beside the older json
     with staged_files(out, last="explain.json", before_publish=remove_stale) as stage:
         records = []
