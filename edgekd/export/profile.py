@@ -231,6 +231,11 @@ class ExportProfile(Section):
 
     _origin: str | None = PrivateAttr(None)
 
+    def __eq__(self, other: object) -> bool:  # the same settings, wherever they were read from (not `_origin`)
+        return isinstance(other, ExportProfile) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # mutable settings, as pydantic models are
+
     @property
     def origin(self) -> str:
         """Where the settings came from, for messages: the YAML file read, else the profile's name."""
