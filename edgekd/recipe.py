@@ -51,7 +51,8 @@ def _takes_bool_as_number(admitted: set[Any]) -> bool:
 def refuse_bool_for_number(cls, data: Any) -> Any:
     """A YAML true/yes/on where a number is expected was read as 1 (`parity.images: yes` gated on one image,
     `threads: true` ran on one thread): refused. A field that also takes a bool or a text (a class name or
-    index) is left to its own checks."""
+    index) is left to its own checks. The other way round, a true/false key given a number or a text ("no", 1)
+    is refused too."""
     if isinstance(data, dict):
         for name, field in cls.model_fields.items():
             value, admitted = data.get(name), _number_types(field.annotation)
@@ -60,6 +61,8 @@ def refuse_bool_for_number(cls, data: Any) -> Any:
                 raise ValueError(f"{name}: a number is expected, not {str(value).lower()}")
             if isinstance(value, list) and _takes_bool_as_number(items) and any(isinstance(v, bool) for v in value):
                 raise ValueError(f"{name}: numbers are expected, not true/false ({quote(value)})")
+            if value is not None and not isinstance(value, bool) and admitted <= {bool, type(None)}:
+                raise ValueError(f"{name}: true or false is expected, not {quote(value)}")  # "no" had been false
     return data
 
 

@@ -122,6 +122,7 @@ def test_profile_unknown_key_is_a_one_line_error(tmp_path):
     ("tta: {views: []}", "tta.views: List should have at least 1 item"),
     ("threads: true", "threads: a number is expected, not true"),  # was 1 thread
     ("parity: {images: yes}", "parity: images: a number is expected, not true"),  # gated on one image
+    ("fuse: 'no'", "fuse: true or false is expected, not 'no'"),  # was read as false
 ])
 def test_profile_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "p.yaml"
@@ -130,6 +131,14 @@ def test_profile_bad_values_name_the_key(tmp_path, text, key):
         load_profile(path)
     assert key in str(err.value) or "mapping" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_profile_file_without_a_name_is_named_after_the_file(tmp_path):
+    """It was recorded as "default" in the bundle, as if the built-in defaults had been used."""
+    (tmp_path / "clinic-a.yaml").write_text("formats: [onnx]\n")
+    assert load_profile(tmp_path / "clinic-a.yaml").name == "clinic-a"
+    (tmp_path / "named.yaml").write_text("name: mine\nformats: [onnx]\n")
+    assert load_profile(tmp_path / "named.yaml").name == "mine"
 
 
 def test_partial_tolerance_keeps_the_other_defaults():

@@ -307,3 +307,6 @@ def test_a_yaml_boolean_is_not_taken_for_a_number():
         recipe_from_dict({"data": {"channels": True}})
     with pytest.raises(EdgeKDError, match=r"data: std: numbers are expected, not true/false"):  # a list's items
         recipe_from_dict({"data": {"std": [True, 0.5, 0.5]}})
+    for value in ("no", 1):  # the other way round: "no" had been false, 1 true
+        with pytest.raises(EdgeKDError, match=rf"train: amp: true or false is expected, not {value!r}"):
+            recipe_from_dict({"train": {"amp": value}})

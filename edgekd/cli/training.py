@@ -151,8 +151,8 @@ def eval_(
     for other in [*compare, *([checkpoint] if corruptions or failures else [])]:  # before the main eval prints
         check_predictor_source(other)  # (a multi-head checkpoint had been refused after its per-task tables)
     wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was
-    with staged_files(out) as stage:  # staged inside --out, moved up at the end (a --compare of other classes
-        if not bundle and folder is not None:  # refused half-way had left the first files)
+    with staged_files(out, before_publish=_drop_other_plots(out)) as stage:  # (a refused --compare had left files)
+        if not bundle and folder is not None:
             wrote += _eval_folder(checkpoint, stage, folder)
         elif not bundle:
             wrote += _eval_checkpoint(checkpoint, stage, data_recipe, splits)
@@ -170,6 +170,17 @@ def eval_(
         if failures:
             wrote += _eval_failures(checkpoint, stage, data_recipe, splits[0], top or 5)
     console.print(f"wrote {', '.join(str(out / Path(p).name) for p in wrote)}")
+
+
+def _drop_other_plots(out: Path):
+    """An earlier evaluation's confusion/ROC plots of splits the new metrics.json does not hold would sit beside it
+    as if they were its own (a --split val eval after a test one): removed when a new metrics.json comes."""
+    def drop(stage: Path) -> None:
+        if (stage / "metrics.json").is_file():
+            for old in [*out.glob("confusion_*.png"), *out.glob("roc_*.png")]:
+                if not (stage / old.name).exists():
+                    old.unlink(missing_ok=True)
+    return drop
 
 
 def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: int) -> list[str]:

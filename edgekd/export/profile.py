@@ -309,6 +309,8 @@ def load_profile(path: str | Path | None) -> ExportProfile:
         raise yaml_error(path, err) from None
     if raw is None:  # an empty file (or comments only) is a mistake, not a request for the defaults
         raise EdgeKDError(f"{path}: the export profile is empty (omit --target for the default profile)")
+    if isinstance(raw, dict) and "name" not in raw:  # recorded in the bundle: a file's own name, not "default"
+        raw = {**raw, "name": path.stem}
     profile = profile_from_dict(raw, str(path))
     profile._origin = given  # as given (a shipped name or a file): an edited copy keeps a shipped profile's name
     return profile
