@@ -1029,6 +1029,9 @@ def test_a_rep_model_exports_fused_and_a_wrong_fusion_fails_the_gate(tmp_path, m
         assert result.parity["passed"]
         graph = onnx.load(str(tmp_path / f"fuse-{fuse}" / FORMATS["onnx"].relpath("fp32"))).graph
         convs[fuse] = sum(n.op_type == "Conv" for n in graph.node)
+        card = (tmp_path / f"fuse-{fuse}" / "card.md").read_text()
+        assert result.metadata["model"].get("fused_blocks") == (22 if fuse else None)
+        assert ("- Exported in its fused inference form: 22 re-parameterizable blocks folded" in card) is fuse
     assert (convs[True], convs[False]) == (22, 44)  # RepVGG-A0: each block's 3x3 and 1x1 branches become one 3x3
 
     def off_by_a_little(model):  # a fusion that changed the function: the gate judges against the unfused model
@@ -1042,3 +1045,13 @@ def test_a_rep_model_exports_fused_and_a_wrong_fusion_fails_the_gate(tmp_path, m
         export_checkpoint(ckpt, tmp_path / "wrong", ["onnx"], ["fp32"], profile_from_dict({"parity": {"images": 4}}),
                           log=quiet)
     assert not (tmp_path / "wrong").exists()
+
+
+def test_the_card_says_where_the_training_started_from():
+    from edgekd.export.bundle import _provenance_lines
+
+    assert _provenance_lines({"init_weights": {"file": "/w/r50.pth", "sha256": "ab12"}}) == [
+        "- Initialised from the weights file /w/r50.pth (sha256 `ab12`)"]
+    assert _provenance_lines({"init_weights": {"hub": "resnet50.a1_in1k"}}) == [
+        "- Initialised from timm's pretrained weights of resnet50.a1_in1k"]
+    assert _provenance_lines({"init_weights": None, "fused_blocks": 0}) == []

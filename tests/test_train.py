@@ -908,6 +908,9 @@ def test_a_resumed_run_does_not_need_its_starting_weights_file(tiny_recipe_dict,
     torch.save(create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 3}).state_dict(), weights)
     recipe = recipe_from_dict({**tiny_recipe_dict, "model": {"name": "edgekd_cnn_tiny", "weights": str(weights)}})
     first = train_recipe(recipe, tmp_path / "run", log=lambda *_: None)
+    from edgekd.fileio import sha256_file
+    assert load_checkpoint(first.best_path)["init_weights"] == {"file": str(weights.resolve()),
+                                                                 "sha256": sha256_file(weights)}  # provenance
     weights.unlink()
     again = train_recipe(recipe, tmp_path / "run", resume=True, log=lambda *_: None)
     assert again.test == first.test

@@ -302,6 +302,20 @@ def _head_parity_section(parity: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _provenance_lines(model: dict[str, Any]) -> list[str]:
+    """Where the checkpoint's training started from, and whether the artifacts are its fused form."""
+    init, lines = model.get("init_weights"), []
+    if isinstance(init, dict) and init.get("file"):
+        lines.append(f"- Initialised from the weights file {init['file']}"
+                     + (f" (sha256 `{init['sha256']}`)" if init.get("sha256") else ""))
+    elif isinstance(init, dict) and init.get("hub"):
+        lines.append(f"- Initialised from timm's pretrained weights of {init['hub']}")
+    if model.get("fused_blocks"):
+        lines.append(f"- Exported in its fused inference form: {model['fused_blocks']} re-parameterizable blocks folded "
+                     "(timm reparameterize_model); parity is measured against the unfused checkpoint")
+    return lines
+
+
 def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
                     explanations: list[dict[str, Any]] | None = None) -> str:
     """The markdown card shipped with a bundle: what the model is, how well each artifact does, where it looks
@@ -314,6 +328,7 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         f"- Dataset: {model.get('dataset')}; classes: {', '.join(metadata['class_names'])}",
         f"- Parameters: {model['params']:,}; recipe digest `{model.get('recipe_digest')}`; "
         f"edgekd {metadata['edgekd_version']}; created {metadata['created']}",
+        *_provenance_lines(model),
         f"- Input: {pre['input_size']} {pre['layout']} float32 named `{metadata['io']['input']}`, output "
         f"`{metadata['io']['output']}` (N, {len(metadata['class_names'])}), dynamic batch",
         f"- Preprocessing: {pre['channel_order']}, resize shorter side to {pre['resize']} ({pre['interpolation']}), "

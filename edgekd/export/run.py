@@ -226,7 +226,7 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
         "model": {"name": ckpt["arch"]["name"], "role": ckpt.get("role"), "params": count_parameters(model),
                   "dataset": ckpt.get("dataset"), "recipe_digest": ckpt.get("recipe_digest"),
                   "checkpoint": checkpoint.name, "checkpoint_path": str(checkpoint.resolve()),
-                  "checkpoint_sha256": sha256_file(checkpoint)},
+                  "checkpoint_sha256": sha256_file(checkpoint), "init_weights": ckpt.get("init_weights")},
         "class_names": list(ckpt["class_names"]),
         "preprocess": preprocess,
         "tta": {"views": list(profile.tta.views), "center_crop_fraction": profile.tta.center_crop_fraction,
@@ -277,12 +277,14 @@ def export_inputs(checkpoint: str | Path, profile: ExportProfile | None = None, 
     return ExportInputs(model, parity_set, calibration_images(data, profile), data.preprocess)
 
 
-def deployable(model, profile: ExportProfile, log: Callable[[str], None]):
-    """The model the exporters trace: its fused inference form unless the profile says `fuse: false`. Parity is
-    judged against `model` itself, so a fusion that changed the function fails the gate."""
+def deployable(model, profile: ExportProfile, log: Callable[[str], None], metadata: dict[str, Any]):
+    """The model the exporters trace: its fused inference form unless the profile says `fuse: false` (the count
+    of fused blocks goes into `metadata["model"]`, for the card). Parity is judged against `model` itself, so a
+    fusion that changed the function fails the gate."""
     if not profile.fuse:
         return model
     fused, blocks = deploy_form(model)
+    metadata["model"]["fused_blocks"] = blocks
     if blocks:
         log(f"fused {blocks} re-parameterizable blocks for export (timm reparameterize_model; profile fuse: false "
             "exports the training form)")
@@ -299,7 +301,7 @@ def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfil
             ctx.cache["calibration"] = calibration_images(data, profile)
         return ctx.cache["calibration"]
 
-    ctx = ExportContext(model=deployable(model, profile, log), input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
+    ctx = ExportContext(model=deployable(model, profile, log, metadata), input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
                         profile=profile, scratch=scratch, calibration=calibration,
                         validation=lambda: parity_set.metric_split("val"), log=log, progress=progress)
     return ctx

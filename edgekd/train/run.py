@@ -19,7 +19,7 @@ from edgekd.data import (DataModule, build_checkpoint_data, build_data, check_cl
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import check_input_size, count_macs, count_parameters, create_model, freeze, model_spec
-from edgekd.fileio import ensure_free_space, held_folder, write_json, write_text
+from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_json, write_text
 from edgekd.probability import softmax
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
@@ -55,11 +55,21 @@ def build_student_model(recipe, data: DataModule,
     return model, spec
 
 
+def init_weights(model_cfg) -> dict[str, Any] | None:
+    """Where a model's starting weights came from, for the checkpoint and the bundle's card: a local file (path and
+    sha256; None once the file is gone, e.g. on a resume), the hub weights of a timm name, or None (random)."""
+    if model_cfg.weights:
+        path = Path(model_cfg.weights)
+        return {"file": str(path.resolve()), "sha256": sha256_file(path) if path.is_file() else None}
+    return {"hub": model_cfg.name} if model_cfg.pretrained else None
+
+
 def checkpoint_meta(recipe, data: DataModule, spec: dict[str, Any]) -> dict[str, Any]:
     """What every checkpoint carries besides weights: enough to rebuild, preprocess and describe the model."""
     return {
         "arch": spec, "class_names": data.class_names, "preprocess": data.preprocess,
         "recipe": recipe.to_dict(), "role": recipe.role, "dataset": data.source_name,
+        "init_weights": init_weights(recipe.model),
         "edgekd_version": __version__, "data_splits": data.split_fingerprint(),
     }
 
