@@ -151,7 +151,7 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
     rob = json.loads((out / "robustness.json").read_text())
     assert {r["corruption"] for r in rob["records"]} == {CLEAN, "brightness", "jpeg_compression"}
     fail = json.loads((out / "failures.json").read_text())
-    images, _, _ = load_split_images(recipe_from_dict(load_checkpoint(tiny_run)["recipe"]))
+    images, _, _, _ = load_split_images(recipe_from_dict(load_checkpoint(tiny_run)["recipe"]))
     assert fail["images"] == len(images) and sum(p["count"] for p in fail["pairs"]) <= fail["errors"]
     assert fail["probabilities"] == "the model's softmax" and "; p: the model's softmax" in p.stderr  # not a bundle's
     assert (out / "failures.png").is_file() and (out / "metrics.json").is_file()
@@ -216,6 +216,24 @@ def test_limit_picks_the_same_images_whatever_the_seed(tiny_run, tmp_path):
     assert runs[0]["class_counts"] == runs[1]["class_counts"]
     assert runs[0]["records"][0] == runs[1]["records"][0]  # the clean row
     assert runs[0]["records"][1]["corruption"] == "gaussian_noise"
+
+
+def test_an_image_gets_the_same_noise_whatever_the_limit(tiny_run, tmp_path, monkeypatch):
+    """The noise was keyed by the image's place in the --limit subset, so one image was corrupted differently
+    under --limit 5 and without it; it is keyed by its position in the split now."""
+    import edgekd.robustness.evaluate as evaluate
+
+    real, seen = evaluate.corrupt, {}
+
+    def spy(image, name, severity, seed, index):
+        seen.setdefault(index, set()).add(image.tobytes())
+        return real(image, name, severity, seed, index)
+
+    monkeypatch.setattr(evaluate, "corrupt", spy)
+    for limit in (None, 5):
+        run_corruption_eval([tiny_run], tmp_path / f"l{limit}", corruptions=["gaussian_noise"], severities=[1],
+                            limit=limit, log=lambda *_: None)
+    assert len(seen) > 5 and all(len(images) == 1 for images in seen.values())  # one image per noise key
 
 
 def test_multi_head_checkpoints_are_refused_and_single_head_continual_ones_need_data(tmp_path, monkeypatch):

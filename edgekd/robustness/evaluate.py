@@ -167,10 +167,13 @@ def limited(n: int, limit: int | None) -> np.ndarray:
 
 
 def load_split_images(recipe, split: str = "test", limit: int | None = None,
-                      predictors: Sequence[Predictor] = ()) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """The decoded uint8 images and labels of a recipe's split (the fixed random subset `limited` picks, if `limit`
-    is given: the same whatever --seed, which seeds the corruptions only). Each checkpoint among `predictors`, on
-    data drawn with its own split settings, must find the split it was trained with (`check_trained_splits`)."""
+                      predictors: Sequence[Predictor] = ()) -> tuple[list[np.ndarray], np.ndarray, list[str],
+                                                                      np.ndarray]:
+    """The decoded uint8 images, labels, class names and positions of a recipe's split (the fixed random subset
+    `limited` picks, if `limit` is given: the same whatever --seed, which seeds the corruptions only; the
+    positions key each image's corruption noise, so an image gets the same noise with any --limit). Each
+    checkpoint among `predictors`, on data drawn with its own split settings, must find the split it was trained
+    with (`check_trained_splits`)."""
     from edgekd.data import build_checkpoint_data, check_trained_splits
 
     data = build_checkpoint_data(recipe)
@@ -180,20 +183,21 @@ def load_split_images(recipe, split: str = "test", limit: int | None = None,
     ds = data.dataset(split, train=False)
     idx = limited(len(ds), limit)
     images = [np.ascontiguousarray(ds.raw(int(i))) for i in idx]
-    return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names)
+    return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names), idx
 
 
 def load_folder_images(folder: str | Path, class_names: list[str],
-                       limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """The decoded uint8 images and labels of a labelled folder (root/<class>/...; the model's class names), a fixed
-    random subset of `limit` if given (`limited`): the torch-free counterpart of `load_split_images`."""
+                       limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str], np.ndarray]:
+    """The decoded uint8 images, labels, class names and positions in the folder's listing of a labelled folder
+    (root/<class>/...; the model's class names), a fixed random subset of `limit` if given (`limited`): the
+    torch-free counterpart of `load_split_images`."""
     from edgekd.runtime.inputs import collect_labelled
     from edgekd.runtime.preprocess import as_image_array
 
     paths, labels = collect_labelled(folder, list(class_names))
     idx = limited(len(paths), limit)
     images = [as_image_array(paths[i]) for i in idx]  # a path or a multi-frame DICOM's frame
-    return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names)
+    return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names), idx
 
 
 def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, checkpoint: str | Path) -> None:
@@ -239,19 +243,23 @@ def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Pa
 
 def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray], labels: np.ndarray,
                        corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
-                       log: Callable[[str], None] = print, progress=None) -> list[dict[str, Any]]:
+                       log: Callable[[str], None] = print, progress=None,
+                       positions: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Accuracy/AUC of every predictor on the clean images and under each corruption x severity (a step per
-    condition and predictor on `progress`, the CLI's progress bar, if given)."""
+    condition and predictor on `progress`, the CLI's progress bar, if given). `positions`: each image's index in
+    its split, which seeds its noise (default: its place in `images`)."""
     names, levels = check_names(corruptions), check_severities(severities)
     classes = {len(p.class_names) for p in predictors}
     if len(classes) != 1 or int(labels.max()) >= classes.pop():
         raise EdgeKDError(f"corruption eval: all models must have the data's classes (data: {int(labels.max()) + 1} "
                           f"or more; {', '.join(f'{p.label}: {len(p.class_names)}' for p in predictors)})")
     conditions = [(CLEAN, 0)] + [(n, s) for n in names for s in levels]
+    keys = range(len(images)) if positions is None else positions
     records = []
     with progress_task(progress, "corruptions", len(conditions) * len(predictors)) as advance:
         for name, severity in conditions:
-            batch = images if name == CLEAN else [corrupt(img, name, severity, seed, i) for i, img in enumerate(images)]
+            batch = images if name == CLEAN else [corrupt(img, name, severity, seed, int(k))
+                                                  for k, img in zip(keys, images)]
             for p in predictors:
                 advance(0, f"{name}{'' if name == CLEAN else f' s{severity}'}: {p.label}")
                 m = accuracy_auc(labels, p.predict(batch))
@@ -360,17 +368,17 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
     names, levels = check_names(corruptions), check_severities(severities)
     predictors = predictors_for(sources, threads)
     if data_folder is not None:
-        images, labels, class_names = load_folder_images(data_folder, predictors[0].class_names, limit)
+        images, labels, class_names, positions = load_folder_images(data_folder, predictors[0].class_names, limit)
         split = str(data_folder)
     else:
-        images, labels, class_names = load_split_images(recipe, split, limit, predictors)
+        images, labels, class_names, positions = load_split_images(recipe, split, limit, predictors)
         from edgekd.data import check_class_order  # the training side: only for a recipe's data
 
         for p in predictors:
             check_class_order(p.class_names, class_names, p.label, log)
     log(f"corruption eval: {len(predictors)} model/format(s) x {len(images)} {split} images x "
         f"{len(names)} corruptions x {len(levels)} severities")
-    records = corruption_records(predictors, images, labels, names, levels, seed, log, progress)
+    records = corruption_records(predictors, images, labels, names, levels, seed, log, progress, positions)
     summary = corruption_summary(records)
     out = Path(out)
     result = {"split": split, "images": len(images), "class_names": class_names,
@@ -417,7 +425,7 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
 
     recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
     predictor = predictors_for([source], threads)[0]
-    images, labels, class_names = load_split_images(recipe, split, predictors=[predictor])
+    images, labels, class_names, _ = load_split_images(recipe, split, predictors=[predictor])
     check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
     probs = predictor.predict(images)
     pairs = confused_pairs(labels, probs, top)
