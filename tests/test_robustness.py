@@ -199,9 +199,13 @@ def test_eval_refused_half_way_leaves_out_as_it_was(tiny_run, tmp_path, monkeypa
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--out", str(kept)])  # a plain eval replaces its files
     assert result.exit_code == 0 and (kept / "metrics.json").read_text() != "{}"
     assert (kept / "robustness.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
-    (kept / "roc_train.png").write_text("an earlier eval's")  # a split the new metrics.json does not hold: goes
+    # an earlier eval's plot of a split the new metrics.json does not hold goes; another tool's plots stay
+    (kept / "metrics.json").write_text(json.dumps({"checkpoint": "x.pt", "train": {}, "test": {}}))
+    for name in ("roc_train.png", "roc_pneumonia.png", "confusion_task1.png", "confusion_val.png"):
+        (kept / name).write_text("earlier")
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--out", str(kept)])
     assert result.exit_code == 0 and not (kept / "roc_train.png").exists() and (kept / "roc_test.png").is_file()
+    assert all((kept / n).is_file() for n in ("roc_pneumonia.png", "confusion_task1.png", "confusion_val.png"))
     (tmp_path / "a_file").write_text("x")  # refused before the work (it failed at its end, after scoring)
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--out", str(tmp_path / "a_file")])
     assert result.exit_code != 0 and "is a file, not a folder" in str(result.exception)

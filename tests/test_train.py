@@ -911,6 +911,10 @@ def test_a_resumed_run_does_not_need_its_starting_weights_file(tiny_recipe_dict,
     from edgekd.fileio import sha256_file
     assert load_checkpoint(first.best_path)["init_weights"] == {"file": str(weights.resolve()),
                                                                  "sha256": sha256_file(weights)}  # provenance
+    weights.write_bytes(b"another file now")  # a resume keeps what the run started from, without reading it
+    from edgekd.train.run import init_weights
+    recorded = load_checkpoint(first.best_path)["init_weights"]
+    assert init_weights(recipe.model, tmp_path / "run" / "last.pt") == recorded != init_weights(recipe.model)
     weights.unlink()
     again = train_recipe(recipe, tmp_path / "run", resume=True, log=lambda *_: None)
     assert again.test == first.test

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import Optional
@@ -174,12 +175,20 @@ def eval_(
 
 def _drop_other_plots(out: Path):
     """An earlier evaluation's confusion/ROC plots of splits the new metrics.json does not hold would sit beside it
-    as if they were its own (a --split val eval after a test one): removed when a new metrics.json comes."""
+    as if they were its own (a --split val eval after a test one): removed when a new metrics.json comes. Only
+    an eval's (its metrics.json names a `checkpoint`) and only the splits it lists: a run folder's own plots, a
+    report's or a continual run's stay."""
     def drop(stage: Path) -> None:
-        if (stage / "metrics.json").is_file():
-            for old in [*out.glob("confusion_*.png"), *out.glob("roc_*.png")]:
-                if not (stage / old.name).exists():
-                    old.unlink(missing_ok=True)
+        try:
+            earlier = json.loads((out / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return
+        if not (stage / "metrics.json").is_file() or not isinstance(earlier, dict) or "checkpoint" not in earlier:
+            return
+        for split in (s for s in ("train", "val", "test", "folder") if s in earlier):
+            for name in (f"confusion_{split}.png", f"roc_{split}.png"):
+                if not (stage / name).exists():
+                    (out / name).unlink(missing_ok=True)
     return drop
 
 

@@ -92,8 +92,8 @@ def _compare(got: np.ndarray, expected: np.ndarray, limits: RunnerCheck) -> dict
                                f"the export's inputs by {diff.max():.3g} > {limits.max_prob_diff} (the runtime's "
                                "resize and crop give this model other inputs than the export's torchvision pipeline: "
                                "a wrong mean, std or view does this, and so does a model very sensitive to "
-                               "resampling, e.g. at a small input size; a profile with tta.views [original] tells "
-                               "which)")
+                               "resampling, e.g. at a small input size; a profile with tta.views [original] tells whether "
+                               "a view is the cause)")
     if limits.top1_agreement is not None and decided < limits.top1_agreement:
         row["problems"].append(f"top-1 agreement {decided:.2%} < {limits.top1_agreement:.2%} between the runner and "
                                "the artifact on the same images (near ties left out)")

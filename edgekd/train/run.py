@@ -22,7 +22,7 @@ from edgekd.models import check_input_size, count_macs, count_parameters, create
 from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_json, write_text
 from edgekd.probability import softmax
 from edgekd.recipe import entry_arguments
-from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
+from edgekd.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from edgekd.train import distributed
 from edgekd.train.distributed import is_main_process
 from edgekd.train.losses import build_loss
@@ -55,9 +55,12 @@ def build_student_model(recipe, data: DataModule,
     return model, spec
 
 
-def init_weights(model_cfg) -> dict[str, Any] | None:
+def init_weights(model_cfg, resuming_from: Path | None = None) -> dict[str, Any] | None:
     """Where a model's starting weights came from, for the checkpoint and the bundle's card: a local file (path and
-    sha256; None once the file is gone, e.g. on a resume), the hub weights of a timm name, or None (random)."""
+    sha256), the hub weights of a timm name, or None (random). A resumed run keeps what its `resuming_from`
+    (last.pt) recorded when the run began: the file is not read again, and may be gone or replaced since."""
+    if resuming_from is not None and resuming_from.is_file():
+        return load_checkpoint(resuming_from).get("init_weights")
     if model_cfg.weights:
         path = Path(model_cfg.weights)
         return {"file": str(path.resolve()), "sha256": sha256_file(path) if path.is_file() else None}
@@ -69,7 +72,7 @@ def checkpoint_meta(recipe, data: DataModule, spec: dict[str, Any]) -> dict[str,
     return {
         "arch": spec, "class_names": data.class_names, "preprocess": data.preprocess,
         "recipe": recipe.to_dict(), "role": recipe.role, "dataset": data.source_name,
-        "init_weights": init_weights(recipe.model),
+        "init_weights": None,  # train_model sets it (init_weights), on rank 0 and not again on a resume
         "edgekd_version": __version__, "data_splits": data.split_fingerprint(),
     }
 
@@ -146,7 +149,8 @@ def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec:
     warn_about_data(data, log)
     criterion = build_loss(recipe.train.loss, loss_class_weights(data))
     objective = objective or SupervisedObjective(criterion)
-    meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
+    meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {}),
+            "init_weights": init_weights(recipe.model, out / "last.pt" if resume else None) if is_main_process() else None}
     trainer = Trainer(recipe, model, data, objective, out, plugins=plugins, log=log,
                       checkpoint_extra=lambda: meta)
     resume_or_clear(trainer, out, resume)  # another recipe is refused here, before recipe.yaml is rewritten
