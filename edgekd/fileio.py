@@ -373,10 +373,12 @@ class FolderInUseError(EdgeKDError):
 
 @contextlib.contextmanager
 def held_folder(folder: str | Path, what: str):
-    """Hold an exclusive lock on `folder` for the block: a second edgekd process writing into it is refused in one
-    line (two trainings into one --out had both exited 0, the first reporting files the second had replaced).
+    """Hold an exclusive lock on `folder` (made if missing) for the block: a second edgekd process writing into it
+    is refused in one line (two trainings into one --out had both exited 0, the first reporting files the second
+    had replaced).
     flock on the folder itself: no lock file is left, and the lock ends with the process, killed outright too.
     Where flock is missing (Windows) nothing is locked."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:

@@ -82,11 +82,10 @@ def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str
         from edgekd.continual.run import run_continual
         from edgekd.train.distributed import is_main_process
 
-        with removed_if_only(out, ()):  # made now to be locked; removed again if refused before its first file
-            # (not when the lock is refused: the folder is then another run's, however new it looked)
-            Path(out).mkdir(parents=True, exist_ok=True)
-            with held_folder(out, "continual run") if is_main_process() else nullcontext():
-                return run_continual(recipe, out, resume=resume, log=log, progress=progress)
+        # made now to be locked; removed again if refused before its first file (not when the lock is refused:
+        # the folder is then another run's, however new it looked)
+        with removed_if_only(out, ()), held_folder(out, "continual run") if is_main_process() else nullcontext():
+            return run_continual(recipe, out, resume=resume, log=log, progress=progress)
     if recipe.distill:
         from edgekd.distill.run import distill_recipe
         return distill_recipe(recipe, out, resume=resume, log=log, progress=progress)

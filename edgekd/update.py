@@ -141,10 +141,9 @@ def continual_run(recipe, run_dir: Path, checkpoint: Path, resume: bool, log: Ca
     log(f"update: continual training from {checkpoint} into {run_dir}")
     # stopped before its first checkpoint (Ctrl-C in the first epoch): a new run folder goes again, so the same
     # command can be run again (a folder of recipe.yaml alone could neither be resumed nor reused)
-    with removed_if_only(run_dir, ("recipe.yaml",)):
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        with held_folder(run_dir, "update"):  # two `--resume --run-dir X` had both trained into X
-            return run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
+    # held: two `--resume --run-dir X` had both trained into X
+    with removed_if_only(run_dir, ("recipe.yaml",)), held_folder(run_dir, "update"):
+        return run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
 
 
 def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:

@@ -911,13 +911,17 @@ def test_a_resumed_run_does_not_need_its_starting_weights_file(tiny_recipe_dict,
     from edgekd.fileio import sha256_file
     assert load_checkpoint(first.best_path)["init_weights"] == {"file": str(weights.resolve()),
                                                                  "sha256": sha256_file(weights)}  # provenance
-    weights.write_bytes(b"another file now")  # a resume keeps what the run started from, without reading it
-    from edgekd.train.run import init_weights
     recorded = load_checkpoint(first.best_path)["init_weights"]
-    assert init_weights(recipe.model, tmp_path / "run" / "last.pt") == recorded != init_weights(recipe.model)
+    last = tmp_path / "run" / "last.pt"
+    stopped = load_checkpoint(last)  # as if stopped after epoch 1: the resume trains epoch 2 and writes last.pt
+    stopped["trainer"]["epoch"], stopped["trainer"]["history"] = 1, stopped["trainer"]["history"][:1]
+    save_checkpoint(last, stopped)
+    weights.write_bytes(b"another file now")  # a resume keeps what the run started from, without reading it
+    finished = train_recipe(recipe, tmp_path / "run", resume=True, log=lambda *_: None)
+    assert load_checkpoint(last)["trainer"]["epoch"] == 2 and load_checkpoint(last)["init_weights"] == recorded
     weights.unlink()
     again = train_recipe(recipe, tmp_path / "run", resume=True, log=lambda *_: None)
-    assert again.test == first.test
+    assert again.test == finished.test
     with pytest.raises(EdgeKDError, match="start.pth: not found"):  # a new run still needs it
         train_recipe(recipe, tmp_path / "other", log=lambda *_: None)
 

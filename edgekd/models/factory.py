@@ -118,8 +118,7 @@ def refuse_weights_path(name: str, weights: str | Path) -> None:
                           f"model.pretrained=true with a timm name (e.g. {name} or {name}.<tag>) and no model.weights")
     if Path(weights).is_dir():
         raise EdgeKDError(f"model '{name}': model.weights {weights} is a folder; give the weights file in it")
-    if not Path(weights).is_file():
-        raise EdgeKDError(f"model '{name}': could not load pretrained weights from local file {weights}: not found")
+    raise EdgeKDError(f"model '{name}': could not load pretrained weights from local file {weights}: not found")
 
 
 @contextlib.contextmanager

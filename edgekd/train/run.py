@@ -22,7 +22,7 @@ from edgekd.models import check_input_size, count_macs, count_parameters, create
 from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_json, write_text
 from edgekd.probability import softmax
 from edgekd.recipe import entry_arguments
-from edgekd.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
 from edgekd.train import distributed
 from edgekd.train.distributed import is_main_process
 from edgekd.train.losses import build_loss
@@ -55,12 +55,10 @@ def build_student_model(recipe, data: DataModule,
     return model, spec
 
 
-def init_weights(model_cfg, resuming_from: Path | None = None) -> dict[str, Any] | None:
+def init_weights(model_cfg) -> dict[str, Any] | None:
     """Where a model's starting weights came from, for the checkpoint and the bundle's card: a local file (path and
-    sha256), the hub weights of a timm name, or None (random). A resumed run keeps what its `resuming_from`
-    (last.pt) recorded when the run began: the file is not read again, and may be gone or replaced since."""
-    if resuming_from is not None and resuming_from.is_file():
-        return load_checkpoint(resuming_from).get("init_weights")
+    sha256), the hub weights of a timm name, or None (random). Read when a run begins; a resumed run keeps what
+    its last.pt recorded (the file may be gone or replaced since)."""
     if model_cfg.weights:
         path = Path(model_cfg.weights)
         return {"file": str(path.resolve()), "sha256": sha256_file(path) if path.is_file() else None}
@@ -72,7 +70,7 @@ def checkpoint_meta(recipe, data: DataModule, spec: dict[str, Any]) -> dict[str,
     return {
         "arch": spec, "class_names": data.class_names, "preprocess": data.preprocess,
         "recipe": recipe.to_dict(), "role": recipe.role, "dataset": data.source_name,
-        "init_weights": None,  # train_model sets it (init_weights), on rank 0 and not again on a resume
+        "init_weights": None,  # train_model sets it: init_weights on rank 0, or what a resumed last.pt recorded
         "edgekd_version": __version__, "data_splits": data.split_fingerprint(),
     }
 
@@ -127,7 +125,7 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
     # best.pt + last.pt (weights, optimizer moments) and their temp copies while being replaced.
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     ensure_free_space(out, 8 * weight_bytes + 64 * 2**20, "checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # every rank's; rank 0 holds it
     with held_folder(out, "training") if is_main_process() else contextlib.nullcontext():
         return _fit_and_report(recipe, out, data, model, spec, objective, plugins, resume, log, progress, extra_meta)
 
@@ -149,11 +147,12 @@ def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec:
     warn_about_data(data, log)
     criterion = build_loss(recipe.train.loss, loss_class_weights(data))
     objective = objective or SupervisedObjective(criterion)
-    meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {}),
-            "init_weights": init_weights(recipe.model, out / "last.pt" if resume else None) if is_main_process() else None}
+    meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
     trainer = Trainer(recipe, model, data, objective, out, plugins=plugins, log=log,
                       checkpoint_extra=lambda: meta)
-    resume_or_clear(trainer, out, resume)  # another recipe is refused here, before recipe.yaml is rewritten
+    resumed = resume_or_clear(trainer, out, resume)  # another recipe is refused here, before recipe.yaml is rewritten
+    meta["init_weights"] = (resumed.get("init_weights") if resumed is not None
+                            else init_weights(recipe.model) if is_main_process() else None)
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     earlier = earlier_train_seconds(out, trainer.sessions) if resume else None  # last.pt's stops at its checkpoint
@@ -190,15 +189,16 @@ RUN_OUTPUTS = ("best.pt", "last.pt", "swa.pt", "metrics.json", "splits.json", "l
 """What a run writes at the top of its folder (a new run into the folder of an earlier one removes the earlier's)."""
 
 
-def resume_or_clear(trainer: Trainer, out: Path, resume: bool) -> None:
-    """--resume: last.pt's state (a checkpoint write the crash cut short removed); a new run: an earlier run's
-    results in `out` go now (a stop during this run had left a mix of the two)."""
+def resume_or_clear(trainer: Trainer, out: Path, resume: bool) -> dict[str, Any] | None:
+    """--resume: last.pt's state (a checkpoint write the crash cut short removed), and last.pt itself is returned;
+    a new run: an earlier run's results in `out` go now (a stop during this run had left a mix of the two)."""
     if resume:
         for stale in out.glob(".*.pt.*.tmp") if is_main_process() else ():  # one named before owner() (newer ones
             stale.unlink(missing_ok=True)  # are swept by atomic_write); rank 0's, which holds the folder's lock
-        trainer.resume(out / "last.pt")
-    elif is_main_process():
+        return trainer.resume(out / "last.pt")
+    if is_main_process():
         remove_earlier_outputs(out)
+    return None
 
 
 def remove_earlier_outputs(out: Path) -> None:

@@ -283,7 +283,8 @@ class Trainer:
             payload["trainer"] = self.state()
         return payload
 
-    def resume(self, path: str | Path) -> None:
+    def resume(self, path: str | Path) -> dict[str, Any]:
+        """Load last.pt's weights and trainer state; returns the checkpoint (its other keys: what the run recorded)."""
         ckpt = load_resumable(path, self.recipe)
         if "trainer" not in ckpt:
             raise EdgeKDError(f"{path}: holds no trainer state to resume from")
@@ -307,6 +308,7 @@ class Trainer:
         self.prior_seconds, self.sessions = st.get("train_seconds", 0.0), list(st.get("sessions", []))
         self.log(f"resumed from {path} at epoch {self.epoch}")
         self.resumed_from = (path, st.get("world_size"))  # absent from checkpoints before 2026-12-05
+        return ckpt
 
     # ----------------------------------------------------------------- loop
     def _improved(self, value: float) -> bool:
