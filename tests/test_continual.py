@@ -25,6 +25,7 @@ from edgekd.continual.run import evaluate_task
 from edgekd.continual.scenarios import ContinualObjective, build_tasks
 from edgekd.data import Table, build_data
 from edgekd.errors import EdgeKDError
+from edgekd.fileio import sha256_file
 from edgekd.models import create_model, model_spec
 from edgekd.recipe import ModelConfig, recipe_from_dict
 from edgekd.train.checkpoint import model_from_checkpoint
@@ -326,9 +327,17 @@ def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_anoth
     recipe = recipe_from_dict(raw)
     whole = run_continual(recipe, tmp_path / "run", log=lambda s: None)
     want = torch.load(whole.best_path, weights_only=True)["state_dict"]
-    for leftover in (tmp_path / "run" / "task2_b").iterdir():  # interrupted before task 2 ended
-        leftover.unlink()
+    for leftover in [*(tmp_path / "run" / "task2_b").iterdir(), tmp_path / "run" / "model.pt",
+                     tmp_path / "run" / "continual.json"]:  # interrupted before task 2 ended (the resume had found a
+        leftover.unlink()                                   # finished run and retrained nothing)
+    # the run began from random weights (init_weights None); a resume keeps what task1's task.pt recorded
+    task1 = tmp_path / "run" / "task1_a" / "task.pt"
+    state = torch.load(task1, weights_only=True)
+    assert "init_weights" in state and state["init_weights"] is None
+    torch.save({**state, "init_weights": {"file": "/recorded/start.pt", "sha256": "ab"}}, task1)
     resumed = run_continual(recipe, tmp_path / "run", resume=True, log=lambda s: None)
+    assert torch.load(resumed.best_path, weights_only=True)["init_weights"] == {"file": "/recorded/start.pt",
+                                                                                "sha256": "ab"}
     got = torch.load(resumed.best_path, weights_only=True)["state_dict"]
     assert all(torch.equal(want[k], got[k]) for k in want)
     np.testing.assert_array_equal(resumed.acc_matrix, whole.acc_matrix)
@@ -772,6 +781,10 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     assert first.test["acc"] == pytest.approx(summary["acc_matrix"][0][0])
     final, ckpt = model_from_checkpoint(result.best_path)
     assert ckpt["arch"]["num_classes"] == 5
+    # Where it started is recorded, as edgekd train records its weights file (a bundle's card names it).
+    assert ckpt["init_weights"] == {"file": str(first.best_path.resolve()), "sha256": sha256_file(first.best_path)}
+    task_b = torch.load(tmp_path / "cl" / "task2_B" / "task.pt", weights_only=True)
+    assert task_b["init_weights"] == ckpt["init_weights"]
     # Multi-head: task B's loss never reaches task A's rows of the output layer.
     torch.testing.assert_close(final.fc.weight[:2], student.fc.weight)
     assert not torch.equal(final.stages[0][0].weight, student.stages[0][0].weight)

@@ -23,7 +23,7 @@ from edgekd.continual.plugins import build_plugins
 from edgekd.continual.scenarios import (ContinualObjective, Task, build_tasks, output_range, recorded_tasks,
                                        union_data)
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import write_json, write_text
+from edgekd.fileio import sha256_file, write_json, write_text
 from edgekd.metrics import one_class_warning
 from edgekd.metrics.report import write_csv_log
 from edgekd.models import count_parameters, create_model, freeze, model_spec
@@ -31,6 +31,7 @@ from edgekd.progress import progress_task
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
+from edgekd.train.run import init_weights
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
 
@@ -192,11 +193,22 @@ def plot_task_accuracy(acc: np.ndarray, names: list[str], path: Path, title: str
     return save_figure(fig, path)
 
 
-def _meta(recipe, tasks: list[Task], step: int, spec: dict[str, Any], head: str) -> dict[str, Any]:
+def starting_weights(recipe) -> dict[str, Any] | None:
+    """Where a continual run's model started, for its checkpoints and a bundle's card: its continual.checkpoint (path
+    and sha256 when the run began), else the recipe's model weights as `edgekd train` records them."""
+    if recipe.continual.checkpoint is None:
+        return init_weights(recipe.model)
+    path = Path(recipe.continual.checkpoint)
+    return {"file": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def _meta(recipe, tasks: list[Task], step: int, spec: dict[str, Any], head: str,
+          init: dict[str, Any] | None) -> dict[str, Any]:
     seen = tasks[: step + 1]
     return {
         "arch": {**spec, "num_classes": seen[-1].hi}, "class_names": seen[-1].data.class_names,
         "preprocess": tasks[0].data.preprocess, "recipe": recipe.to_dict(), "role": recipe.role,
+        "init_weights": init,
         "dataset": "+".join(dict.fromkeys(t.data.source_name for t in seen)), "edgekd_version": __version__,
         "continual": {"scenario": recipe.continual.scenario, "head": head, "step": step,
                       "tasks": [{"name": t.name, "outputs": [t.lo, t.hi], "class_names": t.class_names} for t in seen]},
@@ -286,15 +298,15 @@ def resume_task(model: nn.Module, path: Path, recipe) -> dict[str, Any]:
     return dict(ckpt.get("training") or {})
 
 
-def check_resumable(out: Path, tasks: list[Task], recipe) -> None:
+def check_resumable(out: Path, tasks: list[Task], recipe) -> dict[str, Any]:
     """Before a resume writes anything (its recipe.yaml had replaced a finished run's before the refusal): a task
-    checkpoint to resume from, written by this very recipe."""
+    checkpoint to resume from, written by this very recipe; returns it (what the run began with is in it)."""
     found = [out / f"task{i + 1}_{_slug(t.name)}" / name for i, t in enumerate(tasks)
              for name in ("task.pt", "last.pt")]
     found = [p for p in found if p.is_file()]
     if not found:
         raise EdgeKDError(f"{out}: no task.pt or last.pt of this recipe's tasks (nothing to resume)")
-    load_resumable(found[0], recipe)
+    return load_resumable(found[0], recipe)
 
 
 def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
@@ -310,9 +322,11 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         log(f"{out}: this recipe's run finished there; nothing to resume (model.pt and continual.json are kept)")
         return done  # model.pt (an exported bundle's parent) and dropped continual.json's timing records
     tasks = build_tasks(recipe)
-    if resume:
-        check_resumable(out, tasks, recipe)
+    resumed = check_resumable(out, tasks, recipe) if resume else None
     model, spec, first_learned = starting_model(recipe, tasks)
+    # a resumed run keeps the starting weights it began with (the file may have changed since); checkpoints from
+    # before 2026-12-06 recorded none, so those are read now
+    init = resumed["init_weights"] if resumed is not None and "init_weights" in resumed else starting_weights(recipe)
     if cfg.checkpoint is not None and spec["name"] != recipe.model.name:  # the checkpoint's model is what trains
         log(f"warning: continual.checkpoint {cfg.checkpoint} holds model {spec['name']}; the recipe's model.name "
             f"{recipe.model.name} is not used")
@@ -342,7 +356,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
                 log(f"task {i + 1}/{n} '{task.name}': done before, loaded {task_dir / 'task.pt'}")
             else:
                 record.update(_train_task(recipe, model, tasks, i, step, plugins, criterion, task_dir,
-                                          _meta(recipe, tasks, i, spec, head), resume, progress, log))
+                                          _meta(recipe, tasks, i, spec, head, init), resume, progress, log))
             for p in plugins:
                 p.after_task(step)
             record["eval"] = _evaluate_step(model, tasks, head, i, cfg.eval_split, device, log)
@@ -352,7 +366,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
             advance_task()
     best_path = save_checkpoint(out / "model.pt", {
         "state_dict": _cpu_state(model), "metrics": {"acc_matrix": acc.tolist()}, "recipe_digest": recipe.digest(),
-        **_meta(recipe, tasks, n - 1, spec, head)})
+        **_meta(recipe, tasks, n - 1, spec, head, init)})
     summary = _summary(recipe, tasks, spec, model, acc, f1, steps)
     write_json(out / "continual.json", summary)
     _write_plots(recipe, out, acc, summary["tasks"], steps[-1]["eval"])
