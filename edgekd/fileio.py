@@ -227,7 +227,7 @@ def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str 
     target = Path(out).resolve()
     for given in inputs:
         source = Path(given).resolve()
-        if target == source or source in target.parents:
+        if target.is_relative_to(source):
             raise EdgeKDError(f"{option} {out}: is inside the input {given}; write the output elsewhere")
     refuse_output_in_bundle(out, option, replaces)
 

@@ -52,7 +52,7 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
         inputs["continual.checkpoint"] = recipe.continual.checkpoint
     for key, given in inputs.items():
         where = Path(given).resolve() if given else None
-        if where is not None and (where.parent == out or (subfolders and out in where.parents)):
+        if where is not None and (where.parent == out or (subfolders and where.is_relative_to(out))):
             raise EdgeKDError(f"--out {out}: holds {key} {given}, which the run would write over; train into "
                               "another folder (a recipe copied from its teacher keeps the teacher's name, and so "
                               "its default runs/<name>: give the copy its own name)")

@@ -84,7 +84,7 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
     run_dir = update_run_dir(run_dir, recipe.name, out, resume)
     # inside --out, the export would find --out not a bundle, after training
-    if Path(out).resolve() in (Path(run_dir).resolve(), *Path(run_dir).resolve().parents):
+    if Path(run_dir).resolve().is_relative_to(Path(out).resolve()):
         raise EdgeKDError(f"--run-dir {run_dir}: is inside --out {out}, the bundle the export writes; give a run "
                           "folder outside it")
     refuse_output_inside(run_dir, [source], "--run-dir")

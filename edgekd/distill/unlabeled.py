@@ -110,10 +110,10 @@ def refuse_held_out_pool(cfg, data_cfg) -> None:
         return
     else:
         pool, data = Path(cfg.path).resolve(), Path(data_cfg.path).resolve()
-        overlaps = pool == data or data in pool.parents
+        overlaps = pool.is_relative_to(data)
         train = data / "train"
         train_only = ((pool == data and cfg.source != "folder" and cfg.split == "train")
-                      or pool == train or train in pool.parents)
+                      or pool.is_relative_to(train))
     if overlaps and not train_only:
         raise EdgeKDError(f"distill.unlabeled: the pool is part of the labelled data ({cfg.path or cfg.source}, "
                           f"{cfg.split if cfg.source != 'folder' else 'every image under it'}) beyond its given "

@@ -209,7 +209,7 @@ def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, c
     if not path:
         return
     given, own = Path(data_path_key(str(folder))), Path(data_path_key(path))
-    if given == own or own in given.parents or given in own.parents:
+    if given.is_relative_to(own) or own.is_relative_to(given):
         raise EdgeKDError(f"--data {folder}: the folder the checkpoint was trained on (data.path {path}), or part of "
                           f"it: its images include training ones; score new images kept in a separate folder, or "
                           f"the checkpoint's own test split (`edgekd eval {checkpoint}`)")
