@@ -364,6 +364,37 @@ def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_anoth
         run_continual(recipe, tmp_path / "typo", resume=True, log=lambda s: None)
 
 
+def test_a_new_run_into_a_finished_ones_folder_removes_its_results_first(tmp_path, monkeypatch):
+    """A new continual run into a finished run's folder, stopped in its second task: the old model.pt and
+    continual.json had stayed beside the new tasks (export shipped the old model) and the resume command the
+    stop printed was refused on that model.pt. Now they go when the new run starts, and the resume finishes."""
+    import edgekd.continual.run as cl
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(32, 8, 8))
+    raw = base_recipe(npz, scenario="class_incremental",
+                      tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])
+    raw["train"]["epochs"] = 1
+    cl.run_continual(recipe_from_dict(raw), tmp_path / "run", log=lambda s: None)
+    assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "task2_b" / "task.pt").is_file()
+    new = recipe_from_dict({**raw, "train": {**raw["train"], "epochs": 2}})
+    real = cl._train_task
+
+    def stopped_in_task_2(recipe, model, tasks, i, *args, **kwargs):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(recipe, model, tasks, i, *args, **kwargs)
+
+    monkeypatch.setattr(cl, "_train_task", stopped_in_task_2)
+    with pytest.raises(KeyboardInterrupt):
+        cl.run_continual(new, tmp_path / "run", log=lambda s: None)
+    left = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert not left & {"model.pt", "continual.json", "task_accuracy.png", "task2_b/task.pt"}, left
+    assert "task1_a/task.pt" in left  # the new run's
+    monkeypatch.setattr(cl, "_train_task", real)
+    resumed = cl.run_continual(new, tmp_path / "run", resume=True, log=lambda s: None)
+    assert torch.load(resumed.best_path, weights_only=True)["recipe"]["train"]["epochs"] == 2
+
+
 def test_a_task_that_calls_everything_one_class_is_warned_of():
     """The export warned of a task whose ACC is no better than its largest class's share; train and eval had not."""
     from edgekd.continual.run import task_one_class_warnings
@@ -859,3 +890,23 @@ def test_a_continual_run_into_a_folder_in_use_is_refused_and_a_refused_new_folde
     with pytest.raises(EdgeKDError, match="none.npz"):
         run_recipe(recipe_from_dict(bad), tmp_path / "new", log=lambda *_: None)
     assert not (tmp_path / "new").exists()  # made to be locked, removed again: nothing was written
+
+
+def test_the_continual_table_says_when_the_first_task_has_no_retention():
+    """A first task scored 0 right after learning it has no retention (NaN; null once read back from JSON): the
+    caption had printed 'nan%'."""
+    from types import SimpleNamespace
+
+    from edgekd.cli.tables import continual_table
+    from edgekd.continual.metrics import retention
+
+    acc = [[0.0, float("nan")], [0.4, 0.9]]
+    for kept in (retention(acc, 0), None):
+        summary = {"method": "ewc", "bn_freeze": False, "head": "multi", "eval_split": "test", "avg_acc": 0.65,
+                   "forgetting": -0.4, "bwt": 0.4, "retention_first_task": kept}
+        table = continual_table("run", SimpleNamespace(summary=summary, task_names=["oct", "xray"], acc_matrix=acc))
+        assert table.caption.endswith("first-task retention n/a (task oct scored 0 right after it was learned)")
+        assert "nan" not in table.caption
+    summary["retention_first_task"] = 0.5
+    assert continual_table("run", SimpleNamespace(summary=summary, task_names=["oct", "xray"],
+                                                  acc_matrix=acc)).caption.endswith("retention 50.0%")

@@ -41,8 +41,11 @@ def continual_table(title: str, result) -> RichTable:
     for i, (name, row) in enumerate(zip(result.task_names, result.acc_matrix)):
         avg = sum(row[: i + 1]) / (i + 1)
         table.add_row(escape(name), *[_fmt(v) if j <= i else "" for j, v in enumerate(row)], _fmt(avg))
-    table.caption = (f"avg acc {s['avg_acc']:.4f} · forgetting {s['forgetting']:.4f} · BWT {s['bwt']:.4f} · "
-                     f"first-task retention {s['retention_first_task']:.1%}")
+    kept = s["retention_first_task"]
+    kept = (f"{kept:.1%}" if isinstance(kept, (int, float)) and kept == kept  # NaN (or null read back from JSON):
+            else f"n/a (task {escape(result.task_names[0])} scored 0 right after it was learned)")  # nothing to keep
+    table.caption = (f"avg acc {_fmt(s['avg_acc'])} · forgetting {_fmt(s['forgetting'])} · BWT {_fmt(s['bwt'])} · "
+                     f"first-task retention {kept}")
     return table
 
 

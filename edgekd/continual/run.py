@@ -287,6 +287,22 @@ def _evaluate_step(model: nn.Module, tasks: list[Task], head: str, i: int, split
     return scores
 
 
+CONTINUAL_OUTPUTS = ("model.pt", "continual.json", "task_accuracy.png", "confusion_all_tasks.png")
+"""What a continual run writes at the top of its folder, besides confusion_task<j>.png."""
+
+
+def remove_earlier_run(out: Path, tasks: list[Task]) -> None:
+    """A new (not resumed) run into the folder of an earlier one: that run's results and its task checkpoints of
+    these tasks go now. They had stayed until the new run's end, so a stop half-way left the old model.pt beside the
+    new tasks (`edgekd export out/model.pt` shipped it) and the printed resume command was refused on it."""
+    stale = [*(out / name for name in CONTINUAL_OUTPUTS), *out.glob("confusion_task*.png"),
+             *(out / f"task{i + 1}_{_slug(t.name)}" / name for i, t in enumerate(tasks)
+               for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv"))]
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+
+
 def resume_task(model: nn.Module, path: Path, recipe) -> dict[str, Any]:
     """Load a task finished by an earlier run of this very recipe (its weights and the random states after it);
     returns that task's training record (epochs, seconds, step_seconds; empty from task.pt files before
@@ -331,6 +347,8 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         log(f"warning: continual.checkpoint {cfg.checkpoint} holds model {spec['name']}; the recipe's model.name "
             f"{recipe.model.name} is not used")
     out.mkdir(parents=True, exist_ok=True)  # data and model built: a bad path has failed before anything is written
+    if not resume:
+        remove_earlier_run(out, tasks)
     write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     device = resolve_device(recipe.train.device)
     model.to(device)
