@@ -1034,17 +1034,51 @@ def test_a_rep_model_exports_fused_and_a_wrong_fusion_fails_the_gate(tmp_path, m
         assert ("- Exported in its fused inference form: 22 re-parameterizable blocks folded" in card) is fuse
     assert (convs[True], convs[False]) == (22, 44)  # RepVGG-A0: each block's 3x3 and 1x1 branches become one 3x3
 
-    def off_by_a_little(model):  # a fusion that changed the function: the gate judges against the unfused model
+    check = json.loads((tmp_path / "fuse-True" / "edgekd.json").read_text())["model"]["fusion_check"]
+    assert check["inputs"] == 4 * 6 and check["fused_fp32_max_diff"] < 1e-4  # 4 images x the 6 default TTA views
+    assert "of the unfused checkpoint run in float64 on the parity inputs" in (tmp_path / "fuse-True" / "card.md").read_text()
+
+    def off_by_a_little(model):  # a fusion that changed the function: checked against the unfused model
         fused, n = deploy_form(model)
         with torch.no_grad():
             fused.head.fc.bias += 1e-3
         return fused, n
 
     monkeypatch.setattr(export_run, "deploy_form", off_by_a_little)
-    with pytest.raises(ParityGateError, match="onnx/fp32"):
+    with pytest.raises(EdgeKDError, match=r"^fused form: logit diff 0.001 from the unfused model run in float64 .*"
+                                          r"the fusion changed the function; `fuse: false`"):
         export_checkpoint(ckpt, tmp_path / "wrong", ["onnx"], ["fp32"], profile_from_dict({"parity": {"images": 4}}),
                           log=quiet)
     assert not (tmp_path / "wrong").exists()
+
+
+def test_the_fusion_check_allows_float_rounding_and_refuses_a_changed_function():
+    """Folding BatchNorm into weights moves FP32 rounding: on a large-logit model that exceeds the FP32 gate's
+    absolute tolerance without any error (a fused MobileOne was refused at 1.7e-4 at |logit| 5.6). The check
+    measures rounding against a float64 run instead; a real change of function still fails."""
+    import copy
+
+    from edgekd.export.parity import check_fusion, torch_logits
+    from edgekd.export.profile import Tolerance
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(40)  # logits of a few hundred
+    x = (30 * np.random.default_rng(0).normal(size=(64, 256))).astype(np.float32)
+    refolded = copy.deepcopy(model)
+    with torch.no_grad():  # the same function, other roundings: each weight times 3 then divided by 3 in float32
+        for layer in (refolded[0], refolded[2]):
+            layer.weight.mul_(3).div_(3)
+    fp32_gate = Tolerance(max_abs=1e-4, rtol=0.0)
+    assert np.abs(torch_logits(refolded, x) - torch_logits(model, x)).max() > 1e-4  # the old rule refused it
+    ok = check_fusion(model, refolded, x, fp32_gate, factor=10)
+    assert ok["passed"] and 0 < ok["unfused_fp32_max_diff"] and ok["fused_fp32_max_diff"] <= 10 * ok["unfused_fp32_max_diff"] + 1e-4
+    changed = copy.deepcopy(refolded)
+    with torch.no_grad():
+        changed[2].bias += 0.5  # far below the logits' scale, far above their rounding
+    bad = check_fusion(model, changed, x, fp32_gate, factor=10)
+    assert not bad["passed"] and bad["worst"]["diff"] > bad["worst"]["allowed"]
 
 
 def test_the_card_says_where_the_training_started_from():

@@ -9,6 +9,7 @@ export if any artifact has one.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,27 @@ def torch_logits(model: nn.Module, x: np.ndarray, batch_size: int = 16) -> np.nd
                                .float().numpy() for i in range(0, len(x), batch_size)])
     finally:
         model.to(memory_format=torch.contiguous_format)
+
+
+@torch.no_grad()
+def check_fusion(model: nn.Module, fused: nn.Module, x: np.ndarray, floor: Tolerance, factor: float,
+                 batch_size: int = 16) -> dict[str, Any]:
+    """Is `fused` (a re-parameterized copy of `model`) the same function? In exact arithmetic it is; in FP32 the
+    folding moves the rounding (BatchNorm scales multiplied into weights), by about as much as FP32 rounding itself.
+    Both FP32 models are compared with `model` run in float64 on `x`: the fused one may be at most `factor` times
+    farther from it than the unfused FP32 model is, plus the `floor` tolerance (the FP32 gate's). A wrong fusion
+    (a branch lost, another BatchNorm eps) moves logits by far more. `passed` and the figures, for the card."""
+    exact64 = copy.deepcopy(model).double().eval()
+    exact = np.concatenate([exact64(torch.from_numpy(x[i:i + batch_size]).double()).numpy()
+                            for i in range(0, len(x), batch_size)])
+    unfused_err = float(np.abs(torch_logits(model, x).astype(np.float64) - exact).max(initial=0.0))
+    fused_diff = np.abs(torch_logits(fused, x).astype(np.float64) - exact)
+    allowed = factor * unfused_err + (floor.max_abs or 0.0) + floor.rtol * np.abs(exact)
+    worst = int(np.argmax(fused_diff - allowed)) if fused_diff.size else 0
+    return {"passed": bool((fused_diff <= allowed).all()), "inputs": len(x), "factor": factor,
+            "unfused_fp32_max_diff": unfused_err, "fused_fp32_max_diff": float(fused_diff.max(initial=0.0)),
+            "worst": {"diff": float(fused_diff.flat[worst]), "allowed": float(allowed.flat[worst]),
+                      "reference": float(exact.flat[worst])} if fused_diff.size else None}
 
 
 def run_batched(session: ArtifactSession, x: np.ndarray, batch_size: int) -> np.ndarray:

@@ -65,6 +65,10 @@ class ParityConfig(Section):
     whole split, so the gated drop is measured on every validation image; the card states the count and the
     resolution. The PyTorch reference, calibration and decision threshold always take the whole splits."""
     tolerances: Tolerances
+    fusion_factor: float = Field(10.0, ge=1)
+    """A fused export (`fuse: true` on a model with re-parameterizable blocks) is first checked against the unfused
+    model run in float64 on the parity inputs: its FP32 logits may be at most this many times farther from them than
+    the unfused FP32 model's are, plus the fp32 tolerance. The artifacts are then gated against the fused model."""
     runner: RunnerCheck = RunnerCheck()
     """What `edgekd predict` runs must predict what the gate checked (export/runner_check.py)."""
     on_fail: Literal["error", "drop"] = "error"
@@ -212,7 +216,8 @@ class ExportProfile(Section):
     """Export at this (square) input size instead of the checkpoint's; the eval resize scales with it."""
     fuse: bool = True
     """Export a model with re-parameterizable blocks (RepVGG, MobileOne, FastViT, RepViT, LeViT...) in its fused
-    inference form (timm's reparameterize_model), gated against the unfused model; false: the training form."""
+    inference form (timm's reparameterize_model), checked against the unfused model (`parity.fusion_factor`); false:
+    the training form."""
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     """CPU threads for parity runs (at most this machine's cores) and the runtime hint written to edgekd.json
     (null: the library default; the runner caps it to the device's cores)."""

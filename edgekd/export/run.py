@@ -25,7 +25,8 @@ from edgekd.export.clinical import as_the_bundle_decides, operating_point, write
 from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_sets, retention_report, task_layout,
                                      task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
-from edgekd.export.parity import ParitySet, check_artifact, int8_speedup, parity_inputs, reference_report
+from edgekd.export.parity import (ParitySet, check_artifact, check_fusion, int8_speedup, parity_inputs,
+                                  reference_report)
 from edgekd.export.profile import ExportProfile, load_profile, profile_digest
 from edgekd.export.runner_check import runner_check
 from edgekd.metrics import one_class_warning
@@ -277,23 +278,33 @@ def export_inputs(checkpoint: str | Path, profile: ExportProfile | None = None, 
     return ExportInputs(model, parity_set, calibration_images(data, profile), data.preprocess)
 
 
-def deployable(model, profile: ExportProfile, log: Callable[[str], None], metadata: dict[str, Any]):
-    """The model the exporters trace: its fused inference form unless the profile says `fuse: false` (the count
-    of fused blocks goes into `metadata["model"]`, for the card). Parity is judged against `model` itself, so a
-    fusion that changed the function fails the gate."""
+def deployable(model, profile: ExportProfile, parity_set: ParitySet,
+               log: Callable[[str], None]) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """(the model the exporters trace and the gate judges them against, the fusion check or None). A model with
+    re-parameterizable blocks comes back in its fused inference form unless the profile says `fuse: false`, once
+    `check_fusion` has found it the unfused model's function (a one-line error otherwise)."""
     if not profile.fuse:
-        return model
+        return model, None
     fused, blocks = deploy_form(model)
-    metadata["model"]["fused_blocks"] = blocks
-    if blocks:
-        log(f"fused {blocks} re-parameterizable blocks for export (timm reparameterize_model; profile fuse: false "
-            "exports the training form)")
-    return fused
+    if not blocks:
+        return model, None
+    check = check_fusion(model, fused, parity_set.inputs, profile.parity.tolerances.fp32, profile.parity.fusion_factor)
+    if not check["passed"]:
+        worst = check["worst"]
+        raise EdgeKDError(f"fused form: logit diff {worst['diff']:.3g} from the unfused model run in float64 (at "
+                          f"|logit| {abs(worst['reference']):.3g}) > {worst['allowed']:.3g} allowed "
+                          f"({check['factor']:g}x the unfused FP32 model's own {check['unfused_fp32_max_diff']:.3g} "
+                          "+ the fp32 tolerance): the fusion changed the function; `fuse: false` in the export "
+                          "profile exports the training form")
+    log(f"fused {blocks} re-parameterizable blocks for export (timm reparameterize_model): logits within "
+        f"{check['fused_fp32_max_diff']:.2g} of the unfused model run in float64 (its own FP32 rounding "
+        f"{check['unfused_fp32_max_diff']:.2g}); profile fuse: false exports the training form")
+    return fused, {"blocks": blocks, **{k: v for k, v in check.items() if k != "passed"}}
 
 
 def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfile, scratch: Path,
                     parity_set: ParitySet, log: Callable[[str], None], progress=None) -> ExportContext:
-    """What the exporters get: the model in its deploy form (`deployable`); calibration images are drawn (once)
+    """What the exporters get: `model` in its deploy form (`deployable`); calibration images are drawn (once)
     only when an INT8 path asks."""
 
     def calibration() -> np.ndarray:
@@ -301,7 +312,7 @@ def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfil
             ctx.cache["calibration"] = calibration_images(data, profile)
         return ctx.cache["calibration"]
 
-    ctx = ExportContext(model=deployable(model, profile, log, metadata), input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
+    ctx = ExportContext(model=model, input_shape=tuple(data.preprocess["input_size"]), metadata=metadata,
                         profile=profile, scratch=scratch, calibration=calibration,
                         validation=lambda: parity_set.metric_split("val"), log=log, progress=progress)
     return ctx
@@ -513,11 +524,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         log(f"threads {profile.threads} is over this machine's {profile.run_threads()} cores: the export runs on "
             f"{profile.run_threads()}; the bundle's hint stays {profile.threads} (a runner caps it to its cores)")
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
-    reference = reference_report(model, parity_set)
+    deployed, fusion = deployable(model, profile, parity_set, log)
+    reference = reference_report(deployed, parity_set)
     reference["warnings"] = _one_class_warnings(reference, parity_set, log)
     reference["clinical"] = _clinical(reference, parity_set, profile, ckpt, log)
     metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels, plan),
                 **_continual_metadata(layout, continual, lineage)}
+    if fusion is not None:
+        metadata["model"]["fused_blocks"] = fusion.pop("blocks")
+        metadata["model"]["fusion_check"] = fusion
     explain_data = None if parity_set.heads is not None else data if layout is None else data.tasks[-1].data
 
     stage = scratch = None
@@ -528,7 +543,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
             # Tracked: a stop signal removes them before unwinding (a native call it interrupts may crash the exit).
             stage = track_tree(staging_dir(out))
             scratch = track_tree(make_temp_dir("edgekd-export-", parent=scratch_root))
-        ctx = _export_context(model, data, metadata, profile, scratch, parity_set, log, progress)
+        ctx = _export_context(deployed, data, metadata, profile, scratch, parity_set, log, progress)
         with progress_task(progress, "export", len(plan)) as advance:
             for fmt, precision in plan:
                 advance(0, f"export {fmt.name}/{precision}")
