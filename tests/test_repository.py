@@ -243,3 +243,42 @@ def test_an_updated_bundle_is_not_named_like_its_parent_by_default(bundle, tmp_p
     parent_name = write_repository(bundle, "triton", tmp_path / "p").model_name
     child_name = write_repository(child, "triton", tmp_path / "c").model_name
     assert child_name != parent_name and child_name == parent_name.replace("_fp32", f"_{len(meta['class_names'])}out_fp32")
+
+
+def test_add_puts_a_second_model_or_the_next_version_into_a_served_repository(bundle, tmp_path, monkeypatch):
+    """A second model could not join a repository (a non-empty --out was refused), and the README's advice to copy
+    its folder in left OpenVINO Model Server never loading it: config.json did not list it. --add lists it."""
+    write_repository(bundle, "ovms", tmp_path / "o", name="chest")
+    repo = write_repository(bundle, "ovms", tmp_path / "o", name="chest2", add=True)
+    config = json.loads((tmp_path / "o" / "config.json").read_text())["model_config_list"]
+    assert [c["config"]["name"] for c in config] == ["chest", "chest2"]
+    assert config[1]["config"]["base_path"] == "/models/chest2"
+    assert sha256(tmp_path / "o" / "chest2" / "1" / "model.bin") == repo.files["chest2/1/model.bin"]
+    assert "--add --name chest2" in (tmp_path / "o" / "README-chest2.md").read_text()
+    write_repository(bundle, "ovms", tmp_path / "o", name="chest", version=2, add=True)  # the next version
+    assert (tmp_path / "o" / "chest" / "2" / "model.xml").is_file()
+    assert len(json.loads((tmp_path / "o" / "config.json").read_text())["model_config_list"]) == 2  # listed once
+    with pytest.raises(EdgeKDError, match="model 'chest' has a version 2 already; give the next --version"):
+        write_repository(bundle, "ovms", tmp_path / "o", name="chest", version=2, add=True)
+    with pytest.raises(EdgeKDError, match=r"--base-path /srv: config.json serves 'chest' from /models/chest"):
+        write_repository(bundle, "ovms", tmp_path / "o", name="chest", version=3, base_path="/srv", add=True)
+
+    write_repository(bundle, "triton", tmp_path / "t", name="a")
+    write_repository(bundle, "triton", tmp_path / "t", name="b", add=True)
+    write_repository(bundle, "triton", tmp_path / "t", name="a", version=2, add=True)
+    assert sorted(p.relative_to(tmp_path / "t").as_posix() for p in (tmp_path / "t").glob("*/*/model.onnx")) == [
+        "a/1/model.onnx", "a/2/model.onnx", "b/1/model.onnx"]
+    with pytest.raises(EdgeKDError, match="its config.pbtxt would differ from the served one"):
+        write_repository(bundle, "triton", tmp_path / "t", name="a", version=3, max_batch_size=4, add=True)
+    assert not (tmp_path / "t" / "a" / "3").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    # not a repository of that kind, or none at all
+    with pytest.raises(EdgeKDError, match=r"not an OpenVINO Model Server repository \(config.json"):
+        write_repository(bundle, "ovms", tmp_path / "t", name="c", add=True)
+    with pytest.raises(EdgeKDError, match=r"not a Triton repository \(no <model>/config.pbtxt\)"):
+        write_repository(bundle, "triton", tmp_path / "o", name="c", add=True)
+    with pytest.raises(EdgeKDError, match="--add needs an existing triton repository"):
+        write_repository(bundle, "triton", tmp_path / "none", add=True)
+    assert run_cli(monkeypatch, "repository", str(bundle), "--kind", "triton", "--out", str(tmp_path / "t"),
+                   "--name", "d", "--add") == 0
+    assert (tmp_path / "t" / "d" / "config.pbtxt").is_file()

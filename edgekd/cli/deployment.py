@@ -214,7 +214,8 @@ def _write_predict_output(out: Path, results: list, runner, bundle: Path, tta_op
 def repository(
     bundle: Path = typer.Argument(..., help="An exported bundle (directory or .zip) from `edgekd export`."),
     kind: str = typer.Option(..., "--kind", help="triton (the bundle's ONNX model) or ovms (its OpenVINO IR)."),
-    out: Path = typer.Option(..., "--out", "-o", help="The repository directory to write (new or empty)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The repository directory to write (new or empty; with --add, "
+                             "an existing repository)."),
     precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Model name in the server (default: <model>_<precision>)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Triton max_batch_size (dynamic batching)."),
@@ -224,6 +225,8 @@ def repository(
                                   "server (config.json's base_path is <base-path>/<name>)."),
     version: int = typer.Option(1, "--version", min=1, help="The model's version folder (an update of a served "
                                 "model: the same --name, the next version)."),
+    add: bool = typer.Option(False, "--add", help="Add the model to the repository at --out (one written by edgekd "
+                             "repository): another --name, or the next --version of one it serves."),
 ) -> None:
     """Write the model repository NVIDIA Triton or OpenVINO Model Server loads, from a verified bundle: the
     bundle's model files byte for byte, config.pbtxt / config.json, and a README with the preprocessing."""
@@ -233,10 +236,11 @@ def repository(
 
     if is_bundle(bundle):  # else write_repository says what `bundle` is (a folder of runs was 'the input' of --out)
         refuse_output_inside(out, [bundle])
-    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path, version)
+    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path, version, add)
     for rel, digest in repo.files.items():
         out_console.print(f"{escape(rel)}  sha256 {digest}")
-    console.print(f"wrote {repo.kind} repository {out} (model '{repo.model_name}', README.md)")
+    console.print(f"added model '{repo.model_name}' to the {repo.kind} repository {out} (README-{repo.model_name}.md)"
+                  if add else f"wrote {repo.kind} repository {out} (model '{repo.model_name}', README.md)")
 
 
 def serve(

@@ -6,6 +6,7 @@ sha256 manifest as they are read); the repository is built aside and published b
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
-from edgekd.fileio import (check_output_location, deferred_signals, remove_tree, staging_directory, track_tree,
-                           untrack_tree, write_json, write_text)
+from edgekd.fileio import (check_output_location, deferred_signals, held_folder, remove_tree, staging_directory,
+                           track_tree, untrack_tree, write_json, write_text)
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
 from edgekd.runtime.preprocess import LUMA
 from edgekd.runtime.runner import check_artifact
@@ -134,10 +135,11 @@ def _stage_ovms(bundle: Bundle, art: Artifact, stage: Path, name: str, base_path
 
 def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str | None = None,
                      name: str | None = None, max_batch_size: int = 32, queue_delay_us: int = 2000,
-                     base_path: str = "/models", version: int = DEFAULT_VERSION) -> Repository:
+                     base_path: str = "/models", version: int = DEFAULT_VERSION, add: bool = False) -> Repository:
     """The `kind` repository (triton: the bundle's ONNX model; ovms: its OpenVINO IR) at `out`, with a README
     stating the preprocessing clients must apply; the model files in the version folder `version` (an update of a
-    served model: the same name, the next version). `out` must be new or empty; nothing is left on failure."""
+    served model: the same name, the next version). `out` must be new or empty; nothing is left on failure.
+    `add`: `out` is a repository of this kind already, and the model joins it (`add_to_repository`)."""
     if kind not in KINDS:
         raise EdgeKDError(f"--kind: unknown repository kind '{kind}' (choose from {', '.join(KINDS)})")
     if precision is not None and precision.lower() not in PRECISIONS:
@@ -156,7 +158,10 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
         if not out.resolve().is_dir():
             raise EdgeKDError(f"--out {out}: a symlink to {out.resolve()}, which is not a folder")
         out = out.resolve()
-    _check_out(out)
+    if add:
+        served = served_models(out, kind)
+    else:
+        _check_out(out)
     check_output_location(out)  # a read-only folder: named as --out (it had named the staging folder)
     bundle = open_bundle(bundle_path, verify=True)
     art = bundle.artifact(KINDS[kind], precision or bundle.most_precise())
@@ -167,6 +172,9 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{bundle.model.get('name') or 'model'}{outputs}_{art.precision}")
     if not MODEL_NAME.match(name):
         raise EdgeKDError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (at most 64, a letter or digit first)")
+    if add:
+        return add_to_repository(bundle, art, kind, out, served, name, max_batch_size, queue_delay_us, base_path,
+                                 version)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = staged = None
     try:
@@ -182,6 +190,75 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
             out.rmdir()
         os.rename(stage, out)
         stage = None
+    finally:
+        if stage is not None:
+            remove_tree(stage)
+        untrack_tree(staged)
+    return Repository(out, kind, name, files)
+
+
+def served_models(out: Path, kind: str) -> dict[str, Any]:
+    """The models a repository of `kind` at `out` serves (name -> its config.pbtxt text, or its config.json entry),
+    or a one-line error when `out` is not such a repository."""
+    if not out.is_dir():
+        raise EdgeKDError(f"--out {out}: --add needs an existing {kind} repository (write the first model without --add)")
+    if kind == "triton":
+        models = {p.parent.name: p.read_text(encoding="utf-8") for p in sorted(out.glob("*/config.pbtxt"))}
+        if not models:
+            raise EdgeKDError(f"--out {out}: not a Triton repository (no <model>/config.pbtxt)")
+        return models
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        entries = [e["config"] for e in config["model_config_list"]]
+        return {e["name"]: e for e in entries}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EdgeKDError(f"--out {out}: not an OpenVINO Model Server repository (config.json with "
+                          f"model_config_list: {type(err).__name__})") from None
+
+
+def add_to_repository(bundle: Bundle, art: Artifact, kind: str, out: Path, served: dict[str, Any], name: str,
+                      max_batch_size: int, queue_delay_us: int, base_path: str, version: int) -> Repository:
+    """A model joins a served repository: a new name (its folder, and for OVMS an entry appended to config.json's
+    model_config_list, which a copied-in folder lacked: OVMS never loaded it), or the next version of a model it
+    serves, whose inputs and outputs must be the same (Triton: the same config.pbtxt). Staged inside `out` and
+    moved in by one rename (config.json rewritten after, atomically); the model's README is README-<name>.md."""
+    if (out / name / str(version)).exists():
+        raise EdgeKDError(f"--out {out}: model '{name}' has a version {version} already; give the next --version "
+                          "(or another --name)")
+    if kind == "ovms" and name in served and served[name].get("base_path") != f"{base_path.rstrip('/')}/{name}":
+        raise EdgeKDError(f"--base-path {base_path}: config.json serves '{name}' from {served[name].get('base_path')}")
+    with held_folder(out, "repository --add"):  # two adds had raced on config.json
+        return _add(bundle, art, kind, out, served, name, max_batch_size, queue_delay_us, base_path, version)
+
+
+def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, served: dict[str, Any], name: str,
+         max_batch_size: int, queue_delay_us: int, base_path: str, version: int) -> Repository:
+    stage = staged = None
+    try:
+        # staged beside the repository, where a polling server does not see it, unless that is another filesystem
+        # (the repository a mount point): then inside it, under a hidden name
+        beside = out.parent.stat().st_dev == out.stat().st_dev
+        with deferred_signals():
+            stage = staged = track_tree(staging_directory(f".{out.name}.add." if beside else ".edgekd-add.", ".tmp",
+                                                          out.parent if beside else out))
+        if kind == "triton":
+            files, io = _stage_triton(bundle, art, stage, name, max_batch_size, queue_delay_us, version)
+            if name in served and (stage / name / "config.pbtxt").read_text(encoding="utf-8") != served[name]:
+                raise EdgeKDError(f"--name {name}: its config.pbtxt would differ from the served one (other inputs, "
+                                  "outputs or batching): a new version must keep them; serve it under a new --name")
+        else:
+            files, io = _stage_ovms(bundle, art, stage, name, base_path, version)
+        write_text(stage / f"README-{name}.md", repository_readme(bundle, kind, name, art, files, io, base_path))
+        with deferred_signals():
+            if name in served:
+                os.rename(stage / name / str(version), out / name / str(version))
+            else:
+                os.rename(stage / name, out / name)
+            os.replace(stage / f"README-{name}.md", out / f"README-{name}.md")
+            if kind == "ovms" and name not in served:
+                config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+                config["model_config_list"] += json.loads((stage / "config.json").read_text())["model_config_list"]
+                write_json(out / "config.json", config)
     finally:
         if stage is not None:
             remove_tree(stage)
@@ -248,13 +325,16 @@ def repository_readme(bundle: Bundle, kind: str, name: str, art: Artifact, files
              "folds it into the compiled model with PrePostProcessor at load time, not into the file), so every "
              "client sends preprocessed tensors:", "", *_preprocessing_lines(bundle.preprocess), "",
              "## Output", "", *_postprocessing_lines(bundle), "",
-             "## Versions", "",
-             "Both servers serve the highest version folder of a model by default. To roll out a new model of "
-             "the same inputs and outputs (a retrained one), write it with the same `--name` and the next "
-             "`--version` into a new folder and copy its `<name>/<version>/` folder into the served repository. "
-             "An `edgekd update` bundle adds outputs (the new task's classes): its versions differ in the "
-             "output shape that `config.pbtxt` declares and clients slice, so serve it under a new `--name` (or "
-             "replace the whole model folder, config included, and update the clients).", ""]
+             "## More models and versions", "",
+             "Both servers serve the highest version folder of a model by default. To roll out a retrained model "
+             "with the same inputs and outputs: `edgekd repository NEW_BUNDLE --kind "
+             f"{kind} --out <this folder> --add --name {name} --version <next>`. Another model joins with "
+             "`--add` under its own name (an `edgekd update` bundle adds outputs, the new task's classes, so it "
+             "gets its own name by default and clients slice its outputs anew)"
+             + (": its entry is appended to `config.json`'s `model_config_list` (OpenVINO Model Server loads only "
+                "the models listed there, and re-reads the file while it runs)." if kind == "ovms" else
+                "; a new version must keep this `config.pbtxt`. Triton loads models added while it runs with "
+                "`--model-control-mode=poll` (the default, `none`, loads them at the next start)."), ""]
     if kind == "triton":
         lines += ["## Start", "", "```",
                   "# from inside this folder (the repository)",
