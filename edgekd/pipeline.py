@@ -74,10 +74,13 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
             + ", or train into another folder)")
 
 
-def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print, progress=None):
-    """Run one recipe to a checkpoint: the recipe's sections say which stage trains it."""
+def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print, progress=None,
+               recipe_path: str | Path | None = None):
+    """Run one recipe to a checkpoint: the recipe's sections say which stage trains it. The --out checks of
+    `edgekd train` come first (`check_run_inputs`; `recipe_path`: the recipe's file, never written over)."""
     recipe, out = entry_arguments(recipe, out)
     check_run_dir(out)
+    check_run_inputs(recipe, out, recipe_path, resume, None, log)
     if recipe.continual:
         from edgekd.continual.run import run_continual
         from edgekd.train.distributed import is_main_process
@@ -97,10 +100,17 @@ def run_folds(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
               recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None,
               resume: bool = False) -> dict:
     """k-fold cross-validation (KD-OCT protocol); implemented by the distillation stage's fold driver
-    (`recipe_path`: the recipe's file, where a relative `distill.teacher_recipe` is also looked for)."""
+    (`recipe_path`: the recipe's file, where a relative `distill.teacher_recipe` is also looked for). The whole
+    of `out` is held for the run's length (each fold's runs also hold their own folders)."""
     if folds < 2:
         raise EdgeKDError("--folds must be at least 2")
+    recipe, out = entry_arguments(recipe, out)
     check_run_dir(out)
+    check_run_inputs(recipe, out, recipe_path, resume, folds, log)
     from edgekd.distill.folds import run_kfold
-    return run_kfold(recipe, out, folds, log=log, progress=progress, recipe_path=recipe_path,
-                     teacher_overrides=teacher_overrides, resume=resume)
+    from edgekd.train.distributed import is_main_process
+
+    # a second k-fold run into the same --out had retrained a finished fold between two of the first run's folds
+    with removed_if_only(out, ()), held_folder(out, "k-fold run") if is_main_process() else nullcontext():
+        return run_kfold(recipe, out, folds, log=log, progress=progress, recipe_path=recipe_path,
+                         teacher_overrides=teacher_overrides, resume=resume)

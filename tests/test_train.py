@@ -965,3 +965,28 @@ def test_a_folder_another_run_holds_is_never_removed_as_new(tmp_path):
             (tmp_path / "new" / "recipe.yaml").write_text("mine\n")
             raise EdgeKDError("refused")
     assert not (tmp_path / "new").exists()
+
+
+def test_the_python_api_refuses_what_edgekd_train_refuses_and_a_kfold_run_holds_its_folder(tiny_recipe_dict, tmp_path,
+                                                                                           monkeypatch):
+    """run_recipe/run_folds had skipped `edgekd train`'s --out checks (a run into the working folder wrote its
+    files there), and a k-fold run locked only each fold's run: a second k-fold run into the same --out retrained
+    a finished fold between two of the first run's folds, whose kfold.json then described files no longer there."""
+    from edgekd.fileio import held_folder
+    from edgekd.pipeline import run_folds, run_recipe
+
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: run_recipe(tiny_recipe_dict, ".", log=lambda *_: None),
+                 lambda: run_folds(tiny_recipe_dict, ".", 2, log=lambda *_: None)):
+        with pytest.raises(EdgeKDError, match=r"^--out .*: the current folder; give the run a folder of its own$"):
+            call()
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.npz"]  # the recipe's data; nothing written beside it
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "recipe.yaml").write_text("name: x\n")  # the recipe file is --out/recipe.yaml
+    with pytest.raises(EdgeKDError, match="writes its recipe.yaml over the recipe file"):
+        run_recipe(tiny_recipe_dict, tmp_path / "sub", log=lambda *_: None, recipe_path=tmp_path / "sub" / "recipe.yaml")
+    out = tmp_path / "kf"
+    with held_folder(out, "k-fold run"):
+        with pytest.raises(EdgeKDError, match=r"kf: another edgekd k-fold run is writing into this folder now"):
+            run_folds(tiny_recipe_dict, out, 2, log=lambda *_: None)
+    assert list(out.iterdir()) == []  # refused before any fold

@@ -31,7 +31,6 @@ def train(
     """Train a teacher, baseline or student from a recipe (best.pt, last.pt, metrics.json and plots), or a
     continual-learning sequence (model.pt, continual.json); --folds N runs k-fold cross-validation."""
     from edgekd.fileio import removed_if_only
-    from edgekd.pipeline import check_run_inputs
     from edgekd.recipe import load_recipe, warn_sections_turned_on
     from edgekd.train.distributed import distributed_session, is_main_process
 
@@ -41,7 +40,6 @@ def train(
         raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
     rank, world = torchrun_worker()
     warn_sections_turned_on(recipe, set_, console.print if rank == 0 else _quiet)
-    check_run_inputs(rec, out, recipe, resume, folds, console.print if rank == 0 else _quiet)
     launcher = ["torchrun", "--nproc_per_node", str(world), "-m", "edgekd"] if world > 1 else ["edgekd"]
     again = shlex.join([*launcher, "train", str(recipe), "--out", str(out), "--resume",
                         *(["--folds", str(folds)] if folds is not None else []),
@@ -61,7 +59,7 @@ def train(
                 out_console.print(summary["table_markdown"], soft_wrap=True, markup=False, highlight=False)
             return
         from edgekd.pipeline import run_recipe
-        result = run_recipe(rec, out, resume=resume, log=log, progress=progress if main else None)
+        result = run_recipe(rec, out, resume=resume, log=log, progress=progress if main else None, recipe_path=recipe)
     if not main:
         return
     if getattr(result, "acc_matrix", None) is not None:  # a continual run: its table is the accuracy matrix
