@@ -325,6 +325,25 @@ def check_resumable(out: Path, tasks: list[Task], recipe) -> dict[str, Any]:
     return load_resumable(found[0], recipe)
 
 
+def _start(recipe, out: Path, tasks: list[Task], resume: bool,
+           log: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any], bool, dict[str, Any] | None]:
+    """The run's starting model (`starting_model`) and where it started (`starting_weights`; a resumed run keeps what
+    it began with, as the file may have changed since: checkpoints from before 2026-12-06 recorded none, so those
+    are read now); then `out` made, an earlier run's results removed (a new run) and recipe.yaml written."""
+    resumed = check_resumable(out, tasks, recipe) if resume else None
+    model, spec, first_learned = starting_model(recipe, tasks)
+    init = resumed["init_weights"] if resumed is not None and "init_weights" in resumed else starting_weights(recipe)
+    checkpoint = recipe.continual.checkpoint
+    if checkpoint is not None and spec["name"] != recipe.model.name:  # the checkpoint's model is what trains
+        log(f"warning: continual.checkpoint {checkpoint} holds model {spec['name']}; the recipe's model.name "
+            f"{recipe.model.name} is not used")
+    out.mkdir(parents=True, exist_ok=True)  # data and model built: a bad path has failed before anything is written
+    if not resume:
+        remove_earlier_run(out, tasks)
+    write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    return model, spec, first_learned, init
+
+
 def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                   progress=None) -> ContinualResult:
     """Learn recipe.continual.tasks in order; after each, evaluate all learned tasks (accuracy matrix)."""
@@ -338,18 +357,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         log(f"{out}: this recipe's run finished there; nothing to resume (model.pt and continual.json are kept)")
         return done  # model.pt (an exported bundle's parent) and dropped continual.json's timing records
     tasks = build_tasks(recipe)
-    resumed = check_resumable(out, tasks, recipe) if resume else None
-    model, spec, first_learned = starting_model(recipe, tasks)
-    # a resumed run keeps the starting weights it began with (the file may have changed since); checkpoints from
-    # before 2026-12-06 recorded none, so those are read now
-    init = resumed["init_weights"] if resumed is not None and "init_weights" in resumed else starting_weights(recipe)
-    if cfg.checkpoint is not None and spec["name"] != recipe.model.name:  # the checkpoint's model is what trains
-        log(f"warning: continual.checkpoint {cfg.checkpoint} holds model {spec['name']}; the recipe's model.name "
-            f"{recipe.model.name} is not used")
-    out.mkdir(parents=True, exist_ok=True)  # data and model built: a bad path has failed before anything is written
-    if not resume:
-        remove_earlier_run(out, tasks)
-    write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    model, spec, first_learned, init = _start(recipe, out, tasks, resume, log)
     device = resolve_device(recipe.train.device)
     model.to(device)
     head = cfg.head

@@ -216,9 +216,11 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
 
 
 def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profile: ExportProfile,
-                     reference: dict[str, Any], image_channels: int, plan=()) -> dict[str, Any]:
+                     reference: dict[str, Any], image_channels: int, plan=(),
+                     fusion: dict[str, Any] | None = None) -> dict[str, Any]:
     """metadata.json without its artifact list. `plan`: the (format, precision) pairs built, which the recorded
-    settings name (--format/--precision on the command line are not in the profile)."""
+    settings name (--format/--precision on the command line are not in the profile); `fusion`: `deployable`'s
+    check of a fused model (its block count and figures)."""
     preprocess = data.preprocess
     train_counts = data.counts().get("train", [])
     return {
@@ -227,7 +229,9 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
         "model": {"name": ckpt["arch"]["name"], "role": ckpt.get("role"), "params": count_parameters(model),
                   "dataset": ckpt.get("dataset"), "recipe_digest": ckpt.get("recipe_digest"),
                   "checkpoint": checkpoint.name, "checkpoint_path": str(checkpoint.resolve()),
-                  "checkpoint_sha256": sha256_file(checkpoint), "init_weights": ckpt.get("init_weights")},
+                  "checkpoint_sha256": sha256_file(checkpoint), "init_weights": ckpt.get("init_weights"),
+                  **({"fused_blocks": fusion["blocks"], "fusion_check": {k: v for k, v in fusion.items() if k != "blocks"}}
+                     if fusion else {})},
         "class_names": list(ckpt["class_names"]),
         "preprocess": preprocess,
         "tta": {"views": list(profile.tta.views), "center_crop_fraction": profile.tta.center_crop_fraction,
@@ -501,6 +505,12 @@ def _continual_metadata(layout: TaskLayout | None, continual: dict[str, Any] | N
     return extra
 
 
+def _note_thread_cap(profile: ExportProfile, log: Callable[[str], None]) -> None:
+    if profile.threads and profile.run_threads() != profile.threads:
+        log(f"threads {profile.threads} is over this machine's {profile.run_threads()} cores: the export runs on "
+            f"{profile.run_threads()}; the bundle's hint stays {profile.threads} (a runner caps it to its cores)")
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
                       precisions: list[str] | None = None, profile: ExportProfile | None = None,
                       zip_bundle: bool = False, data_overrides: list[str] | None = None,
@@ -520,19 +530,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     continual = retention_report(layout, profile.min_retention, allow_forgetting) if layout is not None else None
     scratch_root = _check_space(model, len(plan), out, zip_bundle)
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout, log)
-    if profile.threads and profile.run_threads() != profile.threads:
-        log(f"threads {profile.threads} is over this machine's {profile.run_threads()} cores: the export runs on "
-            f"{profile.run_threads()}; the bundle's hint stays {profile.threads} (a runner caps it to its cores)")
+    _note_thread_cap(profile, log)
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
     deployed, fusion = deployable(model, profile, parity_set, log)
     reference = reference_report(deployed, parity_set)
     reference["warnings"] = _one_class_warnings(reference, parity_set, log)
     reference["clinical"] = _clinical(reference, parity_set, profile, ckpt, log)
-    metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels, plan),
+    metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels, plan, fusion),
                 **_continual_metadata(layout, continual, lineage)}
-    if fusion is not None:
-        metadata["model"]["fused_blocks"] = fusion.pop("blocks")
-        metadata["model"]["fusion_check"] = fusion
     explain_data = None if parity_set.heads is not None else data if layout is None else data.tasks[-1].data
 
     stage = scratch = None

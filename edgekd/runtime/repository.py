@@ -133,13 +133,7 @@ def _stage_ovms(bundle: Bundle, art: Artifact, stage: Path, name: str, base_path
     return files, {}
 
 
-def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str | None = None,
-                     name: str | None = None, max_batch_size: int = 32, queue_delay_us: int = 2000,
-                     base_path: str = "/models", version: int = DEFAULT_VERSION, add: bool = False) -> Repository:
-    """The `kind` repository (triton: the bundle's ONNX model; ovms: its OpenVINO IR) at `out`, with a README
-    stating the preprocessing clients must apply; the model files in the version folder `version` (an update of a
-    served model: the same name, the next version). `out` must be new or empty; nothing is left on failure.
-    `add`: `out` is a repository of this kind already, and the model joins it (`add_to_repository`)."""
+def _check_options(kind: str, precision: str | None, max_batch_size: int, version: int, base_path: str) -> None:
     if kind not in KINDS:
         raise EdgeKDError(f"--kind: unknown repository kind '{kind}' (choose from {', '.join(KINDS)})")
     if precision is not None and precision.lower() not in PRECISIONS:
@@ -153,6 +147,16 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
         raise EdgeKDError(f"--base-path {base_path!r}: an absolute folder inside the server's container other than /, "
                           "without '..', of letters, digits and . _ - / (e.g. /models: the README's docker command "
                           "uses it as it is), where the repository is mounted")
+
+
+def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str | None = None,
+                     name: str | None = None, max_batch_size: int = 32, queue_delay_us: int = 2000,
+                     base_path: str = "/models", version: int = DEFAULT_VERSION, add: bool = False) -> Repository:
+    """The `kind` repository (triton: the bundle's ONNX model; ovms: its OpenVINO IR) at `out`, with a README
+    stating the preprocessing clients must apply; the model files in the version folder `version` (an update of a
+    served model: the same name, the next version). `out` must be new or empty; nothing is left on failure.
+    `add`: `out` is a repository of this kind already, and the model joins it (`add_to_repository`)."""
+    _check_options(kind, precision, max_batch_size, version, base_path)
     out = Path(out)
     if out.is_symlink():  # a link to a folder: the repository goes there (rename would not replace the link)
         if not out.resolve().is_dir():
