@@ -159,6 +159,32 @@ SETS["demo_unlabeled"] = {
                        "kd_ens, teacher targets averaged over the original and h-flipped batch"),
     },
 }
+# KD weight sweep (issue 19's "temperature and weight sweeps"; T was swept on the demo set, the KL weight was not)
+# and CutMix as function matching's shared view, on the demo set with its own runs folder and teachers.
+SWEEP = "runs/bench/demo_sweep"
+SWEEP_ENS = [f"distill.teacher={SWEEP}/teacher/best.pt", f"distill.ensemble=[{SWEEP}/teacher-cnn/best.pt]"]
+
+
+def _kl_ce(kl: float) -> str:
+    return f"distill.terms=[{{kind: kl, weight: {kl}, temperature: 4}}, {{kind: ce, weight: {round(1 - kl, 2)}}}]"
+
+
+SETS["demo_sweep"] = {
+    "dataset": "pneumoniamnist_mini",
+    "teachers": {"teacher": "recipes/demo/teacher.yaml", "teacher-cnn": "recipes/demo/teacher-cnn.yaml"},
+    "medmnist": {}, "bar": None,
+    "rows": {
+        "scratch": ("recipes/demo/baseline.yaml", [], None, "the demo's baseline CNN, no teacher"),
+        "kd_ens": ("recipes/demo/student.yaml", SWEEP_ENS, "scratch",
+                   "0.7 KL(T=4) + 0.3 CE from the ensemble of both teachers (mean of softmax)"),
+        "kd_ens_w03": ("recipes/demo/student.yaml", [*SWEEP_ENS, _kl_ce(0.3)], "scratch", "kd_ens, 0.3 KL + 0.7 CE"),
+        "kd_ens_w05": ("recipes/demo/student.yaml", [*SWEEP_ENS, _kl_ce(0.5)], "scratch", "kd_ens, 0.5 KL + 0.5 CE"),
+        "kd_ens_w09": ("recipes/demo/student.yaml", [*SWEEP_ENS, _kl_ce(0.9)], "scratch", "kd_ens, 0.9 KL + 0.1 CE"),
+        "fm_ens_cutmix": ("recipes/demo/student.yaml", [*SWEEP_ENS, "distill.mix={kind: cutmix, alpha: 1.0, p: 1.0}",
+                                                        "distill.terms=[{kind: kl, weight: 1.0, temperature: 1}]"],
+                          "scratch", "function matching with a shared CutMix view (KL(T=1) only), 8 epochs"),
+    },
+}
 # accuracy.json records of this benchmark are keyed by their train command: rows that share a recipe (and so its
 # name) with other overrides, like scratch and scratch_long, stay separate records.
 LEDGER_KEY = ("dataset", "split", "command")
