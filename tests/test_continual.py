@@ -905,7 +905,8 @@ def test_the_continual_table_says_when_the_first_task_has_no_retention():
         summary = {"method": "ewc", "bn_freeze": False, "head": "multi", "eval_split": "test", "avg_acc": 0.65,
                    "forgetting": -0.4, "bwt": 0.4, "retention_first_task": kept}
         table = continual_table("run", SimpleNamespace(summary=summary, task_names=["oct", "xray"], acc_matrix=acc))
-        assert table.caption.endswith("first-task retention n/a (task oct scored 0 right after it was learned)")
+        assert table.caption.endswith("first-task retention n/a (task oct had no accuracy to keep: 0 or unscored "
+                                      "right after it was learned)")
         assert "nan" not in table.caption
     summary["retention_first_task"] = 0.5
     assert continual_table("run", SimpleNamespace(summary=summary, task_names=["oct", "xray"],

@@ -1036,7 +1036,7 @@ def test_a_rep_model_exports_fused_and_a_wrong_fusion_fails_the_gate(tmp_path, m
 
     check = json.loads((tmp_path / "fuse-True" / "edgekd.json").read_text())["model"]["fusion_check"]
     assert check["inputs"] == 4 * 6 and check["fused_fp32_max_diff"] < 1e-4  # 4 images x the 6 default TTA views
-    assert "of the unfused checkpoint run in float64 on the parity inputs" in (tmp_path / "fuse-True" / "card.md").read_text()
+    assert "of the unfused checkpoint run in float64 on 24 parity inputs" in (tmp_path / "fuse-True" / "card.md").read_text()
 
     def off_by_a_little(model):  # a fusion that changed the function: checked against the unfused model
         fused, n = deploy_form(model)

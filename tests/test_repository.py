@@ -268,9 +268,23 @@ def test_add_puts_a_second_model_or_the_next_version_into_a_served_repository(bu
     write_repository(bundle, "triton", tmp_path / "t", name="a", version=2, add=True)
     assert sorted(p.relative_to(tmp_path / "t").as_posix() for p in (tmp_path / "t").glob("*/*/model.onnx")) == [
         "a/1/model.onnx", "a/2/model.onnx", "b/1/model.onnx"]
-    with pytest.raises(EdgeKDError, match="its config.pbtxt would differ from the served one"):
-        write_repository(bundle, "triton", tmp_path / "t", name="a", version=3, max_batch_size=4, add=True)
-    assert not (tmp_path / "t" / "a" / "3").exists()
+    # other batching: the same model inputs and outputs, so a version (the served config.pbtxt stays)
+    served = (tmp_path / "t" / "a" / "config.pbtxt").read_text()
+    write_repository(bundle, "triton", tmp_path / "t", name="a", version=3, max_batch_size=4, add=True)
+    assert (tmp_path / "t" / "a" / "config.pbtxt").read_text() == served
+    # another input size: not a version of the same model, for either server
+    other = tmp_path / "other"
+    other.mkdir()
+    export_checkpoint(make_checkpoint(other, "edgekd_cnn_tiny", image_size=24), other / "bundle", ["onnx", "openvino"],
+                      ["fp32"], profile_from_dict({"parity": {"images": 4}, "threads": 1}), log=quiet)
+    for kind, repo, served_name in (("triton", "t", "a"), ("ovms", "o", "chest")):
+        with pytest.raises(EdgeKDError, match=rf"--name {served_name}: version \d's model has other inputs or outputs"):
+            write_repository(other / "bundle", kind, tmp_path / repo, name=served_name, version=4, add=True)
+        assert not (tmp_path / repo / served_name / "4").exists()
+    # a folder copied in by hand, which the repository does not list, is not written over
+    (tmp_path / "o" / "byhand" / "1").mkdir(parents=True)
+    with pytest.raises(EdgeKDError, match="holds a folder 'byhand' that config.json does not list"):
+        write_repository(bundle, "ovms", tmp_path / "o", name="byhand", add=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     # not a repository of that kind, or none at all
     with pytest.raises(EdgeKDError, match=r"not an OpenVINO Model Server repository \(config.json"):

@@ -981,10 +981,14 @@ def test_the_python_api_refuses_what_edgekd_train_refuses_and_a_kfold_run_holds_
         with pytest.raises(EdgeKDError, match=r"^--out .*: the current folder; give the run a folder of its own$"):
             call()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.npz"]  # the recipe's data; nothing written beside it
+    import yaml
+
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "recipe.yaml").write_text("name: x\n")  # the recipe file is --out/recipe.yaml
+    (tmp_path / "sub" / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe_dict))  # the recipe is --out/recipe.yaml
     with pytest.raises(EdgeKDError, match="writes its recipe.yaml over the recipe file"):
         run_recipe(tiny_recipe_dict, tmp_path / "sub", log=lambda *_: None, recipe_path=tmp_path / "sub" / "recipe.yaml")
+    with pytest.raises(EdgeKDError, match="writes its recipe.yaml over the recipe file"):  # given as its path
+        run_recipe(tmp_path / "sub" / "recipe.yaml", tmp_path / "sub", log=lambda *_: None)
     out = tmp_path / "kf"
     with held_folder(out, "k-fold run"):
         with pytest.raises(EdgeKDError, match=r"kf: another edgekd k-fold run is writing into this folder now"):

@@ -43,7 +43,8 @@ def continual_table(title: str, result) -> RichTable:
         table.add_row(escape(name), *[_fmt(v) if j <= i else "" for j, v in enumerate(row)], _fmt(avg))
     kept = s["retention_first_task"]
     kept = (f"{kept:.1%}" if isinstance(kept, (int, float)) and kept == kept  # NaN (or null read back from JSON):
-            else f"n/a (task {escape(result.task_names[0])} scored 0 right after it was learned)")  # nothing to keep
+            else f"n/a (task {escape(result.task_names[0])} had no accuracy to keep: 0 or unscored right after it "
+                 "was learned)")
     table.caption = (f"avg acc {_fmt(s['avg_acc'])} · forgetting {_fmt(s['forgetting'])} · BWT {_fmt(s['bwt'])} · "
                      f"first-task retention {kept}")
     return table

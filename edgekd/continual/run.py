@@ -300,7 +300,7 @@ def remove_earlier_run(out: Path, tasks: list[Task]) -> None:
                for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv"))]
     for path in stale:
         if path.is_file():
-            path.unlink()
+            path.unlink(missing_ok=True)  # every torchrun rank runs this
 
 
 def resume_task(model: nn.Module, path: Path, recipe) -> dict[str, Any]:

@@ -315,7 +315,7 @@ def _provenance_lines(model: dict[str, Any]) -> list[str]:
         lines.append(f"- Exported in its fused inference form: {model['fused_blocks']} re-parameterizable blocks folded "
                      "(timm reparameterize_model)" + (
                          f"; its logits are within {check['fused_fp32_max_diff']:.2g} of the unfused checkpoint run in "
-                         f"float64 on the parity inputs (the unfused FP32 model's own rounding: "
+                         f"float64 on {check.get('inputs')} parity inputs (the unfused FP32 model's own rounding: "
                          f"{check['unfused_fp32_max_diff']:.2g}), and the artifacts are gated against it"
                          if "fused_fp32_max_diff" in check else ""))
     return lines

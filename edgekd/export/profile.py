@@ -67,7 +67,7 @@ class ParityConfig(Section):
     tolerances: Tolerances
     fusion_factor: float = Field(10.0, ge=1)
     """A fused export (`fuse: true` on a model with re-parameterizable blocks) is first checked against the unfused
-    model run in float64 on the parity inputs: its FP32 logits may be at most this many times farther from them than
+    model run in float64 on up to 64 of the parity inputs: its FP32 logits may be at most this many times farther from them than
     the unfused FP32 model's are, plus the fp32 tolerance. The artifacts are then gated against the fused model."""
     runner: RunnerCheck = RunnerCheck()
     """What `edgekd predict` runs must predict what the gate checked (export/runner_check.py)."""

@@ -163,7 +163,7 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
             raise EdgeKDError(f"--out {out}: a symlink to {out.resolve()}, which is not a folder")
         out = out.resolve()
     if add:
-        served = served_models(out, kind)
+        served_models(out, kind)  # not a repository: refused before the bundle is read
     else:
         _check_out(out)
     check_output_location(out)  # a read-only folder: named as --out (it had named the staging folder)
@@ -177,8 +177,7 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     if not MODEL_NAME.match(name):
         raise EdgeKDError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (at most 64, a letter or digit first)")
     if add:
-        return add_to_repository(bundle, art, kind, out, served, name, max_batch_size, queue_delay_us, base_path,
-                                 version)
+        return add_to_repository(bundle, art, kind, out, name, max_batch_size, queue_delay_us, base_path, version)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = staged = None
     try:
@@ -220,46 +219,81 @@ def served_models(out: Path, kind: str) -> dict[str, Any]:
                           f"model_config_list: {type(err).__name__})") from None
 
 
-def add_to_repository(bundle: Bundle, art: Artifact, kind: str, out: Path, served: dict[str, Any], name: str,
-                      max_batch_size: int, queue_delay_us: int, base_path: str, version: int) -> Repository:
+def add_to_repository(bundle: Bundle, art: Artifact, kind: str, out: Path, name: str, max_batch_size: int,
+                      queue_delay_us: int, base_path: str, version: int) -> Repository:
     """A model joins a served repository: a new name (its folder, and for OVMS an entry appended to config.json's
     model_config_list, which a copied-in folder lacked: OVMS never loaded it), or the next version of a model it
-    serves, whose inputs and outputs must be the same (Triton: the same config.pbtxt). Staged inside `out` and
-    moved in by one rename (config.json rewritten after, atomically); the model's README is README-<name>.md."""
+    serves, whose model file must have the same inputs and outputs as its highest version (the served config.pbtxt
+    or config.json entry stays as it is). The repository is held for the whole add (two had raced on config.json);
+    the model is staged beside it (inside it, hidden, when beside is another filesystem or not writable) and moved
+    in by one rename, config.json rewritten after it, atomically; the model's README is README-<name>.md."""
+    with held_folder(out, "repository --add"):
+        served = served_models(out, kind)  # read again under the lock
+        _refuse_to_add(out, kind, served, name, version, base_path, art)
+        return _add(bundle, art, kind, out, name in served, name, max_batch_size, queue_delay_us, base_path, version)
+
+
+def _refuse_to_add(out: Path, kind: str, served: dict[str, Any], name: str, version: int, base_path: str,
+                   art: Artifact) -> None:
+    if name not in served and (out / name).exists():
+        listed = "config.json does not list" if kind == "ovms" else "has no config.pbtxt"
+        raise EdgeKDError(f"--out {out}: holds a folder '{name}' that {listed} (copied in by hand?); remove it or "
+                          "give another --name")
     if (out / name / str(version)).exists():
         raise EdgeKDError(f"--out {out}: model '{name}' has a version {version} already; give the next --version "
                           "(or another --name)")
-    if kind == "ovms" and name in served and served[name].get("base_path") != f"{base_path.rstrip('/')}/{name}":
-        raise EdgeKDError(f"--base-path {base_path}: config.json serves '{name}' from {served[name].get('base_path')}")
-    with held_folder(out, "repository --add"):  # two adds had raced on config.json
-        return _add(bundle, art, kind, out, served, name, max_batch_size, queue_delay_us, base_path, version)
+    if kind == "ovms" and name in served:
+        entry = served[name]
+        if entry.get("base_path") != f"{base_path.rstrip('/')}/{name}":
+            raise EdgeKDError(f"--base-path {base_path}: config.json serves '{name}' from {entry.get('base_path')}")
+        hint = (entry.get("plugin_config") or {}).get("INFERENCE_PRECISION_HINT")
+        if hint != art.inference_precision_hint:
+            raise EdgeKDError(f"--precision {art.precision}: config.json runs '{name}' with INFERENCE_PRECISION_HINT "
+                              f"{hint}, this artifact needs {art.inference_precision_hint}; give another --name")
 
 
-def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, served: dict[str, Any], name: str,
+def model_signature(kind: str, folder: Path) -> tuple:
+    """A version folder's model inputs and outputs (names, types, shapes): what clients of the model rely on."""
+    if kind == "triton":
+        inputs, outputs, batched = onnx_signature((folder / "model.onnx").read_bytes())
+        return tuple(inputs), tuple(outputs), batched
+    import openvino as ov
+
+    model = ov.Core().read_model(folder / "model.xml")
+    return tuple(tuple((p.get_any_name(), p.get_element_type().get_type_name(), str(p.get_partial_shape()))
+                       for p in ports) for ports in (model.inputs, model.outputs))
+
+
+def _served_version(out: Path, name: str) -> Path | None:
+    versions = [p for p in (out / name).iterdir() if p.is_dir() and p.name.isdigit()] if (out / name).is_dir() else []
+    return max(versions, key=lambda p: int(p.name), default=None)
+
+
+def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, serves_name: bool, name: str,
          max_batch_size: int, queue_delay_us: int, base_path: str, version: int) -> Repository:
     stage = staged = None
+    beside = out.parent.stat().st_dev == out.stat().st_dev and os.access(out.parent, os.W_OK | os.X_OK)
     try:
-        # staged beside the repository, where a polling server does not see it, unless that is another filesystem
-        # (the repository a mount point): then inside it, under a hidden name
-        beside = out.parent.stat().st_dev == out.stat().st_dev
-        with deferred_signals():
+        with deferred_signals():  # beside: where a polling server does not see it
             stage = staged = track_tree(staging_directory(f".{out.name}.add." if beside else ".edgekd-add.", ".tmp",
                                                           out.parent if beside else out))
         if kind == "triton":
             files, io = _stage_triton(bundle, art, stage, name, max_batch_size, queue_delay_us, version)
-            if name in served and (stage / name / "config.pbtxt").read_text(encoding="utf-8") != served[name]:
-                raise EdgeKDError(f"--name {name}: its config.pbtxt would differ from the served one (other inputs, "
-                                  "outputs or batching): a new version must keep them; serve it under a new --name")
         else:
             files, io = _stage_ovms(bundle, art, stage, name, base_path, version)
+        if (previous := _served_version(out, name)) is not None and \
+                model_signature(kind, previous) != model_signature(kind, stage / name / str(version)):
+            raise EdgeKDError(f"--name {name}: version {previous.name}'s model has other inputs or outputs (names, "
+                              "types, shapes) than this one; a new version must keep them: give another --name")
         write_text(stage / f"README-{name}.md", repository_readme(bundle, kind, name, art, files, io, base_path))
         with deferred_signals():
-            if name in served:
+            if serves_name:
+                (out / name).mkdir(exist_ok=True)  # config.json may list a model whose folder is not there yet
                 os.rename(stage / name / str(version), out / name / str(version))
             else:
                 os.rename(stage / name, out / name)
             os.replace(stage / f"README-{name}.md", out / f"README-{name}.md")
-            if kind == "ovms" and name not in served:
+            if kind == "ovms" and not serves_name:
                 config = json.loads((out / "config.json").read_text(encoding="utf-8"))
                 config["model_config_list"] += json.loads((stage / "config.json").read_text())["model_config_list"]
                 write_json(out / "config.json", config)
@@ -332,12 +366,13 @@ def repository_readme(bundle: Bundle, kind: str, name: str, art: Artifact, files
              "## More models and versions", "",
              "Both servers serve the highest version folder of a model by default. To roll out a retrained model "
              "with the same inputs and outputs: `edgekd repository NEW_BUNDLE --kind "
-             f"{kind} --out <this folder> --add --name {name} --version <next>`. Another model joins with "
+             f"{kind} --out <this folder> --add --name {name} --version <next>` (a model with other inputs or "
+             "outputs is refused; the served config stays as it is). Another model joins with "
              "`--add` under its own name (an `edgekd update` bundle adds outputs, the new task's classes, so it "
              "gets its own name by default and clients slice its outputs anew)"
              + (": its entry is appended to `config.json`'s `model_config_list` (OpenVINO Model Server loads only "
                 "the models listed there, and re-reads the file while it runs)." if kind == "ovms" else
-                "; a new version must keep this `config.pbtxt`. Triton loads models added while it runs with "
+                ". Triton loads models added while it runs with "
                 "`--model-control-mode=poll` (the default, `none`, loads them at the next start)."), ""]
     if kind == "triton":
         lines += ["## Start", "", "```",
