@@ -65,10 +65,11 @@ class ParityConfig(Section):
     whole split, so the gated drop is measured on every validation image; the card states the count and the
     resolution. The PyTorch reference, calibration and decision threshold always take the whole splits."""
     tolerances: Tolerances
-    fusion_factor: float = Field(10.0, ge=1)
-    """A fused export (`fuse: true` on a model with re-parameterizable blocks) is first checked against the unfused
-    model run in float64 on up to 64 of the parity inputs: its FP32 logits may be at most this many times farther from them than
-    the unfused FP32 model's are, plus the fp32 tolerance. The artifacts are then gated against the fused model."""
+    rounding_factor: float = Field(10.0, ge=1)
+    """A model's own FP32 rounding, measured against a float64 run of it on up to 64 parity inputs: a fused export
+    (`fuse: true`) may differ from the unfused model by up to this many times it (plus the fp32 tolerance) before
+    the artifacts are gated against the fused form; an artifact's logits exceeding the value tolerance are allowed
+    this many times it on top (a model FP32 itself computes to 1e-4 cannot be exported closer than that)."""
     runner: RunnerCheck = RunnerCheck()
     """What `edgekd predict` runs must predict what the gate checked (export/runner_check.py)."""
     on_fail: Literal["error", "drop"] = "error"
@@ -216,7 +217,7 @@ class ExportProfile(Section):
     """Export at this (square) input size instead of the checkpoint's; the eval resize scales with it."""
     fuse: bool = True
     """Export a model with re-parameterizable blocks (RepVGG, MobileOne, FastViT, RepViT, LeViT...) in its fused
-    inference form (timm's reparameterize_model), checked against the unfused model (`parity.fusion_factor`); false:
+    inference form (timm's reparameterize_model), checked against the unfused model (`parity.rounding_factor`); false:
     the training form."""
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     """CPU threads for parity runs (at most this machine's cores) and the runtime hint written to edgekd.json

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ from edgekd.export.clinical import as_the_bundle_decides, operating_point, write
 from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_sets, retention_report, task_layout,
                                      task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
-from edgekd.export.parity import (ParitySet, check_artifact, check_fusion, int8_speedup, parity_inputs,
-                                  reference_report)
+from edgekd.export.parity import (ParitySet, check_artifact, check_fusion, fp32_rounding, int8_speedup,
+                                  parity_inputs, reference_report)
 from edgekd.export.profile import ExportProfile, load_profile, profile_digest
 from edgekd.export.runner_check import runner_check
 from edgekd.metrics import one_class_warning
@@ -282,24 +283,30 @@ def export_inputs(checkpoint: str | Path, profile: ExportProfile | None = None, 
     return ExportInputs(model, parity_set, calibration_images(data, profile), data.preprocess)
 
 
-FUSION_INPUTS = 64
-"""Parity inputs a fused model is checked on against the unfused one in float64 (`deployable`)."""
+ROUNDING_INPUTS = 64
+"""Parity inputs a model is run on in float64 (`rounding_sample`)."""
 
 
-def deployable(model, profile: ExportProfile, parity_set: ParitySet,
-               log: Callable[[str], None]) -> tuple[torch.nn.Module, dict[str, Any] | None]:
-    """(the model the exporters trace and the gate judges them against, the fusion check or None). A model with
+def rounding_sample(parity_set: ParitySet) -> np.ndarray:
+    """At most ROUNDING_INPUTS of the parity inputs, spread over images and views, for the float64 runs: a wrong
+    fusion shows on any input, and a float64 pass costs several times an FP32 one."""
+    return parity_set.inputs[::max(1, len(parity_set.inputs) // ROUNDING_INPUTS)][:ROUNDING_INPUTS]
+
+
+def deployable(model, profile: ExportProfile, parity_set: ParitySet, log: Callable[[str], None]
+               ) -> tuple[torch.nn.Module, dict[str, Any] | None, Callable[[], float]]:
+    """(the model the exporters trace and the gate judges them against, the fusion check or None, the unfused
+    model's own FP32 rounding as a call measured when first asked: `fp32_rounding`). A model with
     re-parameterizable blocks comes back in its fused inference form unless the profile says `fuse: false`, once
     `check_fusion` has found it the unfused model's function (a one-line error otherwise)."""
+    rounding = functools.cache(lambda: fp32_rounding(model, rounding_sample(parity_set)))
     if not profile.fuse:
-        return model, None
+        return model, None, rounding
     fused, blocks = deploy_form(model)
     if not blocks:
-        return model, None
-    # at most FUSION_INPUTS of the parity inputs, spread over images and views: a wrong fusion shows on any input,
-    # and the float64 pass costs several times an FP32 one
-    sample = parity_set.inputs[::max(1, len(parity_set.inputs) // FUSION_INPUTS)][:FUSION_INPUTS]
-    check = check_fusion(model, fused, sample, profile.parity.tolerances.fp32, profile.parity.fusion_factor)
+        return model, None, rounding
+    check = check_fusion(model, fused, rounding_sample(parity_set), profile.parity.tolerances.fp32,
+                         profile.parity.rounding_factor)
     if not check["passed"]:
         worst = check["worst"]
         raise EdgeKDError(f"fused form: logit diff {worst['diff']:.3g} from the unfused model run in float64 (at "
@@ -310,7 +317,8 @@ def deployable(model, profile: ExportProfile, parity_set: ParitySet,
     log(f"fused {blocks} re-parameterizable blocks for export (timm reparameterize_model): logits within "
         f"{check['fused_fp32_max_diff']:.2g} of the unfused model run in float64 (its own FP32 rounding "
         f"{check['unfused_fp32_max_diff']:.2g}); profile fuse: false exports the training form")
-    return fused, {"blocks": blocks, **{k: v for k, v in check.items() if k != "passed"}}
+    return fused, {"blocks": blocks, **{k: v for k, v in check.items() if k != "passed"}}, \
+        lambda: check["unfused_fp32_max_diff"]
 
 
 def _export_context(model, data, metadata: dict[str, Any], profile: ExportProfile, scratch: Path,
@@ -352,9 +360,11 @@ class _Outcome:
 
 
 def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set: ParitySet,
-                reference: dict[str, Any], num_classes: int, outcome: _Outcome) -> None:
-    """One (format, precision): export, open, parity-check, size; its record and failures go into `outcome`
-    (an export or open error is a failed record, not an aborted export)."""
+                reference: dict[str, Any], num_classes: int, outcome: _Outcome,
+                rounding: Callable[[], float] | None = None) -> None:
+    """One (format, precision): export, open, parity-check (`rounding`: the model's own FP32 rounding, for
+    check_artifact), size; its record and failures go into `outcome` (an export or open error is a failed record,
+    not an aborted export)."""
     profile, log = ctx.profile, ctx.log
     label, rel = f"{fmt.name}/{precision}", fmt.relpath(precision)
     path = stage / rel
@@ -377,7 +387,8 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
         return
     record, problems = check_artifact(session, parity_set, reference, tolerance, ctx.input_shape, num_classes,
                                       profile.parity.batch_size, profile.parity.metric_split,
-                                      keep=outcome.parity_logits.setdefault((fmt.name, precision), {}))
+                                      keep=outcome.parity_logits.setdefault((fmt.name, precision), {}),
+                                      rounding=rounding, rounding_factor=profile.parity.rounding_factor)
     size_mb = sum(p.stat().st_size for p in fmt.files(path)) / 2**20
     record = {"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4), **record,
               **({"speed_vs_fp32": speed} if speed else {}),
@@ -539,7 +550,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout, log)
     _note_thread_cap(profile, log)
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
-    deployed, fusion = deployable(model, profile, parity_set, log)
+    deployed, fusion, rounding = deployable(model, profile, parity_set, log)
     reference = reference_report(deployed, parity_set)
     reference["warnings"] = _one_class_warnings(reference, parity_set, log)
     reference["clinical"] = _clinical(reference, parity_set, profile, ckpt, log)
@@ -559,7 +570,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
         with progress_task(progress, "export", len(plan)) as advance:
             for fmt, precision in plan:
                 advance(0, f"export {fmt.name}/{precision}")
-                _export_one(fmt, precision, ctx, stage, parity_set, reference, ckpt["arch"]["num_classes"], outcome)
+                _export_one(fmt, precision, ctx, stage, parity_set, reference, ckpt["arch"]["num_classes"], outcome,
+                            rounding)
                 advance()
         parity = _parity_report(checkpoint, n_images, profile, parity_set, reference, outcome)
         artifacts = _gate(outcome, parity, stage, profile.parity.on_fail, checkpoint, out, log)
