@@ -131,34 +131,36 @@ SETS = {
         },
     },
 }
+def demo_ablation(rows: dict) -> dict:
+    """A demo-set ablation with a runs folder of its own (the rows name it) and the demo's two seed-0 teachers, so
+    every row is paired with a scratch row trained on the same machine."""
+    return {"dataset": "pneumoniamnist_mini", "medmnist": {}, "bar": None, "rows": rows,
+            "teachers": {"teacher": "recipes/demo/teacher.yaml", "teacher-cnn": "recipes/demo/teacher-cnn.yaml"}}
+
+
 # KD on unlabeled images (issue 19's last lever), on the demo set: the 888 labelled demo images, plus PneumoniaMNIST's
 # train split (3,882 images, labels unused: a superset of the demo's train images, disjoint from its val and test)
 # as the pool the teacher labels. Its own runs folder and teachers, so every row is paired on the same machine.
 UNL = "runs/bench/demo_unlabeled"
 UNL_ENS = [f"distill.teacher={UNL}/teacher/best.pt", f"distill.ensemble=[{UNL}/teacher-cnn/best.pt]"]
 POOL = ["distill.unlabeled={source: medmnist, path: ../shared/data/medmnist/pneumoniamnist.npz, split: train}"]
-SETS["demo_unlabeled"] = {
-    "dataset": "pneumoniamnist_mini",
-    "teachers": {"teacher": "recipes/demo/teacher.yaml", "teacher-cnn": "recipes/demo/teacher-cnn.yaml"},
-    "medmnist": {}, "bar": None,
-    "rows": {
-        "scratch": ("recipes/demo/baseline.yaml", [], None, "the demo's baseline CNN, no teacher (888 labelled images)"),
-        "kd": ("recipes/demo/student.yaml", [f"distill.teacher={UNL}/teacher/best.pt"], "scratch",
-               "the demo's student: 0.7 KL(T=4) + 0.3 CE from the ResNet-18 teacher"),
-        "kd_unl": ("recipes/demo/student.yaml", [f"distill.teacher={UNL}/teacher/best.pt", *POOL], "scratch",
-                   "kd + KL on an unlabeled pool (PneumoniaMNIST train: 3,882 images, 90% pneumonia; labels unused)"),
-        "kd_ens": ("recipes/demo/student.yaml", UNL_ENS, "scratch", "kd from the ensemble of both teachers"),
-        "kd_ens_unl": ("recipes/demo/student.yaml", [*UNL_ENS, *POOL], "scratch",
-                       "kd_ens + KL on the unlabeled pool"),
-        # TTA-averaged teacher targets (issue 19's "stronger teachers" lever): the teachers' softmax averaged over the
-        # original and the horizontally flipped batch (the demo's training augmentation has no flips).
-        "kd_tta": ("recipes/demo/student.yaml", [f"distill.teacher={UNL}/teacher/best.pt",
-                                                 "distill.teacher_views=[original,hflip]"], "scratch",
-                   "kd, teacher targets averaged over the original and h-flipped batch"),
-        "kd_ens_tta": ("recipes/demo/student.yaml", [*UNL_ENS, "distill.teacher_views=[original,hflip]"], "scratch",
-                       "kd_ens, teacher targets averaged over the original and h-flipped batch"),
-    },
-}
+SETS["demo_unlabeled"] = demo_ablation({
+    "scratch": ("recipes/demo/baseline.yaml", [], None, "the demo's baseline CNN, no teacher (888 labelled images)"),
+    "kd": ("recipes/demo/student.yaml", [f"distill.teacher={UNL}/teacher/best.pt"], "scratch",
+           "the demo's student: 0.7 KL(T=4) + 0.3 CE from the ResNet-18 teacher"),
+    "kd_unl": ("recipes/demo/student.yaml", [f"distill.teacher={UNL}/teacher/best.pt", *POOL], "scratch",
+               "kd + KL on an unlabeled pool (PneumoniaMNIST train: 3,882 images, 90% pneumonia; labels unused)"),
+    "kd_ens": ("recipes/demo/student.yaml", UNL_ENS, "scratch", "kd from the ensemble of both teachers"),
+    "kd_ens_unl": ("recipes/demo/student.yaml", [*UNL_ENS, *POOL], "scratch",
+                   "kd_ens + KL on the unlabeled pool"),
+    # TTA-averaged teacher targets (issue 19's "stronger teachers" lever): the teachers' softmax averaged over the
+    # original and the horizontally flipped batch (the demo's training augmentation has no flips).
+    "kd_tta": ("recipes/demo/student.yaml", [f"distill.teacher={UNL}/teacher/best.pt",
+                                             "distill.teacher_views=[original,hflip]"], "scratch",
+               "kd, teacher targets averaged over the original and h-flipped batch"),
+    "kd_ens_tta": ("recipes/demo/student.yaml", [*UNL_ENS, "distill.teacher_views=[original,hflip]"], "scratch",
+                   "kd_ens, teacher targets averaged over the original and h-flipped batch"),
+})
 # KD weight sweep (issue 19's "temperature and weight sweeps"; T was swept on the demo set, the KL weight was not)
 # and CutMix as function matching's shared view, on the demo set with its own runs folder and teachers.
 SWEEP = "runs/bench/demo_sweep"
@@ -169,22 +171,17 @@ def _kl_ce(kl: float) -> str:
     return f"distill.terms=[{{kind: kl, weight: {kl}, temperature: 4}}, {{kind: ce, weight: {round(1 - kl, 2)}}}]"
 
 
-SETS["demo_sweep"] = {
-    "dataset": "pneumoniamnist_mini",
-    "teachers": {"teacher": "recipes/demo/teacher.yaml", "teacher-cnn": "recipes/demo/teacher-cnn.yaml"},
-    "medmnist": {}, "bar": None,
-    "rows": {
-        "scratch": ("recipes/demo/baseline.yaml", [], None, "the demo's baseline CNN, no teacher"),
-        "kd_ens": ("recipes/demo/student.yaml", SWEEP_ENS, "scratch",
-                   "0.7 KL(T=4) + 0.3 CE from the ensemble of both teachers (mean of softmax)"),
-        "kd_ens_w03": ("recipes/demo/student.yaml", [*SWEEP_ENS, _kl_ce(0.3)], "scratch", "kd_ens, 0.3 KL + 0.7 CE"),
-        "kd_ens_w05": ("recipes/demo/student.yaml", [*SWEEP_ENS, _kl_ce(0.5)], "scratch", "kd_ens, 0.5 KL + 0.5 CE"),
-        "kd_ens_w09": ("recipes/demo/student.yaml", [*SWEEP_ENS, _kl_ce(0.9)], "scratch", "kd_ens, 0.9 KL + 0.1 CE"),
-        "fm_ens_cutmix": ("recipes/demo/student.yaml", [*SWEEP_ENS, "distill.mix={kind: cutmix, alpha: 1.0, p: 1.0}",
-                                                        "distill.terms=[{kind: kl, weight: 1.0, temperature: 1}]"],
-                          "scratch", "function matching with a shared CutMix view (KL(T=1) only), 8 epochs"),
-    },
-}
+SETS["demo_sweep"] = demo_ablation({
+    "scratch": ("recipes/demo/baseline.yaml", [], None, "the demo's baseline CNN, no teacher"),
+    "kd_ens": ("recipes/demo/student.yaml", SWEEP_ENS, "scratch",
+               "0.7 KL(T=4) + 0.3 CE from the ensemble of both teachers (mean of softmax)"),
+    "kd_ens_w03": ("recipes/demo/student.yaml", [*SWEEP_ENS, _kl_ce(0.3)], "scratch", "kd_ens, 0.3 KL + 0.7 CE"),
+    "kd_ens_w05": ("recipes/demo/student.yaml", [*SWEEP_ENS, _kl_ce(0.5)], "scratch", "kd_ens, 0.5 KL + 0.5 CE"),
+    "kd_ens_w09": ("recipes/demo/student.yaml", [*SWEEP_ENS, _kl_ce(0.9)], "scratch", "kd_ens, 0.9 KL + 0.1 CE"),
+    "fm_ens_cutmix": ("recipes/demo/student.yaml", [*SWEEP_ENS, "distill.mix={kind: cutmix, alpha: 1.0, p: 1.0}",
+                                                    "distill.terms=[{kind: kl, weight: 1.0, temperature: 1}]"],
+                      "scratch", "function matching with a shared CutMix view (KL(T=1) only), 8 epochs"),
+})
 # accuracy.json records of this benchmark are keyed by their train command: rows that share a recipe (and so its
 # name) with other overrides, like scratch and scratch_long, stay separate records.
 LEDGER_KEY = ("dataset", "split", "command")

@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_recipe, write_npz
 from edgekd.errors import EdgeKDError
-from edgekd.export import (FORMATS, ParityGateError, export_checkpoint, export_inputs, export_plan, load_profile,
+from edgekd.export import (FORMATS, export_checkpoint, export_inputs, export_plan, load_profile,
                            profile_from_dict)
 from edgekd.export.artifact import ArtifactSession
 from edgekd.export.onnx import read_onnx_metadata
