@@ -16,12 +16,16 @@ def check_run_dir(out: str | Path) -> None:
     """Refuse a training --out that is a file or holds an exported bundle (training files written into a bundle
     break its manifest, and the next export into it would delete them)."""
     from edgekd.runtime.bundle import METADATA_FILE
+    from edgekd.runtime.repository import is_model_repository
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EdgeKDError(f"--out {out}: is a file; training writes a directory")
     if (out / METADATA_FILE).is_file():
         raise EdgeKDError(f"--out {out}: holds an exported bundle ({METADATA_FILE}); train into another directory")
+    if out.is_dir() and is_model_repository(out):
+        raise EdgeKDError(f"--out {out}: holds a model repository (Triton or OpenVINO Model Server) a server may "
+                          "be reading; train into another directory")
 
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.json", "kfold.json", "model.pt", "continual.json")

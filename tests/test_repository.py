@@ -296,3 +296,52 @@ def test_add_puts_a_second_model_or_the_next_version_into_a_served_repository(bu
     assert run_cli(monkeypatch, "repository", str(bundle), "--kind", "triton", "--out", str(tmp_path / "t"),
                    "--name", "d", "--add") == 0
     assert (tmp_path / "t" / "d" / "config.pbtxt").is_file()
+    # a version below the one served would never be served: refused (it had been reported as added)
+    write_repository(bundle, "triton", tmp_path / "t", name="d", version=5, add=True)
+    with pytest.raises(EdgeKDError, match=r"--version 4: model 'd' has version 5, which the servers go on serving "
+                                          r"\(the highest\); give --version 6 or more"):
+        write_repository(bundle, "triton", tmp_path / "t", name="d", version=4, add=True)
+    # an OVMS entry written by hand without a precision hint: named, with the line to add (it printed None)
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    config["model_config_list"].append({"config": {"name": "foo", "base_path": "/models/foo", "nireq": 4}})
+    (tmp_path / "o" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdgeKDError, match=r"config.json sets no INFERENCE_PRECISION_HINT for 'foo' .*set "
+                                          r"\"plugin_config\": \{\"INFERENCE_PRECISION_HINT\": \"f32\"\} in its entry"):
+        write_repository(bundle, "ovms", tmp_path / "o", name="foo", version=2, add=True)
+    # a training run into a served repository is refused, as into a bundle
+    from edgekd.pipeline import check_run_dir
+
+    for repo in ("t", "o"):
+        with pytest.raises(EdgeKDError, match="holds a model repository"):
+            check_run_dir(tmp_path / repo)
+
+
+def test_a_stop_while_the_model_is_put_in_place_is_told_the_add_had_finished(bundle, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C landing while the add moved the model in was delivered after it: the add was complete, yet the
+    command said only "interrupted" (exit 130), and a retry was refused as a duplicate."""
+    import signal
+
+    import edgekd.runtime.repository as repository
+
+    write_repository(bundle, "ovms", tmp_path / "o", name="chest")
+    real = repository.write_repository
+
+    def stopped_while_publishing(*args, on_published, **kwargs):
+        def published(repo):
+            signal.raise_signal(signal.SIGINT)  # held until the block ends
+            on_published(repo)
+        return real(*args, on_published=published, **kwargs)
+
+    monkeypatch.setattr(repository, "write_repository", stopped_while_publishing)
+    import edgekd.cli.process as process
+
+    def stopped(code):  # the CLI ends a stopped run with os._exit: here an exit pytest survives
+        raise SystemExit(code)
+
+    monkeypatch.setattr(process, "stopped", stopped)
+    code = run_cli(monkeypatch, "repository", str(bundle), "--kind", "ovms", "--out", str(tmp_path / "o"),
+                   "--name", "e", "--add")
+    assert code == 130
+    assert "interrupted (it had finished: model 'e' version 1 is in" in " ".join(capsys.readouterr().err.split())
+    assert [c["config"]["name"] for c in json.loads((tmp_path / "o" / "config.json").read_text())["model_config_list"]
+            ] == ["chest", "e"]

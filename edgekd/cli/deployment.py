@@ -236,7 +236,11 @@ def repository(
 
     if is_bundle(bundle):  # else write_repository says what `bundle` is (a folder of runs was 'the input' of --out)
         refuse_output_inside(out, [bundle])
-    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path, version, add)
+    done: list = []  # a stop that lands while the model is put in place is delivered after: say it had finished
+    STATE["on_interrupt"] = lambda: (f"it had finished: model '{done[0].model_name}' version {version} is in {out}"
+                                     if done else None)
+    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path, version, add,
+                            on_published=done.append)
     for rel, digest in repo.files.items():
         out_console.print(f"{escape(rel)}  sha256 {digest}")
     console.print(f"added model '{repo.model_name}' to the {repo.kind} repository {out} (README-{repo.model_name}.md)"

@@ -65,7 +65,7 @@ class ParityConfig(Section):
     whole split, so the gated drop is measured on every validation image; the card states the count and the
     resolution. The PyTorch reference, calibration and decision threshold always take the whole splits."""
     tolerances: Tolerances
-    rounding_factor: float = Field(10.0, ge=1)
+    rounding_factor: float = Field(10.0, ge=1, le=1000)
     """A model's own FP32 rounding, measured against a float64 run of it on up to 64 parity inputs: a fused export
     (`fuse: true`) may differ from the unfused model by up to this many times it (plus the fp32 tolerance) before
     the artifacts are gated against the fused form; an artifact's logits exceeding the value tolerance are allowed

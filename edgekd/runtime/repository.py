@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
@@ -151,11 +151,14 @@ def _check_options(kind: str, precision: str | None, max_batch_size: int, versio
 
 def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str | None = None,
                      name: str | None = None, max_batch_size: int = 32, queue_delay_us: int = 2000,
-                     base_path: str = "/models", version: int = DEFAULT_VERSION, add: bool = False) -> Repository:
+                     base_path: str = "/models", version: int = DEFAULT_VERSION, add: bool = False,
+                     on_published: Callable[[Repository], None] | None = None) -> Repository:
     """The `kind` repository (triton: the bundle's ONNX model; ovms: its OpenVINO IR) at `out`, with a README
     stating the preprocessing clients must apply; the model files in the version folder `version` (an update of a
     served model: the same name, the next version). `out` must be new or empty; nothing is left on failure.
-    `add`: `out` is a repository of this kind already, and the model joins it (`add_to_repository`)."""
+    `add`: `out` is a repository of this kind already, and the model joins it (`add_to_repository`).
+    `on_published` is called with the result as soon as it is in place (a stop signal held until then is
+    delivered after it: the CLI then says the work had finished)."""
     _check_options(kind, precision, max_batch_size, version, base_path)
     out = Path(out)
     if out.is_symlink():  # a link to a folder: the repository goes there (rename would not replace the link)
@@ -176,8 +179,10 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{bundle.model.get('name') or 'model'}{outputs}_{art.precision}")
     if not MODEL_NAME.match(name):
         raise EdgeKDError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (at most 64, a letter or digit first)")
+    published = on_published or (lambda repo: None)
     if add:
-        return add_to_repository(bundle, art, kind, out, name, max_batch_size, queue_delay_us, base_path, version)
+        return add_to_repository(bundle, art, kind, out, name, max_batch_size, queue_delay_us, base_path, version,
+                                 published)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = staged = None
     try:
@@ -189,15 +194,29 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
             files, io = _stage_ovms(bundle, art, stage, name, base_path, version)
         write_text(stage / "README.md", repository_readme(bundle, kind, name, art, files, io, base_path))
         _check_out(out)
-        if out.exists():
-            out.rmdir()
-        os.rename(stage, out)
-        stage = None
+        with deferred_signals():
+            if out.exists():
+                out.rmdir()
+            os.rename(stage, out)
+            stage = None
+            published(repo := Repository(out, kind, name, files))
     finally:
         if stage is not None:
             remove_tree(stage)
         untrack_tree(staged)
-    return Repository(out, kind, name, files)
+    return repo
+
+
+def is_model_repository(folder: str | Path) -> bool:
+    """A Triton (<model>/config.pbtxt) or OpenVINO Model Server (config.json with model_config_list) repository."""
+    folder = Path(folder)
+    if next(folder.glob("*/config.pbtxt"), None) is not None:
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return isinstance(config, dict) and "model_config_list" in config
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def served_models(out: Path, kind: str) -> dict[str, Any]:
@@ -220,7 +239,8 @@ def served_models(out: Path, kind: str) -> dict[str, Any]:
 
 
 def add_to_repository(bundle: Bundle, art: Artifact, kind: str, out: Path, name: str, max_batch_size: int,
-                      queue_delay_us: int, base_path: str, version: int) -> Repository:
+                      queue_delay_us: int, base_path: str, version: int,
+                      published: Callable[[Repository], None]) -> Repository:
     """A model joins a served repository: a new name (its folder, and for OVMS an entry appended to config.json's
     model_config_list, which a copied-in folder lacked: OVMS never loaded it), or the next version of a model it
     serves, whose model file must have the same inputs and outputs as its highest version (the served config.pbtxt
@@ -230,7 +250,8 @@ def add_to_repository(bundle: Bundle, art: Artifact, kind: str, out: Path, name:
     with held_folder(out, "repository --add"):
         served = served_models(out, kind)  # read again under the lock
         _refuse_to_add(out, kind, served, name, version, base_path, art)
-        return _add(bundle, art, kind, out, name in served, name, max_batch_size, queue_delay_us, base_path, version)
+        return _add(bundle, art, kind, out, name in served, name, max_batch_size, queue_delay_us, base_path, version,
+                    published)
 
 
 def _refuse_to_add(out: Path, kind: str, served: dict[str, Any], name: str, version: int, base_path: str,
@@ -242,14 +263,20 @@ def _refuse_to_add(out: Path, kind: str, served: dict[str, Any], name: str, vers
     if (out / name / str(version)).exists():
         raise EdgeKDError(f"--out {out}: model '{name}' has a version {version} already; give the next --version "
                           "(or another --name)")
+    if (served_version := _served_version(out, name)) is not None and int(served_version.name) > version:
+        raise EdgeKDError(f"--version {version}: model '{name}' has version {served_version.name}, which the servers "
+                          f"go on serving (the highest); give --version {int(served_version.name) + 1} or more")
     if kind == "ovms" and name in served:
         entry = served[name]
         if entry.get("base_path") != f"{base_path.rstrip('/')}/{name}":
             raise EdgeKDError(f"--base-path {base_path}: config.json serves '{name}' from {entry.get('base_path')}")
-        hint = (entry.get("plugin_config") or {}).get("INFERENCE_PRECISION_HINT")
-        if hint != art.inference_precision_hint:
-            raise EdgeKDError(f"--precision {art.precision}: config.json runs '{name}' with INFERENCE_PRECISION_HINT "
-                              f"{hint}, this artifact needs {art.inference_precision_hint}; give another --name")
+        hint, needed = (entry.get("plugin_config") or {}).get("INFERENCE_PRECISION_HINT"), art.inference_precision_hint
+        if hint != needed:
+            runs = (f"runs '{name}' with INFERENCE_PRECISION_HINT {hint}" if hint else
+                    f"sets no INFERENCE_PRECISION_HINT for '{name}' (OVMS then picks its own, reduced on some CPUs)")
+            raise EdgeKDError(f"--precision {art.precision}: config.json {runs}; this artifact was gated at {needed}: "
+                              + (f"set \"plugin_config\": {{\"INFERENCE_PRECISION_HINT\": \"{needed}\"}} in its entry, or "
+                                 if needed else "") + "give another --name")
 
 
 def model_signature(kind: str, folder: Path) -> tuple:
@@ -269,8 +296,8 @@ def _served_version(out: Path, name: str) -> Path | None:
     return max(versions, key=lambda p: int(p.name), default=None)
 
 
-def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, serves_name: bool, name: str,
-         max_batch_size: int, queue_delay_us: int, base_path: str, version: int) -> Repository:
+def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, serves_name: bool, name: str, max_batch_size: int,
+         queue_delay_us: int, base_path: str, version: int, published: Callable[[Repository], None]) -> Repository:
     stage = staged = None
     beside = out.parent.stat().st_dev == out.stat().st_dev and os.access(out.parent, os.W_OK | os.X_OK)
     try:
@@ -297,11 +324,12 @@ def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, serves_name: bool,
                 config = json.loads((out / "config.json").read_text(encoding="utf-8"))
                 config["model_config_list"] += json.loads((stage / "config.json").read_text())["model_config_list"]
                 write_json(out / "config.json", config)
+            published(repo := Repository(out, kind, name, files))
     finally:
         if stage is not None:
             remove_tree(stage)
         untrack_tree(staged)
-    return Repository(out, kind, name, files)
+    return repo
 
 
 def _preprocessing_lines(pre: dict[str, Any]) -> list[str]:
