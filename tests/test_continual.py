@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from conftest import tiny_recipe
 from edgekd.continual import average_accuracy, backward_transfer, forgetting, forgetting_per_task, retention
@@ -803,6 +804,9 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     other = {**raw, "model": {"name": "edgekd_cnn_small"}}  # the checkpoint is what trains: said so
     run_recipe(recipe_from_dict({**other, "train": {**raw["train"], "epochs": 1}}), tmp_path / "cl2", log=said.append)
     assert any("holds model edgekd_cnn_tiny; the recipe's model.name edgekd_cnn_small is not used" in line for line in said)
+    kept = (tmp_path / "cl2" / "recipe.yaml").read_text()  # and the run's recipe.yaml says so (it named the other)
+    assert kept.startswith("# continual.checkpoint ") and "the recipe's model.name edgekd_cnn_small is not used" in kept
+    assert recipe_from_dict(yaml.safe_load(kept)).model.name == "edgekd_cnn_small"  # still the recipe as given
     # The recipe's freezing applies to the checkpoint's model too (it had been ignored there).
     frozen = {**raw, "model": {**raw.get("model", {}), "freeze_stages": 1}, "train": {**raw["train"], "epochs": 1}}
     run_recipe(recipe_from_dict(frozen), tmp_path / "cl3", log=lambda s: None)

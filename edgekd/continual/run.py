@@ -333,14 +333,16 @@ def _start(recipe, out: Path, tasks: list[Task], resume: bool,
     resumed = check_resumable(out, tasks, recipe) if resume else None
     model, spec, first_learned = starting_model(recipe, tasks)
     init = resumed["init_weights"] if resumed is not None and "init_weights" in resumed else starting_weights(recipe)
-    checkpoint = recipe.continual.checkpoint
+    checkpoint, note = recipe.continual.checkpoint, ""
     if checkpoint is not None and spec["name"] != recipe.model.name:  # the checkpoint's model is what trains
-        log(f"warning: continual.checkpoint {checkpoint} holds model {spec['name']}; the recipe's model.name "
-            f"{recipe.model.name} is not used")
+        note = (f"continual.checkpoint {checkpoint} holds model {spec['name']}; the recipe's model.name "
+                f"{recipe.model.name} is not used")
+        log(f"warning: {note}")
     out.mkdir(parents=True, exist_ok=True)  # data and model built: a bad path has failed before anything is written
     if not resume:
         remove_earlier_run(out, tasks)
-    write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    # the recipe as given (its digest is the checkpoints'), with a note when its model.name is not what trained
+    write_text(out / "recipe.yaml", (f"# {note}\n" if note else "") + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return model, spec, first_learned, init
 
 
