@@ -390,6 +390,7 @@ def test_a_new_run_into_a_finished_ones_folder_removes_its_results_first(tmp_pat
         cl.run_continual(new, tmp_path / "run", log=lambda s: None)
     left = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert not left & {"model.pt", "continual.json", "task_accuracy.png", "task2_b/task.pt"}, left
+    assert not (tmp_path / "run" / "task2_b").exists()  # emptied, so removed (the run had not reached it)
     assert "task1_a/task.pt" in left  # the new run's
     monkeypatch.setattr(cl, "_train_task", real)
     resumed = cl.run_continual(new, tmp_path / "run", resume=True, log=lambda s: None)

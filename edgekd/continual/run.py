@@ -3,6 +3,7 @@ plug-ins, evaluate every learned task after each step, write the accuracy matrix
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -301,6 +302,9 @@ def remove_earlier_run(out: Path, tasks: list[Task]) -> None:
     for path in stale:
         if path.is_file():
             path.unlink(missing_ok=True)  # every torchrun rank runs this
+    for i, t in enumerate(tasks):  # a task folder left empty goes too (the task makes it again when it trains)
+        with contextlib.suppress(OSError):
+            (out / f"task{i + 1}_{_slug(t.name)}").rmdir()
 
 
 def resume_task(model: nn.Module, path: Path, recipe) -> dict[str, Any]:
