@@ -282,17 +282,22 @@ def _refuse_to_add(out: Path, kind: str, served: dict[str, Any], name: str, vers
 def model_signature(kind: str, folder: Path) -> tuple:
     """A version folder's model inputs and outputs (names, types, shapes): what clients of the model rely on."""
     if kind == "triton":
-        inputs, outputs, batched = onnx_signature((folder / "model.onnx").read_bytes())
+        inputs, outputs, batched = onnx_signature((folder / MODEL_FILES[kind]).read_bytes())
         return tuple(inputs), tuple(outputs), batched
     import openvino as ov
 
-    model = ov.Core().read_model(folder / "model.xml")
+    model = ov.Core().read_model(folder / MODEL_FILES[kind])
     return tuple(tuple((p.get_any_name(), p.get_element_type().get_type_name(), str(p.get_partial_shape()))
                        for p in ports) for ports in (model.inputs, model.outputs))
 
 
-def _served_version(out: Path, name: str) -> Path | None:
-    versions = [p for p in (out / name).iterdir() if p.is_dir() and p.name.isdigit()] if (out / name).is_dir() else []
+MODEL_FILES = {"triton": "model.onnx", "ovms": "model.xml"}
+
+
+def _served_version(out: Path, name: str, kind: str | None = None) -> Path | None:
+    """The highest version folder of model `name` (with its model file, when `kind` is given)."""
+    versions = [p for p in (out / name).iterdir() if p.is_dir() and p.name.isdigit()
+                and (kind is None or (p / MODEL_FILES[kind]).is_file())] if (out / name).is_dir() else []
     return max(versions, key=lambda p: int(p.name), default=None)
 
 
@@ -308,7 +313,7 @@ def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, serves_name: bool,
             files, io = _stage_triton(bundle, art, stage, name, max_batch_size, queue_delay_us, version)
         else:
             files, io = _stage_ovms(bundle, art, stage, name, base_path, version)
-        if (previous := _served_version(out, name)) is not None and \
+        if (previous := _served_version(out, name, kind)) is not None and \
                 model_signature(kind, previous) != model_signature(kind, stage / name / str(version)):
             raise EdgeKDError(f"--name {name}: version {previous.name}'s model has other inputs or outputs (names, "
                               "types, shapes) than this one; a new version must keep them: give another --name")
