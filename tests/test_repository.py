@@ -262,6 +262,9 @@ def test_add_puts_a_second_model_or_the_next_version_into_a_served_repository(bu
         write_repository(bundle, "ovms", tmp_path / "o", name="chest", version=2, add=True)
     with pytest.raises(EdgeKDError, match=r"--base-path /srv: config.json serves 'chest' from /models/chest"):
         write_repository(bundle, "ovms", tmp_path / "o", name="chest", version=3, base_path="/srv", add=True)
+    with pytest.raises(EdgeKDError, match=r"--base-path /srv: config.json's models are under /models, where the "
+                                          r"repository is mounted"):  # one mount cannot serve both
+        write_repository(bundle, "ovms", tmp_path / "o", name="other", base_path="/srv", add=True)
 
     write_repository(bundle, "triton", tmp_path / "t", name="a")
     write_repository(bundle, "triton", tmp_path / "t", name="b", add=True)
@@ -350,3 +353,36 @@ def test_a_stop_while_the_model_is_put_in_place_is_told_the_add_had_finished(bun
     assert "interrupted (it had finished: model 'e' version 1 is in" in " ".join(capsys.readouterr().err.split())
     assert [c["config"]["name"] for c in json.loads((tmp_path / "o" / "config.json").read_text())["model_config_list"]
             ] == ["chest", "e"]
+
+
+def test_a_new_version_must_keep_what_its_clients_do_and_a_new_calibration_is_told(bundle, tmp_path, monkeypatch):
+    """Only the io shapes had been compared: a retrained model expecting ImageNet mean/std joined a model whose
+    README tells clients 0.5, and a new temperature left the README's old one. edgekd-clients.json records what each
+    model's clients do; a version that changes their input or classes is refused, other calibration is told."""
+    import edgekd.runtime.repository as repository
+
+    write_repository(bundle, "triton", tmp_path / "t", name="m")
+    recorded = json.loads((tmp_path / "t" / "edgekd-clients.json").read_text())["models"]["m"]
+    assert recorded["readme"] == "README.md" and recorded["preprocess"]["mean"]
+    real = repository.client_contract
+
+    def changed(path, value):
+        def contract(b):
+            c = real(b)
+            c[path[0]][path[1]] = value
+            return c
+        return contract
+
+    monkeypatch.setattr(repository, "client_contract", changed(("preprocess", "mean"), [0.485, 0.456, 0.406]))
+    with pytest.raises(EdgeKDError, match=r"--name m: this model's preprocessing differs from the served version's"):
+        write_repository(bundle, "triton", tmp_path / "t", name="m", version=2, add=True)
+    assert not (tmp_path / "t" / "m" / "2").exists()
+    monkeypatch.setattr(repository, "client_contract", changed(("postprocess", "temperature"), 20.0))
+    repo = write_repository(bundle, "triton", tmp_path / "t", name="m", version=2, add=True)
+    assert any("other calibration or decision threshold" in n and "README.md is rewritten" in n for n in repo.notes)
+    assert json.loads((tmp_path / "t" / "edgekd-clients.json").read_text())["models"]["m"]["postprocess"][
+        "temperature"] == 20.0
+    monkeypatch.setattr(repository, "client_contract", real)
+    (tmp_path / "t" / "edgekd-clients.json").unlink()  # an older edgekd's repository: not compared, and said so
+    repo = write_repository(bundle, "triton", tmp_path / "t", name="m", version=3, add=True)
+    assert any("has no edgekd-clients.json entry for 'm'" in n for n in repo.notes)

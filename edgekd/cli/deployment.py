@@ -217,7 +217,8 @@ def repository(
     out: Path = typer.Option(..., "--out", "-o", help="The repository directory to write (new or empty; with --add, "
                              "an existing repository)."),
     precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
-    name: Optional[str] = typer.Option(None, "--name", help="Model name in the server (default: <model>_<precision>)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the server (default: <model>_<precision>; "
+                                       "an update or multi-head bundle: <model>_<N>out_<precision>)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Triton max_batch_size (dynamic batching)."),
     queue_delay_us: int = typer.Option(2000, "--queue-delay-us", min=0,
                                        help="Triton dynamic batching: longest wait to fill a batch (microseconds)."),
@@ -243,6 +244,8 @@ def repository(
                             on_published=done.append)
     for rel, digest in repo.files.items():
         out_console.print(f"{escape(rel)}  sha256 {digest}")
+    for note in repo.notes:
+        console.print(f"warning: {escape(note)}")
     console.print(f"added model '{repo.model_name}' to the {repo.kind} repository {out} (README-{repo.model_name}.md)"
                   if add else f"wrote {repo.kind} repository {out} (model '{repo.model_name}', README.md)")
 

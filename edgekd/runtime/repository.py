@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +47,23 @@ class Repository:
     model_name: str
     files: dict[str, str]
     """Relative path of each model file in the repository -> its sha256 (the bundle manifest's)."""
+    notes: list[str] = field(default_factory=list)
+    """What the caller should tell the user (e.g. a new version's calibration differs from the served one's)."""
+
+
+CLIENTS_FILE = "edgekd-clients.json"
+"""At the repository's top: per model, what its clients rely on (`client_contract`) and the README that says it, so
+a new version is checked against it (servers ignore the file)."""
+
+
+def client_contract(bundle: Bundle) -> dict[str, Any]:
+    """What a model's clients do around the server's call (the README's steps): the input preprocessing, the classes
+    the outputs mean, and the postprocessing (temperature, bias, threshold, the heads' slices), as JSON gives it."""
+    threshold, positive = bundle.decision
+    return json.loads(json.dumps({
+        "class_names": bundle.class_names, "preprocess": bundle.preprocess,
+        "postprocess": {"temperature": bundle.temperature, "calibration_bias": bundle.calibration_bias,
+                        "threshold": threshold, "positive": positive, "tasks": bundle.tasks}}))
 
 
 def onnx_signature(model: bytes) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
@@ -193,6 +210,7 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
         else:
             files, io = _stage_ovms(bundle, art, stage, name, base_path, version)
         write_text(stage / "README.md", repository_readme(bundle, kind, name, art, files, io, base_path))
+        write_json(stage / CLIENTS_FILE, {"models": {name: {**client_contract(bundle), "readme": "README.md"}}})
         _check_out(out)
         with deferred_signals():
             if out.exists():
@@ -266,6 +284,10 @@ def _refuse_to_add(out: Path, kind: str, served: dict[str, Any], name: str, vers
     if (served_version := _served_version(out, name)) is not None and int(served_version.name) > version:
         raise EdgeKDError(f"--version {version}: model '{name}' has version {served_version.name}, which the servers "
                           f"go on serving (the highest); give --version {int(served_version.name) + 1} or more")
+    homes = {str(Path(e.get("base_path", "")).parent) for e in served.values()} if kind == "ovms" else set()
+    if kind == "ovms" and name not in served and len(homes) == 1 and homes != {base_path.rstrip("/") or "/"}:
+        raise EdgeKDError(f"--base-path {base_path}: config.json's models are under {homes.pop()}, where the "
+                          "repository is mounted; give that --base-path (one mount serves them all)")
     if kind == "ovms" and name in served:
         entry = served[name]
         if entry.get("base_path") != f"{base_path.rstrip('/')}/{name}":
@@ -317,24 +339,59 @@ def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, serves_name: bool,
                 model_signature(kind, previous) != model_signature(kind, stage / name / str(version)):
             raise EdgeKDError(f"--name {name}: version {previous.name}'s model has other inputs or outputs (names, "
                               "types, shapes) than this one; a new version must keep them: give another --name")
-        write_text(stage / f"README-{name}.md", repository_readme(bundle, kind, name, art, files, io, base_path))
+        clients, readme, notes = _client_records(bundle, out, name, serves_name, version)
+        write_text(stage / readme, repository_readme(bundle, kind, name, art, files, io, base_path))
+        write_json(stage / CLIENTS_FILE, clients)
         with deferred_signals():
             if serves_name:
                 (out / name).mkdir(exist_ok=True)  # config.json may list a model whose folder is not there yet
                 os.rename(stage / name / str(version), out / name / str(version))
             else:
                 os.rename(stage / name, out / name)
-            os.replace(stage / f"README-{name}.md", out / f"README-{name}.md")
+            os.replace(stage / readme, out / readme)
+            os.replace(stage / CLIENTS_FILE, out / CLIENTS_FILE)
             if kind == "ovms" and not serves_name:
                 config = json.loads((out / "config.json").read_text(encoding="utf-8"))
                 config["model_config_list"] += json.loads((stage / "config.json").read_text())["model_config_list"]
                 write_json(out / "config.json", config)
-            published(repo := Repository(out, kind, name, files))
+            published(repo := Repository(out, kind, name, files, notes))
     finally:
         if stage is not None:
             remove_tree(stage)
         untrack_tree(staged)
     return repo
+
+
+def _client_records(bundle: Bundle, out: Path, name: str, serves_name: bool,
+                    version: int) -> tuple[dict[str, Any], str, list[str]]:
+    """(the repository's clients file with this model's entry, the README that describes the model, notes). A new
+    version whose clients would send other tensors or read other classes is refused (its io shapes alone had been
+    compared: a model expecting ImageNet mean/std joined one whose README says 0.5); other calibration is a note,
+    and the model's README is rewritten for it."""
+    clients: dict[str, Any] = {"models": {}}
+    try:
+        loaded = json.loads((out / CLIENTS_FILE).read_text(encoding="utf-8"))
+        if isinstance(loaded, dict) and isinstance(loaded.get("models"), dict):
+            clients = loaded
+    except (OSError, ValueError):  # none (an older edgekd's repository, or one written by hand)
+        pass
+    contract = client_contract(bundle)
+    old = clients["models"].get(name) if serves_name and isinstance(clients["models"].get(name), dict) else None
+    notes = [] if old is not None or not serves_name else [
+        f"{out} has no {CLIENTS_FILE} entry for '{name}' (written by an older edgekd, or by hand): this version's "
+        "preprocessing and classes were not compared with the served one's"]
+    if old is not None:
+        for key, what in (("preprocess", "preprocessing differs"), ("class_names", "classes differ")):
+            if old.get(key) != contract[key]:
+                raise EdgeKDError(f"--name {name}: this model's {what} from the served version's (clients would "
+                                  f"send other tensors or read other classes: {key} {old.get(key)} vs {contract[key]}); "
+                                  "give another --name")
+        if old.get("postprocess") != contract["postprocess"]:
+            notes.append(f"version {version} of '{name}' has other calibration or decision threshold than the served "
+                         f"version: {old.get('readme')} is rewritten with its figures; clients must take them up")
+    readme = old.get("readme", f"README-{name}.md") if old is not None else f"README-{name}.md"
+    clients["models"][name] = {**contract, "readme": readme}
+    return clients, readme, notes
 
 
 def _preprocessing_lines(pre: dict[str, Any]) -> list[str]:
