@@ -82,6 +82,9 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     recipe = update_recipe(recipe_path, overrides or [], checkpoint, source)
     warn_sections_turned_on(recipe_path, overrides or [], log)
     lineage["recipe"] = f"{recipe.name} ({recipe.digest()})"
+    if note := first_task_data_note(recipe, checkpoint):
+        log(f"warning: {note}")
+        lineage["data_note"] = note
     run_dir = update_run_dir(run_dir, recipe.name, out, resume)
     # inside --out, the export would find --out not a bundle, after training
     if Path(run_dir).resolve().is_relative_to(Path(out).resolve()):
@@ -144,6 +147,24 @@ def continual_run(recipe, run_dir: Path, checkpoint: Path, resume: bool, log: Ca
     # held: two `--resume --run-dir X` had both trained into X
     with removed_if_only(run_dir, ("recipe.yaml",)), held_folder(run_dir, "update"):
         return run_continual(recipe, run_dir, resume=resume, log=log, progress=progress)
+
+
+def first_task_data_note(recipe, checkpoint: Path) -> str | None:
+    """When the recipe's first task (the deployed one) reads other data than the parent was trained on: the retention
+    gate and the card's lineage then compare the parent's test figures on one set with this model's on another (an
+    update of a demo-set student with a recipe on the full PneumoniaMNIST had passed silently)."""
+    from edgekd.data import data_path_key
+    from edgekd.recipe import deep_merge
+    from edgekd.train.checkpoint import load_checkpoint
+
+    theirs = (load_checkpoint(checkpoint).get("recipe") or {}).get("data") or {}
+    ours = deep_merge(recipe.data.model_dump(), recipe.continual.tasks[0].data)
+    if (theirs.get("source"), data_path_key(theirs.get("path"))) == (ours.get("source"), data_path_key(ours.get("path"))):
+        return None
+    where = lambda d: f"{d.get('source')} {d.get('path') or ''}".strip()  # noqa: E731
+    return (f"the first task '{recipe.continual.tasks[0].name}' reads {where(ours)}, not the data the deployed model "
+            f"was trained on ({where(theirs)}): the retention gate and the card's lineage compare the parent's test "
+            "figures on one set with this model's on another")
 
 
 def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:

@@ -468,3 +468,21 @@ def test_update_exports_with_the_settings_the_parent_records_whatever_its_profil
     stale = {**own.model_dump(mode="json"), "removed_key": 1}  # recorded by an edgekd with other keys
     assert update_profile("cpu-onnx-fp32", None, said.append, stale) == load_profile("cpu-onnx-fp32")
     assert said[-2].startswith("note: the parent's export_profile_settings: unknown key 'removed_key'")
+
+
+def test_an_update_whose_first_task_reads_other_data_says_so(world, tmp_path):
+    """An update of a demo-set student with a recipe on the full PneumoniaMNIST passed silently: the retention gate
+    and the card compared the parent's test figures on one set with the child's on another."""
+    import shutil
+
+    from edgekd.export.bundle import _lineage_section
+    from edgekd.update import first_task_data_note, update_recipe
+
+    same = update_recipe(world["recipe"], [], world["student"], world["student"])
+    assert first_task_data_note(same, world["student"]) is None
+    other = shutil.copy(world["root"] / "a.npz", tmp_path / "elsewhere.npz")
+    moved = update_recipe(world["recipe"], [f"continual.tasks.0.data.path={other}"], world["student"], world["student"])
+    note = first_task_data_note(moved, world["student"])
+    assert note.startswith("the first task 'A' reads medmnist ") and "elsewhere.npz, not the data the deployed" in note
+    card = "\n".join(_lineage_section({"lineage": {"parent_checkpoint": "p.pt", "data_note": note}, "metrics": {}}))
+    assert f"Note: {note}." in card

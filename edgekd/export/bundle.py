@@ -271,7 +271,8 @@ def _lineage_section(metadata: dict[str, Any]) -> list[str]:
               f", created {lineage.get('parent_created')}, checkpoint sha256 `{lineage.get('parent_checkpoint_sha256')}`)"
               if lineage.get("parent_bundle") else f"checkpoint `{lineage.get('parent_checkpoint')}` (sha256 "
               f"`{lineage.get('parent_checkpoint_sha256')}`)")
-    lines = ["", "## Lineage", "", f"Updated from {parent} by continual training with recipe `{lineage.get('recipe')}`.",
+    lines = ["", "## Lineage", "", f"Updated from {parent} by continual training with recipe `{lineage.get('recipe')}`."
+             + (f" Note: {lineage['data_note']}." if lineage.get("data_note") else ""),
              "", "| version (test split) | acc | auc | sensitivity | specificity | images |",
              "|---|---|---|---|---|---|", _figures_row("parent", lineage.get("parent_test_metrics") or {})]
     test = (metadata.get("metrics") or {}).get("test") or {}
