@@ -33,7 +33,8 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
         raise EdgeKDError(f"{source}: a folder that is not an edgekd bundle (no edgekd.json); give a bundle or a "
                           "checkpoint (best.pt)")
     if not is_bundle(source):
-        return source, {"parent_checkpoint": str(source.resolve()), "parent_checkpoint_sha256": sha256_file(source)}
+        return source, {"parent_checkpoint": str(source.resolve()), "parent_checkpoint_sha256": sha256_file(source),
+                        "parent_test_metrics": checkpoint_test_figures(source)}
     from edgekd.runtime import open_bundle
 
     bundle = open_bundle(source)
@@ -60,6 +61,21 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
                         "parent_export_profile_digest": bundle.meta.get("export_profile_digest"),
                         "parent_export_profile_settings": bundle.meta.get("export_profile_settings"),
                         "parent_artifacts": sorted(f"{a.format}/{a.precision}" for a in bundle.artifacts)}
+
+
+def checkpoint_test_figures(checkpoint: Path) -> dict[str, Any] | None:
+    """A parent checkpoint's test figures on its own recipe's data, as a parent bundle records them (the card's
+    lineage row had been empty for a checkpoint); None when that data cannot be read here (a one-class split or a
+    data path from another machine: the row stays empty, as before)."""
+    import tempfile
+
+    from edgekd.train import evaluate_checkpoint
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgekd-parent-") as tmp:  # its metrics.json and plots are not kept
+            return evaluate_checkpoint(checkpoint, tmp, log=lambda line: None)["test"]
+    except EdgeKDError:
+        return None
 
 
 def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, overrides: list[str] | None = None,

@@ -263,6 +263,11 @@ def test_update_from_a_checkpoint_records_it_as_the_parent(world, tmp_path):
     assert not is_bundle(world["student"]) and is_bundle(world["parent"])
     checkpoint, lineage = parent_of(world["student"])
     assert checkpoint == world["student"] and "parent_bundle" not in lineage
+    # its test figures, as its bundle recorded them at export (the card's parent row had been empty)
+    exported = json.loads((world["parent"] / "edgekd.json").read_text())["metrics"]["test"]
+    figures = lineage["parent_test_metrics"]
+    assert figures["n"] == exported["n"] and figures["acc"] == pytest.approx(exported["acc"])
+    assert figures["auc"] == pytest.approx(exported["auc"], abs=1e-6)
     out = tmp_path / "v2"
     lenient = FAST.model_copy(update={"min_retention": 0.0})
     update_bundle(world["student"], world["recipe"], out, run_dir=tmp_path / "run", profile=lenient, log=QUIET,
@@ -270,7 +275,9 @@ def test_update_from_a_checkpoint_records_it_as_the_parent(world, tmp_path):
     meta = json.loads((out / "edgekd.json").read_text())
     assert open_bundle(tmp_path / "v2.zip").sha256 == open_bundle(out).sha256  # update --zip, as export --zip
     assert meta["lineage"]["parent_checkpoint_sha256"] == lineage["parent_checkpoint_sha256"]
-    assert f"Updated from checkpoint `{lineage['parent_checkpoint']}`" in (out / "card.md").read_text()
+    card = (out / "card.md").read_text()
+    assert f"Updated from checkpoint `{lineage['parent_checkpoint']}`" in card
+    assert f"| parent | {figures['acc']:.4f} |" in card
 
 
 def test_the_service_answers_every_task_or_the_chosen_one(world):
