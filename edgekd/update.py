@@ -65,12 +65,14 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def checkpoint_test_figures(checkpoint: Path) -> dict[str, Any] | None:
     """A parent checkpoint's test figures on its own recipe's data, as a parent bundle records them (the card's
-    lineage row had been empty for a checkpoint); None when that data cannot be read here (a one-class split or a
-    data path from another machine: the row stays empty, as before)."""
+    lineage row had been empty for a checkpoint); None for a continual checkpoint, or when that data cannot be read
+    here (a data path from another machine: the row stays empty, as before)."""
     import tempfile
 
-    from edgekd.train import evaluate_checkpoint
+    from edgekd.train import evaluate_checkpoint, load_checkpoint
 
+    if load_checkpoint(checkpoint).get("continual"):  # scored per task by `edgekd eval`, not one figure set
+        return None
     try:
         with tempfile.TemporaryDirectory(prefix="edgekd-parent-") as tmp:  # its metrics.json and plots are not kept
             return evaluate_checkpoint(checkpoint, tmp, log=lambda line: None)["test"]
