@@ -1126,3 +1126,23 @@ def test_fp32_rounding_measures_the_models_distance_from_float64():
     with torch.no_grad():
         model[2].weight.mul_(1e4)  # logits 1e4 times larger: rounding grows with them
     assert 0 < small < 1e-5 and fp32_rounding(model, x) > 100 * small
+
+
+def test_the_card_gives_the_rounding_allowance_and_marks_flat_grad_cam_maps():
+    """A card said "pass" beside a max abs diff above its stated max_abs when the FP32 rounding allowance was used,
+    and showed flat Grad-CAM maps as if they were evidence."""
+    from edgekd.export.bundle import _explanation_section, _parity_section
+
+    parity = {"reference": {"split_images": {"val": 40}}, "images": 4, "inputs": 24, "batch_size": 7,
+              "metric_split": "val", "rounding_factor": 10, "artifacts": [
+                  {"format": "onnx", "precision": "fp32", "max_abs_diff": 5.96e-7, "mean_abs_diff": 1e-7,
+                   "top1_agreement": 1.0, "tolerance": {"max_abs": 1e-9, "rtol": 0.0}, "passed": True,
+                   "fp32_rounding": 4.61e-7}]}
+    row = next(line for line in _parity_section(parity, {"views": ["original"]}) if line.startswith("| onnx"))
+    assert "max_abs 1e-09, rtol 0, + 10x the model's FP32 rounding 4.61e-07" in row
+    shots = [{"image": "a.png", "label": "x", "predicted": "x", "prob": 0.9, "overlay": "e/a.png", "layer": "s1",
+              "blank": True}, {"image": "b.png", "label": "y", "predicted": "y", "prob": 0.8, "overlay": "e/b.png",
+                               "layer": "s1", "blank": False}]
+    text = "\n".join(_explanation_section(shots))
+    assert text.count("(flat map: nothing highlighted at this layer)") == 1
+    assert "1 of 2 maps are flat" in text

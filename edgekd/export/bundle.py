@@ -196,13 +196,17 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
     lines = ["", f"({counts}.)", "", "## Parity with PyTorch", "",
              f"{parity['images']} validation images x {len(tta['views'])} TTA views = {parity['inputs']} inputs, "
              f"run at batch 1 and batch {parity['batch_size']}; values pass when |artifact - PyTorch| <= "
-             f"max_abs + rtol·|PyTorch| on every logit. The ACC/AUC drops are {_gate_images(parity)}."
+             f"max_abs + rtol·|PyTorch| on every logit (an FP32 artifact exceeding it: plus "
+             f"{parity.get('rounding_factor', 10):g}x the model's own FP32 distance from a float64 run of it, which "
+             f"the tolerance column then gives). The ACC/AUC drops are {_gate_images(parity)}."
              + _top1_resolution(parity), "",
              "| format | precision | max abs diff | mean abs diff | top-1 agreement | ACC drop | AUC drop | tolerance | result |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rec in parity["artifacts"]:
         drop = rec.get("metric_drop", {}).get(parity["metric_split"], {})
         tol = ", ".join(f"{k} {v:g}" for k, v in rec["tolerance"].items() if v is not None) or "-"
+        if rec.get("fp32_rounding") is not None:  # value_check allowed the model's own FP32 rounding on top
+            tol += f", + {parity.get('rounding_factor', 10):g}x the model's FP32 rounding {rec['fp32_rounding']:.2e}"
         lines.append(f"| {rec['format']} | {rec['precision']} | {_num(rec.get('max_abs_diff'), '.2e')} | "
                      f"{_num(rec.get('mean_abs_diff'), '.2e')} | {_pct(rec.get('top1_agreement'))} | "
                      f"{_num(drop.get('acc'))} | {_num(drop.get('auc'))} | {tol} | "
@@ -249,8 +253,12 @@ def _explanation_section(explanations: list[dict[str, Any]] | None, calibrated: 
     for e in explanations:
         other = (f"; the map is of {cell(e['target'])}, the top class" if e.get("target", e["predicted"]) !=
                  e["predicted"] else "")
+        flat = " (flat map: nothing highlighted at this layer)" if e.get("blank") else ""
         lines.append(f"| {cell(e['image'])} | {cell(e.get('label') or '-')} | {cell(e['predicted'])} "
-                     f"({e['prob']:.3f}{other}) | ![{cell(e['image'])}]({e['overlay']}) |")
+                     f"({e['prob']:.3f}{other}) | ![{cell(e['image'])}]({e['overlay']}){flat} |")
+    if any(e.get("blank") for e in explanations):  # a flat map had read as evidence
+        lines += ["", f"{sum(bool(e.get('blank')) for e in explanations)} of {len(explanations)} maps are flat: "
+                  "the layer shows nothing for them (`edgekd explain --layer` with an earlier layer may)."]
     return lines
 
 
@@ -341,7 +349,9 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         f"center crop {pre['center_crop']}, x*{pre['scale']:.6g}, mean {pre['mean']}, std {pre['std']}",
         f"- TTA views: {', '.join(tta['views'])} (mean of softmax)",
         "", "## Clinical metrics per format", "",
-        "PyTorch is the checkpoint the artifacts were exported from; every row is measured on the same images "
+        ("PyTorch is the checkpoint the artifacts were exported from, in the fused form they hold; "
+         if model.get("fused_blocks") else "PyTorch is the checkpoint the artifacts were exported from; ") +
+        "every row is measured on the same images "
         "(original view), each image labelled by the model's top class (argmax of its raw softmax), not at the "
         "operating point: the bundle's own labels are in the operating point table." + _subset_note(parity), "",
     ]

@@ -388,7 +388,8 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
     record, problems = check_artifact(session, parity_set, reference, tolerance, ctx.input_shape, num_classes,
                                       profile.parity.batch_size, profile.parity.metric_split,
                                       keep=outcome.parity_logits.setdefault((fmt.name, precision), {}),
-                                      rounding=rounding, rounding_factor=profile.parity.rounding_factor)
+                                      rounding=rounding if precision == "fp32" else None,
+                                      rounding_factor=profile.parity.rounding_factor)
     size_mb = sum(p.stat().st_size for p in fmt.files(path)) / 2**20
     record = {"format": fmt.name, "precision": precision, "path": rel, "size_mb": round(size_mb, 4), **record,
               **({"speed_vs_fp32": speed} if speed else {}),
@@ -452,7 +453,7 @@ def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, pari
     return {
         "checkpoint": str(checkpoint), "images": n_images, "views": list(profile.tta.views),
         "inputs": len(parity_set.inputs), "batch_size": profile.parity.batch_size,
-        "metric_split": profile.parity.metric_split,
+        "metric_split": profile.parity.metric_split, "rounding_factor": profile.parity.rounding_factor,
         "reference": {"framework": f"torch {torch.__version__}",
                       "metrics": {s: r["metrics"] for s, r in reference["splits"].items()},
                       "split_images": {s: len(y) for s, (_, y) in parity_set.splits.items()},
