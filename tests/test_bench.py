@@ -225,6 +225,13 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     assert bundle_only.records[0]["status"] == "n/a" and "--checkpoint" in bundle_only.records[0]["reason"]
     assert bundle_only.records[1]["status"] == "ok"
     assert not (tmp_path / "b2" / "work").exists()  # without keep_work: only bench.json/.md/.png stay
+    # ... and the command says why its accuracy cells are empty (the note had been in bench.json only)
+    res = CliRunner().invoke(app, ["bench", str(bundle), "--formats", "onnx", "--precision", "fp32", "--batch", "1",
+                                   "--threads", "1", "--seconds", "0", "--min-runs", "2", "--warmup", "0",
+                                   "--out", str(tmp_path / "b2cli")])
+    assert res.exit_code == 0, res.output
+    assert "no test data (give --data RECIPE or a checkpoint): timed on random images, no accuracy" in \
+        " ".join(res.output.split())
     # Every row n/a: an error, and nothing written (it had claimed a chart it never drew).
     with pytest.raises(EdgeKDError, match="no row could run .*--checkpoint"):
         run_bench(BenchConfig(bundle, tmp_path / "b7", formats="torch", precisions="fp32", batches="1", gemm=False),

@@ -352,6 +352,9 @@ def bench(
     out_console.print(records_table(result.records, title))
     if note := gemm_over_peak_note(result.records):
         console.print(f"note: {note}")
+    for subject in result.summary.get("subjects", []):  # e.g. why a bundle alone has no accuracy (they were only
+        for note in subject.get("notes", []):              # in bench.json)
+            console.print(f"note: {escape(subject['role'])} {escape(str(subject['model']))}: {escape(note)}")
     for r in {(r["role"], r["format"], r["precision"], r["variant"]): r for r in result.records
               if r["status"] != "ok"}.values():
         console.print(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}")
