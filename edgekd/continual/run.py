@@ -118,6 +118,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "task"
 
 
+def task_folder(out: Path, i: int, task: Task) -> Path:
+    """Where the run keeps task i's checkpoints and log: <out>/task<i+1>_<name>."""
+    return out / f"task{i + 1}_{_slug(task.name)}"
+
+
 @torch.no_grad()
 def evaluate_task(model: nn.Module, tasks: list[Task], head: str, task: int, step: int, split: str,
                   device: torch.device) -> dict[str, Any]:
@@ -297,14 +302,14 @@ def remove_earlier_run(out: Path, tasks: list[Task]) -> None:
     these tasks go now. They had stayed until the new run's end, so a stop half-way left the old model.pt beside the
     new tasks (`edgekd export out/model.pt` shipped it) and the printed resume command was refused on it."""
     stale = [*(out / name for name in CONTINUAL_OUTPUTS), *out.glob("confusion_task*.png"),
-             *(out / f"task{i + 1}_{_slug(t.name)}" / name for i, t in enumerate(tasks)
+             *(task_folder(out, i, t) / name for i, t in enumerate(tasks)
                for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv"))]
     for path in stale:
         if path.is_file():
             path.unlink(missing_ok=True)  # every torchrun rank runs this
     for i, t in enumerate(tasks):  # a task folder left empty goes too (the task makes it again when it trains)
         with contextlib.suppress(OSError):
-            (out / f"task{i + 1}_{_slug(t.name)}").rmdir()
+            task_folder(out, i, t).rmdir()
 
 
 def resume_task(model: nn.Module, path: Path, recipe) -> dict[str, Any]:
@@ -321,7 +326,7 @@ def resume_task(model: nn.Module, path: Path, recipe) -> dict[str, Any]:
 def check_resumable(out: Path, tasks: list[Task], recipe) -> dict[str, Any]:
     """Before a resume writes anything (its recipe.yaml had replaced a finished run's before the refusal): a task
     checkpoint to resume from, written by this very recipe; returns it (what the run began with is in it)."""
-    found = [out / f"task{i + 1}_{_slug(t.name)}" / name for i, t in enumerate(tasks)
+    found = [task_folder(out, i, t) / name for i, t in enumerate(tasks)
              for name in ("task.pt", "last.pt")]
     found = [p for p in found if p.is_file()]
     if not found:
@@ -374,7 +379,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
     steps: list[dict[str, Any]] = []
     with progress_task(progress, f"continual: {n} tasks", n) as advance_task:
         for i, task in enumerate(tasks):
-            task_dir = out / f"task{i + 1}_{_slug(task.name)}"
+            task_dir = task_folder(out, i, task)
             if num_outputs(model) != task.hi:
                 resize_classifier(model, task.hi)
             step = TaskStep(model, tasks, i, head, device)
