@@ -78,15 +78,23 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
             + ", or train into another folder)")
 
 
+def checked_entry(recipe, out: str | Path, recipe_path: str | Path | None, resume: bool, folds: int | None,
+                  log: Callable[[str], None]):
+    """(recipe, out, recipe file) of a run, after `edgekd train`'s --out checks (`check_run_dir`,
+    `check_run_inputs`); a recipe given as a path is its own recipe file."""
+    recipe_path = recipe_path or (recipe if isinstance(recipe, (str, Path)) else None)
+    recipe, out = entry_arguments(recipe, out)
+    check_run_dir(out)
+    check_run_inputs(recipe, out, recipe_path, resume, folds, log)
+    return recipe, out, recipe_path
+
+
 def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print, progress=None,
                recipe_path: str | Path | None = None):
     """Run one recipe to a checkpoint: the recipe's sections say which stage trains it. The --out checks of
     `edgekd train` come first (`check_run_inputs`; `recipe_path`: the recipe's file, never written over; a recipe
     given as a path is that file)."""
-    recipe_path = recipe_path or (recipe if isinstance(recipe, (str, Path)) else None)
-    recipe, out = entry_arguments(recipe, out)
-    check_run_dir(out)
-    check_run_inputs(recipe, out, recipe_path, resume, None, log)
+    recipe, out, _ = checked_entry(recipe, out, recipe_path, resume, None, log)
     if recipe.continual:
         from edgekd.continual.run import run_continual
         from edgekd.train.distributed import is_main_process
@@ -110,10 +118,7 @@ def run_folds(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     of `out` is held for the run's length (each fold's runs also hold their own folders)."""
     if folds < 2:
         raise EdgeKDError("--folds must be at least 2")
-    recipe_path = recipe_path or (recipe if isinstance(recipe, (str, Path)) else None)
-    recipe, out = entry_arguments(recipe, out)
-    check_run_dir(out)
-    check_run_inputs(recipe, out, recipe_path, resume, folds, log)
+    recipe, out, recipe_path = checked_entry(recipe, out, recipe_path, resume, folds, log)
     from edgekd.distill.folds import run_kfold
     from edgekd.train.distributed import is_main_process
 
