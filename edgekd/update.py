@@ -171,12 +171,12 @@ def first_task_data_note(recipe, checkpoint: Path) -> str | None:
     """When the recipe's first task (the deployed one) reads other data than the parent was trained on: the retention
     gate and the card's lineage then compare the parent's test figures on one set with this model's on another (an
     update of a demo-set student with a recipe on the full PneumoniaMNIST had passed silently)."""
+    from edgekd.continual import task_data_section
     from edgekd.data import data_path_key
-    from edgekd.recipe import deep_merge
     from edgekd.train.checkpoint import load_checkpoint
 
     theirs = (load_checkpoint(checkpoint).get("recipe") or {}).get("data") or {}
-    ours = deep_merge(recipe.data.model_dump(), recipe.continual.tasks[0].data)
+    ours = task_data_section(recipe, recipe.continual.tasks[0])
     if (theirs.get("source"), data_path_key(theirs.get("path"))) == (ours.get("source"), data_path_key(ours.get("path"))):
         return None
     where = lambda d: f"{d.get('source')} {d.get('path') or ''}".strip()  # noqa: E731

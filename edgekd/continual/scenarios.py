@@ -4,6 +4,7 @@ classes first), and the loss/prediction rule of the head layout (multi-head with
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,13 +41,18 @@ def _offset_tables(tables: dict[str, Table], offset: int) -> dict[str, Table]:
     return {split: replace(t, labels=t.labels + offset) for split, t in tables.items()}
 
 
+def task_data_section(recipe, task_cfg) -> dict[str, Any]:
+    """A task's data section as a mapping: the recipe's, with the task's own `data:` keys over it."""
+    return deep_merge(recipe.data.model_dump(), task_cfg.data)
+
+
 def build_tasks(recipe) -> list[Task]:
     """The recipe's `continual.tasks` as Task objects: data section + task overrides, class selection, and
     label ids shifted after the earlier tasks' classes."""
     tasks: list[Task] = []
     global_names: list[str] = []
     for i, tcfg in enumerate(recipe.continual.tasks):
-        raw = deep_merge(recipe.data.model_dump(), tcfg.data)
+        raw = task_data_section(recipe, tcfg)
         if tcfg.classes is not None:
             raw["classes"] = tcfg.classes
         try:
