@@ -380,6 +380,7 @@ def test_a_new_version_must_keep_what_its_clients_do_and_a_new_calibration_is_to
     monkeypatch.setattr(repository, "client_contract", changed(("postprocess", "temperature"), 20.0))
     repo = write_repository(bundle, "triton", tmp_path / "t", name="m", version=2, add=True)
     assert any("other calibration or decision threshold" in n and "README.md is rewritten" in n for n in repo.notes)
+    assert repo.readme == "README.md"  # the first model's README, not a README-m.md the CLI had named
     assert json.loads((tmp_path / "t" / "edgekd-clients.json").read_text())["models"]["m"]["postprocess"][
         "temperature"] == 20.0
     monkeypatch.setattr(repository, "client_contract", real)

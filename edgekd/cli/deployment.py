@@ -246,8 +246,8 @@ def repository(
         out_console.print(f"{escape(rel)}  sha256 {digest}")
     for note in repo.notes:
         console.print(f"warning: {escape(note)}")
-    console.print(f"added model '{repo.model_name}' to the {repo.kind} repository {out} (README-{repo.model_name}.md)"
-                  if add else f"wrote {repo.kind} repository {out} (model '{repo.model_name}', README.md)")
+    console.print(f"added model '{repo.model_name}' to the {repo.kind} repository {out} ({repo.readme})"
+                  if add else f"wrote {repo.kind} repository {out} (model '{repo.model_name}', {repo.readme})")
 
 
 def serve(

@@ -49,6 +49,8 @@ class Repository:
     """Relative path of each model file in the repository -> its sha256 (the bundle manifest's)."""
     notes: list[str] = field(default_factory=list)
     """What the caller should tell the user (e.g. a new version's calibration differs from the served one's)."""
+    readme: str = "README.md"
+    """The README that states this model's client steps (README-<name>.md for a model --add brought in)."""
 
 
 CLIENTS_FILE = "edgekd-clients.json"
@@ -354,7 +356,7 @@ def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, serves_name: bool,
                 config = json.loads((out / "config.json").read_text(encoding="utf-8"))
                 config["model_config_list"] += json.loads((stage / "config.json").read_text())["model_config_list"]
                 write_json(out / "config.json", config)
-            published(repo := Repository(out, kind, name, files, notes))
+            published(repo := Repository(out, kind, name, files, notes, readme))
     finally:
         if stage is not None:
             remove_tree(stage)
