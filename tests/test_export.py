@@ -1087,7 +1087,11 @@ def test_the_card_says_where_the_training_started_from():
     assert _provenance_lines({"init_weights": {"file": "/w/r50.pth", "sha256": "ab12"}}) == [
         "- Initialised from the weights file /w/r50.pth (sha256 `ab12`)"]
     assert _provenance_lines({"init_weights": {"hub": "resnet50.a1_in1k"}}) == [
-        "- Initialised from timm's pretrained weights of resnet50.a1_in1k"]
+        "- Initialised from timm's pretrained weights of resnet50.a1_in1k (no revision recorded)"]
+    assert _provenance_lines({"init_weights": {"hub": "resnet50", "repo": "timm/resnet50.a1_in1k", "revision": "c0ffee",
+                                               "filename": "model.safetensors", "sha256": "ab12"}}) == [
+        "- Initialised from timm's pretrained weights of resnet50 (model.safetensors of timm/resnet50.a1_in1k at "
+        "revision `c0ffee`, sha256 `ab12`)"]
     assert _provenance_lines({"init_weights": None, "fused_blocks": 0}) == []
 
 

@@ -91,6 +91,42 @@ def test_hub_weights_out_of_reach_name_the_offline_fix(monkeypatch, caplog):
     assert "Retrying" not in caplog.text  # the hub's retry lines (about 24 of them) are not shown
 
 
+def test_hub_weights_load_from_the_cache_offline_and_the_run_records_their_revision_and_sha256(tmp_path, monkeypatch):
+    """Hub weights were recorded as the timm name alone: the hub repository can change under it. The weights timm
+    loaded (here from huggingface_hub's cache, offline, as on a machine that fetched them once) are now pinned by
+    the snapshot's commit and the file's sha256."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from edgekd.fileio import sha256_file
+    from edgekd.models import hub_weights
+    from edgekd.train.run import init_weights
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    torch.manual_seed(1)
+    src = create_model({"name": "test_resnet", "num_classes": 1000, "in_chans": 3})
+    weights = repo / "snapshots" / commit / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, weights)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    m = create_model(spec("test_resnet.r160_in1k"), pretrained=True)
+    assert torch.equal(m.state_dict()["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
+    pinned = {"hub": "test_resnet.r160_in1k", "repo": "timm/test_resnet.r160_in1k", "revision": commit,
+              "filename": "model.safetensors", "sha256": sha256_file(weights)}
+    assert hub_weights("test_resnet.r160_in1k") == pinned
+    recipe = recipe_from_dict({"name": "r", "data": {"source": "builtin"},
+                               "model": {"name": "test_resnet.r160_in1k", "pretrained": True}})
+    assert init_weights(recipe.model) == pinned
+    weights.unlink()  # not in the cache: the name and repository only, no revision claimed
+    assert hub_weights("test_resnet.r160_in1k") == {"hub": "test_resnet.r160_in1k", "repo": "timm/test_resnet.r160_in1k"}
+    assert hub_weights("edgekd_cnn_tiny") == {"hub": "edgekd_cnn_tiny"}  # no hub weights at all
+
+
 def test_weights_file_of_another_model_or_unreadable_is_refused(tmp_path):
     from safetensors.torch import save_file
 

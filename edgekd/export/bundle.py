@@ -318,7 +318,9 @@ def _provenance_lines(model: dict[str, Any]) -> list[str]:
         lines.append(f"- Initialised from the weights file {init['file']}"
                      + (f" (sha256 `{init['sha256']}`)" if init.get("sha256") else ""))
     elif isinstance(init, dict) and init.get("hub"):
-        lines.append(f"- Initialised from timm's pretrained weights of {init['hub']}")
+        pinned = (f" ({init.get('filename') or 'weights'} of {init['repo']} at revision `{init['revision']}`, sha256 "
+                  f"`{init['sha256']}`)" if init.get("sha256") else " (no revision recorded)")
+        lines.append(f"- Initialised from timm's pretrained weights of {init['hub']}{pinned}")
     if model.get("fused_blocks"):
         check = model.get("fusion_check") or {}
         lines.append(f"- Exported in its fused inference form: {model['fused_blocks']} re-parameterizable blocks folded "

@@ -17,6 +17,7 @@ from torch import nn
 
 import edgekd.models.cnn  # noqa: F401  (registers edgekd_cnn with timm)
 from edgekd.errors import EdgeKDError, shorten
+from edgekd.fileio import sha256_file
 
 
 def model_spec(model_cfg, num_classes: int, in_chans: int) -> dict[str, Any]:
@@ -107,6 +108,31 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
                               f"(e.g. {bad})")
     replace_head(model, spec.get("head", "linear"), spec.get("head_dropout", 0.0), spec.get("head_hidden", 256))
     return model
+
+
+def hub_weights(name: str) -> dict[str, Any]:
+    """Which hub weights timm loads for `name`, for a checkpoint's provenance: the name, and when huggingface_hub's
+    cache holds the file (it does once create_model has loaded them): the hub repository, its revision (the
+    snapshot's commit), the file and its sha256. A name alone does not pin weights: the hub repository can be
+    updated, and a tagless name follows timm's default tag."""
+    record: dict[str, Any] = {"hub": name}
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return record
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    record["repo"] = repo
+    filename = cfg.hf_hub_filename or "pytorch_model.bin"
+    safe = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}.get(
+        filename, filename[:-4] + ".safetensors" if filename.endswith(".bin") else None)
+    for filename in [f for f in (safe, filename) if f]:  # timm's order: the safetensors file first
+        cached = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(cached, str) and Path(cached).is_file():
+            snapshot = Path(cached).parent
+            commit = snapshot.name if snapshot.parent.name == "snapshots" else None
+            return {**record, "revision": commit, "filename": filename, "sha256": sha256_file(cached)}
+    return record
 
 
 def refuse_weights_path(name: str, weights: str | Path) -> None:

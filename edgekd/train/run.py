@@ -18,7 +18,8 @@ from edgekd.data import (DataModule, build_checkpoint_data, build_data, check_cl
                          duplicate_notes, split_listing)
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
-from edgekd.models import check_input_size, count_macs, count_parameters, create_model, freeze, model_spec
+from edgekd.models import (check_input_size, count_macs, count_parameters, create_model, freeze, hub_weights,
+                           model_spec)
 from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_json, write_text
 from edgekd.probability import softmax
 from edgekd.recipe import entry_arguments
@@ -57,12 +58,13 @@ def build_student_model(recipe, data: DataModule,
 
 def init_weights(model_cfg) -> dict[str, Any] | None:
     """Where a model's starting weights came from, for the checkpoint and the bundle's card: a local file (path and
-    sha256), the hub weights of a timm name, or None (random). Read when a run begins; a resumed run keeps what
+    sha256), the hub weights of a timm name (with the revision and sha256 of the file huggingface_hub cached), or
+    None (random). Read when a run begins; a resumed run keeps what
     its last.pt recorded (the file may be gone or replaced since)."""
     if model_cfg.weights:
         path = Path(model_cfg.weights)
         return {"file": str(path.resolve()), "sha256": sha256_file(path) if path.is_file() else None}
-    return {"hub": model_cfg.name} if model_cfg.pretrained else None
+    return hub_weights(model_cfg.name) if model_cfg.pretrained else None
 
 
 def checkpoint_meta(recipe, data: DataModule, spec: dict[str, Any]) -> dict[str, Any]:
