@@ -740,15 +740,25 @@ def test_a_report_of_rows_scored_on_different_images_says_so():
 
     from edgekd.distill.report import auc_comparisons, different_images_note, report_markdown
 
-    def row(name, y, role):
+    from edgekd.data.sources import Table
+    from edgekd.distill.report import scored_images
+
+    def row(name, y, role, pixels=0):
         probs = np.stack([1 - np.linspace(0.1, 0.9, len(y)), np.linspace(0.1, 0.9, len(y))], 1)
+        images = np.full((len(y), 4, 4, 1), pixels, dtype=np.uint8)
         return {"name": name, "role": role, "model": "m", "seed": 0, "params": 1e3, "macs": 1e6, "split": "test",
-                "images": len(y), "_y": np.asarray(y), "_probs": probs, "acc": 0.5}
+                "images": len(y), "_y": np.asarray(y), "_probs": probs, "acc": 0.5,
+                "_scored": scored_images(Table(labels=np.asarray(y), images=images))}
 
     a, b = row("a", [0, 1] * 20, "teacher"), row("b", [0, 1] * 40, "student")
     assert different_images_note([a, b]) == ("\n\nWarning: these rows were scored on different test images (a 40, "
                                               "b 80): their figures do not compare, and no DeLong test pairs them.")
     assert auc_comparisons([a, b]) == "" and different_images_note([a, row("c", [0, 1] * 20, "student")]) == ""
+    assert auc_comparisons([a, row("c", [0, 1] * 20, "student")]).count("| c (student) |") == 1
+    # the same labels on other images (two folders of one name, equal class counts) were paired by a DeLong test
+    other = row("d", [0, 1] * 20, "student", pixels=7)
+    assert "scored on different test images (a 40, d 40)" in different_images_note([a, other])
+    assert auc_comparisons([a, other]) == ""
     assert "| a (m) | teacher | 0 | 0.00M | 1.0 | 40 |" in report_markdown("d", "test", [a, b])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -74,7 +75,17 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
         **classification_metrics(y, probs), "confusion_matrix": confusion(y, probs).tolist(),
         "intervals": bootstrap_intervals(y, probs) if len(np.unique(y)) == probs.shape[1] else None,
         "class_names": list(ckpt["class_names"]), "images": int(len(y)), "_y": y, "_probs": probs,
+        "_scored": scored_images(data.tables[split]),
     }
+
+
+def scored_images(table) -> str:
+    """What a row was scored on, in order: each image's content digest and label. Rows compare (one table, a paired
+    DeLong test) only when this matches; equal labels alone had paired two folders of other images."""
+    digest = hashlib.sha256()
+    for fingerprint, label in zip(table.fingerprints(), table.labels.tolist()):
+        digest.update(f"{fingerprint}\t{label}\n".encode())
+    return digest.hexdigest()
 
 
 def name_apart(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,7 +168,7 @@ def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str
 def different_images_note(rows: list[dict[str, Any]]) -> str:
     """A line under a dataset's table whose rows were scored on different images (another data.limit, another
     file of the same dataset): their figures do not compare, and no DeLong test pairs them."""
-    if all(np.array_equal(r["_y"], rows[0]["_y"]) for r in rows):
+    if all(r["_scored"] == rows[0]["_scored"] for r in rows):
         return ""
     counts = ", ".join(f"{r['name']} {r['images']}" for r in rows)
     return (f"\n\nWarning: these rows were scored on different {rows[0]['split']} images ({counts}): their figures "
@@ -170,7 +181,7 @@ def auc_comparisons(rows: list[dict[str, Any]]) -> str:
     from edgekd.metrics import delong_test
 
     ref = next((r for r in rows if r["role"] == "teacher"), rows[0])
-    others = [r for r in rows if r is not ref and r["_probs"].shape[1] == 2 and np.array_equal(r["_y"], ref["_y"])]
+    others = [r for r in rows if r is not ref and r["_probs"].shape[1] == 2 and r["_scored"] == ref["_scored"]]
     if ref["_probs"].shape[1] != 2 or not others or len(np.unique(ref["_y"])) < 2:
         return ""
     lines = ["", "", f"AUC vs `{ref['name']}` ({ref['role']}), DeLong test on the same {len(ref['_y'])} images:", "",
