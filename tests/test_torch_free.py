@@ -166,6 +166,8 @@ def test_predict_bench_and_corruption_eval_run_without_torch(exported):
                     "1", "--threads", "1", "--seconds", "0", "--min-runs", "3", "--warmup", "1", "--out", root / "bench")
     assert proc.returncode == 0 and f"replaced the earlier results in {root / 'bench'}" in proc.stderr, proc.stderr
 
+    (root / "ev").mkdir()
+    (root / "ev" / "robustness.png").write_bytes(b"an earlier run's chart, written with matplotlib")
     proc = run_core(exported, "eval", bundle, "--corruptions", "--data", data, "--only", "gaussian_noise,contrast",
                     "--severities", "1,5", "--out", root / "ev")
     assert proc.returncode == 0, proc.stderr

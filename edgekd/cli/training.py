@@ -175,8 +175,11 @@ def _drop_other_plots(out: Path):
     """An earlier evaluation's confusion/ROC plots of splits the new metrics.json does not hold would sit beside it
     as if they were its own (a --split val eval after a test one): removed when a new metrics.json comes. Only
     an eval's (its metrics.json names a `checkpoint`) and only the splits it lists: a run folder's own plots, a
-    report's or a continual run's stay."""
+    report's or a continual run's stay. Likewise an earlier robustness.png beside a new robustness.json without
+    one."""
     def drop(stage: Path) -> None:
+        if (stage / "robustness.json").is_file() and not (stage / "robustness.png").exists():
+            (out / "robustness.png").unlink(missing_ok=True)  # a core install's corruption eval draws no chart
         try:
             earlier = json.loads((out / "metrics.json").read_text())
         except (OSError, ValueError):

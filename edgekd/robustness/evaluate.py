@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import write_json, write_text
+from edgekd.fileio import deferred_signals, write_json, write_text
 from edgekd.probability import softmax
 from edgekd.runtime import is_bundle
 from edgekd.progress import progress_task
@@ -385,12 +385,16 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
               "class_counts": np.bincount(labels, minlength=len(class_names)).tolist(), "seed": seed,
               "corruptions": names, "severities": levels,
               "sources": [str(s) for s in sources], "records": records, "summary": summary}
-    write_json(out / "robustness.json", result)
-    write_text(out / "robustness.md", corruption_markdown(summary) + "\n")
-    result["written"] = ["robustness.json", "robustness.md"]
-    if all(find_spec(m) is not None for m in CHART_PACKAGES):  # the core install writes no PNG chart
-        plot_corruptions(records, out / "robustness.png", f"Accuracy under corruptions ({split}, {len(images)} images)")
-        result["written"].append("robustness.png")
+    with deferred_signals():  # the set is replaced as one: json, md and the chart of this run, or no chart
+        write_json(out / "robustness.json", result)
+        write_text(out / "robustness.md", corruption_markdown(summary) + "\n")
+        result["written"] = ["robustness.json", "robustness.md"]
+        if all(find_spec(m) is not None for m in CHART_PACKAGES):  # the core install writes no PNG chart
+            plot_corruptions(records, out / "robustness.png",
+                             f"Accuracy under corruptions ({split}, {len(images)} images)")
+            result["written"].append("robustness.png")
+        else:  # an earlier run's chart would sit beside figures it does not show
+            (out / "robustness.png").unlink(missing_ok=True)
     return result
 
 
