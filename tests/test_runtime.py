@@ -814,6 +814,12 @@ def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict
     with pytest.raises(EdgeKDError, match="a DICOM of 3 frames") as err:  # e.g. listed in a training CSV
         read_image(multi)
     assert "save the frame you mean as its own image" in str(err.value)  # train/explain have no --frame
+    from edgekd.runtime.inputs import collect_labelled  # eval/bench --data DIR had scored each frame as an image
+
+    (tmp_path / "labelled" / "normal").mkdir(parents=True)
+    (tmp_path / "labelled" / "normal" / "cine.dcm").write_bytes(multi.read_bytes())
+    with pytest.raises(EdgeKDError, match=r"normal/cine.dcm: a DICOM of 3 frames \(a labelled folder takes one image "):
+        collect_labelled(tmp_path / "labelled", ["normal", "pneumonia"])
     single = series / "1.2.3.0"  # --frame on a single-image file: frame 1 is the image, frame 2 is an error
     assert collect_inputs([single], frame=1)[0] == [single]
     [frame2], _ = collect_inputs([single], frame=2)

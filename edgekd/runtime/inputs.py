@@ -79,7 +79,7 @@ def frames_of(path: Path, frame: int | None = None) -> list[Path | DicomFrame]:
 def collect_labelled(root: str | Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
     """A labelled folder in the ImageFolder layout (root/<class name>/<images>, searched recursively) -> its image
     paths and class indices in `class_names` (the bundle's order). A sub-folder that is not a class of the model,
-    or no image at all, is a one-line error."""
+    a multi-frame DICOM, or no image at all, is a one-line error."""
     root = Path(root)
     if not root.is_dir():
         raise EdgeKDError(f"--data {root}: not a folder (give a labelled folder: one sub-folder per class)")
@@ -92,6 +92,11 @@ def collect_labelled(root: str | Path, class_names: list[str]) -> tuple[list[Pat
     labels: list[int] = []
     for folder in folders:
         found, _ = collect_inputs([folder])
+        frame = next((p for p in found if isinstance(p, DicomFrame)), None)
+        if frame is not None:  # each frame would be scored as an image of the folder's class (training refuses it)
+            raise EdgeKDError(f"--data {root}: {frame.path}: a DICOM of {dicom_frames(frame.path)} frames (a labelled "
+                              "folder takes one image per file, as training does: save the frame you mean as its "
+                              "own image)")
         paths += found
         labels += [class_names.index(folder.name)] * len(found)
     if not paths:
