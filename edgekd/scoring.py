@@ -64,3 +64,13 @@ def scoring_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), size=int(k), replace=False)
                                    for c, k in zip(classes, alloc)]))
+
+
+def absent_classes_warning(split: str, counts: list[int], class_names: list[str]) -> str | None:
+    """A warning when a split (e.g. a labelled folder) holds no image of some class: AUC and the per-class figures
+    are undefined on it (null in the JSON); None when every class is there."""
+    absent = [name for name, n in zip(class_names, counts) if n == 0]
+    if not absent:
+        return None
+    return (f"{split} holds no images of {', '.join(absent)}: AUC and the per-class figures (sensitivity/"
+            "specificity, PR-AUC, pAUC) are undefined on it (null, shown as -)")

@@ -132,6 +132,13 @@ def test_eval_of_a_checkpoint_scores_every_image_of_a_separate_labelled_folder(t
     # the training folder itself is not "new images": refused, not scored as if unseen
     res = cli.invoke(app, ["eval", str(run / "best.pt"), "--data", str(scans), "--out", str(tmp_path / "ev3")])
     assert res.exit_code != 0 and "the folder the checkpoint was trained on" in str(res.exception)
+    import shutil  # a folder without one class: AUC and the per-class figures undefined, said (they were null silently)
+
+    shutil.copytree(new / "normal", tmp_path / "one" / "normal")
+    res = cli.invoke(app, ["eval", str(run / "best.pt"), "--data", str(tmp_path / "one"), "--out", str(tmp_path / "e1")])
+    assert res.exit_code == 0 and "holds no images of pneumonia: AUC and the per-class figures" in " ".join(
+        res.output.split()), res.output
+    assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["folder"]["auc"] is None
     res = cli.invoke(app, ["eval", str(run / "best.pt"), "--data", str(new), "--failures", "--out",
                            str(tmp_path / "ev2")])
     assert res.exit_code != 0 and "--set and --failures take a data recipe" in str(res.exception)

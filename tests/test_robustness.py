@@ -313,3 +313,22 @@ def test_failure_analysis_refuses_data_of_another_class_count(tiny_run, tmp_path
     p = run_edgekd("eval", tiny_run, "--failures", "--data", tmp_path / "five.yaml", "--out", tmp_path / "cli")
     assert p.returncode == 2 and "the data has 5" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_undefined_figures_of_a_folder_missing_a_class_are_said_and_shown_as_a_dash():
+    """A labelled folder with one class only gave null AUCs without a word, and the console table printed 'nan%'
+    where robustness.md printed '-'."""
+    from rich.console import Console
+
+    from edgekd.cli.tables import robustness_table
+    from edgekd.scoring import absent_classes_warning
+
+    assert absent_classes_warning("scans", [5, 0, 3], ["a", "b", "c"]).startswith(
+        "scans holds no images of b: AUC and the per-class figures")
+    assert absent_classes_warning("scans", [5, 1, 3], ["a", "b", "c"]) is None
+    row = {"model": "m", "role": "student", "format": "onnx", "precision": "fp32", "clean_acc": 0.0,
+           "per_corruption_acc": {"contrast": 0.0}, "mean_corruption_acc": 0.0, "relative_acc": float("nan")}
+    console = Console(record=True, width=200)
+    console.print(robustness_table([row], "t"))
+    text = console.export_text()
+    assert "nan" not in text and text.rstrip().splitlines()[-2].rstrip(" │").endswith("-")

@@ -25,7 +25,7 @@ from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.options import parse_batches, parse_list
 from edgekd.progress import progress_task
 from edgekd.runtime import is_bundle
-from edgekd.scoring import accuracy_auc, scoring_subset
+from edgekd.scoring import absent_classes_warning, accuracy_auc, scoring_subset
 
 SCHEMA = "edgekd-bench/1"
 FORMATS = ("torch", *ARTIFACT_FORMATS)
@@ -318,6 +318,10 @@ def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int 
     from edgekd.runtime.inputs import collect_labelled
 
     paths, labels = collect_labelled(folder, subject.class_names)
+    absent = absent_classes_warning(str(folder), np.bincount(labels, minlength=len(subject.class_names)).tolist(),
+                                    subject.class_names)
+    if absent:
+        log(f"warning: {absent}")
     picked = eval_subset(np.asarray(labels), limit or len(paths))
     prep = Preprocessor(subject.preprocess)
     images = np.stack([prep.to_resize_size(paths[i]) for i in picked])

@@ -58,7 +58,7 @@ def robustness_table(summary: list[dict], title: str) -> RichTable:
     for r in summary:
         table.add_row(escape(f"{r['model']} ({r['role']})"), f"{r['format']}/{r['precision']}", _fmt(r["clean_acc"]),
                       *[_fmt(r["per_corruption_acc"][n]) for n in names], _fmt(r["mean_corruption_acc"]),
-                      f"{r['relative_acc']:.1%}")
+                      "-" if r["relative_acc"] != r["relative_acc"] else f"{r['relative_acc']:.1%}")  # as the .md
     return table
 
 

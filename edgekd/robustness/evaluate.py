@@ -20,7 +20,7 @@ from edgekd.probability import softmax
 from edgekd.runtime import is_bundle
 from edgekd.progress import progress_task
 from edgekd.robustness.corruptions import check_names, check_severities, corrupt
-from edgekd.scoring import accuracy_auc
+from edgekd.scoring import absent_classes_warning, accuracy_auc
 
 CLEAN = "clean"
 RECORD_KEYS = ("model", "role", "format", "precision", "corruption", "severity", "acc", "auc", "n")
@@ -376,6 +376,9 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
 
         for p in predictors:
             check_class_order(p.class_names, class_names, p.label, log)
+    absent = absent_classes_warning(split, np.bincount(labels, minlength=len(class_names)).tolist(), class_names)
+    if absent:
+        log(f"warning: {absent}")
     log(f"corruption eval: {len(predictors)} model/format(s) x {len(images)} {split} images x "
         f"{len(names)} corruptions x {len(levels)} severities")
     records = corruption_records(predictors, images, labels, names, levels, seed, log, progress, positions)
