@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO
 from edgekd.cli import app
+from edgekd.errors import EdgeKDError
 
 
 def write_jpeg_folder(root, per_class: int = 20, seed: int = 0):
@@ -139,6 +140,21 @@ def test_eval_of_a_checkpoint_scores_every_image_of_a_separate_labelled_folder(t
     assert res.exit_code == 0 and "holds no images of pneumonia: AUC and the per-class figures" in " ".join(
         res.output.split()), res.output
     assert json.loads((tmp_path / "e1" / "metrics.json").read_text())["folder"]["auc"] is None
+    # --failures on a folder (it had been refused: "--failures take a data recipe", while the README listed it)
     res = cli.invoke(app, ["eval", str(run / "best.pt"), "--data", str(new), "--failures", "--out",
                            str(tmp_path / "ev2")])
-    assert res.exit_code != 0 and "--set and --failures take a data recipe" in str(res.exception)
+    assert res.exit_code == 0, res.output
+    failures = json.loads((tmp_path / "ev2" / "failures.json").read_text())
+    assert failures["images"] == 14 and failures["split"] == str(new) and (tmp_path / "ev2" / "failures.png").is_file()
+    assert failures["errors"] == 14 - round(metrics["folder"]["acc"] * 14)  # the same images, the same model
+    res = cli.invoke(app, ["eval", str(run / "best.pt"), "--data", str(scans), "--failures", "--corruptions",
+                           "--only", "contrast", "--severities", "1", "--out", str(tmp_path / "ev4")])
+    assert res.exit_code != 0 and "the folder the checkpoint was trained on" in str(res.exception)
+    assert not (tmp_path / "ev4").exists()
+    for analysis in (lambda: evaluate.run_failure_analysis(run / "best.pt", tmp_path / "ev6", data_folder=scans),
+                     lambda: evaluate.run_corruption_eval([run / "best.pt"], tmp_path / "ev6", data_folder=scans)):
+        with pytest.raises(EdgeKDError, match="the folder the checkpoint was trained on"):  # the Python API's too
+            analysis()
+    res = cli.invoke(app, ["eval", str(run / "best.pt"), "--data", str(new), "--set", "data.limit=3", "--out",
+                           str(tmp_path / "ev5")])
+    assert res.exit_code != 0 and "--set takes a data recipe" in str(res.exception)

@@ -141,9 +141,9 @@ def eval_(
     splits, names, levels = _eval_options(split, corruptions, only, severities, failures,
                                           given={"--limit": limit, "--compare": compare, "--top": top}, folder=folder)
     bundle = is_bundle(checkpoint)
-    if folder is not None and (set_ or failures or (bundle and not corruptions)):
+    if folder is not None and (set_ or (bundle and not (corruptions or failures))):
         raise EdgeKDError(f"--data {folder}: a labelled folder is scored by a checkpoint, or by a bundle's "
-                          "--corruptions; --set and --failures take a data recipe")
+                          "--corruptions or --failures; --set takes a data recipe")
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
@@ -167,7 +167,7 @@ def eval_(
                                                                 f"{res['images']} images)"))
             wrote += [str(stage / name) for name in res["written"]]
         if failures:
-            wrote += _eval_failures(checkpoint, stage, data_recipe, splits[0], top or 5)
+            wrote += _eval_failures(checkpoint, stage, data_recipe, splits[0], top or 5, folder)
     console.print(f"wrote {', '.join(str(out / Path(p).name) for p in wrote)}")
 
 
@@ -193,11 +193,13 @@ def _drop_other_plots(out: Path):
     return drop
 
 
-def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: int) -> list[str]:
+def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: int,
+                   folder: Optional[Path] = None) -> list[str]:
     """`edgekd eval --failures`: the top confused pairs printed; the files it wrote."""
     from edgekd.robustness.evaluate import run_failure_analysis
 
-    res = run_failure_analysis(checkpoint, out, data_recipe, split, top, log=plain_log(console.print))
+    res = run_failure_analysis(checkpoint, out, data_recipe, split, top, log=plain_log(console.print),
+                               data_folder=folder)
     for p in res["pairs"]:
         out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
                           f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")

@@ -186,14 +186,19 @@ def load_split_images(recipe, split: str = "test", limit: int | None = None,
     return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names), idx
 
 
-def load_folder_images(folder: str | Path, class_names: list[str],
-                       limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray, list[str], np.ndarray]:
+def load_folder_images(folder: str | Path, class_names: list[str], limit: int | None = None,
+                       predictors: Sequence[Predictor] = ()) -> tuple[list[np.ndarray], np.ndarray, list[str],
+                                                                      np.ndarray]:
     """The decoded uint8 images, labels, class names and positions in the folder's listing of a labelled folder
     (root/<class>/...; the model's class names), a fixed random subset of `limit` if given (`limited`): the
-    torch-free counterpart of `load_split_images`."""
+    torch-free counterpart of `load_split_images`. A checkpoint among `predictors` must not have trained on the
+    folder (`refuse_training_folder`)."""
     from edgekd.runtime.inputs import collect_labelled
     from edgekd.runtime.preprocess import as_image_array
 
+    for p in predictors:
+        if p.trained is not None:
+            refuse_training_folder(folder, p.trained, p.trained["path"])
     paths, labels = collect_labelled(folder, list(class_names))
     idx = limited(len(paths), limit)
     images = [as_image_array(paths[i]) for i in idx]  # a path or a multi-frame DICOM's frame
@@ -368,7 +373,8 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
     names, levels = check_names(corruptions), check_severities(severities)
     predictors = predictors_for(sources, threads)
     if data_folder is not None:
-        images, labels, class_names, positions = load_folder_images(data_folder, predictors[0].class_names, limit)
+        images, labels, class_names, positions = load_folder_images(data_folder, predictors[0].class_names, limit,
+                                                                    predictors)
         split = str(data_folder)
     else:
         images, labels, class_names, positions = load_split_images(recipe, split, limit, predictors)
@@ -424,16 +430,21 @@ def _recipe_of_first_checkpoint(sources: Sequence[str | Path], what: str = "corr
 
 def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, split: str = "test",
                          top: int = 5, per_pair: int = 6, threads: int | None = None,
-                         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The most confused class pairs of one checkpoint (or a bundle's first artifact) on `split`, with example
-    images: writes failures.json and failures.png into `out`."""
+                         log: Callable[[str], None] = print, data_folder: str | Path | None = None) -> dict[str, Any]:
+    """The most confused class pairs of one checkpoint (or a bundle's first artifact) on `split`, or on every
+    image of the labelled folder `data_folder`, with example images: writes failures.json and failures.png into
+    `out`."""
     from edgekd.data import check_class_order
     from edgekd.metrics.failures import confused_pairs, plot_failure_grid
 
-    recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
     predictor = predictors_for([source], threads)[0]
-    images, labels, class_names, _ = load_split_images(recipe, split, predictors=[predictor])
-    check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
+    if data_folder is not None:
+        images, labels, class_names, _ = load_folder_images(data_folder, predictor.class_names, None, [predictor])
+        split = str(data_folder)
+    else:
+        recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
+        images, labels, class_names, _ = load_split_images(recipe, split, predictors=[predictor])
+        check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
     probs = predictor.predict(images)
     pairs = confused_pairs(labels, probs, top)
     out = Path(out)
