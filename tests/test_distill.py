@@ -392,6 +392,17 @@ def test_a_resumed_feature_kd_run_restores_its_adapters_and_matches_an_uninterru
         for name, value in ends[0][key].items():
             torch.testing.assert_close(ends[1][key][name], value, rtol=1e-5, atol=1e-6)
     assert resumed.test["auc"] == pytest.approx(full.test["auc"])
+    # the teacher is pinned by sha256: a resume after it changed (retrained into the same best.pt) went on with the
+    # other model silently; here last.pt says it started from other bytes
+    from edgekd.fileio import sha256_file
+
+    assert ends[1]["distill"]["teacher_sha256"] == sha256_file(tiny_teacher)
+    ends[1]["distill"]["teacher_sha256"] = "0" * 64
+    save_checkpoint(tmp_path / "part" / "last.pt", {k: v for k, v in ends[1].items() if k != "format"})
+    (tmp_path / "part" / "metrics.json").unlink()  # cut short again
+    with pytest.raises(EdgeKDError, match=rf"distill teacher {tiny_teacher} changed since this run started "
+                                          r"\(sha256 000000000000\.\.\. then, "):
+        distill_recipe(recipe(2), tmp_path / "part", resume=True, **quiet)
 
 
 def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch):

@@ -10,6 +10,7 @@ from edgekd.data import build_data, check_class_order, split_tables
 from edgekd.distill.objective import build_objective, load_teacher
 from edgekd.distill.unlabeled import build_unlabeled
 from edgekd.errors import EdgeKDError
+from edgekd.fileio import sha256_file
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_checkpoint
 from edgekd.train.run import RunResult, build_student_model, loss_class_weights, train_model
@@ -69,6 +70,19 @@ def check_same_pool(saved: dict, pool, path: Path) -> None:
                           "restore them, or train into a new folder")
 
 
+def check_same_teachers(saved: dict, digests: dict[str, str], path: Path) -> None:
+    """A resumed run's teacher (and ensemble members) must be the files it started with, compared by sha256: a
+    teacher retrained into the same best.pt would distill the rest of the run from another model, silently."""
+    then = saved.get("distill") or {}
+    recorded = dict(zip([then.get("teacher"), *(then.get("ensemble") or [])],
+                        [then.get("teacher_sha256"), *(then.get("ensemble_sha256") or [])]))
+    for teacher, digest in digests.items():
+        was = recorded.get(teacher)
+        if was is not None and was != digest:
+            raise EdgeKDError(f"{path}: distill teacher {teacher} changed since this run started (sha256 {was[:12]}... "
+                              f"then, {digest[:12]}... now): restore it, or train into a new folder")
+
+
 def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                    progress=None) -> RunResult:
     """Train the recipe's student against `distill.teacher`; writes the same files as a supervised run."""
@@ -95,14 +109,18 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
                                 recipe.augment, data.num_classes, log=log, ensemble=ensemble, unlabeled=pool)
     objective.to(resolve_device(recipe.train.device))
+    digests = {str(p): sha256_file(p) for p in (cfg.teacher, *cfg.ensemble)}
     if resume and (out / "last.pt").is_file():
         saved = load_checkpoint(out / "last.pt")
+        check_same_teachers(saved, digests, out / "last.pt")
         check_same_pool(saved, pool, out / "last.pt")
         if saved.get(ADAPTER_KEY):
             objective.load_adapter_state(saved[ADAPTER_KEY])
     teacher_metrics = teacher_ckpt.get("metrics") or {}
     extra_meta = {
         "distill": {"teacher": str(cfg.teacher), "ensemble": list(cfg.ensemble),
+                    "teacher_sha256": digests[str(cfg.teacher)],
+                    "ensemble_sha256": [digests[str(p)] for p in cfg.ensemble],
                     "teacher_model": teacher_ckpt["arch"]["name"],
                     "teacher_val": teacher_metrics, "terms": [t.model_dump() for t in cfg.terms],
                     "unlabeled": cfg.unlabeled.model_dump() if cfg.unlabeled else None,
