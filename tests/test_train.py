@@ -206,6 +206,19 @@ def test_fold_folders_a_run_leaves_from_an_earlier_one_are_named(tiny_recipe_dic
     check_run_inputs(recipe, out, None, resume=False, log=said.append)  # a plain run into it
     assert said[-1].startswith(f"warning: {out} holds fold0, fold1, fold2 of an earlier run with folds, which this "
                                "run is not")
+    # that plain run's files replace the k-fold summary, as the other warning says (kfold.json/.md had stayed
+    # beside the new metrics.json); the fold folders stay, as this one says
+    (out / "kfold.md").write_text("| fold | acc |")
+    train_recipe(recipe, out, log=lambda s: None)
+    assert not (out / "kfold.json").exists() and not (out / "kfold.md").exists() and (out / "metrics.json").is_file()
+    assert (out / "fold2").is_dir()
+    from edgekd.train.run import remove_earlier_outputs  # what a new k-fold or continual run calls first
+
+    (out / "model.pt").write_bytes(b"a continual run's")
+    (out / "confusion_task1.png").write_bytes(b"png")
+    (out / "notes.txt").write_text("the user's")
+    remove_earlier_outputs(out)
+    assert sorted(p.name for p in out.iterdir()) == ["fold0", "fold1", "fold2", "foldings", "notes.txt", "recipe.yaml"]
 
 
 def test_early_stopping_stops(tiny_recipe_dict, tmp_path):

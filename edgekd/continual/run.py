@@ -32,7 +32,7 @@ from edgekd.progress import progress_task
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
-from edgekd.train.run import init_weights
+from edgekd.train.run import init_weights, remove_earlier_outputs
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
 
@@ -293,17 +293,13 @@ def _evaluate_step(model: nn.Module, tasks: list[Task], head: str, i: int, split
     return scores
 
 
-CONTINUAL_OUTPUTS = ("model.pt", "continual.json", "task_accuracy.png", "confusion_all_tasks.png")
-"""What a continual run writes at the top of its folder, besides confusion_task<j>.png."""
-
-
 def remove_earlier_run(out: Path, tasks: list[Task]) -> None:
     """A new (not resumed) run into the folder of an earlier one: that run's results and its task checkpoints of
     these tasks go now. They had stayed until the new run's end, so a stop half-way left the old model.pt beside the
     new tasks (`edgekd export out/model.pt` shipped it) and the printed resume command was refused on it."""
-    stale = [*(out / name for name in CONTINUAL_OUTPUTS), *out.glob("confusion_task*.png"),
-             *(task_folder(out, i, t) / name for i, t in enumerate(tasks)
-               for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv"))]
+    remove_earlier_outputs(out)  # the top-level results of an earlier run of any kind
+    stale = [task_folder(out, i, t) / name for i, t in enumerate(tasks)
+             for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv")]
     for path in stale:
         if path.is_file():
             path.unlink(missing_ok=True)  # every torchrun rank runs this

@@ -58,7 +58,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     run that finished is kept, one cut short goes on from its last.pt, the rest train (fold_run)."""
     from edgekd.distill.run import distill_recipe
     from edgekd.train.distributed import is_main_process
-    from edgekd.train.run import train_recipe
+    from edgekd.train.run import remove_earlier_outputs, train_recipe
 
     out = Path(out)
     if resume and next(out.glob("fold*/*/last.pt"), None) is None:
@@ -83,6 +83,8 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
                               "--teacher-set data.path=... changes the teacher's)")
     check_pool_for_folds(recipe, folds)  # before the first teacher trains (a bad pool had failed after it)
     split = split_mode(recipe, log)
+    if main and not resume:  # an earlier run's results at the top of --out (e.g. a single run's best.pt) go
+        remove_earlier_outputs(out)
     rows: list[dict[str, Any]] = []
     for fold in range(folds):
         fold_dir = out / f"fold{fold}"

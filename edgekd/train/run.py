@@ -188,7 +188,10 @@ def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec:
 
 RUN_OUTPUTS = ("best.pt", "last.pt", "swa.pt", "metrics.json", "splits.json", "log.csv", "curves.png",
                "confusion_val.png", "confusion_test.png", "roc_val.png", "roc_test.png")
-"""What a run writes at the top of its folder (a new run into the folder of an earlier one removes the earlier's)."""
+KFOLD_OUTPUTS = ("kfold.json", "kfold.md")
+CONTINUAL_OUTPUTS = ("model.pt", "continual.json", "task_accuracy.png", "confusion_all_tasks.png")
+"""What a run, a k-fold run and a continual run write at the top of their folder (a continual run also
+confusion_task<j>.png). A new run into the folder of an earlier one, of any kind, removes these."""
 
 
 def resume_or_clear(trainer: Trainer, out: Path, resume: bool) -> dict[str, Any] | None:
@@ -204,12 +207,16 @@ def resume_or_clear(trainer: Trainer, out: Path, resume: bool) -> dict[str, Any]
 
 
 def remove_earlier_outputs(out: Path) -> None:
-    """An earlier run's files (RUN_OUTPUTS, by name: a report's plots beside them stay), when `out` holds one."""
-    if not any((out / name).is_file() for name in ("metrics.json", "last.pt", "best.pt")):
+    """When `out` holds an earlier run's results, of any kind (a run's, a k-fold summary, a continual run's), they
+    go (by name: a report's plots beside them stay, and so do fold and task folders): a k-fold summary had stayed
+    beside a new single run as if it described it. The caller holds the folder (its lock)."""
+    markers = ("metrics.json", "last.pt", "best.pt", "kfold.json", "model.pt", "continual.json")
+    if not any((out / name).is_file() for name in markers):
         return
-    for name in RUN_OUTPUTS:
-        if (out / name).is_file():
-            (out / name).unlink()
+    for path in [*(out / name for name in (*RUN_OUTPUTS, *KFOLD_OUTPUTS, *CONTINUAL_OUTPUTS)),
+                 *out.glob("confusion_task*.png")]:
+        if path.is_file():
+            path.unlink(missing_ok=True)  # every torchrun rank may run this
 
 
 def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = "metrics.json lists",
