@@ -1,10 +1,10 @@
-"""`edgekd check`: build what a recipe's training would build and run it for two optimizer steps and one evaluation.
+"""`edgekd check`: build what a recipe's training would build and run it for a few optimizer steps and one evaluation.
 
 Real data by default (a missing file is the data stage's one-line error); `synthetic=True` stands in a generated
 MedMNIST-shaped set with the recipe's image size, channels and class count, and a randomly initialised teacher
 (or starting student) of the recipe's architecture for a checkpoint that is not there yet, so a recipe can be
 checked on a machine that has none of its data. The run itself is `run_recipe` on a shrunken copy of the recipe
-(one epoch, two batches), so it goes through exactly the code a real `edgekd train` runs.
+(one epoch of a few batches), so it goes through exactly the code a real `edgekd train` runs.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from edgekd.errors import EdgeKDError
 from edgekd.recipe import Recipe, find_recipe_file, load_recipe, recipe_from_dict
 from edgekd.runtime.timing import peak_rss_mb
 
-STEPS = 2
-"""Optimizer steps a check runs (the second one is timed: the first pays for allocation and warm-up)."""
+STEPS = 5
+"""Optimizer steps a check runs by default: the first pays for allocation and warm-up and is not timed; the median
+of the others is the step time (one timed step had varied 10x under another process's load)."""
 
 
 @dataclass
@@ -39,6 +40,10 @@ class CheckResult:
     input_size: list[int]
     batch_size: int
     step_seconds: float
+    """The median of the timed steps (all but the first); the training step only, evaluation not included."""
+    step_range: tuple[float, float]
+    """The fastest and slowest timed step."""
+    timed_steps: int
     train_images: int | None
     """The real train split's size (None for synthetic data: no epoch estimate)."""
     epoch_seconds: float | None
@@ -57,9 +62,12 @@ def _quiet(*_args, **_kwargs) -> None:
 
 def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic: bool = False,
                  classes: int | None = None, log: Callable[[str], None] = _quiet,
-                 warn: Callable[[str], None] = _quiet) -> CheckResult:
-    """Validate the recipe, build its data, model, teacher and plug-ins, train two steps, evaluate once. `warn`
-    gets each data warning of `edgekd train` as it arises (also in the result), before a failing step's error."""
+                 warn: Callable[[str], None] = _quiet, steps: int = STEPS) -> CheckResult:
+    """Validate the recipe, build its data, model, teacher and plug-ins, train `steps` optimizer steps (at least 2:
+    the first is not timed), evaluate once. `warn` gets each data warning of `edgekd train` as it arises (also in
+    the result), before a failing step's error."""
+    if steps < 2:
+        raise EdgeKDError(f"--steps {steps}: at least 2 (the first step is warm-up, not timed)")
     from edgekd.pipeline import run_recipe
 
     t0 = time.perf_counter()
@@ -78,7 +86,7 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
 
             refuse_held_out_pool(recipe.distill.unlabeled, recipe.data)
         if synthetic:
-            recipe = synthetic_recipe(recipe, tmp, classes, stand_ins, path)
+            recipe = synthetic_recipe(recipe, tmp, classes, stand_ins, path, steps)
         warnings: list[str] = []
 
         def data_warning(line: str) -> None:
@@ -89,13 +97,13 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
             data_warning(teacher_recipe_problem)
 
         train_images = None if synthetic else count_train_images(recipe, data_warning)
-        result = run_recipe(shrunken(recipe, synthetic), tmp / "run", log=log)
+        result = run_recipe(shrunken(recipe, synthetic, steps), tmp / "run", log=log)
         start = recipe.continual.checkpoint if recipe.continual else None
         model = _arch_name(start) if start else recipe.model.name
         teacher = _arch_name(recipe.distill.teacher) if recipe.distill else None
         macs = getattr(result, "macs", None) or _final_macs(result.best_path)
-    steps = _step_seconds(result)
-    step = steps[-1] if steps else float("nan")
+    timed = _step_seconds(result)[1:]  # the first pays for allocation and warm-up
+    step = float(np.median(timed)) if timed else float("nan")
     batch = recipe.data.batch_size * recipe.train.grad_accum
     return CheckResult(
         recipe=str(path), name=recipe.name,
@@ -103,6 +111,7 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         model=model, params=int(result.params), macs=macs,
         input_size=[recipe.data.channels, recipe.data.image_size, recipe.data.image_size],
         batch_size=recipe.data.batch_size, step_seconds=step, train_images=train_images,
+        step_range=(min(timed), max(timed)) if timed else (float("nan"), float("nan")), timed_steps=len(timed),
         epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
         seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(), teacher=teacher, stand_ins=stand_ins,
         warnings=warnings)
@@ -155,8 +164,8 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
     return len(data.tables["train"])
 
 
-def shrunken(recipe: Recipe, synthetic: bool) -> Recipe:
-    """The same recipe for one epoch of STEPS optimizer steps (SWA from the start, no early stop)."""
+def shrunken(recipe: Recipe, synthetic: bool, steps: int = STEPS) -> Recipe:
+    """The same recipe for one epoch of `steps` optimizer steps (SWA from the start, no early stop)."""
     raw = recipe.to_dict()
     train = raw["train"]
     train["epochs"] = 1
@@ -164,7 +173,7 @@ def shrunken(recipe: Recipe, synthetic: bool) -> Recipe:
     if train["swa"]["enabled"]:
         train["swa"]["start_epoch"] = 0
     if not synthetic:  # a synthetic set is generated at this size already
-        limit = STEPS * recipe.data.batch_size * recipe.train.grad_accum
+        limit = steps * recipe.data.batch_size * recipe.train.grad_accum
         raw["data"]["limit"] = min(limit, raw["data"].get("limit") or limit)  # a smaller limit of the recipe's holds
         for task in (raw.get("continual") or {}).get("tasks", []):
             task["data"]["limit"] = min(limit, task["data"].get("limit") or limit)
@@ -218,13 +227,13 @@ def write_synthetic_npz(path: Path, data: dict[str, Any], classes: int, counts: 
 
 
 def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | None, batch: int,
-                    stand_ins: list[str]) -> dict[str, Any]:
+                    stand_ins: list[str], steps: int = STEPS) -> dict[str, Any]:
     """Point a data section at a generated set named after the real one (MedMNIST names give real labels)."""
     k = classes or known_classes(data) or 2
     stem = Path(data.get("path") or "builtin").stem or "data"
     if MEDMNIST_CLASSES.get(stem.lower()) and k != len(MEDMNIST_CLASSES[stem.lower()]):
         stem = f"synthetic-{stem}"  # --classes K: a known set's name would bring its own class count
-    train = max(STEPS * batch, 2 * k)
+    train = max(steps * batch, 2 * k)
     held = max(min(batch, 32), 2 * k)
     path = write_synthetic_npz(tmp / tag / f"{stem}.npz", data, k, (train, held, held), seed=len(stand_ins))
     stand_ins.append(f"{tag}: {data.get('source', 'builtin')} {data.get('path') or ''} -> {k}-class synthetic "
@@ -244,9 +253,9 @@ def _teacher_classes(dist: dict[str, Any] | None) -> int | None:
 
 
 def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: list[str],
-                     path: str | Path | None = None) -> Recipe:
-    """The recipe (read from `path`) over generated data, with untrained stand-ins for absent teacher/student
-    checkpoints."""
+                     path: str | Path | None = None, steps: int = STEPS) -> Recipe:
+    """The recipe (read from `path`) over generated data of `steps` batches, with untrained stand-ins for absent
+    teacher/student checkpoints."""
     raw = recipe.to_dict()
     batch = recipe.data.batch_size * recipe.train.grad_accum
     if raw["model"]["pretrained"] and not raw["model"]["weights"]:  # a local weights file is loaded and checked
@@ -254,14 +263,14 @@ def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: 
         raw["model"]["pretrained"] = False
     k = classes or known_classes(raw["data"]) or _teacher_classes(raw.get("distill")) or 2
     outputs = len(raw["data"]["classes"]) if raw["data"].get("classes") else k
-    raw["data"] = _synthetic_data(raw["data"], tmp, "data", k, batch, stand_ins)
+    raw["data"] = _synthetic_data(raw["data"], tmp, "data", k, batch, stand_ins, steps)
     cont = raw.get("continual")
     if cont:
         for i, task in enumerate(cont["tasks"]):
             if not task["data"]:
                 continue  # the task reads the recipe's data section, synthetic already
             merged = {**recipe.data.model_dump(), **task["data"]}
-            fresh = _synthetic_data(merged, tmp, f"task{i + 1}", known_classes(merged), batch, stand_ins)
+            fresh = _synthetic_data(merged, tmp, f"task{i + 1}", known_classes(merged), batch, stand_ins, steps)
             task["data"] = {**task["data"], **{key: fresh[key] for key in
                                                ("source", "path", "split", "folds", "fold", "limit")}}
         if cont.get("checkpoint") and not Path(cont["checkpoint"]).is_file():

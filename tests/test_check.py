@@ -28,7 +28,7 @@ def _from_repo(monkeypatch):
 
 @pytest.mark.parametrize("path", RECIPES)
 def test_every_shipped_recipe_checks_on_synthetic_data(path):
-    r = check_recipe(path, SMALL, synthetic=True)
+    r = check_recipe(path, SMALL, synthetic=True, steps=2)  # builds and runs each recipe; 2 steps keep the suite short
     raw = yaml.safe_load((REPO / path).read_text())
     assert r.params > 0 and r.step_seconds > 0 and r.peak_rss_mb > 0
     assert r.input_size[1] == r.input_size[2] >= 8
@@ -49,6 +49,15 @@ def test_check_on_real_data_estimates_an_epoch(tiny_recipe_dict, tmp_path):
     r = check_recipe(tmp_path / "r.yaml")
     assert r.train_images == 48 and r.stand_ins == []
     assert r.epoch_seconds == pytest.approx(r.step_seconds * 6)  # 48 images / batch 8
+    # the step time is the median of the steps after the first (one timed step had varied 10x under load)
+    assert r.timed_steps == 4 and r.step_range[0] <= r.step_seconds <= r.step_range[1]
+    import edgekd.check as check
+
+    with pytest.MonkeyPatch.context() as mp:  # a warm-up of 9 s and one slow step under load move it little
+        mp.setattr(check, "_step_seconds", lambda result: [9.0, 0.5, 0.25, 0.3, 0.2])
+        r = check_recipe(tmp_path / "r.yaml")
+    assert (r.step_seconds, r.step_range, r.timed_steps) == (pytest.approx(0.275), (0.2, 0.5), 4)
+    assert r.epoch_seconds == pytest.approx(0.275 * 6)
 
 
 def test_unknown_timm_kwarg_is_a_one_line_error(tiny_recipe_dict, tmp_path):

@@ -80,8 +80,10 @@ def check(
                                    "and classes; untrained stand-ins for absent teacher/student checkpoints."),
     classes: Optional[int] = typer.Option(None, "--classes", min=2, help="With --synthetic: the class count "
                                           "(default: from the recipe, a MedMNIST file name, else 2)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Optimizer steps to run (default 5); the "
+                                        "first is warm-up, the median of the others is the step time."),
 ) -> None:
-    """Check a recipe before a long run: validate it, build its data, model, teacher and plug-ins, run two
+    """Check a recipe before a long run: validate it, build its data, model, teacher and plug-ins, run a few
     optimizer steps and one evaluation at its image size; print params, MACs, seconds per step and per epoch."""
     from edgekd.check import check_recipe
     from edgekd.recipe import warn_sections_turned_on
@@ -91,6 +93,7 @@ def check(
     warn_sections_turned_on(recipe, set_, console.print)
     with console.status(f"checking {recipe} ...") as status:  # the run's own lines as they come: a large model's
         r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes,  # build and steps take minutes on a CPU
+                         **({"steps": steps} if steps else {}),
                          warn=lambda line: console.print(escape(line)),
                          log=lambda line: status.update(f"checking {escape(str(recipe))}: {escape(line[:100])}"))
     table = RichTable(title=f"check ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)
@@ -98,7 +101,9 @@ def check(
     table.add_column("")
     rows = [("recipe", str(recipe)), ("model", r.model), ("teacher", r.teacher or "-"), ("params", f"{r.params / 1e6:.3f} M"),
             ("MACs", f"{r.macs / 1e6:.1f} M" if r.macs else "-"), ("input", "x".join(map(str, r.input_size))),
-            ("batch", str(r.batch_size)), ("seconds per step", f"{r.step_seconds:.3f}"),
+            ("batch", str(r.batch_size)),
+            ("seconds per step", f"{r.step_seconds:.3f} (median of {r.timed_steps} timed steps, "
+                                 f"{r.step_range[0]:.3f}-{r.step_range[1]:.3f}; training only, not evaluation)"),
             ("per epoch" if r.kind != "continual" else "an epoch of every task",
              f"{r.epoch_seconds:.0f} s ({r.train_images} train images)" if r.epoch_seconds is not None
              else f"{r.step_seconds / r.batch_size * 1000:.0f} s per 1000 train images"),
