@@ -719,6 +719,10 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _one_kind_of_run(self) -> "Recipe":
+        data = self.data  # found when transforms were built, it did not name the --set that broke a recipe
+        if len(data.mean) != data.channels or len(data.std) != data.channels:  # (a task's: continual's own check)
+            raise ValueError(f"data.mean/std need {data.channels} values for data.channels={data.channels} (mean "
+                             f"has {len(data.mean)}, std {len(data.std)})")
         if self.continual is not None and self.distill is not None:  # the continual runner never read it
             raise ValueError("a recipe with a continual section does not use a distill section (its tasks learn "
                              "with continual.lwf/ewc/replay; distill a student with its own recipe and name it in "

@@ -191,6 +191,12 @@ def test_yaml_merge_keys_unhashable_keys_and_blame_after_a_fixing_set(tmp_path):
         load_recipe(p, ["distill.unlabeled.source=builtin", "distill.terms=[{kind: kl}]", "distill.teacher=t.pt"])
     assert "distill.terms: Field required" not in str(err.value)
     assert str(err.value).startswith("--set distill.") and "does not use a distill section" in str(err.value)
+    # mean/std against channels is a recipe check (it was found building the transforms, naming no --set)
+    p.write_text("name: ok\n")
+    with pytest.raises(EdgeKDError, match=r"^--set data.channels=1: data.mean/std need 1 values for "
+                                          r"data.channels=1 \(mean has 3, std 3\)"):
+        load_recipe(p, ["data.channels=1"])
+    assert load_recipe(p, ["data.channels=1", "data.mean=[0.5]", "data.std=[0.25]"]).data.channels == 1
 
 
 def test_recipe_differences_name_the_changed_leaf():
