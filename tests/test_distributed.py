@@ -133,7 +133,13 @@ def test_rank_prefix_and_peer_failure(monkeypatch):
     assert peer_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1234"))
     assert peer_failure(ValueError("bad value")) is None
     assert peer_failure(ConnectionResetError(104, "Connection reset by peer")) is None  # a download's, say
+    from edgekd.cli.console import STATE
+
+    monkeypatch.setitem(STATE, "on_interrupt", lambda: "resume it: edgekd train r.yaml --out o --resume")
+    assert peer_failure(RuntimeError("Connection closed by peer")) == "stopped: another rank failed (its error says why)"
     monkeypatch.setenv("RANK", "0")
     assert rank_prefix() == ""
+    assert peer_failure(RuntimeError("Connection closed by peer")) == (  # a rank killed by SIGKILL says nothing
+        "stopped: another rank failed (its error says why); resume it: edgekd train r.yaml --out o --resume")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert peer_failure(RuntimeError("Connection closed by peer")) is None

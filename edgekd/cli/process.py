@@ -164,7 +164,9 @@ def peer_failure(err: BaseException) -> str | None:
     if "torch.distributed" not in sys.modules or torchrun_worker()[1] < 2:
         return None
     if isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_FAILURE):
-        return "stopped: another rank failed (its error says why)"
+        # rank 0 says how to go on, as for a stop (a rank killed with SIGKILL leaves no line of its own)
+        hint = STATE["on_interrupt"]() if STATE["on_interrupt"] and torchrun_worker()[0] == 0 else None
+        return "stopped: another rank failed (its error says why)" + (f"; {hint}" if hint else "")
     return None
 
 
