@@ -263,10 +263,24 @@ def test_compare_takes_a_run_folder_and_refuses_a_multi_head_model_before_any_ou
     from edgekd.cli import app
     from edgekd.train.checkpoint import save_checkpoint
 
-    res = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--compare", str(tiny_run.parent), "--only",
-                                   "contrast", "--severities", "1", "--out", str(tmp_path / "ev")])
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "best.pt").write_bytes(tiny_run.read_bytes())
+    res = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--compare", str(tmp_path / "run2"),
+                                   "--only", "contrast", "--severities", "1", "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
+    # the same model twice (its run folder) gave its rows twice; a model of other classes was refused only after
+    # the main evaluation had printed its table
+    res = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--compare", str(tiny_run.parent),
+                                   "--out", str(tmp_path / "ev1")])
+    assert res.exit_code != 0 and f"{tiny_run.parent}: given twice (as {tiny_run} too)" in str(res.exception)
     ckpt = load_checkpoint(tiny_run)
+    save_checkpoint(tmp_path / "three.pt", {**{k: v for k, v in ckpt.items() if k != "format"},
+                                            "class_names": ["a", "b", "c"]})
+    res = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--compare", str(tmp_path / "three.pt"),
+                                   "--out", str(tmp_path / "ev1")])
+    assert res.exit_code != 0 and f"--compare {tmp_path / 'three.pt'}: 3 classes, {tiny_run} has 2" in str(
+        res.exception)
+    assert "acc" not in res.output and not (tmp_path / "ev1").exists()
     save_checkpoint(tmp_path / "multi.pt", {**{k: v for k, v in ckpt.items() if k != "format"},
                                             "continual": {"head": "multi", "tasks": []}})
     res = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--compare", str(tmp_path / "multi.pt"),

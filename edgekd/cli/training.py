@@ -139,7 +139,7 @@ def eval_(
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
     from edgekd.fileio import refuse_output_inside, staged_files
-    from edgekd.robustness import check_predictor_source
+    from edgekd.robustness import check_predictor_sources
     from edgekd.runtime import is_bundle
 
     folder = data if data is not None and data.is_dir() else None
@@ -152,8 +152,8 @@ def eval_(
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
-    for other in [*compare, *([checkpoint] if corruptions or failures else [])]:  # before the main eval prints
-        check_predictor_source(other)  # (a multi-head checkpoint had been refused after its per-task tables)
+    if corruptions or failures:  # before the main eval prints (a multi-head checkpoint, a --compare of other
+        check_predictor_sources([checkpoint, *compare])  # classes had been refused after its tables)
     wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was
     with staged_files(out, before_publish=_drop_other_plots(out)) as stage:  # (a refused --compare had left files)
         if not bundle and folder is not None:

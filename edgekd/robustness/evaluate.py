@@ -59,10 +59,10 @@ def source_checkpoint(src: Path) -> Path | None:
     raise EdgeKDError(f"{src}: not a checkpoint, run directory (holding best.pt) or bundle")
 
 
-def check_predictor_source(src: str | Path) -> None:
+def check_predictor_source(src: str | Path) -> list[str]:
     """What `predictors_for` refuses, said before any work (a bad --compare had been refused after the main
     evaluation printed its table): a checkpoint, run directory (its best.pt) or bundle that opens, and one softmax
-    over its outputs (not one head per task)."""
+    over its outputs (not one head per task). Returns its class names."""
     from edgekd.runtime import open_bundle
 
     src = Path(src)
@@ -70,13 +70,35 @@ def check_predictor_source(src: str | Path) -> None:
         raise EdgeKDError(f"{src}: no such checkpoint, run directory or bundle")
     ckpt_path = source_checkpoint(src)
     if ckpt_path is None:  # a bundle: torch-free (the core install scores bundles)
-        if open_bundle(src).tasks:
+        bundle = open_bundle(src)
+        if bundle.tasks:
             raise EdgeKDError(f"{src}: a bundle with {MIXED_HEADS}")
-        return
+        return bundle.class_names
     from edgekd.train.checkpoint import load_checkpoint
 
-    if (load_checkpoint(ckpt_path).get("continual") or {}).get("head") == "multi":
+    ckpt = load_checkpoint(ckpt_path)
+    if (ckpt.get("continual") or {}).get("head") == "multi":
         raise EdgeKDError(f"{ckpt_path}: {MIXED_HEADS} (`edgekd eval` without them scores it per task)")
+    return list(ckpt.get("class_names") or [])
+
+
+def check_predictor_sources(sources: Sequence[str | Path]) -> None:
+    """`check_predictor_source` of each model a corruption eval compares, and what the comparison needs of them
+    together, before any work: the same class count (a mismatch had been refused after the main evaluation
+    printed), and no model given twice (its rows had appeared twice)."""
+    seen: dict[Path, str | Path] = {}
+    classes: dict[str | Path, int] = {}
+    for src in sources:
+        classes[src] = len(check_predictor_source(src))
+        key = (source_checkpoint(Path(src)) or Path(src)).resolve()
+        if key in seen:
+            raise EdgeKDError(f"{src}: given twice (as {seen[key]} too): each model is compared once")
+        seen[key] = src
+    if len(set(classes.values())) > 1:
+        first = sources[0]
+        other = next(s for s in sources if classes[s] != classes[first])
+        raise EdgeKDError(f"--compare {other}: {classes[other]} classes, {first} has {classes[first]}: compared "
+                          "models must share the data's classes")
 
 
 def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
