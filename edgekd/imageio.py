@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -455,6 +456,7 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
                               "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pyjpegls for JPEG-LS)"
                               ) from None
         reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or "-"
+        reason = re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", reason)  # Pillow names its in-memory buffer
         raise EdgeKDError(f"{where}: unreadable DICOM pixel data ({type(err).__name__}: {shorten(reason, 200)})"
                           ) from None
     try:

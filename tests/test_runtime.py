@@ -750,6 +750,15 @@ def test_a_compressed_dicom_without_its_decoder_says_so(tmp_path):
         pytest.skip("a JPEG-LS decoder plugin is installed here")
     with pytest.raises(EdgeKDError, match=r"jls.dcm: no decoder here for its JPEG-LS .* pip install"):
         read_image(path)
+    from pydicom.uid import JPEG2000Lossless  # Pillow decodes JPEG 2000: its error named its buffer object
+
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"not a JPEG 2000 codestream"])
+    ds.save_as(path)
+    with pytest.raises(EdgeKDError, match=r"jls.dcm: unreadable DICOM pixel data \(RuntimeError: .*cannot identify "
+                                          r"image file\)$") as err:
+        read_image(path)
+    assert "object at 0x" not in str(err.value)
 
 
 def test_unreadable_dicom_pixel_data_gives_the_decoders_reason(tmp_path):
