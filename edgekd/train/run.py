@@ -59,8 +59,8 @@ def build_student_model(recipe, data: DataModule,
 def init_weights(model_cfg) -> dict[str, Any] | None:
     """Where a model's starting weights came from, for the checkpoint and the bundle's card: a local file (path and
     sha256), the hub weights of a timm name (with the revision and sha256 of the file huggingface_hub cached), or
-    None (random). Read when a run begins; a resumed run keeps what
-    its last.pt recorded (the file may be gone or replaced since)."""
+    None (random). Read when a run begins; a resumed run keeps what its last.pt recorded (the file may be gone or
+    replaced since)."""
     if model_cfg.weights:
         path = Path(model_cfg.weights)
         return {"file": str(path.resolve()), "sha256": sha256_file(path) if path.is_file() else None}
