@@ -40,7 +40,8 @@ class CheckResult:
     input_size: list[int]
     batch_size: int
     step_seconds: float
-    """The median of the timed steps (all but the first); the training step only, evaluation not included."""
+    """The median of the timed steps (all but each training's first); the training step only, evaluation not
+    included. With one step only (a train split of one batch), that step, warm-up included (timed_steps 0)."""
     step_range: tuple[float, float]
     """The fastest and slowest timed step."""
     timed_steps: int
@@ -102,8 +103,10 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         model = _arch_name(start) if start else recipe.model.name
         teacher = _arch_name(recipe.distill.teacher) if recipe.distill else None
         macs = getattr(result, "macs", None) or _final_macs(result.best_path)
-    timed = _step_seconds(result)[1:]  # the first pays for allocation and warm-up
-    step = float(np.median(timed)) if timed else float("nan")
+    runs = _step_seconds(result)
+    timed = [s for steps in runs for s in steps[1:]]  # each task's first step pays for allocation and warm-up
+    untimed = [s for steps in runs for s in steps[:1]] if not timed else []  # one batch only: warm-up included
+    step = float(np.median(timed or untimed)) if timed or untimed else float("nan")
     batch = recipe.data.batch_size * recipe.train.grad_accum
     return CheckResult(
         recipe=str(path), name=recipe.name,
@@ -111,16 +114,18 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         model=model, params=int(result.params), macs=macs,
         input_size=[recipe.data.channels, recipe.data.image_size, recipe.data.image_size],
         batch_size=recipe.data.batch_size, step_seconds=step, train_images=train_images,
-        step_range=(min(timed), max(timed)) if timed else (float("nan"), float("nan")), timed_steps=len(timed),
+        step_range=(min(timed or untimed), max(timed or untimed)) if timed or untimed else (step, step),
+        timed_steps=len(timed),
         epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
         seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(), teacher=teacher, stand_ins=stand_ins,
         warnings=warnings)
 
 
-def _step_seconds(result) -> list[float]:
+def _step_seconds(result) -> list[list[float]]:
+    """Each training's step times: the run's, or each continual task's."""
     if getattr(result, "fit", None) is not None:
-        return list(result.fit.step_seconds)
-    return [s for step in result.summary["steps"] for s in step.get("step_seconds", [])]
+        return [list(result.fit.step_seconds)]
+    return [list(step.get("step_seconds", [])) for step in result.summary["steps"]]
 
 
 def _final_macs(checkpoint: Path) -> int | None:

@@ -28,18 +28,13 @@ def check_run_dir(out: str | Path) -> None:
                           "be reading; train into another directory")
 
 
-RUN_FILES = ("best.pt", "last.pt", "metrics.json", "kfold.json", "model.pt", "continual.json")
-"""A finished or started run's files at the top of its folder (kfold.json: a k-fold run's; model.pt and
-continual.json: a continual run's)."""
-
-
 def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, resume: bool, folds: int | None = None,
                      log: Callable[[str], None] = print) -> None:
     """Before a run starts: refuse an --out that would write over the run's own inputs or that is the working
     folder; warn when it already holds another run, whose files are replaced (other files of it stay).
 
-    A run writes its files at the top of --out, a continual run also task<i>/ and a k-fold run fold<i>/: a teacher
-    or ensemble member in --out itself (or anywhere under it, for those two) would be written over, as would the
+    A run writes its files at the top of --out, a continual run also task<i>/ and a k-fold run fold<i>/: a teacher,
+    ensemble member or model.weights file in --out itself (or anywhere under it, for those two) would be written over, as would the
     recipe file when it is --out/recipe.yaml. A k-fold run trains its teacher per fold, so distill.teacher is not
     read there."""
     refuse_unusable_path(out)  # before resolving: `~/runs`, a symlink to nothing
@@ -54,6 +49,7 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
         **{f"distill.ensemble[{i}]": p for i, p in enumerate(recipe.distill.ensemble)}}
     if recipe.continual is not None:
         inputs["continual.checkpoint"] = recipe.continual.checkpoint
+    inputs["model.weights"] = recipe.model.weights  # e.g. the folder's own best.pt, which a new run removes
     for key, given in inputs.items():
         where = Path(given).resolve() if given else None
         if where is not None and (where.parent == out or (subfolders and where.is_relative_to(out))):
@@ -65,7 +61,9 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
                           "train into another folder")
     if recipe.train.epochs == 0:
         log("warning: train.epochs is 0: best.pt will hold the model's initial weights, untrained")
-    found = [f for f in RUN_FILES if (out / f).exists()]
+    from edgekd.train import RUN_MARKERS  # the training side: only a run checks its --out
+
+    found = [f for f in RUN_MARKERS if (out / f).exists()]
     if found and not resume:
         log(f"warning: {out} already holds a run ({', '.join(found)}): its files are replaced by this one; "
             "anything else there (a bundle, eval folders, task folders of other tasks) stays from the earlier run")

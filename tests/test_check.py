@@ -54,10 +54,15 @@ def test_check_on_real_data_estimates_an_epoch(tiny_recipe_dict, tmp_path):
     import edgekd.check as check
 
     with pytest.MonkeyPatch.context() as mp:  # a warm-up of 9 s and one slow step under load move it little
-        mp.setattr(check, "_step_seconds", lambda result: [9.0, 0.5, 0.25, 0.3, 0.2])
+        mp.setattr(check, "_step_seconds", lambda result: [[9.0, 0.5, 0.25, 0.3, 0.2]])
         r = check_recipe(tmp_path / "r.yaml")
-    assert (r.step_seconds, r.step_range, r.timed_steps) == (pytest.approx(0.275), (0.2, 0.5), 4)
-    assert r.epoch_seconds == pytest.approx(0.275 * 6)
+        assert (r.step_seconds, r.step_range, r.timed_steps) == (pytest.approx(0.275), (0.2, 0.5), 4)
+        assert r.epoch_seconds == pytest.approx(0.275 * 6)
+        mp.setattr(check, "_step_seconds", lambda result: [[9.0, 0.5, 0.25], [7.0, 0.3]])  # a continual run's tasks
+        assert check_recipe(tmp_path / "r.yaml").step_range == (0.25, 0.5)  # each task's warm-up left out
+        mp.setattr(check, "_step_seconds", lambda result: [[0.9]])  # a train split of one batch
+        r = check_recipe(tmp_path / "r.yaml")
+        assert (r.step_seconds, r.timed_steps) == (0.9, 0)
 
 
 def test_unknown_timm_kwarg_is_a_one_line_error(tiny_recipe_dict, tmp_path):

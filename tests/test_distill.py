@@ -773,6 +773,26 @@ def test_a_report_of_rows_scored_on_different_images_says_so():
     assert "| a (m) | teacher | 0 | 0.00M | 1.0 | 40 |" in report_markdown("d", "test", [a, b])
 
 
+def test_image_files_scored_are_told_apart_by_where_they_are_not_their_names(tmp_path):
+    """Two folders of one name (`scans/`) hold files of the same names: other images. Files are compared by real
+    path, size and modification time (not read again for every row of a report)."""
+    import numpy as np
+
+    from edgekd.data.sources import Table
+    from edgekd.distill.report import scored_images
+
+    for site in ("a", "b"):
+        (tmp_path / site / "scans").mkdir(parents=True)
+        for name in ("x.png", "y.png"):
+            (tmp_path / site / "scans" / name).write_bytes(b"pixels of " + site.encode())
+    labels = np.array([0, 1])
+    table = lambda site: Table(labels=labels, paths=[str(tmp_path / site / "scans" / n) for n in ("x.png", "y.png")])  # noqa: E731
+    assert scored_images(table("a")) == scored_images(table("a")) != scored_images(table("b"))
+    (tmp_path / "link").symlink_to(tmp_path / "a")  # the same files reached another way
+    assert scored_images(table("link")) == scored_images(table("a"))
+    assert scored_images(Table(labels=labels[::-1].copy(), paths=table("a").paths)) != scored_images(table("a"))
+
+
 def test_report_names_a_continual_run_folder_for_what_it_is(tmp_path):
     """A continual run folder holds model.pt, which train announces as the best checkpoint; report said it had no
     checkpoint. Scored on its recipe's top-level data, such a model would meet images its tasks trained on."""

@@ -281,6 +281,12 @@ def test_compare_takes_a_run_folder_and_refuses_a_multi_head_model_before_any_ou
     assert res.exit_code != 0 and f"--compare {tmp_path / 'three.pt'}: 3 classes, {tiny_run} has 2" in str(
         res.exception)
     assert "acc" not in res.output and not (tmp_path / "ev1").exists()
+    names = list(ckpt["class_names"])
+    save_checkpoint(tmp_path / "swapped.pt", {**{k: v for k, v in ckpt.items() if k != "format"},
+                                              "class_names": names[::-1]})
+    res = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--compare", str(tmp_path / "swapped.pt"),
+                                   "--out", str(tmp_path / "ev1")])
+    assert res.exit_code != 0 and "its classes are" in str(res.exception) and "in another order" in str(res.exception)
     save_checkpoint(tmp_path / "multi.pt", {**{k: v for k, v in ckpt.items() if k != "format"},
                                             "continual": {"head": "multi", "tasks": []}})
     res = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--compare", str(tmp_path / "multi.pt"),

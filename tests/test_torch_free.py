@@ -178,6 +178,9 @@ def test_predict_bench_and_corruption_eval_run_without_torch(exported):
     clean = [r["acc"] for r in rob["records"] if r["corruption"] == "clean"]
     assert clean == [records[0]["acc"]] * 2  # the bench scored the same images alike
     assert (root / "ev" / "robustness.md").is_file() and not (root / "ev" / "robustness.png").exists()
+    proc = run_core(exported, "eval", bundle, "--corruptions", "--failures", "--data", data, "--out", root / "e3")
+    assert proc.returncode == 2 and "train" in proc.stderr and not (root / "e3").exists()  # asked first, not after
+    assert "corruption eval:" not in proc.stderr, proc.stderr
     proc = run_core(exported, "eval", bundle, "--corruptions", "--data", data, "--split", "val", "--out", root / "e2")
     assert proc.returncode == 2 and "a labelled folder" in proc.stderr and "has no splits" in proc.stderr  # ignored
 

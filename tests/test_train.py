@@ -219,6 +219,19 @@ def test_fold_folders_a_run_leaves_from_an_earlier_one_are_named(tiny_recipe_dic
     (out / "notes.txt").write_text("the user's")
     remove_earlier_outputs(out)
     assert sorted(p.name for p in out.iterdir()) == ["fold0", "fold1", "fold2", "foldings", "notes.txt", "recipe.yaml"]
+    # a k-fold run refused before it has results (too many folds) removes nothing: the removal comes with kfold.json
+    from edgekd.pipeline import run_folds
+
+    train_recipe(recipe, out, log=lambda s: None)
+    with pytest.raises(EdgeKDError, match="too few for 40 folds"):
+        run_folds(recipe, out, 40, log=lambda s: None)
+    assert (out / "best.pt").is_file() and (out / "metrics.json").is_file()
+    # a model.weights file in --out is refused, as a teacher there is: the new run would remove it (a folder's own
+    # best.pt, given to fine-tune from into the same folder)
+    with pytest.raises(EdgeKDError, match=r"holds model.weights .*best.pt, which the run would write over"):
+        check_run_inputs(recipe_from_dict({**tiny_recipe_dict, "model": {**tiny_recipe_dict["model"],
+                                                                         "weights": str(out / "best.pt")}}),
+                         out, None, resume=False, log=said.append)
 
 
 def test_early_stopping_stops(tiny_recipe_dict, tmp_path):

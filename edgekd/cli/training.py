@@ -102,8 +102,9 @@ def check(
     rows = [("recipe", str(recipe)), ("model", r.model), ("teacher", r.teacher or "-"), ("params", f"{r.params / 1e6:.3f} M"),
             ("MACs", f"{r.macs / 1e6:.1f} M" if r.macs else "-"), ("input", "x".join(map(str, r.input_size))),
             ("batch", str(r.batch_size)),
-            ("seconds per step", f"{r.step_seconds:.3f} (median of {r.timed_steps} timed steps, "
-                                 f"{r.step_range[0]:.3f}-{r.step_range[1]:.3f}; training only, not evaluation)"),
+            ("seconds per step", f"{r.step_seconds:.3f} (" + (
+                f"median of {r.timed_steps} timed steps, {r.step_range[0]:.3f}-{r.step_range[1]:.3f}" if r.timed_steps
+                else "one step, warm-up included: the train split is one batch") + "; training only, not evaluation)"),
             ("per epoch" if r.kind != "continual" else "an epoch of every task",
              f"{r.epoch_seconds:.0f} s ({r.train_images} train images)" if r.epoch_seconds is not None
              else f"{r.step_seconds / r.batch_size * 1000:.0f} s per 1000 train images"),
@@ -154,6 +155,8 @@ def eval_(
     refuse_output_inside(out, [checkpoint, *compare])
     if corruptions or failures:  # before the main eval prints (a multi-head checkpoint, a --compare of other
         check_predictor_sources([checkpoint, *compare])  # classes had been refused after its tables)
+    if failures:  # the train extra (scikit-learn, matplotlib), asked for before a core install's corruption eval
+        import edgekd.metrics.failures  # noqa: F401
     wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was
     with staged_files(out, before_publish=_drop_other_plots(out)) as stage:  # (a refused --compare had left files)
         if not bundle and folder is not None:

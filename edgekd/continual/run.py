@@ -32,7 +32,7 @@ from edgekd.progress import progress_task
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
-from edgekd.train.run import init_weights, remove_earlier_outputs
+from edgekd.train import init_weights, remove_earlier_outputs
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
 

@@ -11,7 +11,7 @@ import numpy as np
 from edgekd.data import data_path_key, load_source, split_listing, split_tables
 from edgekd.distill.unlabeled import check_pool_for_folds
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import write_json, write_text
+from edgekd.fileio import deferred_signals, write_json, write_text
 from edgekd.recipe import find_recipe_file, load_recipe, recipe_from_dict
 
 SUMMARY_METRICS = ("acc", "balanced_acc", "auc", "f1", "sensitivity", "specificity", "pauc")
@@ -58,33 +58,15 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     run that finished is kept, one cut short goes on from its last.pt, the rest train (fold_run)."""
     from edgekd.distill.run import distill_recipe
     from edgekd.train.distributed import is_main_process
-    from edgekd.train.run import remove_earlier_outputs, train_recipe
+    from edgekd.train import remove_earlier_outputs, train_recipe
 
     out = Path(out)
     if resume and next(out.glob("fold*/*/last.pt"), None) is None:
         raise EdgeKDError(f"{out}: no fold run to resume (no fold<i>/<role>/last.pt)")
     main = is_main_process()
-    teacher_base = None
-    if recipe.distill:
-        if not recipe.distill.teacher_recipe:
-            raise EdgeKDError("--folds with a distill recipe needs distill.teacher_recipe (the teacher is "
-                              "retrained on each fold so it never sees that fold's validation images)")
-        teacher_base = load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe",
-                                                    recipe_path), teacher_overrides, "--teacher-set")
-        if any(o.split("=", 1)[0].strip() == "seed" for o in teacher_overrides or []):
-            raise EdgeKDError("--teacher-set seed=...: the fold teacher takes the student's seed (the folds are drawn "
-                              "with it)")
-        same = ("source", "path", "classes", "class_names", "limit", "test_fraction", "patient_pattern")
-        differ = [f"data.{k}: {getattr(teacher_base.data, k)!r} vs {getattr(recipe.data, k)!r}" for k in same
-                  if not same_data_value(k, getattr(teacher_base.data, k), getattr(recipe.data, k))]
-        if differ:
-            raise EdgeKDError(f"distill.teacher_recipe {recipe.distill.teacher_recipe}: its data must match the "
-                              f"student's so both see the same folds ({'; '.join(differ)}, teacher vs student; "
-                              "--teacher-set data.path=... changes the teacher's)")
+    teacher_base = fold_teacher_recipe(recipe, recipe_path, teacher_overrides) if recipe.distill else None
     check_pool_for_folds(recipe, folds)  # before the first teacher trains (a bad pool had failed after it)
     split = split_mode(recipe, log)
-    if main and not resume:  # an earlier run's results at the top of --out (e.g. a single run's best.pt) go
-        remove_earlier_outputs(out)
     rows: list[dict[str, Any]] = []
     for fold in range(folds):
         fold_dir = out / f"fold{fold}"
@@ -107,10 +89,33 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     table = folds_markdown(summary, recipe.name, folds, unit)
     result = {"name": recipe.name, "folds": folds, "split": split, "fold_unit": unit, "runs": rows,
               "summary": summary, "table_markdown": table}
-    if main:
-        write_json(out / "kfold.json", result)
-        write_text(out / "kfold.md", table + "\n")
+    if main:  # an earlier run's results at the top of --out (e.g. a single run's best.pt) go when this one's come
+        with deferred_signals():  # (not at the start: a refused fold would have left neither)
+            remove_earlier_outputs(out)
+            write_json(out / "kfold.json", result)
+            write_text(out / "kfold.md", table + "\n")
     return result
+
+
+def fold_teacher_recipe(recipe, recipe_path: str | Path | None, teacher_overrides: list[str] | None):
+    """A distill recipe's `distill.teacher_recipe` (with --teacher-set), the teacher each fold trains: refused
+    when absent, when it sets its own seed, or when its data differs from the student's (other folds)."""
+    if not recipe.distill.teacher_recipe:
+        raise EdgeKDError("--folds with a distill recipe needs distill.teacher_recipe (the teacher is "
+                          "retrained on each fold so it never sees that fold's validation images)")
+    teacher_base = load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe",
+                                                recipe_path), teacher_overrides, "--teacher-set")
+    if any(o.split("=", 1)[0].strip() == "seed" for o in teacher_overrides or []):
+        raise EdgeKDError("--teacher-set seed=...: the fold teacher takes the student's seed (the folds are drawn "
+                          "with it)")
+    same = ("source", "path", "classes", "class_names", "limit", "test_fraction", "patient_pattern")
+    differ = [f"data.{k}: {getattr(teacher_base.data, k)!r} vs {getattr(recipe.data, k)!r}" for k in same
+              if not same_data_value(k, getattr(teacher_base.data, k), getattr(recipe.data, k))]
+    if differ:
+        raise EdgeKDError(f"distill.teacher_recipe {recipe.distill.teacher_recipe}: its data must match the "
+                          f"student's so both see the same folds ({'; '.join(differ)}, teacher vs student; "
+                          "--teacher-set data.path=... changes the teacher's)")
+    return teacher_base
 
 
 def fold_run(train: Callable, recipe, out: Path, resume: bool, log: Callable[[str], None], progress):

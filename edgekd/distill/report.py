@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -80,11 +81,16 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
 
 
 def scored_images(table) -> str:
-    """What a row was scored on, in order: each image's content digest and label. Rows compare (one table, a paired
-    DeLong test) only when this matches; equal labels alone had paired two folders of other images."""
+    """What a row was scored on, in order, with each label: image files by real path, size and modification time
+    (not read again), in-memory images by their pixels. Rows compare (one table, a paired DeLong test) only when
+    this matches; equal labels alone had paired two folders of other images."""
     digest = hashlib.sha256()
-    for fingerprint, label in zip(table.fingerprints(), table.labels.tolist()):
-        digest.update(f"{fingerprint}\t{label}\n".encode())
+    if table.paths is not None:
+        items = [f"{os.path.realpath(p)}:{st.st_size}:{st.st_mtime_ns}" for p in table.paths for st in [os.stat(p)]]
+    else:
+        items = table.fingerprints()
+    for item, label in zip(items, table.labels.tolist()):
+        digest.update(f"{item}\t{label}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

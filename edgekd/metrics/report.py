@@ -13,7 +13,6 @@ from edgekd.fileio import atomic_write
 from edgekd.metrics.calibration import calibration_figures
 from edgekd.metrics.classification import classification_metrics, confusion, one_class_warning
 from edgekd.metrics.uncertainty import bootstrap_intervals
-from edgekd.scoring import absent_classes_warning
 
 
 def write_csv_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:
@@ -30,8 +29,8 @@ def write_csv_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:
 def evaluation_report(y: np.ndarray, probs: np.ndarray, class_names: list[str], out: str | Path,
                       split: str, title: str = "", plots: bool = True) -> dict[str, Any]:
     """Metrics (with 95% stratified bootstrap intervals and calibration figures) plus the confusion matrix for one
-    split, and a `warning` when it holds no image of a class or its ACC is no better than its largest class's
-    share; PNGs `confusion_<split>.png` and `roc_<split>.png`."""
+    split, and a `warning` when its ACC is no better than its largest class's share; PNGs `confusion_<split>.png`
+    and `roc_<split>.png`."""
     from edgekd.metrics.plots import plot_confusion, plot_roc
 
     out = Path(out)
@@ -42,8 +41,7 @@ def evaluation_report(y: np.ndarray, probs: np.ndarray, class_names: list[str], 
         plot_roc(y, probs, class_names, out / f"roc_{split}.png", f"{title} {split}".strip())
     present = len(np.unique(y)) == probs.shape[1]  # intervals of AUC and per-class rates need every class
     counts = np.bincount(np.asarray(y).astype(int), minlength=len(class_names)).tolist()
-    warning = "; ".join(w for w in (absent_classes_warning(split, counts, class_names),
-                                    one_class_warning(split, m.get("acc"), counts)) if w)
+    warning = one_class_warning(split, m.get("acc"), counts)
     return {"split": split, "n": int(len(y)), **m, "confusion_matrix": cm.tolist(), "class_names": list(class_names),
             "calibration": calibration_figures(probs, y), "intervals": bootstrap_intervals(y, probs) if present else None,
             **({"warning": warning} if warning else {})}

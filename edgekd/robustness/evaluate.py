@@ -85,20 +85,25 @@ def check_predictor_source(src: str | Path) -> list[str]:
 def check_predictor_sources(sources: Sequence[str | Path]) -> None:
     """`check_predictor_source` of each model a corruption eval compares, and what the comparison needs of them
     together, before any work: the same class count (a mismatch had been refused after the main evaluation
-    printed), and no model given twice (its rows had appeared twice)."""
+    printed) in the same order (a labelled folder's eval had scored another order silently), and no model given
+    twice (its rows had appeared twice)."""
     seen: dict[Path, str | Path] = {}
-    classes: dict[str | Path, int] = {}
+    names: dict[str | Path, list[str]] = {}
     for src in sources:
-        classes[src] = len(check_predictor_source(src))
+        names[src] = check_predictor_source(src)
         key = (source_checkpoint(Path(src)) or Path(src)).resolve()
         if key in seen:
             raise EdgeKDError(f"{src}: given twice (as {seen[key]} too): each model is compared once")
         seen[key] = src
-    if len(set(classes.values())) > 1:
-        first = sources[0]
-        other = next(s for s in sources if classes[s] != classes[first])
-        raise EdgeKDError(f"--compare {other}: {classes[other]} classes, {first} has {classes[first]}: compared "
-                          "models must share the data's classes")
+    first = sources[0]
+    for other in sources[1:]:
+        if len(names[other]) != len(names[first]):
+            raise EdgeKDError(f"--compare {other}: {len(names[other])} classes, {first} has {len(names[first])}: "
+                              "compared models must share the data's classes")
+        if names[other] != names[first] and sorted(names[other]) == sorted(names[first]):  # scored by index
+            raise EdgeKDError(f"--compare {other}: its classes are {first}'s in another order "
+                              f"({', '.join(names[other])} vs {', '.join(names[first])}): it would be scored against "
+                              "the wrong labels")
 
 
 def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
@@ -246,22 +251,44 @@ FOLDER_CHUNK = 128
 """Images `evaluate_on_folder` decodes and scores at a time."""
 
 
+class FolderImages:
+    """A labelled folder's images, decoded when indexed: what is shown of a folder of thousands of full-size scans
+    (a failure grid's few examples) is read again, the rest never sits in memory."""
+
+    def __init__(self, paths: Sequence) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from edgekd.runtime.preprocess import as_image_array
+
+        return as_image_array(self.paths[i])
+
+
+def predict_folder(predictor: Predictor, images: FolderImages) -> np.ndarray:
+    """The predictor's probabilities on a folder's images, decoded a chunk (FOLDER_CHUNK) at a time."""
+    return np.concatenate([predictor.predict([images[j] for j in range(i, min(i + FOLDER_CHUNK, len(images)))])
+                           for i in range(0, len(images), FOLDER_CHUNK)])
+
+
 def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Path) -> dict[str, Any]:
     """`edgekd eval CHECKPOINT --data DIR`: every image of a labelled folder (DIR/<class name>/..., new images kept
     apart from the training data) scored by the checkpoint with its own eval transform; metrics.json and plots as
     `evaluate_checkpoint` writes them, the split named `folder`."""
     from edgekd.metrics.report import evaluation_report
     from edgekd.runtime.inputs import collect_labelled
-    from edgekd.runtime.preprocess import as_image_array
 
     predictor = checkpoint_predictor(checkpoint)
     refuse_training_folder(folder, predictor.trained, checkpoint)
     paths, labels = collect_labelled(folder, list(predictor.class_names))
-    # decoded a chunk at a time: a folder of thousands of full-size scans never sits in memory at once
-    probs = np.concatenate([predictor.predict([as_image_array(p) for p in paths[i:i + FOLDER_CHUNK]])
-                            for i in range(0, len(paths), FOLDER_CHUNK)])
+    probs = predict_folder(predictor, FolderImages(paths))
     names = list(predictor.class_names)
     report = evaluation_report(np.asarray(labels, dtype=np.int64), probs, names, out, "folder", predictor.model)
+    absent = absent_classes_warning(str(folder), np.bincount(labels, minlength=len(names)).tolist(), names)
+    if absent:  # (training warns of a split lacking a class itself, when the run starts)
+        report["warning"] = "; ".join(w for w in (absent, report.get("warning")) if w)
     result = {"checkpoint": str(checkpoint), "model": predictor.model, "role": predictor.role,
               "dataset": str(folder), "folder": report}
     write_json(Path(out) / "metrics.json", result)
@@ -404,7 +431,8 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
 
         for p in predictors:
             check_class_order(p.class_names, class_names, p.label, log)
-    absent = absent_classes_warning(split, np.bincount(labels, minlength=len(class_names)).tolist(), class_names)
+    scored = split if limit is None else f"the --limit {limit} subset of {split}"  # drawn unstratified
+    absent = absent_classes_warning(scored, np.bincount(labels, minlength=len(class_names)).tolist(), class_names)
     if absent:
         log(f"warning: {absent}")
     log(f"corruption eval: {len(predictors)} model/format(s) x {len(images)} {split} images x "
@@ -456,18 +484,25 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
     """The most confused class pairs of one checkpoint (or a bundle's first artifact) on `split`, or on every
     image of the labelled folder `data_folder`, with example images: writes failures.json and failures.png into
     `out`."""
-    from edgekd.data import check_class_order
     from edgekd.metrics.failures import confused_pairs, plot_failure_grid
 
     predictor = predictors_for([source], threads)[0]
     if data_folder is not None:
-        images, labels, class_names, _ = load_folder_images(data_folder, predictor.class_names, None, [predictor])
-        split = str(data_folder)
+        from edgekd.runtime.inputs import collect_labelled
+
+        if predictor.trained is not None:
+            refuse_training_folder(data_folder, predictor.trained, source)
+        paths, folder_labels = collect_labelled(data_folder, list(predictor.class_names))
+        images, labels, class_names = FolderImages(paths), np.asarray(folder_labels, dtype=np.int64), \
+            list(predictor.class_names)
+        probs, split = predict_folder(predictor, images), str(data_folder)
     else:
+        from edgekd.data import check_class_order
+
         recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
         images, labels, class_names, _ = load_split_images(recipe, split, predictors=[predictor])
         check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
-    probs = predictor.predict(images)
+        probs = predictor.predict(images)
     pairs = confused_pairs(labels, probs, top)
     out = Path(out)
     kind = ("the model's softmax" if predictor.format == "torch" else  # not a calibration's: it can move the argmax

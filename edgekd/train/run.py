@@ -152,9 +152,9 @@ def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec:
     meta = {**checkpoint_meta(recipe, data, spec), **(extra_meta or {})}
     trainer = Trainer(recipe, model, data, objective, out, plugins=plugins, log=log,
                       checkpoint_extra=lambda: meta)
+    started = init_weights(recipe.model) if is_main_process() and not resume else None  # before a clear removes
     resumed = resume_or_clear(trainer, out, resume)  # another recipe is refused here, before recipe.yaml is rewritten
-    meta["init_weights"] = (resumed.get("init_weights") if resumed is not None
-                            else init_weights(recipe.model) if is_main_process() else None)
+    meta["init_weights"] = resumed.get("init_weights") if resumed is not None else started
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     earlier = earlier_train_seconds(out, trainer.sessions) if resume else None  # last.pt's stops at its checkpoint
@@ -192,6 +192,8 @@ KFOLD_OUTPUTS = ("kfold.json", "kfold.md")
 CONTINUAL_OUTPUTS = ("model.pt", "continual.json", "task_accuracy.png", "confusion_all_tasks.png")
 """What a run, a k-fold run and a continual run write at the top of their folder (a continual run also
 confusion_task<j>.png). A new run into the folder of an earlier one, of any kind, removes these."""
+RUN_MARKERS = ("best.pt", "last.pt", "metrics.json", "kfold.json", "model.pt", "continual.json")
+"""The files that say a folder holds a finished or started run (of any kind): `edgekd train` warns of them."""
 
 
 def resume_or_clear(trainer: Trainer, out: Path, resume: bool) -> dict[str, Any] | None:
@@ -210,11 +212,10 @@ def remove_earlier_outputs(out: Path) -> None:
     """When `out` holds an earlier run's results, of any kind (a run's, a k-fold summary, a continual run's), they
     go (by name: a report's plots beside them stay, and so do fold and task folders): a k-fold summary had stayed
     beside a new single run as if it described it. The caller holds the folder (its lock)."""
-    markers = ("metrics.json", "last.pt", "best.pt", "kfold.json", "model.pt", "continual.json")
-    if not any((out / name).is_file() for name in markers):
+    if not any((out / name).is_file() for name in RUN_MARKERS):
         return
     for path in [*(out / name for name in (*RUN_OUTPUTS, *KFOLD_OUTPUTS, *CONTINUAL_OUTPUTS)),
-                 *out.glob("confusion_task*.png")]:
+                 *out.glob("confusion_task[0-9]*.png")]:
         if path.is_file():
             path.unlink(missing_ok=True)  # every torchrun rank may run this
 
