@@ -167,16 +167,23 @@ def eval_(
             raise EdgeKDError(f"{checkpoint}: a bundle is evaluated with --corruptions/--failures (or give its "
                               "checkpoint)")
         if corruptions:
-            from edgekd.robustness.evaluate import run_corruption_eval
-            res = with_progress(lambda log, bar: run_corruption_eval(
-                [checkpoint, *compare], stage, data_recipe, splits[0], names, levels, seed, limit, log=log, progress=bar,
-                data_folder=folder))
-            out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, "
-                                                                f"{res['images']} images)"))
-            wrote += [str(stage / name) for name in res["written"]]
+            wrote += _eval_corruptions([checkpoint, *compare], stage, data_recipe, splits[0], names, levels, seed,
+                                       limit, folder)
         if failures:
             wrote += _eval_failures(checkpoint, stage, data_recipe, splits[0], top or 5, folder)
     console.print(f"wrote {', '.join(str(out / Path(p).name) for p in wrote)}")
+
+
+def _eval_corruptions(sources: list[Path], out: Path, data_recipe, split: str, names, levels, seed: int,
+                      limit: Optional[int], folder: Optional[Path]) -> list[str]:
+    """`edgekd eval --corruptions`: the robustness table printed; the files it wrote."""
+    from edgekd.robustness.evaluate import run_corruption_eval
+
+    res = with_progress(lambda log, bar: run_corruption_eval(
+        sources, out, data_recipe, split, names, levels, seed, limit, log=log, progress=bar, data_folder=folder))
+    out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, "
+                                                        f"{res['images']} images)"))
+    return [str(out / name) for name in res["written"]]
 
 
 def _drop_other_plots(out: Path):
