@@ -23,7 +23,7 @@ from edgekd.export.openvino import read_openvino_metadata
 from edgekd.export.parity import check_signature, tta_view
 from edgekd.models import deploy_form
 from edgekd.recipe import recipe_from_dict
-from edgekd.train.checkpoint import save_checkpoint
+from edgekd.train.checkpoint import load_checkpoint, save_checkpoint
 
 EMBEDDED_KEYS = ("class_names", "preprocess", "tta", "io", "model", "metrics", "edgekd_version", "schema")
 
@@ -777,12 +777,23 @@ def test_profile_refuses_a_nan_or_infinite_tolerance():
 
 
 @pytest.mark.slow
-def test_input_size_override_rescales_preprocessing(tmp_path):
+def test_input_size_override_rescales_preprocessing(tmp_path, monkeypatch):
+    import edgekd.explain.gradcam as gradcam
+
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
     profile = profile_from_dict({"input_size": 24, "parity": {"images": 4}})
-    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=quiet)
+    said: list[str] = []
+    shapes: list[tuple] = []
+    real = gradcam.gradcam
+    monkeypatch.setattr(gradcam, "gradcam", lambda model, inputs, *a, **k: shapes.append(tuple(inputs.shape)) or real(
+        model, inputs, *a, **k))
+    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=said.append)
     assert result.metadata["preprocess"]["input_size"] == [3, 24, 24]
     assert result.metadata["preprocess"]["center_crop"] == 24
+    trained = load_checkpoint(ckpt)["preprocess"]["input_size"][-1]
+    assert f"warning: exporting at input_size 24, the model trained at {trained} px" in "\n".join(said)
+    # the card's Grad-CAM images (and their predicted/p) go through the bundle's 24 px preprocessing, not training's
+    assert shapes == [(4, 3, 24, 24)]
     x = np.zeros((3, 3, 24, 24), np.float32)
     out, io = run_artifact("onnx", tmp_path / "b/onnx/model_fp32.onnx", x)
     assert out.shape == (3, 2)

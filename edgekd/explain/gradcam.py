@@ -136,15 +136,17 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
-def checkpoint_pipeline(ckpt: dict[str, Any]):
-    """(geometry, normalize) halves of a checkpoint's eval transform: uint8 resize/crop, then float normalization."""
+def checkpoint_pipeline(ckpt: dict[str, Any], data_cfg=None):
+    """(geometry, normalize) halves of a checkpoint's eval transform (or of `data_cfg`'s: an export at another
+    input size): uint8 resize/crop, then float normalization."""
     from torchvision.transforms import v2
 
     from edgekd.data import build_transforms
     from edgekd.recipe import recipe_from_dict
 
-    recipe = recipe_from_dict(ckpt["recipe"], where="checkpoint (embedded recipe)")
-    pipeline = build_transforms(recipe.data, [], train=False)
+    if data_cfg is None:
+        data_cfg = recipe_from_dict(ckpt["recipe"], where="checkpoint (embedded recipe)").data
+    pipeline = build_transforms(data_cfg, [], train=False)
     if not isinstance(pipeline.transforms[-1], v2.Normalize):
         raise EdgeKDError("Grad-CAM: the eval pipeline must end with Normalize")
     return v2.Compose(pipeline.transforms[:-2]), v2.Compose(pipeline.transforms[-2:])
@@ -152,9 +154,10 @@ def checkpoint_pipeline(ckpt: dict[str, Any]):
 
 def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.ndarray], out: str | Path,
                    names: Sequence[str], layer: str | None = None, targets: Sequence[int] | None = None,
-                   labels: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Grad-CAM overlays of decoded uint8 images, written as <out>/<name>_gradcam.png; one record per image."""
-    geometry, normalize = checkpoint_pipeline(ckpt)
+                   labels: Sequence[int] | None = None, data_cfg=None) -> list[dict[str, Any]]:
+    """Grad-CAM overlays of decoded uint8 images, written as <out>/<name>_gradcam.png; one record per image
+    (`data_cfg`: preprocess as it says, not as the checkpoint's recipe)."""
+    geometry, normalize = checkpoint_pipeline(ckpt, data_cfg)
     sized = [geometry(torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1)) for a in images]
     inputs = torch.stack([normalize(s) for s in sized])
     layer = layer or default_target_layer(model, tuple(inputs.shape[1:]))
@@ -243,9 +246,10 @@ def unique_names(stems: Sequence[str]) -> list[str]:
 
 
 def card_overlays(model: nn.Module, ckpt: dict[str, Any], dataset, out: str | Path, n: int = 4,
-                  seed: int = 0) -> list[dict[str, Any]]:
+                  seed: int = 0, data_cfg=None) -> list[dict[str, Any]]:
     """Grad-CAM overlays of `n` test images for a deployment card: a fixed seeded pick, classes taken in turn
-    (so every class is shown when n allows); records carry the true label and the prediction."""
+    (so every class is shown when n allows); records carry the true label and the prediction. `data_cfg`: the
+    bundle's preprocessing (an export at another input size than the checkpoint's)."""
     labels = np.asarray(dataset.table.labels)
     order = np.random.default_rng(seed).permutation(len(labels))
     queues = [list(order[labels[order] == c]) for c in np.unique(labels)]
@@ -256,4 +260,4 @@ def card_overlays(model: nn.Module, ckpt: dict[str, Any], dataset, out: str | Pa
                 picked.append(int(q.pop(0)))
     names = [f"test{i}" for i in picked]
     return explain_arrays(model, ckpt, [dataset.raw(i) for i in picked], out, names,
-                          labels=[int(labels[i]) for i in picked])
+                          labels=[int(labels[i]) for i in picked], data_cfg=data_cfg)

@@ -213,8 +213,8 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
                      f"{'pass' if rec['passed'] else 'FAIL (not shipped)'} |")
     lines += _runner_lines(parity.get("runner"))
     if parity.get("dropped"):
-        lines += ["", "## Not shipped", "", "These artifacts were built and failed the gate; the export profile "
-                  "(`parity.on_fail: drop`) left them out of this bundle:", ""]
+        lines += ["", "## Not shipped", "", "These artifacts were built and failed the gate; `parity.on_fail: drop` "
+                  "(the profile's, or `edgekd export --drop-failed`) left them out of this bundle:", ""]
         lines += [f"- {d['format']} {d['precision']}: {'; '.join(d['failures'])}" for d in parity["dropped"]]
     if parity.get("too_slow"):
         lines += ["", "## Not shipped: INT8 slower than FP32", "", "These INT8 artifacts were built and timed against "
@@ -247,7 +247,8 @@ def _explanation_section(explanations: list[dict[str, Any]] | None, calibrated: 
              f"on {len(explanations)} test images (a fixed pick, classes in turn). Red = regions that raised "
              "that class's score; check they lie on anatomy, not on labels, borders or devices. "
              f"Predicted and p as the bundle gives them ({'calibrated, ' if calibrated else ''}its decision "
-             "threshold).", "",
+             "threshold) on the PyTorch model's logits: an FP16 or INT8 model's p differs by its parity figures "
+             "above.", "",
              "| image | label | predicted (p) | Grad-CAM |", "|---|---|---|---|"]
     cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731  a class named `a|b` had split the row
     for e in explanations:

@@ -124,7 +124,8 @@ def card_explanations(model, ckpt: dict[str, Any], data, stage: Path, clinical: 
     try:
         from edgekd.explain.gradcam import card_overlays
 
-        records = card_overlays(model, ckpt, data.dataset("test", train=False), stage / EXPLAIN_DIR)
+        records = card_overlays(model, ckpt, data.dataset("test", train=False), stage / EXPLAIN_DIR,
+                                data_cfg=data.cfg)  # the bundle's preprocessing (an export's input_size)
     except (EdgeKDError, ImportError) as err:
         log(f"card: no Grad-CAM overlays ({str(err).splitlines()[0]})")
         return []
@@ -165,6 +166,10 @@ def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: lis
     if ckpt.get("recipe") is None:
         raise EdgeKDError(f"{checkpoint}: checkpoint has no embedded recipe (needed for its data)")
     recipe = _export_recipe(ckpt, checkpoint, data_overrides, input_size)
+    trained = ckpt["preprocess"]["input_size"][-1]
+    if input_size is not None and input_size != trained:  # accuracy may fall far (0.88 -> 0.50 in a re-trial)
+        log(f"warning: exporting at input_size {input_size}, the model trained at {trained} px: its figures here are "
+            "at the new size (the ACC/AUC gate compares them with PyTorch at that size, not with training's)")
     with checkpoint_path_hint(recipe):
         data = continual_data(recipe, layout, str(checkpoint)) if layout is not None else build_data(recipe)
     num_classes = ckpt["arch"]["num_classes"]

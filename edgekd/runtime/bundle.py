@@ -202,7 +202,11 @@ class Bundle:
             if art.format == fmt.lower() and art.precision == precision.lower():
                 return art
         have = ", ".join(f"{a.format}/{a.precision}" for a in self.artifacts) or "none"
-        raise EdgeKDError(f"{self.source}: no {fmt} {precision} model in the bundle (it has: {have})")
+        others = [a.format for a in self.artifacts if a.precision == precision.lower()]
+        if not others:  # whatever the backend: naming one had read as if another backend could run it
+            raise EdgeKDError(f"{self.source}: no {precision} model in the bundle (it has: {have})")
+        raise EdgeKDError(f"{self.source}: no {fmt} {precision} model in the bundle (it has: {have}; --backend "
+                          f"{others[0]} runs its {others[0]} {precision} model)")
 
 
 def _starts_like_a_zip(path: Path) -> bool:
