@@ -287,6 +287,9 @@ def test_predict_cli_shows_calibrated_and_uncalibrated_and_takes_a_threshold(cal
     assert all(set(p["uncalibrated"]) == set(p["probs"]) for p in doc["predictions"])
     res = CliRunner().invoke(app, ["predict", str(out), str(paths[0]), "--threshold", "1.5"])
     assert res.exit_code != 0
+    for bad, said in (("nan", "nan: not a number"), ("-0.1", "-0.1 is outside [0, 1]")):  # nan: "<= 1" had been said
+        res = CliRunner().invoke(app, ["predict", str(out), str(paths[0]), "--threshold", bad])
+        assert res.exit_code == 2 and said in res.output, res.output
 
 
 def test_platt_scaling_recovers_a_known_slope_and_bias():

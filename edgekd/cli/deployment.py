@@ -16,6 +16,14 @@ from edgekd.errors import EdgeKDError, error_line, printable
 from edgekd.options import given_list
 
 
+def probability_option(value: Optional[float]) -> Optional[float]:
+    """A probability option (--threshold): a number in [0, 1]; NaN is named as not a number (click's range check
+    had said 'less than or equal to 1')."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise typer.BadParameter(f"{value}: not a number" if value != value else f"{value} is outside [0, 1]")
+    return value
+
+
 def export(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
     format_: Optional[str] = typer.Option(None, "--format", "-f", help="Comma-separated: onnx,openvino (default: the profile's)."),
@@ -116,7 +124,7 @@ def predict(
     batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later runs start faster."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+    threshold: Optional[float] = typer.Option(None, "--threshold", callback=probability_option, metavar="[0..1]",
                                               help="Decision threshold on the positive class's calibrated probability "
                                                    "for this call (two-class bundles; default: the bundle's)."),
     task: Optional[str] = typer.Option(None, "--task", help="Multi-head bundle: the task whose head predicts "
@@ -270,7 +278,7 @@ def serve(
                                           "(every request being answered) before a 503."),
     upload_timeout: float = typer.Option(15.0, "--upload-timeout", min=0.1, help="Seconds a request body may go "
                                          "without a byte before a 408."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+    threshold: Optional[float] = typer.Option(None, "--threshold", callback=probability_option, metavar="[0..1]",
                                               help="Decision threshold on the positive class's calibrated probability "
                                                    "(two-class bundles; default: the bundle's)."),
     token: Optional[str] = typer.Option(None, "--token", envvar="EDGEKD_TOKEN", show_envvar=True,
