@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/edgekd eval $(DEMO)/teacher/best.pt --split val,test
 	$(BIN)/edgekd eval $(DEMO)/student/best.pt --split val,test
 	$(BIN)/edgekd eval $(DEMO)/baseline/best.pt --split val,test
-	$(BIN)/edgekd export $(DEMO)/student/best.pt --format onnx,openvino --precision fp32,int8 --out $(DEMO_BUNDLE) --zip
+	$(BIN)/edgekd export $(DEMO)/student/best.pt --format onnx,openvino --precision fp32,int8 --out $(DEMO_BUNDLE) --zip --drop-failed
 	$(BIN)/python scripts/demo_images.py $(DEMO)/images
 	$(BIN)/edgekd predict $(DEMO_BUNDLE) $(DEMO)/images --tta --out $(DEMO)/predictions.csv
 	$(BIN)/python scripts/demo_images.py --score $(DEMO)/predictions.csv
