@@ -248,7 +248,7 @@ def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, c
 
 
 FOLDER_CHUNK = 128
-"""Images `evaluate_on_folder` decodes and scores at a time."""
+"""Images `predict_folder` decodes and scores at a time (`eval --data DIR`, `--failures` on a folder)."""
 
 
 class FolderImages:
