@@ -1002,7 +1002,7 @@ def test_predict_refuses_a_bad_bundle(case, bundle, good_png, tmp_path, capsys):
 
 
 PREDICT_OPTION_CASES = {
-    "precision_not_in_bundle": (["--precision", "int8"], "no onnx int8 model"),
+    "precision_not_in_bundle": (["--precision", "int8"], "no int8 model in the bundle"),
     "unknown_precision": (["--precision", "fp64"], "unknown precision 'fp64'"),
     "unknown_backend": (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
     "bad_out_suffix": (["--out", "{t}/pred.xlsx"], "must end with .csv or .json"),

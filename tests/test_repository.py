@@ -137,7 +137,7 @@ def test_a_changed_artifact_is_refused_and_nothing_is_written(bundle, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"kind": "torchserve"}, "unknown repository kind"),
-    ({"kind": "triton", "precision": "int8"}, "no onnx int8 model"),
+    ({"kind": "triton", "precision": "int8"}, "no int8 model in the bundle"),
     ({"kind": "ovms", "name": "../up"}, "--name"),
     ({"kind": "ovms", "base_path": ""}, "--base-path ''"),  # mounted $PWD over the container's /
     ({"kind": "ovms", "base_path": "models"}, "--base-path 'models'"),  # `-v $PWD:models` is not a docker mount
