@@ -315,7 +315,7 @@ def test_class_incremental_tasks_bring_new_non_empty_class_sets(tmp_path):
                           "data": {**base_recipe(npz)["data"], "classes": []}})
 
 
-def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_another_recipe(tmp_path):
+def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_another_recipe(tmp_path, request):
     """The second task's new head rows come from the random state the first task's training left: a resumed run
     restores it from task.pt, so it retrains what was interrupted exactly as before. A task.pt of another recipe,
     or nothing to resume, is refused."""
@@ -325,8 +325,12 @@ def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_anoth
     raw = base_recipe(npz, scenario="class_incremental",
                       tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])
     raw["train"]["epochs"] = 1
+    raw["train"]["threads"] = 1  # applied and recorded, as in a supervised run (a continual run had ignored it)
     recipe = recipe_from_dict(raw)
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # this worker's
+    torch.set_num_threads(2)
     whole = run_continual(recipe, tmp_path / "run", log=lambda s: None)
+    assert json.loads((tmp_path / "run" / "continual.json").read_text())["threads"] == 1
     want = torch.load(whole.best_path, weights_only=True)["state_dict"]
     for leftover in [*(tmp_path / "run" / "task2_b").iterdir(), tmp_path / "run" / "model.pt",
                      tmp_path / "run" / "continual.json"]:  # interrupted before task 2 ended (the resume had found a

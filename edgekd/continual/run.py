@@ -32,7 +32,7 @@ from edgekd.progress import progress_task
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
-from edgekd.train import init_weights, remove_earlier_outputs
+from edgekd.train import apply_threads, init_weights, remove_earlier_outputs
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
 
@@ -264,7 +264,7 @@ def _summary(recipe, tasks: list[Task], spec: dict[str, Any], model: nn.Module, 
         "acc_matrix": acc, "f1_matrix": f1, "avg_acc": average_accuracy(acc), "forgetting": forgetting(acc),
         "forgetting_per_task": forgetting_per_task(acc), "bwt": backward_transfer(acc),
         "retention_first_task": retention(acc, 0), "final": steps[-1]["eval"], "steps": steps,
-        "seed": recipe.seed,
+        "seed": recipe.seed, "threads": torch.get_num_threads(),
     }
 
 
@@ -360,6 +360,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         raise EdgeKDError("train.loss: per-class weights are not supported in continual runs (classes change per task)")
     out = Path(out)
     seed_everything(recipe.seed, recipe.train.deterministic)
+    apply_threads(recipe, log)  # (only supervised and distillation runs had applied train.threads)
     if resume and (done := finished_run(out, recipe)) is not None:  # it had retrained nothing, yet rewritten
         log(f"{out}: this recipe's run finished there; nothing to resume (model.pt and continual.json are kept)")
         return done  # model.pt (an exported bundle's parent) and dropped continual.json's timing records

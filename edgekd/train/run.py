@@ -132,17 +132,24 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
         return _fit_and_report(recipe, out, data, model, spec, objective, plugins, resume, log, progress, extra_meta)
 
 
+def apply_threads(recipe, log: Callable[[str], None]) -> None:
+    """train.threads: PyTorch's CPU threads for this process (a supervised, distillation or continual run), with a
+    warning when torchrun's processes together oversubscribe the cores."""
+    if not recipe.train.threads:
+        return
+    torch.set_num_threads(recipe.train.threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = distributed.world_size()
+    if ranks > 1 and recipe.train.threads * ranks > cores:
+        log(f"warning: train.threads {recipe.train.threads} is per process: {ranks} processes x "
+            f"{recipe.train.threads} threads on {cores} cores oversubscribe them (slower, not faster)")
+
+
 def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
                     objective: Objective | None, plugins: list[Plugin] | None, resume: bool,
                     log: Callable[[str], None], progress, extra_meta: dict[str, Any] | None) -> RunResult:
     """train_model's work, in its folder: the Trainer's fit, best.pt evaluated on val and test, the reports."""
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        ranks = distributed.world_size()
-        if ranks > 1 and recipe.train.threads * ranks > cores:
-            log(f"warning: train.threads {recipe.train.threads} is per process: {ranks} processes x "
-                f"{recipe.train.threads} threads on {cores} cores oversubscribe them (slower, not faster)")
+    apply_threads(recipe, log)
     if uses_class_weights(recipe) and data.samples_balanced():
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
