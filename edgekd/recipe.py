@@ -307,8 +307,9 @@ class SWAConfig(Section):
     """0-based epoch from which weights are averaged (0: from the first epoch); null, the default: the last quarter,
     int(0.75 x epochs)."""
     lr: float | None = Field(None, gt=0)
-    """From start_epoch on, torch's SWALR anneals the LR to this constant instead of the main schedule
-    (null: the main schedule goes on)."""
+    """A constant LR for the averaged epochs instead of the main schedule (null: the main schedule goes on): epoch
+    start_epoch itself trains on the main schedule (the first averaged); from the next one torch's SWALR anneals
+    every parameter group to `lr` over `anneal_epochs` (torch's pattern: SWALR steps after each averaged epoch)."""
     anneal_epochs: int = Field(1, ge=1)
     """Epochs over which SWALR anneals (cosine) from the current LR to `lr`."""
 

@@ -577,6 +577,16 @@ def test_swa_lr_switches_to_swalr(tiny_recipe_dict, tmp_path):
     assert swalr == pytest.approx([0.05, cosine(1), cosine(2), 0.01])
     plain = lrs({"enabled": True, "start_epoch": 2})  # without swa.lr the cosine schedule goes on
     assert plain == pytest.approx([0.05, cosine(1), cosine(2), cosine(3)])
+    # the note of a differential-LR run names the epochs SWALR anneals over (it had said swa.lr ruled from the
+    # start epoch, which still trains on the main schedule)
+    from edgekd.train.optim import schedule_warnings
+
+    cfg = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=5, train__swa={
+        "enabled": True, "start_epoch": 2, "lr": 0.0005, "anneal_epochs": 2})).train
+    groups = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": n} for n in ("head", "backbone")],
+                             lr=0.1)
+    assert schedule_warnings(cfg, groups, 2) == ["note: from epoch 4 SWALR anneals every parameter group to "
+                                                 "train.swa.lr 0.0005, reached at epoch 5 (head_lr's ratio ends there)"]
 
 
 def test_swa_start_epoch_zero_is_the_first_epoch_and_null_the_last_quarter(tiny_recipe_dict, tmp_path):

@@ -64,6 +64,7 @@ def schedule_warnings(cfg, optimizer: torch.optim.Optimizer, swa_start: int | No
         lines.append(f"warning: train.swa.start_epoch {swa_start} >= train.epochs {cfg.epochs}: no weights will be "
                      "averaged")
     if swa_start is not None and cfg.swa.lr is not None and len(groups) > 1:
-        lines.append(f"note: from epoch {swa_start + 1} train.swa.lr {cfg.swa.lr:g} is every parameter group's "
-                     "learning rate (head_lr's ratio ends there)")
+        lines.append(f"note: from epoch {swa_start + 2} SWALR anneals every parameter group to train.swa.lr "
+                     f"{cfg.swa.lr:g}, reached at epoch {swa_start + 1 + cfg.swa.anneal_epochs} (head_lr's ratio ends "
+                     "there)")
     return lines
