@@ -823,3 +823,21 @@ def test_fold_teacher_data_paths_compare_as_files_and_teacher_set_errors_name_te
         load_recipe(REPO / "recipes/demo/teacher.yaml", ["data.pth=x"], "--teacher-set")
     with pytest.raises(EdgeKDError, match=r"^--set data.pth=x: unknown key"):
         load_recipe(REPO / "recipes/demo/teacher.yaml", ["data.pth=x"])
+
+
+def test_a_train_loss_a_distillation_run_does_not_use_is_warned_of():
+    """`--set train.loss.name=focal` on a student changed nothing (log.csv identical) while its checkpoint's recipe
+    said focal; the skin students inherited their teacher's class_weights the same way."""
+    import glob
+
+    from edgekd.distill.run import unused_train_loss
+    from edgekd.recipe import load_recipe
+
+    student = REPO / "recipes" / "demo" / "student.yaml"
+    assert unused_train_loss(load_recipe(student)) is None
+    said = unused_train_loss(load_recipe(student, ["train.loss.name=focal", "train.loss.label_smoothing=0.3"]))
+    assert said.startswith("train.loss (name: focal, label_smoothing: 0.3) is not used by a distillation run")
+    shipped = [p for p in glob.glob(str(REPO / "recipes" / "**" / "*.yaml"), recursive=True)
+               if load_recipe(p).distill and unused_train_loss(load_recipe(p))]
+    assert shipped == []
+

@@ -70,6 +70,19 @@ def check_same_pool(saved: dict, pool, path: Path) -> None:
                           "restore them, or train into a new folder")
 
 
+def unused_train_loss(recipe) -> str | None:
+    """A distillation run trains on distill.terms: a train.loss other than the default (inherited from a teacher
+    recipe, or --set) does nothing, and had been recorded in the checkpoint's recipe as if it had."""
+    from edgekd.recipe import LossConfig
+
+    if recipe.train.loss == LossConfig():
+        return None
+    given = ", ".join(f"{k}: {v}" for k, v in recipe.train.loss.model_dump().items()
+                      if v != getattr(LossConfig(), k))
+    return (f"train.loss ({given}) is not used by a distillation run: its loss is distill.terms (a ce or focal term "
+            "takes label_smoothing and class_weights); set train.loss back to {name: ce} to quiet this")
+
+
 def check_same_teachers(saved: dict, digests: dict[str, str], path: Path) -> None:
     """A resumed run's teacher (and ensemble members) must be the files it started with, compared by sha256: a
     teacher retrained into the same best.pt would distill the rest of the run from another model, silently."""
@@ -95,6 +108,9 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
         raise EdgeKDError("distill.teacher: no teacher checkpoint set (distill.teacher_recipe is used by --folds "
                           "only; train the teacher first and --set distill.teacher=<best.pt>)")
     seed_everything(recipe.seed, recipe.train.deterministic)
+    unused = unused_train_loss(recipe)
+    if unused:
+        log(f"warning: {unused}")
     data = build_data(recipe)
     teacher, teacher_ckpt = load_teacher(cfg.teacher)
     ensemble = [load_teacher(path) for path in cfg.ensemble]
