@@ -987,7 +987,10 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
         (recipe.distill is not None and not recipe.distill.teacher_views,
          "distill.teacher_views: give at least one view (original, hflip, vflip)"),
         (isinstance(recipe.tracking.tensorboard, str) and not recipe.tracking.tensorboard.strip(),
-         "tracking.tensorboard: an empty path; give a folder, or true for <out>/tensorboard")]
+         "tracking.tensorboard: an empty path; give a folder, or true for <out>/tensorboard"),
+        (recipe.model.name.startswith("edgekd_cnn") and bool(recipe.model.drop_path_rate),
+         f"model.drop_path_rate {recipe.model.drop_path_rate}: the {recipe.model.name} model has no stochastic depth "
+         "(it was dropped without a word); leave it unset, or use model.drop_rate (dropout before the head)")]
     for trapped, message in traps:
         if trapped:
             raise EdgeKDError(f"{where}: {message}")

@@ -292,7 +292,9 @@ def test_settings_that_did_nothing_are_refused_for_a_new_run_but_a_checkpoints_r
 
     for raw, words in (({"data": {"fold": 3}}, "data.fold 3 needs data.folds"),
                        ({"train": {"swa": {"enabled": True}, "monitor": "train_loss"}}, "monitor a val_ metric"),
-                       ({"model": {"head_hidden": 0}}, "head_hidden must be >= 1")):
+                       ({"model": {"head_hidden": 0}}, "head_hidden must be >= 1"),
+                       ({"model": {"name": "edgekd_cnn_small", "drop_path_rate": 0.3}},  # dropped without a word
+                        r"model.drop_path_rate 0.3: the edgekd_cnn_small model has no stochastic depth")):
         stored = recipe_from_dict(raw)  # as a checkpoint's recipe is read
         with pytest.raises(EdgeKDError, match=words):
             refuse_new_run_traps(stored, "r.yaml")
