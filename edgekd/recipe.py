@@ -955,11 +955,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, option: st
     overrides = [overrides] if isinstance(overrides, str) else overrides or []
     try:
         recipe = recipe_from_dict(apply_overrides(raw, overrides, option), where=str(path))
+        refuse_new_run_traps(recipe, str(path))
     except EdgeKDError as err:
         if not overrides:
             raise
         raise _blame(raw, overrides, str(path), err, option) from None
-    refuse_new_run_traps(recipe, str(path))
     return recipe
 
 
@@ -1037,7 +1037,7 @@ def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDErr
     def problem(n: int) -> str | None:
         merged = apply_overrides(raw, overrides[:n], option)  # a malformed override raises its own message, naming it
         try:
-            recipe_from_dict(merged, where="")
+            refuse_new_run_traps(recipe_from_dict(merged, where=""), "")  # a trap a --set sets is named as that --set
         except EdgeKDError as e:
             return str(e)
         return None

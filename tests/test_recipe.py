@@ -302,6 +302,10 @@ def test_settings_that_did_nothing_are_refused_for_a_new_run_but_a_checkpoints_r
         with pytest.raises(EdgeKDError, match=words):
             load_recipe(tmp_path / "r.yaml")
     assert recipe_from_dict({"data": {"fold": 1, "folds": 3}}).data.fold == 1
+    # set by a --set, the trap is named as that --set (it had been blamed on the recipe file)
+    (tmp_path / "r.yaml").write_text("name: ok\n")
+    with pytest.raises(EdgeKDError, match=r"^--set data.fold=2: data.fold 2 needs data.folds"):
+        load_recipe(tmp_path / "r.yaml", ["train.epochs=1", "data.fold=2"])
 
 
 def test_a_yaml_boolean_is_not_taken_for_a_number():
