@@ -105,8 +105,8 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         macs = getattr(result, "macs", None) or _final_macs(result.best_path)
     runs = _step_seconds(result)
     timed = [s for steps in runs for s in steps[1:]]  # each task's first step pays for allocation and warm-up
-    untimed = [s for steps in runs for s in steps[:1]] if not timed else []  # one batch only: warm-up included
-    step = float(np.median(timed or untimed)) if timed or untimed else float("nan")
+    used = timed or [s for steps in runs for s in steps[:1]]  # one batch only: that step, warm-up included
+    step = float(np.median(used)) if used else float("nan")
     batch = recipe.data.batch_size * recipe.train.grad_accum
     return CheckResult(
         recipe=str(path), name=recipe.name,
@@ -114,7 +114,7 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         model=model, params=int(result.params), macs=macs,
         input_size=[recipe.data.channels, recipe.data.image_size, recipe.data.image_size],
         batch_size=recipe.data.batch_size, step_seconds=step, train_images=train_images,
-        step_range=(min(timed or untimed), max(timed or untimed)) if timed or untimed else (step, step),
+        step_range=(min(used), max(used)) if used else (step, step),
         timed_steps=len(timed),
         epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
         seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(), teacher=teacher, stand_ins=stand_ins,
