@@ -220,16 +220,24 @@ def load_folder_images(folder: str | Path, class_names: list[str], limit: int | 
     (root/<class>/...; the model's class names), a fixed random subset of `limit` if given (`limited`): the
     torch-free counterpart of `load_split_images`. A checkpoint among `predictors` must not have trained on the
     folder (`refuse_training_folder`)."""
-    from edgekd.runtime.inputs import collect_labelled
     from edgekd.runtime.preprocess import as_image_array
+
+    paths, labels = folder_listing(folder, class_names, predictors)
+    idx = limited(len(paths), limit)
+    images = [as_image_array(paths[i]) for i in idx]  # a path or a multi-frame DICOM's frame
+    return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names), idx
+
+
+def folder_listing(folder: str | Path, class_names: list[str], predictors: Sequence[Predictor] = ()
+                   ) -> tuple[list, list[int]]:
+    """A labelled folder's images (paths, multi-frame DICOM frames refused) and labels in `class_names`' order;
+    refused when a checkpoint among `predictors` trained on the folder (`refuse_training_folder`)."""
+    from edgekd.runtime.inputs import collect_labelled
 
     for p in predictors:
         if p.trained is not None:
             refuse_training_folder(folder, p.trained, p.trained["path"])
-    paths, labels = collect_labelled(folder, list(class_names))
-    idx = limited(len(paths), limit)
-    images = [as_image_array(paths[i]) for i in idx]  # a path or a multi-frame DICOM's frame
-    return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names), idx
+    return collect_labelled(folder, list(class_names))
 
 
 def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, checkpoint: str | Path) -> None:
@@ -278,11 +286,9 @@ def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Pa
     apart from the training data) scored by the checkpoint with its own eval transform; metrics.json and plots as
     `evaluate_checkpoint` writes them, the split named `folder`."""
     from edgekd.metrics.report import evaluation_report
-    from edgekd.runtime.inputs import collect_labelled
 
     predictor = checkpoint_predictor(checkpoint)
-    refuse_training_folder(folder, predictor.trained, checkpoint)
-    paths, labels = collect_labelled(folder, list(predictor.class_names))
+    paths, labels = folder_listing(folder, predictor.class_names, [predictor])
     probs = predict_folder(predictor, FolderImages(paths))
     names = list(predictor.class_names)
     report = evaluation_report(np.asarray(labels, dtype=np.int64), probs, names, out, "folder", predictor.model)
@@ -432,7 +438,8 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
         for p in predictors:
             check_class_order(p.class_names, class_names, p.label, log)
     scored = split if limit is None else f"the --limit {limit} subset of {split}"  # drawn unstratified
-    absent = absent_classes_warning(scored, np.bincount(labels, minlength=len(class_names)).tolist(), class_names)
+    counts = np.bincount(labels, minlength=len(class_names)).tolist()
+    absent = absent_classes_warning(scored, counts, class_names)
     if absent:
         log(f"warning: {absent}")
     log(f"corruption eval: {len(predictors)} model/format(s) x {len(images)} {split} images x "
@@ -441,7 +448,7 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
     summary = corruption_summary(records)
     out = Path(out)
     result = {"split": split, "images": len(images), "class_names": class_names,
-              "class_counts": np.bincount(labels, minlength=len(class_names)).tolist(), "seed": seed,
+              "class_counts": counts, "seed": seed,
               "corruptions": names, "severities": levels,
               "sources": [str(s) for s in sources], "records": records, "summary": summary}
     with deferred_signals():  # the set is replaced as one: json, md and the chart of this run, or no chart
@@ -488,11 +495,7 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
 
     predictor = predictors_for([source], threads)[0]
     if data_folder is not None:
-        from edgekd.runtime.inputs import collect_labelled
-
-        if predictor.trained is not None:
-            refuse_training_folder(data_folder, predictor.trained, source)
-        paths, folder_labels = collect_labelled(data_folder, list(predictor.class_names))
+        paths, folder_labels = folder_listing(data_folder, predictor.class_names, [predictor])
         images, labels, class_names = FolderImages(paths), np.asarray(folder_labels, dtype=np.int64), \
             list(predictor.class_names)
         probs, split = predict_folder(predictor, images), str(data_folder)
