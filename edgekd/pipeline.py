@@ -34,9 +34,9 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
     folder; warn when it already holds another run, whose files are replaced (other files of it stay).
 
     A run writes its files at the top of --out, a continual run also task<i>/ and a k-fold run fold<i>/: a teacher,
-    ensemble member or model.weights file in --out itself (or anywhere under it, for those two) would be written over, as would the
-    recipe file when it is --out/recipe.yaml. A k-fold run trains its teacher per fold, so distill.teacher is not
-    read there."""
+    ensemble member or model.weights file in --out itself (or anywhere under it, for those two) would be written
+    over, as would the recipe file when it is --out/recipe.yaml. A k-fold run trains its teacher per fold, so
+    distill.teacher is not read there."""
     refuse_unusable_path(out)  # before resolving: `~/runs`, a symlink to nothing
     out = Path(out).resolve()
     if out == Path.cwd().resolve():

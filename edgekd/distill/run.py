@@ -75,10 +75,10 @@ def unused_train_loss(recipe) -> str | None:
     recipe, or --set) does nothing, and had been recorded in the checkpoint's recipe as if it had."""
     from edgekd.recipe import LossConfig
 
-    if recipe.train.loss == LossConfig():
+    default = LossConfig()
+    if recipe.train.loss == default:
         return None
-    given = ", ".join(f"{k}: {v}" for k, v in recipe.train.loss.model_dump().items()
-                      if v != getattr(LossConfig(), k))
+    given = ", ".join(f"{k}: {v}" for k, v in recipe.train.loss.model_dump().items() if v != getattr(default, k))
     return (f"train.loss ({given}) is not used by a distillation run: its loss is distill.terms (a ce or focal term "
             "takes label_smoothing and class_weights); set train.loss back to {name: ce} to quiet this")
 
