@@ -838,6 +838,8 @@ def test_cross_domain_from_checkpoint_keeps_task_a_head(tmp_path):
     # ... and its F1 and AUC are over task B's three classes, so defined (over all five outputs AUC was NaN).
     assert float(log_rows[-1]["val_f1"]) == pytest.approx(val_b["f1"], abs=1e-9)
     assert math.isfinite(float(log_rows[-1]["val_auc"]))
+    # EWC's penalty, as added to the loss, has a column of its own (task 1 had none: no earlier task)
+    assert 0 < float(log_rows[-1]["train_ewc"]) < float(log_rows[-1]["train_loss"])
     with pytest.raises(EdgeKDError, match=r"outputs, but the first task 'B' has \d classes \(the first task must be "
                                           r"the checkpoint's; with edgekd train, checkpoint_task: false retrains its "
                                           r"head instead\)$"):  # update refuses checkpoint_task: false

@@ -421,6 +421,12 @@ def test_distill_recipe_end_to_end_from_cli(tmp_path, tiny_teacher, monkeypatch)
     assert metrics["role"] == "student" and "auc" in metrics["test"]
     from edgekd.train.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "run" / "best.pt")["distill"]["teacher"] == str(tiny_teacher)
+    # log.csv holds each term's value (unweighted) beside the weighted sum the student trained on
+    import csv
+
+    for row in csv.DictReader((tmp_path / "run" / "log.csv").open()):
+        kl, ce = float(row["train_0_kl"]), float(row["train_1_ce"])
+        assert kl > 0 and ce > 0 and float(row["train_loss"]) == pytest.approx(0.7 * kl + 0.3 * ce, rel=1e-6)
 
     result = CliRunner().invoke(app, ["report", str(tiny_teacher.parent), str(tmp_path / "run"),
                                       "--out", str(tmp_path / "report")])

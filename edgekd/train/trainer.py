@@ -49,7 +49,8 @@ class SupervisedObjective:
 
 
 class Plugin:
-    """Hooks around the training loop (Avalanche-style). Override what you need."""
+    """Hooks around the training loop (Avalanche-style). Override what you need. A penalty is logged per epoch
+    as `train_<name>` (log.csv): `name`, else the class name without "Plugin", lower case."""
 
     def before_fit(self, trainer: "Trainer") -> None: ...
     def before_epoch(self, trainer: "Trainer", epoch: int) -> None: ...
@@ -57,6 +58,10 @@ class Plugin:
                 logits: torch.Tensor) -> torch.Tensor | None: ...
     def after_step(self, trainer: "Trainer") -> None: ...
     def after_fit(self, trainer: "Trainer") -> None: ...
+
+
+def plugin_name(plugin: Plugin) -> str:
+    return getattr(plugin, "name", None) or type(plugin).__name__.removesuffix("Plugin").lower()
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -335,14 +340,18 @@ class Trainer:
             self.objective.set_epoch(epoch)
         loader = self.data.loader("train", epoch=epoch, distributed=self.distributed)
         with progress_task(progress, f"epoch {epoch + 1}/{self.cfg.epochs}", len(loader)) as advance:
-            total, count = self._train_batches(epoch, loader, advance)
-        total, count = distributed.sum_across_ranks([total, count], self.device)  # the loss over all ranks' shards
-        return {"train_loss": total / max(count, 1)}
+            total, count, parts = self._train_batches(epoch, loader, advance)
+        names = sorted(parts)  # every rank has the same terms and plugins, so the same names
+        sums = distributed.sum_across_ranks([total, count, *(parts[k] for k in names)], self.device)
+        count = max(sums[1], 1)  # the loss over all ranks' shards
+        return {"train_loss": sums[0] / count, **{f"train_{k}": v / count for k, v in zip(names, sums[2:])}}
 
-    def _train_batches(self, epoch: int, loader, advance: Callable[..., None]) -> tuple[float, int]:
-        """One pass over the training loader: (summed loss, samples) of this rank."""
+    def _train_batches(self, epoch: int, loader, advance: Callable[..., None]) -> tuple[float, int, dict[str, float]]:
+        """One pass over the training loader: (summed loss, samples, summed parts) of this rank. The parts are what
+        the loss adds up: a distillation objective's terms (each unweighted) and each plugin's penalty (as added)."""
         accum, n_batches = self.cfg.grad_accum, len(loader)
         total, count = 0.0, 0
+        part_sums: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
         step_start = time.perf_counter()
         for step, (images, targets) in enumerate(loader):
@@ -350,10 +359,12 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 loss, logits = self.objective(self.net, images, targets)
+                parts = dict(getattr(self.objective, "last_parts", {}))
                 for p in self.plugins:
                     extra = p.penalty(self, images, targets, logits)
                     if extra is not None:
                         loss = loss + extra
+                        parts[plugin_name(p)] = float(extra.detach())
             # Every rank takes the same branch (a rank skipping backward alone would stall DDP's all-reduce).
             if not distributed.all_ranks_true(bool(torch.isfinite(loss)), self.device):
                 if self.cfg.nonfinite == "error":
@@ -382,9 +393,11 @@ class Trainer:
                 step_start = now
             total += loss.item() * len(targets)
             count += len(targets)
+            for k, v in parts.items():
+                part_sums[k] = part_sums.get(k, 0.0) + v * len(targets)
             self.samples_seen += len(targets)
             advance(description=f"epoch {epoch + 1}/{self.cfg.epochs} loss {total / max(count, 1):.4f}")
-        return total, count
+        return total, count, part_sums
 
     def _start_fit(self, trains: bool = True) -> None:
         """This session's record (`trains`: it has epochs left to train), plugins' before_fit, then the
