@@ -632,3 +632,25 @@ def test_a_folder_copied_from_a_mac_or_a_share_reads_its_images_only(tmp_path):
     paths, labels = collect_labelled(root, ["normal", "pneumonia"])
     assert sorted(zip((p.name for p in paths), labels)) == [("linked.png", 1), ("more.jfif", 0), ("more2.jpe", 0),
                                                             ("normal.png", 0), ("pneumonia.png", 1)]
+
+
+def test_an_npz_whose_pixels_changed_under_the_same_name_is_refused_as_other_data(tmp_path):
+    """A resumed run, eval or export of an .npz trained on: its splits were recorded by their labels only, so the
+    same file name and labels with other images passed as the data the model trained on."""
+    from edgekd.data import check_trained_splits
+
+    path = write_npz(tmp_path / "set.npz")
+    rec = recipe(source="medmnist", path=str(path), channels=3)
+    trained = build_data(rec).split_fingerprint()
+    ckpt = {"recipe": rec.to_dict(), "data_splits": trained}
+    check_trained_splits(ckpt, build_data(rec), rec, "best.pt")  # the same file: passes
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["val_images"] = 255 - arrays["val_images"]  # other pixels, the same names, counts and labels
+    np.savez(path, **arrays)
+    with pytest.raises(EdgeKDError, match=r"^best.pt: its data's splits are not the ones it was trained with "
+                                          r"\(val: other images or labels, 16 as at training\)"):
+        check_trained_splits(ckpt, build_data(rec), rec, "best.pt")
+    # a record from before pixels were recorded (labels only) is compared by what it holds
+    labels_only = {s: {k: v for k, v in d.items() if k != "pixels"} for s, d in trained.items()}
+    check_trained_splits({**ckpt, "data_splits": labels_only}, build_data(rec), rec, "best.pt")

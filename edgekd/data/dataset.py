@@ -207,8 +207,9 @@ class DataModule:
         return {s: np.bincount(t.labels, minlength=self.num_classes).tolist() for s, t in self.tables.items()}
 
     def split_fingerprint(self) -> dict[str, dict[str, object]]:
-        """{split: {images, sha256}}: which images (paths relative to data.path, so a moved copy matches) with which
-        labels each split holds; in-memory sets by their labels. A checkpoint records it (`check_trained_splits`)."""
+        """{split: {images, sha256[, pixels]}}: which images (paths relative to data.path, so a moved copy matches)
+        with which labels each split holds; in-memory sets by their labels, and `pixels`, the digest of their pixels
+        (an .npz whose images changed under the same name). A checkpoint records it (`check_trained_splits`)."""
         root = Path(str(getattr(self.cfg, "path", "") or "."))
         root = root if root.is_dir() else root.parent
         out: dict[str, dict[str, object]] = {}
@@ -220,6 +221,9 @@ class DataModule:
             else:
                 digest.update(np.ascontiguousarray(table.labels, dtype=np.int64).tobytes())
             out[split] = {"images": len(table), "sha256": digest.hexdigest()}
+            if table.images is not None:
+                pixels = np.ascontiguousarray(table.images)
+                out[split]["pixels"] = hashlib.sha256(repr(pixels.shape).encode() + pixels.data).hexdigest()
         return out
 
 
@@ -376,9 +380,13 @@ def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,
     if not isinstance(trained, dict) or not same_split_settings(ckpt.get("recipe") or {}, recipe):
         return
     now = data.split_fingerprint()
+
+    def differs(split: str) -> bool:  # by what the record holds (`pixels` is recorded since 2026-12-06)
+        return any(now.get(split, {}).get(key) != value for key, value in trained[split].items())
+
     # a split the run had not (train/ and val/ folders trained on before a missing test split was carved): carved
     # now from the images it trained on
-    changed = [s for s in splits if (s in trained and trained[s] != now.get(s)) or (s not in trained and s in now)]
+    changed = [s for s in splits if (s in trained and differs(s)) or (s not in trained and s in now)]
     if changed:
         def said(split: str) -> str:
             if split not in trained:
