@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -16,6 +17,57 @@ sys.path.insert(0, str(REPO))
 from edgekd.fileio import write_json  # noqa: E402
 
 METRICS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc", "balanced_acc")
+# accuracy.json records are one per run: its train command (recipe, overrides, output folder) and split. Keyed by
+# recipe name and seed instead, a 30-epoch variant of a recipe replaced the record of its 20-epoch run (and back).
+ACCURACY_KEY = ("dataset", "split", "command")
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """A script's entry point: an edgekd error (a missing checkpoint, a bad recipe), a failed edgekd command or the
+    script's own refusal (`raise SystemExit("error: ...")`) is one line on stderr and exit 2, not a traceback."""
+    import subprocess
+
+    from edgekd.errors import EdgeKDError
+
+    def fail(message: str) -> None:
+        print(message, file=sys.stderr)
+        sys.exit(2)
+
+    try:
+        code = main()
+    except EdgeKDError as e:
+        fail(f"error: {e}")
+    except subprocess.CalledProcessError as e:
+        cmd = e.cmd if isinstance(e.cmd, str) else " ".join(map(str, e.cmd))
+        fail(f"error: `{cmd}` failed (exit {e.returncode}); its message is above")
+    except SystemExit as e:  # a script's own refusal, raise SystemExit("error: ...")
+        if isinstance(e.code, str):
+            fail(e.code)
+        raise
+    sys.exit(code or 0)
+
+
+def existing_path(text: str) -> Path:
+    """argparse type: a file or folder that exists."""
+    import argparse
+
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 def cpu_model() -> str:
@@ -112,27 +164,52 @@ def run_or_reuse(recipe_path: str, out: Path, overrides: list[str], reuse: bool,
     return run_metrics(out / "metrics.json"), command
 
 
+def plain_runs(records: list[dict], recipe_path: str, dataset: str | None = None, split: str = "test") -> list[dict]:
+    """accuracy.json records of runs of `recipe_path` with no override but the seed (in any output folder: kd_gain's
+    `scratch-s0` is distill.py's `student_scratch-s0`), the latest per seed, in seed order. A run of the recipe with
+    other overrides (kd_gain's 30-epoch `scratch_long`, an ensemble teacher) is another experiment, left out."""
+    import re
+
+    pattern = re.compile(rf"edgekd train {re.escape(recipe_path)}( --set seed=\d+)? --out \S+")
+    latest: dict[int, dict] = {}
+    for r in records:
+        if (r.get("split") == split and dataset in (None, r.get("dataset")) and pattern.fullmatch(r.get("command", ""))
+                and r.get("date", "") >= latest.get(r.get("seed"), {}).get("date", "")):
+            latest[r.get("seed")] = r
+    return [latest[s] for s in sorted(latest)]
+
+
 def accuracy_record(m: dict, command: str, split: str = "test") -> dict:
     """One accuracy.json record from a run's metrics.json."""
     s = m[split]
     return {"dataset": m["dataset"], "split": split, "model": m["model"], "role": m["role"], "name": m["name"],
             "params": m["params"], "macs": m["macs"], **{k: s.get(k) for k in METRICS}, "seed": m["seed"],
             "epochs_run": m["epochs_run"], "seconds_per_epoch": m["seconds_per_epoch"], "threads": m.get("threads"),
-            "train_seconds": m["train_seconds"], "date": m.get("date") or now(), "machine": machine(), "command": command}
+            "train_seconds": m["train_seconds"], "date": m.get("date") or now(), "machine": machine(),
+            "command": command}
 
 
-def merge_records(path: Path, new: list[dict], benchmark: str, command: str,
-                  key=("dataset", "split", "model", "role", "name", "seed")) -> list[dict]:
-    """Replace records that match a new one on `key`; keep all others. The key holds the recipe `name`, so KD
-    variants of one student (logit, feature, attention transfer: same model, role and seed) stay separate records.
-    For ledger files that several commands add to (accuracy.json, latency.json): every record carries its own
-    `command`, `date` and `machine`; the file's header names the latest command. Other header keys are kept."""
+def merge_records(path: Path, new: list[dict], benchmark: str, command: str, key: tuple[str, ...]) -> list[dict]:
+    """Replace records that match a new one on `key` (ACCURACY_KEY for accuracy.json); keep all others. For ledger
+    files that several commands add to (accuracy.json, latency.json): every record carries its own `command`,
+    `date` and `machine`; the file's header names the latest command that added records. Other header keys are
+    kept. With no new record the file is left as it is."""
     doc = json.loads(path.read_text()) if path.is_file() else {}
+    if not new:
+        return doc.get("records", [])
     k = lambda r: tuple(r.get(f) for f in key)  # noqa: E731
     fresh = {k(r) for r in new}
     merged = [r for r in doc.get("records", []) if k(r) not in fresh] + new
     write_json(path, {**doc, **results_doc(benchmark, command, merged)})
     return merged
+
+
+def refresh_results_md() -> None:
+    """Every RESULTS.md section again from its JSON (benchmarks/report.py): a script that adds to accuracy.json
+    changes the accuracy section too, which `report.py --check` (in the test suite) would find stale."""
+    import report
+
+    report.main([])
 
 
 def write_section(section: str, begin: str, end: str, path: Path | None = None) -> Path:

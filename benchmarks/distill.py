@@ -19,8 +19,8 @@ import os
 import statistics
 import sys
 
-from common import (REPO, RESULTS, accuracy_record, finished_run, merge_records, results_doc, run_or_reuse,
-                    train_command)
+from common import (ACCURACY_KEY, REPO, RESULTS, accuracy_record, finished_run, merge_records, plain_runs,
+                    refresh_results_md, results_doc, run_main, run_or_reuse, train_command)
 
 from edgekd.fileio import write_json
 from edgekd.recipe import load_recipe
@@ -88,8 +88,9 @@ def summarize(records: list[dict], kd_role: str = "student", scratch_role: str =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--phase", choices=["scratch", "kd", "all"], default="all")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and student")
+    ap.add_argument("--phase", choices=["scratch", "kd", "all"], default="all",
+                    help="train the from-scratch runs, the distilled ones, or both (the summary: every run on file)")
     ap.add_argument("--student", choices=sorted(STUDENTS), default="small",
                     help="small: edgekd_cnn_small (the benchmark student); micro: edgekd_cnn_micro")
     ap.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json matches the recipe")
@@ -105,17 +106,20 @@ def main() -> None:
     else:
         new = [run_one(role, seed, args.reuse) for role in roles for seed in args.seeds]
     command = "python benchmarks/distill.py " + " ".join(sys.argv[1:])
-    merged = merge_records(RESULTS / "accuracy.json", new, "accuracy", command)
-    # This student's records, told apart by the recipe in their command (records keep the recipe's role, e.g. a
-    # micro student's runs are role "student"); relabelled with the run name for the summary.
-    models = {run: load_recipe(REPO / RECIPES[run]).model.name for run in (kd_role, scratch_role)}
-    mine = [{**r, "role": run} for r in merged for run in models
-            if r.get("dataset") == "pneumoniamnist" and r["model"] == models[run]
-            and r.get("command", "").startswith(f"edgekd train {RECIPES[run]} ")]
+    merged = merge_records(RESULTS / "accuracy.json", new, "accuracy", command, key=ACCURACY_KEY)
+    # This student's records, every seed on file: runs of its recipes with the seed their only override (records keep
+    # the recipe's role, e.g. a micro student's runs are role "student"; kd_gain's 30-epoch runs of the same recipe
+    # had been counted as more seeds), relabelled with the run name.
+    mine = [{**r, "role": run} for run in (scratch_role, kd_role)
+            for r in plain_runs(merged, RECIPES[run], dataset="pneumoniamnist")]
+    if not any(r["seed"] in args.seeds for r in mine):
+        raise SystemExit(f"error: no run of seeds {args.seeds} (trained, or recorded in accuracy.json): nothing to "
+                         "summarize, nothing written")
     stats = summarize(mine, kd_role, scratch_role)
     summary = results_doc("distill", command, stats.pop("records"), teacher="runs/bench/pneumonia/teacher/best.pt",
                           **stats)
     write_json(RESULTS / summary_file, summary)
+    refresh_results_md()
     print(json.dumps({k: summary[k] for k in summary if k != "records"}, indent=2))
     for s in summary["records"]:
         role = s["role"]
@@ -124,4 +128,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,8 +26,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import (METRICS, REPO, RESULTS, accuracy_record, finished_run, machine_line, merge_records,
-                    replace_section, results_doc, run_or_reuse, train_command)
+from common import (ACCURACY_KEY, METRICS, REPO, RESULTS, accuracy_record, finished_run, machine_line, merge_records,
+                    refresh_results_md, replace_section, results_doc, run_main, run_or_reuse, train_command)
 
 from edgekd.fileio import write_json, write_text
 from edgekd.recipe import load_recipe
@@ -182,9 +182,6 @@ SETS["demo_sweep"] = demo_ablation({
                                                     "distill.terms=[{kind: kl, weight: 1.0, temperature: 1}]"],
                       "scratch", "function matching with a shared CutMix view (KL(T=1) only), 8 epochs"),
 })
-# accuracy.json records of this benchmark are keyed by their train command: rows that share a recipe (and so its
-# name) with other overrides, like scratch and scratch_long, stay separate records.
-LEDGER_KEY = ("dataset", "split", "command")
 GAIN_ACC_PTS, AUC_SLACK_PTS, TEACHER_GAP_PTS, MACS_RATIO, PARAMS_MAX, MINUTES_MAX = 1.5, -0.2, 1.0, 20, 100_000, 30
 
 
@@ -411,6 +408,8 @@ def main() -> None:
     unknown = [r for r in rows if r not in cfg["rows"]]
     if unknown:
         ap.error(f"unknown row(s) {unknown} for --set {args.set_name}; choose from {list(cfg['rows'])}")
+    if args.repeat and args.repeat not in cfg["rows"]:
+        ap.error(f"--repeat {args.repeat}: not a row of --set {args.set_name}; choose from {list(cfg['rows'])}")
     if args.ceiling and args.ceiling not in cfg["rows"]:
         ap.error(f"--ceiling {args.ceiling}: not a row of --set {args.set_name}; choose from {list(cfg['rows'])}")
     command = "python benchmarks/kd_gain.py " + shlex.join(sys.argv[1:])
@@ -418,6 +417,7 @@ def main() -> None:
     # Train (once) only the teachers the requested rows distill from; the others are read if finished.
     needed = set() if args.summarize else {t for row in rows for t in teachers_of(cfg["rows"][row])}
     recorded = json.loads((RESULTS / "accuracy.json").read_text())["records"] if (RESULTS / "accuracy.json").is_file() else []
+    read_back: set[str] = set()  # teachers whose record is read from accuracy.json: not added to it again
     for name, recipe_path in cfg["teachers"].items():
         out = REPO / "runs" / "bench" / args.set_name / name
         if name in needed:
@@ -428,29 +428,35 @@ def main() -> None:
         if tm is not None:
             teachers[name] = {**accuracy_record(tm, teacher_command), "run": name}
         elif r := next((r for r in recorded if r.get("command") == teacher_command and r.get("split") == "test"), None):
-            teachers[name] = {**r, "run": name}  # trained by this command before; its folder is gone (as finished_row)
+            teachers[name] = {**r, "run": name}  # its folder is gone (as finished_row)
+            read_back.add(name)
     new = [r for row in rows for seed in args.seeds
            if (r := finished_row(args.set_name, row, seed) if args.summarize
                else train_row(args.set_name, row, seed, args.reuse)) is not None]
+    if args.summarize and not any(finished_row(args.set_name, row, seed, recorded) for row in rows for seed in args.seeds):
+        raise SystemExit(f"error: no run of rows {rows} for seeds {args.seeds} (trained, or recorded in accuracy.json): "
+                         "nothing to summarize, nothing written")
     drop = ("row", "set", "run")
     ledger = merge_records(RESULTS / "accuracy.json", [{k: v for k, v in r.items() if k not in drop}
-                                                       for r in [*new, *teachers.values()]], "accuracy", command,
-                           key=LEDGER_KEY)
-    # Every run of the set's rows (also those not trained in this call; recorded ones whose folder is gone), for
-    # the summary.
-    records = [r for row in cfg["rows"] for seed in args.seeds
-               if (r := finished_row(args.set_name, row, seed, ledger))]
+                                                       for r in [*new, *(t for n, t in teachers.items()
+                                                                         if n not in read_back)]],
+                           "accuracy", command, key=ACCURACY_KEY)
     path = RESULTS / f"distill_{args.set_name}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
+    # Every run of the set's rows for these seeds and those the summary held (a call for one row or seed had replaced
+    # the 3-seed summary by its own), also runs not trained in this call and recorded ones whose folder is gone.
+    seeds = sorted({*args.seeds, *old.get("seeds", [])})
+    records = [r for row in cfg["rows"] for seed in seeds if (r := finished_row(args.set_name, row, seed, ledger))]
     summary = summarize(args.set_name, records, teachers)
     doc = results_doc("kd_gain", command, summary.pop("records"), set=args.set_name,
-                      commands=sorted({*old.get("commands", []), command}), seeds=args.seeds,
+                      commands=sorted({*old.get("commands", []), command}), seeds=sorted({r["seed"] for r in records}),
                       notes=sorted({*old.get("notes", []), *([args.note] if args.note else [])}), **summary)
     doc["repeat"] = repeat(args.set_name, args.repeat, args.seeds[0]) if args.repeat else old.get("repeat")
     doc["ceiling"] = ceiling(args.set_name, args.ceiling, args.seeds) if args.ceiling else old.get("ceiling")
     write_json(path, doc)
     results_md = REPO / "benchmarks" / "RESULTS.md"
     write_text(results_md, replace_section(results_md.read_text(), markdown(args.set_name, doc), *markers(args.set_name)))
+    refresh_results_md()
     for s in doc["records"]:
         g = s.get("gain_pts")
         print(f"{s['row']:14s} acc {s['acc']['mean']:.4f}±{s['acc']['std']:.4f} auc {s['auc']['mean']:.4f}±"
@@ -461,4 +467,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -43,12 +43,24 @@ def test_a_conforming_document_passes():
     (lambda d: d["records"][0].update(machine="2-core"), "records.0.machine"),
     (lambda d: d.update(runtime={"m": {"machine": {"cpu": "x"}}}), ".runtime.m.machine"),
     (lambda d: d.update(summary={"started": "2026-11-23T15:11:51"}), ".summary.started"),
+    (lambda d: d["records"][0].update(acc="high"), "records.0.acc"),
+    # a ledger's record names its own command, date and machine (a record without them had passed)
+    (lambda d: d.update(benchmark="accuracy"), "records[0]: an accuracy ledger record needs its own command"),
+    (lambda d: d.update(benchmark="zoo", records=[{"command": "x", "date": "2026-12-02T10:00:00+00:00"}]),
+     "needs its own bench_machine"),
 ])
 def test_schema_names_what_is_wrong(break_it, expected):
     doc = copy.deepcopy(GOOD)
     break_it(doc)
     found = schema.problems(doc)
     assert found and any(expected in p for p in found), found
+
+
+def test_schema_checker_reports_a_file_it_cannot_read_as_a_problem(tmp_path, capsys):
+    (tmp_path / "cut.json").write_text('{"benchmark": ')
+    assert schema.main([str(tmp_path / "cut.json"), str(tmp_path / "gone.json")]) == 1
+    out = capsys.readouterr().out
+    assert "cut.json: not JSON: " in out and "gone.json: cannot read it" in out and "2 files, 2 problems" in out
 
 
 def test_results_md_figures_regenerate_from_the_json():
@@ -118,10 +130,15 @@ def test_kd_gain_summarizes_a_recorded_row_whose_run_is_gone_and_keeps_rows_of_o
         return {"dataset": "pneumoniamnist", "split": "test", "model": "edgekd_cnn_small", "role": "student_scratch",
                 "name": "pneumonia-student-scratch-28", "seed": seed, "acc": acc, "command": cmd}
 
-    common.merge_records(ledger, [rec("scratch", 0, 0.92)], "accuracy", "a")
-    records = common.merge_records(ledger, [rec("scratch_long", 0, 0.94)], "accuracy", "b",
-                                   key=kd_gain.LEDGER_KEY)
+    # whichever script merges last (distill.py keyed by recipe name and seed had dropped kd_gain's scratch_long)
+    common.merge_records(ledger, [rec("scratch_long", 0, 0.94)], "accuracy", "a", key=common.ACCURACY_KEY)
+    records = common.merge_records(ledger, [rec("scratch", 0, 0.92)], "accuracy", "b", key=common.ACCURACY_KEY)
     assert sorted(r["acc"] for r in records) == [0.92, 0.94]
+    again = common.merge_records(ledger, [rec("scratch", 0, 0.93)], "accuracy", "c", key=common.ACCURACY_KEY)
+    assert sorted(r["acc"] for r in again) == [0.93, 0.94]  # the same run again: its record replaced
+    before = ledger.read_bytes()
+    assert common.merge_records(ledger, [], "accuracy", "d", key=common.ACCURACY_KEY) == again
+    assert ledger.read_bytes() == before  # nothing new: the header still names the command that added records
     found = kd_gain.finished_row("pneumonia", "scratch", 0, records)
     assert found["acc"] == 0.92 and found["row"] == "scratch"
     assert kd_gain.finished_row("pneumonia", "scratch", 1, records) is None
@@ -198,3 +215,52 @@ def test_the_machine_record_says_its_simd_kind():
     assert machine_line({**base, "simd": None}) == machine_line(base)  # not read (another arch): nothing said
     here = machine()
     assert isinstance(here["simd"], list) and schema.Machine.model_validate(here).simd == here["simd"]
+
+
+def test_summaries_read_the_seed_only_runs_of_a_recipe_one_per_seed():
+    """distill.py and distill_terms.py matched records by recipe name (or a command prefix): kd_gain's 30-epoch runs
+    of the same recipe were averaged in as more seeds ([0, 0, 1, 1, 2, 2])."""
+    import common
+
+    def rec(out, seed, acc, date, extra=""):
+        return {"dataset": "pneumoniamnist", "split": "test", "seed": seed, "acc": acc, "date": date,
+                "command": f"edgekd train recipes/p/scratch.yaml{extra} --set seed={seed} --out runs/bench/p/{out}"}
+
+    records = [rec("scratch-s0", 0, 0.90, "2026-12-02T09:00:00+00:00"),
+               rec("student_scratch-s0", 0, 0.91, "2026-12-03T09:00:00+00:00"),  # the same run, later: it counts
+               rec("scratch_long-s0", 0, 0.95, "2026-12-06T09:00:00+00:00", " --set train.epochs=30"),
+               rec("scratch-s1", 1, 0.92, "2026-12-02T09:00:00+00:00"),
+               {**rec("scratch-s2", 2, 0.5, "2026-12-02T09:00:00+00:00"), "split": "val"},
+               {**rec("x-s0", 0, 0.5, "2026-12-02T09:00:00+00:00"), "command": "edgekd train recipes/p/scratch.yaml "
+                                                                                 "--out runs/x"}]  # seed 0 by default
+    found = common.plain_runs(records, "recipes/p/scratch.yaml", dataset="pneumoniamnist")
+    assert [(r["seed"], r["acc"]) for r in found] == [(0, 0.91), (1, 0.92)]
+    assert common.plain_runs(records, "recipes/p/scratch.yaml", dataset="retinamnist") == []
+    assert common.plain_runs(records, "recipes/p/scratch", dataset="pneumoniamnist") == []  # the whole path only
+
+
+@pytest.mark.parametrize("raise_it, expected", [
+    ("edgekd", "error: runs/x/best.pt: checkpoint not found"),
+    ("script", "error: nothing to summarize, nothing written"),
+    ("subprocess", "error: `edgekd export x` failed (exit 2); its message is above"),
+])
+def test_a_benchmark_scripts_error_is_one_line_and_exit_2(raise_it, expected, capsys):
+    import subprocess
+
+    import common
+
+    from edgekd.errors import EdgeKDError
+
+    def main():
+        if raise_it == "edgekd":
+            raise EdgeKDError("runs/x/best.pt: checkpoint not found")
+        if raise_it == "script":
+            raise SystemExit("error: nothing to summarize, nothing written")
+        raise subprocess.CalledProcessError(2, ["edgekd", "export", "x"])
+
+    with pytest.raises(SystemExit) as exited:
+        common.run_main(main)
+    assert exited.value.code == 2 and capsys.readouterr().err == expected + "\n"
+    with pytest.raises(SystemExit) as exited:
+        common.run_main(lambda: 1)  # a script's own exit code goes through
+    assert exited.value.code == 1
