@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import REPO, RESULTS, machine_line, results_doc, run_or_reuse, write_section  # noqa: E402
+from common import REPO, RESULTS, machine_line, results_doc, run_main, run_or_reuse, write_section  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -132,6 +132,8 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs and bundles")
     ap.add_argument("--target", type=float, default=0.95, help="validation sensitivity the threshold must reach")
     args = ap.parse_args()
+    if not 0 < args.target <= 1:
+        ap.error(f"--target {args.target}: a sensitivity in (0, 1]")
     command = shlex.join(["python", "benchmarks/calibration.py", *sys.argv[1:]])
     records = []
     for role, (recipe, out) in RUNS.items():
@@ -149,4 +151,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import machine as common_machine, results_doc  # noqa: E402
+from common import machine as common_machine, results_doc, run_main  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 from edgekd.pipeline import run_recipe  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
@@ -325,11 +325,16 @@ def main() -> None:
                     help="Fewer seeds for a slow student, e.g. mobilenetv3=0 (a subset of --seeds).")
     args = ap.parse_args()
     pair = PAIRS[args.pair]
-    student_seeds = {k: tuple(int(v) for v in vs.split(",")) for k, vs in (a.split("=", 1) for a in args.student_seeds)}
     students = tuple(args.students or pair.students)
     unknown = set(students) - set(pair.students)
     if unknown:
-        raise SystemExit(f"--students: {sorted(unknown)} not among {sorted(pair.students)} for {pair.name}")
+        ap.error(f"--students: {sorted(unknown)} not among {sorted(pair.students)} for {pair.name}")
+    student_seeds = {}
+    for item in args.student_seeds:
+        name, _, seeds = item.partition("=")
+        if name not in students or not all(s.strip().isdigit() for s in seeds.split(",")):
+            ap.error(f"--student-seeds {item}: give STUDENT=S,S with a student of {list(students)} and integer seeds")
+        student_seeds[name] = tuple(int(s) for s in seeds.split(","))
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     info = machine()
     records = []
@@ -359,4 +364,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import machine, results_doc  # noqa: E402
+from common import existing_path, machine, results_doc, run_main  # noqa: E402
 
 from edgekd.export import ParityGateError, export_checkpoint, load_profile, with_overrides  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
@@ -73,7 +73,8 @@ def acceptance(records: list[dict]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", action="append", type=Path, required=True)
+    parser.add_argument("--checkpoint", action="append", type=existing_path, required=True,
+                        help="a checkpoint to export (repeat for more)")
     parser.add_argument("--profile", type=Path, default="cpu-all")
     parser.add_argument("--bundles", type=Path, default=REPO / "runs" / "bench" / "export" / "bundles")
     parser.add_argument("--parity-images", type=int, default=64)
@@ -125,4 +126,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

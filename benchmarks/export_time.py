@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, machine_line, now, results_doc, write_section  # noqa: E402  (sets sys.path)
+from common import REPO, RESULTS, machine_line, now, results_doc, run_main, write_section  # noqa: E402
 from zoo import COMMON, EDGEKD, GOALS, ZOO, pick, ratio, sets  # noqa: E402
 
 from edgekd.bench.hardware import INT8_DOT_PRODUCT, cpu_info  # noqa: E402
@@ -195,4 +195,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import timm
 import torch
-from common import RESULTS, machine_line, results_doc, write_section  # noqa: E402  (sets sys.path)
+from common import RESULTS, machine_line, results_doc, run_main, write_section  # noqa: E402
 
 from edgekd.bench.worker import onnx_session, openvino_request  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
@@ -114,4 +114,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

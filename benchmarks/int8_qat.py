@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from common import REPO, now  # noqa: E402  (sets sys.path)
+from common import REPO, existing_path, now, run_main  # noqa: E402
 
 from edgekd.export import export_inputs  # noqa: E402
 from edgekd.export.parity import torch_logits  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
     import nncf
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("checkpoint", type=existing_path, help="a trained checkpoint (best.pt)")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "int8_qat")
@@ -160,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, now  # noqa: E402  (sets sys.path)
+from common import REPO, existing_path, now, run_main  # noqa: E402
 
 from edgekd.errors import EdgeKDError  # noqa: E402
 from edgekd.export import export_checkpoint, profile_from_dict  # noqa: E402
@@ -62,7 +62,7 @@ def run_row(checkpoint: Path, keys: dict, scratch: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("checkpoint", type=existing_path, help="a trained checkpoint (best.pt)")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "int8_settings")
     args = ap.parse_args()
@@ -82,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from common import machine, machine_line, now  # noqa: E402  (sets sys.path)
+from common import existing_path, machine, machine_line, now, run_main  # noqa: E402
 
 from edgekd.bench.hardware import cpu_info  # noqa: E402
 
@@ -71,7 +71,7 @@ def p50_ms(compiled, x: np.ndarray, calls: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("xml", help="an OpenVINO FP32 IR (a bundle's openvino/model_fp32.xml)")
+    parser.add_argument("xml", type=existing_path, help="an OpenVINO FP32 IR (a bundle's openvino/model_fp32.xml)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib", type=int, default=32, help="random calibration inputs")
     parser.add_argument("--phases", type=int, default=5, help="alternating FP32/INT8 blocks per variant")
@@ -104,4 +104,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from common import REPO, RESULTS, machine, merge_records, now, replace_section
+from common import REPO, RESULTS, machine, merge_records, now, replace_section, run_main
 
 from edgekd.bench.report import records_markdown
 from edgekd.bench.run import VARIANTS, BenchConfig, Timing, run_bench
@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=RUNS / "teacher" / "best.pt")
     ap.add_argument("--student", type=Path, default=RUNS / "student-s0" / "best.pt")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--batches", default="1,8,32", help="batch sizes, comma-separated")
     ap.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per measurement")
     ap.add_argument("--min-runs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
@@ -213,6 +213,8 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a line added to the RESULTS.md section (e.g. which student)")
     ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
     args = ap.parse_args()
+    if not all(b.strip().isdigit() and int(b) > 0 for b in args.batches.split(",")):
+        ap.error(f"--batches {args.batches}: comma-separated batch sizes >= 1, e.g. 1,8,32")
     for name in ("teacher", "student", "out", "results", "results_md"):
         setattr(args, name, getattr(args, name).resolve())
     os.chdir(REPO)  # checkpoints' recipes name their data relative to the repository
@@ -268,4 +270,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

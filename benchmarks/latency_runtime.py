@@ -32,7 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import RESULTS, machine as common_machine, machine_line, replace_section, results_doc  # noqa: E402
+from common import (RESULTS, existing_path, machine as common_machine, machine_line, replace_section,  # noqa: E402
+                    results_doc, run_main)
 from edgekd.bench.hardware import OtherCPU  # noqa: E402
 from edgekd.fileio import write_json, write_text  # noqa: E402
 from edgekd.runtime import Runner, TTAViews, open_bundle  # noqa: E402
@@ -239,8 +240,8 @@ def section(doc: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--checkpoint", type=Path, help="the checkpoint the bundle was exported from (PyTorch baseline)")
+    ap.add_argument("bundle", type=existing_path, help="an exported bundle (folder)")
+    ap.add_argument("--checkpoint", type=existing_path, help="the checkpoint the bundle was exported from (PyTorch baseline)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=800, help="timed calls per callable, over all phases")
     ap.add_argument("--phases", type=int, default=8, help="alternating phases (one block per callable in each)")
@@ -384,4 +385,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,7 +22,7 @@ import numpy as np
 import openvino as ov
 import timm
 import torch
-from common import RESULTS, results_doc
+from common import RESULTS, results_doc, run_main
 
 from edgekd.fileio import write_json
 from edgekd.models.factory import count_macs
@@ -125,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import REPO, RESULTS, machine_line, replace_section, results_doc
+from common import REPO, RESULTS, existing_path, machine_line, replace_section, results_doc, run_main
 
 from edgekd.bench.pareto import pareto_markdown, pareto_points, plot_pareto, point_label
 from edgekd.errors import EdgeKDError
@@ -45,7 +45,8 @@ def section(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--latency", default=str(RESULTS / "latency.json"))
+    ap.add_argument("--latency", type=existing_path, default=str(RESULTS / "latency.json"),
+                    help="the latency ledger to read (benchmarks/latency.py writes it)")
     ap.add_argument("--variant", default=None, help="keep one variant (e.g. runner: edgekd runtime end to end)")
     args = ap.parse_args()
     data = json.loads(open(args.latency).read())
@@ -71,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,9 +15,8 @@ import json
 import statistics
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-from common import METRICS, REPO, RESULTS, machine_line, replace_section  # noqa: E402  (sets sys.path)
+from common import METRICS, REPO, RESULTS, existing_path, machine_line, replace_section, run_main  # noqa: E402
 
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 
@@ -223,7 +222,7 @@ def render(text: str) -> tuple[str, list[str]]:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a section differs from its JSON")
-    ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
+    ap.add_argument("--results-md", type=existing_path, default=str(RESULTS_MD), help="the RESULTS.md to render or check")
     args = ap.parse_args(argv)
     text, changed = render(args.results_md.read_text())
     if args.check:
@@ -238,4 +237,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    run_main(lambda: main(sys.argv[1:]))

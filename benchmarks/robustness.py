@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO, RESULTS, machine_line, replace_section, results_doc
+from common import REPO, RESULTS, existing_path, machine_line, positive_int, replace_section, results_doc, run_main
 
 from edgekd.fileio import atomic_write, write_json
 from edgekd.robustness.evaluate import CLEAN, corruption_markdown, run_corruption_eval
@@ -93,10 +93,11 @@ def section(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", type=Path, default=RUNS / "teacher" / "best.pt")
-    ap.add_argument("--student", type=Path, default=RUNS / "student-s0" / "best.pt")
+    ap.add_argument("--teacher", type=existing_path, default=str(RUNS / "teacher" / "best.pt"), help="teacher checkpoint")
+    ap.add_argument("--student", type=existing_path, default=str(RUNS / "student-s0" / "best.pt"),
+                    help="student checkpoint (exported to every format)")
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--limit", type=int, default=None, help="a fixed random subset of N test images")
+    ap.add_argument("--limit", type=positive_int, default=None, help="a fixed random subset of N test images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reuse-bundle", action="store_true", help="keep an existing exported bundle")
@@ -124,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

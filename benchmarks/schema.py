@@ -4,9 +4,10 @@
 
 A results file is an object with the `benchmark` it belongs to, the `command` that wrote it, the UTC `date` it was
 written, the `machine` it ran on and its `records`. A record names its own `command` / `date` / `machine` when the
-file is a ledger that several commands add to (accuracy.json, latency.json, zoo.json); otherwise the file's apply.
-Other keys (summaries, goals, settings) are free, but any machine dict and any `date`/`started`/`finished` they hold
-follow the same rules.
+file is a ledger that several commands add to (accuracy.json, latency.json, zoo.json: its `bench_machine`, edgekd
+bench's record of the machine); otherwise the file's apply. A record's metrics (acc, auc, ...) are numbers, null, or
+a summary dict (mean, std). Other keys (summaries, goals, settings) are free, but any machine dict and any
+`date`/`started`/`finished` they hold follow the same rules.
 """
 
 from __future__ import annotations
@@ -42,13 +43,36 @@ class Machine(BaseModel):
     from records before 2026-12-06."""
 
 
+Metric = float | dict[str, Any] | None  # a run's figure, or a summary's {mean, std}
+
+
 class Record(BaseModel):
     model_config = ConfigDict(extra="allow")
     command: str | None = None
     date: AwareDatetime | None = None
     machine: Machine | None = None
+    acc: Metric = None
+    auc: Metric = None
+    f1: Metric = None
+    sensitivity: Metric = None
+    specificity: Metric = None
+    balanced_acc: Metric = None
 
     _utc_date = field_validator("date")(lambda cls, v: v if v is None else _utc(v))
+
+
+LEDGERS = {"accuracy": "machine", "latency": "machine", "zoo": "bench_machine"}
+"""Files that several commands add to: benchmark -> the key of each record's machine."""
+
+
+def _ledger_problems(doc: dict) -> list[str]:
+    """Each record of a ledger says which command made it, when, and on what machine."""
+    machine_key = LEDGERS.get(doc.get("benchmark"))
+    if machine_key is None:
+        return []
+    name = doc["benchmark"]
+    return [f"records[{i}]: {'an' if name[0] in 'aeiou' else 'a'} {name} ledger record needs its own {key}"
+            for i, r in enumerate(doc["records"]) for key in ("command", "date", machine_key) if not r.get(key)]
 
 
 class ResultsFile(BaseModel):
@@ -94,14 +118,29 @@ def problems(doc: Any) -> list[str]:
         ResultsFile.model_validate(doc)
     except ValidationError as err:
         return [f"{'.'.join(map(str, e['loc'])) or '<file>'}: {e['msg']}" for e in err.errors()]
-    return _nested_problems(doc, "")
+    return _ledger_problems(doc) + _nested_problems(doc, "")
+
+
+def file_problems(path: Path) -> list[str]:
+    """problems() of a file, or why it could not be read as JSON."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        return [f"cannot read it: {getattr(err, 'strerror', None) or err}"]
+    except json.JSONDecodeError as err:
+        return [f"not JSON: {err}"]
+    return problems(doc)
 
 
 def main(argv: list[str]) -> int:
-    paths = [Path(a) for a in argv] or sorted(RESULTS.glob("*.json"))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="*", type=Path, help="results files (default: every benchmarks/results/*.json)")
+    paths = ap.parse_args(argv).files or sorted(RESULTS.glob("*.json"))
     bad = 0
     for path in paths:
-        for p in problems(json.loads(path.read_text())):
+        for p in file_problems(path):
             print(f"{path.name}: {p}")
             bad += 1
     print(f"{len(paths)} files, {bad} problems")

@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, finished_run, machine_line, now, replace_section, results_doc  # noqa: E402  (sets sys.path)
+from common import (REPO, RESULTS, finished_run, machine_line, now, positive_int, replace_section, results_doc,
+                    run_main)  # noqa: E402
 
 from edgekd.fileio import write_json, write_text  # noqa: E402
 from edgekd.metrics import largest_class_share  # noqa: E402
@@ -245,9 +246,10 @@ def markdown(doc: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=list(ZOO), choices=list(ZOO))
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=positive_int, default=3, help="training epochs per architecture")
     parser.add_argument("--limit", type=int, default=None, help="data.limit: at most N images per split")
-    parser.add_argument("--eval-limit", type=int, default=400)
+    parser.add_argument("--eval-limit", type=positive_int, default=400,
+                        help="bench --eval-limit: a stratified, seeded subset of N test images")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "zoo")
     parser.add_argument("--reuse", action="store_true", help="reuse finished train/export steps in --runs")
     parser.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from zoo.json")
@@ -282,4 +284,4 @@ def write_section(doc: dict) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)
