@@ -493,3 +493,27 @@ def test_an_update_whose_first_task_reads_other_data_says_so(world, tmp_path):
     assert note.startswith("the first task 'A' reads medmnist ") and "elsewhere.npz, not the data the deployed" in note
     card = "\n".join(_lineage_section({"lineage": {"parent_checkpoint": "p.pt", "data_note": note}, "metrics": {}}))
     assert f"Note: {note}." in card
+
+
+def test_bench_times_a_continual_model_and_refuses_to_score_it_as_one_softmax(world, tmp_path):
+    """bench of a multi-head bundle with --data: the runner row failed ('TaskPredictions' object has no attribute
+    'probs') and the bare rows scored one softmax over every head; a continual checkpoint was scored on its first
+    data section ("has 5 classes, the student model 7")."""
+    from edgekd.bench.run import BenchConfig, Timing, run_bench
+
+    quick = Timing(warmup=0, min_runs=2, min_seconds=0)
+    done = run_bench(BenchConfig(world["bundle"], tmp_path / "b", formats="torch,onnx", precisions="fp32",
+                                 batches="1", gemm=False, timing=quick, checkpoint=world["cl"].best_path,
+                                 variants={"torch": ("eager",), "onnx": ("bare", "runner")}), log=lambda *_: None)
+    assert [r["status"] for r in done.records] == ["ok", "ok", "ok"]
+    assert all(r.get("acc") is None for r in done.records)
+    notes = json.dumps(json.loads((tmp_path / "b" / "bench.json").read_text()))
+    assert "a continual-learning model (one head per task): timed on random images" in notes
+    folder = tmp_path / "labelled"
+    for name in ("A:class_0", "A:class_1"):
+        (folder / name).mkdir(parents=True)
+    with pytest.raises(EdgeKDError, match=r"^--data: the student is a continual-learning model \(one head per task\), "
+                                          r"scored per task by `edgekd eval`"):
+        run_bench(BenchConfig(world["bundle"], tmp_path / "refused", formats="onnx", precisions="fp32", batches="1",
+                              gemm=False, timing=quick, data_folder=folder), log=lambda *_: None)
+    assert not (tmp_path / "refused").exists()

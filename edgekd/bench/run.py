@@ -79,6 +79,9 @@ class Subject:
     weights_mb: float | None = None
     """The torch row's size: its state_dict's tensors (the checkpoint file also holds the recipe, metrics and, in a
     last.pt, the optimizer's state)."""
+    continual: str | None = None
+    """A continual-learning model ("one head per task" or "one head over every task's classes"), None otherwise: its
+    accuracy is scored per task (`edgekd eval`, continual.json), not by bench's one softmax over one dataset."""
     images: Path | None = None
     labels: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
@@ -233,6 +236,7 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
         subject = Subject(role=role or meta.get("role") or "model", name=meta.get("name") or source.name,
                           preprocess=bundle.preprocess, class_names=bundle.class_names, checkpoint=checkpoint,
                           params=meta.get("params"))
+        subject.continual = continual_kind((bundle.meta.get("continual") or {}).get("head"))
         _add_bundle_artifacts(subject, source)
         for pair in wanted:
             if pair not in subject.artifacts:
@@ -245,7 +249,8 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
         ckpt = load_checkpoint(source)
         checkpoint = source
         subject = Subject(role=role or ckpt.get("role") or "model", name=ckpt["arch"]["name"],
-                          preprocess=ckpt["preprocess"], class_names=list(ckpt["class_names"]), checkpoint=source)
+                          preprocess=ckpt["preprocess"], class_names=list(ckpt["class_names"]), checkpoint=source,
+                          continual=continual_kind((ckpt.get("continual") or {}).get("head")))
         from edgekd.export import FORMATS as EXPORT_FORMATS
 
         pairs = [(f, p) for f, p in wanted if p in EXPORT_FORMATS[f].precisions]
@@ -276,6 +281,13 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
     else:
         subject.notes.append("no checkpoint: no torch rows and no MACs (so no GEMM-peak fraction); pass --checkpoint")
     return subject
+
+
+def continual_kind(head: str | None) -> str | None:
+    """How a continual model's outputs are laid out (its checkpoint's or bundle's `continual.head`), None for none."""
+    if head is None:
+        return None
+    return "one head per task" if head == "multi" else "one head over every task's classes"
 
 
 EVAL_SEED = 0
@@ -522,6 +534,15 @@ def _subjects(cfg: BenchConfig, work: Path, log: Callable[[str], None]) -> list[
         if subjects[0].role == "teacher":
             subjects[0].role = "student"  # two "teacher" subjects would be indistinguishable in the records
     for s in subjects:
+        if s.continual:  # its test data is every task's, scored per task: bench times it only
+            if cfg.data_folder is not None or cfg.data_recipe is not None:
+                raise EdgeKDError(f"--data: the {s.role} is a continual-learning model ({s.continual}), scored per task "
+                                  "by `edgekd eval` (and continual.json), not as one softmax over one dataset: bench "
+                                  "it without --data (timed on random images)")
+            attach_synthetic_images(s, work, max(cfg.batches))
+            s.notes[-1] = (f"a continual-learning model ({s.continual}): timed on random images, no accuracy here; "
+                           "`edgekd eval` scores it per task")
+            continue
         if cfg.data_folder is not None:
             attach_folder_images(s, Path(cfg.data_folder), work, cfg.eval_limit, log)
             continue
