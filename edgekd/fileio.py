@@ -372,6 +372,48 @@ class FolderInUseError(EdgeKDError):
 
 
 @contextlib.contextmanager
+def held_output(path: str | Path, what: str):
+    """Hold an exclusive lock on an output that is replaced whole (a bundle folder renamed into place, so not a
+    folder to lock itself) for the block: a second edgekd process writing the same output is refused in one line
+    (two `edgekd update --out B` at once had both said "wrote B"). The lock is flock on a hidden
+    `.<name>.edgekd-lock` beside it, removed at the end (one a killed process left is taken over). Where flock is
+    missing (Windows) or the folder is not writable (the writer's own error says so) nothing is locked."""
+    path = Path(path)
+    lock = path.parent / f".{path.name}.edgekd-lock"
+    fd = None
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while fd is None:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FolderInUseError(f"{path}: another edgekd {what} is writing it now; wait for it to end or give "
+                                       "another --out") from None
+            try:  # its last holder may have removed the file between our open and flock: lock the one there now
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                fd = None
+    except (ImportError, OSError):  # no flock, or a folder we cannot write (nor lock)
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            os.close(fd)
+
+
+@contextlib.contextmanager
 def held_folder(folder: str | Path, what: str):
     """Hold an exclusive lock on `folder` (made if missing) for the block: a second edgekd process writing into it
     is refused in one line (two trainings into one --out had both exited 0, the first reporting files the second

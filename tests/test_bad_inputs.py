@@ -1293,3 +1293,26 @@ def test_format_and_precision_names_are_read_in_any_case(trained, tmp_path):
 
     assert parse_list("FP32,Int8", ("fp32", "fp16", "int8"), "--precision") == ["fp32", "int8"]
     assert [(f.name, p) for f, p in export_plan(["ONNX"], ["FP32"])] == [("onnx", "fp32")]
+
+
+def test_a_second_export_into_a_bundle_being_written_is_refused(trained, tmp_path, capsys):
+    """Two `edgekd update --out B` at once both said "wrote B"; the bundle held the one that finished last."""
+    import subprocess
+    import sys
+
+    from edgekd.fileio import held_output
+
+    out = tmp_path / "bundle"
+    with held_output(out, "export"):
+        assert_refused(invoke(capsys, "export", trained["ckpt"], "--format", "onnx", "--precision", "fp32",
+                              "--out", out), f"{out}: another edgekd export is writing it now")
+        probe = ("import sys; from edgekd.fileio import held_output\n"
+                 "try:\n    with held_output(sys.argv[1], 'update'): print('got it')\n"
+                 "except Exception as e: print(e)")
+        other = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, check=True)
+        assert "another edgekd update is writing it now" in other.stdout  # another process is refused as well
+    assert list(tmp_path.iterdir()) == []  # nothing written; the lock file is gone with the lock
+    (tmp_path / ".bundle.edgekd-lock").write_text("")  # one a killed process left: taken over
+    with held_output(out, "export"):
+        pass
+    assert list(tmp_path.iterdir()) == []

@@ -577,3 +577,16 @@ def test_a_request_cancelled_by_the_shutdown_gets_a_json_503():
     active, sent = asyncio.run(go())
     assert active == 0 and sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["error"].startswith("the service shut down before this request was answered")
+
+
+def test_metadata_names_a_parent_weights_file_without_its_path():
+    """An updated bundle's /metadata gave init_weights.file, the parent checkpoint's absolute path on the training
+    machine (the README says it stays private, as checkpoint_path does)."""
+    from edgekd.serve.app import public_model
+
+    model = {"name": "edgekd_cnn", "checkpoint_path": "/home/me/runs/cl/model.pt",
+             "init_weights": {"file": "/home/me/runs/student/best.pt", "sha256": "ab" * 32}}
+    assert public_model(model) == {"name": "edgekd_cnn", "init_weights": {"file": "best.pt", "sha256": "ab" * 32}}
+    assert public_model({"init_weights": {"file": "C:\\Users\\me\\best.pt"}})["init_weights"]["file"] == "best.pt"
+    hub = {"init_weights": {"hub": "timm/resnet18.a1_in1k", "revision": "abc", "sha256": "cd" * 32}}
+    assert public_model(hub) == hub and model["init_weights"]["file"].startswith("/home")  # the bundle's own is kept

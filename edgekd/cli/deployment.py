@@ -13,6 +13,7 @@ from rich.markup import escape
 from edgekd.cli.console import BUNDLE_PRECISION_HELP, STATE, console, out_console, progress_bar, with_progress
 from edgekd.cli.tables import predictions_table, task_predictions_table, continual_table, parity_table
 from edgekd.errors import EdgeKDError, error_line, printable
+from edgekd.fileio import held_output
 from edgekd.options import given_list
 
 
@@ -68,9 +69,10 @@ def export(
         if given and not applies:  # ignored without a word before
             console.print(f"[yellow]warning:[/] {option} applies to {to}, which this export does not build: ignored")
     out = out or checkpoint.parent / "bundle"
-    result = with_progress(lambda log, bar: export_checkpoint(
-        checkpoint, out, formats, precisions, profile, zip_, set_, log=log,
-        allow_forgetting=allow_forgetting, progress=bar))
+    with held_output(out, "export"):  # a second export into it now is refused (each had said "wrote" it)
+        result = with_progress(lambda log, bar: export_checkpoint(
+            checkpoint, out, formats, precisions, profile, zip_, set_, log=log,
+            allow_forgetting=allow_forgetting, progress=bar))
     out_console.print(parity_table(str(checkpoint), result))
 
 
@@ -103,12 +105,14 @@ def update(
                             *(["--allow-forgetting"] if allow_forgetting else [])])
         STATE["on_interrupt"] = lambda: f"resume it: {again}" if folder.exists() else None
 
-    result = with_progress(lambda log, bar: update_bundle(source, recipe, out, set_, run_dir, profile, allow_forgetting,
-                                                         log=log, progress=bar, zip_bundle=zip_, resume=resume,
-                                                         on_run_dir=hint))
+    with held_output(out, "update"):  # a second update into it now is refused (both had said "wrote" it)
+        result = with_progress(lambda log, bar: update_bundle(source, recipe, out, set_, run_dir, profile,
+                                                             allow_forgetting, log=log, progress=bar, zip_bundle=zip_,
+                                                             resume=resume, on_run_dir=hint))
     out_console.print(continual_table(result.continual.summary["name"], result.continual))
     out_console.print(parity_table(str(result.continual.best_path), result.export))
-    console.print(f"wrote {out} (parent sha256 {result.lineage.get('parent_bundle_sha256') or '-'})")
+    parent = result.lineage.get("parent_bundle_sha256")
+    console.print(f"wrote {out} " + (f"(parent sha256 {parent})" if parent else "(from a checkpoint: no parent bundle)"))
 
 
 def predict(

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PureWindowsPath
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -251,14 +252,22 @@ def _add_routes(app: FastAPI, service: Service, auth) -> None:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def public_model(model: dict) -> dict:
+    """edgekd.json's model section without paths on the training machine: no checkpoint path, and a weights file
+    (`init_weights.file`, an updated bundle's parent checkpoint) by its file name; its sha256 identifies it."""
+    out = {k: v for k, v in model.items() if k != "checkpoint_path"}
+    init = out.get("init_weights")
+    if isinstance(init, dict) and init.get("file"):
+        out["init_weights"] = {**init, "file": PureWindowsPath(init["file"]).name}  # either separator
+    return out
+
+
 def _metadata(service: Service) -> dict:
     """The card's facts from edgekd.json, and how this service runs the model."""
     runner, meta = service.runner, service.runner.bundle.meta
     threshold, positive = runner.threshold, runner.positive
     return {
-        # not the checkpoint's absolute path on the training machine
-        "bundle_id": service.bundle_id, "model": {k: v for k, v in meta.get("model", {}).items()
-                                                  if k != "checkpoint_path"}, "class_names": runner.class_names,
+        "bundle_id": service.bundle_id, "model": public_model(meta.get("model", {})), "class_names": runner.class_names,
         "input": dict(meta["preprocess"]),
         "formats": [{"format": a.format, "precision": a.precision} for a in runner.bundle.artifacts],
         "operating_point": {"calibration": meta.get("calibration"),
