@@ -517,3 +517,21 @@ def test_bench_times_a_continual_model_and_refuses_to_score_it_as_one_softmax(wo
         run_bench(BenchConfig(world["bundle"], tmp_path / "refused", formats="onnx", precisions="fp32", batches="1",
                               gemm=False, timing=quick, data_folder=folder), log=lambda *_: None)
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_multi_head_models_top1_agreement_is_its_lowest_heads():
+    """The card and console showed the argmax over both heads' outputs (98.96%) beside the per-head gate's FAIL
+    (97.40%)."""
+    from edgekd.export.parity import head_parity, top1_agreement
+
+    ref = np.array([[5.0, 0.0, 0.0, 1.0, 0.0], [5.0, 0.0, 1.0, 0.0, 0.0],
+                    [0.0, 5.0, 0.0, 0.0, 1.0], [0.0, 5.0, 1.0, 0.0, 0.0]])
+    art = ref.copy()
+    art[0, 3:] = [0.0, 1.0]  # head B flips on row 0 and row 2: the argmax over all five outputs (head A's 5) agrees
+    art[2, 3:] = [1.0, 0.0]
+    heads = [("A", 0, 2), ("B", 2, 5)]
+    assert top1_agreement(art, ref) == 1.0  # over every output: all four agree
+    assert top1_agreement(art, ref, heads) == 0.5  # head B: 2 of 4
+    record, failures = head_parity(art, ref, heads, 0.98)
+    assert top1_agreement(art, ref, heads) == min(h["top1_agreement"] for h in record.values())
+    assert failures and failures[0].startswith("head 'B'")
