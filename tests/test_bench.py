@@ -483,3 +483,12 @@ def test_torch_rows_run_the_model_in_the_form_its_bundle_was_exported(tmp_path, 
         subject = Subject(role="student", name="s", preprocess={}, class_names=["a", "b"])
         bench_run._add_bundle_artifacts(subject, tmp_path)
         assert subject.fuse is expected
+
+
+def test_an_undefined_auc_is_a_dash_in_the_tables_not_nan():
+    """bench's warning says an undefined AUC is shown as '-'; the terminal table and bench.md printed 'nan'."""
+    from edgekd.bench.report import cell
+
+    assert cell({"auc": float("nan")}, "auc", "{:.4f}") == "-"
+    assert cell({"auc": 0.91234}, "auc", "{:.4f}") == "0.9123"
+    assert cell({"status": "error"}, "p50_ms", "{:.3f}") == "n/a"

@@ -49,7 +49,7 @@ def gemm_spread_note(gemm: dict) -> str:
 
 def cell(record: dict, key: str, fmt: str) -> str:
     value = record.get(key)
-    if value is None:
+    if value is None or value != value:  # NaN: an AUC with a class absent from the scored images, said as "-"
         return "n/a" if key == "p50_ms" and record.get("status") != "ok" else "-"
     if fmt == "params" or fmt == "macs":
         return f"{value / 1e6:.2f}"
