@@ -535,3 +535,17 @@ def test_a_multi_head_models_top1_agreement_is_its_lowest_heads():
     record, failures = head_parity(art, ref, heads, 0.98)
     assert top1_agreement(art, ref, heads) == min(h["top1_agreement"] for h in record.values())
     assert failures and failures[0].startswith("head 'B'")
+
+
+def test_serve_says_which_task_it_serves(world, monkeypatch):
+    from typer.testing import CliRunner
+
+    import edgekd.serve
+    from edgekd.cli import app
+
+    served = []
+    monkeypatch.setattr(edgekd.serve, "serve", lambda runner, settings: served.append(runner.task))
+    monkeypatch.setattr(edgekd.serve, "check_port_free", lambda host, port: None)
+    res = CliRunner().invoke(app, ["serve", str(world["bundle"]), "--task", "B", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert served == ["B"] and ", task B) at http://" in " ".join(res.output.split())
