@@ -114,6 +114,9 @@ def test_multi_head_bundle_records_tasks_and_passes_parity_per_head(world):
     assert meta["metrics"]["test"]["acc"] == pytest.approx(acc[-1].mean())  # the headline: their mean
     card = (world["bundle"] / "card.md").read_text()
     assert "## Continual learning" in card and "## Parity per head" in card and "No calibration" in card
+    # its limitation names its tasks' data ("one public data set" of a model of two data sets before)
+    assert "- Trained and tested on the data of its 2 tasks (A, B) in turn; performance on other sites" in card
+    assert "one public data set" not in card
 
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])

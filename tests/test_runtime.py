@@ -508,8 +508,12 @@ def test_zip_path_traversal_is_rejected(bundle, tmp_path, member):
 
 def test_not_a_bundle_is_an_error(tmp_path):
     (tmp_path / "x.txt").write_text("hello")
-    with pytest.raises(EdgeKDError, match="not a bundle"):
+    with pytest.raises(EdgeKDError, match=r"x.txt: not a bundle \(expected a directory or a .zip file\)$"):
         open_bundle(tmp_path / "x.txt")
+    (tmp_path / "notes.zip").write_text("hello")  # named .zip: said to be no zip, not "expected a .zip file"
+    with pytest.raises(EdgeKDError, match=r"notes.zip: not a zip file \(it does not start like one\): not a bundle$"):
+        open_bundle(tmp_path / "notes.zip")
+    (tmp_path / "notes.zip").unlink()
     with pytest.raises(EdgeKDError, match=r"not a bundle \(no edgekd.json or manifest.sha256 in it\)$"):
         open_bundle(tmp_path)  # it walked the folder first: any symlink below it was the error
     (tmp_path / "best.pt").write_bytes(b"")

@@ -28,7 +28,7 @@ from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_se
 from edgekd.export.formats import FORMATS, export_plan
 from edgekd.export.parity import (ParitySet, check_artifact, check_fusion, fp32_rounding, int8_speedup,
                                   parity_inputs, reference_report)
-from edgekd.export.profile import ExportProfile, load_profile, profile_digest
+from edgekd.export.profile import CardConfig, ExportProfile, load_profile, profile_digest
 from edgekd.export.runner_check import runner_check
 from edgekd.metrics import one_class_warning
 from edgekd.models import count_parameters, deploy_form
@@ -251,9 +251,22 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
                                     **({"formats": list(dict.fromkeys(f.name for f, _ in plan)),
                                         "precisions": list(dict.fromkeys(p for _, p in plan))} if plan else {})},
         **reference["clinical"],
-        "card": profile.card.model_dump(),
+        "card": card_settings(profile, ckpt),
         "training_data": {"class_counts": dict(zip(ckpt["class_names"], train_counts))},
     }
+
+
+def card_settings(profile: ExportProfile, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The profile's card text; a continual model's default limitation names its tasks' data (it said "one public
+    data set" of a model trained on retinal and chest images)."""
+    card = profile.card.model_dump()
+    tasks = [t["name"] for t in (ckpt.get("continual") or {}).get("tasks", [])]
+    default = CardConfig().limitations[0]
+    if len(tasks) > 1:
+        card["limitations"] = [f"Trained and tested on the data of its {len(tasks)} tasks ({', '.join(tasks)}) in "
+                               "turn; performance on other sites, scanners and populations is unknown."
+                               if line == default else line for line in card["limitations"]]
+    return card
 
 
 def calibration_images(data, profile: ExportProfile) -> np.ndarray:

@@ -244,6 +244,8 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     elif _starts_like_a_zip(source):
         raise EdgeKDError(f"{source}: a truncated or corrupt zip (its central directory is missing): copy the bundle "
                           "again")
+    elif source.suffix.lower() == ".zip":  # named .zip, but not a zip at all: "expected a .zip file" read oddly
+        raise EdgeKDError(f"{source}: not a zip file (it does not start like one): not a bundle")
     else:
         raise EdgeKDError(f"{source}: not a bundle (expected a directory or a .zip file)")
     if zip_digests is None and not (root / METADATA_FILE).exists() and not (root / MANIFEST_FILE).exists():
