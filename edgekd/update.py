@@ -73,11 +73,15 @@ def checkpoint_test_figures(checkpoint: Path) -> dict[str, Any] | None:
 
     if load_checkpoint(checkpoint).get("continual"):  # scored per task by `edgekd eval`, not one figure set
         return None
+    from edgekd.export.parity import REPORTED_METRICS
+
     try:
         with tempfile.TemporaryDirectory(prefix="edgekd-parent-") as tmp:  # its metrics.json and plots are not kept
-            return evaluate_checkpoint(checkpoint, tmp, log=lambda line: None)["test"]
+            test = evaluate_checkpoint(checkpoint, tmp, log=lambda line: None)["test"]
     except EdgeKDError:
         return None
+    # the keys a bundle records (it had been the whole eval record: intervals, confusion, calibration)
+    return {**{k: test[k] for k in REPORTED_METRICS if k in test}, "n": test.get("n")}
 
 
 def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, overrides: list[str] | None = None,

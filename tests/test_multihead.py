@@ -269,6 +269,7 @@ def test_update_from_a_checkpoint_records_it_as_the_parent(world, tmp_path):
     # its test figures, as its bundle recorded them at export (the card's parent row had been empty)
     exported = json.loads((world["parent"] / "edgekd.json").read_text())["metrics"]["test"]
     figures = lineage["parent_test_metrics"]
+    assert set(figures) == set(exported)  # the layout a bundle parent's has (it had been the whole eval record)
     assert figures["n"] == exported["n"] and figures["acc"] == pytest.approx(exported["acc"])
     assert figures["auc"] == pytest.approx(exported["auc"], abs=1e-6)
     out = tmp_path / "v2"
