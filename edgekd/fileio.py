@@ -296,9 +296,13 @@ def untrack_tree(path: str | Path | None) -> None:
 
 
 def remove_tracked_trees() -> None:
-    """Remove every tracked temp dir now (a stop signal's handler, before unwinding)."""
+    """Remove every tracked temp dir (or file: held_output's lock) now (a stop signal's handler, before unwinding)."""
     for path in list(TRACKED_TREES):
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
         TRACKED_TREES.discard(path)
 
 
@@ -404,12 +408,15 @@ def held_output(path: str | Path, what: str):
         if fd is not None:
             os.close(fd)
         fd = None
+    if fd is not None:
+        track_tree(lock)  # a stop signal's handler removes it too (the CLI ends without unwinding)
     try:
         yield
     finally:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.unlink(lock)
+            untrack_tree(lock)
             os.close(fd)
 
 

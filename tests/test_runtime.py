@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -1288,6 +1289,13 @@ def test_a_blank_image_is_answered_with_a_warning(bundle, tmp_path):
     assert "warning:" in proc.stderr and "black.png: blank image" in proc.stderr and "scan.png:" not in proc.stderr
     answers = {Path(p["file"]).name: p for p in json_.loads((tmp_path / "p.json").read_text())["predictions"]}
     assert answers["black.png"]["warning"] == BLANK_IMAGE and "warning" not in answers["scan.png"]
+    # ... and in a CSV (it had no column for it)
+    import csv
+
+    from edgekd.runtime.output import predictions_csv
+
+    rows = list(csv.DictReader(io.StringIO(predictions_csv([blank, real], runner.class_names))))
+    assert rows[0]["warning"] == BLANK_IMAGE and rows[1]["warning"] == "" and rows[0]["error"] == ""
 
 
 def test_a_signal_after_two_openvino_runners_were_destroyed_is_handled(bundle):

@@ -62,7 +62,8 @@ def spreadsheet_safe(text: str) -> str:
 def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], class_names: list[str],
                     tasks: list[tuple[str, list[str]]] | None = None,
                     shape: tuple[list[str], bool] | None = None) -> str:
-    """file, [task,] label, index, prob, p_<class>..., [<view>:p_<class>...], [uncalibrated:p_<class>...], error.
+    """file, [task,] label, index, prob, p_<class>..., [<view>:p_<class>...], [uncalibrated:p_<class>...], warning
+    (e.g. a blank image: the answer means nothing), error.
     A `task` column when the predictions are one task's of a multi-head bundle; with `tasks` (a multi-head
     bundle, no task chosen: TaskPredictions) one row per image and every task's columns side by side, each
     prefixed `<task>:`."""
@@ -72,7 +73,7 @@ def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], c
     layout = [(name, names, *_columns(preds, names, shape)) for name, names, preds in groups]
     with_task = not tasks and any(getattr(r, "task", None) is not None for r in done)
     header = ["file", *(["task"] if with_task else []),
-              *[f"{name}:{c}" if name else c for name, _, cols, _, _ in layout for c in cols], "error"]
+              *[f"{name}:{c}" if name else c for name, _, cols, _, _ in layout for c in cols], "warning", "error"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(map(spreadsheet_safe, header))
@@ -84,7 +85,8 @@ def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], c
         for name, names, _, views, raw in layout:
             cells = _cells(r.tasks[name] if name else r, len(names), views, raw)
             row += [spreadsheet_safe(cells[0]), *cells[1:]]  # the label: a class name
-        writer.writerow(row + [""])
+        warning = r.warning if isinstance(r, Prediction) else next(iter(r.tasks.values())).warning  # per image
+        writer.writerow(row + [warning or "", ""])
     return buf.getvalue()
 
 
