@@ -553,3 +553,34 @@ def test_serve_says_which_task_it_serves(world, monkeypatch):
     res = CliRunner().invoke(app, ["serve", str(world["bundle"]), "--task", "B", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert served == ["B"] and ", task B) at http://" in " ".join(res.output.split())
+
+
+def test_explain_takes_a_task_of_a_multi_head_model(world, tmp_path):
+    """explain refused every model with one head per task, one of a single task too, and had no --task."""
+    from PIL import Image
+
+    from edgekd.explain.gradcam import explain_files
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(image)
+    records = explain_files(world["cl"].best_path, [image], tmp_path / "cam", task="B", target="class_2")
+    (rec,) = records
+    from edgekd.explain.gradcam import checkpoint_pipeline
+    from edgekd.imageio import read_image
+
+    model, ckpt = model_from_checkpoint(world["cl"].best_path)
+    geometry, normalize = checkpoint_pipeline(ckpt)
+    x = normalize(geometry(torch.from_numpy(read_image(image).copy()).permute(2, 0, 1)))[None]
+    with torch.no_grad():
+        head_b = torch.softmax(model.eval()(x)[:, 2:5], 1)[0].numpy()  # task B's outputs [2, 5)
+    assert rec["probs"] == pytest.approx(head_b.tolist(), abs=1e-5)
+    assert rec["target"] == "class_2" and rec["layer"].startswith("net.")
+    assert json.loads((tmp_path / "cam" / "explain.json").read_text())["task"] == "B"
+    with pytest.raises(EdgeKDError, match=r"one head per task; give --task \(A, B\)"):
+        explain_files(world["cl"].best_path, [image], tmp_path / "cam2")
+    with pytest.raises(EdgeKDError, match=r"^--task C: not a task of .* \(A, B\)$"):
+        explain_files(world["cl"].best_path, [image], tmp_path / "cam2", task="C")
+    with pytest.raises(EdgeKDError, match=r"^--task A: .* has one head"):
+        explain_files(world["student"], [image], tmp_path / "cam2", task="A")
+    with pytest.raises(EdgeKDError, match=r"--target 'A:class_0': not a class \(class_0, class_1, class_2\)"):
+        explain_files(world["cl"].best_path, [image], tmp_path / "cam2", task="B", target="A:class_0")

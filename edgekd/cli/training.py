@@ -355,13 +355,15 @@ def explain(
                                         "feature stage in timm's feature_info with a map of at least 3x3)."),
     target: Optional[str] = typer.Option(None, "--target", help="Class name or id to explain (default: the predicted)."),
     out: Path = typer.Option(Path("runs/explain"), "--out", "-o", help="Output directory."),
+    task: Optional[str] = typer.Option(None, "--task", help="A model with one head per task: the task whose head to "
+                                       "explain (its class names for --target)."),
 ) -> None:
     """Grad-CAM: writes <image>_gradcam.png heat-map overlays and explain.json (prediction, target, CAM peak)."""
     from edgekd.explain.gradcam import explain_files
     from edgekd.fileio import refuse_output_inside
 
     refuse_output_inside(out, [checkpoint])
-    records = explain_files(checkpoint, images, out, layer, target)
+    records = explain_files(checkpoint, images, out, layer, target, task)
     for r in records:
         out_console.print(f"{r['file']}: predicted {r['predicted']} ({r['prob']:.3f}), Grad-CAM of {r['target']} "
                           f"at {r['layer']} -> {out / r['overlay']}")

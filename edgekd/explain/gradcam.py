@@ -179,9 +179,50 @@ def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.n
     return records
 
 
+class TaskHead(nn.Module):
+    """One task's outputs of a model with one head per task (the logits `lo:hi`), as a model of its own; other
+    attributes (a ViT's token layout) read through to the model."""
+
+    def __init__(self, net: nn.Module, lo: int, hi: int):
+        super().__init__()
+        self.net, self.lo, self.hi = net, lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[:, self.lo:self.hi]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.net, name)
+
+
+def task_model(model: nn.Module, ckpt: dict[str, Any], task: str | None, layer: str | None,
+               where: str) -> tuple[nn.Module, dict[str, Any], str | None]:
+    """(model, checkpoint, layer) to explain: a model with one head per task as the chosen task's head (its class
+    names; the layer found on the model itself, under `net.`). One softmax over every head's outputs would mix the
+    tasks; a checkpoint of one task so far needs no --task."""
+    tasks = (ckpt.get("continual") or {}).get("tasks") if (ckpt.get("continual") or {}).get("head") == "multi" else None
+    if tasks is None:
+        if task is not None:
+            raise EdgeKDError(f"--task {task}: {where} has one head (--task is for a model with one head per task)")
+        return model, ckpt, layer
+    names = [t["name"] for t in tasks]
+    if task is None and len(tasks) > 1:
+        raise EdgeKDError(f"{where}: one head per task; give --task ({', '.join(names)}): Grad-CAM of one softmax over "
+                          "every head's outputs would mix the tasks")
+    chosen = tasks[0] if task is None else next((t for t in tasks if t["name"] == task), None)
+    if chosen is None:
+        raise EdgeKDError(f"--task {task}: not a task of {where} ({', '.join(names)})")
+    layer = layer or default_target_layer(model, tuple(ckpt["preprocess"]["input_size"]))
+    lo, hi = chosen["outputs"]
+    return TaskHead(model, lo, hi), {**ckpt, "class_names": list(chosen["class_names"])}, f"net.{layer}"
+
+
 def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, layer: str | None = None,
-                  target: str | None = None) -> list[dict[str, Any]]:
-    """`edgekd explain`: Grad-CAM overlay PNGs for image files; writes explain.json beside them."""
+                  target: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
+    """`edgekd explain`: Grad-CAM overlay PNGs for image files; writes explain.json beside them. `task`: a model
+    with one head per task explains that task's head."""
     from edgekd.fileio import check_output_location, staged_files, write_json
     from edgekd.imageio import read_image
     from edgekd.train.checkpoint import model_from_checkpoint
@@ -190,9 +231,7 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
         raise EdgeKDError("explain: give at least one image")
     check_output_location(out)  # a file or read-only folder: before the model is loaded and run
     model, ckpt = model_from_checkpoint(checkpoint)
-    if (ckpt.get("continual") or {}).get("head") == "multi":
-        raise EdgeKDError(f"{checkpoint}: one head per task; Grad-CAM explains one softmax over the model's outputs, "
-                          "which would mix the tasks' heads (explain a single-task checkpoint)")
+    model, ckpt, layer = task_model(model, ckpt, task, layer, str(checkpoint))
     class_names = list(ckpt["class_names"])
     targets = None
     if target is not None:
@@ -218,7 +257,8 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
                                       targets[part] if targets is not None else None)
         for rec, src in zip(records, images):
             rec["file"] = str(src)
-        write_json(stage / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM", "images": records})
+        write_json(stage / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM",
+                                            **({"task": task} if task else {}), "images": records})
     return records
 
 
