@@ -106,6 +106,12 @@ def test_multi_head_bundle_records_tasks_and_passes_parity_per_head(world):
     for rec in parity["artifacts"]:
         assert rec["passed"] and set(rec["heads"]) == {"A", "B"}
         assert rec["heads"]["B"]["outputs"] == [2, 5] and rec["heads"]["B"]["max_abs_diff"] < 1e-4
+    # the runner (each task's images, every head's softmax) is checked against the gated artifact, as for one head
+    # (it had been skipped for every continual bundle)
+    runner = parity["runner"]
+    assert "skipped" not in runner and runner["images"] == 2 * FAST.parity.images
+    for key in ("onnx/fp32", "openvino/fp32"):
+        assert set(runner[key]["heads"]) == {"A", "B"} and runner[key]["max_prob_diff"] < 0.01
     # Metrics are per task (task id given): each task's test accuracy is its entry in the matrix's final row (after
     # the last task, on the test split: continual.eval_split's default).
     test = meta["metrics"]["test"]["tasks"]
@@ -584,3 +590,28 @@ def test_explain_takes_a_task_of_a_multi_head_model(world, tmp_path):
         explain_files(world["student"], [image], tmp_path / "cam2", task="A")
     with pytest.raises(EdgeKDError, match=r"--target 'A:class_0': not a class \(class_0, class_1, class_2\)"):
         explain_files(world["cl"].best_path, [image], tmp_path / "cam2", task="B", target="A:class_0")
+
+
+def test_the_runner_check_of_a_multi_head_bundle_compares_each_head():
+    from types import SimpleNamespace
+
+    from edgekd.export.profile import RunnerCheck
+    from edgekd.export.runner_check import _compare_heads
+
+    rng = np.random.default_rng(0)
+    parts = [(None, [0, 1, 2]), (None, [0, 1])]  # two tasks' images; two views each: rows view-major per task
+    logits = rng.normal(size=(2 * 5, 5)) * 3
+    heads = [("A", 0, 2), ("B", 2, 5)]
+
+    def mean_probs(lo, hi):
+        blocks = [logits[:6, lo:hi], logits[6:, lo:hi]]
+        return np.concatenate([softmax(b).reshape(2, len(b) // 2, -1).mean(0) for b in blocks])
+
+    right = {name: mean_probs(lo, hi) for name, lo, hi in heads}
+    preds = [SimpleNamespace(tasks={n: SimpleNamespace(probs=right[n][i]) for n in right}) for i in range(5)]
+    row = _compare_heads(preds, logits, parts, 2, heads, RunnerCheck())
+    assert row["problems"] == [] and row["max_prob_diff"] < 1e-12 and set(row["heads"]) == {"A", "B"}
+    preds[3].tasks["B"].probs = right["B"][3][::-1]  # head B answers image 3 with its classes reversed
+    row = _compare_heads(preds, logits, parts, 2, heads, RunnerCheck())
+    assert row["problems"] and all(p.startswith("head 'B': ") for p in row["problems"])
+    assert row["heads"]["A"]["max_prob_diff"] < 1e-12 < row["heads"]["B"]["max_prob_diff"] == row["max_prob_diff"]

@@ -92,7 +92,7 @@ def merge_parity_sets(sets: list[ParitySet], heads: list[tuple[str, int, int]] |
         offsets = {s: np.cumsum([0] + [len(p.splits[s][1]) for p in sets[:-1]]) for s in splits}
         rows = {s: np.concatenate([p.rows(s) + offsets[s][i] for i, p in enumerate(sets)]) for s in splits}
     return ParitySet(np.concatenate([p.inputs for p in sets]), [v for p in sets for v in p.views], splits, heads,
-                     metric_rows=rows)
+                     metric_rows=rows, raw_parts=[part for p in sets for part in p.decoded_parts])
 
 
 def retention_report(layout: TaskLayout, min_retention: float, allow_forgetting: bool) -> dict[str, Any]:

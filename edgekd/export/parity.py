@@ -64,7 +64,9 @@ class ParitySet:
     raw_source: tuple[Any, list[int]] | None = None
     """(dataset, indices): where to read the parity images as decoded (uint8 HWC, their own size) for the runner
     check, read only then (64 full-size images held through the whole export were gigabytes); None for a
-    continual checkpoint's merged set (its rows are view-major per task)."""
+    continual checkpoint's merged set (its rows are view-major per task: `raw_parts`)."""
+    raw_parts: list[tuple[Any, list[int]]] | None = None
+    """A continual checkpoint's merged set: each task's (dataset, indices), in the order of its block of rows."""
     metric_rows: dict[str, np.ndarray] | None = None
     """split -> the rows of `splits` each artifact is scored on for the ACC/AUC gate (parity.metric_images);
     None: every row."""
@@ -80,6 +82,11 @@ class ParitySet:
         x, y = self.splits[split]
         rows = self.rows(split)
         return (x, y) if len(rows) == len(y) else (x[rows], y[rows])
+
+    @property
+    def decoded_parts(self) -> list[tuple[Any, list[int]]]:
+        """Each block of rows' (dataset, indices) of the decoded images (one block unless a merged continual set)."""
+        return [self.raw_source] if self.raw_source is not None else list(self.raw_parts or [])
 
     @property
     def pool(self) -> int | None:

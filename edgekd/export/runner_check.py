@@ -9,6 +9,7 @@ with the same artifact's on the export's inputs (the gate's logits), so the gap 
 preprocessing alone, not quantization: a resize rounding of one uint8 level moves a probability by far less than
 the default 0.01; a wrong mean, std, channel order, crop or view moves it by more. Top-1 agreement counts the
 images whose two leading classes are more than `max_prob_diff` apart: a near tie may flip within the tolerance.
+A continual model's parity images are each task's; with a head per task every head's softmax is compared.
 """
 
 from __future__ import annotations
@@ -49,32 +50,61 @@ def runner_check(stage: Path, artifacts: list[dict[str, Any]], parity_set: Parit
 
     if not limits.enabled:
         return {"skipped": "parity.runner.enabled is false"}, []
-    if parity_set.heads is not None or not parity_set.raw_source:
-        return {"skipped": "a multi-head or continual bundle"}, []
+    parts = parity_set.decoded_parts  # a continual model's: one block of rows per task
+    if not parts:
+        return {"skipped": "no decoded images to give the runner"}, []
     views = list(dict.fromkeys(parity_set.views))
-    dataset, indices = parity_set.raw_source
-    record: dict[str, Any] = {"images": len(indices), "views": views, "limits": limits.model_dump()}
+    record: dict[str, Any] = {"images": sum(len(ix) for _, ix in parts), "views": views, "limits": limits.model_dump()}
     failures: list[str] = []
     bundle = open_bundle(stage)
     # At model size once (resize, crop, hair removal: the step before any backend), then each format's Runner.
     preprocessor = Preprocessor(bundle.preprocess)
-    sized = [preprocessor.to_model_size(dataset.raw(i), keep_gray=True) for i in indices]
-    sources = [f"parity image {i}" for i in indices]
+    sized = [preprocessor.to_model_size(dataset.raw(i), keep_gray=True) for dataset, ix in parts for i in ix]
+    sources = [f"parity image {i}" for _, ix in parts for i in ix]
     for fmt, backend in checked_paths(artifacts):
         shipped = sorted((a for a in artifacts if a["format"] == fmt), key=lambda a: PRECISIONS.index(a["precision"]))
         art = shipped[0]
         logits = gate_logits[(fmt, art["precision"])]["logits"]  # a shipped artifact passed the gate: it ran
-        expected = softmax(logits.astype(np.float64)).reshape(len(views), len(indices), -1).mean(axis=0)
         with Runner.from_bundle(bundle, backend=backend, precision=art["precision"], threads=threads, tta=views,
                                 warmup=0) as runner:
             preds = [p for i in range(0, len(sized), batch_size)
                      for p in runner.predict_sized(sized[i:i + batch_size], sources[i:i + batch_size])]
-        got = np.stack([p.probs if p.raw_probs is None else p.raw_probs for p in preds])
         key = f"{fmt}/{art['precision']}" + ("" if backend == fmt else f" on {backend}")
-        row = _compare(got, expected, limits)
+        row = _compare_heads(preds, logits, parts, len(views), parity_set.heads, limits)
         record[key] = {"backend": backend, **row}
         failures += [f"runner check {key}: {problem}" for problem in row.pop("problems")]
     return record, failures
+
+
+def view_mean_probs(logits: np.ndarray, parts: list[tuple[Any, list[int]]], n_views: int) -> np.ndarray:
+    """The artifact's TTA-averaged softmax per image from its gate logits, whose rows are view-major within each
+    part's block (a continual model's merged set: one block per task)."""
+    out, start = [], 0
+    for _, indices in parts:
+        block = logits[start:start + n_views * len(indices)].astype(np.float64)
+        out.append(softmax(block).reshape(n_views, len(indices), -1).mean(axis=0))
+        start += n_views * len(indices)
+    return np.concatenate(out)
+
+
+def _compare_heads(preds: list, logits: np.ndarray, parts: list[tuple[Any, list[int]]], n_views: int,
+                   heads: list[tuple[str, int, int]] | None, limits: RunnerCheck) -> dict[str, Any]:
+    """_compare of the runner's predictions: one softmax, or each head's (a multi-head bundle's runner answers
+    every task with its own head); a multi-head row holds every head's and the worst figures over them."""
+    if heads is None:
+        got = np.stack([p.probs if p.raw_probs is None else p.raw_probs for p in preds])
+        return _compare(got, view_mean_probs(logits, parts, n_views), limits)
+    per_head = {}
+    for name, lo, hi in heads:
+        got = np.stack([p.tasks[name].probs for p in preds])
+        per_head[name] = _compare(got, view_mean_probs(logits[:, lo:hi], parts, n_views), limits)
+    rows = list(per_head.values())
+    return {"max_prob_diff": max(r["max_prob_diff"] for r in rows),
+            "mean_prob_diff": float(np.mean([r["mean_prob_diff"] for r in rows])),
+            "top1_agreement": min(r["top1_agreement"] for r in rows), "near_ties": sum(r["near_ties"] for r in rows),
+            "top1_agreement_decisive": min(r["top1_agreement_decisive"] for r in rows),
+            "problems": [f"head '{name}': {p}" for name, r in per_head.items() for p in r.pop("problems")],
+            "heads": per_head}
 
 
 def _compare(got: np.ndarray, expected: np.ndarray, limits: RunnerCheck) -> dict[str, Any]:
