@@ -315,6 +315,25 @@ def test_the_service_answers_every_task_or_the_chosen_one(world):
     one, _ = call(create_app(Runner.from_bundle(world["bundle"], task="B", threads=1)), go)
     assert one.json()["task"] == "B" and len(one.json()["probs"]) == 3
 
+    # ?task=: one task's answer from a service of every task (it had been ignored: every task answered)
+    def asking(task):
+        async def go_task(client):
+            png = {"content": buf.getvalue(), "headers": {"content-type": "image/png"}}
+            return (await client.post(f"/predict?task={task}", **png),
+                    await client.post(f"/predict/batch?task={task}", files=[("files", ("a.png", buf.getvalue(),
+                                                                                       "image/png"))]))
+        return go_task
+
+    every = Runner.from_bundle(world["bundle"], tta=True, threads=1)
+    single, batch = call(create_app(every), asking("A"))
+    assert single.status_code == 200 and single.json()["task"] == "A" and "tasks" not in single.json()
+    assert single.json()["probs"] == pytest.approx(both.json()["tasks"]["A"]["probs"])
+    assert batch.json()["results"][0]["task"] == "A" and "views" not in batch.json()["results"][0]
+    refused, _ = call(create_app(every), asking("C"))
+    assert refused.status_code == 400 and refused.json()["error"] == "task 'C': not a task of this bundle (A, B)"
+    other, _ = call(create_app(Runner.from_bundle(world["bundle"], task="B", threads=1)), asking("A"))
+    assert other.status_code == 400 and "answers task 'B' only" in other.json()["error"]
+
 
 def test_export_one_class_warning_is_per_task_on_a_multi_head_model():
     from edgekd.export.parity import ParitySet

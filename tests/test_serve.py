@@ -590,3 +590,11 @@ def test_metadata_names_a_parent_weights_file_without_its_path():
     assert public_model({"init_weights": {"file": "C:\\Users\\me\\best.pt"}})["init_weights"]["file"] == "best.pt"
     hub = {"init_weights": {"hub": "timm/resnet18.a1_in1k", "revision": "abc", "sha256": "cd" * 32}}
     assert public_model(hub) == hub and model["init_weights"]["file"].startswith("/home")  # the bundle's own is kept
+
+
+def test_a_task_asked_of_a_one_head_bundle_is_refused(runner):
+    async def go(client):
+        return await client.post("/predict?task=A", content=png(1), headers={"content-type": "image/png"})
+
+    r = call(create_app(runner), go)
+    assert r.status_code == 400 and r.json()["error"].startswith("task 'A': this bundle has one head")

@@ -83,8 +83,24 @@ class Service:
         return await loop.run_in_executor(self.decoders, decode_upload, data, content_type, where,
                                           self.runner.preprocessor, self.keep_gray)
 
-    def answer(self, pred: Prediction, views: bool) -> dict:
+    def check_task(self, task: str | None) -> None:
+        """`?task=NAME`: one task's head of a multi-head bundle served for every task (400 otherwise: it had been
+        ignored, every task answered)."""
+        if task is None:
+            return
+        tasks = [t["name"] for t in self.runner.bundle.tasks or []]
+        if not tasks:
+            raise UploadError(f"task '{task}': this bundle has one head (?task= is for a bundle with one head per "
+                              "task)", 400)
+        if self.runner.task is not None and task != self.runner.task:
+            raise UploadError(f"task '{task}': this service answers task '{self.runner.task}' only (serve --task)", 400)
+        if task not in tasks:
+            raise UploadError(f"task '{task}': not a task of this bundle ({', '.join(tasks)})", 400)
+
+    def answer(self, pred: Prediction, views: bool, task: str | None = None) -> dict:
         out = pred.to_dict()
+        if task is not None and "tasks" in out:  # one task's answer, as a service started with --task gives it
+            out = {"file": out["file"], "task": task, **out["tasks"][task]}
         if not views:  # a multi-head bundle answers per task, each with its own views
             for part in [out, *(out.get("tasks") or {}).values()]:
                 part.pop("views", None)
@@ -217,7 +233,8 @@ async def _uploads(request: Request, limit: int, batch_said: str) -> list[tuple[
 
 def _add_routes(app: FastAPI, service: Service, auth) -> None:
     @app.post("/predict", dependencies=[auth])
-    async def predict(request: Request, views: bool = False):
+    async def predict(request: Request, views: bool = False, task: str | None = None):
+        service.check_task(task)
         service.batcher.check_room(1)  # a full queue answers 503 before the upload is read
         uploads = await _uploads(request, 1, service.batch_files_said)
         if len(uploads) != 1:
@@ -225,10 +242,11 @@ def _add_routes(app: FastAPI, service: Service, auth) -> None:
         name, content_type, data = uploads[0]
         image = await service.decode(data, content_type, name)
         (prediction,) = await service.results(request, service.batcher.submit([(image, name)]))
-        return service.answer(prediction, views)
+        return service.answer(prediction, views, task)
 
     @app.post("/predict/batch", dependencies=[auth])
-    async def predict_batch(request: Request, views: bool = False):
+    async def predict_batch(request: Request, views: bool = False, task: str | None = None):
+        service.check_task(task)
         service.batcher.check_room(1)
         uploads = await _uploads(request, service.batch_files, service.batch_files_said)
         service.batcher.check_room(len(uploads))  # before decoding them; submit checks again
@@ -236,7 +254,7 @@ def _add_routes(app: FastAPI, service: Service, auth) -> None:
         good = [(img, name) for img, (name, _, _) in zip(decoded, uploads) if not isinstance(img, UploadError)]
         predictions = iter(await service.results(request, service.batcher.submit(good)) if good else [])
         results = [{"file": name, "error": error_line(str(img)), "status": img.status} if isinstance(img, UploadError)
-                   else service.answer(next(predictions), views) for img, (name, _, _) in zip(decoded, uploads)]
+                   else service.answer(next(predictions), views, task) for img, (name, _, _) in zip(decoded, uploads)]
         return {"results": results, **service.answered_by}
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
