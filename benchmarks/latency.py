@@ -211,12 +211,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--results", type=Path, default=RESULTS / "latency.json")
     ap.add_argument("--note", default="", help="a line added to the RESULTS.md section (e.g. which student)")
-    ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
+    ap.add_argument("--results-md", type=Path, default=None, help="the RESULTS.md whose latency section to rewrite "
+                    "(default: the repository's when --results is its latency.json, else none)")
     args = ap.parse_args()
+    if args.results_md is None and args.results.resolve() == (RESULTS / "latency.json").resolve():
+        args.results_md = RESULTS_MD  # a trial run into another --results leaves the published section alone
     if not all(b.strip().isdigit() and int(b) > 0 for b in args.batches.split(",")):
         ap.error(f"--batches {args.batches}: comma-separated batch sizes >= 1, e.g. 1,8,32")
     for name in ("teacher", "student", "out", "results", "results_md"):
-        setattr(args, name, getattr(args, name).resolve())
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     os.chdir(REPO)  # checkpoints' recipes name their data relative to the repository
     for what, path in (("--teacher", args.teacher), ("--student", args.student)):
         if not path.is_file():
@@ -263,10 +267,11 @@ def main() -> None:
                       "bench_dir": rel(args.out)}
     write_json(args.results, doc)
     text = section(doc)
-    write_text(args.results_md, replace_section(args.results_md.read_text(), text, *MARKERS))
+    if args.results_md is not None:
+        write_text(args.results_md, replace_section(args.results_md.read_text(), text, *MARKERS))
     print(text)
     print(f"{'quiet' if quiet else 'PROVISIONAL (busy machine)'}: other processes {others} cores; wrote "
-          f"{args.results} and the latency section of {args.results_md}")
+          f"{args.results}" + (f" and the latency section of {args.results_md}" if args.results_md else ""))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,12 @@ def main() -> None:
     ap.add_argument("--latency", type=existing_path, default=str(RESULTS / "latency.json"),
                     help="the latency ledger to read (benchmarks/latency.py writes it)")
     ap.add_argument("--variant", default=None, help="keep one variant (e.g. runner: edgekd runtime end to end)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where pareto.json/.png go")
+    ap.add_argument("--results-md", type=Path, default=None, help="the RESULTS.md whose section to rewrite (default: "
+                    "the repository's when --results is benchmarks/results, else none)")
     args = ap.parse_args()
+    if args.results_md is None and args.results.resolve() == RESULTS.resolve():
+        args.results_md = RESULTS_MD  # a trial run into another --results leaves the published section alone
     data = json.loads(open(args.latency).read())
     records = data["records"] if isinstance(data, dict) else data
     if args.variant:
@@ -64,10 +69,13 @@ def main() -> None:
                             else args.latency,
                             latency_run={k: source.get(k) for k in ("date", "command") if k in source}),
               "machine": source.get("machine") or data["records"][0]["machine"]}
-    write_json(RESULTS / "pareto.json", result)
-    plot_pareto(panels, RESULTS / "pareto.png", "PneumoniaMNIST: accuracy vs batch-1 latency (p50)")
-    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section(result), BEGIN, END)))
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(args.results / "pareto.json", result)
+    plot_pareto(panels, args.results / "pareto.png", "PneumoniaMNIST: accuracy vs batch-1 latency (p50)")
+    if args.results_md is not None:
+        text = args.results_md.read_text() if args.results_md.is_file() else "# Benchmark results\n"
+        atomic_write(args.results_md, lambda tmp: open(tmp, "w").write(replace_section(text, section(result), BEGIN,
+                                                                                       END)))
     print(section(result).split("Front (accuracy): ", 1)[1].split("\n", 1)[0])
 
 

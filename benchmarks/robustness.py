@@ -102,8 +102,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reuse-bundle", action="store_true", help="keep an existing exported bundle")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where robustness.json/.png go")
-    ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
+    ap.add_argument("--results-md", type=Path, default=None, help="the RESULTS.md whose section to rewrite (default: "
+                    "the repository's when --results is benchmarks/results, else none)")
     args = ap.parse_args()
+    if args.results_md is None and args.results.resolve() == RESULTS.resolve():
+        args.results_md = RESULTS_MD  # a trial run into another --results leaves the published section alone
     os.chdir(REPO)
     bundle = args.out / "student-bundle"
     export_cmd = export_student(args.student, bundle, args.reuse_bundle)
@@ -118,8 +121,10 @@ def main() -> None:
                          class_counts=res["class_counts"], summary=res["summary"])
     write_json(args.results / "robustness.json", result)
     shutil.copyfile(args.out / "robustness.png", args.results / "robustness.png")
-    text = args.results_md.read_text() if args.results_md.is_file() else "# Benchmark results\n"
-    atomic_write(args.results_md, lambda tmp: open(tmp, "w").write(replace_section(text, section(result), BEGIN, END)))
+    if args.results_md is not None:
+        text = args.results_md.read_text() if args.results_md.is_file() else "# Benchmark results\n"
+        atomic_write(args.results_md, lambda tmp: open(tmp, "w").write(replace_section(text, section(result), BEGIN,
+                                                                                       END)))
     for s in result["summary"]:
         print(f"{s['role']} {s['format']}/{s['precision']}: {s['relative_acc']:.1%} of clean accuracy")
 
