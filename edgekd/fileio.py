@@ -295,15 +295,20 @@ def untrack_tree(path: str | Path | None) -> None:
         TRACKED_TREES.discard(Path(path))
 
 
+TRACKED_LOCKS: set[Path] = set()
+"""held_output's lock files, removed with the tracked trees when a stop signal ends an export at once; unlike a
+tracked tree, one does not tell the signal handler an export is under way (an update's training unwinds as usual)."""
+
+
 def remove_tracked_trees() -> None:
-    """Remove every tracked temp dir (or file: held_output's lock) now (a stop signal's handler, before unwinding)."""
+    """Remove every tracked temp dir and lock file now (a stop signal's handler, before unwinding)."""
     for path in list(TRACKED_TREES):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        shutil.rmtree(path, ignore_errors=True)
         TRACKED_TREES.discard(path)
+    for path in list(TRACKED_LOCKS):
+        with contextlib.suppress(OSError):
+            path.unlink()
+        TRACKED_LOCKS.discard(path)
 
 
 def remove_trees(paths: list[str | Path | None]) -> None:
@@ -382,7 +387,7 @@ def held_output(path: str | Path, what: str):
     (two `edgekd update --out B` at once had both said "wrote B"). The lock is flock on a hidden
     `.<name>.edgekd-lock` beside it, removed at the end (one a killed process left is taken over). Where flock is
     missing (Windows) or the folder is not writable (the writer's own error says so) nothing is locked."""
-    path = Path(path)
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # where a link's writer writes
     lock = path.parent / f".{path.name}.edgekd-lock"
     fd = None
     try:
@@ -394,9 +399,10 @@ def held_output(path: str | Path, what: str):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode("utf-8", "replace").strip() or "process"
                 os.close(fd)
-                raise FolderInUseError(f"{path}: another edgekd {what} is writing it now; wait for it to end or give "
-                                       "another --out") from None
+                raise FolderInUseError(f"{path}: another edgekd {holder} is writing it now; wait for it to end or "
+                                       "give another --out") from None
             try:  # its last holder may have removed the file between our open and flock: lock the one there now
                 same = os.fstat(fd).st_ino == os.stat(lock).st_ino
             except FileNotFoundError:
@@ -404,19 +410,21 @@ def held_output(path: str | Path, what: str):
             if not same:
                 os.close(fd)
                 fd = None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, what.encode(), 0)  # who holds it, for the refusal of the next
     except (ImportError, OSError):  # no flock, or a folder we cannot write (nor lock)
         if fd is not None:
             os.close(fd)
         fd = None
     if fd is not None:
-        track_tree(lock)  # a stop signal's handler removes it too (the CLI ends without unwinding)
+        TRACKED_LOCKS.add(lock)  # a stop signal that ends an export at once removes it too
     try:
         yield
     finally:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.unlink(lock)
-            untrack_tree(lock)
+            TRACKED_LOCKS.discard(lock)
             os.close(fd)
 
 

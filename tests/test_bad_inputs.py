@@ -1310,9 +1310,24 @@ def test_a_second_export_into_a_bundle_being_written_is_refused(trained, tmp_pat
                  "try:\n    with held_output(sys.argv[1], 'update'): print('got it')\n"
                  "except Exception as e: print(e)")
         other = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, check=True)
-        assert "another edgekd update is writing it now" in other.stdout  # another process is refused as well
+        assert "another edgekd export is writing it now" in other.stdout  # another process: the holder is named
     assert list(tmp_path.iterdir()) == []  # nothing written; the lock file is gone with the lock
     (tmp_path / ".bundle.edgekd-lock").write_text("")  # one a killed process left: taken over
     with held_output(out, "export"):
         pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_lock_leaves_a_stop_signal_to_unwind_and_goes_with_an_export_ended_at_once(tmp_path):
+    """Registered as a tracked tree, the lock made the signal handler end `edgekd update`'s training at once,
+    skipping every cleanup (tracking, finally blocks); it is now removed only with the trees of an export ended so."""
+    from edgekd import fileio
+
+    out = tmp_path / "bundle"
+    trees = set(fileio.TRACKED_TREES)
+    with fileio.held_output(out, "update"):
+        lock = tmp_path / ".bundle.edgekd-lock"
+        assert fileio.TRACKED_TREES == trees and lock in fileio.TRACKED_LOCKS and lock.is_file()
+        fileio.remove_tracked_trees()  # what a stop signal during an export runs before os._exit
+        assert not lock.exists() and lock not in fileio.TRACKED_LOCKS
     assert list(tmp_path.iterdir()) == []
