@@ -73,7 +73,7 @@ def checkpoint_test_figures(checkpoint: Path) -> dict[str, Any] | None:
 
     if load_checkpoint(checkpoint).get("continual"):  # scored per task by `edgekd eval`, not one figure set
         return None
-    from edgekd.export.parity import REPORTED_METRICS
+    from edgekd.export import REPORTED_METRICS
 
     try:
         with tempfile.TemporaryDirectory(prefix="edgekd-parent-") as tmp:  # its metrics.json and plots are not kept

@@ -221,8 +221,9 @@ def check_source(source: Path) -> None:
 
 def resolve_subject(source: Path, role: str | None, formats: list[str], precisions: list[str], out: Path,
                     threads: int, checkpoint: Path | None = None, export_options: dict | None = None,
-                    log: Callable[[str], None] = print) -> Subject:
-    """A checkpoint (exported here for the ONNX/OpenVINO rows) or a bundle (plus an optional checkpoint for torch)."""
+                    log: Callable[[str], None] = print, data_given: bool = False) -> Subject:
+    """A checkpoint (exported here for the ONNX/OpenVINO rows) or a bundle (plus an optional checkpoint for torch).
+    `data_given`: --data was given (a continual model is refused before any export)."""
     from edgekd.runtime import check_artifact, open_bundle
 
     export_options = export_options or {}
@@ -237,6 +238,7 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
                           preprocess=bundle.preprocess, class_names=bundle.class_names, checkpoint=checkpoint,
                           params=meta.get("params"))
         subject.continual = continual_kind((bundle.meta.get("continual") or {}).get("head"))
+        refuse_continual_scoring(subject, data_given)
         _add_bundle_artifacts(subject, source)
         for pair in wanted:
             if pair not in subject.artifacts:
@@ -251,6 +253,7 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
         subject = Subject(role=role or ckpt.get("role") or "model", name=ckpt["arch"]["name"],
                           preprocess=ckpt["preprocess"], class_names=list(ckpt["class_names"]), checkpoint=source,
                           continual=continual_kind((ckpt.get("continual") or {}).get("head")))
+        refuse_continual_scoring(subject, data_given)  # before its export, minutes of work
         from edgekd.export import FORMATS as EXPORT_FORMATS
 
         pairs = [(f, p) for f, p in wanted if p in EXPORT_FORMATS[f].precisions]
@@ -269,18 +272,23 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
             for pair in list(subject.artifacts):
                 if pair not in pairs:
                     del subject.artifacts[pair]  # a reused bundle may hold more than was asked for
-    if subject.checkpoint is not None:
-        from edgekd.models import count_macs, count_parameters, deploy_form
-        from edgekd.train.checkpoint import model_from_checkpoint
-
-        model = model_from_checkpoint(subject.checkpoint)[0]
-        model = deploy_form(model)[0] if subject.fuse else model  # as exported and timed
-        subject.params = count_parameters(model)
-        subject.macs = count_macs(model, tuple(subject.preprocess["input_size"]))
-        subject.weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
-    else:
-        subject.notes.append("no checkpoint: no torch rows and no MACs (so no GEMM-peak fraction); pass --checkpoint")
+    count_costs(subject)
     return subject
+
+
+def count_costs(subject: Subject) -> None:
+    """Params, MACs and weights size of the subject's checkpoint, in the form its rows run (fused as exported)."""
+    if subject.checkpoint is None:
+        subject.notes.append("no checkpoint: no torch rows and no MACs (so no GEMM-peak fraction); pass --checkpoint")
+        return
+    from edgekd.models import count_macs, count_parameters, deploy_form
+    from edgekd.train.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(subject.checkpoint)[0]
+    model = deploy_form(model)[0] if subject.fuse else model  # as exported and timed
+    subject.params = count_parameters(model)
+    subject.macs = count_macs(model, tuple(subject.preprocess["input_size"]))
+    subject.weights_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 
 
 def continual_kind(head: str | None) -> str | None:
@@ -288,6 +296,13 @@ def continual_kind(head: str | None) -> str | None:
     if head is None:
         return None
     return "one head per task" if head == "multi" else "one head over every task's classes"
+
+
+def refuse_continual_scoring(subject: Subject, data_given: bool) -> None:
+    if subject.continual and data_given:
+        raise EdgeKDError(f"--data: the {subject.role} is a continual-learning model ({subject.continual}), scored per "
+                          "task by `edgekd eval` (and continual.json), not as one softmax over one dataset: bench it "
+                          "without --data (timed on random images)")
 
 
 EVAL_SEED = 0
@@ -344,13 +359,15 @@ def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int 
         + (f" (stratified subset of {len(paths)})" if len(picked) < len(paths) else ""))
 
 
-def attach_synthetic_images(subject: Subject, work: Path, n: int) -> None:
-    """No test data (a bundle without --data): time on seeded random images, report no accuracy."""
+def attach_synthetic_images(subject: Subject, work: Path, n: int,
+                            note: str = "no test data (give --data RECIPE or a checkpoint): timed on random images, "
+                                        "no accuracy") -> None:
+    """No test data (a bundle without --data): time on seeded random images, report no accuracy (`note` says why)."""
     c, size = subject.preprocess["input_size"][0], subject.preprocess["resize"]  # the resize stage, as test images
     images = np.random.default_rng(0).integers(0, 256, size=(n, size, size, c), dtype=np.uint8)
     subject.images = work / f"{subject.role}-synthetic-images.npy"
     np.save(subject.images, images)
-    subject.notes.append("no test data (give --data RECIPE or a checkpoint): timed on random images, no accuracy")
+    subject.notes.append(note)
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -526,22 +543,18 @@ def _prepare_out(cfg: BenchConfig) -> Path:
 
 def _subjects(cfg: BenchConfig, work: Path, log: Callable[[str], None]) -> list[Subject]:
     """The model (and its teacher), each with the images it is scored on."""
+    data_given = cfg.data_folder is not None or cfg.data_recipe is not None
     subjects = [resolve_subject(Path(cfg.source), cfg.role, cfg.formats, cfg.precisions, cfg.out, cfg.threads,
-                                Path(cfg.checkpoint) if cfg.checkpoint else None, cfg.export_options, log)]
+                                Path(cfg.checkpoint) if cfg.checkpoint else None, cfg.export_options, log, data_given)]
     if cfg.teacher is not None:
         subjects.append(resolve_subject(Path(cfg.teacher), "teacher", cfg.formats, cfg.precisions, cfg.out,
-                                        cfg.threads, None, cfg.export_options, log))
+                                        cfg.threads, None, cfg.export_options, log, data_given))
         if subjects[0].role == "teacher":
             subjects[0].role = "student"  # two "teacher" subjects would be indistinguishable in the records
     for s in subjects:
-        if s.continual:  # its test data is every task's, scored per task: bench times it only
-            if cfg.data_folder is not None or cfg.data_recipe is not None:
-                raise EdgeKDError(f"--data: the {s.role} is a continual-learning model ({s.continual}), scored per task "
-                                  "by `edgekd eval` (and continual.json), not as one softmax over one dataset: bench "
-                                  "it without --data (timed on random images)")
-            attach_synthetic_images(s, work, max(cfg.batches))
-            s.notes[-1] = (f"a continual-learning model ({s.continual}): timed on random images, no accuracy here; "
-                           "`edgekd eval` scores it per task")
+        if s.continual:  # its test data is every task's, scored per task: bench times it only (--data refused)
+            attach_synthetic_images(s, work, max(cfg.batches), f"a continual-learning model ({s.continual}): timed on "
+                                    "random images, no accuracy here; `edgekd eval` scores it per task")
             continue
         if cfg.data_folder is not None:
             attach_folder_images(s, Path(cfg.data_folder), work, cfg.eval_limit, log)

@@ -3,10 +3,12 @@
 from edgekd.export.bundle import check_target, metric_subset_reference
 from edgekd.export.continual import RetentionGateError
 from edgekd.export.formats import FORMATS, ExportFormat, export_plan
+from edgekd.export.parity import REPORTED_METRICS
 from edgekd.export.profile import ExportProfile, load_profile, profile_digest, profile_from_dict, shipped_profiles
 from edgekd.export.run import (ExportInputs, ExportResult, ParityGateError, export_checkpoint, export_inputs,
                                with_overrides)
 
-__all__ = ["FORMATS", "ExportFormat", "ExportInputs", "ExportProfile", "ExportResult", "ParityGateError",
-           "RetentionGateError", "check_target", "export_checkpoint", "export_inputs", "export_plan", "load_profile",
-           "metric_subset_reference", "profile_digest", "profile_from_dict", "shipped_profiles", "with_overrides"]
+__all__ = ["FORMATS", "REPORTED_METRICS", "ExportFormat", "ExportInputs", "ExportProfile", "ExportResult",
+           "ParityGateError", "RetentionGateError", "check_target", "export_checkpoint", "export_inputs", "export_plan",
+           "load_profile", "metric_subset_reference", "profile_digest", "profile_from_dict", "shipped_profiles",
+           "with_overrides"]

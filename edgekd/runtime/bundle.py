@@ -218,6 +218,16 @@ def _starts_like_a_zip(path: Path) -> bool:
         return False
 
 
+def not_a_bundle(source: Path) -> EdgeKDError:
+    """Why a file that is neither a folder nor a whole zip is no bundle."""
+    if _starts_like_a_zip(source):
+        return EdgeKDError(f"{source}: a truncated or corrupt zip (its central directory is missing): copy the bundle "
+                           "again")
+    if source.suffix.lower() == ".zip":  # named .zip, but not a zip at all: "expected a .zip file" read oddly
+        return EdgeKDError(f"{source}: not a zip file (it does not start like one): not a bundle")
+    return EdgeKDError(f"{source}: not a bundle (expected a directory or a .zip file)")
+
+
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Open a bundle directory or .zip; with `verify`, every file must match manifest.sha256.
 
@@ -241,13 +251,8 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             if tmp is not None:
                 remove_tree(tmp)
             raise
-    elif _starts_like_a_zip(source):
-        raise EdgeKDError(f"{source}: a truncated or corrupt zip (its central directory is missing): copy the bundle "
-                          "again")
-    elif source.suffix.lower() == ".zip":  # named .zip, but not a zip at all: "expected a .zip file" read oddly
-        raise EdgeKDError(f"{source}: not a zip file (it does not start like one): not a bundle")
     else:
-        raise EdgeKDError(f"{source}: not a bundle (expected a directory or a .zip file)")
+        raise not_a_bundle(source)
     if zip_digests is None and not (root / METADATA_FILE).exists() and not (root / MANIFEST_FILE).exists():
         run = "; a training run: export it first (edgekd export)" if (root / "best.pt").is_file() else ""
         raise EdgeKDError(f"{source}: not a bundle (no {METADATA_FILE} or {MANIFEST_FILE} in it){run}")
