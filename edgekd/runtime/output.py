@@ -86,7 +86,7 @@ def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], c
             cells = _cells(r.tasks[name] if name else r, len(names), views, raw)
             row += [spreadsheet_safe(cells[0]), *cells[1:]]  # the label: a class name
         warning = r.warning if isinstance(r, Prediction) else next(iter(r.tasks.values())).warning  # per image
-        writer.writerow(row + [warning or "", ""])
+        writer.writerow(row + [spreadsheet_safe(warning or ""), ""])
     return buf.getvalue()
 
 
