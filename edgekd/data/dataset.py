@@ -206,14 +206,17 @@ class DataModule:
     def counts(self) -> dict[str, list[int]]:
         return {s: np.bincount(t.labels, minlength=self.num_classes).tolist() for s, t in self.tables.items()}
 
-    def split_fingerprint(self) -> dict[str, dict[str, object]]:
+    def split_fingerprint(self, splits: tuple[str, ...] | None = None) -> dict[str, dict[str, object]]:
         """{split: {images, sha256[, pixels]}}: which images (paths relative to data.path, so a moved copy matches)
         with which labels each split holds; in-memory sets by their labels, and `pixels`, the digest of their pixels
-        (an .npz whose images changed under the same name). A checkpoint records it (`check_trained_splits`)."""
+        (an .npz whose images changed under the same name). A checkpoint records it (`check_trained_splits`).
+        `splits`: only these (default: every split)."""
         root = Path(str(getattr(self.cfg, "path", "") or "."))
         root = root if root.is_dir() else root.parent
         out: dict[str, dict[str, object]] = {}
         for split, table in self.tables.items():
+            if splits is not None and split not in splits:
+                continue
             digest = hashlib.sha256()
             if table.paths is not None:
                 for path, label in sorted(zip((os.path.relpath(p, root) for p in table.paths), table.labels.tolist())):
@@ -221,9 +224,11 @@ class DataModule:
             else:
                 digest.update(np.ascontiguousarray(table.labels, dtype=np.int64).tobytes())
             out[split] = {"images": len(table), "sha256": digest.hexdigest()}
-            if table.images is not None:
+            if table.images is not None:  # streamed: no copy of the pixels
                 pixels = np.ascontiguousarray(table.images)
-                out[split]["pixels"] = hashlib.sha256(repr(pixels.shape).encode() + pixels.data).hexdigest()
+                pixel_digest = hashlib.sha256(repr(pixels.shape).encode())
+                pixel_digest.update(pixels.data)
+                out[split]["pixels"] = pixel_digest.hexdigest()
         return out
 
 
@@ -379,7 +384,7 @@ def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,
     trained = ckpt.get("data_splits")
     if not isinstance(trained, dict) or not same_split_settings(ckpt.get("recipe") or {}, recipe):
         return
-    now = data.split_fingerprint()
+    now = data.split_fingerprint(splits)
 
     def differs(split: str) -> bool:  # by what the record holds (`pixels` is recorded since 2026-12-06)
         return any(now.get(split, {}).get(key) != value for key, value in trained[split].items())
