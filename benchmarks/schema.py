@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError, field_validator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATE_KEYS = ("date", "started", "finished")
@@ -43,7 +43,7 @@ class Machine(BaseModel):
     from records before 2026-12-06."""
 
 
-Metric = float | dict[str, Any] | None  # a run's figure, or a summary's {mean, std}
+Metric = StrictFloat | StrictInt | dict[str, Any] | None  # a run's figure, or a summary's {mean, std}; not "0.9"
 
 
 class Record(BaseModel):
@@ -57,6 +57,7 @@ class Record(BaseModel):
     sensitivity: Metric = None
     specificity: Metric = None
     balanced_acc: Metric = None
+    pauc: Metric = None
 
     _utc_date = field_validator("date")(lambda cls, v: v if v is None else _utc(v))
 

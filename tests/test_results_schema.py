@@ -44,6 +44,8 @@ def test_a_conforming_document_passes():
     (lambda d: d.update(runtime={"m": {"machine": {"cpu": "x"}}}), ".runtime.m.machine"),
     (lambda d: d.update(summary={"started": "2026-11-23T15:11:51"}), ".summary.started"),
     (lambda d: d["records"][0].update(acc="high"), "records.0.acc"),
+    (lambda d: d["records"][0].update(auc="0.93"), "records.0.auc"),  # lax float parsing had taken these
+    (lambda d: d["records"][0].update(pauc=True), "records.0.pauc"),
     # a ledger's record names its own command, date and machine (a record without them had passed)
     (lambda d: d.update(benchmark="accuracy"), "records[0]: an accuracy ledger record needs its own command"),
     (lambda d: d.update(benchmark="zoo", records=[{"command": "x", "date": "2026-12-02T10:00:00+00:00"}]),
