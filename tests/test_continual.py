@@ -922,3 +922,18 @@ def test_the_continual_table_says_when_the_first_task_has_no_retention():
     summary["retention_first_task"] = 0.5
     assert continual_table("run", SimpleNamespace(summary=summary, task_names=["oct", "xray"],
                                                   acc_matrix=acc)).caption.endswith("retention 50.0%")
+
+
+def test_two_plugins_of_one_class_log_a_penalty_each():
+    """A second plugin of the same class overwrote the first's log.csv column."""
+    from edgekd.train.trainer import Plugin, penalty_name
+
+    class ScalePlugin(Plugin):
+        pass
+
+    assert penalty_name(ScalePlugin(), {"0_kl": 1.0}) == "scale"
+    assert penalty_name(ScalePlugin(), {"scale": 1.0}) == "scale_2"
+    assert penalty_name(ScalePlugin(), {"scale": 1.0, "scale_2": 2.0}) == "scale_3"
+    named = ScalePlugin()
+    named.name = "l2"
+    assert penalty_name(named, {"scale": 1.0}) == "l2"

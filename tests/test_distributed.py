@@ -98,6 +98,12 @@ def test_two_cpu_processes_train_identical_weights(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["test"]["n"] == 16
     assert metrics["processes"] == 2 and ckpt["trainer"]["world_size"] == 2
+    # each term's epoch mean over both ranks' shards, beside the weighted sum
+    import csv
+
+    for row in csv.DictReader((tmp_path / "run" / "log.csv").open()):
+        kl, ce, mse = (float(row[k]) for k in ("train_0_kl", "train_1_ce", "train_2_feature_mse"))
+        assert float(row["train_loss"]) == pytest.approx(0.5 * kl + 0.5 * ce + mse, rel=1e-5)
 
 
 def test_a_failing_rank_is_one_error_line_and_the_other_says_it_stopped(tmp_path):

@@ -110,6 +110,17 @@ def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def union_across_ranks(names: Iterable[str]) -> list[str]:
+    """The sorted union of every rank's names (e.g. the loss parts an epoch logged: a plugin may add one on some
+    ranks only, and an all-reduce of lists of other lengths would hang)."""
+    mine = sorted(set(names))
+    if not is_active():
+        return mine
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return sorted({n for ranks in gathered for n in ranks or []})
+
+
 def average_gradients(params: Iterable[nn.Parameter]) -> None:
     """Average the gradients of parameters DDP does not manage (an objective's own, e.g. KD adapters)."""
     if not is_active():

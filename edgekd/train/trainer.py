@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import random
 import time
@@ -61,7 +62,14 @@ class Plugin:
 
 
 def plugin_name(plugin: Plugin) -> str:
+    """The log.csv name of a plugin's penalty (`train_<name>`): its `name`, else its class name without "Plugin"."""
     return getattr(plugin, "name", None) or type(plugin).__name__.removesuffix("Plugin").lower()
+
+
+def penalty_name(plugin: Plugin, taken) -> str:
+    """plugin_name, suffixed _2, _3, ... past the names `taken` (a second plugin of one class: a column of its own)."""
+    name = plugin_name(plugin)
+    return name if name not in taken else next(f"{name}_{k}" for k in itertools.count(2) if f"{name}_{k}" not in taken)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -341,8 +349,8 @@ class Trainer:
         loader = self.data.loader("train", epoch=epoch, distributed=self.distributed)
         with progress_task(progress, f"epoch {epoch + 1}/{self.cfg.epochs}", len(loader)) as advance:
             total, count, parts = self._train_batches(epoch, loader, advance)
-        names = sorted(parts)  # every rank has the same terms and plugins, so the same names
-        sums = distributed.sum_across_ranks([total, count, *(parts[k] for k in names)], self.device)
+        names = distributed.union_across_ranks(parts)  # a part one rank never logged counts 0 there
+        sums = distributed.sum_across_ranks([total, count, *(parts.get(k, 0.0) for k in names)], self.device)
         count = max(sums[1], 1)  # the loss over all ranks' shards
         return {"train_loss": sums[0] / count, **{f"train_{k}": v / count for k, v in zip(names, sums[2:])}}
 
@@ -364,7 +372,7 @@ class Trainer:
                     extra = p.penalty(self, images, targets, logits)
                     if extra is not None:
                         loss = loss + extra
-                        parts[plugin_name(p)] = float(extra.detach())
+                        parts[penalty_name(p, parts)] = float(extra.detach() if torch.is_tensor(extra) else extra)
             # Every rank takes the same branch (a rank skipping backward alone would stall DDP's all-reduce).
             if not distributed.all_ranks_true(bool(torch.isfinite(loss)), self.device):
                 if self.cfg.nonfinite == "error":
