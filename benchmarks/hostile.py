@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, RESULTS, existing_path, machine_line, results_doc, run_main, write_section  # noqa: E402
+from common import REPO, RESULTS, machine_line, results_doc, run_main, write_section  # noqa: E402
 
 from edgekd.fileio import write_json  # noqa: E402
 
@@ -74,7 +74,7 @@ def section(doc: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=existing_path, default=str(REPO / "runs" / "demo" / "student" / "bundle"),
+    parser.add_argument("--bundle", type=Path, default=REPO / "runs" / "demo" / "student" / "bundle",
                         help="the bundle to feed hostile inputs (default: make demo's)")
     args = parser.parse_args()
     if not args.bundle.exists():

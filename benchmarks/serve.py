@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (REPO, RESULTS, existing_path, machine, machine_line, results_doc, run_main,  # noqa: E402
+from common import (REPO, RESULTS, machine, machine_line, results_doc, run_main,  # noqa: E402
                     write_section)
 
 from edgekd.fileio import write_json  # noqa: E402
@@ -276,7 +276,7 @@ def measure(args, traffic) -> tuple[list[dict], tuple[float, float], float | Non
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", nargs="?", type=existing_path, default=str(REPO / "runs" / "demo" / "student" / "bundle"),
+    ap.add_argument("bundle", nargs="?", type=Path, default=REPO / "runs" / "demo" / "student" / "bundle",
                     help="the bundle to serve (default: make demo's)")
     ap.add_argument("--requests", type=int, default=10_000, help="total over the three concurrency levels")
     ap.add_argument("--threads", type=int, default=2)
