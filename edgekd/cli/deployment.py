@@ -112,7 +112,8 @@ def update(
     out_console.print(continual_table(result.continual.summary["name"], result.continual))
     out_console.print(parity_table(str(result.continual.best_path), result.export))
     parent = result.lineage.get("parent_bundle_sha256")
-    console.print(f"wrote {out} " + (f"(parent sha256 {parent})" if parent else "(from a checkpoint: no parent bundle)"))
+    console.print(f"wrote {out} " + (f"(parent sha256 {parent})" if parent else
+                                     "(from a checkpoint: no parent bundle)"))
 
 
 def predict(
