@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Callable
@@ -70,37 +68,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or ""
-
-
 def machine(**extra) -> dict:
-    """The machine a benchmark ran on, the same dict in every results file (benchmarks/schema.py):
-    {"cpu", "cores", "arch", "gpu" (None: no GPU), "python", "torch" (None: not installed)} + `extra` (library
+    """The machine a benchmark ran on, the same dict in every results file (benchmarks/schema.py) and in a run's
+    metrics.json: {"cpu", "cores", "arch", "simd", "gpu" (None: no GPU), "python", "torch"} + `extra` (library
     versions, load averages, ...)."""
-    gpu, torch_version = None, None
-    try:
-        import torch
-        torch_version = torch.__version__.split("+")[0]
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    from edgekd.bench.hardware import cpu_info
+    from edgekd.host import host_record
 
-    # the SIMD features: two VMs both named "AMD EPYC", one with AVX-512 VNNI and one AVX2-only, ran the same seeded
-    # command to different figures, and nothing in the records told them apart
-    x86 = platform.machine().lower() in ("x86_64", "amd64") and os.path.exists("/proc/cpuinfo")
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
-            "simd": cpu_info()["simd"] if x86 else None,  # None: not read (another arch or OS), not "no AVX2"
-            "gpu": gpu, "python": platform.python_version(), "torch": torch_version, **extra}
+    return host_record(**extra)
 
 
 def machine_line(m: dict) -> str:
@@ -185,7 +159,8 @@ def accuracy_record(m: dict, command: str, split: str = "test") -> dict:
     return {"dataset": m["dataset"], "split": split, "model": m["model"], "role": m["role"], "name": m["name"],
             "params": m["params"], "macs": m["macs"], **{k: s.get(k) for k in METRICS}, "seed": m["seed"],
             "epochs_run": m["epochs_run"], "seconds_per_epoch": m["seconds_per_epoch"], "threads": m.get("threads"),
-            "train_seconds": m["train_seconds"], "date": m.get("date") or now(), "machine": machine(),
+            "train_seconds": m["train_seconds"], "date": m.get("date") or now(),
+            "machine": m.get("machine") or machine(),  # where it trained (a reused run's); older runs: here
             "command": command}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from common import REPO, RESULTS, machine_line, now, results_doc, run_main, write_section  # noqa: E402
 from zoo import COMMON, EDGEKD, GOALS, ZOO, pick, ratio, sets  # noqa: E402
 
-from edgekd.bench.hardware import INT8_DOT_PRODUCT, cpu_info  # noqa: E402
+from edgekd.host import INT8_DOT_PRODUCT, cpu_info  # noqa: E402
 from edgekd.fileio import write_json  # noqa: E402
 
 MARKERS = ("<!-- export-time:begin -->", "<!-- export-time:end -->")

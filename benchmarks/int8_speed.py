@@ -19,7 +19,7 @@ import numpy as np
 
 from common import existing_path, machine, machine_line, now, run_main  # noqa: E402
 
-from edgekd.bench.hardware import cpu_info  # noqa: E402
+from edgekd.host import cpu_info  # noqa: E402
 
 
 def transformer_variants(model, ends: list[str]) -> dict[str, dict]:

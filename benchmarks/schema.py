@@ -39,7 +39,7 @@ class Machine(BaseModel):
     gpu: str | None
     torch: str | None
     simd: list[str] | None = None
-    """The CPU's SIMD features that decide kernel speed and float sums (edgekd.bench.hardware.cpu_info); absent
+    """The CPU's SIMD features that decide kernel speed and float sums (edgekd.host.cpu_info); absent
     from records before 2026-12-06."""
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -34,6 +35,9 @@ def test_training_learns_and_writes_reports(tiny_recipe_dict, tmp_path):
         assert (tmp_path / "run" / f).is_file(), f
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["params"] == res.params and m["test"]["confusion_matrix"] and m["epochs_run"] == 4
+    # the machine it trained on (a benchmark reusing the run had stamped its own machine on it)
+    assert m["machine"]["cores"] == os.cpu_count() and m["machine"]["torch"] == torch.__version__.split("+")[0]
+    assert {"cpu", "arch", "simd", "gpu", "python"} <= set(m["machine"])
 
 
 def test_checkpoint_loads_weights_only_and_rebuilds(tiny_recipe_dict, tmp_path):

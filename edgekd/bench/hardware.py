@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
@@ -73,27 +72,6 @@ def blas_threads(threads: int):
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=threads)
-
-
-INT8_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "amx_int8")
-"""CPU flags of INT8 dot-product instructions (VNNI, AMX): what makes INT8 kernels pay on x86."""
-
-
-def cpu_info() -> dict:
-    """CPU model, core count and the SIMD features that decide FP32/INT8 kernel speed (AVX2/FMA, AVX-512, VNNI, AMX)."""
-    model, flags = platform.processor() or "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-    return {"model": model, "cores": os.cpu_count(), "machine": platform.machine(),
-            "simd": [f for f in wanted if f in flags],
-            "int8_dot_product": any(f in flags for f in INT8_DOT_PRODUCT)}
 
 
 class OtherCPU:

@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgekd.bench.hardware import OtherCPU, cpu_info, gemm_peak_fraction
+from edgekd.bench.hardware import OtherCPU, gemm_peak_fraction
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import (owner, owner_alive, refuse_output_inside, remove_trees, sha256_file, track_tree,
                            untrack_tree, write_json)
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
+from edgekd.host import cpu_info
 from edgekd.options import parse_batches, parse_list
 from edgekd.progress import progress_task
 from edgekd.runtime import is_bundle

@@ -21,6 +21,7 @@ from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import (check_input_size, count_macs, count_parameters, create_model, freeze, hub_weights,
                            model_spec)
 from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_json, write_text
+from edgekd.host import host_record
 from edgekd.probability import softmax
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
@@ -182,6 +183,7 @@ def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec:
         "nonfinite_batches": fit.nonfinite_batches, "train_seconds": train_seconds,
         "seconds_per_epoch": (sum(h["epoch_seconds"] for h in fit.history) / len(fit.history)) if fit.history else None,
         "seed": recipe.seed, "threads": torch.get_num_threads(), "processes": distributed.world_size(),
+        "machine": host_record(),  # seconds per epoch, and a seeded run's figures, hold on this kind of machine
         "sessions": trainer.sessions,  # more than one: resumed; threads and processes above are the last session's
         "counts": data.counts(), "bad_files": data.bad_files, **fit.extra,
         "unlabeled_pool": ((extra_meta or {}).get("distill") or {}).get("unlabeled_pool"),  # KD's unlabeled images
