@@ -330,7 +330,8 @@ def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_anoth
     request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # this worker's
     torch.set_num_threads(2)
     whole = run_continual(recipe, tmp_path / "run", log=lambda s: None)
-    assert json.loads((tmp_path / "run" / "continual.json").read_text())["threads"] == 1
+    summary = json.loads((tmp_path / "run" / "continual.json").read_text())
+    assert summary["threads"] == 1 and summary["machine"]["cores"] == os.cpu_count()  # and where it trained
     want = torch.load(whole.best_path, weights_only=True)["state_dict"]
     for leftover in [*(tmp_path / "run" / "task2_b").iterdir(), tmp_path / "run" / "model.pt",
                      tmp_path / "run" / "continual.json"]:  # interrupted before task 2 ended (the resume had found a

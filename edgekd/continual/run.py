@@ -25,6 +25,7 @@ from edgekd.continual.scenarios import (ContinualObjective, Task, build_tasks, o
                                        union_data)
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import sha256_file, write_json, write_text
+from edgekd.host import host_record
 from edgekd.metrics import one_class_warning
 from edgekd.metrics.report import write_csv_log
 from edgekd.models import count_parameters, create_model, freeze, model_spec
@@ -264,7 +265,7 @@ def _summary(recipe, tasks: list[Task], spec: dict[str, Any], model: nn.Module, 
         "acc_matrix": acc, "f1_matrix": f1, "avg_acc": average_accuracy(acc), "forgetting": forgetting(acc),
         "forgetting_per_task": forgetting_per_task(acc), "bwt": backward_transfer(acc),
         "retention_first_task": retention(acc, 0), "final": steps[-1]["eval"], "steps": steps,
-        "seed": recipe.seed, "threads": torch.get_num_threads(),
+        "seed": recipe.seed, "threads": torch.get_num_threads(), "machine": host_record(),
     }
 
 
