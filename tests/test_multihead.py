@@ -538,6 +538,12 @@ def test_bench_times_a_continual_model_and_refuses_to_score_it_as_one_softmax(wo
     assert all(r.get("acc") is None for r in done.records)
     notes = json.dumps(json.loads((tmp_path / "b" / "bench.json").read_text()))
     assert "a continual-learning model (one head per task): timed on random images" in notes
+    # the checkpoint itself, though task A's retention is below the profile's min_retention: exported and timed
+    # (the gate had refused it, naming an --allow-forgetting bench does not have)
+    alone = run_bench(BenchConfig(world["cl"].best_path, tmp_path / "c", formats="onnx", precisions="fp32",
+                                  batches="1", gemm=False, timing=quick, variants={"onnx": ("bare",)}),
+                      log=lambda *_: None)
+    assert [r["status"] for r in alone.records] == ["ok"] and alone.records[0].get("acc") is None
     folder = tmp_path / "labelled"
     for name in ("A:class_0", "A:class_1"):
         (folder / name).mkdir(parents=True)
