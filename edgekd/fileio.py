@@ -389,6 +389,7 @@ def held_output(path: str | Path, what: str):
     missing (Windows) or the folder is not writable (the writer's own error says so) nothing is locked."""
     path = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # where a link's writer writes
     lock = path.parent / f".{path.name}.edgekd-lock"
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # removed again if left empty
     fd = None
     try:
         import fcntl
@@ -426,6 +427,9 @@ def held_output(path: str | Path, what: str):
                 os.unlink(lock)
             TRACKED_LOCKS.discard(lock)
             os.close(fd)
+        for folder in made:  # deepest first: a refused export leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 @contextlib.contextmanager

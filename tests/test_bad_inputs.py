@@ -1316,6 +1316,9 @@ def test_a_second_export_into_a_bundle_being_written_is_refused(trained, tmp_pat
     with held_output(out, "export"):
         pass
     assert list(tmp_path.iterdir()) == []
+    # a refused export into a new folder leaves no empty folders behind (the lock had made them)
+    assert_refused(invoke(capsys, "export", tmp_path / "gone.pt", "--out", tmp_path / "x" / "deep" / "b"), "gone.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_output_lock_leaves_a_stop_signal_to_unwind_and_goes_with_an_export_ended_at_once(tmp_path):
