@@ -122,7 +122,10 @@ def test_multi_head_bundle_records_tasks_and_passes_parity_per_head(world):
     assert "## Continual learning" in card and "## Parity per head" in card and "No calibration" in card
     # its limitation names its tasks' data ("one public data set" of a model of two data sets before)
     assert "- Trained and tested on the data of its 2 tasks (A, B) in turn; performance on other sites" in card
-    assert "one public data set" not in card
+    assert "one public data set" not in card and "this data set" not in card
+    assert "- Figures hold for its tasks' own validation and test splits only." in card
+    # the runner check, head by head
+    assert "(`onnx` backend): head A: max |Δp| " in card and ", head B: max |Δp| " in card
 
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])

@@ -1278,8 +1278,9 @@ def test_a_blank_image_is_answered_with_a_warning(bundle, tmp_path):
     runner = Runner.from_bundle(bundle, backend="onnx", threads=1)
     blank = runner.predict(np.zeros((20, 20), np.uint8))
     one_pixel = runner.predict(np.full((1, 1, 3), 200, np.uint8))
+    green = runner.predict(np.broadcast_to(np.array([10, 200, 10], np.uint8), (20, 20, 3)).copy())  # had passed
     real = runner.predict(random_pixels((20, 20, 3), seed=3))
-    assert blank.warning == one_pixel.warning == BLANK_IMAGE and real.warning is None
+    assert blank.warning == one_pixel.warning == green.warning == BLANK_IMAGE and real.warning is None
     assert blank.to_dict()["warning"] == BLANK_IMAGE and "warning" not in real.to_dict()
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "black.png")
     Image.fromarray(random_pixels((20, 20, 3), seed=3)).save(tmp_path / "scan.png")

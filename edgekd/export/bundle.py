@@ -182,8 +182,13 @@ def _runner_lines(record: dict[str, Any] | None) -> list[str]:
         return []
     if "skipped" in record:
         return ["", f"Runner check: not run ({record['skipped']})."]
-    checked = "; ".join(f"{k} (`{v['backend']}` backend): max |Δp| {v['max_prob_diff']:.2g}, top-1 agreement "
-                        f"{_pct(v['top1_agreement_decisive'])} ({v['near_ties']} near ties left out)"
+    def figures(v: dict[str, Any]) -> str:
+        return (f"max |Δp| {v['max_prob_diff']:.2g}, top-1 agreement {_pct(v['top1_agreement_decisive'])} "
+                f"({v['near_ties']} near ties left out)")
+
+    checked = "; ".join(f"{k} (`{v['backend']}` backend): " + (", ".join(f"head {h}: {figures(hv)}"
+                                                                          for h, hv in v["heads"].items())
+                                                               if v.get("heads") else figures(v))
                         for k, v in record.items() if isinstance(v, dict) and "backend" in v)
     return ["", f"Runner check: the runtime's Runner, given the {record['images']} images as decoded (its own resize, "
             "TTA views and normalization), against the same artifact on the inputs above, TTA-averaged "

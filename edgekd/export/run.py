@@ -257,15 +257,16 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
 
 
 def card_settings(profile: ExportProfile, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The profile's card text; a continual model's default limitation names its tasks' data (it said "one public
-    data set" of a model trained on retinal and chest images)."""
+    """The profile's card text; a continual model's default limitations name its tasks' data (they said "one public
+    data set" and "this data set" of a model trained on retinal and chest images)."""
     card = profile.card.model_dump()
     tasks = [t["name"] for t in (ckpt.get("continual") or {}).get("tasks", [])]
-    default = CardConfig().limitations[0]
     if len(tasks) > 1:
-        card["limitations"] = [f"Trained and tested on the data of its {len(tasks)} tasks ({', '.join(tasks)}) in "
-                               "turn; performance on other sites, scanners and populations is unknown."
-                               if line == default else line for line in card["limitations"]]
+        default = CardConfig().limitations
+        said = {default[0]: f"Trained and tested on the data of its {len(tasks)} tasks ({', '.join(tasks)}) in turn; "
+                            "performance on other sites, scanners and populations is unknown.",
+                default[1]: "Figures hold for its tasks' own validation and test splits only."}
+        card["limitations"] = [said.get(line, line) for line in card["limitations"]]
     return card
 
 

@@ -61,7 +61,7 @@ class Prediction:
         return out
 
 
-BLANK_IMAGE = ("blank image: every pixel at model size has the same value (an empty, 1x1, all-black or fully "
+BLANK_IMAGE = ("blank image: every pixel at model size has the same colour (an empty, 1x1, solid-colour or fully "
                "transparent image?); the prediction says nothing about it")
 
 
@@ -79,9 +79,11 @@ class TaskPredictions:
 
 
 def flag_blank(result: Prediction | TaskPredictions, sized: np.ndarray) -> Prediction | TaskPredictions:
-    """`result` with the BLANK_IMAGE warning when its model-size image is one flat value: a model still answers,
-    often confidently, for nothing there."""
-    if int(sized.max()) - int(sized.min()) < 2:
+    """`result` with the BLANK_IMAGE warning when its model-size image is one colour (each channel one value, within
+    a level; a solid green had passed, its channels differing from each other): a model still answers, often
+    confidently, for nothing there."""
+    pixels = sized.reshape(-1, sized.shape[-1]) if sized.ndim == 3 else sized.reshape(-1, 1)
+    if int((pixels.max(axis=0).astype(np.int32) - pixels.min(axis=0)).max()) < 2:
         for p in result.tasks.values() if isinstance(result, TaskPredictions) else [result]:
             p.warning = BLANK_IMAGE
     return result
