@@ -618,6 +618,11 @@ def test_explain_takes_a_task_of_a_multi_head_model(world, tmp_path):
         explain_files(world["student"], [image], tmp_path / "cam2", task="A")
     with pytest.raises(EdgeKDError, match=r"--target 'A:class_0': not a class \(class_0, class_1, class_2\)"):
         explain_files(world["cl"].best_path, [image], tmp_path / "cam2", task="B", target="A:class_0")
+    spelled = explain_files(world["cl"].best_path, [image], tmp_path / "cam3", task="B", target="B:class_1")
+    assert spelled[0]["target"] == "class_1"  # TASK:CLASS, as the model's class names are
+    with pytest.raises(EdgeKDError) as wrong_layer:
+        explain_files(world["cl"].best_path, [image], tmp_path / "cam2", task="B", layer="nope")
+    assert "net." not in str(wrong_layer.value)  # the layer as the user named it
 
 
 def test_the_runner_check_of_a_multi_head_bundle_compares_each_head():

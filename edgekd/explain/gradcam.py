@@ -214,9 +214,14 @@ def task_model(model: nn.Module, ckpt: dict[str, Any], task: str | None, layer: 
     chosen = tasks[0] if task is None else next((t for t in tasks if t["name"] == task), None)
     if chosen is None:
         raise EdgeKDError(f"--task {task}: not a task of {where} ({', '.join(names)})")
+    from edgekd.models import get_submodule
+
+    if layer is not None:
+        get_submodule(model, layer)  # a wrong --layer named as given, not under the wrapper's `net.`
     layer = layer or default_target_layer(model, tuple(ckpt["preprocess"]["input_size"]))
     lo, hi = chosen["outputs"]
-    return TaskHead(model, lo, hi), {**ckpt, "class_names": list(chosen["class_names"])}, f"net.{layer}"
+    return (TaskHead(model, lo, hi), {**ckpt, "class_names": list(chosen["class_names"]), "task": chosen["name"]},
+            f"net.{layer}")
 
 
 def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, layer: str | None = None,
@@ -234,6 +239,8 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
     model, ckpt, layer = task_model(model, ckpt, task, layer, str(checkpoint))
     class_names = list(ckpt["class_names"])
     targets = None
+    if target is not None and ckpt.get("task") and target.startswith(f"{ckpt['task']}:"):
+        target = target.split(":", 1)[1]  # TASK:CLASS, as the model's class names spell it
     if target is not None:
         if target not in class_names and not (target.isdigit() and int(target) < len(class_names)):
             raise EdgeKDError(f"--target '{target}': not a class ({', '.join(class_names)}) or class id")
