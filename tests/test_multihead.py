@@ -336,6 +336,8 @@ def test_the_service_answers_every_task_or_the_chosen_one(world):
     assert refused.status_code == 400 and refused.json()["error"] == "task 'C': not a task of this bundle (A, B)"
     other, _ = call(create_app(Runner.from_bundle(world["bundle"], task="B", threads=1)), asking("A"))
     assert other.status_code == 400 and "answers task 'B' only" in other.json()["error"]
+    twice, _ = call(create_app(every), asking("A&task=B"))
+    assert twice.status_code == 400 and twice.json()["error"] == "task: given more than once (one task per request)"
 
 
 def test_export_one_class_warning_is_per_task_on_a_multi_head_model():
@@ -587,6 +589,8 @@ def test_serve_says_which_task_it_serves(world, monkeypatch):
     res = CliRunner().invoke(app, ["serve", str(world["bundle"]), "--task", "B", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert served == ["B"] and ", task B) at http://" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["serve", str(world["bundle"]), "--threads", "1"])
+    assert ", every task) at http://" in " ".join(res.output.split())
 
 
 def test_explain_takes_a_task_of_a_multi_head_model(world, tmp_path):

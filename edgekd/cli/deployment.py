@@ -309,7 +309,8 @@ def serve(
     url_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL goes in brackets
     console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision} on {backend}, "
                   f"{runner.info['threads'] or 'default'} threads{', TTA' if tta else ''}"
-                  f"{f', task {escape(runner.task)}' if runner.task else ''}) at http://{url_host}:{port}"
+                  f"{f', task {escape(runner.task)}' if runner.task else ', every task' if runner.bundle.tasks else ''})"
+                  f" at http://{url_host}:{port}"
                   + (" (token required)" if token else ""))
     run_service(runner, settings)
 

@@ -83,9 +83,11 @@ class Service:
         return await loop.run_in_executor(self.decoders, decode_upload, data, content_type, where,
                                           self.runner.preprocessor, self.keep_gray)
 
-    def check_task(self, task: str | None) -> None:
+    def check_task(self, task: str | None, request: Request) -> None:
         """`?task=NAME`: one task's head of a multi-head bundle served for every task (400 otherwise: it had been
-        ignored, every task answered)."""
+        ignored, every task answered); given twice, 400 (the last had been taken)."""
+        if len(request.query_params.getlist("task")) > 1:
+            raise UploadError("task: given more than once (one task per request)", 400)
         if task is None:
             return
         tasks = [t["name"] for t in self.runner.bundle.tasks or []]
@@ -234,7 +236,7 @@ async def _uploads(request: Request, limit: int, batch_said: str) -> list[tuple[
 def _add_routes(app: FastAPI, service: Service, auth) -> None:
     @app.post("/predict", dependencies=[auth])
     async def predict(request: Request, views: bool = False, task: str | None = None):
-        service.check_task(task)
+        service.check_task(task, request)
         service.batcher.check_room(1)  # a full queue answers 503 before the upload is read
         uploads = await _uploads(request, 1, service.batch_files_said)
         if len(uploads) != 1:
@@ -246,7 +248,7 @@ def _add_routes(app: FastAPI, service: Service, auth) -> None:
 
     @app.post("/predict/batch", dependencies=[auth])
     async def predict_batch(request: Request, views: bool = False, task: str | None = None):
-        service.check_task(task)
+        service.check_task(task, request)
         service.batcher.check_room(1)
         uploads = await _uploads(request, service.batch_files, service.batch_files_said)
         service.batcher.check_room(len(uploads))  # before decoding them; submit checks again
