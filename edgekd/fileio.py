@@ -235,14 +235,20 @@ def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str 
 def refuse_output_in_bundle(out: str | Path, option: str = "--out", replaces: bool = False) -> None:
     """An output never lands inside an existing bundle (a folder below one with a manifest), nor onto one unless it
     `replaces` it (export; train's check_run_dir says its own): the manifest would not list the new files, and the
-    runtime then refuses the bundle."""
+    runtime then refuses the bundle. Nor inside a Triton / OpenVINO Model Server repository."""
     from edgekd.runtime.bundle import MANIFEST_FILE
+    from edgekd.runtime.repository import is_model_repository
 
     target = Path(out).resolve()
     bundle = next((parent for parent in target.parents if (parent / MANIFEST_FILE).is_file()), None)
     if bundle is not None:
         raise EdgeKDError(f"{option} {out}: is inside the bundle {bundle}, whose manifest would no longer match "
                           "its files (the bundle would be refused); write the output elsewhere")
+    # a report written as a model's version folder: the server loads the highest version, one with no model
+    repository = next((parent for parent in list(target.parents)[:-1] if is_model_repository(parent)), None)
+    if repository is not None:
+        raise EdgeKDError(f"{option} {out}: is inside the model repository {repository}, which a server may be "
+                          "reading (a folder there is a model or a version to it); write the output elsewhere")
     if not replaces and (target / MANIFEST_FILE).is_file():
         raise EdgeKDError(f"{option} {out}: is a bundle, whose manifest would no longer match its files; write the "
                           "output elsewhere")

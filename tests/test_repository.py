@@ -387,3 +387,20 @@ def test_a_new_version_must_keep_what_its_clients_do_and_a_new_calibration_is_to
     (tmp_path / "t" / "edgekd-clients.json").unlink()  # an older edgekd's repository: not compared, and said so
     repo = write_repository(bundle, "triton", tmp_path / "t", name="m", version=3, add=True)
     assert any("has no edgekd-clients.json entry for 'm'" in n for n in repo.notes)
+
+
+def test_no_output_lands_inside_a_model_repository(tmp_path):
+    """`edgekd report --out REPO/model/6` had made a version folder holding no model (the server loads the highest
+    version); eval and train outputs there were models a server could not load."""
+    from edgekd.fileio import refuse_output_inside
+
+    ovms = tmp_path / "ovms"
+    ovms.mkdir()
+    (ovms / "config.json").write_text(json.dumps({"model_config_list": []}))
+    triton = tmp_path / "triton"
+    (triton / "m").mkdir(parents=True)
+    (triton / "m" / "config.pbtxt").write_text('name: "m"\n')
+    for out in (ovms / "evalx", triton / "m" / "6", triton / "trainx" / "deep"):
+        with pytest.raises(EdgeKDError, match=r"is inside the model repository .*, which a server may be reading"):
+            refuse_output_inside(out, [])
+    refuse_output_inside(tmp_path / "elsewhere", [])  # beside them: fine
