@@ -847,3 +847,11 @@ def test_a_train_loss_a_distillation_run_does_not_use_is_warned_of():
                if load_recipe(p).distill and unused_train_loss(load_recipe(p))]
     assert shipped == []
 
+
+
+def test_a_missing_zip_given_to_report_is_said_missing(tmp_path):
+    """A missing x.zip was "an exported bundle, not a checkpoint" (any .zip name counts as a bundle)."""
+    from edgekd.distill.report import resolve_checkpoint
+
+    with pytest.raises(EdgeKDError, match=r"nothere.zip: no checkpoint \(give a run directory holding best.pt"):
+        resolve_checkpoint(tmp_path / "nothere.zip")

@@ -21,6 +21,8 @@ COLUMNS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc")
 
 def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
+    if not path.exists():  # a missing x.zip had been "an exported bundle, not a checkpoint"
+        raise EdgeKDError(f"{path}: no checkpoint (give a run directory holding best.pt, or a .pt file)")
     if path.is_dir() and (path / "kfold.json").is_file() and not (path / "best.pt").is_file():
         runs = sorted(p.parent.relative_to(path).as_posix() for p in path.glob("fold0/*/best.pt"))
         raise EdgeKDError(f"{path}: a k-fold folder (its summary over the folds is kfold.md); give fold runs to "
