@@ -855,3 +855,25 @@ def test_a_missing_zip_given_to_report_is_said_missing(tmp_path):
 
     with pytest.raises(EdgeKDError, match=r"nothere.zip: no checkpoint \(give a run directory holding best.pt"):
         resolve_checkpoint(tmp_path / "nothere.zip")
+
+
+def test_the_auc_reference_is_the_teacher_the_student_learned_from(tmp_path):
+    """With two teachers in a report, every model was tested against the smaller one, not the student's own."""
+    import numpy as np
+
+    from edgekd.distill.report import auc_comparisons
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+
+    def row(name, role, teacher=None):
+        p = np.clip(y * 0.6 + rng.random(60) * 0.5, 0, 1)
+        return {"name": name, "role": role, "checkpoint": str(tmp_path / name / "best.pt"), "teacher": teacher,
+                "_y": y, "_probs": np.stack([1 - p, p], 1), "_scored": "same"}
+
+    rows = [row("small-teacher", "teacher"), row("big-teacher", "teacher"),
+            row("student", "student", teacher=str(tmp_path / "big-teacher" / "best.pt"))]
+    text = auc_comparisons(rows)
+    assert "AUC vs `big-teacher` (teacher)" in text and rows[2]["auc_vs"]["reference"] == "big-teacher"
+    rows[2]["teacher"] = None  # nobody's teacher in the table: the first
+    assert "AUC vs `small-teacher` (teacher)" in auc_comparisons(rows)

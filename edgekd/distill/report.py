@@ -184,11 +184,15 @@ def different_images_note(rows: list[dict[str, Any]]) -> str:
 
 
 def auc_comparisons(rows: list[dict[str, Any]]) -> str:
-    """Binary tasks: the DeLong test of each model's AUC against the teacher's (or the first model's) on the same
-    images, into the rows (`auc_vs`) and as a table."""
+    """Binary tasks: the DeLong test of each model's AUC against the teacher's on the same images, into the rows
+    (`auc_vs`) and as a table. The reference: the teacher a student of the table was distilled from, else the first
+    teacher (the smallest; with two teachers the smaller had been taken whoever taught), else the first model."""
     from edgekd.metrics import delong_test
 
-    ref = next((r for r in rows if r["role"] == "teacher"), rows[0])
+    taught_by = {os.path.realpath(r["teacher"]) for r in rows if r.get("teacher")}
+    teachers = [r for r in rows if r["role"] == "teacher"]
+    ref = next((t for t in teachers if t.get("checkpoint") and os.path.realpath(t["checkpoint"]) in taught_by),
+               (teachers or rows)[0])
     others = [r for r in rows if r is not ref and r["_probs"].shape[1] == 2 and r["_scored"] == ref["_scored"]]
     if ref["_probs"].shape[1] != 2 or not others or len(np.unique(ref["_y"])) < 2:
         return ""
