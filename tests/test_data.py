@@ -649,8 +649,28 @@ def test_an_npz_whose_pixels_changed_under_the_same_name_is_refused_as_other_dat
     arrays["val_images"] = 255 - arrays["val_images"]  # other pixels, the same names, counts and labels
     np.savez(path, **arrays)
     with pytest.raises(EdgeKDError, match=r"^best.pt: its data's splits are not the ones it was trained with "
-                                          r"\(val: other images or labels, 16 as at training\)"):
+                                          r"\(val: the pixels of its 16 images changed \(labels as at training\)\): "
+                                          r".*changed since, so every figure on them would be on other images"):
         check_trained_splits(ckpt, build_data(rec), rec, "best.pt")
+    check_trained_splits(ckpt, build_data(rec), rec, "best.pt", ("test",))  # scoring test alone: its images hold
     # a record from before pixels were recorded (labels only) is compared by what it holds
     labels_only = {s: {k: v for k, v in d.items() if k != "pixels"} for s, d in trained.items()}
     check_trained_splits({**ckpt, "data_splits": labels_only}, build_data(rec), rec, "best.pt")
+
+
+def test_eval_checks_the_splits_it_scores(tmp_path, tiny_recipe_dict):
+    """eval checked val and test whatever --split asked: a changed test split refused `--split val`, and train
+    images changed under the same name were scored as the ones the model trained on."""
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import evaluate_checkpoint, train_recipe
+
+    raw = {**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "epochs": 1}}
+    run = train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda s: None)
+    npz = Path(raw["data"]["path"])
+    with np.load(npz) as z:
+        arrays = dict(z)
+    arrays["train_images"] = 255 - arrays["train_images"]
+    np.savez(npz, **arrays)
+    evaluate_checkpoint(run.best_path, tmp_path / "e1", splits=("val", "test"), log=lambda s: None)
+    with pytest.raises(EdgeKDError, match=r"train: the pixels of its 48 images changed"):
+        evaluate_checkpoint(run.best_path, tmp_path / "e2", splits=("train",), log=lambda s: None)

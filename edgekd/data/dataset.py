@@ -392,21 +392,30 @@ def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,
     # a split the run had not (train/ and val/ folders trained on before a missing test split was carved): carved
     # now from the images it trained on
     changed = [s for s in splits if (s in trained and differs(s)) or (s not in trained and s in now)]
-    if changed:
-        def said(split: str) -> str:
-            if split not in trained:
-                return (f"{split}: {now[split].get('images')} images carved now (data.{split}_fraction) from the "
-                        "train images, a split the run did not have")
-            n, then = now.get(split, {}).get("images", 0), trained[split].get("images")
-            return (f"{split}: {n} images now, {then} at training" if n != then else
-                    f"{split}: other images or labels, {n} as at training")
-        raise EdgeKDError(f"{where}: its data's splits are not the ones it was trained with "
-                          f"({'; '.join(map(said, changed))}): "
-                          f"{recipe.data.path or 'the data'} changed since, so images it trained on may land in val or "
-                          "test; restore it as it was, or give new images as another dataset (another data.path)"
-                          + (" (a folder trained on before 2026-12-06 also lists differently now: hidden files such as "
-                             "._x.png are left out, symlinked sub-folders followed)"
-                             if recipe.data.source == "imagefolder" else ""))
+    if not changed:
+        return
+
+    def pixels_only(split: str) -> bool:  # the same images by name and label, other pixels (an .npz rewritten)
+        was, new = trained.get(split, {}), now.get(split, {})
+        return "pixels" in was and was.get("sha256") == new.get("sha256") and was.get("images") == new.get("images")
+
+    def said(split: str) -> str:
+        if split not in trained:
+            return (f"{split}: {now[split].get('images')} images carved now (data.{split}_fraction) from the "
+                    "train images, a split the run did not have")
+        n, then = now.get(split, {}).get("images", 0), trained[split].get("images")
+        if pixels_only(split):
+            return f"{split}: the pixels of its {n} images changed (labels as at training)"
+        return (f"{split}: {n} images now, {then} at training" if n != then else
+                f"{split}: other images or labels, {n} as at training")
+    why = ("so every figure on them would be on other images than the model's" if all(map(pixels_only, changed))
+           else "so images it trained on may land in val or test")
+    raise EdgeKDError(f"{where}: its data's splits are not the ones it was trained with "
+                      f"({'; '.join(map(said, changed))}): {recipe.data.path or 'the data'} changed since, {why}; "
+                      "restore it as it was, or give new images as another dataset (another data.path)"
+                      + (" (a folder trained on before 2026-12-06 also lists differently now: hidden files such as "
+                         "._x.png are left out, symlinked sub-folders followed)"
+                         if recipe.data.source == "imagefolder" else ""))
 
 
 def build_data(recipe) -> DataModule:

@@ -289,7 +289,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     recipe = data_recipe or recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
     data = build_checkpoint_data(recipe)
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
-    check_trained_splits(ckpt, data, recipe, str(checkpoint))  # drawn as at training: the same images
+    check_trained_splits(ckpt, data, recipe, str(checkpoint), tuple(splits))  # the splits scored, as at training
     dev = resolve_device(device)
     model.to(dev)
     out = Path(out)
