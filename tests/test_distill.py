@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -489,6 +490,7 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     folds = [json.loads((tmp_path / "kfold" / f"fold{k}" / "splits.json").read_text()) for k in (0, 1)]
     assert folds[0]["val"]["images"] + folds[1]["val"]["images"] == folds[0]["train"]["images"] + folds[0]["val"]["images"]
     saved = json.loads((tmp_path / "kfold" / "kfold.json").read_text())
+    assert saved["machine"]["cores"] == os.cpu_count()  # where the folds ran
     assert [(r["fold"], r["role"]) for r in saved["runs"]] == [(0, "teacher"), (0, "student"),
                                                               (1, "teacher"), (1, "student")]
     for r in saved["runs"]:

@@ -149,6 +149,7 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
     # Its time and sessions count the interrupted session too (they had described the last session alone).
     metrics = json.loads((part_dir / "metrics.json").read_text())
     assert [s["from_epoch"] for s in metrics["sessions"]] == [0, 1]
+    assert all(s["machine"]["cores"] == os.cpu_count() for s in metrics["sessions"])  # each session's machine
     assert metrics["train_seconds"] > state["trainer"]["train_seconds"] > 0
     # Resuming the finished run says so, trains nothing and adds no session (it had added an empty one).
     trained.clear()

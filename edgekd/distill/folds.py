@@ -12,6 +12,7 @@ from edgekd.data import data_path_key, load_source, split_listing, split_tables
 from edgekd.distill.unlabeled import check_pool_for_folds
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, write_json, write_text
+from edgekd.host import host_record
 from edgekd.recipe import find_recipe_file, load_recipe, recipe_from_dict
 
 SUMMARY_METRICS = ("acc", "balanced_acc", "auc", "f1", "sensitivity", "specificity", "pauc")
@@ -88,7 +89,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     unit = "patient" if split == "patient" else "image"
     table = folds_markdown(summary, recipe.name, folds, unit)
     result = {"name": recipe.name, "folds": folds, "split": split, "fold_unit": unit, "runs": rows,
-              "summary": summary, "table_markdown": table}
+              "summary": summary, "table_markdown": table, "machine": host_record()}
     if main:  # an earlier run's results at the top of --out (e.g. a single run's best.pt) go when this one's come
         with deferred_signals():  # (not at the start: a refused fold would have left neither)
             remove_earlier_outputs(out)

@@ -22,6 +22,7 @@ from torch import nn
 
 from edgekd.data import check_trained_splits, epoch_seed
 from edgekd.errors import EdgeKDError
+from edgekd.host import host_record
 from edgekd.metrics import classification_metrics, write_csv_log
 from edgekd.probability import softmax
 from edgekd.progress import progress_task
@@ -413,7 +414,7 @@ class Trainer:
         self._session_start = time.perf_counter() if trains else None  # a finished run's re-evaluation trains not
         if trains:
             self.sessions.append({"from_epoch": self.epoch, "processes": distributed.world_size(),
-                                  "threads": torch.get_num_threads()})
+                                  "threads": torch.get_num_threads(), "machine": host_record()})  # each resume's
         for p in self.plugins:
             p.before_fit(self)
         # Wrapped after before_fit: DDP registers the parameters that require grad at that moment (BN freeze).
