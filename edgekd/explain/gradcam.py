@@ -265,7 +265,8 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
         for rec, src in zip(records, images):
             rec["file"] = str(src)
         write_json(stage / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM",
-                                            **({"task": task} if task else {}), "images": records})
+                                            **({"task": ckpt["task"]} if ckpt.get("task") else {}),
+                                            "images": records})
     return records
 
 
