@@ -598,7 +598,8 @@ def test_perturbed_artifact_fails_the_gate_and_leaves_nothing(tmp_path, monkeypa
     # One line per failure: only the perturbed artifact; the clean OpenVINO one passed.
     assert [line.strip().split(": ")[0] for line in report[1:] if line.strip()] == ["onnx/fp32"]
     assert "logit diff" in report[1] and "1e-05·|reference|" in report[1]
-    assert list((tmp_path / "exports").iterdir()) == []  # no bundle, no zip, no staging leftovers
+    # no bundle, no zip, no staging leftovers, no lock file: not even the folder the refused export made for them
+    assert not (tmp_path / "exports").exists()
 
 
 @pytest.mark.slow
