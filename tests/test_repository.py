@@ -268,13 +268,15 @@ def test_add_puts_a_second_model_or_the_next_version_into_a_served_repository(bu
 
     write_repository(bundle, "triton", tmp_path / "t", name="a")
     write_repository(bundle, "triton", tmp_path / "t", name="b", add=True)
-    write_repository(bundle, "triton", tmp_path / "t", name="a", version=2, add=True)
+    same = write_repository(bundle, "triton", tmp_path / "t", name="a", version=2, add=True)
+    assert not any("config.pbtxt stays" in n for n in same.notes)  # the same options: nothing to say
     assert sorted(p.relative_to(tmp_path / "t").as_posix() for p in (tmp_path / "t").glob("*/*/model.onnx")) == [
         "a/1/model.onnx", "a/2/model.onnx", "b/1/model.onnx"]
     # other batching: the same model inputs and outputs, so a version (the served config.pbtxt stays)
     served = (tmp_path / "t" / "a" / "config.pbtxt").read_text()
-    write_repository(bundle, "triton", tmp_path / "t", name="a", version=3, max_batch_size=4, add=True)
+    other_batching = write_repository(bundle, "triton", tmp_path / "t", name="a", version=3, max_batch_size=4, add=True)
     assert (tmp_path / "t" / "a" / "config.pbtxt").read_text() == served
+    assert any(n.startswith("a's config.pbtxt stays as it is") for n in other_batching.notes)  # said, not silent
     # another input size: not a version of the same model, for either server
     other = tmp_path / "other"
     other.mkdir()

@@ -342,6 +342,12 @@ def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, serves_name: bool,
             raise EdgeKDError(f"--name {name}: version {previous.name}'s model has other inputs or outputs (names, "
                               "types, shapes) than this one; a new version must keep them: give another --name")
         clients, readme, notes = _client_records(bundle, out, name, serves_name, version)
+        kept = out / name / "config.pbtxt"
+        if kind == "triton" and serves_name and kept.is_file() and \
+                kept.read_text() != (stage / name / "config.pbtxt").read_text():  # options had gone without a word
+            notes.append(f"{name}'s config.pbtxt stays as it is (a new version is served under its model's "
+                         "config): this call's --max-batch / --queue-delay-us and the bundle's thread hint apply to a "
+                         "new --name")
         write_text(stage / readme, repository_readme(bundle, kind, name, art, files, io, base_path))
         write_json(stage / CLIENTS_FILE, clients)
         with deferred_signals():
