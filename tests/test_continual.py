@@ -938,3 +938,11 @@ def test_two_plugins_of_one_class_log_a_penalty_each():
     named = ScalePlugin()
     named.name = "l2"
     assert penalty_name(named, {"scale": 1.0}) == "l2"
+
+
+def test_loss_part_columns_follow_the_term_order():
+    from edgekd.train.trainer import part_order
+
+    names = ["ewc", "unlabeled_10_kl", "10_ce", "2_kl", "unlabeled_2_kl", "0_feature_mse", "lwf"]
+    assert sorted(names, key=part_order) == ["0_feature_mse", "2_kl", "10_ce", "unlabeled_2_kl", "unlabeled_10_kl",
+                                             "ewc", "lwf"]

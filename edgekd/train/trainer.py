@@ -73,6 +73,16 @@ def penalty_name(plugin: Plugin, taken) -> str:
     return name if name not in taken else next(f"{name}_{k}" for k in itertools.count(2) if f"{name}_{k}" not in taken)
 
 
+def part_order(name: str) -> tuple:
+    """log.csv's order of the loss parts: the distillation terms by index (`10_ce` after `2_kl`, not before), the
+    unlabeled pool's likewise, then the plugins' penalties by name."""
+    head, _, rest = name.partition("_")
+    if head == "unlabeled":
+        head, _, rest = rest.partition("_")
+        return (1, int(head) if head.isdigit() else 0, rest)
+    return (0, int(head), rest) if head.isdigit() else (2, 0, name)
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -350,7 +360,7 @@ class Trainer:
         loader = self.data.loader("train", epoch=epoch, distributed=self.distributed)
         with progress_task(progress, f"epoch {epoch + 1}/{self.cfg.epochs}", len(loader)) as advance:
             total, count, parts = self._train_batches(epoch, loader, advance)
-        names = distributed.union_across_ranks(parts)  # a part one rank never logged counts 0 there
+        names = sorted(distributed.union_across_ranks(parts), key=part_order)  # one never logged counts 0 there
         sums = distributed.sum_across_ranks([total, count, *(parts.get(k, 0.0) for k in names)], self.device)
         count = max(sums[1], 1)  # the loss over all ranks' shards
         return {"train_loss": sums[0] / count, **{f"train_{k}": v / count for k, v in zip(names, sums[2:])}}
