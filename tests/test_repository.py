@@ -406,3 +406,19 @@ def test_no_output_lands_inside_a_model_repository(tmp_path):
         with pytest.raises(EdgeKDError, match=r"is inside the model repository .*, which a server may be reading"):
             refuse_output_inside(out, [])
     refuse_output_inside(tmp_path / "elsewhere", [])  # beside them: fine
+
+
+def test_a_missing_format_names_the_option_that_picks_another(bundle, monkeypatch):
+    """`repository --kind triton` of an OpenVINO-only bundle said "--backend openvino runs its ... model", an option
+    repository does not have."""
+    from edgekd.runtime.bundle import Artifact, Bundle
+
+    only_ov = Bundle(root=Path("b"), meta={}, source=Path("b"), artifacts=[Artifact("openvino", "fp32", Path("m.xml"))])
+    with pytest.raises(EdgeKDError, match=r"no onnx fp32 model in the bundle \(it has: openvino/fp32; --backend "
+                                          r"openvino runs its openvino fp32 model\)"):
+        only_ov.artifact("onnx", "fp32")
+    import edgekd.runtime.repository as repository
+
+    monkeypatch.setattr(repository, "open_bundle", lambda *a, **k: only_ov)
+    with pytest.raises(EdgeKDError, match=r"; --kind ovms runs its openvino fp32 model\)"):
+        repository.write_repository(bundle, "triton", Path("/nonexistent/repo"))

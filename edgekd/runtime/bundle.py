@@ -14,7 +14,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError, quote, shorten, shown
 from edgekd.fileio import deferred_signals, ensure_free_space, make_temp_dir, remove_tree, sha256_file
@@ -196,8 +196,9 @@ class Bundle:
         have = {a.precision for a in self.artifacts}
         return next((p for p in PRECISIONS if p in have), "fp32")
 
-    def artifact(self, fmt: str, precision: str) -> Artifact:
-        """The model of a format and precision, named in any case (`--precision FP16`)."""
+    def artifact(self, fmt: str, precision: str, choose: Callable[[str], str] | None = None) -> Artifact:
+        """The model of a format and precision, named in any case (`--precision FP16`). `choose(format)`: the
+        option that picks a format's model, for the refusal's hint (default `--backend <format>`)."""
         for art in self.artifacts:
             if art.format == fmt.lower() and art.precision == precision.lower():
                 return art
@@ -205,8 +206,9 @@ class Bundle:
         others = [a.format for a in self.artifacts if a.precision == precision.lower()]
         if not others:  # whatever the backend: naming one had read as if another backend could run it
             raise EdgeKDError(f"{self.source}: no {precision} model in the bundle (it has: {have})")
-        raise EdgeKDError(f"{self.source}: no {fmt} {precision} model in the bundle (it has: {have}; --backend "
-                          f"{others[0]} runs its {others[0]} {precision} model)")
+        option = (choose or (lambda f: f"--backend {f}"))(others[0])
+        raise EdgeKDError(f"{self.source}: no {fmt} {precision} model in the bundle (it has: {have}; {option} "
+                          f"runs its {others[0]} {precision} model)")
 
 
 def _starts_like_a_zip(path: Path) -> bool:

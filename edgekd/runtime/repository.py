@@ -190,7 +190,8 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
         _check_out(out)
     check_output_location(out)  # a read-only folder: named as --out (it had named the staging folder)
     bundle = open_bundle(bundle_path, verify=True)
-    art = bundle.artifact(KINDS[kind], precision or bundle.most_precise())
+    art = bundle.artifact(KINDS[kind], precision or bundle.most_precise(),
+                          lambda fmt: f"--kind {next(k for k, f in KINDS.items() if f == fmt)}")
     check_artifact(bundle, art.format, art.precision)  # clients follow the README this writes from edgekd.json
     # an updated (or multi-head) bundle has other outputs than its parent: by default it gets its own name, with its
     # output count (it had taken the parent's, and "same name, next version" swapped a 2-class model for a 12-output one)
