@@ -18,9 +18,9 @@ import statistics
 import sys
 
 from common import (ACCURACY_KEY, METRICS, REPO, RESULTS, accuracy_record, machine_line, merge_records, plain_runs,
-                    refresh_results_md, replace_section, results_doc, run_main, run_or_reuse)
+                    refresh_results_md, results_doc, run_main, run_or_reuse)
 
-from edgekd.fileio import atomic_write, write_json
+from edgekd.fileio import write_json
 from edgekd.recipe import load_recipe
 
 VARIANTS = {  # variant -> (recipe, run dir prefix, what the loss is)
@@ -32,7 +32,6 @@ VARIANTS = {  # variant -> (recipe, run dir prefix, what the loss is)
 }
 TRAINED_HERE = ("feature", "attention", "logit_r18")
 RUNS = REPO / "runs" / "bench" / "pneumonia"
-RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- distill-terms:begin (benchmarks/distill_terms.py) -->", "<!-- distill-terms:end -->"
 
 
@@ -98,9 +97,7 @@ def main() -> None:
                          "nothing to summarize, nothing written")
     result = results_doc("distill_terms", command, rows, teacher="runs/bench/pneumonia/teacher/best.pt", seeds=args.seeds)
     write_json(RESULTS / "distill_terms.json", result)
-    text = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    atomic_write(RESULTS_MD, lambda tmp: open(tmp, "w").write(replace_section(text, section(result), BEGIN, END)))
-    refresh_results_md()
+    refresh_results_md()  # the KD-terms section among them (report.py renders it from the file just written)
     for r in rows:
         print(f"{r['variant']:10s} seeds {r['seeds']}: acc {r['acc']['mean']:.4f} auc {r['auc']['mean']:.4f} "
               f"f1 {r['f1']['mean']:.4f} s/epoch {r['seconds_per_epoch']['mean']:.1f}")

@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 
 from common import (ACCURACY_KEY, METRICS, REPO, RESULTS, accuracy_record, finished_run, machine_line, merge_records,
-                    refresh_results_md, replace_section, results_doc, run_main, run_or_reuse, train_command)
+                    refresh_results_md, results_doc, run_main, run_or_reuse, train_command)
 
-from edgekd.fileio import write_json, write_text
+from edgekd.fileio import write_json
 from edgekd.recipe import load_recipe
 
 LONG = ["train.epochs=80", "train.early_stop.patience=null"]
@@ -454,9 +454,7 @@ def main() -> None:
     doc["repeat"] = repeat(args.set_name, args.repeat, args.seeds[0]) if args.repeat else old.get("repeat")
     doc["ceiling"] = ceiling(args.set_name, args.ceiling, args.seeds) if args.ceiling else old.get("ceiling")
     write_json(path, doc)
-    results_md = REPO / "benchmarks" / "RESULTS.md"
-    write_text(results_md, replace_section(results_md.read_text(), markdown(args.set_name, doc), *markers(args.set_name)))
-    refresh_results_md()
+    refresh_results_md()  # this set's section among them (report.py renders it from the file just written)
     for s in doc["records"]:
         g = s.get("gain_pts")
         print(f"{s['row']:14s} acc {s['acc']['mean']:.4f}±{s['acc']['std']:.4f} auc {s['auc']['mean']:.4f}±"
