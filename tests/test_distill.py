@@ -815,6 +815,46 @@ def test_report_names_a_continual_run_folder_for_what_it_is(tmp_path):
         resolve_checkpoint(tmp_path / "plain")
 
 
+def test_kfold_refuses_what_would_see_a_folds_validation_images_before_training(tmp_path):
+    """An ensemble member (trained once, on the standard split) and model.weights trained on the same data had been
+    used in every fold without a word; a student with the default role 'teacher' overwrote the fold teacher's folder
+    and was averaged with it as one row; a continual recipe failed after fold0/splits.json was written."""
+    import torch
+
+    from edgekd.distill.folds import refuse_weights_trained_here, run_kfold
+
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path, name="t")))
+    student = {"teacher_recipe": str(tmp_path / "teacher.yaml"), "terms": [{"kind": "kl"}]}
+    here = tmp_path / "here.pt"  # what refuse_weights_trained_here reads of an edgekd checkpoint: its recipe's data
+    torch.save({"recipe": {"data": {"source": "builtin", "path": None}}}, here)
+    elsewhere = tmp_path / "elsewhere.pt"
+    torch.save({"recipe": {"data": {"source": "medmnist", "path": str(tmp_path / "other.npz")}}}, elsewhere)
+    cases = [
+        (tiny_recipe(tmp_path, role="student", distill={**student, "ensemble": [str(here)]}),
+         r"^--folds: distill.ensemble members are checkpoints trained once, outside the folds"),
+        (tiny_recipe(tmp_path, distill=student), r"^--folds: the distill recipe's role is 'teacher' \(the default\)"),
+        (tiny_recipe(tmp_path, role="student", distill=student, model={"weights": str(here)}),
+         r"^--folds: model.weights \S+here.pt was trained by edgekd on this data \(builtin\)"),
+        (tiny_recipe(tmp_path, model={"weights": str(here)}), r"^--folds: model.weights \S+here.pt was trained"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(EdgeKDError, match=message):
+            run_kfold(recipe_from_dict(raw), tmp_path / "k", 2, log=lambda m: None)
+        assert not (tmp_path / "k").exists()  # refused before fold0/splits.json
+    with pytest.raises(EdgeKDError, match=r"^--folds: the teacher recipe's model.weights \S+here.pt was trained"):
+        run_kfold(recipe_from_dict(tiny_recipe(tmp_path, role="student", distill=student)), tmp_path / "k", 2,
+                  log=lambda m: None, teacher_overrides=[f"model.weights={here}"])
+    # weights trained on other data (or not by edgekd) are what model.weights is for
+    refuse_weights_trained_here(recipe_from_dict(tiny_recipe(tmp_path, model={"weights": str(elsewhere)})), "w")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "plain.pth")
+    refuse_weights_trained_here(recipe_from_dict(tiny_recipe(tmp_path, model={"weights": str(tmp_path / "plain.pth")})), "w")
+    (tmp_path / "distilling.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path, distill=student)))
+    with pytest.raises(EdgeKDError, match=r"^--folds: distill.teacher_recipe \S+distilling.yaml is itself a distill "
+                                          r"recipe; the fold teacher trains on the labels alone$"):
+        run_kfold(recipe_from_dict(tiny_recipe(tmp_path, role="student", distill={
+            **student, "teacher_recipe": str(tmp_path / "distilling.yaml")})), tmp_path / "k", 2, log=lambda m: None)
+
+
 def test_fold_teacher_data_paths_compare_as_files_and_teacher_set_errors_name_teacher_set(tmp_path):
     """`--teacher-set data.path=<the same folder>/` (or a symlink to it) was refused as other data, without naming
     the key; a bad --teacher-set key was reported as a --set."""

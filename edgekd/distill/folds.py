@@ -66,6 +66,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
         raise EdgeKDError(f"{out}: no fold run to resume (no fold<i>/<role>/last.pt)")
     main = is_main_process()
     teacher_base = fold_teacher_recipe(recipe, recipe_path, teacher_overrides) if recipe.distill else None
+    refuse_fold_leaks(recipe, teacher_base)
     check_pool_for_folds(recipe, folds)  # before the first teacher trains (a bad pool had failed after it)
     split = split_mode(recipe, log)
     rows: list[dict[str, Any]] = []
@@ -109,7 +110,8 @@ def fold_teacher_recipe(recipe, recipe_path: str | Path | None, teacher_override
     if any(o.split("=", 1)[0].strip() == "seed" for o in teacher_overrides or []):
         raise EdgeKDError("--teacher-set seed=...: the fold teacher takes the student's seed (the folds are drawn "
                           "with it)")
-    same = ("source", "path", "classes", "class_names", "limit", "test_fraction", "patient_pattern")
+    same = ("source", "path", "classes", "class_names", "limit", "test_fraction", "patient_pattern",
+            "dicom_patient_ids")
     differ = [f"data.{k}: {getattr(teacher_base.data, k)!r} vs {getattr(recipe.data, k)!r}" for k in same
               if not same_data_value(k, getattr(teacher_base.data, k), getattr(recipe.data, k))]
     if differ:
@@ -117,6 +119,53 @@ def fold_teacher_recipe(recipe, recipe_path: str | Path | None, teacher_override
                           f"student's so both see the same folds ({'; '.join(differ)}, teacher vs student; "
                           "--teacher-set data.path=... changes the teacher's)")
     return teacher_base
+
+
+def refuse_fold_leaks(recipe, teacher_base) -> None:
+    """What k-fold cannot keep apart from each fold's validation images, or cannot run per fold, refused before
+    anything trains: a continual recipe (its tasks have data of their own), a fold teacher that distills or
+    learns tasks itself, distill.ensemble (checkpoints trained once, outside the folds), a model.weights file that
+    edgekd trained on this same data (its train split holds most of every fold's validation images), and a
+    student whose role is the fold teacher's folder name."""
+    if recipe.continual is not None:
+        raise EdgeKDError("--folds: a continual recipe learns tasks of their own data; k-fold takes a supervised or "
+                          "distill recipe")
+    if teacher_base is None:
+        return refuse_weights_trained_here(recipe, "model.weights")
+    if teacher_base.distill is not None or teacher_base.continual is not None:
+        raise EdgeKDError(f"--folds: distill.teacher_recipe {recipe.distill.teacher_recipe} is itself a "
+                          f"{'distill' if teacher_base.distill else 'continual'} recipe; the fold teacher trains "
+                          "on the labels alone")
+    if recipe.distill.ensemble:
+        raise EdgeKDError("--folds: distill.ensemble members are checkpoints trained once, outside the folds, so "
+                          "each has seen fold images it would be validated on; k-fold retrains only the "
+                          "teacher_recipe per fold: set distill.ensemble=[]")
+    if recipe.role == "teacher":
+        raise EdgeKDError("--folds: the distill recipe's role is 'teacher' (the default), the folder of each fold's "
+                          "teacher; set role: student (or student_scratch, baseline)")
+    refuse_weights_trained_here(recipe, "model.weights")
+    refuse_weights_trained_here(teacher_base, "the teacher recipe's model.weights")
+
+
+def refuse_weights_trained_here(recipe, key: str) -> None:
+    """Under --folds: a model.weights file that is an edgekd checkpoint trained on the recipe's own data (the same
+    data.path) has trained on most of every fold's validation images. Weights from elsewhere (the hub, another
+    data set) are fine; an unreadable file is left to the model build to report."""
+    weights = recipe.model.weights
+    if not weights or Path(weights).suffix.lower() == ".safetensors" or not Path(weights).is_file():
+        return
+    import torch
+
+    try:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception:  # the model build names what is wrong with it
+        return
+    data = ((ckpt.get("recipe") or {}).get("data") or {}) if isinstance(ckpt, dict) else {}
+    here = recipe.data.path or recipe.data.source  # the built-in set has no path
+    if data and (same_data_value("path", data.get("path"), recipe.data.path) if data.get("path") and recipe.data.path
+                 else not data.get("path") and not recipe.data.path and data.get("source") == recipe.data.source):
+        raise EdgeKDError(f"--folds: {key} {weights} was trained by edgekd on this data ({here}), so it has seen "
+                          "most of every fold's validation images; start from weights trained elsewhere")
 
 
 def fold_run(train: Callable, recipe, out: Path, resume: bool, log: Callable[[str], None], progress):
