@@ -85,13 +85,15 @@ def is_dicomdir(path: Path) -> bool:
     return "DICOMDIR" in (path.name.upper(), path.stem.upper())
 
 
-SYSTEM_FOLDERS = {"__MACOSX", "$RECYCLE.BIN", "System Volume Information"}
-"""Folders an operating system adds to a copied folder, never a class or a source of images."""
+SYSTEM_FOLDERS = {"__MACOSX", "$RECYCLE.BIN", "System Volume Information", "@eaDir"}
+"""Folders an operating system or a NAS adds to a copied folder, never a class or a source of images (`@eaDir/`: a
+Synology NAS's thumbnails of every image beside it)."""
 
 
 def is_hidden(path: Path) -> bool:
     """A hidden or system entry that a folder of images may carry from a Mac, a Windows share or a notebook:
-    `.DS_Store`, AppleDouble `._scan.png` files, `.Trashes/`, `.ipynb_checkpoints/`, `__MACOSX/`, `Thumbs.db`."""
+    `.DS_Store`, AppleDouble `._scan.png` files, `.Trashes/`, `.ipynb_checkpoints/`, `__MACOSX/`, `@eaDir/`,
+    `Thumbs.db`."""
     return path.name.startswith(".") or path.name in SYSTEM_FOLDERS or path.name.lower() == "thumbs.db"
 
 

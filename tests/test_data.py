@@ -596,6 +596,26 @@ def test_an_image_in_two_splits_is_a_data_warning(tmp_path):
                     "test figures include images the model trained on")
 
 
+def test_split_folders_are_known_by_the_names_a_split_column_may_use(tmp_path):
+    """`Training/` and `Testing/` (a common download's layout) had become two classes, each holding every real
+    class's images, without a word; `valid/` had been ignored (val carved from train)."""
+    root = tmp_path / "bt"
+    write_image_folder(root / "Training", n_per_class=6, classes=("glioma", "notumor"))
+    write_image_folder(root / "Testing", n_per_class=2, classes=("glioma", "notumor"))
+    source = load_source("imagefolder", root)
+    assert source.class_names == ["glioma", "notumor"] and list(source.tables) == ["train", "test"]
+    assert [len(source.tables[s].paths) for s in ("train", "test")] == [12, 4]
+    write_image_folder(root / "valid", n_per_class=3, classes=("glioma", "notumor"))
+    assert list(load_source("imagefolder", root).tables) == ["train", "val", "test"]
+    write_image_folder(root / "val", n_per_class=1, classes=("glioma", "notumor"))
+    with pytest.raises(EdgeKDError, match=r"bt: val and valid both name the val split; keep one$"):
+        load_source("imagefolder", root)
+    only_test = tmp_path / "only"
+    write_image_folder(only_test / "test", n_per_class=2)
+    with pytest.raises(EdgeKDError, match=r"only: split folders \(test\) but none for training: name it train/"):
+        load_source("imagefolder", only_test)
+
+
 def test_a_folder_copied_from_a_mac_or_a_share_reads_its_images_only(tmp_path):
     """AppleDouble `._x.png` files had been read as images (and failed), `.Trashes/` or `__MACOSX/` had become a
     class, a symlinked sub-folder's images had been left out without a word, `.jfif`/`.jpe` JPEGs were not read."""
@@ -616,8 +636,8 @@ def test_a_folder_copied_from_a_mac_or_a_share_reads_its_images_only(tmp_path):
     (root / "pneumonia" / "batch2").symlink_to(elsewhere)
     (root / "pneumonia" / "loop").symlink_to(root / "pneumonia")  # a link loop ends
     (root / "normal" / "up").symlink_to(root)  # a link up the tree is not followed (pneumonia would be normal)
-    for junk in (".Trashes", "__MACOSX", ".ipynb_checkpoints"):
-        (root / junk).mkdir()
+    for junk in (".Trashes", "__MACOSX", ".ipynb_checkpoints", "@eaDir", "normal/@eaDir"):  # @eaDir: a Synology's
+        (root / junk).mkdir()                                                              # thumbnails
         (root / junk / "x.png").write_bytes(b"junk")
 
     source = load_source("imagefolder", root)

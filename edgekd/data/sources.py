@@ -181,14 +181,14 @@ def list_images(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
 
 
 def load_imagefolder(path: str | Path) -> Source:
-    """root/<class>/*.png, or root/{train,val,test}/<class>/*.png for given splits."""
+    """root/<class>/*.png, or root/{train,val,test}/<class>/*.png for given splits (the split folders named in any
+    case or spelling a manifest's split column may use: `Training/`, `valid/`, `Testing/`)."""
     root = Path(path)
     if not root.is_dir():
         raise EdgeKDError(f"{root}: image folder not found")
-    split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
-    if split_dirs and (root / "train").is_dir():
-        class_names = [d.name for d in subfolders(root / "train")]
-        parts = {d.name: d for d in split_dirs}
+    parts = split_folders(root)
+    if parts:
+        class_names = [d.name for d in subfolders(parts["train"])]
     else:
         class_names = [d.name for d in subfolders(root)]  # a .Trashes/ or __MACOSX/ had become a class
         parts = {"all": root}
@@ -213,6 +213,24 @@ def load_imagefolder(path: str | Path) -> Source:
     return Source(name=root.name, tables=tables, class_names=class_names,
                   info={"named_labels": True, "label_source": "class folders", **dicom_patients(tables),
                         **({"skipped_files": (len(skipped), str(skipped[0]))} if skipped else {})})
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """{train/val/test: folder} of an image folder whose sub-folders name splits (`split_name`: `Training/` and
+    `Testing/` had become two classes, each holding every real class's images; `valid/` had been ignored), else {}.
+    Split folders without a train one, or two folders of one split, are refused."""
+    named: dict[str, list[Path]] = {}
+    for d in subfolders(root):
+        if (split := split_name(d.name)) is not None:
+            named.setdefault(split, []).append(d)
+    twice = next((f for f in named.values() if len(f) > 1), None)
+    if twice:
+        raise EdgeKDError(f"{root}: {' and '.join(d.name for d in twice)} both name the {split_name(twice[0].name)} "
+                          "split; keep one")
+    if named and "train" not in named:
+        raise EdgeKDError(f"{root}: split folders ({', '.join(d[0].name for d in named.values())}) but none for "
+                          "training: name it train/ (or root/<class>/ without split folders)")
+    return {split: named[split][0] for split in SPLITS if split in named}
 
 
 def dicom_patients(tables: dict[str, Table]) -> dict[str, Any]:
