@@ -282,6 +282,28 @@ def test_csv_encoding_and_separator_problems_are_named(tmp_path):
         load_source("csv", str(csv))
 
 
+def test_csv_labels_and_headers_as_spreadsheets_write_them(tmp_path):
+    """Labels `01`/`1.0` had been "unknown label '01'" or names sorted as text (`10.0` before `2.0`); a header
+    `path, label` lacked a column named label; a split column without train rows failed as KeyError: 'train'."""
+    from edgekd.data.sources import integer_label
+
+    assert [integer_label(v) for v in ("3", "03", "3.0", "3.", "-1", "3.5", "a", "", ".", "٣")] == \
+        [3, 3, 3, 3, -1, None, None, None, None, None]
+    csv = _manifest(tmp_path)
+    lines = csv.read_text().splitlines()
+    ids = {"a": "00", "b": "1.0"}
+    spelled = [r.replace(",a,", f",{ids['a']},").replace(",b,", f",{ids['b']},") for r in lines[1:]]
+    csv.write_text("\n".join(["path, label, patient_id", *spelled]) + "\n")
+    source = load_source("csv", str(csv))
+    assert source.class_names == ["class_0", "class_1"]
+    labels = source.tables["all"].labels.tolist()
+    assert labels == [0 if ",00," in r else 1 for r in spelled]
+    csv.write_text("\n".join(["path,label,split"] + [",".join(r.split(",")[:2]) + ",test" for r in spelled]) + "\n")
+    with pytest.raises(EdgeKDError, match=r"m.csv: no row of the train split \(its split column gives test\); a "
+                                          r"manifest with a split column needs train rows$"):
+        load_source("csv", str(csv))
+
+
 def test_patient_ids_from_file_names_keep_patients_apart(tmp_path):
     # Kermany OCT2017 names its B-scans CLASS-PATIENT-N.jpeg: the KD-OCT protocol's patient-level split and k-fold
     # need the patient, which an ImageFolder had no way to give.

@@ -298,6 +298,9 @@ def load_csv(path: str | Path) -> Source:
         b["paths"].append(str(file))
         b["labels"].append(to_id[label])
         b["groups"].append(patient)
+    if has_split and "train" not in buckets:  # a KeyError: 'train' had followed
+        raise EdgeKDError(f"{path}: no row of the train split (its split column gives {', '.join(sorted(buckets))}); "
+                          "a manifest with a split column needs train rows")
     tables = {
         split: Table(labels=np.asarray(b["labels"], dtype=np.int64), paths=b["paths"],
                      groups=np.asarray(b["groups"]) if has_groups else None)
@@ -311,16 +314,17 @@ def _csv_classes(path: Path, label_values: list[str]) -> tuple[list[str], dict[s
     """(class names, label -> id, Source.info) of a manifest's labels: integer ids as given (ids that skip one are
     noted), else names in sorted order (a name on one row only is noted: build_data refuses both unless the recipe
     picks or names the classes)."""
-    named = not all(v.lstrip("-").isdigit() for v in label_values)
+    as_ids = {v: integer_label(v) for v in label_values}
+    named = None in as_ids.values()
     info: dict[str, Any] = {"named_labels": named}
     if not named:
-        ids = sorted({int(v) for v in label_values})
+        ids = sorted(set(as_ids.values()))
         if ids[0] < 0:
             raise EdgeKDError(f"{path}: negative label {ids[0]}")
         skipped = sorted(set(range(ids[-1] + 1)) - set(ids))
         if skipped:
             info["skipped_ids"] = skipped
-        return [f"class_{i}" for i in range(ids[-1] + 1)], {str(i): i for i in range(ids[-1] + 1)}, info
+        return [f"class_{i}" for i in range(ids[-1] + 1)], as_ids, info
     class_names = sorted(set(label_values))
     spelled: dict[str, str] = {}
     for name in class_names:
@@ -337,11 +341,22 @@ def _csv_classes(path: Path, label_values: list[str]) -> tuple[list[str], dict[s
     return class_names, to_id, info
 
 
+def integer_label(value: str) -> int | None:
+    """A manifest label that is a class id: `3`, `03` or `3.0` (as a spreadsheet or pandas may write it; `01` had been
+    refused as an unknown label and `10.0` sorted before `2.0` as names), else None."""
+    whole, _, fraction = value.partition(".")
+    digits = whole[1:] if whole.startswith("-") else whole
+    return int(whole) if digits.isdigit() and digits.isascii() and fraction.strip("0") == "" else None
+
+
 def _read_manifest(path: Path) -> list[dict[str, str]]:
     """The CSV's rows (UTF-8, an Excel byte-order mark allowed) with at least the path and label columns."""
     data = path.read_bytes()
     try:
-        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline="")))
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+        if reader.fieldnames:  # `path, label` (a space after each comma) had lacked a column named "label"
+            reader.fieldnames = [h.strip() if h else h for h in reader.fieldnames]
+        rows = list(reader)
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
         raise EdgeKDError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the manifest as "
