@@ -39,6 +39,8 @@ class CheckResult:
     macs: int | None
     input_size: list[int]
     batch_size: int
+    grad_accum: int
+    """Batches per optimizer step: a step (step_seconds) trains batch_size x grad_accum images."""
     step_seconds: float
     """The median of the timed steps (all but each training's first); the training step only, evaluation not
     included. With one step only (a train split of one batch), that step, warm-up included (timed_steps 0)."""
@@ -55,6 +57,11 @@ class CheckResult:
     """What a synthetic check generated instead of the recipe's files."""
     warnings: list[str] = field(default_factory=list)
     """What the real data loses before training, as `edgekd train` warns (a class a split lacks, skipped images)."""
+
+    @property
+    def seconds_per_1000_images(self) -> float:
+        """Training seconds per 1000 train images: a step trains batch_size x grad_accum of them."""
+        return self.step_seconds / (self.batch_size * self.grad_accum) * 1000
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -113,7 +120,7 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         kind="continual" if recipe.continual else "distill" if recipe.distill else "supervised",
         model=model, params=int(result.params), macs=macs,
         input_size=[recipe.data.channels, recipe.data.image_size, recipe.data.image_size],
-        batch_size=recipe.data.batch_size, step_seconds=step, train_images=train_images,
+        batch_size=recipe.data.batch_size, grad_accum=recipe.train.grad_accum, step_seconds=step, train_images=train_images,
         step_range=(min(used), max(used)) if used else (step, step),
         timed_steps=len(timed),
         epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
@@ -244,7 +251,7 @@ def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | No
     stand_ins.append(f"{tag}: {data.get('source', 'builtin')} {data.get('path') or ''} -> {k}-class synthetic "
                      f"{data.get('resize') or data.get('image_size')} px".replace("  ", " "))
     return {**data, "source": "medmnist", "path": str(path), "split": "given", "folds": None, "fold": None,
-            "limit": None, "patient_pattern": None}
+            "limit": None, "patient_pattern": None, "dicom_patient_ids": False}
 
 
 def _teacher_classes(dist: dict[str, Any] | None) -> int | None:

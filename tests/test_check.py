@@ -63,6 +63,21 @@ def test_check_on_real_data_estimates_an_epoch(tiny_recipe_dict, tmp_path):
         mp.setattr(check, "_step_seconds", lambda result: [[0.9]])  # a train split of one batch
         r = check_recipe(tmp_path / "r.yaml")
         assert (r.step_seconds, r.timed_steps) == (0.9, 0)
+        # a step of grad_accum 2 trains 2 batches: its epoch (48 images) takes 3 steps, 1000 images 62.5 of them
+        # (the per-1000 figure had been per batch, grad_accum times too high)
+        mp.setattr(check, "_step_seconds", lambda result: [[9.0, 0.4, 0.4]])
+        r = check_recipe(tmp_path / "r.yaml", ["train.grad_accum=2"])
+        assert r.grad_accum == 2 and r.epoch_seconds == pytest.approx(0.4 * 3)
+        assert r.seconds_per_1000_images == pytest.approx(0.4 / 16 * 1000)
+
+
+def test_synthetic_data_drops_what_only_the_real_files_have(tiny_recipe_dict, tmp_path):
+    """data.dicom_patient_ids on a generated .npz had failed: "holds no DICOM files to read PatientID tags from"."""
+    raw = {**tiny_recipe_dict, "data": {**tiny_recipe_dict["data"], "source": "imagefolder",
+                                        "path": str(tmp_path / "absent"), "dicom_patient_ids": True}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    r = check_recipe(tmp_path / "r.yaml", synthetic=True, steps=2)
+    assert r.kind == "supervised" and any("absent -> 2-class synthetic" in s for s in r.stand_ins)
 
 
 def test_unknown_timm_kwarg_is_a_one_line_error(tiny_recipe_dict, tmp_path):

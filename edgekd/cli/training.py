@@ -101,13 +101,13 @@ def check(
     table.add_column("")
     rows = [("recipe", str(recipe)), ("model", r.model), ("teacher", r.teacher or "-"), ("params", f"{r.params / 1e6:.3f} M"),
             ("MACs", f"{r.macs / 1e6:.1f} M" if r.macs else "-"), ("input", "x".join(map(str, r.input_size))),
-            ("batch", str(r.batch_size)),
+            ("batch", str(r.batch_size) + (f" x {r.grad_accum} accumulated per step" if r.grad_accum > 1 else "")),
             ("seconds per step", f"{r.step_seconds:.3f} (" + (
                 f"median of {r.timed_steps} timed steps, {r.step_range[0]:.3f}-{r.step_range[1]:.3f}" if r.timed_steps
                 else "one step, warm-up included: the train split is one batch") + "; training only, not evaluation)"),
             ("per epoch" if r.kind != "continual" else "an epoch of every task",
              f"{r.epoch_seconds:.0f} s ({r.train_images} train images)" if r.epoch_seconds is not None
-             else f"{r.step_seconds / r.batch_size * 1000:.0f} s per 1000 train images"),
+             else f"{r.seconds_per_1000_images:.0f} s per 1000 train images"),
             ("peak RSS", f"{r.peak_rss_mb:.0f} MB"), ("check took", f"{r.seconds:.1f} s")]
     rows += [("stand-in", s) for s in r.stand_ins]
     for k, v in rows:
