@@ -165,8 +165,8 @@ def _decode_pillow(source: Path | io.BytesIO, fmt: str, where: str, resize: int 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source, formats=[fmt]) as img:
+                check_single_frame(img, fmt, where)  # on the page decoded (a TIFF's first may be a thumbnail)
                 check_image_size(*img.size, resize, where)
-                check_single_frame(img, fmt, where)
                 img.load()
                 return pil_to_array(upright(img))
     except EdgeKDError as err:

@@ -1238,6 +1238,13 @@ def test_a_camera_jpeg_preview_and_a_tiff_thumbnail_are_not_other_pages(tmp_path
         big.save(tf)
         tf.newFrame()
     assert read_image(tmp_path / "thumb_first.tif").shape == (40, 40, 3)  # it read the 10 x 10 thumbnail
+    with TiffImagePlugin.AppendingTiffWriter(tmp_path / "long.tif", True) as tf:  # the size limits on the page read
+        big.resize((10, 10)).save(tf, tiffinfo={254: 1})  # (they had been checked on the thumbnail)
+        tf.newFrame()
+        Image.new("L", (4000, 10)).save(tf)
+        tf.newFrame()
+    with pytest.raises(EdgeKDError, match=r"long.tif: image is 4000x10, more elongated than"):
+        read_image(tmp_path / "long.tif")
     (tmp_path / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     (tmp_path / "1.2.3").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     (tmp_path / "DICOMDIR.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
