@@ -1,6 +1,7 @@
 """Data: sources, splits (given, stratified, patient, k-fold), transforms, imbalance helpers, bad images."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,17 @@ def test_a_folder_of_dicom_files_warns_of_its_patients_and_splits_by_them_when_a
     with pytest.raises(EdgeKDError, match=r"data.dicom_patient_ids: .*1.9 has no PatientID"):
         build_data(recipe(**r, dicom_patient_ids=True))
     assert build_data(recipe(**r)).tables["train"].groups is None
+    # without pydicom the folder had seemed to hold no DICOM files; a CSV of them was said to hold none
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "pydicom", None)  # `import pydicom` raises ImportError
+        with pytest.raises(EdgeKDError, match=r"^data.dicom_patient_ids: reading PatientID tags needs pydicom "
+                                              r"\(pip install 'edgekd\[dicom\]'\)$"):
+            build_data(recipe(**r, dicom_patient_ids=True))
+    rows = [f"{f.relative_to(tmp_path)},{f.parent.name}" for f in sorted(root.rglob("1.2.*"))]
+    (tmp_path / "m.csv").write_text("\n".join(["path,label", *rows]) + "\n")
+    with pytest.raises(EdgeKDError, match=r"^data.dicom_patient_ids reads an ImageFolder's DICOM files; a csv source "
+                                          r"gives patient ids otherwise \(a CSV: a patient_id column\)$"):
+        build_data(recipe(source="csv", path=str(tmp_path / "m.csv"), dicom_patient_ids=True))
 
 
 def test_image_folder_class_names_order_the_folders_by_name(tmp_path):

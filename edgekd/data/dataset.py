@@ -296,9 +296,19 @@ def _order_named_classes(tables: dict[str, Table], names: list[str], wanted: lis
     return out, wanted
 
 
-def patients_from_dicom(tables: dict[str, Table], ids: dict[str, list] | None, where: str | None) -> dict[str, Table]:
-    """Each table with its patient ids from its DICOM files' PatientID tags (data.dicom_patient_ids)."""
+def patients_from_dicom(tables: dict[str, Table], ids: dict[str, list] | None, where: str | None,
+                        source: str | None = None) -> dict[str, Table]:
+    """Each table with its patient ids from its DICOM files' PatientID tags (data.dicom_patient_ids: an ImageFolder's;
+    `source`: the recipe's data.source)."""
+    if source not in (None, "imagefolder"):  # a CSV of DICOM files had been "holds no DICOM files"
+        raise EdgeKDError(f"data.dicom_patient_ids reads an ImageFolder's DICOM files; a {source} source gives "
+                          "patient ids otherwise (a CSV: a patient_id column)")
     if not ids:
+        try:
+            import pydicom  # noqa: F401
+        except ImportError:  # without it the folder had seemed to hold no DICOM files
+            raise EdgeKDError("data.dicom_patient_ids: reading PatientID tags needs pydicom "
+                              "(pip install 'edgekd[dicom]')") from None
         raise EdgeKDError(f"data.dicom_patient_ids: {where} holds no DICOM files to read PatientID tags from")
     out = {}
     for split, t in tables.items():
@@ -482,7 +492,7 @@ def split_tables(recipe) -> tuple[dict[str, Table], list[str], Source]:
     if cfg.patient_pattern:
         tables = patients_from_names(tables, cfg.patient_pattern, cfg.path)
     elif cfg.dicom_patient_ids:
-        tables = patients_from_dicom(tables, source.info.get("dicom_patients"), cfg.path)
+        tables = patients_from_dicom(tables, source.info.get("dicom_patients"), cfg.path, cfg.source)
     skipped = source.info.get("skipped_ids")
     if skipped and not cfg.classes:
         shown = ", ".join(map(str, skipped[:8])) + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")
