@@ -453,10 +453,12 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
         raise EdgeKDError(f"{where}: out of memory decoding the DICOM") from None
     except Exception as err:  # pydicom raises many types for bad files; odd tag values too
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is not None and syntax.is_compressed and "missing dependencies" in str(err):
-            raise EdgeKDError(f"{where}: no decoder here for its {syntax.name} pixel data (pydicom needs a plugin: "
-                              "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pyjpegls for JPEG-LS)"
-                              ) from None
+        tried = "all available plugins" in str(err) and "not support" in str(err)  # Pillow: no 12-bit JPEG
+        if syntax is not None and syntax.is_compressed and ("missing dependencies" in str(err) or tried):
+            said = shorten(str(err).split("plugins:", 1)[-1].strip(), 120) + "; " if tried else ""
+            raise EdgeKDError(f"{where}: no decoder here for its {syntax.name} pixel data ({said}pydicom needs a "
+                              "plugin: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pyjpegls for "
+                              "JPEG-LS)") from None
         reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or "-"
         reason = re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", reason)  # Pillow names its in-memory buffer
         raise EdgeKDError(f"{where}: unreadable DICOM pixel data ({type(err).__name__}: {shorten(reason, 200)})"

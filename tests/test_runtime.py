@@ -769,6 +769,15 @@ def test_a_compressed_dicom_without_its_decoder_says_so(tmp_path):
                                           r"image file\)$") as err:
         read_image(path)
     assert "object at 0x" not in str(err.value)
+    from pydicom.data import get_testdata_file  # 12-bit JPEG: Pillow is there but cannot; the hint had been left out
+
+    lossy = get_testdata_file("JPEG-lossy.dcm")
+    decoder = pydicom.pixels.get_decoder(pydicom.dcmread(lossy).file_meta.TransferSyntaxUID)
+    if set(decoder.available_plugins) != {"pillow"}:
+        pytest.skip("a 12-bit JPEG decoder plugin is installed here (or Pillow's is not)")
+    with pytest.raises(EdgeKDError, match=r"JPEG-lossy.dcm: no decoder here for its JPEG Extended .*\(pillow: Pillow "
+                                          r"does not support .*12-bit precision; pydicom needs a plugin: pip install"):
+        read_image(lossy)
 
 
 def test_unreadable_dicom_pixel_data_gives_the_decoders_reason(tmp_path):
