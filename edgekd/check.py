@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgekd.data.sources import FASHION_CLASSES, MEDMNIST_CLASSES
+from edgekd.data.sources import FASHION_CLASSES, medmnist_classes
 from edgekd.errors import EdgeKDError
 from edgekd.recipe import Recipe, find_recipe_file, load_recipe, recipe_from_dict
 from edgekd.runtime.timing import peak_rss_mb
@@ -206,7 +206,7 @@ def known_classes(data: dict[str, Any]) -> int | None:
         return len(FASHION_CLASSES)
     if data.get("source") in ("builtin", None):
         return 2
-    names = MEDMNIST_CLASSES.get(Path(data.get("path") or "").stem.lower())
+    names = medmnist_classes(data.get("path"))
     return len(names) if names else None
 
 
@@ -243,7 +243,7 @@ def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | No
     """Point a data section at a generated set named after the real one (MedMNIST names give real labels)."""
     k = classes or known_classes(data) or 2
     stem = Path(data.get("path") or "builtin").stem or "data"
-    if MEDMNIST_CLASSES.get(stem.lower()) and k != len(MEDMNIST_CLASSES[stem.lower()]):
+    if medmnist_classes(stem) and k != len(medmnist_classes(stem)):
         stem = f"synthetic-{stem}"  # --classes K: a known set's name would bring its own class count
     train = max(steps * batch, 2 * k)
     held = max(min(batch, 32), 2 * k)

@@ -67,6 +67,18 @@ def test_npz_labels_that_skip_ids_or_exceed_a_known_set_are_refused(tmp_path):
     # A known set's file without one of its classes keeps the set's classes (a subset of it).
     np.savez(tmp_path / "retinamnist.npz", train_images=images, train_labels=np.arange(12)[:, None] % 2 * 3)
     assert len(load_source("medmnist", str(tmp_path / "retinamnist.npz")).class_names) == 5
+    # MedMNIST+ file names (a size after the set's) and the other single-label 2D sets had got class_<i> names, and
+    # no check of their ids; an empty split had failed in numpy ("zero-size array")
+    np.savez(tmp_path / "pneumoniamnist_224.npz", train_images=images, train_labels=np.arange(12)[:, None] % 3)
+    with pytest.raises(EdgeKDError, match="labels go up to 2, but MedMNIST 'pneumoniamnist_224' has 2 classes"):
+        load_source("medmnist", str(tmp_path / "pneumoniamnist_224.npz"))
+    np.savez(tmp_path / "organamnist_64.npz", train_images=images, train_labels=labels)
+    names = load_source("medmnist", str(tmp_path / "organamnist_64.npz")).class_names
+    assert len(names) == 11 and names[:3] == ["bladder", "femur_left", "femur_right"]
+    np.savez(tmp_path / "empty.npz", train_images=images, train_labels=labels, val_images=images[:0],
+             val_labels=labels[:0])
+    with pytest.raises(EdgeKDError, match=r"empty.npz: val_images holds no image \(leave the key out"):
+        load_source("medmnist", str(tmp_path / "empty.npz"))
 
 
 def test_image_folder_splits_stratified(tmp_path):

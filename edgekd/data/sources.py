@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import warnings
 import zipfile
 from collections import Counter
@@ -35,7 +36,24 @@ MEDMNIST_CLASSES = {
     "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature_granulocytes", "lymphocyte",
                    "monocyte", "neutrophil", "platelet"],
     "retinamnist": ["0", "1", "2", "3", "4"],
+    "pathmnist": ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth_muscle", "normal_colon_mucosa",
+                  "cancer_associated_stroma", "colorectal_adenocarcinoma_epithelium"],
+    "tissuemnist": ["collecting_duct_connecting_tubule", "distal_convoluted_tubule", "glomerular_endothelial_cells",
+                    "interstitial_endothelial_cells", "leukocytes", "podocytes", "proximal_tubule_segments",
+                    "thick_ascending_limb"],
+    **dict.fromkeys(("organamnist", "organcmnist", "organsmnist"),
+                    ["bladder", "femur_left", "femur_right", "heart", "kidney_left", "kidney_right", "liver",
+                     "lung_left", "lung_right", "pancreas", "spleen"]),
 }
+"""The class names of the MedMNIST v2 2D sets with one label per image (ChestMNIST is multi-label), by file name
+(`medmnist_classes`)."""
+
+
+def medmnist_classes(path: str | Path | None) -> list[str] | None:
+    """The class names of a MedMNIST file by its name: `pneumoniamnist.npz`, or a MedMNIST+ size's
+    `pneumoniamnist_224.npz`; None for another name."""
+    stem = Path(path or "").stem.lower()
+    return MEDMNIST_CLASSES.get(re.sub(r"_(28|64|128|224)$", "", stem))
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 
@@ -127,10 +145,12 @@ def load_medmnist(path: str | Path) -> Source:
         tables[split] = Table(labels=_check_labels(labels, path, split), images=_check_images(images, path, split))
         if len(tables[split].images) != len(tables[split].labels):
             raise EdgeKDError(f"{path}: {split}_images and {split}_labels differ in length")
+        if not len(tables[split]):  # numpy's "zero-size array to reduction operation" had followed
+            raise EdgeKDError(f"{path}: {split}_images holds no image (leave the key out to carve the split)")
     if "train" not in tables:
         raise EdgeKDError(f"{path}: no train_images key (expected MedMNIST keys train_images, train_labels, ...)")
     n_classes = int(max(t.labels.max() for t in tables.values())) + 1
-    names = MEDMNIST_CLASSES.get(path.stem.lower())
+    names = medmnist_classes(path)
     if names is not None and n_classes > len(names):
         raise EdgeKDError(f"{path}: labels go up to {n_classes - 1}, but MedMNIST '{path.stem}' has {len(names)} "
                           f"classes (0..{len(names) - 1}); stray labels, or another set under that file name")
