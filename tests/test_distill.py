@@ -470,6 +470,14 @@ def test_fold_summary_says_what_a_fold_holds_whole():
     patient, image = (folds_markdown(summary, "r", 5, unit) for unit in ("patient", "image"))
     assert "Patient-level folds (no patient in two folds)." in patient and "Image-level" not in patient
     assert "Image-level folds: the data has no patient ids" in image
+    # a metric some folds leave undefined (a one-class fold's AUC) says over how many folds it is
+    summary["student"]["val"]["auc"] = {"mean": 0.8, "std": 0.02, "n": 3}
+    summary["student"]["val"]["pauc"] = {"mean": 0.1, "std": 0.0, "n": 1}
+    summary["student"]["val"]["f1"] = {"mean": float("nan"), "std": 0.0, "n": 0}
+    row = folds_markdown(summary, "r", 5).splitlines()[-1].strip("| ").split(" | ")
+    cells = dict(zip(("role", "split", *SUMMARY_METRICS), row))
+    assert cells["acc"] == "0.9000 ± 0.0100" and cells["auc"] == "0.8000 ± 0.0200 (3 of 5 folds)"
+    assert cells["pauc"] == "0.1000 (1 of 5 folds)" and cells["f1"] == "-"
 
 
 def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):

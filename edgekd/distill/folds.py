@@ -231,6 +231,16 @@ def folds_markdown(summary: dict[str, Any], name: str, folds: int, unit: str = "
              "|---|---|" + "---:|" * len(SUMMARY_METRICS)]
     for role, splits in summary.items():
         for split, stats in splits.items():
-            cells = [f"{stats[k]['mean']:.4f} ± {stats[k]['std']:.4f}" for k in SUMMARY_METRICS]
+            cells = [fold_cell(stats[k], folds) for k in SUMMARY_METRICS]
             lines.append(f"| {role} | {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def fold_cell(stat: dict[str, float], folds: int) -> str:
+    """mean ± std of a metric over the folds where it is defined, their count when not all (a one-class fold has
+    no AUC): "-" for none (it had read "nan ± 0.0000"), no std for one (it had read "± 0.0000")."""
+    if stat["n"] == 0:
+        return "-"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.4f} (1 of {folds} folds)"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}" + (f" ({stat['n']} of {folds} folds)" if stat["n"] < folds else "")
