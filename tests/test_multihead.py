@@ -593,6 +593,47 @@ def test_serve_says_which_task_it_serves(world, monkeypatch):
     assert ", every task) at http://" in " ".join(res.output.split())
 
 
+def test_eval_scores_a_labelled_folder_by_the_head_of_the_task_given(world, tmp_path):
+    """`eval --data DIR` refused every model with one head per task (one softmax would mix them) and had no --task."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.explain.gradcam import checkpoint_pipeline
+    from edgekd.imageio import read_image
+
+    rng = np.random.default_rng(3)
+    folder, labels, inputs = tmp_path / "xrays", [], []
+    for c in range(3):
+        (folder / f"class_{c}").mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"class_{c}" / f"{k}.png")
+            labels.append(c)
+            inputs.append(folder / f"class_{c}" / f"{k}.png")
+    res = CliRunner().invoke(app, ["eval", str(world["cl"].best_path), "--data", str(folder), "--task", "B",
+                                   "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    model, ckpt = model_from_checkpoint(world["cl"].best_path)
+    geometry, normalize = checkpoint_pipeline(ckpt)
+    x = torch.stack([normalize(geometry(torch.from_numpy(read_image(f).copy()).permute(2, 0, 1))) for f in inputs])
+    with torch.no_grad():
+        predicted = model.eval()(x)[:, 2:5].argmax(1).numpy()  # task B's outputs [2, 5)
+    assert saved["task"] == "B" and saved["folder"]["n"] == 9
+    assert saved["folder"]["acc"] == pytest.approx(float(np.mean(predicted == np.array(labels))))
+    for args, said in (([], "one head per task; give --task (A, B): one softmax over every head's outputs would mix"),
+                       (["--task", "C"], "--task C: not a task of"),
+                       (["--task", "A", "--data", str(world["root"] / "b.npz")], "--task A: chooses the head that "
+                                                                                 "scores a labelled folder")):
+        data = [] if "--data" in args else ["--data", str(folder)]
+        res = CliRunner().invoke(app, ["eval", str(world["cl"].best_path), *data, *args, "--out", str(tmp_path / "x")])
+        assert res.exit_code != 0 and said in str(res.exception), (args, res.output, res.exception)
+    res = CliRunner().invoke(app, ["eval", str(world["student"]), "--data", str(folder), "--task", "A",
+                                   "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "--task A: " in str(res.exception) and "has one head" in str(res.exception)
+    assert not (tmp_path / "x").exists()
+
+
 def test_explain_takes_a_task_of_a_multi_head_model(world, tmp_path):
     """explain refused every model with one head per task, one of a single task too, and had no --task."""
     from PIL import Image

@@ -246,7 +246,8 @@ def test_multi_head_checkpoints_are_refused_and_single_head_continual_ones_need_
 
     monkeypatch.setattr("edgekd.train.checkpoint.model_from_checkpoint",
                         lambda path: (None, {"continual": {"head": "multi"}, "recipe": {}}))
-    with pytest.raises(EdgeKDError, match="one head per task; the corruption eval, failure analysis and a labelled folder's eval"):
+    with pytest.raises(EdgeKDError, match=r"model.pt: one head per task; give --task \(\): one softmax over every "
+                                          r"head's outputs would mix the tasks \(`edgekd eval` without --data DIR"):
         evaluate.checkpoint_predictor(tmp_path / "model.pt")
     (tmp_path / "model.pt").write_bytes(b"")
     monkeypatch.setattr("edgekd.train.checkpoint.load_checkpoint",

@@ -135,6 +135,8 @@ def eval_(
                                   "(failures.json/.png)."),
     top: Optional[int] = typer.Option(None, "--top", min=1, help="How many confused pairs --failures reports "
                                       "(default: 5)."),
+    task: Optional[str] = typer.Option(None, "--task", help="A model with one head per task: the task whose head "
+                                       "scores the labelled folder of --data DIR."),
 ) -> None:
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
     corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
@@ -150,6 +152,9 @@ def eval_(
     if folder is not None and (set_ or (bundle and not (corruptions or failures))):
         raise EdgeKDError(f"--data {folder}: a labelled folder is scored by a checkpoint, or by a bundle's "
                           "--corruptions or --failures; --set takes a data recipe")
+    if task is not None and folder is None:  # each task is scored on its own data, by its own head
+        raise EdgeKDError(f"--task {task}: chooses the head that scores a labelled folder (--data DIR); without one "
+                          "`edgekd eval` scores every task on its own data")
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
@@ -160,7 +165,7 @@ def eval_(
     wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was
     with staged_files(out, before_publish=_drop_other_plots(out)) as stage:  # (a refused --compare had left files)
         if not bundle and folder is not None:
-            wrote += _eval_folder(checkpoint, stage, folder)
+            wrote += _eval_folder(checkpoint, stage, folder, task)
         elif not bundle:
             wrote += _eval_checkpoint(checkpoint, stage, data_recipe, splits)
         elif not (corruptions or failures):
@@ -277,14 +282,15 @@ def _eval_checkpoint(checkpoint: Path, out: Path, data_recipe, splits: tuple[str
                                                           for kind in ("confusion", "roc")))]
 
 
-def _eval_folder(checkpoint: Path, out: Path, folder: Path) -> list[str]:
-    """`edgekd eval CHECKPOINT --data DIR`: every image of the labelled folder, one row."""
+def _eval_folder(checkpoint: Path, out: Path, folder: Path, task: Optional[str] = None) -> list[str]:
+    """`edgekd eval CHECKPOINT --data DIR [--task NAME]`: every image of the labelled folder, one row."""
     from edgekd.robustness import evaluate_on_folder
 
     with console.status(escape(f"scoring {checkpoint} on {folder} ...")):
-        result = evaluate_on_folder(checkpoint, out, folder)
+        result = evaluate_on_folder(checkpoint, out, folder, task)
     row = result["folder"]
-    out_console.print(metrics_table(f"{checkpoint} on {folder}", [{"model": result["model"], **row,
+    head = f" (task {task})" if task else ""
+    out_console.print(metrics_table(f"{checkpoint}{head} on {folder}", [{"model": result["model"], **row,
                                                                    "split": f"{folder} ({row['n']} images)"}]))
     if row.get("warning"):
         console.print(f"[yellow]warning:[/] {escape(row['warning'])}")

@@ -99,6 +99,25 @@ def recorded_tasks(recipe, recorded: list[dict], where: str) -> list[Task]:
     return tasks
 
 
+def task_head(ckpt: dict, task: str | None, where: str, why: str) -> dict | None:
+    """The recorded task (name, class_names, outputs [lo, hi]) whose head a model with one head per task is scored
+    or explained by: `task`, or the only one; None for a model with one head (its whole output). `why`: what one
+    softmax over every head would do, said when a model of several heads is given no task."""
+    cont = ckpt.get("continual") or {}
+    if cont.get("head") != "multi":
+        if task is not None:
+            raise EdgeKDError(f"--task {task}: {where} has one head (--task is for a model with one head per task)")
+        return None
+    tasks = cont.get("tasks") or []
+    names = [t["name"] for t in tasks]
+    if task is None and len(tasks) != 1:
+        raise EdgeKDError(f"{where}: one head per task; give --task ({', '.join(names)}): {why}")
+    chosen = tasks[0] if task is None else next((t for t in tasks if t["name"] == task), None)
+    if chosen is None:
+        raise EdgeKDError(f"--task {task}: not a task of {where} ({', '.join(names)})")
+    return chosen
+
+
 def dataset_key(data_cfg) -> tuple[str, str | None]:
     """Which dataset a data section reads: its source and its path resolved (`dir/` and `dir`, a relative and an
     absolute spelling, a symlink: one dataset)."""

@@ -202,18 +202,11 @@ def task_model(model: nn.Module, ckpt: dict[str, Any], task: str | None, layer: 
     """(model, checkpoint, layer) to explain: a model with one head per task as the chosen task's head (its class
     names; the layer found on the model itself, under `net.`). One softmax over every head's outputs would mix the
     tasks; a checkpoint of one task so far needs no --task."""
-    tasks = (ckpt.get("continual") or {}).get("tasks") if (ckpt.get("continual") or {}).get("head") == "multi" else None
-    if tasks is None:
-        if task is not None:
-            raise EdgeKDError(f"--task {task}: {where} has one head (--task is for a model with one head per task)")
-        return model, ckpt, layer
-    names = [t["name"] for t in tasks]
-    if task is None and len(tasks) > 1:
-        raise EdgeKDError(f"{where}: one head per task; give --task ({', '.join(names)}): Grad-CAM of one softmax over "
-                          "every head's outputs would mix the tasks")
-    chosen = tasks[0] if task is None else next((t for t in tasks if t["name"] == task), None)
+    from edgekd.continual import task_head
+
+    chosen = task_head(ckpt, task, where, "Grad-CAM of one softmax over every head's outputs would mix the tasks")
     if chosen is None:
-        raise EdgeKDError(f"--task {task}: not a task of {where} ({', '.join(names)})")
+        return model, ckpt, layer
     from edgekd.models import get_submodule
 
     if layer is not None:

@@ -106,17 +106,20 @@ def check_predictor_sources(sources: Sequence[str | Path]) -> None:
                               "the wrong labels")
 
 
-def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
-    """A checkpoint with its own recipe's eval transform (decoded uint8 image -> normalized tensor)."""
+def checkpoint_predictor(path: str | Path, batch_size: int = 256, task: str | None = None) -> Predictor:
+    """A checkpoint with its own recipe's eval transform (decoded uint8 image -> normalized tensor); a model with one
+    head per task as its `task`'s head (`task_head`: the only task's without one; refused without one otherwise)."""
     import torch
 
+    from edgekd.continual import task_head
     from edgekd.data import build_transforms
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.checkpoint import model_from_checkpoint
 
     model, ckpt = model_from_checkpoint(path)
-    if (ckpt.get("continual") or {}).get("head") == "multi":
-        raise EdgeKDError(f"{path}: {MIXED_HEADS} (`edgekd eval` without them scores it per task)")
+    head = task_head(ckpt, task, str(path), "one softmax over every head's outputs would mix the tasks (`edgekd "
+                     "eval` without --data DIR scores each task on its own data)")
+    lo, hi = head["outputs"] if head else (0, None)
     recipe = recipe_from_dict(ckpt["recipe"], where=f"{path} (embedded recipe)")
     transform = build_transforms(recipe.data, [], train=False)
 
@@ -126,11 +129,11 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256) -> Predictor:
         for start in range(0, len(images), batch_size):
             chunk = [transform(torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1))
                      for a in images[start:start + batch_size]]
-            out.append(model(torch.stack(chunk)).float())
+            out.append(model(torch.stack(chunk)).float()[:, lo:hi])
         return softmax(torch.cat(out).numpy().astype(np.float64))
 
     return Predictor(ckpt["arch"]["name"], ckpt.get("role") or recipe.role, "torch", "fp32",
-                     list(ckpt["class_names"]), predict,
+                     list(head["class_names"] if head else ckpt["class_names"]), predict,
                      {"recipe": ckpt["recipe"], "data_splits": ckpt.get("data_splits"), "path": str(path)})
 
 
@@ -281,13 +284,15 @@ def predict_folder(predictor: Predictor, images: FolderImages) -> np.ndarray:
                            for i in range(0, len(images), FOLDER_CHUNK)])
 
 
-def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Path) -> dict[str, Any]:
-    """`edgekd eval CHECKPOINT --data DIR`: every image of a labelled folder (DIR/<class name>/..., new images kept
-    apart from the training data) scored by the checkpoint with its own eval transform; metrics.json and plots as
-    `evaluate_checkpoint` writes them, the split named `folder`."""
+def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Path,
+                       task: str | None = None) -> dict[str, Any]:
+    """`edgekd eval CHECKPOINT --data DIR [--task NAME]`: every image of a labelled folder (DIR/<class name>/...,
+    new images kept apart from the training data) scored by the checkpoint with its own eval transform (a model with
+    one head per task: by `task`'s head); metrics.json and plots as `evaluate_checkpoint` writes them, the split
+    named `folder`."""
     from edgekd.metrics.report import evaluation_report
 
-    predictor = checkpoint_predictor(checkpoint)
+    predictor = checkpoint_predictor(checkpoint, task=task)
     paths, labels = folder_listing(folder, predictor.class_names, [predictor])
     probs = predict_folder(predictor, FolderImages(paths))
     names = list(predictor.class_names)
@@ -296,7 +301,7 @@ def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Pa
     if absent:  # (training warns of a split lacking a class itself, when the run starts)
         report["warning"] = "; ".join(w for w in (absent, report.get("warning")) if w)
     result = {"checkpoint": str(checkpoint), "model": predictor.model, "role": predictor.role,
-              "dataset": str(folder), "folder": report}
+              "dataset": str(folder), **({"task": task} if task else {}), "folder": report}
     write_json(Path(out) / "metrics.json", result)
     return result
 
