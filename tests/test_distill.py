@@ -161,6 +161,9 @@ def test_capture_features_removes_its_hooks():
         model(torch.randn(2, 3, 16, 16))
     assert feats["stages.1"].shape == (2, 16, 4, 4)
     assert not model.stages[1]._forward_hooks
+    with torch.no_grad(), capture_features(model, ["stages.0.1", "stages.0.2"]) as feats:  # a BatchNorm, its ReLU
+        model.eval()(torch.randn(2, 3, 16, 16))  # (in place: it had overwritten the BatchNorm's output it was given)
+    assert (feats["stages.0.1"] < 0).any() and torch.equal(feats["stages.0.1"].clamp_min(0), feats["stages.0.2"])
     with pytest.raises(EdgeKDError, match="no module 'nope'"):
         with capture_features(model, ["nope"]):
             pass

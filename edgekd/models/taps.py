@@ -19,14 +19,16 @@ def capture_features(model: nn.Module, paths: list[str]) -> Iterator[dict[str, t
     """Record the outputs of the modules at `paths` during the forward passes inside the block.
 
     Forward hooks work on any timm model (CNN stages, ViT blocks, Swin layers) without model-specific code;
-    they are removed on exit so the student carries no hooks into evaluation or export.
+    they are removed on exit so the student carries no hooks into evaluation or export. Each output is copied as it
+    leaves its module: a later in-place op (a BatchNorm's output through `ReLU(inplace=True)`) had turned a
+    tapped BatchNorm's values into the ReLU's.
     """
     found: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook_for(path: str):
         def hook(_module, _inputs, output):
-            found[path] = output[0] if isinstance(output, (tuple, list)) else output
+            found[path] = (output[0] if isinstance(output, (tuple, list)) else output).clone()
         return hook
 
     try:
