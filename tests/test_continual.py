@@ -315,6 +315,34 @@ def test_class_incremental_tasks_bring_new_non_empty_class_sets(tmp_path):
                           "data": {**base_recipe(npz)["data"], "classes": []}})
 
 
+def test_a_grown_head_keeps_the_frozen_state_of_its_weight_and_bias():
+    """A head frozen by model.freeze_patterns got a trainable bias from its second task on."""
+    model = tiny_model(2)
+    model.fc.weight.requires_grad_(False)
+    model.fc.bias.requires_grad_(False)
+    fc = resize_classifier(model, 4)
+    assert (fc.weight.requires_grad, fc.bias.requires_grad) == (False, False)
+    model.fc.bias.requires_grad_(True)
+    assert resize_classifier(model, 5).bias.requires_grad
+
+
+def test_under_torchrun_only_rank_0_writes_the_continual_runs_files(tmp_path, monkeypatch):
+    """Every rank wrote task.pt (with its own random state: a resume took whichever rank wrote last), model.pt,
+    continual.json and the plots."""
+    import edgekd.continual.run as run
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(16, 8, 8))
+    raw = base_recipe(npz, scenario="class_incremental",
+                      tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])
+    raw["train"]["epochs"] = 1
+    monkeypatch.setattr(run, "is_main_process", lambda: False)
+    monkeypatch.setattr("edgekd.train.distributed.is_main_process", lambda: False)  # the trainer asks it
+    result = run.run_continual(recipe_from_dict(raw), tmp_path / "rank1", log=lambda s: None)
+    assert len(result.acc_matrix) == 2  # it trained and evaluated both tasks
+    written = sorted(p.name for p in (tmp_path / "rank1").rglob("*") if p.is_file())
+    assert not {"task.pt", "model.pt", "continual.json", "log.csv", "task_accuracy.png"} & set(written), written
+
+
 def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_another_recipe(tmp_path, request):
     """The second task's new head rows come from the random state the first task's training left: a resumed run
     restores it from task.pt, so it retrains what was interrupted exactly as before. A task.pt of another recipe,

@@ -41,6 +41,8 @@ def resize_classifier(model: nn.Module, num_classes: int, keep: int | None = Non
     if old.bias is not None:
         new.bias[:keep] = old.bias[:keep]
     new.weight.requires_grad_(old.weight.requires_grad)
+    if old.bias is not None:  # a frozen head's bias had become trainable when the head grew
+        new.bias.requires_grad_(old.bias.requires_grad)
     set_submodule(model, path, new)
     if hasattr(model, "num_classes"):
         model.num_classes = num_classes

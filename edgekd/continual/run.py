@@ -33,7 +33,7 @@ from edgekd.progress import progress_task
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
-from edgekd.train import apply_threads, init_weights, remove_earlier_outputs
+from edgekd.train import apply_threads, init_weights, is_main_process, remove_earlier_outputs
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
 
@@ -242,14 +242,18 @@ def _train_task(recipe, model: nn.Module, tasks: list[Task], i: int, step: TaskS
     if resume and (task_dir / "last.pt").is_file():
         trainer.resume(task_dir / "last.pt")
     fit = trainer.fit(progress=progress)
-    write_csv_log(task_dir / "log.csv", fit.history)
+    main = is_main_process()  # under torchrun only rank 0 writes (each rank's random state differs: task.pt
+    if main:  # holds rank 0's, as the trainer's last.pt does)
+        write_csv_log(task_dir / "log.csv", fit.history)
     # The sequence goes on from the last epoch's weights: old-task data is not there to pick a "best".
     # The random states go with it: a resumed run goes on from here as the uninterrupted one did (the next task's
     # new head rows are drawn from them).
     training = {"epochs": len(fit.history), "seconds": float(sum(h["epoch_seconds"] for h in fit.history)),
                 "step_seconds": fit.step_seconds}
-    save_checkpoint(task_dir / "task.pt", {"state_dict": _cpu_state(model), "rng": rng_state(), "training": training,
-                                          "metrics": {}, "recipe_digest": recipe.digest(), **meta})
+    if main:
+        save_checkpoint(task_dir / "task.pt", {"state_dict": _cpu_state(model), "rng": rng_state(),
+                                              "training": training, "metrics": {}, "recipe_digest": recipe.digest(),
+                                              **meta})
     return training
 
 
@@ -399,10 +403,12 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
                 acc[i, j], f1[i, j] = r["acc"], r["f1"]
             steps.append(record)
             advance_task()
-    best_path = save_checkpoint(out / "model.pt", {
-        "state_dict": _cpu_state(model), "metrics": {"acc_matrix": acc.tolist()}, "recipe_digest": recipe.digest(),
-        **_meta(recipe, tasks, n - 1, spec, head, init)})
     summary = _summary(recipe, tasks, spec, model, acc, f1, steps)
-    write_json(out / "continual.json", summary)
-    _write_plots(recipe, out, acc, summary["tasks"], steps[-1]["eval"])
+    best_path = out / "model.pt"
+    if is_main_process():  # (every torchrun rank had written them)
+        save_checkpoint(best_path, {
+            "state_dict": _cpu_state(model), "metrics": {"acc_matrix": acc.tolist()}, "recipe_digest": recipe.digest(),
+            **_meta(recipe, tasks, n - 1, spec, head, init)})
+        write_json(out / "continual.json", summary)
+        _write_plots(recipe, out, acc, summary["tasks"], steps[-1]["eval"])
     return ContinualResult(out, best_path, summary["params"], summary["tasks"], acc.tolist(), summary)
