@@ -633,7 +633,8 @@ class ContinualConfig(Section):
     replay: ReplayConfig | None = None
     """Rehearsal plug-in (null: off)."""
     bn_freeze: bool = False
-    """BatchNorm layers in eval mode with frozen affine parameters while learning the tasks after the first."""
+    """BatchNorm layers in eval mode with frozen affine parameters while learning the tasks after the first (not with
+    train.swa, whose update_bn recomputes their statistics)."""
     eval_split: Literal["val", "test"] = "test"
     """The split of every task the accuracy matrix (and retention) is measured on after each task."""
 
@@ -728,6 +729,10 @@ class Recipe(Section):
             raise ValueError("a recipe with a continual section does not use a distill section (its tasks learn "
                              "with continual.lwf/ewc/replay; distill a student with its own recipe and name it in "
                              "continual.checkpoint): remove one")
+        if self.continual is not None and self.continual.bn_freeze and self.train.swa.enabled:
+            raise ValueError("train.swa with continual.bn_freeze: SWA recomputes the BatchNorm statistics on the "
+                             "current task's images (torch's update_bn), which bn_freeze holds at the earlier "
+                             "tasks'; turn one off")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -687,6 +687,18 @@ def test_replay_mixes_buffer_images_into_every_training_batch_of_a_later_task(tm
 
 
 # ------------------------------------------------------------------ BN freeze, head expansion
+def test_swa_with_bn_freeze_is_refused(tmp_path):
+    """SWA's update_bn recomputed the BatchNorm statistics on the current task's images, undoing bn_freeze."""
+    raw = base_recipe(quadrant_npz(tmp_path / "q.npz", classes=2, n=(8, 4, 4)), bn_freeze=True,
+                      tasks=[{"name": "a"}, {"name": "b"}])
+    raw["train"]["swa"] = {"enabled": True}
+    with pytest.raises(EdgeKDError, match=r"train.swa with continual.bn_freeze: SWA recomputes the BatchNorm "
+                                         r"statistics"):
+        recipe_from_dict(raw)
+    raw["continual"]["bn_freeze"] = False
+    assert recipe_from_dict(raw).train.swa.enabled
+
+
 def test_bn_freeze_keeps_running_stats_and_affine_through_training(tmp_path):
     npz = quadrant_npz(tmp_path / "q.npz", classes=2)
     recipe = recipe_from_dict({k: v for k, v in base_recipe(npz).items() if k != "continual"})
