@@ -573,7 +573,9 @@ class ContinualTask(Section):
 
 
 class EWCConfig(Section):
-    """Elastic weight consolidation: (weight / 2) * sum F (theta - theta*)^2 with the diagonal Fisher of each task."""
+    """Elastic weight consolidation: (weight / 2) * sum F (theta - theta*)^2 with the diagonal Fisher of each task,
+    the empirical one (squared gradients of the loss at the images' own labels, as Avalanche's EWC; Kirkpatrick et
+    al. sample the labels from the model), in eval mode on un-augmented training images."""
     weight: float = Field(1000.0, ge=0)
     """lambda."""
     online: bool = False
