@@ -315,6 +315,32 @@ def test_class_incremental_tasks_bring_new_non_empty_class_sets(tmp_path):
                           "data": {**base_recipe(npz)["data"], "classes": []}})
 
 
+def test_a_starting_checkpoint_trained_on_a_tasks_test_images_is_refused(tmp_path):
+    """A student trained on the folder with another seed holds most of task 0's test images in its training split:
+    the accuracy matrix (and the export's retention gate) had been measured partly on images it trained on."""
+    from conftest import write_image_folder
+
+    from edgekd.continual.run import run_continual
+    from edgekd.train.run import train_recipe
+
+    root = write_image_folder(tmp_path / "imgs", n_per_class=12)
+    data = {"source": "imagefolder", "path": str(root), "split": "stratified", "val_fraction": 0.25,
+            "test_fraction": 0.25}
+    student = train_recipe(recipe_from_dict({**tiny_recipe(root, epochs=1, data=data), "seed": 1}),
+                           tmp_path / "student", log=lambda s: None)
+    other = quadrant_npz(tmp_path / "q.npz", classes=2, n=(16, 8, 8))
+    raw = tiny_recipe(root, name="cl", epochs=1, data=data, role="student",
+                      continual={"checkpoint": str(student.best_path),
+                                 "tasks": [{"name": "a"}, {"name": "b", "data": {"source": "medmnist",
+                                                                                "path": str(other)}}]})
+    with pytest.raises(EdgeKDError, match=r"^continual.checkpoint \S+best.pt trained on \d+ of task 'a''s 6 test "
+                                          r"images \(its splits were drawn with other settings"):
+        run_continual(recipe_from_dict(raw), tmp_path / "cl", log=lambda s: None)
+    said: list[str] = []
+    run_continual(recipe_from_dict({**raw, "seed": 1}), tmp_path / "cl1", log=said.append)  # its own splits
+    assert not any("trained on" in line for line in said)
+
+
 def test_a_grown_head_keeps_the_frozen_state_of_its_weight_and_bias():
     """A head frozen by model.freeze_patterns got a trainable bias from its second task on."""
     model = tiny_model(2)

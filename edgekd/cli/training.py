@@ -147,14 +147,12 @@ def eval_(
 
     folder = data if data is not None and data.is_dir() else None
     splits, names, levels = _eval_options(split, corruptions, only, severities, failures,
-                                          given={"--limit": limit, "--compare": compare, "--top": top}, folder=folder)
+                                          given={"--limit": limit, "--compare": compare, "--top": top}, folder=folder,
+                                          task=task)
     bundle = is_bundle(checkpoint)
     if folder is not None and (set_ or (bundle and not (corruptions or failures))):
         raise EdgeKDError(f"--data {folder}: a labelled folder is scored by a checkpoint, or by a bundle's "
                           "--corruptions or --failures; --set takes a data recipe")
-    if task is not None and folder is None:  # each task is scored on its own data, by its own head
-        raise EdgeKDError(f"--task {task}: chooses the head that scores a labelled folder (--data DIR); without one "
-                          "`edgekd eval` scores every task on its own data")
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
@@ -228,10 +226,15 @@ def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: in
 
 
 def _eval_options(split: Optional[str], corruptions: bool, only: Optional[str], severities: Optional[str],
-                  failures: bool = False, given: dict | None = None, folder: Optional[Path] = None):
+                  failures: bool = False, given: dict | None = None, folder: Optional[Path] = None,
+                  task: Optional[str] = None):
     """`edgekd eval`'s splits, corruption names and severities, checked before any work (a bad --severities
     failed after the plain evaluation had written its files). `given`: the options of one mode (--limit and
-    --compare of --corruptions, --top of --failures), refused without it (they had been ignored)."""
+    --compare of --corruptions, --top of --failures), refused without it (they had been ignored); `task`, the head
+    that scores a labelled folder, without one."""
+    if task is not None and folder is None:  # each task is scored on its own data, by its own head
+        raise EdgeKDError(f"--task {task}: chooses the head that scores a labelled folder (--data DIR); without one "
+                          "`edgekd eval` scores every task on its own data")
     from edgekd.robustness import check_names, check_severities
 
     of = {"--limit": ("--corruptions", corruptions), "--compare": ("--corruptions", corruptions),

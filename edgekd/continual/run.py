@@ -23,6 +23,7 @@ from edgekd.continual.metrics import average_accuracy, backward_transfer, forget
 from edgekd.continual.plugins import build_plugins
 from edgekd.continual.scenarios import (ContinualObjective, Task, build_tasks, output_range, recorded_tasks,
                                        union_data)
+from edgekd.data import check_model_splits
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import sha256_file, write_json, write_text
 from edgekd.host import host_record
@@ -73,8 +74,10 @@ def method_name(cfg) -> str:
     return "+".join(parts) or "finetune"
 
 
-def starting_model(recipe, tasks: list[Task]) -> tuple[nn.Module, dict[str, Any], bool]:
-    """(model with a head for the first task, its spec, whether the first task is already learned)."""
+def starting_model(recipe, tasks: list[Task], log: Callable[[str], None] = print
+                   ) -> tuple[nn.Module, dict[str, Any], bool]:
+    """(model with a head for the first task, its spec, whether the first task is already learned). A checkpoint
+    trained on a task's own image files must not have trained on that task's test images (`check_model_splits`)."""
     cfg = recipe.continual
     first = tasks[0]
     if cfg.checkpoint is None:
@@ -83,6 +86,9 @@ def starting_model(recipe, tasks: list[Task]) -> tuple[nn.Module, dict[str, Any]
         freeze(model, recipe.model.freeze_stages, recipe.model.freeze_patterns)
         return model, spec, False
     model, ckpt = model_from_checkpoint(cfg.checkpoint)
+    for task in tasks:  # (its task 0 drawn with another seed or fraction had been scored on images it trained on)
+        check_model_splits(f"continual.checkpoint {cfg.checkpoint}", ckpt, task.data, log, f"task '{task.name}''s",
+                           "the accuracy matrix on them (continual.eval_split: val) is on images it has seen")
     spec = dict(ckpt["arch"])
     theirs, ours = ckpt["preprocess"], first.data.preprocess
     for key in ("input_size", "channels", "mean", "std"):
@@ -341,7 +347,7 @@ def _start(recipe, out: Path, tasks: list[Task], resume: bool,
     it began with, as the file may have changed since: checkpoints from before 2026-12-06 recorded none, so those
     are read now); then `out` made, an earlier run's results removed (a new run) and recipe.yaml written."""
     resumed = check_resumable(out, tasks, recipe) if resume else None
-    model, spec, first_learned = starting_model(recipe, tasks)
+    model, spec, first_learned = starting_model(recipe, tasks, log)
     init = resumed["init_weights"] if resumed is not None and "init_weights" in resumed else starting_weights(recipe)
     checkpoint, note = recipe.continual.checkpoint, ""
     if checkpoint is not None and spec["name"] != recipe.model.name:  # the checkpoint's model is what trains

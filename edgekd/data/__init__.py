@@ -1,7 +1,7 @@
 """Data: sources (folder, CSV manifest, MedMNIST .npz, idx, built-in), splits, transforms, samplers."""
 
 from edgekd.data.dataset import (DataModule, ImageDataset, build_checkpoint_data, build_data, check_class_order,
-                                 check_trained_splits, data_path_key, same_split_settings,
+                                 check_model_splits, check_trained_splits, data_path_key, same_split_settings,
                                  checkpoint_path_hint, class_weights, duplicate_notes, epoch_seed, split_listing,
                                  split_tables, validate_images)
 from edgekd.data.sources import (FASHION_CLASSES, MEDMNIST_CLASSES, Source, Table, list_images, load_source,
@@ -10,7 +10,8 @@ from edgekd.data.splits import kfold_indices, make_splits, stratified_subset
 from edgekd.data.transforms import build_transforms, preprocess_spec
 
 __all__ = ["FASHION_CLASSES", "MEDMNIST_CLASSES", "DataModule", "ImageDataset", "Source", "Table",
-           "build_checkpoint_data", "build_data", "build_transforms", "check_class_order", "check_trained_splits",
-           "data_path_key", "same_split_settings", "checkpoint_path_hint", "class_weights", "duplicate_notes",
-           "epoch_seed", "kfold_indices", "list_images", "load_source", "make_splits", "medmnist_classes",
-           "preprocess_spec", "split_listing", "split_tables", "stratified_subset", "validate_images"]
+           "build_checkpoint_data", "build_data", "build_transforms", "check_class_order", "check_model_splits",
+           "check_trained_splits", "data_path_key", "same_split_settings", "checkpoint_path_hint", "class_weights",
+           "duplicate_notes", "epoch_seed", "kfold_indices", "list_images", "load_source", "make_splits",
+           "medmnist_classes", "preprocess_spec", "split_listing", "split_tables", "stratified_subset",
+           "validate_images"]

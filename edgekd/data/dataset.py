@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -304,11 +305,9 @@ def patients_from_dicom(tables: dict[str, Table], ids: dict[str, list] | None, w
         raise EdgeKDError(f"data.dicom_patient_ids reads an ImageFolder's DICOM files; a {source} source gives "
                           "patient ids otherwise (a CSV: a patient_id column)")
     if not ids:
-        try:
-            import pydicom  # noqa: F401
-        except ImportError:  # without it the folder had seemed to hold no DICOM files
+        if importlib.util.find_spec("pydicom") is None:  # without it the folder had seemed to hold no DICOM files
             raise EdgeKDError("data.dicom_patient_ids: reading PatientID tags needs pydicom "
-                              "(pip install 'edgekd[dicom]')") from None
+                              "(pip install 'edgekd[dicom]')")
         raise EdgeKDError(f"data.dicom_patient_ids: {where} holds no DICOM files to read PatientID tags from")
     out = {}
     for split, t in tables.items():
@@ -382,6 +381,46 @@ def same_split_settings(trained: dict, recipe) -> bool:
     return (data_path_key(data.get("path")) == data_path_key(recipe.data.path) and trained.get("seed") == recipe.seed
             and all(data.get(k, fields[k].default) == getattr(recipe.data, k) for k in SPLIT_KEYS))  # a key added
     # since the checkpoint was written took its default there
+
+
+FILE_SOURCES = ("imagefolder", "csv")
+"""Sources that list image files: a model trained on them can be checked file by file against another run's splits."""
+
+
+def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[str], None],
+                       whose: str = "this run's", val_effect: str = "figures on them are on images it has seen"
+                       ) -> None:
+    """A model this run learns from (a KD teacher, a continual run's starting checkpoint: `what`, its recipe key and
+    path) trained on this run's own image files must not have trained on its test images: splits carved with another
+    seed, fraction, class filter or patient pattern put them in its training split, and every test figure would be
+    on images it learned (an error). Its training on val images only (a val split carved from train by seed, as in
+    a seed sweep from one teacher) biases the run's choices: a warning (`val_effect`). Compared file by file, from
+    the model's recipe as it splits the files today, when both read image files (ImageFolder or CSV, either of
+    them: a CSV may list the folder's files); in-memory sets (.npz) have fixed splits here."""
+    from edgekd.recipe import recipe_from_dict
+
+    raw = ckpt.get("recipe")
+    if not raw or data.tables["train"].paths is None or (raw.get("data") or {}).get("source") not in FILE_SOURCES:
+        return
+    try:
+        tables = split_tables(recipe_from_dict(raw, where=f"{what} (embedded recipe)"))[0]
+    except EdgeKDError as err:
+        log(f"warning: {what}: its training split could not be rebuilt to check it against {whose} val/test images "
+            f"({err}); a relative data.path of its recipe is read from the folder it was trained in: run from there "
+            "for the check")
+        return
+    if tables["train"].paths is None:
+        return
+    seen = {os.path.realpath(p) for p in tables["train"].paths}
+    leaked = {split: sum(os.path.realpath(p) in seen for p in data.tables[split].paths) for split in ("val", "test")}
+    settings = "seed, data.split, fractions, classes or patient_pattern"
+    if leaked["test"]:
+        raise EdgeKDError(f"{what} trained on {leaked['test']} of {whose} {len(data.tables['test'])} test images (its "
+                          f"splits were drawn with other settings: {settings}): train it with the same split "
+                          "settings, or give the splits as folders or a split column")
+    if leaked["val"]:
+        log(f"warning: {what} trained on {leaked['val']} of {whose} {len(data.tables['val'])} val images (another "
+            f"{settings}): {val_effect}")
 
 
 def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
-from edgekd.data import build_data, check_class_order, split_tables
+from edgekd.data import build_data, check_class_order, check_model_splits
 from edgekd.distill.objective import build_objective, load_teacher
 from edgekd.distill.unlabeled import build_unlabeled
 from edgekd.errors import EdgeKDError
@@ -18,44 +17,6 @@ from edgekd.train.trainer import resolve_device, seed_everything
 
 ADAPTER_KEY = "kd_adapters"
 """Checkpoint key of the feature-KD adapters: beside, never inside, the student's state_dict (export ignores it)."""
-
-
-FILE_SOURCES = ("imagefolder", "csv")
-"""The data sources that read image files by path (the others hold their images in memory, splits fixed)."""
-
-
-def check_teacher_splits(path, teacher_ckpt: dict, recipe, data, log: Callable[[str], None]) -> None:
-    """A teacher trained on the student's own image files must not have trained on the student's test images:
-    splits carved with another seed, fraction, class filter or patient pattern put them in its training split,
-    and the student then learns its test answers from the teacher (an error). Its training on student val images
-    only (a val split carved from train by seed, as in a seed sweep of students from one teacher) biases the
-    student's checkpoint choice: a warning. Compared file by file, from the teacher's recipe as it splits the
-    files today, when both read image files (ImageFolder or CSV, either of them: a CSV may list the folder's files);
-    in-memory sets (.npz) have fixed splits here."""
-    from edgekd.recipe import recipe_from_dict
-
-    raw = teacher_ckpt.get("recipe")
-    if not raw or data.tables["train"].paths is None or (raw.get("data") or {}).get("source") not in FILE_SOURCES:
-        return
-    try:
-        teacher_tables = split_tables(recipe_from_dict(raw, where=f"{path} (embedded recipe)"))[0]
-    except EdgeKDError as err:
-        log(f"warning: distill.teacher {path}: its training split could not be rebuilt to check it against this "
-            f"run's val/test images ({err}); a relative data.path of the teacher's is read from the folder it was "
-            "trained in: run from there for the check")
-        return
-    if teacher_tables["train"].paths is None:
-        return
-    seen = {os.path.realpath(p) for p in teacher_tables["train"].paths}
-    leaked = {split: sum(os.path.realpath(p) in seen for p in data.tables[split].paths) for split in ("val", "test")}
-    settings = "seed, data.split, fractions, classes or patient_pattern"
-    if leaked["test"]:
-        raise EdgeKDError(f"distill.teacher {path} trained on {leaked['test']} of this run's {len(data.tables['test'])} "
-                          f"test images (its splits were drawn with other settings: {settings}): train the teacher "
-                          "with the student's split settings, or give the splits as folders or a split column")
-    if leaked["val"]:
-        log(f"warning: distill.teacher {path} trained on {leaked['val']} of this run's {len(data.tables['val'])} val "
-            f"images (another {settings}): the student's best epoch is chosen on images its teacher has seen")
 
 
 def check_same_pool(saved: dict, pool, path: Path) -> None:
@@ -116,7 +77,8 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     ensemble = [load_teacher(path) for path in cfg.ensemble]
     logit_terms = any(t.kind in ("kl", "dkd") for t in cfg.terms)
     for path, ckpt in zip((cfg.teacher, *cfg.ensemble), (teacher_ckpt, *(c for _, c in ensemble))):
-        check_teacher_splits(path, ckpt, recipe, data, log)
+        check_model_splits(f"distill.teacher {path}", ckpt, data, log,
+                           val_effect="the student's best epoch is chosen on images its teacher has seen")
         if logit_terms:
             check_class_order(list(ckpt.get("class_names") or []), list(data.class_names), f"distill: teacher {path}",
                               log)
