@@ -531,12 +531,14 @@ class DistillConfig(Section):
     ensemble: list[str] = []
     """More teacher checkpoints (same classes): the target is the ensemble of `teacher` and these."""
     ensemble_mode: Literal["mean_probs", "mean_logits"] = "mean_probs"
-    """mean_probs: the teacher logits are log(mean of the members' softmax); mean_logits: the mean of their logits."""
+    """mean_probs: the teacher logits are log(mean of the members' softmax), averaged at temperature 1 (a KL term at
+    T then softens that mixture: not the mean of each member's softmax at T, which it equals only at T=1 or when the
+    members agree); mean_logits: the mean of their logits."""
     mix: MixConfig | None = None
     """Shared-view mixing of every batch (function matching); teacher terms only."""
     teacher_views: list[Literal["original", "hflip", "vflip"]] = ["original"]
-    """TTA-averaged teacher targets: the teacher's softmax averaged over these flips of each batch (one flip alone:
-    the teacher sees that flip only)."""
+    """TTA-averaged teacher targets: the teacher's softmax averaged over these flips of each batch, at temperature 1
+    as `ensemble_mode: mean_probs` (one flip alone: the teacher sees that flip only)."""
     unlabeled: UnlabeledConfig | None = None
     """A pool of unlabeled images the student also matches the teacher on (KD on unlabeled images)."""
     terms: list[DistillTerm] = Field(min_length=1)
