@@ -347,8 +347,9 @@ class TrainConfig(Section):
     """CPU threads of the training process (default: torch's, all cores). Float sums depend on it: a seeded run
     repeats its metrics exactly only at the thread count it records in metrics.json (`threads`)."""
     nonfinite: Literal["error", "skip"] = "error"
-    """A NaN/Inf training loss. error: the run stops, naming epoch and step; skip: that batch (and the step's gradients
-    so far) is dropped and counted in metrics.json `nonfinite_batches`."""
+    """A NaN/Inf training loss. error: the run stops, naming epoch and step; skip: that batch's optimizer step is
+    dropped (with grad_accum, its whole accumulation group: the micro-batches before and after it) and the batch
+    counted in metrics.json `nonfinite_batches`."""
 
     _inferred: set[str] = PrivateAttr(default_factory=set)
     """The keys `_directions` filled in (not the recipe's own): `to_dict` leaves them out, so a run's recipe.yaml

@@ -445,6 +445,22 @@ def test_nonfinite_loss_is_an_error_or_skipped(tiny_recipe_dict, tmp_path):
     after = load_checkpoint(res.best_path)["state_dict"]
     assert before and all(torch.equal(after[k], v) for k, v in before.items())
 
+    # grad_accum 3 (6 batches, 2 optimizer steps), NaN on the second batch: its whole group is dropped, the first
+    # batch's gradients and the third batch too (it had stepped on the third alone, scaled 1/3)
+    class SecondNaN:
+        calls = 0
+
+        def __call__(self, model, x, y):
+            SecondNaN.calls += 1
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            return (loss * float("nan") if SecondNaN.calls == 2 else loss), model(x)
+
+    r, data, model, spec = setup("skip")
+    r = r.model_copy(update={"train": r.train.model_copy(update={"grad_accum": 3})})
+    res = train_model(r, tmp_path / "accum", data, model, spec, objective=SecondNaN(), log=lambda s: None)
+    assert res.fit.nonfinite_batches == 1 and len(res.fit.step_seconds) == 1  # the second group's step only
+    assert SecondNaN.calls == 5  # the third batch is not even run
+
 
 def test_focal_loss_hand_computed():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])

@@ -372,8 +372,10 @@ class Trainer:
         total, count = 0.0, 0
         part_sums: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
-        step_start = time.perf_counter()
+        step_start, dropped = time.perf_counter(), None  # dropped: the accumulation group a non-finite loss voids
         for step, (images, targets) in enumerate(loader):
+            if step // accum == dropped:  # its other micro-batches had made a step of group - 1 of them, scaled 1/group
+                continue
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, enabled=self.use_amp):
@@ -391,6 +393,7 @@ class Trainer:
                                       "lower the learning rate, or set train.nonfinite=skip")
                 self.nonfinite += 1
                 self.optimizer.zero_grad(set_to_none=True)
+                dropped = step // accum
                 continue
             # Each step is the mean over its micro-batches; the epoch's last group may hold fewer than accum.
             group = min(accum, n_batches - step // accum * accum)
