@@ -54,6 +54,8 @@ def medmnist_classes(path: str | Path | None) -> list[str] | None:
     `pneumoniamnist_224.npz`; None for another name."""
     stem = Path(path or "").stem.lower()
     return MEDMNIST_CLASSES.get(re.sub(r"_(28|64|128|224)$", "", stem))
+
+
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 
