@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 
 from conftest import tiny_recipe
 from edgekd.continual import average_accuracy, backward_transfer, forgetting, forgetting_per_task, retention
@@ -489,6 +490,30 @@ def test_buffer_stays_class_balanced_and_within_size(selection):
     assert len(buf) <= 20 and max(counts.values()) - min(counts.values()) <= 1 and sum(counts.values()) == 20
     table = buf.table()
     assert np.bincount(table.labels).tolist() == [counts[c] for c in range(7)]
+
+
+def test_a_buffer_of_tasks_with_other_images_replays_them_all(tmp_path):
+    """Gray 4 px arrays, RGB 6 px arrays and image files in one buffer: Table.concat had failed (a third task of
+    other data); each storage is its own table, all replayed through the task's train transform."""
+    from edgekd.continual.replay import ReplayData
+
+    buf = ClassBalancedBuffer(size=12, selection="reservoir", seed=0)
+    buf.update(_table([0] * 4 + [1] * 4, seed=1))
+    rgb = np.random.default_rng(2).integers(0, 255, size=(8, 6, 6, 3), dtype=np.uint8)
+    buf.update(Table(labels=np.array([2] * 4 + [3] * 4), images=rgb))
+    files = []
+    for i in range(4):
+        Image.fromarray(rgb[i]).save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    buf.update(Table(labels=np.array([4] * 4), paths=files))
+    tables = buf.tables()
+    assert [t.images.shape[1:] if t.images is not None else "files" for t in tables] == [(4, 4, 1), (6, 6, 3), "files"]
+    assert sorted(np.concatenate([t.labels for t in tables]).tolist()) == sorted(
+        label for c, n in buf.class_counts().items() for label in [c] * n)
+    npz = quadrant_npz(tmp_path / "q.npz", classes=2, n=(16, 8, 8))
+    data = build_tasks(recipe_from_dict(base_recipe(npz, tasks=[{"name": "a"}, {"name": "b"}])))[1].data
+    replayed = [t for _, targets in ReplayData(data, tables, 4).loader("train") for t in targets[-4:].tolist()]
+    assert set(replayed) <= {0, 1, 2, 3, 4} and len(set(replayed)) >= 3  # from every kind, at the task's size
 
 
 def test_reservoir_shrinks_to_a_subset_of_what_it_kept():

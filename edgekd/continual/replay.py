@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler
 
 from edgekd.continual.base import ContinualPlugin, TaskStep
 from edgekd.data import ImageDataset, Table, build_transforms, epoch_seed
@@ -92,6 +92,16 @@ class ClassBalancedBuffer:
     def table(self) -> Table:
         return Table.concat([s.table for _, s in sorted(self.slots.items())])
 
+    def tables(self) -> list[Table]:
+        """The kept samples as tables of one storage each: in-memory images of one shape, or files. Tasks of other
+        data (gray and RGB, 28 and 64 px, arrays and files) cannot share one array: a third task had failed in
+        numpy's concatenate."""
+        kinds: dict[tuple, list[Table]] = {}
+        for _, slot in sorted(self.slots.items()):
+            kind = ("files",) if slot.table.images is None else tuple(slot.table.images.shape[1:])
+            kinds.setdefault(kind, []).append(slot.table)
+        return [Table.concat(group) for group in kinds.values()]
+
 
 class MixedLoader:
     """Each batch of the task loader, with a batch drawn (with replacement) from the buffer appended."""
@@ -113,7 +123,7 @@ class ReplayData:
     """A DataModule whose training loader mixes buffer samples (with the train augmentation) into every batch;
     validation and test stay the task's own."""
 
-    def __init__(self, data, buffer: Table, batch_size: int):
+    def __init__(self, data, buffer: list[Table], batch_size: int):
         self.data, self.buffer, self.batch_size = data, buffer, batch_size
 
     def __getattr__(self, name):
@@ -124,7 +134,8 @@ class ReplayData:
         main = self.data.loader(split, train=train, epoch=epoch, distributed=distributed)
         if split != "train" or not train:
             return main
-        ds = ImageDataset(self.buffer, build_transforms(self.data.cfg, self.data.augment, True))
+        transform = build_transforms(self.data.cfg, self.data.augment, True)
+        ds = ConcatDataset([ImageDataset(table, transform) for table in self.buffer])
         gen = torch.Generator().manual_seed(epoch_seed(self.data.seed, epoch, distributed) + 7)
         sampler = RandomSampler(ds, replacement=True, num_samples=len(main) * self.batch_size, generator=gen)
         return MixedLoader(main, DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True))
@@ -158,7 +169,7 @@ class ReplayPlugin(ContinualPlugin):
     def train_data(self, data, step: TaskStep):
         if len(self.buffer) == 0:
             return data
-        return ReplayData(data, self.buffer.table(), self.batch_size or data.cfg.batch_size)
+        return ReplayData(data, self.buffer.tables(), self.batch_size or data.cfg.batch_size)
 
     def after_task(self, step: TaskStep) -> None:
         data = step.task.data
