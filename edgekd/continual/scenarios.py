@@ -72,7 +72,7 @@ def build_tasks(recipe) -> list[Task]:
             dm = build_data(recipe.model_copy(update={"data": data_cfg, "continual": None}))
         except EdgeKDError as err:
             raise EdgeKDError(f"{where}: {err}") from None
-        if recipe.continual.scenario == "class_incremental":
+        if recipe.continual.scenario == "class_incremental" or recipe.continual.head == "single":
             check_new_classes(tasks, data_cfg, dm.class_names, where)
         if len(dm.class_names) < 2 and (recipe.continual.head == "multi" or not tasks):  # a head of its own
             raise EdgeKDError(f"{where}: one class ({dm.class_names[0]!r}): a head of one class calls every image "
@@ -125,15 +125,16 @@ def dataset_key(data_cfg) -> tuple[str, str | None]:
 
 
 def check_new_classes(tasks: list[Task], data_cfg, class_names: list[str], where: str) -> None:
-    """Class-incremental tasks bring new classes: a class an earlier task of the same dataset already has would get
-    a second output row, and the two rows would compete in the single head."""
+    """Class-incremental tasks, and any tasks of one head, bring new classes: a class an earlier task of the same
+    dataset already has would get a second output row, and the two rows would compete in the single head (a
+    cross-domain run of one head had taken it without a word)."""
     for earlier in tasks:
         if dataset_key(earlier.data.cfg) != dataset_key(data_cfg):
             continue
         shared = [n for n in class_names if n in earlier.class_names]
         if shared:
-            raise EdgeKDError(f"{where}: class '{shared[0]}' is task '{earlier.name}''s too (a class-incremental "
-                              "task brings new classes; give each class to one task)")
+            raise EdgeKDError(f"{where}: class '{shared[0]}' is task '{earlier.name}''s too (each task of one head "
+                              "brings new classes, each its own output row; give each class to one task)")
 
 
 def same_channel_count(tables: list[Table]) -> list[Table]:
