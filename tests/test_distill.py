@@ -708,6 +708,20 @@ def test_a_teacher_trained_on_the_students_test_images_is_refused(tmp_path):
     said = []
     distill_recipe(recipe_from_dict({**sweep, "seed": 1}), tmp_path / "sweep1", log=said.append)
     assert any(line.startswith("warning: distill.teacher") and "val images" in line for line in said), said
+    # a teacher whose val split is the student's test/ folder chose its best epoch on those images (no word had
+    # been said: only its train split was compared)
+    files = sorted((tmp_path / "given").rglob("*.png"))
+    rows = ["path,label,split"] + [f"{f},{f.parent.name},{'val' if f.parts[-3] == 'test' else 'train'}" for f in files]
+    (tmp_path / "chosen.csv").write_text("\n".join(rows) + "\n")
+    chose = train_recipe(recipe_from_dict(tiny_recipe(root, epochs=1, data={
+        "source": "csv", "path": str(tmp_path / "chosen.csv"), "split": "given", "test_fraction": 0.25})),
+        tmp_path / "teacher3", log=lambda s: None)
+    said = []
+    distill_recipe(recipe_from_dict({**sweep, "distill": {**kd, "teacher": str(chose.best_path)}}), tmp_path / "s3",
+                   log=said.append)
+    assert any(line.startswith("warning: distill.teacher") and "chose its best epoch on 8 of this run's 8 test "
+               "images (its val split" in line for line in said), said
+    assert not any("trained on" in line for line in said)
 
 
 def test_a_teacher_path_that_is_a_folder_or_missing_says_which(tmp_path, tiny_teacher):

@@ -421,6 +421,11 @@ def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[s
     if leaked["val"]:
         log(f"warning: {what} trained on {leaked['val']} of {whose} {len(data.tables['val'])} val images (another "
             f"{settings}): {val_effect}")
+    chosen_on = {os.path.realpath(p) for p in (tables["val"].paths or [])} if "val" in tables else set()
+    picked = sum(os.path.realpath(p) in chosen_on for p in data.tables["test"].paths)
+    if picked:  # (it had passed without a word)
+        log(f"warning: {what} chose its best epoch on {picked} of {whose} {len(data.tables['test'])} test images (its "
+            f"val split; another {settings}): the test figures are on images that picked it")
 
 
 def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,
