@@ -167,8 +167,11 @@ def test_a_folder_of_dicom_files_warns_of_its_patients_and_splits_by_them_when_a
     rows = [f"{f.relative_to(tmp_path)},{f.parent.name}" for f in sorted(root.rglob("1.2.*"))]
     (tmp_path / "m.csv").write_text("\n".join(["path,label", *rows]) + "\n")
     with pytest.raises(EdgeKDError, match=r"^data.dicom_patient_ids reads an ImageFolder's DICOM files; a csv source "
-                                          r"gives patient ids otherwise \(a CSV: a patient_id column\)$"):
+                                          r"gives patient ids in a patient_id column$"):
         build_data(recipe(source="csv", path=str(tmp_path / "m.csv"), dicom_patient_ids=True))
+    with pytest.raises(EdgeKDError, match=r"^data.dicom_patient_ids reads an ImageFolder's DICOM files; a builtin "
+                                          r"source has none \(and no patient ids\)$"):
+        build_data(recipe(source="builtin", dicom_patient_ids=True))
 
 
 def test_image_folder_class_names_order_the_folders_by_name(tmp_path):
@@ -322,6 +325,15 @@ def test_csv_labels_and_headers_as_spreadsheets_write_them(tmp_path):
     assert source.class_names == ["class_0", "class_1"]
     labels = source.tables["all"].labels.tolist()
     assert labels == [0 if ",00," in r else 1 for r in spelled]
+    csv.write_text("\n".join(["label, path"] + [f"{r.split(',')[1]}, {r.split(',')[0]}" for r in spelled]) + "\n")
+    assert len(load_source("csv", str(csv)).tables["all"]) == len(spelled)  # the path after ", " had kept its space
+    csv.write_text("\n".join(["path, label, label"] + [r + ",x" for r in spelled]) + "\n")
+    with pytest.raises(EdgeKDError, match=r"m.csv: column 'label' named twice in the header; name each column once$"):
+        load_source("csv", str(csv))
+    csv.write_text("\n".join(["Path,Label"] + [",".join(r.split(",")[:2]) for r in spelled]) + "\n")
+    with pytest.raises(EdgeKDError, match=r"lacks column\(s\) label, path \(its header has Path, Label: column "
+                                          r"names are lower case\)$"):
+        load_source("csv", str(csv))
     csv.write_text("\n".join(["path,label,split"] + [",".join(r.split(",")[:2]) + ",test" for r in spelled]) + "\n")
     with pytest.raises(EdgeKDError, match=r"m.csv: no row of the train split \(its split column gives test\); a "
                                           r"manifest with a split column needs train rows$"):
@@ -655,6 +667,11 @@ def test_split_folders_are_known_by_the_names_a_split_column_may_use(tmp_path):
     assert list(load_source("imagefolder", root).tables) == ["train", "val", "test"]
     write_image_folder(root / "val", n_per_class=1, classes=("glioma", "notumor"))
     with pytest.raises(EdgeKDError, match=r"bt: val and valid both name the val split; keep one$"):
+        load_source("imagefolder", root)
+    (root / "val").rename(tmp_path / "val-kept")
+    write_image_folder(root / "extra", n_per_class=1, classes=("glioma",))  # its images had been left out
+    with pytest.raises(EdgeKDError, match=r"bt/extra: a folder beside the split folders \(Testing, Training, valid\), "
+                                          r"which is not read"):
         load_source("imagefolder", root)
     only_test = tmp_path / "only"
     write_image_folder(only_test / "test", n_per_class=2)

@@ -857,7 +857,7 @@ def test_kfold_refuses_what_would_see_a_folds_validation_images_before_training(
     cases = [
         (tiny_recipe(tmp_path, role="student", distill={**student, "ensemble": [str(here)]}),
          r"^--folds: distill.ensemble members are checkpoints trained once, outside the folds"),
-        (tiny_recipe(tmp_path, distill=student), r"^--folds: the distill recipe's role is 'teacher' \(the default\)"),
+        (tiny_recipe(tmp_path, distill=student), r"^--folds: the distill recipe's role is 'teacher' \(set, or the default\)"),
         (tiny_recipe(tmp_path, role="student", distill=student, model={"weights": str(here)}),
          r"^--folds: model.weights \S+here.pt was trained by edgekd on this data \(builtin\)"),
         (tiny_recipe(tmp_path, model={"weights": str(here)}), r"^--folds: model.weights \S+here.pt was trained"),

@@ -301,9 +301,12 @@ def patients_from_dicom(tables: dict[str, Table], ids: dict[str, list] | None, w
                         source: str | None = None) -> dict[str, Table]:
     """Each table with its patient ids from its DICOM files' PatientID tags (data.dicom_patient_ids: an ImageFolder's;
     `source`: the recipe's data.source)."""
-    if source not in (None, "imagefolder"):  # a CSV of DICOM files had been "holds no DICOM files"
-        raise EdgeKDError(f"data.dicom_patient_ids reads an ImageFolder's DICOM files; a {source} source gives "
-                          "patient ids otherwise (a CSV: a patient_id column)")
+    if source == "csv":  # a CSV of DICOM files had been "holds no DICOM files"
+        raise EdgeKDError("data.dicom_patient_ids reads an ImageFolder's DICOM files; a csv source gives patient ids "
+                          "in a patient_id column")
+    if source not in (None, "imagefolder"):
+        raise EdgeKDError(f"data.dicom_patient_ids reads an ImageFolder's DICOM files; a {source} source has none "
+                          "(and no patient ids)")
     if not ids:
         if importlib.util.find_spec("pydicom") is None:  # without it the folder had seemed to hold no DICOM files
             raise EdgeKDError("data.dicom_patient_ids: reading PatientID tags needs pydicom "

@@ -252,6 +252,11 @@ def split_folders(root: Path) -> dict[str, Path]:
     if named and "train" not in named:
         raise EdgeKDError(f"{root}: split folders ({', '.join(d[0].name for d in named.values())}) but none for "
                           "training: name it train/ (or root/<class>/ without split folders)")
+    other = [d.name for d in subfolders(root) if split_name(d.name) is None] if named else []
+    if other:  # its images had been left out without a word
+        raise EdgeKDError(f"{root / other[0]}: a folder beside the split folders "
+                          f"({', '.join(d[0].name for d in named.values())}), which is not read: move its images into "
+                          "a split's class folders, or out of the data folder")
     return {split: named[split][0] for split in SPLITS if split in named}
 
 
@@ -298,17 +303,18 @@ def load_csv(path: str | Path) -> Source:
     buckets: dict[str, dict[str, list]] = {}
     first_line: dict[str, int] = {}
     for lineno, (row, label) in enumerate(zip(rows, label_values), start=2):
-        if not row["path"]:
+        entry = (row["path"] or "").strip()  # `label, path`: the space after the comma had been part of the path
+        if not entry:
             raise EdgeKDError(f"{path}:{lineno}: empty path")
         if label not in to_id:
             raise EdgeKDError(f"{path}:{lineno}: unknown label {label!r}")
-        file = (path.parent / row["path"]).resolve()
+        file = (path.parent / entry).resolve()
         if not file.is_file():
-            raise EdgeKDError(f"{path}:{lineno}: image {row['path']} not found (paths are read relative to the CSV's "
+            raise EdgeKDError(f"{path}:{lineno}: image {entry} not found (paths are read relative to the CSV's "
                               f"folder, {path.parent}, or absolute)")
-        key = os.path.normcase(os.path.normpath(path.parent / row["path"]))  # as written: links are other files
+        key = os.path.normcase(os.path.normpath(path.parent / entry))  # as written: links are other files
         if first_line.setdefault(key, lineno) != lineno:  # one image in two splits, or under two labels
-            raise EdgeKDError(f"{path}:{lineno}: image {row['path']} is listed again (first on line {first_line[key]})")
+            raise EdgeKDError(f"{path}:{lineno}: image {entry} is listed again (first on line {first_line[key]})")
         patient = (row.get("patient_id") or "").strip()
         if has_groups and not patient:
             raise EdgeKDError(f"{path}:{lineno}: empty patient_id (every row needs one when the column is there)")
@@ -378,6 +384,10 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
         reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
         if reader.fieldnames:  # `path, label` (a space after each comma) had lacked a column named "label"
             reader.fieldnames = [h.strip() if h else h for h in reader.fieldnames]
+        header = reader.fieldnames or []
+        twice = next((h for h in header if h and header.count(h) > 1), None)
+        if twice:  # the last of them had been read, without a word
+            raise EdgeKDError(f"{path}: column {twice!r} named twice in the header; name each column once")
         rows = list(reader)
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
@@ -392,6 +402,8 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
     if missing:
         sep = next((s for s in (";", "\t", "|") if any(s in (h or "") for h in header)), None)
         hint = f" (its header is separated by {sep!r}; edgekd reads comma-separated values)" if sep else ""
+        cased = [h for h in header if h and h.lower() in missing]
+        hint = hint or (f" (its header has {', '.join(cased)}: column names are lower case)" if cased else "")
         raise EdgeKDError(f"{path}: CSV manifest lacks column(s) {', '.join(sorted(missing))}{hint}")
     _refuse_near_miss_columns(path, rows)
     return rows

@@ -141,8 +141,8 @@ def refuse_fold_leaks(recipe, teacher_base) -> None:
                           "each has seen fold images it would be validated on; k-fold retrains only the "
                           "teacher_recipe per fold: set distill.ensemble=[]")
     if recipe.role == "teacher":
-        raise EdgeKDError("--folds: the distill recipe's role is 'teacher' (the default), the folder of each fold's "
-                          "teacher; set role: student (or student_scratch, baseline)")
+        raise EdgeKDError("--folds: the distill recipe's role is 'teacher' (set, or the default), the folder of each "
+                          "fold's teacher; set role: student (or student_scratch, baseline)")
     refuse_weights_trained_here(recipe, "model.weights")
     refuse_weights_trained_here(teacher_base, "the teacher recipe's model.weights")
 
