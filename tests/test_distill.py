@@ -869,6 +869,18 @@ def test_kfold_refuses_what_would_see_a_folds_validation_images_before_training(
     with pytest.raises(EdgeKDError, match=r"^--folds: the teacher recipe's model.weights \S+here.pt was trained"):
         run_kfold(recipe_from_dict(tiny_recipe(tmp_path, role="student", distill=student)), tmp_path / "k", 2,
                   log=lambda m: None, teacher_overrides=[f"model.weights={here}"])
+    # the same image files under another path (a CSV listing the folder's files) are the same images
+    from conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=8)
+    rows = ["path,label"] + [f"{f},{f.parent.name}" for f in sorted(folder.rglob("*.png"))]
+    (tmp_path / "files.csv").write_text("\n".join(rows) + "\n")
+    listed = tmp_path / "listed.pt"
+    torch.save({"recipe": recipe_from_dict(tiny_recipe(tmp_path, data={
+        "source": "csv", "path": str(tmp_path / "files.csv")})).to_dict()}, listed)
+    with pytest.raises(EdgeKDError, match=r"^--folds: model.weights \S+listed.pt was trained by edgekd on this data"):
+        refuse_weights_trained_here(recipe_from_dict(tiny_recipe(tmp_path, model={"weights": str(listed)}, data={
+            "source": "imagefolder", "path": str(folder)})), "model.weights")
     # weights trained on other data (or not by edgekd) are what model.weights is for
     refuse_weights_trained_here(recipe_from_dict(tiny_recipe(tmp_path, model={"weights": str(elsewhere)})), "w")
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "plain.pth")

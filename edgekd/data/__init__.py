@@ -1,15 +1,15 @@
 """Data: sources (folder, CSV manifest, MedMNIST .npz, idx, built-in), splits, transforms, samplers."""
 
-from edgekd.data.dataset import (DataModule, ImageDataset, build_checkpoint_data, build_data, check_class_order,
-                                 check_model_splits, check_trained_splits, data_path_key, same_split_settings,
-                                 checkpoint_path_hint, class_weights, duplicate_notes, epoch_seed, split_listing,
-                                 split_tables, validate_images)
+from edgekd.data.dataset import (FILE_SOURCES, DataModule, ImageDataset, build_checkpoint_data, build_data,
+                                 check_class_order, check_model_splits, check_trained_splits, checkpoint_path_hint,
+                                 class_weights, data_path_key, duplicate_notes, epoch_seed, same_split_settings,
+                                 split_listing, split_tables, validate_images)
 from edgekd.data.sources import (FASHION_CLASSES, MEDMNIST_CLASSES, Source, Table, list_images, load_source,
                                  medmnist_classes)
 from edgekd.data.splits import kfold_indices, make_splits, stratified_subset
 from edgekd.data.transforms import build_transforms, preprocess_spec
 
-__all__ = ["FASHION_CLASSES", "MEDMNIST_CLASSES", "DataModule", "ImageDataset", "Source", "Table",
+__all__ = ["FASHION_CLASSES", "FILE_SOURCES", "MEDMNIST_CLASSES", "DataModule", "ImageDataset", "Source", "Table",
            "build_checkpoint_data", "build_data", "build_transforms", "check_class_order", "check_model_splits",
            "check_trained_splits", "data_path_key", "same_split_settings", "checkpoint_path_hint", "class_weights",
            "duplicate_notes", "epoch_seed", "kfold_indices", "list_images", "load_source", "make_splits",

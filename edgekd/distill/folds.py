@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from edgekd.data import data_path_key, load_source, split_listing, split_tables
+from edgekd.data import FILE_SOURCES, data_path_key, load_source, split_listing, split_tables
 from edgekd.distill.unlabeled import check_pool_for_folds
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, write_json, write_text
@@ -149,8 +150,9 @@ def refuse_fold_leaks(recipe, teacher_base) -> None:
 
 def refuse_weights_trained_here(recipe, key: str) -> None:
     """Under --folds: a model.weights file that is an edgekd checkpoint trained on the recipe's own data (the same
-    data.path) has trained on most of every fold's validation images. Weights from elsewhere (the hub, another
-    data set) are fine; an unreadable file is left to the model build to report."""
+    data.path, or image files of its train and val splits however listed: a CSV of the folder's files) has trained
+    on every fold's validation images. Weights from elsewhere (the hub, another data set) are fine; an unreadable
+    file is left to the model build to report."""
     weights = recipe.model.weights
     if not weights or Path(weights).suffix.lower() == ".safetensors" or not Path(weights).is_file():
         return
@@ -163,9 +165,25 @@ def refuse_weights_trained_here(recipe, key: str) -> None:
     data = ((ckpt.get("recipe") or {}).get("data") or {}) if isinstance(ckpt, dict) else {}
     here = recipe.data.path or recipe.data.source  # the built-in set has no path
     if data and (same_data_value("path", data.get("path"), recipe.data.path) if data.get("path") and recipe.data.path
-                 else not data.get("path") and not recipe.data.path and data.get("source") == recipe.data.source):
+                 else not data.get("path") and not recipe.data.path and data.get("source") == recipe.data.source) \
+            or shares_image_files(ckpt.get("recipe") if isinstance(ckpt, dict) else None, recipe):
         raise EdgeKDError(f"--folds: {key} {weights} was trained by edgekd on this data ({here}), so it has seen "
                           "most of every fold's validation images; start from weights trained elsewhere")
+
+
+def shares_image_files(trained: dict | None, recipe) -> bool:
+    """Whether a checkpoint's recipe (`trained`) trained on image files of `recipe`'s train or val split (the k-fold
+    pool), both read from files (ImageFolder or CSV, either of them); False where a split cannot be rebuilt."""
+    if not trained or (trained.get("data") or {}).get("source") not in FILE_SOURCES or \
+            recipe.data.source not in FILE_SOURCES:
+        return False
+    try:
+        seen = split_tables(recipe_from_dict(trained, where="model.weights (embedded recipe)"))[0]["train"].paths
+        ours = split_tables(recipe)[0]
+    except EdgeKDError:
+        return False
+    pool = {os.path.realpath(p) for split in ("train", "val") for p in ours[split].paths or []}
+    return any(os.path.realpath(p) in pool for p in seen or [])
 
 
 def fold_run(train: Callable, recipe, out: Path, resume: bool, log: Callable[[str], None], progress):
