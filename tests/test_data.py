@@ -673,6 +673,16 @@ def test_split_folders_are_known_by_the_names_a_split_column_may_use(tmp_path):
     with pytest.raises(EdgeKDError, match=r"bt/extra: a folder beside the split folders \(Testing, Training, valid\), "
                                           r"which is not read"):
         load_source("imagefolder", root)
+    nested = tmp_path / "nest"  # one folder too high: it had been "one class (chest_xray)"
+    write_image_folder(nested / "chest_xray" / "train", n_per_class=2)
+    with pytest.raises(EdgeKDError, match=r"nest: its one folder chest_xray/ holds the split folders: give "
+                                          r"data.path=\S+nest/chest_xray$"):
+        load_source("imagefolder", nested)
+    loose = tmp_path / "loose" / "train"  # images straight in train/: said of train/, not the root
+    loose.mkdir(parents=True)
+    Image.new("L", (8, 8)).save(loose / "x.png")
+    with pytest.raises(EdgeKDError, match=r"loose/train: no class folders \(expected train/<class>/<image>\)$"):
+        load_source("imagefolder", loose.parent)
     only_test = tmp_path / "only"
     write_image_folder(only_test / "test", n_per_class=2)
     with pytest.raises(EdgeKDError, match=r"only: split folders \(test\) but none for training: name it train/"):

@@ -215,7 +215,11 @@ def load_imagefolder(path: str | Path) -> Source:
         class_names = [d.name for d in subfolders(root)]  # a .Trashes/ or __MACOSX/ had become a class
         parts = {"all": root}
     if not class_names:
-        raise EdgeKDError(f"{root}: no class folders (expected root/<class>/<image>)")
+        where = parts.get("train", root)  # (images straight in train/ had been said of the root)
+        raise EdgeKDError(f"{where}: no class folders (expected {where.name}/<class>/<image>)")
+    if len(class_names) == 1 and split_folders(root / class_names[0]):  # one folder up: "has one class"
+        raise EdgeKDError(f"{root}: its one folder {class_names[0]}/ holds the split folders: give "
+                          f"data.path={root / class_names[0]}")
     for split, folder in parts.items():  # a class only val/ or test/ has was dropped without a word
         extra = [d.name for d in subfolders(folder) if d.name not in class_names]
         if extra:

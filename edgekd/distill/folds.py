@@ -231,8 +231,9 @@ def summarize_folds(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
             for k in SUMMARY_METRICS:
                 vals = np.array([r[split][k] for r in rows if r["role"] == role and r[split][k] is not None], float)
                 vals = vals[~np.isnan(vals)]
-                stats[k] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
-                            "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, "n": int(len(vals))}
+                stats[k] = {"mean": float(vals.mean()) if len(vals) else float("nan"),  # (written as null)
+                            "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0 if len(vals) else float("nan"),
+                            "n": int(len(vals))}
             out[role][split] = stats
     return out
 
