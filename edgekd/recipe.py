@@ -618,8 +618,8 @@ class ContinualConfig(Section):
     """A sequence of tasks learned one after the other by one model, with combinable anti-forgetting plug-ins."""
     scenario: Literal["cross_domain", "class_incremental"] = "cross_domain"
     """cross_domain: each task its own problem, by default a head per task with the task id given at test;
-    class_incremental: one growing head (`head` single), no task id, and no task may repeat a class an earlier task of
-    the same dataset has."""
+    class_incremental: one growing head (`head` single), no task id. With one head (either scenario) no task may
+    repeat a class an earlier task of the same dataset has."""
     head: Literal["multi", "single"] | None = None
     """multi: a head per task, task id given at test (cross_domain default); single: one expanding head, no task id."""
     checkpoint: str | None = None

@@ -230,8 +230,8 @@ def _eval_options(split: Optional[str], corruptions: bool, only: Optional[str], 
                   task: Optional[str] = None):
     """`edgekd eval`'s splits, corruption names and severities, checked before any work (a bad --severities
     failed after the plain evaluation had written its files). `given`: the options of one mode (--limit and
-    --compare of --corruptions, --top of --failures), refused without it (they had been ignored); `task`, the head
-    that scores a labelled folder, without one."""
+    --compare of --corruptions, --top of --failures), refused without it (they had been ignored); --task (the head
+    that scores a labelled folder) refused without --data DIR."""
     if task is not None and folder is None:  # each task is scored on its own data, by its own head
         raise EdgeKDError(f"--task {task}: chooses the head that scores a labelled folder (--data DIR); without one "
                           "`edgekd eval` scores every task on its own data")

@@ -46,9 +46,10 @@ def task_data_section(recipe, task_cfg) -> dict[str, Any]:
     return deep_merge(recipe.data.model_dump(), task_cfg.data)
 
 
-def build_tasks(recipe) -> list[Task]:
+def build_tasks(recipe, recorded: bool = False) -> list[Task]:
     """The recipe's `continual.tasks` as Task objects: data section + task overrides, class selection, and
-    label ids shifted after the earlier tasks' classes."""
+    label ids shifted after the earlier tasks' classes. `recorded`: the tasks of a trained checkpoint, rebuilt to
+    score or export it (a one-head cross-domain model trained before 2026-12-06 may repeat a class: not refused)."""
     tasks: list[Task] = []
     global_names: list[str] = []
     for i, tcfg in enumerate(recipe.continual.tasks):
@@ -72,7 +73,7 @@ def build_tasks(recipe) -> list[Task]:
             dm = build_data(recipe.model_copy(update={"data": data_cfg, "continual": None}))
         except EdgeKDError as err:
             raise EdgeKDError(f"{where}: {err}") from None
-        if recipe.continual.scenario == "class_incremental" or recipe.continual.head == "single":
+        if recipe.continual.scenario == "class_incremental" or (recipe.continual.head == "single" and not recorded):
             check_new_classes(tasks, data_cfg, dm.class_names, where)
         if len(dm.class_names) < 2 and (recipe.continual.head == "multi" or not tasks):  # a head of its own
             raise EdgeKDError(f"{where}: one class ({dm.class_names[0]!r}): a head of one class calls every image "
@@ -91,7 +92,7 @@ def recorded_tasks(recipe, recorded: list[dict], where: str) -> list[Task]:
     the record: the same names and output rows."""
     if recipe.continual is None:
         raise EdgeKDError(f"{where}: a continual checkpoint whose embedded recipe has no continual section")
-    tasks = build_tasks(recipe)[: len(recorded)]
+    tasks = build_tasks(recipe, recorded=True)[: len(recorded)]
     ours = [(t.name, [t.lo, t.hi]) for t in tasks]
     theirs = [(t["name"], list(t["outputs"])) for t in recorded]
     if ours != theirs:

@@ -523,6 +523,10 @@ def source_notes(source, cfg) -> list[str]:
         count, example = source.info["skipped_files"]
         notes.append(f"{count} file(s) in the class folders are not images and are left out (neither an image suffix "
                      f"nor DICOM, or a DICOMDIR), e.g. {example}")
+    if source.info.get("ignored_folders"):  # beside split folders (they had been an error, then nothing)
+        names = source.info["ignored_folders"]
+        notes.append(f"{len(names)} folder(s) beside the split folders are not read: {', '.join(names[:5])}"
+                     + (" ..." if len(names) > 5 else ""))
     patients = source.info.get("dicom_patient_count", 0)
     if patients > 1 and not (cfg.dicom_patient_ids or cfg.patient_pattern or cfg.split == "patient"):
         notes.append(f"the DICOM files name {patients} patients (PatientID) but the split is by image, so one "

@@ -215,9 +215,8 @@ def load_imagefolder(path: str | Path) -> Source:
         class_names = [d.name for d in subfolders(root)]  # a .Trashes/ or __MACOSX/ had become a class
         parts = {"all": root}
     if not class_names:
-        where = parts.get("train", root)  # (images straight in train/ had been said of the root)
-        raise EdgeKDError(f"{where}: no class folders (expected {where.name}/<class>/<image>)")
-    if len(class_names) == 1 and split_folders(root / class_names[0]):  # one folder up: "has one class"
+        raise EdgeKDError(f"{root}: no class folders (expected root/<class>/<image>)")
+    if "all" in parts and len(class_names) == 1 and split_folders(root / class_names[0]):  # one folder up
         raise EdgeKDError(f"{root}: its one folder {class_names[0]}/ holds the split folders: give "
                           f"data.path={root / class_names[0]}")
     for split, folder in parts.items():  # a class only val/ or test/ has was dropped without a word
@@ -238,16 +237,19 @@ def load_imagefolder(path: str | Path) -> Source:
     # Folder names are the labels: data.class_names orders them by name and must list exactly these folders.
     return Source(name=root.name, tables=tables, class_names=class_names,
                   info={"named_labels": True, "label_source": "class folders", **dicom_patients(tables),
-                        **({"skipped_files": (len(skipped), str(skipped[0]))} if skipped else {})})
+                        **({"skipped_files": (len(skipped), str(skipped[0]))} if skipped else {}),
+                        **({"ignored_folders": ignored} if (ignored := ignored_folders(root, parts)) else {})})
 
 
 def split_folders(root: Path) -> dict[str, Path]:
     """{train/val/test: folder} of an image folder whose sub-folders name splits (`split_name`: `Training/` and
     `Testing/` had become two classes, each holding every real class's images; `valid/` had been ignored), else {}.
-    Split folders without a train one, or two folders of one split, are refused."""
+    A split folder holds class folders, not images (a class named `valid` stays a class). Split folders without a
+    train one, or two folders of one split, are refused; other folders beside them are not read
+    (`ignored_folders`, a warning of the run)."""
     named: dict[str, list[Path]] = {}
     for d in subfolders(root):
-        if (split := split_name(d.name)) is not None:
+        if (split := split_name(d.name)) is not None and holds_class_folders(d):
             named.setdefault(split, []).append(d)
     twice = next((f for f in named.values() if len(f) > 1), None)
     if twice:
@@ -256,12 +258,18 @@ def split_folders(root: Path) -> dict[str, Path]:
     if named and "train" not in named:
         raise EdgeKDError(f"{root}: split folders ({', '.join(d[0].name for d in named.values())}) but none for "
                           "training: name it train/ (or root/<class>/ without split folders)")
-    other = [d.name for d in subfolders(root) if split_name(d.name) is None] if named else []
-    if other:  # its images had been left out without a word
-        raise EdgeKDError(f"{root / other[0]}: a folder beside the split folders "
-                          f"({', '.join(d[0].name for d in named.values())}), which is not read: move its images into "
-                          "a split's class folders, or out of the data folder")
     return {split: named[split][0] for split in SPLITS if split in named}
+
+
+def holds_class_folders(folder: Path) -> bool:
+    """Whether a folder holds sub-folders and no image of its own (a split folder's layout, not a class's)."""
+    return bool(subfolders(folder)) and not any(f.is_file() and is_image_file(f) for f in folder.iterdir())
+
+
+def ignored_folders(root: Path, parts: dict[str, Path]) -> list[str]:
+    """The folders beside a data folder's split folders, which are not read (masks/, metadata/, a nested copy)."""
+    kept = {folder.name for folder in parts.values()}
+    return [d.name for d in subfolders(root) if d.name not in kept] if "all" not in parts else []
 
 
 def dicom_patients(tables: dict[str, Table]) -> dict[str, Any]:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from edgekd.data import (ImageDataset, Table, build_transforms, list_images, load_source, stratified_subset,
-                         validate_images)
+from edgekd.data import (ImageDataset, Table, build_transforms, list_images, load_source, split_folders,
+                         stratified_subset, validate_images)
 from edgekd.errors import EdgeKDError
 
 
@@ -111,7 +111,7 @@ def refuse_held_out_pool(cfg, data_cfg) -> None:
     else:
         pool, data = Path(cfg.path).resolve(), Path(data_cfg.path).resolve()
         overlaps = pool.is_relative_to(data)
-        train = data / "train"
+        train = split_folders(data).get("train", data / "train") if data.is_dir() else data / "train"
         train_only = ((pool == data and cfg.source != "folder" and cfg.split == "train")
                       or pool.is_relative_to(train))
     if overlaps and not train_only:

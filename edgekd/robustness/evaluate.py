@@ -44,8 +44,8 @@ class Predictor:
         return f"{self.model} ({self.role}) {self.format}/{self.precision}"
 
 
-MIXED_HEADS = ("one head per task; the corruption eval, failure analysis and a labelled folder's eval score one "
-               "softmax over the model's outputs, which would mix the tasks' heads")
+MIXED_HEADS = ("one head per task; the corruption eval and failure analysis score one softmax over the model's "
+               "outputs, which would mix the tasks' heads (a labelled folder's eval takes --task)")
 
 
 def source_checkpoint(src: Path) -> Path | None:
