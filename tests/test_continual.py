@@ -305,6 +305,10 @@ def test_class_incremental_tasks_bring_new_non_empty_class_sets(tmp_path):
     # one head in a cross-domain run: the same two competing rows (it had passed); its own heads keep them apart
     with pytest.raises(EdgeKDError, match=r"class 'class_1' is task 'A''s too \(each task of one head brings new"):
         build_tasks(recipe_from_dict(base_recipe(npz, scenario="cross_domain", head="single", tasks=tasks)))
+    # ... but a model trained so before the check still scores and exports (its tasks rebuilt as recorded)
+    old = build_tasks(recipe_from_dict(base_recipe(npz, scenario="cross_domain", head="single", tasks=tasks)),
+                      recorded=True)
+    assert [(t.name, t.lo, t.hi) for t in old] == [("A", 0, 2), ("B", 2, 4)]
     assert len(build_tasks(recipe_from_dict(base_recipe(npz, scenario="cross_domain", head="multi", tasks=tasks)))) == 2
     # A task of one class with a head of its own (or the first of a shared head) scored 1.0 on every image.
     for scenario, head, one in (("cross_domain", "multi", 1), ("class_incremental", "single", 0)):
