@@ -86,9 +86,10 @@ def starting_model(recipe, tasks: list[Task], log: Callable[[str], None] = print
         freeze(model, recipe.model.freeze_stages, recipe.model.freeze_patterns)
         return model, spec, False
     model, ckpt = model_from_checkpoint(cfg.checkpoint)
+    rebuilt: dict = {}  # its splits, rebuilt once for every task
     for task in tasks:  # (its task 0 drawn with another seed or fraction had been scored on images it trained on)
         check_model_splits(f"continual.checkpoint {cfg.checkpoint}", ckpt, task.data, log, f"task '{task.name}''s",
-                           "the accuracy matrix on them (continual.eval_split: val) is on images it has seen")
+                           "the accuracy matrix on them (continual.eval_split: val) is on images it has seen", rebuilt)
     spec = dict(ckpt["arch"])
     theirs, ours = ckpt["preprocess"], first.data.preprocess
     for key in ("input_size", "channels", "mean", "std"):

@@ -391,28 +391,32 @@ FILE_SOURCES = ("imagefolder", "csv")
 
 
 def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[str], None],
-                       whose: str = "this run's", val_effect: str = "figures on them are on images it has seen"
-                       ) -> None:
+                       whose: str = "this run's", val_effect: str = "figures on them are on images it has seen",
+                       rebuilt: dict | None = None) -> None:
     """A model this run learns from (a KD teacher, a continual run's starting checkpoint: `what`, its recipe key and
     path) trained on this run's own image files must not have trained on its test images: splits carved with another
     seed, fraction, class filter or patient pattern put them in its training split, and every test figure would be
     on images it learned (an error). Its training on val images only (a val split carved from train by seed, as in
     a seed sweep from one teacher) biases the run's choices: a warning (`val_effect`). Compared file by file, from
     the model's recipe as it splits the files today, when both read image files (ImageFolder or CSV, either of
-    them: a CSV may list the folder's files); in-memory sets (.npz) have fixed splits here."""
+    them: a CSV may list the folder's files); in-memory sets (.npz) have fixed splits here. `rebuilt`: a dict that
+    keeps the model's splits once rebuilt, for checking one model against several runs' data (continual tasks)."""
     from edgekd.recipe import recipe_from_dict
 
     raw = ckpt.get("recipe")
     if not raw or data.tables["train"].paths is None or (raw.get("data") or {}).get("source") not in FILE_SOURCES:
         return
-    try:
-        tables = split_tables(recipe_from_dict(raw, where=f"{what} (embedded recipe)"))[0]
-    except EdgeKDError as err:
-        log(f"warning: {what}: its training split could not be rebuilt to check it against {whose} val/test images "
-            f"({err}); a relative data.path of its recipe is read from the folder it was trained in: run from there "
-            "for the check")
-        return
-    if tables["train"].paths is None:
+    rebuilt = {} if rebuilt is None else rebuilt
+    if "tables" not in rebuilt:
+        try:
+            rebuilt["tables"] = split_tables(recipe_from_dict(raw, where=f"{what} (embedded recipe)"))[0]
+        except EdgeKDError as err:
+            rebuilt["tables"] = None
+            log(f"warning: {what}: its training split could not be rebuilt to check it against {whose} val/test "
+                f"images ({err}); a relative data.path of its recipe is read from the folder it was trained in: run "
+                "from there for the check")
+    tables = rebuilt["tables"]
+    if tables is None or tables["train"].paths is None:
         return
     seen = {os.path.realpath(p) for p in tables["train"].paths}
     leaked = {split: sum(os.path.realpath(p) in seen for p in data.tables[split].paths) for split in ("val", "test")}
