@@ -631,6 +631,9 @@ def test_eval_scores_a_labelled_folder_by_the_head_of_the_task_given(world, tmp_
     res = CliRunner().invoke(app, ["eval", str(world["student"]), "--data", str(folder), "--task", "A",
                                    "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "--task A: " in str(res.exception) and "has one head" in str(res.exception)
+    res = CliRunner().invoke(app, ["eval", str(world["parent"]), "--corruptions", "--data", str(folder), "--task", "A",
+                                   "--out", str(tmp_path / "x")])  # a bundle: --task had been ignored
+    assert res.exit_code != 0 and "--task A: chooses a checkpoint's head" in str(res.exception)
     assert not (tmp_path / "x").exists()
 
 

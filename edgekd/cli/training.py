@@ -145,11 +145,10 @@ def eval_(
     from edgekd.robustness import check_predictor_sources
     from edgekd.runtime import is_bundle
 
-    folder = data if data is not None and data.is_dir() else None
+    folder, bundle = data if data is not None and data.is_dir() else None, is_bundle(checkpoint)
     splits, names, levels = _eval_options(split, corruptions, only, severities, failures,
                                           given={"--limit": limit, "--compare": compare, "--top": top}, folder=folder,
-                                          task=task)
-    bundle = is_bundle(checkpoint)
+                                          task=task, bundle=bundle)
     if folder is not None and (set_ or (bundle and not (corruptions or failures))):
         raise EdgeKDError(f"--data {folder}: a labelled folder is scored by a checkpoint, or by a bundle's "
                           "--corruptions or --failures; --set takes a data recipe")
@@ -227,14 +226,17 @@ def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: in
 
 def _eval_options(split: Optional[str], corruptions: bool, only: Optional[str], severities: Optional[str],
                   failures: bool = False, given: dict | None = None, folder: Optional[Path] = None,
-                  task: Optional[str] = None):
+                  task: Optional[str] = None, bundle: bool = False):
     """`edgekd eval`'s splits, corruption names and severities, checked before any work (a bad --severities
     failed after the plain evaluation had written its files). `given`: the options of one mode (--limit and
     --compare of --corruptions, --top of --failures), refused without it (they had been ignored); --task (the head
-    that scores a labelled folder) refused without --data DIR."""
+    of a checkpoint that scores a labelled folder) refused without --data DIR, or for a bundle (it was ignored)."""
     if task is not None and folder is None:  # each task is scored on its own data, by its own head
         raise EdgeKDError(f"--task {task}: chooses the head that scores a labelled folder (--data DIR); without one "
                           "`edgekd eval` scores every task on its own data")
+    if task is not None and bundle:
+        raise EdgeKDError(f"--task {task}: chooses a checkpoint's head for a labelled folder; a bundle's "
+                          "--corruptions/--failures score a bundle of one head")
     from edgekd.robustness import check_names, check_severities
 
     of = {"--limit": ("--corruptions", corruptions), "--compare": ("--corruptions", corruptions),
