@@ -244,7 +244,8 @@ def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | No
     """Point a data section at a generated set named after the real one (MedMNIST names give real labels)."""
     k = classes or known_classes(data) or 2
     stem = Path(data.get("path") or "builtin").stem or "data"
-    if medmnist_classes(stem) and k != len(medmnist_classes(stem)):
+    known = medmnist_classes(stem)
+    if known and k != len(known):
         stem = f"synthetic-{stem}"  # --classes K: a known set's name would bring its own class count
     train = max(steps * batch, 2 * k)
     held = max(min(batch, 32), 2 * k)

@@ -375,7 +375,7 @@ class Trainer:
         step_start, dropped = time.perf_counter(), None  # dropped: the accumulation group a non-finite loss voids
         for step, (images, targets) in enumerate(loader):
             if step // accum == dropped:  # its other micro-batches had made a step of group - 1 of them, scaled 1/group
-                advance(description=f"epoch {epoch + 1}/{self.cfg.epochs} loss {total / max(count, 1):.4f}")
+                advance()  # the loss shown is unchanged
                 step_start = time.perf_counter()  # the next step's time is its own
                 continue
             images = images.to(self.device, non_blocking=True)
@@ -396,7 +396,7 @@ class Trainer:
                 self.nonfinite += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 dropped = step // accum
-                advance(description=f"epoch {epoch + 1}/{self.cfg.epochs} loss {total / max(count, 1):.4f}")
+                advance()
                 step_start = time.perf_counter()
                 continue
             # Each step is the mean over its micro-batches; the epoch's last group may hold fewer than accum.
