@@ -394,6 +394,10 @@ class DKDTerm(Section):
     """Weight of TCKD, the KL of the target-vs-rest split."""
     beta: float = Field(8.0, ge=0)
     """Weight of NCKD, the KL among the non-target classes (no effect with 2 classes)."""
+    warmup_epochs: int = Field(0, ge=0)
+    """The term's weight rises linearly over the first N epochs: epoch e (counted from 1) weighs min(e / N, 1)
+    times `weight` (the authors' warm-up, 20 of 240 epochs on CIFAR-100: NCKD's large beta would otherwise swamp
+    an untrained student); 0, the default: the full weight from the first epoch."""
 
 
 class CETerm(Section):

@@ -584,6 +584,40 @@ def test_dkd_with_two_classes_is_alpha_times_kl():
     assert value.item() == pytest.approx(0.7 * kl_divergence(s, te, 4.0).item(), rel=1e-5)
 
 
+def test_a_dkd_warm_up_scales_the_term_linearly_from_the_first_epoch():
+    """The DKD authors' warm-up: epoch e (from 1) weighs min(e / N, 1); the logged part stays the term's value."""
+    terms = distill_cfg([{"kind": "dkd", "weight": 2.0, "temperature": 4.0, "warmup_epochs": 4},
+                         {"kind": "ce", "weight": 1.0}]).terms
+    loss = build_distill_loss(terms, None)
+    dkd = hand_dkd(S, T, Y, 4.0, 1.0, 8.0)
+    ce = torch.nn.functional.cross_entropy(torch.tensor(S), torch.tensor(Y)).item()
+    for epoch, share in [(0, 0.25), (2, 0.75), (3, 1.0), (9, 1.0)]:
+        loss.set_epoch(epoch)
+        value, parts = loss(batch())
+        assert value.item() == pytest.approx(2.0 * share * dkd + ce, rel=1e-5)
+        assert parts["0_dkd"] == pytest.approx(dkd, rel=1e-5)
+
+
+def test_a_distillation_run_warms_its_dkd_term_up_epoch_by_epoch_and_says_when_it_never_ends(tmp_path, tiny_teacher,
+                                                                                           monkeypatch):
+    from edgekd.distill.losses import DistillLoss
+    from edgekd.distill.run import distill_recipe
+
+    seen = []
+    forward = DistillLoss.forward
+    monkeypatch.setattr(DistillLoss, "forward", lambda self, b, labelled=True: (seen.append(list(self.scales)),
+                                                                               forward(self, b, labelled))[1])
+    lines = []
+    raw = tiny_recipe(tmp_path, role="student", train={"epochs": 2},
+                      distill={"teacher": str(tiny_teacher), "terms": [
+                          {"kind": "dkd", "weight": 1.0, "warmup_epochs": 3}, {"kind": "ce", "weight": 1.0}]})
+    distill_recipe(recipe_from_dict(raw), tmp_path / "run", log=lines.append)
+    assert sorted({tuple(s) for s in seen}) == [(1 / 3, 1.0), (2 / 3, 1.0)]  # epochs 1 and 2, the ce term unscaled
+    assert [s[0] for s in seen] == sorted(s[0] for s in seen)
+    assert any("warmup_epochs 3 > train.epochs 2: the term ends the run at 67% of its weight" in m for m in lines)
+    assert any("1*dkd (warm-up 3 epochs)" in m for m in lines)
+
+
 class Recorder(nn.Module):
     """A model wrapper that keeps every input it sees."""
 

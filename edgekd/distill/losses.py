@@ -204,12 +204,20 @@ def _build_attention(cfg, class_weights: torch.Tensor | None, maps: FeatureMaps 
 class DistillLoss(nn.Module):
     """sum_i weight_i * term_i(batch); also returns each term's value (detached) for logging."""
 
-    def __init__(self, terms: list[LossTerm], weights: list[float], names: list[str]):
+    def __init__(self, terms: list[LossTerm], weights: list[float], names: list[str],
+                 warmups: list[int] | None = None):
         super().__init__()
-        if not (len(terms) == len(weights) == len(names)):
-            raise ValueError("terms, weights and names must have the same length")
+        warmups = [0] * len(terms) if warmups is None else list(warmups)
+        if not (len(terms) == len(weights) == len(names) == len(warmups)):
+            raise ValueError("terms, weights, names and warmups must have the same length")
         self.terms = nn.ModuleList(terms)
         self.weights, self.names = list(weights), list(names)
+        self.warmups = warmups  # per term: the epochs over which its weight rises linearly (0: none)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """epoch counted from 0: a term with warmup_epochs N weighs min((epoch + 1) / N, 1) x its weight."""
+        self.scales = [min((epoch + 1) / w, 1.0) if w else 1.0 for w in self.warmups]
 
     @property
     def needs_teacher_logits(self) -> bool:
@@ -227,12 +235,12 @@ class DistillLoss(nn.Module):
         """labelled=False (a batch of unlabeled images): the label terms (ce, focal) are skipped."""
         total = batch.student_logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, float] = {}
-        for name, weight, term in zip(self.names, self.weights, self.terms):
+        for name, weight, scale, term in zip(self.names, self.weights, self.scales, self.terms):
             if not labelled and isinstance(term, LabelLoss):
                 continue
             value = term(batch)
             parts[name] = float(value.detach())
-            total = total + weight * value
+            total = total + weight * scale * value
         return total, parts
 
 
@@ -249,4 +257,4 @@ def build_distill_loss(terms_cfg: list, class_weights: torch.Tensor | None,
         terms.append(builder(cfg, class_weights, adapters.get(i)))
         weights.append(cfg.weight)
         names.append(f"{i}_{cfg.kind}")
-    return DistillLoss(terms, weights, names)
+    return DistillLoss(terms, weights, names, [getattr(cfg, "warmup_epochs", 0) for cfg in terms_cfg])

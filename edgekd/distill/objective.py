@@ -186,7 +186,9 @@ class DistillObjective:
         return logits, {k: v.detach() for k, v in feats.items()}
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer at each epoch: the unlabeled pool's draws follow the epoch (exact resume)."""
+        """Called by the trainer at each epoch: a term's warm-up weight and the unlabeled pool's draws follow the
+        epoch (exact resume)."""
+        self.loss.set_epoch(epoch)
         if self.unlabeled is not None:
             self.unlabeled.set_epoch(epoch)
 
@@ -313,8 +315,11 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
             raise EdgeKDError("distill.mix makes every batch new: turn distill.cache_teacher_logits off")
         mix = SharedViewMix(distill_cfg.mix.kind, distill_cfg.mix.alpha, distill_cfg.mix.p,
                             num_classes or teacher_ckpt["arch"]["num_classes"])
+    warm = {i: f" (warm-up {t.warmup_epochs} epochs)" for i, t in enumerate(distill_cfg.terms)
+            if getattr(t, "warmup_epochs", 0)}
     log(f"distill: teacher {teacher_ckpt['arch']['name']} at {teacher_input.size}px, student at "
-        f"{teacher_input.student_size}px; terms " + ", ".join(f"{t.weight:g}*{t.kind}" for t in distill_cfg.terms)
+        f"{teacher_input.student_size}px; terms "
+        + ", ".join(f"{t.weight:g}*{t.kind}{warm.get(i, '')}" for i, t in enumerate(distill_cfg.terms))
         + (" (teacher logits cached)" if cache else "")
         + (f"; shared-view {distill_cfg.mix.kind} (alpha {distill_cfg.mix.alpha:g}, p {distill_cfg.mix.p:g})"
            if mix else ""))

@@ -44,6 +44,14 @@ def unused_train_loss(recipe) -> str | None:
             "takes label_smoothing and class_weights); set train.loss back to {name: ce} to quiet this")
 
 
+def long_term_warmups(recipe) -> list[str]:
+    """A term whose warm-up lasts the whole run never reaches its weight: said, not silently trained at a share."""
+    epochs = recipe.train.epochs
+    return [f"warning: distill.terms.{i} ({t.kind}) warmup_epochs {t.warmup_epochs} > train.epochs {epochs}: the term "
+            f"ends the run at {epochs / t.warmup_epochs:.0%} of its weight"
+            for i, t in enumerate(recipe.distill.terms) if getattr(t, "warmup_epochs", 0) > epochs]
+
+
 def check_same_teachers(saved: dict, digests: dict[str, str], path: Path) -> None:
     """A resumed run's teacher (and ensemble members) must be the files it started with, compared by sha256: a
     teacher retrained into the same best.pt would distill the rest of the run from another model, silently."""
@@ -72,6 +80,8 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     unused = unused_train_loss(recipe)
     if unused:
         log(f"warning: {unused}")
+    for line in long_term_warmups(recipe):
+        log(line)
     data = build_data(recipe)
     teacher, teacher_ckpt = load_teacher(cfg.teacher)
     ensemble = [load_teacher(path) for path in cfg.ensemble]
