@@ -729,6 +729,24 @@ def test_a_folder_copied_from_a_mac_or_a_share_reads_its_images_only(tmp_path):
                                                             ("normal.png", 0), ("pneumonia.png", 1)]
 
 
+def test_a_labelled_folder_of_split_folders_points_at_the_split_to_give(tmp_path):
+    """`eval --data ROOT` on a dataset root of Training/ and Testing/ named only 'Training' as not a class."""
+    from edgekd.runtime.inputs import collect_labelled
+
+    for split in ("Training", "Testing"):
+        for name in ("normal", "pneumonia"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8), 60, np.uint8)).save(tmp_path / split / name / "a.png")
+    with pytest.raises(EdgeKDError) as err:
+        collect_labelled(tmp_path, ["normal", "pneumonia"])
+    assert str(err.value) == (f"--data {tmp_path}: sub-folder 'Testing' is not a class of the model (normal, "
+                              f"pneumonia); Testing/ holds class folders, as a split folder does: give it, --data "
+                              f"{tmp_path / 'Testing'}")
+    (tmp_path / "Testing" / "masks" / "scan1").mkdir(parents=True)  # no class folders inside: no hint
+    with pytest.raises(EdgeKDError, match=r"'masks' is not a class of the model \(normal, pneumonia\)$"):
+        collect_labelled(tmp_path / "Testing", ["normal", "pneumonia"])
+
+
 def test_an_npz_whose_pixels_changed_under_the_same_name_is_refused_as_other_data(tmp_path):
     """A resumed run, eval or export of an .npz trained on: its splits were recorded by their labels only, so the
     same file name and labels with other images passed as the data the model trained on."""

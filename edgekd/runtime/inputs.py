@@ -86,8 +86,12 @@ def collect_labelled(root: str | Path, class_names: list[str]) -> tuple[list[Pat
     folders = subfolders(root)
     unknown = [p.name for p in folders if p.name not in class_names]
     if unknown:
+        nested = next((root / name for name in unknown
+                       if any(d.name in class_names for d in subfolders(root / name))), None)
+        hint = (f"; {nested.name}/ holds class folders, as a split folder does: give it, --data {nested}"
+                if nested is not None else "")
         raise EdgeKDError(f"--data {root}: sub-folder '{unknown[0]}' is not a class of the model "
-                          f"({', '.join(class_names)})")
+                          f"({', '.join(class_names)}){hint}")
     paths: list[Path] = []
     labels: list[int] = []
     for folder in folders:
