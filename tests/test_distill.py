@@ -770,6 +770,19 @@ def test_a_teacher_path_that_is_a_folder_or_missing_says_which(tmp_path, tiny_te
         load_teacher(Path(tiny_teacher).parent)
     with pytest.raises(EdgeKDError, match="not found .*read from the working folder"):
         load_teacher(tmp_path / "nowhere.pt")
+    from edgekd.distill.run import distill_recipe  # the command that trains it, from distill.teacher_recipe
+
+    raw = tiny_recipe(tmp_path, role="student", distill={"teacher": str(tmp_path / "t" / "best.pt"),
+                                                          "teacher_recipe": "recipes/demo/teacher.yaml",
+                                                          "ensemble": [str(tmp_path / "e.pt")], "terms": [{"kind": "kl"}]})
+    with pytest.raises(EdgeKDError) as err:
+        distill_recipe(recipe_from_dict(raw), tmp_path / "s", log=lambda m: None)
+    assert str(err.value) == (f"distill.teacher: checkpoint {tmp_path / 't' / 'best.pt'} not found (run `edgekd train "
+                              f"recipes/demo/teacher.yaml --out {tmp_path / 't'}` first; a relative path is read from "
+                              "the working folder)")
+    raw["distill"]["teacher"] = str(tiny_teacher)
+    with pytest.raises(EdgeKDError, match=r"^distill.ensemble: checkpoint .*e\.pt not found \(train the teacher recipe"):
+        distill_recipe(recipe_from_dict(raw), tmp_path / "s", log=lambda m: None)
 
 
 def test_report_rows_of_one_recipe_and_seed_are_named_apart():

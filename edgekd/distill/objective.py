@@ -18,13 +18,17 @@ from edgekd.models import capture_features
 from edgekd.train.checkpoint import model_from_checkpoint
 
 
-def load_teacher(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The teacher from an edgekd checkpoint: frozen (no grad) and in eval mode for good."""
+def load_teacher(path: str | Path, teacher_recipe: str | None = None,
+                 key: str = "distill.teacher") -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher from an edgekd checkpoint: frozen (no grad) and in eval mode for good. An absent checkpoint's
+    error gives the command that trains it from `teacher_recipe` (distill.teacher_recipe) when there is one."""
     if Path(path).is_dir():
-        raise EdgeKDError(f"distill.teacher: {path} is a folder; give its checkpoint file (e.g. {Path(path) / 'best.pt'})")
+        raise EdgeKDError(f"{key}: {path} is a folder; give its checkpoint file (e.g. {Path(path) / 'best.pt'})")
     if not Path(path).is_file():
-        raise EdgeKDError(f"distill.teacher: checkpoint {path} not found (train the teacher recipe first; a relative "
-                          "path is read from the working folder)")
+        how = (f"run `edgekd train {teacher_recipe} --out {Path(path).parent}` first" if teacher_recipe
+               else "train the teacher recipe first")
+        raise EdgeKDError(f"{key}: checkpoint {path} not found ({how}; a relative path is read from the working "
+                          "folder)")
     teacher, ckpt = model_from_checkpoint(path)
     freeze_teacher(teacher)
     return teacher, ckpt

@@ -83,8 +83,8 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
     for line in long_term_warmups(recipe):
         log(line)
     data = build_data(recipe)
-    teacher, teacher_ckpt = load_teacher(cfg.teacher)
-    ensemble = [load_teacher(path) for path in cfg.ensemble]
+    teacher, teacher_ckpt = load_teacher(cfg.teacher, cfg.teacher_recipe)
+    ensemble = [load_teacher(path, key="distill.ensemble") for path in cfg.ensemble]
     logit_terms = any(t.kind in ("kl", "dkd") for t in cfg.terms)
     for path, ckpt in zip((cfg.teacher, *cfg.ensemble), (teacher_ckpt, *(c for _, c in ensemble))):
         check_model_splits(f"distill.teacher {path}", ckpt, data, log,
