@@ -135,6 +135,12 @@ class DataConfig(Section):
     hair_removal: bool = False
     """DullRazor hair removal (black-hat morphology + Telea inpainting, OpenCV: `pip install 'edgekd[skin]'`) on each
     decoded image before resizing, in training and in the exported bundle's runtime alike."""
+    hair_kernel: int | None = Field(None, ge=3, le=4096)
+    """With hair_removal: the black-hat element's side in pixels of the decoded image; a dark structure narrower than
+    it is taken for hair and inpainted, so a lesion narrower than it is erased. null (default): scaled to each image,
+    17 px per 1024 px of its shorter side (DullRazor's 17 on dermoscopy), rounded, an even number plus 1, at least 3:
+    3 px on a 133 px ISIC 2024 crop. Checkpoints and bundles from before this key used 17 px at every size, and still
+    do."""
     patient_pattern: str | None = None
     """Patient ids from the image file names (an ImageFolder, or a CSV without a patient_id column): the first group
     of this regular expression, searched in each file name; e.g. '^[A-Z]+-(\\d+)-' for Kermany OCT2017's
@@ -765,6 +771,12 @@ class Recipe(Section):
         swa["start_epoch"] = {None: 0, 0: "first"}.get(swa["start_epoch"], swa["start_epoch"])
         if dumped["data"].get("patient_pattern") is None:  # a key since 2026-12-05: unset, the digest is as before
             dumped["data"].pop("patient_pattern", None)
+        # keys since 2026-12-06, left out where they mean what recipes before them did: the digest is as before
+        if not dumped["data"]["hair_removal"] or dumped["data"].get("hair_kernel") == 17:  # 17 px: the old element
+            dumped["data"].pop("hair_kernel", None)
+        for term in (dumped.get("distill") or {}).get("terms", []):
+            if term.get("warmup_epochs") == 0:
+                term.pop("warmup_epochs")
         text = json.dumps(dumped, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -1004,7 +1016,11 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
          "tracking.tensorboard: an empty path; give a folder, or true for <out>/tensorboard"),
         (recipe.model.name.startswith("edgekd_cnn") and bool(recipe.model.drop_path_rate),
          f"model.drop_path_rate {recipe.model.drop_path_rate}: the {recipe.model.name} model has no stochastic depth "
-         "(it was dropped without a word); leave it unset, or use model.drop_rate (dropout before the head)")]
+         "(it was dropped without a word); leave it unset (--set model.drop_path_rate=null), or use model.drop_rate "
+         "(dropout before the head)"),
+        (recipe.data.hair_kernel is not None and not recipe.data.hair_removal,
+         f"data.hair_kernel {recipe.data.hair_kernel}: hair removal is off (data.hair_removal: false); turn it on, or "
+         "leave hair_kernel unset")]
     for trapped, message in traps:
         if trapped:
             raise EdgeKDError(f"{where}: {message}")

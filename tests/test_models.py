@@ -179,7 +179,8 @@ def test_weights_check_holds_with_logging_silenced(tmp_path):
 def test_custom_cnn_refuses_unknown_kwargs():
     # SmallCNN swallowed any keyword: a misspelt key, or a Swin recipe's window_size carried over by
     # --set model.name=edgekd_cnn_small, was silently ignored.
-    with pytest.raises(EdgeKDError, match=r"bad model.kwargs .*unexpected keyword argument 'window_size'"):
+    with pytest.raises(EdgeKDError, match=r"bad model.kwargs .*unexpected keyword argument 'window_size'.*; --set "
+                                          r"'model.kwargs=\{\}' clears the recipe's, for another model\)$"):
         create_model({"name": "edgekd_cnn_small", "num_classes": 2, "in_chans": 1, "kwargs": {"window_size": 8}})
 
 

@@ -1131,6 +1131,55 @@ def test_remove_hair_fills_thin_dark_lines():
     assert gray.shape == (64, 64, 1)
 
 
+def test_the_hair_element_scales_with_the_image_and_spares_a_small_lesion():
+    """A fixed 17 px element inpainted every dark spot narrower than 17 px as hair: a 16 px lesion on a 48 px image
+    was erased whole (test AUC 1.00 -> 0.27 in a re-trial)."""
+    from edgekd.hair import hair_kernel, remove_hair
+
+    assert [hair_kernel(s, s) for s in (28, 48, 133, 224, 1024, 4000)] == [3, 3, 3, 5, 17, 67]
+    assert hair_kernel(48, 2000) == 3 and hair_kernel(1024, 1024, kernel=9) == 9
+    img = _hairy_images(1, 48)[0]
+    yy, xx = np.mgrid[:48, :48]
+    lesion = (yy - 24) ** 2 + (xx - 24) ** 2 < 8 ** 2  # 16 px across
+    img[lesion] = (70, 45, 35)
+    hairs = (img.mean(-1) < 60) & ~lesion
+    for kernel, erased in ((None, False), (17, True)):
+        out = remove_hair(img, kernel)
+        changed = np.abs(out[lesion].astype(int) - img[lesion]).max(-1) > 20
+        assert bool(changed.mean() > 0.9) is erased, kernel
+        assert out[hairs].mean() > img[hairs].mean() + 40  # the hairs are filled either way
+
+
+def test_hair_removal_from_before_hair_kernel_keeps_its_17_px_element(tmp_path):
+    """Checkpoints and bundles made before data.hair_kernel removed hair with 17 px at any size: evaluating,
+    exporting or running them must remove it as their training did, not with the new scaled element."""
+    import torch
+
+    from edgekd.hair import describe_hair_removal
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import load_checkpoint
+    from edgekd.train.run import untrained_checkpoint
+
+    recipe = recipe_from_dict({"name": "skin", "data": {"source": "builtin", "image_size": 16, "hair_removal": True},
+                               "model": {"name": "edgekd_cnn_tiny"}})
+    ckpt = load_checkpoint(untrained_checkpoint(recipe, tmp_path / "new.pt"))
+    assert ckpt["preprocess"]["hair_kernel"] is None and ckpt["recipe"]["data"]["hair_kernel"] is None
+    old = {**ckpt, "preprocess": {k: v for k, v in ckpt["preprocess"].items() if k != "hair_kernel"}}
+    old["recipe"] = {**ckpt["recipe"], "data": {k: v for k, v in ckpt["recipe"]["data"].items() if k != "hair_kernel"}}
+    torch.save(old, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded["preprocess"]["hair_kernel"] == 17 and loaded["recipe"]["data"]["hair_kernel"] == 17
+    assert recipe_from_dict(loaded["recipe"]).data.hair_kernel == 17
+    legacy = {k: v for k, v in ckpt["preprocess"].items() if k != "hair_kernel"}  # an old bundle's preprocess
+    assert Preprocessor(legacy).hair_kernel == 17 and Preprocessor(ckpt["preprocess"]).hair_kernel is None
+    assert "a 17 px black-hat element" in describe_hair_removal(legacy)
+    assert "17 px per 1024 px of the image's shorter side" in describe_hair_removal(ckpt["preprocess"])
+    with pytest.raises(Exception, match="data.hair_kernel 5: hair removal is off"):
+        from edgekd.recipe import load_recipe
+
+        load_recipe(REPO / "recipes" / "demo" / "baseline.yaml", ["data.hair_kernel=5"])
+
+
 @pytest.mark.slow
 def test_skin_bundle_with_hair_removal_predicts_like_pytorch(tmp_path):
     """A recipe with data.hair_removal exports (parity on hair-removed inputs) and the runtime applies the same
@@ -1156,6 +1205,8 @@ def test_skin_bundle_with_hair_removal_predicts_like_pytorch(tmp_path):
     bundle = tmp_path / "bundle"
     export_checkpoint(ckpt, bundle, ["onnx", "openvino"], ["fp32"], load_profile(None), log=lambda *_: None)
     assert json.loads((bundle / "edgekd.json").read_text())["preprocess"]["hair_removal"] is True
+    assert "DullRazor hair removal on the decoded image, a black-hat element of 17 px per 1024 px" in (
+        bundle / "card.md").read_text()
 
     images = _hairy_images(6, 48, seed=7)
     model, _ = model_from_checkpoint(ckpt)

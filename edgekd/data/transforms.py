@@ -39,12 +39,13 @@ class ToChannels(torch.nn.Module):
 class HairRemoval(torch.nn.Module):
     """`edgekd.hair.remove_hair` on a CxHxW uint8 tensor (the edge runtime runs the same function)."""
 
-    def __init__(self):
+    def __init__(self, kernel: int | None = None):
         super().__init__()
         opencv()  # a missing OpenCV fails when the pipeline is built, not at the first image
+        self.kernel = kernel
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        out = remove_hair(img.permute(1, 2, 0).contiguous().numpy())
+        out = remove_hair(img.permute(1, 2, 0).contiguous().numpy(), self.kernel)
         return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)
 
 
@@ -93,7 +94,7 @@ def build_transforms(data_cfg, augment: list, train: bool) -> v2.Compose:
         raise EdgeKDError(f"data.mean/std need {data_cfg.channels} values for data.channels={data_cfg.channels}")
     ops: list[torch.nn.Module] = [ToChannels(data_cfg.channels)]
     if data_cfg.hair_removal:
-        ops.append(HairRemoval())
+        ops.append(HairRemoval(data_cfg.hair_kernel))
     post: list[torch.nn.Module] = []
     if train:
         ops.append(v2.Resize(size, antialias=True))
@@ -143,4 +144,5 @@ def preprocess_spec(data_cfg) -> dict[str, Any]:
         "std": list(data_cfg.std),
         "layout": "NCHW",
         "hair_removal": bool(data_cfg.hair_removal),
+        **({"hair_kernel": data_cfg.hair_kernel} if data_cfg.hair_removal else {}),  # null: scaled per image
     }

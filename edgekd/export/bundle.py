@@ -10,6 +10,7 @@ from typing import Any
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
+from edgekd.hair import describe_hair_removal
 from edgekd.export.clinical import card_section, scored_on_subset
 from edgekd.export.continual import continual_card_section
 from edgekd.export.parity import images_for_one_flip, inputs_for_one_flip
@@ -353,7 +354,9 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         *_provenance_lines(model),
         f"- Input: {pre['input_size']} {pre['layout']} float32 named `{metadata['io']['input']}`, output "
         f"`{metadata['io']['output']}` (N, {len(metadata['class_names'])}), dynamic batch",
-        f"- Preprocessing: {pre['channel_order']}, resize shorter side to {pre['resize']} ({pre['interpolation']}), "
+        f"- Preprocessing: {pre['channel_order']}, "
+        + (f"{describe_hair_removal(pre)}, " if pre.get("hair_removal") else "")
+        + f"resize shorter side to {pre['resize']} ({pre['interpolation']}), "
         f"center crop {pre['center_crop']}, x*{pre['scale']:.6g}, mean {pre['mean']}, std {pre['std']}",
         f"- TTA views: {', '.join(tta['views'])} (mean of softmax)",
         "", "## Clinical metrics per format", "",

@@ -86,7 +86,9 @@ def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | 
                                       in_chans=spec["in_chans"], drop_rate=spec.get("drop_rate", 0.0), **kwargs)
     except TypeError as err:  # drop_path_rate comes from model.drop_path_rate, not model.kwargs
         key = "model.drop_path_rate" if "drop_path_rate" in str(err) else "model.kwargs"
-        raise EdgeKDError(f"model '{name}': bad {key} ({err})") from None
+        clear = ("--set model.drop_path_rate=null" if key == "model.drop_path_rate" else
+                 "--set 'model.kwargs={}' clears the recipe's, for another model" if spec.get("kwargs") else "")
+        raise EdgeKDError(f"model '{name}': bad {key} ({err}{'; ' + clear if clear else ''})") from None
     except Exception as err:  # an empty, truncated or foreign weights file fails in many ways (EOFError, KeyError...)
         if pretrained:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]  # "Error(s) in ...:" + the first

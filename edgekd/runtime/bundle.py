@@ -577,6 +577,9 @@ def _validate_preprocess(pre: Any, where: str) -> None:
                  f"preprocess.{key} must be a list of {channels} finite numbers")
         _require(all(lo <= v <= hi for v in vals), where, f"preprocess.{key} values must be in [{lo:g}, {hi:g}]")
     _require(isinstance(pre.get("hair_removal", False), bool), where, "preprocess.hair_removal must be true or false")
+    kernel = pre.get("hair_kernel")
+    _require(kernel is None or (isinstance(kernel, int) and not isinstance(kernel, bool) and 3 <= kernel <= 4096),
+             where, "preprocess.hair_kernel must be null or a whole number of pixels in [3, 4096]")
 
 
 def _validate_runtime_and_tta(meta: dict, where: str) -> None:

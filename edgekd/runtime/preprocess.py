@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from edgekd.errors import EdgeKDError
-from edgekd.hair import opencv, remove_hair
+from edgekd.hair import LEGACY_KERNEL, opencv, remove_hair
 from edgekd.imageio import DicomFrame, check_image_size, pil_to_array, read_image
 
 ImageInput = Union[str, Path, DicomFrame, Image.Image, np.ndarray]
@@ -113,6 +113,8 @@ class Preprocessor:
         self.crop = int(spec["center_crop"])
         self.bgr = spec.get("channel_order") == "BGR"
         self.hair_removal = bool(spec.get("hair_removal", False))
+        # null: scaled to each image; absent (a bundle from before data.hair_kernel): 17 px at any size
+        self.hair_kernel = spec["hair_kernel"] if "hair_kernel" in spec else LEGACY_KERNEL
         if self.hair_removal:
             opencv()  # refuse the bundle at load on a box without OpenCV, not at the first image
         # torch's float32 operations in torch's order, so results stay bit-exact: x * scale, - mean, / std.
@@ -134,7 +136,7 @@ class Preprocessor:
         if self.hair_removal or not (keep_gray and arr.shape[-1] == 1):
             arr = to_channels(arr, self.channels)
         if self.hair_removal:  # on the decoded image, before any resize: where training applies it
-            arr = remove_hair(arr)
+            arr = remove_hair(arr, self.hair_kernel)
         if not (self.resize == self.crop == arr.shape[0] == arr.shape[1]):  # else already the model's size
             arr = resize_bilinear(arr, *resized_size(arr.shape[0], arr.shape[1], self.resize))
             arr = center_crop(arr, self.crop, self.crop)
@@ -148,7 +150,7 @@ class Preprocessor:
         bare model (given the crop) and the runner (given this, doing its own crop) see the same pixels."""
         arr = to_channels(as_image_array(image, self.resize), self.channels)
         if self.hair_removal:
-            arr = remove_hair(arr)
+            arr = remove_hair(arr, self.hair_kernel)
         arr = resize_bilinear(arr, *resized_size(arr.shape[0], arr.shape[1], self.resize))
         return center_crop(arr, self.resize, self.resize)
 

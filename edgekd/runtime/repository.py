@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
+from edgekd.hair import describe_hair_removal
 from edgekd.fileio import (check_output_location, deferred_signals, held_folder, remove_tree, staging_directory,
                            track_tree, untrack_tree, write_json, write_text)
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
@@ -417,7 +418,7 @@ def _preprocessing_lines(pre: dict[str, Any]) -> list[str]:
     return [f"1. Decode the image: apply its EXIF orientation tag, drop alpha; a 16-bit or float image is scaled "
             "to 0-255 by its own min..max (rounded); DICOM through its modality and VOI LUTs (edgekd.imageio). "
             f"{pre['channel_order']} channel order; {to_channels}.",
-            *(["2. DullRazor hair removal (edgekd.hair), as in training, on the decoded image."]
+            *([f"2. {describe_hair_removal(pre)} (edgekd.hair.remove_hair), as in training."]
               if pre.get("hair_removal") else []),
             f"{3 if pre.get('hair_removal') else 2}. Resize the shorter side to {pre['resize']} px (the longer in "
             f"proportion, rounded down) with {how}, then center-crop {h}x{w} (zero padding where the image is "

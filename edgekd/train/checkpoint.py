@@ -62,6 +62,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     for key in ("arch", "state_dict", "class_names", "preprocess"):
         if key not in ckpt:
             raise EdgeKDError(f"{path}: checkpoint lacks '{key}'")
+    return with_legacy_hair_kernel(ckpt)
+
+
+def with_legacy_hair_kernel(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint trained with hair removal before data.hair_kernel existed removed hair with a 17 px element at
+    every image size: its preprocess and recipe say so, so that evaluating, exporting or resuming it removes hair as
+    its training did (the new default scales the element to the image)."""
+    from edgekd.hair import LEGACY_KERNEL
+
+    pre = ckpt["preprocess"]
+    if isinstance(pre, dict) and pre.get("hair_removal") and "hair_kernel" not in pre:
+        pre["hair_kernel"] = LEGACY_KERNEL
+        data = (ckpt.get("recipe") or {}).get("data")
+        if isinstance(data, dict) and data.get("hair_removal") and "hair_kernel" not in data:
+            data["hair_kernel"] = LEGACY_KERNEL
     return ckpt
 
 
