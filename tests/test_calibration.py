@@ -142,6 +142,19 @@ def test_delong_matches_proc_on_the_asah_data():
     assert same["diff"] == 0 and same["p_value"] == 1.0
 
 
+def test_delong_with_one_image_of_a_class_gives_no_test_and_no_numpy_warning():
+    """A test split with one malignant image: numpy printed 'Degrees of freedom <= 0' and divide warnings during
+    `edgekd export`, and z came out 0."""
+    import warnings
+
+    y = np.array([1, 0, 0, 0, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = delong_test(y, np.array([0.9, 0.1, 0.95, 0.3, 0.2]), np.array([0.8, 0.1, 0.2, 0.3, 0.4]))
+    assert t["auc_a"] == pytest.approx(0.75) and t["auc_b"] == pytest.approx(1.0) and t["diff"] == pytest.approx(-0.25)
+    assert t["z"] is None and t["p_value"] is None and t["note"].startswith("no DeLong test: 1 positive and 4 negative")
+
+
 def test_paired_bootstrap_auc_difference():
     y, m = _asah()
     r = paired_bootstrap_auc(y, m["wfns"], m["s100b"], seed=0)

@@ -201,8 +201,9 @@ def auc_comparisons(rows: list[dict[str, Any]]) -> str:
     for r in others:
         t = delong_test(r["_y"], r["_probs"][:, 1], ref["_probs"][:, 1])
         r["auc_vs"] = {"reference": ref["name"], **{k: t[k] for k in ("diff", "z", "p_value")}}
+        z, p = ("-", "-") if t["z"] is None else (f"{t['z']:.2f}", f"{t['p_value']:.3g}")
         lines.append(f"| {r['name']} ({r['role']}) | {t['auc_a']:.4f} | {t['auc_b']:.4f} | {t['diff']:+.4f} | "
-                     f"{t['z']:.2f} | {t['p_value']:.3g} |")
+                     f"{z} | {p} |")
     return "\n".join(lines)
 
 

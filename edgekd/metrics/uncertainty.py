@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import norm, rankdata
-from sklearn.metrics import roc_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from edgekd.metrics.calibration import confidence_bins
 from edgekd.scoring import rank_auc
@@ -140,10 +140,17 @@ def paired_bootstrap_auc(labels: np.ndarray, score_a: np.ndarray, score_b: np.nd
 
 def delong_test(labels: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, positive: int = 1) -> dict[str, Any]:
     """DeLong, DeLong & Clarke-Pearson (1988) test of AUC(a) = AUC(b) for two scores on the same images, with the
-    structural components computed from mid-ranks as in Sun & Xu (2014). -> aucs, difference, its variance, z, p."""
+    structural components computed from mid-ranks as in Sun & Xu (2014). -> aucs, difference, its variance, z, p.
+    The variance needs 2 or more images of each class: with fewer, var, z and p are None (numpy had printed
+    "Degrees of freedom <= 0" and divide warnings, and z came out 0 or inf)."""
     labels = np.asarray(labels)
     pos, neg = labels == positive, labels != positive
     m, n = int(pos.sum()), int(neg.sum())
+    if min(m, n) < 2:
+        aucs = [float(roc_auc_score(pos, s)) if m and n else float("nan") for s in (score_a, score_b)]
+        return {"auc_a": aucs[0], "auc_b": aucs[1], "diff": aucs[0] - aucs[1], "var": None, "z": None,
+                "p_value": None, "covariance": None,
+                "note": f"no DeLong test: {m} positive and {n} negative images (2 or more of each needed)"}
     aucs, v10, v01 = [], [], []
     for score in (np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)):
         x, y = score[pos], score[neg]
