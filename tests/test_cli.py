@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import run_edgekd
+from edgekd.errors import EdgeKDError
 
 
 def assert_one_line_error(proc, *fragments):
@@ -51,6 +52,20 @@ def test_bad_set_value_and_missing_checkpoint(tmp_path):
     assert_one_line_error(run_edgekd("eval", str(tmp_path / "none.pt")), "checkpoint not found")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert_one_line_error(run_edgekd("eval", str(tmp_path / "junk.pt")), "not a readable checkpoint")
+
+
+def test_a_data_file_given_where_a_recipe_or_folder_goes_says_what_to_give(tmp_path):
+    """`eval --data manifest.csv` said "a recipe must be a YAML mapping"; data.path of a folder for a CSV source said
+    "CSV manifest not found" of a folder that is there."""
+    (tmp_path / "manifest.csv").write_text("path,label\na.png,benign\n")
+    assert_one_line_error(run_edgekd("eval", str(tmp_path / "junk.pt"), "--data", str(tmp_path / "manifest.csv")),
+                          f"--data {tmp_path / 'manifest.csv'}: a data file, not a recipe or a labelled folder: to "
+                          f"score its test split drop --data and give --set data.source=csv --set data.path=")
+    from edgekd.data.sources import load_csv
+
+    with pytest.raises(EdgeKDError, match=r"a folder, not a CSV manifest \(data.source csv\): give the manifest "
+                                          r"file, e.g. data.path=.*manifest.csv$"):
+        load_csv(tmp_path)
 
 
 def test_help_lists_commands():

@@ -302,6 +302,11 @@ def dicom_patients(tables: dict[str, Table]) -> dict[str, Any]:
 def load_csv(path: str | Path) -> Source:
     """A manifest with columns path,label[,patient_id][,split]; paths relative to the CSV's folder."""
     path = Path(path)
+    if path.is_dir():  # it said "CSV manifest not found" of a folder that is there
+        csvs = sorted(p.name for p in path.glob("*.csv"))
+        hint = (f"give the manifest file, e.g. data.path={path / csvs[0]}" if csvs else
+                "give the manifest file, or data.source=imagefolder for a folder of class folders")
+        raise EdgeKDError(f"{path}: a folder, not a CSV manifest (data.source csv): {hint}")
     if not path.is_file():
         raise EdgeKDError(f"{path}: CSV manifest not found")
     rows = _read_manifest(path)
