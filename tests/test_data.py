@@ -22,6 +22,24 @@ def recipe(**data):
     return recipe_from_dict({"data": {"image_size": 16, "batch_size": 8, **data}})
 
 
+def test_a_resplit_that_replaces_the_datas_own_val_split_is_said(tmp_path):
+    """data.split=patient (the skin recipe's) re-drew a CSV split column's val rows without a word."""
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=6, size=16)
+    rows = [f"imgs/{c}/{c}_{i}.png,{c},p{c}{i // 2},{('train', 'train', 'val', 'val', 'test', 'test')[i]}"
+            for c in ("a", "b") for i in range(6)]
+    (tmp_path / "m.csv").write_text("path,label,patient_id,split\n" + "\n".join(rows) + "\n")
+    assert folder.is_dir()
+    said = [n for n in build_data(recipe(source="csv", path=str(tmp_path / "m.csv"), split="patient",
+                                         val_fraction=0.5)).notes if n.startswith("data.split=")]
+    assert said == ["data.split=patient: the CSV split column's val rows are pooled with train and a new val split is "
+                    "drawn (data.val_fraction 0.5; the test split is kept); data.split=given keeps them"]
+    assert not [n for n in build_data(recipe(source="csv", path=str(tmp_path / "m.csv"))).notes
+                if n.startswith("data.split=")]
+    npz = write_npz(tmp_path / "d.npz", channels=1)  # an .npz has a val split; the builtin set has its own too
+    assert any(n.startswith("data.split=stratified: the .npz's val images are pooled") for n in
+               build_data(recipe(source="medmnist", path=str(npz), split="stratified")).notes)
+
+
 def test_medmnist_gray_and_rgb(tmp_path):
     gray = write_npz(tmp_path / "g.npz", channels=1)
     rgb = write_npz(tmp_path / "c.npz", channels=3, size=20)
