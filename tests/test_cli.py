@@ -25,9 +25,11 @@ def test_train_then_eval(tmp_path, tiny_recipe_dict):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
     out = tmp_path / "run"
-    p = run_edgekd("train", str(recipe), "--set", "train.epochs=1", "--out", str(out))
+    p = run_edgekd("train", str(recipe), "--set", "train.epochs=1", "--set", "train.monitor=val_pauc", "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert "best checkpoint" in p.stdout and "test" in p.stdout
+    assert "tiny (4.4k)" in p.stdout  # edgekd_cnn_tiny's 4,378 parameters had shown as 0.00M
+    assert "val_pauc=" in p.stdout + p.stderr  # the monitor that picks best.pt is on each epoch's line
     m = json.loads((out / "metrics.json").read_text())
     assert m["epochs_run"] == 1 and 0 <= m["test"]["acc"] <= 1
     p = run_edgekd("eval", str(out / "best.pt"), "--split", "val,test", "--out", str(tmp_path / "ev"))

@@ -67,8 +67,8 @@ def train(
         console.print(f"final checkpoint {result.best_path} (the weights after the last task); wrote "
                       f"continual.json, task_accuracy.png in {out}")
         return
-    rows = [{"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.val},
-            {"model": f"{rec.name} ({result.params / 1e6:.2f}M)", **result.test}]
+    size = f"{result.params / 1e6:.2f}M" if result.params >= 1e5 else f"{result.params / 1e3:.1f}k"  # not 0.00M
+    rows = [{"model": f"{rec.name} ({size})", **result.val}, {"model": f"{rec.name} ({size})", **result.test}]
     out_console.print(metrics_table(f"{rec.name}: best checkpoint", rows))
     console.print(f"best checkpoint {result.best_path}; wrote the reports in {out}")
 

@@ -584,6 +584,7 @@ class Trainer:
         self.checkpoints_written += 1
 
     def _summary(self, row: dict[str, Any], improved: bool) -> str:
-        keys = [k for k in ("train_loss", "val_loss", "val_acc", "val_auc", "val_f1") if k in row]
+        shown = ("train_loss", "val_loss", "val_acc", "val_auc", "val_f1")  # + the monitor (val_pauc) that picks best.pt
+        keys = [k for k in (*shown, *([self.cfg.monitor] if self.cfg.monitor not in shown else [])) if k in row]
         parts = " ".join(f"{k}={row[k]:.4f}" for k in keys)
         return f"epoch {row['epoch']}/{self.cfg.epochs} {parts} ({row['epoch_seconds']:.1f}s){' *' if improved else ''}"
