@@ -492,3 +492,22 @@ def test_an_undefined_auc_is_a_dash_in_the_tables_not_nan():
     assert cell({"auc": float("nan")}, "auc", "{:.4f}") == "-"
     assert cell({"auc": 0.91234}, "auc", "{:.4f}") == "0.9123"
     assert cell({"status": "error"}, "p50_ms", "{:.3f}") == "n/a"
+
+
+def test_bench_rows_remove_hair_once_as_the_runtime_does():
+    """The bench stores each test image hair-removed at its decoded size (`to_resize_size`); its bare rows and the
+    runner then ran hair removal again on the resized copy, so a hair-removal model was scored on other pixels."""
+    pytest.importorskip("cv2")
+    from edgekd.bench.worker import ModelInputs
+    from edgekd.data.transforms import preprocess_spec
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.runtime import Preprocessor
+
+    pre = preprocess_spec(recipe_from_dict({"data": {"image_size": 40, "resize": 48, "hair_removal": True}}).data)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(150, 200, size=(96, 96, 3), dtype=np.uint8)
+    raw[:, ::9] = 20  # dark hair-like lines, 1 px wide
+    raw[30:60, 30:60] = (90, 60, 50)  # a lesion
+    stored = Preprocessor(pre).to_resize_size(raw)
+    rows = ModelInputs({"preprocess": pre}).rows(stored[None])
+    assert np.allclose(rows[0], Preprocessor(pre)(raw), atol=1e-6)  # the runtime on the decoded image

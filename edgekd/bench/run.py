@@ -339,7 +339,13 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
     np.save(subject.images, images)
     subject.labels = np.asarray(test.table.labels[picked])
     log(f"{subject.role}: {len(picked)} test images of {recipe.data.source} '{recipe.name}' at {images.shape[1:]}"
-        + (f" (stratified subset of {len(test)})" if len(picked) < len(test) else ""))
+        + (f" (stratified subset of {len(test)})" if len(picked) < len(test) else "") + hair_note(subject))
+
+
+def hair_note(subject: Subject) -> str:
+    """Said of a hair-removal model's test images: removed once as they are prepared; no row times it."""
+    return ("; hair removal applied once as they are prepared (at each image's decoded size), not timed in any row"
+            if subject.preprocess.get("hair_removal") else "")
 
 
 def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int | None, log) -> None:
@@ -361,7 +367,7 @@ def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int 
     np.save(subject.images, images)
     subject.labels = np.asarray(labels)[picked]
     log(f"{subject.role}: {len(picked)} labelled images of {folder} at {images.shape[1:]}"
-        + (f" (stratified subset of {len(paths)})" if len(picked) < len(paths) else ""))
+        + (f" (stratified subset of {len(paths)})" if len(picked) < len(paths) else "") + hair_note(subject))
 
 
 def attach_synthetic_images(subject: Subject, work: Path, n: int,

@@ -29,12 +29,20 @@ Infer = Callable[[np.ndarray], np.ndarray]
 """float32 (rows, C, H, W) model input -> (rows, classes) logits."""
 
 
+def stored_images_preprocess(preprocess: dict) -> dict:
+    """The preprocessing still to do on the benchmark's stored images: all but hair removal, which
+    `Preprocessor.to_resize_size` applied at each image's decoded size as training does (a second pass on the
+    resized copy had changed the pixels every row scored)."""
+    return {**preprocess, "hair_removal": False}
+
+
 class ModelInputs:
     """uint8 images (at the resize stage or model size) -> the float32 rows the model sees: the model-size crop
     of every image in each TTA view (or the crop alone)."""
 
     def __init__(self, job: dict):
-        self.preprocessor = Preprocessor(job["preprocess"])
+        # the stored images had hair removal at their decoded size (Preprocessor.to_resize_size): not again here
+        self.preprocessor = Preprocessor(stored_images_preprocess(job["preprocess"]))
         views = job.get("views")
         self.views = TTAViews(views, job.get("center_crop_fraction", 0.875)) if views else None
         self.n_views = len(self.views) if self.views else 1
@@ -156,6 +164,7 @@ def build(job: dict, inputs: ModelInputs) -> tuple[Callable[[np.ndarray], Callab
 
         runner = Runner.from_bundle(job["bundle"], backend=kind, precision=job["precision"], threads=threads,
                                     warmup=0)
+        runner.preprocessor.hair_removal = False  # done once on the stored images, at their decoded size
         tta = list(job["views"]) if job.get("views") else False
 
         def runner_scores(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

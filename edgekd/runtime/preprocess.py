@@ -147,7 +147,8 @@ class Preprocessor:
     def to_resize_size(self, image: ImageInput) -> np.ndarray:
         """Decode + channels + resize, center-cropped to a (resize, resize) square: the stage before the model's
         crop, so `to_model_size` of it is `to_model_size` of a square image. What a benchmark stores so that the
-        bare model (given the crop) and the runner (given this, doing its own crop) see the same pixels."""
+        bare model (given the crop) and the runner (given this, doing its own crop) see the same pixels. Hair removal,
+        when the bundle has it, runs here on the decoded image: what takes the result must not run it again."""
         arr = to_channels(as_image_array(image, self.resize), self.channels)
         if self.hair_removal:
             arr = remove_hair(arr, self.hair_kernel)
