@@ -36,6 +36,13 @@ def hair_kernel(height: int, width: int, kernel: int | None = None) -> int:
     return max(3, int(round(KERNEL * min(height, width) / REFERENCE_SIDE)) | 1)
 
 
+def hair_element(preprocess: dict) -> str:
+    """A preprocess's black-hat element in words ("17 px", "the scaled element"), an absent key read as the old
+    17 px: what a KD teacher, a starting checkpoint or a repository version is compared by."""
+    kernel = preprocess["hair_kernel"] if "hair_kernel" in preprocess else LEGACY_KERNEL
+    return f"a {kernel} px element" if kernel is not None else "the element scaled to the image"
+
+
 def describe_hair_removal(preprocess: dict) -> str:
     """How a bundle's (or checkpoint's) preprocess removes hair, in words; "" when it does not."""
     if not preprocess.get("hair_removal"):

@@ -62,7 +62,7 @@ def test_a_data_file_given_where_a_recipe_or_folder_goes_says_what_to_give(tmp_p
     (tmp_path / "manifest.csv").write_text("path,label\na.png,benign\n")
     assert_one_line_error(run_edgekd("eval", str(tmp_path / "junk.pt"), "--data", str(tmp_path / "manifest.csv")),
                           f"--data {tmp_path / 'manifest.csv'}: a data file, not a recipe or a labelled folder: to "
-                          f"score its test split drop --data and give --set data.source=csv --set data.path=")
+                          f"score its test split, drop --data and give --set data.source=csv --set data.path=")
     from edgekd.data.sources import load_csv
 
     with pytest.raises(EdgeKDError, match=r"a folder, not a CSV manifest \(data.source csv\): give the manifest "

@@ -205,6 +205,17 @@ def test_a_teacher_trained_without_the_students_hair_removal_is_warned_of():
     logs.clear()
     build_objective(cfg, student, teacher, teacher_ckpt("edgekd_cnn_tiny"), pre(16), None, log=logs.append)
     assert not [m for m in logs if "hair_removal" in m]
+    # both remove hair, with other elements: a teacher from before data.hair_kernel (17 px) for a scaled student
+    old = teacher_ckpt("edgekd_cnn_tiny")
+    old["preprocess"] = {**old["preprocess"], "hair_removal": True}
+    for student_kernel, said in ((None, True), (17, False)):
+        logs.clear()
+        build_objective(cfg, student, teacher, old, {**pre(16), "hair_removal": True, "hair_kernel": student_kernel},
+                        None, log=logs.append)
+        assert [m for m in logs if "removed hair" in m] == ([
+            "warning: distill: the teacher edgekd_cnn_tiny removed hair with a 17 px element and the student uses the "
+            "element scaled to the image (data.hair_kernel): the teacher sees images unlike its training data"]
+            if said else [])
 
 
 def test_a_teacher_image_size_other_than_the_teachers_own_is_warned_of():

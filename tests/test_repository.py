@@ -422,3 +422,14 @@ def test_a_missing_format_names_the_option_that_picks_another(bundle, monkeypatc
     monkeypatch.setattr(repository, "open_bundle", lambda *a, **k: only_ov)
     with pytest.raises(EdgeKDError, match=r"; --kind ovms runs its openvino fp32 model\)"):
         repository.write_repository(bundle, "triton", Path("/nonexistent/repo"))
+
+
+def test_a_served_preprocess_from_before_hair_kernel_matches_its_re_export():
+    """A bundle from before data.hair_kernel recorded no key (17 px); its checkpoint re-exported records 17: the
+    same preprocessing, which `--name` had refused as differing. A scaled element is other preprocessing."""
+    from edgekd.runtime.repository import same_meaning
+
+    old = {"hair_removal": True, "resize": 256}
+    assert same_meaning("preprocess", old) == same_meaning("preprocess", {**old, "hair_kernel": 17})
+    assert same_meaning("preprocess", old) != same_meaning("preprocess", {**old, "hair_kernel": None})
+    assert same_meaning("preprocess", {"resize": 256}) == {"resize": 256}  # no hair removal: nothing to add

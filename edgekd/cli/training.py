@@ -326,10 +326,14 @@ def _data_recipe(checkpoint: Path, data: Optional[Path], set_: list[str]):
             raise EdgeKDError(f"--data {data}: not found (a data recipe, or for a bundle's --corruptions a labelled "
                               "folder)")
         if data.is_file() and data.suffix.lower() in (".csv", ".npz"):  # it said "a recipe must be a YAML mapping"
+            from edgekd.runtime import is_bundle
+
             source = "csv" if data.suffix.lower() == ".csv" else "medmnist"
-            raise EdgeKDError(f"--data {data}: a data file, not a recipe or a labelled folder: to score its test split "
-                              f"drop --data and give --set data.source={source} --set data.path={data} (the "
-                              "checkpoint's recipe on this file), or a recipe naming it")
+            how = (f"give a recipe naming it (data.source: {source}, data.path: {data})" if is_bundle(checkpoint) else
+                   f"drop --data and give --set data.source={source} --set data.path={data} (the checkpoint's recipe "
+                   "on this file), or give a recipe naming it")
+            raise EdgeKDError(f"--data {data}: a data file, not a recipe or a labelled folder: to score its test "
+                              f"split, {how}")
         return load_recipe(data, set_)
     if set_:
         from edgekd.recipe import apply_overrides, recipe_from_dict

@@ -534,8 +534,9 @@ def source_notes(source, cfg) -> list[str]:
     if cfg.split != "given" and not cfg.folds and "val" in source.tables:  # re-drawn without a word before
         own = {"csv": "the CSV split column's val rows", "imagefolder": "the val folder's images",
                "medmnist": "the .npz's val images"}.get(cfg.source, "the data's own val images")
+        test = "the test split is kept" if "test" in source.tables else "a test split is drawn from them too"
         notes.append(f"data.split={cfg.split}: {own} are pooled with train and a new val split is drawn "
-                     f"(data.val_fraction {cfg.val_fraction:g}; the test split is kept); data.split=given keeps them")
+                     f"(data.val_fraction {cfg.val_fraction:g}; {test}); data.split=given keeps them")
     patients = source.info.get("dicom_patient_count", 0)
     if patients > 1 and not (cfg.dicom_patient_ids or cfg.patient_pattern or cfg.split == "patient"):
         notes.append(f"the DICOM files name {patients} patients (PatientID) but the split is by image, so one "

@@ -14,6 +14,7 @@ from edgekd.distill.features import FeatureAdapter, FeatureMaps, build_adapter, 
 from edgekd.distill.losses import DistillLoss, KDBatch, build_distill_loss
 from edgekd.distill.unlabeled import UnlabeledStream
 from edgekd.errors import EdgeKDError
+from edgekd.hair import hair_element
 from edgekd.models import capture_features
 from edgekd.train.checkpoint import model_from_checkpoint
 
@@ -266,6 +267,10 @@ def warn_teacher_input_mismatch(teacher_ckpts: list[dict[str, Any]], student_pre
                 f"{'with' if ckpt['preprocess'].get('hair_removal') else 'without'} data.hair_removal and the student "
                 f"{'uses' if student_pre.get('hair_removal') else 'does not use'} it: the teacher sees images unlike "
                 "its training data (normalization, channels and size are adapted; hair removal is not)")
+        elif student_pre.get("hair_removal") and hair_element(ckpt["preprocess"]) != hair_element(student_pre):
+            log(f"warning: distill: the teacher {name} removed hair with {hair_element(ckpt['preprocess'])} and the "
+                f"student uses {hair_element(student_pre)} (data.hair_kernel): the teacher sees images unlike its "
+                "training data")
         trained = int(ckpt["preprocess"]["input_size"][-1])
         if teacher_size is not None and teacher_size != trained:
             log(f"warning: distill.teacher_image_size {teacher_size} but the teacher {name} was trained at {trained} px: "

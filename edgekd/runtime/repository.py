@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
-from edgekd.hair import describe_hair_removal
+from edgekd.hair import LEGACY_KERNEL, describe_hair_removal
 from edgekd.fileio import (check_output_location, deferred_signals, held_folder, remove_tree, staging_directory,
                            track_tree, untrack_tree, write_json, write_text)
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
@@ -57,6 +57,14 @@ class Repository:
 CLIENTS_FILE = "edgekd-clients.json"
 """At the repository's top: per model, what its clients rely on (`client_contract`) and the README that says it, so
 a new version is checked against it (servers ignore the file)."""
+
+
+def same_meaning(key: str, value: Any) -> Any:
+    """A served version's contract value as it acts: a preprocess from before data.hair_kernel (no key) removed hair
+    with the 17 px element that a re-export of its checkpoint now records."""
+    if key == "preprocess" and isinstance(value, dict) and value.get("hair_removal") and "hair_kernel" not in value:
+        return {**value, "hair_kernel": LEGACY_KERNEL}
+    return value
 
 
 def client_contract(bundle: Bundle) -> dict[str, Any]:
@@ -392,7 +400,7 @@ def _client_records(bundle: Bundle, out: Path, name: str, serves_name: bool,
         "preprocessing and classes were not compared with the served one's"]
     if old is not None:
         for key, what in (("preprocess", "preprocessing differs"), ("class_names", "classes differ")):
-            if old.get(key) != contract[key]:
+            if same_meaning(key, old.get(key)) != same_meaning(key, contract[key]):
                 raise EdgeKDError(f"--name {name}: this model's {what} from the served version's (clients would "
                                   f"send other tensors or read other classes: {key} {old.get(key)} vs {contract[key]}); "
                                   "give another --name")
