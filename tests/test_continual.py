@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -1046,3 +1047,30 @@ def test_loss_part_columns_follow_the_term_order():
     names = ["ewc", "unlabeled_10_kl", "10_ce", "2_kl", "unlabeled_2_kl", "0_feature_mse", "lwf"]
     assert sorted(names, key=part_order) == ["0_feature_mse", "2_kl", "10_ce", "unlabeled_2_kl", "unlabeled_10_kl",
                                              "ewc", "lwf"]
+
+
+def test_a_starting_checkpoint_that_removed_hair_otherwise_is_refused(tmp_path):
+    """A student from before data.hair_kernel (17 px) continued under a recipe with the scaled element: its own task
+    was scored and trained on other pixels than it learned from, and the retention gate compared the two."""
+    pytest.importorskip("cv2")
+    from edgekd.continual.run import starting_model
+    from edgekd.train.run import untrained_checkpoint
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=2, n=(16, 8, 8))
+    other = quadrant_npz(tmp_path / "q2.npz", classes=2, n=(16, 8, 8))
+
+    def recipe(hair: dict, **continual):
+        return recipe_from_dict(tiny_recipe(npz, name="cl", epochs=1, role="student", data=hair,
+                                            continual=continual or None))
+
+    student = untrained_checkpoint(recipe({"hair_removal": True, "hair_kernel": 17}), tmp_path / "s.pt")
+    tasks = [{"name": "a"}, {"name": "b", "data": {"source": "medmnist", "path": str(other)}}]
+    for hair, said in (({"hair_removal": True}, "removed hair with a 17 px element but the recipe's data removes "
+                                                "hair with the element scaled to the image"),
+                       ({"hair_removal": False}, "removed hair with a 17 px element but the recipe's data does not "
+                                                 "remove hair")):
+        rec = recipe(hair, checkpoint=str(student), tasks=tasks)
+        with pytest.raises(EdgeKDError, match=f"^continual.checkpoint {re.escape(str(student))}: it {said}; set "):
+            starting_model(rec, build_tasks(rec), log=lambda s: None)
+    rec = recipe({"hair_removal": True, "hair_kernel": 17}, checkpoint=str(student), tasks=tasks)
+    starting_model(rec, build_tasks(rec), log=lambda s: None)  # the same element: accepted

@@ -1170,6 +1170,13 @@ def test_hair_removal_from_before_hair_kernel_keeps_its_17_px_element(tmp_path):
     loaded = load_checkpoint(tmp_path / "old.pt")
     assert loaded["preprocess"]["hair_kernel"] == 17 and loaded["recipe"]["data"]["hair_kernel"] == 17
     assert recipe_from_dict(loaded["recipe"]).data.hair_kernel == 17
+    from edgekd.train.checkpoint import with_legacy_hair_kernel  # a continual task's own data turning it on
+
+    cont = with_legacy_hair_kernel({"preprocess": {"hair_removal": False}, "recipe": {
+        "data": {"hair_removal": False}, "continual": {"tasks": [{"data": {}}, {"data": {"hair_removal": True}}]}}})
+    assert cont["recipe"]["continual"]["tasks"][1]["data"]["hair_kernel"] == 17
+    first_task = cont["recipe"]["continual"]["tasks"][0]["data"]
+    assert "hair_kernel" not in cont["recipe"]["data"] and "hair_kernel" not in first_task
     legacy = {k: v for k, v in ckpt["preprocess"].items() if k != "hair_kernel"}  # an old bundle's preprocess
     assert Preprocessor(legacy).hair_kernel == 17 and Preprocessor(ckpt["preprocess"]).hair_kernel is None
     assert "a 17 px black-hat element" in describe_hair_removal(legacy)

@@ -26,6 +26,7 @@ from edgekd.continual.scenarios import (ContinualObjective, Task, build_tasks, o
 from edgekd.data import check_model_splits
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import sha256_file, write_json, write_text
+from edgekd.hair import hair_element
 from edgekd.host import host_record
 from edgekd.metrics import one_class_warning
 from edgekd.metrics.report import write_csv_log
@@ -96,6 +97,12 @@ def starting_model(recipe, tasks: list[Task], log: Callable[[str], None] = print
         if theirs.get(key) != ours[key]:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: preprocess {key}={theirs.get(key)} but the "
                               f"recipe's data gives {ours[key]}; set the data section to match the student")
+    hair = [f"removes hair with {hair_element(pre)}" if pre.get("hair_removal") else "does not remove hair"
+            for pre in (theirs, ours)]
+    if hair[0] != hair[1]:  # its own task would be scored and trained on other pixels than it learned from
+        raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: it {hair[0].replace('removes', 'removed')} but "
+                          f"the recipe's data {hair[1]}; set data.hair_removal / data.hair_kernel to match the "
+                          "student (17 for a student from before data.hair_kernel)")
     if cfg.checkpoint_task:
         if num_outputs(model) != first.num_classes:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: {num_outputs(model)} outputs, but the first task "

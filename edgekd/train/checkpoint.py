@@ -74,9 +74,13 @@ def with_legacy_hair_kernel(ckpt: dict[str, Any]) -> dict[str, Any]:
     pre = ckpt["preprocess"]
     if isinstance(pre, dict) and pre.get("hair_removal") and "hair_kernel" not in pre:
         pre["hair_kernel"] = LEGACY_KERNEL
-        data = (ckpt.get("recipe") or {}).get("data")
-        if isinstance(data, dict) and data.get("hair_removal") and "hair_kernel" not in data:
-            data["hair_kernel"] = LEGACY_KERNEL
+    recipe = ckpt.get("recipe") if isinstance(ckpt.get("recipe"), dict) else {}
+    data = recipe.get("data")
+    if isinstance(data, dict) and "hair_kernel" not in data:  # a recipe from before the key (now always dumped)
+        tasks = (recipe.get("continual") or {}).get("tasks") or []  # a task's own data may turn hair removal on
+        for section in (data, *(t.get("data") for t in tasks if isinstance(t, dict))):
+            if isinstance(section, dict) and section.get("hair_removal") and "hair_kernel" not in section:
+                section["hair_kernel"] = LEGACY_KERNEL
     return ckpt
 
 
