@@ -12,14 +12,16 @@ from edgekd.models import channels_of, resolve_layout, to_map, tokens_to_map
 
 def align_spatial(student: torch.Tensor, teacher: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Make two NCHW maps the same HxW. pool: average-pool the larger down to the smaller grid (per axis);
-    interpolate: resize the student map to the teacher's grid (bilinear; antialiased when it shrinks an axis, so a
-    4x smaller grid averages every student position instead of sampling two of each four)."""
+    interpolate: resize the student map to the teacher's grid (bilinear; an area average when it shrinks both axes,
+    so a 4x smaller grid averages every student position instead of sampling two of each four; at 2x both are the
+    2x2 block means)."""
     if student.shape[-2:] == teacher.shape[-2:]:
         return student, teacher
     if mode == "interpolate":
-        shrinks = student.shape[-2] > teacher.shape[-2] or student.shape[-1] > teacher.shape[-1]
-        return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False,
-                             antialias=shrinks), teacher
+        shrinks = student.shape[-2] >= teacher.shape[-2] and student.shape[-1] >= teacher.shape[-1]
+        if shrinks:
+            return F.interpolate(student, size=teacher.shape[-2:], mode="area"), teacher
+        return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False), teacher
     size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
     return F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size)
 

@@ -278,6 +278,12 @@ def warn_teacher_input_mismatch(teacher_ckpts: list[dict[str, Any]], student_pre
                 f"{trained})")
 
 
+def term_text(term) -> str:
+    """A distill term as the run's log names it: `0.7*kl`, `1*dkd (warm-up 4 epochs)`."""
+    warm = getattr(term, "warmup_epochs", 0)
+    return f"{term.weight:g}*{term.kind}" + (f" (warm-up {warm} epochs)" if warm else "")
+
+
 def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher_ckpt: dict[str, Any],
                     student_pre: dict[str, Any], class_weights: torch.Tensor | None,
                     augment: list | None = None, num_classes: int | None = None,
@@ -324,11 +330,8 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
             raise EdgeKDError("distill.mix makes every batch new: turn distill.cache_teacher_logits off")
         mix = SharedViewMix(distill_cfg.mix.kind, distill_cfg.mix.alpha, distill_cfg.mix.p,
                             num_classes or teacher_ckpt["arch"]["num_classes"])
-    warm = {i: f" (warm-up {t.warmup_epochs} epochs)" for i, t in enumerate(distill_cfg.terms)
-            if getattr(t, "warmup_epochs", 0)}
     log(f"distill: teacher {teacher_ckpt['arch']['name']} at {teacher_input.size}px, student at "
-        f"{teacher_input.student_size}px; terms "
-        + ", ".join(f"{t.weight:g}*{t.kind}{warm.get(i, '')}" for i, t in enumerate(distill_cfg.terms))
+        f"{teacher_input.student_size}px; terms " + ", ".join(map(term_text, distill_cfg.terms))
         + (" (teacher logits cached)" if cache else "")
         + (f"; shared-view {distill_cfg.mix.kind} (alpha {distill_cfg.mix.alpha:g}, p {distill_cfg.mix.p:g})"
            if mix else ""))
