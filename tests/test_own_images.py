@@ -158,3 +158,22 @@ def test_eval_of_a_checkpoint_scores_every_image_of_a_separate_labelled_folder(t
     res = cli.invoke(app, ["eval", str(run / "best.pt"), "--data", str(new), "--set", "data.limit=3", "--out",
                            str(tmp_path / "ev5")])
     assert res.exit_code != 0 and "--set takes a data recipe" in str(res.exception)
+
+
+def test_eval_data_of_the_trained_datas_own_test_folder_says_so(tmp_path):
+    """`eval CKPT --data ROOT/test` (the given test split of the data it trained on) was refused as holding training
+    images, which it does not: it is the checkpoint's own test split, which `edgekd eval CKPT` scores."""
+    from edgekd.robustness.evaluate import refuse_training_folder
+
+    for split in ("train", "Testing"):
+        (tmp_path / "oct" / split).mkdir(parents=True)
+    trained = {"recipe": {"data": {"path": str(tmp_path / "oct")}}}
+    with pytest.raises(EdgeKDError) as err:
+        refuse_training_folder(tmp_path / "oct" / "Testing", trained, "run/best.pt")
+    assert str(err.value) == (f"--data {tmp_path / 'oct' / 'Testing'}: the test split folder of the data the "
+                              f"checkpoint was trained on (data.path {tmp_path / 'oct'}): `edgekd eval run/best.pt` "
+                              "scores it as the checkpoint's test split")
+    for folder in (tmp_path / "oct" / "train", tmp_path / "oct"):
+        with pytest.raises(EdgeKDError, match="the folder the checkpoint was trained on"):
+            refuse_training_folder(folder, trained, "run/best.pt")
+    refuse_training_folder(tmp_path / "elsewhere", trained, "run/best.pt")  # new images: scored

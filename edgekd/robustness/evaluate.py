@@ -251,7 +251,12 @@ def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, c
     path = ((trained or {}).get("recipe") or {}).get("data", {}).get("path")
     if not path:
         return
+    from edgekd.data.sources import split_name
+
     given, own = Path(data_path_key(str(folder))), Path(data_path_key(path))
+    if given.parent == own and split_name(given.name) == "test":  # it said "its images include training ones"
+        raise EdgeKDError(f"--data {folder}: the test split folder of the data the checkpoint was trained on "
+                          f"(data.path {path}): `edgekd eval {checkpoint}` scores it as the checkpoint's test split")
     if given.is_relative_to(own) or own.is_relative_to(given):
         raise EdgeKDError(f"--data {folder}: the folder the checkpoint was trained on (data.path {path}), or part of "
                           f"it: its images include training ones; score new images kept in a separate folder, or "
