@@ -246,13 +246,11 @@ def folder_listing(folder: str | Path, class_names: list[str], predictors: Seque
 def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, checkpoint: str | Path) -> None:
     """`eval --data DIR` scores DIR's images as unseen: DIR being (or holding, or inside) the folder the checkpoint
     trained on would score its training images."""
-    from edgekd.data import data_path_key
+    from edgekd.data import data_path_key, split_name
 
     path = ((trained or {}).get("recipe") or {}).get("data", {}).get("path")
     if not path:
         return
-    from edgekd.data.sources import split_name
-
     given, own = Path(data_path_key(str(folder))), Path(data_path_key(path))
     if given.parent == own and split_name(given.name) == "test":  # it said "its images include training ones"
         raise EdgeKDError(f"--data {folder}: the test split folder of the data the checkpoint was trained on "
