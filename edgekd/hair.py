@@ -36,10 +36,16 @@ def hair_kernel(height: int, width: int, kernel: int | None = None) -> int:
     return max(3, int(round(KERNEL * min(height, width) / REFERENCE_SIDE)) | 1)
 
 
+def recorded_kernel(preprocess: dict) -> int | None:
+    """The element a preprocess (a bundle's, a checkpoint's) records: its hair_kernel (None: scaled to the image),
+    or LEGACY_KERNEL for one made before the key existed."""
+    return preprocess["hair_kernel"] if "hair_kernel" in preprocess else LEGACY_KERNEL
+
+
 def hair_element(preprocess: dict) -> str:
     """A preprocess's black-hat element in words ("17 px", "the scaled element"), an absent key read as the old
     17 px: what a KD teacher, a starting checkpoint or a repository version is compared by."""
-    kernel = preprocess["hair_kernel"] if "hair_kernel" in preprocess else LEGACY_KERNEL
+    kernel = recorded_kernel(preprocess)
     return f"a {kernel} px element" if kernel is not None else "the element scaled to the image"
 
 
@@ -47,7 +53,7 @@ def describe_hair_removal(preprocess: dict) -> str:
     """How a bundle's (or checkpoint's) preprocess removes hair, in words; "" when it does not."""
     if not preprocess.get("hair_removal"):
         return ""
-    kernel = preprocess["hair_kernel"] if "hair_kernel" in preprocess else LEGACY_KERNEL
+    kernel = recorded_kernel(preprocess)
     element = (f"a {kernel} px black-hat element" if kernel is not None else
                f"a black-hat element of {KERNEL} px per {REFERENCE_SIDE} px of the image's shorter side (rounded, "
                "an even number plus 1, at least 3)")

@@ -1065,12 +1065,12 @@ def test_a_starting_checkpoint_that_removed_hair_otherwise_is_refused(tmp_path):
 
     student = untrained_checkpoint(recipe({"hair_removal": True, "hair_kernel": 17}), tmp_path / "s.pt")
     tasks = [{"name": "a"}, {"name": "b", "data": {"source": "medmnist", "path": str(other)}}]
-    for hair, said in (({"hair_removal": True}, "removed hair with a 17 px element but the recipe's data removes "
-                                                "hair with the element scaled to the image"),
-                       ({"hair_removal": False}, "removed hair with a 17 px element but the recipe's data does not "
-                                                 "remove hair")):
+    for hair, said in (({"hair_removal": True}, "hair removal with a 17 px element in its training, with the element "
+                                                "scaled to the image in the recipe's data"),
+                       ({"hair_removal": False}, "hair removal with a 17 px element in its training, with none in the "
+                                                 "recipe's data")):
         rec = recipe(hair, checkpoint=str(student), tasks=tasks)
-        with pytest.raises(EdgeKDError, match=f"^continual.checkpoint {re.escape(str(student))}: it {said}; set "):
+        with pytest.raises(EdgeKDError, match=f"^continual.checkpoint {re.escape(str(student))}: {said}; set "):
             starting_model(rec, build_tasks(rec), log=lambda s: None)
     rec = recipe({"hair_removal": True, "hair_kernel": 17}, checkpoint=str(student), tasks=tasks)
     starting_model(rec, build_tasks(rec), log=lambda s: None)  # the same element: accepted

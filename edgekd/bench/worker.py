@@ -29,20 +29,15 @@ Infer = Callable[[np.ndarray], np.ndarray]
 """float32 (rows, C, H, W) model input -> (rows, classes) logits."""
 
 
-def stored_images_preprocess(preprocess: dict) -> dict:
-    """The preprocessing still to do on the benchmark's stored images: all but hair removal, which
-    `Preprocessor.to_resize_size` applied at each image's decoded size as training does (a second pass on the
-    resized copy had changed the pixels every row scored)."""
-    return {**preprocess, "hair_removal": False}
-
-
 class ModelInputs:
     """uint8 images (at the resize stage or model size) -> the float32 rows the model sees: the model-size crop
     of every image in each TTA view (or the crop alone)."""
 
     def __init__(self, job: dict):
-        # the stored images had hair removal at their decoded size (Preprocessor.to_resize_size): not again here
-        self.preprocessor = Preprocessor(stored_images_preprocess(job["preprocess"]))
+        self.preprocessor = Preprocessor(job["preprocess"])
+        # the stored images had hair removal at their decoded size (Preprocessor.to_resize_size; a second pass on
+        # the resized copy had changed the pixels every row scored): not again here, nor in the runner's rows
+        self.preprocessor.hair_removal = False
         views = job.get("views")
         self.views = TTAViews(views, job.get("center_crop_fraction", 0.875)) if views else None
         self.n_views = len(self.views) if self.views else 1

@@ -97,11 +97,10 @@ def starting_model(recipe, tasks: list[Task], log: Callable[[str], None] = print
         if theirs.get(key) != ours[key]:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: preprocess {key}={theirs.get(key)} but the "
                               f"recipe's data gives {ours[key]}; set the data section to match the student")
-    hair = [f"removes hair with {hair_element(pre)}" if pre.get("hair_removal") else "does not remove hair"
-            for pre in (theirs, ours)]
+    hair = [hair_element(pre) if pre.get("hair_removal") else "none" for pre in (theirs, ours)]
     if hair[0] != hair[1]:  # its own task would be scored and trained on other pixels than it learned from
-        raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: it {hair[0].replace('removes', 'removed')} but "
-                          f"the recipe's data {hair[1]}; set data.hair_removal / data.hair_kernel to match the "
+        raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: hair removal with {hair[0]} in its training, with "
+                          f"{hair[1]} in the recipe's data; set data.hair_removal / data.hair_kernel to match the "
                           "student (17 for a student from before data.hair_kernel)")
     if cfg.checkpoint_task:
         if num_outputs(model) != first.num_classes:

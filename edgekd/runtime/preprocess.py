@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from edgekd.errors import EdgeKDError
-from edgekd.hair import LEGACY_KERNEL, opencv, remove_hair
+from edgekd.hair import opencv, recorded_kernel, remove_hair
 from edgekd.imageio import DicomFrame, check_image_size, pil_to_array, read_image
 
 ImageInput = Union[str, Path, DicomFrame, Image.Image, np.ndarray]
@@ -114,7 +114,7 @@ class Preprocessor:
         self.bgr = spec.get("channel_order") == "BGR"
         self.hair_removal = bool(spec.get("hair_removal", False))
         # null: scaled to each image; absent (a bundle from before data.hair_kernel): 17 px at any size
-        self.hair_kernel = spec["hair_kernel"] if "hair_kernel" in spec else LEGACY_KERNEL
+        self.hair_kernel = recorded_kernel(spec)
         if self.hair_removal:
             opencv()  # refuse the bundle at load on a box without OpenCV, not at the first image
         # torch's float32 operations in torch's order, so results stay bit-exact: x * scale, - mean, / std.

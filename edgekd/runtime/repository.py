@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import PRECISIONS
-from edgekd.hair import LEGACY_KERNEL, describe_hair_removal
+from edgekd.hair import describe_hair_removal, recorded_kernel
 from edgekd.fileio import (check_output_location, deferred_signals, held_folder, remove_tree, staging_directory,
                            track_tree, untrack_tree, write_json, write_text)
 from edgekd.runtime.bundle import Artifact, Bundle, open_bundle
@@ -63,7 +63,7 @@ def same_meaning(key: str, value: Any) -> Any:
     """A served version's contract value as it acts: a preprocess from before data.hair_kernel (no key) removed hair
     with the 17 px element that a re-export of its checkpoint now records."""
     if key == "preprocess" and isinstance(value, dict) and value.get("hair_removal") and "hair_kernel" not in value:
-        return {**value, "hair_kernel": LEGACY_KERNEL}
+        return {**value, "hair_kernel": recorded_kernel(value)}
     return value
 
 

@@ -69,11 +69,11 @@ def with_legacy_hair_kernel(ckpt: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint trained with hair removal before data.hair_kernel existed removed hair with a 17 px element at
     every image size: its preprocess and recipe say so, so that evaluating, exporting or resuming it removes hair as
     its training did (the new default scales the element to the image)."""
-    from edgekd.hair import LEGACY_KERNEL
+    from edgekd.hair import LEGACY_KERNEL, recorded_kernel
 
     pre = ckpt["preprocess"]
-    if isinstance(pre, dict) and pre.get("hair_removal") and "hair_kernel" not in pre:
-        pre["hair_kernel"] = LEGACY_KERNEL
+    if isinstance(pre, dict) and pre.get("hair_removal"):
+        pre["hair_kernel"] = recorded_kernel(pre)
     recipe = ckpt.get("recipe") if isinstance(ckpt.get("recipe"), dict) else {}
     data = recipe.get("data")
     if isinstance(data, dict) and "hair_kernel" not in data:  # a recipe from before the key (now always dumped)
