@@ -434,6 +434,32 @@ def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_anoth
         run_continual(recipe, tmp_path / "typo", resume=True, log=lambda s: None)
 
 
+def test_a_run_stopped_while_writing_its_plots_is_not_finished_and_its_resume_writes_them(tmp_path, monkeypatch):
+    """continual.json (with model.pt, what --resume takes for a finished run) was written before the plots: a
+    Ctrl-C in between left a run whose resume said "finished" and never wrote task_accuracy.png."""
+    import edgekd.continual.run as run
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(16, 8, 8))
+    raw = base_recipe(npz, scenario="class_incremental",
+                      tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])
+    raw["train"]["epochs"] = 1
+    recipe = recipe_from_dict(raw)
+    write_plots = run._write_plots
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_write_plots", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run.run_continual(recipe, tmp_path / "run", log=lambda s: None)
+    assert (tmp_path / "run" / "model.pt").is_file() and not (tmp_path / "run" / "continual.json").exists()
+    monkeypatch.setattr(run, "_write_plots", write_plots)
+    said: list[str] = []
+    run.run_continual(recipe, tmp_path / "run", resume=True, log=said.append)
+    assert not any("nothing to resume" in line for line in said)
+    assert (tmp_path / "run" / "task_accuracy.png").is_file() and (tmp_path / "run" / "continual.json").is_file()
+
+
 def test_a_new_run_into_a_finished_ones_folder_removes_its_results_first(tmp_path, monkeypatch):
     """A new continual run into a finished run's folder, stopped in its second task: the old model.pt and
     continual.json had stayed beside the new tasks (export shipped the old model) and the resume command the

@@ -25,7 +25,7 @@ from edgekd.continual.scenarios import (ContinualObjective, Task, build_tasks, o
                                        union_data)
 from edgekd.data import check_model_splits
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import sha256_file, write_json, write_text
+from edgekd.fileio import deferred_signals, sha256_file, write_json, write_text
 from edgekd.hair import hair_element
 from edgekd.host import host_record
 from edgekd.metrics import one_class_warning
@@ -419,9 +419,10 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
     summary = _summary(recipe, tasks, spec, model, acc, f1, steps)
     best_path = out / "model.pt"
     if is_main_process():  # (every torchrun rank had written them)
-        save_checkpoint(best_path, {
-            "state_dict": _cpu_state(model), "metrics": {"acc_matrix": acc.tolist()}, "recipe_digest": recipe.digest(),
-            **_meta(recipe, tasks, n - 1, spec, head, init)})
-        write_json(out / "continual.json", summary)
-        _write_plots(recipe, out, acc, summary["tasks"], steps[-1]["eval"])
+        with deferred_signals():  # continual.json last: it (with model.pt) marks the run finished for --resume,
+            save_checkpoint(best_path, {  # which had then never written plots a Ctrl-C cut off
+                "state_dict": _cpu_state(model), "metrics": {"acc_matrix": acc.tolist()},
+                "recipe_digest": recipe.digest(), **_meta(recipe, tasks, n - 1, spec, head, init)})
+            _write_plots(recipe, out, acc, summary["tasks"], steps[-1]["eval"])
+            write_json(out / "continual.json", summary)
     return ContinualResult(out, best_path, summary["params"], summary["tasks"], acc.tolist(), summary)
