@@ -159,9 +159,11 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
 
     listed = "a training run's metrics.json would list"
     if recipe.continual:
-        from edgekd.continual.scenarios import build_tasks
+        from edgekd.continual.scenarios import build_tasks, repeated_tasks
 
         tasks = build_tasks(recipe)
+        for line in repeated_tasks(tasks):
+            warn(line)
         for t in tasks:
             warn_about_data(t.data, lambda line, task=t.name: warn(line.replace("warning:", f"warning: task {task}:")),
                             listed, own=(t.lo, t.hi))  # a task lacks the other tasks' classes by design

@@ -434,6 +434,29 @@ def test_a_resumed_continual_run_ends_as_the_uninterrupted_one_and_refuses_anoth
         run_continual(recipe, tmp_path / "typo", resume=True, log=lambda s: None)
 
 
+def test_a_task_of_its_own_head_reading_an_earlier_tasks_data_and_classes_is_warned_of(tmp_path):
+    """Task B's data.path left at task A's, one head per task: the run learned and scored task A twice and reported
+    its "retention" without a word."""
+    from edgekd.continual.run import run_continual
+    from edgekd.continual.scenarios import repeated_tasks
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=2, n=(16, 8, 8))
+    other = quadrant_npz(tmp_path / "other.npz", classes=2, n=(16, 8, 8))
+    same = base_recipe(npz, tasks=[{"name": "a"}, {"name": "b", "data": {"path": str(tmp_path / "." / "q.npz")}}])
+    assert repeated_tasks(build_tasks(recipe_from_dict(same))) == [
+        f"warning: task 'b' reads the same data ({tmp_path / '.' / 'q.npz'}) and classes as task 'a': it learns "
+        "that task again; give it its own data.path"]
+    assert repeated_tasks(build_tasks(recipe_from_dict(
+        base_recipe(npz, tasks=[{"name": "a"}, {"name": "b", "data": {"path": str(other)}}])))) == []
+    assert repeated_tasks(build_tasks(recipe_from_dict(  # other classes of the same data: a task of its own
+        base_recipe(quadrant_npz(tmp_path / "q4.npz", classes=4, n=(16, 8, 8)),
+                    tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])))) == []
+    said: list[str] = []
+    run_continual(recipe_from_dict({**same, "train": {**same["train"], "epochs": 1}}), tmp_path / "run",
+                  log=said.append)
+    assert any(line.startswith("warning: task 'b' reads the same data") for line in said)
+
+
 def test_a_run_stopped_while_writing_its_plots_is_not_finished_and_its_resume_writes_them(tmp_path, monkeypatch):
     """continual.json (with model.pt, what --resume takes for a finished run) was written before the plots: a
     Ctrl-C in between left a run whose resume said "finished" and never wrote task_accuracy.png."""

@@ -125,6 +125,20 @@ def dataset_key(data_cfg) -> tuple[str, str | None]:
     return data_cfg.source, data_path_key(data_cfg.path)
 
 
+def repeated_tasks(tasks: list[Task]) -> list[str]:
+    """Warnings for tasks of their own head that read an earlier task's dataset with its classes (a data.path left
+    at the first task's): such a run learns and scores one task twice, and its retention means nothing (it had
+    run without a word; a head shared by tasks refuses a repeated class, `check_new_classes`)."""
+    said = []
+    for i, task in enumerate(tasks):
+        earlier = next((e for e in tasks[:i] if dataset_key(e.data.cfg) == dataset_key(task.data.cfg)
+                        and e.class_names == task.class_names), None)
+        if earlier is not None:
+            said.append(f"warning: task '{task.name}' reads the same data ({task.data.cfg.path}) and classes as task "
+                        f"'{earlier.name}': it learns that task again; give it its own data.path")
+    return said
+
+
 def check_new_classes(tasks: list[Task], data_cfg, class_names: list[str], where: str) -> None:
     """Class-incremental tasks, and any tasks of one head, bring new classes: a class an earlier task of the same
     dataset already has would get a second output row, and the two rows would compete in the single head (a
