@@ -435,7 +435,8 @@ def _check_task(bundle: Bundle, task: str | None) -> None:
         return
     names = [t["name"] for t in bundle.tasks or []]
     if not names:
-        raise EdgeKDError(f"{bundle.source}: task '{task}' given, but the bundle has one head (no tasks)")
+        raise EdgeKDError(f"{bundle.source}: task '{task}' given, but the bundle's model has one head over all its "
+                          "classes, which takes no task (leave --task out)")
     if task not in names:
         raise EdgeKDError(f"{bundle.source}: no task '{task}' in the bundle (it has: {', '.join(names)})")
 
