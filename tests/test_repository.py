@@ -65,7 +65,7 @@ def test_triton_config_parses_with_tritons_protobuf_and_matches_the_onnx_graph(b
     readme = (tmp_path / "triton" / "README.md").read_text()
     meta = json.loads((bundle / "edgekd.json").read_text())
     assert str(meta["preprocess"]["mean"]) in readme and str(meta["preprocess"]["std"]) in readme
-    assert f"center-crop {meta['preprocess']['center_crop']}x" in readme
+    assert f"center-crop {meta['preprocess']['center_crop']}x" in readme and "halves rounded to even" in readme
 
 
 def test_ovms_repository_holds_the_bundles_ir_and_lists_it_with_base_path(bundle, tmp_path):
@@ -292,8 +292,15 @@ def test_add_puts_a_second_model_or_the_next_version_into_a_served_repository(bu
         write_repository(bundle, "ovms", tmp_path / "o", name="byhand", add=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     # not a repository of that kind, or none at all
-    with pytest.raises(EdgeKDError, match=r"not an OpenVINO Model Server repository \(config.json"):
-        write_repository(bundle, "ovms", tmp_path / "t", name="c", add=True)
+    with pytest.raises(EdgeKDError, match=r"not an OpenVINO Model Server repository \(no readable config.json\)$"):
+        write_repository(bundle, "ovms", tmp_path / "t", name="c", add=True)  # (it said "FileNotFoundError")
+    (tmp_path / "notjson").mkdir()
+    (tmp_path / "notjson" / "config.json").write_text("{model_config_list:")
+    with pytest.raises(EdgeKDError, match=r"repository \(its config.json is not JSON\)$"):
+        write_repository(bundle, "ovms", tmp_path / "notjson", name="c", add=True)
+    (tmp_path / "notjson" / "config.json").write_text('{"models": []}')
+    with pytest.raises(EdgeKDError, match=r"repository \(its config.json has no model_config_list of named configs\)$"):
+        write_repository(bundle, "ovms", tmp_path / "notjson", name="c", add=True)
     with pytest.raises(EdgeKDError, match=r"not a Triton repository \(no <model>/config.pbtxt\)"):
         write_repository(bundle, "triton", tmp_path / "o", name="c", add=True)
     with pytest.raises(EdgeKDError, match="--add needs an existing triton repository"):

@@ -307,7 +307,8 @@ def serve(
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
                                 cache_dir=cache_dir, task=task, threshold=threshold)
     url_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL goes in brackets
-    console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision} on {backend}, "
+    on = "" if runner.info["format"] == backend else f" on {backend}"  # (it said "openvino fp32 on openvino")
+    console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision}{on}, "
                   f"{runner.info['threads'] or 'default'} threads{', TTA' if tta else ''}"
                   f"{f', task {escape(runner.task)}' if runner.task else ', every task' if runner.bundle.tasks else ''})"
                   f" at http://{url_host}:{port}"

@@ -264,8 +264,9 @@ def served_models(out: Path, kind: str) -> dict[str, Any]:
         entries = [e["config"] for e in config["model_config_list"]]
         return {e["name"]: e for e in entries}
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise EdgeKDError(f"--out {out}: not an OpenVINO Model Server repository (config.json with "
-                          f"model_config_list: {type(err).__name__})") from None
+        why = ("no readable config.json" if isinstance(err, OSError) else "its config.json is not JSON"
+               if isinstance(err, ValueError) else "its config.json has no model_config_list of named configs")
+        raise EdgeKDError(f"--out {out}: not an OpenVINO Model Server repository ({why})") from None
 
 
 def add_to_repository(bundle: Bundle, art: Artifact, kind: str, out: Path, name: str, max_batch_size: int,
@@ -429,8 +430,9 @@ def _preprocessing_lines(pre: dict[str, Any]) -> list[str]:
             *([f"2. {describe_hair_removal(pre)} (edgekd.hair.remove_hair), as in training."]
               if pre.get("hair_removal") else []),
             f"{3 if pre.get('hair_removal') else 2}. Resize the shorter side to {pre['resize']} px (the longer in "
-            f"proportion, rounded down) with {how}, then center-crop {h}x{w} (zero padding where the image is "
-            "smaller).",
+            f"proportion, rounded down) with {how}, then center-crop {h}x{w}: top = round((height - {h}) / 2), "
+            f"left = round((width - {w}) / 2), halves rounded to even as torchvision does (zero padding first where "
+            "the image is smaller, the odd pixel at the bottom and right).",
             f"{4 if pre.get('hair_removal') else 3}. float32: multiply the 0-255 pixels by {pre['scale']:.6g}, "
             f"subtract mean {pre['mean']}, divide by std {pre['std']}.",
             f"{5 if pre.get('hair_removal') else 4}. Layout {pre.get('layout', 'NCHW')}: shape (N, {c}, {h}, {w}).",
