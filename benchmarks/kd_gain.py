@@ -195,6 +195,15 @@ SETS["retina_warmup"] = {**{k: v for k, v in SETS["retina"].items() if k != "row
                                  "warmup_epochs: 4}, {kind: ce, weight: 1.0}]"], "scratch",
                      "dkd_ens, the DKD weight warmed up over 4 of 40 epochs (the authors' 20 of 240, rounded up)"),
 }}
+# The same three rows again on another machine kind (seeded CPU runs repeat on one CPU, not across CPUs: the
+# retina_warmup teachers came out below the retina set's), with a runs folder and teachers of its own.
+WARM2 = "runs/bench/retina_warmup2"
+WARM2_ENS = [f"distill.teacher={WARM2}/teacher/best.pt", f"distill.ensemble=[{WARM2}/teacher56/best.pt]"]
+SETS["retina_warmup2"] = {**SETS["retina_warmup"], "rows": {
+    **{row: (path, [*WARM2_ENS, *overrides[len(WARM_ENS):]] if overrides else [], ref, what)
+       for row, (path, overrides, ref, what) in SETS["retina_warmup"]["rows"].items()},
+    "dkd_ens_warm_recipe": ("recipes/retina/student-dkd-ens-warm-28.yaml", WARM2_ENS, "scratch",
+                            "dkd_ens_warm as shipped: recipes/retina/student-dkd-ens-warm-28.yaml")}}
 GAIN_ACC_PTS, AUC_SLACK_PTS, TEACHER_GAP_PTS, MACS_RATIO, PARAMS_MAX, MINUTES_MAX = 1.5, -0.2, 1.0, 20, 100_000, 30
 
 
