@@ -159,7 +159,7 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
 
     listed = "a training run's metrics.json would list"
     if recipe.continual:
-        from edgekd.continual.scenarios import build_tasks, repeated_tasks
+        from edgekd.continual import build_tasks, repeated_tasks
 
         tasks = build_tasks(recipe)
         for line in repeated_tasks(tasks):
