@@ -90,8 +90,17 @@ def test_predict_equals_the_runner_with_calibration_and_views(runner):
         np.testing.assert_allclose([body["probs"][c] for c in NAMES], want.probs, atol=1e-6)
         np.testing.assert_allclose([body["uncalibrated"][c] for c in NAMES], want.raw_probs, atol=1e-6)
         assert len(body["bundle_id"]) == 64
-    assert set(responses[0].json()["views"]) == set(runner.tta_views.names)
+    assert set(responses[0].json()["views"]) == set(runner.tta_views.names) and "views_note" not in responses[0].json()
     assert "views" not in responses[1].json()
+
+
+def test_views_asked_of_a_service_without_tta_are_said_to_be_absent(bundle):
+    """?views=true on a service started without --tta answered as if not asked."""
+    async def go(client):
+        return await client.post("/predict?views=true", content=png(1), headers={"content-type": "image/png"})
+
+    body = call(create_app(Runner.from_bundle(bundle, tta=False, threads=1)), go).json()
+    assert "views" not in body and body["views_note"].startswith("this service runs without TTA (serve --tta)")
 
 
 def test_batch_endpoint_answers_each_file_and_reports_bad_ones(runner):

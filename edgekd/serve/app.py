@@ -106,6 +106,8 @@ class Service:
         if not views:  # a multi-head bundle answers per task, each with its own views
             for part in [out, *(out.get("tasks") or {}).values()]:
                 part.pop("views", None)
+        elif not self.runner.tta:  # (?views=true was dropped without a word)
+            out["views_note"] = "this service runs without TTA (serve --tta): one view, no per-view probabilities"
         return {**out, **self.answered_by}
 
     async def decode_each(self, request: Request, uploads: list[tuple[str, str | None, bytes]]) -> list:
