@@ -184,26 +184,29 @@ SETS["demo_sweep"] = demo_ablation({
 })
 # DKD's warm-up (the authors' linear ramp of the DKD weight, 20 of 240 epochs on CIFAR-100), on RetinaMNIST, where
 # DKD is the winner, with its own runs folder and teachers, so every row is paired on the same machine.
-WARM = "runs/bench/retina_warmup"
-WARM_ENS = [f"distill.teacher={WARM}/teacher/best.pt", f"distill.ensemble=[{WARM}/teacher56/best.pt]"]
-SETS["retina_warmup"] = {**{k: v for k, v in SETS["retina"].items() if k != "rows"}, "rows": {
-    "scratch": ("recipes/retina/student-scratch-28.yaml", [], None, "CE only (no teacher)"),
-    "dkd_ens": ("recipes/retina/student-dkd-ens-28.yaml", WARM_ENS, "scratch",
-                "DKD (T=4, alpha 1, beta 8) + CE from the ensemble of both teachers, as shipped"),
-    "dkd_ens_warm": ("recipes/retina/student-dkd-ens-28.yaml",
-                     [*WARM_ENS, "distill.terms=[{kind: dkd, weight: 1.0, temperature: 4, alpha: 1.0, beta: 8.0, "
-                                 "warmup_epochs: 4}, {kind: ce, weight: 1.0}]"], "scratch",
-                     "dkd_ens, the DKD weight warmed up over 4 of 40 epochs (the authors' 20 of 240, rounded up)"),
-}}
-# The same three rows again on another machine kind (seeded CPU runs repeat on one CPU, not across CPUs: the
-# retina_warmup teachers came out below the retina set's), with a runs folder and teachers of its own.
-WARM2 = "runs/bench/retina_warmup2"
-WARM2_ENS = [f"distill.teacher={WARM2}/teacher/best.pt", f"distill.ensemble=[{WARM2}/teacher56/best.pt]"]
-SETS["retina_warmup2"] = {**SETS["retina_warmup"], "rows": {
-    **{row: (path, [*WARM2_ENS, *overrides[len(WARM_ENS):]] if overrides else [], ref, what)
-       for row, (path, overrides, ref, what) in SETS["retina_warmup"]["rows"].items()},
-    "dkd_ens_warm_recipe": ("recipes/retina/student-dkd-ens-warm-28.yaml", WARM2_ENS, "scratch",
-                            "dkd_ens_warm as shipped: recipes/retina/student-dkd-ens-warm-28.yaml")}}
+
+
+def warmup_set(runs: str, **more_rows: tuple) -> dict:
+    """The warm-up ablation's rows, distilling from the two teachers trained into `runs`; `more_rows` with them."""
+    ens = [f"distill.teacher={runs}/teacher/best.pt", f"distill.ensemble=[{runs}/teacher56/best.pt]"]
+    rows = {
+        "scratch": ("recipes/retina/student-scratch-28.yaml", [], None, "CE only (no teacher)"),
+        "dkd_ens": ("recipes/retina/student-dkd-ens-28.yaml", ens, "scratch",
+                    "DKD (T=4, alpha 1, beta 8) + CE from the ensemble of both teachers, as shipped"),
+        "dkd_ens_warm": ("recipes/retina/student-dkd-ens-28.yaml",
+                         [*ens, "distill.terms=[{kind: dkd, weight: 1.0, temperature: 4, alpha: 1.0, beta: 8.0, "
+                                "warmup_epochs: 4}, {kind: ce, weight: 1.0}]"], "scratch",
+                         "dkd_ens, the DKD weight warmed up over 4 of 40 epochs (the authors' 20 of 240, rounded up)"),
+        **{row: (path, ens, ref, what) for row, (path, ref, what) in more_rows.items()}}
+    return {**{k: v for k, v in SETS["retina"].items() if k != "rows"}, "rows": rows}
+
+
+SETS["retina_warmup"] = warmup_set("runs/bench/retina_warmup")
+# The same rows again on another machine kind (seeded CPU runs repeat on one CPU, not across CPUs: the retina_warmup
+# teachers came out below the retina set's), and the winner trained from its shipped file.
+SETS["retina_warmup2"] = warmup_set("runs/bench/retina_warmup2", dkd_ens_warm_recipe=(
+    "recipes/retina/student-dkd-ens-warm-28.yaml", "scratch",
+    "dkd_ens_warm as shipped: recipes/retina/student-dkd-ens-warm-28.yaml"))
 GAIN_ACC_PTS, AUC_SLACK_PTS, TEACHER_GAP_PTS, MACS_RATIO, PARAMS_MAX, MINUTES_MAX = 1.5, -0.2, 1.0, 20, 100_000, 30
 
 
