@@ -548,6 +548,9 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
                       teacher_overrides=["name=fold-teacher-b"], resume=True)
     assert kept.stat().st_mtime_ns == stamp and sum("finished earlier: kept" in m for m in said) == 3
     assert said[0].startswith("k-fold: the data has no patient ids: folds are image-level")
+    # the log counts folds from 1, the folders from 0: each fold's line names its folder (it had not)
+    assert [m for m in said if m.startswith("k-fold: fold ")] == [
+        f"k-fold: fold {k + 1}/2 (held out as validation; runs in {tmp_path / 'kfold' / f'fold{k}'})" for k in (0, 1)]
     assert any("resumed from" in m and "fold1" in m and "student" in m for m in said), said
     assert [r["test"] for r in again["runs"]] == [r["test"] for r in saved["runs"]]  # the same runs, the same figures
     with pytest.raises(EdgeKDError, match="no fold run to resume"):

@@ -73,7 +73,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     rows: list[dict[str, Any]] = []
     for fold in range(folds):
         fold_dir = out / f"fold{fold}"
-        log(f"k-fold: fold {fold + 1}/{folds}")
+        log(f"k-fold: fold {fold + 1}/{folds} (held out as validation; runs in {fold_dir})")
         rec = fold_recipe(recipe, folds, fold, split)
         if main:
             write_fold_splits(fold_dir / "splits.json", rec)
