@@ -207,6 +207,27 @@ SETS["retina_warmup"] = warmup_set("runs/bench/retina_warmup")
 SETS["retina_warmup2"] = warmup_set("runs/bench/retina_warmup2", dkd_ens_warm_recipe=(
     "recipes/retina/student-dkd-ens-warm-28.yaml", "scratch",
     "dkd_ens_warm as shipped: recipes/retina/student-dkd-ens-warm-28.yaml"))
+# The RetinaMNIST winner (DKD + CE from the ensemble, the DKD weight warmed up) on the demo set, which issue 19's
+# acceptance 3 asks the demo to ship: warmed up over 1 of the demo's 8 epochs (the authors' 1/12 of the schedule,
+# rounded up) and over 4 (the Retina recipe's count).
+WARM = "runs/bench/demo_warmup"
+WARM_ENS = [f"distill.teacher={WARM}/teacher/best.pt", f"distill.ensemble=[{WARM}/teacher-cnn/best.pt]"]
+
+
+def _dkd_ce(dkd: float, ce: float, warmup: int = 0) -> str:
+    return (f"distill.terms=[{{kind: dkd, weight: {dkd}, temperature: 4, alpha: 1.0, beta: 8.0, "
+            f"warmup_epochs: {warmup}}}, {{kind: ce, weight: {ce}}}]")
+
+
+SETS["demo_warmup"] = demo_ablation({
+    "scratch": ("recipes/demo/baseline.yaml", [], None, "the demo's baseline CNN, no teacher"),
+    "dkd_ens": ("recipes/demo/student.yaml", [*WARM_ENS, _dkd_ce(0.7, 0.3)], "scratch",
+                "DKD (T=4, alpha 1, beta 8) x 0.7 + 0.3 CE from the ensemble of both teachers"),
+    "dkd_ens_warm1": ("recipes/demo/student.yaml", [*WARM_ENS, _dkd_ce(1.0, 1.0, 1)], "scratch",
+                      "the Retina default's terms (DKD 1.0 + CE 1.0), the DKD weight warmed up over 1 of 8 epochs"),
+    "dkd_ens_warm4": ("recipes/demo/student.yaml", [*WARM_ENS, _dkd_ce(1.0, 1.0, 4)], "scratch",
+                      "the same, warmed up over 4 of 8 epochs (the Retina recipe's 4)"),
+})
 GAIN_ACC_PTS, AUC_SLACK_PTS, TEACHER_GAP_PTS, MACS_RATIO, PARAMS_MAX, MINUTES_MAX = 1.5, -0.2, 1.0, 20, 100_000, 30
 
 
