@@ -1,6 +1,7 @@
 """Data: sources, splits (given, stratified, patient, k-fold), transforms, imbalance helpers, bad images."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -235,6 +236,20 @@ def _manifest(tmp_path, n_patients=10, per_patient=3):
     return tmp_path / "m.csv"
 
 
+def test_csv_labels_spelled_in_two_unicode_forms_are_refused(tmp_path):
+    # "café" as one code point (NFC) and as e + a combining accent (NFD) print alike: they had been two classes
+    csv = _manifest(tmp_path)
+    rows = csv.read_text().splitlines()
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    rows = rows[:1] + [r.replace(",a,", f",{nfc if i % 2 else nfd},") for i, r in enumerate(rows[1:])]
+    csv.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(EdgeKDError, match=r"m.csv:\d+: label .* differs from .* only in Unicode form"):
+        load_source("csv", str(csv))
+    csv.write_text("\n".join(r.replace(nfd, nfc.upper()) for r in rows) + "\n", encoding="utf-8")
+    with pytest.raises(EdgeKDError, match=r"only in case: spell one class one way"):
+        load_source("csv", str(csv))
+
+
 def test_patient_split_keeps_patients_apart(tmp_path):
     csv = _manifest(tmp_path)
     dm = build_data(recipe(source="csv", path=str(csv), split="patient", val_fraction=0.2, test_fraction=0.2))
@@ -288,7 +303,7 @@ def test_a_split_carved_by_patient_keeps_every_class(tmp_path):
         build_data(recipe(source="csv", path=str(tmp_path / "m.csv")))
 
 
-def test_csv_manifest_rows_that_would_leak_or_mislabel_are_refused(tmp_path):
+def test_csv_manifest_rows_that_would_leak_or_mislabel_are_refused(tmp_path, monkeypatch):
     csv = _manifest(tmp_path)
     (tmp_path / "imgs" / "b" / "extra.png").write_bytes((tmp_path / "imgs" / "a" / "a_0.png").read_bytes())
     lines = csv.read_text().splitlines()
@@ -301,6 +316,13 @@ def test_csv_manifest_rows_that_would_leak_or_mislabel_are_refused(tmp_path):
         csv.write_text("\n".join(lines + [extra]) + "\n")
         with pytest.raises(EdgeKDError, match=says):
             load_source("csv", str(csv))
+    # Given by a relative path, the manifest's relative row and the same file's absolute path are one image (two
+    # rows of one image, under two labels, had both been read)
+    assert not Path(path).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    csv.write_text("\n".join(lines + [f"{tmp_path / path},b,p9"]) + "\n")
+    with pytest.raises(EdgeKDError, match=r"m.csv:\d+: image \S+ is listed again \(first on line 2\)"):
+        load_source("csv", csv.name)
     # A label on one row only is a typo until data.class_names says which labels to expect.
     csv.write_text("\n".join(lines[:-1] + [lines[-1].replace(",b,", ",bb,")]) + "\n")
     with pytest.raises(EdgeKDError, match=r"m.csv:31: label 'bb' is on this row only \(a typo\?"):
@@ -690,7 +712,20 @@ def test_split_folders_are_known_by_the_names_a_split_column_may_use(tmp_path):
     write_image_folder(root / "masks", n_per_class=1, classes=("glioma",))  # its images had been left out unsaid
     assert load_source("imagefolder", root).info["ignored_folders"] == ["masks"]
     dm = build_data(recipe(source="imagefolder", path=str(root)))
-    assert "1 folder(s) beside the split folders are not read: masks" in dm.notes
+    assert "1 folder(s) or image(s) beside the split folders are not read: masks" in dm.notes
+    # An image beside the split folders is not read, and said so; one beside a split's class folders (hidden ones
+    # aside) is refused: it had made test/ "a class folder", so a new test split was cut from train without a word.
+    shutil.copy(next((root / "Training" / "glioma").iterdir()), root / "preview.png")
+    assert load_source("imagefolder", root).info["ignored_folders"] == ["masks", "preview.png"]
+    shutil.copy(root / "preview.png", root / "Testing" / ".preview.png")
+    shutil.copy(root / "preview.png", root / "Testing" / "._scan.png")
+    assert list(load_source("imagefolder", root).tables) == ["train", "val", "test"]
+    for split in ("Testing", "Training"):  # in train/ it had said "split folders (...) but none for training"
+        shutil.copy(root / "preview.png", root / split / "stray.png")
+        with pytest.raises(EdgeKDError, match=rf"{split}/stray.png: an image beside the class folders of the split "
+                                              rf"folder {split}/ \(a split folder holds class folders only\)"):
+            load_source("imagefolder", root)
+        (root / split / "stray.png").unlink()
     # a class named like a split holds images, not class folders: a flat set of classes valid/ and invalid/
     flat = write_image_folder(tmp_path / "quality", n_per_class=2, classes=("invalid", "valid"))
     assert load_source("imagefolder", flat).class_names == ["invalid", "valid"]

@@ -529,7 +529,7 @@ def source_notes(source, cfg) -> list[str]:
                      f"nor DICOM, or a DICOMDIR), e.g. {example}")
     if source.info.get("ignored_folders"):  # beside split folders (they had been an error, then nothing)
         names = source.info["ignored_folders"]
-        notes.append(f"{len(names)} folder(s) beside the split folders are not read: {', '.join(names[:5])}"
+        notes.append(f"{len(names)} folder(s) or image(s) beside the split folders are not read: {', '.join(names[:5])}"
                      + (" ..." if len(names) > 5 else ""))
     if cfg.split != "given" and not cfg.folds and "val" in source.tables:  # re-drawn without a word before
         own = {"csv": "the CSV split column's val rows", "imagefolder": "the val folder's images",

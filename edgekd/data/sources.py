@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import re
+import unicodedata
 import warnings
 import zipfile
 from collections import Counter
@@ -19,7 +20,7 @@ import numpy as np
 
 from edgekd.errors import EdgeKDError, shorten
 from edgekd.fileio import sha256_file
-from edgekd.imageio import folder_files, is_image_file, subfolders
+from edgekd.imageio import folder_files, is_hidden, is_image_file, subfolders
 
 SPLITS = ("train", "val", "test")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -248,9 +249,18 @@ def split_folders(root: Path) -> dict[str, Path]:
     train one, or two folders of one split, are refused; other folders beside them are not read
     (`ignored_folders`, a warning of the run)."""
     named: dict[str, list[Path]] = {}
+    strays: list[Path] = []  # images beside the class folders of a split-named folder
     for d in subfolders(root):
-        if (split := split_name(d.name)) is not None and holds_class_folders(d):
-            named.setdefault(split, []).append(d)
+        if (split := split_name(d.name)) is not None and subfolders(d):
+            own = own_images(d)
+            if own:
+                strays.append(own[0])
+            else:
+                named.setdefault(split, []).append(d)
+    if named and strays:  # one stray image had made test/ "a class", so a new test split was cut from train
+        raise EdgeKDError(f"{strays[0]}: an image beside the class folders of the split folder "
+                          f"{strays[0].parent.name}/ (a split folder holds class folders only): move it into its "
+                          "class folder or out of the split folder")
     twice = next((f for f in named.values() if len(f) > 1), None)
     if twice:
         raise EdgeKDError(f"{root}: {' and '.join(d.name for d in twice)} both name the {split_name(twice[0].name)} "
@@ -261,15 +271,19 @@ def split_folders(root: Path) -> dict[str, Path]:
     return {split: named[split][0] for split in SPLITS if split in named}
 
 
-def holds_class_folders(folder: Path) -> bool:
-    """Whether a folder holds sub-folders and no image of its own (a split folder's layout, not a class's)."""
-    return bool(subfolders(folder)) and not any(f.is_file() and is_image_file(f) for f in folder.iterdir())
+def own_images(folder: Path) -> list[Path]:
+    """The images directly in `folder` (not in its sub-folders), sorted; hidden and system files (`is_hidden`: a
+    `.preview.png`, an AppleDouble `._scan.png`) left out, as everywhere else."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and not is_hidden(f) and is_image_file(f))
 
 
 def ignored_folders(root: Path, parts: dict[str, Path]) -> list[str]:
-    """The folders beside a data folder's split folders, which are not read (masks/, metadata/, a nested copy)."""
+    """What beside a data folder's split folders is not read: folders (masks/, metadata/, a nested copy) and
+    images at the top (a preview.png)."""
+    if "all" in parts:
+        return []
     kept = {folder.name for folder in parts.values()}
-    return [d.name for d in subfolders(root) if d.name not in kept] if "all" not in parts else []
+    return [d.name for d in subfolders(root) if d.name not in kept] + [f.name for f in own_images(root)]
 
 
 def dicom_patients(tables: dict[str, Table]) -> dict[str, Any]:
@@ -329,7 +343,8 @@ def load_csv(path: str | Path) -> Source:
         if not file.is_file():
             raise EdgeKDError(f"{path}:{lineno}: image {entry} not found (paths are read relative to the CSV's "
                               f"folder, {path.parent}, or absolute)")
-        key = os.path.normcase(os.path.normpath(path.parent / entry))  # as written: links are other files
+        # absolute (a relative data.path had kept `../x.png` and `/abs/x.png` apart), links not followed (other files)
+        key = os.path.normcase(os.path.abspath(path.parent / entry))
         if first_line.setdefault(key, lineno) != lineno:  # one image in two splits, or under two labels
             raise EdgeKDError(f"{path}:{lineno}: image {entry} is listed again (first on line {first_line[key]})")
         patient = (row.get("patient_id") or "").strip()
@@ -373,10 +388,12 @@ def _csv_classes(path: Path, label_values: list[str]) -> tuple[list[str], dict[s
     class_names = sorted(set(label_values))
     spelled: dict[str, str] = {}
     for name in class_names:
-        other = spelled.setdefault(name.casefold(), name)
-        if other != name:
+        other = spelled.setdefault(unicodedata.normalize("NFC", name).casefold(), name)
+        if other != name:  # "café" typed as one code point and as e + a combining accent had been two classes
+            how = "in case" if unicodedata.normalize("NFC", name) != unicodedata.normalize("NFC", other) else \
+                "in Unicode form (the same letters as other code points, e.g. an accent typed apart)"
             raise EdgeKDError(f"{path}:{label_values.index(name) + 2}: label {name!r} differs from {other!r} (line "
-                              f"{label_values.index(other) + 2}) only in case: spell one class one way")
+                              f"{label_values.index(other) + 2}) only {how}: spell one class one way")
     to_id = {n: i for i, n in enumerate(class_names)}
     info["label_rows"] = {n: label_values.index(n) + 2 for n in class_names}  # where each label first appears
     counts = Counter(label_values)
