@@ -450,6 +450,10 @@ DATA_CASES = {
         _float_images(np.inf))))}, "NaN or Inf"),
     "npz_nan_labels": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(
         labels=np.array([[0.0], [np.nan]] * 6))))}, "NaN or Inf"),
+    "npz_text_labels": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(
+        labels=np.array([["a"], ["b"]] * 6))))}, "train_labels must be non-negative integers (it holds <U1 values)"),
+    "folder_given_a_csv": (lambda t: {"source": "imagefolder", "path": str(_csv(t / "m.csv", GOOD_ROWS))},
+                           "m.csv: a file, not an image folder (data.source imagefolder): data.source=csv for a manifest"),
     "npz_object_array": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(
         labels=np.array([[0], "x"] * 6, dtype=object))))}, "Object arrays"),
     "npz_five_channels": (lambda t: {"source": "medmnist", "path": str(_npz(t / "d.npz", **_split_arrays(

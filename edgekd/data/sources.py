@@ -184,6 +184,8 @@ def _check_labels(labels: np.ndarray, path: Path, split: str) -> np.ndarray:
     if labels.ndim == 2 and labels.shape[1] != 1:
         raise EdgeKDError(f"{path}: {split}_labels is multi-label {labels.shape}; edgekd trains single-label classifiers")
     labels = labels.reshape(-1)
+    if labels.dtype.kind not in "biuf":  # strings, bytes, dates, objects: numpy's ufunc error had followed
+        raise EdgeKDError(f"{path}: {split}_labels must be non-negative integers (it holds {labels.dtype} values)")
     if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
         raise EdgeKDError(f"{path}: {split}_labels holds NaN or Inf values")
     if labels.size and (labels.min() < 0 or np.any(labels != np.round(labels))):
@@ -207,6 +209,10 @@ def load_imagefolder(path: str | Path) -> Source:
     """root/<class>/*.png, or root/{train,val,test}/<class>/*.png for given splits (the split folders named in any
     case or spelling a manifest's split column may use: `Training/`, `valid/`, `Testing/`)."""
     root = Path(path)
+    if root.is_file():  # it had said "image folder not found" of a file that is there
+        other = {".csv": "data.source=csv for a manifest", ".npz": "data.source=medmnist for an .npz"}.get(
+            root.suffix.lower(), "give the folder that holds the class folders")
+        raise EdgeKDError(f"{root}: a file, not an image folder (data.source imagefolder): {other}")
     if not root.is_dir():
         raise EdgeKDError(f"{root}: image folder not found")
     parts = split_folders(root)
