@@ -634,6 +634,11 @@ def test_swa_start_epoch_zero_is_the_first_epoch_and_null_the_last_quarter(tiny_
 
 
 def test_nan_monitor_fails_at_the_first_epoch(tiny_recipe_dict, tmp_path):
+    from types import SimpleNamespace
+
+    from edgekd.train.run import refuse_before_training
+    from edgekd.train.trainer import monitored_value
+
     # val_pauc of a 2-class model is NaN when val holds one class only: limit to a one-class val split
     import numpy as np
     path = tmp_path / "oneclass.npz"
@@ -643,11 +648,21 @@ def test_nan_monitor_fails_at_the_first_epoch(tiny_recipe_dict, tmp_path):
     d = deep(tiny_recipe_dict, train__epochs=5, train__monitor="val_auc", data__path=str(path))
     del d["train"]["monitor_mode"]
     logs = []
-    with pytest.raises(EdgeKDError, match="train.monitor: 'val_auc' is NaN at epoch 1"):
+    # a val split without every class is known before training: refused then (it had failed after epoch 1)
+    with pytest.raises(EdgeKDError, match=r"^train.monitor val_auc: the val split has no image of class class_1 "
+                                          r"\(a small data.limit or a rare class\?\), so it is undefined \(NaN\) "
+                                          r"from the first epoch: monitor val_loss, or give the val split every class$"):
         train_recipe(recipe_from_dict(d), tmp_path / "r", log=logs.append)
-    assert not [m for m in logs if m.startswith("epoch")]  # no epoch finished
-    assert logs == ["warning: the val split has no image of class class_1 (a small data.limit or a rare class?): "
-                    "its AUC and per-class figures there are undefined"]  # said before training
+    assert logs == [] and not (tmp_path / "r").exists()
+    # ... with unreadable images skipped, the cause names them first; val_loss trains
+    data = SimpleNamespace(bad_files=["x.png: truncated"], class_names=["a", "b"], num_classes=2,
+                           counts=lambda: {"train": [3, 3], "val": [2, 0], "test": [1, 1]})
+    with pytest.raises(EdgeKDError, match=r"class b \(unreadable images skipped \(data.on_bad_image: skip\), a"):
+        refuse_before_training(recipe_from_dict(d), data, tmp_path / "r", False)
+    refuse_before_training(recipe_from_dict(deep(d, train__monitor="val_loss")), data, tmp_path / "r", False)
+    # any other NaN of the monitor is refused at the first epoch that shows it
+    with pytest.raises(EdgeKDError, match=r"^train.monitor: 'val_auc' is NaN at epoch 3 \(undefined for this data"):
+        monitored_value({"val_auc": float("nan")}, "val_auc", "train.monitor", 2)
     # `edgekd train` removes the run folder it made for a run refused before its first checkpoint (it left a
     # folder holding recipe.yaml); a folder that was there stays.
     import yaml
@@ -658,13 +673,21 @@ def test_nan_monitor_fails_at_the_first_epoch(tiny_recipe_dict, tmp_path):
     (tmp_path / "nan.yaml").write_text(yaml.safe_dump(d))
     res = CliRunner().invoke(app, ["train", str(tmp_path / "nan.yaml"), "--out", str(tmp_path / "cli")])
     assert isinstance(res.exception, EdgeKDError) and not (tmp_path / "cli").exists()
-    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "run").mkdir(parents=True)  # an existing --out is left as it was
     res = CliRunner().invoke(app, ["train", str(tmp_path / "nan.yaml"), "--out", str(tmp_path / "mine" / "run")])
-    assert isinstance(res.exception, EdgeKDError) and (tmp_path / "mine").is_dir()
-    assert not (tmp_path / "mine" / "run").exists()
-    (tmp_path / "mine" / "run").mkdir()  # an existing --out is left as it was
-    res = CliRunner().invoke(app, ["train", str(tmp_path / "nan.yaml"), "--out", str(tmp_path / "mine" / "run")])
-    assert isinstance(res.exception, EdgeKDError) and (tmp_path / "mine" / "run" / "recipe.yaml").is_file()
+    assert isinstance(res.exception, EdgeKDError) and list((tmp_path / "mine" / "run").iterdir()) == []
+    # A NaN first seen at an epoch (every class in val): refused there, after recipe.yaml was written
+    import edgekd.train.trainer as trainer_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_mod, "monitored_value",
+                   lambda row, name, key, epoch: monitored_value({**row, name: float("nan")}, name, key, epoch))
+        (tmp_path / "ok.yaml").write_text(yaml.safe_dump(deep(tiny_recipe_dict, train__monitor="val_auc")))
+        res = CliRunner().invoke(app, ["train", str(tmp_path / "ok.yaml"), "--out", str(tmp_path / "mine" / "new")])
+        assert "'val_auc' is NaN at epoch 1" in str(res.exception) and (tmp_path / "mine").is_dir()
+        assert not (tmp_path / "mine" / "new").exists()  # the run folder it made is removed
+        res = CliRunner().invoke(app, ["train", str(tmp_path / "ok.yaml"), "--out", str(tmp_path / "mine" / "run")])
+        assert isinstance(res.exception, EdgeKDError) and (tmp_path / "mine" / "run" / "recipe.yaml").is_file()
 
 
 def test_a_seeded_run_repeats_its_metrics_exactly(tiny_recipe_dict, tmp_path):

@@ -116,6 +116,24 @@ def refuse_before_training(recipe, data: DataModule, out: Path, resume: bool) ->
                           "a classifier needs at least two")
     if resume and not (out / "last.pt").is_file():
         raise EdgeKDError(f"{out / 'last.pt'}: checkpoint not found (nothing to resume)")
+    lost = lost_classes(data, "val")
+    if lost and "auc" in recipe.train.monitor and recipe.continual is None:  # it had failed after epoch 1 (NaN)
+        raise EdgeKDError(f"train.monitor {recipe.train.monitor}: the val split has no image of class "
+                          f"{', '.join(lost)} ({lost_cause(data)}), so it is undefined (NaN) from the first epoch: "
+                          "monitor val_loss, or give the val split every class")
+
+
+def lost_classes(data: DataModule, split: str, own: tuple[int, int] | None = None) -> list[str]:
+    """The classes a split has no image of (`own`: only those in [lo, hi) of the class list)."""
+    counts = data.counts().get(split, [])
+    return [name for i, (name, n) in enumerate(zip(data.class_names, counts))
+            if not n and (own is None or own[0] <= i < own[1])]
+
+
+def lost_cause(data: DataModule) -> str:
+    """Why a split may lack a class: the unreadable images skipped first, when there were any."""
+    return ("unreadable images skipped (data.on_bad_image: skip), a small data.limit or a rare class?"
+            if data.bad_files else "a small data.limit or a rare class?")
 
 
 def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
@@ -241,14 +259,12 @@ def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = 
     if data.bad_files:
         log(f"warning: skipped {len(data.bad_files)} unreadable image(s) (data.on_bad_image: skip), e.g. "
             f"{data.bad_files[0]}; {listed} them with their reasons (bad_files)")
-    counts = data.counts()
     for split in ("train", "val", "test"):
-        lost = [name for i, (name, n) in enumerate(zip(data.class_names, counts.get(split, [])))
-                if not n and (own is None or own[0] <= i < own[1])]
+        lost = lost_classes(data, split, own)
         if lost:
-            log(f"warning: the {split} split has no image of class {', '.join(lost)} (a small data.limit or a rare "
-                "class?): " + ("the model never learns it" if split == "train" else
-                               "its AUC and per-class figures there are undefined"))
+            log(f"warning: the {split} split has no image of class {', '.join(lost)} ({lost_cause(data)}): "
+                + ("the model never learns it" if split == "train" else
+                   "its AUC and per-class figures there are undefined"))
 
 
 def evaluate_best(best_path: Path, data: DataModule, device, out: Path, name: str, plots: bool,
