@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -181,8 +182,9 @@ def check_output_location(out: str | Path, option: str = "--out", is_file: bool 
 
 
 def to_jsonable(obj: Any) -> Any:
-    """NaN -> None, numpy scalars/arrays -> Python, so files stay standard JSON."""
-    if isinstance(obj, float) and obj != obj:
+    """NaN and ±inf -> None (a 0-epoch run's best value had been written as -Infinity, which JSON has not),
+    numpy scalars/arrays -> Python, so files stay standard JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}

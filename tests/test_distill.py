@@ -868,7 +868,8 @@ def test_a_report_of_rows_scored_on_different_images_says_so():
     other = row("d", [0, 1] * 20, "student", pixels=7)
     assert "scored on different test images (a 40, d 40)" in different_images_note([a, other])
     assert auc_comparisons([a, other]) == ""
-    assert "| a (m) | teacher | 0 | 0.00M | 1.0 | 40 |" in report_markdown("d", "test", [a, b])
+    assert "| a (m) | teacher | 0 | 1.0k | 1.0 | 40 |" in report_markdown("d", "test", [a, b])  # it had said 0.00M
+    assert "| a (m) | teacher | 0 | 2.50M | 1.0 | 40 |" in report_markdown("d", "test", [{**a, "params": 2.5e6}, b])
 
 
 def test_image_files_scored_are_told_apart_by_where_they_are_not_their_names(tmp_path):
@@ -1019,5 +1020,10 @@ def test_the_auc_reference_is_the_teacher_the_student_learned_from(tmp_path):
             row("student", "student", teacher=str(tmp_path / "big-teacher" / "best.pt"))]
     text = auc_comparisons(rows)
     assert "AUC vs `big-teacher` (teacher)" in text and rows[2]["auc_vs"]["reference"] == "big-teacher"
-    rows[2]["teacher"] = None  # nobody's teacher in the table: the first
+    # The recorded path is relative to where the student trained: from another folder it named the other teacher
+    # (or none); the teacher's sha256, recorded too, decides.
+    rows[0]["_sha256"], rows[1]["_sha256"] = "a" * 64, "b" * 64
+    rows[2]["teacher"], rows[2]["_teacher_sha256"] = str(tmp_path / "small-teacher" / "best.pt"), "b" * 64
+    assert "AUC vs `big-teacher` (teacher)" in auc_comparisons(rows)
+    rows[2]["teacher"] = rows[2]["_teacher_sha256"] = None  # nobody's teacher in the table: the first
     assert "AUC vs `small-teacher` (teacher)" in auc_comparisons(rows)

@@ -190,7 +190,7 @@ def test_eval_refused_half_way_leaves_out_as_it_was(tiny_run, tmp_path, monkeypa
     assert result.exit_code != 0 and not out.exists() and "wrote" not in result.output
     kept = tmp_path / "kept"
     kept.mkdir()
-    earlier = {"metrics.json": "{}", "robustness.json": "{}", "confusion_test.png": "earlier"}
+    earlier = {"metrics.json": "{\"checkpoint\": \"earlier.pt\"}", "robustness.json": "{}", "confusion_test.png": "earlier"}
     for name, text in earlier.items():
         (kept / name).write_text(text)
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--corruptions", "--out", str(kept)])
@@ -344,8 +344,10 @@ def test_undefined_figures_of_a_folder_missing_a_class_are_said_and_shown_as_a_d
     from edgekd.cli.tables import robustness_table
     from edgekd.scoring import absent_classes_warning
 
-    assert absent_classes_warning("scans", [5, 0, 3], ["a", "b", "c"]).startswith(
-        "scans holds no images of b: AUC and the per-class figures")
+    assert absent_classes_warning("scans", [5, 0, 3], ["a", "b", "c"]) == (
+        "scans holds no images of b: AUC, PR-AUC and pAUC are undefined on it (null, shown as -); sensitivity, "
+        "specificity, recall and F1 are means over the classes it holds")
+    assert absent_classes_warning("scans", [5, 0], ["a", "b"]).endswith("the sensitivity or specificity of that class too")
     assert absent_classes_warning("scans", [5, 1, 3], ["a", "b", "c"]) is None
     row = {"model": "m", "role": "student", "format": "onnx", "precision": "fp32", "clean_acc": 0.0,
            "per_corruption_acc": {"contrast": 0.0}, "mean_corruption_acc": 0.0, "relative_acc": float("nan")}

@@ -97,6 +97,9 @@ def test_checkpoint_loads_weights_only_and_rebuilds(tiny_recipe_dict, tmp_path):
 def test_wrong_architecture_checkpoint_is_named(tiny_recipe_dict, tmp_path):
     r = recipe_from_dict(deep(tiny_recipe_dict, train__epochs=0))
     res = train_recipe(r, tmp_path / "run", log=lambda s: None)
+    # a 0-epoch run's metrics.json is standard JSON: no best value (it had been -Infinity)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert metrics["best_value"] is None and metrics["best_epoch"] == -1
     ckpt = load_checkpoint(res.best_path)
     ckpt["arch"]["num_classes"] = 5
     with pytest.raises(EdgeKDError, match=r"fc.weight' has shape \(2, 16\), the model expects \(5, 16\)"):

@@ -15,6 +15,7 @@ from edgekd.cli.console import (STATE, _quiet, console, out_console, plain_log, 
                                 with_progress)
 from edgekd.cli.tables import continual_table, metrics_table, robustness_table
 from edgekd.errors import EdgeKDError
+from edgekd.formats import param_count
 from edgekd.options import int_list, split_list
 
 
@@ -67,7 +68,7 @@ def train(
         console.print(f"final checkpoint {result.best_path} (the weights after the last task); wrote "
                       f"continual.json, task_accuracy.png in {out}")
         return
-    size = f"{result.params / 1e6:.2f}M" if result.params >= 1e5 else f"{result.params / 1e3:.1f}k"  # not 0.00M
+    size = param_count(result.params)
     rows = [{"model": f"{rec.name} ({size})", **result.val}, {"model": f"{rec.name} ({size})", **result.test}]
     out_console.print(metrics_table(f"{rec.name}: best checkpoint", rows))
     console.print(f"best checkpoint {result.best_path}; wrote the reports in {out}")
@@ -155,6 +156,7 @@ def eval_(
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
+    refuse_other_metrics(out, checkpoint.parent / f"eval_{checkpoint.stem}")
     if corruptions or failures:  # before the main eval prints (a multi-head checkpoint, a --compare of other
         check_predictor_sources([checkpoint, *compare])  # classes had been refused after its tables)
     if failures:  # the train extra (scikit-learn, matplotlib), asked for before a core install's corruption eval
@@ -186,6 +188,20 @@ def _eval_corruptions(sources: list[Path], out: Path, data_recipe, split: str, n
     out_console.print(robustness_table(res["summary"], f"corruption robustness ({res['split']}, "
                                                         f"{res['images']} images)"))
     return [str(out / name) for name in res["written"]]
+
+
+def refuse_other_metrics(out: Path, default: Path) -> None:
+    """An eval's --out never replaces a metrics.json that is not an earlier eval's (one naming its `checkpoint`):
+    a training run's folder had lost its record (best epoch, val figures, sessions) to the eval's, without a word."""
+    if not (out / "metrics.json").is_file():  # (an --out that is a file is refused as one by staged_files)
+        return
+    try:
+        earlier = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or "checkpoint" not in earlier:
+        raise EdgeKDError(f"--out {out}: holds a metrics.json this evaluation would replace (a training run's, not "
+                          f"an earlier eval's); write the evaluation elsewhere (the default is {default})")
 
 
 def _drop_other_plots(out: Path):

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgeKDError
-from edgekd.fileio import deferred_signals, write_json, write_text
+from edgekd.formats import param_count
+from edgekd.fileio import deferred_signals, sha256_file, write_json, write_text
 
 ROLE_ORDER = ("baseline", "teacher", "student_scratch", "student")
 COLUMNS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc")
@@ -75,6 +76,9 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
         "input_size": ckpt["preprocess"]["input_size"], "params": count_parameters(model),
         "macs": count_macs(model.cpu(), tuple(ckpt["preprocess"]["input_size"])),
         "teacher": (ckpt.get("distill") or {}).get("teacher"),
+        # which teacher a student learned from, by content: its recorded path is relative to where it trained
+        "_teacher_sha256": (ckpt.get("distill") or {}).get("teacher_sha256"),
+        "_sha256": sha256_file(checkpoint) if ckpt.get("role", recipe.role) == "teacher" else None,
         **classification_metrics(y, probs), "confusion_matrix": confusion(y, probs).tolist(),
         "intervals": bootstrap_intervals(y, probs) if len(np.unique(y)) == probs.shape[1] else None,
         "class_names": list(ckpt["class_names"]), "images": int(len(y)), "_y": y, "_probs": probs,
@@ -168,7 +172,7 @@ def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str
         ci = r.get("intervals") or {}
         cells = [("-" if r.get(k) is None or r[k] != r[k] else f"{r[k]:.4f}"
                   + (f" [{ci[k]['low']:.3f}, {ci[k]['high']:.3f}]" if k in ci else "")) for k in COLUMNS]
-        lines.append(f"| {r['name']} ({r['model']}) | {r['role']} | {r['seed']} | {r['params'] / 1e6:.2f}M | "
+        lines.append(f"| {r['name']} ({r['model']}) | {r['role']} | {r['seed']} | {param_count(r['params'])} | "
                      f"{r['macs'] / 1e6:.1f} | {r['images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,10 +193,12 @@ def auc_comparisons(rows: list[dict[str, Any]]) -> str:
     teacher (the smallest; with two teachers the smaller had been taken whoever taught), else the first model."""
     from edgekd.metrics import delong_test
 
-    taught_by = {os.path.realpath(r["teacher"]) for r in rows if r.get("teacher")}
+    taught_by = {r["_teacher_sha256"] for r in rows if r.get("_teacher_sha256")}  # read from another folder,
+    paths = {os.path.realpath(r["teacher"]) for r in rows if r.get("teacher")}  # a relative path named another file
     teachers = [r for r in rows if r["role"] == "teacher"]
-    ref = next((t for t in teachers if t.get("checkpoint") and os.path.realpath(t["checkpoint"]) in taught_by),
-               (teachers or rows)[0])
+    ref = next((t for t in teachers if t.get("_sha256") and t["_sha256"] in taught_by),
+               next((t for t in teachers if not taught_by and t.get("checkpoint")
+                     and os.path.realpath(t["checkpoint"]) in paths), (teachers or rows)[0]))
     others = [r for r in rows if r is not ref and r["_probs"].shape[1] == 2 and r["_scored"] == ref["_scored"]]
     if ref["_probs"].shape[1] != 2 or not others or len(np.unique(ref["_y"])) < 2:
         return ""
