@@ -72,5 +72,7 @@ def absent_classes_warning(split: str, counts: list[int], class_names: list[str]
     absent = [name for name, n in zip(class_names, counts) if n == 0]
     if not absent:
         return None
-    return (f"{split} holds no images of {', '.join(absent)}: AUC and the per-class figures (sensitivity/"
-            "specificity, PR-AUC, pAUC) are undefined on it (null, shown as -)")
+    per_class = ("the sensitivity or specificity of that class too" if len(class_names) == 2 else
+                 "sensitivity, specificity, recall and F1 are means over the classes it holds")
+    return (f"{split} holds no images of {', '.join(absent)}: AUC, PR-AUC and pAUC are undefined on it (null, shown "
+            f"as -); {per_class}")

@@ -25,7 +25,7 @@ def _fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return "nan" if v != v else f"{v:.4f}"
+        return "-" if v != v else f"{v:.4f}"  # undefined (AUC on a split without every class), as the warnings say
     return str(v)
 
 
