@@ -1162,6 +1162,11 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise yaml_error(path, err) from None
     except UnicodeDecodeError:
+        with path.open("rb") as fh:  # a checkpoint given where the recipe goes (`check runs/x/best.pt`)
+            head = fh.read(4)
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            raise EdgeKDError(f"{path}: a PyTorch checkpoint or zip file, not a recipe (a YAML file, e.g. "
+                              "recipes/demo/teacher.yaml)") from None
         raise EdgeKDError(f"{path}: is not UTF-8 text") from None
     except RecursionError:
         raise EdgeKDError(f"{path}: the YAML nests too deeply") from None

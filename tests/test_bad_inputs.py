@@ -874,6 +874,9 @@ def test_report_refuses_a_model_whose_outputs_do_not_match_its_data(trained, tmp
     assert_refused(invoke(capsys, "report", tmp_path / "other.pt", "--out", tmp_path / "rep"),
                    "model has 2 outputs, its data has 3 classes")
     assert not (tmp_path / "rep").exists()
+    (tmp_path / "a_file").write_text("x")  # refused before any model is scored (it had said "file exists" after)
+    assert_refused(invoke(capsys, "report", tmp_path / "other.pt", "--out", tmp_path / "a_file"),
+                   f"--out {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder")
 
 
 # ================================================================================ export options

@@ -534,6 +534,8 @@ RECIPE_TEXTS = {"billion_laughs": (_laughs(9), "expands to more than 100000 valu
                 "big_list_for_a_number": ("name: x\ndata: {batch_size: [" + ", ".join(["1"] * 50000) + "]}\n",
                                           "batch_size"),
                 "not_utf8": (b"name: \xff\xfe\n", "is not UTF-8 text"),
+                # `check runs/x/best.pt` had said "is not UTF-8 text" of a checkpoint
+                "a_checkpoint": (b"PK\x03\x04\x00\xff\xfe", "a PyTorch checkpoint or zip file, not a recipe"),
                 "over_a_megabyte": ("name: x\n" + "# pad\n" * 200000, "too large for a recipe")}
 
 

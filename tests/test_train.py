@@ -1078,3 +1078,14 @@ def test_the_python_api_refuses_what_edgekd_train_refuses_and_a_kfold_run_holds_
         with pytest.raises(EdgeKDError, match=r"kf: another edgekd k-fold run is writing into this folder now"):
             run_folds(tiny_recipe_dict, out, 2, log=lambda *_: None)
     assert list(out.iterdir()) == []  # refused before any fold
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoint(tmp_path):
+    # a continual run's folder holds model.pt, not best.pt: the error had named no checkpoint for it
+    for name in ("best.pt", "model.pt"):
+        run = tmp_path / name.split(".")[0]
+        run.mkdir()
+        (run / name).write_bytes(b"PK\x03\x04")
+        with pytest.raises(EdgeKDError, match=rf"a folder, not a checkpoint file \(best.pt\); its checkpoint is "
+                                              rf"\S+/{name.split('.')[0]}/{name}$"):
+            load_checkpoint(run)

@@ -374,9 +374,10 @@ def report(
     """KD report: one table per dataset (baseline, teacher, student from scratch, distilled student) with
     params, MACs, acc, AUC, F1, sensitivity, specificity, pAUC; writes report.md/.json and ROC/confusion PNGs."""
     from edgekd.distill.report import comparison_report
-    from edgekd.fileio import refuse_output_inside
+    from edgekd.fileio import check_output_location, refuse_output_inside
 
     refuse_output_inside(out, [r for r in runs if not r.is_dir()])  # a run folder may hold its report
+    check_output_location(out)  # before every model is scored (a file there had been found after them)
     if split not in ("train", "val", "test"):
         raise EdgeKDError(f"--split: unknown split '{split}' (use train, val, test)")
     result = comparison_report(runs, out, split, set_)

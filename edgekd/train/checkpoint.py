@@ -29,7 +29,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         what = "an exported bundle" if (path / METADATA_FILE).is_file() else "a folder"
-        hint = f"; its checkpoint is {path / 'best.pt'}" if (path / "best.pt").is_file() else ""
+        found = next((path / n for n in ("best.pt", "model.pt") if (path / n).is_file()), None)  # model.pt: continual
+        hint = f"; its checkpoint is {found}" if found else ""
         raise EdgeKDError(f"{path}: {what}, not a checkpoint file (best.pt){hint}")
     if not path.is_file():
         raise EdgeKDError(f"{path}: checkpoint not found")
