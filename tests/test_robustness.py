@@ -161,6 +161,8 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
     for args, words in ((["--corruptions", "--severities", "9"], "severity must be 1..5, got 9"),
                         (["--only", "brightness"], "--only and --severities choose the corruptions of --corruptions"),
                         (["--split", ","], "no split given"),
+                        (["--split", ""], "no split given"),  # it had scored test
+                        (["--split", "val,val"], "--split val,val: val is given twice"),  # rows and files twice
                         (["--corruptions", "--only", ","], "--only ',': nothing given"),
                         (["--corruptions", "--severities", "1,1"], "a value given twice"),  # counted twice in means
                         (["--corruptions", "--split", "val,test"], "score one split"),  # ran on val alone

@@ -262,8 +262,13 @@ def _eval_options(split: Optional[str], corruptions: bool, only: Optional[str], 
             raise EdgeKDError(f"{option} is an option of {of[option][0]}, which was not given")
     if folder is not None and split is not None:
         raise EdgeKDError(f"--split {split}: a labelled folder (--data {folder}) has no splits; every image is scored")
+    if split is not None and not split.strip():  # '' had scored test without a word
+        raise EdgeKDError(f"--split {split!r}: no split given (use train, val, test)")
     split = split or "test"
     splits = tuple(split_list(split, "--split") or ())
+    twice = next((s for i, s in enumerate(splits) if s in splits[:i]), None)
+    if twice:  # its rows, warnings and files had come twice
+        raise EdgeKDError(f"--split {split}: {twice} is given twice")
     if not splits:
         raise EdgeKDError(f"--split {split!r}: no split given (use train, val, test)")
     bad = [s for s in splits if s not in ("train", "val", "test")]
