@@ -62,6 +62,13 @@ def test_multiclass_pauc_needs_every_class():
     # class 2 predicted once, never true: its F1 is 0 (a false positive), its recall undefined
     assert wrong["recall"] == pytest.approx((1 + 0.5) / 2) == wrong["sensitivity"]
     assert wrong["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    # the bootstrap's point figures (metrics.json intervals, an export's edgekd.json) follow the same rules
+    from edgekd.metrics.uncertainty import metric_rows
+
+    for p in (probs, np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])):
+        rows, ref = metric_rows(y[None], p[None]), classification_metrics(y, p)
+        for key in ("f1", "balanced_acc", "sensitivity", "specificity"):
+            assert rows[key][0] == pytest.approx(ref[key]), key
 
 
 def test_a_figure_interrupted_mid_write_leaves_no_file(tmp_path, monkeypatch):

@@ -149,7 +149,7 @@ def evaluate_task(model: nn.Module, tasks: list[Task], head: str, task: int, ste
     own = list(range(t.lo, t.hi))
     cm = skm.confusion_matrix(y, pred, labels=list(range(lo, hi)))[t.lo - lo: t.hi - lo]
     return {"task": t.name, "n": int(len(y)), "acc": float(np.mean(pred == y)),
-            "f1": float(skm.f1_score(y, pred, labels=own, average="macro", zero_division=0)),
+            "f1": float(skm.f1_score(y, pred, labels=own, average="macro", zero_division=np.nan)),  # as elsewhere
             "confusion_matrix": cm.tolist(), "rows": t.class_names,
             "columns": tasks[step].data.class_names[lo:hi]}
 

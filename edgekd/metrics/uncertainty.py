@@ -8,6 +8,8 @@ on (resamples x images) arrays. Intervals are percentile intervals. torch-free (
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any
 
 import numpy as np
@@ -79,7 +81,7 @@ def metric_rows(labels: np.ndarray, probs: np.ndarray, threshold: float | None =
     classes for multi-class (sensitivity = balanced ACC there); binary sensitivity/specificity for `positive`."""
     k = probs.shape[-1]
     pred = decide(probs, threshold if k == 2 else None, positive)
-    recall, spec, f1 = [], [], []
+    recall, spec, f1, held = [], [], [], []
     for c in range(k):
         tp = ((pred == c) & (labels == c)).sum(axis=1)
         fn = ((pred != c) & (labels == c)).sum(axis=1)
@@ -88,14 +90,19 @@ def metric_rows(labels: np.ndarray, probs: np.ndarray, threshold: float | None =
         with np.errstate(invalid="ignore", divide="ignore"):
             recall.append(tp / (tp + fn))
             spec.append(tn / (tn + fp))
-            f1.append(np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0))
-    out = {"acc": (pred == labels).mean(axis=1), "balanced_acc": np.mean(recall, axis=0), "f1": np.mean(f1, axis=0),
+            held.append(tp + fn > 0)
+            f1.append(np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan))
+    with warnings.catch_warnings():  # a class without images and predictions is left out of the macro means, as
+        warnings.simplefilter("ignore", RuntimeWarning)  # classification_metrics does (it had counted as 0 here)
+        recall_mean, f1_mean = np.nanmean(recall, axis=0), np.nanmean(f1, axis=0)
+        spec_mean = np.nanmean(np.where(held, spec, np.nan), axis=0)  # multi-class: over the classes the split holds
+    out = {"acc": (pred == labels).mean(axis=1), "balanced_acc": recall_mean, "f1": f1_mean,
            "ece": _ece_rows(probs, labels, bins)}
     if k == 2:
         out.update(sensitivity=recall[positive], specificity=spec[positive],
                    auc=rank_auc(labels, probs[..., positive], positive))
     else:
-        out.update(sensitivity=out["balanced_acc"], specificity=np.mean(spec, axis=0),
+        out.update(sensitivity=recall_mean, specificity=spec_mean,
                    auc=np.mean([rank_auc(labels, probs[..., c], c) for c in range(k)], axis=0))
     return out
 
