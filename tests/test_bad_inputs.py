@@ -842,7 +842,7 @@ def test_a_checkpoint_where_a_bundle_goes_and_back_is_named_for_what_it_is(train
     # an eval into the training run's own folder had replaced its metrics.json (best epoch, val, sessions)
     record = (Path(trained["run"]) / "metrics.json").read_bytes()
     assert_refused(invoke(capsys, "eval", trained["ckpt"], "--out", trained["run"]),
-                   f"--out {trained['run']}: holds a metrics.json this evaluation would replace (a training run's")
+                   f"--out {trained['run']}: holds a metrics.json that is not an earlier eval's (a training run's?)")
     assert (Path(trained["run"]) / "metrics.json").read_bytes() == record
     assert_refused(invoke(capsys, "explain", trained["ckpt"], tmp_path, "--out", tmp_path / "x"),
                    "a folder, not an image file")

@@ -168,6 +168,8 @@ def test_predict_bench_and_corruption_eval_run_without_torch(exported):
 
     (root / "ev").mkdir()
     (root / "ev" / "robustness.png").write_bytes(b"an earlier run's chart, written with matplotlib")
+    (root / "ev" / "metrics.json").write_text('{"best_epoch": 1}')  # a training run's: a bundle's corruption eval
+    # writes no metrics.json, so it is not refused for one (as an eval of a checkpoint is)
     proc = run_core(exported, "eval", bundle, "--corruptions", "--data", data, "--only", "gaussian_noise,contrast",
                     "--severities", "1,5", "--out", root / "ev")
     assert proc.returncode == 0, proc.stderr
@@ -178,6 +180,7 @@ def test_predict_bench_and_corruption_eval_run_without_torch(exported):
     clean = [r["acc"] for r in rob["records"] if r["corruption"] == "clean"]
     assert clean == [records[0]["acc"]] * 2  # the bench scored the same images alike
     assert (root / "ev" / "robustness.md").is_file() and not (root / "ev" / "robustness.png").exists()
+    assert (root / "ev" / "metrics.json").read_text() == '{"best_epoch": 1}'
     proc = run_core(exported, "eval", bundle, "--corruptions", "--failures", "--data", data, "--out", root / "e3")
     assert proc.returncode == 2 and "train" in proc.stderr and not (root / "e3").exists()  # asked first, not after
     assert "corruption eval:" not in proc.stderr, proc.stderr

@@ -663,6 +663,9 @@ def test_nan_monitor_fails_at_the_first_epoch(tiny_recipe_dict, tmp_path):
     with pytest.raises(EdgeKDError, match=r"class b \(unreadable images skipped \(data.on_bad_image: skip\), a"):
         refuse_before_training(recipe_from_dict(d), data, tmp_path / "r", False)
     refuse_before_training(recipe_from_dict(deep(d, train__monitor="val_loss")), data, tmp_path / "r", False)
+    plateau = deep(d, train__monitor="val_loss", train__scheduler={"name": "plateau", "monitor": "val_auc"})
+    with pytest.raises(EdgeKDError, match=r"^train.scheduler.monitor val_auc: the val split has no image of class b"):
+        refuse_before_training(recipe_from_dict(plateau), data, tmp_path / "r", False)
     # any other NaN of the monitor is refused at the first epoch that shows it
     with pytest.raises(EdgeKDError, match=r"^train.monitor: 'val_auc' is NaN at epoch 3 \(undefined for this data"):
         monitored_value({"val_auc": float("nan")}, "val_auc", "train.monitor", 2)

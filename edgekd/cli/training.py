@@ -156,7 +156,8 @@ def eval_(
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
-    refuse_other_metrics(out, checkpoint.parent / f"eval_{checkpoint.stem}")
+    if not bundle:  # a bundle's --corruptions/--failures write no metrics.json
+        refuse_other_metrics(out, checkpoint.parent / f"eval_{checkpoint.stem}")
     if corruptions or failures:  # before the main eval prints (a multi-head checkpoint, a --compare of other
         check_predictor_sources([checkpoint, *compare])  # classes had been refused after its tables)
     if failures:  # the train extra (scikit-learn, matplotlib), asked for before a core install's corruption eval
@@ -200,8 +201,8 @@ def refuse_other_metrics(out: Path, default: Path) -> None:
     except (OSError, ValueError):
         earlier = None
     if not isinstance(earlier, dict) or "checkpoint" not in earlier:
-        raise EdgeKDError(f"--out {out}: holds a metrics.json this evaluation would replace (a training run's, not "
-                          f"an earlier eval's); write the evaluation elsewhere (the default is {default})")
+        raise EdgeKDError(f"--out {out}: holds a metrics.json that is not an earlier eval's (a training run's?), "
+                          f"which this evaluation would replace; write it elsewhere (the default is {default})")
 
 
 def _drop_other_plots(out: Path):

@@ -196,9 +196,9 @@ def auc_comparisons(rows: list[dict[str, Any]]) -> str:
     taught_by = {r["_teacher_sha256"] for r in rows if r.get("_teacher_sha256")}  # read from another folder,
     paths = {os.path.realpath(r["teacher"]) for r in rows if r.get("teacher")}  # a relative path named another file
     teachers = [r for r in rows if r["role"] == "teacher"]
-    ref = next((t for t in teachers if t.get("_sha256") and t["_sha256"] in taught_by),
-               next((t for t in teachers if not taught_by and t.get("checkpoint")
-                     and os.path.realpath(t["checkpoint"]) in paths), (teachers or rows)[0]))
+    ref = next((t for t in teachers if t.get("_sha256") and t["_sha256"] in taught_by),  # else by path (older
+               next((t for t in teachers if t.get("checkpoint")  # students record no sha256; a teacher file since
+                     and os.path.realpath(t["checkpoint"]) in paths), (teachers or rows)[0]))  # retrained)
     others = [r for r in rows if r is not ref and r["_probs"].shape[1] == 2 and r["_scored"] == ref["_scored"]]
     if ref["_probs"].shape[1] != 2 or not others or len(np.unique(ref["_y"])) < 2:
         return ""

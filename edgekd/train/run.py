@@ -117,10 +117,14 @@ def refuse_before_training(recipe, data: DataModule, out: Path, resume: bool) ->
     if resume and not (out / "last.pt").is_file():
         raise EdgeKDError(f"{out / 'last.pt'}: checkpoint not found (nothing to resume)")
     lost = lost_classes(data, "val")
-    if lost and "auc" in recipe.train.monitor and recipe.continual is None:  # it had failed after epoch 1 (NaN)
-        raise EdgeKDError(f"train.monitor {recipe.train.monitor}: the val split has no image of class "
-                          f"{', '.join(lost)} ({lost_cause(data)}), so it is undefined (NaN) from the first epoch: "
-                          "monitor val_loss, or give the val split every class")
+    sched = recipe.train.scheduler
+    watched = {"train.monitor": recipe.train.monitor,
+               **({"train.scheduler.monitor": sched.monitor} if sched.name == "plateau" and sched.monitor else {})}
+    key, name = next(((k, v) for k, v in watched.items() if "auc" in v), (None, None))
+    if lost and key and recipe.continual is None:  # it had failed after epoch 1 (NaN), the earlier outputs cleared
+        raise EdgeKDError(f"{key} {name}: the val split has no image of class {', '.join(lost)} "
+                          f"({lost_cause(data)}), so it is undefined (NaN) from the first epoch: monitor val_loss, "
+                          "or give the val split every class")
 
 
 def lost_classes(data: DataModule, split: str, own: tuple[int, int] | None = None) -> list[str]:
