@@ -156,8 +156,7 @@ def eval_(
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
     refuse_output_inside(out, [checkpoint, *compare])
-    if not bundle:  # a bundle's --corruptions/--failures write no metrics.json
-        refuse_other_metrics(out, checkpoint.parent / f"eval_{checkpoint.stem}")
+    refuse_other_metrics(out, checkpoint, writes=not bundle)  # a bundle's --corruptions/--failures write none
     if corruptions or failures:  # before the main eval prints (a multi-head checkpoint, a --compare of other
         check_predictor_sources([checkpoint, *compare])  # classes had been refused after its tables)
     if failures:  # the train extra (scikit-learn, matplotlib), asked for before a core install's corruption eval
@@ -191,11 +190,12 @@ def _eval_corruptions(sources: list[Path], out: Path, data_recipe, split: str, n
     return [str(out / name) for name in res["written"]]
 
 
-def refuse_other_metrics(out: Path, default: Path) -> None:
-    """An eval's --out never replaces a metrics.json that is not an earlier eval's (one naming its `checkpoint`):
-    a training run's folder had lost its record (best epoch, val figures, sessions) to the eval's, without a word."""
-    if not (out / "metrics.json").is_file():  # (an --out that is a file is refused as one by staged_files)
+def refuse_other_metrics(out: Path, checkpoint: Path, writes: bool = True) -> None:
+    """An eval that `writes` metrics.json never replaces one in --out that is not an earlier eval's (one naming its
+    `checkpoint`): a training run's folder had lost its record (best epoch, val figures, sessions) to the eval's."""
+    if not writes or not (out / "metrics.json").is_file():  # (an --out that is a file: refused by staged_files)
         return
+    default = checkpoint.parent / f"eval_{checkpoint.stem}"
     try:
         earlier = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
