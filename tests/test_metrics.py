@@ -106,3 +106,19 @@ def test_a_one_class_multiclass_split_has_nan_specificity_without_a_numpy_warnin
     two = classification_metrics(np.array([1, 2]), np.array([[0.1, 0.6, 0.1, 0.1, 0.1], [0.1, 0.6, 0.1, 0.1, 0.1]]),
                                  classes=list(range(5)))
     assert two["sensitivity"] == 0.5 and two["specificity"] == 0.5  # class 1: 0 of 1 negatives right; class 2: 1 of 1
+
+
+def test_plots_label_roc_axes_for_every_class_and_tick_whole_epochs(tmp_path, monkeypatch):
+    import edgekd.metrics.plots as plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figs.append(fig) or path)
+    y = np.array([0, 1, 2, 2, 1, 0])
+    probs = np.eye(3)[[0, 1, 2, 1, 1, 0]] * 0.7 + 0.1
+    plots.plot_roc(y, probs, ["a", "b", "c"], tmp_path / "roc.png")
+    ax = figs[-1].axes[0]  # scikit-learn had labelled every class's curve "(Positive label: 1)"
+    assert "Positive label" not in ax.get_xlabel() + ax.get_ylabel() and "sensitivity" in ax.get_ylabel()
+    plots.plot_curves([{"epoch": e, "train_loss": 1 / e, "val_acc": 0.5} for e in (1, 2, 3)], tmp_path / "c.png")
+    for ax in figs[-1].axes:
+        figs[-1].canvas.draw()
+        assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_xticks()

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
 from edgekd.fileio import atomic_write  # noqa: E402
@@ -44,6 +45,8 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path
         if 0 < (y_true == c).sum() < len(y_true):
             RocCurveDisplay.from_predictions(y_true == c, probs[:, c], name=class_names[c], ax=ax)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    # one-vs-rest per class: scikit-learn's labels said "(Positive label: 1)" of every class's curve
+    ax.set_xlabel("False positive rate (1 - specificity)"), ax.set_ylabel("True positive rate (sensitivity)")
     ax.set_title(title or "ROC")
     return save_figure(fig, path)
 
@@ -61,5 +64,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
         if any(key in h for h in history):
             a2.plot(epochs, [h.get(key, np.nan) for h in history], label=key, marker=".")
     a2.set_xlabel("epoch"), a2.set_title("validation"), a2.legend()
+    for ax in (a1, a2):  # whole epochs (a short run had ticks at 1.25, 1.5, ...)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     return save_figure(fig, path)
