@@ -209,6 +209,11 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
+def is_torch_file_head(head: bytes) -> bool:
+    """Whether a file's first bytes are torch.save's: a zip, or an older torch's pickle (protocol byte 0x80)."""
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def sha256_file(path: str | Path, follow_symlinks: bool = True) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (bundle manifests); `follow_symlinks=False` refuses a symlink
     (OSError) instead of hashing what it points at."""

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from edgekd.errors import EdgeKDError, oversized, quote, shorten
+from edgekd.fileio import is_torch_file_head
 from edgekd.runtime import MAX_RESIZE_FACTOR
 
 
@@ -1164,7 +1165,7 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     except UnicodeDecodeError:
         with path.open("rb") as fh:  # a checkpoint given where the recipe goes (`check runs/x/best.pt`)
             head = fh.read(4)
-        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        if is_torch_file_head(head):
             raise EdgeKDError(f"{path}: a PyTorch checkpoint or zip file, not a recipe (a YAML file, e.g. "
                               "recipes/demo/teacher.yaml)") from None
         raise EdgeKDError(f"{path}: is not UTF-8 text") from None

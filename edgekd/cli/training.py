@@ -193,16 +193,20 @@ def _eval_corruptions(sources: list[Path], out: Path, data_recipe, split: str, n
 def refuse_other_metrics(out: Path, checkpoint: Path, writes: bool = True) -> None:
     """An eval that `writes` metrics.json never replaces one in --out that is not an earlier eval's (one naming its
     `checkpoint`): a training run's folder had lost its record (best epoch, val figures, sessions) to the eval's."""
-    if not writes or not (out / "metrics.json").is_file():  # (an --out that is a file: refused by staged_files)
-        return
-    default = checkpoint.parent / f"eval_{checkpoint.stem}"
+    # (an --out that is a file: refused by staged_files)
+    if writes and (out / "metrics.json").is_file() and earlier_eval(out) is None:
+        default = checkpoint.parent / f"eval_{checkpoint.stem}"
+        raise EdgeKDError(f"--out {out}: holds a metrics.json that is not an earlier eval's (a training run's?), "
+                          f"which this evaluation would replace; write it elsewhere (the default is {default})")
+
+
+def earlier_eval(out: Path) -> dict | None:
+    """The metrics.json in `out` when an earlier `edgekd eval` wrote it (it names its `checkpoint`), else None."""
     try:
         earlier = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
-        earlier = None
-    if not isinstance(earlier, dict) or "checkpoint" not in earlier:
-        raise EdgeKDError(f"--out {out}: holds a metrics.json that is not an earlier eval's (a training run's?), "
-                          f"which this evaluation would replace; write it elsewhere (the default is {default})")
+        return None
+    return earlier if isinstance(earlier, dict) and "checkpoint" in earlier else None
 
 
 def _drop_other_plots(out: Path):
@@ -214,11 +218,8 @@ def _drop_other_plots(out: Path):
     def drop(stage: Path) -> None:
         if (stage / "robustness.json").is_file() and not (stage / "robustness.png").exists():
             (out / "robustness.png").unlink(missing_ok=True)  # a core install's corruption eval draws no chart
-        try:
-            earlier = json.loads((out / "metrics.json").read_text())
-        except (OSError, ValueError):
-            return
-        if not (stage / "metrics.json").is_file() or not isinstance(earlier, dict) or "checkpoint" not in earlier:
+        earlier = earlier_eval(out)
+        if earlier is None or not (stage / "metrics.json").is_file():
             return
         for split in (s for s in ("train", "val", "test", "folder") if s in earlier):
             for name in (f"confusion_{split}.png", f"roc_{split}.png"):
@@ -263,9 +264,7 @@ def _eval_options(split: Optional[str], corruptions: bool, only: Optional[str], 
             raise EdgeKDError(f"{option} is an option of {of[option][0]}, which was not given")
     if folder is not None and split is not None:
         raise EdgeKDError(f"--split {split}: a labelled folder (--data {folder}) has no splits; every image is scored")
-    if split is not None and not split.strip():  # '' had scored test without a word
-        raise EdgeKDError(f"--split {split!r}: no split given (use train, val, test)")
-    split = split or "test"
+    split = "test" if split is None else split  # given as '' it is no split (`split or "test"` had scored test)
     splits = tuple(split_list(split, "--split") or ())
     twice = next((s for i, s in enumerate(splits) if s in splits[:i]), None)
     if twice:  # its rows, warnings and files had come twice

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from edgekd.errors import EdgeKDError, shorten
-from edgekd.fileio import atomic_write
+from edgekd.fileio import atomic_write, is_torch_file_head
 from edgekd.models import create_model
 from edgekd.recipe import recipe_differences
 from edgekd.runtime import METADATA_FILE, is_bundle
@@ -44,7 +44,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                           "best.pt")
     with path.open("rb") as fh:  # torch.save writes a zip; older torch a pickle (protocol byte 0x80)
         head = fh.read(4)
-    if head and not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a text file gave "KeyError: 101"
+    if head and not is_torch_file_head(head):  # a text file gave "KeyError: 101"
         raise EdgeKDError(f"{path}: not a readable checkpoint (not a PyTorch file: neither a torch.save zip nor a pickle)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
