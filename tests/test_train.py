@@ -548,6 +548,18 @@ def test_val_loss_monitor_keeps_the_lowest_loss_epoch(tiny_recipe_dict, tmp_path
     assert load_checkpoint(res.best_path)["metrics"]["val_loss"] == pytest.approx(min(losses))
 
 
+def test_val_ece_is_logged_and_a_val_ece_monitor_keeps_the_lowest(tiny_recipe_dict, tmp_path):
+    """The README lists *ece* among the minimized monitors: val_ece is logged each epoch (the ECE of the val softmax)
+    and, inferred as min, picks the best-calibrated epoch."""
+    d = deep(tiny_recipe_dict, train__epochs=3, train__monitor="val_ece")
+    del d["train"]["monitor_mode"]
+    res = train_recipe(recipe_from_dict(d), tmp_path / "r", log=lambda s: None)
+    eces = [h["val_ece"] for h in res.fit.history]
+    assert all(0.0 <= e <= 1.0 for e in eces)
+    assert res.fit.best_epoch == eces.index(min(eces)) + 1
+    assert load_checkpoint(res.best_path)["metrics"]["val_ece"] == pytest.approx(min(eces))
+
+
 def test_an_exact_tie_of_the_monitor_goes_to_the_lower_val_loss(tiny_recipe_dict, tmp_path, monkeypatch):
     """A val AUC at 1.0 from epoch 1 on (a small, separable val split) kept epoch 1, barely trained (val ACC 0.50),
     as best.pt: a tie is now broken by the val loss."""

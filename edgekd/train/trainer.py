@@ -23,7 +23,7 @@ from torch import nn
 from edgekd.data import check_trained_splits, epoch_seed
 from edgekd.errors import EdgeKDError
 from edgekd.host import host_record
-from edgekd.metrics import classification_metrics, write_csv_log
+from edgekd.metrics import classification_metrics, ece, write_csv_log
 from edgekd.probability import softmax
 from edgekd.progress import progress_task
 from edgekd.train import distributed
@@ -167,9 +167,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Modul
 
 def output_metrics(y: np.ndarray, logits: np.ndarray, criterion: nn.Module | None = None,
                    scorer: Scorer | None = None) -> dict[str, float]:
-    """Classification metrics of (labels, logits) (`scorer`'s, else over every output), and the criterion's loss
-    when one is given."""
-    out = scorer(y, logits) if scorer is not None else classification_metrics(y, softmax(logits))
+    """Classification metrics of (labels, logits) (`scorer`'s, else over every output, with the ECE of the softmax
+    so that `monitor: val_ece` can pick a checkpoint), and the criterion's loss when one is given."""
+    if scorer is not None:
+        out = scorer(y, logits)
+    else:
+        probs = softmax(logits)
+        out = {**classification_metrics(y, probs), "ece": ece(probs, y)}
     if criterion is not None:
         with torch.no_grad():
             out["loss"] = float(criterion(torch.from_numpy(logits), torch.from_numpy(y).long()))
