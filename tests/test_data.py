@@ -692,6 +692,13 @@ def test_an_image_in_two_splits_is_a_data_warning(tmp_path):
     (note,) = duplicate_notes(build_data(recipe_from_dict(raw)).tables)
     assert note == (f"1 test image(s) are also train images (the same content under two names, e.g. {copied}): the "
                     "test figures include images the model trained on")
+    # the same content under two classes, in one split: one label is wrong (it had not been said)
+    copied.unlink()
+    relabelled = tmp_path / "d" / "train" / "b" / "copy_of_a.png"
+    shutil.copy(sorted((tmp_path / "d" / "train" / "a").glob("*.png"))[1], relabelled)
+    (note,) = duplicate_notes(build_data(recipe_from_dict(raw)).tables)
+    assert note.startswith(f"1 image(s) have the content of an image under another class (e.g. {relabelled} and "
+                           f"{sorted((tmp_path / 'd' / 'train' / 'a').glob('*.png'))[1]}): one of each pair's labels")
 
 
 def test_split_folders_are_known_by_the_names_a_split_column_may_use(tmp_path):

@@ -510,12 +510,33 @@ def duplicate_notes(tables: dict[str, Table]) -> list[str]:
         known = set(prints[earlier])
         shared = [i for i, fp in enumerate(prints[later]) if fp in known]
         if shared:
-            table = tables[later]
-            example = table.paths[shared[0]] if table.paths is not None else f"{later} image #{shared[0]}"
             notes.append(f"{len(shared)} {later} image(s) are also {earlier} images (the same content under two "
-                         f"names, e.g. {example}): the {later} figures include images the model "
+                         f"names, e.g. {_image_name(tables, later, shared[0])}): the {later} figures include images the model "
                          f"{'trained' if earlier == 'train' else 'was selected'} on")
-    return notes
+    return notes + conflicting_label_notes(tables, prints)
+
+
+def conflicting_label_notes(tables: dict[str, Table], prints: dict[str, list]) -> list[str]:
+    """Images whose content is found under two classes, in one split or across splits (a file copied into two
+    class folders, a CSV row relabelled): one of the labels is wrong, and the model is taught both."""
+    first: dict[Any, tuple[str, int]] = {}  # content -> (split, row) where it was first seen
+    pairs = []
+    for split, table in tables.items():
+        for i, fp in enumerate(prints[split]):
+            seen = first.setdefault(fp, (split, i))
+            if tables[seen[0]].labels[seen[1]] != table.labels[i]:
+                pairs.append((seen, (split, i)))
+    if not pairs:
+        return []
+    first_seen, again = pairs[0]
+    return [f"{len(pairs)} image(s) have the content of an image under another class (e.g. "
+            f"{_image_name(tables, *again)} and {_image_name(tables, *first_seen)}): one of each pair's labels is wrong"]
+
+
+def _image_name(tables: dict[str, Table], split: str, row: int) -> str:
+    """A table row's file, or its split and row number for in-memory arrays."""
+    paths = tables[split].paths
+    return str(paths[row]) if paths is not None else f"{split} image #{row}"
 
 
 def source_notes(source, cfg) -> list[str]:
