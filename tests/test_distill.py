@@ -870,6 +870,11 @@ def test_a_report_of_rows_scored_on_different_images_says_so():
     assert auc_comparisons([a, other]) == ""
     assert "| a (m) | teacher | 0 | 1.0k | 1.0 | 40 |" in report_markdown("d", "test", [a, b])  # it had said 0.00M
     assert "| a (m) | teacher | 0 | 2.50M | 1.0 | 40 |" in report_markdown("d", "test", [{**a, "params": 2.5e6}, b])
+    # the bootstrap line heads a table only when a row has intervals (one printed above bare figures before)
+    assert "Brackets:" not in report_markdown("d", "test", [a, b])
+    ci = {"acc": {"low": 0.4, "high": 0.6}}
+    assert "Brackets: 95%" in report_markdown("d", "test", [{**a, "intervals": ci}, b])
+    assert "| 0.5000 [0.400, 0.600] |" in report_markdown("d", "test", [{**a, "intervals": ci}, b])
 
 
 def test_image_files_scored_are_told_apart_by_where_they_are_not_their_names(tmp_path):

@@ -165,7 +165,9 @@ def report_files(out: Path) -> list[Path]:
 
 
 def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str:
-    lines = [f"### {dataset} ({split} split)", "", "Brackets: 95% stratified bootstrap intervals (1000 resamples, seed 0).", "",
+    said = ["Brackets: 95% stratified bootstrap intervals (1000 resamples, seed 0).", ""] \
+        if any(r.get("intervals") for r in rows) else []  # none without intervals (one class: nothing to resample)
+    lines = [f"### {dataset} ({split} split)", "", *said,
              "| model | role | seed | params | MMACs | images | " + " | ".join(COLUMNS) + " |",
              "|---|---|---:|---:|---:|---:|" + "---:|" * len(COLUMNS)]
     for r in rows:
