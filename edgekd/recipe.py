@@ -151,6 +151,14 @@ class DataConfig(Section):
     then no patient is in two splits, and k-fold is by patient. Off, a folder whose DICOM files name two or more
     patients is split by image with a warning."""
 
+    @field_validator("class_names", mode="before")
+    @classmethod
+    def _numbers_as_names(cls, v: Any) -> Any:
+        """Class folders named 0, 1, 2 ... listed as YAML numbers ([1, 2, 10]) are those folders' names."""
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
     @field_validator("std")
     @classmethod
     def _std_positive(cls, v: list[float]) -> list[float]:

@@ -847,3 +847,22 @@ def test_eval_checks_the_splits_it_scores(tmp_path, tiny_recipe_dict):
     evaluate_checkpoint(run.best_path, tmp_path / "e1", splits=("val", "test"), log=lambda s: None)
     with pytest.raises(EdgeKDError, match=r"train: the pixels of its 48 images changed"):
         evaluate_checkpoint(run.best_path, tmp_path / "e2", splits=("train",), log=lambda s: None)
+
+
+def test_numbered_class_folders_are_said_to_sort_as_text_and_class_names_takes_numbers(tmp_path):
+    """Folders 1, 2, 10 became class ids 0, 1, 2 of folders 1, 10, 2 without a word; data.class_names, the way to
+    order them, refused the YAML list [1, 2, 10] (numbers, not strings)."""
+    write_image_folder(tmp_path / "f", n_per_class=5, classes=("1", "2", "10"))
+    raw = {"name": "num", "data": {"source": "imagefolder", "path": str(tmp_path / "f"), "image_size": 16,
+                                   "channels": 3}, "model": {"name": "edgekd_cnn_tiny"}}
+    dm = build_data(recipe_from_dict(raw))
+    assert dm.class_names == ["1", "10", "2"]
+    assert dm.notes == ["the class folders are numbers, ordered as text (1, 10, 2), so class id k is not folder k: "
+                        "data.class_names [1, 2, 10] orders them by number"]
+    raw["data"]["class_names"] = [1, 2, 10]
+    dm = build_data(recipe_from_dict(raw))
+    assert dm.class_names == ["1", "2", "10"] and dm.notes == []
+    assert all(Path(p).parent.name == dm.class_names[y] for p, y in zip(dm.tables["train"].paths, dm.tables["train"].labels))
+    write_image_folder(tmp_path / "g", n_per_class=5, classes=("0", "1", "2"))  # text order is number order: quiet
+    assert build_data(recipe_from_dict({**raw, "data": {**raw["data"], "path": str(tmp_path / "g"),
+                                                        "class_names": None}})).notes == []
