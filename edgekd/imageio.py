@@ -99,7 +99,8 @@ def is_hidden(path: Path) -> bool:
 
 def folder_files(folder: Path) -> list[Path]:
     """Every file under `folder`, any depth, sorted: folders reached through a symlink included (each real folder
-    once, so a link loop ends), hidden and system entries (`is_hidden`) left out."""
+    once, so a link loop ends), broken links included (`is_file_or_broken_link`), hidden and system entries
+    (`is_hidden`) left out."""
     files: list[Path] = []
     root = os.path.realpath(folder)
     seen: set[str] = set()
@@ -110,8 +111,14 @@ def folder_files(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not is_hidden(Path(d)))
-        files += [Path(top) / n for n in names if not is_hidden(Path(n)) and (Path(top) / n).is_file()]
+        files += [Path(top) / n for n in names if not is_hidden(Path(n)) and is_file_or_broken_link(Path(top) / n)]
     return sorted(files)
+
+
+def is_file_or_broken_link(path: Path) -> bool:
+    """A file, or a symbolic link whose target is missing: listed, so that a link to a moved image is an unreadable
+    image (named by the reader), not an image left out without a word."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
 
 
 def subfolders(folder: Path) -> list[Path]:
@@ -141,6 +148,8 @@ def read_image(path: str | Path, resize: int | None = None, frame: int | None = 
     where = printable(str(path))
     if path.is_dir():
         raise EdgeKDError(f"{where}: a folder, not an image file")
+    if path.is_symlink() and not path.exists():
+        raise EdgeKDError(f"{where}: a broken symbolic link (its target {printable(os.readlink(path))} is missing)")
     if not path.is_file():
         raise EdgeKDError(f"{where}: " + ("not a regular file (a device, pipe or socket)" if path.exists()
                                           else "image file not found"))

@@ -789,6 +789,30 @@ def test_a_folder_copied_from_a_mac_or_a_share_reads_its_images_only(tmp_path):
                                                             ("normal.png", 0), ("pneumonia.png", 1)]
 
 
+def test_a_broken_link_to_an_image_is_an_unreadable_image_not_left_out(tmp_path):
+    """A symlink whose target had moved was left out without a word (neither read nor counted)."""
+    from edgekd.data.sources import list_images
+    from edgekd.imageio import read_image
+    from edgekd.runtime.inputs import collect_inputs
+
+    write_image_folder(tmp_path / "f", n_per_class=6, size=16)
+    moved = tmp_path / "f" / "b" / "moved.png"
+    moved.symlink_to(tmp_path / "gone" / "scan.png")
+    (tmp_path / "f" / "b" / "notes").symlink_to(tmp_path / "gone" / "notes")  # no image suffix: not an image
+    skipped: list = []
+    assert moved in list_images(tmp_path / "f" / "b", skipped) and skipped == [tmp_path / "f" / "b" / "notes"]
+    with pytest.raises(EdgeKDError, match=r"moved.png: a broken symbolic link \(its target \S+scan.png is missing\)$"):
+        read_image(moved)
+    raw = {"name": "links", "data": {"source": "imagefolder", "path": str(tmp_path / "f"), "image_size": 16,
+                                     "channels": 3}, "model": {"name": "edgekd_cnn_tiny"}}
+    with pytest.raises(EdgeKDError, match=r"moved.png: a broken symbolic link .*data.on_bad_image=skip"):
+        build_data(recipe_from_dict(raw))
+    raw["data"]["on_bad_image"] = "skip"
+    dm = build_data(recipe_from_dict(raw))
+    assert len(dm.bad_files) == 1 and "moved.png: a broken symbolic link" in dm.bad_files[0]
+    assert moved in collect_inputs([tmp_path / "f"])[0]  # predict names it among its unreadable images
+
+
 def test_a_labelled_folder_of_split_folders_points_at_the_split_to_give(tmp_path):
     """`eval --data ROOT` on a dataset root of Training/ and Testing/ named only 'Training' as not a class."""
     from edgekd.runtime.inputs import collect_labelled
