@@ -117,9 +117,12 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     if on_run_dir is not None:
         on_run_dir(run_dir)
     settings = lineage.pop("parent_export_profile_settings", None)  # not copied into the child's edgekd.json
+    inherited = profile is None
     profile = profile or update_profile(lineage.get("parent_export_profile"),  # before training: a bad one
                                         lineage.get("parent_export_profile_digest"), log, settings)  # fails now
     result = continual_run(recipe, run_dir, checkpoint, resume, log, progress)
+    if inherited:
+        profile = fit_profile_to_classes(profile, result.best_path, log)
     try:
         exported = export_checkpoint(result.best_path, out, profile=profile, zip_bundle=zip_bundle,
                                      allow_forgetting=allow_forgetting, lineage=lineage, log=log, progress=progress)
@@ -232,6 +235,28 @@ def _changed_keys(base: dict, other: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(prefix + key)
     return keys
+
+
+def fit_profile_to_classes(profile, checkpoint: Path, log: Callable[[str], None]):
+    """The parent's export settings for a child that is not two-class (one head over the old and new classes): a
+    two-class operating point (decision rule, positive class) and Platt calibration do not apply, and the export had
+    refused them after training. They go back to the defaults, with a note when the parent had chosen them."""
+    from edgekd.export import load_profile
+    from edgekd.train.checkpoint import load_checkpoint
+
+    classes = len(load_checkpoint(checkpoint)["class_names"])
+    if classes == 2:
+        return profile
+    defaults = load_profile(None)
+    decision, method = profile.decision, profile.calibration.method
+    chosen = ([f"decision.rule {decision.rule}"] if decision.rule != "argmax" else []) \
+        + ([f"decision.positive {decision.positive!r}"] if decision.positive != defaults.decision.positive else []) \
+        + (["calibration.method platt"] if method == "platt" else [])
+    calibration = defaults.calibration if method == "platt" else profile.calibration
+    if chosen:
+        log(f"note: the updated model has {classes} classes, so the parent's two-class {', '.join(chosen)} do not "
+            f"apply: it predicts the top class (calibration: {calibration.method})")
+    return profile.model_copy(update={"decision": defaults.decision, "calibration": calibration})
 
 
 def update_profile(name: str | None, digest: str | None, log: Callable[[str], None],

@@ -96,8 +96,11 @@ def test_shipped_profiles_load_by_name_and_by_file(tmp_path, monkeypatch):
     (tmp_path / "cpu-all.yaml").write_text("name: mine\nformats: [onnx]\nprecisions: [fp32]\nparity: {images: 4}\n")
     assert load_profile("cpu-all.yaml").name == "mine"  # a file of that name comes first
     with pytest.raises(EdgeKDError, match=r"^cpu-nothing: export profile not found \(a YAML file, or a shipped "
-                                          r"profile: cpu-all, "):
+                                          r"profile: default, cpu-all, "):
         load_profile("cpu-nothing")
+    # `default`, the name a bundle records of the defaults (and update's log gives), is a --target too: it was
+    # refused as not found
+    assert load_profile("default") == load_profile(None)
     with pytest.raises(EdgeKDError, match="export profile not found"):
         load_profile("elsewhere/cpu-all.yaml")  # a path that is not there is not a shipped name
 

@@ -466,6 +466,35 @@ def test_update_exports_with_the_parent_profile():
     assert update_profile("my-own", None, said.append) == load_profile(None) and said[-1].startswith("warning:")
 
 
+def test_an_update_to_more_than_two_classes_leaves_the_parents_two_class_settings(monkeypatch):
+    """An update with one head over old and new classes exported with the parent's recorded settings, whose every
+    default (decision.positive 1) read as set: the export refused 'decision.positive is for a two-class model'
+    after training, every time."""
+    import edgekd.train.checkpoint as checkpoint
+    from edgekd.export import load_profile, profile_from_dict
+    from edgekd.update import fit_profile_to_classes, update_profile
+
+    classes = {"n": 7}
+    monkeypatch.setattr(checkpoint, "load_checkpoint",
+                        lambda path: {"class_names": [str(i) for i in range(classes["n"])]})
+    said: list[str] = []
+    recorded = update_profile("default", None, said.append, load_profile(None).model_dump(mode="json"))
+    assert "positive" in recorded.decision.model_fields_set  # what the export refused
+    fitted = fit_profile_to_classes(recorded, Path("model.pt"), said.append)
+    assert "positive" not in fitted.decision.model_fields_set and len(said) == 1  # defaults: nothing to say
+    assert fitted.calibration == recorded.calibration and fitted.formats == recorded.formats
+    binary = profile_from_dict({"formats": ["onnx"], "calibration": {"method": "platt"},
+                                "decision": {"rule": "sensitivity", "target": 0.95, "positive": "pneumonia"}})
+    fitted = fit_profile_to_classes(binary, Path("model.pt"), said.append)
+    assert fitted.decision == load_profile(None).decision and fitted.calibration.method == "temperature"
+    assert fitted.formats == ["onnx"] and said[-1] == (
+        "note: the updated model has 7 classes, so the parent's two-class decision.rule sensitivity, "
+        "decision.positive 'pneumonia', calibration.method platt do not apply: it predicts the top class "
+        "(calibration: temperature)")
+    classes["n"] = 2  # still two classes: the parent's operating point stays
+    assert fit_profile_to_classes(binary, Path("model.pt"), said.append) is binary and len(said) == 2
+
+
 def test_update_of_a_plain_folder_is_refused_by_name(tmp_path):
     # It was sha256-summed as a checkpoint: "error: 21: is a directory".
     from edgekd.errors import EdgeKDError

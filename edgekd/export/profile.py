@@ -300,13 +300,13 @@ def profile_path(target: str | Path) -> Path:
     if name in shipped_profiles() and (len(path.parts) == 1 or path.parent.name == "export"):
         return PROFILES_DIR / f"{name}.yaml"  # export/NAME.yaml: where the profiles lived before they were packaged
     raise EdgeKDError(f"{path}: export profile not found (a YAML file, or a shipped profile: "
-                      f"{', '.join(shipped_profiles())})")
+                      f"{', '.join(['default', *shipped_profiles()])})")
 
 
 def load_profile(path: str | Path | None) -> ExportProfile:
-    """An export profile: a YAML file or a shipped profile's name (e.g. cpu-openvino-int8); None gives the
-    defaults."""
-    if path is None:
+    """An export profile: a YAML file or a shipped profile's name (e.g. cpu-openvino-int8); None, or the defaults'
+    own name `default` (what a bundle records of them) when no file has that name, gives the defaults."""
+    if path is None or (str(path) == "default" and not Path(path).is_file()):
         return profile_from_dict({}, "defaults")
     given, path = str(path), profile_path(path)
     try:
