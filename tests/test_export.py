@@ -936,7 +936,7 @@ def test_the_cards_run_line_names_only_the_options_a_bundle_has():
 
 def test_a_continual_parity_set_scores_each_tasks_metric_subset():
     """merge_parity_sets keeps every task's `--metric-images` rows, offset past the tasks before it."""
-    from edgekd.export.continual import merge_parity_sets
+    from edgekd.export.continual import TaskLayout, merge_parity_sets
     from edgekd.export.parity import ParitySet
 
     def task(first: int, n: int, rows):
@@ -945,12 +945,29 @@ def test_a_continual_parity_set_scores_each_tasks_metric_subset():
         return ParitySet(x[:1], ["original"], {"val": (x, labels), "test": (x, labels)},
                          metric_rows=None if rows is None else {"val": np.array(rows), "test": np.array(rows)})
 
-    merged = merge_parity_sets([task(0, 5, [1, 3]), task(10, 4, [0, 2])], None)
+    one_head = TaskLayout("single", "", [{"name": "a", "outputs": [0, 5]}, {"name": "b", "outputs": [5, 14]}], None)
+    merged = merge_parity_sets([task(0, 5, [1, 3]), task(10, 4, [0, 2])], one_head)
     x, y = merged.metric_split("val")
     assert y.tolist() == [1, 3, 10, 12] and x.ravel().tolist() == [1, 3, 10, 12]
     assert len(merged.splits["val"][1]) == 9  # the reference's whole splits
-    whole = merge_parity_sets([task(0, 5, None), task(10, 4, None)], None)
+    whole = merge_parity_sets([task(0, 5, None), task(10, 4, None)], one_head)
     assert whole.metric_rows is None and whole.metric_split("test")[1].tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13]
+    assert whole.heads is None and whole.task_outputs == [("a", 0, 5), ("b", 5, 14)]
+
+
+def test_a_one_head_continual_bundle_is_scored_per_task_as_eval_scores_it():
+    """A one-head continual bundle's figures were one pooled problem over every class (val ACC 0.53, balanced ACC
+    1/7) where `edgekd eval` and continual.json give each task's, every class competing, and their mean (0.37)."""
+    from edgekd.export.parity import split_metrics
+
+    y = np.array([0, 1, 2, 0, 3, 4, 3])  # task a: classes 0-2 (4 images), task b: classes 3-4 (3 images)
+    pred = np.array([0, 1, 4, 1, 3, 4, 0])  # a: 2 of 4 right (one called b's class 4); b: 2 of 3
+    logits = np.eye(5)[pred] * 4.0
+    m = split_metrics(y, logits, task_outputs=[("a", 0, 3), ("b", 3, 5)])
+    assert m["tasks"]["a"]["acc"] == pytest.approx(0.5) and m["tasks"]["b"]["acc"] == pytest.approx(2 / 3)
+    assert m["acc"] == pytest.approx((0.5 + 2 / 3) / 2) and m["n"] == 7
+    assert m["tasks"]["a"]["n"] == 4 and m["tasks"]["b"]["n"] == 3
+    assert split_metrics(y, logits)["acc"] == pytest.approx(4 / 7)  # the pooled figure it had reported
 
 
 def test_the_cards_grad_cam_rows_give_the_bundles_calibrated_prediction():

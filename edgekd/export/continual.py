@@ -40,11 +40,14 @@ class TaskLayout:
     acc_matrix: list[list[float]] | None
 
     @property
+    def task_outputs(self) -> list[tuple[str, int, int]]:
+        """(task, first output, end output) of each task's classes, under either head layout."""
+        return [(t["name"], int(t["outputs"][0]), int(t["outputs"][1])) for t in self.tasks]
+
+    @property
     def heads(self) -> list[tuple[str, int, int]] | None:
         """(task, first output, end output) per head of a multi-head model; None for one (expanding) head."""
-        if self.head != "multi":
-            return None
-        return [(t["name"], int(t["outputs"][0]), int(t["outputs"][1])) for t in self.tasks]
+        return self.task_outputs if self.head == "multi" else None
 
 
 def task_layout(ckpt: dict[str, Any]) -> TaskLayout | None:
@@ -83,16 +86,18 @@ def continual_data(recipe, layout: TaskLayout, where: str) -> TaskUnion:
     return TaskUnion(recorded_tasks(recipe, layout.tasks, where))
 
 
-def merge_parity_sets(sets: list[ParitySet], heads: list[tuple[str, int, int]] | None) -> ParitySet:
-    """One parity set from each task's: inputs and views in task order, each metric split concatenated."""
+def merge_parity_sets(sets: list[ParitySet], layout: TaskLayout) -> ParitySet:
+    """One parity set from each task's: inputs and views in task order, each metric split concatenated; the
+    layout's heads (one per task) or, under one head, its tasks' outputs (scored per task)."""
     splits = {s: (np.concatenate([p.splits[s][0] for p in sets]), np.concatenate([p.splits[s][1] for p in sets]))
               for s in sets[0].splits}
     rows = None
     if any(p.metric_rows is not None for p in sets):  # each task's scored rows, offset past the tasks before it
         offsets = {s: np.cumsum([0] + [len(p.splits[s][1]) for p in sets[:-1]]) for s in splits}
         rows = {s: np.concatenate([p.rows(s) + offsets[s][i] for i, p in enumerate(sets)]) for s in splits}
-    return ParitySet(np.concatenate([p.inputs for p in sets]), [v for p in sets for v in p.views], splits, heads,
-                     metric_rows=rows, raw_parts=[part for p in sets for part in p.decoded_parts])
+    return ParitySet(np.concatenate([p.inputs for p in sets]), [v for p in sets for v in p.views], splits,
+                     layout.heads, metric_rows=rows, raw_parts=[part for p in sets for part in p.decoded_parts],
+                     task_outputs=layout.task_outputs if layout.heads is None else None)
 
 
 def retention_report(layout: TaskLayout, min_retention: float, allow_forgetting: bool) -> dict[str, Any]:

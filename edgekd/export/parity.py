@@ -70,6 +70,13 @@ class ParitySet:
     metric_rows: dict[str, np.ndarray] | None = None
     """split -> the rows of `splits` each artifact is scored on for the ACC/AUC gate (parity.metric_images);
     None: every row."""
+    task_outputs: list[tuple[str, int, int]] | None = None
+    """A one-head continual model's (task, first output, end output) per task: its metrics are taken per task (each
+    task's images, every output competing, as `edgekd eval` scores it) and their mean; None: not such a model."""
+
+    def metrics(self, labels: np.ndarray, logits: np.ndarray) -> dict:
+        """The reported metrics of (labels, logits) of one of its splits (`split_metrics`)."""
+        return split_metrics(labels, logits, self.heads, self.task_outputs)
 
     def rows(self, split: str) -> np.ndarray:
         """The rows of `split` the artifacts are scored on."""
@@ -155,20 +162,28 @@ def run_batched(session: ArtifactSession, x: np.ndarray, batch_size: int) -> np.
     return np.concatenate([session.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def split_metrics(labels: np.ndarray, logits: np.ndarray, heads: list[tuple[str, int, int]] | None = None) -> dict:
+def split_metrics(labels: np.ndarray, logits: np.ndarray, heads: list[tuple[str, int, int]] | None = None,
+                  task_outputs: list[tuple[str, int, int]] | None = None) -> dict:
     """The reported metrics; with heads, each task's (its images, its head's softmax, task id given) under
-    `tasks` and their mean over the tasks as the headline figures."""
-    if heads is None:
-        metrics = classification_metrics(labels, softmax(logits.astype(np.float64)))
-        return {**{k: metrics[k] for k in REPORTED_METRICS if k in metrics}, "n": int(len(labels))}
+    `tasks` and their mean over the tasks as the headline figures; with `task_outputs` (one head over every
+    task's classes), each task's images scored with every output competing, and their mean (a pooled figure over
+    all classes had disagreed with `edgekd eval`'s)."""
+    if heads is None and task_outputs is None:
+        return _reported(labels, softmax(logits.astype(np.float64)))
     per_task = {}
-    for name, lo, hi in heads:
+    for name, lo, hi in heads or task_outputs:
         mine = (labels >= lo) & (labels < hi)
         if mine.any():
-            per_task[name] = split_metrics(labels[mine] - lo, logits[mine, lo:hi])
+            per_task[name] = split_metrics(labels[mine] - lo, logits[mine, lo:hi]) if heads else \
+                _reported(labels[mine], softmax(logits[mine].astype(np.float64)), list(range(lo, hi)))
     keys = [k for k in REPORTED_METRICS if all(k in m for m in per_task.values())]
     return {**{k: float(np.mean([m[k] for m in per_task.values()])) for k in keys}, "n": int(len(labels)),
             "tasks": per_task}
+
+
+def _reported(labels: np.ndarray, probs: np.ndarray, classes: list[int] | None = None) -> dict:
+    metrics = classification_metrics(labels, probs, classes=classes)
+    return {**{k: metrics[k] for k in REPORTED_METRICS if k in metrics}, "n": int(len(labels))}
 
 
 def top1_agreement(logits: np.ndarray, ref: np.ndarray, heads: list[tuple[str, int, int]] | None = None) -> float:
@@ -200,9 +215,9 @@ def reference_report(model: nn.Module, data: ParitySet) -> dict[str, Any]:
     ref = {"logits": torch_logits(model, data.inputs), "splits": {}}
     for split, (x, y) in data.splits.items():
         logits, rows = torch_logits(model, x), data.rows(split)
-        metrics = split_metrics(y, logits, data.heads)
+        metrics = data.metrics(y, logits)
         ref["splits"][split] = {"logits": logits, "metrics": metrics, "scored_metrics": metrics if len(rows) == len(y)
-                                else split_metrics(y[rows], logits[rows], data.heads)}
+                                else data.metrics(y[rows], logits[rows])}
     return ref
 
 
@@ -229,7 +244,7 @@ def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str
     for split in data.splits:
         x, y = data.metric_split(split)
         art_logits = run_batched(session, x, batch_size)
-        metrics = split_metrics(y, art_logits, data.heads)
+        metrics = data.metrics(y, art_logits)
         ref_logits = reference["splits"][split]["logits"][data.rows(split)]
         ref_metrics = reference["splits"][split]["scored_metrics"]  # the reference on the same images
         record["metrics"][split] = metrics

@@ -190,7 +190,7 @@ def _parity_set_of(data, profile: ExportProfile, layout: TaskLayout | None,
     parts = [_build_parity_set(t.data, profile, lambda line, task=t.name: log(f"task {task}: {line}"))
              for t in data.tasks]  # one line per task, named (two alike lines had read as one printed twice)
     channels = {c for _, _, c in parts}
-    return (merge_parity_sets([p for p, _, _ in parts], layout.heads), sum(n for _, n, _ in parts),
+    return (merge_parity_sets([p for p, _, _ in parts], layout), sum(n for _, n, _ in parts),
             channels.pop() if len(channels) == 1 else data.preprocess["channels"])
 
 
@@ -448,15 +448,16 @@ def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: E
 
 
 def _one_class_warnings(reference: dict[str, Any], parity_set: ParitySet, log: Callable[[str], None]) -> list[str]:
-    """The PyTorch model's splits (per task for a multi-head model) whose ACC is no better than their largest
+    """The PyTorch model's splits (per task for a continual model) whose ACC is no better than their largest
     class's share: on such a model every format agrees easily, so the gate's pass says little."""
     found = []
     for split, (_, y) in parity_set.splits.items():
         metrics = reference["splits"][split]["metrics"]
-        if parity_set.heads is None:
+        tasks = parity_set.heads or parity_set.task_outputs
+        if tasks is None:
             found.append(one_class_warning(split, metrics.get("acc"), np.bincount(y).tolist()))
             continue
-        for name, lo, hi in parity_set.heads:  # each task's images, its own head (task id given)
+        for name, lo, hi in tasks:  # each task's images (its own head, or every output competing)
             counts = np.bincount(y[(y >= lo) & (y < hi)] - lo, minlength=hi - lo).tolist()
             acc = metrics.get("tasks", {}).get(name, {}).get("acc")
             found.append(one_class_warning(f"{split} (task {name})", acc, counts))
