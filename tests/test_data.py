@@ -831,6 +831,22 @@ def test_a_labelled_folder_of_split_folders_points_at_the_split_to_give(tmp_path
         collect_labelled(tmp_path / "Testing", ["normal", "pneumonia"])
 
 
+def test_a_labelled_folder_names_a_one_head_continual_models_classes_without_their_task(tmp_path):
+    """A one-head model over two tasks names its classes TASK:CLASS; folders normal/ and pneumonia/ were refused
+    ('not a class of the model'), and a ':' cannot be in a Windows folder name."""
+    from edgekd.runtime.inputs import collect_labelled
+
+    names = ["retina:0", "retina:1", "pneumonia:normal", "pneumonia:pneumonia"]
+    for name in ("normal", "pneumonia", "retina:1"):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 60, np.uint8)).save(tmp_path / "d" / name / "a.png")
+    paths, labels = collect_labelled(tmp_path / "d", names)
+    assert sorted(zip((p.parent.name for p in paths), labels)) == [("normal", 2), ("pneumonia", 3), ("retina:1", 1)]
+    with pytest.raises(EdgeKDError, match=r"sub-folder 'normal' is not a class of the model \(.*\); name the folder "
+                                          r"after one of pneumonia:normal, other:normal$"):
+        collect_labelled(tmp_path / "d", names + ["other:normal"])  # two tasks have a class 'normal'
+
+
 def test_an_npz_whose_pixels_changed_under_the_same_name_is_refused_as_other_data(tmp_path):
     """A resumed run, eval or export of an .npz trained on: its splits were recorded by their labels only, so the
     same file name and labels with other images passed as the data the model trained on."""

@@ -78,18 +78,26 @@ def frames_of(path: Path, frame: int | None = None) -> list[Path | DicomFrame]:
 
 def collect_labelled(root: str | Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
     """A labelled folder in the ImageFolder layout (root/<class name>/<images>, searched recursively) -> its image
-    paths and class indices in `class_names` (the bundle's order). A sub-folder that is not a class of the model,
-    a multi-frame DICOM, or no image at all, is a one-line error."""
+    paths and class indices in `class_names` (the bundle's order). A one-head model over several tasks names its
+    classes TASK:CLASS: a folder named CLASS stands for the one such name (a ':' cannot be in a Windows folder
+    name). A sub-folder that is not a class of the model, a multi-frame DICOM, or no image at all, is a one-line
+    error."""
     root = Path(root)
     if not root.is_dir():
         raise EdgeKDError(f"--data {root}: not a folder (give a labelled folder: one sub-folder per class)")
     folders = subfolders(root)
-    unknown = [p.name for p in folders if p.name not in class_names]
+    by_task = {}
+    for name in class_names:
+        by_task.setdefault(name.split(":", 1)[-1], []).append(name)
+    index = {**{short: class_names.index(full[0]) for short, full in by_task.items() if len(full) == 1},
+             **{name: i for i, name in enumerate(class_names)}}
+    unknown = [p.name for p in folders if p.name not in index]
     if unknown:
         nested = next((root / name for name in unknown
-                       if any(d.name in class_names for d in subfolders(root / name))), None)
+                       if any(d.name in index for d in subfolders(root / name))), None)
+        twice = by_task.get(unknown[0], [])
         hint = (f"; {nested.name}/ holds class folders, as a split folder does: give it, --data {nested}"
-                if nested is not None else "")
+                if nested is not None else f"; name the folder after one of {', '.join(twice)}" if twice else "")
         raise EdgeKDError(f"--data {root}: sub-folder '{unknown[0]}' is not a class of the model "
                           f"({', '.join(class_names)}){hint}")
     paths: list[Path] = []
@@ -102,7 +110,7 @@ def collect_labelled(root: str | Path, class_names: list[str]) -> tuple[list[Pat
                               "folder takes one image per file, as training does: save the frame you mean as its "
                               "own image)")
         paths += found
-        labels += [class_names.index(folder.name)] * len(found)
+        labels += [index[folder.name]] * len(found)
     if not paths:
         raise EdgeKDError(f"--data {root}: no images in sub-folders named after the classes ({', '.join(class_names)})")
     return paths, labels
