@@ -60,7 +60,8 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
         raise EdgeKDError(f"--out {out}: the run writes its recipe.yaml over the recipe file {recipe_path}; "
                           "train into another folder")
     if recipe.train.epochs == 0:
-        log("warning: train.epochs is 0: best.pt will hold the model's initial weights, untrained")
+        log(f"warning: train.epochs is 0: {'model.pt' if recipe.continual else 'best.pt'} will hold the model's "
+            "initial weights, untrained")
     from edgekd.train import RUN_MARKERS  # the training side: only a run checks its --out
 
     found = [f for f in RUN_MARKERS if (out / f).exists()]

@@ -90,7 +90,8 @@ def update(
                                            "runs/<recipe name>-update-<--out folder name>, or -2, -3, ... when taken)."),
     zip_: bool = typer.Option(False, "--zip", help="Also write <out>.zip (as export --zip)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the continual run an interrupted update left in "
-                                "--run-dir (its log's first line names the folder)."),
+                                "--run-dir (named by the log's 'update: continual training ... into' line and by "
+                                "Ctrl-C's hint)."),
 ) -> None:
     """Continual update of a deployed student: train the recipe's tasks from it, gate on retention, export with
     parity to a new bundle that records its parent bundle's sha256 (lineage)."""

@@ -23,8 +23,8 @@ def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a recipe key: --set train.epochs=3 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default runs/<recipe name>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt (with --folds: keep the folds "
-                                "that finished, continue the one cut short)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt (a continual run: from the task "
+                                "cut short; with --folds: keep the folds that finished, continue the one cut short)."),
     folds: Optional[int] = typer.Option(None, "--folds", help="k-fold cross-validation: train once per fold."),
     teacher_set: list[str] = typer.Option([], "--teacher-set", help="With --folds and a distill recipe: override a "
                                           "key of distill.teacher_recipe, the teacher trained on each fold."),
