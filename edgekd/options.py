@@ -48,9 +48,14 @@ def parse_list(text: str | list[str] | None, allowed: tuple[str, ...], option: s
     return list(dict.fromkeys(items))
 
 
+MAX_BENCH_BATCH = 1024
+"""The largest batch `edgekd bench` times: each is built in memory from repeated images, and larger ones had
+filled the machine's memory (22 GB at 100000 images of 28 px) before a figure came out."""
+
+
 def parse_batches(text: str | list[int]) -> list[int]:
-    """`--batch`: batch sizes >= 1, sorted, each once."""
+    """`--batch`: batch sizes in [1, MAX_BENCH_BATCH], sorted, each once."""
     batches = text if isinstance(text, list) else int_list(str(text), "--batch") or []
-    if not batches or any(b < 1 for b in batches):
-        raise EdgeKDError(f"--batch: batch sizes must be >= 1, got '{text}'")
+    if not batches or any(not 1 <= b <= MAX_BENCH_BATCH for b in batches):
+        raise EdgeKDError(f"--batch: batch sizes must be in [1, {MAX_BENCH_BATCH}], got '{text}'")
     return sorted(set(batches))

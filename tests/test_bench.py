@@ -296,7 +296,10 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
 
 
 @pytest.mark.parametrize("args, message", [(["nope.pt"], "no such checkpoint or bundle"),
-                                           ([".", "--batch", "0"], "--batch: batch sizes must be >= 1"),
+                                           ([".", "--batch", "0"], "--batch: batch sizes must be in [1, 1024]"),
+                                           ([".", "--batch", "8,100000"], "--batch: batch sizes must be in [1, "
+                                                                          "1024], got '8,100000'"),  # filled memory
+                                           ([".", "--threads", "2000"], "--threads must be in [1, 1024], got 2000"),
                                            ([".", "--formats", "tflite"], "--formats: unknown value 'tflite'"),
                                            ([".", "-f", "tflite", "-p", "FP32"], "--formats: unknown value 'tflite'"),
                                            ([".", "--batch", "1,,8"], "--batch '1,,8': a blank item in the comma"),
@@ -511,3 +514,17 @@ def test_bench_rows_remove_hair_once_as_the_runtime_does():
     stored = Preprocessor(pre).to_resize_size(raw)
     rows = ModelInputs({"preprocess": pre}).rows(stored[None])
     assert np.allclose(rows[0], Preprocessor(pre)(raw), atol=1e-6)  # the runtime on the decoded image
+
+
+def test_threads_above_the_cores_are_timed_at_the_cores_and_said(tmp_path):
+    """--threads 100000 measured its GEMM peak and first row for minutes; predict caps it at the cores."""
+    from edgekd.bench.run import _resolved
+    from edgekd.runtime import cap_to_cores
+
+    said: list[str] = []
+    cores = cap_to_cores(1024)
+    cfg = _resolved(BenchConfig(tmp_path / "m.pt", tmp_path / "o", threads=cores + 1), said.append)
+    assert cfg.threads == cores and said == [f"warning: --threads {cores + 1} is more than the {cores} cores this "
+                                             f"process may use: timed at {cores}"]
+    assert _resolved(BenchConfig(tmp_path / "m.pt", tmp_path / "o", threads=cores), said.append).threads == cores
+    assert len(said) == 1

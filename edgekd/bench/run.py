@@ -25,7 +25,7 @@ from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.host import cpu_info
 from edgekd.options import parse_batches, parse_list
 from edgekd.progress import progress_task
-from edgekd.runtime import is_bundle
+from edgekd.runtime import MAX_THREADS, cap_to_cores, is_bundle
 from edgekd.scoring import absent_classes_warning, accuracy_auc, scoring_subset
 
 SCHEMA = "edgekd-bench/1"
@@ -525,14 +525,19 @@ class BenchConfig:
     """Keep out/work (worker jobs and results, the preprocessed copy of the scored images); removed by default."""
 
 
-def _resolved(config: BenchConfig) -> BenchConfig:
-    """The config with its lists parsed and checked and every default filled in."""
-    threads = config.threads or os.cpu_count() or 1
+def _resolved(config: BenchConfig, log: Callable[[str], None]) -> BenchConfig:
+    """The config with its lists parsed and checked and every default filled in; --threads above the cores this
+    process may use is timed at the cores (said), as predict runs it (it had timed 100000 threads for minutes)."""
+    threads = config.threads or cap_to_cores(os.cpu_count() or 1)
     formats = parse_list(config.formats, FORMATS, "--formats")
     precisions = parse_list(config.precisions, PRECISIONS, "--precision")
     batches = parse_batches(config.batches)
-    if threads < 1:
-        raise EdgeKDError(f"--threads must be >= 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise EdgeKDError(f"--threads must be in [1, {MAX_THREADS}], got {threads}")
+    if cap_to_cores(threads) < threads:
+        log(f"warning: --threads {threads} is more than the {cap_to_cores(threads)} cores this process may use: "
+            f"timed at {cap_to_cores(threads)}")
+        threads = cap_to_cores(threads)
     return replace(config, formats=formats, precisions=precisions, batches=batches, threads=threads,
                    timing=config.timing or Timing(), variants=config.variants or VARIANTS, out=Path(config.out))
 
@@ -673,7 +678,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     """Benchmark a model (and optionally its teacher) in every (format, precision, variant) x batch, one run
     (see BenchConfig; `progress`: the CLI's progress bar, a step per row). Writes out/bench.json, out/bench.md
     and out/bench.png; returns the records."""
-    cfg = _resolved(config)
+    cfg = _resolved(config, log)
     replacing = (cfg.out / "bench.json").is_file()
     if remove_killed_runs_work(cfg.out / "work"):
         log(f"removed {cfg.out / 'work'}: left by a bench run that was stopped outright (its image copy included)")
