@@ -42,3 +42,22 @@ def test_time_call_reports_the_first_call_apart(monkeypatch):
     stats = time_call(fn, warmup=3, min_runs=5, max_runs=5, min_seconds=0)
     assert stats["first_ms"] == 5000.0 and stats["runs"] == 5 and stats["p50_ms"] == 1000.0
     assert len(calls) == 8
+
+
+def test_without_warm_up_the_first_call_is_still_apart_from_the_samples(monkeypatch):
+    """--warmup 0 put the first call (an OpenVINO compile) among the samples, p99 191 ms beside 0.27 ms, and
+    left first_call_ms empty."""
+    from edgekd.runtime import timing
+
+    clock = iter(range(0, 10_000))
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) == 1:
+            for _ in range(9):
+                next(clock)
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+    stats = time_call(fn, warmup=0, min_runs=4, max_runs=4, min_seconds=0)
+    assert stats["first_ms"] == 10_000.0 and stats["runs"] == 4 and stats["p99_ms"] == 1000.0 and len(calls) == 5

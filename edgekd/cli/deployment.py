@@ -335,7 +335,8 @@ def bench(
                                        "run folder, <bundle>-bench/ beside a bundle)."),
     seconds: float = typer.Option(2.0, "--seconds", min=0, help="Minimum timed seconds per measurement."),
     min_runs: int = typer.Option(20, "--min-runs", min=1, help="Minimum timed calls per measurement."),
-    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed calls before each measurement."),
+    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed calls before each measurement; the "
+                                "first call is always one (timed alone: first_call_ms)."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Skip the torch.compile rows."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Score a stratified, seeded subset of N test images."),
     profile: bool = typer.Option(False, "--profile", help="OpenVINO per-layer profile of every OpenVINO row."),
