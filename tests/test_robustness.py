@@ -151,7 +151,7 @@ def test_eval_cli_corruptions_and_failures(tiny_run, tmp_path):
     rob = json.loads((out / "robustness.json").read_text())
     assert {r["corruption"] for r in rob["records"]} == {CLEAN, "brightness", "jpeg_compression"}
     fail = json.loads((out / "failures.json").read_text())
-    images, _, _, _ = load_split_images(recipe_from_dict(load_checkpoint(tiny_run)["recipe"]))
+    images, _, _, _, _ = load_split_images(recipe_from_dict(load_checkpoint(tiny_run)["recipe"]))
     assert fail["images"] == len(images) and sum(p["count"] for p in fail["pairs"]) <= fail["errors"]
     assert fail["probabilities"] == "the model's softmax" and "; p: the model's softmax" in p.stderr  # not a bundle's
     assert (out / "failures.png").is_file() and (out / "metrics.json").is_file()
@@ -336,6 +336,32 @@ def test_failure_analysis_refuses_data_of_another_class_count(tiny_run, tmp_path
     p = run_edgekd("eval", tiny_run, "--failures", "--data", tmp_path / "five.yaml", "--out", tmp_path / "cli")
     assert p.returncode == 2 and "the data has 5" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_failures_on_a_labelled_folder_name_the_files(tiny_run, tmp_path):
+    """failures.json and the console named a mistake only by its position in an internal listing (#81): a clinician
+    could not find the scan."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from edgekd.robustness.evaluate import run_failure_analysis
+    from edgekd.train.checkpoint import load_checkpoint
+
+    names = load_checkpoint(tiny_run)["class_names"]
+    rng = np.random.default_rng(0)
+    for name in names:
+        (tmp_path / "scans" / name).mkdir(parents=True)
+        for i in range(12):  # noise: the model gets some of each class wrong
+            pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "scans" / name / f"{i}.png")
+    res = run_failure_analysis(tiny_run, tmp_path / "f", data_folder=tmp_path / "scans", log=lambda *_: None)
+    assert res["pairs"] and json.loads((tmp_path / "f" / "failures.json").read_text())["pairs"] == res["pairs"]
+    for pair in res["pairs"]:
+        assert len(pair["files"]) == pair["count"]
+        assert all(Path(f).is_file() and Path(f).parent.name == pair["true_name"] for f in pair["files"])
+    p = run_edgekd("eval", tiny_run, "--failures", "--data", tmp_path / "scans", "--out", tmp_path / "cli")
+    assert p.returncode == 0 and f"most confident {res['pairs'][0]['files'][0]} p=" in p.stdout, p.stderr
 
 
 def test_undefined_figures_of_a_folder_missing_a_class_are_said_and_shown_as_a_dash():

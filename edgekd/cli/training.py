@@ -237,7 +237,8 @@ def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: in
                                data_folder=folder)
     for p in res["pairs"]:
         out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
-                          f"{p['true_name']}), most confident #{p['indices'][0]} p={p['confidence'][0]:.3f}")
+                          f"{p['true_name']}), most confident {p['files'][0] if p.get('files') else '#' + str(p['indices'][0])} "
+                          f"p={p['confidence'][0]:.3f}")
     console.print(f"{res['errors']} errors / {res['images']} images; p: {res['probabilities']}")
     return [str(out / "failures.json"), str(out / "failures.png")]
 

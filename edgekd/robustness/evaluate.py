@@ -198,8 +198,9 @@ def limited(n: int, limit: int | None) -> np.ndarray:
 
 def load_split_images(recipe, split: str = "test", limit: int | None = None,
                       predictors: Sequence[Predictor] = ()) -> tuple[list[np.ndarray], np.ndarray, list[str],
-                                                                      np.ndarray]:
-    """The decoded uint8 images, labels, class names and positions of a recipe's split (the fixed random subset
+                                                                      np.ndarray, list[str] | None]:
+    """The decoded uint8 images, labels, class names, positions and files (None for in-memory data: an .npz) of a
+    recipe's split (the fixed random subset
     `limited` picks, if `limit` is given: the same whatever --seed, which seeds the corruptions only; the
     positions key each image's corruption noise, so an image gets the same noise with any --limit). Each
     checkpoint among `predictors`, on data drawn with its own split settings, must find the split it was trained
@@ -213,7 +214,8 @@ def load_split_images(recipe, split: str = "test", limit: int | None = None,
     ds = data.dataset(split, train=False)
     idx = limited(len(ds), limit)
     images = [np.ascontiguousarray(ds.raw(int(i))) for i in idx]
-    return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names), idx
+    files = None if ds.table.paths is None else [str(ds.table.paths[int(i)]) for i in idx]
+    return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names), idx, files
 
 
 def load_folder_images(folder: str | Path, class_names: list[str], limit: int | None = None,
@@ -440,7 +442,7 @@ def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_rec
                                                                     predictors)
         split = str(data_folder)
     else:
-        images, labels, class_names, positions = load_split_images(recipe, split, limit, predictors)
+        images, labels, class_names, positions, _ = load_split_images(recipe, split, limit, predictors)
         from edgekd.data import check_class_order  # the training side: only for a recipe's data
 
         for p in predictors:
@@ -506,12 +508,12 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
         paths, folder_labels = folder_listing(data_folder, predictor.class_names, [predictor])
         images, labels, class_names = FolderImages(paths), np.asarray(folder_labels, dtype=np.int64), \
             list(predictor.class_names)
-        probs, split = predict_folder(predictor, images), str(data_folder)
+        probs, split, files = predict_folder(predictor, images), str(data_folder), [str(p) for p in paths]
     else:
         from edgekd.data import check_class_order
 
         recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
-        images, labels, class_names, _ = load_split_images(recipe, split, predictors=[predictor])
+        images, labels, class_names, _, files = load_split_images(recipe, split, predictors=[predictor])
         check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
         probs = predictor.predict(images)
     pairs = confused_pairs(labels, probs, top)
@@ -520,7 +522,8 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
             "the bundle's model's softmax (uncalibrated, as the checkpoint's)")
     result = {"source": str(source), "model": predictor.label, "split": split, "images": len(images),
               "probabilities": kind, "errors": int((probs.argmax(1) != labels).sum()), "class_names": class_names,
-              "pairs": [{**p, "true_name": class_names[p["true"]], "pred_name": class_names[p["pred"]]} for p in pairs]}
+              "pairs": [{**p, "true_name": class_names[p["true"]], "pred_name": class_names[p["pred"]],
+                         **({"files": [files[i] for i in p["indices"]]} if files else {})} for p in pairs]}
     write_json(out / "failures.json", result)
     plot_failure_grid(images, pairs, class_names, out / "failures.png", per_pair,
                       f"{predictor.label}: most confused pairs on {split} ({result['errors']} errors / {len(images)})")
