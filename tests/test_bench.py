@@ -528,3 +528,23 @@ def test_threads_above_the_cores_are_timed_at_the_cores_and_said(tmp_path):
                                              f"process may use: timed at {cores}"]
     assert _resolved(BenchConfig(tmp_path / "m.pt", tmp_path / "o", threads=cores), said.append).threads == cores
     assert len(said) == 1
+
+
+def test_an_eval_limit_below_the_class_count_says_which_classes_it_lost():
+    """--eval-limit 3 on five grades scored 3 grades without a word (AUC '-'); --eval-limit 1 gave acc 1.0."""
+    from edgekd.bench.run import eval_subset, warn_of_classes_the_subset_lacks
+
+    labels = np.repeat(np.arange(5), 8)
+    said: list[str] = []
+    picked = eval_subset(labels, 3)
+    warn_of_classes_the_subset_lacks(labels, picked, list("abcde"), said.append)
+    lost = [c for c in "abcde" if "abcde".index(c) not in labels[picked]]
+    assert len(lost) == 2 and said == [
+        f"warning: the --eval-limit 3 subset holds no images of {', '.join(lost)}: AUC, PR-AUC and pAUC are undefined "
+        "on it (null, shown as -); sensitivity, specificity, recall and F1 are means over the classes it holds (a "
+        "limit below the 5 classes present cannot keep one of each)"]
+    said.clear()
+    warn_of_classes_the_subset_lacks(labels, eval_subset(labels, 5), list("abcde"), said.append)
+    held = np.repeat([0, 1, 3], 4)  # a folder without b and e: its own warning says so, not this one
+    warn_of_classes_the_subset_lacks(held, eval_subset(held, 10), list("abcde"), said.append)
+    assert said == []

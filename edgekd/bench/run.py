@@ -319,6 +319,19 @@ def eval_subset(labels: np.ndarray, n: int, seed: int = EVAL_SEED) -> np.ndarray
     return scoring_subset(labels, n, seed)
 
 
+def warn_of_classes_the_subset_lacks(labels: np.ndarray, picked: np.ndarray, class_names: list[str],
+                                     log: Callable[[str], None]) -> None:
+    """--eval-limit below the class count: the subset cannot hold every class the images have (scoring_subset
+    keeps one of each when it can), so AUC is undefined on it: said, as it is said of a folder lacking a class."""
+    whole = np.bincount(labels, minlength=len(class_names))
+    kept = np.bincount(labels[picked], minlength=len(class_names))
+    lost = (whole > 0) & (kept == 0)
+    if lost.any():
+        counts = np.where(lost, 0, 1).tolist()  # only the classes the subset lost (a folder's own are said apart)
+        log(f"warning: {absent_classes_warning(f'the --eval-limit {len(picked)} subset', counts, class_names)}"
+            f" (a limit below the {int((whole > 0).sum())} classes present cannot keep one of each)")
+
+
 def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, log) -> None:
     """The test split at this subject's model input size (uint8, runtime preprocessing) -> an .npy for the workers."""
     from edgekd.data import build_checkpoint_data
@@ -332,6 +345,7 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
     test = data.dataset("test", train=False)
     # --eval-limit: a seeded subset with the split's class mix (the first N of a class-sorted folder is one class)
     picked = eval_subset(test.table.labels, limit or len(test))
+    warn_of_classes_the_subset_lacks(np.asarray(test.table.labels), picked, subject.class_names, log)
     prep = Preprocessor(subject.preprocess)
     # At the resize stage (e.g. 256 for a 224 crop): the bare rows crop them, the runner does its own crop.
     images = np.stack([prep.to_resize_size(test.raw(int(i))) for i in picked])
@@ -361,6 +375,7 @@ def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int 
     if absent:
         log(f"warning: {absent}")
     picked = eval_subset(np.asarray(labels), limit or len(paths))
+    warn_of_classes_the_subset_lacks(np.asarray(labels), picked, subject.class_names, log)
     prep = Preprocessor(subject.preprocess)
     images = np.stack([prep.to_resize_size(paths[i]) for i in picked])
     subject.images = work / f"{subject.role}-folder-images.npy"
