@@ -68,7 +68,8 @@ def main() -> None:
                             source=str(Path(args.latency).relative_to(REPO)) if Path(args.latency).is_relative_to(REPO)
                             else args.latency,
                             latency_run={k: source.get(k) for k in ("date", "command") if k in source}),
-              "machine": source.get("machine") or data["records"][0]["machine"]}
+              "machine": source.get("machine") or (data.get("machine") if isinstance(data, dict) else None)
+              or records[0].get("machine")}  # latency.json: in its source or records; bench.json: at its top
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "pareto.json", result)
     plot_pareto(panels, args.results / "pareto.png", "PneumoniaMNIST: accuracy vs batch-1 latency (p50)")

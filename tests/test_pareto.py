@@ -52,3 +52,25 @@ def test_points_from_records_filter_batch_status_and_missing_metric(tmp_path):
         ("openvino", "fp32", True, True)]
     path = plot_pareto({"acc": pts, "auc": pareto_points(records, "auc")}, tmp_path / "p.png")
     assert path.stat().st_size > 1000
+
+
+def test_the_pareto_script_reads_a_bench_json(tmp_path):
+    """`benchmarks/pareto.py --latency bench.json` (edgekd bench's output, its machine at the top under its own
+    key names) ended in a KeyError traceback."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    rec = {"model": "cnn", "role": "student", "variant": "bare", "tta": False, "batch": 1, "status": "ok", "auc": 0.9}
+    bench = {"machine": {"model": "AMD EPYC", "cores": 2, "machine": "x86_64", "simd": ["avx2", "fma"]},
+             "records": [{**rec, "format": "onnx", "precision": "fp32", "p50_ms": 2.0, "acc": 0.91},
+                         {**rec, "format": "onnx", "precision": "int8", "p50_ms": 1.0, "acc": 0.90}]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    p = subprocess.run([sys.executable, str(repo / "benchmarks" / "pareto.py"), "--latency", str(tmp_path / "bench.json"),
+                        "--results", str(tmp_path / "out")], capture_output=True, text=True, cwd=repo)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    result = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    assert result["machine"]["model"] == "AMD EPYC"
+    assert sum(r["pareto"] for r in result["records"] if r["metric"] == "acc") == 2  # faster int8, more accurate fp32
