@@ -43,8 +43,14 @@ def test_retention_gate_on_a_hand_written_matrix():
     assert retention_misses(R, 0.98) == [(0, pytest.approx(0.85 / 0.90))]
     assert [j for j, _ in retention_misses(R, 0.99)] == [0, 1]
     assert retention_misses(R, 0.94) == []
-    # A task never learned (accuracy 0 right after it) has no retention and cannot miss.
-    assert retention_misses([[0.0, NAN], [0.5, 0.9]], 0.98) == []
+    # A task never learned (accuracy 0 right after it) has no retention: it misses (it had passed without a word)
+    ((j, kept),) = retention_misses([[0.0, NAN], [0.5, 0.9]], 0.98)
+    assert j == 0 and math.isnan(kept)
+    layout = TaskLayout("single", "class_incremental", [{"name": n, "outputs": [0, 1], "class_names": ["x"]}
+                                                        for n in ("A", "B")], [[0.0, NAN], [0.0, 0.9]])
+    with pytest.raises(RetentionGateError, match="task 'A': never learned, no retention to keep \\(accuracy 0.0000 "
+                                                 "after learning it, 0.0000 now\\)"):
+        retention_report(layout, 0.98, allow_forgetting=False)
 
 
 def test_retention_report_refuses_with_one_line_per_miss():
@@ -57,6 +63,9 @@ def test_retention_report_refuses_with_one_line_per_miss():
     assert "task 'B': retention 0.9875" in lines[2]
     report = retention_report(layout, 0.99, allow_forgetting=True)
     assert report["gate"] == "allowed forgetting" and len(report["misses"]) == 2
+    assert report["allowed_by"] == "--allow-forgetting"
+    assert retention_report(layout, 0.99, allow_forgetting="a bench")["allowed_by"] == "a bench"
+    assert "allowed_by" not in retention_report(layout, 0.9, allow_forgetting="a bench")  # nothing was let through
     assert report["forgetting"][:2] == pytest.approx([0.05, 0.01])
     assert retention_report(layout, 0.9, allow_forgetting=False)["gate"] == "passed"
 
@@ -558,6 +567,23 @@ def test_an_update_whose_first_task_reads_other_data_says_so(world, tmp_path):
     assert f"Note: {note}." in card
 
 
+def test_a_one_head_update_card_compares_the_parent_with_its_task_row_not_a_mean():
+    """A one-head child's lineage table gave its pooled figures a 'per task' reading; its task rows now come from
+    each task's images with every class competing (ACC only: a task's pair is no binary problem of the model)."""
+    from edgekd.export.bundle import _lineage_section
+
+    test = {"acc": 0.5, "auc": 0.8, "sensitivity": 0.4, "specificity": 0.9, "n": 700,
+            "tasks": {"retina": {"acc": 0.3, "f1": 0.2, "n": 400}, "pneumonia": {"acc": 0.75, "f1": 0.7, "n": 300}}}
+    card = _lineage_section({"lineage": {"parent_checkpoint": "p.pt"}, "metrics": {"test": test}})
+    assert "| this bundle (every task's images and classes) | 0.5000 | 0.8000 | 0.4000 | 0.9000 | 700 |" in card
+    assert "| this bundle, task retina | 0.3000 | - | - | - | 400 |" in card
+    assert not any("unweighted mean" in line for line in card) and "ACC only" in card[-1]
+    heads = _lineage_section({"lineage": {"parent_checkpoint": "p.pt"}, "metrics": {"test": test},
+                              "tasks": [{"name": "retina"}, {"name": "pneumonia"}]})
+    assert any(line.startswith("| this bundle (unweighted mean over tasks) | 0.5000 | 0.8000 | - | - |")
+               for line in heads)
+
+
 def test_bench_times_a_continual_model_and_refuses_to_score_it_as_one_softmax(world, tmp_path):
     """bench of a multi-head bundle with --data: the runner row failed ('TaskPredictions' object has no attribute
     'probs') and the bare rows scored one softmax over every head; a continual checkpoint was scored on its first
@@ -574,10 +600,18 @@ def test_bench_times_a_continual_model_and_refuses_to_score_it_as_one_softmax(wo
     assert "a continual-learning model (one head per task): timed on random images" in notes
     # the checkpoint itself, though task A's retention is below the profile's min_retention: exported and timed
     # (the gate had refused it, naming an --allow-forgetting bench does not have)
+    said: list[str] = []
     alone = run_bench(BenchConfig(world["cl"].best_path, tmp_path / "c", formats="onnx", precisions="fp32",
-                                  batches="1", gemm=False, timing=quick, variants={"onnx": ("bare",)}),
-                      log=lambda *_: None)
+                                  batches="1", gemm=False, timing=quick, variants={"onnx": ("bare",)},
+                                  keep_work=True), log=said.append)
     assert [r["status"] for r in alone.records] == ["ok"] and alone.records[0].get("acc") is None
+    # ... said, and its card names bench, not an --allow-forgetting nobody gave
+    assert any(line.startswith("warning: the retention gate would refuse this model (task 'A': retention")
+               and line.endswith("edgekd bench, which times a model whatever its retention; not for deployment "
+                                 "exports it all the same and its card says so") for line in said), said
+    card = next((tmp_path / "c").rglob("card.md")).read_text()
+    assert "(exported by edgekd bench, which times a model whatever its retention; not for deployment):" in card
+    assert "--allow-forgetting" not in card
     folder = tmp_path / "labelled"
     for name in ("A:class_0", "A:class_1"):
         (folder / name).mkdir(parents=True)

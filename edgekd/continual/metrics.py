@@ -62,6 +62,7 @@ def retention_per_task(acc_matrix) -> np.ndarray:
 
 def retention_misses(acc_matrix, min_retention: float) -> list[tuple[int, float]]:
     """The retention gate: (task index, retention) of every earlier task whose retention is below
-    `min_retention` (a task whose accuracy right after learning it was 0 has no retention and never misses)."""
+    `min_retention`, and of every one never learned (accuracy 0 right after learning it: retention NaN), which
+    had passed the gate without a word."""
     kept = retention_per_task(acc_matrix)
-    return [(j, float(kept[j])) for j in range(len(kept) - 1) if kept[j] == kept[j] and kept[j] < min_retention]
+    return [(j, float(kept[j])) for j in range(len(kept) - 1) if not kept[j] >= min_retention]

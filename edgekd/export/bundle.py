@@ -292,16 +292,21 @@ def _lineage_section(metadata: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|", _figures_row("parent", lineage.get("parent_test_metrics") or {})]
     test = (metadata.get("metrics") or {}).get("test") or {}
     tasks = test.get("tasks") or {}
+    heads = bool(metadata.get("tasks"))  # one head per task; else one head over every task's classes
     # a mean over tasks of a binary head's sensitivity and a multi-class head's macro recall is no figure: acc, auc
-    lines.append(_figures_row("this bundle (unweighted mean over tasks)", test, ("acc", "auc")) if tasks else
-                 _figures_row("this bundle", test))
-    lines += [_figures_row(f"this bundle, task {name}", m) for name, m in tasks.items()]
+    lines.append(_figures_row("this bundle (unweighted mean over tasks)", test, ("acc", "auc")) if tasks and heads
+                 else _figures_row("this bundle (every task's images and classes)" if tasks else "this bundle", test))
+    lines += [_figures_row(f"this bundle, task {name}", m, ("acc",) if not heads else
+                           ("acc", "auc", "sensitivity", "specificity")) for name, m in tasks.items()]
     if tasks:
-        lines += ["", "Compare the parent with this bundle's row of the parent's task, not with the mean: the mean "
-                  "includes the new tasks (each task counts once, whatever its image count). Each row is scored on "
-                  "the test images of its own export's data (the images column), so a `data.limit` in the update's "
-                  "recipe scores fewer images than the parent's. Sensitivity and specificity are the positive "
-                  "class's for a task of 2 classes, macro over its classes otherwise."]
+        lines += ["", "Compare the parent with this bundle's row of the parent's task, not with the "
+                  + ("mean: the mean includes the new tasks (each task counts once, whatever its image count)."
+                     if heads else "whole model's: that row scores the new tasks' images and classes too.")
+                  + " Each row is scored on the test images of its own export's data (the images column), so a "
+                  "`data.limit` in the update's recipe scores fewer images than the parent's. "
+                  + ("Sensitivity and specificity are the positive class's for a task of 2 classes, macro over its "
+                     "classes otherwise." if heads else "A task's row is its images with every class competing "
+                     "(one head, no task id), as `edgekd eval` scores it: ACC only.")]
     return lines
 
 

@@ -100,23 +100,27 @@ def merge_parity_sets(sets: list[ParitySet], layout: TaskLayout) -> ParitySet:
                      task_outputs=layout.task_outputs if layout.heads is None else None)
 
 
-def retention_report(layout: TaskLayout, min_retention: float, allow_forgetting: bool) -> dict[str, Any]:
+def retention_report(layout: TaskLayout, min_retention: float, allow_forgetting: bool | str) -> dict[str, Any]:
     """The retention gate on the checkpoint's accuracy matrix: RetentionGateError (one line per earlier task below
-    `min_retention`) unless `allow_forgetting`; else the record edgekd.json and the card show."""
+    `min_retention`) unless `allow_forgetting` (True: the user's --allow-forgetting; a text: who else let it pass,
+    recorded as `allowed_by`); else the record edgekd.json and the card show."""
     names = [t["name"] for t in layout.tasks]
     if layout.acc_matrix is None:
         raise EdgeKDError("continual checkpoint without an accuracy matrix (metrics.acc_matrix): the retention gate "
                           "needs it; export the run's model.pt")
     acc = np.asarray(layout.acc_matrix, dtype=np.float64)
     misses = retention_misses(acc, min_retention)
-    lines = [f"task '{names[j]}': retention {kept:.4f} < min_retention {min_retention:g} "
-             f"(accuracy {acc[j, j]:.4f} after learning it, {acc[-1, j]:.4f} now)" for j, kept in misses]
+    lines = [f"task '{names[j]}': " + (f"retention {kept:.4f} < min_retention {min_retention:g} " if kept == kept
+                                       else "never learned, no retention to keep ")
+             + f"(accuracy {acc[j, j]:.4f} after learning it, {acc[-1, j]:.4f} now)" for j, kept in misses]
     if misses and not allow_forgetting:
         raise RetentionGateError(lines)
     return {"head": layout.head, "scenario": layout.scenario, "tasks": names, "acc_matrix": acc.tolist(),
             "retention": retention_per_task(acc).tolist(), "forgetting": forgetting_per_task(acc).tolist(),
             "bwt": backward_transfer(acc), "min_retention": min_retention,
-            "gate": "allowed forgetting" if misses else "passed", "misses": lines}
+            "gate": "allowed forgetting" if misses else "passed", "misses": lines,
+            **({"allowed_by": allow_forgetting if isinstance(allow_forgetting, str) else "--allow-forgetting"}
+               if misses else {})}
 
 
 def task_metadata(layout: TaskLayout) -> list[dict[str, Any]] | None:
@@ -153,6 +157,7 @@ def continual_card_section(continual: dict[str, Any], tasks: list[dict[str, Any]
                                                                         continual["forgetting"])]
     gate = continual["gate"]
     lines += ["", f"Retention gate: every earlier task >= {continual['min_retention']:g}: **{gate}**"
-              + (" (exported with --allow-forgetting):" if continual["misses"] else ".")]
+              + (f" (exported by {continual.get('allowed_by', '--allow-forgetting')}):" if continual["misses"]
+                 else ".")]
     lines += [f"- {m}" for m in continual["misses"]]
     return lines

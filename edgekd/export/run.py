@@ -553,7 +553,7 @@ def _note_thread_cap(profile: ExportProfile, log: Callable[[str], None]) -> None
 def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
                       precisions: list[str] | None = None, profile: ExportProfile | None = None,
                       zip_bundle: bool = False, data_overrides: list[str] | None = None,
-                      log: Callable[[str], None] = print, allow_forgetting: bool = False,
+                      log: Callable[[str], None] = print, allow_forgetting: bool | str = False,
                       lineage: dict[str, Any] | None = None, progress=None) -> ExportResult:
     """Export a checkpoint to every (format, precision), gate each artifact on parity with PyTorch, and publish
     a bundle at `out` only if all pass (else raise ParityGateError listing every failure; `out` is untouched).
@@ -567,6 +567,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     model, ckpt = model_from_checkpoint(checkpoint)
     layout = task_layout(ckpt)
     continual = retention_report(layout, profile.min_retention, allow_forgetting) if layout is not None else None
+    if continual and continual["misses"] and isinstance(allow_forgetting, str):
+        log(f"warning: the retention gate would refuse this model ({'; '.join(continual['misses'])}); "
+            f"{allow_forgetting} exports it all the same and its card says so")
     scratch_root = _check_space(model, len(plan), out, zip_bundle)
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout, log)
     _note_thread_cap(profile, log)
