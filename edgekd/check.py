@@ -159,10 +159,10 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
 
     listed = "a training run's metrics.json would list"
     if recipe.continual:
-        from edgekd.continual import build_tasks, repeated_tasks
+        from edgekd.continual import build_tasks, task_warnings
 
         tasks = build_tasks(recipe)
-        for line in repeated_tasks(tasks):
+        for line in task_warnings(tasks, recipe.continual):
             warn(line)
         for t in tasks:
             warn_about_data(t.data, lambda line, task=t.name: warn(line.replace("warning:", f"warning: task {task}:")),

@@ -457,6 +457,21 @@ def test_a_task_of_its_own_head_reading_an_earlier_tasks_data_and_classes_is_war
     assert any(line.startswith("warning: task 'b' reads the same data") for line in said)
 
 
+def test_a_replay_buffer_below_the_classes_it_rehearses_is_warned_of(tmp_path):
+    """replay.size 3 over 10 classes kept classes 0-2 only and never replayed 3-9, without a word."""
+    from edgekd.continual.scenarios import task_warnings
+
+    npz = quadrant_npz(tmp_path / "q4.npz", classes=4, n=(16, 8, 8))
+    tasks = [{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2]}, {"name": "c", "classes": [3]}]
+    for size in (1, 3, 5):  # tasks a and b hold the 3 classes replayed (c is last: never replayed)
+        recipe = recipe_from_dict(base_recipe(npz, scenario="class_incremental", head="single", tasks=tasks,
+                                              replay={"size": size}))
+        said = task_warnings(build_tasks(recipe), recipe.continual)
+        assert said == ([] if size >= 3 else [
+            "warning: continual.replay.size 1 is below the 3 classes of the tasks before the last: the buffer keeps "
+            "one image of 1 of them, the others are never replayed"])
+
+
 def test_a_run_stopped_while_writing_its_plots_is_not_finished_and_its_resume_writes_them(tmp_path, monkeypatch):
     """continual.json (with model.pt, what --resume takes for a finished run) was written before the plots: a
     Ctrl-C in between left a run whose resume said "finished" and never wrote task_accuracy.png."""

@@ -139,8 +139,8 @@ def eval_(
     task: Optional[str] = typer.Option(None, "--task", help="A model with one head per task: the task whose head "
                                        "scores the labelled folder of --data DIR."),
 ) -> None:
-    """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots; optionally
-    corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
+    """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots (a continual
+    checkpoint: metrics.json, per task); optionally corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
     from edgekd.fileio import refuse_output_inside, staged_files
     from edgekd.robustness import check_predictor_sources

@@ -22,7 +22,7 @@ from edgekd.continual.heads import num_outputs, resize_classifier
 from edgekd.continual.metrics import average_accuracy, backward_transfer, forgetting, forgetting_per_task, retention
 from edgekd.continual.plugins import build_plugins
 from edgekd.continual.scenarios import (ContinualObjective, Task, build_tasks, output_range, recorded_tasks,
-                                       repeated_tasks, union_data)
+                                       task_warnings, union_data)
 from edgekd.data import check_model_splits
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, sha256_file, write_json, write_text
@@ -383,7 +383,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         log(f"{out}: this recipe's run finished there; nothing to resume (model.pt and continual.json are kept)")
         return done  # model.pt (an exported bundle's parent) and dropped continual.json's timing records
     tasks = build_tasks(recipe)
-    for warning in repeated_tasks(tasks):
+    for warning in task_warnings(tasks, cfg):
         log(warning)
     model, spec, first_learned, init = _start(recipe, out, tasks, resume, log)
     device = resolve_device(recipe.train.device)

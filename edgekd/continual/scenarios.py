@@ -139,6 +139,19 @@ def repeated_tasks(tasks: list[Task]) -> list[str]:
     return said
 
 
+def task_warnings(tasks: list[Task], cfg) -> list[str]:
+    """What a continual run (and `edgekd check`) warns of its tasks: a task learned twice (`repeated_tasks`), and a
+    replay buffer (continual.replay.size) below the classes it would rehearse: a class-balanced buffer then keeps
+    one image of the lowest class ids only, and the rest are never replayed (it had said nothing)."""
+    said = repeated_tasks(tasks)
+    rehearsed = len({c for t in tasks[:-1] for c in range(t.lo, t.hi)})  # the last task's are never replayed
+    if cfg.replay and cfg.replay.size < rehearsed:
+        said.append(f"warning: continual.replay.size {cfg.replay.size} is below the {rehearsed} classes of the tasks "
+                    f"before the last: the buffer keeps one image of {cfg.replay.size} of them, the others are never "
+                    "replayed")
+    return said
+
+
 def check_new_classes(tasks: list[Task], data_cfg, class_names: list[str], where: str) -> None:
     """Class-incremental tasks, and any tasks of one head, bring new classes: a class an earlier task of the same
     dataset already has would get a second output row, and the two rows would compete in the single head (a
