@@ -1184,3 +1184,18 @@ def test_the_card_gives_the_rounding_allowance_and_marks_flat_grad_cam_maps():
     text = "\n".join(_explanation_section(shots))
     assert text.count("(flat map: nothing highlighted at this layer)") == 1
     assert "1 of 2 maps are flat" in text
+
+
+def test_the_rounding_allowance_is_measured_on_the_same_images_whatever_the_tta_views():
+    """A diverged model (logits ~1.5e3) failed FP32 parity under the default 6-view profile and passed under a
+    1-view one: its float64 rounding was sampled from other rows, 5e5-fold apart."""
+    from edgekd.export.parity import ParitySet
+    from edgekd.export.run import rounding_sample
+
+    images = np.arange(100, dtype=np.float32).reshape(100, 1, 1, 1)
+    views = ["original", "hflip", "vflip", "center_crop", "rotate+15", "rotate-15"]
+    six = ParitySet(np.concatenate([images + 1000 * k for k in range(6)]), [v for v in views for _ in range(100)], {})
+    one = ParitySet(images, ["original"] * 100, {})
+    picked = rounding_sample(one).ravel()
+    assert np.array_equal(rounding_sample(six), rounding_sample(one)) and len(picked) == 64
+    assert picked[0] == 0 and picked[-1] == 99  # spread over the images (the first 64 of 100 before), originals only
