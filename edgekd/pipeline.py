@@ -31,7 +31,8 @@ def check_run_dir(out: str | Path) -> None:
 def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, resume: bool, folds: int | None = None,
                      log: Callable[[str], None] = print) -> None:
     """Before a run starts: refuse an --out that would write over the run's own inputs or that is the working
-    folder; warn when it already holds another run, whose files are replaced (other files of it stay).
+    folder; warn when it already holds another run whose files a k-fold run replaces (other files of it stay; a
+    single or continual run warns as it clears them, once its inputs are checked).
 
     A run writes its files at the top of --out, a continual run also task<i>/ and a k-fold run fold<i>/: a teacher,
     ensemble member or model.weights file in --out itself (or anywhere under it, for those two) would be written
@@ -65,7 +66,7 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
     from edgekd.train import RUN_MARKERS  # the training side: only a run checks its --out
 
     found = [f for f in RUN_MARKERS if (out / f).exists()]
-    if found and not resume:
+    if found and not resume and folds:  # a single or continual run says so as it clears them (remove_earlier_outputs)
         log(f"warning: {out} already holds a run ({', '.join(found)}): its files are replaced by this one; "
             "anything else there (a bundle, eval folders, task folders of other tasks) stays from the earlier run")
     numbers = sorted(int(p.name[4:]) for p in out.glob("fold*") if p.is_dir() and p.name[4:].isdigit())

@@ -319,6 +319,11 @@ def test_swa_weights_are_the_mean_of_the_epochs_from_start_epoch_on(tiny_recipe_
         torch.testing.assert_close(swa[name], mean, rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.allclose(averaged[0][k], averaged[1][k]) for k in averaged[0])  # not one constant weight
     assert int(load_checkpoint(tmp_path / "r" / "last.pt")["trainer"]["swa"]["n_averaged"]) == 2
+    # metrics.json says whether best.pt is SWA's weights (its best_value is theirs, not best_epoch's log.csv row)
+    summary = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert summary["best_source"] == ("swa" if summary["swa"]["used"] else "epoch")
+    if summary["swa"]["used"]:
+        assert summary["best_value"] == pytest.approx(summary["swa"]["value"])
 
 
 class _Batches:
@@ -914,6 +919,14 @@ def test_train_never_writes_over_its_own_inputs_and_says_when_it_replaces_a_run(
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["train", "student.yaml", "--out", ""])
     assert "the current folder" in str(res.exception)
+    # into a folder holding another run, with a teacher that is no checkpoint: refused, without first saying that
+    # the earlier run's files are replaced (they were not)
+    (tmp_path / "scan.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    bad = deep(student, distill={"teacher": str(tmp_path / "scan.pt"), "terms": [{"kind": "kl", "weight": 1.0}]})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    res = CliRunner().invoke(app, ["train", "bad.yaml", "--out", "t"])
+    assert isinstance(res.exception, EdgeKDError) and "already holds a run" not in res.output
+    assert teacher.read_bytes() == before
     # into a folder holding another run: said, then done
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(deep(tiny_recipe_dict, train__epochs=0)))
     res = CliRunner().invoke(app, ["train", "plain.yaml", "--out", "t"])

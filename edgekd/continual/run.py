@@ -311,11 +311,11 @@ def _evaluate_step(model: nn.Module, tasks: list[Task], head: str, i: int, split
     return scores
 
 
-def remove_earlier_run(out: Path, tasks: list[Task]) -> None:
+def remove_earlier_run(out: Path, tasks: list[Task], log: Callable[[str], None]) -> None:
     """A new (not resumed) run into the folder of an earlier one: that run's results and its task checkpoints of
     these tasks go now. They had stayed until the new run's end, so a stop half-way left the old model.pt beside the
     new tasks (`edgekd export out/model.pt` shipped it) and the printed resume command was refused on it."""
-    remove_earlier_outputs(out)  # the top-level results of an earlier run of any kind
+    remove_earlier_outputs(out, log)  # the top-level results of an earlier run of any kind
     stale = [task_folder(out, i, t) / name for i, t in enumerate(tasks)
              for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv")]
     for path in stale:
@@ -363,7 +363,7 @@ def _start(recipe, out: Path, tasks: list[Task], resume: bool,
         log(f"warning: {note}")
     out.mkdir(parents=True, exist_ok=True)  # data and model built: a bad path has failed before anything is written
     if not resume:
-        remove_earlier_run(out, tasks)
+        remove_earlier_run(out, tasks, log)
     # the recipe as given (its digest is the checkpoints'), with a note when its model.name is not what trained
     write_text(out / "recipe.yaml", (f"# {note}\n" if note else "") + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return model, spec, first_learned, init

@@ -201,6 +201,8 @@ def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec:
     summary = {
         "name": recipe.name, "role": recipe.role, "dataset": data.source_name, "model": spec["name"],
         "params": params, "macs": macs, "best_epoch": fit.best_epoch, "monitor": recipe.train.monitor,
+        # best.pt is SWA's averaged weights (scored after the last epoch, not that epoch's log.csv row) or an epoch's
+        "best_source": "swa" if (fit.extra.get("swa") or {}).get("used") else "epoch",
         "best_value": fit.best_value, "epochs_run": len(fit.history), "stopped_early": fit.stopped_early,
         "nonfinite_batches": fit.nonfinite_batches, "train_seconds": train_seconds,
         "seconds_per_epoch": (sum(h["epoch_seconds"] for h in fit.history) / len(fit.history)) if fit.history else None,
@@ -235,16 +237,21 @@ def resume_or_clear(trainer: Trainer, out: Path, resume: bool) -> dict[str, Any]
             stale.unlink(missing_ok=True)  # are swept by atomic_write); rank 0's, which holds the folder's lock
         return trainer.resume(out / "last.pt")
     if is_main_process():
-        remove_earlier_outputs(out)
+        remove_earlier_outputs(out, trainer.log)
     return None
 
 
-def remove_earlier_outputs(out: Path) -> None:
+def remove_earlier_outputs(out: Path, log: Callable[[str], None] | None = None) -> None:
     """When `out` holds an earlier run's results, of any kind (a run's, a k-fold summary, a continual run's), they
     go (by name: a report's plots beside them stay, and so do fold and task folders): a k-fold summary had stayed
-    beside a new single run as if it described it. The caller holds the folder (its lock)."""
-    if not any((out / name).is_file() for name in RUN_MARKERS):
+    beside a new single run as if it described it. The caller holds the folder (its lock). `log`: told so, now
+    that the run's inputs have all been checked (a run refused for its teacher had first said it replaced them)."""
+    found = [name for name in RUN_MARKERS if (out / name).is_file()]
+    if not found:
         return
+    if log is not None:
+        log(f"warning: {out} already holds a run ({', '.join(found)}): its files are replaced by this one; "
+            "anything else there (a bundle, eval folders, task folders of other tasks) stays from the earlier run")
     for path in [*(out / name for name in (*RUN_OUTPUTS, *KFOLD_OUTPUTS, *CONTINUAL_OUTPUTS)),
                  *out.glob("confusion_task[0-9]*.png")]:
         if path.is_file():
