@@ -555,6 +555,17 @@ def _note_thread_cap(profile: ExportProfile, log: Callable[[str], None]) -> None
             f"{profile.run_threads()}; the bundle's hint stays {profile.threads} (a runner caps it to its cores)")
 
 
+def _retention_gate(layout: TaskLayout, profile: ExportProfile, allow_forgetting: bool | str,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """`retention_report`, with a warning when someone other than the user's --allow-forgetting let a miss through
+    (bench, which times any model)."""
+    continual = retention_report(layout, profile.min_retention, allow_forgetting)
+    if continual["misses"] and isinstance(allow_forgetting, str):
+        log(f"warning: the retention gate would refuse this model ({'; '.join(continual['misses'])}); "
+            f"{allow_forgetting} exports it all the same and its card says so")
+    return continual
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
                       precisions: list[str] | None = None, profile: ExportProfile | None = None,
                       zip_bundle: bool = False, data_overrides: list[str] | None = None,
@@ -571,10 +582,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                        (None if formats else profile.origin, None if precisions else profile.origin))
     model, ckpt = model_from_checkpoint(checkpoint)
     layout = task_layout(ckpt)
-    continual = retention_report(layout, profile.min_retention, allow_forgetting) if layout is not None else None
-    if continual and continual["misses"] and isinstance(allow_forgetting, str):
-        log(f"warning: the retention gate would refuse this model ({'; '.join(continual['misses'])}); "
-            f"{allow_forgetting} exports it all the same and its card says so")
+    continual = _retention_gate(layout, profile, allow_forgetting, log) if layout is not None else None
     scratch_root = _check_space(model, len(plan), out, zip_bundle)
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout, log)
     _note_thread_cap(profile, log)
