@@ -937,6 +937,12 @@ def test_kfold_refuses_what_would_see_a_folds_validation_images_before_training(
         with pytest.raises(EdgeKDError, match=message):
             run_kfold(recipe_from_dict(raw), tmp_path / "k", 2, log=lambda m: None)
         assert not (tmp_path / "k").exists()  # refused before fold0/splits.json
+    said: list[str] = []  # a fixed distill.teacher is not what the folds distill from: said (it was not)
+    with pytest.raises(EdgeKDError):
+        run_kfold(recipe_from_dict(tiny_recipe(tmp_path, role="student", distill={**student, "teacher": str(here)},
+                                               model={"weights": str(here)})), tmp_path / "k", 2, log=said.append)
+    assert said == [f"k-fold: distill.teacher {here} is not used: each fold distills from its own "
+                    "distill.teacher_recipe, trained on that fold"]
     with pytest.raises(EdgeKDError, match=r"^--folds: the teacher recipe's model.weights \S+here.pt was trained"):
         run_kfold(recipe_from_dict(tiny_recipe(tmp_path, role="student", distill=student)), tmp_path / "k", 2,
                   log=lambda m: None, teacher_overrides=[f"model.weights={here}"])

@@ -67,6 +67,9 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
         raise EdgeKDError(f"{out}: no fold run to resume (no fold<i>/<role>/last.pt)")
     main = is_main_process()
     teacher_base = fold_teacher_recipe(recipe, recipe_path, teacher_overrides) if recipe.distill else None
+    if recipe.distill and recipe.distill.teacher:  # README says so; the log had not
+        log(f"k-fold: distill.teacher {recipe.distill.teacher} is not used: each fold distills from its own "
+            "distill.teacher_recipe, trained on that fold")
     refuse_fold_leaks(recipe, teacher_base)
     check_pool_for_folds(recipe, folds)  # before the first teacher trains (a bad pool had failed after it)
     split = split_mode(recipe, log)
