@@ -1069,8 +1069,8 @@ def test_a_rep_model_exports_fused_and_a_wrong_fusion_fails_the_gate(tmp_path, m
     assert (convs[True], convs[False]) == (22, 44)  # RepVGG-A0: each block's 3x3 and 1x1 branches become one 3x3
 
     check = json.loads((tmp_path / "fuse-True" / "edgekd.json").read_text())["model"]["fusion_check"]
-    assert check["inputs"] == 4 * 6 and check["fused_fp32_max_diff"] < 1e-4  # 4 images x the 6 default TTA views
-    assert "of the unfused checkpoint run in float64 on 24 parity inputs" in (tmp_path / "fuse-True" / "card.md").read_text()
+    assert check["inputs"] == 4 and check["fused_fp32_max_diff"] < 1e-4  # 4 images, original view (not x 6 views)
+    assert "of the unfused checkpoint run in float64 on 4 parity inputs" in (tmp_path / "fuse-True" / "card.md").read_text()
 
     def off_by_a_little(model):  # a fusion that changed the function: checked against the unfused model
         fused, n = deploy_form(model)

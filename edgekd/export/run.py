@@ -306,13 +306,13 @@ ROUNDING_INPUTS = 64
 """Parity inputs a model is run on in float64 (`rounding_sample`)."""
 
 
-def rounding_sample(parity_set: ParitySet, original_only: bool = True) -> np.ndarray:
-    """At most ROUNDING_INPUTS of the parity inputs, spread over them, for the float64 runs: a wrong fusion shows
-    on any input, and a float64 pass costs several times an FP32 one. `original_only` (the rounding allowance):
-    the images in their original view only, so that the allowance does not hang on the profile's TTA views (an
-    ill-conditioned model's rounding differed 5e5-fold between the rows a 6-view and a 1-view profile sampled, and
-    its verdict with it)."""
-    original = parity_set.inputs[np.asarray(parity_set.views) == "original"] if original_only else []
+def rounding_sample(parity_set: ParitySet) -> np.ndarray:
+    """At most ROUNDING_INPUTS of the parity images in their original view, spread over them, for the float64 runs
+    (the rounding allowance, and the fusion check that measures it for a fused model): a wrong fusion shows on any
+    input, and a float64 pass costs several times an FP32 one. The original view only, so that the allowance does
+    not hang on the profile's TTA views: an ill-conditioned model's rounding differed 5e5-fold between the rows a
+    6-view and a 1-view profile sampled, and its verdict with it."""
+    original = parity_set.inputs[np.asarray(parity_set.views) == "original"]
     rows = original if len(original) else parity_set.inputs
     return rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), ROUNDING_INPUTS)).round().astype(int))]
 
@@ -329,8 +329,8 @@ def deployable(model, profile: ExportProfile, parity_set: ParitySet, log: Callab
     fused, blocks = deploy_form(model)
     if not blocks:
         return model, None, rounding
-    check = check_fusion(model, fused, rounding_sample(parity_set, original_only=False),
-                         profile.parity.tolerances.fp32, profile.parity.rounding_factor)
+    check = check_fusion(model, fused, rounding_sample(parity_set), profile.parity.tolerances.fp32,
+                         profile.parity.rounding_factor)
     if not check["passed"]:
         worst = check["worst"]
         raise EdgeKDError(f"fused form: logit diff {worst['diff']:.3g} from the unfused model run in float64 (at "
