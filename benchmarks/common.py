@@ -85,8 +85,7 @@ def machine_line(m: dict) -> str:
     kind = "" if simd is None else ", " + (
         "AMX" if "amx_int8" in simd else "AVX-512 VNNI" if "avx512_vnni" in simd else "AVX-VNNI" if "avx_vnni" in simd
         else "AVX-512, no VNNI" if "avx512f" in simd else "AVX2, no VNNI" if "avx2" in simd else "no AVX2")
-    arch, cpu = m.get("arch") or m.get("machine"), m.get("cpu") or m.get("model")  # `edgekd bench`'s names
-    return f"{m['cores']}-core {arch} ({cpu}{kind}), {m.get('gpu') or 'no GPU'}{torch_part}"
+    return f"{m['cores']}-core {m['arch']} ({m['cpu']}{kind}), {m.get('gpu') or 'no GPU'}{torch_part}"
 
 
 def results_doc(benchmark: str, command: str, records: list[dict], host: dict | None = None, **extra) -> dict:

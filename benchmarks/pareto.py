@@ -34,13 +34,20 @@ def section(result: dict) -> str:
     return "\n".join([
         BEGIN, "## Accuracy-latency Pareto front (`benchmarks/pareto.py`)", "",
         f"`{result['command']}` on {result['date'][:10]}; the points are the batch-1 records of "
-        f"`benchmarks/results/latency.json` (latency run: {result['latency_run'].get('date', '?')}, {machine_line(result['machine'])}). "
+        f"`{result['source']}` (latency run: {result['latency_run'].get('date', '?')}, {machine_line(result['machine'])}). "
         "Latency is the p50 of batch-1 calls; accuracy/AUC on the test split as measured by that run.", "",
         "![Pareto](results/pareto.png)", "",
         f"Front (accuracy): {'; '.join(front['acc'])}.", "",
         f"Front (AUC): {'; '.join(front['auc'])}.", "",
         "<details><summary>every configuration (accuracy)</summary>", "", pareto_markdown(panels["acc"], "acc"), "",
         "</details>", END])
+
+
+def bench_machine(bench: dict) -> dict:
+    """An `edgekd bench` bench.json's machine under the results files' keys (benchmarks/schema.py Machine)."""
+    m = bench["machine"]
+    return {"cpu": m.get("model"), "cores": m.get("cores"), "arch": m.get("machine"), "gpu": None,
+            "torch": (bench.get("versions") or {}).get("torch"), "simd": m.get("simd")}
 
 
 def main() -> None:
@@ -62,14 +69,14 @@ def main() -> None:
     if not panels["acc"]:
         raise EdgeKDError(f"{args.latency}: no batch-1 record with both latency and accuracy (run benchmarks/latency.py)")
     command = "python benchmarks/pareto.py " + " ".join(sys.argv[1:])
-    source = data.get("latency", {}) if isinstance(data, dict) else {}
+    is_bench = isinstance(data, dict) and data.get("schema", "").startswith("edgekd-bench/")
+    source = data if is_bench else data.get("latency", {}) if isinstance(data, dict) else {}
     # One record per (metric, configuration) point; the latency run they come from is the file's machine.
     result = {**results_doc("pareto", command.strip(), [{"metric": m, **p} for m, pts in panels.items() for p in pts],
                             source=str(Path(args.latency).relative_to(REPO)) if Path(args.latency).is_relative_to(REPO)
                             else args.latency,
                             latency_run={k: source.get(k) for k in ("date", "command") if k in source}),
-              "machine": source.get("machine") or (data.get("machine") if isinstance(data, dict) else None)
-              or records[0].get("machine")}  # latency.json: in its source or records; bench.json: at its top
+              "machine": bench_machine(data) if is_bench else source.get("machine") or records[0]["machine"]}
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "pareto.json", result)
     plot_pareto(panels, args.results / "pareto.png", "PneumoniaMNIST: accuracy vs batch-1 latency (p50)")

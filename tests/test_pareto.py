@@ -64,7 +64,9 @@ def test_the_pareto_script_reads_a_bench_json(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     rec = {"model": "cnn", "role": "student", "variant": "bare", "tta": False, "batch": 1, "status": "ok", "auc": 0.9}
-    bench = {"machine": {"model": "AMD EPYC", "cores": 2, "machine": "x86_64", "simd": ["avx2", "fma"]},
+    bench = {"schema": "edgekd-bench/1", "date": "2026-12-07T08:00:00+00:00", "command": "edgekd bench m.pt",
+             "versions": {"torch": "2.14.1"},
+             "machine": {"model": "AMD EPYC", "cores": 2, "machine": "x86_64", "simd": ["avx2", "fma"]},
              "records": [{**rec, "format": "onnx", "precision": "fp32", "p50_ms": 2.0, "acc": 0.91},
                          {**rec, "format": "onnx", "precision": "int8", "p50_ms": 1.0, "acc": 0.90}]}
     (tmp_path / "bench.json").write_text(json.dumps(bench))
@@ -72,5 +74,9 @@ def test_the_pareto_script_reads_a_bench_json(tmp_path):
                         "--results", str(tmp_path / "out")], capture_output=True, text=True, cwd=repo)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     result = json.loads((tmp_path / "out" / "pareto.json").read_text())
-    assert result["machine"]["model"] == "AMD EPYC"
+    sys.path.insert(0, str(repo / "benchmarks"))
+    from schema import problems
+
+    assert problems(result) == [] and result["machine"]["cpu"] == "AMD EPYC" and result["machine"]["torch"] == "2.14.1"
+    assert result["latency_run"] == {"date": bench["date"], "command": bench["command"]}
     assert sum(r["pareto"] for r in result["records"] if r["metric"] == "acc") == 2  # faster int8, more accurate fp32
