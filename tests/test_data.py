@@ -903,6 +903,8 @@ def test_numbered_class_folders_are_said_to_sort_as_text_and_class_names_takes_n
     dm = build_data(recipe_from_dict(raw))
     assert dm.class_names == ["1", "2", "10"] and dm.notes == []
     assert all(Path(p).parent.name == dm.class_names[y] for p, y in zip(dm.tables["train"].paths, dm.tables["train"].labels))
+    picked = {**raw["data"], "class_names": None, "classes": [0, 2]}  # data.classes already orders them: quiet
+    assert build_data(recipe_from_dict({**raw, "data": picked})).notes == []
     write_image_folder(tmp_path / "g", n_per_class=5, classes=("0", "1", "2"))  # text order is number order: quiet
     assert build_data(recipe_from_dict({**raw, "data": {**raw["data"], "path": str(tmp_path / "g"),
                                                         "class_names": None}})).notes == []

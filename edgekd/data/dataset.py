@@ -559,8 +559,8 @@ def source_notes(source, cfg) -> list[str]:
         notes.append(f"data.split={cfg.split}: {own} are pooled with train and a new val split is drawn "
                      f"(data.val_fraction {cfg.val_fraction:g}; {test}); data.split=given keeps them")
     names = source.class_names
-    if source.info.get("label_source") == "class folders" and not cfg.class_names and \
-            all(n.isdigit() for n in names) and names != sorted(names, key=int):  # 1, 10, 2: id 2 is folder 10
+    if source.info.get("label_source") == "class folders" and not cfg.class_names and not cfg.classes and \
+            all(n.isdecimal() for n in names) and names != sorted(names, key=int):  # 1, 10, 2: id 2 is folder 10
         notes.append(f"the class folders are numbers, ordered as text ({', '.join(names[:4])}"
                      f"{', ...' if len(names) > 4 else ''}), so class id k is not folder k: "
                      f"data.class_names [{', '.join(sorted(names, key=int))}] orders them by number")
