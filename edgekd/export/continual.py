@@ -16,7 +16,8 @@ from edgekd.export.parity import ParitySet
 
 
 class RetentionGateError(EdgeKDError):
-    """A continual checkpoint forgot an earlier task beyond the export profile's min_retention; nothing written.
+    """A continual checkpoint forgot an earlier task beyond the export profile's min_retention, or never learned
+    one (no retention to keep); nothing written.
     `lines`: one per task that misses; `anyway` says how to export regardless, `outcome` what was not written
     (edgekd update re-raises it with its own)."""
 
@@ -25,8 +26,8 @@ class RetentionGateError(EdgeKDError):
     def __init__(self, lines: list[str], anyway: str = "--allow-forgetting exports anyway",
                  outcome: str = "nothing was written"):
         self.lines = lines
-        super().__init__(f"refusing to export: {len(lines)} earlier task(s) forgot more than the export profile's "
-                         f"min_retention allows ({anyway}); {outcome}:\n  " + "\n  ".join(lines))
+        super().__init__(f"refusing to export: {len(lines)} earlier task(s) below the export profile's "
+                         f"min_retention or never learned ({anyway}); {outcome}:\n  " + "\n  ".join(lines))
 
 
 @dataclass
