@@ -61,13 +61,16 @@ def check_run_inputs(recipe, out: str | Path, recipe_path: str | Path | None, re
         raise EdgeKDError(f"--out {out}: the run writes its recipe.yaml over the recipe file {recipe_path}; "
                           "train into another folder")
     if recipe.train.epochs == 0:
-        log(f"warning: train.epochs is 0: {'model.pt' if recipe.continual else 'best.pt'} will hold the model's "
-            "initial weights, untrained")
+        start = "continual.checkpoint's weights, not trained further" if recipe.continual and \
+            recipe.continual.checkpoint else "initial weights, untrained"
+        log(f"warning: train.epochs is 0: {'model.pt' if recipe.continual else 'best.pt'} will hold the model's {start}")
     from edgekd.train import RUN_MARKERS  # the training side: only a run checks its --out
 
     found = [f for f in RUN_MARKERS if (out / f).exists()]
+    if folds:  # a k-fold run cut short has fold runs but no kfold.json yet
+        found += [p.relative_to(out).as_posix() for k in range(folds) for p in sorted((out / f"fold{k}").glob("*/last.pt"))]
     if found and not resume and folds:  # a single or continual run says so as it clears them (remove_earlier_outputs)
-        log(f"warning: {out} already holds a run ({', '.join(found)}): its files are replaced by this one; "
+        log(f"warning: {out} already holds a run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): its files are replaced by this one; "
             "anything else there (a bundle, eval folders, task folders of other tasks) stays from the earlier run")
     numbers = sorted(int(p.name[4:]) for p in out.glob("fold*") if p.is_dir() and p.name[4:].isdigit())
     stale = [f"fold{k}" for k in numbers if k >= (folds or 0)]  # fold2 before fold10

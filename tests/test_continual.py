@@ -349,6 +349,15 @@ def test_a_starting_checkpoint_trained_on_a_tasks_test_images_is_refused(tmp_pat
     said: list[str] = []
     run_continual(recipe_from_dict({**raw, "seed": 1}), tmp_path / "cl1", log=said.append)  # its own splits
     assert not any("trained on" in line for line in said)
+    # train.epochs 0 from a starting checkpoint: model.pt holds that checkpoint's weights (it had said "initial
+    # weights, untrained", as for a run from scratch)
+    from edgekd.pipeline import check_run_inputs
+
+    said.clear()
+    check_run_inputs(recipe_from_dict({**raw, "train": {**raw["train"], "epochs": 0}}), tmp_path / "cl0", None,
+                     resume=False, log=said.append)
+    assert said == ["warning: train.epochs is 0: model.pt will hold the model's continual.checkpoint's weights, "
+                    "not trained further"]
 
 
 def test_a_grown_head_keeps_the_frozen_state_of_its_weight_and_bias():

@@ -555,6 +555,20 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     assert [r["test"] for r in again["runs"]] == [r["test"] for r in saved["runs"]]  # the same runs, the same figures
     with pytest.raises(EdgeKDError, match="no fold run to resume"):
         run_kfold(recipe_from_dict(raw), tmp_path / "fresh", 2, log=lambda m: None, resume=True)
+    # a new k-fold run into it: `edgekd train` says once that its runs are replaced (each fold run had said it
+    # again for its own folder), listing the fold runs when a run cut short left no kfold.json
+    from edgekd.pipeline import check_run_inputs
+
+    (tmp_path / "kfold" / "kfold.json").unlink()
+    said.clear()
+    check_run_inputs(recipe_from_dict(raw), tmp_path / "kfold", None, resume=False, folds=2, log=said.append)
+    assert [m for m in said if "already holds a run" in m] == [
+        f"warning: {tmp_path / 'kfold'} already holds a run (fold0/student/last.pt, fold0/teacher/last.pt, "
+        "fold1/student/last.pt, fold1/teacher/last.pt): its files are replaced by this one; anything else there (a "
+        "bundle, eval folders, task folders of other tasks) stays from the earlier run"]
+    said.clear()
+    run_kfold(recipe_from_dict(raw), tmp_path / "kfold", 2, log=said.append, teacher_overrides=["name=fold-teacher-b"])
+    assert not any("already holds a run" in m for m in said) and kept.stat().st_mtime_ns != stamp
 
 
 def test_kfold_distill_needs_teacher_recipe(tmp_path):

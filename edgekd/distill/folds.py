@@ -196,8 +196,13 @@ def fold_run(train: Callable, recipe, out: Path, resume: bool, log: Callable[[st
     from edgekd.train.checkpoint import load_checkpoint
     from edgekd.train.run import RunResult
 
+    from edgekd.train import remove_earlier_outputs
+    from edgekd.train.distributed import is_main_process
+
     last, metrics = out / "last.pt", out / "metrics.json"
     if not resume or not last.is_file():
+        if is_main_process():  # quietly: the top-level warning said --out's earlier run is replaced, folds and all
+            remove_earlier_outputs(out)  # (each fold run had repeated it for its folder)
         return train(recipe, out, log=log, progress=progress)
     if metrics.is_file() and metrics.stat().st_mtime >= last.stat().st_mtime and (out / "best.pt").is_file() \
             and load_checkpoint(last).get("recipe_digest") == recipe.digest():
