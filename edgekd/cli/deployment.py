@@ -166,13 +166,13 @@ def predict(
             results.append(result)
             progress.advance(bar)
     results += [Failure(source, message) for source, message in problems]
+    if out is not None:  # first: a table that cannot be printed (a closed pipe) does not lose the run's results
+        _write_predict_output(out, results, runner, bundle, tta_option, task)
     if runner.tasks and task is None:
         out_console.print(task_predictions_table(bundle.name, runner, results))
     else:
         out_console.print(predictions_table(bundle.name, runner, results, runner.precision, tta_option))
     failed = sum(isinstance(r, Failure) for r in results)
-    if out is not None:
-        _write_predict_output(out, results, runner, bundle, tta_option, task)
     if failed:
         console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
         raise typer.Exit(1)
@@ -195,7 +195,7 @@ def _predict_inputs(inputs: list[str], frame: int | None) -> tuple[list, list[tu
         console.print(f"note: {len(indexes)} DICOMDIR file(s) left out (the index of a DICOM file set, not an image), "
                       f"e.g. {escape(str(indexes[0]))}", soft_wrap=True)
     if others:  # a clinic export's odd names (a PNG without suffix) would otherwise go unnoticed
-        console.print(f"note: {len(others)} file(s) in the folders given are not read: neither an image suffix "
+        console.print(f"note: {len(others)} file(s) in the folders and patterns given are not read: neither an image suffix "
                       f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor DICOM, e.g. {escape(str(others[0]))}",
                       soft_wrap=True)
     if frame is not None and not any(isinstance(p, DicomFrame) for p in paths):  # it had been ignored without a word

@@ -100,8 +100,8 @@ def task_predictions_table(title: str, runner, results: list) -> RichTable:
     table = RichTable(title=escape(f"{title}: {runner.info['format']} {runner.precision}, one head per task"))
     table.add_column("file")
     for name, _ in runner.tasks:
-        table.add_column(f"{name} label")
-        table.add_column(f"{name} prob", justify="right")
+        table.add_column(escape(f"{name} label"))  # task and class names are the user's: no rich markup
+        table.add_column(escape(f"{name} prob"), justify="right")
     for r in results:
         cells = (["[red]error[/]", "-"] * len(runner.tasks) if isinstance(r, Failure) else
                  [c for name, _ in runner.tasks for c in (escape(r.tasks[name].label), f"{r.tasks[name].prob:.4f}")])
@@ -124,7 +124,7 @@ def predictions_table(title: str, runner, results: list, precision: str, tta_opt
                                       if calibrated else "") + rule))
     raw_cols = ["p(label) uncal."] if calibrated else []  # every class's uncalibrated probability: --out
     for col in ("file", "label", "p(label)", *raw_cols, *names):
-        table.add_column(col, justify="left" if col in ("file", "label") else "right")
+        table.add_column(escape(col), justify="left" if col in ("file", "label") else "right")
     for r in results:
         if isinstance(r, Failure):
             table.add_row(escape(printable(r.source)), "[red]error[/]", "-", *["-"] * (len(raw_cols) + len(names)))
