@@ -42,8 +42,9 @@ def _columns(preds: Sequence[Prediction], class_names: list[str],
 
 def _cells(r: Prediction, n_classes: int, views: list[str], raw: bool) -> list[Any]:
     row: list[Any] = [r.label, r.index, f"{r.prob:.6f}", *[f"{p:.6f}" for p in r.probs]]
-    for v in views:
-        row += [f"{p:.6f}" for p in (r.view_probs or {}).get(v, [""] * n_classes)]
+    for v in views:  # a prediction without this view (e.g. run without TTA): empty cells
+        seen = (r.view_probs or {}).get(v)
+        row += [f"{p:.6f}" for p in seen] if seen is not None else [""] * n_classes
     if raw:
         row += [f"{p:.6f}" for p in r.raw_probs] if r.raw_probs is not None else [""] * n_classes
     return row
@@ -61,17 +62,19 @@ def spreadsheet_safe(text: str) -> str:
 
 def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], class_names: list[str],
                     tasks: list[tuple[str, list[str]]] | None = None,
-                    shape: tuple[list[str], bool] | None = None) -> str:
+                    shape: tuple[list[str], bool] | None = None, task_column: bool | None = None) -> str:
     """file, [task,] label, index, prob, p_<class>..., [<view>:p_<class>...], [uncalibrated:p_<class>...], warning
     (e.g. a blank image: the answer means nothing), error.
     A `task` column when the predictions are one task's of a multi-head bundle; with `tasks` (a multi-head
     bundle, no task chosen: TaskPredictions) one row per image and every task's columns side by side, each
-    prefixed `<task>:`."""
+    prefixed `<task>:`. `task_column`: whether the `task` column is there (a multi-head bundle's chosen task, so
+    the columns do not depend on which files failed); None: when a prediction has a task."""
     done = [r for r in results if not isinstance(r, Failure)]
     groups = [(name, names, [r.tasks[name] for r in done]) for name, names in tasks] if tasks else \
         [(None, class_names, done)]
     layout = [(name, names, *_columns(preds, names, shape)) for name, names, preds in groups]
-    with_task = not tasks and any(getattr(r, "task", None) is not None for r in done)
+    with_task = not tasks and (task_column if task_column is not None else
+                               any(getattr(r, "task", None) is not None for r in done))
     header = ["file", *(["task"] if with_task else []),
               *[f"{name}:{c}" if name else c for name, _, cols, _, _ in layout for c in cols], "warning", "error"]
     buf = io.StringIO()
@@ -81,7 +84,7 @@ def predictions_csv(results: Sequence[Prediction | TaskPredictions | Failure], c
         if isinstance(r, Failure):
             writer.writerow([spreadsheet_safe(r.source)] + [""] * (len(header) - 2) + [spreadsheet_safe(r.error)])
             continue
-        row: list[Any] = [spreadsheet_safe(r.source), *([spreadsheet_safe(r.task)] if with_task else [])]
+        row: list[Any] = [spreadsheet_safe(r.source), *([spreadsheet_safe(r.task or "")] if with_task else [])]
         for name, names, _, views, raw in layout:
             cells = _cells(r.tasks[name] if name else r, len(names), views, raw)
             row += [spreadsheet_safe(cells[0]), *cells[1:]]  # the label: a class name
@@ -97,6 +100,7 @@ def write_predictions(path: str | Path, results: Sequence[Prediction | TaskPredi
     """CSV (`predictions_csv`) or JSON ({class_names, info..., predictions: [Prediction/TaskPredictions.to_dict()]})."""
     path = check_output_path(path)
     if path.suffix.lower() == ".csv":
-        return write_text(path, predictions_csv(results, class_names, tasks, shape))
+        chosen = info["task"] is not None if info and "tasks" in info and "task" in info else None  # a head's
+        return write_text(path, predictions_csv(results, class_names, tasks, shape, chosen))
     return write_json(path, {"class_names": class_names, **(info or {}),
                              "predictions": [r.to_dict() for r in results]})

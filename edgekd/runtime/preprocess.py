@@ -8,6 +8,7 @@ The float steps use the same float32 operations in the same order, so without a 
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any, Union
 
@@ -35,7 +36,10 @@ def as_image_array(image: ImageInput, resize: int | None = None) -> np.ndarray:
             return read_image(image.path, resize, frame=image.index)
         if isinstance(image, Image.Image):
             check_image_size(*image.size, resize)
-            return pil_to_array(image)
+            try:  # Image.open decodes lazily: a truncated file fails here, as one input's error
+                return pil_to_array(image)
+            except (OSError, SyntaxError, ValueError, struct.error) as err:
+                raise EdgeKDError(f"PIL image: corrupt or truncated ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
         raise EdgeKDError(f"expected an image path, PIL image or numpy array, got {type(image).__name__}")
     if image.ndim == 2:
         image = image[..., None]
