@@ -97,14 +97,22 @@ def is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name in SYSTEM_FOLDERS or path.name.lower() == "thumbs.db"
 
 
-def folder_files(folder: Path) -> list[Path]:
+def folder_files(folder: Path, unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
     """Every file under `folder`, any depth, sorted: folders reached through a symlink included (each real folder
     once, so a link loop ends), broken links included (`is_file_or_broken_link`), hidden and system entries
-    (`is_hidden`) left out."""
+    (`is_hidden`) left out. A folder that cannot be listed (no permission) is a one-line error, or with
+    `unreadable` a (folder, message) entry there and the rest is listed (os.walk had skipped it without a word)."""
     files: list[Path] = []
     root = os.path.realpath(folder)
     seen: set[str] = set()
-    for top, dirs, names in os.walk(folder, followlinks=True):
+
+    def cannot_list(err: OSError) -> None:
+        message = f"{err.filename}: folder cannot be read ({err.strerror or type(err).__name__})"
+        if unreadable is None:
+            raise EdgeKDError(message)
+        unreadable.append((str(err.filename), message))
+
+    for top, dirs, names in os.walk(folder, onerror=cannot_list, followlinks=True):
         real = os.path.realpath(top)
         if real in seen or (real != root and os.path.commonpath([real, root]) == real):  # a loop; a link up the tree
             dirs[:] = []  # (`cat/up -> ..` had listed the dog images as cats)

@@ -314,12 +314,12 @@ def test_predict_says_how_many_files_of_a_folder_it_does_not_read(bundle, good_p
     (folder / ".DS_Store").write_bytes(b"\0")
     code, out, err = invoke(capsys, "predict", bundle, folder, "--backend", "onnx")
     assert code == 0 and "a.png" in out
-    assert ("note: 2 file(s) in the folders given are not read: neither an image suffix" in err
+    assert ("note: 2 file(s) in the folders and patterns given are not read: neither an image suffix" in err
             and f"nor DICOM, e.g. {folder / 'noext'}" in err), err
     (folder / "DICOMDIR").write_bytes(b"\0" * 200)  # a file set's index: DICOM, not an image, not "not DICOM"
     code, out, err = invoke(capsys, "predict", bundle, folder, "--backend", "onnx")
     assert code == 0 and "note: 1 DICOMDIR file(s) left out (the index of a DICOM file set, not an image)" in err
-    assert "note: 2 file(s) in the folders given are not read" in err, err
+    assert "note: 2 file(s) in the folders and patterns given are not read" in err, err
 
 
 def test_predict_csv_cells_a_spreadsheet_would_run_as_formulas_are_text(bundle, good_png, tmp_path, capsys,

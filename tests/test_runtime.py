@@ -584,6 +584,38 @@ def test_predict_cli_all_good_exits_zero_and_bad_out_suffix_is_refused(bundle, t
     assert "a.png" in res.output
     res = CliRunner().invoke(app, ["predict", str(bundle), str(img), "--out", str(tmp_path / "p.xlsx")])
     assert res.exit_code != 0 and not (tmp_path / "p.xlsx").exists()
+    # --out is written before the table is printed: a table that cannot be shown (stdout a closed pipe) had lost
+    # the whole run's results
+    import edgekd.cli.deployment as deployment
+
+    def closed_pipe(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(deployment, "predictions_table", closed_pipe)
+        res = CliRunner().invoke(app, ["predict", str(bundle), str(img), "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code != 0 and "a.png" in (tmp_path / "p.csv").read_text()
+
+
+def test_class_and_task_names_are_shown_as_written_in_the_predictions_tables():
+    """Column headers took class names as rich markup: 'nevus [benign]' was shown as 'nevus ', and a name with
+    '[/b]' raised a MarkupError after the whole run."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from edgekd.cli.tables import predictions_table, task_predictions_table
+    from edgekd.runtime import Prediction
+
+    names = ["nevus [benign]", "mel [/b]"]
+    runner = SimpleNamespace(class_names=names, temperature=1.0, bias=None, threshold=None, task=None,
+                             info={"format": "onnx"}, tasks=[("lesion [x]", names)], precision="fp32")
+    pred = Prediction("a.png", 1, names[1], np.array([0.2, 0.8]), names)
+    console = Console(record=True, width=200)
+    console.print(predictions_table("b", runner, [pred], "fp32", False))
+    console.print(task_predictions_table("b", runner, [Failure("c.png", "bad")]))
+    shown = console.export_text()
+    assert all(name in shown for name in (*names, "lesion [x] label"))
 
 
 # ---------------------------------------------------------------- DICOM (pydicom: the dev and dicom extras)
@@ -1364,6 +1396,30 @@ def test_a_blank_image_is_answered_with_a_warning(bundle, tmp_path):
 
     rows = list(csv.DictReader(io.StringIO(predictions_csv([blank, real], runner.class_names))))
     assert rows[0]["warning"] == BLANK_IMAGE and rows[1]["warning"] == "" and rows[0]["error"] == ""
+
+
+def test_predictions_csv_mixes_tta_and_plain_rows_and_a_truncated_pil_image_is_one_failure(bundle, tmp_path):
+    """write_predictions of results with and without TTA raised ValueError (a missing view's empty cells were
+    formatted as numbers); the task column came and went with whether any file succeeded; a truncated file opened
+    with PIL (it decodes lazily) raised OSError out of predict_many, ending the stream."""
+    import csv
+
+    from edgekd.runtime.output import predictions_csv
+
+    runner = Runner.from_bundle(bundle, backend="onnx", threads=1)
+    image = random_pixels((20, 20, 3), seed=3)
+    mixed = [runner.predict(image, tta=True), runner.predict(image, tta=False)]
+    rows = list(csv.DictReader(io.StringIO(predictions_csv(mixed, runner.class_names))))
+    view = f"hflip:p_{runner.class_names[0]}"
+    assert float(rows[0][view]) >= 0 and rows[1][view] == "" and rows[0]["label"] == rows[1]["label"]
+    failed = [Failure("a.png", "a.png: not an image")]
+    assert predictions_csv(failed, runner.class_names, task_column=True).startswith("file,task,label,")
+    assert predictions_csv(failed, runner.class_names).startswith("file,label,")
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:-40])
+    out = list(runner.predict_many([Image.open(tmp_path / "cut.png"), image]))
+    assert isinstance(out[0], Failure) and "corrupt or truncated" in out[0].error and not isinstance(out[1], Failure)
 
 
 def test_a_signal_after_two_openvino_runners_were_destroyed_is_handled(bundle):

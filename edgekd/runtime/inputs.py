@@ -6,20 +6,21 @@ import glob
 from pathlib import Path
 
 from edgekd.errors import EdgeKDError
-from edgekd.imageio import IMAGE_SUFFIXES, DicomFrame, dicom_frames, folder_files, is_dicom, is_image_file, subfolders
+from edgekd.imageio import (IMAGE_SUFFIXES, DicomFrame, dicom_frames, folder_files, is_dicom, is_file_or_broken_link,
+                            is_image_file, subfolders)
 
 
 def collect_inputs(specs: list[str | Path], frame: int | None = None, skipped: list[Path] | None = None,
                    repeated: list[Path] | None = None) -> tuple[list[Path | DicomFrame], list[tuple[str, str]]]:
     """Files as given, folders recursively (sorted; files with an image suffix, and DICOM files of any name, so a
-    folder of a series works), globs expanded (sorted). A multi-frame DICOM becomes one input per frame
+    folder of a series works), globs expanded (sorted) and read as folders are (a matched folder's images, files
+    that are no image left out). A multi-frame DICOM becomes one input per frame
     (`file.dcm#frame3`), or only frame `frame` (1-based) when given.
 
     Returns (inputs, problems): a spec matching nothing is a (spec, message) problem, not an exception,
     so one typo does not stop a batch run. A file reached twice (given twice, or through a link) is kept once, at its
-    first position; `repeated`, if given, gets the later paths. `skipped`, if given, gets the files of a folder
-    left out as not images (hidden files, such as .DS_Store, not counted).
-    """
+    first position; `repeated`, if given, gets the later paths. `skipped`, if given, gets the files of a folder or
+    pattern left out as not images, each once (hidden files, such as .DS_Store, not counted)."""
     paths: list[Path] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
@@ -32,32 +33,49 @@ def collect_inputs(specs: list[str | Path], frame: int | None = None, skipped: l
         elif repeated is not None:
             repeated.append(p)
 
+    left_out: set[Path] = set()  # a file of two folders given (one inside the other) is counted once
+
+    def folder_images(path: Path, text: str | None) -> list[Path]:
+        """The folder's images (`images_of`); `text`: the spec to name when it holds none."""
+        said = len(problems)  # a subfolder that cannot be listed: a problem, the rest read
+        found = images_of(folder_files(path, problems), skipped, left_out)  # through symlinked folders; hidden
+        if not found and text is not None and len(problems) == said:  # files left out
+            problems.append((text, f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))} or DICOM)"))
+        return found
+
     for spec in specs:
         text = str(spec)
         path = Path(text)
         if path.is_dir():
-            files = folder_files(path)  # through symlinked folders; hidden and system files left out
-            found = [p for p in files if is_image_file(p)]
-            if skipped is not None:
-                images = set(found)
-                skipped += [p for p in files if p not in images]
-            if not found:
-                problems.append((text, f"{path}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))} "
-                                       "or DICOM)"))
-            for p in found:
+            for p in folder_images(path, text):
                 add(p)
         elif path.exists():
             add(path)
-        elif glob.has_magic(text):
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True))
-            files = [p for p in found if p.is_file()]
-            if not files:
-                problems.append((text, f"{text}: pattern matches no files"))
-            for p in files:
+        elif glob.has_magic(text):  # read as a folder is: a matched folder's images (data/*: its class folders),
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True))  # files that are no image left out and
+            deep = "**" in text  # counted, broken links kept (then unreadable); data/**: glob matched every file
+            files = [p for p in found if not p.is_dir() and is_file_or_broken_link(p)]
+            images = images_of(files, skipped, left_out)
+            images += [q for p in found if p.is_dir() and not deep for q in folder_images(p, None)]
+            if not images:
+                problems.append((text, f"{text}: pattern matches no " + ("images" if files else "files")))
+            for p in sorted(images):
                 add(p)
         else:
             problems.append((text, f"{path}: no such file or folder"))
     return [item for p in paths for item in frames_of(p, frame)], problems
+
+
+def images_of(files: list[Path], skipped: list[Path] | None, counted: set[Path]) -> list[Path]:
+    """The images among `files` (of a folder or a pattern); the others go to `skipped`, each file once (`counted`:
+    the resolved paths already there)."""
+    found = [p for p in files if is_image_file(p)]
+    images = set(found)
+    for p in files if skipped is not None else ():
+        if p not in images and p.resolve() not in counted:
+            counted.add(p.resolve())
+            skipped.append(p)
+    return found
 
 
 def frames_of(path: Path, frame: int | None = None) -> list[Path | DicomFrame]:
