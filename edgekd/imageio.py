@@ -275,8 +275,7 @@ def upright(img: Image.Image) -> Image.Image:
 def pil_to_array(img: Image.Image) -> np.ndarray:
     """A PIL image of any common mode -> uint8 (H, W, 1) for gray or (H, W, 3) for color."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        return _rescale_to_uint8(arr)[..., None]
+        return _rescale_to_uint8(np.asarray(img))[..., None]  # its own dtype: one float copy, made there
     if img.mode in ("1", "L"):
         return np.asarray(img.convert("L"), dtype=np.uint8)[..., None]
     if img.mode == "LA":
@@ -285,14 +284,19 @@ def pil_to_array(img: Image.Image) -> np.ndarray:
 
 
 def _rescale_to_uint8(arr: np.ndarray, span: tuple[float, float] | None = None) -> np.ndarray:
-    """`span` (black, white) to 0..255, clipped; without it the image's own min..max."""
+    """`span` (black, white) to 0..255, clipped; without it the image's own min..max. One float64 copy of `arr`,
+    worked in place (a 64-MP 16-bit image had taken four: ~2 GB per decode, for an upload of a few hundred KB)."""
     own = float(np.min(arr)), float(np.max(arr))
     if not np.isfinite(own).all():
         raise EdgeKDError("image holds NaN or Inf values")
     lo, hi = span or own  # lo > hi: a window whose black is the larger value (see _voi_span)
     if hi == lo:
         return np.zeros(arr.shape, dtype=np.uint8)
-    return np.round(np.clip((arr - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
+    work = np.array(arr, dtype=np.float64)  # a copy: the caller's array (pydicom's) is left as it was
+    work -= lo
+    work *= 255.0 / (hi - lo)
+    np.clip(work, 0, 255, out=work)
+    return np.round(work, out=work).astype(np.uint8)
 
 
 def _pydicom(where: str):
@@ -482,7 +486,7 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
                           ) from None
     try:
         out = arr if arr.dtype == np.uint8 and span == (0.0, 255.0) else \
-            _rescale_to_uint8(np.asarray(arr, dtype=np.float64), span)
+            _rescale_to_uint8(arr, span)
     except EdgeKDError as err:  # e.g. a RescaleSlope of NaN: the message names the file like every other
         raise EdgeKDError(f"{where}: {err}") from None
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":

@@ -277,6 +277,29 @@ def test_the_resize_target_is_bounded_before_resizing():
         pre.to_model_size(np.zeros((100, 20000), np.uint8))
 
 
+def test_a_16_bit_image_is_rescaled_in_one_float_copy():
+    """A 16-bit PNG was rescaled through four float64 arrays of its size: a 64-MP upload of a few hundred KB took
+    ~2 GB per decode in `edgekd serve`. Now one float64 copy, worked in place (numpy's allocations, traced), and
+    the same pixels as the plain formula."""
+    import io
+    import tracemalloc
+
+    from edgekd.imageio import read_image_bytes
+
+    ramp = np.tile(np.arange(1000, dtype=np.uint16) * 60 + 7, (1000, 1))
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    tracemalloc.start()
+    try:
+        out = read_image_bytes(buf.getvalue())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    lo, hi = float(ramp.min()), float(ramp.max())
+    assert np.array_equal(out[..., 0], np.round(np.clip((ramp - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8))
+    assert peak < 1.5 * ramp.size * 8, peak  # one float64 copy (8 MB) and the uint16 and uint8 arrays: 11 MB
+
+
 def test_a_memory_error_fails_one_file_not_the_batch(bundle, tmp_path, capsys):
     from edgekd.runtime import preprocess
 
