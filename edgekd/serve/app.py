@@ -67,16 +67,17 @@ class Service:
                             "tta_views": runner.tta_views.names if runner.tta else None, "threshold": runner.threshold}
 
     def run_batch(self, images: list[np.ndarray], sources: list[str]) -> list[Prediction]:
-        n = len(images)
+        if self.runner.preprocessor.channels == 3:  # gray uploads to an RGB model as RGB, the graph's own repeat:
+            images = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in images]  # one set of compiled
+        n = len(images)  # graphs (OpenVINO's per channel count: a color upload among gray ones had compiled anew)
         size = next((s for s in self.sizes if s >= n), n) if self.sizes else n
         return self.runner.predict_sized(images + [images[0]] * (size - n), sources + [sources[0]] * (size - n))[:n]
 
     def warm(self) -> None:
         """Compile and run every padded batch size once, so no client waits for a compile."""
         c, h, w = self.runner.input_shape
-        channels = 1 if self.keep_gray else c
-        for size in self.sizes or [1]:
-            self.run_batch([np.zeros((h, w, channels), np.uint8)] * size, ["warmup"] * size)
+        for size in self.sizes or [1]:  # at the channels run_batch feeds (the model's)
+            self.run_batch([np.zeros((h, w, c), np.uint8)] * size, ["warmup"] * size)
 
     async def decode(self, data: bytes, content_type: str | None, where: str) -> np.ndarray:
         loop = asyncio.get_running_loop()
