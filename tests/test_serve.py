@@ -151,6 +151,32 @@ def test_openvino_batches_are_padded_to_a_few_compiled_sizes(runner):
     np.testing.assert_allclose(preds[2].probs, runner.predict(arr).probs, atol=1e-6)
 
 
+def test_a_gray_bundle_serves_gray_and_color_uploads_from_the_graphs_warmed_at_start(bundle, tmp_path):
+    """A bundle trained on gray images with an RGB model kept gray uploads one channel: OpenVINO compiled a second
+    set of graphs for the first color upload, evicting warmed ones (4 kept), and every client waited on the
+    compiles. Gray uploads now go in as RGB (the graph's own repeat): one set, all warmed at start."""
+    import shutil
+
+    gray = shutil.copytree(bundle, tmp_path / "gray")
+    meta = json.loads((gray / "edgekd.json").read_text())
+    meta.setdefault("runtime", {})["image_channels"] = 1
+    (gray / "edgekd.json").write_text(json.dumps(meta))
+    write_manifest(gray)
+    runner = Runner.from_bundle(gray, backend="openvino", tta=False, threads=1)
+    service = create_app(runner, ServeSettings(max_batch=4)).state.service
+    service.warm()
+    compiles, original = [], runner.backend._compile
+    runner.backend._compile = lambda *args: compiles.append(args) or original(*args)
+    gray_img = random_pixels((20, 20, 1), seed=4)
+    sized = [runner.preprocessor.to_model_size(a, keep_gray=True)
+             for a in (gray_img, random_pixels((20, 20, 3), seed=5))]
+    for batch in ([sized[0]], [sized[1]], [sized[0], sized[1]], [sized[0]] * 3, [sized[1]] * 4):
+        service.run_batch(batch, ["x"] * len(batch))
+    assert compiles == []
+    np.testing.assert_allclose(service.run_batch([sized[0]], ["g"])[0].probs, runner.predict(gray_img).probs,
+                               atol=1e-6)
+
+
 def hold_the_model(service) -> tuple[threading.Event, threading.Event]:
     """The service's model waits in its first call: (set once a batch is being run, set it to let the batch go)."""
     busy, release, original = threading.Event(), threading.Event(), service.batcher.predict
@@ -387,6 +413,9 @@ def test_create_app_applies_the_services_rules(runner):
 
     for settings, words in ((ServeSettings(host="0.0.0.0"), "without a token"),
                             (ServeSettings(token="short"), "at least 16 characters"),
+                            # a secret file's newline: no header could carry it, every request got 401
+                            (ServeSettings(token=TOKEN + "\n"), r"holds '\\n': a bearer token is printable ASCII"),
+                            (ServeSettings(token="clé " + TOKEN), r"holds ' ', 'é'"),
                             (ServeSettings(max_batch=0), "--max-batch must be >= 1"),
                             (ServeSettings(max_queue=1, max_batch=8), "--max-queue 1 must be at least")):
         with pytest.raises(EdgeKDError, match=words):
@@ -405,14 +434,14 @@ def test_requests_over_the_limit_get_a_json_503_counted_in_the_metrics(runner):
         while not busy.is_set():
             await asyncio.sleep(0.01)
         refused = await client.post("/predict", content=png(1), headers={"content-type": "image/png"})
-        health = await client.get("/health")
+        health, scraped = await client.get("/health"), await client.get("/metrics")  # monitoring sees it busy
         release.set()
-        return refused, health, await held, await client.get("/metrics")
+        return refused, health, scraped, await held, await client.get("/metrics")
 
-    refused, health, held, metrics = call(app, go)
+    refused, health, scraped, held, metrics = call(app, go)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"].startswith("busy: 1 requests are being answered (at most 1)")
-    assert health.status_code == 200 and held.status_code == 200
+    assert health.status_code == 200 and held.status_code == 200 and scraped.status_code == 200
     assert metric_samples(metrics.text)[("edgekd_requests_total", (("endpoint", "/predict"), ("status", "503")))] == 1
 
 

@@ -93,7 +93,7 @@ class RequestLimit:
     when a shutdown's grace period ends (uvicorn cancels it) gets a JSON 503 rather than a dropped connection and a
     CancelledError traceback in the log."""
 
-    EXEMPT = ("/health",)
+    EXEMPT = ("/health", "/metrics")  # cheap, and a scrape must see a saturated service
 
     def __init__(self, app, max_requests: int | None):
         self.app, self.max_requests, self.active = app, max_requests, 0

@@ -46,6 +46,10 @@ def check_settings(settings: ServeSettings) -> None:
                           "set --token or EDGEKD_TOKEN (clients then send 'Authorization: Bearer TOKEN')")
     if settings.token is not None and len(settings.token) < 16:
         raise EdgeKDError("the API token must have at least 16 characters")
+    odd = sorted({c for c in settings.token or "" if not ("!" <= c <= "~")})  # RFC 6750's token: printable ASCII
+    if odd:  # a secret file's trailing newline, a space or a non-ASCII letter: no client could ever send it
+        raise EdgeKDError(f"the API token holds {', '.join(repr(c) for c in odd)}: a bearer token is printable ASCII "
+                          "without spaces (a token read from a file keeps its trailing newline: strip it)")
     for name in ("max_batch", "max_queue", "decode_threads"):
         if getattr(settings, name) < 1:
             raise EdgeKDError(f"--{name.replace('_', '-')} must be >= 1")
