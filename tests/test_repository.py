@@ -219,6 +219,35 @@ def test_out_as_a_symlink_to_an_empty_folder_is_followed(bundle, tmp_path):
         write_repository(bundle, "ovms", tmp_path / "dangling")
 
 
+def test_an_empty_mounted_volume_as_out_is_filled_in_place(bundle, tmp_path, monkeypatch):
+    """`docker run -v ./repo:/out ... --out /out`: the repository was staged beside the mount point, which then had to
+    be removed (EBUSY) and renamed over (EXDEV); a parent it may not write failed naming the staging folder. Such an
+    --out is staged inside and its entries moved in (config.json last); nothing else is left there."""
+    import os as os_
+
+    import edgekd.runtime.repository as repository
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    monkeypatch.setattr(repository.os.path, "ismount", lambda p: os_.fspath(p) == os_.fspath(volume))
+    real_rmdir = Path.rmdir
+
+    def busy(path):  # what a mount point answers
+        if path == volume:
+            raise OSError(16, "Device or resource busy", str(path))
+        real_rmdir(path)
+
+    monkeypatch.setattr(Path, "rmdir", busy)
+    moved: list[str] = []
+    real_rename = repository.os.rename
+    monkeypatch.setattr(repository.os, "rename", lambda a, b: moved.append(Path(b).name) or real_rename(a, b))
+    repo = write_repository(bundle, "ovms", volume, name="chest")
+    assert sorted(p.name for p in volume.iterdir()) == ["README.md", "chest", "config.json", "edgekd-clients.json"]
+    assert moved[-1] == "config.json" and sha256(volume / "chest" / "1" / "model.xml") == repo.files["chest/1/model.xml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]  # nothing staged beside it
+    assert not repository.stages_inside(tmp_path / "new") and not repository.stages_inside(tmp_path)
+
+
 def test_precision_in_any_case_and_a_file_as_out(bundle, tmp_path):
     repo = write_repository(bundle, "triton", tmp_path / "t", precision="FP32")
     assert list(repo.files) == [f"{repo.model_name}/1/model.onnx"]

@@ -123,11 +123,33 @@ def ovms_config(name: str, base_path: str, artifact: Artifact) -> dict[str, Any]
     return {"model_config_list": [{"config": config}]}
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, stage: Path | None = None) -> None:
+    """--out is new, or an empty folder (`stage`: the staging folder inside it, which does not count)."""
     if out.exists() and not out.is_dir():
         raise EdgeKDError(f"--out {out}: a file, not a directory; choose a new directory for the repository")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p != stage for p in out.iterdir()):
         raise EdgeKDError(f"--out {out}: exists and is not empty; choose a new directory for the repository")
+
+
+def stages_inside(out: Path) -> bool:
+    """Whether a new repository is staged inside --out (an empty folder that cannot be swapped by a rename: a mount
+    point such as a container volume, on another device than its parent, or under a parent it may not write) rather
+    than beside it (then published by one rename)."""
+    return out.is_dir() and (os.path.ismount(out) or out.parent.stat().st_dev != out.stat().st_dev
+                             or not os.access(out.parent, os.W_OK | os.X_OK))
+
+
+def publish_new(stage: Path, out: Path) -> None:
+    """A staged new repository becomes --out: one rename from beside it, or from inside it its entries moved in
+    (each whole: a server polling sees a model folder complete; OVMS's config.json last)."""
+    if stage.parent != out:
+        if out.exists():
+            out.rmdir()
+        os.rename(stage, out)
+        return
+    for entry in sorted(stage.iterdir(), key=lambda p: p.name == "config.json"):
+        os.rename(entry, out / entry.name)
+    stage.rmdir()
 
 
 def _copy_verified(data: bytes, digest: str | None, target: Path) -> str:
@@ -214,20 +236,20 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
                                  published)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = staged = None
+    inside = stages_inside(out)  # an empty mounted volume: staged in it (rmdir and rename there had failed)
     try:
         with deferred_signals():  # tracked: a stop signal removes it (the CLI exits without unwinding)
-            stage = staged = track_tree(staging_directory(f".{out.name}.", ".tmp", out.parent))
+            stage = staged = track_tree(staging_directory(".edgekd-new." if inside else f".{out.name}.", ".tmp",
+                                                          out if inside else out.parent))
         if kind == "triton":
             files, io = _stage_triton(bundle, art, stage, name, max_batch_size, queue_delay_us, version)
         else:
             files, io = _stage_ovms(bundle, art, stage, name, base_path, version)
         write_text(stage / "README.md", repository_readme(bundle, kind, name, art, files, io, base_path))
         write_json(stage / CLIENTS_FILE, {"models": {name: {**client_contract(bundle), "readme": "README.md"}}})
-        _check_out(out)
+        _check_out(out, stage)
         with deferred_signals():
-            if out.exists():
-                out.rmdir()
-            os.rename(stage, out)
+            publish_new(stage, out)
             stage = None
             published(repo := Repository(out, kind, name, files))
     finally:
