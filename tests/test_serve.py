@@ -422,6 +422,36 @@ def test_create_app_applies_the_services_rules(runner):
             create_app(runner, settings)
 
 
+def test_an_app_without_a_token_answers_this_machine_only_and_warms_up_in_its_lifespan(bundle):
+    """create_app checked settings.host, which a library caller's `uvicorn.run(app, host="0.0.0.0")` never sets: the
+    app answered anyone without a token. And only `edgekd serve` warmed the model up: a library caller's first
+    clients waited on OpenVINO's compiles."""
+    from starlette.testclient import TestClient
+
+    runner = Runner.from_bundle(bundle, backend="openvino", tta=False, threads=1)
+    compiles, original = [], runner.backend._compile
+    runner.backend._compile = lambda *args: compiles.append(args) or original(*args)
+    app = create_app(runner, ServeSettings(max_batch=4))
+    png_ = {"content": png(2), "headers": {"content-type": "image/png"}}
+    with TestClient(app, client=("10.1.2.3", 5000)) as other:  # entering runs the lifespan's startup
+        warmed = len(compiles)
+        refused = other.post("/predict", **png_)
+        health = other.get("/health")
+    assert warmed > 0 and refused.status_code == 403 and health.status_code == 200  # (batch 1 compiled at load)
+    assert refused.json()["error"].startswith("this service has no token: it answers this machine only")
+    with TestClient(create_app(runner, ServeSettings(max_batch=4)), client=("::ffff:127.0.0.1", 5000)) as local:
+        assert local.post("/predict", **png_).status_code == 200
+        service = local.app.state.service
+        image = runner.preprocessor.to_model_size(random_pixels((20, 20, 3), seed=1))
+        for size in padded_sizes(4):
+            service.run_batch([image] * size, ["x"] * size)
+    assert len(compiles) == warmed  # every padded batch size was compiled before the first client
+    with TestClient(create_app(runner, ServeSettings(max_batch=4, token=TOKEN)), client=("10.1.2.3", 5000)) as c:
+        assert c.post("/predict", **png_).status_code == 401
+        assert c.post("/predict", content=png(2), headers={"content-type": "image/png",
+                                                            "authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
 def test_requests_over_the_limit_get_a_json_503_counted_in_the_metrics(runner):
     """--max-concurrency bounds requests being answered (503 with Retry-After before the upload is read); /health
     stays open; the refusals are counted."""

@@ -24,7 +24,7 @@ from edgekd.runtime import Prediction, Runner
 from edgekd.serve.batcher import Batcher, BatchTooLarge, QueueFull
 from edgekd.serve.limits import BodyLimit, BodyTooLarge, RequestLimit, UploadsInFlightFull, UploadTimedOut
 from edgekd.serve.metrics import MetricsMiddleware, ServiceMetrics
-from edgekd.serve.settings import ServeSettings, check_settings
+from edgekd.serve.settings import ServeSettings, check_settings, is_loopback
 from edgekd.serve.uploads import UploadError, decode_upload
 
 MAX_BATCH_FILES = 64
@@ -161,7 +161,8 @@ def create_app(runner: Runner, settings: ServeSettings | None = None) -> FastAPI
     service = Service(runner, settings)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app):
+    async def lifespan(_app):  # every padded batch size compiled before the first client (any server that runs
+        await asyncio.to_thread(service.warm)  # the app's lifespan: edgekd serve's uvicorn, a library caller's)
         yield
         await service.close()
 
@@ -184,7 +185,10 @@ def _auth(token: str | None):
     """A dependency: with a token, `Authorization: Bearer TOKEN` is required (compared in constant time)."""
 
     async def check(request: Request) -> None:
-        if token is None:
+        if token is None:  # only this machine's clients: create_app's caller may bind any host (uvicorn.run)
+            if request.client is not None and not is_loopback(request.client.host):
+                raise HTTPException(403, "this service has no token: it answers this machine only (a service open "
+                                         "to others needs one: serve --token, or ServeSettings(token=...))")
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):

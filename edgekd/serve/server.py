@@ -52,8 +52,7 @@ def serve(runner: Runner, settings: ServeSettings, log_level: str = "info") -> N
     import uvicorn
 
     check_settings(settings)
-    app = create_app(runner, settings)
-    app.state.service.warm()
+    app = create_app(runner, settings)  # its lifespan warms every padded batch size before serving
     # No uvicorn connection limit: it counted idle and half-sent connections, so a few of them locked every client
     # out; the app bounds the requests it answers (RequestLimit) and the time a body may take (BodyLimit).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
