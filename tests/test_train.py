@@ -884,6 +884,25 @@ def test_eval_export_and_distill_refuse_data_whose_classes_are_in_another_order(
                         recipe_from_dict(deep(tiny_recipe_dict, data__class_names=["healthy", "sick"])),
                         log=renamed.append)
     assert len(renamed) == 1 and renamed[0].startswith("warning:") and "matched by index" in renamed[0]
+    # report too (it checked the class count only, and printed the inverted figures); a report that fails midway
+    # leaves the earlier one whole (its files had been removed first)
+    from edgekd.distill.report import comparison_report
+
+    with pytest.raises(EdgeKDError, match="class 'class_1' is output 1 of the model but class 0 of the data"):
+        comparison_report([res.best_path], tmp_path / "rep", overrides=["data.class_names=[class_1,class_0]"],
+                          log=lambda s: None)
+    comparison_report([res.best_path], tmp_path / "rep", log=lambda s: None)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()}
+    import edgekd.metrics.plots as plots
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "plot_confusion", full_disk)
+        with pytest.raises(OSError):
+            comparison_report([res.best_path], tmp_path / "rep", log=lambda s: None)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "rep").iterdir()} == before and "report.json" in before
 
 
 def test_log_csv_has_each_param_groups_lr_under_differential_lr(tiny_recipe_dict, tmp_path):

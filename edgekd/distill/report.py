@@ -8,13 +8,13 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from edgekd.errors import EdgeKDError
 from edgekd.formats import param_count
-from edgekd.fileio import deferred_signals, sha256_file, write_json, write_text
+from edgekd.fileio import sha256_file, staged_files, write_json, write_text
 
 ROLE_ORDER = ("baseline", "teacher", "student_scratch", "student")
 COLUMNS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc")
@@ -46,10 +46,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | None = None) -> dict[str, Any]:
+def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | None = None,
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Re-run one checkpoint on `split` of its own recipe's data (`overrides`: `--set` keys over that recipe, e.g.
-    data.path=... for a run made in another folder): metrics, probabilities, size."""
-    from edgekd.data import build_checkpoint_data, check_trained_splits
+    data.path=... for a run made in another folder): metrics, probabilities, size. The data's classes in another
+    order than the model's are refused, as eval and export refuse them (every figure would be inverted)."""
+    from edgekd.data import build_checkpoint_data, check_class_order, check_trained_splits
     from edgekd.metrics import bootstrap_intervals, classification_metrics, confusion
     from edgekd.models import count_macs, count_parameters
     from edgekd.probability import softmax
@@ -63,9 +65,7 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
                           "continual.json (report compares single-task runs on one dataset)")
     recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides or []), where=f"{checkpoint} (embedded recipe)")
     data = build_checkpoint_data(recipe)
-    outputs = ckpt["arch"]["num_classes"]
-    if outputs != data.num_classes:
-        raise EdgeKDError(f"{checkpoint}: model has {outputs} outputs, its data has {data.num_classes} classes")
+    check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
     check_trained_splits(ckpt, data, recipe, str(checkpoint))
     device = resolve_device("auto")
     y, logits = predict_logits(model.to(device), data.loader(split, train=False), device)
@@ -114,7 +114,7 @@ def name_apart(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def comparison_report(runs: list[str | Path], out: str | Path, split: str = "test",
-                      overrides: list[str] | None = None) -> dict[str, Any]:
+                      overrides: list[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """One table per dataset over the given runs (run dirs or checkpoints); writes report.md, report.json,
     roc_<dataset>.png (every model's ROC on one plot) and confusion_<dataset>_<name>_s<seed>.png per model."""
     from edgekd.metrics.plots import plot_confusion
@@ -128,7 +128,7 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
         first = seen.setdefault(ckpt.resolve(), i)
         if first != i:
             raise EdgeKDError(f"report: {runs[i]} and {runs[first]} are the same checkpoint ({ckpt})")
-    rows = name_apart([evaluate_for_report(ckpt, split, overrides) for ckpt in checkpoints])
+    rows = name_apart([evaluate_for_report(ckpt, split, overrides, log) for ckpt in checkpoints])
     order = {r: i for i, r in enumerate(ROLE_ORDER)}
     rows.sort(key=lambda r: (r["dataset"], order.get(r["role"], len(order)), r["params"]))
     groups = {d: [r for r in rows if r["dataset"] == d] for d in dict.fromkeys(r["dataset"] for r in rows)}
@@ -136,16 +136,21 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
               for d, g in groups.items()}
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     markdown = "\n\n".join(tables.values())
-    with deferred_signals():  # an earlier report's files go and this one's come as one step (a stop had mixed them)
+    def drop_earlier(stage: Path) -> None:  # an earlier report's files this one does not replace
         for stale in report_files(out):
-            stale.unlink(missing_ok=True)
+            if not (stage / stale.name).exists():
+                stale.unlink(missing_ok=True)
+
+    # staged: an earlier report's files go and this one's come as one step; a failure midway (a full disk, a plot
+    # that fails) leaves the earlier report whole (its files had been removed first, then half replaced)
+    with staged_files(out, last="report.json", before_publish=drop_earlier) as stage:
         for dataset, group in groups.items():
-            plot_roc_comparison(group, out / f"roc_{dataset}.png", f"{dataset} ({split})")
+            plot_roc_comparison(group, stage / f"roc_{dataset}.png", f"{dataset} ({split})")
             for r in group:
-                plot_confusion(np.asarray(r["confusion_matrix"]), r["class_names"], out / confusion_name(r),
+                plot_confusion(np.asarray(r["confusion_matrix"]), r["class_names"], stage / confusion_name(r),
                                f"{r['name']} ({r['role']}, seed {r['seed']}), {split}")
-        write_json(out / "report.json", {"split": split, "rows": clean})
-        write_text(out / "report.md", markdown + "\n")
+        write_json(stage / "report.json", {"split": split, "rows": clean})
+        write_text(stage / "report.md", markdown + "\n")
     return {"rows": clean, "tables": tables, "markdown": markdown}
 
 
