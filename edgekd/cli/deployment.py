@@ -113,8 +113,8 @@ def update(
     out_console.print(continual_table(result.continual.summary["name"], result.continual))
     out_console.print(parity_table(str(result.continual.best_path), result.export))
     parent = result.lineage.get("parent_bundle_sha256")
-    console.print(f"wrote {out} " + (f"(parent sha256 {parent})" if parent else
-                                     "(from a checkpoint: no parent bundle)"))
+    console.print(escape(f"wrote {out} " + (f"(parent sha256 {parent})" if parent else
+                                            "(from a checkpoint: no parent bundle)")))
 
 
 def predict(
@@ -222,7 +222,7 @@ def _write_predict_output(out: Path, results: list, runner, bundle: Path, tta_op
         "temperature": runner.temperature, "threshold": runner.threshold,
         **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})},
         runner.tasks if task is None else None, (views, runner.temperature != 1.0 or runner.bias is not None))
-    console.print(f"wrote {out}")
+    console.print(escape(f"wrote {out}"))
 
 
 def repository(
@@ -260,8 +260,8 @@ def repository(
         out_console.print(f"{escape(rel)}  sha256 {digest}")
     for note in repo.notes:
         console.print(f"warning: {escape(note)}")
-    console.print(f"added model '{repo.model_name}' to the {repo.kind} repository {out} ({repo.readme})"
-                  if add else f"wrote {repo.kind} repository {out} (model '{repo.model_name}', {repo.readme})")
+    console.print(escape(f"added model '{repo.model_name}' to the {repo.kind} repository {out} ({repo.readme})"
+                         if add else f"wrote {repo.kind} repository {out} (model '{repo.model_name}', {repo.readme})"))
 
 
 def serve(
@@ -375,8 +375,8 @@ def bench(
             console.print(f"note: {escape(subject['role'])} {escape(str(subject['model']))}: {escape(note)}")
     for r in {(r["role"], r["format"], r["precision"], r["variant"]): r for r in result.records
               if r["status"] != "ok"}.values():
-        console.print(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}")
-    console.print(f"wrote {', '.join(str(out / name) for name in result.written)}")
+        console.print(escape(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}"))
+    console.print(escape(f"wrote {', '.join(str(out / name) for name in result.written)}"))
 
 
 def _bench_data(source: Path, data: Optional[Path], set_: list[str], checkpoint: Optional[Path],

@@ -65,13 +65,13 @@ def train(
         return
     if getattr(result, "acc_matrix", None) is not None:  # a continual run: its table is the accuracy matrix
         out_console.print(continual_table(rec.name, result))
-        console.print(f"final checkpoint {result.best_path} (the weights after the last task); wrote "
-                      f"continual.json, task_accuracy.png in {out}")
+        console.print(escape(f"final checkpoint {result.best_path} (the weights after the last task); wrote "
+                             f"continual.json, task_accuracy.png in {out}"))
         return
     size = param_count(result.params)
     rows = [{"model": f"{rec.name} ({size})", **result.val}, {"model": f"{rec.name} ({size})", **result.test}]
     out_console.print(metrics_table(f"{rec.name}: best checkpoint", rows))
-    console.print(f"best checkpoint {result.best_path}; wrote the reports in {out}")
+    console.print(escape(f"best checkpoint {result.best_path}; wrote the reports in {out}"))
 
 
 def check(
@@ -175,7 +175,7 @@ def eval_(
                                        limit, folder)
         if failures:
             wrote += _eval_failures(checkpoint, stage, data_recipe, splits[0], top or 5, folder)
-    console.print(f"wrote {', '.join(str(out / Path(p).name) for p in wrote)}")
+    console.print(escape(f"wrote {', '.join(str(out / Path(p).name) for p in wrote)}"))  # paths: no rich markup
 
 
 def _eval_corruptions(sources: list[Path], out: Path, data_recipe, split: str, names, levels, seed: int,
@@ -236,9 +236,10 @@ def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: in
     res = run_failure_analysis(checkpoint, out, data_recipe, split, top, log=plain_log(console.print),
                                data_folder=folder)
     for p in res["pairs"]:
-        out_console.print(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
-                          f"{p['true_name']}), most confident {p['files'][0] if p.get('files') else '#' + str(p['indices'][0])} "
-                          f"p={p['confidence'][0]:.3f}")
+        out_console.print(escape(f"{p['true_name']} -> {p['pred_name']}: {p['count']} ({p['rate']:.1%} of "
+                                 f"{p['true_name']}), most confident "
+                                 f"{p['files'][0] if p.get('files') else '#' + str(p['indices'][0])} "
+                                 f"p={p['confidence'][0]:.3f}"))  # class names and files as written
     console.print(f"{res['errors']} errors / {res['images']} images; p: {res['probabilities']}")
     return [str(out / "failures.json"), str(out / "failures.png")]
 
@@ -386,9 +387,9 @@ def report(
     check_output_location(out)  # before every model is scored (a file there had been found after them)
     if split not in ("train", "val", "test"):
         raise EdgeKDError(f"--split: unknown split '{split}' (use train, val, test)")
-    result = comparison_report(runs, out, split, set_)
+    result = comparison_report(runs, out, split, set_, log=plain_log(console.print))
     out_console.print(result["markdown"], soft_wrap=True, markup=False, highlight=False)  # rows unwrapped
-    console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
+    console.print(f"wrote {escape(str(out / 'report.md'))}, {escape(str(out / 'report.json'))} and plots")
 
 
 def explain(
@@ -408,12 +409,13 @@ def explain(
     refuse_output_inside(out, [checkpoint])
     records = explain_files(checkpoint, images, out, layer, target, task)
     for r in records:
-        out_console.print(f"{r['file']}: predicted {r['predicted']} ({r['prob']:.3f}), Grad-CAM of {r['target']} "
-                          f"at {r['layer']} -> {out / r['overlay']}")
+        out_console.print(escape(f"{r['file']}: predicted {r['predicted']} ({r['prob']:.3f}), Grad-CAM of "
+                                 f"{r['target']} at {r['layer']} -> {out / r['overlay']}"))
     blank = [r["file"] for r in records if r["blank"]]
     if blank:
-        console.print(f"warning: {len(blank)} of {len(records)} map(s) are flat, nothing highlighted ({blank[0]}"
-                      f"{', ...' if len(blank) > 1 else ''}): {records[0]['layer']} gives no spatial evidence (a "
-                      "pooled or 1x1 map, tokens that never reach the head, or a class gradient of zero there); try "
-                      "an earlier --layer with a map of at least 3x3 (explain.json: blank)")
-    console.print(f"wrote {len(records)} overlay(s) and {out / 'explain.json'}")
+        console.print(escape(f"warning: {len(blank)} of {len(records)} map(s) are flat, nothing highlighted "
+                             f"({blank[0]}{', ...' if len(blank) > 1 else ''}): {records[0]['layer']} gives no "
+                             "spatial evidence (a pooled or 1x1 map, tokens that never reach the head, or a class "
+                             "gradient of zero there); try an earlier --layer with a map of at least 3x3 "
+                             "(explain.json: blank)"))
+    console.print(escape(f"wrote {len(records)} overlay(s) and {out / 'explain.json'}"))
