@@ -3,6 +3,7 @@ gate, then export with parity to a new bundle that records its parent (lineage).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -154,7 +155,7 @@ def update_recipe(recipe_path: str | Path, overrides: list[str], checkpoint: Pat
                           "head from scratch; edgekd update continues the deployed model (train a new student with "
                           "edgekd train instead)")
     refuse_multi_head_parent(checkpoint, source)
-    return load_recipe(recipe_path, [*overrides, f"continual.checkpoint={checkpoint.resolve()}"])
+    return load_recipe(recipe_path, [*overrides, f"continual.checkpoint={json.dumps(str(checkpoint.resolve()))}"])
 
 
 def continual_run(recipe, run_dir: Path, checkpoint: Path, resume: bool, log: Callable[[str], None], progress):

@@ -463,6 +463,18 @@ def test_a_finished_continual_run_is_read_back_as_it_is(world):
     assert finished_run(world["cl"].out / "nowhere", None) is None
 
 
+def test_an_update_from_a_folder_whose_name_reads_as_yaml_keeps_the_path(world, tmp_path):
+    """The parent's path went through --set's YAML parsing: a folder named 'exp: v2' became a mapping, refused as a
+    --set the user never typed."""
+    from edgekd.update import update_recipe
+
+    parent = tmp_path / "exp: v2" / "best.pt"
+    parent.parent.mkdir()
+    shutil.copy(world["student"], parent)
+    recipe = update_recipe(world["recipe"], [], parent, parent)
+    assert recipe.continual.checkpoint == str(parent.resolve())
+
+
 def test_update_exports_with_the_parent_profile():
     from edgekd.export import load_profile, profile_digest
     from edgekd.update import update_profile
@@ -719,7 +731,13 @@ def test_explain_takes_a_task_of_a_multi_head_model(world, tmp_path):
     with torch.no_grad():
         head_b = torch.softmax(model.eval()(x)[:, 2:5], 1)[0].numpy()  # task B's outputs [2, 5)
     assert rec["probs"] == pytest.approx(head_b.tolist(), abs=1e-5)
-    assert rec["target"] == "class_2" and rec["layer"].startswith("net.")
+    assert rec["target"] == "class_2" and not rec["layer"].startswith("net.")
+    # the layer recorded is one --layer takes (it had been the wrapper's net.<layer>, which --layer refused), and the
+    # wrapper's spelling, from an earlier explain.json, is taken too
+    for given in (rec["layer"], f"net.{rec['layer']}"):
+        again = explain_files(world["cl"].best_path, [image], tmp_path / "cam_l", task="B", target="class_2",
+                              layer=given)
+        assert again[0]["layer"] == rec["layer"] and again[0]["peak_yx"] == rec["peak_yx"]
     assert json.loads((tmp_path / "cam" / "explain.json").read_text())["task"] == "B"
     with pytest.raises(EdgeKDError, match=r"one head per task; give --task \(A, B\)"):
         explain_files(world["cl"].best_path, [image], tmp_path / "cam2")

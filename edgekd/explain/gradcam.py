@@ -170,7 +170,8 @@ def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.n
         path = save_png(overlay(img.permute(1, 2, 0).numpy(), cam), out / f"{name}_gradcam.png")
         blank = float(cam.max() - cam.min()) < BLANK_SPAN
         peak = np.unravel_index(int(cam.argmax()), cam.shape)
-        records.append({"image": name, "overlay": path.name, "layer": layer, "target": class_names[target],
+        shown = layer[4:] if isinstance(model, TaskHead) else layer  # as --layer takes it (not the wrapper's net.)
+        records.append({"image": name, "overlay": path.name, "layer": shown, "target": class_names[target],
                         "predicted": class_names[int(probs[i].argmax())], "prob": float(probs[i].max()),
                         "target_prob": float(probs[i][target]), "probs": [float(v) for v in probs[i]],
                         "label": None if labels is None else class_names[int(labels[i])],
@@ -210,6 +211,8 @@ def task_model(model: nn.Module, ckpt: dict[str, Any], task: str | None, layer: 
     from edgekd.models import get_submodule
 
     if layer is not None:
+        if layer.startswith("net.") and not hasattr(model, "net"):  # as an earlier explain.json recorded it
+            layer = layer[4:]
         get_submodule(model, layer)  # a wrong --layer named as given, not under the wrapper's `net.`
     layer = layer or default_target_layer(model, tuple(ckpt["preprocess"]["input_size"]))
     lo, hi = chosen["outputs"]
