@@ -349,6 +349,16 @@ def test_a_starting_checkpoint_trained_on_a_tasks_test_images_is_refused(tmp_pat
     said: list[str] = []
     run_continual(recipe_from_dict({**raw, "seed": 1}), tmp_path / "cl1", log=said.append)  # its own splits
     assert not any("trained on" in line for line in said)
+    # the starting checkpoint retrained into the same file, then the run resumed: refused (task 0's scores and the
+    # method's anchors would have come from the new model, the card from the old)
+    (tmp_path / "cl1" / "model.pt").unlink()
+    (tmp_path / "cl1" / "continual.json").unlink()
+    ckpt = torch.load(student.best_path, weights_only=True)
+    first = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][first] = ckpt["state_dict"][first] + 0.5
+    torch.save(ckpt, student.best_path)
+    with pytest.raises(EdgeKDError, match=r"continual.checkpoint \S+best.pt has changed since this run began"):
+        run_continual(recipe_from_dict({**raw, "seed": 1}), tmp_path / "cl1", resume=True, log=said.append)
     # train.epochs 0 from a starting checkpoint: model.pt holds that checkpoint's weights (it had said "initial
     # weights, untrained", as for a run from scratch)
     from edgekd.pipeline import check_run_inputs
@@ -358,6 +368,50 @@ def test_a_starting_checkpoint_trained_on_a_tasks_test_images_is_refused(tmp_pat
                      resume=False, log=said.append)
     assert said == ["warning: train.epochs is 0: model.pt will hold the model's continual.checkpoint's weights, "
                     "not trained further"]
+
+
+def test_tasks_that_cannot_share_a_loss_or_a_pipeline_are_refused_and_keep_their_data_notes(tmp_path):
+    """A focal loss's scalar alpha fits two classes: a one-head run failed with an IndexError once task 2's classes
+    came, after task 1 had trained. Tasks with other hair removal trained on pixels the bundle (task 0's pipeline)
+    never makes. A task's data notes were dropped. Replay of a task with patient ids and one without failed in
+    numpy's concatenate."""
+    from edgekd.data.sources import Table
+
+    a = quadrant_npz(tmp_path / "a.npz", classes=2, n=(16, 8, 8))
+    b = quadrant_npz(tmp_path / "b.npz", classes=2, n=(16, 8, 8), seed=3)
+    four = quadrant_npz(tmp_path / "four.npz", classes=4, n=(32, 16, 16))
+    split = base_recipe(four, tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}],
+                        head="single")
+    split["train"]["loss"] = {"name": "focal", "alpha": 0.25}
+    with pytest.raises(EdgeKDError, match=r"^continual.tasks\[1\] \(b\): train.loss.alpha: a scalar alpha weighs "
+                                          r"class 1 against class 0 of a two-class task; the data has 4 classes"):
+        build_tasks(recipe_from_dict(split))  # one head: every class so far
+    assert len(build_tasks(recipe_from_dict({**split, "continual": {**split["continual"], "head": "multi"}}))) == 2
+    tasks = [{"name": "a"}, {"name": "b", "data": {"source": "medmnist", "path": str(b)}}]
+    raw = base_recipe(a, tasks=tasks, head="multi")
+    hair = copy.deepcopy(raw)
+    hair["train"]["loss"] = {"name": "ce"}
+    hair["continual"]["tasks"][1]["data"].update(hair_removal=True, channels=3)
+    hair["data"]["channels"] = 3
+    with pytest.raises(EdgeKDError, match=r"continual.tasks\[1\] \(b\): data.hair_removal differs from the first "
+                                          r"task's \(True vs False\)"):
+        build_tasks(recipe_from_dict(hair))
+    noted = copy.deepcopy(hair)
+    noted["continual"]["tasks"][1]["data"] = {"source": "medmnist", "path": str(a), "channels": 3}  # a's images again
+    notes = [t.data.notes for t in build_tasks(recipe_from_dict({**noted, "data": {**noted["data"],
+                                                                                    "split": "stratified"}}))]
+    assert notes == [build_data(recipe_from_dict({**noted, "continual": None,
+                                                  "data": {**noted["data"], "split": "stratified"}})).notes] * 2
+    assert notes[0]  # data.split=stratified on a file with official splits is said
+    from edgekd.continual.run import warn_about_tasks  # and a continual run says them, per task (it had not)
+
+    said: list[str] = []
+    recipe = recipe_from_dict({**noted, "data": {**noted["data"], "split": "stratified"}})
+    warn_about_tasks(build_tasks(recipe), recipe.continual, said.append)
+    assert f"warning: task b: {notes[1][0]}" in said and f"warning: task a: {notes[0][0]}" in said
+    mixed = Table.concat([Table(labels=np.array([0, 1]), paths=["a", "b"], groups=np.array(["p1", "p2"])),
+                          Table(labels=np.array([2, 3]), paths=["c", "d"])])
+    assert mixed.groups is None and mixed.paths == ["a", "b", "c", "d"]
 
 
 def test_a_grown_head_keeps_the_frozen_state_of_its_weight_and_bias():

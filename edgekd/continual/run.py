@@ -35,7 +35,7 @@ from edgekd.progress import progress_task
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
-from edgekd.train import apply_threads, init_weights, is_main_process, remove_earlier_outputs
+from edgekd.train import apply_threads, init_weights, is_main_process, remove_earlier_outputs, warn_about_data
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
 
@@ -248,7 +248,7 @@ def _train_task(recipe, model: nn.Module, tasks: list[Task], i: int, step: TaskS
         data = p.train_data(data, step)
     log(f"task {i + 1}/{n} '{task.name}': {len(task.data.tables['train'])} train images"
         + (f" (joint: {len(data.tables['train'])})" if cfg.joint else "")
-        + (f", {method_name(cfg)}" + (" + BN freeze" if cfg.bn_freeze else "")))
+        + (f", {method_name(cfg)}" + (" + BN freeze" if cfg.bn_freeze else "") if i > 0 else ""))  # (from task 2)
     trainer = Trainer(recipe, model, data, ContinualObjective(criterion, tasks, i, cfg.head), task_dir,
                       plugins=list(plugins), log=log, checkpoint_extra=lambda meta=meta: meta)
     trainer.track_part = task_dir.name  # its own TensorBoard folder and W&B run under an explicit tracking path
@@ -283,6 +283,7 @@ def _summary(recipe, tasks: list[Task], spec: dict[str, Any], model: nn.Module, 
         "forgetting_per_task": forgetting_per_task(acc), "bwt": backward_transfer(acc),
         "retention_first_task": retention(acc, 0), "final": steps[-1]["eval"], "steps": steps,
         "seed": recipe.seed, "threads": torch.get_num_threads(), "machine": host_record(),
+        "bad_files": {t.name: t.data.bad_files for t in tasks if t.data.bad_files},  # data.on_bad_image: skip
     }
 
 
@@ -354,6 +355,13 @@ def _start(recipe, out: Path, tasks: list[Task], resume: bool,
     it began with, as the file may have changed since: checkpoints from before 2026-12-06 recorded none, so those
     are read now); then `out` made, an earlier run's results removed (a new run) and recipe.yaml written."""
     resumed = check_resumable(out, tasks, recipe) if resume else None
+    began = (resumed or {}).get("init_weights") or {}
+    if recipe.continual.checkpoint is not None and began.get("sha256") and Path(recipe.continual.checkpoint).is_file() \
+            and sha256_file(recipe.continual.checkpoint) != began["sha256"]:  # retrained into the same file since
+        raise EdgeKDError(f"continual.checkpoint {recipe.continual.checkpoint} has changed since this run began (sha256 "
+                          f"{began['sha256'][:12]} then, {sha256_file(recipe.continual.checkpoint)[:12]} now): the "
+                          "resumed run would take task 0's scores, EWC's anchors or LwF's teacher from another model; "
+                          "resume with the file it began from, or start anew (without --resume)")
     model, spec, first_learned = starting_model(recipe, tasks, log)
     init = resumed["init_weights"] if resumed is not None and "init_weights" in resumed else starting_weights(recipe)
     checkpoint, note = recipe.continual.checkpoint, ""
@@ -367,6 +375,16 @@ def _start(recipe, out: Path, tasks: list[Task], resume: bool,
     # the recipe as given (its digest is the checkpoints'), with a note when its model.name is not what trained
     write_text(out / "recipe.yaml", (f"# {note}\n" if note else "") + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return model, spec, first_learned, init
+
+
+def warn_about_tasks(tasks: list[Task], cfg, log: Callable[[str], None]) -> None:
+    """What the sequence will not do as asked (`task_warnings`), then each task's data notes, skipped files and
+    missing classes, as a single run and `edgekd check` say them (a task lacks the other tasks' classes by design)."""
+    for warning in task_warnings(tasks, cfg):
+        log(warning)
+    for t in tasks:
+        warn_about_data(t.data, lambda line, task=t.name: log(line.replace("warning:", f"warning: task {task}:", 1)),
+                        "continual.json lists", own=(t.lo, t.hi))
 
 
 def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
@@ -383,8 +401,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
         log(f"{out}: this recipe's run finished there; nothing to resume (model.pt and continual.json are kept)")
         return done  # model.pt (an exported bundle's parent) and dropped continual.json's timing records
     tasks = build_tasks(recipe)
-    for warning in task_warnings(tasks, cfg):
-        log(warning)
+    warn_about_tasks(tasks, cfg, log)
     model, spec, first_learned, init = _start(recipe, out, tasks, resume, log)
     device = resolve_device(recipe.train.device)
     model.to(device)

@@ -17,8 +17,9 @@ from edgekd.metrics import classification_metrics
 from edgekd.probability import softmax
 from edgekd.recipe import DataConfig, deep_merge
 
-# Preprocessing keys every task must share: one model, one input pipeline.
-SHARED_PREPROCESS = ("channels", "input_size", "resize", "mean", "std")
+# Preprocessing keys every task must share: one model, one input pipeline (the bundle records the first task's,
+# hair removal included: a task trained on hair-removed images had been served without it).
+SHARED_PREPROCESS = ("channels", "input_size", "resize", "mean", "std", "hair_removal", "hair_kernel")
 
 
 @dataclass
@@ -66,9 +67,9 @@ def build_tasks(recipe, recorded: bool = False) -> list[Task]:
         if tasks:  # before the data is built: a wrong channels count otherwise surfaces as a mean/std length error
             first_pp, pp = tasks[0].data.preprocess, preprocess_spec(data_cfg)
             for key in SHARED_PREPROCESS:
-                if first_pp[key] != pp[key]:
-                    raise EdgeKDError(f"{where}: data.{key} differs from the first task's ({pp[key]} vs "
-                                      f"{first_pp[key]}); one model needs one input pipeline")
+                if first_pp.get(key) != pp.get(key):
+                    raise EdgeKDError(f"{where}: data.{key} differs from the first task's ({pp.get(key)} vs "
+                                      f"{first_pp.get(key)}); one model needs one input pipeline")
         try:
             dm = build_data(recipe.model_copy(update={"data": data_cfg, "continual": None}))
         except EdgeKDError as err:
@@ -82,9 +83,29 @@ def build_tasks(recipe, recorded: bool = False) -> list[Task]:
         global_names += [f"{tcfg.name}:{n}" for n in dm.class_names]
         task_data = DataModule(tables=_offset_tables(dm.tables, lo), class_names=list(global_names),
                                source_name=dm.source_name, cfg=data_cfg, augment=dm.augment, seed=dm.seed,
-                               bad_files=dm.bad_files)
+                               bad_files=dm.bad_files, notes=dm.notes)  # (its notes had been dropped)
         tasks.append(Task(i, tcfg.name, list(dm.class_names), lo, lo + len(dm.class_names), task_data))
+    if not recorded:
+        check_loss_fits_tasks(recipe, tasks)
     return tasks
+
+
+def check_loss_fits_tasks(recipe, tasks: list[Task]) -> None:
+    """A focal loss's scalar alpha weighs class 1 against class 0: it fits only where the loss sees two classes at
+    every step (one head: every class so far; one head per task: each task's). It had failed with an IndexError
+    once the second task's classes came, after the first task had trained (`edgekd update`: at its first step)."""
+    from edgekd.train.losses import check_alpha_fits
+
+    loss = recipe.train.loss
+    if loss.name != "focal" or loss.alpha is None or isinstance(loss.alpha, list):
+        return
+    for t in tasks:
+        seen = t.hi if recipe.continual.head == "single" else t.num_classes
+        try:
+            check_alpha_fits(loss.alpha, seen, "train.loss.alpha")
+        except EdgeKDError as err:
+            raise EdgeKDError(f"continual.tasks[{t.index}] ({t.name}): {err}; per-class weights are not supported "
+                              "in continual runs: set train.loss.alpha=null") from None
 
 
 def recorded_tasks(recipe, recorded: list[dict], where: str) -> list[Task]:

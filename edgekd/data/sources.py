@@ -100,7 +100,9 @@ class Table:
             labels=np.concatenate([t.labels for t in tables]),
             images=None if first.images is None else np.concatenate([t.images for t in tables]),
             paths=None if first.paths is None else sum((t.paths for t in tables), []),
-            groups=None if first.groups is None else np.concatenate([t.groups for t in tables]),
+            # patient ids only when every table has them (a replay of a CSV task with ids and a folder task without
+            # had failed in numpy's concatenate)
+            groups=None if any(t.groups is None for t in tables) else np.concatenate([t.groups for t in tables]),
         )
 
 
