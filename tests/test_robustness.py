@@ -50,6 +50,29 @@ def test_corrupt_accepts_2d_and_rejects_bad_input():
         corrupt(img.astype(np.float32), "contrast", 1)
 
 
+def test_brightness_and_contrast_of_an_rgb_image_are_imagenet_cs():
+    """ImageNet-C adds c to HSV's value (the channels scale together) and pulls each channel toward its own mean:
+    +c on each RGB channel had washed colors out, one mean over all channels had shifted the hue."""
+    import colorsys
+
+    from edgekd.robustness.corruptions import PARAMS
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    rgb[0, 0] = 0  # black: no hue, becomes gray
+    c = PARAMS["brightness"][2]
+    out = corrupt(rgb, "brightness", 3)
+    for y, x in np.ndindex(6, 6):
+        h, s, v = colorsys.rgb_to_hsv(*(rgb[y, x] / 255.0))
+        want = np.array(colorsys.hsv_to_rgb(h, s, min(1.0, v + c))) * 255
+        assert np.abs(out[y, x].astype(float) - want).max() <= 0.51, (y, x)
+    gray = rgb[..., :1]
+    assert np.array_equal(corrupt(gray, "brightness", 3)[..., 0],
+                          (np.clip(gray[..., 0] / np.float32(255.0) + np.float32(c), 0, 1) * 255 + 0.5).astype(np.uint8))
+    tinted = np.zeros((8, 8, 3), np.uint8)
+    tinted[..., 0], tinted[..., 2] = 200, 20
+    assert np.array_equal(corrupt(tinted, "contrast", 5), tinted)  # each channel at its mean already
+
+
 # ---------------------------------------------------------------- evaluation on checkpoints and bundles
 
 import json  # noqa: E402

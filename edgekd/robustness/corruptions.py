@@ -6,7 +6,8 @@ Randomness comes from a generator seeded by (seed, corruption, image index), not
 always gives the same image, independent of batching or order, and severities differ only in strength (the
 same noise pattern, scaled; the same motion angle, longer).
 
-JPEG quality, brightness and the pixelation factor are ImageNet-C's (Hendrycks & Dietterich 2019). Noise and
+JPEG quality, brightness (on HSV's value) and the pixelation factor are ImageNet-C's (Hendrycks & Dietterich
+2019); contrast, like ImageNet-C's, pulls each channel toward its own mean. Noise and
 contrast are milder than ImageNet-C's (Gaussian std .04-.20 vs .08-.38, speckle .10-.40 vs .15-.60, contrast
 .60-.10 vs .40-.05): between its CIFAR-10-C and ImageNet-C levels, as a 28-px image at ImageNet-C's severity 5 is
 noise or a flat field. Spatial parameters (blur sigma, motion length) are given
@@ -36,7 +37,7 @@ PARAMS: dict[str, tuple[float, ...]] = {
     "motion_blur": (2.0, 3.0, 4.0, 6.0, 8.0),           # streak length, px at 32 px; random angle in [-45, 45]
     "jpeg_compression": (25, 18, 15, 10, 7),            # JPEG quality (ImageNet-C)
     "contrast": (0.60, 0.45, 0.30, 0.20, 0.10),         # (x - mean) * c + mean
-    "brightness": (0.10, 0.20, 0.30, 0.40, 0.50),       # x + c, clipped
+    "brightness": (0.10, 0.20, 0.30, 0.40, 0.50),       # HSV value + c, clipped
     "pixelate": (0.60, 0.50, 0.40, 0.30, 0.25),         # box-downsample to c * size, nearest-upsample back
 }
 """Per corruption, its parameter at severities 1..5."""
@@ -111,13 +112,22 @@ def jpeg_compression(image: np.ndarray, c: float, rng: np.random.Generator) -> n
 
 
 def contrast(image: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    """Toward each channel's mean, as ImageNet-C (one mean over all channels had shifted an RGB image's hue)."""
     x = _as_float(image)
-    mean = x.mean()
+    mean = x.mean(axis=(0, 1), keepdims=True)
     return _to_uint8((x - mean) * c + mean)
 
 
 def brightness(image: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
-    return _to_uint8(_as_float(image) + c)
+    """+c on HSV's value, as ImageNet-C: with hue and saturation kept, an RGB pixel's channels scale together by
+    V'/V (a black pixel, without hue, becomes gray V'); a gray image gets +c. (+c on each RGB channel had washed
+    the colors out.)"""
+    x = _as_float(image)
+    if x.shape[-1] == 1:
+        return _to_uint8(x + c)
+    value = x.max(axis=-1, keepdims=True)
+    lifted = np.minimum(value + c, 1.0)
+    return _to_uint8(np.where(value > 0, x * (lifted / np.maximum(value, 1e-12)), lifted))
 
 
 def pixelate(image: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
