@@ -50,6 +50,39 @@ def test_corrupt_accepts_2d_and_rejects_bad_input():
         corrupt(img.astype(np.float32), "contrast", 1)
 
 
+def test_corruptions_are_scored_a_chunk_of_decoded_images_at_a_time(monkeypatch):
+    """The corruption eval decoded the whole split, then made a corrupted copy of it per condition (a folder of
+    full-size scans: tens of GB). Now a chunk is decoded once and every condition and model run on it: the same
+    figures as in one piece, each image read once."""
+    import edgekd.robustness.evaluate as evaluate
+
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, (12, 12, 1), dtype=np.uint8) for _ in range(10)]
+    labels = np.array([0, 1] * 5)
+
+    class Counted:
+        reads = 0
+
+        def __len__(self):
+            return len(pixels)
+
+        def __getitem__(self, i):
+            Counted.reads += 1
+            return pixels[i]
+
+    def model(batch):  # brighter images lean to class 1
+        score = np.array([b.mean() / 255.0 for b in batch])
+        return np.stack([1 - score, score], axis=1)
+
+    predictors = [evaluate.Predictor("m", "student", "onnx", "fp32", ["a", "b"], model)]
+    args = (["gaussian_noise", "brightness"], [1, 4])
+    whole = evaluate.corruption_records(predictors, pixels, labels, *args, log=lambda *_: None, positions=range(10))
+    monkeypatch.setattr(evaluate, "FOLDER_CHUNK", 3)
+    chunked = evaluate.corruption_records(predictors, Counted(), labels, *args, log=lambda *_: None,
+                                          positions=range(10))
+    assert chunked == whole and Counted.reads == 10
+
+
 def test_brightness_and_contrast_of_an_rgb_image_are_imagenet_cs():
     """ImageNet-C adds c to HSV's value (the channels scale together) and pulls each channel toward its own mean:
     +c on each RGB channel had washed colors out, one mean over all channels had shifted the hue."""

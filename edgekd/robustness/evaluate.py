@@ -213,7 +213,7 @@ def load_split_images(recipe, split: str = "test", limit: int | None = None,
             check_trained_splits(p.trained, data, recipe, p.trained["path"], (split,))
     ds = data.dataset(split, train=False)
     idx = limited(len(ds), limit)
-    images = [np.ascontiguousarray(ds.raw(int(i))) for i in idx]
+    images = SplitImages(ds, idx)  # decoded when read: a split of full-size scans never sits in memory whole
     files = None if ds.table.paths is None else [str(ds.table.paths[int(i)]) for i in idx]
     return images, np.asarray(ds.table.labels)[idx].astype(np.int64), list(data.class_names), idx, files
 
@@ -229,7 +229,7 @@ def load_folder_images(folder: str | Path, class_names: list[str], limit: int | 
 
     paths, labels = folder_listing(folder, class_names, predictors)
     idx = limited(len(paths), limit)
-    images = [as_image_array(paths[i]) for i in idx]  # a path or a multi-frame DICOM's frame
+    images = FolderImages([paths[i] for i in idx])  # a path or a multi-frame DICOM's frame, decoded when read
     return images, np.asarray(labels, dtype=np.int64)[idx], list(class_names), idx
 
 
@@ -267,6 +267,19 @@ FOLDER_CHUNK = 128
 """Images `predict_folder` decodes and scores at a time (`eval --data DIR`, `--failures` on a folder)."""
 
 
+class SplitImages:
+    """A recipe split's images at positions `idx`, decoded when indexed (`FolderImages`' counterpart)."""
+
+    def __init__(self, dataset, idx: np.ndarray) -> None:
+        self.dataset, self.idx = dataset, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return np.ascontiguousarray(self.dataset.raw(int(self.idx[i])))
+
+
 class FolderImages:
     """A labelled folder's images, decoded when indexed: what is shown of a folder of thousands of full-size scans
     (a failure grid's few examples) is read again, the rest never sits in memory."""
@@ -283,8 +296,8 @@ class FolderImages:
         return as_image_array(self.paths[i])
 
 
-def predict_folder(predictor: Predictor, images: FolderImages) -> np.ndarray:
-    """The predictor's probabilities on a folder's images, decoded a chunk (FOLDER_CHUNK) at a time."""
+def predict_folder(predictor: Predictor, images: Sequence[np.ndarray]) -> np.ndarray:
+    """The predictor's probabilities on a folder's (or split's) images, decoded a chunk (FOLDER_CHUNK) at a time."""
     return np.concatenate([predictor.predict([images[j] for j in range(i, min(i + FOLDER_CHUNK, len(images)))])
                            for i in range(0, len(images), FOLDER_CHUNK)])
 
@@ -311,7 +324,7 @@ def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Pa
     return result
 
 
-def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray], labels: np.ndarray,
+def corruption_records(predictors: Sequence[Predictor], images: Sequence[np.ndarray], labels: np.ndarray,
                        corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
                        log: Callable[[str], None] = print, progress=None,
                        positions: Sequence[int] | None = None) -> list[dict[str, Any]]:
@@ -324,21 +337,30 @@ def corruption_records(predictors: Sequence[Predictor], images: list[np.ndarray]
         raise EdgeKDError(f"corruption eval: all models must have the data's classes (data: {int(labels.max()) + 1} "
                           f"or more; {', '.join(f'{p.label}: {len(p.class_names)}' for p in predictors)})")
     conditions = [(CLEAN, 0)] + [(n, s) for n in names for s in levels]
-    keys = range(len(images)) if positions is None else positions
+    keys = list(range(len(images)) if positions is None else positions)
+    chunks = [range(i, min(i + FOLDER_CHUNK, len(images))) for i in range(0, len(images), FOLDER_CHUNK)]
+    probs: dict[tuple[int, int], list[np.ndarray]] = {}
+    # a chunk of images decoded once, then every condition and model on it: the split (full-size scans, a corrupted
+    # copy per condition) never sits in memory whole; the noise is keyed by position, so chunking changes nothing
+    with progress_task(progress, "corruptions", len(chunks) * len(conditions) * len(predictors)) as advance:
+        for chunk in chunks:
+            clean = [images[i] for i in chunk]
+            for c, (name, severity) in enumerate(conditions):
+                batch = clean if name == CLEAN else [corrupt(img, name, severity, seed, int(keys[i]))
+                                                     for i, img in zip(chunk, clean)]
+                for k, p in enumerate(predictors):
+                    advance(0, f"{name}{'' if name == CLEAN else f' s{severity}'}: {p.label}")
+                    probs.setdefault((c, k), []).append(p.predict(batch))
+                    advance()
     records = []
-    with progress_task(progress, "corruptions", len(conditions) * len(predictors)) as advance:
-        for name, severity in conditions:
-            batch = images if name == CLEAN else [corrupt(img, name, severity, seed, int(k))
-                                                  for k, img in zip(keys, images)]
-            for p in predictors:
-                advance(0, f"{name}{'' if name == CLEAN else f' s{severity}'}: {p.label}")
-                m = accuracy_auc(labels, p.predict(batch))
-                records.append({"model": p.model, "role": p.role, "format": p.format, "precision": p.precision,
-                                "corruption": name, "severity": severity, "acc": m["acc"], "auc": m["auc"],
-                                "n": int(len(labels))})
-                advance()
-            log(f"{name}{'' if name == CLEAN else f' s{severity}'}: " + ", ".join(
-                f"{r['model']} {r['format']}/{r['precision']} acc {r['acc']:.4f}" for r in records[-len(predictors):]))
+    for c, (name, severity) in enumerate(conditions):
+        for k, p in enumerate(predictors):
+            m = accuracy_auc(labels, np.concatenate(probs[(c, k)]))
+            records.append({"model": p.model, "role": p.role, "format": p.format, "precision": p.precision,
+                            "corruption": name, "severity": severity, "acc": m["acc"], "auc": m["auc"],
+                            "n": int(len(labels))})
+        log(f"{name}{'' if name == CLEAN else f' s{severity}'}: " + ", ".join(
+            f"{r['model']} {r['format']}/{r['precision']} acc {r['acc']:.4f}" for r in records[-len(predictors):]))
     return records
 
 
@@ -515,7 +537,7 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
         recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
         images, labels, class_names, _, files = load_split_images(recipe, split, predictors=[predictor])
         check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
-        probs = predictor.predict(images)
+        probs = predict_folder(predictor, images)  # a chunk decoded at a time
     pairs = confused_pairs(labels, probs, top)
     out = Path(out)
     kind = ("the model's softmax" if predictor.format == "torch" else  # not a calibration's: it can move the argmax
