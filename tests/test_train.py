@@ -333,7 +333,7 @@ class _Batches:
         self.batches = batches
 
     def loader(self, split, train=None, epoch=0, distributed=False):
-        return list(self.batches)
+        return self.batches if isinstance(self.batches, torch.utils.data.DataLoader) else list(self.batches)
 
 
 def _toy_batches(n_batches: int, batch: int = 2):
@@ -396,6 +396,49 @@ def test_grad_accumulation_last_short_group_is_a_mean_too(tiny_recipe_dict, tmp_
         want_w, want_b = _mean_loss_grads(w, b, images[sl], targets[sl])
         torch.testing.assert_close(gw, want_w, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(gb, want_b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_cuda_session_resumes_a_cpu_run_and_class_weights_follow_the_objective(tiny_recipe_dict, tmp_path,
+                                                                                    monkeypatch):
+    """A run started without CUDA saved its disabled GradScaler's state, {}; resumed on a CUDA machine (AMP on),
+    loading it raised. CE's class weights stayed on the CPU when the Trainer moved the model (CUDA: a device error
+    at the first step); the objective now moves with it. Both run here on CPU stand-ins."""
+    from edgekd.train.trainer import SupervisedObjective
+
+    raw = deep(tiny_recipe_dict, train__epochs=1)
+    train_recipe(recipe_from_dict(raw), tmp_path / "r", log=lambda s: None)
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled=True: real("cpu", enabled=True))
+    said: list[str] = []
+    train_recipe(recipe_from_dict(raw), tmp_path / "r", resume=True, log=said.append)
+    assert any("no AMP loss scale saved" in line for line in said), said
+    weighted = SupervisedObjective(torch.nn.CrossEntropyLoss(weight=torch.ones(3)))
+    assert weighted.to(torch.device("meta")).criterion.weight.device.type == "meta"
+
+
+def test_focal_loss_gradients_stay_finite_for_a_confident_image_at_any_gamma():
+    """gamma < 1: p_t rounded to 1.0 made (1 - p_t) ** gamma's gradient infinite, NaN under a finite loss."""
+    from edgekd.train.losses import FocalLoss
+
+    for gamma in (0.0, 0.5, 2.0):
+        logits = torch.tensor([[30.0, 0.0], [0.0, 1.0], [200.0, 0.0]], requires_grad=True)
+        FocalLoss(gamma=gamma)(logits, torch.tensor([0, 1, 0])).backward()
+        assert torch.isfinite(logits.grad).all(), gamma
+
+
+def test_grad_accumulation_weighs_a_short_last_batch_by_its_images(tiny_recipe_dict, tmp_path):
+    """A DataLoader of 5 images in batches of 2 (2, 2, 1) with grad_accum=3: one step, on the mean loss of the 5
+    images as one batch (each micro-batch had weighed 1/3, so the last image counted as much as two)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images, targets, _ = _toy_batches(3)
+    loader = DataLoader(TensorDataset(images[:5], targets[:5]), batch_size=2, shuffle=False)
+    steps = _optimizer_steps(tiny_recipe_dict, tmp_path, loader, grad_accum=3)
+    assert len(steps) == 1
+    w, b, gw, gb = steps[0]
+    want_w, want_b = _mean_loss_grads(w, b, images[:5], targets[:5])
+    torch.testing.assert_close(gw, want_w, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gb, want_b, rtol=1e-5, atol=1e-7)
 
 
 def test_clip_grad_bounds_the_total_norm_of_the_accumulated_gradient(tiny_recipe_dict, tmp_path):
@@ -628,6 +671,10 @@ def test_swa_lr_switches_to_swalr(tiny_recipe_dict, tmp_path):
                              lr=0.1)
     assert schedule_warnings(cfg, groups, 2) == ["note: from epoch 4 SWALR anneals every parameter group to "
                                                  "train.swa.lr 0.0005, reached at epoch 5 (head_lr's ratio ends there)"]
+    # a train_ monitor: SWA's weights, scored on val, are never kept; said (best epoch kept without a word)
+    train_monitor = cfg.model_copy(update={"monitor": "train_loss"})
+    assert schedule_warnings(train_monitor, groups, 2)[-1].startswith(
+        "warning: train.monitor train_loss is not a val_ metric, which SWA's averaged weights are scored by")
 
 
 def test_swa_start_epoch_zero_is_the_first_epoch_and_null_the_last_quarter(tiny_recipe_dict, tmp_path):

@@ -26,13 +26,15 @@ class FocalLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(logits.float(), dim=1)
         logp_t = logp.gather(1, target[:, None]).squeeze(1)
-        p_t = logp_t.exp()
+        # 1 - p_t from log p_t, floored: p_t rounded to 1.0 made (1 - p_t) ** gamma's gradient infinite for gamma < 1
+        # (NaN gradients under a finite loss once an image was confidently right)
+        one_minus = (-torch.expm1(logp_t)).clamp_min(1e-12)
         if self.label_smoothing:
             k = logits.shape[1]
             nll = -(1 - self.label_smoothing) * logp_t - self.label_smoothing / k * logp.sum(1)
         else:
             nll = -logp_t
-        loss = (1 - p_t) ** self.gamma * nll
+        loss = one_minus ** self.gamma * nll
         if self.alpha is not None:
             loss = loss * self.alpha.to(loss.device)[target]
         return loss.mean()

@@ -67,4 +67,7 @@ def schedule_warnings(cfg, optimizer: torch.optim.Optimizer, swa_start: int | No
         lines.append(f"note: from epoch {swa_start + 2} SWALR anneals every parameter group to train.swa.lr "
                      f"{cfg.swa.lr:g}, reached at epoch {swa_start + 1 + cfg.swa.anneal_epochs} (head_lr's ratio ends "
                      "there)")
+    if swa_start is not None and not cfg.monitor.startswith("val_"):  # SWA's weights are scored on val only
+        lines.append(f"warning: train.monitor {cfg.monitor} is not a val_ metric, which SWA's averaged weights are "
+                     "scored by: they are never kept as best.pt (monitor a val_ metric to let them be)")
     return lines

@@ -49,6 +49,11 @@ class SupervisedObjective:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.criterion.parameters())
 
+    def to(self, device: torch.device) -> "SupervisedObjective":
+        """The criterion's buffers (CE's class weights) where the logits are."""
+        self.criterion.to(device)
+        return self
+
 
 class Plugin:
     """Hooks around the training loop (Avalanche-style). Override what you need. A penalty is logged per epoch
@@ -207,6 +212,29 @@ class FitResult:
     """Wall time of each optimizer step (forward, backward and update of its accumulated batches)."""
 
 
+def micro_batch_weight(step: int, accum: int, n_batches: int, sizes: list[int] | None, n: int) -> float:
+    """What micro-batch `step` (of `n` images) weighs in its accumulation group, so each optimizer step is the mean
+    over its images, as one big batch: its share of the group's images (`sizes`: each batch's count; the epoch's
+    short last batch had weighed as much as a full one). The last group may hold fewer than accum micro-batches. A
+    loader of unknown batch sizes: the mean of its micro-batches."""
+    first = step // accum * accum
+    group = min(accum, n_batches - first)
+    return n / sum(sizes[first:first + group]) if sizes else 1.0 / group
+
+
+def batch_sizes(loader) -> list[int] | None:
+    """Each batch's image count of a plain DataLoader (a sampler of known length, a fixed batch size; only the last
+    batch may be short), else None (e.g. a loader that appends a replay batch to each of its batches)."""
+    size, sampler = getattr(loader, "batch_size", None), getattr(loader, "sampler", None)
+    if not isinstance(loader, torch.utils.data.DataLoader) or not size or not hasattr(sampler, "__len__"):
+        return None
+    n, batches = len(sampler), len(loader)
+    sizes = [size] * batches
+    if batches and not loader.drop_last:
+        sizes[-1] = n - size * (batches - 1)
+    return sizes if all(s > 0 for s in sizes) else None
+
+
 class Trainer:
     """Runs `recipe.train` on a model and a DataModule; writes best.pt / last.pt into `out`."""
 
@@ -227,6 +255,8 @@ class Trainer:
         self.log = log if self.is_main else (lambda *_args, **_kw: None)
         self.device = resolve_device(self.cfg.device)
         self.model = model.to(self.device)
+        if hasattr(objective, "to"):  # its loss's buffers too (CE class weights on the CPU had failed on CUDA)
+            objective.to(self.device)
         self.net: nn.Module = self.model
         """What the objective calls in training: the model, or its DDP wrapper (set up in fit())."""
         self.eval_criterion = eval_criterion or nn.CrossEntropyLoss()
@@ -238,15 +268,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, self.cfg.epochs)
         self.use_amp = self.cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.swa_model = self.swa_scheduler = None
-        if self.cfg.swa.enabled:
-            self.swa_model = torch.optim.swa_utils.AveragedModel(self.model)
-            start = self.cfg.swa.start_epoch
-            self.swa_start = int(self.cfg.epochs * 0.75) if start is None else start
-            if self.cfg.swa.lr is not None:  # from swa_start on, SWALR replaces the main schedule
-                self.swa_scheduler = torch.optim.swa_utils.SWALR(
-                    self.optimizer, swa_lr=self.cfg.swa.lr, anneal_epochs=self.cfg.swa.anneal_epochs,
-                    anneal_strategy="cos")
+        self._set_up_swa()
         for line in schedule_warnings(self.cfg, self.optimizer, self.swa_start if self.swa_model else None):
             self.log(line)
         self.history: list[dict[str, Any]] = []
@@ -274,6 +296,18 @@ class Trainer:
         """The learning rate of each param group (by name) in the last epoch."""
         if self.is_main:  # a tracking package the recipe asks for and this box lacks: refused before any work
             require_packages(recipe.tracking)
+
+    def _set_up_swa(self) -> None:
+        """train.swa: the averaged model, its first epoch (default: the last quarter's) and SWALR when swa.lr."""
+        self.swa_model = self.swa_scheduler = None
+        if self.cfg.swa.enabled:
+            self.swa_model = torch.optim.swa_utils.AveragedModel(self.model)
+            start = self.cfg.swa.start_epoch
+            self.swa_start = int(self.cfg.epochs * 0.75) if start is None else start
+            if self.cfg.swa.lr is not None:  # from swa_start on, SWALR replaces the main schedule
+                self.swa_scheduler = torch.optim.swa_utils.SWALR(
+                    self.optimizer, swa_lr=self.cfg.swa.lr, anneal_epochs=self.cfg.swa.anneal_epochs,
+                    anneal_strategy="cos")
 
     # ----------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -323,7 +357,10 @@ class Trainer:
         self.optimizer.load_state_dict(st["optimizer"])
         if self.scheduler and st["scheduler"]:
             self.scheduler.load_state_dict(st["scheduler"])
-        self.scaler.load_state_dict(st["scaler"])
+        if st["scaler"] or not self.scaler.is_enabled():  # a CPU session's disabled scaler saved {}: a CUDA
+            self.scaler.load_state_dict(st["scaler"])  # session goes on with a fresh scale (loading {} raised)
+        else:
+            self.log(f"{path}: no AMP loss scale saved (its session ran without CUDA AMP); a fresh scale is used")
         if self.swa_model and st["swa"]:
             self.swa_model.load_state_dict(st["swa"])
         if self.swa_scheduler and st.get("swa_scheduler"):
@@ -373,6 +410,7 @@ class Trainer:
         """One pass over the training loader: (summed loss, samples, summed parts) of this rank. The parts are what
         the loss adds up: a distillation objective's terms (each unweighted) and each plugin's penalty (as added)."""
         accum, n_batches = self.cfg.grad_accum, len(loader)
+        sizes = batch_sizes(loader) if accum > 1 else None
         total, count = 0.0, 0
         part_sums: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
@@ -403,9 +441,7 @@ class Trainer:
                 advance()
                 step_start = time.perf_counter()
                 continue
-            # Each step is the mean over its micro-batches; the epoch's last group may hold fewer than accum.
-            group = min(accum, n_batches - step // accum * accum)
-            self.scaler.scale(loss / group).backward()
+            self.scaler.scale(loss * micro_batch_weight(step, accum, n_batches, sizes, len(targets))).backward()
             if (step + 1) % accum == 0 or step + 1 == n_batches:
                 if self.distributed:
                     distributed.average_gradients(self._unmanaged_params)
