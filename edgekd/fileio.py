@@ -82,6 +82,23 @@ def make_temp_dir(prefix: str, suffix: str = "", parent: str | Path | None = Non
     return Path(tempfile.mkdtemp(prefix=prefix + owner(), suffix=suffix, dir=parent))
 
 
+def sync_file(path: str | Path) -> None:
+    """fsync a written file (a filesystem that cannot, e.g. some network shares: nothing to do)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sync_folder(folder: str | Path) -> None:
+    """fsync a folder, so a rename in it survives a power loss (not on Windows, which cannot open folders)."""
+    if os.name == "nt":
+        return
+    sync_file(folder)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object], min_free_bytes: int = 0) -> Path:
     """Call write(tmp_path), then os.replace it to `path`: readers never see a half-written file (a killed run's
     temporary file is removed by the next write of the same file)."""
@@ -98,7 +115,9 @@ def atomic_write(path: str | Path, write: Callable[[str], object], min_free_byte
         write(tmp)
         with contextlib.suppress(OSError):  # mkstemp's file is private (0600); the result gets open()'s mode
             os.chmod(tmp, default_mode())  # (a filesystem without modes, e.g. vfat, refuses: nothing to do there)
+        sync_file(tmp)  # on disk before it is named: after a power loss the file is old or new, never empty
         os.replace(tmp, path)
+        sync_folder(path.parent)
     except OSError as err:  # disk full, permissions, ...: the old file (if any) is untouched
         raise EdgeKDError(f"{path}: could not be written ({err.strerror or err})") from None
     finally:

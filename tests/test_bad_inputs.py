@@ -1188,6 +1188,19 @@ def test_a_write_failing_midway_leaves_the_old_file(tmp_path):
         atomic_write(target, write)
     assert target.read_bytes() == b"previous checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    # a write that succeeds is on disk before it is named, and the rename is synced too (after a power loss a
+    # checkpoint had could be empty on some filesystems)
+    import os
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fsync", lambda fd: events.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+                   or real_fsync(fd))
+        mp.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"new"))
+    assert events[0].startswith("fsync .last.pt.") and events[1:] == ["replace", f"fsync {tmp_path.name}"]
+    assert target.read_bytes() == b"new"
 
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
