@@ -872,7 +872,7 @@ def test_report_refuses_a_model_whose_outputs_do_not_match_its_data(trained, tmp
     ckpt["recipe"]["data"]["path"] = str(write_npz(tmp_path / "three.npz", size=SIZE, classes=3))
     torch.save(ckpt, tmp_path / "other.pt")
     assert_refused(invoke(capsys, "report", tmp_path / "other.pt", "--out", tmp_path / "rep"),
-                   "model has 2 outputs, its data has 3 classes")
+                   "the model has 2 classes ['class_0', 'class_1'], the data has 3")  # as eval and export say it
     assert not (tmp_path / "rep").exists()
     (tmp_path / "a_file").write_text("x")  # refused before any model is scored (it had said "file exists" after)
     assert_refused(invoke(capsys, "report", tmp_path / "other.pt", "--out", tmp_path / "a_file"),
