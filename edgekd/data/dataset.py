@@ -187,8 +187,12 @@ class DataModule:
             sampler.set_epoch(epoch)
             shuffle = False
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, distributed))
+        drawn = len(sampler) if sampler is not None else len(ds)  # this rank's images per epoch
+        # a training batch of one image fails in BatchNorm's train mode (a ResNet's 1x1 map at 28 px: after a whole
+        # epoch): that image is left out of the epoch (a shuffled one each epoch); any other short batch trains
+        lone = train and drawn > 1 and drawn % self.cfg.batch_size == 1
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=shuffle, sampler=sampler, generator=gen,
-                          num_workers=self.cfg.num_workers, drop_last=False,
+                          num_workers=self.cfg.num_workers, drop_last=lone,
                           persistent_workers=False)
 
     def samples_balanced(self) -> bool:
