@@ -968,3 +968,19 @@ def test_a_class_of_one_image_does_not_turn_stratification_off_and_tiny_splits_a
     groups = np.repeat(np.arange(30), 2)
     _, held = group_split(np.tile([0, 1], 30), groups, 0.4, 0)
     assert len(np.unique(groups[held])) == 10  # 1/3 of the patients, the nearest to 0.4 (not 1/2)
+
+
+@pytest.mark.parametrize("op, words", [({"Pad": {"padding": 4}}, "gives 24x24 images, not data.image_size 16"),
+                                       ({"RandomZoomOut": {}}, r"gives \d+x\d+, .* images, not data.image_size 16"),
+                                       ({"RandomApply": {"transforms": [{"RandomResizedCrop": {"size": 24}}]}},
+                                        "gives 24x24 images")])
+def test_an_augment_op_that_changes_the_size_is_refused(op, words, tmp_path):
+    """Pad and Resize trained at another size than eval and export use, without a word; RandomZoomOut failed to
+    stack a batch; a crop inside RandomApply escaped the size check of the top-level crops."""
+    npz = write_npz(tmp_path / "d.npz", n=(8, 4, 4), size=16)
+    raw = {"name": "a", "data": {"source": "medmnist", "path": str(npz), "image_size": 16},
+           "model": {"name": "edgekd_cnn_tiny"}, "augment": [op]}
+    with pytest.raises(EdgeKDError, match=r"^augment: the train pipeline " + words):
+        build_data(recipe_from_dict(raw)).dataset("train")
+    fixed = {**raw, "augment": [op, {"CenterCrop": {}}]}  # cropped back: trains
+    assert tuple(build_data(recipe_from_dict(fixed)).dataset("train")[0][0].shape) == (3, 16, 16)

@@ -108,17 +108,25 @@ def build_transforms(data_cfg, augment: list, train: bool) -> v2.Compose:
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(data_cfg.mean), list(data_cfg.std))]
     pipeline = v2.Compose(ops + post)
     if train and augment:
-        check_augment(pipeline, size)
+        check_augment(pipeline, size, data_cfg.channels)
     return pipeline
 
 
-def check_augment(pipeline: v2.Compose, size: int) -> None:
-    """Run the train pipeline once on a random image: an op that cannot take the pipeline's uint8 images (e.g.
-    `Normalize` among the augment ops) had failed at the first batch with a traceback."""
+AUGMENT_DRAWS = 8
+"""How many times `check_augment` runs the train pipeline: a random op that changes the size half the time
+(RandomZoomOut) shows in 8 draws but once in 256."""
+
+
+def check_augment(pipeline: v2.Compose, size: int, channels: int = 3) -> None:
+    """Run the train pipeline on a random image a few times (seeded): an op that cannot take the pipeline's uint8
+    images (e.g. `Normalize` among the augment ops) had failed at the first batch with a traceback, and one that
+    changes the size (Pad, Resize, RandomZoomOut, a crop inside RandomApply) trained at another size than eval and
+    export use, or failed to stack a batch."""
     image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     state = torch.random.get_rng_state()
     try:
-        pipeline(image)
+        torch.manual_seed(0)
+        shapes = {tuple(pipeline(image).shape) for _ in range(AUGMENT_DRAWS)}
     except EdgeKDError:
         raise
     except Exception as err:
@@ -126,6 +134,13 @@ def check_augment(pipeline: v2.Compose, size: int) -> None:
         raise EdgeKDError(f"augment: the train pipeline fails on an image ({type(err).__name__}: {detail})") from None
     finally:  # the random ops' draws do not shift the run's seeded stream
         torch.random.set_rng_state(state)
+    other = sorted(s for s in shapes if s != (channels, size, size))
+    if other:
+        sizes = ", ".join("x".join(map(str, s[1:])) for s in other[:3]) + (", ..." if len(other) > 3 else "")
+        raise EdgeKDError(f"augment: the train pipeline gives {sizes} "
+                          f"images, not data.image_size {size} (the model's input at eval and export): an op changes "
+                          "the size (Pad, Resize, RandomZoomOut, a crop inside RandomApply); follow it with "
+                          "RandomCrop or CenterCrop, or leave it out")
 
 
 def preprocess_spec(data_cfg) -> dict[str, Any]:
