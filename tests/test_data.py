@@ -984,3 +984,32 @@ def test_an_augment_op_that_changes_the_size_is_refused(op, words, tmp_path):
         build_data(recipe_from_dict(raw)).dataset("train")
     fixed = {**raw, "augment": [op, {"CenterCrop": {}}]}  # cropped back: trains
     assert tuple(build_data(recipe_from_dict(fixed)).dataset("train")[0][0].shape) == (3, 16, 16)
+
+
+def test_a_teacher_drawn_from_an_npz_with_another_seed_is_checked_against_the_students_test_images(tmp_path):
+    """The teacher check compared image files only: an .npz without val/test splits (cut by seed), or any .npz
+    under data.split=stratified, let a teacher trained with another seed hold most of the student's test images,
+    without a word. In-memory data is now compared by content; the dataset's own duplicates across its splits
+    (MedMNIST has some) are not counted as the teacher's."""
+    from edgekd.data.dataset import check_model_splits
+
+    images = np.random.default_rng(0).integers(0, 256, (200, 8, 8), dtype=np.uint8)
+    labels = (np.arange(200) % 2)[:, None].astype(np.uint8)
+    np.savez(tmp_path / "own.npz", train_images=images, train_labels=labels)
+    raw = {"name": "t", "data": {"source": "medmnist", "path": str(tmp_path / "own.npz"), "image_size": 8},
+           "model": {"name": "edgekd_cnn_tiny"}}
+    teacher = {"recipe": recipe_from_dict(raw).to_dict()}
+    student = build_data(recipe_from_dict({**raw, "seed": 1}))
+    with pytest.raises(EdgeKDError, match=r"^distill.teacher t.pt trained on \d+ of this run's 30 test images"):
+        check_model_splits("distill.teacher t.pt", teacher, student, print)
+    said: list[str] = []
+    check_model_splits("distill.teacher t.pt", teacher, build_data(recipe_from_dict(raw)), said.append)
+    assert said == []  # the same draw: nothing to say
+    dup = write_npz(tmp_path / "dup.npz", n=(20, 6, 6), size=8)  # official splits sharing an image
+    arrays = dict(np.load(dup))
+    arrays["test_images"][0] = arrays["train_images"][0]
+    np.savez(tmp_path / "dup.npz", **arrays)
+    given = {**raw, "data": {**raw["data"], "path": str(tmp_path / "dup.npz")}}
+    check_model_splits("distill.teacher t.pt", {"recipe": recipe_from_dict(given).to_dict()},
+                       build_data(recipe_from_dict(given)), said.append)
+    assert said == []

@@ -403,12 +403,14 @@ def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[s
     on images it learned (an error). Its training on val images only (a val split carved from train by seed, as in
     a seed sweep from one teacher) biases the run's choices: a warning (`val_effect`). Compared file by file, from
     the model's recipe as it splits the files today, when both read image files (ImageFolder or CSV, either of
-    them: a CSV may list the folder's files); in-memory sets (.npz) have fixed splits here. `rebuilt`: a dict that
+    them: a CSV may list the folder's files), or image by image by content when both are in memory (.npz, idx: a
+    file without val/test splits, data.split stratified or patient, folds, cut them by seed too). `rebuilt`: a dict that
     keeps the model's splits once rebuilt, for checking one model against several runs' data (continual tasks)."""
     from edgekd.recipe import recipe_from_dict
 
     raw = ckpt.get("recipe")
-    if not raw or data.tables["train"].paths is None or (raw.get("data") or {}).get("source") not in FILE_SOURCES:
+    in_memory = data.tables["train"].paths is None
+    if not raw or (not in_memory and (raw.get("data") or {}).get("source") not in FILE_SOURCES):
         return
     rebuilt = {} if rebuilt is None else rebuilt
     if "tables" not in rebuilt:
@@ -420,10 +422,11 @@ def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[s
                 f"images ({err}); a relative data.path of its recipe is read from the folder it was trained in: run "
                 "from there for the check")
     tables = rebuilt["tables"]
-    if tables is None or tables["train"].paths is None:
+    if tables is None or (tables["train"].images is not None) != in_memory:  # files against arrays: other data
         return
-    seen = {os.path.realpath(p) for p in tables["train"].paths}
-    leaked = {split: sum(os.path.realpath(p) in seen for p in data.tables[split].paths) for split in ("val", "test")}
+    key = content_keys(data) if in_memory else (lambda table: [os.path.realpath(p) for p in table.paths])
+    seen = set(key(tables["train"]))
+    leaked = {split: sum(k in seen for k in key(data.tables[split])) for split in ("val", "test")}
     settings = "seed, data.split, fractions, classes or patient_pattern"
     if leaked["test"]:
         raise EdgeKDError(f"{what} trained on {leaked['test']} of {whose} {len(data.tables['test'])} test images (its "
@@ -432,11 +435,20 @@ def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[s
     if leaked["val"]:
         log(f"warning: {what} trained on {leaked['val']} of {whose} {len(data.tables['val'])} val images (another "
             f"{settings}): {val_effect}")
-    chosen_on = {os.path.realpath(p) for p in (tables["val"].paths or [])} if "val" in tables else set()
-    picked = sum(os.path.realpath(p) in chosen_on for p in data.tables["test"].paths)
+    chosen_on = set(key(tables["val"])) if "val" in tables else set()
+    picked = sum(k in chosen_on for k in key(data.tables["test"]))
     if picked:  # (it had passed without a word)
         log(f"warning: {what} chose its best epoch on {picked} of {whose} {len(data.tables['test'])} test images (its "
             f"val split; another {settings}): the test figures are on images that picked it")
+
+
+def content_keys(data: DataModule) -> Callable[[Table], list[str]]:
+    """For in-memory data (.npz, idx) compared by content: a table's image fingerprints, less those the run's own
+    splits share (duplicate images of the dataset across its splits, e.g. MedMNIST's, are not a model's leak)."""
+    own = {s: set(t.fingerprints()) for s, t in data.tables.items()}
+    shared = (own.get("train", set()) & (own.get("val", set()) | own.get("test", set()))) | \
+        (own.get("val", set()) & own.get("test", set()))
+    return lambda table: [f for f in table.fingerprints() if f not in shared]
 
 
 def check_trained_splits(ckpt: dict, data: DataModule, recipe, where: str,
