@@ -264,6 +264,10 @@ def test_csv_errors_name_the_line(tmp_path):
     csv.write_text("\n".join(text + ["imgs/a/missing.png,a,p99"]) + "\n")
     with pytest.raises(EdgeKDError, match=r"m.csv:\d+: image imgs/a/missing.png not found"):
         load_source("csv", str(csv))
+    # the line an editor shows, blank lines counted (DictReader skips them: the row's index had been named)
+    csv.write_text("\n".join(text[:3] + ["", ""] + text[3:] + ["imgs/a/missing.png,a,p99"]) + "\n")
+    with pytest.raises(EdgeKDError, match=rf"m.csv:{len(text) + 3}: image imgs/a/missing.png not found"):
+        load_source("csv", str(csv))
 
 
 def _groups(dm):

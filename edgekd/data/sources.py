@@ -331,17 +331,17 @@ def load_csv(path: str | Path) -> Source:
         raise EdgeKDError(f"{path}: a folder, not a CSV manifest (data.source csv): {hint}")
     if not path.is_file():
         raise EdgeKDError(f"{path}: CSV manifest not found")
-    rows = _read_manifest(path)
+    rows, lines = _read_manifest(path)
     label_values = [(r["label"] or "").strip() for r in rows]
     empty = next((i for i, v in enumerate(label_values) if not v), None)
     if empty is not None:
-        raise EdgeKDError(f"{path}:{empty + 2}: empty label")
-    class_names, to_id, info = _csv_classes(path, label_values)
+        raise EdgeKDError(f"{path}:{lines[empty]}: empty label")
+    class_names, to_id, info = _csv_classes(path, label_values, lines)
     has_groups = "patient_id" in rows[0]
     has_split = "split" in rows[0]
     buckets: dict[str, dict[str, list]] = {}
     first_line: dict[str, int] = {}
-    for lineno, (row, label) in enumerate(zip(rows, label_values), start=2):
+    for lineno, row, label in zip(lines, rows, label_values):
         entry = (row["path"] or "").strip()  # `label, path`: the space after the comma had been part of the path
         if not entry:
             raise EdgeKDError(f"{path}:{lineno}: empty path")
@@ -378,7 +378,8 @@ def load_csv(path: str | Path) -> Source:
     return Source(name=path.stem, tables=tables, class_names=class_names, info=info)
 
 
-def _csv_classes(path: Path, label_values: list[str]) -> tuple[list[str], dict[str, int], dict[str, Any]]:
+def _csv_classes(path: Path, label_values: list[str],
+                 lines: list[int]) -> tuple[list[str], dict[str, int], dict[str, Any]]:
     """(class names, label -> id, Source.info) of a manifest's labels: integer ids as given (ids that skip one are
     noted), else names in sorted order (a name on one row only is noted: build_data refuses both unless the recipe
     picks or names the classes)."""
@@ -400,14 +401,15 @@ def _csv_classes(path: Path, label_values: list[str]) -> tuple[list[str], dict[s
         if other != name:  # "café" typed as one code point and as e + a combining accent had been two classes
             how = "in case" if unicodedata.normalize("NFC", name) != unicodedata.normalize("NFC", other) else \
                 "in Unicode form (the same letters as other code points, e.g. an accent typed apart)"
-            raise EdgeKDError(f"{path}:{label_values.index(name) + 2}: label {name!r} differs from {other!r} (line "
-                              f"{label_values.index(other) + 2}) only {how}: spell one class one way")
+            raise EdgeKDError(f"{path}:{lines[label_values.index(name)]}: label {name!r} differs from {other!r} "
+                              f"(line {lines[label_values.index(other)]}) only {how}: spell one class one way")
     to_id = {n: i for i, n in enumerate(class_names)}
-    info["label_rows"] = {n: label_values.index(n) + 2 for n in class_names}  # where each label first appears
+    info["label_rows"] = {n: lines[label_values.index(n)] for n in class_names}  # where each label first appears
     counts = Counter(label_values)
     lone = next((n for n in class_names if counts[n] == 1), None)
     if lone is not None:
-        info["lone_label"] = (to_id[lone], f"{path}:{label_values.index(lone) + 2}: label {lone!r} is on this row only")
+        info["lone_label"] = (to_id[lone], f"{path}:{lines[label_values.index(lone)]}: label {lone!r} is on this row "
+                                           "only")
     return class_names, to_id, info
 
 
@@ -419,8 +421,9 @@ def integer_label(value: str) -> int | None:
     return int(whole) if digits.isdigit() and digits.isascii() and fraction.strip("0") == "" else None
 
 
-def _read_manifest(path: Path) -> list[dict[str, str]]:
-    """The CSV's rows (UTF-8, an Excel byte-order mark allowed) with at least the path and label columns."""
+def _read_manifest(path: Path) -> tuple[list[dict[str, str]], list[int]]:
+    """The CSV's rows (UTF-8, an Excel byte-order mark allowed) with at least the path and label columns, and the
+    file line each row ends on (blank lines and quoted line breaks counted: errors name the line an editor shows)."""
     data = path.read_bytes()
     try:
         reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
@@ -430,7 +433,10 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
         twice = next((h for h in header if h and header.count(h) > 1), None)
         if twice:  # the last of them had been read, without a word
             raise EdgeKDError(f"{path}: column {twice!r} named twice in the header; name each column once")
-        rows = list(reader)
+        rows, lines = [], []
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
         raise EdgeKDError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the manifest as "
@@ -448,7 +454,7 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
         hint = hint or (f" (its header has {', '.join(cased)}: column names are lower case)" if cased else "")
         raise EdgeKDError(f"{path}: CSV manifest lacks column(s) {', '.join(sorted(missing))}{hint}")
     _refuse_near_miss_columns(path, rows)
-    return rows
+    return rows, lines
 
 
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
