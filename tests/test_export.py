@@ -1199,3 +1199,77 @@ def test_the_rounding_allowance_is_measured_on_the_same_images_whatever_the_tta_
     picked = rounding_sample(one).ravel()
     assert np.array_equal(rounding_sample(six), rounding_sample(one)) and len(picked) == 64
     assert picked[0] == 0 and picked[-1] == 99  # spread over the images (the first 64 of 100 before), originals only
+
+
+def _gate(art, ref, y, tolerance, heads=None):
+    """check_artifact on a stand-in session answering `art` (rows by input index) against reference logits `ref`."""
+    from edgekd.export.artifact import ArtifactSession
+    from edgekd.export.parity import ParitySet, check_artifact
+
+    x = np.arange(len(y), dtype=np.float32).reshape(-1, 1, 1, 1)
+    session = ArtifactSession(["input"], ["logits"], [None, 1, 1, 1], [None, ref.shape[1]],
+                              lambda b: art[b[:, 0, 0, 0].astype(int)].astype(np.float32))
+    ps = ParitySet(x, ["original"] * len(y), {"val": (x, y)}, heads=heads)
+    m = ps.metrics(y, ref)
+    reference = {"logits": ref.astype(np.float32), "splits": {"val": {"logits": ref, "metrics": m, "scored_metrics": m}}}
+    return check_artifact(session, ps, reference, tolerance, (1, 1, 1), ref.shape[1], 7, "val")
+
+
+def test_the_metric_gate_holds_each_task_and_an_rtol_alone_and_says_what_it_could_not_check():
+    """One task of a two-head model lost 3 points against a 2-point limit and passed in the mean over tasks; a
+    tolerance of rtol alone (max_abs null) checked nothing; an undefined AUC switched its limit off silently."""
+    from edgekd.export.profile import Tolerance
+
+    rng, n = np.random.default_rng(0), 100
+    y = np.concatenate([rng.integers(0, 2, n), 2 + rng.integers(0, 2, n)])
+    ref = np.zeros((2 * n, 4))
+    ref[np.arange(2 * n), y] = 3.0
+    art = ref.copy()
+    flipped = np.flatnonzero(y < 2)[:3]
+    art[flipped, y[flipped]], art[flipped, 1 - y[flipped]] = 0.0, 3.0
+    record, failures = _gate(art, ref, y, Tolerance(top1_agreement=0.95, acc_drop=0.02, auc_drop=0.5),
+                             heads=[("a", 0, 2), ("b", 2, 4)])
+    assert record["metric_drop"]["val"]["acc"] == pytest.approx(0.015)
+    assert failures == ["val task 'a' ACC drops by 0.0300 > 0.02"]
+    scaled = ref[:, :2] * 1.5
+    _, failures = _gate(scaled, ref[:, :2], (y % 2), Tolerance(max_abs=None, rtol=1e-3, top1_agreement=1.0))
+    assert len(failures) == 1 and failures[0].startswith("logit diff 1.5 at |reference| 3 > 0 + 0.001·|reference|")
+    three = np.zeros((20, 3))
+    labels = np.arange(20) % 2  # class 2 absent: AUC undefined
+    three[np.arange(20), labels] = 2.0
+    record, failures = _gate(three, three, labels, Tolerance(auc_drop=0.01))
+    assert failures == [] and record["ungated"] == [
+        "val AUC undefined (a class absent): its auc_drop limit 0.01 could not be checked"]
+
+
+def test_an_artifact_whose_runtime_raises_is_one_failed_record_not_an_aborted_export(tmp_path):
+    """A RuntimeError of ONNX Runtime or OpenVINO (an INT8 graph its speed check could not run) ended the whole
+    export: on_fail drop could not ship the artifacts that passed, and the error named no artifact."""
+    from edgekd.export.artifact import ArtifactSession
+    from edgekd.export.formats import ExportFormat
+    from edgekd.export.parity import ParitySet
+    from edgekd.export.profile import load_profile
+    from edgekd.export.run import _Outcome, _export_one
+
+    def session(run):
+        return ArtifactSession(["input"], ["logits"], [None, 1, 2, 2], [None, 2], run)
+
+    def cannot(x):
+        raise RuntimeError("NOT_IMPLEMENTED: QLinearConv")
+
+    fmt = ExportFormat("onnx", ".onnx", ("fp32", "int8"), lambda c, p, q: {}, lambda q, p, t: session(cannot))
+    x, y = np.zeros((8, 1, 2, 2), np.float32), np.array([0, 1] * 4)
+
+    class Ctx:
+        profile, input_shape = load_profile(None), (1, 2, 2)
+
+        @staticmethod
+        def log(line):
+            pass
+
+    outcome = _Outcome([], [], [], timed_formats={"onnx"})
+    outcome.fp32_sessions["onnx"] = session(lambda b: np.zeros((len(b), 2), np.float32))
+    _export_one(fmt, "int8", Ctx, tmp_path, ParitySet(x, ["original"] * 8, {"val": (x, y), "test": (x, y)}), {}, 2,
+                outcome)
+    assert outcome.failures == ["onnx/int8: RuntimeError: NOT_IMPLEMENTED: QLinearConv"]
+    assert outcome.records[0]["passed"] is False

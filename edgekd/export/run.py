@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms, check_class_order, check_trained_splits, checkpoint_path_hint
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, shorten
 from edgekd.fileio import (deferred_signals, ensure_free_space, make_temp_dir, remove_trees, sha256_file, track_tree,
                            untrack_tree)
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
@@ -394,17 +394,20 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
     path = stage / rel
     tolerance = getattr(profile.parity.tolerances, precision)
     log(f"{label}: exporting {rel}")
-    try:
+    try:  # any error of the converter or runtime fails this artifact, named (a RuntimeError had ended the export)
         info = fmt.export(ctx, precision, path)
         session = fmt.open(path, precision, profile.run_threads())
-    except EdgeKDError as err:
-        outcome.failures.append(f"{label}: {err}")
+        speed = None if precision == "fp32" else _speed_check(fmt, precision, session, parity_set, profile, outcome,
+                                                              log)  # (an INT8 graph that cannot run fails here)
+    except Exception as err:
+        said = str(err) if isinstance(err, EdgeKDError) else \
+            f"{type(err).__name__}: {shorten(str(err).splitlines()[0], 160) if str(err) else '-'}"
+        outcome.failures.append(f"{label}: {said}")
         outcome.records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
-                                "failures": [str(err)], "tolerance": tolerance.model_dump()})
+                                "failures": [said], "tolerance": tolerance.model_dump()})
         return
     if precision == "fp32" and fmt.name in outcome.timed_formats:
         outcome.fp32_sessions[fmt.name] = session
-    speed = _speed_check(fmt, precision, session, parity_set, profile, outcome, log)
     if speed is not None and not speed["fast_enough"]:
         for f in fmt.files(path):
             f.unlink(missing_ok=True)
@@ -424,6 +427,8 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
                               **info})
     log(f"{label}: max abs diff {record.get('max_abs_diff', float('nan')):.3g}, top-1 agreement "
         f"{record.get('top1_agreement', float('nan')):.2%}{'' if not problems else ' -> FAIL'}")
+    for line in record.get("ungated", []):  # parity.json keeps them beside the record
+        log(f"warning: {label}: {line}")
 
 
 def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: ExportProfile, outcome: _Outcome,
