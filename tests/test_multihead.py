@@ -129,6 +129,8 @@ def test_multi_head_bundle_records_tasks_and_passes_parity_per_head(world):
     assert meta["metrics"]["test"]["acc"] == pytest.approx(acc[-1].mean())  # the headline: their mean
     card = (world["bundle"] / "card.md").read_text()
     assert "## Continual learning" in card and "## Parity per head" in card and "No calibration" in card
+    pytorch_row = next(line for line in card.splitlines() if line.startswith("| pytorch | fp32 | - |"))
+    assert pytorch_row.split("|")[6:8] == [" - ", " - "]  # no mean of a binary sensitivity and a macro recall
     # its limitation names its tasks' data ("one public data set" of a model of two data sets before)
     assert "- Trained and tested on the data of its 2 tasks (A, B) in turn; performance on other sites" in card
     assert "one public data set" not in card and "this data set" not in card

@@ -375,8 +375,11 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         f"{s} {k}" for s in splits for k in ("acc", "auc", "sens", "spec")) + " |"
     lines += [header, "|" + "---|" * (3 + 4 * len(splits))]
 
-    def row(name: str, prec: str, size: Any, metrics: dict[str, dict[str, float]]) -> str:
-        cells = [_num(metrics.get(s, {}).get(k)) for s in splits for k in ("acc", "auc", "sensitivity", "specificity")]
+    heads = bool(metadata.get("tasks"))  # one head per task: a mean of one head's sensitivity and another's macro
+
+    def row(name: str, prec: str, size: Any, metrics: dict[str, dict[str, float]]) -> str:  # recall is no figure
+        cells = [_num(None if heads and k in ("sensitivity", "specificity") else metrics.get(s, {}).get(k))
+                 for s in splits for k in ("acc", "auc", "sensitivity", "specificity")]
         return f"| {name} | {prec} | {size} | " + " | ".join(cells) + " |"
 
     lines.append(row("pytorch", "fp32", "-", ref))
