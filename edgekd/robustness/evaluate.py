@@ -197,9 +197,9 @@ def limited(n: int, limit: int | None) -> np.ndarray:
 
 
 def load_split_images(recipe, split: str = "test", limit: int | None = None,
-                      predictors: Sequence[Predictor] = ()) -> tuple[list[np.ndarray], np.ndarray, list[str],
+                      predictors: Sequence[Predictor] = ()) -> tuple["SplitImages", np.ndarray, list[str],
                                                                       np.ndarray, list[str] | None]:
-    """The decoded uint8 images, labels, class names, positions and files (None for in-memory data: an .npz) of a
+    """The uint8 images (SplitImages: decoded when read), labels, class names, positions and files (None for in-memory data: an .npz) of a
     recipe's split (the fixed random subset
     `limited` picks, if `limit` is given: the same whatever --seed, which seeds the corruptions only; the
     positions key each image's corruption noise, so an image gets the same noise with any --limit). Each
@@ -219,14 +219,12 @@ def load_split_images(recipe, split: str = "test", limit: int | None = None,
 
 
 def load_folder_images(folder: str | Path, class_names: list[str], limit: int | None = None,
-                       predictors: Sequence[Predictor] = ()) -> tuple[list[np.ndarray], np.ndarray, list[str],
+                       predictors: Sequence[Predictor] = ()) -> tuple["FolderImages", np.ndarray, list[str],
                                                                       np.ndarray]:
-    """The decoded uint8 images, labels, class names and positions in the folder's listing of a labelled folder
-    (root/<class>/...; the model's class names), a fixed random subset of `limit` if given (`limited`): the
+    """The uint8 images (FolderImages: decoded when read), labels, class names and positions in the folder's listing
+    of a labelled folder (root/<class>/...; the model's class names), a fixed random subset of `limit` if given (`limited`): the
     torch-free counterpart of `load_split_images`. A checkpoint among `predictors` must not have trained on the
     folder (`refuse_training_folder`)."""
-    from edgekd.runtime.preprocess import as_image_array
-
     paths, labels = folder_listing(folder, class_names, predictors)
     idx = limited(len(paths), limit)
     images = FolderImages([paths[i] for i in idx])  # a path or a multi-frame DICOM's frame, decoded when read
