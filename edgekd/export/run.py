@@ -102,7 +102,7 @@ def metric_subset(labels: np.ndarray, n: int | None) -> np.ndarray:
 def _stack(dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed (eval pipeline) images and labels of a dataset subset."""
     xs, ys = zip(*(dataset[int(i)] for i in indices))
-    return torch.stack(xs).numpy().astype(np.float32), np.asarray(ys, dtype=np.int64)
+    return np.asarray(torch.stack(xs).numpy(), dtype=np.float32), np.asarray(ys, dtype=np.int64)  # no third copy
 
 
 def _export_recipe(ckpt: dict[str, Any], checkpoint: Path, overrides: list[str], input_size: int | None):
