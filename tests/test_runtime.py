@@ -597,6 +597,27 @@ def test_predict_cli_all_good_exits_zero_and_bad_out_suffix_is_refused(bundle, t
     assert res.exit_code != 0 and "a.png" in (tmp_path / "p.csv").read_text()
 
 
+def test_predict_says_when_openvino_runs_an_onnx_file_the_export_checked_on_onnx_runtime_only():
+    """A bundle without an OpenVINO INT8 model: `predict --precision int8` on the default backend runs the ONNX INT8
+    file on OpenVINO, which the export's runner check never did (it runs the most precise ONNX file there)."""
+    from types import SimpleNamespace
+
+    from edgekd.cli.deployment import ungated_path_note
+
+    arts = [SimpleNamespace(format=f, precision=p) for f, p in (("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"))]
+
+    def runner(backend, fmt, precision):
+        return SimpleNamespace(info={"backend": backend, "format": fmt}, precision=precision,
+                               bundle=SimpleNamespace(artifacts=arts))
+
+    assert ungated_path_note(runner("openvino", "onnx", "int8")).startswith(
+        "this bundle has no OpenVINO int8 model: OpenVINO runs its ONNX int8 file, which the export checked on ONNX "
+        "Runtime only")
+    for checked in (runner("onnx", "onnx", "int8"), runner("openvino", "openvino", "fp32"),
+                    runner("openvino", "onnx", "fp32")):
+        assert ungated_path_note(checked) is None
+
+
 def test_class_and_task_names_are_shown_as_written_in_the_predictions_tables():
     """Column headers took class names as rich markup: 'nevus [benign]' was shown as 'nevus ', and a name with
     '[/b]' raised a MarkupError after the whole run."""
