@@ -142,7 +142,8 @@ def test_openvino_batches_are_padded_to_a_few_compiled_sizes(runner):
     sized = [runner.preprocessor.to_model_size(arr, keep_gray=True)] * 3
     seen = []
     original = runner.predict_sized
-    runner.predict_sized = lambda images, sources, tta=None: seen.append(len(images)) or original(images, sources)
+    runner.predict_sized = lambda images, sources, tta=None, **kw: seen.append(len(images)) or original(images, sources,
+                                                                                                        **kw)
     try:
         preds = service.run_batch(sized, ["a", "b", "c"])
     finally:

@@ -275,11 +275,14 @@ class Runner:
         sources = list(sources) if sources is not None else [_describe(img) for img in images]
         return self.predict_sized(sized, sources, tta)
 
-    def predict_sized(self, sized: list[np.ndarray], sources: list[str], tta: TTAOption = None) -> list:
+    def predict_sized(self, sized: list[np.ndarray], sources: list[str], tta: TTAOption = None,
+                      gray_graph: bool = True) -> list:
         """uint8 model-size images (`preprocessor.to_model_size`) -> one inference call (the backend builds the
         views, normalizes and returns probabilities, image by image) -> per-image mean-softmax predictions (a
         TaskPredictions per image for a multi-head bundle without a chosen task). For a caller that decodes
-        elsewhere (the HTTP service decodes uploads before they queue for the model)."""
+        elsewhere (the HTTP service decodes uploads before they queue for the model). `gray_graph`: a batch of gray
+        images only may run the graph taking one channel; False: always the model's channels (one set of compiled
+        graphs, as a service warms them)."""
         if len(sources) != len(sized):
             raise EdgeKDError(f"{len(sized)} images but {len(sources)} source names")
         if not sized:
@@ -287,7 +290,7 @@ class Runner:
         views = self._views(tta)
         # Pixels go straight into the backend's input memory. Gray images for a 3-channel model stay one channel
         # (repeated to RGB inside the model); in a batch with color images they are broadcast to 3 channels here.
-        channels = 1 if all(a.shape[-1] == 1 for a in sized) else self.preprocessor.channels
+        channels = 1 if gray_graph and all(a.shape[-1] == 1 for a in sized) else self.preprocessor.channels
         with self._lock:
             slot = self._engine().image_slot(len(sized), views, channels)
             for i, image in enumerate(sized):

@@ -67,11 +67,12 @@ class Service:
                             "tta_views": runner.tta_views.names if runner.tta else None, "threshold": runner.threshold}
 
     def run_batch(self, images: list[np.ndarray], sources: list[str]) -> list[Prediction]:
-        if self.runner.preprocessor.channels == 3:  # gray uploads to an RGB model as RGB, the graph's own repeat:
-            images = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in images]  # one set of compiled
-        n = len(images)  # graphs (OpenVINO's per channel count: a color upload among gray ones had compiled anew)
+        n = len(images)
         size = next((s for s in self.sizes if s >= n), n) if self.sizes else n
-        return self.runner.predict_sized(images + [images[0]] * (size - n), sources + [sources[0]] * (size - n))[:n]
+        # always the model's channels (gray uploads broadcast to RGB, as the graph repeats them): one set of compiled
+        # graphs, the one warmed (OpenVINO's are per channel count: a color upload among gray ones had compiled anew)
+        return self.runner.predict_sized(images + [images[0]] * (size - n), sources + [sources[0]] * (size - n),
+                                         gray_graph=False)[:n]
 
     def warm(self) -> None:
         """Compile and run every padded batch size once, so no client waits for a compile."""
