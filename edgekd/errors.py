@@ -34,6 +34,13 @@ def shorten(text: str, limit: int = MAX_QUOTE) -> str:
     return f"{text[: keep // 2]}...<{len(text) - keep} chars>...{text[len(text) - keep // 2:]}"
 
 
+def exception_line(err: BaseException, limit: int = MAX_QUOTE) -> str:
+    """What a third-party exception says, for a one-line message: its type and its first line, shortened (a
+    runtime's error can run to pages)."""
+    text = str(err)
+    return f"{type(err).__name__}: {shorten(text.splitlines()[0], limit) if text.strip() else '-'}"
+
+
 def shown(name: object, limit: int = MAX_QUOTE) -> str:
     """A file or member name for an error message: printable and bounded, without quotes."""
     return shorten(printable(str(name)), limit)

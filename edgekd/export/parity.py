@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from edgekd.errors import shorten
+from edgekd.errors import exception_line, shorten
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession
 from edgekd.export.clinical import artifact_operating_point
 from edgekd.export.profile import Tolerance
@@ -371,8 +371,7 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
     try:
         _score_splits(session, data, reference, batch_size, record)
     except Exception as err:  # a metric-split image the graph cannot run, or answers NaN for: this artifact fails
-        failures.append(f"scoring the metric splits failed: {type(err).__name__}: "
-                        f"{shorten(str(err).splitlines()[0], 120) if str(err) else '-'}")
+        failures.append(f"scoring the metric splits failed: {exception_line(err, 120)}")
         return record, failures
     if tolerance.max_abs is not None or tolerance.rtol:  # an rtol alone is checked too (it had been skipped)
         failures += value_check(diff, ref, tolerance, rounding, rounding_factor, record)

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms, check_class_order, check_trained_splits, checkpoint_path_hint
-from edgekd.errors import EdgeKDError, shorten
+from edgekd.errors import EdgeKDError, exception_line
 from edgekd.fileio import (deferred_signals, ensure_free_space, make_temp_dir, remove_trees, sha256_file, track_tree,
                            untrack_tree)
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
@@ -400,8 +400,7 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
         speed = None if precision == "fp32" else _speed_check(fmt, precision, session, parity_set, profile, outcome,
                                                               log)  # (an INT8 graph that cannot run fails here)
     except Exception as err:
-        said = str(err) if isinstance(err, EdgeKDError) else \
-            f"{type(err).__name__}: {shorten(str(err).splitlines()[0], 160) if str(err) else '-'}"
+        said = str(err) if isinstance(err, EdgeKDError) else exception_line(err, 160)
         outcome.failures.append(f"{label}: {said}")
         outcome.records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
                                 "failures": [said], "tolerance": tolerance.model_dump()})

@@ -15,7 +15,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, exception_line
 from edgekd.hair import opencv, recorded_kernel, remove_hair
 from edgekd.imageio import DicomFrame, check_image_size, pil_to_array, read_image
 
@@ -39,7 +39,7 @@ def as_image_array(image: ImageInput, resize: int | None = None) -> np.ndarray:
             try:  # Image.open decodes lazily: a truncated file fails here, as one input's error
                 return pil_to_array(image)
             except (OSError, SyntaxError, ValueError, struct.error) as err:
-                raise EdgeKDError(f"PIL image: corrupt or truncated ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+                raise EdgeKDError(f"PIL image: corrupt or truncated ({exception_line(err)})") from None
         raise EdgeKDError(f"expected an image path, PIL image or numpy array, got {type(image).__name__}")
     if image.ndim == 2:
         image = image[..., None]
