@@ -1273,3 +1273,36 @@ def test_an_artifact_whose_runtime_raises_is_one_failed_record_not_an_aborted_ex
                 outcome)
     assert outcome.failures == ["onnx/int8: RuntimeError: NOT_IMPLEMENTED: QLinearConv"]
     assert outcome.records[0]["passed"] is False
+
+
+@pytest.mark.parametrize("hair", [False, True])
+def test_split_images_are_the_dataset_items_held_uint8(tmp_path, hair):
+    """The export keeps its metric splits uint8 and normalizes each batch as it is read: the values are the
+    dataset's own items (gray 16-px images to a 3-channel model at 20 px, hair removal or not), bit for bit,
+    for a slice, a row subset and one image, and a quarter of the float32 bytes."""
+    from edgekd.data import build_data, build_transforms
+    from edgekd.export.parity import SplitImages, join_split_images
+    from edgekd.export.run import _split_images
+    from torchvision.transforms import v2
+
+    recipe = recipe_from_dict(tiny_recipe(write_npz(tmp_path / "t.npz", channels=1), image_size=20,
+                                          data={"resize": 24, "hair_removal": hair}))
+    data = build_data(recipe)
+    pipeline = build_transforms(data.cfg, [], train=False)
+    geometry, normalize = v2.Compose(pipeline.transforms[:-2]), v2.Compose(pipeline.transforms[-2:])
+    dataset = data.dataset("val", train=False)
+    x, y = _split_images(dataset, geometry, normalize)
+    expected = np.stack([dataset[i][0].numpy() for i in range(len(dataset))])
+    assert isinstance(x, SplitImages) and x.images.dtype == torch.uint8
+    assert x.shape == expected.shape == (16, 3, 20, 20) and len(x) == 16
+    assert y.tolist() == [dataset[i][1] for i in range(len(dataset))]
+    assert np.array_equal(x[:], expected) and np.array_equal(x[3:7], expected[3:7])
+    rows = np.array([5, 0, 9])
+    assert np.array_equal(x[rows], expected[rows]) and np.array_equal(x.take(rows)[:], expected[rows])
+    assert np.array_equal(x[2], expected[2]) and x[1:3].dtype == np.float32
+    assert x.images.element_size() * x.images.nelement() * 4 == expected.nbytes
+    joined = join_split_images([x, x.take(rows)])
+    assert isinstance(joined, SplitImages) and np.array_equal(joined[:], np.concatenate([expected, expected[rows]]))
+    other = SplitImages(x.images, v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.0] * 3, [1.0] * 3)]))
+    with pytest.raises(ValueError, match="normalized differently"):
+        SplitImages.concat([x, other])

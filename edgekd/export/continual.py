@@ -12,7 +12,7 @@ from torch.utils.data import ConcatDataset
 from edgekd.continual import (backward_transfer, forgetting_per_task, recorded_tasks, retention_misses,
                               retention_per_task)
 from edgekd.errors import EdgeKDError
-from edgekd.export.parity import ParitySet
+from edgekd.export.parity import ParitySet, join_split_images
 
 
 class RetentionGateError(EdgeKDError):
@@ -90,7 +90,7 @@ def continual_data(recipe, layout: TaskLayout, where: str) -> TaskUnion:
 def merge_parity_sets(sets: list[ParitySet], layout: TaskLayout) -> ParitySet:
     """One parity set from each task's: inputs and views in task order, each metric split concatenated; the
     layout's heads (one per task) or, under one head, its tasks' outputs (scored per task)."""
-    splits = {s: (np.concatenate([p.splits[s][0] for p in sets]), np.concatenate([p.splits[s][1] for p in sets]))
+    splits = {s: (join_split_images([p.splits[s][0] for p in sets]), np.concatenate([p.splits[s][1] for p in sets]))
               for s in sets[0].splits}
     rows = None
     if any(p.metric_rows is not None for p in sets):  # each task's scored rows, offset past the tasks before it

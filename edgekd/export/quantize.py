@@ -100,12 +100,13 @@ def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[
             with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout holds the CLI's tables
                 return nncf.quantize(model, dataset, **kwargs), info
         x_val, y_val = ctx.validation()
-        batches = [(x_val[i:i + 32], y_val[i:i + 32]) for i in range(0, len(x_val), 32)]
+        starts = list(range(0, len(x_val), 32))  # each batch normalized when read: the split is held uint8
 
         def accuracy(compiled, items) -> float:
             output = compiled.outputs[0]
             hits = total = 0
-            for x, y in items:
+            for i in items:
+                x, y = x_val[i:i + 32], y_val[i:i + 32]
                 pred = np.asarray(compiled(x)[output]).argmax(1)
                 hits += int((pred == y).sum())
                 total += len(y)
@@ -113,7 +114,7 @@ def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[
 
         with contextlib.redirect_stdout(sys.stderr):
             quantized = nncf.quantize_with_accuracy_control(
-                model, calibration_dataset=dataset, validation_dataset=nncf.Dataset(batches, lambda item: item[0]),
+                model, calibration_dataset=dataset, validation_dataset=nncf.Dataset(starts, lambda i: x_val[i:i + 32]),
                 validation_fn=accuracy, max_drop=cfg.max_drop, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
         info["quantization"] += f", accuracy-controlled (max val accuracy drop {cfg.max_drop})"
         return quantized, info

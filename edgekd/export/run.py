@@ -26,8 +26,8 @@ from edgekd.export.clinical import as_the_bundle_decides, operating_point, write
 from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_sets, retention_report, task_layout,
                                      task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
-from edgekd.export.parity import (ParitySet, check_artifact, check_fusion, fp32_rounding, int8_speedup,
-                                  parity_inputs, reference_report)
+from edgekd.export.parity import (ParitySet, SplitImages, check_artifact, check_fusion, fp32_rounding,
+                                  int8_speedup, parity_inputs, reference_report)
 from edgekd.export.profile import CardConfig, ExportProfile, load_profile, profile_digest
 from edgekd.export.runner_check import runner_check
 from edgekd.metrics import one_class_warning
@@ -103,6 +103,20 @@ def _stack(dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed (eval pipeline) images and labels of a dataset subset."""
     xs, ys = zip(*(dataset[int(i)] for i in indices))
     return np.asarray(torch.stack(xs).numpy(), dtype=np.float32), np.asarray(ys, dtype=np.int64)  # no third copy
+
+
+def _split_images(dataset, geometry, normalize) -> tuple[SplitImages, np.ndarray]:
+    """A whole split through the eval pipeline's geometry (channels, hair removal, resize, crop), kept uint8 and
+    normalized on indexing (`SplitImages`), and its labels."""
+    n = len(dataset)
+    images = None
+    for i in range(n):
+        arr = dataset.raw(i)
+        one = geometry(torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1))
+        if images is None:  # filled in place: a list of images and their stack had held the split twice
+            images = torch.empty((n, *one.shape), dtype=torch.uint8)
+        images[i] = one
+    return SplitImages(images, normalize), np.asarray(dataset.table.labels, dtype=np.int64)[:n]
 
 
 def _export_recipe(ckpt: dict[str, Any], checkpoint: Path, overrides: list[str], input_size: int | None):
@@ -210,7 +224,7 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
     gray = raw_images and all(a.shape[-1] == 1 for a in raw_images)
     image_channels = 1 if gray else data.preprocess["channels"]
     inputs, views = parity_inputs(raw, list(profile.tta.views), profile.tta.center_crop_fraction, normalize)
-    splits = {s: _stack(data.dataset(s, train=False), np.arange(len(data.tables[s].labels))) for s in ("val", "test")}
+    splits = {s: _split_images(data.dataset(s, train=False), geometry, normalize) for s in ("val", "test")}
     # --metric-images: the artifacts are scored on a subset; the reference, calibration and threshold see it all
     rows = None if profile.parity.metric_images is None else {
         s: metric_subset(y, profile.parity.metric_images) for s, (_, y) in splits.items()}
