@@ -510,6 +510,10 @@ def test_metadata_round_trips_through_every_artifact(tmp_path):
     assert meta["tta"]["views"] == ["original", "hflip"] and meta["runtime"]["threads"] == 1
     assert meta["preprocess"]["channels"] == 3 and meta["runtime"]["image_channels"] == 1  # gray data, RGB model
     assert meta["metrics"]["training"] == {"val_auc": 0.5}
+    from edgekd.host import cpu_info  # the gate's machine, for a device to compare its INT8 kernels with
+
+    assert meta["export_host"]["int8_dot_product"] == cpu_info()["int8_dot_product"]
+    assert meta["export_host"]["simd"] == cpu_info()["simd"]
     embedded = {("onnx", "fp32"): read_onnx_metadata(tmp_path / "b/onnx/model_fp32.onnx"),
                 ("openvino", "fp32"): read_openvino_metadata(tmp_path / "b/openvino/model_fp32.xml"),
                 ("openvino", "fp16"): read_openvino_metadata(tmp_path / "b/openvino/model_fp16.xml")}

@@ -618,6 +618,33 @@ def test_predict_says_when_openvino_runs_an_onnx_file_the_export_checked_on_onnx
         assert ungated_path_note(checked) is None
 
 
+def test_an_onnx_int8_model_on_a_cpu_without_vnni_is_noted_when_the_export_checked_it_on_one_with_vnni():
+    """ONNX Runtime's uint8 x int8 kernels saturate on AVX2 without VNNI unless the model was quantized with
+    reduce_range: the export's gate ran on its own CPU (edgekd.json export_host), so a device without VNNI is told."""
+    from types import SimpleNamespace
+
+    from edgekd.runtime import int8_host_note
+
+    avx2 = {"machine": "x86_64", "simd": ["avx2", "fma"], "int8_dot_product": False}
+    vnni = {"machine": "x86_64", "simd": ["avx2", "fma", "avx512_vnni"], "int8_dot_product": True}
+
+    def runner(backend="onnx", fmt="onnx", precision="int8", reduce_range=False, exported_on=vnni):
+        meta = {"export_profile_settings": {"quantization": {"onnx": {"reduce_range": reduce_range}}}}
+        if exported_on is not None:
+            meta["export_host"] = exported_on
+        return SimpleNamespace(info={"backend": backend, "format": fmt}, precision=precision,
+                               bundle=SimpleNamespace(meta=meta))
+
+    assert int8_host_note(runner(), avx2).startswith("this CPU has no INT8 dot-product instructions (VNNI)")
+    assert int8_host_note(runner(exported_on=None), avx2) is not None  # a bundle from before the record
+    for quiet, host in ((runner(), vnni), (runner(reduce_range=True), avx2), (runner(exported_on=avx2), avx2),
+                        (runner(precision="fp32"), avx2), (runner(backend="openvino"), avx2),
+                        (runner(backend="openvino", fmt="openvino"), avx2),
+                        (runner(), {"machine": "aarch64", "simd": [], "int8_dot_product": False}),
+                        (runner(), {"machine": "x86_64", "simd": [], "int8_dot_product": False})):
+        assert int8_host_note(quiet, host) is None
+
+
 def test_class_and_task_names_are_shown_as_written_in_the_predictions_tables():
     """Column headers took class names as rich markup: 'nevus [benign]' was shown as 'nevus ', and a name with
     '[/b]' raised a MarkupError after the whole run."""

@@ -180,9 +180,12 @@ def predict(
 
 
 def say_ungated_path(runner) -> None:
-    """`ungated_path_note`, printed when there is one."""
-    if note := ungated_path_note(runner):
-        console.print(f"note: {escape(note)}", soft_wrap=True)
+    """`ungated_path_note` and `int8_host_note`, each printed when there is one."""
+    from edgekd.runtime import int8_host_note
+
+    for note in (ungated_path_note(runner), int8_host_note(runner)):
+        if note:
+            console.print(f"note: {escape(note)}", soft_wrap=True)
 
 
 def ungated_path_note(runner) -> str | None:

@@ -30,6 +30,7 @@ from edgekd.export.parity import (ParitySet, SplitImages, check_artifact, check_
                                   int8_speedup, parity_inputs, reference_report)
 from edgekd.export.profile import CardConfig, ExportProfile, load_profile, profile_digest
 from edgekd.export.runner_check import runner_check
+from edgekd.host import cpu_info
 from edgekd.metrics import one_class_warning
 from edgekd.models import count_parameters, deploy_form
 from edgekd.progress import progress_task
@@ -260,6 +261,7 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
         "metrics": {"test": reference["splits"]["test"]["metrics"], "val": reference["splits"]["val"]["metrics"],
                     "training": ckpt.get("metrics") or {}},
         "runtime": {"threads": profile.threads, "image_channels": image_channels},
+        "export_host": export_host(),
         "export_profile": profile.name, "export_profile_digest": profile_digest(profile),
         "export_profile_settings": {**profile.model_dump(mode="json"),  # what `edgekd update` re-exports with
                                     **({"formats": list(dict.fromkeys(f.name for f, _ in plan)),
@@ -268,6 +270,14 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
         "card": card_settings(profile, ckpt),
         "training_data": {"class_counts": dict(zip(ckpt["class_names"], train_counts))},
     }
+
+
+def export_host() -> dict[str, Any]:
+    """The CPU the parity gate ran the artifacts on: its model, SIMD and whether it has INT8 dot-product
+    instructions (an ONNX INT8 model without reduce_range computes otherwise on a CPU without them)."""
+    info = cpu_info()
+    return {"cpu": info["model"], "machine": info["machine"], "simd": info["simd"],
+            "int8_dot_product": info["int8_dot_product"]}
 
 
 def card_settings(profile: ExportProfile, ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -379,6 +379,33 @@ class Runner:
         self.close()
 
 
+def int8_host_note(runner: "Runner", host: dict[str, Any] | None = None) -> str | None:
+    """What to say when ONNX Runtime runs an ONNX INT8 model on an x86 CPU without INT8 dot-product instructions
+    (VNNI, AMX) that the export checked on one with them: without `quantization.onnx.reduce_range`, its uint8 x
+    int8 products go through AVX2's 16-bit pairwise sums there, which saturate where VNNI's 32-bit sums do not
+    (ONNX Runtime's quantization guide), so this CPU may compute other results than the gate saw. `host`: this
+    machine's `edgekd.host.cpu_info()` (read when None). A bundle that records no export machine (before
+    2026-12-07) is taken as checked on a VNNI CPU, the machine its defaults were chosen on."""
+    from edgekd.host import cpu_info
+
+    info = runner.info
+    if (info.get("backend"), info.get("format"), runner.precision) != ("onnx", "onnx", "int8"):
+        return None
+    settings = ((runner.bundle.meta.get("export_profile_settings") or {}).get("quantization") or {}).get("onnx") or {}
+    if settings.get("reduce_range"):
+        return None
+    exported_on = runner.bundle.meta.get("export_host") or {}
+    host = cpu_info() if host is None else host
+    if str(host.get("machine", "")).lower() not in ("x86_64", "amd64") or not host.get("simd"):
+        return None  # not x86, or its flags not read: nothing known
+    if host.get("int8_dot_product") or exported_on.get("int8_dot_product") is False:
+        return None
+    return ("this CPU has no INT8 dot-product instructions (VNNI); the ONNX INT8 model was checked on a CPU with "
+            "them and without quantization.onnx.reduce_range, so ONNX Runtime may compute other (saturated) results "
+            "here: run the OpenVINO model, or re-export with a profile (--target FILE) whose quantization.onnx "
+            "sets reduce_range: true")
+
+
 def check_artifact(bundle: Bundle, fmt: str, precision: str) -> None:
     """The checks `Runner.from_bundle` makes before a model answers, run on one artifact of an open bundle without
     keeping it: edgekd.json against the model file's embedded copy, the input shape, one warm-up inference's output
