@@ -548,3 +548,101 @@ def test_an_eval_limit_below_the_class_count_says_which_classes_it_lost():
     held = np.repeat([0, 1, 3], 4)  # a folder without b and e: its own warning says so, not this one
     warn_of_classes_the_subset_lacks(held, eval_subset(held, 10), list("abcde"), said.append)
     assert said == []
+
+
+def test_a_model_and_its_teacher_of_the_same_role_are_exported_apart_and_sources_are_never_replaced(tmp_path,
+                                                                                                  tiny_recipe_dict):
+    """Two checkpoints of the default role: the teacher's export had replaced the model's (both in bundle-teacher)
+    and the model's rows timed the teacher; a source bundle at the teacher's export folder had been overwritten;
+    a --checkpoint of another model had given a bundle another model's torch rows, params and MACs."""
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
+    small = train_recipe(recipe_from_dict(tiny_recipe_dict), tmp_path / "small", log=lambda *_: None).best_path
+    big_recipe = {**tiny_recipe_dict, "model": {"name": "edgekd_cnn"}}
+    big = train_recipe(recipe_from_dict(big_recipe), tmp_path / "big", log=lambda *_: None).best_path
+    quick = Timing(warmup=0, min_runs=2, min_seconds=0)
+    one = {"onnx": ("bare",)}
+    res = run_bench(BenchConfig(small, tmp_path / "o", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                                timing=quick, variants=one, teacher=big, keep_work=True), log=lambda *_: None)
+    subjects = {s["role"]: s for s in res.summary["subjects"]}
+    assert set(subjects) == {"student", "teacher"}
+    assert "bundle-student" in subjects["student"]["artifacts"]["onnx/fp32"]
+    assert "bundle-teacher" in subjects["teacher"]["artifacts"]["onnx/fp32"]
+    params = {r["role"]: r["params"] for r in res.records}
+    assert params["student"] < params["teacher"]
+
+    bundle = tmp_path / "o" / "bundle-teacher"
+    with pytest.raises(EdgeKDError, match="would replace it"):  # the source bundle is the teacher's export folder
+        run_bench(BenchConfig(bundle, tmp_path / "o", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                              timing=quick, variants=one, teacher=big), log=lambda *_: None)
+    assert (bundle / "edgekd.json").is_file()
+    with pytest.raises(EdgeKDError, match="not the checkpoint .* was exported from"):
+        run_bench(BenchConfig(bundle, tmp_path / "o2", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                              timing=quick, variants=one, checkpoint=small), log=lambda *_: None)
+    with pytest.raises(EdgeKDError, match="is a checkpoint already"):
+        run_bench(BenchConfig(small, tmp_path / "o3", formats="onnx", precisions="fp32", batches="1", gemm=False,
+                              timing=quick, variants=one, checkpoint=big), log=lambda *_: None)
+    res = CliRunner().invoke(app, ["bench", str(bundle), "--formats", "onnx", "--parity-images", "8"])
+    assert res.exit_code != 0 and "nothing is exported here" in str(res.exception)
+
+    # A run after one with --keep-work had written its job files and image copy into that work/ and left them
+    kept = sorted(p.name for p in (tmp_path / "o" / "work").iterdir())
+    run_bench(BenchConfig(tmp_path / "o" / "bundle-student", tmp_path / "o", formats="onnx", precisions="fp32",
+                          batches="1", gemm=False, timing=quick, variants=one), log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "o" / "work").iterdir()) == kept
+
+
+def test_bench_data_in_another_class_order_is_refused(tmp_path, tiny_recipe_dict):
+    """--data whose classes are the model's in another order scored every row inverted (ACC 0 for a perfect
+    model) without a word; eval, export and the distill report refuse it."""
+    from edgekd.bench.run import Subject, attach_test_images
+    from edgekd.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({**tiny_recipe_dict, "data": {**tiny_recipe_dict["data"],
+                                                             "class_names": ["class_1", "class_0"]}})
+    subject = Subject(role="model", name="m", preprocess=PREPROCESS, class_names=["class_0", "class_1"])
+    with pytest.raises(EdgeKDError, match="class 'class_1' is output 1 of the model but class 0 of the data"):
+        attach_test_images(subject, recipe, tmp_path, None, lambda *_: None)
+
+
+def test_peak_rss_is_read_per_batch_and_min_runs_above_the_cap_is_kept():
+    """RSS had been read once after the largest batch and given to every batch's record; --min-runs 8000 had
+    stopped at 5000 calls and been said as 8000."""
+    s = _subject()
+    result = {"timings": {str(b): {"p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0,
+                                   "runs": 3} for b in (1, 8)},
+              "peak_rss_mb": 200.0, "peak_rss_mb_by_batch": {"1": 80.0, "8": 200.0}, "load_s": 0.1}
+    recs = make_records(Row(s, "onnx", "fp32", "bare"), result, [1, 8], 1, False, None)
+    assert [r["peak_rss_mb"] for r in recs] == [80.0, 200.0]
+    assert Timing(min_runs=8000).max_runs == 8000 and Timing().max_runs == 5000
+
+
+def test_worker_results_stay_in_work_whatever_the_folder_is_called(tmp_path):
+    """`job_path.replace(".json", ...)` rewrote the folder names too: --out x.json.d sent results to x-result.json.d."""
+    work = tmp_path / "x.json.d" / "work"
+    work.mkdir(parents=True)
+    result = run_worker({"kind": "nope", "variant": "bare"}, work, timeout=120)
+    assert "error" in result
+    assert not (tmp_path / "x-result.json.d").exists()
+
+
+def test_the_bench_table_takes_paths_and_names_as_text_and_bench_md_has_the_notes():
+    """A bundle under a folder named 'a[/x]' had ended the run with a MarkupError after its files were written."""
+    from rich.console import Console
+
+    from edgekd.bench.report import records_table
+
+    s = Subject(role="student", name="net[/x]", preprocess=PREPROCESS, class_names=["a", "b"])
+    result = {"timings": {"1": {"p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "mean_ms": 1.0, "min_ms": 1.0,
+                                "runs": 3}}, "peak_rss_mb": 50.0, "load_s": 0.1}
+    recs = make_records(Row(s, "onnx", "fp32", "bare"), result, [1], 1, False, None)
+    console = Console(record=True, width=200)
+    console.print(records_table(recs, "runs/a[/x]/bundle: 1 thread(s)"))
+    text = console.export_text()
+    assert "runs/a[/x]/bundle" in text and "net[/x]" in text
+    summary = {"machine": {"cores": 2, "machine": "x86_64", "model": "cpu", "simd": [], "load_avg_at_start": 0,
+                           "load_avg_at_end": 0}, "command": "edgekd bench", "date": "d", "threads": 1, "tta": False,
+               "timing": {"warmup": 0, "min_runs": 3, "min_seconds": 0},
+               "subjects": [{"role": "model", "model": "m", "notes": ["hair removal (data.hair_removal) is not timed"]}]}
+    assert "- note: model m: hair removal (data.hair_removal) is not timed" in records_markdown(recs, summary)

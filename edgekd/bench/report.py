@@ -93,6 +93,10 @@ def records_markdown(records: list[dict], summary: dict | None = None) -> str:
         lines.append("| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |")
     if note := gemm_over_peak_note(records):
         lines += ["", f"- {note}"]
+    notes = [f"- note: {sub['role']} {sub['model']}: {n}" for sub in (summary or {}).get("subjects", [])
+             for n in sub.get("notes", [])]  # e.g. a hair-removal model's untimed preprocessing (bench.json only)
+    if notes:
+        lines += ["", *notes]
     failed = {(r["role"], r["format"], r["precision"], r["variant"]): r["reason"] for r in records
               if r.get("status") != "ok"}
     if failed:
@@ -103,15 +107,16 @@ def records_markdown(records: list[dict], summary: dict | None = None) -> str:
 
 def records_table(records: list[dict], title: str = ""):
     """A rich Table of the records (the terminal view of `edgekd bench`)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=escape(title))  # a path with '[/x]' in it had ended the run after its files were written
     columns = shown_columns(records)
     for i, (header, _, _) in enumerate(columns):
         table.add_column(header, justify="left" if i < 5 else "right")
     for r in records:
         style = None if r.get("status") == "ok" else "dim"
-        table.add_row(*[cell(r, k, f) for _, k, f in columns], style=style)
+        table.add_row(*[escape(cell(r, k, f)) for _, k, f in columns], style=style)
     return table
 
 

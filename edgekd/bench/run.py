@@ -55,6 +55,9 @@ class Timing:
     max_runs: int = 5000
     min_seconds: float = 2.0
 
+    def __post_init__(self) -> None:
+        self.max_runs = max(self.max_runs, self.min_runs)  # --min-runs 8000 had stopped at 5000, said as 8000
+
     def as_kwargs(self) -> dict:
         return {"warmup": self.warmup, "min_runs": self.min_runs, "max_runs": self.max_runs,
                 "min_seconds": self.min_seconds}
@@ -229,9 +232,12 @@ def check_source(source: Path) -> None:
 
 def resolve_subject(source: Path, role: str | None, formats: list[str], precisions: list[str], out: Path,
                     threads: int, checkpoint: Path | None = None, export_options: dict | None = None,
-                    log: Callable[[str], None] = print, data_given: bool = False) -> Subject:
+                    log: Callable[[str], None] = print, data_given: bool = False,
+                    taken_role: str | None = None) -> Subject:
     """A checkpoint (exported here for the ONNX/OpenVINO rows) or a bundle (plus an optional checkpoint for torch).
-    `data_given`: --data was given (a continual model is refused before any export)."""
+    `data_given`: --data was given (a continual model is refused before any export). `taken_role`: another
+    subject's role (the --teacher's): this one is the "student" if it would have the same (records and export
+    folders are named by role; the teacher's export had replaced the model's, and its rows timed the teacher)."""
     from edgekd.runtime import check_artifact, open_bundle
 
     export_options = export_options or {}
@@ -242,7 +248,9 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
     if is_bundle(source):
         bundle = open_bundle(source)
         meta = bundle.model
-        subject = Subject(role=role or meta.get("role") or "model", name=meta.get("name") or source.name,
+        if checkpoint is not None:
+            check_bundle_checkpoint(checkpoint, meta, source)
+        subject = Subject(role=_role(role or meta.get("role"), taken_role), name=meta.get("name") or source.name,
                           preprocess=bundle.preprocess, class_names=bundle.class_names, checkpoint=checkpoint,
                           params=meta.get("params"))
         subject.continual = continual_kind((bundle.meta.get("continual") or {}).get("head"))
@@ -256,9 +264,12 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
     else:
         from edgekd.train.checkpoint import load_checkpoint
 
+        if checkpoint is not None and Path(checkpoint).resolve() != source.resolve():
+            raise EdgeKDError(f"--checkpoint {checkpoint}: the source {source} is a checkpoint already (--checkpoint "
+                              "gives a bundle its torch rows)")
         ckpt = load_checkpoint(source)
         checkpoint = source
-        subject = Subject(role=role or ckpt.get("role") or "model", name=ckpt["arch"]["name"],
+        subject = Subject(role=_role(role or ckpt.get("role"), taken_role), name=ckpt["arch"]["name"],
                           preprocess=ckpt["preprocess"], class_names=list(ckpt["class_names"]), checkpoint=source,
                           continual=continual_kind((ckpt.get("continual") or {}).get("head")))
         refuse_continual_scoring(subject, data_given)  # before its export, minutes of work
@@ -270,7 +281,12 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
                 subject.unavailable[pair] = f"{pair[0]} has no {pair[1]} export"
         if pairs:
             bundle_root = Path(export_options.get("bundle_root") or out)
-            bundles, refused = _export(source, bundle_root / f"bundle-{subject.role}", pairs, threads,
+            target = bundle_root / f"bundle-{subject.role}"
+            for given in export_options.get("sources") or []:  # a source there would be replaced by this export
+                if Path(given).resolve() == target.resolve() or target.resolve() in Path(given).resolve().parents:
+                    raise EdgeKDError(f"{given}: the export of {source} would replace it ({target}): give another "
+                                      "--out")
+            bundles, refused = _export(source, target, pairs, threads,
                                        export_options.get("parity_images"), export_options.get("calib_images"),
                                        export_options.get("data_overrides") or [], log,
                                        export_options.get("accuracy_control"))
@@ -282,6 +298,20 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
                     del subject.artifacts[pair]  # a reused bundle may hold more than was asked for
     count_costs(subject)
     return subject
+
+
+def _role(role: str | None, taken: str | None) -> str:
+    role = role or "model"
+    return "student" if role == taken else role
+
+
+def check_bundle_checkpoint(checkpoint: Path, model: dict[str, Any], bundle: Path) -> None:
+    """--checkpoint beside a bundle: the checkpoint the bundle was exported from (its sha256 in edgekd.json), or
+    its torch rows, params and MACs would be another model's under the bundle's name."""
+    recorded = model.get("checkpoint_sha256")
+    if recorded and sha256_file(Path(checkpoint)) != recorded:
+        raise EdgeKDError(f"--checkpoint {checkpoint}: not the checkpoint {bundle} was exported from (its "
+                          f"edgekd.json records {model.get('checkpoint') or 'a checkpoint'} with another sha256)")
 
 
 def count_costs(subject: Subject) -> None:
@@ -337,7 +367,7 @@ def warn_of_classes_the_subset_lacks(labels: np.ndarray, picked: np.ndarray, cla
 
 def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, log) -> None:
     """The test split at this subject's model input size (uint8, runtime preprocessing) -> an .npy for the workers."""
-    from edgekd.data import build_checkpoint_data
+    from edgekd.data import build_checkpoint_data, check_class_order
     from edgekd.runtime import Preprocessor
 
     data = build_checkpoint_data(recipe, "pass --data with a recipe of the data (e.g. the run's recipe.yaml) and "
@@ -345,6 +375,8 @@ def attach_test_images(subject: Subject, recipe, work: Path, limit: int | None, 
     if data.num_classes != len(subject.class_names):
         raise EdgeKDError(f"--data: {recipe.name} has {data.num_classes} classes, the {subject.role} model "
                           f"{len(subject.class_names)}")
+    # the same classes in another order would score every row inverted (ACC 0 for a perfect model), without a word
+    check_class_order(subject.class_names, data.class_names, f"--data {recipe.name}", log=lambda m: log(f"warning: {m}"))
     test = data.dataset("test", train=False)
     # --eval-limit: a seeded subset with the split's class mix (the first N of a class-sorted folder is one class)
     picked = eval_subset(test.table.labels, limit or len(test))
@@ -429,7 +461,8 @@ def run_worker(job: dict, work: Path, timeout: float, env: dict[str, str] | None
     timeout) comes back as {"error": ...}."""
     fd, job_path = tempfile.mkstemp(prefix="job-", suffix=".json", dir=work)
     os.close(fd)
-    job = {**job, "result": job_path.replace(".json", "-result.json")}
+    job = {**job, "result": str(Path(job_path).with_name(Path(job_path).stem + "-result.json"))}  # a folder
+    # name with ".json" in it had sent the result outside work/
     Path(job_path).write_text(json.dumps(job))
     try:
         proc = subprocess.run([sys.executable, "-m", "edgekd.bench.worker", job_path], capture_output=True, text=True,
@@ -495,7 +528,8 @@ def make_records(row: Row, result: dict | str, batches: list[int], threads: int,
             stats = result["timings"][str(batch)]
             rec.update({k: stats[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "runs")})
             rec["throughput"] = 1000.0 * batch / stats["p50_ms"]
-            rec.update(peak_rss_mb=result.get("peak_rss_mb"), load_s=result.get("load_s"),
+            rss = (result.get("peak_rss_mb_by_batch") or {}).get(str(batch), result.get("peak_rss_mb"))
+            rec.update(peak_rss_mb=rss, load_s=result.get("load_s"),
                        first_call_ms=stats.get("first_ms"),
                        acc=metrics.get("acc"), auc=metrics.get("auc"),
                        gemm_peak_fraction=gemm_peak_fraction(s.macs, rec["throughput"], peak_gflops, views))
@@ -578,14 +612,18 @@ def _prepare_out(cfg: BenchConfig) -> Path:
 def _subjects(cfg: BenchConfig, work: Path, log: Callable[[str], None]) -> list[Subject]:
     """The model (and its teacher), each with the images it is scored on."""
     data_given = cfg.data_folder is not None or cfg.data_recipe is not None
+    options = {**(cfg.export_options or {}), "sources": [p for p in (cfg.source, cfg.teacher, cfg.checkpoint) if p]}
+    taken = "teacher" if cfg.teacher is not None else None  # settled before either export (folders by role)
     subjects = [resolve_subject(Path(cfg.source), cfg.role, cfg.formats, cfg.precisions, cfg.out, cfg.threads,
-                                Path(cfg.checkpoint) if cfg.checkpoint else None, cfg.export_options, log, data_given)]
+                                Path(cfg.checkpoint) if cfg.checkpoint else None, options, log, data_given, taken)]
     if cfg.teacher is not None:
         subjects.append(resolve_subject(Path(cfg.teacher), "teacher", cfg.formats, cfg.precisions, cfg.out,
-                                        cfg.threads, None, cfg.export_options, log, data_given))
-        if subjects[0].role == "teacher":
-            subjects[0].role = "student"  # two "teacher" subjects would be indistinguishable in the records
+                                        cfg.threads, None, options, log, data_given))
     for s in subjects:
+        if s.preprocess.get("hair_removal"):  # in bench.json/.md and the CLI's notes, not the log alone
+            s.notes.append("hair removal (data.hair_removal) is not timed in any row: `edgekd predict` runs it on "
+                           "each image at its decoded size before the model (the scored images had it applied once "
+                           "as they were prepared; random images have none)")
         if s.continual:  # its test data is every task's, scored per task: bench times it only (--data refused)
             attach_synthetic_images(s, work, max(cfg.batches), f"a continual-learning model ({s.continual}): timed on "
                                     "random images, no accuracy here; `edgekd eval` scores it per task")
@@ -703,6 +741,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=
     created = [p for p in (cfg.out, cfg.out / "work") if not p.exists()]
     bundles_before = set(cfg.out.glob("bundle-*"))  # reused by a later run: only this run's are removed on failure
     work = _prepare_out(cfg)
+    if work not in created:  # an earlier --keep-work run's: this run's files in a folder of their own, removed after
+        work = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        created.append(work)
     if work in created and not cfg.keep_work:  # to be removed at the end: a run killed before then says so
         (work / WORK_MARKER).write_text(owner())
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

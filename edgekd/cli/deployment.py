@@ -367,7 +367,8 @@ def bench(
                                 "first call is always one (timed alone: first_call_ms)."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Skip the torch.compile rows."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Score a stratified, seeded subset of N test images."),
-    profile: bool = typer.Option(False, "--profile", help="OpenVINO per-layer profile of every OpenVINO row."),
+    profile: bool = typer.Option(False, "--profile", help="OpenVINO per-layer profile of each bare OpenVINO row, "
+                                 "at its largest batch (in bench.json)."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep <out>/work: worker jobs and results and the "
                                    "preprocessed copy of the scored images (removed after a run by default)."),
     parity_images: Optional[int] = typer.Option(None, "--parity-images", help="Parity images when exporting a checkpoint."),
@@ -379,8 +380,14 @@ def bench(
 
     from edgekd.bench.report import gemm_over_peak_note, gemm_spread_note, records_table
     from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, default_bench_out, run_bench
+    from edgekd.runtime import is_bundle
 
     folder, data_recipe = _bench_data(source, data, set_, checkpoint, eval_limit)
+    exported = [p for p in (source, teacher) if p is not None and not is_bundle(p)]
+    if (parity_images is not None or calib_images is not None) and not exported:  # they had been ignored
+        raise EdgeKDError("--parity-images/--calib-images set how a checkpoint is exported: "
+                          f"{'the source and teacher are bundles' if teacher else 'the source is a bundle'}, "
+                          "nothing is exported here")
     formats = formats or ("torch,onnx,openvino" if find_spec("torch") is not None else "onnx,openvino")
     variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
     out = out or default_bench_out(source)  # beside a bundle, never inside it
