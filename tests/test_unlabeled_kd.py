@@ -149,6 +149,32 @@ def test_a_pool_never_holds_a_val_or_test_image_under_any_path(tmp_path):
     assert len(stream.record["content_digest"]) == 32
 
 
+def test_a_folder_of_pngs_saved_from_the_npz_val_and_test_splits_leaves_the_pool(tmp_path):
+    """File bytes and array pixels never matched: a folder of PNG copies of the .npz's own val and test images
+    stayed in the pool whole (32 of 32), and the student was taught on the images it is tested on. Decoded pixels
+    match; gray and RGB alike."""
+    from conftest import tiny_recipe as recipe_dict
+    from edgekd.data import build_data
+    from edgekd.distill.unlabeled import build_unlabeled
+
+    for channels in (1, 3):
+        npz = write_npz(tmp_path / f"d{channels}.npz", channels=channels)
+        pool = tmp_path / f"pool{channels}"
+        pool.mkdir()
+        with np.load(npz) as arrays:
+            held = [a for split in ("val", "test") for a in arrays[f"{split}_images"]]
+            train = arrays["train_images"][:3]
+        for i, a in enumerate([*held, *train]):
+            Image.fromarray(a).save(pool / f"{i}.png")
+        recipe = recipe_from_dict(recipe_dict(npz, distill={"teacher": "t.pt", "terms": [{"kind": "kl"}],
+                                                            "unlabeled": {"source": "folder", "path": str(pool)}}))
+        said: list[str] = []
+        stream = build_unlabeled(recipe, build_data(recipe), log=said.append)
+        assert (stream.record["images"], stream.record["left_out"]) == (3, len(held)), said
+        assert any(f"{len(held)} of the pool's {len(held) + 3} images are images of this run's val or test split"
+                   in line for line in said), said
+
+
 def test_a_resumed_run_refuses_a_pool_whose_images_changed():
     from edgekd.distill.run import check_same_pool
 

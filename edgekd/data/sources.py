@@ -60,6 +60,11 @@ def medmnist_classes(path: str | Path | None) -> list[str] | None:
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 
+def pixel_digest(image: np.ndarray) -> str:
+    """The digest of an image array's pixels and shape (an in-memory table's fingerprint)."""
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes() + repr(image.shape).encode()).hexdigest()
+
+
 @dataclass
 class Table:
     """A set of labelled images: in-memory uint8 arrays (N,H,W,C) or file paths, plus optional groups."""
@@ -69,6 +74,7 @@ class Table:
     paths: list[str] | None = None
     groups: np.ndarray | None = None
     _prints: list[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _pixel_prints: list[str] | None = field(default=None, init=False, repr=False, compare=False)
     """`fingerprints()` once computed: a training run compares val and test with the pool and with train."""
 
     def __len__(self) -> int:
@@ -88,10 +94,22 @@ class Table:
         an in-memory array's pixels and shape. Two tables share an image when they share a fingerprint (the same
         picture re-encoded or resized is not recognised). Computed once per table."""
         if self._prints is None:
-            self._prints = ([hashlib.sha256(np.ascontiguousarray(a).tobytes() + repr(a.shape).encode()).hexdigest()
-                             for a in self.images] if self.images is not None else
+            self._prints = ([pixel_digest(a) for a in self.images] if self.images is not None else
                             [sha256_file(p) for p in self.paths or []])
         return self._prints
+
+    def pixel_fingerprints(self) -> list[str]:
+        """Each image's digest of its decoded pixels (uint8 H x W x C, gray as one channel, as `read_image` and an
+        .npz table hold them): an image stored as a file matches its copy held as an array (a folder of PNGs saved
+        from an .npz's val split), which `fingerprints` (file bytes vs pixels) cannot. Decodes every file once."""
+        if self._pixel_prints is None:
+            if self.images is not None:
+                self._pixel_prints = self.fingerprints()
+            else:
+                from edgekd.imageio import read_image
+
+                self._pixel_prints = [pixel_digest(read_image(p)) for p in self.paths or []]
+        return self._pixel_prints
 
     @staticmethod
     def concat(tables: list["Table"]) -> "Table":

@@ -128,16 +128,22 @@ def refuse_held_out_pool(cfg, data_cfg) -> None:
 
 def leave_out_held_images(pool: Table, tables: dict[str, Table], log=print) -> tuple[Table, list[str], int]:
     """The pool without the images of `tables` (the run's val and test splits), compared by content
-    (`Table.fingerprints`: the same file bytes or array pixels, whatever the path, link or copy): the student is
+    (`Table.fingerprints`: the same file bytes or array pixels, whatever the path, link or copy; decoded pixels,
+    `Table.pixel_fingerprints`, when one side is files and the other arrays): the student is
     never taught on an image it is validated or tested on. A data set's own duplicates (MedMNIST's train split
     holds a few of its val images' pixels) are left out with a warning; a pool of nothing else is an error.
     -> (the pool kept, its fingerprints, how many were left out)."""
     prints = pool.fingerprints()
-    held = {fp for table in tables.values() for fp in table.fingerprints()}
-    keep = [i for i, fp in enumerate(prints) if fp not in held]
+    # Files against arrays (a folder of PNGs saved from the .npz the run reads): by decoded pixels, as file bytes
+    # and array pixels never match (every val and test image had stayed in such a pool)
+    by_pixels = any((table.images is None) != (pool.images is None) for table in tables.values())
+    compared = pool.pixel_fingerprints() if by_pixels else prints
+    held = {fp for table in tables.values() for fp in (table.pixel_fingerprints() if by_pixels else
+                                                       table.fingerprints())}
+    keep = [i for i, fp in enumerate(compared) if fp not in held]
     left = len(prints) - len(keep)
     if left:
-        first = next(i for i, fp in enumerate(prints) if fp in held)
+        first = next(i for i, fp in enumerate(compared) if fp in held)
         example = pool.paths[first] if pool.paths is not None else f"image #{first}"
         said = (f"{left} of the pool's {len(prints)} images are images of this run's {' or '.join(tables)} split "
                 f"(compared by content, e.g. {example})")
