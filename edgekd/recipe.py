@@ -720,9 +720,10 @@ class Recipe(Section):
         return v
     role: Literal["teacher", "student", "student_scratch", "baseline"] = "teacher"
     """What the run is in a KD comparison: `edgekd report` groups and orders its rows by it."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     """Seeds Python's, numpy's and torch's generators, the carving of splits (val/test fractions, folds, limit) and each
-    epoch's draws (augmentation, dropout, shuffling: seed * 1000 + epoch)."""
+    epoch's draws (augmentation, dropout, shuffling: seed * 1000 + epoch). In [0, 2**32): scikit-learn's split
+    draws take no other (a negative seed had trained, then failed where a split was carved)."""
     data: DataConfig = DataConfig()
     """Where the images come from, how they are split, and the preprocessing the model (and its bundle) uses."""
     augment: list[dict[str, Any]] = []

@@ -92,6 +92,17 @@ def test_integers_are_decimal_as_in_yaml_1_2(tmp_path):
         load_recipe(p, ["train.epochs=1:30"])
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_outside_what_the_split_draws_take_is_refused(tmp_path, seed):
+    """seed -1 trained until a split was carved (scikit-learn takes 0 to 2**32 - 1), then ended with an internal
+    error; a seed of 1e14 overflowed the unlabeled pool's draw seeds after the teacher loaded."""
+    p = tmp_path / "r.yaml"
+    p.write_text("name: a\n")
+    with pytest.raises(EdgeKDError, match=f"--set seed={seed}: seed: Input should be"):
+        load_recipe(p, [f"seed={seed}"])
+    assert load_recipe(p, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
 def test_overrides_reach_into_a_list_by_index_or_name():
     raw = {"continual": {"tasks": [{"name": "A"}, {"name": "B", "data": {"path": "b.npz"}}]}, "data": {"mean": [0.5]}}
     out = apply_overrides(raw, ["continual.tasks.1.data.path=c.npz", "continual.tasks.A.epochs=4",
