@@ -153,7 +153,8 @@ def _arch_name(checkpoint: str) -> str:
 
 def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> int:
     """Build the recipe's data as training would (every file decoded once): the train split's size; a continual
-    recipe's summed over its tasks (the per-epoch estimate is then one epoch of every task). `warn` gets what
+    recipe's summed over its tasks (the per-epoch estimate is then one epoch of every task; under `joint`, task i
+    trains on tasks 1..i together, each counted so). `warn` gets what
     `edgekd train` would warn about the data (a class a split lacks, unreadable images skipped)."""
     from edgekd.train import warn_about_data
 
@@ -167,7 +168,10 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
         for t in tasks:
             warn_about_data(t.data, lambda line, task=t.name: warn(line.replace("warning:", f"warning: task {task}:")),
                             listed, own=(t.lo, t.hi))  # a task lacks the other tasks' classes by design
-        return sum(len(t.data.tables["train"]) for t in tasks)
+        sizes = [len(t.data.tables["train"]) for t in tasks]
+        if recipe.continual.joint:  # task i trains on the union of tasks 1..i (3x the sum for 5 equal tasks)
+            return sum(sum(sizes[:i + 1]) for i in range(len(sizes)))
+        return sum(sizes)
     from edgekd.data import build_data
 
     data = build_data(recipe)

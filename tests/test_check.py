@@ -304,3 +304,23 @@ def test_commands_other_than_train_refuse_torchrun(monkeypatch):
     refuse_torchrun_but_for_train(["export", "--help"])
     monkeypatch.setenv("WORLD_SIZE", "1")
     refuse_torchrun_but_for_train(["check", "r.yaml"])
+
+
+def test_a_joint_continual_recipe_counts_each_task_with_the_tasks_before_it(tmp_path):
+    """Joint trains task i on tasks 1..i together: the epoch estimate had counted each task's own images (5000
+    for split-fashion's joint, which trains 15000)."""
+    from edgekd.check import count_train_images
+    from edgekd.recipe import recipe_from_dict
+    from test_continual import base_recipe, quadrant_npz
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(16, 8, 8))
+    tasks = [{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}]
+    sizes = []
+    for joint in (False, True):
+        raw = base_recipe(npz, scenario="class_incremental", tasks=tasks, joint=joint)
+        sizes.append(count_train_images(recipe_from_dict(raw)))
+    from edgekd.continual import build_tasks
+
+    a, b = (len(t.data.tables["train"]) for t in build_tasks(recipe_from_dict(base_recipe(
+        npz, scenario="class_incremental", tasks=tasks))))
+    assert (sizes[0], sizes[1]) == (a + b, a + (a + b))
