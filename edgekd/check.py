@@ -175,10 +175,22 @@ def count_train_images(recipe: Recipe, warn: Callable[[str], None] = _quiet) -> 
     from edgekd.data import build_data
 
     data = build_data(recipe)
+
+    def warning(line: str) -> None:  # the run's other lines (what it builds) are the check's own summary
+        if line.startswith("warning:"):
+            warn(line)
+
     if recipe.distill and recipe.distill.unlabeled:  # the whole pool, as training reads it (the check's run draws
         from edgekd.distill import build_unlabeled  # from a shrunk one): an unreadable or held-out image fails here
 
-        build_unlabeled(recipe, data, log=_quiet)
+        build_unlabeled(recipe, data, log=warning)
+    if recipe.distill and recipe.distill.teacher:  # what the run warns of before it trains, on the whole data (the
+        from edgekd.distill import warn_about_distill  # shrunk run's log is the status line only)
+        from edgekd.train.checkpoint import load_checkpoint
+
+        paths = [recipe.distill.teacher, *recipe.distill.ensemble]
+        if all(Path(p).is_file() for p in paths):  # a missing one fails the check's run, by name
+            warn_about_distill(recipe, data, [load_checkpoint(p) for p in paths], warning)
     warn_about_data(data, warn, listed)
     return len(data.tables["train"])
 

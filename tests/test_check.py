@@ -324,3 +324,35 @@ def test_a_joint_continual_recipe_counts_each_task_with_the_tasks_before_it(tmp_
     a, b = (len(t.data.tables["train"]) for t in build_tasks(recipe_from_dict(base_recipe(
         npz, scenario="class_incremental", tasks=tasks))))
     assert (sizes[0], sizes[1]) == (a + b, a + (a + b))
+
+
+def test_check_says_what_a_distillation_run_warns_of_before_it_trains(tmp_path):
+    """`check` had printed "check ok" where `train` warns: the teacher's classes named otherwise than the data's,
+    and (by the pool's own log, sent nowhere) the pool's copies of val images left out."""
+    from PIL import Image
+
+    from edgekd.train.run import train_recipe
+    from edgekd.recipe import recipe_from_dict
+
+    data = {"source": "builtin", "image_size": 16, "batch_size": 16, "limit": 48}
+    teacher = train_recipe(recipe_from_dict({"name": "t", "data": data, "model": {"name": "edgekd_cnn_tiny"},
+                                             "train": {"epochs": 1, "scheduler": {"name": "none"}}}),
+                           tmp_path / "t", log=lambda *_: None).best_path
+    pool = tmp_path / "pool"
+    write_image_folder(pool, n_per_class=2, size=16)
+    from edgekd.data import build_data
+
+    val = build_data(recipe_from_dict({"name": "d", "data": data})).tables["val"]
+    Image.fromarray(val.images[0][..., 0]).save(pool / "a" / "from_val.png")
+    recipe = {"name": "s", "role": "student", "data": {**data, "class_names": ["no finding", "pneumonia"]},
+              "model": {"name": "edgekd_cnn_tiny"}, "train": {"epochs": 1, "scheduler": {"name": "none"}},
+              "distill": {"teacher": str(teacher), "terms": [{"kind": "kl", "weight": 0.7}, {"kind": "ce",
+                                                                                            "weight": 0.3}],
+                          "unlabeled": {"source": "folder", "path": str(pool)}}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    said: list[str] = []
+    result = check_recipe(path, warn=said.append)
+    assert any("are named otherwise" in line for line in said), said
+    assert any("1 of the pool's 5 images are images of this run's val or test split" in line for line in said), said
+    assert result.warnings == said and all(line.startswith("warning:") for line in said)

@@ -6,10 +6,10 @@ from edgekd.distill.losses import LOSS_TERMS, DistillLoss, KDBatch, build_distil
 from edgekd.distill.objective import (DistillObjective, TeacherInput, TeacherLogitCache, build_objective,
                                       load_teacher)
 from edgekd.distill.report import comparison_report
-from edgekd.distill.run import distill_recipe
+from edgekd.distill.run import distill_recipe, warn_about_distill
 from edgekd.distill.unlabeled import build_unlabeled, check_pool_for_folds, refuse_held_out_pool
 
 __all__ = ["LOSS_TERMS", "DistillLoss", "DistillObjective", "FeatureAdapter", "KDBatch", "TeacherInput",
            "TeacherLogitCache", "align_spatial", "build_distill_loss", "build_objective", "build_unlabeled",
            "check_pool_for_folds", "comparison_report", "distill_recipe", "kl_divergence", "load_teacher",
-           "refuse_held_out_pool", "run_kfold"]
+           "refuse_held_out_pool", "run_kfold", "warn_about_distill"]

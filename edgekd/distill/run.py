@@ -65,6 +65,25 @@ def check_same_teachers(saved: dict, digests: dict[str, str], path: Path) -> Non
                               f"then, {digest[:12]}... now): restore it, or train into a new folder")
 
 
+def warn_about_distill(recipe, data, teacher_ckpts: list[dict], log: Callable[[str], None]) -> None:
+    """What a distillation run warns of before it trains (`edgekd check` says the same): a train.loss the terms
+    leave unused, a term warm-up longer than the run, and per teacher (distill.teacher, then distill.ensemble's)
+    splits it shares with the student's val/test and class names it gives otherwise (another order: an error)."""
+    cfg = recipe.distill
+    unused = unused_train_loss(recipe)
+    if unused:
+        log(f"warning: {unused}")
+    for line in long_term_warmups(recipe):
+        log(line)
+    logit_terms = any(t.kind in ("kl", "dkd") for t in cfg.terms)
+    for path, ckpt in zip((cfg.teacher, *cfg.ensemble), teacher_ckpts):
+        check_model_splits(f"distill.teacher {path}", ckpt, data, log,
+                           val_effect="the student's best epoch is chosen on images its teacher has seen")
+        if logit_terms:
+            check_class_order(list(ckpt.get("class_names") or []), list(data.class_names), f"distill: teacher {path}",
+                              log)
+
+
 def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
                    progress=None) -> RunResult:
     """Train the recipe's student against `distill.teacher`; writes the same files as a supervised run."""
@@ -77,21 +96,10 @@ def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[
         raise EdgeKDError("distill.teacher: no teacher checkpoint set (distill.teacher_recipe is used by --folds "
                           "only; train the teacher first and --set distill.teacher=<best.pt>)")
     seed_everything(recipe.seed, recipe.train.deterministic)
-    unused = unused_train_loss(recipe)
-    if unused:
-        log(f"warning: {unused}")
-    for line in long_term_warmups(recipe):
-        log(line)
     data = build_data(recipe)
     teacher, teacher_ckpt = load_teacher(cfg.teacher, cfg.teacher_recipe)
     ensemble = [load_teacher(path, key="distill.ensemble") for path in cfg.ensemble]
-    logit_terms = any(t.kind in ("kl", "dkd") for t in cfg.terms)
-    for path, ckpt in zip((cfg.teacher, *cfg.ensemble), (teacher_ckpt, *(c for _, c in ensemble))):
-        check_model_splits(f"distill.teacher {path}", ckpt, data, log,
-                           val_effect="the student's best epoch is chosen on images its teacher has seen")
-        if logit_terms:
-            check_class_order(list(ckpt.get("class_names") or []), list(data.class_names), f"distill: teacher {path}",
-                              log)
+    warn_about_distill(recipe, data, [teacher_ckpt, *(c for _, c in ensemble)], log)
     model, spec = build_student_model(recipe, data, out / "last.pt" if resume else None)
     pool = build_unlabeled(recipe, data, log)  # refused if it holds a val or test image
     objective = build_objective(cfg, model, teacher, teacher_ckpt, data.preprocess, loss_class_weights(data),
