@@ -108,6 +108,20 @@ def test_default_layer_is_the_last_feature_stage():
     assert default_target_layer(create_model({"name": "edgekd_cnn", "num_classes": 2, "in_chans": 3}), (3, 28, 28)) == "stages.2"
 
 
+def test_gradcam_hands_a_training_model_back_in_training_without_gradients():
+    """gradcam() switched a model in training to eval and left the backward pass's .grad on its parameters (a
+    training callback's model came back changed); a refused target leaves it as it came too."""
+    model = create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 3}).train()
+    x = torch.from_numpy(random_pixels((2, 3, 16, 16), seed=1).astype(np.float32) / 255)
+    maps, probs = gradcam(model, x)
+    assert maps.shape == (2, 16, 16) and probs.shape == (2, 2)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    model.eval()
+    with pytest.raises(EdgeKDError, match="Grad-CAM targets"):
+        gradcam(model, x, targets=[5, 0])
+    assert not model.training
+
+
 def test_vector_layer_is_refused_and_vit_tokens_work():
     with pytest.raises(EdgeKDError, match="spatial map"):
         gradcam(PatchNet(), patch_image(16, 2, 2, 0)[None], "fc")

@@ -103,19 +103,24 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, layer: str | None = None,
 
     from edgekd.models import get_submodule
 
-    layer = layer or default_target_layer(model, tuple(inputs.shape[1:]))
-    module = get_submodule(model, layer)
-    reshape = _reshape_for(model, layer, inputs)
-    model.eval()
-    with torch.no_grad():
-        probs = torch.softmax(model(inputs).float(), dim=1).numpy()
-    if targets is None:
-        targets = probs.argmax(1).tolist()
-    if len(targets) != len(inputs) or any(not 0 <= int(t) < probs.shape[1] for t in targets):
-        raise EdgeKDError(f"Grad-CAM targets must be one class id in 0..{probs.shape[1] - 1} per image")
-    with GradCAM(model=model, target_layers=[module], reshape_transform=reshape) as cam:
-        maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(t)) for t in targets])
-    return np.asarray(maps, dtype=np.float32), probs
+    was_training = model.training  # a caller's model in training (a callback) is handed back as it came
+    try:
+        layer = layer or default_target_layer(model, tuple(inputs.shape[1:]))
+        module = get_submodule(model, layer)
+        reshape = _reshape_for(model, layer, inputs)
+        model.eval()
+        with torch.no_grad():
+            probs = torch.softmax(model(inputs).float(), dim=1).numpy()
+        if targets is None:
+            targets = probs.argmax(1).tolist()
+        if len(targets) != len(inputs) or any(not 0 <= int(t) < probs.shape[1] for t in targets):
+            raise EdgeKDError(f"Grad-CAM targets must be one class id in 0..{probs.shape[1] - 1} per image")
+        with GradCAM(model=model, target_layers=[module], reshape_transform=reshape) as cam:
+            maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        return np.asarray(maps, dtype=np.float32), probs
+    finally:
+        model.zero_grad(set_to_none=True)  # the backward pass's gradients are not the caller's
+        model.train(was_training)
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, size: int | None = DISPLAY_SIZE) -> np.ndarray:
