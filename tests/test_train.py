@@ -1183,3 +1183,15 @@ def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoint(tmp_path):
         with pytest.raises(EdgeKDError, match=rf"a folder, not a checkpoint file \(best.pt\); its checkpoint is "
                                               rf"\S+/{name.split('.')[0]}/{name}$"):
             load_checkpoint(run)
+
+
+def test_one_image_batches_through_a_batchnorm_at_1x1_are_the_recipes_problem(tiny_recipe_dict, tmp_path):
+    """data.batch_size 1 on a model whose map reaches 1x1 (ResNet-18 at 28 px) ended with torch's "Expected more
+    than 1 value per channel when training" as an internal error."""
+    from edgekd.train.run import train_recipe
+
+    raw = {**tiny_recipe_dict, "model": {"name": "test_resnet"},
+           "data": {**tiny_recipe_dict["data"], "batch_size": 1}}
+    with pytest.raises(EdgeKDError, match=r"^data.batch_size 1: a training batch of one image reached a BatchNorm "
+                                          r"layer with one value per channel .*data.image_size 16"):
+        train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda *_: None)

@@ -235,6 +235,16 @@ def batch_sizes(loader) -> list[int] | None:
     return sizes if all(s > 0 for s in sizes) else None
 
 
+def one_image_batch_error(err: ValueError, data_cfg) -> Exception:
+    """A training batch of one image through a BatchNorm layer at a 1x1 map (ResNet-18 at 28 px with
+    data.batch_size 1) ends in torch's "Expected more than 1 value per channel": said as the recipe's problem."""
+    if "more than 1 value per channel" not in str(err):
+        return err
+    return EdgeKDError(f"data.batch_size {data_cfg.batch_size}: a training batch of one image reached a BatchNorm "
+                       f"layer with one value per channel (a 1x1 feature map at data.image_size "
+                       f"{data_cfg.image_size}): BatchNorm needs 2 or more images per training batch")
+
+
 class Trainer:
     """Runs `recipe.train` on a model and a DataModule; writes best.pt / last.pt into `out`."""
 
@@ -400,7 +410,10 @@ class Trainer:
             self.objective.set_epoch(epoch)
         loader = self.data.loader("train", epoch=epoch, distributed=self.distributed)
         with progress_task(progress, f"epoch {epoch + 1}/{self.cfg.epochs}", len(loader)) as advance:
-            total, count, parts = self._train_batches(epoch, loader, advance)
+            try:
+                total, count, parts = self._train_batches(epoch, loader, advance)
+            except ValueError as err:
+                raise one_image_batch_error(err, self.data.cfg) from None
         names = sorted(distributed.union_across_ranks(parts), key=part_order)  # one never logged counts 0 there
         sums = distributed.sum_across_ranks([total, count, *(parts.get(k, 0.0) for k in names)], self.device)
         count = max(sums[1], 1)  # the loss over all ranks' shards
