@@ -1310,3 +1310,35 @@ def test_split_images_are_the_dataset_items_held_uint8(tmp_path, hair):
     other = SplitImages(x.images, v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.0] * 3, [1.0] * 3)]))
     with pytest.raises(ValueError, match="normalized differently"):
         SplitImages.concat([x, other])
+
+
+def test_tta_views_the_model_never_trained_on_are_named():
+    """The default profile's views (h/v-flip, rotation 15) on a chest X-ray model trained with rotation 10 and no
+    flips: the gate and the runner use views the model never saw, where INT8 flips near ties. Named per view with
+    the reason; a policy op (RandAugment) counts as rotating; a view the augment covers is not named."""
+    from edgekd.export.parity import untrained_views
+
+    views = ["original", "hflip", "vflip", "center_crop", "rot+15", "rot-15"]
+    xray = [{"RandomResizedCrop": {"scale": [0.8, 1.0]}}, {"RandomRotation": {"degrees": 10}}]
+    assert untrained_views(xray, views) == {
+        "hflip": "no RandomHorizontalFlip in its augment", "vflip": "no RandomVerticalFlip in its augment",
+        "rot+15": "its augment rotates by at most 10 degrees", "rot-15": "its augment rotates by at most 10 degrees"}
+    oct_ = [{"RandomHorizontalFlip": {}}, {"RandomVerticalFlip": {"p": 0.5}}, {"RandomAffine": {"degrees": [-20, 20]}}]
+    assert untrained_views(oct_, views) == {}
+    assert set(untrained_views([{"RandAugment": {}}], views)) == {"hflip", "vflip"}
+    assert untrained_views([{"RandomRotation": {"degrees": [0, 30]}}], ["rot-15"]) == {
+        "rot-15": "its augment rotates by at most 0 degrees"}  # one way only: the other view is unseen
+    assert untrained_views(None, ["original", "center_crop"]) == {}
+    assert untrained_views(None, ["rot+15"]) == {"rot+15": "no rotation in its augment"}
+
+
+def test_export_notes_untrained_tta_views_and_keeps_them_in_parity_json(tmp_path):
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")  # trained without augment
+    profile = profile_from_dict({"parity": {"images": 4}, "tta": {"views": ["original", "vflip"]}, "threads": 1})
+    said: list[str] = []
+    export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile, log=said.append)
+    (note,) = [line for line in said if "never shown in training" in line]
+    assert note.startswith("note: TTA view(s) vflip were never shown in training (no RandomVerticalFlip in its "
+                           "augment: vflip)")
+    parity = json.loads((tmp_path / "b" / "parity.json").read_text())
+    assert parity["reference"]["untrained_views"] == {"vflip": "no RandomVerticalFlip in its augment"}

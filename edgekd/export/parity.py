@@ -49,6 +49,42 @@ def tta_view(images: torch.Tensor, view: str, center_crop_fraction: float = 0.87
     raise ValueError(f"unknown TTA view '{view}'")
 
 
+ROTATING_OPS = ("RandomRotation", "RandomAffine", "RandAugment", "TrivialAugmentWide", "AutoAugment", "AugMix")
+"""Augment ops that rotate (RandomRotation/RandomAffine by their `degrees`; the policies up to 30 degrees and more)."""
+
+
+def untrained_views(augment: list[dict[str, Any]] | None, views: list[str]) -> dict[str, str]:
+    """The TTA views a model's training augmentation never showed it -> why: a flip without its Random*Flip op,
+    a 15-degree rotation beyond its RandomRotation/RandomAffine `degrees` (or without any rotating op). The gate
+    checks every view and the runner's TTA averages them. On views a from-scratch model never saw, its INT8
+    artifact disagreed most (64 px MobileNetV3: OpenVINO INT8 top-1 agreement 73-81% on the rotated views, 94-95%
+    once trained on them; at 224 px, trained on them, the +15 degree view was still its worst, 90.6%:
+    benchmarks/INT8_SETTINGS.md)."""
+    ops = {name: (kwargs or {}) for spec in (augment or []) for name, kwargs in spec.items()}
+    missing: dict[str, str] = {}
+    for view, op in (("hflip", "RandomHorizontalFlip"), ("vflip", "RandomVerticalFlip")):
+        if view in views and op not in ops:
+            missing[view] = f"no {op} in its augment"
+    rotations = [v for v in views if v in ("rot+15", "rot-15")]
+    if rotations:
+        spans = [_rotation_span(name, kwargs) for name, kwargs in ops.items() if name in ROTATING_OPS]
+        widest = max(spans, default=0.0)
+        if widest < 15.0:
+            why = f"its augment rotates by at most {widest:g} degrees" if spans else "no rotation in its augment"
+            missing.update({v: why for v in rotations})
+    return missing
+
+
+def _rotation_span(name: str, kwargs: dict[str, Any]) -> float:
+    """The largest rotation (degrees, either way) an augment op draws."""
+    if name not in ("RandomRotation", "RandomAffine"):
+        return 30.0  # the policies' rotations reach 30 degrees
+    degrees = kwargs.get("degrees", 0)
+    if isinstance(degrees, (list, tuple)):
+        return float(min(abs(float(d)) for d in degrees)) if len(degrees) == 2 and degrees[0] < 0 < degrees[1] else 0.0
+    return abs(float(degrees))
+
+
 class SplitImages:
     """A metric split's images at model input size, held as uint8 and normalized on indexing by the eval
     pipeline's own last two steps (to float, normalize): `x[a:b]` and `x[rows]` give float32 (N, C, H, W), the

@@ -27,7 +27,7 @@ from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_se
                                      task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
 from edgekd.export.parity import (ParitySet, SplitImages, check_artifact, check_fusion, fp32_rounding,
-                                  int8_speedup, parity_inputs, reference_report)
+                                  int8_speedup, parity_inputs, reference_report, untrained_views)
 from edgekd.export.profile import CardConfig, ExportProfile, load_profile, profile_digest
 from edgekd.export.runner_check import runner_check
 from edgekd.host import cpu_info
@@ -500,6 +500,18 @@ def _one_class_warnings(reference: dict[str, Any], parity_set: ParitySet, log: C
     return found
 
 
+def _untrained_view_note(ckpt: dict[str, Any], profile: ExportProfile, log: Callable[[str], None]) -> dict[str, str]:
+    """The profile's TTA views the checkpoint's training augmentation never showed it (`untrained_views`): said
+    once, and kept in parity.json (`untrained_views`)."""
+    missing = untrained_views((ckpt.get("recipe") or {}).get("augment"), list(profile.tta.views))
+    if missing:
+        reasons = "; ".join(f"{why}: {', '.join(v for v in missing if missing[v] == why)}"
+                            for why in dict.fromkeys(missing.values()))
+        log(f"note: TTA view(s) {', '.join(missing)} were never shown in training ({reasons}): the parity gate "
+            "checks them and the runner's TTA averages them all the same (the profile's tta.views chooses them)")
+    return missing
+
+
 def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, parity_set: ParitySet,
                    reference: dict[str, Any], outcome: _Outcome) -> dict[str, Any]:
     """parity.json."""
@@ -511,7 +523,9 @@ def _parity_report(checkpoint: Path, n_images: int, profile: ExportProfile, pari
                       "metrics": {s: r["metrics"] for s, r in reference["splits"].items()},
                       "split_images": {s: len(y) for s, (_, y) in parity_set.splits.items()},
                       "metric_images": {s: len(parity_set.rows(s)) for s in parity_set.splits},
-                      **({"warnings": reference["warnings"]} if reference.get("warnings") else {})},
+                      **({"warnings": reference["warnings"]} if reference.get("warnings") else {}),
+                      **({"untrained_views": reference["untrained_views"]} if reference.get("untrained_views")
+                         else {})},
         "artifacts": outcome.records, "passed": not outcome.failures, "failures": outcome.failures,
         **({"too_slow": outcome.too_slow} if outcome.too_slow else {}),
         **({"int8_untimed": outcome.untimed} if outcome.untimed else {}),
@@ -618,6 +632,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     deployed, fusion, rounding = deployable(model, profile, parity_set, log)
     reference = reference_report(deployed, parity_set)
     reference["warnings"] = _one_class_warnings(reference, parity_set, log)
+    reference["untrained_views"] = _untrained_view_note(ckpt, profile, log)
     reference["clinical"] = _clinical(reference, parity_set, profile, ckpt, log)
     metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels, plan, fusion),
                 **_continual_metadata(layout, continual, lineage)}
