@@ -1342,3 +1342,21 @@ def test_export_notes_untrained_tta_views_and_keeps_them_in_parity_json(tmp_path
                            "augment: vflip)")
     parity = json.loads((tmp_path / "b" / "parity.json").read_text())
     assert parity["reference"]["untrained_views"] == {"vflip": "no RandomVerticalFlip in its augment"}
+
+
+def test_a_card_without_overlays_says_why_even_when_the_error_has_no_text(tmp_path, monkeypatch):
+    """An error without a message (ImportError() from a half-installed package) had ended the export with an
+    IndexError where it meant to leave the overlays out."""
+    from types import SimpleNamespace
+
+    import edgekd.explain.gradcam
+    from edgekd.export.run import card_explanations
+
+    def broken(*_args, **_kwargs):
+        raise ImportError()
+
+    monkeypatch.setattr(edgekd.explain.gradcam, "card_overlays", broken)
+    said: list[str] = []
+    data = SimpleNamespace(dataset=lambda *_a, **_k: None, cfg=None)
+    assert card_explanations(None, {}, data, tmp_path, {}, said.append) == []
+    assert said == ["card: no Grad-CAM overlays (ImportError)"]

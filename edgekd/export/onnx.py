@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, exception_line
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession, ExportContext
 from edgekd.runtime.bundle import metadata_strings, parse_metadata_strings
 
@@ -34,7 +34,7 @@ def export_onnx(ctx: ExportContext, path: Path) -> dict[str, Any]:
         raise EdgeKDError(f"onnx export: {err} (onnx.dynamo: true needs `pip install onnxscript`)") from None
     except Exception as err:
         raise EdgeKDError(f"onnx export failed for {type(ctx.model).__name__}: "
-                          f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from None
+                          f"{exception_line(err, 160)}") from None
     model = onnx.load(str(path))
     if cfg.simplify:
         model = _simplify(model, ctx)

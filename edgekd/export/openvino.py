@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, exception_line
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession, ExportContext
 from edgekd.runtime.backends import compile_for_cpu, openvino_rt_metadata
 from edgekd.runtime.bundle import RT_INFO_SECTION, metadata_strings, parse_metadata_strings
@@ -31,7 +31,7 @@ def convert_openvino(ctx: ExportContext):
             model = ov.convert_model(ctx.model, example_input=ctx.example_input(), input=[(-1, *ctx.input_shape)])
     except Exception as err:
         raise EdgeKDError(f"openvino conversion failed for {type(ctx.model).__name__}: "
-                          f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from None
+                          f"{exception_line(err, 160)}") from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise EdgeKDError(f"openvino: expected one input and one output, got {len(model.inputs)} and {len(model.outputs)}")
     # The converter names tensors after the forward() argument ('x'); the bundle contract fixes the names.

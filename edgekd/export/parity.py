@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from edgekd.errors import exception_line, shorten
+from edgekd.errors import exception_line
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactSession
 from edgekd.export.clinical import artifact_operating_point
 from edgekd.export.profile import Tolerance
@@ -433,7 +433,7 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
         if keep is not None:
             keep["logits"] = logits
     except Exception as err:  # a runtime that cannot run the graph at all
-        failures.append(f"inference failed: {type(err).__name__}: {shorten(str(err).splitlines()[0], 120) if str(err) else ''}")
+        failures.append(f"inference failed: {exception_line(err, 120)}")
         return record, failures
     ref = reference["logits"]
     if logits.shape != ref.shape:

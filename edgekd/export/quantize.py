@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from edgekd.errors import EdgeKDError, shorten
+from edgekd.errors import EdgeKDError, exception_line, shorten
 from edgekd.export.artifact import INPUT_NAME, ExportContext
 from edgekd.export.profile import OnnxQuantization
 from edgekd.progress import progress_task
@@ -121,8 +121,7 @@ def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[
     except EdgeKDError:
         raise
     except Exception as err:
-        raise EdgeKDError(f"openvino int8: NNCF quantization failed: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None
+        raise EdgeKDError(f"openvino int8: NNCF quantization failed: {exception_line(err, 160)}") from None
 
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
@@ -239,8 +238,7 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
         try:
             quantize_static(str(prepared), str(out_path), ImageReader(calib), **kwargs)
         except Exception as err:
-            raise EdgeKDError(f"onnx int8: ONNX Runtime quantization failed: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:160] if str(err) else ''}") from None
+            raise EdgeKDError(f"onnx int8: ONNX Runtime quantization failed: {exception_line(err, 160)}") from None
     if notes:  # one warning line, not dozens
         warnings.warn(f"onnxruntime quantization: {len(notes)} note(s) like '{shorten(notes[0], 120)}'", stacklevel=2)
     import onnx

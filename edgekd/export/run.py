@@ -142,7 +142,7 @@ def card_explanations(model, ckpt: dict[str, Any], data, stage: Path, clinical: 
         records = card_overlays(model, ckpt, data.dataset("test", train=False), stage / EXPLAIN_DIR,
                                 data_cfg=data.cfg)  # the bundle's preprocessing (an export's input_size)
     except (EdgeKDError, ImportError) as err:
-        log(f"card: no Grad-CAM overlays ({str(err).splitlines()[0]})")
+        log(f"card: no Grad-CAM overlays ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})")
         return []
     return as_the_bundle_decides([{**r, "overlay": f"{EXPLAIN_DIR}/{r['overlay']}"} for r in records], clinical,
                                  list(ckpt["class_names"]))
