@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from edgekd.errors import EdgeKDError, shorten
+from edgekd.errors import EdgeKDError, exception_line
 from edgekd.probability import head_softmax
 from edgekd.runtime.bundle import RT_INFO_SECTION
 from edgekd.runtime.preprocess import Preprocessor
@@ -165,7 +165,7 @@ class OpenVINOBackend:
             model = (self.core.read_model(str(self.model_path)) if model_data is None
                      else self.core.read_model(model_data[0], model_data[1] or b""))
         except Exception as err:  # OpenVINO raises RuntimeError subclasses with long messages
-            raise EdgeKDError(f"{self.model_path}: OpenVINO cannot read the model ({shorten(str(err).splitlines()[0], 120)})") from None
+            raise EdgeKDError(f"{self.model_path}: OpenVINO cannot read the model ({exception_line(err, 120)})") from None
         input_port = _find_port(model.inputs, input_name, self.model_path, "input")
         _find_port(model.outputs, output_name, self.model_path, "output")
         shape = input_port.get_partial_shape()
@@ -360,7 +360,7 @@ class ONNXRuntimeBackend:
             self.session = ort.InferenceSession(str(self.model_path) if model_data is None else model_data[0], options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise EdgeKDError(f"{self.model_path}: ONNX Runtime cannot load the model ({shorten(str(err).splitlines()[0], 120)})") from None
+            raise EdgeKDError(f"{self.model_path}: ONNX Runtime cannot load the model ({exception_line(err, 120)})") from None
         port = _find_port(self.session.get_inputs(), input_name, self.model_path, "input")
         _find_port(self.session.get_outputs(), output_name, self.model_path, "output")
         self.input_dims = [d if isinstance(d, int) else None for d in port.shape]
