@@ -87,6 +87,21 @@ def test_choose_threshold_rules_by_hand():
         choose_threshold(y, p, "sensitivity", None)
 
 
+def test_the_nothing_positive_threshold_is_never_given_as_1_when_a_probability_is_1():
+    """roc_curve's +inf point (nothing positive) had been given as 1.0, which calls the images at exactly 1.0
+    positive: a specificity-1.0 rule with a negative at 1.0 chose 1.0 and gave specificity 0.5 on its own images.
+    That target is out of reach in [0, 1]: the most specific threshold is chosen (the export warns); where no
+    probability is 1.0, 1.0 still means nothing positive."""
+    y = np.array([0, 0, 1, 1])
+    at_one = np.array([1.0, 0.2, 0.9, 0.8])
+    assert choose_threshold(y, at_one, "specificity", 1.0) == 1.0  # the most specific there is: 1 of 2 negatives
+    assert choose_threshold(y, at_one, "specificity", 0.5) == pytest.approx(0.8)  # reachable: the lowest that does
+    below = np.array([0.95, 0.2, 0.9, 0.8])
+    t = choose_threshold(y, below, "specificity", 1.0)
+    assert t == 1.0 and (decide(np.c_[1 - below, below], t)[y == 0] == 0).all()
+    assert choose_threshold(y, at_one, "sensitivity", 1.0) == pytest.approx(0.8)
+
+
 def test_stratified_resamples_keep_the_class_mix_and_are_seeded():
     y = np.array([0] * 7 + [1] * 3)
     a, b = stratified_resamples(y, 50, seed=3), stratified_resamples(y, 50, seed=3)

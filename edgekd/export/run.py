@@ -576,6 +576,12 @@ def _clinical(reference: dict[str, Any], parity_set: ParitySet, profile: ExportP
     clinical = operating_point(reference, parity_set.splits, profile, list(ckpt["class_names"]))
     if (clinical.get("calibration") or {}).get("warning"):
         log(f"warning: calibration: {clinical['calibration']['warning']}")
+    decision = clinical.get("decision") or {}
+    if decision.get("rule") in ("sensitivity", "specificity"):  # the threshold reaching the target is not in [0, 1]
+        got = ((decision.get("val") or {}).get(decision["rule"]) or {}).get("value")
+        if got is not None and got < decision["target"] - 1e-9:
+            log(f"warning: decision: no threshold reaches {decision['rule']} {decision['target']:g} on val (it gives "
+                f"{got:.4f} at {decision['threshold']:.6g}: images at probability 1.0)")
     return clinical
 
 

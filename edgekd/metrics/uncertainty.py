@@ -35,16 +35,24 @@ def choose_threshold(labels: np.ndarray, p_positive: np.ndarray, rule: str, targ
         return None
     if len(np.unique(np.asarray(labels))) != 2:
         raise ValueError(f"decision rule '{rule}' needs validation images of both classes")
-    fpr, tpr, thresholds = roc_curve(np.asarray(labels), np.asarray(p_positive, dtype=np.float64),
-                                     drop_intermediate=False)
-    thresholds = np.minimum(thresholds, 1.0)  # roc_curve's first threshold is +inf (nothing positive)
+    p_positive = np.asarray(p_positive, dtype=np.float64)
+    fpr, tpr, thresholds = roc_curve(np.asarray(labels), p_positive, drop_intermediate=False)
+    # roc_curve's first threshold is +inf (nothing positive): 1.0 gives that when no probability is 1.0; when one
+    # is, no threshold in [0, 1] does (p >= 1.0 is positive), so that point is no candidate (it had been given as
+    # 1.0, calling exactly the images at 1.0 positive, and missed its own target on the images it was chosen on)
+    if p_positive.max() >= 1.0:
+        fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
+    thresholds = np.minimum(thresholds, 1.0)
     if rule == "youden":
         return float(thresholds[int(np.argmax(tpr - fpr))])
     if target is None or not 0 < target <= 1:
         raise ValueError(f"decision rule '{rule}' needs a target in (0, 1], got {target}")
     if rule == "sensitivity":
         return float(thresholds[int(np.argmax(tpr >= target - 1e-12))])
-    return float(thresholds[np.flatnonzero(1 - fpr >= target - 1e-12)[-1]])
+    reached = np.flatnonzero(1 - fpr >= target - 1e-12)
+    # unreachable (a negative at probability 1.0 and a target of 1.0): the most specific threshold there is; the
+    # bundle's val figures show the miss, and the export warns of it
+    return float(thresholds[reached[-1]] if len(reached) else thresholds[int(np.argmax(1 - fpr))])
 
 
 def decide(probs: np.ndarray, threshold: float | None = None, positive: int = 1) -> np.ndarray:
