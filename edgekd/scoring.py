@@ -35,10 +35,15 @@ def rank_auc(labels: np.ndarray, score: np.ndarray, positive: int = 1) -> np.nda
 
 def accuracy_auc(labels: np.ndarray, probs: np.ndarray, positive: int = 1) -> dict[str, float]:
     """{"acc", "auc"} as `edgekd.metrics.classification_metrics` gives them: binary AUC of class `positive`,
-    multi-class the macro one-vs-rest AUC; NaN unless every class is present."""
+    multi-class the macro one-vs-rest AUC; NaN unless every class is present. Non-finite probabilities (an INT8
+    or FP16 model that overflowed) make both NaN and are counted in "nonfinite": an all-NaN row's argmax is class
+    0, which had been scored as a right answer, and the ranks had given a finite AUC."""
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     k = probs.shape[1]
+    bad = int((~np.isfinite(probs)).any(axis=1).sum())
+    if bad:
+        return {"acc": float("nan"), "auc": float("nan"), "nonfinite": bad}
     acc = float((probs.argmax(1) == labels).mean()) if len(labels) else float("nan")
     if len(np.unique(labels)) < k:
         return {"acc": acc, "auc": float("nan")}

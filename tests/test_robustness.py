@@ -439,3 +439,27 @@ def test_undefined_figures_of_a_folder_missing_a_class_are_said_and_shown_as_a_d
     console.print(robustness_table([row], "t"))
     text = console.export_text()
     assert "nan" not in text and text.rstrip().splitlines()[-2].rstrip(" │").endswith("-")
+
+
+def test_a_model_that_overflows_under_a_corruption_gets_no_figures_and_is_named():
+    """Non-finite outputs had been scored: an all-NaN row counted as class 0 (right for a class-0 image) and the
+    ranks gave a finite AUC, so an overflowing INT8 or FP16 artifact got a plausible robustness row."""
+    from edgekd.robustness.evaluate import Predictor, corruption_records
+
+    images = [np.full((8, 8, 1), 40 * i, np.uint8) for i in range(6)]
+    labels = np.array([0, 0, 0, 1, 1, 1])
+
+    def predict(batch):
+        bright = np.array([img.mean() > 100 for img in batch], float)
+        out = np.stack([1 - bright, bright], 1) * 0.8 + 0.1
+        out[[img.max() > 200 for img in batch]] = np.nan  # overflows on the brightest images
+        return out
+
+    said: list[str] = []
+    records = corruption_records([Predictor("m", "student", "onnx", "int8", ["a", "b"], predict)], images, labels,
+                                 ["brightness"], [5], log=said.append)
+    clean, bright = records
+    assert "nonfinite" not in clean and clean["acc"] == 1.0
+    assert np.isnan(bright["acc"]) and np.isnan(bright["auc"]) and bright["nonfinite"] >= 1
+    assert any(line.startswith("warning: m (student) onnx/int8 on brightness s5: non-finite outputs on")
+               for line in said), said

@@ -92,6 +92,10 @@ def test_mid_ranks_and_rank_auc_match_scipy_and_sklearn():
     assert got["auc"] == pytest.approx(roc_auc_score(y3, probs, multi_class="ovr", average="macro"), abs=1e-12)
     assert got["acc"] == pytest.approx((probs.argmax(1) == y3).mean())
     assert np.isnan(accuracy_auc(np.zeros(5, int), rng.dirichlet([1, 1], 5))["auc"])  # one class only
+    # an overflowed model's NaN rows: argmax 0 had counted right for class 0, the ranks had given a finite AUC
+    nan_rows = np.array([[.9, .1], [.8, .2], [np.nan] * 2, [.3, .7], [.2, .8], [np.nan] * 2])
+    got = accuracy_auc(np.array([0, 0, 0, 1, 1, 1]), nan_rows)
+    assert np.isnan(got["acc"]) and np.isnan(got["auc"]) and got["nonfinite"] == 2
 
 
 @pytest.fixture(scope="module")

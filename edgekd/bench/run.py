@@ -516,7 +516,10 @@ def make_records(row: Row, result: dict | str, batches: list[int], threads: int,
     if not error and result.get("probs") and s.labels is not None:
         probs = np.load(result["probs"])
         metrics = accuracy_auc(s.labels[:len(probs)], probs)
-        if result.get("labels"):  # a runner row: the label `edgekd predict` gives, by the bundle's operating point
+        if "nonfinite" in metrics:  # said, and left undefined (an all-NaN row had counted as class 0)
+            s.notes.append(f"{row.format}/{row.precision} {row.variant}: non-finite outputs on "
+                           f"{metrics['nonfinite']} of {len(probs)} scored images: no ACC or AUC")
+        elif result.get("labels"):  # a runner row: the label `edgekd predict` gives, by the bundle's operating point
             metrics["acc"] = float((np.load(result["labels"]) == s.labels[:len(probs)]).mean())
     records = []
     for batch in batches:

@@ -356,7 +356,10 @@ def corruption_records(predictors: Sequence[Predictor], images: Sequence[np.ndar
             m = accuracy_auc(labels, np.concatenate(probs[(c, k)]))
             records.append({"model": p.model, "role": p.role, "format": p.format, "precision": p.precision,
                             "corruption": name, "severity": severity, "acc": m["acc"], "auc": m["auc"],
-                            "n": int(len(labels))})
+                            "n": int(len(labels)), **({"nonfinite": m["nonfinite"]} if "nonfinite" in m else {})})
+            if "nonfinite" in m:
+                log(f"warning: {p.label} on {name}{'' if name == CLEAN else f' s{severity}'}: non-finite outputs on "
+                    f"{m['nonfinite']} of {len(labels)} images: ACC and AUC left undefined")
         log(f"{name}{'' if name == CLEAN else f' s{severity}'}: " + ", ".join(
             f"{r['model']} {r['format']}/{r['precision']} acc {r['acc']:.4f}" for r in records[-len(predictors):]))
     return records
