@@ -280,24 +280,28 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
             if pair not in pairs:
                 subject.unavailable[pair] = f"{pair[0]} has no {pair[1]} export"
         if pairs:
-            bundle_root = Path(export_options.get("bundle_root") or out)
-            target = bundle_root / f"bundle-{subject.role}"
-            for given in export_options.get("sources") or []:  # a source there would be replaced by this export
-                if Path(given).resolve() == target.resolve() or target.resolve() in Path(given).resolve().parents:
-                    raise EdgeKDError(f"{given}: the export of {source} would replace it ({target}): give another "
-                                      "--out")
-            bundles, refused = _export(source, target, pairs, threads,
-                                       export_options.get("parity_images"), export_options.get("calib_images"),
-                                       export_options.get("data_overrides") or [], log,
-                                       export_options.get("accuracy_control"))
-            for b in bundles:
-                _add_bundle_artifacts(subject, b)
-            subject.unavailable.update(refused)
-            for pair in list(subject.artifacts):
-                if pair not in pairs:
-                    del subject.artifacts[pair]  # a reused bundle may hold more than was asked for
+            _export_subject(subject, source, pairs, out, threads, export_options, log)
     count_costs(subject)
     return subject
+
+
+def _export_subject(subject: Subject, source: Path, pairs: list[tuple[str, str]], out: Path, threads: int,
+                    export_options: dict, log: Callable[[str], None]) -> None:
+    """A checkpoint subject's `pairs` exported (or an earlier export reused) into <bundle_root>/bundle-<role>,
+    never onto one of the run's sources; its artifacts and refusals added to the subject."""
+    target = Path(export_options.get("bundle_root") or out) / f"bundle-{subject.role}"
+    for given in export_options.get("sources") or []:  # a source there would be replaced by this export
+        if Path(given).resolve() == target.resolve() or target.resolve() in Path(given).resolve().parents:
+            raise EdgeKDError(f"{given}: the export of {source} would replace it ({target}): give another --out")
+    bundles, refused = _export(source, target, pairs, threads, export_options.get("parity_images"),
+                               export_options.get("calib_images"), export_options.get("data_overrides") or [], log,
+                               export_options.get("accuracy_control"))
+    for b in bundles:
+        _add_bundle_artifacts(subject, b)
+    subject.unavailable.update(refused)
+    for pair in list(subject.artifacts):
+        if pair not in pairs:
+            del subject.artifacts[pair]  # a reused bundle may hold more than was asked for
 
 
 def _role(role: str | None, taken: str | None) -> str:

@@ -378,16 +378,10 @@ def bench(
     format x precision x batch, with PyTorch eager/compile and bare-runtime baselines; writes bench.json/.md/.png."""
     from importlib.util import find_spec
 
-    from edgekd.bench.report import gemm_over_peak_note, gemm_spread_note, records_table
     from edgekd.bench.run import VARIANTS, BenchConfig, Timing, command_line, default_bench_out, run_bench
-    from edgekd.runtime import is_bundle
 
     folder, data_recipe = _bench_data(source, data, set_, checkpoint, eval_limit)
-    exported = [p for p in (source, teacher) if p is not None and not is_bundle(p)]
-    if (parity_images is not None or calib_images is not None) and not exported:  # they had been ignored
-        raise EdgeKDError("--parity-images/--calib-images set how a checkpoint is exported: "
-                          f"{'the source and teacher are bundles' if teacher else 'the source is a bundle'}, "
-                          "nothing is exported here")
+    _refuse_unused_export_options(source, teacher, parity_images, calib_images)
     formats = formats or ("torch,onnx,openvino" if find_spec("torch") is not None else "onnx,openvino")
     variants = {**VARIANTS, "torch": ("eager",)} if no_compile else VARIANTS
     out = out or default_bench_out(source)  # beside a bundle, never inside it
@@ -398,6 +392,13 @@ def bench(
                          export_options={"parity_images": parity_images, "calib_images": calib_images},
                          keep_work=keep_work)
     result = with_progress(lambda log, bar: run_bench(config, log=log, progress=bar))
+    _say_bench_result(source, out, result)
+
+
+def _say_bench_result(source: Path, out: Path, result) -> None:
+    """The records table, then the notes (the GEMM peak's, each subject's), the n/a rows and the files written."""
+    from edgekd.bench.report import gemm_over_peak_note, gemm_spread_note, records_table
+
     gemm = result.summary.get("gemm") or {}
     title = f"{source}: {result.summary['threads']} thread(s)" + (
         f", FP32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s{gemm_spread_note(gemm)}" if gemm.get("peak_gflops")
@@ -412,6 +413,18 @@ def bench(
               if r["status"] != "ok"}.values():
         console.print(escape(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}"))
     console.print(escape(f"wrote {', '.join(str(out / name) for name in result.written)}"))
+
+
+def _refuse_unused_export_options(source: Path, teacher: Optional[Path], parity_images: Optional[int],
+                                  calib_images: Optional[int]) -> None:
+    """--parity-images/--calib-images set how a checkpoint is exported: with bundles only they had been ignored."""
+    from edgekd.runtime import is_bundle
+
+    exported = [p for p in (source, teacher) if p is not None and not is_bundle(p)]
+    if (parity_images is not None or calib_images is not None) and not exported:
+        raise EdgeKDError("--parity-images/--calib-images set how a checkpoint is exported: "
+                          f"{'the source and teacher are bundles' if teacher else 'the source is a bundle'}, "
+                          "nothing is exported here")
 
 
 def _bench_data(source: Path, data: Optional[Path], set_: list[str], checkpoint: Optional[Path],

@@ -500,6 +500,17 @@ def _one_class_warnings(reference: dict[str, Any], parity_set: ParitySet, log: C
     return found
 
 
+def _reference(deployed, parity_set: ParitySet, profile: ExportProfile, ckpt: dict[str, Any],
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """The PyTorch reference (`reference_report`) with what is said of it: one-class splits, TTA views it never
+    trained on, and its operating point (calibration + decision)."""
+    reference = reference_report(deployed, parity_set)
+    reference["warnings"] = _one_class_warnings(reference, parity_set, log)
+    reference["untrained_views"] = _untrained_view_note(ckpt, profile, log)
+    reference["clinical"] = _clinical(reference, parity_set, profile, ckpt, log)
+    return reference
+
+
 def _untrained_view_note(ckpt: dict[str, Any], profile: ExportProfile, log: Callable[[str], None]) -> dict[str, str]:
     """The profile's TTA views the checkpoint's training augmentation never showed it (`untrained_views`): said
     once, and kept in parity.json (`untrained_views`)."""
@@ -636,10 +647,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     _note_thread_cap(profile, log)
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
     deployed, fusion, rounding = deployable(model, profile, parity_set, log)
-    reference = reference_report(deployed, parity_set)
-    reference["warnings"] = _one_class_warnings(reference, parity_set, log)
-    reference["untrained_views"] = _untrained_view_note(ckpt, profile, log)
-    reference["clinical"] = _clinical(reference, parity_set, profile, ckpt, log)
+    reference = _reference(deployed, parity_set, profile, ckpt, log)
     metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels, plan, fusion),
                 **_continual_metadata(layout, continual, lineage)}
     explain_data = None if parity_set.heads is not None else data if layout is None else data.tasks[-1].data
