@@ -100,6 +100,10 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     out = Path(out)
     refuse_output_inside(out, [source], replaces=True)  # first: inside the parent is named as such; an earlier
     # bundle at --out is replaced whole, as export does (check_target)
+    zipped = out.parent / f"{out.name}.zip"  # written with --zip, removed as stale when --out is replaced
+    if zipped.exists() and zipped.resolve() == Path(source).resolve():
+        raise EdgeKDError(f"--out {out}: its zip {zipped} is the parent bundle, which the export would replace or "
+                          "remove; give another --out")
     check_target(out)
     checkpoint, lineage = parent_of(source)
     recipe = update_recipe(recipe_path, overrides or [], checkpoint, source)
@@ -133,6 +137,9 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
             raise RetentionGateError(err.lines, f"the same command with --resume --run-dir {run_dir} "
                                      "--allow-forgetting exports this run anyway, without training it again",
                                      "no bundle was written") from None
+        if str(err).startswith("export profile:"):  # e.g. a --target's two-class rule for a 5-class child
+            raise EdgeKDError(f"{err}; the trained run stays in {run_dir}: the same command with another --target "
+                              f"and --resume --run-dir {run_dir} exports it without training again") from None
         raise
     lost = sorted(set(lineage.get("parent_artifacts") or []) - {f"{a['format']}/{a['precision']}"
                                                               for a in exported.metadata.get("artifacts", [])})
@@ -162,9 +169,15 @@ def continual_run(recipe, run_dir: Path, checkpoint: Path, resume: bool, log: Ca
     """The update's continual run: trained (or resumed) in `run_dir`; with `resume`, a run that finished there
     (an update stopped during its export) is read back as it is and exported."""
     from edgekd.continual import finished_run, run_continual
+    from edgekd.train.checkpoint import load_checkpoint
 
     done = finished_run(run_dir, recipe) if resume else None
     if done is not None:
+        began = (load_checkpoint(done.best_path).get("init_weights") or {}).get("sha256")
+        if began and began != sha256_file(checkpoint):  # its lineage would name the new parent, its weights the old
+            raise EdgeKDError(f"--resume: the continual run in {run_dir} began from another {checkpoint} (sha256 "
+                              f"{began[:12]} then, {sha256_file(checkpoint)[:12]} now): the parent changed since; "
+                              "update without --resume")
         log(f"update: the continual run in {run_dir} finished; exporting it")
         return done
     log(f"update: continual training from {checkpoint} into {run_dir}")

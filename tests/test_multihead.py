@@ -451,6 +451,29 @@ def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, t
     assert not (tmp_path / "early").exists()
 
 
+def test_update_never_replaces_the_parent_zip_resumes_only_its_own_run_and_keeps_the_parents_resize(world, tmp_path):
+    """`update q.zip ... --out q` had removed q.zip as the stale zip of the bundle it replaced (both copies of the
+    parent gone); a resumed finished run had been exported with the lineage of a parent retrained since; a first
+    task resized otherwise than the parent was trained had been trained and exported at the new resize."""
+    from edgekd.continual import run_continual
+    from edgekd.train.checkpoint import load_checkpoint
+    from edgekd.update import continual_run, update_bundle
+
+    (tmp_path / "q.zip").write_bytes(b"PK")  # refused before it is read
+    with pytest.raises(EdgeKDError, match=r"--out \S+q: its zip \S+q.zip is the parent bundle"):
+        update_bundle(tmp_path / "q.zip", world["recipe"], tmp_path / "q", run_dir=tmp_path / "r", log=QUIET)
+    recipe = recipe_from_dict(load_checkpoint(world["cl"].best_path)["recipe"])
+    other = tmp_path / "other.pt"
+    other.write_bytes(world["student"].read_bytes() + b"retrained")
+    with pytest.raises(EdgeKDError, match=r"--resume: the continual run in \S+ began from another \S+other.pt"):
+        continual_run(recipe, world["cl"].out, other, True, QUIET, None)
+    raw = load_checkpoint(world["cl"].best_path)["recipe"]
+    raw["continual"]["tasks"][0]["data"]["resize"] = 12
+    raw["data"]["resize"] = 12
+    with pytest.raises(EdgeKDError, match=r"preprocess resize=8 but the recipe's data gives 12"):
+        run_continual(recipe_from_dict(raw), tmp_path / "resized", log=QUIET)
+
+
 def test_a_finished_continual_run_is_read_back_as_it_is(world):
     """`update --resume` after a stop during the export: the finished run is exported, not trained again (its
     model.pt may be named by a bundle already)."""

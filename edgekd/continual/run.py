@@ -93,7 +93,9 @@ def starting_model(recipe, tasks: list[Task], log: Callable[[str], None] = print
                            "the accuracy matrix on them (continual.eval_split: val) is on images it has seen", rebuilt)
     spec = dict(ckpt["arch"])
     theirs, ours = ckpt["preprocess"], first.data.preprocess
-    for key in ("input_size", "channels", "mean", "std"):
+    if "resize" not in theirs:  # a checkpoint from before preprocess.resize resized to its input size
+        theirs = {**theirs, "resize": theirs["input_size"][-1]}
+    for key in ("input_size", "channels", "mean", "std", "resize"):  # resize: the eval and export pipelines' too
         if theirs.get(key) != ours[key]:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: preprocess {key}={theirs.get(key)} but the "
                               f"recipe's data gives {ours[key]}; set the data section to match the student")
