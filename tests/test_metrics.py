@@ -55,9 +55,9 @@ def test_multiclass_pauc_needs_every_class():
     probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.7, 0.2], [0.6, 0.3, 0.1]])
     m = classification_metrics(y, probs)
     assert np.isnan(m["pauc"]) and np.isnan(m["auc"])
-    # class 2 has no image and is never predicted: recall and F1 are means over classes 0 and 1, as sensitivity is
-    # (it had counted as 0: recall 2/3 beside sensitivity 1, documented equal); precision keeps it as 0
-    assert m["recall"] == m["sensitivity"] == 1.0 and m["f1"] == 1.0 and m["precision"] == pytest.approx(2 / 3)
+    # class 2 has no image and is never predicted: recall, F1 and precision are means over classes 0 and 1, as
+    # sensitivity is (it had counted as 0: recall 2/3 beside sensitivity 1, documented equal; precision 2/3)
+    assert m["recall"] == m["sensitivity"] == 1.0 and m["f1"] == 1.0 and m["precision"] == 1.0
     wrong = classification_metrics(y, np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]]))
     # class 2 predicted once, never true: its F1 is 0 (a false positive), its recall undefined
     assert wrong["recall"] == pytest.approx((1 + 0.5) / 2) == wrong["sensitivity"]
