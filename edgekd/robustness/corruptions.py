@@ -131,6 +131,11 @@ def brightness(image: np.ndarray, c: float, rng: np.random.Generator) -> np.ndar
 
 
 def pixelate(image: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    """ImageNet-C's factors, not its exact pixels: it BOX-resizes to int(c * side) and BOX-resizes back, which at
+    28 px is not monotone in severity (the change per severity measured 8.3, 8.0, 9.8, 12.8, 12.7 grey levels on a
+    test image: 14 px doubles back exactly, 16 px does not). The small side here is rounded and the way back
+    NEAREST: blockier as the severity grows, at any size (at 224 px severity 3 it is 90 px where ImageNet-C's is
+    89)."""
     h, w = image.shape[:2]
     small = (max(1, int(round(w * c))), max(1, int(round(h * c))))
     img = _to_pil(image).resize(small, Image.Resampling.BOX).resize((w, h), Image.Resampling.NEAREST)
