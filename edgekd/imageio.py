@@ -37,13 +37,16 @@ MAX_ASPECT = 200
 side would be 28 x 1.8G pixels."""
 
 
-def check_image_size(width: int, height: int, resize: int | None = None, where: str = "image") -> None:
-    """Refuse, before decoding, an image too large, too long or too elongated, or (with `resize`, the shorter side
-    it will be resized to) one whose resized copy would exceed MAX_PIXELS."""
+def check_image_size(width: int, height: int, resize: int | None = None, where: str = "image",
+                     max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse, before decoding, an image too large (over `max_pixels`, at most MAX_PIXELS: a service may set a
+    lower one), too long or too elongated, or (with `resize`, the shorter side it will be resized to) one whose
+    resized copy would exceed MAX_PIXELS."""
     if width < 1 or height < 1:
         raise EdgeKDError(f"{where}: image is {width}x{height}, empty")
-    if width * height > MAX_PIXELS:
-        raise EdgeKDError(f"{where}: image is {width}x{height}, larger than the {MAX_PIXELS} pixel limit")
+    limit = min(max_pixels, MAX_PIXELS)
+    if width * height > limit:
+        raise EdgeKDError(f"{where}: image is {width}x{height}, larger than the {limit} pixel limit")
     if max(width, height) > MAX_SIDE:
         raise EdgeKDError(f"{where}: image is {width}x{height}, a side over the {MAX_SIDE} px limit")
     if max(width, height) > MAX_ASPECT * min(width, height):
@@ -176,14 +179,15 @@ def read_image(path: str | Path, resize: int | None = None, frame: int | None = 
     return _decode_pillow(path, PILLOW_FORMATS[suffix], where, resize)
 
 
-def _decode_pillow(source: Path | io.BytesIO, fmt: str, where: str, resize: int | None) -> np.ndarray:
+def _decode_pillow(source: Path | io.BytesIO, fmt: str, where: str, resize: int | None,
+                   max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Pillow's decoder for `fmt` only, the size limits checked from the header; every failure one EdgeKDError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source, formats=[fmt]) as img:
                 check_single_frame(img, fmt, where)  # on the page decoded (a TIFF's first may be a thumbnail)
-                check_image_size(*img.size, resize, where)
+                check_image_size(*img.size, resize, where, max_pixels)
                 img.load()
                 return pil_to_array(upright(img))
     except EdgeKDError as err:
@@ -245,10 +249,10 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = None,
-                     frames_hint: str = FRAMES_HINT) -> np.ndarray:
+                     frames_hint: str = FRAMES_HINT, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image held in memory (an upload) like `read_image` a file, the decoder chosen by the content's
     own signature (`sniff_format`), nothing written to disk. `frames_hint` ends the error for a multi-frame DICOM
-    (what the caller can do instead)."""
+    (what the caller can do instead); `max_pixels`: a lower pixel limit than MAX_PIXELS (a service's)."""
     where = printable(where)
     if not data:
         raise EdgeKDError(f"{where}: empty file")
@@ -258,8 +262,8 @@ def read_image_bytes(data: bytes, where: str = "upload", resize: int | None = No
     if fmt is None:
         raise EdgeKDError(f"{where}: not a supported image (PNG, JPEG, TIFF, BMP, GIF, WEBP or DICOM expected)")
     if fmt == "DICOM":
-        return read_dicom(io.BytesIO(data), resize, where=where, frames_hint=frames_hint)
-    return _decode_pillow(io.BytesIO(data), fmt, where, resize)
+        return read_dicom(io.BytesIO(data), resize, where=where, frames_hint=frames_hint, max_pixels=max_pixels)
+    return _decode_pillow(io.BytesIO(data), fmt, where, resize, max_pixels)
 
 
 EXIF_ORIENTATION = 0x0112
@@ -436,7 +440,7 @@ NO_PREAMBLE = ("a DICOM data set without the Part 10 header (no 128-byte preambl
 
 
 def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | None = None,
-               where: str | None = None, frames_hint: str = FRAMES_HINT) -> np.ndarray:
+               where: str | None = None, frames_hint: str = FRAMES_HINT, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """One image (or frame) of a DICOM file through pydicom (optional extra): the modality LUT (rescale slope and
     intercept, or a Modality LUT Sequence), then the VOI LUT (a VOI LUT Sequence, else the Window Center/Width),
     both pydicom's own; scaled to 0..255 by the VOI transform's output range, as a viewer shows the image (without
@@ -453,7 +457,8 @@ def read_dicom(path: Path | io.BytesIO, resize: int | None = None, frame: int | 
         raise EdgeKDError(f"{where}: a DICOM of {frames} frames ({frames_hint})")
     if frame is not None and not 0 <= frame < frames:
         raise EdgeKDError(f"{where}: no frame {frame + 1} (the file has {frames})")
-    check_image_size(int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), resize, where)
+    check_image_size(int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), resize, where,
+                     max_pixels)
     pixels = _pydicom(where).pixels
     photometric = str(getattr(ds, "PhotometricInterpretation", "") or "")
     try:

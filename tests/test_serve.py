@@ -281,6 +281,24 @@ def test_body_over_the_upload_limit_is_413(runner):
     assert r.status_code == 413 and "limit" in r.json()["error"] and r.content.startswith(b'{"error":"')  # as others
 
 
+def test_a_service_pixel_limit_refuses_larger_images_before_decoding(runner):
+    """--max-megapixels: the runtime's 64-MP limit is per decode, ~200 MB of RGB per decoder thread; an operator
+    can set a lower one for the service. Checked from the header: a 422 naming the limit; smaller images pass."""
+    async def go(client):
+        big = await client.post("/predict", content=png(0, size=40), headers={"content-type": "image/png"})
+        small = await client.post("/predict", content=png(1, size=20), headers={"content-type": "image/png"})
+        return big, small
+
+    big, small = call(create_app(runner, ServeSettings(max_megapixels=0.001)), go)
+    assert big.status_code == 422 and "image is 40x40, larger than the 1000 pixel limit" in big.json()["error"]
+    assert small.status_code == 200
+    from edgekd.errors import EdgeKDError
+
+    for value in (0, 65):
+        with pytest.raises(EdgeKDError, match=r"--max-megapixels must be in \(0, 64\]"):
+            create_app(runner, ServeSettings(max_megapixels=value))
+
+
 def test_token_is_required_except_for_health(runner):
     async def go(client):
         auth = {"authorization": f"Bearer {TOKEN}"}

@@ -311,6 +311,8 @@ def serve(
                                           "(every request being answered) before a 503."),
     upload_timeout: float = typer.Option(15.0, "--upload-timeout", min=0.1, help="Seconds a request body may go "
                                          "without a byte before a 408."),
+    max_megapixels: float = typer.Option(64.0, "--max-megapixels", help="Largest image decoded, in millions of "
+                                         "pixels, from its header (at most 64; larger: a 422)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", callback=probability_option, metavar="[0..1]",
                                               help="Decision threshold on the positive class's calibrated probability "
                                                    "(two-class bundles; default: the bundle's)."),
@@ -329,7 +331,8 @@ def serve(
 
     settings = ServeSettings(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              max_concurrency=max_concurrency, token=token, max_upload_mb=max_upload_mb,
-                             max_inflight_mb=max_inflight_mb, upload_timeout_s=upload_timeout)
+                             max_inflight_mb=max_inflight_mb, upload_timeout_s=upload_timeout,
+                             max_megapixels=max_megapixels)
     check_settings(settings)
     check_port_free(host, port)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,

@@ -51,6 +51,7 @@ class Service:
     def __init__(self, runner: Runner, settings: ServeSettings):
         self.runner, self.settings = runner, settings
         self.keep_gray = runner.bundle.image_channels == 1
+        self.max_pixels = int(settings.max_megapixels * 1_000_000)
         # OpenVINO compiles per batch size: pad to a few sizes. ONNX Runtime takes any size as it comes.
         self.sizes = padded_sizes(settings.max_batch) if runner.info.get("backend") == "openvino" else None
         self.metrics = ServiceMetrics(settings.max_batch, lambda: self.batcher.depth)
@@ -83,7 +84,7 @@ class Service:
     async def decode(self, data: bytes, content_type: str | None, where: str) -> np.ndarray:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decoders, decode_upload, data, content_type, where,
-                                          self.runner.preprocessor, self.keep_gray)
+                                          self.runner.preprocessor, self.keep_gray, self.max_pixels)
 
     def check_task(self, task: str | None, request: Request) -> None:
         """`?task=NAME`: one task's head of a multi-head bundle served for every task (400 otherwise: it had been

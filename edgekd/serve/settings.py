@@ -28,6 +28,9 @@ class ServeSettings:
     upload_timeout_s: float = 15.0
     """Seconds a request body may go without a byte before it is answered 408 (a stalled client frees its slot)."""
     decode_threads: int = 2
+    max_megapixels: float = 64.0
+    """The largest image decoded, in millions of pixels (checked from its header, before decoding); at most the
+    runtime's own 64: a 64-MP RGB decode holds ~200 MB, times the decoder threads."""
 
 
 def is_loopback(host: str) -> bool:
@@ -61,6 +64,9 @@ def check_settings(settings: ServeSettings) -> None:
     if settings.max_inflight_mb is not None and settings.max_inflight_mb < settings.max_upload_mb:
         raise EdgeKDError(f"--max-inflight-mb {settings.max_inflight_mb:g} must be at least --max-upload-mb "
                           f"{settings.max_upload_mb:g} (else the largest upload could never be answered)")
+    if not 0 < settings.max_megapixels <= 64:
+        raise EdgeKDError(f"--max-megapixels must be in (0, 64] (the runtime's own limit), got "
+                          f"{settings.max_megapixels:g}")
     if not settings.upload_timeout_s > 0:
         raise EdgeKDError(f"--upload-timeout must be > 0 seconds, got {settings.upload_timeout_s}")
     if not 0 <= settings.max_wait_ms <= 10_000:

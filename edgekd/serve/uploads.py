@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgekd.errors import EdgeKDError, shown
-from edgekd.imageio import read_image_bytes, sniff_format
+from edgekd.imageio import MAX_PIXELS, read_image_bytes, sniff_format
 from edgekd.runtime import Preprocessor
 
 MULTI_FRAME_HINT = "the service takes one image per upload: send each frame as its own single-frame file"
@@ -40,12 +40,14 @@ def check_upload(data: bytes, content_type: str | None, where: str) -> None:
 
 
 def decode_upload(data: bytes, content_type: str | None, where: str, preprocessor: Preprocessor,
-                  keep_gray: bool) -> np.ndarray:
-    """Bytes of one upload -> the uint8 model-size image (`Preprocessor.to_model_size`); UploadError otherwise."""
+                  keep_gray: bool, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes of one upload -> the uint8 model-size image (`Preprocessor.to_model_size`); UploadError otherwise.
+    `max_pixels`: the service's pixel limit (--max-megapixels), checked from the header before decoding."""
     where = shown(where, 120)
     check_upload(data, content_type, where)
     try:
-        image = read_image_bytes(data, where, preprocessor.resize, frames_hint=MULTI_FRAME_HINT)
+        image = read_image_bytes(data, where, preprocessor.resize, frames_hint=MULTI_FRAME_HINT,
+                                 max_pixels=max_pixels)
         return preprocessor.to_model_size(image, keep_gray=keep_gray)
     except UploadError:
         raise
