@@ -131,7 +131,8 @@ def test_weights_file_of_another_model_or_unreadable_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"foo": torch.zeros(3)}, tmp_path / "unrelated.safetensors")
-    with pytest.raises(EdgeKDError, match=r"do not fit this architecture: 74 of its 75 tensors are not in them"):
+    with pytest.raises(EdgeKDError, match=r"do not fit this architecture: 74 of its 75 tensors \(99.9% of the "
+                                          r"parameters outside the classifier\) are not in them"):
         create_model(spec("test_resnet"), weights=str(tmp_path / "unrelated.safetensors"))
     torch.save(create_model(spec("test_vit")).state_dict(), tmp_path / "vit.pth")  # another architecture's names
     with pytest.raises(EdgeKDError, match="do not fit this architecture"):
@@ -304,3 +305,43 @@ def test_weights_that_are_not_a_usable_file_are_refused_by_what_they_are(tmp_pat
     with pytest.raises(EdgeKDError, match=r"whole.pt: it holds pickled Python objects \(e.g. torch.save\(model\)\), "
                                           r"not only tensors; save model.state_dict\(\) and give that file$"):
         create_model(spec("test_resnet"), weights=str(tmp_path / "whole.pt"))
+
+
+def test_freeze_stages_takes_a_vits_own_tokens_with_its_stem():
+    """group_modules lists submodules only: a ViT's cls_token and pos_embed (the model's own parameters, in timm's
+    stem group) had kept training with patch_embed frozen."""
+    from timm.models import group_parameters
+
+    m = create_model(spec("test_vit"))
+    freeze(m, stages=1)
+    stem = group_parameters(m, m.group_matcher(coarse=True))[0]
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= set(stem)
+    trains = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert not trains & set(stem) and "blocks.0.attn.qkv.weight" in trains
+
+
+def test_a_model_averaging_two_classifiers_gets_both_heads_and_head_lr_on_both():
+    """LeViT's output is the mean of `head` and `head_dist`: model.head mlp had replaced `head` only and head_lr had
+    left `head_dist` in the backbone group, half of every logit from a plain new Linear at the backbone rate."""
+    from edgekd.models import classifier_names, head_parameters
+
+    m = create_model({**spec("levit_128s"), "head": "dropout_linear", "head_dropout": 0.2})
+    paths = ["head.linear", "head_dist.linear"]
+    assert classifier_names(m) == paths
+    for path in paths:
+        assert isinstance(m.get_submodule(path), torch.nn.Sequential), path
+    heads = {id(p) for p in head_parameters(m)}
+    assert heads == {id(p) for path in paths for p in m.get_submodule(path).parameters()}
+    with pytest.raises(EdgeKDError, match=r"averages 2 classifiers \(head.linear, head_dist.linear\)"):
+        classifier_name(m)  # growing one head (continual) would leave the other's half as it was
+
+
+def test_a_weights_file_missing_most_parameters_is_refused_whatever_its_tensor_count(tmp_path):
+    """A pruned model's file (weight_orig/weight_mask for every conv) misses 14 of 75 tensors but 99% of the
+    parameters: BatchNorm's small tensors had kept it under the half-of-the-tensors rule, loaded with a warning."""
+    state = create_model(spec("test_resnet")).state_dict()
+    pruned = {(k.replace(".weight", ".weight_orig") if v.ndim == 4 else k): v for k, v in state.items()}
+    torch.save(pruned, tmp_path / "pruned.pth")
+    with pytest.raises(EdgeKDError, match=r"do not fit this architecture: \d+ of its 75 tensors \(9\d.\d% of the "
+                                          r"parameters outside the classifier\)"):
+        create_model(spec("test_resnet"), weights=str(tmp_path / "pruned.pth"))

@@ -12,7 +12,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.models import group_modules
+from timm.models import group_parameters
 from torch import nn
 
 import edgekd.models.cnn  # noqa: F401  (registers edgekd_cnn with timm)
@@ -212,25 +212,39 @@ def _check_weights_loaded(model: nn.Module, missing: _MissingKeys, name: str, wh
     body = [k for k in model.state_dict() if not in_head(k) and not k.endswith("num_batches_tracked")]
     unloaded = [k for k in missing.keys if not in_head(k) and k != stem]
     source = "the model hub" if where.startswith("the model hub") else where
-    if body and len(unloaded) > len(body) / 2:
+    state = model.state_dict()
+    share = sum(state[k].numel() for k in unloaded if k in state) / max(sum(state[k].numel() for k in body), 1)
+    # by tensors or by parameters: BatchNorm's four small tensors per conv had let a file without any conv weight
+    # (a pruned model's weight_orig/weight_mask) load with a warning, 99% of the backbone random
+    if body and (len(unloaded) > len(body) / 2 or share > 0.5):
         raise EdgeKDError(f"model '{name}': the pretrained weights from {source} do not fit this architecture: "
-                          f"{len(unloaded)} of its {len(body)} tensors are not in them (e.g. {unloaded[0]})")
+                          f"{len(unloaded)} of its {len(body)} tensors ({share:.1%} of the parameters outside the "
+                          f"classifier) are not in them (e.g. {unloaded[0]})")
     if unloaded:  # a file of part of the model (a layer dropped): its values stay random, which had gone unsaid
-        state = model.state_dict()
-        share = sum(state[k].numel() for k in unloaded if k in state) / max(sum(state[k].numel() for k in body), 1)
         warnings.warn(f"model '{name}': {len(unloaded)} of its {len(body)} tensors ({share:.1%} of the parameters "
                       f"outside the classifier) are not in the weights from {source} and stay randomly initialised "
                       f"(e.g. {', '.join(unloaded[:3])})", stacklevel=2)
 
 
-def classifier_name(model: nn.Module) -> str:
-    """Attribute path of the final classifier ('fc', 'head.fc', 'classifier', ...), from timm's config."""
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    if isinstance(name, (list, tuple)):
-        name = name[0]
-    if not name:
+def classifier_names(model: nn.Module) -> list[str]:
+    """Attribute paths of the model's classifiers, from timm's config: one ('fc', 'head.fc', 'classifier', ...),
+    or two for the models whose output is the mean of two heads (LeViT, EfficientFormer, distilled DeiT: `head`
+    and `head_dist`)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    names = [names] if isinstance(names, str) else list(names or [])
+    if not names:
         raise EdgeKDError(f"{type(model).__name__}: cannot find the classifier layer")
-    return name
+    return names
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Attribute path of the final classifier; a model with two (`classifier_names`) is refused: replacing or
+    growing one of them would leave the other's half of every logit as it was."""
+    names = classifier_names(model)
+    if len(names) > 1:
+        raise EdgeKDError(f"{type(model).__name__} averages {len(names)} classifiers ({', '.join(names)}): its head "
+                          "cannot be grown or expanded here (use model.head linear, or a model with one classifier)")
+    return names[0]
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
@@ -259,20 +273,22 @@ def replace_head(model: nn.Module, kind: str, dropout: float, hidden: int) -> No
     """linear: timm's own; dropout_linear: Dropout + Linear; mlp: Linear-ReLU-Dropout-Linear."""
     if kind == "linear":
         return
-    path = classifier_name(model)
-    old = get_submodule(model, path)
-    if not isinstance(old, nn.Linear):
-        raise EdgeKDError(f"model.head={kind} needs a Linear classifier, found {type(old).__name__} at '{path}'")
-    cin, cout = old.in_features, old.out_features
-    if kind == "dropout_linear":
-        new = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, cout))
-    else:
-        new = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, cout))
-    set_submodule(model, path, new)
+    for path in classifier_names(model):  # each of a two-head model's (LeViT's head and head_dist): one had stayed
+        old = get_submodule(model, path)
+        if not isinstance(old, nn.Linear):
+            raise EdgeKDError(f"model.head={kind} needs a Linear classifier, found {type(old).__name__} at '{path}'")
+        cin, cout = old.in_features, old.out_features
+        if kind == "dropout_linear":
+            new = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, cout))
+        else:
+            new = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                nn.Linear(hidden, cout))
+        set_submodule(model, path, new)
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(get_submodule(model, classifier_name(model)).parameters())
+    """Every classifier's parameters (a two-head model's both: head_lr for each)."""
+    return [p for path in classifier_names(model) for p in get_submodule(model, path).parameters()]
 
 
 def freeze(model: nn.Module, stages: int = 0, patterns: list[str] | None = None) -> int:
@@ -282,7 +298,9 @@ def freeze(model: nn.Module, stages: int = 0, patterns: list[str] | None = None)
     if stages:
         if not hasattr(model, "group_matcher"):
             raise EdgeKDError(f"{type(model).__name__}: no group_matcher, freeze by model.freeze_patterns instead")
-        groups = list(group_modules(model, model.group_matcher(coarse=True)).values())
+        # by parameter name: a ViT's cls_token and pos_embed are the model's own parameters, in the stem group but
+        # under no submodule, and module groups had left them training
+        groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
         if stages >= len(groups):  # the last group is the classifier: an optimizer of no parameter had followed
             raise EdgeKDError(f"model.freeze_stages {stages}: {type(model).__name__} has {len(groups)} parameter "
                               f"groups, the last one its classifier; freeze at most {len(groups) - 1}")
