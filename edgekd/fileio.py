@@ -248,13 +248,17 @@ def refuse_output_inside(out: str | Path, inputs: list[str | Path], option: str 
                          replaces: bool = False) -> None:
     """An output never replaces or lands inside an input (a bundle being read, the checkpoint exported): both
     are compared as resolved paths (symlinks and `..` followed). `replaces`: the output may be an earlier bundle
-    that is replaced whole (refuse_output_in_bundle)."""
+    that is replaced whole (refuse_output_in_bundle), so no input may lie inside it either (a best.pt kept in the
+    bundle folder it is exported over had been deleted with the old bundle)."""
     refuse_unusable_path(out, option)
     target = Path(out).resolve()
     for given in inputs:
         source = Path(given).resolve()
         if target.is_relative_to(source):
             raise EdgeKDError(f"{option} {out}: is inside the input {given}; write the output elsewhere")
+        if replaces and source.is_relative_to(target) and target.is_dir():
+            raise EdgeKDError(f"{option} {out}: holds the input {given}, which replacing it would delete; move the "
+                              "input out of it, or write the output elsewhere")
     refuse_output_in_bundle(out, option, replaces)
 
 

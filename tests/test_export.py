@@ -1360,3 +1360,15 @@ def test_a_card_without_overlays_says_why_even_when_the_error_has_no_text(tmp_pa
     data = SimpleNamespace(dataset=lambda *_a, **_k: None, cfg=None)
     assert card_explanations(None, {}, data, tmp_path, {}, said.append) == []
     assert said == ["card: no Grad-CAM overlays (ImportError)"]
+
+
+def test_an_export_over_the_bundle_that_holds_its_checkpoint_is_refused(tmp_path):
+    """`export bb/best.pt --out bb`: the old bundle was deleted at publish, and the checkpoint with it."""
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    profile = profile_from_dict({"parity": {"images": 4}, "tta": {"views": ["original"]}, "threads": 1})
+    export_checkpoint(ckpt, tmp_path / "bb", ["onnx"], ["fp32"], profile, log=quiet)
+    kept = tmp_path / "bb" / "best.pt"
+    shutil.copy(ckpt, kept)
+    with pytest.raises(EdgeKDError, match=r"--out \S+bb: holds the input \S+best.pt, which replacing it would delete"):
+        export_checkpoint(kept, tmp_path / "bb", ["onnx"], ["fp32"], profile, log=quiet)
+    assert kept.is_file() and (tmp_path / "bb" / "edgekd.json").is_file()

@@ -17,8 +17,8 @@ from torchvision.transforms import v2
 from edgekd import __version__
 from edgekd.data import build_data, build_transforms, check_class_order, check_trained_splits, checkpoint_path_hint
 from edgekd.errors import EdgeKDError, exception_line
-from edgekd.fileio import (deferred_signals, ensure_free_space, make_temp_dir, remove_trees, sha256_file, track_tree,
-                           untrack_tree)
+from edgekd.fileio import (deferred_signals, ensure_free_space, make_temp_dir, refuse_output_inside, remove_trees,
+                           sha256_file, track_tree, untrack_tree)
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   restore_interrupted_publish, staging_dir, write_bundle_files, write_zip)
@@ -636,6 +636,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     multi-head one is parity-checked per head. `lineage` (from `edgekd update`) goes into edgekd.json.
     `progress`: the CLI's progress bar (one step per artifact, INT8 calibration images), or None."""
     checkpoint, (out, replacing) = Path(checkpoint), export_target(out)
+    refuse_output_inside(out, [checkpoint], replaces=True)  # a best.pt kept in the bundle it replaces
     profile = profile or load_profile(None)
     plan = export_plan(formats or profile.formats, precisions or profile.precisions,
                        (None if formats else profile.origin, None if precisions else profile.origin))
