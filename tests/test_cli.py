@@ -141,3 +141,20 @@ def test_an_interrupted_update_says_how_to_resume_it(tmp_path, monkeypatch):
     CliRunner().invoke(app, ["update", "parent", "r.yaml", "--out", "v2", "--set", "train.epochs=1", "--zip"])
     assert STATE["on_interrupt"]() == (f"resume it: edgekd update parent r.yaml --out v2 --resume --run-dir "
                                        f"{tmp_path / 'runs' / 'u-2'} --set train.epochs=1 --zip")
+
+
+def test_eval_whose_reader_went_away_still_writes_its_results(tmp_path, tiny_recipe_dict):
+    """`edgekd eval ... | true`: rich ended the command with exit 1 at the first table, without a word, and the
+    staged results folder was removed; the rest of stdout is now discarded and the files written."""
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
+    ckpt = train_recipe(recipe_from_dict(tiny_recipe_dict), tmp_path / "run", log=lambda *_: None).best_path
+    out = tmp_path / "ev"
+    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "eval", str(ckpt), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    proc.stdout.close()  # the reader is gone before the first table
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert (out / "metrics.json").is_file() and "Traceback" not in err

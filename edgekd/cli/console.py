@@ -70,8 +70,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Distill medical-imaging classifiers into small, verified models for CPU edge devices.")
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+class OutputConsole(Console):
+    """stdout's console. A reader gone (`edgekd eval ... | head -1`) leaves the command to finish its files, the
+    rest of stdout discarded: rich's default ended it with exit 1 mid-way, without a word (eval's staged results
+    removed, its --corruptions never run)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 # Tables are the output: keep them readable when piped to a file or a CI log (no 80-column squeeze).
-out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+out_console = OutputConsole(highlight=False, width=None if sys.stdout.isatty() else 160)
 STATE: dict = {"debug": False, "on_interrupt": None}
 """on_interrupt: a command's hint for an interrupted run (a callable returning a line, or None)."""
 
