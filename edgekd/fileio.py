@@ -45,6 +45,8 @@ def owner_alive(name: str) -> bool:
     pid, _, rest = name.partition("@")
     if not pid.isdigit() or rest[:7] != f"{PID_SPACE}-":
         return True
+    if os.name == "nt":  # os.kill(pid, 0) there sends CTRL_C_EVENT (0) to the console: not asked, never probed
+        return True
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -237,7 +239,8 @@ def sha256_file(path: str | Path, follow_symlinks: bool = True) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (bundle manifests); `follow_symlinks=False` refuses a symlink
     (OSError) instead of hashing what it points at."""
     digest = hashlib.sha256()
-    flags = os.O_RDONLY | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
+    # O_BINARY: Windows' CRT opens in text mode without it (CRLF read as LF, a 0x1A byte read as the end)
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(os.open(path, flags), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

@@ -181,3 +181,23 @@ def test_a_killed_runs_temporary_files_are_swept_by_the_next_run(tmp_path):
     assert not remove_killed_runs_work(work) and work.is_dir()  # this process is alive
     (work / WORK_MARKER).write_text(f"{dead}@{host}")
     assert remove_killed_runs_work(work) and not work.exists()
+
+
+def test_files_are_read_as_bytes_and_no_process_is_signalled_on_windows(tmp_path, monkeypatch):
+    """Windows' CRT opens a file in text mode without O_BINARY (CRLF read as LF, 0x1A as the end: another sha256
+    there than on Linux); os.kill(pid, 0) there sends a console Ctrl-C (CTRL_C_EVENT is 0)."""
+    import hashlib
+    import os
+
+    from edgekd import fileio
+
+    opened: list[int] = []
+    real_open = os.open
+    monkeypatch.setattr(os, "O_BINARY", 0x8000, raising=False)
+    monkeypatch.setattr(os, "open", lambda path, flags, *a: (opened.append(flags), real_open(path, flags & ~0x8000, *a))[1])
+    data = b"a\r\nb\x1ac"
+    (tmp_path / "f").write_bytes(data)
+    assert fileio.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest() and opened[-1] & 0x8000
+    monkeypatch.setattr(os, "name", "nt")
+    monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("signalled"))
+    assert fileio.owner_alive(f"{os.getpid()}@{fileio.PID_SPACE}-x")

@@ -298,7 +298,8 @@ def read_verified(path: Path, digest: str | None, root: Path | None = None, sour
     where = source or root or path.parent
     rel = path.relative_to(root).as_posix() if root is not None else path.name
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_BINARY: Windows' CRT reads in text mode without it (the model bytes changed, the digest refused)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         raise EdgeKDError(f"{where}: {rel} is missing") from None
     except OSError as err:
