@@ -393,9 +393,12 @@ def staged_files(out: str | Path, last: str | None = None, before_publish: Calla
     always removed: `out` holds all of one run's files or none, never a mix of two runs'."""
     check_output_location(out)  # a file or a read-only folder: refused before the block's work, not at its end
     target = Path(out).resolve() if Path(out).is_symlink() else Path(out)
-    made = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)
-    with deferred_signals():  # tracked: a stop signal removes it (the CLI exits without unwinding)
+    made_dirs = [p for p in (target, *target.parents) if not p.exists()]  # deepest first: --out a/b/c makes three
+    made = bool(made_dirs)
+    with deferred_signals():  # tracked: a stop signal removes them (the CLI exits without unwinding)
+        target.mkdir(parents=True, exist_ok=True)
+        if made_dirs:
+            track_tree(made_dirs[-1])
         stage = track_tree(staging_directory(".edgekd-stage.", ".tmp", target))
     try:
         yield stage
@@ -407,12 +410,17 @@ def staged_files(out: str | Path, last: str | None = None, before_publish: Calla
                     shutil.rmtree(target / made_file.name)
                 os.replace(made_file, target / made_file.name)
             made = False
+            if made_dirs:  # published: a later stop keeps them
+                untrack_tree(made_dirs[-1])
     finally:
         remove_tree(stage)
         untrack_tree(stage)
-        if made:  # refused or stopped: a folder this call made goes again
-            with contextlib.suppress(OSError):
-                target.rmdir()
+        if made_dirs:
+            untrack_tree(made_dirs[-1])
+        if made:  # refused or stopped: the folders this call made go again (a stop signal's handler removes them)
+            for folder in made_dirs:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 class FolderInUseError(EdgeKDError):

@@ -201,3 +201,21 @@ def test_files_are_read_as_bytes_and_no_process_is_signalled_on_windows(tmp_path
     monkeypatch.setattr(os, "name", "nt")
     monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("signalled"))
     assert fileio.owner_alive(f"{os.getpid()}@{fileio.PID_SPACE}-x")
+
+
+def test_staged_files_leave_no_folder_they_made_on_a_failure_or_a_stop(tmp_path):
+    """--out n1/n2/n3 refused: n1/n2 had stayed (only the last level was removed); a stop signal during the block
+    had left the new --out (its removal was in a finally the exit skips): the folders made are tracked now."""
+    from edgekd import fileio
+
+    with pytest.raises(RuntimeError):
+        with fileio.staged_files(tmp_path / "n1" / "n2" / "n3"):
+            raise RuntimeError("refused")
+    assert not (tmp_path / "n1").exists()
+    with fileio.staged_files(tmp_path / "a" / "b") as stage:
+        assert tmp_path / "a" in fileio.TRACKED_TREES  # what a stop signal's handler removes
+        (stage / "r.json").write_text("{}")
+    assert (tmp_path / "a" / "b" / "r.json").is_file() and tmp_path / "a" not in fileio.TRACKED_TREES
+    (tmp_path / "kept").mkdir()
+    with fileio.staged_files(tmp_path / "kept" / "new"):
+        assert tmp_path / "kept" not in fileio.TRACKED_TREES and tmp_path / "kept" / "new" in fileio.TRACKED_TREES
