@@ -1052,3 +1052,59 @@ def test_the_auc_reference_is_the_teacher_the_student_learned_from(tmp_path):
     assert "AUC vs `big-teacher` (teacher)" in auc_comparisons(rows)
     rows[2]["teacher"] = rows[2]["_teacher_sha256"] = None  # nobody's teacher in the table: the first
     assert "AUC vs `small-teacher` (teacher)" in auc_comparisons(rows)
+
+
+def test_averaged_teachers_keep_a_confident_teachers_non_target_order():
+    """log(mean softmax) clamped at 1e-12 put every class below it at -27.6: DKD from an ensemble of two copies of
+    one confident teacher (or its TTA views, alike here) gave 12.41 where the teacher alone gives 85.11."""
+    from edgekd.distill.losses import decoupled_kd
+    from edgekd.distill.objective import AveragedViews, EnsembleTeacher
+
+    logits = torch.tensor([[30.0, 0.0, -10.0, -20.0]])
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return logits.expand(len(x), -1)
+
+    x, s, y = torch.zeros(1, 3, 4, 4), torch.tensor([[5.0, 1.0, 0.0, -1.0]]), torch.tensor([0])
+    alone = decoupled_kd(s, logits, y, 4, 1, 8)
+    both = EnsembleTeacher([Fixed(), Fixed()], [nn.Identity(), nn.Identity()], "mean_probs")(x)
+    views = AveragedViews(Fixed(), ["original", "hflip"])(x)
+    assert alone == pytest.approx(85.1058, abs=1e-3)
+    for averaged in (both, views):
+        assert torch.allclose(averaged, logits.log_softmax(-1), atol=1e-5)
+        assert decoupled_kd(s, averaged, y, 4, 1, 8) == pytest.approx(float(alone), rel=1e-5)
+
+
+def test_tckd_keeps_its_value_and_direction_for_a_confident_student():
+    """1 - p_target rounds to 0 in float32 once the rest is below ~1e-7: TCKD came out 2.2e-5 (float64: 5.0e-6) and
+    its gradient did not push the over-confident student's target logit down."""
+    from edgekd.distill.losses import decoupled_kd
+
+    s = torch.tensor([[18.0, 0.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[14.0, 0.0, 0.0]])
+    value = decoupled_kd(s, t, torch.tensor([0]), 1.0, 1.0, 0.0)
+    (grad,) = torch.autograd.grad(value, s)
+    ref = decoupled_kd(s.detach().double().requires_grad_(), t.double(), torch.tensor([0]), 1.0, 1.0, 0.0)
+    assert float(value) == pytest.approx(float(ref), rel=1e-3) and float(ref) == pytest.approx(5.02e-6, rel=1e-2)
+    assert grad[0, 0] > 0 and (grad[0, 1:] < 0).all()
+
+
+def test_a_tap_that_says_it_is_nhwc_is_read_so_when_its_model_does_not():
+    """A ViT with dynamic_img_size: its patch_embed outputs NHWC and says so (output_fmt), the model says nothing;
+    'auto' had read it as NCHW, the adapter taking the grid height for its channels."""
+    import timm
+
+    from edgekd.distill.features import build_adapter
+    from edgekd.models import capture_features
+
+    student = timm.create_model("test_vit", num_classes=2, img_size=32, patch_size=8, dynamic_img_size=True).eval()
+    teacher = timm.create_model("test_resnet", num_classes=2).eval()
+    x = torch.zeros(2, 3, 32, 32)
+    with torch.no_grad(), capture_features(student, ["patch_embed"]) as a, \
+            capture_features(teacher, ["layer2"]) as b:
+        student(x)
+        teacher(x)
+    assert a["patch_embed"].shape[1:] == (4, 4, 64)
+    adapter = build_adapter(student, a["patch_embed"], "auto", teacher, b["layer2"], "auto", "patch_embed", "layer2")
+    assert adapter.student_layout == "nhwc" and adapter.proj.in_channels == 64

@@ -77,10 +77,11 @@ def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     t = temperature
     s, te = student_logits.float() / t, teacher_logits.float() / t
     gt = F.one_hot(targets, s.shape[1]).bool()
-    p_s, p_t = F.softmax(s, dim=1), F.softmax(te, dim=1)
-    b_s = torch.stack([p_s[gt], 1 - p_s[gt]], dim=1).clamp_min(1e-12)
-    b_t = torch.stack([p_t[gt], 1 - p_t[gt]], dim=1).clamp_min(1e-12)
-    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean()
+    # the binary (target, rest) log-probabilities in log space: 1 - p_target rounds to 0 in float32 once the rest
+    # is below ~1e-7, and TCKD's value and gradient had gone wrong there (the student pushed the wrong way)
+    log_b_s, log_b_t = (torch.stack([lp[gt], torch.logsumexp(lp.masked_fill(gt, float("-inf")), dim=1)], dim=1)
+                        for lp in (F.log_softmax(s, dim=1), F.log_softmax(te, dim=1)))
+    tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(1).mean()
     if s.shape[1] > 2:
         log_q_s = F.log_softmax(s.masked_fill(gt, float("-inf")), dim=1).masked_fill(gt, 0.0)
         log_q_t = F.log_softmax(te.masked_fill(gt, float("-inf")), dim=1).masked_fill(gt, 0.0)
