@@ -49,17 +49,20 @@ class FeatureAdapter(nn.Module):
         return to_map(feature, self.teacher_layout, self.teacher_prefix)
 
 
-def layout_and_prefix(model: nn.Module, feature: torch.Tensor, layout: str) -> tuple[str, int]:
-    """A tapped output's resolved layout and, for tokens, the model's count of class/register tokens to drop."""
-    resolved = resolve_layout(model, feature, layout)
+def layout_and_prefix(model: nn.Module, feature: torch.Tensor, layout: str,
+                      layer: str | None = None) -> tuple[str, int]:
+    """A tapped output's resolved layout (`layer`: the tap's path, whose own output_fmt counts) and, for tokens,
+    the model's count of class/register tokens to drop."""
+    resolved = resolve_layout(model, feature, layout, layer)
     return resolved, int(getattr(model, "num_prefix_tokens", 0)) if resolved == "tokens" else 0
 
 
 def build_adapter(student: nn.Module, student_feature: torch.Tensor, student_layout: str,
-                  teacher: nn.Module, teacher_feature: torch.Tensor, teacher_layout: str) -> FeatureAdapter:
-    """An adapter sized from probe outputs of the two tapped layers."""
-    s_layout, s_prefix = layout_and_prefix(student, student_feature, student_layout)
-    t_layout, t_prefix = layout_and_prefix(teacher, teacher_feature, teacher_layout)
+                  teacher: nn.Module, teacher_feature: torch.Tensor, teacher_layout: str,
+                  student_layer: str | None = None, teacher_layer: str | None = None) -> FeatureAdapter:
+    """An adapter sized from probe outputs of the two tapped layers (named, for their own output format)."""
+    s_layout, s_prefix = layout_and_prefix(student, student_feature, student_layout, student_layer)
+    t_layout, t_prefix = layout_and_prefix(teacher, teacher_feature, teacher_layout, teacher_layer)
     adapter = FeatureAdapter(s_layout, channels_of(student_feature, s_layout), t_layout,
                              channels_of(teacher_feature, t_layout), s_prefix, t_prefix)
     # Check the token grids now so a bad layer choice fails before training starts.
@@ -87,10 +90,11 @@ class FeatureMaps(nn.Module):
 
 
 def build_feature_maps(student: nn.Module, student_feature: torch.Tensor, student_layout: str,
-                       teacher: nn.Module, teacher_feature: torch.Tensor, teacher_layout: str) -> FeatureMaps:
+                       teacher: nn.Module, teacher_feature: torch.Tensor, teacher_layout: str,
+                       student_layer: str | None = None, teacher_layer: str | None = None) -> FeatureMaps:
     """A FeatureMaps reader with layouts resolved from probe outputs of the two tapped layers."""
-    s_layout, s_prefix = layout_and_prefix(student, student_feature, student_layout)
-    t_layout, t_prefix = layout_and_prefix(teacher, teacher_feature, teacher_layout)
+    s_layout, s_prefix = layout_and_prefix(student, student_feature, student_layout, student_layer)
+    t_layout, t_prefix = layout_and_prefix(teacher, teacher_feature, teacher_layout, teacher_layer)
     maps = FeatureMaps(s_layout, t_layout, s_prefix, t_prefix)
     with torch.no_grad():  # a bad layer choice (e.g. a token grid that is not square) fails before training
         maps.student_map(student_feature)

@@ -50,7 +50,7 @@ def default_target_layer(model: nn.Module, input_shape: Sequence[int] | None = N
         model.train(was_training)
         sides = {}
         for name in entries:
-            layout = resolve_layout(model, feats[name], "auto")
+            layout = resolve_layout(model, feats[name], "auto", name)
             if layout != "vector":
                 fmap = to_map(feats[name], layout, int(getattr(model, "num_prefix_tokens", 0)))
                 sides[name] = min(fmap.shape[-2:])
@@ -84,7 +84,7 @@ def _reshape_for(model: nn.Module, layer: str, sample: torch.Tensor):
     with torch.no_grad(), capture_features(model, [layer]) as feats:
         model(sample[:1])
     model.train(was_training)
-    layout = resolve_layout(model, feats[layer], "auto")
+    layout = resolve_layout(model, feats[layer], "auto", layer)
     if layout == "vector":
         raise EdgeKDError(f"layer '{layer}' outputs a vector {tuple(feats[layer].shape)}: Grad-CAM needs a spatial "
                           "map (choose a convolutional stage with --layer)")

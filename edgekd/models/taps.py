@@ -40,8 +40,15 @@ def capture_features(model: nn.Module, paths: list[str]) -> Iterator[dict[str, t
             h.remove()
 
 
-def resolve_layout(model: nn.Module, feature: torch.Tensor, layout: str) -> str:
-    """'auto': 2-D -> vector, 3-D -> tokens, 4-D -> the model's timm `output_fmt` (NHWC for Swin, else NCHW)."""
+def output_format(module: nn.Module) -> str | None:
+    """A timm module's `output_fmt` as 'NCHW'/'NHWC' (a string, or timm's Format enum), or None."""
+    fmt = getattr(module, "output_fmt", None)
+    return None if fmt is None else str(getattr(fmt, "value", fmt)).upper()
+
+
+def resolve_layout(model: nn.Module, feature: torch.Tensor, layout: str, layer: str | None = None) -> str:
+    """'auto': 2-D -> vector, 3-D -> tokens, 4-D -> the tapped `layer`'s timm `output_fmt`, else the model's (NHWC
+    for Swin, or a ViT's patch_embed with dynamic_img_size; else NCHW)."""
     if layout != "auto":
         want = {"tokens": 3, "nchw": 4, "nhwc": 4}[layout]
         if feature.dim() != want:
@@ -51,8 +58,15 @@ def resolve_layout(model: nn.Module, feature: torch.Tensor, layout: str) -> str:
         return "vector"
     if feature.dim() == 3:
         return "tokens"
-    if feature.dim() == 4:
-        return "nhwc" if str(getattr(model, "output_fmt", "NCHW")).upper() == "NHWC" else "nchw"
+    if feature.dim() == 4:  # the tapped module says first: a ViT's model says nothing, its NHWC patch_embed does
+        module = None
+        if layer:
+            try:
+                module = model.get_submodule(layer)
+            except AttributeError:
+                module = None
+        fmt = (output_format(module) if module is not None else None) or output_format(model) or "NCHW"
+        return "nhwc" if fmt == "NHWC" else "nchw"
     raise EdgeKDError(f"cannot use a {feature.dim()}-D layer output (shape {tuple(feature.shape)}) for feature KD")
 
 
