@@ -94,17 +94,10 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
     parent's export profile when it can still be read (update_profile). `resume`: continue the continual run an
     interrupted update left in `run_dir`. `on_run_dir`: told the run folder once it is chosen (the CLI's resume
     hint on Ctrl-C)."""
-    from edgekd.export import RetentionGateError, check_target, export_checkpoint
+    from edgekd.export import RetentionGateError, export_checkpoint
     from edgekd.recipe import warn_sections_turned_on
 
-    out = Path(out)
-    refuse_output_inside(out, [source], replaces=True)  # first: inside the parent is named as such; an earlier
-    # bundle at --out is replaced whole, as export does (check_target)
-    zipped = out.parent / f"{out.name}.zip"  # written with --zip, removed as stale when --out is replaced
-    if zipped.exists() and zipped.resolve() == Path(source).resolve():
-        raise EdgeKDError(f"--out {out}: its zip {zipped} is the parent bundle, which the export would replace or "
-                          "remove; give another --out")
-    check_target(out)
+    out = check_update_out(Path(out), source)
     checkpoint, lineage = parent_of(source)
     recipe = update_recipe(recipe_path, overrides or [], checkpoint, source)
     warn_sections_turned_on(recipe_path, overrides or [], log)
@@ -147,6 +140,20 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
         log(f"warning: the parent had {', '.join(lost)}, which this update did not export (its profile does not ask "
             "for them, or the gate left them out); give --target FILE with them to export them too")
     return UpdateResult(result, exported, lineage)
+
+
+def check_update_out(out: Path, source: str | Path) -> Path:
+    """--out refused inside the parent (named as such) and when its zip is the parent; an earlier bundle there
+    is replaced whole, as export does (check_target)."""
+    from edgekd.export import check_target
+
+    refuse_output_inside(out, [source], replaces=True)
+    zipped = out.parent / f"{out.name}.zip"  # written with --zip, removed as stale when --out is replaced
+    if zipped.exists() and zipped.resolve() == Path(source).resolve():
+        raise EdgeKDError(f"--out {out}: its zip {zipped} is the parent bundle, which the export would replace or "
+                          "remove; give another --out")
+    check_target(out)
+    return out
 
 
 def update_recipe(recipe_path: str | Path, overrides: list[str], checkpoint: Path, source: str | Path):

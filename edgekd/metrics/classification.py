@@ -45,10 +45,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
     out: dict[str, float] = {
         "acc": skm.accuracy_score(y_true, y_pred),
         "balanced_acc": _quiet(skm.balanced_accuracy_score, y_true, y_pred),
-        # A class without images has no recall (and, never predicted either, no F1): left out of the macro mean, as
-        # sensitivity leaves it out (it had counted as 0: recall 0.33 beside sensitivity 0.5, documented equal). A
-        # class never predicted has no precision, left out alike (counted as 0, a perfect model on a split without
-        # one of three classes had precision 0.67 beside recall and F1 1.0)
+        # Undefined per-class figures (recall of a class without images, precision of one never predicted) are
+        # left out of the macro mean, as sensitivity leaves them out (as 0: recall 0.33 beside sensitivity 0.5)
         "f1": skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=np.nan),
         "precision": skm.precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=np.nan),
         "recall": skm.recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=np.nan),
