@@ -1017,3 +1017,67 @@ def test_a_teacher_drawn_from_an_npz_with_another_seed_is_checked_against_the_st
     check_model_splits("distill.teacher t.pt", {"recipe": recipe_from_dict(given).to_dict()},
                        build_data(recipe_from_dict(given)), said.append)
     assert said == []
+
+
+def test_csv_rows_through_links_keep_the_links_names(tmp_path):
+    """DVC and git-annex keep images as links to suffix-less or hashed cache files: the CSV loader had resolved
+    them, so every image was refused as 'not a supported image type' (named by its cache object) and a patient
+    pattern was matched against the cache key."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (tmp_path / "imgs").mkdir()
+    rows = ["path,label"]
+    for i in range(6):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(store / f"md5_{i}", format="PNG")
+        (tmp_path / "imgs" / f"P{i}_x.png").symlink_to(store / f"md5_{i}")
+        rows.append(f"imgs/P{i}_x.png,{'ab'[i % 2]}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    source = load_source("csv", str(tmp_path / "m.csv"))
+    paths = [p for t in source.tables.values() for p in t.paths]
+    assert sorted(Path(p).name for p in paths) == [f"P{i}_x.png" for i in range(6)]
+
+
+def test_integer_labels_far_above_their_count_are_refused_before_a_name_per_id(tmp_path):
+    """Codes in the label column (3000000, SNOMED 426783006): a class name was made for every id up to the largest
+    (1.3 GB for 3e6, a kill for a SNOMED code) before the 'ids without an image' error."""
+    write_image_folder(tmp_path / "imgs", n_per_class=2, size=8)
+    files = sorted((tmp_path / "imgs").rglob("*.png"))
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{f},{426783006 + i % 2}\n" for i, f in
+                                                               enumerate(files)))
+    with pytest.raises(EdgeKDError, match=r"integer labels go up to 426783007 for 2 distinct ones"):
+        load_source("csv", str(tmp_path / "m.csv"))
+    arrays = {f"{s}_images": np.zeros((4, 8, 8), np.uint8) for s in ("train", "val", "test")}
+    arrays.update({f"{s}_labels": np.array([[0], [1], [0], [3_000_000]]) for s in ("train", "val", "test")})
+    np.savez(tmp_path / "codes.npz", **arrays)
+    with pytest.raises(EdgeKDError, match=r"integer labels go up to 3000000 for 3 distinct ones"):
+        load_source("medmnist", str(tmp_path / "codes.npz"))
+
+
+def test_bad_idx_files_are_one_line_errors_naming_the_file(tmp_path):
+    """A cut-short .gz had ended as a blank line (EOFError read as Abort); a count mismatch as an IndexError or a
+    silently dropped image; a label of 10 had made an 11th class."""
+    import gzip
+
+    def idx(dims, values) -> bytes:
+        head = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+        return head + bytes(values)
+
+    def write(root, n_images, labels):
+        root.mkdir(exist_ok=True)
+        for prefix in ("train", "t10k"):
+            (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx([n_images, 2, 2],
+                                                                                     [7] * (4 * n_images))))
+            (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx([len(labels)], labels)))
+
+    write(tmp_path / "ok", 3, [0, 1, 2])
+    assert len(load_source("fashion_mnist", str(tmp_path / "ok")).tables["train"]) == 3
+    write(tmp_path / "count", 3, [0, 1])
+    with pytest.raises(EdgeKDError, match=r"train-images-idx3-ubyte.gz holds 3 images, train-labels-idx1-ubyte.gz 2"):
+        load_source("fashion_mnist", str(tmp_path / "count"))
+    write(tmp_path / "label", 2, [0, 10])
+    with pytest.raises(EdgeKDError, match=r"holds label 10; Fashion-MNIST has 10 classes"):
+        load_source("fashion_mnist", str(tmp_path / "label"))
+    cut = tmp_path / "ok" / "train-images-idx3-ubyte.gz"
+    cut.write_bytes(cut.read_bytes()[:-6])
+    with pytest.raises(EdgeKDError, match=r"train-images-idx3-ubyte.gz: cannot read it, truncated or corrupt"):
+        load_source("fashion_mnist", str(tmp_path / "ok"))

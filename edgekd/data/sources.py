@@ -11,6 +11,7 @@ import re
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import EdgeKDError, shorten
+from edgekd.errors import EdgeKDError, exception_line, shorten
 from edgekd.fileio import sha256_file
 from edgekd.imageio import folder_files, is_hidden, is_image_file, subfolders
 
@@ -173,6 +174,7 @@ def load_medmnist(path: str | Path) -> Source:
     if "train" not in tables:
         raise EdgeKDError(f"{path}: no train_images key (expected MedMNIST keys train_images, train_labels, ...)")
     n_classes = int(max(t.labels.max() for t in tables.values())) + 1
+    refuse_sparse_ids(n_classes, len(np.unique(np.concatenate([t.labels for t in tables.values()]))), str(path))
     names = medmnist_classes(path)
     if names is not None and n_classes > len(names):
         raise EdgeKDError(f"{path}: labels go up to {n_classes - 1}, but MedMNIST '{path.stem}' has {len(names)} "
@@ -365,7 +367,9 @@ def load_csv(path: str | Path) -> Source:
             raise EdgeKDError(f"{path}:{lineno}: empty path")
         if label not in to_id:
             raise EdgeKDError(f"{path}:{lineno}: unknown label {label!r}")
-        file = (path.parent / entry).resolve()
+        # absolute and normalised, links not followed: a DVC or git-annex link's target has no suffix or another
+        # name (the file had been read as the cache object, refused as no image, its patient id not found)
+        file = Path(os.path.abspath(path.parent / entry))
         if not file.is_file():
             raise EdgeKDError(f"{path}:{lineno}: image {entry} not found (paths are read relative to the CSV's "
                               f"folder, {path.parent}, or absolute)")
@@ -396,6 +400,19 @@ def load_csv(path: str | Path) -> Source:
     return Source(name=path.stem, tables=tables, class_names=class_names, info=info)
 
 
+MAX_SKIPPED_IDS = 1000
+"""Integer labels are class indices 0..K-1: more ids skipped than this (codes such as SNOMED 426783006 in the
+label column) is refused before a name is made for every id up to the largest (gigabytes, then a kill)."""
+
+
+def refuse_sparse_ids(span: int, distinct: int, where: str) -> None:
+    """Integer labels whose largest id leaves more than MAX_SKIPPED_IDS ids without an image."""
+    if span - distinct > MAX_SKIPPED_IDS:
+        raise EdgeKDError(f"{where}: integer labels go up to {span - 1} for {distinct} distinct ones: labels are "
+                          "class indices 0..K-1 (codes or ids are class names: give them as text, e.g. with a "
+                          "letter in front, or map them to indices)")
+
+
 def _csv_classes(path: Path, label_values: list[str],
                  lines: list[int]) -> tuple[list[str], dict[str, int], dict[str, Any]]:
     """(class names, label -> id, Source.info) of a manifest's labels: integer ids as given (ids that skip one are
@@ -408,6 +425,7 @@ def _csv_classes(path: Path, label_values: list[str],
         ids = sorted(set(as_ids.values()))
         if ids[0] < 0:
             raise EdgeKDError(f"{path}: negative label {ids[0]}")
+        refuse_sparse_ids(ids[-1] + 1, len(ids), str(path))
         skipped = sorted(set(range(ids[-1] + 1)) - set(ids))
         if skipped:
             info["skipped_ids"] = skipped
@@ -508,13 +526,19 @@ def _refuse_near_miss_columns(path: Path, rows: list[dict[str, str]]) -> None:
                                   f"(edgekd reads path, label, patient_id and split)")
 
 
-def _read_idx(file: Path) -> np.ndarray:
+def _read_idx(file: Path, ndim: int) -> np.ndarray:
+    """An idx ubyte file of `ndim` dimensions (3: images, 1: labels), gzipped or not; a cut-short download, a file
+    that is not gzip or not idx, or another shape: one line naming the file (EOFError had ended as a blank line)."""
     opener = gzip.open if file.suffix == ".gz" else open
-    with opener(file, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(file, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise EdgeKDError(f"{file}: cannot read it, truncated or corrupt ({exception_line(err, 80)})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise EdgeKDError(f"{file}: not an idx ubyte file")
-    ndim = data[3]
+    if data[3] != ndim or len(data) < 4 + 4 * ndim:
+        raise EdgeKDError(f"{file}: an idx file of {data[3]} dimensions, expected {ndim}")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
@@ -531,5 +555,11 @@ def load_idx_dir(path: str | Path) -> Source:
         lab = next(iter(sorted(root.glob(f"{prefix}-labels-idx1-ubyte*"))), None)
         if img is None or lab is None:
             raise EdgeKDError(f"{root}: missing {prefix}-images/labels idx files")
-        tables[split] = Table(labels=_read_idx(lab).astype(np.int64), images=_read_idx(img)[..., None])
+        labels, images = _read_idx(lab, 1).astype(np.int64), _read_idx(img, 3)[..., None]
+        if len(labels) != len(images):  # fewer labels: an IndexError; more images: the extra dropped unsaid
+            raise EdgeKDError(f"{root}: {img.name} holds {len(images)} images, {lab.name} {len(labels)} labels")
+        if len(labels) and labels.max() >= len(FASHION_CLASSES):
+            raise EdgeKDError(f"{root}: {lab.name} holds label {int(labels.max())}; Fashion-MNIST has "
+                              f"{len(FASHION_CLASSES)} classes (0..{len(FASHION_CLASSES) - 1})")
+        tables[split] = Table(labels=labels, images=images)
     return Source(name=root.name, tables=tables, class_names=list(FASHION_CLASSES))
