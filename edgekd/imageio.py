@@ -176,7 +176,30 @@ def read_image(path: str | Path, resize: int | None = None, frame: int | None = 
     if suffix not in IMAGE_SUFFIXES:
         raise EdgeKDError(f"{where}: not a supported image type (use {', '.join(sorted(IMAGE_SUFFIXES))}, or DICOM "
                           "of any name)")
-    return _decode_pillow(path, PILLOW_FORMATS[suffix], where, resize)
+    fmt = PILLOW_FORMATS[suffix]
+    if fmt == "TIFF" and _turned_tiff(path, resize, where):  # Pillow 13 scrambles an uncompressed TIFF tagged
+        # orientation 5-8 opened from a path; the same bytes from memory decode upright
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise EdgeKDError(f"{where}: cannot be read ({err.strerror})") from None
+        return _decode_pillow(io.BytesIO(data), fmt, where, resize)
+    return _decode_pillow(path, fmt, where, resize)
+
+
+def _turned_tiff(path: Path, resize: int | None, where: str) -> bool:
+    """Whether a TIFF's header tags it with a transposing orientation (5-8), its size checked first; False when
+    the header cannot be read (the decode says why)."""
+    try:
+        with Image.open(path, formats=["TIFF"]) as img:
+            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            if turned:
+                check_image_size(*img.size, resize, where)
+            return turned
+    except EdgeKDError:
+        raise
+    except Exception:
+        return False
 
 
 def _decode_pillow(source: Path | io.BytesIO, fmt: str, where: str, resize: int | None,

@@ -1081,3 +1081,17 @@ def test_bad_idx_files_are_one_line_errors_naming_the_file(tmp_path):
     cut.write_bytes(cut.read_bytes()[:-6])
     with pytest.raises(EdgeKDError, match=r"train-images-idx3-ubyte.gz: cannot read it, truncated or corrupt"):
         load_source("fashion_mnist", str(tmp_path / "ok"))
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+def test_a_tiff_tagged_with_a_turning_orientation_is_read_upright(tmp_path, compression):
+    """Pillow 13 scrambles an uncompressed TIFF tagged orientation 6 or 8 opened from a path (neither upright nor
+    as stored; LZW and in-memory bytes decode right): edgekd reads such a file from memory."""
+    from edgekd.imageio import read_image
+
+    a = np.arange(8 * 16, dtype=np.uint8).reshape(8, 16)
+    for orientation, upright in ((3, np.rot90(a, 2)), (6, np.rot90(a, -1)), (8, np.rot90(a, 1))):
+        path = tmp_path / f"o{orientation}.tif"
+        Image.fromarray(a).save(path, tiffinfo={274: orientation},
+                                **({"compression": compression} if compression else {}))
+        assert np.array_equal(read_image(path)[..., 0], upright), orientation
