@@ -533,3 +533,23 @@ def test_a_card_without_calibration_does_not_call_its_probabilities_calibrated(c
     assert "calibrated p" not in operating and "temperature" not in operating
     assert "## Calibration" not in card
     assert "not at the operating point" in card.split("## Clinical metrics per format", 1)[1]
+
+
+def test_export_warns_when_no_threshold_reaches_the_decision_target():
+    """A negative validation image at probability 1.0 and a specificity target of 1.0: no threshold in [0, 1]
+    reaches it (p >= 1.0 is positive); the bundle's val figures show the miss and the export says so."""
+    from edgekd.export.parity import ParitySet
+    from edgekd.export.profile import profile_from_dict
+    from edgekd.export.run import _clinical
+
+    y = np.array([0, 0, 1, 1, 0, 1])
+    logits = np.array([[0.0, 60.0], [3.0, 0.0], [0.0, 4.0], [0.0, 2.0], [2.0, 0.0], [0.0, 3.0]])
+    x = np.zeros((6, 3, 2, 2), np.float32)
+    parity_set = ParitySet(x, [], {"val": (x, y), "test": (x, y)})
+    reference = {"splits": {s: {"logits": logits} for s in ("val", "test")}}
+    profile = profile_from_dict({"decision": {"rule": "specificity", "target": 1.0}, "calibration": {"method": "none"}})
+    said: list[str] = []
+    clinical = _clinical(reference, parity_set, profile, {"class_names": ["normal", "pneumonia"]}, said.append)
+    assert clinical["decision"]["threshold"] == 1.0
+    assert said == ["warning: decision: no threshold reaches specificity 1 on val (it gives 0.6667 at 1: images "
+                    "at probability 1.0)"]
