@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from edgekd.data.sources import Source, Table, load_source
 from edgekd.data.splits import make_splits, stratified_subset
-from edgekd.data.transforms import build_transforms, preprocess_spec
+from edgekd.data.transforms import build_transforms, chw_tensor, preprocess_spec
 from edgekd.errors import EdgeKDError, shorten
 from edgekd.imageio import read_image
 
@@ -38,7 +38,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         arr = self.raw(i)
-        img = torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1)  # PIL arrays are read-only
+        img = chw_tensor(arr)
         return self.transform(img), int(self.table.labels[i])
 
 

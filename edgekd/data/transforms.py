@@ -84,6 +84,12 @@ def sized_op(spec: dict[str, Any] | str, image_size: int) -> dict[str, Any] | st
     return {name: {**kwargs, "size": image_size}}
 
 
+def chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """A decoded uint8 (H, W, C) array as the (C, H, W) tensor the transform pipelines take, without a copy unless
+    the array is not contiguous and writable (PIL's arrays are read-only, which torch.from_numpy warns of)."""
+    return torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
+
+
 def build_transforms(data_cfg, augment: list, train: bool) -> v2.Compose:
     """The pipeline a CxHxW uint8 tensor goes through. Eval: resize, center crop, normalize.
 

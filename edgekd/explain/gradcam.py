@@ -162,8 +162,10 @@ def explain_arrays(model: nn.Module, ckpt: dict[str, Any], images: Sequence[np.n
                    labels: Sequence[int] | None = None, data_cfg=None) -> list[dict[str, Any]]:
     """Grad-CAM overlays of decoded uint8 images, written as <out>/<name>_gradcam.png; one record per image
     (`data_cfg`: preprocess as it says, not as the checkpoint's recipe)."""
+    from edgekd.data import chw_tensor
+
     geometry, normalize = checkpoint_pipeline(ckpt, data_cfg)
-    sized = [geometry(torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1)) for a in images]
+    sized = [geometry(chw_tensor(a)) for a in images]
     inputs = torch.stack([normalize(s) for s in sized])
     layer = layer or default_target_layer(model, tuple(inputs.shape[1:]))
     maps, probs = gradcam(model, inputs, layer, targets)

@@ -15,7 +15,8 @@ import torch
 from torchvision.transforms import v2
 
 from edgekd import __version__
-from edgekd.data import build_data, build_transforms, check_class_order, check_trained_splits, checkpoint_path_hint
+from edgekd.data import (build_data, build_transforms, check_class_order, check_trained_splits, checkpoint_path_hint,
+                         chw_tensor)
 from edgekd.errors import EdgeKDError, exception_line
 from edgekd.fileio import (deferred_signals, ensure_free_space, make_temp_dir, refuse_output_inside, remove_trees,
                            sha256_file, track_tree, untrack_tree)
@@ -113,7 +114,7 @@ def _split_images(dataset, geometry, normalize) -> tuple[SplitImages, np.ndarray
     images = None
     for i in range(n):
         arr = dataset.raw(i)
-        one = geometry(torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1))
+        one = geometry(chw_tensor(arr))
         if images is None:  # filled in place: a list of images and their stack had held the split twice
             images = torch.empty((n, *one.shape), dtype=torch.uint8)
         images[i] = one
@@ -219,7 +220,7 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
     val = data.dataset("val", train=False)
     picked = _sample(len(val), profile.parity.images, salt=1)
     raw_images = [val.raw(int(i)) for i in picked]
-    raw = torch.stack([geometry(torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1))
+    raw = torch.stack([geometry(chw_tensor(a))
                        for a in raw_images])
     # What the runner warms up for: gray images for a 3-channel model run through their own compiled graph.
     gray = raw_images and all(a.shape[-1] == 1 for a in raw_images)

@@ -112,7 +112,7 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256, task: str | No
     import torch
 
     from edgekd.continual import task_head
-    from edgekd.data import build_transforms
+    from edgekd.data import build_transforms, chw_tensor
     from edgekd.recipe import recipe_from_dict
     from edgekd.train.checkpoint import model_from_checkpoint
 
@@ -127,7 +127,7 @@ def checkpoint_predictor(path: str | Path, batch_size: int = 256, task: str | No
     def predict(images: list[np.ndarray]) -> np.ndarray:
         out = []
         for start in range(0, len(images), batch_size):
-            chunk = [transform(torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1))
+            chunk = [transform(chw_tensor(a))
                      for a in images[start:start + batch_size]]
             out.append(model(torch.stack(chunk)).float()[:, lo:hi])
         return softmax(torch.cat(out).numpy().astype(np.float64))
