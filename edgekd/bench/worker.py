@@ -79,17 +79,14 @@ def openvino_config(threads: int, perf_count: bool = False) -> dict:
     return config
 
 
-def openvino_model(path: str, threads: int, perf_count: bool = False, batch: int | None = None, model=None,
-                   read_only: bool = False):
+def openvino_model(path: str, threads: int, perf_count: bool = False, batch: int | None = None, model=None):
     """The model compiled for the CPU; with `batch`, for that static input shape (the batch axis fixed), which
     compiles faster and runs faster than the dynamic-batch model for small CNNs (the edge runner does the same).
-    `model`: an ov.Model already read (changed in place: give a clone); `read_only`: the read model, not compiled."""
+    `model`: an ov.Model already read (changed in place: give a clone)."""
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(path) if model is None else model
-    if read_only:
-        return model
     if batch is not None:
         port = model.inputs[0]
         model.reshape({port.get_any_name(): ov.PartialShape([batch, *list(port.get_partial_shape())[1:]])})
@@ -100,8 +97,10 @@ def openvino_request(path: str, threads: int) -> Infer:
     """Bare OpenVINO: one static-shape compiled model and infer request per batch size (compiled at its first
     call, the row's first_call_ms). The engine's import and the model's read happen here, in load_s, as ONNX
     Runtime's session is made in onnx_session: it had been read in the first call, load_s ~0."""
+    import openvino as ov
+
     requests: dict[int, object] = {}
-    read = openvino_model(path, threads, read_only=True)
+    read = ov.Core().read_model(path)
 
     def infer(x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
