@@ -394,7 +394,6 @@ def staged_files(out: str | Path, last: str | None = None, before_publish: Calla
     check_output_location(out)  # a file or a read-only folder: refused before the block's work, not at its end
     target = Path(out).resolve() if Path(out).is_symlink() else Path(out)
     made_dirs = [p for p in (target, *target.parents) if not p.exists()]  # deepest first: --out a/b/c makes three
-    made = bool(made_dirs)
     with deferred_signals():  # tracked: a stop signal removes them (the CLI exits without unwinding)
         target.mkdir(parents=True, exist_ok=True)
         if made_dirs:
@@ -409,15 +408,14 @@ def staged_files(out: str | Path, last: str | None = None, before_publish: Calla
                 if made_file.is_dir() and (target / made_file.name).is_dir():
                     shutil.rmtree(target / made_file.name)
                 os.replace(made_file, target / made_file.name)
-            made = False
-            if made_dirs:  # published: a later stop keeps them
+            if made_dirs:  # published: they stay, a later stop too
                 untrack_tree(made_dirs[-1])
+                made_dirs = []
     finally:
         remove_tree(stage)
         untrack_tree(stage)
-        if made_dirs:
+        if made_dirs:  # refused or stopped: the folders this call made go again (a stop signal's handler too)
             untrack_tree(made_dirs[-1])
-        if made:  # refused or stopped: the folders this call made go again (a stop signal's handler removes them)
             for folder in made_dirs:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
