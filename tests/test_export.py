@@ -1285,7 +1285,7 @@ def test_split_images_are_the_dataset_items_held_uint8(tmp_path, hair):
     dataset's own items (gray 16-px images to a 3-channel model at 20 px, hair removal or not), bit for bit,
     for a slice, a row subset and one image, and a quarter of the float32 bytes."""
     from edgekd.data import build_data, build_transforms
-    from edgekd.export.parity import SplitImages, join_split_images
+    from edgekd.export.parity import NormalizedImages, join_split_images
     from edgekd.export.run import _split_images
     from torchvision.transforms import v2
 
@@ -1297,7 +1297,7 @@ def test_split_images_are_the_dataset_items_held_uint8(tmp_path, hair):
     dataset = data.dataset("val", train=False)
     x, y = _split_images(dataset, geometry, normalize)
     expected = np.stack([dataset[i][0].numpy() for i in range(len(dataset))])
-    assert isinstance(x, SplitImages) and x.images.dtype == torch.uint8
+    assert isinstance(x, NormalizedImages) and x.images.dtype == torch.uint8
     assert x.shape == expected.shape == (16, 3, 20, 20) and len(x) == 16
     assert y.tolist() == [dataset[i][1] for i in range(len(dataset))]
     assert np.array_equal(x[:], expected) and np.array_equal(x[3:7], expected[3:7])
@@ -1306,10 +1306,10 @@ def test_split_images_are_the_dataset_items_held_uint8(tmp_path, hair):
     assert np.array_equal(x[2], expected[2]) and x[1:3].dtype == np.float32
     assert x.images.element_size() * x.images.nelement() * 4 == expected.nbytes
     joined = join_split_images([x, x.take(rows)])
-    assert isinstance(joined, SplitImages) and np.array_equal(joined[:], np.concatenate([expected, expected[rows]]))
-    other = SplitImages(x.images, v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.0] * 3, [1.0] * 3)]))
+    assert isinstance(joined, NormalizedImages) and np.array_equal(joined[:], np.concatenate([expected, expected[rows]]))
+    other = NormalizedImages(x.images, v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.0] * 3, [1.0] * 3)]))
     with pytest.raises(ValueError, match="normalized differently"):
-        SplitImages.concat([x, other])
+        NormalizedImages.concat([x, other])
 
 
 def test_tta_views_the_model_never_trained_on_are_named():

@@ -85,7 +85,7 @@ def _rotation_span(name: str, kwargs: dict[str, Any]) -> float:
     return abs(float(degrees))
 
 
-class SplitImages:
+class NormalizedImages:
     """A metric split's images at model input size, held as uint8 and normalized on indexing by the eval
     pipeline's own last two steps (to float, normalize): `x[a:b]` and `x[rows]` give float32 (N, C, H, W), the
     values the split's dataset items have. A quarter of float32's memory: 17k images at 224 px (a PathMNIST-size
@@ -96,7 +96,8 @@ class SplitImages:
 
     def __init__(self, images: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor]):
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"SplitImages holds uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"NormalizedImages holds uint8 (N, C, H, W) images, got {images.dtype} "
+                             f"{tuple(images.shape)}")
         self.images, self.normalize = images, normalize
 
     def __len__(self) -> int:
@@ -112,23 +113,23 @@ class SplitImages:
             return self.normalize(part[None]).numpy()[0]
         return self.normalize(part).numpy()
 
-    def take(self, rows: np.ndarray) -> "SplitImages":
+    def take(self, rows: np.ndarray) -> "NormalizedImages":
         """The images of `rows`, still uint8."""
-        return SplitImages(self.images[torch.as_tensor(rows)], self.normalize)
+        return NormalizedImages(self.images[torch.as_tensor(rows)], self.normalize)
 
     @staticmethod
-    def concat(parts: list["SplitImages"]) -> "SplitImages":
+    def concat(parts: list["NormalizedImages"]) -> "NormalizedImages":
         """Several splits' images as one (a continual model's tasks share their preprocessing)."""
         kinds = {repr(p.normalize) for p in parts}
         if len(kinds) > 1:
             raise ValueError(f"cannot join images normalized differently: {sorted(kinds)}")
-        return SplitImages(torch.cat([p.images for p in parts]), parts[0].normalize)
+        return NormalizedImages(torch.cat([p.images for p in parts]), parts[0].normalize)
 
 
 def join_split_images(parts: list) -> Any:
-    """`SplitImages.concat` of SplitImages, np.concatenate of arrays."""
-    if all(isinstance(p, SplitImages) for p in parts):
-        return SplitImages.concat(parts)
+    """`NormalizedImages.concat` of NormalizedImages, np.concatenate of arrays."""
+    if all(isinstance(p, NormalizedImages) for p in parts):
+        return NormalizedImages.concat(parts)
     return np.concatenate([p if isinstance(p, np.ndarray) else p[:] for p in parts])
 
 
@@ -139,9 +140,9 @@ class ParitySet:
     inputs: np.ndarray
     views: list[str]
     """The view of each row of `inputs`."""
-    splits: dict[str, tuple[np.ndarray | SplitImages, np.ndarray]]
+    splits: dict[str, tuple[np.ndarray | NormalizedImages, np.ndarray]]
     """split -> (inputs, labels): the whole split, where the PyTorch reference, the bundle's calibration and
-    decision threshold and its metrics are taken; inputs float32, or `SplitImages` normalized on indexing."""
+    decision threshold and its metrics are taken; inputs float32, or `NormalizedImages` normalized on indexing."""
     heads: list[tuple[str, int, int]] | None = None
     """A multi-head model's (task, first output, end output) per head: values, top-1 agreement and metrics are
     taken per head (each its own softmax, labels of its task only); None: one head over all outputs."""
@@ -174,7 +175,7 @@ class ParitySet:
         rows = self.rows(split)
         if len(rows) == len(y):
             return x, y
-        return (x.take(rows) if isinstance(x, SplitImages) else x[rows]), y[rows]
+        return (x.take(rows) if isinstance(x, NormalizedImages) else x[rows]), y[rows]
 
     @property
     def decoded_parts(self) -> list[tuple[Any, list[int]]]:

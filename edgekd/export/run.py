@@ -27,7 +27,7 @@ from edgekd.export.clinical import as_the_bundle_decides, operating_point, write
 from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_sets, retention_report, task_layout,
                                      task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
-from edgekd.export.parity import (ParitySet, SplitImages, check_artifact, check_fusion, fp32_rounding,
+from edgekd.export.parity import (ParitySet, NormalizedImages, check_artifact, check_fusion, fp32_rounding,
                                   int8_speedup, parity_inputs, reference_report, untrained_views)
 from edgekd.export.profile import CardConfig, ExportProfile, load_profile, profile_digest
 from edgekd.export.runner_check import runner_check
@@ -107,9 +107,9 @@ def _stack(dataset, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(torch.stack(xs).numpy(), dtype=np.float32), np.asarray(ys, dtype=np.int64)  # no third copy
 
 
-def _split_images(dataset, geometry, normalize) -> tuple[SplitImages, np.ndarray]:
+def _split_images(dataset, geometry, normalize) -> tuple[NormalizedImages, np.ndarray]:
     """A whole split through the eval pipeline's geometry (channels, hair removal, resize, crop), kept uint8 and
-    normalized on indexing (`SplitImages`), and its labels."""
+    normalized on indexing (`NormalizedImages`), and its labels."""
     n = len(dataset)
     images = None
     for i in range(n):
@@ -118,7 +118,7 @@ def _split_images(dataset, geometry, normalize) -> tuple[SplitImages, np.ndarray
         if images is None:  # filled in place: a list of images and their stack had held the split twice
             images = torch.empty((n, *one.shape), dtype=torch.uint8)
         images[i] = one
-    return SplitImages(images, normalize), np.asarray(dataset.table.labels, dtype=np.int64)[:n]
+    return NormalizedImages(images, normalize), np.asarray(dataset.table.labels, dtype=np.int64)[:n]
 
 
 def _export_recipe(ckpt: dict[str, Any], checkpoint: Path, overrides: list[str], input_size: int | None):
