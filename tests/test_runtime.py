@@ -602,7 +602,7 @@ def test_predict_says_when_openvino_runs_an_onnx_file_the_export_checked_on_onnx
     file on OpenVINO, which the export's runner check never did (it runs the most precise ONNX file there)."""
     from types import SimpleNamespace
 
-    from edgekd.cli.deployment import ungated_path_note
+    from edgekd.runtime import ungated_path_note
 
     arts = [SimpleNamespace(format=f, precision=p) for f, p in (("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"))]
 

@@ -153,7 +153,7 @@ def predict(
     tta_option = given_list(views, "--views") if views is not None else bool(tta)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir, threshold=threshold, task=task)
-    say_ungated_path(runner)
+    say_runner_notes(runner)
     paths, problems = _predict_inputs(inputs, frame)
     results = []
     with progress_bar() as progress:
@@ -179,30 +179,12 @@ def predict(
         raise typer.Exit(1)
 
 
-def say_ungated_path(runner) -> None:
-    """`ungated_path_note` and `int8_host_note`, each printed when there is one."""
-    from edgekd.runtime import int8_host_note
+def say_runner_notes(runner) -> None:
+    """`runner_notes`, each printed as a note."""
+    from edgekd.runtime import runner_notes
 
-    for note in (ungated_path_note(runner), int8_host_note(runner)):
-        if note:
-            console.print(f"note: {escape(note)}", soft_wrap=True)
-
-
-def ungated_path_note(runner) -> str | None:
-    """What to say when OpenVINO runs a bundle's ONNX file that the export's runner check did not run there: that
-    check runs the most precise ONNX model on OpenVINO (when no OpenVINO model of that precision exists), so an
-    ONNX INT8 file read by OpenVINO (the default backend, when the bundle has no OpenVINO INT8) was gated on ONNX
-    Runtime only."""
-    from edgekd.formats import PRECISIONS
-
-    info = runner.info
-    if info.get("backend") != "openvino" or info.get("format") != "onnx":
-        return None
-    onnx = [a.precision for a in runner.bundle.artifacts if a.format == "onnx"]
-    if runner.precision == min(onnx, key=PRECISIONS.index):
-        return None
-    return (f"this bundle has no OpenVINO {runner.precision} model: OpenVINO runs its ONNX {runner.precision} file, "
-            "which the export checked on ONNX Runtime only (--backend onnx runs it as checked)")
+    for note in runner_notes(runner):
+        console.print(f"note: {escape(note)}", soft_wrap=True)
 
 
 def _predict_inputs(inputs: list[str], frame: int | None) -> tuple[list, list[tuple[str, str]]]:
@@ -337,7 +319,7 @@ def serve(
     check_port_free(host, port)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
                                 cache_dir=cache_dir, task=task, threshold=threshold)
-    say_ungated_path(runner)
+    say_runner_notes(runner)
     url_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL goes in brackets
     on = "" if runner.info["format"] == backend else f" on {backend}"  # (it said "openvino fp32 on openvino")
     console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision}{on}, "

@@ -379,6 +379,27 @@ class Runner:
         self.close()
 
 
+def runner_notes(runner: "Runner") -> list[str]:
+    """What `edgekd predict` and `serve` say of the model path a runner took that the export's gate did not check
+    as it runs here (`ungated_path_note`, `int8_host_note`)."""
+    return [note for note in (ungated_path_note(runner), int8_host_note(runner)) if note]
+
+
+def ungated_path_note(runner: "Runner") -> str | None:
+    """What to say when OpenVINO runs a bundle's ONNX file that the export's runner check did not run there: that
+    check runs the most precise ONNX model on OpenVINO (when no OpenVINO model of that precision exists), so an
+    ONNX INT8 file read by OpenVINO (the default backend, when the bundle has no OpenVINO INT8) was gated on ONNX
+    Runtime only."""
+    info = runner.info
+    if info.get("backend") != "openvino" or info.get("format") != "onnx":
+        return None
+    onnx = [a.precision for a in runner.bundle.artifacts if a.format == "onnx"]
+    if runner.precision == min(onnx, key=PRECISIONS.index):
+        return None
+    return (f"this bundle has no OpenVINO {runner.precision} model: OpenVINO runs its ONNX {runner.precision} file, "
+            "which the export checked on ONNX Runtime only (--backend onnx runs it as checked)")
+
+
 def int8_host_note(runner: "Runner", host: dict[str, Any] | None = None) -> str | None:
     """What to say when ONNX Runtime runs an ONNX INT8 model on an x86 CPU without INT8 dot-product instructions
     (VNNI, AMX) that the export checked on one with them: without `quantization.onnx.reduce_range`, its uint8 x
