@@ -758,7 +758,22 @@ class Recipe(Section):
             raise ValueError("train.swa with continual.bn_freeze: SWA recomputes the BatchNorm statistics on the "
                              "current task's images (torch's update_bn), which bn_freeze holds at the earlier "
                              "tasks'; turn one off")
+        self._no_adam_decay_on_idle_heads()
         return self
+
+    def _no_adam_decay_on_idle_heads(self) -> None:
+        """Multi-head continual runs train each task's rows of one Linear; without replay, LwF or joint the earlier
+        tasks' rows get a zero loss gradient, and Adam's L2 term wd * p, normalised per weight, moves each of them
+        by about lr * sign(p) per step whatever the decay: the old heads shrink to zero (AdamW's decoupled decay
+        scales a row as a whole and keeps its argmax)."""
+        c, opt = self.continual, self.train.optimizer
+        if c is None or c.head != "multi" or opt.name != "adam" or not opt.weight_decay:
+            return
+        if c.joint or c.replay or (c.lwf is not None and c.lwf.alpha > 0):
+            return
+        raise ValueError(f"train.optimizer adam with weight_decay {opt.weight_decay:g} in a multi-head continual run "
+                         "drives the earlier tasks' heads (no loss gradient, Adam's normalised L2 step) to zero: use "
+                         "name adamw or weight_decay 0")
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as data (a run's recipe.yaml, a checkpoint's embedded recipe): the monitor directions the

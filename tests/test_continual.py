@@ -887,6 +887,38 @@ def test_swa_with_bn_freeze_is_refused(tmp_path):
     assert recipe_from_dict(raw).train.swa.enabled
 
 
+def test_adam_decay_on_idle_multi_heads_is_refused(tmp_path):
+    """Plain Adam's L2 term on rows with a zero loss gradient steps them by lr * sign(p): the old heads went to 0."""
+    raw = base_recipe(quadrant_npz(tmp_path / "q.npz", classes=2, n=(8, 4, 4)), tasks=[{"name": "a"}, {"name": "b"}])
+    raw["train"]["optimizer"] = {"name": "adam", "lr": 1e-3, "weight_decay": 1e-4}
+    with pytest.raises(EdgeKDError, match=r"adam with weight_decay 0.0001 in a multi-head continual run .* use "
+                                         r"name adamw or weight_decay 0"):
+        recipe_from_dict(raw)
+    # What trains the old rows (replay, LwF, joint) or decays them as a whole (AdamW), or no decay: accepted.
+    for extra in ({"replay": {"size": 4}}, {"lwf": {"alpha": 1.0}}, {"joint": True}, {"head": "single"}):
+        assert recipe_from_dict({**raw, "continual": {**raw["continual"], **extra}}).train.optimizer.name == "adam"
+    for optimizer in ({"name": "adamw", "weight_decay": 1e-4}, {"name": "adam", "weight_decay": 0}):
+        assert recipe_from_dict({**raw, "train": {**raw["train"], "optimizer": optimizer}}).continual.head == "multi"
+
+
+def test_adam_decay_moves_rows_without_gradient_and_adamw_keeps_their_argmax():
+    """The arithmetic the refusal rests on, on a 4-row head whose rows 0-1 get no loss gradient."""
+    for name, moved in (("adam", True), ("adamw", False)):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(8, 4)
+        old = head.weight[:2].detach().clone()
+        x = torch.randn(64, 8)
+        opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name](head.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(100):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(head(x)[:, 2:], torch.randint(0, 2, (64,))).backward()
+            opt.step()
+        shrink = head.weight[:2].detach().abs().mean() / old.abs().mean()
+        assert (shrink < 0.5) == moved, (name, float(shrink))
+        if not moved:  # AdamW scales row and bias alike: the old task's predictions stay
+            assert torch.allclose(head.weight[:2], old * (1 - 1e-2 * 1e-4) ** 100, atol=1e-6)
+
+
 def test_bn_freeze_keeps_running_stats_and_affine_through_training(tmp_path):
     npz = quadrant_npz(tmp_path / "q.npz", classes=2)
     recipe = recipe_from_dict({k: v for k, v in base_recipe(npz).items() if k != "continual"})
