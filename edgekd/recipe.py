@@ -625,7 +625,8 @@ class LwFConfig(Section):
 class ReplayConfig(Section):
     """Rehearsal: a class-balanced buffer of earlier tasks' images, mixed into every training batch."""
     size: int = Field(200, ge=1)
-    """Buffer images kept in all, split evenly over the classes seen so far."""
+    """Buffer images kept in all, split evenly over the classes seen so far (a class with fewer images keeps them
+    all, the others share the rest)."""
     selection: Literal["reservoir", "herding"] = "reservoir"
     """reservoir: a uniform random sample of each class; herding: iCaRL herding on the model's pre-logit features (the
     images whose running mean stays closest to the class mean)."""

@@ -616,7 +616,8 @@ def test_buffer_stays_class_balanced_and_within_size(selection):
     buf = ClassBalancedBuffer(size=20, selection=selection, seed=0)
     feats = lambda t: t.images.reshape(len(t), -1).astype(np.float64)  # noqa: E731
     buf.update(_table([0] * 50 + [1] * 7, seed=1), feats)
-    assert buf.class_counts() == {0: 10, 1: 7}  # a class with fewer samples than its share keeps them all
+    # A class with fewer samples than its share keeps them all, and the others take the rest (it had stayed empty).
+    assert buf.class_counts() == {0: 13, 1: 7}
     buf.update(_table([2] * 30 + [3] * 30 + [4] * 30, seed=2), feats)
     counts = buf.class_counts()
     assert len(buf) <= 20 and set(counts) == {0, 1, 2, 3, 4}
@@ -626,6 +627,17 @@ def test_buffer_stays_class_balanced_and_within_size(selection):
     assert len(buf) <= 20 and max(counts.values()) - min(counts.values()) <= 1 and sum(counts.values()) == 20
     table = buf.table()
     assert np.bincount(table.labels).tolist() == [counts[c] for c in range(7)]
+
+
+def test_buffer_shares_a_rare_class_leaves_unused():
+    """Water-filling: 1000 and 30 images had kept 100 + 30 of a 200 buffer; a rare class is common in medical data."""
+    buf = ClassBalancedBuffer(size=200, selection="reservoir", seed=0)
+    buf.update(_table([0] * 1000 + [1] * 30, seed=1))
+    assert buf.class_counts() == {0: 170, 1: 30}
+    buf.update(_table([2] * 500 + [3] * 500 + [4] * 500, seed=2))
+    assert buf.class_counts() == {0: 43, 1: 30, 2: 43, 3: 42, 4: 42}
+    assert buf.quotas({0: 5, 1: 2, 2: 1}) == {0: 5, 1: 2, 2: 1}  # fewer samples than size: all kept
+    assert buf.quotas({}) == {}
 
 
 def test_a_buffer_of_tasks_with_other_images_replays_them_all(tmp_path):

@@ -41,7 +41,8 @@ class _ClassSlot:
 
 
 class ClassBalancedBuffer:
-    """At most `size` samples, split evenly over the classes seen (counts differ by at most one).
+    """At most `size` samples, split evenly over the classes seen (counts differ by at most one); a class with
+    fewer samples than its share keeps them all and its unused share goes to the other classes.
 
     reservoir: each sample gets a uniform random key and a class keeps its smallest keys, which is a uniform
     sample of everything seen of that class (reservoir sampling by random priorities).
@@ -58,10 +59,22 @@ class ClassBalancedBuffer:
     def __len__(self) -> int:
         return sum(len(s.table) for s in self.slots.values())
 
-    def quotas(self, classes: list[int]) -> dict[int, int]:
-        classes = sorted(classes)
-        base, extra = divmod(self.size, max(len(classes), 1))
-        return {c: base + (1 if i < extra else 0) for i, c in enumerate(classes)}
+    def quotas(self, available: dict[int, int]) -> dict[int, int]:
+        """Each class's share of `size`, given how many samples it has: an even split (counts differ by at most
+        one) over the classes that can fill theirs; a class with fewer keeps them all and the rest is split again
+        over the others (water-filling: a rare class had left its unused share empty)."""
+        left, todo, out = self.size, sorted(available), {}
+        while todo:
+            base, extra = divmod(left, len(todo))
+            share = {c: base + (1 if i < extra else 0) for i, c in enumerate(todo)}
+            short = [c for c in todo if available[c] < share[c]]
+            if not short:
+                return {**out, **share}
+            for c in short:
+                out[c] = available[c]
+                left -= available[c]
+            todo = [c for c in todo if c not in short]
+        return out
 
     def class_counts(self) -> dict[int, int]:
         return {c: len(s.table) for c, s in sorted(self.slots.items())}
@@ -71,7 +84,10 @@ class ClassBalancedBuffer:
         if self.selection == "herding" and features is None:
             raise EdgeKDError("replay.selection=herding needs a feature extractor")
         new_classes = [int(c) for c in np.unique(table.labels)]
-        quotas = self.quotas(list(set(self.slots) | set(new_classes)))
+        available = {c: len(slot.table) for c, slot in self.slots.items()}
+        for c in new_classes:
+            available[c] = available.get(c, 0) + int((table.labels == c).sum())
+        quotas = self.quotas(available)
         for c in new_classes:
             rows = table.subset(np.flatnonzero(table.labels == c))
             if c in self.slots:  # a class seen again: choose among the kept samples and the new ones together
