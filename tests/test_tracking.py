@@ -168,3 +168,75 @@ def test_tensorboard_path_that_is_a_file_or_empty_is_refused(tiny_recipe_dict, t
 
     with pytest.raises(EdgeKDError, match="tracking.tensorboard: an empty path"):
         refuse_new_run_traps(recipe_from_dict({**tiny_recipe_dict, "tracking": {"tensorboard": " "}}), "r")
+
+
+class _Sink:
+    def __init__(self, label, fail_log=False, fail_close=False):
+        self.label, self.fail_log, self.fail_close = label, fail_log, fail_close
+        self.epochs, self.closed = [], []
+
+    def log_epoch(self, record):
+        if self.fail_log:
+            raise OSError(28, "No space left on device")
+        self.epochs.append(record.epoch)
+
+    def close(self, exit_code=0):
+        self.closed.append(exit_code)
+        if self.fail_close:
+            raise RuntimeError("service gone\nmore lines")
+
+
+def test_a_failing_sink_is_warned_and_dropped_and_training_goes_on(tiny_recipe_dict, tmp_path, monkeypatch):
+    """A full disk under TensorBoard or W&B's service had ended the training after the epoch's checkpoint."""
+    from edgekd.train import tracking
+
+    full, fine = _Sink("TensorBoard", fail_log=True), _Sink("W&B")
+    monkeypatch.setattr(tracking.Tracker, "from_recipe",
+                        classmethod(lambda cls, *a, log=print, **k: cls([full, fine], log)))
+    lines = []
+    raw = {**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "epochs": 2}}
+    run = train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lines.append)
+    assert (run.out / "best.pt").is_file() and len(_log_rows(run.out / "log.csv")) == 2
+    warned = [line for line in lines if "warning: TensorBoard failed" in line]
+    assert len(warned) == 1 and "at epoch 1 (OSError: [Errno 28] No space left on device)" in warned[0]
+    assert full.closed == [1] and fine.epochs == [1, 2] and fine.closed == [0]
+
+
+def test_closing_goes_on_past_a_failing_sink_and_a_failed_start_closes_the_open_ones(tiny_recipe_dict, tmp_path,
+                                                                                     monkeypatch):
+    from edgekd.train import tracking
+
+    lines = []
+    first, second = _Sink("TensorBoard", fail_close=True), _Sink("W&B")
+    tracker = tracking.Tracker([first, second], lines.append)
+    tracker.close(1)
+    assert first.closed == [1] and second.closed == [1]  # the W&B run is finished though TensorBoard's close failed
+    assert lines == ["warning: closing TensorBoard failed (RuntimeError: service gone)"]
+    tracker.close()
+    assert second.closed == [1]  # closed once
+    opened = _Sink("TensorBoard")
+    monkeypatch.setattr(tracking, "TensorBoardSink", lambda log_dir: opened)
+    monkeypatch.setattr(tracking, "require_packages", lambda tracking_cfg: None)
+
+    def no_service(self, *a, **k):
+        raise ConnectionError("W&B is unreachable")
+    monkeypatch.setattr(tracking.WandbSink, "__init__", no_service)
+    recipe = recipe_from_dict({**tiny_recipe_dict, "tracking": {"tensorboard": True, "wandb": {"project": "p"}}})
+    with pytest.raises(ConnectionError):
+        tracking.Tracker.from_recipe(recipe, tmp_path)
+    assert opened.closed == [1]  # the writer opened before W&B failed is not left open
+
+
+def test_an_empty_wandb_id_file_starts_a_new_run_id(tiny_recipe_dict, tmp_path, monkeypatch):
+    from edgekd.train import tracking
+
+    seen = []
+    fake = type("wandb", (), {"init": staticmethod(lambda **kw: seen.append(kw["id"]))})
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    (tmp_path / tracking.WANDB_ID_FILE).write_text(" \n")
+    recipe = recipe_from_dict({**tiny_recipe_dict, "tracking": {"wandb": {"project": "p"}}})
+    tracking.WandbSink(recipe.tracking.wandb, recipe, tmp_path, resume=True)
+    assert re.fullmatch(r"[0-9a-f]{16}", seen[0])  # not "" (W&B's own choice for an empty id)
+    assert (tmp_path / tracking.WANDB_ID_FILE).read_text() == seen[0] + "\n"
+    tracking.WandbSink(recipe.tracking.wandb, recipe, tmp_path, resume=True)
+    assert seen[1] == seen[0]

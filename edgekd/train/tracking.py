@@ -7,15 +7,18 @@ place per epoch, whatever sinks there are.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, exception_line
+from edgekd.fileio import write_text
 
 PACKAGES = {"tensorboard": ("tensorboard", "track"), "wandb": ("wandb", "wandb")}
 """tracking key -> (the package it needs, the edgekd extra that installs it)."""
@@ -78,6 +81,8 @@ def exit_code_of(error: BaseException) -> int:
 class TensorBoardSink:
     """Scalars per epoch (every logged metric, lr per param group) and the validation confusion matrix image."""
 
+    label = "TensorBoard"
+
     def __init__(self, log_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -104,6 +109,8 @@ class WandbSink:
     A resumed training continues its W&B run (the id kept in `<out>/wandb_run_id`); a fold or task of a k-fold or
     continual run (`part`) is its own W&B run, named `<name>-<part>`, grouped under the run's name."""
 
+    label = "W&B"
+
     def __init__(self, cfg, recipe, out: Path, part: str | None = None, resume: bool = False):
         import wandb
 
@@ -111,11 +118,12 @@ class WandbSink:
         folder = Path(cfg.dir) if cfg.dir else out
         folder.mkdir(parents=True, exist_ok=True)
         id_file = out / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+        # an empty file (none is written half since it is atomic; one emptied by hand) is no id
+        run_id = (id_file.read_text().strip() or None) if resume and id_file.is_file() else None
         if run_id is None:
             run_id = secrets.token_hex(8)  # W&B ids: lowercase letters and digits (64 bits: no collision)
             out.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(run_id + "\n")
+            write_text(id_file, run_id + "\n")
         name = cfg.name or recipe.name
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{name}-{part.replace('/', '-')}"
                               if part else name, group=name if part else None, tags=cfg.tags, mode=cfg.mode,
@@ -134,13 +142,16 @@ class WandbSink:
 
 
 class Tracker:
-    """The sinks of a recipe's `tracking:` section (none: nothing happens); closed when the fit ends."""
+    """The sinks of a recipe's `tracking:` section (none: nothing happens); closed when the fit ends. A sink that
+    fails (a full disk, W&B's service) is said in a warning through `log` and dropped: training goes on, log.csv
+    keeps every epoch (it had ended the training after the epoch's checkpoint was saved)."""
 
-    def __init__(self, sinks: list[Sink]):
-        self.sinks = sinks
+    def __init__(self, sinks: list[Sink], log: Callable[[str], object] = print):
+        self.sinks, self.log = sinks, log
 
     @classmethod
-    def from_recipe(cls, recipe, out: Path, part: str | None = None, resume: bool = False) -> "Tracker":
+    def from_recipe(cls, recipe, out: Path, part: str | None = None, resume: bool = False,
+                    log: Callable[[str], object] = print) -> "Tracker":
         """`part`: the fold or task this training is of a larger run (default: `fold<k>/<role>` for a recipe with
         `data.fold`): its event files go to `<tracking.tensorboard>/<part>` when that is a path (the default
         `<out>/tensorboard` is the part's own already), and it names its W&B run. `resume`: a resumed training."""
@@ -149,17 +160,37 @@ class Tracker:
         if part is None and recipe.data.fold is not None:
             part = f"fold{recipe.data.fold}/{recipe.role}"
         sinks: list[Sink] = []
-        if tracking.tensorboard:
-            tb = tracking.tensorboard
-            sinks.append(TensorBoardSink(Path(tb) / (part or "") if isinstance(tb, str) else out / "tensorboard"))
-        if tracking.wandb is not None:
-            sinks.append(WandbSink(tracking.wandb, recipe, out, part, resume))
-        return cls(sinks)
+        try:
+            if tracking.tensorboard:
+                tb = tracking.tensorboard
+                sinks.append(TensorBoardSink(Path(tb) / (part or "") if isinstance(tb, str) else out / "tensorboard"))
+            if tracking.wandb is not None:
+                sinks.append(WandbSink(tracking.wandb, recipe, out, part, resume))
+        except BaseException:  # W&B failed to start: the TensorBoard writer already open is closed
+            cls(sinks, log).close(1)
+            raise
+        return cls(sinks, log)
 
     def log_epoch(self, record: EpochRecord) -> None:
-        for sink in self.sinks:
-            sink.log_epoch(record)
+        for sink in list(self.sinks):
+            try:
+                sink.log_epoch(record)
+            except Exception as err:
+                self.log(f"warning: {sink_label(sink)} failed at epoch {record.epoch} ({exception_line(err)}); it "
+                         "is closed and training goes on (log.csv keeps every epoch)")
+                self.sinks.remove(sink)
+                with contextlib.suppress(Exception):
+                    sink.close(1)
 
     def close(self, exit_code: int = 0) -> None:
-        for sink in self.sinks:
-            sink.close(exit_code)
+        """Every sink is closed, whichever fails (a W&B run had been left unfinished after TensorBoard's)."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.close(exit_code)
+            except Exception as err:
+                self.log(f"warning: closing {sink_label(sink)} failed ({exception_line(err)})")
+
+
+def sink_label(sink: Sink) -> str:
+    return getattr(sink, "label", type(sink).__name__)

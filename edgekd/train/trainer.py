@@ -573,7 +573,7 @@ class Trainer:
                      f"the batch each step averages ({self.data.cfg.batch_size} x processes) and the shards change")
         self._start_fit(trains=not finished)
         val_loader = self.data.loader("val", train=False)
-        tracker = (Tracker.from_recipe(self.recipe, self.out, self.track_part, resume=path is not None)
+        tracker = (Tracker.from_recipe(self.recipe, self.out, self.track_part, resume=path is not None, log=self.log)
                    if self.is_main and not finished else Tracker([]))
         try:
             while self.epoch < self.cfg.epochs and not stopped_early:
