@@ -685,3 +685,66 @@ def test_a_task_asked_of_a_one_head_bundle_is_refused(runner):
 
     r = call(create_app(runner), go)
     assert r.status_code == 400 and r.json()["error"].startswith("task 'A': this bundle has one head")
+
+
+def test_an_app_serves_again_in_a_second_lifespan(runner):
+    """`closing` was never reset and both pools were shut for good: a second lifespan answered every request 503."""
+    from starlette.testclient import TestClient
+
+    app = create_app(runner, ServeSettings(max_batch=2))
+    png_ = {"content": png(3), "headers": {"content-type": "image/png"}}
+    answers = []
+    for _ in range(2):
+        with TestClient(app, client=("127.0.0.1", 5000)) as client:
+            answers.append(client.post("/predict", **png_))
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    assert answers[0].json() == answers[1].json()
+
+
+def test_a_submit_after_close_starts_no_task_and_a_short_result_list_fails_the_batch():
+    from edgekd.serve.batcher import Batcher, QueueFull
+
+    image = np.zeros((2, 2, 3), np.uint8)
+
+    async def late_submit():
+        batcher = Batcher(lambda images, sources: list(range(len(images))), max_batch=2, max_wait=0)
+        assert await batcher.submit([(image, "a")])[0] == 0
+        await batcher.close()
+        task = batcher.task
+        with pytest.raises(QueueFull, match="shutting down"):
+            batcher.submit([(image, "b")])
+        return task is batcher.task and task.done()
+
+    assert asyncio.run(late_submit())  # no new batcher task that nothing would stop
+
+    async def short_results():
+        batcher = Batcher(lambda images, sources: [0], max_batch=2, max_wait=0.5)
+        futures = batcher.submit([(image, "a"), (image, "b")])
+        done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
+        await batcher.close()
+        return done
+
+    results = asyncio.run(short_results())  # each request gets the error instead of waiting for ever
+    assert all(isinstance(r, RuntimeError) and "1 results for 2 images" in str(r) for r in results)
+
+
+def test_a_multipart_form_is_closed_after_its_files_are_read(runner, monkeypatch):
+    """Starlette spools a part over 1 MB to a temporary file that stays open until the form is closed."""
+    from starlette.datastructures import FormData
+
+    closed, real_close = [], FormData.close
+
+    async def close(self):
+        closed.append(len(self))
+        await real_close(self)
+    monkeypatch.setattr(FormData, "close", close)
+    app = create_app(runner, ServeSettings(max_batch=2))
+
+    async def go(client):
+        ok = await client.post("/predict", files={"file": ("a.png", png(4), "image/png")})
+        empty = await client.post("/predict", files={"note": (None, "x")})
+        return ok, empty
+
+    ok, empty = call(app, go)
+    assert ok.status_code == 200 and empty.status_code == 400
+    assert closed == [1, 1]  # both forms, the refused one too

@@ -57,7 +57,7 @@ class Service:
         self.metrics = ServiceMetrics(settings.max_batch, lambda: self.batcher.depth)
         self.batcher = Batcher(self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
                                self.metrics.batch)
-        self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="edgekd-decode")
+        self.decoders = self._decode_pool()
         self.batch_files = min(MAX_BATCH_FILES, settings.max_queue)  # a request never holds more than the queue
         self.batch_files_said = f"at most {self.batch_files}" + (
             f", the --max-queue {settings.max_queue}" if settings.max_queue < MAX_BATCH_FILES else "")
@@ -81,7 +81,18 @@ class Service:
         for size in self.sizes or [1]:  # at the channels run_batch feeds (the model's)
             self.run_batch([np.zeros((h, w, c), np.uint8)] * size, ["warmup"] * size)
 
+    def _decode_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="edgekd-decode")
+
+    def open(self) -> None:
+        """At the start of each lifespan: a service closed by an earlier one serves again (see Batcher.open)."""
+        if self.batcher.closing:
+            self.batcher.open()
+            self.decoders = self._decode_pool()
+
     async def decode(self, data: bytes, content_type: str | None, where: str) -> np.ndarray:
+        if self.batcher.closing:  # an upload read while the shutdown began: 503, not the closed pool's error
+            raise QueueFull("the service is shutting down")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decoders, decode_upload, data, content_type, where,
                                           self.runner.preprocessor, self.keep_gray, self.max_pixels)
@@ -143,7 +154,7 @@ class Service:
 
     async def close(self) -> None:
         await self.batcher.close()
-        self.decoders.shutdown(wait=True)
+        await asyncio.to_thread(self.decoders.shutdown, True)  # not on the event loop: it waits for a decode
 
 
 async def _disconnected(request: Request) -> None:
@@ -164,7 +175,8 @@ def create_app(runner: Runner, settings: ServeSettings | None = None) -> FastAPI
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):  # every padded batch size compiled before the first client (any server that runs
-        await asyncio.to_thread(service.warm)  # the app's lifespan: edgekd serve's uvicorn, a library caller's)
+        service.open()  # the app's lifespan: edgekd serve's uvicorn, a library caller's)
+        await asyncio.to_thread(service.warm)
         yield
         await service.close()
 
@@ -236,10 +248,13 @@ async def _uploads(request: Request, limit: int, batch_said: str) -> list[tuple[
             raise
         raise UploadError(f"more than {limit} {'file' if limit == 1 else 'files'} in one request (/predict takes "
                           f"one file, /predict/batch {batch_said})", 413) from None
-    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-    if not files:
-        raise UploadError("multipart upload without a file part (send the image as the 'file' field)", 400)
-    return [(f.filename or "upload", f.content_type, await f.read()) for f in files]
+    try:  # closed here: Starlette spools a part over 1 MB to a temporary file, held until the form is closed
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise UploadError("multipart upload without a file part (send the image as the 'file' field)", 400)
+        return [(f.filename or "upload", f.content_type, await f.read()) for f in files]
+    finally:
+        await form.close()
 
 
 def _add_routes(app: FastAPI, service: Service, auth) -> None:

@@ -41,9 +41,15 @@ class Batcher:
         self.queue: asyncio.Queue[Job] | None = None
         self.task: asyncio.Task | None = None
         self.closing = False
-        # One inference at a time: a compiled model's infer request is not thread-safe, and the backend's own
-        # threads (the runner's `threads`) already use the cores.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgekd-infer")
+        self.executor = inference_pool()
+
+    def open(self) -> None:
+        """Ready to serve again after `close`: an app run through a second lifespan (two `with TestClient(app)`
+        blocks, a server restarted in one process) had answered every request 503 "shutting down". The queue and
+        the task belong to the event loop of their first use, so both are made anew."""
+        if self.closing:
+            self.closing, self.queue, self.task = False, None, None
+            self.executor = inference_pool()
 
     @property
     def depth(self) -> int:
@@ -74,8 +80,8 @@ class Batcher:
     def submit(self, items: Sequence[tuple[np.ndarray, str]]) -> list[asyncio.Future]:
         """Queue all of `items` or none: QueueFull when the queue lacks room for them now or the service is
         closing, BatchTooLarge when they could never fit."""
+        self.check_room(len(items))  # first: a submit after close had started a batcher task nothing stopped
         queue = self._started()
-        self.check_room(len(items))
         loop = asyncio.get_running_loop()
         futures = []
         for image, source in items:
@@ -114,6 +120,8 @@ class Batcher:
                                                          [j.source for j in live])
                     if self.on_batch is not None:
                         self.on_batch(len(live), loop.time() - start)
+                    if len(results) != len(live):  # a short list had left the rest waiting for ever
+                        raise RuntimeError(f"the model gave {len(results)} results for {len(live)} images")
                     for job, result in zip(live, results):
                         if not job.future.done():
                             job.future.set_result(result)
@@ -136,4 +144,10 @@ class Batcher:
                 await self.task
             except asyncio.CancelledError:
                 pass
-        self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.executor.shutdown, True)  # not on the event loop: it waits for the inference
+
+
+def inference_pool() -> ThreadPoolExecutor:
+    """One inference at a time: a compiled model's infer request is not thread-safe, and the backend's own threads
+    (the runner's `threads`) already use the cores."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgekd-infer")
