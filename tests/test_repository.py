@@ -248,6 +248,30 @@ def test_an_empty_mounted_volume_as_out_is_filled_in_place(bundle, tmp_path, mon
     assert not repository.stages_inside(tmp_path / "new") and not repository.stages_inside(tmp_path)
 
 
+def test_add_into_a_mount_on_the_same_device_is_staged_inside(bundle, tmp_path, monkeypatch):
+    """`--add` compared devices only: into a bind mount of one filesystem it staged beside the mount point, and
+    Linux refuses a rename across mount points (EXDEV) even on one device."""
+    import os as os_
+
+    import edgekd.runtime.repository as repository
+
+    volume = tmp_path / "volume"
+    write_repository(bundle, "ovms", volume, name="chest")
+    monkeypatch.setattr(repository.os.path, "ismount", lambda p: os_.fspath(p) == os_.fspath(volume))
+    real_rename = repository.os.rename
+
+    def no_cross_mount(a, b):
+        if (volume in Path(a).parents) != (volume in Path(b).parents):  # one side in the mount, one outside
+            raise OSError(18, "Invalid cross-device link", str(a))
+        real_rename(a, b)
+
+    monkeypatch.setattr(repository.os, "rename", no_cross_mount)
+    write_repository(bundle, "ovms", volume, name="chest2", add=True)
+    assert (volume / "chest2" / "1" / "model.xml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]  # nothing staged beside it
+    assert not any(p.name.startswith(".edgekd-add.") for p in volume.iterdir())
+
+
 def test_precision_in_any_case_and_a_file_as_out(bundle, tmp_path):
     repo = write_repository(bundle, "triton", tmp_path / "t", precision="FP32")
     assert list(repo.files) == [f"{repo.model_name}/1/model.onnx"]

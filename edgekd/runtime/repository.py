@@ -361,7 +361,7 @@ def _served_version(out: Path, name: str, kind: str | None = None) -> Path | Non
 def _add(bundle: Bundle, art: Artifact, kind: str, out: Path, serves_name: bool, name: str, max_batch_size: int,
          queue_delay_us: int, base_path: str, version: int, published: Callable[[Repository], None]) -> Repository:
     stage = staged = None
-    beside = out.parent.stat().st_dev == out.stat().st_dev and os.access(out.parent, os.W_OK | os.X_OK)
+    beside = not stages_inside(out)  # one rule with a new repository's (a bind mount on one device: EXDEV)
     try:
         with deferred_signals():  # beside: where a polling server does not see it
             stage = staged = track_tree(staging_directory(f".{out.name}.add." if beside else ".edgekd-add.", ".tmp",
