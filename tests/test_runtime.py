@@ -21,6 +21,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.runtime import Failure, Preprocessor, Runner, open_bundle, softmax
 from edgekd.runtime.backends import Slot
 from edgekd.runtime.bundle import validate_metadata
+from edgekd.runtime.preprocess import to_channels
 from edgekd.runtime.tta import TTAViews
 
 CLASS_NAMES = ["normal", "pneumonia", "other"]
@@ -136,7 +137,7 @@ print('NO_TORCH_OK')
 
 @pytest.mark.parametrize("channels,resize", [(3, None), (1, None), (3, 20), (1, 12)])
 @pytest.mark.parametrize("shape", [(16, 16, 1), (16, 16, 3), (16, 23, 3), (30, 16, 1), (21, 37, 3), (9, 13, 1),
-                                   (64, 48, 3)])
+                                   (64, 48, 3), (25, 25, 3)])
 def test_preprocess_matches_torchvision(channels, resize, shape):
     import torch
 
@@ -148,14 +149,25 @@ def test_preprocess_matches_torchvision(channels, resize, shape):
     ours = Preprocessor(preprocess_spec(cfg))(arr)
     assert ours.shape == ref.shape == (channels, SIZE, SIZE) and ours.dtype == np.float32
     one_level = (1 / 255) / min(cfg.std)
-    needs_resize = min(shape[:2]) != (resize or SIZE)
-    rgb_to_gray = shape[2] == 3 and channels == 1
-    if not needs_resize and not rgb_to_gray:
+    if min(shape[:2]) == (resize or SIZE):  # gray <-> RGB included (torch's fused multiply-adds re-done)
         np.testing.assert_array_equal(ours, ref)  # same float32 ops in the same order: bit-exact
-    else:
+    else:  # Pillow's and torch's fixed-point antialias filters round apart (2 levels at 25 -> 20 px, 1.25x)
         diff = np.abs(ours - ref)
-        assert diff.max() <= one_level * 1.001, diff.max() / one_level  # at most one uint8 level, after rounding
+        assert diff.max() <= 2 * one_level * 1.001, diff.max() / one_level  # at most two uint8 levels
         assert diff.mean() <= one_level * 0.25
+
+
+def test_rgb_to_gray_is_torchvisions_bit_for_bit():
+    """Separate float32 multiply and add put 21 of the 16.7M colours one level below torch's fused multiply-add."""
+    import torch
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(0)
+    colours = np.concatenate([[[20, 152, 7]], rng.integers(0, 256, (200_000, 3))]).astype(np.uint8)[:, None, :]
+    ref = v2.functional.rgb_to_grayscale(torch.from_numpy(colours).permute(2, 0, 1).contiguous())[0].numpy()
+    ours = to_channels(colours, 1)[..., 0]
+    assert ours[0, 0] == ref[0, 0] == 96
+    np.testing.assert_array_equal(ours, ref)
 
 
 def test_preprocess_pads_small_image_like_torchvision():
