@@ -972,22 +972,66 @@ def test_a_class_of_one_image_does_not_turn_stratification_off_and_tiny_splits_a
     groups = np.repeat(np.arange(30), 2)
     _, held = group_split(np.tile([0, 1], 30), groups, 0.4, 0)
     assert len(np.unique(groups[held])) == 10  # 1/3 of the patients, the nearest to 0.4 (not 1/2)
+    # 18 patients of one image, 9 per class, cut by 1/10: scikit-learn's ValueError had been the message
+    with pytest.raises(EdgeKDError, match=r"^carving a split by patient as 1/10 needs a class with at least 10 "
+                                          r"images, the largest has 9 \(give the splits yourself"):
+        group_split(np.array([0] * 9 + [1] * 9), np.arange(18), 0.1, 0)
 
 
-@pytest.mark.parametrize("op, words", [({"Pad": {"padding": 4}}, "gives 24x24 images, not data.image_size 16"),
-                                       ({"RandomZoomOut": {}}, r"gives \d+x\d+, .* images, not data.image_size 16"),
+@pytest.mark.parametrize("op, words", [({"Pad": {"padding": 4}}, "the train pipeline gives 24x24 images, not "
+                                                                  "data.image_size 16"),
+                                       ({"RandomZoomOut": {}}, r"the train pipeline gives \d+x\d+, .* images, not "
+                                                               "data.image_size 16"),
                                        ({"RandomApply": {"transforms": [{"RandomResizedCrop": {"size": 24}}]}},
-                                        "gives 24x24 images")])
+                                        "RandomResizedCrop size 24 differs from data.image_size 16"),
+                                       ({"RandomApply": {"transforms": [{"Resize": {"size": 24}}]}},
+                                        "the train pipeline gives 24x24 images")])
 def test_an_augment_op_that_changes_the_size_is_refused(op, words, tmp_path):
     """Pad and Resize trained at another size than eval and export use, without a word; RandomZoomOut failed to
     stack a batch; a crop inside RandomApply escaped the size check of the top-level crops."""
     npz = write_npz(tmp_path / "d.npz", n=(8, 4, 4), size=16)
     raw = {"name": "a", "data": {"source": "medmnist", "path": str(npz), "image_size": 16},
            "model": {"name": "edgekd_cnn_tiny"}, "augment": [op]}
-    with pytest.raises(EdgeKDError, match=r"^augment: the train pipeline " + words):
+    with pytest.raises(EdgeKDError, match=r"^augment: " + words):
         build_data(recipe_from_dict(raw)).dataset("train")
+    if "differs from data.image_size" in words:  # an input-sized op naming another size: refused wherever it is
+        return
     fixed = {**raw, "augment": [op, {"CenterCrop": {}}]}  # cropped back: trains
     assert tuple(build_data(recipe_from_dict(fixed)).dataset("train")[0][0].shape) == (3, 16, 16)
+
+
+def test_augment_ops_nested_in_any_container_are_built_and_a_channel_change_is_refused(tmp_path):
+    """RandomChoice/RandomOrder got their ops as strings (a TypeError named as the pipeline's failure); Grayscale
+    among the ops of an RGB model passed the shape check, Normalize broadcasting its one channel back to three."""
+    npz = write_npz(tmp_path / "d.npz", n=(8, 4, 4), size=16)
+    raw = {"name": "a", "data": {"source": "medmnist", "path": str(npz), "image_size": 16, "channels": 3,
+                                 "mean": [0.5] * 3, "std": [0.5] * 3}, "model": {"name": "edgekd_cnn_tiny"}}
+    nested = [{"RandomChoice": {"transforms": ["RandomHorizontalFlip", {"RandomResizedCrop": {"scale": [0.5, 1]}}]}},
+              {"RandomOrder": {"transforms": [{"RandomRotation": {"degrees": 10}}, "RandomVerticalFlip"]}}]
+    data = build_data(recipe_from_dict({**raw, "augment": nested}))
+    assert tuple(data.dataset("train")[0][0].shape) == (3, 16, 16)  # the nested crop took data.image_size
+    with pytest.raises(EdgeKDError, match=r"^augment: the train pipeline gives 1-channel images, not data.channels 3 "
+                                          r".*\(Grayscale: give num_output_channels: 3\)"):
+        build_data(recipe_from_dict({**raw, "augment": [{"Grayscale": {}}]})).dataset("train")
+    # Grayscale with its 3 output channels keeps the model's input: accepted
+    gray3 = build_data(recipe_from_dict({**raw, "augment": [{"Grayscale": {"num_output_channels": 3}}]}))
+    assert tuple(gray3.dataset("train")[0][0].shape) == (3, 16, 16)
+
+
+def test_the_augment_check_seeds_the_cpu_generator_only(monkeypatch):
+    """torch.manual_seed(0) in the check also reset every GPU's stream (dropout masks) to seed 0 at each epoch."""
+    import torch
+
+    from edgekd.data import build_transforms
+    from edgekd.recipe import DataConfig
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    torch.manual_seed(1234005)
+    before = torch.random.get_rng_state()
+    build_transforms(DataConfig(image_size=8, channels=3, mean=[0.5] * 3, std=[0.5] * 3),
+                     ["RandomHorizontalFlip"], train=True)
+    assert seeded == [1234005] and torch.equal(torch.random.get_rng_state(), before)
 
 
 def test_a_teacher_drawn_from_an_npz_with_another_seed_is_checked_against_the_students_test_images(tmp_path):

@@ -70,8 +70,11 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     if n_groups < n_splits:
         raise EdgeKDError(f"carving {what} by patient needs at least {n_splits} patients, found {n_groups} "
                           f"({GIVE_SPLITS}, or a larger fraction)")
+    present, counts = np.unique(labels, return_counts=True)
+    if counts.max() < n_splits:  # scikit-learn's own ValueError had ended the run with a traceback
+        raise EdgeKDError(f"carving {what} by patient as 1/{n_splits} needs a class with at least {n_splits} images, "
+                          f"the largest has {counts.max()} ({GIVE_SPLITS}, or a larger fraction)")
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    present = np.unique(labels)
     with warnings.catch_warnings():  # "the least populated class has only 5 members < n_splits=7": checked here
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         draws = list(sgkf.split(np.zeros(len(labels)), labels, groups))

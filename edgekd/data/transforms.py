@@ -16,6 +16,8 @@ POST_NORMALIZE = {"RandomErasing"}
 # Ops whose output size is the model's input: `size` defaults to data.image_size and may not differ from it
 # (a recipe's `size: 224` under `--set data.image_size=64` would train at 224 and evaluate at 64).
 INPUT_SIZED = {"RandomResizedCrop", "RandomCrop", "CenterCrop"}
+# Ops that hold a list of ops (`transforms`): each entry is built as a top-level one (RandomChoice had got strings).
+NESTING = {"RandomApply", "RandomChoice", "RandomOrder", "Compose"}
 
 
 class ToChannels(torch.nn.Module):
@@ -60,8 +62,8 @@ def build_op(spec: dict[str, Any] | str) -> torch.nn.Module:
     cls = getattr(v2, name, None)
     if cls is None or not isinstance(cls, type):
         raise EdgeKDError(f"augment: unknown op '{name}' (use a torchvision.transforms.v2 class name)")
-    if name == "RandomApply":
-        kwargs["transforms"] = [build_op(s) for s in kwargs.get("transforms") or []]
+    if name in NESTING and isinstance(kwargs.get("transforms"), list):
+        kwargs["transforms"] = [build_op(s) for s in kwargs["transforms"]]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -69,9 +71,14 @@ def build_op(spec: dict[str, Any] | str) -> torch.nn.Module:
 
 
 def sized_op(spec: dict[str, Any] | str, image_size: int) -> dict[str, Any] | str:
-    """An INPUT_SIZED op with `size` filled in from the input size, or a one-line error if it names another."""
+    """An INPUT_SIZED op with `size` filled in from the input size, or a one-line error if it names another; the
+    ops nested in a RandomApply/RandomChoice/RandomOrder/Compose too."""
     if isinstance(spec, str):
         spec = {spec: {}}
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in NESTING:
+        (name, kwargs), = spec.items()
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("transforms"), list):
+            return {name: {**kwargs, "transforms": [sized_op(s, image_size) for s in kwargs["transforms"]]}}
     if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in INPUT_SIZED):
         return spec  # build_op checks the form of every other entry
     (name, kwargs), = spec.items()
@@ -111,10 +118,11 @@ def build_transforms(data_cfg, augment: list, train: bool) -> v2.Compose:
     else:
         ops.append(v2.Resize(data_cfg.resize or size, antialias=True))
         ops.append(v2.CenterCrop(size))
+    pixels = len(ops)  # the uint8 steps: their output's shape is the model's input
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(data_cfg.mean), list(data_cfg.std))]
     pipeline = v2.Compose(ops + post)
     if train and augment:
-        check_augment(pipeline, size, data_cfg.channels)
+        check_augment(pipeline, size, data_cfg.channels, pixels)
     return pipeline
 
 
@@ -123,16 +131,21 @@ AUGMENT_DRAWS = 8
 (RandomZoomOut) shows in 8 draws but once in 256."""
 
 
-def check_augment(pipeline: v2.Compose, size: int, channels: int = 3) -> None:
+def check_augment(pipeline: v2.Compose, size: int, channels: int = 3, pixel_steps: int | None = None) -> None:
     """Run the train pipeline on a random image a few times (seeded): an op that cannot take the pipeline's uint8
     images (e.g. `Normalize` among the augment ops) had failed at the first batch with a traceback, and one that
     changes the size (Pad, Resize, RandomZoomOut, a crop inside RandomApply) trained at another size than eval and
-    export use, or failed to stack a batch."""
+    export use, or failed to stack a batch. The shape is read after the first `pixel_steps` steps (before
+    Normalize, which broadcast a `Grayscale` op's one channel back to three). Only the CPU generator is seeded
+    and restored: torch.manual_seed had also reset every GPU's stream to 0 at each epoch's loader."""
     image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shaped = v2.Compose(pipeline.transforms[:pixel_steps]) if pixel_steps is not None else pipeline
     state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(0)
-        shapes = {tuple(pipeline(image).shape) for _ in range(AUGMENT_DRAWS)}
+        torch.default_generator.manual_seed(0)
+        shapes = {tuple(shaped(image).shape) for _ in range(AUGMENT_DRAWS)}
+        for _ in range(AUGMENT_DRAWS):
+            pipeline(image)
     except EdgeKDError:
         raise
     except Exception as err:
@@ -140,6 +153,10 @@ def check_augment(pipeline: v2.Compose, size: int, channels: int = 3) -> None:
         raise EdgeKDError(f"augment: the train pipeline fails on an image ({type(err).__name__}: {detail})") from None
     finally:  # the random ops' draws do not shift the run's seeded stream
         torch.random.set_rng_state(state)
+    if bad_channels := sorted({s[0] for s in shapes} - {channels}):
+        raise EdgeKDError(f"augment: the train pipeline gives {'/'.join(map(str, bad_channels))}-channel images, not "
+                          f"data.channels {channels} (the model's input): an op changes the channels (Grayscale: "
+                          f"give num_output_channels: {channels}); leave it out or match data.channels")
     other = sorted(s for s in shapes if s != (channels, size, size))
     if other:
         sizes = ", ".join("x".join(map(str, s[1:])) for s in other[:3]) + (", ..." if len(other) > 3 else "")
