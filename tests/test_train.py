@@ -1185,6 +1185,20 @@ def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoint(tmp_path):
             load_checkpoint(run)
 
 
+def test_swa_batchnorm_update_leaves_a_last_batch_of_one_image_out(tiny_recipe_dict, tmp_path):
+    """Training drops a lone last image; SWA's update_bn (train mode) got it and ended a finished run at a BatchNorm
+    of 1x1 maps: no metrics.json, and --resume failed again."""
+    from edgekd.data import build_data
+    from edgekd.train.run import train_recipe
+
+    raw = {**tiny_recipe_dict, "model": {"name": "test_resnet"},
+           "train": {**tiny_recipe_dict["train"], "epochs": 2, "swa": {"enabled": True, "start_epoch": 1}}}
+    n = len(build_data(recipe_from_dict(raw)).tables["train"])
+    raw["data"] = {**raw["data"], "batch_size": n - 1}  # n images: a last batch of one
+    run = train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+    assert (run.out / "swa.pt").is_file() and (run.out / "metrics.json").is_file()
+
+
 def test_one_image_batches_through_a_batchnorm_at_1x1_are_the_recipes_problem(tiny_recipe_dict, tmp_path):
     """data.batch_size 1 on a model whose map reaches 1x1 (ResNet-18 at 28 px) ended with torch's "Expected more
     than 1 value per channel when training" as an internal error."""

@@ -612,9 +612,12 @@ class Trainer:
             self.scheduler.step()
 
     def _finish_swa(self, best_path: Path) -> dict[str, float]:
-        """Recompute BN statistics for the averaged weights; keep them as best.pt if they beat the best epoch."""
+        """Recompute BN statistics for the averaged weights; keep them as best.pt if they beat the best epoch.
+        A last batch of one image is left out, as training leaves it out: update_bn runs the model in train mode,
+        where it had ended a finished run at a BatchNorm of 1x1 maps (ResNet-18 at 28 px)."""
         torch.optim.swa_utils.update_bn(
-            ((x.to(self.device), ) for x, _ in self.data.loader("train", train=False)), self.swa_model, self.device)
+            ((x.to(self.device), ) for x, _ in self.data.loader("train", train=False) if len(x) > 1),
+            self.swa_model, self.device)
         swa_net = self.swa_model.module
         val = evaluate(swa_net, self.data.loader("val", train=False), self.device, self.eval_criterion,
                        self.eval_view, self.eval_scorer)
