@@ -299,7 +299,8 @@ class LossConfig(Section):
     """The share of the target spread evenly over all classes (ce and focal)."""
     class_weights: bool = False
     """Weight the loss by the train split's balanced class weights; all 1 when `data.balanced_sampler` already
-    evens the classes (the imbalance is not corrected twice)."""
+    evens the classes (the imbalance is not corrected twice). ce: the batch's mean of each image's weighted loss
+    (Keras' reduction, not torch's division by the weights' sum), so grad_accum adds up to one big batch."""
 
     @field_validator("alpha", mode="before")
     @classmethod
@@ -423,7 +424,8 @@ class CETerm(Section):
     weight: float = Field(1.0, ge=0)
     """Multiplies this term in the distillation loss (the sum of weight x term)."""
     class_weights: bool = False
-    """Weight the classes by the train split's balanced weights, n / (k x count) (all 1 under data.balanced_sampler)."""
+    """Weight the classes by the train split's balanced weights, n / (k x count) (all 1 under data.balanced_sampler);
+    the batch's mean of each image's weighted loss, as train.loss.class_weights."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """The share of the target spread evenly over all classes (torch's CrossEntropyLoss label_smoothing)."""
 

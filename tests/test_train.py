@@ -555,6 +555,36 @@ def test_build_loss_uses_class_weights():
     assert loss.weight.tolist() == [1.0, 3.0]
 
 
+def test_class_weighted_ce_accumulated_over_micro_batches_is_one_big_batch():
+    """torch's weighted CE divides each micro-batch by its own weights' sum: with grad_accum 4 over batches of 2 the
+    minority image's gradient was 0.39x its share in the batch of 8, and at batch 1 class weights did nothing."""
+    from edgekd.train.losses import ClassWeightedCE
+    from edgekd.train.trainer import micro_batch_weight
+
+    torch.manual_seed(0)
+    logits, targets, weight = torch.randn(8, 2), torch.tensor([0, 0, 0, 1, 0, 0, 0, 0]), torch.tensor([0.55, 5.5])
+
+    def grads(criterion, accum):
+        x = logits.clone().requires_grad_(True)
+        for step in range(accum):
+            part = slice(step * 8 // accum, (step + 1) * 8 // accum)
+            w = micro_batch_weight(step, accum, accum, [8 // accum] * accum, 8 // accum)
+            (criterion(x[part], targets[part]) * w).backward()
+        return x.grad
+
+    ours = ClassWeightedCE(weight)
+    torch.testing.assert_close(grads(ours, 4), grads(ours, 1))
+    torch.testing.assert_close(grads(ours, 8), grads(ours, 1))  # batch 1: the weights still count
+    torchs = torch.nn.CrossEntropyLoss(weight=weight)
+    assert not torch.allclose(grads(torchs, 4), grads(torchs, 1), atol=1e-3)
+    # the definition: each image's weighted loss averaged over the images, label smoothing as torch spreads it
+    smoothed = ClassWeightedCE(weight, label_smoothing=0.1)(logits, targets)
+    per_image = torch.nn.functional.cross_entropy(logits, targets, weight=weight, reduction="none", label_smoothing=0.1)
+    assert float(smoothed) == pytest.approx(float(per_image.sum() / 8))
+    plain = torch.nn.CrossEntropyLoss(weight=weight)(logits, targets)
+    assert float(ClassWeightedCE(weight)(logits, targets)) == pytest.approx(float(plain * weight[targets].sum() / 8))
+
+
 def test_differential_lr_and_warmup_cosine():
     from edgekd.models import create_model
     m = create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 3})

@@ -11,7 +11,7 @@ from torch import nn
 
 from edgekd.distill.features import FeatureAdapter, FeatureMaps, align_spatial
 from edgekd.errors import EdgeKDError
-from edgekd.train.losses import FocalLoss, check_alpha_fits
+from edgekd.train.losses import FocalLoss, check_alpha_fits, cross_entropy_loss
 
 LOSS_TERMS: dict[str, Callable[..., "LossTerm"]] = {}
 
@@ -177,7 +177,7 @@ def _build_dkd(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter 
 @register_term("ce")
 def _build_ce(cfg, class_weights: torch.Tensor | None, adapter: FeatureAdapter | None = None) -> LossTerm:
     weight = class_weights if cfg.class_weights else None
-    return LabelLoss(nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing))
+    return LabelLoss(cross_entropy_loss(weight, cfg.label_smoothing))
 
 
 @register_term("focal")

@@ -40,6 +40,31 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
+class ClassWeightedCE(nn.Module):
+    """Cross-entropy with class weights as the mean over the batch's images of each image's weighted loss
+    (Keras' `class_weight` reduction), not torch's sum(w_y x loss) / sum(w_y). A batch's loss is then a sum over its
+    images divided by their count, so accumulated micro-batches (and DDP ranks) add up to one big batch's loss; under
+    torch's normalisation each micro-batch was normalised by its own weights, and in a micro-batch of one class the
+    weight cancelled (class weights did nothing at data.batch_size 1). The balanced weights n / (k x count) average
+    1 over the train split's images, so both reductions agree on average."""
+
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, weight=self.weight.to(logits.device, logits.dtype), reduction="none",
+                               label_smoothing=self.label_smoothing).mean()
+
+
+def cross_entropy_loss(weight: torch.Tensor | None, label_smoothing: float = 0.0) -> nn.Module:
+    """torch's CrossEntropyLoss, or ClassWeightedCE when there are class weights."""
+    if weight is None:
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    return ClassWeightedCE(weight, label_smoothing)
+
+
 def check_alpha_fits(alpha, num_classes: int | None, key: str) -> None:
     """A focal alpha fits the data: a scalar for two classes only, a list of one weight per class (it had failed
     at the first step with an IndexError, or a list too long had passed)."""
@@ -59,4 +84,4 @@ def build_loss(loss_cfg, class_weights: torch.Tensor | None = None) -> nn.Module
         check_alpha_fits(loss_cfg.alpha, None if class_weights is None else len(class_weights), "train.loss.alpha")
         alpha = loss_cfg.alpha if loss_cfg.alpha is not None else weight
         return FocalLoss(loss_cfg.gamma, alpha, loss_cfg.label_smoothing)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=loss_cfg.label_smoothing)
+    return cross_entropy_loss(weight, loss_cfg.label_smoothing)
