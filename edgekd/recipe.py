@@ -356,7 +356,8 @@ class TrainConfig(Section):
     """Stochastic weight averaging (torch.optim.swa_utils): the averaged weights become best.pt if they beat the best
     epoch on `monitor`."""
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
-    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`/`cuda:N`, or torch's `mps`/`xpu` where the build has them."""
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`/`cuda:N`, or torch's `mps`/`xpu` where the build has them
+    (under torchrun `cuda` or `auto`: each process takes the GPU of its LOCAL_RANK)."""
     deterministic: bool = True
     """cuDNN in deterministic mode with autotuning off (seeded CPU runs repeat exactly either way)."""
     threads: int | None = Field(None, ge=1)

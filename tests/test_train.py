@@ -555,6 +555,22 @@ def test_build_loss_uses_class_weights():
     assert loss.weight.tolist() == [1.0, 3.0]
 
 
+def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):
+    """torchrun sets each process's GPU from LOCAL_RANK; `train.device: cuda:0` sent every rank to GPU 0."""
+    from edgekd.train import distributed
+    from edgekd.train.trainer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed, "is_active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(EdgeKDError, match=r"^train.device=cuda:0 with 2 processes: each process trains on the GPU of "
+                                          r"its LOCAL_RANK \(torchrun\); give train.device cuda or auto$"):
+        resolve_device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(distributed, "is_active", lambda: False)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")  # one process: any GPU it names
+
+
 def test_class_weighted_ce_accumulated_over_micro_batches_is_one_big_batch():
     """torch's weighted CE divides each micro-batch by its own weights' sum: with grad_accum 4 over batches of 2 the
     minority image's gradient was 0.39x its share in the batch of 8, and at batch 1 class weights did nothing."""

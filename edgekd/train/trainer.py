@@ -123,6 +123,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise EdgeKDError(f"train.device={name} but CUDA is not available")
+    if name.startswith("cuda:") and distributed.is_active():  # every rank on that one GPU: NCCL's duplicate GPU
+        raise EdgeKDError(f"train.device={name} with {distributed.world_size()} processes: each process trains on "
+                          "the GPU of its LOCAL_RANK (torchrun); give train.device cuda or auto")
     available = {"mps": lambda: torch.backends.mps.is_available(),
                  "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}.get(name.split(":")[0])
     if available is not None and not available():  # torch's own error had been a RuntimeError, exit 1
