@@ -922,6 +922,16 @@ def test_int8_transformer_scheme_is_picked_for_every_timm_attention_and_no_chann
         assert is_transformer(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), attention)), type(attention).__name__
     for gate in (SqueezeExcite(32), CbamModule(32)):
         assert not is_transformer(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), gate)), type(gate).__name__
+    # timm's attention classes not named *Attention (they had got the CNN scheme); ResNeSt's SplitAttn has no heads
+    from timm.layers import SplitAttn
+    from timm.models.cait import TalkingHeadAttn
+    from timm.models.efficientformer_v2 import Attention2d
+    from timm.models.twins import GlobalSubSampleAttn
+
+    for attention in (TalkingHeadAttn(32, num_heads=2), GlobalSubSampleAttn(32, num_heads=2),
+                      Attention2d(32, key_dim=8, num_heads=2, resolution=4)):
+        assert is_transformer(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), attention)), type(attention).__name__
+    assert not is_transformer(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 1), SplitAttn(32, radix=2)))
 
 
 def test_the_cards_run_line_names_only_the_options_a_bundle_has():
@@ -1217,6 +1227,23 @@ def _gate(art, ref, y, tolerance, heads=None):
     m = ps.metrics(y, ref)
     reference = {"logits": ref.astype(np.float32), "splits": {"val": {"logits": ref, "metrics": m, "scored_metrics": m}}}
     return check_artifact(session, ps, reference, tolerance, (1, 1, 1), ref.shape[1], 7, "val")
+
+
+def test_a_drop_exactly_at_the_limit_passes_despite_float_rounding():
+    """0.90 - 0.89 = 0.010000000000000009 > 0.01: a 1-point drop on 100 images was refused by a 1-point limit."""
+    from edgekd.export.profile import Tolerance
+
+    y = np.arange(100) % 2
+    ref = np.zeros((100, 2))
+    ref[np.arange(100), y] = 3.0
+    ref[np.arange(10), 1 - y[:10]] = 4.0  # the reference gets 90 right
+    for wrong, refused in ((1, False), (2, True)):
+        art = ref.copy()
+        rows = np.arange(10, 10 + wrong)
+        art[rows, 1 - y[rows]] = 4.0  # 89 or 88 right
+        record, failures = _gate(art, ref, y, Tolerance(top1_agreement=0.9, acc_drop=0.01, max_abs=None))
+        assert record["metric_drop"]["val"]["acc"] == pytest.approx(wrong / 100)
+        assert bool(failures) == refused, failures
 
 
 def test_the_metric_gate_holds_each_task_and_an_rtol_alone_and_says_what_it_could_not_check():

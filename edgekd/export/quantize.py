@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -18,12 +19,17 @@ from edgekd.export.profile import OnnxQuantization
 from edgekd.progress import progress_task
 
 
+ATTENTION_NAME = re.compile("attn|attention", re.IGNORECASE)
+
+
 def is_transformer(model: nn.Module) -> bool:
     """Multi-head attention layers call for NNCF's transformer scheme: nn.MultiheadAttention, or any module whose
-    class is named *Attention and has heads, as timm names them (ViT's Attention, Swin's WindowAttention, EVA's
-    EvaAttention). Squeeze-excitation and CBAM-style channel gates have no heads and do not count."""
+    class name has Attn or Attention in it and that has heads (`num_heads`), as timm names them: ViT's Attention,
+    Swin's WindowAttention, CaiT's TalkingHeadAttn, Twins' GlobalSubSampleAttn, MaxViT's AttentionCl,
+    EfficientFormerV2's Attention2d, MobileNetV4's MultiQueryAttention2d (only *Attention had counted).
+    Squeeze-excitation, CBAM and ResNeSt's SplitAttn gates have no heads and do not count."""
     return any(isinstance(m, nn.MultiheadAttention)
-               or (type(m).__name__.endswith("Attention") and isinstance(getattr(m, "num_heads", None), int))
+               or (ATTENTION_NAME.search(type(m).__name__) and isinstance(getattr(m, "num_heads", None), int))
                for m in model.modules())
 
 
