@@ -72,7 +72,42 @@ def test_onnx_keys_reach_quantize_static(swish_onnx, monkeypatch, tmp_path):
 
     nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / "onnx_int8_prepared.onnx")).graph.node}
     excluded = {nodes[name] for name in seen["nodes_to_exclude"]}
-    assert excluded == {"Conv", "Gemm", "Mul"}  # first conv + last Gemm (keep_first_last) + every Mul
+    # first conv + last Gemm and the pooling that feeds it (keep_first_last) + every Mul
+    assert excluded == {"Conv", "Gemm", "ReduceMean", "Mul"}
+
+
+class PoolNet(nn.Module):
+    """Conv -> ReLU -> Conv -> global average pool -> flatten -> Linear: timm's CNN head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def test_keep_first_last_keeps_the_heads_input_float_too(tmp_path):
+    """The last Gemm's weights stayed FP32, but ONNX Runtime quantized the GlobalAveragePool and Flatten before it:
+    the head still read an 8-bit activation (Flatten -> QuantizeLinear -> DequantizeLinear -> Gemm)."""
+    src = export_plain_onnx(PoolNet().eval(), tmp_path / "pool.onnx", torch.zeros(1, 3, 8, 8))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    dq_fed = lambda g: {i for n in g.node if n.op_type == "Gemm" for i in n.input  # noqa: E731
+                        if any(o == i for d in g.node if d.op_type == "DequantizeLinear" for o in d.output)}
+    kept = quantized_graph(src, tmp_path / "a", keep_first_last=True)
+    gemm = next(n for n in kept.node if n.op_type == "Gemm")
+    producer = {o: n.op_type for n in kept.node for o in n.output}
+    assert producer[gemm.input[0]] == "Flatten" and not dq_fed(kept)
+    assert quantized_nodes(kept, "Conv") == 1  # the second conv is still INT8
+    assert dq_fed(quantized_graph(src, tmp_path / "b", keep_first_last=False))  # without it the head reads INT8
+    # every compute op kept FP32: Q/DQ around the pool alone is no INT8 artifact (it had shipped as one)
+    (tmp_path / "c").mkdir()
+    with pytest.raises(EdgeKDError, match="quantized no Conv/Gemm/MatMul weights of this graph"):
+        quantized_graph(src, tmp_path / "c", keep_first_last=True, exclude_op_types=["Conv"])
+    assert not (tmp_path / "c" / "int8.onnx").exists()
 
 
 def test_default_onnx_options_are_minmax_per_channel(swish_onnx):
@@ -130,7 +165,7 @@ def test_transformer_scheme_quantizes_only_the_compute_ops(vit_onnx, tmp_path):
 
 
 def test_op_types_that_match_no_node_are_an_error_not_an_fp32_int8_artifact(swish_onnx, tmp_path):
-    with pytest.raises(EdgeKDError, match="quantized no node of this graph .*LayerNormalization"):
+    with pytest.raises(EdgeKDError, match="quantized no Conv/Gemm/MatMul weights of this graph .*LayerNormalization"):
         quantized_graph(swish_onnx, tmp_path, op_types=["LayerNormalization"])  # an ONNX op this graph lacks
     assert not (tmp_path / "int8.onnx").exists()
     with pytest.raises(EdgeKDError, match=r"quantization.onnx.op_types: Linear: not an ONNX operator type"):

@@ -125,7 +125,8 @@ class QuantizationConfig(Section):
     full one took 71 s of the export and gave the same INT8 model quality (100% top-1 agreement, max logit diff
     0.073 either way)."""
     keep_first_last: bool = True
-    """Keep the first and last Conv/Gemm/MatMul in FP32 (ONNX Runtime nodes_to_exclude, NNCF ignored_scope): the
+    """Keep the first and last Conv/Gemm/MatMul in FP32 (ONNX Runtime nodes_to_exclude, with the pooling and flatten
+    ops that feed the last one, so it reads an FP32 activation as under NNCF; NNCF ignored_scope): the
     first conv sees the raw normalized image, and quantizing it cost most of INT8's top-1 agreement on
     PneumoniaMNIST (ORT: 96.6% -> 99.8% on the gate's inputs with it kept; NNCF ResNet-18: 99.6% -> 100% on val)."""
     min_speedup: float | None = Field(1.0, gt=0)

@@ -133,10 +133,23 @@ def quantize_openvino(model, ctx: ExportContext, advance=lambda: None) -> tuple[
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
 
+HEAD_PASS_THROUGH = ("GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "ReduceMean", "Flatten",
+                     "Reshape", "Squeeze", "Unsqueeze", "Transpose")
+"""Pooling and shape ops that may sit between the last compute op and the one before it (a CNN's pool and flatten)."""
+
+
 def first_last_compute_nodes(nodes) -> list[str]:
-    """Names of the first and last Conv/Gemm/MatMul among an ONNX graph's nodes (topological order)."""
-    names = [n.name for n in nodes if n.op_type in COMPUTE_OPS and n.name]
-    return list(dict.fromkeys(names[:1] + names[-1:]))
+    """Names of the first and last Conv/Gemm/MatMul among an ONNX graph's nodes (topological order), and of the
+    pooling/shape ops that feed the last one: ONNX Runtime quantizes a GlobalAveragePool or Flatten on its own, so
+    the "FP32" head had still read an 8-bit activation (Flatten -> Q -> DQ -> Gemm); NNCF keeps it FP32."""
+    compute = [n for n in nodes if n.op_type in COMPUTE_OPS and n.name]
+    names = [n.name for n in compute[:1] + compute[-1:]]
+    producers = {out: n for n in nodes for out in n.output}
+    feed = compute[-1].input[0] if compute and compute[-1].input else None
+    while (n := producers.get(feed)) is not None and n.op_type in HEAD_PASS_THROUGH and n.name:
+        names.append(n.name)
+        feed = n.input[0] if n.input else None
+    return list(dict.fromkeys(names))
 
 
 def warn_absent_types(key: str, types: list[str], present: set[str], what: str) -> None:
@@ -250,9 +263,12 @@ def quantize_onnx_static(fp32_path: Path, out_path: Path, calib: np.ndarray, scr
     import onnx
 
     quantized = onnx.load(str(out_path))
-    if not any(n.op_type == "QuantizeLinear" for n in quantized.graph.node):
+    dequantized = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    if not any(n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] in dequantized
+               for n in quantized.graph.node):  # Q/DQ around a pool alone had passed as an INT8 artifact
         out_path.unlink(missing_ok=True)  # an FP32 graph is no INT8 artifact
-        raise EdgeKDError("onnx int8: ONNX Runtime quantized no node of this graph (op types quantized: "
+        raise EdgeKDError("onnx int8: ONNX Runtime quantized no Conv/Gemm/MatMul weights of this graph (op types "
+                          "quantized: "
                           f"{', '.join(kwargs.get('op_types_to_quantize') or ['its default set'])}; "
                           f"{len(kwargs['nodes_to_exclude'])} nodes excluded); check quantization.onnx.op_types")
     return quantized
