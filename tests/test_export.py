@@ -908,6 +908,27 @@ def test_on_fail_drop_ships_the_passing_artifacts_and_says_why(tmp_path, monkeyp
     assert not (tmp_path / "c").exists()
 
 
+def test_an_int8_whose_fp32_failed_is_not_shipped_untimed(tmp_path, monkeypatch):
+    """With its FP32 artifact failed, the INT8 one shipped without the speed check, said to be "untimed: this
+    export builds no onnx/fp32"."""
+    real = FORMATS["onnx"]
+
+    def export(ctx, precision, path):
+        if precision == "fp32":
+            raise RuntimeError("converter broke")
+        return real.export(ctx, precision, path)
+
+    monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(real, export=export))
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    drop = profile_from_dict({"parity": {"images": 4, "on_fail": "drop"}, "quantization": {"calib_images": 8}})
+    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx", "openvino"], ["fp32", "int8"], drop, log=quiet)
+    shipped = {(a["format"], a["precision"]) for a in result.metadata["artifacts"]}
+    assert ("onnx", "int8") not in shipped and ("onnx", "fp32") not in shipped and ("openvino", "fp32") in shipped
+    failed = {(d["format"], d["precision"]): d["failures"][0] for d in result.parity["dropped"]}
+    assert failed[("onnx", "int8")] == ("its speed cannot be checked: the onnx/fp32 artifact it is timed against "
+                                        "failed (quantization.min_speedup 1)")
+
+
 def test_int8_transformer_scheme_is_picked_for_every_timm_attention_and_no_channel_gate():
     """NNCF's transformer scheme goes to multi-head attention as timm builds it (ViT's Attention and Swin's
     WindowAttention, which the scheme once missed), never to squeeze-excitation or CBAM gates of the CNNs."""

@@ -462,6 +462,9 @@ def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: E
     if precision != "int8":
         return None
     minimum, fp32 = profile.quantization.min_speedup, outcome.fp32_sessions.get(fmt.name)
+    if fp32 is None and fmt.name in outcome.timed_formats:  # it had shipped untimed, "no FP32 in this export"
+        raise EdgeKDError(f"its speed cannot be checked: the {fmt.name}/fp32 artifact it is timed against failed "
+                          f"(quantization.min_speedup {minimum:g})")
     if minimum is not None and fp32 is None:  # an INT8-only profile (cpu-openvino-int8): nothing to time against
         outcome.untimed.append(f"{fmt.name}/int8")
         log(f"{fmt.name}/int8: speed not checked (this export builds no {fmt.name}/fp32 to time it against; "
