@@ -314,3 +314,14 @@ def test_onnx_runtimes_root_logger_lines_are_collected_not_printed(capsys):
     assert logging.getLogger().handlers == before
     assert "out-of-range" not in capsys.readouterr().err
 
+
+
+def test_accuracy_control_refuses_a_multi_head_model():
+    """Its validation_fn takes one argmax over all outputs: a multi-head model's heads are scored apart."""
+    import dataclasses
+
+    ctx = dataclasses.replace(nncf_context({"accuracy_control": True}),
+                              metadata={"tasks": [{"name": "a", "outputs": [0, 1]}, {"name": "b", "outputs": [1, 2]}]})
+    with pytest.raises(EdgeKDError, match=r"^openvino int8: quantization.accuracy_control scores one argmax over all "
+                                          r"outputs; a multi-head"):
+        quantize_openvino(openvino_model(), ctx)
