@@ -158,3 +158,22 @@ def test_eval_whose_reader_went_away_still_writes_its_results(tmp_path, tiny_rec
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, err
     assert (out / "metrics.json").is_file() and "Traceback" not in err
+
+
+def test_tables_sent_to_a_file_or_pipe_keep_every_cell_whole(capsys):
+    """At 160 columns rich cut cells to "…" when stdout was no terminal: a bench's img/s, a predicted file's path,
+    and onnx/int8 and onnx/fp32 rows looked alike in a CI log."""
+    from rich.table import Table
+
+    from edgekd.cli.console import PIPED_WIDTH, out_console
+
+    assert out_console.width == PIPED_WIDTH  # pytest's stdout is no terminal
+    cells = ["mobilenetv3_large_100_with_a_long_name", "openvino", "int8"] + [f"{33756.123456 + i:.6f}"
+                                                                           for i in range(14)]
+    table = Table(title="bench: " + "/very/long/path" * 8)
+    for i in range(len(cells)):
+        table.add_column(f"column {i}")
+    table.add_row(*cells)
+    out_console.print(table)
+    out = capsys.readouterr().out
+    assert "…" not in out and "33769.123456" in out and cells[0] in out

@@ -81,8 +81,10 @@ class OutputConsole(Console):
         os.dup2(devnull, sys.stdout.fileno())
 
 
-# Tables are the output: keep them readable when piped to a file or a CI log (no 80-column squeeze).
-out_console = OutputConsole(highlight=False, width=None if sys.stdout.isatty() else 160)
+PIPED_WIDTH = 4096
+"""stdout's width when it is no terminal (a file, a pipe, a CI log): tables take their natural width, every cell
+whole. At 160 columns rich had cut cells to "…" (a bench's img/s, a path, onnx/int8 vs onnx/fp32 rows alike)."""
+out_console = OutputConsole(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
 STATE: dict = {"debug": False, "on_interrupt": None}
 """on_interrupt: a command's hint for an interrupted run (a callable returning a line, or None)."""
 
