@@ -583,12 +583,15 @@ def perturbed(fmt_name: str):
 
 
 def cli(monkeypatch, *args: str) -> int:
+    """The CLI's exit code (0 when it returns without SystemExit)."""
     from edgekd.cli import run
 
     monkeypatch.setattr(sys, "argv", ["edgekd", *args])
-    with pytest.raises(SystemExit) as ex:
+    try:
         run()
-    return ex.value.code
+    except SystemExit as ex:
+        return ex.code or 0
+    return 0
 
 
 @pytest.mark.slow
@@ -1421,3 +1424,16 @@ def test_an_export_over_the_bundle_that_holds_its_checkpoint_is_refused(tmp_path
     with pytest.raises(EdgeKDError, match=r"--out \S+bb: holds the input \S+best.pt, which replacing it would delete"):
         export_checkpoint(kept, tmp_path / "bb", ["onnx"], ["fp32"], profile, log=quiet)
     assert kept.is_file() and (tmp_path / "bb" / "edgekd.json").is_file()
+
+
+def test_export_options_warned_as_ignored_only_when_they_are(tmp_path, monkeypatch, capsys):
+    """`-p INT8 --calib-images 16` said "--calib-images applies to INT8, which this export does not build: ignored"
+    (a case-sensitive check; the plan lowercases) and then applied it."""
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
+    assert cli(monkeypatch, "export", str(ckpt), "-f", "ONNX", "-p", "INT8", "--calib-images", "8",
+               "--parity-images", "4", "--out", str(tmp_path / "a")) == 0
+    assert "does not build" not in capsys.readouterr().err
+    assert cli(monkeypatch, "export", str(ckpt), "-f", "onnx", "-p", "fp32", "--calib-images", "8",
+               "--parity-images", "4", "--out", str(tmp_path / "b")) == 0
+    assert "warning: --calib-images applies to INT8, which this export does not build: ignored" in \
+        capsys.readouterr().err

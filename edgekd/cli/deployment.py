@@ -62,8 +62,8 @@ def export(
     profile = with_overrides(load_profile(target), parity_images, calib_images, threads, control,
                              "drop" if drop_failed else None, metric_images)
     formats, precisions = given_list(format_, "--format"), given_list(precision, "--precision")
-    int8 = "int8" in (precisions or profile.precisions)
-    openvino_int8 = int8 and "openvino" in (formats or profile.formats)
+    int8 = "int8" in [p.lower() for p in precisions or profile.precisions]  # the plan lowercases them (-p INT8)
+    openvino_int8 = int8 and "openvino" in [f.lower() for f in formats or profile.formats]
     for option, given, applies, to in (("--calib-images", calib_images is not None, int8, "INT8"),
                                        ("--accuracy-control", accuracy_control, openvino_int8, "OpenVINO INT8")):
         if given and not applies:  # ignored without a word before
