@@ -646,3 +646,30 @@ def test_the_bench_table_takes_paths_and_names_as_text_and_bench_md_has_the_note
                "timing": {"warmup": 0, "min_runs": 3, "min_seconds": 0},
                "subjects": [{"role": "model", "model": "m", "notes": ["hair removal (data.hair_removal) is not timed"]}]}
     assert "- note: model m: hair removal (data.hair_removal) is not timed" in records_markdown(recs, summary)
+
+
+@pytest.mark.slow
+def test_a_row_whose_worker_failed_exits_1_and_is_listed(tmp_path, tiny_recipe_dict, monkeypatch):
+    """A timed-out or killed worker's row was an n/a like a format the bundle lacks, and bench exited 0: CI could
+    not tell a crash from a missing artifact."""
+    import edgekd.bench.run as bench_run
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
+    ckpt = train_recipe(recipe_from_dict(tiny_recipe_dict), tmp_path / "run", log=lambda *_: None).best_path
+    real = bench_run.run_worker
+    monkeypatch.setattr(bench_run, "run_worker", lambda job, work, timeout, **kw: (
+        {"error": "worker exited with code -9: killed"} if job["kind"] == "openvino" else
+        real(job, work, timeout, **kw)))
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["bench", str(ckpt), "--formats", "onnx,openvino", "--precision", "fp32",
+                                   "--batch", "1", "--threads", "1", "--seconds", "0", "--min-runs", "2",
+                                   "--warmup", "0", "--parity-images", "8", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    summary = json.loads((out / "bench.json").read_text())
+    failed = summary["failed_rows"]
+    assert failed and all(r.split()[1] == "openvino/fp32" and r.endswith("worker exited with code -9: killed")
+                          for r in failed), failed
+    assert f"{len(failed)} row(s) failed (bench.json lists them in failed_rows)" in " ".join(res.output.split())
+    assert all("failed" not in r for r in summary["records"])
+    assert {r["format"] for r in summary["records"] if r["status"] == "ok"} == {"onnx"}

@@ -692,6 +692,9 @@ def _run_rows(subjects: list[Subject], cfg: BenchConfig, work: Path, log: Callab
             new = make_records(row, result, batches, cfg.threads, cfg.tta, None)
             if new[0]["status"] != "ok":
                 log(f"{row.label}: n/a ({new[0]['reason']})")
+            if isinstance(result, dict) and result.get("error"):  # its worker failed (not a row the bundle lacks)
+                for rec in new:
+                    rec["failed"] = True
             records += new
             advance()
     return records, profiles
@@ -819,6 +822,8 @@ def _measure_and_write(cfg: BenchConfig, subjects: list[Subject], work: Path, st
         "threads": cfg.threads, "batches": cfg.batches, "tta": cfg.tta, "timing": cfg.timing.as_kwargs(),
         "versions": software_versions(), "runner_accuracy": "operating_point", "gemm": gemm_info,
         "subjects": [s.describe() for s in subjects], "profiles": profiles, "records": records,
+        "failed_rows": list(dict.fromkeys(f"{r['role']} {r['format']}/{r['precision']} {r['variant']}: {r['reason']}"
+                                          for r in records if r.pop("failed", False))),
     }
     return _write_outputs(cfg, subjects, records, summary)
 

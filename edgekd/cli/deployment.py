@@ -398,6 +398,9 @@ def _say_bench_result(source: Path, out: Path, result) -> None:
               if r["status"] != "ok"}.values():
         console.print(escape(f"n/a: {r['role']} {r['format']} {r['precision']} {r['variant']}: {r['reason']}"))
     console.print(escape(f"wrote {', '.join(str(out / name) for name in result.written)}"))
+    if failed := result.summary.get("failed_rows"):  # a crashed or timed-out worker is not a row the bundle lacks
+        console.print(f"[bold red]{len(failed)} row(s) failed[/] (bench.json lists them in failed_rows)")
+        raise typer.Exit(1)
 
 
 def _refuse_unused_export_options(source: Path, teacher: Optional[Path], parity_images: Optional[int],
