@@ -1106,3 +1106,30 @@ def test_a_tap_that_says_it_is_nhwc_is_read_so_when_its_model_does_not():
     assert a["patch_embed"].shape[1:] == (4, 4, 64)
     adapter = build_adapter(student, a["patch_embed"], "auto", teacher, b["layer2"], "auto", "patch_embed", "layer2")
     assert adapter.student_layout == "nhwc" and adapter.proj.in_channels == 64
+
+
+def test_a_multi_class_roc_comparison_names_its_legend_auc_the_micro_average(tmp_path):
+    """The legend's AUC (sklearn's, on the micro-averaged curve) sat beside the report's macro AUC, unnamed."""
+    import numpy as np
+
+    from edgekd.distill.report import plot_roc_comparison
+    from edgekd.metrics.plots import plt
+
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % 3
+    probs = rng.dirichlet(np.ones(3), 30)
+    seen = []
+    real = plt.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        seen.extend(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
+        return real(fig, *args, **kwargs)
+
+    plt.Figure.savefig = record
+    try:
+        binary = probs[:, :2] / probs[:, :2].sum(1, keepdims=True)
+        plot_roc_comparison([{"name": "s", "role": "student", "_y": y, "_probs": probs},
+                             {"name": "b", "role": "baseline", "_y": y % 2, "_probs": binary}], tmp_path / "roc.png", "t")
+    finally:
+        plt.Figure.savefig = real
+    assert seen[0].startswith("s (student), micro-average (AUC = ") and seen[1].startswith("b (baseline) (AUC = ")

@@ -221,7 +221,9 @@ def auc_comparisons(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_roc_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Binary: each model's ROC for the positive class; multi-class: each model's micro-averaged one-vs-rest ROC."""
+    """Binary: each model's ROC for the positive class; multi-class: each model's micro-averaged one-vs-rest ROC,
+    its legend AUC marked as the micro average (the report's AUC column is the macro one: two AUCs of one model had
+    stood side by side unnamed)."""
     from sklearn.metrics import RocCurveDisplay
 
     from edgekd.metrics.plots import plt, save_figure
@@ -230,12 +232,12 @@ def plot_roc_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> P
     for r in rows:
         y, probs = r["_y"], r["_probs"]
         if probs.shape[1] == 2:
-            truth, score = y == 1, probs[:, 1]
+            truth, score, kind = y == 1, probs[:, 1], ""
         else:
             truth = (y[:, None] == np.arange(probs.shape[1])[None]).ravel()
-            score = probs.ravel()
+            score, kind = probs.ravel(), ", micro-average"
         if 0 < truth.sum() < len(truth):
-            RocCurveDisplay.from_predictions(truth, score, name=f"{r['name']} ({r['role']})", ax=ax)
+            RocCurveDisplay.from_predictions(truth, score, name=f"{r['name']} ({r['role']}){kind}", ax=ax)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_title(title)
     return save_figure(fig, path)
