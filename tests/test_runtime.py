@@ -1096,6 +1096,10 @@ def test_model_cache_never_lands_inside_the_bundle_or_on_a_file(bundle, tmp_path
         Runner.from_bundle(copy, cache_dir=tmp_path / "file")
     assert not (copy / "cache").exists()
     Runner.from_bundle(copy).predict(random_pixels((SIZE, SIZE, 3), 8))  # still verifies and runs
+    # ONNX Runtime has no compiled-model cache: the option had been ignored without a word
+    with pytest.raises(EdgeKDError, match=r"^cache folder \(--cache-dir\): OpenVINO's compiled-model cache; the "
+                                          r"onnx backend \(ONNX Runtime\) has none: leave it out$"):
+        Runner.from_bundle(copy, backend="ONNX", cache_dir=tmp_path / "c")
 
 
 def test_latency_stats_and_child_peak_rss():

@@ -143,6 +143,9 @@ class Runner:
         backend, precision = backend.lower(), precision.lower() if precision else precision  # `--precision FP16`
         _check_options(backend, precision, threads, threshold)
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
+        if cache_dir is not None and backend == "onnx":  # it had been ignored without a word
+            raise EdgeKDError("cache folder (--cache-dir): OpenVINO's compiled-model cache; the onnx backend (ONNX "
+                              "Runtime) has none: leave it out")
         if cache_dir is not None:  # a cache inside a bundle folder would be an unlisted file: the bundle unusable
             if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
                 raise EdgeKDError(f"cache folder (--cache-dir) {cache_dir}: not a folder")
