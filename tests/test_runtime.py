@@ -676,6 +676,10 @@ def test_class_and_task_names_are_shown_as_written_in_the_predictions_tables():
     console.print(task_predictions_table("b", runner, [Failure("c.png", "bad")]))
     shown = console.export_text()
     assert all(name in shown for name in (*names, "lesion [x] label"))
+    assert "b: onnx fp32" in shown and " on " not in shown  # its own runtime: not said
+    runner.info = {"format": "onnx", "backend": "openvino"}  # OpenVINO running the ONNX file: said in the title
+    console.print(predictions_table("b", runner, [pred], "int8", False))
+    assert "b: onnx int8 on openvino" in console.export_text()
 
 
 # ---------------------------------------------------------------- DICOM (pydicom: the dev and dicom extras)

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from edgekd.cli.console import BUNDLE_PRECISION_HELP, STATE, console, out_console, progress_bar, with_progress
-from edgekd.cli.tables import predictions_table, task_predictions_table, continual_table, parity_table
+from edgekd.cli.tables import continual_table, model_run, parity_table, predictions_table, task_predictions_table
 from edgekd.errors import EdgeKDError, error_line, printable
 from edgekd.fileio import held_output
 from edgekd.options import given_list
@@ -321,8 +321,7 @@ def serve(
                                 cache_dir=cache_dir, task=task, threshold=threshold)
     say_runner_notes(runner)
     url_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL goes in brackets
-    on = "" if runner.info["format"] == backend else f" on {backend}"  # (it said "openvino fp32 on openvino")
-    console.print(f"serving {escape(str(bundle))} ({runner.info['format']} {runner.precision}{on}, "
+    console.print(f"serving {escape(str(bundle))} ({model_run(runner, runner.precision)}, "
                   f"{runner.info['threads'] or 'default'} threads{', TTA' if tta else ''}"
                   f"{f', task {escape(runner.task)}' if runner.task else ', every task' if runner.bundle.tasks else ''})"
                   f" at http://{url_host}:{port}"

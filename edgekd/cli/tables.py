@@ -93,11 +93,18 @@ def parity_table(title: str, result) -> RichTable:
     return table
 
 
+def model_run(runner, precision: str) -> str:
+    """`onnx fp32`, and `on openvino` when another runtime than the format's own runs it (the title had said onnx
+    while OpenVINO ran the file)."""
+    backend = runner.info.get("backend", runner.info["format"])
+    return f"{runner.info['format']} {precision}" + ("" if backend == runner.info["format"] else f" on {backend}")
+
+
 def task_predictions_table(title: str, runner, results: list) -> RichTable:
     """A multi-head bundle's predictions, every task's label and probability side by side."""
     from edgekd.runtime import Failure
 
-    table = RichTable(title=escape(f"{title}: {runner.info['format']} {runner.precision}, one head per task"))
+    table = RichTable(title=escape(f"{title}: {model_run(runner, runner.precision)}, one head per task"))
     table.add_column("file")
     for name, _ in runner.tasks:
         table.add_column(escape(f"{name} label"))  # task and class names are the user's: no rich markup
@@ -117,7 +124,7 @@ def predictions_table(title: str, runner, results: list, precision: str, tta_opt
     calibrated = runner.temperature != 1.0 or runner.bias is not None
     rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.6g}" if runner.threshold is not None
             else "")  # 6 significant digits: a 0.99999 threshold is not shown as 1.0000
-    table = RichTable(title=escape(f"{title}: {runner.info['format']} {precision}"
+    table = RichTable(title=escape(f"{title}: {model_run(runner, precision)}"
                                    + (f", task {runner.task}" if runner.task else "")
                                    + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else "")
                                    + (f", calibrated (T={runner.temperature:.3g}{', Platt' if runner.bias else ''})"
