@@ -561,6 +561,29 @@ def test_metadata_round_trips_through_every_artifact(tmp_path):
         write_manifest(edited)
         with pytest.raises(EdgeKDError, match="decision.positive_class must be the class name at"):
             Runner.from_bundle(edited, backend="onnx")
+    # a section the embedded copy lacks (tasks added to a one-head bundle) is compared too: it had split one
+    # softmax into two per-task ones without a word
+    tasks = [{"name": "x", "outputs": [0, 1], "class_names": meta["class_names"][:1]},
+             {"name": "y", "outputs": [1, 2], "class_names": meta["class_names"][1:]}]
+    with pytest.raises(EdgeKDError, match=r"^b: edgekd.json tasks is .*, the model file was exported with null"):
+        check_embedded_metadata({**meta, "tasks": tasks}, embedded, "b")
+    # two entries' paths swapped: the FP16 file had run reported as FP32
+    changed = json.loads((tmp_path / "b/edgekd.json").read_text())
+    ov = [a for a in changed["artifacts"] if a["format"] == "openvino"]
+    ov[0]["path"], ov[1]["path"] = ov[1]["path"], ov[0]["path"]
+    (edited / "edgekd.json").write_text(json.dumps(changed))
+    write_manifest(edited)
+    with pytest.raises(EdgeKDError, match=r"edgekd.json lists it as precision fp32, the model file was exported as "
+                                          r"\"fp16\""):
+        Runner.from_bundle(edited, backend="openvino", precision="fp32")
+    # the same (format, precision) twice, or a class named twice (a probability had been lost)
+    from edgekd.runtime.bundle import validate_metadata
+
+    twice = {**meta, "artifacts": meta["artifacts"] + meta["artifacts"][:1]}
+    with pytest.raises(EdgeKDError, match="artifacts must list each \\(format, precision\\) and each path once"):
+        validate_metadata(twice)
+    with pytest.raises(EdgeKDError, match="class_names must be unique"):
+        validate_metadata({**meta, "class_names": [meta["class_names"][0]] * len(meta["class_names"])})
 
 
 def perturbed(fmt_name: str):

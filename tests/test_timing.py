@@ -61,3 +61,16 @@ def test_without_warm_up_the_first_call_is_still_apart_from_the_samples(monkeypa
     monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
     stats = time_call(fn, warmup=0, min_runs=4, max_runs=4, min_seconds=0)
     assert stats["first_ms"] == 10_000.0 and stats["runs"] == 4 and stats["p99_ms"] == 1000.0 and len(calls) == 5
+
+
+def test_time_alternating_takes_the_rounds_asked_and_rss_is_read_from_a_closed_file():
+    import warnings
+
+    from edgekd.runtime.timing import peak_rss_mb
+
+    stats = time_alternating([{"a": lambda: None}, {"b": lambda: None}], phases=3, warmup=0, rounds=200)
+    assert stats["a"]["runs"] == stats["b"]["runs"] == 200  # 3 phases of 66 had given 198
+    assert time_alternating([{"a": lambda: None}], phases=5, warmup=0, rounds=3)["a"]["runs"] == 5  # one a phase
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        assert peak_rss_mb() > 0

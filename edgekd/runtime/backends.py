@@ -362,11 +362,14 @@ class ONNXRuntimeBackend:
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EdgeKDError(f"{self.model_path}: ONNX Runtime cannot load the model ({exception_line(err, 120)})") from None
         port = _find_port(self.session.get_inputs(), input_name, self.model_path, "input")
-        _find_port(self.session.get_outputs(), output_name, self.model_path, "output")
+        out_port = _find_port(self.session.get_outputs(), output_name, self.model_path, "output")
         self.input_dims = [d if isinstance(d, int) else None for d in port.shape]
+        if self.input_dims and self.input_dims[0] is not None:  # batches and TTA views had failed in ONNX Runtime
+            raise EdgeKDError(f"{self.model_path}: the model's batch axis is fixed at {self.input_dims[0]}; the onnx "
+                              "backend needs a dynamic one (edgekd export writes it; --backend openvino reshapes it)")
         self.input_name, self.output_name = input_name, output_name
         self.preprocessor, self.heads = preprocessor, heads
-        classes = self.session.get_outputs()[0].shape
+        classes = out_port.shape  # the named output's (the first output had sized the buffer)
         self.classes = classes[-1] if len(classes) == 2 and isinstance(classes[-1], int) else None
         self.slots: OrderedDict[tuple, Slot] = OrderedDict()
 

@@ -86,14 +86,14 @@ def parse_metadata_strings(pairs: dict[str, str]) -> dict[str, Any]:
 def check_embedded_metadata(meta: dict[str, Any], embedded: dict[str, str], where: str) -> None:
     """edgekd.json against the copy the export embedded in a model file (EMBEDDED_KEYS): a class name, threshold or
     normalization edited in edgekd.json alone (its manifest line re-hashed) would relabel the model's outputs
-    without a word. A model file without an embedded copy (not written by edgekd export) is not checked."""
+    without a word. A model file without an embedded copy (not written by edgekd export) is not checked; in one
+    with it, a key either side lacks counts as null (a `tasks` or `calibration` section added to edgekd.json alone
+    had not been compared: the export embeds every key it writes)."""
     if not embedded:
         return
     said = parse_metadata_strings({k: v for k, v in embedded.items() if k in EMBEDDED_KEYS})
     for key, fields in EMBEDDED_KEYS.items():
-        if key not in said:
-            continue
-        ours, theirs = (_used(v, fields) for v in (meta.get(key), said[key]))
+        ours, theirs = (_used(v, fields) for v in (meta.get(key), said.get(key)))
         if ours != theirs:
             both = isinstance(ours, dict) and isinstance(theirs, dict)
             sub = next((f for f in dict.fromkeys([*ours, *theirs]) if ours.get(f) != theirs.get(f)), None) \
@@ -103,6 +103,16 @@ def check_embedded_metadata(meta: dict[str, Any], embedded: dict[str, str], wher
             raise EdgeKDError(f"{where}: edgekd.json {name} is {shorten(json.dumps(shown_ours), 60)}, the model file "
                               f"was exported with {shorten(json.dumps(shown_theirs), 60)} (edgekd.json edited after "
                               "export?)")
+
+
+def check_embedded_artifact(artifact: "Artifact", embedded: dict[str, str], where: str) -> None:
+    """The format and precision edgekd.json lists a model file under against the ones the export embedded in it:
+    two entries' paths swapped (manifest re-hashed) had run an INT8 file reported as FP32."""
+    said = parse_metadata_strings({k: embedded[k] for k in ("format", "precision") if k in embedded})
+    for key, ours in (("format", artifact.format), ("precision", artifact.precision)):
+        if key in said and said[key] != ours:
+            raise EdgeKDError(f"{where}: edgekd.json lists it as {key} {ours}, the model file was exported as "
+                              f"{shorten(json.dumps(said[key]), 40)} (edgekd.json edited after export?)")
 
 
 def _used(value: Any, fields: tuple[str, ...] | None) -> Any:
@@ -647,8 +657,8 @@ def _validate_tasks(meta: dict, where: str) -> None:
                  and outputs[0] == end and outputs[1] > end, where,
                  f"{at}.outputs must be [{end}, end] with end > {end} (the slices tile the outputs in order)")
         _require(isinstance(names, list) and len(names) == outputs[1] - outputs[0]
-                 and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names), where,
-                 f"{at}.class_names must name each of its {outputs[1] - outputs[0]} outputs")
+                 and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names) and len(set(names)) == len(names),
+                 where, f"{at}.class_names must name each of its {outputs[1] - outputs[0]} outputs once")
         end = outputs[1]
     _require(end == len(meta["class_names"]), where, f"tasks cover {end} outputs, class_names has "
              f"{len(meta['class_names'])}")
@@ -673,6 +683,10 @@ def _validate_artifacts(arts: Any, where: str) -> None:
                  f"{at}.inference_precision_hint must be f32, f16 or bf16")
         suffix = ".onnx" if art["format"] == "onnx" else ".xml"
         _require(path.endswith(suffix), where, f"{at}.path must end with {suffix} for format {art['format']}")
+    pairs = [(a["format"], a["precision"]) for a in arts]
+    paths = [PurePosixPath(a["path"]).as_posix() for a in arts]
+    _require(len(set(pairs)) == len(pairs) and len(set(paths)) == len(paths), where,
+             "artifacts must list each (format, precision) and each path once")
 
 
 def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
@@ -685,6 +699,8 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
     _require(isinstance(names, list) and 1 <= len(names) <= MAX_CLASSES
              and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names), where,
              f"class_names must be a list of 1 to {MAX_CLASSES} names (1 to 200 characters each)")
+    _require(len(set(names)) == len(names), where, "class_names must be unique (a probability per name had been "
+             "lost)")
 
     _validate_preprocess(meta.get("preprocess"), where)
     _validate_runtime_and_tta(meta, where)

@@ -20,7 +20,7 @@ from edgekd.formats import PRECISIONS
 from edgekd.imageio import DicomFrame
 from edgekd.probability import apply_temperature
 from edgekd.runtime.backends import BACKENDS, Backend, create_backend
-from edgekd.runtime.bundle import Bundle, cap_to_cores, check_embedded_metadata, open_bundle
+from edgekd.runtime.bundle import Bundle, cap_to_cores, check_embedded_artifact, check_embedded_metadata, open_bundle
 from edgekd.runtime.preprocess import ImageInput, Preprocessor
 from edgekd.runtime.tta import TTAViews
 
@@ -130,8 +130,9 @@ class Runner:
         `precision` None: the most precise the bundle has (fp32, else fp16, else int8).
 
         `tta`: False (one view), True (the bundle's views) or a list of view names. `warmup` inference rounds run
-        at load, for batch 1 and for the TTA batch, so the first real call is not the slow one. `cache_dir`: an
-        OpenVINO model cache folder (later loads skip compilation). `threshold`: the decision threshold on the
+        at load, for batch 1 (with the default TTA views when `tta`), so the first real call is not the slow one;
+        the warm-up also checks the model's output count. `cache_dir`: an OpenVINO model cache folder (later loads
+        skip compilation). `threshold`: the decision threshold on the
         positive class's calibrated probability for this runner (default: the bundle's; a binary bundle only).
         `task`: a multi-head bundle's task to predict (default: each task's prediction, a `TaskPredictions`).
         """
@@ -143,21 +144,8 @@ class Runner:
         backend, precision = backend.lower(), precision.lower() if precision else precision  # `--precision FP16`
         _check_options(backend, precision, threads, threshold)
         bundle = path if isinstance(path, Bundle) else open_bundle(path, verify=verify)
-        if cache_dir is not None and backend == "onnx":  # it had been ignored without a word
-            raise EdgeKDError("cache folder (--cache-dir): OpenVINO's compiled-model cache; the onnx backend (ONNX "
-                              "Runtime) has none: leave it out")
-        if cache_dir is not None:  # a cache inside a bundle folder would be an unlisted file: the bundle unusable
-            if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-                raise EdgeKDError(f"cache folder (--cache-dir) {cache_dir}: not a folder")
-            refuse_output_inside(cache_dir, [bundle.source], "cache folder (--cache-dir)")
+        _check_bundle_options(bundle, backend, cache_dir, threshold, task)
         bundle_threshold, positive = bundle.decision
-        if threshold is not None and bundle.tasks:
-            raise EdgeKDError("a decision threshold is for a two-class bundle: a multi-head bundle's tasks are "
-                              "decided by their top class")
-        if threshold is not None and len(bundle.class_names) != 2:
-            raise EdgeKDError(f"threshold {threshold}: a decision threshold needs a two-class bundle "
-                              f"({len(bundle.class_names)} classes)")
-        _check_task(bundle, task)
         precision = precision or bundle.most_precise()
         artifact = _pick_artifact(bundle, backend, precision)
         threads = cap_to_cores(threads) if threads else bundle.threads
@@ -166,8 +154,10 @@ class Runner:
         engine = create_backend(backend, artifact.path, bundle.io["input"], bundle.io["output"], threads,
                                 artifact.inference_precision_hint, cache_dir, preprocessor, model_data=artifact.read(),
                                 heads=heads)
-        check_embedded_metadata(bundle.meta, engine.embedded_metadata(),
-                                f"{bundle.source}: {artifact.path.relative_to(bundle.root).as_posix()}")
+        where = f"{bundle.source}: {artifact.path.relative_to(bundle.root).as_posix()}"
+        embedded = engine.embedded_metadata()
+        check_embedded_metadata(bundle.meta, embedded, where)
+        check_embedded_artifact(artifact, embedded, where)
         expected = [None, *bundle.preprocess["input_size"]]
         if len(engine.input_dims) != 4 or any(d is not None and d != e for d, e in zip(engine.input_dims[1:], expected[1:])):
             raise EdgeKDError(f"{artifact.path}: model input shape {engine.input_dims} does not match edgekd.json "
@@ -217,7 +207,7 @@ class Runner:
             with self._lock:
                 slot = self._engine().image_slot(1, views, channels)
                 slot.inputs[...] = 0
-                slot.run()
+                self._run(slot, 1, views)  # its output count checked: a model of other outputs fails at load
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """The bare backend call: float32 (N, C, H, W) model input -> (N, num_classes) logits."""
@@ -390,14 +380,14 @@ def runner_notes(runner: "Runner") -> list[str]:
 
 def ungated_path_note(runner: "Runner") -> str | None:
     """What to say when OpenVINO runs a bundle's ONNX file that the export's runner check did not run there: that
-    check runs the most precise ONNX model on OpenVINO (when no OpenVINO model of that precision exists), so an
-    ONNX INT8 file read by OpenVINO (the default backend, when the bundle has no OpenVINO INT8) was gated on ONNX
-    Runtime only."""
+    check runs the ONNX model on OpenVINO only at the bundle's most precise precision, when no OpenVINO model of it
+    exists (export.runner_check.checked_paths), so an ONNX INT8 file read by OpenVINO (the default backend, when
+    the bundle has no OpenVINO INT8) was gated on ONNX Runtime only. (A bundle of OpenVINO FP32 and ONNX INT8 had
+    been silent: its ONNX INT8 was ONNX's most precise, never the bundle's.)"""
     info = runner.info
     if info.get("backend") != "openvino" or info.get("format") != "onnx":
         return None
-    onnx = [a.precision for a in runner.bundle.artifacts if a.format == "onnx"]
-    if runner.precision == min(onnx, key=PRECISIONS.index):
+    if runner.precision == runner.bundle.most_precise():
         return None
     return (f"this bundle has no OpenVINO {runner.precision} model: OpenVINO runs its ONNX {runner.precision} file, "
             "which the export checked on ONNX Runtime only (--backend onnx runs it as checked)")
@@ -437,6 +427,24 @@ def check_artifact(bundle: Bundle, fmt: str, precision: str) -> None:
     bench`): a tampered edgekd.json would otherwise be published, or timed, without a word."""
     Runner.from_bundle(bundle, backend="onnx" if fmt == "onnx" else "openvino", precision=precision,
                        warmup=1).close()
+
+
+def _check_bundle_options(bundle: Bundle, backend: str, cache_dir, threshold, task: str | None) -> None:
+    """The options that depend on the bundle: a cache folder, a decision threshold, a task."""
+    if cache_dir is not None and backend == "onnx":  # it had been ignored without a word
+        raise EdgeKDError("cache folder (--cache-dir): OpenVINO's compiled-model cache; the onnx backend (ONNX "
+                          "Runtime) has none: leave it out")
+    if cache_dir is not None:  # a cache inside a bundle folder would be an unlisted file: the bundle unusable
+        if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+            raise EdgeKDError(f"cache folder (--cache-dir) {cache_dir}: not a folder")
+        refuse_output_inside(cache_dir, [bundle.source], "cache folder (--cache-dir)")
+    if threshold is not None and bundle.tasks:
+        raise EdgeKDError("a decision threshold is for a two-class bundle: a multi-head bundle's tasks are "
+                          "decided by their top class")
+    if threshold is not None and len(bundle.class_names) != 2:
+        raise EdgeKDError(f"threshold {threshold}: a decision threshold needs a two-class bundle "
+                          f"({len(bundle.class_names)} classes)")
+    _check_task(bundle, task)
 
 
 def _check_options(backend: str, precision: str | None, threads, threshold) -> None:
