@@ -1510,7 +1510,8 @@ def test_a_signal_after_two_openvino_runners_were_destroyed_is_handled(bundle):
     assert proc.returncode == 0 and "handled [15]" in proc.stdout, (proc.returncode, proc.stderr[-500:])
 
 
-def _flat_onnx_bundle(out: Path, batch="N", outputs=3, extra_first=False, classes=("a", "b", "c")) -> Path:
+def _flat_onnx_bundle(out: Path, batch="N", outputs=3, extra_first=False, classes=("a", "b", "c"), weights=None,
+                      meta_extra=None) -> Path:
     """A bundle of one hand-built ONNX model (Flatten -> MatMul), its batch axis `batch`, `outputs` logits, and with
     `extra_first` a feature output listed before the logits."""
     import hashlib
@@ -1518,8 +1519,9 @@ def _flat_onnx_bundle(out: Path, batch="N", outputs=3, extra_first=False, classe
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(3 * SIZE * SIZE, outputs)).astype(np.float32)
-                                * 0.05, "W")
+    if weights is None:
+        weights = np.random.default_rng(0).normal(size=(3 * SIZE * SIZE, outputs)).astype(np.float32) * 0.05
+    w = numpy_helper.from_array(weights.astype(np.float32), "W")
     nodes = [helper.make_node("Flatten", ["input"], ["f"], axis=1), helper.make_node("MatMul", ["f", "W"], ["logits"])]
     outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, outputs])]
     if extra_first:
@@ -1536,7 +1538,7 @@ def _flat_onnx_bundle(out: Path, batch="N", outputs=3, extra_first=False, classe
                            "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
             "tta": {"views": ["original", "hflip"], "center_crop_fraction": 0.875},
             "io": {"input": "input", "output": "logits"},
-            "artifacts": [{"format": "onnx", "precision": "fp32", "path": "onnx/model_fp32.onnx"}]}
+            "artifacts": [{"format": "onnx", "precision": "fp32", "path": "onnx/model_fp32.onnx"}], **(meta_extra or {})}
     (out / "edgekd.json").write_text(json.dumps(meta))
     lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(out).as_posix()}"
              for p in sorted(out.rglob("*")) if p.is_file()]
@@ -1561,3 +1563,19 @@ def test_a_model_of_other_outputs_a_fixed_batch_or_a_feature_output_first_is_sai
     ours, theirs = (Runner.from_bundle(feature_first, backend=b).predict(images[0]).probs for b in ("onnx", "openvino"))
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
+
+def test_a_calibrated_probability_below_float32s_range_is_the_same_on_both_backends(tmp_path):
+    """OpenVINO's in-graph float32 softmax rounded p = e^-100 to 0; a temperature of 20 then gave 4e-16 where
+    ONNX Runtime (float64) gave 0.0067: a high-sensitivity threshold flipped the label on one backend only."""
+    from edgekd.probability import calibrated_softmax
+
+    weights = np.zeros((3 * SIZE * SIZE, 2), np.float32)
+    weights[:, 1] = 100 / (2 * 3 * SIZE * SIZE)  # a black image is -2 after normalization: logits [0, -100]
+    bundle = _flat_onnx_bundle(tmp_path / "b", outputs=2, classes=("normal", "disease"), weights=weights,
+                               meta_extra={"calibration": {"temperature": 20.0, "bias": None}})
+    black = np.zeros((SIZE, SIZE, 3), np.uint8)
+    want = calibrated_softmax(np.array([[0.0, -100.0]]), 20.0)[0]
+    for backend in ("onnx", "openvino"):
+        probs = Runner.from_bundle(bundle, backend=backend).predict(black).probs
+        np.testing.assert_allclose(probs, want, rtol=1e-4, err_msg=backend)
+        assert probs[1] == pytest.approx(0.00669, rel=1e-2)

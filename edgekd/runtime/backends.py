@@ -5,7 +5,7 @@ Each backend has two ways in:
   (parity checks, benchmarks, `Runner.infer`);
 - `image_slot(n, views, channels)`: the runner's path, a `Slot` whose `inputs` take uint8 (n, H, W, C) model-size
   images and whose `run()` returns (n x V, classes) probabilities, every image's TTA views in a row. OpenVINO
-  builds the views, normalizes, transposes NHWC -> NCHW and applies the softmax inside the compiled model (its
+  builds the views, normalizes, transposes NHWC -> NCHW and applies a log-softmax inside the compiled model (its
   PrePostProcessor), so a prediction is one copy of uint8 pixels and one inference call; ONNX Runtime does the
   same steps in numpy around the session.
 """
@@ -140,7 +140,7 @@ class OpenVINOBackend:
     check; the CPU plugin may otherwise pick bf16/fp16 on capable CPUs. Reads OpenVINO IR (.xml) or ONNX.
 
     The image path compiles the model with the bundle's preprocessing in front (OpenVINO PrePostProcessor: uint8
-    NHWC -> float32, the TTA views, x * scale, - mean, / std per channel, NHWC -> NCHW) and a softmax behind, built
+    NHWC -> float32, the TTA views, x * scale, - mean, / std per channel, NHWC -> NCHW) and a log-softmax behind (probabilities taken in float64), built
     from `preprocessor` (the bundle's spec). The views are one gather + weighted sum of 4 source pixels + rounding
     (`TTAViews.linear_maps`, exact in float32, so the same pixels as the numpy views); the float steps are torch's,
     in torch's order, so probabilities match the numpy preprocessing + bare call within float rounding.
@@ -230,7 +230,7 @@ class OpenVINOBackend:
 
             def run() -> np.ndarray:
                 infer(share_outputs=True)
-                return outputs.copy()
+                return probabilities(outputs) if kind == "images" else outputs.copy()
 
             return Slot(inputs.reshape(shape) if gray else inputs, run, request)
 
@@ -247,7 +247,8 @@ class OpenVINOBackend:
             if gray:
                 rows = rows.reshape(rows.shape[0], 1, *rows.shape[1:3])
             request.infer({self.input_name: rows}, share_inputs=True)
-            return request.get_tensor(output).data.copy()
+            data = request.get_tensor(output).data
+            return probabilities(data) if kind == "images" else data.copy()
 
         return Slot(inputs, run_dynamic, request)
 
@@ -268,7 +269,7 @@ def _with_image_processing(model, input_name: str, output_name: str, pre: Prepro
                            views: TTAViews | None = None, n_images: int | None = None, channels: int | None = None,
                            heads: Heads = None):
     """OpenVINO PrePostProcessor: uint8 NHWC images in (one channel: declared NCHW, the same memory), with `views`
-    every image's TTA views (image-major), then (x * scale - mean) / std, NCHW to the model, softmax out (per
+    every image's TTA views (image-major), then (x * scale - mean) / std, NCHW to the model, log-softmax out (per
     head's slice with `heads`). With views the number of images must be static. `channels` 1 for a 3-channel model:
     gray images, repeated to the 3 channels after the views (gray -> RGB)."""
     import openvino as ov
@@ -300,19 +301,27 @@ def _with_image_processing(model, input_name: str, output_name: str, pre: Prepro
         steps.custom(lambda node: ops.multiply(node, ops.constant(np.ones((1, c, 1, 1), dtype=np.float32))).output(0))
     steps.custom(lambda node: ops.multiply(node, ops.constant(np.float32(pre.scale))).output(0))
     steps.mean([float(v) for v in pre.mean.ravel()]).scale([float(v) for v in pre.std.ravel()])
-    ppp.output(output_name).postprocess().custom(lambda node: _softmax_graph(node, heads))
+    ppp.output(output_name).postprocess().custom(lambda node: _log_softmax_graph(node, heads))
     return ppp.build()
 
 
-def _softmax_graph(node, heads: Heads):
-    """Softmax over the outputs, or over each head's slice (VariadicSplit, a softmax each, Concat)."""
+def _log_softmax_graph(node, heads: Heads):
+    """Log-softmax over the outputs, or over each head's slice (VariadicSplit, a log-softmax each, Concat): the
+    graph's float32 softmax had rounded a probability below ~1e-38 to 0, which no temperature then recovered
+    (calibrated OpenVINO probabilities disagreed with ONNX Runtime's float64 ones); `probabilities` exponentiates
+    in float64."""
     import openvino.opset13 as ops
 
     if heads is None:
-        return ops.softmax(node, 1).output(0)
+        return ops.log_softmax(node, 1).output(0)
     parts = ops.variadic_split(node, ops.constant(np.int64(1)),
                                ops.constant(np.array([hi - lo for lo, hi in heads], dtype=np.int64)))
-    return ops.concat([ops.softmax(parts.output(i), 1) for i in range(len(heads))], 1).output(0)
+    return ops.concat([ops.log_softmax(parts.output(i), 1) for i in range(len(heads))], 1).output(0)
+
+
+def probabilities(log_probs: np.ndarray) -> np.ndarray:
+    """The image graph's float32 log-probabilities as float64 probabilities (a new array)."""
+    return np.exp(np.asarray(log_probs, dtype=np.float64))
 
 
 def _views_graph(node, views: TTAViews, n: int, h: int, w: int, c: int, out_shape: tuple[int, ...]):
