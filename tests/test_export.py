@@ -1460,3 +1460,31 @@ def test_export_options_warned_as_ignored_only_when_they_are(tmp_path, monkeypat
                "--parity-images", "4", "--out", str(tmp_path / "b")) == 0
     assert "warning: --calib-images applies to INT8, which this export does not build: ignored" in \
         capsys.readouterr().err
+
+
+def test_the_cards_metrics_are_of_the_decisions_positive_class():
+    """edgekd.json's metrics (the card's clinical table, serve's /metadata) gave class 1's sensitivity and
+    specificity beside an operating point of `decision.positive: 0`: the two tables of one card contradicted."""
+    from edgekd.export.parity import split_metrics
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    logits = np.zeros((8, 2))
+    logits[[0, 3, 4, 5, 6], 1] = 2.0  # image 0 called 1: class 0 gets 2 of 3 right
+    logits[7, 0] = 2.0  # image 7 called 0: class 1 gets 4 of 5 right
+    one, zero = split_metrics(labels, logits), split_metrics(labels, logits, positive=0)
+    assert one["sensitivity"] == pytest.approx(4 / 5) and one["specificity"] == pytest.approx(2 / 3)
+    assert zero["sensitivity"] == pytest.approx(2 / 3) and zero["specificity"] == pytest.approx(4 / 5)
+
+
+@pytest.mark.slow
+def test_an_export_scores_its_metrics_for_the_profiles_positive_class(tmp_path):
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)
+    metrics = {}
+    for positive in (1, 0):
+        profile = profile_from_dict({"parity": {"images": 4}, "decision": {"positive": positive}})
+        result = export_checkpoint(ckpt, tmp_path / f"b{positive}", ["onnx"], ["fp32"], profile, log=quiet)
+        metrics[positive] = result.metadata["metrics"]["test"]
+        assert result.metadata["decision"]["positive_index"] == positive
+    assert metrics[0]["sensitivity"] == pytest.approx(metrics[1]["specificity"])
+    assert metrics[0]["specificity"] == pytest.approx(metrics[1]["sensitivity"])
+    assert metrics[0]["sensitivity"] != pytest.approx(metrics[0]["specificity"])  # a case that tells them apart

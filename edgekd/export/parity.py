@@ -158,10 +158,13 @@ class ParitySet:
     task_outputs: list[tuple[str, int, int]] | None = None
     """A one-head continual model's (task, first output, end output) per task: its metrics carry each task's too
     (`one_head_task_scores`, as `edgekd eval` scores them); None: not such a model."""
+    positive: int = 1
+    """A two-class model's positive class (the profile's decision.positive): its sensitivity/specificity, AUC and
+    pAUC are that class's, as the operating point's (they had been class 1's beside an operating point of class 0)."""
 
     def metrics(self, labels: np.ndarray, logits: np.ndarray) -> dict:
         """The reported metrics of (labels, logits) of one of its splits (`split_metrics`)."""
-        return split_metrics(labels, logits, self.heads, self.task_outputs)
+        return split_metrics(labels, logits, self.heads, self.task_outputs, self.positive)
 
     def rows(self, split: str) -> np.ndarray:
         """The rows of `split` the artifacts are scored on."""
@@ -250,7 +253,7 @@ def run_batched(session: ArtifactSession, x: np.ndarray, batch_size: int) -> np.
 
 
 def split_metrics(labels: np.ndarray, logits: np.ndarray, heads: list[tuple[str, int, int]] | None = None,
-                  task_outputs: list[tuple[str, int, int]] | None = None) -> dict:
+                  task_outputs: list[tuple[str, int, int]] | None = None, positive: int = 1) -> dict:
     """The reported metrics; with heads, each task's (its images, its head's softmax, task id given) under
     `tasks` and their mean over the tasks as the headline figures; with `task_outputs` (one head over every task's
     classes, no task id), the headline figures are the whole model's over every image and class (what it predicts,
@@ -258,7 +261,7 @@ def split_metrics(labels: np.ndarray, logits: np.ndarray, heads: list[tuple[str,
     image count with every output competing, as `edgekd eval` and continual.json score them (a task's pair scored
     as a binary problem had been averaged into sensitivity 0.06 beside the model's 0.19)."""
     if heads is None:
-        out = _reported(labels, softmax(logits.astype(np.float64)))
+        out = _reported(labels, softmax(logits.astype(np.float64)), positive)
         return out if task_outputs is None else {**out, "tasks": one_head_task_scores(labels, logits, task_outputs)}
     per_task = {}
     for name, lo, hi in heads:
@@ -283,8 +286,8 @@ def one_head_task_scores(labels: np.ndarray, logits: np.ndarray, tasks: list[tup
     return out
 
 
-def _reported(labels: np.ndarray, probs: np.ndarray) -> dict:
-    metrics = classification_metrics(labels, probs)
+def _reported(labels: np.ndarray, probs: np.ndarray, positive: int = 1) -> dict:
+    metrics = classification_metrics(labels, probs, positive if probs.shape[1] == 2 else 1)
     return {**{k: metrics[k] for k in REPORTED_METRICS if k in metrics}, "n": int(len(labels))}
 
 

@@ -23,7 +23,7 @@ from edgekd.fileio import (deferred_signals, ensure_free_space, make_temp_dir, r
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   restore_interrupted_publish, staging_dir, write_bundle_files, write_zip)
-from edgekd.export.clinical import as_the_bundle_decides, operating_point, write_reliability
+from edgekd.export.clinical import as_the_bundle_decides, operating_point, positive_index, write_reliability
 from edgekd.export.continual import (TaskLayout, continual_data, merge_parity_sets, retention_report, task_layout,
                                      task_metadata)
 from edgekd.export.formats import FORMATS, export_plan
@@ -230,7 +230,9 @@ def _build_parity_set(data, profile: ExportProfile, log: Callable[[str], None]) 
     # --metric-images: the artifacts are scored on a subset; the reference, calibration and threshold see it all
     rows = None if profile.parity.metric_images is None else {
         s: metric_subset(y, profile.parity.metric_images) for s, (_, y) in splits.items()}
-    parity_set = ParitySet(inputs, views, splits, raw_source=(val, [int(i) for i in picked]), metric_rows=rows)
+    binary = len(data.class_names) == 2
+    parity_set = ParitySet(inputs, views, splits, raw_source=(val, [int(i) for i in picked]), metric_rows=rows,
+                           positive=positive_index(profile.decision.positive, data.class_names) if binary else 1)
     log(f"parity set: {len(picked)} val images x {len(profile.tta.views)} views; metrics on "
         + ", ".join(f"{s} ({len(parity_set.rows(s))}" + (f" of {len(y)})" if len(parity_set.rows(s)) < len(y) else ")")
                     for s, (_, y) in splits.items()))
