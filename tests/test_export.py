@@ -705,7 +705,7 @@ def test_int8_paths_quantize_and_are_gated(tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_not_faster_than_fp32_is_left_out_and_the_card_says_why(tmp_path):
+def test_int8_not_faster_than_fp32_is_left_out_and_the_card_says_why(tmp_path, monkeypatch):
     """quantization.min_speedup: an INT8 artifact timed slower than the bar is not shipped (the export still
     succeeds with FP32), parity.json and the card give the timings; one that clears the bar ships with them."""
     import json
@@ -733,8 +733,22 @@ def test_int8_not_faster_than_fp32_is_left_out_and_the_card_says_why(tmp_path):
     # INT8 alone (the cpu-openvino-int8 profile's plan): nothing to time it against; shipped untimed, said so
     alone = export(1e6, "alone", ("onnx",), ("int8",))
     assert [a["precision"] for a in alone.metadata["artifacts"]] == ["int8"] and "too_slow" not in alone.parity
-    assert alone.parity["int8_untimed"] == ["onnx/int8"]
-    assert "INT8 speed not checked for onnx/int8" in (tmp_path / "alone/card.md").read_text()
+    assert alone.parity["int8_untimed"] == [{"artifact": "onnx/int8", "reason": "this export builds no onnx/fp32 to "
+                                             "time it against; quantization.min_speedup applies when it does"}]
+    assert "- onnx/int8: this export builds no onnx/fp32" in (tmp_path / "alone/card.md").read_text()
+    # its FP32 failing the gate: the INT8 is the format's only model, kept though slower (both had been dropped,
+    # the INT8 "for the FP32 to run here")
+    real, broken = FORMATS["onnx"], perturbed("onnx")
+    monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(real, export=lambda ctx, precision, path: (
+        broken if precision == "fp32" else real).export(ctx, precision, path)))
+    strict = profile_from_dict({"parity": {"images": 4, "tolerances": {"int8": loose}, "on_fail": "drop"},
+                                "quantization": {"calib_images": 8, "min_speedup": 1e6}})
+    kept_int8 = export_checkpoint(ckpt, tmp_path / "strict", ["onnx"], ["fp32", "int8"], strict, log=quiet)
+    assert [(a["format"], a["precision"]) for a in kept_int8.metadata["artifacts"]] == [("onnx", "int8")]
+    (int8_record,) = [r for r in kept_int8.parity["artifacts"] if r["precision"] == "int8"]
+    assert int8_record["speed_vs_fp32"]["kept"].startswith("its FP32 failed the gate")
+    assert "too_slow" not in kept_int8.parity
+    monkeypatch.setitem(FORMATS, "onnx", real)
 
     # both formats, FP16 between OpenVINO's FP32 and INT8: each INT8 is timed against its own format's FP32
     kept = export(1e-6, "kept", ("onnx", "openvino"), ("int8", "fp16", "fp32"))
@@ -935,9 +949,9 @@ def test_on_fail_drop_ships_the_passing_artifacts_and_says_why(tmp_path, monkeyp
     assert not (tmp_path / "c").exists()
 
 
-def test_an_int8_whose_fp32_failed_is_not_shipped_untimed(tmp_path, monkeypatch):
-    """With its FP32 artifact failed, the INT8 one shipped without the speed check, said to be "untimed: this
-    export builds no onnx/fp32"."""
+def test_an_int8_whose_fp32_failed_to_build_ships_untimed_and_says_why(tmp_path, monkeypatch):
+    """With its FP32 artifact failed to build, the INT8 one shipped without the speed check, said to be untimed
+    because "this export builds no onnx/fp32"."""
     real = FORMATS["onnx"]
 
     def export(ctx, precision, path):
@@ -947,13 +961,13 @@ def test_an_int8_whose_fp32_failed_is_not_shipped_untimed(tmp_path, monkeypatch)
 
     monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(real, export=export))
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")
-    drop = profile_from_dict({"parity": {"images": 4, "on_fail": "drop"}, "quantization": {"calib_images": 8}})
-    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx", "openvino"], ["fp32", "int8"], drop, log=quiet)
-    shipped = {(a["format"], a["precision"]) for a in result.metadata["artifacts"]}
-    assert ("onnx", "int8") not in shipped and ("onnx", "fp32") not in shipped and ("openvino", "fp32") in shipped
-    failed = {(d["format"], d["precision"]): d["failures"][0] for d in result.parity["dropped"]}
-    assert failed[("onnx", "int8")] == ("its speed cannot be checked: the onnx/fp32 artifact it is timed against "
-                                        "failed (quantization.min_speedup 1)")
+    drop = profile_from_dict({"parity": {"images": 4, "on_fail": "drop",
+                                         "tolerances": {"int8": {"top1_agreement": 0.5, "acc_drop": 0.5}}},
+                              "quantization": {"calib_images": 8}})
+    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32", "int8"], drop, log=quiet)
+    assert [(a["format"], a["precision"]) for a in result.metadata["artifacts"]] == [("onnx", "int8")]
+    assert result.parity["int8_untimed"] == [{"artifact": "onnx/int8", "reason": "its onnx/fp32 failed to build"}]
+    assert "- onnx/int8: its onnx/fp32 failed to build" in (tmp_path / "b" / "card.md").read_text()
 
 
 def test_int8_transformer_scheme_is_picked_for_every_timm_attention_and_no_channel_gate():

@@ -229,9 +229,9 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
                   "(`quantization.min_speedup`) left it out:", ""]
         lines += [f"- {d['format']} {d['precision']}: {d['reason']}" for d in parity["too_slow"]]
     if parity.get("int8_untimed"):
-        lines += ["", f"INT8 speed not checked for {', '.join(parity['int8_untimed'])}: this export built no FP32 "
-                  "artifact of that format to time it against (`quantization.min_speedup` applies when it does); "
-                  "`edgekd bench CHECKPOINT` exports and times both."]
+        lines += ["", "INT8 speed not checked (no FP32 artifact of the format to time it against; `edgekd bench "
+                  "CHECKPOINT` exports and times both):", ""]
+        lines += [f"- {u['artifact']}: {u['reason']}" for u in parity["int8_untimed"]]
     return lines
 
 

@@ -406,8 +406,9 @@ class _Outcome:
     test), so it is not released early."""
     too_slow: list[dict[str, Any]] = field(default_factory=list)
     """INT8 artifacts left out of the bundle for not being faster than their FP32 (quantization.min_speedup)."""
-    untimed: list[str] = field(default_factory=list)
-    """INT8 artifacts shipped untimed: the export built no FP32 artifact of their format to time them against."""
+    untimed: list[dict[str, str]] = field(default_factory=list)
+    """INT8 artifacts shipped untimed ({"artifact", "reason"}): no FP32 artifact of their format to time them against
+    (none in the plan, or it failed to build)."""
 
 
 def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set: ParitySet,
@@ -434,7 +435,7 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
         return
     if precision == "fp32" and fmt.name in outcome.timed_formats:
         outcome.fp32_sessions[fmt.name] = session
-    if speed is not None and not speed["fast_enough"]:
+    if speed is not None and not speed["fast_enough"] and not speed.get("kept"):
         for f in fmt.files(path):
             f.unlink(missing_ok=True)
         return
@@ -460,17 +461,18 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
 def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: ExportProfile, outcome: _Outcome,
                  log: Callable[[str], None]) -> dict[str, Any] | None:
     """An INT8 artifact timed against its format's FP32 artifact (when the export built one and the profile sets
-    quantization.min_speedup); one that is not fast enough goes into `outcome.too_slow`."""
+    quantization.min_speedup); one that is not fast enough goes into `outcome.too_slow`, unless that FP32 failed its
+    gate (then the INT8 is the format's only model, and is kept: it had been dropped "for the FP32 to run here",
+    the FP32 dropped as well). An FP32 that failed to build leaves the INT8 untimed, said why."""
     if precision != "int8":
         return None
     minimum, fp32 = profile.quantization.min_speedup, outcome.fp32_sessions.get(fmt.name)
-    if fp32 is None and fmt.name in outcome.timed_formats:  # it had shipped untimed, "no FP32 in this export"
-        raise EdgeKDError(f"its speed cannot be checked: the {fmt.name}/fp32 artifact it is timed against failed "
-                          f"(quantization.min_speedup {minimum:g})")
-    if minimum is not None and fp32 is None:  # an INT8-only profile (cpu-openvino-int8): nothing to time against
-        outcome.untimed.append(f"{fmt.name}/int8")
-        log(f"{fmt.name}/int8: speed not checked (this export builds no {fmt.name}/fp32 to time it against; "
-            "quantization.min_speedup applies when it does)")
+    if minimum is not None and fp32 is None:
+        failed = fmt.name in outcome.timed_formats  # in the plan, failed to build; else an INT8-only profile
+        why = (f"its {fmt.name}/fp32 failed to build" if failed else
+               f"this export builds no {fmt.name}/fp32 to time it against; quantization.min_speedup applies when it does")
+        outcome.untimed.append({"artifact": f"{fmt.name}/int8", "reason": why})
+        log(f"{fmt.name}/int8: speed not checked ({why})")
     if minimum is None or fp32 is None:
         return None
     speed = int8_speedup(fp32, session, parity_set.inputs, minimum)
@@ -479,6 +481,9 @@ def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: E
     if speed["fast_enough"]:
         log(f"{line})")
         return speed
+    if any(r["format"] == fmt.name and r["precision"] == "fp32" and not r["passed"] for r in outcome.records):
+        log(f"{line}, below quantization.min_speedup {minimum:g}): kept, its FP32 failed the gate")
+        return {**speed, "kept": "its FP32 failed the gate: the INT8 is this format's only model"}
     reason = (f"not faster than FP32 on this CPU: {line}, below quantization.min_speedup {minimum:g}); the FP32 "
               "artifact is the one to run here")
     outcome.too_slow.append({"format": fmt.name, "precision": precision, "reason": reason, "speed_vs_fp32": speed})
