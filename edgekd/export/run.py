@@ -469,8 +469,8 @@ def _speed_check(fmt, precision: str, session, parity_set: ParitySet, profile: E
     minimum, fp32 = profile.quantization.min_speedup, outcome.fp32_sessions.get(fmt.name)
     if minimum is not None and fp32 is None:
         failed = fmt.name in outcome.timed_formats  # in the plan, failed to build; else an INT8-only profile
-        why = (f"its {fmt.name}/fp32 failed to build" if failed else
-               f"this export builds no {fmt.name}/fp32 to time it against; quantization.min_speedup applies when it does")
+        why = (f"its {fmt.name}/fp32 failed to build" if failed else f"this export builds no {fmt.name}/fp32 to "
+               "time it against; quantization.min_speedup applies when it does")
         outcome.untimed.append({"artifact": f"{fmt.name}/int8", "reason": why})
         log(f"{fmt.name}/int8: speed not checked ({why})")
     if minimum is None or fp32 is None:
@@ -646,7 +646,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     A continual checkpoint first passes the retention gate (RetentionGateError unless `allow_forgetting`); a
     multi-head one is parity-checked per head. `lineage` (from `edgekd update`) goes into edgekd.json.
     `progress`: the CLI's progress bar (one step per artifact, INT8 calibration images), or None."""
-    checkpoint, (out, replacing) = Path(checkpoint), export_target(out)
+    checkpoint, named, (out, replacing) = Path(checkpoint), Path(out), export_target(out)
     refuse_output_inside(out, [checkpoint], replaces=True)  # a best.pt kept in the bundle it replaces
     profile = profile or load_profile(None)
     plan = export_plan(formats or profile.formats, precisions or profile.precisions,
@@ -687,12 +687,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                         if explain_data is not None else [])
         write_bundle_files(stage, metadata, parity, explanations)
         _runner_gate(stage, metadata, parity, parity_set, profile, explanations, checkpoint, out, outcome, log)
-        publish_held(stage, out, replacing, log)
+        publish_held(stage, out, replacing, log, named)
     finally:
         remove_trees([scratch, stage])
         untrack_tree(scratch)
         untrack_tree(stage)
-    zip_path = _zip_after_publish(out, replacing, zip_bundle, log)
+    zip_path = _zip_after_publish(out, replacing, zip_bundle, log, named)
     log(f"wrote {out}/ ({METADATA_FILE}, {len(artifacts)} artifacts)" + (f" and {zip_path}" if zip_path else ""))
     return ExportResult(out, zip_path, metadata, parity)
 
@@ -706,30 +706,38 @@ def export_target(out: str | Path) -> tuple[Path, bool]:
     return out, (out / METADATA_FILE).is_file()
 
 
-def publish_held(stage: Path, out: Path, replacing: bool, log: Callable[[str], None]) -> None:
+def zip_beside(folder: Path) -> Path:
+    """`<folder>.zip`, beside it."""
+    return folder.parent / f"{folder.name}.zip"
+
+
+def publish_held(stage: Path, out: Path, replacing: bool, log: Callable[[str], None],
+                 named: Path | None = None) -> None:
     """`publish` and, for a replaced bundle, its zip's removal, with stop signals held: a stop between publish's
     renames had left neither bundle at --out; one after it, while the new zip was written, the old model's zip
-    beside the new folder."""
+    beside the new folder. `named`: --out as given, a symlink to `out` (its zip goes too)."""
     with deferred_signals():
         publish(stage, out)
         if replacing:
-            remove_stale_zip(out, log)
+            for archive in dict.fromkeys(zip_beside(p) for p in (out, named or out)):
+                remove_stale_zip(archive, log)
 
 
-def _zip_after_publish(out: Path, replacing: bool, zip_bundle: bool, log: Callable[[str], None]) -> Path | None:
-    """`<out>.zip` written (--zip); says when a bundle was replaced (whose zip went at publish)."""
+def _zip_after_publish(out: Path, replacing: bool, zip_bundle: bool, log: Callable[[str], None],
+                       named: Path | None = None) -> Path | None:
+    """`<--out as given>.zip` written (--zip: a symlinked --out's name, not its target's, as README says);
+    says when a bundle was replaced (whose zip went at publish)."""
     if replacing:
         log(f"replaced the earlier bundle in {out}")
     if zip_bundle:
-        return write_zip(out, out.parent / f"{out.name}.zip")
+        return write_zip(out, zip_beside(named or out))
     return None
 
 
-def remove_stale_zip(out: Path, log: Callable[[str], None]) -> None:
-    """An export without --zip that replaced the bundle at `out` removes `<out>.zip` when it is a bundle's zip: left
-    there it would hold another model than the folder of its name, and a zip is what gets copied to a device. Other
-    files stay, and so does a zip with no bundle folder beside it (it may be the only copy)."""
-    archive = out.parent / f"{out.name}.zip"
+def remove_stale_zip(archive: Path, log: Callable[[str], None]) -> None:
+    """An export without --zip that replaced a bundle removes its `<out>.zip` (`archive`) when it is a bundle's zip:
+    left there it would hold another model than the folder of its name, and a zip is what gets copied to a device.
+    Other files stay, and so does a zip with no bundle folder beside it (it may be the only copy)."""
     try:
         with zipfile.ZipFile(archive) as zf:
             bundled = METADATA_FILE in zf.namelist()
