@@ -229,6 +229,9 @@ def test_export_records_temperature_threshold_and_card(calibrated_bundle):
     card = (out / "card.md").read_text()
     assert "## Operating point" in card and "## Calibration" in card and "not a medical device" in card
     assert f"{d['threshold']:.4f}" in card and (out / "calibration.png").stat().st_size > 1000
+    # TTA moves the probabilities the threshold applies to: the card says its figures are single-view ones
+    single = "Calibration, threshold and figures are of single-view predictions (the original image)"
+    assert (single in card) == (len(meta["tta"]["views"]) > 1)
 
 
 def test_runner_applies_the_bundle_temperature_and_threshold_on_both_backends(calibrated_bundle):

@@ -141,10 +141,14 @@ def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
         subset = (f" The formats' rows are on a `--metric-images` subset of {ref['metric_images']['test']} of the "
                   f"{ref['split_images']['test']} test images, PyTorch's on all of them."
                   if scored_on_subset(parity) else "")
+        single = ("" if len((metadata.get("tta") or {}).get("views") or []) <= 1 else
+                  " Calibration, threshold and figures are of single-view predictions (the original image); with "
+                  "TTA (`--tta`) the label thresholds the mean of the views' probabilities, whose spread differs, so "
+                  "these figures are not those of TTA predictions.")
         lines += ["", "## Operating point", "", f"Label: {how}. Test figures with 95% stratified bootstrap intervals "
                   "(1000 resamples); every format below is scored under the same "
                   + ("calibration and threshold." if calibration else "threshold (no calibration: raw softmax).")
-                  + subset, "",
+                  + subset + single, "",
                   "| model | " + " | ".join(OPERATING_METRICS) + f" | {calibrated}p vs PyTorch (mean abs) |",
                   "|---|" + "---|" * (len(OPERATING_METRICS) + 1),
                   "| pytorch fp32 | " + " | ".join(_ci(decision["test"].get(m)) for m in OPERATING_METRICS) + " | - |"]
