@@ -556,3 +556,31 @@ def test_export_warns_when_no_threshold_reaches_the_decision_target():
     assert clinical["decision"]["threshold"] == 1.0
     assert said == ["warning: decision: no threshold reaches specificity 1 on val (it gives 0.6667 at 1: images "
                     "at probability 1.0)"]
+
+
+def test_an_operating_point_that_cannot_be_fit_is_a_one_line_profile_error():
+    """A one-class val split under rule youden, or Platt scaling of a model ranking the classes backwards, ended in
+    a raw ValueError (the CLI's unforeseen-error path, exit 1); Platt on one class fitted without a word."""
+    from edgekd.errors import EdgeKDError
+    from edgekd.export import profile_from_dict
+    from edgekd.export.clinical import operating_point
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(40, 2))
+    one_class = np.zeros(40, dtype=int)
+    both = np.arange(40) % 2
+
+    def fit(val_y, profile):
+        reference = {"splits": {"val": {"logits": logits}, "test": {"logits": logits}}}
+        splits = {"val": (None, val_y), "test": (None, both)}
+        return operating_point(reference, splits, profile_from_dict(profile), ["normal", "disease"])
+
+    with pytest.raises(EdgeKDError, match=r"^export profile: decision.rule youden: .*both classes"):
+        fit(one_class, {"calibration": {"method": "none"}, "decision": {"rule": "youden"}})
+    with pytest.raises(EdgeKDError, match=r"^export profile: calibration.method platt: Platt scaling needs validation "
+                                          r"images of both classes$"):
+        fit(one_class, {"calibration": {"method": "platt"}})
+    backwards = np.where(logits[:, 1] > logits[:, 0], 0, 1)  # the model ranks the classes backwards
+    with pytest.raises(EdgeKDError, match=r"^export profile: calibration.method platt: .*non-positive slope"):
+        fit(backwards, {"calibration": {"method": "platt"}})
+    assert fit(1 - backwards, {"calibration": {"method": "platt"}})["calibration"] is not None

@@ -45,13 +45,18 @@ def operating_point(reference: dict[str, Any], splits: dict[str, tuple[np.ndarra
     if "positive" in profile.decision.model_fields_set and not binary:  # it was dropped without a word
         raise EdgeKDError(f"export profile: decision.positive is for a two-class model ({len(class_names)} classes; "
                           "a multi-class bundle predicts the top class)")
-    if method != "none":
-        calibration = calibration_report(val_logits, val_y, test_logits, test_y, method)
     positive = positive_index(profile.decision.positive, class_names)
     rule = profile.decision.rule if binary else "argmax"
-    p_val, p_test = (calibrated_softmax(z, *calibration_of({"calibration": calibration})) for z in (val_logits, test_logits))
-    threshold = choose_threshold((val_y == positive).astype(int), p_val[:, positive], rule,
-                                 profile.decision.target) if binary else None
+    try:  # scikit-learn's and our fits' ValueErrors (one class in val, a model ranking backwards): one line, exit 2
+        if method != "none":
+            calibration = calibration_report(val_logits, val_y, test_logits, test_y, method)
+        p_val, p_test = (calibrated_softmax(z, *calibration_of({"calibration": calibration}))
+                         for z in (val_logits, test_logits))
+        threshold = choose_threshold((val_y == positive).astype(int), p_val[:, positive], rule,
+                                     profile.decision.target) if binary else None
+    except ValueError as err:
+        key = f"decision.rule {rule}" if calibration is not None or method == "none" else f"calibration.method {method}"
+        raise EdgeKDError(f"export profile: {key}: {err}") from None
     decision = {"rule": rule, "target": profile.decision.target if rule != "argmax" else None, "threshold": threshold,
                 # a positive class only where there is one: a two-class model (a 10-class bundle had named one)
                 **({"positive_class": class_names[positive], "positive_index": positive} if binary else {}),

@@ -77,6 +77,8 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, list[float
     if logits.shape[1] != 2:
         raise ValueError("Platt scaling needs a two-class model (use temperature scaling)")
     d, y = logits[:, 1] - logits[:, 0], np.asarray(labels, dtype=float)
+    if len(np.unique(y)) < 2:  # the fit "succeeded" on one class, a slope toward that class alone
+        raise ValueError("Platt scaling needs validation images of both classes")
 
     def loss(params: np.ndarray) -> float:
         s = params[0] * d + params[1]
