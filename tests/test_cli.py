@@ -97,8 +97,9 @@ def test_help_fits_80_columns_without_truncation():
         p = run_edgekd(command, "--help")
         assert p.returncode == 0 and "…" not in p.stdout, (command, p.stdout)
     assert "--no-accuracy-control" in run_edgekd("export", "--help").stdout
-    short = run_edgekd("export", "-h")  # -h as everywhere else
+    short = run_edgekd("export", "-h")  # -h as everywhere else, the same text (it had kept the docstring's breaks)
     assert short.returncode == 0 and "edgekd export [OPTIONS]" in short.stdout and "--no-accuracy-control" in short.stdout
+    assert short.stdout == run_edgekd("export", "--help").stdout
 
 
 def test_export_refuses_both_accuracy_control_flags(tmp_path):

@@ -46,7 +46,7 @@ def _plain_help_types() -> None:
 
     if hasattr(TyperArgument, "_usage_display_name"):
         TyperArgument._usage_display_name = usage_name
-    if "--help" not in sys.argv[1:] and len(sys.argv) > 2:
+    if not {"--help", "-h"} & set(sys.argv[1:]) and len(sys.argv) > 2:  # (-h had kept the docstring's breaks)
         return  # the command list is help only: rich's markdown stays unimported on a prediction's start
     from typer import rich_utils
 
