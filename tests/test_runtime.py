@@ -1579,3 +1579,20 @@ def test_a_calibrated_probability_below_float32s_range_is_the_same_on_both_backe
         probs = Runner.from_bundle(bundle, backend=backend).predict(black).probs
         np.testing.assert_allclose(probs, want, rtol=1e-4, err_msg=backend)
         assert probs[1] == pytest.approx(0.00669, rel=1e-2)
+
+
+def test_predict_out_dash_writes_the_json_document_to_stdout_alone(bundle, tmp_path):
+    """`-o -` was refused (.csv or .json only) and the only stdout was the table: `edgekd predict ... | jq` could not
+    work. Now stdout holds the JSON document, every note and error on stderr."""
+    from conftest import run_edgekd
+
+    img = tmp_path / "a.png"
+    Image.fromarray(random_pixels((16, 16, 3))).save(img)
+    proc = run_edgekd("predict", bundle, img, tmp_path / "missing.png", "--tta", "-o", "-")
+    assert proc.returncode == 1, proc.stderr  # the missing file: exit 1, as with a file output
+    document = json.loads(proc.stdout)
+    assert document["class_names"] == CLASS_NAMES and document["tta_views"]
+    good, missing = document["predictions"]
+    assert good["file"].endswith("a.png") and sum(good["probs"].values()) == pytest.approx(1.0)
+    assert "error" in missing and "missing.png" in proc.stderr
+    assert not (tmp_path / "-").exists()

@@ -3,6 +3,7 @@ and a bundle's bench run without PyTorch)."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import Optional
@@ -128,7 +129,8 @@ def predict(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: the bundle's "
                                           "hint, at most the cores; else the engine's default)."),
     batch: int = typer.Option(16, "--batch", min=1, help="Images per inference call (bounds memory)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions to a .csv or .json file; `-`: "
+                                       "the JSON document on stdout (no table), for a pipe (`| jq`)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO model cache: later runs start faster."),
     threshold: Optional[float] = typer.Option(None, "--threshold", callback=probability_option, metavar="[0..1]",
                                               help="Decision threshold on the positive class's calibrated probability "
@@ -141,11 +143,12 @@ def predict(
 
     Probabilities are calibrated with the bundle's temperature (when it has one; the uncalibrated ones are shown
     beside them) and the label follows the bundle's operating point (its threshold, or the top class)."""
+    from edgekd.fileio import refuse_output_inside, to_jsonable
     from edgekd.runtime import Failure, Runner
-    from edgekd.fileio import refuse_output_inside
-    from edgekd.runtime.output import check_output_path
+    from edgekd.runtime.output import check_output_path, predictions_document
 
-    if out is not None:
+    to_stdout = out is not None and str(out) == "-"
+    if out is not None and not to_stdout:
         out = check_output_path(out)  # a symlinked --out: the file it points to
         refuse_output_inside(out, [bundle])
     if views is not None and tta is False:
@@ -155,6 +158,25 @@ def predict(
                                 cache_dir=cache_dir, threshold=threshold, task=task)
     say_runner_notes(runner)
     paths, problems = _predict_inputs(inputs, frame)
+    results = _predictions(runner, paths, batch) + [Failure(source, message) for source, message in problems]
+    if to_stdout:  # the data on stdout, nothing else there (notes and errors go to stderr)
+        document = predictions_document(results, runner.class_names, _predict_info(runner, bundle, tta_option, task))
+        out_console.print(json.dumps(to_jsonable(document), indent=2), markup=False, highlight=False, soft_wrap=True)
+    else:
+        if out is not None:  # first: a table that cannot be printed (a closed pipe) does not lose the run's results
+            _write_predict_output(out, results, runner, bundle, tta_option, task)
+        out_console.print(task_predictions_table(bundle.name, runner, results) if runner.tasks and task is None
+                          else predictions_table(bundle.name, runner, results, runner.precision, tta_option))
+    failed = sum(isinstance(r, Failure) for r in results)
+    if failed:
+        console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
+        raise typer.Exit(1)
+
+
+def _predictions(runner, paths: list, batch: int) -> list:
+    """`runner.predict_many` under a progress bar, each failure and warning said as it comes."""
+    from edgekd.runtime import Failure
+
     results = []
     with progress_bar() as progress:
         bar = progress.add_task("predict", total=len(paths))
@@ -166,17 +188,7 @@ def predict(
                                        f"{escape(_warning(result))}", soft_wrap=True)
             results.append(result)
             progress.advance(bar)
-    results += [Failure(source, message) for source, message in problems]
-    if out is not None:  # first: a table that cannot be printed (a closed pipe) does not lose the run's results
-        _write_predict_output(out, results, runner, bundle, tta_option, task)
-    if runner.tasks and task is None:
-        out_console.print(task_predictions_table(bundle.name, runner, results))
-    else:
-        out_console.print(predictions_table(bundle.name, runner, results, runner.precision, tta_option))
-    failed = sum(isinstance(r, Failure) for r in results)
-    if failed:
-        console.print(f"[bold red]{failed} of {len(results)} input(s) failed[/]")
-        raise typer.Exit(1)
+    return results
 
 
 def say_runner_notes(runner) -> None:
@@ -226,12 +238,17 @@ def _write_predict_output(out: Path, results: list, runner, bundle: Path, tta_op
     from edgekd.runtime.output import write_predictions
 
     views = runner.tta_views.names if tta_option else []
-    write_predictions(out, results, runner.class_names, {
-        "bundle": str(bundle), **runner.info, "tta_views": views or None,
-        "temperature": runner.temperature, "threshold": runner.threshold,
-        **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})},
-        runner.tasks if task is None else None, (views, runner.temperature != 1.0 or runner.bias is not None))
+    write_predictions(out, results, runner.class_names, _predict_info(runner, bundle, tta_option, task),
+                      runner.tasks if task is None else None,
+                      (views, runner.temperature != 1.0 or runner.bias is not None))
     console.print(escape(f"wrote {out}"))
+
+
+def _predict_info(runner, bundle: Path, tta_option, task: str | None) -> dict:
+    """The run's settings a predictions file carries beside the predictions."""
+    views = runner.tta_views.names if tta_option else []
+    return {"bundle": str(bundle), **runner.info, "tta_views": views or None, "temperature": runner.temperature,
+            "threshold": runner.threshold, **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})}
 
 
 def repository(

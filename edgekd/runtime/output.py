@@ -102,5 +102,10 @@ def write_predictions(path: str | Path, results: Sequence[Prediction | TaskPredi
     if path.suffix.lower() == ".csv":
         chosen = info["task"] is not None if info and "tasks" in info and "task" in info else None  # a head's
         return write_text(path, predictions_csv(results, class_names, tasks, shape, chosen))
-    return write_json(path, {"class_names": class_names, **(info or {}),
-                             "predictions": [r.to_dict() for r in results]})
+    return write_json(path, predictions_document(results, class_names, info))
+
+
+def predictions_document(results: Sequence[Prediction | TaskPredictions | Failure], class_names: list[str],
+                         info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a JSON output holds: {class_names, info..., predictions: [Prediction/TaskPredictions.to_dict()]}."""
+    return {"class_names": class_names, **(info or {}), "predictions": [r.to_dict() for r in results]}
