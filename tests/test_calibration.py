@@ -60,9 +60,10 @@ def test_a_temperature_driven_to_its_bound_is_warned_of():
     z = np.array([[2.0, -2.0], [-1.5, 1.0], [3.0, 0.0], [0.0, 2.5]] * 5)
     y = z.argmax(1)
     report = calibration_report(z, y)
-    assert report["temperature"] < 0.1
-    assert report["warning"].startswith("every val image is right, so the NLL keeps falling as T shrinks: T stopped "
-                                        "near its 0.05 bound")
+    assert report["temperature"] == 1.0  # not the degenerate fit's ~0.05: probabilities at 0 and 1 had shipped
+    assert report["warning"].startswith("every val image is right, so the NLL keeps falling as T shrinks (it stopped "
+                                        "near its 0.05 bound") and "T kept at 1, no calibration" in report["warning"]
+    assert report["val"]["after"] == report["val"]["before"]
     rng = np.random.default_rng(1)
     z = rng.normal(0, 2, size=(400, 2))
     assert "warning" not in calibration_report(z, np.array([rng.choice(2, p=p) for p in softmax(z)]))
@@ -194,7 +195,8 @@ def calibrated_bundle(tmp_path_factory):
             "data": {"source": "medmnist", "path": str(write_npz(root / "tiny.npz")), "image_size": 16,
                      "channels": 3, "batch_size": 8},
             "model": {"name": "edgekd_cnn_tiny"},
-            "train": {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
+            # one epoch: a model that errs on val (2 epochs separated it, and a perfect val split is not calibrated)
+            "train": {"epochs": 1, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
                       "monitor": "val_loss", "monitor_mode": "min"}}
     ckpt = train_recipe(recipe_from_dict(tiny), root / "run", log=lambda *_: None).best_path
     profile_path = root / "profile.yaml"
@@ -404,7 +406,8 @@ def test_a_threshold_on_the_class_at_index_0_labels_by_that_class(calibrated_bun
     first = Runner.from_bundle(bundle, backend="onnx").predict_batch(images)
     # At t = min(p0, p1) of an image, "class 0 when p0 >= t" says 0 and "class 1 when p1 >= t" says 1: these
     # thresholds tell a runner that thresholds the positive class from one that thresholds index 1.
-    thresholds = [None] + [float(min(p.probs)) for p in first[:3]]
+    # (1e-6 below: OpenVINO's float32 graph and ONNX Runtime's probabilities differ in the last digits)
+    thresholds = [None] + [float(min(p.probs)) - 1e-6 for p in first[:3]]
     for backend in ("onnx", "openvino"):
         for i, t in enumerate(thresholds):
             preds = Runner.from_bundle(bundle, backend=backend, threshold=t).predict_batch(images)

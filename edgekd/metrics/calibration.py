@@ -109,9 +109,13 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
     out: dict[str, Any] = {"method": method, "temperature": temperature, "fitted_on": "val",
                            "fit_images": int(len(val_labels)), "bins": ECE_BINS}
     if method == "temperature" and (np.asarray(val_logits).argmax(1) == np.asarray(val_labels)).all():
-        out["warning"] = (f"every val image is right, so the NLL keeps falling as T shrinks: T stopped near its "
-                          f"{T_BOUNDS[0]:g} bound ({temperature:.3g}) and calibrated probabilities sit at 0 and 1; a "
-                          "val split the model makes mistakes on (more images, or harder ones) calibrates")
+        # the fit is degenerate: its T (near the 0.05 bound) had shipped, every calibrated probability at 0 or 1 (a
+        # raw 0.71 shown as 1.0000 to a clinician); no calibration is the honest answer
+        out["warning"] = (f"every val image is right, so the NLL keeps falling as T shrinks (it stopped near its "
+                          f"{T_BOUNDS[0]:g} bound, {temperature:.3g}, every probability at 0 or 1): T kept at 1, no "
+                          "calibration; a val split the model makes mistakes on (more images, or harder ones) "
+                          "calibrates")
+        temperature = out["temperature"] = 1.0
     elif method == "temperature" and temperature > T_BOUNDS[1] * 0.95:
         out["warning"] = (f"T stopped near its {T_BOUNDS[1]:g} bound ({temperature:.3g}): the fit wanted softer "
                           "probabilities than the bound allows (scores that barely follow the val labels, or logits "
