@@ -1255,3 +1255,19 @@ def test_one_image_batches_through_a_batchnorm_at_1x1_are_the_recipes_problem(ti
     with pytest.raises(EdgeKDError, match=r"^data.batch_size 1: a training batch of one image reached a BatchNorm "
                                           r"layer with one value per channel .*data.image_size 16"):
         train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda *_: None)
+
+
+def test_the_early_stop_line_names_a_best_epoch_that_only_broke_a_tie():
+    """An epoch tying the best monitor at a lower val loss becomes best.pt (marked *) without resetting the
+    patience; "did not improve for 8 epochs" two epochs after a * had read as a contradiction."""
+    from types import SimpleNamespace
+
+    from edgekd.train.trainer import Trainer
+
+    t = Trainer.__new__(Trainer)
+    t.cfg = SimpleNamespace(monitor="val_auc")
+    t.epoch, t.bad_epochs, t.best_epoch = 9, 8, 7
+    assert t._early_stop_line(8) == ("early stop: val_auc did not improve for 8 epochs (last at epoch 1; best.pt is "
+                                     "epoch 7's, which tied epoch 1's at a lower val loss)")
+    t.best_epoch = 1
+    assert t._early_stop_line(8) == "early stop: val_auc did not improve for 8 epochs (last at epoch 1)"

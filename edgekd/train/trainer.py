@@ -398,6 +398,15 @@ class Trainer:
             return value > self.best_value + delta
         return value < self.best_value - delta
 
+    def _early_stop_line(self, patience: int) -> str:
+        """Why the run stopped; a best.pt from a tie broken by val loss (marked * in its epoch line) after the last
+        improvement is named, since the patience counts from that improvement (the line had seemed to contradict
+        the * marks)."""
+        last = self.epoch - self.bad_epochs
+        tie = (f"; best.pt is epoch {self.best_epoch}'s, which tied epoch {last}'s at a lower val loss"
+               if self.best_epoch > last else "")
+        return f"early stop: {self.cfg.monitor} did not improve for {patience} epochs (last at epoch {last}{tie})"
+
     def _breaks_tie(self, value: float, loss: float | None) -> bool:
         """The monitor tied exactly with the best epoch's (a val AUC or ACC saturated on a small split: the first
         epoch at 1.0 had been kept, barely trained) at a val loss lower by more than min_delta: this epoch becomes
@@ -586,7 +595,7 @@ class Trainer:
                 tracker.log_epoch(self._epoch_record(row))
                 if patience is not None and self.bad_epochs >= patience:
                     stopped_early = True
-                    self.log(f"early stop: {self.cfg.monitor} did not improve for {patience} epochs")
+                    self.log(self._early_stop_line(patience))
                     break
         except BaseException as err:
             with contextlib.suppress(Exception):  # a tracker's own failure never hides the training's
