@@ -127,6 +127,12 @@ def test_missing_data_file_is_named(tmp_path):
     with pytest.raises(EdgeKDError, match="nope.npz: MedMNIST .npz not found"):
         check_recipe(tmp_path / "r.yaml")
     assert check_recipe(tmp_path / "r.yaml", synthetic=True).stand_ins  # the synthetic check needs no file
+    # a folder of images under the .npz source: the path exists, so "not found" had sent the user after a typo
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, "data": {**recipe["data"], "path": str(tmp_path / "scans")}}))
+    with pytest.raises(EdgeKDError, match=r"scans: a folder, and data.source medmnist reads a .npz file; for a folder "
+                                          r"of images give --set data.source=imagefolder"):
+        check_recipe(tmp_path / "r.yaml")
 
 
 def test_synthetic_student_without_teacher_recipe_is_refused(tiny_recipe_dict, tmp_path):

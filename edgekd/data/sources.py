@@ -148,6 +148,9 @@ def load_source(kind: str, path: str | None) -> Source:
 def load_medmnist(path: str | Path) -> Source:
     """A MedMNIST v2 .npz (keys train_images, train_labels, val_*, test_*), grayscale or RGB, any size."""
     path = Path(path)
+    if path.is_dir():  # the path exists: "not found" had sent users looking for a typo
+        raise EdgeKDError(f"{path}: a folder, and data.source medmnist reads a .npz file; for a folder of images "
+                          "give --set data.source=imagefolder (class subfolders, or train/val/test of them)")
     if not path.is_file():
         raise EdgeKDError(f"{path}: MedMNIST .npz not found")
     try:
