@@ -4,6 +4,7 @@ full-size pneumonia recipes (check, teacher, distilled student, export, predict 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -49,6 +50,8 @@ def test_bring_your_own_jpegs_end_to_end(tmp_path, monkeypatch):
     res = cli.invoke(app, ["check", "recipes/pneumonia/teacher.yaml", *common])
     assert res.exit_code == 0, res.output
     assert "check ok (supervised)" in res.output and "train images" in res.output
+    epoch = re.search(r"per epoch\s*│\s*([0-9.e+-]+) s \(", res.output)
+    assert epoch and float(epoch.group(1)) > 0, res.output  # a fraction of a second had been shown as "0 s"
 
     teacher = tmp_path / "teacher"
     res = cli.invoke(app, ["train", "recipes/pneumonia/teacher.yaml", *common, "--out", str(teacher)])

@@ -107,8 +107,8 @@ def check(
                 f"median of {r.timed_steps} timed steps, {r.step_range[0]:.3f}-{r.step_range[1]:.3f}" if r.timed_steps
                 else "one step, warm-up included: the train split is one batch") + "; training only, not evaluation)"),
             ("per epoch" if r.kind != "continual" else "an epoch of every task",
-             f"{r.epoch_seconds:.0f} s ({r.train_images} train images)" if r.epoch_seconds is not None
-             else f"{r.seconds_per_1000_images:.0f} s per 1000 train images"),
+             f"{r.epoch_seconds:.3g} s ({r.train_images} train images)" if r.epoch_seconds is not None
+             else f"{r.seconds_per_1000_images:.3g} s per 1000 train images"),  # 3 digits: 0.36 s had shown as 0
             ("peak RSS", f"{r.peak_rss_mb:.0f} MB"), ("check took", f"{r.seconds:.1f} s")]
     rows += [("stand-in", s) for s in r.stand_ins]
     for k, v in rows:
