@@ -204,7 +204,7 @@ class DecisionConfig(Section):
 
 class CardConfig(Section):
     intended_use: str = ("Research use only; not a medical device. Not validated for clinical decisions.")
-    limitations: list[str] = ["Trained and tested on one public data set; performance on other sites, scanners "
+    limitations: list[str] = ["Trained and tested on one data set; performance on other sites, scanners "
                               "and populations is unknown.",
                               "Figures hold for this data set's own validation and test splits only."]
 
