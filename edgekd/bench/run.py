@@ -420,7 +420,8 @@ def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int 
     subject.images = work / f"{subject.role}-folder-images.npy"
     np.save(subject.images, images)
     subject.labels = np.asarray(labels)[picked]
-    log(f"{subject.role}: {len(picked)} labelled images of {folder} at {images.shape[1:]}"
+    log(f"{subject.role}: {len(picked)} labelled images of {folder}, held at the resize size {images.shape[1:]} "
+        "(each row crops them to the model's input)"
         + (f" (stratified subset of {len(paths)})" if len(picked) < len(paths) else "") + hair_note(subject))
 
 
