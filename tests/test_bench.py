@@ -232,6 +232,9 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
     assert res.exit_code == 0, res.output
     assert "no test data (give --data RECIPE or a checkpoint): timed on random images, no accuracy" in \
         " ".join(res.output.split())
+    # the checkpoint the bundle's edgekd.json names is said (the note had only said "pass --checkpoint")
+    assert f"its edgekd.json names the checkpoint it was exported from, {ckpt.resolve()}: --checkpoint with it" in \
+        " ".join(res.output.split())
     # Every row n/a: an error, and nothing written (it had claimed a chart it never drew).
     with pytest.raises(EdgeKDError, match="no row could run .*--checkpoint"):
         run_bench(BenchConfig(bundle, tmp_path / "b7", formats="torch", precisions="fp32", batches="1", gemm=False),

@@ -254,6 +254,10 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
                           preprocess=bundle.preprocess, class_names=bundle.class_names, checkpoint=checkpoint,
                           params=meta.get("params"))
         subject.continual = continual_kind((bundle.meta.get("continual") or {}).get("head"))
+        recorded = meta.get("checkpoint_path")
+        if checkpoint is None and recorded and Path(recorded).is_file():  # "pass --checkpoint": which one, said
+            subject.notes.append(f"its edgekd.json names the checkpoint it was exported from, {recorded}: "
+                                 "--checkpoint with it adds the torch rows and MACs")
         refuse_continual_scoring(subject, data_given)
         _add_bundle_artifacts(subject, source)
         for pair in wanted:
