@@ -182,6 +182,14 @@ def test_explain_cli_writes_overlays(tmp_path, monkeypatch):
     assert rec[0]["input_size"] == [16, 16] and rec[0]["target"] == "class_1"
     assert 0 <= rec[0]["target_prob"] <= 1 and all((r["peak_yx"] is None) == r["blank"] for r in rec)
     assert Image.open(tmp_path / "cam" / "x0_gradcam.png").size == (224, 224)
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    for i, f in enumerate(files):
+        (folder / ("sub" if i else "") / f.name).write_bytes(f.read_bytes())
+    p = run_edgekd("explain", best, folder, "--out", tmp_path / "cam_folder")  # a folder, as predict takes
+    assert p.returncode == 0, p.stderr
+    assert sorted(r["overlay"] for r in json.loads((tmp_path / "cam_folder" / "explain.json").read_text())["images"]) \
+        == ["x0_gradcam.png", "x1_gradcam.png"]  # the subfolder's image too
     p = run_edgekd("explain", best, files[0], "--layer", "nope", "--out", tmp_path / "cam2")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "SmallCNN has no module 'nope' (its top level has stages, pool, drop, fc)" in p.stderr  # the names to use

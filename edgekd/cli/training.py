@@ -392,9 +392,30 @@ def report(
     console.print(f"wrote {escape(str(out / 'report.md'))}, {escape(str(out / 'report.json'))} and plots")
 
 
+def _explained_images(images: list[Path]) -> list[Path]:
+    """The images given, a folder's read as `predict` reads it (its image files, recursively; a folder had been "not
+    an image file"); a multi-frame DICOM among them is refused (explain reads a file's one image)."""
+    from edgekd.imageio import DicomFrame
+    from edgekd.runtime.inputs import collect_inputs
+
+    found: list[Path] = []
+    for image in images:
+        if not image.is_dir():
+            found.append(image)
+            continue
+        paths, problems = collect_inputs([image])
+        if problems:
+            raise EdgeKDError(problems[0][1])
+        if frames := [p for p in paths if isinstance(p, DicomFrame)]:
+            raise EdgeKDError(f"{frames[0].path}: a multi-frame DICOM; explain takes single-frame images")
+        found += paths
+    return found
+
+
 def explain(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
-    images: list[Path] = typer.Argument(..., help="Image files to explain."),
+    images: list[Path] = typer.Argument(..., help="Image files, or folders of them (searched recursively), to "
+                                        "explain."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Module path of the target layer (default: the last "
                                         "feature stage in timm's feature_info with a map of at least 3x3)."),
     target: Optional[str] = typer.Option(None, "--target", help="Class name or id to explain (default: the predicted)."),
@@ -407,7 +428,7 @@ def explain(
     from edgekd.fileio import refuse_output_inside
 
     refuse_output_inside(out, [checkpoint])
-    records = explain_files(checkpoint, images, out, layer, target, task)
+    records = explain_files(checkpoint, _explained_images(images), out, layer, target, task)
     for r in records:
         out_console.print(escape(f"{r['file']}: predicted {r['predicted']} (p {r['prob']:.3f}, the checkpoint's "
                                  f"softmax: a bundle's calibration is fitted at export), Grad-CAM of "
