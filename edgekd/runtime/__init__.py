@@ -7,7 +7,7 @@ from edgekd.runtime.bundle import (MANIFEST_FILE, MAX_RESIZE_FACTOR, MAX_THREADS
                                    SCHEMA, Artifact, Bundle, cap_to_cores, check_embedded_metadata, is_bundle,
                                    metadata_strings, open_bundle, parse_metadata_strings, verify_manifest)
 from edgekd.runtime.inputs import collect_inputs, collect_labelled
-from edgekd.runtime.output import check_output_path, write_predictions
+from edgekd.runtime.output import check_output_path, predictions_document, write_predictions
 from edgekd.runtime.preprocess import Preprocessor, as_image_array
 from edgekd.runtime.repository import Repository, is_model_repository, write_repository
 from edgekd.runtime.runner import (Failure, Prediction, Runner, TaskPredictions, check_artifact, int8_host_note,
@@ -20,6 +20,6 @@ __all__ = ["MANIFEST_FILE", "MAX_RESIZE_FACTOR", "MAX_THREADS", "METADATA_FILE",
            "TTAViews", "TaskPredictions", "as_image_array", "cap_to_cores", "check_artifact",
            "check_embedded_metadata", "check_output_path", "collect_inputs", "collect_labelled", "compile_for_cpu",
            "int8_host_note", "is_bundle", "is_model_repository", "metadata_strings", "open_bundle",
-           "openvino_rt_metadata", "parse_metadata_strings", "peak_rss_mb", "runner_notes", "softmax",
-           "time_alternating", "time_call", "ungated_path_note", "verify_manifest", "write_predictions",
+           "openvino_rt_metadata", "parse_metadata_strings", "peak_rss_mb", "predictions_document", "runner_notes",
+           "softmax", "time_alternating", "time_call", "ungated_path_note", "verify_manifest", "write_predictions",
            "write_repository"]
