@@ -139,6 +139,22 @@ def test_tokens_to_map_puts_each_patch_token_on_its_grid_cell():
             assert torch.equal(m[:, :, i, j], tokens[:, prefix + i * side + j, :])
     with pytest.raises(EdgeKDError, match="square"):
         tokens_to_map(torch.randn(1, 1 + 6, 4), 1)
+    # a layer's output without the model's class token (CaiT/XCiT blocks, a ViT's patch_embed): read whole, the
+    # 16 patch tokens had lost one to the "prefix" and failed as 15
+    patches = torch.randn(1, 16, 4)
+    assert torch.equal(tokens_to_map(patches, 1), patches.transpose(1, 2).reshape(1, 4, 4, 4))
+
+
+def test_a_torch_2d_layer_of_an_nhwc_model_is_read_as_nchw():
+    """Swin declares output_fmt NHWC at the model; its patch_embed.proj is a Conv2d (NCHW): it had been read as
+    NHWC, the adapter sized for the wrong axis without a word."""
+    from edgekd.models.taps import resolve_layout
+
+    model = create_model({"name": "swinv2_tiny_window8_256", "num_classes": 2, "in_chans": 3,
+                          "kwargs": {"img_size": 64, "window_size": 4}})
+    conv_out = torch.randn(1, 96, 16, 16)
+    assert resolve_layout(model, conv_out, "auto", "patch_embed.proj") == "nchw"
+    assert resolve_layout(model, torch.randn(1, 16, 16, 96), "auto", "layers.0") == "nhwc"  # its stages are NHWC
 
 
 # ---------------------------------------------------------------- models, hooks, adapters

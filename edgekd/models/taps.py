@@ -65,6 +65,8 @@ def resolve_layout(model: nn.Module, feature: torch.Tensor, layout: str, layer: 
                 module = model.get_submodule(layer)
             except AttributeError:
                 module = None
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d)):
+            return "nchw"  # torch's 2-D layers are NCHW whatever the model declares (Swin's patch_embed.proj)
         fmt = (output_format(module) if module is not None else None) or output_format(model) or "NCHW"
         return "nhwc" if fmt == "NHWC" else "nchw"
     raise EdgeKDError(f"cannot use a {feature.dim()}-D layer output (shape {tuple(feature.shape)}) for feature KD")
@@ -75,7 +77,12 @@ def channels_of(feature: torch.Tensor, layout: str) -> int:
 
 
 def tokens_to_map(tokens: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
-    """(B, prefix + h*w, C) -> (B, C, h, w): drop class/register tokens, lay patch tokens on their square grid."""
+    """(B, prefix + h*w, C) -> (B, C, h, w): drop class/register tokens, lay patch tokens on their square grid. A
+    layer whose output has no prefix tokens though the model has them (CaiT's and XCiT's blocks before their class
+    token joins, a ViT's patch_embed) is read whole: a square count of tokens without the prefix, not with it."""
+    n = tokens.shape[1]
+    if math.isqrt(n - prefix_tokens) ** 2 != n - prefix_tokens and math.isqrt(n) ** 2 == n:
+        prefix_tokens = 0
     patches = tokens[:, prefix_tokens:]
     n = patches.shape[1]
     side = math.isqrt(n)
