@@ -116,7 +116,9 @@ def bench_fp32(arch: str, runs: Path) -> dict:
 def simd_label(record: dict) -> str:
     if "simd" not in record:
         return "not recorded"
-    vnni = any(f in record["simd"] for f in INT8_DOT_PRODUCT)
+    if record["simd"] is None:
+        return "flags not read"
+    vnni = any(f in (record["simd"] or []) for f in INT8_DOT_PRODUCT)
     return f"{', '.join(record['simd']) or 'no AVX'} ({'VNNI' if vnni else 'no VNNI'})"
 
 

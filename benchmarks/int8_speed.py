@@ -97,7 +97,7 @@ def main() -> int:
         rows.append(f"| {name} | {np.median(f):.1f} | {np.median(i):.1f} | {np.median(f) / np.median(i):.2f}x |")
         print(rows[-1], flush=True)
     command = shlex.join([".venv/bin/python", "benchmarks/int8_speed.py", *sys.argv[1:]])
-    print(f"\n`{command}` ({now()}; {machine_line(machine())}, SIMD {', '.join(cpu_info()['simd'])}; "
+    print(f"\n`{command}` ({now()}; {machine_line(machine())}, SIMD {', '.join(cpu_info()['simd'] or ['not read'])}; "
           f"batch 1, {args.threads} threads, median of {args.phases} alternating blocks of {args.calls} calls)\n")
     print("| variant | FP32 p50 ms | INT8 p50 ms | INT8 vs FP32 |\n|---|---:|---:|---:|\n" + "\n".join(rows))
     return 0

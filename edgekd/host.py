@@ -6,8 +6,11 @@ Torch-free (torch's version and GPU are read only when torch is installed): trai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 INT8_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -15,20 +18,34 @@ INT8_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def cpu_info() -> dict:
-    """CPU model, core count and the SIMD features that decide FP32/INT8 kernel speed (AVX2/FMA, AVX-512, VNNI, AMX)."""
-    model, flags = platform.processor() or "", set()
+    """CPU model, the cores this process may use, and the SIMD features that decide FP32/INT8 kernel speed (AVX2/FMA,
+    AVX-512, VNNI, AMX). `simd` and `int8_dot_product` are None where the flags cannot be read (no /proc/cpuinfo
+    flags line: macOS, Windows, ARM): unknown, not "none" (a VNNI machine's export had recorded no VNNI)."""
+    model, flags = "", None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and not model:
                 model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
+            elif line.startswith("flags") and flags is None:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if not model and sys.platform == "darwin":  # platform.processor() says only "arm" or "i386" there
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            model = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                   timeout=5).stdout.strip()
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-    return {"model": model, "cores": os.cpu_count(), "machine": platform.machine(),
-            "simd": [f for f in wanted if f in flags],
-            "int8_dot_product": any(f in flags for f in INT8_DOT_PRODUCT)}
+    return {"model": model or platform.processor() or "", "cores": usable_cores(), "machine": platform.machine(),
+            "simd": None if flags is None else [f for f in wanted if f in flags],
+            "int8_dot_product": None if flags is None else any(f in flags for f in INT8_DOT_PRODUCT)}
+
+
+def usable_cores() -> int | None:
+    """The cores this process may run on (CPU affinity: taskset, a container's cpuset), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
 
 
 def host_record(**extra) -> dict:

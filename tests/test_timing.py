@@ -74,3 +74,24 @@ def test_time_alternating_takes_the_rounds_asked_and_rss_is_read_from_a_closed_f
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
         assert peak_rss_mb() > 0
+
+
+def test_cpu_info_prefers_the_cpu_model_and_says_unread_flags_are_unknown(monkeypatch, tmp_path):
+    """platform.processor() is "x86_64" on Fedora/RHEL (and "arm"/"i386" on macOS): /proc/cpuinfo's model name was
+    never read there; and a machine whose flags cannot be read (no /proc/cpuinfo flags line) was recorded as having
+    no VNNI, which silenced the ONNX INT8 note on a device without it."""
+    import edgekd.host as host
+
+    monkeypatch.setattr(host.platform, "processor", lambda: "x86_64")
+    info = host.cpu_info()
+    if any(line.startswith("model name") for line in open("/proc/cpuinfo")):
+        assert info["model"] != "x86_64"
+    assert info["cores"] >= 1 and isinstance(info["simd"], list)
+    real_path = host.Path
+
+    def no_cpuinfo(p, *a):
+        return real_path(tmp_path / "missing") if str(p) == "/proc/cpuinfo" else real_path(p, *a)
+
+    monkeypatch.setattr(host, "Path", no_cpuinfo)
+    unread = host.cpu_info()
+    assert unread["simd"] is None and unread["int8_dot_product"] is None and unread["model"] == "x86_64"
