@@ -333,3 +333,22 @@ def test_a_k_fold_run_refuses_its_pool_before_the_first_teacher_trains(tmp_path)
         assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert "epoch" not in res.stdout and not (tmp_path / "kf").exists()
 
+
+
+def test_an_unlabeled_stream_never_repeats_a_pass_across_epochs():
+    """Seeded (seed * 1000 + epoch) * 1000 + pass: pass 1000 of epoch 0 was pass 0 of epoch 1, the same batches."""
+    import torch
+
+    from edgekd.distill.unlabeled import UnlabeledStream
+
+    data = torch.utils.data.TensorDataset(torch.arange(64))
+    stream = UnlabeledStream(data, batch_size=64, seed=3)
+
+    def order(epoch, passes):
+        stream.epoch, stream.passes = epoch, passes
+        return next(iter(stream._loader()))[0].tolist()
+
+    assert order(0, 1000) != order(1, 0)
+    assert order(0, 5) == order(0, 5) and order(2, 7) != order(2, 8)
+    stream.epoch, stream.passes = 1, 2  # under 1000 passes: the generator recorded runs used, unchanged
+    assert stream._loader().generator.initial_seed() == (3 * 1000 + 1) * 1000 + 2

@@ -85,7 +85,14 @@ class UnlabeledStream:
         self.epoch, self.passes, self._it = epoch, 0, None
 
     def _loader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed((self.seed * 1000 + self.epoch) * 1000 + self.passes)
+        """This pass's shuffle (and worker seeds): (seed, epoch, pass) packed in decimal, as recorded runs drew them,
+        while both counts are under 1000; past that a hash of the three (pass 1000 of an epoch had repeated pass 0
+        of the next)."""
+        if self.epoch < 1000 and self.passes < 1000:
+            seed = (self.seed * 1000 + self.epoch) * 1000 + self.passes
+        else:
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, self.passes]).generate_state(1, np.uint64)[0] >> 1)
+        gen = torch.Generator().manual_seed(seed)
         return DataLoader(self.dataset, batch_size=min(self.batch_size, len(self.dataset)), shuffle=True,
                           generator=gen, num_workers=self.num_workers, drop_last=True)
 
