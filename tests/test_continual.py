@@ -601,6 +601,7 @@ def test_a_task_that_calls_everything_one_class_is_warned_of():
               {"task": "b", "acc": 0.9, "confusion_matrix": [[4, 1], [0, 5]]}]
     found = task_one_class_warnings(scores, "test")
     assert len(found) == 1 and found[0].startswith("test (task a) ACC 0.6250 is no better than calling every")
+    assert "a task forgotten while the later ones were learned" in found[0]  # not a collapsed best epoch
     assert "(0.6250)" in found[0]
 
 
@@ -1245,3 +1246,15 @@ def test_a_starting_checkpoint_that_removed_hair_otherwise_is_refused(tmp_path):
             starting_model(rec, build_tasks(rec), log=lambda s: None)
     rec = recipe({"hair_removal": True, "hair_kernel": 17}, checkpoint=str(student), tasks=tasks)
     starting_model(rec, build_tasks(rec), log=lambda s: None)  # the same element: accepted
+
+
+def test_a_missing_continual_checkpoint_names_its_key(tmp_path):
+    """"runs/.../best.pt: checkpoint not found" had not said which setting to fix."""
+    from edgekd.continual.run import starting_model
+
+    raw = base_recipe(quadrant_npz(tmp_path / "q.npz", classes=2, n=(8, 4, 4)), tasks=[{"name": "a"}, {"name": "b"}],
+                      checkpoint=str(tmp_path / "none" / "best.pt"))
+    recipe = recipe_from_dict(raw)
+    with pytest.raises(EdgeKDError, match=r"^continual.checkpoint .*none/best.pt: checkpoint not found \(train the "
+                                          r"starting student first, or --set continual.checkpoint=PATH\)$"):
+        starting_model(recipe, build_tasks(recipe), log=lambda *_: None)

@@ -176,7 +176,7 @@ def test_explain_cli_writes_overlays(tmp_path, monkeypatch):
     p = run_edgekd("explain", best, *files, "--out", tmp_path / "cam", "--target", "1")
     assert p.returncode == 0, p.stderr
     # the probability shown is the checkpoint's softmax, said so (predict's calibrated one had been compared with it)
-    assert "the checkpoint's softmax: a bundle's calibration is fitted at export" in " ".join(p.stdout.split())
+    assert "the checkpoint's uncalibrated softmax" in " ".join(p.stdout.split())
     rec = json.loads((tmp_path / "cam" / "explain.json").read_text())["images"]
     assert [r["overlay"] for r in rec] == ["x0_gradcam.png", "x1_gradcam.png"] and rec[0]["layer"] == "stages.1"
     assert rec[0]["input_size"] == [16, 16] and rec[0]["target"] == "class_1"

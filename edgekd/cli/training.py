@@ -431,7 +431,7 @@ def explain(
     records = explain_files(checkpoint, _explained_images(images), out, layer, target, task)
     for r in records:
         out_console.print(escape(f"{r['file']}: predicted {r['predicted']} (p {r['prob']:.3f}, the checkpoint's "
-                                 f"softmax: a bundle's calibration is fitted at export), Grad-CAM of "
+                                 f"uncalibrated softmax), Grad-CAM of "
                                  f"{r['target']} at {r['layer']} -> {out / r['overlay']}"))
     blank = [r["file"] for r in records if r["blank"]]
     if blank:

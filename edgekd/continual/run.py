@@ -86,6 +86,9 @@ def starting_model(recipe, tasks: list[Task], log: Callable[[str], None] = print
         model = create_model(spec, pretrained=recipe.model.pretrained, weights=recipe.model.weights)
         freeze(model, recipe.model.freeze_stages, recipe.model.freeze_patterns)
         return model, spec, False
+    if not Path(cfg.checkpoint).is_file():  # named by its key: "checkpoint not found" had not said which setting
+        raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: checkpoint not found (train the starting student "
+                          "first, or --set continual.checkpoint=PATH)")
     model, ckpt = model_from_checkpoint(cfg.checkpoint)
     rebuilt: dict = {}  # its splits, rebuilt once for every task
     for task in tasks:  # (its task 0 drawn with another seed or fraction had been scored on images it trained on)
@@ -192,8 +195,10 @@ def evaluate_continual_checkpoint(checkpoint: str | Path, out: str | Path, split
 def task_one_class_warnings(scores: list[dict[str, Any]], split: str) -> list[str]:
     """`one_class_warning` per task of `evaluate_task` records: a task whose ACC is no better than calling each of
     its images the task's largest class (the export gate said so; train and eval had not)."""
+    advice = ("a task forgotten while the later ones were learned (see the accuracy matrix: expected of plain "
+              "fine-tuning), or one never learned")  # not a collapsed best epoch, as a single training's would be
     found = [one_class_warning(f"{split} (task {r['task']})", r["acc"],
-                               np.asarray(r["confusion_matrix"]).sum(axis=1).tolist()) for r in scores]
+                               np.asarray(r["confusion_matrix"]).sum(axis=1).tolist(), advice) for r in scores]
     return [w for w in found if w]
 
 

@@ -93,15 +93,18 @@ def largest_class_share(counts: list[int]) -> float | None:
     return max(counts) / sum(counts)
 
 
-def one_class_warning(split: str, acc: float | None, counts: list[int]) -> str | None:
+ONE_CLASS_ADVICE = ("the model may call nearly everything one class; check the training curves (e.g. a best epoch "
+                    "chosen by AUC where ACC collapsed) before exporting it")
+
+
+def one_class_warning(split: str, acc: float | None, counts: list[int], advice: str = ONE_CLASS_ADVICE) -> str | None:
     """A warning when a model's accuracy on a split is no better than calling every image the split's largest class
     (a model can rank well, high AUC, while its argmax calls nearly everything one class); None otherwise."""
     majority = largest_class_share(counts)
     if acc is None or majority is None or acc > majority:
         return None
     return (f"{split} ACC {acc:.4f} is no better than calling every {split} image its largest class "
-            f"({majority:.4f}): the model may call nearly everything one class; check the training curves "
-            f"(e.g. a best epoch chosen by AUC where ACC collapsed) before exporting it")
+            f"({majority:.4f}): {advice}")
 
 
 def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
