@@ -1505,3 +1505,15 @@ def test_an_export_scores_its_metrics_for_the_profiles_positive_class(tmp_path):
     assert metrics[0]["sensitivity"] == pytest.approx(metrics[1]["specificity"])
     assert metrics[0]["specificity"] == pytest.approx(metrics[1]["sensitivity"])
     assert metrics[0]["sensitivity"] != pytest.approx(metrics[0]["specificity"])  # a case that tells them apart
+
+
+def test_the_card_lists_the_warnings_about_the_checkpoint_itself(tmp_path):
+    """A model no better than calling every image its largest class was warned of on the console only: the card of
+    a continual model whose first task had collapsed showed a retention above 100% and a passed gate, nothing else."""
+    ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny")  # untrained: it calls every image one class
+    result = export_checkpoint(ckpt, tmp_path / "b", ["onnx"], ["fp32"], profile_from_dict({"parity": {"images": 4}}),
+                               log=quiet)
+    warned = result.parity["reference"]["warnings"]
+    assert warned and all("no better than calling every" in w for w in warned)
+    card = (tmp_path / "b" / "card.md").read_text()
+    assert "Warnings about the checkpoint itself" in card and all(f"- {w}" in card for w in warned)

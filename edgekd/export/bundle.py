@@ -390,6 +390,10 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
     for rec in (r for r in parity["artifacts"] if r["passed"]):
         lines.append(row(rec["format"], rec["precision"], _num(sizes.get((rec["format"], rec["precision"])), ".3f"),
                          rec.get("metrics", {})))
+    if warned := parity["reference"].get("warnings"):  # only on the console before: a continual model's task
+        # collapsed to one class showed a retention above 100% and a passed gate on the card, nothing else
+        lines += ["", "Warnings about the checkpoint itself (every format agrees easily with a model like this, so the "
+                  "parity figures above say little of it):", "", *[f"- {w}" for w in warned]]
     lines += card_section(metadata, parity)
     if metadata.get("continual"):
         lines += continual_card_section(metadata["continual"], metadata.get("tasks"))
