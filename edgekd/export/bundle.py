@@ -344,6 +344,17 @@ def _provenance_lines(model: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _checkpoint_warnings(parity: dict[str, Any]) -> list[str]:
+    """The export's warnings about the checkpoint itself (a split or task no better than its largest class): they
+    had been on the console only, so a continual model whose task collapsed to one class showed a retention above
+    100% and a passed gate on its card, nothing else."""
+    warned = parity["reference"].get("warnings")
+    if not warned:
+        return []
+    return ["", "Warnings about the checkpoint itself (every format agrees easily with a model like this, so the "
+            "parity figures above say little of it):", "", *[f"- {w}" for w in warned]]
+
+
 def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
                     explanations: list[dict[str, Any]] | None = None) -> str:
     """The markdown card shipped with a bundle: what the model is, how well each artifact does, where it looks
@@ -390,11 +401,7 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
     for rec in (r for r in parity["artifacts"] if r["passed"]):
         lines.append(row(rec["format"], rec["precision"], _num(sizes.get((rec["format"], rec["precision"])), ".3f"),
                          rec.get("metrics", {})))
-    if warned := parity["reference"].get("warnings"):  # only on the console before: a continual model's task
-        # collapsed to one class showed a retention above 100% and a passed gate on the card, nothing else
-        lines += ["", "Warnings about the checkpoint itself (every format agrees easily with a model like this, so the "
-                  "parity figures above say little of it):", "", *[f"- {w}" for w in warned]]
-    lines += card_section(metadata, parity)
+    lines += _checkpoint_warnings(parity) + card_section(metadata, parity)
     if metadata.get("continual"):
         lines += continual_card_section(metadata["continual"], metadata.get("tasks"))
     lines += (_lineage_section(metadata) + _head_parity_section(parity) + _parity_section(parity, tta)
