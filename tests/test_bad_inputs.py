@@ -844,8 +844,9 @@ def test_a_checkpoint_where_a_bundle_goes_and_back_is_named_for_what_it_is(train
     assert_refused(invoke(capsys, "eval", trained["ckpt"], "--out", trained["run"]),
                    f"--out {trained['run']}: holds a metrics.json that is not an earlier eval's (a training run's?)")
     assert (Path(trained["run"]) / "metrics.json").read_bytes() == record
+    # explain reads a folder's images now, but never writes its overlays into a folder it reads
     assert_refused(invoke(capsys, "explain", trained["ckpt"], tmp_path, "--out", tmp_path / "x"),
-                   "a folder, not an image file")
+                   f"--out {tmp_path / 'x'}: is inside the input {tmp_path}")
     assert_refused(invoke(capsys, "update", bundle, trained["recipe"], "--out", tmp_path / "u"),
                    "needs a continual recipe")
     assert not any((tmp_path / d).exists() for d in ("b", "ev", "x", "u"))

@@ -427,7 +427,8 @@ def explain(
     from edgekd.explain.gradcam import explain_files
     from edgekd.fileio import refuse_output_inside
 
-    refuse_output_inside(out, [checkpoint])
+    # nor inside a folder it reads: the overlays would be read as images by the next run over it
+    refuse_output_inside(out, [checkpoint, *(i for i in images if i.is_dir())])
     records = explain_files(checkpoint, _explained_images(images), out, layer, target, task)
     for r in records:
         out_console.print(escape(f"{r['file']}: predicted {r['predicted']} (p {r['prob']:.3f}, the checkpoint's "
