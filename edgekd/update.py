@@ -145,10 +145,10 @@ def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, 
 def check_update_out(out: Path, source: str | Path) -> Path:
     """--out refused inside the parent (named as such) and when its zip is the parent; an earlier bundle there
     is replaced whole, as export does (check_target)."""
-    from edgekd.export import check_target
+    from edgekd.export import check_target, zip_beside
 
     refuse_output_inside(out, [source], replaces=True)
-    zipped = out.parent / f"{out.name}.zip"  # written with --zip, removed as stale when --out is replaced
+    zipped = zip_beside(out)  # written with --zip, removed as stale when --out is replaced
     if zipped.exists() and zipped.resolve() == Path(source).resolve():
         raise EdgeKDError(f"--out {out}: its zip {zipped} is the parent bundle, which the export would replace or "
                           "remove; give another --out")

@@ -6,9 +6,9 @@ from edgekd.export.formats import FORMATS, ExportFormat, export_plan
 from edgekd.export.parity import REPORTED_METRICS
 from edgekd.export.profile import ExportProfile, load_profile, profile_digest, profile_from_dict, shipped_profiles
 from edgekd.export.run import (ExportInputs, ExportResult, ParityGateError, export_checkpoint, export_inputs,
-                               with_overrides)
+                               with_overrides, zip_beside)
 
 __all__ = ["FORMATS", "REPORTED_METRICS", "ExportFormat", "ExportInputs", "ExportProfile", "ExportResult",
            "ParityGateError", "RetentionGateError", "check_target", "export_checkpoint", "export_inputs", "export_plan",
            "load_profile", "metric_subset_reference", "profile_digest", "profile_from_dict", "shipped_profiles",
-           "with_overrides"]
+           "with_overrides", "zip_beside"]
