@@ -40,12 +40,12 @@ def cpu_info() -> dict:
             "int8_dot_product": None if flags is None else any(f in flags for f in INT8_DOT_PRODUCT)}
 
 
-def usable_cores() -> int | None:
+def usable_cores() -> int:
     """The cores this process may run on (CPU affinity: taskset, a container's cpuset), else the machine's count."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count()
+        return os.cpu_count() or 1
 
 
 def host_record(**extra) -> dict:

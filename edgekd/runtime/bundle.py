@@ -19,6 +19,7 @@ from typing import Any, Callable
 from edgekd.errors import EdgeKDError, quote, shorten, shown
 from edgekd.fileio import deferred_signals, ensure_free_space, make_temp_dir, remove_tree, sha256_file
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
+from edgekd.host import usable_cores
 
 SCHEMA = "edgekd-bundle/1"
 RT_INFO_SECTION = "edgekd"
@@ -546,8 +547,7 @@ MAX_THREADS = 1024
 
 def cap_to_cores(threads: int) -> int:
     """A thread count at most the cores this process may run on (its CPU affinity where the OS tells it)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(threads, cores)
+    return min(threads, usable_cores())
 MAX_CLASSES = 10_000
 
 

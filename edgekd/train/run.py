@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +20,7 @@ from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import (check_input_size, count_macs, count_parameters, create_model, freeze, hub_weights,
                            model_spec)
 from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_json, write_text
-from edgekd.host import host_record
+from edgekd.host import host_record, usable_cores
 from edgekd.probability import softmax
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
@@ -161,7 +160,7 @@ def apply_threads(recipe, log: Callable[[str], None]) -> None:
     if not recipe.train.threads:
         return
     torch.set_num_threads(recipe.train.threads)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     ranks = distributed.world_size()
     if ranks > 1 and recipe.train.threads * ranks > cores:
         log(f"warning: train.threads {recipe.train.threads} is per process: {ranks} processes x "
