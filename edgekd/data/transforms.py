@@ -139,13 +139,18 @@ def check_augment(pipeline: v2.Compose, size: int, channels: int = 3, pixel_step
     Normalize, which broadcast a `Grayscale` op's one channel back to three). Only the CPU generator is seeded
     and restored: torch.manual_seed had also reset every GPU's stream to 0 at each epoch's loader."""
     image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    shaped = v2.Compose(pipeline.transforms[:pixel_steps]) if pixel_steps is not None else pipeline
+    ops = pipeline.transforms
+    steps = len(ops) if pixel_steps is None else pixel_steps
+    shaped = v2.Compose(ops[:steps])
+    rest = v2.Compose(ops[steps:]) if steps < len(ops) else (lambda pixels: pixels)  # (an empty Compose is refused)
     state = torch.random.get_rng_state()
+    shapes = set()
     try:
         torch.default_generator.manual_seed(0)
-        shapes = {tuple(shaped(image).shape) for _ in range(AUGMENT_DRAWS)}
-        for _ in range(AUGMENT_DRAWS):
-            pipeline(image)
+        for _ in range(AUGMENT_DRAWS):  # each draw through the whole pipeline once, its shape read on the way
+            pixels = shaped(image)
+            shapes.add(tuple(pixels.shape))
+            rest(pixels)
     except EdgeKDError:
         raise
     except Exception as err:
