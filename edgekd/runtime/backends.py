@@ -140,8 +140,8 @@ class OpenVINOBackend:
     check; the CPU plugin may otherwise pick bf16/fp16 on capable CPUs. Reads OpenVINO IR (.xml) or ONNX.
 
     The image path compiles the model with the bundle's preprocessing in front (OpenVINO PrePostProcessor: uint8
-    NHWC -> float32, the TTA views, x * scale, - mean, / std per channel, NHWC -> NCHW) and a log-softmax behind (probabilities taken in float64), built
-    from `preprocessor` (the bundle's spec). The views are one gather + weighted sum of 4 source pixels + rounding
+    NHWC -> float32, the TTA views, x * scale, - mean, / std per channel, NHWC -> NCHW) and a log-softmax behind
+    (probabilities taken in float64), built from `preprocessor` (the bundle's spec). The views are one gather + weighted sum of 4 source pixels + rounding
     (`TTAViews.linear_maps`, exact in float32, so the same pixels as the numpy views); the float steps are torch's,
     in torch's order, so probabilities match the numpy preprocessing + bare call within float rounding.
 

@@ -132,8 +132,8 @@ class Runner:
         `tta`: False (one view), True (the bundle's views) or a list of view names. `warmup` inference rounds run
         at load, for batch 1 (with the default TTA views when `tta`), so the first real call is not the slow one;
         the warm-up also checks the model's output count. `cache_dir`: an OpenVINO model cache folder (later loads
-        skip compilation). `threshold`: the decision threshold on the
-        positive class's calibrated probability for this runner (default: the bundle's; a binary bundle only).
+        skip compilation). `threshold`: the decision threshold on the positive class's calibrated probability for
+        this runner (default: the bundle's; a binary bundle only).
         `task`: a multi-head bundle's task to predict (default: each task's prediction, a `TaskPredictions`).
         """
         for name, value in (("backend", backend), ("precision", precision)):
