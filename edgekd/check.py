@@ -270,8 +270,14 @@ def _synthetic_data(data: dict[str, Any], tmp: Path, tag: str, classes: int | No
     path = write_synthetic_npz(tmp / tag / f"{stem}.npz", data, k, (train, held, held), seed=len(stand_ins))
     stand_ins.append(f"{tag}: {data.get('source', 'builtin')} {data.get('path') or ''} -> {k}-class synthetic "
                      f"{data.get('resize') or data.get('image_size')} px".replace("  ", " "))
+    positive = data.get("positive_class")
+    named = data.get("class_names") or medmnist_classes(stem) or []  # the synthetic set's: MedMNIST's by its name
+    if isinstance(positive, str) and positive not in named and k == 2:  # a name only the real source's labels give
+        stand_ins.append(f"{tag}: data.positive_class {positive!r} -> label id 1 (the synthetic set's names are "
+                         "not the source's)")
+        positive = 1
     return {**data, "source": "medmnist", "path": str(path), "split": "given", "folds": None, "fold": None,
-            "limit": None, "patient_pattern": None, "dicom_patient_ids": False}
+            "limit": None, "patient_pattern": None, "dicom_patient_ids": False, "positive_class": positive}
 
 
 def _teacher_classes(dist: dict[str, Any] | None) -> int | None:

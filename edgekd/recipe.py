@@ -105,6 +105,11 @@ class DataConfig(Section):
     `classes`)."""
     classes: list[int] | None = Field(None, min_length=1)
     """Keep only these label ids (remapped to 0..k-1 in the given order)."""
+    positive_class: str | int | None = None
+    """A two-class task's positive class, by name or label id (after `classes`): the class whose sensitivity,
+    specificity, AUC, PR-AUC and pAUC training logs and eval, report and export give, and the one an export profile
+    without its own decision.positive thresholds. null: label id 1, the second class (MedMNIST's pneumonia; a sorted
+    folder's second name, so set it for e.g. `covid/normal`). Not for multi-class data or a continual recipe."""
     limit: int | None = Field(None, ge=1)
     """Use at most this many images in each split, train, val and test alike (a stratified, seeded subset that
     keeps an image of every class when the limit allows)."""
@@ -150,6 +155,13 @@ class DataConfig(Section):
     """Patient ids from the PatientID tag of an ImageFolder's DICOM files (every image must be one, with a PatientID):
     then no patient is in two splits, and k-fold is by patient. Off, a folder whose DICOM files name two or more
     patients is split by image with a warning."""
+
+    @field_validator("positive_class", mode="before")
+    @classmethod
+    def _not_a_flag(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # `positive_class: true` would have been label id 1
+            raise ValueError("give the positive class's name or label id, not true/false")
+        return v
 
     @field_validator("class_names", mode="before")
     @classmethod
@@ -754,6 +766,10 @@ class Recipe(Section):
         if len(data.mean) != data.channels or len(data.std) != data.channels:  # (a task's: continual's own check)
             raise ValueError(f"data.mean/std need {data.channels} values for data.channels={data.channels} (mean "
                              f"has {len(data.mean)}, std {len(data.std)})")
+        if self.continual is not None and (data.positive_class is not None
+                                           or any("positive_class" in t.data for t in self.continual.tasks)):
+            raise ValueError("data.positive_class is for a single-task run: a continual run scores each two-class "
+                             "task's label id 1 as its positive class")
         if self.continual is not None and self.distill is not None:  # the continual runner never read it
             raise ValueError("a recipe with a continual section does not use a distill section (its tasks learn "
                              "with continual.lwf/ewc/replay; distill a student with its own recipe and name it in "
@@ -798,8 +814,9 @@ class Recipe(Section):
         # train.swa.start_epoch: "the last quarter" was spelled 0 until 2026-12-05 and is null since, when 0 came
         # to mean the first epoch; digests keep the old spelling, so runs trained before still resume and reuse.
         swa["start_epoch"] = {None: 0, 0: "first"}.get(swa["start_epoch"], swa["start_epoch"])
-        if dumped["data"].get("patient_pattern") is None:  # a key since 2026-12-05: unset, the digest is as before
-            dumped["data"].pop("patient_pattern", None)
+        for key in ("patient_pattern", "positive_class"):  # keys since 2026-12-05/07: unset, the digest is as before
+            if dumped["data"].get(key) is None:
+                dumped["data"].pop(key, None)
         # keys since 2026-12-06, left out where they mean what recipes before them did: the digest is as before
         if not dumped["data"]["hair_removal"] or dumped["data"].get("hair_kernel") == 17:  # 17 px: the old element
             dumped["data"].pop("hair_kernel", None)

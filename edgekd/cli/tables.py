@@ -18,6 +18,10 @@ def metrics_table(title: str, rows: list[dict], keys=("acc", "balanced_acc", "au
         table.add_column({"f1": "f1 (macro)"}.get(k, k), justify="right")
     for r in rows:
         table.add_row(escape(str(r["model"])), escape(str(r["split"])), *[_fmt(r.get(k)) for k in keys])
+    positives = sorted({str(r["positive_class"]) for r in rows if r.get("positive_class")})
+    if positives and {"sensitivity", "specificity"} & set(keys):  # which class a two-class row's figures are of
+        table.caption = escape(f"sensitivity, specificity, pr_auc, pauc: positive class {', '.join(positives)} "
+                               "(data.positive_class)")
     return table
 
 

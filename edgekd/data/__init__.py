@@ -2,7 +2,8 @@
 
 from edgekd.data.dataset import (FILE_SOURCES, DataModule, ImageDataset, build_checkpoint_data, build_data,
                                  check_class_order, check_model_splits, check_trained_splits, checkpoint_path_hint,
-                                 class_weights, data_path_key, duplicate_notes, epoch_seed, same_split_settings,
+                                 class_weights, data_path_key, duplicate_notes, epoch_seed, recipe_positive,
+                                 same_split_settings,
                                  split_listing, split_tables, validate_images)
 from edgekd.data.sources import (FASHION_CLASSES, MEDMNIST_CLASSES, Source, Table, list_images, load_source,
                                  medmnist_classes, split_folders, split_name)
@@ -13,5 +14,5 @@ __all__ = ["FASHION_CLASSES", "FILE_SOURCES", "MEDMNIST_CLASSES", "DataModule", 
            "build_checkpoint_data", "build_data", "build_transforms", "check_class_order", "check_model_splits",
            "check_trained_splits", "chw_tensor", "data_path_key", "same_split_settings", "checkpoint_path_hint", "class_weights",
            "duplicate_notes", "epoch_seed", "kfold_indices", "list_images", "load_source", "make_splits",
-           "medmnist_classes", "preprocess_spec", "split_folders", "split_listing", "split_name", "split_tables",
+           "medmnist_classes", "preprocess_spec", "recipe_positive", "split_folders", "split_listing", "split_name", "split_tables",
            "stratified_subset", "validate_images"]

@@ -20,6 +20,7 @@ from edgekd.data.splits import make_splits, stratified_subset
 from edgekd.data.transforms import build_transforms, chw_tensor, preprocess_spec
 from edgekd.errors import EdgeKDError, shorten
 from edgekd.imageio import read_image
+from edgekd.metrics import positive_class_index
 
 
 class ImageDataset(Dataset):
@@ -166,6 +167,16 @@ class DataModule:
     @property
     def preprocess(self) -> dict:
         return preprocess_spec(self.cfg)
+
+    @property
+    def positive(self) -> int:
+        """The positive class's index for a two-class task's sensitivity/specificity/AUC (data.positive_class; by
+        default 1); 1 for more classes, where those figures are macro means and it is unused."""
+        chosen = getattr(self.cfg, "positive_class", None)
+        if chosen is not None and self.num_classes != 2:
+            raise EdgeKDError(f"data.positive_class is for a two-class task; this data has {self.num_classes} "
+                              f"classes ({', '.join(self.class_names)})")
+        return positive_class_index(chosen, self.class_names)
 
     def dataset(self, split: str, train: bool | None = None) -> ImageDataset:
         if split not in self.tables:
@@ -370,6 +381,15 @@ def build_checkpoint_data(recipe, fix: str = "pass --set data.path=...") -> Data
         return build_data(recipe)
 
 
+def recipe_positive(recipe: dict | None, class_names: list[str]) -> int:
+    """The positive class index a checkpoint's embedded recipe (a dict) names in data.positive_class (1 when it
+    names none, or for more than two classes): the class its two-class figures are given for."""
+    named = ((recipe or {}).get("data") or {}).get("positive_class")
+    if len(class_names) != 2:
+        return 1
+    return positive_class_index(named, class_names, "the checkpoint's data.positive_class")
+
+
 SPLIT_KEYS = ("source", "split", "val_fraction", "test_fraction", "fold", "folds", "class_names", "classes", "limit",
               "patient_pattern", "dicom_patient_ids", "on_bad_image")
 """The data keys (besides data.path and the seed) that decide which image lands in which split."""
@@ -509,8 +529,10 @@ def build_data(recipe) -> DataModule:
             raise EdgeKDError(f"data: the {split} split is empty")
     if tables["train"].labels.max() >= len(names):
         raise EdgeKDError(f"data: label {tables['train'].labels.max()} exceeds the {len(names)} class names")
-    return DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
+    data = DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
                       augment=recipe.augment, seed=recipe.seed, bad_files=bad, notes=source_notes(source, cfg))
+    data.positive  # data.positive_class checked against the class names before any training
+    return data
 
 
 def duplicate_notes(tables: dict[str, Table]) -> list[str]:

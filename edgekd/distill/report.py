@@ -69,7 +69,7 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
     check_trained_splits(ckpt, data, recipe, str(checkpoint))
     device = resolve_device("auto")
     y, logits = predict_logits(model.to(device), data.loader(split, train=False), device)
-    probs = softmax(logits)
+    probs, positive = softmax(logits), data.positive
     return {
         "checkpoint": str(checkpoint), "name": recipe.name, "role": ckpt.get("role", recipe.role), "seed": recipe.seed,
         "model": ckpt["arch"]["name"], "dataset": data.source_name, "split": split,  # the data scored (--set)
@@ -79,8 +79,9 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
         # which teacher a student learned from, by content: its recorded path is relative to where it trained
         "_teacher_sha256": (ckpt.get("distill") or {}).get("teacher_sha256"),
         "_sha256": sha256_file(checkpoint) if ckpt.get("role", recipe.role) == "teacher" else None,
-        **classification_metrics(y, probs), "confusion_matrix": confusion(y, probs).tolist(),
-        "intervals": bootstrap_intervals(y, probs) if len(np.unique(y)) == probs.shape[1] else None,
+        **classification_metrics(y, probs, positive), "confusion_matrix": confusion(y, probs).tolist(),
+        "intervals": bootstrap_intervals(y, probs, positive=positive) if len(np.unique(y)) == probs.shape[1] else None,
+        "positive_class": data.class_names[positive] if probs.shape[1] == 2 else None, "_positive": positive,
         "class_names": list(ckpt["class_names"]), "images": int(len(y)), "_y": y, "_probs": probs,
         "_scored": scored_images(data.tables[split]),
     }
@@ -132,6 +133,8 @@ def comparison_report(runs: list[str | Path], out: str | Path, split: str = "tes
     order = {r: i for i, r in enumerate(ROLE_ORDER)}
     rows.sort(key=lambda r: (r["dataset"], order.get(r["role"], len(order)), r["params"]))
     groups = {d: [r for r in rows if r["dataset"] == d] for d in dict.fromkeys(r["dataset"] for r in rows)}
+    for dataset, group in groups.items():
+        one_positive_class(dataset, group)
     tables = {d: report_markdown(d, split, g) + different_images_note(g) + auc_comparisons(g)
               for d, g in groups.items()}
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
@@ -172,6 +175,8 @@ def report_files(out: Path) -> list[Path]:
 def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str:
     said = ["Brackets: 95% stratified bootstrap intervals (1000 resamples, seed 0).", ""] \
         if any(r.get("intervals") for r in rows) else []  # none without intervals (one class: nothing to resample)
+    positive = rows[0].get("positive_class")
+    said += [f"Sensitivity, specificity, PR-AUC and pAUC are the positive class's: `{positive}`.", ""] if positive else []
     lines = [f"### {dataset} ({split} split)", "", *said,
              "| model | role | seed | params | MMACs | images | " + " | ".join(COLUMNS) + " |",
              "|---|---|---:|---:|---:|---:|" + "---:|" * len(COLUMNS)]
@@ -182,6 +187,15 @@ def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str
         lines.append(f"| {r['name']} ({r['model']}) | {r['role']} | {r['seed']} | {param_count(r['params'])} | "
                      f"{r['macs'] / 1e6:.1f} | {r['images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def one_positive_class(dataset: str, rows: list[dict[str, Any]]) -> None:
+    """Rows of one two-class table must give their sensitivity/specificity for one class (data.positive_class)."""
+    named = {r["name"]: r["positive_class"] for r in rows if r.get("positive_class")}
+    if len(set(named.values())) > 1:
+        raise EdgeKDError(f"report: the {dataset} runs name different positive classes ("
+                          + ", ".join(f"{c} in {n}" for n, c in named.items())
+                          + "): give them one with --set data.positive_class=NAME")
 
 
 def different_images_note(rows: list[dict[str, Any]]) -> str:
@@ -212,7 +226,8 @@ def auc_comparisons(rows: list[dict[str, Any]]) -> str:
     lines = ["", "", f"AUC vs `{ref['name']}` ({ref['role']}), DeLong test on the same {len(ref['_y'])} images:", "",
              "| model | AUC | reference AUC | difference | z | p |", "|---|---:|---:|---:|---:|---:|"]
     for r in others:
-        t = delong_test(r["_y"], r["_probs"][:, 1], ref["_probs"][:, 1])
+        pos = ref["_positive"]
+        t = delong_test(r["_y"], r["_probs"][:, pos], ref["_probs"][:, pos], pos)
         r["auc_vs"] = {"reference": ref["name"], **{k: t[k] for k in ("diff", "z", "p_value")}}
         z, p = ("-", "-") if t["z"] is None else (f"{t['z']:.2f}", f"{t['p_value']:.3g}")
         lines.append(f"| {r['name']} ({r['role']}) | {t['auc_a']:.4f} | {t['auc_b']:.4f} | {t['diff']:+.4f} | "
@@ -232,7 +247,7 @@ def plot_roc_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> P
     for r in rows:
         y, probs = r["_y"], r["_probs"]
         if probs.shape[1] == 2:
-            truth, score, kind = y == 1, probs[:, 1], ""
+            truth, score, kind = y == r["_positive"], probs[:, r["_positive"]], ""
         else:
             truth = (y[:, None] == np.arange(probs.shape[1])[None]).ravel()
             score, kind = probs.ravel(), ", micro-average"

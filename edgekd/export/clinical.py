@@ -13,7 +13,7 @@ import numpy as np
 from edgekd.errors import EdgeKDError
 from edgekd.export.profile import ExportProfile
 from edgekd.metrics import (bootstrap_intervals, calibration_report, choose_threshold, decide, delong_test,
-                            plot_reliability)
+                            plot_reliability, positive_class_index)
 from edgekd.probability import apply_temperature, calibrated_softmax, softmax
 
 RELIABILITY_FILE = "calibration.png"
@@ -21,12 +21,7 @@ OPERATING_METRICS = ("sensitivity", "specificity", "acc", "balanced_acc", "f1", 
 
 
 def positive_index(positive: str | int, class_names: list[str]) -> int:
-    if isinstance(positive, int) and 0 <= positive < len(class_names):
-        return positive
-    if isinstance(positive, str) and positive in class_names:
-        return class_names.index(positive)
-    raise EdgeKDError(f"export profile: decision.positive {positive!r} is not a class index or one of "
-                      f"{', '.join(class_names)}")
+    return positive_class_index(positive, class_names, "export profile: decision.positive")
 
 
 def operating_point(reference: dict[str, Any], splits: dict[str, tuple[np.ndarray, np.ndarray]],

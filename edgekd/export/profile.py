@@ -185,7 +185,8 @@ class DecisionConfig(Section):
     target: float | None = Field(None, gt=0, le=1)
     """The sensitivity or specificity to reach (those rules only)."""
     positive: str | int = 1
-    """The positive class (its name or index) whose probability the threshold applies to (a two-class model)."""
+    """The positive class (its name or index) whose probability the threshold applies to (a two-class model); unset,
+    the checkpoint's recipe's data.positive_class, else index 1."""
 
     @field_validator("positive", mode="before")
     @classmethod

@@ -315,6 +315,15 @@ class ExportInputs:
     preprocess: dict[str, Any]
 
 
+def with_recipe_positive(profile: ExportProfile, data) -> ExportProfile:
+    """The profile, its decision.positive taken from the recipe's data.positive_class when the profile names none
+    (the class the run's sensitivity and specificity were for is the one the bundle thresholds and reports)."""
+    named = getattr(getattr(data, "cfg", None), "positive_class", None)
+    if named is None or "positive" in profile.decision.model_fields_set:
+        return profile
+    return profile.model_copy(update={"decision": profile.decision.model_copy(update={"positive": named})})
+
+
 def export_inputs(checkpoint: str | Path, profile: ExportProfile | None = None, data_overrides: list[str] | None = None,
                   log: Callable[[str], None] = print) -> ExportInputs:
     """The model, parity set and calibration images of a single-task checkpoint's export, for tools that study
@@ -325,6 +334,7 @@ def export_inputs(checkpoint: str | Path, profile: ExportProfile | None = None, 
     if task_layout(ckpt) is not None:
         raise EdgeKDError(f"{checkpoint}: a continual checkpoint; export_inputs takes single-task ones")
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, log=log)
+    profile = with_recipe_positive(profile, data)
     parity_set, _, _ = _build_parity_set(data, profile, log)
     return ExportInputs(model, parity_set, calibration_images(data, profile), data.preprocess)
 
@@ -656,6 +666,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     continual = _retention_gate(layout, profile, allow_forgetting, log) if layout is not None else None
     scratch_root = _check_space(model, len(plan), out, zip_bundle)
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout, log)
+    profile = with_recipe_positive(profile, data)
     _note_thread_cap(profile, log)
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
     deployed, fusion, rounding = deployable(model, profile, parity_set, log)

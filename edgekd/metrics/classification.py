@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 from sklearn import metrics as skm
 
+from edgekd.errors import EdgeKDError
+
 
 def partial_auc_above_tpr(y_true: np.ndarray, score: np.ndarray, min_tpr: float = 0.8) -> float:
     """Partial AUC over the region TPR >= min_tpr, in [0, 1 - min_tpr] (the ISIC 2024 challenge metric).
@@ -22,6 +24,26 @@ def partial_auc_above_tpr(y_true: np.ndarray, score: np.ndarray, min_tpr: float 
     v_pred = -np.asarray(score, dtype=np.float64)
     scaled = skm.roc_auc_score(v_gt, v_pred, max_fpr=max_fpr)
     return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / (1.0 - 0.5) * (scaled - 0.5))
+
+
+def positive_class_index(positive: str | int | None, class_names: list[str], key: str = "data.positive_class") -> int:
+    """The index of a two-class task's positive class, given by name or index (None: index 1, the second class:
+    MedMNIST's and a sorted folder's "pneumonia" after "normal"); a one-line error naming `key` otherwise."""
+    if positive is None:
+        return 1
+    if isinstance(positive, int) and not isinstance(positive, bool) and str(positive) in class_names:
+        # folders named 1 and 2: YAML and --set read `2` as a number
+        named = class_names.index(str(positive))
+        if named != positive and 0 <= positive < len(class_names):
+            raise EdgeKDError(f"{key} {positive}: ambiguous, label id {positive} is class {class_names[positive]!r} "
+                              f"and {positive!r} is also the name of label id {named}; give the name quoted as "
+                              f"a string ('{class_names[positive]}' or '{positive}')")
+        return named
+    if isinstance(positive, int) and not isinstance(positive, bool) and 0 <= positive < len(class_names):
+        return positive
+    if isinstance(positive, str) and positive in class_names:
+        return class_names.index(positive)
+    raise EdgeKDError(f"{key} {positive!r} is not a class index or one of {', '.join(class_names)}")
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int = 1,

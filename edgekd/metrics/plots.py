@@ -37,10 +37,12 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: str | Path, tit
     return save_figure(confusion_figure(cm, class_names, title), path)
 
 
-def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:
+def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path, title: str = "",
+             positive: int = 1) -> Path:
+    """A two-class task's ROC of its `positive` class; one-vs-rest per class for more."""
     fig, ax = plt.subplots(figsize=(5, 5))
     y_true = np.asarray(y_true).astype(int)
-    classes = [1] if len(class_names) == 2 else range(len(class_names))
+    classes = [positive] if len(class_names) == 2 else range(len(class_names))
     for c in classes:
         if 0 < (y_true == c).sum() < len(y_true):
             RocCurveDisplay.from_predictions(y_true == c, probs[:, c], name=class_names[c], ax=ax)

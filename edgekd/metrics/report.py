@@ -27,21 +27,23 @@ def write_csv_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def evaluation_report(y: np.ndarray, probs: np.ndarray, class_names: list[str], out: str | Path,
-                      split: str, title: str = "", plots: bool = True) -> dict[str, Any]:
+                      split: str, title: str = "", plots: bool = True, positive: int = 1) -> dict[str, Any]:
     """Metrics (with 95% stratified bootstrap intervals and calibration figures) plus the confusion matrix for one
     split, and a `warning` when its ACC is no better than its largest class's share; PNGs `confusion_<split>.png`
-    and `roc_<split>.png`."""
+    and `roc_<split>.png`. `positive`: a two-class task's positive class (its sensitivity, AUC, ROC curve)."""
     from edgekd.metrics.plots import plot_confusion, plot_roc
 
     out = Path(out)
-    m = classification_metrics(y, probs)
+    m = classification_metrics(y, probs, positive)
     cm = confusion(y, probs)
     if plots:
         plot_confusion(cm, class_names, out / f"confusion_{split}.png", f"{title} {split}".strip())
-        plot_roc(y, probs, class_names, out / f"roc_{split}.png", f"{title} {split}".strip())
+        plot_roc(y, probs, class_names, out / f"roc_{split}.png", f"{title} {split}".strip(), positive)
     present = len(np.unique(y)) == probs.shape[1]  # intervals of AUC and per-class rates need every class
     counts = np.bincount(np.asarray(y).astype(int), minlength=len(class_names)).tolist()
     warning = one_class_warning(split, m.get("acc"), counts)
     return {"split": split, "n": int(len(y)), **m, "confusion_matrix": cm.tolist(), "class_names": list(class_names),
-            "calibration": calibration_figures(probs, y), "intervals": bootstrap_intervals(y, probs) if present else None,
+            "calibration": calibration_figures(probs, y),
+            **({"positive_class": class_names[positive]} if len(class_names) == 2 else {}),
+            "intervals": bootstrap_intervals(y, probs, positive=positive) if present else None,
             **({"warning": warning} if warning else {})}

@@ -306,13 +306,15 @@ def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Pa
     new images kept apart from the training data) scored by the checkpoint with its own eval transform (a model with
     one head per task: by `task`'s head); metrics.json and plots as `evaluate_checkpoint` writes them, the split
     named `folder`."""
+    from edgekd.data import recipe_positive
     from edgekd.metrics.report import evaluation_report
 
     predictor = checkpoint_predictor(checkpoint, task=task)
     paths, labels = folder_listing(folder, predictor.class_names, [predictor])
     probs = predict_folder(predictor, FolderImages(paths))
     names = list(predictor.class_names)
-    report = evaluation_report(np.asarray(labels, dtype=np.int64), probs, names, out, "folder", predictor.model)
+    report = evaluation_report(np.asarray(labels, dtype=np.int64), probs, names, out, "folder", predictor.model,
+                               positive=recipe_positive((predictor.trained or {}).get("recipe"), names))
     absent = absent_classes_warning(str(folder), np.bincount(labels, minlength=len(names)).tolist(), names)
     if absent:  # (training warns of a split lacking a class itself, when the run starts)
         report["warning"] = "; ".join(w for w in (absent, report.get("warning")) if w)

@@ -14,7 +14,7 @@ from torch import nn
 
 from edgekd import __version__
 from edgekd.data import (DataModule, build_checkpoint_data, build_data, check_class_order, check_trained_splits,
-                         duplicate_notes, split_listing)
+                         duplicate_notes, recipe_positive, split_listing)
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import (check_input_size, count_macs, count_parameters, create_model, freeze, hub_weights,
@@ -286,7 +286,8 @@ def evaluate_best(best_path: Path, data: DataModule, device, out: Path, name: st
     reports = {}
     for split in ("val", "test"):
         y, logits = predict_logits(best, data.loader(split, train=False), device)
-        reports[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, name, plots=plots)
+        reports[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, name, plots=plots,
+                                           positive=data.positive)
         if plots and reports[split].get("warning"):
             log(f"warning: {best_path}: {reports[split]['warning']}")
     return best, reports
@@ -316,6 +317,9 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     data = build_checkpoint_data(recipe)
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
     check_trained_splits(ckpt, data, recipe, str(checkpoint), tuple(splits))  # the splits scored, as at training
+    # the positive class the --data recipe names, else the model's own (a recipe of other data naming none)
+    positive = (data.positive if recipe.data.positive_class is not None
+                else recipe_positive(ckpt.get("recipe"), list(ckpt["class_names"])))
     dev = resolve_device(device)
     model.to(dev)
     out = Path(out)
@@ -324,6 +328,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     for split in splits:
         y, logits = predict_logits(model, data.loader(split, train=False), dev, progress=progress,
                                    description=f"eval {split}")
-        result[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, ckpt["arch"]["name"])
+        result[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, ckpt["arch"]["name"],
+                                          positive=positive)
     write_json(out / "metrics.json", result)
     return result

@@ -168,20 +168,21 @@ Scorer = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
 def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module | None = None,
              view: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-             scorer: Scorer | None = None) -> dict[str, float]:
-    """Metrics of the model on a loader (see scored_outputs for `view`, output_metrics for `scorer`)."""
-    return output_metrics(*scored_outputs(model, loader, device, view), criterion, scorer)
+             scorer: Scorer | None = None, positive: int = 1) -> dict[str, float]:
+    """Metrics of the model on a loader (see scored_outputs for `view`, output_metrics for `scorer`, `positive`)."""
+    return output_metrics(*scored_outputs(model, loader, device, view), criterion, scorer, positive)
 
 
 def output_metrics(y: np.ndarray, logits: np.ndarray, criterion: nn.Module | None = None,
-                   scorer: Scorer | None = None) -> dict[str, float]:
+                   scorer: Scorer | None = None, positive: int = 1) -> dict[str, float]:
     """Classification metrics of (labels, logits) (`scorer`'s, else over every output, with the ECE of the softmax
-    so that `monitor: val_ece` can pick a checkpoint), and the criterion's loss when one is given."""
+    so that `monitor: val_ece` can pick a checkpoint; a two-class task's sensitivity/AUC of class `positive`), and
+    the criterion's loss when one is given."""
     if scorer is not None:
         out = scorer(y, logits)
     else:
         probs = softmax(logits)
-        out = {**classification_metrics(y, probs), "ece": ece(probs, y)}
+        out = {**classification_metrics(y, probs, positive), "ece": ece(probs, y)}
     if criterion is not None:
         with torch.no_grad():
             out["loss"] = float(criterion(torch.from_numpy(logits), torch.from_numpy(y).long()))
@@ -521,7 +522,7 @@ class Trainer:
             self.swa_model.update_parameters(self.model)
         self.val_outputs = scored_outputs(self.model, val_loader, self.device, self.eval_view)
         row.update({f"val_{k}": v for k, v in output_metrics(*self.val_outputs, self.eval_criterion,
-                                                                      self.eval_scorer).items()})
+                                                                      self.eval_scorer, self.data.positive).items()})
         row["epoch_seconds"] = time.perf_counter() - t0
         monitor = monitored_value(row, self.cfg.monitor, "train.monitor", epoch)
         self._step_schedule(row, epoch)
@@ -632,7 +633,7 @@ class Trainer:
             self.swa_model, self.device)
         swa_net = self.swa_model.module
         val = evaluate(swa_net, self.data.loader("val", train=False), self.device, self.eval_criterion,
-                       self.eval_view, self.eval_scorer)
+                       self.eval_view, self.eval_scorer, self.data.positive)
         value = val.get(self.cfg.monitor.removeprefix("val_"), float("nan"))
         metrics = {f"val_{k}": v for k, v in val.items()}
         if self.is_main:
