@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 
 from edgekd.metrics import classification_metrics, confusion, partial_auc_above_tpr
 
@@ -17,6 +18,13 @@ def test_binary_metrics_hand_computed():
     # AUC: pairs (pos > neg) among 15: neg scores .1 .6 .2; pos .9 .8 .4 .7 .95 -> only 0.4<0.6 fails
     assert m["auc"] == pytest.approx(14 / 15)
     assert confusion(y, np.stack([1 - p1, p1], 1)).tolist() == [[2, 1], [1, 4]]
+    # PPV = tp / (tp + fp), NPV = tn / (tn + fn); the positive class's precision, as scikit-learn gives it
+    assert m["ppv"] == pytest.approx(4 / 5) and m["npv"] == pytest.approx(2 / 3)
+    assert m["ppv"] == pytest.approx(skm.precision_score(y, p1 >= 0.5))
+    zero = classification_metrics(y, np.stack([1 - p1, p1], 1), positive=0)
+    assert (zero["ppv"], zero["npv"]) == (pytest.approx(2 / 3), pytest.approx(4 / 5))
+    nothing_positive = classification_metrics(y, np.stack([np.ones(8), np.zeros(8)], 1))
+    assert np.isnan(nothing_positive["ppv"]) and nothing_positive["npv"] == pytest.approx(3 / 8)
 
 
 def test_partial_auc_bounds():
@@ -118,6 +126,13 @@ def test_plots_label_roc_axes_for_every_class_and_tick_whole_epochs(tmp_path, mo
     plots.plot_roc(y, probs, ["a", "b", "c"], tmp_path / "roc.png")
     ax = figs[-1].axes[0]  # scikit-learn had labelled every class's curve "(Positive label: 1)"
     assert "Positive label" not in ax.get_xlabel() + ax.get_ylabel() and "sensitivity" in ax.get_ylabel()
+    # a two-class ROC names its positive class; legends give AUC to 4 decimals (0.9504 and 0.9544 read alike at 2)
+    yb = np.array([0, 0, 1, 1, 0, 1])
+    plots.plot_roc(yb, np.stack([1 - np.array([.1, .3, .8, .35, .4, .9]), [.1, .3, .8, .35, .4, .9]], 1),
+                   ["normal", "pneumonia"], tmp_path / "roc2.png", "t", positive=0)
+    ax = figs[-1].axes[0]
+    assert ax.get_title() == "t\npositive class: normal"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["normal (AUC 0.8889)"]
     plots.plot_curves([{"epoch": e, "train_loss": 1 / e, "val_acc": 0.5} for e in (1, 2, 3)], tmp_path / "c.png")
     for ax in figs[-1].axes:
         figs[-1].canvas.draw()

@@ -10,7 +10,7 @@ from edgekd.errors import printable
 
 
 def metrics_table(title: str, rows: list[dict], keys=("acc", "balanced_acc", "auc", "f1", "sensitivity",
-                                                    "specificity", "pr_auc", "pauc")) -> RichTable:
+                                                    "specificity", "ppv", "pr_auc", "pauc")) -> RichTable:
     table = RichTable(title=escape(title))  # titles name paths, which may hold [brackets]
     table.add_column("model")
     table.add_column("split")
@@ -20,8 +20,8 @@ def metrics_table(title: str, rows: list[dict], keys=("acc", "balanced_acc", "au
         table.add_row(escape(str(r["model"])), escape(str(r["split"])), *[_fmt(r.get(k)) for k in keys])
     positives = sorted({str(r["positive_class"]) for r in rows if r.get("positive_class")})
     if positives and {"sensitivity", "specificity"} & set(keys):  # which class a two-class row's figures are of
-        table.caption = escape(f"sensitivity, specificity, pr_auc, pauc: positive class {', '.join(positives)} "
-                               "(data.positive_class)")
+        table.caption = escape(f"sensitivity, specificity, ppv, pr_auc, pauc: positive class "
+                               f"{', '.join(positives)} (data.positive_class)")
     return table
 
 

@@ -379,7 +379,7 @@ def report(
                                    "data.path=... for runs trained in another folder (repeatable)."),
 ) -> None:
     """KD report: one table per dataset (baseline, teacher, student from scratch, distilled student) with
-    params, MACs, acc, AUC, F1, sensitivity, specificity, pAUC; writes report.md/.json and ROC/confusion PNGs."""
+    params, MACs, acc, AUC, macro F1, sensitivity, specificity, PPV, pAUC; writes report.md/.json and ROC/confusion PNGs."""
     from edgekd.distill.report import comparison_report
     from edgekd.fileio import check_output_location, refuse_output_inside
 

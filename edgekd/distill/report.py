@@ -17,7 +17,9 @@ from edgekd.formats import param_count
 from edgekd.fileio import sha256_file, staged_files, write_json, write_text
 
 ROLE_ORDER = ("baseline", "teacher", "student_scratch", "student")
-COLUMNS = ("acc", "auc", "f1", "sensitivity", "specificity", "pauc")
+COLUMNS = ("acc", "auc", "f1", "sensitivity", "specificity", "ppv", "pauc")
+HEADERS = {"f1": "F1 (macro)", "sensitivity": "sensitivity (recall)", "ppv": "PPV (precision)"}
+"""A two-class table's headers: its sensitivity is the positive class's recall, its PPV that class's precision."""
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -176,9 +178,13 @@ def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str
     said = ["Brackets: 95% stratified bootstrap intervals (1000 resamples, seed 0).", ""] \
         if any(r.get("intervals") for r in rows) else []  # none without intervals (one class: nothing to resample)
     positive = rows[0].get("positive_class")
-    said += [f"Sensitivity, specificity, PR-AUC and pAUC are the positive class's: `{positive}`.", ""] if positive else []
+    said += [f"Sensitivity (its recall), specificity, PPV (its precision), PR-AUC and pAUC are the positive "
+             f"class's: `{positive}`; F1 is the macro mean over both classes.", ""] if positive else [
+        "Sensitivity, specificity and F1 are macro means over the classes, AUC and pAUC one-vs-rest macro means; "
+        "PPV is for two-class tasks.", ""]
+    headers = [HEADERS.get(k, k) if positive else {"f1": "F1 (macro)"}.get(k, k) for k in COLUMNS]
     lines = [f"### {dataset} ({split} split)", "", *said,
-             "| model | role | seed | params | MMACs | images | " + " | ".join(COLUMNS) + " |",
+             "| model | role | seed | params | MMACs | images | " + " | ".join(headers) + " |",
              "|---|---|---:|---:|---:|---:|" + "---:|" * len(COLUMNS)]
     for r in rows:
         ci = r.get("intervals") or {}
@@ -226,7 +232,7 @@ def auc_comparisons(rows: list[dict[str, Any]]) -> str:
     lines = ["", "", f"AUC vs `{ref['name']}` ({ref['role']}), DeLong test on the same {len(ref['_y'])} images:", "",
              "| model | AUC | reference AUC | difference | z | p |", "|---|---:|---:|---:|---:|---:|"]
     for r in others:
-        pos = ref["_positive"]
+        pos = ref.get("_positive", 1)
         t = delong_test(r["_y"], r["_probs"][:, pos], ref["_probs"][:, pos], pos)
         r["auc_vs"] = {"reference": ref["name"], **{k: t[k] for k in ("diff", "z", "p_value")}}
         z, p = ("-", "-") if t["z"] is None else (f"{t['z']:.2f}", f"{t['p_value']:.3g}")
@@ -239,20 +245,18 @@ def plot_roc_comparison(rows: list[dict[str, Any]], path: Path, title: str) -> P
     """Binary: each model's ROC for the positive class; multi-class: each model's micro-averaged one-vs-rest ROC,
     its legend AUC marked as the micro average (the report's AUC column is the macro one: two AUCs of one model had
     stood side by side unnamed)."""
-    from sklearn.metrics import RocCurveDisplay
-
-    from edgekd.metrics.plots import plt, save_figure
+    from edgekd.metrics.plots import finish_roc, plt, roc_line, save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     for r in rows:
         y, probs = r["_y"], r["_probs"]
         if probs.shape[1] == 2:
-            truth, score, kind = y == r["_positive"], probs[:, r["_positive"]], ""
+            pos = r.get("_positive", 1)
+            truth, score, kind = y == pos, probs[:, pos], ""
         else:
             truth = (y[:, None] == np.arange(probs.shape[1])[None]).ravel()
             score, kind = probs.ravel(), ", micro-average"
         if 0 < truth.sum() < len(truth):
-            RocCurveDisplay.from_predictions(truth, score, name=f"{r['name']} ({r['role']}){kind}", ax=ax)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_title(title)
+            roc_line(ax, truth, score, f"{r['name']} ({r['role']}){kind}")
+    finish_roc(ax, title, rows[0].get("positive_class"))
     return save_figure(fig, path)

@@ -12,13 +12,14 @@ from edgekd.metrics.uncertainty import bootstrap_intervals, choose_threshold, de
 
 __all__ = ["bootstrap_intervals", "calibration_report", "choose_threshold", "decide", "delong_test", "ece",
            "plot_reliability",
-           "classification_metrics", "confused_pairs", "confusion", "confusion_figure", "evaluation_report",
+           "classification_metrics", "confused_pairs", "confusion", "confusion_figure", "evaluation_report", "finish_roc",
+           "roc_line",
            "largest_class_share", "one_class_warning", "partial_auc_above_tpr", "plot_confusion", "positive_class_index", "plot_curves", "plot_failure_grid", "plt",
            "save_figure", "write_csv_log"]
 
 
 def __getattr__(name: str):
-    if name in ("confusion_figure", "plot_confusion", "plot_curves", "plt", "save_figure"):
+    if name in ("confusion_figure", "finish_roc", "plot_confusion", "plot_curves", "plt", "roc_line", "save_figure"):
         from edgekd.metrics import plots
 
         return getattr(plots, name)

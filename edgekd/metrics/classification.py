@@ -50,7 +50,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
                            classes: list[int] | None = None) -> dict[str, float]:
     """acc, balanced acc, macro F1/precision/recall, sensitivity/specificity, AUC, PR-AUC, pAUC(TPR>=0.8).
 
-    Binary: sensitivity/specificity/AUC/PR-AUC/pAUC for class `positive`. Multi-class: macro one-vs-rest AUC and
+    Binary: sensitivity/specificity/AUC/PR-AUC/pAUC for class `positive`, and its PPV (its precision) and NPV. Multi-class: macro one-vs-rest AUC and
     pAUC (the ISIC 2024 formula per class against the rest, then the mean), macro sensitivity (= recall) and
     macro specificity; AUC, PR-AUC and pAUC are NaN unless every class is present.
 
@@ -76,18 +76,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
     cm = skm.confusion_matrix(y_true, y_pred, labels=list(range(k)))
     present = np.unique(y_true)
     if len(labels) == 2:  # binary: the positive class against the rest (a scored pair: its second class)
-        cls = labels[positive]
-        is_pos, said_pos = y_true == cls, y_pred == cls
-        tp, fn = int((is_pos & said_pos).sum()), int((is_pos & ~said_pos).sum())
-        fp, tn = int((~is_pos & said_pos).sum()), int((~is_pos & ~said_pos).sum())
-        out["sensitivity"] = tp / (tp + fn) if tp + fn else float("nan")
-        out["specificity"] = tn / (tn + fp) if tn + fp else float("nan")
-        score = probs[:, cls]
-        pos = is_pos.astype(int)
-        both = bool(is_pos.any() and (~is_pos).any())
-        out["auc"] = skm.roc_auc_score(pos, score) if both else float("nan")
-        out["pr_auc"] = skm.average_precision_score(pos, score) if both else float("nan")
-        out["pauc"] = partial_auc_above_tpr(pos, score) if both else float("nan")
+        out.update(_positive_class_figures(y_true, y_pred, probs[:, labels[positive]], labels[positive]))
     else:
         fn = cm.sum(1) - np.diag(cm)
         fp = cm.sum(0) - np.diag(cm)
@@ -105,6 +94,22 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, positive: int 
         else:
             out["auc"] = out["pr_auc"] = out["pauc"] = float("nan")
     return {key: float(v) for key, v in out.items()}
+
+
+def _positive_class_figures(y_true: np.ndarray, y_pred: np.ndarray, score: np.ndarray, cls: int) -> dict[str, float]:
+    """Class `cls` against the rest: sensitivity, specificity, its precision (PPV) and the other side's (NPV) --
+    what a positive or negative call is worth at this split's prevalence (macro precision averages the two) --
+    and AUC, PR-AUC, pAUC of its probability `score` (NaN unless both sides have images)."""
+    is_pos, said_pos = y_true == cls, y_pred == cls
+    tp, fn = int((is_pos & said_pos).sum()), int((is_pos & ~said_pos).sum())
+    fp, tn = int((~is_pos & said_pos).sum()), int((~is_pos & ~said_pos).sum())
+    ratio = lambda a, b: a / (a + b) if a + b else float("nan")  # noqa: E731
+    out = {"sensitivity": ratio(tp, fn), "specificity": ratio(tn, fp), "ppv": ratio(tp, fp), "npv": ratio(tn, fn)}
+    pos, both = is_pos.astype(int), bool(is_pos.any() and (~is_pos).any())
+    out["auc"] = skm.roc_auc_score(pos, score) if both else float("nan")
+    out["pr_auc"] = skm.average_precision_score(pos, score) if both else float("nan")
+    out["pauc"] = partial_auc_above_tpr(pos, score) if both else float("nan")
+    return out
 
 
 def largest_class_share(counts: list[int]) -> float | None:

@@ -37,19 +37,33 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: str | Path, tit
     return save_figure(confusion_figure(cm, class_names, title), path)
 
 
+def roc_line(ax, truth: np.ndarray, score: np.ndarray, name: str) -> None:
+    """One ROC curve on `ax` (scikit-learn's), its legend AUC to 4 decimals (at 2, a 0.9504 and a 0.9544 model had
+    read alike)."""
+    disp = RocCurveDisplay.from_predictions(truth, score, name=name, ax=ax)
+    disp.line_.set_label(f"{name} (AUC {disp.roc_auc:.4f})")
+
+
+def finish_roc(ax, title: str, positive: str | None = None) -> None:
+    """The chance line, the axes named as rates (scikit-learn's labels said "(Positive label: 1)" of every curve,
+    whichever class it was), the positive class in the title, the legend where the curves are not."""
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("False positive rate (1 - specificity)"), ax.set_ylabel("True positive rate (sensitivity)")
+    ax.set_title(title + (f"\npositive class: {positive}" if positive else ""))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize="small")
+
+
 def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path, title: str = "",
              positive: int = 1) -> Path:
     """A two-class task's ROC of its `positive` class; one-vs-rest per class for more."""
     fig, ax = plt.subplots(figsize=(5, 5))
     y_true = np.asarray(y_true).astype(int)
-    classes = [positive] if len(class_names) == 2 else range(len(class_names))
-    for c in classes:
+    binary = len(class_names) == 2
+    for c in [positive] if binary else range(len(class_names)):
         if 0 < (y_true == c).sum() < len(y_true):
-            RocCurveDisplay.from_predictions(y_true == c, probs[:, c], name=class_names[c], ax=ax)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    # one-vs-rest per class: scikit-learn's labels said "(Positive label: 1)" of every class's curve
-    ax.set_xlabel("False positive rate (1 - specificity)"), ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(title or "ROC")
+            roc_line(ax, y_true == c, probs[:, c], class_names[c])
+    finish_roc(ax, title or "ROC", class_names[positive] if binary else None)
     return save_figure(fig, path)
 
 
