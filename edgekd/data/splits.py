@@ -62,30 +62,43 @@ GIVE_SPLITS = "give the splits yourself (train/ val/ test/ folders, or a CSV man
 
 def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
                 what: str = "a split", class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Like stratified_split, but every group (patient) lands wholly on one side: the first fold of a seeded
-    stratified group k-fold (k = 1 / fraction) that leaves every class on both sides."""
-    n_splits = min(range(2, 101), key=lambda k: abs(1.0 / k - fraction))  # the nearest 1/k (round(2.5) was 2: 0.4
-    # had held out 50%)
+    """Like stratified_split, but every group (patient) lands wholly on one side: m consecutive folds of a seeded
+    stratified group k-fold (`fold_share`: m/k near `fraction`), the first run of them that leaves every class on
+    both sides."""
+    taken, n_splits = fold_share(fraction)
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
         raise EdgeKDError(f"carving {what} by patient needs at least {n_splits} patients, found {n_groups} "
                           f"({GIVE_SPLITS}, or a larger fraction)")
     present, counts = np.unique(labels, return_counts=True)
     if counts.max() < n_splits:  # scikit-learn's own ValueError had ended the run with a traceback
-        raise EdgeKDError(f"carving {what} by patient as 1/{n_splits} needs a class with at least {n_splits} images, "
+        raise EdgeKDError(f"carving {what} by patient as {taken}/{n_splits} needs a class with at least {n_splits} images, "
                           f"the largest has {counts.max()} ({GIVE_SPLITS}, or a larger fraction)")
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # "the least populated class has only 5 members < n_splits=7": checked here
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         draws = list(sgkf.split(np.zeros(len(labels)), labels, groups))
-    for keep, held in draws:
+    for start in range(n_splits):
+        held = np.concatenate([draws[(start + i) % n_splits][1] for i in range(taken)])
+        keep = np.setdiff1d(np.arange(len(labels)), held)
         if all(np.isin(present, labels[side]).all() for side in (keep, held)):
             return np.sort(keep), np.sort(held)
     short, count = fewest_units(labels, groups)
-    raise EdgeKDError(f"carving {what} by patient: no draw of 1/{n_splits} of the {n_groups} patients keeps every "
-                      f"class on both sides (class {class_label(short, class_names)} has {count} patients); "
-                      f"{GIVE_SPLITS}, or a larger "
-                      "data.val_fraction / data.test_fraction")
+    fix = (f"a class needs a patient on each side: give it more patients, or {GIVE_SPLITS[5:]}" if count < 2 else
+           f"{GIVE_SPLITS}, or another data.val_fraction / data.test_fraction")
+    raise EdgeKDError(f"carving {what} by patient: no draw of {taken}/{n_splits} of the {n_groups} patients keeps every "
+                      f"class on both sides (class {class_label(short, class_names)} has {count} "
+                      f"patient{'s' if count != 1 else ''}); {fix}")
+
+
+def fold_share(fraction: float, near: float = 0.05, most: int = 20) -> tuple[int, int]:
+    """(m, k): hold out m of k patient folds for a share `fraction`. The nearest 1/k when it is within `near` of it
+    (the only choice before 2026-12-07, so the splits of runs trained then stay as they were), else the nearest m/k
+    with k <= `most`: 1/k alone could not hold out more than half, and 0.7 had held out 50%, 0.4 a third."""
+    k = min(range(2, 101), key=lambda k: abs(1.0 / k - fraction))
+    if abs(1.0 / k - fraction) <= near:
+        return 1, k
+    return min(((m, k) for k in range(2, most + 1) for m in range(1, k)), key=lambda mk: (abs(mk[0] / mk[1] - fraction), mk[1]))
 
 
 def class_label(c: int, class_names: list[str] | None) -> str:
@@ -109,8 +122,9 @@ def kfold_indices(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray 
     kind = "patients" if groups is not None else "images"
     if folds > count:
         total = f" ({len(np.unique(groups))} patients in all)" if groups is not None else ""
+        kind = kind[:-1] if count == 1 else kind
         raise EdgeKDError(f"--folds {folds}: class {class_label(short, class_names)} has {count} {kind} in the "
-                          f"train/val pool{total}, too few for {folds} folds")
+                          f"train/val pool{total}, too few for {folds} folds (each fold's val split needs one)")
     if groups is not None:
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         out = [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels, groups)]
