@@ -506,7 +506,9 @@ def split_name(value: str) -> str | None:
     return value if value in SPLITS else SPLIT_ALIASES.get(value)
 
 
-NEAR_MISS_COLUMNS = {"patient_id": {"patientid", "patient", "patientname", "patid", "subjectid"},
+NEAR_MISS_COLUMNS = {"patient_id": {"patientid", "patient", "patientname", "patid", "subjectid", "pid", "patientno",
+                                    "patientnumber", "patientnum", "patientnr", "patientkey", "subject", "subjectno",
+                                    "caseid", "mrn", "participant", "participantid", "personid"},
                      "split": {"split", "splits", "subset", "partition"}}
 """Headers that may mean an optional column under another spelling: read as a plain extra column, they would leave
 splits by image (a patient's images on both sides) or replace the user's own test split by a random one."""
