@@ -122,6 +122,10 @@ def run_folds(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
     if folds < 2:
         raise EdgeKDError("--folds must be at least 2")
     recipe, out, recipe_path = checked_entry(recipe, out, recipe_path, resume, folds, log)
+    set_folds = recipe.data.folds
+    if set_folds is not None and set_folds != folds:  # --folds sets data.folds and data.fold for each fold
+        raise EdgeKDError(f"--folds {folds} with data.folds {set_folds} in the recipe: give one count (--folds "
+                          "sets data.folds and data.fold for each fold)")
     from edgekd.distill.folds import run_kfold
     from edgekd.train.distributed import is_main_process
 

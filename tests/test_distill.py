@@ -660,7 +660,7 @@ def test_a_distillation_run_warms_its_dkd_term_up_epoch_by_epoch_and_says_when_i
     assert sorted({tuple(s) for s in seen}) == [(1 / 3, 1.0), (2 / 3, 1.0)]  # epochs 1 and 2, the ce term unscaled
     assert [s[0] for s in seen] == sorted(s[0] for s in seen)
     assert any("warmup_epochs 3 > train.epochs 2: the term ends the run at 67% of its weight" in m for m in lines)
-    assert any("1*dkd (warm-up 3 epochs)" in m for m in lines)
+    assert any("terms 1*dkd(T=4) (warm-up 3 epochs), 1*ce" in m for m in lines)  # the temperature named
 
 
 class Recorder(nn.Module):

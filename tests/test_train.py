@@ -233,6 +233,9 @@ def test_fold_folders_a_run_leaves_from_an_earlier_one_are_named(tiny_recipe_dic
     train_recipe(recipe, out, log=lambda s: None)
     with pytest.raises(EdgeKDError, match="too few for 40 folds"):
         run_folds(recipe, out, 40, log=lambda s: None)
+    # --folds 2 beside data.folds 3 had run 2 folds without a word
+    with pytest.raises(EdgeKDError, match=r"^--folds 2 with data.folds 3 in the recipe: give one count"):
+        run_folds(recipe_from_dict(deep(tiny_recipe_dict, data__folds=3, data__fold=0)), out, 2, log=lambda s: None)
     assert (out / "best.pt").is_file() and (out / "metrics.json").is_file()
     # a model.weights file in --out is refused, as a teacher there is: the new run would remove it (a folder's own
     # best.pt, given to fine-tune from into the same folder)

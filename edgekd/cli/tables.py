@@ -124,13 +124,13 @@ def predictions_table(title: str, runner, results: list, precision: str, tta_opt
     """One row per image: label, probability (and uncalibrated), every class's probability."""
     from edgekd.runtime import Failure
 
-    names = runner.class_names
+    names, views = runner.class_names, runner.tta_views.names  # views spaced: rot+15 holds a '+'
     calibrated = runner.temperature != 1.0 or runner.bias is not None
     rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.6g}" if runner.threshold is not None
             else "")  # 6 significant digits: a 0.99999 threshold is not shown as 1.0000
     table = RichTable(title=escape(f"{title}: {model_run(runner, precision)}"
                                    + (f", task {runner.task}" if runner.task else "")
-                                   + (f", TTA {'+'.join(runner.tta_views.names)}" if tta_option else "")
+                                   + (f", TTA of {len(views)} views ({' '.join(views)})" if tta_option else "")
                                    + (f", calibrated (T={runner.temperature:.3g}{', Platt' if runner.bias else ''})"
                                       if calibrated else "") + rule))
     raw_cols = ["p(label) uncal."] if calibrated else []  # every class's uncalibrated probability: --out

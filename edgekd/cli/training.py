@@ -105,7 +105,9 @@ def check(
             ("batch", str(r.batch_size) + (f" x {r.grad_accum} accumulated per step" if r.grad_accum > 1 else "")),
             ("seconds per step", f"{r.step_seconds:.3f} (" + (
                 f"median of {r.timed_steps} timed steps, {r.step_range[0]:.3f}-{r.step_range[1]:.3f}" if r.timed_steps
-                else "one step, warm-up included: the train split is one batch") + "; training only, not evaluation)"),
+                else "one step, warm-up included: the train split is one optimizer step"
+                + (f" ({r.grad_accum} accumulated batches)" if r.grad_accum > 1 else " (one batch)"))
+                + "; training only, not evaluation)"),
             ("per epoch" if r.kind != "continual" else "an epoch of every task",
              f"{r.epoch_seconds:.3g} s ({r.train_images} train images)" if r.epoch_seconds is not None
              else f"{r.seconds_per_1000_images:.3g} s per 1000 train images"),  # 3 digits: 0.36 s had shown as 0

@@ -287,9 +287,10 @@ def warn_teacher_input_mismatch(teacher_ckpts: list[dict[str, Any]], student_pre
 
 
 def term_text(term) -> str:
-    """A distill term as the run's log names it: `0.7*kl`, `1*dkd (warm-up 4 epochs)`."""
-    warm = getattr(term, "warmup_epochs", 0)
-    return f"{term.weight:g}*{term.kind}" + (f" (warm-up {warm} epochs)" if warm else "")
+    """A distill term as the run's log names it: `0.7*kl(T=4)`, `1*dkd(T=4) (warm-up 4 epochs)`."""
+    warm, temperature = getattr(term, "warmup_epochs", 0), getattr(term, "temperature", None)
+    return (f"{term.weight:g}*{term.kind}" + (f"(T={temperature:g})" if temperature is not None else "")
+            + (f" (warm-up {warm} epochs)" if warm else ""))
 
 
 def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher_ckpt: dict[str, Any],
