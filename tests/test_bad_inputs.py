@@ -840,8 +840,8 @@ def test_a_checkpoint_where_a_bundle_goes_and_back_is_named_for_what_it_is(train
                                                                           capsys):
     assert_refused(invoke(capsys, "predict", trained["ckpt"], good_png), "a PyTorch checkpoint, not a bundle")
     assert_refused(invoke(capsys, "export", bundle, "--out", tmp_path / "b"), "an exported bundle, not a checkpoint")
-    assert_refused(invoke(capsys, "eval", trained["run"], "--out", tmp_path / "ev"), "a folder, not a checkpoint",
-                   "its checkpoint is")
+    (tmp_path / "no_run").mkdir()  # a run folder stands for its best.pt; a folder without one is named
+    assert_refused(invoke(capsys, "eval", tmp_path / "no_run", "--out", tmp_path / "ev"), "a folder, not a checkpoint")
     # an eval into the training run's own folder had replaced its metrics.json (best epoch, val, sessions)
     record = (Path(trained["run"]) / "metrics.json").read_bytes()
     assert_refused(invoke(capsys, "eval", trained["ckpt"], "--out", trained["run"]),
@@ -881,6 +881,17 @@ def test_report_refuses_a_model_whose_outputs_do_not_match_its_data(trained, tmp
     (tmp_path / "a_file").write_text("x")  # refused before any model is scored (it had said "file exists" after)
     assert_refused(invoke(capsys, "report", tmp_path / "other.pt", "--out", tmp_path / "a_file"),
                    f"--out {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder")
+
+
+def test_a_run_folder_stands_for_its_checkpoint_and_report_takes_one_split(trained, tmp_path, capsys):
+    """`eval runs/x` had been refused ("a folder, not a checkpoint file") while report and bench take run folders;
+    `report --split val,test` had said "unknown split 'val,test'"."""
+    code, out, err = invoke(capsys, "eval", trained["run"], "--out", tmp_path / "e")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["checkpoint"] == str(trained["ckpt"])
+    assert_refused(invoke(capsys, "report", trained["run"], "--split", "val,test", "--out", tmp_path / "r"),
+                   "--split val,test: a report scores one split (run it once per split)")
+    assert not (tmp_path / "r").exists()
 
 
 # ================================================================================ export options

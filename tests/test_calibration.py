@@ -317,6 +317,7 @@ def test_predict_cli_shows_calibrated_and_uncalibrated_and_takes_a_threshold(cal
     meta = json.loads((out / "edgekd.json").read_text())
     positive = meta["decision"]["positive_class"]
     assert doc["threshold"] == 0 and all(p["label"] == positive for p in doc["predictions"])  # p >= 0 always
+    assert doc["positive_class"] == positive  # the class the threshold is on, beside it
     assert all(set(p["uncalibrated"]) == set(p["probs"]) for p in doc["predictions"])
     res = CliRunner().invoke(app, ["predict", str(out), str(paths[0]), "--threshold", "1.5"])
     assert res.exit_code != 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 import typer
@@ -132,6 +133,18 @@ def plain_log(printer) -> Callable[[str], None]:
     """A library's log line printed as it is: its model names and paths may hold [brackets], which rich would read as
     markup (a `--compare` of two runs of one model, labelled `name [path]`, had failed with a MarkupError)."""
     return lambda line: printer(escape(str(line)))
+
+
+def checkpoint_argument(path: Path) -> Path:
+    """A CHECKPOINT argument (export, eval, explain): a training run's folder stands for its best.pt (a continual
+    run's: model.pt), as `report` and `bench` take it; a bundle, or any other path, as given."""
+    from edgekd.runtime import is_bundle
+
+    if path.is_dir() and not is_bundle(path):
+        for name in ("best.pt", "model.pt"):
+            if (path / name).is_file():
+                return path / name
+    return path
 
 
 def with_progress(run):

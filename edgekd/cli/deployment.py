@@ -11,7 +11,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from edgekd.cli.console import BUNDLE_PRECISION_HELP, STATE, console, out_console, progress_bar, with_progress
+from edgekd.cli.console import (BUNDLE_PRECISION_HELP, STATE, checkpoint_argument, console, out_console, progress_bar,
+                                with_progress)
 from edgekd.cli.tables import continual_table, model_run, parity_table, predictions_table, task_predictions_table
 from edgekd.errors import EdgeKDError, error_line, printable
 from edgekd.fileio import held_output
@@ -27,7 +28,8 @@ def probability_option(value: Optional[float]) -> Optional[float]:
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    checkpoint: Path = typer.Argument(..., callback=checkpoint_argument, help="A checkpoint (best.pt) written by "
+                                      "`edgekd train`, or its run folder."),
     format_: Optional[str] = typer.Option(None, "--format", "-f", help="Comma-separated: onnx,openvino (default: the profile's)."),
     precision: Optional[str] = typer.Option(None, "--precision", "-p", help="Comma-separated: fp32,fp16,int8 (default: the profile's)."),
     target: Optional[Path] = typer.Option(None, "--target", "-t", help="Export profile: a YAML file or a shipped "
@@ -248,7 +250,9 @@ def _predict_info(runner, bundle: Path, tta_option, task: str | None) -> dict:
     """The run's settings a predictions file carries beside the predictions."""
     views = runner.tta_views.names if tta_option else []
     return {"bundle": str(bundle), **runner.info, "tta_views": views or None, "temperature": runner.temperature,
-            "threshold": runner.threshold, **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})}
+            "threshold": runner.threshold,  # on the positive class's probability: named beside it
+            **({"positive_class": runner.class_names[runner.positive]} if runner.threshold is not None else {}),
+            **({"task": task, "tasks": dict(runner.tasks)} if runner.tasks else {})}
 
 
 def repository(

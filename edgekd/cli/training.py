@@ -11,8 +11,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table as RichTable
 
-from edgekd.cli.console import (STATE, _quiet, console, out_console, plain_log, progress_bar, torchrun_worker,
-                                with_progress)
+from edgekd.cli.console import (STATE, _quiet, checkpoint_argument, console, out_console, plain_log, progress_bar,
+                                torchrun_worker, with_progress)
 from edgekd.cli.tables import continual_table, metrics_table, robustness_table
 from edgekd.errors import EdgeKDError
 from edgekd.formats import param_count
@@ -119,7 +119,8 @@ def check(
 
 
 def eval_(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`; with "
+    checkpoint: Path = typer.Argument(..., callback=checkpoint_argument, help="A checkpoint (best.pt) written by "
+                                      "`edgekd train` (or its run folder); with "
                                       "--corruptions/--failures also an exported bundle."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's, "
                                         "or on every image of a labelled folder (DIR/<class name>/images)."),
@@ -387,6 +388,8 @@ def report(
 
     refuse_output_inside(out, [r for r in runs if not r.is_dir()])  # a run folder may hold its report
     check_output_location(out)  # before every model is scored (a file there had been found after them)
+    if "," in split:  # eval takes a list; a report's tables are of one split
+        raise EdgeKDError(f"--split {split}: a report scores one split (run it once per split)")
     if split not in ("train", "val", "test"):
         raise EdgeKDError(f"--split: unknown split '{split}' (use train, val, test)")
     result = comparison_report(runs, out, split, set_, log=plain_log(console.print))
@@ -415,7 +418,8 @@ def _explained_images(images: list[Path]) -> list[Path]:
 
 
 def explain(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt) written by `edgekd train`."),
+    checkpoint: Path = typer.Argument(..., callback=checkpoint_argument, help="A checkpoint (best.pt) written by "
+                                      "`edgekd train`, or its run folder."),
     images: list[Path] = typer.Argument(..., help="Image files, or folders of them (searched recursively), to "
                                         "explain."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Module path of the target layer (default: the last "

@@ -323,12 +323,13 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     dev = resolve_device(device)
     model.to(dev)
     out = Path(out)
+    arch = ckpt["arch"]["name"]  # the plots' titles name the run too: a scratch and a distilled student read alike
+    title = f"{ckpt['recipe']['name']} ({arch})" if (ckpt.get("recipe") or {}).get("name") else arch
     result = {"checkpoint": str(checkpoint), "model": ckpt["arch"]["name"], "role": ckpt.get("role"),
               "dataset": data.source_name, "params": count_parameters(model)}
     for split in splits:
         y, logits = predict_logits(model, data.loader(split, train=False), dev, progress=progress,
                                    description=f"eval {split}")
-        result[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, ckpt["arch"]["name"],
-                                          positive=positive)
+        result[split] = evaluation_report(y, softmax(logits), data.class_names, out, split, title, positive=positive)
     write_json(out / "metrics.json", result)
     return result
