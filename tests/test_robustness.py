@@ -463,3 +463,33 @@ def test_a_model_that_overflows_under_a_corruption_gets_no_figures_and_is_named(
     assert np.isnan(bright["acc"]) and np.isnan(bright["auc"]) and bright["nonfinite"] >= 1
     assert any(line.startswith("warning: m (student) onnx/int8 on brightness s5: non-finite outputs on")
                for line in said), said
+
+
+def test_a_labelled_folder_holding_copies_of_the_training_images_is_warned_of(tiny_run, tmp_path):
+    """`eval --data DIR` refused the training folder itself but scored a copy of its images as new ones (an
+    .npz's train images saved as PNGs): the figures then include images the model trained on."""
+    from PIL import Image
+
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.robustness import evaluate_on_folder
+    from edgekd.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_run)
+    npz = np.load(recipe_from_dict(ckpt["recipe"]).data.path)
+    rng = np.random.default_rng(0)
+    for name in ckpt["class_names"]:
+        (tmp_path / "new" / name).mkdir(parents=True)
+        (tmp_path / "copy" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "new" / name / f"{i}.png")
+    for i in range(3):  # three train images, one val image, each under its own class
+        for split, j in (("train", i), ("val", 0)):
+            image, label = npz[f"{split}_images"][j], int(npz[f"{split}_labels"][j].ravel()[0])
+            Image.fromarray(image).save(tmp_path / "copy" / ckpt["class_names"][label] / f"{split}{j}.png")
+    for name in ckpt["class_names"]:
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "copy" / name / "new.png")
+    copied = evaluate_on_folder(tiny_run, tmp_path / "e1", tmp_path / "copy")["folder"]
+    assert copied["warning"].startswith(f"4 of the 6 images in {tmp_path / 'copy'} are the checkpoint's own train or "
+                                        "val images by content (e.g. ")
+    fresh = evaluate_on_folder(tiny_run, tmp_path / "e2", tmp_path / "new")["folder"]
+    assert "by content" not in fresh.get("warning", "")  # (noise: its ACC may be warned of)

@@ -261,6 +261,34 @@ def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, c
                           f"the checkpoint's own test split (`edgekd eval {checkpoint}`)")
 
 
+def trained_images_warning(folder: str, paths: Sequence, trained: dict[str, Any] | None) -> str | None:
+    """A copy of the checkpoint's train or val images in a labelled folder (`refuse_training_folder` catches the
+    folder itself, not a copy): found by file content (the same bytes), or by pixels when the checkpoint trained on
+    an in-memory set (.npz images saved as PNGs). None when there is none, or the training data is not found here
+    (or is a continual run's, of several sets)."""
+    recipe = (trained or {}).get("recipe")
+    if not recipe or recipe.get("continual"):
+        return None
+    from edgekd.data import pixel_digest, split_tables
+    from edgekd.fileio import sha256_file
+    from edgekd.imageio import read_image
+    from edgekd.recipe import recipe_from_dict
+
+    try:
+        tables, _, _ = split_tables(recipe_from_dict(recipe, where="the checkpoint's recipe"))
+        in_memory = tables["train"].images is not None
+        known = {fp for split in ("train", "val") if split in tables
+                 for fp in (tables[split].pixel_fingerprints() if in_memory else tables[split].fingerprints())}
+        mine = [pixel_digest(read_image(p)) if in_memory else sha256_file(p) for p in paths]
+    except (EdgeKDError, OSError):  # moved or unreadable: the scoring names what it cannot read
+        return None
+    hits = [str(p) for p, fp in zip(paths, mine) if fp in known]
+    if not hits:
+        return None
+    return (f"{len(hits)} of the {len(paths)} images in {folder} are the checkpoint's own train or val images by "
+            f"content (e.g. {hits[0]}): its figures include images the model trained on or was selected on")
+
+
 FOLDER_CHUNK = 128
 """Images `predict_folder` decodes and scores at a time (`eval --data DIR`, `--failures` on a folder)."""
 
@@ -316,8 +344,9 @@ def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Pa
     report = evaluation_report(np.asarray(labels, dtype=np.int64), probs, names, out, "folder", predictor.model,
                                positive=recipe_positive((predictor.trained or {}).get("recipe"), names))
     absent = absent_classes_warning(str(folder), np.bincount(labels, minlength=len(names)).tolist(), names)
-    if absent:  # (training warns of a split lacking a class itself, when the run starts)
-        report["warning"] = "; ".join(w for w in (absent, report.get("warning")) if w)
+    seen = trained_images_warning(str(folder), paths, predictor.trained)
+    if absent or seen:  # (training warns of a split lacking a class itself, when the run starts)
+        report["warning"] = "; ".join(w for w in (seen, absent, report.get("warning")) if w)
     result = {"checkpoint": str(checkpoint), "model": predictor.model, "role": predictor.role,
               "dataset": str(folder), **({"task": task} if task else {}), "folder": report}
     write_json(Path(out) / "metrics.json", result)
