@@ -120,8 +120,7 @@ def check(
 
 def eval_(
     checkpoint: Path = typer.Argument(..., callback=checkpoint_argument, help="A checkpoint (best.pt) written by "
-                                      "`edgekd train` (or its run folder); with "
-                                      "--corruptions/--failures also an exported bundle."),
+                                      "`edgekd train` (or its run folder); with --corruptions/--failures a bundle."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluate on this recipe's data instead of the checkpoint's, "
                                         "or on every image of a labelled folder (DIR/<class name>/images)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the data recipe (e.g. data.path=...)."),
