@@ -1105,6 +1105,15 @@ def test_model_cache_never_lands_inside_the_bundle_or_on_a_file(bundle, tmp_path
     (tmp_path / "file").write_text("x")
     with pytest.raises(EdgeKDError, match="not a folder"):
         Runner.from_bundle(copy, cache_dir=tmp_path / "file")
+    # one OpenVINO cannot create had been its two-line C++ exception (exit 1); a read-only one cached nothing
+    with pytest.raises(EdgeKDError, match=r"^cache folder \(--cache-dir\) .*file/sub: cannot create it \(Not a directory\)$"):
+        Runner.from_bundle(copy, cache_dir=tmp_path / "file" / "sub")
+    import edgekd.runtime.runner as runner_module
+
+    with pytest.MonkeyPatch.context() as mp:  # (root may write anywhere: the check is what is tested)
+        mp.setattr(runner_module.os, "access", lambda path, mode: False)
+        with pytest.raises(EdgeKDError, match=r"^cache folder \(--cache-dir\) .*ro: not writable"):
+            Runner.from_bundle(copy, cache_dir=tmp_path / "ro")
     assert not (copy / "cache").exists()
     Runner.from_bundle(copy).predict(random_pixels((SIZE, SIZE, 3), 8))  # still verifies and runs
     # ONNX Runtime has no compiled-model cache: the option had been ignored without a word

@@ -7,6 +7,7 @@ per task's slice of the outputs: the runner predicts one task (`task=`) or all o
 from __future__ import annotations
 
 import numbers
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -438,6 +439,7 @@ def _check_bundle_options(bundle: Bundle, backend: str, cache_dir, threshold, ta
         if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
             raise EdgeKDError(f"cache folder (--cache-dir) {cache_dir}: not a folder")
         refuse_output_inside(cache_dir, [bundle.source], "cache folder (--cache-dir)")
+        writable_folder(Path(cache_dir), "cache folder (--cache-dir)")
     if threshold is not None and bundle.tasks:
         raise EdgeKDError("a decision threshold is for a two-class bundle: a multi-head bundle's tasks are "
                           "decided by their top class")
@@ -445,6 +447,17 @@ def _check_bundle_options(bundle: Bundle, backend: str, cache_dir, threshold, ta
         raise EdgeKDError(f"threshold {threshold}: a decision threshold needs a two-class bundle "
                           f"({len(bundle.class_names)} classes)")
     _check_task(bundle, task)
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """`folder` made if missing, and writable: OpenVINO's own failure to create it had been a C++ exception of two
+    lines (exit 1), and a read-only one cached nothing without a word."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EdgeKDError(f"{what} {folder}: cannot create it ({err.strerror or err})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EdgeKDError(f"{what} {folder}: not writable (OpenVINO would cache nothing there)")
 
 
 def _check_options(backend: str, precision: str | None, threads, threshold) -> None:
