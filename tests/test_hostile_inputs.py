@@ -226,6 +226,9 @@ PREPROCESS_CASES = {
     "class_name_10k_chars": (lambda m: m.update(class_names=["x" * 10000, "b"]), "class_names"),
     "tta_fraction_nan": (lambda m: m.update(tta={"views": ["original"], "center_crop_fraction": float("nan")}),
                          "not valid JSON"),
+    # bf16 arithmetic had been accepted: probabilities 1e-3 from the gated f32 run, the card still saying fp32
+    "precision_hint_bf16": (lambda m: [a.update(inference_precision_hint="bf16") for a in m["artifacts"]],
+                            "inference_precision_hint must be f32 (the arithmetic the export's parity gate checked)"),
 }
 
 

@@ -679,8 +679,10 @@ def _validate_artifacts(arts: Any, where: str) -> None:
         path = art.get("path")
         _require(isinstance(path, str) and path and not PurePosixPath(path).is_absolute()
                  and ".." not in PurePosixPath(path).parts, where, f"{at}.path must be a relative path inside the bundle")
-        _require(art.get("inference_precision_hint") in (None, "f32", "f16", "bf16"), where,
-                 f"{at}.inference_precision_hint must be f32, f16 or bf16")
+        # f32: the arithmetic the export's parity gate ran the artifact in (a bf16 hint, accepted before, had run it
+        # in other maths than the gate checked: probabilities 1e-3 away, the card still saying fp32)
+        _require(art.get("inference_precision_hint") in (None, "f32"), where,
+                 f"{at}.inference_precision_hint must be f32 (the arithmetic the export's parity gate checked)")
         suffix = ".onnx" if art["format"] == "onnx" else ".xml"
         _require(path.endswith(suffix), where, f"{at}.path must end with {suffix} for format {art['format']}")
     pairs = [(a["format"], a["precision"]) for a in arts]
