@@ -676,3 +676,21 @@ def test_a_row_whose_worker_failed_exits_1_and_is_listed(tmp_path, tiny_recipe_d
     assert f"{len(failed)} row(s) failed (bench.json lists them in failed_rows)" in " ".join(res.output.split())
     assert all("failed" not in r for r in summary["records"])
     assert {r["format"] for r in summary["records"] if r["status"] == "ok"} == {"onnx"}
+
+
+def test_the_default_precisions_are_a_bundles_own(tmp_path, monkeypatch):
+    """`bench BUNDLE` took fp32,int8 by default: a bundle's OpenVINO fp16 model was left out without a word."""
+    from types import SimpleNamespace
+
+    import edgekd.runtime
+    from edgekd.bench.run import default_precisions
+
+    closed = []
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "edgekd.json").write_text("{}")  # is_bundle: a folder holding edgekd.json
+    for held, expected in ((["fp16", "fp32"], "fp32,fp16"), (["int8", "fp16"], "fp16,int8"), (["fp32"], "fp32")):
+        monkeypatch.setattr(edgekd.runtime, "open_bundle", lambda path, verify=True, h=held: SimpleNamespace(
+            artifacts=[SimpleNamespace(precision=p) for p in h], close=lambda: closed.append(path)))
+        assert default_precisions(tmp_path / "b") == expected
+    assert len(closed) == 3  # a zip's extracted files removed
+    assert default_precisions(tmp_path / "model.pt") == "fp32,int8"  # a checkpoint: exported first

@@ -567,7 +567,8 @@ class BenchConfig:
     source: str | Path
     out: str | Path
     formats: list[str] | str = "torch,onnx,openvino"
-    precisions: list[str] | str = "fp32,int8"
+    precisions: list[str] | str | None = None
+    """None: a bundle's own precisions, fp32 and int8 for a checkpoint (exported first)."""
     batches: list[int] | str = "1,8,32"
     threads: int | None = None
     tta: bool = False
@@ -589,12 +590,27 @@ class BenchConfig:
     """Keep out/work (worker jobs and results, the preprocessed copy of the scored images); removed by default."""
 
 
+def default_precisions(source: Path) -> str:
+    """--precision when none is given: every precision a bundle holds (its fp16 had been left out without a word),
+    fp32 and int8 for a checkpoint (exported first)."""
+    if not is_bundle(source):
+        return "fp32,int8"
+    from edgekd.runtime import open_bundle
+
+    bundle = open_bundle(source, verify=False)  # (verified when the run opens it)
+    try:
+        held = {a.precision for a in bundle.artifacts}
+    finally:
+        bundle.close()  # a zip's extracted files
+    return ",".join(p for p in PRECISIONS if p in held)
+
+
 def _resolved(config: BenchConfig, log: Callable[[str], None]) -> BenchConfig:
     """The config with its lists parsed and checked and every default filled in; --threads above the cores this
     process may use is timed at the cores (said), as predict runs it (it had timed 100000 threads for minutes)."""
     threads = config.threads or cap_to_cores(os.cpu_count() or 1)
     formats = parse_list(config.formats, FORMATS, "--formats")
-    precisions = parse_list(config.precisions, PRECISIONS, "--precision")
+    precisions = parse_list(config.precisions or default_precisions(Path(config.source)), PRECISIONS, "--precision")
     batches = parse_batches(config.batches)
     if not 1 <= threads <= MAX_THREADS:
         raise EdgeKDError(f"--threads must be in [1, {MAX_THREADS}], got {threads}")

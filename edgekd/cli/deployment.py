@@ -355,7 +355,8 @@ def bench(
     formats: Optional[str] = typer.Option(None, "--formats", "--format", "-f", help="Comma-separated: "
                                           "torch,onnx,openvino (default: all three; onnx,openvino where PyTorch is "
                                           "not installed)."),
-    precision: str = typer.Option("fp32,int8", "--precision", "-p", help="Comma-separated: fp32,fp16,int8."),
+    precision: Optional[str] = typer.Option(None, "--precision", "-p", help="Comma-separated: fp32,fp16,int8 "
+                                            "(default: a bundle's own, fp32,int8 for a checkpoint)."),
     batch: str = typer.Option("1,8,32", "--batch", help="Comma-separated batch sizes."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Inference threads (default: all cores)."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Every image in all its TTA views (one batched call)."),
