@@ -230,7 +230,7 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_recipe_dict):
                                    "--threads", "1", "--seconds", "0", "--min-runs", "2", "--warmup", "0",
                                    "--out", str(tmp_path / "b2cli")])
     assert res.exit_code == 0, res.output
-    assert "no test data (give --data RECIPE or a checkpoint): timed on random images, no accuracy" in \
+    assert "no test data (give --data DIR, a labelled folder, a recipe, or a checkpoint): timed on random images, no accuracy" in \
         " ".join(res.output.split())
     # the checkpoint the bundle's edgekd.json names is said (the note had only said "pass --checkpoint")
     assert f"its edgekd.json names the checkpoint it was exported from, {ckpt.resolve()}: --checkpoint with it" in \
@@ -694,3 +694,19 @@ def test_the_default_precisions_are_a_bundles_own(tmp_path, monkeypatch):
         assert default_precisions(tmp_path / "b") == expected
     assert len(closed) == 3  # a zip's extracted files removed
     assert default_precisions(tmp_path / "model.pt") == "fp32,int8"  # a checkpoint: exported first
+
+
+def test_without_torch_the_no_data_note_asks_only_for_a_folder(tmp_path, monkeypatch):
+    """On the core install "give --data RECIPE or a checkpoint" (and "--checkpoint adds the torch rows") named
+    what then failed with "needs the Python package 'torch'"."""
+    import importlib.util
+
+    from edgekd.bench.run import attach_synthetic_images
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    subject = Subject(role="student", name="m", preprocess={"input_size": [3, 8, 8], "resize": 8},
+                      class_names=["a", "b"])
+    attach_synthetic_images(subject, tmp_path, 2)
+    assert subject.notes[-1] == ("no test data (give --data DIR, a labelled folder): timed on random images, "
+                                 "no accuracy")
