@@ -464,7 +464,9 @@ def test_tampered_file_fails_manifest_check(bundle, tmp_path):
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda m: m.update(schema="edgekd-bundle/2"), "schema must be 'edgekd-bundle/1'"),
+    (lambda m: m.update(schema="edgekd-bundle/2"), r"schema must be 'edgekd-bundle/1', got 'edgekd-bundle/2' \(written "
+                                                   r"by a newer edgekd: upgrade edgekd here"),
+    (lambda m: m.update(schema="other/1"), r"schema must be 'edgekd-bundle/1', got 'other/1'$"),
     (lambda m: m["preprocess"].update(mean=[0.5]), r"preprocess.mean must be a list of 3 finite numbers"),
     (lambda m: m["preprocess"].update(input_size=[3, 16]), r"preprocess.input_size"),
     (lambda m: m.update(class_names=[]), "class_names"),

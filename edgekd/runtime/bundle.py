@@ -8,6 +8,7 @@ import json
 import lzma
 import math
 import os
+import re
 import stat
 import weakref
 import zipfile
@@ -696,7 +697,10 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
     allocated from them: finite preprocessing numbers, std > 0, input and resize sizes within MAX_INPUT_SIDE and
     MAX_RESIZE_FACTOR of each other, a thread hint within MAX_THREADS. The first problem raises EdgeKDError."""
     _require(isinstance(meta, dict), where, "must be a JSON object")
-    _require(meta.get("schema") == SCHEMA, where, f"schema must be '{SCHEMA}', got {quote(meta.get('schema'), 60)}")
+    schema = meta.get("schema")
+    newer = isinstance(schema, str) and re.fullmatch(r"edgekd-bundle/(\d+)", schema) and int(schema.split("/")[1]) > 1
+    _require(schema == SCHEMA, where, f"schema must be '{SCHEMA}', got {quote(schema, 60)}"
+             + (" (written by a newer edgekd: upgrade edgekd here, pip install -U edgekd)" if newer else ""))
     names = meta.get("class_names")
     _require(isinstance(names, list) and 1 <= len(names) <= MAX_CLASSES
              and all(isinstance(n, str) and 0 < len(n) <= 200 for n in names), where,
