@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import inspect
 import json
@@ -173,6 +174,25 @@ class DataConfig(Section):
             return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
         return v
 
+    @field_validator("class_names")
+    @classmethod
+    def _distinct_names(cls, v: list[str] | None) -> list[str] | None:
+        """Two classes of one name (the export then failed, "class 'a' is output 1 ... but class 0 of the data"), or a
+        blank one (a table row, a predicted label of nothing)."""
+        if v is not None and any(not name.strip() for name in v):
+            raise ValueError(f"a class name is blank ({v})")
+        if v is not None and len(set(v)) < len(v):
+            twice = next(name for i, name in enumerate(v) if name in v[:i])
+            raise ValueError(f"'{twice}' is given twice ({v}): each class needs its own name")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():  # '' had read the working directory as the data folder
+            raise ValueError("is blank: give a file or folder, or null for the source's default")
+        return v
+
     @field_validator("std")
     @classmethod
     def _std_positive(cls, v: list[float]) -> list[float]:
@@ -260,6 +280,11 @@ class OptimizerConfig(Section):
     """Weight decay of every parameter group (0: none)."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """sgd only."""
+
+
+VAL_METRICS = ("loss", "acc", "balanced_acc", "auc", "pr_auc", "pauc", "f1", "precision", "recall", "sensitivity",
+               "specificity", "ppv", "npv", "ece")
+"""What an epoch logs of the val split, `val_<name>` (ppv and npv: two-class tasks only)."""
 
 
 def monitor_direction(metric: str) -> Literal["max", "min"]:
@@ -389,6 +414,16 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _directions(self) -> "TrainConfig":
         sched = self.scheduler
+        for key, name in (("monitor", self.monitor), ("scheduler.monitor", sched.monitor)):
+            if name is not None and name.startswith("val_") and name[4:] not in VAL_METRICS:  # (found after an epoch)
+                close = difflib.get_close_matches(name.lower(), [f"val_{m}" for m in VAL_METRICS], n=1, cutoff=0.6)
+                raise ValueError(f"{key} '{name}' is not a validation metric the run logs"
+                                 + (f" (did you mean '{close[0]}'?)" if close else "")
+                                 + f"; choose from {', '.join(f'val_{m}' for m in VAL_METRICS)}")
+        lowest = min(r for r in (self.optimizer.lr, self.optimizer.head_lr) if r is not None)
+        if sched.name != "none" and sched.min_lr >= lowest:  # cosine had climbed toward it, a plateau floor held it up
+            raise ValueError(f"scheduler.min_lr {sched.min_lr:g} is not below the learning rate {lowest:g} "
+                             "(optimizer.lr / head_lr): the schedule would raise the rate toward it")
         self._inferred = {k for k, v in (("monitor_mode", self.monitor_mode), ("scheduler.monitor", sched.monitor),
                                          ("scheduler.mode", sched.mode)) if v is None}
         if self.monitor_mode is None:

@@ -333,3 +333,39 @@ def test_a_yaml_boolean_is_not_taken_for_a_number():
     for value in ("no", 1):  # the other way round: "no" had been false, 1 true
         with pytest.raises(EdgeKDError, match=rf"train: amp: true or false is expected, not {value!r}"):
             recipe_from_dict({"train": {"amp": value}})
+
+
+@pytest.mark.parametrize("sets, words", [
+    # found after a whole epoch: "not a logged metric"
+    ({"train": {"monitor": "val_AUC"}}, r"train: monitor 'val_AUC' is not a validation metric the run logs \(did you "
+                                        r"mean 'val_auc'\?\); choose from val_loss, val_acc,"),
+    ({"train": {"scheduler": {"name": "plateau", "monitor": "val_los"}}}, r"scheduler.monitor 'val_los' .*'val_loss'"),
+    # cosine had raised the rate toward it: lr 0.001 -> 0.43 over 4 epochs, val loss 0.69 -> 72
+    ({"train": {"scheduler": {"min_lr": 0.5}}}, r"scheduler.min_lr 0.5 is not below the learning rate 0.01"),
+    ({"train": {"optimizer": {"name": "adam", "lr": 0.01, "head_lr": 1e-5}, "scheduler": {"min_lr": 1e-4}}},
+     r"scheduler.min_lr 0.0001 is not below the learning rate 1e-05"),
+    # the export then failed ("class 'a' is output 1 of the model but class 0 of the data")
+    ({"data": {"class_names": ["a", "a"]}}, r"data.class_names: 'a' is given twice"),
+    ({"data": {"class_names": [" ", "b"]}}, r"data.class_names: a class name is blank"),
+    ({"data": {"path": ""}}, r"data.path: is blank"),  # had read the working directory
+])
+def test_a_monitor_min_lr_or_class_names_that_cannot_work_are_refused_at_load(sets, words):
+    raw = {"name": "t", "data": {"source": "builtin"}, "model": {"name": "edgekd_cnn_tiny"},
+           "train": {"optimizer": {"name": "adam", "lr": 0.01}, "monitor": "val_loss"}}
+    for section, values in sets.items():
+        for key, value in values.items():
+            raw[section][key] = {**raw[section].get(key, {}), **value} if isinstance(value, dict) else value
+    with pytest.raises(EdgeKDError, match=words):
+        recipe_from_dict(raw)
+    good = {"name": "t", "data": {"source": "builtin"}, "train": {"monitor": "val_ppv"}}
+    assert recipe_from_dict(good).train.monitor == "val_ppv"
+
+
+def test_an_export_profile_that_is_not_utf8_text_is_one_line(tmp_path):
+    from edgekd.export import load_profile
+
+    (tmp_path / "p.yaml").write_bytes(bytes(range(128, 256)))  # a binary file had ended as UnicodeDecodeError, exit 1
+    with pytest.raises(EdgeKDError, match=r"p.yaml: is not UTF-8 text \(an export profile is a YAML file\)"):
+        load_profile(tmp_path / "p.yaml")
+    (tmp_path / "c.yaml").write_text("card:\n  intended_use: café triage\n", encoding="utf-8")
+    assert load_profile(tmp_path / "c.yaml").card.intended_use == "café triage"

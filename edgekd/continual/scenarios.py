@@ -277,7 +277,8 @@ class ContinualObjective:
             else:
                 per_task.append(classification_metrics(targets[rows], softmax(logits[rows, : self.seen]),
                                                        classes=list(range(lo, hi))))
-        return {k: float(np.mean([m[k] for m in per_task])) for k in per_task[0]}
+        shared = [k for k in per_task[0] if all(k in m for m in per_task)]  # ppv/npv: two-class tasks only
+        return {k: float(np.mean([m[k] for m in per_task])) for k in shared}
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.criterion.parameters())

@@ -312,9 +312,11 @@ def load_profile(path: str | Path | None) -> ExportProfile:
         return profile_from_dict({}, "defaults")
     given, path = str(path), profile_path(path)
     try:
-        raw = load_yaml(path.read_text())
+        raw = load_yaml(path.read_text(encoding="utf-8"))  # (the locale's encoding had read "café" as an error)
     except yaml.YAMLError as err:
         raise yaml_error(path, err) from None
+    except UnicodeDecodeError:  # a binary file given as --target: UnicodeDecodeError, exit 1
+        raise EdgeKDError(f"{path}: is not UTF-8 text (an export profile is a YAML file)") from None
     if raw is None:  # an empty file (or comments only) is a mistake, not a request for the defaults
         raise EdgeKDError(f"{path}: the export profile is empty (omit --target for the default profile)")
     if isinstance(raw, dict) and "name" not in raw:  # recorded in the bundle: a file's own name, not "default"

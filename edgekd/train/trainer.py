@@ -522,7 +522,7 @@ class Trainer:
             self.swa_model.update_parameters(self.model)
         self.val_outputs = scored_outputs(self.model, val_loader, self.device, self.eval_view)
         row.update({f"val_{k}": v for k, v in output_metrics(*self.val_outputs, self.eval_criterion,
-                                                                      self.eval_scorer, self.data.positive).items()})
+                                                                      self.eval_scorer, getattr(self.data, "positive", 1)).items()})
         row["epoch_seconds"] = time.perf_counter() - t0
         monitor = monitored_value(row, self.cfg.monitor, "train.monitor", epoch)
         self._step_schedule(row, epoch)
@@ -633,7 +633,7 @@ class Trainer:
             self.swa_model, self.device)
         swa_net = self.swa_model.module
         val = evaluate(swa_net, self.data.loader("val", train=False), self.device, self.eval_criterion,
-                       self.eval_view, self.eval_scorer, self.data.positive)
+                       self.eval_view, self.eval_scorer, getattr(self.data, "positive", 1))
         value = val.get(self.cfg.monitor.removeprefix("val_"), float("nan"))
         metrics = {f"val_{k}": v for k, v in val.items()}
         if self.is_main:
