@@ -602,7 +602,7 @@ def default_precisions(source: Path) -> str:
         return "fp32,int8"
     from edgekd.runtime import open_bundle
 
-    bundle = open_bundle(source, verify=False)  # (verified when the run opens it)
+    bundle = open_bundle(source)  # verified: a broken bundle's first error is its own
     try:
         held = {a.precision for a in bundle.artifacts}
     finally:

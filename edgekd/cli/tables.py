@@ -124,7 +124,8 @@ def predictions_table(title: str, runner, results: list, precision: str, tta_opt
     """One row per image: label, probability (and uncalibrated), every class's probability."""
     from edgekd.runtime import Failure
 
-    names, views = runner.class_names, runner.tta_views.names  # views spaced: rot+15 holds a '+'
+    names = runner.class_names
+    views = runner.tta_views.names if tta_option else []  # spaced in the title: rot+15 holds a '+'
     calibrated = runner.temperature != 1.0 or runner.bias is not None
     rule = (f", label: p({names[runner.positive]}) >= {runner.threshold:.6g}" if runner.threshold is not None
             else "")  # 6 significant digits: a 0.99999 threshold is not shown as 1.0000
