@@ -855,6 +855,15 @@ def test_a_checkpoint_where_a_bundle_goes_and_back_is_named_for_what_it_is(train
     assert not any((tmp_path / d).exists() for d in ("b", "ev", "x", "u"))
 
 
+@pytest.mark.parametrize("key, value", [("mean", "[0.0,0.0,0.0]"), ("image_size", "32"), ("hair_removal", "true")])
+def test_export_set_cannot_change_the_preprocessing_the_bundle_ships(key, value, trained, tmp_path, capsys):
+    """`export --set data.mean=[0.0]` had shipped mean 0.0 for a model trained on 0.5 (the gate compared the model
+    with itself on the changed inputs, so it passed); data.image_size without the profile's warning."""
+    assert_refused(invoke(capsys, "export", trained["ckpt"], "--set", f"data.{key}={value}", "--out", tmp_path / "b"),
+                   f"--set data.{key}: the model was trained with data.{key} ", "the export profile's input_size")
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("command", ["export", "eval", "report"])
 def test_a_checkpoint_read_from_another_folder_says_the_data_path_is_relative(command, trained, tmp_path, capsys):
     """export said so; eval and report had said only "not found"."""

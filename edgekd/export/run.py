@@ -121,8 +121,19 @@ def _split_images(dataset, geometry, normalize) -> tuple[NormalizedImages, np.nd
     return NormalizedImages(images, normalize), np.asarray(dataset.table.labels, dtype=np.int64)[:n]
 
 
+PREPROCESS_KEYS = ("image_size", "resize", "channels", "mean", "std", "hair_removal", "hair_kernel")
+"""Data keys that make the bundle's preprocessing: not `--set` at export (the bundle would ship them, the gate
+comparing the model with itself on the changed inputs); a new input size is the profile's input_size."""
+
+
 def _export_recipe(ckpt: dict[str, Any], checkpoint: Path, overrides: list[str], input_size: int | None):
     raw = apply_overrides(ckpt["recipe"], overrides)
+    before, after = ckpt["recipe"].get("data") or {}, raw.get("data") or {}
+    changed = [k for k in PREPROCESS_KEYS if before.get(k) != after.get(k)]
+    if changed:  # data.mean=[0.0] had shipped in the bundle, the model trained on 0.5
+        raise EdgeKDError(f"--set data.{changed[0]}: the model was trained with data.{changed[0]} "
+                          f"{before.get(changed[0])!r}, and the bundle's preprocessing is training's (a new input "
+                          "size: the export profile's input_size)")
     if input_size is not None:
         data = raw.setdefault("data", {})
         size = data.get("image_size", 28)
