@@ -116,7 +116,7 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1)
     """Use at most this many images in each split, train, val and test alike (a stratified, seeded subset that
     keeps an image of every class when the limit allows)."""
-    image_size: int = Field(28, ge=8)
+    image_size: int = Field(28, ge=8, le=4096)
     """The model's input size (square); also the eval resize/crop size."""
     resize: int | None = None
     """Eval resize (the shorter side) before the center crop to image_size (defaults to image_size; training

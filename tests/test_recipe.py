@@ -348,6 +348,8 @@ def test_a_yaml_boolean_is_not_taken_for_a_number():
     ({"data": {"class_names": ["a", "a"]}}, r"data.class_names: 'a' is given twice"),
     ({"data": {"class_names": [" ", "b"]}}, r"data.class_names: a class name is blank"),
     ({"data": {"path": ""}}, r"data.path: is blank"),  # had read the working directory
+    ({"data": {"image_size": 30000}}, r"data.image_size: .*less than or equal to 4096"),  # the runtime's limit; had
+    # been an allocator RuntimeError, exit 1
 ])
 def test_a_monitor_min_lr_or_class_names_that_cannot_work_are_refused_at_load(sets, words):
     raw = {"name": "t", "data": {"source": "builtin"}, "model": {"name": "edgekd_cnn_tiny"},

@@ -105,7 +105,8 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = 
 
 def fold_teacher_recipe(recipe, recipe_path: str | Path | None, teacher_overrides: list[str] | None):
     """A distill recipe's `distill.teacher_recipe` (with --teacher-set), the teacher each fold trains: refused
-    when absent, when it sets its own seed, or when its data differs from the student's (other folds)."""
+    when absent, when --teacher-set gives it a seed, or when its data differs from the student's (other folds).
+    A `seed:` in the teacher's file is replaced by the student's (the folds are drawn with it)."""
     if not recipe.distill.teacher_recipe:
         raise EdgeKDError("--folds with a distill recipe needs distill.teacher_recipe (the teacher is "
                           "retrained on each fold so it never sees that fold's validation images)")
