@@ -715,9 +715,14 @@ class ContinualConfig(Section):
     eval_split: Literal["val", "test"] = "test"
     """The split of every task the accuracy matrix (and retention) is measured on after each task."""
 
+    _head_inferred: bool = PrivateAttr(default=False)
+    """`head` filled in from the scenario (not the recipe's own): `to_dict` leaves it out, so a run's recipe.yaml
+    run again with another scenario infers it again (`head: multi` written out had refused class_incremental)."""
+
     @model_validator(mode="after")
     def _consistent(self) -> "ContinualConfig":
         if self.head is None:
+            self._head_inferred = True
             self.head = "single" if self.scenario == "class_incremental" else "multi"
         if self.scenario == "class_incremental" and self.head == "multi":
             raise ValueError("class_incremental has no task id at test: use head 'single'")
@@ -836,6 +841,8 @@ class Recipe(Section):
         """The recipe as data (a run's recipe.yaml, a checkpoint's embedded recipe): the monitor directions the
         recipe left to inference stay unset (written out, `max` for val_auc had been kept for a val_loss run)."""
         dumped = self.model_dump(mode="json")
+        if self.continual is not None and self.continual._head_inferred:
+            dumped["continual"]["head"] = None
         for key in self.train._inferred:
             *section, name = ["train", *key.split(".")]
             node = dumped

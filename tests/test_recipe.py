@@ -371,3 +371,19 @@ def test_an_export_profile_that_is_not_utf8_text_is_one_line(tmp_path):
         load_profile(tmp_path / "p.yaml")
     (tmp_path / "c.yaml").write_text("card:\n  intended_use: café triage\n", encoding="utf-8")
     assert load_profile(tmp_path / "c.yaml").card.intended_use == "café triage"
+
+
+def test_an_inferred_continual_head_is_not_written_out():
+    """A recipe.yaml of a cross-domain run had `head: multi` written out: run again as class_incremental, it was
+    refused ("use head 'single'"), though the recipe itself never chose a head."""
+    tasks = [{"name": "a", "classes": [0]}, {"name": "b", "classes": [1]}]
+    raw = {"name": "c", "data": {"source": "builtin"}, "train": {"optimizer": {"name": "adamw"}},
+           "continual": {"scenario": "cross_domain", "tasks": tasks}}
+    recipe = recipe_from_dict(raw)
+    assert recipe.continual.head == "multi" and recipe.to_dict()["continual"]["head"] is None
+    written = recipe.to_dict()
+    written["continual"]["scenario"] = "class_incremental"
+    assert recipe_from_dict(written).continual.head == "single"
+    assert recipe_from_dict(written).digest() != recipe.digest()
+    chosen = recipe_from_dict({**raw, "continual": {**raw["continual"], "head": "multi"}})
+    assert chosen.to_dict()["continual"]["head"] == "multi" and chosen.digest() == recipe.digest()
