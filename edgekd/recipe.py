@@ -851,9 +851,17 @@ class Recipe(Section):
             node[name] = None
         return dumped
 
-    def digest(self) -> str:
+    def digests(self) -> set[str]:
+        """Every digest a run of this setup may have recorded: `digest()`, and the one from before data.
+        dicom_patient_ids (2026-12-06) when it is off, which that key's arrival had changed for every recipe (a run
+        started before could not resume, a finished k-fold fold was trained again)."""
+        return {self.digest(), self.digest(legacy=True)}
+
+    def digest(self, legacy: bool = False) -> str:
         """A short sha256 of the resolved recipe: same digest, same training setup."""
         dumped = self.model_dump(mode="json", exclude={"tracking"})
+        if legacy and not dumped["data"]["dicom_patient_ids"]:
+            dumped["data"].pop("dicom_patient_ids")
         swa = dumped["train"]["swa"]
         # train.swa.start_epoch: "the last quarter" was spelled 0 until 2026-12-05 and is null since, when 0 came
         # to mean the first epoch; digests keep the old spelling, so runs trained before still resume and reuse.

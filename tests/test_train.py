@@ -747,6 +747,16 @@ def test_swa_start_epoch_zero_is_the_first_epoch_and_null_the_last_quarter(tiny_
     import hashlib
     import json
     assert default.digest() == hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+    # data.dicom_patient_ids (2026-12-06) had changed every digest: runs from before it resume by the old one
+    del dumped["data"]["dicom_patient_ids"]
+    legacy = hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+    assert default.digests() == {default.digest(), legacy} and legacy != default.digest()
+    from edgekd.train.checkpoint import load_resumable
+
+    state = load_checkpoint(tmp_path / "0" / "last.pt")
+    save_checkpoint(tmp_path / "old.pt", {**{k: v for k, v in state.items() if k != "format"},
+                                          "recipe_digest": legacy})
+    assert load_resumable(tmp_path / "old.pt", default)["recipe_digest"] == legacy
     first = recipe_from_dict(deep(tiny_recipe_dict, train__swa={"start_epoch": 0}))
     assert first.digest() != default.digest()
 

@@ -206,7 +206,7 @@ def fold_run(train: Callable, recipe, out: Path, resume: bool, log: Callable[[st
             remove_earlier_outputs(out)  # (each fold run had repeated it for its folder)
         return train(recipe, out, log=log, progress=progress)
     if metrics.is_file() and metrics.stat().st_mtime >= last.stat().st_mtime and (out / "best.pt").is_file() \
-            and load_checkpoint(last).get("recipe_digest") == recipe.digest():
+            and load_checkpoint(last).get("recipe_digest") in recipe.digests():
         done = json.loads(metrics.read_text())
         log(f"k-fold: {out} finished earlier: kept")
         return RunResult(out, out / "best.pt", done["test"], done["val"], done["params"], done["macs"], None)

@@ -89,7 +89,7 @@ def load_resumable(path: str | Path, recipe) -> dict[str, Any]:
     """A checkpoint a run resumes from (a trainer's last.pt, a continual task's task.pt or model.pt): written by this
     very recipe (same digest), else a one-line error."""
     ckpt = load_checkpoint(path)
-    if ckpt.get("recipe_digest") != recipe.digest():
+    if ckpt.get("recipe_digest") not in recipe.digests():
         changed = recipe_differences(ckpt.get("recipe") or {}, recipe.to_dict()) if ckpt.get("recipe") else []
         named = (f" ({'; '.join(changed[:3])}{f'; and {len(changed) - 3} more' if len(changed) > 3 else ''})"
                  if changed else "")
