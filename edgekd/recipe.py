@@ -963,6 +963,9 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     value = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix to a check of ours
     if first["type"] == "value_error" and isinstance(value, (dict, list)):  # a section's own check: not the section
+        field = re.match(r"([a-z_]+): ", msg)  # one of its keys named first ("epochs: a number is expected"):
+        if first["loc"] and field and isinstance(value, dict) and field.group(1) in value:  # train.epochs: ...
+            return f"{where}: {shorten(key, 120)}.{msg}"
         return f"{where}: {shorten(key, 120)}: {msg}" if first["loc"] else f"{where}: {msg}"
     return f"{where}: {shorten(key, 120)}: {msg} (got {quote(value)})"
 

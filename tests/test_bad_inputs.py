@@ -621,7 +621,7 @@ RECIPE_CASES = {
     "augment_inf": ("augment:\n  - ColorJitter: {contrast: .inf}\n", [],
                     "augment: 0.ColorJitter.contrast: must be a finite number, got inf"),
     "timm_kwarg_nan": ("name: x\n", ["--set", "model.kwargs={drop_rate: .nan}"],
-                       "model.kwargs: drop_rate: must be a finite number, got nan"),
+                       "model.kwargs.drop_rate: must be a finite number, got nan"),
     "plateau_factor_1": ("train:\n  scheduler: {name: plateau, factor: 1}\n", [], "train.scheduler.factor"),
     "yaml_list": ("- 1\n- 2\n", [], "must be a YAML mapping"),
     "empty_file": ("# nothing yet\n", [], "the recipe is empty"),

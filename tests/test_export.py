@@ -124,7 +124,7 @@ def test_profile_unknown_key_is_a_one_line_error(tmp_path):
     ("tta: {views: [original, original, hflip]}", "tta.views: a view is named twice: ['original', 'original', 'hflip']"),
     ("tta: {views: []}", "tta.views: List should have at least 1 item"),
     ("threads: true", "threads: a number is expected, not true"),  # was 1 thread
-    ("parity: {images: yes}", "parity: images: a number is expected, not true"),  # gated on one image
+    ("parity: {images: yes}", "parity.images: a number is expected, not true"),  # gated on one image
     ("fuse: 'no'", "fuse: true or false is expected, not 'no'"),  # was read as false
 ])
 def test_profile_bad_values_name_the_key(tmp_path, text, key):

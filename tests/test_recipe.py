@@ -321,17 +321,17 @@ def test_settings_that_did_nothing_are_refused_for_a_new_run_but_a_checkpoints_r
 
 def test_a_yaml_boolean_is_not_taken_for_a_number():
     """`epochs: true` trained 1 epoch; a key that takes a bool (train.amp) still does."""
-    with pytest.raises(EdgeKDError, match=r"train: epochs: a number is expected, not true"):
+    with pytest.raises(EdgeKDError, match=r"train.epochs: a number is expected, not true"):
         recipe_from_dict({"train": {"epochs": True}})
-    with pytest.raises(EdgeKDError, match=r"data: batch_size: a number is expected, not false"):
+    with pytest.raises(EdgeKDError, match=r"data.batch_size: a number is expected, not false"):
         recipe_from_dict({"data": {"batch_size": False}})
     assert recipe_from_dict({"train": {"amp": True, "epochs": 3}}).train.amp is True
-    with pytest.raises(EdgeKDError, match=r"data: channels: a number is expected, not true"):  # Literal[1, 3]: gray
+    with pytest.raises(EdgeKDError, match=r"data.channels: a number is expected, not true"):  # Literal[1, 3]: gray
         recipe_from_dict({"data": {"channels": True}})
-    with pytest.raises(EdgeKDError, match=r"data: std: numbers are expected, not true/false"):  # a list's items
+    with pytest.raises(EdgeKDError, match=r"data.std: numbers are expected, not true/false"):  # a list's items
         recipe_from_dict({"data": {"std": [True, 0.5, 0.5]}})
     for value in ("no", 1):  # the other way round: "no" had been false, 1 true
-        with pytest.raises(EdgeKDError, match=rf"train: amp: true or false is expected, not {value!r}"):
+        with pytest.raises(EdgeKDError, match=rf"train.amp: true or false is expected, not {value!r}"):
             recipe_from_dict({"train": {"amp": value}})
 
 

@@ -1286,3 +1286,18 @@ def test_the_early_stop_line_names_a_best_epoch_that_only_broke_a_tie():
                                      "epoch 7's, which tied epoch 1's at a lower val loss)")
     t.best_epoch = 1
     assert t._early_stop_line(8) == "early stop: val_auc did not improve for 8 epochs (last at epoch 1)"
+
+
+def test_more_threads_than_cores_are_warned_of(tiny_recipe_dict, monkeypatch):
+    """train.threads 16 on 2 cores had run without a word (predict and export cap theirs)."""
+    import edgekd.train.run as run
+
+    said, torch_threads = [], torch.get_num_threads()
+    monkeypatch.setattr(run, "usable_cores", lambda: 2)
+    try:
+        run.apply_threads(recipe_from_dict(deep(tiny_recipe_dict, train__threads=16)), said.append)
+        run.apply_threads(recipe_from_dict(deep(tiny_recipe_dict, train__threads=2)), said.append)
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert said == ["warning: train.threads 16 is more than the 2 cores this process may use: they oversubscribe "
+                    "them (slower, not faster)"]

@@ -165,6 +165,9 @@ def apply_threads(recipe, log: Callable[[str], None]) -> None:
     if ranks > 1 and recipe.train.threads * ranks > cores:
         log(f"warning: train.threads {recipe.train.threads} is per process: {ranks} processes x "
             f"{recipe.train.threads} threads on {cores} cores oversubscribe them (slower, not faster)")
+    elif ranks == 1 and recipe.train.threads > cores:  # (the run keeps them: its figures record the count)
+        log(f"warning: train.threads {recipe.train.threads} is more than the {cores} cores this process may use: "
+            "they oversubscribe them (slower, not faster)")
 
 
 def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
