@@ -174,24 +174,6 @@ class DataConfig(Section):
             return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
         return v
 
-    @field_validator("class_names")
-    @classmethod
-    def _distinct_names(cls, v: list[str] | None) -> list[str] | None:
-        """Two classes of one name (the export then failed, "class 'a' is output 1 ... but class 0 of the data"), or a
-        blank one (a table row, a predicted label of nothing)."""
-        if v is not None and any(not name.strip() for name in v):
-            raise ValueError(f"a class name is blank ({v})")
-        if v is not None and len(set(v)) < len(v):
-            twice = next(name for i, name in enumerate(v) if name in v[:i])
-            raise ValueError(f"'{twice}' is given twice ({v}): each class needs its own name")
-        return v
-
-    @field_validator("path")
-    @classmethod
-    def _not_blank(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():  # '' had read the working directory as the data folder
-            raise ValueError("is blank: give a file or folder, or null for the source's default")
-        return v
 
     @field_validator("std")
     @classmethod
@@ -283,8 +265,9 @@ class OptimizerConfig(Section):
 
 
 VAL_METRICS = ("loss", "acc", "balanced_acc", "auc", "pr_auc", "pauc", "f1", "precision", "recall", "sensitivity",
-               "specificity", "ppv", "npv", "ece")
-"""What an epoch logs of the val split, `val_<name>` (ppv and npv: two-class tasks only)."""
+               "specificity", "ece")
+"""What an epoch logs of the val split that can pick a checkpoint, `val_<name>` (val_ppv and val_npv are logged too,
+for two-class tasks, but are undefined in an epoch that calls no image positive, or none negative)."""
 
 
 def monitor_direction(metric: str) -> Literal["max", "min"]:
@@ -420,10 +403,6 @@ class TrainConfig(Section):
                 raise ValueError(f"{key} '{name}' is not a validation metric the run logs"
                                  + (f" (did you mean '{close[0]}'?)" if close else "")
                                  + f"; choose from {', '.join(f'val_{m}' for m in VAL_METRICS)}")
-        lowest = min(r for r in (self.optimizer.lr, self.optimizer.head_lr) if r is not None)
-        if sched.name != "none" and sched.min_lr >= lowest:  # cosine had climbed toward it, a plateau floor held it up
-            raise ValueError(f"scheduler.min_lr {sched.min_lr:g} is not below the learning rate {lowest:g} "
-                             "(optimizer.lr / head_lr): the schedule would raise the rate toward it")
         self._inferred = {k for k, v in (("monitor_mode", self.monitor_mode), ("scheduler.monitor", sched.monitor),
                                          ("scheduler.mode", sched.mode)) if v is None}
         if self.monitor_mode is None:
@@ -1104,7 +1083,19 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
                               "(with alpha set, class_weights did nothing)")
     if recipe.model.freeze_stages < 0:
         raise EdgeKDError(f"{where}: model.freeze_stages must be >= 0 (got {recipe.model.freeze_stages})")
-    traps = [  # each had run without doing what it says (checks of 2026-12-06: older checkpoints still load)
+    names, lowest = recipe.data.class_names or [], min(r for r in (recipe.train.optimizer.lr,
+                                                                    recipe.train.optimizer.head_lr) if r)
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    traps = [  # each had run without doing what it says (checks of 2026-12-06/07: older checkpoints still load)
+        # cosine had climbed toward it (lr 0.001 -> 0.43 in 4 epochs, val loss 0.69 -> 72)
+        (recipe.train.scheduler.name == "cosine" and recipe.train.scheduler.min_lr >= lowest,
+         f"train.scheduler.min_lr {recipe.train.scheduler.min_lr:g} is not below the learning rate {lowest:g} "
+         "(optimizer.lr / head_lr): the cosine schedule would raise the rate toward it"),
+        # the export then failed ("class 'a' is output 1 of the model but class 0 of the data")
+        (twice is not None, f"data.class_names: '{twice}' is given twice ({names}): each class needs its own name"),
+        (any(not n.strip() for n in names), f"data.class_names: a class name is blank ({names})"),
+        (recipe.data.path is not None and not recipe.data.path.strip(),  # '' had read the working directory
+         "data.path: is blank: give a file or folder, or null for the source's default"),
         (recipe.data.fold is not None and recipe.data.folds is None,
          f"data.fold {recipe.data.fold} needs data.folds (the number of folds), e.g. folds: 5 (it was ignored)"),
         (recipe.model.head_hidden < 1, f"model.head_hidden must be >= 1 (got {recipe.model.head_hidden})"),

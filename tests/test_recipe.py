@@ -335,11 +335,31 @@ def test_a_yaml_boolean_is_not_taken_for_a_number():
             recipe_from_dict({"train": {"amp": value}})
 
 
+def _tiny_raw(sets: dict) -> dict:
+    raw = {"name": "t", "data": {"source": "builtin"}, "model": {"name": "edgekd_cnn_tiny"},
+           "train": {"optimizer": {"name": "adam", "lr": 0.01}, "monitor": "val_loss"}}
+    for section, values in sets.items():
+        for key, value in values.items():
+            raw[section][key] = {**raw[section].get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
 @pytest.mark.parametrize("sets, words", [
     # found after a whole epoch: "not a logged metric"
     ({"train": {"monitor": "val_AUC"}}, r"train: monitor 'val_AUC' is not a validation metric the run logs \(did you "
                                         r"mean 'val_auc'\?\); choose from val_loss, val_acc,"),
     ({"train": {"scheduler": {"name": "plateau", "monitor": "val_los"}}}, r"scheduler.monitor 'val_los' .*'val_loss'"),
+    # PPV/NPV are NaN in an epoch that calls no image positive (negative): not monitors
+    ({"train": {"monitor": "val_ppv"}}, r"monitor 'val_ppv' is not a validation metric"),
+    ({"data": {"image_size": 30000}}, r"data.image_size: .*less than or equal to 4096"),  # the runtime's limit; had
+    # been an allocator RuntimeError, exit 1
+])
+def test_a_monitor_the_run_does_not_log_is_refused_at_load(sets, words):
+    with pytest.raises(EdgeKDError, match=words):
+        recipe_from_dict(_tiny_raw(sets))
+
+
+@pytest.mark.parametrize("sets, words", [
     # cosine had raised the rate toward it: lr 0.001 -> 0.43 over 4 epochs, val loss 0.69 -> 72
     ({"train": {"scheduler": {"min_lr": 0.5}}}, r"scheduler.min_lr 0.5 is not below the learning rate 0.01"),
     ({"train": {"optimizer": {"name": "adam", "lr": 0.01, "head_lr": 1e-5}, "scheduler": {"min_lr": 1e-4}}},
@@ -348,19 +368,17 @@ def test_a_yaml_boolean_is_not_taken_for_a_number():
     ({"data": {"class_names": ["a", "a"]}}, r"data.class_names: 'a' is given twice"),
     ({"data": {"class_names": [" ", "b"]}}, r"data.class_names: a class name is blank"),
     ({"data": {"path": ""}}, r"data.path: is blank"),  # had read the working directory
-    ({"data": {"image_size": 30000}}, r"data.image_size: .*less than or equal to 4096"),  # the runtime's limit; had
-    # been an allocator RuntimeError, exit 1
 ])
-def test_a_monitor_min_lr_or_class_names_that_cannot_work_are_refused_at_load(sets, words):
-    raw = {"name": "t", "data": {"source": "builtin"}, "model": {"name": "edgekd_cnn_tiny"},
-           "train": {"optimizer": {"name": "adam", "lr": 0.01}, "monitor": "val_loss"}}
-    for section, values in sets.items():
-        for key, value in values.items():
-            raw[section][key] = {**raw[section].get(key, {}), **value} if isinstance(value, dict) else value
+def test_a_min_lr_or_class_names_that_cannot_work_are_refused_for_a_new_run_only(sets, words, tmp_path):
+    """New-run traps: a checkpoint trained under them still evaluates and exports (its embedded recipe loads)."""
+    raw = _tiny_raw(sets)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(EdgeKDError, match=words):
-        recipe_from_dict(raw)
-    good = {"name": "t", "data": {"source": "builtin"}, "train": {"monitor": "val_ppv"}}
-    assert recipe_from_dict(good).train.monitor == "val_ppv"
+        load_recipe(tmp_path / "r.yaml")
+    recipe_from_dict(raw)  # as embedded in a checkpoint
+    plateau = _tiny_raw({"train": {"scheduler": {"name": "plateau", "min_lr": 0.5}}})  # a floor: the rate never drops
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(plateau))
+    assert load_recipe(tmp_path / "p.yaml").train.scheduler.min_lr == 0.5
 
 
 def test_an_export_profile_that_is_not_utf8_text_is_one_line(tmp_path):
