@@ -89,8 +89,8 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     """The share of the train pool (what the test split leaves) held out as the val split when one is carved: a source
     without a val split, or split stratified / patient; not with `folds`. Must be > 0 then. By patient the share is
-    of patients, in whole folds of a stratified group k-fold: 1/k when one is within 0.05 of it (0.15: 1/7), else
-    m/k (0.4: 2/5)."""
+    of patients, in whole folds of a stratified group k-fold: 1/k when one is within 0.07 of it (0.15: 1/7, 0.4: 1/3),
+    else m of k folds (0.6: 3/5, 0.7: 2/3)."""
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     """The share held out as the test split when the source has none: of all the images for a source without splits
     (an ImageFolder without split folders, a CSV without a split column), of the train split for one with train (and

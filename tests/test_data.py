@@ -961,8 +961,8 @@ def test_a_training_epoch_never_ends_in_a_batch_of_one_image(tmp_path):
 def test_a_class_of_one_image_does_not_turn_stratification_off_and_tiny_splits_are_one_line_errors():
     """One class of a single image made every draw unstratified (a class of 4 was left out of test in 23 of 50
     seeds); that image now stays in train. Too few images to carve a split was scikit-learn's ValueError. A
-    patient-level share of 0.4 held out 50% (round(2.5) == 2 folds), then a third (the nearest 1/k); 0.7 held out
-    50% (1/k is at most a half): a share far from every 1/k is m of k folds."""
+    patient-level share of 0.4 held out 50% (round(2.5) == 2 folds), then a third (the nearest 1/k, kept); 0.7 held
+    out 50% (1/k is at most a half): a share far from every 1/k is m of k folds, k no more than the patients."""
     labels = np.array([0] * 900 + [1] * 95 + [2] * 4 + [3] * 1)
     for seed in range(20):
         keep, held = stratified_split(labels, 0.15, seed)
@@ -971,10 +971,13 @@ def test_a_class_of_one_image_does_not_turn_stratification_off_and_tiny_splits_a
     with pytest.raises(EdgeKDError, match=r"^1 image\(s\) are too few to hold out a share of 0.15 \(1\) and keep any"):
         stratified_split(np.array([0]), 0.15, 0)
     groups = np.repeat(np.arange(30), 2)
-    for fraction, patients in ((0.4, 12), (0.7, 21), (0.6, 18), (0.15, 5), (0.3, 10)):  # 0.15, 0.3: 1/7, 1/3 as before
+    for fraction, patients in ((0.4, 10), (0.7, 20), (0.6, 18), (0.15, 5), (0.3, 10)):  # 1/3 (0.3, 0.4), 1/7 as before
         keep, held = group_split(np.tile([0, 1], 30), groups, fraction, 0)
         assert len(np.unique(groups[held])) == patients, fraction
         assert not set(groups[keep]) & set(groups[held]) and len(keep) + len(held) == 60
+    # 8 patients at 0.7: 2 of 3 folds (7 of 10 had needed 10 patients)
+    keep, held = group_split(np.tile([0, 1], 12), np.repeat(np.arange(8), 3), 0.7, 0)
+    assert len(np.unique(np.repeat(np.arange(8), 3)[held])) in (5, 6)
     with pytest.raises(EdgeKDError, match=r"class id 1 has 1 patient\); a class needs a patient on each side: give "
                                           r"it more patients, or the splits yourself"):
         group_split(np.array([0, 0, 0, 1, 1, 0, 0, 0]), np.array([0, 0, 1, 2, 2, 3, 4, 5]), 0.3, 0)

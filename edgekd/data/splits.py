@@ -65,8 +65,8 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     """Like stratified_split, but every group (patient) lands wholly on one side: m consecutive folds of a seeded
     stratified group k-fold (`fold_share`: m/k near `fraction`), the first run of them that leaves every class on
     both sides."""
-    taken, n_splits = fold_share(fraction)
     n_groups = len(np.unique(groups))
+    taken, n_splits = fold_share(fraction, most=min(20, n_groups, int(np.unique(labels, return_counts=True)[1].max())))
     if n_groups < n_splits:
         raise EdgeKDError(f"carving {what} by patient needs at least {n_splits} patients, found {n_groups} "
                           f"({GIVE_SPLITS}, or a larger fraction)")
@@ -91,14 +91,17 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
                       f"patient{'s' if count != 1 else ''}); {fix}")
 
 
-def fold_share(fraction: float, near: float = 0.05, most: int = 20) -> tuple[int, int]:
+def fold_share(fraction: float, near: float = 0.07, most: int = 20) -> tuple[int, int]:
     """(m, k): hold out m of k patient folds for a share `fraction`. The nearest 1/k when it is within `near` of it
-    (the only choice before 2026-12-07, so the splits of runs trained then stay as they were), else the nearest m/k
-    with k <= `most`: 1/k alone could not hold out more than half, and 0.7 had held out 50%, 0.4 a third."""
+    (the only choice before 2026-12-07, so the splits of runs trained then stay as they were: 0.4 is still 1/3), else
+    the smallest k <= `most` (the patients, the largest class's images) with an m/k within 0.05 of it, else the
+    nearest m/k: 1/k alone could not hold out more than half (0.7 and 0.6 had held out 50%)."""
     k = min(range(2, 101), key=lambda k: abs(1.0 / k - fraction))
-    if abs(1.0 / k - fraction) <= near:
+    if abs(1.0 / k - fraction) <= near or most < 3:
         return 1, k
-    return min(((m, k) for k in range(2, most + 1) for m in range(1, k)), key=lambda mk: (abs(mk[0] / mk[1] - fraction), mk[1]))
+    pairs = [(m, k) for k in range(2, most + 1) for m in range(1, k)]
+    close = [p for p in pairs if abs(p[0] / p[1] - fraction) <= 0.05]
+    return close[0] if close else min(pairs, key=lambda p: (abs(p[0] / p[1] - fraction), p[1]))
 
 
 def class_label(c: int, class_names: list[str] | None) -> str:
