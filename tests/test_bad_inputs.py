@@ -495,7 +495,7 @@ DATA_CASES = {
         "column 'PatientID' looks like the patient_id column"),
     "csv_patient_column_as_pid": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", [
         r + (f"p{i // 2}",) for i, r in enumerate(GOOD_ROWS)], header=("path", "label", "split", "PID")))},
-        "column 'PID' looks like the patient_id column"),  # with subject, case_id, mrn...: had split by image
+        "column 'PID' looks like the patient_id column"),  # with MRN, patient_no...: had split by image
     "csv_split_column_capitalised": (lambda t: {"source": "csv", "path": str(_csv(t / "m.csv", GOOD_ROWS,
                                                                                  header=("path", "label", "Split")))},
                                      "column 'Split' looks like the split column"),

@@ -507,8 +507,8 @@ def split_name(value: str) -> str | None:
 
 
 NEAR_MISS_COLUMNS = {"patient_id": {"patientid", "patient", "patientname", "patid", "subjectid", "pid", "patientno",
-                                    "patientnumber", "patientnum", "patientnr", "patientkey", "subject", "subjectno",
-                                    "caseid", "mrn", "participant", "participantid", "personid"},
+                                    "patientnumber", "patientnum", "patientnr", "patientkey", "subjectno", "mrn",
+                                    "participantid", "personid"},  # (not `subject`, `case`: body part, diagnosis)
                      "split": {"split", "splits", "subset", "partition"}}
 """Headers that may mean an optional column under another spelling: read as a plain extra column, they would leave
 splits by image (a patient's images on both sides) or replace the user's own test split by a random one."""
