@@ -515,6 +515,8 @@ def test_a_column_spelled_like_split_or_patient_but_holding_something_else_is_re
     rows = [r + ("scanner-a", f"p{i}") for i, r in enumerate(GOOD_ROWS)]  # 'subset' is not a split, ids never repeat
     source = load_csv(_csv(tmp_path / "m.csv", rows, header=("path", "label", "split", "subset", "Patient")))
     assert sorted(source.tables) == ["test", "train", "val"] and source.tables["train"].groups is None
+    body = [r + (("chest", "knee")[i % 2],) for i, r in enumerate(GOOD_ROWS)]  # repeated values, not patients
+    assert load_csv(_csv(tmp_path / "s.csv", body, header=("path", "label", "split", "subject"))).tables["train"].groups is None
     # A split column's values in any case, or spelled out, name the same three splits
     words = {"train": "Training", "val": "VALIDATION", "test": "Test"}
     source = load_csv(_csv(tmp_path / "w.csv", [(p, c, words[sp]) for p, c, sp in GOOD_ROWS]))
