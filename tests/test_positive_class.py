@@ -75,6 +75,16 @@ def test_report_refuses_a_table_of_two_positive_classes_and_states_the_one(runs,
                             log=lambda *_: None)
     assert [r["sensitivity"] for r in out["rows"]] == [zero.test["sensitivity"]] * 2
     assert "positive class's: `class_0`" in out["markdown"]
+    # a multi-class set in the same report: the --set is the two-class runs' (it had refused the 3-class run)
+    from conftest import write_npz
+
+    raw = dict(recipe_from_dict({"name": "three", "data": {"source": "medmnist", "image_size": 16, "batch_size": 8,
+                                                          "path": str(write_npz(tmp_path / "three.npz", classes=3))},
+                                 "model": {"name": "edgekd_cnn_tiny"}, "train": {"epochs": 1}}).to_dict())
+    three = train_recipe(recipe_from_dict(raw), tmp_path / "three", log=lambda s: None)
+    out = comparison_report([zero.out, one.out, three.out], tmp_path / "rep3",
+                            overrides=["data.positive_class=class_0"], log=lambda *_: None)
+    assert {r["dataset"]: r["positive_class"] for r in out["rows"]} == {"tiny": "class_0", "three": None}
 
 
 @pytest.mark.parametrize("value, error", [

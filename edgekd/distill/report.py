@@ -65,6 +65,8 @@ def evaluate_for_report(checkpoint: Path, split: str, overrides: list[str] | Non
     if (ckpt.get("recipe") or {}).get("continual"):  # its top-level data is not what each task trained on
         raise EdgeKDError(f"{checkpoint}: a continual checkpoint; its figures per task are in its run's "
                           "continual.json (report compares single-task runs on one dataset)")
+    if len(ckpt["class_names"]) != 2:  # one report, tables of two-class and multi-class sets: the key is the former's
+        overrides = [o for o in overrides or [] if o.split("=", 1)[0].strip() != "data.positive_class"]
     recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides or []), where=f"{checkpoint} (embedded recipe)")
     data = build_checkpoint_data(recipe)
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
