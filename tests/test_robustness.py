@@ -489,7 +489,7 @@ def test_a_labelled_folder_holding_copies_of_the_training_images_is_warned_of(ti
     for name in ckpt["class_names"]:
         Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "copy" / name / "new.png")
     copied = evaluate_on_folder(tiny_run, tmp_path / "e1", tmp_path / "copy")["folder"]
-    assert copied["warning"].startswith(f"4 of the 6 images in {tmp_path / 'copy'} are the checkpoint's own train or "
-                                        "val images by content (e.g. ")
+    assert copied["warning"].startswith(f"4 of the 6 images in {tmp_path / 'copy'} are identical in content to the "
+                                        "checkpoint's own train or val images (e.g. ")
     fresh = evaluate_on_folder(tiny_run, tmp_path / "e2", tmp_path / "new")["folder"]
-    assert "by content" not in fresh.get("warning", "")  # (noise: its ACC may be warned of)
+    assert "identical in content" not in fresh.get("warning", "")  # (noise: its ACC may be warned of)

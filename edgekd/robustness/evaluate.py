@@ -7,6 +7,7 @@ its student and the student's INT8 artifact are compared on identical pixels.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -263,9 +264,10 @@ def refuse_training_folder(folder: str | Path, trained: dict[str, Any] | None, c
 
 def trained_images_warning(folder: str, paths: Sequence, trained: dict[str, Any] | None) -> str | None:
     """A copy of the checkpoint's train or val images in a labelled folder (`refuse_training_folder` catches the
-    folder itself, not a copy): found by file content (the same bytes), or by pixels when the checkpoint trained on
-    an in-memory set (.npz images saved as PNGs). None when there is none, or the training data is not found here
-    (or is a continual run's, of several sets)."""
+    folder itself, not a copy): found by file content (the same bytes; only training files of a size the folder
+    has are read), or by pixels when the checkpoint trained on an in-memory set (.npz images saved as PNGs). One-colour
+    images are left out (two blank files are alike without being copies). None when there is no copy, or the
+    training data is not found here (or is a continual run's, of several sets)."""
     recipe = (trained or {}).get("recipe")
     if not recipe or recipe.get("continual"):
         return None
@@ -276,17 +278,22 @@ def trained_images_warning(folder: str, paths: Sequence, trained: dict[str, Any]
 
     try:
         tables, _, _ = split_tables(recipe_from_dict(recipe, where="the checkpoint's recipe"))
-        in_memory = tables["train"].images is not None
-        known = {fp for split in ("train", "val") if split in tables
-                 for fp in (tables[split].pixel_fingerprints() if in_memory else tables[split].fingerprints())}
-        mine = [pixel_digest(read_image(p)) if in_memory else sha256_file(p) for p in paths]
+        seen = [tables[s] for s in ("train", "val") if s in tables]
+        if tables["train"].images is not None:
+            known = {fp for t in seen for fp in t.pixel_fingerprints()}
+            mine = [pixel_digest(read_image(p)) for p in paths]
+        else:
+            sizes = {os.path.getsize(p) for p in paths}
+            known = {sha256_file(p) for t in seen for p in t.paths or [] if os.path.getsize(p) in sizes}
+            mine = [sha256_file(p) for p in paths]
     except (EdgeKDError, OSError):  # moved or unreadable: the scoring names what it cannot read
         return None
-    hits = [str(p) for p, fp in zip(paths, mine) if fp in known]
+    hits = [str(p) for p, fp in zip(paths, mine) if fp in known and np.ptp(read_image(p)) > 0]
     if not hits:
         return None
-    return (f"{len(hits)} of the {len(paths)} images in {folder} are the checkpoint's own train or val images by "
-            f"content (e.g. {hits[0]}): its figures include images the model trained on or was selected on")
+    return (f"{len(hits)} of the {len(paths)} images in {folder} are identical in content to the checkpoint's own "
+            f"train or val images (e.g. {hits[0]}): its figures include images the model trained on or was "
+            "selected on")
 
 
 FOLDER_CHUNK = 128
