@@ -1083,21 +1083,20 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
                               "(with alpha set, class_weights did nothing)")
     if recipe.model.freeze_stages < 0:
         raise EdgeKDError(f"{where}: model.freeze_stages must be >= 0 (got {recipe.model.freeze_stages})")
-    names, lowest = recipe.data.class_names or [], min(r for r in (recipe.train.optimizer.lr,
-                                                                    recipe.train.optimizer.head_lr) if r)
-    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    traps = [  # each had run without doing what it says (checks of 2026-12-06/07: older checkpoints still load)
+    lowest = min(r for r in (recipe.train.optimizer.lr, recipe.train.optimizer.head_lr) if r)
+    sections = [("data", recipe.data)]
+    for task in recipe.continual.tasks if recipe.continual else []:  # its data: the recipe's with its keys over it
+        try:
+            sections.append((f"continual.tasks.{task.name}.data",
+                             DataConfig.model_validate({**recipe.data.model_dump(), **task.data})))
+        except ValidationError:  # named when the tasks are built (continual.tasks[i] (name): data.key: ...)
+            pass
+    traps = [trap for key, data in sections for trap in data_traps(data, key)] + [
+        # each had run without doing what it says (checks of 2026-12-06/07: older checkpoints still load)
         # cosine had climbed toward it (lr 0.001 -> 0.43 in 4 epochs, val loss 0.69 -> 72)
         (recipe.train.scheduler.name == "cosine" and recipe.train.scheduler.min_lr >= lowest,
          f"train.scheduler.min_lr {recipe.train.scheduler.min_lr:g} is not below the learning rate {lowest:g} "
          "(optimizer.lr / head_lr): the cosine schedule would raise the rate toward it"),
-        # the export then failed ("class 'a' is output 1 of the model but class 0 of the data")
-        (twice is not None, f"data.class_names: '{twice}' is given twice ({names}): each class needs its own name"),
-        (any(not n.strip() for n in names), f"data.class_names: a class name is blank ({names})"),
-        (recipe.data.path is not None and not recipe.data.path.strip(),  # '' had read the working directory
-         "data.path: is blank: give a file or folder, or null for the source's default"),
-        (recipe.data.fold is not None and recipe.data.folds is None,
-         f"data.fold {recipe.data.fold} needs data.folds (the number of folds), e.g. folds: 5 (it was ignored)"),
         (recipe.model.head_hidden < 1, f"model.head_hidden must be >= 1 (got {recipe.model.head_hidden})"),
         (recipe.train.swa.enabled and not recipe.train.monitor.startswith("val_"),
          f"train.swa: the averaged weights are judged on the validation split, but train.monitor is "
@@ -1109,13 +1108,26 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
         (recipe.model.name.startswith("edgekd_cnn") and bool(recipe.model.drop_path_rate),
          f"model.drop_path_rate {recipe.model.drop_path_rate}: the {recipe.model.name} model has no stochastic depth "
          "(it was dropped without a word); leave it unset (--set model.drop_path_rate=null), or use model.drop_rate "
-         "(dropout before the head)"),
-        (recipe.data.hair_kernel is not None and not recipe.data.hair_removal,
-         f"data.hair_kernel {recipe.data.hair_kernel}: hair removal is off (data.hair_removal: false); turn it on, or "
-         "leave hair_kernel unset")]
+         "(dropout before the head)")]
     for trapped, message in traps:
         if trapped:
             raise EdgeKDError(f"{where}: {message}")
+
+
+def data_traps(data: DataConfig, key: str = "data") -> list[tuple[bool, str]]:
+    """A data section's new-run traps (`refuse_new_run_traps`), its keys named under `key`."""
+    names = data.class_names or []
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    return [  # the export then failed ("class 'a' is output 1 of the model but class 0 of the data")
+        (twice is not None, f"{key}.class_names: '{twice}' is given twice ({names}): each class needs its own name"),
+        (any(not n.strip() for n in names), f"{key}.class_names: a class name is blank ({names})"),
+        (data.path is not None and not data.path.strip(),  # '' had read the working directory
+         f"{key}.path: is blank: give a file or folder, or null for the source's default"),
+        (data.fold is not None and data.folds is None,
+         f"{key}.fold {data.fold} needs data.folds (the number of folds), e.g. folds: 5 (it was ignored)"),
+        (data.hair_kernel is not None and not data.hair_removal,
+         f"{key}.hair_kernel {data.hair_kernel}: hair removal is off (data.hair_removal: false); turn it on, or "
+         "leave hair_kernel unset")]
 
 
 def sections_turned_on(path: str | Path, overrides: list[str]) -> list[str]:

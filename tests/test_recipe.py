@@ -405,3 +405,21 @@ def test_an_inferred_continual_head_is_not_written_out():
     assert recipe_from_dict(written).digest() != recipe.digest()
     chosen = recipe_from_dict({**raw, "continual": {**raw["continual"], "head": "multi"}})
     assert chosen.to_dict()["continual"]["head"] == "multi" and chosen.digest() == recipe.digest()
+
+
+def test_a_continual_tasks_own_data_section_is_checked_for_new_run_traps(tmp_path):
+    """A task's data.fold without folds, or hair_kernel without hair removal, ran (the recipe's own data was checked,
+    not the task's)."""
+    raw = {"name": "cl", "data": {"source": "builtin"}, "train": {"optimizer": {"name": "adamw"}},
+           "continual": {"tasks": [{"name": "a", "classes": [0]}, {"name": "b", "classes": [1], "data": {"fold": 1}}]}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(EdgeKDError, match=r"continual.tasks.b.data.fold 1 needs data.folds"):
+        load_recipe(tmp_path / "c.yaml")
+    raw["continual"]["tasks"][1]["data"] = {"hair_kernel": 5}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(EdgeKDError, match=r"continual.tasks.b.data.hair_kernel 5: hair removal is off"):
+        load_recipe(tmp_path / "c.yaml")
+    recipe_from_dict(raw)  # as a checkpoint embeds it: still loads
+    raw["continual"]["tasks"][1]["data"] = {"limit": 8}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert load_recipe(tmp_path / "c.yaml").continual.tasks[1].data == {"limit": 8}
