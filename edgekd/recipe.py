@@ -1085,10 +1085,10 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
         raise EdgeKDError(f"{where}: model.freeze_stages must be >= 0 (got {recipe.model.freeze_stages})")
     lowest = min(r for r in (recipe.train.optimizer.lr, recipe.train.optimizer.head_lr) if r)
     sections = [("data", recipe.data)]
-    for task in recipe.continual.tasks if recipe.continual else []:  # its data: the recipe's with its keys over it
+    for task in recipe.continual.tasks if recipe.continual else []:  # its data as continual's task_data_section has it
         try:
             sections.append((f"continual.tasks.{task.name}.data",
-                             DataConfig.model_validate({**recipe.data.model_dump(), **task.data})))
+                             DataConfig.model_validate(deep_merge(recipe.data.model_dump(), task.data))))
         except ValidationError:  # named when the tasks are built (continual.tasks[i] (name): data.key: ...)
             pass
     traps = [trap for key, data in sections for trap in data_traps(data, key)] + [
