@@ -66,11 +66,11 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     stratified group k-fold (`fold_share`: m/k near `fraction`), the first run of them that leaves every class on
     both sides."""
     n_groups = len(np.unique(groups))
-    taken, n_splits = fold_share(fraction, most=min(20, n_groups, int(np.unique(labels, return_counts=True)[1].max())))
+    present, counts = np.unique(labels, return_counts=True)
+    taken, n_splits = fold_share(fraction, most=min(20, n_groups, int(counts.max())))
     if n_groups < n_splits:
         raise EdgeKDError(f"carving {what} by patient needs at least {n_splits} patients, found {n_groups} "
                           f"({GIVE_SPLITS}, or a larger fraction)")
-    present, counts = np.unique(labels, return_counts=True)
     if counts.max() < n_splits:  # scikit-learn's own ValueError had ended the run with a traceback
         raise EdgeKDError(f"carving {what} by patient as {taken}/{n_splits} needs a class with at least {n_splits} images, "
                           f"the largest has {counts.max()} ({GIVE_SPLITS}, or a larger fraction)")

@@ -279,16 +279,19 @@ def trained_images_warning(folder: str, paths: Sequence, trained: dict[str, Any]
     try:
         tables, _, _ = split_tables(recipe_from_dict(recipe, where="the checkpoint's recipe"))
         seen = [tables[s] for s in ("train", "val") if s in tables]
+        decoded: dict[int, np.ndarray] = {}  # each folder image decoded once (the pixel digests, the blank check)
         if tables["train"].images is not None:
             known = {fp for t in seen for fp in t.pixel_fingerprints()}
-            mine = [pixel_digest(read_image(p)) for p in paths]
+            decoded = {i: read_image(p) for i, p in enumerate(paths)}
+            mine = [pixel_digest(decoded[i]) for i in range(len(paths))]
         else:
             sizes = {os.path.getsize(p) for p in paths}
             known = {sha256_file(p) for t in seen for p in t.paths or [] if os.path.getsize(p) in sizes}
             mine = [sha256_file(p) for p in paths]
     except (EdgeKDError, OSError):  # moved or unreadable: the scoring names what it cannot read
         return None
-    hits = [str(p) for p, fp in zip(paths, mine) if fp in known and np.ptp(read_image(p)) > 0]
+    hits = [str(p) for i, (p, fp) in enumerate(zip(paths, mine))
+            if fp in known and np.ptp(decoded[i] if i in decoded else read_image(p)) > 0]
     if not hits:
         return None
     return (f"{len(hits)} of the {len(paths)} images in {folder} are identical in content to the checkpoint's own "

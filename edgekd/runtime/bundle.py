@@ -698,7 +698,8 @@ def validate_metadata(meta: Any, where: str = METADATA_FILE) -> None:
     MAX_RESIZE_FACTOR of each other, a thread hint within MAX_THREADS. The first problem raises EdgeKDError."""
     _require(isinstance(meta, dict), where, "must be a JSON object")
     schema = meta.get("schema")
-    newer = isinstance(schema, str) and re.fullmatch(r"edgekd-bundle/(\d+)", schema) and int(schema.split("/")[1]) > 1
+    version = re.fullmatch(r"edgekd-bundle/(\d+)", schema) if isinstance(schema, str) else None
+    newer = version is not None and int(version.group(1)) > 1
     _require(schema == SCHEMA, where, f"schema must be '{SCHEMA}', got {quote(schema, 60)}"
              + (" (written by a newer edgekd: upgrade edgekd here, pip install -U edgekd)" if newer else ""))
     names = meta.get("class_names")
