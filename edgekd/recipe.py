@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -68,6 +69,18 @@ def refuse_bool_for_number(cls, data: Any) -> Any:
     return data
 
 
+def expand_home(value: Any) -> Any:
+    """A path key's `~` or `~user` as the shell would expand it (a YAML value or `--set data.path=~/x` is not)."""
+    if isinstance(value, list):
+        return [expand_home(v) for v in value]
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+def _home_expanded(*fields: str) -> Any:
+    """A section's validator expanding `~` in its path keys `fields`."""
+    return field_validator(*fields, mode="before")(classmethod(lambda cls, v: expand_home(v)))
+
+
 class Section(BaseModel):
     # Attribute docstrings become field descriptions: the recipe-key reference (docs/recipe-keys.md) is made from them.
     # No number of a recipe may be inf or nan (`lr=inf` was accepted and failed at the second step).
@@ -82,6 +95,7 @@ class DataConfig(Section):
     fashion_mnist: a folder of MNIST-style idx files."""
     path: str | None = None
     """File or folder for the source; relative paths resolve against the working directory."""
+    _home = _home_expanded("path")
     split: Literal["given", "stratified", "patient"] = "given"
     """given: the source's splits, missing ones carved from train (by patient when the data has patient ids);
     stratified / patient: everything but the test split re-split by image / by patient. With patient ids no patient
@@ -209,6 +223,7 @@ class ModelConfig(Section):
     file is loaded instead, whatever this says."""
     weights: str | None = None
     """A local weights file (.pth/.safetensors) loaded into the backbone before the head is replaced."""
+    _home = _home_expanded("weights")
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the classifier: timm.create_model's drop_rate (the edgekd_cnn models: before their `fc`)."""
     drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
@@ -555,6 +570,7 @@ class UnlabeledConfig(Section):
     split of a labelled source, its labels ignored."""
     path: str | None = None
     """The folder or file; required except for source builtin."""
+    _home = _home_expanded("path")
     split: Literal["train", "val", "test", "all"] = "train"
     """Which split of a labelled source is the pool (`all`: a source without given splits). A pool from the
     labelled data's own file or folder must be its given train split (anything else is refused: it would hold
@@ -581,6 +597,7 @@ class DistillConfig(Section):
     """Reuse teacher logits per distinct input image (needs a deterministic train transform: empty augment)."""
     ensemble: list[str] = []
     """More teacher checkpoints (same classes): the target is the ensemble of `teacher` and these."""
+    _home = _home_expanded("teacher", "teacher_recipe", "ensemble")
     ensemble_mode: Literal["mean_probs", "mean_logits"] = "mean_probs"
     """mean_probs: the teacher logits are log(mean of the members' softmax), averaged at temperature 1 (a KL term at
     T then softens that mixture: not the mean of each member's softmax at T, which it equals only at T=1 or when the
@@ -675,6 +692,7 @@ class ContinualConfig(Section):
     """multi: a head per task, task id given at test (cross_domain default); single: one expanding head, no task id."""
     checkpoint: str | None = None
     """Starting student (best.pt). Default: recipe.model from scratch."""
+    _home = _home_expanded("checkpoint")
     checkpoint_task: bool = True
     """The checkpoint already solves the first task (it is evaluated, not retrained); false: reuse only its backbone."""
     tasks: list[ContinualTask] = Field(min_length=2)
@@ -732,6 +750,7 @@ class WandbConfig(Section):
     """Tags of the W&B run."""
     dir: str | None = None
     """Where W&B writes its `wandb/` run folders (default: the run's output directory)."""
+    _home = _home_expanded("dir")
 
 
 class TrackingConfig(Section):
@@ -741,6 +760,7 @@ class TrackingConfig(Section):
     """true: TensorBoard event files in `<out>/tensorboard` (a fold's or task's own folder: `<out>/fold<k>/<role>/`,
     `<out>/task<i>_<name>/`); a path: there, a fold's or task's in `<path>/fold<k>/<role>` or `<path>/task<i>_<name>`
     (needs `pip install 'edgekd[track]'`)."""
+    _home = _home_expanded("tensorboard")
     wandb: WandbConfig | None = None
     """A Weights & Biases run of the training (null: none)."""
 
@@ -1084,6 +1104,7 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
     if recipe.model.freeze_stages < 0:
         raise EdgeKDError(f"{where}: model.freeze_stages must be >= 0 (got {recipe.model.freeze_stages})")
     lowest = min(r for r in (recipe.train.optimizer.lr, recipe.train.optimizer.head_lr) if r)
+    views = recipe.distill.teacher_views if recipe.distill else []
     sections = [("data", recipe.data)]
     for task in recipe.continual.tasks if recipe.continual else []:  # its data as continual's task_data_section has it
         try:
@@ -1103,6 +1124,11 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
          f"{recipe.train.monitor}; monitor a val_ metric"),
         (recipe.distill is not None and not recipe.distill.teacher_views,
          "distill.teacher_views: give at least one view (original, hflip, vflip)"),
+        (recipe.distill is not None and len(set(views)) < len(views),
+         f"distill.teacher_views: a view is given twice ({views}); it would count twice in the teacher's average"),
+        (recipe.distill is not None and len({recipe.distill.teacher, *recipe.distill.ensemble})
+         < 1 + len(recipe.distill.ensemble), "distill.ensemble: a teacher checkpoint is given twice (teacher and "
+         "ensemble together); it would count twice in the ensemble's mean"),
         (isinstance(recipe.tracking.tensorboard, str) and not recipe.tracking.tensorboard.strip(),
          "tracking.tensorboard: an empty path; give a folder, or true for <out>/tensorboard"),
         (recipe.model.name.startswith("edgekd_cnn") and bool(recipe.model.drop_path_rate),

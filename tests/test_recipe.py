@@ -423,3 +423,28 @@ def test_a_continual_tasks_own_data_section_is_checked_for_new_run_traps(tmp_pat
     raw["continual"]["tasks"][1]["data"] = {"limit": 8}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     assert load_recipe(tmp_path / "c.yaml").continual.tasks[1].data == {"limit": 8}
+
+
+def test_a_tilde_in_a_path_key_is_the_home_folder(tmp_path, monkeypatch):
+    """`data.path: ~/scans` (or `--set data.path=~/x`, which the shell leaves as it is) had been read as a folder
+    named `~` in the working directory: "not found"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    demo = REPO / "recipes/demo/student.yaml"
+    recipe = load_recipe(demo, ["data.path=~/scans.npz", "distill.teacher=~/t.pt", "distill.ensemble=[~/e.pt, x.pt]",
+                                "model.weights=~/w.pth", "tracking.tensorboard=~/tb"])
+    assert recipe.data.path == str(tmp_path / "scans.npz") and recipe.distill.teacher == str(tmp_path / "t.pt")
+    assert recipe.distill.ensemble == [str(tmp_path / "e.pt"), "x.pt"] and recipe.model.weights == str(tmp_path / "w.pth")
+    assert recipe.tracking.tensorboard == str(tmp_path / "tb")
+    assert load_recipe(demo, ["data.path=a~b", "tracking.tensorboard=true"]).data.path == "a~b"
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["distill.teacher_views=[original, hflip, original]"], r"teacher_views: a view is given twice"),
+    (["distill.teacher=t.pt", "distill.ensemble=[e.pt, t.pt]"], r"distill.ensemble: a teacher checkpoint is given twice"),
+])
+def test_a_teacher_view_or_member_given_twice_is_refused(sets, words):
+    """Each had counted twice in the teacher's average without a word."""
+    with pytest.raises(EdgeKDError, match=words):
+        load_recipe(REPO / "recipes/demo/student.yaml", sets)
+    assert len(load_recipe(REPO / "recipes/demo/student.yaml", ["distill.teacher_views=[original, hflip]"])
+               .distill.teacher_views) == 2
