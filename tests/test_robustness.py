@@ -150,6 +150,21 @@ def test_checkpoint_corruption_eval_clean_row_equals_plain_eval(tiny_run, tmp_pa
     assert "mean corr. acc" in (tmp_path / "robustness.md").read_text()
 
 
+def test_an_eval_at_another_image_size_says_so_and_records_it(tiny_run, tmp_path):
+    """`eval --set data.image_size=24` scored at 24 px, and neither the output nor metrics.json said so."""
+    from edgekd.train.checkpoint import load_checkpoint
+    from edgekd.train.run import evaluate_checkpoint
+
+    raw = load_checkpoint(tiny_run)["recipe"]
+    said = []
+    same = evaluate_checkpoint(tiny_run, tmp_path / "same", recipe_from_dict(raw), ("test",), log=said.append)
+    assert same["image_size"] == 16 and not any("scoring at" in s for s in said)
+    other = evaluate_checkpoint(tiny_run, tmp_path / "other", recipe_from_dict({**raw, "data": {**raw["data"],
+                                "image_size": 24}}), ("test",), log=said.append)
+    assert [s for s in said if "scoring at" in s] == [f"note: scoring at 24 px; {tiny_run} was trained at 16 px"]
+    assert json.loads((tmp_path / "other" / "metrics.json").read_text())["image_size"] == other["image_size"] == 24
+
+
 def test_summary_of_hand_made_records():
     rec = lambda c, s, acc: {"model": "m", "role": "student", "format": "onnx", "precision": "int8",  # noqa: E731
                              "corruption": c, "severity": s, "acc": acc, "auc": 0.5 + acc / 2}

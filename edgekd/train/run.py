@@ -328,8 +328,11 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     out = Path(out)
     arch = ckpt["arch"]["name"]  # the plots' titles name the run too: a scratch and a distilled student read alike
     title = f"{ckpt['recipe']['name']} ({arch})" if (ckpt.get("recipe") or {}).get("name") else arch
+    trained_at = (ckpt.get("recipe") or {}).get("data", {}).get("image_size")
+    if trained_at is not None and trained_at != recipe.data.image_size:  # `--set data.image_size=...`: said and kept
+        log(f"note: scoring at {recipe.data.image_size} px; {checkpoint} was trained at {trained_at} px")
     result = {"checkpoint": str(checkpoint), "model": ckpt["arch"]["name"], "role": ckpt.get("role"),
-              "dataset": data.source_name, "params": count_parameters(model)}
+              "dataset": data.source_name, "image_size": recipe.data.image_size, "params": count_parameters(model)}
     for split in splits:
         y, logits = predict_logits(model, data.loader(split, train=False), dev, progress=progress,
                                    description=f"eval {split}")
