@@ -19,6 +19,10 @@ class EdgeKDError(Exception):
     multiline = False
 
 
+class MissingExtraError(EdgeKDError):
+    """An optional dependency is not installed; the message names the extra (`pip install 'edgekd[dicom]'`)."""
+
+
 def printable(text: str) -> str:
     """`text` safe for one terminal line: control characters (ANSI escapes, newlines) and undecodable file-name
     bytes (surrogate escapes) shown as backslash escapes."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edgekd.errors import EdgeKDError, printable, shorten
+from edgekd.errors import EdgeKDError, MissingExtraError, printable, shorten
 
 PILLOW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".tif": "TIFF",
                   ".tiff": "TIFF", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP"}
@@ -331,7 +331,7 @@ def _pydicom(where: str):
         import pydicom
         import pydicom.pixels
     except ImportError:
-        raise EdgeKDError(f"{where}: reading DICOM needs pydicom (pip install 'edgekd[dicom]')") from None
+        raise MissingExtraError(f"{where}: reading DICOM needs pydicom (pip install 'edgekd[dicom]')") from None
     return pydicom
 
 

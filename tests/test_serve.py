@@ -273,6 +273,18 @@ def test_each_malformed_upload_is_a_4xx_json_line_and_good_requests_still_work(r
     assert out["good"].status_code == 200 and out["good"].json()["label"] in NAMES
 
 
+def test_a_dicom_upload_without_pydicom_is_415_naming_the_extra(runner, monkeypatch):
+    """The core install has no pydicom: a DICOM upload had been a 422, as if the file were broken."""
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom fails, as on the core install
+    dicom = b"\0" * 128 + b"DICM" + b"\0" * 64
+
+    async def go(client):
+        return await client.post("/predict", content=dicom, headers={"content-type": "application/dicom"})
+
+    r = call(create_app(runner), go)
+    assert r.status_code == 415 and "needs pydicom (pip install 'edgekd[dicom]')" in r.json()["error"]
+
+
 def test_body_over_the_upload_limit_is_413(runner):
     async def go(client):
         return await client.post("/predict", content=b"\x89PNG" + b"0" * 2**20, headers={"content-type": "image/png"})

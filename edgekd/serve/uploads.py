@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekd.errors import EdgeKDError, shown
+from edgekd.errors import EdgeKDError, MissingExtraError, shown
 from edgekd.imageio import MAX_PIXELS, read_image_bytes, sniff_format
 from edgekd.runtime import Preprocessor
 
@@ -51,6 +51,8 @@ def decode_upload(data: bytes, content_type: str | None, where: str, preprocesso
         return preprocessor.to_model_size(image, keep_gray=keep_gray)
     except UploadError:
         raise
+    except MissingExtraError as err:  # DICOM without pydicom: a type this service cannot take (had been 422)
+        raise UploadError(str(err), 415) from None
     except EdgeKDError as err:
         raise UploadError(str(err), 422) from None
     except MemoryError:
