@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, machine_line, now, results_doc, run_main, write_section  # noqa: E402
+from common import REPO, RESULTS, machine, machine_line, now, results_doc, run_main, write_section  # noqa: E402
 from zoo import COMMON, EDGEKD, GOALS, ZOO, pick, ratio, sets  # noqa: E402
 
 from edgekd.host import INT8_DOT_PRODUCT, cpu_info  # noqa: E402
@@ -187,7 +187,7 @@ def main() -> int:
         record = {**export_time(arch, args.runs), "command": command, "note": args.note}
         if args.bench:
             record["bench_fp32"] = bench_fp32(arch, args.runs)
-        record["date"] = now()
+        record["date"], record["machine"] = now(), machine()  # a ledger: rows from several VMs
         old[record_key(record)] = record
     doc = results_doc("export_time", command, list(old.values()), note=args.note)
     write_json(path, doc)
