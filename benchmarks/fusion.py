@@ -4,9 +4,9 @@ reparameterize_model; profile `fuse: false` exports the training form).
     .venv/bin/python benchmarks/fusion.py [--arch repvgg_a0 mobileone_s0 fastvit_t8] [--size 224] [--note '...']
 
 Per architecture (initial weights: speed does not depend on them, 2 classes, batch 1, 2 threads): the training form
-and the fused form in PyTorch eager, ONNX Runtime FP32 and OpenVINO FP32 (f32 math), each engine's two forms timed
-call by call interleaved, the engines in alternating phases (edgekd.runtime.timing.time_alternating, as the
-export's INT8 speed check), plus params, MACs and the largest logit difference between the forms relative to the
+and the fused form in PyTorch eager, ONNX Runtime FP32 and OpenVINO FP32 (f32 math), every (engine, form) timed in
+its own block of calls, the blocks in alternating phases (edgekd.runtime.timing.time_alternating, as the export's
+INT8 speed check: timed call by call, two forms of one engine slow the faster one), plus params, MACs and the largest logit difference between the forms relative to the
 largest logit. Writes benchmarks/results/fusion.json and the RESULTS.md section between the `fusion` markers.
 """
 
@@ -65,7 +65,7 @@ def measure(arch: str, size: int, threads: int, rounds: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         forms = {"training": engines(model, x, Path(tmp), "training", threads),
                  "fused": engines(fused, x, Path(tmp), "fused", threads)}
-        groups = [{f"{e}|{form}": forms[form][e] for form in forms} for e in ENGINES]
+        groups = [{f"{e}|{form}": forms[form][e]} for e in ENGINES for form in forms]
         stats = time_alternating(groups, phases=5, rounds=rounds)
     base = {"arch": arch, "input": size, "threads": threads, "fused_blocks": blocks,
             "params": count_parameters(model), "params_fused": count_parameters(fused),
@@ -84,7 +84,8 @@ def measure(arch: str, size: int, threads: int, rounds: int) -> list[dict]:
 def section(doc: dict) -> str:
     lines = [MARKERS[0], "## Fusing re-parameterizable blocks at export (`benchmarks/fusion.py`)", "",
              f"`{doc['command']}` on {doc['date'][:10]}, {machine_line(doc['machine'])}. "
-             "Initial weights, batch 1, p50 ms; each engine's two forms timed interleaved."
+             "Initial weights, batch 1, p50 ms; each engine and form timed in its own block of calls, the blocks in "
+             "alternating phases."
              + (f" Note: {doc['note']}." if doc.get("note") else ""),
              "", "| model | blocks fused | params | MACs | max rel. logit diff | engine | training form | fused | speed-up |",
              "|---|---:|---|---|---:|---|---:|---:|---:|"]
