@@ -24,6 +24,7 @@ def test_front_of_hand_made_points():
     ([(1.0, 0.5), (1.0, 0.5)], [0, 1]),                    # exact duplicates: neither dominates the other
     ([(3.0, 0.9), (2.0, 0.8), (1.0, 0.7)], [2, 1, 0]),      # a monotone trade-off: all on the front
     ([(1.0, 0.9), (2.0, 0.8), (3.0, 0.7)], [0]),            # one point dominates all
+    ([(0.11, 0.9704251588866972), (0.23, 0.9704251588866973)], [0]),  # AUCs equal but for float summation order
 ])
 def test_front_edge_cases(pts, want):
     assert pareto_front(pts) == want

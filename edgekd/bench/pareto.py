@@ -6,22 +6,26 @@ from pathlib import Path
 from typing import Any, Sequence
 
 POINT_KEYS = ("model", "role", "format", "precision", "variant", "tta")
+SCORE_TIE = 1e-9
+"""Scores this close are equal: two formats of one model whose AUC differs in the 16th digit (float summation
+order) had put the slower one on the front."""
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices (ascending latency) of the points no other point dominates, for (latency, score) pairs where lower
     latency and higher score are better. A point is dominated when another is at least as fast and at least as
-    good and strictly better in one of the two; exact duplicates do not dominate each other (both are kept)."""
+    good and strictly better in one of the two (scores within SCORE_TIE are equal); exact duplicates do not dominate
+    each other (both are kept)."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front: list[int] = []
     best = float("-inf")
     best_latency = None
     for i in order:
         latency, score = points[i]
-        if score > best:
+        if score > best + SCORE_TIE:
             front.append(i)
             best, best_latency = score, latency
-        elif score == best and latency == best_latency:
+        elif abs(score - best) <= SCORE_TIE and latency == best_latency:
             front.append(i)  # an exact tie with the current front point
     return front
 
