@@ -84,8 +84,9 @@ def measure(arch: str, size: int, threads: int, rounds: int) -> list[dict]:
 def section(doc: dict) -> str:
     lines = [MARKERS[0], "## Fusing re-parameterizable blocks at export (`benchmarks/fusion.py`)", "",
              f"`{doc['command']}` on {doc['date'][:10]}, {machine_line(doc['machine'])}. "
-             "Initial weights, batch 1, p50 ms; each engine and form timed in its own block of calls, the blocks in "
-             "alternating phases."
+             "Initial weights, batch 1, p50 ms; "
+             + ("each engine and form timed in its own block of calls, the blocks in alternating phases."
+                if doc.get("timing") == "blocks" else "each engine's two forms timed interleaved, call by call.")
              + (f" Note: {doc['note']}." if doc.get("note") else ""),
              "", "| model | blocks fused | params | MACs | max rel. logit diff | engine | training form | fused | speed-up |",
              "|---|---:|---|---|---:|---|---:|---:|---:|"]

@@ -48,7 +48,8 @@ def accuracy_section(doc: dict) -> str:
     lines = ["<!-- accuracy:begin (benchmarks/report.py from accuracy.json) -->",
              "## Teacher accuracy vs the MedMNIST v2 paper (`benchmarks/accuracy.py`, `benchmarks/kd_gain.py`)", "",
              "Official test splits of `../shared/data/medmnist/*.npz` (the PneumoniaMNIST train split here is reduced, "
-             "see `../shared/data/README.md`); one seed each; each row's command is in its record.", ""]
+             "see `../shared/data/README.md`); one row per training run, named by its output folder under runs/bench/ "
+             "(seed and schedule are in the name; each row's full command is in its record).", ""]
     for ds in sorted({r["dataset"] for r in doc["records"]}):
         recs = [r for r in doc["records"] if r["dataset"] == ds and r["role"] in ("teacher", "baseline")]
         if not recs:
@@ -56,7 +57,7 @@ def accuracy_section(doc: dict) -> str:
         lines += [f"### {ds}", "", "| run | model | params | MMACs | test ACC | test AUC | F1 | sensitivity | specificity "
                   "| s/epoch | date | machine |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for r in sorted(recs, key=lambda r: r["name"]):
-            lines.append(f"| `{r['name']}` | {r['model']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f} | "
+            lines.append(f"| `{run_label(r)}` | {r['model']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f} | "
                          f"{_fmt(r['acc'])} | {_fmt(r['auc'])} | {_fmt(r.get('f1'))} | {_fmt(r.get('sensitivity'))} | "
                          f"{_fmt(r.get('specificity'))} | {r['seconds_per_epoch']:.1f} | {r['date'][:16]}Z | "
                          f"{machine_line(r['machine'])} |")
@@ -65,6 +66,14 @@ def accuracy_section(doc: dict) -> str:
         lines.append("")
     lines.append("<!-- accuracy:end -->")
     return "\n".join(lines)
+
+
+def run_label(record: dict) -> str:
+    """A ledger record's run as its output folder below runs/bench/ (`demo/scratch24-s1`): the recipe name alone
+    (`demo-baseline`) had named 18 rows of other seeds and schedules alike."""
+    words = record.get("command", "").split()
+    out = words[words.index("--out") + 1] if "--out" in words[:-1] else None
+    return out.removeprefix("runs/bench/") if out else record["name"]
 
 
 def export_section(doc: dict) -> str:
