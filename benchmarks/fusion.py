@@ -109,7 +109,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     records = [r for arch in args.arch for r in measure(arch, args.size, args.threads, args.rounds)]
     command = "python benchmarks/fusion.py " + shlex.join(sys.argv[1:])
-    doc = results_doc("fusion", command, records, note=args.note)
+    doc = results_doc("fusion", command, records, note=args.note, timing="blocks")
     write_json(RESULTS / "fusion.json", doc)
     write_section(section(doc), *MARKERS)
     return 0
