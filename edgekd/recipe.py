@@ -993,7 +993,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], option: str = "--
     """`key.sub=value` overrides on a recipe dict; a list is entered by index or, for a list of named mappings
     (continual.tasks), by name: `continual.tasks.1.data.path=...` or `continual.tasks.pneumonia.data.limit=400`.
     `option`: the command-line option errors name (--set, --teacher-set)."""
-    raw = copy.deepcopy(raw)
+    before, raw = raw, copy.deepcopy(raw)
     for text in overrides:
         keys, value = parse_override(text, option)
         node = raw
@@ -1013,7 +1013,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], option: str = "--
             node[_list_index(node, keys[-1], text, ".".join(keys[:-1]), option)] = value
         else:
             node[keys[-1]] = value
+    resize = resize_following_size(before, raw, overrides)
+    if resize is not None:
+        raw["data"]["resize"] = resize
     return raw
+
+
+def resize_following_size(before: dict[str, Any], after: dict[str, Any], overrides: list[str]) -> int | None:
+    """The eval resize of a recipe whose `data.image_size` an override changes and whose `data.resize` none does:
+    the recipe's resize-to-crop ratio kept (272 for 256 -> 102 for 96), else None. Left at 272, a 96 px run's
+    validation, test, export and device saw the middle 35% of the image, training the whole of it."""
+    given = {tuple(parse_override(text)[0]) for text in overrides}
+    data, then = after.get("data"), before.get("data")
+    if ("data", "image_size") not in given or ("data", "resize") in given or not isinstance(then, dict) \
+            or not isinstance(data, dict):
+        return None
+    old_size, old_resize, size = then.get("image_size"), then.get("resize"), data.get("image_size")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (old_size, old_resize, size)) \
+            or old_size == size or data.get("resize") != old_resize:
+        return None
+    return max(1, round(size * old_resize / old_size))
 
 
 def _list_index(items: list, key: str, text: str, where: str, option: str = "--set") -> int:
@@ -1182,10 +1201,22 @@ def sections_turned_on(path: str | Path, overrides: list[str]) -> list[str]:
 
 
 def warn_sections_turned_on(path: str | Path, overrides: list[str], log: Callable[[str], None]) -> None:
-    """A warning per section `sections_turned_on` finds."""
+    """A warning per section `sections_turned_on` finds; a note when data.resize follows an overridden image size
+    (`resize_following_size`)."""
     for section in sections_turned_on(path, overrides):
         log(f"warning: --set turns on {section}, which {path} does not have (its other keys take their defaults; "
             "the run's name still says what the recipe does)")
+    raw = _read_yaml_with_base(Path(path), seen=set())
+    try:
+        after = apply_overrides(raw, overrides)
+    except EdgeKDError:  # a malformed override: load_recipe names it
+        return
+    given = {tuple(parse_override(text)[0]) for text in overrides}
+    resize = after["data"].get("resize") if isinstance(after.get("data"), dict) else None
+    if ("data", "resize") not in given and isinstance(raw.get("data"), dict) and resize != raw["data"].get("resize"):
+        log(f"note: data.resize {raw['data']['resize']} -> {resize}, following --set data.image_size (the recipe's "
+            f"{raw['data']['resize']}/{raw['data']['image_size']} eval resize-to-crop ratio kept; give data.resize to "
+            "choose another)")
 
 
 def _blame(raw: dict[str, Any], overrides: list[str], where: str, err: EdgeKDError,

@@ -448,3 +448,23 @@ def test_a_teacher_view_or_member_given_twice_is_refused(sets, words):
         load_recipe(REPO / "recipes/demo/student.yaml", sets)
     assert len(load_recipe(REPO / "recipes/demo/student.yaml", ["distill.teacher_views=[original, hflip]"])
                .distill.teacher_views) == 2
+
+
+def test_an_overridden_image_size_takes_the_eval_resize_along():
+    """`--set data.image_size=96` on the skin teacher (resize 272 for 256) left resize at 272: validation, test,
+    export and the device resized to 272 and cropped the middle 96 px, 35% of what training saw."""
+    from edgekd.recipe import warn_sections_turned_on
+
+    skin = REPO / "recipes/skin/teacher.yaml"
+    assert load_recipe(skin).data.resize == 272
+    assert load_recipe(skin, ["data.image_size=96"]).data.resize == 102  # 96 * 272 / 256
+    assert load_recipe(skin, ["data.image_size=96", "data.resize=96"]).data.resize == 96  # chosen: kept
+    assert load_recipe(skin, ["data.resize=300"]).data.resize == 300
+    assert load_recipe(REPO / "recipes/demo/teacher.yaml", ["data.image_size=56"]).data.resize is None  # no resize
+    said = []
+    warn_sections_turned_on(skin, ["data.image_size=96"], said.append)
+    assert said == ["note: data.resize 272 -> 102, following --set data.image_size (the recipe's 272/256 eval "
+                    "resize-to-crop ratio kept; give data.resize to choose another)"]
+    said.clear()
+    warn_sections_turned_on(skin, ["data.image_size=96", "data.resize=96"], said.append)
+    assert said == []
