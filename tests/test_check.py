@@ -368,3 +368,7 @@ def test_check_says_what_a_distillation_run_warns_of_before_it_trains(tmp_path):
     assert any("are named otherwise" in line for line in said), said
     assert any("1 of the pool's 5 images are images of this run's val or test split" in line for line in said), said
     assert result.warnings == said and all(line.startswith("warning:") for line in said)
+    said.clear()  # a teacher fed at another size than it trained at (said by train, not by check, before)
+    check_recipe(path, ["distill.teacher_image_size=24"], warn=said.append)
+    assert any("distill.teacher_image_size 24 but the teacher edgekd_cnn_tiny was trained at 16 px" in line
+               for line in said), said

@@ -16,7 +16,7 @@ from torch import nn
 from conftest import REPO
 from edgekd.distill.features import FeatureAdapter, align_spatial
 from edgekd.distill.losses import KDBatch, build_distill_loss, kl_divergence
-from edgekd.distill.objective import TeacherInput, build_objective, freeze_teacher
+from edgekd.distill.objective import TeacherInput, build_objective, freeze_teacher, warn_teacher_input_mismatch
 from edgekd.errors import EdgeKDError
 from edgekd.models import capture_features, create_model, tokens_to_map
 from edgekd.recipe import DistillConfig, load_recipe, recipe_from_dict
@@ -206,25 +206,22 @@ def test_feature_kd_on_timm_cnn_reaches_adapter_and_student():
 
 def test_a_teacher_trained_without_the_students_hair_removal_is_warned_of():
     # Normalization, channels and size are adapted to the teacher; hair removal (in the decode) cannot be.
-    student, teacher = tiny("edgekd_cnn_tiny"), freeze_teacher(tiny("edgekd_cnn_tiny"))
-    cfg = distill_cfg([{"kind": "kl", "weight": 1.0}])
     logs: list[str] = []
-    build_objective(cfg, student, teacher, teacher_ckpt("edgekd_cnn_tiny"), {**pre(16), "hair_removal": True}, None,
-                    log=logs.append)
+    warn_teacher_input_mismatch([teacher_ckpt("edgekd_cnn_tiny")], {**pre(16), "hair_removal": True}, None, logs.append)
     assert [m for m in logs if "hair_removal" in m] == [
         "warning: distill: the teacher edgekd_cnn_tiny was trained without data.hair_removal and the student uses it: "
         "the teacher sees images unlike its training data (normalization, channels and size are adapted; hair "
         "removal is not)"]
     logs.clear()
-    build_objective(cfg, student, teacher, teacher_ckpt("edgekd_cnn_tiny"), pre(16), None, log=logs.append)
+    warn_teacher_input_mismatch([teacher_ckpt("edgekd_cnn_tiny")], pre(16), None, logs.append)
     assert not [m for m in logs if "hair_removal" in m]
     # both remove hair, with other elements: a teacher from before data.hair_kernel (17 px) for a scaled student
     old = teacher_ckpt("edgekd_cnn_tiny")
     old["preprocess"] = {**old["preprocess"], "hair_removal": True}
     for student_kernel, said in ((None, True), (17, False)):
         logs.clear()
-        build_objective(cfg, student, teacher, old, {**pre(16), "hair_removal": True, "hair_kernel": student_kernel},
-                        None, log=logs.append)
+        warn_teacher_input_mismatch([old], {**pre(16), "hair_removal": True, "hair_kernel": student_kernel}, None,
+                                    logs.append)
         assert [m for m in logs if "removed hair" in m] == ([
             "warning: distill: the teacher edgekd_cnn_tiny removed hair with a 17 px element and the student uses the "
             "element scaled to the image (data.hair_kernel): the teacher sees images unlike its training data"]
@@ -233,16 +230,13 @@ def test_a_teacher_trained_without_the_students_hair_removal_is_warned_of():
 
 def test_a_teacher_image_size_other_than_the_teachers_own_is_warned_of():
     """A full-size skin recipe's teacher_image_size 256 resized a 32 px teacher's input 8x without a word."""
-    student, teacher = tiny("edgekd_cnn_tiny"), freeze_teacher(tiny("edgekd_cnn_tiny"))
     logs: list[str] = []
-    build_objective(distill_cfg([{"kind": "kl", "weight": 1.0}], teacher_image_size=32), student, teacher,
-                    teacher_ckpt("edgekd_cnn_tiny", 16), pre(16), None, log=logs.append)
+    warn_teacher_input_mismatch([teacher_ckpt("edgekd_cnn_tiny", 16)], pre(16), 32, logs.append)
     assert [m for m in logs if "teacher_image_size" in m] == [
         "warning: distill.teacher_image_size 32 but the teacher edgekd_cnn_tiny was trained at 16 px: it sees the "
         "student's batch at a size it never trained on (null, the default, uses the checkpoint's 16)"]
     logs.clear()
-    build_objective(distill_cfg([{"kind": "kl", "weight": 1.0}], teacher_image_size=16), student, teacher,
-                    teacher_ckpt("edgekd_cnn_tiny", 16), pre(16), None, log=logs.append)
+    warn_teacher_input_mismatch([teacher_ckpt("edgekd_cnn_tiny", 16)], pre(16), 16, logs.append)
     assert not [m for m in logs if "teacher_image_size" in m]
 
 

@@ -307,7 +307,6 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
     for member, _ in members:
         freeze_teacher(member)
     inputs = [TeacherInput(student_pre, ckpt["preprocess"], distill_cfg.teacher_image_size) for _, ckpt in members]
-    warn_teacher_input_mismatch([ckpt for _, ckpt in members], student_pre, distill_cfg.teacher_image_size, log)
     teacher_input = inputs[0]
     if len(members) > 1:
         teacher = EnsembleTeacher([m for m, _ in members], inputs, distill_cfg.ensemble_mode)

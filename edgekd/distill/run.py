@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgekd.data import build_data, check_class_order, check_model_splits
-from edgekd.distill.objective import build_objective, load_teacher
+from edgekd.distill.objective import build_objective, load_teacher, warn_teacher_input_mismatch
 from edgekd.distill.unlabeled import build_unlabeled
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import sha256_file
@@ -67,7 +67,8 @@ def check_same_teachers(saved: dict, digests: dict[str, str], path: Path) -> Non
 
 def warn_about_distill(recipe, data, teacher_ckpts: list[dict], log: Callable[[str], None]) -> None:
     """What a distillation run warns of before it trains (`edgekd check` says the same): a train.loss the terms
-    leave unused, a term warm-up longer than the run, and per teacher (distill.teacher, then distill.ensemble's)
+    leave unused, a term warm-up longer than the run, a teacher fed other inputs than it trained on (hair removal,
+    distill.teacher_image_size: `warn_teacher_input_mismatch`), and per teacher (distill.teacher, then distill.ensemble's)
     splits it shares with the student's val/test and class names it gives otherwise (another order: an error)."""
     cfg = recipe.distill
     unused = unused_train_loss(recipe)
@@ -76,6 +77,7 @@ def warn_about_distill(recipe, data, teacher_ckpts: list[dict], log: Callable[[s
     for line in long_term_warmups(recipe):
         log(line)
     logit_terms = any(t.kind in ("kl", "dkd") for t in cfg.terms)
+    warn_teacher_input_mismatch(teacher_ckpts, data.preprocess, cfg.teacher_image_size, log)
     for path, ckpt in zip((cfg.teacher, *cfg.ensemble), teacher_ckpts):
         check_model_splits(f"distill.teacher {path}", ckpt, data, log,
                            val_effect="the student's best epoch is chosen on images its teacher has seen")
