@@ -159,9 +159,12 @@ def check_update_out(out: Path, source: str | Path) -> Path:
 def update_recipe(recipe_path: str | Path, overrides: list[str], checkpoint: Path, source: str | Path):
     """The continual recipe an update trains: continual.checkpoint set to the parent's; a recipe that is not
     continual, retrains the deployed head (checkpoint_task: false), or a multi-head parent is refused."""
-    from edgekd.recipe import load_recipe
+    from edgekd.recipe import load_recipe, parse_override
 
     given = load_recipe(recipe_path, overrides)
+    if any(parse_override(text)[0] == ["continual", "checkpoint"] for text in overrides):  # replaced without a word
+        raise EdgeKDError("--set continual.checkpoint: edgekd update starts from the bundle's own checkpoint (SOURCE); "
+                          "to start from another, give that checkpoint as SOURCE")
     if given.continual is None:  # before the override adds a bare section
         raise EdgeKDError(f"{recipe_path}: edgekd update needs a continual recipe (a continual: section with tasks)")
     if not given.continual.checkpoint_task:

@@ -172,6 +172,10 @@ def test_cli_check_prints_the_summary_and_exits_2_on_errors(tmp_path):
     ignored = subprocess.run([sys.executable, "-m", "edgekd", "check", "recipes/demo/baseline.yaml", "--classes", "3"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)  # said "check ok", classes unused
     assert ignored.returncode == 2 and "--classes sets the class count of --synthetic data" in ignored.stderr
+    typo = subprocess.run([sys.executable, "-m", "edgekd", "check", "recipes/continual/split-fashion/finetune.yaml",
+                           "--set", "continual.replay.sise=10"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "unknown key 'continual.replay.sise'" in typo.stderr  # the one line: no warning
+    assert "turns on" not in typo.stdout + typo.stderr  # that --set turns on continual.replay, before it
 
 
 def test_synthetic_check_stands_in_an_unlabeled_pool(tmp_path):

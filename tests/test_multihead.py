@@ -220,6 +220,10 @@ def meta_artifacts(bundle: Path) -> list[str]:
 def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path):
     from edgekd.update import update_bundle
 
+    with pytest.raises(EdgeKDError, match=r"--set continual.checkpoint: edgekd update starts from the bundle's own"):
+        update_bundle(world["parent"], world["recipe"], tmp_path / "x", run_dir=tmp_path / "run0", profile=FAST,
+                      overrides=["continual.checkpoint=other.pt"], log=QUIET)  # had been replaced without a word
+
     refused = tmp_path / "refused"
     said: list[str] = []
     with pytest.raises(RetentionGateError, match="task 'A'") as err:
@@ -233,6 +237,8 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
     update_bundle(world["parent"], world["recipe"], refused, run_dir=tmp_path / "run1", profile=FAST,
                   log=said.append, resume=True, allow_forgetting=True)
     assert f"update: the continual run in {tmp_path / 'run1'} finished; exporting it" in said and refused.is_dir()
+    assert [m for m in said if m.startswith("warning: the retention gate would refuse")][0].endswith(
+        "--allow-forgetting exports it all the same and its card says so")  # had passed without a word
     assert [m.split(":")[0] for m in said if "parity set:" in m] == ["task A", "task B"]  # one named line per task
     lenient = FAST.model_copy(update={"min_retention": 0.0})
     out = tmp_path / "v2"
@@ -263,7 +269,6 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
     assert f"| {n_test} |" in next(line for line in lineage.splitlines() if line.startswith("| this bundle, task A"))
     assert "Compare the parent with this bundle's row of the parent's task" in lineage
     # A bundle whose checkpoint changed since its export is refused.
-    from edgekd.errors import EdgeKDError
     from edgekd.update import parent_of
 
     ckpt = Path(json.loads((world["parent"] / "edgekd.json").read_text())["model"]["checkpoint_path"])

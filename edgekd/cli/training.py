@@ -87,10 +87,11 @@ def check(
     """Check a recipe before a long run: validate it, build its data, model, teacher and plug-ins, run a few
     optimizer steps and one evaluation at its image size; print params, MACs, seconds per step and per epoch."""
     from edgekd.check import check_recipe
-    from edgekd.recipe import warn_sections_turned_on
+    from edgekd.recipe import load_recipe, warn_sections_turned_on
 
     if classes is not None and not synthetic:  # it was ignored, and the check said ok
         raise EdgeKDError("--classes sets the class count of --synthetic data; the recipe's own data has its classes")
+    load_recipe(recipe, set_)  # a bad key is the one line (a warning that --set turns its section on had come first)
     warn_sections_turned_on(recipe, set_, console.print)
     with console.status(f"checking {recipe} ...") as status:  # the run's own lines as they come: a large model's
         r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes,  # build and steps take minutes on a CPU

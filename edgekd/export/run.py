@@ -648,12 +648,14 @@ def _note_thread_cap(profile: ExportProfile, log: Callable[[str], None]) -> None
 
 def _retention_gate(layout: TaskLayout, profile: ExportProfile, allow_forgetting: bool | str,
                     log: Callable[[str], None]) -> dict[str, Any]:
-    """`retention_report`, with a warning when someone other than the user's --allow-forgetting let a miss through
-    (bench, which times any model)."""
+    """`retention_report`, with a warning whenever a miss is let through: by the user's --allow-forgetting (it had
+    passed without a word on the console, only the card saying so) or by someone else (bench, which times any
+    model: `allow_forgetting` names it)."""
     continual = retention_report(layout, profile.min_retention, allow_forgetting)
-    if continual["misses"] and isinstance(allow_forgetting, str):
+    if continual["misses"] and allow_forgetting:
+        who = allow_forgetting if isinstance(allow_forgetting, str) else "--allow-forgetting"
         log(f"warning: the retention gate would refuse this model ({'; '.join(continual['misses'])}); "
-            f"{allow_forgetting} exports it all the same and its card says so")
+            f"{who} exports it all the same and its card says so")
     return continual
 
 
