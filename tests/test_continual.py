@@ -602,7 +602,10 @@ def test_a_task_that_calls_everything_one_class_is_warned_of():
     found = task_one_class_warnings(scores, "test")
     assert len(found) == 1 and found[0].startswith("test (task a) ACC 0.6250 is no better than calling every")
     assert "a task forgotten while the later ones were learned" in found[0]  # not a collapsed best epoch
-    assert "(0.6250)" in found[0]
+    assert "(0.6250)" in found[0] and "plain fine-tuning" not in found[0]  # said of EWC, LwF and replay runs too
+    scores.reverse()  # the last task: nothing came after it to forget it
+    (last,) = task_one_class_warnings(scores, "test")
+    assert last.startswith("test (task a)") and "the last task, not learned" in last and "forgotten" not in last
 
 
 # ------------------------------------------------------------------ rehearsal buffer

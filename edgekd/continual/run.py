@@ -93,7 +93,8 @@ def starting_model(recipe, tasks: list[Task], log: Callable[[str], None] = print
     rebuilt: dict = {}  # its splits, rebuilt once for every task
     for task in tasks:  # (its task 0 drawn with another seed or fraction had been scored on images it trained on)
         check_model_splits(f"continual.checkpoint {cfg.checkpoint}", ckpt, task.data, log, f"task '{task.name}''s",
-                           "the accuracy matrix on them (continual.eval_split: val) is on images it has seen", rebuilt)
+                           "the accuracy matrix on them (continual.eval_split: val) is on images it has seen"
+                           if cfg.eval_split == "val" else "its best epochs are chosen on images it has seen", rebuilt)
     spec = dict(ckpt["arch"])
     theirs, ours = ckpt["preprocess"], first.data.preprocess
     if "resize" not in theirs:  # a checkpoint from before preprocess.resize resized to its input size
@@ -195,10 +196,12 @@ def evaluate_continual_checkpoint(checkpoint: str | Path, out: str | Path, split
 def task_one_class_warnings(scores: list[dict[str, Any]], split: str) -> list[str]:
     """`one_class_warning` per task of `evaluate_task` records: a task whose ACC is no better than calling each of
     its images the task's largest class (the export gate said so; train and eval had not)."""
-    advice = ("a task forgotten while the later ones were learned (see the accuracy matrix: expected of plain "
-              "fine-tuning), or one never learned")  # not a collapsed best epoch, as a single training's would be
+    earlier = ("a task forgotten while the later ones were learned (see the accuracy matrix), or one never learned")
+    last = "the last task, not learned (more epochs, or another learning rate)"  # nothing came after it to forget it
     found = [one_class_warning(f"{split} (task {r['task']})", r["acc"],
-                               np.asarray(r["confusion_matrix"]).sum(axis=1).tolist(), advice) for r in scores]
+                               np.asarray(r["confusion_matrix"]).sum(axis=1).tolist(),
+                               last if i == len(scores) - 1 and len(scores) > 1 else earlier)
+             for i, r in enumerate(scores)]
     return [w for w in found if w]
 
 

@@ -419,7 +419,7 @@ def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[s
                        rebuilt: dict | None = None) -> None:
     """A model this run learns from (a KD teacher, a continual run's starting checkpoint: `what`, its recipe key and
     path) trained on this run's own image files must not have trained on its test images: splits carved with another
-    seed, fraction, class filter or patient pattern put them in its training split, and every test figure would be
+    seed, fraction, limit, class filter or patient pattern put them in its training split, and every test figure would be
     on images it learned (an error). Its training on val images only (a val split carved from train by seed, as in
     a seed sweep from one teacher) biases the run's choices: a warning (`val_effect`). Compared file by file, from
     the model's recipe as it splits the files today, when both read image files (ImageFolder or CSV, either of
@@ -447,7 +447,7 @@ def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[s
     key = content_keys(data) if in_memory else (lambda table: [os.path.realpath(p) for p in table.paths])
     seen = set(key(tables["train"]))
     leaked = {split: sum(k in seen for k in key(data.tables[split])) for split in ("val", "test")}
-    settings = "seed, data.split, fractions, classes or patient_pattern"
+    settings = "seed, data.split, fractions, limit, classes or patient_pattern"
     if leaked["test"]:
         raise EdgeKDError(f"{what} trained on {leaked['test']} of {whose} {len(data.tables['test'])} test images (its "
                           f"splits were drawn with other settings: {settings}): train it with the same split "
