@@ -72,6 +72,23 @@ def test_a_temperature_driven_to_its_bound_is_warned_of():
     assert report["temperature"] > 19 and report["warning"].startswith("T stopped near its 20 bound (20): the fit wanted softer")
 
 
+def test_a_calibration_fitted_on_few_images_or_worse_on_test_is_warned_of():
+    """10 val images (2 of one class) gave T 0.33: test NLL 0.442 -> 0.468, and the card said nothing."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2, size=(2000, 2))
+    y = np.array([rng.choice(2, p=p) for p in softmax(z)])  # calibrated at T = 1
+    good = calibration_report(z[:1000], y[:1000], z[1000:], y[1000:])
+    assert "warning" not in good  # many images, test NLL no worse
+    few = calibration_report(z[:12], y[:12], z[1000:], y[1000:])
+    assert few["fit_images"] == 12 and few["warning"].startswith("the temperature calibration was fitted on 12 val "
+                                                                 "images (fewer than 50)")
+    worse = few["test"]["after"]["nll"] > few["test"]["before"]["nll"]
+    assert ("makes the test split's NLL worse" in few["warning"]) == worse
+    flipped = calibration_report(z[:1000] * 0.3, y[:1000], z[1000:] * 3, y[1000:])  # fit wants sharper; test is over
+    assert flipped["test"]["after"]["nll"] > flipped["test"]["before"]["nll"]
+    assert flipped["warning"].startswith("the temperature calibration makes the test split's NLL worse (")
+
+
 def test_choose_threshold_rules_by_hand():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])

@@ -130,7 +130,28 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
         out[split] = {"before": calibration_figures(softmax(logits), labels),
                       "after": calibration_figures(calibrated_softmax(logits, temperature, bias), labels),
                       "images": int(len(labels))}
+    if "warning" not in out and (note := held_out_warning(out)):
+        out["warning"] = note
     return out
+
+
+MIN_FIT_IMAGES = 50
+"""A calibration fitted on fewer val images than this is warned of (10 images, 2 of one class, had given T 0.33)."""
+
+
+def held_out_warning(report: dict[str, Any]) -> str | None:
+    """What a calibration report's figures say against trusting it: fitted on fewer than MIN_FIT_IMAGES val images,
+    or making the test split's NLL worse (the fit is kept: test only reports, it does not choose)."""
+    test, n = report.get("test"), report["fit_images"]
+    worse = test is not None and test["after"]["nll"] > test["before"]["nll"]
+    if not worse and n >= MIN_FIT_IMAGES:
+        return None
+    said = [f"was fitted on {n} val images (fewer than {MIN_FIT_IMAGES})"] if n < MIN_FIT_IMAGES else []
+    if worse:
+        said.append(f"makes the test split's NLL worse ({test['before']['nll']:.3f} -> {test['after']['nll']:.3f})")
+    return (f"the {report['method']} calibration {' and '.join(said)}: its probabilities may be less honest than "
+            "the raw ones; a larger val split calibrates, or calibration.method none in the export profile keeps "
+            "the raw softmax")
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
