@@ -31,6 +31,9 @@ def test_ece_by_hand():
 def test_brier_and_nll_by_hand():
     # sum over classes of (p - onehot)^2 per image: 0.02, 0.72, 0.18, 0.005 -> mean 0.23125
     assert brier(PROBS, LABELS) == pytest.approx((0.02 + 0.72 + 0.18 + 0.005) / 4)
+    from sklearn.metrics import brier_score_loss  # two classes: twice scikit-learn's, as the card's header says
+
+    assert brier(PROBS, LABELS) == pytest.approx(2 * brier_score_loss(LABELS, PROBS[:, 1]))
     assert nll(PROBS, LABELS) == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.7, 0.95])))
 
 

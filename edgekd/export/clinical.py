@@ -163,7 +163,7 @@ def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
         lines += ["", "## Calibration", "", f"{how}, fit by NLL on "
                   f"{calibration['fit_images']} validation images; ECE with {calibration['bins']} equal-width bins."
                   + (f" **Warning:** {calibration['warning']}." if calibration.get("warning") else ""), "",
-                  "| split | | ECE | adaptive ECE | Brier | NLL |", "|---|---|---|---|---|---|"]
+                  "| split | | ECE | adaptive ECE | Brier (sum over classes) | NLL |", "|---|---|---|---|---|---|"]
         for split in ("val", "test"):
             for when in ("before", "after"):
                 f = calibration[split][when]

@@ -34,6 +34,8 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Brier's own multi-class score: the squared error summed over the classes, averaged over the images (0 to 2;
+    for two classes twice scikit-learn's brier_score_loss of the positive class)."""
     probs = np.asarray(probs, dtype=np.float64)
     onehot = np.eye(probs.shape[1])[np.asarray(labels, dtype=int)]
     return float(((probs - onehot) ** 2).sum(axis=1).mean())
