@@ -1345,7 +1345,7 @@ def _read_yaml_with_base(path: Path, seen: set[Path]) -> dict[str, Any]:
     found = next((p for p in (here, real) if p.is_file()), None)
     if found is None and not here.exists():
         looked = f"{path.parent}" + (f" or {path.resolve().parent}, the folder of the file it links to"
-                                      if real != here else "")
+                                      if path.parent.resolve() != path.resolve().parent else "")  # a link
         raise EdgeKDError(f"{path}: base: {base}: recipe file not found (looked in {looked})")
     return inherit(_read_yaml_with_base(found or here, seen), raw)
 

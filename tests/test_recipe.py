@@ -1,5 +1,6 @@
 """Recipe loading: validation errors name the key, overrides, base inheritance, every shipped recipe loads."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,9 @@ def test_a_symlinked_recipe_finds_its_base_beside_the_file_it_links_to(tmp_path)
     (tmp_path / "lonely.yaml").write_text("base: nope.yaml\nname: x\n")
     with pytest.raises(EdgeKDError, match=r"lonely.yaml: base: nope.yaml: recipe file not found \(looked in "):
         load_recipe(tmp_path / "lonely.yaml")
+    with pytest.raises(EdgeKDError) as err:  # a relative path, no link: one folder, not the same one twice
+        load_recipe(Path(os.path.relpath(tmp_path / "lonely.yaml")))
+    assert str(err.value).endswith(f"(looked in {Path(os.path.relpath(tmp_path))})")
 
 
 def test_settings_that_did_nothing_are_refused_for_a_new_run_but_a_checkpoints_recipe_still_loads(tmp_path):
