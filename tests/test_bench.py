@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import random_pixels
+from conftest import random_pixels, write_image_folder
 from edgekd.bench.hardware import gemm_peak_fraction, measure_gemm_peak
 from edgekd.bench.report import records_markdown
 from edgekd.bench.run import (RECORD_KEYS, BenchConfig, Row, Subject, Timing, eval_subset, make_records,
@@ -710,3 +710,33 @@ def test_without_torch_the_no_data_note_asks_only_for_a_folder(tmp_path, monkeyp
     attach_synthetic_images(subject, tmp_path, 2)
     assert subject.notes[-1] == ("no test data (give --data DIR, a labelled folder): timed on random images, "
                                  "no accuracy")
+
+
+def test_bench_data_holding_the_models_own_training_images_is_warned_of(tmp_path):
+    """`bench --data DIR` scored a folder of the model's training images (68 of 80) without a word, where
+    `eval --data DIR` warns; a folder of new images gets no warning."""
+    import shutil
+
+    from PIL import Image
+
+    from edgekd.bench.run import attach_folder_images
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
+    train = write_image_folder(tmp_path / "train", n_per_class=8, size=16)
+    raw = {"name": "f", "data": {"source": "imagefolder", "path": str(train), "image_size": 16, "batch_size": 8,
+                                 "channels": 3, "val_fraction": 0.25, "test_fraction": 0.25},
+           "model": {"name": "edgekd_cnn_tiny"}, "train": {"epochs": 1, "scheduler": {"name": "none"}}}
+    best = train_recipe(recipe_from_dict(raw), tmp_path / "run", log=lambda *_: None).best_path
+    shutil.copytree(train, tmp_path / "copy")
+    fresh = tmp_path / "fresh"
+    for c, name in enumerate(("a", "b")):
+        (fresh / name).mkdir(parents=True)
+        Image.fromarray(random_pixels((16, 16, 3), seed=90 + c)).save(fresh / name / "new.png")
+    for folder, copies in ((tmp_path / "copy", True), (fresh, False)):
+        said: list[str] = []
+        subject = Subject(role="model", name="m", preprocess=PREPROCESS, class_names=["a", "b"], checkpoint=best)
+        attach_folder_images(subject, folder, tmp_path, None, said.append)
+        warned = [s for s in said if "identical in content to the checkpoint's own train or val images" in s]
+        assert bool(warned) == copies and bool(subject.notes) == copies, said
+        assert not copies or warned[0].startswith(f"warning: model: 12 of the 16 images in {folder} are identical")

@@ -407,6 +407,17 @@ def hair_note(subject: Subject) -> str:
             if subject.preprocess.get("hair_removal") else "")
 
 
+def training_copies_warning(subject: Subject, folder: Path, paths: list) -> str | None:
+    """`eval --data DIR`'s warning of a folder holding the model's own train or val images (by content), when its
+    checkpoint is here and PyTorch is installed to read it (the core install's bench scores without it)."""
+    if subject.checkpoint is None or not Path(subject.checkpoint).is_file() or find_spec("torch") is None:
+        return None
+    from edgekd.robustness import trained_images_warning
+    from edgekd.train.checkpoint import load_checkpoint
+
+    return trained_images_warning(str(folder), paths, load_checkpoint(subject.checkpoint))
+
+
 def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int | None, log) -> None:
     """A labelled folder (ImageFolder layout, the model's class names) decoded by the runtime, at the resize stage
     like the test split (torch-free: the core install's bench scores accuracy this way); --eval-limit takes a
@@ -419,6 +430,9 @@ def attach_folder_images(subject: Subject, folder: Path, work: Path, limit: int 
                                     subject.class_names)
     if absent:
         log(f"warning: {absent}")
+    if copies := training_copies_warning(subject, folder, paths):
+        log(f"warning: {subject.role}: {copies}")
+        subject.notes.append(copies)
     picked = eval_subset(np.asarray(labels), limit or len(paths))
     warn_of_classes_the_subset_lacks(np.asarray(labels), picked, subject.class_names, log)
     prep = Preprocessor(subject.preprocess)
