@@ -508,3 +508,7 @@ def test_a_labelled_folder_holding_copies_of_the_training_images_is_warned_of(ti
                                         "checkpoint's own train or val images (e.g. ")
     fresh = evaluate_on_folder(tiny_run, tmp_path / "e2", tmp_path / "new")["folder"]
     assert "identical in content" not in fresh.get("warning", "")  # (noise: its ACC may be warned of)
+    (tmp_path / "new" / ckpt["class_names"][0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 40)
+    with pytest.raises(EdgeKDError, match=r"broken.png: .*\(every image of --data .* is scored: move it out of the "
+                                          r"folder; `edgekd predict` with a bundle lists every unreadable file at once\)"):
+        evaluate_on_folder(tiny_run, tmp_path / "e3", tmp_path / "new")  # the error had offered no way on

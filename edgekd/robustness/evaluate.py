@@ -349,7 +349,11 @@ def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Pa
 
     predictor = checkpoint_predictor(checkpoint, task=task)
     paths, labels = folder_listing(folder, predictor.class_names, [predictor])
-    probs = predict_folder(predictor, FolderImages(paths))
+    try:
+        probs = predict_folder(predictor, FolderImages(paths))
+    except EdgeKDError as err:  # had ended there, with no way on but finding the file
+        raise EdgeKDError(f"{err} (every image of --data {folder} is scored: move it out of the folder; "
+                          f"`edgekd predict` with a bundle lists every unreadable file at once)") from None
     names = list(predictor.class_names)
     report = evaluation_report(np.asarray(labels, dtype=np.int64), probs, names, out, "folder", predictor.model,
                                positive=recipe_positive((predictor.trained or {}).get("recipe"), names))
