@@ -1301,3 +1301,19 @@ def test_more_threads_than_cores_are_warned_of(tiny_recipe_dict, monkeypatch):
         torch.set_num_threads(torch_threads)
     assert said == ["warning: train.threads 16 is more than the 2 cores this process may use: they oversubscribe "
                     "them (slower, not faster)"]
+
+
+def test_a_run_says_its_data_in_one_line_hair_removal_included(tiny_recipe_dict, tmp_path):
+    """A skin run had not said whether it removed hair, nor how many images each split held."""
+    pytest.importorskip("cv2")
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import train_recipe
+
+    for hair, tail in ((False, "16 px"), (True, "16 px; DullRazor hair removal on the decoded image, a ")):
+        said: list[str] = []
+        raw = {**tiny_recipe_dict, "data": {**tiny_recipe_dict["data"], "hair_removal": hair}, "train":
+               {**tiny_recipe_dict["train"], "epochs": 1}}
+        train_recipe(recipe_from_dict(raw), tmp_path / f"h{hair}", log=said.append)
+        (line,) = [s for s in said if s.startswith("data: ")]
+        assert line.startswith("data: tiny, 48 train / 16 val / 16 test images, 2 classes, " + tail), line
+        assert ("hair" in line) == hair

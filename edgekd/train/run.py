@@ -20,6 +20,7 @@ from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.models import (check_input_size, count_macs, count_parameters, create_model, freeze, hub_weights,
                            model_spec)
 from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_json, write_text
+from edgekd.hair import describe_hair_removal
 from edgekd.host import host_record, usable_cores
 from edgekd.probability import softmax
 from edgekd.recipe import entry_arguments
@@ -170,11 +171,21 @@ def apply_threads(recipe, log: Callable[[str], None]) -> None:
             "they oversubscribe them (slower, not faster)")
 
 
+def data_summary(data: DataModule, recipe) -> str:
+    """The run's data in one line: source, images per split, classes, input size, hair removal (a skin run had not
+    said whether it removed hair)."""
+    counts = " / ".join(f"{len(data.tables[s])} {s}" for s in ("train", "val", "test") if s in data.tables)
+    hair = describe_hair_removal(data.preprocess)
+    return (f"data: {data.source_name}, {counts} images, {data.num_classes} classes, {recipe.data.image_size} px"
+            + (f"; {hair}" if hair else ""))
+
+
 def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
                     objective: Objective | None, plugins: list[Plugin] | None, resume: bool,
                     log: Callable[[str], None], progress, extra_meta: dict[str, Any] | None) -> RunResult:
     """train_model's work, in its folder: the Trainer's fit, best.pt evaluated on val and test, the reports."""
     apply_threads(recipe, log)
+    log(data_summary(data, recipe))
     if uses_class_weights(recipe) and data.samples_balanced():
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
