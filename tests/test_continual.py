@@ -1261,3 +1261,21 @@ def test_a_missing_continual_checkpoint_names_its_key(tmp_path):
     with pytest.raises(EdgeKDError, match=r"^continual.checkpoint .*none/best.pt: checkpoint not found \(train the "
                                           r"starting student first, or --set continual.checkpoint=PATH\)$"):
         starting_model(recipe, build_tasks(recipe), log=lambda *_: None)
+
+
+def test_a_one_head_continual_checkpoint_says_its_first_task_must_hold_all_its_classes(tmp_path):
+    """Continuing a class-incremental model (one head over 4 classes) from a 2-class first task failed with advice
+    that `edgekd update` refuses (checkpoint_task: false), not saying what the first task must be."""
+    from edgekd.pipeline import run_recipe
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(16, 8, 8))
+    grown = run_recipe(recipe_from_dict({**base_recipe(npz, scenario="class_incremental", tasks=[
+        {"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}]), "train": {
+            "epochs": 1, "optimizer": {"name": "adam", "lr": 0.01}, "scheduler": {"name": "none"},
+            "monitor": "val_acc"}}), tmp_path / "cl", log=lambda s: None)
+    again = base_recipe(npz, scenario="class_incremental", checkpoint=str(grown.best_path),
+                        tasks=[{"name": "a", "classes": [0, 1]}, {"name": "c", "classes": [2, 3]}])
+    with pytest.raises(EdgeKDError, match=r"4 outputs, but the first task 'a' has 2 classes \(the first task must be "
+                                          r"the checkpoint's; it is one head over the tasks a, b, so the first task "
+                                          r"must hold all its classes in order \(class_0, class_1, class_2, class_3\);"):
+        run_recipe(recipe_from_dict(again), tmp_path / "again", log=lambda s: None)

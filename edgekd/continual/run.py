@@ -109,12 +109,17 @@ def starting_model(recipe, tasks: list[Task], log: Callable[[str], None] = print
                           f"{hair[1]} in the recipe's data; set data.hair_removal / data.hair_kernel to match the "
                           "student (17 for a student from before data.hair_kernel)")
     if cfg.checkpoint_task:
-        if num_outputs(model) != first.num_classes:
-            raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: {num_outputs(model)} outputs, but the first task "
-                              f"'{first.name}' has {first.num_classes} classes (the first task must be the "
-                              "checkpoint's; with edgekd train, checkpoint_task: false retrains its head instead)")
         learned = [str(n).split(":", 1)[-1] if ckpt.get("continual") else str(n)  # a continual one's "task:class"
                    for n in ckpt["class_names"]]
+        if num_outputs(model) != first.num_classes:
+            grown = ckpt.get("continual") or {}  # an earlier continual run's one head: all its tasks' classes
+            whose = (f"; it is one head over the tasks {', '.join(str(t.get('name')) for t in grown.get('tasks', []))}"
+                     f", so the first task must hold all its classes in order ({', '.join(learned)})"
+                     if grown.get("head") == "single" else "")
+            raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: {num_outputs(model)} outputs, but the first task "
+                              f"'{first.name}' has {first.num_classes} classes (the first task must be the "
+                              f"checkpoint's{whose}; with edgekd train, checkpoint_task: false retrains its head "
+                              "instead)")
         if [n.lower() for n in learned] != [str(n).lower() for n in first.class_names]:
             raise EdgeKDError(f"continual.checkpoint {cfg.checkpoint}: learned the classes {learned}, but the first task "
                               f"'{first.name}' has {list(first.class_names)}: its outputs would be trained as other "
