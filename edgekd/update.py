@@ -238,6 +238,9 @@ def update_run_dir(run_dir: str | Path | None, name: str, out: Path, resume: boo
         if run_dir is None:  # the default may have taken a -2, -3 suffix: the log of the interrupted run names it
             raise EdgeKDError("--resume needs --run-dir: the folder the interrupted update trained in (its first "
                               "line, 'update: continual training from ... into DIR', names it)")
+        if not Path(run_dir).is_dir():  # said before the data is built (it had been, minutes later)
+            raise EdgeKDError(f"--run-dir {run_dir}: no such folder, nothing to resume (give the folder the "
+                              "interrupted update trained in)")
         return Path(run_dir)  # a finished run there is exported as it is (continual_run), never retrained
     if run_dir is not None:
         run_dir = Path(run_dir)

@@ -422,6 +422,8 @@ def test_update_refuses_what_would_break_the_parent_or_retrain_its_task(world, t
     # --resume: the folder must be named (the default may have taken a suffix) and unfinished
     with pytest.raises(EdgeKDError, match="--resume needs --run-dir"):
         update_bundle(parent, world["recipe"], tmp_path / "v2", resume=True, log=QUIET)
+    with pytest.raises(EdgeKDError, match=r"--run-dir .*nowhere: no such folder, nothing to resume"):  # up front
+        update_bundle(parent, world["recipe"], tmp_path / "v2", resume=True, run_dir=tmp_path / "nowhere", log=QUIET)
     # A finished run (an update stopped during its export) is exported as it is, not trained (run_continual fails
     # the test if called): here its retention gate refuses it.
     with pytest.raises(RetentionGateError, match="task 'A'"):
