@@ -46,7 +46,9 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
                           "give the checkpoint itself instead of the bundle")
     checkpoint = Path(path)
     if not checkpoint.is_file():
-        raise EdgeKDError(f"{source}: its checkpoint {checkpoint} is not there any more")
+        raise EdgeKDError(f"{source}: its checkpoint {checkpoint} is not there any more (moved? give the moved file, "
+                          f"sha256 {digest[:12]}..., as the source instead: the new bundle's lineage then names that "
+                          "checkpoint, not this bundle)")
     if sha256_file(checkpoint) != digest:
         raise EdgeKDError(f"{source}: its checkpoint {checkpoint} changed since the export (sha256 differs from "
                           "edgekd.json model.checkpoint_sha256)")

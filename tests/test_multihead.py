@@ -277,6 +277,10 @@ def test_update_from_a_bundle_gated_parity_checked_with_lineage(world, tmp_path)
         ckpt.write_bytes(saved + b"x")
         with pytest.raises(EdgeKDError, match="changed since the export"):
             parent_of(world["parent"])
+        ckpt.unlink()  # moved: the error says how to go on
+        with pytest.raises(EdgeKDError, match=r"is not there any more \(moved\? give the moved file, sha256 [0-9a-f]{12}"
+                                              r"\.\.\., as the source instead"):
+            parent_of(world["parent"])
     finally:
         ckpt.write_bytes(saved)
 
