@@ -70,9 +70,12 @@ def refuse_bool_for_number(cls, data: Any) -> Any:
 
 
 def expand_home(value: Any) -> Any:
-    """A path key's `~` or `~user` as the shell would expand it (a YAML value or `--set data.path=~/x` is not)."""
+    """A path key's `~` or `~user` as the shell would expand it (a YAML value or `--set data.path=~/x` is not);
+    a pathlib.Path in a recipe dict as its text."""
     if isinstance(value, list):
         return [expand_home(v) for v in value]
+    if isinstance(value, os.PathLike):  # recipe_from_dict({"data": {"path": Path(...)}}) had been refused
+        value = os.fspath(value)
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 

@@ -440,6 +440,10 @@ def test_a_tilde_in_a_path_key_is_the_home_folder(tmp_path, monkeypatch):
     assert recipe.distill.ensemble == [str(tmp_path / "e.pt"), "x.pt"] and recipe.model.weights == str(tmp_path / "w.pth")
     assert recipe.tracking.tensorboard == str(tmp_path / "tb")
     assert load_recipe(demo, ["data.path=a~b", "tracking.tensorboard=true"]).data.path == "a~b"
+    as_paths = recipe_from_dict({"data": {"source": "medmnist", "path": Path("~/x.npz")},  # pathlib in a dict
+                                 "model": {"weights": tmp_path / "w.pth"}})  # had been "should be a valid string"
+    assert as_paths.data.path == str(tmp_path / "x.npz") and as_paths.model.weights == str(tmp_path / "w.pth")
+    assert as_paths.digest() == recipe_from_dict(as_paths.to_dict()).digest()
 
 
 @pytest.mark.parametrize("sets, words", [
