@@ -9,6 +9,7 @@ from typing import Callable
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import (check_output_location, held_folder, refuse_output_in_bundle, refuse_unusable_path,
                            removed_if_only)
+from edgekd.progress import silent
 from edgekd.recipe import entry_arguments
 
 
@@ -92,11 +93,12 @@ def checked_entry(recipe, out: str | Path, recipe_path: str | Path | None, resum
     return recipe, out, recipe_path
 
 
-def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print, progress=None,
+def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] | None = print, progress=None,
                recipe_path: str | Path | None = None):
     """Run one recipe to a checkpoint: the recipe's sections say which stage trains it. The --out checks of
     `edgekd train` come first (`check_run_inputs`; `recipe_path`: the recipe's file, never written over; a recipe
     given as a path is that file)."""
+    log = log or silent  # log=None: say nothing
     recipe, out, _ = checked_entry(recipe, out, recipe_path, resume, None, log)
     if recipe.continual:
         from edgekd.continual.run import run_continual
@@ -113,12 +115,13 @@ def run_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str
     return train_recipe(recipe, out, resume=resume, log=log, progress=progress)
 
 
-def run_folds(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None,
+def run_folds(recipe, out: str | Path, folds: int, log: Callable[[str], None] | None = print, progress=None,
               recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None,
               resume: bool = False) -> dict:
     """k-fold cross-validation (KD-OCT protocol); implemented by the distillation stage's fold driver
     (`recipe_path`: the recipe's file, where a relative `distill.teacher_recipe` is also looked for). The whole
     of `out` is held for the run's length (each fold's runs also hold their own folders)."""
+    log = log or silent  # log=None: say nothing
     if folds < 2:
         raise EdgeKDError("--folds must be at least 2")
     recipe, out, recipe_path = checked_entry(recipe, out, recipe_path, resume, folds, log)

@@ -10,6 +10,10 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
+def silent(*_args, **_kwargs) -> None:
+    """A `log` callback that says nothing: what the library entry points use when given `log=None`."""
+
+
 @contextmanager
 def progress_task(progress, description: str, total: int | None) -> Iterator[Callable[..., None]]:
     """A task on `progress` (a rich Progress, or None) for the duration of the block; yields `advance(n=1,

@@ -1056,6 +1056,9 @@ def _list_index(items: list, key: str, text: str, where: str, option: str = "--s
 
 
 def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+    """A Recipe from a dict of the recipe YAML's shape (no `base:`; every key in docs/recipe-keys.md), validated;
+    `where` names it in errors. What a checkpoint embeds loads this way too, so the new-run traps that
+    `load_recipe` refuses are not checked here (`refuse_new_run_traps`; the run entry points check them)."""
     if not isinstance(raw, dict):
         raise EdgeKDError(f"{where}: a recipe must be a YAML mapping")
     try:
@@ -1096,10 +1099,14 @@ def find_recipe_file(value: str | Path, key: str, beside: str | Path | None = No
     return found
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, option: str = "--set") -> Recipe:
-    """Read a recipe YAML (with optional `base:` inheritance), apply overrides, validate. `option`: the
-    command-line option the overrides came from, as errors name it (--set, --teacher-set)."""
+def load_recipe(path: str | Path, overrides: list[str] | str | dict[str, Any] | None = None,
+                option: str = "--set") -> Recipe:
+    """Read a recipe YAML (with optional `base:` inheritance), apply overrides (`key=value` texts, one text, or a
+    {dotted key: value} dict), validate. `option`: the command-line option the overrides came from, as errors
+    name it (--set, --teacher-set)."""
     raw = _read_yaml_with_base(Path(path), seen=set())
+    if isinstance(overrides, dict):  # {"train.epochs": 3}: had been a TypeError (unhashable slice)
+        overrides = [f"{key}={json.dumps(value, default=str)}" for key, value in overrides.items()]
     overrides = [overrides] if isinstance(overrides, str) else overrides or []
     try:
         recipe = recipe_from_dict(apply_overrides(raw, overrides, option), where=str(path))

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import check_output_location, held_folder, refuse_output_inside, removed_if_only, sha256_file
+from edgekd.progress import silent
 from edgekd.runtime import is_bundle
 
 
@@ -89,13 +90,14 @@ def checkpoint_test_figures(checkpoint: Path) -> dict[str, Any] | None:
 
 def update_bundle(source: str | Path, recipe_path: str | Path, out: str | Path, overrides: list[str] | None = None,
                   run_dir: str | Path | None = None, profile=None, allow_forgetting: bool = False,
-                  log: Callable[[str], None] = print, progress=None, zip_bundle: bool = False,
+                  log: Callable[[str], None] | None = print, progress=None, zip_bundle: bool = False,
                   resume: bool = False, on_run_dir: Callable[[Path], None] | None = None) -> UpdateResult:
     """Learn the continual recipe's tasks starting from the parent's student (its first task is the student's),
     then export the result (retention gate, parity gate) to `out` with the parent's lineage. `profile` None: the
     parent's export profile when it can still be read (update_profile). `resume`: continue the continual run an
     interrupted update left in `run_dir`. `on_run_dir`: told the run folder once it is chosen (the CLI's resume
     hint on Ctrl-C)."""
+    log = log or silent  # log=None: say nothing
     from edgekd.export import RetentionGateError, export_checkpoint
     from edgekd.recipe import warn_sections_turned_on
 

@@ -476,3 +476,12 @@ def test_an_overridden_image_size_takes_the_eval_resize_along():
     said.clear()
     warn_sections_turned_on(skin, ["data.image_size=96", "data.resize=96"], said.append)
     assert said == []
+
+
+def test_overrides_may_be_a_dict_of_dotted_keys():
+    """`load_recipe(path, {"train.epochs": 3})` had been a TypeError (unhashable type: 'slice')."""
+    demo = REPO / "recipes/demo/baseline.yaml"
+    recipe = load_recipe(demo, {"train.epochs": 3, "data.class_names": ["a", "b"], "model.name": "edgekd_cnn_small"})
+    assert recipe.train.epochs == 3 and recipe.data.class_names == ["a", "b"]
+    assert recipe.digest() == load_recipe(demo, ["train.epochs=3", "data.class_names=[a, b]",
+                                                 "model.name=edgekd_cnn_small"]).digest()

@@ -1317,3 +1317,35 @@ def test_a_run_says_its_data_in_one_line_hair_removal_included(tiny_recipe_dict,
         (line,) = [s for s in said if s.startswith("data: ")]
         assert line.startswith("data: tiny, 48 train / 16 val / 16 test images, 2 classes, " + tail), line
         assert ("hair" in line) == hair
+
+
+def test_python_entry_points_take_plain_values_and_give_the_threads_back(tiny_recipe_dict, tmp_path):
+    """From Python: log=None had been a TypeError, a data recipe given as a file an AttributeError, splits="val"
+    read as v, a, l, and train.threads=1 had left the caller's process on one thread."""
+    import yaml
+
+    from edgekd.pipeline import run_recipe
+    from edgekd.train.run import evaluate_checkpoint
+
+    torch.set_num_threads(2)
+    raw = {**tiny_recipe_dict, "train": {**tiny_recipe_dict["train"], "epochs": 1, "threads": 1}}
+    run = run_recipe(raw, tmp_path / "run", log=None)
+    assert torch.get_num_threads() == 2
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["threads"] == 1
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(raw))
+    a = evaluate_checkpoint(run.best_path, tmp_path / "a", str(tmp_path / "data.yaml"), "val,test", log=None)
+    b = evaluate_checkpoint(run.best_path, tmp_path / "b", raw, ("val", "test"), log=None)
+    assert a["val"]["acc"] == b["val"]["acc"] and a["test"]["auc"] == b["test"]["auc"]
+    assert evaluate_checkpoint(run.best_path, tmp_path / "c", splits="val", log=None)["val"]["n"] == 16
+    with pytest.raises(EdgeKDError, match="data_recipe: expected a Recipe, a recipe file or a dict, got int"):
+        evaluate_checkpoint(run.best_path, tmp_path / "d", 7)
+
+
+def test_export_arguments_take_a_profile_name_and_one_format_as_text():
+    """export_checkpoint(profile="cpu-onnx-fp32") had been an AttributeError, formats="onnx" the formats o, n, n, x."""
+    from edgekd.export.run import export_arguments
+
+    profile, plan = export_arguments("cpu-onnx-fp32", "onnx", "fp32")
+    assert profile.formats == ["onnx"] and [(f.name, p) for f, p in plan] == [("onnx", "fp32")]
+    assert [(f.name, p) for f, p in export_arguments(None, ["onnx", "openvino"], ["fp32"])[1]] == [
+        ("onnx", "fp32"), ("openvino", "fp32")]

@@ -32,10 +32,12 @@ from edgekd.metrics import one_class_warning
 from edgekd.metrics.report import write_csv_log
 from edgekd.models import count_parameters, create_model, freeze, model_spec
 from edgekd.progress import progress_task
+from edgekd.progress import silent
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
-from edgekd.train import apply_threads, init_weights, is_main_process, remove_earlier_outputs, warn_about_data
+from edgekd.train import (apply_threads, init_weights, is_main_process, keeps_torch_threads, remove_earlier_outputs,
+                          warn_about_data)
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
 
@@ -402,9 +404,11 @@ def warn_about_tasks(tasks: list[Task], cfg, log: Callable[[str], None]) -> None
                         "continual.json lists", own=(t.lo, t.hi))
 
 
-def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+@keeps_torch_threads
+def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] | None = print,
                   progress=None) -> ContinualResult:
     """Learn recipe.continual.tasks in order; after each, evaluate all learned tasks (accuracy matrix)."""
+    log = log or silent  # log=None: say nothing
     recipe, out = entry_arguments(recipe, out)
     cfg = recipe.continual
     if recipe.train.loss.class_weights or isinstance(recipe.train.loss.alpha, list):

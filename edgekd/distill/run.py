@@ -10,6 +10,7 @@ from edgekd.distill.objective import build_objective, load_teacher, warn_teacher
 from edgekd.distill.unlabeled import build_unlabeled
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import sha256_file
+from edgekd.progress import silent
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_checkpoint
 from edgekd.train.run import RunResult, build_student_model, loss_class_weights, train_model
@@ -86,9 +87,10 @@ def warn_about_distill(recipe, data, teacher_ckpts: list[dict], log: Callable[[s
                               log)
 
 
-def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+def distill_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] | None = print,
                    progress=None) -> RunResult:
     """Train the recipe's student against `distill.teacher`; writes the same files as a supervised run."""
+    log = log or silent  # log=None: say nothing
     recipe, out = entry_arguments(recipe, out)
     cfg = recipe.distill
     if cfg is None:

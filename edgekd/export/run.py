@@ -34,7 +34,7 @@ from edgekd.export.runner_check import runner_check
 from edgekd.host import cpu_info
 from edgekd.metrics import one_class_warning
 from edgekd.models import count_parameters, deploy_form
-from edgekd.progress import progress_task
+from edgekd.progress import progress_task, silent
 from edgekd.recipe import apply_overrides, recipe_from_dict
 from edgekd.runtime import MAX_THREADS
 from edgekd.scoring import scoring_subset
@@ -659,21 +659,32 @@ def _retention_gate(layout: TaskLayout, profile: ExportProfile, allow_forgetting
     return continual
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | None = None,
-                      precisions: list[str] | None = None, profile: ExportProfile | None = None,
+def export_arguments(profile: ExportProfile | str | Path | None, formats: list[str] | str | None,
+                     precisions: list[str] | str | None) -> tuple[ExportProfile, list[tuple[str, str]]]:
+    """export_checkpoint's profile (an ExportProfile, or a name or file as --target takes: a name had been an
+    AttributeError) and its plan of (format, precision), a format or precision given as one name ("onnx" had been
+    read as o, n, n, x)."""
+    profile = profile if isinstance(profile, ExportProfile) else load_profile(profile)
+    formats, precisions = ([v] if isinstance(v, str) else v for v in (formats, precisions))
+    return profile, export_plan(formats or profile.formats, precisions or profile.precisions,
+                                (None if formats else profile.origin, None if precisions else profile.origin))
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str] | str | None = None,
+                      precisions: list[str] | str | None = None, profile: ExportProfile | str | None = None,
                       zip_bundle: bool = False, data_overrides: list[str] | None = None,
-                      log: Callable[[str], None] = print, allow_forgetting: bool | str = False,
+                      log: Callable[[str], None] | None = print, allow_forgetting: bool | str = False,
                       lineage: dict[str, Any] | None = None, progress=None) -> ExportResult:
     """Export a checkpoint to every (format, precision), gate each artifact on parity with PyTorch, and publish
     a bundle at `out` only if all pass (else raise ParityGateError listing every failure; `out` is untouched).
-    A continual checkpoint first passes the retention gate (RetentionGateError unless `allow_forgetting`); a
+    `profile`, `formats`, `precisions`: as `export_arguments` takes them; `log` None: silent. A continual
+    checkpoint first passes the retention gate (RetentionGateError unless `allow_forgetting`); a
     multi-head one is parity-checked per head. `lineage` (from `edgekd update`) goes into edgekd.json.
     `progress`: the CLI's progress bar (one step per artifact, INT8 calibration images), or None."""
     checkpoint, named, (out, replacing) = Path(checkpoint), Path(out), export_target(out)
     refuse_output_inside(out, [checkpoint], replaces=True)  # a best.pt kept in the bundle it replaces
-    profile = profile or load_profile(None)
-    plan = export_plan(formats or profile.formats, precisions or profile.precisions,
-                       (None if formats else profile.origin, None if precisions else profile.origin))
+    profile, plan = export_arguments(profile, formats, precisions)
+    log = log or silent
     model, ckpt = model_from_checkpoint(checkpoint)
     layout = task_layout(ckpt)
     continual = _retention_gate(layout, profile, allow_forgetting, log) if layout is not None else None

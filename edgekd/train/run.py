@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_jso
 from edgekd.hair import describe_hair_removal
 from edgekd.host import host_record, usable_cores
 from edgekd.probability import softmax
+from edgekd.progress import silent
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import model_from_checkpoint, save_checkpoint
 from edgekd.train import distributed
@@ -140,6 +142,20 @@ def lost_cause(data: DataModule) -> str:
             if data.bad_files else "a small data.limit or a rare class?")
 
 
+def keeps_torch_threads(run: Callable) -> Callable:
+    """A run entry point that sets train.threads (`apply_threads`) and gives the process its thread count back when
+    it returns (a notebook had gone on with the recipe's 1 thread)."""
+    @functools.wraps(run)
+    def wrapped(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return run(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapped
+
+
+@keeps_torch_threads
 def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
                 objective: Objective | None = None, plugins: list[Plugin] | None = None,
                 resume: bool = False, log: Callable[[str], None] = print, progress=None,
@@ -157,7 +173,8 @@ def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spe
 
 def apply_threads(recipe, log: Callable[[str], None]) -> None:
     """train.threads: PyTorch's CPU threads for this process (a supervised, distillation or continual run), with a
-    warning when torchrun's processes together oversubscribe the cores."""
+    warning when torchrun's processes together oversubscribe the cores; the entry points give the count back
+    (`keeps_torch_threads`)."""
     if not recipe.train.threads:
         return
     torch.set_num_threads(recipe.train.threads)
@@ -307,9 +324,10 @@ def evaluate_best(best_path: Path, data: DataModule, device, out: Path, name: st
     return best, reports
 
 
-def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] = print,
+def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[str], None] | None = print,
                  progress=None) -> RunResult:
     """The supervised path: teacher, baseline, or a student trained from scratch."""
+    log = log or silent  # log=None: say nothing
     recipe, out = entry_arguments(recipe, out)
     if recipe.distill or recipe.continual:
         raise EdgeKDError("this recipe has a distill/continual section: run it with `edgekd train` (in Python: "
@@ -320,13 +338,24 @@ def train_recipe(recipe, out: str | Path, resume: bool = False, log: Callable[[s
     return train_model(recipe, out, data, model, spec, resume=resume, log=log, progress=progress)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=None, splits: tuple[str, ...] = ("test",),
-                        device: str = "auto", progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate a checkpoint on its own recipe's data (or `data_recipe`'s), write metrics.json and plots; the data's
-    classes must be the model's, in its order (`check_class_order`)."""
+def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=None,
+                        splits: tuple[str, ...] | str = ("test",), device: str = "auto", progress=None,
+                        log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own recipe's data (or `data_recipe`'s: a Recipe, a recipe file or a dict), write
+    metrics.json and plots; the data's classes must be the model's, in its order (`check_class_order`). `splits`:
+    names, or one name or "val,test" as text. Returns metrics.json's dict."""
+    log = log or silent  # log=None: say nothing
     model, ckpt = model_from_checkpoint(checkpoint)
-    from edgekd.recipe import recipe_from_dict
+    from edgekd.recipe import Recipe, load_recipe, recipe_from_dict
 
+    if isinstance(splits, str):  # "val" had been read as the splits v, a, l
+        splits = tuple(s.strip() for s in splits.split(","))
+    if isinstance(data_recipe, (str, Path)):  # a file, as run_recipe takes one (it had been an AttributeError)
+        data_recipe = load_recipe(data_recipe)
+    elif isinstance(data_recipe, dict):
+        data_recipe = recipe_from_dict(data_recipe)
+    elif data_recipe is not None and not isinstance(data_recipe, Recipe):
+        raise EdgeKDError(f"data_recipe: expected a Recipe, a recipe file or a dict, got {type(data_recipe).__name__}")
     recipe = data_recipe or recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
     data = build_checkpoint_data(recipe)
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
