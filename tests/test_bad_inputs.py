@@ -52,11 +52,13 @@ def error_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.startswith("error:")]
 
 
-def assert_refused(result, *fragments: str) -> str:
-    """Exit 2, exactly one line on stderr, 'error: ...' naming every fragment, no traceback."""
+def assert_refused(result, *fragments: str, after: tuple[str, ...] = ()) -> str:
+    """Exit 2, exactly one line on stderr, 'error: ...' naming every fragment, no traceback. `after`: the starts
+    of a run's own lines printed before an error that comes once training has begun (its `data:` line)."""
     code, out, err = result
     assert "Traceback" not in out + err, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(after)] if after else lines
     assert code == 2, f"exit {code}: {err}"
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     for f in fragments:
@@ -702,7 +704,8 @@ def test_nonfinite_loss_stops_with_an_error_or_is_skipped(trained, tmp_path, cap
     data = build_data(load_recipe(trained["recipe"], sets))
     order = [int(y) for _, y in data.loader("train", epoch=0)]
     first_class0 = order.index(0) + 1
-    line = assert_refused(invoke(capsys, "train", trained["recipe"], *inf, "--out", tmp_path / "err"))
+    line = assert_refused(invoke(capsys, "train", trained["recipe"], *inf, "--out", tmp_path / "err"),
+                          after=("data: ",))
     assert line == (f"error: non-finite loss (inf) at epoch 1 step {first_class0}; lower the learning rate, "
                     "or set train.nonfinite=skip")
     assert not (tmp_path / "err" / "best.pt").exists() and not (tmp_path / "err" / "last.pt").exists()
@@ -721,7 +724,7 @@ def test_diverged_weights_are_a_clear_error(trained, tmp_path, capsys):
     """lr=1e30: the loss is finite once, the weights blow up; skipping cannot help: a one-line error, no best.pt."""
     big = ["--set", "train.optimizer.lr=1e30", "--set", "train.optimizer.name=sgd", "--set", "train.nonfinite=skip"]
     assert_refused(invoke(capsys, "train", trained["recipe"], *big, "--out", tmp_path / "run"), "NaN/Inf",
-                   "weights diverged")
+                   "weights diverged", after=("data: ",))
     assert not (tmp_path / "run" / "best.pt").exists()
 
 

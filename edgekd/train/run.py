@@ -202,7 +202,6 @@ def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec:
                     log: Callable[[str], None], progress, extra_meta: dict[str, Any] | None) -> RunResult:
     """train_model's work, in its folder: the Trainer's fit, best.pt evaluated on val and test, the reports."""
     apply_threads(recipe, log)
-    log(data_summary(data, recipe))
     if uses_class_weights(recipe) and data.samples_balanced():
         log("class_weights: data.balanced_sampler already evens the classes the loss sees; weights set to 1 "
             "(not applied twice)")
@@ -214,6 +213,7 @@ def _fit_and_report(recipe, out: Path, data: DataModule, model: nn.Module, spec:
                       checkpoint_extra=lambda: meta)
     started = init_weights(recipe.model) if is_main_process() and not resume else None  # before a clear removes
     resumed = resume_or_clear(trainer, out, resume)  # another recipe is refused here, before recipe.yaml is rewritten
+    log(data_summary(data, recipe))  # (after the refusal: that is the one line)
     meta["init_weights"] = resumed.get("init_weights") if resumed is not None else started
     if is_main_process():
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
