@@ -512,3 +512,33 @@ def test_a_labelled_folder_holding_copies_of_the_training_images_is_warned_of(ti
     with pytest.raises(EdgeKDError, match=r"broken.png: .*\(every image of --data .* is scored: move it out of the "
                                           r"folder; `edgekd predict` with a bundle lists every unreadable file at once\)"):
         evaluate_on_folder(tiny_run, tmp_path / "e3", tmp_path / "new")  # the error had offered no way on
+
+
+def test_a_bundles_failures_are_its_own_labels_at_its_decision_threshold(tiny_run, tmp_path):
+    """A screening bundle's failures had been counted on the argmax: its 14 missed cases at its threshold showed
+    nowhere. Each error now is one `edgekd predict` gives."""
+    from edgekd.export import export_checkpoint
+    from edgekd.export.profile import profile_from_dict
+    from edgekd.robustness.evaluate import run_failure_analysis
+    from edgekd.runtime import Runner
+
+    profile = profile_from_dict({"formats": ["onnx"], "precisions": ["fp32"],
+                                 "decision": {"rule": "sensitivity", "target": 1.0}}, "test")
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.robustness.evaluate import load_split_images
+    from edgekd.train.checkpoint import load_checkpoint
+
+    bundle = export_checkpoint(tiny_run, tmp_path / "screen", profile=profile, log=None).out
+    data = recipe_from_dict(load_checkpoint(tiny_run)["recipe"])
+    res = run_failure_analysis(bundle, tmp_path / "f", data, log=lambda *_: None)
+    assert res["labels"].startswith("the bundle's (its calibration and decision threshold")
+    images, labels, _, _, _ = load_split_images(data, "test")
+    runner = Runner.from_bundle(bundle, backend="onnx", tta=False)
+    given = np.asarray([p.index for p in runner.predict_batch([images[i] for i in range(len(images))])])
+    raw = np.stack([p.raw_probs if p.raw_probs is not None else p.probs
+                    for p in runner.predict_batch([images[i] for i in range(len(images))])])
+    assert int((raw.argmax(1) != labels).sum()) != int((given != labels).sum())  # the premise: the threshold moves
+    assert res["errors"] == int((given != labels).sum())  # predict's labels, not the top class's
+    assert sum(p["count"] for p in res["pairs"]) == res["errors"]  # (two classes: at most two pairs, all shown)
+    ckpt = run_failure_analysis(tiny_run, tmp_path / "g", log=lambda *_: None)
+    assert ckpt["labels"] == "the top class"

@@ -243,7 +243,8 @@ def _eval_failures(checkpoint: Path, out: Path, data_recipe, split: str, top: in
                                  f"{p['true_name']}), most confident "
                                  f"{p['files'][0] if p.get('files') else '#' + str(p['indices'][0])} "
                                  f"p={p['confidence'][0]:.3f}"))  # class names and files as written
-    console.print(f"{res['errors']} errors / {res['images']} images; p: {res['probabilities']}")
+    console.print(f"{res['errors']} errors / {res['images']} images; labels: {res['labels']}; p: "
+                  f"{res['probabilities']}")
     return [str(out / "failures.json"), str(out / "failures.png")]
 
 

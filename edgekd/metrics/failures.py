@@ -8,15 +8,17 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def confused_pairs(y_true: np.ndarray, probs: np.ndarray, top: int = 5) -> list[dict[str, Any]]:
+def confused_pairs(y_true: np.ndarray, probs: np.ndarray, top: int = 5,
+                   predicted: np.ndarray | None = None) -> list[dict[str, Any]]:
     """The `top` off-diagonal (true, predicted) pairs by count (ties: by true, then predicted class id).
 
     Each pair: count, rate (share of that true class's images), and the image indices ordered by the wrong
-    class's probability, most confident mistakes first (the ones a clinician should look at).
+    class's probability, most confident mistakes first (the ones a clinician should look at). `predicted`: the
+    labels given (a bundle's decision threshold); default the top class.
     """
     y_true = np.asarray(y_true).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
-    pred = probs.argmax(1)
+    pred = probs.argmax(1) if predicted is None else np.asarray(predicted).astype(int)
     wrong = np.flatnonzero(pred != y_true)
     counts: dict[tuple[int, int], list[int]] = {}
     for i in wrong:

@@ -39,6 +39,9 @@ class Predictor:
     predict: Callable[[list[np.ndarray]], np.ndarray]
     trained: dict[str, Any] | None = None
     """A checkpoint's embedded recipe, its data_splits and path (`check_trained_splits`); None for an artifact."""
+    decide: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]] | None = None
+    """A bundle's: (its model's softmax, the label indices the bundle gives: its calibration and decision threshold,
+    as `edgekd predict` labels) in one pass; None for a checkpoint (its labels are the top class)."""
 
     @property
     def label(self) -> str:
@@ -153,18 +156,18 @@ def bundle_predictors(path: str | Path, artifacts: Sequence[str] | None = None, 
         bundle.artifact(fmt, precision)  # a one-line error naming what the bundle has
         runner = Runner.from_bundle(bundle, backend=fmt, precision=precision, threads=threads, tta=False)
 
-        def predict(images: list[np.ndarray], runner=runner) -> np.ndarray:
-            rows = []
-            for start in range(0, len(images), batch_size):
-                # The model's own softmax, as a checkpoint's row has it: a Platt bias in the calibrated
-                # probabilities moves their argmax, a threshold the README says these rows do not apply.
-                rows += [p.probs if p.raw_probs is None else p.raw_probs
-                         for p in runner.predict_batch(images[start:start + batch_size], tta=False)]
-            return np.stack(rows)
+        def decide(images: list[np.ndarray], runner=runner) -> tuple[np.ndarray, np.ndarray]:
+            got = [p for start in range(0, len(images), batch_size)
+                   for p in runner.predict_batch(images[start:start + batch_size], tta=False)]
+            # The model's own softmax, as a checkpoint's row has it: a Platt bias in the calibrated
+            # probabilities moves their argmax, a threshold the README says these rows do not apply.
+            return (np.stack([p.probs if p.raw_probs is None else p.raw_probs for p in got]),
+                    np.asarray([p.index for p in got], dtype=np.int64))
 
         model = bundle.model
         predictors.append(Predictor(model.get("name", "model"), model.get("role") or "model", fmt, precision,
-                                    list(bundle.class_names), predict))
+                                    list(bundle.class_names), lambda images, decide=decide: decide(images)[0],
+                                    decide=decide))
     return predictors
 
 
@@ -336,6 +339,17 @@ def predict_folder(predictor: Predictor, images: Sequence[np.ndarray]) -> np.nda
     """The predictor's probabilities on a folder's (or split's) images, decoded a chunk (FOLDER_CHUNK) at a time."""
     return np.concatenate([predictor.predict([images[j] for j in range(i, min(i + FOLDER_CHUNK, len(images)))])
                            for i in range(0, len(images), FOLDER_CHUNK)])
+
+
+def decided_folder(predictor: Predictor, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, label indices) of `predict_folder`'s images: a bundle's labels as it gives them (its decision
+    threshold), a checkpoint's top class; a chunk decoded at a time."""
+    if predictor.decide is None:
+        probs = predict_folder(predictor, images)
+        return probs, probs.argmax(1)
+    parts = [predictor.decide([images[j] for j in range(i, min(i + FOLDER_CHUNK, len(images)))])
+             for i in range(0, len(images), FOLDER_CHUNK)]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([k for _, k in parts])
 
 
 def evaluate_on_folder(checkpoint: str | Path, out: str | Path, folder: str | Path,
@@ -576,20 +590,22 @@ def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, 
         paths, folder_labels = folder_listing(data_folder, predictor.class_names, [predictor])
         images, labels, class_names = FolderImages(paths), np.asarray(folder_labels, dtype=np.int64), \
             list(predictor.class_names)
-        probs, split, files = predict_folder(predictor, images), str(data_folder), [str(p) for p in paths]
+        split, files = str(data_folder), [str(p) for p in paths]
     else:
         from edgekd.data import check_class_order
 
         recipe = data_recipe or _recipe_of_first_checkpoint([source], "failure analysis")
         images, labels, class_names, _, files = load_split_images(recipe, split, predictors=[predictor])
         check_class_order(predictor.class_names, class_names, predictor.label, log)  # another task's data: refused
-        probs = predict_folder(predictor, images)  # a chunk decoded at a time
-    pairs = confused_pairs(labels, probs, top)
+    probs, predicted = decided_folder(predictor, images)  # a bundle's labels (the argmax had hidden its misses)
+    pairs = confused_pairs(labels, probs, top, predicted)
     out = Path(out)
     kind = ("the model's softmax" if predictor.format == "torch" else  # not a calibration's: it can move the argmax
             "the bundle's model's softmax (uncalibrated, as the checkpoint's)")
     result = {"source": str(source), "model": predictor.label, "split": split, "images": len(images),
-              "probabilities": kind, "errors": int((probs.argmax(1) != labels).sum()), "class_names": class_names,
+              "probabilities": kind, "labels": "the bundle's (its calibration and decision threshold, as predict "
+              "gives them)" if predictor.decide else "the top class", "errors": int((predicted != labels).sum()),
+              "class_names": class_names,
               "pairs": [{**p, "true_name": class_names[p["true"]], "pred_name": class_names[p["pred"]],
                          **({"files": [files[i] for i in p["indices"]]} if files else {})} for p in pairs]}
     write_json(out / "failures.json", result)
