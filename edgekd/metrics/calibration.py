@@ -137,20 +137,29 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
     return out
 
 
+def worse_than(before: float, key: str) -> float:
+    """The figure above which a calibration made `key` worse, beyond the noise of a fit that changes little: NLL
+    by more than 1%, ECE by more than 0.01 (a 15-bin ECE moves that much between samples of a thousand images)."""
+    return before * 1.01 if key == "nll" else before + 0.01
+
+
 MIN_FIT_IMAGES = 50
 """A calibration fitted on fewer val images than this is warned of (10 images, 2 of one class, had given T 0.33)."""
 
 
 def held_out_warning(report: dict[str, Any]) -> str | None:
     """What a calibration report's figures say against trusting it: fitted on fewer than MIN_FIT_IMAGES val images,
-    or making the test split's NLL worse (the fit is kept: test only reports, it does not choose)."""
-    test, n = report.get("test"), report["fit_images"]
-    worse = test is not None and test["after"]["nll"] > test["before"]["nll"]
-    if not worse and n >= MIN_FIT_IMAGES:
-        return None
+    or making the test split's NLL, or either split's ECE, worse (`worse_than`; the fit is kept: test only reports,
+    it does not choose)."""
+    n = report["fit_images"]
     said = [f"was fitted on {n} val images (fewer than {MIN_FIT_IMAGES})"] if n < MIN_FIT_IMAGES else []
-    if worse:
-        said.append(f"makes the test split's NLL worse ({test['before']['nll']:.3f} -> {test['after']['nll']:.3f})")
+    for split, key in (("test", "nll"), ("val", "ece"), ("test", "ece")):  # ECE: the fit minimizes NLL, not ECE
+        figures = report.get(split)
+        if figures is not None and figures["after"][key] > worse_than(figures["before"][key], key):
+            said.append(f"makes the {split} split's {key.upper()} worse ({figures['before'][key]:.3f} -> "
+                        f"{figures['after'][key]:.3f})")
+    if not said:
+        return None
     return (f"the {report['method']} calibration {' and '.join(said)}: its probabilities may be less honest than "
             "the raw ones; a larger val split calibrates, or calibration.method none in the export profile keeps "
             "the raw softmax")
