@@ -449,11 +449,13 @@ def test_undefined_figures_of_a_folder_missing_a_class_are_said_and_shown_as_a_d
     assert absent_classes_warning("scans", [5, 0], ["a", "b"]).endswith("the sensitivity or specificity of that class too")
     assert absent_classes_warning("scans", [5, 1, 3], ["a", "b", "c"]) is None
     row = {"model": "m", "role": "student", "format": "onnx", "precision": "fp32", "clean_acc": 0.0,
-           "per_corruption_acc": {"contrast": 0.0}, "mean_corruption_acc": 0.0, "relative_acc": float("nan")}
-    console = Console(record=True, width=200)
+           "clean_auc": float("nan"), "per_corruption_acc": {"contrast": 0.0}, "mean_corruption_acc": 0.0,
+           "mean_corruption_auc": 0.75, "relative_acc": float("nan")}
+    console = Console(record=True, width=250)
     console.print(robustness_table([row], "t"))
     text = console.export_text()
     assert "nan" not in text and text.rstrip().splitlines()[-2].rstrip(" │").endswith("-")
+    assert "clean AUC" in text and "mean corr. AUC" in text and "0.7500" in text  # AUC beside accuracy
 
 
 def test_a_model_that_overflows_under_a_corruption_gets_no_figures_and_is_named():
