@@ -145,6 +145,21 @@ def test_bootstrap_intervals_are_deterministic_and_bracket_the_value():
         assert ci["high"] - ci["low"] > 0, m
 
 
+def test_a_two_class_proportions_interval_keeps_a_width_at_zero_and_one():
+    """A model calling everything positive printed "sensitivity 1.000 [1.000, 1.000]" and "specificity 0.000
+    [0.000, 0.000]": the stratified bootstrap cannot move a proportion of 0 or 1. Wilson's can, and agrees with
+    SciPy's and the textbook formula elsewhere."""
+    y = np.r_[np.ones(20, int), np.zeros(30, int)]
+    probs = np.tile([0.2, 0.8], (50, 1))  # every image called positive
+    ci = bootstrap_intervals(y, probs, threshold=0.5)
+    assert ci["sensitivity"]["value"] == 1.0 and 0.80 < ci["sensitivity"]["low"] < 1.0 == ci["sensitivity"]["high"]
+    assert ci["specificity"]["value"] == 0.0 and ci["specificity"]["low"] == 0.0 < ci["specificity"]["high"] < 0.15
+    z, p, n = norm.ppf(0.975), 0.4, 50  # acc 20/50 by the formula
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert (ci["acc"]["low"], ci["acc"]["high"]) == pytest.approx((centre - half, centre + half))
+
+
 def test_bootstrap_auc_interval_covers_the_true_value_at_about_the_nominal_rate():
     # Binormal scores: positives N(d, 1), negatives N(0, 1) -> true AUC = Phi(d / sqrt(2)).
     d, n_pos, n_neg, trials = 1.5, 60, 90, 120
@@ -521,7 +536,8 @@ def test_the_ece_interval_is_shifted_by_the_bootstraps_bias_and_holds_its_figure
     assert ci["ece"]["low"] == pytest.approx(max(0.0, np.quantile(boot, 0.025) - bias))
     assert ci["ece"]["high"] == pytest.approx(np.quantile(boot, 0.975) - bias)
     assert ci["ece"]["low"] <= ci["ece"]["value"] <= ci["ece"]["high"]
-    assert ci["acc"]["low"] == pytest.approx(np.quantile(metric_rows(y[idx], probs[idx])["acc"], 0.025))  # unshifted
+    assert ci["balanced_acc"]["low"] == pytest.approx(np.quantile(metric_rows(y[idx], probs[idx])["balanced_acc"],
+                                                                  0.025))  # unshifted
 
 
 def test_a_multi_class_operating_point_names_no_positive_class():

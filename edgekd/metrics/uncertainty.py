@@ -118,7 +118,9 @@ def metric_rows(labels: np.ndarray, probs: np.ndarray, threshold: float | None =
 def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float | None = None, positive: int = 1,
                         n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
     """{metric: {value, low, high}}: the figure on all images and its stratified bootstrap percentile interval
-    (ECE's shifted by the bootstrap's estimate of its upward bias)."""
+    (ECE's shifted by the bootstrap's estimate of its upward bias). A two-class model's accuracy, sensitivity and
+    specificity, proportions of fixed counts, get the Wilson score interval instead (`wilson_interval`): at 0 or 1
+    the stratified bootstrap's interval had no width ("sensitivity 1.000 [1.000, 1.000]", read as certainty)."""
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
     point = metric_rows(labels[None], probs[None], threshold, positive)
@@ -135,7 +137,21 @@ def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, threshold: float 
             bias = float(np.nanmean(boot[m])) - value  # interval could lie wholly above the figure; shifted back
             low, high = max(0.0, low - bias), high - bias  # by the bootstrap's bias estimate
         out[m] = {"value": value, "low": float(low), "high": float(high)}
+    if probs.shape[-1] == 2:
+        counts = {"acc": len(labels), "sensitivity": int((labels == positive).sum()),
+                  "specificity": int((labels != positive).sum())}
+        for m, n in counts.items():
+            if n and out[m]["value"] == out[m]["value"]:
+                out[m]["low"], out[m]["high"] = wilson_interval(round(out[m]["value"] * n), n, level)
     return out
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (SciPy's binomtest), which keeps a width at 0/n and n/n."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def paired_bootstrap_auc(labels: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, positive: int = 1,
