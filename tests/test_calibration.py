@@ -270,6 +270,27 @@ def test_export_records_temperature_threshold_and_card(calibrated_bundle):
     # TTA moves the probabilities the threshold applies to: the card says its figures are single-view ones
     single = "Calibration, threshold and figures are of single-view predictions (the original image)"
     assert (single in card) == (len(meta["tta"]["views"]) > 1)
+    assert "Wilson score for acc, sensitivity and specificity" in card.split("## Operating point", 1)[1]
+
+
+def test_a_multi_class_cards_operating_point_names_no_threshold_and_says_its_macro_means():
+    """A 5-grade card had said "scored under the same calibration and threshold" and "the label thresholds the
+    mean" with no threshold, and shown a calibrated AUC beside the per-format table's raw one unexplained."""
+    from edgekd.export.clinical import card_section
+
+    ci = {"value": 0.5, "low": 0.4, "high": 0.6}
+    metadata = {"decision": {"rule": "argmax", "threshold": None, "test": {m: ci for m in ("acc", "auc")}},
+                "calibration": {"method": "temperature", "temperature": 0.7, "fit_images": 100, "bins": 15, **{
+                    split: {when: {"ece": 0.1, "adaptive_ece": 0.1, "brier": 0.5, "nll": 1.0}
+                            for when in ("before", "after")} for split in ("val", "test")}},
+                "tta": {"views": ["original", "hflip"]}}
+    parity = {"reference": {"split_images": {"test": 10}}, "artifacts": []}
+    text = "\n".join(card_section(metadata, parity))
+    operating = text.split("## Operating point", 1)[1].split("\n## ", 1)[0]
+    assert "under the same calibration (the top class: no threshold)." in operating and "Wilson" not in operating
+    assert "Its AUC is of the calibrated probabilities" in operating
+    assert "Sensitivity and specificity are macro means over the classes." in operating
+    assert "the label is the top class of the mean of the views' probabilities" in operating
 
 
 def test_runner_applies_the_bundle_temperature_and_threshold_on_both_backends(calibrated_bundle):

@@ -143,11 +143,18 @@ def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
                   if scored_on_subset(parity) else "")
         single = ("" if len((metadata.get("tta") or {}).get("views") or []) <= 1 else
                   " Calibration, threshold and figures are of single-view predictions (the original image); with "
-                  "TTA (`--tta`) the label thresholds the mean of the views' probabilities, whose spread differs, so "
-                  "these figures are not those of TTA predictions.")
-        lines += ["", "## Operating point", "", f"Label: {how}. Test figures with 95% stratified bootstrap intervals "
-                  "(1000 resamples); every format below is scored under the same "
-                  + ("calibration and threshold." if calibration else "threshold (no calibration: raw softmax).")
+                  "TTA (`--tta`) the label " + ("thresholds" if decision.get("threshold") is not None else
+                                                "is the top class of") + " the mean of the views' probabilities, "
+                  "whose spread differs, so these figures are not those of TTA predictions.")
+        binary = decision.get("positive_class") is not None
+        same = (("calibration and threshold." if binary else "calibration (the top class: no threshold).")
+                if calibration else "threshold (no calibration: raw softmax)." if binary else "top class (raw softmax).")
+        lines += ["", "## Operating point", "", f"Label: {how}. Test figures with 95% intervals (stratified bootstrap, "
+                  "1000 resamples" + ("; Wilson score for acc, sensitivity and specificity" if binary else "")
+                  + "); every format below is scored under the same " + same
+                  + (" Its AUC is of the calibrated probabilities (temperature scaling can move a multi-class macro "
+                     "AUC), the per-format table's of the raw softmax." if calibration and not binary else "")
+                  + ("" if binary else " Sensitivity and specificity are macro means over the classes.")
                   + subset + single, "",
                   "| model | " + " | ".join(OPERATING_METRICS) + f" | {calibrated}p vs PyTorch (mean abs) |",
                   "|---|" + "---|" * (len(OPERATING_METRICS) + 1),
