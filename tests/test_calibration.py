@@ -271,6 +271,16 @@ def test_export_records_temperature_threshold_and_card(calibrated_bundle):
     single = "Calibration, threshold and figures are of single-view predictions (the original image)"
     assert (single in card) == (len(meta["tta"]["views"]) > 1)
     assert "Wilson score for acc, sensitivity and specificity" in card.split("## Operating point", 1)[1]
+    trained = meta["training_data"]  # how it was trained, for a reviewer (the card had given the class mix alone)
+    assert trained["epochs"] >= 1 and trained["recipe_digest"] == meta["model"]["recipe_digest"]
+    assert f"Recipe `{trained['recipe']}` (digest {trained['recipe_digest'][:12]}), {trained['epochs']} epochs" in card
+    assert "teacher" not in trained and "distilled from" not in card
+    from edgekd.export.clinical import provenance_text
+
+    said = provenance_text({**trained, "data_limit": 600, "teacher": {"model": "resnet18", "sha256": "ab" * 32,
+                                                                       "ensemble_sha256": []}})
+    assert said.endswith("a seeded subset of at most 600 images per split (data.limit); distilled from a resnet18 "
+                         "teacher (sha256 abababababab).")
 
 
 def test_a_multi_class_cards_operating_point_names_no_threshold_and_says_its_macro_means():

@@ -121,16 +121,32 @@ def _ci(f: dict[str, float] | None) -> str:
     return f"{f['value']:.3f} [{f['low']:.3f}, {f['high']:.3f}]"
 
 
+def provenance_text(trained: dict[str, Any]) -> str:
+    """The card's sentence of how the model was trained (`training_provenance`); "" for a bundle from before."""
+    if not trained.get("recipe"):
+        return ""
+    teacher = trained.get("teacher")
+    return (f" Recipe `{trained['recipe']}` (digest {str(trained.get('recipe_digest'))[:12]}), {trained.get('epochs')} "
+            f"epochs, seed {trained.get('seed')}, on {trained.get('dataset')}"
+            + (f", a seeded subset of at most {trained['data_limit']} images per split (data.limit)"
+               if trained.get("data_limit") else "")
+            + (f"; distilled from a {teacher.get('model')} teacher (sha256 {str(teacher.get('sha256'))[:12]}"
+               + (f", and {len(teacher['ensemble_sha256'])} ensemble members" if teacher.get("ensemble_sha256") else "")
+               + ")" if teacher else "") + ".")
+
+
 def card_section(metadata: dict[str, Any], parity: dict[str, Any]) -> list[str]:
     """The card's intended use, training data, operating point and calibration sections."""
     card, decision, calibration = metadata.get("card") or {}, metadata.get("decision"), metadata.get("calibration")
     lines = ["", "## Intended use and limitations", "", card.get("intended_use", ""), "",
              *[f"- {x}" for x in card.get("limitations", [])]]
-    counts = (metadata.get("training_data") or {}).get("class_counts")
+    trained = metadata.get("training_data") or {}
+    counts = trained.get("class_counts")
     if counts:
         total = sum(counts.values())
         lines += ["", "## Training data", "", "Class mix of the training split: "
-                  + ", ".join(f"{c} {n} ({n / total:.1%})" for c, n in counts.items()) + "."]
+                  + ", ".join(f"{c} {n} ({n / total:.1%})" for c, n in counts.items()) + "."
+                  + provenance_text(trained)]
     if decision:
         rule, calibrated = decision["rule"], "calibrated " if calibration else ""
         how = (f"the top class (argmax of the {calibrated or 'uncalibrated softmax '}probabilities)" if rule == "argmax"

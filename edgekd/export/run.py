@@ -282,8 +282,19 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
                                         "precisions": list(dict.fromkeys(p for _, p in plan))} if plan else {})},
         **reference["clinical"],
         "card": card_settings(profile, ckpt),
-        "training_data": {"class_counts": dict(zip(ckpt["class_names"], train_counts))},
+        "training_data": {"class_counts": dict(zip(ckpt["class_names"], train_counts)), **training_provenance(ckpt)},
     }
+
+
+def training_provenance(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What the card tells a reviewer of how the model was trained (it had given the class mix alone): the recipe,
+    its epochs, data set, a data.limit subset, and the teacher a student was distilled from (model and sha256)."""
+    recipe = ckpt.get("recipe") or {}
+    data, train, distill = recipe.get("data") or {}, recipe.get("train") or {}, ckpt.get("distill") or {}
+    return {"recipe": recipe.get("name"), "recipe_digest": ckpt.get("recipe_digest"), "dataset": ckpt.get("dataset"),
+            "epochs": train.get("epochs"), "data_limit": data.get("limit"), "seed": recipe.get("seed"),
+            **({"teacher": {"model": distill.get("teacher_model"), "sha256": distill.get("teacher_sha256"),
+                            "ensemble_sha256": distill.get("ensemble_sha256") or []}} if distill else {})}
 
 
 def export_host() -> dict[str, Any]:
