@@ -203,14 +203,25 @@ def test_explain_cli_writes_overlays(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gradcam_module, "EXPLAIN_BATCH", 1)
     (tmp_path / "bad.png").write_bytes(b"not a png")
+    # The CLI reports an unreadable file and explains the others, exit 1, as predict does (one bad file had
+    # stopped a whole folder, exit 2).
     result = CliRunner().invoke(app, ["explain", str(best), str(files[0]), str(tmp_path / "bad.png"),
                                       "--out", str(tmp_path / "cam3")])
-    assert result.exit_code != 0 and not (tmp_path / "cam3").exists()
-    before = {p.name: p.read_bytes() for p in (tmp_path / "cam").iterdir()}  # a folder that was there stays as it was
-    result = CliRunner().invoke(app, ["explain", str(best), str(files[1]), str(tmp_path / "bad.png"),
-                                      "--out", str(tmp_path / "cam")])
-    assert result.exit_code != 0 and {p.name: p.read_bytes() for p in (tmp_path / "cam").iterdir()} == before
+    assert result.exit_code == 1 and "1 of 2 image(s) could not be read" in result.output, result.output
+    written = json.loads((tmp_path / "cam3" / "explain.json").read_text())
+    assert [r["file"] for r in written["images"]] == [str(files[0])]
+    assert [s["file"] for s in written["skipped"]] == [str(tmp_path / "bad.png")]
+    # The library's default stops at it: a failure in a later batch leaves no half-written new folder ...
+    with pytest.raises(EdgeKDError, match="bad.png"):
+        gradcam_module.explain_files(best, [files[0], tmp_path / "bad.png"], tmp_path / "cam5")
+    assert not (tmp_path / "cam5").exists()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cam").iterdir()}  # ... and a folder that was there as it was
+    with pytest.raises(EdgeKDError, match="bad.png"):
+        gradcam_module.explain_files(best, [files[1], tmp_path / "bad.png"], tmp_path / "cam")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cam").iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cam")]  # no staging folder left
+    result = CliRunner().invoke(app, ["explain", str(best), str(tmp_path / "bad.png"), "--out", str(tmp_path / "cam6")])
+    assert "explain: no readable image" in str(result.exception) and not (tmp_path / "cam6").exists()
     result = CliRunner().invoke(app, ["explain", str(best), *map(str, files), "--out", str(tmp_path / "cam4")])
     assert result.exit_code == 0 and len(json.loads((tmp_path / "cam4" / "explain.json").read_text())["images"]) == 2
     # A second run into the same folder removes the overlays the first one listed and did not replace; other files

@@ -436,7 +436,8 @@ def explain(
 
     # nor inside a folder it reads: the overlays would be read as images by the next run over it
     refuse_output_inside(out, [checkpoint, *(i for i in images if i.is_dir())])
-    records = explain_files(checkpoint, _explained_images(images), out, layer, target, task)
+    files, skipped = _explained_images(images), []
+    records = explain_files(checkpoint, files, out, layer, target, task, skipped=skipped)  # bad files: as predict
     for r in records:
         out_console.print(escape(f"{r['file']}: predicted {r['predicted']} (p {r['prob']:.3f}, the checkpoint's "
                                  f"uncalibrated softmax), Grad-CAM of "
@@ -449,3 +450,9 @@ def explain(
                              "gradient of zero there); try an earlier --layer with a map of at least 3x3 "
                              "(explain.json: blank)"))
     console.print(escape(f"wrote {len(records)} overlay(s) and {out / 'explain.json'}"))
+    for bad in skipped:  # reported and skipped, exit 1 at the end (one had stopped the whole folder, exit 2)
+        console.print(escape(f"skipped {bad['error']}" if bad["error"].startswith(bad["file"]) else
+                             f"skipped {bad['file']}: {bad['error']}"))
+    if skipped:
+        console.print(f"[bold red]{len(skipped)} of {len(files)} image(s) could not be read[/]")
+        raise typer.Exit(1)

@@ -228,11 +228,12 @@ def task_model(model: nn.Module, ckpt: dict[str, Any], task: str | None, layer: 
 
 
 def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str | Path, layer: str | None = None,
-                  target: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
+                  target: str | None = None, task: str | None = None,
+                  skipped: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
     """`edgekd explain`: Grad-CAM overlay PNGs for image files; writes explain.json beside them. `task`: a model
-    with one head per task explains that task's head."""
+    with one head per task explains that task's head. `skipped`: a list to collect unreadable files in ({file,
+    error}, also in explain.json), as `edgekd predict` skips them; None: the first one is the error."""
     from edgekd.fileio import check_output_location, staged_files, write_json
-    from edgekd.imageio import read_image
     from edgekd.train.checkpoint import model_from_checkpoint
 
     if not images:
@@ -262,15 +263,35 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
     with staged_files(out, last="explain.json", before_publish=remove_stale) as stage:
         records = []
         for start in range(0, len(images), EXPLAIN_BATCH):  # decoded and explained a batch at a time
-            part = slice(start, start + EXPLAIN_BATCH)
-            records += explain_arrays(model, ckpt, [read_image(p) for p in images[part]], stage, names[part], layer,
-                                      targets[part] if targets is not None else None)
-        for rec, src in zip(records, images):
-            rec["file"] = str(src)
+            arrays, kept = readable(images, range(start, min(start + EXPLAIN_BATCH, len(images))), skipped)
+            got = explain_arrays(model, ckpt, arrays, stage, [names[i] for i in kept], layer,
+                                 [targets[i] for i in kept] if targets is not None else None) if kept else []
+            records += [{**rec, "file": str(images[i])} for rec, i in zip(got, kept)]
+        if not records:  # (skipped: every one unreadable)
+            raise EdgeKDError(f"explain: no readable image ({skipped[0]['file']}: {skipped[0]['error']})")
         write_json(stage / "explain.json", {"checkpoint": str(checkpoint), "method": "Grad-CAM",
                                             **({"task": ckpt["task"]} if ckpt.get("task") else {}),
-                                            "images": records})
+                                            "images": records, **({"skipped": skipped} if skipped else {})})
     return records
+
+
+def readable(images: Sequence[str | Path], indices: range,
+             skipped: list[dict[str, str]] | None) -> tuple[list[np.ndarray], list[int]]:
+    """The decoded images of `indices` and which they are; an unreadable one raises, or with a `skipped` list goes
+    there."""
+    from edgekd.imageio import read_image
+
+    arrays, kept = [], []
+    for i in indices:
+        try:
+            arrays.append(read_image(images[i]))
+        except EdgeKDError as err:
+            if skipped is None:
+                raise
+            skipped.append({"file": str(images[i]), "error": str(err)})
+            continue
+        kept.append(i)
+    return arrays, kept
 
 
 def earlier_overlays(out: Path) -> list[str]:
