@@ -996,7 +996,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], option: str = "--
     """`key.sub=value` overrides on a recipe dict; a list is entered by index or, for a list of named mappings
     (continual.tasks), by name: `continual.tasks.1.data.path=...` or `continual.tasks.pneumonia.data.limit=400`.
     `option`: the command-line option errors name (--set, --teacher-set)."""
-    before, raw = raw, copy.deepcopy(raw)
+    raw = copy.deepcopy(raw)
     for text in overrides:
         keys, value = parse_override(text, option)
         node = raw
@@ -1016,10 +1016,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], option: str = "--
             node[_list_index(node, keys[-1], text, ".".join(keys[:-1]), option)] = value
         else:
             node[keys[-1]] = value
-    resize = resize_following_size(before, raw, overrides)
-    if resize is not None:
-        raw["data"]["resize"] = resize
     return raw
+
+
+def with_following_resize(raw: dict[str, Any], overrides: list[str], option: str = "--set") -> dict[str, Any]:
+    """`apply_overrides`, and a recipe file's data.resize following an overridden image size
+    (`resize_following_size`): for the recipes a user gives (load_recipe), not a checkpoint's embedded one, which
+    eval --set and report --set override as it was trained."""
+    after = apply_overrides(raw, overrides, option)
+    resize = resize_following_size(raw, after, overrides)
+    if resize is not None:
+        after["data"]["resize"] = resize
+    return after
 
 
 def resize_following_size(before: dict[str, Any], after: dict[str, Any], overrides: list[str]) -> int | None:
@@ -1109,7 +1117,7 @@ def load_recipe(path: str | Path, overrides: list[str] | str | dict[str, Any] | 
         overrides = [f"{key}={json.dumps(value, default=str)}" for key, value in overrides.items()]
     overrides = [overrides] if isinstance(overrides, str) else overrides or []
     try:
-        recipe = recipe_from_dict(apply_overrides(raw, overrides, option), where=str(path))
+        recipe = recipe_from_dict(with_following_resize(raw, overrides, option), where=str(path))
         refuse_new_run_traps(recipe, str(path))
     except EdgeKDError as err:
         if not overrides:
@@ -1218,12 +1226,10 @@ def warn_sections_turned_on(path: str | Path, overrides: list[str], log: Callabl
             "the run's name still says what the recipe does)")
     raw = _read_yaml_with_base(Path(path), seen=set())
     try:
-        after = apply_overrides(raw, overrides)
+        resize = resize_following_size(raw, apply_overrides(raw, overrides), overrides)
     except EdgeKDError:  # a malformed override: load_recipe names it
         return
-    given = {tuple(parse_override(text)[0]) for text in overrides}
-    resize = after["data"].get("resize") if isinstance(after.get("data"), dict) else None
-    if ("data", "resize") not in given and isinstance(raw.get("data"), dict) and resize != raw["data"].get("resize"):
+    if resize is not None:
         log(f"note: data.resize {raw['data']['resize']} -> {resize}, following --set data.image_size (the recipe's "
             f"{raw['data']['resize']}/{raw['data']['image_size']} eval resize-to-crop ratio kept; give data.resize to "
             "choose another)")

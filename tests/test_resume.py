@@ -94,3 +94,24 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
         assert a[key] == b[key], key
     assert _last_epoch(out) == EPOCHS
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_run_from_before_the_following_resize_is_told_how_to_resume(tmp_path):
+    """--set data.image_size now takes a recipe file's data.resize along; a run started before kept the file's
+    resize, and its resume failed on "data.resize: 34 -> 17" with advice the user had followed."""
+    from edgekd.errors import EdgeKDError
+    from edgekd.pipeline import run_recipe
+    from edgekd.recipe import load_recipe
+    from conftest import tiny_recipe
+
+    raw = tiny_recipe(write_npz(tmp_path / "t.npz"), epochs=2, image_size=32)
+    raw["data"]["resize"] = 34
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    before = load_recipe(tmp_path / "r.yaml", ["data.image_size=16", "data.resize=34"])  # as such a run had it
+    run_recipe(before, tmp_path / "run", log=None)
+    now = load_recipe(tmp_path / "r.yaml", ["data.image_size=16"])
+    assert now.data.resize == 17
+    with pytest.raises(EdgeKDError, match=r"\(data.resize: 34 -> 17\); resume with the same recipe and --set values "
+                                          r"\(a run started before data.resize followed --set data.image_size, "
+                                          r"2026-12-07: add --set data.resize=34\)"):
+        run_recipe(now, tmp_path / "run", resume=True, log=None)

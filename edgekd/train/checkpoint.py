@@ -93,8 +93,11 @@ def load_resumable(path: str | Path, recipe) -> dict[str, Any]:
         changed = recipe_differences(ckpt.get("recipe") or {}, recipe.to_dict()) if ckpt.get("recipe") else []
         named = (f" ({'; '.join(changed[:3])}{f'; and {len(changed) - 3} more' if len(changed) > 3 else ''})"
                  if changed else "")
+        then = ((ckpt.get("recipe") or {}).get("data") or {}).get("resize")
+        resize = (f" (a run started before data.resize followed --set data.image_size, 2026-12-07: add --set "
+                  f"data.resize={then})" if len(changed) == 1 and changed[0].startswith("data.resize:") else "")
         raise EdgeKDError(f"{path}: was trained with another recipe{named}; resume with the same recipe and --set "
-                          "values")
+                          f"values{resize}")
     return ckpt
 
 
