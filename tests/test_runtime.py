@@ -1007,13 +1007,14 @@ def test_predict_many_takes_one_image_as_one_input_and_infer_refuses_pixels(bund
     gray = pixels[..., 0]
     grays = list(runner.predict_many(np.stack([gray] * 5)))  # (N, H, W): N gray images, as MedMNIST stores them
     assert len(grays) == 5 and np.allclose(grays[4].probs, runner.predict(gray).probs, atol=1e-6)
-    chw = np.moveaxis(pixels, -1, 0)  # (3, H, W): one channels-first image, or 3 gray ones: had been the latter
-    with pytest.raises(EdgeKDError, match=r"reads as one channels-first image or as 3 gray images"):
-        runner.predict_batch(chw)
-    assert len(runner.predict_batch(list(np.stack([gray] * 3)))) == 3  # a list says which
+    assert len(runner.predict_batch(np.stack([gray] * 3))) == 3  # (3, H, W): 3 gray images, as documented
     deep = Image.fromarray(pixels[..., 0].astype(np.int32))  # mode I: had been stretched by its own min..max
-    with pytest.raises(EdgeKDError, match=r"a PIL image of mode 'I' \(more than 8 bits a pixel\) would be stretched"):
+    with pytest.raises(EdgeKDError, match=r"a PIL image of mode 'I' made in memory \(more than 8 bits a pixel\)"):
         runner.predict(deep)
+    wide = (np.arange(size * size, dtype=np.uint16).reshape(size, size) * 60)
+    Image.fromarray(wide).save(tmp_path / "deep16.png")  # a 16-bit file opened with PIL reads as its path does
+    opened = runner.predict(Image.open(tmp_path / "deep16.png"))
+    assert np.allclose(opened.probs, runner.predict(tmp_path / "deep16.png").probs, atol=1e-6)
     for bad in ("4", 2.5, True, 0):
         with pytest.raises(EdgeKDError, match="batch must be an integer >= 1"):
             next(runner.predict_many([pixels], batch=bad))

@@ -36,10 +36,13 @@ def as_image_array(image: ImageInput, resize: int | None = None) -> np.ndarray:
         if isinstance(image, DicomFrame):
             return read_image(image.path, resize, frame=image.index)
         if isinstance(image, Image.Image):
-            if image.mode in ("I", "F") or image.mode.startswith("I;"):  # a uint8/int32 array is refused too
-                raise EdgeKDError(f"a PIL image of mode '{image.mode}' (more than 8 bits a pixel) would be stretched "
-                                  "by its own min..max: give its file's path (16-bit files are read so, as training "
-                                  "read them) or an 8-bit image (mode L or RGB, or a uint8 array)")
+            if image.format is None and (image.mode in ("I", "F") or image.mode.startswith("I;")):
+                # made in memory (Image.fromarray of int32 or float pixels, a DICOM's pixel_array without its VOI
+                # window): stretched by its own min..max, its label had flipped; an int32 array is refused too. A
+                # 16-bit image opened from a file reads as its path does (and as training read the file).
+                raise EdgeKDError(f"a PIL image of mode '{image.mode}' made in memory (more than 8 bits a pixel) "
+                                  "would be stretched by its own min..max: give an 8-bit image (mode L or RGB, or a "
+                                  "uint8 array), or the file it came from")
             check_image_size(*image.size, resize)
             try:  # Image.open decodes lazily: a truncated file fails here, as one input's error
                 return pil_to_array(image)

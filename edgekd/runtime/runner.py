@@ -487,10 +487,6 @@ def _one_or_many(inputs):
     array row by row); an (N, H, W) stack of gray images or an (N, H, W, C) array is N images."""
     one_array = isinstance(inputs, np.ndarray) and (inputs.ndim == 2 or
                                                     (inputs.ndim == 3 and inputs.shape[-1] in (1, 3, 4)))
-    if isinstance(inputs, np.ndarray) and inputs.ndim == 3 and not one_array and inputs.shape[0] in (3, 4):
-        raise EdgeKDError(f"an array of shape {inputs.shape} reads as one channels-first image or as {inputs.shape[0]} "
-                          "gray images (it had been taken as the gray images, without a word): give one image as "
-                          f"(H, W, C), or {inputs.shape[0]} gray images as a list or an (N, H, W, 1) array")
     if isinstance(inputs, (str, Path, DicomFrame)) or one_array:
         return [inputs]
     if type(inputs).__module__.startswith("PIL.") and hasattr(inputs, "getbands"):  # a PIL image, without importing PIL
