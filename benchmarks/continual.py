@@ -277,9 +277,10 @@ def plot(records: list[dict]) -> list[Path]:
 def cross_table(cross: list[dict], head: str) -> list[str]:
     """One markdown table of a pair's cells (mean ± std over seeds)."""
     pm = lambda r, k, f="{:.4f}": f.format(r[k]) + (f" ± {f.format(r[k + '_std'])}" if len(r["seeds"]) > 1 else "")  # noqa: E731
-    lines = [f"{cross[0]['task_a']} -> {cross[0]['task_b']}, {head}-head, seeds: "
-             f"{sorted({s for r in cross for s in r['seeds']})} (mean ± population std over seeds, numpy's ddof=0; "
-             "the kd-gain and distill tables give the sample std, ddof=1)",
+    seeds = sorted({s for r in cross for s in r["seeds"]})
+    lines = [f"{cross[0]['task_a']} -> {cross[0]['task_b']}, {head}-head, seeds: {seeds}"
+             + (" (mean ± population std over seeds, numpy's ddof=0; the kd-gain and distill tables give the sample "
+                "std, ddof=1)" if len(seeds) > 1 else ""),
              "| student | KD | method | BN freeze | task A before | task A after | retention | task B acc | task B F1 |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in cross:

@@ -10,6 +10,7 @@ checked on a machine that has none of its data. The run itself is `run_recipe` o
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -332,17 +333,12 @@ def synthetic_recipe(recipe: Recipe, tmp: Path, classes: int | None, stand_ins: 
         dist["unlabeled"] = {**pool, "source": "medmnist", "path": raw["data"]["path"], "split": "train"}
         stand_ins.append(f"distill.unlabeled: {pool.get('path')} -> the synthetic train split, labels unused")
     if dist and any(not Path(p).is_file() for p in dist.get("ensemble") or []):
-        # absent ensemble members are stood in by the teacher checkpoint (a stand-in or the real one), each by a link
-        # of its own: the same path twice is refused as a member counted twice
-        dist["ensemble"] = [p if Path(p).is_file() else _linked(dist["teacher"], tmp / f"ensemble{i}.pt")
+        # absent ensemble members are stood in by the teacher checkpoint (a stand-in or the real one), each by a copy
+        # of its own: the same file twice (by path or link) is refused as a member counted twice
+        dist["ensemble"] = [p if Path(p).is_file() else shutil.copyfile(dist["teacher"], tmp / f"ensemble{i}.pt")
                             for i, p in enumerate(dist["ensemble"])]
         stand_ins.append("distill.ensemble: absent members stood in by the teacher checkpoint")
     return recipe_from_dict(raw, where=f"{recipe.name} (synthetic)")
-
-
-def _linked(target: str, link: Path) -> str:
-    link.symlink_to(Path(target).resolve())
-    return str(link)
 
 
 def _stand_in(raw: dict[str, Any], path: Path, key: str, stand_ins: list[str]) -> Path:

@@ -1163,9 +1163,10 @@ def refuse_new_run_traps(recipe: Recipe, where: str) -> None:
          "distill.teacher_views: give at least one view (original, hflip, vflip)"),
         (recipe.distill is not None and len(set(views)) < len(views),
          f"distill.teacher_views: a view is given twice ({views}); it would count twice in the teacher's average"),
-        (recipe.distill is not None and len({recipe.distill.teacher, *recipe.distill.ensemble})
+        (recipe.distill is not None and len({os.path.realpath(p) if p else p for p in
+                                             (recipe.distill.teacher, *recipe.distill.ensemble)})
          < 1 + len(recipe.distill.ensemble), "distill.ensemble: a teacher checkpoint is given twice (teacher and "
-         "ensemble together); it would count twice in the ensemble's mean"),
+         "ensemble together, by path or a link to it); it would count twice in the ensemble's mean"),
         (isinstance(recipe.tracking.tensorboard, str) and not recipe.tracking.tensorboard.strip(),
          "tracking.tensorboard: an empty path; give a folder, or true for <out>/tensorboard"),
         (recipe.model.name.startswith("edgekd_cnn") and bool(recipe.model.drop_path_rate),

@@ -48,8 +48,9 @@ def parent_of(source: str | Path) -> tuple[Path, dict[str, Any]]:
     checkpoint = Path(path)
     if not checkpoint.is_file():
         raise EdgeKDError(f"{source}: its checkpoint {checkpoint} is not there any more (moved? give the moved file, "
-                          f"sha256 {digest[:12]}..., as the source instead: the new bundle's lineage then names that "
-                          "checkpoint, not this bundle)")
+                          f"sha256 {digest[:12]}..., as the source instead, with --target "
+                          f"{bundle.meta.get('export_profile')}: the new bundle's lineage then names that checkpoint, "
+                          "not this bundle and its profile)")
     if sha256_file(checkpoint) != digest:
         raise EdgeKDError(f"{source}: its checkpoint {checkpoint} changed since the export (sha256 differs from "
                           "edgekd.json model.checkpoint_sha256)")

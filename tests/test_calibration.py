@@ -73,6 +73,10 @@ def test_a_temperature_driven_to_its_bound_is_warned_of():
     # scores unrelated to the labels: T runs to its upper bound (a re-trial's barely trained model, T = 20.0000)
     report = calibration_report(z, rng.integers(0, 2, 400))
     assert report["temperature"] > 19 and report["warning"].startswith("T stopped near its 20 bound (20): the fit wanted softer")
+    right = np.array([[2.0, -2.0], [-1.5, 1.0], [3.0, 0.0], [0.0, 2.5]] * 5)  # 20 images, all right: both said
+    few = calibration_report(right, right.argmax(1))  # (the bound's warning had replaced the small fit's)
+    assert few["warning"].startswith("every val image is right") and "; the temperature calibration was fitted on " \
+        "20 val images (fewer than 50)" in few["warning"]
 
 
 def test_a_calibration_fitted_on_few_images_or_worse_on_test_is_warned_of():

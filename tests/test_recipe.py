@@ -450,10 +450,16 @@ def test_a_tilde_in_a_path_key_is_the_home_folder(tmp_path, monkeypatch):
     (["distill.teacher_views=[original, hflip, original]"], r"teacher_views: a view is given twice"),
     (["distill.teacher=t.pt", "distill.ensemble=[e.pt, t.pt]"], r"distill.ensemble: a teacher checkpoint is given twice"),
 ])
-def test_a_teacher_view_or_member_given_twice_is_refused(sets, words):
-    """Each had counted twice in the teacher's average without a word."""
+def test_a_teacher_view_or_member_given_twice_is_refused(sets, words, tmp_path):
+    """Each had counted twice in the teacher's average without a word; a member given by a link to the teacher
+    too."""
     with pytest.raises(EdgeKDError, match=words):
         load_recipe(REPO / "recipes/demo/student.yaml", sets)
+    (tmp_path / "t.pt").write_bytes(b"x")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "t.pt")
+    with pytest.raises(EdgeKDError, match="by path or a link to it"):
+        load_recipe(REPO / "recipes/demo/student.yaml", [f"distill.teacher={tmp_path / 't.pt'}",
+                                                          f"distill.ensemble=[{tmp_path / 'link.pt'}]"])
     assert len(load_recipe(REPO / "recipes/demo/student.yaml", ["distill.teacher_views=[original, hflip]"])
                .distill.teacher_views) == 2
 

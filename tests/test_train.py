@@ -1349,3 +1349,5 @@ def test_export_arguments_take_a_profile_name_and_one_format_as_text():
     assert profile.formats == ["onnx"] and [(f.name, p) for f, p in plan] == [("onnx", "fp32")]
     assert [(f.name, p) for f, p in export_arguments(None, ["onnx", "openvino"], ["fp32"])[1]] == [
         ("onnx", "fp32"), ("openvino", "fp32")]
+    assert [(f.name, p) for f, p in export_arguments(None, "onnx, openvino", "fp32")[1]] == [
+        ("onnx", "fp32"), ("openvino", "fp32")]  # as the CLI's --format takes them

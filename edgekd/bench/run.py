@@ -25,7 +25,7 @@ from edgekd.fileio import (owner, owner_alive, refuse_output_inside, remove_tree
 from edgekd.formats import ARTIFACT_FORMATS, PRECISIONS, TTA_VIEWS
 from edgekd.host import cpu_info
 from edgekd.options import parse_batches, parse_list
-from edgekd.progress import progress_task
+from edgekd.progress import progress_task, silent
 from edgekd.runtime import MAX_THREADS, cap_to_cores, is_bundle
 from edgekd.scoring import absent_classes_warning, accuracy_auc, scoring_subset
 
@@ -780,10 +780,11 @@ def remove_killed_runs_work(work: Path) -> bool:
     return False
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] = print, progress=None) -> BenchResult:
+def run_bench(config: BenchConfig, log: Callable[[str], None] | None = print, progress=None) -> BenchResult:
     """Benchmark a model (and optionally its teacher) in every (format, precision, variant) x batch, one run
     (see BenchConfig; `progress`: the CLI's progress bar, a step per row). Writes out/bench.json, out/bench.md
     and out/bench.png; returns the records."""
+    log = log or silent  # log=None: say nothing
     cfg = _resolved(config, log)
     replacing = (cfg.out / "bench.json").is_file()
     if remove_killed_runs_work(cfg.out / "work"):

@@ -14,6 +14,7 @@ from edgekd.distill.unlabeled import check_pool_for_folds
 from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, write_json, write_text
 from edgekd.host import host_record
+from edgekd.progress import silent
 from edgekd.recipe import find_recipe_file, load_recipe, recipe_from_dict
 
 SUMMARY_METRICS = ("acc", "balanced_acc", "auc", "f1", "sensitivity", "specificity", "pauc")
@@ -51,13 +52,14 @@ def same_data_value(key: str, a: Any, b: Any) -> bool:
     return data_path_key(a) == data_path_key(b) if key == "path" else a == b
 
 
-def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] = print, progress=None,
+def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] | None = print, progress=None,
               recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None,
               resume: bool = False) -> dict[str, Any]:
     """Train `folds` times, fold i held out as validation; with a distill section, each fold first trains
     `distill.teacher_recipe` on the same fold and distills from that teacher (no held-out image is ever seen
     by the teacher). Writes fold<i>/<role>/ runs, kfold.json and kfold.md; returns the summary. `resume`: a fold
     run that finished is kept, one cut short goes on from its last.pt, the rest train (fold_run)."""
+    log = log or silent  # log=None: say nothing
     from edgekd.distill.run import distill_recipe
     from edgekd.train.distributed import is_main_process
     from edgekd.train import remove_earlier_outputs, train_recipe

@@ -15,6 +15,7 @@ import numpy as np
 from edgekd.errors import EdgeKDError
 from edgekd.formats import param_count
 from edgekd.fileio import sha256_file, staged_files, write_json, write_text
+from edgekd.progress import silent
 
 ROLE_ORDER = ("baseline", "teacher", "student_scratch", "student")
 COLUMNS = ("acc", "auc", "f1", "sensitivity", "specificity", "ppv", "pauc")
@@ -119,9 +120,10 @@ def name_apart(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def comparison_report(runs: list[str | Path], out: str | Path, split: str = "test",
-                      overrides: list[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                      overrides: list[str] | None = None, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """One table per dataset over the given runs (run dirs or checkpoints); writes report.md, report.json,
     roc_<dataset>.png (every model's ROC on one plot) and confusion_<dataset>_<name>_s<seed>.png per model."""
+    log = log or silent  # log=None: say nothing
     from edgekd.metrics.plots import plot_confusion
 
     if not runs:
@@ -177,7 +179,8 @@ def report_files(out: Path) -> list[Path]:
 
 
 def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str:
-    said = ["Brackets: 95% stratified bootstrap intervals (1000 resamples, seed 0).", ""] \
+    said = ["Brackets: 95% intervals, stratified bootstrap (1000 resamples, seed 0); a two-class task's ACC, "
+            "sensitivity and specificity: Wilson score.", ""] \
         if any(r.get("intervals") for r in rows) else []  # none without intervals (one class: nothing to resample)
     positive = rows[0].get("positive_class")
     said += [f"Sensitivity (its recall), specificity, PPV (its precision), PR-AUC and pAUC are the positive "

@@ -34,6 +34,7 @@ from edgekd.export.runner_check import runner_check
 from edgekd.host import cpu_info
 from edgekd.metrics import one_class_warning
 from edgekd.models import count_parameters, deploy_form
+from edgekd.options import split_list
 from edgekd.progress import progress_task, silent
 from edgekd.recipe import apply_overrides, recipe_from_dict
 from edgekd.runtime import MAX_THREADS
@@ -673,10 +674,10 @@ def _retention_gate(layout: TaskLayout, profile: ExportProfile, allow_forgetting
 def export_arguments(profile: ExportProfile | str | Path | None, formats: list[str] | str | None,
                      precisions: list[str] | str | None) -> tuple[ExportProfile, list[tuple[str, str]]]:
     """export_checkpoint's profile (an ExportProfile, or a name or file as --target takes: a name had been an
-    AttributeError) and its plan of (format, precision), a format or precision given as one name ("onnx" had been
-    read as o, n, n, x)."""
+    AttributeError) and its plan of (format, precision), formats and precisions given as text as the CLI takes them
+    ("onnx" had been read as o, n, n, x; "onnx,openvino")."""
     profile = profile if isinstance(profile, ExportProfile) else load_profile(profile)
-    formats, precisions = ([v] if isinstance(v, str) else v for v in (formats, precisions))
+    formats, precisions = (split_list(v) if isinstance(v, str) else v for v in (formats, precisions))
     return profile, export_plan(formats or profile.formats, precisions or profile.precisions,
                                 (None if formats else profile.origin, None if precisions else profile.origin))
 

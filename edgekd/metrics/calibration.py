@@ -132,8 +132,8 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
         out[split] = {"before": calibration_figures(softmax(logits), labels),
                       "after": calibration_figures(calibrated_softmax(logits, temperature, bias), labels),
                       "images": int(len(labels))}
-    if "warning" not in out and (note := held_out_warning(out)):
-        out["warning"] = note
+    if note := held_out_warning(out):  # beside a bound's warning, not instead of it
+        out["warning"] = f"{out['warning']}; {note}" if out.get("warning") else note
     return out
 
 

@@ -28,7 +28,7 @@ def write_csv_log(path: str | Path, rows: list[dict[str, Any]]) -> Path:
 
 def evaluation_report(y: np.ndarray, probs: np.ndarray, class_names: list[str], out: str | Path,
                       split: str, title: str = "", plots: bool = True, positive: int = 1) -> dict[str, Any]:
-    """Metrics (with 95% stratified bootstrap intervals and calibration figures) plus the confusion matrix for one
+    """Metrics (with 95% intervals, `bootstrap_intervals`, and calibration figures) plus the confusion matrix for one
     split, and a `warning` when its ACC is no better than its largest class's share; PNGs `confusion_<split>.png`
     and `roc_<split>.png`. `positive`: a two-class task's positive class (its sensitivity, AUC, ROC curve)."""
     from edgekd.metrics.plots import plot_confusion, plot_roc

@@ -19,7 +19,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.fileio import deferred_signals, write_json, write_text
 from edgekd.probability import softmax
 from edgekd.runtime import is_bundle
-from edgekd.progress import progress_task
+from edgekd.progress import progress_task, silent
 from edgekd.robustness.corruptions import check_names, check_severities, corrupt
 from edgekd.scoring import absent_classes_warning, accuracy_auc
 
@@ -509,11 +509,12 @@ CHART_PACKAGES = ("matplotlib", "sklearn", "scipy")
 def run_corruption_eval(sources: Sequence[str | Path], out: str | Path, data_recipe=None, split: str = "test",
                         corruptions: list[str] | None = None, severities: list[int] | None = None, seed: int = 0,
                         limit: int | None = None, threads: int | None = None,
-                        log: Callable[[str], None] = print, progress=None,
+                        log: Callable[[str], None] | None = print, progress=None,
                         data_folder: str | Path | None = None) -> dict[str, Any]:
     """Score every checkpoint/bundle in `sources` on `split` of `data_recipe` (default: the first checkpoint's
     recipe), or on the labelled folder `data_folder` (torch-free for bundles), under all corruptions; writes
     robustness.json, robustness.md and (with matplotlib) robustness.png into `out`."""
+    log = log or silent  # log=None: say nothing
     if not sources:
         raise EdgeKDError("corruption eval: give at least one checkpoint or bundle")
     recipe = None if data_folder is not None else (data_recipe or _recipe_of_first_checkpoint(sources))
@@ -579,10 +580,11 @@ def _recipe_of_first_checkpoint(sources: Sequence[str | Path], what: str = "corr
 
 def run_failure_analysis(source: str | Path, out: str | Path, data_recipe=None, split: str = "test",
                          top: int = 5, per_pair: int = 6, threads: int | None = None,
-                         log: Callable[[str], None] = print, data_folder: str | Path | None = None) -> dict[str, Any]:
+                         log: Callable[[str], None] | None = print, data_folder: str | Path | None = None) -> dict[str, Any]:
     """The most confused class pairs of one checkpoint (or a bundle's first artifact) on `split`, or on every
     image of the labelled folder `data_folder`, with example images: writes failures.json and failures.png into
     `out`."""
+    log = log or silent  # log=None: say nothing
     from edgekd.metrics.failures import confused_pairs, plot_failure_grid
 
     predictor = predictors_for([source], threads)[0]

@@ -18,6 +18,7 @@ from edgekd.data import (DataModule, build_checkpoint_data, build_data, check_cl
                          duplicate_notes, recipe_positive, split_listing)
 from edgekd.errors import EdgeKDError
 from edgekd.metrics import evaluation_report, write_csv_log
+from edgekd.options import split_list
 from edgekd.models import (check_input_size, count_macs, count_parameters, create_model, freeze, hub_weights,
                            model_spec)
 from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_json, write_text
@@ -158,9 +159,10 @@ def keeps_torch_threads(run: Callable) -> Callable:
 @keeps_torch_threads
 def train_model(recipe, out: str | Path, data: DataModule, model: nn.Module, spec: dict[str, Any],
                 objective: Objective | None = None, plugins: list[Plugin] | None = None,
-                resume: bool = False, log: Callable[[str], None] = print, progress=None,
+                resume: bool = False, log: Callable[[str], None] | None = print, progress=None,
                 extra_meta: dict[str, Any] | None = None) -> RunResult:
     """Fit with the one Trainer, then evaluate best.pt on val and test and write the run's reports."""
+    log = log or silent  # log=None: say nothing
     out = Path(out)
     refuse_before_training(recipe, data, out, resume)
     # best.pt + last.pt (weights, optimizer moments) and their temp copies while being replaced.
@@ -349,7 +351,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     from edgekd.recipe import Recipe, load_recipe, recipe_from_dict
 
     if isinstance(splits, str):  # "val" had been read as the splits v, a, l
-        splits = tuple(s.strip() for s in splits.split(","))
+        splits = tuple(split_list(splits, "splits") or ())
     if isinstance(data_recipe, (str, Path)):  # a file, as run_recipe takes one (it had been an AttributeError)
         data_recipe = load_recipe(data_recipe)
     elif isinstance(data_recipe, dict):
