@@ -896,6 +896,9 @@ def test_a_report_of_rows_scored_on_different_images_says_so():
     ci = {"acc": {"low": 0.4, "high": 0.6}}
     assert "Brackets: 95%" in report_markdown("d", "test", [{**a, "intervals": ci}, b])
     assert "| 0.5000 [0.400, 0.600] |" in report_markdown("d", "test", [{**a, "intervals": ci}, b])
+    # a multi-class table says its ROC legend's AUC is the micro one (the table's is the macro: 0.72 beside 0.564)
+    multi = report_markdown("d", "test", [a, b])
+    assert "the ROC plot's legend gives each model's micro-average AUC" in multi and "PR-AUC" not in multi
 
 
 def test_image_files_scored_are_told_apart_by_where_they_are_not_their_names(tmp_path):

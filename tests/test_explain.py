@@ -195,6 +195,9 @@ def test_explain_cli_writes_overlays(tmp_path, monkeypatch):
     assert "SmallCNN has no module 'nope' (its top level has stages, pool, drop, fc)" in p.stderr  # the names to use
     p = run_edgekd("explain", best, files[0], "--layer", "pool", "--out", tmp_path / "cam_pool")  # a 1x1 map
     assert p.returncode == 0 and "pool gives no spatial evidence (a pooled or 1x1 map" in p.stderr, p.stderr
+    assert "--target" not in p.stderr  # none given: no target named in the advice
+    p = run_edgekd("explain", best, files[0], "--layer", "pool", "--target", "1", "--out", tmp_path / "cam_pool1")
+    assert "or the model sees nothing for --target 1 in these images" in " ".join(p.stderr.split()), p.stderr
     # Explained a batch at a time: a bad image in a later batch leaves no half-written new folder.
     import edgekd.explain.gradcam as gradcam_module
     from typer.testing import CliRunner

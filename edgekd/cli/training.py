@@ -447,8 +447,9 @@ def explain(
         console.print(escape(f"warning: {len(blank)} of {len(records)} map(s) are flat, nothing highlighted "
                              f"({blank[0]}{', ...' if len(blank) > 1 else ''}): {records[0]['layer']} gives no "
                              "spatial evidence (a pooled or 1x1 map, tokens that never reach the head, or a class "
-                             "gradient of zero there); try an earlier --layer with a map of at least 3x3 "
-                             "(explain.json: blank)"))
+                             "gradient of zero there); try an earlier --layer with a map of at least 3x3"
+                             + (f", or the model sees nothing for --target {target} in these images" if target else "")
+                             + " (explain.json: blank)"))
     console.print(escape(f"wrote {len(records)} overlay(s) and {out / 'explain.json'}"))
     for bad in skipped:  # reported and skipped, exit 1 at the end (one had stopped the whole folder, exit 2)
         console.print(escape(f"skipped {bad['error']}" if bad["error"].startswith(bad["file"]) else

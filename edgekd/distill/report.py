@@ -183,10 +183,11 @@ def report_markdown(dataset: str, split: str, rows: list[dict[str, Any]]) -> str
             "sensitivity and specificity: Wilson score.", ""] \
         if any(r.get("intervals") for r in rows) else []  # none without intervals (one class: nothing to resample)
     positive = rows[0].get("positive_class")
-    said += [f"Sensitivity (its recall), specificity, PPV (its precision), PR-AUC and pAUC are the positive "
+    said += [f"Sensitivity (its recall), specificity, PPV (its precision) and pAUC are the positive "
              f"class's: `{positive}`; F1 is the macro mean over both classes.", ""] if positive else [
-        "Sensitivity, specificity and F1 are macro means over the classes, AUC and pAUC one-vs-rest macro means; "
-        "PPV is for two-class tasks.", ""]
+        "Sensitivity, specificity and F1 are macro means over the classes, AUC and pAUC one-vs-rest macro means "
+        "(the ROC plot's legend gives each model's micro-average AUC, of its pooled one-vs-rest curve); PPV is for "
+        "two-class tasks.", ""]
     headers = [HEADERS.get(k, k) if positive else {"f1": "F1 (macro)"}.get(k, k) for k in COLUMNS]
     lines = [f"### {dataset} ({split} split)", "", *said,
              "| model | role | seed | params | MMACs | images | " + " | ".join(headers) + " |",
