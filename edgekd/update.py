@@ -214,7 +214,12 @@ def first_task_data_note(recipe, checkpoint: Path) -> str | None:
     theirs = (load_checkpoint(checkpoint).get("recipe") or {}).get("data") or {}
     ours = task_data_section(recipe, recipe.continual.tasks[0])
     if (theirs.get("source"), data_path_key(theirs.get("path"))) == (ours.get("source"), data_path_key(ours.get("path"))):
-        return None
+        if theirs.get("limit") == ours.get("limit"):
+            return None
+        per = lambda d: f"data.limit {d['limit']}" if d.get("limit") else "no data.limit"  # noqa: E731
+        return (f"the first task '{recipe.continual.tasks[0].name}' reads its data with {per(ours)}, the deployed model "
+                f"was scored with {per(theirs)}: the card's lineage compares the parent's test figures on other "
+                "test images than this model's (the retention gate scores the parent again on this model's)")
     where = lambda d: f"{d.get('source')} {d.get('path') or ''}".strip()  # noqa: E731
     return (f"the first task '{recipe.continual.tasks[0].name}' reads {where(ours)}, not the data the deployed model "
             f"was trained on ({where(theirs)}): the retention gate and the card's lineage compare the parent's test "

@@ -613,6 +613,11 @@ def test_an_update_whose_first_task_reads_other_data_says_so(world, tmp_path):
     assert note.startswith("the first task 'A' reads medmnist ") and "elsewhere.npz, not the data the deployed" in note
     card = "\n".join(_lineage_section({"lineage": {"parent_checkpoint": "p.pt", "data_note": note}, "metrics": {}}))
     assert f"Note: {note}." in card
+    # the same data with another data.limit: the card's parent row is on other test images (400 vs 624 had been
+    # compared without a word)
+    limited = update_recipe(world["recipe"], ["continual.tasks.0.data.limit=8"], world["student"], world["student"])
+    assert first_task_data_note(limited, world["student"]).startswith(
+        "the first task 'A' reads its data with data.limit 8, the deployed model was scored with no data.limit")
 
 
 def test_a_one_head_update_card_compares_the_parent_with_its_task_row_not_a_mean():
