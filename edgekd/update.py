@@ -217,8 +217,8 @@ def first_task_data_note(recipe, checkpoint: Path) -> str | None:
         if theirs.get("limit") == ours.get("limit"):
             return None
         per = lambda d: f"data.limit {d['limit']}" if d.get("limit") else "no data.limit"  # noqa: E731
-        return (f"the first task '{recipe.continual.tasks[0].name}' reads its data with {per(ours)}, the deployed model "
-                f"was scored with {per(theirs)}: the card's lineage compares the parent's test figures on other "
+        return (f"the first task '{recipe.continual.tasks[0].name}' reads its data with {per(ours)}, the deployed "
+                f"model was scored with {per(theirs)}: the card's lineage compares the parent's test figures on other "
                 "test images than this model's (the retention gate scores the parent again on this model's)")
     where = lambda d: f"{d.get('source')} {d.get('path') or ''}".strip()  # noqa: E731
     return (f"the first task '{recipe.continual.tasks[0].name}' reads {where(ours)}, not the data the deployed model "
