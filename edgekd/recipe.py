@@ -191,7 +191,6 @@ class DataConfig(Section):
             return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
         return v
 
-
     @field_validator("std")
     @classmethod
     def _std_positive(cls, v: list[float]) -> list[float]:
@@ -1075,16 +1074,23 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
         raise EdgeKDError(format_validation_error(err, where)) from None
 
 
+def as_recipe(recipe: Recipe | str | Path | dict, key: str = "recipe") -> Recipe:
+    """A Recipe as the Python entry points take one: a Recipe, a recipe YAML path (read by `load_recipe`) or a dict
+    of one (`recipe_from_dict`); `key` names the argument in the error for anything else."""
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe)
+    if isinstance(recipe, dict):
+        return recipe_from_dict(recipe)
+    if not isinstance(recipe, Recipe):
+        raise EdgeKDError(f"{key}: expected a Recipe (edgekd.recipe.load_recipe), a recipe file path or a dict, got "
+                          f"{type(recipe).__name__}")
+    return recipe
+
+
 def entry_arguments(recipe: Recipe | str | Path | dict, out: str | Path) -> tuple[Recipe, Path]:
     """What the Python entry points (`run_recipe`, `train_recipe`, `distill_recipe`, `run_continual`) take: a
-    Recipe, a recipe YAML path (read by `load_recipe`) or a dict of one; and the run folder as a path."""
-    if isinstance(recipe, (str, Path)):
-        recipe = load_recipe(recipe)
-    elif isinstance(recipe, dict):
-        recipe = recipe_from_dict(recipe)
-    elif not isinstance(recipe, Recipe):
-        raise EdgeKDError(f"expected a Recipe (edgekd.recipe.load_recipe), a recipe file path or a dict, got "
-                          f"{type(recipe).__name__}")
+    recipe (`as_recipe`) and the run folder as a path."""
+    recipe = as_recipe(recipe)
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise EdgeKDError(f"out: expected the run's folder as a path, got {out!r}")
     refuse_new_run_traps(recipe, "recipe")
@@ -1194,11 +1200,11 @@ def data_traps(data: DataConfig, key: str = "data") -> list[tuple[bool, str]]:
          "leave hair_kernel unset")]
 
 
-def sections_turned_on(path: str | Path, overrides: list[str]) -> list[str]:
+def sections_turned_on(path: str | Path, overrides: list[str], raw: dict[str, Any] | None = None) -> list[str]:
     """The optional sections (off, null, in the recipe file) that --set overrides turn on, one key being enough:
     `--set continual.ewc.fisher_samples=200` on a recipe without EWC runs EWC with defaults for its other keys.
     The callers warn: folder and recipe names then describe a method that is not the one that runs."""
-    raw = _read_yaml_with_base(Path(path), seen=set())
+    raw = _read_yaml_with_base(Path(path), seen=set()) if raw is None else raw
     try:
         base = recipe_from_dict(raw, where=str(path))
     except EdgeKDError:  # invalid without its overrides (e.g. a data.path given by --set): nothing to compare
@@ -1222,10 +1228,10 @@ def sections_turned_on(path: str | Path, overrides: list[str]) -> list[str]:
 def warn_sections_turned_on(path: str | Path, overrides: list[str], log: Callable[[str], None]) -> None:
     """A warning per section `sections_turned_on` finds; a note when data.resize follows an overridden image size
     (`resize_following_size`)."""
-    for section in sections_turned_on(path, overrides):
+    raw = _read_yaml_with_base(Path(path), seen=set())  # once for both
+    for section in sections_turned_on(path, overrides, raw):
         log(f"warning: --set turns on {section}, which {path} does not have (its other keys take their defaults; "
             "the run's name still says what the recipe does)")
-    raw = _read_yaml_with_base(Path(path), seen=set())
     try:
         resize = resize_following_size(raw, apply_overrides(raw, overrides), overrides)
     except EdgeKDError:  # a malformed override: load_recipe names it

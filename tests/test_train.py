@@ -1337,7 +1337,8 @@ def test_python_entry_points_take_plain_values_and_give_the_threads_back(tiny_re
     b = evaluate_checkpoint(run.best_path, tmp_path / "b", raw, ("val", "test"), log=None)
     assert a["val"]["acc"] == b["val"]["acc"] and a["test"]["auc"] == b["test"]["auc"]
     assert evaluate_checkpoint(run.best_path, tmp_path / "c", splits="val", log=None)["val"]["n"] == 16
-    with pytest.raises(EdgeKDError, match="data_recipe: expected a Recipe, a recipe file or a dict, got int"):
+    with pytest.raises(EdgeKDError, match="data_recipe: expected a Recipe .*, a recipe file path or a dict, "
+                                          "got int"):
         evaluate_checkpoint(run.best_path, tmp_path / "d", 7)
 
 

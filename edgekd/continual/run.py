@@ -31,8 +31,7 @@ from edgekd.host import host_record
 from edgekd.metrics import one_class_warning
 from edgekd.metrics.report import write_csv_log
 from edgekd.models import count_parameters, create_model, freeze, model_spec
-from edgekd.progress import progress_task
-from edgekd.progress import silent
+from edgekd.progress import progress_task, silent
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
@@ -203,7 +202,7 @@ def evaluate_continual_checkpoint(checkpoint: str | Path, out: str | Path, split
 def task_one_class_warnings(scores: list[dict[str, Any]], split: str) -> list[str]:
     """`one_class_warning` per task of `evaluate_task` records: a task whose ACC is no better than calling each of
     its images the task's largest class (the export gate said so; train and eval had not)."""
-    earlier = ("a task forgotten while the later ones were learned (see the accuracy matrix), or one never learned")
+    earlier = "a task forgotten while the later ones were learned (see the accuracy matrix), or one never learned"
     last = "the last task, not learned (more epochs, or another learning rate)"  # nothing came after it to forget it
     found = [one_class_warning(f"{split} (task {r['task']})", r["acc"],
                                np.asarray(r["confusion_matrix"]).sum(axis=1).tolist(),

@@ -348,17 +348,12 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     names, or one name or "val,test" as text. Returns metrics.json's dict."""
     log = log or silent  # log=None: say nothing
     model, ckpt = model_from_checkpoint(checkpoint)
-    from edgekd.recipe import Recipe, load_recipe, recipe_from_dict
+    from edgekd.recipe import as_recipe, recipe_from_dict
 
     if isinstance(splits, str):  # "val" had been read as the splits v, a, l
         splits = tuple(split_list(splits, "splits") or ())
-    if isinstance(data_recipe, (str, Path)):  # a file, as run_recipe takes one (it had been an AttributeError)
-        data_recipe = load_recipe(data_recipe)
-    elif isinstance(data_recipe, dict):
-        data_recipe = recipe_from_dict(data_recipe)
-    elif data_recipe is not None and not isinstance(data_recipe, Recipe):
-        raise EdgeKDError(f"data_recipe: expected a Recipe, a recipe file or a dict, got {type(data_recipe).__name__}")
-    recipe = data_recipe or recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)")
+    recipe = (as_recipe(data_recipe, "data_recipe") if data_recipe is not None  # a file had been an AttributeError
+              else recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)"))
     data = build_checkpoint_data(recipe)
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
     check_trained_splits(ckpt, data, recipe, str(checkpoint), tuple(splits))  # the splits scored, as at training
