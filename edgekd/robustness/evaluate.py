@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -335,10 +335,15 @@ class FolderImages:
         return as_image_array(self.paths[i])
 
 
+def image_chunks(images: Sequence[np.ndarray]) -> Iterator[list[np.ndarray]]:
+    """A folder's (or split's) images, decoded a chunk (FOLDER_CHUNK) at a time."""
+    for i in range(0, len(images), FOLDER_CHUNK):
+        yield [images[j] for j in range(i, min(i + FOLDER_CHUNK, len(images)))]
+
+
 def predict_folder(predictor: Predictor, images: Sequence[np.ndarray]) -> np.ndarray:
-    """The predictor's probabilities on a folder's (or split's) images, decoded a chunk (FOLDER_CHUNK) at a time."""
-    return np.concatenate([predictor.predict([images[j] for j in range(i, min(i + FOLDER_CHUNK, len(images)))])
-                           for i in range(0, len(images), FOLDER_CHUNK)])
+    """The predictor's probabilities on a folder's (or split's) images, a chunk at a time (`image_chunks`)."""
+    return np.concatenate([predictor.predict(chunk) for chunk in image_chunks(images)])
 
 
 def decided_folder(predictor: Predictor, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -347,8 +352,7 @@ def decided_folder(predictor: Predictor, images: Sequence[np.ndarray]) -> tuple[
     if predictor.decide is None:
         probs = predict_folder(predictor, images)
         return probs, probs.argmax(1)
-    parts = [predictor.decide([images[j] for j in range(i, min(i + FOLDER_CHUNK, len(images)))])
-             for i in range(0, len(images), FOLDER_CHUNK)]
+    parts = [predictor.decide(chunk) for chunk in image_chunks(images)]
     return np.concatenate([p for p, _ in parts]), np.concatenate([k for _, k in parts])
 
 
