@@ -699,12 +699,11 @@ def test_the_default_precisions_are_a_bundles_own(tmp_path, monkeypatch):
 def test_without_torch_the_no_data_note_asks_only_for_a_folder(tmp_path, monkeypatch):
     """On the core install "give --data RECIPE or a checkpoint" (and "--checkpoint adds the torch rows") named
     what then failed with "needs the Python package 'torch'"."""
-    import importlib.util
-
+    import edgekd.bench.run as bench_run
     from edgekd.bench.run import attach_synthetic_images
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    real = bench_run.find_spec
+    monkeypatch.setattr(bench_run, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     subject = Subject(role="student", name="m", preprocess={"input_size": [3, 8, 8], "resize": 8},
                       class_names=["a", "b"])
     attach_synthetic_images(subject, tmp_path, 2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import os
 import platform
@@ -257,7 +256,7 @@ def resolve_subject(source: Path, role: str | None, formats: list[str], precisio
         subject.continual = continual_kind((bundle.meta.get("continual") or {}).get("head"))
         recorded = meta.get("checkpoint_path")
         if (checkpoint is None and recorded and Path(recorded).is_file()  # "pass --checkpoint": which one, said
-                and importlib.util.find_spec("torch") is not None):  # (the core install cannot run it)
+                and find_spec("torch") is not None):  # (the core install cannot run it)
             subject.notes.append(f"its edgekd.json names the checkpoint it was exported from, {recorded}: "
                                  "--checkpoint with it adds the torch rows and MACs")
         refuse_continual_scoring(subject, data_given)
@@ -451,7 +450,7 @@ def attach_synthetic_images(subject: Subject, work: Path, n: int,
     by default what would give accuracy: a labelled folder, and with PyTorch a recipe or a checkpoint)."""
     if note is None:
         note = ("no test data (give --data DIR, a labelled folder" + (", a recipe, or a checkpoint"
-                if importlib.util.find_spec("torch") is not None else "") + "): timed on random images, no accuracy")
+                if find_spec("torch") is not None else "") + "): timed on random images, no accuracy")
     c, size = subject.preprocess["input_size"][0], subject.preprocess["resize"]  # the resize stage, as test images
     images = np.random.default_rng(0).integers(0, 256, size=(n, size, size, c), dtype=np.uint8)
     subject.images = work / f"{subject.role}-synthetic-images.npy"
