@@ -148,6 +148,7 @@ class Service:
             if answers.done():
                 return answers.result()
             answers.cancel()  # the batcher skips a cancelled job
+            answers.add_done_callback(_retrieved)  # its CancelledError taken: no "never retrieved" in the log
             raise ClientGone
         finally:
             gone.cancel()
@@ -155,6 +156,12 @@ class Service:
     async def close(self) -> None:
         await self.batcher.close()
         await asyncio.to_thread(self.decoders.shutdown, True)  # not on the event loop: it waits for a decode
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """A done callback that takes a future's outcome, so asyncio does not log it as an exception never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _disconnected(request: Request) -> None:
