@@ -375,26 +375,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _started_server(bundle, port: int, *options: str) -> subprocess.Popen:
+    """`edgekd serve` as a process on `port`, answering /health."""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "serve", str(bundle), "--port", str(port),
+                             "--backend", "onnx", "--threads", "1", *options],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+
+
+def _post_in_background(base: str, result: dict) -> threading.Thread:
+    def post():
+        try:
+            result["r"] = httpx.post(f"{base}/predict", content=png(2), headers={"content-type": "image/png"},
+                                     timeout=20)
+        except httpx.TransportError as err:
+            result["r"] = err
+    worker = threading.Thread(target=post)
+    worker.start()
+    return worker
+
+
 def test_real_server_answers_and_finishes_in_flight_requests_on_sigterm(bundle, tmp_path):
     """`edgekd serve` as a process: requests over TCP; SIGTERM while a request waits in the batcher (a long
     --max-wait-ms holds it there): it is still answered, then the process exits 0."""
     port = _free_port()
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.Popen([sys.executable, "-m", "edgekd", "serve", str(bundle), "--port", str(port),
-                             "--backend", "onnx", "--threads", "1", "--max-wait-ms", "3000", "--max-batch", "4",
-                             "--max-concurrency", "2"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
+    proc = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.2)
+        proc = _started_server(bundle, port, "--max-wait-ms", "3000", "--max-batch", "4", "--max-concurrency", "2")
         # Idle and half-sent connections, more than --max-concurrency: they hold no request slot (uvicorn's
         # connection limit counted them, and they locked every client out).
         idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
@@ -405,16 +422,39 @@ def test_real_server_answers_and_finishes_in_flight_requests_on_sigterm(bundle, 
         for sock in idle:
             sock.close()
         result = {}
-        worker = threading.Thread(target=lambda: result.update(r=httpx.post(
-            f"{base}/predict", content=png(2), headers={"content-type": "image/png"}, timeout=20)))
-        worker.start()
+        worker = _post_in_background(base, result)
         time.sleep(1.0)  # the request now waits in the batcher for up to 3 s
         proc.send_signal(signal.SIGTERM)
         worker.join(20)
         assert result["r"].status_code == 200 and result["r"].json()["label"] in NAMES
         assert proc.wait(timeout=30) == 0, proc.stdout.read()
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_a_second_sigint_stops_the_server_at_once_with_status_130_and_no_traceback(bundle):
+    """Ctrl-C twice while a request waits: uvicorn's forced exit, which does not answer it, ends the process as
+    interrupted (130), not with a graceful shutdown's 0, and without the traceback of the cancelled lifespan."""
+    port = _free_port()
+    proc = None
+    try:
+        proc = _started_server(bundle, port, "--max-wait-ms", "8000", "--max-batch", "4")
+        result = {}
+        worker = _post_in_background(f"http://127.0.0.1:{port}", result)
+        time.sleep(1.0)  # the request now waits in the batcher for up to 8 s
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        output = proc.stdout.read()
+        worker.join(20)
+        assert code == 130, output
+        assert "Traceback" not in output and "CancelledError" not in output, output
+        assert "interrupted" in output.splitlines(), output
+    finally:
+        if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
 
@@ -622,7 +662,10 @@ def test_every_answer_names_the_model_that_gave_it(runner):
 
 def test_a_client_that_hangs_up_is_dropped_not_answered(runner):
     """A disconnect while images wait cancels their queued inference (the batcher skips them) and stops the
-    decoding of a batch's remaining files."""
+    decoding of a batch's remaining files; the cancelled wait leaves nothing in the log (asyncio had logged
+    "_GatheringFuture exception was never retrieved" with a CancelledError traceback for every hang-up)."""
+    import gc
+
     from edgekd.serve.app import ClientGone
 
     class Gone:
@@ -635,10 +678,16 @@ def test_a_client_that_hangs_up_is_dropped_not_answered(runner):
     service = create_app(runner).state.service
 
     async def go():
+        logged = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context["message"]))
         future = asyncio.get_running_loop().create_future()
         with pytest.raises(ClientGone):
             await service.results(Gone(), [future])
         assert future.cancelled()
+        await asyncio.sleep(0)  # the cancelled gather finishes; collected, it would log an unretrieved exception
+        await asyncio.sleep(0)
+        gc.collect()
+        assert logged == []
         with pytest.raises(ClientGone):
             await service.decode_each(Gone(), [("a.png", "image/png", png(1))])
         await service.close()

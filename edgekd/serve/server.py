@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import signal
 import socket
 
@@ -47,8 +49,25 @@ def signals_absorbed():
             signal.signal(sig, handler)
 
 
+class CancellationUnlogged(logging.Filter):
+    """After a forced exit (a second SIGINT), drops uvicorn's log records of the cancelled app lifespan: they had
+    put Starlette's CancelledError traceback in the log as an error."""
+
+    def __init__(self, server) -> None:
+        super().__init__()
+        self.server = server
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.server.force_exit:
+            return True
+        cancelled = record.exc_info is not None and isinstance(record.exc_info[1], asyncio.CancelledError)
+        return not (cancelled or record.getMessage().rstrip().endswith("CancelledError"))
+
+
 def serve(runner: Runner, settings: ServeSettings, log_level: str = "info") -> None:
-    """Warm up every padded batch size, then serve until SIGTERM/SIGINT; in-flight requests finish first."""
+    """Warm up every padded batch size, then serve until SIGTERM/SIGINT; in-flight requests finish first. A second
+    SIGINT stops at once (uvicorn's forced exit), without answering them: KeyboardInterrupt (exit 130 from the
+    CLI), not the status 0 of a graceful shutdown."""
     import uvicorn
 
     check_settings(settings)
@@ -57,5 +76,14 @@ def serve(runner: Runner, settings: ServeSettings, log_level: str = "info") -> N
     # out; the app bounds the requests it answers (RequestLimit) and the time a body may take (BodyLimit).
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on", server_header=False)
-    with signals_absorbed():
-        uvicorn.Server(config).run()
+    server, log = uvicorn.Server(config), logging.getLogger("uvicorn.error")
+    quiet = CancellationUnlogged(server)
+    log.addFilter(quiet)
+    try:
+        with signals_absorbed():
+            server.run()
+    finally:
+        log.removeFilter(quiet)
+    if server.force_exit:  # the signal again, for the handler the process has (the CLI's records and reports it)
+        signal.raise_signal(signal.SIGINT)
+        raise KeyboardInterrupt
