@@ -329,6 +329,19 @@ def test_token_is_required_except_for_health(runner):
     assert facts["input"]["mean"] and facts["input"]["std"]  # the whole preprocessing a client may replicate
 
 
+def test_metadata_says_whether_the_threshold_is_the_bundles_or_the_services(bundle, runner):
+    """`serve --threshold 0.99` had shown threshold 0.99 beside the bundle's decision and its validation figures,
+    as if they held at 0.99."""
+    async def go(client):
+        return (await client.get("/metadata")).json()["operating_point"]
+
+    own = call(create_app(runner), go)
+    assert own["threshold"] == 0.4 and own["threshold_from"] == "bundle"
+    other = call(create_app(Runner.from_bundle(bundle, threads=1, threshold=0.99)), go)
+    assert other["threshold"] == 0.99 and other["decision"]["threshold"] == 0.4
+    assert other["threshold_from"].startswith("serve --threshold") and "not this service's" in other["threshold_from"]
+
+
 def test_metrics_parse_and_count_requests_and_errors(runner):
     async def go(client):
         for i in range(3):

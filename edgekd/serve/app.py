@@ -317,13 +317,17 @@ def _metadata(service: Service) -> dict:
     """The card's facts from edgekd.json, and how this service runs the model."""
     runner, meta = service.runner, service.runner.bundle.meta
     threshold, positive = runner.threshold, runner.positive
+    own = runner.bundle.decision[0]  # `edgekd serve --threshold` may replace it: the decision is then not in use
     return {
         "bundle_id": service.bundle_id, "model": public_model(meta.get("model", {})), "class_names": runner.class_names,
         "input": dict(meta["preprocess"]),
         "formats": [{"format": a.format, "precision": a.precision} for a in runner.bundle.artifacts],
         "operating_point": {"calibration": meta.get("calibration"),
                             "threshold": threshold, "positive_class": runner.class_names[positive] if threshold
-                            is not None else None, "decision": meta.get("decision")},
+                            is not None else None, "decision": meta.get("decision"),
+                            "threshold_from": "bundle" if threshold == own else
+                            "serve --threshold (the `decision` entry, with its validation figures, is the bundle's "
+                            "rule, not this service's)"},
         "tasks": meta.get("tasks"), "task": runner.task,
         "card": meta.get("card"), "metrics": meta.get("metrics"),
         "serving": {**runner.info, "tta_views": runner.tta_views.names if runner.tta else None,
