@@ -181,6 +181,18 @@ def test_cli_refuses_a_non_empty_out_and_writes_a_new_one(bundle, tmp_path, monk
     assert not (tmp_path / "r2").exists()
 
 
+@pytest.mark.parametrize("kind, option, value", [("ovms", "--max-batch", "5000"), ("ovms", "--queue-delay-us", "10"),
+                                                  ("triton", "--base-path", "/srv")])
+def test_an_option_of_the_other_server_is_refused_not_ignored(bundle, tmp_path, monkeypatch, capsys, kind, option,
+                                                              value):
+    """`--kind ovms --max-batch 5000` had written a repository without a word of the option it ignored."""
+    out = tmp_path / "r"
+    assert run_cli(monkeypatch, "repository", str(bundle), "--kind", kind, "--out", str(out), option, value) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{option}: an option of --kind" in err and f"not of --kind {kind}" in err
+    assert not out.exists()
+
+
 def test_an_edited_edgekd_json_is_refused_as_the_runtime_refuses_it(bundle, tmp_path):
     """The README it writes tells clients the preprocessing and classes: from an edgekd.json edited after export
     (its manifest line re-hashed) it had published another normalization and three classes for a 2-output model."""

@@ -263,11 +263,12 @@ def repository(
     precision: Optional[str] = typer.Option(None, "--precision", help=BUNDLE_PRECISION_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Model name in the server (default: <model>_<precision>; "
                                        "an update or multi-head bundle: <model>_<N>out_<precision>)."),
-    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Triton max_batch_size (dynamic batching)."),
-    queue_delay_us: int = typer.Option(2000, "--queue-delay-us", min=0,
-                                       help="Triton dynamic batching: longest wait to fill a batch (microseconds)."),
-    base_path: str = typer.Option("/models", "--base-path", help="OVMS: where the repository is mounted in the "
-                                  "server (config.json's base_path is <base-path>/<name>)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Triton max_batch_size (dynamic "
+                                            "batching; default 32)."),
+    queue_delay_us: Optional[int] = typer.Option(None, "--queue-delay-us", min=0, help="Triton dynamic batching: "
+                                                 "longest wait to fill a batch (microseconds; default 2000)."),
+    base_path: Optional[str] = typer.Option(None, "--base-path", help="OVMS: where the repository is mounted in the "
+                                            "server (config.json's base_path is <base-path>/<name>; default /models)."),
     version: int = typer.Option(1, "--version", min=1, help="The model's version folder (an update of a served "
                                 "model: the same --name, the next version)."),
     add: bool = typer.Option(False, "--add", help="Add the model to the repository at --out (one written by edgekd "
@@ -279,12 +280,18 @@ def repository(
     from edgekd.runtime import is_bundle
     from edgekd.runtime.repository import write_repository
 
+    other = {"--max-batch": max_batch, "--queue-delay-us": queue_delay_us} if kind == "ovms" else {
+        "--base-path": base_path} if kind == "triton" else {}
+    if any(v is not None for v in other.values()):  # had been taken and ignored
+        raise EdgeKDError(f"{' '.join(o for o, v in other.items() if v is not None)}: an option of --kind "
+                          f"{'triton' if kind == 'ovms' else 'ovms'}, not of --kind {kind}")
     if is_bundle(bundle):  # else write_repository says what `bundle` is (a folder of runs was 'the input' of --out)
         refuse_output_inside(out, [bundle])
     done: list = []  # a stop that lands while the model is put in place is delivered after: say it had finished
     STATE["on_interrupt"] = lambda: (f"it had finished: model '{done[0].model_name}' version {version} is in {out}"
                                      if done else None)
-    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path, version, add,
+    repo = write_repository(bundle, kind, out, precision, name, 32 if max_batch is None else max_batch,
+                            2000 if queue_delay_us is None else queue_delay_us, base_path or "/models", version, add,
                             on_published=done.append)
     for rel, digest in repo.files.items():
         out_console.print(f"{escape(rel)}  sha256 {digest}")
