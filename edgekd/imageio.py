@@ -299,15 +299,23 @@ def upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img) if img.getexif().get(EXIF_ORIENTATION, 1) != 1 else img
 
 
+STRIP_ROWS = 256
+"""pil_to_array converts and copies this many rows at a time into its one array, so a 64-MP photo's decode holds
+the decoded image and the array only (a whole-image convert("RGB") copy and Pillow's tobytes had doubled it)."""
+
+
 def pil_to_array(img: Image.Image) -> np.ndarray:
     """A PIL image of any common mode -> uint8 (H, W, 1) for gray or (H, W, 3) for color."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _rescale_to_uint8(np.asarray(img))[..., None]  # its own dtype: one float copy, made there
-    if img.mode in ("1", "L"):
-        return np.asarray(img.convert("L"), dtype=np.uint8)[..., None]
-    if img.mode == "LA":
-        return np.asarray(img.convert("L"), dtype=np.uint8)[..., None]
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    mode = "L" if img.mode in ("1", "L", "LA") else "RGB"
+    width, height = img.size
+    out = np.empty((height, width, 1 if mode == "L" else 3), dtype=np.uint8)
+    for top in range(0, height, STRIP_ROWS):  # a mode conversion is per pixel: strip by strip gives the same pixels
+        strip = img.crop((0, top, width, min(height, top + STRIP_ROWS)))
+        strip = strip if strip.mode == mode else strip.convert(mode)
+        out[top:top + strip.height] = np.asarray(strip, dtype=np.uint8).reshape(strip.height, width, -1)
+    return out
 
 
 def _rescale_to_uint8(arr: np.ndarray, span: tuple[float, float] | None = None) -> np.ndarray:

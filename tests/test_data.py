@@ -584,6 +584,20 @@ def test_image_modes_decode(tmp_path):
         read_image(tmp_path / "empty.png")
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "CMYK", "P", "YCbCr", "L", "1", "LA"])
+def test_an_image_converted_strip_by_strip_has_the_pixels_of_its_whole_conversion(mode):
+    """pil_to_array converts and copies STRIP_ROWS rows at a time (a 64-MP photo had held two whole copies beside
+    the decoded image): every row, the last partial strip's included, is what one whole-image convert gives."""
+    from edgekd.imageio import STRIP_ROWS, pil_to_array
+
+    rgb = Image.fromarray(np.random.default_rng(3).integers(0, 256, (2 * STRIP_ROWS + 37, 11, 3), dtype=np.uint8))
+    img = rgb.convert(mode)
+    whole = np.asarray(img.convert("L" if mode in ("1", "L", "LA") else "RGB"), dtype=np.uint8)
+    got = pil_to_array(img)
+    assert got.shape == (*whole.shape[:2], 1 if whole.ndim == 2 else 3) and got.dtype == np.uint8
+    assert np.array_equal(got.reshape(whole.shape), whole)
+
+
 def test_exif_orientation_is_applied_as_a_viewer_applies_it(tmp_path):
     """A camera stores a portrait photo sideways with EXIF Orientation 6 (rotate 90 degrees clockwise to view):
     training and the runtime read the file upright, as the clinician sees it; a file without the tag is untouched,
