@@ -1335,6 +1335,19 @@ def test_predict_writes_through_a_symlinked_out_file(bundle, good_png, tmp_path,
     assert (tmp_path / "shared" / "not-yet.csv").read_text().startswith("file,")
 
 
+def test_predict_says_when_threads_are_capped_to_the_cores(bundle, good_png, capsys):
+    """`predict --threads 64` on 2 cores had run on 2 without a word (bench said so)."""
+    from edgekd.runtime import cap_to_cores
+
+    asked = 512  # beyond any CI machine's cores
+    code, _, err = invoke(capsys, "predict", bundle, good_png, "--backend", "onnx", "--threads", asked)
+    assert code == 0, err
+    used = cap_to_cores(asked)
+    assert f"note: --threads {asked} is more than the {used} cores this process may use: {used} used" in err
+    code, _, err = invoke(capsys, "predict", bundle, good_png, "--backend", "onnx", "--threads", "1")
+    assert code == 0 and "more than the" not in err
+
+
 def test_an_option_given_twice_or_an_empty_path_is_refused(trained, bundle, good_png, tmp_path, capsys, monkeypatch):
     """`-p int4 -p fp32` had kept fp32 without checking int4 (and `-p fp32 -p int8` built int8 only); `--out ""` was
     read as the current folder."""

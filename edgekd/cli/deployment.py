@@ -158,7 +158,7 @@ def predict(
     tta_option = given_list(views, "--views") if views is not None else bool(tta)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta_option,
                                 cache_dir=cache_dir, threshold=threshold, task=task)
-    say_runner_notes(runner)
+    say_runner_notes(runner, threads)
     paths, problems = _predict_inputs(inputs, frame)
     results = _predictions(runner, paths, batch) + [Failure(source, message) for source, message in problems]
     if to_stdout:  # the data on stdout, nothing else there (notes and errors go to stderr)
@@ -193,11 +193,14 @@ def _predictions(runner, paths: list, batch: int) -> list:
     return results
 
 
-def say_runner_notes(runner) -> None:
-    """`runner_notes`, each printed as a note."""
+def say_runner_notes(runner, threads: int | None = None) -> None:
+    """`runner_notes`, each printed as a note; `threads` (--threads) capped to the cores is one too."""
     from edgekd.runtime import runner_notes
 
-    for note in runner_notes(runner):
+    used = runner.info.get("threads")
+    capped = [f"--threads {threads} is more than the {used} cores this process may use: {used} used"
+              if threads and used and used < threads else None]
+    for note in [*filter(None, capped), *runner_notes(runner)]:
         console.print(f"note: {escape(note)}", soft_wrap=True)
 
 
@@ -347,7 +350,7 @@ def serve(
     check_port_free(host, port)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision, threads=threads, tta=tta,
                                 cache_dir=cache_dir, task=task, threshold=threshold)
-    say_runner_notes(runner)
+    say_runner_notes(runner, threads)
     url_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL goes in brackets
     console.print(f"serving {escape(str(bundle))} ({model_run(runner, runner.precision)}, "
                   f"{runner.info['threads'] or 'default'} threads{', TTA' if tta else ''}"
