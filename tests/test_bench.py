@@ -711,6 +711,23 @@ def test_without_torch_the_no_data_note_asks_only_for_a_folder(tmp_path, monkeyp
                                  "no accuracy")
 
 
+def test_without_torch_a_torch_row_says_so_before_asking_for_a_checkpoint(tmp_path, monkeypatch):
+    """`bench -f torch` on a device had said "no checkpoint (pass --checkpoint with a bundle)", and with
+    --checkpoint that PyTorch was missing."""
+    import edgekd.bench.run as bench_run
+    from edgekd.bench.run import row_job
+
+    subject = Subject(role="student", name="m", preprocess={"input_size": [3, 8, 8], "resize": 8},
+                      class_names=["a", "b"])
+    row = Row(subject, "torch", "fp32", "bare")
+    assert row_job(row, [1], 1, False, Timing(), tmp_path, False, None) == ("no checkpoint (pass --checkpoint with a "
+                                                                            "bundle)")
+    real = bench_run.find_spec
+    monkeypatch.setattr(bench_run, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert row_job(row, [1], 1, False, Timing(), tmp_path, False, None) == ("PyTorch is not installed (the "
+                                                                            "edgekd[train] extra)")
+
+
 def test_bench_data_holding_the_models_own_training_images_is_warned_of(tmp_path):
     """`bench --data DIR` scored a folder of the model's training images (68 of 80) without a word, where
     `eval --data DIR` warns; a folder of new images gets no warning."""

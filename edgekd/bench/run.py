@@ -513,6 +513,8 @@ def row_job(row: Row, batches: list[int], threads: int, tta: bool, timing: Timin
                            "images": str(s.images), "timing": timing.as_kwargs(), "evaluate": evaluate,
                            "probs": str(work / f"{row.label.replace(' ', '-')}-probs.npy")}
     if row.format == "torch":
+        if find_spec("torch") is None:  # first: on a device, --checkpoint had been asked for, then refused
+            return "PyTorch is not installed (the edgekd[train] extra)"
         if s.checkpoint is None:
             return "no checkpoint (pass --checkpoint with a bundle)"
         job["model_path"], job["fuse"] = str(s.checkpoint), s.fuse
