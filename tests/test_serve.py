@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import os
@@ -257,6 +258,8 @@ def test_each_malformed_upload_is_a_4xx_json_line_and_good_requests_still_work(r
         out["multipart text file"] = await client.post("/predict", data={"x": "1"},
                                                           files={"y": ("y", b"", "text/plain")})
         out["good"] = await client.post("/predict", files={"file": ("g.png", png(2), "image/png")})
+        out["gzip"] = await client.post("/predict", content=gzip.compress(png(2)),
+                                        headers={"content-type": "image/png", "content-encoding": "gzip"})
         return out
 
     async def batch(client):  # an empty body is the request's error, not one file's (it was 200 + a 400 item)
@@ -270,6 +273,7 @@ def test_each_malformed_upload_is_a_4xx_json_line_and_good_requests_still_work(r
         assert r.status_code == status, (name, r.text)
         assert list(r.json()) == ["error"] and "\n" not in r.json()["error"] and words in r.json()["error"], name
     assert out["multipart text file"].status_code == 415
+    assert out["gzip"].status_code == 415 and "Content-Encoding 'gzip' is not supported" in out["gzip"].json()["error"]
     assert out["good"].status_code == 200 and out["good"].json()["label"] in NAMES
 
 

@@ -239,6 +239,10 @@ async def _uploads(request: Request, limit: int, batch_said: str) -> list[tuple[
     `limit` bounds this endpoint's files (non-file fields: MAX_FORM_FIELDS); `batch_said` says what
     /predict/batch takes.
     """
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # compressed bytes had been refused as "not a supported image" (422)
+        raise UploadError(f"Content-Encoding {encoding[:40]!r} is not supported: send the image file's bytes as "
+                          "they are (PNG and JPEG are compressed already)", 415)
     content_type = request.headers.get("content-type")
     if not (content_type or "").lower().startswith("multipart/form-data"):
         body = await request.body()
