@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -801,8 +802,28 @@ def test_a_teacher_path_that_is_a_folder_or_missing_says_which(tmp_path, tiny_te
     from edgekd.distill.objective import load_teacher
     from edgekd.errors import EdgeKDError
 
-    with pytest.raises(EdgeKDError, match=r"is a folder; give its checkpoint file \(e\.g\. .*best\.pt\)"):
+    with pytest.raises(EdgeKDError, match=r"is not a checkpoint file: its checkpoint is .*best\.pt$"):
         load_teacher(Path(tiny_teacher).parent)
+    with pytest.raises(EdgeKDError, match=r"is not a checkpoint file: a folder holding no best\.pt$"):
+        load_teacher(tmp_path)
+    # a k-fold run (fold<i>/<role>/best.pt): its folder, or the best.pt it lacks, named with its folds (the
+    # not-found hint had said to train the teacher into it again, replacing its kfold.json)
+    kfold = tmp_path / "kf"
+    for i in range(3):
+        (kfold / f"fold{i}" / "teacher").mkdir(parents=True)
+        shutil.copy(tiny_teacher, kfold / f"fold{i}" / "teacher" / "best.pt")
+    for given in (kfold, kfold / "best.pt"):
+        with pytest.raises(EdgeKDError) as err:
+            load_teacher(given, "recipes/demo/teacher.yaml")
+        assert str(err.value) == (f"distill.teacher: {given} is not a checkpoint file: {kfold} is a k-fold run, one "
+                                  f"checkpoint per fold: {kfold / 'fold0' / 'teacher' / 'best.pt'} ... "
+                                  f"{kfold / 'fold2' / 'teacher' / 'best.pt'}: give one (or train this recipe with "
+                                  "--folds K: each fold's student then learns from its own fold's teacher)")
+    load_teacher(kfold / "fold1" / "teacher" / "best.pt")
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "edgekd.json").write_text("{}")
+    with pytest.raises(EdgeKDError, match=r"bundle is an exported bundle; give the training run's best\.pt"):
+        load_teacher(tmp_path / "bundle" / "best.pt")
     with pytest.raises(EdgeKDError, match="not found .*read from the working folder"):
         load_teacher(tmp_path / "nowhere.pt")
     from edgekd.distill.run import distill_recipe  # the command that trains it, from distill.teacher_recipe

@@ -1244,6 +1244,13 @@ def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoint(tmp_path):
         with pytest.raises(EdgeKDError, match=rf"a folder, not a checkpoint file \(best.pt\); its checkpoint is "
                                               rf"\S+/{name.split('.')[0]}/{name}$"):
             load_checkpoint(run)
+    kfold = tmp_path / "kf"  # edgekd train --folds: fold<i>/<role>/best.pt
+    for i in range(2):
+        (kfold / f"fold{i}" / "teacher").mkdir(parents=True)
+        (kfold / f"fold{i}" / "teacher" / "best.pt").write_bytes(b"PK\x03\x04")
+    with pytest.raises(EdgeKDError, match=r"a folder, not a checkpoint file \(best.pt\); a k-fold run, one checkpoint "
+                                          r"per fold: \S+/fold0/teacher/best.pt \.\.\. \S+/fold1/teacher/best.pt$"):
+        load_checkpoint(kfold)
 
 
 def test_swa_batchnorm_update_leaves_a_last_batch_of_one_image_out(tiny_recipe_dict, tmp_path):

@@ -17,17 +17,26 @@ from edgekd.distill.unlabeled import UnlabeledStream
 from edgekd.errors import EdgeKDError
 from edgekd.hair import hair_element
 from edgekd.models import capture_features
-from edgekd.train.checkpoint import model_from_checkpoint
+from edgekd.runtime import is_bundle
+from edgekd.train.checkpoint import checkpoints_in_folder, model_from_checkpoint
 
 
 def load_teacher(path: str | Path, teacher_recipe: str | None = None,
                  key: str = "distill.teacher") -> tuple[nn.Module, dict[str, Any]]:
     """The teacher from an edgekd checkpoint: frozen (no grad) and in eval mode for good. An absent checkpoint's
     error gives the command that trains it from `teacher_recipe` (distill.teacher_recipe) when there is one."""
-    if Path(path).is_dir():
-        raise EdgeKDError(f"{key}: {path} is a folder; give its checkpoint file (e.g. {Path(path) / 'best.pt'})")
-    if not Path(path).is_file():
-        how = (f"run `edgekd train {teacher_recipe} --out {Path(path).parent}` first" if teacher_recipe
+    given = Path(path)
+    if not given.is_file():
+        folder = given if given.is_dir() else given.parent
+        held = checkpoints_in_folder(folder) if folder.is_dir() else ""
+        if folder.is_dir() and is_bundle(folder):
+            held = f"{folder} is an exported bundle; give the training run's best.pt it was exported from"
+        elif held.startswith("a k-fold run"):  # its best.pt had been asked for; the hint would retrain over it
+            held = (f"{folder} is {held}: give one (or train this recipe with --folds K: each fold's student then "
+                    "learns from its own fold's teacher)")
+        if held or given.is_dir():
+            raise EdgeKDError(f"{key}: {path} is not a checkpoint file: {held or 'a folder holding no best.pt'}")
+        how = (f"run `edgekd train {teacher_recipe} --out {given.parent}` first" if teacher_recipe
                else "train the teacher recipe first")
         raise EdgeKDError(f"{key}: checkpoint {path} not found ({how}; a relative path is read from the working "
                           "folder)")

@@ -1,7 +1,7 @@
 """Training: the one trainer, losses, optimizers/schedules, checkpoints, and the recipe runner."""
 
-from edgekd.train.checkpoint import (load_checkpoint, load_resumable, load_state, model_from_checkpoint,
-                                     save_checkpoint)
+from edgekd.train.checkpoint import (checkpoints_in_folder, load_checkpoint, load_resumable, load_state,
+                                     model_from_checkpoint, save_checkpoint)
 from edgekd.train.distributed import distributed_session, is_main_process
 from edgekd.train.distributed import rank as process_rank
 from edgekd.train.losses import (ClassWeightedCE, FocalLoss, build_loss, check_alpha_fits,
@@ -14,7 +14,8 @@ from edgekd.train.trainer import (Plugin, SupervisedObjective, Trainer, evaluate
                                   restore_rng_state, rng_state, seed_everything)
 
 __all__ = ["ClassWeightedCE", "FocalLoss", "Plugin", "RUN_MARKERS", "RunResult", "SupervisedObjective", "Trainer",
-           "apply_threads", "build_loss", "build_student_model", "check_alpha_fits", "cross_entropy_loss",
+           "apply_threads", "build_loss", "build_student_model", "check_alpha_fits", "checkpoints_in_folder",
+           "cross_entropy_loss",
            "distributed_session", "evaluate", "evaluate_checkpoint", "init_weights", "is_main_process",
            "keeps_torch_threads",
            "load_checkpoint", "load_resumable", "load_state", "loss_class_weights", "model_from_checkpoint",

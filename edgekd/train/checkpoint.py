@@ -24,14 +24,26 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return atomic_write(path, lambda tmp: torch.save(payload, tmp), min_free_bytes=2 * size + 16 * 2**20)
 
 
+def checkpoints_in_folder(path: Path) -> str:
+    """What a folder given where a checkpoint file belongs holds instead: its checkpoint (best.pt; a continual
+    run's model.pt), a k-fold run's one per fold, or '' (none)."""
+    found = next((path / n for n in ("best.pt", "model.pt") if (path / n).is_file()), None)
+    if found:
+        return f"its checkpoint is {found}"
+    folds = sorted(path.glob("fold*/*/best.pt"))
+    if folds:  # edgekd train --folds: fold<i>/<role>/best.pt, each trained without its fold's val images
+        return (f"a k-fold run, one checkpoint per fold: {folds[0]}"
+                + (f" ... {folds[-1]}" if len(folds) > 1 else ""))
+    return ""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read an edgekd checkpoint safely (no pickle code execution) and check its format."""
     path = Path(path)
     if path.is_dir():
         what = "an exported bundle" if (path / METADATA_FILE).is_file() else "a folder"
-        found = next((path / n for n in ("best.pt", "model.pt") if (path / n).is_file()), None)  # model.pt: continual
-        hint = f"; its checkpoint is {found}" if found else ""
-        raise EdgeKDError(f"{path}: {what}, not a checkpoint file (best.pt){hint}")
+        hint = checkpoints_in_folder(path)
+        raise EdgeKDError(f"{path}: {what}, not a checkpoint file (best.pt){'; ' + hint if hint else ''}")
     if not path.is_file():
         raise EdgeKDError(f"{path}: checkpoint not found")
     if path.suffix.lower() == ".zip" and is_bundle(path):  # torch.load read it as a torch zip and failed obscurely
