@@ -1086,6 +1086,37 @@ def test_a_teacher_drawn_from_an_npz_with_another_seed_is_checked_against_the_st
     assert said == []
 
 
+def test_a_teacher_trained_on_other_images_of_the_students_test_patients_is_warned_of(tmp_path):
+    """Teacher and student read two CSVs of the same 24 patients (images 1-2 of each, image 3 of each): no file is
+    shared, so the file check passed without a word while the teacher had trained on the student's test patients."""
+    from edgekd.data.dataset import check_model_splits
+
+    rng = np.random.default_rng(0)
+    rows = {"a": ["path,label,patient_id"], "b": ["path,label,patient_id"]}
+    for patient in range(24):
+        for image in range(3):
+            name = f"p{patient}-{image}.png"
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / name)
+            rows["a" if image < 2 else "b"].append(f"{name},{'ab'[patient % 2]},P{patient:03d}")
+    for part, lines in rows.items():
+        (tmp_path / f"{part}.csv").write_text("\n".join(lines) + "\n")
+
+    def recipe(part, seed=0):
+        return recipe_from_dict({"name": part, "seed": seed, "model": {"name": "edgekd_cnn_tiny"}, "data": {
+            "source": "csv", "path": str(tmp_path / f"{part}.csv"), "image_size": 8, "val_fraction": 0.25,
+            "test_fraction": 0.25}})
+
+    teacher = {"recipe": recipe("a", seed=7).to_dict()}  # its own patient draw
+    said: list[str] = []
+    check_model_splits("distill.teacher t.pt", teacher, build_data(recipe("b")), said.append)
+    test = [line for line in said if " test patients" in line]
+    assert len(test) == 1 and test[0].startswith("warning: distill.teacher t.pt trained on images of ")
+    assert "of this run's 6 test patients (the same patient ids, e.g. P0" in test[0]
+    said.clear()
+    check_model_splits("distill.teacher t.pt", teacher, build_data(recipe("a", seed=7)), said.append)
+    assert said == []  # the same data and split: its patients are apart
+
+
 def test_csv_rows_through_links_keep_the_links_names(tmp_path):
     """DVC and git-annex keep images as links to suffix-less or hashed cache files: the CSV loader had resolved
     them, so every image was refused as 'not a supported image type' (named by its cache object) and a patient

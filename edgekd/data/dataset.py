@@ -447,7 +447,7 @@ def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[s
     key = content_keys(data) if in_memory else (lambda table: [os.path.realpath(p) for p in table.paths])
     seen = set(key(tables["train"]))
     leaked = {split: sum(k in seen for k in key(data.tables[split])) for split in ("val", "test")}
-    settings = "seed, data.split, fractions, limit, classes or patient_pattern"
+    settings = "seed, data.split, fractions, fold, limit, classes or patient_pattern"
     if leaked["test"]:
         raise EdgeKDError(f"{what} trained on {leaked['test']} of {whose} {len(data.tables['test'])} test images (its "
                           f"splits were drawn with other settings: {settings}): train it with the same split "
@@ -460,6 +460,24 @@ def check_model_splits(what: str, ckpt: dict, data: DataModule, log: Callable[[s
     if picked:  # (it had passed without a word)
         log(f"warning: {what} chose its best epoch on {picked} of {whose} {len(data.tables['test'])} test images (its "
             f"val split; another {settings}): the test figures are on images that picked it")
+    warn_shared_patients(what, tables["train"], data, whose, log, [s for s in ("test", "val") if not leaked[s]])
+
+
+def warn_shared_patients(what: str, trained: Table, data: DataModule, whose: str, log: Callable[[str], None],
+                         splits: list[str]) -> None:
+    """A model's training patients among this run's `splits` (val, test) patients, when both carry patient ids:
+    other images of the same patients (new scans, another export of the files), which the file-by-file check does
+    not see. A warning: two data sets may number their patients alike."""
+    if trained.groups is None:
+        return
+    seen = {str(g) for g in trained.groups}
+    for split in splits:
+        groups = data.tables[split].groups if split in data.tables else None
+        shared = sorted({str(g) for g in groups} & seen) if groups is not None else []
+        if shared:
+            log(f"warning: {what} trained on images of {len(shared)} of {whose} {len(set(map(str, groups)))} {split} "
+                f"patients (the same patient ids, e.g. {', '.join(shared[:3])}): if they are the same people, the "
+                f"{split} figures are on patients it learned")
 
 
 def content_keys(data: DataModule) -> Callable[[Table], list[str]]:
