@@ -307,6 +307,17 @@ def test_a_split_carved_by_patient_keeps_every_class(tmp_path):
         build_data(recipe(source="csv", path=str(tmp_path / "m.csv")))
 
 
+def test_a_patient_share_smaller_than_the_class_count_is_named_as_the_cause():
+    """1/10 of 26 patients is 2-3 patients, fewer than 4 classes: the error had named a class of 6 patients."""
+    groups = np.repeat(np.arange(26), 4)
+    labels = np.repeat(np.arange(26) % 4, 4)
+    with pytest.raises(EdgeKDError, match=r"^carving the val split by patient: 1/10 of the 26 patients is about 3, "
+                                          r"fewer than the 4 classes that each need a patient there; a larger "):
+        group_split(labels, groups, 0.1, 0, "the val split")
+    keep, held = group_split(labels, groups, 0.25, 0, "the val split")  # about 6 patients: every class on both sides
+    assert set(labels[held]) == set(labels[keep]) == {0, 1, 2, 3}
+
+
 def test_csv_manifest_rows_that_would_leak_or_mislabel_are_refused(tmp_path, monkeypatch):
     csv = _manifest(tmp_path)
     (tmp_path / "imgs" / "b" / "extra.png").write_bytes((tmp_path / "imgs" / "a" / "a_0.png").read_bytes())
