@@ -1326,6 +1326,39 @@ def test_a_run_says_its_data_in_one_line_hair_removal_included(tiny_recipe_dict,
         assert ("hair" in line) == hair
 
 
+def test_the_data_line_says_which_splits_were_drawn_and_whether_by_patient(tmp_path):
+    """A run on a folder without patient ids had carved val and test by image without saying so (one patient's
+    images may then sit in two splits); a CSV's patient_id column draws them by patient."""
+    import shutil
+
+    from conftest import write_image_folder
+
+    from edgekd.data import build_data
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.run import data_summary
+
+    root = write_image_folder(tmp_path / "imgs", n_per_class=18)
+    raw = {"name": "f", "model": {"name": "edgekd_cnn_tiny"}, "data": {"source": "imagefolder", "path": str(root),
+                                                                     "image_size": 16}}
+    recipe = recipe_from_dict(raw)
+    assert data_summary(build_data(recipe), recipe).endswith("16 px; val and test drawn by image (no patient ids)")
+    files = sorted(root.rglob("*.png"))
+    rows = ["path,label,patient_id"] + [f"{f},{f.parent.name},p{i // 2}" for i, f in enumerate(files)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    recipe = recipe_from_dict({**raw, "data": {**raw["data"], "source": "csv", "path": str(tmp_path / "m.csv")}})
+    assert data_summary(build_data(recipe), recipe).endswith("16 px; val and test drawn by patient")
+    (root / "train").mkdir()  # given splits: nothing drawn, nothing said
+    for split in ("train", "val", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in sorted((root / cls).glob("*.png"))[:4]:
+                (root / split / cls / f"{split}-{f.name}").write_bytes(f.read_bytes())
+    for cls in ("a", "b"):
+        shutil.rmtree(root / cls)
+    recipe = recipe_from_dict(raw)
+    assert data_summary(build_data(recipe), recipe).endswith("classes, 16 px")
+
+
 def test_python_entry_points_take_plain_values_and_give_the_threads_back(tiny_recipe_dict, tmp_path):
     """From Python: log=None had been a TypeError, a data recipe given as a file an AttributeError, splits="val"
     read as v, a, l, and train.threads=1 had left the caller's process on one thread."""

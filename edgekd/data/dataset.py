@@ -159,6 +159,8 @@ class DataModule:
     """The images left out (on_bad_image: skip), each as its error line: the path, then why."""
     notes: list[str] = field(default_factory=list)
     """What the run should warn of about its data beyond bad files and lost classes (`warn_about_data`)."""
+    carved: list[str] = field(default_factory=list)
+    """The splits drawn by edgekd (from train, or from everything but test), not given by the source."""
 
     @property
     def num_classes(self) -> int:
@@ -548,7 +550,9 @@ def build_data(recipe) -> DataModule:
     if tables["train"].labels.max() >= len(names):
         raise EdgeKDError(f"data: label {tables['train'].labels.max()} exceeds the {len(names)} class names")
     data = DataModule(tables=tables, class_names=names, source_name=source.name, cfg=cfg,
-                      augment=recipe.augment, seed=recipe.seed, bad_files=bad, notes=source_notes(source, cfg))
+                      augment=recipe.augment, seed=recipe.seed, bad_files=bad, notes=source_notes(source, cfg),
+                      carved=[s for s in ("val", "test") if s not in source.tables
+                              or (s == "val" and (cfg.split != "given" or cfg.folds))])
     data.positive  # data.positive_class checked against the class names before any training
     return data
 
