@@ -122,8 +122,9 @@ def test_unlogged_monitor_is_a_one_line_error(tmp_path):
         check_recipe(tmp_path / "r.yaml", synthetic=True)
     recipe["train"]["monitor"] = "train_loss_typo"  # train_* rows depend on the objective: the check's step finds it
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(EdgeKDError, match="train.monitor: 'train_loss_typo' is not a logged metric"):
+    with pytest.raises(EdgeKDError, match="train.monitor: 'train_loss_typo' is not a logged metric") as err:
         check_recipe(tmp_path / "r.yaml", synthetic=True)
+    assert "val_auc" in str(err.value) and "val_ppv" not in str(err.value)  # logged, but no monitor: not offered
 
 
 def test_missing_data_file_is_named(tmp_path):

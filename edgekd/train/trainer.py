@@ -26,6 +26,7 @@ from edgekd.host import host_record
 from edgekd.metrics import classification_metrics, ece, write_csv_log
 from edgekd.probability import softmax
 from edgekd.progress import progress_task
+from edgekd.recipe import VAL_METRICS
 from edgekd.train import distributed
 from edgekd.train.checkpoint import load_resumable, load_state, save_checkpoint
 from edgekd.train.optim import build_optimizer, build_scheduler, schedule_warnings
@@ -194,8 +195,8 @@ def monitored_value(row: dict[str, Any], name: str, key: str, epoch: int) -> flo
     metric undefined for this data, e.g. AUC on a split with one class, would silently keep the first epoch)."""
     value = row.get(name)
     if value is None:
-        raise EdgeKDError(f"{key}: '{name}' is not a logged metric "
-                          f"(choose from {', '.join(k for k in row if k.startswith(('val_', 'train_')))})")
+        usable = [k for k in row if k.startswith("train_") or (k.startswith("val_") and k[4:] in VAL_METRICS)]
+        raise EdgeKDError(f"{key}: '{name}' is not a logged metric (choose from {', '.join(usable)})")
     if isinstance(value, float) and math.isnan(value):
         raise EdgeKDError(f"{key}: '{name}' is NaN at epoch {epoch + 1} (undefined for this data, e.g. AUC or pAUC "
                           "on a split without every class); monitor another metric such as val_loss")
