@@ -417,8 +417,7 @@ class TrainConfig(Section):
         for key, name in (("monitor", self.monitor), ("scheduler.monitor", sched.monitor)):
             if name in ("val_ppv", "val_npv"):
                 raise ValueError(f"{key} '{name}' is logged but cannot pick a checkpoint: it is undefined in an epoch "
-                                 "that calls no image positive (ppv) or none negative (npv); monitor val_precision "
-                                 "(ppv's value where defined) or another of "
+                                 "that calls no image positive (ppv) or none negative (npv); monitor one of "
                                  + ", ".join(f"val_{m}" for m in VAL_METRICS))
             if name is not None and name.startswith("val_") and name[4:] not in VAL_METRICS:  # (found after an epoch)
                 close = difflib.get_close_matches(name.lower(), [f"val_{m}" for m in VAL_METRICS], n=1, cutoff=0.6)
