@@ -100,13 +100,22 @@ def test_a_calibration_fitted_on_few_images_or_worse_on_test_is_warned_of():
 def test_choose_threshold_rules_by_hand():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
-    # sensitivity >= 0.75: the highest threshold keeping 3 of 4 positives is 0.7; >= 1.0 needs 0.4
-    assert choose_threshold(y, p, "sensitivity", 0.75) == pytest.approx(0.7)
-    assert choose_threshold(y, p, "sensitivity", 1.0) == pytest.approx(0.4)
-    # specificity >= 1.0: the lowest threshold above every negative is 0.7
-    assert choose_threshold(y, p, "specificity", 1.0) == pytest.approx(0.7)
-    # Youden: t=0.7 gives 0.75 + 1 - 1 = 0.75; t=0.4 gives 1 + 0.75 - 1 = 0.75 (first max: higher threshold)
-    assert choose_threshold(y, p, "youden") == pytest.approx(0.7)
+    # Each threshold is placed halfway between the probability that decides and the next lower one (the labels
+    # it chose on, with a margin for an exported model's few-ulp differences).
+    # sensitivity >= 0.75: the highest threshold keeping 3 of 4 positives is at 0.7 (next lower 0.6); >= 1.0 at 0.4
+    assert choose_threshold(y, p, "sensitivity", 0.75) == pytest.approx(0.65)
+    assert choose_threshold(y, p, "sensitivity", 1.0) == pytest.approx(0.35)
+    # specificity >= 1.0: the lowest threshold above every negative is at 0.7
+    assert choose_threshold(y, p, "specificity", 1.0) == pytest.approx(0.65)
+    # Youden: at 0.7, 0.75 + 1 - 1 = 0.75; at 0.4, 1 + 0.75 - 1 = 0.75 (first max: the higher threshold)
+    assert choose_threshold(y, p, "youden") == pytest.approx(0.65)
+    assert choose_threshold(y, p[::-1].copy(), "sensitivity", 0.5) == pytest.approx(0.25)  # at 0.3, next lower 0.2
+    exported = np.nextafter(p, 0)  # an artifact's probabilities one ulp lower: the same labels, target kept
+    for target in (0.75, 1.0):
+        t = choose_threshold(y, p, "sensitivity", target)
+        assert (decide(np.c_[1 - exported, exported], t) == decide(np.c_[1 - p, p], t)).all()
+    low = np.array([0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.02])
+    assert choose_threshold(y, low, "sensitivity", 1.0) == pytest.approx(0.01)  # below the lowest: halfway to 0
     assert choose_threshold(y, p, "argmax") is None
     assert (decide(np.stack([1 - p, p], 1), 0.7) == (p >= 0.7)).all()
     with pytest.raises(ValueError, match="target"):
@@ -121,11 +130,11 @@ def test_the_nothing_positive_threshold_is_never_given_as_1_when_a_probability_i
     y = np.array([0, 0, 1, 1])
     at_one = np.array([1.0, 0.2, 0.9, 0.8])
     assert choose_threshold(y, at_one, "specificity", 1.0) == 1.0  # the most specific there is: 1 of 2 negatives
-    assert choose_threshold(y, at_one, "specificity", 0.5) == pytest.approx(0.8)  # reachable: the lowest that does
+    assert choose_threshold(y, at_one, "specificity", 0.5) == pytest.approx(0.5)  # reachable: at 0.8, to 0.2
     below = np.array([0.95, 0.2, 0.9, 0.8])
     t = choose_threshold(y, below, "specificity", 1.0)
     assert t == 1.0 and (decide(np.c_[1 - below, below], t)[y == 0] == 0).all()
-    assert choose_threshold(y, at_one, "sensitivity", 1.0) == pytest.approx(0.8)
+    assert choose_threshold(y, at_one, "sensitivity", 1.0) == pytest.approx(0.5)
 
 
 def test_stratified_resamples_keep_the_class_mix_and_are_seeded():
