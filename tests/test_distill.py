@@ -577,6 +577,27 @@ def test_kfold_driver_trains_teacher_then_student_per_fold(tmp_path):
     said.clear()
     run_kfold(recipe_from_dict(raw), tmp_path / "kfold", 2, log=said.append, teacher_overrides=["name=fold-teacher-b"])
     assert not any("already holds a run" in m for m in said) and kept.stat().st_mtime_ns != stamp
+    # A new k-fold run stopped in its fold 2 had left the earlier run's fold 2 (and kfold.md) beside the new fold 1,
+    # and --resume then refused that fold as another recipe's: the earlier folds go when the new run starts.
+    from edgekd.distill import folds as folds_module
+
+    real_run = folds_module.fold_run
+
+    def stopped_in_fold_2(train, rec, out, resume, log, progress):
+        if out.parent.name == "fold1":
+            raise KeyboardInterrupt
+        return real_run(train, rec, out, resume, log, progress)
+
+    other = recipe_from_dict({**raw, "train": {**raw["train"], "optimizer": {"lr": 0.0123}}})
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(folds_module, "fold_run", stopped_in_fold_2)
+        run_kfold(other, tmp_path / "kfold", 2, log=lambda m: None, teacher_overrides=["name=fold-teacher-b"])
+    assert not (tmp_path / "kfold" / "kfold.json").exists() and not (tmp_path / "kfold" / "kfold.md").exists()
+    assert not list((tmp_path / "kfold" / "fold1").rglob("*.pt")) and not (tmp_path / "kfold" / "fold1" /
+                                                                           "splits.json").exists()
+    resumed = run_kfold(other, tmp_path / "kfold", 2, log=lambda m: None, teacher_overrides=["name=fold-teacher-b"],
+                        resume=True)
+    assert len(resumed["runs"]) == 4 and (tmp_path / "kfold" / "fold1" / "splits.json").is_file()
 
 
 def test_kfold_distill_needs_teacher_recipe(tmp_path):

@@ -75,13 +75,17 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] | 
     refuse_fold_leaks(recipe, teacher_base)
     check_pool_for_folds(recipe, folds)  # before the first teacher trains (a bad pool had failed after it)
     split = split_mode(recipe, log)
+    if main and not resume:  # an earlier k-fold run's folds and summary go now, its later folds included: a stop
+        with deferred_signals():  # in fold 2 had left them beside the new fold 1, and --resume refused them
+            for run_dir in [out, *(d for d in out.glob("fold*/*") if d.is_dir())]:
+                remove_earlier_outputs(run_dir)
+            for fold_splits in out.glob("fold*/splits.json"):
+                fold_splits.unlink()
     rows: list[dict[str, Any]] = []
     for fold in range(folds):
         fold_dir = out / f"fold{fold}"
         log(f"k-fold: fold {fold + 1}/{folds} (held out as validation; runs in {fold_dir})")
         rec = fold_recipe(recipe, folds, fold, split)
-        if main:
-            write_fold_splits(fold_dir / "splits.json", rec)
         if teacher_base is not None:
             t_rec = fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, fold, split)
             t_res = fold_run(train_recipe, t_rec, fold_dir / "teacher", resume, log, progress)
@@ -92,13 +96,15 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] | 
         else:
             res = fold_run(train_recipe, rec, fold_dir / rec.role, resume, log, progress)
             rows.append(_row(fold, rec.role, rec, res))
+        if main:  # once the fold's runs took it (a refused --resume had rewritten it beside the earlier models)
+            write_fold_splits(fold_dir / "splits.json", rec)
     summary = summarize_folds(rows)
     unit = "patient" if split == "patient" else "image"
     table = folds_markdown(summary, recipe.name, folds, unit)
     result = {"name": recipe.name, "folds": folds, "split": split, "fold_unit": unit, "runs": rows,
               "summary": summary, "table_markdown": table, "machine": host_record()}
-    if main:  # an earlier run's results at the top of --out (e.g. a single run's best.pt) go when this one's come
-        with deferred_signals():  # (not at the start: a refused fold would have left neither)
+    if main:  # (a resumed run's top: what an earlier run left there goes as this one's results come)
+        with deferred_signals():
             remove_earlier_outputs(out)
             write_json(out / "kfold.json", result)
             write_text(out / "kfold.md", table + "\n")
