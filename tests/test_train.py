@@ -146,6 +146,7 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
     assert f"warning: {part_dir / 'last.pt'} was trained by 2 process(es), resumed by 1: the batch each step " \
         "averages (8 x processes) and the shards change" in logs
     assert trained == [1, 2]  # 0-based: epochs 2 and 3 only, epoch 1 is not trained again
+    assert not [line for line in logs if "CPU thread(s)" in line]  # the same thread count: nothing to say
     assert resumed.fit.history[0]["train_loss"] == pytest.approx(r1.fit.history[0]["train_loss"])
     assert [h["train_loss"] for h in resumed.fit.history] == pytest.approx([h["train_loss"] for h in full.fit.history], rel=1e-5)
     assert resumed.test["auc"] == pytest.approx(full.test["auc"])
@@ -180,6 +181,16 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
     # epoch 1's row comes from last.pt's trainer state (compared as JSON: an undefined figure, NaN, equals itself)
     assert json.dumps(other.fit.history[0], sort_keys=True) == json.dumps(resumed.fit.history[0], sort_keys=True)
     assert other.fit.history[1]["train_loss"] != pytest.approx(resumed.fit.history[1]["train_loss"], rel=1e-3)
+    # Another thread count than the stopped session's (OMP_NUM_THREADS, another machine) with train.threads unset:
+    # the figures may differ in the last digits; it had gone without a word (an explicit train.threads is refused).
+    other_threads = torch.get_num_threads() + 3
+    state["trainer"]["sessions"] = [{**state["trainer"]["sessions"][-1], "threads": other_threads}]
+    trained.clear()
+    logs.clear()
+    moved = interrupted("threads", state["state_dict"])
+    train_recipe(recipe_from_dict(base), moved, resume=True, log=logs.append)
+    assert f"warning: {moved / 'last.pt'} was trained on {other_threads} CPU thread(s), resumed on " \
+        f"{torch.get_num_threads()}: the figures can differ in the last digits" in " ".join(logs)
 
 
 def test_resume_refuses_another_recipe(tiny_recipe_dict, tmp_path):

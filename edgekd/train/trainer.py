@@ -585,6 +585,11 @@ class Trainer:
         if not finished and before is not None and before != distributed.world_size():
             self.log(f"warning: {path} was trained by {before} process(es), resumed by {distributed.world_size()}: "
                      f"the batch each step averages ({self.data.cfg.batch_size} x processes) and the shards change")
+        threads = self.sessions[-1].get("threads") if self.sessions else None  # the session it was stopped in
+        if not finished and path is not None and threads and threads != torch.get_num_threads():
+            self.log(f"warning: {path} was trained on {threads} CPU thread(s), resumed on {torch.get_num_threads()}: "
+                     "the figures can differ in the last digits from a run that kept one count (train.threads "
+                     "fixes it; OMP_NUM_THREADS or another machine's cores had changed it without a word)")
         self._start_fit(trains=not finished)
         val_loader = self.data.loader("val", train=False)
         tracker = (Tracker.from_recipe(self.recipe, self.out, self.track_part, resume=path is not None, log=self.log)
