@@ -311,9 +311,12 @@ def test_a_patient_share_smaller_than_the_class_count_is_named_as_the_cause():
     """1/10 of 26 patients is 2-3 patients, fewer than 4 classes: the error had named a class of 6 patients."""
     groups = np.repeat(np.arange(26), 4)
     labels = np.repeat(np.arange(26) % 4, 4)
-    with pytest.raises(EdgeKDError, match=r"^carving the val split by patient: 1/10 of the 26 patients is about 3, "
+    with pytest.raises(EdgeKDError, match=r"^carving the val split by patient: 1/10 of the 26 patients is at most 3, "
                                           r"fewer than the 4 classes that each need a patient there; a larger "):
         group_split(labels, groups, 0.1, 0, "the val split")
+    lone = np.repeat([0] * 10 + [1] * 10 + [2] * 5 + [3], 2)  # a class of one patient: that is the cause to name
+    with pytest.raises(EdgeKDError, match=r"no draw of 1/10 of the 26 patients .* \(class id 3 has 1 patient\)"):
+        group_split(lone, np.repeat(np.arange(26), 2), 0.1, 0, "the val split")
     keep, held = group_split(labels, groups, 0.25, 0, "the val split")  # about 6 patients: every class on both sides
     assert set(labels[held]) == set(labels[keep]) == {0, 1, 2, 3}
 

@@ -1262,6 +1262,14 @@ def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoint(tmp_path):
     with pytest.raises(EdgeKDError, match=r"a folder, not a checkpoint file \(best.pt\); a k-fold run, one checkpoint "
                                           r"per fold: \S+/fold0/teacher/best.pt \.\.\. \S+/fold1/teacher/best.pt$"):
         load_checkpoint(kfold)
+    for i in range(2, 11):  # a distill k-fold run: both roles, fold10 after fold9
+        for role in ("student", "teacher"):
+            (kfold / f"fold{i}" / role).mkdir(parents=True, exist_ok=True)
+            (kfold / f"fold{i}" / role / "best.pt").write_bytes(b"PK\x03\x04")
+    with pytest.raises(EdgeKDError, match=r"a k-fold run, one checkpoint per fold and role: \S+/fold2/student/best.pt "
+                                          r"\.\.\. \S+/fold10/student/best.pt; \S+/fold0/teacher/best.pt \.\.\. "
+                                          r"\S+/fold10/teacher/best.pt$"):
+        load_checkpoint(kfold)
 
 
 def test_swa_batchnorm_update_leaves_a_last_batch_of_one_image_out(tiny_recipe_dict, tmp_path):
@@ -1358,6 +1366,11 @@ def test_the_data_line_says_which_splits_were_drawn_and_whether_by_patient(tmp_p
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     recipe = recipe_from_dict({**raw, "data": {**raw["data"], "source": "csv", "path": str(tmp_path / "m.csv")}})
     assert data_summary(build_data(recipe), recipe).endswith("16 px; val and test drawn by patient")
+    rows = ["path,label,patient_id"] + [f"{f},{f.parent.name},p{i}" for i, f in enumerate(files)]
+    (tmp_path / "one.csv").write_text("\n".join(rows) + "\n")  # one image a patient: stratified may split it
+    recipe = recipe_from_dict({**raw, "data": {**raw["data"], "source": "csv", "path": str(tmp_path / "one.csv"),
+                                               "split": "stratified"}})
+    assert data_summary(build_data(recipe), recipe).endswith("; val and test drawn by image (data.split stratified)")
     (root / "train").mkdir()  # given splits: nothing drawn, nothing said
     for split in ("train", "val", "test"):
         for cls in ("a", "b"):

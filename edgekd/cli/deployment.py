@@ -294,7 +294,7 @@ def repository(
     STATE["on_interrupt"] = lambda: (f"it had finished: model '{done[0].model_name}' version {version} is in {out}"
                                      if done else None)
     repo = write_repository(bundle, kind, out, precision, name, 32 if max_batch is None else max_batch,
-                            2000 if queue_delay_us is None else queue_delay_us, base_path or "/models", version, add,
+                            2000 if queue_delay_us is None else queue_delay_us, "/models" if base_path is None else base_path, version, add,
                             on_published=done.append)
     for rel, digest in repo.files.items():
         out_console.print(f"{escape(rel)}  sha256 {digest}")

@@ -83,12 +83,12 @@ def group_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
         keep = np.setdiff1d(np.arange(len(labels)), held)
         if all(np.isin(present, labels[side]).all() for side in (keep, held)):
             return np.sort(keep), np.sort(held)
-    held_patients = n_groups * taken / n_splits
-    if held_patients < len(present):  # the class named below had looked like the cause (6 patients of 26)
-        raise EdgeKDError(f"carving {what} by patient: {taken}/{n_splits} of the {n_groups} patients is about "
-                          f"{held_patients:.0f}, fewer than the {len(present)} classes that each need a patient there; "
-                          f"a larger data.val_fraction / data.test_fraction, more patients, or {GIVE_SPLITS}")
     short, count = fewest_units(labels, groups)
+    held_patients = -(-n_groups * taken // n_splits)  # the most a draw of taken/n_splits holds (its folds' sizes)
+    if count >= 2 and held_patients < len(present):  # the class named below had looked like the cause (6 of 26)
+        raise EdgeKDError(f"carving {what} by patient: {taken}/{n_splits} of the {n_groups} patients is at most "
+                          f"{held_patients}, fewer than the {len(present)} classes that each need a patient there; "
+                          f"a larger data.val_fraction / data.test_fraction, more patients, or {GIVE_SPLITS}")
     fix = (f"a class needs a patient on each side: give it more patients, or {GIVE_SPLITS[5:]}" if count < 2 else
            f"{GIVE_SPLITS}, or another data.val_fraction / data.test_fraction")
     raise EdgeKDError(f"carving {what} by patient: no draw of {taken}/{n_splits} of the {n_groups} patients keeps every "

@@ -32,8 +32,9 @@ def load_teacher(path: str | Path, teacher_recipe: str | None = None,
         if folder.is_dir() and is_bundle(folder):
             held = f"{folder} is an exported bundle; give the training run's best.pt it was exported from"
         elif held.startswith("a k-fold run"):  # its best.pt had been asked for; the hint would retrain over it
-            held = (f"{folder} is {held}: give one (or train this recipe with --folds K: each fold's student then "
-                    "learns from its own fold's teacher)")
+            held = f"{folder} is {held}: give one" + (" (or train this recipe with --folds K: each fold's student "
+                                                       "then learns from its own fold's teacher)"
+                                                       if key == "distill.teacher" else "")
         if held or given.is_dir():
             raise EdgeKDError(f"{key}: {path} is not a checkpoint file: {held or 'a folder holding no best.pt'}")
         how = (f"run `edgekd train {teacher_recipe} --out {given.parent}` first" if teacher_recipe

@@ -329,9 +329,9 @@ def _metadata(service: Service) -> dict:
         "operating_point": {"calibration": meta.get("calibration"),
                             "threshold": threshold, "positive_class": runner.class_names[positive] if threshold
                             is not None else None, "decision": meta.get("decision"),
-                            "threshold_from": "bundle" if threshold == own else
+                            "threshold_from": None if threshold is None else "bundle" if threshold == own else
                             "serve --threshold (the `decision` entry, with its validation figures, is the bundle's "
-                            "rule, not this service's)"},
+                            "rule, not this service's)" if meta.get("decision") else "serve --threshold"},
         "tasks": meta.get("tasks"), "task": runner.task,
         "card": meta.get("card"), "metrics": meta.get("metrics"),
         "serving": {**runner.info, "tta_views": runner.tta_views.names if runner.tta else None,

@@ -30,11 +30,17 @@ def checkpoints_in_folder(path: Path) -> str:
     found = next((path / n for n in ("best.pt", "model.pt") if (path / n).is_file()), None)
     if found:
         return f"its checkpoint is {found}"
-    folds = sorted(path.glob("fold*/*/best.pt"))
-    if folds:  # edgekd train --folds: fold<i>/<role>/best.pt, each trained without its fold's val images
-        return (f"a k-fold run, one checkpoint per fold: {folds[0]}"
-                + (f" ... {folds[-1]}" if len(folds) > 1 else ""))
-    return ""
+    runs: dict[str, list[Path]] = {}  # edgekd train --folds: fold<i>/<role>/best.pt, each without its fold's val
+    for found in path.glob("fold*/*/best.pt"):
+        if found.parent.parent.name[4:].isdigit():
+            runs.setdefault(found.parent.name, []).append(found)
+    if not runs:
+        return ""
+    spans = []
+    for role in sorted(runs):
+        ordered = sorted(runs[role], key=lambda p: int(p.parent.parent.name[4:]))  # fold10 after fold9
+        spans.append(f"{ordered[0]}" + (f" ... {ordered[-1]}" if len(ordered) > 1 else ""))
+    return f"a k-fold run, one checkpoint per fold{' and role' if len(runs) > 1 else ''}: {'; '.join(spans)}"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

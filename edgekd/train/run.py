@@ -195,7 +195,8 @@ def data_summary(data: DataModule, recipe) -> str:
     said whether it removed hair)."""
     counts = " / ".join(f"{len(data.tables[s])} {s}" for s in ("train", "val", "test") if s in data.tables)
     hair = describe_hair_removal(data.preprocess)
-    by = "patient" if data.tables["train"].groups is not None else "image (no patient ids)"
+    by = ("image (no patient ids)" if data.tables["train"].groups is None else
+          "image (data.split stratified)" if recipe.data.split == "stratified" else "patient")
     carved = f"; {' and '.join(data.carved)} drawn by {by}" if getattr(data, "carved", None) else ""
     return (f"data: {data.source_name}, {counts} images, {data.num_classes} classes, {recipe.data.image_size} px"
             + carved + (f"; {hair}" if hair else ""))
