@@ -1265,6 +1265,27 @@ def test_the_card_gives_the_rounding_allowance_and_marks_flat_grad_cam_maps():
     assert "1 of 2 maps are flat" in text
 
 
+def test_a_gate_looser_than_the_defaults_is_named_in_the_card():
+    """A profile with every INT8 limit null (or max_abs 0.5) read "pass" in the card without a word that the gate
+    was not edgekd's."""
+    from edgekd.export.bundle import _parity_section
+    from edgekd.export.profile import loosened_tolerances, profile_from_dict
+
+    loose = profile_from_dict({"parity": {"tolerances": {"int8": {"top1_agreement": None, "acc_drop": 0.02},
+                                                         "fp32": {"max_abs": 0.5}, "fp16": {"max_abs": 0.001}}}})
+    assert loosened_tolerances(loose.parity.tolerances, {"fp32", "int8"}) == [
+        "fp32 max_abs 0.5 (default 0.0001)", "int8 top1_agreement off (default 0.98)", "int8 acc_drop 0.02 (default 0.01)"]
+    assert loosened_tolerances(loose.parity.tolerances, {"fp16"}) == []  # stricter than the default: nothing to say
+    assert loosened_tolerances(profile_from_dict({}).parity.tolerances, {"fp32", "fp16", "int8"}) == []
+    parity = {"reference": {"split_images": {"val": 40}}, "images": 4, "inputs": 24, "batch_size": 7,
+              "metric_split": "val", "rounding_factor": 10, "artifacts": [], "loosened_gate": ["int8 acc_drop 0.02 "
+                                                                                              "(default 0.01)"]}
+    text = "\n".join(_parity_section(parity, {"views": ["original"]}))
+    assert "**The gate is looser than edgekd's defaults** (the export profile's settings): int8 acc_drop 0.02" in text
+    del parity["loosened_gate"]
+    assert "looser" not in "\n".join(_parity_section(parity, {"views": ["original"]}))
+
+
 def test_the_rounding_allowance_is_measured_on_the_same_images_whatever_the_tta_views():
     """A diverged model (logits ~1.5e3) failed FP32 parity under the default 6-view profile and passed under a
     1-view one: its float64 rounding was sampled from other rows, 5e5-fold apart."""

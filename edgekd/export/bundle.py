@@ -217,6 +217,10 @@ def _parity_section(parity: dict[str, Any], tta: dict[str, Any]) -> list[str]:
                      f"{_num(rec.get('mean_abs_diff'), '.2e')} | {_pct(rec.get('top1_agreement'))} | "
                      f"{_num(drop.get('acc'))} | {_num(drop.get('auc'))} | {tol} | "
                      f"{'pass' if rec['passed'] else 'FAIL (not shipped)'} |")
+    if parity.get("loosened_gate"):
+        lines += ["", "**The gate is looser than edgekd's defaults** (the export profile's settings): "
+                  f"{'; '.join(parity['loosened_gate'])}. A \"pass\" above is against these limits; the default "
+                  "gate might have refused the artifact."]
     lines += _runner_lines(parity.get("runner"))
     if parity.get("dropped"):
         lines += ["", "## Not shipped", "", "These artifacts were built and failed the gate; `parity.on_fail: drop` "

@@ -263,6 +263,21 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def loosened_tolerances(tolerances: Tolerances, precisions) -> list[str]:
+    """The gate limits of `precisions` a profile sets looser than edgekd's defaults (DEFAULTS) or switches off,
+    e.g. "int8 top1_agreement off (default 0.98)": the card and the export's console say so (a profile with every
+    INT8 limit null had read "pass" without a word)."""
+    looser = []
+    for precision, default in DEFAULTS["parity"]["tolerances"].items():
+        if precision not in precisions:
+            continue
+        for key, limit in default.items():
+            value = getattr(getattr(tolerances, precision), key)
+            if value is None or (value < limit if key == "top1_agreement" else value > limit):
+                looser.append(f"{precision} {key} {'off' if value is None else f'{value:g}'} (default {limit:g})")
+    return looser
+
+
 def profile_from_dict(raw: dict[str, Any] | None, where: str = "export profile") -> ExportProfile:
     """Validate a profile mapping over the defaults (a partial `tolerances.fp16` keeps the other fp16 limits)."""
     if raw is not None and not isinstance(raw, dict):
