@@ -843,6 +843,9 @@ def test_input_size_override_rescales_preprocessing(tmp_path, monkeypatch):
     assert result.metadata["preprocess"]["center_crop"] == 24
     trained = load_checkpoint(ckpt)["preprocess"]["input_size"][-1]
     assert f"warning: exporting at input_size 24, the model trained at {trained} px" in "\n".join(said)
+    assert result.metadata["model"]["trained_input_size"] == trained  # the card said nothing of it
+    assert f"**the model trained at {trained} px** and is exported at another size" in (tmp_path / "b" /
+                                                                                      "card.md").read_text()
     # the card's Grad-CAM images (and their predicted/p) go through the bundle's 24 px preprocessing, not training's
     assert shapes == [(4, 3, 24, 24)]
     x = np.zeros((3, 3, 24, 24), np.float32)

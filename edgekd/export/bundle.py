@@ -373,7 +373,10 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         f"edgekd {metadata['edgekd_version']}; created {metadata['created']}",
         *_provenance_lines(model),
         f"- Input: {pre['input_size']} {pre['layout']} float32 named `{metadata['io']['input']}`, output "
-        f"`{metadata['io']['output']}` (N, {len(metadata['class_names'])}), dynamic batch",
+        f"`{metadata['io']['output']}` (N, {len(metadata['class_names'])}), dynamic batch"
+        + (f"; **the model trained at {model['trained_input_size']} px** and is exported at another size (the "
+           "export profile's input_size): every figure here is at the exported size"
+           if model.get("trained_input_size") else ""),
         f"- Preprocessing: {pre['channel_order']}, "
         + (f"{describe_hair_removal(pre)}, " if pre.get("hair_removal") else "")
         + f"resize shorter side to {pre['resize']} ({pre['interpolation']}), "

@@ -266,6 +266,8 @@ def _bundle_metadata(model, ckpt: dict[str, Any], checkpoint: Path, data, profil
                   "dataset": ckpt.get("dataset"), "recipe_digest": ckpt.get("recipe_digest"),
                   "checkpoint": checkpoint.name, "checkpoint_path": str(checkpoint.resolve()),
                   "checkpoint_sha256": sha256_file(checkpoint), "init_weights": ckpt.get("init_weights"),
+                  **({"trained_input_size": ckpt["preprocess"]["input_size"][-1]}  # the profile's input_size differs
+                     if ckpt["preprocess"]["input_size"][-1] != preprocess["input_size"][-1] else {}),
                   **({"fused_blocks": fusion["blocks"], "fusion_check": {k: v for k, v in fusion.items() if k != "blocks"}}
                      if fusion else {})},
         "class_names": list(ckpt["class_names"]),
