@@ -853,6 +853,19 @@ def test_input_size_override_rescales_preprocessing(tmp_path, monkeypatch):
     assert out.shape == (3, 2)
 
 
+def test_an_input_size_the_model_cannot_take_is_a_one_line_error():
+    """A ViT built for 32 px exported with input_size 64 ended in timm's AssertionError, exit 1, after the work."""
+    import timm
+
+    from edgekd.export.run import _check_takes_size
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=2, pretrained=False, depth=1)
+    with pytest.raises(EdgeKDError, match=r"^export profile input_size 64: the model \(trained at 32 px\) does not "
+                                          r"take 64 px inputs \(AssertionError: Input height \(64\)"):
+        _check_takes_size(vit, [3, 64, 64], {"preprocess": {"input_size": [3, 32, 32]}})
+    _check_takes_size(vit, [3, 32, 32], {"preprocess": {"input_size": [3, 32, 32]}})  # its own size: not even run
+
+
 @pytest.mark.slow
 def test_int8_accuracy_control_mode(tmp_path):
     ckpt = make_checkpoint(tmp_path, "edgekd_cnn_tiny", train_epochs=1)

@@ -187,6 +187,20 @@ def _check_space(model, n_artifacts: int, out: Path, zip_bundle: bool) -> Path:
     return scratch_root
 
 
+def _check_takes_size(model: torch.nn.Module, input_size: list[int], ckpt: dict[str, Any]) -> None:
+    """A profile input_size the model cannot take (a ViT built for a fixed size: timm's AssertionError) is a
+    one-line error before any work (it had ended the export with exit 1 after the reference run)."""
+    if input_size[-1] == ckpt["preprocess"]["input_size"][-1]:
+        return
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise EdgeKDError(f"export profile input_size {input_size[-1]}: the model (trained at "
+                          f"{ckpt['preprocess']['input_size'][-1]} px) does not take {input_size[-1]} px inputs "
+                          f"({exception_line(err)})") from None
+
+
 def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: list[str], input_size: int | None,
                      layout: TaskLayout | None = None, log: Callable[[str], None] = print):
     """The checkpoint's data (its embedded recipe with the overrides; a continual checkpoint's: all its tasks,
@@ -706,6 +720,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     continual = _retention_gate(layout, profile, allow_forgetting, log) if layout is not None else None
     scratch_root = _check_space(model, len(plan), out, zip_bundle)
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout, log)
+    _check_takes_size(model, data.preprocess["input_size"], ckpt)
     profile = with_recipe_positive(profile, data)
     _note_thread_cap(profile, log)
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
