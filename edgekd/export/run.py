@@ -670,10 +670,14 @@ def _continual_metadata(layout: TaskLayout | None, continual: dict[str, Any] | N
     return extra
 
 
-def _note_thread_cap(profile: ExportProfile, log: Callable[[str], None]) -> None:
+def _note_profile(profile: ExportProfile, plan, log: Callable[[str], None]) -> None:
+    """What the export is told before its work: threads over the cores, a gate looser than the defaults."""
     if profile.threads and profile.run_threads() != profile.threads:
         log(f"threads {profile.threads} is over this machine's {profile.run_threads()} cores: the export runs on "
             f"{profile.run_threads()}; the bundle's hint stays {profile.threads} (a runner caps it to its cores)")
+    loose = loosened_tolerances(profile.parity.tolerances, {p for _, p in plan})
+    if loose:
+        log(f"warning: export profile {profile.origin} loosens the parity gate: {'; '.join(loose)} (the card says so)")
 
 
 def _retention_gate(layout: TaskLayout, profile: ExportProfile, allow_forgetting: bool | str,
@@ -711,10 +715,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     checkpoint first passes the retention gate (RetentionGateError unless `allow_forgetting`); a
     multi-head one is parity-checked per head. `lineage` (from `edgekd update`) goes into edgekd.json.
     `progress`: the CLI's progress bar (one step per artifact, INT8 calibration images), or None."""
-    checkpoint, named, (out, replacing) = Path(checkpoint), Path(out), export_target(out)
+    checkpoint, named, (out, replacing), log = Path(checkpoint), Path(out), export_target(out), log or silent
     refuse_output_inside(out, [checkpoint], replaces=True)  # a best.pt kept in the bundle it replaces
     profile, plan = export_arguments(profile, formats, precisions)
-    log = log or silent
     model, ckpt = model_from_checkpoint(checkpoint)
     layout = task_layout(ckpt)
     continual = _retention_gate(layout, profile, allow_forgetting, log) if layout is not None else None
@@ -722,7 +725,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     data = _checkpoint_data(ckpt, checkpoint, data_overrides or [], profile.input_size, layout, log)
     _check_takes_size(model, data.preprocess["input_size"], ckpt)
     profile = with_recipe_positive(profile, data)
-    _note_thread_cap(profile, log)
+    _note_profile(profile, plan, log)
     parity_set, n_images, image_channels = _parity_set_of(data, profile, layout, log)
     deployed, fusion, rounding = deployable(model, profile, parity_set, log)
     reference = _reference(deployed, parity_set, profile, ckpt, log)
@@ -746,9 +749,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
                             rounding)
                 advance()
         parity = _parity_report(checkpoint, n_images, profile, parity_set, reference, outcome)
-        if parity.get("loosened_gate"):
-            log(f"warning: export profile {profile.origin} loosens the parity gate: "
-                f"{'; '.join(parity['loosened_gate'])} (the card says so)")
         artifacts = _gate(outcome, parity, stage, profile.parity.on_fail, checkpoint, out, log)
         metadata = {**metadata, "artifacts": artifacts, "parity": PARITY_FILE,
                     "reliability": write_reliability(stage, reference, parity_set.splits, reference["clinical"])}
