@@ -376,6 +376,23 @@ def test_export_one_class_warning_is_per_task_on_a_multi_head_model():
     assert found[0].startswith("val (task A) ACC 0.6667 is no better") and "(0.6667)" in found[0]
 
 
+def test_a_single_head_decision_or_calibration_on_a_multi_head_model_is_refused_not_dropped():
+    """A profile's sensitivity rule or Platt scaling was dropped without a word for a multi-head model (a
+    single-head multi-class one refuses such a rule)."""
+    from edgekd.export.parity import ParitySet
+    from edgekd.export.run import _clinical
+
+    y = np.array([0, 1, 2, 3, 4, 2])
+    x = np.zeros((6, 3, 8, 8), np.float32)
+    heads = ParitySet(x, [], {"val": (x, y)}, [("A", 0, 2), ("B", 2, 5)])
+    for raw, said in (({"decision": {"rule": "sensitivity", "target": 0.9}}, "decision.rule sensitivity"),
+                      ({"calibration": {"method": "platt"}}, "calibration.method platt")):
+        with pytest.raises(EdgeKDError, match=rf"^export profile default: {said} is for a single-head model; a "
+                                              "multi-head model's heads each label by their top class"):
+            _clinical({}, heads, profile_from_dict(raw), {"class_names": []}, lambda *_: None)
+    assert _clinical({}, heads, profile_from_dict({}), {"class_names": []}, lambda *_: None) == {}
+
+
 def test_update_runs_in_a_folder_per_output_bundle(world, tmp_path, monkeypatch):
     """Two updates of one parent to two bundles must not share a run folder: the second would overwrite the
     checkpoint the first bundle names (it then failed its manifest check)."""

@@ -644,6 +644,12 @@ def _clinical(reference: dict[str, Any], parity_set: ParitySet, profile: ExportP
               log: Callable[[str], None]) -> dict[str, Any]:
     """The operating point (calibration + decision); none for a multi-head model (both need a single task)."""
     if parity_set.heads is not None:
+        asked = [f"{key} {value}" for key, value, default in (
+            ("decision.rule", profile.decision.rule, "argmax"),
+            ("calibration.method", profile.calibration.method, "temperature")) if value not in (default, "none")]
+        if asked:  # a single-head multi-class model refuses such a rule; a multi-head one had dropped it silently
+            raise EdgeKDError(f"export profile {profile.origin}: {', '.join(asked)} is for a single-head model; a "
+                              "multi-head model's heads each label by their top class (use the defaults)")
         log("multi-head model: no calibration temperature or decision threshold (labels: each head's top class)")
         return {}
     clinical = operating_point(reference, parity_set.splits, profile, list(ckpt["class_names"]))
