@@ -852,6 +852,14 @@ def test_a_checkpoint_where_a_bundle_goes_and_back_is_named_for_what_it_is(train
     assert_refused(invoke(capsys, "eval", trained["ckpt"], "--out", trained["run"]),
                    f"--out {trained['run']}: holds a metrics.json that is not an earlier eval's (a training run's?)")
     assert (Path(trained["run"]) / "metrics.json").read_bytes() == record
+    # ... and a run still training (last.pt, no metrics.json yet): the eval's would be replaced by the run's, or
+    # would replace it when it finished during the eval
+    running = tmp_path / "running"
+    running.mkdir()
+    (running / "last.pt").write_bytes((Path(trained["run"]) / "last.pt").read_bytes())
+    assert_refused(invoke(capsys, "eval", trained["ckpt"], "--out", running),
+                   f"--out {running}: a training run's folder (its metrics.json is the run's")
+    assert not (running / "metrics.json").exists()
     # explain reads a folder's images now, but never writes its overlays into a folder it reads
     assert_refused(invoke(capsys, "explain", trained["ckpt"], tmp_path, "--out", tmp_path / "x"),
                    f"--out {tmp_path / 'x'}: is inside the input {tmp_path}")

@@ -197,10 +197,13 @@ def refuse_other_metrics(out: Path, checkpoint: Path, writes: bool = True) -> No
     """An eval that `writes` metrics.json never replaces one in --out that is not an earlier eval's (one naming its
     `checkpoint`): a training run's folder had lost its record (best epoch, val figures, sessions) to the eval's."""
     # (an --out that is a file: refused by staged_files)
+    default = checkpoint.parent / f"eval_{checkpoint.stem}"
     if writes and (out / "metrics.json").is_file() and earlier_eval(out) is None:
-        default = checkpoint.parent / f"eval_{checkpoint.stem}"
         raise EdgeKDError(f"--out {out}: holds a metrics.json that is not an earlier eval's (a training run's?), "
                           f"which this evaluation would replace; write it elsewhere (the default is {default})")
+    if writes and any((out / name).is_file() for name in ("last.pt", "model.pt")):  # still training: no metrics.json
+        raise EdgeKDError(f"--out {out}: a training run's folder (its metrics.json is the run's, written at its end); "
+                          f"write the evaluation elsewhere (the default is {default})")
 
 
 def earlier_eval(out: Path) -> dict | None:
