@@ -85,7 +85,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     (out / ".last.pt.crashed.tmp").write_bytes(b"half a checkpoint")  # as if killed inside torch.save
     resumed = subprocess.run(_command(path, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {out / 'last.pt'} at epoch {done}" in resumed.stderr
+    assert f"resumed from {out / 'last.pt'} after epoch {done} (training goes on at epoch {done + 1})" in resumed.stderr
     assert f"epoch {done}/{EPOCHS} " not in resumed.stderr  # finished epochs are not trained again
 
     assert _history(out) == _history(tmp_path / "full")

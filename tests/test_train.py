@@ -142,7 +142,7 @@ def test_resume_matches_uninterrupted(tiny_recipe_dict, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_epoch", spy)
     part_dir, logs = interrupted("part", state["state_dict"]), []
     resumed = train_recipe(recipe_from_dict(base), part_dir, resume=True, log=logs.append)
-    assert f"resumed from {part_dir / 'last.pt'} at epoch 1" in logs
+    assert f"resumed from {part_dir / 'last.pt'} after epoch 1 (training goes on at epoch 2)" in logs
     assert f"warning: {part_dir / 'last.pt'} was trained by 2 process(es), resumed by 1: the batch each step " \
         "averages (8 x processes) and the shards change" in logs
     assert trained == [1, 2]  # 0-based: epochs 2 and 3 only, epoch 1 is not trained again

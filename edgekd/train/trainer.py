@@ -386,7 +386,8 @@ class Trainer:
         self.bad_epochs, self.nonfinite = st["bad_epochs"], st["nonfinite"]
         # absent from checkpoints before 2026-12-05: their time and sessions before the resume are not known
         self.prior_seconds, self.sessions = st.get("train_seconds", 0.0), list(st.get("sessions", []))
-        self.log(f"resumed from {path} at epoch {self.epoch}")
+        self.log(f"resumed from {path} after epoch {self.epoch}"
+                 + (f" (training goes on at epoch {self.epoch + 1})" if self.epoch < self.cfg.epochs else ""))
         self.resumed_from = (path, st.get("world_size"))  # absent from checkpoints before 2026-12-05
         return ckpt
 
