@@ -75,6 +75,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] | 
     refuse_fold_leaks(recipe, teacher_base)
     check_pool_for_folds(recipe, folds)  # before the first teacher trains (a bad pool had failed after it)
     split = split_mode(recipe, log)
+    split_tables(fold_recipe(recipe, folds, 0, split))  # folds the data cannot hold: refused before anything goes
     if main and not resume:  # an earlier k-fold run's folds and summary go now, its later folds included: a stop
         with deferred_signals():  # in fold 2 had left them beside the new fold 1, and --resume refused them
             for run_dir in [out, *(d for d in out.glob("fold*/*") if d.is_dir())]:
