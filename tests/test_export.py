@@ -1290,7 +1290,8 @@ def test_a_gate_looser_than_the_defaults_is_named_in_the_card():
     loose = profile_from_dict({"parity": {"tolerances": {"int8": {"top1_agreement": None, "acc_drop": 0.02},
                                                          "fp32": {"max_abs": 0.5}, "fp16": {"max_abs": 0.001}}}})
     assert loosened_tolerances(loose.parity.tolerances, {"fp32", "int8"}) == [
-        "fp32 max_abs 0.5 (default 0.0001)", "int8 top1_agreement off (default 0.98)", "int8 acc_drop 0.02 (default 0.01)"]
+        "fp32 max_abs 0.5 (default 0.0001)", "int8 top1_agreement off (default 0.98)",
+        "int8 acc_drop 0.02 (default 0.01)"]
     assert loosened_tolerances(loose.parity.tolerances, {"fp16"}) == []  # stricter than the default: nothing to say
     assert loosened_tolerances(profile_from_dict({}).parity.tolerances, {"fp32", "fp16", "int8"}) == []
     parity = {"reference": {"split_images": {"val": 40}}, "images": 4, "inputs": 24, "batch_size": 7,

@@ -293,9 +293,10 @@ def repository(
     done: list = []  # a stop that lands while the model is put in place is delivered after: say it had finished
     STATE["on_interrupt"] = lambda: (f"it had finished: model '{done[0].model_name}' version {version} is in {out}"
                                      if done else None)
-    repo = write_repository(bundle, kind, out, precision, name, 32 if max_batch is None else max_batch,
-                            2000 if queue_delay_us is None else queue_delay_us, "/models" if base_path is None else base_path, version, add,
-                            on_published=done.append)
+    given = {k: v for k, v in (("max_batch_size", max_batch), ("queue_delay_us", queue_delay_us),
+                               ("base_path", base_path)) if v is not None}  # the rest: write_repository's defaults
+    repo = write_repository(bundle, kind, out, precision, name, version=version, add=add, on_published=done.append,
+                            **given)
     for rel, digest in repo.files.items():
         out_console.print(f"{escape(rel)}  sha256 {digest}")
     for note in repo.notes:

@@ -475,9 +475,10 @@ def warn_shared_patients(what: str, trained: Table, data: DataModule, whose: str
     seen = {str(g) for g in trained.groups}
     for split in splits:
         groups = data.tables[split].groups if split in data.tables else None
-        shared = sorted({str(g) for g in groups} & seen) if groups is not None else []
+        mine = {str(g) for g in groups} if groups is not None else set()
+        shared = sorted(mine & seen)
         if shared:
-            log(f"warning: {what} trained on images of {len(shared)} of {whose} {len(set(map(str, groups)))} {split} "
+            log(f"warning: {what} trained on images of {len(shared)} of {whose} {len(mine)} {split} "
                 f"patients (the same patient ids, e.g. {', '.join(shared[:3])}): if they are the same people, the "
                 f"{split} figures are on patients it learned")
 

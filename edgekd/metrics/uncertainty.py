@@ -56,9 +56,9 @@ def choose_threshold(labels: np.ndarray, p_positive: np.ndarray, rule: str, targ
 
 def threshold_between(thresholds: np.ndarray, k: int) -> float:
     """The threshold that labels these images as roc_curve's candidate k (an image's own probability; +inf: nothing
-    positive, and 1.0 itself: 1.0) does, halfway to the next lower probability: on the candidate itself, an exported model's
-    probability a few ulps lower had flipped that image (a sensitivity-0.97 bundle gave 0.96 on its own val
-    images). No image lies between the two, so the labels chosen on are the same."""
+    positive, and 1.0 itself: 1.0) does, halfway to the next lower probability: on the candidate itself, an
+    exported model's probability a few ulps lower had flipped that image (a sensitivity-0.97 bundle gave 0.96 on
+    its own val images). No image lies between the two, so the labels chosen on are the same."""
     if thresholds[k] >= 1.0:  # +inf (nothing positive), or images at 1.0, the most specific any threshold gets
         return 1.0
     lower = thresholds[k + 1] if k + 1 < len(thresholds) else 0.0

@@ -30,8 +30,8 @@ class ServeSettings:
     decode_threads: int = 2
     max_megapixels: float = 64.0
     """The largest image decoded, in millions of pixels (checked from its header, before decoding); at most the
-    runtime's own 64: a 64-MP RGB decode holds ~450 MB (the decoded image and its array; benchmarks/hostile.py), times the
-    decoder threads."""
+    runtime's own 64: a 64-MP RGB decode holds ~450 MB (the decoded image and its array; benchmarks/hostile.py),
+    times the decoder threads."""
 
 
 def is_loopback(host: str) -> bool:

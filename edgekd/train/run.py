@@ -197,7 +197,7 @@ def data_summary(data: DataModule, recipe) -> str:
     hair = describe_hair_removal(data.preprocess)
     by = ("image (no patient ids)" if data.tables["train"].groups is None else
           "image (data.split stratified)" if recipe.data.split == "stratified" else "patient")
-    carved = f"; {' and '.join(data.carved)} drawn by {by}" if getattr(data, "carved", None) else ""
+    carved = f"; {' and '.join(data.carved)} drawn by {by}" if data.carved else ""
     return (f"data: {data.source_name}, {counts} images, {data.num_classes} classes, {recipe.data.image_size} px"
             + carved + (f"; {hair}" if hair else ""))
 
