@@ -115,6 +115,12 @@ def test_multi_head_bundle_records_tasks_and_passes_parity_per_head(world):
     for rec in parity["artifacts"]:
         assert rec["passed"] and set(rec["heads"]) == {"A", "B"}
         assert rec["heads"]["B"]["outputs"] == [2, 5] and rec["heads"]["B"]["max_abs_diff"] < 1e-4
+        # each head's agreement is on its own task's parity inputs, half of them each
+        assert rec["heads"]["A"]["inputs"] == rec["heads"]["B"]["inputs"] == parity["inputs"] // 2
+        # a task's ACC is gated on its own test images: one of them moves it by 1/its count
+        n_task = min(m["n"] for m in rec["metrics"]["val"]["tasks"].values())
+        assert rec["acc_resolution"]["val"] == pytest.approx(1 / n_task)
+        assert n_task < parity["reference"]["split_images"]["val"]
     # the runner (each task's images, every head's softmax) is checked against the gated artifact, as for one head
     # (it had been skipped for every continual bundle)
     runner = parity["runner"]
@@ -129,6 +135,7 @@ def test_multi_head_bundle_records_tasks_and_passes_parity_per_head(world):
     assert meta["metrics"]["test"]["acc"] == pytest.approx(acc[-1].mean())  # the headline: their mean
     card = (world["bundle"] / "card.md").read_text()
     assert "## Continual learning" in card and "## Parity per head" in card and "No calibration" in card
+    assert "one image moves the ACC of task '" in card and f"({n_task} images, the fewest) by " in card
     pytorch_row = next(line for line in card.splitlines() if line.startswith("| pytorch | fp32 | - |"))
     assert pytorch_row.split("|")[6:8] == [" - ", " - "]  # no mean of a binary sensitivity and a macro recall
     # its limitation names its tasks' data ("one public data set" of a model of two data sets before)
@@ -710,6 +717,29 @@ def test_a_multi_head_models_top1_agreement_is_its_lowest_heads():
     assert failures and failures[0].startswith("head 'B'")
 
 
+def test_a_heads_top1_agreement_is_taken_on_its_own_tasks_inputs():
+    """Head B's flips on its own task's rows had been diluted by head A's rows (where B's answer is no
+    prediction): 2 of 4 rows read 50%, but B's own 2 rows both flip."""
+    from edgekd.export.parity import head_parity, label_heads, top1_agreement
+
+    ref = np.array([[5.0, 0.0, 0.0, 1.0, 0.0], [5.0, 0.0, 1.0, 0.0, 0.0],
+                    [0.0, 5.0, 0.0, 0.0, 1.0], [0.0, 5.0, 1.0, 0.0, 0.0]])
+    art = ref.copy()
+    art[2, 3:] = [1.0, 0.0]  # head B flips on rows 2 and 3 (task B's), head A's rows 0 and 1 agree on B too
+    art[3, 2:] = [0.0, 2.0, 0.0]
+    heads, rows = [("A", 0, 2), ("B", 2, 5)], np.array([0, 0, 1, 1])
+    assert top1_agreement(art, ref, heads) == 0.5
+    assert top1_agreement(art, ref, heads, rows) == 0.0
+    record, failures = head_parity(art, ref, heads, 0.98, input_heads=rows)
+    assert record["A"]["top1_agreement"] == 1.0 and record["A"]["inputs"] == 2
+    assert record["B"]["top1_agreement"] == 0.0 and record["B"]["inputs"] == 2
+    assert record["B"]["max_abs_diff"] == 2.0  # values over every row: every output is the artifact's to reproduce
+    assert failures == ["head 'B': top-1 agreement 0.00% < 98.00% (2 of 2 differ)"]
+    # a head with no rows of its own in a slice (one view's rows, say) is left out, not counted as 0 or 1
+    assert top1_agreement(art[:2], ref[:2], heads, rows[:2]) == 1.0
+    assert label_heads(np.array([1, 4, 2, 0, 7]), heads).tolist() == [0, 1, 1, 0, -1]
+
+
 def test_serve_says_which_task_it_serves(world, monkeypatch):
     from typer.testing import CliRunner
 
@@ -835,3 +865,26 @@ def test_the_runner_check_of_a_multi_head_bundle_compares_each_head():
     row = _compare_heads(preds, logits, parts, 2, heads, RunnerCheck())
     assert row["problems"] and all(p.startswith("head 'B': ") for p in row["problems"])
     assert row["heads"]["A"]["max_prob_diff"] < 1e-12 < row["heads"]["B"]["max_prob_diff"] == row["max_prob_diff"]
+
+
+def test_the_runner_checks_a_heads_top1_agreement_on_its_own_tasks_images():
+    """Head A answering task B's images differently is no prediction of the runner's; on A's own images it agrees."""
+    from types import SimpleNamespace
+
+    from edgekd.export.profile import RunnerCheck
+    from edgekd.export.runner_check import _compare_heads
+
+    parts = [(None, [0, 1]), (None, [0, 1])]  # task A's two images, then task B's; one view
+    logits = np.array([[4.0, 0.0, 4.0, 0.0, 0.0], [0.0, 4.0, 0.0, 4.0, 0.0],
+                       [4.0, 0.0, 4.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0, 4.0]])
+    heads = [("A", 0, 2), ("B", 2, 5)]
+    probs = {name: softmax(logits[:, lo:hi]) for name, lo, hi in heads}
+    preds = [SimpleNamespace(tasks={n: SimpleNamespace(probs=p[i].copy()) for n, p in probs.items()}) for i in range(4)]
+    preds[2].tasks["A"].probs = probs["A"][2][::-1].copy()  # head A flips on task B's images only
+    preds[3].tasks["A"].probs = probs["A"][3][::-1].copy()
+    row = _compare_heads(preds, logits, parts, 1, heads, RunnerCheck(max_prob_diff=None))
+    assert row["heads"]["A"]["top1_agreement"] == 1.0 and row["problems"] == []
+    assert row["heads"]["A"]["max_prob_diff"] > 0.9  # the probabilities are still compared on every image
+    preds[0].tasks["A"].probs = probs["A"][0][::-1].copy()  # now on one of its own
+    row = _compare_heads(preds, logits, parts, 1, heads, RunnerCheck(max_prob_diff=None))
+    assert row["heads"]["A"]["top1_agreement"] == 0.5 and row["problems"][0].startswith("head 'A': top-1 agreement")

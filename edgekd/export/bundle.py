@@ -136,9 +136,14 @@ def _gate_images(parity: dict[str, Any]) -> str:
         return f"gated on the `{split}` split: no images"
     where = (f"every image of the `{split}` split" if n == total else
              f"a seeded subset of the `{split}` split with its class proportions (`--metric-images`)")
-    text = f"gated on {where} ({n} images: one image moves ACC by {100 / n:.2g} points"
+    tasks = next((t for r in parity["artifacts"] if (t := (r.get("metrics", {}).get(split) or {}).get("tasks"))),
+                 None)  # each task's ACC is gated: one of its images moves it by 1/its own count
+    smallest = min(((m["n"], name) for name, m in (tasks or {}).items() if m.get("n")), default=None)
+    text = (f"gated on {where} ({n} images: one image moves ACC by {100 / n:.2g} points" if smallest is None else
+            f"gated on {where} ({n} images, each task's ACC gated too: one image moves the ACC of task "
+            f"'{smallest[1]}' ({smallest[0]} images, the fewest) by {100 / smallest[0]:.2g} points")
     limits = [r["tolerance"].get("acc_drop") for r in parity["artifacts"] if r["tolerance"].get("acc_drop")]
-    if limits and 1 / n > min(limits):
+    if limits and 1 / (smallest[0] if smallest else n) > min(limits):
         text += f", more than the {min(limits) * 100:g}-point limit, so the ACC gate cannot resolve it here"
     return text + ")"
 

@@ -98,7 +98,9 @@ def merge_parity_sets(sets: list[ParitySet], layout: TaskLayout) -> ParitySet:
         rows = {s: np.concatenate([p.rows(s) + offsets[s][i] for i, p in enumerate(sets)]) for s in splits}
     return ParitySet(np.concatenate([p.inputs for p in sets]), [v for p in sets for v in p.views], splits,
                      layout.heads, metric_rows=rows, raw_parts=[part for p in sets for part in p.decoded_parts],
-                     task_outputs=layout.task_outputs if layout.heads is None else None)
+                     task_outputs=layout.task_outputs if layout.heads is None else None,
+                     input_heads=None if layout.heads is None else  # task i's parity images go to head i
+                     np.concatenate([np.full(len(p.inputs), i) for i, p in enumerate(sets)]))
 
 
 def retention_report(layout: TaskLayout, min_retention: float, allow_forgetting: bool | str) -> dict[str, Any]:

@@ -146,6 +146,10 @@ class ParitySet:
     heads: list[tuple[str, int, int]] | None = None
     """A multi-head model's (task, first output, end output) per head: values, top-1 agreement and metrics are
     taken per head (each its own softmax, labels of its task only); None: one head over all outputs."""
+    input_heads: np.ndarray | None = None
+    """A multi-head model's head (index into `heads`) of each row of `inputs`: its task's images, the only ones a
+    head's top-1 agreement is taken on (a head at 91% on its own images had read 97% over every task's); None:
+    every row counts for every head."""
     raw_source: tuple[Any, list[int]] | None = None
     """(dataset, indices): where to read the parity images as decoded (uint8 HWC, their own size) for the runner
     check, read only then (64 full-size images held through the whole export were gigabytes); None for a
@@ -291,25 +295,45 @@ def _reported(labels: np.ndarray, probs: np.ndarray, positive: int = 1) -> dict:
     return {**{k: metrics[k] for k in REPORTED_METRICS if k in metrics}, "n": int(len(labels))}
 
 
-def top1_agreement(logits: np.ndarray, ref: np.ndarray, heads: list[tuple[str, int, int]] | None = None) -> float:
+def head_agreement(logits: np.ndarray, ref: np.ndarray, lo: int, hi: int, rows: np.ndarray | None) -> np.ndarray:
+    """Per row of `rows` (None: every row): whether the top class within outputs [lo, hi) is the reference's."""
+    if rows is not None:
+        logits, ref = logits[rows], ref[rows]
+    return logits[:, lo:hi].argmax(1) == ref[:, lo:hi].argmax(1)
+
+
+def label_heads(labels: np.ndarray, heads: list[tuple[str, int, int]]) -> np.ndarray:
+    """The head (index into `heads`) whose outputs hold each global label: the head its image is scored on."""
+    out = np.full(len(labels), -1)
+    for i, (_, lo, hi) in enumerate(heads):
+        out[(labels >= lo) & (labels < hi)] = i
+    return out
+
+
+def top1_agreement(logits: np.ndarray, ref: np.ndarray, heads: list[tuple[str, int, int]] | None = None,
+                   input_heads: np.ndarray | None = None) -> float:
     """Share of rows whose top class is the reference's. A multi-head model predicts with a head's argmax: the
     lowest head's share, each within its outputs (the argmax over every output, 98.96% beside a head's failing
-    97.40%, is no prediction)."""
-    return min(float((logits[:, lo:hi].argmax(1) == ref[:, lo:hi].argmax(1)).mean())
-               for _, lo, hi in heads or [("", 0, logits.shape[1])])
+    97.40%, is no prediction), on its own task's rows when `input_heads` says which (heads without rows here are
+    left out; 1.0 when none has any)."""
+    shares = [float(agree.mean()) for i, (_, lo, hi) in enumerate(heads or [("", 0, logits.shape[1])])
+              if len(agree := head_agreement(logits, ref, lo, hi, None if input_heads is None else input_heads == i))]
+    return min(shares, default=1.0)
 
 
 def head_parity(logits: np.ndarray, ref: np.ndarray, heads: list[tuple[str, int, int]],
-                top1_agreement: float | None, views: int = 1) -> tuple[dict[str, Any], list[str]]:
-    """Each head's logits vs PyTorch on every parity input: max abs diff and top-1 agreement within the head
-    (the prediction the runner makes for that task), gated per head."""
+                top1_agreement: float | None, views: int = 1,
+                input_heads: np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Each head's logits vs PyTorch on every parity input: max abs diff over every input (every output is the
+    artifact's to reproduce), top-1 agreement within the head (the prediction the runner makes for that task) on
+    its own task's inputs when `input_heads` says which, gated per head."""
     record, failures = {}, []
-    for name, lo, hi in heads:
+    for i, (name, lo, hi) in enumerate(heads):
         diff = np.abs(logits[:, lo:hi].astype(np.float64) - ref[:, lo:hi].astype(np.float64))
-        agree = logits[:, lo:hi].argmax(1) == ref[:, lo:hi].argmax(1)
+        agree = head_agreement(logits, ref, lo, hi, None if input_heads is None else input_heads == i)
         record[name] = {"outputs": [lo, hi], "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                        "top1_agreement": float(agree.mean())}
-        if top1_agreement is not None and agree.mean() < top1_agreement:
+                        "top1_agreement": float(agree.mean()) if len(agree) else None, "inputs": int(len(agree))}
+        if top1_agreement is not None and len(agree) and agree.mean() < top1_agreement:
             failures.append(f"head '{name}': {top1_failure(agree, views, top1_agreement)}")
     return record, failures
 
@@ -359,7 +383,8 @@ def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str
         split_diff = np.abs(art_logits.astype(np.float64) - ref_logits.astype(np.float64))
         record.setdefault("split_parity", {})[split] = {
             "max_abs_diff": float(split_diff.max()), "mean_abs_diff": float(split_diff.mean()),
-            "top1_agreement": float((art_logits.argmax(1) == ref_logits.argmax(1)).mean())}
+            "top1_agreement": top1_agreement(art_logits, ref_logits, data.heads,
+                                             None if data.heads is None else label_heads(y, data.heads))}
         record["metric_drop"][split] = {k: _drop(ref_metrics.get(k), metrics.get(k)) for k in ("acc", "auc")}
         tasks = metrics.get("tasks") or {}  # each task's own drop: the mean over tasks had hidden one's
         if tasks:
@@ -371,7 +396,8 @@ def _score_splits(session: ArtifactSession, data: ParitySet, reference: dict[str
         if reference.get("clinical"):  # the bundle's temperature and threshold applied to this artifact
             record.setdefault("operating_point", {})[split] = artifact_operating_point(
                 art_logits, y, ref_logits, reference["clinical"])
-        record.setdefault("acc_resolution", {})[split] = 1.0 / len(y)
+        task_images = [m["n"] for m in tasks.values() if m.get("n")]  # a task's ACC moves by 1/its own images
+        record.setdefault("acc_resolution", {})[split] = 1.0 / min(task_images or [len(y)])
 
 
 def inputs_for_one_flip(limit: float | None) -> int | None:
@@ -451,9 +477,11 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
     views = np.asarray(data.views)
     record.update({
         "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-        "top1_agreement": top1_agreement(logits, ref, data.heads),
+        "top1_agreement": top1_agreement(logits, ref, data.heads, data.input_heads),
         "per_view": {v: {"max_abs_diff": float(diff[views == v].max()),
-                         "top1_agreement": top1_agreement(logits[views == v], ref[views == v], data.heads)}
+                         "top1_agreement": top1_agreement(logits[views == v], ref[views == v], data.heads,
+                                                          None if data.input_heads is None
+                                                          else data.input_heads[views == v])}
                      for v in dict.fromkeys(data.views)},
         "metrics": {}, "metric_drop": {},
     })
@@ -466,7 +494,7 @@ def check_artifact(session: ArtifactSession, data: ParitySet, reference: dict[st
         failures += value_check(diff, ref, tolerance, rounding, rounding_factor, record)
     if data.heads is not None:  # the argmax over all heads' outputs is no prediction: each head is gated
         record["heads"], head_failures = head_parity(logits, ref, data.heads, tolerance.top1_agreement,
-                                                    len(dict.fromkeys(data.views)))
+                                                    len(dict.fromkeys(data.views)), data.input_heads)
         failures += head_failures
     elif tolerance.top1_agreement is not None and record["top1_agreement"] < tolerance.top1_agreement:
         failures.append(top1_failure(agree, len(dict.fromkeys(data.views)), tolerance.top1_agreement, data.pool))

@@ -94,10 +94,12 @@ def _compare_heads(preds: list, logits: np.ndarray, parts: list[tuple[Any, list[
     if heads is None:
         got = np.stack([p.probs if p.raw_probs is None else p.raw_probs for p in preds])
         return _compare(got, view_mean_probs(logits, parts, n_views), limits)
-    per_head = {}
-    for name, lo, hi in heads:
+    per_head = {}  # task i's images are parts[i]: a head's top-1 agreement is taken on its own task's images
+    owner = np.repeat(np.arange(len(parts)), [len(ix) for _, ix in parts]) if len(parts) == len(heads) else None
+    for i, (name, lo, hi) in enumerate(heads):
         got = np.stack([p.tasks[name].probs for p in preds])
-        per_head[name] = _compare(got, view_mean_probs(logits[:, lo:hi], parts, n_views), limits)
+        per_head[name] = _compare(got, view_mean_probs(logits[:, lo:hi], parts, n_views), limits,
+                                  None if owner is None else owner == i)
     rows = list(per_head.values())
     return {"max_prob_diff": max(r["max_prob_diff"] for r in rows),
             "mean_prob_diff": float(np.mean([r["mean_prob_diff"] for r in rows])),
@@ -107,15 +109,19 @@ def _compare_heads(preds: list, logits: np.ndarray, parts: list[tuple[Any, list[
             "heads": per_head}
 
 
-def _compare(got: np.ndarray, expected: np.ndarray, limits: RunnerCheck) -> dict[str, Any]:
-    """The runner's probabilities against the artifact's: figures and the limits they break."""
+def _compare(got: np.ndarray, expected: np.ndarray, limits: RunnerCheck,
+             own: np.ndarray | None = None) -> dict[str, Any]:
+    """The runner's probabilities against the artifact's: figures and the limits they break; top-1 agreement on
+    the rows `own` marks (a head's own task's images; None: every row)."""
     diff = np.abs(got - expected)
+    if own is not None:
+        got, expected = got[own], expected[own]
     top2 = np.sort(expected, axis=1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) > (limits.max_prob_diff or 0.0)
     agree = got.argmax(1) == expected.argmax(1)
     decided = float(agree[decisive].mean()) if decisive.any() else 1.0
     row = {"max_prob_diff": float(diff.max()), "mean_prob_diff": float(diff.mean()),
-           "top1_agreement": float(agree.mean()), "near_ties": int((~decisive).sum()),
+           "top1_agreement": float(agree.mean()) if len(agree) else 1.0, "near_ties": int((~decisive).sum()),
            "top1_agreement_decisive": decided, "problems": []}
     if limits.max_prob_diff is not None and diff.max() > limits.max_prob_diff:
         row["problems"].append(f"the runner's probabilities on the decoded images differ from the artifact's on "
