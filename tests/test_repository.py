@@ -122,6 +122,21 @@ def test_the_readme_preprocessing_done_by_hand_matches_the_runtime(bundle, tmp_p
         assert np.allclose(x, runtime[0] if runtime.ndim == 4 else runtime, atol=1e-6) == same, resample
 
 
+def test_the_card_carries_the_same_preprocessing_steps_and_the_tta_views(bundle, tmp_path):
+    """The card described resize, crop and normalization only: not the decode (EXIF orientation, 16-bit scaling,
+    DICOM windows) nor how the TTA views are made, which code feeding the model itself must repeat."""
+    from edgekd.runtime import open_bundle, preprocessing_steps
+
+    b = open_bundle(bundle)
+    card = (bundle / "card.md").read_text()
+    section = card.split("## Preprocessing, step by step", 1)[1]
+    assert all(step in section for step in preprocessing_steps(b.preprocess))  # the repository README's own words
+    assert "EXIF orientation" in section and "min..max" in section and "high byte" in section
+    tta = b.tta
+    assert f"its central {tta['center_crop_fraction']:.4g} resized back" in section
+    assert all(f"{v}: " in section for v in tta["views"]) and "rounded back to uint8" in section
+
+
 def test_a_changed_artifact_is_refused_and_nothing_is_written(bundle, tmp_path):
     import shutil
 

@@ -16,7 +16,7 @@ from edgekd.export.continual import continual_card_section
 from edgekd.export.parity import images_for_one_flip, inputs_for_one_flip
 from edgekd.fileio import (atomic_write, check_output_location, leftovers, make_temp_dir, refuse_output_in_bundle,
                            sha256_file, staging_directory, write_json, write_text)
-from edgekd.runtime import MANIFEST_FILE, METADATA_FILE, SCHEMA
+from edgekd.runtime import MANIFEST_FILE, METADATA_FILE, SCHEMA, preprocessing_steps, tta_steps
 
 PARITY_FILE, CARD_FILE = "parity.json", "card.md"
 EXPLAIN_DIR = "explain"
@@ -421,6 +421,10 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
     lines += ["", "## Run", "", "```", "edgekd predict <this bundle> IMAGE... [--tta]",
               "edgekd serve <this bundle> [--tta]    # an HTTP service (the serve extra)", "```", "",
               default_run_line(metadata["artifacts"]), "",
+              "## Preprocessing, step by step", "",
+              "What `edgekd predict`, `serve` and `Runner` do to an image (`edgekd.json` `preprocess` and `tta`); "
+              "code that feeds the ONNX or OpenVINO model itself must do the same:", "",
+              *preprocessing_steps(pre), "", tta_steps(tta), "",
               "Every file is listed with its sha256 in `manifest.sha256`; `edgekd.json` holds the metadata and "
               "`parity.json` the full parity report.", ""]
     return "\n".join(lines)

@@ -435,7 +435,7 @@ def _client_records(bundle: Bundle, out: Path, name: str, serves_name: bool,
     return clients, readme, notes
 
 
-def _preprocessing_lines(pre: dict[str, Any]) -> list[str]:
+def preprocessing_steps(pre: dict[str, Any]) -> list[str]:
     """What a client does to an image before the server's model, step by step as edgekd.runtime does it (a client
     that resizes another way, e.g. OpenCV's INTER_LINEAR without antialiasing, flips some labels)."""
     c, h, w = pre["input_size"]
@@ -446,8 +446,9 @@ def _preprocessing_lines(pre: dict[str, Any]) -> list[str]:
     to_channels = ("a gray image's one channel repeated three times" if c == 3 else
                    f"a color image to gray by luminance {', '.join(f'{float(v):g}' for v in LUMA)} (R, G, B "
                    "weights in float32, the sum truncated)")
-    return [f"1. Decode the image: apply its EXIF orientation tag, drop alpha; a 16-bit or float image is scaled "
-            "to 0-255 by its own min..max (rounded); DICOM through its modality and VOI LUTs (edgekd.imageio). "
+    return [f"1. Decode the image: apply its EXIF orientation tag (a file's or an upload's), drop alpha; a 16-bit "
+            "or float gray image is scaled to 0-255 by its own min..max (rounded), a 16-bit colour image keeps each "
+            "channel's high byte (Pillow's reading); DICOM through its modality and VOI LUTs (edgekd.imageio). "
             f"{pre['channel_order']} channel order; {to_channels}.",
             *([f"2. {describe_hair_removal(pre)} (edgekd.hair.remove_hair), as in training."]
               if pre.get("hair_removal") else []),
@@ -493,7 +494,7 @@ def repository_readme(bundle: Bundle, kind: str, name: str, art: Artifact, files
              f"Tensor `{meta_io['input']}`, output `{meta_io['output']}`. The graph holds no preprocessing (the "
              "bundle's IR and ONNX model are the bare network; `edgekd predict`/`serve` add it: the OpenVINO path "
              "folds it into the compiled model with PrePostProcessor at load time, not into the file), so every "
-             "client sends preprocessed tensors:", "", *_preprocessing_lines(bundle.preprocess), "",
+             "client sends preprocessed tensors:", "", *preprocessing_steps(bundle.preprocess), "",
              "## Output", "", *_postprocessing_lines(bundle), "",
              "## More models and versions", "",
              "Both servers serve the highest version folder of a model by default. To roll out a retrained model "

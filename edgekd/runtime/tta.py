@@ -178,3 +178,15 @@ class TTAViews:
 
     def __call__(self, arr: np.ndarray) -> np.ndarray:
         return np.stack([f(arr) for f in self.functions])
+
+
+def tta_steps(tta: dict) -> str:
+    """A bundle's TTA views (edgekd.json `tta`) as `TTAViews` makes them, in one sentence for a card or README."""
+    made = {"original": "the image itself", "hflip": "mirrored left-right", "vflip": "mirrored top-bottom",
+            "center_crop": f"its central {float(tta.get('center_crop_fraction', DEFAULT_CENTER_CROP_FRACTION)):.4g} "
+                           "resized back to the input size (bilinear, torchvision's tensor geometry)",
+            "rot+15": "rotated 15 degrees counter-clockwise about its center (bilinear, zero fill)",
+            "rot-15": "rotated 15 degrees clockwise (bilinear, zero fill)"}
+    return ("With TTA (`--tta`) each view is made from the uint8 input-size image of the resize-and-crop step, "
+            "rounded back to uint8, then normalized; all views go through the model in one batch and the prediction "
+            "is the mean of their softmax: " + "; ".join(f"{v}: {made.get(v, v)}" for v in tta["views"]) + ".")
