@@ -175,6 +175,24 @@ def ensure_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
                           f"{needed_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free)")
 
 
+LOW_DISK_BYTES = 64 * 2**20
+"""Below this much free space a failed write is put down to a full disk (ONNX and OpenVINO name an iostream or
+write error, not the disk)."""
+
+
+def full_disk_note(folder: str | Path) -> str:
+    """A note that the disk holding `folder` is (nearly) full, for the error of a write that failed there ("" if
+    it is not)."""
+    folder = Path(folder).absolute()
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return ""
+    return (f" (the disk holding {probe} has {free / 2**20:.0f} MiB free: a full disk is the likely cause)"
+            if free < LOW_DISK_BYTES else "")
+
+
 def refuse_unusable_path(out: str | Path, option: str = "--out", is_file: bool = False) -> None:
     """An output path starting with `~` (no shell expands it after `--out=`: it had made a folder named ~), or a
     folder that is a symlink to nothing (it had failed as "file exists"; a file is written where the link points)."""

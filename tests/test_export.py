@@ -1409,6 +1409,39 @@ def test_an_artifact_whose_runtime_raises_is_one_failed_record_not_an_aborted_ex
     assert outcome.records[0]["passed"] is False
 
 
+def test_a_write_that_fails_on_a_full_disk_says_the_disk_is_full(tmp_path, monkeypatch):
+    """A disk that filled mid-export was named only by the converter's 'iostream error'."""
+    import shutil
+
+    from edgekd.export.formats import ExportFormat
+    from edgekd.export.parity import ParitySet
+    from edgekd.export.profile import load_profile
+    from edgekd.export.run import _Outcome, _export_one
+
+    def cannot_write(ctx, precision, path):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    fmt = ExportFormat("onnx", ".onnx", ("fp32",), cannot_write, lambda q, p, t: None)
+    x, y = np.zeros((4, 1, 2, 2), np.float32), np.array([0, 1] * 2)
+
+    class Ctx:
+        profile, input_shape = load_profile(None), (1, 2, 2)
+
+        @staticmethod
+        def log(line):
+            pass
+
+    def run(free):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+        outcome = _Outcome([], [], [])
+        _export_one(fmt, "fp32", Ctx, tmp_path, ParitySet(x, ["original"] * 4, {"val": (x, y)}), {}, 2, outcome)
+        return outcome.failures[0]
+
+    assert run(10**10) == "onnx/fp32: RuntimeError: basic_ios::clear: iostream error"
+    assert run(3 * 2**20) == (f"onnx/fp32: RuntimeError: basic_ios::clear: iostream error (the disk holding {tmp_path} "
+                              "has 3 MiB free: a full disk is the likely cause)")
+
+
 @pytest.mark.parametrize("hair", [False, True])
 def test_split_images_are_the_dataset_items_held_uint8(tmp_path, hair):
     """The export keeps its metric splits uint8 and normalizes each batch as it is read: the values are the

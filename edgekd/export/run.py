@@ -18,8 +18,8 @@ from edgekd import __version__
 from edgekd.data import (build_data, build_transforms, check_class_order, check_trained_splits, checkpoint_path_hint,
                          chw_tensor)
 from edgekd.errors import EdgeKDError, exception_line
-from edgekd.fileio import (deferred_signals, ensure_free_space, make_temp_dir, refuse_output_inside, remove_trees,
-                           sha256_file, track_tree, untrack_tree)
+from edgekd.fileio import (deferred_signals, ensure_free_space, full_disk_note, make_temp_dir, refuse_output_inside,
+                           remove_trees, sha256_file, track_tree, untrack_tree)
 from edgekd.export.artifact import INPUT_NAME, OUTPUT_NAME, ExportContext
 from edgekd.export.bundle import (EXPLAIN_DIR, METADATA_FILE, PARITY_FILE, SCHEMA, check_target, publish,
                                   restore_interrupted_publish, staging_dir, write_bundle_files, write_zip)
@@ -477,7 +477,7 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
         speed = None if precision == "fp32" else _speed_check(fmt, precision, session, parity_set, profile, outcome,
                                                               log)  # (an INT8 graph that cannot run fails here)
     except Exception as err:
-        said = str(err) if isinstance(err, EdgeKDError) else exception_line(err, 160)
+        said = (str(err) if isinstance(err, EdgeKDError) else exception_line(err, 160)) + full_disk_note(stage)
         outcome.failures.append(f"{label}: {said}")
         outcome.records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
                                 "failures": [said], "tolerance": tolerance.model_dump()})
