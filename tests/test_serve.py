@@ -373,6 +373,16 @@ def test_serve_refuses_another_host_without_a_token(bundle):
     check_settings(ServeSettings(host="::1"))
 
 
+@pytest.mark.parametrize("key, option", [("max_inflight_mb", "--max-inflight-mb"), ("max_upload_mb", "--max-upload-mb"),
+                                         ("upload_timeout_s", "--upload-timeout"), ("max_wait_ms", "--max-wait-ms")])
+def test_serve_refuses_an_infinite_limit_by_name(key, option):
+    """--max-inflight-mb inf had ended in an OverflowError; --upload-timeout inf had served with no timeout."""
+    from edgekd.errors import EdgeKDError
+
+    with pytest.raises(EdgeKDError, match=f"^{option} inf: not a finite number$"):
+        check_settings(ServeSettings(**{key: float("inf")}))
+
+
 def test_serve_refuses_a_port_in_use_before_loading_the_model(bundle):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 
 from edgekd.errors import EdgeKDError
@@ -55,6 +56,11 @@ def check_settings(settings: ServeSettings) -> None:
     if odd:  # a secret file's trailing newline, a space or a non-ASCII letter: no client could ever send it
         raise EdgeKDError(f"the API token holds {', '.join(repr(c) for c in odd)}: a bearer token is printable ASCII "
                           "without spaces (a token read from a file keeps its trailing newline: strip it)")
+    for name, value in (("max_upload_mb", settings.max_upload_mb), ("max_inflight_mb", settings.max_inflight_mb),
+                        ("upload_timeout", settings.upload_timeout_s), ("max_megapixels", settings.max_megapixels),
+                        ("max_wait_ms", settings.max_wait_ms)):  # inf had ended in an OverflowError or no limit
+        if value is not None and not math.isfinite(value):
+            raise EdgeKDError(f"--{name.replace('_', '-')} {value}: not a finite number")
     for name in ("max_batch", "max_queue", "decode_threads"):
         if getattr(settings, name) < 1:
             raise EdgeKDError(f"--{name.replace('_', '-')} must be >= 1")
