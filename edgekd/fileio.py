@@ -305,6 +305,28 @@ def refuse_output_in_bundle(out: str | Path, option: str = "--out", replaces: bo
                           "output elsewhere")
 
 
+def refuse_other_metrics(out: str | Path, checkpoint: str | Path, writes: bool = True, option: str = "--out") -> None:
+    """An eval that `writes` metrics.json never replaces one in `out` that is not an earlier eval's (one naming its
+    `checkpoint`): a training run's folder had lost its record (best epoch, val figures, sessions) to the eval's."""
+    out, checkpoint = Path(out), Path(checkpoint)  # (an out that is a file: check_output_location, staged_files)
+    default = checkpoint.parent / f"eval_{checkpoint.stem}"
+    if writes and (out / "metrics.json").is_file() and earlier_eval(out) is None:
+        raise EdgeKDError(f"{option} {out}: holds a metrics.json that is not an earlier eval's (a training run's?), "
+                          f"which this evaluation would replace; write it elsewhere (the default is {default})")
+    if writes and any((out / name).is_file() for name in ("last.pt", "model.pt")):  # still training: no metrics.json
+        raise EdgeKDError(f"{option} {out}: a training run's folder (its metrics.json is the run's, written at its "
+                          f"end); write the evaluation elsewhere (the default is {default})")
+
+
+def earlier_eval(out: str | Path) -> dict | None:
+    """The metrics.json in `out` when an earlier `edgekd eval` wrote it (it names its `checkpoint`), else None."""
+    try:
+        earlier = json.loads((Path(out) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return earlier if isinstance(earlier, dict) and "checkpoint" in earlier else None
+
+
 STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
 """The signals that stop a run (those this platform has): held by deferred_signals, guarded by the CLI."""
 

@@ -868,6 +868,43 @@ def test_a_checkpoint_where_a_bundle_goes_and_back_is_named_for_what_it_is(train
     assert not any((tmp_path / d).exists() for d in ("b", "ev", "x", "u"))
 
 
+def test_the_python_eval_refuses_what_the_cli_eval_refuses(trained, bundle, tmp_path):
+    """evaluate_checkpoint had written its metrics.json and plots into a bundle (whose manifest then refused it) and
+    over a training run's metrics.json; the guards were the CLI's only. A data recipe of other channels had ended
+    in a raw convolution error."""
+    from edgekd.train import evaluate_checkpoint
+
+    before = {p.name: p.read_bytes() for p in Path(bundle).iterdir() if p.is_file()}
+    with pytest.raises(EdgeKDError, match=r"^out .*: is a bundle, whose manifest would no longer match"):
+        evaluate_checkpoint(trained["ckpt"], bundle, log=None)
+    assert {p.name: p.read_bytes() for p in Path(bundle).iterdir() if p.is_file()} == before
+    record = (Path(trained["run"]) / "metrics.json").read_bytes()
+    with pytest.raises(EdgeKDError, match=r"holds a metrics.json that is not an earlier eval's"):
+        evaluate_checkpoint(trained["ckpt"], trained["run"], log=None)
+    assert (Path(trained["run"]) / "metrics.json").read_bytes() == record
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("x")
+    with pytest.raises(EdgeKDError, match=r"is a file, not a folder"):
+        evaluate_checkpoint(trained["ckpt"], a_file, log=None)
+    gray = {"data": {"source": "medmnist", "path": str(trained["npz"]), "image_size": SIZE, "channels": 1,
+                     "mean": [0.5], "std": [0.5]}}
+    with pytest.raises(EdgeKDError, match=r"the model takes 3-channel images, the data recipe gives data.channels 1"):
+        evaluate_checkpoint(trained["ckpt"], tmp_path / "ev", gray, log=None)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_the_python_explain_takes_one_path_and_never_writes_into_a_bundle(trained, bundle, good_png, tmp_path):
+    """explain_files(ckpt, "imgs/a.png", out) had read the path letter by letter ("i: image file not found"), and
+    wrote its overlays into a bundle, whose manifest then refused it."""
+    from edgekd.explain import explain_files
+
+    with pytest.raises(EdgeKDError, match=r"^--out .*: is a bundle, whose manifest would no longer match"):
+        explain_files(trained["ckpt"], [good_png], bundle)
+    assert not (Path(bundle) / "explain.json").exists()
+    records = explain_files(trained["ckpt"], str(good_png), tmp_path / "x")
+    assert [r["file"] for r in records] == [str(good_png)]
+
+
 @pytest.mark.parametrize("key, value", [("mean", "[0.0,0.0,0.0]"), ("image_size", "32"), ("hair_removal", "true")])
 def test_export_set_cannot_change_the_preprocessing_the_bundle_ships(key, value, trained, tmp_path, capsys):
     """`export --set data.mean=[0.0]` had shipped mean 0.0 for a model trained on 0.5 (the gate compared the model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import Optional
@@ -145,7 +144,7 @@ def eval_(
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots (a continual
     checkpoint: metrics.json, per task); optionally corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
-    from edgekd.fileio import refuse_output_inside, staged_files
+    from edgekd.fileio import refuse_other_metrics, refuse_output_inside, staged_files
     from edgekd.robustness import check_predictor_sources
     from edgekd.runtime import is_bundle
 
@@ -193,34 +192,14 @@ def _eval_corruptions(sources: list[Path], out: Path, data_recipe, split: str, n
     return [str(out / name) for name in res["written"]]
 
 
-def refuse_other_metrics(out: Path, checkpoint: Path, writes: bool = True) -> None:
-    """An eval that `writes` metrics.json never replaces one in --out that is not an earlier eval's (one naming its
-    `checkpoint`): a training run's folder had lost its record (best epoch, val figures, sessions) to the eval's."""
-    # (an --out that is a file: refused by staged_files)
-    default = checkpoint.parent / f"eval_{checkpoint.stem}"
-    if writes and (out / "metrics.json").is_file() and earlier_eval(out) is None:
-        raise EdgeKDError(f"--out {out}: holds a metrics.json that is not an earlier eval's (a training run's?), "
-                          f"which this evaluation would replace; write it elsewhere (the default is {default})")
-    if writes and any((out / name).is_file() for name in ("last.pt", "model.pt")):  # still training: no metrics.json
-        raise EdgeKDError(f"--out {out}: a training run's folder (its metrics.json is the run's, written at its end); "
-                          f"write the evaluation elsewhere (the default is {default})")
-
-
-def earlier_eval(out: Path) -> dict | None:
-    """The metrics.json in `out` when an earlier `edgekd eval` wrote it (it names its `checkpoint`), else None."""
-    try:
-        earlier = json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return earlier if isinstance(earlier, dict) and "checkpoint" in earlier else None
-
-
 def _drop_other_plots(out: Path):
     """An earlier evaluation's confusion/ROC plots of splits the new metrics.json does not hold would sit beside it
     as if they were its own (a --split val eval after a test one): removed when a new metrics.json comes. Only
     an eval's (its metrics.json names a `checkpoint`) and only the splits it lists: a run folder's own plots, a
     report's or a continual run's stay. Likewise an earlier robustness.png beside a new robustness.json without
     one."""
+    from edgekd.fileio import earlier_eval
+
     def drop(stage: Path) -> None:
         if (stage / "robustness.json").is_file() and not (stage / "robustness.png").exists():
             (out / "robustness.png").unlink(missing_ok=True)  # a core install's corruption eval draws no chart

@@ -233,12 +233,15 @@ def explain_files(checkpoint: str | Path, images: Sequence[str | Path], out: str
     """`edgekd explain`: Grad-CAM overlay PNGs for image files; writes explain.json beside them. `task`: a model
     with one head per task explains that task's head. `skipped`: a list to collect unreadable files in ({file,
     error}, also in explain.json), as `edgekd predict` skips them; None: the first one is the error."""
-    from edgekd.fileio import check_output_location, staged_files, write_json
+    from edgekd.fileio import check_output_location, refuse_output_inside, staged_files, write_json
     from edgekd.train.checkpoint import model_from_checkpoint
 
+    if isinstance(images, (str, Path)):  # one path given bare had been read letter by letter ("i: image file not
+        images = [images]  # found" for "imgs/a.png")
     if not images:
         raise EdgeKDError("explain: give at least one image")
     check_output_location(out)  # a file or read-only folder: before the model is loaded and run
+    refuse_output_inside(out, [checkpoint])  # nor into a bundle (its manifest would refuse it after) or a repository
     model, ckpt = model_from_checkpoint(checkpoint)
     model, ckpt, layer = task_model(model, ckpt, task, layer, str(checkpoint))
     class_names = list(ckpt["class_names"])

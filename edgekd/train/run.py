@@ -21,7 +21,8 @@ from edgekd.metrics import evaluation_report, write_csv_log
 from edgekd.options import split_list
 from edgekd.models import (check_input_size, count_macs, count_parameters, create_model, freeze, hub_weights,
                            model_spec)
-from edgekd.fileio import ensure_free_space, held_folder, sha256_file, write_json, write_text
+from edgekd.fileio import (check_output_location, ensure_free_space, held_folder, refuse_other_metrics,
+                           refuse_output_inside, sha256_file, write_json, write_text)
 from edgekd.hair import describe_hair_removal
 from edgekd.host import host_record, usable_cores
 from edgekd.probability import softmax
@@ -350,6 +351,9 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
     metrics.json and plots; the data's classes must be the model's, in its order (`check_class_order`). `splits`:
     names, or one name or "val,test" as text. Returns metrics.json's dict."""
     log = log or silent  # log=None: say nothing
+    check_output_location(out, "out")  # what `edgekd eval` refuses, refused here too (the API had written into a
+    refuse_output_inside(out, [checkpoint], "out")  # bundle, breaking its manifest, or over a run's metrics.json)
+    refuse_other_metrics(out, checkpoint, option="out")
     model, ckpt = model_from_checkpoint(checkpoint)
     from edgekd.recipe import as_recipe, recipe_from_dict
 
@@ -357,6 +361,11 @@ def evaluate_checkpoint(checkpoint: str | Path, out: str | Path, data_recipe=Non
         splits = tuple(split_list(splits, "splits") or ())
     recipe = (as_recipe(data_recipe, "data_recipe") if data_recipe is not None  # a file had been an AttributeError
               else recipe_from_dict(ckpt["recipe"], where=f"{checkpoint} (embedded recipe)"))
+    takes = (ckpt.get("preprocess") or {}).get("input_size", [recipe.data.channels])[0]
+    if recipe.data.channels != takes:  # a raw conv error had said so ("expected input[50, 1, 28, 28] to have 3...")
+        raise EdgeKDError(f"{checkpoint}: the model takes {takes}-channel images, the data recipe gives "
+                          f"data.channels {recipe.data.channels} (set data.channels: {takes}, with {takes} mean/std "
+                          "values)")
     data = build_checkpoint_data(recipe)
     check_class_order(list(ckpt["class_names"]), list(data.class_names), str(checkpoint), log)  # counts too
     check_trained_splits(ckpt, data, recipe, str(checkpoint), tuple(splits))  # the splits scored, as at training
