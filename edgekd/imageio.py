@@ -66,6 +66,11 @@ class DicomFrame:
     path: Path
     index: int
 
+    def __post_init__(self) -> None:  # 1.7 had read as "#frame2.7", -1 as "no frame 0", "1" as a TypeError
+        if isinstance(self.index, bool) or not isinstance(self.index, (int, np.integer)) or self.index < 0:
+            raise EdgeKDError(f"DicomFrame({printable(str(self.path))}, {self.index!r}): the frame index is a 0-based "
+                              "int >= 0")
+
     def __str__(self) -> str:
         return f"{self.path}#frame{self.index + 1}"
 
@@ -168,6 +173,9 @@ def read_image(path: str | Path, resize: int | None = None, frame: int | None = 
         raise EdgeKDError(f"{where}: empty file")
     if is_dicom(path):
         return read_dicom(path, resize, frame)
+    if frame is not None:  # a frame of a PNG had been ignored, its result named file.png#frame6
+        raise EdgeKDError(f"{where}: not DICOM, so it has no frame {frame + 1} (a frame is one image of a multi-frame "
+                          "DICOM file)")
     suffix = path.suffix.lower()
     if suffix in (".dcm", ".dicom", "") and looks_like_bare_dicom(_head(path, 8)):
         raise EdgeKDError(f"{where}: {NO_PREAMBLE}")

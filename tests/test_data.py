@@ -850,6 +850,8 @@ def test_a_broken_link_to_an_image_is_an_unreadable_image_not_left_out(tmp_path)
     globbed, problems = collect_inputs([str(tmp_path / "f" / "*")])
     assert sorted(globbed) == sorted(plain) and moved in globbed and problems == []
     assert sorted(collect_inputs([str(tmp_path / "f" / "**")])[0]) == sorted(plain)
+    # one spec given bare, as a str or a Path, is that spec (a str had been read letter by letter)
+    assert collect_inputs(str(tmp_path / "f"))[0] == collect_inputs(tmp_path / "f")[0] == plain
     skipped.clear()
     collect_inputs([tmp_path / "f", tmp_path / "f" / "b"], None, skipped)
     assert skipped == [tmp_path / "f" / "b" / "notes"]

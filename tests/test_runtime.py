@@ -957,6 +957,16 @@ def test_multi_frame_dicom_a_series_folder_and_a_dicom_without_pixels_in_predict
     [frame2], _ = collect_inputs([single], frame=2)
     with pytest.raises(EdgeKDError, match=r"no frame 2 \(the file has 1\)"):
         as_image_array(frame2)
+    from edgekd.runtime import DicomFrame  # the Python API's frames: a 0-based int, of a DICOM file only
+
+    for index in (-1, 1.7, "1", True):  # -1 had said "no frame 0", 1.7 read as #frame2.7, "1" a TypeError
+        with pytest.raises(EdgeKDError, match=r"the frame index is a 0-based int >= 0"):
+            DicomFrame(multi, index)
+    assert str(DicomFrame(multi, np.int64(1))) == f"{multi}#frame2"
+    png = tmp_path / "a.png"
+    Image.fromarray(random_pixels((16, 16), seed=3)).save(png)
+    with pytest.raises(EdgeKDError, match=r"a.png: not DICOM, so it has no frame 6"):  # had been ignored, as #frame6
+        as_image_array(DicomFrame(png, 5))
     from edgekd.serve.uploads import MULTI_FRAME_HINT, decode_upload  # the service names no CLI option
 
     with pytest.raises(EdgeKDError, match="a DICOM of 3 frames") as err:
@@ -1443,6 +1453,17 @@ def test_runner_api_refuses_odd_arguments_in_one_line(bundle):
     assert list(runner.predict(x, tta="hflip,vflip").view_probs) == ["hflip", "vflip"]  # names, comma-separated
     (failure,) = runner.predict_many(str(Path("nowhere.png")))  # one path, not its characters
     assert failure.source == "nowhere.png"
+    # an iterator is read once: its names had been taken from the spent iterator ("2 images but 0 source names")
+    by_iter = runner.predict_batch(iter([x, x[::-1]]))
+    assert [p.probs.tolist() for p in by_iter] == [p.probs.tolist() for p in runner.predict_batch([x, x[::-1]])]
+    # predict_sized checks what it is given: an int64 300 had wrapped to 44, another size a broadcast error
+    sized = runner.preprocessor.to_model_size(x)
+    assert runner.predict_sized([sized], ["a"])[0].probs.tolist() == runner.predict(x).probs.tolist()
+    for bad, words in ((sized.astype(np.int64), r"a: predict_sized takes uint8 arrays .*got int64"),
+                       (sized[:-1], rf"a: predict_sized takes \({SIZE}, {SIZE}, 1 or 3\) images .*got shape"),
+                       ([[0]], r"a: predict_sized takes uint8 arrays .*got list")):
+        with pytest.raises(EdgeKDError, match=words):
+            runner.predict_sized([bad], ["a"])
     runner.close()
     with pytest.raises(EdgeKDError, match="this Runner is closed"):
         runner.predict(x)

@@ -21,6 +21,8 @@ def collect_inputs(specs: list[str | Path], frame: int | None = None, skipped: l
     so one typo does not stop a batch run. A file reached twice (given twice, or through a link) is kept once, at its
     first position; `repeated`, if given, gets the later paths. `skipped`, if given, gets the files of a folder or
     pattern left out as not images, each once (hidden files, such as .DS_Store, not counted)."""
+    if isinstance(specs, (str, Path)):  # one spec given bare had been read letter by letter
+        specs = [specs]
     paths: list[Path] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()

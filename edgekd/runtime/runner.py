@@ -264,10 +264,22 @@ class Runner:
     def predict_batch(self, images: Sequence[ImageInput], tta: TTAOption = None,
                       sources: Sequence[str] | None = None) -> list[Prediction | TaskPredictions]:
         """Several images in ONE inference call (N images x V views rows); errors raise EdgeKDError."""
-        images = _one_or_many(images)
+        images = list(_one_or_many(images))  # an iterator is read once (its names had been taken from it again)
         sized = [self.preprocessor.to_model_size(img, keep_gray=True) for img in images]
         sources = list(sources) if sources is not None else [_describe(img) for img in images]
         return self.predict_sized(sized, sources, tta)
+
+    def _check_sized(self, image: Any, source: str) -> None:
+        """A model-size image as `preprocessor.to_model_size` makes it: uint8 (crop, crop, 1 or channels); an int64
+        300 had wrapped to 44, float 0..1 pixels had been truncated to 0, another size a numpy broadcast error."""
+        crop, channels = self.preprocessor.crop, self.preprocessor.channels
+        shape = getattr(image, "shape", None)
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+            raise EdgeKDError(f"{source}: predict_sized takes uint8 arrays (preprocessor.to_model_size), got "
+                              f"{getattr(image, 'dtype', type(image).__name__)}")
+        if shape not in ((crop, crop, 1), (crop, crop, channels)):
+            raise EdgeKDError(f"{source}: predict_sized takes ({crop}, {crop}, 1 or {channels}) images "
+                              f"(preprocessor.to_model_size), got shape {shape}")
 
     def predict_sized(self, sized: list[np.ndarray], sources: list[str], tta: TTAOption = None,
                       gray_graph: bool = True) -> list:
@@ -281,6 +293,8 @@ class Runner:
             raise EdgeKDError(f"{len(sized)} images but {len(sources)} source names")
         if not sized:
             return []
+        for image, source in zip(sized, sources):
+            self._check_sized(image, source)
         views = self._views(tta)
         # Pixels go straight into the backend's input memory. Gray images for a 3-channel model stay one channel
         # (repeated to RGB inside the model); in a batch with color images they are broadcast to 3 channels here.
