@@ -206,6 +206,10 @@ def test_an_option_of_the_other_server_is_refused_not_ignored(bundle, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{option}: an option of --kind" in err and f"not of --kind {kind}" in err
     assert not out.exists()
+    key = {"--max-batch": "max_batch_size", "--queue-delay-us": "queue_delay_us", "--base-path": "base_path"}[option]
+    with pytest.raises(EdgeKDError, match=f"^{option}: an option of --kind"):  # the Python API had ignored it
+        write_repository(bundle, kind, out, **{key: value if key == "base_path" else int(value)})
+    assert not out.exists()
 
 
 def test_an_edited_edgekd_json_is_refused_as_the_runtime_refuses_it(bundle, tmp_path):

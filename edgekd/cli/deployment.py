@@ -283,20 +283,13 @@ def repository(
     from edgekd.runtime import is_bundle
     from edgekd.runtime.repository import write_repository
 
-    other = {"--max-batch": max_batch, "--queue-delay-us": queue_delay_us} if kind == "ovms" else {
-        "--base-path": base_path} if kind == "triton" else {}
-    if any(v is not None for v in other.values()):  # had been taken and ignored
-        raise EdgeKDError(f"{' '.join(o for o, v in other.items() if v is not None)}: an option of --kind "
-                          f"{'triton' if kind == 'ovms' else 'ovms'}, not of --kind {kind}")
     if is_bundle(bundle):  # else write_repository says what `bundle` is (a folder of runs was 'the input' of --out)
         refuse_output_inside(out, [bundle])
     done: list = []  # a stop that lands while the model is put in place is delivered after: say it had finished
     STATE["on_interrupt"] = lambda: (f"it had finished: model '{done[0].model_name}' version {version} is in {out}"
                                      if done else None)
-    given = {k: v for k, v in (("max_batch_size", max_batch), ("queue_delay_us", queue_delay_us),
-                               ("base_path", base_path)) if v is not None}  # the rest: write_repository's defaults
-    repo = write_repository(bundle, kind, out, precision, name, version=version, add=add, on_published=done.append,
-                            **given)
+    repo = write_repository(bundle, kind, out, precision, name, max_batch, queue_delay_us, base_path,
+                            version=version, add=add, on_published=done.append)  # None: its defaults
     for rel, digest in repo.files.items():
         out_console.print(f"{escape(rel)}  sha256 {digest}")
     for note in repo.notes:

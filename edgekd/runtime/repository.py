@@ -200,15 +200,24 @@ def _check_options(kind: str, precision: str | None, max_batch_size: int, versio
 
 
 def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str | None = None,
-                     name: str | None = None, max_batch_size: int = 32, queue_delay_us: int = 2000,
-                     base_path: str = "/models", version: int = DEFAULT_VERSION, add: bool = False,
+                     name: str | None = None, max_batch_size: int | None = None, queue_delay_us: int | None = None,
+                     base_path: str | None = None, version: int = DEFAULT_VERSION, add: bool = False,
                      on_published: Callable[[Repository], None] | None = None) -> Repository:
     """The `kind` repository (triton: the bundle's ONNX model; ovms: its OpenVINO IR) at `out`, with a README
     stating the preprocessing clients must apply; the model files in the version folder `version` (an update of a
     served model: the same name, the next version). `out` must be new or empty; nothing is left on failure.
     `add`: `out` is a repository of this kind already, and the model joins it (`add_to_repository`).
     `on_published` is called with the result as soon as it is in place (a stop signal held until then is
-    delivered after it: the CLI then says the work had finished)."""
+    delivered after it: the CLI then says the work had finished). Triton's `max_batch_size` (default 32) and
+    `queue_delay_us` (2000), OpenVINO Model Server's `base_path` (/models): the other server's is refused."""
+    other = {"--max-batch": max_batch_size, "--queue-delay-us": queue_delay_us} if kind == "ovms" else {
+        "--base-path": base_path} if kind == "triton" else {}
+    if any(v is not None for v in other.values()):  # had been taken and ignored
+        raise EdgeKDError(f"{' '.join(o for o, v in other.items() if v is not None)}: an option of --kind "
+                          f"{'triton' if kind == 'ovms' else 'ovms'}, not of --kind {kind}")
+    max_batch_size = 32 if max_batch_size is None else max_batch_size
+    queue_delay_us = 2000 if queue_delay_us is None else queue_delay_us
+    base_path = "/models" if base_path is None else base_path
     _check_options(kind, precision, max_batch_size, version, base_path)
     out = Path(out)
     if out.is_symlink():  # a link to a folder: the repository goes there (rename would not replace the link)
