@@ -1083,6 +1083,12 @@ def as_recipe(recipe: Recipe | str | Path | dict, key: str = "recipe") -> Recipe
     of one (`recipe_from_dict`); `key` names the argument in the error for anything else."""
     if isinstance(recipe, (str, Path)):
         return load_recipe(recipe)
+    if isinstance(recipe, dict) and "base" in recipe:  # as in a YAML file, the path read from the working folder
+        raw, base = {k: v for k, v in recipe.items() if k != "base"}, recipe["base"]  # (it had been an unknown key)
+        if not isinstance(base, (str, Path)) or not str(base).strip() or not Path(base).is_file():
+            raise EdgeKDError(f"{key}: base: {shorten(repr(base), 80)}: not a recipe file (a dict's base: is a path "
+                              "from the working folder)")
+        return recipe_from_dict(inherit(_read_yaml_with_base(Path(base), seen=set()), raw), where=f"{key} (dict)")
     if isinstance(recipe, dict):
         return recipe_from_dict(recipe)
     if not isinstance(recipe, Recipe):

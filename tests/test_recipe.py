@@ -485,6 +485,20 @@ def test_an_overridden_image_size_takes_the_eval_resize_along():
     assert said == []
 
 
+def test_a_dict_recipe_may_name_its_base_file(tmp_path, monkeypatch):
+    """run_recipe({"base": "baseline.yaml", ...}) had failed as "unknown key 'base'"; a dict's base is a path from
+    the working folder, merged as a YAML file's is."""
+    from edgekd.recipe import as_recipe
+
+    monkeypatch.chdir(REPO)
+    recipe = as_recipe({"base": "recipes/demo/student.yaml", "train": {"epochs": 3}})
+    assert recipe.digest() == load_recipe("recipes/demo/student.yaml", ["train.epochs=3"]).digest()
+    assert recipe.distill is not None  # the student's own base chain (baseline.yaml) is followed
+    for bad in ("recipes/demo/nope.yaml", 3, ""):
+        with pytest.raises(EdgeKDError, match=r"^recipe: base: .*: not a recipe file \(a dict's base: is a path"):
+            as_recipe({"base": bad})
+
+
 def test_overrides_may_be_a_dict_of_dotted_keys():
     """`load_recipe(path, {"train.epochs": 3})` had been a TypeError (unhashable type: 'slice')."""
     demo = REPO / "recipes/demo/baseline.yaml"
