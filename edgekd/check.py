@@ -71,18 +71,26 @@ def _quiet(*_args, **_kwargs) -> None:
 
 def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic: bool = False,
                  classes: int | None = None, log: Callable[[str], None] = _quiet,
-                 warn: Callable[[str], None] = _quiet, steps: int = STEPS) -> CheckResult:
+                 warn: Callable[[str], None] = _quiet, steps: int = STEPS, folds: int | None = None,
+                 teacher_overrides: list[str] | None = None) -> CheckResult:
     """Validate the recipe, build its data, model, teacher and plug-ins, train `steps` optimizer steps (at least 2:
     the first is not timed), evaluate once. `warn` gets each data warning of `edgekd train` as it arises (also in
-    the result), before a failing step's error."""
+    the result), before a failing step's error. `folds`: check what `train --folds` would run, on its real data:
+    its refusals before training (`kfold_preflight`), then fold 1's run, a distill recipe's fold teacher stood in
+    by an untrained model of its `distill.teacher_recipe` (with `teacher_overrides`, as --teacher-set)."""
     if steps < 2:
         raise EdgeKDError(f"--steps {steps}: at least 2 (the first step is warm-up, not timed)")
+    if teacher_overrides and folds is None:
+        raise EdgeKDError("--teacher-set overrides the fold teacher's recipe: give --folds too")
+    if folds is not None and (synthetic or folds < 2):
+        raise EdgeKDError(f"--folds {folds}: at least 2" if folds < 2 else "--folds checks the folds of the "
+                          "recipe's own data (by patient or image): not with --synthetic")
     from edgekd.pipeline import run_recipe
 
     t0 = time.perf_counter()
     recipe = load_recipe(path, overrides)
     teacher_recipe_problem = None
-    if recipe.distill and recipe.distill.teacher_recipe and not synthetic:  # only --folds trains it: a warning
+    if recipe.distill and recipe.distill.teacher_recipe and not synthetic and folds is None:  # a warning: only
         try:
             load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe", path))
         except EdgeKDError as err:
@@ -101,6 +109,9 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         def data_warning(line: str) -> None:
             warnings.append(line)
             warn(line)
+
+        if folds is not None:  # (--folds trains them)
+            recipe = fold_zero_recipe(recipe, folds, path, tmp, stand_ins, data_warning, teacher_overrides)
 
         if teacher_recipe_problem:
             data_warning(teacher_recipe_problem)
@@ -128,6 +139,24 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
         seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(), teacher=teacher, stand_ins=stand_ins,
         warnings=warnings)
+
+
+def fold_zero_recipe(recipe: Recipe, folds: int, path: str | Path, tmp: Path, stand_ins: list[str],
+                     say: Callable[[str], None], teacher_overrides: list[str] | None = None) -> Recipe:
+    """Fold 1's recipe of `train --folds` (after its refusals), a distill recipe's fold teacher stood in by an
+    untrained model of its teacher recipe on that fold (`train --folds` trains it first)."""
+    from edgekd.distill import fold_recipe, kfold_preflight
+
+    split, teacher_base = kfold_preflight(recipe, folds, path, teacher_overrides, log=say)
+    say(f"k-fold: checking fold 1 of {folds} ({'patient' if split == 'patient' else 'image'}-level), held out as "
+        "validation")
+    if teacher_base is None:
+        return fold_recipe(recipe, folds, 0, split)
+    teacher = fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, 0, split).to_dict()
+    teacher["model"]["pretrained"], teacher["model"]["weights"] = False, None  # its weights come from its training
+    stand_in = _stand_in(teacher, tmp / "fold-teacher.pt", "distill.teacher (the fold teacher)", stand_ins)
+    stand_ins[-1] += f" (train --folds trains it from {recipe.distill.teacher_recipe} on each fold)"
+    return fold_recipe(recipe, folds, 0, split, teacher=str(stand_in))
 
 
 def _step_seconds(result) -> list[list[float]]:

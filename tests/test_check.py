@@ -377,3 +377,38 @@ def test_check_says_what_a_distillation_run_warns_of_before_it_trains(tmp_path):
     check_recipe(path, ["distill.teacher_image_size=24"], warn=said.append)
     assert any("distill.teacher_image_size 24 but the teacher edgekd_cnn_tiny was trained at 16 px" in line
                for line in said), said
+
+
+def test_check_folds_refuses_what_train_folds_refuses_then_checks_fold_one(tiny_npz, tmp_path):
+    """`edgekd check --folds` had been "No such option": a KD-OCT recipe's 5-fold run could be checked only by
+    starting it. Now: the same refusals before training, then fold 1's run with an untrained fold teacher."""
+    from conftest import tiny_recipe
+
+    teacher_raw = tiny_recipe(tiny_npz, name="fold-teacher")
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher_raw))
+    raw = tiny_recipe(tiny_npz, name="fold-student", role="student",
+                      distill={"teacher_recipe": str(tmp_path / "teacher.yaml"),
+                               "terms": [{"kind": "kl", "weight": 0.7}, {"kind": "ce", "weight": 0.3}]})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    said: list[str] = []
+    r = check_recipe(tmp_path / "s.yaml", folds=3, warn=said.append, teacher_overrides=["name=fold-teacher-b"])
+    assert said[0].startswith("k-fold: the data has no patient ids: folds are image-level")
+    assert said[-1] == "k-fold: checking fold 1 of 3 (image-level), held out as validation" and said == r.warnings
+    assert r.kind == "distill"
+    teacher_line = next(s for s in r.stand_ins if s.startswith("distill.teacher (the fold teacher): untrained "))
+    assert f"train --folds trains it from {tmp_path / 'teacher.yaml'} on each fold" in teacher_line
+    assert r.train_images == 42  # train and val pooled (48 + 16), fold 1's 22 held out
+    # what train --folds refuses, refused here before any step
+    with pytest.raises(EdgeKDError, match="--folds with a distill recipe needs distill.teacher_recipe"):
+        (tmp_path / "n.yaml").write_text(yaml.safe_dump({**raw, "distill": {**raw["distill"], "teacher_recipe": None,
+                                                                              "teacher": "t.pt"}}))
+        check_recipe(tmp_path / "n.yaml", folds=3)
+    with pytest.raises(EdgeKDError, match="not with --synthetic"):
+        check_recipe(tmp_path / "s.yaml", folds=3, synthetic=True)
+    with pytest.raises(EdgeKDError, match="--teacher-set overrides the fold teacher's recipe: give --folds too"):
+        check_recipe(tmp_path / "s.yaml", teacher_overrides=["seed=1"])
+    with pytest.raises(EdgeKDError, match="--teacher-set"):  # train --folds refuses a seed for the teacher
+        check_recipe(tmp_path / "s.yaml", folds=3, teacher_overrides=["seed=1"])
+    plain = tiny_recipe(tiny_npz, name="plain")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(plain))
+    assert check_recipe(tmp_path / "p.yaml", folds=2).train_images == 32  # half of the pooled 64 (48 without)

@@ -82,6 +82,11 @@ def check(
                                           "(default: from the recipe, a MedMNIST file name, else 2)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=2, help="Optimizer steps to run (default 5); the "
                                         "first is warm-up, the median of the others is the step time."),
+    folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Check `train --folds N` on the recipe's data: "
+                                        "what it refuses before training, then fold 1's run (a distill recipe's fold "
+                                        "teacher stood in by an untrained model of its teacher recipe)."),
+    teacher_set: list[str] = typer.Option([], "--teacher-set", help="With --folds and a distill recipe: override a "
+                                          "key of distill.teacher_recipe, as `train --folds` takes it."),
 ) -> None:
     """Check a recipe before a long run: validate it, build its data, model, teacher and plug-ins, run a few
     optimizer steps and one evaluation at its image size; print params, MACs, seconds per step and per epoch."""
@@ -94,7 +99,7 @@ def check(
     warn_sections_turned_on(recipe, set_, console.print)
     with console.status(f"checking {recipe} ...") as status:  # the run's own lines as they come: a large model's
         r = check_recipe(recipe, set_, synthetic=synthetic, classes=classes,  # build and steps take minutes on a CPU
-                         **({"steps": steps} if steps else {}),
+                         **({"steps": steps} if steps else {}), folds=folds, teacher_overrides=teacher_set,
                          warn=lambda line: console.print(escape(line)),
                          log=lambda line: status.update(f"checking {escape(str(recipe))}: {escape(line[:100])}"))
     table = RichTable(title=f"check ok ({r.kind}{', synthetic data' if synthetic else ''})", show_header=False)

@@ -52,6 +52,22 @@ def same_data_value(key: str, a: Any, b: Any) -> bool:
     return data_path_key(a) == data_path_key(b) if key == "path" else a == b
 
 
+def kfold_preflight(recipe, folds: int, recipe_path: str | Path | None = None,
+                    teacher_overrides: list[str] | None = None, log: Callable[[str], None] = print):
+    """What `train --folds` checks before anything trains (`edgekd check --folds` too): the fold teacher's recipe,
+    leaks between folds, the unlabeled pool, the fold unit (patient or image) and that the data holds `folds`
+    folds (fold 0's splits drawn). Returns (split, the fold teacher's recipe or None)."""
+    teacher_base = fold_teacher_recipe(recipe, recipe_path, teacher_overrides) if recipe.distill else None
+    if recipe.distill and recipe.distill.teacher:  # README says so; the log had not
+        log(f"k-fold: distill.teacher {recipe.distill.teacher} is not used: each fold distills from its own "
+            "distill.teacher_recipe, trained on that fold")
+    refuse_fold_leaks(recipe, teacher_base)
+    check_pool_for_folds(recipe, folds)  # before the first teacher trains (a bad pool had failed after it)
+    split = split_mode(recipe, log)
+    split_tables(fold_recipe(recipe, folds, 0, split))  # folds the data cannot hold: refused before anything goes
+    return split, teacher_base
+
+
 def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] | None = print, progress=None,
               recipe_path: str | Path | None = None, teacher_overrides: list[str] | None = None,
               resume: bool = False) -> dict[str, Any]:
@@ -68,14 +84,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] | 
     if resume and next(out.glob("fold*/*/last.pt"), None) is None:
         raise EdgeKDError(f"{out}: no fold run to resume (no fold<i>/<role>/last.pt)")
     main = is_main_process()
-    teacher_base = fold_teacher_recipe(recipe, recipe_path, teacher_overrides) if recipe.distill else None
-    if recipe.distill and recipe.distill.teacher:  # README says so; the log had not
-        log(f"k-fold: distill.teacher {recipe.distill.teacher} is not used: each fold distills from its own "
-            "distill.teacher_recipe, trained on that fold")
-    refuse_fold_leaks(recipe, teacher_base)
-    check_pool_for_folds(recipe, folds)  # before the first teacher trains (a bad pool had failed after it)
-    split = split_mode(recipe, log)
-    split_tables(fold_recipe(recipe, folds, 0, split))  # folds the data cannot hold: refused before anything goes
+    split, teacher_base = kfold_preflight(recipe, folds, recipe_path, teacher_overrides, log)
     if main and not resume:  # an earlier k-fold run's folds and summary go now, its later folds included: a stop
         with deferred_signals():  # in fold 2 had left them beside the new fold 1, and --resume refused them
             for run_dir in [out, *(d for d in out.glob("fold*/*") if d.is_dir())]:
