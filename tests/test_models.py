@@ -255,6 +255,16 @@ def test_a_fixed_patch_grid_model_at_another_input_size_is_refused_by_name():
         check_input_size(levit, 32, "levit_128s")
     assert levit.training  # left as it was
     check_input_size(timm.create_model("levit_128s", pretrained=False, num_classes=2, img_size=32), 32, "levit")
+    # any model whose downsampling runs past 1 px at a small size: a raw "Kernel size can't be greater than actual
+    # input size" at the first training step (ConvNeXt-V2 at 8 px, its 4x stem then three 2x stages)
+    convnext = timm.create_model("convnextv2_atto", pretrained=False, num_classes=2)
+    with pytest.raises(EdgeKDError, match=r"^model convnextv2_atto does not take 8 px input \(data.image_size\): "
+                                          r"its downsampling needs a larger image \("):
+        check_input_size(convnext, 8, "convnextv2_atto")
+    check_input_size(convnext, 32, "convnextv2_atto")
+    from edgekd.models import create_model  # a one-channel model without timm's in_chans is run on one channel
+
+    check_input_size(create_model({"name": "edgekd_cnn_tiny", "num_classes": 2, "in_chans": 1}), 16, "cnn", 1)
 
 
 def test_deploy_form_fuses_timm_rep_blocks_into_a_copy_that_computes_the_same():

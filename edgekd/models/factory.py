@@ -30,9 +30,10 @@ def model_spec(model_cfg, num_classes: int, in_chans: int) -> dict[str, Any]:
     }
 
 
-def check_input_size(model: nn.Module, size: int, name: str) -> None:
+def check_input_size(model: nn.Module, size: int, name: str, channels: int | None = None) -> None:
     """A timm model with a fixed patch grid (Swin, ViT: `patch_embed.strict_img_size`) refuses another input size
-    only at its first forward, with timm's AssertionError; refused here by name, with the kwarg that sets it."""
+    only at its first forward, with timm's AssertionError; refused here by name, with the kwarg that sets it. Below
+    SMALL_INPUT px any model is run once at `size` on `channels` (default: its in_chans, else 3)."""
     embed = getattr(model, "patch_embed", None)
     fixed = getattr(embed, "img_size", None)
     if fixed is not None and getattr(embed, "strict_img_size", False):
@@ -44,19 +45,31 @@ def check_input_size(model: nn.Module, size: int, name: str) -> None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     default = tuple(cfg.get("input_size", (0, size, size))[1:])
     if cfg.get("fixed_input_size") and default != (size, size):  # LeViT, EfficientFormer: attention-bias grids
-        try_one_forward(model, size, name, default)
+        try_one_forward(model, size, name, default, channels)
+    elif size < SMALL_INPUT:  # a stage that downsamples past 1 px (ConvNeXt at 16 px) had failed at the first step
+        try_one_forward(model, size, name, None, channels)  # with a raw "Kernel size can't be greater than ..."
 
 
-def try_one_forward(model: nn.Module, size: int, name: str, default: tuple[int, ...]) -> None:
-    """One forward at `size` of a model timm marks as fixed-size: its shape error (a RuntimeError deep in the model
-    at the first training step) becomes a one-line refusal naming the kwarg that sets the size."""
+SMALL_INPUT = 64
+"""Below this data.image_size a model is run once at build: one forward there is cheap, and every downsampling
+failure of a timm model seen here was below it."""
+
+
+def try_one_forward(model: nn.Module, size: int, name: str, default: tuple[int, ...] | None,
+                    channels: int | None = None) -> None:
+    """One forward at `size` of a model timm marks as fixed-size (its `default` size) or of any model at a small
+    size (None): its shape error (a RuntimeError deep in the model at the first training step) becomes a one-line
+    refusal, naming the kwarg that sets a fixed size."""
     was_training = model.training
-    channels = getattr(model, "in_chans", None) or 3
+    channels = channels or getattr(model, "in_chans", None) or 3  # (edgekd_cnn keeps no in_chans)
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, channels, size, size))
     except (RuntimeError, AssertionError, ValueError) as err:
         detail = shorten(str(err).splitlines()[0], 100) if str(err) else type(err).__name__
+        if default is None:
+            raise EdgeKDError(f"model {name} does not take {size} px input (data.image_size): its downsampling "
+                              f"needs a larger image ({detail})") from None
         raise EdgeKDError(f"model {name} takes {default[0]}x{default[1]} px input (timm: a fixed input size) and "
                           f"data.image_size is {size}: set model.kwargs.img_size: {size}, if the model takes it "
                           f"({detail})") from None

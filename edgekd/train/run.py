@@ -56,7 +56,7 @@ def build_student_model(recipe, data: DataModule,
     start = resuming_from is None or not resuming_from.is_file()
     model = create_model(spec, pretrained=recipe.model.pretrained and start,
                          weights=recipe.model.weights if start else None)
-    check_input_size(model, recipe.data.image_size, recipe.model.name)
+    check_input_size(model, recipe.data.image_size, recipe.model.name, recipe.data.channels)
     freeze(model, recipe.model.freeze_stages, recipe.model.freeze_patterns)
     return model, spec
 
