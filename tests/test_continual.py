@@ -593,6 +593,56 @@ def test_a_new_run_into_a_finished_ones_folder_removes_its_results_first(tmp_pat
     assert torch.load(resumed.best_path, weights_only=True)["recipe"]["train"]["epochs"] == 2
 
 
+def test_ewc_at_weight_zero_ends_as_fine_tuning_does(tmp_path):
+    """EWC's Fisher loader took a draw from torch's generator after task 1, so the next task's new head rows (and
+    batches) came from another stream than fine-tuning's: at weight 0 the two runs of one seed had ended apart."""
+    from edgekd.continual.run import run_continual
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(32, 8, 8))
+    raw = base_recipe(npz, scenario="class_incremental",
+                      tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])
+    raw["train"]["epochs"] = 1
+    plain = run_continual(recipe_from_dict(raw), tmp_path / "ft", log=lambda s: None)
+    raw["continual"]["ewc"] = {"weight": 0.0, "fisher_samples": 8}
+    ewc = run_continual(recipe_from_dict(raw), tmp_path / "ewc", log=lambda s: None)
+    a, b = (torch.load(r.best_path, weights_only=True)["state_dict"] for r in (plain, ewc))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    np.testing.assert_array_equal(plain.acc_matrix, ewc.acc_matrix)
+
+
+def test_a_new_run_into_an_interrupted_ones_folder_says_it_removes_its_task_checkpoints(tmp_path, monkeypatch):
+    """Without --resume, an interrupted run's task.pt files went without a word (a finished run's results are
+    warned of by remove_earlier_outputs)."""
+    import edgekd.continual.run as cl
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(32, 8, 8))
+    raw = base_recipe(npz, scenario="class_incremental",
+                      tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])
+    raw["train"]["epochs"] = 1
+    real = cl._train_task
+
+    def stopped_in_task_2(recipe, model, tasks, i, *args, **kwargs):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(recipe, model, tasks, i, *args, **kwargs)
+
+    monkeypatch.setattr(cl, "_train_task", stopped_in_task_2)
+    with pytest.raises(KeyboardInterrupt):
+        cl.run_continual(recipe_from_dict(raw), tmp_path / "run", log=lambda s: None)
+    assert (tmp_path / "run" / "task1_a" / "task.pt").is_file()
+    monkeypatch.setattr(cl, "_train_task", real)
+    said: list[str] = []
+    cl.run_continual(recipe_from_dict(raw), tmp_path / "run", log=said.append)
+    assert [line for line in said if "task checkpoints" in line] == [
+        f"warning: {tmp_path / 'run'} holds an earlier run's task checkpoints (task1_a): they are removed (a new run; "
+        "--resume goes on from them instead)"]
+    said.clear()  # a finished run is warned of once, by its results
+    cl.run_continual(recipe_from_dict(raw), tmp_path / "run", log=said.append)
+    assert [line for line in said if "already holds a run" in line or "task checkpoints" in line] == [
+        f"warning: {tmp_path / 'run'} already holds a run (model.pt, continual.json): its files are replaced by this "
+        "one; anything else there (a bundle, eval folders, task folders of other tasks) stays from the earlier run"]
+
+
 def test_a_task_that_calls_everything_one_class_is_warned_of():
     """The export warned of a task whose ACC is no better than its largest class's share; train and eval had not."""
     from edgekd.continual.run import task_one_class_warnings

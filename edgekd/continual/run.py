@@ -35,8 +35,8 @@ from edgekd.progress import progress_task, silent
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
-from edgekd.train import (apply_threads, init_weights, is_main_process, keeps_torch_threads, remove_earlier_outputs,
-                          warn_about_data)
+from edgekd.train import (RUN_MARKERS, apply_threads, init_weights, is_main_process, keeps_torch_threads,
+                          remove_earlier_outputs, warn_about_data)
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
 
@@ -328,16 +328,31 @@ def _evaluate_step(model: nn.Module, tasks: list[Task], head: str, i: int, split
     return scores
 
 
+@contextlib.contextmanager
+def random_stream_kept():
+    """The random states as they were before the block: a plug-in's draws (EWC's Fisher loader takes a torch seed)
+    had moved the stream the next task's new head rows and batches come from, so an EWC run at weight 0 started
+    task 2 from another head than fine-tuning at the same seed."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
 def remove_earlier_run(out: Path, tasks: list[Task], log: Callable[[str], None]) -> None:
     """A new (not resumed) run into the folder of an earlier one: that run's results and its task checkpoints of
     these tasks go now. They had stayed until the new run's end, so a stop half-way left the old model.pt beside the
     new tasks (`edgekd export out/model.pt` shipped it) and the printed resume command was refused on it."""
+    said = any((out / name).is_file() for name in RUN_MARKERS)  # a finished run: remove_earlier_outputs says so
     remove_earlier_outputs(out, log)  # the top-level results of an earlier run of any kind
-    stale = [task_folder(out, i, t) / name for i, t in enumerate(tasks)
-             for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv")]
+    stale = [path for i, t in enumerate(tasks) for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv")
+             if (path := task_folder(out, i, t) / name).is_file()]
+    if stale and not said and is_main_process():  # an interrupted run's resumable tasks had gone without a word
+        log(f"warning: {out} holds an earlier run's task checkpoints ({', '.join(sorted({p.parent.name for p in stale}))}"
+            "): they are removed (a new run; --resume goes on from them instead)")
     for path in stale:
-        if path.is_file():
-            path.unlink(missing_ok=True)  # every torchrun rank runs this
+        path.unlink(missing_ok=True)  # every torchrun rank runs this
     for i, t in enumerate(tasks):  # a task folder left empty goes too (the task makes it again when it trains)
         with contextlib.suppress(OSError):
             task_folder(out, i, t).rmdir()
@@ -435,8 +450,9 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
             if num_outputs(model) != task.hi:
                 resize_classifier(model, task.hi)
             step = TaskStep(model, tasks, i, head, device)
-            for p in plugins:
-                p.before_task(step)
+            with random_stream_kept():  # a plug-in's own draws leave the run's: see random_stream_kept
+                for p in plugins:
+                    p.before_task(step)
             record: dict[str, Any] = {"step": i + 1, "task": task.name}
             if i == 0 and first_learned:
                 log(f"task 1/{n} '{task.name}': learned by {cfg.checkpoint}")
@@ -446,8 +462,9 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
             else:
                 record.update(_train_task(recipe, model, tasks, i, step, plugins, criterion, task_dir,
                                           _meta(recipe, tasks, i, spec, head, init), resume, progress, log))
-            for p in plugins:
-                p.after_task(step)
+            with random_stream_kept():
+                for p in plugins:
+                    p.after_task(step)
             record["eval"] = _evaluate_step(model, tasks, head, i, cfg.eval_split, device, log)
             for j, r in enumerate(record["eval"]):
                 acc[i, j], f1[i, j] = r["acc"], r["f1"]
