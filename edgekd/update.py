@@ -211,10 +211,11 @@ def first_task_data_note(recipe, checkpoint: Path) -> str | None:
     from edgekd.data import data_path_key
     from edgekd.train.checkpoint import load_checkpoint
 
-    theirs = (load_checkpoint(checkpoint).get("recipe") or {}).get("data") or {}
+    parent = load_checkpoint(checkpoint)
+    theirs = (parent.get("recipe") or {}).get("data") or {}
     ours = task_data_section(recipe, recipe.continual.tasks[0])
     if (theirs.get("source"), data_path_key(theirs.get("path"))) == (ours.get("source"), data_path_key(ours.get("path"))):
-        if theirs.get("limit") == ours.get("limit"):
+        if theirs.get("limit") == ours.get("limit") or same_test_images(recipe, ours, parent):
             return None
         per = lambda d: f"data.limit {d['limit']}" if d.get("limit") else "no data.limit"  # noqa: E731
         return (f"the first task '{recipe.continual.tasks[0].name}' reads its data with {per(ours)}, the deployed "
@@ -224,6 +225,21 @@ def first_task_data_note(recipe, checkpoint: Path) -> str | None:
     return (f"the first task '{recipe.continual.tasks[0].name}' reads {where(ours)}, not the data the deployed model "
             f"was trained on ({where(theirs)}): the retention gate and the card's lineage compare the parent's test "
             "figures on one set with this model's on another")
+
+
+def same_test_images(recipe, data_section: dict, parent: dict) -> bool:
+    """Whether the first task's data (`data_section`) holds the very test images the parent recorded it was scored
+    on (its `data_splits`): two data.limit values at or above the test split's size keep all of it (a limit of 600
+    and one of 400 on a 400-image test split had been warned of as other test images)."""
+    recorded = (parent.get("data_splits") or {}).get("test")
+    if not recorded:  # a checkpoint from before 2026-12-06 records none
+        return False
+    from edgekd.data import build_data
+    from edgekd.recipe import DataConfig
+
+    data = build_data(recipe.model_copy(update={"data": DataConfig.model_validate(data_section), "continual": None}))
+    now = data.split_fingerprint(("test",)).get("test", {})
+    return all(now.get(key) == value for key, value in recorded.items())
 
 
 def refuse_multi_head_parent(checkpoint: Path, source: str | Path) -> None:

@@ -642,6 +642,10 @@ def test_an_update_whose_first_task_reads_other_data_says_so(world, tmp_path):
     limited = update_recipe(world["recipe"], ["continual.tasks.0.data.limit=8"], world["student"], world["student"])
     assert first_task_data_note(limited, world["student"]).startswith(
         "the first task 'A' reads its data with data.limit 8, the deployed model was scored with no data.limit")
+    # a limit above every split's size keeps the very test images the parent was scored on: no note (a limit of
+    # 600 against the parent's 400-image test split had been warned of as other test images)
+    whole = update_recipe(world["recipe"], ["continual.tasks.0.data.limit=100000"], world["student"], world["student"])
+    assert first_task_data_note(whole, world["student"]) is None
 
 
 def test_a_one_head_update_card_compares_the_parent_with_its_task_row_not_a_mean():
