@@ -1329,3 +1329,23 @@ def test_a_one_head_continual_checkpoint_says_its_first_task_must_hold_all_its_c
                                           r"the checkpoint's; it is one head over the tasks a, b, so the first task "
                                           r"must hold all its classes in order \(class_0, class_1, class_2, class_3\);"):
         run_recipe(recipe_from_dict(again), tmp_path / "again", log=lambda s: None)
+
+
+def test_eval_corruptions_of_a_continual_checkpoint_without_data_is_refused_before_the_eval(tmp_path):
+    """The per-task evaluation ran and printed its tables, then the corruption eval refused the checkpoint's data."""
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+    from edgekd.continual.run import run_continual
+
+    npz = quadrant_npz(tmp_path / "q.npz", classes=4, n=(32, 8, 8))
+    raw = base_recipe(npz, scenario="class_incremental",
+                      tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])
+    raw["train"]["epochs"] = 1
+    run = run_continual(recipe_from_dict(raw), tmp_path / "run", log=lambda s: None)
+    for option in ("--corruptions", "--failures"):
+        res = CliRunner().invoke(app, ["eval", str(run.best_path), option, "--out", str(tmp_path / "ev")])
+        assert isinstance(res.exception, EdgeKDError), res.output
+        assert "learned several tasks' data; give the data to score with --data" in str(res.exception)
+        assert res.output.strip() == ""  # nothing evaluated or printed first
+        assert not (tmp_path / "ev").exists()

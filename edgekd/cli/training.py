@@ -165,7 +165,8 @@ def eval_(
     refuse_output_inside(out, [checkpoint, *compare])
     refuse_other_metrics(out, checkpoint, writes=not bundle)  # a bundle's --corruptions/--failures write none
     if corruptions or failures:  # before the main eval prints (a multi-head checkpoint, a --compare of other
-        check_predictor_sources([checkpoint, *compare])  # classes had been refused after its tables)
+        check_predictor_sources([checkpoint, *compare],  # classes had been refused after its tables)
+                                None if data is not None else "corruption eval" if corruptions else "failure analysis")
     if failures:  # the train extra (scikit-learn, matplotlib), asked for before a core install's corruption eval
         import edgekd.metrics.failures  # noqa: F401
     wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was

@@ -86,11 +86,15 @@ def check_predictor_source(src: str | Path) -> list[str]:
     return list(ckpt.get("class_names") or [])
 
 
-def check_predictor_sources(sources: Sequence[str | Path]) -> None:
+def check_predictor_sources(sources: Sequence[str | Path], reads_their_data: str | None = None) -> None:
     """`check_predictor_source` of each model a corruption eval compares, and what the comparison needs of them
     together, before any work: the same class count (a mismatch had been refused after the main evaluation
     printed) in the same order (a labelled folder's eval had scored another order silently), and no model given
-    twice (its rows had appeared twice)."""
+    twice (its rows had appeared twice). `reads_their_data`: the analysis ("corruption eval", "failure analysis")
+    that will score the first checkpoint's own data (no --data): one it cannot be taken from (a continual
+    checkpoint's, a bundle's) is refused now too (it had been after the main evaluation)."""
+    if reads_their_data is not None:
+        _recipe_of_first_checkpoint(sources, reads_their_data)
     seen: dict[Path, str | Path] = {}
     names: dict[str | Path, list[str]] = {}
     for src in sources:
