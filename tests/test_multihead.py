@@ -892,3 +892,29 @@ def test_the_runner_checks_a_heads_top1_agreement_on_its_own_tasks_images():
     preds[0].tasks["A"].probs = probs["A"][0][::-1].copy()  # now on one of its own
     row = _compare_heads(preds, logits, parts, 1, heads, RunnerCheck(max_prob_diff=None))
     assert row["heads"]["A"]["top1_agreement"] == 0.5 and row["problems"][0].startswith("head 'A': top-1 agreement")
+
+
+def test_a_one_head_continual_cards_grad_cam_picks_from_every_tasks_images():
+    """The card's Grad-CAM of a class-incremental model took the last task's test images only (its 4 "classes in
+    turn" were all bag/boot): the tasks' test sets are joined, labels global, as one dataset."""
+    from types import SimpleNamespace
+
+    from edgekd.export.continual import JoinedDataset
+
+    class Part:
+        def __init__(self, labels, tag):
+            self.table, self.tag = SimpleNamespace(labels=np.asarray(labels)), tag
+
+        def __len__(self):
+            return len(self.table.labels)
+
+        def __getitem__(self, i):
+            return i
+
+        def raw(self, i):
+            return (self.tag, i)
+
+    joined = JoinedDataset([Part([0, 1, 0], "a"), Part([2, 3], "b"), Part([4, 5, 4], "c")])
+    assert joined.table.labels.tolist() == [0, 1, 0, 2, 3, 4, 5, 4] and len(joined) == 8
+    assert [joined.raw(i) for i in range(8)] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("c", 0),
+                                                 ("c", 1), ("c", 2)]

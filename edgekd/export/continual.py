@@ -4,6 +4,7 @@ with global labels, the retention gate on their accuracy matrix, and what edgekd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,20 @@ def task_layout(ckpt: dict[str, Any]) -> TaskLayout | None:
     return TaskLayout(cont["head"], cont.get("scenario", ""), list(cont["tasks"]), acc)
 
 
+class JoinedDataset(ConcatDataset):
+    """The tasks' datasets of one split end to end, with their labels (`table.labels`, global) and decoded images
+    (`raw`) as one dataset's: the card's Grad-CAM picks classes in turn over every task (it had shown the last
+    task's only)."""
+
+    def __init__(self, parts: list):
+        super().__init__(parts)
+        self.table = SimpleNamespace(labels=np.concatenate([np.asarray(p.table.labels) for p in parts]))
+
+    def raw(self, i: int):
+        part = int(np.searchsorted(self.cumulative_sizes, i, side="right"))
+        return self.datasets[part].raw(i - (self.cumulative_sizes[part - 1] if part else 0))
+
+
 class TaskUnion:
     """Every task's data as one data module for the export (global labels, the first task's preprocessing):
     its datasets are the tasks' concatenated; the parity set is built per task (`ParitySet`s merged)."""
@@ -74,8 +89,8 @@ class TaskUnion:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def dataset(self, split: str, train: bool | None = None) -> ConcatDataset:
-        return ConcatDataset([t.data.dataset(split, train=train) for t in self.tasks])
+    def dataset(self, split: str, train: bool | None = None) -> JoinedDataset:
+        return JoinedDataset([t.data.dataset(split, train=train) for t in self.tasks])
 
     def counts(self) -> dict[str, list[int]]:
         return {s: np.bincount(np.concatenate([t.data.tables[s].labels for t in self.tasks]),

@@ -737,7 +737,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, formats: list[str
     reference = _reference(deployed, parity_set, profile, ckpt, log)
     metadata = {**_bundle_metadata(model, ckpt, checkpoint, data, profile, reference, image_channels, plan, fusion),
                 **_continual_metadata(layout, continual, lineage)}
-    explain_data = None if parity_set.heads is not None else data if layout is None else data.tasks[-1].data
+    explain_data = None if parity_set.heads is not None else data  # one head: every task's test images
 
     stage = scratch = None
     timed = {f.name for f, p in plan if p == "int8"} & {f.name for f, p in plan if p == "fp32"}
