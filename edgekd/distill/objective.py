@@ -14,7 +14,7 @@ from torch import nn
 from edgekd.distill.features import FeatureAdapter, FeatureMaps, build_adapter, build_feature_maps
 from edgekd.distill.losses import DistillLoss, KDBatch, build_distill_loss
 from edgekd.distill.unlabeled import UnlabeledStream
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, exception_line
 from edgekd.hair import hair_element
 from edgekd.models import capture_features
 from edgekd.runtime import is_bundle
@@ -258,7 +258,41 @@ def probe_features(student: nn.Module, teacher: nn.Module, teacher_input: Teache
             teacher(teacher_input(x))
     finally:
         student.train(was_training)
+    for side, layers, feats in (("student", student_layers, s_feats), ("teacher", teacher_layers, t_feats)):
+        for layer in layers:
+            check_tap(side, layer, feats.get(layer), len(x))
     return dict(s_feats), dict(t_feats)
+
+
+def check_tap(side: str, layer: str, output: torch.Tensor | None, batch: int) -> None:
+    """A tapped module's probe output: one that never ran (timm's fused attention skips `attn_drop`: a KeyError)
+    or whose first axis is not the batch (SwinV2's window attention gives (batch x windows, N, C): every student
+    image had been matched with windows of the first teacher image, without a word) is a one-line refusal."""
+    if output is None:
+        raise EdgeKDError(f"distill.terms: the {side}'s module '{layer}' gave no output in a forward pass (it is not "
+                          "called: a fused attention's dropout, an unused branch); tap a module that runs")
+    if output.ndim < 2 or output.shape[0] != batch:
+        raise EdgeKDError(f"distill.terms: the {side}'s module '{layer}' gives an output of shape "
+                          f"{tuple(output.shape)} for {batch} images, its first axis not the batch (a window "
+                          "attention's batch x windows); tap a module whose output keeps one row per image (its "
+                          "block or stage)")
+
+
+def check_teacher_size(teacher: nn.Module, teacher_input: TeacherInput, ckpt: dict[str, Any]) -> None:
+    """A distill.teacher_image_size the teacher cannot take (a fixed-grid SwinV2 trained at 64 px fed the full-size
+    recipe's 256) is a one-line refusal before the run clears its folder (timm's AssertionError at the first step,
+    exit 1, after an earlier run's files were gone)."""
+    trained = int(ckpt["preprocess"]["input_size"][-1])
+    if teacher_input.size == trained:
+        return
+    try:
+        with torch.no_grad():
+            teacher(torch.zeros(1, teacher_input.t_channels, teacher_input.size, teacher_input.size))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise EdgeKDError(f"distill.teacher_image_size {teacher_input.size}: the teacher {ckpt['arch']['name']} "
+                          f"(trained at {trained} px) does not take {teacher_input.size} px input "
+                          f"({exception_line(err, 100)}); set distill.teacher_image_size: {trained}, or null for the "
+                          "checkpoint's own size") from None
 
 
 def check_teacher_classes(terms: list, teacher_ckpts: list[dict[str, Any]], num_classes: int | None) -> None:
@@ -317,6 +351,8 @@ def build_objective(distill_cfg, student: nn.Module, teacher: nn.Module, teacher
     for member, _ in members:
         freeze_teacher(member)
     inputs = [TeacherInput(student_pre, ckpt["preprocess"], distill_cfg.teacher_image_size) for _, ckpt in members]
+    for (member, ckpt), member_input in zip(members, inputs):
+        check_teacher_size(member, member_input, ckpt)
     teacher_input = inputs[0]
     if len(members) > 1:
         teacher = EnsembleTeacher([m for m, _ in members], inputs, distill_cfg.ensemble_mode)
