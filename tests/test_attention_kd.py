@@ -152,3 +152,8 @@ def test_taps_that_never_run_or_do_not_keep_the_batch_and_a_teacher_size_it_cann
     build_objective(cfg, tiny("edgekd_cnn_tiny"), freeze_teacher(tiny("test_resnet")),  # a CNN takes 48 px
                     {"arch": {"name": "test_resnet", "num_classes": 2}, "preprocess": pre(32)}, pre(16), None,
                     log=lambda m: None)
+    from edgekd.models.taps import resolve_layout  # a forced layout that does not fit names the tapped module
+
+    with pytest.raises(EdgeKDError, match=r"^feature layout 'tokens' needs a 3-D output, got shape \(2, 2, 2, 8\) "
+                                          r"from 'layers.3'$"):
+        resolve_layout(vit, torch.zeros(2, 2, 2, 8), "tokens", "layers.3")

@@ -52,7 +52,8 @@ def resolve_layout(model: nn.Module, feature: torch.Tensor, layout: str, layer: 
     if layout != "auto":
         want = {"tokens": 3, "nchw": 4, "nhwc": 4}[layout]
         if feature.dim() != want:
-            raise EdgeKDError(f"feature layout '{layout}' needs a {want}-D output, got shape {tuple(feature.shape)}")
+            raise EdgeKDError(f"feature layout '{layout}' needs a {want}-D output, got shape {tuple(feature.shape)}"
+                              + (f" from '{layer}'" if layer else ""))
         return layout
     if feature.dim() == 2:
         return "vector"
