@@ -78,23 +78,12 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
     the result), before a failing step's error. `folds`: check what `train --folds` would run, on its real data:
     its refusals before training (`kfold_preflight`), then fold 1's run, a distill recipe's fold teacher stood in
     by an untrained model of its `distill.teacher_recipe` (with `teacher_overrides`, as --teacher-set)."""
-    if steps < 2:
-        raise EdgeKDError(f"--steps {steps}: at least 2 (the first step is warm-up, not timed)")
-    if teacher_overrides and folds is None:
-        raise EdgeKDError("--teacher-set overrides the fold teacher's recipe: give --folds too")
-    if folds is not None and (synthetic or folds < 2):
-        raise EdgeKDError(f"--folds {folds}: at least 2" if folds < 2 else "--folds checks the folds of the "
-                          "recipe's own data (by patient or image): not with --synthetic")
+    _check_options(steps, synthetic, folds, teacher_overrides)
     from edgekd.pipeline import run_recipe
 
     t0 = time.perf_counter()
     recipe = load_recipe(path, overrides)
-    teacher_recipe_problem = None
-    if recipe.distill and recipe.distill.teacher_recipe and not synthetic and folds is None:  # a warning: only
-        try:
-            load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe", path))
-        except EdgeKDError as err:
-            teacher_recipe_problem = f"warning: {err} (`train --folds` trains the teacher from it)"
+    teacher_recipe_problem = None if synthetic or folds is not None else _teacher_recipe_problem(recipe, path)
     with tempfile.TemporaryDirectory(prefix="edgekd-check-") as tmp:
         tmp = Path(tmp)
         stand_ins: list[str] = []
@@ -139,6 +128,27 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None, synthetic
         epoch_seconds=None if train_images is None else step * math.ceil(train_images / batch),
         seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(), teacher=teacher, stand_ins=stand_ins,
         warnings=warnings)
+
+
+def _check_options(steps: int, synthetic: bool, folds: int | None, teacher_overrides: list[str] | None) -> None:
+    if steps < 2:
+        raise EdgeKDError(f"--steps {steps}: at least 2 (the first step is warm-up, not timed)")
+    if teacher_overrides and folds is None:
+        raise EdgeKDError("--teacher-set overrides the fold teacher's recipe: give --folds too")
+    if folds is not None and (synthetic or folds < 2):
+        raise EdgeKDError(f"--folds {folds}: at least 2" if folds < 2 else "--folds checks the folds of the "
+                          "recipe's own data (by patient or image): not with --synthetic")
+
+
+def _teacher_recipe_problem(recipe: Recipe, path: str | Path) -> str | None:
+    """A warning when distill.teacher_recipe (read only by `train --folds`) cannot be loaded."""
+    if not (recipe.distill and recipe.distill.teacher_recipe):
+        return None
+    try:
+        load_recipe(find_recipe_file(recipe.distill.teacher_recipe, "distill.teacher_recipe", path))
+    except EdgeKDError as err:
+        return f"warning: {err} (`train --folds` trains the teacher from it)"
+    return None
 
 
 def fold_zero_recipe(recipe: Recipe, folds: int, path: str | Path, tmp: Path, stand_ins: list[str],

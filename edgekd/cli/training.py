@@ -149,8 +149,7 @@ def eval_(
     """Evaluate a checkpoint: prints a metrics table, writes metrics.json, confusion and ROC plots (a continual
     checkpoint: metrics.json, per task); optionally corruption robustness (teacher vs student vs each export format) and failure analysis. A bundle's corruption
     eval on a labelled folder (--data DIR) runs on the core install, without PyTorch."""
-    from edgekd.fileio import refuse_other_metrics, refuse_output_inside, staged_files
-    from edgekd.robustness import check_predictor_sources
+    from edgekd.fileio import staged_files
     from edgekd.runtime import is_bundle
 
     folder, bundle = data if data is not None and data.is_dir() else None, is_bundle(checkpoint)
@@ -162,13 +161,7 @@ def eval_(
                           "--corruptions or --failures; --set takes a data recipe")
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
-    refuse_output_inside(out, [checkpoint, *compare])
-    refuse_other_metrics(out, checkpoint, writes=not bundle)  # a bundle's --corruptions/--failures write none
-    if corruptions or failures:  # before the main eval prints (a multi-head checkpoint, a --compare of other
-        check_predictor_sources([checkpoint, *compare],  # classes had been refused after its tables)
-                                None if data is not None else "corruption eval" if corruptions else "failure analysis")
-    if failures:  # the train extra (scikit-learn, matplotlib), asked for before a core install's corruption eval
-        import edgekd.metrics.failures  # noqa: F401
+    _eval_preflight(checkpoint, compare, out, bundle, data, corruptions, failures)
     wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was
     with staged_files(out, before_publish=_drop_other_plots(out)) as stage:  # (a refused --compare had left files)
         if not bundle and folder is not None:
@@ -184,6 +177,24 @@ def eval_(
         if failures:
             wrote += _eval_failures(checkpoint, stage, data_recipe, splits[0], top or 5, folder)
     console.print(escape(f"wrote {', '.join(str(out / Path(p).name) for p in wrote)}"))  # paths: no rich markup
+
+
+def _eval_preflight(checkpoint: Path, compare: list[Path], out: Path, bundle: bool, data: Optional[Path],
+                    corruptions: bool, failures: bool) -> None:
+    """What `edgekd eval` refuses before any work: an --out inside an input or over a run's metrics.json, and for
+    --corruptions/--failures models that cannot be compared or whose data cannot be taken (a multi-head checkpoint,
+    a --compare of other classes, a continual checkpoint without --data: each had been refused after the main
+    evaluation printed); the train extra the failure analysis needs."""
+    from edgekd.fileio import refuse_other_metrics, refuse_output_inside
+    from edgekd.robustness import check_predictor_sources
+
+    refuse_output_inside(out, [checkpoint, *compare])
+    refuse_other_metrics(out, checkpoint, writes=not bundle)  # a bundle's --corruptions/--failures write none
+    if corruptions or failures:
+        check_predictor_sources([checkpoint, *compare], None if data is not None else
+                                "corruption eval" if corruptions else "failure analysis")
+    if failures:  # the train extra (scikit-learn, matplotlib), asked for before a core install's corruption eval
+        import edgekd.metrics.failures  # noqa: F401
 
 
 def _eval_corruptions(sources: list[Path], out: Path, data_recipe, split: str, names, levels, seed: int,

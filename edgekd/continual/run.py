@@ -340,6 +340,13 @@ def random_stream_kept():
         restore_rng_state(state)
 
 
+def call_plugins(plugins: list, hook: str, step: TaskStep) -> None:
+    """Each plug-in's `hook` (before_task, after_task), its own random draws leaving the run's (random_stream_kept)."""
+    with random_stream_kept():
+        for plugin in plugins:
+            getattr(plugin, hook)(step)
+
+
 def remove_earlier_run(out: Path, tasks: list[Task], log: Callable[[str], None]) -> None:
     """A new (not resumed) run into the folder of an earlier one: that run's results and its task checkpoints of
     these tasks go now. They had stayed until the new run's end, so a stop half-way left the old model.pt beside the
@@ -450,9 +457,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
             if num_outputs(model) != task.hi:
                 resize_classifier(model, task.hi)
             step = TaskStep(model, tasks, i, head, device)
-            with random_stream_kept():  # a plug-in's own draws leave the run's: see random_stream_kept
-                for p in plugins:
-                    p.before_task(step)
+            call_plugins(plugins, "before_task", step)
             record: dict[str, Any] = {"step": i + 1, "task": task.name}
             if i == 0 and first_learned:
                 log(f"task 1/{n} '{task.name}': learned by {cfg.checkpoint}")
@@ -462,9 +467,7 @@ def run_continual(recipe, out: str | Path, resume: bool = False, log: Callable[[
             else:
                 record.update(_train_task(recipe, model, tasks, i, step, plugins, criterion, task_dir,
                                           _meta(recipe, tasks, i, spec, head, init), resume, progress, log))
-            with random_stream_kept():
-                for p in plugins:
-                    p.after_task(step)
+            call_plugins(plugins, "after_task", step)
             record["eval"] = _evaluate_step(model, tasks, head, i, cfg.eval_split, device, log)
             for j, r in enumerate(record["eval"]):
                 acc[i, j], f1[i, j] = r["acc"], r["f1"]

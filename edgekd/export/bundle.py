@@ -418,13 +418,17 @@ def deployment_card(metadata: dict[str, Any], parity: dict[str, Any],
         lines += continual_card_section(metadata["continual"], metadata.get("tasks"))
     lines += (_lineage_section(metadata) + _head_parity_section(parity) + _parity_section(parity, tta)
               + _quantization_section(metadata) + _explanation_section(explanations, bool(metadata.get("calibration"))))
-    lines += ["", "## Run", "", "```", "edgekd predict <this bundle> IMAGE... [--tta]",
-              "edgekd serve <this bundle> [--tta]    # an HTTP service (the serve extra)", "```", "",
-              default_run_line(metadata["artifacts"]), "",
-              "## Preprocessing, step by step", "",
-              "What `edgekd predict`, `serve` and `Runner` do to an image (`edgekd.json` `preprocess` and `tta`); "
-              "code that feeds the ONNX or OpenVINO model itself must do the same:", "",
-              *preprocessing_steps(pre), "", tta_steps(tta), "",
-              "Every file is listed with its sha256 in `manifest.sha256`; `edgekd.json` holds the metadata and "
-              "`parity.json` the full parity report.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _run_section(metadata))
+
+
+def _run_section(metadata: dict[str, Any]) -> list[str]:
+    """How to run the bundle, and the preprocessing step by step for code that feeds its models itself."""
+    return ["", "## Run", "", "```", "edgekd predict <this bundle> IMAGE... [--tta]",
+            "edgekd serve <this bundle> [--tta]    # an HTTP service (the serve extra)", "```", "",
+            default_run_line(metadata["artifacts"]), "",
+            "## Preprocessing, step by step", "",
+            "What `edgekd predict`, `serve` and `Runner` do to an image (`edgekd.json` `preprocess` and `tta`); "
+            "code that feeds the ONNX or OpenVINO model itself must do the same:", "",
+            *preprocessing_steps(metadata["preprocess"]), "", tta_steps(metadata["tta"]), "",
+            "Every file is listed with its sha256 in `manifest.sha256`; `edgekd.json` holds the metadata and "
+            "`parity.json` the full parity report.", ""]

@@ -199,6 +199,19 @@ def _check_options(kind: str, precision: str | None, max_batch_size: int, versio
                           "uses it as it is), where the repository is mounted")
 
 
+def server_options(kind: str, max_batch_size: int | None, queue_delay_us: int | None,
+                   base_path: str | None) -> tuple[int, int, str]:
+    """The server options with their defaults (32, 2000, /models); one given for the other server is refused (it
+    had been taken and ignored)."""
+    other = {"--max-batch": max_batch_size, "--queue-delay-us": queue_delay_us} if kind == "ovms" else {
+        "--base-path": base_path} if kind == "triton" else {}
+    if any(v is not None for v in other.values()):
+        raise EdgeKDError(f"{' '.join(o for o, v in other.items() if v is not None)}: an option of --kind "
+                          f"{'triton' if kind == 'ovms' else 'ovms'}, not of --kind {kind}")
+    return (32 if max_batch_size is None else max_batch_size, 2000 if queue_delay_us is None else queue_delay_us,
+            "/models" if base_path is None else base_path)
+
+
 def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precision: str | None = None,
                      name: str | None = None, max_batch_size: int | None = None, queue_delay_us: int | None = None,
                      base_path: str | None = None, version: int = DEFAULT_VERSION, add: bool = False,
@@ -210,14 +223,7 @@ def write_repository(bundle_path: str | Path, kind: str, out: str | Path, precis
     `on_published` is called with the result as soon as it is in place (a stop signal held until then is
     delivered after it: the CLI then says the work had finished). Triton's `max_batch_size` (default 32) and
     `queue_delay_us` (2000), OpenVINO Model Server's `base_path` (/models): the other server's is refused."""
-    other = {"--max-batch": max_batch_size, "--queue-delay-us": queue_delay_us} if kind == "ovms" else {
-        "--base-path": base_path} if kind == "triton" else {}
-    if any(v is not None for v in other.values()):  # had been taken and ignored
-        raise EdgeKDError(f"{' '.join(o for o, v in other.items() if v is not None)}: an option of --kind "
-                          f"{'triton' if kind == 'ovms' else 'ovms'}, not of --kind {kind}")
-    max_batch_size = 32 if max_batch_size is None else max_batch_size
-    queue_delay_us = 2000 if queue_delay_us is None else queue_delay_us
-    base_path = "/models" if base_path is None else base_path
+    max_batch_size, queue_delay_us, base_path = server_options(kind, max_batch_size, queue_delay_us, base_path)
     _check_options(kind, precision, max_batch_size, version, base_path)
     out = Path(out)
     if out.is_symlink():  # a link to a folder: the repository goes there (rename would not replace the link)
