@@ -561,6 +561,22 @@ def test_a_run_stopped_while_writing_its_plots_is_not_finished_and_its_resume_wr
     assert (tmp_path / "run" / "task_accuracy.png").is_file() and (tmp_path / "run" / "continual.json").is_file()
 
 
+def stop_in_task_2(monkeypatch):
+    """Make a continual run stop (KeyboardInterrupt) as its second task begins to train; returns the real
+    _train_task, to put back."""
+    import edgekd.continual.run as cl
+
+    real = cl._train_task
+
+    def stopped(recipe, model, tasks, i, *args, **kwargs):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(recipe, model, tasks, i, *args, **kwargs)
+
+    monkeypatch.setattr(cl, "_train_task", stopped)
+    return real
+
+
 def test_a_new_run_into_a_finished_ones_folder_removes_its_results_first(tmp_path, monkeypatch):
     """A new continual run into a finished run's folder, stopped in its second task: the old model.pt and
     continual.json had stayed beside the new tasks (export shipped the old model) and the resume command the
@@ -574,14 +590,7 @@ def test_a_new_run_into_a_finished_ones_folder_removes_its_results_first(tmp_pat
     cl.run_continual(recipe_from_dict(raw), tmp_path / "run", log=lambda s: None)
     assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "task2_b" / "task.pt").is_file()
     new = recipe_from_dict({**raw, "train": {**raw["train"], "epochs": 2}})
-    real = cl._train_task
-
-    def stopped_in_task_2(recipe, model, tasks, i, *args, **kwargs):
-        if i == 1:
-            raise KeyboardInterrupt
-        return real(recipe, model, tasks, i, *args, **kwargs)
-
-    monkeypatch.setattr(cl, "_train_task", stopped_in_task_2)
+    real = stop_in_task_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cl.run_continual(new, tmp_path / "run", log=lambda s: None)
     left = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*") if p.is_file()}
@@ -619,14 +628,7 @@ def test_a_new_run_into_an_interrupted_ones_folder_says_it_removes_its_task_chec
     raw = base_recipe(npz, scenario="class_incremental",
                       tasks=[{"name": "a", "classes": [0, 1]}, {"name": "b", "classes": [2, 3]}])
     raw["train"]["epochs"] = 1
-    real = cl._train_task
-
-    def stopped_in_task_2(recipe, model, tasks, i, *args, **kwargs):
-        if i == 1:
-            raise KeyboardInterrupt
-        return real(recipe, model, tasks, i, *args, **kwargs)
-
-    monkeypatch.setattr(cl, "_train_task", stopped_in_task_2)
+    real = stop_in_task_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cl.run_continual(recipe_from_dict(raw), tmp_path / "run", log=lambda s: None)
     assert (tmp_path / "run" / "task1_a" / "task.pt").is_file()

@@ -1376,13 +1376,21 @@ def test_the_metric_gate_holds_each_task_and_an_rtol_alone_and_says_what_it_coul
         "val AUC undefined (a class absent): its auc_drop limit 0.01 could not be checked"]
 
 
+def tiny_context():
+    """The export context _export_one reads: the default profile, a (1, 2, 2) input, a silent log."""
+    from types import SimpleNamespace
+
+    from edgekd.export.profile import load_profile
+
+    return SimpleNamespace(profile=load_profile(None), input_shape=(1, 2, 2), log=lambda line: None)
+
+
 def test_an_artifact_whose_runtime_raises_is_one_failed_record_not_an_aborted_export(tmp_path):
     """A RuntimeError of ONNX Runtime or OpenVINO (an INT8 graph its speed check could not run) ended the whole
     export: on_fail drop could not ship the artifacts that passed, and the error named no artifact."""
     from edgekd.export.artifact import ArtifactSession
     from edgekd.export.formats import ExportFormat
     from edgekd.export.parity import ParitySet
-    from edgekd.export.profile import load_profile
     from edgekd.export.run import _Outcome, _export_one
 
     def session(run):
@@ -1394,16 +1402,9 @@ def test_an_artifact_whose_runtime_raises_is_one_failed_record_not_an_aborted_ex
     fmt = ExportFormat("onnx", ".onnx", ("fp32", "int8"), lambda c, p, q: {}, lambda q, p, t: session(cannot))
     x, y = np.zeros((8, 1, 2, 2), np.float32), np.array([0, 1] * 4)
 
-    class Ctx:
-        profile, input_shape = load_profile(None), (1, 2, 2)
-
-        @staticmethod
-        def log(line):
-            pass
-
     outcome = _Outcome([], [], [], timed_formats={"onnx"})
     outcome.fp32_sessions["onnx"] = session(lambda b: np.zeros((len(b), 2), np.float32))
-    _export_one(fmt, "int8", Ctx, tmp_path, ParitySet(x, ["original"] * 8, {"val": (x, y), "test": (x, y)}), {}, 2,
+    _export_one(fmt, "int8", tiny_context(), tmp_path, ParitySet(x, ["original"] * 8, {"val": (x, y), "test": (x, y)}), {}, 2,
                 outcome)
     assert outcome.failures == ["onnx/int8: RuntimeError: NOT_IMPLEMENTED: QLinearConv"]
     assert outcome.records[0]["passed"] is False
@@ -1415,7 +1416,6 @@ def test_a_write_that_fails_on_a_full_disk_says_the_disk_is_full(tmp_path, monke
 
     from edgekd.export.formats import ExportFormat
     from edgekd.export.parity import ParitySet
-    from edgekd.export.profile import load_profile
     from edgekd.export.run import _Outcome, _export_one
 
     def cannot_write(ctx, precision, path):
@@ -1424,17 +1424,10 @@ def test_a_write_that_fails_on_a_full_disk_says_the_disk_is_full(tmp_path, monke
     fmt = ExportFormat("onnx", ".onnx", ("fp32",), cannot_write, lambda q, p, t: None)
     x, y = np.zeros((4, 1, 2, 2), np.float32), np.array([0, 1] * 2)
 
-    class Ctx:
-        profile, input_shape = load_profile(None), (1, 2, 2)
-
-        @staticmethod
-        def log(line):
-            pass
-
     def run(free):
         monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
         outcome = _Outcome([], [], [])
-        _export_one(fmt, "fp32", Ctx, tmp_path, ParitySet(x, ["original"] * 4, {"val": (x, y)}), {}, 2, outcome)
+        _export_one(fmt, "fp32", tiny_context(), tmp_path, ParitySet(x, ["original"] * 4, {"val": (x, y)}), {}, 2, outcome)
         return outcome.failures[0]
 
     assert run(10**10) == "onnx/fp32: RuntimeError: basic_ios::clear: iostream error"
