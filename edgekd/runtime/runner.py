@@ -83,8 +83,10 @@ def flag_blank(result: Prediction | TaskPredictions, sized: np.ndarray) -> Predi
     """`result` with the BLANK_IMAGE warning when its model-size image is one colour (each channel one value, within
     a level; a solid green had passed, its channels differing from each other): a model still answers, often
     confidently, for nothing there."""
-    pixels = sized.reshape(-1, sized.shape[-1]) if sized.ndim == 3 else sized.reshape(-1, 1)
-    if int((pixels.max(axis=0).astype(np.int32) - pixels.min(axis=0)).max()) < 2:
+    channels = [sized[..., c] for c in range(sized.shape[-1])] if sized.ndim == 3 else [sized]
+    # channel by channel: numpy's max over axis 0 of an (H*W, 3) array had taken 1.4 ms at 224 px, as long as
+    # the model call (the runner ran 2x the bare call); each channel's own reduction takes 0.02 ms
+    if max(int(c.max()) - int(c.min()) for c in channels) < 2:
         for p in result.tasks.values() if isinstance(result, TaskPredictions) else [result]:
             p.warning = BLANK_IMAGE
     return result
