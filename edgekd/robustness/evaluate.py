@@ -93,8 +93,6 @@ def check_predictor_sources(sources: Sequence[str | Path], reads_their_data: str
     twice (its rows had appeared twice). `reads_their_data`: the analysis ("corruption eval", "failure analysis")
     that will score the first checkpoint's own data (no --data): one it cannot be taken from (a continual
     checkpoint's, a bundle's) is refused now too (it had been after the main evaluation)."""
-    if reads_their_data is not None:
-        _recipe_of_first_checkpoint(sources, reads_their_data)
     seen: dict[Path, str | Path] = {}
     names: dict[str | Path, list[str]] = {}
     for src in sources:
@@ -112,6 +110,8 @@ def check_predictor_sources(sources: Sequence[str | Path], reads_their_data: str
             raise EdgeKDError(f"--compare {other}: its classes are {first}'s in another order "
                               f"({', '.join(names[other])} vs {', '.join(names[first])}): it would be scored against "
                               "the wrong labels")
+    if reads_their_data is not None:  # after each model's own refusals (a multi-head one's names --task)
+        _recipe_of_first_checkpoint(sources, reads_their_data)
 
 
 def checkpoint_predictor(path: str | Path, batch_size: int = 256, task: str | None = None) -> Predictor:
