@@ -157,6 +157,8 @@ def fold_zero_recipe(recipe: Recipe, folds: int, path: str | Path, tmp: Path, st
     untrained model of its teacher recipe on that fold (`train --folds` trains it first)."""
     from edgekd.distill import fold_recipe, kfold_preflight
 
+    if teacher_overrides and not recipe.distill:  # as `train --folds` refuses it
+        raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
     split, teacher_base = kfold_preflight(recipe, folds, path, teacher_overrides, log=say)
     say(f"k-fold: checking fold 1 of {folds} ({'patient' if split == 'patient' else 'image'}-level), held out as "
         "validation")

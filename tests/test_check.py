@@ -412,3 +412,5 @@ def test_check_folds_refuses_what_train_folds_refuses_then_checks_fold_one(tiny_
     plain = tiny_recipe(tiny_npz, name="plain")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(plain))
     assert check_recipe(tmp_path / "p.yaml", folds=2).train_images == 32  # half of the pooled 64 (48 without)
+    with pytest.raises(EdgeKDError, match=r"--teacher-set is for --folds with a distill recipe"):  # as train says
+        check_recipe(tmp_path / "p.yaml", folds=2, teacher_overrides=["seed=1"])

@@ -1404,8 +1404,8 @@ def test_an_artifact_whose_runtime_raises_is_one_failed_record_not_an_aborted_ex
 
     outcome = _Outcome([], [], [], timed_formats={"onnx"})
     outcome.fp32_sessions["onnx"] = session(lambda b: np.zeros((len(b), 2), np.float32))
-    _export_one(fmt, "int8", tiny_context(), tmp_path, ParitySet(x, ["original"] * 8, {"val": (x, y), "test": (x, y)}), {}, 2,
-                outcome)
+    _export_one(fmt, "int8", tiny_context(), tmp_path,
+                ParitySet(x, ["original"] * 8, {"val": (x, y), "test": (x, y)}), {}, 2, outcome)
     assert outcome.failures == ["onnx/int8: RuntimeError: NOT_IMPLEMENTED: QLinearConv"]
     assert outcome.records[0]["passed"] is False
 
@@ -1427,7 +1427,8 @@ def test_a_write_that_fails_on_a_full_disk_says_the_disk_is_full(tmp_path, monke
     def run(free):
         monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
         outcome = _Outcome([], [], [])
-        _export_one(fmt, "fp32", tiny_context(), tmp_path, ParitySet(x, ["original"] * 4, {"val": (x, y)}), {}, 2, outcome)
+        _export_one(fmt, "fp32", tiny_context(), tmp_path, ParitySet(x, ["original"] * 4, {"val": (x, y)}), {}, 2,
+                    outcome)
         return outcome.failures[0]
 
     assert run(10**10) == "onnx/fp32: RuntimeError: basic_ios::clear: iostream error"

@@ -258,8 +258,8 @@ def test_a_fixed_patch_grid_model_at_another_input_size_is_refused_by_name():
     # any model whose downsampling runs past 1 px at a small size: a raw "Kernel size can't be greater than actual
     # input size" at the first training step (ConvNeXt-V2 at 8 px, its 4x stem then three 2x stages)
     convnext = timm.create_model("convnextv2_atto", pretrained=False, num_classes=2)
-    with pytest.raises(EdgeKDError, match=r"^model convnextv2_atto does not take 8 px input \(data.image_size\): "
-                                          r"its downsampling needs a larger image \("):
+    with pytest.raises(EdgeKDError, match=r"^model convnextv2_atto fails a forward at 8 px \(data.image_size; a "
+                                          r"stage that downsamples past 1 px, or a fixed grid\): give a larger size"):
         check_input_size(convnext, 8, "convnextv2_atto")
     check_input_size(convnext, 32, "convnextv2_atto")
     from edgekd.models import create_model  # a one-channel model without timm's in_chans is run on one channel

@@ -918,3 +918,15 @@ def test_a_one_head_continual_cards_grad_cam_picks_from_every_tasks_images():
     assert joined.table.labels.tolist() == [0, 1, 0, 2, 3, 4, 5, 4] and len(joined) == 8
     assert [joined.raw(i) for i in range(8)] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("c", 0),
                                                  ("c", 1), ("c", 2)]
+
+
+def test_the_cards_top1_resolution_counts_a_heads_own_inputs():
+    """Each head is gated on its own task's inputs: 2 tasks x 32 gave 64 inputs in all, enough for one flip under a
+    98% limit, and the card said nothing, though each head's 32 are not."""
+    from edgekd.export.bundle import _top1_resolution
+
+    heads = {"A": {"inputs": 32}, "B": {"inputs": 32}}
+    parity = {"inputs": 64, "views": ["original"], "reference": {"split_images": {"val": 500}},
+              "artifacts": [{"tolerance": {"top1_agreement": 0.98}, "heads": heads}]}
+    assert _top1_resolution(parity).startswith(" With 32 inputs a single differing top-1 prediction fails the 98.00%")
+    assert _top1_resolution({**parity, "artifacts": [{"tolerance": {"top1_agreement": 0.98}}]}) == ""  # one head

@@ -161,7 +161,8 @@ def eval_(
                           "--corruptions or --failures; --set takes a data recipe")
     data_recipe = _data_recipe(checkpoint, data, set_) if folder is None else None
     out = out or checkpoint.parent / f"eval_{checkpoint.stem}"
-    _eval_preflight(checkpoint, compare, out, bundle, data, corruptions, failures)
+    _eval_preflight(checkpoint, compare, out, bundle, data_recipe is not None or folder is not None, corruptions,
+                    failures)
     wrote: list[str] = []  # said once every step has passed: a refusal or stop half-way leaves --out as it was
     with staged_files(out, before_publish=_drop_other_plots(out)) as stage:  # (a refused --compare had left files)
         if not bundle and folder is not None:
@@ -179,7 +180,7 @@ def eval_(
     console.print(escape(f"wrote {', '.join(str(out / Path(p).name) for p in wrote)}"))  # paths: no rich markup
 
 
-def _eval_preflight(checkpoint: Path, compare: list[Path], out: Path, bundle: bool, data: Optional[Path],
+def _eval_preflight(checkpoint: Path, compare: list[Path], out: Path, bundle: bool, data_given: bool,
                     corruptions: bool, failures: bool) -> None:
     """What `edgekd eval` refuses before any work: an --out inside an input or over a run's metrics.json, and for
     --corruptions/--failures models that cannot be compared or whose data cannot be taken (a multi-head checkpoint,
@@ -191,7 +192,7 @@ def _eval_preflight(checkpoint: Path, compare: list[Path], out: Path, bundle: bo
     refuse_output_inside(out, [checkpoint, *compare])
     refuse_other_metrics(out, checkpoint, writes=not bundle)  # a bundle's --corruptions/--failures write none
     if corruptions or failures:
-        check_predictor_sources([checkpoint, *compare], None if data is not None else
+        check_predictor_sources([checkpoint, *compare], None if data_given else  # --data, or --set's recipe
                                 "corruption eval" if corruptions else "failure analysis")
     if failures:  # the train extra (scikit-learn, matplotlib), asked for before a core install's corruption eval
         import edgekd.metrics.failures  # noqa: F401

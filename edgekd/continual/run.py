@@ -356,8 +356,9 @@ def remove_earlier_run(out: Path, tasks: list[Task], log: Callable[[str], None])
     stale = [path for i, t in enumerate(tasks) for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv")
              if (path := task_folder(out, i, t) / name).is_file()]
     if stale and not said and is_main_process():  # an interrupted run's resumable tasks had gone without a word
-        log(f"warning: {out} holds an earlier run's task checkpoints ({', '.join(sorted({p.parent.name for p in stale}))}"
-            "): they are removed (a new run; --resume goes on from them instead)")
+        folders = ", ".join(sorted({p.parent.name for p in stale}))
+        log(f"warning: {out} holds an earlier run's task checkpoints ({folders}): they are removed (a new run; "
+            "--resume goes on from them instead)")
     for path in stale:
         path.unlink(missing_ok=True)  # every torchrun rank runs this
     for i, t in enumerate(tasks):  # a task folder left empty goes too (the task makes it again when it trains)

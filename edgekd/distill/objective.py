@@ -269,8 +269,9 @@ def check_tap(side: str, layer: str, output: torch.Tensor | None, batch: int) ->
     or whose first axis is not the batch (SwinV2's window attention gives (batch x windows, N, C): every student
     image had been matched with windows of the first teacher image, without a word) is a one-line refusal."""
     if output is None:
-        raise EdgeKDError(f"distill.terms: the {side}'s module '{layer}' gave no output in a forward pass (it is not "
-                          "called: a fused attention's dropout, an unused branch); tap a module that runs")
+        raise EdgeKDError(f"distill.terms: the {side}'s module '{layer}' gave no output in an eval-mode forward "
+                          "pass (it is not called: a fused attention's dropout, a training-only branch); tap a module "
+                          "that runs")
     if output.ndim < 2 or output.shape[0] != batch:
         raise EdgeKDError(f"distill.terms: the {side}'s module '{layer}' gives an output of shape "
                           f"{tuple(output.shape)} for {batch} images, its first axis not the batch (a window "

@@ -149,8 +149,10 @@ def _gate_images(parity: dict[str, Any]) -> str:
 
 
 def _top1_resolution(parity: dict[str, Any]) -> str:
-    """A sentence when a single differing input fails a top-1 agreement limit (too few parity inputs)."""
-    inputs = parity["inputs"]
+    """A sentence when a single differing input fails a top-1 agreement limit (too few parity inputs; a multi-head
+    model's: its task with the fewest, each head gated on its own task's inputs)."""
+    heads = [h["inputs"] for r in parity["artifacts"] for h in (r.get("heads") or {}).values() if h.get("inputs")]
+    inputs = min(heads) if heads else parity["inputs"]
     if not inputs:
         return ""
     limits = sorted({r["tolerance"]["top1_agreement"] for r in parity["artifacts"]
@@ -324,8 +326,8 @@ def _head_parity_section(parity: dict[str, Any]) -> list[str]:
     rows = [(r, name, h) for r in parity["artifacts"] for name, h in (r.get("heads") or {}).items()]
     if not rows:
         return []
-    lines = ["", "## Parity per head", "", "Each task's slice of the logits vs PyTorch on every parity input; "
-             "top-1 agreement within the head is gated per head.", "",
+    lines = ["", "## Parity per head", "", "Each task's slice of the logits vs PyTorch: values on every parity "
+             "input, top-1 agreement within the head on its own task's inputs, gated per head.", "",
              "| format | precision | head | max abs diff | top-1 agreement |", "|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['precision']} | {name} | {_num(h['max_abs_diff'], '.2e')} | "
               f"{_pct(h['top1_agreement'])} |" for r, name, h in rows]

@@ -471,13 +471,16 @@ def _export_one(fmt, precision: str, ctx: ExportContext, stage: Path, parity_set
     path = stage / rel
     tolerance = getattr(profile.parity.tolerances, precision)
     log(f"{label}: exporting {rel}")
+    written = False  # a full disk is named for a failed write only (not an open or an INT8 graph that cannot run)
     try:  # any error of the converter or runtime fails this artifact, named (a RuntimeError had ended the export)
         info = fmt.export(ctx, precision, path)
+        written = True
         session = fmt.open(path, precision, profile.run_threads())
         speed = None if precision == "fp32" else _speed_check(fmt, precision, session, parity_set, profile, outcome,
                                                               log)  # (an INT8 graph that cannot run fails here)
     except Exception as err:
-        said = (str(err) if isinstance(err, EdgeKDError) else exception_line(err, 160)) + full_disk_note(stage)
+        said = ((str(err) if isinstance(err, EdgeKDError) else exception_line(err, 160))
+                + ("" if written else full_disk_note(stage)))
         outcome.failures.append(f"{label}: {said}")
         outcome.records.append({"format": fmt.name, "precision": precision, "path": rel, "passed": False,
                                 "failures": [said], "tolerance": tolerance.model_dump()})

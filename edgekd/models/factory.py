@@ -68,8 +68,8 @@ def try_one_forward(model: nn.Module, size: int, name: str, default: tuple[int, 
     except (RuntimeError, AssertionError, ValueError) as err:
         detail = shorten(str(err).splitlines()[0], 100) if str(err) else type(err).__name__
         if default is None:
-            raise EdgeKDError(f"model {name} does not take {size} px input (data.image_size): its downsampling "
-                              f"needs a larger image ({detail})") from None
+            raise EdgeKDError(f"model {name} fails a forward at {size} px (data.image_size; a stage that "
+                              f"downsamples past 1 px, or a fixed grid): give a larger size ({detail})") from None
         raise EdgeKDError(f"model {name} takes {default[0]}x{default[1]} px input (timm: a fixed input size) and "
                           f"data.image_size is {size}: set model.kwargs.img_size: {size}, if the model takes it "
                           f"({detail})") from None
