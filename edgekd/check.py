@@ -155,16 +155,14 @@ def fold_zero_recipe(recipe: Recipe, folds: int, path: str | Path, tmp: Path, st
                      say: Callable[[str], None], teacher_overrides: list[str] | None = None) -> Recipe:
     """Fold 1's recipe of `train --folds` (after its refusals), a distill recipe's fold teacher stood in by an
     untrained model of its teacher recipe on that fold (`train --folds` trains it first)."""
-    from edgekd.distill import fold_recipe, kfold_preflight
+    from edgekd.distill import fold_recipe, fold_teacher, kfold_preflight
 
-    if teacher_overrides and not recipe.distill:  # as `train --folds` refuses it
-        raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
     split, teacher_base = kfold_preflight(recipe, folds, path, teacher_overrides, log=say)
     say(f"k-fold: checking fold 1 of {folds} ({'patient' if split == 'patient' else 'image'}-level), held out as "
         "validation")
     if teacher_base is None:
         return fold_recipe(recipe, folds, 0, split)
-    teacher = fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, 0, split).to_dict()
+    teacher = fold_teacher(teacher_base, recipe, folds, 0, split).to_dict()
     teacher["model"]["pretrained"], teacher["model"]["weights"] = False, None  # its weights come from its training
     stand_in = _stand_in(teacher, tmp / "fold-teacher.pt", "distill.teacher (the fold teacher)", stand_ins)
     stand_ins[-1] += f" (train --folds trains it from {recipe.distill.teacher_recipe} on each fold)"

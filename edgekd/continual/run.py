@@ -35,7 +35,7 @@ from edgekd.progress import progress_task, silent
 from edgekd.recipe import entry_arguments
 from edgekd.train.checkpoint import load_resumable, load_state, model_from_checkpoint, save_checkpoint
 from edgekd.train.losses import build_loss
-from edgekd.train import (RUN_MARKERS, apply_threads, init_weights, is_main_process, keeps_torch_threads,
+from edgekd.train import (apply_threads, init_weights, is_main_process, keeps_torch_threads,
                           remove_earlier_outputs, warn_about_data)
 from edgekd.train.trainer import (Trainer, predict_logits, resolve_device, restore_rng_state, rng_state,
                                   seed_everything)
@@ -351,8 +351,7 @@ def remove_earlier_run(out: Path, tasks: list[Task], log: Callable[[str], None])
     """A new (not resumed) run into the folder of an earlier one: that run's results and its task checkpoints of
     these tasks go now. They had stayed until the new run's end, so a stop half-way left the old model.pt beside the
     new tasks (`edgekd export out/model.pt` shipped it) and the printed resume command was refused on it."""
-    said = any((out / name).is_file() for name in RUN_MARKERS)  # a finished run: remove_earlier_outputs says so
-    remove_earlier_outputs(out, log)  # the top-level results of an earlier run of any kind
+    said = remove_earlier_outputs(out, log)  # the top-level results of an earlier run of any kind, said if any
     stale = [path for i, t in enumerate(tasks) for name in ("task.pt", "last.pt", "best.pt", "swa.pt", "log.csv")
              if (path := task_folder(out, i, t) / name).is_file()]
     if stale and not said and is_main_process():  # an interrupted run's resumable tasks had gone without a word

@@ -1,7 +1,7 @@
 """Knowledge distillation: KD loss terms, feature adapters, the teacher-student objective, k-fold driver, KD report."""
 
 from edgekd.distill.features import FeatureAdapter, align_spatial
-from edgekd.distill.folds import fold_recipe, kfold_preflight, run_kfold
+from edgekd.distill.folds import fold_recipe, fold_teacher, kfold_preflight, run_kfold
 from edgekd.distill.losses import LOSS_TERMS, DistillLoss, KDBatch, build_distill_loss, kl_divergence
 from edgekd.distill.objective import (DistillObjective, TeacherInput, TeacherLogitCache, build_objective,
                                       load_teacher)
@@ -11,5 +11,6 @@ from edgekd.distill.unlabeled import build_unlabeled, check_pool_for_folds, refu
 
 __all__ = ["LOSS_TERMS", "DistillLoss", "DistillObjective", "FeatureAdapter", "KDBatch", "TeacherInput",
            "TeacherLogitCache", "align_spatial", "build_distill_loss", "build_objective", "build_unlabeled",
-           "check_pool_for_folds", "comparison_report", "distill_recipe", "fold_recipe", "kfold_preflight",
-           "kl_divergence", "load_teacher", "refuse_held_out_pool", "run_kfold", "warn_about_distill"]
+           "check_pool_for_folds", "comparison_report", "distill_recipe", "fold_recipe", "fold_teacher",
+           "kfold_preflight", "kl_divergence", "load_teacher", "refuse_held_out_pool", "run_kfold",
+           "warn_about_distill"]

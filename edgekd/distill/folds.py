@@ -28,6 +28,12 @@ def fold_recipe(recipe, folds: int, fold: int, split: str, **distill_over):
     return recipe_from_dict(raw, where=f"{recipe.name} fold {fold}")
 
 
+def fold_teacher(teacher_base, recipe, folds: int, fold: int, split: str):
+    """The fold teacher's recipe for `fold`: the teacher recipe on the student's folds, with the student's seed (the
+    folds are drawn with it)."""
+    return fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, fold, split)
+
+
 def split_mode(recipe, log: Callable[[str], None]) -> str:
     """Patient-level folds whenever the source has patient ids, so no patient is in two folds."""
     if recipe.data.split == "patient":
@@ -57,6 +63,8 @@ def kfold_preflight(recipe, folds: int, recipe_path: str | Path | None = None,
     """What `train --folds` checks before anything trains (`edgekd check --folds` too): the fold teacher's recipe,
     leaks between folds, the unlabeled pool, the fold unit (patient or image) and that the data holds `folds`
     folds (fold 0's splits drawn). Returns (split, the fold teacher's recipe or None)."""
+    if teacher_overrides and not recipe.distill:  # (it had been ignored by run_kfold)
+        raise EdgeKDError("--teacher-set is for --folds with a distill recipe (the teacher trained on each fold)")
     teacher_base = fold_teacher_recipe(recipe, recipe_path, teacher_overrides) if recipe.distill else None
     if recipe.distill and recipe.distill.teacher:  # README says so; the log had not
         log(f"k-fold: distill.teacher {recipe.distill.teacher} is not used: each fold distills from its own "
@@ -97,7 +105,7 @@ def run_kfold(recipe, out: str | Path, folds: int, log: Callable[[str], None] | 
         log(f"k-fold: fold {fold + 1}/{folds} (held out as validation; runs in {fold_dir})")
         rec = fold_recipe(recipe, folds, fold, split)
         if teacher_base is not None:
-            t_rec = fold_recipe(teacher_base.model_copy(update={"seed": recipe.seed}), folds, fold, split)
+            t_rec = fold_teacher(teacher_base, recipe, folds, fold, split)
             t_res = fold_run(train_recipe, t_rec, fold_dir / "teacher", resume, log, progress)
             rows.append(_row(fold, "teacher", t_rec, t_res))
             s_rec = fold_recipe(recipe, folds, fold, split, teacher=str(t_res.best_path.resolve()))  # --out spelled any way

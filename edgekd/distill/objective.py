@@ -16,7 +16,7 @@ from edgekd.distill.losses import DistillLoss, KDBatch, build_distill_loss
 from edgekd.distill.unlabeled import UnlabeledStream
 from edgekd.errors import EdgeKDError, exception_line
 from edgekd.hair import hair_element
-from edgekd.models import capture_features
+from edgekd.models import capture_features, forward_error
 from edgekd.runtime import is_bundle
 from edgekd.train.checkpoint import checkpoints_in_folder, model_from_checkpoint
 
@@ -286,14 +286,12 @@ def check_teacher_size(teacher: nn.Module, teacher_input: TeacherInput, ckpt: di
     trained = int(ckpt["preprocess"]["input_size"][-1])
     if teacher_input.size == trained:
         return
-    try:
-        with torch.no_grad():
-            teacher(torch.zeros(1, teacher_input.t_channels, teacher_input.size, teacher_input.size))
-    except (AssertionError, RuntimeError, ValueError) as err:
+    shape = (teacher_input.t_channels, teacher_input.size, teacher_input.size)
+    if (err := forward_error(teacher, shape)) is not None:
         raise EdgeKDError(f"distill.teacher_image_size {teacher_input.size}: the teacher {ckpt['arch']['name']} "
                           f"(trained at {trained} px) does not take {teacher_input.size} px input "
                           f"({exception_line(err, 100)}); set distill.teacher_image_size: {trained}, or null for the "
-                          "checkpoint's own size") from None
+                          "checkpoint's own size")
 
 
 def check_teacher_classes(terms: list, teacher_ckpts: list[dict[str, Any]], num_classes: int | None) -> None:

@@ -33,7 +33,7 @@ from edgekd.export.profile import CardConfig, ExportProfile, load_profile, loose
 from edgekd.export.runner_check import runner_check
 from edgekd.host import cpu_info
 from edgekd.metrics import one_class_warning
-from edgekd.models import count_parameters, deploy_form
+from edgekd.models import count_parameters, deploy_form, forward_error
 from edgekd.options import split_list
 from edgekd.progress import progress_task, silent
 from edgekd.recipe import apply_overrides, recipe_from_dict
@@ -192,13 +192,10 @@ def _check_takes_size(model: torch.nn.Module, input_size: list[int], ckpt: dict[
     one-line error before any work (it had ended the export with exit 1 after the reference run)."""
     if input_size[-1] == ckpt["preprocess"]["input_size"][-1]:
         return
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size))
-    except (AssertionError, RuntimeError, ValueError) as err:
+    if (err := forward_error(model, tuple(input_size))) is not None:
         raise EdgeKDError(f"export profile input_size {input_size[-1]}: the model (trained at "
                           f"{ckpt['preprocess']['input_size'][-1]} px) does not take {input_size[-1]} px inputs "
-                          f"({exception_line(err)})") from None
+                          f"({exception_line(err)})")
 
 
 def _checkpoint_data(ckpt: dict[str, Any], checkpoint: Path, data_overrides: list[str], input_size: int | None,

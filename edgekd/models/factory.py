@@ -60,21 +60,32 @@ def try_one_forward(model: nn.Module, size: int, name: str, default: tuple[int, 
     """One forward at `size` of a model timm marks as fixed-size (its `default` size) or of any model at a small
     size (None): its shape error (a RuntimeError deep in the model at the first training step) becomes a one-line
     refusal, naming the kwarg that sets a fixed size."""
-    was_training = model.training
     channels = channels or getattr(model, "in_chans", None) or 3  # (edgekd_cnn keeps no in_chans)
+    err = forward_error(model, (channels, size, size))
+    if err is None:
+        return
+    detail = shorten(str(err).splitlines()[0], 100) if str(err) else type(err).__name__
+    if default is None:
+        raise EdgeKDError(f"model {name} fails a forward at {size} px (data.image_size; a stage that "
+                          f"downsamples past 1 px, or a fixed grid): give a larger size ({detail})")
+    raise EdgeKDError(f"model {name} takes {default[0]}x{default[1]} px input (timm: a fixed input size) and "
+                      f"data.image_size is {size}: set model.kwargs.img_size: {size}, if the model takes it "
+                      f"({detail})")
+
+
+def forward_error(model: nn.Module, input_shape: tuple[int, ...]) -> Exception | None:
+    """The shape error (RuntimeError, AssertionError, ValueError) of one eval-mode forward of a zero image of
+    `input_shape` (C, H, W), or None when the model takes it; its train/eval mode is left as it was. Callers name
+    the setting that chose the size (data.image_size, an export profile's input_size, distill.teacher_image_size)."""
+    was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, size, size))
+            model.eval()(torch.zeros(1, *input_shape))
     except (RuntimeError, AssertionError, ValueError) as err:
-        detail = shorten(str(err).splitlines()[0], 100) if str(err) else type(err).__name__
-        if default is None:
-            raise EdgeKDError(f"model {name} fails a forward at {size} px (data.image_size; a stage that "
-                              f"downsamples past 1 px, or a fixed grid): give a larger size ({detail})") from None
-        raise EdgeKDError(f"model {name} takes {default[0]}x{default[1]} px input (timm: a fixed input size) and "
-                          f"data.image_size is {size}: set model.kwargs.img_size: {size}, if the model takes it "
-                          f"({detail})") from None
+        return err
     finally:
         model.train(was_training)
+    return None
 
 
 def create_model(spec: dict[str, Any], pretrained: bool = False, weights: str | None = None) -> nn.Module:

@@ -277,14 +277,15 @@ def resume_or_clear(trainer: Trainer, out: Path, resume: bool) -> dict[str, Any]
     return None
 
 
-def remove_earlier_outputs(out: Path, log: Callable[[str], None] | None = None) -> None:
+def remove_earlier_outputs(out: Path, log: Callable[[str], None] | None = None) -> list[str]:
     """When `out` holds an earlier run's results, of any kind (a run's, a k-fold summary, a continual run's), they
     go (by name: a report's plots beside them stay, and so do fold and task folders): a k-fold summary had stayed
     beside a new single run as if it described it. The caller holds the folder (its lock). `log`: told so, now
-    that the run's inputs have all been checked (a run refused for its teacher had first said it replaced them)."""
+    that the run's inputs have all been checked (a run refused for its teacher had first said it replaced them).
+    Returns the run markers found (none: nothing was there)."""
     found = [name for name in RUN_MARKERS if (out / name).is_file()]
     if not found:
-        return
+        return found
     if log is not None:
         log(f"warning: {out} already holds a run ({', '.join(found)}): its files are replaced by this one; "
             "anything else there (a bundle, eval folders, task folders of other tasks) stays from the earlier run")
@@ -292,6 +293,7 @@ def remove_earlier_outputs(out: Path, log: Callable[[str], None] | None = None) 
                  *out.glob("confusion_task[0-9]*.png")]:
         if path.is_file():
             path.unlink(missing_ok=True)  # every torchrun rank may run this
+    return found
 
 
 def warn_about_data(data: DataModule, log: Callable[[str], None], listed: str = "metrics.json lists",
